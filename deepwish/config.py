@@ -1,0 +1,339 @@
+"""Frozen configuration dataclasses, YAML presets and `--set` overrides.
+
+A preset is a YAML file whose top-level sections (`model`, `train`, `data`) map 1:1 onto
+the dataclasses below. An unknown key is an error that names the key and the file, so a
+typo never silently falls back to a default.
+
+Per-layer structure is *derived* here, once (`layer_types`), and consumed only by
+`Block.__init__`; model code never branches on layer indices.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any, get_type_hints
+
+import yaml
+
+PRESET_DIR = Path(__file__).parent / "configs"
+
+MIXERS = ("gqa", "gated_gqa", "mla", "gdn", "nsa", "dsa", "swa")
+FFNS = ("dense", "moe")
+BACKENDS = ("auto", "torch", "triton", "fla")
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot be honoured; the message names the key and the source."""
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    # --- identity -------------------------------------------------------------------
+    family: str = "qwen3"  # qwen3 | qwen3_moe | qwen3_next | deepseek_v3 | deepseek_v32 | gpt
+    # --- trunk ----------------------------------------------------------------------
+    vocab_size: int = 151936
+    d_model: int = 1024  # hidden size
+    n_layers: int = 28
+    n_heads: int = 16  # query heads
+    n_kv_heads: int = 8  # key/value heads (GQA groups)
+    head_dim: int = 128  # may differ from d_model // n_heads (Qwen3 does this)
+    d_ff: int = 3072  # SwiGLU inner size of dense FFNs
+    norm_eps: float = 1e-6
+    norm_zero_centered: bool = False  # Qwen3-Next: x̂·(1+w) with w initialised at 0
+    tie_embeddings: bool = False  # head shares the embedding matrix
+    max_seq_len: int = 40960  # max_position_embeddings; caches are sized at most to this
+    init_std: float = 0.02
+    # --- attention ------------------------------------------------------------------
+    qk_norm: bool = True  # per-head RMSNorm on q and k (Qwen3)
+    attn_bias: bool = False  # bias on q/k/v projections
+    attn_output_gate: bool = False  # Qwen3-Next gated attention: sigmoid gate from q_proj
+    sliding_window: int = 0  # 0 = full causal attention; >0 for "swa" layers
+    attn_backend: str = "auto"  # auto | torch (explicit softmax) | sdpa
+    # --- rotary ---------------------------------------------------------------------
+    rope_theta: float = 1_000_000.0
+    rope_partial: float = 1.0  # fraction of head_dim that is rotated (Qwen3-Next: 0.25)
+    rope_interleave: bool = False  # pairs (2i, 2i+1) instead of halves (DeepSeek MLA weights)
+    rope_type: str = "default"  # default | yarn
+    rope_factor: float = 1.0  # YaRN scaling factor
+    rope_original_max_len: int = 0  # YaRN original_max_position_embeddings
+    yarn_beta_fast: float = 32.0
+    yarn_beta_slow: float = 1.0
+    yarn_mscale: float = 1.0  # DeepSeek YaRN: softmax scale multiplied by mscale(factor, this)²
+    yarn_mscale_all_dim: float = 0.0  # DeepSeek YaRN: denominator of the attention factor
+    yarn_attention_factor: float = 0.0  # 0 = derived (0.1·ln(factor)+1), else explicit
+    # --- layer pattern --------------------------------------------------------------
+    mixer: str = "gqa"  # default mixer of every layer
+    full_attention_interval: int = 0  # hybrid: every k-th layer is `attn_mixer`, others `mixer`
+    attn_mixer: str = "gated_gqa"  # the full-attention mixer of a hybrid stack
+    first_k_dense: int = 0  # the first k layers use a dense FFN even in an MoE model
+    moe_every: int = 1  # decoder_sparse_step: every k-th layer (after first_k_dense) is MoE
+    dense_layers: tuple[int, ...] = ()  # mlp_only_layers: explicit dense layers in an MoE model
+    # --- mixture of experts ---------------------------------------------------------
+    n_experts: int = 0  # routed experts; 0 = dense model
+    n_experts_per_tok: int = 0  # top-k
+    d_ff_expert: int = 0  # moe_intermediate_size
+    router: str = "softmax"  # softmax (Qwen3-MoE) | sigmoid (DeepSeek-V3)
+    norm_topk_prob: bool = True  # renormalise the chosen k weights to sum to 1
+    routed_scaling_factor: float = 1.0  # multiplies routed weights (DeepSeek), independent of norm
+    n_group: int = 1  # group-limited routing: experts split into groups
+    topk_group: int = 1  # groups kept per token
+    n_shared_experts: int = 0  # DeepSeek shared experts (summed into one wide SwiGLU)
+    d_ff_shared: int = 0  # Qwen3-Next shared expert size (used when shared_expert_gate)
+    shared_expert_gate: bool = False  # Qwen3-Next: sigmoid(x·w) scales the shared expert
+    router_aux_loss_coef: float = 0.0  # Switch-style load-balancing loss weight
+    seq_aux_loss_coef: float = 0.0  # DeepSeek-V3 sequence-wise balance loss weight
+    bias_update_rate: float = 0.0  # aux-loss-free balancing: correction-bias step per update
+    # --- multi-head latent attention (DeepSeek) ------------------------------------
+    q_lora_rank: int = 0  # 0 = full-rank query projection (V2-Lite)
+    kv_lora_rank: int = 0
+    qk_nope_head_dim: int = 0
+    qk_rope_head_dim: int = 0
+    v_head_dim: int = 0
+    # --- DeepSeek-V3.2 sparse attention (lightning indexer) ------------------------
+    index_n_heads: int = 0
+    index_head_dim: int = 0
+    index_topk: int = 0
+    # --- Gated DeltaNet (Qwen3-Next linear attention) ------------------------------
+    linear_n_k_heads: int = 0
+    linear_n_v_heads: int = 0
+    linear_k_head_dim: int = 0
+    linear_v_head_dim: int = 0
+    linear_conv_kernel: int = 4
+    gdn_backend: str = "auto"  # auto | torch | triton | fla
+    # --- multi-token prediction -----------------------------------------------------
+    n_mtp: int = 0  # num_nextn_predict_layers
+
+    def __post_init__(self) -> None:
+        checks = [
+            (self.family in ("qwen3", "qwen3_moe", "qwen3_next", "deepseek_v3", "deepseek_v32", "gpt"),
+             f"family={self.family!r} is not one of qwen3, qwen3_moe, qwen3_next, deepseek_v3, deepseek_v32, gpt"),
+            (self.mixer in MIXERS, f"mixer={self.mixer!r} is not one of {MIXERS}"),
+            (self.attn_mixer in MIXERS, f"attn_mixer={self.attn_mixer!r} is not one of {MIXERS}"),
+            (self.n_heads % max(self.n_kv_heads, 1) == 0,
+             f"n_heads={self.n_heads} must be a multiple of n_kv_heads={self.n_kv_heads}"),
+            (self.router in ("softmax", "sigmoid"), f"router={self.router!r} is not softmax or sigmoid"),
+            (self.n_experts == 0 or 0 < self.n_experts_per_tok <= self.n_experts,
+             f"n_experts_per_tok={self.n_experts_per_tok} must be in 1..n_experts={self.n_experts}"),
+            (self.n_experts == 0 or self.n_experts % self.n_group == 0,
+             f"n_experts={self.n_experts} must be divisible by n_group={self.n_group}"),
+            (self.topk_group <= self.n_group, f"topk_group={self.topk_group} > n_group={self.n_group}"),
+            (self.gdn_backend in BACKENDS, f"gdn_backend={self.gdn_backend!r} is not one of {BACKENDS}"),
+            (self.attn_backend in ("auto", "torch", "sdpa"),
+             f"attn_backend={self.attn_backend!r} is not one of auto, torch, sdpa"),
+            (self.rope_type in ("default", "yarn"), f"rope_type={self.rope_type!r} is not default or yarn"),
+            (0.0 < self.rope_partial <= 1.0, f"rope_partial={self.rope_partial} must be in (0, 1]"),
+        ]
+        for ok, msg in checks:
+            if not ok:
+                raise ConfigError(f"model config: {msg}")
+
+    @property
+    def layer_types(self) -> tuple[tuple[str, str], ...]:
+        """(mixer, ffn) for every layer, derived once from the pattern fields."""
+        out = []
+        for i in range(self.n_layers):
+            if self.full_attention_interval > 0:
+                mixer = self.attn_mixer if (i + 1) % self.full_attention_interval == 0 else self.mixer
+            else:
+                mixer = self.mixer
+            is_moe = (
+                self.n_experts > 0
+                and i >= self.first_k_dense
+                and i not in self.dense_layers
+                and (i + 1) % max(self.moe_every, 1) == 0
+            )
+            out.append((mixer, "moe" if is_moe else "dense"))
+        return tuple(out)
+
+    @property
+    def rope_dim(self) -> int:
+        """Number of rotated channels per head for GQA-style mixers."""
+        return int(self.head_dim * self.rope_partial)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    out_dir: str = "runs/default"  # checkpoints, metrics.jsonl, plots
+    seed: int = 1337
+    device: str = "auto"  # auto | cpu | cuda
+    steps: int = 200  # optimizer steps
+    batch_size: int = 8  # sequences per micro-batch (per rank)
+    grad_accum: int = 1  # micro-batches per step
+    seq_len: int = 256
+    optimizer: str = "muon"  # muon | adamw
+    lr: float = 3e-3  # AdamW learning rate (embeddings, head, norms, gates, or everything)
+    muon_lr: float = 0.02  # Muon learning rate for 2-D hidden matrices
+    muon_momentum: float = 0.95
+    muon_ns_steps: int = 5
+    weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.95)
+    grad_clip: float = 1.0  # 0 = off
+    schedule: str = "cosine"  # cosine | wsd | constant
+    warmup_steps: int = 20
+    decay_frac: float = 0.2  # wsd: fraction of steps in the final decay
+    min_lr_frac: float = 0.1  # floor of the schedule as a fraction of peak
+    ema_decay: float = 0.0  # 0 = no EMA of weights
+    eval_every: int = 50
+    eval_batches: int = 8
+    save_every: int = 100
+    log_every: int = 10
+    loss_backend: str = "auto"  # auto (fused on GPU, torch on CPU) | torch | triton
+    z_loss: float = 0.0
+    mtp_lambda: float = 0.3  # weight of the multi-token-prediction loss
+    mtp_lambda_final: float = -1.0  # <0: constant; else linear ramp to this at the last step
+    indexer_mode: str = "off"  # DSA: off | dense_warmup | sparse
+    indexer_loss_coef: float = 1.0
+    tensorboard: bool = False
+    mlflow: bool = False
+    sample_tokens: int = 64  # tokens sampled at the end of the run
+    sample_prompt: str = "ROMEO:"
+    # --- scale-out (train/parallel.py) ---------------------------------------------
+    parallel: str = "none"  # none | ddp | fsdp
+    compile: str = "auto"  # auto (on for GPU) | on | off
+    activation_checkpoint: str = "none"  # none | selective | full
+    offload: str = "none"  # none | params | activations
+    dtype: str = "bf16"  # compute dtype under autocast on GPU: bf16 | fp32
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    train_bin: str = ""  # path to a training shard (empty: the embedded corpus, built on demand)
+    val_bin: str = ""
+    tokenizer: str = ""  # tokenizer.json path (empty: the embedded corpus's tokenizer)
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+
+
+_SECTIONS = {"model": ModelConfig, "train": TrainConfig, "data": DataConfig}
+
+
+def _coerce(cls, name: str, value: Any, source: str) -> Any:
+    """Convert a YAML/CLI value to the declared type of `cls.name`, or raise naming both."""
+    hint = get_type_hints(cls)[name]
+    origin = getattr(hint, "__origin__", None)
+    try:
+        if hint is bool:
+            if isinstance(value, str):
+                if value.lower() in ("1", "true", "yes", "on"):
+                    return True
+                if value.lower() in ("0", "false", "no", "off"):
+                    return False
+                raise ValueError(value)
+            return bool(value)
+        if hint is int:
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError(value)
+            return int(value)
+        if hint is float:
+            return float(value)
+        if hint is str:
+            return str(value)
+        if origin is tuple:
+            if isinstance(value, str):
+                value = yaml.safe_load(value) if value.strip() else []
+                if not isinstance(value, (list, tuple)):
+                    value = [value]
+            args = hint.__args__
+            if len(args) == 2 and args[1] is Ellipsis:
+                return tuple(args[0](v) for v in value)
+            if len(value) != len(args):
+                raise ValueError(value)
+            return tuple(t(v) for t, v in zip(args, value))
+    except (TypeError, ValueError):
+        raise ConfigError(f"{source}: {name}={value!r} is not a valid {hint}") from None
+    return value
+
+
+def _unknown(key: str, valid: list[str], where: str) -> ConfigError:
+    close = difflib.get_close_matches(key, valid, n=1)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    return ConfigError(f"{where}: unknown key {key!r}{hint}")
+
+
+def _apply(cfg: RunConfig, section: str, updates: dict, source: str) -> RunConfig:
+    if section not in _SECTIONS:
+        raise _unknown(section, list(_SECTIONS), source)
+    cls = _SECTIONS[section]
+    names = [f.name for f in fields(cls)]
+    clean = {}
+    for k, v in (updates or {}).items():
+        if k not in names:
+            raise _unknown(k, names, f"{source} [{section}]")
+        clean[k] = _coerce(cls, k, v, f"{source} [{section}]")
+    try:
+        sub = replace(getattr(cfg, section), **clean)
+    except ConfigError as e:
+        raise ConfigError(f"{source}: {e}") from None
+    return replace(cfg, **{section: sub})
+
+
+def preset_path(name_or_path: str) -> Path:
+    """A preset name (`qwen3_tiny`) or a path to a YAML file."""
+    p = Path(name_or_path)
+    if p.suffix in (".yaml", ".yml") or os.sep in name_or_path:
+        if not p.exists():
+            raise ConfigError(f"config file not found: {p}")
+        return p
+    cand = PRESET_DIR / f"{name_or_path}.yaml"
+    if not cand.exists():
+        names = sorted(x.stem for x in PRESET_DIR.glob("*.yaml"))
+        close = difflib.get_close_matches(name_or_path, names, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise ConfigError(f"unknown preset {name_or_path!r}{hint}; presets: {', '.join(names)}")
+    return cand
+
+
+def load_config(name_or_path: str | None = None, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
+    """Read a preset (or YAML path), then apply `section.key=value` overrides in order."""
+    cfg = RunConfig()
+    if name_or_path:
+        path = preset_path(name_or_path)
+        data = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: top level must be a mapping with model/train/data sections")
+        for section, updates in data.items():
+            if updates is not None and not isinstance(updates, dict):
+                raise ConfigError(f"{path}: section {section!r} must be a mapping")
+            cfg = _apply(cfg, section, updates, str(path))
+    for ov in overrides:
+        if "=" not in ov or "." not in ov.split("=", 1)[0]:
+            raise ConfigError(f"--set {ov!r}: expected section.key=value, e.g. model.n_layers=4")
+        key, value = ov.split("=", 1)
+        section, name = key.split(".", 1)
+        cfg = _apply(cfg, section, {name: yaml.safe_load(value) if value else value}, f"--set {ov}")
+    return cfg
+
+
+def model_config(name_or_path: str, **updates: Any) -> ModelConfig:
+    """The model section of a preset, with keyword updates: `model_config('qwen3_tiny', n_layers=2)`."""
+    cfg = load_config(name_or_path).model
+    return replace(cfg, **updates) if updates else cfg
+
+
+def to_dict(cfg: Any) -> dict:
+    """Plain dict (YAML/JSON-safe) of a config dataclass."""
+    d = dataclasses.asdict(cfg)
+
+    def fix(x):
+        if isinstance(x, tuple):
+            return [fix(v) for v in x]
+        if isinstance(x, dict):
+            return {k: fix(v) for k, v in x.items()}
+        return x
+
+    return fix(d)
+
+
+def from_dict(d: dict, source: str = "<dict>") -> RunConfig:
+    cfg = RunConfig()
+    for section, updates in d.items():
+        cfg = _apply(cfg, section, updates, source)
+    return cfg

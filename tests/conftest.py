@@ -1,0 +1,34 @@
+"""Test set-up. Must run before any Triton kernel is defined: on a machine without a CUDA
+GPU, Triton kernels run under the interpreter (TRITON_INTERPRET=1), with tiny grids."""
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+def rel_rms(ref: torch.Tensor, out: torch.Tensor) -> float:
+    """rms(ref - out) / rms(ref), in float64; the error measure used by every kernel test."""
+    ref = ref.detach().double()
+    out = out.detach().double()
+    assert ref.shape == out.shape, (ref.shape, out.shape)
+    assert torch.isfinite(out).all(), "non-finite output"
+    den = ref.pow(2).mean().sqrt().clamp_min(1e-30)
+    return float((ref - out).pow(2).mean().sqrt() / den)
+
+
+@pytest.fixture
+def rel_err():
+    return rel_rms
+
+
+@pytest.fixture
+def cuda():
+    if not torch.cuda.is_available():
+        pytest.fail("gpu test selected on a machine without CUDA; run with -m gpu on a GPU")
+    return torch.device("cuda")
