@@ -1,0 +1,238 @@
+"""Optimizers: Muon for hidden matrices, AdamW for everything else, assigned in one place.
+
+Muon (K. Jordan et al., "Muon: an optimizer for hidden layers", 2024) takes SGD-momentum with
+Nesterov, then replaces the update of each weight matrix by its nearest semi-orthogonal matrix,
+computed approximately by a quintic Newton–Schulz iteration. Embeddings, the output head, norms,
+biases, routers/gates and every 1-D parameter stay on AdamW (the Muon write-up and Moonlight,
+arXiv:2502.16982, both keep these on Adam: they are not "hidden" linear maps).
+
+Choices and deviations:
+- Update scale: `max(1, rows/cols) ** 0.5` (the original Muon scale, with its own learning rate
+  `muon_lr`, default 0.02) rather than Moonlight's `0.2 * sqrt(max(rows, cols))` that matches
+  AdamW's update RMS and shares AdamW's learning rate. Keeping a separate learning rate keeps the
+  two families tunable independently; `rows` is the output dimension (`size(-2)`).
+- Stacked expert weights `[E, rows, cols]` are orthogonalised per expert (a batched
+  Newton–Schulz), never as one flattened matrix.
+- Weight decay is decoupled (`p <- p * (1 - lr * wd)`), as in AdamW; 1-D parameters get none.
+- Muon orthogonalises whole matrices. Under FSDP2 a parameter is a shard: train/parallel.py must
+  gather the full gradient before `newton_schulz` (DESIGN.md: never orthogonalise shards).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+# Quintic coefficients chosen to maximise the slope at zero while keeping the iteration
+# inside ~[0.7, 1.2] (Muon write-up); they trade exact convergence for speed.
+NS_COEFFS = (3.4445, -4.7750, 2.0315)
+
+
+def newton_schulz(G: torch.Tensor, steps: int = 5, eps: float = 1e-7) -> torch.Tensor:
+    """Approximate U V^T of G = U S V^T (singular values pushed into ~[0.7, 1.2]).
+
+    G: [..., m, n] (a matrix or a batch of matrices, e.g. experts [E, m, n]).
+    Returns a tensor of G's shape and dtype. Works in bf16 on CUDA (the iteration is stable in
+    bf16 and that is where its cost lies) and in fp32 elsewhere. Tall matrices are transposed
+    so the Gram matrix X X^T is the smaller one.
+    """
+    if G.ndim < 2:
+        raise ValueError(f"newton_schulz needs a matrix or a batch of matrices, got shape {tuple(G.shape)}")
+    a, b, c = NS_COEFFS
+    X = G.to(torch.bfloat16 if G.is_cuda else torch.float32)
+    tall = G.size(-2) > G.size(-1)
+    if tall:
+        X = X.mT
+    # Frobenius normalisation bounds the spectral norm by 1, inside the iteration's basin.
+    X = X / (X.norm(dim=(-2, -1), keepdim=True) + eps)
+    for _ in range(steps):
+        A = X @ X.mT
+        B = b * A + c * (A @ A)
+        X = a * X + B @ X
+    if tall:
+        X = X.mT
+    return X.to(G.dtype)
+
+
+class Muon(torch.optim.Optimizer):
+    """Momentum + Nesterov + Newton–Schulz orthogonalisation, for 2-D / stacked 3-D matrices.
+
+    Per parameter p with gradient g:  m <- mu*m + g;  u = g + mu*m (Nesterov) [or m];
+    o = newton_schulz(u) * max(1, rows/cols)**0.5;  p <- p*(1 - lr*wd) - lr*o.
+    """
+
+    def __init__(self, params, lr: float = 0.02, momentum: float = 0.95, nesterov: bool = True,
+                 ns_steps: int = 5, weight_decay: float = 0.0):
+        if lr < 0 or not 0.0 <= momentum < 1.0 or ns_steps < 1 or weight_decay < 0:
+            raise ValueError(f"Muon: invalid lr={lr}, momentum={momentum}, ns_steps={ns_steps}, "
+                             f"weight_decay={weight_decay}")
+        defaults = dict(lr=lr, momentum=momentum, nesterov=nesterov, ns_steps=ns_steps,
+                        weight_decay=weight_decay)
+        super().__init__(params, defaults)
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.ndim not in (2, 3):
+                    raise ValueError(f"Muon takes 2-D matrices or 3-D stacks of matrices, got shape "
+                                     f"{tuple(p.shape)}; put it in an AdamW group")
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            lr, mu, wd = group["lr"], group["momentum"], group["weight_decay"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                g = p.grad
+                state = self.state[p]
+                if "momentum_buffer" not in state:
+                    state["momentum_buffer"] = torch.zeros_like(g)
+                buf = state["momentum_buffer"]
+                buf.mul_(mu).add_(g)
+                u = g.add(buf, alpha=mu) if group["nesterov"] else buf
+                o = newton_schulz(u, steps=group["ns_steps"])
+                scale = max(1.0, p.size(-2) / p.size(-1)) ** 0.5
+                if wd:
+                    p.mul_(1.0 - lr * wd)
+                p.add_(o, alpha=-lr * scale)
+        return loss
+
+
+class ChainedOptimizer:
+    """Several optimizers stepped together, seen as one: `param_groups` is their concatenation
+    (the schedule scales every group's `base_lr`), state_dict is keyed by name."""
+
+    def __init__(self, optimizers: dict[str, torch.optim.Optimizer]):
+        if not optimizers:
+            raise ValueError("ChainedOptimizer needs at least one optimizer")
+        self.optimizers = optimizers
+
+    @property
+    def param_groups(self) -> list[dict]:
+        return [g for opt in self.optimizers.values() for g in opt.param_groups]
+
+    def step(self) -> None:
+        for opt in self.optimizers.values():
+            opt.step()
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for opt in self.optimizers.values():
+            opt.zero_grad(set_to_none=set_to_none)
+
+    def state_dict(self) -> dict:
+        return {name: opt.state_dict() for name, opt in self.optimizers.items()}
+
+    def load_state_dict(self, state: dict) -> None:
+        if set(state) != set(self.optimizers):
+            raise ValueError(f"optimizer state has parts {sorted(state)}, expected {sorted(self.optimizers)} "
+                             f"(was the checkpoint written with another train.optimizer?)")
+        for name, opt in self.optimizers.items():
+            opt.load_state_dict(state[name])
+
+
+# Leaf-module names of routers and gates: small matrices whose rows are scores or a scalar gate,
+# not hidden linear maps. `gate_proj` (the SwiGLU gate) is a hidden matrix and does not match.
+_GATE_NAMES = ("gate", "router", "shared_expert_gate", "weights_proj")
+
+
+def _is_gate(param_name: str) -> bool:
+    parts = param_name.split(".")
+    owner = parts[-2] if len(parts) >= 2 else ""
+    return owner in _GATE_NAMES or owner.endswith("router") or owner.endswith("_gate")
+
+
+@dataclass
+class ParamAssignment:
+    """Names of the parameters in each family (for printing and for tests)."""
+    muon: list[str]
+    adamw_decay: list[str]
+    adamw_no_decay: list[str]
+
+
+def classify_params(model: nn.Module) -> tuple[dict[str, list[nn.Parameter]], ParamAssignment]:
+    """Split parameters into muon / adamw_decay / adamw_no_decay, asserting full, exclusive cover.
+
+    Muon: 2-D matrices and 3-D stacks of matrices inside the trunk, both inner dims > 1.
+    AdamW with decay: embeddings and the output head (and tied head).
+    AdamW without decay: norms, biases, routers/gates, convolution kernels, every 1-D parameter.
+    """
+    head = getattr(model, "head_weight", None)
+    embed_ids = set()
+    conv_ids = set()
+    for mod in model.modules():
+        if isinstance(mod, nn.Embedding):
+            embed_ids.update(id(p) for p in mod.parameters(recurse=False))
+        if isinstance(mod, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+            conv_ids.update(id(p) for p in mod.parameters(recurse=False))
+
+    groups: dict[str, list[nn.Parameter]] = {"muon": [], "adamw_decay": [], "adamw_no_decay": []}
+    names: dict[str, list[str]] = {k: [] for k in groups}
+    seen: dict[int, str] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        if id(p) in seen:  # a tied parameter: assigned once, under its first name
+            continue
+        if not p.requires_grad:
+            seen[id(p)] = "frozen"
+            continue
+        if id(p) in embed_ids or (head is not None and p is head):
+            kind = "adamw_decay"
+        elif (p.ndim in (2, 3) and min(p.shape[-2:]) > 1 and id(p) not in conv_ids
+              and not _is_gate(name)):
+            kind = "muon"
+        else:
+            kind = "adamw_no_decay"
+        seen[id(p)] = kind
+        groups[kind].append(p)
+        names[kind].append(name)
+
+    # The assertion the design asks for: every trainable parameter in exactly one group.
+    all_ids = [id(p) for g in groups.values() for p in g]
+    trainable = {id(p) for p in model.parameters() if p.requires_grad}
+    assert len(all_ids) == len(set(all_ids)), "a parameter was assigned to two optimizer groups"
+    missing = trainable - set(all_ids)
+    assert not missing, f"{len(missing)} trainable parameters have no optimizer group"
+    return groups, ParamAssignment(names["muon"], names["adamw_decay"], names["adamw_no_decay"])
+
+
+def param_groups(model: nn.Module, cfg) -> dict[str, list[dict]]:
+    """Optimizer groups for `cfg.optimizer` (TrainConfig): {'muon': [...], 'adamw': [...]}.
+
+    Every group carries `base_lr`, which the schedule multiplies into `lr` each step.
+    """
+    groups, _ = classify_params(model)
+    if cfg.optimizer not in ("muon", "adamw"):
+        raise ValueError(f"train.optimizer={cfg.optimizer!r} is not muon or adamw")
+    adamw_groups = []
+    muon_groups = []
+    if cfg.optimizer == "muon":
+        if groups["muon"]:
+            muon_groups.append(dict(params=groups["muon"], lr=cfg.muon_lr, base_lr=cfg.muon_lr,
+                                    weight_decay=cfg.weight_decay, name="muon"))
+    else:
+        groups["adamw_decay"] = groups["muon"] + groups["adamw_decay"]
+    if groups["adamw_decay"]:
+        adamw_groups.append(dict(params=groups["adamw_decay"], lr=cfg.lr, base_lr=cfg.lr,
+                                 weight_decay=cfg.weight_decay, name="adamw_decay"))
+    if groups["adamw_no_decay"]:
+        adamw_groups.append(dict(params=groups["adamw_no_decay"], lr=cfg.lr, base_lr=cfg.lr,
+                                 weight_decay=0.0, name="adamw_no_decay"))
+    return {"muon": muon_groups, "adamw": adamw_groups}
+
+
+def build_optimizer(model: nn.Module, cfg) -> ChainedOptimizer:
+    """Muon (hidden matrices) + AdamW (the rest) for optimizer='muon'; AdamW alone for 'adamw'."""
+    pg = param_groups(model, cfg)
+    opts: dict[str, torch.optim.Optimizer] = {}
+    if pg["muon"]:
+        opts["muon"] = Muon(pg["muon"], lr=cfg.muon_lr, momentum=cfg.muon_momentum,
+                            ns_steps=cfg.muon_ns_steps, weight_decay=cfg.weight_decay)
+    if pg["adamw"]:
+        # foreach on CPU keeps the update bitwise-reproducible and fast; fused is CUDA-only.
+        on_cuda = any(p.is_cuda for g in pg["adamw"] for p in g["params"])
+        opts["adamw"] = torch.optim.AdamW(pg["adamw"], lr=cfg.lr, betas=tuple(cfg.betas), eps=1e-8,
+                                          fused=on_cuda or None, foreach=None if on_cuda else True)
+    return ChainedOptimizer(opts)

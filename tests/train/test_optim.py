@@ -1,0 +1,123 @@
+"""Newton–Schulz, Muon and the optimizer parameter groups."""
+import pytest
+import torch
+from torch import nn
+
+from deepwish.config import TrainConfig
+from deepwish.train.optim import Muon, build_optimizer, classify_params, newton_schulz, param_groups
+
+
+@pytest.mark.parametrize("shape", [(48, 160), (160, 48), (3, 40, 100), (2, 100, 40)])
+def test_newton_schulz_singular_values_and_direction(shape):
+    G = torch.randn(*shape)
+    X = newton_schulz(G)
+    assert X.shape == G.shape and X.dtype == G.dtype
+    s = torch.linalg.svdvals(X.double())
+    assert s.min() > 0.6 and s.max() < 1.25, (s.min(), s.max())
+    # Close to the exact polar factor U V^T (same singular vectors, spectrum near 1).
+    U, _, Vh = torch.linalg.svd(G.double(), full_matrices=False)
+    polar = U @ Vh
+    cos = (X.double() * polar).sum(dim=(-2, -1)) / (X.double().norm(dim=(-2, -1)) * polar.norm(dim=(-2, -1)))
+    assert (cos > 0.97).all(), cos
+
+
+def test_newton_schulz_batched_equals_per_matrix():
+    G = torch.randn(4, 24, 56)
+    X = newton_schulz(G)
+    for e in range(4):
+        torch.testing.assert_close(X[e], newton_schulz(G[e]), rtol=1e-5, atol=1e-5)
+
+
+def test_newton_schulz_keeps_low_precision_dtype_and_rejects_vectors():
+    X = newton_schulz(torch.randn(16, 64, dtype=torch.bfloat16))
+    assert X.dtype == torch.bfloat16 and X.shape == (16, 64)
+    with pytest.raises(ValueError, match="matrix"):
+        newton_schulz(torch.randn(8))
+
+
+@pytest.mark.gpu
+def test_newton_schulz_bf16_on_gpu(cuda):
+    G = torch.randn(8, 512, 1536, device=cuda)
+    s = torch.linalg.svdvals(newton_schulz(G).double())
+    assert s.min() > 0.6 and s.max() < 1.3
+
+
+def test_muon_step_matches_formula():
+    p = nn.Parameter(torch.randn(40, 20))
+    p0 = p.detach().clone()
+    opt = Muon([p], lr=0.1, momentum=0.9, nesterov=True, weight_decay=0.5)
+    g1, g2 = torch.randn(40, 20), torch.randn(40, 20)
+    p.grad = g1.clone()
+    opt.step()
+    m = g1
+    exp = p0 * (1 - 0.1 * 0.5) - 0.1 * 2 ** 0.5 * newton_schulz(g1 + 0.9 * m)
+    torch.testing.assert_close(p.detach(), exp)
+    p.grad = g2.clone()
+    opt.step()
+    m = 0.9 * m + g2
+    exp = exp * (1 - 0.1 * 0.5) - 0.1 * 2 ** 0.5 * newton_schulz(g2 + 0.9 * m)
+    torch.testing.assert_close(p.detach(), exp)
+
+
+def test_muon_rejects_vectors():
+    with pytest.raises(ValueError, match="AdamW"):
+        Muon([nn.Parameter(torch.randn(5))])
+
+
+class ToyMoE(nn.Module):
+    """Every kind of parameter the real models have, with their usual names."""
+
+    def __init__(self, tie=False):
+        super().__init__()
+        self.embed = nn.Embedding(50, 16)
+        self.attn = nn.ModuleDict(dict(q_proj=nn.Linear(16, 16, bias=True), o_proj=nn.Linear(16, 16, bias=False)))
+        self.norm = nn.LayerNorm(16)
+        self.mlp = nn.ModuleDict(dict(gate=nn.Linear(16, 4, bias=False), gate_proj=nn.Linear(16, 32, bias=False),
+                                      shared_expert_gate=nn.Linear(16, 1, bias=False)))
+        self.experts_w1 = nn.Parameter(torch.randn(4, 32, 16))
+        self.conv1d = nn.Conv1d(16, 16, 4, groups=16, bias=False)
+        self.A_log = nn.Parameter(torch.zeros(4))
+        self.frozen = nn.Parameter(torch.zeros(3, 3), requires_grad=False)
+        self.lm_head = nn.Linear(16, 50, bias=False)
+        if tie:
+            self.lm_head.weight = self.embed.weight
+
+    @property
+    def head_weight(self):
+        return self.lm_head.weight
+
+
+def test_param_groups_cover_every_parameter_once():
+    groups, names = classify_params(ToyMoE())
+    assert sorted(names.muon) == sorted(["attn.q_proj.weight", "attn.o_proj.weight", "mlp.gate_proj.weight",
+                                         "experts_w1"])
+    assert sorted(names.adamw_decay) == ["embed.weight", "lm_head.weight"]
+    assert sorted(names.adamw_no_decay) == sorted(["attn.q_proj.bias", "norm.weight", "norm.bias", "mlp.gate.weight",
+                                                   "mlp.shared_expert_gate.weight", "conv1d.weight", "A_log"])
+
+
+def test_param_groups_tied_head_counted_once():
+    model = ToyMoE(tie=True)
+    groups, names = classify_params(model)
+    assert names.adamw_decay == ["embed.weight"]
+    ids = [id(p) for g in groups.values() for p in g]
+    assert len(ids) == len(set(ids)) == sum(1 for p in model.parameters() if p.requires_grad)
+
+
+def test_build_optimizer_muon_and_adamw_train_every_parameter():
+    for name in ("muon", "adamw"):
+        model = ToyMoE()
+        cfg = TrainConfig(optimizer=name, weight_decay=0.1)
+        opt = build_optimizer(model, cfg)
+        assert set(opt.optimizers) == ({"muon", "adamw"} if name == "muon" else {"adamw"})
+        before = {n: p.detach().clone() for n, p in model.named_parameters()}
+        for p in model.parameters():
+            p.grad = torch.randn_like(p) if p.requires_grad else None
+        opt.step()
+        for n, p in model.named_parameters():
+            assert torch.equal(before[n], p.detach()) != p.requires_grad, n
+        state = opt.state_dict()
+        opt.load_state_dict(state)
+        assert all("base_lr" in g for g in opt.param_groups)
+    with pytest.raises(ValueError, match="optimizer"):
+        param_groups(ToyMoE(), TrainConfig(optimizer="sgd"))
