@@ -1,0 +1,3 @@
+from deepwish.model.transformer import Block, ForwardContext, Transformer
+
+__all__ = ["Block", "ForwardContext", "Transformer"]

@@ -1,0 +1,77 @@
+"""Decoding caches: preallocated, fixed shapes, one object per layer.
+
+The slot of a token in a KV cache is its position, so writing is a scatter at `positions` and
+the attention mask is `slot <= query position` (plus the window for sliding-window layers).
+This serves prefill and one-token decode alike, lets a batch hold prompts of different
+lengths (right-padded: a pad token's slot is overwritten by the real token at that position
+before any real query can see it), and keeps every shape static so a decode step can be
+captured as a CUDA graph.
+
+Mixers build their own cache type through `make_cache`; `ModelCache` is just the list.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+class CacheFullError(RuntimeError):
+    """A sequence would grow past the cache length."""
+
+
+@dataclass
+class KVCache:
+    k: torch.Tensor  # [B, Hkv, L, D]
+    v: torch.Tensor  # [B, Hkv, L, Dv]
+
+    @classmethod
+    def empty(cls, batch: int, max_len: int, n_kv_heads: int, head_dim: int, v_head_dim: int | None = None,
+              dtype=torch.float32, device=None) -> "KVCache":
+        v_dim = head_dim if v_head_dim is None else v_head_dim
+        return cls(torch.zeros(batch, n_kv_heads, max_len, head_dim, dtype=dtype, device=device),
+                   torch.zeros(batch, n_kv_heads, max_len, v_dim, dtype=dtype, device=device))
+
+    @property
+    def max_len(self) -> int:
+        return self.k.shape[2]
+
+    def update(self, positions: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write k, v [B, Hkv, T, D] at slots `positions` [B, T]; return the whole cache."""
+        idx_k = positions[:, None, :, None].expand(-1, k.shape[1], -1, k.shape[-1])
+        idx_v = positions[:, None, :, None].expand(-1, v.shape[1], -1, v.shape[-1])
+        self.k.scatter_(2, idx_k, k.to(self.k.dtype))
+        self.v.scatter_(2, idx_v, v.to(self.v.dtype))
+        return self.k, self.v
+
+    def reset(self) -> None:
+        self.k.zero_()
+        self.v.zero_()
+
+
+class ModelCache:
+    """Per-layer caches of one model, in layer order (index = layer index)."""
+
+    def __init__(self, layers: list, max_len: int, batch: int):
+        self.layers = layers
+        self.max_len = max_len
+        self.batch = batch
+
+    def __getitem__(self, i: int):
+        return self.layers[i]
+
+    def __len__(self) -> int:
+        return len(self.layers)
+
+    def reset(self) -> None:
+        for c in self.layers:
+            c.reset()
+
+    def nbytes(self) -> int:
+        """Bytes held by all tensors of the cache."""
+        total = 0
+        for c in self.layers:
+            for v in vars(c).values():
+                if isinstance(v, torch.Tensor):
+                    total += v.numel() * v.element_size()
+        return total

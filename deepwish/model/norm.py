@@ -1,0 +1,28 @@
+"""RMSNorm, the only normalisation these architectures use.
+
+`zero_centered=True` is Qwen3-Next's form: the weight is stored as an offset from one,
+y = x̂·(1 + w), initialised at w = 0 (so weight decay pulls towards identity). Statistics are
+computed in fp32 whatever the input dtype, as the reference implementations do.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float = 1e-6, zero_centered: bool = False):
+        super().__init__()
+        self.eps = eps
+        self.zero_centered = zero_centered
+        self.weight = nn.Parameter(torch.zeros(dim) if zero_centered else torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        if self.zero_centered:
+            return (xf * (1.0 + self.weight.float())).type_as(x)
+        return self.weight * xf.type_as(x)
+
+    def reset_parameters(self) -> None:
+        nn.init.zeros_(self.weight) if self.zero_centered else nn.init.ones_(self.weight)
