@@ -1,0 +1,276 @@
+"""Build token shards from text, JSONL and chat files; and the default Shakespeare shards.
+
+    deepwish data build --input a.txt b.jsonl chats.csv --out DIR [--tokenizer PATH|qwen|default]
+                        [--val-fraction 0.01] [--val-input held_out.jsonl ...] [--seed 0]
+
+Input formats (chosen by file extension; anything else is an error):
+- `.txt`: the whole file is one document (UTF-8). Split a large corpus into several files, or
+  use .jsonl, to get several documents.
+- `.jsonl`: one JSON object per non-empty line, either {"text": "..."} (a document) or
+  {"messages": [{"role": ..., "content": ...}, ...]} (a chat, rendered with ChatML, see
+  chat.py). Other keys are ignored; having both or neither of text/messages is an error.
+- `.csv`: a chat table with a header row holding the columns `conversation_id`, `role`,
+  `content` (others ignored). Rows with the same conversation_id form one chat, messages in
+  row order, chats in order of first appearance.
+
+Every document is encoded without special tokens and closed with the tokenizer's eos. The
+validation split is either `val_fraction` of all documents (chosen by a seeded permutation,
+at least one when the fraction is positive) or, with `val_inputs`, exactly the documents of
+those files. Output in `out_dir`: train.bin, val.bin (absent when there is no validation
+split), tokenizer/ (a copy, so the shards are self-describing) and meta.json.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import os
+import shutil
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .chat import render_chat, require_chat_tokens, validate_messages
+from .corpus import corpus_hash, read_corpus, split_documents
+from .shards import ShardError, read_header, write_shard
+from .tokenizer import Tokenizer, cache_dir, default_tokenizer, resolve_tokenizer
+
+SUFFIXES = (".txt", ".jsonl", ".csv")
+CSV_COLUMNS = ("conversation_id", "role", "content")
+_DEFAULT_DATA_RECIPE = "r1"  # bump when ensure_default_data's output would change
+
+
+@dataclass(frozen=True)
+class Document:
+    text: str
+    is_chat: bool
+    source: str  # file[:line] it came from, for error messages
+
+
+@dataclass(frozen=True)
+class BuildResult:
+    train_bin: Path
+    val_bin: Path | None
+    meta: dict
+
+
+def read_documents(path: str | Path) -> list[Document]:
+    """The documents of one input file (format by extension, see module doc)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"input {path} does not exist")
+    if path.suffix == ".txt":
+        text = path.read_text(encoding="utf-8")
+        if not text.strip():
+            raise ValueError(f"{path}: empty text file")
+        return [Document(text, False, str(path))]
+    if path.suffix == ".jsonl":
+        return _read_jsonl(path)
+    if path.suffix == ".csv":
+        return _read_chat_csv(path)
+    raise ValueError(f"{path}: unsupported input type {path.suffix!r}; expected one of {SUFFIXES}")
+
+
+def _read_jsonl(path: Path) -> list[Document]:
+    docs = []
+    with open(path, encoding="utf-8") as f:
+        for line_no, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            where = f"{path}:{line_no}"
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{where}: invalid JSON ({e.msg})") from e
+            if not isinstance(record, dict) or ("text" in record) == ("messages" in record):
+                raise ValueError(f"{where}: expected an object with exactly one of 'text' or 'messages'")
+            if "text" in record:
+                if not isinstance(record["text"], str):
+                    raise ValueError(f"{where}: 'text' must be a string")
+                docs.append(Document(record["text"], False, where))
+            else:
+                docs.append(Document(render_chat(validate_messages(record["messages"], where)), True, where))
+    if not docs:
+        raise ValueError(f"{path}: no documents")
+    return docs
+
+
+def _read_chat_csv(path: Path) -> list[Document]:
+    chats: dict[str, list[dict[str, str]]] = {}
+    with open(path, encoding="utf-8", newline="") as f:
+        reader = csv.DictReader(f)
+        missing = [c for c in CSV_COLUMNS if c not in (reader.fieldnames or [])]
+        if missing:
+            raise ValueError(f"{path}: missing column(s) {missing}; a chat CSV needs {list(CSV_COLUMNS)}")
+        for row in reader:
+            chats.setdefault(row["conversation_id"], []).append({"role": row["role"], "content": row["content"]})
+    if not chats:
+        raise ValueError(f"{path}: no rows")
+    return [
+        Document(render_chat(validate_messages(m, f"{path} conversation {cid!r}")), True, f"{path}:{cid}")
+        for cid, m in chats.items()
+    ]
+
+
+def encode_documents(docs: list[Document], tokenizer: Tokenizer) -> list[list[int]]:
+    """Ids of each document followed by the eos."""
+    if tokenizer.eos_id is None:
+        raise ValueError("tokenizer has no eos token; documents could not be told apart by the model")
+    if any(d.is_chat for d in docs):
+        require_chat_tokens(tokenizer)
+    return [ids + [tokenizer.eos_id] for ids in tokenizer.encode_batch([d.text for d in docs])]
+
+
+def val_split(n_docs: int, val_fraction: float, seed: int) -> np.ndarray:
+    """Sorted indices of the validation documents: ceil(val_fraction·n) of them (at least one
+    if val_fraction > 0), drawn by a permutation seeded with `seed`; never all documents."""
+    if not 0.0 <= val_fraction < 1.0:
+        raise ValueError(f"val_fraction {val_fraction} outside [0, 1)")
+    n_val = math.ceil(val_fraction * n_docs) if val_fraction > 0 else 0
+    if n_val >= n_docs and n_val > 0:
+        raise ValueError(f"val_fraction {val_fraction} of {n_docs} document(s) leaves none for training")
+    return np.sort(np.random.Generator(np.random.PCG64(seed)).permutation(n_docs)[:n_val])
+
+
+def _write_split(
+    out_dir: Path, train: list[list[int]], val: list[list[int]], tokenizer: Tokenizer, meta: dict
+) -> BuildResult:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    fp = tokenizer.fingerprint
+    train_bin = out_dir / "train.bin"
+    write_shard(train_bin, train, tokenizer.vocab_size, fp)
+    val_bin = None
+    if val:
+        val_bin = out_dir / "val.bin"
+        write_shard(val_bin, val, tokenizer.vocab_size, fp)
+    tokenizer.save(out_dir / "tokenizer")
+    meta = {
+        **meta,
+        "tokenizer": {
+            **meta.get("tokenizer", {}),
+            "fingerprint": fp,
+            "vocab_size": tokenizer.vocab_size,
+            "eos_id": tokenizer.eos_id,
+            "saved": "tokenizer",
+        },
+        "train": {"path": "train.bin", "docs": len(train), "tokens": sum(map(len, train))},
+        "val": None if val_bin is None else {"path": "val.bin", "docs": len(val), "tokens": sum(map(len, val))},
+    }
+    (out_dir / "meta.json").write_text(json.dumps(meta, indent=1) + "\n")
+    return BuildResult(train_bin, val_bin, meta)
+
+
+def build_shards(
+    inputs: list[str | Path],
+    out_dir: str | Path,
+    tokenizer: Tokenizer,
+    val_fraction: float = 0.01,
+    val_inputs: list[str | Path] = (),
+    seed: int = 0,
+    tokenizer_spec: str | None = None,
+) -> BuildResult:
+    """Tokenize `inputs` into out_dir/{train,val}.bin + meta.json (see module doc).
+
+    Validation is `val_fraction` of the documents, or, when `val_inputs` is given, exactly
+    the documents of those files (then val_fraction must be 0). `tokenizer_spec` is only
+    recorded in meta.json (how the tokenizer was named: a path, "qwen", "default").
+    """
+    if not inputs:
+        raise ValueError("no inputs")
+    if val_inputs and val_fraction != 0:
+        raise ValueError("give val_fraction=0 when naming val_inputs (both would pick validation documents)")
+    docs = [d for p in inputs for d in read_documents(p)]
+    ids = encode_documents(docs, tokenizer)
+    if val_inputs:
+        train, val = ids, encode_documents([d for p in val_inputs for d in read_documents(p)], tokenizer)
+    else:
+        is_val = np.zeros(len(ids), dtype=bool)
+        is_val[val_split(len(ids), val_fraction, seed)] = True
+        train = [x for x, v in zip(ids, is_val) if not v]
+        val = [x for x, v in zip(ids, is_val) if v]
+    meta = {
+        "format": "deepwish-shards",
+        "inputs": [str(p) for p in inputs],
+        "val_inputs": [str(p) for p in val_inputs],
+        "val_fraction": val_fraction,
+        "seed": seed,
+        "tokenizer": {"spec": tokenizer_spec},
+    }
+    return _write_split(Path(out_dir), train, val, tokenizer, meta)
+
+
+def ensure_default_data(cache: str | Path | None = None, vocab_size: int = 2048) -> tuple[Path, Path, Tokenizer]:
+    """Shards of the embedded corpus with the default tokenizer, built on first use.
+
+    (train_bin, val_bin, tokenizer); val is the last play (The Tempest), train the other ten.
+    Cached under `cache` (default cache_dir())/data/, keyed by corpus hash and tokenizer
+    fingerprint; built in a private directory and renamed into place, so concurrent ranks
+    are safe and the result is the same bytes every time.
+    """
+    root = Path(cache) if cache is not None else cache_dir()
+    tokenizer = default_tokenizer(vocab_size, cache=root)
+    target = root / "data" / f"shakespeare-{corpus_hash()}-{tokenizer.fingerprint}-{_DEFAULT_DATA_RECIPE}"
+    train_bin, val_bin = target / "train.bin", target / "val.bin"
+    if not _valid_default(train_bin, val_bin, tokenizer):
+        plays = split_documents(read_corpus())
+        docs = encode_documents([Document(p, False, "embedded corpus") for p in plays], tokenizer)
+        tmp = target.parent / f".{target.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}"
+        meta = {"format": "deepwish-shards", "inputs": ["embedded corpus (deepwish/data/corpus)"], "val": "last play"}
+        _write_split(tmp, docs[:-1], docs[-1:], tokenizer, {**meta, "tokenizer": {"spec": "default"}})
+        if target.exists():  # a stale or broken entry under this key
+            shutil.rmtree(target, ignore_errors=True)
+        try:
+            os.replace(tmp, target)
+        except OSError:  # another process won the rename; its result is identical
+            shutil.rmtree(tmp, ignore_errors=True)
+        if not _valid_default(train_bin, val_bin, tokenizer):
+            raise RuntimeError(f"default data at {target} is unreadable after building it")
+    return train_bin, val_bin, tokenizer
+
+
+def _valid_default(train_bin: Path, val_bin: Path, tokenizer: Tokenizer) -> bool:
+    try:
+        return all(read_header(p).fingerprint == tokenizer.fingerprint for p in (train_bin, val_bin))
+    except (FileNotFoundError, ShardError):
+        return False
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--input", nargs="+", required=True, help=f"input files ({', '.join(SUFFIXES)})")
+    parser.add_argument("--out", required=True, help="output directory (train.bin, val.bin, meta.json)")
+    parser.add_argument("--tokenizer", default="default", help="'default' (Shakespeare BPE), 'qwen', or a path")
+    parser.add_argument(
+        "--val-fraction", type=float, default=None, help="fraction of documents held out (default 0.01)"
+    )
+    parser.add_argument("--val-input", nargs="+", default=[], help="files held out as validation instead")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the validation split")
+
+
+def run(args: argparse.Namespace) -> int:
+    tokenizer = resolve_tokenizer(args.tokenizer)
+    if args.val_input and args.val_fraction is not None:
+        raise SystemExit("give either --val-fraction or --val-input, not both")
+    val_fraction = 0.0 if args.val_input else (0.01 if args.val_fraction is None else args.val_fraction)
+    result = build_shards(
+        args.input, args.out, tokenizer, val_fraction, args.val_input, args.seed, tokenizer_spec=args.tokenizer
+    )
+    train, val = result.meta["train"], result.meta["val"]
+    print(
+        f"wrote {result.train_bin}: {train['docs']} docs, {train['tokens']} tokens"
+        + (f"; {result.val_bin}: {val['docs']} docs, {val['tokens']} tokens" if val else "; no validation split")
+        + f" (tokenizer {tokenizer.fingerprint}, vocab {tokenizer.vocab_size})"
+    )
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="deepwish data build", description=__doc__.split("\n")[0])
+    add_arguments(parser)
+    return run(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,167 @@
+"""Binary token shards: one file of documents, memory-mapped for reading.
+
+Layout (little-endian), version 1:
+
+    offset  size  field
+    0       8     magic b"DWSHARD1"
+    8       4     format version (uint32) = 1
+    12      4     token dtype code (uint32): 2 = uint16 (vocab <= 65536), 4 = uint32
+    16      8     n_tokens (uint64)
+    24      8     vocab_size (uint64) of the tokenizer that wrote the ids
+    32      8     n_docs (uint64)
+    40      32    tokenizer fingerprint, ASCII, NUL-padded
+    72      56    zero padding (header is HEADER_BYTES = 128, so tokens stay aligned)
+    128           tokens: n_tokens ids, documents back to back (each document as given to
+                  write_shard; the builder ends every document with the eos id)
+    ...           doc_offsets: n_docs + 1 int64, document d is tokens[offsets[d]:offsets[d+1]]
+
+Boundaries are stored, not recovered from eos, so a shard is correct even for a tokenizer
+without an eos or for text that contains the eos string; the loader reads them to build
+per-position document ids. The file size is fully determined by the header, so truncation
+is detected exactly.
+"""
+from __future__ import annotations
+
+import os
+import struct
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+MAGIC = b"DWSHARD1"
+VERSION = 1
+HEADER_BYTES = 128
+FINGERPRINT_BYTES = 32
+_HEADER = struct.Struct(f"<8sIIQQQ{FINGERPRINT_BYTES}s")
+_DTYPES = {2: np.dtype("<u2"), 4: np.dtype("<u4")}
+
+
+class ShardError(ValueError):
+    """A shard file that cannot be read as written, or that does not fit the model."""
+
+
+@dataclass(frozen=True)
+class ShardHeader:
+    version: int
+    dtype_code: int  # bytes per token: 2 (uint16) or 4 (uint32)
+    n_tokens: int
+    vocab_size: int
+    n_docs: int
+    fingerprint: str
+
+    @property
+    def dtype(self) -> np.dtype:
+        return _DTYPES[self.dtype_code]
+
+    def file_size(self) -> int:
+        return HEADER_BYTES + self.n_tokens * self.dtype_code + (self.n_docs + 1) * 8
+
+
+@dataclass(frozen=True)
+class Shard:
+    path: Path
+    header: ShardHeader
+    tokens: np.ndarray  # [n_tokens] uint16/uint32, read-only memmap
+    doc_offsets: np.ndarray  # [n_docs + 1] int64, read-only memmap
+
+
+def dtype_code_for(vocab_size: int) -> int:
+    return 2 if vocab_size <= 65536 else 4
+
+
+def write_shard(path: str | Path, docs: list[list[int]], vocab_size: int, fingerprint: str) -> ShardHeader:
+    """Write documents (lists of ids, each already ending with eos if wanted) to `path`.
+
+    Every id must be in [0, vocab_size); the file is written to a temporary name and renamed,
+    so a reader never sees a partial shard.
+    """
+    path = Path(path)
+    fp = fingerprint.encode("ascii")
+    if not 0 < len(fp) <= FINGERPRINT_BYTES:
+        raise ShardError(f"fingerprint must be 1..{FINGERPRINT_BYTES} ASCII bytes, got {fingerprint!r}")
+    if vocab_size <= 0 or vocab_size > 2**32:
+        raise ShardError(f"vocab_size {vocab_size} outside 1..2**32")
+    code = dtype_code_for(vocab_size)
+    lengths = np.array([len(d) for d in docs], dtype=np.int64)
+    offsets = np.zeros(len(docs) + 1, dtype="<i8")
+    np.cumsum(lengths, out=offsets[1:])
+    header = ShardHeader(VERSION, code, int(offsets[-1]), vocab_size, len(docs), fingerprint)
+    raw = _HEADER.pack(MAGIC, VERSION, code, header.n_tokens, vocab_size, header.n_docs, fp)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")  # unique per writer
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(tmp, "wb") as f:
+        f.write(raw.ljust(HEADER_BYTES, b"\0"))
+        for d, doc in enumerate(docs):  # one document at a time: memory stays O(longest doc)
+            ids = np.asarray(doc, dtype=np.int64)
+            if ids.size and (ids.min() < 0 or ids.max() >= vocab_size):
+                tmp.unlink()
+                bad = int(ids.max()) if ids.max() >= vocab_size else int(ids.min())
+                raise ShardError(f"document {d}: token id {bad} outside [0, vocab_size={vocab_size})")
+            f.write(ids.astype(_DTYPES[code]).tobytes())
+        f.write(offsets.tobytes())
+    tmp.replace(path)
+    return header
+
+
+def read_header(path: str | Path) -> ShardHeader:
+    """Parse and validate the header of `path` (magic, version, dtype, file size)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no shard at {path}")
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        raw = f.read(HEADER_BYTES)
+    if len(raw) < 8 or raw[:8] != MAGIC:
+        raise ShardError(f"{path}: not a deepwish shard (magic {raw[:8]!r}, expected {MAGIC!r})")
+    if len(raw) < HEADER_BYTES:
+        raise ShardError(f"{path}: truncated shard: {size} bytes, shorter than the {HEADER_BYTES}-byte header")
+    _, version, code, n_tokens, vocab_size, n_docs, fp = _HEADER.unpack_from(raw)
+    if version != VERSION:
+        raise ShardError(f"{path}: unsupported shard format version {version} (this reader knows {VERSION})")
+    if code not in _DTYPES:
+        raise ShardError(f"{path}: unknown token dtype code {code} (expected 2 or 4)")
+    header = ShardHeader(version, code, n_tokens, vocab_size, n_docs, fp.rstrip(b"\0").decode("ascii"))
+    if size != header.file_size():
+        raise ShardError(
+            f"{path}: truncated or corrupt shard: {size} bytes on disk, header "
+            f"({n_tokens} tokens x {code} B, {n_docs} docs) implies {header.file_size()}"
+        )
+    return header
+
+
+def open_shard(path: str | Path) -> Shard:
+    """Memory-map a shard read-only after validating its header."""
+    path = Path(path)
+    header = read_header(path)
+    tokens = np.memmap(path, dtype=header.dtype, mode="r", offset=HEADER_BYTES, shape=(header.n_tokens,))
+    offsets = np.memmap(
+        path,
+        dtype="<i8",
+        mode="r",
+        offset=HEADER_BYTES + header.n_tokens * header.dtype_code,
+        shape=(header.n_docs + 1,),
+    )
+    if offsets[0] != 0 or offsets[-1] != header.n_tokens or np.any(np.diff(offsets) < 0):
+        raise ShardError(f"{path}: corrupt document offsets (not 0..{header.n_tokens}, non-decreasing)")
+    return Shard(path, header, tokens, offsets)
+
+
+def check_compatible(header: ShardHeader, vocab_size: int, fingerprint: str) -> None:
+    """Raise ShardError unless data written with `header` fits a model/tokenizer pair.
+
+    vocab_size: the model's embedding rows, which may exceed the tokenizer's (padded
+    vocabularies, e.g. Qwen3's 151936 rows for 151669 ids) but never fall short of it.
+    fingerprint: the tokenizer's; must equal the one the shard was written with.
+    """
+    if header.fingerprint != fingerprint:
+        raise ShardError(
+            f"tokenizer mismatch: shard was written by tokenizer {header.fingerprint!r}, "
+            f"the model uses tokenizer {fingerprint!r}"
+        )
+    if header.vocab_size > vocab_size:
+        raise ShardError(
+            f"vocab mismatch: shard ids go up to vocab_size {header.vocab_size}, "
+            f"the model has vocab_size {vocab_size}"
+        )
