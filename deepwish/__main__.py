@@ -1,0 +1,5 @@
+import sys
+
+from deepwish.cli import main
+
+sys.exit(main())

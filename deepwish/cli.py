@@ -1,0 +1,178 @@
+"""`deepwish train | generate | data build | bench | plot | convert`.
+
+Each subcommand's arguments live beside its implementation (`add_arguments` / `run`); this
+file only dispatches, importing a subcommand's module when it is used.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from pathlib import Path
+
+
+def _add_generate(p: argparse.ArgumentParser) -> None:
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--hf", help="HF checkpoint directory (config.json + safetensors)")
+    src.add_argument("--ckpt", help="deepwish run directory or checkpoint directory")
+    p.add_argument("--prompt", default="ROMEO:", help="prompt text")
+    p.add_argument("--tokenizer", default=None,
+                   help="'default' (embedded corpus BPE), 'qwen', or a tokenizer.json path; "
+                        "default: the checkpoint's own tokenizer.json, else the run's tokenizer")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.8)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    p.add_argument("--dtype", default="auto", help="auto (bf16 on GPU, fp32 on CPU) | bf16 | fp32")
+    p.add_argument("--ema", action="store_true", help="use the checkpoint's EMA weights")
+
+
+def _resolve_device(name: str):
+    import torch
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise SystemExit("error: --device cuda requested but no CUDA device is available")
+    return torch.device(name)
+
+
+def load_model_for_inference(args):
+    """(model, tokenizer) from --hf or --ckpt, on the requested device and dtype."""
+    import torch
+
+    from deepwish.config import from_dict
+    from deepwish.data.tokenizer import load_tokenizer, resolve_tokenizer
+    from deepwish.hf.io import load_hf
+    from deepwish.model.transformer import Transformer
+
+    device = _resolve_device(args.device)
+    dtype = {"auto": torch.bfloat16 if device.type == "cuda" else torch.float32, "bf16": torch.bfloat16,
+             "fp32": torch.float32}[args.dtype]
+    tok = None
+    if args.hf:
+        model = load_hf(args.hf, dtype=dtype, device=device)
+        if args.tokenizer is None and (Path(args.hf) / "tokenizer.json").exists():
+            tok = load_tokenizer(Path(args.hf) / "tokenizer.json")
+    else:
+        from deepwish.train.checkpoint import load_checkpoint
+        ck = load_checkpoint(args.ckpt)
+        run_cfg = from_dict(ck["config"], source=str(ck["path"] / "meta.json"))
+        model = Transformer(run_cfg.model)
+        state = ck["ema"] if args.ema else ck["model"]
+        if args.ema and state is None:
+            raise SystemExit(f"error: {ck['path']} has no EMA weights (train.ema_decay was 0)")
+        model.load_state_dict(state)
+        model = model.to(device=device, dtype=dtype).eval()
+        if args.tokenizer is None:
+            spec = run_cfg.data.tokenizer or "default"
+            tok = resolve_tokenizer(spec)
+    if tok is None:
+        tok = resolve_tokenizer(args.tokenizer or "default")
+    if tok.vocab_size > model.cfg.vocab_size:
+        raise SystemExit(f"error: tokenizer has {tok.vocab_size} tokens but the model's vocabulary is "
+                         f"{model.cfg.vocab_size}; pass the tokenizer the model was trained with (--tokenizer)")
+    return model, tok
+
+
+def run_generate(args) -> int:
+    from deepwish.generate import generate
+
+    model, tok = load_model_for_inference(args)
+    ids = tok.encode(args.prompt)
+    if not ids:
+        raise SystemExit("error: the prompt encodes to no tokens")
+    stops = [tok.eos_id] if tok.eos_id is not None else []
+    sys.stdout.write(args.prompt)
+    sys.stdout.flush()
+    emitted: list[int] = []
+    shown = ""
+
+    def stream(_row: int, token: int) -> None:  # decode incrementally so multi-byte text prints whole
+        nonlocal shown
+        emitted.append(token)
+        text = tok.decode(emitted)
+        if not text.endswith("\ufffd"):
+            sys.stdout.write(text[len(shown):])
+            sys.stdout.flush()
+            shown = text
+
+    generate(model, [ids], args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+             top_p=args.top_p, stop_tokens=stops, seed=args.seed, on_token=stream)
+    sys.stdout.write("\n")
+    return 0
+
+
+def _add_convert(p: argparse.ArgumentParser) -> None:
+    p.add_argument("ckpt", help="deepwish run or checkpoint directory")
+    p.add_argument("out", help="output HF directory")
+    p.add_argument("--dtype", default="bf16", help="bf16 | fp32")
+    p.add_argument("--ema", action="store_true")
+
+
+def run_convert(args) -> int:
+    import torch
+
+    from deepwish.hf.io import save_hf
+    args.hf, args.device, args.tokenizer = None, "cpu", None
+    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
+    args.dtype = "fp32"
+    model, tok = load_model_for_inference(args)
+    out = save_hf(model, args.out, dtype=dtype, tokenizer=tok.hf if hasattr(tok, "hf") else None)
+    print(f"wrote {out}")
+    return 0
+
+
+BENCHES = {
+    "kernels": "deepwish.bench.kernels",
+    "gdn": "deepwish.bench.gdn",
+    "decode": "deepwish.bench.decode",
+    "train": "deepwish.bench.train",
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="deepwish", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="cmd", required=True)
+
+    p = sub.add_parser("train", help="train a model (single device, or under torchrun)")
+    importlib.import_module("deepwish.train.loop").add_arguments(p)
+
+    p = sub.add_parser("generate", help="generate text from a deepwish checkpoint or an HF directory")
+    _add_generate(p)
+
+    p = sub.add_parser("data", help="data tools")
+    dsub = p.add_subparsers(dest="data_cmd", required=True)
+    importlib.import_module("deepwish.data.build").add_arguments(dsub.add_parser("build", help="text -> token shards"))
+
+    p = sub.add_parser("plot", help="plot a run's loss and throughput curves")
+    importlib.import_module("deepwish.train.plot").add_arguments(p)
+
+    p = sub.add_parser("convert", help="deepwish checkpoint -> HF directory")
+    _add_convert(p)
+
+    p = sub.add_parser("bench", help="benchmarks (GPU)")
+    p.add_argument("what", choices=sorted(BENCHES))
+    p.add_argument("--out", default="reports/out", help="directory for JSON results and plots")
+    p.add_argument("rest", nargs=argparse.REMAINDER, help="arguments passed to the benchmark")
+
+    args = parser.parse_args(argv)
+    if args.cmd == "train":
+        return importlib.import_module("deepwish.train.loop").run(args)
+    if args.cmd == "generate":
+        return run_generate(args)
+    if args.cmd == "data":
+        return importlib.import_module("deepwish.data.build").run(args)
+    if args.cmd == "plot":
+        return importlib.import_module("deepwish.train.plot").run(args)
+    if args.cmd == "convert":
+        return run_convert(args)
+    if args.cmd == "bench":
+        mod = importlib.import_module(BENCHES[args.what])
+        return mod.main(["--out", args.out, *args.rest]) or 0
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
