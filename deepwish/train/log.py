@@ -1,0 +1,186 @@
+"""Training progress: a line every N steps, metrics.jsonl always, optional TensorBoard / MLflow.
+
+MFU = (tokens/s × model FLOPs per token) / device peak. The peak is a *measured* dense bf16
+matmul ceiling where we have one (H100: 777 TFLOP/s, /work/shared/GPU.md), otherwise the
+vendor's dense bf16 figure; an unknown device or the CPU reports MFU as n/a rather than a guess.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import resource
+import sys
+import time
+from collections import deque
+from pathlib import Path
+from typing import Any
+
+import torch
+
+# Dense bf16 peak FLOP/s by a substring of torch.cuda.get_device_name(); first match wins.
+PEAK_BF16_FLOPS: tuple[tuple[str, float, str], ...] = (
+    ("H100", 777e12, "measured: 8192^3 bf16 matmul on H100 SXM 80GB"),
+    ("H200", 777e12, "assumed equal to the measured H100 (same GH100 compute)"),
+    ("GH200", 777e12, "assumed equal to the measured H100 (same GH100 compute)"),
+    ("B200", 2250e12, "datasheet dense bf16"),
+    ("A100", 312e12, "datasheet dense bf16"),
+    ("L40S", 362e12, "datasheet dense bf16"),
+    ("A10G", 70e12, "datasheet dense bf16"),
+    ("RTX 4090", 165e12, "datasheet dense bf16"),
+)
+
+
+def device_peak_flops(device: torch.device) -> tuple[float | None, str]:
+    """(peak FLOP/s or None, where the number comes from)."""
+    if device.type != "cuda":
+        return None, f"no peak for device type {device.type!r}: MFU n/a"
+    name = torch.cuda.get_device_name(device)
+    for key, peak, source in PEAK_BF16_FLOPS:
+        if key in name:
+            return peak, f"{name}: {peak / 1e12:.0f} TFLOP/s ({source})"
+    return None, f"{name}: peak unknown, MFU n/a (add it to PEAK_BF16_FLOPS in train/log.py)"
+
+
+def peak_memory_bytes(device: torch.device) -> int:
+    """CUDA max allocated on GPU; peak resident set size of the process on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+def _fmt_duration(seconds: float) -> str:
+    if not math.isfinite(seconds):
+        return "?"
+    s = int(seconds)
+    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}" if s >= 3600 else f"{s // 60}:{s % 60:02d}"
+
+
+def _require(module: str, feature: str, extra: str):
+    try:
+        return __import__(module, fromlist=["_"])
+    except ImportError as e:
+        raise ImportError(f"train.{feature}=true needs the '{extra}' package, which is not installed "
+                          f"(pip install {extra}); or set train.{feature}=false") from e
+
+
+class Logger:
+    """Writes metrics.jsonl under `run_dir` and prints progress; one instance per run."""
+
+    def __init__(self, run_dir: str | os.PathLike, *, total_steps: int, flops_per_token: float,
+                 device: torch.device, log_every: int, tensorboard: bool = False, mlflow: bool = False,
+                 config: dict | None = None, window: int = 20, progress_bar: bool | None = None):
+        self.run_dir = Path(run_dir)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.total_steps = total_steps
+        self.flops_per_token = flops_per_token
+        self.device = device
+        self.log_every = max(1, log_every)
+        self.peak_flops, self.peak_note = device_peak_flops(device)
+        self._times: deque[tuple[float, int]] = deque(maxlen=window + 1)  # (time, tokens so far)
+        self._tokens = 0
+        self._jsonl = open(self.run_dir / "metrics.jsonl", "a", buffering=1)
+        self._tb = None
+        self._mlflow = None
+        if tensorboard:
+            tb = _require("torch.utils.tensorboard", "tensorboard", "tensorboard")
+            self._tb = tb.SummaryWriter(log_dir=str(self.run_dir / "tensorboard"))
+        if mlflow:
+            mlf = _require("mlflow", "mlflow", "mlflow")
+            uri = os.environ.get("MLFLOW_TRACKING_URI") or (self.run_dir / "mlruns").resolve().as_uri()
+            mlf.set_tracking_uri(uri)
+            mlf.set_experiment("deepwish")
+            mlf.start_run(run_name=self.run_dir.name)
+            if config:
+                flat = {f"{s}.{k}": v for s, sec in config.items() if isinstance(sec, dict) for k, v in sec.items()}
+                mlf.log_params({k: str(v)[:250] for k, v in flat.items()})
+            self._mlflow = mlf
+        use_bar = sys.stdout.isatty() if progress_bar is None else progress_bar
+        self._bar = None
+        if use_bar:
+            from tqdm import tqdm
+            self._bar = tqdm(total=total_steps, dynamic_ncols=True, leave=True, file=sys.stdout)
+        self.print(f"[deepwish] MFU peak: {self.peak_note}")
+
+    # ---- output ----------------------------------------------------------------------
+    def print(self, line: str) -> None:
+        if self._bar is not None:
+            self._bar.write(line)
+        else:
+            print(line, flush=True)
+
+    def write(self, record: dict[str, Any]) -> None:
+        """One JSON line; every record has `kind` and `step`."""
+        self._jsonl.write(json.dumps(record) + "\n")
+        step = record.get("step", 0)
+        for k, v in record.items():
+            if k in ("kind", "step") or not isinstance(v, (int, float)) or isinstance(v, bool):
+                continue
+            tag = f"{record['kind']}/{k}"
+            if self._tb is not None:
+                self._tb.add_scalar(tag, v, step)
+            if self._mlflow is not None and math.isfinite(v):
+                self._mlflow.log_metric(tag.replace("/", "_"), v, step=step)
+
+    # ---- per step ----------------------------------------------------------------------
+    def start(self, step: int) -> None:
+        """Mark the clock at `step` (run start or resume) so tok/s excludes set-up time."""
+        self._times.clear()
+        self._times.append((time.perf_counter(), self._tokens))
+        if self._bar is not None:
+            self._bar.n = step
+            self._bar.refresh()
+
+    def step(self, step: int, tokens: int, metrics: dict[str, float]) -> dict[str, float] | None:
+        """Record a finished optimizer step (1-based `step`); print/write every `log_every`."""
+        self._tokens += tokens
+        now = time.perf_counter()
+        self._times.append((now, self._tokens))
+        if self._bar is not None:
+            self._bar.update(1)
+        if step % self.log_every and step != self.total_steps:
+            return None
+        (t0, n0), (t1, n1) = self._times[0], self._times[-1]
+        steps_in_window = len(self._times) - 1
+        dt = max(t1 - t0, 1e-9)
+        tok_s = (n1 - n0) / dt
+        step_time = dt / max(steps_in_window, 1)
+        mfu = tok_s * self.flops_per_token / self.peak_flops if self.peak_flops else None
+        mem = peak_memory_bytes(self.device)
+        eta = step_time * (self.total_steps - step)
+        rec = {"kind": "train", "step": step, **metrics, "tok_s": tok_s, "mfu": mfu,
+               "peak_mem_gib": mem / 2**30, "time": time.time()}
+        self.write(rec)
+        mfu_s = f"{100 * mfu:.1f}%" if mfu is not None else "n/a"
+        mem_s = f"{mem / 2**30:.2f}GiB" + ("" if self.device.type == "cuda" else " rss")
+        parts = [f"step {step}/{self.total_steps}", f"loss {metrics['loss']:.4f}", f"lr {metrics['lr']:.2e}",
+                 f"gnorm {metrics['grad_norm']:.3f}"]
+        parts += [f"{k} {metrics[k]:.4f}" for k in sorted(metrics) if k.startswith(("aux/", "extra/"))]
+        if "moe/max_load" in metrics:
+            parts.append(f"moe max/min load {metrics['moe/max_load']:.2f}/{metrics['moe/min_load']:.2f}")
+        parts += [f"{tok_s:,.0f} tok/s", f"MFU {mfu_s}", f"mem {mem_s}", f"ETA {_fmt_duration(eta)}"]
+        line = " | ".join(parts)
+        if self._bar is not None:
+            self._bar.set_postfix_str(f"loss {metrics['loss']:.4f}")
+        self.print(line)
+        return rec
+
+    def eval(self, step: int, metrics: dict[str, float]) -> None:
+        self.write({"kind": "val", "step": step, **metrics, "time": time.time()})
+        self.print(f"step {step}/{self.total_steps} | " + " | ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+        self._jsonl.close()
+        if self._tb is not None:
+            self._tb.close()
+        if self._mlflow is not None:
+            self._mlflow.end_run()
+
+
+def read_metrics(run_dir: str | os.PathLike) -> list[dict]:
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.exists():
+        raise FileNotFoundError(f"no metrics.jsonl in {run_dir}")
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
