@@ -49,6 +49,29 @@ class KVCache:
         self.v.zero_()
 
 
+@dataclass
+class RecurrentCache:
+    """State of a recurrent mixer (Gated DeltaNet): fixed size whatever the sequence length.
+
+    A zero state is exactly "nothing seen yet" (the conv reads zeros before a sequence starts and
+    the recurrence starts from S = 0), so a fresh cache needs no flag; a cache reused for a new
+    sequence must be `reset()` first, since unlike a KV cache nothing here is overwritten by slot.
+    """
+
+    conv_state: torch.Tensor  # [B, D_conv, W-1]: the last W-1 conv inputs, oldest first
+    recurrent_state: torch.Tensor  # [B, HV, K, V] fp32
+
+    @classmethod
+    def empty(cls, batch: int, conv_dim: int, conv_width: int, n_v_heads: int, k_head_dim: int, v_head_dim: int,
+              dtype=torch.float32, device=None) -> "RecurrentCache":
+        return cls(torch.zeros(batch, conv_dim, conv_width - 1, dtype=dtype, device=device),
+                   torch.zeros(batch, n_v_heads, k_head_dim, v_head_dim, dtype=torch.float32, device=device))
+
+    def reset(self) -> None:
+        self.conv_state.zero_()
+        self.recurrent_state.zero_()
+
+
 class ModelCache:
     """Per-layer caches of one model, in layer order (index = layer index)."""
 
