@@ -123,10 +123,10 @@ def load_hf(path: str | Path, dtype: torch.dtype | None = None, device: str | to
     state = {}
     for e in table:
         missing = [h for h in e.hf if h not in have]
+        used.update(h for h in e.hf if h in have)  # expected by the table, so never "unexpected"
         if missing:
             problems.append(f"missing in checkpoint: {', '.join(missing[:4])}{' ...' if len(missing) > 4 else ''} (for {e.ours})")
             continue
-        used.update(e.hf)
         tensors = [files.get(h) for h in e.hf]
         dequant = getattr(fam, "dequantize", None)
         if dequant is not None:
