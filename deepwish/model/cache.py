@@ -72,6 +72,38 @@ class RecurrentCache:
         self.recurrent_state.zero_()
 
 
+@dataclass
+class MLACache:
+    """Multi-head latent attention cache (DeepSeek-V2/V3): per token only the normalised latent
+    c_kv and the shared, already-rotated rope key, kv_lora_rank + qk_rope_head_dim numbers
+    (512 + 64 = 576 at V3 sizes) whatever the head count. Heads are recovered from the latent
+    by the absorbed up-projections in model/mla.py."""
+
+    c_kv: torch.Tensor  # [B, L, kv_lora_rank]
+    k_pe: torch.Tensor  # [B, L, qk_rope_head_dim]
+
+    @classmethod
+    def empty(cls, batch: int, max_len: int, kv_lora_rank: int, rope_dim: int, dtype=torch.float32,
+              device=None) -> "MLACache":
+        return cls(torch.zeros(batch, max_len, kv_lora_rank, dtype=dtype, device=device),
+                   torch.zeros(batch, max_len, rope_dim, dtype=dtype, device=device))
+
+    @property
+    def max_len(self) -> int:
+        return self.c_kv.shape[1]
+
+    def update(self, positions: torch.Tensor, c_kv: torch.Tensor, k_pe: torch.Tensor
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write c_kv [B, T, R], k_pe [B, T, P] at slots `positions` [B, T]; return the whole cache."""
+        self.c_kv.scatter_(1, positions[..., None].expand(-1, -1, c_kv.shape[-1]), c_kv.to(self.c_kv.dtype))
+        self.k_pe.scatter_(1, positions[..., None].expand(-1, -1, k_pe.shape[-1]), k_pe.to(self.k_pe.dtype))
+        return self.c_kv, self.k_pe
+
+    def reset(self) -> None:
+        self.c_kv.zero_()
+        self.k_pe.zero_()
+
+
 class ModelCache:
     """Per-layer caches of one model, in layer order (index = layer index)."""
 
