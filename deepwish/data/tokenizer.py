@@ -135,7 +135,9 @@ class Tokenizer:
         model = json.loads(self.hf.to_str())["model"]
         # merges are "a b" strings in old tokenizer.json files and [a, b] pairs in new ones
         merges = [m.split(" ", 1) if isinstance(m, str) else list(m) for m in model.get("merges", [])]
-        vocab = sorted(self.hf.get_vocab(with_added_tokens=False).items(), key=lambda kv: kv[1])
+        vocab = model.get("vocab", [])
+        # BPE/WordPiece store {token: id}; Unigram stores [[piece, score], ...] in id order
+        vocab = sorted(vocab.items(), key=lambda kv: kv[1]) if isinstance(vocab, dict) else [v[0] for v in vocab]
         added = sorted((i, t.content) for i, t in self.hf.get_added_tokens_decoder().items())
         blob = json.dumps(
             {"type": model.get("type"), "vocab": vocab, "merges": merges, "added": added},
