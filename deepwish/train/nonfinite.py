@@ -13,6 +13,7 @@ inside a function that is not a module is reported as its nearest enclosing modu
 """
 from __future__ import annotations
 
+import warnings
 from typing import Callable
 
 import torch
@@ -80,7 +81,9 @@ def locate_nonfinite(model: nn.Module, run_step: Callable[[], torch.Tensor]) -> 
         if not found and _bad(loss):
             found.append("the loss computation (every module's forward output was finite)")
         if not found and loss.requires_grad:
-            loss.backward()
+            with warnings.catch_warnings():  # modules fed integer ids have no input gradient: expected
+                warnings.filterwarnings("ignore", message="Full backward hook is firing")
+                loss.backward()
     finally:
         for h in handles:
             h.remove()

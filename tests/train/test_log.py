@@ -1,0 +1,60 @@
+"""Progress logging: metrics.jsonl, MFU against the device peak table, guarded integrations, plot."""
+import importlib.util
+import json
+
+import pytest
+import torch
+
+from deepwish.train import log as L
+from deepwish.train.plot import plot_run
+
+
+def test_peak_table_and_cpu_mfu_na(tmp_path, capsys):
+    assert L.device_peak_flops(torch.device("cpu"))[0] is None
+    assert dict((k, v) for k, v, _ in L.PEAK_BF16_FLOPS)["H100"] == 777e12
+    lg = L.Logger(tmp_path, total_steps=4, flops_per_token=1e6, device=torch.device("cpu"), log_every=2,
+                  progress_bar=False)
+    lg.start(0)
+    for s in range(1, 5):
+        rec = lg.step(s, 100, {"loss": 5.0 - s, "lr": 1e-3, "grad_norm": 0.5, "aux/moe": 0.01})
+        assert (rec is None) == (s % 2 == 1)
+    lg.eval(4, {"val_loss": 1.5})
+    lg.write({"kind": "final", "step": 4, "val_loss": 1.5, "unigram_entropy": 3.0})
+    lg.close()
+    out = capsys.readouterr().out
+    assert "step 4/4 | loss 1.0000" in out and "MFU n/a" in out and "tok/s" in out and "aux/moe 0.0100" in out
+    recs = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["kind"] for r in recs] == ["train", "train", "val", "final"]
+    assert recs[1]["tok_s"] > 0 and recs[1]["mfu"] is None and recs[1]["peak_mem_gib"] > 0
+    png = plot_run(tmp_path)
+    assert png.exists() and png.stat().st_size > 1000
+
+
+def test_mfu_uses_the_peak(tmp_path, monkeypatch):
+    monkeypatch.setattr(L, "device_peak_flops", lambda d: (1e9, "test peak"))
+    lg = L.Logger(tmp_path, total_steps=2, flops_per_token=1e3, device=torch.device("cpu"), log_every=1,
+                  progress_bar=False)
+    lg.start(0)
+    rec = lg.step(1, 1000, {"loss": 1.0, "lr": 1.0, "grad_norm": 1.0})
+    lg.close()
+    assert rec["mfu"] == pytest.approx(rec["tok_s"] * 1e3 / 1e9)
+
+
+@pytest.mark.parametrize("flag,module", [("tensorboard", "tensorboard"), ("mlflow", "mlflow")])
+def test_optional_integrations(tmp_path, flag, module, monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", (tmp_path / "store").as_uri())
+    kw = dict(total_steps=1, flops_per_token=1.0, device=torch.device("cpu"), log_every=1, progress_bar=False)
+    if importlib.util.find_spec(module) is None:
+        with pytest.raises(ImportError, match=f"train.{flag}=true needs the '{module}' package"):
+            L.Logger(tmp_path, **{flag: True}, **kw)
+    else:
+        lg = L.Logger(tmp_path, **{flag: True}, **kw)
+        lg.start(0)
+        lg.step(1, 10, {"loss": 1.0, "lr": 1.0, "grad_norm": 1.0})
+        lg.close()
+        assert any((tmp_path / d).exists() for d in ("tensorboard", "store"))
+
+
+def test_plot_needs_metrics(tmp_path):
+    with pytest.raises(FileNotFoundError):
+        plot_run(tmp_path)

@@ -1,0 +1,99 @@
+"""lm_loss: global-token normalisation (gradient accumulation == one big batch), z-loss,
+auxiliary losses, backend resolution."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from deepwish.config import TrainConfig, model_config
+from deepwish.model import Transformer
+from deepwish.train.loss import count_targets, lm_loss, resolve_loss_backend
+
+TINY = dict(vocab_size=64, d_model=32, n_layers=2, n_heads=2, n_kv_heads=1, head_dim=16, d_ff=64, max_seq_len=64)
+
+
+def make_batch(B, T, V, ignore_frac=0.3):
+    ids = torch.randint(0, V, (B, T))
+    targets = torch.randint(0, V, (B, T))
+    targets[torch.rand(B, T) < ignore_frac] = -100
+    doc_ids = torch.zeros(B, T, dtype=torch.int32)
+    doc_ids[:, T // 2:] = 1
+    positions = torch.arange(T).expand(B, T) - doc_ids.long() * (T // 2)
+    return ids, targets, doc_ids, positions
+
+
+def grads(model):
+    return {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+def test_loss_is_mean_ce_over_targets():
+    model = Transformer(model_config("qwen3_tiny", **TINY))
+    batch = make_batch(3, 16, 64)
+    loss, m = lm_loss(model, batch, TrainConfig(), count_targets(batch[1]), backend="torch")
+    logits = model(batch[0], positions=batch[3], doc_ids=batch[2])
+    ref = F.cross_entropy(logits.reshape(-1, 64), batch[1].reshape(-1), ignore_index=-100)
+    torch.testing.assert_close(loss, ref)
+    assert int(m["n_targets"]) == count_targets(batch[1])
+
+
+def test_grad_accumulation_equals_one_big_batch():
+    model = Transformer(model_config("qwen3_tiny", **TINY))
+    cfg = TrainConfig()
+    batch = make_batch(4, 16, 64)
+    # Micro-batches with very different numbers of targets: a per-micro-batch mean would differ.
+    batch[1][:2, :12] = -100
+    n_global = count_targets(batch[1])
+    loss, _ = lm_loss(model, batch, cfg, n_global, backend="torch")
+    loss.backward()
+    big = grads(model)
+    model.zero_grad()
+    total = 0.0
+    for sl in (slice(0, 1), slice(1, 3), slice(3, 4)):
+        micro = tuple(t[sl] for t in batch)
+        l, _ = lm_loss(model, micro, cfg, n_global, backend="torch")
+        l.backward()
+        total += float(l.detach())
+    assert total == pytest.approx(float(loss), rel=1e-6)
+    for n, g in grads(model).items():
+        torch.testing.assert_close(g, big[n], rtol=1e-5, atol=1e-7, msg=n)
+
+
+def test_z_loss_adds_squared_log_partition():
+    model = Transformer(model_config("qwen3_tiny", **TINY))
+    batch = make_batch(2, 8, 64, ignore_frac=0.0)
+    n = count_targets(batch[1])
+    base, _ = lm_loss(model, batch, TrainConfig(), n, backend="torch")
+    withz, m = lm_loss(model, batch, TrainConfig(z_loss=1e-2), n, backend="torch")
+    lse = torch.logsumexp(model(batch[0], positions=batch[3], doc_ids=batch[2]).float(), -1)
+    torch.testing.assert_close(withz - base, 1e-2 * lse.square().mean(), rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(m["z_sum"] / n, 1e-2 * lse.square().mean(), rtol=1e-4, atol=1e-6)
+
+
+def test_moe_aux_and_extra_losses_are_added_and_reported():
+    cfg_m = model_config("qwen3_moe_tiny", **TINY, n_experts=4, n_experts_per_tok=2, d_ff_expert=16,
+                         router_aux_loss_coef=0.5)
+    model = Transformer(cfg_m)
+    extra = {"mtp": torch.tensor(0.25, requires_grad=True)}
+    model.extra_losses = lambda: extra
+    batch = make_batch(2, 16, 64)
+    n_local = count_targets(batch[1])
+    n_global = 2 * n_local  # as if another micro-batch held as many targets
+    loss, m = lm_loss(model, batch, TrainConfig(), n_global, backend="torch")
+    aux = sum(s["aux_loss"] for s in model.moe_stats())
+    share = n_local / n_global
+    torch.testing.assert_close(m["aux/moe"], (share * aux).detach())
+    torch.testing.assert_close(m["extra/mtp"], torch.tensor(share * 0.25))
+    torch.testing.assert_close(loss.detach(), (m["ce_sum"] / n_global + share * aux + share * 0.25).detach())
+    assert m["moe/tokens_per_expert"].shape == (cfg_m.n_layers, 4)
+    assert m["moe/tokens_per_expert"].sum() == 2 * 16 * 2 * cfg_m.n_layers
+    loss.backward()
+    assert extra["mtp"].grad == pytest.approx(share)
+
+
+def test_backend_resolution_is_explicit():
+    assert resolve_loss_backend("auto", torch.device("cpu")) == "torch"
+    assert resolve_loss_backend("torch", torch.device("cpu")) == "torch"
+    with pytest.raises(Exception, match="loss"):
+        resolve_loss_backend("cuda-magic", torch.device("cpu"))
+    model = Transformer(model_config("qwen3_tiny", **TINY))
+    with pytest.raises(ValueError, match="resolve 'auto'"):
+        lm_loss(model, make_batch(1, 4, 64), TrainConfig(), 4, backend="auto")
