@@ -109,6 +109,9 @@ def load_hf(path: str | Path, dtype: torch.dtype | None = None, device: str | to
         name = d.get("dtype") or d.get("torch_dtype") or "float32"
         dtype = getattr(torch, name) if isinstance(name, str) and hasattr(torch, name) else torch.float32
     files = _TensorFiles(path)
+    fit = getattr(fam, "fit_config_to_checkpoint", None)
+    if fit is not None:  # e.g. DeepSeek: MTP modules announced by the config but absent from the files
+        cfg = fit(cfg, files.keys())
     table = fam.name_table(cfg)
     with torch.device("meta"):
         model = Transformer(cfg)
