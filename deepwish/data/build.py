@@ -36,7 +36,7 @@ import numpy as np
 from .chat import render_chat, require_chat_tokens, validate_messages
 from .corpus import corpus_hash, read_corpus, split_documents
 from .shards import ShardError, read_header, write_shard
-from .tokenizer import Tokenizer, cache_dir, default_tokenizer, resolve_tokenizer
+from .tokenizer import Tokenizer, default_cache_dir, default_tokenizer, resolve_tokenizer
 
 SUFFIXES = (".txt", ".jsonl", ".csv")
 CSV_COLUMNS = ("conversation_id", "role", "content")
@@ -202,16 +202,18 @@ def build_shards(
     return _write_split(Path(out_dir), train, val, tokenizer, meta)
 
 
-def ensure_default_data(cache: str | Path | None = None, vocab_size: int = 2048) -> tuple[Path, Path, Tokenizer]:
+def ensure_default_data(
+    cache_dir: str | Path | None = None, vocab_size: int = 2048
+) -> tuple[Path, Path, Tokenizer]:
     """Shards of the embedded corpus with the default tokenizer, built on first use.
 
     (train_bin, val_bin, tokenizer); val is the last play (The Tempest), train the other ten.
-    Cached under `cache` (default cache_dir())/data/, keyed by corpus hash and tokenizer
-    fingerprint; built in a private directory and renamed into place, so concurrent ranks
+    Cached under `cache_dir` (default default_cache_dir())/data/, keyed by corpus hash and
+    tokenizer fingerprint; built in a private directory and renamed into place, so concurrent ranks
     are safe and the result is the same bytes every time.
     """
-    root = Path(cache) if cache is not None else cache_dir()
-    tokenizer = default_tokenizer(vocab_size, cache=root)
+    root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    tokenizer = default_tokenizer(vocab_size, cache_dir=root)
     target = root / "data" / f"shakespeare-{corpus_hash()}-{tokenizer.fingerprint}-{_DEFAULT_DATA_RECIPE}"
     train_bin, val_bin = target / "train.bin", target / "val.bin"
     if not _valid_default(train_bin, val_bin, tokenizer):

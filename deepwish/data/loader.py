@@ -148,7 +148,9 @@ class PackedLoader:
         mine = self.state_dict()
         for key in ("seed", "shuffle", "seq_len", "batch_size", "world_size", "n_tokens", "fingerprint"):
             if state[key] != mine[key]:
-                raise ValueError(f"loader state mismatch: {key} is {state[key]!r} in the checkpoint, {mine[key]!r} here")
+                raise ValueError(
+                    f"loader state mismatch: {key} is {state[key]!r} in the checkpoint, {mine[key]!r} here"
+                )
         if not (0 <= state["step"] < self.steps_per_epoch and state["epoch"] >= 0):
             raise ValueError(f"loader state out of range: epoch {state['epoch']}, step {state['step']}")
         self.epoch, self.step = int(state["epoch"]), int(state["step"])

@@ -2,8 +2,8 @@
 three ways to get one.
 
 - `train_bpe` / `default_tokenizer`: a byte-level BPE trained on the embedded Shakespeare
-  corpus (2,048 ids by default), cached on disk under `cache_dir()` keyed by corpus hash and
-  vocabulary size. Special tokens: `<|endoftext|>` (id 0, the eos), `<|im_start|>` (1) and
+  corpus (2,048 ids by default), cached on disk under `default_cache_dir()` keyed by corpus
+  hash and vocabulary size. Special tokens: `<|endoftext|>` (id 0, the eos), `<|im_start|>` (1) and
   `<|im_end|>` (2), the last two so that ChatML chat data can be built with it too.
 - `load_tokenizer`: any HF `tokenizer.json` (or a directory holding one).
 - `qwen_tokenizer`: Qwen3's real 151,669-id BPE, offline, converted from the tiktoken-style
@@ -87,7 +87,7 @@ _DEFAULT_BPE_RECIPE = "r1"
 _QWEN_CONVERSION_RECIPE = "r1"
 
 
-def cache_dir() -> Path:
+def default_cache_dir() -> Path:
     """$DEEPWISH_CACHE if set, else ~/.cache/deepwish."""
     env = os.environ.get("DEEPWISH_CACHE")
     return Path(env) if env else Path.home() / ".cache" / "deepwish"
@@ -123,8 +123,9 @@ class Tokenizer:
         """encode() of each text, computed in parallel by the tokenizers library."""
         return [e.ids for e in self.hf.encode_batch(texts, add_special_tokens=False)]
 
-    def decode(self, ids: list[int]) -> str:
-        return self.hf.decode(list(ids), skip_special_tokens=False)
+    def decode(self, ids) -> str:
+        """ids: any iterable of ints (list, numpy array, 1-D tensor)."""
+        return self.hf.decode([int(i) for i in ids], skip_special_tokens=False)
 
     def token_to_id(self, token: str) -> int | None:
         return self.hf.token_to_id(token)
@@ -237,10 +238,10 @@ def _save_atomically(tok: Tokenizer, target: Path) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def default_tokenizer(vocab_size: int = 2048, cache: str | Path | None = None) -> Tokenizer:
+def default_tokenizer(vocab_size: int = 2048, cache_dir: str | Path | None = None) -> Tokenizer:
     """The BPE of `train_bpe` trained on the embedded corpus, trained once and cached under
-    `cache` (default `cache_dir()`)/tokenizers/, keyed by corpus hash and vocab size."""
-    root = Path(cache) if cache is not None else cache_dir()
+    `cache_dir` (default `default_cache_dir()`)/tokenizers/, keyed by corpus hash and vocab size."""
+    root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     target = root / "tokenizers" / f"shakespeare-bpe{vocab_size}-{corpus_hash()}-{_DEFAULT_BPE_RECIPE}"
     if not (target / "tokenizer.json").is_file():
         _save_atomically(train_bpe(split_documents(read_corpus()), vocab_size), target)
@@ -334,16 +335,16 @@ def qwen_rank_file() -> Path:
     return path
 
 
-def qwen_tokenizer(cache: str | Path | None = None) -> Tokenizer:
+def qwen_tokenizer(cache_dir: str | Path | None = None) -> Tokenizer:
     """Qwen3's tokenizer (ids 0..151668), eos = <|endoftext|> (151643, the document
     separator Qwen pre-trains with; chat turns end with <|im_end|> = 151645).
 
     Converted once from the rank table (about 1-2 s) and cached as tokenizer.json under
-    `cache` (default `cache_dir()`)/tokenizers/, keyed by the rank file's hash.
+    `cache_dir` (default `default_cache_dir()`)/tokenizers/, keyed by the rank file's hash.
     """
     rank_file = qwen_rank_file()
     digest = hashlib.sha256(rank_file.read_bytes()).hexdigest()[:16]
-    root = Path(cache) if cache is not None else cache_dir()
+    root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     target = root / "tokenizers" / f"qwen3-{digest}-{_QWEN_CONVERSION_RECIPE}"
     if not (target / "tokenizer.json").is_file():
         ranks = read_tiktoken_ranks(rank_file)
@@ -355,12 +356,12 @@ def qwen_tokenizer(cache: str | Path | None = None) -> Tokenizer:
     return load_tokenizer(target)
 
 
-def resolve_tokenizer(spec: str, cache: str | Path | None = None) -> Tokenizer:
+def resolve_tokenizer(spec: str, cache_dir: str | Path | None = None) -> Tokenizer:
     """CLI spelling of a tokenizer: "default" (Shakespeare BPE, 2048), "qwen", or a path."""
     if spec == "default":
-        return default_tokenizer(cache=cache)
+        return default_tokenizer(cache_dir=cache_dir)
     if spec == "qwen":
-        return qwen_tokenizer(cache=cache)
+        return qwen_tokenizer(cache_dir=cache_dir)
     if not Path(spec).exists():
         raise FileNotFoundError(f"tokenizer {spec!r}: not 'default', 'qwen', or an existing path")
     return load_tokenizer(spec)

@@ -86,7 +86,8 @@ def test_val_split_and_val_inputs(tmp_path, tok):
     with pytest.raises(ValueError, match="leaves none for training"):
         val_split(1, 0.5, 0)
     (tmp_path / "held.txt").write_text("held out")
-    r = build_shards([tmp_path / "many.jsonl"], tmp_path / "o3", tok, val_fraction=0.0, val_inputs=[tmp_path / "held.txt"])
+    held = [tmp_path / "held.txt"]
+    r = build_shards([tmp_path / "many.jsonl"], tmp_path / "o3", tok, val_fraction=0.0, val_inputs=held)
     assert doc_texts(r.val_bin, tok) == ["held out"] and len(doc_texts(r.train_bin, tok)) == 40
     with pytest.raises(ValueError, match="give val_fraction=0 when naming val_inputs"):
         build_shards([tmp_path / "many.jsonl"], tmp_path / "o4", tok, val_inputs=[tmp_path / "held.txt"])

@@ -32,7 +32,7 @@ STRINGS = [
 
 @pytest.fixture(scope="module")
 def qwen(tmp_path_factory):
-    return qwen_tokenizer(cache=tmp_path_factory.mktemp("cache"))
+    return qwen_tokenizer(cache_dir=tmp_path_factory.mktemp("cache"))
 
 
 @pytest.fixture(scope="module")
@@ -67,7 +67,9 @@ def test_ids_equal_qwen_reference_and_round_trip(qwen, reference):
     start = random.randrange(len(text) - 20_000)
     chunk = text[start : start + 20_000]
     assert qwen.encode(chunk) == reference.encode(chunk)
-    noise = "".join(chr(random.choice([random.randrange(32, 0x2FF), random.randrange(0x4E00, 0x9FFF)])) for _ in range(3000))
+    noise = "".join(
+        chr(random.choice([random.randrange(32, 0x2FF), random.randrange(0x4E00, 0x9FFF)])) for _ in range(3000)
+    )
     assert qwen.encode(noise) == reference.encode(noise)
     assert qwen.decode(qwen.encode(noise)) == unicodedata.normalize("NFC", noise)
 

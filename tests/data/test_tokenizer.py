@@ -64,17 +64,17 @@ def test_fingerprint_changes_with_vocab(plays):
 
 
 def test_default_tokenizer_is_cached(tmp_path):
-    a = default_tokenizer(cache=tmp_path)
+    a = default_tokenizer(cache_dir=tmp_path)
     files = list((tmp_path / "tokenizers").glob("shakespeare-bpe2048-*/tokenizer.json"))
     assert len(files) == 1
     mtime = files[0].stat().st_mtime_ns
-    b = default_tokenizer(cache=tmp_path)
+    b = default_tokenizer(cache_dir=tmp_path)
     assert files[0].stat().st_mtime_ns == mtime  # loaded, not retrained
     assert a.fingerprint == b.fingerprint and a.vocab_size == 2048
     text = read_corpus()[:5000]
     assert a.decode(a.encode(text)) == text
     assert len(a.encode(text)) < len(text) / 2.5  # BPE actually merges
-    assert resolve_tokenizer("default", cache=tmp_path).fingerprint == a.fingerprint
+    assert resolve_tokenizer("default", cache_dir=tmp_path).fingerprint == a.fingerprint
 
 
 def test_load_tokenizer_errors_and_eos_override(tmp_path, plays):
