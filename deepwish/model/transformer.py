@@ -178,6 +178,21 @@ class Transformer(nn.Module):
         device = device or p.device
         return ModelCache([b.mixer.make_cache(batch, max_len, dtype, device) for b in self.blocks], max_len, batch)
 
+    # ---- DeepSeek-V3.2 sparse attention: indexer training mode and its loss ---------------
+    def set_indexer_mode(self, mode: str) -> None:
+        """'off' | 'dense_warmup' | 'sparse' on every DSA layer (see model/dsa.py)."""
+        layers = [m for m in self.modules() if hasattr(m, "set_indexer_mode") and m is not self]
+        if not layers and mode != "off":
+            raise ValueError(f"indexer mode {mode!r} asked for, but the model has no DSA layers")
+        for m in layers:
+            m.set_indexer_mode(mode)
+
+    def extra_losses(self) -> dict[str, torch.Tensor]:
+        """Auxiliary losses of the last forward, name -> scalar (unweighted): 'indexer' is the
+        mean over DSA layers (MTP blocks included) of the indexer KL."""
+        ix = [m.last_indexer_loss for m in self.modules() if getattr(m, "last_indexer_loss", None) is not None]
+        return {"indexer": torch.stack(ix).mean()} if ix else {}
+
     # ---- bookkeeping -------------------------------------------------------------------
     def moe_stats(self) -> list[dict]:
         """Per MoE layer: {layer, aux_loss (tensor or None), tokens_per_expert [E]} of the last forward."""
