@@ -119,6 +119,18 @@ def test_bad_inputs_are_named(tmp_path, tok):
     (tmp_path / "t.jsonl").write_text(json.dumps({"text": "x"}) + "\n")
     with pytest.raises(ValueError, match="tokenizer has no eos token"):
         build_shards([tmp_path / "t.jsonl"], tmp_path / "o", bare, val_fraction=0)
+    # any HF tokenizer works for text, but chat needs the two ChatML tokens
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers import models, pre_tokenizers
+
+    hf = HFTokenizer(models.WordLevel({"<eos>": 0, "[UNK]": 1, "x": 2}, unk_token="[UNK]"))
+    hf.pre_tokenizer = pre_tokenizers.Whitespace()
+    word = Tokenizer(hf, eos_token="<eos>")
+    r = build_shards([tmp_path / "t.jsonl"], tmp_path / "w", word, val_fraction=0)
+    assert open_shard(r.train_bin).tokens.tolist() == [2, 0] and len(word.fingerprint) == 16
+    (tmp_path / "chat.jsonl").write_text(json.dumps({"messages": CHAT}) + "\n")
+    with pytest.raises(ValueError, match="tokenizer has no <.im_start.> / <.im_end.> token"):
+        build_shards([tmp_path / "chat.jsonl"], tmp_path / "w2", word, val_fraction=0)
 
 
 def test_cli_main(tmp_path, tok, capsys):
