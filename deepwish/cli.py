@@ -119,7 +119,7 @@ def run_convert(args) -> int:
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
     args.dtype = "fp32"
     model, tok = load_model_for_inference(args)
-    out = save_hf(model, args.out, dtype=dtype, tokenizer=tok.hf if hasattr(tok, "hf") else None)
+    out = save_hf(model, args.out, dtype=dtype, tokenizer=tok)
     print(f"wrote {out}")
     return 0
 

@@ -200,6 +200,6 @@ def save_hf(model: Transformer, path: str | Path, dtype: torch.dtype | None = No
         total = sum(t.numel() * t.element_size() for t in out.values())
         (path / "model.safetensors.index.json").write_text(
             json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
-    if tokenizer is not None:
-        tokenizer.save(str(path / "tokenizer.json"))
+    if tokenizer is not None:  # a deepwish Tokenizer saves into a directory; a raw `tokenizers` one to a file
+        tokenizer.save(path) if hasattr(tokenizer, "fingerprint") else tokenizer.save(str(path / "tokenizer.json"))
     return path
