@@ -32,6 +32,7 @@ import numpy as np
 import torch
 
 from deepwish.config import ConfigError, RunConfig, from_dict, load_config, to_dict
+from deepwish.train import dist_checkpoint, parallel
 from deepwish.train.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint, set_rng_state
 from deepwish.train.log import Logger
 from deepwish.train.loss import IGNORE_INDEX, count_targets, lm_loss, resolve_loss_backend
@@ -110,21 +111,14 @@ def to_device(batch, device: torch.device):
 
 
 # ---- model wrapping, EMA ---------------------------------------------------------------------
-def wrap_model(model: torch.nn.Module, run_cfg: RunConfig, device: torch.device) -> torch.nn.Module:
-    """The one place where the model is wrapped (compile / DDP / FSDP2 come from train/parallel.py).
+def wrap_model(model: torch.nn.Module, run_cfg: RunConfig, d: parallel.Dist):
+    """The one place where the model is wrapped: per-block torch.compile (compile=auto: on for
+    CUDA), activation checkpointing / offload, and DDP or FSDP2, all applied by train/parallel.py.
 
-    Returns the module the step calls; checkpoints always use the unwrapped `model`.
+    Returns what the step calls; checkpoints, evaluation and export use `model` itself (compile
+    and FSDP2 modify it in place and keep its parameter names).
     """
-    tc = run_cfg.train
-    if tc.parallel != "none":
-        raise ConfigError(f"train.parallel={tc.parallel!r}: the single-device trainer runs parallel=none; "
-                          f"multi-GPU runs go through train/parallel.py")
-    if tc.compile == "on":
-        raise ConfigError("train.compile=on is applied by train/parallel.py, not by the single-device trainer; "
-                          "use compile=auto or off")
-    if tc.activation_checkpoint != "none" or tc.offload != "none":
-        raise ConfigError("activation_checkpoint/offload are applied by train/parallel.py; set them to none here")
-    return model
+    return parallel.parallelize(model, run_cfg, d)
 
 
 class EMA:
@@ -225,15 +219,16 @@ def train(run_cfg: RunConfig, resume: bool | str = False, *, progress_bar: bool 
     run_dir = Path(resume if isinstance(resume, (str, Path)) and not isinstance(resume, bool) else run_cfg.train.out_dir)
     ckpt = None
     if resume:
-        ckpt = load_checkpoint(run_dir)
-        if ckpt["path"].parent.parent != run_dir and (run_dir / "model.pt").exists():
+        ckpt = dist_checkpoint.read_meta(run_dir)  # either format; tensors are loaded after the model is built
+        if ckpt["path"].parent.parent != run_dir and (run_dir / "meta.json").exists():
             run_dir = ckpt["path"].parent.parent  # a checkpoint directory was given
     elif list_checkpoints(run_dir):
         raise ConfigError(f"{run_dir} already holds checkpoints; resume it (--resume {run_dir}) or choose "
                           f"another train.out_dir / --out")
     run_cfg = dataclasses.replace(run_cfg, train=dataclasses.replace(run_cfg.train, out_dir=str(run_dir)))
     tc = run_cfg.train
-    device = resolve_device(tc.device)
+    d = parallel.init_distributed(tc)  # no process group for parallel=none
+    device = d.device
     seed_everything(tc.seed)
     run_cfg, data = prepare_data(run_cfg)
     if ckpt is not None:
@@ -247,17 +242,25 @@ def train(run_cfg: RunConfig, resume: bool | str = False, *, progress_bar: bool 
     (run_dir / "config.json").write_text(json.dumps(to_dict(run_cfg), indent=1))
 
     model = Transformer(run_cfg.model).to(device)
-    step_model = wrap_model(model, run_cfg, device)
-    optimizer = build_optimizer(model, tc)
+    step_model = wrap_model(model, run_cfg, d)
+    optimizer = build_optimizer(model, tc, distributed=d.active)
     ema = EMA(model, tc.ema_decay) if tc.ema_decay > 0 else None
     backend = resolve_loss_backend(tc.loss_backend, device)
-    loader = PackedLoader(data.train_bin, tc.seq_len, tc.batch_size, rank=0, world_size=1, seed=tc.seed)
+    loader = PackedLoader(data.train_bin, tc.seq_len, tc.batch_size, rank=d.rank, world_size=d.world_size,
+                          seed=tc.seed)
     has_moe = any(ffn == "moe" for _, ffn in run_cfg.model.layer_types)
     bias_rate = run_cfg.model.bias_update_rate if run_cfg.model.router == "sigmoid" else 0.0
 
     start_step = 0
     last_ckpt: str | None = None
+    if ckpt is not None and (d.active or ckpt["format"] == "dcp"):  # sharded state, or resharding
+        start_step = dist_checkpoint.restore(ckpt["path"], model=model, optimizer=optimizer, loader=loader, ema=ema)
+        last_ckpt = str(ckpt["path"])
+        if d.main:
+            print(f"[deepwish] resumed from {ckpt['path']} at step {start_step} ({d.world_size} ranks)", flush=True)
+        ckpt = None
     if ckpt is not None:
+        ckpt = load_checkpoint(ckpt["path"])
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         loader.load_state_dict(ckpt["loader"])
@@ -270,14 +273,18 @@ def train(run_cfg: RunConfig, resume: bool | str = False, *, progress_bar: bool 
         last_ckpt = str(ckpt["path"])
         print(f"[deepwish] resumed from {ckpt['path']} at step {start_step}", flush=True)
 
-    tokens_per_step = tc.batch_size * tc.seq_len * tc.grad_accum
-    logger = Logger(run_dir, total_steps=tc.steps, flops_per_token=model.flops_per_token(tc.seq_len),
+    tokens_per_step = tc.batch_size * tc.seq_len * tc.grad_accum * d.world_size
+    logger = parallel.NullLogger() if not d.main else Logger(
+        run_dir, total_steps=tc.steps, flops_per_token=model.flops_per_token(tc.seq_len),
                     device=device, log_every=tc.log_every, tensorboard=tc.tensorboard, mlflow=tc.mlflow,
                     config=to_dict(run_cfg), progress_bar=progress_bar)
     logger.print(f"[deepwish] run {run_dir} | {model.num_params() / 1e6:.2f}M params | device {device} | "
                  f"{tc.optimizer} | {tokens_per_step} tokens/step | loss backend {backend}")
 
     def save(done: int) -> str:
+        if d.active:  # collective, sharded (torch.distributed.checkpoint)
+            return str(dist_checkpoint.save(run_dir, done, model=model, optimizer=optimizer, loader=loader, ema=ema,
+                                            config=to_dict(run_cfg), keep_last=2))
         path = save_checkpoint(run_dir, done, model_state=model.state_dict(), optimizer_state=optimizer.state_dict(),
                                loader_state=loader.state_dict(), ema_state=ema.state_dict() if ema else None,
                                config=to_dict(run_cfg), keep_last=2)
@@ -294,7 +301,7 @@ def train(run_cfg: RunConfig, resume: bool | str = False, *, progress_bar: bool 
             done = step + 1
             lr_f = apply_lr(optimizer, step, tc)
             micro = [next(batches) for _ in range(tc.grad_accum)]
-            n_global = sum(count_targets(b[1]) for b in micro)  # a data-parallel run all-reduces this
+            n_global = d.sum_int(sum(count_targets(b[1]) for b in micro))  # over micro-batches and ranks
             ce = torch.zeros((), device=device)
             z = torch.zeros((), device=device)
             aux: dict[str, torch.Tensor] = {}
@@ -304,7 +311,7 @@ def train(run_cfg: RunConfig, resume: bool | str = False, *, progress_bar: bool 
                 b = to_device(b, device)
                 with autocast_context(device, tc.dtype):
                     loss, m = lm_loss(step_model, b, tc, n_global, backend=backend)
-                loss.backward()
+                (loss * d.grad_scale).backward()  # DDP/FSDP2 average over ranks (train/parallel.py)
                 ce += m["ce_sum"]
                 z += m["z_sum"]
                 for k, v in m.items():
@@ -313,9 +320,10 @@ def train(run_cfg: RunConfig, resume: bool | str = False, *, progress_bar: bool 
                 if "moe/tokens_per_expert" in m:
                     tpe = m["moe/tokens_per_expert"] if tpe is None else tpe + m["moe/tokens_per_expert"]
                     moe_layers = m["moe/layers"]
+            ce, z, aux, tpe = parallel.sum_step_metrics(d, ce, z, aux, tpe)
             loss_value = float((ce + z) / n_global + sum(aux.values(), torch.zeros((), device=device)))
             clip = tc.grad_clip if tc.grad_clip > 0 else float("inf")
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), clip))
+            grad_norm = parallel.clip_grad_norm(model.parameters(), clip)
             if not (math.isfinite(loss_value) and math.isfinite(grad_norm)):
                 what = f"loss ({loss_value})" if not math.isfinite(loss_value) else f"gradient norm ({grad_norm})"
 
@@ -375,10 +383,11 @@ def train(run_cfg: RunConfig, resume: bool | str = False, *, progress_bar: bool 
         logger.close()
 
     from deepwish.train.plot import plot_run
-    summary["plot"] = str(plot_run(run_dir))
-    print(f"[deepwish] plot: {summary['plot']}", flush=True)
+    summary["plot"] = str(plot_run(run_dir)) if d.main else None  # rank 0 alone writes metrics.jsonl
+    if d.main:
+        print(f"[deepwish] plot: {summary['plot']}", flush=True)
     summary["sample"] = sample_text(model, data.tokenizer, tc, device)
-    if summary["sample"] is not None:
+    if summary["sample"] is not None and d.main:
         print(f"[deepwish] sample:\n{summary['sample']}", flush=True)
     return summary
 
@@ -460,6 +469,9 @@ def run(args: argparse.Namespace) -> int:
     resume = args.resume
     if resume is True and args.out:
         resume = args.out
-    summary = train(cfg, resume=resume)
+    try:
+        summary = train(cfg, resume=resume)
+    finally:
+        parallel.shutdown()
     print(f"[deepwish] done: {summary['run_dir']}", flush=True)
     return 0

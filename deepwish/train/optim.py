@@ -102,6 +102,102 @@ class Muon(torch.optim.Optimizer):
         return loss
 
 
+def _comm_device(t) -> torch.device:
+    """Device the process group communicates on: the DTensor mesh's, else the backend's."""
+    import torch.distributed as dist
+    from torch.distributed.tensor import DTensor
+
+    if isinstance(t, DTensor):
+        kind = t.device_mesh.device_type
+    else:
+        kind = "cuda" if dist.get_backend() == "nccl" else "cpu"
+    return torch.device(kind, torch.cuda.current_device()) if kind == "cuda" else torch.device("cpu")
+
+
+def _full_matrix(u: torch.Tensor) -> torch.Tensor:
+    """The whole matrix behind `u`: all-gathered from its shards for a DTensor (moved to the mesh's
+    device first when the shards are CPU-offloaded), `u` itself for a replicated plain tensor."""
+    from torch.distributed.tensor import DTensor
+
+    if not isinstance(u, DTensor):
+        return u
+    local = u.to_local()
+    dev = _comm_device(u)
+    if local.device != dev:
+        u = DTensor.from_local(local.to(dev), u.device_mesh, u.placements, run_check=False,
+                               shape=u.shape, stride=u.stride())
+    return u.full_tensor()
+
+
+def _local_part(o_full: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+    """The part of the full update `o_full` that lives on this rank, on p's (local) device."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    if not isinstance(p, DTensor):
+        return o_full.to(p.device)
+    # Every rank holds the same o_full: slice locally, no communication (src_data_rank=None).
+    part = distribute_tensor(o_full, p.device_mesh, p.placements, src_data_rank=None).to_local()
+    return part.to(p.to_local().device)
+
+
+class DistributedMuon(Muon):
+    """Muon for data-parallel runs: the same update as `Muon`, with whole matrices orthogonalised.
+
+    Parameters may be FSDP2 DTensor shards or plain tensors replicated by DDP. Momentum stays
+    local (sharded like the parameter). Per step, matrices are taken in a fixed order in rounds
+    of `world_size`: matrix i of a round is gathered whole and orthogonalised by rank
+    i % world_size only (the Newton–Schulz work is spread round-robin, as in Moonlight's
+    distributed Muon, arXiv:2502.16982), then broadcast from that rank; each rank keeps its own
+    slice. Holding one round at a time bounds the extra memory to `world_size` full matrices.
+
+    Simplification: the gather is an all-gather (every rank receives every matrix of the round,
+    though only the owner needs it), which costs about one more FSDP all-gather of the Muon
+    parameters per step; a gather to the owner alone would halve that traffic.
+    """
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        import torch.distributed as dist
+
+        if not dist.is_initialized():
+            raise RuntimeError("DistributedMuon needs an initialised process group; use Muon on one device")
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        rank, world = dist.get_rank(), dist.get_world_size()
+        work = []  # (param, nesterov update u, group) in the same order on every rank
+        for group in self.param_groups:
+            mu = group["momentum"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                if "momentum_buffer" not in state:
+                    state["momentum_buffer"] = torch.zeros_like(p.grad)
+                buf = state["momentum_buffer"]
+                buf.mul_(mu).add_(p.grad)
+                work.append((p, p.grad.add(buf, alpha=mu) if group["nesterov"] else buf, group))
+        for start in range(0, len(work), world):
+            chunk = work[start:start + world]
+            fulls = [_full_matrix(u) for _, u, _ in chunk]
+            outs = []
+            for j, ((p, _, group), u_full) in enumerate(zip(chunk, fulls)):
+                o = newton_schulz(u_full, steps=group["ns_steps"]) if j == rank else torch.empty_like(u_full)
+                outs.append(o)
+            handles = [dist.broadcast(o, src=j, async_op=True) for j, o in enumerate(outs)]
+            for h in handles:
+                h.wait()
+            for (p, _, group), o in zip(chunk, outs):
+                lr, wd = group["lr"], group["weight_decay"]
+                scale = max(1.0, p.size(-2) / p.size(-1)) ** 0.5
+                if wd:
+                    p.mul_(1.0 - lr * wd)
+                local = p.to_local() if hasattr(p, "to_local") else p
+                local.add_(_local_part(o, p), alpha=-lr * scale)
+        return loss
+
+
 class ChainedOptimizer:
     """Several optimizers stepped together, seen as one: `param_groups` is their concatenation
     (the schedule scales every group's `base_lr`), state_dict is keyed by name."""
@@ -223,16 +319,18 @@ def param_groups(model: nn.Module, cfg) -> dict[str, list[dict]]:
     return {"muon": muon_groups, "adamw": adamw_groups}
 
 
-def build_optimizer(model: nn.Module, cfg) -> ChainedOptimizer:
-    """Muon (hidden matrices) + AdamW (the rest) for optimizer='muon'; AdamW alone for 'adamw'."""
+def build_optimizer(model: nn.Module, cfg, distributed: bool = False) -> ChainedOptimizer:
+    """Muon (hidden matrices) + AdamW (the rest) for optimizer='muon'; AdamW alone for 'adamw'.
+
+    distributed: the parameters are FSDP2 shards or DDP replicas (DistributedMuon)."""
     pg = param_groups(model, cfg)
     opts: dict[str, torch.optim.Optimizer] = {}
     if pg["muon"]:
-        opts["muon"] = Muon(pg["muon"], lr=cfg.muon_lr, momentum=cfg.muon_momentum,
+        opts["muon"] = (DistributedMuon if distributed else Muon)(pg["muon"], lr=cfg.muon_lr, momentum=cfg.muon_momentum,
                             ns_steps=cfg.muon_ns_steps, weight_decay=cfg.weight_decay)
     if pg["adamw"]:
         # foreach on CPU keeps the update bitwise-reproducible and fast; fused is CUDA-only.
-        on_cuda = any(p.is_cuda for g in pg["adamw"] for p in g["params"])
+        on_cuda = any(p.is_cuda for g in pg["adamw"] for p in g["params"])  # False for CPU-offloaded shards
         opts["adamw"] = torch.optim.AdamW(pg["adamw"], lr=cfg.lr, betas=tuple(cfg.betas), eps=1e-8,
                                           fused=on_cuda or None, foreach=None if on_cuda else True)
     return ChainedOptimizer(opts)

@@ -1,0 +1,358 @@
+"""Scale-out, applied from this one module: the model code stays single-device (DESIGN.md §10).
+
+    init_distributed(tc)        process group from torchrun's RANK / WORLD_SIZE / LOCAL_RANK
+                                (nccl on CUDA, gloo on CPU) -> a frozen `Dist`
+    parallelize(model, cfg, d)  per block: activation checkpoint -> torch.compile -> activation
+                                offload; then FSDP2 (`fully_shard` per Block, then the root) or
+                                DDP; returns the module the training step calls
+    Dist.sum / sum_int          the collectives a data-parallel step needs: the GLOBAL target count
+                                (loss normalisation) and the logged sums
+    clip_grad_norm              gradient clipping that also reduces over FSDP2 shards
+
+Loss scaling: DDP and FSDP2 *average* gradients over ranks, but the trainer's loss is already a
+sum over every rank's tokens divided by the global target count (train/loss.py). So each rank
+back-propagates `world_size × loss` (`Dist.grad_scale`), and the averaged gradient is exactly
+the single-device gradient of the same global batch. (A reducer set to sum would do the same;
+the scale works identically on every torch version this code supports.)
+
+Wrapping a block replaces its `forward` on the instance instead of wrapping the module in
+another module: parameter names, state-dict keys, Muon's parameter classification and the HF
+name tables stay those of the single-device model, so checkpoints move freely between
+single-device, DDP and FSDP2 runs. FSDP2's hooks live in `__call__`, outside this forward.
+
+Order per block (as in torchtitan): checkpoint inside compile, so the compiled graph contains the
+recomputation; activation offload (`save_on_cpu`) outside compile, so the compiled graph's saved
+tensors pass through the offload hooks; FSDP2 last, so its all-gathers stay eager and overlap.
+
+Choices and simplifications:
+- FSDP2 mixed precision: bf16 parameters for compute on CUDA (fp32 on CPU, where bf16 matmuls
+  are slow and not what is studied), fp32 gradient reduction, fp32 master weights and optimizer
+  state. The root keeps its parameters gathered after forward: they are needed at once for the
+  backward, and the fused loss reads the head weight after `hidden_states` returns.
+- `selective` activation checkpointing recomputes every other block (layer-level selective AC,
+  as torchtitan's `ac_freq=2`): about half the activation memory of `none` for a third of the
+  extra compute of `full`.
+- `offload=params` shards parameters, gradients and optimizer state on the CPU through FSDP2's
+  CPUOffloadPolicy (the optimizer step then runs on the CPU); `offload=activations` keeps every
+  tensor saved for backward in pinned host memory (`torch.autograd.graph.save_on_cpu`).
+- DDP: the model is wrapped behind a small entry module whose `forward` can return either logits
+  or final hidden states, so the fused loss (which needs `hidden_states` and the head weight)
+  still goes through DDP's forward and its gradient hooks.
+- EMA under FSDP2 is the trainer's EMA over `named_parameters()`, built after sharding: its
+  shadows are DTensors with the parameters' placements, so each rank averages only its shard.
+"""
+from __future__ import annotations
+
+import functools
+import os
+import sys
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from deepwish.config import ConfigError
+
+PARALLEL_MODES = ("none", "ddp", "fsdp")
+COMPILE_MODES = ("auto", "on", "off")
+CHECKPOINT_MODES = ("none", "selective", "full")
+OFFLOAD_MODES = ("none", "params", "activations")
+TORCHRUN_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK")
+
+
+@dataclass(frozen=True)
+class Dist:
+    """Where this process stands. `backend` None: no process group (train.parallel=none)."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+    backend: str | None
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def active(self) -> bool:
+        return self.backend is not None
+
+    @property
+    def grad_scale(self) -> float:
+        """Multiplier of the loss before backward: the reducers average over ranks (module doc)."""
+        return float(self.world_size)
+
+    def sum(self, t: torch.Tensor) -> torch.Tensor:
+        """All-reduce (sum) a tensor in place over ranks and return it; identity without a group."""
+        if self.active and self.world_size > 1:
+            dist.all_reduce(t, op=dist.ReduceOp.SUM)
+        return t
+
+    def sum_int(self, n: int) -> int:
+        return int(self.sum(torch.tensor([n], dtype=torch.int64, device=self.device)).item())
+
+    def barrier(self) -> None:
+        if self.active and self.world_size > 1:
+            dist.barrier()
+
+
+def validate(tc) -> None:
+    """Check every scale-out field of a TrainConfig, naming the bad one."""
+    for name, value, allowed in (("parallel", tc.parallel, PARALLEL_MODES), ("compile", tc.compile, COMPILE_MODES),
+                                 ("activation_checkpoint", tc.activation_checkpoint, CHECKPOINT_MODES),
+                                 ("offload", tc.offload, OFFLOAD_MODES)):
+        if value not in allowed:
+            raise ConfigError(f"train.{name}={value!r} is not one of {', '.join(allowed)}")
+    if tc.offload == "params" and tc.parallel != "fsdp":
+        raise ConfigError("train.offload=params uses FSDP2's CPUOffloadPolicy: set train.parallel=fsdp "
+                          "(torchrun --nproc_per_node=1 runs it on one GPU)")
+
+
+def _device_for(tc, local_rank: int) -> torch.device:
+    name = tc.device
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise ConfigError(f"train.device={tc.device!r} but CUDA is not available here")
+        return torch.device("cuda", local_rank)
+    if name != "cpu":
+        raise ConfigError(f"train.device={tc.device!r} is not auto, cpu or cuda")
+    return torch.device("cpu")
+
+
+def init_distributed(tc) -> Dist:
+    """The process group for `tc.parallel` (TrainConfig); reused if one is already initialised.
+
+    parallel=none: no group, world size 1, and it is an error to be launched by torchrun with
+    several processes (every rank would train its own copy). ddp/fsdp: torchrun's environment
+    must be set (torchrun --nproc_per_node=1 for one device).
+    """
+    validate(tc)
+    env_world = int(os.environ.get("WORLD_SIZE", "1"))
+    if tc.parallel == "none":
+        if env_world > 1:
+            raise ConfigError(f"launched with WORLD_SIZE={env_world} but train.parallel=none: every rank would "
+                              f"train its own copy; set train.parallel=ddp or fsdp")
+        from deepwish.train.loop import resolve_device
+        return Dist(0, 1, 0, resolve_device(tc.device), None)
+    missing = [k for k in TORCHRUN_ENV if k not in os.environ]
+    if missing:
+        raise ConfigError(f"train.parallel={tc.parallel} needs torchrun's environment ({', '.join(missing)} unset): "
+                          f"torchrun --nproc_per_node=N -m deepwish train ...")
+    rank, world, local_rank = (int(os.environ[k]) for k in TORCHRUN_ENV)
+    device = _device_for(tc, local_rank)
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if dist.is_initialized():
+        if dist.get_world_size() != world or dist.get_rank() != rank:
+            raise RuntimeError(f"a process group of world size {dist.get_world_size()} (rank {dist.get_rank()}) "
+                               f"already exists, but the environment says {world} (rank {rank})")
+        backend = dist.get_backend()
+    else:
+        dist.init_process_group(backend=backend, rank=rank, world_size=world)
+    return Dist(rank, world, local_rank, device, backend)
+
+
+def shutdown() -> None:
+    """Destroy the process group if one exists (end of a torchrun process)."""
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+# ---- per-block forward wrapping -----------------------------------------------------------
+def compile_enabled(tc, device: torch.device) -> bool:
+    return tc.compile == "on" or (tc.compile == "auto" and device.type == "cuda")
+
+
+def checkpointed_blocks(mode: str, n_layers: int) -> list[int]:
+    """Indices of the blocks whose activations are recomputed in backward."""
+    if mode == "full":
+        return list(range(n_layers))
+    if mode == "selective":
+        return list(range(0, n_layers, 2))
+    return []
+
+
+def _checkpointed(forward):
+    @functools.wraps(forward)
+    def run(*args):
+        # Non-reentrant: works with keyword-free module calls, nested autograd and torch.compile.
+        return torch.utils.checkpoint.checkpoint(forward, *args, use_reentrant=False)
+    return run
+
+
+def _offloaded(forward, pin_memory: bool):
+    @functools.wraps(forward)
+    def run(*args):
+        with torch.autograd.graph.save_on_cpu(pin_memory=pin_memory):
+            return forward(*args)
+    return run
+
+
+def wrap_block_forward(block: nn.Module, *, checkpoint: bool, compile: bool, offload_activations: bool,
+                       pin_memory: bool) -> None:
+    """Replace `block.forward` (on the instance) by checkpoint -> compile -> offload layers."""
+    forward = block.forward
+    if checkpoint:
+        forward = _checkpointed(forward)
+    if compile:
+        forward = torch.compile(forward)
+    if offload_activations:
+        forward = _offloaded(forward, pin_memory)
+    block.forward = forward
+
+
+# ---- data-parallel wrappers ------------------------------------------------------------------
+class _DDPEntry(nn.Module):
+    """What DDP wraps: one forward that returns logits, or final hidden states for the fused loss."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids, positions, doc_ids, hidden: bool):
+        if hidden:
+            return self.model.hidden_states(input_ids, positions=positions, doc_ids=doc_ids)
+        return self.model(input_ids, positions=positions, doc_ids=doc_ids)
+
+
+class DDPStepModel:
+    """The step model under DDP: the calls train/loss.py makes, routed through DDP's forward."""
+
+    def __init__(self, model: nn.Module, ddp: nn.Module):
+        self.model, self.ddp = model, ddp
+
+    def __call__(self, input_ids, positions=None, doc_ids=None):
+        return self.ddp(input_ids, positions, doc_ids, False)
+
+    def hidden_states(self, input_ids, positions=None, doc_ids=None):
+        return self.ddp(input_ids, positions, doc_ids, True)
+
+    @property
+    def head_weight(self) -> torch.Tensor:
+        return self.model.head_weight
+
+    def moe_stats(self) -> list[dict]:
+        return self.model.moe_stats()
+
+    def extra_losses(self) -> dict:
+        return self.model.extra_losses() if hasattr(self.model, "extra_losses") else {}
+
+    def train(self, mode: bool = True):
+        self.ddp.train(mode)
+        return self
+
+    def eval(self):
+        return self.train(False)
+
+
+def _fsdp_shard(model: nn.Module, d: Dist, offload_params: bool) -> None:
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import (CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard,
+                                        register_fsdp_forward_method)
+
+    mesh = init_device_mesh(d.device.type, (d.world_size,))
+    param_dtype = torch.bfloat16 if d.device.type == "cuda" else torch.float32
+    mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
+    offload = CPUOffloadPolicy(pin_memory=d.device.type == "cuda") if offload_params else OffloadPolicy()
+    for block in model.blocks:
+        fully_shard(block, mesh=mesh, mp_policy=mp, offload_policy=offload)
+    if getattr(model, "mtp", None) is not None:
+        for m in model.mtp:
+            fully_shard(m, mesh=mesh, mp_policy=mp, offload_policy=offload)
+    fully_shard(model, mesh=mesh, mp_policy=mp, offload_policy=offload, reshard_after_forward=False)
+    # The fused loss calls hidden_states, not forward: it must unshard the root's parameters too.
+    register_fsdp_forward_method(model, "hidden_states")
+
+
+def parallelize(model: nn.Module, run_cfg, d: Dist):
+    """Apply checkpointing, compile, offload and data parallelism per `run_cfg.train`; returns the
+    object the step calls (the model itself, or a DDPStepModel). `model` is modified in place and
+    remains the module to checkpoint, evaluate and export."""
+    tc = run_cfg.train
+    validate(tc)
+    if tc.parallel == "none" and d.active:
+        raise ConfigError("parallelize: a process group exists but train.parallel=none")
+    if tc.parallel != "none" and not d.active:
+        raise ConfigError(f"parallelize: train.parallel={tc.parallel} but no process group (init_distributed)")
+    on_cuda = d.device.type == "cuda"
+    use_compile = compile_enabled(tc, d.device)
+    ac = set(checkpointed_blocks(tc.activation_checkpoint, len(model.blocks)))
+    for i, block in enumerate(model.blocks):
+        wrap_block_forward(block, checkpoint=i in ac, compile=use_compile,
+                           offload_activations=tc.offload == "activations", pin_memory=on_cuda)
+    step_model = model
+    if tc.parallel == "fsdp":
+        _fsdp_shard(model, d, offload_params=tc.offload == "params")
+    elif tc.parallel == "ddp":
+        from torch.nn.parallel import DistributedDataParallel as DDP
+        ddp = DDP(_DDPEntry(model), device_ids=[d.device.index] if on_cuda else None)
+        step_model = DDPStepModel(model, ddp)
+    if d.main:
+        print(f"[deepwish] parallel {tc.parallel} x{d.world_size} ({d.backend or 'no group'}) | compile "
+              f"{'on' if use_compile else 'off'} | activation checkpoint {tc.activation_checkpoint} "
+              f"({len(ac)}/{len(model.blocks)} blocks) | offload {tc.offload}", file=sys.stderr, flush=True)
+    return step_model
+
+
+# ---- gradient clipping over shards ------------------------------------------------------------
+def clip_grad_norm(params, max_norm: float) -> float:
+    """Global gradient 2-norm (over every shard and rank), clipped to `max_norm`; returns the norm.
+
+    Under FSDP2 the norm torch computes is a DTensor with a pending reduction: materialising it
+    all-reduces the shard norms, and the clip coefficient is then applied to the local shards.
+    """
+    from torch.distributed.tensor import DTensor
+
+    params = [p for p in params if p.grad is not None]
+    norm = torch.nn.utils.get_total_norm([p.grad for p in params], 2.0, False, None) if params else torch.zeros(())
+    if isinstance(norm, DTensor):
+        local = norm.to_local()
+        if local.device.type != norm.device_mesh.device_type:  # CPU-offloaded shards, NCCL group
+            norm = DTensor.from_local(local.to(norm.device_mesh.device_type), norm.device_mesh, norm.placements)
+        norm = norm.full_tensor()
+    if params and max_norm < float("inf"):
+        torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm, foreach=None)
+    return float(norm)
+
+
+# ---- logging on non-zero ranks ---------------------------------------------------------------
+class NullLogger:
+    """What ranks other than 0 log: nothing (rank 0 writes metrics.jsonl and prints)."""
+
+    def print(self, line: str) -> None:
+        pass
+
+    def write(self, record: dict) -> None:
+        pass
+
+    def start(self, step: int) -> None:
+        pass
+
+    def step(self, step: int, tokens: int, metrics: dict) -> None:
+        return None
+
+    def eval(self, step: int, metrics: dict) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+
+def sum_step_metrics(d: Dist, ce: torch.Tensor, z: torch.Tensor, aux: dict, tpe: torch.Tensor | None):
+    """Sum a step's logged sums over ranks (CE and z sums, share-weighted auxiliary losses, MoE
+    expert loads), so rank 0 logs and every rank's router-bias update sees the global loads."""
+    if not (d.active and d.world_size > 1):
+        return ce, z, aux, tpe
+    keys = sorted(aux)
+    packed = d.sum(torch.stack([ce.float(), z.float(), *[torch.as_tensor(aux[k], device=ce.device).float()
+                                                         for k in keys]]))
+    aux = {k: packed[2 + i] for i, k in enumerate(keys)}
+    if tpe is not None:
+        tpe = d.sum(tpe.clone())
+    return packed[0], packed[1], aux, tpe
