@@ -34,19 +34,25 @@ def prefill(model, tokens: torch.Tensor, cache: ModelCache, start: int = 0) -> t
 
 @torch.no_grad()
 def decode_one_token(model, token: torch.Tensor, position: torch.Tensor, cache: ModelCache) -> torch.Tensor:
-    """token [B], position [B] -> logits [B, V] (fp32). Fixed shapes: graph-capturable."""
+    """token [B], position [B] -> logits [B, V] (fp32). Fixed shapes: graph-capturable.
+
+    A position past the cache is an error, never a wrap: on CPU a CacheFullError here; on CUDA
+    the check would cost a host sync per step, so there the cache's scatter raises a device-side
+    index assertion instead."""
+    if not position.is_cuda and int(position.max()) >= cache.max_len:
+        raise CacheFullError(f"decode at position {int(position.max())} but the cache holds {cache.max_len} positions")
     h = model.hidden_states(token[:, None], positions=position[:, None], cache=cache)
     return model.logits(h[:, 0]).float()
 
 
-def sample(logits: torch.Tensor, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
-           generator: torch.Generator | None = None) -> torch.Tensor:
-    """logits [B, V] -> tokens [B]. temperature 0 is greedy (argmax)."""
+def sampling_probs(logits: torch.Tensor, temperature: float, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
+    """logits [..., V] -> the distribution `sample` draws from [..., V] (fp32), temperature > 0.
+    Speculative decoding needs it explicitly to accept/resample against the same distribution."""
     if temperature <= 0:
-        return logits.argmax(-1)
+        raise ValueError("sampling_probs needs temperature > 0 (temperature 0 is argmax, not a distribution)")
     logits = logits.float() / temperature
     if top_k > 0:
-        kth = logits.topk(min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
+        kth = logits.topk(min(top_k, logits.shape[-1]), dim=-1).values[..., -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
     if top_p < 1.0:
         sorted_logits, order = logits.sort(-1, descending=True)
@@ -55,7 +61,15 @@ def sample(logits: torch.Tensor, temperature: float = 0.0, top_k: int = 0, top_p
         drop = probs.cumsum(-1) - probs >= top_p
         sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
         logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
-    probs = logits.softmax(-1)
+    return logits.softmax(-1)
+
+
+def sample(logits: torch.Tensor, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
+           generator: torch.Generator | None = None) -> torch.Tensor:
+    """logits [B, V] -> tokens [B]. temperature 0 is greedy (argmax)."""
+    if temperature <= 0:
+        return logits.argmax(-1)
+    probs = sampling_probs(logits, temperature, top_k, top_p)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
@@ -133,7 +147,9 @@ def generate(model, prompts: Sequence[Sequence[int]] | torch.Tensor, max_new_tok
                 done[b] = True
         if all(done):
             break
-        position = torch.clamp(torch.full((B,), pos, device=device), max=cache.max_len - 1)
+        if pos >= cache.max_len:  # unreachable after _check_lengths; never clamp (that would overwrite a slot)
+            raise CacheFullError(f"decode at position {pos} but the cache holds {cache.max_len} positions")
+        position = torch.full((B,), pos, device=device)
         logits = decode_fn(model, feed, position, cache)
         pos += 1
     return out
