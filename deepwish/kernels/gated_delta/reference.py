@@ -144,6 +144,8 @@ def _chunk_core(q, k, v, g, beta, S, chunk_size):
     """One sequence, chunked form; same shapes as `_recurrent_core`."""
     L = q.shape[0]
     C = chunk_size
+    if L == 0:
+        return v.new_zeros(v.shape), S
     pad = (-L) % C
     # Zero padding is exact: k = 0 and beta = 0 write nothing, g = 0 decays nothing.
     q, k, v = (torch.nn.functional.pad(x, (0, 0, 0, 0, 0, pad)) for x in (q, k, v))

@@ -1,0 +1,714 @@
+"""Gated delta rule in Triton: chunked forward and backward (training / prefill) and a fused one-step
+decode. Math and shape legend: `reference.py`, which is the oracle for every kernel here.
+
+Chunked forward, per chunk of BT = 64 steps (Gated DeltaNet paper, section 3; the kernel split follows
+flash-linear-attention's chunk_gated_delta_rule):
+    1. `_wy_fwd_kernel`      (parallel over chunks x heads): G = in-chunk cumsum(g);
+                             A = strict_lower(beta_i k_i.k_j exp(G_i - G_j)); Ai = (I + A)^{-1} by block
+                             forward substitution on 16 x 16 blocks; w = Ai (beta exp(G) k), u = Ai (beta v).
+    2. `_state_fwd_kernel`   (sequential over chunks; parallel over sequences x heads x V blocks):
+                             h_c = S at the chunk start; v' = u - w S; S <- exp(G_last) S + k_dec^T v'.
+    3. `_output_fwd_kernel`  (parallel): o = scale (exp(G) q h_c + lower_incl(q k^T exp(G_i - G_j)) v').
+Backward reverses it:
+    1. `_dv_local_kernel`    dv'_local = scale lower_incl(...)^T do                (parallel)
+    2. `_state_bwd_kernel`   dS_c+1 stored per chunk; dv' = dv'_local + k_dec dS_c+1;
+                             dS_c = exp(G_last) dS_c+1 + scale (exp(G) q)^T do - w^T dv'   (sequential)
+    3. `_chunk_bwd_kernel`   everything local to a chunk, fused: dq, dk, the UT-transform backward
+                             (dA = -Ai^T dAi Ai^T), dv, dbeta, and dg as a reverse in-chunk cumsum.
+
+Deviations / simplifications
+- Intermediates that fla also keeps in the input precision (w, u, v', per-chunk states h and their
+  gradients, dv'_local) are stored in the input dtype; the recurrent state itself, G, Ai, and all
+  accumulations are fp32. Matmul operands are cast to the input dtype (tf32 for fp32 input on GPU).
+- The forward saves h, v', w and Ai for the backward instead of recomputing them (faster; costs
+  T/64 * HV * K * V elements of memory per layer).
+- K <= 256 (one K tile). `use_qk_l2norm` in the chunked path normalises with torch ops before the
+  kernels (autograd differentiates it); in the decode step it is done inside the kernel.
+- Chunk size is fixed at 64.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from deepwish.kernels.gated_delta.reference import check_inputs, check_step_inputs, l2norm
+
+BT = 64   # chunk size
+BS = 16   # sub-block of the UT-transform inverse
+BT_C: tl.constexpr = tl.constexpr(BT)
+BS_C: tl.constexpr = tl.constexpr(BS)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# helpers
+#
+# Addressing: every tile is a scalar int64 base pointer (chunk start, head) plus int32 in-tile offsets.
+# int64 offset tensors would cost two registers per element and spill.
+# ----------------------------------------------------------------------------------------------------------
+
+@triton.jit
+def _chunk_bounds(i_c, cu_seqlens, chunk_indices, T, NT, IS_VARLEN: tl.constexpr):
+    """(first time row of chunk i_c, number of valid rows in it) in the flattened [B * T] time axis."""
+    i_c = tl.cast(i_c, tl.int64)
+    if IS_VARLEN:
+        i_n = tl.load(chunk_indices + i_c * 2).to(tl.int64)
+        i_t = tl.load(chunk_indices + i_c * 2 + 1).to(tl.int64)
+        bos = tl.load(cu_seqlens + i_n).to(tl.int64)
+        eos = tl.load(cu_seqlens + i_n + 1).to(tl.int64)
+    else:
+        i_n = i_c // NT
+        i_t = i_c % NT
+        bos = i_n * T
+        eos = bos + T
+    t0 = bos + i_t * BT_C
+    return t0, tl.minimum(eos - t0, BT_C).to(tl.int32)
+
+
+@triton.jit
+def _sequence_bounds(i_n, cu_seqlens, chunk_offsets, T, NT, IS_VARLEN: tl.constexpr):
+    """(begin, length, index of its first chunk in the global chunk numbering) of sequence i_n."""
+    i_n = tl.cast(i_n, tl.int64)
+    if IS_VARLEN:
+        bos = tl.load(cu_seqlens + i_n).to(tl.int64)
+        eos = tl.load(cu_seqlens + i_n + 1).to(tl.int64)
+        boh = tl.load(chunk_offsets + i_n).to(tl.int64)
+    else:
+        bos = i_n * T
+        eos = bos + T
+        boh = i_n * NT
+    return bos, (eos - bos).to(tl.int32), boh
+
+
+@triton.jit
+def _load_G(p_G, o_i, m_t, nv, HV: tl.constexpr):
+    """In-chunk cumulative log decay ([BT] fp32) and its last valid value. Rows past the sequence end
+    repeat the last valid value so that exp(G_i - G_j) stays <= 1 there (zero-filled rows would give
+    exp(+|G|), and inf * 0)."""
+    b_gl = tl.load(p_G + (nv - 1) * HV)
+    b_G = tl.load(p_G + o_i * HV, mask=m_t, other=0.)
+    return tl.where(m_t, b_G, b_gl), b_gl
+
+
+@triton.jit
+def _unit_lower_inverse(L, N: tl.constexpr):
+    """(I + L)^{-1} for a strictly lower-triangular N x N block, by forward substitution: row i of the
+    inverse is e_i - sum_{j<i} L_ij row_j (stable; a power series in L would grow and cancel)."""
+    r = tl.arange(0, N)
+    eye = (r[:, None] == r[None, :]).to(tl.float32)
+    Ti = eye
+    for i in range(1, N):
+        l_i = tl.sum(tl.where(r[:, None] == i, L, 0.), 0)           # L[i, :], indexed by j
+        row = tl.sum(l_i[:, None] * Ti, 0)                          # sum_j L[i, j] Ti[j, :]
+        Ti = tl.where(r[:, None] == i, eye - row[None, :], Ti)
+    return Ti
+
+
+@triton.jit
+def _block_ptrs(p, R: tl.constexpr, C: tl.constexpr, nv, HV: tl.constexpr):
+    """Pointers and row mask of block (R, C), 16 x 16, of a per-chunk [BT, BT] matrix stored as
+    [time, HV, BT]; p points at (chunk start, head)."""
+    r = tl.arange(0, BS_C)
+    rows = R * BS_C + r
+    return p + rows[:, None] * (HV * BT_C) + C * BS_C + r[None, :], (rows < nv)[:, None]
+
+
+@triton.jit
+def _ld(p, R: tl.constexpr, C: tl.constexpr, nv, HV: tl.constexpr):
+    ptrs, m = _block_ptrs(p, R, C, nv, HV)
+    return tl.load(ptrs, mask=m, other=0.)
+
+
+@triton.jit
+def _st(p, R: tl.constexpr, C: tl.constexpr, nv, HV: tl.constexpr, x):
+    ptrs, m = _block_ptrs(p, R, C, nv, HV)
+    tl.store(ptrs, x, mask=m)
+
+
+@triton.jit
+def _mm(a, b):
+    # Small fp32 products inside the inverse: full fp32 (tf32 would cost three decimal digits of Ai).
+    return tl.dot(a, b, input_precision="ieee")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# forward
+# ----------------------------------------------------------------------------------------------------------
+
+@triton.jit
+def _wy_fwd_kernel(k, v, g, beta, G, Ai, w, u, cu_seqlens, chunk_indices, T, NT,
+                   H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
+                   BK: tl.constexpr, BV: tl.constexpr, IS_VARLEN: tl.constexpr):
+    i_c, i_hv = tl.program_id(0), tl.program_id(1)
+    i_h = i_hv // (HV // H)
+    t0, nv = _chunk_bounds(i_c, cu_seqlens, chunk_indices, T, NT, IS_VARLEN)
+    o_i = tl.arange(0, BT_C)
+    m_t = o_i < nv
+    o_k = tl.arange(0, BK)
+    m_tk = m_t[:, None] & (o_k < K)[None, :]
+    dt = k.dtype.element_ty
+
+    p_g = t0 * HV + i_hv
+    b_g = tl.load(g + p_g + o_i * HV, mask=m_t, other=0.).to(tl.float32)
+    b_G = tl.cumsum(b_g, axis=0)       # padded rows have g = 0, so they repeat the last valid G
+    tl.store(G + p_g + o_i * HV, b_G, mask=m_t)
+    b_beta = tl.load(beta + p_g + o_i * HV, mask=m_t, other=0.).to(tl.float32)
+    b_k = tl.load(k + (t0 * H + i_h) * K + o_i[:, None] * (H * K) + o_k[None, :], mask=m_tk, other=0.)
+
+    strict = o_i[:, None] > o_i[None, :]
+    b_D = tl.exp(tl.where(strict, b_G[:, None] - b_G[None, :], 0.))
+    b_A = tl.where(strict, b_beta[:, None] * tl.dot(b_k, tl.trans(b_k)) * b_D, 0.)
+
+    # A passes through this chunk's rows of the Ai buffer so that it can be re-read as 16 x 16 blocks.
+    p_A = Ai + (t0 * HV + i_hv) * BT_C
+    tl.store(p_A + o_i[:, None] * (HV * BT_C) + o_i[None, :], b_A, mask=m_t[:, None])
+    tl.debug_barrier()
+    A10 = _ld(p_A, 1, 0, nv, HV)
+    A20 = _ld(p_A, 2, 0, nv, HV)
+    A21 = _ld(p_A, 2, 1, nv, HV)
+    A30 = _ld(p_A, 3, 0, nv, HV)
+    A31 = _ld(p_A, 3, 1, nv, HV)
+    A32 = _ld(p_A, 3, 2, nv, HV)
+    T00 = _unit_lower_inverse(_ld(p_A, 0, 0, nv, HV), BS_C)
+    T11 = _unit_lower_inverse(_ld(p_A, 1, 1, nv, HV), BS_C)
+    T22 = _unit_lower_inverse(_ld(p_A, 2, 2, nv, HV), BS_C)
+    T33 = _unit_lower_inverse(_ld(p_A, 3, 3, nv, HV), BS_C)
+    # Block forward substitution: T_rc = -T_rr sum_{c <= m < r} A_rm T_mc.
+    T10 = -_mm(T11, _mm(A10, T00))
+    T21 = -_mm(T22, _mm(A21, T11))
+    T32 = -_mm(T33, _mm(A32, T22))
+    T20 = -_mm(T22, _mm(A20, T00) + _mm(A21, T10))
+    T31 = -_mm(T33, _mm(A31, T11) + _mm(A32, T21))
+    T30 = -_mm(T33, _mm(A30, T00) + _mm(A31, T10) + _mm(A32, T20))
+    tl.debug_barrier()
+    _st(p_A, 0, 0, nv, HV, T00)
+    _st(p_A, 1, 1, nv, HV, T11)
+    _st(p_A, 2, 2, nv, HV, T22)
+    _st(p_A, 3, 3, nv, HV, T33)
+    _st(p_A, 1, 0, nv, HV, T10)
+    _st(p_A, 2, 1, nv, HV, T21)
+    _st(p_A, 3, 2, nv, HV, T32)
+    _st(p_A, 2, 0, nv, HV, T20)
+    _st(p_A, 3, 1, nv, HV, T31)
+    _st(p_A, 3, 0, nv, HV, T30)
+    tl.debug_barrier()
+    lower = o_i[:, None] >= o_i[None, :]
+    b_Ai = tl.load(p_A + o_i[:, None] * (HV * BT_C) + o_i[None, :], mask=lower & m_t[:, None], other=0.)
+    b_Ai = b_Ai.to(dt)
+
+    b_w = tl.dot(b_Ai, (b_k * (b_beta * tl.exp(b_G))[:, None]).to(dt))
+    tl.store(w + (t0 * HV + i_hv) * K + o_i[:, None] * (HV * K) + o_k[None, :], b_w.to(dt), mask=m_tk)
+    p_v = (t0 * HV + i_hv) * V
+    for i_v in range(tl.cdiv(V, BV)):
+        o_v = i_v * BV + tl.arange(0, BV)
+        m = m_t[:, None] & (o_v < V)[None, :]
+        o_tv = o_i[:, None] * (HV * V) + o_v[None, :]
+        b_v = tl.load(v + p_v + o_tv, mask=m, other=0.)
+        b_u = tl.dot(b_Ai, (b_v * b_beta[:, None]).to(dt))
+        tl.store(u + p_v + o_tv, b_u.to(dt), mask=m)
+
+
+@triton.jit
+def _state_fwd_kernel(k, w, u, G, h, v_new, h0, ht, cu_seqlens, chunk_offsets, T, NT, NHV,
+                      H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
+                      BK: tl.constexpr, BV: tl.constexpr, USE_H0: tl.constexpr, STORE_HT: tl.constexpr,
+                      IS_VARLEN: tl.constexpr):
+    i_v, i_nh = tl.program_id(0), tl.program_id(1)
+    i_n, i_hv = i_nh // HV, i_nh % HV
+    i_h = i_hv // (HV // H)
+    bos, L, boh = _sequence_bounds(i_n, cu_seqlens, chunk_offsets, T, NT, IS_VARLEN)
+    nt = tl.cdiv(L, BT_C)
+    o_i = tl.arange(0, BT_C)
+    o_k = tl.arange(0, BK)
+    o_v = i_v * BV + tl.arange(0, BV)
+    m_k, m_v = o_k < K, o_v < V
+    m_kv = m_k[:, None] & m_v[None, :]
+    o_kv = o_k[:, None] * V + o_v[None, :]
+    o_tk_w = o_i[:, None] * (HV * K) + o_k[None, :]
+    o_tk_k = o_i[:, None] * (H * K) + o_k[None, :]
+    o_tv = o_i[:, None] * (HV * V) + o_v[None, :]
+    dt = k.dtype.element_ty
+
+    b_S = tl.zeros([BK, BV], dtype=tl.float32)
+    if USE_H0:
+        b_S += tl.load(h0 + tl.cast(i_nh, tl.int64) * (K * V) + o_kv, mask=m_kv, other=0.).to(tl.float32)
+    for i_t in range(nt):
+        i_t = tl.cast(i_t, tl.int64)
+        t0 = bos + i_t * BT_C
+        nv = tl.minimum(L - i_t * BT_C, BT_C).to(tl.int32)
+        m_t = o_i < nv
+        tl.store(h + ((boh + i_t) * HV + i_hv) * (K * V) + o_kv, b_S.to(h.dtype.element_ty), mask=m_kv)
+        b_G, b_gl = _load_G(G + t0 * HV + i_hv, o_i, m_t, nv, HV)
+        m_tk = m_t[:, None] & m_k[None, :]
+        m_tv = m_t[:, None] & m_v[None, :]
+        b_w = tl.load(w + (t0 * HV + i_hv) * K + o_tk_w, mask=m_tk, other=0.)
+        b_k = tl.load(k + (t0 * H + i_h) * K + o_tk_k, mask=m_tk, other=0.)
+        p_tv = (t0 * HV + i_hv) * V
+        b_u = tl.load(u + p_tv + o_tv, mask=m_tv, other=0.)
+        b_vn = b_u.to(tl.float32) - tl.dot(b_w, b_S.to(dt))
+        tl.store(v_new + p_tv + o_tv, b_vn.to(v_new.dtype.element_ty), mask=m_tv)
+        b_kd = (b_k * tl.exp(b_gl - b_G)[:, None]).to(dt)
+        b_S = b_S * tl.exp(b_gl) + tl.dot(tl.trans(b_kd), b_vn.to(dt))
+    if STORE_HT:
+        tl.store(ht + tl.cast(i_nh, tl.int64) * (K * V) + o_kv, b_S, mask=m_kv)
+
+
+@triton.jit
+def _output_fwd_kernel(q, k, v_new, G, h, o, cu_seqlens, chunk_indices, scale, T, NT,
+                       H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
+                       BK: tl.constexpr, BV: tl.constexpr, IS_VARLEN: tl.constexpr):
+    i_c, i_hv, i_v = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_h = i_hv // (HV // H)
+    t0, nv = _chunk_bounds(i_c, cu_seqlens, chunk_indices, T, NT, IS_VARLEN)
+    o_i = tl.arange(0, BT_C)
+    m_t = o_i < nv
+    o_k = tl.arange(0, BK)
+    o_v = i_v * BV + tl.arange(0, BV)
+    m_k, m_v = o_k < K, o_v < V
+    dt = k.dtype.element_ty
+
+    m_tk = m_t[:, None] & m_k[None, :]
+    p_qk = (t0 * H + i_h) * K
+    o_tk = o_i[:, None] * (H * K) + o_k[None, :]
+    b_q = tl.load(q + p_qk + o_tk, mask=m_tk, other=0.)
+    b_k = tl.load(k + p_qk + o_tk, mask=m_tk, other=0.)
+    b_h = tl.load(h + (tl.cast(i_c, tl.int64) * HV + i_hv) * (K * V) + o_k[:, None] * V + o_v[None, :],
+                  mask=m_k[:, None] & m_v[None, :], other=0.)
+    b_G, b_gl = _load_G(G + t0 * HV + i_hv, o_i, m_t, nv, HV)
+    m_tv = m_t[:, None] & m_v[None, :]
+    p_tv = (t0 * HV + i_hv) * V
+    o_tv = o_i[:, None] * (HV * V) + o_v[None, :]
+    b_vn = tl.load(v_new + p_tv + o_tv, mask=m_tv, other=0.)
+
+    lower = o_i[:, None] >= o_i[None, :]
+    b_Aqk = tl.dot(b_q, tl.trans(b_k)) * tl.exp(tl.where(lower, b_G[:, None] - b_G[None, :], 0.))
+    b_Aqk = tl.where(lower, b_Aqk, 0.)
+    b_o = tl.dot(b_q, b_h) * tl.exp(b_G)[:, None] + tl.dot(b_Aqk.to(dt), b_vn)
+    tl.store(o + p_tv + o_tv, (b_o * scale).to(o.dtype.element_ty), mask=m_tv)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# backward
+# ----------------------------------------------------------------------------------------------------------
+
+@triton.jit
+def _dv_local_kernel(q, k, G, do, dvl, cu_seqlens, chunk_indices, scale, T, NT,
+                     H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
+                     BK: tl.constexpr, BV: tl.constexpr, IS_VARLEN: tl.constexpr):
+    i_c, i_hv, i_v = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_h = i_hv // (HV // H)
+    t0, nv = _chunk_bounds(i_c, cu_seqlens, chunk_indices, T, NT, IS_VARLEN)
+    o_i = tl.arange(0, BT_C)
+    m_t = o_i < nv
+    o_k = tl.arange(0, BK)
+    o_v = i_v * BV + tl.arange(0, BV)
+    m_k, m_v = o_k < K, o_v < V
+    dt = k.dtype.element_ty
+
+    m_tk = m_t[:, None] & m_k[None, :]
+    p_qk = (t0 * H + i_h) * K
+    o_tk = o_i[:, None] * (H * K) + o_k[None, :]
+    b_q = tl.load(q + p_qk + o_tk, mask=m_tk, other=0.)
+    b_k = tl.load(k + p_qk + o_tk, mask=m_tk, other=0.)
+    b_G, b_gl = _load_G(G + t0 * HV + i_hv, o_i, m_t, nv, HV)
+    # Transposed intra-chunk attention: rows j (keys), columns i (queries), kept where i >= j.
+    upper = o_i[:, None] <= o_i[None, :]
+    b_At = tl.dot(b_k, tl.trans(b_q)) * tl.exp(tl.where(upper, b_G[None, :] - b_G[:, None], 0.))
+    b_At = tl.where(upper, b_At, 0.).to(dt)
+    m_tv = m_t[:, None] & m_v[None, :]
+    p_tv = (t0 * HV + i_hv) * V
+    o_tv = o_i[:, None] * (HV * V) + o_v[None, :]
+    b_do = tl.load(do + p_tv + o_tv, mask=m_tv, other=0.).to(dt)
+    b_dv = tl.dot(b_At, b_do) * scale
+    tl.store(dvl + p_tv + o_tv, b_dv.to(dvl.dtype.element_ty), mask=m_tv)
+
+
+@triton.jit
+def _state_bwd_kernel(q, k, w, G, do, dvl, dh, dv_new, dht, dh0, cu_seqlens, chunk_offsets, scale, T, NT, NHV,
+                      H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
+                      BK: tl.constexpr, BV: tl.constexpr, USE_DHT: tl.constexpr, STORE_DH0: tl.constexpr,
+                      IS_VARLEN: tl.constexpr):
+    i_v, i_nh = tl.program_id(0), tl.program_id(1)
+    i_n, i_hv = i_nh // HV, i_nh % HV
+    i_h = i_hv // (HV // H)
+    bos, L, boh = _sequence_bounds(i_n, cu_seqlens, chunk_offsets, T, NT, IS_VARLEN)
+    nt = tl.cdiv(L, BT_C)
+    o_i = tl.arange(0, BT_C)
+    o_k = tl.arange(0, BK)
+    o_v = i_v * BV + tl.arange(0, BV)
+    m_k, m_v = o_k < K, o_v < V
+    m_kv = m_k[:, None] & m_v[None, :]
+    o_kv = o_k[:, None] * V + o_v[None, :]
+    o_tk_w = o_i[:, None] * (HV * K) + o_k[None, :]
+    o_tk_k = o_i[:, None] * (H * K) + o_k[None, :]
+    o_tv = o_i[:, None] * (HV * V) + o_v[None, :]
+    dt = k.dtype.element_ty
+
+    b_dS = tl.zeros([BK, BV], dtype=tl.float32)
+    if USE_DHT:
+        b_dS += tl.load(dht + tl.cast(i_nh, tl.int64) * (K * V) + o_kv, mask=m_kv, other=0.).to(tl.float32)
+    for i_r in range(nt):
+        i_t = tl.cast(nt - 1 - i_r, tl.int64)
+        t0 = bos + i_t * BT_C
+        nv = tl.minimum(L - i_t * BT_C, BT_C).to(tl.int32)
+        m_t = o_i < nv
+        # dh_c is the gradient of the state at the END of chunk c (= the start of chunk c + 1).
+        tl.store(dh + ((boh + i_t) * HV + i_hv) * (K * V) + o_kv, b_dS.to(dh.dtype.element_ty), mask=m_kv)
+        b_G, b_gl = _load_G(G + t0 * HV + i_hv, o_i, m_t, nv, HV)
+        m_tk = m_t[:, None] & m_k[None, :]
+        m_tv = m_t[:, None] & m_v[None, :]
+        p_qk = (t0 * H + i_h) * K
+        b_q = tl.load(q + p_qk + o_tk_k, mask=m_tk, other=0.)
+        b_k = tl.load(k + p_qk + o_tk_k, mask=m_tk, other=0.)
+        b_w = tl.load(w + (t0 * HV + i_hv) * K + o_tk_w, mask=m_tk, other=0.)
+        p_tv = (t0 * HV + i_hv) * V
+        b_do = tl.load(do + p_tv + o_tv, mask=m_tv, other=0.).to(dt)
+        b_dvl = tl.load(dvl + p_tv + o_tv, mask=m_tv, other=0.)
+        b_kd = (b_k * tl.exp(b_gl - b_G)[:, None]).to(dt)
+        b_dvn = b_dvl.to(tl.float32) + tl.dot(b_kd, b_dS.to(dt))
+        tl.store(dv_new + p_tv + o_tv, b_dvn.to(dv_new.dtype.element_ty), mask=m_tv)
+        b_qg = (b_q * (tl.exp(b_G) * scale)[:, None]).to(dt)
+        b_dS = (b_dS * tl.exp(b_gl) + tl.dot(tl.trans(b_qg), b_do)
+                - tl.dot(tl.trans(b_w), b_dvn.to(dt)))
+    if STORE_DH0:
+        tl.store(dh0 + tl.cast(i_nh, tl.int64) * (K * V) + o_kv, b_dS, mask=m_kv)
+
+
+@triton.jit
+def _chunk_bwd_kernel(q, k, v, G, beta, Ai, h, dh, v_new, dv_new, do, dq, dk, dv, dbeta, dg,
+                      cu_seqlens, chunk_indices, scale, T, NT,
+                      H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
+                      BK: tl.constexpr, BV: tl.constexpr, IS_VARLEN: tl.constexpr):
+    i_c, i_hv = tl.program_id(0), tl.program_id(1)
+    i_h = i_hv // (HV // H)
+    t0, nv = _chunk_bounds(i_c, cu_seqlens, chunk_indices, T, NT, IS_VARLEN)
+    o_i = tl.arange(0, BT_C)
+    m_t = o_i < nv
+    o_k = tl.arange(0, BK)
+    m_k = o_k < K
+    m_tk = m_t[:, None] & m_k[None, :]
+    dt = k.dtype.element_ty
+
+    p_g = t0 * HV + i_hv
+    b_G, b_gl = _load_G(G + p_g, o_i, m_t, nv, HV)
+    b_beta = tl.load(beta + p_g + o_i * HV, mask=m_t, other=0.).to(tl.float32)
+    lower = o_i[:, None] >= o_i[None, :]
+    b_Ai = tl.load(Ai + p_g * BT_C + o_i[:, None] * (HV * BT_C) + o_i[None, :], mask=lower & m_t[:, None], other=0.)
+    b_Ait = tl.trans(b_Ai).to(dt)
+
+    b_dq = tl.zeros([BT_C, BK], dtype=tl.float32)     # do h^T
+    b_dkd = tl.zeros([BT_C, BK], dtype=tl.float32)    # v' dh^T  (gradient of the decayed keys)
+    b_dw = tl.zeros([BT_C, BK], dtype=tl.float32)     # -dv' h^T
+    b_dP = tl.zeros([BT_C, BT_C], dtype=tl.float32)   # do v'^T
+    b_dT = tl.zeros([BT_C, BT_C], dtype=tl.float32)   # gradient of Ai (from u = Ai beta v and w)
+    b_dbeta = tl.zeros([BT_C], dtype=tl.float32)
+    b_hdh = tl.zeros([BK, BV], dtype=tl.float32)      # h * dh, reduced after the loop
+    p_h = h + (tl.cast(i_c, tl.int64) * HV + i_hv) * (K * V)
+    p_dh = dh + (tl.cast(i_c, tl.int64) * HV + i_hv) * (K * V)
+    p_tv = (t0 * HV + i_hv) * V
+    for i_v in range(tl.cdiv(V, BV)):
+        o_v = i_v * BV + tl.arange(0, BV)
+        m_v = o_v < V
+        m_kv = m_k[:, None] & m_v[None, :]
+        m_tv = m_t[:, None] & m_v[None, :]
+        o_kv = o_k[:, None] * V + o_v[None, :]
+        o_tv = o_i[:, None] * (HV * V) + o_v[None, :]
+        b_h = tl.load(p_h + o_kv, mask=m_kv, other=0.)
+        b_dh = tl.load(p_dh + o_kv, mask=m_kv, other=0.)
+        b_vn = tl.load(v_new + p_tv + o_tv, mask=m_tv, other=0.)
+        b_dvn = tl.load(dv_new + p_tv + o_tv, mask=m_tv, other=0.)
+        b_do = tl.load(do + p_tv + o_tv, mask=m_tv, other=0.).to(dt)
+        b_v = tl.load(v + p_tv + o_tv, mask=m_tv, other=0.)
+        b_dq += tl.dot(b_do, tl.trans(b_h))
+        b_dkd += tl.dot(b_vn, tl.trans(b_dh))
+        b_dw -= tl.dot(b_dvn, tl.trans(b_h))
+        b_dP += tl.dot(b_do, tl.trans(b_vn))
+        b_hdh += b_h.to(tl.float32) * b_dh.to(tl.float32)
+        # u = Ai (beta v), du = dv'
+        b_dXv = tl.dot(b_Ait, b_dvn)
+        tl.store(dv + p_tv + o_tv, (b_dXv * b_beta[:, None]).to(dv.dtype.element_ty), mask=m_tv)
+        b_dbeta += tl.sum(b_dXv * b_v.to(tl.float32), 1)
+        b_dT += tl.dot(b_dvn, tl.trans((b_v * b_beta[:, None]).to(dt)))
+
+    p_qk = (t0 * H + i_h) * K
+    o_tk = o_i[:, None] * (H * K) + o_k[None, :]
+    b_q = tl.load(q + p_qk + o_tk, mask=m_tk, other=0.)
+    b_k = tl.load(k + p_qk + o_tk, mask=m_tk, other=0.)
+    b_eG = tl.exp(b_G)
+
+    # inter-chunk read: o += scale exp(G) q h
+    b_dq = b_dq * (scale * b_eG)[:, None]
+    b_dG = tl.sum(b_dq * b_q.to(tl.float32), 1)
+    # intra-chunk attention: o += scale lower_incl(q k^T exp(G_i - G_j)) v'
+    b_Z = tl.where(lower, b_dP * tl.exp(tl.where(lower, b_G[:, None] - b_G[None, :], 0.)), 0.) * scale
+    b_Zqk = b_Z * tl.dot(b_q, tl.trans(b_k))
+    b_dG += tl.sum(b_Zqk, 1) - tl.sum(b_Zqk, 0)
+    b_Zd = b_Z.to(dt)
+    b_dq += tl.dot(b_Zd, b_k)
+    b_dk = tl.dot(tl.trans(b_Zd), b_q)
+    # state update: S' = exp(G_last) S + (exp(G_last - G) k)^T v'
+    b_kdec = tl.exp(b_gl - b_G)
+    b_dk += b_dkd * b_kdec[:, None]
+    b_t2 = tl.sum(b_dkd * b_k.to(tl.float32), 1) * b_kdec
+    b_dG -= b_t2
+    b_dgl = tl.sum(b_t2, 0) + tl.exp(b_gl) * tl.sum(tl.sum(b_hdh, 1), 0)
+    # w = Ai (beta exp(G) k)
+    b_Xk = b_k.to(tl.float32) * (b_beta * b_eG)[:, None]
+    b_dwd = b_dw.to(dt)
+    b_dXk = tl.dot(b_Ait, b_dwd)
+    b_dk += b_dXk * (b_beta * b_eG)[:, None]
+    b_dbeta += tl.sum(b_dXk * b_k.to(tl.float32), 1) * b_eG
+    b_dG += tl.sum(b_dXk * b_Xk, 1)
+    b_dT += tl.dot(b_dwd, tl.trans(b_Xk.to(dt)))
+    # Ai = (I + A)^{-1}: dA = -Ai^T dAi Ai^T, on the strict lower triangle
+    strict = o_i[:, None] > o_i[None, :]
+    b_dA = -tl.dot(tl.dot(b_Ait, b_dT.to(dt)).to(dt), b_Ait)
+    b_dA = tl.where(strict, b_dA, 0.)
+    b_Ds = tl.exp(tl.where(strict, b_G[:, None] - b_G[None, :], 0.))
+    b_dAkk = b_dA * tl.dot(b_k, tl.trans(b_k)) * b_Ds    # = dA * A / beta_i
+    b_dbeta += tl.sum(b_dAkk, 1)
+    b_dAA = b_dAkk * b_beta[:, None]
+    b_dG += tl.sum(b_dAA, 1) - tl.sum(b_dAA, 0)
+    b_F = (b_dA * b_Ds * b_beta[:, None]).to(dt)
+    b_dk += tl.dot(b_F, b_k) + tl.dot(tl.trans(b_F), b_k)
+
+    # G = cumsum(g) within the chunk: dg = reverse cumsum of dG, plus dG_last on every step.
+    b_dG = tl.where(m_t, b_dG, 0.)
+    b_dg = tl.sum(b_dG, 0) - tl.cumsum(b_dG, axis=0) + b_dG + b_dgl
+    p_tk = (t0 * HV + i_hv) * K
+    o_tk = o_i[:, None] * (HV * K) + o_k[None, :]
+    tl.store(dq + p_tk + o_tk, b_dq, mask=m_tk)
+    tl.store(dk + p_tk + o_tk, b_dk, mask=m_tk)
+    tl.store(dbeta + p_g + o_i * HV, b_dbeta, mask=m_t)
+    tl.store(dg + p_g + o_i * HV, b_dg, mask=m_t)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# decode
+# ----------------------------------------------------------------------------------------------------------
+
+@triton.jit
+def _decode_step_kernel(q, k, v, g, beta, state, o, scale,
+                        H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
+                        BK: tl.constexpr, BV: tl.constexpr, L2NORM: tl.constexpr):
+    i_v, i_bh = tl.program_id(0), tl.program_id(1)
+    i_b, i_hv = i_bh // HV, i_bh % HV
+    i_h = i_hv // (HV // H)
+    o_k = tl.arange(0, BK)
+    o_v = i_v * BV + tl.arange(0, BV)
+    m_k, m_v = o_k < K, o_v < V
+    m_kv = m_k[:, None] & m_v[None, :]
+    p_S = state + tl.cast(i_bh, tl.int64) * (K * V) + o_k[:, None] * V + o_v[None, :]
+    b_S = tl.load(p_S, mask=m_kv, other=0.)
+    p_qk = (i_b * H + i_h) * K + o_k
+    b_q = tl.load(q + p_qk, mask=m_k, other=0.).to(tl.float32)
+    b_k = tl.load(k + p_qk, mask=m_k, other=0.).to(tl.float32)
+    if L2NORM:
+        b_q = b_q / tl.sqrt(tl.sum(b_q * b_q, 0) + 1e-6)
+        b_k = b_k / tl.sqrt(tl.sum(b_k * b_k, 0) + 1e-6)
+    b_v = tl.load(v + i_bh * V + o_v, mask=m_v, other=0.).to(tl.float32)
+    b_g = tl.load(g + i_bh).to(tl.float32)
+    b_beta = tl.load(beta + i_bh).to(tl.float32)
+    b_S = b_S * tl.exp(b_g)
+    b_delta = b_beta * (b_v - tl.sum(b_S * b_k[:, None], 0))
+    b_S += b_k[:, None] * b_delta[None, :]
+    b_o = tl.sum(b_S * b_q[:, None], 0) * scale
+    tl.store(p_S, b_S, mask=m_kv)
+    tl.store(o + i_bh * V + o_v, b_o.to(o.dtype.element_ty), mask=m_v)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# launch
+# ----------------------------------------------------------------------------------------------------------
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+_SEQ_CONFIGS = [triton.Config({"BV": bv}, num_warps=nw, num_stages=ns)
+                for bv, nw, ns in ((16, 4, 2), (32, 4, 2), (32, 4, 3), (64, 4, 2), (64, 8, 2))]
+# The sequential kernels carry the whole run's latency; which V split fills the GPU best depends on
+# N * HV, so it is measured once per shape (every launch writes only outputs: safe to repeat).
+_state_fwd_tuned = triton.autotune(configs=_SEQ_CONFIGS, key=["NHV", "K", "V"])(_state_fwd_kernel)
+_state_bwd_tuned = triton.autotune(configs=_SEQ_CONFIGS, key=["NHV", "K", "V"])(_state_bwd_kernel)
+
+
+def _chunk_layout(B: int, T: int, cu_seqlens: torch.Tensor | None, device):
+    """(cu_seqlens int32 | None, chunk_indices [NC, 2] | None, chunk_offsets [N + 1] | None, NT, NC, N):
+    NT = chunks per sequence without packing, NC = chunks in all."""
+    if cu_seqlens is None:
+        NT = triton.cdiv(T, BT)
+        return None, None, None, NT, B * NT, B
+    lens = (cu_seqlens[1:] - cu_seqlens[:-1]).tolist()
+    nts = [triton.cdiv(n, BT) for n in lens]
+    offsets = [0]
+    for n in nts:
+        offsets.append(offsets[-1] + n)
+    idx = [(n, t) for n, c in enumerate(nts) for t in range(c)]
+    chunk_indices = torch.tensor(idx if idx else [(0, 0)], dtype=torch.int32, device=device)
+    chunk_offsets = torch.tensor(offsets, dtype=torch.int32, device=device)
+    return cu_seqlens.to(device=device, dtype=torch.int32), chunk_indices, chunk_offsets, 0, offsets[-1], len(lens)
+
+
+def _block_k(K: int) -> int:
+    if K > 256:
+        raise ValueError(f"gated delta (triton): key head dim K={K} > 256 is not supported")
+    return max(16, triton.next_power_of_2(K))
+
+
+def _fwd(q, k, v, g, beta, scale, h0, output_final_state, cu_seqlens):
+    B, T, H, K = k.shape
+    HV, V = v.shape[2], v.shape[3]
+    cu, chunk_indices, chunk_offsets, NT, NC, N = _chunk_layout(B, T, cu_seqlens, q.device)
+    varlen = cu is not None
+    BK = _block_k(K)
+    BVo = max(16, min(128, triton.next_power_of_2(V)))
+    dt = k.dtype
+    f32 = torch.float32
+    G = torch.empty(B, T, HV, dtype=f32, device=q.device)
+    Ai = torch.empty(B, T, HV, BT, dtype=f32, device=q.device)
+    w = torch.empty(B, T, HV, K, dtype=dt, device=q.device)
+    u = torch.empty(B, T, HV, V, dtype=dt, device=q.device)
+    if NC > 0:
+        _wy_fwd_kernel[(NC, HV)](k, v, g, beta, G, Ai, w, u, cu, chunk_indices, T, NT,
+                                 H=H, HV=HV, K=K, V=V, BK=BK, BV=BVo, IS_VARLEN=varlen,
+                                 num_warps=4)
+    h = torch.empty(max(NC, 1), HV, K, V, dtype=dt, device=q.device)
+    v_new = torch.empty(B, T, HV, V, dtype=dt, device=q.device)
+    ht = torch.empty(N, HV, K, V, dtype=f32, device=q.device) if output_final_state else None
+    args = (k, w, u, G, h, v_new, h0, ht, cu, chunk_offsets, T, NT, N * HV)
+    kw = dict(H=H, HV=HV, K=K, V=V, BK=BK, USE_H0=h0 is not None, STORE_HT=output_final_state, IS_VARLEN=varlen)
+    _launch_seq(_state_fwd_tuned, _state_fwd_kernel, N * HV, V, args, kw)
+    o = torch.empty_like(v)
+    if NC > 0:
+        _output_fwd_kernel[(NC, HV, triton.cdiv(V, BVo))](q, k, v_new, G, h, o, cu, chunk_indices, scale, T, NT,
+                                                          H=H, HV=HV, K=K, V=V, BK=BK, BV=BVo, IS_VARLEN=varlen,
+                                                          num_warps=4)
+    return o, ht, (G, Ai, w, h, v_new)
+
+
+def _launch_seq(tuned, raw, nhv: int, V: int, args, kw):
+    if _interpreting():
+        bv = max(16, min(64, triton.next_power_of_2(V)))
+        raw[(triton.cdiv(V, bv), nhv)](*args, **kw, BV=bv)
+    else:
+        tuned[lambda meta: (triton.cdiv(V, meta["BV"]), nhv)](*args, **kw)
+
+
+def _bwd(q, k, v, beta, scale, saved, want_dh0: bool, do, dht, cu_seqlens):
+    G, Ai, w, h, v_new = saved
+    B, T, H, K = k.shape
+    HV, V = v.shape[2], v.shape[3]
+    cu, chunk_indices, chunk_offsets, NT, NC, N = _chunk_layout(B, T, cu_seqlens, q.device)
+    varlen = cu is not None
+    BK = _block_k(K)
+    BVo = max(16, min(128, triton.next_power_of_2(V)))
+    dt = k.dtype
+    f32 = torch.float32
+    do = do.contiguous()
+    dvl = torch.empty(B, T, HV, V, dtype=dt, device=q.device)
+    if NC > 0:
+        _dv_local_kernel[(NC, HV, triton.cdiv(V, BVo))](q, k, G, do, dvl, cu, chunk_indices, scale, T, NT,
+                                                        H=H, HV=HV, K=K, V=V, BK=BK, BV=BVo, IS_VARLEN=varlen,
+                                                        num_warps=4)
+    dh = torch.empty_like(h)
+    dv_new = torch.empty(B, T, HV, V, dtype=dt, device=q.device)
+    dh0 = torch.empty(N, HV, K, V, dtype=f32, device=q.device) if want_dh0 else None
+    dht = dht.contiguous() if dht is not None else None
+    args = (q, k, w, G, do, dvl, dh, dv_new, dht, dh0, cu, chunk_offsets, scale, T, NT, N * HV)
+    kw = dict(H=H, HV=HV, K=K, V=V, BK=BK, USE_DHT=dht is not None, STORE_DH0=want_dh0, IS_VARLEN=varlen)
+    _launch_seq(_state_bwd_tuned, _state_bwd_kernel, N * HV, V, args, kw)
+    dq = torch.empty(B, T, HV, K, dtype=f32, device=q.device)
+    dk = torch.empty(B, T, HV, K, dtype=f32, device=q.device)
+    dv = torch.empty(B, T, HV, V, dtype=f32, device=q.device)
+    dbeta = torch.empty(B, T, HV, dtype=f32, device=q.device)
+    dg = torch.empty(B, T, HV, dtype=f32, device=q.device)
+    if NC > 0:
+        BVb = max(16, min(64, triton.next_power_of_2(V)))
+        _chunk_bwd_kernel[(NC, HV)](q, k, v, G, beta, Ai, h, dh, v_new, dv_new, do, dq, dk, dv, dbeta, dg,
+                                    cu, chunk_indices, scale, T, NT,
+                                    H=H, HV=HV, K=K, V=V, BK=BK, BV=BVb, IS_VARLEN=varlen, num_warps=8)
+    if HV != H:
+        dq = dq.view(B, T, H, HV // H, K).sum(3)
+        dk = dk.view(B, T, H, HV // H, K).sum(3)
+    return dq, dk, dv, dg, dbeta, dh0
+
+
+class ChunkGatedDeltaRule(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, g, beta, scale, initial_state, output_final_state, cu_seqlens):
+        q, k, v, g, beta = (x.contiguous() for x in (q, k, v, g, beta))
+        h0 = initial_state.contiguous() if initial_state is not None else None
+        o, ht, saved = _fwd(q, k, v, g, beta, scale, h0, output_final_state, cu_seqlens)
+        ctx.save_for_backward(q, k, v, beta, *saved)
+        ctx.scale = scale
+        ctx.cu_seqlens = cu_seqlens
+        ctx.has_h0 = h0 is not None
+        ctx.dtypes = (g.dtype, beta.dtype, None if h0 is None else h0.dtype)
+        ctx.set_materialize_grads(False)
+        return o, ht
+
+    @staticmethod
+    def backward(ctx, do, dht):
+        q, k, v, beta, *saved = ctx.saved_tensors
+        if do is None:
+            do = torch.zeros_like(v)
+        dq, dk, dv, dg, dbeta, dh0 = _bwd(q, k, v, beta, ctx.scale, saved, ctx.has_h0, do, dht, ctx.cu_seqlens)
+        g_dtype, beta_dtype, h0_dtype = ctx.dtypes
+        return (dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dg.to(g_dtype), dbeta.to(beta_dtype),
+                None, None if dh0 is None else dh0.to(h0_dtype), None, None)
+
+
+def chunk_gated_delta_rule(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, beta: torch.Tensor,
+                           scale: float | None = None, initial_state: torch.Tensor | None = None,
+                           output_final_state: bool = False, cu_seqlens: torch.Tensor | None = None,
+                           use_qk_l2norm: bool = False):
+    """Chunked gated delta rule with Triton forward and backward.
+
+    q, k: [B, T, H, K]; v: [B, T, HV, V]; g (log decay, <= 0), beta: [B, T, HV];
+    initial_state: [N, HV, K, V] or None; cu_seqlens: [N + 1] int (B == 1) or None.
+    Returns (o [B, T, HV, V] in v.dtype, final_state [N, HV, K, V] fp32 or None). Differentiable in
+    q, k, v, g, beta and initial_state (a gradient on final_state is accepted).
+    """
+    check_inputs(q, k, v, g, beta, initial_state, cu_seqlens)
+    if not (q.dtype == k.dtype == v.dtype):
+        raise ValueError(f"gated delta (triton): q, k, v must share a dtype; got {q.dtype}, {k.dtype}, {v.dtype}")
+    if q.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise ValueError(f"gated delta (triton): unsupported dtype {q.dtype}")
+    if use_qk_l2norm:
+        q, k = l2norm(q.float()).to(q.dtype), l2norm(k.float()).to(k.dtype)
+    scale = k.shape[-1] ** -0.5 if scale is None else float(scale)
+    return ChunkGatedDeltaRule.apply(q, k, v, g, beta, scale, initial_state, output_final_state, cu_seqlens)
+
+
+def _decode_block_v(n_heads: int, V: int, device) -> int:
+    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 132
+    bv = max(16, min(64, triton.next_power_of_2(V)))
+    # Enough programs to keep every SM streaming state (the step is a pure read + write of it).
+    while bv > 16 and n_heads * triton.cdiv(V, bv) < 4 * sms:
+        bv //= 2
+    return bv
+
+
+def fused_recurrent_gated_delta_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor,
+                                     beta: torch.Tensor, state: torch.Tensor, scale: float | None = None,
+                                     use_qk_l2norm: bool = False) -> torch.Tensor:
+    """One decode step; updates `state` IN PLACE and returns o.
+
+    q, k: [B, H, K]; v: [B, HV, V]; g, beta: [B, HV]; state: [B, HV, K, V] fp32 contiguous.
+    Returns o: [B, HV, V] in v.dtype. Not differentiable (inference only).
+    """
+    B, H, HV, K, V = check_step_inputs(q, k, v, g, beta, state)
+    if state.dtype != torch.float32 or not state.is_contiguous():
+        raise ValueError("gated delta step (triton): state must be a contiguous fp32 tensor (updated in place)")
+    q, k, v, g, beta = (x.contiguous() for x in (q, k, v, g, beta))
+    scale = K ** -0.5 if scale is None else float(scale)
+    o = torch.empty_like(v)
+    BK = _block_k(K)
+    bv = _decode_block_v(B * HV, V, v.device)
+    _decode_step_kernel[(triton.cdiv(V, bv), B * HV)](q, k, v, g, beta, state, o, scale,
+                                                      H=H, HV=HV, K=K, V=V, BK=BK, BV=bv, L2NORM=use_qk_l2norm,
+                                                      num_warps=4)
+    return o
