@@ -78,6 +78,13 @@ def sequence_aux_loss(scores: torch.Tensor, indices: torch.Tensor, n_experts: in
     return (f * p).sum(-1).mean()
 
 
+def expert_counts(indices: torch.Tensor, n_experts: int) -> torch.Tensor:
+    """Tokens per expert [E] (int64) of indices [N, k]. A scatter-add, not `torch.bincount`:
+    bincount reads the maximum back to the host on CUDA, which breaks CUDA-graph capture."""
+    flat = indices.reshape(-1)
+    return torch.zeros(n_experts, dtype=torch.long, device=flat.device).scatter_add_(0, flat, torch.ones_like(flat))
+
+
 def _grouped_mm_available(x: torch.Tensor) -> bool:
     return x.is_cuda and x.dtype == torch.bfloat16 and hasattr(torch, "_grouped_mm")
 
@@ -92,7 +99,7 @@ def grouped_swiglu(x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor
     order = torch.argsort(flat, stable=True)
     expert = flat[order]
     token = order // k
-    counts = torch.bincount(flat, minlength=E)
+    counts = expert_counts(flat, E)
     xs = x[token]
     if _grouped_mm_available(x):
         offs = counts.cumsum(0).to(torch.int32)
@@ -161,7 +168,7 @@ class MoE(nn.Module):
             if self.shared_gate is not None:
                 s = torch.sigmoid(self.shared_gate(flat)) * s
             y = y + s
-        stats = {"tokens_per_expert": torch.bincount(indices.reshape(-1), minlength=self.n_experts).detach()}
+        stats = {"tokens_per_expert": expert_counts(indices, self.n_experts).detach()}
         aux = None
         if self.training and self.cfg.router_aux_loss_coef > 0:
             aux = self.cfg.router_aux_loss_coef * switch_aux_loss(scores, indices, self.n_experts)
