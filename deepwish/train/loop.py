@@ -156,7 +156,8 @@ class EMA:
 
 # ---- evaluation -----------------------------------------------------------------------------
 @torch.no_grad()
-def evaluate(model, val_bin: str, run_cfg: RunConfig, device, backend: str, max_batches: int) -> float:
+def evaluate(model, val_bin: str, run_cfg: RunConfig, device, backend: str, max_batches: int,
+             d: parallel.Dist | None = None) -> float:
     """Mean cross-entropy (nats/token) over the first `max_batches` sequential val batches."""
     from deepwish.data import sequential_batches
 
@@ -165,7 +166,9 @@ def evaluate(model, val_bin: str, run_cfg: RunConfig, device, backend: str, max_
     model.eval()
     ce, n = 0.0, 0
     try:
-        for batch in sequential_batches(val_bin, tc.seq_len, tc.batch_size, max_batches):
+        world, rank = (d.world_size, d.rank) if d is not None else (1, 0)
+        # Data-parallel: the same windows as one device with the global batch, split over ranks.
+        for batch in sequential_batches(val_bin, tc.seq_len, tc.batch_size, max_batches * world, rank, world):
             batch = to_device(batch, device)
             with autocast_context(device, tc.dtype):
                 _, m = lm_loss(model, batch, tc, 1, backend=backend)
@@ -173,6 +176,8 @@ def evaluate(model, val_bin: str, run_cfg: RunConfig, device, backend: str, max_
             n += int(m["n_targets"])
     finally:
         model.train(was_training)
+    if d is not None and d.world_size > 1:
+        ce, n = (float(t) for t in d.sum(torch.tensor([ce, float(n)], dtype=torch.float64, device=device)))
     if n == 0:
         raise ValueError(f"{val_bin}: no validation tokens for seq_len={tc.seq_len}")
     return ce / n
@@ -357,7 +362,7 @@ def train(run_cfg: RunConfig, resume: bool | str = False, *, progress_bar: bool 
                 last_ckpt = save(done)
             if done % tc.eval_every == 0 or done == tc.steps:  # after the save, never before it
                 with (ema.applied(model) if ema else contextlib.nullcontext()):
-                    val = evaluate(model, data.val_bin, run_cfg, device, backend, tc.eval_batches)
+                    val = evaluate(model, data.val_bin, run_cfg, device, backend, tc.eval_batches, d)
                 val_losses[done] = val
                 logger.eval(done, {"val_loss": val})
         train_time = time.perf_counter() - t_start
@@ -372,7 +377,8 @@ def train(run_cfg: RunConfig, resume: bool | str = False, *, progress_bar: bool 
             summary["final_val_loss"] = val_losses[max(val_losses)]
         else:  # resumed at the last step: nothing ran
             with (ema.applied(model) if ema else contextlib.nullcontext()):
-                summary["final_val_loss"] = evaluate(model, data.val_bin, run_cfg, device, backend, tc.eval_batches)
+                summary["final_val_loss"] = evaluate(model, data.val_bin, run_cfg, device, backend, tc.eval_batches,
+                                                      d)
         from deepwish.data import unigram_entropy
         summary["unigram_entropy"] = float(unigram_entropy(data.val_bin))
         logger.write({"kind": "final", "step": tc.steps, "val_loss": summary["final_val_loss"],
