@@ -196,12 +196,17 @@ def _triton_unusable(allow_interpreter: bool) -> str | None:
     return None
 
 
-@functools.cache
 def _fla_unusable() -> str | None:
-    """Whether flash-linear-attention imports AND computes the rule correctly on this device.
-    Memoised: the answer is a property of the process's environment, probed once."""
+    """Whether flash-linear-attention imports AND computes the rule correctly on this device."""
     if not torch.cuda.is_available():
         return "needs a CUDA device"
+    return _fla_probe_on_cuda()
+
+
+@functools.cache
+def _fla_probe_on_cuda() -> str | None:
+    """Memoised: the answer is a property of the process's environment, probed once (a tiny
+    forward against the reference), not once per layer."""
     try:
         kernels = _fla_kernels()
     except ImportError as e:
