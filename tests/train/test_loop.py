@@ -4,6 +4,7 @@ import argparse
 import json
 
 import pytest
+import torch
 
 from deepwish.config import ConfigError, load_config
 from deepwish.train import loop
@@ -98,3 +99,30 @@ def test_cli_config_layering(tmp_path):
         loop.config_from_args(p.parse_args([]))
     assert p.parse_args(["--resume"]).resume is True
     assert p.parse_args(["--resume", "runs/x"]).resume == "runs/x"
+
+
+def test_moe_run_logs_expert_load_and_updates_router_bias(tmp_path, monkeypatch):
+    calls = []
+    real = loop.update_router_bias
+
+    def spy(model, layers, tpe, rate):
+        calls.append((list(layers), tpe.clone(), rate))
+        real(model, layers, tpe, rate)
+
+    monkeypatch.setattr(loop, "update_router_bias", spy)
+    cfg = load_config("qwen3_moe_tiny", TINY + [f"train.out_dir={tmp_path}", "train.steps=3", "train.sample_tokens=0",
+                                               "model.n_experts=4", "model.n_experts_per_tok=2", "model.d_ff_expert=16",
+                                               "model.router=sigmoid", "model.bias_update_rate=0.01",
+                                               "model.router_aux_loss_coef=0.01"])
+    s = loop.train(cfg, progress_bar=False)
+    recs = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    train_recs = [r for r in recs if r["kind"] == "train"]
+    assert train_recs and all("aux/moe" in r and r["moe/max_load"] >= 1.0 >= r["moe/min_load"] for r in train_recs)
+    moe = [r for r in recs if r["kind"] == "moe"]
+    assert moe and len(moe[-1]["tokens_per_expert"]) == 1 and len(moe[-1]["tokens_per_expert"][0]) == 4
+    # One bias step per optimizer step, from that step's loads (B*T*k assignments in all).
+    assert len(calls) == 3 and all(c[0] == [0] and c[2] == 0.01 and c[1].sum() == 4 * 32 * 2 for c in calls)
+    expect = sum(0.01 * torch.sign(c[1][0].mean() - c[1][0]) for c in calls)
+    bias = load_checkpoint(tmp_path)["model"]["blocks.0.ffn.e_score_correction_bias"]
+    torch.testing.assert_close(bias, expect)
+    assert s["final_val_loss"] > 0
