@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# What the GPU machine runs: environment report, GPU tests and benchmarks, results under $OUT.
+#   bash scripts/gpu_run.sh STAGE...   with STAGE in: env tests kernels gdn train decode
+# Optional wheels in .whl/ (flash-linear-attention, liger-kernel) are installed to /tmp/site
+# first, so the anchors run side by side with deepwish in the same process.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-/tmp/deepwish-out}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+if ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    && export PYTHONPATH="$PYTHONPATH:/tmp/site"
+fi
+status=0
+for stage in "$@"; do
+  echo "=== $stage ($(date -u +%H:%M:%S))"
+  case "$stage" in
+    env)
+      nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+      python3 -c "import torch, triton, transformers, sys; print('python', sys.version.split()[0], 'torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__)"
+      python3 -c "import fla; print('fla', fla.__version__)" 2>&1 | tail -1
+      python3 -c "import liger_kernel; print('liger ok')" 2>&1 | tail -1 ;;
+    tests)
+      python3 -m pytest -m gpu -q -p no:cacheprovider ${GPU_TESTS:-tests} 2>&1 | tee "$OUT/gpu_tests.log" | tail -40
+      [ "${PIPESTATUS[0]}" = 0 ] || status=1 ;;
+    kernels) python3 -m deepwish.cli bench kernels --out "$OUT/kernels" || status=1 ;;
+    gdn) python3 -m deepwish.cli bench gdn --out "$OUT/gdn" || status=1 ;;
+    train) python3 -m deepwish.cli bench train --out "$OUT/train" ${TRAIN_ARGS:-} || status=1 ;;
+    decode) python3 -m deepwish.cli bench decode --out "$OUT/decode" ${DECODE_ARGS:-} || status=1 ;;
+    *) echo "unknown stage $stage"; status=2 ;;
+  esac
+done
+exit $status
