@@ -86,8 +86,7 @@ class Attention(nn.Module):
         q, k = apply_rotary(q, ctx.cos, ctx.sin), apply_rotary(k, ctx.cos, ctx.sin)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         if cache is not None:
-            k, v = cache.update(ctx.positions, k, v)
-            k_pos = torch.arange(cache.max_len, device=x.device).expand(B, -1)
+            k, v, k_pos = cache.keys_for(ctx.positions, k, v)
             mask = attention_mask(ctx.positions, k_pos, self.window)
             o = sdpa(q, k, v, mask, self.scale, False, self.backend)
         elif ctx.doc_ids is not None or self.window > 0:

@@ -44,6 +44,14 @@ class KVCache:
         self.v.scatter_(2, idx_v, v.to(self.v.dtype))
         return self.k, self.v
 
+    def keys_for(self, positions: torch.Tensor, k: torch.Tensor, v: torch.Tensor
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Write, then return (keys, values, key positions [B, L]) for the queries at `positions`.
+        The attention mask is built from key positions, so a ring cache (model/ring_cache.py),
+        whose slots are not positions, plugs into the same attention code."""
+        k_all, v_all = self.update(positions, k, v)
+        return k_all, v_all, torch.arange(self.max_len, device=positions.device).expand(positions.shape[0], -1)
+
     def reset(self) -> None:
         self.k.zero_()
         self.v.zero_()
