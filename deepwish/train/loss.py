@@ -32,9 +32,7 @@ IGNORE_INDEX = -100
 def _triton_probe(device: torch.device):
     def probe() -> str | None:
         try:
-            import deepwish.kernels.linear_cross_entropy as lce  # noqa: F401
-            if not hasattr(lce, "linear_cross_entropy"):
-                return "deepwish.kernels.linear_cross_entropy has no linear_cross_entropy"
+            import deepwish.kernels.linear_cross_entropy.triton  # noqa: F401
         except ImportError as e:
             return f"fused kernel unavailable ({e})"
         if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
@@ -78,7 +76,7 @@ def lm_loss(model, batch, cfg, n_target_tokens_global: int, *, backend: str) -> 
             z_sum = cfg.z_loss * (lse.square() * (flat_targets != IGNORE_INDEX)).sum()
         total = ce_sum + z_sum
     elif backend == "triton":
-        from deepwish.kernels.linear_cross_entropy import linear_cross_entropy
+        from deepwish.kernels.linear_cross_entropy.triton import linear_cross_entropy
         h = model.hidden_states(input_ids, positions=positions, doc_ids=doc_ids)
         h = h.reshape(-1, h.size(-1))
         w = model.head_weight.to(h.dtype)

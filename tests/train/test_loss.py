@@ -52,7 +52,7 @@ def test_grad_accumulation_equals_one_big_batch():
         l, _ = lm_loss(model, micro, cfg, n_global, backend="torch")
         l.backward()
         total += float(l.detach())
-    assert total == pytest.approx(float(loss), rel=1e-6)
+    assert total == pytest.approx(float(loss.detach()), rel=1e-6)
     for n, g in grads(model).items():
         torch.testing.assert_close(g, big[n], rtol=1e-5, atol=1e-7, msg=n)
 
@@ -97,3 +97,20 @@ def test_backend_resolution_is_explicit():
     model = Transformer(model_config("qwen3_tiny", **TINY))
     with pytest.raises(ValueError, match="resolve 'auto'"):
         lm_loss(model, make_batch(1, 4, 64), TrainConfig(), 4, backend="auto")
+
+
+def test_fused_backend_matches_torch_backend(rel_err):
+    # Runs the Triton kernel in the interpreter on CPU (tests/conftest.py sets TRITON_INTERPRET=1).
+    assert resolve_loss_backend("triton", torch.device("cpu")) == "triton"
+    model = Transformer(model_config("qwen3_tiny", **TINY))
+    batch = make_batch(2, 16, 64)
+    n = count_targets(batch[1])
+    out = {}
+    for backend in ("torch", "triton"):
+        model.zero_grad()
+        loss, m = lm_loss(model, batch, TrainConfig(z_loss=1e-3), n, backend=backend)
+        loss.backward()
+        out[backend] = (loss.detach(), grads(model))
+    assert rel_err(out["torch"][0], out["triton"][0]) < 1e-5
+    for name, g in out["torch"][1].items():
+        assert rel_err(g, out["triton"][1][name]) < 1e-4, name
