@@ -1,0 +1,154 @@
+"""DeepSeek-V3 / V3.2 parity with HF transformers on random tiny models (CPU, fp32).
+
+For each config: logits at every position, prefill + one-token decode (the weight-absorbed MLA
+path over the latent cache) against the full forward (the naive path), 32 greedy tokens against
+HF `generate`, and save_hf -> HF from_pretrained (with MTP tensors in our export). The router's
+e_score_correction_bias (a buffer, which random_hf_model leaves at zero) is randomised so the
+"bias chooses but never weights" rule is exercised.
+"""
+import json
+
+import pytest
+import torch
+from safetensors import safe_open
+from transformers import (AutoModelForCausalLM, DeepseekV3Config, DeepseekV3ForCausalLM, DeepseekV32Config,
+                          DeepseekV32ForCausalLM)
+
+from deepwish import load_hf, save_hf
+from deepwish.generate import decode_one_token, generate, prefill
+from tests.hf.hf_utils import hf_greedy, random_hf_model, rel_err
+
+V = 97
+BASE = dict(vocab_size=V, hidden_size=48, intermediate_size=80, moe_intermediate_size=16, num_hidden_layers=3,
+            num_attention_heads=4, num_key_value_heads=4, kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=12,
+            n_routed_experts=8, num_experts_per_tok=2, n_shared_experts=1, first_k_dense_replace=1,
+            max_position_embeddings=256, rms_norm_eps=1e-6, routed_scaling_factor=2.5)
+
+V3 = (DeepseekV3Config, DeepseekV3ForCausalLM)
+V32 = (DeepseekV32Config, DeepseekV32ForCausalLM)
+CASES = {
+    # q LoRA, 2 groups keep 1: the group rule decides most tokens
+    "v3_qlora_g2k1": (V3, dict(q_lora_rank=24, n_group=2, topk_group=1, norm_topk_prob=True)),
+    # full-rank q, 4 groups keep 2, no renormalisation (scaling still applies), half-split rope
+    "v3_fullq_g4k2_nonorm": (V3, dict(q_lora_rank=None, n_group=4, topk_group=2, norm_topk_prob=False,
+                                      rope_interleave=False, first_k_dense_replace=2)),
+    # YaRN with mscale != mscale_all_dim: rotary attention factor and softmax mscale² both matter
+    "v3_yarn_mscale": (V3, dict(q_lora_rank=24, n_group=1, topk_group=1, first_k_dense_replace=0,
+                                rope_parameters={"rope_type": "yarn", "factor": 4.0, "rope_theta": 10000.0,
+                                                 "original_max_position_embeddings": 64, "beta_fast": 32,
+                                                 "beta_slow": 1, "mscale": 0.8, "mscale_all_dim": 1.2})),
+    # DSA with top-8 of up to 40 keys: the sparse mask is active in prefill and decode
+    "v32_topk8": (V32, dict(q_lora_rank=24, n_group=2, topk_group=1, index_n_heads=16, index_head_dim=16,
+                            index_topk=8)),
+    "v32_yarn_g4": (V32, dict(q_lora_rank=24, n_group=4, topk_group=3, index_n_heads=16, index_head_dim=24,
+                              index_topk=5, first_k_dense_replace=0,
+                              rope_parameters={"rope_type": "yarn", "factor": 2.0, "rope_theta": 10000.0,
+                                               "original_max_position_embeddings": 128, "mscale": 1.0,
+                                               "mscale_all_dim": 1.0})),
+}
+
+
+def randomise_router_bias(model) -> None:
+    with torch.no_grad():
+        for name, b in model.named_buffers():
+            if name.endswith("e_score_correction_bias"):
+                b.copy_(0.3 * torch.randn_like(b))
+
+
+@pytest.fixture(scope="module", params=list(CASES))
+def pair(request, tmp_path_factory):
+    (cfg_cls, model_cls), kw = CASES[request.param]
+    cfg = cfg_cls(**{**BASE, **kw})
+    hf = random_hf_model(model_cls, cfg)
+    randomise_router_bias(hf)
+    path = tmp_path_factory.mktemp(request.param)
+    hf.save_pretrained(path)
+    ours = load_hf(path, dtype=torch.float32)
+    return request.param, hf, ours, path
+
+
+def test_config_and_bias_loaded(pair):
+    _, hf, ours, _ = pair
+    assert ours.cfg.n_mtp == 0  # HF writes no MTP tensors: loaded without them, with a note
+    hf_bias = [b for n, b in hf.named_buffers() if n.endswith("e_score_correction_bias")]
+    our_bias = [b for n, b in ours.named_buffers() if n.endswith("e_score_correction_bias")]
+    assert len(hf_bias) == len(our_bias) > 0
+    for a, b in zip(hf_bias, our_bias):
+        assert b.dtype == torch.float32 and torch.equal(a, b)
+
+
+def test_logits_every_position(pair):
+    _, hf, ours, _ = pair
+    x = torch.randint(0, V, (2, 40))
+    with torch.no_grad():
+        ref = hf(x).logits
+        out = ours(x)
+    assert out.shape == ref.shape
+    assert rel_err(ref, out) <= 1e-4
+
+
+def test_prefill_then_absorbed_decode_matches_forward(pair):
+    _, _, ours, _ = pair
+    x = torch.randint(0, V, (2, 24))
+    with torch.no_grad():
+        full = ours(x)
+    cache = ours.make_cache(2, 32)
+    k = 9
+    steps = [prefill(ours, x[:, :k], cache)]
+    for t in range(k, x.shape[1]):
+        steps.append(decode_one_token(ours, x[:, t], torch.full((2,), t), cache))
+    got = torch.stack(steps[:-1], 1)
+    assert rel_err(full[:, k - 1:-1], got) <= 1e-4
+    assert rel_err(full[:, -1], steps[-1]) <= 1e-4
+
+
+def hf_forward_greedy(model, prompt: torch.Tensor, n: int) -> list[int]:
+    """Greedy tokens by re-running HF's full (uncached) forward each step."""
+    seq = prompt
+    with torch.no_grad():
+        for _ in range(n):
+            seq = torch.cat([seq, model(seq).logits[:, -1].argmax(-1, keepdim=True)], 1)
+    return seq[0, prompt.shape[1]:].tolist()
+
+
+def test_greedy_32_tokens_equal_hf(pair):
+    name, hf, ours, _ = pair
+    prompt = torch.randint(0, V, (1, 7))
+    got = generate(ours, prompt, 32)[0]
+    if name.startswith("v32"):
+        # HF 5.17's generate() for V3.2 sometimes departs from its own forward (its cached
+        # forward called by hand agrees with the uncached one): compare with HF's forward.
+        assert got == hf_forward_greedy(hf, prompt, 32)
+    else:
+        assert got == hf_greedy(hf, prompt, 32)
+
+
+def test_save_hf_round_trip_with_mtp(pair, tmp_path):
+    name, hf, ours, path = pair
+    # give the loaded model MTP modules by loading the same checkpoint with an MTP-bearing export
+    d = json.loads((path / "config.json").read_text())
+    assert ours.cfg.n_layers == d["num_hidden_layers"]
+    from dataclasses import replace
+
+    from deepwish.model.transformer import Transformer
+    with_mtp = Transformer(replace(ours.cfg, n_mtp=1))
+    missing, unexpected = with_mtp.load_state_dict(ours.state_dict(), strict=False)
+    assert not unexpected and all(k.startswith("mtp.") for k in missing)
+    out = save_hf(with_mtp.eval(), tmp_path / "export")
+    L = d["num_hidden_layers"]
+    with safe_open(out / "model.safetensors", "pt") as f:
+        keys = set(f.keys())
+    for k in ("enorm.weight", "hnorm.weight", "eh_proj.weight", "shared_head.norm.weight",
+              "shared_head.head.weight", "embed_tokens.weight", "self_attn.kv_b_proj.weight",
+              "mlp.gate.e_score_correction_bias", "input_layernorm.weight"):
+        assert f"model.layers.{L}.{k}" in keys, k
+    back = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    x = torch.randint(0, V, (1, 20))
+    with torch.no_grad():
+        assert rel_err(hf(x).logits, back(x).logits) <= 1e-5
+    again = load_hf(out)
+    assert again.cfg.n_mtp == 1
+    with torch.no_grad():
+        assert torch.equal(again(x), with_mtp(x))
+        for (ka, a), (kb, b) in zip(again.state_dict().items(), with_mtp.state_dict().items()):
+            assert ka == kb and torch.equal(a, b), ka
