@@ -1,0 +1,230 @@
+"""Data parallelism on CPU: 2 processes under torchrun (gloo) against one process.
+
+- FSDP2 and DDP (with gradient accumulation) reproduce the single-process losses of the same
+  global batch, step by step (and FSDP2 the same validation loss, with sharded EMA weights);
+- DCP checkpoints reshard: saved by 2 FSDP2 ranks, resumed by 1 plain process; a single-device
+  checkpoint resumed by 2 FSDP2 ranks; both continue the reference run's losses; a DCP
+  checkpoint converts to one HF directory;
+- DistributedMuon (sharded and replicated parameters) equals Muon on whole matrices, and the
+  fused-loss entry (hidden_states + head_weight, tied embeddings) gives single-process gradients
+  under FSDP2 and DDP;
+- activation checkpointing (selective, full) and activation offload leave the losses unchanged.
+"""
+import json
+import os
+import random
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+from deepwish.config import load_config
+from deepwish.train import loop
+
+ROOT = Path(__file__).resolve().parents[2]
+TINY = ["model.n_layers=2", "model.d_model=32", "model.n_heads=2", "model.n_kv_heads=1", "model.head_dim=16",
+        "model.d_ff=64", "train.seq_len=32", "train.eval_batches=2", "train.sample_tokens=0", "train.log_every=1",
+        "train.warmup_steps=2", "train.steps=6", "train.save_every=3", "train.eval_every=6", "train.lr=0.02",
+        "train.muon_lr=0.05", "train.weight_decay=0.01", "train.ema_decay=0.9"]
+GLOBAL_BATCH = 4
+# fp32 on CPU; sharded reductions change the summation order only.
+LOSS_TOL = 2e-5
+
+
+def _env() -> dict:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    env["OMP_NUM_THREADS"] = "1"
+    return env
+
+
+def torchrun(nproc: int, args: list[str], timeout: int = 120) -> str:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *args]
+    out = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=timeout)
+    if out.returncode != 0:
+        raise AssertionError(f"torchrun failed ({out.returncode}):\n{out.stdout[-4000:]}\n{out.stderr[-8000:]}")
+    return out.stdout + out.stderr
+
+
+def train_args(out_dir: Path, *extra: str) -> list[str]:
+    sets = [a for kv in [*TINY, *extra] for a in ("--set", kv)]
+    return ["-m", "deepwish", "train", "--preset", "qwen3_tiny", "--out", str(out_dir), *sets]
+
+
+def logged(run_dir: Path, kind: str = "train", key: str = "loss") -> dict[int, float]:
+    """{step: value} of one metric from metrics.jsonl."""
+    out = {}
+    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+        rec = json.loads(line)
+        if rec["kind"] == kind:
+            out[rec["step"]] = rec[key]
+    return out
+
+
+def assert_same_losses(got: dict[int, float], ref: dict[int, float], steps) -> None:
+    for s in steps:
+        assert abs(got[s] - ref[s]) <= LOSS_TOL * abs(ref[s]), (s, got[s], ref[s])
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """One process, batch GLOBAL_BATCH: the run every parallel run must reproduce."""
+    run = tmp_path_factory.mktemp("ref") / "run"
+    cfg = load_config("qwen3_tiny", TINY + [f"train.batch_size={GLOBAL_BATCH}", f"train.out_dir={run}"])
+    summary = loop.train(cfg, progress_bar=False)
+    losses = logged(run)
+    assert len(losses) == 6 and losses[6] < losses[1] - 0.05, losses  # it learns: the comparison has teeth
+    return run, losses, summary["final_val_loss"]
+
+
+def test_fsdp_two_ranks_match_one_process_convert_and_resume_on_one_rank(reference, tmp_path):
+    from deepwish.hf.io import load_hf
+    from deepwish.train.dist_checkpoint import convert_to_hf, load_full_model_state
+
+    ref_run, ref_losses, ref_val = reference
+    run = tmp_path / "fsdp"
+    torchrun(2, train_args(run, "train.parallel=fsdp", f"train.batch_size={GLOBAL_BATCH // 2}"))
+    assert_same_losses(logged(run), ref_losses, range(1, 7))
+    # Muon and Adam hardly see a wrong gradient scale; the logged global gradient norm does.
+    assert_same_losses(logged(run, key="grad_norm"), logged(ref_run, key="grad_norm"), range(1, 7))
+    assert abs(logged(run, "val", "val_loss")[6] - ref_val) <= LOSS_TOL * ref_val
+    meta = json.loads((run / "checkpoints" / "step_00000003" / "meta.json").read_text())
+    assert meta["kind"] == "dcp" and meta["world_size"] == 2
+    assert (run / "checkpoints" / "latest").read_text() == "step_00000006"
+
+    # The sharded checkpoint (model and sharded EMA) converts to one HF directory, in one process.
+    state, _ = load_full_model_state(run)
+    hf = load_hf(convert_to_hf(run, tmp_path / "hf", dtype=torch.float32)).state_dict()
+    assert set(state) == set(hf) and all(torch.equal(hf[k], v) for k, v in state.items())
+    ema, _ = load_full_model_state(run, ema=True)
+    assert set(ema) <= set(state) and any(not torch.equal(ema[k], state[k]) for k in ema)
+
+    # 2 -> 1: the step-3 sharded checkpoint continues in one plain process with the same global batch.
+    cfg = load_config("qwen3_tiny", TINY + [f"train.batch_size={GLOBAL_BATCH}", f"train.out_dir={run}"])
+    resumed = loop.train(cfg, resume=str(run / "checkpoints" / "step_00000003"), progress_bar=False)
+    assert resumed["start_step"] == 3
+    assert_same_losses(resumed["train_losses"], ref_losses, range(4, 7))
+
+    # A different global batch cannot continue the data order: refused, naming both.
+    cfg = load_config("qwen3_tiny", TINY + ["train.batch_size=2", f"train.out_dir={run}"])
+    with pytest.raises(ValueError, match="global batch"):
+        loop.train(cfg, resume=str(run / "checkpoints" / "step_00000003"), progress_bar=False)
+
+
+def test_ddp_two_ranks_with_accumulation_and_selective_recompute_match_one_process(reference, tmp_path):
+    ref_run, ref_losses, _ = reference
+    run = tmp_path / "ddp"
+    # 2 ranks x 1 sequence x 2 micro-batches: the same 4 windows per step as the reference.
+    torchrun(2, train_args(run, "train.parallel=ddp", "train.batch_size=1", "train.grad_accum=2",
+                           "train.activation_checkpoint=selective"))
+    assert_same_losses(logged(run), ref_losses, range(1, 7))
+    assert_same_losses(logged(run, key="grad_norm"), logged(ref_run, key="grad_norm"), range(1, 7))
+
+
+def test_single_device_checkpoint_resumes_on_two_fsdp_ranks_with_recompute_and_offload(reference, tmp_path):
+    ref_run, ref_losses, _ = reference
+    run = tmp_path / "one_to_two"
+    shutil.copytree(ref_run, run)
+    (run / "metrics.jsonl").unlink()
+    args = train_args(run, "train.parallel=fsdp", f"train.batch_size={GLOBAL_BATCH // 2}",
+                      "train.activation_checkpoint=full", "train.offload=activations")
+    torchrun(2, args + ["--resume", str(run / "checkpoints" / "step_00000003")])
+    assert_same_losses(logged(run), ref_losses, range(4, 7))
+
+
+WORKER = textwrap.dedent('''
+    import copy, sys
+    import torch
+    import torch.distributed as dist
+    from torch import nn
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import DTensor, Shard, distribute_tensor
+
+    from deepwish.config import load_config
+    from deepwish.kernels.linear_cross_entropy.reference import linear_cross_entropy
+    from deepwish.model import Transformer
+    from deepwish.train.optim import DistributedMuon, Muon
+    from deepwish.train.parallel import init_distributed, parallelize
+
+    def rel(ref, out):
+        return float((ref.double() - out.double()).norm() / ref.double().norm())
+
+    seed = int(sys.argv[1])
+    cfg = load_config("qwen3_tiny", sys.argv[2:] + ["train.parallel=fsdp"])
+    d = init_distributed(cfg.train)
+    rank, world = d.rank, d.world_size
+    mesh = init_device_mesh("cpu", (world,))
+    torch.manual_seed(seed)  # the same fresh tensors on every rank
+
+    # ---- DistributedMuon == Muon on whole matrices (uneven shards, a 3-D stack, a replica) ----
+    shapes = [(7, 5), (5, 9), (3, 6, 4), (16, 12)]
+    fulls = [torch.randn(s) for s in shapes]
+    steps = [[torch.randn(s) for s in shapes] for _ in range(2)]
+    ref = [nn.Parameter(f.clone()) for f in fulls]
+    dp = [nn.Parameter(distribute_tensor(f.clone(), mesh, [Shard(0)])) for f in fulls[:3]] + [nn.Parameter(fulls[3].clone())]
+    shardwise = [nn.Parameter(f.clone().tensor_split(world)[rank].clone()) for f in fulls[:2]]
+    o_ref, o_dp = Muon(ref, lr=0.05, weight_decay=0.1), DistributedMuon(dp, lr=0.05, weight_decay=0.1)
+    o_shard = Muon(shardwise, lr=0.05, weight_decay=0.1)
+    for grads in steps:
+        for p, g in zip(ref, grads):
+            p.grad = g.clone()
+        for p, g in zip(dp, grads):
+            p.grad = distribute_tensor(g.clone(), mesh, [Shard(0)]) if isinstance(p, DTensor) else g.clone()
+        for p, g in zip(shardwise, grads):
+            p.grad = g.tensor_split(world)[rank].clone()
+        o_ref.step(); o_dp.step(); o_shard.step()
+    for r, p in zip(ref, dp):
+        full = p.full_tensor() if isinstance(p, DTensor) else p.detach()
+        assert rel(r.detach(), full) < 1e-5, ("muon", tuple(r.shape), rel(r.detach(), full))
+    for r, p in zip(ref, shardwise):  # orthogonalising shards is a different update: the check has teeth
+        assert rel(r.detach().tensor_split(world)[rank], p.detach()) > 1e-3, "shard-wise Muon matched?"
+
+    # ---- fused-loss entry under FSDP2 and DDP: hidden_states + head_weight, tied embeddings ----
+    base = Transformer(cfg.model)
+    B, T, V = 2 * world, 16, cfg.model.vocab_size
+    x = torch.randint(0, V, (B, T))
+    t = torch.randint(0, V, (B, T))
+    h = base.hidden_states(x)
+    (linear_cross_entropy(h.reshape(-1, h.size(-1)), base.head_weight, t.reshape(-1), reduction="sum") / t.numel()).backward()
+    mine = slice(rank * 2, rank * 2 + 2)
+    for mode in ("fsdp", "ddp"):
+        model = copy.deepcopy(base)
+        model.zero_grad(set_to_none=True)
+        step_model = parallelize(model, load_config("qwen3_tiny", sys.argv[2:] + [f"train.parallel={mode}"]), d)
+        h = step_model.hidden_states(x[mine])
+        w = step_model.head_weight
+        loss = linear_cross_entropy(h.reshape(-1, h.size(-1)), w, t[mine].reshape(-1), reduction="sum") / t.numel()
+        (loss * d.grad_scale).backward()
+        for (name, p), (_, q) in zip(model.named_parameters(), base.named_parameters()):
+            g = p.grad.full_tensor() if isinstance(p.grad, DTensor) else p.grad
+            assert rel(q.grad, g) < 1e-5, (mode, name, rel(q.grad, g))
+    dist.barrier()
+    if rank == 0:
+        print("WORKER OK")
+    dist.destroy_process_group()
+''')
+
+
+def test_distributed_muon_and_fused_loss_entry_match_one_device(tmp_path):
+    script = tmp_path / "worker.py"
+    script.write_text(WORKER)
+    out = torchrun(2, [str(script), str(random.randrange(2**31)), *TINY[:6], "model.vocab_size=96"])
+    assert "WORKER OK" in out
+
+
+@pytest.mark.gpu
+def test_fsdp_one_gpu_compiled_fused_loss_matches_plain_run(cuda, tmp_path):
+    """On a GPU: FSDP2 (bf16 params) + per-block compile + fused loss under torchrun, one rank,
+    against the plain single-device run (fp32 params, autocast): bf16 tolerance."""
+    plain = tmp_path / "plain"
+    extra = ["train.batch_size=4", "train.steps=6", "train.loss_backend=auto"]
+    torchrun(1, train_args(plain, *extra, "train.compile=off"), timeout=600)
+    run = tmp_path / "fsdp"
+    torchrun(1, train_args(run, *extra, "train.parallel=fsdp", "train.compile=on"), timeout=600)
+    a, b = logged(plain), logged(run)
+    for s in range(1, 7):
+        assert abs(a[s] - b[s]) <= 2e-2 * a[s], (s, a[s], b[s])
