@@ -4,8 +4,9 @@ Same semantics as `reference.py` (read it first). Shape legend: T tokens (all do
 into one stream), D channels, W kernel width, N documents.
 
 Design (the op is memory-bound: a few flops per byte):
-- Every input is turned into one packed stream [T, D] plus per-token `doc_start` / `doc_idx`
-  (int32), so batched and packed inputs share one kernel; a batch of B rows is B documents.
+- Every input is viewed as one stream [T, D] of documents: a batch of B rows is B documents of
+  length seq_len (document bounds computed in the kernel); packed input (cu_seqlens) carries
+  per-token `doc_start` / `doc_idx` (int32 [T]) instead. One kernel serves both (PACKED).
 - Forward tiles (T-block, D-block); each of the W taps is a shifted load of the same tile that
   mostly hits L1/L2, so DRAM traffic is close to the minimum (read x, write y).
 - Backward recomputes the pre-activation z (nothing but x is saved). For a tile of source rows s
@@ -61,21 +62,32 @@ def _load_source(x_ptr, init_ptr, src, start, doc, row_ok, d, d_ok, T, stride_x,
 
 
 @triton.jit
+def _doc_of(rows, ok, doc_idx_ptr, doc_start_ptr, seq_len, PACKED: tl.constexpr, NEED_IDX: tl.constexpr):
+    """(start position, index) of the document holding each row."""
+    if PACKED:
+        start = tl.load(doc_start_ptr + rows, mask=ok, other=0)
+        doc = start
+        if NEED_IDX:
+            doc = tl.load(doc_idx_ptr + rows, mask=ok, other=0)
+    else:
+        doc = rows // seq_len
+        start = doc * seq_len
+    return start, doc
+
+
+@triton.jit
 def _conv_fwd_kernel(x_ptr, w_ptr, b_ptr, init_ptr, doc_idx_ptr, doc_start_ptr, y_ptr,
-                     T, D, stride_x, stride_y, stride_wd, stride_wk,
+                     T, D, seq_len, stride_x, stride_y, stride_wd, stride_wk,
                      stride_in, stride_id, stride_iw,
                      W: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_INIT: tl.constexpr,
-                     SILU: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr):
+                     SILU: tl.constexpr, PACKED: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr):
     pid_t = tl.program_id(0)
     pid_d = tl.program_id(1)
     t = pid_t * BT + tl.arange(0, BT)
     d = pid_d * BD + tl.arange(0, BD)
     t_ok = t < T
     d_ok = d < D
-    start = tl.load(doc_start_ptr + t, mask=t_ok, other=0)
-    doc = start
-    if HAS_INIT:
-        doc = tl.load(doc_idx_ptr + t, mask=t_ok, other=0)
+    start, doc = _doc_of(t, t_ok, doc_idx_ptr, doc_start_ptr, seq_len, PACKED, HAS_INIT)
     z = tl.zeros((BT, BD), dtype=tl.float32)
     if HAS_BIAS:
         z += tl.load(b_ptr + d, mask=d_ok, other=0.0).to(tl.float32)[None, :]
@@ -100,11 +112,12 @@ def _silu_grad(dy, z, SILU: tl.constexpr):
 
 
 @triton.jit
-def _load_dy(dy_ptr, doc_start_ptr, s, start_s, s_ok, d, d_ok, T, stride_dy, j: tl.constexpr):
+def _load_dy(dy_ptr, doc_start_ptr, s, start_s, s_ok, d, d_ok, T, seq_len, stride_dy, j: tl.constexpr,
+             PACKED: tl.constexpr):
     """fp32 dL/dy at t = s + j, zero where t is past T or in a later document than s."""
     t = s + j
     in_range = s_ok & (t < T)
-    start_t = tl.load(doc_start_ptr + t, mask=in_range, other=0)
+    start_t, _ = _doc_of(t, in_range, doc_start_ptr, doc_start_ptr, seq_len, PACKED, False)
     t_ok = in_range & (start_t == start_s)
     t64 = tl.cast(t, tl.int64)
     return tl.load(dy_ptr + t64[:, None] * stride_dy + d[None, :],
@@ -114,10 +127,10 @@ def _load_dy(dy_ptr, doc_start_ptr, s, start_s, s_ok, d, d_ok, T, stride_dy, j: 
 @triton.jit
 def _conv4_bwd_kernel(x_ptr, w_ptr, b_ptr, init_ptr, doc_idx_ptr, doc_start_ptr, dy_ptr, dx_ptr,
                       dw_part_ptr, db_part_ptr,
-                      T, D, blocks_per_program, stride_x, stride_dy, stride_dx, stride_wd, stride_wk,
-                      stride_in, stride_id, stride_iw,
+                      T, D, seq_len, blocks_per_program, stride_x, stride_dy, stride_dx, stride_wd,
+                      stride_wk, stride_in, stride_id, stride_iw,
                       HAS_BIAS: tl.constexpr, HAS_INIT: tl.constexpr, SILU: tl.constexpr,
-                      BT: tl.constexpr, BD: tl.constexpr):
+                      PACKED: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr):
     """Backward for exactly 4 taps (narrower kernels are zero-padded on the left by the caller).
     Source rows s of the tile reach outputs t = s + j (j < 4) through tap 3 - j. z(s + j) needs
     x at s-3 .. s+3: the 7 shifted tiles are loaded once each (mostly L1/L2 hits) and combined
@@ -143,10 +156,7 @@ def _conv4_bwd_kernel(x_ptr, w_ptr, b_ptr, init_ptr, doc_idx_ptr, doc_start_ptr,
         tb = pid_c * blocks_per_program + i
         s = tb * BT + tl.arange(0, BT)
         s_ok = s < T
-        start_s = tl.load(doc_start_ptr + s, mask=s_ok, other=0)
-        doc_s = start_s
-        if HAS_INIT:
-            doc_s = tl.load(doc_idx_ptr + s, mask=s_ok, other=0)
+        start_s, doc_s = _doc_of(s, s_ok, doc_idx_ptr, doc_start_ptr, seq_len, PACKED, HAS_INIT)
         xm3 = _load_source(x_ptr, init_ptr, s - 3, start_s, doc_s, s_ok, d, d_ok, T, stride_x,
                            stride_in, stride_id, stride_iw, 4, HAS_INIT)
         xm2 = _load_source(x_ptr, init_ptr, s - 2, start_s, doc_s, s_ok, d, d_ok, T, stride_x,
@@ -162,13 +172,17 @@ def _conv4_bwd_kernel(x_ptr, w_ptr, b_ptr, init_ptr, doc_idx_ptr, doc_start_ptr,
                            stride_in, stride_id, stride_iw, 4, HAS_INIT)
         xp3 = _load_source(x_ptr, init_ptr, s + 3, start_s, doc_s, s_ok, d, d_ok, T, stride_x,
                            stride_in, stride_id, stride_iw, 4, HAS_INIT)
-        dz0 = _silu_grad(_load_dy(dy_ptr, doc_start_ptr, s, start_s, s_ok, d, d_ok, T, stride_dy, 0),
+        dz0 = _silu_grad(_load_dy(dy_ptr, doc_start_ptr, s, start_s, s_ok, d, d_ok, T, seq_len, stride_dy, 0,
+                                  PACKED),
                          bias + w0 * xm3 + w1 * xm2 + w2 * xm1 + w3 * x0, SILU)
-        dz1 = _silu_grad(_load_dy(dy_ptr, doc_start_ptr, s, start_s, s_ok, d, d_ok, T, stride_dy, 1),
+        dz1 = _silu_grad(_load_dy(dy_ptr, doc_start_ptr, s, start_s, s_ok, d, d_ok, T, seq_len, stride_dy, 1,
+                                  PACKED),
                          bias + w0 * xm2 + w1 * xm1 + w2 * x0 + w3 * xp1, SILU)
-        dz2 = _silu_grad(_load_dy(dy_ptr, doc_start_ptr, s, start_s, s_ok, d, d_ok, T, stride_dy, 2),
+        dz2 = _silu_grad(_load_dy(dy_ptr, doc_start_ptr, s, start_s, s_ok, d, d_ok, T, seq_len, stride_dy, 2,
+                                  PACKED),
                          bias + w0 * xm1 + w1 * x0 + w2 * xp1 + w3 * xp2, SILU)
-        dz3 = _silu_grad(_load_dy(dy_ptr, doc_start_ptr, s, start_s, s_ok, d, d_ok, T, stride_dy, 3),
+        dz3 = _silu_grad(_load_dy(dy_ptr, doc_start_ptr, s, start_s, s_ok, d, d_ok, T, seq_len, stride_dy, 3,
+                                  PACKED),
                          bias + w0 * x0 + w1 * xp1 + w2 * xp2 + w3 * xp3, SILU)
         dx = w3 * dz0 + w2 * dz1 + w1 * dz2 + w0 * dz3
         s64 = tl.cast(s, tl.int64)
@@ -192,10 +206,10 @@ def _conv4_bwd_kernel(x_ptr, w_ptr, b_ptr, init_ptr, doc_idx_ptr, doc_start_ptr,
 
 @triton.jit
 def _conv_bwd_init_kernel(x_ptr, w_ptr, b_ptr, init_ptr, cu_ptr, dy_ptr, dinit_ptr, dw_part_ptr,
-                          N, D, stride_x, stride_dy, stride_wd, stride_wk,
+                          N, D, seq_len, stride_x, stride_dy, stride_wd, stride_wk,
                           stride_in, stride_id, stride_iw,
                           W: tl.constexpr, WP: tl.constexpr, HAS_BIAS: tl.constexpr,
-                          SILU: tl.constexpr, BD: tl.constexpr):
+                          SILU: tl.constexpr, PACKED: tl.constexpr, BD: tl.constexpr):
     """Per document: gradients that flow through the initial state, i.e. from outputs at the
     first W-1 tokens to the W-1 state slots (d initial_state, and the matching dweight terms).
     Program p handles documents p, p + P, ...; its dweight partial sum goes to row p."""
@@ -211,8 +225,12 @@ def _conv_bwd_init_kernel(x_ptr, w_ptr, b_ptr, init_ptr, cu_ptr, dy_ptr, dinit_p
     dw_acc = tl.zeros((WP, BD), dtype=tl.float32)        # row k holds dweight[:, k]
     for n in range(pid, N, n_prog):
         n64 = tl.cast(n, tl.int64)
-        start = tl.load(cu_ptr + n)
-        end = tl.load(cu_ptr + n + 1)
+        if PACKED:
+            start = tl.load(cu_ptr + n)
+            end = tl.load(cu_ptr + n + 1)
+        else:
+            start = n * seq_len
+            end = start + seq_len
         dinit = tl.zeros((WP, BD), dtype=tl.float32)      # row i holds d initial_state[n, :, i]
         for r in tl.static_range(W - 1):                  # output token t = start + r
             t = start + r
@@ -279,10 +297,11 @@ def _init_strides(initial_state: torch.Tensor | None) -> tuple[int, int, int]:
 
 
 def conv_forward(x2: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                 initial_state: torch.Tensor | None, doc_idx: torch.Tensor, doc_start: torch.Tensor,
-                 silu: bool, block_t: int = FWD_BLOCK_T, block_d: int = FWD_BLOCK_D,
+                 initial_state: torch.Tensor | None, doc_idx: torch.Tensor | None,
+                 doc_start: torch.Tensor | None, seq_len: int, silu: bool, block_t: int = FWD_BLOCK_T, block_d: int = FWD_BLOCK_D,
                  num_warps: int = FWD_WARPS) -> torch.Tensor:
-    """x2: [T, D] packed (unit stride along D). Returns y2: [T, D] in x2.dtype."""
+    """x2: [T, D] (unit stride along D); documents are given by doc_idx / doc_start (packed) or,
+    when those are None, are consecutive runs of seq_len rows. Returns y2: [T, D] in x2.dtype."""
     T, D = x2.shape
     y2 = torch.empty((T, D), dtype=x2.dtype, device=x2.device)
     if T == 0:
@@ -290,16 +309,16 @@ def conv_forward(x2: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     grid = (triton.cdiv(T, block_t), triton.cdiv(D, block_d))
     _conv_fwd_kernel[grid](
         x2, weight, bias if bias is not None else x2, initial_state if initial_state is not None else x2,
-        doc_idx, doc_start, y2, T, D, x2.stride(0), y2.stride(0), weight.stride(0), weight.stride(1),
-        *_init_strides(initial_state),
+        _or(doc_idx, x2), _or(doc_start, x2), y2, T, D, seq_len, x2.stride(0), y2.stride(0),
+        weight.stride(0), weight.stride(1), *_init_strides(initial_state),
         W=weight.shape[1], HAS_BIAS=bias is not None, HAS_INIT=initial_state is not None, SILU=silu,
-        BT=block_t, BD=block_d, num_warps=num_warps)
+        PACKED=doc_start is not None, BT=block_t, BD=block_d, num_warps=num_warps)
     return y2
 
 
 def conv_backward(dy2: torch.Tensor, x2: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                  initial_state: torch.Tensor | None, doc_idx: torch.Tensor, doc_start: torch.Tensor,
-                  cu_seqlens: torch.Tensor, silu: bool, block_t: int = BWD_BLOCK_T,
+                  initial_state: torch.Tensor | None, doc_idx: torch.Tensor | None,
+                  doc_start: torch.Tensor | None, cu: torch.Tensor | None, seq_len: int, silu: bool, block_t: int = BWD_BLOCK_T,
                   block_d: int = BWD_BLOCK_D, num_warps: int = BWD_WARPS):
     """Returns dx2 [T, D] (x2.dtype), dweight [D, W] (fp32), dbias [D] (fp32),
     d initial_state [N, D, W-1] (fp32) or None."""
@@ -308,6 +327,11 @@ def conv_backward(dy2: torch.Tensor, x2: torch.Tensor, weight: torch.Tensor, bia
     WP = triton.next_power_of_2(W)
     dy2 = dy2 if dy2.stride(-1) == 1 else dy2.contiguous()
     dx2 = torch.empty((T, D), dtype=x2.dtype, device=x2.device)
+    if T == 0:  # no outputs: nothing flows back (and the kernels would divide by seq_len = 0)
+        dinit = torch.zeros(initial_state.shape, dtype=torch.float32, device=x2.device) \
+            if initial_state is not None else None
+        return (dx2, torch.zeros(D, W, dtype=torch.float32, device=x2.device),
+                torch.zeros(D, dtype=torch.float32, device=x2.device), dinit)
     n_dblocks = triton.cdiv(D, block_d)
     n_tblocks = max(1, triton.cdiv(T, block_t))
     n_chunks = max(1, min(n_tblocks, BWD_TARGET_PROGRAMS // n_dblocks))
@@ -323,24 +347,25 @@ def conv_backward(dy2: torch.Tensor, x2: torch.Tensor, weight: torch.Tensor, bia
     init4 = F.pad(initial_state, (pad, 0)).contiguous() if has_init and pad else initial_state
     _conv4_bwd_kernel[(n_chunks, n_dblocks)](
         x2, w4, bias if bias is not None else x2, init4 if has_init else x2,
-        doc_idx, doc_start, dy2, dx2, dw_part, db_part,
-        T, D, blocks_per_program, x2.stride(0), dy2.stride(0), dx2.stride(0),
+        _or(doc_idx, x2), _or(doc_start, x2), dy2, dx2, dw_part, db_part,
+        T, D, seq_len, blocks_per_program, x2.stride(0), dy2.stride(0), dx2.stride(0),
         w4.stride(0), w4.stride(1), *_init_strides(init4),
-        HAS_BIAS=bias is not None, HAS_INIT=has_init, SILU=silu,
+        HAS_BIAS=bias is not None, HAS_INIT=has_init, SILU=silu, PACKED=doc_start is not None,
         BT=block_t, BD=block_d, num_warps=num_warps)
     dweight = dw_part.sum(0).t()[:, pad:]                     # [D, W]
     dbias = db_part.sum(0)
     dinit = None
     if has_init and W > 1:
-        N = cu_seqlens.numel() - 1
+        N = initial_state.shape[0]
         n_prog = min(N, 64)
         dinit = torch.empty(initial_state.shape, dtype=torch.float32, device=x2.device)
         dw_init_part = torch.empty((n_prog, WP, D), dtype=torch.float32, device=x2.device)
         _conv_bwd_init_kernel[(n_prog, triton.cdiv(D, INIT_BLOCK_D))](
-            x2, weight, bias if bias is not None else x2, initial_state, cu_seqlens, dy2, dinit,
-            dw_init_part, N, D, x2.stride(0), dy2.stride(0), weight.stride(0), weight.stride(1),
+            x2, weight, bias if bias is not None else x2, initial_state, _or(cu, x2), dy2, dinit,
+            dw_init_part, N, D, seq_len, x2.stride(0), dy2.stride(0), weight.stride(0), weight.stride(1),
             *_init_strides(initial_state),
-            W=W, WP=WP, HAS_BIAS=bias is not None, SILU=silu, BD=INIT_BLOCK_D, num_warps=4)
+            W=W, WP=WP, HAS_BIAS=bias is not None, SILU=silu, PACKED=cu is not None, BD=INIT_BLOCK_D,
+            num_warps=4)
         dweight = dweight + dw_init_part.sum(0)[:W].t()
     elif has_init:
         dinit = torch.zeros(initial_state.shape, dtype=torch.float32, device=x2.device)
@@ -349,45 +374,50 @@ def conv_backward(dy2: torch.Tensor, x2: torch.Tensor, weight: torch.Tensor, bia
 
 class _CausalConv1dFn(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x2, weight, bias, initial_state, doc_idx, doc_start, cu_seqlens, silu):
-        y2 = conv_forward(x2, weight, bias, initial_state, doc_idx, doc_start, silu)
-        ctx.save_for_backward(x2, weight, bias, initial_state, doc_idx, doc_start, cu_seqlens)
-        ctx.silu = silu
+    def forward(ctx, x2, weight, bias, initial_state, doc_idx, doc_start, cu, seq_len, silu):
+        y2 = conv_forward(x2, weight, bias, initial_state, doc_idx, doc_start, seq_len, silu)
+        ctx.save_for_backward(x2, weight, bias, initial_state, doc_idx, doc_start, cu)
+        ctx.seq_len, ctx.silu = seq_len, silu
         return y2
 
     @staticmethod
     def backward(ctx, dy2):
-        x2, weight, bias, initial_state, doc_idx, doc_start, cu_seqlens = ctx.saved_tensors
+        x2, weight, bias, initial_state, doc_idx, doc_start, cu = ctx.saved_tensors
         dx2, dweight, dbias, dinit = conv_backward(dy2, x2, weight, bias, initial_state, doc_idx,
-                                                   doc_start, cu_seqlens, ctx.silu)
+                                                   doc_start, cu, ctx.seq_len, ctx.silu)
         return (dx2, dweight.to(weight.dtype), dbias.to(bias.dtype) if bias is not None else None,
                 dinit.to(initial_state.dtype) if initial_state is not None else None,
-                None, None, None, None)
+                None, None, None, None, None)
+
+
+def _or(t: torch.Tensor | None, dummy: torch.Tensor) -> torch.Tensor:
+    """A pointer argument the kernel never reads (its flag is off)."""
+    return t if t is not None else dummy
 
 
 def pack_documents(x: torch.Tensor, cu_seqlens: torch.Tensor | None):
-    """[B, T, D] -> packed x2 [B*T, D] (unit stride along D, uniform row stride), int32 cu [N+1],
-    per-token doc_idx and doc_start (int32 [B*T])."""
+    """[B, T, D] -> x2 [B*T, D] (unit stride along D, uniform row stride) and, for packed input
+    only, int32 cu [N+1] and per-token doc_idx / doc_start (int32 [T]); None otherwise."""
     B, T, D = x.shape
     if x.stride(-1) != 1 or (B > 1 and x.stride(0) != T * x.stride(1)):
         x = x.contiguous()
     x2 = x.view(B * T, D)
     if cu_seqlens is None:
-        cu = torch.arange(B + 1, device=x.device, dtype=torch.int32) * T
-    else:
-        cu = cu_seqlens.to(device=x.device, dtype=torch.int32)
+        return x2, None, None, None
+    cu = cu_seqlens.to(device=x.device, dtype=torch.int32)
     N = cu.numel() - 1
     lengths = (cu[1:] - cu[:-1]).long()
     doc_idx = torch.repeat_interleave(torch.arange(N, device=x.device, dtype=torch.int32), lengths,
-                                      output_size=B * T)
+                                      output_size=T)
     doc_start = cu[:-1].index_select(0, doc_idx)
     return x2, cu, doc_idx.contiguous(), doc_start.contiguous()
 
 
 def gather_final_state(x2: torch.Tensor, initial_state: torch.Tensor | None, cu: torch.Tensor,
                        W: int) -> torch.Tensor:
-    """Last W-1 inputs of each document, [N, D, W-1] (oldest first), reaching into the initial
-    state (or zeros) for documents shorter than W-1. Plain torch indexing, so differentiable."""
+    """Last W-1 inputs of each document (bounds cu: int [N+1] in x2's rows), [N, D, W-1] (oldest
+    first), reaching into the initial state (or zeros) for documents shorter than W-1. Plain
+    torch indexing, so differentiable."""
     N = cu.numel() - 1
     D = x2.shape[1]
     start = cu[:-1].long()[:, None]
@@ -420,9 +450,13 @@ def causal_conv1d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     x2, cu, doc_idx, doc_start = pack_documents(x, cu_seqlens)
     if initial_state is not None:
         initial_state = initial_state.contiguous()  # the backward writes d initial_state with its strides
-    y2 = _CausalConv1dFn.apply(x2, weight, bias, initial_state, doc_idx, doc_start, cu,
+    y2 = _CausalConv1dFn.apply(x2, weight, bias, initial_state, doc_idx, doc_start, cu, T,
                                activation == "silu")
-    final_state = gather_final_state(x2, initial_state, cu, W) if output_final_state else None
+    final_state = None
+    if output_final_state:
+        if cu is None:
+            cu = torch.arange(B + 1, device=x.device, dtype=torch.int32) * T
+        final_state = gather_final_state(x2, initial_state, cu, W)
     return y2.view(B, T, D), final_state
 
 
