@@ -51,22 +51,34 @@ def count_targets(targets: torch.Tensor) -> int:
     return int((targets != IGNORE_INDEX).sum())
 
 
-def lm_loss(model, batch, cfg, n_target_tokens_global: int, *, backend: str) -> tuple[torch.Tensor, dict]:
+def lm_loss(model, batch, cfg, n_target_tokens_global: int, *, backend: str,
+            step: int | None = None) -> tuple[torch.Tensor, dict]:
     """One micro-batch: (loss to call backward on, metrics of detached tensors).
 
     batch: (input_ids [B,T], targets [B,T] with -100 = ignore, doc_ids [B,T] | None,
             positions [B,T] | None), on the model's device.
     cfg: TrainConfig (z_loss). backend: 'torch' | 'triton' (from resolve_loss_backend).
     metrics: 'ce_sum' (summed CE of the micro-batch), 'z_sum', 'n_targets', and one entry per
-    auxiliary loss ('aux/moe', 'extra/<name>') already weighted as added to the loss.
+    auxiliary loss ('aux/moe', 'aux/mtp_loss', 'extra/<name>') already weighted as added to the loss.
+    step: the 0-based optimizer step, for scheduled weights (the MTP λ ramp); None = step 0.
     """
     if n_target_tokens_global <= 0:
         raise ValueError(f"n_target_tokens_global must be positive, got {n_target_tokens_global}")
     input_ids, targets, doc_ids, positions = batch
     flat_targets = targets.reshape(-1)
     n_local = (flat_targets != IGNORE_INDEX).sum()
+    # ---- DeepSeek hooks (model/dsa.py, model/mtp.py), part 1: indexer mode, MTP needs h ----
+    if hasattr(model, "set_indexer_mode"):
+        model.set_indexer_mode(cfg.indexer_mode)
+    want_mtp = getattr(model, "mtp", None) is not None and (cfg.mtp_lambda > 0 or cfg.mtp_lambda_final > 0)
+    h_main = None
+    # ---- end DeepSeek hooks, part 1 ----
     if backend == "torch":
-        logits = model(input_ids, positions=positions, doc_ids=doc_ids).float()
+        if want_mtp:  # the MTP modules start from the final hidden states: compute them once
+            h_main = model.hidden_states(input_ids, positions=positions, doc_ids=doc_ids)
+            logits = model.logits(h_main).float()
+        else:
+            logits = model(input_ids, positions=positions, doc_ids=doc_ids).float()
         logits = logits.reshape(-1, logits.size(-1))
         ce_sum = F.cross_entropy(logits, flat_targets, ignore_index=IGNORE_INDEX, reduction="sum")
         z_sum = logits.new_zeros(())
@@ -77,7 +89,7 @@ def lm_loss(model, batch, cfg, n_target_tokens_global: int, *, backend: str) -> 
         total = ce_sum + z_sum
     elif backend == "triton":
         from deepwish.kernels.linear_cross_entropy.triton import linear_cross_entropy
-        h = model.hidden_states(input_ids, positions=positions, doc_ids=doc_ids)
+        h = h_main = model.hidden_states(input_ids, positions=positions, doc_ids=doc_ids)
         h = h.reshape(-1, h.size(-1))
         w = model.head_weight.to(h.dtype)
         total = linear_cross_entropy(h, w, flat_targets, ignore_index=IGNORE_INDEX, reduction="sum",
@@ -90,6 +102,16 @@ def lm_loss(model, batch, cfg, n_target_tokens_global: int, *, backend: str) -> 
     loss = total / n_target_tokens_global
     share = n_local.to(torch.float32) / n_target_tokens_global
     metrics = {"ce_sum": ce_sum.detach(), "z_sum": z_sum.detach(), "n_targets": n_local}
+    # ---- DeepSeek hooks, part 2: multi-token prediction loss, λ·mean over depths ----------
+    if want_mtp:
+        from deepwish.model.mtp import mtp_ce_sums, mtp_lambda_at
+        lam = mtp_lambda_at(cfg.mtp_lambda, cfg.mtp_lambda_final, step or 0, cfg.steps)
+        if lam > 0:
+            sums, _ = mtp_ce_sums(model, h_main, input_ids, targets, positions, doc_ids)
+            mtp = lam * sums.mean() / n_target_tokens_global  # normalised like the main CE
+            loss = loss + mtp
+            metrics["aux/mtp_loss"] = mtp.detach()
+    # ---- end DeepSeek hooks, part 2 ----
     moe = model.moe_stats() if hasattr(model, "moe_stats") else []
     aux_terms = [s["aux_loss"] for s in moe if s.get("aux_loss") is not None]
     if aux_terms:
@@ -101,6 +123,7 @@ def lm_loss(model, batch, cfg, n_target_tokens_global: int, *, backend: str) -> 
         metrics["moe/layers"] = [s["layer"] for s in moe]
     extra = model.extra_losses() if hasattr(model, "extra_losses") else {}
     for name, value in extra.items():
-        loss = loss + share * value.float()
+        value = value.float() * getattr(cfg, f"{name}_loss_coef", 1.0)  # e.g. indexer -> indexer_loss_coef
+        loss = loss + share * value
         metrics[f"extra/{name}"] = (share * value).detach().float()
     return loss, metrics
