@@ -42,16 +42,19 @@ def test_matches_reference_fp32(rel_err, reduction, return_logprobs, z_loss, sof
         assert rel_err(a, b) < 2e-6, (i, rel_err(a, b))
 
 
-@pytest.mark.parametrize("logits_dtype,tol", [(None, 2e-2), (torch.float32, 3e-3)])
-def test_fp16_matches_reference(rel_err, logits_dtype, tol):
-    h, w, targets = _inputs(torch.float16)
+@pytest.mark.parametrize("dtype,logits_dtype,tol", [
+    (torch.float16, None, 2e-2), (torch.float16, torch.float32, 3e-3),
+    (torch.bfloat16, None, 3e-2), (torch.bfloat16, torch.float32, 2e-2),
+])
+def test_16bit_matches_reference(rel_err, dtype, logits_dtype, tol):
+    h, w, targets = _inputs(dtype)
     g_loss, g_lp = torch.randn(()), torch.randn(N)
     want = _run(ref.linear_cross_entropy, h, w, targets, "mean", True, g_loss, g_lp, z_loss=1e-3)
     got = _run(tri.linear_cross_entropy, h, w, targets, "mean", True, g_loss, g_lp, z_loss=1e-3,
                logits_dtype=logits_dtype)
     for i, (a, b) in enumerate(zip(want, got)):
         assert rel_err(a, b) < tol, (i, rel_err(a, b))
-    assert got[2].dtype == torch.float16 and got[3].dtype == torch.float16
+    assert got[2].dtype == dtype and got[3].dtype == dtype
 
 
 def test_ignored_tokens_give_zero_loss_logprob_and_gradient():

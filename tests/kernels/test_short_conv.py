@@ -5,7 +5,7 @@ import torch
 from deepwish.kernels.short_conv import reference as ref
 from deepwish.kernels.short_conv import triton as tri
 
-TOL = {torch.float32: 1e-5, torch.float16: 2e-3}
+TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
 
 
 def _run(mod, x, w, b, st, activation, cu, gy, gf):
@@ -20,7 +20,7 @@ def _leaf(*shape, dtype=torch.float32):
     return torch.randn(*shape, dtype=dtype).requires_grad_()
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("W,bias,activation,init", [
     (4, False, "silu", False),   # Qwen3-Next's configuration
     (4, True, "silu", True),
