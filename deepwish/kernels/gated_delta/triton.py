@@ -13,8 +13,10 @@ Backward reverses it:
     1. `_dv_local_kernel`    dv'_local = scale lower_incl(...)^T do                (parallel)
     2. `_state_bwd_kernel`   dS_c+1 stored per chunk; dv' = dv'_local + k_dec dS_c+1;
                              dS_c = exp(G_last) dS_c+1 + scale (exp(G) q)^T do - w^T dv'   (sequential)
-    3. `_chunk_bwd_kernel`   everything local to a chunk, fused: dq, dk, the UT-transform backward
-                             (dA = -Ai^T dAi Ai^T), dv, dbeta, and dg as a reverse in-chunk cumsum.
+    3. `_chunk_bwd_kernel`   everything local to a chunk that reads h, dh, v', dv': dq, dv, partial dk,
+                             dbeta, dG, and dw (parallel)
+    4. `_wy_bwd_kernel`      the k side of the UT transform (dA = -Ai^T dAi Ai^T), completing dk and
+                             dbeta; dg as a reverse in-chunk cumsum of dG (parallel)
 
 Deviations / simplifications
 - Intermediates that fla also keeps in the input precision (w, u, v', per-chunk states h and their
@@ -377,10 +379,13 @@ def _state_bwd_kernel(q, k, w, G, do, dvl, dh, dv_new, dht, dh0, cu_seqlens, chu
 
 
 @triton.jit
-def _chunk_bwd_kernel(q, k, v, G, beta, Ai, h, dh, v_new, dv_new, do, dq, dk, dv, dbeta, dg,
+def _chunk_bwd_kernel(q, k, v, G, beta, Ai, h, dh, v_new, dv_new, do, dq, dk, dw, dv, dbeta, dG, dT,
                       cu_seqlens, chunk_indices, scale, T, NT,
                       H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
                       BK: tl.constexpr, BV: tl.constexpr, IS_VARLEN: tl.constexpr):
+    """Everything of one chunk's backward except the k-side of the UT transform: dq (final), dv
+    (final), and partial dk, dbeta, dG (in-chunk cumulative), plus dw and the v-part of dAi for
+    `_wy_bwd_kernel`."""
     i_c, i_hv = tl.program_id(0), tl.program_id(1)
     i_h = i_hv // (HV // H)
     t0, nv = _chunk_bounds(i_c, cu_seqlens, chunk_indices, T, NT, IS_VARLEN)
@@ -395,14 +400,14 @@ def _chunk_bwd_kernel(q, k, v, G, beta, Ai, h, dh, v_new, dv_new, do, dq, dk, dv
     b_G, b_gl = _load_G(G + p_g, o_i, m_t, nv, HV)
     b_beta = tl.load(beta + p_g + o_i * HV, mask=m_t, other=0.).to(tl.float32)
     lower = o_i[:, None] >= o_i[None, :]
-    b_Ai = tl.load(Ai + p_g * BT_C + o_i[:, None] * (HV * BT_C) + o_i[None, :], mask=lower & m_t[:, None], other=0.)
-    b_Ait = tl.trans(b_Ai).to(dt)
+    p_A = p_g * BT_C + o_i[:, None] * (HV * BT_C) + o_i[None, :]
+    b_Ait = tl.trans(tl.load(Ai + p_A, mask=lower & m_t[:, None], other=0.)).to(dt)
 
     b_dq = tl.zeros([BT_C, BK], dtype=tl.float32)     # do h^T
     b_dkd = tl.zeros([BT_C, BK], dtype=tl.float32)    # v' dh^T  (gradient of the decayed keys)
     b_dw = tl.zeros([BT_C, BK], dtype=tl.float32)     # -dv' h^T
     b_dP = tl.zeros([BT_C, BT_C], dtype=tl.float32)   # do v'^T
-    b_dT = tl.zeros([BT_C, BT_C], dtype=tl.float32)   # gradient of Ai (from u = Ai beta v and w)
+    b_dT = tl.zeros([BT_C, BT_C], dtype=tl.float32)   # gradient of Ai through u = Ai (beta v)
     b_dbeta = tl.zeros([BT_C], dtype=tl.float32)
     b_hdh = tl.zeros([BK, BV], dtype=tl.float32)      # h * dh, reduced after the loop
     p_h = h + (tl.cast(i_c, tl.int64) * HV + i_hv) * (K * V)
@@ -431,15 +436,17 @@ def _chunk_bwd_kernel(q, k, v, G, beta, Ai, h, dh, v_new, dv_new, do, dq, dk, dv
         tl.store(dv + p_tv + o_tv, (b_dXv * b_beta[:, None]).to(dv.dtype.element_ty), mask=m_tv)
         b_dbeta += tl.sum(b_dXv * b_v.to(tl.float32), 1)
         b_dT += tl.dot(b_dvn, tl.trans((b_v * b_beta[:, None]).to(dt)))
+    p_tk = (t0 * HV + i_hv) * K
+    o_tk_hv = o_i[:, None] * (HV * K) + o_k[None, :]
+    tl.store(dw + p_tk + o_tk_hv, b_dw.to(dw.dtype.element_ty), mask=m_tk)
+    tl.store(dT + p_A, b_dT, mask=m_t[:, None])
 
     p_qk = (t0 * H + i_h) * K
     o_tk = o_i[:, None] * (H * K) + o_k[None, :]
     b_q = tl.load(q + p_qk + o_tk, mask=m_tk, other=0.)
     b_k = tl.load(k + p_qk + o_tk, mask=m_tk, other=0.)
-    b_eG = tl.exp(b_G)
-
     # inter-chunk read: o += scale exp(G) q h
-    b_dq = b_dq * (scale * b_eG)[:, None]
+    b_dq = b_dq * (scale * tl.exp(b_G))[:, None]
     b_dG = tl.sum(b_dq * b_q.to(tl.float32), 1)
     # intra-chunk attention: o += scale lower_incl(q k^T exp(G_i - G_j)) v'
     b_Z = tl.where(lower, b_dP * tl.exp(tl.where(lower, b_G[:, None] - b_G[None, :], 0.)), 0.) * scale
@@ -447,22 +454,53 @@ def _chunk_bwd_kernel(q, k, v, G, beta, Ai, h, dh, v_new, dv_new, do, dq, dk, dv
     b_dG += tl.sum(b_Zqk, 1) - tl.sum(b_Zqk, 0)
     b_Zd = b_Z.to(dt)
     b_dq += tl.dot(b_Zd, b_k)
-    b_dk = tl.dot(tl.trans(b_Zd), b_q)
+    tl.store(dq + p_tk + o_tk_hv, b_dq, mask=m_tk)
     # state update: S' = exp(G_last) S + (exp(G_last - G) k)^T v'
     b_kdec = tl.exp(b_gl - b_G)
-    b_dk += b_dkd * b_kdec[:, None]
+    b_dk = tl.dot(tl.trans(b_Zd), b_q) + b_dkd * b_kdec[:, None]
+    tl.store(dk + p_tk + o_tk_hv, b_dk, mask=m_tk)
     b_t2 = tl.sum(b_dkd * b_k.to(tl.float32), 1) * b_kdec
-    b_dG -= b_t2
+    # dG_last moves every g of the chunk: put it on the last valid row, the reverse cumsum spreads it.
     b_dgl = tl.sum(b_t2, 0) + tl.exp(b_gl) * tl.sum(tl.sum(b_hdh, 1), 0)
-    # w = Ai (beta exp(G) k)
-    b_Xk = b_k.to(tl.float32) * (b_beta * b_eG)[:, None]
-    b_dwd = b_dw.to(dt)
-    b_dXk = tl.dot(b_Ait, b_dwd)
-    b_dk += b_dXk * (b_beta * b_eG)[:, None]
-    b_dbeta += tl.sum(b_dXk * b_k.to(tl.float32), 1) * b_eG
-    b_dG += tl.sum(b_dXk * b_Xk, 1)
-    b_dT += tl.dot(b_dwd, tl.trans(b_Xk.to(dt)))
-    # Ai = (I + A)^{-1}: dA = -Ai^T dAi Ai^T, on the strict lower triangle
+    b_dG = b_dG - b_t2 + tl.where(o_i == nv - 1, b_dgl, 0.)
+    tl.store(dG + p_g + o_i * HV, b_dG, mask=m_t)
+    tl.store(dbeta + p_g + o_i * HV, b_dbeta, mask=m_t)
+
+
+@triton.jit
+def _wy_bwd_kernel(k, G, beta, Ai, dw, dT, dk, dbeta, dG, dg, cu_seqlens, chunk_indices, T, NT,
+                   H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr,
+                   BK: tl.constexpr, IS_VARLEN: tl.constexpr):
+    """k-side of the UT-transform backward (w = Ai (beta exp(G) k), Ai = (I + A)^{-1}); completes dk
+    and dbeta in place and turns dG into dg by the reverse in-chunk cumsum."""
+    i_c, i_hv = tl.program_id(0), tl.program_id(1)
+    i_h = i_hv // (HV // H)
+    t0, nv = _chunk_bounds(i_c, cu_seqlens, chunk_indices, T, NT, IS_VARLEN)
+    o_i = tl.arange(0, BT_C)
+    m_t = o_i < nv
+    o_k = tl.arange(0, BK)
+    m_tk = m_t[:, None] & (o_k < K)[None, :]
+    dt = k.dtype.element_ty
+
+    p_g = t0 * HV + i_hv
+    b_G, b_gl = _load_G(G + p_g, o_i, m_t, nv, HV)
+    b_beta = tl.load(beta + p_g + o_i * HV, mask=m_t, other=0.).to(tl.float32)
+    lower = o_i[:, None] >= o_i[None, :]
+    p_A = p_g * BT_C + o_i[:, None] * (HV * BT_C) + o_i[None, :]
+    b_Ait = tl.trans(tl.load(Ai + p_A, mask=lower & m_t[:, None], other=0.)).to(dt)
+    b_dT = tl.load(dT + p_A, mask=m_t[:, None], other=0.)
+    b_k = tl.load(k + (t0 * H + i_h) * K + o_i[:, None] * (H * K) + o_k[None, :], mask=m_tk, other=0.)
+    p_tk = (t0 * HV + i_hv) * K + o_i[:, None] * (HV * K) + o_k[None, :]
+    b_dw = tl.load(dw + p_tk, mask=m_tk, other=0.).to(dt)
+    b_eG = tl.exp(b_G)
+
+    b_Xk = (b_k.to(tl.float32) * (b_beta * b_eG)[:, None]).to(dt)
+    b_dXk = tl.dot(b_Ait, b_dw)
+    b_dk = b_dXk * (b_beta * b_eG)[:, None]
+    b_dbeta = tl.sum(b_dXk * b_k.to(tl.float32), 1) * b_eG
+    b_dG = tl.sum(b_dXk * b_Xk.to(tl.float32), 1)
+    b_dT += tl.dot(b_dw, tl.trans(b_Xk))
+    # dA = -Ai^T dAi Ai^T on the strict lower triangle
     strict = o_i[:, None] > o_i[None, :]
     b_dA = -tl.dot(tl.dot(b_Ait, b_dT.to(dt)).to(dt), b_Ait)
     b_dA = tl.where(strict, b_dA, 0.)
@@ -474,14 +512,11 @@ def _chunk_bwd_kernel(q, k, v, G, beta, Ai, h, dh, v_new, dv_new, do, dq, dk, dv
     b_F = (b_dA * b_Ds * b_beta[:, None]).to(dt)
     b_dk += tl.dot(b_F, b_k) + tl.dot(tl.trans(b_F), b_k)
 
-    # G = cumsum(g) within the chunk: dg = reverse cumsum of dG, plus dG_last on every step.
-    b_dG = tl.where(m_t, b_dG, 0.)
-    b_dg = tl.sum(b_dG, 0) - tl.cumsum(b_dG, axis=0) + b_dG + b_dgl
-    p_tk = (t0 * HV + i_hv) * K
-    o_tk = o_i[:, None] * (HV * K) + o_k[None, :]
-    tl.store(dq + p_tk + o_tk, b_dq, mask=m_tk)
-    tl.store(dk + p_tk + o_tk, b_dk, mask=m_tk)
-    tl.store(dbeta + p_g + o_i * HV, b_dbeta, mask=m_t)
+    tl.store(dk + p_tk, tl.load(dk + p_tk, mask=m_tk, other=0.) + b_dk, mask=m_tk)
+    tl.store(dbeta + p_g + o_i * HV, tl.load(dbeta + p_g + o_i * HV, mask=m_t, other=0.) + b_dbeta, mask=m_t)
+    # G = cumsum(g) within the chunk, so dg is the reverse cumsum of dG.
+    b_dG = tl.where(m_t, b_dG + tl.load(dG + p_g + o_i * HV, mask=m_t, other=0.), 0.)
+    b_dg = tl.sum(b_dG, 0) - tl.cumsum(b_dG, axis=0) + b_dG
     tl.store(dg + p_g + o_i * HV, b_dg, mask=m_t)
 
 
@@ -574,7 +609,7 @@ def _fwd(q, k, v, g, beta, scale, h0, output_final_state, cu_seqlens):
     if NC > 0:
         _wy_fwd_kernel[(NC, HV)](k, v, g, beta, G, Ai, w, u, cu, chunk_indices, T, NT,
                                  H=H, HV=HV, K=K, V=V, BK=BK, BV=BVo, IS_VARLEN=varlen,
-                                 num_warps=4)
+                                 num_warps=8)   # 4 warps spill (ptxas, sm_90)
     h = torch.empty(max(NC, 1), HV, K, V, dtype=dt, device=q.device)
     v_new = torch.empty(B, T, HV, V, dtype=dt, device=q.device)
     ht = torch.empty(N, HV, K, V, dtype=f32, device=q.device) if output_final_state else None
@@ -622,14 +657,19 @@ def _bwd(q, k, v, beta, scale, saved, want_dh0: bool, do, dht, cu_seqlens):
     _launch_seq(_state_bwd_tuned, _state_bwd_kernel, N * HV, V, args, kw)
     dq = torch.empty(B, T, HV, K, dtype=f32, device=q.device)
     dk = torch.empty(B, T, HV, K, dtype=f32, device=q.device)
+    dw = torch.empty(B, T, HV, K, dtype=dt, device=q.device)
     dv = torch.empty(B, T, HV, V, dtype=f32, device=q.device)
     dbeta = torch.empty(B, T, HV, dtype=f32, device=q.device)
+    dG = torch.empty(B, T, HV, dtype=f32, device=q.device)
+    dT = torch.empty(B, T, HV, BT, dtype=f32, device=q.device)
     dg = torch.empty(B, T, HV, dtype=f32, device=q.device)
     if NC > 0:
-        BVb = max(16, min(64, triton.next_power_of_2(V)))
-        _chunk_bwd_kernel[(NC, HV)](q, k, v, G, beta, Ai, h, dh, v_new, dv_new, do, dq, dk, dv, dbeta, dg,
+        BVb = max(16, min(32, triton.next_power_of_2(V)))   # 64 spills and, for fp32, overflows smem
+        _chunk_bwd_kernel[(NC, HV)](q, k, v, G, beta, Ai, h, dh, v_new, dv_new, do, dq, dk, dw, dv, dbeta, dG, dT,
                                     cu, chunk_indices, scale, T, NT,
                                     H=H, HV=HV, K=K, V=V, BK=BK, BV=BVb, IS_VARLEN=varlen, num_warps=8)
+        _wy_bwd_kernel[(NC, HV)](k, G, beta, Ai, dw, dT, dk, dbeta, dG, dg, cu, chunk_indices, T, NT,
+                                 H=H, HV=HV, K=K, BK=BK, IS_VARLEN=varlen, num_warps=8)
     if HV != H:
         dq = dq.view(B, T, H, HV // H, K).sum(3)
         dk = dk.view(B, T, H, HV // H, K).sum(3)
