@@ -107,6 +107,7 @@ def test_no_grad_forward_and_default_chunking(rel_err):
     assert tri.default_chunk_rows(2048) == 256
     assert tri.default_chunk_rows(16384) == 2048
     assert tri.default_chunk_rows(100_000) == 2048
+    assert tri.default_chunk_rows(16384, bytes_per_logit=6) == 512     # fp32 logits + bf16 grad
 
 
 def test_second_backward_through_eager_gradients_is_an_error():

@@ -6,9 +6,10 @@ n rows in one chunk.
 Design: the 'chunked' scheme (cuBLAS GEMMs + one Triton row kernel), chosen over a fully fused
 Triton GEMM because on H100 the three GEMMs (logits, dh, dW) dominate and cuBLAS runs them
 near peak, while the softmax work is memory-bound and cheap per chunk.
-- Rows are processed in chunks of n (default: N/8 rounded down to a power of two, clamped to
-  [128, 2048]), so the only large temporary is one [n, V] logits buffer: about 2% of what the
-  plain loss allocates (bf16 logits + fp32 copy + fp32 grad), at any N.
+- Rows are processed in chunks of n (default for bf16: N/8 rounded down to a power of two,
+  clamped to [128, 2048]; proportionally fewer rows for wider buffers), so the only large
+  temporary is one [n, V] logits buffer: about 2% of what the plain loss allocates (bf16 logits
+  + fp32 copy + fp32 grad) for N >= 1024.
 - Per chunk: logits = h_c @ W^T (cuBLAS, fp32 accumulation) into the buffer; a Triton kernel
   walks each row with an online log-sum-exp (running max and rescaled sum, as in
   online-softmax, Milakov & Gimelshein 2018), picks the target logit, and, when gradients are
@@ -102,9 +103,11 @@ def _ce_rows_kernel(logits_ptr, grad_ptr, targets_ptr, lse_ptr, target_logit_ptr
             tl.store(grad_row + cols, g.to(grad_ptr.dtype.element_ty), mask=ok)
 
 
-def default_chunk_rows(N: int) -> int:
-    """N/8 rounded down to a power of two, clamped to [128, 2048] (and to N)."""
-    rows = 1 << max(0, (max(N, 1) // 8).bit_length() - 1)
+def default_chunk_rows(N: int, bytes_per_logit: int = 2) -> int:
+    """Rows per chunk: N/8 for a 2-byte logits buffer (fewer for wider buffers, so the buffer
+    stays ~1/40 of what the plain loss allocates), a power of two clamped to [128, 2048] and to N."""
+    rows = max(1, N * 2 // (8 * bytes_per_logit))
+    rows = 1 << (rows.bit_length() - 1)
     return max(1, min(N, max(MIN_CHUNK_ROWS, min(MAX_CHUNK_ROWS, rows))))
 
 
@@ -247,7 +250,10 @@ def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.T
     logits_dtype = h.dtype if logits_dtype is None else logits_dtype
     if logits_dtype not in (h.dtype, torch.float32):
         raise ValueError(f"linear_cross_entropy: logits_dtype must be h.dtype or float32, got {logits_dtype}")
-    chunk_rows = default_chunk_rows(h.shape[0]) if chunk_rows is None else int(chunk_rows)
+    if chunk_rows is None:
+        # Buffer bytes per logit: the logits, plus a separate h-dtype gradient when they differ.
+        width = logits_dtype.itemsize + (h.dtype.itemsize if logits_dtype != h.dtype else 0)
+        chunk_rows = default_chunk_rows(h.shape[0], width)
     if chunk_rows < 1:
         raise ValueError(f"linear_cross_entropy: chunk_rows must be >= 1, got {chunk_rows}")
     h = h if h.stride(-1) == 1 else h.contiguous()
