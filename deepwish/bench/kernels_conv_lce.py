@@ -144,6 +144,11 @@ def _lce_case(N: int, device: str, impls: dict) -> dict:
     return row
 
 
+def _first(out):
+    """Some Liger versions return (loss, z_loss)."""
+    return out[0] if isinstance(out, tuple) else out
+
+
 def _lce_impls(with_compile: bool) -> tuple[dict, dict]:
     from deepwish.kernels.linear_cross_entropy import triton as lce_tri
     notes = {}
@@ -151,6 +156,9 @@ def _lce_impls(with_compile: bool) -> tuple[dict, dict]:
         "ours": lambda h, w, t: lce_tri.linear_cross_entropy(h, w, t, reduction="mean"),
         "ours_fp32_logits": lambda h, w, t: lce_tri.linear_cross_entropy(h, w, t, reduction="mean",
                                                                          logits_dtype=torch.float32),
+        # Asking for logprobs takes the other path: lse saved, logits recomputed in the backward.
+        "ours_recompute": lambda h, w, t: lce_tri.linear_cross_entropy(h, w, t, reduction="mean",
+                                                                       return_logprobs=True)[0],
         "torch_plain": _plain_lce,
     }
     if with_compile:
@@ -159,7 +167,7 @@ def _lce_impls(with_compile: bool) -> tuple[dict, dict]:
         import liger_kernel  # noqa: F401
         from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
         liger = LigerFusedLinearCrossEntropyLoss(reduction="mean")
-        impls["liger"] = lambda h, w, t: liger(w, h, t)
+        impls["liger"] = lambda h, w, t: _first(liger(w, h, t))
         notes["liger"] = getattr(liger_kernel, "__version__", "installed")
     except Exception as e:  # noqa: BLE001
         notes["liger"] = f"not available ({type(e).__name__}: {e})"
