@@ -132,7 +132,6 @@ def _name_keyed_optimizer_state(model: nn.Module, optimizer, saved: dict) -> dic
         raise ValueError(f"optimizer state has parts {sorted(saved)}, expected {sorted(parts)}")
     for key, opt in parts.items():
         sd = saved[key] if key else saved
-        index = 0
         for live, group in zip(opt.param_groups, sd["param_groups"]):
             fqns = [names[id(p)] for p in live["params"]]
             if len(fqns) != len(group["params"]):
@@ -142,7 +141,6 @@ def _name_keyed_optimizer_state(model: nn.Module, optimizer, saved: dict) -> dic
                 if idx in sd["state"]:
                     out["state"][fqn] = sd["state"][idx]
             out["param_groups"].append({**group, "params": fqns})
-            index += len(fqns)
     return out
 
 

@@ -104,7 +104,9 @@ def validate(tc) -> None:
                                  ("activation_checkpoint", tc.activation_checkpoint, CHECKPOINT_MODES),
                                  ("offload", tc.offload, OFFLOAD_MODES)):
         if value not in allowed:
-            raise ConfigError(f"train.{name}={value!r} is not one of {', '.join(allowed)}")
+            hint = (" (YAML reads unquoted on/off as true/false: quote it, e.g. --set \"train.compile='off'\")"
+                    if value in ("True", "False") else "")
+            raise ConfigError(f"train.{name}={value!r} is not one of {', '.join(allowed)}{hint}")
     if tc.offload == "params" and tc.parallel != "fsdp":
         raise ConfigError("train.offload=params uses FSDP2's CPUOffloadPolicy: set train.parallel=fsdp "
                           "(torchrun --nproc_per_node=1 runs it on one GPU)")

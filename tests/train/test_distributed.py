@@ -222,9 +222,9 @@ def test_fsdp_one_gpu_compiled_fused_loss_matches_plain_run(cuda, tmp_path):
     against the plain single-device run (fp32 params, autocast): bf16 tolerance."""
     plain = tmp_path / "plain"
     extra = ["train.batch_size=4", "train.steps=6", "train.loss_backend=auto"]
-    torchrun(1, train_args(plain, *extra, "train.compile=off"), timeout=600)
+    torchrun(1, train_args(plain, *extra, "train.compile='off'"), timeout=600)
     run = tmp_path / "fsdp"
-    torchrun(1, train_args(run, *extra, "train.parallel=fsdp", "train.compile=on"), timeout=600)
+    torchrun(1, train_args(run, *extra, "train.parallel=fsdp", "train.compile='on'"), timeout=600)
     a, b = logged(plain), logged(run)
     for s in range(1, 7):
         assert abs(a[s] - b[s]) <= 2e-2 * a[s], (s, a[s], b[s])

@@ -1,0 +1,435 @@
+"""Benchmark: training throughput on one GPU, deepwish against HF transformers at the same shapes.
+
+    python -m deepwish.bench.train --out reports/bench_train --preset qwen3_0.6b [--batch 8 --seq 2048 --steps 10]
+    deepwish bench train --out reports/bench_train --preset qwen3_0.6b
+
+For each preset (several may be given) it times, in one process, one after the other:
+  deepwish        the trainer's own step (train/loss.py lm_loss, train/parallel.py wrapping): per-block
+                  torch.compile, fused linear cross-entropy (train.loss_backend=auto -> triton), SDPA
+                  flash attention, fp32 master weights under bf16 autocast, AdamW (fused), clipping;
+  deepwish-muon   the same with Muon on the hidden matrices (the trainer's default optimizer);
+  deepwish-eager  the same as `deepwish` without torch.compile;
+  deepwish-fsdp1  the same as `deepwish` under FSDP2 on a one-rank group: bf16 parameters for
+                  compute (MixedPrecisionPolicy), fp32 master weights, no autocast casts;
+  hf              transformers' model built from the same config (config_to_hf of our HF table),
+                  SDPA attention, fp32 weights under bf16 autocast, fused AdamW, clipping, the
+                  model's own loss (labels=input_ids) — what a user of HF would run. Tried at the
+                  benchmark batch and, if that does not fit, at half of it.
+Random token ids, no packing (plain causal attention, the flash path for both).
+
+Reported per run: tokens/s, step time, MFU = tok/s × model.flops_per_token(seq) / 777 TFLOP/s
+(the measured bf16 matmul peak of the H100, GPU.md; the same FLOP count for both models), peak
+allocated memory, and 'OOM' when a run does not fit. Results go to DIR/results.json and
+DIR/train_throughput.png; a table is printed last. Goals (issue): qwen3_0.6b >= 80k tok/s and
+>= 45% MFU at batch 8 (HF: 35.0k tok/s at batch 4, OOM at 8); deepseek_v3_bench >= 2x HF
+(71.1k); qwen3_next_bench >= 4x HF (17.1k). A preset that does not exist yet is skipped with a note.
+
+Scaling (2 GPUs, FSDP2, the real trainer on the embedded corpus):
+    python -m deepwish.bench.train --out reports/bench_scaling --scaling 2 --preset qwen3_0.6b
+runs `deepwish train` under torchrun on 1 GPU and on N GPUs with the same global batch (so the
+loss curves must coincide up to bf16 noise), then on N GPUs with N times the global batch (weak
+scaling), and reports the strong and weak scaling efficiency tok/s(N) / (N × tok/s(1)).
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import gc
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+PEAK_FLOPS = 777e12  # measured bf16 matmul 8192^3 on the H100 (GPU.md)
+GOALS = {
+    "qwen3_0.6b": {"tok_s": 80e3, "mfu": 0.45, "hf_anchor_tok_s": 35.0e3,
+                   "note": "HF anchor at batch 4 (OOM at 8)"},
+    "deepseek_v3_bench": {"hf_ratio": 2.0, "hf_anchor_tok_s": 71.1e3, "note": "HF anchor at batch 4"},
+    "qwen3_next_bench": {"hf_ratio": 4.0, "hf_anchor_tok_s": 17.1e3, "note": "HF anchor at batch 4"},
+}
+VARIANTS = ("deepwish", "deepwish-muon", "deepwish-eager", "deepwish-fsdp1", "hf")
+
+
+@dataclasses.dataclass
+class Result:
+    preset: str
+    variant: str
+    batch: int
+    seq: int
+    status: str  # ok | OOM | error: ...
+    tok_s: float | None = None
+    step_ms: float | None = None
+    mfu: float | None = None
+    peak_gib: float | None = None
+    first_step_s: float | None = None  # includes compilation
+    loss_first: float | None = None
+    loss_last: float | None = None
+
+
+# ---- the two step functions ----------------------------------------------------------------------
+def _run_config(preset: str, batch: int, seq: int, variant: str):
+    from deepwish.config import load_config
+
+    sets = [f"train.batch_size={batch}", f"train.seq_len={seq}", "train.loss_backend=auto",
+            "train.compile=" + ("'off'" if variant == "deepwish-eager" else "'on'"),  # quoted: YAML on/off are bools
+            "train.optimizer=" + ("muon" if variant == "deepwish-muon" else "adamw"),
+            "train.parallel=" + ("fsdp" if variant == "deepwish-fsdp1" else "none"), "train.lr=3e-4"]
+    return load_config(preset, sets)
+
+
+def _one_rank_group_env() -> None:
+    """torchrun's environment for a one-process group (deepwish-fsdp1), on a free local port."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+
+
+def build_deepwish(preset: str, batch: int, seq: int, variant: str):
+    """(step() -> loss tensor, flops_per_token) for our trainer's step at this shape."""
+    from deepwish.model import Transformer
+    from deepwish.train import parallel
+    from deepwish.train.loop import autocast_context
+    from deepwish.train.loss import lm_loss, resolve_loss_backend
+    from deepwish.train.optim import build_optimizer
+
+    run_cfg = _run_config(preset, batch, seq, variant)
+    tc = run_cfg.train
+    if tc.parallel != "none":
+        _one_rank_group_env()
+    d = parallel.init_distributed(tc)
+    device = d.device
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = Transformer(run_cfg.model)
+    step_model = parallel.parallelize(model, run_cfg, d)
+    optimizer = build_optimizer(model, tc, distributed=d.active)
+    backend = resolve_loss_backend(tc.loss_backend, device)
+    V = run_cfg.model.vocab_size
+    x = torch.randint(0, V, (batch, seq), device=device)
+    y = torch.randint(0, V, (batch, seq), device=device)
+    n = batch * seq
+
+    def step() -> torch.Tensor:
+        with autocast_context(device, tc.dtype):
+            loss, _ = lm_loss(step_model, (x, y, None, None), tc, n, backend=backend)
+        loss.backward()
+        parallel.clip_grad_norm(model.parameters(), tc.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return loss.detach()
+
+    return step, model.flops_per_token(seq)
+
+
+def hf_config(model_cfg):
+    """transformers config object for our ModelConfig, through the family's HF table."""
+    import importlib
+
+    import transformers
+
+    from deepwish.hf.io import FAMILY_OF_CONFIG
+
+    d = importlib.import_module(FAMILY_OF_CONFIG[model_cfg.family]).config_to_hf(model_cfg)
+    d = {k: v for k, v in d.items() if k not in ("architectures", "dtype", "torch_dtype")}
+    return transformers.AutoConfig.for_model(d.pop("model_type"), **d)
+
+
+def build_hf(preset: str, batch: int, seq: int):
+    import transformers
+
+    from deepwish.config import load_config
+
+    cfg = load_config(preset).model
+    device = torch.device("cuda")
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(hf_config(cfg), attn_implementation="sdpa",
+                                                          dtype=torch.float32).to(device)
+    model.train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-4, betas=(0.9, 0.95), fused=True)
+    x = torch.randint(0, cfg.vocab_size, (batch, seq), device=device)
+
+    def step() -> torch.Tensor:
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = model(input_ids=x, labels=x).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return loss.detach()
+
+    from deepwish.model import Transformer
+    with torch.device("meta"):
+        fpt = Transformer(cfg).flops_per_token(seq)
+    return step, fpt
+
+
+# ---- timing ----------------------------------------------------------------------------------------
+def measure(preset: str, variant: str, batch: int, seq: int, steps: int, warmup: int) -> Result:
+    """Build, warm up and time one variant; out-of-memory becomes status 'OOM'."""
+    res = Result(preset, variant, batch, seq, "ok")
+    gc.collect()
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    failure = None
+    try:
+        step, fpt = build_hf(preset, batch, seq) if variant == "hf" else build_deepwish(preset, batch, seq, variant)
+        t0 = time.perf_counter()
+        first = float(step())
+        res.first_step_s = time.perf_counter() - t0
+        for _ in range(warmup - 1):
+            step()
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        losses = [step() for _ in range(steps)]
+        torch.cuda.synchronize()
+        dt = time.perf_counter() - t0
+        res.tok_s = steps * batch * seq / dt
+        res.step_ms = 1e3 * dt / steps
+        res.mfu = res.tok_s * fpt / PEAK_FLOPS
+        res.peak_gib = torch.cuda.max_memory_allocated() / 2**30
+        res.loss_first, res.loss_last = first, float(losses[-1])
+    except torch.OutOfMemoryError:
+        failure = "OOM"
+    except Exception as e:  # noqa: BLE001 - one failing variant is reported, the others still run
+        failure = f"error: {type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+    if failure is not None:  # outside the except block, so the traceback's frames are gone
+        res.status = failure
+        res.peak_gib = torch.cuda.max_memory_allocated() / 2**30
+    step = None
+    from deepwish.train.parallel import shutdown
+    shutdown()
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        os.environ.pop(k, None)
+    gc.collect()
+    torch.cuda.empty_cache()
+    return res
+
+
+def run_preset(preset: str, variants: list[str], batch: int, seq: int, steps: int, warmup: int) -> list[Result]:
+    out = []
+    for v in variants:
+        print(f"[bench] {preset} {v} batch {batch} seq {seq} ...", flush=True)
+        r = measure(preset, v, batch, seq, steps, warmup)
+        if v == "hf" and r.status == "OOM" and batch > 1:
+            out.append(r)
+            print(f"[bench] {preset} hf OOM at batch {batch}; trying batch {batch // 2}", flush=True)
+            r = measure(preset, v, batch // 2, seq, steps, warmup)
+        out.append(r)
+        print(f"[bench]   {_fmt(r)}", flush=True)
+    return out
+
+
+def _fmt(r: Result) -> str:
+    if r.status != "ok":
+        return f"{r.variant:15s} b{r.batch:<3d} {r.status}"
+    return (f"{r.variant:15s} b{r.batch:<3d} {r.tok_s / 1e3:8.1f}k tok/s  {r.step_ms:8.1f} ms/step  MFU {100 * r.mfu:5.1f}%  "
+            f"peak {r.peak_gib:6.1f} GiB  first step {r.first_step_s:6.1f} s  loss {r.loss_first:.3f}->{r.loss_last:.3f}")
+
+
+def verdicts(preset: str, results: list[Result]) -> list[str]:
+    """Goal checks of the issue for one preset, as printable lines."""
+    goal = GOALS.get(preset)
+    ours = [r for r in results if r.variant.startswith("deepwish") and r.status == "ok"]
+    if goal is None or not ours:
+        return []
+    best = max(ours, key=lambda r: r.tok_s)
+    lines = [f"{preset}: best deepwish {best.variant} b{best.batch} {best.tok_s / 1e3:.1f}k tok/s, MFU {100 * best.mfu:.1f}%"]
+    hf_ok = [r for r in results if r.variant == "hf" and r.status == "ok"]
+    hf = max(hf_ok, key=lambda r: r.tok_s) if hf_ok else None
+    if "tok_s" in goal:
+        lines.append(f"  goal >= {goal['tok_s'] / 1e3:.0f}k tok/s: {'MET' if best.tok_s >= goal['tok_s'] else 'NOT met'}; "
+                     f"goal MFU >= {100 * goal['mfu']:.0f}%: {'MET' if best.mfu >= goal['mfu'] else 'NOT met'}")
+    if "hf_ratio" in goal:
+        base = hf.tok_s if hf else goal["hf_anchor_tok_s"]
+        src = f"HF measured here b{hf.batch}" if hf else "HF anchor from GPU.md"
+        lines.append(f"  goal >= {goal['hf_ratio']:.0f}x HF ({src}: {base / 1e3:.1f}k): {best.tok_s / base:.2f}x, "
+                     f"{'MET' if best.tok_s >= goal['hf_ratio'] * base else 'NOT met'}")
+    if hf is not None:
+        lines.append(f"  vs HF measured here (b{hf.batch}): {best.tok_s / hf.tok_s:.2f}x (GPU.md anchor "
+                     f"{goal['hf_anchor_tok_s'] / 1e3:.1f}k, {goal['note']})")
+    return lines
+
+
+def plot(results: list[Result], path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    presets = list(dict.fromkeys(r.preset for r in results))
+    fig, axes = plt.subplots(1, len(presets), figsize=(6 * len(presets), 4), squeeze=False)
+    for ax, preset in zip(axes[0], presets):
+        rs = [r for r in results if r.preset == preset]
+        labels = [f"{r.variant}\nb{r.batch}" for r in rs]
+        vals = [r.tok_s / 1e3 if r.status == "ok" else 0.0 for r in rs]
+        bars = ax.bar(range(len(rs)), vals, color=["C0" if r.variant.startswith("deepwish") else "C1" for r in rs])
+        for b, r in zip(bars, rs):
+            text = f"{r.tok_s / 1e3:.1f}k\n{100 * r.mfu:.0f}% MFU" if r.status == "ok" else r.status[:12]
+            ax.annotate(text, (b.get_x() + b.get_width() / 2, b.get_height()), ha="center", va="bottom", fontsize=7)
+        goal = GOALS.get(preset, {})
+        if "tok_s" in goal:
+            ax.axhline(goal["tok_s"] / 1e3, ls="--", color="C2", label="goal")
+        if "hf_anchor_tok_s" in goal:
+            ax.axhline(goal["hf_anchor_tok_s"] / 1e3, ls=":", color="C1", label="HF anchor (GPU.md)")
+            if "hf_ratio" in goal:
+                ax.axhline(goal["hf_ratio"] * goal["hf_anchor_tok_s"] / 1e3, ls="--", color="C2", label="goal")
+        ax.set_xticks(range(len(rs)), labels, fontsize=7)
+        ax.set_ylabel("k tokens/s")
+        ax.set_title(f"{preset}, seq {rs[0].seq}")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def environment() -> dict:
+    import triton
+    import transformers
+    return {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+            "python": platform.python_version(), "torch": torch.__version__, "triton": triton.__version__,
+            "transformers": transformers.__version__, "peak_flops": PEAK_FLOPS}
+
+
+def preset_exists(name: str) -> bool:
+    from deepwish.config import ConfigError, preset_path
+    try:
+        preset_path(name)
+        return True
+    except ConfigError:
+        return False
+
+
+# ---- scaling (torchrun, several GPUs) ---------------------------------------------------------------
+def _train_run(out: Path, nproc: int, preset: str, batch: int, seq: int, steps: int, timeout: int) -> dict:
+    run_dir = out / f"gpus{nproc}_b{batch}"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+           "-m", "deepwish", "train", "--preset", preset, "--out", str(run_dir)]
+    sets = ["train.parallel=fsdp", f"train.batch_size={batch}", f"train.seq_len={seq}", f"train.steps={steps}",
+            "train.log_every=5", f"train.eval_every={steps}", f"train.save_every={steps}", "train.sample_tokens=0",
+            "train.warmup_steps=20"]
+    for s in sets:
+        cmd += ["--set", s]
+    if run_dir.exists():
+        import shutil
+        shutil.rmtree(run_dir)
+    print("[bench] " + " ".join(cmd), flush=True)
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    (out / f"{run_dir.name}.log").write_text(proc.stdout + proc.stderr)
+    if proc.returncode != 0:
+        return {"run": run_dir.name, "status": f"error (exit {proc.returncode}); see {run_dir.name}.log"}
+    recs = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in recs if r["kind"] == "train"]
+    tail = train[len(train) // 2:]  # after compilation and warm-up
+    return {"run": run_dir.name, "status": "ok", "nproc": nproc, "batch_per_gpu": batch, "global_batch": batch * nproc,
+            "tok_s": sum(r["tok_s"] for r in tail) / len(tail), "mfu_per_gpu": sum(r["mfu"] or 0 for r in tail) / len(tail) / nproc,
+            "peak_gib": max(r["peak_mem_gib"] for r in train), "wall_s": time.perf_counter() - t0,
+            "loss": {r["step"]: r["loss"] for r in train},
+            "val_loss": [r["val_loss"] for r in recs if r["kind"] == "val"]}
+
+
+def run_scaling(out: Path, nproc: int, preset: str, batch: int, seq: int, steps: int) -> int:
+    one = _train_run(out, 1, preset, batch * nproc, seq, steps, 600)
+    strong = _train_run(out, nproc, preset, batch, seq, steps, 600)
+    weak = _train_run(out, nproc, preset, batch * nproc, seq, steps, 600)
+    report = {"env": environment(), "preset": preset, "seq": seq, "steps": steps, "runs": [one, strong, weak]}
+    if one["status"] == "ok":
+        for r, name in ((strong, "strong"), (weak, "weak")):
+            if r["status"] == "ok":
+                report[f"{name}_efficiency"] = r["tok_s"] / (nproc * one["tok_s"])
+        if strong["status"] == "ok":
+            diffs = [abs(strong["loss"][s] - one["loss"][s]) for s in one["loss"] if s in strong["loss"]]
+            report["strong_max_loss_diff"] = max(diffs)
+            report["strong_final_loss"] = (one["loss"][max(one["loss"])], strong["loss"][max(strong["loss"])])
+    (out / "scaling.json").write_text(json.dumps(report, indent=1))
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for r in (one, strong, weak):
+        if r["status"] == "ok":
+            xs = sorted(r["loss"])
+            ax.plot(xs, [r["loss"][s] for s in xs], label=f"{r['nproc']} GPU x b{r['batch_per_gpu']} "
+                                                         f"({r['tok_s'] / 1e3:.0f}k tok/s)")
+    ax.set_xlabel("step")
+    ax.set_ylabel("train loss")
+    ax.set_title(f"{preset} FSDP2, seq {seq}")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out / "scaling.png", dpi=120)
+    print("\nrun              status  tok/s      per-GPU MFU  peak GiB  final loss")
+    for r in (one, strong, weak):
+        if r["status"] != "ok":
+            print(f"{r['run']:16s} {r['status']}")
+            continue
+        print(f"{r['run']:16s} ok      {r['tok_s'] / 1e3:7.1f}k  {100 * r['mfu_per_gpu']:6.1f}%     {r['peak_gib']:6.1f}    "
+              f"{r['loss'][max(r['loss'])]:.4f}")
+    for k in ("strong_efficiency", "weak_efficiency", "strong_max_loss_diff"):
+        if k in report:
+            print(f"{k}: {report[k]:.4f}")
+    return 0
+
+
+# ---- entry point -------------------------------------------------------------------------------------
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="deepwish bench train", description=__doc__.split("\n")[0])
+    p.add_argument("--out", default="reports/bench_train", help="directory for results.json and the plot")
+    p.add_argument("--preset", action="append", default=None,
+                   help="preset(s) to benchmark (repeatable; default qwen3_0.6b)")
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--seq", type=int, default=2048)
+    p.add_argument("--steps", type=int, default=10, help="timed steps")
+    p.add_argument("--warmup", type=int, default=3, help="untimed steps first (the first compiles)")
+    p.add_argument("--variants", default=",".join(v for v in VARIANTS if v != "deepwish-fsdp1"),
+                   help=f"comma-separated subset of {', '.join(VARIANTS)}")
+    p.add_argument("--scaling", type=int, default=0, metavar="N",
+                   help="instead: the FSDP2 scaling runs on N GPUs against 1 GPU (batch = per-GPU batch)")
+    args = p.parse_args(argv)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    presets = args.preset or ["qwen3_0.6b"]
+    if args.scaling:
+        if torch.cuda.device_count() < args.scaling:
+            raise SystemExit(f"--scaling {args.scaling} needs {args.scaling} GPUs; {torch.cuda.device_count()} visible")
+        return run_scaling(out, args.scaling, presets[0], args.batch, args.seq, max(args.steps, 40))
+    if not torch.cuda.is_available():
+        raise SystemExit("deepwish bench train needs a CUDA GPU")
+    variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+    unknown = [v for v in variants if v not in VARIANTS]
+    if unknown:
+        raise SystemExit(f"unknown variant(s) {unknown}; choose from {', '.join(VARIANTS)}")
+    results: list[Result] = []
+    skipped = []
+    for preset in presets:
+        if not preset_exists(preset):
+            print(f"[bench] note: preset {preset!r} does not exist yet; skipped", flush=True)
+            skipped.append(preset)
+            continue
+        results += run_preset(preset, variants, args.batch, args.seq, args.steps, args.warmup)
+    doc = {"env": environment(), "batch": args.batch, "seq": args.seq, "steps": args.steps, "warmup": args.warmup,
+           "skipped_presets": skipped, "goals": GOALS, "results": [dataclasses.asdict(r) for r in results]}
+    (out / "results.json").write_text(json.dumps(doc, indent=1))
+    if results:
+        plot(results, out / "train_throughput.png")
+    print(f"\n{doc['env']['device']} | torch {torch.__version__} | seq {args.seq} | {args.steps} timed steps "
+          f"| MFU vs {PEAK_FLOPS / 1e12:.0f} TFLOP/s")
+    for r in results:
+        print(f"{r.preset:18s} {_fmt(r)}")
+    for preset in dict.fromkeys(r.preset for r in results):
+        for line in verdicts(preset, [r for r in results if r.preset == preset]):
+            print(line)
+    print(f"results: {out / 'results.json'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
