@@ -90,12 +90,12 @@ def _conv_tile_sweep(device: str, T: int = 16384) -> dict:
     dy2 = torch.randn_like(x2)
     elem = T * CONV_D
     out = {"T": T, "fwd": [], "bwd": []}
-    for bt, bd, nw in ((16, 128, 4), (8, 256, 4), (32, 128, 4), (16, 256, 8), (64, 128, 8)):
+    for bt, bd, nw in ((16, 128, 4), (32, 128, 4), (8, 256, 4), (16, 256, 8), (32, 64, 4), (64, 32, 4)):
         ms = _try(lambda: _bench(lambda: conv_tri.conv_forward(x2, w, None, None, doc_idx, doc_start, T, True,
                                                               block_t=bt, block_d=bd, num_warps=nw)))
         out["fwd"].append({"block_t": bt, "block_d": bd, "num_warps": nw, "ms": ms,
                            "GBps": 4 * elem / ms / 1e6 if isinstance(ms, float) else None})
-    for bt, bd, nw in ((8, 128, 4), (4, 256, 4), (16, 128, 8), (8, 256, 8), (16, 64, 4), (4, 128, 2)):
+    for bt, bd, nw in ((8, 128, 4), (16, 64, 4), (32, 32, 4), (64, 32, 8), (16, 128, 8), (4, 256, 4), (8, 256, 8)):
         ms = _try(lambda: _bench(lambda: conv_tri.conv_backward(dy2, x2, w, None, None, doc_idx, doc_start, cu, T,
                                                                True, block_t=bt, block_d=bd, num_warps=nw)))
         out["bwd"].append({"block_t": bt, "block_d": bd, "num_warps": nw, "ms": ms,
