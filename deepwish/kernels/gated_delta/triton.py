@@ -4,8 +4,9 @@ decode. Math and shape legend: `reference.py`, which is the oracle for every ker
 Chunked forward, per chunk of BT = 64 steps (Gated DeltaNet paper, section 3; the kernel split follows
 flash-linear-attention's chunk_gated_delta_rule):
     1. `_wy_fwd_kernel`      (parallel over chunks x heads): G = in-chunk cumsum(g);
-                             A = strict_lower(beta_i k_i.k_j exp(G_i - G_j)); Ai = (I + A)^{-1} by block
-                             forward substitution on 16 x 16 blocks; w = Ai (beta exp(G) k), u = Ai (beta v).
+                             A = strict_lower(beta_i k_i.k_j exp(G_i - G_j)); Ai = (I + A)^{-1} by forward
+                             substitution inside the four 16 x 16 diagonal blocks, then block forward
+                             substitution; w = Ai (beta exp(G) k), u = Ai (beta v).
     2. `_state_fwd_kernel`   (sequential over chunks; parallel over sequences x heads x V blocks):
                              h_c = S at the chunk start; v' = u - w S; S <- exp(G_last) S + k_dec^T v'.
     3. `_output_fwd_kernel`  (parallel): o = scale (exp(G) q h_c + lower_incl(q k^T exp(G_i - G_j)) v').
@@ -95,17 +96,23 @@ def _load_G(p_G, o_i, m_t, nv, HV: tl.constexpr):
 
 
 @triton.jit
-def _unit_lower_inverse(L, N: tl.constexpr):
-    """(I + L)^{-1} for a strictly lower-triangular N x N block, by forward substitution: row i of the
-    inverse is e_i - sum_{j<i} L_ij row_j (stable; a power series in L would grow and cancel)."""
-    r = tl.arange(0, N)
-    eye = (r[:, None] == r[None, :]).to(tl.float32)
-    Ti = eye
-    for i in range(1, N):
-        l_i = tl.sum(tl.where(r[:, None] == i, L, 0.), 0)           # L[i, :], indexed by j
-        row = tl.sum(l_i[:, None] * Ti, 0)                          # sum_j L[i, j] Ti[j, :]
-        Ti = tl.where(r[:, None] == i, eye - row[None, :], Ti)
-    return Ti
+def _invert_diagonal_blocks(p_A, nv, HV: tl.constexpr):
+    """In place: the four 16 x 16 diagonal blocks L of a chunk's strictly lower A (stored as
+    [time, HV, BT] at p_A) become (I + L)^{-1}, by forward substitution, all four at once: row i of
+    the inverse is e_i - sum_{j<i} L_ij row_j (stable; a power series in L would grow and cancel)."""
+    n = tl.arange(0, BT_C // BS_C)
+    r = tl.arange(0, BS_C)
+    rows = n[:, None, None] * BS_C + r[None, :, None]                 # [4, 16, 1]
+    ptrs = p_A + rows * (HV * BT_C) + n[:, None, None] * BS_C + r[None, None, :]
+    L = tl.load(ptrs, mask=rows < nv, other=0.)
+    eye = (r[:, None] == r[None, :]).to(tl.float32)[None, :, :]
+    Ti = tl.zeros([BT_C // BS_C, BS_C, BS_C], dtype=tl.float32) + eye
+    for i in range(1, BS_C):
+        sel = (r == i)[None, :, None]
+        l_i = tl.sum(tl.where(sel, L, 0.), 1)                        # L[i, :] of each block
+        row = tl.sum(l_i[:, :, None] * Ti, 1)                         # sum_j L[i, j] Ti[j, :]
+        Ti = tl.where(sel, eye - row[:, None, :], Ti)
+    tl.store(ptrs, Ti, mask=rows < nv)
 
 
 @triton.jit
@@ -130,9 +137,10 @@ def _st(p, R: tl.constexpr, C: tl.constexpr, nv, HV: tl.constexpr, x):
 
 
 @triton.jit
-def _mm(a, b):
-    # Small fp32 products inside the inverse: full fp32 (tf32 would cost three decimal digits of Ai).
-    return tl.dot(a, b, input_precision="ieee")
+def _mm(a, b, PREC: tl.constexpr):
+    # Products of the 16 x 16 inverse blocks: full fp32 for fp32 inputs; tf32 for 16-bit inputs,
+    # whose Ai is rounded to 16 bits for w and u anyway.
+    return tl.dot(a, b, input_precision=PREC)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -167,28 +175,27 @@ def _wy_fwd_kernel(k, v, g, beta, G, Ai, w, u, cu_seqlens, chunk_indices, T, NT,
     p_A = Ai + (t0 * HV + i_hv) * BT_C
     tl.store(p_A + o_i[:, None] * (HV * BT_C) + o_i[None, :], b_A, mask=m_t[:, None])
     tl.debug_barrier()
+    _invert_diagonal_blocks(p_A, nv, HV)
+    tl.debug_barrier()
+    PREC: tl.constexpr = "ieee" if dt == tl.float32 else "tf32"
     A10 = _ld(p_A, 1, 0, nv, HV)
     A20 = _ld(p_A, 2, 0, nv, HV)
     A21 = _ld(p_A, 2, 1, nv, HV)
     A30 = _ld(p_A, 3, 0, nv, HV)
     A31 = _ld(p_A, 3, 1, nv, HV)
     A32 = _ld(p_A, 3, 2, nv, HV)
-    T00 = _unit_lower_inverse(_ld(p_A, 0, 0, nv, HV), BS_C)
-    T11 = _unit_lower_inverse(_ld(p_A, 1, 1, nv, HV), BS_C)
-    T22 = _unit_lower_inverse(_ld(p_A, 2, 2, nv, HV), BS_C)
-    T33 = _unit_lower_inverse(_ld(p_A, 3, 3, nv, HV), BS_C)
+    T00 = _ld(p_A, 0, 0, nv, HV)
+    T11 = _ld(p_A, 1, 1, nv, HV)
+    T22 = _ld(p_A, 2, 2, nv, HV)
+    T33 = _ld(p_A, 3, 3, nv, HV)
     # Block forward substitution: T_rc = -T_rr sum_{c <= m < r} A_rm T_mc.
-    T10 = -_mm(T11, _mm(A10, T00))
-    T21 = -_mm(T22, _mm(A21, T11))
-    T32 = -_mm(T33, _mm(A32, T22))
-    T20 = -_mm(T22, _mm(A20, T00) + _mm(A21, T10))
-    T31 = -_mm(T33, _mm(A31, T11) + _mm(A32, T21))
-    T30 = -_mm(T33, _mm(A30, T00) + _mm(A31, T10) + _mm(A32, T20))
+    T10 = -_mm(T11, _mm(A10, T00, PREC), PREC)
+    T21 = -_mm(T22, _mm(A21, T11, PREC), PREC)
+    T32 = -_mm(T33, _mm(A32, T22, PREC), PREC)
+    T20 = -_mm(T22, _mm(A20, T00, PREC) + _mm(A21, T10, PREC), PREC)
+    T31 = -_mm(T33, _mm(A31, T11, PREC) + _mm(A32, T21, PREC), PREC)
+    T30 = -_mm(T33, _mm(A30, T00, PREC) + _mm(A31, T10, PREC) + _mm(A32, T20, PREC), PREC)
     tl.debug_barrier()
-    _st(p_A, 0, 0, nv, HV, T00)
-    _st(p_A, 1, 1, nv, HV, T11)
-    _st(p_A, 2, 2, nv, HV, T22)
-    _st(p_A, 3, 3, nv, HV, T33)
     _st(p_A, 1, 0, nv, HV, T10)
     _st(p_A, 2, 1, nv, HV, T21)
     _st(p_A, 3, 2, nv, HV, T32)
@@ -609,7 +616,7 @@ def _fwd(q, k, v, g, beta, scale, h0, output_final_state, cu_seqlens):
     if NC > 0:
         _wy_fwd_kernel[(NC, HV)](k, v, g, beta, G, Ai, w, u, cu, chunk_indices, T, NT,
                                  H=H, HV=HV, K=K, V=V, BK=BK, BV=BVo, IS_VARLEN=varlen,
-                                 num_warps=8)   # 4 warps spill (ptxas, sm_90)
+                                 num_warps=8 if dt == torch.float32 else 4)   # fp32 spills at 4 (sm_90)
     h = torch.empty(max(NC, 1), HV, K, V, dtype=dt, device=q.device)
     v_new = torch.empty(B, T, HV, V, dtype=dt, device=q.device)
     ht = torch.empty(N, HV, K, V, dtype=f32, device=q.device) if output_final_state else None
