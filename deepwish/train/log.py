@@ -122,6 +122,29 @@ class Logger:
             if self._mlflow is not None and math.isfinite(v):
                 self._mlflow.log_metric(tag.replace("/", "_"), v, step=step)
 
+    def expert_load(self, step: int, layers: list[int], tokens_per_expert: torch.Tensor) -> None:
+        """MoE expert-load histograms, one per layer: the raw counts tokens_per_expert [L, E] and,
+        per layer, max/min load relative to the mean and the coefficient of variation (JSONL
+        record `moe`, TensorBoard scalars `moe/layer{i}/...` and histograms over expert index)."""
+        counts = tokens_per_expert.detach().double().cpu()
+        mean = counts.mean(dim=-1).clamp_min(1e-9)
+        rec: dict[str, Any] = {"kind": "moe", "step": step, "layers": list(layers),
+                               "tokens_per_expert": counts.long().tolist()}
+        for layer, c, m in zip(layers, counts, mean):
+            rec[f"layer{layer}/max_load"] = float(c.max() / m)
+            rec[f"layer{layer}/min_load"] = float(c.min() / m)
+            rec[f"layer{layer}/cv"] = float(c.std(unbiased=False) / m)
+        self.write(rec)
+        if self._tb is not None:
+            E = counts.shape[-1]
+            idx = torch.arange(E, dtype=torch.float64)
+            for layer, c in zip(layers, counts):
+                n = float(c.sum())
+                self._tb.add_histogram_raw(f"moe/layer{layer}/tokens_per_expert", min=0.0, max=float(E - 1), num=n,
+                                           sum=float((idx * c).sum()), sum_squares=float((idx * idx * c).sum()),
+                                           bucket_limits=(idx + 0.5).tolist(), bucket_counts=c.tolist(),
+                                           global_step=step)
+
     # ---- per step ----------------------------------------------------------------------
     def start(self, step: int) -> None:
         """Mark the clock at `step` (run start or resume) so tok/s excludes set-up time."""

@@ -357,8 +357,7 @@ def train(run_cfg: RunConfig, resume: bool | str = False, *, progress_bar: bool 
                 metrics.update(moe_metrics(tpe))
             rec = logger.step(done, tokens_per_step, metrics)
             if rec is not None and has_moe and tpe is not None:
-                logger.write({"kind": "moe", "step": done, "layers": moe_layers,
-                              "tokens_per_expert": tpe.long().tolist()})
+                logger.expert_load(done, moe_layers, tpe)  # per-layer histograms (JSONL, TensorBoard)
             if done % tc.save_every == 0 or done == tc.steps:
                 last_ckpt = save(done)
             if done % tc.eval_every == 0 or done == tc.steps:  # after the save, never before it

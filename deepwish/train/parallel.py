@@ -341,6 +341,9 @@ class NullLogger:
     def eval(self, step: int, metrics: dict) -> None:
         pass
 
+    def expert_load(self, step: int, layers: list[int], tokens_per_expert: torch.Tensor) -> None:
+        pass
+
     def close(self) -> None:
         pass
 

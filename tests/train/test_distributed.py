@@ -8,7 +8,8 @@
 - DistributedMuon (sharded and replicated parameters) equals Muon on whole matrices, and the
   fused-loss entry (hidden_states + head_weight, tied embeddings) gives single-process gradients
   under FSDP2 and DDP;
-- activation checkpointing (selective, full) and activation offload leave the losses unchanged.
+- activation checkpointing (selective, full) and activation offload leave the losses unchanged;
+- MoE expert loads are summed over ranks and logged per layer.
 """
 import json
 import os
@@ -134,6 +135,26 @@ def test_single_device_checkpoint_resumes_on_two_fsdp_ranks_with_recompute_and_o
                       "train.activation_checkpoint=full", "train.offload=activations")
     torchrun(2, args + ["--resume", str(run / "checkpoints" / "step_00000003")])
     assert_same_losses(logged(run), ref_losses, range(4, 7))
+
+
+def test_moe_expert_loads_are_summed_over_ranks_and_logged_per_layer(tmp_path):
+    run = tmp_path / "moe"
+    sets = ["model.n_layers=2", "train.seq_len=32", "train.batch_size=2", "train.steps=2", "train.log_every=1",
+            "train.eval_every=2", "train.save_every=2", "train.sample_tokens=0", "train.parallel=ddp"]
+    torchrun(2, ["-m", "deepwish", "train", "--preset", "qwen3_moe_tiny", "--out", str(run),
+                 *[a for kv in sets for a in ("--set", kv)]])
+    cfg = load_config("qwen3_moe_tiny").model
+    recs = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    moe = [r for r in recs if r["kind"] == "moe"]
+    assert [r["step"] for r in moe] == [1, 2]
+    for r in moe:
+        assert r["layers"] == [0, 1]
+        for layer, counts in zip(r["layers"], r["tokens_per_expert"]):
+            assert len(counts) == cfg.n_experts
+            assert sum(counts) == 2 * 2 * 32 * cfg.n_experts_per_tok  # both ranks' tokens, k choices each
+            mean = sum(counts) / len(counts)
+            assert r[f"layer{layer}/max_load"] == pytest.approx(max(counts) / mean)
+            assert r[f"layer{layer}/min_load"] == pytest.approx(min(counts) / mean)
 
 
 WORKER = textwrap.dedent('''
