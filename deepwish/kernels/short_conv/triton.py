@@ -12,8 +12,9 @@ Design (the op is memory-bound: a few flops per byte):
 - Backward recomputes the pre-activation z (nothing but x is saved). For a tile of source rows s
   it needs dz at t = s + j for j < W: dx[s] = sum_j w[W-1-j] dz[s+j]. The kernel is written for
   exactly 4 taps (narrower filters are zero-padded): the 7 shifted tiles x[s-3 .. s+3] are loaded
-  once each and combined in registers. (A generic-W loop of W*W loads, or holding the W shifts in
-  a [W, BT, BD] tensor, compiled to 180-255 registers per thread with spills.) dweight and dbias
+  once each and combined in registers. (Generic-W versions -- W*W shifted loads, or the W shifts
+  held in a [W, BT, BD] tensor -- compiled for sm_90 to as many or more registers, with 16 tile
+  loads or cross-thread shuffles instead of 7.) dweight and dbias
   are reduced per program into fp32 partial sums over a run of T-blocks, then summed in torch
   (deterministic, no atomics). The dweight terms whose source is x come from the same tile
   (dw[3-j] += dz(s+j) * x[s]); the terms whose source is the initial state, and d(initial_state),
@@ -134,7 +135,7 @@ def _conv4_bwd_kernel(x_ptr, w_ptr, b_ptr, init_ptr, doc_idx_ptr, doc_start_ptr,
     """Backward for exactly 4 taps (narrower kernels are zero-padded on the left by the caller).
     Source rows s of the tile reach outputs t = s + j (j < 4) through tap 3 - j. z(s + j) needs
     x at s-3 .. s+3: the 7 shifted tiles are loaded once each (mostly L1/L2 hits) and combined
-    in registers; a generic-W loop of W*W loads, or a [W, BT, BD] tensor, needed ~2x the registers."""
+    in registers (see the module docstring for the generic-W versions that were dropped)."""
     pid_c = tl.program_id(0)
     pid_d = tl.program_id(1)
     d = pid_d * BD + tl.arange(0, BD)
