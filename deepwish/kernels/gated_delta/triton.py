@@ -258,8 +258,10 @@ def _state_fwd_kernel(k, w, u, G, h, v_new, h0, ht, cu_seqlens, chunk_offsets, T
         b_u = tl.load(u + p_tv + o_tv, mask=m_tv, other=0.)
         b_vn = b_u.to(tl.float32) - tl.dot(b_w, b_S.to(dt))
         tl.store(v_new + p_tv + o_tv, b_vn.to(v_new.dtype.element_ty), mask=m_tv)
-        b_kd = (b_k * tl.exp(b_gl - b_G)[:, None]).to(dt)
-        b_S = b_S * tl.exp(b_gl) + tl.dot(tl.trans(b_kd), b_vn.to(dt))
+        # (exp(G_last - G) k)^T v' as k^T (exp(G_last - G) v'): the decay scales a [BT, BV] tile, not
+        # [BT, K], and k goes from memory straight into the matmul.
+        b_vd = (b_vn * tl.exp(b_gl - b_G)[:, None]).to(dt)
+        b_S = b_S * tl.exp(b_gl) + tl.dot(tl.trans(b_k), b_vd)
     if STORE_HT:
         tl.store(ht + tl.cast(i_nh, tl.int64) * (K * V) + o_kv, b_S, mask=m_kv)
 
@@ -375,11 +377,12 @@ def _state_bwd_kernel(q, k, w, G, do, dvl, dh, dv_new, dht, dh0, cu_seqlens, chu
         p_tv = (t0 * HV + i_hv) * V
         b_do = tl.load(do + p_tv + o_tv, mask=m_tv, other=0.).to(dt)
         b_dvl = tl.load(dvl + p_tv + o_tv, mask=m_tv, other=0.)
-        b_kd = (b_k * tl.exp(b_gl - b_G)[:, None]).to(dt)
-        b_dvn = b_dvl.to(tl.float32) + tl.dot(b_kd, b_dS.to(dt))
+        # Decays scale the [BT, BV] tiles rather than q and k (as in the forward).
+        b_dSd = b_dS.to(dt)
+        b_dvn = b_dvl.to(tl.float32) + tl.dot(b_k, b_dSd) * tl.exp(b_gl - b_G)[:, None]
         tl.store(dv_new + p_tv + o_tv, b_dvn.to(dv_new.dtype.element_ty), mask=m_tv)
-        b_qg = (b_q * (tl.exp(b_G) * scale)[:, None]).to(dt)
-        b_dS = (b_dS * tl.exp(b_gl) + tl.dot(tl.trans(b_qg), b_do)
+        b_dog = (b_do.to(tl.float32) * (tl.exp(b_G) * scale)[:, None]).to(dt)
+        b_dS = (b_dS * tl.exp(b_gl) + tl.dot(tl.trans(b_q), b_dog)
                 - tl.dot(tl.trans(b_w), b_dvn.to(dt)))
     if STORE_DH0:
         tl.store(dh0 + tl.cast(i_nh, tl.int64) * (K * V) + o_kv, b_dS, mask=m_kv)
