@@ -84,11 +84,13 @@ def load_backends() -> dict[str, dict[str, Callable | None]]:
     except Exception as e:  # noqa: BLE001 - any import failure means "fla not available here"
         print(f"[gdn bench] fla not available: {type(e).__name__}: {e}")
     else:
+        # keywords only: some fla versions put gk / gv between g and beta
         def fla_step(q, k, v, g, beta, S):
-            o, S_new = fla_recurrent(q[:, None], k[:, None], v[:, None], g[:, None], beta[:, None],
-                                     initial_state=S, output_final_state=True)
+            o, _ = fla_recurrent(q=q[:, None], k=k[:, None], v=v[:, None], g=g[:, None], beta=beta[:, None],
+                                 initial_state=S, output_final_state=True)
             return o
-        backends["fla"] = {"chunk": lambda q, k, v, g, beta: fla_chunk(q, k, v, g, beta)[0], "step": fla_step}
+        backends["fla"] = {"chunk": lambda q, k, v, g, beta: fla_chunk(q=q, k=k, v=v, g=g, beta=beta)[0],
+                           "step": fla_step}
     return backends
 
 
