@@ -134,3 +134,13 @@ def test_bad_inputs_raise_clear_errors():
         tri.linear_cross_entropy(h, w, targets.float())
     with pytest.raises(ValueError, match="logits_dtype"):
         tri.linear_cross_entropy(h, w, targets, logits_dtype=torch.float16)
+
+
+def test_autocast_does_not_change_the_computation(rel_err):
+    """Inside the op the dtypes follow the inputs; autocast around it must not recast the GEMMs."""
+    h, w, targets = _inputs()
+    want = _run(tri.linear_cross_entropy, h, w, targets, "sum", False, torch.ones(()), None)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = _run(tri.linear_cross_entropy, h, w, targets, "sum", False, torch.ones(()), None)
+    for a, b in zip(want, got):
+        assert b.dtype == a.dtype and rel_err(a, b) < 1e-6

@@ -151,29 +151,29 @@ def _chunked_pass(h, weight, targets, lse, target_logit, g_loss, g_lp, z_loss, s
     n_max = min(chunk_rows, N)
     same_dtype = logits_dtype == h.dtype
     buf = torch.empty((n_max, V), dtype=h.dtype, device=h.device) if same_dtype else None
-    separate_grad = write_grad and not same_dtype
-    grad_buf = torch.empty((n_max, V), dtype=h.dtype, device=h.device) if separate_grad else None
+    grad_buf = torch.empty((n_max, V), dtype=h.dtype, device=h.device) if write_grad and not same_dtype else None
     dh = torch.empty_like(h) if want_dh else None
     dW = torch.zeros_like(weight) if want_dw and N == 0 else None
-    for r0 in range(0, N, chunk_rows):
-        r1 = min(N, r0 + chunk_rows)
-        h_c = h[r0:r1]
-        logits = _chunk_logits(h_c, weight, buf)
-        grad = None
-        if write_grad:
-            grad = grad_buf[:r1 - r0] if separate_grad else logits
-        _launch_rows(logits, grad, targets[r0:r1], lse[r0:r1],
-                     target_logit[r0:r1] if compute_lse else None,
-                     g_loss[r0:r1] if write_grad else None, g_lp[r0:r1] if write_grad else None,
-                     z_loss, softcap, compute_lse, write_grad)
-        if want_dh:
-            torch.mm(grad, weight, out=dh[r0:r1])
-        if want_dw:
-            if dW is None:
-                dW = torch.mm(grad.t(), h_c)
-            else:
-                dW.addmm_(grad.t(), h_c)
-        del logits, grad
+    with torch.autocast(h.device.type, enabled=False):   # the dtypes are chosen here, not by autocast
+        for r0 in range(0, N, chunk_rows):
+            r1 = min(N, r0 + chunk_rows)
+            h_c = h[r0:r1]
+            logits = _chunk_logits(h_c, weight, buf)
+            grad = None
+            if write_grad:
+                grad = grad_buf[:r1 - r0] if grad_buf is not None else logits
+            _launch_rows(logits, grad, targets[r0:r1], lse[r0:r1],
+                         target_logit[r0:r1] if compute_lse else None,
+                         g_loss[r0:r1] if write_grad else None, g_lp[r0:r1] if write_grad else None,
+                         z_loss, softcap, compute_lse, write_grad)
+            if want_dh:
+                torch.mm(grad, weight, out=dh[r0:r1])
+            if want_dw:
+                if dW is None:
+                    dW = torch.mm(grad.t(), h_c)
+                else:
+                    dW.addmm_(grad.t(), h_c)
+            del logits, grad
     return dh, dW
 
 
