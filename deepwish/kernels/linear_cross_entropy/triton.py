@@ -152,7 +152,7 @@ def _chunked_pass(h, weight, targets, lse, target_logit, g_loss, g_lp, z_loss, s
     same_dtype = logits_dtype == h.dtype
     buf = torch.empty((n_max, V), dtype=h.dtype, device=h.device) if same_dtype else None
     grad_buf = torch.empty((n_max, V), dtype=h.dtype, device=h.device) if write_grad and not same_dtype else None
-    dh = torch.empty_like(h) if want_dh else None
+    dh = torch.empty(h.shape, dtype=h.dtype, device=h.device) if want_dh else None
     dW = torch.zeros_like(weight) if want_dw and N == 0 else None
     with torch.autocast(h.device.type, enabled=False):   # the dtypes are chosen here, not by autocast
         for r0 in range(0, N, chunk_rows):
