@@ -137,3 +137,17 @@ def test_bad_inputs_raise_clear_errors():
         tri.causal_conv1d_update(x[:, 0], torch.zeros(2, 8, 4), w)
     with pytest.raises(RuntimeError, match="inference only"):
         tri.causal_conv1d_update(x[:, 0], torch.zeros(2, 8, 3), w.requires_grad_())
+
+
+@pytest.mark.parametrize("B", [1, 2])
+def test_strided_input_slice(rel_err, B):
+    """x as a slice of a wider projection (row stride > D), as a fused in-projection produces."""
+    T, D, W = 40, 24, 4
+    big = torch.randn(B, T, 3 * D, requires_grad=True)
+    x = big[:, :, D:2 * D]
+    w = torch.randn(D, W, requires_grad=True)
+    gy = torch.randn(B, T, D)
+    want = _run(ref, x, w, None, None, "silu", None, gy, torch.zeros(B, D, W - 1))
+    got = _run(tri, x, w, None, None, "silu", None, gy, torch.zeros(B, D, W - 1))
+    for a, g in zip(want, got):
+        assert rel_err(a, g) < 1e-5
