@@ -316,7 +316,7 @@ def train(run_cfg: RunConfig, resume: bool | str = False, *, progress_bar: bool 
             for b in micro:
                 b = to_device(b, device)
                 with autocast_context(device, tc.dtype):
-                    loss, m = lm_loss(step_model, b, tc, n_global, backend=backend)
+                    loss, m = lm_loss(step_model, b, tc, n_global, backend=backend, step=step)
                 (loss * d.grad_scale).backward()  # DDP/FSDP2 average over ranks (train/parallel.py)
                 ce += m["ce_sum"]
                 z += m["z_sum"]
@@ -337,7 +337,7 @@ def train(run_cfg: RunConfig, resume: bool | str = False, *, progress_bar: bool 
                     total = None
                     for b in micro:
                         with autocast_context(device, tc.dtype):
-                            l, _ = lm_loss(step_model, to_device(b, device), tc, n_global, backend=backend)
+                            l, _ = lm_loss(step_model, to_device(b, device), tc, n_global, backend=backend, step=step)
                         total = l if total is None else total + l
                     return total
                 raise_nonfinite(model, rerun, done, what, last_ckpt)

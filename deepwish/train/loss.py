@@ -70,7 +70,9 @@ def lm_loss(model, batch, cfg, n_target_tokens_global: int, *, backend: str,
     # ---- DeepSeek hooks (model/dsa.py, model/mtp.py), part 1: indexer mode, MTP needs h ----
     if hasattr(model, "set_indexer_mode"):
         model.set_indexer_mode(cfg.indexer_mode)
-    want_mtp = getattr(model, "mtp", None) is not None and (cfg.mtp_lambda > 0 or cfg.mtp_lambda_final > 0)
+    # Training only: evaluation (no grad) reports the main cross-entropy and skips the MTP heads.
+    want_mtp = (getattr(model, "mtp", None) is not None and (cfg.mtp_lambda > 0 or cfg.mtp_lambda_final > 0)
+                and torch.is_grad_enabled())
     h_main = None
     # ---- end DeepSeek hooks, part 1 ----
     if backend == "torch":

@@ -114,3 +114,22 @@ def test_fused_backend_matches_torch_backend(rel_err):
     assert rel_err(out["torch"][0], out["triton"][0]) < 1e-5
     for name, g in out["torch"][1].items():
         assert rel_err(g, out["triton"][1][name]) < 1e-4, name
+
+
+def test_mtp_loss_follows_lambda_ramp_and_is_skipped_in_evaluation():
+    from deepwish.model.mtp import mtp_ce_sums
+    mc = model_config("deepseek_v3_tiny", vocab_size=64, d_model=32, n_layers=2, n_heads=2, n_kv_heads=2,
+                      q_lora_rank=16, kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=8,
+                      head_dim=16, d_ff=64, d_ff_expert=16, max_seq_len=64)
+    model = Transformer(mc)
+    batch = make_batch(2, 16, 64)
+    n = count_targets(batch[1])
+    cfg = TrainConfig(steps=11, mtp_lambda=0.1, mtp_lambda_final=0.6)
+    for step, lam in ((0, 0.1), (5, 0.35), (10, 0.6)):
+        loss, m = lm_loss(model, batch, cfg, n, backend="torch", step=step)
+        h = model.hidden_states(batch[0], positions=batch[3], doc_ids=batch[2])
+        sums, _ = mtp_ce_sums(model, h, batch[0], batch[1], batch[3], batch[2])
+        torch.testing.assert_close(m["aux/mtp_loss"], (lam * sums.mean() / n).detach(), rtol=1e-5, atol=1e-7)
+    with torch.no_grad():
+        _, m = lm_loss(model, batch, cfg, n, backend="torch", step=0)
+    assert "aux/mtp_loss" not in m
