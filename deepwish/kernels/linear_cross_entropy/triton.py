@@ -259,15 +259,6 @@ def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.T
         chunk_rows = default_chunk_rows(h.shape[0], width)
     if chunk_rows < 1:
         raise ValueError(f"linear_cross_entropy: chunk_rows must be >= 1, got {chunk_rows}")
-    if h.dtype != weight.dtype:
-        # Mixed inputs come from autocast (fp32 master weights, bf16 activations): run the
-        # matmuls in the autocast dtype, as a plain `h @ W.T` under autocast would. The casts sit
-        # outside the autograd.Function, so gradients return to each input in its own dtype.
-        dev = h.device.type
-        common = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else \
-            torch.promote_types(h.dtype, weight.dtype)
-        h, weight = h.to(common), weight.to(common)
-        logits_dtype = common if logits_dtype not in (common, torch.float32) else logits_dtype
     h = h if h.stride(-1) == 1 else h.contiguous()
     weight = weight if weight.stride(-1) == 1 else weight.contiguous()
     loss, logprobs = _LinearCrossEntropyFn.apply(h, weight, targets.contiguous(), int(ignore_index),
