@@ -1,7 +1,7 @@
 """Benchmark: short causal conv and fused linear cross-entropy on one GPU.
 
 Conv (B=1, D=4096, W=4, SiLU, bf16), T in 1k..64k: forward and forward+backward of the Triton
-kernels vs the torch reference (fp32 conv1d) and torch.compile of it, as time and as effective
+kernels vs the torch reference (fp32 conv1d), torch.compile of it, and HF's bf16 conv1d path, as time and as effective
 bandwidth over the minimal bytes (fwd: read x, write y; bwd: read x, dy, write dx), against the
 measured 2973 GB/s copy bandwidth of the H100. Also sweeps a few tile shapes at T=16k.
 
@@ -49,6 +49,13 @@ def _try(fn):
 
 # ----------------------------------------------------------------------------- conv
 
+def _hf_style_conv(x, w):
+    """What HF's torch fallback runs: bf16 depthwise conv1d, left padding W-1, truncate, SiLU."""
+    T = x.shape[1]
+    y = F.conv1d(x.transpose(1, 2), w[:, None, :], padding=w.shape[1] - 1, groups=x.shape[2])[..., :T]
+    return F.silu(y).transpose(1, 2), None
+
+
 def _conv_case(T: int, device: str, compiled_ref) -> dict:
     from deepwish.kernels.short_conv import reference as conv_ref
     from deepwish.kernels.short_conv import triton as conv_tri
@@ -59,7 +66,8 @@ def _conv_case(T: int, device: str, compiled_ref) -> dict:
     fwd_bytes = 2 * elem * 2
     fwdbwd_bytes = 5 * elem * 2
     row = {"T": T}
-    impls = {"ours": conv_tri.causal_conv1d, "torch_ref": conv_ref.causal_conv1d}
+    impls = {"ours": conv_tri.causal_conv1d, "torch_ref": conv_ref.causal_conv1d,
+             "torch_hf_bf16": _hf_style_conv}
     if compiled_ref is not None:
         impls["compiled_ref"] = compiled_ref
     for name, fn in impls.items():
@@ -201,7 +209,7 @@ def _plot(results: dict, out_dir: str) -> None:
     if conv:
         fig, axes = plt.subplots(1, 2, figsize=(11, 4))
         for ax, key in zip(axes, ("fwd_GBps", "fwdbwd_GBps")):
-            for name in ("ours", "torch_ref", "compiled_ref"):
+            for name in ("ours", "torch_hf_bf16", "torch_ref", "compiled_ref"):
                 pts = [(r["T"], r[name].get(key)) for r in conv if name in r and isinstance(r[name].get(key), float)]
                 if pts:
                     ax.plot(*zip(*pts), marker="o", label=name)
@@ -245,7 +253,7 @@ def _print_table(results: dict) -> None:
     print("\n== short conv (B=1, D=4096, W=4, bf16): ms and GB/s over minimal bytes; copy = 2973 GB/s ==")
     print(f"{'T':>6} | {'impl':<13} | {'fwd ms':>8} {'GB/s':>7} {'%copy':>6} | {'f+b ms':>8} {'GB/s':>7} {'%copy':>6}")
     for r in results.get("conv", []):
-        for name in ("ours", "torch_ref", "compiled_ref"):
+        for name in ("ours", "torch_hf_bf16", "torch_ref", "compiled_ref"):
             if name not in r:
                 continue
             v = r[name]
