@@ -707,7 +707,8 @@ class ChunkGatedDeltaRule(torch.autograd.Function):
         q, k, v, beta, *saved = ctx.saved_tensors
         if do is None:
             do = torch.zeros_like(v)
-        dq, dk, dv, dg, dbeta, dh0 = _bwd(q, k, v, beta, ctx.scale, saved, ctx.has_h0, do, dht, ctx.layout)
+        want_dh0 = ctx.has_h0 and ctx.needs_input_grad[6]
+        dq, dk, dv, dg, dbeta, dh0 = _bwd(q, k, v, beta, ctx.scale, saved, want_dh0, do, dht, ctx.layout)
         g_dtype, beta_dtype, h0_dtype = ctx.dtypes
         return (dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dg.to(g_dtype), dbeta.to(beta_dtype),
                 None, None if dh0 is None else dh0.to(h0_dtype), None, None)
