@@ -28,6 +28,12 @@ Deviations / simplifications
 - K <= 256 (one K tile). `use_qk_l2norm` in the chunked path normalises with torch ops before the
   kernels (autograd differentiates it); in the decode step it is done inside the kernel.
 - Chunk size is fixed at 64.
+- Packed input (`cu_seqlens`) costs one host sync per forward to build the chunk tables.
+- The two sequential kernels are autotuned over the V split (BV 16..64) once per (N * HV, K, V, dtype);
+  the first call at a new shape therefore runs each config once. Under TRITON_INTERPRET=1 a fixed
+  config is used instead.
+- Decode: one program per (batch, value head, V block of <= 32); BV halves until the grid has >= 4
+  programs per SM. The state is read and written once, in place.
 """
 from __future__ import annotations
 
