@@ -290,6 +290,14 @@ def run(out_dir: str, device: str = "cuda", conv: bool = True, lce: bool = True,
         raise RuntimeError("kernels_conv_lce benchmark needs a CUDA GPU")
     os.makedirs(out_dir, exist_ok=True)
     results = {"env": _environment(device), "notes": {}}
+    if with_compile:
+        # One compiled graph per shape (dynamic=False) and per grad mode: raise dynamo's recompile
+        # limit (default 8) so later shapes are not silently run eagerly.
+        import torch._dynamo.config as dynamo_config
+        for name in ("recompile_limit", "cache_size_limit", "accumulated_recompile_limit",
+                     "accumulated_cache_size_limit"):
+            if hasattr(dynamo_config, name):
+                setattr(dynamo_config, name, max(getattr(dynamo_config, name), 64))
     t0 = time.time()
     if conv:
         from deepwish.kernels.short_conv import reference as conv_ref
