@@ -23,7 +23,7 @@ batch_size` windows per step). Resuming with another world size therefore needs 
 batch (e.g. 2 ranks × 4 = 1 rank × 8); anything else is an error naming both.
 
 `load_full_model_state` and `convert_to_hf` read either format in one process (no process group)
-for export: `deepwish convert RUN OUT` goes through them.
+for export: `python -m deepwish.train.dist_checkpoint RUN OUT [--dtype bf16] [--ema]`.
 """
 from __future__ import annotations
 
@@ -240,7 +240,7 @@ def restore(path: str | os.PathLike, *, model: nn.Module, optimizer, loader, ema
 def load_full_model_state(path: str | os.PathLike, ema: bool = False) -> tuple[dict, dict]:
     """(full model state_dict on CPU, run config dict) from either format, in one process.
 
-    ema=True returns the EMA weights instead of the trained ones."""
+    ema=True: the parameters are the EMA weights (buffers, e.g. router biases, stay the trained ones)."""
     import torch.distributed.checkpoint as dcp
 
     from deepwish.config import from_dict
@@ -249,21 +249,26 @@ def load_full_model_state(path: str | os.PathLike, ema: bool = False) -> tuple[d
     meta = read_meta(path)
     if meta["format"] != "dcp":
         ck = load_checkpoint(meta["path"])
-        if ema and ck["ema"] is None:
-            raise ValueError(f"{meta['path']} has no EMA weights (train.ema_decay was 0)")
-        return (ck["ema"]["shadow"] if ema else ck["model"]), ck["config"]
-    cfg = from_dict(meta["config"], source=str(meta["path"] / "meta.json"))
-    model = Transformer(cfg.model)
-    key = "ema" if ema else "model"
-    state = {key: {n: t.detach().clone().float() if ema else t for n, t in
-                   (model.named_parameters() if ema else model.state_dict().items())}}
-    try:
-        dcp.load(state, checkpoint_id=str(meta["path"] / DCP_DIR), no_dist=True)
-    except Exception as e:  # DCP names the missing key; say which checkpoint and what was asked
+        state, shadow = dict(ck["model"]), (ck["ema"] or {}).get("shadow")
+    else:
+        cfg = from_dict(meta["config"], source=str(meta["path"] / "meta.json"))
+        model = Transformer(cfg.model)
+        want = {"model": model.state_dict()}
         if ema:
-            raise ValueError(f"{meta['path']}: no EMA weights could be read ({e})") from e
-        raise
-    return state[key], meta["config"]
+            want["ema"] = {n: p.detach().clone().float() for n, p in model.named_parameters()}
+        try:
+            dcp.load(want, checkpoint_id=str(meta["path"] / DCP_DIR), no_dist=True)
+        except Exception as e:  # DCP names the missing key; say which checkpoint and what was asked
+            if ema:
+                raise ValueError(f"{meta['path']}: no EMA weights could be read (train.ema_decay was 0?): {e}") from e
+            raise
+        state, shadow = want["model"], want.get("ema")
+    if ema:
+        if shadow is None:
+            raise ValueError(f"{meta['path']} has no EMA weights (train.ema_decay was 0)")
+        for name, t in shadow.items():
+            state[name] = t.to(state[name].dtype)
+    return state, meta["config"]
 
 
 def convert_to_hf(path: str | os.PathLike, out: str | os.PathLike, dtype: torch.dtype = torch.bfloat16,
@@ -274,10 +279,26 @@ def convert_to_hf(path: str | os.PathLike, out: str | os.PathLike, dtype: torch.
     from deepwish.model import Transformer
 
     sd, config = load_full_model_state(path, ema=ema)
-    cfg = from_dict(config, source=str(path))
-    model = Transformer(cfg.model)
-    missing, unexpected = model.load_state_dict(sd, strict=False)
-    params = {n for n, _ in model.named_parameters()}
-    if unexpected or (missing and not ema) or (ema and set(missing) & params):
-        raise ValueError(f"{path}: state does not match the model (missing {missing[:5]}, unexpected {unexpected[:5]})")
+    model = Transformer(from_dict(config, source=str(path)).model)
+    model.load_state_dict(sd)
     return save_hf(model, out, dtype=dtype, tokenizer=tokenizer)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """python -m deepwish.train.dist_checkpoint CKPT OUT [--dtype bf16|fp32] [--ema]"""
+    import argparse
+
+    p = argparse.ArgumentParser(prog="python -m deepwish.train.dist_checkpoint",
+                                description="checkpoint (DCP or single-device, run or step directory) -> HF directory")
+    p.add_argument("ckpt")
+    p.add_argument("out")
+    p.add_argument("--dtype", default="bf16", choices=("bf16", "fp32"))
+    p.add_argument("--ema", action="store_true", help="export the EMA weights")
+    args = p.parse_args(argv)
+    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
+    print(f"wrote {convert_to_hf(args.ckpt, args.out, dtype=dtype, ema=args.ema)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
