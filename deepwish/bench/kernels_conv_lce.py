@@ -137,7 +137,7 @@ def _lce_case(N: int, device: str, impls: dict) -> dict:
             loss, _ = step()
             torch.cuda.synchronize()
             peak = (torch.cuda.max_memory_allocated() - base) / 1e9
-            return float(loss), peak
+            return float(loss.detach()), peak
 
         got = _try(measure)
         if isinstance(got, str):
@@ -216,7 +216,7 @@ def _plot(results: dict, out_dir: str) -> None:
             ax.axhline(COPY_GBPS, color="k", ls="--", lw=0.8, label="copy 2973 GB/s")
             ax.axhline(0.6 * COPY_GBPS, color="gray", ls=":", lw=0.8, label="60% target")
             ax.set_xscale("log", base=2)
-            ax.set_xlabel("T (B=1, D=4096, bf16)")
+            ax.set_xlabel(f"T (B=1, D={CONV_D}, bf16)")
             ax.set_ylabel("GB/s over minimal bytes")
             ax.set_title(f"short conv {key.split('_')[0]}")
             ax.legend(fontsize=7)
@@ -250,7 +250,8 @@ def _plot(results: dict, out_dir: str) -> None:
 
 
 def _print_table(results: dict) -> None:
-    print("\n== short conv (B=1, D=4096, W=4, bf16): ms and GB/s over minimal bytes; copy = 2973 GB/s ==")
+    print(f"\n== short conv (B=1, D={CONV_D}, W={CONV_W}, bf16): ms and GB/s over minimal bytes; "
+          f"copy = {COPY_GBPS:.0f} GB/s ==")
     print(f"{'T':>6} | {'impl':<13} | {'fwd ms':>8} {'GB/s':>7} {'%copy':>6} | {'f+b ms':>8} {'GB/s':>7} {'%copy':>6}")
     for r in results.get("conv", []):
         for name in ("ours", "torch_hf_bf16", "torch_ref", "compiled_ref"):
