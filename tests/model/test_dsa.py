@@ -1,0 +1,163 @@
+"""DSA (DeepSeek-V3.2): indexer score against a per-head loop, top-k mask, dense fallback when
+top-k covers everything, indexer training modes (which parameters each loss reaches), the KL,
+decode with the indexer cache, and a short `deepwish train` run of the V3.2 tiny preset."""
+import pytest
+import torch
+
+from deepwish.config import load_config
+from deepwish.model.dsa import DSA, DSACache, indexer_kl
+from deepwish.model.transformer import Transformer
+from deepwish.train.loss import lm_loss
+
+
+def tiny(*extra):
+    return load_config("deepseek_v32_tiny", ["model.n_layers=2", "model.n_mtp=0", "model.d_model=64",
+                                             "model.vocab_size=101", "model.index_topk=6", *extra])
+
+
+def randomise(model):
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            p.copy_(1 + 0.1 * torch.randn_like(p)) if p.dim() == 1 else p.normal_(0, 0.1)
+
+
+def setup(T=20, *extra):
+    rc = tiny(*extra)
+    model = Transformer(rc.model).eval()
+    randomise(model)
+    dsa = model.blocks[0].mixer
+    x = torch.randn(2, T, rc.model.d_model)
+    ctx = model.context(torch.zeros(2, T, dtype=torch.long), None, None)
+    return rc, model, dsa, x, ctx
+
+
+def test_index_score_matches_per_head_loop(rel_err):
+    rc, model, dsa, x, ctx = setup()
+    ix = dsa.indexer
+    _, _, _, _, q_resid = dsa.project(x, ctx)
+    k = ix.keys(x, ctx)
+    got = ix.scores(x, q_resid, k, ctx)
+    from deepwish.model.rope import apply_rotary
+    q = apply_rotary(ix.wq_b(q_resid).view(2, 20, ix.n_heads, ix.head_dim), ctx.cos, ctx.sin)
+    w = x @ ix.weights_proj.weight.t()
+    ref = torch.zeros(2, 20, 20)
+    for h in range(ix.n_heads):
+        ref += (w[..., h:h + 1] * ix.n_heads ** -0.5) * torch.relu(q[:, :, h] @ k.transpose(1, 2) * ix.head_dim ** -0.5)
+    assert rel_err(ref, got) < 1e-5
+
+
+def test_selection_is_causal_topk():
+    rc, model, dsa, x, ctx = setup()
+    scores = torch.randn(2, 20, 20)
+    sel = dsa.indexer.select(scores, ctx.mask())[:, 0]
+    counts = sel.sum(-1)
+    assert torch.equal(counts[0], torch.clamp(torch.arange(1, 21), max=6))
+    assert not torch.triu(sel[0], 1).any()
+    row = 15
+    allowed = scores[0, row, : row + 1]
+    assert set(sel[0, row].nonzero().flatten().tolist()) == set(allowed.topk(6).indices.tolist())
+
+
+def test_topk_covering_everything_equals_mla(rel_err):
+    rc, model, dsa, x, ctx = setup(12, "model.index_topk=64")
+    with torch.no_grad():
+        out = dsa(x, ctx)
+        dense = dsa.attend_naive(*dsa.project(x, ctx)[:4], None, causal=True)
+        dense = dsa.o_proj(dense.reshape(2, 12, -1))
+    assert rel_err(dense, out) < 1e-5
+
+
+@pytest.mark.parametrize("mode", ["dense_warmup", "sparse"])
+def test_indexer_loss_reaches_only_the_indexer(mode):
+    rc, model, dsa, x, ctx = setup()
+    model.train()
+    model.set_indexer_mode(mode)
+    out = dsa(x, ctx)
+    loss = dsa.last_indexer_loss
+    assert loss is not None and loss.item() > 0
+    loss.backward(retain_graph=True)
+    for n, p in dsa.named_parameters():
+        has = p.grad is not None and p.grad.abs().sum() > 0
+        assert has == n.startswith("indexer."), n
+    dsa.zero_grad()
+    out.square().sum().backward()  # the LM side never reaches the indexer
+    assert all(p.grad is None or p.grad.abs().sum() == 0 for p in dsa.indexer.parameters())
+    assert dsa.q_b_proj.weight.grad.abs().sum() > 0
+
+
+def test_dense_warmup_attends_densely_sparse_does_not(rel_err):
+    rc, model, dsa, x, ctx = setup()
+    with torch.no_grad():
+        dense = dsa.o_proj(dsa.attend_naive(*dsa.project(x, ctx)[:4], None, causal=True).reshape(2, 20, -1))
+        dsa.set_indexer_mode("dense_warmup")
+        assert rel_err(dense, dsa(x, ctx)) < 1e-5
+        dsa.set_indexer_mode("sparse")
+        assert rel_err(dense, dsa(x, ctx)) > 1e-3
+
+
+def test_kl_is_zero_when_indexer_matches_attention():
+    mask = torch.ones(1, 1, 3, 4, dtype=torch.bool).tril()
+    attn = torch.randn(1, 2, 3, 4)
+    p = attn.masked_fill(~mask, float("-inf")).softmax(-1).sum(1)
+    p = p / p.sum(-1, keepdim=True)
+    assert indexer_kl(attn, p.clamp_min(1e-30).log(), mask).abs().item() < 1e-6
+    assert indexer_kl(attn, torch.randn(1, 3, 4), mask).item() > 0
+
+
+def test_decode_with_indexer_cache_equals_forward(rel_err):
+    # 16 index heads: an index score is exactly 0 when every head's relu is 0, and top-k breaks
+    # such ties by position within the scored row, which differs between a [T, T] forward and
+    # a [T, cache] decode (as it does between HF's forward and HF's growing cache)
+    rc = tiny("model.index_n_heads=16")
+    model = Transformer(rc.model).eval()
+    randomise(model)
+    x = torch.randint(0, 101, (2, 18))
+    from deepwish.generate import decode_one_token, prefill
+    with torch.no_grad():
+        full = model(x)
+        cache = model.make_cache(2, 24)
+        assert isinstance(cache[0], DSACache) and cache[0].index_k.shape == (2, 24, rc.model.index_head_dim)
+        steps = [prefill(model, x[:, :7], cache)]
+        for t in range(7, 18):
+            steps.append(decode_one_token(model, x[:, t], torch.full((2,), t), cache))
+    assert rel_err(full[:, 6:], torch.stack(steps, 1)) < 1e-4
+
+
+def test_modes_and_errors():
+    rc = tiny()
+    model = Transformer(rc.model)
+    with pytest.raises(ValueError, match="indexer mode"):
+        model.set_indexer_mode("dense")
+    v3 = Transformer(load_config("deepseek_v3_tiny", ["model.n_layers=1", "model.n_mtp=0"]).model)
+    with pytest.raises(ValueError, match="no DSA layers"):
+        v3.set_indexer_mode("sparse")
+    with pytest.raises(ValueError, match="q_lora_rank"):
+        DSA(tiny("model.q_lora_rank=0").model, 0)
+
+
+def test_loss_hook_adds_indexer_loss_with_coefficient():
+    rc = tiny("train.indexer_mode=sparse", "train.indexer_loss_coef=0.5", "train.mtp_lambda=0")
+    model = Transformer(rc.model).train()
+    x, t = torch.randint(0, 101, (2, 16)), torch.randint(0, 101, (2, 16))
+    loss, m = lm_loss(model, (x, t, None, None), rc.train, 32, backend="torch")
+    raw = model.extra_losses()["indexer"]
+    assert m["extra/indexer"].item() == pytest.approx(0.5 * raw.item(), rel=1e-5)
+    assert all(b.mixer.indexer_mode == "sparse" for b in model.blocks)
+
+
+def test_train_v32_tiny_logs_losses_and_learns(tmp_path):
+    from deepwish.train import loop
+    rc = load_config("deepseek_v32_tiny", [
+        f"train.out_dir={tmp_path / 'run'}", "train.steps=14", "train.seq_len=48", "train.batch_size=4",
+        "train.eval_every=14", "train.save_every=14", "train.eval_batches=1", "train.sample_tokens=0",
+        "train.log_every=1", "train.warmup_steps=2", "train.optimizer=adamw", "train.lr=0.01",
+        "train.device=cpu", "model.n_layers=2", "model.d_model=64", "model.index_topk=16"])
+    s = loop.train(rc, progress_bar=False)
+    losses = [s["train_losses"][k] for k in sorted(s["train_losses"])]
+    assert sum(losses[-3:]) / 3 < losses[0] - 0.3, losses
+    import json
+    recs = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in recs if r["kind"] == "train"]
+    keys = set().union(*(r.keys() for r in train)) if train else set()
+    flat = json.dumps(train)
+    assert "aux/mtp_loss" in flat and "extra/indexer" in flat and "max_load" in flat, keys
