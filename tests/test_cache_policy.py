@@ -12,6 +12,15 @@ from deepwish.model.transformer import Transformer
 WINDOW = 8
 
 
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models: a second intra-op thread only adds barrier waits (badly so on a busy machine)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
 def _model(**kw):
     cfg = model_config("qwen3_tiny", n_layers=3, vocab_size=64, max_seq_len=256, init_std=0.1, **kw)
     return Transformer(cfg).eval()

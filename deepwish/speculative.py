@@ -1,0 +1,318 @@
+"""Speculative decoding: a cheap proposer guesses k tokens, the target checks them in one forward.
+
+    speculative_generate(target, draft, prompt, n, k=4, ...)   a separate draft model
+    mtp_speculative_generate(model, prompt, n, ...)            the model's own MTP heads (DeepSeek-V3)
+
+Each round (Leviathan, Kalman & Matias 2023, "Fast Inference from Transformers via Speculative
+Decoding"; Chen et al. 2023, "Accelerating LLM decoding with speculative sampling"):
+  1. the draft proposes d_1..d_k autoregressively, with distributions q_1..q_k;
+  2. the target runs [pending token, d_1..d_k] at positions n-1..n-1+k in one forward, giving
+     p_1..p_{k+1};
+  3. d_i is accepted with probability min(1, p_i(d_i)/q_i(d_i)); at the first rejection the
+     token is drawn from norm(max(0, p_i - q_i)); if all k pass, a bonus token from p_{k+1}.
+Every emitted token is then distributed exactly as the target's (after the same temperature /
+top-k / top-p filter, `generate.sampling_probs`). Greedy (temperature 0) accepts d_i iff it is
+the target's argmax, so the output equals plain greedy decoding token for token.
+
+Caches. Tokens are "pending" until fed: before a round both caches hold positions 0..n-2 and
+seq[n-1] is fed first. KV and latent caches are indexed by position, so rejected tokens' slots
+are simply rewritten before any later query can see them: rolling back is forgetting how far
+the cache is valid. A recurrent cache (Gated DeltaNet) has folded the rejected tokens into its
+state, so its tensors are snapshotted before the round and restored after a rejection; the
+accepted tokens are then re-fed at the head of the next round's chunk (no extra forward).
+
+Fallback. A round costs one target forward plus k draft forwards, ~ (1 + k·c) target forwards
+with c the draft/target cost ratio (default: ratio of active parameter counts, since decoding
+is bandwidth-bound), and yields (accepted + 1) tokens. When the mean over the last `window`
+rounds falls to the break-even 1 + k·c or below, the draft is dropped, a notice is printed,
+and decoding continues with the target alone (`stats.fallback_at`).
+
+Simplifications: one sequence at a time (speculation is a latency tool; batching rows that
+accept different counts is not done here); k is fixed (shortened only near max_new_tokens); the
+cost of verifying k+1 tokens is taken as one decode step; rejected slots of a ring
+(sliding-window) cache need the ring's slack >= k + 1, checked up front.
+"""
+from __future__ import annotations
+
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import torch
+
+from deepwish.generate import sampling_probs
+from deepwish.model.cache import CacheFullError, KVCache, MLACache, ModelCache
+
+POSITIONAL_CACHES = (KVCache, MLACache)  # entries indexed by position: rollback needs no copy
+
+
+def _is_positional(layer) -> bool:
+    """KV-like caches (a slot per position). Anything else is treated as a recurrent state and
+    snapshotted: always correct, merely a copy when the layer was positional after all."""
+    from deepwish.model.ring_cache import RingKVCache
+    return isinstance(layer, POSITIONAL_CACHES + (RingKVCache,))
+
+
+@dataclass
+class SpeculativeStats:
+    k: int
+    cost_ratio: float  # draft step cost / target step cost used by the fallback rule
+    rounds: int = 0  # speculation rounds (one target verification each)
+    proposed: int = 0  # draft tokens offered
+    accepted: int = 0  # draft tokens accepted
+    target_forwards: int = 0  # verifications + target-only steps
+    draft_forwards: int = 0
+    new_tokens: int = 0
+    fallback_at: int | None = None  # new-token count when the draft was dropped, or None
+    seconds: float = 0.0
+    accepted_per_round: list[int] = field(default_factory=list)
+
+    @property
+    def acceptance_rate(self) -> float:
+        return self.accepted / self.proposed if self.proposed else 0.0
+
+    @property
+    def tokens_per_target_forward(self) -> float:
+        return self.new_tokens / self.target_forwards if self.target_forwards else 0.0
+
+    @property
+    def expected_speedup(self) -> float:
+        """Over plain decoding, from the rounds played: tokens per round / round cost (in target
+        steps). 1.0 when no round was played."""
+        if not self.rounds:
+            return 1.0
+        per_round = (self.accepted + self.rounds) / self.rounds
+        return per_round / (1 + self.k * self.cost_ratio)
+
+    def summary(self) -> str:
+        fb = "" if self.fallback_at is None else f", draft dropped after {self.fallback_at} tokens"
+        return (f"{self.new_tokens} tokens in {self.target_forwards} target forwards "
+                f"({self.tokens_per_target_forward:.2f}/forward), acceptance {self.acceptance_rate:.1%} "
+                f"over {self.rounds} rounds of k={self.k}, expected speed-up {self.expected_speedup:.2f}x{fb}")
+
+
+class _Stream:
+    """One model and its cache over the shared token sequence; positions < `fed` are valid."""
+
+    def __init__(self, model, cache: ModelCache, decode_fn: Callable | None):
+        self.model, self.cache, self.decode_fn = model, cache, decode_fn
+        self.fed = 0
+        self.state = [t for layer in cache.layers if not _is_positional(layer)
+                      for t in vars(layer).values() if isinstance(t, torch.Tensor)]
+        self._snapshot: tuple[list[torch.Tensor], int] | None = None
+        self.device = model.embed.weight.device
+
+    def feed(self, tokens: list[int], n_logits: int) -> torch.Tensor:
+        """Run `tokens` at positions fed..fed+T-1; logits [n_logits, V] (fp32) of the last positions."""
+        T = len(tokens)
+        if self.fed + T > self.cache.max_len:
+            raise CacheFullError(f"speculative step needs position {self.fed + T - 1}, "
+                                 f"the cache holds {self.cache.max_len}")
+        tok = torch.tensor(tokens, device=self.device)
+        pos = torch.arange(self.fed, self.fed + T, device=self.device)
+        if T == 1 and self.decode_fn is not None:
+            logits = self.decode_fn(self.model, tok, pos, self.cache)
+        else:
+            h = self.model.hidden_states(tok[None], positions=pos[None], cache=self.cache)
+            logits = self.model.logits(h[0, -n_logits:]).float()
+        self.fed += T
+        return logits
+
+    def snapshot(self) -> None:
+        if self.state:
+            self._snapshot = ([t.clone() for t in self.state], self.fed)
+
+    def rollback(self, valid: int) -> None:
+        """Keep exactly the first `valid` positions (valid <= fed)."""
+        if valid >= self.fed:
+            return
+        if not self.state:
+            self.fed = valid
+            return
+        saved, fed = self._snapshot
+        if valid < fed:
+            raise RuntimeError(f"cannot roll back to {valid}: the snapshot holds {fed} positions")
+        for t, s in zip(self.state, saved):
+            t.copy_(s)
+        self.fed = fed  # the accepted tokens after the snapshot are re-fed next round
+
+
+def _probs(logits: torch.Tensor, temperature: float, top_k: int, top_p: float) -> torch.Tensor:
+    return sampling_probs(logits, temperature, top_k, top_p)
+
+
+def accept_tokens(p: torch.Tensor, q: torch.Tensor | None, draft: list[int], temperature: float,
+                  generator: torch.Generator | None) -> tuple[int, int]:
+    """The verification rule. p [k+1, V]: target logits (greedy) or probabilities (sampling);
+    q [k, V]: draft probabilities (sampling only). Returns (accepted count a, next token)."""
+    k = len(draft)
+    if temperature <= 0:
+        target = p.argmax(-1).tolist()
+        a = next((i for i in range(k) if draft[i] != target[i]), k)
+        return a, target[a]
+    d = torch.tensor(draft, device=p.device, dtype=torch.long)
+    if k:
+        idx = torch.arange(k, device=p.device)
+        p_d, q_d = p[idx, d], q[idx, d]
+        u = torch.rand(k, device=p.device, generator=generator)
+        ok = (u * q_d < p_d).tolist()  # u < p/q without dividing; q_d > 0 since d_i ~ q_i
+        a = next((i for i in range(k) if not ok[i]), k)
+    else:
+        a = 0
+    if a < k:
+        residual = (p[a] - q[a]).clamp_min(0)
+        # residual mass is 0 only if p_a == q_a, where rejection has probability 0; guard rounding
+        dist = residual if float(residual.sum()) > 0 else p[a]
+    else:
+        dist = p[k]
+    return a, int(torch.multinomial(dist / dist.sum(), 1, generator=generator))
+
+
+def _check_ring_slack(cache: ModelCache, k: int, who: str) -> None:
+    from deepwish.model.ring_cache import RingKVCache
+    for i, layer in enumerate(cache.layers):
+        if isinstance(layer, RingKVCache) and layer.slack < k + 1:
+            raise ValueError(f"{who} layer {i}: ring cache slack {layer.slack} < k+1 = {k + 1}; rejected draft "
+                             f"tokens would evict keys still in the window (make the ring cache with slack >= k+1)")
+
+
+@torch.no_grad()
+def _speculate(target, propose: Callable, prompt: Sequence[int], max_new_tokens: int, k: int,
+               temperature: float, top_k: int, top_p: float, stop_tokens: Sequence[int], seed: int | None,
+               target_cache: ModelCache | None, target_decode_fn: Callable | None, stats: SpeculativeStats,
+               window: int, fallback: bool, on_round: Callable | None,
+               after_round: Callable[[int, int], None]) -> list[int]:
+    """The loop shared by draft-model and MTP speculation. `propose(seq, n, k_eff, generator)`
+    returns (draft tokens, draft probabilities [k_eff, V] or None); `after_round(n, a)` rolls the
+    proposer's state back to the accepted prefix."""
+    prompt = [int(t) for t in prompt]
+    if not prompt:
+        raise ValueError("the prompt needs at least one token")
+    if k < 1:
+        raise ValueError(f"k={k}: speculation needs k >= 1 draft tokens")
+    need = len(prompt) + max_new_tokens - 1
+    cache = target_cache if target_cache is not None else target.make_cache(1, min(target.cfg.max_seq_len, need))
+    if cache.batch != 1:
+        raise ValueError(f"speculative decoding runs one sequence; the target cache has batch {cache.batch}")
+    if need > cache.max_len:
+        raise CacheFullError(f"prompt of {len(prompt)} tokens + {max_new_tokens} new tokens needs {need} positions, "
+                             f"the target cache holds {cache.max_len}")
+    _check_ring_slack(cache, k, "target")
+    gen = None
+    device = target.embed.weight.device
+    if seed is not None:
+        gen = torch.Generator(device=device)
+        gen.manual_seed(seed)
+    stops = {int(s) for s in stop_tokens}
+    tgt = _Stream(target, cache, target_decode_fn)
+    seq = list(prompt)
+    out: list[int] = []
+    recent: deque[int] = deque(maxlen=window)
+    break_even = 1 + k * stats.cost_ratio
+    speculating = True
+    t0 = time.perf_counter()
+    while len(out) < max_new_tokens:
+        n = len(seq)
+        remaining = max_new_tokens - len(out)
+        k_eff = min(k, remaining - 1) if speculating else 0
+        if k_eff == 0:  # target alone: the last token, or after the fallback
+            logits = tgt.feed(seq[tgt.fed:n], 1)
+            stats.target_forwards += 1
+            if temperature <= 0:
+                new = [int(logits[-1].argmax())]
+            else:
+                probs = _probs(logits[-1:], temperature, top_k, top_p)
+                new = [int(torch.multinomial(probs[0], 1, generator=gen))]
+        else:
+            drafts, q = propose(seq, n, k_eff, gen)
+            stats.draft_forwards += k_eff
+            tgt.snapshot()
+            logits = tgt.feed(seq[tgt.fed:n] + drafts, k_eff + 1)
+            stats.target_forwards += 1
+            p = logits if temperature <= 0 else _probs(logits, temperature, top_k, top_p)
+            a, nxt = accept_tokens(p, q, drafts, temperature, gen)
+            tgt.rollback(n + a)
+            after_round(n, a)
+            new = drafts[:a] + [nxt]
+            stats.rounds += 1
+            stats.proposed += k_eff
+            stats.accepted += a
+            stats.accepted_per_round.append(a)
+            recent.append(a + 1)
+            if on_round is not None:
+                on_round(drafts, a, nxt)
+            if fallback and len(recent) == window and sum(recent) / window <= break_even:
+                speculating = False
+                stats.fallback_at = len(out) + len(new)
+                print(f"speculative: draft dropped after {stats.rounds} rounds: "
+                      f"{sum(recent) / window:.2f} tokens per target forward over the last {window} rounds <= "
+                      f"break-even 1 + k·c = {break_even:.2f} (k={k}, cost ratio c={stats.cost_ratio:.3f}); "
+                      f"continuing with the target alone")
+        for t in new:
+            seq.append(t)
+            out.append(t)
+            if t in stops or len(out) >= max_new_tokens:
+                break
+        if out and (out[-1] in stops):
+            break
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    stats.seconds = time.perf_counter() - t0
+    stats.new_tokens = len(out)
+    return out
+
+
+def _active_params(model) -> int:
+    return model.num_params(active=True)
+
+
+@torch.no_grad()
+def speculative_generate(target, draft, prompt: Sequence[int], max_new_tokens: int, k: int = 4,
+                         temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
+                         stop_tokens: Sequence[int] = (), seed: int | None = None, cost_ratio: float | None = None,
+                         window: int = 8, fallback: bool = True,
+                         target_cache: ModelCache | None = None, draft_cache: ModelCache | None = None,
+                         target_decode_fn: Callable | None = None, draft_decode_fn: Callable | None = None,
+                         ) -> tuple[list[int], SpeculativeStats]:
+    """New tokens of one prompt (a stop token, when hit, is included and ends it) and the stats.
+
+    cost_ratio: draft step / target step cost (default: active-parameter ratio).
+    window, fallback: drop the draft when the mean tokens per round over the last `window`
+    rounds is <= 1 + k·cost_ratio (fallback=False keeps speculating).
+    *_cache: preallocated batch-1 caches (e.g. the ones CapturedDecoders were built on);
+    *_decode_fn: one-token steps (e.g. CapturedDecoder) used whenever exactly one token is fed.
+    """
+    if draft.cfg.vocab_size != target.cfg.vocab_size:
+        raise ValueError(f"draft vocabulary {draft.cfg.vocab_size} != target vocabulary {target.cfg.vocab_size}")
+    c = _active_params(draft) / _active_params(target) if cost_ratio is None else float(cost_ratio)
+    stats = SpeculativeStats(k=k, cost_ratio=c)
+    need = len(prompt) + max_new_tokens - 1
+    dcache = draft_cache if draft_cache is not None else draft.make_cache(1, min(draft.cfg.max_seq_len, need))
+    if dcache.batch != 1 or dcache.max_len < need:
+        raise CacheFullError(f"the draft cache (batch {dcache.batch}, {dcache.max_len} positions) must be batch 1 "
+                             f"with >= {need} positions")
+    _check_ring_slack(dcache, k, "draft")
+    drf = _Stream(draft, dcache, draft_decode_fn)
+
+    def propose(seq, n, k_eff, gen):
+        drf.snapshot()
+        logits = drf.feed(seq[drf.fed:n], 1)[-1]
+        tokens, qs = [], []
+        for i in range(k_eff):
+            if temperature <= 0:
+                tokens.append(int(logits.argmax()))
+            else:
+                q = _probs(logits[None], temperature, top_k, top_p)[0]
+                tokens.append(int(torch.multinomial(q, 1, generator=gen)))
+                qs.append(q)
+            if i < k_eff - 1:
+                logits = drf.feed(tokens[-1:], 1)[-1]
+        return tokens, (torch.stack(qs) if qs else None)
+
+    def after_round(n, a):
+        drf.rollback(min(drf.fed, n + a))
+
+    out = _speculate(target, propose, prompt, max_new_tokens, k, temperature, top_k, top_p, stop_tokens, seed,
+                     target_cache, target_decode_fn, stats, window, fallback, None, after_round)
+    return out, stats

@@ -1,0 +1,144 @@
+"""Speculative decoding: greedy output equals plain greedy decoding token for token (KV, ring and
+recurrent caches, drafts that agree always / sometimes / almost never), the sampled output
+follows the target distribution exactly (chi-square against enumeration on a vocabulary of 8),
+and the draft is dropped with a notice when it stops paying."""
+import math
+
+import pytest
+import torch
+
+from deepwish.config import model_config
+from deepwish.generate import generate, sampling_probs
+from deepwish.model.ring_cache import make_ring_cache
+from deepwish.model.transformer import Transformer
+from deepwish.speculative import speculative_generate
+
+V = 64
+
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models: a second intra-op thread only adds barrier waits (badly so on a busy machine)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+def _model(preset="qwen3_tiny", **kw):
+    cfg = model_config(preset, **{"n_layers": 2, "vocab_size": V, "max_seq_len": 256, "init_std": 0.1, **kw})
+    return Transformer(cfg).eval()
+
+
+@pytest.fixture(scope="module")
+def target():
+    return _model(tie_embeddings=False)
+
+
+@pytest.fixture(scope="module")
+def drafts(target):
+    noisy, adversarial = _model(tie_embeddings=False), _model(tie_embeddings=False)
+    with torch.no_grad():
+        for p, q in zip(noisy.parameters(), target.parameters()):
+            p.copy_(q + 0.3 * q.std() * torch.randn_like(q) if q.dim() > 1 else q)
+        adversarial.load_state_dict(target.state_dict())
+        adversarial.lm_head.weight.neg_()  # its argmax is the target's argmin: never agrees
+    return {"self": target, "noisy": noisy, "adversarial": adversarial,
+            "random": _model(n_layers=1, d_model=64, head_dim=16)}
+
+
+@pytest.mark.parametrize("k", [1, 3, 5])
+@pytest.mark.parametrize("which", ["self", "noisy", "random", "adversarial"])
+def test_greedy_equals_plain_greedy(target, drafts, which, k):
+    prompt = torch.randint(0, V, (7,)).tolist()
+    ref = generate(target, [prompt], 40)[0]
+    out, stats = speculative_generate(target, drafts[which], prompt, 40, k=k, fallback=False)
+    assert out == ref
+    assert stats.new_tokens == 40 and stats.proposed >= stats.accepted
+    if which == "self":
+        assert stats.acceptance_rate == 1.0
+        assert stats.target_forwards <= math.ceil(40 / (k + 1)) + 1
+    if which == "adversarial":
+        assert stats.accepted == 0 and stats.rounds == 39  # every round rejects at its first draft token
+
+
+def test_draft_dropped_when_it_stops_paying(target, drafts, capsys):
+    prompt = [1, 2, 3]
+    out, stats = speculative_generate(target, drafts["adversarial"], prompt, 30, k=4, window=4, cost_ratio=0.2)
+    assert "draft dropped" in capsys.readouterr().out
+    assert stats.fallback_at is not None and stats.rounds == 4
+    assert out == generate(target, [prompt], 30)[0]
+
+
+def test_stop_token_and_length_one(target, drafts):
+    prompt = [4, 5, 6]
+    free = generate(target, [prompt], 12)[0]
+    stop = free[5]
+    out, _ = speculative_generate(target, drafts["self"], prompt, 12, k=4, stop_tokens=[stop])
+    assert out == free[: free.index(stop) + 1]
+    assert speculative_generate(target, drafts["noisy"], prompt, 1, k=4)[0] == free[:1]
+
+
+def test_recurrent_target_and_draft():
+    """Gated DeltaNet caches are snapshotted and restored after a rejection."""
+    hybrid = _model("qwen3_next_tiny", n_layers=4)
+    small = _model(n_layers=1)
+    recurrent_draft = _model("qwen3_next_tiny", n_layers=2, full_attention_interval=2)
+    prompt = torch.randint(0, V, (6,)).tolist()
+    ref = generate(hybrid, [prompt], 24)[0]
+    for draft in (small, hybrid):
+        out, stats = speculative_generate(hybrid, draft, prompt, 24, k=3, fallback=False)
+        assert out == ref
+    ref_small = generate(small, [prompt], 24)[0]
+    out, stats = speculative_generate(small, recurrent_draft, prompt, 24, k=3, fallback=False)
+    assert out == ref_small and stats.accepted < stats.proposed
+
+
+def test_ring_cache_target():
+    swa = _model(n_layers=3, sliding_window=6, mixer="swa", full_attention_interval=3, attn_mixer="gqa")
+    draft = _model(n_layers=1)
+    prompt = torch.randint(0, V, (9,)).tolist()
+    ref = generate(swa, [prompt], 30)[0]
+    with pytest.raises(ValueError, match="slack"):
+        speculative_generate(swa, draft, prompt, 30, k=3, target_cache=make_ring_cache(swa, 1, 40, slack=2))
+    out, _ = speculative_generate(swa, draft, prompt, 30, k=3, fallback=False,
+                                  target_cache=make_ring_cache(swa, 1, 40, slack=4))
+    assert out == ref
+
+
+def _chi2_critical(df: int, z: float = 4.265) -> float:
+    """Upper 1e-5 quantile of chi-square(df), Wilson-Hilferty approximation."""
+    return df * (1 - 2 / (9 * df) + z * math.sqrt(2 / (9 * df))) ** 3
+
+
+def test_sampled_tokens_follow_the_target():
+    """Joint law of the first two tokens over many runs (k=2, so both come from one round's
+    accept/resample whenever the first draft passes) against the target's exact law."""
+    small = dict(n_layers=1, vocab_size=8, d_model=16, n_heads=2, n_kv_heads=1, head_dim=8, d_ff=32, init_std=0.6)
+    target, draft = _model(**small), _model(**small)
+    filters = dict(temperature=0.8, top_k=6, top_p=0.95)  # the filters must shape p and q alike
+    prompt = [1, 2, 3]
+    with torch.no_grad():
+        p1 = sampling_probs(target(torch.tensor([prompt]))[:, -1], **filters)[0]
+        nxt = torch.tensor([prompt + [a] for a in range(8)])
+        p2 = sampling_probs(target(nxt)[:, -1], **filters)  # [8, 8]: p(x2 | x1)
+    exact = (p1[:, None] * p2).reshape(-1).double()
+    N = 2500
+    counts = torch.zeros(64, dtype=torch.float64)
+    accepted = proposed = 0
+    for _ in range(N):
+        out, st = speculative_generate(target, draft, prompt, 3, k=2, fallback=False, **filters)
+        counts[out[0] * 8 + out[1]] += 1
+        accepted += st.accepted
+        proposed += st.proposed
+    assert 0 < accepted < proposed  # both the accept and the resample paths ran
+    expected = exact * N
+    big = expected >= 5
+    obs = torch.cat([counts[big], counts[~big].sum()[None]])
+    exp = torch.cat([expected[big], expected[~big].sum()[None]])
+    keep = exp > 0
+    chi2 = float(((obs[keep] - exp[keep]) ** 2 / exp[keep]).sum())
+    assert counts[exact == 0].sum() == 0, "a token outside the filtered target support was emitted"
+    assert chi2 < _chi2_critical(int(keep.sum()) - 1), (chi2, int(keep.sum()))
+    tv = 0.5 * float((counts / N - exact).abs().sum())
+    assert tv < 0.12
