@@ -141,6 +141,14 @@ def check_correctness(backends, device, T: int = 4096) -> dict:
             out[f"{name} {gname} vs torch"] = rel_rms(a.float(), b.float())
     if "fla" in results and "triton" in results:
         out["triton o vs fla"] = rel_rms(results["fla"].float(), results["triton"].float())
+    # one decode step at batch 64 against the reference step (the state is updated in place)
+    from deepwish.kernels.gated_delta import fused_recurrent_gated_delta_step, recurrent_gated_delta_step_ref
+    q1, k1, v1, g1, beta1 = (x[:, -1] for x in make_inputs(1, device, batch=64))
+    state = torch.randn(64, H, D, D, device=device)
+    o1_ref, state_ref = recurrent_gated_delta_step_ref(q1, k1, v1, g1, beta1, state)
+    o1 = fused_recurrent_gated_delta_step(q1, k1, v1, g1, beta1, state)
+    out["triton decode o vs torch"] = rel_rms(o1_ref.float(), o1.float())
+    out["triton decode state vs torch"] = rel_rms(state_ref, state)
     print(f"[gdn bench] correctness at B={B} T={T} H={H} K=V={D} bf16 (rel_rms):")
     for key, val in out.items():
         print(f"    {key:28s} {val if isinstance(val, str) else f'{val:.2e}'}")
