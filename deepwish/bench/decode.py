@@ -1,0 +1,413 @@
+"""Benchmark: graph-captured decode latency and throughput against the bandwidth roofline and HF.
+
+    python -m deepwish.bench.decode --out reports/bench_decode [--quick] [--compile none|goal|all]
+    deepwish bench decode --out reports/bench_decode
+
+Models are random-init in bf16 (no downloads). For each preset, batch and context:
+  graph     `decode_graph.CapturedDecoder` replayed `new_tokens` times (token and position
+            copied into its static inputs each step), timed with CUDA events: ms/token and
+            tokens/s = batch / step time;
+  compiled  the same step through torch.compile before capture (by default only for
+            qwen3_0.6b at batch 1, the smallest context: compilation costs ~a minute per shape);
+  eager     the uncaptured step (batch 1, smallest context), to show what capture buys;
+  generate  our `generate()` end to end with the captured step (batch 1, smallest context);
+  hf        HF transformers `generate` (greedy, its default SDPA attention) on the same weights
+            (save_hf -> AutoModelForCausalLM.from_pretrained(dtype=bfloat16)), batch 1, smallest
+            context: per-token time = (t(n tokens) - t(1 token)) / (n - 1), prefill excluded.
+The context is not prefilled: a static cache costs the same to decode over whatever it holds,
+so the cache is sized context + new tokens (zeros) and decoding starts at position `context`.
+
+Roofline per step = bytes that must move / 2,973 GB/s (the H100's measured copy bandwidth,
+shared/GPU.md), counted as:
+  weights  every parameter once, except: the input embedding reads only B rows (a tied head
+           still reads the whole matrix once, as the head); routed experts count only the
+           expected number of distinct experts hit by B·k assignments under uniform routing,
+           E·(1 - (1 - k/E)^B) of E (random-init routers route nearly uniformly);
+  cache    KV / latent caches: the `context` valid positions read (our static cache reads all
+           context + new slots, a few % more); recurrent states (conv + delta-rule state) read
+           and written (×2);
+  logits   B·V written in bf16 and fp32.
+fraction = roofline time / measured time.
+
+Goals (the issue), printed met / not met:
+  qwen3_0.6b         batch 1 (smallest context) >= 70% of its roofline (HF eager: 9 tok/s);
+  deepseek_v3_bench  absorbed MLA at 32k context within 1.5x of its latency at 128 (batch 1);
+  qwen3_next_bench   latency growth from the smallest to the largest context no more than that of
+                     an "attention-only sibling" (the same config cut to its full-attention
+                     layers, same widths and MoE) × 1.25 + 20 µs: the Gated DeltaNet layers must
+                     add nothing that grows with the context.
+Results: DIR/results.json, DIR/decode.png (ms/token vs context, roofline dashed), table last.
+A preset that does not exist yet is skipped with a note.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import gc
+import json
+import platform
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+COPY_BW = 2973e9  # bytes/s, measured device-to-device copy on the H100 (GPU.md)
+PRESETS = ("qwen3_0.6b", "deepseek_v3_bench", "qwen3_next_bench")
+MLA_LONG_CONTEXT = 32768  # the DeepSeek goal's long context (extra row, batch 1)
+GOAL_COMPILED = "qwen3_0.6b"  # --compile goal compiles only where a goal needs it (~1 min per shape)
+
+
+@dataclasses.dataclass
+class Row:
+    preset: str
+    mode: str  # graph | compiled | eager | generate | hf | graph-attn-only
+    batch: int
+    context: int
+    ms_per_step: float | None = None
+    tok_s: float | None = None
+    roofline_ms: float | None = None
+    roofline_frac: float | None = None
+    weight_gb: float | None = None
+    cache_gb: float | None = None
+    note: str = ""
+
+
+# ---- byte counting ----------------------------------------------------------------------------
+def step_bytes(model, batch: int, context: int) -> tuple[float, float]:
+    """(weight bytes, cache + logits bytes) one decode step must move; see the module docstring."""
+    from deepwish.model.cache import KVCache, MLACache, RecurrentCache
+    cfg = model.cfg
+    weights = 0.0
+    distinct = cfg.n_experts * (1 - (1 - cfg.n_experts_per_tok / cfg.n_experts) ** batch) if cfg.n_experts else 0
+    for name, p in model.named_parameters():
+        nb = p.numel() * p.element_size()
+        if name == "embed.weight":
+            nb = batch * p.shape[1] * p.element_size() + (nb if model.lm_head is None else 0)
+        elif p.dim() == 3 and name.endswith(("w_gate_up", "w_down")):
+            nb = nb * distinct / cfg.n_experts
+        weights += nb
+    probe = model.make_cache(1, 2, device="meta")
+    cache = 0.0
+    for layer in probe.layers:
+        nb = sum(t.numel() * t.element_size() for t in vars(layer).values() if isinstance(t, torch.Tensor))
+        if isinstance(layer, (KVCache, MLACache)):  # incl. DSACache: per position
+            cache += nb / 2 * context * batch
+        elif isinstance(layer, RecurrentCache):
+            cache += 2 * nb * batch
+        else:
+            raise ValueError(f"no byte rule for cache type {type(layer).__name__}")
+    logits = batch * cfg.vocab_size * (2 + 4)
+    return weights, cache + logits
+
+
+def cache_bytes(model, batch: int, length: int) -> int:
+    probe = model.make_cache(1, 2, device="meta")
+    total = 0
+    for layer in probe.layers:
+        nb = sum(t.numel() * t.element_size() for t in vars(layer).values() if isinstance(t, torch.Tensor))
+        total += nb / 2 * length if hasattr(layer, "max_len") else nb
+    return int(total * batch)
+
+
+# ---- timing -------------------------------------------------------------------------------------
+def _time_steps(step, n: int, warmup: int = 3) -> float:
+    """Mean ms per call of step(i) over n calls, by CUDA events."""
+    for i in range(warmup):
+        step(i)
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for i in range(n):
+        step(i)
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / n
+
+
+def _decode_rows(preset, model, batch, context, new_tokens, modes, device) -> list[Row]:
+    from deepwish.decode_graph import CapturedDecoder
+    from deepwish.generate import decode_one_token
+    V = model.cfg.vocab_size
+    length = context + new_tokens
+    w, c = step_bytes(model, batch, context)
+    roof_ms = (w + c) / COPY_BW * 1e3
+    rows = []
+    tokens = torch.randint(0, V, (new_tokens, batch), device=device)
+    positions = (context + torch.arange(new_tokens, device=device))[:, None].expand(-1, batch).contiguous()
+    for mode in modes:
+        row = Row(preset, mode, batch, context, roofline_ms=roof_ms, weight_gb=w / 1e9, cache_gb=c / 1e9)
+        cache = dec = None
+        try:
+            cache = model.make_cache(batch, length)
+            if mode == "eager":
+                ms = _time_steps(lambda i: decode_one_token(model, tokens[i], positions[i], cache), min(new_tokens, 16))
+            else:
+                if mode == "compiled":
+                    torch._dynamo.reset()  # a fresh compile per shape, not a recompile-limit fallback
+                dec = CapturedDecoder(model, cache, compile=mode == "compiled")
+                if mode == "generate":
+                    ms = _generate_ms(model, cache, dec, context, new_tokens, device)
+                else:
+                    ms = _time_steps(lambda i: dec(model, tokens[i], positions[i], cache), new_tokens)
+            row.ms_per_step, row.tok_s = ms, batch * 1e3 / ms
+            row.roofline_frac = roof_ms / ms
+        except torch.OutOfMemoryError:
+            row.note = "OOM"
+        except Exception as e:  # one failing shape is reported in the table, the run goes on
+            row.note = f"failed: {type(e).__name__}: {str(e)[:160]}"
+        del dec, cache
+        gc.collect()
+        torch.cuda.empty_cache()
+        rows.append(row)
+        print(_fmt(row), flush=True)
+    return rows
+
+
+def _generate_ms(model, cache, dec, context, new_tokens, device) -> float:
+    from deepwish.generate import generate
+    prompt = torch.randint(0, model.cfg.vocab_size, (1, context)).tolist()
+
+    def run(n):
+        cache.reset()
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        generate(model, prompt, n, cache=cache, decode_fn=dec)
+        torch.cuda.synchronize()
+        return time.perf_counter() - t
+
+    run(2)
+    t1, tn = run(1), run(new_tokens)
+    return (tn - t1) / (new_tokens - 1) * 1e3
+
+
+def hf_row(preset, model, context, new_tokens, device) -> Row:
+    """HF transformers generate on the same weights, batch 1."""
+    from transformers import AutoModelForCausalLM
+
+    from deepwish.hf.io import save_hf
+    row = Row(preset, "hf", 1, context)
+    w, c = step_bytes(model, 1, context)
+    row.roofline_ms, row.weight_gb, row.cache_gb = (w + c) / COPY_BW * 1e3, w / 1e9, c / 1e9
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            save_hf(model, tmp, dtype=torch.bfloat16)
+            hf = AutoModelForCausalLM.from_pretrained(tmp, dtype=torch.bfloat16).to(device).eval()
+        hf.generation_config.eos_token_id = None
+        hf.generation_config.pad_token_id = 0
+        ids = torch.randint(0, model.cfg.vocab_size, (1, context), device=device)
+        mask = torch.ones_like(ids)
+
+        def run(n):
+            torch.cuda.synchronize()
+            t = time.perf_counter()
+            with torch.no_grad():
+                hf.generate(ids, attention_mask=mask, max_new_tokens=n, do_sample=False)
+            torch.cuda.synchronize()
+            return time.perf_counter() - t
+
+        run(2)
+        t1, tn = run(1), run(new_tokens)
+        row.ms_per_step = (tn - t1) / (new_tokens - 1) * 1e3
+        row.tok_s = 1e3 / row.ms_per_step
+        row.roofline_frac = row.roofline_ms / row.ms_per_step
+        del hf
+    except Exception as e:  # reported in the table, never silently dropped
+        row.note = f"hf failed: {type(e).__name__}: {str(e)[:120]}"
+    gc.collect()
+    torch.cuda.empty_cache()
+    print(_fmt(row), flush=True)
+    return row
+
+
+# ---- models -------------------------------------------------------------------------------------
+def build(cfg, device) -> torch.nn.Module:
+    from deepwish.model.transformer import Transformer
+    with torch.device(device):
+        model = Transformer(cfg)
+    return model.to(torch.bfloat16).eval()
+
+
+def attention_only(cfg):
+    """The same config cut to its full-attention layers (hybrid stacks only)."""
+    n_attn = sum(1 for m, _ in cfg.layer_types if m == cfg.attn_mixer)
+    return dataclasses.replace(cfg, n_layers=n_attn, full_attention_interval=0, mixer=cfg.attn_mixer)
+
+
+def run_preset(preset, batches, contexts, new_tokens, hf_tokens, compile_mode, device) -> list[Row]:
+    from deepwish.config import model_config
+    long = [MLA_LONG_CONTEXT] if preset.startswith("deepseek") else []
+    need = max(list(contexts) + long) + new_tokens + 1
+    cfg = model_config(preset)
+    cfg = dataclasses.replace(cfg, max_seq_len=max(cfg.max_seq_len, need))
+    model = build(cfg, device)
+    rows = []
+    free = torch.cuda.mem_get_info()[0]
+    for ctx in contexts:
+        for b in batches:
+            first = b == batches[0] and ctx == contexts[0]
+            modes = ["graph"]
+            if compile_mode == "all" or (compile_mode == "goal" and first and preset == GOAL_COMPILED):
+                modes.append("compiled")
+            if first:
+                modes += ["eager", "generate"]
+            if cache_bytes(model, b, ctx + new_tokens) > 0.8 * free:
+                rows.append(Row(preset, "graph", b, ctx, note=f"skipped: cache "
+                                f"{cache_bytes(model, b, ctx + new_tokens) / 1e9:.1f} GB > 80% of free memory"))
+                print(_fmt(rows[-1]), flush=True)
+                continue
+            rows += _decode_rows(preset, model, b, ctx, new_tokens, modes, device)
+    for ctx in long:
+        rows += _decode_rows(preset, model, 1, ctx, new_tokens, ["graph"], device)
+    if hf_tokens > 1:
+        rows.append(hf_row(preset, model, contexts[0], hf_tokens, device))
+    del model
+    gc.collect()
+    torch.cuda.empty_cache()
+    if cfg.full_attention_interval > 0:
+        sib = build(attention_only(cfg), device)
+        for ctx in (contexts[0], contexts[-1]):
+            rows += _decode_rows(preset, sib, 1, ctx, new_tokens, ["graph"], device)
+        for r in rows[-2:]:
+            r.mode = "graph-attn-only"
+        del sib
+        gc.collect()
+        torch.cuda.empty_cache()
+    return rows
+
+
+# ---- goals, table, plot ------------------------------------------------------------------------
+def _find(rows, preset, mode, batch, context):
+    for r in rows:
+        if (r.preset, r.mode, r.batch, r.context) == (preset, mode, batch, context) and r.ms_per_step:
+            return r
+    return None
+
+
+def goals(rows, contexts) -> list[dict]:
+    out = []
+    lo, hi = contexts[0], contexts[-1]
+    best = [r for r in rows if r.preset == "qwen3_0.6b" and r.batch == 1 and r.context == lo
+            and r.mode in ("graph", "compiled") and r.roofline_frac]
+    if best:
+        b = max(best, key=lambda r: r.roofline_frac)
+        hf = _find(rows, "qwen3_0.6b", "hf", 1, lo)
+        out.append({"goal": "qwen3_0.6b batch 1 >= 70% of roofline", "met": b.roofline_frac >= 0.7,
+                    "value": f"{b.tok_s:.0f} tok/s ({b.mode}) = {b.roofline_frac:.0%} of {1e3 / b.roofline_ms:.0f}"
+                             + (f"; HF {hf.tok_s:.1f} tok/s" if hf else "")})
+    short, longr = (_find(rows, "deepseek_v3_bench", "graph", 1, lo),
+                    _find(rows, "deepseek_v3_bench", "graph", 1, MLA_LONG_CONTEXT))
+    if short and longr:
+        ratio = longr.ms_per_step / short.ms_per_step
+        out.append({"goal": f"deepseek_v3_bench 32k latency <= 1.5x the {lo}-context latency", "met": ratio <= 1.5,
+                    "value": f"{longr.ms_per_step:.3f} / {short.ms_per_step:.3f} ms = {ratio:.2f}x"})
+    n_lo, n_hi = _find(rows, "qwen3_next_bench", "graph", 1, lo), _find(rows, "qwen3_next_bench", "graph", 1, hi)
+    a_lo, a_hi = (_find(rows, "qwen3_next_bench", "graph-attn-only", 1, lo),
+                  _find(rows, "qwen3_next_bench", "graph-attn-only", 1, hi))
+    if n_lo and n_hi and a_lo and a_hi:
+        grow, attn_grow = n_hi.ms_per_step - n_lo.ms_per_step, a_hi.ms_per_step - a_lo.ms_per_step
+        out.append({"goal": f"qwen3_next_bench latency growth {lo}->{hi} <= attention-only growth x1.25 + 20us",
+                    "met": grow <= 1.25 * attn_grow + 0.02,
+                    "value": f"growth {grow * 1e3:.0f} us vs attention layers alone {attn_grow * 1e3:.0f} us"})
+    return out
+
+
+def _fmt(r: Row) -> str:
+    if r.ms_per_step is None:
+        return f"{r.preset:18s} {r.mode:16s} b{r.batch:<3d} ctx {r.context:6d}  {r.note}"
+    return (f"{r.preset:18s} {r.mode:16s} b{r.batch:<3d} ctx {r.context:6d}  {r.ms_per_step:8.3f} ms/step "
+            f"{r.tok_s:9.1f} tok/s  roofline {r.roofline_ms:7.3f} ms ({r.roofline_frac:5.1%})  {r.note}")
+
+
+def plot(rows, path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    presets = sorted({r.preset for r in rows})
+    fig, axes = plt.subplots(1, len(presets), figsize=(5 * len(presets), 4), squeeze=False)
+    for ax, p in zip(axes[0], presets):
+        for b in sorted({r.batch for r in rows if r.preset == p and r.mode == "graph"}):
+            pts = sorted((r.context, r.ms_per_step, r.roofline_ms) for r in rows
+                         if r.preset == p and r.mode == "graph" and r.batch == b and r.ms_per_step)
+            if not pts:
+                continue
+            line, = ax.plot([x for x, _, _ in pts], [y for _, y, _ in pts], "o-", label=f"batch {b}")
+            ax.plot([x for x, _, _ in pts], [z for _, _, z in pts], "--", color=line.get_color(), alpha=0.6)
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("context (tokens)")
+        ax.set_ylabel("ms per decode step (dashed: roofline)")
+        ax.set_title(p)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def environment() -> dict:
+    import transformers
+    import triton
+    return {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "device": torch.cuda.get_device_name(), "python": platform.python_version(),
+            "torch": torch.__version__, "triton": triton.__version__, "transformers": transformers.__version__,
+            "copy_bandwidth": COPY_BW}
+
+
+def run(out_dir, presets=PRESETS, batches=(1, 8, 64), prompts=(128, 2048, 8192), new_tokens: int = 64,
+        hf_tokens: int = 16, compile: str = "goal", device: str = "cuda") -> dict:
+    from deepwish.config import ConfigError, preset_path
+    if not torch.cuda.is_available() or not str(device).startswith("cuda"):
+        raise RuntimeError("the decode benchmark needs a CUDA device")
+    if compile not in ("none", "goal", "all"):
+        raise ValueError(f"compile={compile!r} is not one of none, goal, all")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.time()
+    rows, notes = [], []
+    for p in presets:
+        try:
+            preset_path(p)
+        except ConfigError:
+            notes.append(f"preset {p} does not exist yet: skipped")
+            print(notes[-1], flush=True)
+            continue
+        rows += run_preset(p, tuple(batches), tuple(prompts), new_tokens, hf_tokens, compile, device)
+    g = goals(rows, tuple(prompts))
+    doc = {"env": environment(), "batches": list(batches), "contexts": list(prompts), "new_tokens": new_tokens,
+           "hf_tokens": hf_tokens, "compile": compile, "notes": notes, "goals": g,
+           "rows": [dataclasses.asdict(r) for r in rows], "seconds": time.time() - t0}
+    (out / "results.json").write_text(json.dumps(doc, indent=2))
+    if rows:
+        plot(rows, out / "decode.png")
+    print(f"\n== decode benchmark ({doc['env']['device']}, torch {torch.__version__}, "
+          f"{doc['seconds']:.0f} s); roofline at {COPY_BW / 1e9:.0f} GB/s ==")
+    for r in rows:
+        print(_fmt(r))
+    for n in notes:
+        print("note:", n)
+    for x in g:
+        print(f"goal {'MET    ' if x['met'] else 'NOT MET'} {x['goal']}: {x['value']}")
+    return doc
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m deepwish.bench.decode", description=__doc__.split("\n")[0])
+    ap.add_argument("--out", required=True, help="output directory (results.json, decode.png)")
+    ap.add_argument("--quick", action="store_true", help="smoke test: batches 1,8; contexts 128,1024; 16 tokens")
+    ap.add_argument("--presets", default=",".join(PRESETS))
+    ap.add_argument("--compile", default=None, choices=["none", "goal", "all"],
+                    help="torch.compile the step before capture: none, goal (batch 1, smallest context; "
+                         "default) or all shapes")
+    args = ap.parse_args(argv)
+    presets = tuple(p for p in args.presets.split(",") if p)
+    if args.quick:
+        run(args.out, presets, batches=(1, 8), prompts=(128, 1024), new_tokens=16, hf_tokens=4,
+            compile=args.compile or "none")
+    else:
+        run(args.out, presets, compile=args.compile or "goal")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
