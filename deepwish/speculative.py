@@ -95,9 +95,12 @@ class SpeculativeStats:
 class _Stream:
     """One model and its cache over the shared token sequence; positions < `fed` are valid."""
 
-    def __init__(self, model, cache: ModelCache, decode_fn: Callable | None):
+    def __init__(self, model, cache: ModelCache, decode_fn: Callable | None, keep_hidden: bool = False):
         self.model, self.cache, self.decode_fn = model, cache, decode_fn
         self.fed = 0
+        # final-normed hidden state of every fed position (MTP drafts start from them)
+        self.hidden = (torch.zeros(cache.max_len, model.cfg.d_model, device=model.embed.weight.device,
+                                   dtype=model.embed.weight.dtype) if keep_hidden else None)
         self.state = [t for layer in cache.layers if not _is_positional(layer)
                       for t in vars(layer).values() if isinstance(t, torch.Tensor)]
         self._snapshot: tuple[list[torch.Tensor], int] | None = None
@@ -111,11 +114,13 @@ class _Stream:
                                  f"the cache holds {self.cache.max_len}")
         tok = torch.tensor(tokens, device=self.device)
         pos = torch.arange(self.fed, self.fed + T, device=self.device)
-        if T == 1 and self.decode_fn is not None:
+        if T == 1 and self.decode_fn is not None and self.hidden is None:
             logits = self.decode_fn(self.model, tok, pos, self.cache)
         else:
             h = self.model.hidden_states(tok[None], positions=pos[None], cache=self.cache)
             logits = self.model.logits(h[0, -n_logits:]).float()
+            if self.hidden is not None:
+                self.hidden[self.fed:self.fed + T] = h[0]
         self.fed += T
         return logits
 
@@ -178,34 +183,38 @@ def _check_ring_slack(cache: ModelCache, k: int, who: str) -> None:
 
 
 @torch.no_grad()
-def _speculate(target, propose: Callable, prompt: Sequence[int], max_new_tokens: int, k: int,
-               temperature: float, top_k: int, top_p: float, stop_tokens: Sequence[int], seed: int | None,
-               target_cache: ModelCache | None, target_decode_fn: Callable | None, stats: SpeculativeStats,
-               window: int, fallback: bool, on_round: Callable | None,
-               after_round: Callable[[int, int], None]) -> list[int]:
-    """The loop shared by draft-model and MTP speculation. `propose(seq, n, k_eff, generator)`
-    returns (draft tokens, draft probabilities [k_eff, V] or None); `after_round(n, a)` rolls the
-    proposer's state back to the accepted prefix."""
-    prompt = [int(t) for t in prompt]
+def _target_stream(target, prompt: Sequence[int], max_new_tokens: int, k: int, cache: ModelCache | None,
+                   decode_fn: Callable | None, keep_hidden: bool = False) -> _Stream:
     if not prompt:
         raise ValueError("the prompt needs at least one token")
     if k < 1:
         raise ValueError(f"k={k}: speculation needs k >= 1 draft tokens")
     need = len(prompt) + max_new_tokens - 1
-    cache = target_cache if target_cache is not None else target.make_cache(1, min(target.cfg.max_seq_len, need))
+    cache = cache if cache is not None else target.make_cache(1, min(target.cfg.max_seq_len, need))
     if cache.batch != 1:
         raise ValueError(f"speculative decoding runs one sequence; the target cache has batch {cache.batch}")
     if need > cache.max_len:
         raise CacheFullError(f"prompt of {len(prompt)} tokens + {max_new_tokens} new tokens needs {need} positions, "
                              f"the target cache holds {cache.max_len}")
     _check_ring_slack(cache, k, "target")
+    return _Stream(target, cache, decode_fn, keep_hidden)
+
+
+def _speculate(tgt: _Stream, propose: Callable, prompt: Sequence[int], max_new_tokens: int, k: int,
+               temperature: float, top_k: int, top_p: float, stop_tokens: Sequence[int], seed: int | None,
+               stats: SpeculativeStats, window: int, fallback: bool,
+               after_round: Callable[[int, int], None]) -> list[int]:
+    """The loop shared by draft-model and MTP speculation. `propose(seq, n, k_eff, generator)`
+    returns (draft tokens, draft probabilities [k_eff, V] or None), or None when it cannot
+    propose yet (a target-only step is taken); `after_round(n, a)` rolls the proposer's state
+    back to the accepted prefix."""
+    prompt = [int(t) for t in prompt]
     gen = None
-    device = target.embed.weight.device
+    device = tgt.device
     if seed is not None:
         gen = torch.Generator(device=device)
         gen.manual_seed(seed)
     stops = {int(s) for s in stop_tokens}
-    tgt = _Stream(target, cache, target_decode_fn)
     seq = list(prompt)
     out: list[int] = []
     recent: deque[int] = deque(maxlen=window)
@@ -216,7 +225,8 @@ def _speculate(target, propose: Callable, prompt: Sequence[int], max_new_tokens:
         n = len(seq)
         remaining = max_new_tokens - len(out)
         k_eff = min(k, remaining - 1) if speculating else 0
-        if k_eff == 0:  # target alone: the last token, or after the fallback
+        proposal = propose(seq, n, k_eff, gen) if k_eff > 0 else None
+        if proposal is None:  # target alone: the last token, after the fallback, or nothing to draft from
             logits = tgt.feed(seq[tgt.fed:n], 1)
             stats.target_forwards += 1
             if temperature <= 0:
@@ -225,7 +235,7 @@ def _speculate(target, propose: Callable, prompt: Sequence[int], max_new_tokens:
                 probs = _probs(logits[-1:], temperature, top_k, top_p)
                 new = [int(torch.multinomial(probs[0], 1, generator=gen))]
         else:
-            drafts, q = propose(seq, n, k_eff, gen)
+            drafts, q = proposal
             stats.draft_forwards += k_eff
             tgt.snapshot()
             logits = tgt.feed(seq[tgt.fed:n] + drafts, k_eff + 1)
@@ -240,10 +250,9 @@ def _speculate(target, propose: Callable, prompt: Sequence[int], max_new_tokens:
             stats.accepted += a
             stats.accepted_per_round.append(a)
             recent.append(a + 1)
-            if on_round is not None:
-                on_round(drafts, a, nxt)
             if fallback and len(recent) == window and sum(recent) / window <= break_even:
                 speculating = False
+                tgt.hidden = None  # no more drafts: the captured step may serve the target alone
                 stats.fallback_at = len(out) + len(new)
                 print(f"speculative: draft dropped after {stats.rounds} rounds: "
                       f"{sum(recent) / window:.2f} tokens per target forward over the last {window} rounds <= "
@@ -293,6 +302,7 @@ def speculative_generate(target, draft, prompt: Sequence[int], max_new_tokens: i
         raise CacheFullError(f"the draft cache (batch {dcache.batch}, {dcache.max_len} positions) must be batch 1 "
                              f"with >= {need} positions")
     _check_ring_slack(dcache, k, "draft")
+    tgt = _target_stream(target, prompt, max_new_tokens, k, target_cache, target_decode_fn)
     drf = _Stream(draft, dcache, draft_decode_fn)
 
     def propose(seq, n, k_eff, gen):
@@ -313,6 +323,111 @@ def speculative_generate(target, draft, prompt: Sequence[int], max_new_tokens: i
     def after_round(n, a):
         drf.rollback(min(drf.fed, n + a))
 
-    out = _speculate(target, propose, prompt, max_new_tokens, k, temperature, top_k, top_p, stop_tokens, seed,
-                     target_cache, target_decode_fn, stats, window, fallback, None, after_round)
+    out = _speculate(tgt, propose, prompt, max_new_tokens, k, temperature, top_k, top_p, stop_tokens, seed,
+                     stats, window, fallback, after_round)
+    return out, stats
+
+
+def _mtp_forward(model, m, h_prev: torch.Tensor, tokens_ahead: torch.Tensor, positions: torch.Tensor,
+                 cache) -> torch.Tensor:
+    """One MTP module over a chunk, with its block's cache: `MTP.forward` plus the cache argument
+    (tests/test_speculative.py checks the two agree). h_prev [B,T,d], tokens_ahead [B,T] = t_{i+depth}."""
+    ctx = model.context(tokens_ahead, positions, None)
+    x = m.eh_proj(torch.cat([m.enorm(model.embed(tokens_ahead)), m.hnorm(h_prev)], dim=-1))
+    return m.norm(m.block(x, ctx, cache))
+
+
+def _mtp_active_params(model) -> tuple[int, int]:
+    """(active parameters of the MTP modules + the shared head they use, of the trunk + head)."""
+    cfg = model.cfg
+    mtp = trunk = 0
+    for name, p in model.named_parameters():
+        n = p.numel()
+        if (name.endswith("w_gate_up") or name.endswith("w_down")) and p.dim() == 3:
+            n = n * cfg.n_experts_per_tok // cfg.n_experts
+        if name.startswith("mtp."):
+            mtp += n
+        else:
+            trunk += n
+    return mtp + model.head_weight.numel(), trunk
+
+
+@torch.no_grad()
+def mtp_speculative_generate(model, prompt: Sequence[int], max_new_tokens: int, temperature: float = 0.0,
+                             top_k: int = 0, top_p: float = 1.0, stop_tokens: Sequence[int] = (),
+                             seed: int | None = None, cost_ratio: float | None = None, window: int = 8,
+                             fallback: bool = True, cache: ModelCache | None = None,
+                             decode_fn: Callable | None = None) -> tuple[list[int], SpeculativeStats]:
+    """Self-speculation with the model's own multi-token-prediction modules (DeepSeek-V3 §2.2,
+    §5.4.3: the MTP module "can be repurposed for speculative decoding").
+
+    With D modules, each round drafts k = D tokens: at the last position i whose main hidden
+    state is known, depth 1 reads h_i and Emb(t_{i+1}) (the pending token) and predicts t_{i+2},
+    depth j reads depth j-1's output and Emb(d_{j-1}). Each depth keeps a cache for its block and
+    is run over every position it has not yet seen with known inputs, so its attention sees the
+    whole prefix exactly as in training. Positions whose inputs included a draft are rewritten
+    the next round (the MTP blocks are MLA, position-indexed). The main model's hidden states
+    come from its verification forwards, so `decode_fn` (logits only) serves only target-alone
+    steps after a fallback. Same arguments and output as `speculative_generate`.
+    """
+    if model.mtp is None:
+        raise ValueError("the model has no MTP modules (n_mtp == 0): use speculative_generate with a draft model")
+    D = len(model.mtp)
+    prompt = [int(t) for t in prompt]
+    mtp_params, trunk_params = _mtp_active_params(model)
+    c = mtp_params / trunk_params if cost_ratio is None else float(cost_ratio)
+    stats = SpeculativeStats(k=D, cost_ratio=c)
+    tgt = _target_stream(model, prompt, max_new_tokens, D, cache, decode_fn, keep_hidden=True)
+    L = tgt.cache.max_len
+    p = model.embed.weight
+    caches = [m.block.mixer.make_cache(1, L, p.dtype, p.device) for m in model.mtp]
+    for j, c_j in enumerate(caches):
+        if not _is_positional(c_j):
+            raise ValueError(f"MTP depth {j + 1}: its block's cache {type(c_j).__name__} is not position-indexed; "
+                             "rolling back a recurrent MTP state is not implemented")
+    hidden = [tgt.hidden] + [torch.zeros_like(tgt.hidden) for _ in range(D)]
+    fed = [0] * (D + 1)  # fed[j]: positions < fed[j] of depth j (cache and hidden) hold exact values
+    valid_main = [0]  # positions < this have exact main hidden states
+
+    if len(prompt) >= 2:  # the main hidden states of the prompt but its last (pending) token
+        tgt.feed(prompt[:-1], 1)
+        stats.target_forwards += 1
+        valid_main[0] = len(prompt) - 1
+
+    ran = [0]  # depths run in the current round
+
+    def propose(seq, n, k_eff, gen):
+        valid_main[0] = max(valid_main[0], tgt.fed)  # target-only steps feed exact positions
+        if n < 2 or valid_main[0] < n - 1:
+            return None
+        ran[0] = k_eff
+        ext = list(seq)
+        tokens, qs = [], []
+        dev = tgt.device
+        for j in range(1, k_eff + 1):
+            s = fed[j]
+            pos = torch.arange(s, n - 1, device=dev)
+            ahead = torch.tensor(ext[s + j:n - 1 + j], device=dev)
+            h = _mtp_forward(model, model.mtp[j - 1], hidden[j - 1][s:n - 1][None], ahead[None], pos[None],
+                             caches[j - 1])[0]
+            hidden[j][s:n - 1] = h
+            logits = model.logits(h[-1]).float()
+            if temperature <= 0:
+                tokens.append(int(logits.argmax()))
+            else:
+                q = _probs(logits[None], temperature, top_k, top_p)[0]
+                tokens.append(int(torch.multinomial(q, 1, generator=gen)))
+                qs.append(q)
+            ext.append(tokens[-1])
+        return tokens, (torch.stack(qs) if qs else None)
+
+    def after_round(n, a):
+        valid_main[0] = n + a
+        # depth j wrote positions < n - 1; at position i it read t_{i+j}, a real token iff
+        # i + j <= n - 1 + a (drafts d_1..d_a accepted), and depth j-1's output there, exact likewise
+        for j in range(1, ran[0] + 1):
+            fed[j] = min(n - 1, n + a - j)
+
+    out = _speculate(tgt, propose, prompt, max_new_tokens, D, temperature, top_k, top_p, stop_tokens, seed,
+                     stats, window, fallback, after_round)
     return out, stats

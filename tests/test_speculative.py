@@ -142,3 +142,71 @@ def test_sampled_tokens_follow_the_target():
     assert chi2 < _chi2_critical(int(keep.sum()) - 1), (chi2, int(keep.sum()))
     tv = 0.5 * float((counts / N - exact).abs().sum())
     assert tv < 0.12
+
+
+# ---- self-speculation with DeepSeek-V3 MTP modules ------------------------------------------------
+def _mtp_model(n_mtp):
+    return _model("deepseek_v3_tiny", n_layers=2, n_mtp=n_mtp)
+
+
+def test_mtp_forward_with_cache_matches_module(rel_err):
+    from deepwish.model.mtp import mtp_hidden_states
+    from deepwish.speculative import _mtp_forward
+    model = _mtp_model(1)
+    x = torch.randint(0, V, (1, 12))
+    with torch.no_grad():
+        h = model.hidden_states(x)
+        ref = mtp_hidden_states(model, h, x)[0][:, :-1]  # the last position's target wraps
+        cache = model.mtp[0].block.mixer.make_cache(1, 16, torch.float32, "cpu")
+        pos = torch.arange(11)[None]
+        a = _mtp_forward(model, model.mtp[0], h[:, :5], x[:, 1:6], pos[:, :5], cache)  # in two chunks
+        b = _mtp_forward(model, model.mtp[0], h[:, 5:11], x[:, 6:12], pos[:, 5:], cache)
+    assert rel_err(ref, torch.cat([a, b], 1)) < 1e-5
+
+
+@pytest.mark.parametrize("n_mtp", [1, 2])
+@pytest.mark.parametrize("prompt_len", [1, 6])
+def test_mtp_greedy_equals_plain_greedy(n_mtp, prompt_len):
+    from deepwish.speculative import mtp_speculative_generate
+    model = _mtp_model(n_mtp)
+    prompt = torch.randint(0, V, (prompt_len,)).tolist()
+    ref = generate(model, [prompt], 25)[0]
+    out, stats = mtp_speculative_generate(model, prompt, 25, fallback=False)
+    assert out == ref
+    assert stats.rounds > 0 and stats.proposed <= stats.rounds * n_mtp and stats.target_forwards < 25 + 2
+
+
+def test_mtp_drafts_come_from_the_exact_prefix(monkeypatch, rel_err):
+    """Every depth-1 output computed during speculation (cached, chunk by chunk, across rejections)
+    equals the training-path MTP hidden state of the final sequence at that position."""
+    import deepwish.speculative as spec
+    from deepwish.model.mtp import mtp_hidden_states
+    model = _mtp_model(1)
+    seen = []
+    inner = spec._mtp_forward
+
+    def record(model_, m, h_prev, ahead, positions, cache):
+        out = inner(model_, m, h_prev, ahead, positions, cache)
+        if m.depth == 1:
+            seen.append((positions[0].clone(), out[0].clone()))
+        return out
+
+    monkeypatch.setattr(spec, "_mtp_forward", record)
+    prompt = torch.randint(0, V, (5,)).tolist()
+    out, stats = spec.mtp_speculative_generate(model, prompt, 30, fallback=False)
+    seq = torch.tensor([prompt + out])
+    with torch.no_grad():
+        ref = mtp_hidden_states(model, model.hidden_states(seq), seq)[0][0]
+    assert len(seen) == stats.rounds
+    for pos, h in seen:
+        assert rel_err(ref[pos], h) < 1e-5
+
+
+def test_mtp_sampled_runs_and_is_seeded():
+    from deepwish.speculative import mtp_speculative_generate
+    model = _mtp_model(2)
+    a = mtp_speculative_generate(model, [1, 2, 3], 12, temperature=1.0, top_p=0.9, seed=3)[0]
+    b = mtp_speculative_generate(model, [1, 2, 3], 12, temperature=1.0, top_p=0.9, seed=3)[0]
+    assert a == b and len(a) == 12
+    with pytest.raises(ValueError, match="no MTP"):
+        mtp_speculative_generate(_model(), [1], 4)
