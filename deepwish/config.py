@@ -179,6 +179,7 @@ class TrainConfig:
     eval_every: int = 50
     eval_batches: int = 8
     save_every: int = 100
+    keep_checkpoints: int = 2  # newest checkpoints kept in out_dir/checkpoints (older ones deleted)
     log_every: int = 10
     loss_backend: str = "auto"  # auto (fused on GPU, torch on CPU) | torch | triton
     z_loss: float = 0.0

@@ -304,10 +304,10 @@ def train(run_cfg: RunConfig, resume: bool | str = False, *, progress_bar: bool 
     def save(done: int) -> str:
         if d.active:  # collective, sharded (torch.distributed.checkpoint)
             return str(dist_checkpoint.save(run_dir, done, model=model, optimizer=optimizer, loader=loader, ema=ema,
-                                            config=to_dict(run_cfg), keep_last=2))
+                                            config=to_dict(run_cfg), keep_last=tc.keep_checkpoints))
         path = save_checkpoint(run_dir, done, model_state=model.state_dict(), optimizer_state=optimizer.state_dict(),
                                loader_state=loader.state_dict(), ema_state=ema.state_dict() if ema else None,
-                               config=to_dict(run_cfg), keep_last=2)
+                               config=to_dict(run_cfg), keep_last=tc.keep_checkpoints)
         return str(path)
 
     train_losses: dict[int, float] = {}
