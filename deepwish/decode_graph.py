@@ -20,65 +20,109 @@ Rules the step must keep (checked by tests/test_decode_graph_gpu.py): no host sy
 inside it (`.item()`, `.tolist()`, `nonzero`, `bincount`, data-dependent shapes), and no
 reallocation of cache tensors after capture.
 
-Simplifications: one graph per (model, cache) pair, i.e. per batch size and cache length;
-the logits buffer is the graph's own and is overwritten by the next call (copy it to keep it).
+`CapturedSteps` does the same for fixed chunk lengths T (e.g. 1 and k+1 for speculative
+decoding, whose verification forward is otherwise launch-bound); lengths not captured run
+eagerly through the same function.
+
+Simplifications: one graph per (model, cache, T), i.e. per batch size, cache length and chunk
+length; the logits buffer is the graph's own and is overwritten by the next call (copy it to
+keep it). torch.compile recompiles per shape: past dynamo's recompile limit it would run
+eagerly, so a long-lived process capturing many shapes should reset dynamo between them.
 """
 from __future__ import annotations
 
 import torch
 
 from deepwish.generate import decode_one_token
-from deepwish.model.cache import ModelCache
+from deepwish.model.cache import CacheFullError, ModelCache
 
 
-class CapturedDecoder:
-    """decode_fn(model, token [B], position [B], cache) -> logits [B, V] (fp32), replayed from a
-    CUDA graph bound to `model` and `cache`.
+@torch.no_grad()
+def chunk_logits(model, tokens: torch.Tensor, positions: torch.Tensor, cache: ModelCache) -> torch.Tensor:
+    """tokens, positions [B, T] -> logits [B, T, V] (fp32): a prefill or verification chunk."""
+    if not positions.is_cuda and int(positions.max()) >= cache.max_len:
+        raise CacheFullError(f"chunk reaches position {int(positions.max())} but the cache holds {cache.max_len}")
+    h = model.hidden_states(tokens, positions=positions, cache=cache)
+    return model.logits(h).float()
 
-    compile: run the step through `torch.compile` (inductor fuses the elementwise work: norms,
-    rotary, masks, SwiGLU) before capturing it. Compilation happens during warm-up.
-    """
 
-    def __init__(self, model, cache: ModelCache, compile: bool = False, warmup: int = 2):
+class _Graph:
+    """fn(model, *inputs, cache) captured once over static input buffers shaped like `shapes`."""
+
+    def __init__(self, fn, model, cache: ModelCache, shapes: list[tuple[int, ...]], compile: bool, warmup: int):
         device = model.embed.weight.device
         if device.type != "cuda":
-            raise ValueError(f"CapturedDecoder needs a CUDA model (got {device}); on CPU use decode_one_token")
+            raise ValueError(f"CUDA-graph capture needs a CUDA model (got {device}); on CPU run the step eagerly")
         tensors = [t for layer in cache.layers for t in vars(layer).values() if isinstance(t, torch.Tensor)]
         off = sorted({str(t.device) for t in tensors if t.device != device})
         if off:
             raise ValueError(f"cache tensors on {off}, model on {device}: build the cache with model.make_cache")
         if warmup < 1:
             raise ValueError("warmup must be >= 1 (kernels must be loaded and autotuned before capture)")
-        self.model, self.cache, self.compiled = model, cache, compile
-        B = cache.batch
-        self.token = torch.zeros(B, dtype=torch.long, device=device)
-        self.position = torch.zeros(B, dtype=torch.long, device=device)
-        step = torch.compile(decode_one_token, dynamic=False) if compile else decode_one_token
+        self.inputs = [torch.zeros(s, dtype=torch.long, device=device) for s in shapes]
+        step = torch.compile(fn, dynamic=False) if compile else fn
         # Warm up on a side stream (cuBLAS workspaces, Triton autotuning and compilation happen
         # here, outside the graph), as torch.cuda.graphs documents.
         side = torch.cuda.Stream(device)
         side.wait_stream(torch.cuda.current_stream(device))
         with torch.cuda.stream(side):
             for _ in range(warmup):
-                step(model, self.token, self.position, cache)
+                step(model, *self.inputs, cache)
         torch.cuda.current_stream(device).wait_stream(side)
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph):
-            self.logits = step(model, self.token, self.position, cache)
+            self.output = step(model, *self.inputs, cache)
         # Warm-up wrote token 0 at position 0 of every layer and advanced recurrent states.
         cache.reset()
 
-    @property
-    def batch(self) -> int:
-        return self.token.shape[0]
+    def __call__(self, *args: torch.Tensor) -> torch.Tensor:
+        for buf, a in zip(self.inputs, args):
+            if a.shape != buf.shape:
+                raise ValueError(f"captured for inputs of shape {tuple(buf.shape)}, got {tuple(a.shape)}")
+            buf.copy_(a)
+        self.graph.replay()
+        return self.output
+
+
+class CapturedDecoder:
+    """decode_fn(model, token [B], position [B], cache) -> logits [B, V] (fp32), replayed from a
+    CUDA graph bound to `model` and `cache` (generate's `decode_fn`).
+
+    compile: run the step through `torch.compile` (inductor fuses the elementwise work: norms,
+    rotary, masks, SwiGLU) before capturing it. Compilation happens during warm-up.
+    Capture leaves the cache zeroed: build the decoder before prefilling.
+    """
+
+    def __init__(self, model, cache: ModelCache, compile: bool = False, warmup: int = 2):
+        self.model, self.cache, self.compiled = model, cache, compile
+        self.batch = cache.batch
+        self._graph = _Graph(decode_one_token, model, cache, [(cache.batch,), (cache.batch,)], compile, warmup)
 
     def __call__(self, model, token: torch.Tensor, position: torch.Tensor, cache: ModelCache) -> torch.Tensor:
         if model is not self.model or cache is not self.cache:
             raise ValueError("this captured step is bound to the model and cache it was captured with")
-        if token.shape != self.token.shape or position.shape != self.position.shape:
+        if token.shape != (self.batch,) or position.shape != (self.batch,):
             raise ValueError(f"captured for batch {self.batch}: token {tuple(token.shape)} / position "
                              f"{tuple(position.shape)} must both be [{self.batch}]")
-        self.token.copy_(token)
-        self.position.copy_(position)
-        self.graph.replay()
-        return self.logits
+        return self._graph(token, position)
+
+
+class CapturedSteps:
+    """step(model, tokens [B, T], positions [B, T], cache) -> logits [B, T, V] (fp32): replayed from
+    a CUDA graph when T is one of `lengths`, else `chunk_logits` run eagerly (prefill, odd chunks).
+    Speculative decoding takes one for the target (lengths (1, k+1)) and one for the draft.
+    Capture leaves the cache zeroed: build it before prefilling."""
+
+    def __init__(self, model, cache: ModelCache, lengths: tuple[int, ...] = (1,), compile: bool = False,
+                 warmup: int = 2):
+        if not lengths or min(lengths) < 1:
+            raise ValueError(f"lengths {lengths}: chunk lengths must be >= 1")
+        self.model, self.cache = model, cache
+        B = cache.batch
+        self.graphs = {T: _Graph(chunk_logits, model, cache, [(B, T), (B, T)], compile, warmup) for T in lengths}
+
+    def __call__(self, model, tokens: torch.Tensor, positions: torch.Tensor, cache: ModelCache) -> torch.Tensor:
+        if model is not self.model or cache is not self.cache:
+            raise ValueError("these captured steps are bound to the model and cache they were captured with")
+        g = self.graphs.get(tokens.shape[1])
+        return chunk_logits(model, tokens, positions, cache) if g is None else g(tokens, positions)

@@ -95,8 +95,8 @@ class SpeculativeStats:
 class _Stream:
     """One model and its cache over the shared token sequence; positions < `fed` are valid."""
 
-    def __init__(self, model, cache: ModelCache, decode_fn: Callable | None, keep_hidden: bool = False):
-        self.model, self.cache, self.decode_fn = model, cache, decode_fn
+    def __init__(self, model, cache: ModelCache, step: Callable | None, keep_hidden: bool = False):
+        self.model, self.cache, self.step = model, cache, step
         self.fed = 0
         # final-normed hidden state of every fed position (MTP drafts start from them)
         self.hidden = (torch.zeros(cache.max_len, model.cfg.d_model, device=model.embed.weight.device,
@@ -114,8 +114,8 @@ class _Stream:
                                  f"the cache holds {self.cache.max_len}")
         tok = torch.tensor(tokens, device=self.device)
         pos = torch.arange(self.fed, self.fed + T, device=self.device)
-        if T == 1 and self.decode_fn is not None and self.hidden is None:
-            logits = self.decode_fn(self.model, tok, pos, self.cache)
+        if self.step is not None and self.hidden is None:
+            logits = self.step(self.model, tok[None], pos[None], self.cache)[0, -n_logits:]
         else:
             h = self.model.hidden_states(tok[None], positions=pos[None], cache=self.cache)
             logits = self.model.logits(h[0, -n_logits:]).float()
@@ -184,7 +184,7 @@ def _check_ring_slack(cache: ModelCache, k: int, who: str) -> None:
 
 @torch.no_grad()
 def _target_stream(target, prompt: Sequence[int], max_new_tokens: int, k: int, cache: ModelCache | None,
-                   decode_fn: Callable | None, keep_hidden: bool = False) -> _Stream:
+                   step: Callable | None, keep_hidden: bool = False) -> _Stream:
     if not prompt:
         raise ValueError("the prompt needs at least one token")
     if k < 1:
@@ -197,7 +197,9 @@ def _target_stream(target, prompt: Sequence[int], max_new_tokens: int, k: int, c
         raise CacheFullError(f"prompt of {len(prompt)} tokens + {max_new_tokens} new tokens needs {need} positions, "
                              f"the target cache holds {cache.max_len}")
     _check_ring_slack(cache, k, "target")
-    return _Stream(target, cache, decode_fn, keep_hidden)
+    if step is not None and getattr(step, "cache", cache) is not cache:
+        raise ValueError("the target step was captured on another cache: pass that cache as target_cache")
+    return _Stream(target, cache, step, keep_hidden)
 
 
 def _speculate(tgt: _Stream, propose: Callable, prompt: Sequence[int], max_new_tokens: int, k: int,
@@ -252,7 +254,7 @@ def _speculate(tgt: _Stream, propose: Callable, prompt: Sequence[int], max_new_t
             recent.append(a + 1)
             if fallback and len(recent) == window and sum(recent) / window <= break_even:
                 speculating = False
-                tgt.hidden = None  # no more drafts: the captured step may serve the target alone
+                tgt.hidden = None  # no more drafts: the captured steps may serve the target alone
                 stats.fallback_at = len(out) + len(new)
                 print(f"speculative: draft dropped after {stats.rounds} rounds: "
                       f"{sum(recent) / window:.2f} tokens per target forward over the last {window} rounds <= "
@@ -282,15 +284,17 @@ def speculative_generate(target, draft, prompt: Sequence[int], max_new_tokens: i
                          stop_tokens: Sequence[int] = (), seed: int | None = None, cost_ratio: float | None = None,
                          window: int = 8, fallback: bool = True,
                          target_cache: ModelCache | None = None, draft_cache: ModelCache | None = None,
-                         target_decode_fn: Callable | None = None, draft_decode_fn: Callable | None = None,
+                         target_step: Callable | None = None, draft_step: Callable | None = None,
                          ) -> tuple[list[int], SpeculativeStats]:
     """New tokens of one prompt (a stop token, when hit, is included and ends it) and the stats.
 
     cost_ratio: draft step / target step cost (default: active-parameter ratio).
     window, fallback: drop the draft when the mean tokens per round over the last `window`
     rounds is <= 1 + k·cost_ratio (fallback=False keeps speculating).
-    *_cache: preallocated batch-1 caches (e.g. the ones CapturedDecoders were built on);
-    *_decode_fn: one-token steps (e.g. CapturedDecoder) used whenever exactly one token is fed.
+    *_cache: preallocated batch-1 caches (the ones the steps were captured on);
+    *_step: step(model, tokens [1, T], positions [1, T], cache) -> logits [1, T, V] for every
+    feed, e.g. `decode_graph.CapturedSteps(target, target_cache, lengths=(1, k + 1))` and
+    `CapturedSteps(draft, draft_cache, lengths=(1, 2))` on GPU; None runs eagerly.
     """
     if draft.cfg.vocab_size != target.cfg.vocab_size:
         raise ValueError(f"draft vocabulary {draft.cfg.vocab_size} != target vocabulary {target.cfg.vocab_size}")
@@ -302,8 +306,10 @@ def speculative_generate(target, draft, prompt: Sequence[int], max_new_tokens: i
         raise CacheFullError(f"the draft cache (batch {dcache.batch}, {dcache.max_len} positions) must be batch 1 "
                              f"with >= {need} positions")
     _check_ring_slack(dcache, k, "draft")
-    tgt = _target_stream(target, prompt, max_new_tokens, k, target_cache, target_decode_fn)
-    drf = _Stream(draft, dcache, draft_decode_fn)
+    tgt = _target_stream(target, prompt, max_new_tokens, k, target_cache, target_step)
+    if draft_step is not None and getattr(draft_step, "cache", dcache) is not dcache:
+        raise ValueError("the draft step was captured on another cache: pass that cache as draft_cache")
+    drf = _Stream(draft, dcache, draft_step)
 
     def propose(seq, n, k_eff, gen):
         drf.snapshot()
@@ -357,7 +363,7 @@ def mtp_speculative_generate(model, prompt: Sequence[int], max_new_tokens: int, 
                              top_k: int = 0, top_p: float = 1.0, stop_tokens: Sequence[int] = (),
                              seed: int | None = None, cost_ratio: float | None = None, window: int = 8,
                              fallback: bool = True, cache: ModelCache | None = None,
-                             decode_fn: Callable | None = None) -> tuple[list[int], SpeculativeStats]:
+                             step: Callable | None = None) -> tuple[list[int], SpeculativeStats]:
     """Self-speculation with the model's own multi-token-prediction modules (DeepSeek-V3 §2.2,
     §5.4.3: the MTP module "can be repurposed for speculative decoding").
 
@@ -367,8 +373,9 @@ def mtp_speculative_generate(model, prompt: Sequence[int], max_new_tokens: int, 
     is run over every position it has not yet seen with known inputs, so its attention sees the
     whole prefix exactly as in training. Positions whose inputs included a draft are rewritten
     the next round (the MTP blocks are MLA, position-indexed). The main model's hidden states
-    come from its verification forwards, so `decode_fn` (logits only) serves only target-alone
-    steps after a fallback. Same arguments and output as `speculative_generate`.
+    come from its verification forwards, so `step` (logits only, as in `speculative_generate`)
+    serves only target-alone steps after a fallback. Same arguments and output as
+    `speculative_generate`.
     """
     if model.mtp is None:
         raise ValueError("the model has no MTP modules (n_mtp == 0): use speculative_generate with a draft model")
@@ -377,7 +384,7 @@ def mtp_speculative_generate(model, prompt: Sequence[int], max_new_tokens: int, 
     mtp_params, trunk_params = _mtp_active_params(model)
     c = mtp_params / trunk_params if cost_ratio is None else float(cost_ratio)
     stats = SpeculativeStats(k=D, cost_ratio=c)
-    tgt = _target_stream(model, prompt, max_new_tokens, D, cache, decode_fn, keep_hidden=True)
+    tgt = _target_stream(model, prompt, max_new_tokens, D, cache, step, keep_hidden=True)
     L = tgt.cache.max_len
     p = model.embed.weight
     caches = [m.block.mixer.make_cache(1, L, p.dtype, p.device) for m in model.mtp]

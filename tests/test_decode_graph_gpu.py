@@ -89,3 +89,32 @@ def test_bound_to_its_cache(cuda):
         step(model, tok, tok, other)
     with pytest.raises(ValueError, match="batch 2"):
         step(model, tok[:1], tok[:1], cache)
+
+
+@pytest.mark.parametrize("target_preset", ["qwen3_tiny", "qwen3_next_tiny", "deepseek_v3_tiny"])
+def test_speculative_with_captured_steps(cuda, target_preset):
+    """Verification (k+1 tokens) and draft steps replayed from graphs; fp32 so that the chunked
+    verification and the one-token decode agree to argmax."""
+    from deepwish.decode_graph import CapturedSteps
+    from deepwish.speculative import speculative_generate
+    target = _model(target_preset, torch.float32, cuda, init_std=0.1)
+    draft = _model("qwen3_tiny", torch.float32, cuda, n_layers=1, init_std=0.1,
+                   vocab_size=target.cfg.vocab_size)
+    prompt = list(range(1, 8))
+    ref = generate(target, [prompt], 40)[0]
+    for d in (draft, target):
+        tc, dc = target.make_cache(1, 64), d.make_cache(1, 64)
+        ts = CapturedSteps(target, tc, lengths=(1, 5))
+        ds = CapturedSteps(d, dc, lengths=(1, 2))
+        out, st = speculative_generate(target, d, prompt, 40, k=4, fallback=False, target_cache=tc,
+                                       draft_cache=dc, target_step=ts, draft_step=ds)
+        assert out == ref, st.summary()
+    assert st.acceptance_rate == 1.0  # self-draft
+
+
+def test_mtp_speculation_on_gpu(cuda):
+    from deepwish.speculative import mtp_speculative_generate
+    model = _model("deepseek_v3_tiny", torch.float32, cuda, init_std=0.1, n_mtp=2)
+    prompt = list(range(3, 12))
+    out, st = mtp_speculative_generate(model, prompt, 30, fallback=False)
+    assert out == generate(model, [prompt], 30)[0], st.summary()

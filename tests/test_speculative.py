@@ -210,3 +210,27 @@ def test_mtp_sampled_runs_and_is_seeded():
     assert a == b and len(a) == 12
     with pytest.raises(ValueError, match="no MTP"):
         mtp_speculative_generate(_model(), [1], 4)
+
+
+def test_step_callable_serves_every_feed(target, drafts):
+    """A `step` (what CapturedSteps is on GPU) replaces the eager forward for every chunk."""
+    from deepwish.decode_graph import chunk_logits
+    calls = {"target": [], "draft": []}
+
+    def recording(who):
+        def step(model, tokens, positions, cache):
+            calls[who].append(tokens.shape[1])
+            return chunk_logits(model, tokens, positions, cache)
+        return step
+
+    prompt = [9, 8, 7]
+    tc, dc = target.make_cache(1, 40), drafts["noisy"].make_cache(1, 40)
+    out, st = speculative_generate(target, drafts["noisy"], prompt, 30, k=3, fallback=False, target_cache=tc,
+                                   draft_cache=dc, target_step=recording("target"), draft_step=recording("draft"))
+    assert out == generate(target, [prompt], 30)[0]
+    assert len(calls["target"]) == st.target_forwards and len(calls["draft"]) == st.draft_forwards
+    assert set(calls["target"][1:]) <= {1, 2, 3, 4} and set(calls["draft"][1:]) <= {1, 2}
+    fake = recording("target")
+    fake.cache = target.make_cache(1, 40)  # a step bound to some other cache
+    with pytest.raises(ValueError, match="another cache"):
+        speculative_generate(target, drafts["noisy"], prompt, 5, target_cache=tc, target_step=fake)
