@@ -241,6 +241,13 @@ def _is_gate(param_name: str) -> bool:
     return owner in _GATE_NAMES or owner.endswith("router") or owner.endswith("_gate")
 
 
+def _is_conv(param_name: str) -> bool:
+    """A convolution kernel kept as a raw parameter (e.g. Gated DeltaNet's depthwise
+    `conv_weight` [C, K]): a per-channel filter, not a linear map between feature spaces."""
+    parts = param_name.split(".")
+    return any("conv" in part for part in parts[-2:])
+
+
 @dataclass
 class ParamAssignment:
     """Names of the parameters in each family (for printing and for tests)."""
@@ -277,7 +284,7 @@ def classify_params(model: nn.Module) -> tuple[dict[str, list[nn.Parameter]], Pa
         if id(p) in embed_ids or (head is not None and p is head):
             kind = "adamw_decay"
         elif (p.ndim in (2, 3) and min(p.shape[-2:]) > 1 and id(p) not in conv_ids
-              and not _is_gate(name)):
+              and not _is_gate(name) and not _is_conv(name)):
             kind = "muon"
         else:
             kind = "adamw_no_decay"

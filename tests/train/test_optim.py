@@ -121,3 +121,16 @@ def test_build_optimizer_muon_and_adamw_train_every_parameter():
         assert all("base_lr" in g for g in opt.param_groups)
     with pytest.raises(ValueError, match="optimizer"):
         param_groups(ToyMoE(), TrainConfig(optimizer="sgd"))
+
+
+def test_real_model_groups_keep_conv_router_and_gates_off_muon():
+    from deepwish.config import model_config
+    from deepwish.model import Transformer
+    for preset in ("qwen3_next_tiny", "deepseek_v32_tiny"):
+        model = Transformer(model_config(preset, n_layers=2, d_model=64))
+        _, names = classify_params(model)
+        for n in names.muon:
+            leaf = n.split(".")[-2] if n.count(".") else n
+            assert "conv" not in n and "router" not in n and leaf not in ("shared_gate", "weights_proj"), n
+        assert any(n.endswith("w_gate_up") for n in names.muon)  # stacked experts are on Muon
+        assert {"embed.weight", "lm_head.weight"} <= set(names.adamw_decay)
