@@ -11,6 +11,9 @@ Models are random-init in bf16 (no downloads). For each preset, batch and contex
             qwen3_0.6b at batch 1, the smallest context: compilation costs ~a minute per shape);
   eager     the uncaptured step (batch 1, smallest context), to show what capture buys;
   generate  our `generate()` end to end with the captured step (batch 1, smallest context);
+  verify-k4 a captured 5-token chunk forward (speculative verification with k = 4 drafts; batch
+            1, smallest context): its time over the one-token step is the verification cost
+            ratio r, and speculation pays when E[tokens per round] > r + k·(draft/target cost);
   hf        HF transformers `generate` (greedy, its default SDPA attention) on the same weights
             (save_hf -> AutoModelForCausalLM.from_pretrained(dtype=bfloat16)), batch 1, smallest
             context: per-token time = (t(n tokens) - t(1 token)) / (n - 1), prefill excluded.
@@ -127,7 +130,7 @@ def _time_steps(step, n: int, warmup: int = 3) -> float:
 
 
 def _decode_rows(preset, model, batch, context, new_tokens, modes, device) -> list[Row]:
-    from deepwish.decode_graph import CapturedDecoder
+    from deepwish.decode_graph import CapturedDecoder, CapturedSteps
     from deepwish.generate import decode_one_token
     V = model.cfg.vocab_size
     length = context + new_tokens
@@ -143,6 +146,12 @@ def _decode_rows(preset, model, batch, context, new_tokens, modes, device) -> li
             cache = model.make_cache(batch, length)
             if mode == "eager":
                 ms = _time_steps(lambda i: decode_one_token(model, tokens[i], positions[i], cache), min(new_tokens, 16))
+            elif mode == "verify-k4":
+                steps = CapturedSteps(model, cache, lengths=(5,))
+                chunk_tok = torch.randint(0, V, (new_tokens, batch, 5), device=device)
+                chunk_pos = (positions[:, :, None] + torch.arange(5, device=device)).clamp(max=length - 1)
+                ms = _time_steps(lambda i: steps(model, chunk_tok[i], chunk_pos[i], cache), new_tokens)
+                del steps
             else:
                 if mode == "compiled":
                     torch._dynamo.reset()  # a fresh compile per shape, not a recompile-limit fallback
@@ -160,6 +169,11 @@ def _decode_rows(preset, model, batch, context, new_tokens, modes, device) -> li
         del dec, cache
         gc.collect()
         torch.cuda.empty_cache()
+        if mode == "verify-k4" and row.ms_per_step:
+            row.tok_s = 5 * batch * 1e3 / row.ms_per_step  # tokens checked per second
+            one = next((r for r in rows if r.mode == "graph" and r.ms_per_step), None)
+            if one:
+                row.note = f"verification cost r = {row.ms_per_step / one.ms_per_step:.2f}x the 1-token step"
         rows.append(row)
         print(_fmt(row), flush=True)
     return rows
@@ -251,7 +265,7 @@ def run_preset(preset, batches, contexts, new_tokens, hf_tokens, compile_mode, d
             if compile_mode == "all" or (compile_mode == "goal" and first and preset == GOAL_COMPILED):
                 modes.append("compiled")
             if first:
-                modes += ["eager", "generate"]
+                modes += ["eager", "generate", "verify-k4"]
             if cache_bytes(model, b, ctx + new_tokens) > 0.8 * free:
                 rows.append(Row(preset, "graph", b, ctx, note=f"skipped: cache "
                                 f"{cache_bytes(model, b, ctx + new_tokens) / 1e9:.1f} GB > 80% of free memory"))
