@@ -580,10 +580,27 @@ def _interpreting() -> bool:
 
 _SEQ_CONFIGS = [triton.Config({"BV": bv}, num_warps=nw, num_stages=ns)
                 for bv, nw, ns in ((16, 4, 2), (32, 4, 2), (32, 4, 3), (64, 4, 2), (64, 8, 2))]
-# The sequential kernels carry the whole run's latency; which V split fills the GPU best depends on
-# N * HV, so it is measured once per shape (every launch writes only outputs: safe to repeat).
+_V_TILE_CONFIGS = [triton.Config({"BV": bv}, num_warps=nw) for bv in (64, 128) for nw in (4, 8)]
+_CHUNK_BWD_CONFIGS = [triton.Config({"BV": bv}, num_warps=nw) for bv, nw in ((16, 8), (32, 8), (32, 4))]
+# Launch shapes are measured once per (shape, dtype), since no GPU timing informed the defaults. Every
+# autotuned kernel writes only outputs (or scratch it rewrites), so repeated trial launches are safe;
+# `_wy_bwd_kernel` accumulates into dk / dbeta in place and is therefore not autotuned. The sequential
+# kernels carry the whole run's latency, and their best V split depends on N * HV.
 _state_fwd_tuned = triton.autotune(configs=_SEQ_CONFIGS, key=["NHV", "K", "V"])(_state_fwd_kernel)
 _state_bwd_tuned = triton.autotune(configs=_SEQ_CONFIGS, key=["NHV", "K", "V"])(_state_bwd_kernel)
+_wy_fwd_tuned = triton.autotune(configs=_V_TILE_CONFIGS, key=["K", "V"])(_wy_fwd_kernel)
+_output_fwd_tuned = triton.autotune(configs=_V_TILE_CONFIGS, key=["K", "V"])(_output_fwd_kernel)
+_dv_local_tuned = triton.autotune(configs=_V_TILE_CONFIGS, key=["K", "V"])(_dv_local_kernel)
+_chunk_bwd_tuned = triton.autotune(configs=_CHUNK_BWD_CONFIGS, key=["K", "V"])(_chunk_bwd_kernel)
+
+
+def _launch(tuned, raw, grid, args, kw, interpreter_meta: dict):
+    """Autotuned launch on a GPU; under the interpreter, one fixed config (`interpreter_meta`).
+    grid: meta-parameters -> launch grid."""
+    if _interpreting():
+        raw[grid(interpreter_meta)](*args, **kw, **interpreter_meta)
+    else:
+        tuned[grid](*args, **kw)
 
 
 def _chunk_layout(B: int, T: int, cu_seqlens: torch.Tensor | None, device):
@@ -615,37 +632,30 @@ def _fwd(q, k, v, g, beta, scale, h0, output_final_state, layout):
     cu, chunk_indices, chunk_offsets, NT, NC, N = layout
     varlen = cu is not None
     BK = _block_k(K)
-    BVo = max(16, min(128, triton.next_power_of_2(V)))
     dt = k.dtype
     f32 = torch.float32
     G = torch.empty(B, T, HV, dtype=f32, device=q.device)
     Ai = torch.empty(B, T, HV, BT, dtype=f32, device=q.device)
     w = torch.empty(B, T, HV, K, dtype=dt, device=q.device)
     u = torch.empty(B, T, HV, V, dtype=dt, device=q.device)
+    bv_interp = {"BV": max(16, min(64, triton.next_power_of_2(V)))}
     if NC > 0:
-        _wy_fwd_kernel[(NC, HV)](k, v, g, beta, G, Ai, w, u, cu, chunk_indices, T, NT,
-                                 H=H, HV=HV, K=K, V=V, BK=BK, BV=BVo, IS_VARLEN=varlen,
-                                 num_warps=8 if dt == torch.float32 else 4)   # fp32 spills at 4 (sm_90)
+        _launch(_wy_fwd_tuned, _wy_fwd_kernel, lambda meta: (NC, HV),
+                (k, v, g, beta, G, Ai, w, u, cu, chunk_indices, T, NT),
+                dict(H=H, HV=HV, K=K, V=V, BK=BK, IS_VARLEN=varlen), bv_interp)
     h = torch.empty(max(NC, 1), HV, K, V, dtype=dt, device=q.device)
     v_new = torch.empty(B, T, HV, V, dtype=dt, device=q.device)
     ht = torch.empty(N, HV, K, V, dtype=f32, device=q.device) if output_final_state else None
     args = (k, w, u, G, h, v_new, h0, ht, cu, chunk_offsets, T, NT, N * HV)
     kw = dict(H=H, HV=HV, K=K, V=V, BK=BK, USE_H0=h0 is not None, STORE_HT=output_final_state, IS_VARLEN=varlen)
-    _launch_seq(_state_fwd_tuned, _state_fwd_kernel, N * HV, V, args, kw)
+    _launch(_state_fwd_tuned, _state_fwd_kernel, lambda meta: (triton.cdiv(V, meta["BV"]), N * HV), args, kw,
+            bv_interp)
     o = torch.empty_like(v)
     if NC > 0:
-        _output_fwd_kernel[(NC, HV, triton.cdiv(V, BVo))](q, k, v_new, G, h, o, cu, chunk_indices, scale, T, NT,
-                                                          H=H, HV=HV, K=K, V=V, BK=BK, BV=BVo, IS_VARLEN=varlen,
-                                                          num_warps=4)
+        _launch(_output_fwd_tuned, _output_fwd_kernel, lambda meta: (NC, HV, triton.cdiv(V, meta["BV"])),
+                (q, k, v_new, G, h, o, cu, chunk_indices, scale, T, NT),
+                dict(H=H, HV=HV, K=K, V=V, BK=BK, IS_VARLEN=varlen), bv_interp)
     return o, ht, (G, Ai, w, h, v_new)
-
-
-def _launch_seq(tuned, raw, nhv: int, V: int, args, kw):
-    if _interpreting():
-        bv = max(16, min(64, triton.next_power_of_2(V)))
-        raw[(triton.cdiv(V, bv), nhv)](*args, **kw, BV=bv)
-    else:
-        tuned[lambda meta: (triton.cdiv(V, meta["BV"]), nhv)](*args, **kw)
 
 
 def _bwd(q, k, v, beta, scale, saved, want_dh0: bool, do, dht, layout):
@@ -655,22 +665,23 @@ def _bwd(q, k, v, beta, scale, saved, want_dh0: bool, do, dht, layout):
     cu, chunk_indices, chunk_offsets, NT, NC, N = layout
     varlen = cu is not None
     BK = _block_k(K)
-    BVo = max(16, min(128, triton.next_power_of_2(V)))
     dt = k.dtype
     f32 = torch.float32
     do = do.contiguous()
     dvl = torch.empty(B, T, HV, V, dtype=dt, device=q.device)
+    bv_interp = {"BV": max(16, min(64, triton.next_power_of_2(V)))}
     if NC > 0:
-        _dv_local_kernel[(NC, HV, triton.cdiv(V, BVo))](q, k, G, do, dvl, cu, chunk_indices, scale, T, NT,
-                                                        H=H, HV=HV, K=K, V=V, BK=BK, BV=BVo, IS_VARLEN=varlen,
-                                                        num_warps=4)
+        _launch(_dv_local_tuned, _dv_local_kernel, lambda meta: (NC, HV, triton.cdiv(V, meta["BV"])),
+                (q, k, G, do, dvl, cu, chunk_indices, scale, T, NT),
+                dict(H=H, HV=HV, K=K, V=V, BK=BK, IS_VARLEN=varlen), bv_interp)
     dh = torch.empty_like(h)
     dv_new = torch.empty(B, T, HV, V, dtype=dt, device=q.device)
     dh0 = torch.empty(N, HV, K, V, dtype=f32, device=q.device) if want_dh0 else None
     dht = dht.contiguous() if dht is not None else None
     args = (q, k, w, G, do, dvl, dh, dv_new, dht, dh0, cu, chunk_offsets, scale, T, NT, N * HV)
     kw = dict(H=H, HV=HV, K=K, V=V, BK=BK, USE_DHT=dht is not None, STORE_DH0=want_dh0, IS_VARLEN=varlen)
-    _launch_seq(_state_bwd_tuned, _state_bwd_kernel, N * HV, V, args, kw)
+    _launch(_state_bwd_tuned, _state_bwd_kernel, lambda meta: (triton.cdiv(V, meta["BV"]), N * HV), args, kw,
+            bv_interp)
     dq = torch.empty(B, T, HV, K, dtype=f32, device=q.device)
     dk = torch.empty(B, T, HV, K, dtype=f32, device=q.device)
     dw = torch.empty(B, T, HV, K, dtype=dt, device=q.device)
@@ -680,10 +691,10 @@ def _bwd(q, k, v, beta, scale, saved, want_dh0: bool, do, dht, layout):
     dT = torch.empty(B, T, HV, BT, dtype=f32, device=q.device)
     dg = torch.empty(B, T, HV, dtype=f32, device=q.device)
     if NC > 0:
-        BVb = max(16, min(32, triton.next_power_of_2(V)))   # 64 spills and, for fp32, overflows smem
-        _chunk_bwd_kernel[(NC, HV)](q, k, v, G, beta, Ai, h, dh, v_new, dv_new, do, dq, dk, dw, dv, dbeta, dG, dT,
-                                    cu, chunk_indices, scale, T, NT,
-                                    H=H, HV=HV, K=K, V=V, BK=BK, BV=BVb, IS_VARLEN=varlen, num_warps=8)
+        _launch(_chunk_bwd_tuned, _chunk_bwd_kernel, lambda meta: (NC, HV),
+                (q, k, v, G, beta, Ai, h, dh, v_new, dv_new, do, dq, dk, dw, dv, dbeta, dG, dT,
+                 cu, chunk_indices, scale, T, NT),
+                dict(H=H, HV=HV, K=K, V=V, BK=BK, IS_VARLEN=varlen), {"BV": max(16, min(32, triton.next_power_of_2(V)))})
         _wy_bwd_kernel[(NC, HV)](k, G, beta, Ai, dw, dT, dk, dbeta, dG, dg, cu, chunk_indices, T, NT,
                                  H=H, HV=HV, K=K, BK=BK, IS_VARLEN=varlen, num_warps=8)
     if HV != H:
