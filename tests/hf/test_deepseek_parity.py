@@ -152,3 +152,61 @@ def test_save_hf_round_trip_with_mtp(pair, tmp_path):
         assert torch.equal(again(x), with_mtp(x))
         for (ka, a), (kb, b) in zip(again.state_dict().items(), with_mtp.state_dict().items()):
             assert ka == kb and torch.equal(a, b), ka
+
+
+# ---- FP8 block-scaled checkpoints -----------------------------------------------------------
+def quantize_fp8_blocks(w: torch.Tensor, block: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
+    """Test helper: per-128x128-block absmax scaling to float8_e4m3fn, as DeepSeek stores weights."""
+    O, I = w.shape
+    gb = (-(-O // block), -(-I // block))
+    pad = torch.zeros(gb[0] * block, gb[1] * block)
+    pad[:O, :I] = w
+    blocks = pad.view(gb[0], block, gb[1], block)
+    scale = blocks.abs().amax(dim=(1, 3)).clamp_min(1e-12) / 448.0  # e4m3 max
+    q = (blocks / scale[:, None, :, None]).to(torch.float8_e4m3fn).view_as(pad)[:O, :I].contiguous()
+    return q, scale.float()
+
+
+def test_dequantize_fp8_blocks_against_loop():
+    from deepwish.hf.deepseek import dequantize_fp8_blocks
+    w = torch.randn(300, 260)
+    q, s = quantize_fp8_blocks(w)
+    out = dequantize_fp8_blocks(q, s)
+    ref = torch.empty(300, 260)
+    for i in range(3):
+        for j in range(3):
+            ref[i * 128:(i + 1) * 128, j * 128:(j + 1) * 128] = \
+                q[i * 128:(i + 1) * 128, j * 128:(j + 1) * 128].float() * s[i, j]
+    assert torch.equal(out, ref)
+    assert rel_err(w, out) < 0.05  # e4m3 keeps ~3 mantissa bits
+    with pytest.raises(ValueError, match="scale_inv shape"):
+        dequantize_fp8_blocks(q, s[:2])
+
+
+def test_fp8_checkpoint_loads_dequantised(tmp_path):
+    from safetensors.torch import load_file, save_file
+    (cfg_cls, model_cls), kw = CASES["v3_qlora_g2k1"]
+    cfg = cfg_cls(**{**BASE, **kw, "hidden_size": 160, "moe_intermediate_size": 136})  # > one 128 block
+    hf = random_hf_model(model_cls, cfg)
+    hf.save_pretrained(tmp_path / "bf")
+    sd = load_file(tmp_path / "bf" / "model.safetensors")
+    deq = dict(sd)
+    fp8 = dict(sd)
+    n = 0
+    for k, t in sd.items():
+        if t.dim() == 2 and ("self_attn" in k or "mlp." in k) and "gate.weight" not in k:
+            q, s = quantize_fp8_blocks(t)
+            fp8[k], fp8[k + "_scale_inv"] = q, s
+            deq[k] = q.float() * s.repeat_interleave(128, 0)[:t.shape[0]].repeat_interleave(128, 1)[:, :t.shape[1]]
+            n += 1
+    assert n > 20
+    for name, tensors in (("fp8", fp8), ("deq", deq)):
+        (tmp_path / name).mkdir()
+        save_file(tensors, tmp_path / name / "model.safetensors", metadata={"format": "pt"})
+        (tmp_path / name / "config.json").write_text((tmp_path / "bf" / "config.json").read_text())
+    a = load_hf(tmp_path / "fp8", dtype=torch.float32)
+    b = load_hf(tmp_path / "deq", dtype=torch.float32)
+    for (ka, ta), (kb, tb) in zip(a.state_dict().items(), b.state_dict().items()):
+        assert ka == kb and torch.equal(ta, tb), ka
+    w = a.blocks[1].ffn.w_gate_up[3, :136]  # expert 3's gate: 136 x 160 spans 2 x 2 blocks
+    assert rel_err(sd["model.layers.1.mlp.experts.3.gate_proj.weight"], w) < 0.05  # fp8 rounding only
