@@ -223,7 +223,11 @@ class _DDPEntry(nn.Module):
 
 
 class DDPStepModel:
-    """The step model under DDP: the calls train/loss.py makes, routed through DDP's forward."""
+    """The step model under DDP: the forward passes train/loss.py makes go through DDP's forward
+    (so its gradient hooks see the step); every other attribute (head_weight, logits, moe_stats,
+    extra_losses, mtp, set_indexer_mode, ...) is the unwrapped model's. Parameters used outside
+    the forward (the head weight in the fused loss, MTP heads) still get their gradients reduced:
+    DDP's hooks sit on the parameters, not on the forward."""
 
     def __init__(self, model: nn.Module, ddp: nn.Module):
         self.model, self.ddp = model, ddp
@@ -234,15 +238,11 @@ class DDPStepModel:
     def hidden_states(self, input_ids, positions=None, doc_ids=None):
         return self.ddp(input_ids, positions, doc_ids, True)
 
-    @property
-    def head_weight(self) -> torch.Tensor:
-        return self.model.head_weight
-
-    def moe_stats(self) -> list[dict]:
-        return self.model.moe_stats()
-
-    def extra_losses(self) -> dict:
-        return self.model.extra_losses() if hasattr(self.model, "extra_losses") else {}
+    def __getattr__(self, name: str):
+        # Only reached for names not defined above; `model`/`ddp` are set in __init__.
+        if name in ("model", "ddp"):
+            raise AttributeError(name)
+        return getattr(self.model, name)
 
     def train(self, mode: bool = True):
         self.ddp.train(mode)
@@ -250,6 +250,12 @@ class DDPStepModel:
 
     def eval(self):
         return self.train(False)
+
+
+def _has_optional_branches(model: nn.Module) -> bool:
+    """Parameters that some steps leave unused: MTP heads (λ = 0) and DSA indexers (mode off)."""
+    return getattr(model, "mtp", None) is not None or any(
+        hasattr(m, "set_indexer_mode") and m is not model for m in model.modules())
 
 
 def _fsdp_shard(model: nn.Module, d: Dist, offload_params: bool) -> None:
@@ -292,7 +298,8 @@ def parallelize(model: nn.Module, run_cfg, d: Dist):
         _fsdp_shard(model, d, offload_params=tc.offload == "params")
     elif tc.parallel == "ddp":
         from torch.nn.parallel import DistributedDataParallel as DDP
-        ddp = DDP(_DDPEntry(model), device_ids=[d.device.index] if on_cuda else None)
+        ddp = DDP(_DDPEntry(model), device_ids=[d.device.index] if on_cuda else None,
+                  static_graph=_has_optional_branches(model))
         step_model = DDPStepModel(model, ddp)
     if d.main:
         print(f"[deepwish] parallel {tc.parallel} x{d.world_size} ({d.backend or 'no group'}) | compile "

@@ -9,7 +9,8 @@
   fused-loss entry (hidden_states + head_weight, tied embeddings) gives single-process gradients
   under FSDP2 and DDP;
 - activation checkpointing (selective, full) and activation offload leave the losses unchanged;
-- MoE expert loads are summed over ranks and logged per layer.
+- DeepSeek-V3 (MLA, MoE with bias balancing, MTP) under DDP matches one process; expert loads
+  are summed over ranks and logged per layer.
 """
 import json
 import os
@@ -151,21 +152,27 @@ def test_compiled_recomputed_offloaded_blocks_match_eager_on_one_process(referen
         assert abs(got[s] - ref_losses[s]) <= 1e-4 * ref_losses[s], (s, got[s], ref_losses[s])
 
 
-def test_moe_expert_loads_are_summed_over_ranks_and_logged_per_layer(tmp_path):
-    run = tmp_path / "moe"
-    sets = ["model.n_layers=2", "train.seq_len=32", "train.batch_size=2", "train.steps=2", "train.log_every=1",
-            "train.eval_every=2", "train.save_every=2", "train.sample_tokens=0", "train.parallel=ddp"]
-    torchrun(2, ["-m", "deepwish", "train", "--preset", "qwen3_moe_tiny", "--out", str(run),
-                 *[a for kv in sets for a in ("--set", kv)]])
-    cfg = load_config("qwen3_moe_tiny").model
+def test_deepseek_v3_under_ddp_matches_one_process_and_logs_summed_expert_loads(tmp_path):
+    """MLA, sigmoid group-limited MoE with aux-loss-free bias updates (from the step's expert
+    loads: they must be summed over ranks), MTP head used outside the forward."""
+    sets = ["model.n_layers=2", "train.seq_len=32", "train.steps=3", "train.log_every=1", "train.eval_every=3",
+            "train.save_every=3", "train.sample_tokens=0", "train.warmup_steps=1", "train.lr=0.02",
+            "train.muon_lr=0.05"]
+    one = loop.train(load_config("deepseek_v3_tiny", sets + ["train.batch_size=4", f"train.out_dir={tmp_path / 'one'}"]),
+                     progress_bar=False)
+    run = tmp_path / "ddp"
+    torchrun(2, ["-m", "deepwish", "train", "--preset", "deepseek_v3_tiny", "--out", str(run),
+                 *[a for kv in sets + ["train.batch_size=2", "train.parallel=ddp"] for a in ("--set", kv)]])
+    assert_same_losses(logged(run), one["train_losses"], range(1, 4))
+    cfg = load_config("deepseek_v3_tiny", sets).model
     recs = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     moe = [r for r in recs if r["kind"] == "moe"]
-    assert [r["step"] for r in moe] == [1, 2]
+    assert [r["step"] for r in moe] == [1, 2, 3]
     for r in moe:
-        assert r["layers"] == [0, 1]
+        assert r["layers"] == [1]  # first_k_dense=1
         for layer, counts in zip(r["layers"], r["tokens_per_expert"]):
             assert len(counts) == cfg.n_experts
-            assert sum(counts) == 2 * 2 * 32 * cfg.n_experts_per_tok  # both ranks' tokens, k choices each
+            assert sum(counts) == 4 * 32 * cfg.n_experts_per_tok  # both ranks' tokens, k choices each
             mean = sum(counts) / len(counts)
             assert r[f"layer{layer}/max_load"] == pytest.approx(max(counts) / mean)
             assert r[f"layer{layer}/min_load"] == pytest.approx(min(counts) / mean)
