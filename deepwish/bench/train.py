@@ -389,7 +389,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seq", type=int, default=2048)
     p.add_argument("--steps", type=int, default=10, help="timed steps")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps first (the first compiles)")
-    p.add_argument("--variants", default=",".join(v for v in VARIANTS if v != "deepwish-fsdp1"),
+    p.add_argument("--variants", default=",".join(VARIANTS),
                    help=f"comma-separated subset of {', '.join(VARIANTS)}")
     p.add_argument("--scaling", type=int, default=0, metavar="N",
                    help="instead: the FSDP2 scaling runs on N GPUs against 1 GPU (batch = per-GPU batch)")
