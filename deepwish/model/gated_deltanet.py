@@ -272,6 +272,9 @@ class GatedDeltaNet(nn.Module):
         first_gdn = next(i for i, (m, _) in enumerate(cfg.layer_types) if m == "gdn")
         self.backend = resolve_gdn_backend(cfg.gdn_backend, announce=layer_idx == first_gdn)
         self.kernels = gdn_kernels(self.backend)
+        # Triton outside the interpreter runs on CUDA tensors only; checked per call without
+        # reading the environment inside forward (keeps forward traceable by torch.compile).
+        self.needs_cuda = self.backend in ("triton", "fla") and os.environ.get("TRITON_INTERPRET", "0") != "1"
         self.reset_parameters()
 
     @torch.no_grad()
@@ -295,8 +298,8 @@ class GatedDeltaNet(nn.Module):
 
     def forward(self, x: torch.Tensor, ctx, cache: RecurrentCache | None = None) -> torch.Tensor:
         B, T, _ = x.shape
-        if self.backend == "triton" and not x.is_cuda and os.environ.get("TRITON_INTERPRET", "0") != "1":
-            raise RuntimeError(f"layer {self.layer_idx}: gdn backend 'triton' needs CUDA tensors, got {x.device}")
+        if self.needs_cuda and not x.is_cuda:
+            raise RuntimeError(f"layer {self.layer_idx}: gdn backend {self.backend!r} needs CUDA tensors, got {x.device}")
         qkv, z = self.in_proj_qkvz(x).split([self.conv_dim, self.value_dim], dim=-1)
         b, a = self.in_proj_ba(x).chunk(2, dim=-1)
         beta = b.sigmoid()
