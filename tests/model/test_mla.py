@@ -112,3 +112,9 @@ def test_bad_config_names_the_problem():
         MLA(tiny("model.kv_lora_rank=0"), 0)
     with pytest.raises(ValueError, match="qk_rope_head_dim"):
         MLA(tiny("model.qk_rope_head_dim=15"), 0)
+
+
+def test_cache_bytes_bench_measures_v3():
+    from deepwish.bench.cache_bytes import cache_bytes_per_token
+    assert cache_bytes_per_token(load_config("deepseek_v3_671b").model) == 61 * 576 * 2
+    assert cache_bytes_per_token(load_config("qwen3_0.6b").model) == 28 * 2 * 8 * 128 * 2
