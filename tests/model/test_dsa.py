@@ -161,3 +161,15 @@ def test_train_v32_tiny_logs_losses_and_learns(tmp_path):
     keys = set().union(*(r.keys() for r in train)) if train else set()
     flat = json.dumps(train)
     assert "aux/mtp_loss" in flat and "extra/indexer" in flat and "max_load" in flat, keys
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("preset", ["deepseek_v3_tiny", "deepseek_v32_tiny"])
+def test_tiny_deepseek_runs_learn_on_gpu(preset, cuda, tmp_path, capsys):
+    from deepwish.train import loop
+    rc = load_config(preset, [f"train.out_dir={tmp_path}", "train.steps=60", "train.eval_every=30",
+                              "train.log_every=10", "train.sample_tokens=16"])
+    s = loop.train(rc, progress_bar=False)
+    print(capsys.readouterr().out[-3000:])
+    losses = [s["train_losses"][k] for k in sorted(s["train_losses"])]
+    assert sum(losses[-5:]) / 5 < losses[0] - 1.0, losses

@@ -118,3 +118,24 @@ def test_cache_bytes_bench_measures_v3():
     from deepwish.bench.cache_bytes import cache_bytes_per_token
     assert cache_bytes_per_token(load_config("deepseek_v3_671b").model) == 61 * 576 * 2
     assert cache_bytes_per_token(load_config("qwen3_0.6b").model) == 28 * 2 * 8 * 128 * 2
+
+
+@pytest.mark.gpu
+def test_absorbed_equals_naive_bf16_on_gpu(cuda, rel_err):
+    cfg = load_config("deepseek_v3_bench", ["model.n_layers=1"]).model
+    mla = MLA(cfg, 0).to(cuda, torch.bfloat16)
+    model = Transformer(tiny())  # only for the rotary tables of the bench's rope dim
+    from deepwish.model.rope import Rotary
+    rot = Rotary(cfg, cfg.qk_rope_head_dim).to(cuda)
+    B, T = 2, 1024
+    x = torch.randn(B, T, cfg.d_model, device=cuda, dtype=torch.bfloat16)
+    pos = torch.arange(T, device=cuda).expand(B, T)
+    cos, sin = rot(pos)
+    from deepwish.model.transformer import ForwardContext
+    ctx = ForwardContext(positions=pos, cos=cos, sin=sin)
+    with torch.no_grad():
+        naive = mla(x, ctx)
+        cache = mla.make_cache(B, T, torch.bfloat16, cuda)
+        absorbed = mla(x, ctx, cache)
+    assert rel_err(naive.float(), absorbed.float()) < 2e-2
+    del model
