@@ -118,6 +118,7 @@ def _invert_diagonal_blocks(p_A, nv, HV: tl.constexpr):
         l_i = tl.sum(tl.where(sel, L, 0.), 1)                        # L[i, :] of each block
         row = tl.sum(l_i[:, :, None] * Ti, 1)                         # sum_j L[i, j] Ti[j, :]
         Ti = tl.where(sel, eye - row[:, None, :], Ti)
+    tl.debug_barrier()     # every warp has read its part of L before any overwrites it
     tl.store(ptrs, Ti, mask=rows < nv)
 
 
