@@ -107,16 +107,21 @@ def config_to_hf(cfg: ModelConfig) -> dict:
 
 
 def _check_supported(cfg: ModelConfig) -> None:
+    problems = []
+    if cfg.family not in ("deepseek_v3", "deepseek_v32"):
+        problems.append(f"family {cfg.family!r} is not a DeepSeek family")
     if cfg.moe_every != 1:
-        raise ValueError(f"deepseek checkpoints cannot express moe_every={cfg.moe_every}")
-    if not v32_or_v3(cfg):
-        raise ValueError(f"family {cfg.family!r} is not a DeepSeek family")
+        problems.append(f"moe_every={cfg.moe_every} cannot be expressed (DeepSeek checkpoints: every layer "
+                        f"after first_k_dense is MoE)")
     if cfg.family == "deepseek_v3" and cfg.dense_layers:
-        raise ValueError("DeepseekV3 checkpoints cannot express dense_layers (use first_k_dense)")
-
-
-def v32_or_v3(cfg: ModelConfig) -> bool:
-    return cfg.family in ("deepseek_v3", "deepseek_v32")
+        problems.append("DeepseekV3 checkpoints cannot express dense_layers (use first_k_dense)")
+    want = "dsa" if cfg.family == "deepseek_v32" else "mla"
+    if any(m != want for m, _ in cfg.layer_types):
+        problems.append(f"every layer of a {cfg.family} checkpoint is {want!r}")
+    if cfg.n_experts == 0 or cfg.router != "sigmoid":
+        problems.append("DeepSeek checkpoints need routed experts with the sigmoid router")
+    if problems:
+        raise ValueError("cannot map this config to a DeepSeek checkpoint: " + "; ".join(problems))
 
 
 def fit_config_to_checkpoint(cfg: ModelConfig, keys: set[str]) -> ModelConfig:
