@@ -99,6 +99,16 @@ def test_greedy_32_tokens_equal_hf(pair):
     assert got == ref
 
 
+def test_batched_prompts_of_different_lengths_equal_hf(pair):
+    """A 1-token prompt (prefilled by the decode step) beside a 6-token one: rows carry their own
+    positions and recurrent states, so each equals HF run alone."""
+    _, hf, ours, _ = pair
+    prompts = [torch.randint(1, VOCAB, (1,)).tolist(), torch.randint(1, VOCAB, (6,)).tolist()]
+    got = generate(ours, prompts, 8)
+    for p, g in zip(prompts, got):
+        assert g == hf_greedy(hf, torch.tensor([p]), 8)
+
+
 def test_save_hf_round_trip(pair, tmp_path):
     _, hf, ours, _ = pair
     out = save_hf(ours, tmp_path / "export")
