@@ -331,7 +331,11 @@ def _train_run(out: Path, nproc: int, preset: str, batch: int, seq: int, steps: 
         shutil.rmtree(run_dir)
     print("[bench] " + " ".join(cmd), flush=True)
     t0 = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired as e:
+        (out / f"{run_dir.name}.log").write_text(str(e.stdout or "") + str(e.stderr or ""))
+        return {"run": run_dir.name, "status": f"timeout after {timeout} s; see {run_dir.name}.log"}
     (out / f"{run_dir.name}.log").write_text(proc.stdout + proc.stderr)
     if proc.returncode != 0:
         return {"run": run_dir.name, "status": f"error (exit {proc.returncode}); see {run_dir.name}.log"}
@@ -346,12 +350,12 @@ def _train_run(out: Path, nproc: int, preset: str, batch: int, seq: int, steps: 
             "val_loss": [r["val_loss"] for r in recs if r["kind"] == "val"]}
 
 
-def run_scaling(out: Path, nproc: int, preset: str, batch: int, seq: int, steps: int) -> int:
-    one = _train_run(out, 1, preset, batch * nproc, seq, steps, 600)
-    strong = _train_run(out, nproc, preset, batch, seq, steps, 600)
+def run_scaling(out: Path, nproc: int, preset: str, batch: int, seq: int, steps: int, timeout: int) -> int:
+    one = _train_run(out, 1, preset, batch * nproc, seq, steps, timeout)
+    strong = _train_run(out, nproc, preset, batch, seq, steps, timeout)
     # Weak scaling: N times the global batch as N-fold accumulation, so the per-GPU micro-batch (and
     # the validation batch, which the small embedded val shard must fill) stays that of the strong run.
-    weak = _train_run(out, nproc, preset, batch, seq, steps, 600, grad_accum=nproc)
+    weak = _train_run(out, nproc, preset, batch, seq, steps, timeout, grad_accum=nproc)
     report = {"env": environment(), "preset": preset, "seq": seq, "steps": steps, "runs": [one, strong, weak]}
     if one["status"] == "ok":
         for r, name in ((strong, "strong"), (weak, "weak")):
@@ -404,6 +408,7 @@ def main(argv: list[str] | None = None) -> int:
                    help=f"comma-separated subset of {', '.join(VARIANTS)}")
     p.add_argument("--scaling", type=int, default=0, metavar="N",
                    help="instead: the FSDP2 scaling runs on N GPUs against 1 GPU (batch = per-GPU batch)")
+    p.add_argument("--timeout", type=int, default=240, help="seconds allowed per scaling run")
     args = p.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -411,7 +416,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.scaling:
         if torch.cuda.device_count() < args.scaling:
             raise SystemExit(f"--scaling {args.scaling} needs {args.scaling} GPUs; {torch.cuda.device_count()} visible")
-        return run_scaling(out, args.scaling, presets[0], args.batch, args.seq, max(args.steps, 40))
+        return run_scaling(out, args.scaling, presets[0], args.batch, args.seq, max(args.steps, 40), args.timeout)
     if not torch.cuda.is_available():
         raise SystemExit("deepwish bench train needs a CUDA GPU")
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
