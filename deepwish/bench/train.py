@@ -42,6 +42,7 @@ import gc
 import json
 import os
 import platform
+import signal
 import subprocess
 import sys
 import time
@@ -331,12 +332,16 @@ def _train_run(out: Path, nproc: int, preset: str, batch: int, seq: int, steps: 
         shutil.rmtree(run_dir)
     print("[bench] " + " ".join(cmd), flush=True)
     t0 = time.perf_counter()
+    # Own session, so a timeout ends the launcher and every worker it started (they hold GPU memory).
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
-    except subprocess.TimeoutExpired as e:
-        (out / f"{run_dir.name}.log").write_text(str(e.stdout or "") + str(e.stderr or ""))
+        log, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        log, _ = proc.communicate()
+        (out / f"{run_dir.name}.log").write_text(log)
         return {"run": run_dir.name, "status": f"timeout after {timeout} s; see {run_dir.name}.log"}
-    (out / f"{run_dir.name}.log").write_text(proc.stdout + proc.stderr)
+    (out / f"{run_dir.name}.log").write_text(log)
     if proc.returncode != 0:
         return {"run": run_dir.name, "status": f"error (exit {proc.returncode}); see {run_dir.name}.log"}
     recs = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
