@@ -120,3 +120,14 @@ def test_ring_cache_positions_still_bounded(swa):
     cache = make_ring_cache(swa, 1, 16)
     with pytest.raises(CacheFullError):
         decode_one_token(swa, torch.tensor([1]), torch.tensor([16]), cache)
+
+
+@pytest.mark.parametrize("backend", ["torch", "sdpa"])
+@pytest.mark.parametrize("T", [1, 6])
+def test_cached_attention_folds_groups_exactly(rel_err, backend, T):
+    """The cached path folds grouped query heads into query rows instead of repeating keys."""
+    from deepwish.model.attention import sdpa, sdpa_folded_groups
+    q, k, v = torch.randn(2, 8, T, 16), torch.randn(2, 2, 19, 16), torch.randn(2, 2, 19, 12)
+    mask = torch.rand(2, 1, T, 19) > 0.4
+    mask[..., 0] = True
+    assert rel_err(sdpa(q, k, v, mask, 0.25, False, backend), sdpa_folded_groups(q, k, v, mask, 0.25, backend)) < 1e-6

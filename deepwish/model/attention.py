@@ -55,6 +55,24 @@ def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor |
                                           scale=scale, enable_gqa=rep > 1)
 
 
+def sdpa_folded_groups(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float,
+                       backend: str) -> torch.Tensor:
+    """`sdpa` with a mask, grouped heads folded into query rows: the rep query heads that share a
+    key/value head become rep·Tq rows of that head (same scores, each row keeping its mask row),
+    so keys are never repeated. With a mask, flash attention is out and an SDPA backend without
+    grouped-head support would otherwise fall back to the math kernel, which repeats K/V and
+    upcasts them: decode over a long cache then moves several times the cache's bytes.
+    q [B,H,Tq,D], k,v [B,Hkv,Tk,D], mask [B,1,Tq,Tk] -> [B,H,Tq,Dv]."""
+    B, H, T, D = q.shape
+    Hkv = k.shape[1]
+    rep = H // Hkv
+    if rep == 1:
+        return sdpa(q, k, v, mask, scale, False, backend)
+    qf = q.reshape(B, Hkv, rep * T, D)  # head g·rep + r, query t -> row r·T + t of head g
+    o = sdpa(qf, k, v, mask.repeat(1, 1, rep, 1), scale, False, backend)
+    return o.reshape(B, H, T, o.shape[-1])
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig, layer_idx: int, gated: bool = False, window: int = 0):
         super().__init__()
@@ -88,7 +106,7 @@ class Attention(nn.Module):
         if cache is not None:
             k, v, k_pos = cache.keys_for(ctx.positions, k, v)
             mask = attention_mask(ctx.positions, k_pos, self.window)
-            o = sdpa(q, k, v, mask, self.scale, False, self.backend)
+            o = sdpa_folded_groups(q, k, v, mask, self.scale, self.backend)
         elif ctx.doc_ids is not None or self.window > 0:
             mask = ctx.mask(self.window)
             o = sdpa(q, k, v, mask, self.scale, False, self.backend)
