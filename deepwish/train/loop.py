@@ -327,11 +327,12 @@ def train(run_cfg: RunConfig, resume: bool | str = False, *, progress_bar: bool 
             aux: dict[str, torch.Tensor] = {}
             tpe = None
             moe_layers = None
-            for b in micro:
+            for i, b in enumerate(micro):
                 b = to_device(b, device)
-                with autocast_context(device, tc.dtype):
-                    loss, m = lm_loss(step_model, b, tc, n_global, backend=backend, step=step)
-                (loss * d.grad_scale).backward()  # DDP/FSDP2 average over ranks (train/parallel.py)
+                with parallel.grad_sync(step_model, last=i == len(micro) - 1):  # DDP: reduce once per step
+                    with autocast_context(device, tc.dtype):
+                        loss, m = lm_loss(step_model, b, tc, n_global, backend=backend, step=step)
+                    (loss * d.grad_scale).backward()  # DDP/FSDP2 average over ranks (train/parallel.py)
                 ce += m["ce_sum"]
                 z += m["z_sum"]
                 for k, v in m.items():

@@ -43,6 +43,7 @@ Choices and simplifications:
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import sys
@@ -250,6 +251,15 @@ class DDPStepModel:
 
     def eval(self):
         return self.train(False)
+
+
+def grad_sync(step_model, last: bool):
+    """Context of one micro-batch's forward and backward: under DDP, gradients are all-reduced
+    only with the step's last micro-batch (no_sync before it). FSDP2 keeps reduce-scattering every
+    micro-batch (sharded gradients, less memory), as does a single device (nothing to do)."""
+    if isinstance(step_model, DDPStepModel) and not last:
+        return step_model.ddp.no_sync()
+    return contextlib.nullcontext()
 
 
 def _has_optional_branches(model: nn.Module) -> bool:
