@@ -269,7 +269,7 @@ class GatedDeltaNet(nn.Module):
         self.dt_bias = nn.Parameter(torch.empty(HV))
         self.norm = GatedRMSNorm(V, cfg.norm_eps)
         self.out_proj = nn.Linear(self.value_dim, d, bias=False)
-        first_gdn = next(i for i, (m, _) in enumerate(cfg.layer_types) if m == "gdn")
+        first_gdn = next((i for i, (m, _) in enumerate(cfg.layer_types) if m == "gdn"), layer_idx)
         self.backend = resolve_gdn_backend(cfg.gdn_backend, announce=layer_idx == first_gdn)
         self.kernels = gdn_kernels(self.backend)
         # Triton outside the interpreter runs on CUDA tensors only; checked per call without
