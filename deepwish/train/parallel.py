@@ -256,8 +256,10 @@ class DDPStepModel:
 def grad_sync(step_model, last: bool):
     """Context of one micro-batch's forward and backward: under DDP, gradients are all-reduced
     only with the step's last micro-batch (no_sync before it). FSDP2 keeps reduce-scattering every
-    micro-batch (sharded gradients, less memory), as does a single device (nothing to do)."""
-    if isinstance(step_model, DDPStepModel) and not last:
+    micro-batch (sharded gradients, less memory), as does a single device (nothing to do). A DDP
+    model with a static graph (MTP / indexer parameters outside the forward) also reduces every
+    micro-batch: DDP's no_sync does not compose with static_graph."""
+    if isinstance(step_model, DDPStepModel) and not last and not step_model.ddp.static_graph:
         return step_model.ddp.no_sync()
     return contextlib.nullcontext()
 

@@ -154,7 +154,8 @@ def test_compiled_recomputed_offloaded_blocks_match_eager_on_one_process(referen
 
 def test_deepseek_v3_under_ddp_matches_one_process_and_logs_summed_expert_loads(tmp_path):
     """MLA, sigmoid group-limited MoE with aux-loss-free bias updates (from the step's expert
-    loads: they must be summed over ranks), MTP head used outside the forward."""
+    loads: they must be summed over ranks and micro-batches), MTP head used outside the forward
+    (DDP static graph), gradient accumulation."""
     sets = ["model.n_layers=2", "train.seq_len=32", "train.steps=3", "train.log_every=1", "train.eval_every=3",
             "train.save_every=3", "train.sample_tokens=0", "train.warmup_steps=1", "train.lr=0.02",
             "train.muon_lr=0.05"]
@@ -162,7 +163,8 @@ def test_deepseek_v3_under_ddp_matches_one_process_and_logs_summed_expert_loads(
                      progress_bar=False)
     run = tmp_path / "ddp"
     torchrun(2, ["-m", "deepwish", "train", "--preset", "deepseek_v3_tiny", "--out", str(run),
-                 *[a for kv in sets + ["train.batch_size=2", "train.parallel=ddp"] for a in ("--set", kv)]])
+                 *[a for kv in sets + ["train.batch_size=1", "train.grad_accum=2", "train.parallel=ddp"]
+                   for a in ("--set", kv)]])
     assert_same_losses(logged(run), one["train_losses"], range(1, 4))
     cfg = load_config("deepseek_v3_tiny", sets).model
     recs = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
