@@ -277,3 +277,17 @@ def test_fsdp_one_gpu_compiled_fused_loss_matches_plain_run(cuda, tmp_path):
     for other in (logged(run), logged(offload)):
         for s in range(1, 7):
             assert abs(a[s] - other[s]) <= 2e-2 * a[s], (s, a[s], other[s])
+
+
+@pytest.mark.gpu
+def test_bench_train_runs_every_variant_on_a_tiny_preset(cuda, tmp_path):
+    """The benchmark end to end at toy size (a minute): every variant runs and is reported."""
+    from deepwish.bench import train as bench
+
+    assert bench.main(["--out", str(tmp_path), "--preset", "qwen3_tiny", "--batch", "4", "--seq", "256",
+                       "--steps", "3", "--warmup", "2"]) == 0
+    doc = json.loads((tmp_path / "results.json").read_text())
+    by_variant = {r["variant"]: r for r in doc["results"]}
+    for v in bench.VARIANTS:
+        assert by_variant[v]["status"] == "ok" and by_variant[v]["tok_s"] > 0, by_variant[v]
+    assert (tmp_path / "train_throughput.png").stat().st_size > 1000
