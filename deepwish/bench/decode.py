@@ -129,7 +129,8 @@ def _time_steps(step, n: int, warmup: int = 3) -> float:
     return start.elapsed_time(end) / n
 
 
-def _decode_rows(preset, model, batch, context, new_tokens, modes, device) -> list[Row]:
+def _decode_rows(preset, model, batch, context, new_tokens, modes, device, label: str | None = None) -> list[Row]:
+    """One row per mode; `label` renames the rows (e.g. the attention-only sibling's)."""
     from deepwish.decode_graph import CapturedDecoder, CapturedSteps
     from deepwish.generate import decode_one_token
     V = model.cfg.vocab_size
@@ -174,6 +175,8 @@ def _decode_rows(preset, model, batch, context, new_tokens, modes, device) -> li
             one = next((r for r in rows if r.mode == "graph" and r.ms_per_step), None)
             if one:
                 row.note = f"verification cost r = {row.ms_per_step / one.ms_per_step:.2f}x the 1-token step"
+        if label is not None:
+            row.mode = label
         rows.append(row)
         print(_fmt(row), flush=True)
     return rows
@@ -282,9 +285,7 @@ def run_preset(preset, batches, contexts, new_tokens, hf_tokens, compile_mode, d
     if cfg.full_attention_interval > 0:
         sib = build(attention_only(cfg), device)
         for ctx in (contexts[0], contexts[-1]):
-            rows += _decode_rows(preset, sib, 1, ctx, new_tokens, ["graph"], device)
-        for r in rows[-2:]:
-            r.mode = "graph-attn-only"
+            rows += _decode_rows(preset, sib, 1, ctx, new_tokens, ["graph"], device, label="graph-attn-only")
         del sib
         gc.collect()
         torch.cuda.empty_cache()
