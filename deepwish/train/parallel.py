@@ -182,17 +182,17 @@ def checkpointed_blocks(mode: str, n_layers: int) -> list[int]:
 
 def _checkpointed(forward):
     @functools.wraps(forward)
-    def run(*args):
-        # Non-reentrant: works with keyword-free module calls, nested autograd and torch.compile.
-        return torch.utils.checkpoint.checkpoint(forward, *args, use_reentrant=False)
+    def run(*args, **kwargs):
+        # Non-reentrant: takes keyword arguments, nests with autograd and traces under torch.compile.
+        return torch.utils.checkpoint.checkpoint(forward, *args, use_reentrant=False, **kwargs)
     return run
 
 
 def _offloaded(forward, pin_memory: bool):
     @functools.wraps(forward)
-    def run(*args):
+    def run(*args, **kwargs):
         with torch.autograd.graph.save_on_cpu(pin_memory=pin_memory):
-            return forward(*args)
+            return forward(*args, **kwargs)
     return run
 
 
