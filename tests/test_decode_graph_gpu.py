@@ -55,7 +55,7 @@ def test_captured_equals_eager(cuda, rel_err, preset, dtype, batch):
     model = _model(preset, dtype, cuda, init_std=0.1)
     step, cache = _check(model, batch, dtype, rel_err)
     prompts = [[int(t) for t in torch.randint(0, model.cfg.vocab_size, (3 + b % 4,))] for b in range(batch)]
-    eager = generate(model, prompts, 16)
+    eager = generate(model, prompts, 16, cache=model.make_cache(batch, cache.max_len))  # same shapes
     cache.reset()
     graphed = generate(model, prompts, 16, cache=cache, decode_fn=step)
     assert graphed == eager
@@ -74,7 +74,7 @@ def test_later_mixers_capture(cuda, rel_err, preset, batch):
     model = _model(preset, torch.bfloat16, cuda, init_std=0.1)
     step, cache = _check(model, batch, torch.bfloat16, rel_err)
     prompts = [[int(t) for t in torch.randint(0, model.cfg.vocab_size, (4 + b % 3,))] for b in range(batch)]
-    eager = generate(model, prompts, 12)
+    eager = generate(model, prompts, 12, cache=model.make_cache(batch, cache.max_len))
     cache.reset()  # recurrent states are not overwritten by slot: a reused cache must be reset
     assert generate(model, prompts, 12, cache=cache, decode_fn=step) == eager
 
