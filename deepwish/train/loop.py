@@ -1,4 +1,4 @@
-"""The single-device training loop, top to bottom: `train(run_cfg, resume)`.
+"""The training loop, top to bottom: `train(run_cfg, resume)`, on one device or under torchrun.
 
     set-up:  device, seed, data (+ vocab check), model, optimizer, loss backend, logger
     resume:  model, optimizer, loader position, EMA, RNG states, step from the latest checkpoint
@@ -8,9 +8,12 @@
              so a checkpoint never depends on evaluation having run)
     end:     final val loss beside the val shard's unigram entropy, plot, sample
 
-Scale-out: the model is wrapped in one place (`wrap_model`); the step's target count is the
-only number a data-parallel run must all-reduce (train/parallel.py); the model code never calls
-torch.distributed.
+Scale-out (train/parallel.py; the model code never calls torch.distributed): `wrap_model` is the
+one place the model is compiled, checkpointed, offloaded and wrapped in DDP or FSDP2; each rank
+reads its own slice of the global batch; the step's target count is all-reduced before any
+backward (and each rank back-propagates world_size × loss, the reducers averaging); logged sums
+and MoE loads are summed over ranks; rank 0 alone logs; data-parallel checkpoints are sharded
+(train/dist_checkpoint.py, resumable with another number of ranks).
 
 Vocabulary policy: with the embedded corpus (no data paths given) the model's vocab_size is set
 to the corpus tokenizer's, with a printed note, so a preset sized for a large tokenizer still
