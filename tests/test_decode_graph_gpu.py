@@ -32,9 +32,26 @@ def _stepwise(model, step_fn, cache, prompt, steps):
     return torch.stack(out, 1)
 
 
+def _no_host_sync(model, batch):
+    """One eager step under CUDA sync-debug 'error' mode: names the op if anything in the step
+    waits for the device (capture would fail on it with a less helpful message)."""
+    dev = model.embed.weight.device
+    scratch = model.make_cache(batch, 8)
+    tok = torch.zeros(batch, dtype=torch.long, device=dev)
+    decode_one_token(model, tok, tok, scratch)  # first call outside: lazy initialisations may sync
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        decode_one_token(model, tok, tok + 1, scratch)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
 def _check(model, batch, dtype, rel_err, compile=False, n=12):
     V = model.cfg.vocab_size
     dev = model.embed.weight.device
+    if not compile:
+        _no_host_sync(model, batch)
     prompt = torch.randint(0, V, (batch, 9), device=dev)
     feed = torch.randint(0, V, (batch, n), device=dev)
     eager_cache = model.make_cache(batch, 9 + n)
