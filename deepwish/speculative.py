@@ -182,7 +182,6 @@ def _check_ring_slack(cache: ModelCache, k: int, who: str) -> None:
                              f"tokens would evict keys still in the window (make the ring cache with slack >= k+1)")
 
 
-@torch.no_grad()
 def _target_stream(target, prompt: Sequence[int], max_new_tokens: int, k: int, cache: ModelCache | None,
                    step: Callable | None, keep_hidden: bool = False) -> _Stream:
     if not prompt:
@@ -199,6 +198,7 @@ def _target_stream(target, prompt: Sequence[int], max_new_tokens: int, k: int, c
     _check_ring_slack(cache, k, "target")
     if step is not None and getattr(step, "cache", cache) is not cache:
         raise ValueError("the target step was captured on another cache: pass that cache as target_cache")
+    cache.reset()  # a recurrent state is not overwritten by position: start every request from zero
     return _Stream(target, cache, step, keep_hidden)
 
 
@@ -309,6 +309,7 @@ def speculative_generate(target, draft, prompt: Sequence[int], max_new_tokens: i
     tgt = _target_stream(target, prompt, max_new_tokens, k, target_cache, target_step)
     if draft_step is not None and getattr(draft_step, "cache", dcache) is not dcache:
         raise ValueError("the draft step was captured on another cache: pass that cache as draft_cache")
+    dcache.reset()
     drf = _Stream(draft, dcache, draft_step)
 
     def propose(seq, n, k_eff, gen):
