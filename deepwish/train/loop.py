@@ -37,8 +37,7 @@ import torch
 
 from deepwish.config import ConfigError, RunConfig, from_dict, load_config, to_dict
 from deepwish.train import dist_checkpoint, parallel
-from deepwish.train.checkpoint import (list_checkpoints, load_checkpoint, resolve_checkpoint, save_checkpoint,
-                                       set_rng_state)
+from deepwish.train.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint, set_rng_state
 from deepwish.train.log import Logger
 from deepwish.train.loss import IGNORE_INDEX, count_targets, lm_loss, resolve_loss_backend
 from deepwish.train.nonfinite import raise_nonfinite
@@ -456,7 +455,7 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
         if not args.resume:
             raise ConfigError("deepwish train needs --preset NAME or --config FILE (or --resume RUN_DIR)")
         run_dir = args.resume if isinstance(args.resume, str) else (args.out or RunConfig().train.out_dir)
-        meta = resolve_checkpoint(run_dir) / "meta.json"
+        meta = dist_checkpoint.resolve_any(run_dir) / "meta.json"  # single-device or sharded (DCP) checkpoint
         d, source = json.loads(meta.read_text())["config"], f"{meta} (saved config)"
     else:
         d, source = to_dict(load_config(args.preset or args.config)), str(args.preset or args.config)

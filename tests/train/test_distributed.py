@@ -133,10 +133,15 @@ def test_single_device_checkpoint_resumes_on_two_fsdp_ranks_with_recompute_and_o
     run = tmp_path / "one_to_two"
     shutil.copytree(ref_run, run)
     (run / "metrics.jsonl").unlink()
-    args = train_args(run, "train.parallel=fsdp", f"train.batch_size={GLOBAL_BATCH // 2}",
-                      "train.activation_checkpoint=full", "train.offload=activations")
-    torchrun(2, args + ["--resume", str(run / "checkpoints" / "step_00000003")])
+    # No --preset: the run's saved config, with the scale-out settings changed on the command line.
+    sets = ["train.parallel=fsdp", f"train.batch_size={GLOBAL_BATCH // 2}", "train.activation_checkpoint=full",
+            "train.offload=activations"]
+    torchrun(2, ["-m", "deepwish", "train", "--resume", str(run / "checkpoints" / "step_00000003"),
+                 *[a for kv in sets for a in ("--set", kv)]])
     assert_same_losses(logged(run), ref_losses, range(4, 7))
+    # What it wrote is a sharded checkpoint of an FSDP2 run.
+    meta = json.loads((run / "checkpoints" / "step_00000006" / "meta.json").read_text())
+    assert meta["kind"] == "dcp" and meta["config"]["train"]["parallel"] == "fsdp"
 
 
 def test_compiled_recomputed_offloaded_blocks_match_eager_on_one_process(reference, tmp_path):
