@@ -27,6 +27,7 @@ fp8); attention dropout is not implemented.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from deepwish.config import ModelConfig
@@ -114,8 +115,13 @@ class MLA(nn.Module):
         k_nope, v = kv.split([self.nope, self.v_dim], dim=-1)
         k = torch.cat([k_nope, k_pe[:, :, None].expand(-1, -1, self.n_heads, -1)], dim=-1)
         q = torch.cat([q_nope, q_pe], dim=-1)
+        pad = q.shape[-1] - self.v_dim
+        if self.backend == "sdpa" and pad > 0:
+            # torch's flash kernel needs equal q/k/v head dims; zero value channels cost a little
+            # bandwidth and keep SDPA off the slower kernels (bench: python -m deepwish.bench.mla)
+            v = F.pad(v, (0, pad))
         o = sdpa(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), mask, self.scale, causal, self.backend)
-        return o.transpose(1, 2)
+        return o.transpose(1, 2)[..., : self.v_dim]
 
     def absorbed_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
         """kv_b_proj split per head: W_uk [H, N, R] (keys) and W_uv [H, V, R] (values)."""
