@@ -128,13 +128,16 @@ class DSA(MLA):
         if problems:
             raise ValueError(f"layer {layer_idx} (dsa): " + "; ".join(problems))
         self.indexer = Indexer(cfg)
-        self.indexer_mode = "off"
         self.last_indexer_loss: torch.Tensor | None = None
+        self.set_indexer_mode("off")
 
     def set_indexer_mode(self, mode: str) -> None:
         if mode not in INDEXER_MODES:
             raise ValueError(f"indexer mode {mode!r} is not one of {INDEXER_MODES}")
         self.indexer_mode = mode
+        # resolved once here so forward branches on flags, not on strings
+        self.attend_dense = mode == "dense_warmup"
+        self.indexer_loss_on = mode != "off"
 
     def make_cache(self, batch: int, max_len: int, dtype, device) -> DSACache:
         return DSACache.empty_dsa(batch, max_len, self.kv_lora_rank, self.rope, self.indexer.head_dim,
@@ -153,12 +156,12 @@ class DSA(MLA):
         else:
             mask = ctx.mask()
         index_scores = self.indexer.scores(xi, qi, k_idx, ctx)
-        attend = mask if self.indexer_mode == "dense_warmup" else self.indexer.select(index_scores, mask)
+        attend = mask if self.attend_dense else self.indexer.select(index_scores, mask)
         if cache is not None:
             o = self.attend_absorbed(q_nope, q_pe, c_kv, k_pe, attend)
         else:
             o = self.attend_naive(q_nope, q_pe, c_kv, k_pe, attend, causal=False)
-        if self.indexer_mode != "off" and self.training and torch.is_grad_enabled():
+        if self.indexer_loss_on and self.training and torch.is_grad_enabled():
             with torch.no_grad():
                 s = self.attention_scores_absorbed(q_nope, q_pe, c_kv, k_pe)
             self.last_indexer_loss = indexer_kl(s, index_scores, attend)
