@@ -183,7 +183,9 @@ class DistributedMuon(Muon):
             fulls = [_full_matrix(u) for _, u, _ in chunk]
             outs = []
             for j, ((p, _, group), u_full) in enumerate(zip(chunk, fulls)):
-                o = newton_schulz(u_full, steps=group["ns_steps"]) if j == rank else torch.empty_like(u_full)
+                # contiguous: NCCL broadcasts only dense tensors (NS returns a transposed view for tall ones)
+                o = (newton_schulz(u_full, steps=group["ns_steps"]).contiguous() if j == rank
+                     else torch.empty_like(u_full, memory_format=torch.contiguous_format))
                 outs.append(o)
             handles = [dist.broadcast(o, src=j, async_op=True) for j, o in enumerate(outs)]
             for h in handles:
