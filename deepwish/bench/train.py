@@ -11,7 +11,8 @@ before anything of ours is resident; each result records what was still allocate
   deepwish-muon   the same with Muon on the hidden matrices (the trainer's default optimizer);
   deepwish-eager  the same as `deepwish` without torch.compile;
   deepwish-fsdp1  the same as `deepwish` under FSDP2 on a one-rank group: bf16 parameters for
-                  compute (MixedPrecisionPolicy), fp32 master weights, no autocast casts;
+                  compute (MixedPrecisionPolicy: cast once per step, not per matmul by autocast),
+                  fp32 master weights and gradient reduction;
   hf              transformers' model built from the same config (config_to_hf of our HF table),
                   SDPA attention, fp32 weights under bf16 autocast, fused AdamW, clipping, the
                   model's own loss (labels=input_ids) — what a user of HF would run. Tried at the
@@ -26,7 +27,7 @@ DIR/train_throughput.png; a table is printed last. Goals (issue): qwen3_0.6b >= 
 (71.1k); qwen3_next_bench >= 4x HF (17.1k). A preset that does not exist yet is skipped with a note.
 
 Scaling (2 GPUs, FSDP2, the real trainer on the embedded corpus):
-    python -m deepwish.bench.train --out reports/bench_scaling --scaling 2 --preset qwen3_0.6b
+    python -m deepwish.bench.train --out reports/bench_scaling --scaling 2 --preset qwen3_0.6b --batch 8 --steps 80
 runs `deepwish train` under torchrun on 1 GPU and on N GPUs with the same global batch (so the
 loss curves must coincide up to bf16 noise), then on N GPUs with N times the global batch (weak
 scaling, as N-fold gradient accumulation), and reports the strong and weak scaling efficiency
