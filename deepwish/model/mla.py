@@ -37,6 +37,7 @@ from deepwish.model.norm import RMSNorm
 from deepwish.model.rope import apply_rotary, yarn_get_mscale
 
 LATENT_NORM_EPS = 1e-6  # HF builds q_a_layernorm / kv_a_layernorm with the default eps
+ABSORBED_Q_CHUNK = 512  # queries per step of a long cached prefill (bounds the [B,H,T,S] scores)
 
 
 def mla_softmax_scale(cfg: ModelConfig) -> float:
@@ -139,7 +140,13 @@ class MLA(nn.Module):
 
     def attend_absorbed(self, q_nope: torch.Tensor, q_pe: torch.Tensor, c_kv: torch.Tensor, k_pe: torch.Tensor,
                         mask: torch.Tensor) -> torch.Tensor:
-        """Attention over the cached latent. mask [B,1,T,S] bool (True = visible) -> o [B,T,H,V]."""
+        """Attention over the cached latent. mask [B,1,T,S] bool (True = visible) -> o [B,T,H,V].
+        A long prefill runs in query chunks so the fp32 scores stay [B,H,chunk,S]."""
+        T = q_nope.shape[1]
+        if T > ABSORBED_Q_CHUNK:
+            return torch.cat([self.attend_absorbed(q_nope[:, i:i + ABSORBED_Q_CHUNK], q_pe[:, i:i + ABSORBED_Q_CHUNK],
+                                                   c_kv, k_pe, mask[:, :, i:i + ABSORBED_Q_CHUNK])
+                              for i in range(0, T, ABSORBED_Q_CHUNK)], dim=1)
         s = self.attention_scores_absorbed(q_nope, q_pe, c_kv, k_pe).masked_fill(~mask, float("-inf"))
         p = s.softmax(-1).to(c_kv.dtype)
         o_lat = torch.einsum("bhts,bsr->bthr", p, c_kv)

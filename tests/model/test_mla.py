@@ -137,3 +137,16 @@ def test_absorbed_equals_naive_bf16_on_gpu(cuda, rel_err):
         cache = mla.make_cache(B, T, torch.bfloat16, cuda)
         absorbed = mla(x, ctx, cache)
     assert rel_err(naive.float(), absorbed.float()) < 2e-2
+
+
+def test_long_cached_prefill_runs_in_query_chunks(monkeypatch, rel_err):
+    import deepwish.model.mla as mla_mod
+    monkeypatch.setattr(mla_mod, "ABSORBED_Q_CHUNK", 7)
+    cfg = tiny()
+    model = Transformer(cfg).eval()
+    randomise(model)
+    x = torch.randint(0, cfg.vocab_size, (2, 30))
+    with torch.no_grad():
+        full = model(x)
+        cached = model(x, cache=model.make_cache(2, 32))
+    assert rel_err(full, cached) < 1e-5
