@@ -171,7 +171,8 @@ def save_hf(model: Transformer, path: str | Path, dtype: torch.dtype | None = No
     for e in fam.name_table(cfg):
         for k, t in zip(e.hf, e.unpack(sd[e.ours])):
             t = t.detach().to("cpu")
-            if dtype is not None and t.is_floating_point():
+            keep_fp32 = any(s in e.ours for s in getattr(fam, "FP32_KEYS", ()))  # e.g. DeepSeek router bias
+            if dtype is not None and t.is_floating_point() and not keep_fp32:
                 t = t.to(dtype)
             out[k] = t.contiguous().clone()
     hf_cfg = fam.config_to_hf(cfg)
