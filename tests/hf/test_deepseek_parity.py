@@ -32,11 +32,13 @@ CASES = {
     # full-rank q, 4 groups keep 2, no renormalisation (scaling still applies), half-split rope
     "v3_fullq_g4k2_nonorm": (V3, dict(q_lora_rank=None, n_group=4, topk_group=2, norm_topk_prob=False,
                                       rope_interleave=False, first_k_dense_replace=2)),
-    # YaRN with mscale != mscale_all_dim: rotary attention factor and softmax mscale² both matter
-    "v3_yarn_mscale": (V3, dict(q_lora_rank=24, n_group=1, topk_group=1, first_k_dense_replace=0,
-                                rope_parameters={"rope_type": "yarn", "factor": 4.0, "rope_theta": 10000.0,
-                                                 "original_max_position_embeddings": 64, "beta_fast": 32,
-                                                 "beta_slow": 1, "mscale": 0.8, "mscale_all_dim": 1.2})),
+    # YaRN with mscale != mscale_all_dim: rotary attention factor and softmax mscale² both matter;
+    # attention biases (q_a_proj, kv_a_proj_with_mqa, o_proj)
+    "v3_yarn_mscale_bias": (V3, dict(q_lora_rank=24, n_group=1, topk_group=1, first_k_dense_replace=0,
+                                     attention_bias=True,
+                                     rope_parameters={"rope_type": "yarn", "factor": 4.0, "rope_theta": 10000.0,
+                                                      "original_max_position_embeddings": 64, "beta_fast": 32,
+                                                      "beta_slow": 1, "mscale": 0.8, "mscale_all_dim": 1.2})),
     # DSA with top-8 of up to 40 keys: the sparse mask is active in prefill and decode
     "v32_topk8": (V32, dict(q_lora_rank=24, n_group=2, topk_group=1, index_n_heads=16, index_head_dim=16,
                             index_topk=8)),
