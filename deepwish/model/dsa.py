@@ -166,3 +166,17 @@ class DSA(MLA):
                 s = self.attention_scores_absorbed(q_nope, q_pe, c_kv, k_pe)
             self.last_indexer_loss = indexer_kl(s, index_scores, attend)
         return self.o_proj(o.reshape(B, T, -1))
+
+
+def freeze_all_but_indexers(model: nn.Module) -> list[str]:
+    """Dense warm-up as the V3.2 paper runs it: every parameter except the lightning indexers'
+    stops receiving gradient (requires_grad=False). Returns the names left trainable."""
+    trainable = []
+    for name, p in model.named_parameters():
+        keep = ".indexer." in f".{name}"
+        p.requires_grad_(keep)
+        if keep:
+            trainable.append(name)
+    if not trainable:
+        raise ValueError("the model has no indexer parameters to train (no DSA layers)")
+    return trainable

@@ -173,3 +173,18 @@ def test_tiny_deepseek_runs_learn_on_gpu(preset, cuda, tmp_path, capsys):
     print(capsys.readouterr().out[-3000:])
     losses = [s["train_losses"][k] for k in sorted(s["train_losses"])]
     assert sum(losses[-5:]) / 5 < losses[0] - 1.0, losses
+
+
+def test_freeze_all_but_indexers_for_the_warmup():
+    from deepwish.model.dsa import freeze_all_but_indexers
+    rc = tiny("train.indexer_mode=dense_warmup", "train.mtp_lambda=0")
+    model = Transformer(rc.model).train()
+    names = freeze_all_but_indexers(model)
+    assert names and all(".indexer." in n for n in names)
+    x, t = torch.randint(0, 101, (2, 16)), torch.randint(0, 101, (2, 16))
+    loss, _ = lm_loss(model, (x, t, None, None), rc.train, 32, backend="torch")
+    loss.backward()
+    grads = {n for n, p in model.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
+    assert grads and grads <= set(names)
+    with pytest.raises(ValueError, match="no indexer"):
+        freeze_all_but_indexers(Transformer(load_config("deepseek_v3_tiny", ["model.n_layers=1"]).model))
