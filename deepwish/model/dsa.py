@@ -22,7 +22,7 @@ distribution summed over heads and L1-normalised. Modes (`set_indexer_mode`):
 In every mode the indexer's inputs (x, q_resid) and the target are detached, so the indexer
 loss trains only the indexer and the language-model loss never reaches it (the top-k is not
 differentiable anyway). Freezing the rest of the model during the warm-up, as the paper does,
-is the trainer's business. The loss (mean over query tokens) is kept in `last_indexer_loss`
+is the trainer's choice: `freeze_all_but_indexers(model)` does it. The loss (mean over query tokens) is kept in `last_indexer_loss`
 and collected by `Transformer.extra_losses()`.
 
 The cache (`DSACache`) adds one indexer key [Di] per token to MLA's latent cache. Deviations:
