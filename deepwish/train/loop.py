@@ -445,6 +445,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="continue from the latest checkpoint of RUN_DIR (default: train.out_dir); "
                              "without --preset/--config the run's saved config is used")
     parser.add_argument("--out", default=None, help="run directory (sets train.out_dir)")
+    parser.add_argument("--parallel", default=None, choices=("none", "ddp", "fsdp"),
+                        help="data parallelism under torchrun (sets train.parallel; --set still applies after)")
 
 
 def config_from_args(args: argparse.Namespace) -> RunConfig:
@@ -474,7 +476,8 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
             d[section].update(updates or {})
         source = str(path)
     cfg = from_dict(d, source)
-    overrides = ([f"train.out_dir={args.out}"] if args.out else []) + list(args.overrides)
+    overrides = ([f"train.out_dir={args.out}"] if args.out else []) + (
+        [f"train.parallel={args.parallel}"] if getattr(args, "parallel", None) else []) + list(args.overrides)
     for ov in overrides:
         if "=" not in ov or "." not in ov.split("=", 1)[0]:
             raise ConfigError(f"--set {ov!r}: expected section.key=value, e.g. model.n_layers=4")
