@@ -90,7 +90,7 @@ def test_fsdp_two_ranks_match_one_process_convert_and_resume_on_one_rank(referen
     ref_run, ref_losses, ref_val = reference
     run = tmp_path / "fsdp"
     # offload=params: FSDP2's CPUOffloadPolicy (on a CPU-only host it exercises the path, not the copies)
-    torchrun(2, train_args(run, "train.parallel=fsdp", f"train.batch_size={GLOBAL_BATCH // 2}", "train.offload=params"))
+    torchrun(2, train_args(run, f"train.batch_size={GLOBAL_BATCH // 2}", "train.offload=params") + ["--parallel", "fsdp"])
     assert_same_losses(logged(run), ref_losses, range(1, 7))
     # Muon and Adam hardly see a wrong gradient scale; the logged global gradient norm does.
     assert_same_losses(logged(run, key="grad_norm"), logged(ref_run, key="grad_norm"), range(1, 7))
