@@ -1,0 +1,48 @@
+"""Where a training step's GPU time goes: torch.profiler over the benchmark's step.
+
+    python -m deepwish.bench.profile_train --preset qwen3_0.6b [--variant deepwish] [--batch 8 --seq 2048]
+
+Prints the kernels (and CPU-side ops) that take the most device time over a few profiled steps,
+after warm-up, and writes a Chrome trace to --out when given.
+"""
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="deepwish bench profile_train", description=__doc__.split("\n")[0])
+    p.add_argument("--preset", default="qwen3_0.6b")
+    p.add_argument("--variant", default="deepwish", help="deepwish | deepwish-eager | deepwish-muon | hf")
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--seq", type=int, default=2048)
+    p.add_argument("--steps", type=int, default=2)
+    p.add_argument("--rows", type=int, default=30)
+    p.add_argument("--out", default=None, help="folder for trace.json")
+    args = p.parse_args(argv)
+    from deepwish.bench.train import build_deepwish, build_hf
+    if args.variant == "hf":
+        step, _ = build_hf(args.preset, args.batch, args.seq)
+    else:
+        step, _ = build_deepwish(args.preset, args.batch, args.seq, args.variant)
+    for _ in range(3):
+        step()
+    torch.cuda.synchronize()
+    acts = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+    with torch.profiler.profile(activities=acts) as prof:
+        for _ in range(args.steps):
+            step()
+        torch.cuda.synchronize()
+    print(f"== {args.preset} {args.variant} b{args.batch} s{args.seq}: top kernels by device time over {args.steps} steps")
+    print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=args.rows, max_name_column_width=70))
+    if args.out:
+        from pathlib import Path
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+        prof.export_chrome_trace(str(Path(args.out) / "trace.json"))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
