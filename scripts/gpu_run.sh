@@ -2,13 +2,14 @@
 # What the GPU machine runs: environment report, GPU tests and benchmarks, results under $OUT.
 #   bash scripts/gpu_run.sh STAGE...   with STAGE in: env tests kernels gdn train decode
 # Optional wheels in .whl/ (flash-linear-attention, liger-kernel) are installed to /tmp/site
-# first, so the anchors run side by side with deepwish in the same process.
+# first, so the anchors run side by side with deepwish in the same process (NO_WHEELS=1 skips
+# them, e.g. for HF's Qwen3-Next on its torch path).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/deepwish-out}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
-if ls .whl/*.whl >/dev/null 2>&1; then
+if [ -z "${NO_WHEELS:-}" ] && ls .whl/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
     && export PYTHONPATH="$PYTHONPATH:/tmp/site"
 fi
@@ -28,6 +29,7 @@ for stage in "$@"; do
     gdn) python3 -m deepwish.cli bench gdn --out "$OUT/gdn" || status=1 ;;
     train) python3 -m deepwish.cli bench train --out "$OUT/train" ${TRAIN_ARGS:-} || status=1 ;;
     decode) python3 -m deepwish.cli bench decode --out "$OUT/decode" ${DECODE_ARGS:-} || status=1 ;;
+    profile) python3 -m deepwish.bench.profile_train ${PROFILE_ARGS:-} || status=1 ;;
     *) echo "unknown stage $stage"; status=2 ;;
   esac
 done
