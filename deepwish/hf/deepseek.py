@@ -39,6 +39,11 @@ def config_from_hf(d: dict) -> ModelConfig:
     for key, want in (("hidden_act", "silu"), ("scoring_func", "sigmoid"), ("topk_method", "noaux_tc")):
         if key in d and d[key] != want:
             raise ValueError(f"deepseek config: {key}={d[key]!r} is not supported (only {want!r})")
+    q = d.get("quantization_config") or {}
+    if q and (q.get("quant_method") != "fp8" or list(q.get("weight_block_size") or [FP8_BLOCK, FP8_BLOCK])
+              != [FP8_BLOCK, FP8_BLOCK]):
+        raise ValueError(f"deepseek config: quantization_config={q} is not supported "
+                         f"(only fp8 with {FP8_BLOCK}x{FP8_BLOCK} weight blocks)")
     if d.get("moe_layer_freq", 1) != 1:
         raise ValueError(f"deepseek config: moe_layer_freq={d['moe_layer_freq']} is not supported (only 1)")
     n_layers = d["num_hidden_layers"]

@@ -198,3 +198,42 @@ def test_fp8_checkpoint_loads_dequantised(tmp_path):
         assert ka == kb and torch.equal(ta, tb), ka
     w = a.blocks[1].ffn.w_gate_up[3, :136]  # expert 3's gate: 136 x 160 spans 2 x 2 blocks
     assert rel_err(sd["model.layers.1.mlp.experts.3.gate_proj.weight"], w) < 0.05  # fp8 rounding only
+
+
+# ---- released configs ----------------------------------------------------------------------
+DEEPSEEK_V3_CONFIG = {  # deepseek-ai/DeepSeek-V3 config.json (fields that shape the model)
+    "architectures": ["DeepseekV3ForCausalLM"], "attention_bias": False, "first_k_dense_replace": 3,
+    "hidden_act": "silu", "hidden_size": 7168, "initializer_range": 0.02, "intermediate_size": 18432,
+    "kv_lora_rank": 512, "max_position_embeddings": 163840, "model_type": "deepseek_v3",
+    "moe_intermediate_size": 2048, "moe_layer_freq": 1, "n_group": 8, "n_routed_experts": 256,
+    "n_shared_experts": 1, "norm_topk_prob": True, "num_attention_heads": 128, "num_experts_per_tok": 8,
+    "num_hidden_layers": 61, "num_key_value_heads": 128, "num_nextn_predict_layers": 1, "q_lora_rank": 1536,
+    "qk_nope_head_dim": 128, "qk_rope_head_dim": 64,
+    "quantization_config": {"activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8",
+                            "weight_block_size": [128, 128]},
+    "rms_norm_eps": 1e-06,
+    "rope_scaling": {"beta_fast": 32, "beta_slow": 1, "factor": 40, "mscale": 1.0, "mscale_all_dim": 1.0,
+                     "original_max_position_embeddings": 4096, "type": "yarn"},
+    "rope_theta": 10000, "routed_scaling_factor": 2.5, "scoring_func": "sigmoid", "seq_aux": True,
+    "tie_word_embeddings": False, "topk_group": 4, "topk_method": "noaux_tc", "torch_dtype": "bfloat16",
+    "v_head_dim": 128, "vocab_size": 129280,
+}
+
+
+@pytest.mark.parametrize("arch,preset", [("DeepseekV3ForCausalLM", "deepseek_v3_671b"),
+                                         ("DeepseekV32ForCausalLM", "deepseek_v32_671b")])
+def test_released_config_matches_preset(arch, preset):
+    from dataclasses import replace
+
+    from deepwish.config import load_config
+    from deepwish.hf.deepseek import config_from_hf
+    d = dict(DEEPSEEK_V3_CONFIG, architectures=[arch])
+    if arch == "DeepseekV32ForCausalLM":
+        d.update(model_type="deepseek_v32", index_n_heads=64, index_head_dim=128, index_topk=2048)
+    ours = config_from_hf(d)
+    want = load_config(preset).model
+    # training-only knobs a checkpoint does not carry
+    assert replace(want, bias_update_rate=0.0, seq_aux_loss_coef=0.0) == ours
+    bad = dict(d, quantization_config={"quant_method": "fp8", "weight_block_size": [64, 64]})
+    with pytest.raises(ValueError, match="weight blocks"):
+        config_from_hf(bad)
