@@ -325,7 +325,7 @@ def _train_run(out: Path, nproc: int, preset: str, batch: int, seq: int, steps: 
     sets = ["train.parallel=fsdp", f"train.batch_size={batch}", f"train.grad_accum={grad_accum}",
             f"train.seq_len={seq}", f"train.steps={steps}",
             "train.log_every=5", f"train.eval_every={steps}", f"train.save_every={steps}", "train.sample_tokens=0",
-            "train.warmup_steps=20"]
+            "train.warmup_steps=20", "train.lr=1e-3"]  # a conservative AdamW rate for embeddings at this size
     for s in sets:
         cmd += ["--set", s]
     if run_dir.exists():
