@@ -93,7 +93,12 @@ def lm_loss(model, batch, cfg, n_target_tokens_global: int, *, backend: str,
         from deepwish.kernels.linear_cross_entropy.triton import linear_cross_entropy
         h = h_main = model.hidden_states(input_ids, positions=positions, doc_ids=doc_ids)
         h = h.reshape(-1, h.size(-1))
-        w = model.head_weight.to(h.dtype)
+        # Under autocast the head's matmuls run in the autocast dtype, as `model.logits` would:
+        # the final norm returns fp32 (the residual stream is fp32), and an fp32 fused loss at a
+        # 152k vocabulary would spend most of a step in fp32 GEMMs.
+        dev = h.device.type
+        dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else h.dtype
+        h, w = h.to(dtype), model.head_weight.to(dtype)
         total = linear_cross_entropy(h, w, flat_targets, ignore_index=IGNORE_INDEX, reduction="sum",
                                      z_loss=cfg.z_loss)
         # The fused kernel returns CE + z-loss together; z is not reported apart.
