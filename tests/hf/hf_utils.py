@@ -25,6 +25,8 @@ def random_hf_model(model_cls, cfg, seed: int | None = None):
 
 
 def hf_greedy(model, prompt: torch.Tensor, n: int) -> list[int]:
-    out = model.generate(prompt, max_new_tokens=n, do_sample=False, min_new_tokens=n,
-                         pad_token_id=0, eos_token_id=None)
+    # An explicit all-ones mask: without it HF infers padding from pad_token_id and would mask
+    # out any prompt token that happens to equal it.
+    out = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=n, do_sample=False,
+                         min_new_tokens=n, pad_token_id=0, eos_token_id=None)
     return out[0, prompt.shape[1]:].tolist()
