@@ -85,8 +85,17 @@ def expert_counts(indices: torch.Tensor, n_experts: int) -> torch.Tensor:
     return torch.zeros(n_experts, dtype=torch.long, device=flat.device).scatter_add_(0, flat, torch.ones_like(flat))
 
 
-def _grouped_mm_available(x: torch.Tensor) -> bool:
-    return x.is_cuda and x.dtype == torch.bfloat16 and hasattr(torch, "_grouped_mm")
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype the expert matmuls run in: autocast's on CUDA when it is on, else x's.
+    (Under autocast the residual stream, and so x, stays fp32; a plain nn.Linear would still
+    compute in bf16, and so do the experts.)"""
+    if x.is_cuda and torch.is_autocast_enabled("cuda"):
+        return torch.get_autocast_dtype("cuda")
+    return x.dtype
+
+
+def _grouped_mm_available(x: torch.Tensor, dtype: torch.dtype) -> bool:
+    return x.is_cuda and dtype == torch.bfloat16 and hasattr(torch, "_grouped_mm")
 
 
 def grouped_swiglu(x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor,
@@ -101,11 +110,13 @@ def grouped_swiglu(x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor
     token = order // k
     counts = expert_counts(flat, E)
     xs = x[token]
-    if _grouped_mm_available(x):
+    dtype = _compute_dtype(x)
+    if _grouped_mm_available(x, dtype):
         offs = counts.cumsum(0).to(torch.int32)
-        h = torch._grouped_mm(xs, w_gate_up.transpose(-2, -1), offs=offs)
-        gate, up = h.chunk(2, dim=-1)
-        ys = torch._grouped_mm(F.silu(gate) * up, w_down.transpose(-2, -1), offs=offs)
+        with torch.autocast("cuda", enabled=False):
+            h = torch._grouped_mm(xs.to(dtype), w_gate_up.to(dtype).transpose(-2, -1), offs=offs)
+            gate, up = h.chunk(2, dim=-1)
+            ys = torch._grouped_mm(F.silu(gate) * up, w_down.to(dtype).transpose(-2, -1), offs=offs)
     else:
         # Padded batched matmul: [E, C, d] with C the largest expert load. During decode (few
         # tokens) C = N avoids a device->host sync so the step stays graph-capturable.
