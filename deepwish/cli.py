@@ -56,13 +56,14 @@ def load_model_for_inference(args):
         if args.tokenizer is None and (Path(args.hf) / "tokenizer.json").exists():
             tok = load_tokenizer(Path(args.hf) / "tokenizer.json")
     else:
-        from deepwish.train.checkpoint import load_checkpoint
-        ck = load_checkpoint(args.ckpt)
-        run_cfg = from_dict(ck["config"], source=str(ck["path"] / "meta.json"))
+        # single-device and sharded (DCP) checkpoints alike, gathered into one full state
+        from deepwish.train.dist_checkpoint import load_full_model_state
+        try:
+            state, config = load_full_model_state(args.ckpt, ema=args.ema)
+        except (KeyError, ValueError) as e:
+            raise SystemExit(f"error: {args.ckpt}: {e}") from None
+        run_cfg = from_dict(config, source=str(args.ckpt))
         model = Transformer(run_cfg.model)
-        state = ck["ema"] if args.ema else ck["model"]
-        if args.ema and state is None:
-            raise SystemExit(f"error: {ck['path']} has no EMA weights (train.ema_decay was 0)")
         model.load_state_dict(state)
         model = model.to(device=device, dtype=dtype).eval()
         if args.tokenizer is None:

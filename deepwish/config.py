@@ -236,6 +236,8 @@ def _coerce(cls, name: str, value: Any, source: str) -> Any:
         if hint is float:
             return float(value)
         if hint is str:
+            if isinstance(value, bool):  # YAML reads a bare on/off (or yes/no) as a boolean
+                return "on" if value else "off"
             return str(value)
         if origin is tuple:
             if isinstance(value, str):
