@@ -38,9 +38,10 @@ import triton.language as tl
 from deepwish.kernels.linear_cross_entropy.reference import (check_lce_inputs, check_target_values,
                                                               reduce_loss)
 
-# One program per row, 16 warps (~96 registers/thread on sm_90 -> one program per SM): only ~132
-# rows are in flight, so a bf16 row (300 KB at V=151936) read in the lse pass is still in the
-# 50 MB L2 when the gradient pass reads it again.
+# One program per row, 16 warps (48 registers/thread on sm_90 with the per-lane lse, so two
+# programs per SM): ~264 rows are in flight, so a bf16 row (300 KB at V=151936) read in the lse
+# pass may have left the 50 MB L2 by the gradient pass; that pass walks the row backwards so its
+# first blocks are the lse pass's last (the most recently cached).
 ROW_BLOCK_V = 8192
 ROW_WARPS = 16
 MIN_CHUNK_ROWS, MAX_CHUNK_ROWS = 128, 2048
@@ -68,23 +69,32 @@ def _ce_rows_kernel(logits_ptr, grad_ptr, targets_ptr, lse_ptr, target_logit_ptr
     target = tl.load(targets_ptr + row)
     offs = tl.arange(0, BV)
     if COMPUTE_LSE:
-        m = tl.full((), -1e30, tl.float32)
-        s = tl.zeros((), dtype=tl.float32)
-        t_acc = tl.zeros((BV,), dtype=tl.float32)
+        # Per-lane online log-sum-exp, reduced across lanes once after the loop: no cross-warp
+        # reduction (shared memory + barrier) per block, so the warps stream their loads
+        # independently. One exp per element: with e = exp(-|x - m|), a new maximum x rescales
+        # the lane's sum (s e + 1) and any other x adds e (s + e).
+        m = tl.full((BV,), -1e30, tl.float32)
+        s = tl.zeros((BV,), dtype=tl.float32)
         for v0 in range(0, V, BV):
             cols = v0 + offs
             ok = cols < V
             x = tl.load(logits_row + cols, mask=ok, other=0.0).to(tl.float32)
             if HAS_SOFTCAP:
                 x = softcap * _tanh(x / softcap)
-            x = tl.where(ok, x, -1e30)
-            m_new = tl.maximum(m, tl.max(x, 0))
-            s = s * tl.exp(m - m_new) + tl.sum(tl.exp(x - m_new), 0)
-            m = m_new
-            t_acc += tl.where(cols == target, x, 0.0)
-        lse = m + tl.log(s)
+            e = tl.exp(-tl.abs(x - m))
+            up = x > m
+            s = tl.where(ok, tl.where(up, s * e + 1.0, s + e), s)
+            m = tl.where(ok & up, x, m)
+        m_row = tl.max(m, 0)
+        lse = m_row + tl.log(tl.sum(s * tl.exp(m - m_row), 0))
         tl.store(lse_ptr + row, lse)
-        tl.store(target_logit_ptr + row, tl.sum(t_acc, 0))
+        # The target logit is one element: read it directly (ignored rows carry an out-of-range
+        # target and get 0, which the loss masks anyway).
+        t_ok = (target >= 0) & (target < V)
+        t_x = tl.load(logits_row + tl.where(t_ok, target, 0), mask=t_ok, other=0.0).to(tl.float32)
+        if HAS_SOFTCAP:
+            t_x = softcap * _tanh(t_x / softcap)
+        tl.store(target_logit_ptr + row, tl.where(t_ok, t_x, 0.0))
     else:
         lse = tl.load(lse_ptr + row)
     if WRITE_GRAD:
@@ -93,8 +103,10 @@ def _ce_rows_kernel(logits_ptr, grad_ptr, targets_ptr, lse_ptr, target_logit_ptr
         coef_p = g_loss * (1.0 + 2.0 * z_loss * lse) - g_lp
         coef_t = g_loss - g_lp
         grad_row = grad_ptr + row64 * stride_grad
-        for v0 in range(0, V, BV):
-            cols = v0 + offs
+        # Walked backwards: the blocks the lse pass read last are the likeliest to still be in L2.
+        n_blocks = tl.cdiv(V, BV)
+        for i in range(0, n_blocks):
+            cols = (n_blocks - 1 - i) * BV + offs
             ok = cols < V
             x = tl.load(logits_row + cols, mask=ok, other=0.0).to(tl.float32)
             if HAS_SOFTCAP:
