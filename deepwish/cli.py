@@ -27,6 +27,14 @@ def _add_generate(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
     p.add_argument("--dtype", default="auto", help="auto (bf16 on GPU, fp32 on CPU) | bf16 | fp32")
     p.add_argument("--ema", action="store_true", help="use the checkpoint's EMA weights")
+    p.add_argument("--graph", default="auto", choices=("auto", "on", "off"),
+                   help="capture the decode step as a CUDA graph (auto: on when running on CUDA)")
+    spec = p.add_mutually_exclusive_group()
+    spec.add_argument("--draft", default=None,
+                      help="speculative decoding with this draft model (HF directory or deepwish checkpoint)")
+    spec.add_argument("--mtp", action="store_true",
+                      help="self-speculative decoding with the model's own MTP heads (DeepSeek-V3)")
+    p.add_argument("--speculate-k", type=int, default=4, help="draft tokens per round (--draft)")
 
 
 def _resolve_device(name: str):
@@ -38,37 +46,44 @@ def _resolve_device(name: str):
     return torch.device(name)
 
 
+def _load_weights(path: str, device, dtype, ema: bool = False):
+    """A model from an HF directory (config.json inside) or a deepwish run/checkpoint directory."""
+    from deepwish.config import from_dict
+    from deepwish.hf.io import load_hf
+    from deepwish.model.transformer import Transformer
+
+    if (Path(path) / "config.json").exists():
+        return load_hf(path, dtype=dtype, device=device)
+    from deepwish.train.dist_checkpoint import load_full_model_state
+    try:
+        state, config = load_full_model_state(path, ema=ema)
+    except (KeyError, ValueError) as e:
+        raise SystemExit(f"error: {path}: {e}") from None
+    model = Transformer(from_dict(config, source=str(path)).model)
+    model.load_state_dict(state)
+    return model.to(device=device, dtype=dtype).eval()
+
+
 def load_model_for_inference(args):
     """(model, tokenizer) from --hf or --ckpt, on the requested device and dtype."""
     import torch
 
     from deepwish.config import from_dict
     from deepwish.data.tokenizer import load_tokenizer, resolve_tokenizer
-    from deepwish.hf.io import load_hf
-    from deepwish.model.transformer import Transformer
 
     device = _resolve_device(args.device)
     dtype = {"auto": torch.bfloat16 if device.type == "cuda" else torch.float32, "bf16": torch.bfloat16,
              "fp32": torch.float32}[args.dtype]
     tok = None
     if args.hf:
-        model = load_hf(args.hf, dtype=dtype, device=device)
+        model = _load_weights(args.hf, device, dtype)
         if args.tokenizer is None and (Path(args.hf) / "tokenizer.json").exists():
             tok = load_tokenizer(Path(args.hf) / "tokenizer.json")
-    else:
-        # single-device and sharded (DCP) checkpoints alike, gathered into one full state
-        from deepwish.train.dist_checkpoint import load_full_model_state
-        try:
-            state, config = load_full_model_state(args.ckpt, ema=args.ema)
-        except (KeyError, ValueError) as e:
-            raise SystemExit(f"error: {args.ckpt}: {e}") from None
-        run_cfg = from_dict(config, source=str(args.ckpt))
-        model = Transformer(run_cfg.model)
-        model.load_state_dict(state)
-        model = model.to(device=device, dtype=dtype).eval()
+    else:  # single-device and sharded (DCP) checkpoints alike, gathered into one full state
+        from deepwish.train.dist_checkpoint import read_meta
+        model = _load_weights(args.ckpt, device, dtype, ema=args.ema)
         if args.tokenizer is None:
-            spec = run_cfg.data.tokenizer or "default"
-            tok = resolve_tokenizer(spec)
+            tok = resolve_tokenizer(from_dict(read_meta(args.ckpt)["config"]).data.tokenizer or "default")
     if tok is None:
         tok = resolve_tokenizer(args.tokenizer or "default")
     if tok.vocab_size > model.cfg.vocab_size:
@@ -81,6 +96,7 @@ def run_generate(args) -> int:
     from deepwish.generate import generate
 
     model, tok = load_model_for_inference(args)
+    device = model.embed.weight.device
     ids = tok.encode(args.prompt)
     if not ids:
         raise SystemExit("error: the prompt encodes to no tokens")
@@ -99,8 +115,32 @@ def run_generate(args) -> int:
             sys.stdout.flush()
             shown = text
 
-    generate(model, [ids], args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-             top_p=args.top_p, stop_tokens=stops, seed=args.seed, on_token=stream)
+    sampling = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, stop_tokens=stops,
+                    seed=args.seed)
+    if args.draft or args.mtp:
+        from deepwish import speculative
+        if args.mtp:
+            if model.mtp is None:
+                raise SystemExit("error: --mtp needs a model with multi-token-prediction modules (n_mtp > 0)")
+            new, stats = speculative.mtp_speculative_generate(model, ids, args.max_new_tokens, **sampling)
+        else:
+            draft = _load_weights(args.draft, device, model.embed.weight.dtype)
+            new, stats = speculative.speculative_generate(model, draft, ids, args.max_new_tokens,
+                                                          k=args.speculate_k, **sampling)
+        for t in new:
+            stream(0, t)
+        sys.stdout.write("\n")
+        print(f"[deepwish] speculative: {stats.summary()}", file=sys.stderr)
+        return 0
+    use_graph = args.graph == "on" or (args.graph == "auto" and device.type == "cuda")
+    if use_graph and device.type != "cuda":
+        raise SystemExit("error: --graph on needs a CUDA device")
+    cache = decode_fn = None
+    if use_graph:
+        from deepwish.decode_graph import CapturedDecoder
+        cache = model.make_cache(1, min(model.cfg.max_seq_len, len(ids) + args.max_new_tokens))
+        decode_fn = CapturedDecoder(model, cache)  # capture first: it leaves the cache zeroed
+    generate(model, [ids], args.max_new_tokens, on_token=stream, cache=cache, decode_fn=decode_fn, **sampling)
     sys.stdout.write("\n")
     return 0
 
