@@ -52,7 +52,8 @@ def _load_weights(path: str, device, dtype, ema: bool = False):
     from deepwish.hf.io import load_hf
     from deepwish.model.transformer import Transformer
 
-    if (Path(path) / "config.json").exists():
+    p = Path(path)
+    if (p / "config.json").exists() and (any(p.glob("*.safetensors")) or (p / "model.safetensors.index.json").exists()):
         return load_hf(path, dtype=dtype, device=device)
     from deepwish.train.dist_checkpoint import load_full_model_state
     try:
@@ -101,13 +102,13 @@ def run_generate(args) -> int:
     if not ids:
         raise SystemExit("error: the prompt encodes to no tokens")
     stops = [tok.eos_id] if tok.eos_id is not None else []
-    sys.stdout.write(args.prompt)
-    sys.stdout.flush()
     emitted: list[int] = []
     shown = ""
 
     def stream(_row: int, token: int) -> None:  # decode incrementally so multi-byte text prints whole
         nonlocal shown
+        if not emitted:  # the prompt is echoed once generation has really started
+            sys.stdout.write(args.prompt)
         emitted.append(token)
         text = tok.decode(emitted)
         if not text.endswith("\ufffd"):
@@ -199,6 +200,23 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("rest", nargs=argparse.REMAINDER, help="arguments passed to the benchmark")
 
     args = parser.parse_args(argv)
+    try:
+        return _dispatch(args)
+    except _known_errors() as e:  # a user mistake or a bad input: one clear line, no traceback
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+def _known_errors() -> tuple[type[BaseException], ...]:
+    from deepwish.config import ConfigError
+    from deepwish.data.shards import ShardError
+    from deepwish.hf.io import CheckpointError
+    from deepwish.kernels.backend import BackendError
+    from deepwish.model.cache import CacheFullError
+    return (ConfigError, ShardError, CheckpointError, BackendError, CacheFullError, FileNotFoundError)
+
+
+def _dispatch(args) -> int:
     if args.cmd == "train":
         return importlib.import_module("deepwish.train.loop").run(args)
     if args.cmd == "generate":
