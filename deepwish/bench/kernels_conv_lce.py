@@ -103,10 +103,12 @@ def _conv_tile_sweep(device: str, T: int = 16384) -> dict:
                                                               block_t=bt, block_d=bd, num_warps=nw)))
         out["fwd"].append({"block_t": bt, "block_d": bd, "num_warps": nw, "ms": ms,
                            "GBps": 4 * elem / ms / 1e6 if isinstance(ms, float) else None})
-    for bt, bd, nw in ((8, 128, 4), (16, 64, 4), (32, 32, 4), (64, 32, 8), (16, 128, 8), (4, 256, 4), (8, 256, 8)):
+    for bd, nw, progs in ((512, 4, 2048), (512, 4, 1024), (512, 4, 4096), (256, 2, 2048), (1024, 8, 2048),
+                          (128, 1, 4096)):
         ms = _try(lambda: _bench(lambda: conv_tri.conv_backward(dy2, x2, w, None, None, doc_idx, doc_start, cu, T,
-                                                               True, block_t=bt, block_d=bd, num_warps=nw)))
-        out["bwd"].append({"block_t": bt, "block_d": bd, "num_warps": nw, "ms": ms,
+                                                               True, block_d=bd, num_warps=nw,
+                                                               target_programs=progs)))
+        out["bwd"].append({"block_d": bd, "num_warps": nw, "target_programs": progs, "ms": ms,
                            "GBps": 6 * elem / ms / 1e6 if isinstance(ms, float) else None})
     return out
 
@@ -267,7 +269,8 @@ def _print_table(results: dict) -> None:
         print(f"\n-- conv tile sweep at T={sweep['T']} (kernel only) --")
         for kind in ("fwd", "bwd"):
             for c in sweep[kind]:
-                print(f"{kind} BT={c['block_t']:>3} BD={c['block_d']:>4} warps={c['num_warps']} : "
+                shape = (f"BT={c['block_t']:>3}" if "block_t" in c else f"progs={c['target_programs']}")
+                print(f"{kind} {shape} BD={c['block_d']:>4} warps={c['num_warps']} : "
                       f"{_fmt(c['ms'])} ms {_fmt(c['GBps'], '.0f')} GB/s")
     print(f"\n== linear cross-entropy (D={LCE_D}, V={LCE_V}, bf16, mean): fwd+bwd ms | peak extra GB "
           f"(incl. the bf16 grads of h and W) | loss - first ==")

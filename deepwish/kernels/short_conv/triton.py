@@ -9,16 +9,18 @@ Design (the op is memory-bound: a few flops per byte):
   per-token `doc_start` / `doc_idx` (int32 [T]) instead. One kernel serves both (PACKED).
 - Forward tiles (T-block, D-block); each of the W taps is a shifted load of the same tile that
   mostly hits L1/L2, so DRAM traffic is close to the minimum (read x, write y).
-- Backward recomputes the pre-activation z (nothing but x is saved). For a tile of source rows s
-  it needs dz at t = s + j for j < W: dx[s] = sum_j w[W-1-j] dz[s+j]. The kernel is written for
-  exactly 4 taps (narrower filters are zero-padded): the 7 shifted tiles x[s-3 .. s+3] are loaded
-  once each and combined in registers. (Generic-W versions -- W*W shifted loads, or the W shifts
-  held in a [W, BT, BD] tensor -- compiled for sm_90 to as many or more registers, with 16 tile
-  loads or cross-thread shuffles instead of 7.) dweight and dbias
-  are reduced per program into fp32 partial sums over a run of T-blocks, then summed in torch
-  (deterministic, no atomics). The dweight terms whose source is x come from the same tile
-  (dw[3-j] += dz(s+j) * x[s]); the terms whose source is the initial state, and d(initial_state),
-  come from a small per-document kernel that revisits the first W-1 tokens of each document.
+- Backward recomputes the pre-activation z (nothing but x is saved). dx[s] = sum_j w[3-j] dz(s+j)
+  needs dz at s..s+3, and z(t) needs x at t-3..t. Each program owns a run of rows and a block of
+  channels and walks the rows one at a time with a sliding window in registers (the last three
+  x rows and dz values): every x and dy row is loaded once and every dz computed once, each
+  load a contiguous BD-wide row (vectorised along D). Four rows are loaded ahead per loop step
+  so their loads overlap. (The earlier tiled version loaded 7 shifted x tiles and 4 dy tiles per
+  tile and recomputed each dz 4 times; it reached ~31% of copy bandwidth on an H100.) The kernel
+  is written for exactly 4 taps (narrower filters are zero-padded). dweight and dbias are
+  reduced per program into fp32 partial sums, then summed in torch (deterministic, no atomics).
+  The dweight terms whose source is the initial state, and d(initial_state), come from a small
+  per-document kernel that revisits the first W-1 tokens of each document (run only when there
+  is an initial state).
 - The final state is gathered in torch (differentiable): it is W-1 rows per document.
 
 Simplifications: kernel width W <= 4 (Qwen3-Next and Mamba use 4). cu_seqlens values are
@@ -35,11 +37,11 @@ import triton.language as tl
 from deepwish.kernels.short_conv.reference import check_conv_inputs, check_update_inputs
 
 # Tile sizes (bf16, H100): small per-thread tiles keep registers low so many tiles are in flight.
-# Measured on sm_90 compiles: forward 16x128 -> 56 registers; backward 8x128 -> ~167 registers (the
-# 7 shifted x tiles, 4 dy tiles and 5 partial sums are live at once), 3 programs per SM.
+# Measured on sm_90 compiles: forward 16x128 -> 56 registers. The backward walks rows with a
+# BD-wide window (4 channels per thread at 512 / 4 warps); ~2048 programs is ~4 waves.
 FWD_BLOCK_T, FWD_BLOCK_D, FWD_WARPS = 16, 128, 4
-BWD_BLOCK_T, BWD_BLOCK_D, BWD_WARPS = 8, 128, 4
-BWD_TARGET_PROGRAMS = 4096   # ~10 waves on an H100: a small tail, and small partial-sum buffers
+BWD_BLOCK_D, BWD_WARPS = 512, 4
+BWD_TARGET_PROGRAMS = 2048
 INIT_BLOCK_D = 128
 
 
@@ -113,96 +115,151 @@ def _silu_grad(dy, z, SILU: tl.constexpr):
 
 
 @triton.jit
-def _load_dy(dy_ptr, doc_start_ptr, s, start_s, s_ok, d, d_ok, T, seq_len, stride_dy, j: tl.constexpr,
-             PACKED: tl.constexpr):
-    """fp32 dL/dy at t = s + j, zero where t is past T or in a later document than s."""
-    t = s + j
-    in_range = s_ok & (t < T)
-    start_t, _ = _doc_of(t, in_range, doc_start_ptr, doc_start_ptr, seq_len, PACKED, False)
-    t_ok = in_range & (start_t == start_s)
-    t64 = tl.cast(t, tl.int64)
-    return tl.load(dy_ptr + t64[:, None] * stride_dy + d[None, :],
-                   mask=t_ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
+def _bwd_row_step(t, x_t, dy_t, st, doc_t, xa, xb, xc, dza, dzb, dzc, sb, sc,
+                  dw0, dw1, dw2, dw3, dbias, w0, w1, w2, w3, bias, init_ptr, dx_ptr,
+                  d, d_ok, c1, emit_from, T, stride_dx, stride_in, stride_id, stride_iw,
+                  HAS_INIT: tl.constexpr, SILU: tl.constexpr):
+    """One output row t of the sliding window. In: raw x rows t-3..t (xa, xb, xc, x_t), dz at
+    t-3..t-1 (dza, dzb, dzc), document starts of rows t-2, t-1, t (sb, sc, st). Computes dz(t),
+    emits dx[t-3] and adds row t's dweight/dbias terms if t is this program's own row (< c1).
+    Returns the window shifted by one row and the updated sums."""
+    # Sources of z(t) at p = t-3+k: x when p is in t's document, else the initial state slot
+    # p - st + 3 (or zero). x_t itself is always in the document.
+    xo0 = tl.where(t - 3 >= st, xa, 0.0)
+    xo1 = tl.where(t - 2 >= st, xb, 0.0)
+    xo2 = tl.where(t - 1 >= st, xc, 0.0)
+    z = bias + w0 * xo0 + w1 * xo1 + w2 * xo2 + w3 * x_t
+    if HAS_INIT:
+        init_row = init_ptr + tl.cast(doc_t, tl.int64) * stride_in + d * stride_id
+        in_t = t < T
+        z += w0 * tl.load(init_row + (t - st) * stride_iw, mask=d_ok & in_t & (t - 3 < st),
+                          other=0.0).to(tl.float32)
+        z += w1 * tl.load(init_row + (t - st + 1) * stride_iw, mask=d_ok & in_t & (t - 2 < st),
+                          other=0.0).to(tl.float32)
+        z += w2 * tl.load(init_row + (t - st + 2) * stride_iw, mask=d_ok & in_t & (t - 1 < st),
+                          other=0.0).to(tl.float32)
+    dz = _silu_grad(dy_t, z, SILU)      # dy_t is zero past T, so dz is too
+    # dx[s] = sum_j w[3-j] dz(s+j) over outputs s+j in s's document (start <= s).
+    s = t - 3
+    dx = w3 * dza + w2 * tl.where(sb <= s, dzb, 0.0) + w1 * tl.where(sc <= s, dzc, 0.0) \
+        + w0 * tl.where(st <= s, dz, 0.0)
+    tl.store(dx_ptr + tl.cast(s, tl.int64) * stride_dx + d, dx.to(dx_ptr.dtype.element_ty),
+             mask=d_ok & (s >= emit_from) & (s < c1))
+    # dweight[k] = sum_t dz(t) x(t-3+k) over x sources in t's document (the initial-state terms
+    # come from _conv_bwd_init_kernel); each row t is counted by the program that owns it.
+    dz_own = tl.where(t < c1, dz, 0.0)
+    dw0 += dz_own * xo0
+    dw1 += dz_own * xo1
+    dw2 += dz_own * xo2
+    dw3 += dz_own * x_t
+    dbias += dz_own
+    return xb, xc, x_t, dzb, dzc, dz, sc, st, dw0, dw1, dw2, dw3, dbias
+
+
+@triton.jit
+def _load_row(ptr, r, d, d_ok, T, stride):
+    ok = (r >= 0) & (r < T)
+    return tl.load(ptr + tl.cast(r, tl.int64) * stride + d, mask=d_ok & ok, other=0.0).to(tl.float32)
 
 
 @triton.jit
 def _conv4_bwd_kernel(x_ptr, w_ptr, b_ptr, init_ptr, doc_idx_ptr, doc_start_ptr, dy_ptr, dx_ptr,
                       dw_part_ptr, db_part_ptr,
-                      T, D, seq_len, blocks_per_program, stride_x, stride_dy, stride_dx, stride_wd,
+                      T, D, seq_len, rows_per_program, stride_x, stride_dy, stride_dx, stride_wd,
                       stride_wk, stride_in, stride_id, stride_iw,
                       HAS_BIAS: tl.constexpr, HAS_INIT: tl.constexpr, SILU: tl.constexpr,
-                      PACKED: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr):
+                      PACKED: tl.constexpr, BD: tl.constexpr):
     """Backward for exactly 4 taps (narrower kernels are zero-padded on the left by the caller).
-    Source rows s of the tile reach outputs t = s + j (j < 4) through tap 3 - j. z(s + j) needs
-    x at s-3 .. s+3: the 7 shifted tiles are loaded once each (mostly L1/L2 hits) and combined
-    in registers (see the module docstring for the generic-W versions that were dropped)."""
+    Program (c, d-block) owns rows [c0, c1) and walks t = c0 .. c1+2 one row at a time, keeping
+    the last three x rows and dz values in registers (a sliding window), so each x and dy row is
+    read once (plus 3 + 3 rows of overlap per program) and each dz is computed once. Four rows
+    are loaded ahead per iteration so that their loads are in flight together."""
     pid_c = tl.program_id(0)
     pid_d = tl.program_id(1)
     d = pid_d * BD + tl.arange(0, BD)
     d_ok = d < D
-    w0 = tl.load(w_ptr + d * stride_wd + 0 * stride_wk, mask=d_ok, other=0.0).to(tl.float32)[None, :]
-    w1 = tl.load(w_ptr + d * stride_wd + 1 * stride_wk, mask=d_ok, other=0.0).to(tl.float32)[None, :]
-    w2 = tl.load(w_ptr + d * stride_wd + 2 * stride_wk, mask=d_ok, other=0.0).to(tl.float32)[None, :]
-    w3 = tl.load(w_ptr + d * stride_wd + 3 * stride_wk, mask=d_ok, other=0.0).to(tl.float32)[None, :]
-    bias = tl.zeros((1, BD), dtype=tl.float32)
+    w0 = tl.load(w_ptr + d * stride_wd + 0 * stride_wk, mask=d_ok, other=0.0).to(tl.float32)
+    w1 = tl.load(w_ptr + d * stride_wd + 1 * stride_wk, mask=d_ok, other=0.0).to(tl.float32)
+    w2 = tl.load(w_ptr + d * stride_wd + 2 * stride_wk, mask=d_ok, other=0.0).to(tl.float32)
+    w3 = tl.load(w_ptr + d * stride_wd + 3 * stride_wk, mask=d_ok, other=0.0).to(tl.float32)
+    bias = tl.zeros((BD,), dtype=tl.float32)
     if HAS_BIAS:
-        bias = tl.load(b_ptr + d, mask=d_ok, other=0.0).to(tl.float32)[None, :]
-    # Per-element partial sums, reduced over rows once at the end.
-    dw0 = tl.zeros((BT, BD), dtype=tl.float32)
-    dw1 = tl.zeros((BT, BD), dtype=tl.float32)
-    dw2 = tl.zeros((BT, BD), dtype=tl.float32)
-    dw3 = tl.zeros((BT, BD), dtype=tl.float32)
-    db = tl.zeros((BT, BD), dtype=tl.float32)
-    for i in range(blocks_per_program):
-        tb = pid_c * blocks_per_program + i
-        s = tb * BT + tl.arange(0, BT)
-        s_ok = s < T
-        start_s, doc_s = _doc_of(s, s_ok, doc_idx_ptr, doc_start_ptr, seq_len, PACKED, HAS_INIT)
-        xm3 = _load_source(x_ptr, init_ptr, s - 3, start_s, doc_s, s_ok, d, d_ok, T, stride_x,
-                           stride_in, stride_id, stride_iw, 4, HAS_INIT)
-        xm2 = _load_source(x_ptr, init_ptr, s - 2, start_s, doc_s, s_ok, d, d_ok, T, stride_x,
-                           stride_in, stride_id, stride_iw, 4, HAS_INIT)
-        xm1 = _load_source(x_ptr, init_ptr, s - 1, start_s, doc_s, s_ok, d, d_ok, T, stride_x,
-                           stride_in, stride_id, stride_iw, 4, HAS_INIT)
-        x0 = _load_source(x_ptr, init_ptr, s, start_s, doc_s, s_ok, d, d_ok, T, stride_x,
-                          stride_in, stride_id, stride_iw, 4, HAS_INIT)
-        # Sources after s are only used for outputs in the same document (others get dy = 0).
-        xp1 = _load_source(x_ptr, init_ptr, s + 1, start_s, doc_s, s_ok, d, d_ok, T, stride_x,
-                           stride_in, stride_id, stride_iw, 4, HAS_INIT)
-        xp2 = _load_source(x_ptr, init_ptr, s + 2, start_s, doc_s, s_ok, d, d_ok, T, stride_x,
-                           stride_in, stride_id, stride_iw, 4, HAS_INIT)
-        xp3 = _load_source(x_ptr, init_ptr, s + 3, start_s, doc_s, s_ok, d, d_ok, T, stride_x,
-                           stride_in, stride_id, stride_iw, 4, HAS_INIT)
-        dz0 = _silu_grad(_load_dy(dy_ptr, doc_start_ptr, s, start_s, s_ok, d, d_ok, T, seq_len, stride_dy, 0,
-                                  PACKED),
-                         bias + w0 * xm3 + w1 * xm2 + w2 * xm1 + w3 * x0, SILU)
-        dz1 = _silu_grad(_load_dy(dy_ptr, doc_start_ptr, s, start_s, s_ok, d, d_ok, T, seq_len, stride_dy, 1,
-                                  PACKED),
-                         bias + w0 * xm2 + w1 * xm1 + w2 * x0 + w3 * xp1, SILU)
-        dz2 = _silu_grad(_load_dy(dy_ptr, doc_start_ptr, s, start_s, s_ok, d, d_ok, T, seq_len, stride_dy, 2,
-                                  PACKED),
-                         bias + w0 * xm1 + w1 * x0 + w2 * xp1 + w3 * xp2, SILU)
-        dz3 = _silu_grad(_load_dy(dy_ptr, doc_start_ptr, s, start_s, s_ok, d, d_ok, T, seq_len, stride_dy, 3,
-                                  PACKED),
-                         bias + w0 * x0 + w1 * xp1 + w2 * xp2 + w3 * xp3, SILU)
-        dx = w3 * dz0 + w2 * dz1 + w1 * dz2 + w0 * dz3
-        s64 = tl.cast(s, tl.int64)
-        tl.store(dx_ptr + s64[:, None] * stride_dx + d[None, :], dx.to(dx_ptr.dtype.element_ty),
-                 mask=s_ok[:, None] & d_ok[None, :])
-        # dweight[k] = sum_t dz(t) x(t - 3 + k): indexed by the source row s, t = s + 3 - k.
-        # (Terms whose source is the initial state come from _conv_bwd_init_kernel.)
-        dw0 += dz3 * x0
-        dw1 += dz2 * x0
-        dw2 += dz1 * x0
-        dw3 += dz0 * x0
-        db += dz0
+        bias = tl.load(b_ptr + d, mask=d_ok, other=0.0).to(tl.float32)
+    c0 = pid_c * rows_per_program
+    c1 = tl.minimum(c0 + rows_per_program, T)
+    xa = _load_row(x_ptr, c0 - 3, d, d_ok, T, stride_x)
+    xb = _load_row(x_ptr, c0 - 2, d, d_ok, T, stride_x)
+    xc = _load_row(x_ptr, c0 - 1, d, d_ok, T, stride_x)
+    # dz before c0 only feeds dx rows before c0, which are not emitted here.
+    dza = tl.zeros((BD,), dtype=tl.float32)
+    dzb = tl.zeros((BD,), dtype=tl.float32)
+    dzc = tl.zeros((BD,), dtype=tl.float32)
+    sb = c0 * 0
+    sc = c0 * 0
+    dw0 = tl.zeros((BD,), dtype=tl.float32)
+    dw1 = tl.zeros((BD,), dtype=tl.float32)
+    dw2 = tl.zeros((BD,), dtype=tl.float32)
+    dw3 = tl.zeros((BD,), dtype=tl.float32)
+    dbias = tl.zeros((BD,), dtype=tl.float32)
+    for t0 in range(c0, c1 + 3, 4):
+        t1 = t0 + 1
+        t2 = t0 + 2
+        t3 = t0 + 3
+        x_0 = _load_row(x_ptr, t0, d, d_ok, T, stride_x)
+        x_1 = _load_row(x_ptr, t1, d, d_ok, T, stride_x)
+        x_2 = _load_row(x_ptr, t2, d, d_ok, T, stride_x)
+        x_3 = _load_row(x_ptr, t3, d, d_ok, T, stride_x)
+        dy_0 = _load_row(dy_ptr, t0, d, d_ok, T, stride_dy)
+        dy_1 = _load_row(dy_ptr, t1, d, d_ok, T, stride_dy)
+        dy_2 = _load_row(dy_ptr, t2, d, d_ok, T, stride_dy)
+        dy_3 = _load_row(dy_ptr, t3, d, d_ok, T, stride_dy)
+        if PACKED:
+            st0 = tl.load(doc_start_ptr + t0, mask=t0 < T, other=0)
+            st1 = tl.load(doc_start_ptr + t1, mask=t1 < T, other=0)
+            st2 = tl.load(doc_start_ptr + t2, mask=t2 < T, other=0)
+            st3 = tl.load(doc_start_ptr + t3, mask=t3 < T, other=0)
+            doc0 = st0
+            doc1 = st1
+            doc2 = st2
+            doc3 = st3
+            if HAS_INIT:
+                doc0 = tl.load(doc_idx_ptr + t0, mask=t0 < T, other=0)
+                doc1 = tl.load(doc_idx_ptr + t1, mask=t1 < T, other=0)
+                doc2 = tl.load(doc_idx_ptr + t2, mask=t2 < T, other=0)
+                doc3 = tl.load(doc_idx_ptr + t3, mask=t3 < T, other=0)
+        else:
+            doc0 = t0 // seq_len
+            doc1 = t1 // seq_len
+            doc2 = t2 // seq_len
+            doc3 = t3 // seq_len
+            st0 = doc0 * seq_len
+            st1 = doc1 * seq_len
+            st2 = doc2 * seq_len
+            st3 = doc3 * seq_len
+        xa, xb, xc, dza, dzb, dzc, sb, sc, dw0, dw1, dw2, dw3, dbias = _bwd_row_step(
+            t0, x_0, dy_0, st0, doc0, xa, xb, xc, dza, dzb, dzc, sb, sc, dw0, dw1, dw2, dw3, dbias,
+            w0, w1, w2, w3, bias, init_ptr, dx_ptr, d, d_ok, c1, c0, T, stride_dx,
+            stride_in, stride_id, stride_iw, HAS_INIT, SILU)
+        xa, xb, xc, dza, dzb, dzc, sb, sc, dw0, dw1, dw2, dw3, dbias = _bwd_row_step(
+            t1, x_1, dy_1, st1, doc1, xa, xb, xc, dza, dzb, dzc, sb, sc, dw0, dw1, dw2, dw3, dbias,
+            w0, w1, w2, w3, bias, init_ptr, dx_ptr, d, d_ok, c1, c0, T, stride_dx,
+            stride_in, stride_id, stride_iw, HAS_INIT, SILU)
+        xa, xb, xc, dza, dzb, dzc, sb, sc, dw0, dw1, dw2, dw3, dbias = _bwd_row_step(
+            t2, x_2, dy_2, st2, doc2, xa, xb, xc, dza, dzb, dzc, sb, sc, dw0, dw1, dw2, dw3, dbias,
+            w0, w1, w2, w3, bias, init_ptr, dx_ptr, d, d_ok, c1, c0, T, stride_dx,
+            stride_in, stride_id, stride_iw, HAS_INIT, SILU)
+        xa, xb, xc, dza, dzb, dzc, sb, sc, dw0, dw1, dw2, dw3, dbias = _bwd_row_step(
+            t3, x_3, dy_3, st3, doc3, xa, xb, xc, dza, dzb, dzc, sb, sc, dw0, dw1, dw2, dw3, dbias,
+            w0, w1, w2, w3, bias, init_ptr, dx_ptr, d, d_ok, c1, c0, T, stride_dx,
+            stride_in, stride_id, stride_iw, HAS_INIT, SILU)
     pid_c64 = tl.cast(pid_c, tl.int64)
     base = dw_part_ptr + pid_c64 * 4 * D + d
-    tl.store(base + 0 * D, tl.sum(dw0, axis=0), mask=d_ok)
-    tl.store(base + 1 * D, tl.sum(dw1, axis=0), mask=d_ok)
-    tl.store(base + 2 * D, tl.sum(dw2, axis=0), mask=d_ok)
-    tl.store(base + 3 * D, tl.sum(dw3, axis=0), mask=d_ok)
-    tl.store(db_part_ptr + pid_c64 * D + d, tl.sum(db, axis=0), mask=d_ok)
+    tl.store(base + 0 * D, dw0, mask=d_ok)
+    tl.store(base + 1 * D, dw1, mask=d_ok)
+    tl.store(base + 2 * D, dw2, mask=d_ok)
+    tl.store(base + 3 * D, dw3, mask=d_ok)
+    if HAS_BIAS:
+        tl.store(db_part_ptr + pid_c64 * D + d, dbias, mask=d_ok)
 
 
 @triton.jit
@@ -319,10 +376,11 @@ def conv_forward(x2: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
 
 def conv_backward(dy2: torch.Tensor, x2: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                   initial_state: torch.Tensor | None, doc_idx: torch.Tensor | None,
-                  doc_start: torch.Tensor | None, cu: torch.Tensor | None, seq_len: int, silu: bool, block_t: int = BWD_BLOCK_T,
-                  block_d: int = BWD_BLOCK_D, num_warps: int = BWD_WARPS):
-    """Returns dx2 [T, D] (x2.dtype), dweight [D, W] (fp32), dbias [D] (fp32),
-    d initial_state [N, D, W-1] (fp32) or None."""
+                  doc_start: torch.Tensor | None, cu: torch.Tensor | None, seq_len: int, silu: bool,
+                  block_d: int = BWD_BLOCK_D, num_warps: int = BWD_WARPS,
+                  target_programs: int = BWD_TARGET_PROGRAMS):
+    """Returns dx2 [T, D] (x2.dtype), dweight [D, W] (fp32), dbias [D] (fp32) or None without
+    bias, d initial_state [N, D, W-1] (fp32) or None."""
     T, D = x2.shape
     W = weight.shape[1]
     WP = triton.next_power_of_2(W)
@@ -331,15 +389,16 @@ def conv_backward(dy2: torch.Tensor, x2: torch.Tensor, weight: torch.Tensor, bia
     if T == 0:  # no outputs: nothing flows back (and the kernels would divide by seq_len = 0)
         dinit = torch.zeros(initial_state.shape, dtype=torch.float32, device=x2.device) \
             if initial_state is not None else None
-        return (dx2, torch.zeros(D, W, dtype=torch.float32, device=x2.device),
-                torch.zeros(D, dtype=torch.float32, device=x2.device), dinit)
+        dbias = torch.zeros(D, dtype=torch.float32, device=x2.device) if bias is not None else None
+        return dx2, torch.zeros(D, W, dtype=torch.float32, device=x2.device), dbias, dinit
     n_dblocks = triton.cdiv(D, block_d)
-    n_tblocks = max(1, triton.cdiv(T, block_t))
-    n_chunks = max(1, min(n_tblocks, BWD_TARGET_PROGRAMS // n_dblocks))
-    blocks_per_program = triton.cdiv(n_tblocks, n_chunks)
-    n_chunks = triton.cdiv(n_tblocks, blocks_per_program)
+    # Rows per program: a multiple of the 4-row unroll, at least 16 so the 6 rows of window
+    # overlap stay a small fraction of the reads.
+    rows = max(16, triton.cdiv(T * n_dblocks, target_programs))
+    rows = triton.cdiv(rows, 4) * 4
+    n_chunks = triton.cdiv(T, rows)
     dw_part = torch.empty((n_chunks, 4, D), dtype=torch.float32, device=x2.device)
-    db_part = torch.empty((n_chunks, D), dtype=torch.float32, device=x2.device)
+    db_part = torch.empty((n_chunks, D), dtype=torch.float32, device=x2.device) if bias is not None else dw_part
     has_init = initial_state is not None
     # The main kernel is written for 4 taps: narrower filters get zero taps (and zero state
     # slots) on the left, which leaves every output unchanged.
@@ -349,12 +408,12 @@ def conv_backward(dy2: torch.Tensor, x2: torch.Tensor, weight: torch.Tensor, bia
     _conv4_bwd_kernel[(n_chunks, n_dblocks)](
         x2, w4, bias if bias is not None else x2, init4 if has_init else x2,
         _or(doc_idx, x2), _or(doc_start, x2), dy2, dx2, dw_part, db_part,
-        T, D, seq_len, blocks_per_program, x2.stride(0), dy2.stride(0), dx2.stride(0),
+        T, D, seq_len, rows, x2.stride(0), dy2.stride(0), dx2.stride(0),
         w4.stride(0), w4.stride(1), *_init_strides(init4),
         HAS_BIAS=bias is not None, HAS_INIT=has_init, SILU=silu, PACKED=doc_start is not None,
-        BT=block_t, BD=block_d, num_warps=num_warps)
+        BD=block_d, num_warps=num_warps)
     dweight = dw_part.sum(0).t()[:, pad:]                     # [D, W]
-    dbias = db_part.sum(0)
+    dbias = db_part.sum(0) if bias is not None else None
     dinit = None
     if has_init and W > 1:
         N = initial_state.shape[0]
