@@ -163,6 +163,23 @@ def _load_row(ptr, r, d, d_ok, T, stride):
 
 
 @triton.jit
+def _load_row_and_doc(x_ptr, dy_ptr, doc_idx_ptr, doc_start_ptr, t, d, d_ok, T, seq_len, stride_x,
+                      stride_dy, PACKED: tl.constexpr, HAS_INIT: tl.constexpr):
+    """x and dy rows t (fp32 [BD], zero past T), and the start and index of t's document."""
+    x_t = _load_row(x_ptr, t, d, d_ok, T, stride_x)
+    dy_t = _load_row(dy_ptr, t, d, d_ok, T, stride_dy)
+    if PACKED:
+        st = tl.load(doc_start_ptr + t, mask=t < T, other=0)
+        doc = st
+        if HAS_INIT:
+            doc = tl.load(doc_idx_ptr + t, mask=t < T, other=0)
+    else:
+        doc = t // seq_len
+        st = doc * seq_len
+    return x_t, dy_t, st, doc
+
+
+@triton.jit
 def _conv4_bwd_kernel(x_ptr, w_ptr, b_ptr, init_ptr, doc_idx_ptr, doc_start_ptr, dy_ptr, dx_ptr,
                       dw_part_ptr, db_part_ptr,
                       T, D, seq_len, rows_per_program, stride_x, stride_dy, stride_dx, stride_wd,
@@ -202,55 +219,29 @@ def _conv4_bwd_kernel(x_ptr, w_ptr, b_ptr, init_ptr, doc_idx_ptr, doc_start_ptr,
     dw3 = tl.zeros((BD,), dtype=tl.float32)
     dbias = tl.zeros((BD,), dtype=tl.float32)
     for t0 in range(c0, c1 + 3, 4):
-        t1 = t0 + 1
-        t2 = t0 + 2
-        t3 = t0 + 3
-        x_0 = _load_row(x_ptr, t0, d, d_ok, T, stride_x)
-        x_1 = _load_row(x_ptr, t1, d, d_ok, T, stride_x)
-        x_2 = _load_row(x_ptr, t2, d, d_ok, T, stride_x)
-        x_3 = _load_row(x_ptr, t3, d, d_ok, T, stride_x)
-        dy_0 = _load_row(dy_ptr, t0, d, d_ok, T, stride_dy)
-        dy_1 = _load_row(dy_ptr, t1, d, d_ok, T, stride_dy)
-        dy_2 = _load_row(dy_ptr, t2, d, d_ok, T, stride_dy)
-        dy_3 = _load_row(dy_ptr, t3, d, d_ok, T, stride_dy)
-        if PACKED:
-            st0 = tl.load(doc_start_ptr + t0, mask=t0 < T, other=0)
-            st1 = tl.load(doc_start_ptr + t1, mask=t1 < T, other=0)
-            st2 = tl.load(doc_start_ptr + t2, mask=t2 < T, other=0)
-            st3 = tl.load(doc_start_ptr + t3, mask=t3 < T, other=0)
-            doc0 = st0
-            doc1 = st1
-            doc2 = st2
-            doc3 = st3
-            if HAS_INIT:
-                doc0 = tl.load(doc_idx_ptr + t0, mask=t0 < T, other=0)
-                doc1 = tl.load(doc_idx_ptr + t1, mask=t1 < T, other=0)
-                doc2 = tl.load(doc_idx_ptr + t2, mask=t2 < T, other=0)
-                doc3 = tl.load(doc_idx_ptr + t3, mask=t3 < T, other=0)
-        else:
-            doc0 = t0 // seq_len
-            doc1 = t1 // seq_len
-            doc2 = t2 // seq_len
-            doc3 = t3 // seq_len
-            st0 = doc0 * seq_len
-            st1 = doc1 * seq_len
-            st2 = doc2 * seq_len
-            st3 = doc3 * seq_len
+        x_0, dy_0, st_0, doc_0 = _load_row_and_doc(x_ptr, dy_ptr, doc_idx_ptr, doc_start_ptr, t0 + 0, d, d_ok,
+                                                         T, seq_len, stride_x, stride_dy, PACKED, HAS_INIT)
+        x_1, dy_1, st_1, doc_1 = _load_row_and_doc(x_ptr, dy_ptr, doc_idx_ptr, doc_start_ptr, t0 + 1, d, d_ok,
+                                                         T, seq_len, stride_x, stride_dy, PACKED, HAS_INIT)
+        x_2, dy_2, st_2, doc_2 = _load_row_and_doc(x_ptr, dy_ptr, doc_idx_ptr, doc_start_ptr, t0 + 2, d, d_ok,
+                                                         T, seq_len, stride_x, stride_dy, PACKED, HAS_INIT)
+        x_3, dy_3, st_3, doc_3 = _load_row_and_doc(x_ptr, dy_ptr, doc_idx_ptr, doc_start_ptr, t0 + 3, d, d_ok,
+                                                         T, seq_len, stride_x, stride_dy, PACKED, HAS_INIT)
         xa, xb, xc, dza, dzb, dzc, sb, sc, dw0, dw1, dw2, dw3, dbias = _bwd_row_step(
-            t0, x_0, dy_0, st0, doc0, xa, xb, xc, dza, dzb, dzc, sb, sc, dw0, dw1, dw2, dw3, dbias,
-            w0, w1, w2, w3, bias, init_ptr, dx_ptr, d, d_ok, c1, c0, T, stride_dx,
+            t0 + 0, x_0, dy_0, st_0, doc_0, xa, xb, xc, dza, dzb, dzc, sb, sc, dw0, dw1, dw2, dw3,
+            dbias, w0, w1, w2, w3, bias, init_ptr, dx_ptr, d, d_ok, c1, c0, T, stride_dx,
             stride_in, stride_id, stride_iw, HAS_INIT, SILU)
         xa, xb, xc, dza, dzb, dzc, sb, sc, dw0, dw1, dw2, dw3, dbias = _bwd_row_step(
-            t1, x_1, dy_1, st1, doc1, xa, xb, xc, dza, dzb, dzc, sb, sc, dw0, dw1, dw2, dw3, dbias,
-            w0, w1, w2, w3, bias, init_ptr, dx_ptr, d, d_ok, c1, c0, T, stride_dx,
+            t0 + 1, x_1, dy_1, st_1, doc_1, xa, xb, xc, dza, dzb, dzc, sb, sc, dw0, dw1, dw2, dw3,
+            dbias, w0, w1, w2, w3, bias, init_ptr, dx_ptr, d, d_ok, c1, c0, T, stride_dx,
             stride_in, stride_id, stride_iw, HAS_INIT, SILU)
         xa, xb, xc, dza, dzb, dzc, sb, sc, dw0, dw1, dw2, dw3, dbias = _bwd_row_step(
-            t2, x_2, dy_2, st2, doc2, xa, xb, xc, dza, dzb, dzc, sb, sc, dw0, dw1, dw2, dw3, dbias,
-            w0, w1, w2, w3, bias, init_ptr, dx_ptr, d, d_ok, c1, c0, T, stride_dx,
+            t0 + 2, x_2, dy_2, st_2, doc_2, xa, xb, xc, dza, dzb, dzc, sb, sc, dw0, dw1, dw2, dw3,
+            dbias, w0, w1, w2, w3, bias, init_ptr, dx_ptr, d, d_ok, c1, c0, T, stride_dx,
             stride_in, stride_id, stride_iw, HAS_INIT, SILU)
         xa, xb, xc, dza, dzb, dzc, sb, sc, dw0, dw1, dw2, dw3, dbias = _bwd_row_step(
-            t3, x_3, dy_3, st3, doc3, xa, xb, xc, dza, dzb, dzc, sb, sc, dw0, dw1, dw2, dw3, dbias,
-            w0, w1, w2, w3, bias, init_ptr, dx_ptr, d, d_ok, c1, c0, T, stride_dx,
+            t0 + 3, x_3, dy_3, st_3, doc_3, xa, xb, xc, dza, dzb, dzc, sb, sc, dw0, dw1, dw2, dw3,
+            dbias, w0, w1, w2, w3, bias, init_ptr, dx_ptr, d, d_ok, c1, c0, T, stride_dx,
             stride_in, stride_id, stride_iw, HAS_INIT, SILU)
     pid_c64 = tl.cast(pid_c, tl.int64)
     base = dw_part_ptr + pid_c64 * 4 * D + d
