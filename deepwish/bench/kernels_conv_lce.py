@@ -113,6 +113,35 @@ def _conv_tile_sweep(device: str, T: int = 16384) -> dict:
     return out
 
 
+def _conv_profile(device: str, T: int = 16384, iters: int = 10) -> dict:
+    """Device time per forward+backward step of ours, by kernel (torch.profiler), to tell GPU
+    work from idle gaps between the kernels (compare the sum with the timed fwdbwd_ms)."""
+    from torch.profiler import ProfilerActivity, profile
+    from deepwish.kernels.short_conv import triton as conv_tri
+    x = torch.randn(1, T, CONV_D, device=device, dtype=torch.bfloat16, requires_grad=True)
+    w = (torch.randn(CONV_D, CONV_W, device=device) * 0.5).to(torch.bfloat16).requires_grad_()
+    dy = torch.randn_like(x)
+
+    def step():
+        return torch.autograd.grad(conv_tri.causal_conv1d(x, w)[0], [x, w], dy)
+
+    for _ in range(3):
+        step()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(iters):
+            step()
+        torch.cuda.synchronize()
+    rows = []
+    for e in prof.key_averages():
+        us = getattr(e, "device_time_total", None)
+        us = getattr(e, "cuda_time_total", 0.0) if us is None else us
+        if us > 0:
+            rows.append({"name": e.key[:90], "us_per_step": us / iters, "calls_per_step": e.count / iters})
+    rows.sort(key=lambda r: -r["us_per_step"])
+    return {"T": T, "kernels": rows[:12], "sum_ms": sum(r["us_per_step"] for r in rows) / 1e3}
+
+
 # ----------------------------------------------------------------------------- LCE
 
 def _plain_lce(h, w, t):
@@ -272,6 +301,13 @@ def _print_table(results: dict) -> None:
                 shape = (f"BT={c['block_t']:>3}" if "block_t" in c else f"progs={c['target_programs']}")
                 print(f"{kind} {shape} BD={c['block_d']:>4} warps={c['num_warps']} : "
                       f"{_fmt(c['ms'])} ms {_fmt(c['GBps'], '.0f')} GB/s")
+    prof = results.get("conv_profile")
+    if isinstance(prof, dict):
+        print(f"\n-- conv fwd+bwd device time per step at T={prof['T']}: {prof['sum_ms']:.3f} ms in kernels --")
+        for r in prof["kernels"]:
+            print(f"{r['us_per_step']:9.1f} us  x{r['calls_per_step']:.0f}  {r['name']}")
+    elif prof is not None:
+        print(f"\n-- conv profile failed: {prof} --")
     print(f"\n== linear cross-entropy (D={LCE_D}, V={LCE_V}, bf16, mean): fwd+bwd ms | peak extra GB "
           f"(incl. the bf16 grads of h and W) | loss - first ==")
     for r in results.get("lce", []):
@@ -311,6 +347,7 @@ def run(out_dir: str, device: str = "cuda", conv: bool = True, lce: bool = True,
             results["conv"].append(_conv_case(T, device, compiled))
             print(f"[conv] T={T} done ({time.time() - t0:.0f}s)", flush=True)
         results["conv_tiles"] = _conv_tile_sweep(device)
+        results["conv_profile"] = _try(lambda: _conv_profile(device))
     if lce:
         impls, notes = _lce_impls(with_compile)
         results["notes"].update(notes)
