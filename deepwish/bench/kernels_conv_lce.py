@@ -103,12 +103,14 @@ def _conv_tile_sweep(device: str, T: int = 16384) -> dict:
                                                               block_t=bt, block_d=bd, num_warps=nw)))
         out["fwd"].append({"block_t": bt, "block_d": bd, "num_warps": nw, "ms": ms,
                            "GBps": 4 * elem / ms / 1e6 if isinstance(ms, float) else None})
-    for bd, nw, progs in ((512, 4, 2048), (512, 4, 1024), (512, 4, 4096), (256, 2, 2048), (1024, 8, 2048),
-                          (128, 1, 4096)):
+    for bd, nw, progs, regs in ((512, 4, 2048, 128), (512, 4, 2048, None), (512, 4, 1024, 128),
+                                (512, 4, 4096, 128), (256, 2, 2048, 128), (1024, 8, 2048, 128),
+                                (128, 1, 4096, None)):
         ms = _try(lambda: _bench(lambda: conv_tri.conv_backward(dy2, x2, w, None, None, doc_idx, doc_start, cu, T,
                                                                True, block_d=bd, num_warps=nw,
-                                                               target_programs=progs)))
-        out["bwd"].append({"block_d": bd, "num_warps": nw, "target_programs": progs, "ms": ms,
+                                                               target_programs=progs, max_registers=regs)))
+        out["bwd"].append({"block_d": bd, "num_warps": nw, "target_programs": progs, "max_registers": regs,
+                           "ms": ms,
                            "GBps": 6 * elem / ms / 1e6 if isinstance(ms, float) else None})
     return out
 
@@ -298,7 +300,8 @@ def _print_table(results: dict) -> None:
         print(f"\n-- conv tile sweep at T={sweep['T']} (kernel only) --")
         for kind in ("fwd", "bwd"):
             for c in sweep[kind]:
-                shape = (f"BT={c['block_t']:>3}" if "block_t" in c else f"progs={c['target_programs']}")
+                shape = (f"BT={c['block_t']:>3}" if "block_t" in c
+                         else f"progs={c['target_programs']} maxreg={c['max_registers']}")
                 print(f"{kind} {shape} BD={c['block_d']:>4} warps={c['num_warps']} : "
                       f"{_fmt(c['ms'])} ms {_fmt(c['GBps'], '.0f')} GB/s")
     prof = results.get("conv_profile")

@@ -42,6 +42,9 @@ from deepwish.kernels.short_conv.reference import check_conv_inputs, check_updat
 FWD_BLOCK_T, FWD_BLOCK_D, FWD_WARPS = 16, 128, 4
 BWD_BLOCK_D, BWD_WARPS = 512, 4
 BWD_TARGET_PROGRAMS = 2048
+# The backward compiles to 139 registers (3 programs of 4 warps per SM); capped at 128 it spills
+# 8 bytes per thread and fits 4 programs per SM, a third more row loads in flight.
+BWD_MAX_REGISTERS = 128
 INIT_BLOCK_D = 128
 
 
@@ -369,9 +372,11 @@ def conv_backward(dy2: torch.Tensor, x2: torch.Tensor, weight: torch.Tensor, bia
                   initial_state: torch.Tensor | None, doc_idx: torch.Tensor | None,
                   doc_start: torch.Tensor | None, cu: torch.Tensor | None, seq_len: int, silu: bool,
                   block_d: int = BWD_BLOCK_D, num_warps: int = BWD_WARPS,
-                  target_programs: int = BWD_TARGET_PROGRAMS):
+                  target_programs: int = BWD_TARGET_PROGRAMS, max_registers: int | None = BWD_MAX_REGISTERS):
     """Returns dx2 [T, D] (x2.dtype), dweight [D, W] (fp32), dbias [D] (fp32) or None without
-    bias, d initial_state [N, D, W-1] (fp32) or None."""
+    bias, d initial_state [N, D, W-1] (fp32) or None. max_registers caps the main kernel's
+    registers per thread (None: the compiler's choice); it is not applied with an initial state,
+    whose extra loads would spill."""
     T, D = x2.shape
     W = weight.shape[1]
     WP = triton.next_power_of_2(W)
@@ -402,7 +407,7 @@ def conv_backward(dy2: torch.Tensor, x2: torch.Tensor, weight: torch.Tensor, bia
         T, D, seq_len, rows, x2.stride(0), dy2.stride(0), dx2.stride(0),
         w4.stride(0), w4.stride(1), *_init_strides(init4),
         HAS_BIAS=bias is not None, HAS_INIT=has_init, SILU=silu, PACKED=doc_start is not None,
-        BD=block_d, num_warps=num_warps)
+        BD=block_d, num_warps=num_warps, maxnreg=None if has_init else max_registers)
     dweight = dw_part.sum(0).t()[:, pad:]                     # [D, W]
     dbias = db_part.sum(0) if bias is not None else None
     dinit = None
