@@ -61,7 +61,16 @@ def _check(model, batch, dtype, rel_err, compile=False, n=12):
     assert all(float(t.abs().max()) == 0 for layer in cache.layers for t in vars(layer).values()
                if isinstance(t, torch.Tensor)), "capture must leave the cache zeroed"
     got = _stepwise(model, step, cache, prompt, feed)
-    assert rel_err(ref, got) < (2e-2 if compile and dtype == torch.bfloat16 else TOL[dtype])
+    if compile and dtype == torch.bfloat16:
+        # Inductor keeps fused intermediates in fp32 where eager rounds each op to bf16, and in an
+        # MoE a near-tie in the router then picks other experts: compiled and eager bf16 legitimately
+        # differ. Both are held to the fp32 model instead: compiled may not be much further off.
+        import copy
+        fp32 = copy.deepcopy(model).float()
+        exact = _stepwise(fp32, decode_one_token, fp32.make_cache(batch, 9 + n), prompt, feed)
+        assert rel_err(exact, got) <= 2 * rel_err(exact, ref) + 1e-2
+    else:
+        assert rel_err(ref, got) < TOL[dtype]
     return step, cache
 
 

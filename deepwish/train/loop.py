@@ -149,9 +149,23 @@ class EMA:
         for n, p in model.named_parameters():
             self.shadow[n].lerp_(p.detach().float(), 1.0 - self.decay)
 
+    @staticmethod
+    def _reshard(model: torch.nn.Module) -> None:
+        """Under FSDP2 a forward can leave some modules unsharded (their parameters plain tensors
+        until the next reshard); swap weights only between sharded states, so that the saved and
+        the restored parameters are both DTensors of the same shard."""
+        try:
+            from torch.distributed.fsdp import FSDPModule
+        except ImportError:
+            return
+        for m in model.modules():
+            if isinstance(m, FSDPModule):
+                m.reshard()
+
     @contextlib.contextmanager
     def applied(self, model: torch.nn.Module):
         """Temporarily load the averaged weights into `model`."""
+        self._reshard(model)
         saved = {n: p.detach().clone() for n, p in model.named_parameters()}
         with torch.no_grad():
             for n, p in model.named_parameters():
@@ -159,6 +173,7 @@ class EMA:
         try:
             yield
         finally:
+            self._reshard(model)
             with torch.no_grad():
                 for n, p in model.named_parameters():
                     p.copy_(saved[n])
