@@ -87,7 +87,12 @@ class Logger:
             self._tb = tb.SummaryWriter(log_dir=str(self.run_dir / "tensorboard"))
         if mlflow:
             mlf = _require("mlflow", "mlflow", "mlflow")
-            uri = os.environ.get("MLFLOW_TRACKING_URI") or (self.run_dir / "mlruns").resolve().as_uri()
+            uri = os.environ.get("MLFLOW_TRACKING_URI")
+            if not uri:  # the default: a local file store inside the run directory, no server
+                uri = (self.run_dir / "mlruns").resolve().as_uri()
+                # Recent MLflow refuses file stores unless asked (it prefers a database backend);
+                # this is the documented opt-out, set only for the store we chose ourselves.
+                os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
             mlf.set_tracking_uri(uri)
             mlf.set_experiment("deepwish")
             mlf.start_run(run_name=self.run_dir.name)
