@@ -22,6 +22,12 @@ if ! python -c "import torch" 2>/dev/null; then
     pip install -q "torch==2.13.0"
   fi
 fi
+if ! python -c "import triton" 2>/dev/null; then
+  # CPU machines: the Triton interpreter runs the kernel tests. A CUDA torch brings its own
+  # Triton, which is never replaced.
+  echo "[setup] no triton found; installing triton==3.7.1 (for the CPU interpreter tests)"
+  pip install -q "triton==3.7.1"
+fi
 stamp=.venv/.deepwish-setup
 want="$(cat pyproject.toml | sha1sum | cut -c1-16) $(python -c 'import torch; print(torch.__version__)')"
 if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
