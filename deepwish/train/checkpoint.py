@@ -140,21 +140,28 @@ def save_checkpoint(run_dir: str | os.PathLike, step: int, *, model_state: dict,
                 "git": git_hash(), "argv": sys.argv}
         _write_bytes_synced(tmp / "meta.json", lambda f: f.write(json.dumps(meta, indent=1).encode()))
         _fsync_path(tmp)
-        replaced = root / f".tmp-replaced-{name}-{os.getpid()}"
-        if final.exists():  # the same step saved again (e.g. after a resume): swap it out
-            os.rename(final, replaced)
-        os.rename(tmp, final)
-        _fsync_path(root)
-        shutil.rmtree(replaced, ignore_errors=True)
+        publish(root, tmp, name, keep_last)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    return final
+
+
+def publish(root: Path, tmp: Path, name: str, keep_last: int) -> None:
+    """Move the fully written and fsynced `tmp` into place as `root/name`, then point `latest`
+    at it, then prune. Each step is atomic; a crash between them leaves a loadable state."""
+    final = root / name
+    replaced = root / f".tmp-replaced-{name}-{os.getpid()}"
+    if final.exists():  # the same step saved again (e.g. after a resume): swap it out
+        os.rename(final, replaced)
+    os.rename(tmp, final)
+    _fsync_path(root)
+    shutil.rmtree(replaced, ignore_errors=True)
     latest_tmp = root / f"{LATEST}.tmp"
     _write_bytes_synced(latest_tmp, lambda f: f.write(name.encode()))
     os.replace(latest_tmp, root / LATEST)
     _fsync_path(root)
     _prune(root, keep_last, keep=name)
-    return final
 
 
 def _prune(root: Path, keep_last: int, keep: str) -> None:

@@ -37,7 +37,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from deepwish.train.checkpoint import (CKPT_DIR, FORMAT_VERSION, LATEST, _fsync_path, _prune, _write_bytes_synced,
+from deepwish.train.checkpoint import (CKPT_DIR, FORMAT_VERSION, _fsync_path, _write_bytes_synced, publish,
                                        git_hash, load_checkpoint, resolve_checkpoint, rng_state, set_rng_state,
                                        step_dir_name, versions)
 
@@ -178,20 +178,10 @@ def save(run_dir: str | os.PathLike, step: int, *, model: nn.Module, optimizer, 
                 _fsync_path(f)
             _fsync_path(tmp / DCP_DIR)
             _fsync_path(tmp)
-            replaced = root / f".tmp-replaced-{name}"
-            if final.exists():
-                os.rename(final, replaced)
-            os.rename(tmp, final)
-            _fsync_path(root)
-            shutil.rmtree(replaced, ignore_errors=True)
+            publish(root, tmp, name, keep_last)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
-        latest_tmp = root / f"{LATEST}.tmp"
-        _write_bytes_synced(latest_tmp, lambda f: f.write(name.encode()))
-        os.replace(latest_tmp, root / LATEST)
-        _fsync_path(root)
-        _prune(root, keep_last, keep=name)
     _barrier()
     return final
 
