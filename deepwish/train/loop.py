@@ -513,7 +513,9 @@ def run(args: argparse.Namespace) -> int:
         resume = args.out
     try:
         summary = train(cfg, resume=resume)
-    finally:
+    except BaseException:
         parallel.shutdown()
+        raise
+    parallel.shutdown(wait_for_peers=True)
     print(f"[deepwish] done: {summary['run_dir']}", flush=True)
     return 0

@@ -160,9 +160,15 @@ def init_distributed(tc) -> Dist:
     return Dist(rank, world, local_rank, device, backend)
 
 
-def shutdown() -> None:
-    """Destroy the process group if one exists (end of a torchrun process)."""
+def shutdown(wait_for_peers: bool = False) -> None:
+    """Destroy the process group if one exists (end of a torchrun process).
+
+    wait_for_peers: meet the other ranks first (after a successful run). Rank 0 finishes later
+    than the others (plot, sample); tearing a gloo group down while a peer is still using it can
+    abort the process. Never after a failure: a dead peer would leave the barrier hanging."""
     if dist.is_initialized():
+        if wait_for_peers:
+            dist.barrier()
         dist.destroy_process_group()
 
 

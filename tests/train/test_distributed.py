@@ -44,21 +44,20 @@ def _env() -> dict:
     return env
 
 
-# A gloo rank on this CPU machine occasionally aborts while the process group starts ("terminate
-# called without an active exception", SIGABRT, before any step runs); seen in ~1 of 3 runs of
-# tests/train, never in a run that got past its first step. Such a launch is retried, at most
-# twice, and only on that exact signature; any other failure fails the test at once.
-GLOO_START_ABORT = "terminate called without an active exception"
+# On this CPU machine a gloo rank occasionally aborted ("terminate called without an active
+# exception", SIGABRT) while the process group was torn down at the very end, after the run had
+# finished and rank 0 had printed "done" (about 1 run in 10 of tests/train). parallel.shutdown now
+# meets all ranks before the teardown; should the abort still occur after a completed run, the run
+# counts (every check below reads the run's own logs and checkpoints), with a printed note.
+GLOO_TEARDOWN_ABORT = "terminate called without an active exception"
 
 
 def torchrun(nproc: int, args: list[str], timeout: int = 120) -> str:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *args]
-    for attempt in range(3):
-        out = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=timeout)
-        aborted_at_start = GLOO_START_ABORT in out.stderr and "step 1/" not in out.stdout.split("parallel")[-1]
-        if out.returncode == 0 or not aborted_at_start:
-            break
-        print(f"torchrun attempt {attempt + 1}: a rank aborted while the gloo group started; relaunching")
+    out = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=timeout)
+    if out.returncode != 0 and GLOO_TEARDOWN_ABORT in out.stderr and "[deepwish] done:" in out.stdout:
+        print("torchrun: a rank aborted in the gloo teardown after the run completed; the run counts")
+        return out.stdout + out.stderr
     if out.returncode != 0:
         raise AssertionError(f"torchrun failed ({out.returncode}):\n{out.stdout[-4000:]}\n{out.stderr[-8000:]}")
     return out.stdout + out.stderr
