@@ -89,11 +89,15 @@ def config_to_hf(cfg: ModelConfig) -> dict:
         "initializer_range": cfg.init_std, "rope_parameters": rope_to_hf(cfg), "use_sliding_window": False,
     }
     if cfg.n_experts:
-        d.update(num_experts=cfg.n_experts, num_experts_per_tok=cfg.n_experts_per_tok,
-                 moe_intermediate_size=cfg.d_ff_expert, norm_topk_prob=cfg.norm_topk_prob,
-                 decoder_sparse_step=cfg.moe_every, mlp_only_layers=list(cfg.dense_layers),
-                 router_aux_loss_coef=cfg.router_aux_loss_coef)
+        d.update(num_experts=cfg.n_experts, **moe_to_hf(cfg))
     return d
+
+
+def moe_to_hf(cfg: ModelConfig) -> dict:
+    """The softmax-router MoE fields Qwen3-MoE and Qwen3-Next configs share."""
+    return dict(num_experts_per_tok=cfg.n_experts_per_tok, moe_intermediate_size=cfg.d_ff_expert,
+                norm_topk_prob=cfg.norm_topk_prob, decoder_sparse_step=cfg.moe_every,
+                mlp_only_layers=list(cfg.dense_layers), router_aux_loss_coef=cfg.router_aux_loss_coef)
 
 
 def attention_entries(p: str, q: str, norms: bool = True, bias: bool = False) -> list[Entry]:

@@ -17,8 +17,8 @@ from __future__ import annotations
 import torch
 
 from deepwish.config import ModelConfig
-from deepwish.hf.qwen3 import (attention_entries, embedding_entries, expert_entries, rope_from_hf, rope_to_hf,
-                               swiglu_entries)
+from deepwish.hf.qwen3 import (attention_entries, embedding_entries, expert_entries, moe_to_hf, rope_from_hf,
+                               rope_to_hf, swiglu_entries)
 from deepwish.hf.table import Entry, one
 
 ARCHITECTURES = ("Qwen3NextForCausalLM",)
@@ -122,10 +122,7 @@ def config_to_hf(cfg: ModelConfig) -> dict:
         "num_experts": cfg.n_experts,
     }
     if cfg.n_experts:
-        d.update(num_experts_per_tok=cfg.n_experts_per_tok, moe_intermediate_size=cfg.d_ff_expert,
-                 shared_expert_intermediate_size=cfg.d_ff_shared, norm_topk_prob=cfg.norm_topk_prob,
-                 decoder_sparse_step=cfg.moe_every, mlp_only_layers=list(cfg.dense_layers),
-                 router_aux_loss_coef=cfg.router_aux_loss_coef)
+        d.update(shared_expert_intermediate_size=cfg.d_ff_shared, **moe_to_hf(cfg))
     return d
 
 
