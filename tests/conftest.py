@@ -32,3 +32,12 @@ def cuda():
     if not torch.cuda.is_available():
         pytest.fail("gpu test selected on a machine without CUDA; run with -m gpu on a GPU")
     return torch.device("cuda")
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models: a second intra-op thread only adds barrier waits (badly so on a busy machine)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -9,17 +9,10 @@ from deepwish.model.cache import CacheFullError
 from deepwish.model.ring_cache import RingKVCache, make_ring_cache
 from deepwish.model.transformer import Transformer
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 WINDOW = 8
 
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models: a second intra-op thread only adds barrier waits (badly so on a busy machine)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 def _model(**kw):
     cfg = model_config("qwen3_tiny", n_layers=3, vocab_size=64, max_seq_len=256, init_std=0.1, **kw)

@@ -13,17 +13,10 @@ from deepwish.model.ring_cache import make_ring_cache
 from deepwish.model.transformer import Transformer
 from deepwish.speculative import speculative_generate
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 V = 64
 
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models: a second intra-op thread only adds barrier waits (badly so on a busy machine)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 def _model(preset="qwen3_tiny", **kw):
     cfg = model_config(preset, **{"n_layers": 2, "vocab_size": V, "max_seq_len": 256, "init_std": 0.1, **kw})
