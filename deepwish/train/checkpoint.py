@@ -14,16 +14,32 @@ save. Only then are checkpoints beyond the newest `keep_last` deleted.
 
 Single-process: under FSDP2, train/parallel.py writes sharded state (torch.distributed.checkpoint)
 and reuses the same `latest` protocol.
+
+Integrity: meta.json (written last) lists every other file of the checkpoint with its size and
+SHA-256 (`files`; for a sharded checkpoint every DCP shard and its .metadata). A checkpoint is
+verified before it is published (so nothing older is pruned until a newer one verifies) and
+before it is loaded. Resolving a run directory takes `latest`, or the newest step directory when
+`latest` is missing; if that checkpoint does not verify (a changed, truncated or missing file,
+unreadable meta.json) the newest older one that does is used, with one printed line naming the
+bad file. An explicitly named checkpoint directory that does not verify is an error.
+
+Branches: resuming from a checkpoint older than the newest step directory (`--resume
+RUN/checkpoints/step_...`, or after a fallback) starts a branch: `start_branch` moves the newer
+step directories, never deleted, to RUN/abandoned/<time>-after-step_.../ with one printed line,
+and points `latest` at the checkpoint resumed from.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import pickle
 import platform
 import random
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +48,29 @@ import torch
 
 CKPT_DIR = "checkpoints"
 LATEST = "latest"
+ABANDONED_DIR = "abandoned"
 FORMAT_VERSION = 1
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be read, does not verify, or cannot be written; names the file."""
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip() or type(e).__name__
+    return text.splitlines()[0][:300]
+
+
+def _is_write_failure(e: BaseException) -> bool:
+    """torch.save reports a failed write (full disk, I/O error) as a RuntimeError from its zip
+    writer (`[enforce fail at inline_container.cc...]`, `PytorchStreamWriter failed ...`)."""
+    return isinstance(e, OSError) or (isinstance(e, RuntimeError) and any(
+        k in str(e) for k in ("inline_container", "PytorchStreamWriter", "file write failed")))
+
+
+def write_failure(final: Path, e: BaseException) -> CheckpointError:
+    why = f"{e.strerror} ({e.filename})" if isinstance(e, OSError) and e.strerror else _first_line(e)
+    return CheckpointError(f"cannot write checkpoint {final}: {why}; the previous checkpoints are untouched")
 
 
 def _fsync_path(path: Path) -> None:
@@ -48,6 +86,88 @@ def _write_bytes_synced(path: Path, write) -> None:
         write(f)
         f.flush()
         os.fsync(f.fileno())
+
+
+def file_digest(path: Path) -> dict:
+    """{'bytes', 'sha256'} of one file (read in 1 MiB blocks)."""
+    h = hashlib.sha256()
+    n = 0
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            h.update(block)
+            n += len(block)
+    return {"bytes": n, "sha256": h.hexdigest()}
+
+
+def manifest(ckpt_dir: Path) -> dict[str, dict]:
+    """{relative path: file_digest} of every file under `ckpt_dir` except meta.json."""
+    return {p.relative_to(ckpt_dir).as_posix(): file_digest(p)
+            for p in sorted(ckpt_dir.rglob("*")) if p.is_file() and p.name != "meta.json"}
+
+
+_VERIFIED: dict[str, tuple] = {}  # checkpoint dir -> file signatures verified in this process
+
+
+def _signature(d: Path, files) -> tuple:
+    out = []
+    for rel in sorted(files):
+        st = (d / rel).stat()
+        out.append((rel, st.st_size, st.st_mtime_ns, st.st_ino))
+    return tuple(out)
+
+
+def read_meta_json(d: Path) -> dict:
+    path = d / "meta.json"
+    try:
+        meta = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise CheckpointError(f"{path} is missing (an incomplete checkpoint)") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{path} cannot be read: {_first_line(e)}") from None
+    if not isinstance(meta, dict) or not isinstance(meta.get("step"), int) or not isinstance(meta.get("config"), dict):
+        raise CheckpointError(f"{path} is not a checkpoint's metadata (no step/config)")
+    return meta
+
+
+def verify(ckpt_dir: str | os.PathLike, *, fresh: bool = False) -> dict:
+    """Check every file of a checkpoint against its meta.json; return the metadata, or raise
+    CheckpointError naming the first bad file. Checkpoints written before checksums existed are
+    checked for their files' presence only. `fresh`: re-hash even if verified before."""
+    d = Path(ckpt_dir)
+    meta = read_meta_json(d)
+    files = meta.get("files")
+    if files is None:
+        need = ("train_state.pt", "dcp/.metadata") if meta.get("kind") == "dcp" else ("train_state.pt", "model.pt")
+        for rel in need:
+            if not (d / rel).is_file():
+                raise CheckpointError(f"{d / rel} is missing")
+        return meta
+    for rel in files:
+        if not (d / rel).is_file():
+            raise CheckpointError(f"{d / rel} is missing")
+    sig = _signature(d, files)
+    if not fresh and _VERIFIED.get(str(d.resolve())) == sig:
+        return meta
+    for rel, want in files.items():
+        path = d / rel
+        got = file_digest(path)
+        if got["bytes"] != want["bytes"]:
+            raise CheckpointError(f"{path} has {got['bytes']} bytes, {want['bytes']} were written (truncated or "
+                                  f"overwritten)")
+        if got["sha256"] != want["sha256"]:
+            raise CheckpointError(f"{path}: checksum mismatch (its bytes changed after it was written)")
+    _VERIFIED[str(d.resolve())] = sig
+    return meta
+
+
+def load_pt(path: Path, map_location="cpu"):
+    """torch.load(weights_only=True) with unreadable files reported as one CheckpointError line."""
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except FileNotFoundError:
+        raise CheckpointError(f"{path} is missing") from None
+    except (RuntimeError, EOFError, OSError, pickle.UnpicklingError, ValueError) as e:
+        raise CheckpointError(f"{path} cannot be read: {_first_line(e)}") from None
 
 
 def git_hash(repo_dir: Path | None = None) -> str:
@@ -124,32 +244,39 @@ def save_checkpoint(run_dir: str | os.PathLike, step: int, *, model_state: dict,
     if keep_last < 1:
         raise ValueError(f"keep_last must be >= 1, got {keep_last}")
     root = Path(run_dir) / CKPT_DIR
-    root.mkdir(parents=True, exist_ok=True)
-    for stale in root.glob(".tmp-*"):
-        shutil.rmtree(stale, ignore_errors=True)
     name = step_dir_name(step)
     final = root / name
-    tmp = root / f".tmp-{name}-{os.getpid()}"
-    tmp.mkdir()
     try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise write_failure(final, e) from None
+    for stale in root.glob(".tmp-*"):
+        shutil.rmtree(stale, ignore_errors=True)
+    tmp = root / f".tmp-{name}-{os.getpid()}"
+    try:
+        tmp.mkdir()
         _write_bytes_synced(tmp / "model.pt", lambda f: torch.save(model_state, f))
         train_state = {"format": FORMAT_VERSION, "step": step, "optimizer": optimizer_state,
                        "rng": rng_state(), "loader": loader_state, "ema": ema_state, "extra": extra or {}}
         _write_bytes_synced(tmp / "train_state.pt", lambda f: torch.save(train_state, f))
         meta = {"format": FORMAT_VERSION, "step": step, "config": config, "versions": versions(),
-                "git": git_hash(), "argv": sys.argv}
+                "git": git_hash(), "argv": sys.argv, "files": manifest(tmp)}
         _write_bytes_synced(tmp / "meta.json", lambda f: f.write(json.dumps(meta, indent=1).encode()))
         _fsync_path(tmp)
         publish(root, tmp, name, keep_last)
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        if _is_write_failure(e):
+            raise write_failure(final, e) from None
         raise
     return final
 
 
 def publish(root: Path, tmp: Path, name: str, keep_last: int) -> None:
-    """Move the fully written and fsynced `tmp` into place as `root/name`, then point `latest`
-    at it, then prune. Each step is atomic; a crash between them leaves a loadable state."""
+    """Verify the fully written and fsynced `tmp` against its manifest, move it into place as
+    `root/name`, then point `latest` at it, then prune older ones. Each step is atomic; a crash
+    between them leaves a loadable state."""
+    verify(tmp, fresh=True)
     final = root / name
     replaced = root / f".tmp-replaced-{name}-{os.getpid()}"
     if final.exists():  # the same step saved again (e.g. after a resume): swap it out
@@ -165,10 +292,11 @@ def publish(root: Path, tmp: Path, name: str, keep_last: int) -> None:
 
 
 def _prune(root: Path, keep_last: int, keep: str) -> None:
-    steps = sorted(p for p in root.glob("step_*") if p.is_dir())
-    for old in steps[:-keep_last]:
-        if old.name != keep:
-            shutil.rmtree(old, ignore_errors=True)
+    """Delete all but the newest keep_last-1 checkpoints older than `keep` (just published and
+    verified). Newer step directories are never touched (start_branch moves them aside)."""
+    older = sorted(p for p in root.glob("step_*") if p.is_dir() and p.name < keep)
+    for old in older[:len(older) - (keep_last - 1)]:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def list_checkpoints(run_dir: str | os.PathLike) -> list[Path]:
@@ -176,31 +304,94 @@ def list_checkpoints(run_dir: str | os.PathLike) -> list[Path]:
     return sorted(p for p in root.glob("step_*") if p.is_dir()) if root.exists() else []
 
 
+def is_checkpoint_dir(p: Path) -> bool:
+    return (p / "meta.json").is_file() or (p / "model.pt").exists() or (p / "dcp").is_dir()
+
+
+_NOTED: set[str] = set()
+
+
+def _note(line: str) -> None:
+    """Print a resolution note once per process (a run directory is resolved several times)."""
+    if line not in _NOTED and int(os.environ.get("RANK", "0") or 0) == 0:
+        _NOTED.add(line)
+        print(line, file=sys.stderr, flush=True)
+
+
 def resolve_checkpoint(path_or_run_dir: str | os.PathLike) -> Path:
-    """A checkpoint directory, or a run directory (-> its `latest`)."""
+    """A verified checkpoint directory: the one given, or a run directory's `latest` (the newest
+    step directory when `latest` is missing), falling back to the newest older checkpoint that
+    verifies with one printed line (module docstring)."""
     p = Path(path_or_run_dir)
-    if (p / "model.pt").exists() and (p / "train_state.pt").exists():
+    if is_checkpoint_dir(p):
+        verify(p)
         return p
-    pointer = p / CKPT_DIR / LATEST
-    if pointer.exists():
-        target = p / CKPT_DIR / pointer.read_text().strip()
-        if not (target / "meta.json").exists():
-            raise FileNotFoundError(f"{pointer} names {target.name}, which is missing or incomplete")
-        return target
-    if not p.exists():
-        raise FileNotFoundError(f"no such checkpoint or run directory: {p}")
-    raise FileNotFoundError(f"{p} holds no checkpoint (no model.pt/train_state.pt and no {CKPT_DIR}/{LATEST})")
+    root = p / CKPT_DIR
+    steps = list_checkpoints(p)
+    if not steps:
+        if not p.exists():
+            raise FileNotFoundError(f"no such checkpoint or run directory: {p}")
+        raise FileNotFoundError(f"{p} holds no checkpoint (no model.pt/train_state.pt and no {CKPT_DIR}/{LATEST})")
+    pointer = root / LATEST
+    head, why = None, None
+    try:
+        head = root / pointer.read_text().strip()
+        if not head.name.startswith("step_") or not head.is_dir():
+            why = f"{pointer} names {head.name!r}, which is missing"
+            head = None
+    except FileNotFoundError:
+        why = f"{pointer} is missing"
+    except (OSError, UnicodeDecodeError) as e:
+        why = f"{pointer} cannot be read ({_first_line(e)})"
+    candidates = [d for d in reversed(steps) if head is None or d.name <= head.name]
+    problems = [why] if why else []
+    for d in candidates:
+        try:
+            verify(d)
+        except CheckpointError as e:
+            problems.append(str(e))
+            continue
+        if problems:
+            _note(f"[deepwish] warning: {'; '.join(problems)}; using {d}, the newest checkpoint that verifies")
+        return d
+    raise CheckpointError(f"no checkpoint in {root} verifies: {'; '.join(problems)}")
+
+
+def start_branch(run_dir: str | os.PathLike, resumed: str | os.PathLike) -> Path | None:
+    """Resuming from `resumed`: move the run's newer step directories to
+    RUN/abandoned/<UTC time>-after-<name>/ (one printed line) and point `latest` at `resumed`.
+    Returns the abandoned directory, or None when nothing was newer. Writer (rank 0) only."""
+    root = Path(run_dir) / CKPT_DIR
+    resumed = Path(resumed)
+    if resumed.parent.resolve() != root.resolve():
+        return None  # a checkpoint of another run directory: this run's history is not touched
+    newer = [d for d in list_checkpoints(run_dir) if d.name > resumed.name]
+    if newer:
+        dest = Path(run_dir) / ABANDONED_DIR / f"{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}-after-{resumed.name}"
+        dest.mkdir(parents=True, exist_ok=False)
+        for d in newer:
+            os.rename(d, dest / d.name)
+        _fsync_path(root)
+        print(f"[deepwish] resuming from {resumed.name} starts a branch: moved the newer "
+              f"{', '.join(d.name for d in newer)} to {dest}", flush=True)
+    latest = root / LATEST
+    if not latest.exists() or latest.read_text().strip() != resumed.name:
+        _write_bytes_synced(root / f"{LATEST}.tmp", lambda f: f.write(resumed.name.encode()))
+        os.replace(root / f"{LATEST}.tmp", latest)
+        _fsync_path(root)
+    return dest if newer else None
 
 
 def load_checkpoint(path_or_run_dir: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict:
     """Read a checkpoint: {'path', 'step', 'model', 'optimizer', 'rng', 'loader', 'ema', 'extra',
     'config', 'versions', 'git'}. Tensors are loaded with weights_only=True."""
     d = resolve_checkpoint(path_or_run_dir)
-    meta = json.loads((d / "meta.json").read_text())
-    state = torch.load(d / "train_state.pt", map_location=map_location, weights_only=True)
-    model = torch.load(d / "model.pt", map_location=map_location, weights_only=True)
-    if state.get("format") != FORMAT_VERSION:
-        raise ValueError(f"{d}: checkpoint format {state.get('format')} is not {FORMAT_VERSION}")
+    meta = read_meta_json(d)
+    state = load_pt(d / "train_state.pt", map_location)
+    model = load_pt(d / "model.pt", map_location)
+    if not isinstance(state, dict) or state.get("format") != FORMAT_VERSION:
+        raise CheckpointError(f"{d}: checkpoint format {state.get('format') if isinstance(state, dict) else '?'} "
+                              f"is not {FORMAT_VERSION}")
     return {"path": d, "step": state["step"], "model": model, "optimizer": state["optimizer"],
             "rng": state["rng"], "loader": state["loader"], "ema": state["ema"], "extra": state["extra"],
             "config": meta["config"], "versions": meta["versions"], "git": meta["git"]}

@@ -37,9 +37,10 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from deepwish.train.checkpoint import (CKPT_DIR, FORMAT_VERSION, _fsync_path, _write_bytes_synced, publish,
-                                       git_hash, load_checkpoint, resolve_checkpoint, rng_state, set_rng_state,
-                                       step_dir_name, versions)
+from deepwish.train.checkpoint import (CKPT_DIR, FORMAT_VERSION, CheckpointError, _first_line, _fsync_path,
+                                       _is_write_failure, _write_bytes_synced, git_hash, load_checkpoint, load_pt,
+                                       manifest, publish, read_meta_json, resolve_checkpoint, rng_state,
+                                       set_rng_state, step_dir_name, versions, write_failure)
 
 DCP_DIR = "dcp"
 
@@ -58,17 +59,15 @@ def is_dcp_checkpoint(path: str | os.PathLike) -> bool:
 
 
 def resolve_any(path_or_run_dir: str | os.PathLike) -> Path:
-    """A checkpoint directory of either format, or a run directory (-> its `latest`)."""
-    p = Path(path_or_run_dir)
-    if is_dcp_checkpoint(p) and (p / "meta.json").exists():
-        return p
-    return resolve_checkpoint(p)
+    """A verified checkpoint directory of either format, or a run directory (-> its `latest`,
+    with the fallback of train/checkpoint.py)."""
+    return resolve_checkpoint(path_or_run_dir)
 
 
 def read_meta(path_or_run_dir: str | os.PathLike) -> dict:
     """{'path', 'step', 'config', 'format' ('dcp' | 'torch'), 'world_size'} without loading tensors."""
     d = resolve_any(path_or_run_dir)
-    meta = json.loads((d / "meta.json").read_text())
+    meta = read_meta_json(d)
     return {"path": d, "step": meta["step"], "config": meta["config"], "format": meta.get("kind", "torch"),
             "world_size": meta.get("world_size", 1)}
 
@@ -158,29 +157,38 @@ def save(run_dir: str | os.PathLike, step: int, *, model: nn.Module, optimizer, 
     final = root / name
     tmp = root / f".tmp-{name}"
     if rank == 0:
-        root.mkdir(parents=True, exist_ok=True)
-        for stale in root.glob(".tmp-*"):
-            shutil.rmtree(stale, ignore_errors=True)
-        tmp.mkdir()
+        try:
+            root.mkdir(parents=True, exist_ok=True)
+            for stale in root.glob(".tmp-*"):
+                shutil.rmtree(stale, ignore_errors=True)
+            tmp.mkdir()
+        except OSError:  # not raised here (the others would wait at the barrier): dcp.save fails on every rank
+            pass
     _barrier()
     state = _live_state(model, optimizer, ema)
-    dcp.save(state, checkpoint_id=str(tmp / DCP_DIR))
+    try:
+        dcp.save(state, checkpoint_id=str(tmp / DCP_DIR))
+    except Exception as e:  # DCP gathers every rank's failure into one exception on every rank
+        raise CheckpointError(f"cannot write checkpoint {final}: {_first_line(e)}; the previous checkpoints "
+                              f"are untouched") from None
     _barrier()
     if rank == 0:
         try:
             loader_state = {**loader.state_dict(), "global_batch": loader.batch_size * loader.world_size}
             train_state = {"format": FORMAT_VERSION, "step": step, "rng": rng_state(), "loader": loader_state}
             _write_bytes_synced(tmp / "train_state.pt", lambda f: torch.save(train_state, f))
-            meta = {"format": FORMAT_VERSION, "kind": "dcp", "step": step, "world_size": world, "config": config,
-                    "versions": versions(), "git": git_hash(), "argv": sys.argv}
-            _write_bytes_synced(tmp / "meta.json", lambda f: f.write(json.dumps(meta, indent=1).encode()))
             for f in (tmp / DCP_DIR).iterdir():
                 _fsync_path(f)
+            meta = {"format": FORMAT_VERSION, "kind": "dcp", "step": step, "world_size": world, "config": config,
+                    "versions": versions(), "git": git_hash(), "argv": sys.argv, "files": manifest(tmp)}
+            _write_bytes_synced(tmp / "meta.json", lambda f: f.write(json.dumps(meta, indent=1).encode()))
             _fsync_path(tmp / DCP_DIR)
             _fsync_path(tmp)
             publish(root, tmp, name, keep_last)
-        except BaseException:
+        except BaseException as e:
             shutil.rmtree(tmp, ignore_errors=True)
+            if _is_write_failure(e):
+                raise write_failure(final, e) from None
             raise
     _barrier()
     return final
@@ -210,9 +218,12 @@ def restore(path: str | os.PathLike, *, model: nn.Module, optimizer, loader, ema
     d = resolve_any(path)
     if is_dcp_checkpoint(d):
         state = _live_state(model, optimizer, ema)
-        dcp.load(state, checkpoint_id=str(d / DCP_DIR))
+        try:
+            dcp.load(state, checkpoint_id=str(d / DCP_DIR))
+        except Exception as e:  # verified files that DCP still cannot read: name the checkpoint
+            raise CheckpointError(f"{d / DCP_DIR} cannot be read: {_first_line(e)}") from None
         _set_live_state(model, optimizer, ema, state, full=False)
-        train_state = torch.load(d / "train_state.pt", map_location="cpu", weights_only=True)
+        train_state = load_pt(d / "train_state.pt")
         if train_state.get("format") != FORMAT_VERSION:
             raise ValueError(f"{d}: checkpoint format {train_state.get('format')} is not {FORMAT_VERSION}")
     else:

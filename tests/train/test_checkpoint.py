@@ -58,7 +58,7 @@ def test_crash_during_save_keeps_previous_checkpoint(tmp_path, monkeypatch):
         return real_save(obj, f, *a, **k)
 
     monkeypatch.setattr(torch, "save", dying_save)
-    with pytest.raises(OSError, match="simulated crash"):
+    with pytest.raises(ck.CheckpointError, match="cannot write checkpoint .*step_00000020: simulated crash"):
         _save(tmp_path, 20, model)
     monkeypatch.setattr(torch, "save", real_save)
     c = ck.load_checkpoint(tmp_path)
@@ -81,7 +81,7 @@ def test_crash_before_latest_update_keeps_previous_latest(tmp_path, monkeypatch)
         raise OSError("simulated crash before latest")
 
     monkeypatch.setattr(ck.os, "replace", dying_replace)
-    with pytest.raises(OSError):
+    with pytest.raises(ck.CheckpointError, match="simulated crash before latest"):
         _save(tmp_path, 2, model)
     monkeypatch.setattr(ck.os, "replace", real_replace)
     assert ck.load_checkpoint(tmp_path)["step"] == 1
