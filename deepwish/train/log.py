@@ -3,6 +3,15 @@
 MFU = (tokens/s × model FLOPs per token) / device peak. The peak is a *measured* dense bf16
 matmul ceiling where we have one (H100: 777 TFLOP/s, /work/shared/GPU.md), otherwise the
 vendor's dense bf16 figure; an unknown device or the CPU reports MFU as n/a rather than a guess.
+
+metrics.jsonl is appended one whole line per write(2) on an O_APPEND descriptor (no user-space
+buffer, so a killed process leaves every finished record on disk). A kill can still tear the
+line being written: the next writer ends it with a newline before appending, and `read_metrics`
+skips such a line with a note.
+
+Losses: `loss` is the objective that was minimised (CE + z-loss + weighted auxiliary terms such as
+DeepSeek's MTP loss), `ce` the next-token cross-entropy alone, which is what `val_loss` measures;
+the progress line shows `ce` beside `loss` when they differ, and the plot draws the CEs together.
 """
 from __future__ import annotations
 
@@ -79,7 +88,7 @@ class Logger:
         self.peak_flops, self.peak_note = device_peak_flops(device)
         self._times: deque[tuple[float, int]] = deque(maxlen=window + 1)  # (time, tokens so far)
         self._tokens = 0
-        self._jsonl = open(self.run_dir / "metrics.jsonl", "a", buffering=1)
+        self._jsonl = open_appender(self.run_dir / "metrics.jsonl")
         self._tb = None
         self._mlflow = None
         if tensorboard:
@@ -116,7 +125,7 @@ class Logger:
 
     def write(self, record: dict[str, Any]) -> None:
         """One JSON line; every record has `kind` and `step`."""
-        self._jsonl.write(json.dumps(record) + "\n")
+        append_line(self._jsonl, json.dumps(record))
         step = record.get("step", 0)
         for k, v in record.items():
             if k in ("kind", "step") or not isinstance(v, (int, float)) or isinstance(v, bool):
@@ -181,34 +190,76 @@ class Logger:
         self.write(rec)
         mfu_s = f"{100 * mfu:.1f}%" if mfu is not None else "n/a"
         mem_s = f"{mem / 2**30:.2f}GiB" + ("" if self.device.type == "cuda" else " rss")
-        parts = [f"step {step}/{self.total_steps}", f"loss {metrics['loss']:.4f}", f"lr {metrics['lr']:.2e}",
-                 f"gnorm {metrics['grad_norm']:.3f}"]
+        parts = [f"step {step}/{self.total_steps}", f"loss {metrics['loss']:.4f}"]
+        if "ce" in metrics and metrics["ce"] != metrics["loss"]:  # the objective has more than CE in it
+            parts.append(f"ce {metrics['ce']:.4f}")
+        parts += [f"lr {metrics['lr']:.2e}", f"gnorm {metrics['grad_norm']:.3f}"]
         parts += [f"{k} {metrics[k]:.4f}" for k in sorted(metrics) if k.startswith(("aux/", "extra/"))]
         if "moe/max_load" in metrics:
             parts.append(f"moe max/min load {metrics['moe/max_load']:.2f}/{metrics['moe/min_load']:.2f}")
         parts += [f"{tok_s:,.0f} tok/s", f"MFU {mfu_s}", f"mem {mem_s}", f"ETA {_fmt_duration(eta)}"]
         line = " | ".join(parts)
         if self._bar is not None:
-            self._bar.set_postfix_str(f"loss {metrics['loss']:.4f}")
+            self._bar.set_postfix_str(f"ce {metrics['ce']:.4f}" if "ce" in metrics else f"loss {metrics['loss']:.4f}")
         self.print(line)
         return rec
 
     def eval(self, step: int, metrics: dict[str, float]) -> None:
         self.write({"kind": "val", "step": step, **metrics, "time": time.time()})
-        self.print(f"step {step}/{self.total_steps} | " + " | ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+        self.print(f"step {step}/{self.total_steps} | " + " | ".join(
+            f"{'val ce' if k == 'val_loss' else k} {v:.4f}" for k, v in metrics.items()))
 
     def close(self) -> None:
         if self._bar is not None:
             self._bar.close()
-        self._jsonl.close()
+        os.close(self._jsonl)
         if self._tb is not None:
             self._tb.close()
         if self._mlflow is not None:
             self._mlflow.end_run()
 
 
+def open_appender(path: Path) -> int:
+    """An O_APPEND descriptor on `path`; a torn last line (no final newline) is ended first, so
+    the next record starts on a line of its own."""
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    size = os.fstat(fd).st_size
+    if size:
+        with open(path, "rb") as f:
+            f.seek(size - 1)
+            torn = f.read(1) != b"\n"
+        if torn:
+            os.write(fd, b"\n")
+            print(f"[deepwish] note: {path}: the last line was torn (a kill during a write); ended it, readers "
+                  f"skip it", flush=True)
+    return fd
+
+
+def append_line(fd: int, line: str) -> None:
+    """Append `line` and a newline with one write(2) (a short write, rare, is completed)."""
+    data = (line + "\n").encode()
+    while data:
+        data = data[os.write(fd, data):]
+
+
 def read_metrics(run_dir: str | os.PathLike) -> list[dict]:
+    """The records of RUN/metrics.jsonl; lines torn by a kill are skipped with one note on stderr."""
     path = Path(run_dir) / "metrics.jsonl"
     if not path.exists():
         raise FileNotFoundError(f"no metrics.jsonl in {run_dir}")
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    records, torn = [], []
+    for i, line in enumerate(path.read_bytes().split(b"\n"), 1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            rec = None
+        if isinstance(rec, dict):
+            records.append(rec)
+        else:
+            torn.append(i)
+    if torn:
+        print(f"[deepwish] note: {path}: skipped {len(torn)} unreadable line(s) (line "
+              f"{', '.join(map(str, torn[:5]))}; torn by a kill during a write?)", file=sys.stderr, flush=True)
+    return records

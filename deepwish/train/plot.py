@@ -1,6 +1,9 @@
 """`deepwish plot RUN_DIR`: train/val loss and throughput curves from metrics.jsonl (Agg backend).
 
 A resumed run appends to metrics.jsonl; for a step logged twice the later record wins.
+Like is drawn with like: the train cross-entropy (`ce`) beside the validation cross-entropy, and
+the minimised objective (`loss`: CE plus z-loss and auxiliary terms such as DeepSeek's MTP loss)
+as its own dashed curve when it differs from the CE.
 """
 from __future__ import annotations
 
@@ -29,15 +32,19 @@ def plot_run(run_dir: str | os.PathLike, out: str | os.PathLike | None = None) -
 
     records = read_metrics(run_dir)
     ts, tl = _by_step(records, "train", "loss")
+    cs, cl = _by_step(records, "train", "ce")
     vs, vl = _by_step(records, "val", "val_loss")
     rs, rate = _by_step(records, "train", "tok_s")
     if not ts:
         raise ValueError(f"{run_dir}/metrics.jsonl has no train records to plot")
     final = [r for r in records if r.get("kind") == "final"]
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
-    ax1.plot(ts, tl, label="train loss", lw=1.2)
+    if cs:  # records written before `ce` was logged have the objective only
+        ax1.plot(cs, cl, label="train CE", lw=1.2)
+    if not cs or (ts, tl) != (cs, cl):
+        ax1.plot(ts, tl, "--" if cs else "-", label="train objective (CE + aux terms)" if cs else "train loss", lw=1)
     if vs:
-        ax1.plot(vs, vl, "o-", label="val loss", lw=1.5)
+        ax1.plot(vs, vl, "o-", label="val CE", lw=1.5)
     if final and final[-1].get("unigram_entropy") is not None:
         ax1.axhline(final[-1]["unigram_entropy"], color="gray", ls="--", lw=1,
                     label="val unigram entropy")
