@@ -200,11 +200,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("rest", nargs=argparse.REMAINDER, help="arguments passed to the benchmark")
 
     args = parser.parse_args(argv)
+    from deepwish.train.rundir import Stopped
     try:
         return _dispatch(args)
     except _known_errors() as e:  # a user mistake or a bad input: one clear line, no traceback
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except Stopped as e:  # SIGINT/SIGTERM: saved (or, on a second signal, not) and stopped
+        print(f"[deepwish] {e}", file=sys.stderr, flush=True)
+        return e.code
 
 
 def _known_errors() -> tuple[type[BaseException], ...]:
@@ -213,7 +217,11 @@ def _known_errors() -> tuple[type[BaseException], ...]:
     from deepwish.hf.io import CheckpointError
     from deepwish.kernels.backend import BackendError
     from deepwish.model.cache import CacheFullError
-    return (ConfigError, ShardError, CheckpointError, BackendError, CacheFullError, FileNotFoundError)
+    from deepwish.train.checkpoint import CheckpointError as RunCheckpointError
+    from deepwish.train.rundir import RunDirError
+    # OSError: a missing file, a read-only or full disk; its text names the file.
+    return (ConfigError, ShardError, CheckpointError, BackendError, CacheFullError, RunCheckpointError, RunDirError,
+            OSError)
 
 
 def _dispatch(args) -> int:

@@ -36,8 +36,8 @@ import numpy as np
 import torch
 
 from deepwish.config import ConfigError, RunConfig, from_dict, load_config, to_dict
-from deepwish.train import dist_checkpoint, parallel
-from deepwish.train.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint, set_rng_state
+from deepwish.train import dist_checkpoint, parallel, rundir
+from deepwish.train.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint, set_rng_state, start_branch
 from deepwish.train.log import Logger
 from deepwish.train.loss import IGNORE_INDEX, count_targets, lm_loss, resolve_loss_backend
 from deepwish.train.nonfinite import raise_nonfinite
@@ -247,7 +247,15 @@ def train(run_cfg: RunConfig, resume: bool | str = False, *, progress_bar: bool 
     resume: False = fresh run in train.out_dir (which must hold no checkpoint); True = continue
     from the latest checkpoint in train.out_dir; a path = continue from that run directory (or
     checkpoint directory), writing into that run directory.
+
+    The run directory is locked for the call, and SIGINT/SIGTERM stop it after the current step
+    with a save (train/rundir.py: `RunDirError`, `Stopped`).
     """
+    with rundir.exclusive(rundir.run_dir_of(run_cfg.train.out_dir, resume), resume), rundir.stop_on_signals():
+        return _train(run_cfg, resume, progress_bar=progress_bar)
+
+
+def _train(run_cfg: RunConfig, resume: bool | str, *, progress_bar: bool | None) -> dict:
     from deepwish.data import PackedLoader
     from deepwish.model import Transformer
 
@@ -290,6 +298,8 @@ def train(run_cfg: RunConfig, resume: bool | str = False, *, progress_bar: bool 
 
     start_step = 0
     last_ckpt: str | None = None
+    if ckpt is not None and d.main:  # resuming an older step: newer checkpoints move aside, never lost
+        start_branch(run_dir, ckpt["path"])
     if ckpt is not None and (d.active or ckpt["format"] == "dcp"):  # sharded state, or resharding
         start_step = dist_checkpoint.restore(ckpt["path"], model=model, optimizer=optimizer, loader=loader, ema=ema)
         last_ckpt = str(ckpt["path"])
@@ -390,8 +400,11 @@ def train(run_cfg: RunConfig, resume: bool | str = False, *, progress_bar: bool 
             rec = logger.step(done, tokens_per_step, metrics)
             if rec is not None and has_moe and tpe is not None:
                 logger.expert_load(done, moe_layers, tpe)  # per-layer histograms (JSONL, TensorBoard)
-            if done % tc.save_every == 0 or done == tc.steps:
+            saved = done % tc.save_every == 0 or done == tc.steps
+            if saved:
                 last_ckpt = save(done)
+            if (signum := rundir.stop_requested(d)) is not None:  # SIGINT/SIGTERM: this step is done
+                raise rundir.stopped(signum, done, last_ckpt if saved else save(done), run_dir)
             if done % tc.eval_every == 0 or done == tc.steps:  # after the save, never before it
                 with (ema.applied(model) if ema else contextlib.nullcontext()):
                     val = evaluate(model, data.val_bin, run_cfg, device, backend, tc.eval_batches, d)
