@@ -18,6 +18,10 @@ checkpoint (model.pt) into an FSDP2/DDP model (full state dicts, sliced per rank
 state travels keyed by parameter name (torch.distributed.checkpoint.state_dict), so it reshards
 like the parameters.
 
+Integrity (train/checkpoint.py): rank 0 lists every shard with its size and SHA-256 in meta.json
+after all ranks have written; on load every rank verifies the whole checkpoint on its own (same
+files, same verdict, no collective), so each rank reads it once more than DCP does.
+
 The loader position is stored as a window position of the global batch (`world_size ×
 batch_size` windows per step). Resuming with another world size therefore needs the same global
 batch (e.g. 2 ranks × 4 = 1 rank × 8); anything else is an error naming both.

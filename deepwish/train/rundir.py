@@ -56,7 +56,7 @@ def run_dir_of(out_dir: str | os.PathLike, resume: bool | str | os.PathLike) -> 
     if isinstance(resume, bool) or not resume:
         return Path(out_dir)
     p = Path(resume)
-    if p.parent.name == "checkpoints" and (p / "meta.json").exists():
+    if p.parent.name == "checkpoints" and p.name.startswith("step_"):
         return p.parent.parent
     return p
 
