@@ -1,16 +1,24 @@
 """deepwish: HF-exact Qwen3 / Qwen3-Next / DeepSeek-V3(.2) / GPT models with training,
-decoding and Triton kernels in one readable package."""
-import os
+decoding and Triton kernels in one readable package.
 
-# OpenMP threads that spin while waiting make small CPU models several times slower on a
-# shared or busy machine; passive waiting costs nothing measurable when the machine is idle.
-# Only effective when deepwish is imported before torch (as the `deepwish` command does).
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-
-from deepwish.config import ModelConfig, RunConfig, TrainConfig, load_config, model_config
-from deepwish.hf.io import load_hf, save_hf
-from deepwish.model.transformer import Transformer
+Importing the package has no side effects and does not import torch: the names below are
+loaded on first use (so the `deepwish` command can set process-wide policy before torch loads).
+"""
+import importlib
 
 __version__ = "0.1.0"
-__all__ = ["ModelConfig", "RunConfig", "TrainConfig", "Transformer", "load_config", "load_hf", "model_config",
-           "save_hf", "__version__"]
+
+_EXPORTS = {
+    "ModelConfig": "deepwish.config", "RunConfig": "deepwish.config", "TrainConfig": "deepwish.config",
+    "load_config": "deepwish.config", "model_config": "deepwish.config",
+    "load_hf": "deepwish.hf.io", "save_hf": "deepwish.hf.io",
+    "Transformer": "deepwish.model.transformer", "ModelOutput": "deepwish.model.transformer",
+    "Objective": "deepwish.model.objective",
+}
+__all__ = sorted(_EXPORTS) + ["__version__"]
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'deepwish' has no attribute {name!r}")

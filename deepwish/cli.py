@@ -7,8 +7,17 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 from pathlib import Path
+
+
+def set_cpu_thread_policy() -> None:
+    """Process-wide policy, set by the entry point only (never at import): OpenMP threads that
+    spin while waiting make small CPU models several times slower on a shared or busy machine,
+    and passive waiting costs nothing measurable when the machine is idle. OpenMP reads this
+    when torch loads it, so it runs before torch is imported; a value already set is kept."""
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 
 def _add_generate(p: argparse.ArgumentParser) -> None:
@@ -37,52 +46,26 @@ def _add_generate(p: argparse.ArgumentParser) -> None:
     p.add_argument("--speculate-k", type=int, default=4, help="draft tokens per round (--draft)")
 
 
-def _resolve_device(name: str):
-    import torch
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise SystemExit("error: --device cuda requested but no CUDA device is available")
-    return torch.device(name)
-
-
-def _load_weights(path: str, device, dtype, ema: bool = False):
-    """A model from an HF directory (config.json inside) or a deepwish run/checkpoint directory."""
-    from deepwish.config import from_dict
-    from deepwish.hf.io import load_hf
-    from deepwish.model.transformer import Transformer
-
-    p = Path(path)
-    if (p / "config.json").exists() and (any(p.glob("*.safetensors")) or (p / "model.safetensors.index.json").exists()):
-        return load_hf(path, dtype=dtype, device=device)
-    from deepwish.train.dist_checkpoint import load_full_model_state
-    try:
-        state, config = load_full_model_state(path, ema=ema)
-    except (KeyError, ValueError) as e:
-        raise SystemExit(f"error: {path}: {e}") from None
-    model = Transformer(from_dict(config, source=str(path)).model)
-    model.load_state_dict(state)
-    return model.to(device=device, dtype=dtype).eval()
-
-
 def load_model_for_inference(args):
     """(model, tokenizer) from --hf or --ckpt, on the requested device and dtype."""
     import torch
 
     from deepwish.config import from_dict
     from deepwish.data.tokenizer import load_tokenizer, resolve_tokenizer
+    from deepwish.weights import load_model
 
-    device = _resolve_device(args.device)
+    from deepwish.device import resolve_device
+    device = resolve_device(args.device, what="--device")
     dtype = {"auto": torch.bfloat16 if device.type == "cuda" else torch.float32, "bf16": torch.bfloat16,
              "fp32": torch.float32}[args.dtype]
     tok = None
     if args.hf:
-        model = _load_weights(args.hf, device, dtype)
+        model = load_model(args.hf, device=device, dtype=dtype)
         if args.tokenizer is None and (Path(args.hf) / "tokenizer.json").exists():
             tok = load_tokenizer(Path(args.hf) / "tokenizer.json")
     else:  # single-device and sharded (DCP) checkpoints alike, gathered into one full state
-        from deepwish.train.dist_checkpoint import read_meta
-        model = _load_weights(args.ckpt, device, dtype, ema=args.ema)
+        from deepwish.train.checkpoint import read_meta
+        model = load_model(args.ckpt, device=device, dtype=dtype, ema=args.ema)
         if args.tokenizer is None:
             tok = resolve_tokenizer(from_dict(read_meta(args.ckpt)["config"]).data.tokenizer or "default")
     if tok is None:
@@ -125,7 +108,8 @@ def run_generate(args) -> int:
                 raise SystemExit("error: --mtp needs a model with multi-token-prediction modules (n_mtp > 0)")
             new, stats = speculative.mtp_speculative_generate(model, ids, args.max_new_tokens, **sampling)
         else:
-            draft = _load_weights(args.draft, device, model.embed.weight.dtype)
+            from deepwish.weights import load_model
+            draft = load_model(args.draft, device=device, dtype=model.embed.weight.dtype)
             new, stats = speculative.speculative_generate(model, draft, ids, args.max_new_tokens,
                                                           k=args.speculate_k, **sampling)
         for t in new:
@@ -175,6 +159,7 @@ BENCHES = {
 
 
 def main(argv: list[str] | None = None) -> int:
+    set_cpu_thread_policy()
     parser = argparse.ArgumentParser(prog="deepwish", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="cmd", required=True)
 

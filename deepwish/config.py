@@ -294,17 +294,29 @@ def preset_path(name_or_path: str) -> Path:
     return cand
 
 
-def load_config(name_or_path: str | None = None, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
-    """Read a preset (or YAML path), then apply `section.key=value` overrides in order."""
-    cfg = RunConfig()
-    if name_or_path:
-        path = preset_path(name_or_path)
-        data = yaml.safe_load(path.read_text()) or {}
-        if not isinstance(data, dict):
-            raise ConfigError(f"{path}: top level must be a mapping with model/train/data sections")
-        for section, updates in data.items():
-            if updates is not None and not isinstance(updates, dict):
-                raise ConfigError(f"{path}: section {section!r} must be a mapping")
+def _read_sections(path: Path) -> dict:
+    """A YAML file of model/train/data sections (a preset or a --config layer)."""
+    data = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: top level must be a mapping with model/train/data sections")
+    for section, updates in data.items():
+        if updates is not None and not isinstance(updates, dict):
+            raise ConfigError(f"{path}: section {section!r} must be a mapping")
+    return data
+
+
+def load_config(name_or_path: str | None = None, overrides: list[str] | tuple[str, ...] = (), *,
+                base: RunConfig | None = None, files: list[str] | tuple[str, ...] = ()) -> RunConfig:
+    """The one config layering, lowest first: `base` (default: the dataclass defaults) <- the preset
+    or YAML path `name_or_path` <- each YAML file of `files` <- `section.key=value` overrides.
+    Every layer is checked as it is applied; an error names the key and the layer."""
+    cfg = base if base is not None else RunConfig()
+    missing = [f for f in files if not Path(f).is_file()]
+    if missing:
+        raise ConfigError(f"config file not found: {missing[0]}")
+    layers = ([preset_path(name_or_path)] if name_or_path else []) + [Path(f) for f in files]
+    for path in layers:
+        for section, updates in _read_sections(path).items():
             cfg = _apply(cfg, section, updates, str(path))
     for ov in overrides:
         if "=" not in ov or "." not in ov.split("=", 1)[0]:

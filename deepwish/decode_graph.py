@@ -42,8 +42,7 @@ def chunk_logits(model, tokens: torch.Tensor, positions: torch.Tensor, cache: Mo
     """tokens, positions [B, T] -> logits [B, T, V] (fp32): a prefill or verification chunk."""
     if not positions.is_cuda and int(positions.max()) >= cache.max_len:
         raise CacheFullError(f"chunk reaches position {int(positions.max())} but the cache holds {cache.max_len}")
-    h = model.hidden_states(tokens, positions=positions, cache=cache)
-    return model.logits(h).float()
+    return model(tokens, positions=positions, cache=cache).logits.float()
 
 
 class _Graph:

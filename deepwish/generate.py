@@ -5,6 +5,10 @@
     sample(logits, temperature, top_k, top_p)
     generate(model, prompts, max_new_tokens, ...)
 
+Every request starts from a clean cache: `generate` and `prefill` (from position 0) reset the
+cache they are given, so a recurrent state (Gated DeltaNet) never carries one request into the
+next; a positional cache would be overwritten anyway.
+
 Prompts of different lengths share one batch without padding: the common prefix is prefilled
 together, then each row keeps feeding its own prompt tokens (forced) through the one-token
 decode step until it reaches its own end, after which it feeds what it samples. Every row
@@ -23,13 +27,15 @@ from deepwish.model.cache import CacheFullError, ModelCache
 
 @torch.no_grad()
 def prefill(model, tokens: torch.Tensor, cache: ModelCache, start: int = 0) -> torch.Tensor:
-    """Run tokens [B, T] at positions start..start+T-1 into `cache`; return last logits [B, V]."""
+    """Run tokens [B, T] at positions start..start+T-1 into `cache`; return last logits [B, V].
+    start=0 begins a new request: the cache is reset first (start > 0 continues a chunked prefill)."""
     B, T = tokens.shape
     if start + T > cache.max_len:
         raise CacheFullError(f"prefill of {T} tokens from position {start} exceeds the cache length {cache.max_len}")
+    if start == 0:
+        cache.reset()
     pos = torch.arange(start, start + T, device=tokens.device).expand(B, T)
-    h = model.hidden_states(tokens, positions=pos, cache=cache)
-    return model.logits(h[:, -1]).float()
+    return model(tokens, positions=pos, cache=cache, logits_to_keep=1).logits[:, -1].float()
 
 
 @torch.no_grad()
@@ -41,8 +47,7 @@ def decode_one_token(model, token: torch.Tensor, position: torch.Tensor, cache: 
     index assertion instead."""
     if not position.is_cuda and int(position.max()) >= cache.max_len:
         raise CacheFullError(f"decode at position {int(position.max())} but the cache holds {cache.max_len} positions")
-    h = model.hidden_states(token[:, None], positions=position[:, None], cache=cache)
-    return model.logits(h[:, 0]).float()
+    return model(token[:, None], positions=position[:, None], cache=cache).logits[:, 0].float()
 
 
 def sampling_probs(logits: torch.Tensor, temperature: float, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
@@ -99,7 +104,8 @@ def generate(model, prompts: Sequence[Sequence[int]] | torch.Tensor, max_new_tok
              decode_fn: Callable | None = None) -> list[list[int]]:
     """Generate up to `max_new_tokens` per prompt; returns the new tokens of each row (a stop
     token, when hit, is included and ends that row). `on_token(row, token)` streams them.
-    `decode_fn` replaces `decode_one_token` (e.g. a CUDA-graph-captured step)."""
+    `decode_fn` replaces `decode_one_token` (e.g. a CUDA-graph-captured step). A given `cache`
+    is reset before the request (by prefill), so consecutive requests on one cache are independent."""
     if isinstance(prompts, torch.Tensor):
         prompts = prompts.tolist()
     prompts = [list(p) for p in prompts]

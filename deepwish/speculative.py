@@ -117,10 +117,11 @@ class _Stream:
         if self.step is not None and self.hidden is None:
             logits = self.step(self.model, tok[None], pos[None], self.cache)[0, -n_logits:]
         else:
-            h = self.model.hidden_states(tok[None], positions=pos[None], cache=self.cache)
-            logits = self.model.logits(h[0, -n_logits:]).float()
+            out = self.model(tok[None], positions=pos[None], cache=self.cache, logits_to_keep=n_logits,
+                             return_hidden=self.hidden is not None)
+            logits = out.logits[0].float()
             if self.hidden is not None:
-                self.hidden[self.fed:self.fed + T] = h[0]
+                self.hidden[self.fed:self.fed + T] = out.hidden[0]
         self.fed += T
         return logits
 
@@ -335,28 +336,10 @@ def speculative_generate(target, draft, prompt: Sequence[int], max_new_tokens: i
     return out, stats
 
 
-def _mtp_forward(model, m, h_prev: torch.Tensor, tokens_ahead: torch.Tensor, positions: torch.Tensor,
-                 cache) -> torch.Tensor:
-    """One MTP module over a chunk, with its block's cache: `MTP.forward` plus the cache argument
-    (tests/test_speculative.py checks the two agree). h_prev [B,T,d], tokens_ahead [B,T] = t_{i+depth}."""
-    ctx = model.context(tokens_ahead, positions, None)
-    x = m.eh_proj(torch.cat([m.enorm(model.embed(tokens_ahead)), m.hnorm(h_prev)], dim=-1))
-    return m.norm(m.block(x, ctx, cache))
-
-
 def _mtp_active_params(model) -> tuple[int, int]:
     """(active parameters of the MTP modules + the shared head they use, of the trunk + head)."""
-    cfg = model.cfg
-    mtp = trunk = 0
-    for name, p in model.named_parameters():
-        n = p.numel()
-        if (name.endswith("w_gate_up") or name.endswith("w_down")) and p.dim() == 3:
-            n = n * cfg.n_experts_per_tok // cfg.n_experts
-        if name.startswith("mtp."):
-            mtp += n
-        else:
-            trunk += n
-    return mtp + model.head_weight.numel(), trunk
+    return (model.num_params(active=True, mtp=True) + model.head_weight.numel(),
+            model.num_params(active=True, mtp=False))
 
 
 @torch.no_grad()
@@ -386,9 +369,7 @@ def mtp_speculative_generate(model, prompt: Sequence[int], max_new_tokens: int, 
     c = mtp_params / trunk_params if cost_ratio is None else float(cost_ratio)
     stats = SpeculativeStats(k=D, cost_ratio=c)
     tgt = _target_stream(model, prompt, max_new_tokens, D, cache, step, keep_hidden=True)
-    L = tgt.cache.max_len
-    p = model.embed.weight
-    caches = [m.block.mixer.make_cache(1, L, p.dtype, p.device) for m in model.mtp]
+    caches = model.make_mtp_caches(1, tgt.cache.max_len)
     for j, c_j in enumerate(caches):
         if not _is_positional(c_j):
             raise ValueError(f"MTP depth {j + 1}: its block's cache {type(c_j).__name__} is not position-indexed; "
@@ -416,8 +397,7 @@ def mtp_speculative_generate(model, prompt: Sequence[int], max_new_tokens: int, 
             s = fed[j]
             pos = torch.arange(s, n - 1, device=dev)
             ahead = torch.tensor(ext[s + j:n - 1 + j], device=dev)
-            h = _mtp_forward(model, model.mtp[j - 1], hidden[j - 1][s:n - 1][None], ahead[None], pos[None],
-                             caches[j - 1])[0]
+            h = model.mtp_hidden(j, hidden[j - 1][s:n - 1][None], ahead[None], pos[None], cache=caches[j - 1])[0]
             hidden[j][s:n - 1] = h
             logits = model.logits(h[-1]).float()
             if temperature <= 0:

@@ -41,7 +41,7 @@ def _decode_all(model, cache, x, chunks):
         else:
             pos = torch.arange(t, t + n).expand(B, n)
             with torch.no_grad():
-                out.append(model(x[:, t:t + n], positions=pos, cache=cache))
+                out.append(model(x[:, t:t + n], positions=pos, cache=cache).logits)
         t += n
     return torch.cat(out, 1)
 
@@ -53,7 +53,7 @@ def test_ring_cache_equals_windowed_forward(request, rel_err, which, chunks):
     T = sum(chunks)
     x = torch.randint(0, 64, (2, T))
     with torch.no_grad():
-        full = model(x)  # training path: windowed causal mask, no cache
+        full = model(x).logits  # training path: windowed causal mask, no cache
     cache = make_ring_cache(model, 2, 64)
     rings = [c for c in cache.layers if isinstance(c, RingKVCache)]
     assert rings and all(c.slots == WINDOW for c in rings)
@@ -75,12 +75,12 @@ def test_ring_stale_entries_are_hidden(swa, rel_err):
     x = torch.randint(0, 64, (1, 30))
     junk = torch.randint(0, 64, (1, 4))
     with torch.no_grad():
-        full = swa(x)
+        full = swa(x).logits
     cache = make_ring_cache(swa, 1, 64, slack=5)
     _decode_all(swa, cache, x[:, :20], [20])
     with torch.no_grad():  # 4 junk tokens at positions 20..23, then the real ones from 20 on
-        swa(junk, positions=torch.arange(20, 24)[None], cache=cache)
-        got = swa(x[:, 20:23], positions=torch.arange(20, 23)[None], cache=cache)
+        swa(junk, positions=torch.arange(20, 24)[None], cache=cache).logits
+        got = swa(x[:, 20:23], positions=torch.arange(20, 23)[None], cache=cache).logits
     assert rel_err(full[:, 20:23], got) < 1e-5
     tail = _decode_all_from(swa, cache, x, 23)
     assert rel_err(full[:, 23:], tail) < 1e-5

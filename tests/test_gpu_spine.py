@@ -15,7 +15,7 @@ def test_qwen3_cuda_fp32_matches_cpu(cuda, rel_err):
     m = Transformer(model_config("qwen3_moe_tiny")).eval()
     x = torch.randint(0, m.cfg.vocab_size, (2, 64))
     with torch.no_grad():
-        ref = m(x)
+        ref = m(x).logits
         out = m.to(cuda)(x.to(cuda)).cpu()
     assert rel_err(ref, out) < 1e-3  # tf32 matmuls may be on
 
@@ -25,9 +25,9 @@ def test_qwen3_bf16_close_and_greedy(cuda, rel_err):
     m = Transformer(model_config("qwen3_tiny")).eval().to(cuda)
     x = torch.randint(0, m.cfg.vocab_size, (2, 128), device=cuda)
     with torch.no_grad():
-        ref = m(x).float()
+        ref = m(x).logits.float()
         mb = m.to(torch.bfloat16)
-        out = mb(x).float()
+        out = mb(x).logits.float()
     assert rel_err(ref, out) < 3e-2
     a = generate(mb, [[1, 2, 3], [4, 5]], 16)
     b = [generate(mb, [p], 16)[0] for p in ([1, 2, 3], [4, 5])]
@@ -53,7 +53,7 @@ def test_sdpa_training_step_bf16(cuda):
     losses = []
     for _ in range(10):
         with torch.autocast("cuda", torch.bfloat16):
-            logits = m(x[:, :-1])
+            logits = m(x[:, :-1]).logits
         loss = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), x[:, 1:].flatten())
         opt.zero_grad()
         loss.backward()

@@ -142,18 +142,17 @@ def _mtp_model(n_mtp):
     return _model("deepseek_v3_tiny", n_layers=2, n_mtp=n_mtp)
 
 
-def test_mtp_forward_with_cache_matches_module(rel_err):
+def test_mtp_forward_with_cache_matches_training_path(rel_err):
     from deepwish.model.mtp import mtp_hidden_states
-    from deepwish.speculative import _mtp_forward
     model = _mtp_model(1)
     x = torch.randint(0, V, (1, 12))
     with torch.no_grad():
-        h = model.hidden_states(x)
+        h = model(x, return_hidden=True).hidden
         ref = mtp_hidden_states(model, h, x)[0][:, :-1]  # the last position's target wraps
-        cache = model.mtp[0].block.mixer.make_cache(1, 16, torch.float32, "cpu")
+        cache = model.make_mtp_caches(1, 16)[0]
         pos = torch.arange(11)[None]
-        a = _mtp_forward(model, model.mtp[0], h[:, :5], x[:, 1:6], pos[:, :5], cache)  # in two chunks
-        b = _mtp_forward(model, model.mtp[0], h[:, 5:11], x[:, 6:12], pos[:, 5:], cache)
+        a = model.mtp_hidden(1, h[:, :5], x[:, 1:6], pos[:, :5], cache=cache)  # in two chunks
+        b = model.mtp_hidden(1, h[:, 5:11], x[:, 6:12], pos[:, 5:], cache=cache)
     assert rel_err(ref, torch.cat([a, b], 1)) < 1e-5
 
 
@@ -176,20 +175,20 @@ def test_mtp_drafts_come_from_the_exact_prefix(monkeypatch, rel_err):
     from deepwish.model.mtp import mtp_hidden_states
     model = _mtp_model(1)
     seen = []
-    inner = spec._mtp_forward
+    inner = model.mtp_hidden
 
-    def record(model_, m, h_prev, ahead, positions, cache):
-        out = inner(model_, m, h_prev, ahead, positions, cache)
-        if m.depth == 1:
+    def record(depth, h_prev, ahead, positions=None, doc_ids=None, cache=None):
+        out = inner(depth, h_prev, ahead, positions, doc_ids, cache)
+        if depth == 1:
             seen.append((positions[0].clone(), out[0].clone()))
         return out
 
-    monkeypatch.setattr(spec, "_mtp_forward", record)
+    monkeypatch.setattr(model, "mtp_hidden", record)
     prompt = torch.randint(0, V, (5,)).tolist()
     out, stats = spec.mtp_speculative_generate(model, prompt, 30, fallback=False)
     seq = torch.tensor([prompt + out])
     with torch.no_grad():
-        ref = mtp_hidden_states(model, model.hidden_states(seq), seq)[0][0]
+        ref = mtp_hidden_states(model, model(seq, return_hidden=True).hidden, seq)[0][0]
     assert len(seen) == stats.rounds
     for pos, h in seen:
         assert rel_err(ref[pos], h) < 1e-5

@@ -86,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def layer():
         with torch.autocast("cuda", dtype=torch.bfloat16):
-            y = mla(x, ctx)
+            y, _ = mla(x, ctx)
         y.float().sum().backward()
     rows.append((f"MLA layer fwd+bwd (B{a.batch} T{a.seq}, autocast bf16)", timed(layer)))
 

@@ -1,3 +1,5 @@
-from deepwish.model.transformer import Block, ForwardContext, Transformer
+from deepwish.model.block import Block, ForwardContext
+from deepwish.model.objective import Objective
+from deepwish.model.transformer import ModelOutput, Transformer
 
-__all__ = ["Block", "ForwardContext", "Transformer"]
+__all__ = ["Block", "ForwardContext", "ModelOutput", "Objective", "Transformer"]

@@ -74,6 +74,8 @@ def sdpa_folded_groups(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: 
 
 
 class Attention(nn.Module):
+    PARAM_ROLES = {"o_proj.weight": "matrix_out"}  # writes into the residual stream (model/roles.py)
+
     def __init__(self, cfg: ModelConfig, layer_idx: int, gated: bool = False, window: int = 0):
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
@@ -92,7 +94,7 @@ class Attention(nn.Module):
     def make_cache(self, batch: int, max_len: int, dtype, device) -> KVCache:
         return KVCache.empty(batch, max_len, self.n_kv_heads, self.head_dim, dtype=dtype, device=device)
 
-    def forward(self, x: torch.Tensor, ctx, cache: KVCache | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, ctx, cache: KVCache | None = None) -> tuple[torch.Tensor, dict]:
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_heads, -1)
         if self.gated:  # per head: [query | gate], as in Qwen3-Next's released weights
@@ -115,4 +117,4 @@ class Attention(nn.Module):
         o = o.transpose(1, 2)  # [B, T, H, D]
         if self.gated:
             o = o * torch.sigmoid(gate)
-        return self.o_proj(o.reshape(B, T, -1))
+        return self.o_proj(o.reshape(B, T, -1)), {}

@@ -15,15 +15,17 @@ The released code adds a Hadamard rotation and fp8 scoring; the rotation is orth
 preserves q·k) and fp8 is a precision choice, so neither is reproduced (HF does the same).
 
 Training signal (paper §2.1.1): KL(p_t ‖ softmax(I_t)) where p_t is the main attention
-distribution summed over heads and L1-normalised. Modes (`set_indexer_mode`):
+distribution summed over heads and L1-normalised. Modes — an argument of the model's forward
+(`Objective.indexer_mode`), never state left on the model, so a checkpoint decodes the same
+however it was trained:
 - 'off': inference behaviour (sparse attention over the indexer's top-k), no indexer loss;
 - 'dense_warmup': main attention dense over all causal keys; KL over all causal keys;
 - 'sparse': main attention over the top-k; KL restricted to the selected keys.
 In every mode the indexer's inputs (x, q_resid) and the target are detached, so the indexer
 loss trains only the indexer and the language-model loss never reaches it (the top-k is not
 differentiable anyway). Freezing the rest of the model during the warm-up, as the paper does,
-is the trainer's choice: `freeze_all_but_indexers(model)` does it. The loss (mean over query tokens) is kept in `last_indexer_loss`
-and collected by `Transformer.extra_losses()`.
+is the trainer's choice: `freeze_all_but_indexers(model)` does it. The loss (mean over query
+tokens) is returned beside the output as aux["indexer"] (model/block.py).
 
 The cache (`DSACache`) adds one indexer key [Di] per token to MLA's latent cache. Deviations:
 no fp8, no Hadamard transform, the KL target is computed by a dense [B,H,T,S] pass (a kernel
@@ -68,6 +70,8 @@ class DSACache(MLACache):
 
 
 class Indexer(nn.Module):
+    PARAM_ROLES = {"weights_proj.weight": "gate"}  # per-head weights of the index score (model/roles.py)
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.n_heads, self.head_dim, self.topk = cfg.index_n_heads, cfg.index_head_dim, cfg.index_topk
@@ -128,24 +132,15 @@ class DSA(MLA):
         if problems:
             raise ValueError(f"layer {layer_idx} (dsa): " + "; ".join(problems))
         self.indexer = Indexer(cfg)
-        self.last_indexer_loss: torch.Tensor | None = None
-        self.set_indexer_mode("off")
-
-    def set_indexer_mode(self, mode: str) -> None:
-        if mode not in INDEXER_MODES:
-            raise ValueError(f"indexer mode {mode!r} is not one of {INDEXER_MODES}")
-        self.indexer_mode = mode
-        # resolved once here so forward branches on flags, not on strings
-        self.attend_dense = mode == "dense_warmup"
-        self.indexer_loss_on = mode != "off"
 
     def make_cache(self, batch: int, max_len: int, dtype, device) -> DSACache:
         return DSACache.empty_dsa(batch, max_len, self.kv_lora_rank, self.rope, self.indexer.head_dim,
                                   dtype=dtype, device=device)
 
-    def forward(self, x: torch.Tensor, ctx, cache: DSACache | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, ctx, cache: DSACache | None = None) -> tuple[torch.Tensor, dict]:
+        """ctx.dense_indexer_attention / ctx.indexer_loss: the indexer mode of this forward
+        (resolved from `Objective.indexer_mode` by the model, module docstring)."""
         B, T, _ = x.shape
-        self.last_indexer_loss = None
         q_nope, q_pe, c_kv, k_pe, q_resid = self.project(x, ctx)
         xi, qi = x.detach(), q_resid.detach()  # the indexer learns only from its own loss
         k_idx = self.indexer.keys(xi, ctx)
@@ -156,16 +151,17 @@ class DSA(MLA):
         else:
             mask = ctx.mask()
         index_scores = self.indexer.scores(xi, qi, k_idx, ctx)
-        attend = mask if self.attend_dense else self.indexer.select(index_scores, mask)
+        attend = mask if ctx.dense_indexer_attention else self.indexer.select(index_scores, mask)
         if cache is not None:
             o = self.attend_absorbed(q_nope, q_pe, c_kv, k_pe, attend)
         else:
             o = self.attend_naive(q_nope, q_pe, c_kv, k_pe, attend, causal=False)
-        if self.indexer_loss_on and self.training and torch.is_grad_enabled():
+        aux = {}
+        if ctx.indexer_loss:
             with torch.no_grad():
                 s = self.attention_scores_absorbed(q_nope, q_pe, c_kv, k_pe)
-            self.last_indexer_loss = indexer_kl(s, index_scores, attend)
-        return self.o_proj(o.reshape(B, T, -1))
+            aux["indexer"] = indexer_kl(s, index_scores, attend)
+        return self.o_proj(o.reshape(B, T, -1)), aux
 
 
 def freeze_all_but_indexers(model: nn.Module) -> list[str]:

@@ -247,6 +247,10 @@ def gdn_kernels(backend: str) -> GDNKernels:
 # ---- the mixer --------------------------------------------------------------------------------
 
 class GatedDeltaNet(nn.Module):
+    # model/roles.py: the output projection writes into the residual stream; the depthwise filter
+    # and the per-head decay parameters keep this module's own initialisation (reset_parameters)
+    PARAM_ROLES = {"out_proj.weight": "matrix_out", "conv_weight": "conv", "A_log": "scalar", "dt_bias": "scalar"}
+
     def __init__(self, cfg: ModelConfig, layer_idx: int):
         super().__init__()
         H, HV = cfg.linear_n_k_heads, cfg.linear_n_v_heads
@@ -296,7 +300,7 @@ class GatedDeltaNet(nn.Module):
         return (q.unflatten(-1, (self.n_k_heads, self.k_head_dim)), k.unflatten(-1, (self.n_k_heads, self.k_head_dim)),
                 v.unflatten(-1, (self.n_v_heads, self.v_head_dim)))
 
-    def forward(self, x: torch.Tensor, ctx, cache: RecurrentCache | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, ctx, cache: RecurrentCache | None = None) -> tuple[torch.Tensor, dict]:
         B, T, _ = x.shape
         if self.needs_cuda and not x.is_cuda:
             raise RuntimeError(f"layer {self.layer_idx}: gdn backend {self.backend!r} needs CUDA tensors, got {x.device}")
@@ -325,4 +329,4 @@ class GatedDeltaNet(nn.Module):
             cache.conv_state.copy_(conv_state)
             cache.recurrent_state.copy_(state)
         o = self.norm(o.reshape(B, T, self.n_v_heads, self.v_head_dim), z.view(B, T, self.n_v_heads, self.v_head_dim))
-        return self.out_proj(o.reshape(B, T, self.value_dim))
+        return self.out_proj(o.reshape(B, T, self.value_dim)), {}

@@ -63,6 +63,8 @@ def check_mla_config(cfg: ModelConfig, layer_idx: int) -> None:
 
 
 class MLA(nn.Module):
+    PARAM_ROLES = {"o_proj.weight": "matrix_out"}  # writes into the residual stream (model/roles.py)
+
     def __init__(self, cfg: ModelConfig, layer_idx: int):
         super().__init__()
         check_mla_config(cfg, layer_idx)
@@ -153,7 +155,7 @@ class MLA(nn.Module):
         _, w_uv = self.absorbed_weights()
         return torch.einsum("bthr,hvr->bthv", o_lat, w_uv.to(o_lat.dtype)).to(q_nope.dtype)
 
-    def forward(self, x: torch.Tensor, ctx, cache: MLACache | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, ctx, cache: MLACache | None = None) -> tuple[torch.Tensor, dict]:
         B, T, _ = x.shape
         q_nope, q_pe, c_kv, k_pe, _ = self.project(x, ctx)
         if cache is not None:
@@ -164,4 +166,4 @@ class MLA(nn.Module):
             o = self.attend_naive(q_nope, q_pe, c_kv, k_pe, ctx.mask(), causal=False)
         else:
             o = self.attend_naive(q_nope, q_pe, c_kv, k_pe, None, causal=True)
-        return self.o_proj(o.reshape(B, T, -1))
+        return self.o_proj(o.reshape(B, T, -1)), {}

@@ -11,6 +11,8 @@ from torch import nn
 
 
 class SwiGLU(nn.Module):
+    PARAM_ROLES = {"w_down.weight": "matrix_out"}  # writes into the residual stream (model/roles.py)
+
     def __init__(self, d_model: int, d_ff: int):
         super().__init__()
         self.d_ff = d_ff

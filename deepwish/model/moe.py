@@ -13,10 +13,10 @@ Experts are stored stacked, `w_gate_up` [E, 2I, d] and `w_down` [E, d, I], and c
 without a Python loop over experts: assignments are sorted by expert, then either
 `torch._grouped_mm` (CUDA, bf16) or a padded batched matmul over [E, capacity, d] runs them all.
 
-Balance: every forward records per-expert token counts and the auxiliary losses in
-`self.last_stats` (read by the trainer through `Transformer.moe_stats()`); the DeepSeek
-auxiliary-loss-free correction bias is a buffer updated outside autograd by
-`update_correction_bias`.
+Balance: every forward returns per-expert token counts and the auxiliary losses beside its output
+(the block contract, model/block.py); the DeepSeek auxiliary-loss-free correction bias is a buffer
+updated outside autograd by `update_correction_bias` (the trainer calls
+`Transformer.update_router_bias` with the step's summed loads).
 """
 from __future__ import annotations
 
@@ -132,6 +132,11 @@ def grouped_swiglu(x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor
 
 
 class MoE(nn.Module):
+    # model/roles.py: stacked experts are hidden matrices (their output projection writes into the
+    # residual stream); router and shared-expert gate rows are scores, not hidden maps
+    PARAM_ROLES = {"w_gate_up": "expert", "w_down": "expert_out", "router.weight": "gate",
+                   "shared_gate.weight": "gate"}
+
     def __init__(self, cfg: ModelConfig, layer_idx: int):
         super().__init__()
         self.cfg = cfg
@@ -152,13 +157,9 @@ class MoE(nn.Module):
             self.shared = SwiGLU(d, cfg.d_ff_shared)
             if cfg.shared_expert_gate:
                 self.shared_gate = nn.Linear(d, 1, bias=False)
-        self.last_stats: dict = {}
-        self.reset_parameters()
-
-    def reset_parameters(self) -> None:
-        std = self.cfg.init_std
-        nn.init.normal_(self.w_gate_up, std=std)
-        nn.init.normal_(self.w_down, std=std)
+        # initialised by role in Transformer.reset_parameters; a standalone MoE gets the same std
+        nn.init.normal_(self.w_gate_up, std=cfg.init_std)
+        nn.init.normal_(self.w_down, std=cfg.init_std)
 
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         c = self.cfg
@@ -169,7 +170,9 @@ class MoE(nn.Module):
         w, idx, probs = route_softmax(logits, self.top_k, c.norm_topk_prob)
         return w * c.routed_scaling_factor if c.routed_scaling_factor != 1.0 else w, idx, probs
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, dict]:
+        """x [B, T, d] -> (y [B, T, d], {"moe_load": [E] tokens per expert, "moe_aux": balance
+        loss, present in training when a coefficient is set})."""
         B, T, d = x.shape
         flat = x.reshape(-1, d)
         weights, indices, scores = self.route(flat)
@@ -179,16 +182,16 @@ class MoE(nn.Module):
             if self.shared_gate is not None:
                 s = torch.sigmoid(self.shared_gate(flat)) * s
             y = y + s
-        stats = {"tokens_per_expert": expert_counts(indices, self.n_experts).detach()}
+        stats = {"moe_load": expert_counts(indices, self.n_experts).detach()}
         aux = None
         if self.training and self.cfg.router_aux_loss_coef > 0:
             aux = self.cfg.router_aux_loss_coef * switch_aux_loss(scores, indices, self.n_experts)
         if self.training and self.cfg.seq_aux_loss_coef > 0:
             seq = self.cfg.seq_aux_loss_coef * sequence_aux_loss(scores, indices, self.n_experts, B)
             aux = seq if aux is None else aux + seq
-        stats["aux_loss"] = aux
-        self.last_stats = stats
-        return y.view(B, T, d)
+        if aux is not None:
+            stats["moe_aux"] = aux
+        return y.view(B, T, d), stats
 
     @torch.no_grad()
     def update_correction_bias(self, tokens_per_expert: torch.Tensor, rate: float) -> None:

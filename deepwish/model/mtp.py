@@ -19,7 +19,8 @@ Choices where the paper is silent (stated, not guessed silently):
   boundary get the ignore index, so the wrapped tokens never reach a loss.
 - The MTP loss is the mean over depths of the summed cross-entropy, normalised by the main
   loss's global target count, times λ (train.mtp_lambda, optionally ramped linearly to
-  train.mtp_lambda_final).
+  train.mtp_lambda_final). It is computed inside the model's forward (`Objective.mtp_weight`),
+  so the MoE layers of the MTP blocks report their loads and balance losses like the trunk's.
 """
 from __future__ import annotations
 
@@ -30,6 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from deepwish.config import ModelConfig
+from deepwish.model.block import Block
 from deepwish.model.norm import RMSNorm
 
 IGNORE_INDEX = -100
@@ -38,8 +40,6 @@ IGNORE_INDEX = -100
 class MTP(nn.Module):
     def __init__(self, cfg: ModelConfig, layer_idx: int):
         super().__init__()
-        from deepwish.model.transformer import Block  # transformer.py imports this module lazily
-
         ext = replace(cfg, n_layers=cfg.n_layers + cfg.n_mtp)  # layer_types continued past the trunk
         if not cfg.n_layers <= layer_idx < ext.n_layers:
             raise ValueError(f"MTP layer index {layer_idx} is outside {cfg.n_layers}..{ext.n_layers - 1}")
@@ -51,27 +51,12 @@ class MTP(nn.Module):
         self.block = Block(ext, layer_idx)
         self.norm = RMSNorm(d, cfg.norm_eps, cfg.norm_zero_centered)
 
-    def forward(self, h_prev: torch.Tensor, emb_ahead: torch.Tensor, ctx) -> torch.Tensor:
-        """h_prev [B,T,d] (normed representation of depth k-1), emb_ahead [B,T,d] = Emb(t_{i+k})
-        -> normed h^k [B,T,d]."""
+    def forward(self, h_prev: torch.Tensor, emb_ahead: torch.Tensor, ctx, cache=None) -> tuple[torch.Tensor, dict]:
+        """h_prev [B,T,d] (normed representation of depth k-1), emb_ahead [B,T,d] = Emb(t_{i+k}),
+        cache: this depth's block cache (speculative decoding) -> (normed h^k [B,T,d], block aux)."""
         x = self.eh_proj(torch.cat([self.enorm(emb_ahead), self.hnorm(h_prev)], dim=-1))
-        return self.norm(self.block(x, ctx))
-
-
-def mtp_hidden_states(model, h: torch.Tensor, input_ids: torch.Tensor, positions: torch.Tensor | None = None,
-                      doc_ids: torch.Tensor | None = None) -> list[torch.Tensor]:
-    """h [B,T,d]: the main model's final-normed hidden states (`model.hidden_states(...)`).
-    Returns, per depth k = 1..D, hidden states [B,T,d] whose `model.logits` at position i
-    predict token i+k+1 (invalid where that runs off the row: see `mtp_targets`)."""
-    if model.mtp is None:
-        raise ValueError("the model has no MTP modules (n_mtp == 0)")
-    ctx = model.context(input_ids, positions, doc_ids)
-    out, prev = [], h
-    for m in model.mtp:
-        ahead = torch.roll(input_ids, -m.depth, dims=1)  # token i+k at position i; the tail wraps (ignored)
-        prev = m(prev, model.embed(ahead), ctx)
-        out.append(prev)
-    return out
+        x, aux = self.block(x, ctx, cache)
+        return self.norm(x), aux
 
 
 def mtp_targets(targets: torch.Tensor, k: int, doc_ids: torch.Tensor | None = None) -> torch.Tensor:
@@ -88,14 +73,15 @@ def mtp_targets(targets: torch.Tensor, k: int, doc_ids: torch.Tensor | None = No
     return out
 
 
-def mtp_ce_sums(model, h: torch.Tensor, input_ids: torch.Tensor, targets: torch.Tensor,
-                positions: torch.Tensor | None = None, doc_ids: torch.Tensor | None = None
+def mtp_ce_sums(hidden: list[torch.Tensor], head, targets: torch.Tensor, doc_ids: torch.Tensor | None = None
                 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Summed cross-entropy [D] and target counts [D] of every MTP depth (fp32 logits)."""
+    """Summed cross-entropy [D] and target counts [D] of every MTP depth (fp32 logits).
+    hidden: per depth k = 1..D the hidden states [B,T,d] (`Transformer.mtp_hidden`); head: h -> logits."""
     sums, counts = [], []
-    for k, hk in enumerate(mtp_hidden_states(model, h, input_ids, positions, doc_ids), start=1):
+    for k, hk in enumerate(hidden, start=1):
         tk = mtp_targets(targets, k, doc_ids).reshape(-1)
-        logits = model.logits(hk).float().reshape(-1, model.cfg.vocab_size)
+        logits = head(hk).float()
+        logits = logits.reshape(-1, logits.shape[-1])
         sums.append(F.cross_entropy(logits, tk, ignore_index=IGNORE_INDEX, reduction="sum"))
         counts.append((tk != IGNORE_INDEX).sum())
     return torch.stack(sums), torch.stack(counts)
@@ -108,3 +94,18 @@ def mtp_lambda_at(mtp_lambda: float, mtp_lambda_final: float, step: int, steps: 
         return mtp_lambda
     f = min(max(step / (steps - 1), 0.0), 1.0)
     return mtp_lambda + (mtp_lambda_final - mtp_lambda) * f
+
+
+def mtp_hidden_states(model, h: torch.Tensor, input_ids: torch.Tensor, positions: torch.Tensor | None = None,
+                      doc_ids: torch.Tensor | None = None) -> list[torch.Tensor]:
+    """Every depth's hidden states over a whole sequence, as the training forward computes them:
+    h [B,T,d] the model's final-normed hidden states (`model(ids, return_hidden=True).hidden`) ->
+    per depth k = 1..D hidden states [B,T,d] whose logits at position i predict token i+k+1
+    (invalid where that runs off the row: see `mtp_targets`)."""
+    out, prev = [], h
+    for k in range(1, (len(model.mtp) if model.mtp is not None else 0) + 1):
+        prev = model.mtp_hidden(k, prev, torch.roll(input_ids, -k, dims=1), positions, doc_ids)
+        out.append(prev)
+    if not out:
+        raise ValueError("the model has no MTP modules (n_mtp == 0)")
+    return out

@@ -1,9 +1,20 @@
 """The one model definition: training (no cache), prefill and decode (cache), RL and export.
 
-`cfg.layer_types` — derived once in the config — gives every layer a (mixer, ffn) pair, read
-only here in `Block.__init__`. forward never branches on strings or layer indices.
+One forward contract serves every consumer:
 
-Shape legend: B batch, T tokens, d model width, V vocabulary.
+    out = model(input_ids, positions=None, doc_ids=None, cache=None, targets=None,
+                objective=Objective(), logits_to_keep=0, return_hidden=False)   -> ModelOutput
+
+- inference: `out.logits` [B, T, V] (the last `logits_to_keep` positions when > 0);
+- training: with `targets`, `out.loss` (the objective of model/objective.py: cross-entropy, MTP,
+  MoE balance and DSA indexer losses, each named in `out.aux_losses` with its weight applied),
+  the summed CE and target count for logging, and the per-layer MoE loads (MTP blocks included),
+  which `update_router_bias` turns into the aux-loss-free bias step.
+Modes that change the computation (DSA indexer mode, MTP on/off, loss backend) are fields of the
+`Objective` argument, never state left on the model. Data parallelism, compilation and activation
+checkpointing wrap this module from outside (train/parallel.py).
+
+Shape legend: B batch, T tokens, d model width, V vocabulary, E experts.
 """
 from __future__ import annotations
 
@@ -11,86 +22,39 @@ import math
 from dataclasses import dataclass, field
 
 import torch
+import torch.utils._pytree as pytree
 from torch import nn
 
 from deepwish.config import ModelConfig
-from deepwish.model.attention import Attention, attention_mask
+from deepwish.model.block import Block, ForwardContext
 from deepwish.model.cache import ModelCache
-from deepwish.model.mlp import SwiGLU
 from deepwish.model.moe import MoE
+from deepwish.model.mtp import MTP, mtp_ce_sums
 from deepwish.model.norm import RMSNorm
+from deepwish.model.objective import Objective, cross_entropy_sums, IGNORE_INDEX
+from deepwish.model.roles import (EXPERT_ROLES, NORMAL_INIT_ROLES, OWNER_INIT_ROLES, RESIDUAL_OUT_ROLES,
+                                  param_roles)
 from deepwish.model.rope import Rotary
+
+DEFAULT_OBJECTIVE = Objective()
 
 
 @dataclass
-class ForwardContext:
-    """What every mixer may need besides its input, computed once per forward."""
+class ModelOutput:
+    """What one forward returns (module docstring). Fields a forward did not compute are None."""
 
-    positions: torch.Tensor  # [B, T] absolute positions (restart at 0 in each packed document)
-    cos: torch.Tensor  # [B, T, R/2] rotary tables for `positions`
-    sin: torch.Tensor
-    doc_ids: torch.Tensor | None = None  # [B, T] packed-document index, or None
-    _masks: dict = field(default_factory=dict)
-
-    def mask(self, window: int = 0) -> torch.Tensor:
-        """Causal, same-document (and windowed) boolean mask [B, 1, T, T], built once per window."""
-        if window not in self._masks:
-            self._masks[window] = attention_mask(self.positions, self.positions, window, self.doc_ids, self.doc_ids)
-        return self._masks[window]
-
-    def cu_seqlens(self) -> torch.Tensor:
-        """Start offsets [N+1] of the sequences in the flattened [B·T] token stream: a new
-        sequence starts at every batch row and at every document boundary. For recurrent mixers."""
-        B, T = self.positions.shape
-        starts = torch.zeros(B, T, dtype=torch.bool, device=self.positions.device)
-        starts[:, 0] = True
-        if self.doc_ids is not None:
-            starts[:, 1:] |= self.doc_ids[:, 1:] != self.doc_ids[:, :-1]
-        idx = starts.reshape(-1).nonzero().squeeze(-1)
-        return torch.cat([idx, idx.new_tensor([B * T])]).to(torch.int32)
+    logits: torch.Tensor | None = None  # [B, T, V] (or the last logits_to_keep positions); None when fused
+    hidden: torch.Tensor | None = None  # [B, T, d] final-normed hidden states (return_hidden=True)
+    loss: torch.Tensor | None = None  # scalar objective (targets given)
+    ce_sum: torch.Tensor | None = None  # Σ cross-entropy (+ z-loss when fused) over the targets
+    z_sum: torch.Tensor | None = None  # Σ z-loss (0 when fused with the CE)
+    n_targets: torch.Tensor | None = None  # targets that count (!= -100)
+    aux_losses: dict[str, torch.Tensor] = field(default_factory=dict)  # name -> weighted term of `loss`
+    moe_loads: dict[int, torch.Tensor] = field(default_factory=dict)  # layer index -> tokens per expert [E]
 
 
-def build_mixer(kind: str, cfg: ModelConfig, layer_idx: int) -> nn.Module:
-    if kind == "gqa":
-        return Attention(cfg, layer_idx)
-    if kind == "gated_gqa":
-        return Attention(cfg, layer_idx, gated=True)
-    if kind == "swa":
-        return Attention(cfg, layer_idx, window=cfg.sliding_window)
-    if kind == "mla":
-        from deepwish.model.mla import MLA
-        return MLA(cfg, layer_idx)
-    if kind == "dsa":
-        from deepwish.model.dsa import DSA
-        return DSA(cfg, layer_idx)
-    if kind == "gdn":
-        from deepwish.model.gated_deltanet import GatedDeltaNet
-        return GatedDeltaNet(cfg, layer_idx)
-    raise ValueError(f"layer {layer_idx}: mixer {kind!r} is not implemented")
-
-
-def build_ffn(kind: str, cfg: ModelConfig, layer_idx: int) -> nn.Module:
-    if kind == "moe":
-        return MoE(cfg, layer_idx)
-    return SwiGLU(cfg.d_model, cfg.d_ff)
-
-
-class Block(nn.Module):
-    """Pre-norm residual block: x += mixer(norm(x)); x += ffn(norm(x))."""
-
-    def __init__(self, cfg: ModelConfig, layer_idx: int):
-        super().__init__()
-        mixer, ffn = cfg.layer_types[layer_idx]
-        self.layer_idx = layer_idx
-        self.mixer_kind, self.ffn_kind = mixer, ffn
-        self.attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps, cfg.norm_zero_centered)
-        self.mixer = build_mixer(mixer, cfg, layer_idx)
-        self.ffn_norm = RMSNorm(cfg.d_model, cfg.norm_eps, cfg.norm_zero_centered)
-        self.ffn = build_ffn(ffn, cfg, layer_idx)
-
-    def forward(self, x: torch.Tensor, ctx: ForwardContext, cache=None) -> torch.Tensor:
-        x = x + self.mixer(self.attn_norm(x), ctx, cache)
-        return x + self.ffn(self.ffn_norm(x))
+# A pytree node, so DDP's output hooks, torch.compile and the checkpoint wrappers see its tensors.
+pytree.register_dataclass(ModelOutput)
 
 
 def rotary_dim(cfg: ModelConfig) -> int:
@@ -100,6 +64,8 @@ def rotary_dim(cfg: ModelConfig) -> int:
 
 
 class Transformer(nn.Module):
+    PARAM_ROLES = {"lm_head.weight": "head"}  # model/roles.py
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.cfg = cfg
@@ -108,115 +74,51 @@ class Transformer(nn.Module):
         self.norm = RMSNorm(cfg.d_model, cfg.norm_eps, cfg.norm_zero_centered)
         self.lm_head = None if cfg.tie_embeddings else nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         self.rotary = Rotary(cfg, rotary_dim(cfg))
-        if cfg.n_mtp > 0:
-            from deepwish.model.mtp import MTP
-            self.mtp = nn.ModuleList(MTP(cfg, cfg.n_layers + i) for i in range(cfg.n_mtp))
-        else:
-            self.mtp = None
+        self.mtp = nn.ModuleList(MTP(cfg, cfg.n_layers + i) for i in range(cfg.n_mtp)) if cfg.n_mtp > 0 else None
         self.reset_parameters()
 
-    # ---- initialisation ------------------------------------------------------------
+    # ---- parameters ----------------------------------------------------------------------
+    def param_roles(self) -> dict[str, str]:
+        """{parameter name: role} (model/roles.py): read by optimizer groups, init and counts."""
+        return param_roles(self)
+
     @torch.no_grad()
     def reset_parameters(self) -> None:
+        """Initialise every parameter by its role: N(0, init_std), residual-stream outputs
+        N(0, init_std/√(2L)) (GPT-2 style), biases 0, norms / convs / scalars by their owner."""
+        roles = self.param_roles()
         std = self.cfg.init_std
-        out_std = std / math.sqrt(2 * self.cfg.n_layers)  # residual-branch outputs (GPT-2 style)
-        for name, mod in self.named_modules():
-            if isinstance(mod, nn.Linear):
-                is_out = name.endswith(("o_proj", "w_down", "out_proj"))
-                nn.init.normal_(mod.weight, std=out_std if is_out else std)
-                if mod.bias is not None:
-                    nn.init.zeros_(mod.bias)
-            elif isinstance(mod, nn.Embedding):
-                nn.init.normal_(mod.weight, std=std)
-            elif mod is not self and hasattr(mod, "reset_parameters") and not isinstance(mod, Transformer):
+        out_std = std / math.sqrt(2 * self.cfg.n_layers)
+        for mname, mod in self.named_modules():
+            own = [(f"{mname}.{n}" if mname else n, p) for n, p in mod.named_parameters(recurse=False)]
+            if any(roles.get(n) in OWNER_INIT_ROLES for n, _ in own):
                 mod.reset_parameters()
+            for n, p in own:
+                role = roles.get(n)  # None: a tied parameter already initialised under its first name
+                if role in NORMAL_INIT_ROLES:
+                    nn.init.normal_(p, std=out_std if role in RESIDUAL_OUT_ROLES else std)
+                elif role == "bias":
+                    nn.init.zeros_(p)
 
-    # ---- forward -------------------------------------------------------------------
-    def context(self, input_ids: torch.Tensor, positions: torch.Tensor | None,
-                doc_ids: torch.Tensor | None) -> ForwardContext:
-        B, T = input_ids.shape
-        if positions is None:
-            positions = torch.arange(T, device=input_ids.device).expand(B, T)
-        cos, sin = self.rotary(positions)
-        return ForwardContext(positions=positions, cos=cos, sin=sin, doc_ids=doc_ids)
-
-    def trunk(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None,
-              doc_ids: torch.Tensor | None = None, cache: ModelCache | None = None) -> torch.Tensor:
-        """Hidden states [B, T, d] before the final norm (MTP modules start from these)."""
-        ctx = self.context(input_ids, positions, doc_ids)
-        x = self.embed(input_ids)
-        for i, block in enumerate(self.blocks):
-            x = block(x, ctx, None if cache is None else cache[i])
-        return x
-
-    def hidden_states(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None,
-                      doc_ids: torch.Tensor | None = None, cache: ModelCache | None = None) -> torch.Tensor:
-        """Final-normed hidden states [B, T, d] (the fused loss consumes these)."""
-        return self.norm(self.trunk(input_ids, positions, doc_ids, cache))
-
-    @property
-    def head_weight(self) -> torch.Tensor:
-        """[V, d]: the LM head, or the embedding when tied."""
-        return self.embed.weight if self.lm_head is None else self.lm_head.weight
-
-    def logits(self, h: torch.Tensor) -> torch.Tensor:
-        return h @ self.head_weight.t() if self.lm_head is None else self.lm_head(h)
-
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None,
-                doc_ids: torch.Tensor | None = None, cache: ModelCache | None = None) -> torch.Tensor:
-        """input_ids [B, T] -> logits [B, T, V]."""
-        return self.logits(self.hidden_states(input_ids, positions, doc_ids, cache))
-
-    # ---- decoding --------------------------------------------------------------------
-    def make_cache(self, batch: int, max_len: int, dtype: torch.dtype | None = None,
-                   device: torch.device | str | None = None) -> ModelCache:
-        """Preallocated per-layer caches for `batch` sequences of up to `max_len` tokens."""
-        if max_len > self.cfg.max_seq_len:
-            raise ValueError(f"cache length {max_len} exceeds the model's max_seq_len {self.cfg.max_seq_len}")
-        p = self.embed.weight
-        dtype = dtype or p.dtype
-        device = device or p.device
-        return ModelCache([b.mixer.make_cache(batch, max_len, dtype, device) for b in self.blocks], max_len, batch)
-
-    # ---- DeepSeek-V3.2 sparse attention: indexer training mode and its loss ---------------
-    def set_indexer_mode(self, mode: str) -> None:
-        """'off' | 'dense_warmup' | 'sparse' on every DSA layer (see model/dsa.py)."""
-        layers = [m for m in self.modules() if hasattr(m, "set_indexer_mode") and m is not self]
-        if not layers and mode != "off":
-            raise ValueError(f"indexer mode {mode!r} asked for, but the model has no DSA layers")
-        for m in layers:
-            m.set_indexer_mode(mode)
-
-    def extra_losses(self) -> dict[str, torch.Tensor]:
-        """Auxiliary losses of the last forward, name -> scalar (unweighted): 'indexer' is the
-        mean over DSA layers (MTP blocks included) of the indexer KL."""
-        ix = [m.last_indexer_loss for m in self.modules() if getattr(m, "last_indexer_loss", None) is not None]
-        return {"indexer": torch.stack(ix).mean()} if ix else {}
-
-    # ---- bookkeeping -------------------------------------------------------------------
-    def moe_stats(self) -> list[dict]:
-        """Per MoE layer: {layer, aux_loss (tensor or None), tokens_per_expert [E]} of the last forward."""
-        out = []
-        for b in self.blocks:
-            if isinstance(b.ffn, MoE) and b.ffn.last_stats:
-                out.append({"layer": b.layer_idx, **b.ffn.last_stats})
-        return out
-
-    def num_params(self, active: bool = False) -> int:
-        """Parameter count; `active=True` counts only the top-k routed experts of MoE layers."""
+    def num_params(self, active: bool = False, mtp: bool | None = None) -> int:
+        """Parameter count; `active=True` counts only the top-k routed experts of MoE layers.
+        mtp: None = everything, True = only the MTP modules, False = everything but them."""
         total = 0
-        for name, p in self.named_parameters():
-            n = p.numel()
-            if active and (name.endswith("w_gate_up") or name.endswith("w_down")) and p.dim() == 3:
+        for name, role in self.param_roles().items():
+            if mtp is not None and name.startswith("mtp.") != mtp:
+                continue
+            n = self.get_parameter(name).numel()
+            if active and role in EXPERT_ROLES:
                 n = n * self.cfg.n_experts_per_tok // self.cfg.n_experts
             total += n
         return total
 
     def flops_per_token(self, seq_len: int) -> float:
-        """Training FLOPs per token: 6·(active matmul params) + causal attention 6·L·H·D·T."""
+        """Training FLOPs per token: 6·(active matmul params) + causal attention 6·L·H·D·T.
+        Every parameter but the embedding lookup is counted as a matmul (the tied head is one)."""
         n = self.num_params(active=True) - self.embed.weight.numel()
         if self.lm_head is None:
-            n += self.embed.weight.numel()  # the tied head is still a matmul
+            n += self.embed.weight.numel()
         attn = 0
         for b in self.blocks:
             if b.mixer_kind in ("gqa", "gated_gqa"):
@@ -227,3 +129,130 @@ class Transformer(nn.Module):
             elif b.mixer_kind == "swa":
                 attn += 6 * self.cfg.n_heads * self.cfg.head_dim * min(seq_len, self.cfg.sliding_window)
         return 6.0 * n + attn
+
+    # ---- forward -------------------------------------------------------------------------
+    def context(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None,
+                doc_ids: torch.Tensor | None = None, objective: Objective = DEFAULT_OBJECTIVE,
+                indexer_loss: bool = False) -> ForwardContext:
+        B, T = input_ids.shape
+        if positions is None:
+            positions = torch.arange(T, device=input_ids.device).expand(B, T)
+        cos, sin = self.rotary(positions)
+        return ForwardContext(positions=positions, cos=cos, sin=sin, doc_ids=doc_ids,
+                              dense_indexer_attention=objective.indexer_mode == "dense_warmup",
+                              indexer_loss=indexer_loss)
+
+    @property
+    def head_weight(self) -> torch.Tensor:
+        """[V, d]: the LM head, or the embedding when tied."""
+        return self.embed.weight if self.lm_head is None else self.lm_head.weight
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        """The LM head: final-normed hidden states [..., d] -> logits [..., V]."""
+        return h @ self.head_weight.t() if self.lm_head is None else self.lm_head(h)
+
+    def forward(self, input_ids: torch.Tensor, *, positions: torch.Tensor | None = None,
+                doc_ids: torch.Tensor | None = None, cache: ModelCache | None = None,
+                targets: torch.Tensor | None = None, objective: Objective = DEFAULT_OBJECTIVE,
+                logits_to_keep: int = 0, return_hidden: bool = False) -> ModelOutput:
+        """input_ids [B, T] -> ModelOutput (module docstring). positions [B, T] (default 0..T-1),
+        doc_ids [B, T] packed-document ids, cache: preallocated (make_cache), targets [B, T]
+        (-100 = ignore), logits_to_keep: only the last n positions' logits (inference)."""
+        train_aux = targets is not None
+        ctx = self.context(input_ids, positions, doc_ids, objective,
+                           indexer_loss=train_aux and objective.indexer_mode != "off" and objective.indexer_weight > 0)
+        x = self.embed(input_ids)
+        block_aux = []
+        for i, block in enumerate(self.blocks):
+            x, aux = block(x, ctx, None if cache is None else cache[i])
+            block_aux.append((block.layer_idx, aux))
+        h = self.norm(x)
+        out = ModelOutput(hidden=h if return_hidden else None)
+        if targets is None:
+            out.logits = self.logits(h[:, -logits_to_keep:] if logits_to_keep else h)
+        else:
+            out.ce_sum, out.z_sum, out.logits = cross_entropy_sums(h, self.logits, self.head_weight, targets, objective)
+            out.n_targets = (targets != IGNORE_INDEX).sum()
+            if self.mtp is not None and objective.mtp_weight > 0:
+                hidden = []
+                for k in range(1, len(self.mtp) + 1):
+                    hk, aux = self._mtp_depth(k, hidden[-1] if hidden else h, input_ids, ctx)
+                    hidden.append(hk)
+                    block_aux.append((self.cfg.n_layers + k - 1, aux))
+                sums, _ = mtp_ce_sums(hidden, self.logits, targets, doc_ids)
+                out.aux_losses["mtp"] = sums.mean()  # normalised with the CE below
+        out.moe_loads = {layer: aux["moe_load"] for layer, aux in block_aux if "moe_load" in aux}
+        if train_aux:
+            self._objective(out, block_aux, objective)
+        return out
+
+    def _objective(self, out: ModelOutput, block_aux: list, objective: Objective) -> None:
+        """Fill out.loss and the weighted out.aux_losses (model/objective.py)."""
+        norm = objective.loss_norm if objective.loss_norm is not None else out.n_targets.clamp_min(1).float()
+        share = out.n_targets.float() / norm
+        loss = (out.ce_sum + out.z_sum) / norm
+        weighted = {}
+        if "mtp" in out.aux_losses:
+            weighted["mtp"] = objective.aux_weight("mtp") * out.aux_losses["mtp"] / norm
+        moe = [aux["moe_aux"].float() for _, aux in block_aux if "moe_aux" in aux]
+        if moe:
+            weighted["moe"] = objective.aux_weight("moe") * share * torch.stack(moe).sum()
+        indexer = [aux["indexer"] for _, aux in block_aux if "indexer" in aux]
+        if indexer:
+            weighted["indexer"] = objective.aux_weight("indexer") * share * torch.stack(indexer).mean().float()
+        unknown = {k for _, aux in block_aux for k in aux} - {"moe_load", "moe_aux", "indexer"}
+        if unknown:
+            raise KeyError(f"block side results {sorted(unknown)} have no place in the objective (model/objective.py)")
+        for term in weighted.values():
+            loss = loss + term
+        out.loss, out.aux_losses = loss, weighted
+
+    # ---- multi-token prediction (DeepSeek-V3, model/mtp.py) ---------------------------------
+    def _mtp_depth(self, depth: int, h_prev: torch.Tensor, input_ids: torch.Tensor, ctx: ForwardContext,
+                   cache=None) -> tuple[torch.Tensor, dict]:
+        ahead = torch.roll(input_ids, -depth, dims=1)  # token i+k at position i; the tail wraps (ignored)
+        return self.mtp[depth - 1](h_prev, self.embed(ahead), ctx, cache)
+
+    def mtp_hidden(self, depth: int, h_prev: torch.Tensor, tokens_ahead: torch.Tensor,
+                   positions: torch.Tensor | None = None, doc_ids: torch.Tensor | None = None,
+                   cache=None) -> torch.Tensor:
+        """One MTP depth over a chunk: h_prev [B,T,d] (depth-1's normed states; depth 1 reads the
+        model's final hidden states), tokens_ahead [B,T] = t_{i+depth}, cache: this depth's block
+        cache (`make_mtp_caches`) -> normed h^depth [B,T,d], whose logits predict t_{i+depth+1}."""
+        if self.mtp is None:
+            raise ValueError("the model has no MTP modules (n_mtp == 0)")
+        ctx = self.context(tokens_ahead, positions, doc_ids)
+        h, _ = self.mtp[depth - 1](h_prev, self.embed(tokens_ahead), ctx, cache)
+        return h
+
+    # ---- routers -------------------------------------------------------------------------
+    def moe_layers(self) -> dict[int, MoE]:
+        """Layer index -> MoE module, MTP blocks included (index n_layers + depth - 1)."""
+        blocks = list(self.blocks) + ([m.block for m in self.mtp] if self.mtp is not None else [])
+        return {b.layer_idx: b.ffn for b in blocks if isinstance(b.ffn, MoE)}
+
+    @torch.no_grad()
+    def update_router_bias(self, loads: dict[int, torch.Tensor], rate: float) -> None:
+        """DeepSeek-V3 aux-loss-free balancing: one correction-bias step per optimizer step from the
+        step's summed loads {layer: tokens per expert [E]} (every MoE layer, MTP blocks included)."""
+        layers = self.moe_layers()
+        for layer, load in loads.items():
+            layers[layer].update_correction_bias(load, rate)
+
+    # ---- decoding --------------------------------------------------------------------------
+    def make_cache(self, batch: int, max_len: int, dtype: torch.dtype | None = None,
+                   device: torch.device | str | None = None) -> ModelCache:
+        """Preallocated per-layer caches for `batch` sequences of up to `max_len` tokens."""
+        if max_len > self.cfg.max_seq_len:
+            raise ValueError(f"cache length {max_len} exceeds the model's max_seq_len {self.cfg.max_seq_len}")
+        p = self.embed.weight
+        dtype = dtype or p.dtype
+        device = device or p.device
+        return ModelCache([b.mixer.make_cache(batch, max_len, dtype, device) for b in self.blocks], max_len, batch)
+
+    def make_mtp_caches(self, batch: int, max_len: int) -> list:
+        """One cache per MTP depth (its block's mixer), for self-speculative decoding."""
+        if self.mtp is None:
+            raise ValueError("the model has no MTP modules (n_mtp == 0)")
+        p = self.embed.weight
+        return [m.block.mixer.make_cache(batch, max_len, p.dtype, p.device) for m in self.mtp]

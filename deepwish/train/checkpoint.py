@@ -49,6 +49,7 @@ import torch
 CKPT_DIR = "checkpoints"
 LATEST = "latest"
 ABANDONED_DIR = "abandoned"
+DCP_DIR = "dcp"  # the sharded payload of a data-parallel checkpoint (train/dist_checkpoint.py)
 FORMAT_VERSION = 1
 
 
@@ -259,9 +260,7 @@ def save_checkpoint(run_dir: str | os.PathLike, step: int, *, model_state: dict,
         train_state = {"format": FORMAT_VERSION, "step": step, "optimizer": optimizer_state,
                        "rng": rng_state(), "loader": loader_state, "ema": ema_state, "extra": extra or {}}
         _write_bytes_synced(tmp / "train_state.pt", lambda f: torch.save(train_state, f))
-        meta = {"format": FORMAT_VERSION, "step": step, "config": config, "versions": versions(),
-                "git": git_hash(), "argv": sys.argv, "files": manifest(tmp)}
-        _write_bytes_synced(tmp / "meta.json", lambda f: f.write(json.dumps(meta, indent=1).encode()))
+        write_meta(tmp, step, config)
         _fsync_path(tmp)
         publish(root, tmp, name, keep_last)
     except BaseException as e:
@@ -270,6 +269,15 @@ def save_checkpoint(run_dir: str | os.PathLike, step: int, *, model_state: dict,
             raise write_failure(final, e) from None
         raise
     return final
+
+
+def write_meta(ckpt_dir: Path, step: int, config: dict, **extra) -> None:
+    """meta.json of a checkpoint, either format, written last: step, resolved config, versions,
+    git hash, argv, the checksum manifest of every other file (and `extra`, e.g. the DCP format's
+    kind and world size). The one metadata writer."""
+    meta = {"format": FORMAT_VERSION, **extra, "step": step, "config": config, "versions": versions(),
+            "git": git_hash(), "argv": sys.argv, "files": manifest(ckpt_dir)}
+    _write_bytes_synced(ckpt_dir / "meta.json", lambda f: f.write(json.dumps(meta, indent=1).encode()))
 
 
 def publish(root: Path, tmp: Path, name: str, keep_last: int) -> None:
@@ -380,6 +388,23 @@ def start_branch(run_dir: str | os.PathLike, resumed: str | os.PathLike) -> Path
         os.replace(root / f"{LATEST}.tmp", latest)
         _fsync_path(root)
     return dest if newer else None
+
+
+def is_dcp_checkpoint(path: str | os.PathLike) -> bool:
+    return (Path(path) / DCP_DIR / ".metadata").exists()
+
+
+def resolve_any(path_or_run_dir: str | os.PathLike) -> Path:
+    """A checkpoint directory of either format, or a run directory (-> its `latest`), verified."""
+    return resolve_checkpoint(path_or_run_dir)
+
+
+def read_meta(path_or_run_dir: str | os.PathLike) -> dict:
+    """{'path', 'step', 'config', 'format' ('dcp' | 'torch'), 'world_size'} without loading tensors."""
+    d = resolve_any(path_or_run_dir)
+    meta = read_meta_json(d)
+    return {"path": d, "step": meta["step"], "config": meta["config"], "format": meta.get("kind", "torch"),
+            "world_size": meta.get("world_size", 1)}
 
 
 def load_checkpoint(path_or_run_dir: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict:

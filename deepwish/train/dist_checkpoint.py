@@ -26,27 +26,23 @@ The loader position is stored as a window position of the global batch (`world_s
 batch_size` windows per step). Resuming with another world size therefore needs the same global
 batch (e.g. 2 ranks × 4 = 1 rank × 8); anything else is an error naming both.
 
-`load_full_model_state` and `convert_to_hf` read either format in one process (no process group)
-for export: `python -m deepwish.train.dist_checkpoint RUN OUT [--dtype bf16] [--ema]`.
+Weights alone (generation, export) are read by `deepwish.weights`, in one process, from either
+format, never loading the optimizer state.
 """
 from __future__ import annotations
 
-import json
 import os
 import shutil
-import sys
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
-from deepwish.train.checkpoint import (CKPT_DIR, FORMAT_VERSION, CheckpointError, _first_line, _fsync_path,
-                                       _is_write_failure, _write_bytes_synced, git_hash, load_checkpoint, load_pt,
-                                       manifest, publish, read_meta_json, resolve_checkpoint, rng_state,
-                                       set_rng_state, step_dir_name, versions, write_failure)
-
-DCP_DIR = "dcp"
+from deepwish.train.checkpoint import (CKPT_DIR, DCP_DIR, FORMAT_VERSION, CheckpointError, _first_line, _fsync_path,
+                                       _is_write_failure, _write_bytes_synced, is_dcp_checkpoint, load_checkpoint,
+                                       load_pt, publish, resolve_any, rng_state, set_rng_state, step_dir_name,
+                                       write_failure, write_meta)
 
 
 def _world() -> tuple[int, int]:
@@ -56,24 +52,6 @@ def _world() -> tuple[int, int]:
 def _barrier() -> None:
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.barrier()
-
-
-def is_dcp_checkpoint(path: str | os.PathLike) -> bool:
-    return (Path(path) / DCP_DIR / ".metadata").exists()
-
-
-def resolve_any(path_or_run_dir: str | os.PathLike) -> Path:
-    """A verified checkpoint directory of either format, or a run directory (-> its `latest`,
-    with the fallback of train/checkpoint.py)."""
-    return resolve_checkpoint(path_or_run_dir)
-
-
-def read_meta(path_or_run_dir: str | os.PathLike) -> dict:
-    """{'path', 'step', 'config', 'format' ('dcp' | 'torch'), 'world_size'} without loading tensors."""
-    d = resolve_any(path_or_run_dir)
-    meta = read_meta_json(d)
-    return {"path": d, "step": meta["step"], "config": meta["config"], "format": meta.get("kind", "torch"),
-            "world_size": meta.get("world_size", 1)}
 
 
 # ---- state dicts ----------------------------------------------------------------------------------
@@ -183,9 +161,7 @@ def save(run_dir: str | os.PathLike, step: int, *, model: nn.Module, optimizer, 
             _write_bytes_synced(tmp / "train_state.pt", lambda f: torch.save(train_state, f))
             for f in (tmp / DCP_DIR).iterdir():
                 _fsync_path(f)
-            meta = {"format": FORMAT_VERSION, "kind": "dcp", "step": step, "world_size": world, "config": config,
-                    "versions": versions(), "git": git_hash(), "argv": sys.argv, "files": manifest(tmp)}
-            _write_bytes_synced(tmp / "meta.json", lambda f: f.write(json.dumps(meta, indent=1).encode()))
+            write_meta(tmp, step, config, kind="dcp", world_size=world)
             _fsync_path(tmp / DCP_DIR)
             _fsync_path(tmp)
             publish(root, tmp, name, keep_last)
@@ -239,71 +215,3 @@ def restore(path: str | os.PathLike, *, model: nn.Module, optimizer, loader, ema
     _restore_loader(loader, train_state["loader"])
     set_rng_state(train_state["rng"])
     return int(train_state["step"])
-
-
-# ---- export -------------------------------------------------------------------------------------
-def load_full_model_state(path: str | os.PathLike, ema: bool = False) -> tuple[dict, dict]:
-    """(full model state_dict on CPU, run config dict) from either format, in one process.
-
-    ema=True: the parameters are the EMA weights (buffers, e.g. router biases, stay the trained ones)."""
-    import torch.distributed.checkpoint as dcp
-
-    from deepwish.config import from_dict
-    from deepwish.model import Transformer
-
-    meta = read_meta(path)
-    if meta["format"] != "dcp":
-        ck = load_checkpoint(meta["path"])
-        state, shadow = dict(ck["model"]), (ck["ema"] or {}).get("shadow")
-    else:
-        cfg = from_dict(meta["config"], source=str(meta["path"] / "meta.json"))
-        model = Transformer(cfg.model)
-        want = {"model": model.state_dict()}
-        if ema:
-            want["ema"] = {n: p.detach().clone().float() for n, p in model.named_parameters()}
-        try:
-            dcp.load(want, checkpoint_id=str(meta["path"] / DCP_DIR), no_dist=True)
-        except Exception as e:  # DCP names the missing key; say which checkpoint and what was asked
-            if ema:
-                raise ValueError(f"{meta['path']}: no EMA weights could be read (train.ema_decay was 0?): {e}") from e
-            raise
-        state, shadow = want["model"], want.get("ema")
-    if ema:
-        if shadow is None:
-            raise ValueError(f"{meta['path']} has no EMA weights (train.ema_decay was 0)")
-        for name, t in shadow.items():
-            state[name] = t.to(state[name].dtype)
-    return state, meta["config"]
-
-
-def convert_to_hf(path: str | os.PathLike, out: str | os.PathLike, dtype: torch.dtype = torch.bfloat16,
-                  ema: bool = False, tokenizer=None) -> Path:
-    """Checkpoint (either format, any world size) -> one HF-format directory."""
-    from deepwish.config import from_dict
-    from deepwish.hf.io import save_hf
-    from deepwish.model import Transformer
-
-    sd, config = load_full_model_state(path, ema=ema)
-    model = Transformer(from_dict(config, source=str(path)).model)
-    model.load_state_dict(sd)
-    return save_hf(model, out, dtype=dtype, tokenizer=tokenizer)
-
-
-def main(argv: list[str] | None = None) -> int:
-    """python -m deepwish.train.dist_checkpoint CKPT OUT [--dtype bf16|fp32] [--ema]"""
-    import argparse
-
-    p = argparse.ArgumentParser(prog="python -m deepwish.train.dist_checkpoint",
-                                description="checkpoint (DCP or single-device, run or step directory) -> HF directory")
-    p.add_argument("ckpt")
-    p.add_argument("out")
-    p.add_argument("--dtype", default="bf16", choices=("bf16", "fp32"))
-    p.add_argument("--ema", action="store_true", help="export the EMA weights")
-    args = p.parse_args(argv)
-    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
-    print(f"wrote {convert_to_hf(args.ckpt, args.out, dtype=dtype, ema=args.ema)}")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -194,7 +194,7 @@ class Logger:
         if "ce" in metrics and metrics["ce"] != metrics["loss"]:  # the objective has more than CE in it
             parts.append(f"ce {metrics['ce']:.4f}")
         parts += [f"lr {metrics['lr']:.2e}", f"gnorm {metrics['grad_norm']:.3f}"]
-        parts += [f"{k} {metrics[k]:.4f}" for k in sorted(metrics) if k.startswith(("aux/", "extra/"))]
+        parts += [f"{k} {metrics[k]:.4f}" for k in sorted(metrics) if k.startswith("aux/")]
         if "moe/max_load" in metrics:
             parts.append(f"moe max/min load {metrics['moe/max_load']:.2f}/{metrics['moe/min_load']:.2f}")
         parts += [f"{tok_s:,.0f} tok/s", f"MFU {mfu_s}", f"mem {mem_s}", f"ETA {_fmt_duration(eta)}"]

@@ -1,14 +1,15 @@
 """The training loop, top to bottom: `train(run_cfg, resume)`, on one device or under torchrun.
 
-    set-up:  device, seed, data (+ vocab check), model, optimizer, loss backend, logger
-    resume:  model, optimizer, loader position, EMA, RNG states, step from the latest checkpoint
-    loop:    lr <- schedule(step); grad_accum micro-batches, each loss / N_global then backward;
-             non-finite check (before anything is updated or saved); clip; step; EMA; log;
-             save checkpoint; THEN evaluate (a save never follows an evaluation in the same step,
-             so a checkpoint never depends on evaluation having run)
-    end:     final val loss beside the val shard's unigram entropy, plot, sample
+    start_run        device, seed, data (+ vocab check), model (wrapped), optimizer, loss backend,
+                     loader, the resumed state (restore_state), logger
+    train_steps      per step: lr <- schedule(step); optimizer_step (grad_accum micro-batches, each
+                     out.loss with the step's global normaliser, then backward; non-finite check
+                     before anything is updated or saved; clip; update; EMA; router biases);
+                     log_step; save_state; THEN evaluate (a save never follows an evaluation in
+                     the same step, so a checkpoint never depends on evaluation having run)
+    finish_run       final val loss beside the val shard's unigram entropy; then plot, sample
 
-Scale-out (train/parallel.py; the model code never calls torch.distributed): `wrap_model` is the
+Scale-out (train/parallel.py; the model code never calls torch.distributed): `parallelize` is the
 one place the model is compiled, checkpointed, offloaded and wrapped in DDP or FSDP2; each rank
 reads its own slice of the global batch; the step's target count is all-reduced before any
 backward (and each rank back-propagates world_size × loss, the reducers averaging); logged sums
@@ -37,22 +38,13 @@ import torch
 
 from deepwish.config import ConfigError, RunConfig, from_dict, load_config, to_dict
 from deepwish.train import dist_checkpoint, parallel, rundir
-from deepwish.train.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint, set_rng_state, start_branch
+from deepwish.train.checkpoint import (list_checkpoints, load_checkpoint, read_meta, resolve_any, save_checkpoint,
+                                       set_rng_state, start_branch)
 from deepwish.train.log import Logger
-from deepwish.train.loss import IGNORE_INDEX, count_targets, lm_loss, resolve_loss_backend
+from deepwish.train.loss import count_targets, eval_objective, lm_loss, resolve_loss_backend
 from deepwish.train.nonfinite import raise_nonfinite
 from deepwish.train.optim import build_optimizer
 from deepwish.train.schedule import apply_lr
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"train.device={name!r} but CUDA is not available here")
-    if name not in ("cpu",) and not name.startswith("cuda"):
-        raise ConfigError(f"train.device={name!r} is not auto, cpu or cuda[:N]")
-    return torch.device(name)
 
 
 def warn_if_cpu_oversubscribed(device: torch.device) -> None:
@@ -126,28 +118,20 @@ def to_device(batch, device: torch.device):
     return tuple(None if t is None else t.to(device, non_blocking=True) for t in batch)
 
 
-# ---- model wrapping, EMA ---------------------------------------------------------------------
-def wrap_model(model: torch.nn.Module, run_cfg: RunConfig, d: parallel.Dist):
-    """The one place where the model is wrapped: per-block torch.compile (compile=auto: on for
-    CUDA), activation checkpointing / offload, and DDP or FSDP2, all applied by train/parallel.py.
-
-    Returns what the step calls; checkpoints, evaluation and export use `model` itself (compile
-    and FSDP2 modify it in place and keep its parameter names).
-    """
-    return parallel.parallelize(model, run_cfg, d)
-
-
+# ---- EMA -----------------------------------------------------------------------------------------
 class EMA:
-    """Exponential moving average of the parameters (fp32 shadow copies), for evaluation."""
+    """Exponential moving average of the parameters (fp32 shadow copies), for evaluation. Keyed by
+    the parameters' state-dict names (wrapper prefixes dropped), so the averages load into a
+    model wrapped otherwise (another activation-checkpointing setting, another format)."""
 
     def __init__(self, model: torch.nn.Module, decay: float):
         self.decay = decay
-        self.shadow = {n: p.detach().float().clone() for n, p in model.named_parameters()}
+        self.shadow = {parallel.state_name(n): p.detach().float().clone() for n, p in model.named_parameters()}
 
     @torch.no_grad()
     def update(self, model: torch.nn.Module) -> None:
         for n, p in model.named_parameters():
-            self.shadow[n].lerp_(p.detach().float(), 1.0 - self.decay)
+            self.shadow[parallel.state_name(n)].lerp_(p.detach().float(), 1.0 - self.decay)
 
     @staticmethod
     def _reshard(model: torch.nn.Module) -> None:
@@ -169,7 +153,7 @@ class EMA:
         saved = {n: p.detach().clone() for n, p in model.named_parameters()}
         with torch.no_grad():
             for n, p in model.named_parameters():
-                p.copy_(self.shadow[n])
+                p.copy_(self.shadow[parallel.state_name(n)])
         try:
             yield
         finally:
@@ -193,6 +177,7 @@ def evaluate(model, val_bin: str, run_cfg: RunConfig, device, backend: str, max_
     from deepwish.data import sequential_batches
 
     tc = run_cfg.train
+    objective = eval_objective(tc, backend)
     was_training = model.training
     model.eval()
     ce, n = 0.0, 0
@@ -200,11 +185,11 @@ def evaluate(model, val_bin: str, run_cfg: RunConfig, device, backend: str, max_
         world, rank = (d.world_size, d.rank) if d is not None else (1, 0)
         # Data-parallel: the same windows as one device with the global batch, split over ranks.
         for batch in sequential_batches(val_bin, tc.seq_len, tc.batch_size, max_batches * world, rank, world):
-            batch = to_device(batch, device)
+            input_ids, targets, doc_ids, positions = to_device(batch, device)
             with autocast_context(device, tc.dtype):
-                _, m = lm_loss(model, batch, tc, 1, backend=backend)
-            ce += float(m["ce_sum"])
-            n += int(m["n_targets"])
+                out = model(input_ids, positions=positions, doc_ids=doc_ids, targets=targets, objective=objective)
+            ce += float(out.ce_sum)
+            n += int(out.n_targets)
     finally:
         model.train(was_training)
     if d is not None and d.world_size > 1:
@@ -222,13 +207,30 @@ def moe_metrics(tokens_per_expert: torch.Tensor) -> dict[str, float]:
     return {"moe/max_load": float(load.max()), "moe/min_load": float(load.min())}
 
 
-def update_router_bias(model, layers: list[int], tokens_per_expert: torch.Tensor, rate: float) -> None:
-    """DeepSeek-V3 aux-loss-free balancing: one bias step per optimizer step, from the step's loads."""
-    for layer, tpe in zip(layers, tokens_per_expert):
-        model.blocks[layer].ffn.update_correction_bias(tpe, rate)
+# ---- set-up ------------------------------------------------------------------------------------
+@dataclasses.dataclass
+class Run:
+    """Everything a training run holds, built once by `start_run`."""
+
+    cfg: RunConfig
+    run_dir: Path
+    d: parallel.Dist
+    data: DataSetup
+    model: torch.nn.Module  # the unwrapped model: checkpoints, evaluation, router biases, export
+    step_model: torch.nn.Module  # what the step calls: the model, or its DDP wrapper
+    optimizer: object
+    ema: EMA | None
+    backend: str  # the loss backend, resolved
+    loader: object
+    logger: object
+    start_step: int = 0
+    last_ckpt: str | None = None
+
+    @property
+    def device(self) -> torch.device:
+        return self.d.device
 
 
-# ---- the loop --------------------------------------------------------------------------------
 def _check_resume_config(saved: dict, run_cfg: RunConfig, path) -> None:
     saved_model = saved.get("model", {})
     now = to_dict(run_cfg.model)
@@ -241,8 +243,252 @@ def _check_resume_config(saved: dict, run_cfg: RunConfig, path) -> None:
         print(f"[deepwish] note: resuming with changed train settings: {', '.join(tdiff)}", flush=True)
 
 
+def _check_train_config(run_cfg: RunConfig) -> None:
+    tc = run_cfg.train
+    if tc.steps < 1 or tc.batch_size < 1 or tc.grad_accum < 1 or tc.seq_len < 2:
+        raise ConfigError(f"train: steps, batch_size, grad_accum must be >= 1 and seq_len >= 2 "
+                          f"(got {tc.steps}, {tc.batch_size}, {tc.grad_accum}, {tc.seq_len})")
+    if tc.seq_len > run_cfg.model.max_seq_len:
+        raise ConfigError(f"train.seq_len={tc.seq_len} exceeds model.max_seq_len={run_cfg.model.max_seq_len}")
+
+
+def open_run_dir(run_cfg: RunConfig, resume: bool | str) -> tuple[RunConfig, Path, dict | None]:
+    """The run directory (train.out_dir, or the one being resumed) and, when resuming, the
+    metadata of the checkpoint to continue from. A fresh run refuses a directory with checkpoints."""
+    run_dir = Path(resume if isinstance(resume, (str, Path)) and not isinstance(resume, bool)
+                   else run_cfg.train.out_dir)
+    meta = None
+    if resume:
+        meta = read_meta(run_dir)  # either format; tensors are loaded after the model is built
+        if meta["path"].parent.parent != run_dir and (run_dir / "meta.json").exists():
+            run_dir = meta["path"].parent.parent  # a checkpoint directory was given
+    elif list_checkpoints(run_dir):
+        raise ConfigError(f"{run_dir} already holds checkpoints; resume it (--resume {run_dir}) or choose "
+                          f"another train.out_dir / --out")
+    run_cfg = dataclasses.replace(run_cfg, train=dataclasses.replace(run_cfg.train, out_dir=str(run_dir)))
+    return run_cfg, run_dir, meta
+
+
+def restore_state(run: Run, meta: dict) -> None:
+    """Model, optimizer, loader position, EMA, RNG states and step from checkpoint `meta`."""
+    d = run.d
+    if d.main:  # resuming an older step: newer checkpoints move aside, never lost
+        start_branch(run.run_dir, meta["path"])
+    if d.active or meta["format"] == "dcp":  # sharded state, or resharding
+        run.start_step = dist_checkpoint.restore(meta["path"], model=run.model, optimizer=run.optimizer,
+                                                 loader=run.loader, ema=run.ema)
+    else:
+        ckpt = load_checkpoint(meta["path"])
+        run.model.load_state_dict(ckpt["model"])
+        run.optimizer.load_state_dict(ckpt["optimizer"])
+        run.loader.load_state_dict(ckpt["loader"])
+        if run.ema is not None:
+            if ckpt["ema"] is None:
+                raise ConfigError(f"{ckpt['path']}: train.ema_decay>0 but the checkpoint has no EMA")
+            run.ema.load_state_dict(ckpt["ema"])
+        set_rng_state(ckpt["rng"])
+        run.start_step = ckpt["step"]
+    run.last_ckpt = str(meta["path"])
+    if d.main:
+        ranks = f" ({d.world_size} ranks)" if d.active else ""
+        print(f"[deepwish] resumed from {meta['path']} at step {run.start_step}{ranks}", flush=True)
+
+
+def start_run(run_cfg: RunConfig, resume: bool | str, progress_bar: bool | None) -> Run:
+    """Set-up: run directory, device, seed, data, model (wrapped), optimizer, EMA, loss backend,
+    loader, the resumed state, logger."""
+    from deepwish.data import PackedLoader
+    from deepwish.model import Transformer
+
+    run_cfg, run_dir, meta = open_run_dir(run_cfg, resume)
+    tc = run_cfg.train
+    d = parallel.init_distributed(tc)  # no process group for parallel=none
+    warn_if_cpu_oversubscribed(d.device)
+    seed_everything(tc.seed)
+    run_cfg, data = prepare_data(run_cfg)
+    if meta is not None:
+        _check_resume_config(meta["config"], run_cfg, meta["path"])
+    _check_train_config(run_cfg)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.json").write_text(json.dumps(to_dict(run_cfg), indent=1))
+
+    model = Transformer(run_cfg.model).to(d.device)
+    step_model = parallel.parallelize(model, run_cfg, d)
+    optimizer = build_optimizer(model, tc, distributed=d.active)
+    run = Run(cfg=run_cfg, run_dir=run_dir, d=d, data=data, model=model, step_model=step_model,
+              optimizer=optimizer, ema=EMA(model, tc.ema_decay) if tc.ema_decay > 0 else None,
+              backend=resolve_loss_backend(tc.loss_backend, d.device),
+              loader=PackedLoader(data.train_bin, tc.seq_len, tc.batch_size, rank=d.rank, world_size=d.world_size,
+                                  seed=tc.seed), logger=None)
+    if meta is not None:
+        restore_state(run, meta)
+    run.logger = parallel.NullLogger() if not d.main else Logger(
+        run_dir, total_steps=tc.steps, flops_per_token=model.flops_per_token(tc.seq_len), device=d.device,
+        log_every=tc.log_every, tensorboard=tc.tensorboard, mlflow=tc.mlflow, config=to_dict(run_cfg),
+        progress_bar=progress_bar)
+    run.logger.print(f"[deepwish] run {run_dir} | {model.num_params() / 1e6:.2f}M params | device {d.device} | "
+                     f"{tc.optimizer} | {tokens_per_step(run)} tokens/step | loss backend {run.backend}")
+    return run
+
+
+def tokens_per_step(run: Run) -> int:
+    tc = run.cfg.train
+    return tc.batch_size * tc.seq_len * tc.grad_accum * run.d.world_size
+
+
+# ---- one optimizer step ----------------------------------------------------------------------------
+@dataclasses.dataclass
+class StepResult:
+    loss: float  # the objective (CE + weighted auxiliary losses), summed over ranks
+    ce: float  # mean cross-entropy of the step's targets
+    grad_norm: float
+    n_targets: int
+    z: float
+    aux: dict  # 'aux/<name>' -> float, weighted as added to the loss
+    loads: dict  # layer -> tokens per expert [E] summed over micro-batches and ranks
+
+
+def forward_backward(run: Run, micro: list, step: int, n_global: int) -> tuple:
+    """Every micro-batch of the step through the model, backward each; the step's summed CE,
+    z-loss, weighted auxiliary losses and expert loads (this rank)."""
+    tc, device = run.cfg.train, run.device
+    ce = torch.zeros((), device=device)
+    z = torch.zeros((), device=device)
+    aux: dict[str, torch.Tensor] = {}
+    loads: dict[int, torch.Tensor] = {}
+    for i, b in enumerate(micro):
+        b = to_device(b, device)
+        with parallel.grad_sync(run.step_model, last=i == len(micro) - 1):  # DDP: reduce once per step
+            with autocast_context(device, tc.dtype):
+                loss, m = lm_loss(run.step_model, b, tc, n_global, backend=run.backend, step=step)
+            (loss * run.d.grad_scale).backward()  # DDP/FSDP2 average over ranks (train/parallel.py)
+        ce += m["ce_sum"]
+        z += m["z_sum"]
+        for k, v in m.items():
+            if k.startswith("aux/"):
+                aux[k] = aux.get(k, 0.0) + v
+        for layer, load in m.get("moe/loads", {}).items():
+            loads[layer] = loads[layer] + load if layer in loads else load
+    return ce, z, aux, loads
+
+
+def optimizer_step(run: Run, step: int, micro: list) -> StepResult:
+    """One optimizer step: forward/backward of every micro-batch, non-finite check (before
+    anything is updated or saved), clipping, update, EMA, router-bias step."""
+    tc = run.cfg.train
+    n_global = run.d.sum_int(sum(count_targets(b[1]) for b in micro))  # over micro-batches and ranks
+    ce, z, aux, loads = forward_backward(run, micro, step, n_global)
+    ce, z, aux, loads = parallel.sum_step_metrics(run.d, ce, z, aux, loads)
+    loss_value = float((ce + z) / n_global + sum(aux.values(), torch.zeros((), device=run.device)))
+    clip = tc.grad_clip if tc.grad_clip > 0 else float("inf")
+    grad_norm = parallel.clip_grad_norm(run.model.parameters(), clip)
+    if not (math.isfinite(loss_value) and math.isfinite(grad_norm)):
+        what = f"loss ({loss_value})" if not math.isfinite(loss_value) else f"gradient norm ({grad_norm})"
+
+        def rerun():
+            total = None
+            for b in micro:
+                with autocast_context(run.device, tc.dtype):
+                    l, _ = lm_loss(run.step_model, to_device(b, run.device), tc, n_global, backend=run.backend,
+                                   step=step)
+                total = l if total is None else total + l
+            return total
+        raise_nonfinite(run.model, rerun, step + 1, what, run.last_ckpt)
+    run.optimizer.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    if run.ema is not None:
+        run.ema.update(run.model)
+    rate = run.cfg.model.bias_update_rate if run.cfg.model.router == "sigmoid" else 0.0
+    if rate > 0 and loads:
+        run.model.update_router_bias(loads, rate)
+    return StepResult(loss=loss_value, ce=float(ce) / n_global, grad_norm=grad_norm, n_targets=n_global,
+                      z=float(z) / n_global, aux={k: float(v) for k, v in aux.items()}, loads=loads)
+
+
+def log_step(run: Run, done: int, lr_f: float, r: StepResult) -> None:
+    tc = run.cfg.train
+    metrics = {"loss": r.loss, "ce": r.ce, "lr": lr_f * tc.lr, "lr_factor": lr_f, "grad_norm": r.grad_norm,
+               "n_targets": r.n_targets, **r.aux}
+    if tc.z_loss:
+        metrics["z_loss"] = r.z
+    layers = sorted(r.loads)
+    tpe = torch.stack([r.loads[k] for k in layers]) if layers else None
+    if tpe is not None:
+        metrics.update(moe_metrics(tpe))
+    rec = run.logger.step(done, tokens_per_step(run), metrics)
+    if rec is not None and tpe is not None:
+        run.logger.expert_load(done, layers, tpe)  # per-layer histograms (JSONL, TensorBoard)
+
+
+def save_state(run: Run, done: int) -> str:
+    """A checkpoint of everything the run needs to continue exactly (sharded under data parallelism)."""
+    tc = run.cfg.train
+    if run.d.active:  # collective, sharded (torch.distributed.checkpoint)
+        return str(dist_checkpoint.save(run.run_dir, done, model=run.model, optimizer=run.optimizer,
+                                        loader=run.loader, ema=run.ema, config=to_dict(run.cfg),
+                                        keep_last=tc.keep_checkpoints))
+    return str(save_checkpoint(run.run_dir, done, model_state=run.model.state_dict(),
+                               optimizer_state=run.optimizer.state_dict(), loader_state=run.loader.state_dict(),
+                               ema_state=run.ema.state_dict() if run.ema else None, config=to_dict(run.cfg),
+                               keep_last=tc.keep_checkpoints))
+
+
+def validation_loss(run: Run) -> float:
+    tc = run.cfg.train
+    with (run.ema.applied(run.model) if run.ema else contextlib.nullcontext()):
+        return evaluate(run.model, run.data.val_bin, run.cfg, run.device, run.backend, tc.eval_batches, run.d)
+
+
+# ---- the loop --------------------------------------------------------------------------------
+def train_steps(run: Run) -> tuple[dict[int, float], dict[int, float]]:
+    """The loop: lr <- schedule(step); one optimizer step; log; save; THEN evaluate (a save never
+    follows an evaluation in the same step, so a checkpoint never depends on evaluation having
+    run). Returns the train and validation losses by step."""
+    tc = run.cfg.train
+    train_losses: dict[int, float] = {}
+    val_losses: dict[int, float] = {}
+    batches = iter(run.loader)
+    run.step_model.train()
+    run.logger.start(run.start_step)
+    for step in range(run.start_step, tc.steps):
+        done = step + 1
+        lr_f = apply_lr(run.optimizer, step, tc)
+        result = optimizer_step(run, step, [next(batches) for _ in range(tc.grad_accum)])
+        train_losses[done] = result.loss
+        log_step(run, done, lr_f, result)
+        saved = done % tc.save_every == 0 or done == tc.steps
+        if saved:
+            run.last_ckpt = save_state(run, done)
+        if (signum := rundir.stop_requested(run.d)) is not None:  # SIGINT/SIGTERM: this step is done
+            raise rundir.stopped(signum, done, run.last_ckpt if saved else save_state(run, done), run.run_dir)
+        if done % tc.eval_every == 0 or done == tc.steps:  # after the save, never before it
+            val_losses[done] = validation_loss(run)
+            run.logger.eval(done, {"val_loss": val_losses[done]})
+    return train_losses, val_losses
+
+
+def finish_run(run: Run, train_losses: dict, val_losses: dict, train_seconds: float) -> dict:
+    """The summary: final validation loss beside the val shard's unigram entropy."""
+    from deepwish.data import unigram_entropy
+
+    tc = run.cfg.train
+    summary = {"run_dir": str(run.run_dir), "steps": tc.steps, "start_step": run.start_step,
+               "train_losses": train_losses, "val_losses": val_losses,
+               "final_train_loss": train_losses.get(tc.steps), "checkpoint": run.last_ckpt,
+               "train_seconds": train_seconds, "device": str(run.device), "loss_backend": run.backend,
+               "num_params": run.model.num_params(), "vocab_size": run.cfg.model.vocab_size}
+    # resumed at the last step: nothing ran, evaluate now
+    summary["final_val_loss"] = val_losses[max(val_losses)] if val_losses else validation_loss(run)
+    summary["unigram_entropy"] = float(unigram_entropy(run.data.val_bin))
+    run.logger.write({"kind": "final", "step": tc.steps, "val_loss": summary["final_val_loss"],
+                      "unigram_entropy": summary["unigram_entropy"]})
+    run.logger.print(f"[deepwish] final val loss {summary['final_val_loss']:.4f} nats/token | unigram entropy of "
+                     f"the val shard {summary['unigram_entropy']:.4f} nats/token")
+    return summary
+
+
 def train(run_cfg: RunConfig, resume: bool | str = False, *, progress_bar: bool | None = None) -> dict:
-    """Train per `run_cfg`; returns a summary dict (see the end of this function).
+    """Train per `run_cfg`; returns a summary dict (`finish_run`, plus 'plot' and 'sample').
 
     resume: False = fresh run in train.out_dir (which must hold no checkpoint); True = continue
     from the latest checkpoint in train.out_dir; a path = continue from that run directory (or
@@ -252,193 +498,23 @@ def train(run_cfg: RunConfig, resume: bool | str = False, *, progress_bar: bool 
     with a save (train/rundir.py: `RunDirError`, `Stopped`).
     """
     with rundir.exclusive(rundir.run_dir_of(run_cfg.train.out_dir, resume), resume), rundir.stop_on_signals():
-        return _train(run_cfg, resume, progress_bar=progress_bar)
+        return _train(run_cfg, resume, progress_bar)
 
 
-def _train(run_cfg: RunConfig, resume: bool | str, *, progress_bar: bool | None) -> dict:
-    from deepwish.data import PackedLoader
-    from deepwish.model import Transformer
-
-    # -- set-up --
-    run_dir = Path(resume if isinstance(resume, (str, Path)) and not isinstance(resume, bool) else run_cfg.train.out_dir)
-    ckpt = None
-    if resume:
-        ckpt = dist_checkpoint.read_meta(run_dir)  # either format; tensors are loaded after the model is built
-        if ckpt["path"].parent.parent != run_dir and (run_dir / "meta.json").exists():
-            run_dir = ckpt["path"].parent.parent  # a checkpoint directory was given
-    elif list_checkpoints(run_dir):
-        raise ConfigError(f"{run_dir} already holds checkpoints; resume it (--resume {run_dir}) or choose "
-                          f"another train.out_dir / --out")
-    run_cfg = dataclasses.replace(run_cfg, train=dataclasses.replace(run_cfg.train, out_dir=str(run_dir)))
-    tc = run_cfg.train
-    d = parallel.init_distributed(tc)  # no process group for parallel=none
-    device = d.device
-    warn_if_cpu_oversubscribed(device)
-    seed_everything(tc.seed)
-    run_cfg, data = prepare_data(run_cfg)
-    if ckpt is not None:
-        _check_resume_config(ckpt["config"], run_cfg, ckpt["path"])
-    if tc.steps < 1 or tc.batch_size < 1 or tc.grad_accum < 1 or tc.seq_len < 2:
-        raise ConfigError(f"train: steps, batch_size, grad_accum must be >= 1 and seq_len >= 2 "
-                          f"(got {tc.steps}, {tc.batch_size}, {tc.grad_accum}, {tc.seq_len})")
-    if tc.seq_len > run_cfg.model.max_seq_len:
-        raise ConfigError(f"train.seq_len={tc.seq_len} exceeds model.max_seq_len={run_cfg.model.max_seq_len}")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.json").write_text(json.dumps(to_dict(run_cfg), indent=1))
-
-    model = Transformer(run_cfg.model).to(device)
-    step_model = wrap_model(model, run_cfg, d)
-    optimizer = build_optimizer(model, tc, distributed=d.active)
-    ema = EMA(model, tc.ema_decay) if tc.ema_decay > 0 else None
-    backend = resolve_loss_backend(tc.loss_backend, device)
-    loader = PackedLoader(data.train_bin, tc.seq_len, tc.batch_size, rank=d.rank, world_size=d.world_size,
-                          seed=tc.seed)
-    has_moe = any(ffn == "moe" for _, ffn in run_cfg.model.layer_types)
-    bias_rate = run_cfg.model.bias_update_rate if run_cfg.model.router == "sigmoid" else 0.0
-
-    start_step = 0
-    last_ckpt: str | None = None
-    if ckpt is not None and d.main:  # resuming an older step: newer checkpoints move aside, never lost
-        start_branch(run_dir, ckpt["path"])
-    if ckpt is not None and (d.active or ckpt["format"] == "dcp"):  # sharded state, or resharding
-        start_step = dist_checkpoint.restore(ckpt["path"], model=model, optimizer=optimizer, loader=loader, ema=ema)
-        last_ckpt = str(ckpt["path"])
-        if d.main:
-            print(f"[deepwish] resumed from {ckpt['path']} at step {start_step} ({d.world_size} ranks)", flush=True)
-        ckpt = None
-    if ckpt is not None:
-        ckpt = load_checkpoint(ckpt["path"])
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        loader.load_state_dict(ckpt["loader"])
-        if ema is not None:
-            if ckpt["ema"] is None:
-                raise ConfigError(f"{ckpt['path']}: train.ema_decay>0 but the checkpoint has no EMA")
-            ema.load_state_dict(ckpt["ema"])
-        set_rng_state(ckpt["rng"])
-        start_step = ckpt["step"]
-        last_ckpt = str(ckpt["path"])
-        print(f"[deepwish] resumed from {ckpt['path']} at step {start_step}", flush=True)
-
-    tokens_per_step = tc.batch_size * tc.seq_len * tc.grad_accum * d.world_size
-    logger = parallel.NullLogger() if not d.main else Logger(
-        run_dir, total_steps=tc.steps, flops_per_token=model.flops_per_token(tc.seq_len),
-                    device=device, log_every=tc.log_every, tensorboard=tc.tensorboard, mlflow=tc.mlflow,
-                    config=to_dict(run_cfg), progress_bar=progress_bar)
-    logger.print(f"[deepwish] run {run_dir} | {model.num_params() / 1e6:.2f}M params | device {device} | "
-                 f"{tc.optimizer} | {tokens_per_step} tokens/step | loss backend {backend}")
-
-    def save(done: int) -> str:
-        if d.active:  # collective, sharded (torch.distributed.checkpoint)
-            return str(dist_checkpoint.save(run_dir, done, model=model, optimizer=optimizer, loader=loader, ema=ema,
-                                            config=to_dict(run_cfg), keep_last=tc.keep_checkpoints))
-        path = save_checkpoint(run_dir, done, model_state=model.state_dict(), optimizer_state=optimizer.state_dict(),
-                               loader_state=loader.state_dict(), ema_state=ema.state_dict() if ema else None,
-                               config=to_dict(run_cfg), keep_last=tc.keep_checkpoints)
-        return str(path)
-
-    train_losses: dict[int, float] = {}
-    val_losses: dict[int, float] = {}
-    batches = iter(loader)
-    step_model.train()
-    logger.start(start_step)
-    t_start = time.perf_counter()
+def _train(run_cfg: RunConfig, resume: bool | str, progress_bar: bool | None) -> dict:
+    run = start_run(run_cfg, resume, progress_bar)
     try:
-        for step in range(start_step, tc.steps):
-            done = step + 1
-            lr_f = apply_lr(optimizer, step, tc)
-            micro = [next(batches) for _ in range(tc.grad_accum)]
-            n_global = d.sum_int(sum(count_targets(b[1]) for b in micro))  # over micro-batches and ranks
-            ce = torch.zeros((), device=device)
-            z = torch.zeros((), device=device)
-            aux: dict[str, torch.Tensor] = {}
-            tpe = None
-            moe_layers = None
-            for i, b in enumerate(micro):
-                b = to_device(b, device)
-                with parallel.grad_sync(step_model, last=i == len(micro) - 1):  # DDP: reduce once per step
-                    with autocast_context(device, tc.dtype):
-                        loss, m = lm_loss(step_model, b, tc, n_global, backend=backend, step=step)
-                    (loss * d.grad_scale).backward()  # DDP/FSDP2 average over ranks (train/parallel.py)
-                ce += m["ce_sum"]
-                z += m["z_sum"]
-                for k, v in m.items():
-                    if k.startswith(("aux/", "extra/")):
-                        aux[k] = aux.get(k, 0.0) + v
-                if "moe/tokens_per_expert" in m:
-                    tpe = m["moe/tokens_per_expert"] if tpe is None else tpe + m["moe/tokens_per_expert"]
-                    moe_layers = m["moe/layers"]
-            ce, z, aux, tpe = parallel.sum_step_metrics(d, ce, z, aux, tpe)
-            loss_value = float((ce + z) / n_global + sum(aux.values(), torch.zeros((), device=device)))
-            clip = tc.grad_clip if tc.grad_clip > 0 else float("inf")
-            grad_norm = parallel.clip_grad_norm(model.parameters(), clip)
-            if not (math.isfinite(loss_value) and math.isfinite(grad_norm)):
-                what = f"loss ({loss_value})" if not math.isfinite(loss_value) else f"gradient norm ({grad_norm})"
-
-                def rerun():
-                    total = None
-                    for b in micro:
-                        with autocast_context(device, tc.dtype):
-                            l, _ = lm_loss(step_model, to_device(b, device), tc, n_global, backend=backend, step=step)
-                        total = l if total is None else total + l
-                    return total
-                raise_nonfinite(model, rerun, done, what, last_ckpt)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            if ema is not None:
-                ema.update(model)
-            if bias_rate > 0 and tpe is not None:
-                update_router_bias(model, moe_layers, tpe, bias_rate)
-            train_losses[done] = loss_value
-            metrics = {"loss": loss_value, "ce": float(ce) / n_global, "lr": lr_f * tc.lr,
-                       "lr_factor": lr_f, "grad_norm": grad_norm, "n_targets": n_global}
-            if tc.z_loss:
-                metrics["z_loss"] = float(z) / n_global
-            metrics.update({k: float(v) for k, v in aux.items()})
-            if has_moe and tpe is not None:
-                metrics.update(moe_metrics(tpe))
-            rec = logger.step(done, tokens_per_step, metrics)
-            if rec is not None and has_moe and tpe is not None:
-                logger.expert_load(done, moe_layers, tpe)  # per-layer histograms (JSONL, TensorBoard)
-            saved = done % tc.save_every == 0 or done == tc.steps
-            if saved:
-                last_ckpt = save(done)
-            if (signum := rundir.stop_requested(d)) is not None:  # SIGINT/SIGTERM: this step is done
-                raise rundir.stopped(signum, done, last_ckpt if saved else save(done), run_dir)
-            if done % tc.eval_every == 0 or done == tc.steps:  # after the save, never before it
-                with (ema.applied(model) if ema else contextlib.nullcontext()):
-                    val = evaluate(model, data.val_bin, run_cfg, device, backend, tc.eval_batches, d)
-                val_losses[done] = val
-                logger.eval(done, {"val_loss": val})
-        train_time = time.perf_counter() - t_start
-
-        # -- end of run --
-        summary = {"run_dir": str(run_dir), "steps": tc.steps, "start_step": start_step,
-                   "train_losses": train_losses, "val_losses": val_losses,
-                   "final_train_loss": train_losses.get(tc.steps), "checkpoint": last_ckpt,
-                   "train_seconds": train_time, "device": str(device), "loss_backend": backend,
-                   "num_params": model.num_params(), "vocab_size": run_cfg.model.vocab_size}
-        if val_losses:
-            summary["final_val_loss"] = val_losses[max(val_losses)]
-        else:  # resumed at the last step: nothing ran
-            with (ema.applied(model) if ema else contextlib.nullcontext()):
-                summary["final_val_loss"] = evaluate(model, data.val_bin, run_cfg, device, backend, tc.eval_batches,
-                                                      d)
-        from deepwish.data import unigram_entropy
-        summary["unigram_entropy"] = float(unigram_entropy(data.val_bin))
-        logger.write({"kind": "final", "step": tc.steps, "val_loss": summary["final_val_loss"],
-                      "unigram_entropy": summary["unigram_entropy"]})
-        logger.print(f"[deepwish] final val loss {summary['final_val_loss']:.4f} nats/token | unigram entropy of "
-                     f"the val shard {summary['unigram_entropy']:.4f} nats/token")
+        t0 = time.perf_counter()
+        train_losses, val_losses = train_steps(run)
+        summary = finish_run(run, train_losses, val_losses, time.perf_counter() - t0)
     finally:
-        logger.close()
-
+        run.logger.close()
     from deepwish.train.plot import plot_run
-    summary["plot"] = str(plot_run(run_dir)) if d.main else None  # rank 0 alone writes metrics.jsonl
-    if d.main:
+    summary["plot"] = str(plot_run(run.run_dir)) if run.d.main else None  # rank 0 alone writes metrics.jsonl
+    if run.d.main:
         print(f"[deepwish] plot: {summary['plot']}", flush=True)
-    summary["sample"] = sample_text(model, data.tokenizer, tc, device)
-    if summary["sample"] is not None and d.main:
+    summary["sample"] = sample_text(run.model, run.data.tokenizer, run.cfg.train, run.device)
+    if summary["sample"] is not None and run.d.main:
         print(f"[deepwish] sample:\n{summary['sample']}", flush=True)
     return summary
 
@@ -478,45 +554,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def config_from_args(args: argparse.Namespace) -> RunConfig:
-    """preset (or the saved config of the run being resumed) <- --config file <- --out <- --set."""
-    import yaml
-
+    """preset (or the saved config of the run being resumed) <- --config file <- --out <- --set,
+    layered by `config.load_config`."""
+    overrides = ([f"train.out_dir={args.out}"] if args.out else []) + (
+        [f"train.parallel={args.parallel}"] if getattr(args, "parallel", None) else []) + list(args.overrides)
     if args.preset is None and args.config is None:
         if not args.resume:
             raise ConfigError("deepwish train needs --preset NAME or --config FILE (or --resume RUN_DIR)")
         run_dir = args.resume if isinstance(args.resume, str) else (args.out or RunConfig().train.out_dir)
-        meta = dist_checkpoint.resolve_any(run_dir) / "meta.json"  # single-device or sharded (DCP) checkpoint
-        d, source = json.loads(meta.read_text())["config"], f"{meta} (saved config)"
-    else:
-        d, source = to_dict(load_config(args.preset or args.config)), str(args.preset or args.config)
-    if args.preset is not None and args.config is not None:
-        path = Path(args.config)
-        if not path.is_file():
-            raise ConfigError(f"config file not found: {path}")
-        data = yaml.safe_load(path.read_text()) or {}
-        if not isinstance(data, dict):
-            raise ConfigError(f"{path}: top level must be a mapping with model/train/data sections")
-        for section, updates in data.items():
-            if section not in d:
-                raise ConfigError(f"{path}: unknown section {section!r} (model, train, data)")
-            if not isinstance(updates or {}, dict):
-                raise ConfigError(f"{path}: section {section!r} must be a mapping")
-            d[section].update(updates or {})
-        source = str(path)
-    cfg = from_dict(d, source)
-    overrides = ([f"train.out_dir={args.out}"] if args.out else []) + (
-        [f"train.parallel={args.parallel}"] if getattr(args, "parallel", None) else []) + list(args.overrides)
-    for ov in overrides:
-        if "=" not in ov or "." not in ov.split("=", 1)[0]:
-            raise ConfigError(f"--set {ov!r}: expected section.key=value, e.g. model.n_layers=4")
-        key, value = ov.split("=", 1)
-        section, name = key.split(".", 1)
-        d = to_dict(cfg)
-        if section not in d:
-            raise ConfigError(f"--set {ov}: unknown section {section!r} (model, train, data)")
-        d[section][name] = yaml.safe_load(value) if value else value
-        cfg = from_dict(d, f"--set {ov}")
-    return cfg
+        meta = resolve_any(run_dir) / "meta.json"  # single-device or sharded (DCP) checkpoint
+        saved = from_dict(json.loads(meta.read_text())["config"], f"{meta} (saved config)")
+        return load_config(None, overrides, base=saved)
+    files = [args.config] if args.preset is not None and args.config is not None else []
+    return load_config(args.preset or args.config, overrides, files=files)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -24,6 +24,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from deepwish.model.roles import DECAY_ROLES, MUON_ROLES, param_roles
+
 # Quintic coefficients chosen to maximise the slope at zero while keeping the iteration
 # inside ~[0.7, 1.2] (Muon write-up); they trade exact convergence for speed.
 NS_COEFFS = (3.4445, -4.7750, 2.0315)
@@ -232,24 +234,6 @@ class ChainedOptimizer:
             opt.load_state_dict(state[name])
 
 
-# Leaf-module names of routers and gates: small matrices whose rows are scores or a scalar gate,
-# not hidden linear maps. `gate_proj` (the SwiGLU gate) is a hidden matrix and does not match.
-_GATE_NAMES = ("gate", "router", "shared_expert_gate", "weights_proj")
-
-
-def _is_gate(param_name: str) -> bool:
-    parts = param_name.split(".")
-    owner = parts[-2] if len(parts) >= 2 else ""
-    return owner in _GATE_NAMES or owner.endswith("router") or owner.endswith("_gate")
-
-
-def _is_conv(param_name: str) -> bool:
-    """A convolution kernel kept as a raw parameter (e.g. Gated DeltaNet's depthwise
-    `conv_weight` [C, K]): a per-channel filter, not a linear map between feature spaces."""
-    parts = param_name.split(".")
-    return any("conv" in part for part in parts[-2:])
-
-
 @dataclass
 class ParamAssignment:
     """Names of the parameters in each family (for printing and for tests)."""
@@ -259,38 +243,21 @@ class ParamAssignment:
 
 
 def classify_params(model: nn.Module) -> tuple[dict[str, list[nn.Parameter]], ParamAssignment]:
-    """Split parameters into muon / adamw_decay / adamw_no_decay, asserting full, exclusive cover.
+    """Split parameters into muon / adamw_decay / adamw_no_decay by their roles (model/roles.py),
+    asserting full, exclusive cover.
 
-    Muon: 2-D matrices and 3-D stacks of matrices inside the trunk, both inner dims > 1.
-    AdamW with decay: embeddings and the output head (and tied head).
-    AdamW without decay: norms, biases, routers/gates, convolution kernels, every 1-D parameter.
+    Muon: hidden matrices and stacks of them (roles matrix, matrix_out, expert, expert_out).
+    AdamW with decay: embeddings and the output head.
+    AdamW without decay: norms, biases, routers/gates, convolution kernels, scalars.
     """
-    head = getattr(model, "head_weight", None)
-    embed_ids = set()
-    conv_ids = set()
-    for mod in model.modules():
-        if isinstance(mod, nn.Embedding):
-            embed_ids.update(id(p) for p in mod.parameters(recurse=False))
-        if isinstance(mod, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
-            conv_ids.update(id(p) for p in mod.parameters(recurse=False))
-
+    roles = param_roles(model)
     groups: dict[str, list[nn.Parameter]] = {"muon": [], "adamw_decay": [], "adamw_no_decay": []}
     names: dict[str, list[str]] = {k: [] for k in groups}
-    seen: dict[int, str] = {}
-    for name, p in model.named_parameters(remove_duplicate=False):
-        if id(p) in seen:  # a tied parameter: assigned once, under its first name
-            continue
+    for name, p in model.named_parameters():  # a tied parameter once, under its first name
         if not p.requires_grad:
-            seen[id(p)] = "frozen"
             continue
-        if id(p) in embed_ids or (head is not None and p is head):
-            kind = "adamw_decay"
-        elif (p.ndim in (2, 3) and min(p.shape[-2:]) > 1 and id(p) not in conv_ids
-              and not _is_gate(name) and not _is_conv(name)):
-            kind = "muon"
-        else:
-            kind = "adamw_no_decay"
-        seen[id(p)] = kind
+        role = roles[name]
+        kind = "muon" if role in MUON_ROLES else "adamw_decay" if role in DECAY_ROLES else "adamw_no_decay"
         groups[kind].append(p)
         names[kind].append(name)
 

@@ -15,36 +15,36 @@ back-propagates `world_size × loss` (`Dist.grad_scale`), and the averaged gradi
 the single-device gradient of the same global batch. (A reducer set to sum would do the same;
 the scale works identically on every torch version this code supports.)
 
-Wrapping a block replaces its `forward` on the instance instead of wrapping the module in
-another module: parameter names, state-dict keys, Muon's parameter classification and the HF
-name tables stay those of the single-device model, so checkpoints move freely between
-single-device, DDP and FSDP2 runs. FSDP2's hooks live in `__call__`, outside this forward.
+Only the standard wrappers are used, applied from outside: `nn.Module.compile` (in place: names
+unchanged), torch's `checkpoint_wrapper` / `offload_wrapper` (their state dicts drop the wrapper
+prefix, so state-dict keys and the HF name tables stay those of the single-device model and
+checkpoints move freely between single-device, DDP and FSDP2 runs), `fully_shard` and DDP. The
+model's forward already returns everything the loss needs (model/transformer.py), so DDP and
+FSDP2 wrap it as it is; the trainer keeps the unwrapped module for everything but the forward.
 
-Order per block (as in torchtitan): checkpoint inside compile, so the compiled graph contains the
-recomputation; activation offload (`save_on_cpu`) outside compile, so the compiled graph's saved
-tensors pass through the offload hooks; FSDP2 last, so its all-gathers stay eager and overlap.
+Order per block: compile the block, then activation checkpointing around it (the backward
+re-runs the compiled forward), then activation offload (`save_on_cpu`), then FSDP2 last, so its
+all-gathers stay eager and overlap (its hooks are excluded from dynamo).
 
 Choices and simplifications:
 - FSDP2 mixed precision: bf16 parameters for compute on CUDA (fp32 on CPU, where bf16 matmuls
   are slow and not what is studied), fp32 gradient reduction, fp32 master weights and optimizer
   state. The root keeps its parameters gathered after forward: they are needed at once for the
-  backward, and the fused loss reads the head weight after `hidden_states` returns.
+  backward.
 - `selective` activation checkpointing recomputes every other block (layer-level selective AC,
   as torchtitan's `ac_freq=2`): about half the activation memory of `none` for a third of the
   extra compute of `full`.
 - `offload=params` shards parameters, gradients and optimizer state on the CPU through FSDP2's
   CPUOffloadPolicy (the optimizer step then runs on the CPU); `offload=activations` keeps every
   tensor saved for backward in pinned host memory (`torch.autograd.graph.save_on_cpu`).
-- DDP: the model is wrapped behind a small entry module whose `forward` can return either logits
-  or final hidden states, so the fused loss (which needs `hidden_states` and the head weight)
-  still goes through DDP's forward and its gradient hooks.
+- DDP wraps the model itself; a model with parameters that some steps leave unused (MTP heads
+  at λ = 0, DSA indexers with the indexer loss off) gets DDP's static graph.
 - EMA under FSDP2 is the trainer's EMA over `named_parameters()`, built after sharding: its
   shadows are DTensors with the parameters' placements, so each rank averages only its shard.
 """
 from __future__ import annotations
 
 import contextlib
-import functools
 import os
 import sys
 from dataclasses import dataclass
@@ -54,6 +54,7 @@ import torch.distributed as dist
 from torch import nn
 
 from deepwish.config import ConfigError
+from deepwish.device import resolve_device
 
 PARALLEL_MODES = ("none", "ddp", "fsdp")
 COMPILE_MODES = ("auto", "on", "off")
@@ -113,19 +114,6 @@ def validate(tc) -> None:
                           "(torchrun --nproc_per_node=1 runs it on one GPU)")
 
 
-def _device_for(tc, local_rank: int) -> torch.device:
-    name = tc.device
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise ConfigError(f"train.device={tc.device!r} but CUDA is not available here")
-        return torch.device("cuda", local_rank)
-    if name != "cpu":
-        raise ConfigError(f"train.device={tc.device!r} is not auto, cpu or cuda")
-    return torch.device("cpu")
-
-
 def init_distributed(tc) -> Dist:
     """The process group for `tc.parallel` (TrainConfig); reused if one is already initialised.
 
@@ -139,14 +127,13 @@ def init_distributed(tc) -> Dist:
         if env_world > 1:
             raise ConfigError(f"launched with WORLD_SIZE={env_world} but train.parallel=none: every rank would "
                               f"train its own copy; set train.parallel=ddp or fsdp")
-        from deepwish.train.loop import resolve_device
-        return Dist(0, 1, 0, resolve_device(tc.device), None)
+        return Dist(0, 1, 0, resolve_device(tc.device, what="train.device"), None)
     missing = [k for k in TORCHRUN_ENV if k not in os.environ]
     if missing:
         raise ConfigError(f"train.parallel={tc.parallel} needs torchrun's environment ({', '.join(missing)} unset): "
                           f"torchrun --nproc_per_node=N -m deepwish train ...")
     rank, world, local_rank = (int(os.environ[k]) for k in TORCHRUN_ENV)
-    device = _device_for(tc, local_rank)
+    device = resolve_device(tc.device, local_rank, what="train.device")
     backend = "nccl" if device.type == "cuda" else "gloo"
     if device.type == "cuda":
         torch.cuda.set_device(device)
@@ -172,7 +159,7 @@ def shutdown(wait_for_peers: bool = False) -> None:
         dist.destroy_process_group()
 
 
-# ---- per-block forward wrapping -----------------------------------------------------------
+# ---- per-block wrapping ----------------------------------------------------------------------
 def compile_enabled(tc, device: torch.device) -> bool:
     return tc.compile == "on" or (tc.compile == "auto" and device.type == "cuda")
 
@@ -186,100 +173,41 @@ def checkpointed_blocks(mode: str, n_layers: int) -> list[int]:
     return []
 
 
-def _checkpointed(forward):
-    @functools.wraps(forward)
-    def run(*args, **kwargs):
-        # Non-reentrant: takes keyword arguments, nests with autograd and traces under torch.compile.
-        return torch.utils.checkpoint.checkpoint(forward, *args, use_reentrant=False, **kwargs)
-    return run
-
-
-def _offloaded(forward, pin_memory: bool):
-    @functools.wraps(forward)
-    def run(*args, **kwargs):
-        with torch.autograd.graph.save_on_cpu(pin_memory=pin_memory):
-            return forward(*args, **kwargs)
-    return run
-
-
-def wrap_block_forward(block: nn.Module, *, checkpoint: bool, compile: bool, offload_activations: bool,
-                       pin_memory: bool) -> None:
-    """Replace `block.forward` (on the instance) by checkpoint -> compile -> offload layers."""
-    forward = block.forward
-    if checkpoint:
-        forward = _checkpointed(forward)
+def wrap_block(block: nn.Module, *, checkpoint: bool, compile: bool, offload_activations: bool) -> nn.Module:
+    """compile (in place) -> activation checkpointing -> activation offload; returns the module
+    that takes the block's place (the block itself when neither wrapper applies)."""
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (CheckpointImpl, checkpoint_wrapper,
+                                                                             offload_wrapper)
     if compile:
-        forward = torch.compile(forward)
+        block.compile()
+    if checkpoint:
+        # Non-reentrant: takes keyword arguments, nests with autograd and traces under torch.compile.
+        block = checkpoint_wrapper(block, checkpoint_impl=CheckpointImpl.NO_REENTRANT)
     if offload_activations:
-        forward = _offloaded(forward, pin_memory)
-    block.forward = forward
+        block = offload_wrapper(block)
+    return block
 
 
-# ---- data-parallel wrappers ------------------------------------------------------------------
-class _DDPEntry(nn.Module):
-    """What DDP wraps: one forward that returns logits, or final hidden states for the fused loss."""
-
-    def __init__(self, model: nn.Module):
-        super().__init__()
-        self.model = model
-
-    def forward(self, input_ids, positions, doc_ids, hidden: bool):
-        if hidden:
-            return self.model.hidden_states(input_ids, positions=positions, doc_ids=doc_ids)
-        return self.model(input_ids, positions=positions, doc_ids=doc_ids)
-
-
-class DDPStepModel:
-    """The step model under DDP: the forward passes train/loss.py makes go through DDP's forward
-    (so its gradient hooks see the step); every other attribute (head_weight, logits, moe_stats,
-    extra_losses, mtp, set_indexer_mode, ...) is the unwrapped model's. Parameters used outside
-    the forward (the head weight in the fused loss, MTP heads) still get their gradients reduced:
-    DDP's hooks sit on the parameters, not on the forward."""
-
-    def __init__(self, model: nn.Module, ddp: nn.Module):
-        self.model, self.ddp = model, ddp
-
-    def __call__(self, input_ids, positions=None, doc_ids=None):
-        return self.ddp(input_ids, positions, doc_ids, False)
-
-    def hidden_states(self, input_ids, positions=None, doc_ids=None):
-        return self.ddp(input_ids, positions, doc_ids, True)
-
-    def __getattr__(self, name: str):
-        # Only reached for names not defined above; `model`/`ddp` are set in __init__.
-        if name in ("model", "ddp"):
-            raise AttributeError(name)
-        return getattr(self.model, name)
-
-    def train(self, mode: bool = True):
-        self.ddp.train(mode)
-        return self
-
-    def eval(self):
-        return self.train(False)
+def _has_optional_branches(model: nn.Module) -> bool:
+    """Parameters that some steps leave unused: MTP heads (λ = 0) and DSA indexers (loss off)."""
+    return model.cfg.n_mtp > 0 or any(m == "dsa" for m, _ in model.cfg.layer_types)
 
 
 def grad_sync(step_model, last: bool):
     """Context of one micro-batch's forward and backward: under DDP, gradients are all-reduced
     only with the step's last micro-batch (no_sync before it). FSDP2 keeps reduce-scattering every
     micro-batch (sharded gradients, less memory), as does a single device (nothing to do). A DDP
-    model with a static graph (MTP / indexer parameters outside the forward) also reduces every
+    model with a static graph (MTP / indexer parameters outside some steps) also reduces every
     micro-batch: DDP's no_sync does not compose with static_graph."""
-    if isinstance(step_model, DDPStepModel) and not last and not step_model.ddp.static_graph:
-        return step_model.ddp.no_sync()
+    from torch.nn.parallel import DistributedDataParallel as DDP
+    if isinstance(step_model, DDP) and not last and not step_model.static_graph:
+        return step_model.no_sync()
     return contextlib.nullcontext()
-
-
-def _has_optional_branches(model: nn.Module) -> bool:
-    """Parameters that some steps leave unused: MTP heads (λ = 0) and DSA indexers (mode off)."""
-    return getattr(model, "mtp", None) is not None or any(
-        hasattr(m, "set_indexer_mode") and m is not model for m in model.modules())
 
 
 def _fsdp_shard(model: nn.Module, d: Dist, offload_params: bool) -> None:
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import (CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard,
-                                        register_fsdp_forward_method)
+    from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 
     mesh = init_device_mesh(d.device.type, (d.world_size,))
     param_dtype = torch.bfloat16 if d.device.type == "cuda" else torch.float32
@@ -287,18 +215,16 @@ def _fsdp_shard(model: nn.Module, d: Dist, offload_params: bool) -> None:
     offload = CPUOffloadPolicy(pin_memory=d.device.type == "cuda") if offload_params else OffloadPolicy()
     for block in model.blocks:
         fully_shard(block, mesh=mesh, mp_policy=mp, offload_policy=offload)
-    if getattr(model, "mtp", None) is not None:
+    if model.mtp is not None:
         for m in model.mtp:
             fully_shard(m, mesh=mesh, mp_policy=mp, offload_policy=offload)
     fully_shard(model, mesh=mesh, mp_policy=mp, offload_policy=offload, reshard_after_forward=False)
-    # The fused loss calls hidden_states, not forward: it must unshard the root's parameters too.
-    register_fsdp_forward_method(model, "hidden_states")
 
 
-def parallelize(model: nn.Module, run_cfg, d: Dist):
-    """Apply checkpointing, compile, offload and data parallelism per `run_cfg.train`; returns the
-    object the step calls (the model itself, or a DDPStepModel). `model` is modified in place and
-    remains the module to checkpoint, evaluate and export."""
+def parallelize(model: nn.Module, run_cfg, d: Dist) -> nn.Module:
+    """Apply compile, checkpointing, offload and data parallelism per `run_cfg.train`; returns the
+    module the training step calls (`model` itself, or its DDP wrapper). `model` is modified in
+    place and remains the module to checkpoint, evaluate and export."""
     tc = run_cfg.train
     validate(tc)
     if tc.parallel == "none" and d.active:
@@ -308,17 +234,16 @@ def parallelize(model: nn.Module, run_cfg, d: Dist):
     on_cuda = d.device.type == "cuda"
     use_compile = compile_enabled(tc, d.device)
     ac = set(checkpointed_blocks(tc.activation_checkpoint, len(model.blocks)))
-    for i, block in enumerate(model.blocks):
-        wrap_block_forward(block, checkpoint=i in ac, compile=use_compile,
-                           offload_activations=tc.offload == "activations", pin_memory=on_cuda)
+    for i in range(len(model.blocks)):
+        model.blocks[i] = wrap_block(model.blocks[i], checkpoint=i in ac, compile=use_compile,
+                                     offload_activations=tc.offload == "activations")
     step_model = model
     if tc.parallel == "fsdp":
         _fsdp_shard(model, d, offload_params=tc.offload == "params")
     elif tc.parallel == "ddp":
         from torch.nn.parallel import DistributedDataParallel as DDP
-        ddp = DDP(_DDPEntry(model), device_ids=[d.device.index] if on_cuda else None,
-                  static_graph=_has_optional_branches(model))
-        step_model = DDPStepModel(model, ddp)
+        step_model = DDP(model, device_ids=[d.device.index] if on_cuda else None,
+                         static_graph=_has_optional_branches(model))
     if d.main:
         print(f"[deepwish] parallel {tc.parallel} x{d.world_size} ({d.backend or 'no group'}) | compile "
               f"{'on' if use_compile else 'off'} | activation checkpoint {tc.activation_checkpoint} "
@@ -374,15 +299,25 @@ class NullLogger:
 
 
 
-def sum_step_metrics(d: Dist, ce: torch.Tensor, z: torch.Tensor, aux: dict, tpe: torch.Tensor | None):
+def sum_step_metrics(d: Dist, ce: torch.Tensor, z: torch.Tensor, aux: dict, loads: dict):
     """Sum a step's logged sums over ranks (CE and z sums, share-weighted auxiliary losses, MoE
-    expert loads), so rank 0 logs and every rank's router-bias update sees the global loads."""
+    expert loads {layer: [E]}), so rank 0 logs and every rank's router-bias update sees the
+    global loads."""
     if not (d.active and d.world_size > 1):
-        return ce, z, aux, tpe
+        return ce, z, aux, loads
     keys = sorted(aux)
     packed = d.sum(torch.stack([ce.float(), z.float(), *[torch.as_tensor(aux[k], device=ce.device).float()
                                                          for k in keys]]))
     aux = {k: packed[2 + i] for i, k in enumerate(keys)}
-    if tpe is not None:
-        tpe = d.sum(tpe.clone())
-    return packed[0], packed[1], aux, tpe
+    if loads:
+        layers = sorted(loads)
+        summed = d.sum(torch.stack([loads[k] for k in layers]))
+        loads = {k: summed[i] for i, k in enumerate(layers)}
+    return packed[0], packed[1], aux, loads
+
+
+def state_name(param_name: str) -> str:
+    """A parameter's name as the model's state dict spells it: the activation-checkpoint and
+    offload wrappers' prefix dropped (their state-dict hooks drop it the same way)."""
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import _CHECKPOINT_PREFIX
+    return param_name.replace(_CHECKPOINT_PREFIX, "")

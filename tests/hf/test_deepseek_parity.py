@@ -84,7 +84,7 @@ def test_logits_every_position(pair):
     x = torch.randint(0, V, (2, 40))
     with torch.no_grad():
         ref = hf(x).logits
-        out = ours(x)
+        out = ours(x).logits
     assert out.shape == ref.shape
     assert rel_err(ref, out) <= 1e-4
 
@@ -93,7 +93,7 @@ def test_prefill_then_absorbed_decode_matches_forward(pair):
     _, _, ours, _ = pair
     x = torch.randint(0, V, (2, 24))
     with torch.no_grad():
-        full = ours(x)
+        full = ours(x).logits
     cache = ours.make_cache(2, 32)
     k = 9
     steps = [prefill(ours, x[:, :k], cache)]
@@ -137,7 +137,7 @@ def test_save_hf_round_trip_with_mtp(pair, tmp_path):
     again = load_hf(out)
     assert again.cfg.n_mtp == 1
     with torch.no_grad():
-        assert torch.equal(again(x), with_mtp(x))
+        assert torch.equal(again(x).logits, with_mtp(x).logits)
         for (ka, a), (kb, b) in zip(again.state_dict().items(), with_mtp.state_dict().items()):
             assert ka == kb and torch.equal(a, b), ka
 

@@ -60,12 +60,12 @@ def test_prefill_in_pieces_equals_forward(model, pieces):
     B, T = 2, sum(pieces)
     x = torch.randint(0, VOCAB, (B, T))
     with torch.no_grad():
-        full = model(x)
+        full = model(x).logits
         cache = model.make_cache(B, T)
         outs, start = [], 0
         for n in pieces:
             pos = torch.arange(start, start + n).expand(B, n)
-            outs.append(model(x[:, start:start + n], positions=pos, cache=cache))
+            outs.append(model(x[:, start:start + n], positions=pos, cache=cache).logits)
             start += n
     assert rel_err(full, torch.cat(outs, 1)) <= 1e-5
 
@@ -74,11 +74,11 @@ def test_token_by_token_decode_equals_forward(model):
     B, T, k = 2, 40, 5
     x = torch.randint(0, VOCAB, (B, T))
     with torch.no_grad():
-        full = model(x)
+        full = model(x).logits
         cache = model.make_cache(B, T)
-        outs = [model(x[:, :k], positions=torch.arange(k).expand(B, k), cache=cache)]
+        outs = [model(x[:, :k], positions=torch.arange(k).expand(B, k), cache=cache).logits]
         for t in range(k, T):
-            outs.append(model(x[:, t:t + 1], positions=torch.full((B, 1), t), cache=cache))
+            outs.append(model(x[:, t:t + 1], positions=torch.full((B, 1), t), cache=cache).logits)
     assert rel_err(full, torch.cat(outs, 1)) <= 1e-5
 
 
@@ -96,16 +96,16 @@ def test_recurrent_cache_shapes_bytes_and_reset(model):
     assert cache.nbytes() > 3 * (3 * 4 * 16 * 16 * 4)  # three GDN layers' fp32 states at least
     x = torch.randint(0, VOCAB, (3, 10))
     with torch.no_grad():
-        first = model(x, cache=cache)
+        first = model(x, cache=cache).logits
         cache.reset()
         assert c.recurrent_state.abs().sum() == 0 and c.conv_state.abs().sum() == 0
-        assert torch.equal(model(x, cache=cache), first)
+        assert torch.equal(model(x, cache=cache).logits, first)
 
 
 def test_packed_cache_is_refused(model):
     cache = model.make_cache(1, 8)
     with pytest.raises(ValueError, match="packed documents"):
-        model(torch.zeros(1, 8, dtype=torch.long), doc_ids=torch.zeros(1, 8, dtype=torch.long), cache=cache)
+        model(torch.zeros(1, 8, dtype=torch.long), doc_ids=torch.zeros(1, 8, dtype=torch.long), cache=cache).logits
 
 
 # ---- packed documents -------------------------------------------------------------------------
@@ -124,12 +124,12 @@ def test_packed_documents_equal_separate_runs(model):
     positions, doc_ids = pack(rows)
     x = torch.randint(0, VOCAB, positions.shape)
     with torch.no_grad():
-        packed = model(x, positions=positions, doc_ids=doc_ids)
-        unmasked = model(x, positions=positions)
+        packed = model(x, positions=positions, doc_ids=doc_ids).logits
+        unmasked = model(x, positions=positions).logits
         for b, lens in enumerate(rows):
             start = 0
             for n in lens:
-                alone = model(x[b:b + 1, start:start + n])[0]
+                alone = model(x[b:b + 1, start:start + n]).logits[0]
                 assert rel_err(alone, packed[b, start:start + n]) <= 1e-5, (b, start, n)
                 start += n
     # the same stream without document ids does leak (so the check above can fail)
@@ -148,7 +148,7 @@ def test_gdn_layer_packed_no_leak_in_conv_or_recurrence():
     x2 = x.clone()
     x2[:, :9] = torch.randn(1, 9, cfg.d_model)  # change only document 1
     with torch.no_grad():
-        y, y2 = mixer(x, ctx), mixer(x2, ctx)
+        y, y2 = mixer(x, ctx)[0], mixer(x2, ctx)[0]
     assert torch.allclose(y[:, 9:], y2[:, 9:], atol=1e-6)
     assert not torch.allclose(y[:, :9], y2[:, :9], atol=1e-3)
 
@@ -197,7 +197,7 @@ def test_gated_attention_gate_and_partial_rotary():
     positions = torch.arange(5, 17).expand(2, 12)
     ctx = ForwardContext(positions, *rot(positions))
     with torch.no_grad():
-        out = att(x, ctx)
+        out = att(x, ctx)[0]
         ref = reference_gated_attention(att, x, positions, cfg.rope_theta, cfg.norm_eps)
     assert rel_err(ref, out) <= 1e-5
 
@@ -291,7 +291,7 @@ def test_triton_backend_matches_torch():
     ctx = ForwardContext(positions, *rot(positions), doc_ids=doc_ids)
     x = torch.randn(2, 73, 32, device=dev)
     xr, xt = x.clone().requires_grad_(), x.clone().requires_grad_()
-    yr, yt = ref(xr, ctx), tri(xt, ctx)
+    yr, yt = ref(xr, ctx)[0], tri(xt, ctx)[0]
     assert rel_err(yr, yt) <= tol
     dy = torch.randn_like(yr)
     yr.backward(dy)
@@ -304,13 +304,13 @@ def test_triton_backend_matches_torch():
     with torch.no_grad():
         cr, ct = ref.make_cache(1, 23, torch.float32, dev), tri.make_cache(1, 23, torch.float32, dev)
         pre = ForwardContext(positions[:1, :20], *rot(positions[:1, :20]))
-        outs_r, outs_t = [ref(x[:1, :20], pre, cr)], [tri(x[:1, :20], pre, ct)]
+        outs_r, outs_t = [ref(x[:1, :20], pre, cr)[0]], [tri(x[:1, :20], pre, ct)[0]]
         for t in range(20, 23):
             p = positions[:1, t:t + 1]
             step = ForwardContext(p, *rot(p))
-            outs_r.append(ref(x[:1, t:t + 1], step, cr))
-            outs_t.append(tri(x[:1, t:t + 1], step, ct))
-        full = ref(x[:1, :23], ctx_full)
+            outs_r.append(ref(x[:1, t:t + 1], step, cr)[0])
+            outs_t.append(tri(x[:1, t:t + 1], step, ct)[0])
+        full = ref(x[:1, :23], ctx_full)[0]
     assert rel_err(full, torch.cat(outs_r, 1)) <= 1e-5
     assert rel_err(full, torch.cat(outs_t, 1)) <= tol
     assert rel_err(cr.recurrent_state, ct.recurrent_state) <= tol
@@ -321,7 +321,7 @@ def test_triton_backend_matches_torch():
 def _bf16_step(model, x, positions=None, doc_ids=None):
     model.zero_grad(set_to_none=True)
     with torch.autocast("cuda", dtype=torch.bfloat16):
-        logits = model(x, positions=positions, doc_ids=doc_ids)
+        logits = model(x, positions=positions, doc_ids=doc_ids).logits
     loss = F.cross_entropy(logits.float()[:, :-1].reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1))
     loss.backward()
     return logits.float(), {n: p.grad.float().clone() for n, p in model.named_parameters() if p.grad is not None}
@@ -350,11 +350,11 @@ def test_gpu_triton_matches_torch_bf16(cuda):
     with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
         T = 200
         y = x[:1, :T]
-        full = tri(y).float()
+        full = tri(y).logits.float()
         cache = tri.make_cache(1, T)
-        outs = [tri(y[:, :150], cache=cache).float()]
+        outs = [tri(y[:, :150], cache=cache).logits.float()]
         for t in range(150, T):
-            outs.append(tri(y[:, t:t + 1], positions=torch.full((1, 1), t, device=cuda), cache=cache).float())
+            outs.append(tri(y[:, t:t + 1], positions=torch.full((1, 1), t, device=cuda), cache=cache).logits.float())
     assert rel_err(full, torch.cat(outs, 1)) <= 2e-2
 
 
@@ -371,13 +371,13 @@ def test_gpu_fla_backend_forward_and_decode(cuda):
     positions, doc_ids = positions.to(cuda), doc_ids.to(cuda)
     x = torch.randint(0, 1024, positions.shape, device=cuda)
     with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
-        a = ref(x, positions=positions, doc_ids=doc_ids).float()
-        b = fla(x, positions=positions, doc_ids=doc_ids).float()
+        a = ref(x, positions=positions, doc_ids=doc_ids).logits.float()
+        b = fla(x, positions=positions, doc_ids=doc_ids).logits.float()
         cache = fla.make_cache(2, 256)
-        outs = [fla(x[:, :200], cache=cache).float()]
+        outs = [fla(x[:, :200], cache=cache).logits.float()]
         for t in range(200, 256):
-            outs.append(fla(x[:, t:t + 1], positions=torch.full((2, 1), t, device=cuda), cache=cache).float())
-        full = fla(x).float()
+            outs.append(fla(x[:, t:t + 1], positions=torch.full((2, 1), t, device=cuda), cache=cache).logits.float())
+        full = fla(x).logits.float()
     print(f"fla vs torch logits rel err {rel_err(a, b):.2e}; fla cached vs full {rel_err(full, torch.cat(outs, 1)):.2e}")
     assert rel_err(a, b) <= 2e-2
     assert rel_err(full, torch.cat(outs, 1)) <= 2e-2

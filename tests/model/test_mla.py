@@ -35,9 +35,9 @@ def test_absorbed_equals_naive(q_lora, interleave, rel_err):
     x = torch.randn(B, T, cfg.d_model)
     ctx = model.context(torch.zeros(B, T, dtype=torch.long), None, None)
     with torch.no_grad():
-        naive = mla(x, ctx, None)
+        naive = mla(x, ctx, None)[0]
         cache = mla.make_cache(B, 40, torch.float32, "cpu")
-        absorbed = mla(x, ctx, cache)
+        absorbed = mla(x, ctx, cache)[0]
     assert rel_err(naive, absorbed) < 1e-5
 
 
@@ -50,7 +50,7 @@ def test_cache_holds_only_latent_and_rope_key():
     assert cache.nbytes() == 3 * 50 * cfg.n_layers * per_token_per_layer * 4
     x = torch.randint(0, cfg.vocab_size, (3, 10))
     with torch.no_grad():
-        model(x, cache=cache)
+        model(x, cache=cache).logits
     c = cache[0]
     assert c.c_kv.shape == (3, 50, cfg.kv_lora_rank) and c.k_pe.shape == (3, 50, cfg.qk_rope_head_dim)
     assert c.c_kv[:, :10].abs().sum() > 0 and c.c_kv[:, 10:].abs().sum() == 0
@@ -71,9 +71,9 @@ def test_packed_documents_equal_separate_runs(rel_err):
     doc = torch.cat([torch.zeros(1, 13), torch.ones(1, 18)], 1).long()
     pos = torch.cat([torch.arange(13), torch.arange(18)])[None]
     with torch.no_grad():
-        out = model(packed, positions=pos, doc_ids=doc)
-        assert rel_err(model(a), out[:, :13]) < 1e-5
-        assert rel_err(model(b), out[:, 13:]) < 1e-5
+        out = model(packed, positions=pos, doc_ids=doc).logits
+        assert rel_err(model(a).logits, out[:, :13]) < 1e-5
+        assert rel_err(model(b).logits, out[:, 13:]) < 1e-5
 
 
 def test_yarn_softmax_scale_uses_mscale_all_dim_squared():
@@ -90,7 +90,7 @@ def test_gradients_flow_to_every_parameter():
     model = Transformer(cfg)
     x = torch.randn(2, 11, cfg.d_model, requires_grad=True)
     ctx = model.context(torch.zeros(2, 11, dtype=torch.long), None, None)
-    mla(x, ctx).square().sum().backward()
+    mla(x, ctx)[0].square().sum().backward()
     for n, p in mla.named_parameters():
         assert p.grad is not None and p.grad.abs().sum() > 0, n
     assert x.grad.abs().sum() > 0
@@ -104,7 +104,7 @@ def test_torch_and_sdpa_backends_agree(rel_err):
     m2.load_state_dict(m1.state_dict())
     x = torch.randint(0, cfg.vocab_size, (2, 17))
     with torch.no_grad():
-        assert rel_err(m1(x), m2(x)) < 1e-5
+        assert rel_err(m1(x).logits, m2(x).logits) < 1e-5
 
 
 def test_bad_config_names_the_problem():
@@ -133,9 +133,9 @@ def test_absorbed_equals_naive_bf16_on_gpu(cuda, rel_err):
     from deepwish.model.transformer import ForwardContext
     ctx = ForwardContext(positions=pos, cos=cos, sin=sin)
     with torch.no_grad():
-        naive = mla(x, ctx)
+        naive = mla(x, ctx)[0]
         cache = mla.make_cache(B, T, torch.bfloat16, cuda)
-        absorbed = mla(x, ctx, cache)
+        absorbed = mla(x, ctx, cache)[0]
     assert rel_err(naive.float(), absorbed.float()) < 2e-2
 
 
@@ -147,6 +147,6 @@ def test_long_cached_prefill_runs_in_query_chunks(monkeypatch, rel_err):
     randomise(model)
     x = torch.randint(0, cfg.vocab_size, (2, 30))
     with torch.no_grad():
-        full = model(x)
-        cached = model(x, cache=model.make_cache(2, 32))
+        full = model(x).logits
+        cached = model(x, cache=model.make_cache(2, 32)).logits
     assert rel_err(full, cached) < 1e-5

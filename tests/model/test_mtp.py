@@ -43,8 +43,8 @@ def test_depths_are_causal():
     j = 11
     y[0, j] = (y[0, j] + 1) % 101
     with torch.no_grad():
-        hx = mtp_hidden_states(model, model.hidden_states(x), x)
-        hy = mtp_hidden_states(model, model.hidden_states(y), y)
+        hx = mtp_hidden_states(model, model(x, return_hidden=True).hidden, x)
+        hy = mtp_hidden_states(model, model(y, return_hidden=True).hidden, y)
     for k, (a, b) in enumerate(zip(hx, hy), start=1):
         same = (a - b).abs().amax(-1)[0] < 1e-6
         assert same[: j - k].all(), k  # positions that cannot see token j
@@ -58,17 +58,18 @@ def test_loss_hook_adds_weighted_mtp_loss_and_trains_mtp():
     t = torch.randint(0, 101, (2, 24))
     n = int(t.numel())
     loss, m = lm_loss(model, (x, t, None, None), rc.train, n, backend="torch")
-    assert "aux/mtp_loss" in m
+    assert "aux/mtp" in m
     with torch.no_grad():
-        sums, counts = mtp_ce_sums(model, model.hidden_states(x), x, t)
+        h = model(x, return_hidden=True).hidden
+        sums, counts = mtp_ce_sums(mtp_hidden_states(model, h, x), model.logits, t)
     assert counts.tolist() == [2 * 23, 2 * 22]
-    assert m["aux/mtp_loss"].item() == pytest.approx(0.5 * sums.mean().item() / n, rel=1e-5)
+    assert m["aux/mtp"].item() == pytest.approx(0.5 * sums.mean().item() / n, rel=1e-5)
     loss.backward()
     assert model.mtp[1].eh_proj.weight.grad.abs().sum() > 0
     assert model.blocks[0].mixer.kv_b_proj.weight.grad.abs().sum() > 0
     off, m0 = lm_loss(model, (x, t, None, None), load_config("deepseek_v3_tiny", ["train.mtp_lambda=0"]).train,
                       n, backend="torch")
-    assert "aux/mtp_loss" not in m0
+    assert "aux/mtp" not in m0
 
 
 def test_lambda_ramp():

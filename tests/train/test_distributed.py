@@ -6,8 +6,8 @@
   checkpoint resumed by 2 FSDP2 ranks; both continue the reference run's losses; a DCP
   checkpoint converts to one HF directory;
 - DistributedMuon (sharded and replicated parameters) equals Muon on whole matrices, and the
-  fused-loss entry (hidden_states + head_weight, tied embeddings) gives single-process gradients
-  under FSDP2 and DDP;
+  model's forward with targets (the loss inside the forward, tied embeddings) gives
+  single-process gradients under FSDP2 and DDP;
 - activation checkpointing (selective, full) and activation offload leave the losses unchanged;
 - DeepSeek-V3 (MLA, MoE with bias balancing, MTP) under DDP matches one process; expert loads
   are summed over ranks and logged per layer.
@@ -95,8 +95,8 @@ def reference(tmp_path_factory):
 
 
 def test_fsdp_two_ranks_match_one_process_convert_and_resume_on_one_rank(reference, tmp_path):
-    from deepwish.hf.io import load_hf
-    from deepwish.train.dist_checkpoint import convert_to_hf, load_full_model_state
+    from deepwish.hf.io import load_hf, save_hf
+    from deepwish.weights import load_model, load_weights
 
     ref_run, ref_losses, ref_val = reference
     run = tmp_path / "fsdp"
@@ -111,10 +111,10 @@ def test_fsdp_two_ranks_match_one_process_convert_and_resume_on_one_rank(referen
     assert (run / "checkpoints" / "latest").read_text() == "step_00000006"
 
     # The sharded checkpoint (model and sharded EMA) converts to one HF directory, in one process.
-    state, _ = load_full_model_state(run)
-    hf = load_hf(convert_to_hf(run, tmp_path / "hf", dtype=torch.float32)).state_dict()
+    state, _ = load_weights(run)
+    hf = load_hf(save_hf(load_model(run), tmp_path / "hf", dtype=torch.float32)).state_dict()
     assert set(state) == set(hf) and all(torch.equal(hf[k], v) for k, v in state.items())
-    ema, _ = load_full_model_state(run, ema=True)
+    ema, _ = load_weights(run, ema=True)
     assert set(ema) == set(state) and any(not torch.equal(ema[k], state[k]) for k in ema)
 
     # 2 -> 1: the step-3 sharded checkpoint continues in one plain process with the same global batch.
@@ -205,8 +205,7 @@ WORKER = textwrap.dedent('''
     from torch.distributed.tensor import DTensor, Shard, distribute_tensor
 
     from deepwish.config import load_config
-    from deepwish.kernels.linear_cross_entropy.reference import linear_cross_entropy
-    from deepwish.model import Transformer
+    from deepwish.model import Objective, Transformer
     from deepwish.train.optim import DistributedMuon, Muon
     from deepwish.train.parallel import init_distributed, parallelize
 
@@ -243,21 +242,20 @@ WORKER = textwrap.dedent('''
     for r, p in zip(ref, shardwise):  # orthogonalising shards is a different update: the check has teeth
         assert rel(r.detach().tensor_split(world)[rank], p.detach()) > 1e-3, "shard-wise Muon matched?"
 
-    # ---- fused-loss entry under FSDP2 and DDP: hidden_states + head_weight, tied embeddings ----
+    # ---- the model's forward with targets under FSDP2 and DDP, tied embeddings ----
     base = Transformer(cfg.model)
+    assert base.lm_head is None  # tied: the head is the embedding, used at both ends of the forward
     B, T, V = 2 * world, 16, cfg.model.vocab_size
     x = torch.randint(0, V, (B, T))
     t = torch.randint(0, V, (B, T))
-    h = base.hidden_states(x)
-    (linear_cross_entropy(h.reshape(-1, h.size(-1)), base.head_weight, t.reshape(-1), reduction="sum") / t.numel()).backward()
+    objective = Objective(loss_norm=float(t.numel()))  # the global target count, as the trainer passes it
+    base(x, targets=t, objective=objective).loss.backward()
     mine = slice(rank * 2, rank * 2 + 2)
     for mode in ("fsdp", "ddp"):
         model = copy.deepcopy(base)
         model.zero_grad(set_to_none=True)
         step_model = parallelize(model, load_config("qwen3_tiny", sys.argv[2:] + [f"train.parallel={mode}"]), d)
-        h = step_model.hidden_states(x[mine])
-        w = step_model.head_weight
-        loss = linear_cross_entropy(h.reshape(-1, h.size(-1)), w, t[mine].reshape(-1), reduction="sum") / t.numel()
+        loss = step_model(x[mine], targets=t[mine], objective=objective).loss
         (loss * d.grad_scale).backward()
         for (name, p), (_, q) in zip(model.named_parameters(), base.named_parameters()):
             g = p.grad.full_tensor() if isinstance(p.grad, DTensor) else p.grad

@@ -362,7 +362,7 @@ def test_progress_and_plot_show_ce_and_objective_apart(tmp_path, capsys, monkeyp
                   progress_bar=False)
     lg.start(0)
     for s in (1, 2):
-        lg.step(s, 10, {"loss": 5.5 - s, "ce": 5.0 - s, "lr": 1.0, "grad_norm": 1.0, "aux/mtp_loss": 0.5})
+        lg.step(s, 10, {"loss": 5.5 - s, "ce": 5.0 - s, "lr": 1.0, "grad_norm": 1.0, "aux/mtp": 0.5})
     lg.eval(2, {"val_loss": 3.2})
     lg.close()
     out = capsys.readouterr().out

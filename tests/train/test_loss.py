@@ -63,30 +63,41 @@ def test_z_loss_adds_squared_log_partition():
     n = count_targets(batch[1])
     base, _ = lm_loss(model, batch, TrainConfig(), n, backend="torch")
     withz, m = lm_loss(model, batch, TrainConfig(z_loss=1e-2), n, backend="torch")
-    lse = torch.logsumexp(model(batch[0], positions=batch[3], doc_ids=batch[2]).float(), -1)
+    lse = torch.logsumexp(model(batch[0], positions=batch[3], doc_ids=batch[2]).logits.float(), -1)
     torch.testing.assert_close(withz - base, 1e-2 * lse.square().mean(), rtol=1e-4, atol=1e-6)
     torch.testing.assert_close(m["z_sum"] / n, 1e-2 * lse.square().mean(), rtol=1e-4, atol=1e-6)
 
 
-def test_moe_aux_and_extra_losses_are_added_and_reported():
+def test_moe_aux_losses_are_added_and_reported():
     cfg_m = model_config("qwen3_moe_tiny", **TINY, n_experts=4, n_experts_per_tok=2, d_ff_expert=16,
                          router_aux_loss_coef=0.5)
     model = Transformer(cfg_m)
-    extra = {"mtp": torch.tensor(0.25, requires_grad=True)}
-    model.extra_losses = lambda: extra
     batch = make_batch(2, 16, 64)
     n_local = count_targets(batch[1])
     n_global = 2 * n_local  # as if another micro-batch held as many targets
     loss, m = lm_loss(model, batch, TrainConfig(), n_global, backend="torch")
-    aux = sum(s["aux_loss"] for s in model.moe_stats())
+    # the balance losses of every MoE layer, each weighted by the model config's coefficient
+    from deepwish.model.moe import switch_aux_loss
+    aux = 0.0
+    x = model.embed(batch[0])
+    ctx = model.context(batch[0], batch[3], batch[2])
+    for block in model.blocks:
+        h, _ = block.mixer(block.attn_norm(x), ctx)
+        x = x + h
+        w, idx, probs = block.ffn.route(block.ffn_norm(x).reshape(-1, x.shape[-1]))
+        aux = aux + 0.5 * switch_aux_loss(probs, idx, 4)
+        x = x + block.ffn(block.ffn_norm(x))[0]
     share = n_local / n_global
     torch.testing.assert_close(m["aux/moe"], (share * aux).detach())
-    torch.testing.assert_close(m["extra/mtp"], torch.tensor(share * 0.25))
-    torch.testing.assert_close(loss.detach(), (m["ce_sum"] / n_global + share * aux + share * 0.25).detach())
-    assert m["moe/tokens_per_expert"].shape == (cfg_m.n_layers, 4)
-    assert m["moe/tokens_per_expert"].sum() == 2 * 16 * 2 * cfg_m.n_layers
-    loss.backward()
-    assert extra["mtp"].grad == pytest.approx(share)
+    torch.testing.assert_close(loss.detach(), (m["ce_sum"] / n_global + share * aux).detach())
+    assert sorted(m["moe/loads"]) == list(range(cfg_m.n_layers))
+    assert sum(int(v.sum()) for v in m["moe/loads"].values()) == 2 * 16 * 2 * cfg_m.n_layers
+
+
+def test_an_auxiliary_loss_without_a_weight_is_an_error():
+    from deepwish.model import Objective
+    with pytest.raises(KeyError, match="no weight"):
+        Objective().aux_weight("new_loss")
 
 
 def test_backend_resolution_is_explicit():
@@ -117,7 +128,7 @@ def test_fused_backend_matches_torch_backend(rel_err):
 
 
 def test_mtp_loss_follows_lambda_ramp_and_is_skipped_in_evaluation():
-    from deepwish.model.mtp import mtp_ce_sums
+    from deepwish.model.mtp import mtp_ce_sums, mtp_hidden_states
     mc = model_config("deepseek_v3_tiny", vocab_size=64, d_model=32, n_layers=2, n_heads=2, n_kv_heads=2,
                       q_lora_rank=16, kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=8,
                       head_dim=16, d_ff=64, d_ff_expert=16, max_seq_len=64)
@@ -127,9 +138,12 @@ def test_mtp_loss_follows_lambda_ramp_and_is_skipped_in_evaluation():
     cfg = TrainConfig(steps=11, mtp_lambda=0.1, mtp_lambda_final=0.6)
     for step, lam in ((0, 0.1), (5, 0.35), (10, 0.6)):
         loss, m = lm_loss(model, batch, cfg, n, backend="torch", step=step)
-        h = model.hidden_states(batch[0], positions=batch[3], doc_ids=batch[2])
-        sums, _ = mtp_ce_sums(model, h, batch[0], batch[1], batch[3], batch[2])
-        torch.testing.assert_close(m["aux/mtp_loss"], (lam * sums.mean() / n).detach(), rtol=1e-5, atol=1e-7)
+        h = model(batch[0], positions=batch[3], doc_ids=batch[2], return_hidden=True).hidden
+        hidden = mtp_hidden_states(model, h, batch[0], batch[3], batch[2])
+        sums, _ = mtp_ce_sums(hidden, model.logits, batch[1], batch[2])
+        torch.testing.assert_close(m["aux/mtp"], (lam * sums.mean() / n).detach(), rtol=1e-5, atol=1e-7)
+    from deepwish.train.loss import eval_objective
     with torch.no_grad():
-        _, m = lm_loss(model, batch, cfg, n, backend="torch", step=0)
-    assert "aux/mtp_loss" not in m
+        out = model(batch[0], positions=batch[3], doc_ids=batch[2], targets=batch[1],
+                    objective=eval_objective(cfg, "torch"))
+    assert "mtp" not in out.aux_losses

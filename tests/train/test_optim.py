@@ -65,7 +65,10 @@ def test_muon_rejects_vectors():
 
 
 class ToyMoE(nn.Module):
-    """Every kind of parameter the real models have, with their usual names."""
+    """Every kind of parameter the real models have, each with its role (model/roles.py)."""
+
+    PARAM_ROLES = {"mlp.gate.weight": "gate", "mlp.shared_expert_gate.weight": "gate", "experts_w1": "expert",
+                   "A_log": "scalar", "frozen": "matrix", "lm_head.weight": "head", "attn.o_proj.weight": "matrix_out"}
 
     def __init__(self, tie=False):
         super().__init__()
@@ -134,3 +137,29 @@ def test_real_model_groups_keep_conv_router_and_gates_off_muon():
             assert "conv" not in n and "router" not in n and leaf not in ("shared_gate", "weights_proj"), n
         assert any(n.endswith("w_gate_up") for n in names.muon)  # stacked experts are on Muon
         assert {"embed.weight", "lm_head.weight"} <= set(names.adamw_decay)
+
+
+def test_a_parameter_without_a_role_is_an_error_naming_it():
+    class Bare(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(4, 4)
+            self.mystery = nn.Parameter(torch.zeros(3))
+
+    with pytest.raises(ValueError, match="mystery: no role"):
+        classify_params(Bare())
+
+
+def test_groups_follow_roles_not_names():
+    """Renaming a parameter cannot move it to another optimizer: a router named like a hidden
+    matrix stays a gate, a hidden matrix named like a router stays on Muon."""
+    class Renamed(nn.Module):
+        PARAM_ROLES = {"w_down_like_router.weight": "gate"}
+
+        def __init__(self):
+            super().__init__()
+            self.w_down_like_router = nn.Linear(8, 4, bias=False)
+            self.router = nn.Linear(8, 8, bias=False)  # an nn.Linear: a hidden matrix by default
+
+    _, names = classify_params(Renamed())
+    assert names.muon == ["router.weight"] and names.adamw_no_decay == ["w_down_like_router.weight"]

@@ -1,0 +1,117 @@
+"""One residual block, and the context every mixer reads.
+
+`cfg.layer_types` — derived once in the config — gives every layer a (mixer, ffn) pair, read only
+here in `Block.__init__`; forward never branches on strings or layer indices.
+
+The block contract (every mixer and FFN keeps it, so the block treats them alike):
+
+    mixer(x [B,T,d], ctx, cache | None) -> (y [B,T,d], aux)
+    ffn(x [B,T,d])                      -> (y [B,T,d], aux)
+    Block(x, ctx, cache | None)         -> (x [B,T,d], aux)
+
+`aux` is a dict of this forward's side results (names below), returned rather than kept on the
+module, so a compiled, checkpointed or sharded block gives the same results as a plain one and
+nothing is read back from modules after the fact:
+
+    "moe_load"   [E] int64  tokens routed to each expert           (MoE FFNs)
+    "moe_aux"    scalar     balance loss, already weighted by the model config's coefficients
+    "indexer"    scalar     DSA lightning-indexer KL (unweighted)   (DSA mixers, when asked for)
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from deepwish.config import ModelConfig
+from deepwish.model.attention import Attention, attention_mask
+from deepwish.model.mlp import SwiGLU
+from deepwish.model.moe import MoE
+from deepwish.model.norm import RMSNorm
+
+NO_AUX: dict = {}
+
+
+@dataclass
+class ForwardContext:
+    """What every mixer may need besides its input, computed once per forward."""
+
+    positions: torch.Tensor  # [B, T] absolute positions (restart at 0 in each packed document)
+    cos: torch.Tensor  # [B, T, R/2] rotary tables for `positions`
+    sin: torch.Tensor
+    doc_ids: torch.Tensor | None = None  # [B, T] packed-document index, or None
+    # DeepSeek-V3.2 indexer training (Objective.indexer_mode, model/dsa.py): main attention dense
+    # over all causal keys (the warm-up) instead of the indexer's top-k, and the indexer KL computed.
+    dense_indexer_attention: bool = False
+    indexer_loss: bool = False
+    _masks: dict = field(default_factory=dict)
+
+    def mask(self, window: int = 0) -> torch.Tensor:
+        """Causal, same-document (and windowed) boolean mask [B, 1, T, T], built once per window."""
+        if window not in self._masks:
+            self._masks[window] = attention_mask(self.positions, self.positions, window, self.doc_ids, self.doc_ids)
+        return self._masks[window]
+
+    def cu_seqlens(self) -> torch.Tensor:
+        """Start offsets [N+1] of the sequences in the flattened [B·T] token stream: a new
+        sequence starts at every batch row and at every document boundary. For recurrent mixers."""
+        B, T = self.positions.shape
+        starts = torch.zeros(B, T, dtype=torch.bool, device=self.positions.device)
+        starts[:, 0] = True
+        if self.doc_ids is not None:
+            starts[:, 1:] |= self.doc_ids[:, 1:] != self.doc_ids[:, :-1]
+        idx = starts.reshape(-1).nonzero().squeeze(-1)
+        return torch.cat([idx, idx.new_tensor([B * T])]).to(torch.int32)
+
+
+class DenseFFN(SwiGLU):
+    """The dense FFN of a block: a SwiGLU that keeps the block contract (no side results)."""
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, dict]:
+        return super().forward(x), NO_AUX
+
+
+def build_mixer(kind: str, cfg: ModelConfig, layer_idx: int) -> nn.Module:
+    if kind == "gqa":
+        return Attention(cfg, layer_idx)
+    if kind == "gated_gqa":
+        return Attention(cfg, layer_idx, gated=True)
+    if kind == "swa":
+        return Attention(cfg, layer_idx, window=cfg.sliding_window)
+    if kind == "mla":
+        from deepwish.model.mla import MLA
+        return MLA(cfg, layer_idx)
+    if kind == "dsa":
+        from deepwish.model.dsa import DSA
+        return DSA(cfg, layer_idx)
+    if kind == "gdn":
+        from deepwish.model.gated_deltanet import GatedDeltaNet
+        return GatedDeltaNet(cfg, layer_idx)
+    raise ValueError(f"layer {layer_idx}: mixer {kind!r} is not implemented")
+
+
+def build_ffn(kind: str, cfg: ModelConfig, layer_idx: int) -> nn.Module:
+    if kind == "moe":
+        return MoE(cfg, layer_idx)
+    return DenseFFN(cfg.d_model, cfg.d_ff)
+
+
+class Block(nn.Module):
+    """Pre-norm residual block: x += mixer(norm(x)); x += ffn(norm(x))."""
+
+    def __init__(self, cfg: ModelConfig, layer_idx: int):
+        super().__init__()
+        mixer, ffn = cfg.layer_types[layer_idx]
+        self.layer_idx = layer_idx
+        self.mixer_kind, self.ffn_kind = mixer, ffn
+        self.attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps, cfg.norm_zero_centered)
+        self.mixer = build_mixer(mixer, cfg, layer_idx)
+        self.ffn_norm = RMSNorm(cfg.d_model, cfg.norm_eps, cfg.norm_zero_centered)
+        self.ffn = build_ffn(ffn, cfg, layer_idx)
+
+    def forward(self, x: torch.Tensor, ctx: ForwardContext, cache=None) -> tuple[torch.Tensor, dict]:
+        h, mixer_aux = self.mixer(self.attn_norm(x), ctx, cache)
+        x = x + h
+        h, ffn_aux = self.ffn(self.ffn_norm(x))
+        return x + h, {**mixer_aux, **ffn_aux}
