@@ -62,6 +62,7 @@ def param_roles(model: nn.Module) -> dict[str, str]:
                 roles[f"{mname}.{pname}" if mname else pname] = role
     problems = []
     params = dict(model.named_parameters())
+    every_name = {n for n, _ in model.named_parameters(remove_duplicate=False)}  # tied ones under each name
     for mname, mod in model.named_modules():  # declarations override defaults
         for rel, role in getattr(mod, "PARAM_ROLES", {}).items():
             full = f"{mname}.{rel}" if mname else rel
@@ -69,6 +70,8 @@ def param_roles(model: nn.Module) -> dict[str, str]:
                 problems.append(f"{full}: unknown role {role!r} (roles: {', '.join(ROLES)})")
             elif full in params:
                 roles[full] = role
+            elif full in every_name:
+                pass  # a tied parameter: its role is the one of its first name
             elif not _declared_optional(mod, rel):
                 problems.append(f"{type(mod).__name__}.PARAM_ROLES names {rel!r}, which is not a parameter")
     missing = [n for n in params if n not in roles]

@@ -29,7 +29,7 @@ def test_loss_is_mean_ce_over_targets():
     model = Transformer(model_config("qwen3_tiny", **TINY))
     batch = make_batch(3, 16, 64)
     loss, m = lm_loss(model, batch, TrainConfig(), count_targets(batch[1]), backend="torch")
-    logits = model(batch[0], positions=batch[3], doc_ids=batch[2])
+    logits = model(batch[0], positions=batch[3], doc_ids=batch[2]).logits
     ref = F.cross_entropy(logits.reshape(-1, 64), batch[1].reshape(-1), ignore_index=-100)
     torch.testing.assert_close(loss, ref)
     assert int(m["n_targets"]) == count_targets(batch[1])
