@@ -27,7 +27,7 @@ def test_greedy_matches_argmax_of_full_forward(model):
     seq = list(prompt)
     for _ in range(6):
         with torch.no_grad():
-            seq.append(int(model(torch.tensor([seq]))[0, -1].argmax()))
+            seq.append(int(model(torch.tensor([seq])).logits[0, -1].argmax()))
     assert out == seq[len(prompt):]
 
 

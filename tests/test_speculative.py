@@ -112,9 +112,9 @@ def test_sampled_tokens_follow_the_target():
     filters = dict(temperature=0.8, top_k=6, top_p=0.95)  # the filters must shape p and q alike
     prompt = [1, 2, 3]
     with torch.no_grad():
-        p1 = sampling_probs(target(torch.tensor([prompt]))[:, -1], **filters)[0]
+        p1 = sampling_probs(target(torch.tensor([prompt])).logits[:, -1], **filters)[0]
         nxt = torch.tensor([prompt + [a] for a in range(8)])
-        p2 = sampling_probs(target(nxt)[:, -1], **filters)  # [8, 8]: p(x2 | x1)
+        p2 = sampling_probs(target(nxt).logits[:, -1], **filters)  # [8, 8]: p(x2 | x1)
     exact = (p1[:, None] * p2).reshape(-1).double()
     N = 2500
     counts = torch.zeros(64, dtype=torch.float64)

@@ -218,7 +218,7 @@ def test_sharded_checkpoint_lists_and_verifies_every_shard(tmp_path, capsys, one
     shards = sorted(p.relative_to(d).as_posix() for p in (d / "dcp").iterdir())
     assert set(files) == {"train_state.pt", *shards} and any(s.endswith(".distcp") for s in shards)
     _garble(d / "dcp" / "__0_0.distcp")
-    assert dc.read_meta(tmp_path)["step"] == 1
+    assert ck.read_meta(tmp_path)["step"] == 1
     err = err_lines(capsys.readouterr().err)
     assert len(err) == 1 and "__0_0.distcp: checksum mismatch" in err[0]
 
