@@ -61,4 +61,4 @@ def test_sharded_save_and_load(ckpt, tmp_path):
 def test_bf16_load(ckpt):
     m = load_hf(ckpt, dtype=torch.bfloat16)
     assert m.embed.weight.dtype == torch.bfloat16
-    assert m(torch.randint(0, 50, (1, 5))).shape == (1, 5, 50)
+    assert m(torch.randint(0, 50, (1, 5))).logits.shape == (1, 5, 50)
