@@ -39,6 +39,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from deepwish.train.parallel import state_name
+
 from deepwish.train.checkpoint import (CKPT_DIR, DCP_DIR, FORMAT_VERSION, CheckpointError, _first_line, _fsync_path,
                                        _is_write_failure, _write_bytes_synced, is_dcp_checkpoint, load_checkpoint,
                                        load_pt, publish, resolve_any, rng_state, set_rng_state, step_dir_name,
@@ -106,7 +108,7 @@ def _copy_full_into(dst: torch.Tensor, full: torch.Tensor) -> None:
 def _name_keyed_optimizer_state(model: nn.Module, optimizer, saved: dict) -> dict:
     """A single-device ChainedOptimizer state ({name: torch optimizer state_dict}, parameters by
     index) -> the name-keyed full optimizer state that set_state_dict expects."""
-    names = {id(p): n for n, p in model.named_parameters()}
+    names = {id(p): state_name(n) for n, p in model.named_parameters()}  # as get_state_dict spells them
     out = {"state": {}, "param_groups": []}
     parts = optimizer.optimizers if hasattr(optimizer, "optimizers") else {"": optimizer}
     if hasattr(optimizer, "optimizers") and set(saved) != set(parts):

@@ -170,8 +170,8 @@ def test_compiled_recomputed_offloaded_blocks_match_eager_on_one_process(referen
 
 def test_deepseek_v3_under_ddp_matches_one_process_and_logs_summed_expert_loads(tmp_path):
     """MLA, sigmoid group-limited MoE with aux-loss-free bias updates (from the step's expert
-    loads: they must be summed over ranks and micro-batches), MTP head used outside the forward
-    (DDP static graph), gradient accumulation."""
+    loads: they must be summed over ranks and micro-batches, MTP block included), MTP head unused
+    at λ = 0 in some configurations (DDP static graph), gradient accumulation."""
     sets = ["model.n_layers=2", "train.seq_len=32", "train.steps=3", "train.log_every=1", "train.eval_every=3",
             "train.save_every=3", "train.sample_tokens=0", "train.warmup_steps=1", "train.lr=0.02",
             "train.muon_lr=0.05"]
@@ -187,7 +187,7 @@ def test_deepseek_v3_under_ddp_matches_one_process_and_logs_summed_expert_loads(
     moe = [r for r in recs if r["kind"] == "moe"]
     assert [r["step"] for r in moe] == [1, 2, 3]
     for r in moe:
-        assert r["layers"] == [1]  # first_k_dense=1
+        assert r["layers"] == [1, 2]  # first_k_dense=1; layer 2 is the MTP block's MoE
         for layer, counts in zip(r["layers"], r["tokens_per_expert"]):
             assert len(counts) == cfg.n_experts
             assert sum(counts) == 4 * 32 * cfg.n_experts_per_tok  # both ranks' tokens, k choices each

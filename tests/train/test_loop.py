@@ -103,13 +103,15 @@ def test_cli_config_layering(tmp_path):
 
 def test_moe_run_logs_expert_load_and_updates_router_bias(tmp_path, monkeypatch):
     calls = []
-    real = loop.update_router_bias
+    from deepwish.model.transformer import Transformer
+    real = Transformer.update_router_bias
 
-    def spy(model, layers, tpe, rate):
-        calls.append((list(layers), tpe.clone(), rate))
-        real(model, layers, tpe, rate)
+    def spy(model, loads, rate):
+        layers = sorted(loads)
+        calls.append((layers, torch.stack([loads[k] for k in layers]).float(), rate))
+        real(model, loads, rate)
 
-    monkeypatch.setattr(loop, "update_router_bias", spy)
+    monkeypatch.setattr(Transformer, "update_router_bias", spy)
     cfg = load_config("qwen3_moe_tiny", TINY + [f"train.out_dir={tmp_path}", "train.steps=3", "train.sample_tokens=0",
                                                "model.n_experts=4", "model.n_experts_per_tok=2", "model.d_ff_expert=16",
                                                "model.router=sigmoid", "model.bias_update_rate=0.01",
