@@ -392,7 +392,7 @@ GLOO_TEARDOWN_ABORT = "terminate called without an active exception"  # see test
 
 
 def test_sigterm_on_one_torchrun_rank_stops_every_rank_after_the_same_step(tmp_path):
-    from deepwish.train.dist_checkpoint import read_meta
+    from deepwish.train.checkpoint import read_meta
     script = tmp_path / "signal_rank1.py"
     script.write_text(SIGNAL_RANK_1)
     run = tmp_path / "run"
