@@ -29,6 +29,15 @@ class ConfigError(ValueError):
     """A configuration that cannot be honoured; the message names the key and the source."""
 
 
+def _activation_problem(name: str) -> str | None:
+    from deepwish.model.mlp import activation  # imported late: the table lives with the MLP
+    try:
+        activation(name)
+    except ValueError as e:
+        return str(e)
+    return None
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     # --- identity -------------------------------------------------------------------
@@ -41,6 +50,7 @@ class ModelConfig:
     n_kv_heads: int = 8  # key/value heads (GQA groups)
     head_dim: int = 128  # may differ from d_model // n_heads (Qwen3 does this)
     d_ff: int = 3072  # SwiGLU inner size of dense FFNs
+    hidden_act: str = "silu"  # activation of the gated FFNs (dense, experts, shared): model/mlp.py ACTIVATIONS
     norm_eps: float = 1e-6
     norm_zero_centered: bool = False  # Qwen3-Next: x̂·(1+w) with w initialised at 0
     tie_embeddings: bool = False  # head shares the embedding matrix
@@ -125,6 +135,7 @@ class ModelConfig:
              f"attn_backend={self.attn_backend!r} is not one of auto, torch, sdpa"),
             (self.rope_type in ("default", "yarn"), f"rope_type={self.rope_type!r} is not default or yarn"),
             (0.0 < self.rope_partial <= 1.0, f"rope_partial={self.rope_partial} must be in (0, 1]"),
+            (_activation_problem(self.hidden_act) is None, _activation_problem(self.hidden_act)),
         ]
         for ok, msg in checks:
             if not ok:

@@ -36,7 +36,7 @@ def config_from_hf(d: dict) -> ModelConfig:
     if arch not in ARCHITECTURES:
         raise ValueError(f"deepseek: architecture {arch!r} is not one of {ARCHITECTURES}")
     v32 = arch == "DeepseekV32ForCausalLM"
-    for key, want in (("hidden_act", "silu"), ("scoring_func", "sigmoid"), ("topk_method", "noaux_tc")):
+    for key, want in (("scoring_func", "sigmoid"), ("topk_method", "noaux_tc")):
         if key in d and d[key] != want:
             raise ValueError(f"deepseek config: {key}={d[key]!r} is not supported (only {want!r})")
     q = d.get("quantization_config") or {}
@@ -60,7 +60,7 @@ def config_from_hf(d: dict) -> ModelConfig:
         family="deepseek_v32" if v32 else "deepseek_v3",
         vocab_size=d["vocab_size"], d_model=d["hidden_size"], n_layers=n_layers,
         n_heads=n_heads, n_kv_heads=n_heads, head_dim=d["qk_nope_head_dim"] + d["qk_rope_head_dim"],
-        d_ff=d["intermediate_size"], norm_eps=d.get("rms_norm_eps", 1e-6),
+        d_ff=d["intermediate_size"], hidden_act=d.get("hidden_act", "silu"), norm_eps=d.get("rms_norm_eps", 1e-6),
         tie_embeddings=bool(d.get("tie_word_embeddings", False)),
         max_seq_len=d.get("max_position_embeddings", 4096), init_std=d.get("initializer_range", 0.02),
         qk_norm=False, attn_bias=bool(d.get("attention_bias", False)),
@@ -93,7 +93,7 @@ def config_to_hf(cfg: ModelConfig) -> dict:
         "intermediate_size": cfg.d_ff, "moe_intermediate_size": cfg.d_ff_expert,
         "rms_norm_eps": cfg.norm_eps, "tie_word_embeddings": cfg.tie_embeddings,
         "max_position_embeddings": cfg.max_seq_len, "initializer_range": cfg.init_std,
-        "attention_bias": cfg.attn_bias, "hidden_act": "silu",
+        "attention_bias": cfg.attn_bias, "hidden_act": cfg.hidden_act,
         "n_routed_experts": cfg.n_experts, "num_experts_per_tok": cfg.n_experts_per_tok,
         "n_shared_experts": cfg.n_shared_experts, "routed_scaling_factor": cfg.routed_scaling_factor,
         "norm_topk_prob": cfg.norm_topk_prob, "n_group": cfg.n_group, "topk_group": cfg.topk_group,

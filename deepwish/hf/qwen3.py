@@ -61,7 +61,7 @@ def config_from_hf(d: dict) -> ModelConfig:
         vocab_size=d["vocab_size"], d_model=d["hidden_size"], n_layers=d["num_hidden_layers"],
         n_heads=n_heads, n_kv_heads=d.get("num_key_value_heads") or n_heads,
         head_dim=d.get("head_dim") or d["hidden_size"] // n_heads,
-        d_ff=d["intermediate_size"], norm_eps=d.get("rms_norm_eps", 1e-6),
+        d_ff=d["intermediate_size"], hidden_act=d.get("hidden_act", "silu"), norm_eps=d.get("rms_norm_eps", 1e-6),
         tie_embeddings=bool(d.get("tie_word_embeddings", False)),
         max_seq_len=d.get("max_position_embeddings", 40960), attn_bias=bool(d.get("attention_bias", False)),
         init_std=d.get("initializer_range", 0.02), qk_norm=True,
@@ -85,7 +85,7 @@ def config_to_hf(cfg: ModelConfig) -> dict:
         "vocab_size": cfg.vocab_size, "hidden_size": cfg.d_model, "num_hidden_layers": cfg.n_layers,
         "num_attention_heads": cfg.n_heads, "num_key_value_heads": cfg.n_kv_heads, "head_dim": cfg.head_dim,
         "intermediate_size": cfg.d_ff, "rms_norm_eps": cfg.norm_eps, "tie_word_embeddings": cfg.tie_embeddings,
-        "max_position_embeddings": cfg.max_seq_len, "attention_bias": cfg.attn_bias, "hidden_act": "silu",
+        "max_position_embeddings": cfg.max_seq_len, "attention_bias": cfg.attn_bias, "hidden_act": cfg.hidden_act,
         "initializer_range": cfg.init_std, "rope_parameters": rope_to_hf(cfg), "use_sliding_window": False,
     }
     if cfg.n_experts:

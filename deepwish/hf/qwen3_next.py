@@ -23,7 +23,8 @@ from deepwish.hf.table import Entry, one
 
 ARCHITECTURES = ("Qwen3NextForCausalLM",)
 IGNORABLE = ("mtp.",)
-FP32_KEYS = ("A_log", "dt_bias")  # decay parameters stay fp32 when the rest is loaded in bf16
+FP32_KEYS = ("A_log", "dt_bias")
+GDN_CONV_ACTIVATIONS = ("silu", "swish")  # HF's Gated DeltaNet convolution applies hidden_act too  # decay parameters stay fp32 when the rest is loaded in bf16
 
 
 def _interval_from_layer_types(layer_types: list[str]) -> tuple[str, int]:
@@ -45,8 +46,6 @@ def _interval_from_layer_types(layer_types: list[str]) -> tuple[str, int]:
 
 
 def config_from_hf(d: dict) -> ModelConfig:
-    if d.get("hidden_act", "silu") != "silu":
-        raise ValueError(f"Qwen3-Next with hidden_act={d['hidden_act']!r} is not supported (silu only)")
     if d.get("attention_bias"):
         raise ValueError("Qwen3-Next with attention_bias=true is not supported")
     n_layers = d["num_hidden_layers"]
@@ -57,6 +56,11 @@ def config_from_hf(d: dict) -> ModelConfig:
     if len(layer_types) != n_layers:
         raise ValueError(f"Qwen3-Next layer_types has {len(layer_types)} entries for {n_layers} layers")
     mixer, interval = _interval_from_layer_types(list(layer_types))
+    act = d.get("hidden_act", "silu")
+    if "linear_attention" in layer_types and act not in GDN_CONV_ACTIVATIONS:
+        raise ValueError(f"Qwen3-Next config: hidden_act={act!r} with linear_attention layers is not supported: HF "
+                         f"applies hidden_act in the Gated DeltaNet short convolution too, whose kernels implement "
+                         f"only {' / '.join(GDN_CONV_ACTIVATIONS)}")
     n_heads = d["num_attention_heads"]
     rope = rope_from_hf(d)
     rope.setdefault("rope_partial", 0.25)  # HF's default for this family
@@ -65,7 +69,8 @@ def config_from_hf(d: dict) -> ModelConfig:
         vocab_size=d["vocab_size"], d_model=d["hidden_size"], n_layers=n_layers,
         n_heads=n_heads, n_kv_heads=d.get("num_key_value_heads") or n_heads,
         head_dim=d.get("head_dim") or d["hidden_size"] // n_heads,
-        d_ff=d["intermediate_size"], norm_eps=d.get("rms_norm_eps", 1e-6), norm_zero_centered=True,
+        d_ff=d["intermediate_size"], hidden_act=d.get("hidden_act", "silu"), norm_eps=d.get("rms_norm_eps", 1e-6),
+        norm_zero_centered=True,
         tie_embeddings=bool(d.get("tie_word_embeddings", False)),
         max_seq_len=d.get("max_position_embeddings", 32768), init_std=d.get("initializer_range", 0.02),
         qk_norm=True, attn_output_gate=True,
@@ -103,6 +108,9 @@ def config_to_hf(cfg: ModelConfig) -> dict:
         problems.append("MoE must be a softmax router with one gated shared expert (d_ff_shared > 0)")
     if cfg.n_mtp:
         problems.append("MTP heads are not exported")
+    if "gdn" in mixers and cfg.hidden_act not in GDN_CONV_ACTIVATIONS:
+        problems.append(f"hidden_act={cfg.hidden_act!r}: HF would apply it in the Gated DeltaNet convolution "
+                        f"too (deepwish's is SiLU)")
     if problems:
         raise ValueError("config cannot be written as Qwen3NextForCausalLM: " + "; ".join(problems))
     layer_types = ["full_attention" if m == "gated_gqa" else "linear_attention" for m, _ in cfg.layer_types]
@@ -113,7 +121,7 @@ def config_to_hf(cfg: ModelConfig) -> dict:
         "vocab_size": cfg.vocab_size, "hidden_size": cfg.d_model, "num_hidden_layers": cfg.n_layers,
         "num_attention_heads": cfg.n_heads, "num_key_value_heads": cfg.n_kv_heads, "head_dim": cfg.head_dim,
         "intermediate_size": cfg.d_ff, "rms_norm_eps": cfg.norm_eps, "tie_word_embeddings": cfg.tie_embeddings,
-        "max_position_embeddings": cfg.max_seq_len, "attention_bias": False, "hidden_act": "silu",
+        "max_position_embeddings": cfg.max_seq_len, "attention_bias": False, "hidden_act": cfg.hidden_act,
         "initializer_range": cfg.init_std, "rope_parameters": rope, "partial_rotary_factor": cfg.rope_partial,
         "layer_types": layer_types,
         "linear_num_key_heads": cfg.linear_n_k_heads, "linear_num_value_heads": cfg.linear_n_v_heads,

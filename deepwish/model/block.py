@@ -94,7 +94,7 @@ def build_mixer(kind: str, cfg: ModelConfig, layer_idx: int) -> nn.Module:
 def build_ffn(kind: str, cfg: ModelConfig, layer_idx: int) -> nn.Module:
     if kind == "moe":
         return MoE(cfg, layer_idx)
-    return DenseFFN(cfg.d_model, cfg.d_ff)
+    return DenseFFN(cfg.d_model, cfg.d_ff, cfg.hidden_act)
 
 
 class Block(nn.Module):

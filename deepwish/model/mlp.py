@@ -1,24 +1,100 @@
-"""SwiGLU feed-forward: down(silu(gate(x)) * up(x)).
+"""Gated feed-forward: down(act(gate(x)) * up(x)); SwiGLU when act is SiLU (every released
+checkpoint of the supported families), but `hidden_act` may name any stateless activation HF's
+`ACT2FN` offers, and dense MLPs, routed experts and shared experts all use it.
 
 gate and up are one matrix `w_gate_up` [2·d_ff, d] (gate rows first) so the forward is two
 matmuls, not three; the HF loader concatenates `gate_proj` and `up_proj` into it.
+
+Activations are written out here as formulas, each the same arithmetic HF uses for that name
+(an fp32 parity test compares every entry against `ACT2FN`). Several names are distinct
+formulas with the same value up to rounding (`gelu_new`, `gelu_fast`, `gelu_pytorch_tanh`),
+so each keeps its own. `prelu` and `xielu` carry learnable parameters inside the activation
+and are refused (`UNSUPPORTED_ACTIVATIONS`).
 """
 from __future__ import annotations
+
+import math
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+_SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
+
+
+def _gelu_tanh_cubic(x: torch.Tensor) -> torch.Tensor:
+    """0.5·x·(1 + tanh(√(2/π)·(x + 0.044715·x³))), the cubic spelled with pow."""
+    return 0.5 * x * (1.0 + torch.tanh(_SQRT_2_OVER_PI * (x + 0.044715 * torch.pow(x, 3.0))))
+
+
+def _gelu_python_tanh(x: torch.Tensor) -> torch.Tensor:
+    return x * 0.5 * (1.0 + torch.tanh(_SQRT_2_OVER_PI * (x + 0.044715 * torch.pow(x, 3.0))))
+
+
+def _gelu_fast(x: torch.Tensor) -> torch.Tensor:
+    return 0.5 * x * (1.0 + torch.tanh(x * 0.7978845608 * (1.0 + 0.044715 * x * x)))
+
+
+def _gelu_erf(x: torch.Tensor) -> torch.Tensor:
+    return x * 0.5 * (1.0 + torch.erf(x / math.sqrt(2.0)))
+
+
+def _laplace(x: torch.Tensor, mu: float = 0.707107, sigma: float = 0.282095) -> torch.Tensor:
+    return 0.5 * (1.0 + torch.erf((x - mu).div(sigma * math.sqrt(2.0))))
+
+
+ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "silu": F.silu,
+    "swish": F.silu,
+    "gelu": F.gelu,  # exact (erf) GELU
+    "gelu_python": _gelu_erf,
+    "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
+    "gelu_python_tanh": _gelu_python_tanh,
+    "gelu_new": _gelu_tanh_cubic,
+    "gelu_accurate": _gelu_tanh_cubic,
+    "gelu_fast": _gelu_fast,
+    "gelu_10": lambda x: torch.clip(F.gelu(x), -10.0, 10.0),
+    "quick_gelu": lambda x: x * torch.sigmoid(1.702 * x),
+    "relu": F.relu,
+    "relu2": lambda x: torch.square(F.relu(x)),
+    "relu6": F.relu6,
+    "leaky_relu": F.leaky_relu,  # negative slope 0.01, as nn.LeakyReLU()
+    "hardswish": F.hardswish,
+    "mish": F.mish,
+    "sigmoid": torch.sigmoid,
+    "tanh": torch.tanh,
+    "linear": lambda x: x,
+    "laplace": _laplace,
+    "sqrtsoftplus": lambda x: F.softplus(x).sqrt(),
+}
+UNSUPPORTED_ACTIVATIONS = {
+    "prelu": "its negative slope is a learnable parameter",
+    "xielu": "its alpha_p/alpha_n are learnable parameters",
+}
+
+
+def activation(name: str) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The function for `hidden_act=name`, or a ValueError naming the value."""
+    if name in ACTIVATIONS:
+        return ACTIVATIONS[name]
+    why = f" ({UNSUPPORTED_ACTIVATIONS[name]})" if name in UNSUPPORTED_ACTIVATIONS else ""
+    raise ValueError(f"hidden_act={name!r} is not supported{why}; supported: {', '.join(ACTIVATIONS)}")
+
 
 class SwiGLU(nn.Module):
+    """down(act(gate(x)) * up(x)); `act` defaults to SiLU (SwiGLU proper)."""
+
     PARAM_ROLES = {"w_down.weight": "matrix_out"}  # writes into the residual stream (model/roles.py)
 
-    def __init__(self, d_model: int, d_ff: int):
+    def __init__(self, d_model: int, d_ff: int, act: str = "silu"):
         super().__init__()
         self.d_ff = d_ff
+        self.act_name = act
+        self.act = activation(act)
         self.w_gate_up = nn.Linear(d_model, 2 * d_ff, bias=False)
         self.w_down = nn.Linear(d_ff, d_model, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.w_gate_up(x).chunk(2, dim=-1)
-        return self.w_down(F.silu(gate) * up)
+        return self.w_down(self.act(gate) * up)

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from deepwish.config import ModelConfig
-from deepwish.model.mlp import SwiGLU
+from deepwish.model.mlp import SwiGLU, activation
 
 
 def route_softmax(logits: torch.Tensor, top_k: int, norm_topk_prob: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -99,8 +99,9 @@ def _grouped_mm_available(x: torch.Tensor, dtype: torch.dtype) -> bool:
 
 
 def grouped_swiglu(x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor,
-                   w_gate_up: torch.Tensor, w_down: torch.Tensor) -> torch.Tensor:
-    """Σ_k weights[n,k] · SwiGLU_{indices[n,k]}(x[n]).  x [N, d], indices/weights [N, k]."""
+                   w_gate_up: torch.Tensor, w_down: torch.Tensor, act=F.silu) -> torch.Tensor:
+    """Σ_k weights[n,k] · GLU_{indices[n,k]}(x[n]) with GLU = down(act(gate)·up) (SwiGLU for
+    the default SiLU).  x [N, d], indices/weights [N, k]."""
     N, d = x.shape
     E = w_gate_up.shape[0]
     k = indices.shape[1]
@@ -116,7 +117,7 @@ def grouped_swiglu(x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor
         with torch.autocast("cuda", enabled=False):
             h = torch._grouped_mm(xs.to(dtype), w_gate_up.to(dtype).transpose(-2, -1), offs=offs)
             gate, up = h.chunk(2, dim=-1)
-            ys = torch._grouped_mm(F.silu(gate) * up, w_down.to(dtype).transpose(-2, -1), offs=offs)
+            ys = torch._grouped_mm(act(gate) * up, w_down.to(dtype).transpose(-2, -1), offs=offs)
     else:
         # Padded batched matmul: [E, C, d] with C the largest expert load. During decode (few
         # tokens) C = N avoids a device->host sync so the step stays graph-capturable.
@@ -126,7 +127,7 @@ def grouped_swiglu(x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor
         buf = x.new_zeros(E, cap, d)
         buf[expert, slot] = xs
         gate, up = torch.bmm(buf, w_gate_up.transpose(1, 2)).chunk(2, dim=-1)
-        ys = torch.bmm(F.silu(gate) * up, w_down.transpose(1, 2))[expert, slot]
+        ys = torch.bmm(act(gate) * up, w_down.transpose(1, 2))[expert, slot]
     ys = ys * weights.reshape(-1)[order, None].to(ys.dtype)
     return torch.zeros_like(x).index_add_(0, token, ys.to(x.dtype))
 
@@ -143,6 +144,7 @@ class MoE(nn.Module):
         E, d, inner = cfg.n_experts, cfg.d_model, cfg.d_ff_expert
         self.n_experts, self.top_k = E, cfg.n_experts_per_tok
         self.router = nn.Linear(d, E, bias=False)
+        self.act = activation(cfg.hidden_act)
         self.w_gate_up = nn.Parameter(torch.empty(E, 2 * inner, d))
         self.w_down = nn.Parameter(torch.empty(E, d, inner))
         if cfg.router == "sigmoid":
@@ -152,9 +154,9 @@ class MoE(nn.Module):
         self.shared = None
         self.shared_gate = None
         if cfg.n_shared_experts > 0:  # DeepSeek: shared experts act as one wide SwiGLU
-            self.shared = SwiGLU(d, inner * cfg.n_shared_experts)
+            self.shared = SwiGLU(d, inner * cfg.n_shared_experts, cfg.hidden_act)
         elif cfg.d_ff_shared > 0:  # Qwen3-Next: one shared expert, optionally gated
-            self.shared = SwiGLU(d, cfg.d_ff_shared)
+            self.shared = SwiGLU(d, cfg.d_ff_shared, cfg.hidden_act)
             if cfg.shared_expert_gate:
                 self.shared_gate = nn.Linear(d, 1, bias=False)
         # initialised by role in Transformer.reset_parameters; a standalone MoE gets the same std
@@ -176,7 +178,7 @@ class MoE(nn.Module):
         B, T, d = x.shape
         flat = x.reshape(-1, d)
         weights, indices, scores = self.route(flat)
-        y = grouped_swiglu(flat, indices, weights, self.w_gate_up, self.w_down)
+        y = grouped_swiglu(flat, indices, weights, self.w_gate_up, self.w_down, self.act)
         if self.shared is not None:
             s = self.shared(flat)
             if self.shared_gate is not None:
