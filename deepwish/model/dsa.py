@@ -11,6 +11,7 @@ Indexer (HF `DeepseekV32Indexer`, V3.2 paper §2.1):
     rope on the first P channels of q and k, NON-interleaved (half split), unlike MLA's own rope
     w_h = weights_proj(x) in fp32 · Hi^-0.5
     I[t,s] = Σ_h w_h · relu(q_h·k_s · Di^-0.5);  keep the top index_topk causal keys per query.
+    Exact ties at the k-th score go to the most recent keys (`select_topk_latest`).
 The released code adds a Hadamard rotation and fp8 scoring; the rotation is orthogonal (it
 preserves q·k) and fp8 is a precision choice, so neither is reproduced (HF does the same).
 
@@ -100,10 +101,28 @@ class Indexer(nn.Module):
     def select(self, index_scores: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Top-k visible keys per query as a boolean mask. index_scores [B,T,S],
         mask [B,1,T,S] (True = visible) -> [B,1,T,S] (True = visible and selected)."""
-        s = index_scores.masked_fill(~mask[:, 0], float("-inf"))
-        idx = s.topk(min(self.topk, s.shape[-1]), dim=-1).indices
-        chosen = torch.zeros_like(mask[:, 0]).scatter_(-1, idx, True)
-        return (chosen & mask[:, 0])[:, None]
+        return select_topk_latest(index_scores, mask[:, 0], self.topk)[:, None]
+
+
+def select_topk_latest(scores: torch.Tensor, visible: torch.Tensor, k: int) -> torch.Tensor:
+    """The k visible keys with the largest scores, ties at the k-th score going to the most
+    recent keys. scores [..., S], visible [..., S] bool -> chosen [..., S] bool.
+
+    Exact ties are common: a key whose indexer dot products are negative for every index head
+    scores exactly 0. `torch.topk` breaks ties by an order that depends on the row length, so
+    the same prompt would select different keys in a [T, T] forward, in caches of different
+    lengths and in a packed row. Here the choice is a function of the visible scores and key
+    order only: every key above the k-th largest score, then, among keys equal to it, the latest
+    ones. The visible keys of one query are one document in slot order, and slot order is
+    position order in every path (uncached, packed, cached, chunked prefill), so "latest slot"
+    is "latest position". A fast kernel replacing this must keep the same rule."""
+    s = scores.masked_fill(~visible, float("-inf"))
+    kth = s.topk(min(k, s.shape[-1]), dim=-1).values[..., -1:]  # the k-th value is unambiguous
+    above = (s > kth) & visible  # (fewer than k visible: kth = -inf and every visible key is above)
+    tied = (s == kth) & visible
+    need = min(k, s.shape[-1]) - above.sum(-1, keepdim=True)
+    rank_from_latest = tied.flip(-1).cumsum(-1).flip(-1)  # 1 = the latest tied key
+    return above | (tied & (rank_from_latest <= need))
 
 
 def indexer_kl(attn_scores: torch.Tensor, index_scores: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

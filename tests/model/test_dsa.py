@@ -107,9 +107,7 @@ def test_kl_is_zero_when_indexer_matches_attention():
 
 
 def test_decode_with_indexer_cache_equals_forward(rel_err):
-    # 16 index heads: an index score is exactly 0 when every head's relu is 0, and top-k breaks
-    # such ties by position within the scored row, which differs between a [T, T] forward and
-    # a [T, cache] decode (as it does between HF's forward and HF's growing cache)
+    # 16 index heads: fewer exact-zero index scores (every head's relu 0), so fewer ties
     rc = tiny("model.index_n_heads=16")
     model = Transformer(rc.model).eval()
     randomise(model)
@@ -194,3 +192,67 @@ def test_freeze_all_but_indexers_for_the_warmup():
     assert grads and grads <= set(names)
     with pytest.raises(ValueError, match="no indexer"):
         freeze_all_but_indexers(Transformer(load_config("deepseek_v3_tiny", ["model.n_layers=1"]).model))
+
+
+# ---- ties in the top-k selection -------------------------------------------------------------
+def test_ties_go_to_the_most_recent_keys_whatever_the_row_length():
+    from deepwish.model.dsa import select_topk_latest
+    scores = torch.tensor([3.0, 0.0, 0.0, 5.0, 0.0, 0.0, 1.0])
+    want = torch.tensor([True, False, False, True, False, True, True])  # 5, 3, 1, then the latest 0
+    assert torch.equal(select_topk_latest(scores, torch.ones(7, dtype=torch.bool), 4), want)
+    for pad in (1, 5, 93):  # invisible slots after the row (a longer cache) never change the choice
+        s = torch.cat([scores, torch.zeros(pad)])
+        vis = torch.cat([torch.ones(7, dtype=torch.bool), torch.zeros(pad, dtype=torch.bool)])
+        assert torch.equal(select_topk_latest(s, vis, 4)[:7], want)
+    assert torch.equal(select_topk_latest(torch.zeros(5), torch.tensor([1, 1, 0, 1, 0]).bool(), 9),
+                       torch.tensor([1, 1, 0, 1, 0]).bool())  # fewer visible than k: all of them
+
+
+def tied_model():
+    """Layer 0's index scores are all exactly 0 (weights_proj = 0): every selection is a tie."""
+    rc = tiny("model.index_topk=4")
+    model = Transformer(rc.model).eval()
+    randomise(model)
+    with torch.no_grad():
+        model.blocks[0].mixer.indexer.weights_proj.weight.zero_()
+    return model
+
+
+def test_tied_selection_is_the_same_for_every_cache_length_and_chunking():
+    from deepwish.generate import prefill
+    model = tied_model()
+    x = torch.randint(0, 101, (1, 12), generator=torch.Generator().manual_seed(0))
+    pos = torch.arange(12)[None]
+    with torch.no_grad():
+        ref = model(x)
+        for L in (12, 13, 40, 100):
+            out = model(x, positions=pos, cache=model.make_cache(1, L))
+            assert torch.equal(out.argmax(-1), ref.argmax(-1)) and (out - ref).abs().max() < 1e-5, L
+        cache = model.make_cache(1, 40)
+        prefill(model, x[:, :5], cache)
+        last = prefill(model, x[:, 5:], cache, start=5)
+    assert (last - ref[:, -1]).abs().max() < 1e-5
+
+
+def test_tied_selection_packed_equals_alone():
+    model = tied_model()
+    g = torch.Generator().manual_seed(1)
+    a, b = torch.randint(0, 101, (1, 9), generator=g), torch.randint(0, 101, (1, 11), generator=g)
+    packed = torch.cat([a, b], 1)
+    pos = torch.cat([torch.arange(9), torch.arange(11)])[None]
+    doc = torch.cat([torch.zeros(9), torch.ones(11)]).long()[None]
+    with torch.no_grad():
+        out = model(packed, positions=pos, doc_ids=doc)
+        assert (out[:, :9] - model(a)).abs().max() < 1e-5
+        assert (out[:, 9:] - model(b)).abs().max() < 1e-5
+
+
+def test_tied_selection_generate_equals_uncached_greedy():
+    from deepwish.generate import generate
+    model = tied_model()
+    seq = torch.randint(0, 101, (1, 12), generator=torch.Generator().manual_seed(2))
+    got = generate(model, seq, 10)[0]
+    with torch.no_grad():
+        for _ in range(10):
+            seq = torch.cat([seq, model(seq)[:, -1].argmax(-1, keepdim=True)], 1)
+    assert got == seq[0, 12:].tolist()
