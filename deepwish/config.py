@@ -23,6 +23,7 @@ PRESET_DIR = Path(__file__).parent / "configs"
 MIXERS = ("gqa", "gated_gqa", "mla", "gdn", "nsa", "dsa", "swa")
 FFNS = ("dense", "moe")
 BACKENDS = ("auto", "torch", "triton", "fla")
+ROPE_TYPES = ("default", "yarn", "linear", "dynamic", "llama3", "longrope")
 
 
 class ConfigError(ValueError):
@@ -58,7 +59,7 @@ class ModelConfig:
     init_std: float = 0.02
     # --- attention ------------------------------------------------------------------
     qk_norm: bool = True  # per-head RMSNorm on q and k (Qwen3)
-    attn_bias: bool = False  # bias on q/k/v projections
+    attn_bias: bool = False  # bias on the q/k/v/o projections (MLA: q_a, kv_a, o), as HF's attention_bias
     attn_output_gate: bool = False  # Qwen3-Next gated attention: sigmoid gate from q_proj
     sliding_window: int = 0  # 0 = full causal attention; >0 for "swa" layers
     attn_backend: str = "auto"  # auto | torch (explicit softmax) | sdpa
@@ -66,9 +67,14 @@ class ModelConfig:
     rope_theta: float = 1_000_000.0
     rope_partial: float = 1.0  # fraction of head_dim that is rotated (Qwen3-Next: 0.25)
     rope_interleave: bool = False  # pairs (2i, 2i+1) instead of halves (DeepSeek MLA weights)
-    rope_type: str = "default"  # default | yarn
-    rope_factor: float = 1.0  # YaRN scaling factor
-    rope_original_max_len: int = 0  # YaRN original_max_position_embeddings
+    rope_type: str = "default"  # default | yarn | linear | dynamic | llama3 | longrope (model/rope.py)
+    rope_factor: float = 1.0  # scaling factor (yarn, linear, dynamic, llama3, longrope)
+    rope_original_max_len: int = 0  # original_max_position_embeddings (yarn, llama3, longrope)
+    rope_low_freq_factor: float = 1.0  # llama3
+    rope_high_freq_factor: float = 4.0  # llama3
+    rope_short_factor: tuple[float, ...] = ()  # longrope: per-frequency divisors up to the original length
+    rope_long_factor: tuple[float, ...] = ()  # longrope: per-frequency divisors beyond it
+    rope_attention_factor: float = 0.0  # longrope: cos/sin scale (0 = derived from factor)
     yarn_beta_fast: float = 32.0
     yarn_beta_slow: float = 1.0
     yarn_mscale: float = 1.0  # DeepSeek YaRN: softmax scale multiplied by mscale(factor, this)²
@@ -76,6 +82,7 @@ class ModelConfig:
     yarn_attention_factor: float = 0.0  # 0 = derived (0.1·ln(factor)+1), else explicit
     # --- layer pattern --------------------------------------------------------------
     mixer: str = "gqa"  # default mixer of every layer
+    layer_mixers: tuple[str, ...] = ()  # explicit mixer of every layer (overrides mixer/interval when set)
     full_attention_interval: int = 0  # hybrid: every k-th layer is `attn_mixer`, others `mixer`
     attn_mixer: str = "gated_gqa"  # the full-attention mixer of a hybrid stack
     first_k_dense: int = 0  # the first k layers use a dense FFN even in an MoE model
@@ -133,9 +140,12 @@ class ModelConfig:
             (self.gdn_backend in BACKENDS, f"gdn_backend={self.gdn_backend!r} is not one of {BACKENDS}"),
             (self.attn_backend in ("auto", "torch", "sdpa"),
              f"attn_backend={self.attn_backend!r} is not one of auto, torch, sdpa"),
-            (self.rope_type in ("default", "yarn"), f"rope_type={self.rope_type!r} is not default or yarn"),
+            (self.rope_type in ROPE_TYPES, f"rope_type={self.rope_type!r} is not one of {ROPE_TYPES}"),
             (0.0 < self.rope_partial <= 1.0, f"rope_partial={self.rope_partial} must be in (0, 1]"),
             (_activation_problem(self.hidden_act) is None, _activation_problem(self.hidden_act)),
+            (not self.layer_mixers or len(self.layer_mixers) == self.n_layers,
+             f"layer_mixers has {len(self.layer_mixers)} entries for n_layers={self.n_layers}"),
+            (set(self.layer_mixers) <= set(MIXERS), f"layer_mixers={self.layer_mixers} has entries not in {MIXERS}"),
         ]
         for ok, msg in checks:
             if not ok:
@@ -146,7 +156,9 @@ class ModelConfig:
         """(mixer, ffn) for every layer, derived once from the pattern fields."""
         out = []
         for i in range(self.n_layers):
-            if self.full_attention_interval > 0:
+            if self.layer_mixers:
+                mixer = self.layer_mixers[i]
+            elif self.full_attention_interval > 0:
                 mixer = self.attn_mixer if (i + 1) % self.full_attention_interval == 0 else self.mixer
             else:
                 mixer = self.mixer

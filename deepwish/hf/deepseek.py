@@ -44,6 +44,14 @@ def config_from_hf(d: dict) -> ModelConfig:
               != [FP8_BLOCK, FP8_BLOCK]):
         raise ValueError(f"deepseek config: quantization_config={q} is not supported "
                          f"(only fp8 with {FP8_BLOCK}x{FP8_BLOCK} weight blocks)")
+    n_kv = d.get("num_key_value_heads", d["num_attention_heads"])
+    if n_kv != d["num_attention_heads"]:  # MLA keys/values have one head per query head
+        raise ValueError(f"deepseek config: num_key_value_heads={n_kv} must equal num_attention_heads="
+                         f"{d['num_attention_heads']} (MLA)")
+    if v32 and d.get("layer_types") is not None and (len(d["layer_types"]) != d["num_hidden_layers"] or
+                                                     set(d["layer_types"]) != {"deepseek_sparse_attention"}):
+        raise ValueError(f"deepseek config: layer_types={d['layer_types']} must be 'deepseek_sparse_attention' "
+                         f"for each of the {d['num_hidden_layers']} layers")
     if d.get("moe_layer_freq", 1) != 1:
         raise ValueError(f"deepseek config: moe_layer_freq={d['moe_layer_freq']} is not supported (only 1)")
     n_layers = d["num_hidden_layers"]

@@ -23,31 +23,32 @@ from deepwish.hf.table import Entry, one
 
 ARCHITECTURES = ("Qwen3NextForCausalLM",)
 IGNORABLE = ("mtp.",)
-FP32_KEYS = ("A_log", "dt_bias")
-GDN_CONV_ACTIVATIONS = ("silu", "swish")  # HF's Gated DeltaNet convolution applies hidden_act too  # decay parameters stay fp32 when the rest is loaded in bf16
+FP32_KEYS = ("A_log", "dt_bias")  # decay parameters stay fp32 when the rest is loaded in bf16
+GDN_CONV_ACTIVATIONS = ("silu", "swish")  # HF's Gated DeltaNet convolution applies hidden_act too
 
 
-def _interval_from_layer_types(layer_types: list[str]) -> tuple[str, int]:
-    """HF layer_types -> (mixer, full_attention_interval); a pattern that is not 'every k-th layer
-    is full attention' cannot be expressed by our config and is an error."""
+LEGACY_LAYER_TYPES = {"conv": "linear_attention", "mamba": "linear_attention", "attention": "full_attention"}  # HF renames
+
+
+def mixers_from_layer_types(layer_types: list[str]) -> dict:
+    """HF layer_types -> our layer-pattern fields: a single mixer, 'every k-th layer is full
+    attention' (full_attention_interval, as the released checkpoints), or an explicit list."""
+    layer_types = [LEGACY_LAYER_TYPES.get(t, t) for t in layer_types]
     kinds = set(layer_types)
     if not kinds <= {"linear_attention", "full_attention"}:
-        raise ValueError(f"Qwen3-Next layer_types has unknown entries: {sorted(kinds)}")
+        raise ValueError(f"Qwen3-Next layer_types has unknown entries: {sorted(kinds - {'linear_attention', 'full_attention'})}")
     if kinds == {"linear_attention"}:
-        return "gdn", 0
+        return dict(mixer="gdn", full_attention_interval=0)
     if kinds == {"full_attention"}:
-        return "gated_gqa", 0
+        return dict(mixer="gated_gqa", full_attention_interval=0)
     k = layer_types.index("full_attention") + 1
-    want = ["full_attention" if (i + 1) % k == 0 else "linear_attention" for i in range(len(layer_types))]
-    if layer_types != want:
-        raise ValueError(f"Qwen3-Next layer_types {layer_types} is not 'every {k}-th layer is full attention'; "
-                         f"only periodic hybrid patterns are supported")
-    return "gdn", k
+    if layer_types == ["full_attention" if (i + 1) % k == 0 else "linear_attention" for i in range(len(layer_types))]:
+        return dict(mixer="gdn", full_attention_interval=k)
+    return dict(mixer="gdn", full_attention_interval=0,
+                layer_mixers=tuple("gated_gqa" if t == "full_attention" else "gdn" for t in layer_types))
 
 
 def config_from_hf(d: dict) -> ModelConfig:
-    if d.get("attention_bias"):
-        raise ValueError("Qwen3-Next with attention_bias=true is not supported")
     n_layers = d["num_hidden_layers"]
     layer_types = d.get("layer_types")
     if layer_types is None:
@@ -55,7 +56,7 @@ def config_from_hf(d: dict) -> ModelConfig:
         layer_types = ["full_attention" if (i + 1) % k == 0 else "linear_attention" for i in range(n_layers)]
     if len(layer_types) != n_layers:
         raise ValueError(f"Qwen3-Next layer_types has {len(layer_types)} entries for {n_layers} layers")
-    mixer, interval = _interval_from_layer_types(list(layer_types))
+    pattern = mixers_from_layer_types(list(layer_types))
     act = d.get("hidden_act", "silu")
     if "linear_attention" in layer_types and act not in GDN_CONV_ACTIVATIONS:
         raise ValueError(f"Qwen3-Next config: hidden_act={act!r} with linear_attention layers is not supported: HF "
@@ -73,8 +74,8 @@ def config_from_hf(d: dict) -> ModelConfig:
         norm_zero_centered=True,
         tie_embeddings=bool(d.get("tie_word_embeddings", False)),
         max_seq_len=d.get("max_position_embeddings", 32768), init_std=d.get("initializer_range", 0.02),
-        qk_norm=True, attn_output_gate=True,
-        mixer=mixer, attn_mixer="gated_gqa", full_attention_interval=interval,
+        qk_norm=True, attn_output_gate=True, attn_bias=bool(d.get("attention_bias", False)),
+        attn_mixer="gated_gqa", **pattern,
         linear_n_k_heads=d["linear_num_key_heads"], linear_n_v_heads=d["linear_num_value_heads"],
         linear_k_head_dim=d["linear_key_head_dim"], linear_v_head_dim=d["linear_value_head_dim"],
         linear_conv_kernel=d.get("linear_conv_kernel_dim", 4),
@@ -98,8 +99,8 @@ def config_to_hf(cfg: ModelConfig) -> dict:
     problems = []
     if not cfg.norm_zero_centered:
         problems.append("norm_zero_centered must be true")
-    if cfg.attn_bias or not cfg.qk_norm:
-        problems.append("attention needs qk_norm=true and attn_bias=false")
+    if not cfg.qk_norm:
+        problems.append("attention needs qk_norm=true")
     mixers = {m for m, _ in cfg.layer_types}
     if not mixers <= {"gdn", "gated_gqa"}:
         problems.append(f"mixers must be gdn / gated_gqa, got {sorted(mixers)}")
@@ -121,7 +122,7 @@ def config_to_hf(cfg: ModelConfig) -> dict:
         "vocab_size": cfg.vocab_size, "hidden_size": cfg.d_model, "num_hidden_layers": cfg.n_layers,
         "num_attention_heads": cfg.n_heads, "num_key_value_heads": cfg.n_kv_heads, "head_dim": cfg.head_dim,
         "intermediate_size": cfg.d_ff, "rms_norm_eps": cfg.norm_eps, "tie_word_embeddings": cfg.tie_embeddings,
-        "max_position_embeddings": cfg.max_seq_len, "attention_bias": False, "hidden_act": cfg.hidden_act,
+        "max_position_embeddings": cfg.max_seq_len, "attention_bias": cfg.attn_bias, "hidden_act": cfg.hidden_act,
         "initializer_range": cfg.init_std, "rope_parameters": rope, "partial_rotary_factor": cfg.rope_partial,
         "layer_types": layer_types,
         "linear_num_key_heads": cfg.linear_n_k_heads, "linear_num_value_heads": cfg.linear_n_v_heads,
@@ -190,7 +191,7 @@ def name_table(cfg: ModelConfig) -> list[Entry]:
         if mixer == "gdn":
             t += gdn_entries(cfg, p, f"{q}.linear_attn")
         else:
-            t += attention_entries(p, f"{q}.self_attn")
+            t += attention_entries(p, f"{q}.self_attn", bias=cfg.attn_bias)
         if ffn == "moe":
             t.append(one(f"{p}.ffn.router.weight", f"{q}.mlp.gate.weight"))
             t += expert_entries(f"{p}.ffn", f"{q}.mlp", cfg.n_experts)

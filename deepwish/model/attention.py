@@ -86,7 +86,7 @@ class Attention(nn.Module):
         self.q_proj = nn.Linear(d, self.n_heads * self.head_dim * (2 if gated else 1), bias=cfg.attn_bias)
         self.k_proj = nn.Linear(d, self.n_kv_heads * self.head_dim, bias=cfg.attn_bias)
         self.v_proj = nn.Linear(d, self.n_kv_heads * self.head_dim, bias=cfg.attn_bias)
-        self.o_proj = nn.Linear(self.n_heads * self.head_dim, d, bias=False)
+        self.o_proj = nn.Linear(self.n_heads * self.head_dim, d, bias=cfg.attn_bias)  # HF: o_proj too
         self.q_norm = RMSNorm(self.head_dim, cfg.norm_eps, cfg.norm_zero_centered) if cfg.qk_norm else None
         self.k_norm = RMSNorm(self.head_dim, cfg.norm_eps, cfg.norm_zero_centered) if cfg.qk_norm else None
         self.scale = self.head_dim ** -0.5

@@ -40,7 +40,9 @@ IGNORE_INDEX = -100
 class MTP(nn.Module):
     def __init__(self, cfg: ModelConfig, layer_idx: int):
         super().__init__()
-        ext = replace(cfg, n_layers=cfg.n_layers + cfg.n_mtp)  # layer_types continued past the trunk
+        # layer_types continued past the trunk (an explicit per-layer list continues with `mixer`)
+        ext = replace(cfg, n_layers=cfg.n_layers + cfg.n_mtp,
+                      layer_mixers=cfg.layer_mixers + (cfg.mixer,) * cfg.n_mtp if cfg.layer_mixers else ())
         if not cfg.n_layers <= layer_idx < ext.n_layers:
             raise ValueError(f"MTP layer index {layer_idx} is outside {cfg.n_layers}..{ext.n_layers - 1}")
         d = cfg.d_model

@@ -160,11 +160,3 @@ def test_real_80b_config_maps_to_preset():
          "vocab_size": 151936}
     assert config_from_hf(d) == model_config("qwen3_next_80b_a3b")
 
-
-def test_irregular_layer_types_are_refused():
-    d = {"architectures": ["Qwen3NextForCausalLM"], "hidden_size": 32, "num_hidden_layers": 4,
-         "num_attention_heads": 4, "intermediate_size": 48, "vocab_size": 97, "linear_num_key_heads": 2,
-         "linear_num_value_heads": 2, "linear_key_head_dim": 8, "linear_value_head_dim": 8,
-         "layer_types": ["full_attention", "linear_attention", "linear_attention", "full_attention"]}
-    with pytest.raises(ValueError, match="periodic"):
-        config_from_hf(d)
