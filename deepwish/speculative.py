@@ -34,6 +34,7 @@ cost of verifying k+1 tokens is taken as one decode step; rejected slots of a ri
 """
 from __future__ import annotations
 
+import sys
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -260,7 +261,7 @@ def _speculate(tgt: _Stream, propose: Callable, prompt: Sequence[int], max_new_t
                 print(f"speculative: draft dropped after {stats.rounds} rounds: "
                       f"{sum(recent) / window:.2f} tokens per target forward over the last {window} rounds <= "
                       f"break-even 1 + k·c = {break_even:.2f} (k={k}, cost ratio c={stats.cost_ratio:.3f}); "
-                      f"continuing with the target alone")
+                      f"continuing with the target alone", file=sys.stderr)  # a diagnostic: stdout is the text
         for t in new:
             seq.append(t)
             out.append(t)
