@@ -212,6 +212,7 @@ class TrainConfig:
     indexer_loss_coef: float = 1.0
     tensorboard: bool = False
     mlflow: bool = False
+    mlflow_experiment: str = ""  # MLflow experiment name (empty: MLFLOW_EXPERIMENT_ID/_NAME, else "deepwish")
     sample_tokens: int = 64  # tokens sampled at the end of the run
     sample_prompt: str = "ROMEO:"
     # --- scale-out (train/parallel.py) ---------------------------------------------

@@ -249,7 +249,7 @@ def build(cfg, device) -> torch.nn.Module:
 def attention_only(cfg):
     """The same config cut to its full-attention layers (hybrid stacks only)."""
     n_attn = sum(1 for m, _ in cfg.layer_types if m == cfg.attn_mixer)
-    return dataclasses.replace(cfg, n_layers=n_attn, full_attention_interval=0, mixer=cfg.attn_mixer)
+    return dataclasses.replace(cfg, n_layers=n_attn, full_attention_interval=0, mixer=cfg.attn_mixer, layer_mixers=())
 
 
 def run_preset(preset, batches, contexts, new_tokens, hf_tokens, compile_mode, device) -> list[Row]:

@@ -73,12 +73,29 @@ def _require(module: str, feature: str, extra: str):
                           f"(pip install {extra}); or set train.{feature}=false") from e
 
 
+def is_file_store(uri: str) -> bool:
+    """A `file:` URI or a plain path: MLflow's filesystem tracking backend."""
+    scheme = uri.split(":", 1)[0] if ":" in uri else ""
+    return scheme == "file" or len(scheme) <= 1  # "" or a Windows drive letter
+
+
+def mlflow_experiment_args(name: str) -> dict:
+    """The experiment a run logs to: `train.mlflow_experiment` when set, else MLflow's own
+    MLFLOW_EXPERIMENT_ID / MLFLOW_EXPERIMENT_NAME, else "deepwish"."""
+    if name:
+        return {"experiment_name": name}
+    if os.environ.get("MLFLOW_EXPERIMENT_ID"):
+        return {"experiment_id": os.environ["MLFLOW_EXPERIMENT_ID"]}
+    return {"experiment_name": os.environ.get("MLFLOW_EXPERIMENT_NAME") or "deepwish"}
+
+
 class Logger:
     """Writes metrics.jsonl under `run_dir` and prints progress; one instance per run."""
 
     def __init__(self, run_dir: str | os.PathLike, *, total_steps: int, flops_per_token: float,
                  device: torch.device, log_every: int, tensorboard: bool = False, mlflow: bool = False,
-                 config: dict | None = None, window: int = 20, progress_bar: bool | None = None):
+                 config: dict | None = None, window: int = 20, progress_bar: bool | None = None,
+                 mlflow_experiment: str | None = None):
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.total_steps = total_steps
@@ -99,11 +116,15 @@ class Logger:
             uri = os.environ.get("MLFLOW_TRACKING_URI")
             if not uri:  # the default: a local file store inside the run directory, no server
                 uri = (self.run_dir / "mlruns").resolve().as_uri()
-                # Recent MLflow refuses file stores unless asked (it prefers a database backend);
-                # this is the documented opt-out, set only for the store we chose ourselves.
+            if is_file_store(uri):
+                # MLflow 3 refuses file stores unless MLFLOW_ALLOW_FILE_STORE=true (it prefers a
+                # database backend); a file store is what was asked for here, by default or by
+                # MLFLOW_TRACKING_URI, so opt in unless the variable is already set either way.
                 os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
             mlf.set_tracking_uri(uri)
-            mlf.set_experiment("deepwish")
+            if mlflow_experiment is None:
+                mlflow_experiment = ((config or {}).get("train") or {}).get("mlflow_experiment", "")
+            mlf.set_experiment(**mlflow_experiment_args(mlflow_experiment))
             mlf.start_run(run_name=self.run_dir.name)
             if config:
                 flat = {f"{s}.{k}": v for s, sec in config.items() if isinstance(sec, dict) for k, v in sec.items()}

@@ -42,7 +42,10 @@ def test_mfu_uses_the_peak(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("flag,module", [("tensorboard", "tensorboard"), ("mlflow", "mlflow")])
 def test_optional_integrations(tmp_path, flag, module, monkeypatch):
+    # a user-chosen file store (MLflow 3 refuses those unless MLFLOW_ALLOW_FILE_STORE=true)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", (tmp_path / "store").as_uri())
+    monkeypatch.delenv("MLFLOW_ALLOW_FILE_STORE", raising=False)
+    monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", "from-env")
     kw = dict(total_steps=1, flops_per_token=1.0, device=torch.device("cpu"), log_every=1, progress_bar=False)
     if importlib.util.find_spec(module) is None:
         with pytest.raises(ImportError, match=f"train.{flag}=true needs the '{module}' package"):
@@ -53,8 +56,69 @@ def test_optional_integrations(tmp_path, flag, module, monkeypatch):
         lg.step(1, 10, {"loss": 1.0, "lr": 1.0, "grad_norm": 1.0})
         lg.close()
         assert any((tmp_path / d).exists() for d in ("tensorboard", "store"))
+        if flag == "mlflow":
+            import mlflow
+            assert mlflow.get_experiment_by_name("from-env") is not None
 
 
 def test_plot_needs_metrics(tmp_path):
     with pytest.raises(FileNotFoundError):
         plot_run(tmp_path)
+
+
+class FakeMlflow3:
+    """The slice of the MLflow 3 client the logger uses, with MLflow 3's refusal of file stores
+    unless MLFLOW_ALLOW_FILE_STORE=true."""
+
+    def __init__(self):
+        self.calls = []
+
+    def set_tracking_uri(self, uri):
+        self.calls.append(("uri", uri))
+
+    def set_experiment(self, experiment_name=None, experiment_id=None):
+        import os
+        uri = next(v for k, v in self.calls if k == "uri")
+        if L.is_file_store(uri) and os.environ.get("MLFLOW_ALLOW_FILE_STORE", "").lower() != "true":
+            raise RuntimeError("The filesystem tracking backend (e.g., './mlruns') is no longer supported.")
+        self.calls.append(("experiment", experiment_name or f"id:{experiment_id}"))
+
+    def start_run(self, run_name=None):
+        self.calls.append(("run", run_name))
+
+    def log_params(self, params):
+        pass
+
+    def log_metric(self, key, value, step=None):
+        self.calls.append(("metric", key))
+
+    def end_run(self):
+        self.calls.append(("end", None))
+
+
+@pytest.mark.parametrize("config_name,env,want", [
+    ("", {}, "deepwish"),
+    ("from-config", {"MLFLOW_EXPERIMENT_NAME": "from-env"}, "from-config"),
+    ("", {"MLFLOW_EXPERIMENT_NAME": "from-env"}, "from-env"),
+    ("", {"MLFLOW_EXPERIMENT_ID": "42"}, "id:42"),
+])
+def test_mlflow3_user_file_store_and_experiment(tmp_path, monkeypatch, config_name, env, want):
+    import sys
+    fake = FakeMlflow3()
+    monkeypatch.setitem(sys.modules, "mlflow", fake)
+    for k in ("MLFLOW_ALLOW_FILE_STORE", "MLFLOW_EXPERIMENT_NAME", "MLFLOW_EXPERIMENT_ID"):
+        monkeypatch.delenv(k, raising=False)
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", (tmp_path / "store").as_uri())  # a user-chosen file store
+    lg = L.Logger(tmp_path, total_steps=1, flops_per_token=1.0, device=torch.device("cpu"), log_every=1,
+                  progress_bar=False, mlflow=True, config={"train": {"mlflow_experiment": config_name}})
+    lg.start(0)
+    lg.step(1, 10, {"loss": 1.0, "lr": 1.0, "grad_norm": 1.0})
+    lg.close()
+    assert ("experiment", want) in fake.calls and ("metric", "train_loss") in fake.calls
+
+
+def test_file_store_uris():
+    assert L.is_file_store("file:///tmp/x") and L.is_file_store("./mlruns") and L.is_file_store("/abs/mlruns")
+    assert not L.is_file_store("sqlite:///mlflow.db") and not L.is_file_store("http://host:5000")
