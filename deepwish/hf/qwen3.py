@@ -96,8 +96,8 @@ def attention_pattern_from_hf(d: dict, moe: bool) -> dict:
         raise ValueError(f"Qwen3 config: layer_types={types} must list 'full_attention' / 'sliding_attention' for "
                          f"each of the {n} layers")
     if "sliding_attention" in types and window is None:
-        raise ValueError(f"Qwen3 config: layer_types has sliding_attention layers but no window "
-                         f"(use_sliding_window={d.get('use_sliding_window')}, sliding_window={d.get('sliding_window')})")
+        raise ValueError(f"Qwen3 config: layer_types has sliding_attention layers but no window (use_sliding_window="
+                         f"{d.get('use_sliding_window')}, sliding_window={d.get('sliding_window')})")
     mixers = tuple("swa" if t == "sliding_attention" else "gqa" for t in types)
     out: dict = {"sliding_window": int(window)} if "swa" in mixers else {}
     if len(set(mixers)) == 1:

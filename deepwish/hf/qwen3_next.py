@@ -27,7 +27,8 @@ FP32_KEYS = ("A_log", "dt_bias")  # decay parameters stay fp32 when the rest is 
 GDN_CONV_ACTIVATIONS = ("silu", "swish")  # HF's Gated DeltaNet convolution applies hidden_act too
 
 
-LEGACY_LAYER_TYPES = {"conv": "linear_attention", "mamba": "linear_attention", "attention": "full_attention"}  # HF renames
+# older layer_types names HF still reads (transformers' configuration_utils renames them)
+LEGACY_LAYER_TYPES = {"conv": "linear_attention", "mamba": "linear_attention", "attention": "full_attention"}
 
 
 def mixers_from_layer_types(layer_types: list[str]) -> dict:
@@ -36,7 +37,8 @@ def mixers_from_layer_types(layer_types: list[str]) -> dict:
     layer_types = [LEGACY_LAYER_TYPES.get(t, t) for t in layer_types]
     kinds = set(layer_types)
     if not kinds <= {"linear_attention", "full_attention"}:
-        raise ValueError(f"Qwen3-Next layer_types has unknown entries: {sorted(kinds - {'linear_attention', 'full_attention'})}")
+        unknown = sorted(kinds - {"linear_attention", "full_attention"})
+        raise ValueError(f"Qwen3-Next layer_types has unknown entries: {unknown}")
     if kinds == {"linear_attention"}:
         return dict(mixer="gdn", full_attention_interval=0)
     if kinds == {"full_attention"}:
@@ -56,7 +58,8 @@ def config_from_hf(d: dict) -> ModelConfig:
         layer_types = ["full_attention" if (i + 1) % k == 0 else "linear_attention" for i in range(n_layers)]
     if len(layer_types) != n_layers:
         raise ValueError(f"Qwen3-Next layer_types has {len(layer_types)} entries for {n_layers} layers")
-    pattern = mixers_from_layer_types(list(layer_types))
+    layer_types = [LEGACY_LAYER_TYPES.get(t, t) for t in layer_types]
+    pattern = mixers_from_layer_types(layer_types)
     act = d.get("hidden_act", "silu")
     if "linear_attention" in layer_types and act not in GDN_CONV_ACTIVATIONS:
         raise ValueError(f"Qwen3-Next config: hidden_act={act!r} with linear_attention layers is not supported: HF "

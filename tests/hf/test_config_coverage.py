@@ -5,8 +5,8 @@ Qwen3-Next layer_types of any order and the RoPE scaling types; and walks every 
 family's HF config class."""
 import pytest
 import torch
-from transformers import (DeepseekV3Config, DeepseekV3ForCausalLM, DeepseekV32Config, Qwen3Config, Qwen3ForCausalLM, Qwen3MoeConfig, Qwen3MoeForCausalLM, Qwen3NextConfig,
-                          Qwen3NextForCausalLM)
+from transformers import (DeepseekV3Config, DeepseekV3ForCausalLM, DeepseekV32Config, Qwen3Config, Qwen3ForCausalLM,
+                          Qwen3MoeConfig, Qwen3MoeForCausalLM, Qwen3NextConfig, Qwen3NextForCausalLM)
 
 from deepwish.hf.qwen3 import config_from_hf as qwen3_config_from_hf
 from deepwish.hf.qwen3_next import config_from_hf as next_config_from_hf

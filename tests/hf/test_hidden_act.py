@@ -47,7 +47,8 @@ CASES = {
                              dict(vocab_size=V, hidden_size=32, intermediate_size=48, moe_intermediate_size=16,
                                   num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4, kv_lora_rank=16,
                                   q_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=8,
-                                  n_routed_experts=4, num_experts_per_tok=2, n_shared_experts=1, n_group=1, topk_group=1,
+                                  n_routed_experts=4, num_experts_per_tok=2, n_shared_experts=1, n_group=1,
+                                  topk_group=1,
                                   first_k_dense_replace=1, max_position_embeddings=64, hidden_act="gelu_new")),
 }
 
@@ -67,3 +68,5 @@ def test_qwen3_next_gdn_with_other_activation_is_refused():
          "full_attention_interval": 2, "hidden_act": "gelu"}
     with pytest.raises(ValueError, match="hidden_act='gelu'.*Gated DeltaNet"):
         next_config_from_hf(d)
+    with pytest.raises(ValueError, match="hidden_act='gelu'.*Gated DeltaNet"):  # HF's older name for the layer
+        next_config_from_hf(dict(d, layer_types=["mamba", "full_attention"]))
