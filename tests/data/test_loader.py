@@ -44,6 +44,7 @@ def reference_rows(docs, start, seq_len):
 
 
 def test_batches_match_brute_force(tmp_path):
+    random.seed(0)  # unseeded, about one draw in six gave a batch without a document boundary
     seq_len, batch_size = 37, 3
     docs = make_shard(tmp_path / "s.bin")
     loader = PackedLoader(tmp_path / "s.bin", seq_len, batch_size, seed=random.randrange(1000))
