@@ -60,7 +60,7 @@ def check_hf_parity(hf, path, vocab: int, seq: int = 40, greedy: int = 12, decod
     x = torch.randint(1, vocab, (2, seq), generator=g)
     with torch.no_grad():
         ref = hf(x).logits
-        assert rel_err(ref, ours(x)) <= 1e-4, "logits at every position"
+        assert rel_err(ref, ours(x).logits) <= 1e-4, "logits at every position"
         L, k = min(seq, ours.cfg.max_seq_len), decode_from
         cache = ours.make_cache(2, L)
         steps = [prefill(ours, x[:, :k], cache)]

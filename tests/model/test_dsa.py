@@ -224,9 +224,9 @@ def test_tied_selection_is_the_same_for_every_cache_length_and_chunking():
     x = torch.randint(0, 101, (1, 12), generator=torch.Generator().manual_seed(0))
     pos = torch.arange(12)[None]
     with torch.no_grad():
-        ref = model(x)
+        ref = model(x).logits
         for L in (12, 13, 40, 100):
-            out = model(x, positions=pos, cache=model.make_cache(1, L))
+            out = model(x, positions=pos, cache=model.make_cache(1, L)).logits
             assert torch.equal(out.argmax(-1), ref.argmax(-1)) and (out - ref).abs().max() < 1e-5, L
         cache = model.make_cache(1, 40)
         prefill(model, x[:, :5], cache)
@@ -242,9 +242,9 @@ def test_tied_selection_packed_equals_alone():
     pos = torch.cat([torch.arange(9), torch.arange(11)])[None]
     doc = torch.cat([torch.zeros(9), torch.ones(11)]).long()[None]
     with torch.no_grad():
-        out = model(packed, positions=pos, doc_ids=doc)
-        assert (out[:, :9] - model(a)).abs().max() < 1e-5
-        assert (out[:, 9:] - model(b)).abs().max() < 1e-5
+        out = model(packed, positions=pos, doc_ids=doc).logits
+        assert (out[:, :9] - model(a).logits).abs().max() < 1e-5
+        assert (out[:, 9:] - model(b).logits).abs().max() < 1e-5
 
 
 def test_tied_selection_generate_equals_uncached_greedy():
@@ -254,5 +254,5 @@ def test_tied_selection_generate_equals_uncached_greedy():
     got = generate(model, seq, 10)[0]
     with torch.no_grad():
         for _ in range(10):
-            seq = torch.cat([seq, model(seq)[:, -1].argmax(-1, keepdim=True)], 1)
+            seq = torch.cat([seq, model(seq).logits[:, -1].argmax(-1, keepdim=True)], 1)
     assert got == seq[0, 12:].tolist()
