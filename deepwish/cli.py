@@ -20,6 +20,10 @@ def set_cpu_thread_policy() -> None:
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 
+class UsageError(ValueError):
+    """A command-line argument outside its meaningful range; printed as one line, exit 2."""
+
+
 def _add_generate(p: argparse.ArgumentParser) -> None:
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--hf", help="HF checkpoint directory (config.json + safetensors)")
@@ -54,6 +58,8 @@ def load_model_for_inference(args):
     from deepwish.data.tokenizer import load_tokenizer, resolve_tokenizer
     from deepwish.weights import load_model
 
+    if args.dtype not in ("auto", "bf16", "fp32"):
+        raise UsageError(f"--dtype {args.dtype!r} is not one of auto, bf16, fp32")
     from deepwish.device import resolve_device
     device = resolve_device(args.device, what="--device")
     dtype = {"auto": torch.bfloat16 if device.type == "cuda" else torch.float32, "bf16": torch.bfloat16,
@@ -66,24 +72,45 @@ def load_model_for_inference(args):
     else:  # single-device and sharded (DCP) checkpoints alike, gathered into one full state
         from deepwish.train.checkpoint import read_meta
         model = load_model(args.ckpt, device=device, dtype=dtype, ema=args.ema)
-        if args.tokenizer is None:
-            tok = resolve_tokenizer(from_dict(read_meta(args.ckpt)["config"]).data.tokenizer or "default")
+        if args.tokenizer is None:  # the run's own copy, else the path or spelling its config recorded
+            meta = read_meta(args.ckpt)
+            copy = Path(meta["path"]).parent.parent / "tokenizer"
+            tok = load_tokenizer(copy) if (copy / "tokenizer.json").is_file() else \
+                resolve_tokenizer(from_dict(meta["config"]).data.tokenizer or "default")
     if tok is None:
         tok = resolve_tokenizer(args.tokenizer or "default")
     if tok.vocab_size > model.cfg.vocab_size:
-        raise SystemExit(f"error: tokenizer has {tok.vocab_size} tokens but the model's vocabulary is "
+        raise UsageError(f"tokenizer has {tok.vocab_size} tokens but the model's vocabulary is "
                          f"{model.cfg.vocab_size}; pass the tokenizer the model was trained with (--tokenizer)")
     return model, tok
+
+
+def check_generate_args(args) -> None:
+    """Every nonsense sampling argument, named in one error, before any model is loaded."""
+    bad = []
+    if args.max_new_tokens <= 0:
+        bad.append(f"--max-new-tokens {args.max_new_tokens} must be >= 1")
+    if not args.temperature >= 0:  # also catches nan
+        bad.append(f"--temperature {args.temperature} must be >= 0 (0 = greedy)")
+    if not 0 < args.top_p <= 1:
+        bad.append(f"--top-p {args.top_p} must be in (0, 1]")
+    if args.top_k < 0:
+        bad.append(f"--top-k {args.top_k} must be >= 0 (0 = off)")
+    if args.speculate_k < 1:
+        bad.append(f"--speculate-k {args.speculate_k} must be >= 1")
+    if bad:
+        raise UsageError("; ".join(bad))
 
 
 def run_generate(args) -> int:
     from deepwish.generate import generate
 
+    check_generate_args(args)
     model, tok = load_model_for_inference(args)
     device = model.embed.weight.device
     ids = tok.encode(args.prompt)
     if not ids:
-        raise SystemExit("error: the prompt encodes to no tokens")
+        raise UsageError("the prompt encodes to no tokens")
     stops = [tok.eos_id] if tok.eos_id is not None else []
     emitted: list[int] = []
     shown = ""
@@ -105,7 +132,7 @@ def run_generate(args) -> int:
         from deepwish import speculative
         if args.mtp:
             if model.mtp is None:
-                raise SystemExit("error: --mtp needs a model with multi-token-prediction modules (n_mtp > 0)")
+                raise UsageError("--mtp needs a model with multi-token-prediction modules (n_mtp > 0)")
             new, stats = speculative.mtp_speculative_generate(model, ids, args.max_new_tokens, **sampling)
         else:
             from deepwish.weights import load_model
@@ -119,7 +146,7 @@ def run_generate(args) -> int:
         return 0
     use_graph = args.graph == "on" or (args.graph == "auto" and device.type == "cuda")
     if use_graph and device.type != "cuda":
-        raise SystemExit("error: --graph on needs a CUDA device")
+        raise UsageError("--graph on needs a CUDA device")
     cache = decode_fn = None
     if use_graph:
         from deepwish.decode_graph import CapturedDecoder
@@ -189,7 +216,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return _dispatch(args)
     except _known_errors() as e:  # a user mistake or a bad input: one clear line, no traceback
-        print(f"error: {e}", file=sys.stderr)
+        print("error: " + " ".join(str(e).split("\n")).replace("  - ", "- "), file=sys.stderr)
         return 2
     except Stopped as e:  # SIGINT/SIGTERM: saved (or, on a second signal, not) and stopped
         print(f"[deepwish] {e}", file=sys.stderr, flush=True)
@@ -198,15 +225,17 @@ def main(argv: list[str] | None = None) -> int:
 
 def _known_errors() -> tuple[type[BaseException], ...]:
     from deepwish.config import ConfigError
+    from deepwish.data.build import InputError
     from deepwish.data.shards import ShardError
     from deepwish.hf.io import CheckpointError
     from deepwish.kernels.backend import BackendError
     from deepwish.model.cache import CacheFullError
     from deepwish.train.checkpoint import CheckpointError as RunCheckpointError
+    from deepwish.train.nonfinite import NonFiniteError
     from deepwish.train.rundir import RunDirError
     # OSError: a missing file, a read-only or full disk; its text names the file.
     return (ConfigError, ShardError, CheckpointError, BackendError, CacheFullError, RunCheckpointError, RunDirError,
-            OSError)
+            OSError, UsageError, InputError, NonFiniteError)
 
 
 def _dispatch(args) -> int:

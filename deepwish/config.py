@@ -182,7 +182,8 @@ class TrainConfig:
     out_dir: str = "runs/default"  # checkpoints, metrics.jsonl, plots
     seed: int = 1337
     device: str = "auto"  # auto | cpu | cuda
-    steps: int = 200  # optimizer steps
+    steps: int = 200  # optimizer steps; also the schedule's horizon (warm-up, decay and floor are planned on it)
+    extend_steps: int = 0  # steps run after `steps` at the schedule's final rate (extends a run, same schedule)
     batch_size: int = 8  # sequences per micro-batch (per rank)
     grad_accum: int = 1  # micro-batches per step
     seq_len: int = 256
@@ -240,28 +241,41 @@ class RunConfig:
 _SECTIONS = {"model": ModelConfig, "train": TrainConfig, "data": DataConfig}
 
 
+_TRUE, _FALSE = ("true", "yes", "on", "1"), ("false", "no", "off", "0")
+
+
 def _coerce(cls, name: str, value: Any, source: str) -> Any:
-    """Convert a YAML/CLI value to the declared type of `cls.name`, or raise naming both."""
+    """Convert a YAML/CLI value to the declared type of `cls.name`, or raise naming both.
+
+    A string (every `--set` value arrives as one) is parsed by the field's type alone: a str
+    field keeps it verbatim (`JULIET:`, `no`; one pair of enclosing quotes is removed), a bool takes true/false/yes/no/on/off/1/0, an int
+    or a float must parse whole, a tuple is a YAML list. Values already typed by YAML must fit
+    the field: a bool is never an int, a non-integral float never an int.
+    """
     hint = get_type_hints(cls)[name]
     origin = getattr(hint, "__origin__", None)
     try:
         if hint is bool:
-            if isinstance(value, str):
-                if value.lower() in ("1", "true", "yes", "on"):
-                    return True
-                if value.lower() in ("0", "false", "no", "off"):
-                    return False
-                raise ValueError(value)
-            return bool(value)
+            if isinstance(value, str) and value.strip().lower() in _TRUE + _FALSE:
+                return value.strip().lower() in _TRUE
+            if isinstance(value, bool) or (isinstance(value, int) and value in (0, 1)):
+                return bool(value)
+            raise ValueError(value)
         if hint is int:
-            if isinstance(value, float) and not value.is_integer():
+            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
                 raise ValueError(value)
-            return int(value)
+            return int(value.strip()) if isinstance(value, str) else int(value)
         if hint is float:
-            return float(value)
+            if isinstance(value, bool):
+                raise ValueError(value)
+            return float(value.strip()) if isinstance(value, str) else float(value)
         if hint is str:
             if isinstance(value, bool):  # YAML reads a bare on/off (or yes/no) as a boolean
                 return "on" if value else "off"
+            if isinstance(value, (dict, list)):
+                raise ValueError(value)
+            if isinstance(value, str) and len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
+                return value[1:-1]  # quoted on the command line (--set "train.compile='off'"): the text inside
             return str(value)
         if origin is tuple:
             if isinstance(value, str):
@@ -270,13 +284,21 @@ def _coerce(cls, name: str, value: Any, source: str) -> Any:
                     value = [value]
             args = hint.__args__
             if len(args) == 2 and args[1] is Ellipsis:
-                return tuple(args[0](v) for v in value)
+                return tuple(_scalar(args[0], v) for v in value)
             if len(value) != len(args):
                 raise ValueError(value)
-            return tuple(t(v) for t, v in zip(args, value))
+            return tuple(_scalar(t, v) for t, v in zip(args, value))
     except (TypeError, ValueError):
-        raise ConfigError(f"{source}: {name}={value!r} is not a valid {hint}") from None
+        kind = getattr(hint, "__name__", None) or str(hint)
+        raise ConfigError(f"{source}: {name}={value!r} is not a valid {kind}") from None
     return value
+
+
+def _scalar(t: type, v: Any) -> Any:
+    """One element of a tuple field: an int element must be integral, not a bool."""
+    if isinstance(v, bool) or (t is int and isinstance(v, float) and not v.is_integer()):
+        raise ValueError(v)
+    return t(v)
 
 
 def _unknown(key: str, valid: list[str], where: str) -> ConfigError:
@@ -347,8 +369,22 @@ def load_config(name_or_path: str | None = None, overrides: list[str] | tuple[st
             raise ConfigError(f"--set {ov!r}: expected section.key=value, e.g. model.n_layers=4")
         key, value = ov.split("=", 1)
         section, name = key.split(".", 1)
-        cfg = _apply(cfg, section, {name: yaml.safe_load(value) if value else value}, f"--set {ov}")
+        cfg = _apply(cfg, section, {name: value}, f"--set {ov}")  # typed by the field, not by YAML
     return cfg
+
+
+MODEL_SHAPE_KEYS = ("family", "vocab_size", "d_model", "n_layers", "n_heads", "d_ff")
+
+
+def require_model_shape(path: str | Path) -> None:
+    """A YAML file used without a preset must give the model's shape itself: the defaults are
+    Qwen3-0.6B's (445M parameters), never what a file that left them out meant."""
+    data = yaml.safe_load(Path(path).read_text()) or {}
+    model = data.get("model") if isinstance(data, dict) else None
+    missing = [k for k in MODEL_SHAPE_KEYS if not isinstance(model, dict) or k not in model]
+    if missing:
+        raise ConfigError(f"{path}: without --preset the file's model section must set {', '.join(MODEL_SHAPE_KEYS)} "
+                          f"(missing: {', '.join(missing)}); or add --preset NAME to apply the file on top of a preset")
 
 
 def model_config(name_or_path: str, **updates: Any) -> ModelConfig:
@@ -375,4 +411,77 @@ def from_dict(d: dict, source: str = "<dict>") -> RunConfig:
     cfg = RunConfig()
     for section, updates in d.items():
         cfg = _apply(cfg, section, updates, source)
+    return cfg
+
+
+# ---- whole-configuration validation --------------------------------------------------------------
+OPTIMIZERS = ("muon", "adamw")
+LOSS_BACKENDS = ("auto", "torch", "triton")
+DTYPES = ("bf16", "fp32")
+INDEXER_MODES = ("off", "dense_warmup", "sparse")
+
+
+def config_problems(cfg: RunConfig) -> list[str]:
+    """Every problem of a resolved RunConfig that would stop or corrupt a training run, one
+    `section.key=value: why` string each (an empty list: nothing found). The model section checks
+    itself on construction (ModelConfig.__post_init__); this covers train and data, and the
+    fields that relate the two."""
+    from deepwish.train.parallel import CHECKPOINT_MODES, COMPILE_MODES, OFFLOAD_MODES, PARALLEL_MODES
+    from deepwish.train.schedule import SCHEDULES
+
+    t, d = cfg.train, cfg.data
+    out: list[str] = []
+
+    def need(ok: bool, name: str, why: str) -> None:
+        if not ok:
+            out.append(f"train.{name}={getattr(t, name)!r}: {why}")
+
+    def finite(x: float) -> bool:
+        return isinstance(x, (int, float)) and x == x and abs(x) != float("inf")
+
+    for name in ("steps", "batch_size", "grad_accum", "eval_every", "eval_batches", "save_every",
+                 "keep_checkpoints", "log_every"):
+        need(getattr(t, name) >= 1, name, "must be >= 1")
+    need(t.seq_len >= 2, "seq_len", "must be >= 2")
+    need(t.seq_len <= cfg.model.max_seq_len, "seq_len", f"exceeds model.max_seq_len={cfg.model.max_seq_len}")
+    need(t.warmup_steps >= 0, "warmup_steps", "must be >= 0")
+    need(t.sample_tokens >= 0, "sample_tokens", "must be >= 0")
+    need(t.muon_ns_steps >= 1, "muon_ns_steps", "must be >= 1")
+    for name in ("lr", "muon_lr"):
+        need(finite(getattr(t, name)) and getattr(t, name) > 0, name, "must be a finite number > 0")
+    for name in ("weight_decay", "grad_clip", "z_loss", "mtp_lambda", "indexer_loss_coef"):
+        need(finite(getattr(t, name)) and getattr(t, name) >= 0, name, "must be a finite number >= 0")
+    need(finite(t.mtp_lambda_final), "mtp_lambda_final", "must be finite (< 0: constant)")
+    for name in ("decay_frac", "min_lr_frac"):
+        need(finite(getattr(t, name)) and 0 <= getattr(t, name) <= 1, name, "must be in [0, 1]")
+    for name in ("ema_decay", "muon_momentum"):
+        need(finite(getattr(t, name)) and 0 <= getattr(t, name) < 1, name, "must be in [0, 1)")
+    need(all(finite(b) and 0 <= b < 1 for b in t.betas), "betas", "each must be in [0, 1)")
+    for name, allowed in (("optimizer", OPTIMIZERS), ("schedule", SCHEDULES), ("loss_backend", LOSS_BACKENDS),
+                          ("dtype", DTYPES), ("indexer_mode", INDEXER_MODES), ("parallel", PARALLEL_MODES),
+                          ("compile", COMPILE_MODES), ("activation_checkpoint", CHECKPOINT_MODES),
+                          ("offload", OFFLOAD_MODES)):
+        need(getattr(t, name) in allowed, name, f"is not one of {', '.join(allowed)}")
+    need(t.device in ("auto", "cpu") or t.device == "cuda" or
+         (t.device.startswith("cuda:") and t.device[5:].isdigit()), "device", "is not auto, cpu or cuda[:N]")
+    need(t.offload != "params" or t.parallel == "fsdp", "offload", "params needs train.parallel=fsdp")
+    need(t.extend_steps >= 0, "extend_steps", "must be >= 0")
+    if not d.train_bin and (d.val_bin or d.tokenizer):
+        out.append("data.val_bin/data.tokenizer given without data.train_bin: give all paths or none "
+                   "(none = the embedded corpus)")
+    if d.train_bin and not d.val_bin:
+        out.append("data.train_bin given without data.val_bin")
+    return out
+
+
+def raise_problems(problems: list[str], what: str = "invalid configuration") -> None:
+    """One ConfigError listing every problem (one line: problems joined by '; ')."""
+    if problems:
+        n = len(problems)
+        raise ConfigError(f"{what} ({n} problem{'s' if n > 1 else ''}): " + "; ".join(problems))
+
+
+def validate(cfg: RunConfig) -> RunConfig:
+    """Raise one ConfigError listing every problem of `cfg` (config_problems), else return it."""
+    raise_problems(config_problems(cfg))
     return cfg

@@ -48,5 +48,41 @@ def test_errors_are_one_line(run_dir, capsys):
     assert "unknown key 'n_layer'" in capsys.readouterr().err
     assert main(["generate", "--ckpt", str(run_dir), "--prompt", "x", "--max-new-tokens", "5000"]) == 2
     assert "cache" in capsys.readouterr().err
-    with pytest.raises(SystemExit, match="multi-token-prediction"):
-        main(["generate", "--ckpt", str(run_dir), "--mtp", "--prompt", "x"])
+    assert main(["generate", "--ckpt", str(run_dir), "--mtp", "--prompt", "x"]) == 2
+    assert "multi-token-prediction" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv, match", [
+    (["--max-new-tokens", "0"], "--max-new-tokens 0 must be >= 1"),
+    (["--max-new-tokens", "-3"], "--max-new-tokens -3 must be >= 1"),
+    (["--temperature", "-0.5"], "--temperature -0.5 must be >= 0"),
+    (["--top-p", "0"], "--top-p 0.0 must be in (0, 1]"),
+    (["--top-p", "1.5"], "--top-p 1.5 must be in (0, 1]"),
+    (["--dtype", "fp16"], "--dtype 'fp16' is not one of auto, bf16, fp32"),
+])
+def test_nonsense_generation_arguments_are_one_line_errors(run_dir, capsys, argv, match):
+    assert main(["generate", "--ckpt", str(run_dir), "--prompt", "x", *argv]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and match in err and err.count("\n") == 1
+
+
+def test_data_build_input_errors_are_one_line(tmp_path, capsys):
+    (tmp_path / "d").mkdir()
+    (tmp_path / "latin1.txt").write_bytes("caf\xe9 au lait".encode("latin-1"))
+    (tmp_path / "bad.jsonl").write_text("{oops\n")
+    for inp, match in ((tmp_path / "d", "is a directory"), (tmp_path / "latin1.txt", "latin1.txt: not UTF-8"),
+                       (tmp_path / "bad.jsonl", "bad.jsonl:1: invalid JSON"),
+                       (tmp_path / "missing.txt", "missing.txt does not exist")):
+        assert main(["data", "build", "--input", str(inp), "--out", str(tmp_path / "o")]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and match in err and err.count("\n") == 1, err
+
+
+def test_nonfinite_training_is_one_line(tmp_path, capsys):
+    argv = ["train", "--preset", "qwen3_tiny", "--out", str(tmp_path / "r"), "--set", "model.n_layers=1",
+            "--set", "train.steps=3", "--set", "train.batch_size=2", "--set", "train.seq_len=16",
+            "--set", "train.optimizer=adamw", "--set", "train.lr=1e30", "--set", "train.grad_clip=0",
+            "--set", "train.warmup_steps=1", "--set", "train.schedule=constant", "--set", "train.sample_tokens=0"]
+    assert main(argv) == 2
+    last = capsys.readouterr().err.splitlines()[-1]  # progress lines go to stderr before it
+    assert last.startswith("error: step ") and "not finite" in last and "Traceback" not in last

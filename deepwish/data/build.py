@@ -43,6 +43,11 @@ CSV_COLUMNS = ("conversation_id", "role", "content")
 _DEFAULT_DATA_RECIPE = "r1"  # bump when ensure_default_data's output would change
 
 
+class InputError(ValueError):
+    """An input file or build option that cannot be used; the message names it (the CLI prints it
+    as one line and exits 2)."""
+
+
 @dataclass(frozen=True)
 class Document:
     text: str
@@ -60,8 +65,17 @@ class BuildResult:
 def read_documents(path: str | Path) -> list[Document]:
     """The documents of one input file (format by extension, see module doc)."""
     path = Path(path)
+    if path.is_dir():
+        raise InputError(f"input {path} is a directory; name the files (e.g. {path}/*.txt)")
     if not path.is_file():
         raise FileNotFoundError(f"input {path} does not exist")
+    try:
+        return _read_documents(path)
+    except UnicodeDecodeError as e:
+        raise InputError(f"{path}: not UTF-8 text (byte {e.start}: {e.reason})") from None
+
+
+def _read_documents(path: Path) -> list[Document]:
     if path.suffix == ".txt":
         text = path.read_text(encoding="utf-8")
         if not text.strip():
@@ -252,13 +266,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    tokenizer = resolve_tokenizer(args.tokenizer)
     if args.val_input and args.val_fraction is not None:
-        raise SystemExit("give either --val-fraction or --val-input, not both")
+        raise InputError("give either --val-fraction or --val-input, not both")
     val_fraction = 0.0 if args.val_input else (0.01 if args.val_fraction is None else args.val_fraction)
-    result = build_shards(
-        args.input, args.out, tokenizer, val_fraction, args.val_input, args.seed, tokenizer_spec=args.tokenizer
-    )
+    try:
+        tokenizer = resolve_tokenizer(args.tokenizer)
+        result = build_shards(
+            args.input, args.out, tokenizer, val_fraction, args.val_input, args.seed, tokenizer_spec=args.tokenizer
+        )
+    except InputError:
+        raise
+    except (ValueError, ShardError) as e:  # every check above raises these with the file and the reason
+        raise InputError(str(e)) from None
     train, val = result.meta["train"], result.meta["val"]
     print(
         f"wrote {result.train_bin}: {train['docs']} docs, {train['tokens']} tokens"

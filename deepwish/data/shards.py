@@ -148,6 +148,24 @@ def open_shard(path: str | Path) -> Shard:
     return Shard(path, header, tokens, offsets)
 
 
+def max_token_id(shard: Shard, chunk: int = 1 << 24) -> int:
+    """The largest id in the shard (-1 when empty), read in chunks of the memory map: one pass,
+    bounded memory."""
+    top = -1
+    for i in range(0, shard.header.n_tokens, chunk):
+        top = max(top, int(shard.tokens[i : i + chunk].max()))
+    return top
+
+
+def check_token_ids(shard: Shard, vocab_size: int) -> None:
+    """Raise ShardError, naming the shard, if any id is >= `vocab_size` (the model's embedding
+    rows): such an id would fail inside the embedding at whatever step first reads it."""
+    top = max_token_id(shard)
+    if top >= vocab_size:
+        raise ShardError(f"{shard.path}: holds token id {top}, outside the model's vocabulary "
+                         f"(model.vocab_size={vocab_size})")
+
+
 def check_compatible(header: ShardHeader, vocab_size: int, fingerprint: str) -> None:
     """Raise ShardError unless data written with `header` fits a model/tokenizer pair.
 

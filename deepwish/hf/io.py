@@ -48,15 +48,34 @@ def read_hf_config(path: str | Path) -> dict:
     f = path / "config.json"
     if not f.exists():
         raise CheckpointError(f"{path}: no config.json (is this an HF checkpoint directory?)")
-    d = json.loads(f.read_text())
-    if not d.get("architectures"):
+    try:
+        d = json.loads(f.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{f}: not valid JSON ({getattr(e, 'msg', e)})") from None
+    if not isinstance(d, dict):
+        raise CheckpointError(f"{f}: expected a JSON object, got {type(d).__name__}")
+    if not d.get("architectures") or not isinstance(d["architectures"], list):
         raise CheckpointError(f"{f}: no 'architectures' entry")
     return d
 
 
+def _family_config(d: dict, source: str) -> ModelConfig:
+    """The family's config mapping, with a partial or mistyped config.json one error naming the field."""
+    arch = d["architectures"][0]
+    fam = _family_module(arch)
+    try:
+        return fam.config_from_hf(d)
+    except KeyError as e:
+        raise CheckpointError(f"{source}: config.json lacks the field {e.args[0]!r} that {arch} needs") from None
+    except (TypeError, ValueError) as e:
+        if isinstance(e, CheckpointError):
+            raise
+        raise CheckpointError(f"{source}: config.json has a value {arch} cannot use ({e})") from None
+
+
 def config_from_hf(path_or_dict) -> ModelConfig:
     d = path_or_dict if isinstance(path_or_dict, dict) else read_hf_config(path_or_dict)
-    return _family_module(d["architectures"][0]).config_from_hf(d)
+    return _family_config(d, "config" if isinstance(path_or_dict, dict) else str(path_or_dict))
 
 
 class _TensorFiles:
@@ -65,7 +84,10 @@ class _TensorFiles:
     def __init__(self, path: Path):
         index = path / "model.safetensors.index.json"
         if index.exists():
-            wm = json.loads(index.read_text())["weight_map"]
+            try:
+                wm = json.loads(index.read_text())["weight_map"]
+            except (json.JSONDecodeError, KeyError, TypeError) as e:
+                raise CheckpointError(f"{index}: not a safetensors index with a weight_map ({e})") from None
             self.where = {k: path / v for k, v in wm.items()}
         else:
             files = sorted(path.glob("*.safetensors"))
@@ -73,7 +95,7 @@ class _TensorFiles:
                 raise CheckpointError(f"{path}: no *.safetensors files")
             self.where = {}
             for f in files:
-                with safe_open(f, "pt") as h:
+                with _safe_open(f) as h:
                     for k in h.keys():
                         self.where[k] = f
         self._open: dict[Path, object] = {}
@@ -86,11 +108,21 @@ class _TensorFiles:
         if f not in self._open:
             if not f.exists():
                 raise CheckpointError(f"shard {f} named in the index does not exist")
-            self._open[f] = safe_open(f, "pt")
-        return self._open[f].get_tensor(key)
+            self._open[f] = _safe_open(f)
+        try:
+            return self._open[f].get_tensor(key)
+        except Exception as e:  # safetensors raises its own error type for short or corrupt files
+            raise CheckpointError(f"{f}: cannot read tensor {key!r} (truncated or corrupt file? {e})") from None
 
     def close(self):
         self._open.clear()
+
+
+def _safe_open(f: Path):
+    try:
+        return safe_open(f, "pt")
+    except Exception as e:  # a truncated or garbage file: safetensors' own error type, or OSError
+        raise CheckpointError(f"{f}: not a readable safetensors file (truncated or corrupt? {e})") from None
 
 
 def _reset_buffers(model: Transformer) -> None:
@@ -104,7 +136,7 @@ def load_hf(path: str | Path, dtype: torch.dtype | None = None, device: str | to
     path = Path(path)
     d = read_hf_config(path)
     fam = _family_module(d["architectures"][0])
-    cfg = fam.config_from_hf(d)
+    cfg = _family_config(d, str(path))
     if dtype is None:
         name = d.get("dtype") or d.get("torch_dtype") or "float32"
         dtype = getattr(torch, name) if isinstance(name, str) and hasattr(torch, name) else torch.float32

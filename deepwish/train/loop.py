@@ -36,7 +36,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from deepwish.config import ConfigError, RunConfig, from_dict, load_config, to_dict
+from deepwish.config import ConfigError, RunConfig, from_dict, load_config, preset_path, to_dict
 from deepwish.train import dist_checkpoint, parallel, rundir
 from deepwish.train.checkpoint import (list_checkpoints, load_checkpoint, read_meta, resolve_any, save_checkpoint,
                                        set_rng_state, start_branch)
@@ -82,6 +82,9 @@ class DataSetup:
     tokenizer: object | None  # deepwish.data Tokenizer, or None when none was given
 
 
+RUN_TOKENIZER = "tokenizer"  # RUN_DIR/tokenizer/: a copy of the run's tokenizer (HF layout)
+
+
 def prepare_data(run_cfg: RunConfig) -> tuple[RunConfig, DataSetup]:
     """Locate shards and tokenizer; apply the vocabulary policy (module docstring)."""
     from deepwish.data import ensure_default_data
@@ -103,7 +106,17 @@ def prepare_data(run_cfg: RunConfig) -> tuple[RunConfig, DataSetup]:
         return run_cfg, DataSetup(str(train_bin), str(val_bin), tok)
     if not d.val_bin:
         raise ConfigError("data.train_bin given without data.val_bin")
-    tok = load_tokenizer(d.tokenizer) if d.tokenizer else None
+    # stored resolved, so that --resume and generate --ckpt work from any working directory
+    d = dataclasses.replace(d, **{k: str(Path(getattr(d, k)).resolve()) for k in ("train_bin", "val_bin", "tokenizer")
+                                  if getattr(d, k)})
+    run_cfg = dataclasses.replace(run_cfg, data=d)
+    tok_path = d.tokenizer
+    copy = Path(run_cfg.train.out_dir) / RUN_TOKENIZER
+    tok_file = Path(tok_path) / "tokenizer.json" if tok_path and Path(tok_path).is_dir() else Path(tok_path)
+    if tok_path and not tok_file.is_file() and (copy / "tokenizer.json").is_file():
+        print(f"[deepwish] note: {tok_path} is gone; using the run's copy {copy}", flush=True)
+        tok_path = str(copy)  # the shards' fingerprint check below still guards against another tokenizer
+    tok = load_tokenizer(tok_path) if tok_path else None
     for path in (d.train_bin, d.val_bin):
         header = read_header(path)
         if tok is not None:
@@ -231,25 +244,84 @@ class Run:
         return self.d.device
 
 
-def _check_resume_config(saved: dict, run_cfg: RunConfig, path) -> None:
-    saved_model = saved.get("model", {})
+def resume_problems(saved: dict, run_cfg: RunConfig, world_size: int) -> list[str]:
+    """What a resumed run cannot change: the model, and what fixes the data order (the shards,
+    seq_len, seed and the global batch). A changed train setting otherwise is a printed note."""
+    out = []
+    saved_model = saved["config"].get("model", {})
     now = to_dict(run_cfg.model)
     diff = sorted(k for k in set(saved_model) | set(now) if saved_model.get(k) != now.get(k))
     if diff:
-        raise ConfigError(f"cannot resume from {path}: model config differs in "
-                          + ", ".join(f"{k} ({saved_model.get(k)!r} saved vs {now.get(k)!r} now)" for k in diff))
-    tdiff = sorted(k for k, v in to_dict(run_cfg.train).items() if saved.get("train", {}).get(k) != v)
-    if tdiff:
-        print(f"[deepwish] note: resuming with changed train settings: {', '.join(tdiff)}", flush=True)
-
-
-def _check_train_config(run_cfg: RunConfig) -> None:
+        out.append(f"cannot resume from {saved['path']}: model config differs in "
+                   + ", ".join(f"{k} ({saved_model.get(k)!r} saved vs {now.get(k)!r} now)" for k in diff))
+    st, sd = saved["config"].get("train", {}), saved["config"].get("data", {})
     tc = run_cfg.train
-    if tc.steps < 1 or tc.batch_size < 1 or tc.grad_accum < 1 or tc.seq_len < 2:
-        raise ConfigError(f"train: steps, batch_size, grad_accum must be >= 1 and seq_len >= 2 "
-                          f"(got {tc.steps}, {tc.batch_size}, {tc.grad_accum}, {tc.seq_len})")
-    if tc.seq_len > run_cfg.model.max_seq_len:
-        raise ConfigError(f"train.seq_len={tc.seq_len} exceeds model.max_seq_len={run_cfg.model.max_seq_len}")
+    moved = [f"data.{k} ({sd.get(k)!r} saved vs {getattr(run_cfg.data, k)!r} now)" for k in ("train_bin", "val_bin")
+             if not _same_path(sd.get(k, ""), getattr(run_cfg.data, k))]
+    moved += [f"train.{k} ({st.get(k)!r} saved vs {getattr(tc, k)!r} now)" for k in ("seq_len", "seed")
+              if k in st and st[k] != getattr(tc, k)]
+    if moved:
+        out.append(f"--resume continues the same data in the same order, but {', '.join(moved)} changed; to train "
+                   f"these weights on other data or settings start a new run with --init-from {saved['path']}")
+    saved_global = st.get("batch_size", tc.batch_size) * saved.get("world_size", 1)
+    if saved_global != tc.batch_size * world_size:
+        out.append(f"train.batch_size={tc.batch_size}: the checkpoint's global batch is {saved_global} sequences per "
+                   f"step ({saved.get('world_size', 1)} ranks x {st.get('batch_size')}), this run's "
+                   f"{tc.batch_size * world_size} ({world_size} x {tc.batch_size}); keep the global batch on resume")
+    tdiff = sorted(k for k, v in to_dict(tc).items() if st.get(k) != v and k not in ("out_dir",))
+    if tdiff and not out:
+        print(f"[deepwish] note: resuming with changed train settings: {', '.join(tdiff)}", flush=True)
+    if "steps" in st and st["steps"] != tc.steps and not out:
+        print(f"[deepwish] note: train.steps {st['steps']} -> {tc.steps} re-plans the learning-rate schedule for the "
+              f"remaining steps (the schedule's horizon is train.steps); train.extend_steps keeps the schedule and "
+              f"continues at its final rate", flush=True)
+    return out
+
+
+@contextlib.contextmanager
+def _resume_errors(path):
+    """A checkpoint whose data position does not fit this run's data is one clear error."""
+    try:
+        yield
+    except ValueError as e:
+        if "loader state" not in str(e) and "global batch" not in str(e):
+            raise
+        raise ConfigError(f"cannot resume from {path}: {e}; to train these weights on other data start a new run "
+                          f"with --init-from {path}") from None
+
+
+def _same_path(a: str, b: str) -> bool:
+    """Whether two data paths name the same file ("" = the embedded corpus: equal only to "")."""
+    if not a and not b:
+        return True
+    if not a or not b:
+        return False
+    return Path(a).resolve() == Path(b).resolve()
+
+
+def check_run(run_cfg: RunConfig, ckpt: dict | None, init_from: str | None = None) -> tuple[RunConfig, DataSetup]:
+    """Validate the resolved configuration, then the data against it (and, resuming, against
+    the checkpoint): every problem found is listed in one ConfigError. Returns the config with
+    the vocabulary policy applied and data paths made absolute, and the located data."""
+    from deepwish.config import config_problems, raise_problems
+    from deepwish.data.validate import data_problems
+
+    problems = config_problems(run_cfg)
+    tc = run_cfg.train
+    world = int(os.environ.get("WORLD_SIZE", "1")) if tc.parallel != "none" else 1
+    data = None
+    if not any(p.startswith("data.") for p in problems):
+        run_cfg, data = prepare_data(run_cfg)
+        if tc.seq_len >= 2 and tc.batch_size >= 1:
+            problems += data_problems(data.train_bin, data.val_bin, run_cfg.model.vocab_size, tc.seq_len,
+                                      tc.batch_size, world)
+    if ckpt is not None:
+        problems += resume_problems(ckpt, run_cfg, world)
+    if init_from is not None:
+        from deepwish.train.init_from import init_problems
+        problems += init_problems(init_from, run_cfg.model)
+    raise_problems(problems)
+    return run_cfg, data
 
 
 def open_run_dir(run_cfg: RunConfig, resume: bool | str) -> tuple[RunConfig, Path, dict | None]:
@@ -275,13 +347,15 @@ def restore_state(run: Run, meta: dict) -> None:
     if d.main:  # resuming an older step: newer checkpoints move aside, never lost
         start_branch(run.run_dir, meta["path"])
     if d.active or meta["format"] == "dcp":  # sharded state, or resharding
-        run.start_step = dist_checkpoint.restore(meta["path"], model=run.model, optimizer=run.optimizer,
-                                                 loader=run.loader, ema=run.ema)
+        with _resume_errors(meta["path"]):
+            run.start_step = dist_checkpoint.restore(meta["path"], model=run.model, optimizer=run.optimizer,
+                                                     loader=run.loader, ema=run.ema)
     else:
         ckpt = load_checkpoint(meta["path"])
         run.model.load_state_dict(ckpt["model"])
         run.optimizer.load_state_dict(ckpt["optimizer"])
-        run.loader.load_state_dict(ckpt["loader"])
+        with _resume_errors(meta["path"]):
+            run.loader.load_state_dict(ckpt["loader"])
         if run.ema is not None:
             if ckpt["ema"] is None:
                 raise ConfigError(f"{ckpt['path']}: train.ema_decay>0 but the checkpoint has no EMA")
@@ -294,25 +368,32 @@ def restore_state(run: Run, meta: dict) -> None:
         print(f"[deepwish] resumed from {meta['path']} at step {run.start_step}{ranks}", flush=True)
 
 
-def start_run(run_cfg: RunConfig, resume: bool | str, progress_bar: bool | None) -> Run:
+def start_run(run_cfg: RunConfig, resume: bool | str, progress_bar: bool | None, init_from: str | None = None,
+              init_ema: bool = False) -> Run:
     """Set-up: run directory, device, seed, data, model (wrapped), optimizer, EMA, loss backend,
     loader, the resumed state, logger."""
     from deepwish.data import PackedLoader
     from deepwish.model import Transformer
 
+    if resume and init_from:
+        raise ConfigError("--resume continues a run, --init-from starts a new one from weights: give one of them")
     run_cfg, run_dir, meta = open_run_dir(run_cfg, resume)
+    run_cfg, data = check_run(run_cfg, meta, init_from)  # the configuration and the data, before anything runs
     tc = run_cfg.train
     d = parallel.init_distributed(tc)  # no process group for parallel=none
     warn_if_cpu_oversubscribed(d.device)
     seed_everything(tc.seed)
-    run_cfg, data = prepare_data(run_cfg)
-    if meta is not None:
-        _check_resume_config(meta["config"], run_cfg, meta["path"])
-    _check_train_config(run_cfg)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.json").write_text(json.dumps(to_dict(run_cfg), indent=1))
+    if data.tokenizer is not None and d.main:  # the run directory is self-contained for generate/convert
+        data.tokenizer.save(run_dir / RUN_TOKENIZER)
 
     model = Transformer(run_cfg.model).to(d.device)
+    if init_from is not None:  # weights only, before any wrapping; everything else starts fresh
+        from deepwish.train.init_from import load_init_weights
+        model.load_state_dict(load_init_weights(init_from, ema=init_ema))
+        if d.main:
+            print(f"[deepwish] initialised from the {'EMA ' if init_ema else ''}weights of {init_from}", flush=True)
     step_model = parallel.parallelize(model, run_cfg, d)
     optimizer = build_optimizer(model, tc, distributed=d.active)
     run = Run(cfg=run_cfg, run_dir=run_dir, d=d, data=data, model=model, step_model=step_model,
@@ -323,12 +404,17 @@ def start_run(run_cfg: RunConfig, resume: bool | str, progress_bar: bool | None)
     if meta is not None:
         restore_state(run, meta)
     run.logger = parallel.NullLogger() if not d.main else Logger(
-        run_dir, total_steps=tc.steps, flops_per_token=model.flops_per_token(tc.seq_len), device=d.device,
+        run_dir, total_steps=total_steps(tc), flops_per_token=model.flops_per_token(tc.seq_len), device=d.device,
         log_every=tc.log_every, tensorboard=tc.tensorboard, mlflow=tc.mlflow, config=to_dict(run_cfg),
         progress_bar=progress_bar)
     run.logger.print(f"[deepwish] run {run_dir} | {model.num_params() / 1e6:.2f}M params | device {d.device} | "
                      f"{tc.optimizer} | {tokens_per_step(run)} tokens/step | loss backend {run.backend}")
     return run
+
+
+def total_steps(tc) -> int:
+    """Steps the run takes: the schedule's horizon train.steps, then train.extend_steps at its final rate."""
+    return tc.steps + tc.extend_steps
 
 
 def tokens_per_step(run: Run) -> int:
@@ -450,18 +536,18 @@ def train_steps(run: Run) -> tuple[dict[int, float], dict[int, float]]:
     batches = iter(run.loader)
     run.step_model.train()
     run.logger.start(run.start_step)
-    for step in range(run.start_step, tc.steps):
+    for step in range(run.start_step, total_steps(tc)):
         done = step + 1
         lr_f = apply_lr(run.optimizer, step, tc)
         result = optimizer_step(run, step, [next(batches) for _ in range(tc.grad_accum)])
         train_losses[done] = result.loss
         log_step(run, done, lr_f, result)
-        saved = done % tc.save_every == 0 or done == tc.steps
+        saved = done % tc.save_every == 0 or done == total_steps(tc)
         if saved:
             run.last_ckpt = save_state(run, done)
         if (signum := rundir.stop_requested(run.d)) is not None:  # SIGINT/SIGTERM: this step is done
             raise rundir.stopped(signum, done, run.last_ckpt if saved else save_state(run, done), run.run_dir)
-        if done % tc.eval_every == 0 or done == tc.steps:  # after the save, never before it
+        if done % tc.eval_every == 0 or done == total_steps(tc):  # after the save, never before it
             val_losses[done] = validation_loss(run)
             run.logger.eval(done, {"val_loss": val_losses[done]})
     return train_losses, val_losses
@@ -472,37 +558,41 @@ def finish_run(run: Run, train_losses: dict, val_losses: dict, train_seconds: fl
     from deepwish.data import unigram_entropy
 
     tc = run.cfg.train
-    summary = {"run_dir": str(run.run_dir), "steps": tc.steps, "start_step": run.start_step,
+    summary = {"run_dir": str(run.run_dir), "steps": total_steps(tc), "start_step": run.start_step,
                "train_losses": train_losses, "val_losses": val_losses,
-               "final_train_loss": train_losses.get(tc.steps), "checkpoint": run.last_ckpt,
+               "final_train_loss": train_losses.get(total_steps(tc)), "checkpoint": run.last_ckpt,
                "train_seconds": train_seconds, "device": str(run.device), "loss_backend": run.backend,
                "num_params": run.model.num_params(), "vocab_size": run.cfg.model.vocab_size}
     # resumed at the last step: nothing ran, evaluate now
     summary["final_val_loss"] = val_losses[max(val_losses)] if val_losses else validation_loss(run)
     summary["unigram_entropy"] = float(unigram_entropy(run.data.val_bin))
-    run.logger.write({"kind": "final", "step": tc.steps, "val_loss": summary["final_val_loss"],
+    run.logger.write({"kind": "final", "step": total_steps(tc), "val_loss": summary["final_val_loss"],
                       "unigram_entropy": summary["unigram_entropy"]})
     run.logger.print(f"[deepwish] final val loss {summary['final_val_loss']:.4f} nats/token | unigram entropy of "
                      f"the val shard {summary['unigram_entropy']:.4f} nats/token")
     return summary
 
 
-def train(run_cfg: RunConfig, resume: bool | str = False, *, progress_bar: bool | None = None) -> dict:
+def train(run_cfg: RunConfig, resume: bool | str = False, *, progress_bar: bool | None = None,
+          init_from: str | None = None, init_ema: bool = False) -> dict:
     """Train per `run_cfg`; returns a summary dict (`finish_run`, plus 'plot' and 'sample').
 
     resume: False = fresh run in train.out_dir (which must hold no checkpoint); True = continue
     from the latest checkpoint in train.out_dir; a path = continue from that run directory (or
     checkpoint directory), writing into that run directory.
+    init_from: a fresh run whose model starts from these weights (train/init_from.py; init_ema: the
+    source's EMA weights); optimizer, schedule and data position start fresh.
 
     The run directory is locked for the call, and SIGINT/SIGTERM stop it after the current step
     with a save (train/rundir.py: `RunDirError`, `Stopped`).
     """
     with rundir.exclusive(rundir.run_dir_of(run_cfg.train.out_dir, resume), resume), rundir.stop_on_signals():
-        return _train(run_cfg, resume, progress_bar)
+        return _train(run_cfg, resume, progress_bar, init_from, init_ema)
 
 
-def _train(run_cfg: RunConfig, resume: bool | str, progress_bar: bool | None) -> dict:
-    run = start_run(run_cfg, resume, progress_bar)
+def _train(run_cfg: RunConfig, resume: bool | str, progress_bar: bool | None, init_from: str | None = None,
+           init_ema: bool = False) -> dict:
+    run = start_run(run_cfg, resume, progress_bar, init_from, init_ema)
     try:
         t0 = time.perf_counter()
         train_losses, val_losses = train_steps(run)
@@ -548,6 +638,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--resume", nargs="?", const=True, default=False, metavar="RUN_DIR",
                         help="continue from the latest checkpoint of RUN_DIR (default: train.out_dir); "
                              "without --preset/--config the run's saved config is used")
+    parser.add_argument("--init-from", default=None, metavar="RUN_OR_CHECKPOINT_OR_HF_DIR",
+                        help="start a new run from these weights (fresh optimizer, schedule and data position); "
+                             "without --preset/--config the source's model (and a deepwish run's settings) is used")
+    parser.add_argument("--init-ema", action="store_true", help="with --init-from: start from the source's EMA weights")
     parser.add_argument("--out", default=None, help="run directory (sets train.out_dir)")
     parser.add_argument("--parallel", default=None, choices=("none", "ddp", "fsdp"),
                         help="data parallelism under torchrun (sets train.parallel; --set still applies after)")
@@ -558,13 +652,26 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
     layered by `config.load_config`."""
     overrides = ([f"train.out_dir={args.out}"] if args.out else []) + (
         [f"train.parallel={args.parallel}"] if getattr(args, "parallel", None) else []) + list(args.overrides)
+    init_from = getattr(args, "init_from", None)
+    if args.preset is None and args.config is None and init_from and not args.resume:
+        from deepwish.train.init_from import is_hf_dir, source_config
+        if is_hf_dir(init_from):
+            base = from_dict({"model": to_dict(source_config(init_from))}, f"{init_from}/config.json")
+        else:
+            meta = resolve_any(init_from) / "meta.json"
+            base = from_dict(json.loads(meta.read_text())["config"], f"{meta} (saved config)")
+        return load_config(None, overrides, base=base)
     if args.preset is None and args.config is None:
         if not args.resume:
-            raise ConfigError("deepwish train needs --preset NAME or --config FILE (or --resume RUN_DIR)")
+            raise ConfigError("deepwish train needs --preset NAME or --config FILE (or --resume RUN_DIR, or "
+                              "--init-from SRC)")
         run_dir = args.resume if isinstance(args.resume, str) else (args.out or RunConfig().train.out_dir)
         meta = resolve_any(run_dir) / "meta.json"  # single-device or sharded (DCP) checkpoint
         saved = from_dict(json.loads(meta.read_text())["config"], f"{meta} (saved config)")
         return load_config(None, overrides, base=saved)
+    if args.preset is None:
+        from deepwish.config import require_model_shape
+        require_model_shape(preset_path(args.config))
     files = [args.config] if args.preset is not None and args.config is not None else []
     return load_config(args.preset or args.config, overrides, files=files)
 
@@ -575,7 +682,8 @@ def run(args: argparse.Namespace) -> int:
     if resume is True and args.out:
         resume = args.out
     try:
-        summary = train(cfg, resume=resume)
+        summary = train(cfg, resume=resume, init_from=getattr(args, "init_from", None),
+                        init_ema=getattr(args, "init_ema", False))
     except BaseException:
         parallel.shutdown()
         raise

@@ -6,6 +6,9 @@ group's `base_lr`. Nothing is stored but the step, so resuming needs only the st
   then a linear decay to `min_lr_frac` over the last `decay_frac` of the steps. (MiniCPM uses
   an exponential decay; linear is the common simplification.)
 - constant: warm-up, then 1.
+
+The horizon is `steps`: steps at or after it (`train.extend_steps` runs them) take the final
+factor, so extending a run changes no step it has already planned.
 """
 from __future__ import annotations
 
@@ -24,6 +27,8 @@ def lr_factor(step: int, cfg) -> float:
     if step < 0:
         raise ValueError(f"lr_factor: step must be >= 0, got {step}")
     total, warmup, floor = cfg.steps, cfg.warmup_steps, cfg.min_lr_frac
+    if step >= total > 0:  # an extension past the horizon: the final factor, held
+        step = total - 1
     if step < warmup:
         return (step + 1) / warmup
     if cfg.schedule == "constant":

@@ -3,7 +3,7 @@ import json
 
 import pytest
 
-from deepwish.data.build import build_shards, ensure_default_data, main, read_documents, val_split
+from deepwish.data.build import InputError, build_shards, ensure_default_data, main, read_documents, val_split
 from deepwish.data.chat import encode_chat, render_chat
 from deepwish.data.corpus import read_corpus, split_documents
 from deepwish.data.loader import PackedLoader
@@ -142,7 +142,7 @@ def test_cli_main(tmp_path, tok, capsys):
     assert "wrote" in capsys.readouterr().out
     meta = json.loads((tmp_path / "cli" / "meta.json").read_text())
     assert meta["train"]["docs"] == 4 and meta["val"]["docs"] == 1
-    with pytest.raises(SystemExit):
+    with pytest.raises(InputError, match="either --val-fraction or --val-input"):
         main(["--input", str(inputs[0]), "--out", str(tmp_path / "x"), "--val-fraction", "0.1",
               "--val-input", str(inputs[0])])
 

@@ -62,3 +62,27 @@ def test_bf16_load(ckpt):
     m = load_hf(ckpt, dtype=torch.bfloat16)
     assert m.embed.weight.dtype == torch.bfloat16
     assert m(torch.randint(0, 50, (1, 5))).logits.shape == (1, 5, 50)
+
+
+@pytest.mark.parametrize("text, match", [("{not json", "not valid JSON"), ("[1, 2]", "expected a JSON object"),
+                                         (None, "lacks the field 'hidden_size'")])
+def test_broken_or_partial_config_json_is_one_error(ckpt, text, match):
+    f = ckpt / "config.json"
+    if text is None:  # partial: a field the mapping needs is gone
+        d = json.loads(f.read_text())
+        del d["hidden_size"]
+        text = json.dumps(d)
+    f.write_text(text)
+    with pytest.raises(CheckpointError, match=match) as e:
+        load_hf(ckpt)
+    assert "\n" not in str(e.value)
+
+
+def test_truncated_safetensors_names_the_file(ckpt):
+    f = ckpt / "model.safetensors"
+    raw = f.read_bytes()
+    for keep in (len(raw) // 2, 10):  # cut inside the tensor data, then inside the header
+        f.write_bytes(raw[:keep])
+        with pytest.raises(CheckpointError, match=r"model\.safetensors.*(truncated|corrupt)") as e:
+            load_hf(ckpt)
+        assert "\n" not in str(e.value)
