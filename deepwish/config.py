@@ -416,6 +416,10 @@ def from_dict(d: dict, source: str = "<dict>") -> RunConfig:
 
 # ---- whole-configuration validation --------------------------------------------------------------
 OPTIMIZERS = ("muon", "adamw")
+PARALLEL_MODES = ("none", "ddp", "fsdp")  # train/parallel.py reads these
+COMPILE_MODES = ("auto", "on", "off")
+CHECKPOINT_MODES = ("none", "selective", "full")
+OFFLOAD_MODES = ("none", "params", "activations")
 LOSS_BACKENDS = ("auto", "torch", "triton")
 DTYPES = ("bf16", "fp32")
 INDEXER_MODES = ("off", "dense_warmup", "sparse")
@@ -426,7 +430,6 @@ def config_problems(cfg: RunConfig) -> list[str]:
     `section.key=value: why` string each (an empty list: nothing found). The model section checks
     itself on construction (ModelConfig.__post_init__); this covers train and data, and the
     fields that relate the two."""
-    from deepwish.train.parallel import CHECKPOINT_MODES, COMPILE_MODES, OFFLOAD_MODES, PARALLEL_MODES
     from deepwish.train.schedule import SCHEDULES
 
     t, d = cfg.train, cfg.data

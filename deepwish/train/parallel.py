@@ -53,13 +53,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from deepwish.config import ConfigError
+from deepwish.config import CHECKPOINT_MODES, COMPILE_MODES, OFFLOAD_MODES, PARALLEL_MODES, ConfigError
 from deepwish.device import resolve_device
-
-PARALLEL_MODES = ("none", "ddp", "fsdp")
-COMPILE_MODES = ("auto", "on", "off")
-CHECKPOINT_MODES = ("none", "selective", "full")
-OFFLOAD_MODES = ("none", "params", "activations")
 TORCHRUN_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK")
 
 
