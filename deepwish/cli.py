@@ -179,6 +179,7 @@ def run_convert(args) -> int:
 
 BENCHES = {
     "kernels": "deepwish.bench.kernels",
+    "attention": "deepwish.bench.attention",
     "gdn": "deepwish.bench.gdn",
     "decode": "deepwish.bench.decode",
     "train": "deepwish.bench.train",

@@ -1,0 +1,357 @@
+"""`deepwish bench attention`: the own flash-attention kernels against their anchors, one GPU run.
+
+    deepwish bench attention --out reports/attention          (the full grid, ~6 min on an H200)
+    deepwish bench attention --out /tmp/a --quick              (a few shapes)
+
+Training (bf16, fwd / bwd / fwd+bwd): own Triton kernel (kernels/attention/triton.py) vs
+- SDPA with the dense boolean mask [B, 1, T, T] (the path the model took before): skipped, and
+  said so, where that mask exceeds DENSE_MASK_MAX elements;
+- FlexAttention with a block mask built once per batch (kernels/attention/flex.py);
+- SDPA flash on plain causal input (no document isolation, no window): the speed anchor.
+Documents per row are random cut points (seeded); windows count the query's own token.
+TFLOP/s count only visible (query, key) pairs: fwd 2·pairs·H·(Dqk + Dv), bwd 2.5 × fwd
+(FlashAttention's convention: the bwd recomputes the scores), SDPA-flash rows count causal pairs.
+Decode: one new token (and 4 for speculative verification) over a full cache of L slots,
+own split-KV kernel (kernels/attention/decode.py) vs SDPA; GB/s = K and V bytes read / time,
+against the device copy bandwidth measured in the same run.
+Before timing, every path is checked against the fp32 reference (relative RMS).
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import subprocess
+import sys
+import traceback
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+DENSE_MASK_MAX = 1 << 30  # elements of the [B, 1, T, T] mask SDPA is given (1 GiB as bool)
+TOKENS = 16384  # tokens per step for T <= 16k (B = TOKENS // T)
+
+
+def train_grid(quick: bool) -> list[dict]:
+    """(D, H, Hkv, T, docs per row, window) shapes: the issue's grid, structured rather than a full
+    product so that it runs in minutes (each (B, T, D, G) is a fresh FlexAttention compile)."""
+    g = []
+    def add(D, H, Hkv, T, docs, W):
+        g.append(dict(D=D, H=H, Hkv=Hkv, T=T, B=max(1, TOKENS // T), docs=docs, window=W))
+    if quick:
+        add(128, 16, 8, 2048, 4, 0)
+        add(128, 16, 8, 16384, 8, 0)
+        add(128, 16, 8, 65536, 16, 0)
+        add(128, 16, 8, 16384, 1, 4096)
+        add(128, 16, 8, 16384, 1, 0)
+        add(256, 16, 2, 16384, 4, 0)
+        return g
+    for T in (2048, 8192, 16384, 65536):
+        for docs in (1, 4, 16):
+            add(128, 16, 8, T, docs, 0)
+        for W in (512, 4096):
+            add(128, 16, 8, T, 4, W)
+    for T in (2048, 16384):
+        add(128, 16, 2, T, 4, 0)
+        add(128, 16, 2, T, 4, 4096)
+        add(256, 16, 8, T, 4, 0)
+    for T in (2048, 16384, 65536):
+        add(256, 16, 2, T, 4, 0)
+    add(256, 16, 2, 16384, 4, 4096)
+    return g
+
+
+def make_doc_ids(B: int, T: int, docs: int, gen: torch.Generator) -> torch.Tensor | None:
+    if docs <= 1:
+        return None
+    ids = torch.zeros(B, T, dtype=torch.int32)
+    for b in range(B):
+        cuts = torch.randperm(T - 1, generator=gen)[: docs - 1] + 1
+        ids[b, cuts] = 1
+    return ids.cumsum(1)
+
+
+def visible_pairs(B: int, T: int, doc_ids: torch.Tensor | None, window: int) -> int:
+    """Number of visible (query, key) pairs per head."""
+    from deepwish.kernels.attention.reference import document_starts
+    pos = torch.arange(T).expand(B, T)
+    if doc_ids is not None:
+        pos = pos - document_starts(doc_ids).long()
+    seen = pos + 1
+    if window > 0:
+        seen = seen.clamp(max=window)
+    return int(seen.sum())
+
+
+def rel_rms(ref, out) -> float:
+    ref, out = ref.detach().double(), out.detach().double()
+    return float((ref - out).pow(2).mean().sqrt() / ref.pow(2).mean().sqrt().clamp_min(1e-30))
+
+
+def bench_ms(fn, grad_to_none=None) -> float:
+    from triton.testing import do_bench
+    return float(do_bench(fn, warmup=25, rep=100, grad_to_none=grad_to_none, return_mode="median"))
+
+
+def check_correctness(device) -> list[dict]:
+    """Own kernel (fwd + all grads), flex and the decode kernel against the fp32 reference."""
+    from deepwish.kernels.attention import reference as ref
+    from deepwish.kernels.attention.decode import decode_attention
+    from deepwish.kernels.attention.flex import flex_attention
+    from deepwish.kernels.attention.triton import flash_attention
+    gen = torch.Generator().manual_seed(0)
+    rows = []
+    cases = [  # B, T, H, Hkv, Dqk, Dv, docs, window, softcap, dtype
+        (2, 1000, 16, 8, 128, 128, 4, 0, 0.0, torch.bfloat16),
+        (2, 1000, 16, 2, 128, 128, 16, 256, 0.0, torch.bfloat16),
+        (1, 1500, 16, 2, 256, 256, 3, 0, 0.0, torch.bfloat16),
+        (1, 777, 8, 8, 192, 128, 2, 0, 0.0, torch.bfloat16),
+        (1, 1024, 8, 1, 64, 64, 5, 100, 30.0, torch.float16),
+        (1, 513, 4, 2, 128, 128, 3, 64, 0.0, torch.float32),
+    ]
+    for B, T, H, Hkv, D, Dv, docs, W, cap, dt in cases:
+        q = torch.randn(B, T, H, D, generator=gen).to(device, dt).requires_grad_()
+        k = torch.randn(B, T, Hkv, D, generator=gen).to(device, dt).requires_grad_()
+        v = torch.randn(B, T, Hkv, Dv, generator=gen).to(device, dt).requires_grad_()
+        ids = make_doc_ids(B, T, docs, gen)
+        ids = None if ids is None else ids.to(device)
+        g = torch.randn(B, T, H, Dv, generator=gen).to(device)
+        want = ref.attention(q, k, v, doc_ids=ids, window=W, softcap=cap)
+        wg = torch.autograd.grad((want.float() * g).sum(), (q, k, v))
+        row = dict(case=f"B{B} T{T} H{H}/{Hkv} D{D}/{Dv} docs{docs} W{W} cap{cap} {str(dt)[6:]}")
+        for name, fn in (("own", flash_attention), ("flex", flex_attention)):
+            if name == "flex" and (dt == torch.float32 or D != Dv or D > 128 and dt != torch.bfloat16):
+                continue
+            try:
+                got = fn(q, k, v, doc_ids=ids, window=W, softcap=cap)
+                gg = torch.autograd.grad((got.float() * g).sum(), (q, k, v))
+                row[name] = [rel_rms(want, got)] + [rel_rms(a, b) for a, b in zip(wg, gg)]
+            except Exception as e:  # noqa: BLE001
+                row[name] = f"error: {type(e).__name__}: {str(e).splitlines()[0][:120]}"
+        rows.append(row)
+    for B, Tq, L, W, ring in ((1, 1, 32768, 0, False), (8, 4, 4096, 0, False), (2, 3, 1000, 256, True)):
+        q = torch.randn(B, Tq, 16, 128, generator=gen).to(device, torch.bfloat16)
+        kc = torch.randn(B, 8, L, 128, generator=gen).to(device, torch.bfloat16)
+        vc = torch.randn(B, 8, L, 128, generator=gen).to(device, torch.bfloat16)
+        if ring:
+            kp = torch.randint(0, 3000, (B, L), generator=gen).to(device)
+            qp = (torch.arange(Tq) + 2990).expand(B, Tq).to(device)
+        else:
+            kp = None
+            qp = (torch.arange(Tq) + L - Tq).expand(B, Tq).to(device)
+        want = ref.decode_attention(q, kc, vc, qp, torch.arange(L, device=device).expand(B, L) if kp is None else kp,
+                                    window=W)
+        got = decode_attention(q, kc, vc, qp, kp, window=W)
+        rows.append(dict(case=f"decode B{B} Tq{Tq} L{L} W{W} ring{ring}", own=[rel_rms(want, got)]))
+    return rows
+
+
+def bench_train(device, quick: bool) -> list[dict]:
+    import torch._dynamo
+    from deepwish.kernels.attention.flex import block_mask, flex_attention
+    from deepwish.kernels.attention.triton import flash_attention
+    from deepwish.model.attention import attention_mask
+    torch._dynamo.config.cache_size_limit = 64
+    gen = torch.Generator().manual_seed(1)
+    rows = []
+    for s in train_grid(quick):
+        B, T, H, Hkv, D, docs, W = s["B"], s["T"], s["H"], s["Hkv"], s["D"], s["docs"], s["window"]
+        ids_cpu = make_doc_ids(B, T, docs, gen)
+        pairs = visible_pairs(B, T, ids_cpu, W)
+        causal_pairs = B * T * (T + 1) // 2
+        fwd_flop = 2.0 * pairs * H * (D + D)
+        ids = None if ids_cpu is None else ids_cpu.to(device)
+        q = torch.randn(B, T, H, D, device=device, dtype=torch.bfloat16, requires_grad=True)
+        k = torch.randn(B, T, Hkv, D, device=device, dtype=torch.bfloat16, requires_grad=True)
+        v = torch.randn(B, T, Hkv, D, device=device, dtype=torch.bfloat16, requires_grad=True)
+        g = torch.randn(B, T, H, D, device=device, dtype=torch.bfloat16)
+        row = dict(s, pairs=pairs, sparsity=1 - pairs / causal_pairs)
+        qt, kt, vt = (x.detach().transpose(1, 2).requires_grad_() for x in (q, k, v))
+        gt = g.transpose(1, 2)
+
+        def flex_fn(mask=None):
+            return lambda: flex_attention(q, k, v, doc_ids=ids, window=W, mask=mask)
+
+        paths = {"own": (lambda: flash_attention(q, k, v, doc_ids=ids, window=W), (q, k, v), g, fwd_flop)}
+        try:
+            fm = block_mask(B, T, ids, W, device)
+            paths["flex"] = (flex_fn(fm), (q, k, v), g, fwd_flop)
+        except Exception as e:  # noqa: BLE001
+            row["flex"] = f"error: {type(e).__name__}"
+        if B * T * T <= DENSE_MASK_MAX:
+            pos = torch.arange(T, device=device).expand(B, T)
+            dm = attention_mask(pos, pos, W, ids, ids) if (ids is not None or W) else None
+            paths["sdpa_mask"] = ((lambda: F.scaled_dot_product_attention(qt, kt, vt, attn_mask=dm, is_causal=dm is None,
+                                                                            enable_gqa=True)),
+                                  (qt, kt, vt), gt, fwd_flop)
+        else:
+            row["sdpa_mask"] = f"skipped: the dense mask [B,1,T,T] has {B * T * T / 2**30:.0f} Gi elements"
+        paths["sdpa_flash_causal"] = ((lambda: F.scaled_dot_product_attention(qt, kt, vt, is_causal=True,
+                                                                               enable_gqa=True)),
+                                      (qt, kt, vt), gt, 2.0 * causal_pairs * H * (D + D))
+        for name, (fn, leaves, grad, flop) in paths.items():
+            try:
+                fwd = bench_ms(fn)
+                fb = bench_ms(lambda: fn().backward(grad), grad_to_none=list(leaves))
+                row[name] = dict(fwd_ms=fwd, fwdbwd_ms=fb, bwd_ms=fb - fwd, fwd_tflops=flop / fwd / 1e9,
+                                 bwd_tflops=2.5 * flop / max(fb - fwd, 1e-6) / 1e9, fwdbwd_tflops=3.5 * flop / fb / 1e9)
+            except Exception as e:  # noqa: BLE001
+                row[name] = f"error: {type(e).__name__}: {str(e).splitlines()[0][:100]}"
+                torch.cuda.empty_cache()
+        rows.append(row)
+        print(fmt_train_row(row), flush=True)
+        del q, k, v, g, qt, kt, vt, paths
+        torch.cuda.empty_cache()
+    return rows
+
+
+def bench_decode(device, quick: bool, copy_gbs: float) -> list[dict]:
+    from deepwish.kernels.attention.decode import decode_attention
+    rows = []
+    H, Hkv, D = 16, 8, 128
+    ctxs = (32768,) if quick else (4096, 32768, 131072)
+    for L in ctxs:
+        for B in ((1, 8) if quick else (1, 8, 64)):
+            for Tq in ((1, 4) if B <= 8 else (1,)):
+                if B * L * Hkv * D * 4 > 40e9:
+                    continue
+                kc = torch.randn(B, Hkv, L, D, device=device, dtype=torch.bfloat16)
+                vc = torch.randn(B, Hkv, L, D, device=device, dtype=torch.bfloat16)
+                q = torch.randn(B, Tq, H, D, device=device, dtype=torch.bfloat16)
+                qp = (torch.arange(Tq, device=device) + L - Tq).expand(B, Tq).contiguous()
+                nbytes = 2 * kc.numel() * 2
+                row = dict(L=L, B=B, Tq=Tq, kv_bytes=nbytes)
+                qt = q.transpose(1, 2)
+                mask = (torch.arange(L, device=device)[None, :] <= qp[0][:, None])[None, None] if Tq > 1 else None
+                for name, fn in (("own", lambda: decode_attention(q, kc, vc, qp)),
+                                 ("sdpa", lambda: F.scaled_dot_product_attention(qt, kc, vc, attn_mask=mask,
+                                                                                 enable_gqa=True))):
+                    try:
+                        ms = bench_ms(fn)
+                        row[name] = dict(us=ms * 1e3, gbs=nbytes / ms / 1e6, of_copy=nbytes / ms / 1e6 / copy_gbs)
+                    except Exception as e:  # noqa: BLE001
+                        row[name] = f"error: {type(e).__name__}"
+                        torch.cuda.empty_cache()
+                rows.append(row)
+                print(fmt_decode_row(row), flush=True)
+                del kc, vc
+                torch.cuda.empty_cache()
+    return rows
+
+
+def ceilings(device) -> dict:
+    x = torch.empty(1 << 30, dtype=torch.uint8, device=device).random_()
+    y = torch.empty_like(x)
+    ms = bench_ms(lambda: y.copy_(x))
+    a = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
+    b = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
+    mm = bench_ms(lambda: a @ b)
+    return dict(copy_gbs=2 * x.numel() / ms / 1e6, matmul_tflops=2 * 8192 ** 3 / mm / 1e9)
+
+
+def fmt_cell(r, key="fwdbwd_ms"):
+    if isinstance(r, dict):
+        return f"{r[key]:.3f}"
+    return "skip" if r is None or str(r).startswith("skip") else "err"
+
+
+def fmt_train_row(r) -> str:
+    own, flex = r.get("own"), r.get("flex")
+    ratio = (flex["fwdbwd_ms"] / own["fwdbwd_ms"]) if isinstance(own, dict) and isinstance(flex, dict) else float("nan")
+    fwd_vs = (own["fwd_tflops"] / r["sdpa_flash_causal"]["fwd_tflops"]
+              if isinstance(own, dict) and isinstance(r.get("sdpa_flash_causal"), dict) else float("nan"))
+    tf = own["fwd_tflops"] if isinstance(own, dict) else float("nan")
+    return (f"D{r['D']} {r['H']}/{r['Hkv']} B{r['B']} T{r['T']} docs{r['docs']} W{r['window']}: fwd+bwd ms "
+            f"own {fmt_cell(own)} flex {fmt_cell(flex)} sdpa_mask {fmt_cell(r.get('sdpa_mask'))} "
+            f"flash_causal {fmt_cell(r.get('sdpa_flash_causal'))} | own/flex x{ratio:.2f} | own fwd {tf:.0f} TF/s "
+            f"= {fwd_vs:.2f} of flash")
+
+
+def fmt_decode_row(r) -> str:
+    own, sd = r.get("own"), r.get("sdpa")
+    o = f"{own['us']:.1f}us {own['gbs']:.0f}GB/s ({own['of_copy']:.0%} of copy)" if isinstance(own, dict) else str(own)
+    s = f"{sd['us']:.1f}us {sd['gbs']:.0f}GB/s" if isinstance(sd, dict) else str(sd)
+    return f"decode L{r['L']} B{r['B']} Tq{r['Tq']}: own {o} | sdpa {s}"
+
+
+def plot(train: list[dict], decode: list[dict], path: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(16, 6))
+    labels = [f"D{r['D']} {r['H']}/{r['Hkv']} T{r['T'] // 1024}k d{r['docs']} W{r['window']}" for r in train]
+    x = range(len(train))
+    for i, name in enumerate(("own", "flex", "sdpa_mask", "sdpa_flash_causal")):
+        ys = [r[name]["fwdbwd_tflops"] if isinstance(r.get(name), dict) else 0 for r in train]
+        a1.bar([xi + 0.2 * i for xi in x], ys, width=0.2, label=name)
+    a1.set_xticks([xi + 0.3 for xi in x], labels, rotation=80, fontsize=7)
+    a1.set_ylabel("fwd+bwd TFLOP/s (visible pairs only)")
+    a1.legend()
+    a1.set_title("training attention, bf16")
+    for name in ("own", "sdpa"):
+        for B in sorted({r["B"] for r in decode}):
+            pts = [(r["L"], r[name]["gbs"]) for r in decode if r["B"] == B and r["Tq"] == 1 and isinstance(r.get(name), dict)]
+            if pts:
+                a2.plot(*zip(*pts), marker="o", label=f"{name} B{B}")
+    a2.set_xscale("log", base=2)
+    a2.set_xlabel("context (slots)")
+    a2.set_ylabel("KV GB/s")
+    a2.legend()
+    a2.set_title("decode, 1 token, H16/8 D128")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def environment(device) -> dict:
+    import triton
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    except OSError:
+        commit = ""
+    return dict(device=torch.cuda.get_device_name(device), torch=torch.__version__, triton=triton.__version__,
+                date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                command="deepwish bench attention " + " ".join(sys.argv[1:]), commit=commit)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="deepwish bench attention", description=__doc__.split("\n")[0])
+    p.add_argument("--out", required=True)
+    p.add_argument("--quick", action="store_true", help="a few shapes only")
+    p.add_argument("--skip", default="", help="comma list of parts to skip: check,train,decode")
+    args = p.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("error: deepwish bench attention needs a CUDA GPU", file=sys.stderr)
+        return 2
+    device = torch.device("cuda")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    skip = set(filter(None, args.skip.split(",")))
+    res = dict(env=environment(device), ceilings=ceilings(device))
+    print(json.dumps(res, indent=1), flush=True)
+    for part, fn in (("check", lambda: check_correctness(device)), ("train", lambda: bench_train(device, args.quick)),
+                     ("decode", lambda: bench_decode(device, args.quick, res["ceilings"]["copy_gbs"]))):
+        if part in skip:
+            continue
+        try:
+            res[part] = fn()
+        except Exception:  # noqa: BLE001
+            res[part] = "error: " + traceback.format_exc()[-2000:]
+            print(res[part], flush=True)
+        if part == "check":
+            for r in res[part] if isinstance(res[part], list) else []:
+                print(r, flush=True)
+        (out / "attention.json").write_text(json.dumps(res, indent=1, default=str))
+    if isinstance(res.get("train"), list) and isinstance(res.get("decode"), list):
+        plot(res["train"], res["decode"], str(out / "attention.png"))
+    for r in res.get("train", []) if isinstance(res.get("train"), list) else []:
+        print(fmt_train_row(r))
+    for r in res.get("decode", []) if isinstance(res.get("decode"), list) else []:
+        print(fmt_decode_row(r))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,202 @@
+"""Split-KV ("flash-decoding") attention of a few new queries over a long static KV cache, in
+Triton: one new token per row (decode) or the k+1 tokens of speculative verification.
+
+Same semantics as `reference.decode_attention` (read it first): q [B, Tq, H, Dqk] at positions
+q_pos [B, Tq] over the cache layout of model/cache.py, k [B, Hkv, L, Dqk], v [B, Hkv, L, Dv];
+slot j holds position k_pos[b, j] (`None`: slot j holds position j, a plain KVCache; a ring
+cache passes its stored positions, see model/ring_cache.py). Slot j is visible to query i iff
+k_pos[j] <= q_pos[i] and, with a window, k_pos[j] > q_pos[i] - window.
+
+Design (decode reads the whole visible cache once; it is bound by memory bandwidth):
+- The slots are cut into `splits` equal chunks and each program owns one (batch row, KV head,
+  chunk): B·Hkv alone is far too few programs to fill the GPU at batch 1. The Tq·G query rows
+  that read one KV head (G = H / Hkv query heads, Tq tokens) are one tile of the program
+  (row i = token i // GP, head i % GP), so each K/V tile is read from memory once for all of
+  them. Each program writes its partial output (normalised) and log-sum-exp; a second small
+  kernel merges the chunks per row.
+- With a plain KVCache, a program stops at the highest query position (slots above it hold
+  nothing yet); chunks wholly above it return at once. The cost then follows the context, not
+  the cache length.
+- The split count depends only on shapes (host arithmetic, no device reads): the step can be
+  captured in a CUDA graph.
+"""
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+NO_WINDOW = 1 << 62
+
+
+# Keys per tile: 64 x 128 bf16 K and V tiles, three stages in flight (fixed, not autotuned:
+# compile time per shape class matters more than the last few percent here).
+DECODE_BN, DECODE_WARPS, DECODE_STAGES = (16, 1, 1) if _INTERPRET else (64, 4, 3)
+
+
+@triton.jit
+def _tanh(x):
+    return 2.0 / (1.0 + tl.exp(-2.0 * x)) - 1.0
+
+
+@triton.jit
+def _split_kernel(Q, K, V, QPOS, KPOS, OP, LP,
+                  sq_b, sq_t, sq_h, sk_b, sk_h, sk_l, sv_b, sv_h, sv_l,
+                  TQ, HKV, G, L, W, scale, softcap, DQK, DV, SPLITS,
+                  CHUNK: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr, BM: tl.constexpr,
+                  GP: tl.constexpr, SLOT_POS: tl.constexpr, SOFTCAP: tl.constexpr, PREC: tl.constexpr,
+                  BN: tl.constexpr):
+    split = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = tl.cast(bh // HKV, tl.int64)
+    hkv = bh % HKV
+    i = tl.arange(0, BM)
+    j = i // GP
+    r = i % GP
+    row_ok = (r < G) & (j < TQ)
+    h64 = tl.cast(hkv * G + r, tl.int64)
+    dk = tl.arange(0, BLOCK_DK)
+    dv = tl.arange(0, BLOCK_DV)
+    q = tl.load(Q + b * sq_b + tl.cast(j, tl.int64)[:, None] * sq_t + h64[:, None] * sq_h + dk[None, :],
+                mask=row_ok[:, None] & (dk < DQK)[None, :], other=0.0)
+    qp = tl.load(QPOS + b * TQ + j, mask=row_ok, other=-1).to(tl.int64)
+    lo = split * CHUNK
+    hi = tl.minimum(lo + CHUNK, L)
+    if SLOT_POS:  # slots above the last query hold nothing yet; below the window nothing is seen
+        hi = tl.minimum(hi, tl.cast(tl.max(qp, 0) + 1, tl.int32))
+        first = tl.min(tl.where(row_ok, qp, NO_WINDOW), 0) - W + 1
+        lo = tl.maximum(lo, tl.cast(tl.maximum(first, 0), tl.int32) // BN * BN)
+    k_base = b * sk_b + tl.cast(hkv, tl.int64) * sk_h
+    v_base = b * sv_b + tl.cast(hkv, tl.int64) * sv_h
+    acc = tl.zeros([BM, BLOCK_DV], dtype=tl.float32)
+    m_i = tl.full([BM], -1.0e30, dtype=tl.float32)
+    l_i = tl.zeros([BM], dtype=tl.float32)
+    for n0 in range(lo, hi, BN):
+        n = n0 + tl.arange(0, BN)
+        n64 = tl.cast(n, tl.int64)
+        ok = n < hi
+        k = tl.load(K + k_base + n64[:, None] * sk_l + dk[None, :], mask=ok[:, None] & (dk < DQK)[None, :], other=0.0)
+        v = tl.load(V + v_base + n64[:, None] * sv_l + dv[None, :], mask=ok[:, None] & (dv < DV)[None, :], other=0.0)
+        if SLOT_POS:
+            kp = n64
+        else:
+            kp = tl.load(KPOS + b * L + n64, mask=ok, other=NO_WINDOW)
+        s = tl.dot(q, tl.trans(k), input_precision=PREC) * scale
+        if SOFTCAP:
+            s = softcap * _tanh(s / softcap)
+        vis = ok[None, :] & (kp[None, :] <= qp[:, None]) & (kp[None, :] > qp[:, None] - W)
+        s = tl.where(vis, s * 1.4426950408889634, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=PREC)
+        m_i = m_new
+    empty = l_i == 0.0
+    o = acc / tl.where(empty, 1.0, l_i)[:, None]
+    lse = tl.where(empty, float("-inf"), m_i + tl.log2(tl.where(empty, 1.0, l_i)))
+    base = (tl.cast(bh, tl.int64) * SPLITS + split) * BM
+    tl.store(OP + (base + i)[:, None] * BLOCK_DV + dv[None, :], o)
+    tl.store(LP + base + i, lse)
+
+
+@triton.jit
+def _merge_kernel(OP, LP, O, so_b, so_t, so_h, TQ, HKV, G, DV, SPLITS,
+                  BLOCK_DV: tl.constexpr, BM: tl.constexpr, GP: tl.constexpr, BS: tl.constexpr):
+    """One program per (batch row, KV head, row): weight the chunks' outputs by their share of
+    the softmax mass, exp2(lse_c - max lse)."""
+    bh = tl.program_id(0)
+    i = tl.program_id(1)
+    j = i // GP
+    r = i % GP
+    if (r < G) & (j < TQ):
+        b = tl.cast(bh // HKV, tl.int64)
+        hkv = bh % HKV
+        s = tl.arange(0, BS)
+        dv = tl.arange(0, BLOCK_DV)
+        base = tl.cast(bh, tl.int64) * SPLITS * BM
+        lse = tl.load(LP + base + s * BM + i, mask=s < SPLITS, other=float("-inf"))
+        w = tl.exp2(lse - tl.max(lse, 0))
+        o = tl.load(OP + (base + s * BM + i)[:, None] * BLOCK_DV + dv[None, :], mask=(s < SPLITS)[:, None], other=0.0)
+        o = tl.sum(o * w[:, None], 0) / tl.sum(w, 0)
+        h = tl.cast(hkv * G + r, tl.int64)
+        tl.store(O + b * so_b + j * so_t + h * so_h + dv, o.to(O.dtype.element_ty), mask=dv < DV)
+
+
+@functools.cache
+def _sm_count(device_index: int) -> int:
+    if _INTERPRET or not torch.cuda.is_available():
+        return 4
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def plan_splits(B: int, Hkv: int, L: int, device) -> tuple[int, int]:
+    """(splits, chunk): about two programs per SM, chunks a multiple of 128 slots (16 under the
+    interpreter). Shapes only, so a captured graph keeps it."""
+    unit = 16 if _INTERPRET else 128
+    idx = torch.device(device).index or 0
+    want = max(1, -(-2 * _sm_count(idx) // (B * Hkv)))
+    chunk = max(unit, -(-L // want))
+    chunk = -(-chunk // unit) * unit
+    return -(-L // chunk), chunk
+
+
+def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: torch.Tensor,
+                     k_pos: torch.Tensor | None = None, *, window: int = 0, softcap: float = 0.0,
+                     scale: float | None = None, splits: int | None = None) -> torch.Tensor:
+    """q [B, Tq, H, Dqk], k [B, Hkv, L, Dqk], v [B, Hkv, L, Dv], q_pos [B, Tq], k_pos [B, L] or None
+    -> [B, Tq, H, Dv] in q's dtype. Inference only (no gradient)."""
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        raise ValueError(f"decode_attention: want q [B,Tq,H,D], k/v [B,Hkv,L,D]; got {tuple(q.shape)}, "
+                         f"{tuple(k.shape)}, {tuple(v.shape)}")
+    B, TQ, H, DQK = q.shape
+    HKV, L = k.shape[1], k.shape[2]
+    if k.shape[0] != B or v.shape[:3] != k.shape[:3] or k.shape[3] != DQK or H % HKV:
+        raise ValueError(f"decode_attention: shapes disagree: q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
+    if not (q.dtype == k.dtype == v.dtype) or q.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise ValueError(f"decode_attention: q, k, v must share one float dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if tuple(q_pos.shape) != (B, TQ) or (k_pos is not None and tuple(k_pos.shape) != (B, L)):
+        raise ValueError(f"decode_attention: q_pos must be [B, Tq] and k_pos [B, L]; got {tuple(q_pos.shape)}, "
+                         f"{None if k_pos is None else tuple(k_pos.shape)}")
+    G = H // HKV
+    GP = triton.next_power_of_2(G)
+    BM = max(16, triton.next_power_of_2(TQ * GP))
+    DV = v.shape[-1]
+    if max(DQK, DV) > 256 or BM > 128:
+        raise ValueError(f"decode_attention: head dims <= 256 and Tq·G <= 128 rows; got Dqk={DQK}, Dv={DV}, "
+                         f"Tq={TQ}, G={G}")
+    if not _INTERPRET and not q.is_cuda:
+        raise ValueError("decode_attention: the Triton kernel needs CUDA tensors (use reference.decode_attention)")
+    if k.stride(-1) != 1 or v.stride(-1) != 1 or q.stride(-1) != 1:
+        raise ValueError("decode_attention: q, k, v must be contiguous in their last dim")
+    if splits is None:
+        splits, chunk = plan_splits(B, HKV, L, q.device)
+    else:
+        chunk = -(-L // splits)
+        chunk = -(-chunk // 128) * 128
+        splits = -(-L // chunk)
+    BLOCK_DK = max(16, triton.next_power_of_2(DQK))
+    BLOCK_DV = max(16, triton.next_power_of_2(DV))
+    q_pos = q_pos.to(torch.int64).contiguous()
+    kp = q_pos if k_pos is None else k_pos.to(torch.int64).contiguous()
+    op = torch.empty(B * HKV, splits, BM, BLOCK_DV, dtype=torch.float32, device=q.device)
+    lp = torch.empty(B * HKV, splits, BM, dtype=torch.float32, device=q.device)
+    _split_kernel[(splits, B * HKV)](
+        q, k, v, q_pos, kp, op, lp, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3],
+        TQ, HKV, G, L, window if window > 0 else NO_WINDOW, D_scale(DQK, scale),
+        float(softcap) if softcap > 0 else 1.0, DQK, DV, splits,
+        CHUNK=chunk, BLOCK_DK=BLOCK_DK, BLOCK_DV=BLOCK_DV, BM=BM, GP=GP, SLOT_POS=k_pos is None,
+        SOFTCAP=softcap > 0, PREC="ieee" if q.dtype == torch.float32 else "tf32",
+        BN=DECODE_BN, num_warps=DECODE_WARPS, num_stages=DECODE_STAGES)
+    o = torch.empty(B, TQ, H, DV, dtype=q.dtype, device=q.device)
+    _merge_kernel[(B * HKV, BM)](op, lp, o, *o.stride()[:3], TQ, HKV, G, DV, splits,
+                                 BLOCK_DV=BLOCK_DV, BM=BM, GP=GP, BS=max(2, triton.next_power_of_2(splits)))
+    return o
+
+
+def D_scale(D: int, scale: float | None) -> float:
+    return D ** -0.5 if scale is None else float(scale)

@@ -1,0 +1,417 @@
+"""Flash attention (forward and backward) in Triton: causal, packed documents, sliding window,
+grouped-query heads, soft-capping, any scale; head dims up to 256, Dqk != Dv allowed.
+
+Same semantics as `reference.py` (read it first). Shape legend: B batch, T tokens, H query heads,
+Hkv key/value heads, G = H / Hkv, GP = G rounded up to a power of two, BM query rows and BN keys
+per tile, BT = BM / GP tokens per query tile.
+
+Design (FlashAttention-2, the online softmax in base 2):
+- Grouped heads are folded into the rows of a tile: a program owns one key/value head and BT
+  consecutive tokens, and its BM = BT·GP rows are (token, query head of the group) pairs, row
+  i = token m0 + i // GP, head hkv·G + i % GP. Every loaded K/V tile then serves all G query
+  heads that read it, and K/V are never repeated in memory. Rows of heads >= G (GP > G) and of
+  tokens >= T are padding: loaded as zeros, never stored.
+- Documents are maximal runs of equal ids, described per token by the start and end of its
+  run (int32 [B, T], computed once per call in torch). A program reads those of its first and
+  last token and visits only the key tiles from its documents' start (or the window's start)
+  up to its last token; in the backward, a key tile visits query tiles from itself up to the
+  end of its document (or window). Work is O(sum of doc_len²) and O(T·W), not O(T²).
+- Visited tiles are split into three ranges: interior tiles where every (row, key) pair is
+  visible run without any mask arithmetic; the tiles at the document/window start and on the
+  diagonal apply the full mask.
+- Forward saves the row log-sum-exp (base 2, fp32 [B, T, H]). Backward: delta = rowsum(dO·O) in
+  torch; one kernel per key tile computes dK, dV iterating over query tiles (the G heads of
+  the group are summed by the tile's own dot products: no atomics); a second kernel per query
+  tile computes dQ iterating over key tiles. Both are deterministic.
+- Accumulation is fp32; P and dS are cast to the input dtype for the tensor-core dots; fp32
+  inputs take IEEE fp32 dots (no tf32), the exact toggle.
+
+Simplifications: head dims are padded to a power of two inside the kernel (Dqk=192 computes
+256-wide dot products); G <= 64; the document description costs two small torch ops per call.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from deepwish.kernels.attention.reference import check_inputs, document_ends, document_starts
+
+LOG2E = 1.4426950408889634
+MAX_HEAD_DIM = 256
+MAX_GROUP = 64
+NO_WINDOW = 1 << 30  # "window" of a full-causal call: larger than any T
+
+_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def tile_config(kind: str, head_dim: int, group: int, dtype: torch.dtype) -> dict:
+    """Tile shape for one kernel: BM query rows, BN keys, warps, pipeline stages. Fixed per
+    (kind, head dim, dtype) rather than autotuned: an autotuner compiles every candidate for
+    every shape class, minutes of start-up per run. The interpreter takes 16 x 16 tiles so a
+    test of a few dozen tokens crosses several tiles. kind: fwd | dkdv | dq."""
+    gp = triton.next_power_of_2(group)
+    if _INTERPRET:
+        bm, bn, w, st = max(16, gp), 16, 1, 1
+    elif dtype == torch.float32:  # twice the bytes per element: half the tile
+        bm, bn, w, st = {"fwd": (64, 32, 4, 2), "dkdv": (32, 64, 4, 1), "dq": (64, 32, 4, 1)}[kind]
+        if head_dim > 128:
+            bm, bn = min(bm, 32), min(bn, 32)
+    elif head_dim <= 128:  # FlashAttention-2 shapes for Hopper, bf16/fp16
+        bm, bn, w, st = {"fwd": (128, 64, 8, 3), "dkdv": (32, 128, 4, 3), "dq": (128, 32, 4, 3)}[kind]
+    else:  # 256-wide heads: registers bound the accumulators
+        bm, bn, w, st = {"fwd": (64, 64, 4, 2), "dkdv": (32, 64, 4, 2), "dq": (64, 32, 4, 2)}[kind]
+    return dict(BM=max(bm, gp), BN=bn, num_warps=w, num_stages=st)
+
+
+@triton.jit
+def _tanh(x):
+    return 2.0 / (1.0 + tl.exp(-2.0 * x)) - 1.0
+
+
+@triton.jit
+def _rows(m0, T, G, GP: tl.constexpr, BM: tl.constexpr):
+    """(token, head-in-group, valid) of the BM folded rows starting at token m0."""
+    i = tl.arange(0, BM)
+    t = m0 + i // GP
+    r = i % GP
+    return t, r, (r < G) & (t < T)
+
+
+@triton.jit
+def _query_tile_key_ranges(DS, ds_base, m0, T, W, BT: tl.constexpr, BN: tl.constexpr):
+    """Key tiles a query tile [m0, m0+BT) visits: [lo, a) masked, [a, b) interior, [b, hi) masked."""
+    t_last = tl.minimum(m0 + BT, T) - 1
+    ds_first = tl.load(DS + ds_base + m0)
+    ds_last = tl.load(DS + ds_base + t_last)
+    lo = tl.maximum(ds_first, m0 - W + 1)
+    lo = tl.maximum(lo, 0) // BN * BN
+    hi = t_last + 1
+    a = tl.maximum(ds_last, t_last - W + 1)
+    a = (a + BN - 1) // BN * BN
+    b = (m0 + 1) // BN * BN
+    empty = a >= b
+    a = tl.where(empty, hi, a)
+    b = tl.where(empty, hi, b)
+    return lo, a, b, hi
+
+
+@triton.jit
+def _visible(t, n, ds_row, ds_key, W):
+    return (n[None, :] <= t[:, None]) & (n[None, :] > t[:, None] - W) & (ds_key[None, :] == ds_row[:, None])
+
+
+@triton.jit
+def _fwd_tiles(acc, m_i, l_i, q, K, V, k_base, v_base, sk_t, sv_t, DS, ds_base, t, ds_row,
+               start, end, T, W, scale, softcap, dk, dv, DQK, DV,
+               BN: tl.constexpr, MASK: tl.constexpr, SOFTCAP: tl.constexpr, PREC: tl.constexpr):
+    for n0 in range(start, end, BN):
+        n = n0 + tl.arange(0, BN)
+        n64 = tl.cast(n, tl.int64)
+        key_ok = n < T
+        k = tl.load(K + k_base + n64[:, None] * sk_t + dk[None, :],
+                    mask=key_ok[:, None] & (dk < DQK)[None, :], other=0.0)
+        s = tl.dot(q, tl.trans(k), input_precision=PREC) * scale
+        if SOFTCAP:
+            s = softcap * _tanh(s / softcap)
+        s = s * 1.4426950408889634
+        if MASK:
+            ds_key = tl.load(DS + ds_base + n, mask=key_ok, other=-1)
+            s = tl.where(_visible(t, n, ds_row, ds_key, W), s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(V + v_base + n64[:, None] * sv_t + dv[None, :],
+                    mask=key_ok[:, None] & (dv < DV)[None, :], other=0.0)
+        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=PREC)
+        m_i = m_new
+    return acc, m_i, l_i
+
+
+@triton.jit
+def _fwd_kernel(Q, K, V, O, LSE, DS,
+                sq_b, sq_t, sq_h, sk_b, sk_t, sk_h, sv_b, sv_t, sv_h, so_b, so_t, so_h,
+                T, H, HKV, G, W, scale, softcap, DQK, DV,
+                BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr, GP: tl.constexpr,
+                SOFTCAP: tl.constexpr, PREC: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr):
+    BT: tl.constexpr = BM // GP
+    m0 = tl.program_id(0) * BT
+    bh = tl.program_id(1)
+    b = tl.cast(bh // HKV, tl.int64)
+    hkv = bh % HKV
+    t, r, row_ok = _rows(m0, T, G, GP, BM)
+    h = hkv * G + r
+    t64, h64 = tl.cast(t, tl.int64), tl.cast(h, tl.int64)
+    dk = tl.arange(0, BLOCK_DK)
+    dv = tl.arange(0, BLOCK_DV)
+    ds_base = b * T
+    q = tl.load(Q + b * sq_b + t64[:, None] * sq_t + h64[:, None] * sq_h + dk[None, :],
+                mask=row_ok[:, None] & (dk < DQK)[None, :], other=0.0)
+    ds_row = tl.load(DS + ds_base + t, mask=row_ok, other=0)
+    k_base = b * sk_b + tl.cast(hkv, tl.int64) * sk_h
+    v_base = b * sv_b + tl.cast(hkv, tl.int64) * sv_h
+    lo, a, bb, hi = _query_tile_key_ranges(DS, ds_base, m0, T, W, BT, BN)
+    acc = tl.zeros([BM, BLOCK_DV], dtype=tl.float32)
+    m_i = tl.full([BM], -1.0e30, dtype=tl.float32)  # finite: a fully masked tile row stays NaN-free
+    l_i = tl.zeros([BM], dtype=tl.float32)
+    acc, m_i, l_i = _fwd_tiles(acc, m_i, l_i, q, K, V, k_base, v_base, sk_t, sv_t, DS, ds_base, t, ds_row,
+                               lo, a, T, W, scale, softcap, dk, dv, DQK, DV, BN, True, SOFTCAP, PREC)
+    acc, m_i, l_i = _fwd_tiles(acc, m_i, l_i, q, K, V, k_base, v_base, sk_t, sv_t, DS, ds_base, t, ds_row,
+                               a, bb, T, W, scale, softcap, dk, dv, DQK, DV, BN, False, SOFTCAP, PREC)
+    acc, m_i, l_i = _fwd_tiles(acc, m_i, l_i, q, K, V, k_base, v_base, sk_t, sv_t, DS, ds_base, t, ds_row,
+                               bb, hi, T, W, scale, softcap, dk, dv, DQK, DV, BN, True, SOFTCAP, PREC)
+    l_i = tl.where(l_i == 0.0, 1.0, l_i)
+    o = acc / l_i[:, None]
+    tl.store(O + b * so_b + t64[:, None] * so_t + h64[:, None] * so_h + dv[None, :], o.to(O.dtype.element_ty),
+             mask=row_ok[:, None] & (dv < DV)[None, :])
+    tl.store(LSE + (b * T + t64) * H + h64, m_i + tl.log2(l_i), mask=row_ok)
+
+
+@triton.jit
+def _dkdv_tiles(dk_acc, dv_acc, k, v, Q, DO, LSE, DELTA, DS, q_base, do_base, ds_base, sq_t, sq_h, sdo_t, sdo_h,
+                n, ds_key, hkv, start, end, T, H, G, W, scale, softcap, dk, dv, DQK, DV,
+                GP: tl.constexpr, BM: tl.constexpr, MASK: tl.constexpr, SOFTCAP: tl.constexpr,
+                PREC: tl.constexpr):
+    BT: tl.constexpr = BM // GP
+    for m0 in range(start, end, BT):
+        t, r, row_ok = _rows(m0, T, G, GP, BM)
+        t64, h64 = tl.cast(t, tl.int64), tl.cast(hkv * G + r, tl.int64)
+        q = tl.load(Q + q_base + t64[:, None] * sq_t + h64[:, None] * sq_h + dk[None, :],
+                    mask=row_ok[:, None] & (dk < DQK)[None, :], other=0.0)
+        do = tl.load(DO + do_base + t64[:, None] * sdo_t + h64[:, None] * sdo_h + dv[None, :],
+                     mask=row_ok[:, None] & (dv < DV)[None, :], other=0.0)
+        row = (ds_base + t64) * H + h64
+        lse = tl.load(LSE + row, mask=row_ok, other=0.0)
+        delta = tl.load(DELTA + row, mask=row_ok, other=0.0)
+        s = tl.dot(q, tl.trans(k), input_precision=PREC) * scale
+        if SOFTCAP:
+            tc = _tanh(s / softcap)
+            s = softcap * tc
+        p = tl.exp2(s * 1.4426950408889634 - lse[:, None])
+        if MASK:
+            ds_row = tl.load(DS + ds_base + t, mask=row_ok, other=-2)
+            p = tl.where(_visible(t, n, ds_row, ds_key, W) & row_ok[:, None], p, 0.0)
+        dv_acc = tl.dot(tl.trans(p.to(do.dtype)), do, dv_acc, input_precision=PREC)
+        dp = tl.dot(do, tl.trans(v), input_precision=PREC)
+        dsc = p * (dp - delta[:, None])
+        if SOFTCAP:
+            dsc = dsc * (1.0 - tc * tc)
+        dk_acc = tl.dot(tl.trans(dsc.to(q.dtype)), q, dk_acc, input_precision=PREC)
+    return dk_acc, dv_acc
+
+
+@triton.jit
+def _dkdv_kernel(Q, K, V, DO, LSE, DELTA, DS, DE, DKO, DVO,
+                 sq_b, sq_t, sq_h, sk_b, sk_t, sk_h, sv_b, sv_t, sv_h, sdo_b, sdo_t, sdo_h,
+                 sdk_b, sdk_t, sdk_h, sdv_b, sdv_t, sdv_h,
+                 T, H, HKV, G, W, scale, softcap, DQK, DV,
+                 BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr, GP: tl.constexpr,
+                 SOFTCAP: tl.constexpr, PREC: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr):
+    BT: tl.constexpr = BM // GP
+    n0 = tl.program_id(0) * BN
+    bh = tl.program_id(1)
+    b = tl.cast(bh // HKV, tl.int64)
+    hkv = bh % HKV
+    n = n0 + tl.arange(0, BN)
+    n64 = tl.cast(n, tl.int64)
+    key_ok = n < T
+    dk = tl.arange(0, BLOCK_DK)
+    dv = tl.arange(0, BLOCK_DV)
+    ds_base = b * T
+    hkv64 = tl.cast(hkv, tl.int64)
+    k = tl.load(K + b * sk_b + hkv64 * sk_h + n64[:, None] * sk_t + dk[None, :],
+                mask=key_ok[:, None] & (dk < DQK)[None, :], other=0.0)
+    v = tl.load(V + b * sv_b + hkv64 * sv_h + n64[:, None] * sv_t + dv[None, :],
+                mask=key_ok[:, None] & (dv < DV)[None, :], other=0.0)
+    ds_key = tl.load(DS + ds_base + n, mask=key_ok, other=-1)
+    # query tiles that see this key tile: [lo, a) masked, [a, b) interior, [b, hi) masked
+    n_last = tl.minimum(n0 + BN, T) - 1
+    de_first = tl.load(DE + ds_base + n0)
+    de_last = tl.load(DE + ds_base + n_last)
+    lo = n0 // BT * BT
+    hi = tl.minimum(tl.minimum(de_last, n_last + W), T)
+    a = (n_last + BT - 1) // BT * BT
+    bb = tl.minimum(tl.minimum(de_first, n0 + W), T) // BT * BT
+    empty = (a >= bb) | (de_first <= n_last)
+    a = tl.where(empty, hi, a)
+    bb = tl.where(empty, hi, bb)
+    dk_acc = tl.zeros([BN, BLOCK_DK], dtype=tl.float32)
+    dv_acc = tl.zeros([BN, BLOCK_DV], dtype=tl.float32)
+    q_base = b * sq_b
+    do_base = b * sdo_b
+    dk_acc, dv_acc = _dkdv_tiles(dk_acc, dv_acc, k, v, Q, DO, LSE, DELTA, DS, q_base, do_base, ds_base,
+                                 sq_t, sq_h, sdo_t, sdo_h, n, ds_key, hkv, lo, a, T, H, G, W, scale, softcap,
+                                 dk, dv, DQK, DV, GP, BM, True, SOFTCAP, PREC)
+    dk_acc, dv_acc = _dkdv_tiles(dk_acc, dv_acc, k, v, Q, DO, LSE, DELTA, DS, q_base, do_base, ds_base,
+                                 sq_t, sq_h, sdo_t, sdo_h, n, ds_key, hkv, a, bb, T, H, G, W, scale, softcap,
+                                 dk, dv, DQK, DV, GP, BM, False, SOFTCAP, PREC)
+    dk_acc, dv_acc = _dkdv_tiles(dk_acc, dv_acc, k, v, Q, DO, LSE, DELTA, DS, q_base, do_base, ds_base,
+                                 sq_t, sq_h, sdo_t, sdo_h, n, ds_key, hkv, bb, hi, T, H, G, W, scale, softcap,
+                                 dk, dv, DQK, DV, GP, BM, True, SOFTCAP, PREC)
+    tl.store(DKO + b * sdk_b + hkv64 * sdk_h + n64[:, None] * sdk_t + dk[None, :],
+             (dk_acc * scale).to(DKO.dtype.element_ty), mask=key_ok[:, None] & (dk < DQK)[None, :])
+    tl.store(DVO + b * sdv_b + hkv64 * sdv_h + n64[:, None] * sdv_t + dv[None, :],
+             dv_acc.to(DVO.dtype.element_ty), mask=key_ok[:, None] & (dv < DV)[None, :])
+
+
+@triton.jit
+def _dq_tiles(dq_acc, q, do, lse, delta, K, V, k_base, v_base, sk_t, sv_t, DS, ds_base, t, ds_row,
+              start, end, T, W, scale, softcap, dk, dv, DQK, DV,
+              BN: tl.constexpr, MASK: tl.constexpr, SOFTCAP: tl.constexpr, PREC: tl.constexpr):
+    for n0 in range(start, end, BN):
+        n = n0 + tl.arange(0, BN)
+        n64 = tl.cast(n, tl.int64)
+        key_ok = n < T
+        k = tl.load(K + k_base + n64[:, None] * sk_t + dk[None, :],
+                    mask=key_ok[:, None] & (dk < DQK)[None, :], other=0.0)
+        v = tl.load(V + v_base + n64[:, None] * sv_t + dv[None, :],
+                    mask=key_ok[:, None] & (dv < DV)[None, :], other=0.0)
+        s = tl.dot(q, tl.trans(k), input_precision=PREC) * scale
+        if SOFTCAP:
+            tc = _tanh(s / softcap)
+            s = softcap * tc
+        p = tl.exp2(s * 1.4426950408889634 - lse[:, None])
+        if MASK:
+            ds_key = tl.load(DS + ds_base + n, mask=key_ok, other=-1)
+            p = tl.where(_visible(t, n, ds_row, ds_key, W), p, 0.0)
+        dp = tl.dot(do, tl.trans(v), input_precision=PREC)
+        dsc = p * (dp - delta[:, None])
+        if SOFTCAP:
+            dsc = dsc * (1.0 - tc * tc)
+        dq_acc = tl.dot(dsc.to(k.dtype), k, dq_acc, input_precision=PREC)
+    return dq_acc
+
+
+@triton.jit
+def _dq_kernel(Q, K, V, DO, LSE, DELTA, DS, DQO,
+               sq_b, sq_t, sq_h, sk_b, sk_t, sk_h, sv_b, sv_t, sv_h, sdo_b, sdo_t, sdo_h,
+               sdq_b, sdq_t, sdq_h,
+               T, H, HKV, G, W, scale, softcap, DQK, DV,
+               BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr, GP: tl.constexpr,
+               SOFTCAP: tl.constexpr, PREC: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr):
+    BT: tl.constexpr = BM // GP
+    m0 = tl.program_id(0) * BT
+    bh = tl.program_id(1)
+    b = tl.cast(bh // HKV, tl.int64)
+    hkv = bh % HKV
+    t, r, row_ok = _rows(m0, T, G, GP, BM)
+    h = hkv * G + r
+    t64, h64 = tl.cast(t, tl.int64), tl.cast(h, tl.int64)
+    dk = tl.arange(0, BLOCK_DK)
+    dv = tl.arange(0, BLOCK_DV)
+    ds_base = b * T
+    q = tl.load(Q + b * sq_b + t64[:, None] * sq_t + h64[:, None] * sq_h + dk[None, :],
+                mask=row_ok[:, None] & (dk < DQK)[None, :], other=0.0)
+    do = tl.load(DO + b * sdo_b + t64[:, None] * sdo_t + h64[:, None] * sdo_h + dv[None, :],
+                 mask=row_ok[:, None] & (dv < DV)[None, :], other=0.0)
+    row = (ds_base + t64) * H + h64
+    lse = tl.load(LSE + row, mask=row_ok, other=0.0)
+    delta = tl.load(DELTA + row, mask=row_ok, other=0.0)
+    ds_row = tl.load(DS + ds_base + t, mask=row_ok, other=0)
+    k_base = b * sk_b + tl.cast(hkv, tl.int64) * sk_h
+    v_base = b * sv_b + tl.cast(hkv, tl.int64) * sv_h
+    lo, a, bb, hi = _query_tile_key_ranges(DS, ds_base, m0, T, W, BT, BN)
+    dq_acc = tl.zeros([BM, BLOCK_DK], dtype=tl.float32)
+    dq_acc = _dq_tiles(dq_acc, q, do, lse, delta, K, V, k_base, v_base, sk_t, sv_t, DS, ds_base, t, ds_row,
+                       lo, a, T, W, scale, softcap, dk, dv, DQK, DV, BN, True, SOFTCAP, PREC)
+    dq_acc = _dq_tiles(dq_acc, q, do, lse, delta, K, V, k_base, v_base, sk_t, sv_t, DS, ds_base, t, ds_row,
+                       a, bb, T, W, scale, softcap, dk, dv, DQK, DV, BN, False, SOFTCAP, PREC)
+    dq_acc = _dq_tiles(dq_acc, q, do, lse, delta, K, V, k_base, v_base, sk_t, sv_t, DS, ds_base, t, ds_row,
+                       bb, hi, T, W, scale, softcap, dk, dv, DQK, DV, BN, True, SOFTCAP, PREC)
+    tl.store(DQO + b * sdq_b + t64[:, None] * sdq_t + h64[:, None] * sdq_h + dk[None, :],
+             (dq_acc * scale).to(DQO.dtype.element_ty), mask=row_ok[:, None] & (dk < DQK)[None, :])
+
+
+def _check(q, k, v, doc_ids, window, softcap):
+    check_inputs(q, k, v, doc_ids, window, softcap)
+    if max(q.shape[-1], v.shape[-1]) > MAX_HEAD_DIM or min(q.shape[-1], v.shape[-1]) < 16:
+        raise ValueError(f"flash_attention: head dims must be in [16, {MAX_HEAD_DIM}], "
+                         f"got Dqk={q.shape[-1]}, Dv={v.shape[-1]}")
+    if q.shape[2] // k.shape[2] > MAX_GROUP:
+        raise ValueError(f"flash_attention: at most {MAX_GROUP} query heads per key/value head, "
+                         f"got {q.shape[2] // k.shape[2]}")
+    if q.shape[1] == 0:
+        raise ValueError("flash_attention: empty sequence (T = 0)")
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        if x.stride(-1) != 1:
+            raise ValueError(f"flash_attention: {name} must be contiguous in its last dim")
+    if not _INTERPRET and not q.is_cuda:
+        raise ValueError("flash_attention: the Triton kernel needs CUDA tensors "
+                         "(use deepwish.kernels.attention.reference on CPU)")
+
+
+def _meta(q, k, v, window, softcap):
+    B, T, H, Dqk = q.shape
+    G = H // k.shape[2]
+    return dict(T=T, H=H, HKV=k.shape[2], G=G, W=window if window > 0 else NO_WINDOW,
+                softcap=float(softcap) if softcap > 0 else 1.0, DQK=Dqk, DV=v.shape[-1],
+                BLOCK_DK=max(16, triton.next_power_of_2(Dqk)), BLOCK_DV=max(16, triton.next_power_of_2(v.shape[-1])),
+                GP=triton.next_power_of_2(G), SOFTCAP=softcap > 0,
+                PREC="ieee" if q.dtype == torch.float32 else "tf32")
+
+
+def _doc_bounds(doc_ids, B, T, device):
+    if doc_ids is None:
+        zero = torch.zeros(B, T, dtype=torch.int32, device=device)
+        return zero, torch.full((B, T), T, dtype=torch.int32, device=device)
+    return document_starts(doc_ids).contiguous(), document_ends(doc_ids).contiguous()
+
+
+def forward(q, k, v, doc_start, scale, window, softcap):
+    B, T, H, _ = q.shape
+    meta = _meta(q, k, v, window, softcap)
+    o = torch.empty(B, T, H, v.shape[-1], dtype=q.dtype, device=q.device)
+    lse = torch.empty(B, T, H, dtype=torch.float32, device=q.device)
+    cfg = tile_config("fwd", max(q.shape[-1], v.shape[-1]), meta["G"], q.dtype)
+    grid = (triton.cdiv(T, cfg["BM"] // meta["GP"]), B * meta["HKV"])
+    _fwd_kernel[grid](q, k, v, o, lse, doc_start, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3],
+                      *o.stride()[:3], scale=scale, **meta, **cfg)
+    return o, lse
+
+
+def backward(q, k, v, o, lse, do, doc_start, doc_end, scale, window, softcap):
+    B, T, H, _ = q.shape
+    meta = _meta(q, k, v, window, softcap)
+    do = do.contiguous() if do.stride(-1) != 1 else do
+    delta = (o.float() * do.float()).sum(-1).contiguous()  # [B, T, H]
+    dq = torch.empty_like(q)
+    dk = torch.empty_like(k)
+    dv = torch.empty_like(v)
+    D = max(q.shape[-1], v.shape[-1])
+    cfg = tile_config("dkdv", D, meta["G"], q.dtype)
+    _dkdv_kernel[(triton.cdiv(T, cfg["BN"]), B * meta["HKV"])](q, k, v, do, lse, delta, doc_start, doc_end, dk, dv,
+                          *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *do.stride()[:3],
+                          *dk.stride()[:3], *dv.stride()[:3], scale=scale, **meta, **cfg)
+    cfg = tile_config("dq", D, meta["G"], q.dtype)
+    _dq_kernel[(triton.cdiv(T, cfg["BM"] // meta["GP"]), B * meta["HKV"])](q, k, v, do, lse, delta, doc_start, dq, *q.stride()[:3], *k.stride()[:3],
+                       *v.stride()[:3], *do.stride()[:3], *dq.stride()[:3], scale=scale, **meta, **cfg)
+    return dq, dk, dv
+
+
+class _FlashAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, doc_start, doc_end, scale, window, softcap):
+        o, lse = forward(q, k, v, doc_start, scale, window, softcap)
+        ctx.save_for_backward(q, k, v, o, lse, doc_start, doc_end)
+        ctx.opts = (scale, window, softcap)
+        return o
+
+    @staticmethod
+    def backward(ctx, do):
+        q, k, v, o, lse, doc_start, doc_end = ctx.saved_tensors
+        dq, dk, dv = backward(q, k, v, o, lse, do, doc_start, doc_end, *ctx.opts)
+        return dq, dk, dv, None, None, None, None, None
+
+
+def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, doc_ids: torch.Tensor | None = None,
+                    window: int = 0, softcap: float = 0.0, scale: float | None = None) -> torch.Tensor:
+    """Causal attention, q [B, T, H, Dqk], k [B, T, Hkv, Dqk], v [B, T, Hkv, Dv] -> [B, T, H, Dv];
+    see reference.attention for the semantics. Differentiable in q, k, v."""
+    _check(q, k, v, doc_ids, window, softcap)
+    B, T = q.shape[:2]
+    doc_start, doc_end = _doc_bounds(doc_ids, B, T, q.device)
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    return _FlashAttention.apply(q, k, v, doc_start, doc_end, scale, int(window), float(softcap))

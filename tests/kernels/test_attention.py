@@ -1,0 +1,133 @@
+"""Flash attention and split-KV decoding: Triton (interpreter on CPU) against the fp32 reference,
+forward and every gradient, on awkward shapes. Tiles are 16 x 16 under the interpreter, so a few
+dozen tokens cross several tiles, the diagonal and document boundaries inside a tile."""
+import pytest
+import torch
+
+from deepwish.kernels.attention import flash_attention
+from deepwish.kernels.attention import reference as ref
+from deepwish.kernels.attention.decode import decode_attention
+
+TOL = {torch.float32: 2e-5, torch.float16: 5e-3}
+
+
+def _err(rel_err, want, got):
+    """Relative RMS, or the absolute max where the reference is exactly zero (T = 1: a single
+    visible key makes dq and dk vanish)."""
+    if want.abs().max() == 0:
+        return float((got.double() - want.double()).abs().max())
+    return rel_err(want, got)
+
+
+def _docs(B, T, lengths):
+    """doc_ids [B, T] from a list of document lengths per row (the last one fills the row)."""
+    ids = torch.zeros(B, T, dtype=torch.long)
+    for b, lens in enumerate(lengths):
+        cut = 0
+        for d, n in enumerate(lens):
+            ids[b, cut:cut + n] = d
+            cut += n
+        ids[b, cut:] = len(lens)
+    return ids
+
+
+CASES = [  # B, T, H, Hkv, Dqk, Dv, doc lengths per row (None: one document), window, softcap, dtype
+    pytest.param(1, 1, 2, 2, 64, 64, None, 0, 0.0, torch.float32, id="T1"),
+    pytest.param(2, 37, 4, 2, 64, 64, [[1, 1, 5, 1, 20], [36]], 0, 0.0, torch.float32, id="docs-len1-gqa2"),
+    pytest.param(1, 33, 4, 1, 128, 128, [[3, 17]], 1, 0.0, torch.float16, id="window1-gqa4-fp16"),
+    pytest.param(1, 21, 8, 1, 256, 256, None, 50, 20.0, torch.float32, id="window-gt-T-gqa8-d256-softcap"),
+    pytest.param(1, 40, 2, 1, 192, 128, [[9, 1, 12]], 0, 0.0, torch.float16, id="dqk192-dv128"),
+    pytest.param(2, 45, 2, 2, 128, 128, [[10, 30], [1, 2, 3]], 7, 5.0, torch.float32, id="docs-window-softcap"),
+]
+
+
+@pytest.mark.parametrize("B,T,H,Hkv,Dqk,Dv,lengths,window,softcap,dtype", CASES)
+def test_flash_attention_matches_reference(rel_err, B, T, H, Hkv, Dqk, Dv, lengths, window, softcap, dtype):
+    torch.manual_seed(0)
+    q = torch.randn(B, T, H, Dqk, dtype=dtype, requires_grad=True)
+    k = torch.randn(B, T, Hkv, Dqk, dtype=dtype, requires_grad=True)
+    v = torch.randn(B, T, Hkv, Dv, dtype=dtype, requires_grad=True)
+    ids = None if lengths is None else _docs(B, T, lengths)
+    g = torch.randn(B, T, H, Dv)
+    scale = 0.7 * Dqk ** -0.5 if softcap else None  # a custom scale rides along with the softcap cases
+    want = ref.attention(q, k, v, doc_ids=ids, window=window, softcap=softcap, scale=scale)
+    got = flash_attention(q, k, v, doc_ids=ids, window=window, softcap=softcap, scale=scale)
+    assert got.dtype == dtype and got.shape == want.shape
+    wg = torch.autograd.grad((want.float() * g).sum(), (q, k, v))
+    gg = torch.autograd.grad((got.float() * g).sum(), (q, k, v))
+    errs = [_err(rel_err, a, b) for a, b in zip((want, *wg), (got, *gg))]
+    assert max(errs) < TOL[dtype], dict(zip(("o", "dq", "dk", "dv"), errs))
+
+
+def test_documents_are_isolated():
+    """Packed rows equal the documents run one by one (and a document's output ignores what
+    follows it)."""
+    torch.manual_seed(1)
+    q, k, v = torch.randn(1, 24, 2, 64), torch.randn(1, 24, 1, 64), torch.randn(1, 24, 1, 64)
+    ids = _docs(1, 24, [[7, 9]])
+    packed = flash_attention(q, k, v, doc_ids=ids)
+    for a, b in ((0, 7), (7, 16), (16, 24)):
+        alone = flash_attention(q[:, a:b], k[:, a:b], v[:, a:b])
+        assert torch.allclose(packed[:, a:b], alone, atol=1e-6)
+
+
+@pytest.mark.parametrize("bad,match", [
+    (dict(dtype=torch.float64), "dtype"),
+    (dict(Dqk=512), "head dims"),
+    (dict(Hkv=3), "multiple"),
+    (dict(window=-1), "window"),
+])
+def test_flash_attention_rejects_bad_input(bad, match):
+    o = dict(dtype=torch.float32, Dqk=32, Hkv=2, window=0)
+    o.update(bad)
+    q = torch.randn(1, 5, 4, o["Dqk"], dtype=o["dtype"])
+    k = torch.randn(1, 5, o["Hkv"], o["Dqk"], dtype=o["dtype"])
+    with pytest.raises(ValueError, match=match):
+        flash_attention(q, k, k, window=o["window"])
+
+
+@pytest.mark.parametrize("Tq,H,Hkv,window,dtype", [
+    (1, 8, 2, 0, torch.float32),     # one new token, GQA 4
+    (4, 4, 4, 0, torch.float16),     # k+1 = 4 speculative tokens, no grouping
+    (3, 8, 1, 9, torch.float32),     # windowed layer over a plain cache, GQA 8
+])
+def test_decode_matches_reference_over_a_static_cache(rel_err, Tq, H, Hkv, window, dtype):
+    torch.manual_seed(2)
+    B, L, D = 2, 90, 64
+    q = torch.randn(B, Tq, H, D, dtype=dtype)
+    kc, vc = torch.randn(B, Hkv, L, D, dtype=dtype), torch.randn(B, Hkv, L, 32, dtype=dtype)
+    q_pos = torch.stack([torch.arange(Tq) + 40, torch.arange(Tq) + L - Tq])  # rows at different lengths
+    got = decode_attention(q, kc, vc, q_pos, None, window=window, softcap=3.0)
+    want = ref.decode_attention(q, kc, vc, q_pos, torch.arange(L).expand(B, L), window=window, softcap=3.0)
+    assert rel_err(want, got) < TOL[dtype]
+    assert rel_err(want, decode_attention(q, kc, vc, q_pos, None, window=window, softcap=3.0, splits=1)) < TOL[dtype]
+
+
+def test_decode_over_a_ring_cache_matches_full_attention(rel_err):
+    """A windowed layer decoding through a RingKVCache (wrapped several times, then a k+1 chunk)
+    equals windowed attention over the whole sequence."""
+    from deepwish.model.ring_cache import RingKVCache
+    torch.manual_seed(3)
+    B, H, Hkv, D, W, T = 1, 4, 2, 32, 6, 30
+    q, k, v = torch.randn(B, T, H, D), torch.randn(B, T, Hkv, D), torch.randn(B, T, Hkv, D)
+    full = ref.attention(q, k, v, window=W)
+    cache = RingKVCache.empty(B, W, 3, Hkv, D)
+    outs = []
+    for t in range(T - 3):
+        pos = torch.tensor([[t]])
+        kk, vv, kp = cache.keys_for(pos, k[:, t:t + 1].transpose(1, 2), v[:, t:t + 1].transpose(1, 2))
+        outs.append(decode_attention(q[:, t:t + 1], kk, vv, pos, kp, window=W))
+    pos = torch.arange(T - 3, T)[None]
+    kk, vv, kp = cache.keys_for(pos, k[:, -3:].transpose(1, 2), v[:, -3:].transpose(1, 2))
+    outs.append(decode_attention(q[:, -3:], kk.contiguous(), vv.contiguous(), pos, kp, window=W))
+    assert rel_err(full, torch.cat(outs, 1)) < 1e-5
+
+
+def test_flex_forward_matches_reference(rel_err):
+    """FlexAttention path (eager on the CPU, forward only there) with documents, window, softcap."""
+    from deepwish.kernels.attention.flex import flex_attention
+    torch.manual_seed(4)
+    q, k, v = torch.randn(2, 40, 4, 16), torch.randn(2, 40, 2, 16), torch.randn(2, 40, 2, 16)
+    ids = _docs(2, 40, [[5, 1, 20], [39]])
+    want = ref.attention(q, k, v, doc_ids=ids, window=9, softcap=4.0)
+    assert rel_err(want, flex_attention(q, k, v, doc_ids=ids, window=9, softcap=4.0)) < 1e-5

@@ -1,0 +1,43 @@
+"""Flash attention and split-KV decoding on the GPU at real sizes, bf16, against the fp32
+reference (run with -m gpu on a CUDA machine)."""
+import pytest
+import torch
+
+from deepwish.kernels.attention import flash_attention
+from deepwish.kernels.attention import reference as ref
+from deepwish.kernels.attention.decode import decode_attention
+
+pytestmark = pytest.mark.gpu
+
+
+@pytest.mark.parametrize("H,Hkv,Dqk,Dv,window,softcap", [
+    (16, 8, 128, 128, 0, 0.0), (16, 2, 256, 256, 0, 0.0), (16, 2, 128, 128, 512, 0.0),
+    (8, 8, 192, 128, 0, 0.0), (8, 1, 64, 64, 100, 30.0)])
+def test_flash_attention_bf16_real_sizes(cuda, rel_err, H, Hkv, Dqk, Dv, window, softcap):
+    torch.manual_seed(0)
+    B, T = 2, 1500
+    q = torch.randn(B, T, H, Dqk, device=cuda, dtype=torch.bfloat16, requires_grad=True)
+    k = torch.randn(B, T, Hkv, Dqk, device=cuda, dtype=torch.bfloat16, requires_grad=True)
+    v = torch.randn(B, T, Hkv, Dv, device=cuda, dtype=torch.bfloat16, requires_grad=True)
+    ids = torch.zeros(B, T, dtype=torch.long, device=cuda)
+    ids[0, 300:] += 1
+    ids[0, 301:] += 1
+    ids[1, 1000:] += 1
+    g = torch.randn(B, T, H, Dv, device=cuda)
+    want = ref.attention(q, k, v, doc_ids=ids, window=window, softcap=softcap)
+    got = flash_attention(q, k, v, doc_ids=ids, window=window, softcap=softcap)
+    wg = torch.autograd.grad((want.float() * g).sum(), (q, k, v))
+    gg = torch.autograd.grad((got.float() * g).sum(), (q, k, v))
+    for a, b in zip((want, *wg), (got, *gg)):
+        assert rel_err(a, b) < 1e-2
+
+
+@pytest.mark.parametrize("B,Tq,L", [(1, 1, 32768), (8, 4, 4096)])
+def test_decode_bf16_real_sizes(cuda, rel_err, B, Tq, L):
+    torch.manual_seed(1)
+    q = torch.randn(B, Tq, 16, 128, device=cuda, dtype=torch.bfloat16)
+    kc = torch.randn(B, 8, L, 128, device=cuda, dtype=torch.bfloat16)
+    vc = torch.randn(B, 8, L, 128, device=cuda, dtype=torch.bfloat16)
+    q_pos = (torch.arange(Tq, device=cuda) + L - Tq - 7).expand(B, Tq).contiguous()
+    want = ref.decode_attention(q, kc, vc, q_pos, torch.arange(L, device=cuda).expand(B, L))
+    assert rel_err(want, decode_attention(q, kc, vc, q_pos)) < 1e-2
