@@ -62,7 +62,7 @@ class ModelConfig:
     attn_bias: bool = False  # bias on the q/k/v/o projections (MLA: q_a, kv_a, o), as HF's attention_bias
     attn_output_gate: bool = False  # Qwen3-Next gated attention: sigmoid gate from q_proj
     sliding_window: int = 0  # 0 = full causal attention; >0 for "swa" layers
-    attn_backend: str = "auto"  # auto | torch (explicit softmax) | sdpa
+    attn_backend: str = "auto"  # auto | triton | flex | sdpa | torch (explicit softmax); model/attention.py
     # --- rotary ---------------------------------------------------------------------
     rope_theta: float = 1_000_000.0
     rope_partial: float = 1.0  # fraction of head_dim that is rotated (Qwen3-Next: 0.25)
@@ -138,8 +138,8 @@ class ModelConfig:
              f"n_experts={self.n_experts} must be divisible by n_group={self.n_group}"),
             (self.topk_group <= self.n_group, f"topk_group={self.topk_group} > n_group={self.n_group}"),
             (self.gdn_backend in BACKENDS, f"gdn_backend={self.gdn_backend!r} is not one of {BACKENDS}"),
-            (self.attn_backend in ("auto", "torch", "sdpa"),
-             f"attn_backend={self.attn_backend!r} is not one of auto, torch, sdpa"),
+            (self.attn_backend in ("auto", "triton", "flex", "sdpa", "torch"),
+             f"attn_backend={self.attn_backend!r} is not one of auto, triton, flex, sdpa, torch"),
             (self.rope_type in ROPE_TYPES, f"rope_type={self.rope_type!r} is not one of {ROPE_TYPES}"),
             (0.0 < self.rope_partial <= 1.0, f"rope_partial={self.rope_partial} must be in (0, 1]"),
             (_activation_problem(self.hidden_act) is None, _activation_problem(self.hidden_act)),

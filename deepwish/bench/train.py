@@ -17,7 +17,12 @@ before anything of ours is resident; each result records what was still allocate
                   SDPA attention, fp32 weights under bf16 autocast, fused AdamW, clipping, the
                   model's own loss (labels=input_ids) — what a user of HF would run. Tried at the
                   benchmark batch and, if that does not fit, at half of it.
-Random token ids, no packing (plain causal attention, the flash path for both).
+  deepwish-packed the trainer's real input: PackedLoader batches of the embedded corpus (the
+                  default shards `deepwish train` builds), with per-token document ids and
+                  positions, so attention runs with document isolation (model.attn_backend=auto:
+                  the own flash kernel on CUDA; the other variants' plain causal input takes SDPA
+                  flash). Compare with `deepwish` for the cost of document isolation.
+The other variants take random token ids, no packing (plain causal attention, the flash path).
 
 Reported per run: tokens/s, step time, MFU = tok/s × model.flops_per_token(seq) / 777 TFLOP/s
 (the measured bf16 matmul peak of the H100, GPU.md; the same FLOP count for both models), peak
@@ -59,7 +64,7 @@ GOALS = {
     "qwen3_next_bench": {"hf_ratio": 4.0, "hf_anchor_tok_s": 17.1e3, "note": "HF anchor at batch 4"},
 }
 # HF first: nothing of ours (compiled graphs, caches) is resident yet when it tries to fit.
-VARIANTS = ("hf", "deepwish", "deepwish-muon", "deepwish-eager", "deepwish-fsdp1")
+VARIANTS = ("hf", "deepwish", "deepwish-packed", "deepwish-muon", "deepwish-eager", "deepwish-fsdp1")
 
 
 @dataclasses.dataclass
@@ -121,13 +126,18 @@ def build_deepwish(preset: str, batch: int, seq: int, variant: str):
     optimizer = build_optimizer(model, tc, distributed=d.active)
     backend = resolve_loss_backend(tc.loss_backend, device)
     V = run_cfg.model.vocab_size
-    x = torch.randint(0, V, (batch, seq), device=device)
-    y = torch.randint(0, V, (batch, seq), device=device)
+    if variant == "deepwish-packed":
+        batches = packed_batches(batch, seq, device)
+    else:
+        batches = [(torch.randint(0, V, (batch, seq), device=device), torch.randint(0, V, (batch, seq), device=device),
+                    None, None)]
     n = batch * seq
+    turn = iter(range(1 << 62))
 
     def step() -> torch.Tensor:
+        b = batches[next(turn) % len(batches)]
         with autocast_context(device, tc.dtype):
-            loss, _ = lm_loss(step_model, (x, y, None, None), tc, n, backend=backend)
+            loss, _ = lm_loss(step_model, b, tc, n, backend=backend)
         loss.backward()
         parallel.clip_grad_norm(model.parameters(), tc.grad_clip)
         optimizer.step()
@@ -135,6 +145,15 @@ def build_deepwish(preset: str, batch: int, seq: int, variant: str):
         return loss.detach()
 
     return step, model.flops_per_token(seq)
+
+
+def packed_batches(batch: int, seq: int, device, count: int = 8) -> list[tuple]:
+    """The first `count` batches `deepwish train` would draw from the embedded corpus (default
+    shards and tokenizer, PackedLoader with seed 0): ids, targets, doc ids, positions on device."""
+    from deepwish.data import PackedLoader, ensure_default_data
+    train_bin, _, _ = ensure_default_data()
+    it = iter(PackedLoader(train_bin, seq, batch, seed=0))
+    return [tuple(t.to(device) for t in next(it)) for _ in range(count)]
 
 
 def hf_config(model_cfg):

@@ -9,10 +9,19 @@
 Shapes: x [B, T, d]; q [B, T, H, D]; k, v [B, T, Hkv, D]. Heads are grouped: query head h uses
 key/value head h // (H / Hkv).
 
-Training and prefill without a cache use torch SDPA (flash kernel on GPU when the mask is
-plain causal); with packed documents a block-diagonal causal mask is passed. With a cache,
-keys and values are written at their positions and attention runs over the whole static cache
-under a `slot <= position` mask, so shapes never change between decode steps.
+Training and prefill without a cache go through `causal_attention`, by `model.attn_backend`
+(resolved once per model by `resolve_attn_backend`, one printed line):
+- triton: the own flash-attention kernel (kernels/attention/triton.py) with document ids and
+  the window passed as such: no [T, T] mask, O(sum doc_len²) / O(T·W) work;
+- flex: torch FlexAttention with a block mask built once per forward and window;
+- sdpa: torch SDPA, flash on plain causal input, a dense [B, 1, T, T] mask otherwise;
+- torch: explicit fp32 softmax (the readable reference);
+- auto: triton for packed/windowed input and SDPA flash for plain causal input on CUDA, sdpa
+  on the CPU.
+With a cache, keys and values are written at their positions and attention runs over the whole
+static cache under a `slot <= position` mask, so shapes never change between decode steps; on
+the triton backend a decode step (a few tokens) runs the split-KV kernel
+(kernels/attention/decode.py) instead of a masked SDPA.
 """
 from __future__ import annotations
 
@@ -21,9 +30,67 @@ import torch.nn.functional as F
 from torch import nn
 
 from deepwish.config import ModelConfig
+from deepwish.kernels.backend import resolve_backend
 from deepwish.model.cache import KVCache
 from deepwish.model.norm import RMSNorm
 from deepwish.model.rope import apply_rotary
+
+
+ATTN_BACKENDS = ("auto", "triton", "flex", "sdpa", "torch")
+DECODE_KERNEL_MAX_ROWS = 128  # query rows (tokens x heads per KV head) one split-KV program holds
+
+
+def _interpreting() -> bool:
+    import os
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def resolve_attn_backend(requested: str, announce: bool = True) -> tuple[str, str]:
+    """model.attn_backend -> (backend for packed/windowed input, backend for plain causal input).
+    An explicit name is used for both; 'auto' is triton + SDPA flash on CUDA, sdpa on the CPU."""
+    def triton_unusable():
+        if not torch.cuda.is_available() and not (requested == "triton" and _interpreting()):
+            return "no CUDA device (TRITON_INTERPRET=1 runs the kernel on CPU when 'triton' is asked for by name)"
+        try:
+            import deepwish.kernels.attention.triton  # noqa: F401
+        except ImportError as e:
+            return f"the Triton kernel cannot be imported ({e})"
+        return None
+
+    def flex_unusable():
+        if not torch.cuda.is_available():
+            return "FlexAttention trains on CUDA only"
+        return None
+
+    candidates = {"triton": triton_unusable, "flex": flex_unusable, "sdpa": lambda: None, "torch": lambda: None}
+    name = resolve_backend("attention", requested, candidates, ["triton", "sdpa"], announce=False)
+    plain = "sdpa" if requested == "auto" else name
+    if announce:
+        import sys
+        note = f" (plain causal input: {plain})" if plain != name else ""
+        print(f"[deepwish] attention: backend {requested} -> {name}{note}", file=sys.stderr)
+    return name, plain
+
+
+def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx, window: int, scale: float,
+                     backends: tuple[str, str]) -> torch.Tensor:
+    """Causal attention without a cache: q [B,T,H,Dqk], k [B,T,Hkv,Dqk], v [B,T,Hkv,Dv] -> [B,T,H,Dv],
+    documents from ctx.doc_ids, window > 0 for sliding-window layers. backends: from
+    resolve_attn_backend (packed/windowed, plain causal)."""
+    packed = ctx.doc_ids is not None or window > 0
+    backend = backends[0] if packed else backends[1]
+    if backend == "triton":
+        from deepwish.kernels.attention.triton import flash_attention
+        return flash_attention(q, k, v, doc_ids=ctx.doc_ids, window=window, scale=scale)
+    if backend == "flex":
+        from deepwish.kernels.attention.flex import flex_attention
+        return flex_attention(q, k, v, doc_ids=ctx.doc_ids, window=window, scale=scale, mask=ctx.flex_mask(window))
+    qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+    if packed:
+        o = sdpa(qt, kt, vt, ctx.mask(window), scale, False, backend)
+    else:
+        o = sdpa(qt, kt, vt, None, scale, True, backend)
+    return o.transpose(1, 2)
 
 
 def attention_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, window: int = 0,
@@ -73,6 +140,9 @@ def sdpa_folded_groups(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: 
     return o.reshape(B, H, T, o.shape[-1])
 
 
+ATTENDING_MIXERS = ("gqa", "gated_gqa", "swa", "mla", "dsa")
+
+
 class Attention(nn.Module):
     PARAM_ROLES = {"o_proj.weight": "matrix_out"}  # writes into the residual stream (model/roles.py)
 
@@ -81,7 +151,9 @@ class Attention(nn.Module):
         self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
         self.gated = gated
         self.window = window
-        self.backend = "sdpa" if cfg.attn_backend == "auto" else cfg.attn_backend
+        first = next((i for i, (m, _) in enumerate(cfg.layer_types) if m in ATTENDING_MIXERS), layer_idx)
+        self.backends = resolve_attn_backend(cfg.attn_backend, announce=layer_idx == first)
+        self.backend = "torch" if self.backends[1] == "torch" else "sdpa"  # the masked path over a cache
         d = cfg.d_model
         self.q_proj = nn.Linear(d, self.n_heads * self.head_dim * (2 if gated else 1), bias=cfg.attn_bias)
         self.k_proj = nn.Linear(d, self.n_kv_heads * self.head_dim, bias=cfg.attn_bias)
@@ -104,17 +176,23 @@ class Attention(nn.Module):
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rotary(q, ctx.cos, ctx.sin), apply_rotary(k, ctx.cos, ctx.sin)
-        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-        if cache is not None:
-            k, v, k_pos = cache.keys_for(ctx.positions, k, v)
-            mask = attention_mask(ctx.positions, k_pos, self.window)
-            o = sdpa_folded_groups(q, k, v, mask, self.scale, self.backend)
-        elif ctx.doc_ids is not None or self.window > 0:
-            mask = ctx.mask(self.window)
-            o = sdpa(q, k, v, mask, self.scale, False, self.backend)
+        if cache is None:
+            o = causal_attention(q, k, v, ctx, self.window, self.scale, self.backends)
         else:
-            o = sdpa(q, k, v, None, self.scale, True, self.backend)
-        o = o.transpose(1, 2)  # [B, T, H, D]
+            o = self.attend_cache(q, k, v, ctx, cache)
         if self.gated:
             o = o * torch.sigmoid(gate)
         return self.o_proj(o.reshape(B, T, -1)), {}
+
+    def attend_cache(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx, cache) -> torch.Tensor:
+        """Write k, v [B,T,Hkv,D] into the cache and attend q [B,T,H,D] over it -> [B,T,H,D]."""
+        T = q.shape[1]
+        k, v, k_pos = cache.keys_for(ctx.positions, k.transpose(1, 2), v.transpose(1, 2))
+        rows = T * (1 << (self.n_heads // self.n_kv_heads - 1).bit_length())
+        if self.backends[0] == "triton" and rows <= DECODE_KERNEL_MAX_ROWS and (q.is_cuda or _interpreting()):
+            from deepwish.kernels.attention.decode import decode_attention
+            slot_is_position = isinstance(cache, KVCache)  # lets the kernel stop at the last position
+            return decode_attention(q, k, v, ctx.positions, None if slot_is_position else k_pos,
+                                    window=self.window, scale=self.scale)
+        mask = attention_mask(ctx.positions, k_pos, self.window)
+        return sdpa_folded_groups(q.transpose(1, 2), k, v, mask, self.scale, self.backend).transpose(1, 2)

@@ -53,6 +53,17 @@ class ForwardContext:
             self._masks[window] = attention_mask(self.positions, self.positions, window, self.doc_ids, self.doc_ids)
         return self._masks[window]
 
+    @torch.compiler.disable
+    def flex_mask(self, window: int = 0):
+        """FlexAttention BlockMask for the same visibility as `mask`, built once per window.
+        Built eagerly (outside a compiled block: the mask is an input of the compiled kernel)."""
+        key = ("flex", window)
+        if key not in self._masks:
+            from deepwish.kernels.attention.flex import block_mask
+            B, T = self.positions.shape
+            self._masks[key] = block_mask(B, T, self.doc_ids, window, self.positions.device)
+        return self._masks[key]
+
     def cu_seqlens(self) -> torch.Tensor:
         """Start offsets [N+1] of the sequences in the flattened [B·T] token stream: a new
         sequence starts at every batch row and at every document boundary. For recurrent mixers."""

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from deepwish.config import ModelConfig
-from deepwish.model.attention import attention_mask, sdpa
+from deepwish.model.attention import ATTENDING_MIXERS, attention_mask, causal_attention, resolve_attn_backend, sdpa
 from deepwish.model.cache import MLACache
 from deepwish.model.norm import RMSNorm
 from deepwish.model.rope import apply_rotary, yarn_get_mscale
@@ -74,7 +74,9 @@ class MLA(nn.Module):
         self.kv_lora_rank = cfg.kv_lora_rank
         self.q_lora_rank = cfg.q_lora_rank
         self.interleave = cfg.rope_interleave
-        self.backend = "sdpa" if cfg.attn_backend == "auto" else cfg.attn_backend
+        first = next((i for i, (m, _) in enumerate(cfg.layer_types) if m in ATTENDING_MIXERS), layer_idx)
+        self.backends = resolve_attn_backend(cfg.attn_backend, announce=layer_idx == first)
+        self.backend = "torch" if self.backends[1] == "torch" else "sdpa"  # explicit-mask paths (DSA)
         d, qk = cfg.d_model, cfg.qk_nope_head_dim + cfg.qk_rope_head_dim
         if cfg.q_lora_rank > 0:
             self.q_a_proj = nn.Linear(d, cfg.q_lora_rank, bias=cfg.attn_bias)
@@ -109,15 +111,19 @@ class MLA(nn.Module):
         return q_nope, q_pe, c_kv, k_pe, q_resid
 
     # ---- attention ---------------------------------------------------------------------
-    def attend_naive(self, q_nope: torch.Tensor, q_pe: torch.Tensor, c_kv: torch.Tensor, k_pe: torch.Tensor,
-                     mask: torch.Tensor | None, causal: bool) -> torch.Tensor:
-        """Per-head keys/values from the latent, then SDPA. c_kv [B,S,R], k_pe [B,S,P],
-        mask [B,1,T,S] bool or None -> o [B, T, H, V]."""
+    def expand_heads(self, q_nope, q_pe, c_kv, k_pe) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """q [B,T,H,N+P], and per-head k [B,S,H,N+P], v [B,S,H,V] from the latent."""
         B, S, _ = c_kv.shape
         kv = self.kv_b_proj(c_kv).view(B, S, self.n_heads, self.nope + self.v_dim)
         k_nope, v = kv.split([self.nope, self.v_dim], dim=-1)
         k = torch.cat([k_nope, k_pe[:, :, None].expand(-1, -1, self.n_heads, -1)], dim=-1)
-        q = torch.cat([q_nope, q_pe], dim=-1)
+        return torch.cat([q_nope, q_pe], dim=-1), k, v
+
+    def attend_naive(self, q_nope: torch.Tensor, q_pe: torch.Tensor, c_kv: torch.Tensor, k_pe: torch.Tensor,
+                     mask: torch.Tensor | None, causal: bool) -> torch.Tensor:
+        """Per-head keys/values from the latent, then SDPA under an explicit mask (DSA's sparse
+        pattern). c_kv [B,S,R], k_pe [B,S,P], mask [B,1,T,S] bool or None -> o [B, T, H, V]."""
+        q, k, v = self.expand_heads(q_nope, q_pe, c_kv, k_pe)
         pad = q.shape[-1] - self.v_dim
         if self.backend == "sdpa" and pad > 0:
             # torch's flash kernel needs equal q/k/v head dims; zero value channels cost a little
@@ -125,6 +131,17 @@ class MLA(nn.Module):
             v = F.pad(v, (0, pad))
         o = sdpa(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), mask, self.scale, causal, self.backend)
         return o.transpose(1, 2)[..., : self.v_dim]
+
+    def attend_training(self, q_nope: torch.Tensor, q_pe: torch.Tensor, c_kv: torch.Tensor, k_pe: torch.Tensor,
+                        ctx) -> torch.Tensor:
+        """The naive path without a cache: causal attention by model.attn_backend, documents from
+        ctx (no [T, T] mask on the triton/flex backends). -> o [B, T, H, V]."""
+        q, k, v = self.expand_heads(q_nope, q_pe, c_kv, k_pe)
+        pad = q.shape[-1] - self.v_dim
+        backend = self.backends[0] if ctx.doc_ids is not None else self.backends[1]
+        if backend in ("sdpa", "flex") and pad > 0:  # as in attend_naive; the own kernel takes Dqk != Dv
+            v = F.pad(v, (0, pad))
+        return causal_attention(q, k, v, ctx, 0, self.scale, self.backends)[..., : self.v_dim]
 
     def absorbed_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
         """kv_b_proj split per head: W_uk [H, N, R] (keys) and W_uv [H, V, R] (values)."""
@@ -162,8 +179,6 @@ class MLA(nn.Module):
             c_all, pe_all = cache.update(ctx.positions, c_kv, k_pe)
             slots = torch.arange(cache.max_len, device=x.device).expand(B, -1)
             o = self.attend_absorbed(q_nope, q_pe, c_all, pe_all, attention_mask(ctx.positions, slots))
-        elif ctx.doc_ids is not None:
-            o = self.attend_naive(q_nope, q_pe, c_kv, k_pe, ctx.mask(), causal=False)
         else:
-            o = self.attend_naive(q_nope, q_pe, c_kv, k_pe, None, causal=True)
+            o = self.attend_training(q_nope, q_pe, c_kv, k_pe, ctx)
         return self.o_proj(o.reshape(B, T, -1)), {}

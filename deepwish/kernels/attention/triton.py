@@ -375,7 +375,6 @@ def forward(q, k, v, doc_start, scale, window, softcap):
 def backward(q, k, v, o, lse, do, doc_start, doc_end, scale, window, softcap):
     B, T, H, _ = q.shape
     meta = _meta(q, k, v, window, softcap)
-    do = do.contiguous() if do.stride(-1) != 1 else do
     delta = (o.float() * do.float()).sum(-1).contiguous()  # [B, T, H]
     dq = torch.empty_like(q)
     dk = torch.empty_like(k)
@@ -391,19 +390,46 @@ def backward(q, k, v, o, lse, do, doc_start, doc_end, scale, window, softcap):
     return dq, dk, dv
 
 
-class _FlashAttention(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q, k, v, doc_start, doc_end, scale, window, softcap):
-        o, lse = forward(q, k, v, doc_start, scale, window, softcap)
-        ctx.save_for_backward(q, k, v, o, lse, doc_start, doc_end)
-        ctx.opts = (scale, window, softcap)
-        return o
+# Custom ops: torch.compile (the trainer compiles each block) treats the kernels as opaque
+# calls with known output shapes instead of tracing into the launcher or breaking the graph.
+@torch.library.custom_op("deepwish::flash_attention_fwd", mutates_args=())
+def _fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, doc_start: torch.Tensor, doc_end: torch.Tensor,
+            scale: float, window: int, softcap: float) -> tuple[torch.Tensor, torch.Tensor]:
+    return forward(q, k, v, doc_start, scale, window, softcap)
 
-    @staticmethod
-    def backward(ctx, do):
-        q, k, v, o, lse, doc_start, doc_end = ctx.saved_tensors
-        dq, dk, dv = backward(q, k, v, o, lse, do, doc_start, doc_end, *ctx.opts)
-        return dq, dk, dv, None, None, None, None, None
+
+@_fwd_op.register_fake
+def _(q, k, v, doc_start, doc_end, scale, window, softcap):
+    B, T, H, _ = q.shape
+    return q.new_empty(B, T, H, v.shape[-1]), q.new_empty(B, T, H, dtype=torch.float32)
+
+
+@torch.library.custom_op("deepwish::flash_attention_bwd", mutates_args=())
+def _bwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor, lse: torch.Tensor,
+            do: torch.Tensor, doc_start: torch.Tensor, doc_end: torch.Tensor, scale: float, window: int,
+            softcap: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return backward(q, k, v, o, lse, do, doc_start, doc_end, scale, window, softcap)
+
+
+@_bwd_op.register_fake
+def _(q, k, v, o, lse, do, doc_start, doc_end, scale, window, softcap):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, doc_start, doc_end, scale, window, softcap = inputs
+    o, lse = output
+    ctx.save_for_backward(q, k, v, o, lse, doc_start, doc_end)
+    ctx.opts = (scale, window, softcap)
+
+
+def _backward(ctx, do, dlse):
+    q, k, v, o, lse, doc_start, doc_end = ctx.saved_tensors
+    dq, dk, dv = _bwd_op(q, k, v, o, lse, do.contiguous(), doc_start, doc_end, *ctx.opts)
+    return dq, dk, dv, None, None, None, None, None
+
+
+_fwd_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, doc_ids: torch.Tensor | None = None,
@@ -414,4 +440,4 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, doc_id
     B, T = q.shape[:2]
     doc_start, doc_end = _doc_bounds(doc_ids, B, T, q.device)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
-    return _FlashAttention.apply(q, k, v, doc_start, doc_end, scale, int(window), float(softcap))
+    return _fwd_op(q, k, v, doc_start, doc_end, scale, int(window), float(softcap))[0]
