@@ -59,10 +59,10 @@ def tile_config(kind: str, head_dim: int, group: int, dtype: torch.dtype) -> dic
         bm, bn, w, st = {"fwd": (64, 32, 4, 2), "dkdv": (32, 64, 4, 1), "dq": (64, 32, 4, 1)}[kind]
         if head_dim > 128:
             bm, bn = min(bm, 32), min(bn, 32)
-    elif head_dim <= 128:  # FlashAttention-2 shapes for Hopper, bf16/fp16
-        bm, bn, w, st = {"fwd": (128, 64, 8, 3), "dkdv": (32, 128, 4, 3), "dq": (128, 32, 4, 3)}[kind]
+    elif head_dim <= 128:  # bf16/fp16; fp32 accumulators at most ~128 registers per thread
+        bm, bn, w, st = {"fwd": (128, 64, 8, 3), "dkdv": (64, 128, 8, 2), "dq": (128, 64, 8, 2)}[kind]
     else:  # 256-wide heads: registers bound the accumulators
-        bm, bn, w, st = {"fwd": (64, 64, 4, 2), "dkdv": (32, 64, 4, 2), "dq": (64, 32, 4, 2)}[kind]
+        bm, bn, w, st = {"fwd": (64, 64, 8, 2), "dkdv": (32, 64, 8, 2), "dq": (64, 32, 8, 2)}[kind]
     return dict(BM=max(bm, gp), BN=bn, num_warps=w, num_stages=st)
 
 
