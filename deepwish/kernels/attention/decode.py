@@ -31,6 +31,7 @@ import triton.language as tl
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 NO_WINDOW = 1 << 62
+FAR = tl.constexpr(NO_WINDOW)  # a position beyond every query (kernels read only constexpr globals)
 
 
 # Keys per tile: 64 x 128 bf16 K and V tiles, three stages in flight (fixed, not autotuned:
@@ -68,7 +69,7 @@ def _split_kernel(Q, K, V, QPOS, KPOS, OP, LP,
     hi = tl.minimum(lo + CHUNK, L)
     if SLOT_POS:  # slots above the last query hold nothing yet; below the window nothing is seen
         hi = tl.minimum(hi, tl.cast(tl.max(qp, 0) + 1, tl.int32))
-        first = tl.min(tl.where(row_ok, qp, NO_WINDOW), 0) - W + 1
+        first = tl.min(tl.where(row_ok, qp, FAR), 0) - W + 1
         lo = tl.maximum(lo, tl.cast(tl.maximum(first, 0), tl.int32) // BN * BN)
     k_base = b * sk_b + tl.cast(hkv, tl.int64) * sk_h
     v_base = b * sv_b + tl.cast(hkv, tl.int64) * sv_h
@@ -84,7 +85,7 @@ def _split_kernel(Q, K, V, QPOS, KPOS, OP, LP,
         if SLOT_POS:
             kp = n64
         else:
-            kp = tl.load(KPOS + b * L + n64, mask=ok, other=NO_WINDOW)
+            kp = tl.load(KPOS + b * L + n64, mask=ok, other=FAR)
         s = tl.dot(q, tl.trans(k), input_precision=PREC) * scale
         if SOFTCAP:
             s = softcap * _tanh(s / softcap)
