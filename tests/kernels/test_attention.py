@@ -131,3 +131,19 @@ def test_flex_forward_matches_reference(rel_err):
     ids = _docs(2, 40, [[5, 1, 20], [39]])
     want = ref.attention(q, k, v, doc_ids=ids, window=9, softcap=4.0)
     assert rel_err(want, flex_attention(q, k, v, doc_ids=ids, window=9, softcap=4.0)) < 1e-5
+
+
+def test_flash_attention_traces_into_one_compiled_graph():
+    """The trainer compiles each block: the kernels are custom ops, so torch.compile sees one graph
+    (fullgraph) with their autograd, and gradients still match the reference."""
+    torch.manual_seed(5)
+    q, k, v = (torch.randn(1, 20, h, 16, requires_grad=True) for h in (4, 2, 2))
+    ids = _docs(1, 20, [[8]])
+
+    def loss(q, k, v):
+        return flash_attention(q, k, v, doc_ids=ids, window=5).square().sum()
+
+    got = torch.autograd.grad(torch.compile(loss, backend="aot_eager", fullgraph=True)(q, k, v), (q, k, v))
+    want = torch.autograd.grad(ref.attention(q, k, v, doc_ids=ids, window=5).square().sum(), (q, k, v))
+    for a, b in zip(want, got):
+        assert torch.allclose(a, b, atol=1e-5)
