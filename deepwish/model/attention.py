@@ -16,14 +16,19 @@ Training and prefill without a cache go through `causal_attention`, by `model.at
 - flex: torch FlexAttention with a block mask built once per forward and window;
 - sdpa: torch SDPA, flash on plain causal input, a dense [B, 1, T, T] mask otherwise;
 - torch: explicit fp32 softmax (the readable reference);
-- auto: triton for packed/windowed input and SDPA flash for plain causal input on CUDA, sdpa
+- auto: flex for packed/windowed input, SDPA flash for plain causal input and the split-KV
+  kernel for cached decoding on CUDA (the fastest of each measured, reports/attention.md); sdpa
   on the CPU.
 With a cache, keys and values are written at their positions and attention runs over the whole
 static cache under a `slot <= position` mask, so shapes never change between decode steps; on
-the triton backend a decode step (a few tokens) runs the split-KV kernel
+the triton (and auto, CUDA) backend a step of a few tokens runs the split-KV kernel
 (kernels/attention/decode.py) instead of a masked SDPA.
 """
 from __future__ import annotations
+
+import os
+import sys
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -36,18 +41,32 @@ from deepwish.model.norm import RMSNorm
 from deepwish.model.rope import apply_rotary
 
 
-ATTN_BACKENDS = ("auto", "triton", "flex", "sdpa", "torch")
 DECODE_KERNEL_MAX_ROWS = 128  # query rows (tokens x heads per KV head) one split-KV program holds
 
 
 def _interpreting() -> bool:
-    import os
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def resolve_attn_backend(requested: str, announce: bool = True) -> tuple[str, str]:
-    """model.attn_backend -> (backend for packed/windowed input, backend for plain causal input).
-    An explicit name is used for both; 'auto' is triton + SDPA flash on CUDA, sdpa on the CPU."""
+class AttnBackends(NamedTuple):
+    """What model.attn_backend resolved to, per kind of call."""
+    packed: str  # training/prefill with documents or a window: triton | flex | sdpa | torch
+    plain: str  # training/prefill on plain causal input
+    decode: str  # a few tokens over a cache: triton (split-KV kernel) | sdpa | torch (masked)
+
+
+FLEX_MEASURED_HEAD_DIM = 128  # auto takes FlexAttention only where it was measured (head dim <= 128)
+
+
+def resolve_attn_backend(requested: str, head_dim: int = 128, announce: bool = True) -> AttnBackends:
+    """model.attn_backend -> AttnBackends. An explicit name is used for every call it can serve
+    (flex has no cached path: decode then takes masked SDPA). 'auto' takes the fastest path
+    measured on an H200 for each kind of call (reports/attention.md): FlexAttention for packed or
+    windowed input (faster than the own kernel there, both far faster than SDPA's dense mask),
+    SDPA flash for plain causal input, the own split-KV kernel for cached decoding (no [T, L]
+    mask, k+1 verification tokens in one pass); sdpa for all of it on the CPU. With heads wider
+    than FLEX_MEASURED_HEAD_DIM (Qwen3-Next's 256, MLA's 192) auto takes the own kernel for
+    packed input: FlexAttention was not measured there."""
     def triton_unusable():
         if not torch.cuda.is_available() and not (requested == "triton" and _interpreting()):
             return "no CUDA device (TRITON_INTERPRET=1 runs the kernel on CPU when 'triton' is asked for by name)"
@@ -60,25 +79,34 @@ def resolve_attn_backend(requested: str, announce: bool = True) -> tuple[str, st
     def flex_unusable():
         if not torch.cuda.is_available():
             return "FlexAttention trains on CUDA only"
+        try:
+            import deepwish.kernels.attention.flex  # noqa: F401
+        except ImportError as e:
+            return f"FlexAttention cannot be imported ({e})"
         return None
 
     candidates = {"triton": triton_unusable, "flex": flex_unusable, "sdpa": lambda: None, "torch": lambda: None}
-    name = resolve_backend("attention", requested, candidates, ["triton", "sdpa"], announce=False)
-    plain = "sdpa" if requested == "auto" else name
+    order = ["flex", "triton", "sdpa"] if head_dim <= FLEX_MEASURED_HEAD_DIM else ["triton", "flex", "sdpa"]
+    packed = resolve_backend("attention", requested, candidates, order, announce=False)
+    if requested == "auto":
+        plain = "sdpa"
+        decode = "triton" if triton_unusable() is None else "sdpa"
+    else:
+        plain = packed
+        decode = {"flex": "sdpa"}.get(packed, packed)
+    chosen = AttnBackends(packed, plain, decode)
     if announce:
-        import sys
-        note = f" (plain causal input: {plain})" if plain != name else ""
-        print(f"[deepwish] attention: backend {requested} -> {name}{note}", file=sys.stderr)
-    return name, plain
+        print(f"[deepwish] attention: backend {requested} -> packed/windowed {packed}, plain causal {plain}, "
+              f"cached decode {decode}", file=sys.stderr)
+    return chosen
 
 
 def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx, window: int, scale: float,
-                     backends: tuple[str, str]) -> torch.Tensor:
+                     backends: AttnBackends) -> torch.Tensor:
     """Causal attention without a cache: q [B,T,H,Dqk], k [B,T,Hkv,Dqk], v [B,T,Hkv,Dv] -> [B,T,H,Dv],
-    documents from ctx.doc_ids, window > 0 for sliding-window layers. backends: from
-    resolve_attn_backend (packed/windowed, plain causal)."""
+    documents from ctx.doc_ids, window > 0 for sliding-window layers."""
     packed = ctx.doc_ids is not None or window > 0
-    backend = backends[0] if packed else backends[1]
+    backend = backends.packed if packed else backends.plain
     if backend == "triton":
         from deepwish.kernels.attention.triton import flash_attention
         return flash_attention(q, k, v, doc_ids=ctx.doc_ids, window=window, scale=scale)
@@ -152,8 +180,8 @@ class Attention(nn.Module):
         self.gated = gated
         self.window = window
         first = next((i for i, (m, _) in enumerate(cfg.layer_types) if m in ATTENDING_MIXERS), layer_idx)
-        self.backends = resolve_attn_backend(cfg.attn_backend, announce=layer_idx == first)
-        self.backend = "torch" if self.backends[1] == "torch" else "sdpa"  # the masked path over a cache
+        self.backends = resolve_attn_backend(cfg.attn_backend, cfg.head_dim, announce=layer_idx == first)
+        self.backend = "torch" if self.backends.decode == "torch" else "sdpa"  # the masked path over a cache
         d = cfg.d_model
         self.q_proj = nn.Linear(d, self.n_heads * self.head_dim * (2 if gated else 1), bias=cfg.attn_bias)
         self.k_proj = nn.Linear(d, self.n_kv_heads * self.head_dim, bias=cfg.attn_bias)
@@ -189,7 +217,7 @@ class Attention(nn.Module):
         T = q.shape[1]
         k, v, k_pos = cache.keys_for(ctx.positions, k.transpose(1, 2), v.transpose(1, 2))
         rows = T * (1 << (self.n_heads // self.n_kv_heads - 1).bit_length())
-        if self.backends[0] == "triton" and rows <= DECODE_KERNEL_MAX_ROWS and (q.is_cuda or _interpreting()):
+        if self.backends.decode == "triton" and rows <= DECODE_KERNEL_MAX_ROWS and (q.is_cuda or _interpreting()):
             from deepwish.kernels.attention.decode import decode_attention
             slot_is_position = isinstance(cache, KVCache)  # lets the kernel stop at the last position
             return decode_attention(q, k, v, ctx.positions, None if slot_is_position else k_pos,

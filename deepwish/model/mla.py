@@ -75,8 +75,9 @@ class MLA(nn.Module):
         self.q_lora_rank = cfg.q_lora_rank
         self.interleave = cfg.rope_interleave
         first = next((i for i, (m, _) in enumerate(cfg.layer_types) if m in ATTENDING_MIXERS), layer_idx)
-        self.backends = resolve_attn_backend(cfg.attn_backend, announce=layer_idx == first)
-        self.backend = "torch" if self.backends[1] == "torch" else "sdpa"  # explicit-mask paths (DSA)
+        self.backends = resolve_attn_backend(cfg.attn_backend, cfg.qk_nope_head_dim + cfg.qk_rope_head_dim,
+                                             announce=layer_idx == first)
+        self.backend = "torch" if self.backends.decode == "torch" else "sdpa"  # explicit-mask paths (DSA, cache)
         d, qk = cfg.d_model, cfg.qk_nope_head_dim + cfg.qk_rope_head_dim
         if cfg.q_lora_rank > 0:
             self.q_a_proj = nn.Linear(d, cfg.q_lora_rank, bias=cfg.attn_bias)
@@ -138,7 +139,7 @@ class MLA(nn.Module):
         ctx (no [T, T] mask on the triton/flex backends). -> o [B, T, H, V]."""
         q, k, v = self.expand_heads(q_nope, q_pe, c_kv, k_pe)
         pad = q.shape[-1] - self.v_dim
-        backend = self.backends[0] if ctx.doc_ids is not None else self.backends[1]
+        backend = self.backends.packed if ctx.doc_ids is not None else self.backends.plain
         if backend in ("sdpa", "flex") and pad > 0:  # as in attend_naive; the own kernel takes Dqk != Dv
             v = F.pad(v, (0, pad))
         return causal_attention(q, k, v, ctx, 0, self.scale, self.backends)[..., : self.v_dim]

@@ -81,4 +81,5 @@ def test_backend_names_are_checked():
     if not torch.cuda.is_available():
         with pytest.raises(BackendError, match="flex"):
             resolve_attn_backend("flex", announce=False)
-        assert resolve_attn_backend("auto", announce=False) == ("sdpa", "sdpa")
+        assert resolve_attn_backend("auto", announce=False) == ("sdpa", "sdpa", "sdpa")
+    assert resolve_attn_backend("torch", announce=False) == ("torch", "torch", "torch")
