@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import functools
 import os
+from typing import Optional
 
 import torch
 import triton
@@ -174,7 +175,22 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: t
         raise ValueError("decode_attention: the Triton kernel needs CUDA tensors (use reference.decode_attention)")
     if k.stride(-1) != 1 or v.stride(-1) != 1 or q.stride(-1) != 1:
         raise ValueError("decode_attention: q, k, v must be contiguous in their last dim")
-    if splits is None:
+    return _decode_op(q, k, v, q_pos.to(torch.int64).contiguous(),
+                      None if k_pos is None else k_pos.to(torch.int64).contiguous(),
+                      int(window), float(softcap), D_scale(DQK, scale), -1 if splits is None else int(splits))
+
+
+# A custom op: torch.compile (of a decode step) sees one opaque call with a known output shape.
+@torch.library.custom_op("deepwish::decode_attention", mutates_args=())
+def _decode_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: torch.Tensor, k_pos: Optional[torch.Tensor],
+               window: int, softcap: float, scale: float, splits: int) -> torch.Tensor:
+    B, TQ, H, DQK = q.shape
+    HKV, L = k.shape[1], k.shape[2]
+    G = H // HKV
+    GP = triton.next_power_of_2(G)
+    BM = max(16, triton.next_power_of_2(TQ * GP))
+    DV = v.shape[-1]
+    if splits < 0:
         splits, chunk = plan_splits(B, HKV, L, q.device)
     else:
         chunk = -(-L // splits)
@@ -182,14 +198,13 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: t
         splits = -(-L // chunk)
     BLOCK_DK = max(16, triton.next_power_of_2(DQK))
     BLOCK_DV = max(16, triton.next_power_of_2(DV))
-    q_pos = q_pos.to(torch.int64).contiguous()
-    kp = q_pos if k_pos is None else k_pos.to(torch.int64).contiguous()
+    kp = q_pos if k_pos is None else k_pos
     op = torch.empty(B * HKV, splits, BM, BLOCK_DV, dtype=torch.float32, device=q.device)
     lp = torch.empty(B * HKV, splits, BM, dtype=torch.float32, device=q.device)
     _split_kernel[(splits, B * HKV)](
         q, k, v, q_pos, kp, op, lp, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3],
-        TQ, HKV, G, L, window if window > 0 else NO_WINDOW, D_scale(DQK, scale),
-        float(softcap) if softcap > 0 else 1.0, DQK, DV, splits,
+        TQ, HKV, G, L, window if window > 0 else NO_WINDOW, scale,
+        softcap if softcap > 0 else 1.0, DQK, DV, splits,
         CHUNK=chunk, BLOCK_DK=BLOCK_DK, BLOCK_DV=BLOCK_DV, BM=BM, GP=GP, SLOT_POS=k_pos is None,
         SOFTCAP=softcap > 0, PREC="ieee" if q.dtype == torch.float32 else "tf32",
         BN=DECODE_BN, num_warps=DECODE_WARPS, num_stages=DECODE_STAGES)
@@ -197,6 +212,11 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: t
     _merge_kernel[(B * HKV, BM)](op, lp, o, *o.stride()[:3], TQ, HKV, G, DV, splits,
                                  BLOCK_DV=BLOCK_DV, BM=BM, GP=GP, BS=max(2, triton.next_power_of_2(splits)))
     return o
+
+
+@_decode_op.register_fake
+def _(q, k, v, q_pos, k_pos, window, softcap, scale, splits):
+    return q.new_empty(*q.shape[:3], v.shape[-1])
 
 
 def D_scale(D: int, scale: float | None) -> float:
