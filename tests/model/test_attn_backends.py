@@ -41,10 +41,10 @@ def test_triton_backend_equals_torch_and_packs(rel_err, name, kw):
     V = ref.cfg.vocab_size
     x, doc, pos = _packed(V, [7, 1, 12])
     with torch.no_grad():
-        want = ref(x, positions=pos, doc_ids=doc)
-        got = tri(x, positions=pos, doc_ids=doc)
+        want = ref(x, positions=pos, doc_ids=doc).logits
+        got = tri(x, positions=pos, doc_ids=doc).logits
         assert rel_err(want, got) < 1e-4
-        alone = tri(x[:, 8:], positions=pos[:, 8:])
+        alone = tri(x[:, 8:], positions=pos[:, 8:]).logits
         assert rel_err(alone, got[:, 8:]) < 1e-4
 
 
@@ -53,7 +53,7 @@ def test_triton_backend_gradients_equal_torch(rel_err):
     x, doc, pos = _packed(ref.cfg.vocab_size, [9, 14])
     for m in (ref, tri):
         m.train()
-        m(x, positions=pos, doc_ids=doc).float().square().mean().backward()
+        m(x, positions=pos, doc_ids=doc).logits.float().square().mean().backward()
     for (n, a), b in zip(ref.named_parameters(), tri.parameters()):
         assert rel_err(a.grad, b.grad) < 1e-4, n
 
@@ -66,12 +66,12 @@ def test_decode_kernel_in_cached_steps_equals_forward(rel_err, ring):
     _, tri = _pair("qwen3_tiny", **kw)
     x = torch.randint(0, 64, (2, 20))
     with torch.no_grad():
-        full = tri(x)
+        full = tri(x).logits
         cache = make_ring_cache(tri, 2, 40, slack=3) if ring else tri.make_cache(2, 40)
-        outs = [tri(x[:, :10], positions=torch.arange(10).expand(2, 10), cache=cache)]
+        outs = [tri(x[:, :10], positions=torch.arange(10).expand(2, 10), cache=cache).logits]
         for t in range(10, 17):
             outs.append(decode_one_token(tri, x[:, t], torch.full((2,), t), cache)[:, None])
-        outs.append(tri(x[:, 17:], positions=torch.arange(17, 20).expand(2, 3), cache=cache))
+        outs.append(tri(x[:, 17:], positions=torch.arange(17, 20).expand(2, 3), cache=cache).logits)
     assert rel_err(full, torch.cat(outs, 1)) < 1e-4
 
 
