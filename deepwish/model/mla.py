@@ -76,7 +76,7 @@ class MLA(nn.Module):
         self.interleave = cfg.rope_interleave
         first = next((i for i, (m, _) in enumerate(cfg.layer_types) if m in ATTENDING_MIXERS), layer_idx)
         self.backends = resolve_attn_backend(cfg.attn_backend, cfg.qk_nope_head_dim + cfg.qk_rope_head_dim,
-                                             announce=layer_idx == first)
+                                             announce=layer_idx == first, v_head_dim=cfg.v_head_dim)
         self.backend = "torch" if self.backends.decode == "torch" else "sdpa"  # explicit-mask paths (DSA, cache)
         d, qk = cfg.d_model, cfg.qk_nope_head_dim + cfg.qk_rope_head_dim
         if cfg.q_lora_rank > 0:

@@ -83,3 +83,20 @@ def test_backend_names_are_checked():
             resolve_attn_backend("flex", announce=False)
         assert resolve_attn_backend("auto", announce=False) == ("sdpa", "sdpa", "sdpa")
     assert resolve_attn_backend("torch", announce=False) == ("torch", "torch", "torch")
+
+
+def test_kernel_paths_get_one_dtype_as_sdpa_would():
+    """Under autocast QK-norm and rotary return fp32 while v comes from a bf16 matmul; the kernel
+    paths (not on autocast's list) get them cast to autocast's dtype, else to the promoted dtype
+    (on a GPU the trainer's packed path failed on mixed inputs before this)."""
+    from deepwish.model.attention import kernel_inputs
+    q, k = torch.randn(1, 4, 2, 8), torch.randn(1, 4, 2, 8)
+    v = torch.randn(1, 4, 2, 8, dtype=torch.bfloat16)
+    assert {t.dtype for t in kernel_inputs(q, k, v)} == {torch.float32}
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert {t.dtype for t in kernel_inputs(q, k, v)} == {torch.bfloat16}
+
+
+def test_auto_keeps_sdpa_for_unequal_qk_and_value_dims():
+    from deepwish.model.attention import resolve_attn_backend
+    assert resolve_attn_backend("auto", 192, announce=False, v_head_dim=128).packed == "sdpa"
