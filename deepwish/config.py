@@ -221,6 +221,7 @@ class TrainConfig:
     compile: str = "auto"  # auto (on for GPU) | on | off
     activation_checkpoint: str = "none"  # none | selective | full
     offload: str = "none"  # none | params | activations
+    reshard_after_forward: bool = True  # fsdp: true = ZeRO-3-like (blocks re-gathered for backward); false = ZeRO-2-like (kept gathered until backward)
     dtype: str = "bf16"  # compute dtype under autocast on GPU: bf16 | fp32
 
 
@@ -468,6 +469,8 @@ def config_problems(cfg: RunConfig) -> list[str]:
     need(t.device in ("auto", "cpu") or t.device == "cuda" or
          (t.device.startswith("cuda:") and t.device[5:].isdigit()), "device", "is not auto, cpu or cuda[:N]")
     need(t.offload != "params" or t.parallel == "fsdp", "offload", "params needs train.parallel=fsdp")
+    need(t.reshard_after_forward or t.parallel == "fsdp", "reshard_after_forward",
+         "false (ZeRO-2-like sharding) needs train.parallel=fsdp")
     need(t.extend_steps >= 0, "extend_steps", "must be >= 0")
     if not d.train_bin and (d.val_bin or d.tokenizer):
         out.append("data.val_bin/data.tokenizer given without data.train_bin: give all paths or none "

@@ -34,6 +34,10 @@ Choices and simplifications:
 - `selective` activation checkpointing recomputes every other block (layer-level selective AC,
   as torchtitan's `ac_freq=2`): about half the activation memory of `none` for a third of the
   extra compute of `full`.
+- `reshard_after_forward=false` (ZeRO-2-like): every block keeps its gathered parameters from
+  its forward until its backward (one all-gather per step instead of two, at the memory of the
+  whole unsharded model during the step); gradients are still reduce-scattered and optimizer
+  state stays sharded. The default `true` frees them after each block's forward (ZeRO-3-like).
 - `offload=params` shards parameters, gradients and optimizer state on the CPU through FSDP2's
   CPUOffloadPolicy (the optimizer step then runs on the CPU); `offload=activations` keeps every
   tensor saved for backward in pinned host memory (`torch.autograd.graph.save_on_cpu`).
@@ -107,6 +111,9 @@ def validate(tc) -> None:
     if tc.offload == "params" and tc.parallel != "fsdp":
         raise ConfigError("train.offload=params uses FSDP2's CPUOffloadPolicy: set train.parallel=fsdp "
                           "(torchrun --nproc_per_node=1 runs it on one GPU)")
+    if not tc.reshard_after_forward and tc.parallel != "fsdp":
+        raise ConfigError(f"train.reshard_after_forward=false (ZeRO-2-like sharding) is an FSDP2 setting: set "
+                          f"train.parallel=fsdp (it is {tc.parallel})")
 
 
 def init_distributed(tc) -> Dist:
@@ -200,7 +207,7 @@ def grad_sync(step_model, last: bool):
     return contextlib.nullcontext()
 
 
-def _fsdp_shard(model: nn.Module, d: Dist, offload_params: bool) -> None:
+def _fsdp_shard(model: nn.Module, d: Dist, offload_params: bool, reshard_after_forward: bool) -> None:
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 
@@ -209,10 +216,11 @@ def _fsdp_shard(model: nn.Module, d: Dist, offload_params: bool) -> None:
     mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
     offload = CPUOffloadPolicy(pin_memory=d.device.type == "cuda") if offload_params else OffloadPolicy()
     for block in model.blocks:
-        fully_shard(block, mesh=mesh, mp_policy=mp, offload_policy=offload)
+        fully_shard(block, mesh=mesh, mp_policy=mp, offload_policy=offload, reshard_after_forward=reshard_after_forward)
     if model.mtp is not None:
         for m in model.mtp:
-            fully_shard(m, mesh=mesh, mp_policy=mp, offload_policy=offload)
+            fully_shard(m, mesh=mesh, mp_policy=mp, offload_policy=offload,
+                        reshard_after_forward=reshard_after_forward)
     fully_shard(model, mesh=mesh, mp_policy=mp, offload_policy=offload, reshard_after_forward=False)
 
 
@@ -234,13 +242,15 @@ def parallelize(model: nn.Module, run_cfg, d: Dist) -> nn.Module:
                                      offload_activations=tc.offload == "activations")
     step_model = model
     if tc.parallel == "fsdp":
-        _fsdp_shard(model, d, offload_params=tc.offload == "params")
+        _fsdp_shard(model, d, offload_params=tc.offload == "params", reshard_after_forward=tc.reshard_after_forward)
     elif tc.parallel == "ddp":
         from torch.nn.parallel import DistributedDataParallel as DDP
         step_model = DDP(model, device_ids=[d.device.index] if on_cuda else None,
                          static_graph=_has_optional_branches(model))
     if d.main:
-        print(f"[deepwish] parallel {tc.parallel} x{d.world_size} ({d.backend or 'no group'}) | compile "
+        zero = (" (ZeRO-3-like: parameters resharded after forward)" if tc.reshard_after_forward else
+                " (ZeRO-2-like: parameters kept gathered from forward to backward)") if tc.parallel == "fsdp" else ""
+        print(f"[deepwish] parallel {tc.parallel}{zero} x{d.world_size} ({d.backend or 'no group'}) | compile "
               f"{'on' if use_compile else 'off'} | activation checkpoint {tc.activation_checkpoint} "
               f"({len(ac)}/{len(model.blocks)} blocks) | offload {tc.offload}", file=sys.stderr, flush=True)
     return step_model

@@ -305,3 +305,82 @@ def test_bench_train_runs_every_variant_on_a_tiny_preset(cuda, tmp_path):
     for v in bench.VARIANTS:
         assert by_variant[v]["status"] == "ok" and by_variant[v]["tok_s"] > 0, by_variant[v]
     assert (tmp_path / "train_throughput.png").stat().st_size > 1000
+
+
+ZERO2_WORKER = textwrap.dedent('''
+    import copy, sys
+    import torch
+    import torch.distributed as dist
+    from torch.distributed.tensor import DTensor
+
+    from deepwish.config import load_config
+    from deepwish.model import Objective, Transformer
+    from deepwish.train.parallel import init_distributed, parallelize
+
+    sets = sys.argv[2:]
+    d = init_distributed(load_config("qwen3_tiny", sets + ["train.parallel=fsdp"]).train)
+    rank, world = d.rank, d.world_size
+    torch.manual_seed(int(sys.argv[1]))
+    base = Transformer(load_config("qwen3_tiny", sets).model)
+    V = base.cfg.vocab_size
+    x, t = torch.randint(0, V, (2 * world, 16)), torch.randint(0, V, (2 * world, 16))
+    objective = Objective(loss_norm=float(t.numel()))
+    base(x, targets=t, objective=objective).loss.backward()
+    mine = slice(2 * rank, 2 * rank + 2)
+    for reshard in (True, False):
+        model = copy.deepcopy(base)
+        model.zero_grad(set_to_none=True)
+        cfg = load_config("qwen3_tiny", sets + ["train.parallel=fsdp", f"train.reshard_after_forward={reshard}"])
+        step_model = parallelize(model, cfg, d)
+        loss = step_model(x[mine], targets=t[mine], objective=objective).loss
+        # Between forward and backward: ZeRO-3-like blocks hold only their shard again, ZeRO-2-like
+        # blocks still hold the gathered (plain, full-size) parameters.
+        for block, ref in zip(model.blocks, base.blocks):
+            for p, q in zip(block.parameters(), ref.parameters()):
+                assert isinstance(p, DTensor) == reshard, (reshard, type(p))
+                if not reshard:
+                    assert p.shape == q.shape
+        (loss * d.grad_scale).backward()
+        # After backward both are sharded: parameters, and gradients reduce-scattered to shards.
+        for (name, p), q in zip(model.named_parameters(), base.parameters()):
+            assert isinstance(p, DTensor) and isinstance(p.grad, DTensor), (reshard, name)
+            assert p.grad.to_local().shape[0] <= (q.shape[0] + world - 1) // world, (name, p.grad.to_local().shape)
+            g = p.grad.full_tensor()
+            err = float((q.grad.double() - g.double()).norm() / q.grad.double().norm())
+            assert err < 1e-5, (reshard, name, err)
+    dist.barrier()
+    if rank == 0:
+        print("ZERO2 OK")
+    dist.destroy_process_group()
+''')
+
+
+def test_zero2_keeps_blocks_gathered_until_backward_with_sharded_gradients(tmp_path):
+    script = tmp_path / "zero2.py"
+    script.write_text(ZERO2_WORKER)
+    out = torchrun(2, [str(script), str(random.randrange(2**31)), *TINY[:6], "model.vocab_size=96"])
+    assert "ZERO2 OK" in out
+
+
+def test_zero2_fsdp_two_ranks_match_one_process(reference, tmp_path):
+    ref_run, ref_losses, ref_val = reference
+    run = tmp_path / "zero2"
+    out = torchrun(2, train_args(run, f"train.batch_size={GLOBAL_BATCH // 2}", "train.reshard_after_forward=false")
+                   + ["--parallel", "fsdp"])
+    assert "ZeRO-2-like" in out
+    assert_same_losses(logged(run), ref_losses, range(1, 7))
+    assert_same_losses(logged(run, key="grad_norm"), logged(ref_run, key="grad_norm"), range(1, 7))
+    assert abs(logged(run, "val", "val_loss")[6] - ref_val) <= LOSS_TOL * ref_val
+
+
+def test_zero2_setting_needs_fsdp():
+    from deepwish.config import ConfigError, config_problems
+    from deepwish.train import parallel
+
+    cfg = load_config("qwen3_tiny", ["train.reshard_after_forward=false", "train.parallel=ddp"])
+    assert any(p.startswith("train.reshard_after_forward=False") and "train.parallel=fsdp" in p
+               for p in config_problems(cfg))
+    with pytest.raises(ConfigError, match="reshard_after_forward=false .*train.parallel=fsdp"):
+        parallel.validate(cfg.train)
+    assert not config_problems(load_config("qwen3_tiny", ["train.reshard_after_forward=false",
+                                                          "train.parallel=fsdp"]))
