@@ -31,7 +31,8 @@ def _add_generate(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prompt", default="ROMEO:", help="prompt text")
     p.add_argument("--tokenizer", default=None,
                    help="'default' (embedded corpus BPE), 'qwen', or a tokenizer.json path; "
-                        "default: the checkpoint's own tokenizer.json, else the run's tokenizer")
+                        "default: $TOKENIZER_PATH when set, else the checkpoint's own tokenizer.json, "
+                        "else the run's tokenizer")
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--temperature", type=float, default=0.8)
     p.add_argument("--top-k", type=int, default=0)
@@ -64,6 +65,8 @@ def load_model_for_inference(args):
     device = resolve_device(args.device, what="--device")
     dtype = {"auto": torch.bfloat16 if device.type == "cuda" else torch.float32, "bf16": torch.bfloat16,
              "fp32": torch.float32}[args.dtype]
+    if args.tokenizer is None and os.environ.get("TOKENIZER_PATH"):  # scripts/infer_tiny.sh's convention
+        args.tokenizer = os.environ["TOKENIZER_PATH"]
     tok = None
     if args.hf:
         model = load_model(args.hf, device=device, dtype=dtype)

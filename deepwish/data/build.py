@@ -3,6 +3,9 @@
     deepwish data build --input a.txt b.jsonl chats.csv --out DIR [--tokenizer PATH|qwen|default]
                         [--val-fraction 0.01] [--val-input held_out.jsonl ...] [--seed 0]
 
+(On-disk HF datasets, streamed with a token budget and mixing weights: `--hf-dataset` and
+`--source`, see mix.py. `--tokenizer` defaults to $TOKENIZER_PATH, else 'default'.)
+
 Input formats (chosen by file extension; anything else is an error):
 - `.txt`: the whole file is one document (UTF-8). Split a large corpus into several files, or
   use .jsonl, to get several documents.
@@ -255,9 +258,22 @@ def _valid_default(train_bin: Path, val_bin: Path, tokenizer: Tokenizer) -> bool
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--input", nargs="+", required=True, help=f"input files ({', '.join(SUFFIXES)})")
+    parser.add_argument("--input", nargs="+", default=None, help=f"input files ({', '.join(SUFFIXES)})")
+    # on-disk HF datasets, streamed (data/mix.py, data/hf_dataset.py)
+    parser.add_argument("--hf-dataset", default=None, metavar="PATH",
+                        help="a datasets save_to_disk directory, or a folder/file of .arrow/.parquet/.jsonl")
+    parser.add_argument("--source", action="append", default=[], metavar="PATH[:WEIGHT]",
+                        help="one source of a weighted mix (repeatable); source s gets "
+                             "token_budget * W_s / sum(W) tokens (needs --token-budget)")
+    parser.add_argument("--split", default=None, help="split of a DatasetDict or split-named files (default train)")
+    parser.add_argument("--text-field", default=None, help="column holding the text (default: 'text')")
+    parser.add_argument("--messages-field", default=None,
+                        help="column holding chat messages, rendered with ChatML (default: 'messages')")
+    parser.add_argument("--token-budget", type=int, default=None,
+                        help="at most this many tokens in the shards (whole documents)")
     parser.add_argument("--out", required=True, help="output directory (train.bin, val.bin, meta.json)")
-    parser.add_argument("--tokenizer", default="default", help="'default' (Shakespeare BPE), 'qwen', or a path")
+    parser.add_argument("--tokenizer", default=None,
+                        help="'default' (Shakespeare BPE), 'qwen', or a path (default: $TOKENIZER_PATH, else 'default')")
     parser.add_argument(
         "--val-fraction", type=float, default=None, help="fraction of documents held out (default 0.01)"
     )
@@ -266,6 +282,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.tokenizer is None:
+        args.tokenizer = os.environ.get("TOKENIZER_PATH") or "default"
+    hf_args = getattr(args, "hf_dataset", None) or getattr(args, "source", None)  # absent in older callers
+    if sum(bool(x) for x in (args.input, getattr(args, "hf_dataset", None), getattr(args, "source", None))) != 1:
+        raise InputError("give exactly one of --input FILE..., --hf-dataset PATH or --source PATH[:WEIGHT]...")
+    if hf_args:
+        return _run_mix(args)
+    for name in ("split", "text_field", "messages_field", "token_budget"):
+        if getattr(args, name, None) is not None:
+            raise InputError(f"--{name.replace('_', '-')} applies to --hf-dataset/--source, not to --input")
     if args.val_input and args.val_fraction is not None:
         raise InputError("give either --val-fraction or --val-input, not both")
     val_fraction = 0.0 if args.val_input else (0.01 if args.val_fraction is None else args.val_fraction)
@@ -284,6 +310,32 @@ def run(args: argparse.Namespace) -> int:
         + (f"; {result.val_bin}: {val['docs']} docs, {val['tokens']} tokens" if val else "; no validation split")
         + f" (tokenizer {tokenizer.fingerprint}, vocab {tokenizer.vocab_size})"
     )
+    return 0
+
+
+def _run_mix(args: argparse.Namespace) -> int:
+    from .hf_dataset import DatasetInputError
+    from .mix import Source, build_mix, parse_source
+    if args.val_input:
+        raise InputError("--val-input applies to --input; with --hf-dataset/--source use --val-fraction")
+    try:
+        sources = [Source(args.hf_dataset)] if args.hf_dataset else [parse_source(s) for s in args.source]
+        tokenizer = resolve_tokenizer(args.tokenizer)
+        result = build_mix(sources, args.out, tokenizer, token_budget=args.token_budget,
+                           val_fraction=0.01 if args.val_fraction is None else args.val_fraction, split=args.split,
+                           text_field=args.text_field, messages_field=args.messages_field,
+                           tokenizer_spec=args.tokenizer)
+    except (DatasetInputError, ShardError) as e:
+        raise InputError(str(e)) from None
+    except ValueError as e:  # chat validation names the file and row
+        raise InputError(str(e)) from None
+    train, val = result.meta["train"], result.meta["val"]
+    for s in result.meta["sources"]:
+        print(f"source {s['path']}: weight {s['weight']:g}, {s['tokens']} tokens, {s['docs']} docs"
+              + (f" (quota {s['quota_tokens']}, {s['epochs_completed']} full pass(es))" if s["quota_tokens"] else ""))
+    print(f"wrote {result.train_bin}: {train['docs']} docs, {train['tokens']} tokens"
+          + (f"; {result.val_bin}: {val['docs']} docs, {val['tokens']} tokens" if val else "; no validation split")
+          + f" (tokenizer {tokenizer.fingerprint}, vocab {tokenizer.vocab_size})")
     return 0
 
 

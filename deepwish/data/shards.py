@@ -105,6 +105,61 @@ def write_shard(path: str | Path, docs: list[list[int]], vocab_size: int, finger
     return header
 
 
+class ShardWriter:
+    """The streaming form of write_shard, for inputs too large to hold: documents are appended
+    one at a time (`add`), tokens go straight to disk, and `close` writes the offsets and the
+    header (whose counts are known only then) and renames the file into place. Memory: the
+    document offsets (8 bytes a document) and one document."""
+
+    def __init__(self, path: str | Path, vocab_size: int, fingerprint: str):
+        self.path = Path(path)
+        self.fp = fingerprint.encode("ascii")
+        if not 0 < len(self.fp) <= FINGERPRINT_BYTES:
+            raise ShardError(f"fingerprint must be 1..{FINGERPRINT_BYTES} ASCII bytes, got {fingerprint!r}")
+        if vocab_size <= 0 or vocab_size > 2**32:
+            raise ShardError(f"vocab_size {vocab_size} outside 1..2**32")
+        self.vocab_size, self.fingerprint = vocab_size, fingerprint
+        self.code = dtype_code_for(vocab_size)
+        self.offsets = [0]
+        self.tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.f = open(self.tmp, "wb")
+        self.f.write(b"\0" * HEADER_BYTES)  # the real header is written by close()
+
+    @property
+    def n_tokens(self) -> int:
+        return self.offsets[-1]
+
+    @property
+    def n_docs(self) -> int:
+        return len(self.offsets) - 1
+
+    def add(self, doc: list[int]) -> None:
+        ids = np.asarray(doc, dtype=np.int64)
+        if ids.size and (ids.min() < 0 or ids.max() >= self.vocab_size):
+            bad = int(ids.max()) if ids.max() >= self.vocab_size else int(ids.min())
+            self.abort()
+            raise ShardError(f"document {self.n_docs}: token id {bad} outside [0, vocab_size={self.vocab_size})")
+        self.f.write(ids.astype(_DTYPES[self.code]).tobytes())
+        self.offsets.append(self.offsets[-1] + int(ids.size))
+
+    def close(self) -> ShardHeader:
+        header = ShardHeader(VERSION, self.code, self.n_tokens, self.vocab_size, self.n_docs, self.fingerprint)
+        self.f.write(np.asarray(self.offsets, dtype="<i8").tobytes())
+        self.f.seek(0)
+        self.f.write(_HEADER.pack(MAGIC, VERSION, self.code, header.n_tokens, self.vocab_size, header.n_docs,
+                                  self.fp).ljust(HEADER_BYTES, b"\0"))
+        self.f.close()
+        self.tmp.replace(self.path)
+        return header
+
+    def abort(self) -> None:
+        """Drop the partial file (a failed build leaves nothing behind)."""
+        if not self.f.closed:
+            self.f.close()
+        self.tmp.unlink(missing_ok=True)
+
+
 def read_header(path: str | Path) -> ShardHeader:
     """Parse and validate the header of `path` (magic, version, dtype, file size)."""
     path = Path(path)

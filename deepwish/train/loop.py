@@ -645,12 +645,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default=None, help="run directory (sets train.out_dir)")
     parser.add_argument("--parallel", default=None, choices=("none", "ddp", "fsdp"),
                         help="data parallelism under torchrun (sets train.parallel; --set still applies after)")
+    parser.add_argument("--debug", action="store_true",
+                        help="first check of a new preset: 20 steps on synthetic tokens (data/synthetic.py; no "
+                             "data or tokenizer needed) in runs/debug/PRESET unless --out; --set still applies")
 
 
 def config_from_args(args: argparse.Namespace) -> RunConfig:
     """preset (or the saved config of the run being resumed) <- --config file <- --out <- --set,
     layered by `config.load_config`."""
-    overrides = ([f"train.out_dir={args.out}"] if args.out else []) + (
+    overrides = (debug_overrides(args) if getattr(args, "debug", False) else []) + (
+        [f"train.out_dir={args.out}"] if args.out else []) + (
         [f"train.parallel={args.parallel}"] if getattr(args, "parallel", None) else []) + list(args.overrides)
     init_from = getattr(args, "init_from", None)
     if args.preset is None and args.config is None and init_from and not args.resume:
@@ -676,8 +680,40 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
     return load_config(args.preset or args.config, overrides, files=files)
 
 
+DEBUG_SETTINGS = ("train.steps=20", "train.eval_every=10", "train.eval_batches=2", "train.save_every=20",
+                  "train.log_every=5", "train.warmup_steps=2", "train.sample_tokens=0")
+
+
+def debug_overrides(args: argparse.Namespace) -> list[str]:
+    if args.resume or getattr(args, "init_from", None):
+        raise ConfigError("--debug starts a fresh run on synthetic tokens; it does not combine with --resume or "
+                          "--init-from")
+    name = Path(args.preset or args.config or "run").stem
+    return [*DEBUG_SETTINGS, f"train.out_dir=runs/debug/{name}"]
+
+
+def with_synthetic_data(cfg: RunConfig) -> RunConfig:
+    """--debug: point data.* at synthetic shards (written under the run directory) sized for the run."""
+    from deepwish.config import DataConfig
+    from deepwish.data.synthetic import write_synthetic_shards
+    if cfg.data.train_bin or cfg.data.tokenizer:
+        raise ConfigError("--debug trains on synthetic tokens; drop the data.* settings (or drop --debug)")
+    tc = cfg.train
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    per_step = world * tc.batch_size * max(1, getattr(tc, "grad_accum", 1))
+    train_bin, val_bin = write_synthetic_shards(Path(tc.out_dir) / "synthetic", cfg.model.vocab_size, tc.seq_len,
+                                                train_windows=per_step * min(tc.steps, 64),
+                                                val_windows=world * tc.batch_size * max(1, tc.eval_batches),
+                                                seed=tc.seed)
+    print(f"[deepwish] --debug: synthetic tokens (vocab {cfg.model.vocab_size}) in {train_bin.parent}; the loss "
+          f"should fall below ln(vocab) = {math.log(cfg.model.vocab_size):.2f}", flush=True)
+    return dataclasses.replace(cfg, data=DataConfig(train_bin=str(train_bin), val_bin=str(val_bin)))
+
+
 def run(args: argparse.Namespace) -> int:
     cfg = config_from_args(args)
+    if getattr(args, "debug", False):
+        cfg = with_synthetic_data(cfg)
     resume = args.resume
     if resume is True and args.out:
         resume = args.out

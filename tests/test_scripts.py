@@ -1,0 +1,81 @@
+"""scripts/train_tiny.sh -> scripts/infer_tiny.sh (MODEL_PATH, TOKENIZER_PATH), and
+scripts/profile_kernels.py, on CPU at toy sizes."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _env(**extra):
+    env = {**os.environ, "PYTHON": sys.executable, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
+    env.pop("TOKENIZER_PATH", None)
+    env.update(extra)
+    return env
+
+
+def _sh(script, *args, **env):
+    return subprocess.run(["bash", str(ROOT / "scripts" / script), *args], capture_output=True, text=True,
+                          timeout=120, env=_env(**env))
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("scripts") / "run"
+    r = _sh("train_tiny.sh", "--set", "model.n_layers=1", "--set", "train.batch_size=2", "--set", "train.seq_len=32",
+            "--set", "train.eval_every=2", "--set", "train.sample_tokens=0", STEPS="2", OUT_DIR=str(out))
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "2 steps on cpu" in r.stderr
+    assert (out / "checkpoints" / "latest").is_file() and (out / "tokenizer" / "tokenizer.json").is_file()
+    return out
+
+
+def test_infer_tiny_honours_model_and_tokenizer_path(tiny_run, tmp_path, capsys):
+    from deepwish.cli import main
+    args = ("--prompt", "KING:", "--temperature", "0")
+    assert main(["generate", "--ckpt", str(tiny_run), "--max-new-tokens", "5", *args]) == 0
+    expected = capsys.readouterr().out
+    b = _sh("infer_tiny.sh", *args, MODEL_PATH=str(tiny_run), MAX_NEW_TOKENS="5",
+            TOKENIZER_PATH=str(tiny_run / "tokenizer" / "tokenizer.json"))
+    assert b.returncode == 0, b.stderr[-2000:]
+    assert b.stdout == expected and expected.startswith("KING:") and "--ckpt" in b.stderr
+    bad = _sh("infer_tiny.sh", *args, MODEL_PATH=str(tiny_run), TOKENIZER_PATH=str(tmp_path / "nope.json"))
+    assert bad.returncode == 2 and "nope.json" in bad.stderr  # the variable reached --tokenizer
+    missing = _sh("infer_tiny.sh", MODEL_PATH=str(tmp_path / "absent"))
+    assert missing.returncode == 2 and "does not exist" in missing.stderr
+
+
+def test_generate_reads_tokenizer_path_when_tokenizer_unset(tiny_run, tmp_path, monkeypatch, capsys):
+    from deepwish.cli import main
+    monkeypatch.setenv("TOKENIZER_PATH", str(tmp_path / "missing.json"))
+    assert main(["generate", "--ckpt", str(tiny_run), "--max-new-tokens", "2"]) == 2
+    assert "missing.json" in capsys.readouterr().err
+    # an explicit --tokenizer wins over the variable
+    assert main(["generate", "--ckpt", str(tiny_run), "--max-new-tokens", "2", "--temperature", "0",
+                 "--tokenizer", str(tiny_run / "tokenizer" / "tokenizer.json")]) == 0
+
+
+def test_profile_kernels_tables(tmp_path, capsys):
+    sys.path.insert(0, str(ROOT / "scripts"))
+    try:
+        import profile_kernels
+    finally:
+        sys.path.pop(0)
+    assert profile_kernels.main(["--preset", "qwen3_tiny", "--set", "model.n_layers=1", "--batch", "2", "--seq",
+                                 "16", "--context", "8", "--steps", "1", "--top", "5", "--device", "cpu",
+                                 "--out", str(tmp_path)]) == 0
+    text = capsys.readouterr().out
+    assert "== train step qwen3_tiny" in text and "== decode step qwen3_tiny" in text
+    prof = json.loads((tmp_path / "profile.json").read_text())
+    for phase in ("train", "decode"):
+        rows = prof[phase]
+        assert rows and abs(sum(r["share"] for r in rows) - 1) < 1e-6
+        assert [r["us_per_step"] for r in rows] == sorted((r["us_per_step"] for r in rows), reverse=True)
+        assert any(r["name"] in ("aten::mm", "aten::addmm", "aten::bmm", "aten::linear") for r in rows)
+    assert any("backward" in r["name"].lower() for r in prof["train"])  # the step includes the backward
+    assert not any("backward" in r["name"].lower() for r in prof["decode"])
+    assert (tmp_path / "trace_train.json").is_file()
