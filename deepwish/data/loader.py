@@ -7,7 +7,8 @@ starting at w·T, so consecutive windows overlap by one token and every token bu
 is a target exactly once per epoch. A batch holds B windows:
 
     input_ids [B, T] int64   window[:-1]
-    targets   [B, T] int64   window[1:]  (the next token, across document ends too)
+    targets   [B, T] int64   window[1:]  (the next token, across document ends too);
+                             IGNORE_INDEX (-100) where the shard's loss mask is 0
     doc_ids   [B, T] int32   0 for the document the window starts in, +1 at each new document
     positions [B, T] int64   offset inside the document, restarting at 0 at each document
                              start; the document the window starts in counts from 0 at the
@@ -17,6 +18,12 @@ No loss masking at boundaries: the eos closing a document is a real target (the 
 learn where documents end), and so is the first token of the next document, predicted from
 the eos. A model that attends only within a document (doc_ids) sees packed documents exactly
 as if they were run apart.
+
+Loss masks (shards written with one, e.g. chats where only the assistant's replies are
+trained): a target whose token has mask 0 becomes IGNORE_INDEX, so the model's forward skips it
+and the trainer's count of targets (train/loss.py count_targets, summed over micro-batches and
+ranks) is the count of unmasked targets. The inputs are unchanged: masked tokens are still
+context. A window of only masked targets is legal; it adds nothing to the loss or its normaliser.
 
 Order: per epoch, a permutation of all windows drawn from numpy's PCG64 seeded with
 (seed, epoch); step s of an epoch takes windows perm[s·W·B : (s+1)·W·B], rank r the r-th
@@ -33,6 +40,8 @@ import numpy as np
 import torch
 
 from .shards import Shard, ShardHeader, open_shard
+
+IGNORE_INDEX = -100  # = deepwish.model.objective.IGNORE_INDEX (not imported: the data layer needs no model)
 
 
 class Batch(NamedTuple):
@@ -62,9 +71,12 @@ def window_batch(shard: Shard, window_index: np.ndarray, seq_len: int) -> Batch:
     doc_ids = np.zeros(doc.shape, dtype=np.int32)
     np.cumsum(doc[:, 1:] != doc[:, :-1], axis=1, out=doc_ids[:, 1:])
     positions = inputs - np.maximum(offsets[doc], starts[:, None])
+    targets = np.ascontiguousarray(window[:, 1:])
+    if shard.loss_mask is not None:
+        targets[shard.loss_mask[idx[:, 1:]] == 0] = IGNORE_INDEX
     return Batch(
         torch.from_numpy(np.ascontiguousarray(window[:, :-1])),
-        torch.from_numpy(np.ascontiguousarray(window[:, 1:])),
+        torch.from_numpy(targets),
         torch.from_numpy(doc_ids),
         torch.from_numpy(positions),
     )
@@ -184,14 +196,18 @@ def sequential_batches(
 
 def unigram_entropy(path: str | Path) -> float:
     """Entropy (nats per token) of the shard's token frequencies: the loss of a model that
-    predicts every token from its frequency alone, comparable with cross-entropy loss."""
+    predicts every token from its frequency alone, comparable with cross-entropy loss. With a
+    loss mask, only the tokens it keeps count (those the validation loss is measured on)."""
     shard = open_shard(path)
     counts = np.zeros(shard.header.vocab_size, dtype=np.int64)
     chunk = 1 << 24  # bincount makes an intp copy; bound it
     for i in range(0, shard.header.n_tokens, chunk):
-        counts += np.bincount(shard.tokens[i : i + chunk], minlength=shard.header.vocab_size)
+        ids = shard.tokens[i : i + chunk]
+        if shard.loss_mask is not None:  # the tokens the loss is measured on
+            ids = ids[shard.loss_mask[i : i + chunk] != 0]
+        counts += np.bincount(ids, minlength=shard.header.vocab_size)
     n = counts.sum()
     if n == 0:
-        raise ValueError(f"{path}: empty shard has no entropy")
+        raise ValueError(f"{path}: no (unmasked) tokens, so no entropy")
     p = counts[counts > 0] / n
     return float(-(p * np.log(p)).sum())

@@ -1,6 +1,6 @@
 """Binary token shards: one file of documents, memory-mapped for reading.
 
-Layout (little-endian), version 1:
+Layout (little-endian), version 2 (version 1 is the same without the flags word and the mask):
 
     offset  size  field
     0       8     magic b"DWSHARD1"
@@ -10,15 +10,22 @@ Layout (little-endian), version 1:
     24      8     vocab_size (uint64) of the tokenizer that wrote the ids
     32      8     n_docs (uint64)
     40      32    tokenizer fingerprint, ASCII, NUL-padded
-    72      56    zero padding (header is HEADER_BYTES = 128, so tokens stay aligned)
+    72      4     flags (uint32; version 2): bit 0 = a loss-mask channel follows the offsets
+    76      52    zero padding (header is HEADER_BYTES = 128, so tokens stay aligned)
     128           tokens: n_tokens ids, documents back to back (each document as given to
                   write_shard; the builder ends every document with the eos id)
     ...           doc_offsets: n_docs + 1 int64, document d is tokens[offsets[d]:offsets[d+1]]
+    ...           loss_mask (only with flag bit 0): n_tokens uint8, 1 = the token is a training
+                  target (e.g. an assistant's reply), 0 = context only (system, user, template)
 
 Boundaries are stored, not recovered from eos, so a shard is correct even for a tokenizer
 without an eos or for text that contains the eos string; the loader reads them to build
 per-position document ids. The file size is fully determined by the header, so truncation
 is detected exactly.
+
+Version 1 files (no flags word; the bytes at 72 are zero padding there) are read as shards
+without a mask: every token a target. A shard without a mask is still written as version 2 with
+flags 0, so its bytes differ from version 1 only in the version field.
 """
 from __future__ import annotations
 
@@ -31,10 +38,13 @@ from pathlib import Path
 import numpy as np
 
 MAGIC = b"DWSHARD1"
-VERSION = 1
+VERSION = 2
+READABLE_VERSIONS = (1, 2)
 HEADER_BYTES = 128
 FINGERPRINT_BYTES = 32
 _HEADER = struct.Struct(f"<8sIIQQQ{FINGERPRINT_BYTES}s")
+_FLAGS = struct.Struct("<I")  # at _HEADER.size (72), version 2
+FLAG_LOSS_MASK = 1
 _DTYPES = {2: np.dtype("<u2"), 4: np.dtype("<u4")}
 
 
@@ -50,13 +60,21 @@ class ShardHeader:
     vocab_size: int
     n_docs: int
     fingerprint: str
+    flags: int = 0  # FLAG_LOSS_MASK when a loss-mask channel is stored
 
     @property
     def dtype(self) -> np.dtype:
         return _DTYPES[self.dtype_code]
 
-    def file_size(self) -> int:
+    @property
+    def has_loss_mask(self) -> bool:
+        return bool(self.flags & FLAG_LOSS_MASK)
+
+    def mask_offset(self) -> int:
         return HEADER_BYTES + self.n_tokens * self.dtype_code + (self.n_docs + 1) * 8
+
+    def file_size(self) -> int:
+        return self.mask_offset() + (self.n_tokens if self.has_loss_mask else 0)
 
 
 @dataclass(frozen=True)
@@ -65,17 +83,20 @@ class Shard:
     header: ShardHeader
     tokens: np.ndarray  # [n_tokens] uint16/uint32, read-only memmap
     doc_offsets: np.ndarray  # [n_docs + 1] int64, read-only memmap
+    loss_mask: np.ndarray | None = None  # [n_tokens] uint8 (1 = target), read-only memmap; None = all targets
 
 
 def dtype_code_for(vocab_size: int) -> int:
     return 2 if vocab_size <= 65536 else 4
 
 
-def write_shard(path: str | Path, docs: list[list[int]], vocab_size: int, fingerprint: str) -> ShardHeader:
+def write_shard(path: str | Path, docs: list[list[int]], vocab_size: int, fingerprint: str,
+                loss_masks: list[list[bool]] | None = None) -> ShardHeader:
     """Write documents (lists of ids, each already ending with eos if wanted) to `path`.
 
     Every id must be in [0, vocab_size); the file is written to a temporary name and renamed,
-    so a reader never sees a partial shard.
+    so a reader never sees a partial shard. loss_masks: one 0/1 list per document, as long as
+    it (stored as the loss-mask channel); None = no channel (every token a target).
     """
     path = Path(path)
     fp = fingerprint.encode("ascii")
@@ -84,11 +105,18 @@ def write_shard(path: str | Path, docs: list[list[int]], vocab_size: int, finger
     if vocab_size <= 0 or vocab_size > 2**32:
         raise ShardError(f"vocab_size {vocab_size} outside 1..2**32")
     code = dtype_code_for(vocab_size)
+    if loss_masks is not None:
+        if len(loss_masks) != len(docs):
+            raise ShardError(f"{len(loss_masks)} loss masks for {len(docs)} documents")
+        for d, (doc, m) in enumerate(zip(docs, loss_masks)):
+            if len(m) != len(doc):
+                raise ShardError(f"document {d}: loss mask of {len(m)} entries for {len(doc)} tokens")
+    flags = FLAG_LOSS_MASK if loss_masks is not None else 0
     lengths = np.array([len(d) for d in docs], dtype=np.int64)
     offsets = np.zeros(len(docs) + 1, dtype="<i8")
     np.cumsum(lengths, out=offsets[1:])
-    header = ShardHeader(VERSION, code, int(offsets[-1]), vocab_size, len(docs), fingerprint)
-    raw = _HEADER.pack(MAGIC, VERSION, code, header.n_tokens, vocab_size, header.n_docs, fp)
+    header = ShardHeader(VERSION, code, int(offsets[-1]), vocab_size, len(docs), fingerprint, flags)
+    raw = _HEADER.pack(MAGIC, VERSION, code, header.n_tokens, vocab_size, header.n_docs, fp) + _FLAGS.pack(flags)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")  # unique per writer
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(tmp, "wb") as f:
@@ -101,6 +129,8 @@ def write_shard(path: str | Path, docs: list[list[int]], vocab_size: int, finger
                 raise ShardError(f"document {d}: token id {bad} outside [0, vocab_size={vocab_size})")
             f.write(ids.astype(_DTYPES[code]).tobytes())
         f.write(offsets.tobytes())
+        for m in loss_masks or ():
+            f.write((np.asarray(m, dtype=np.int64) != 0).astype(np.uint8).tobytes())
     tmp.replace(path)
     return header
 
@@ -173,15 +203,20 @@ def read_header(path: str | Path) -> ShardHeader:
     if len(raw) < HEADER_BYTES:
         raise ShardError(f"{path}: truncated shard: {size} bytes, shorter than the {HEADER_BYTES}-byte header")
     _, version, code, n_tokens, vocab_size, n_docs, fp = _HEADER.unpack_from(raw)
-    if version != VERSION:
-        raise ShardError(f"{path}: unsupported shard format version {version} (this reader knows {VERSION})")
+    if version not in READABLE_VERSIONS:
+        raise ShardError(f"{path}: unsupported shard format version {version} (this reader knows "
+                         f"{', '.join(map(str, READABLE_VERSIONS))})")
     if code not in _DTYPES:
         raise ShardError(f"{path}: unknown token dtype code {code} (expected 2 or 4)")
-    header = ShardHeader(version, code, n_tokens, vocab_size, n_docs, fp.rstrip(b"\0").decode("ascii"))
+    flags = _FLAGS.unpack_from(raw, _HEADER.size)[0] if version >= 2 else 0
+    if flags & ~FLAG_LOSS_MASK:
+        raise ShardError(f"{path}: unknown header flags {flags:#x} (this reader knows {FLAG_LOSS_MASK:#x}: loss mask)")
+    header = ShardHeader(version, code, n_tokens, vocab_size, n_docs, fp.rstrip(b"\0").decode("ascii"), flags)
     if size != header.file_size():
+        mask = " + loss mask" if header.has_loss_mask else ""
         raise ShardError(
             f"{path}: truncated or corrupt shard: {size} bytes on disk, header "
-            f"({n_tokens} tokens x {code} B, {n_docs} docs) implies {header.file_size()}"
+            f"({n_tokens} tokens x {code} B, {n_docs} docs{mask}) implies {header.file_size()}"
         )
     return header
 
@@ -200,7 +235,19 @@ def open_shard(path: str | Path) -> Shard:
     )
     if offsets[0] != 0 or offsets[-1] != header.n_tokens or np.any(np.diff(offsets) < 0):
         raise ShardError(f"{path}: corrupt document offsets (not 0..{header.n_tokens}, non-decreasing)")
-    return Shard(path, header, tokens, offsets)
+    mask = None
+    if header.has_loss_mask and header.n_tokens == 0:
+        mask = np.zeros(0, dtype=np.uint8)
+    elif header.has_loss_mask:
+        mask = np.memmap(path, dtype=np.uint8, mode="r", offset=header.mask_offset(), shape=(header.n_tokens,))
+    return Shard(path, header, tokens, offsets, mask)
+
+
+def count_loss_targets(shard: Shard, chunk: int = 1 << 24) -> int:
+    """Tokens the loss trains on: the set entries of the loss mask (every token without one)."""
+    if shard.loss_mask is None:
+        return shard.header.n_tokens
+    return sum(int(np.count_nonzero(shard.loss_mask[i : i + chunk])) for i in range(0, shard.header.n_tokens, chunk))
 
 
 def max_token_id(shard: Shard, chunk: int = 1 << 24) -> int:

@@ -1,14 +1,14 @@
 """The data checked against a resolved training configuration, before the first step.
 
 Every problem is collected (none raised on the way), so a run that cannot start says all of
-them at once: a shard that does not open, token ids outside the model's vocabulary, a training
-shard too small for one step of the global batch, a validation shard too small for one
-evaluation batch on every rank.
+them at once: a shard that does not open, token ids outside the model's vocabulary, a loss mask
+that keeps no token, a training shard too small for one step of the global batch, a validation
+shard too small for one evaluation batch on every rank.
 """
 from __future__ import annotations
 
 from .loader import n_windows
-from .shards import ShardError, check_token_ids, open_shard
+from .shards import ShardError, check_token_ids, count_loss_targets, open_shard
 
 
 def data_problems(train_bin: str, val_bin: str, vocab_size: int, seq_len: int, batch_size: int,
@@ -21,6 +21,10 @@ def data_problems(train_bin: str, val_bin: str, vocab_size: int, seq_len: int, b
             check_token_ids(shard, vocab_size)
         except (ShardError, FileNotFoundError) as e:
             out.append(f"data.{role}_bin: {e}")
+            continue
+        if shard.loss_mask is not None and count_loss_targets(shard) == 0:
+            out.append(f"data.{role}_bin: {path} has a loss mask that keeps no token (no assistant reply to "
+                       f"train on); nothing would be learned")
             continue
         windows = n_windows(shard.header.n_tokens, seq_len)
         need = world_size * batch_size  # one training step, or one evaluation batch per rank

@@ -24,7 +24,8 @@ seq_aux_loss_coef) inside the MoE layer, so their weight here is 1.
 
 Backends: 'torch' materialises logits [N, V] and calls F.cross_entropy; 'triton' feeds the final
 hidden states and head weight to the fused linear-cross-entropy kernel, which never holds the
-logits (Wijmans et al., "Cut Your Losses in Large-Vocabulary Language Models", 2024).
+logits (Wijmans et al., "Cut Your Losses in Large-Vocabulary Language Models", 2024), and is
+given only the rows whose target is not ignored (a loss-masked chat's prompt costs no head work).
 """
 from __future__ import annotations
 
@@ -83,6 +84,12 @@ def cross_entropy_sums(h: torch.Tensor, logits_fn, head_weight: torch.Tensor, ta
         return ce_sum, z_sum, logits
     from deepwish.kernels.linear_cross_entropy.triton import linear_cross_entropy
     hf = h.reshape(-1, h.size(-1))
+    # Ignored rows (loss-masked prompts, document padding) are dropped before the kernel, so their
+    # [V]-wide logits are never computed; index_select's backward gives them exactly zero gradient.
+    # (The kernel reads the targets on the host anyway, so the nonzero's synchronisation is free.)
+    keep = (flat_targets != IGNORE_INDEX).nonzero().squeeze(1)
+    if keep.numel() < flat_targets.numel():
+        hf, flat_targets = hf.index_select(0, keep), flat_targets.index_select(0, keep)
     # Under autocast the head's matmuls run in the autocast dtype, as the head itself would: the
     # final norm returns fp32 (the residual stream is fp32), and an fp32 fused loss at a 152k
     # vocabulary would spend most of a step in fp32 GEMMs.

@@ -208,7 +208,7 @@ def evaluate(model, val_bin: str, run_cfg: RunConfig, device, backend: str, max_
     if d is not None and d.world_size > 1:
         ce, n = (float(t) for t in d.sum(torch.tensor([ce, float(n)], dtype=torch.float64, device=device)))
     if n == 0:
-        raise ValueError(f"{val_bin}: no validation tokens for seq_len={tc.seq_len}")
+        raise ValueError(f"{val_bin}: no (unmasked) validation targets in {max_batches} batches of seq_len={tc.seq_len}")
     return ce / n
 
 
@@ -462,7 +462,10 @@ def optimizer_step(run: Run, step: int, micro: list) -> StepResult:
     """One optimizer step: forward/backward of every micro-batch, non-finite check (before
     anything is updated or saved), clipping, update, EMA, router-bias step."""
     tc = run.cfg.train
-    n_global = run.d.sum_int(sum(count_targets(b[1]) for b in micro))  # over micro-batches and ranks
+    n_counted = run.d.sum_int(sum(count_targets(b[1]) for b in micro))  # over micro-batches and ranks
+    # Loss-masked data (SFT) can, rarely, give a step no target at all: its cross-entropy is then
+    # an empty sum with zero gradient, and dividing it by 1 keeps it so.
+    n_global = max(n_counted, 1)
     ce, z, aux, loads = forward_backward(run, micro, step, n_global)
     ce, z, aux, loads = parallel.sum_step_metrics(run.d, ce, z, aux, loads)
     loss_value = float((ce + z) / n_global + sum(aux.values(), torch.zeros((), device=run.device)))
@@ -487,7 +490,7 @@ def optimizer_step(run: Run, step: int, micro: list) -> StepResult:
     rate = run.cfg.model.bias_update_rate if run.cfg.model.router == "sigmoid" else 0.0
     if rate > 0 and loads:
         run.model.update_router_bias(loads, rate)
-    return StepResult(loss=loss_value, ce=float(ce) / n_global, grad_norm=grad_norm, n_targets=n_global,
+    return StepResult(loss=loss_value, ce=float(ce) / n_global, grad_norm=grad_norm, n_targets=n_counted,
                       z=float(z) / n_global, aux={k: float(v) for k, v in aux.items()}, loads=loads)
 
 
