@@ -192,6 +192,8 @@ class TrainConfig:
     muon_lr: float = 0.02  # Muon learning rate for 2-D hidden matrices
     muon_momentum: float = 0.95
     muon_ns_steps: int = 5
+    muon_ns_schedule: str = "jordan"  # Newton–Schulz coefficients: jordan (original) | polar_express (train/muon.py)
+    muon_normuon: bool = False  # NorMuon per-neuron normalisation after orthogonalisation (single device)
     weight_decay: float = 0.0
     betas: tuple[float, float] = (0.9, 0.95)
     grad_clip: float = 1.0  # 0 = off
@@ -451,6 +453,9 @@ def config_problems(cfg: RunConfig) -> list[str]:
     need(t.warmup_steps >= 0, "warmup_steps", "must be >= 0")
     need(t.sample_tokens >= 0, "sample_tokens", "must be >= 0")
     need(t.muon_ns_steps >= 1, "muon_ns_steps", "must be >= 1")
+    need(t.muon_ns_schedule in ("jordan", "polar_express"), "muon_ns_schedule", "is not one of jordan, polar_express")
+    need(not (t.muon_normuon and t.parallel != "none"), "muon_normuon",
+         "NorMuon runs on one device only (DistributedMuon does not support it)")
     for name in ("lr", "muon_lr"):
         need(finite(getattr(t, name)) and getattr(t, name) > 0, name, "must be a finite number > 0")
     for name in ("weight_decay", "grad_clip", "z_loss", "mtp_lambda", "indexer_loss_coef"):

@@ -5,7 +5,8 @@
 - DCP checkpoints reshard: saved by 2 FSDP2 ranks, resumed by 1 plain process; a single-device
   checkpoint resumed by 2 FSDP2 ranks; both continue the reference run's losses; a DCP
   checkpoint converts to one HF directory;
-- DistributedMuon (sharded and replicated parameters) equals Muon on whole matrices, and the
+- DistributedMuon (sharded and replicated parameters, same-shape buckets, a rank with an empty
+  shard) equals Muon on whole matrices, and the
   model's forward with targets (the loss inside the forward, tied embeddings) gives
   single-process gradients under FSDP2 and DDP;
 - activation checkpointing (selective, full) and activation offload leave the losses unchanged;
@@ -220,13 +221,17 @@ WORKER = textwrap.dedent('''
     torch.manual_seed(seed)  # the same fresh tensors on every rank
 
     # ---- DistributedMuon == Muon on whole matrices (uneven shards, a 3-D stack, a replica) ----
-    shapes = [(7, 5), (5, 9), (3, 6, 4), (16, 12)]
+    # Same-shape matrices share a batched Newton-Schulz and their owners alternate; (16, 12) is replicated.
+    shapes = [(7, 5), (5, 9), (3, 6, 4), (16, 12), (7, 5), (7, 5), (3, 6, 4), (16, 12), (16, 12), (1, 4)]
+    replicated = {3, 7, 8}
     fulls = [torch.randn(s) for s in shapes]
     steps = [[torch.randn(s) for s in shapes] for _ in range(2)]
     ref = [nn.Parameter(f.clone()) for f in fulls]
-    dp = [nn.Parameter(distribute_tensor(f.clone(), mesh, [Shard(0)])) for f in fulls[:3]] + [nn.Parameter(fulls[3].clone())]
+    dp = [nn.Parameter(f.clone() if i in replicated else distribute_tensor(f.clone(), mesh, [Shard(0)]))
+          for i, f in enumerate(fulls)]
     shardwise = [nn.Parameter(f.clone().tensor_split(world)[rank].clone()) for f in fulls[:2]]
-    o_ref, o_dp = Muon(ref, lr=0.05, weight_decay=0.1), DistributedMuon(dp, lr=0.05, weight_decay=0.1)
+    o_ref = Muon(ref, lr=0.05, weight_decay=0.1, ns_schedule="polar_express")
+    o_dp = DistributedMuon(dp, lr=0.05, weight_decay=0.1, ns_schedule="polar_express")
     o_shard = Muon(shardwise, lr=0.05, weight_decay=0.1)
     for grads in steps:
         for p, g in zip(ref, grads):

@@ -1,0 +1,402 @@
+"""Muon: momentum, then each hidden matrix's update replaced by its nearest semi-orthogonal matrix.
+
+Muon (K. Jordan et al., "Muon: an optimizer for hidden layers", 2024) takes SGD-momentum with
+Nesterov, then replaces the update of each weight matrix by an approximation of its polar factor
+U V^T (G = U S V^T), computed by a quintic Newton–Schulz iteration X <- a X + b (X X^T) X +
+c (X X^T)^2 X. Optimizer groups (which parameters take Muon) live in train/optim.py.
+
+Pure functions (shared by every optimizer option that needs them):
+- `newton_schulz(G, steps, schedule)`: batched over any leading dims, bf16 matmuls on CUDA with
+  the normalisation in fp32; `schedule` picks the coefficients:
+  "jordan"        the original fixed (3.4445, -4.7750, 2.0315), chosen to maximise the slope at 0
+                  while keeping the iteration inside ~[0.7, 1.2] (fast, not convergent);
+  "polar_express" the per-iteration minimax schedule of Polar Express (Amsel et al.,
+                  arXiv:2505.16932, their coefficients for l = 1e-3 with their safety factor 1.01),
+                  which converges to the polar factor in about 6 steps.
+- `normuon_normalize(O, v, beta2)`: NorMuon (arXiv:2510.05491): a per-neuron (per output row)
+  second moment of the orthogonalised update, each row divided by its root. Deviation: the paper
+  then rescales to an AdamW-like RMS (0.2·sqrt(mn)/||Ô||); we rescale to the Frobenius norm of
+  the orthogonalised update instead, so `muon_lr` and the shape scale below keep their meaning.
+
+Speed: the step groups the matrices of a parameter group by shape (and device, dtype) and runs one
+batched Newton–Schulz per group: three batched matmuls per iteration (bmm, baddbmm, baddbmm) for
+all of a model's q projections at once, instead of ~40 small launches per matrix. Momentum and
+the parameter update are foreach ops over the whole group.
+
+Choices and deviations:
+- Update scale: `max(1, rows/cols) ** 0.5` (the original Muon scale, with its own learning rate
+  `muon_lr`, default 0.02) rather than Moonlight's `0.2 * sqrt(max(rows, cols))` that matches
+  AdamW's update RMS and shares AdamW's learning rate. `rows` is the output dimension (`size(-2)`).
+- Stacked expert weights `[E, rows, cols]` are orthogonalised per expert, never as one matrix.
+- Weight decay is decoupled (`p <- p * (1 - lr * wd)`), as in AdamW.
+- Muon orthogonalises whole matrices. Under FSDP2 a parameter is a shard: `DistributedMuon`
+  brings each whole gradient to one owner rank and sends the owner's result back in slices.
+"""
+from __future__ import annotations
+
+from collections import defaultdict
+
+import torch
+
+# Quintic coefficients of the original Muon (Jordan et al.): one triple reused every iteration.
+NS_COEFFS = (3.4445, -4.7750, 2.0315)
+# Polar Express (arXiv:2505.16932), per iteration, for an input spectrum in [1e-3, 1]; after the
+# listed ones the last (the classical quintic 15/8, -10/8, 3/8) repeats. The paper divides all but
+# the last by the safety factor (a/f, b/f^3, c/f^5, f = 1.01) and normalises by f·||X||_F.
+_POLAR_EXPRESS_RAW = (
+    (8.28721201814563, -23.595886519098837, 17.300387312530933),
+    (4.107059111542203, -2.9478499167379106, 0.5448431082926601),
+    (3.9486908534822946, -2.908902115962949, 0.5518191394370137),
+    (3.3184196573706015, -2.488488024314874, 0.51004894012372),
+    (2.300652019954817, -1.6689039845747493, 0.4188073119525673),
+    (1.891301407787398, -1.2679958271945868, 0.37680408948524835),
+    (1.8750014808534479, -1.2500016453999487, 0.3750001645474248),
+    (1.875, -1.25, 0.375),
+)
+POLAR_EXPRESS_SAFETY = 1.01
+POLAR_EXPRESS_COEFFS = tuple((a / POLAR_EXPRESS_SAFETY, b / POLAR_EXPRESS_SAFETY ** 3, c / POLAR_EXPRESS_SAFETY ** 5)
+                             for a, b, c in _POLAR_EXPRESS_RAW[:-1]) + (_POLAR_EXPRESS_RAW[-1],)
+NS_SCHEDULES = ("jordan", "polar_express")
+
+
+def ns_coefficients(schedule: str, steps: int) -> tuple[list[tuple[float, float, float]], float]:
+    """(one (a, b, c) per iteration, factor f of the normalisation X / (f·||X||_F))."""
+    if steps < 1:
+        raise ValueError(f"Newton–Schulz needs steps >= 1, got {steps}")
+    if schedule == "jordan":
+        return [NS_COEFFS] * steps, 1.0
+    if schedule == "polar_express":
+        c = list(POLAR_EXPRESS_COEFFS[:steps])
+        return c + [POLAR_EXPRESS_COEFFS[-1]] * (steps - len(c)), POLAR_EXPRESS_SAFETY
+    raise ValueError(f"unknown Newton–Schulz schedule {schedule!r}; choose from {', '.join(NS_SCHEDULES)}")
+
+
+def newton_schulz(G: torch.Tensor, steps: int = 5, eps: float = 1e-7, schedule: str = "jordan") -> torch.Tensor:
+    """Approximate polar factor U V^T of each matrix of G = U S V^T.
+
+    G: [..., m, n] (a matrix or any batch of matrices: experts [E, m, n], a shape group [N, m, n]).
+    Returns a tensor of G's shape and dtype. The matmuls run in bf16 on CUDA (the iteration is
+    stable in bf16 and that is where its cost lies) and in fp32 elsewhere; the Frobenius
+    normalisation is computed in fp32 before the cast. Tall matrices are transposed (a view, which
+    bmm reads as is) so the Gram matrix X X^T is the smaller one.
+    """
+    if G.ndim < 2:
+        raise ValueError(f"newton_schulz needs a matrix or a batch of matrices, got shape {tuple(G.shape)}")
+    coeffs, f = ns_coefficients(schedule, steps)
+    m, n = G.shape[-2:]
+    X = G.reshape(-1, m, n)
+    # Frobenius normalisation bounds the spectral norm by 1, inside the iteration's basin.
+    norm = torch.linalg.vector_norm(X, dim=(-2, -1), keepdim=True, dtype=torch.promote_types(X.dtype, torch.float32))
+    X = (X / (norm * f + eps)).to(torch.bfloat16 if G.is_cuda else torch.float32)
+    tall = m > n
+    if tall:
+        X = X.mT
+    for a, b, c in coeffs:
+        A = torch.bmm(X, X.mT)
+        B = torch.baddbmm(A, A, A, beta=b, alpha=c)  # b A + c A^2
+        X = torch.baddbmm(X, B, X, beta=a, alpha=1.0)  # a X + B X
+    if tall:
+        X = X.mT
+    return X.reshape(G.shape).to(G.dtype)
+
+
+def normuon_normalize(O: torch.Tensor, v: torch.Tensor, beta2: float = 0.95, eps: float = 1e-8) -> torch.Tensor:
+    """NorMuon's per-neuron normalisation of an orthogonalised update (module docstring).
+
+    O: [..., m, n] orthogonalised update (rows are output neurons); v: [..., m, 1] fp32 running
+    mean of each row's mean square, updated in place: v <- beta2 v + (1 - beta2) mean_j O_ij^2.
+    Returns O / (sqrt(v) + eps), rescaled to O's Frobenius norm per matrix, in O's dtype.
+    """
+    if v.shape != (*O.shape[:-1], 1):
+        raise ValueError(f"normuon: second moment of shape {tuple(v.shape)} for an update of shape {tuple(O.shape)}; "
+                         f"expected {(*O.shape[:-1], 1)}")
+    O32 = O.float()
+    v.lerp_(O32.square().mean(dim=-1, keepdim=True), 1.0 - beta2)
+    out = O32 / (v.sqrt() + eps)
+    scale = torch.linalg.vector_norm(O32, dim=(-2, -1), keepdim=True) / \
+        torch.linalg.vector_norm(out, dim=(-2, -1), keepdim=True).clamp_min(1e-30)
+    return (out * scale).to(O.dtype)
+
+
+def shape_scale(shape) -> float:
+    """Muon's update scale max(1, rows/cols)**0.5 for a matrix (stack) of this shape."""
+    return max(1.0, shape[-2] / shape[-1]) ** 0.5
+
+
+# Upper bound of one batched Newton–Schulz call, in elements (a shape group is split beyond it):
+# bounds the stacked copies (fp32 input, bf16 iterates) at a few GiB for huge expert stacks.
+BUCKET_NUMEL = 1 << 28
+
+
+def shape_buckets(tensors: list[torch.Tensor], max_numel: int = BUCKET_NUMEL) -> list[list[int]]:
+    """Indices of `tensors` grouped by (shape, device, dtype), in first-seen order, each group
+    split into runs of at most `max_numel` elements (at least one tensor per run)."""
+    groups: dict[tuple, list[int]] = defaultdict(list)
+    for i, t in enumerate(tensors):
+        groups[(tuple(t.shape), t.device, t.dtype)].append(i)
+    out = []
+    for idx in groups.values():
+        per = max(1, max_numel // max(1, tensors[idx[0]].numel()))
+        out += [idx[k:k + per] for k in range(0, len(idx), per)]
+    return out
+
+
+class Muon(torch.optim.Optimizer):
+    """Momentum + Nesterov + Newton–Schulz orthogonalisation, for 2-D / stacked 3-D matrices.
+
+    Per parameter p with gradient g:  m <- mu*m + g;  u = g + mu*m (Nesterov) [or m];
+    o = newton_schulz(u) [-> normuon_normalize(o)] * max(1, rows/cols)**0.5;
+    p <- p*(1 - lr*wd) - lr*o. Same-shape matrices are orthogonalised together (module docstring).
+    """
+
+    def __init__(self, params, lr: float = 0.02, momentum: float = 0.95, nesterov: bool = True,
+                 ns_steps: int = 5, weight_decay: float = 0.0, ns_schedule: str = "jordan",
+                 normuon: bool = False, normuon_beta2: float = 0.95):
+        if lr < 0 or not 0.0 <= momentum < 1.0 or ns_steps < 1 or weight_decay < 0 or not 0.0 <= normuon_beta2 < 1.0:
+            raise ValueError(f"Muon: invalid lr={lr}, momentum={momentum}, ns_steps={ns_steps}, "
+                             f"weight_decay={weight_decay}, normuon_beta2={normuon_beta2}")
+        ns_coefficients(ns_schedule, ns_steps)  # an unknown schedule fails here, not at the first step
+        defaults = dict(lr=lr, momentum=momentum, nesterov=nesterov, ns_steps=ns_steps,
+                        weight_decay=weight_decay, ns_schedule=ns_schedule, normuon=normuon,
+                        normuon_beta2=normuon_beta2)
+        super().__init__(params, defaults)
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.ndim not in (2, 3):
+                    raise ValueError(f"Muon takes 2-D matrices or 3-D stacks of matrices, got shape "
+                                     f"{tuple(p.shape)}; put it in an AdamW group")
+
+    def _momentum(self, group: dict, params: list, local) -> list[torch.Tensor]:
+        """Update the momentum buffers of `params` (foreach) and return the Nesterov updates u,
+        as tensors `local` maps to (DTensor shards -> their local tensors)."""
+        mu = group["momentum"]
+        bufs = []
+        for p in params:
+            state = self.state[p]
+            if "momentum_buffer" not in state:
+                state["momentum_buffer"] = torch.zeros_like(p.grad)
+            bufs.append(local(state["momentum_buffer"]))
+        grads = [local(p.grad) for p in params]
+        torch._foreach_mul_(bufs, mu)
+        torch._foreach_add_(bufs, grads)
+        return torch._foreach_add(grads, bufs, alpha=mu) if group["nesterov"] else bufs
+
+    def _orthogonalise(self, group: dict, params: list, U: torch.Tensor) -> torch.Tensor:
+        """[N, *shape] stacked updates of `params` -> orthogonalised (and NorMuon-normalised)."""
+        O = newton_schulz(U, steps=group["ns_steps"], schedule=group["ns_schedule"])
+        if group["normuon"]:
+            vs = []
+            for p in params:
+                state = self.state[p]
+                if "normuon_v" not in state:
+                    state["normuon_v"] = torch.zeros(*p.shape[:-1], 1, dtype=torch.float32, device=U.device)
+                vs.append(state["normuon_v"])
+            V = torch.stack([v.to(U.device) for v in vs])
+            O = normuon_normalize(O, V, beta2=group["normuon_beta2"])
+            for v, new in zip(vs, V.unbind(0)):
+                v.copy_(new)
+        return O
+
+    @staticmethod
+    def _apply(group: dict, targets: list[torch.Tensor], O: torch.Tensor, shape) -> None:
+        """p <- p (1 - lr wd) - lr scale o for the (local) tensors `targets` and stacked updates O."""
+        lr, wd = group["lr"], group["weight_decay"]
+        if wd:
+            torch._foreach_mul_(targets, 1.0 - lr * wd)
+        updates = O.to(device=targets[0].device, dtype=targets[0].dtype, memory_format=torch.contiguous_format)
+        torch._foreach_add_(targets, list(updates.unbind(0)), alpha=-lr * shape_scale(shape))
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            params = [p for p in group["params"] if p.grad is not None]
+            if not params:
+                continue
+            us = self._momentum(group, params, lambda t: t)
+            for idx in shape_buckets(us):
+                ps = [params[i] for i in idx]
+                O = self._orthogonalise(group, ps, torch.stack([us[i] for i in idx]))
+                self._apply(group, ps, O, ps[0].shape)
+        return loss
+
+
+# ---- data parallel ---------------------------------------------------------------------------------
+def _comm_device(t) -> torch.device:
+    """Device the process group communicates on: the DTensor mesh's, else the backend's."""
+    import torch.distributed as dist
+    from torch.distributed.tensor import DTensor
+
+    if isinstance(t, DTensor):
+        kind = t.device_mesh.device_type
+    else:
+        kind = "cuda" if dist.get_backend() == "nccl" else "cpu"
+    return torch.device(kind, torch.cuda.current_device()) if kind == "cuda" else torch.device("cpu")
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
+def shard_rows(d0: int, world: int) -> list[int]:
+    """Rows of dim 0 on each rank under Shard(0) (torch.chunk's split, as FSDP2 shards): ceil-sized
+    chunks, the last ones smaller or empty."""
+    c = -(-d0 // world)
+    return [max(0, min(c, d0 - r * c)) for r in range(world)]
+
+
+class DistributedMuon(Muon):
+    """Muon for data-parallel runs: the same update as `Muon`, whole matrices orthogonalised.
+
+    Parameters may be FSDP2 DTensor shards (Shard(0) on a 1-D mesh) or plain tensors replicated by
+    DDP. Momentum stays local (sharded like the parameter). Each matrix has one owner rank
+    (round-robin over the step's matrices in a fixed order, as in Moonlight's distributed Muon,
+    arXiv:2502.16982); per shape bucket:
+      sharded:    one all-to-all sends every rank's slice of each matrix to its owner only (each
+                  matrix moves once, in the compute dtype: bf16 on CUDA); the owner stacks its
+                  whole matrices and runs one batched Newton–Schulz; a second all-to-all sends each
+                  rank only its own slice of the result. Per step that moves 2·(W-1)/W of the
+                  Muon parameters' bytes per rank, where an all-gather of inputs plus a broadcast
+                  of outputs moved 2·(W-1) of them.
+      replicated: every rank already holds the whole gradient; owners orthogonalise theirs and
+                  one all-gather (padded to the largest owner's count) hands every rank all results.
+    All buckets' gathers are issued asynchronously first, so the orthogonalisation of one bucket
+    runs while the next bucket's gather is in flight, and the returns overlap the next buckets' work.
+    Memory: each rank holds its owned whole matrices (about 1/W of the Muon parameters) at once.
+    NorMuon is not supported here (its row statistics would have to follow the owner).
+    """
+
+    def __init__(self, params, **kwargs):
+        super().__init__(params, **kwargs)
+        if any(g["normuon"] for g in self.param_groups):
+            raise ValueError("DistributedMuon: normuon is implemented for single-device Muon only; "
+                             "set train.muon_normuon=false for data-parallel runs")
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        import torch.distributed as dist
+        from torch.distributed.tensor import DTensor, Shard
+
+        if not dist.is_initialized():
+            raise RuntimeError("DistributedMuon needs an initialised process group; use Muon on one device")
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        buckets = []  # (group, params, local updates u, process group, rank, world, sharded)
+        for group in self.param_groups:
+            params = [p for p in group["params"] if p.grad is not None]
+            if not params:
+                continue
+            us = self._momentum(group, params, _local)
+            keys = defaultdict(list)
+            for i, p in enumerate(params):
+                if isinstance(p, DTensor):
+                    if p.device_mesh.ndim != 1 or tuple(p.placements) != (Shard(0),):
+                        raise ValueError(f"DistributedMuon handles Shard(0) on a 1-D mesh, got {p.placements} "
+                                         f"on a {p.device_mesh.ndim}-D mesh for shape {tuple(p.shape)}")
+                    pg = p.device_mesh.get_group()
+                else:
+                    pg = None
+                keys[(tuple(p.shape), isinstance(p, DTensor), id(pg), us[i].device, us[i].dtype)].append(i)
+            for (shape, sharded, _, _, _), idx in keys.items():
+                pg = params[idx[0]].device_mesh.get_group() if sharded else None
+                buckets.append((group, [params[i] for i in idx], [us[i] for i in idx], pg,
+                                dist.get_rank(pg), dist.get_world_size(pg), sharded))
+        # Owners: round-robin over all matrices in bucket order (the same order on every rank).
+        turn = 0
+        gathers = []
+        for group, ps, us, pg, rank, world, sharded in buckets:
+            owners = [(turn + k) % world for k in range(len(ps))]
+            turn += len(ps)
+            gathers.append(self._gather_to_owner(ps, us, owners, pg, rank, world, sharded))
+        returns = []
+        for (group, ps, us, pg, rank, world, sharded), gathered in zip(buckets, gathers):
+            returns.append(self._orthogonalise_and_return(group, ps, gathered, pg, rank, world, sharded))
+        for (group, ps, us, pg, rank, world, sharded), back in zip(buckets, returns):
+            self._apply(group, [_local(p) for p in ps], back(), ps[0].shape)
+        return loss
+
+    @staticmethod
+    def _gather_to_owner(ps, us, owners, pg, rank, world, sharded):
+        """Start moving each matrix's slices to its owner; returns (owners, mine, finish) where
+        finish() -> [len(mine), *shape] whole updates of this rank's own matrices."""
+        import torch.distributed as dist
+
+        shape = tuple(ps[0].shape)
+        dev = _comm_device(ps[0])
+        dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
+        mine = [k for k, o in enumerate(owners) if o == rank]
+        if not sharded or world == 1:  # whole matrices already here
+            full = torch.stack([us[k] for k in mine]).to(device=dev, dtype=dtype) if mine else None
+            return owners, mine, lambda: full
+        rows = shard_rows(shape[0], world)
+        if us[0].shape[0] != rows[rank]:
+            raise ValueError(f"DistributedMuon: rank {rank} holds {us[0].shape[0]} rows of a {shape} matrix, "
+                             f"expected {rows[rank]} (torch.chunk sharding)")
+        rest = 1
+        for s in shape[1:]:
+            rest *= s
+        count = [owners.count(j) for j in range(world)]
+        send = torch.cat([us[k].reshape(-1).to(device=dev, dtype=dtype)
+                          for j in range(world) for k in range(len(ps)) if owners[k] == j])
+        in_splits = [count[j] * rows[rank] * rest for j in range(world)]
+        out_splits = [len(mine) * rows[r] * rest for r in range(world)]
+        recv = torch.empty(sum(out_splits), device=dev, dtype=dtype)
+        work = dist.all_to_all_single(recv, send, out_splits, in_splits, group=pg, async_op=True)
+
+        def finish():
+            work.wait()
+            if not mine:
+                return None
+            pieces = [piece.view(len(mine), rows[r], *shape[1:]) for r, piece in enumerate(recv.split(out_splits))]
+            return torch.cat(pieces, dim=1)
+        return owners, mine, finish
+
+    def _orthogonalise_and_return(self, group, ps, gathered, pg, rank, world, sharded):
+        """Orthogonalise this rank's own matrices and start sending the results back; returns
+        finish() -> [len(ps), *local shape] this rank's part of every matrix's update."""
+        import torch.distributed as dist
+
+        owners, mine, full = gathered
+        full = full()
+        O = self._orthogonalise(group, [ps[k] for k in mine], full) if mine else None
+        shape = tuple(ps[0].shape)
+        dev = _comm_device(ps[0])
+        dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
+        count = [owners.count(j) for j in range(world)]
+        position = [owners[:k].count(owners[k]) for k in range(len(ps))]  # index in its owner's stack
+        if world == 1:
+            return lambda: O
+        if not sharded:
+            most = max(count)
+            pad = torch.zeros(most, *shape, device=dev, dtype=dtype)
+            if O is not None:
+                pad[:len(mine)] = O
+            outs = [torch.empty_like(pad) for _ in range(world)]
+            work = dist.all_gather(outs, pad, group=pg, async_op=True)
+
+            def finish():
+                work.wait()
+                return torch.stack([outs[owners[k]][position[k]] for k in range(len(ps))])
+            return finish
+        rows = shard_rows(shape[0], world)
+        starts = [sum(rows[:r]) for r in range(world)]
+        empty = torch.empty(0, device=dev, dtype=dtype)
+        send = torch.cat([O[:, starts[r]:starts[r] + rows[r]].reshape(-1) for r in range(world)]) if O is not None else empty
+        rest = 1
+        for s in shape[1:]:
+            rest *= s
+        in_splits = [len(mine) * rows[r] * rest for r in range(world)]
+        out_splits = [count[j] * rows[rank] * rest for j in range(world)]
+        recv = torch.empty(sum(out_splits), device=dev, dtype=dtype)
+        work = dist.all_to_all_single(recv, send, out_splits, in_splits, group=pg, async_op=True)
+
+        def finish():
+            work.wait()
+            per_owner = [piece.view(count[j], rows[rank], *shape[1:]) for j, piece in enumerate(recv.split(out_splits))]
+            return torch.stack([per_owner[owners[k]][position[k]] for k in range(len(ps))])
+        return finish
