@@ -24,6 +24,8 @@ MIXERS = ("gqa", "gated_gqa", "mla", "gdn", "nsa", "dsa", "swa")
 FFNS = ("dense", "moe")
 BACKENDS = ("auto", "torch", "triton", "fla")
 ROPE_TYPES = ("default", "yarn", "linear", "dynamic", "llama3", "longrope")
+POSITIONS = ("rope", "learned")
+WINDOW_BLOCK = 128  # tokens per window block: window_short / window_long and the window schedule count these
 
 
 class ConfigError(ValueError):
@@ -122,6 +124,19 @@ class ModelConfig:
     gdn_backend: str = "auto"  # auto | torch | triton | fla
     # --- multi-token prediction -----------------------------------------------------
     n_mtp: int = 0  # num_nextn_predict_layers
+    # --- GPT family (modded-nanogpt style); every switch is off at its default ----------
+    fused_qkv: bool = False  # one [q|k|v] projection `qkv_proj` (one matmul instead of three)
+    attn_softcap: float = 0.0  # attention scores c·tanh(s/c); 0 = off
+    logit_softcap: float = 0.0  # LM-head logits c·tanh(z/c); 0 = off
+    window_pattern: str = ""  # per-layer S(hort)/L(ong) windows, tiled over the layers ("SSSL"); "" = off
+    window_short: int = 0  # S window in WINDOW_BLOCK-token blocks
+    window_long: int = 0  # L window in blocks; 0 = full causal attention
+    residual_scales: bool = False  # learned x <- λ_res·x + λ_0·x0 at every block entry (x0: embedding output)
+    unet_skips: bool = False  # first-half block outputs added, gated, to the inputs of the mirrored second half
+    value_embeds: int = 0  # K value-embedding tables, added (gated) to the values of the first K and last K layers
+    gated_ffn: bool = True  # False: plain MLP down(act(up(x))) (ReLU² with hidden_act=relu2, GPT-2 GELU)
+    position: str = "rope"  # rope | learned (GPT-2 absolute position embeddings, no rotary)
+    embed_norm: bool = False  # RMSNorm (no gain) on the embedding output
 
     def __post_init__(self) -> None:
         checks = [
@@ -146,10 +161,28 @@ class ModelConfig:
             (not self.layer_mixers or len(self.layer_mixers) == self.n_layers,
              f"layer_mixers has {len(self.layer_mixers)} entries for n_layers={self.n_layers}"),
             (set(self.layer_mixers) <= set(MIXERS), f"layer_mixers={self.layer_mixers} has entries not in {MIXERS}"),
+            (self.position in POSITIONS, f"position={self.position!r} is not one of {POSITIONS}"),
+            (set(self.window_pattern) <= {"S", "L"}, f"window_pattern={self.window_pattern!r} may hold only S and L"),
+            (not self.window_pattern or self.window_short > 0,
+             f"window_pattern={self.window_pattern!r} needs window_short > 0 (blocks of {WINDOW_BLOCK} tokens)"),
+            (self.window_short >= 0 and self.window_long >= 0, "window_short and window_long must be >= 0"),
+            (self.attn_softcap >= 0 and self.logit_softcap >= 0, "attn_softcap and logit_softcap must be >= 0"),
+            (0 <= 2 * self.value_embeds <= self.n_layers,
+             f"value_embeds={self.value_embeds}: the first and last K layers take one table each, so 2K <= n_layers"),
+            (self.n_mtp == 0 or not (self.value_embeds or self.unet_skips),
+             "value_embeds and unet_skips are trunk-wide and not defined for MTP blocks (n_mtp > 0)"),
         ]
         for ok, msg in checks:
             if not ok:
                 raise ConfigError(f"model config: {msg}")
+        gqa_options = [name for name, on in (("window_pattern", self.window_pattern),
+                                             ("position=learned", self.position == "learned"),
+                                             ("fused_qkv", self.fused_qkv), ("attn_softcap", self.attn_softcap),
+                                             ("value_embeds", self.value_embeds)) if on]
+        others = sorted({m for m, _ in self.layer_types} - {"gqa", "gated_gqa"})
+        if gqa_options and others:
+            raise ConfigError(f"model config: {', '.join(gqa_options)} are options of the gqa/gated_gqa attention; "
+                              f"this stack also has {', '.join(others)} layers")
 
     @property
     def layer_types(self) -> tuple[tuple[str, str], ...]:
@@ -170,6 +203,34 @@ class ModelConfig:
             )
             out.append((mixer, "moe" if is_moe else "dense"))
         return tuple(out)
+
+    @property
+    def gpt_options(self) -> tuple[str, ...]:
+        """The GPT-family switches that are on (none of them has an HF counterpart)."""
+        return tuple(name for name, on in (
+            ("fused_qkv", self.fused_qkv), ("attn_softcap", self.attn_softcap), ("logit_softcap", self.logit_softcap),
+            ("window_pattern", self.window_pattern), ("residual_scales", self.residual_scales),
+            ("unet_skips", self.unet_skips), ("value_embeds", self.value_embeds), ("gated_ffn=false", not self.gated_ffn),
+            ("position=learned", self.position == "learned"), ("embed_norm", self.embed_norm)) if on)
+
+    @property
+    def layer_windows(self) -> tuple[int, ...]:
+        """Attention window in tokens of every layer (0 = full causal): window_pattern tiled over the
+        layers, S -> window_short blocks, L -> window_long blocks; `sliding_window` for swa layers."""
+        out = []
+        for i, (mixer, _) in enumerate(self.layer_types):
+            if self.window_pattern:
+                kind = self.window_pattern[i % len(self.window_pattern)]
+                out.append(WINDOW_BLOCK * (self.window_short if kind == "S" else self.window_long))
+            else:
+                out.append(self.sliding_window if mixer == "swa" else 0)
+        return tuple(out)
+
+    @property
+    def value_embed_layers(self) -> dict[int, int]:
+        """{layer: value-embedding table}: table k feeds layer k and layer n_layers - K + k."""
+        K, n = self.value_embeds, self.n_layers
+        return {**{k: k for k in range(K)}, **{n - K + k: k for k in range(K)}}
 
     @property
     def rope_dim(self) -> int:

@@ -194,9 +194,15 @@ def load_hf(path: str | Path, dtype: torch.dtype | None = None, device: str | to
 def save_hf(model: Transformer, path: str | Path, dtype: torch.dtype | None = None,
             max_shard_bytes: int = 4 * 1024**3, tokenizer=None) -> Path:
     """Write `model` as an HF checkpoint directory (config.json + safetensors)."""
+    cfg = model.cfg
+    if cfg.family not in FAMILY_OF_CONFIG or cfg.gpt_options:
+        what = (f"family {cfg.family!r}" if cfg.family not in FAMILY_OF_CONFIG
+                else f"the GPT-family option(s) {', '.join(cfg.gpt_options)}")
+        raise CheckpointError(f"HF export is not supported for {what}: no HF model class computes this model "
+                              f"(exportable families: {', '.join(FAMILY_OF_CONFIG)}); use the deepwish checkpoint "
+                              f"itself (deepwish generate --ckpt RUN)")
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    cfg = model.cfg
     fam = importlib.import_module(FAMILY_OF_CONFIG[cfg.family])
     sd = model.state_dict()
     out: dict[str, torch.Tensor] = {}

@@ -4,7 +4,11 @@
 - an output gate (Qwen3-Next "gated attention"): q_proj emits [query | gate] per head, and
   sigmoid(gate) scales the attention output before o_proj;
 - partial rotary (Qwen3-Next rotates the first quarter of each head);
-- a sliding window (for `swa` layers).
+- a sliding window (for `swa` layers), or per-layer windows from `window_pattern` (GPT family),
+  grown during training by the window schedule (`scheduled_window`, progress from the Objective);
+- GPT-family options: one fused [q|k|v] projection, a soft-cap on the scores, value embeddings
+  (a per-token table row added, gated per KV head, to the values) and no rotary at all when the
+  model uses learned absolute positions (ctx.cos is None).
 
 Shapes: x [B, T, d]; q [B, T, H, D]; k, v [B, T, Hkv, D]. Heads are grouped: query head h uses
 key/value head h // (H / Hkv).
@@ -34,7 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from deepwish.config import ModelConfig
+from deepwish.config import WINDOW_BLOCK, ModelConfig
 from deepwish.kernels.backend import resolve_backend
 from deepwish.model.cache import KVCache
 from deepwish.model.norm import RMSNorm
@@ -122,25 +126,39 @@ def kernel_inputs(*ts: torch.Tensor) -> tuple[torch.Tensor, ...]:
     return tuple(t.to(dtype) for t in ts)
 
 
+def scheduled_window(final: int, progress: float, start_blocks: int) -> int:
+    """The window a layer attends with at window-schedule `progress` in [0, 1]: `final` tokens (0 =
+    full causal, never scheduled) reached at progress 1, starting from `start_blocks` blocks of
+    WINDOW_BLOCK tokens and growing linearly in whole blocks (few distinct values: a compiled
+    model recompiles once per value, not per step)."""
+    if final <= 0 or progress >= 1.0:
+        return final
+    final_blocks = -(-final // WINDOW_BLOCK)
+    start = min(max(start_blocks, 1), final_blocks)
+    blocks = start + int((final_blocks - start) * max(progress, 0.0))
+    return min(final, blocks * WINDOW_BLOCK)
+
+
 def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx, window: int, scale: float,
-                     backends: AttnBackends) -> torch.Tensor:
+                     backends: AttnBackends, softcap: float = 0.0) -> torch.Tensor:
     """Causal attention without a cache: q [B,T,H,Dqk], k [B,T,Hkv,Dqk], v [B,T,Hkv,Dv] -> [B,T,H,Dv],
-    documents from ctx.doc_ids, window > 0 for sliding-window layers."""
+    documents from ctx.doc_ids, window > 0 for sliding-window layers, softcap > 0: scores c·tanh(s/c)."""
     packed = ctx.doc_ids is not None or window > 0
     backend = backends.packed if packed else backends.plain
     if backend in ("triton", "flex"):
         q, k, v = kernel_inputs(q, k, v)
     if backend == "triton":
         from deepwish.kernels.attention.triton import flash_attention
-        return flash_attention(q, k, v, doc_ids=ctx.doc_ids, window=window, scale=scale)
+        return flash_attention(q, k, v, doc_ids=ctx.doc_ids, window=window, scale=scale, softcap=softcap)
     if backend == "flex":
         from deepwish.kernels.attention.flex import flex_attention
-        return flex_attention(q, k, v, doc_ids=ctx.doc_ids, window=window, scale=scale, mask=ctx.flex_mask(window))
+        return flex_attention(q, k, v, doc_ids=ctx.doc_ids, window=window, scale=scale, softcap=softcap,
+                              mask=ctx.flex_mask(window))
     qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
     if packed:
-        o = sdpa(qt, kt, vt, ctx.mask(window), scale, False, backend)
+        o = sdpa(qt, kt, vt, ctx.mask(window), scale, False, backend, softcap)
     else:
-        o = sdpa(qt, kt, vt, None, scale, True, backend)
+        o = sdpa(qt, kt, vt, None, scale, True, backend, softcap)
     return o.transpose(1, 2)
 
 
@@ -156,13 +174,16 @@ def attention_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, window: int = 0,
 
 
 def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float,
-         causal: bool, backend: str) -> torch.Tensor:
-    """softmax(q kᵀ·scale + mask) v with grouped heads. q [B,H,Tq,D], k,v [B,Hkv,Tk,D]."""
+         causal: bool, backend: str, softcap: float = 0.0) -> torch.Tensor:
+    """softmax(q kᵀ·scale + mask) v with grouped heads. q [B,H,Tq,D], k,v [B,Hkv,Tk,D].
+    softcap > 0 (scores c·tanh(s/c)) takes the explicit path: SDPA has no score modifier."""
     rep = q.shape[1] // k.shape[1]
-    if backend == "torch":  # explicit fp32 softmax: the readable reference
+    if backend == "torch" or softcap > 0:  # explicit fp32 softmax: the readable reference
         if rep > 1:
             k, v = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)
         s = torch.einsum("bhqd,bhkd->bhqk", q.float(), k.float()) * scale
+        if softcap > 0:
+            s = softcap * torch.tanh(s / softcap)
         if causal:
             tq, tk = q.shape[2], k.shape[2]
             mask = torch.ones(tq, tk, dtype=torch.bool, device=q.device).tril(tk - tq)
@@ -174,7 +195,7 @@ def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor |
 
 
 def sdpa_folded_groups(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float,
-                       backend: str) -> torch.Tensor:
+                       backend: str, softcap: float = 0.0) -> torch.Tensor:
     """`sdpa` with a mask, grouped heads folded into query rows: the rep query heads that share a
     key/value head become rep·Tq rows of that head (same scores, each row keeping its mask row),
     so keys are never repeated. With a mask, flash attention is out and an SDPA backend without
@@ -185,30 +206,43 @@ def sdpa_folded_groups(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: 
     Hkv = k.shape[1]
     rep = H // Hkv
     if rep == 1:
-        return sdpa(q, k, v, mask, scale, False, backend)
+        return sdpa(q, k, v, mask, scale, False, backend, softcap)
     qf = q.reshape(B, Hkv, rep * T, D)  # head g·rep + r, query t -> row r·T + t of head g
-    o = sdpa(qf, k, v, mask.repeat(1, 1, rep, 1), scale, False, backend)
+    o = sdpa(qf, k, v, mask.repeat(1, 1, rep, 1), scale, False, backend, softcap)
     return o.reshape(B, H, T, o.shape[-1])
 
 
 ATTENDING_MIXERS = ("gqa", "gated_gqa", "swa", "mla", "dsa")
 
 
+VALUE_EMBED_GATE_DIM = 12  # leading input channels the value-embedding gate reads (modded-nanogpt's choice)
+
+
 class Attention(nn.Module):
-    PARAM_ROLES = {"o_proj.weight": "matrix_out"}  # writes into the residual stream (model/roles.py)
+    # o_proj writes into the residual stream; the value-embedding gate scores, it maps nothing (model/roles.py)
+    PARAM_ROLES = {"o_proj.weight": "matrix_out", "ve_gate.weight": "gate"}
 
     def __init__(self, cfg: ModelConfig, layer_idx: int, gated: bool = False, window: int = 0):
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
         self.gated = gated
-        self.window = window
+        self.layer_idx = layer_idx
+        self.window = window or cfg.layer_windows[layer_idx]  # final window; the schedule grows towards it
+        self.softcap = cfg.attn_softcap
         first = next((i for i, (m, _) in enumerate(cfg.layer_types) if m in ATTENDING_MIXERS), layer_idx)
         self.backends = resolve_attn_backend(cfg.attn_backend, cfg.head_dim, announce=layer_idx == first)
         self.backend = "torch" if self.backends.decode == "torch" else "sdpa"  # the masked path over a cache
         d = cfg.d_model
-        self.q_proj = nn.Linear(d, self.n_heads * self.head_dim * (2 if gated else 1), bias=cfg.attn_bias)
-        self.k_proj = nn.Linear(d, self.n_kv_heads * self.head_dim, bias=cfg.attn_bias)
-        self.v_proj = nn.Linear(d, self.n_kv_heads * self.head_dim, bias=cfg.attn_bias)
+        q_out, kv_out = self.n_heads * self.head_dim * (2 if gated else 1), self.n_kv_heads * self.head_dim
+        self.qkv_sizes = (q_out, kv_out, kv_out)
+        if cfg.fused_qkv:  # rows [q | k | v]: the same maps as three projections, one matmul
+            self.qkv_proj = nn.Linear(d, q_out + 2 * kv_out, bias=cfg.attn_bias)
+        else:
+            self.q_proj = nn.Linear(d, q_out, bias=cfg.attn_bias)
+            self.k_proj = nn.Linear(d, kv_out, bias=cfg.attn_bias)
+            self.v_proj = nn.Linear(d, kv_out, bias=cfg.attn_bias)
+        self.ve_gate = (nn.Linear(min(VALUE_EMBED_GATE_DIM, d), self.n_kv_heads, bias=False)
+                        if layer_idx in cfg.value_embed_layers else None)
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, d, bias=cfg.attn_bias)  # HF: o_proj too
         self.q_norm = RMSNorm(self.head_dim, cfg.norm_eps, cfg.norm_zero_centered) if cfg.qk_norm else None
         self.k_norm = RMSNorm(self.head_dim, cfg.norm_eps, cfg.norm_zero_centered) if cfg.qk_norm else None
@@ -217,18 +251,31 @@ class Attention(nn.Module):
     def make_cache(self, batch: int, max_len: int, dtype, device) -> KVCache:
         return KVCache.empty(batch, max_len, self.n_kv_heads, self.head_dim, dtype=dtype, device=device)
 
+    def project_qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x [B,T,d] -> the q (with gate rows when gated), k, v projections, flat per token."""
+        if hasattr(self, "qkv_proj"):
+            return self.qkv_proj(x).split(self.qkv_sizes, dim=-1)
+        return self.q_proj(x), self.k_proj(x), self.v_proj(x)
+
     def forward(self, x: torch.Tensor, ctx, cache: KVCache | None = None) -> tuple[torch.Tensor, dict]:
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.n_heads, -1)
+        q, k, v = self.project_qkv(x)
+        q = q.reshape(B, T, self.n_heads, -1)
         if self.gated:  # per head: [query | gate], as in Qwen3-Next's released weights
             q, gate = q.split(self.head_dim, dim=-1)
-        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim)
-        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim)
+        k = k.reshape(B, T, self.n_kv_heads, self.head_dim)
+        v = v.reshape(B, T, self.n_kv_heads, self.head_dim)
+        if self.ve_gate is not None:  # value embedding: a table row per token, gated per KV head (2·σ: 1 at 0)
+            ve = ctx.value_embeds[self.layer_idx].view(B, T, self.n_kv_heads, self.head_dim)
+            g = 2 * torch.sigmoid(self.ve_gate(x[..., :self.ve_gate.in_features]))
+            v = v + g[..., None] * ve
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = apply_rotary(q, ctx.cos, ctx.sin), apply_rotary(k, ctx.cos, ctx.sin)
+        if ctx.cos is not None:  # None: learned absolute positions, no rotary
+            q, k = apply_rotary(q, ctx.cos, ctx.sin), apply_rotary(k, ctx.cos, ctx.sin)
         if cache is None:
-            o = causal_attention(q, k, v, ctx, self.window, self.scale, self.backends)
+            window = scheduled_window(self.window, ctx.window_progress, ctx.window_start_blocks)
+            o = causal_attention(q, k, v, ctx, window, self.scale, self.backends, self.softcap)
         else:
             o = self.attend_cache(q, k, v, ctx, cache)
         if self.gated:
@@ -245,6 +292,7 @@ class Attention(nn.Module):
             slot_is_position = isinstance(cache, KVCache)  # lets the kernel stop at the last position
             q = q.to(k.dtype)  # the cache's dtype: casting q is cheap, casting the cache is not
             return decode_attention(q, k, v, ctx.positions, None if slot_is_position else k_pos,
-                                    window=self.window, scale=self.scale)
+                                    window=self.window, scale=self.scale, softcap=self.softcap)
         mask = attention_mask(ctx.positions, k_pos, self.window)
-        return sdpa_folded_groups(q.transpose(1, 2), k, v, mask, self.scale, self.backend).transpose(1, 2)
+        return sdpa_folded_groups(q.transpose(1, 2), k, v, mask, self.scale, self.backend,
+                                  self.softcap).transpose(1, 2)

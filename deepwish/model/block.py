@@ -26,7 +26,7 @@ from torch import nn
 
 from deepwish.config import ModelConfig
 from deepwish.model.attention import Attention, attention_mask
-from deepwish.model.mlp import SwiGLU
+from deepwish.model.mlp import MLP, SwiGLU
 from deepwish.model.moe import MoE
 from deepwish.model.norm import RMSNorm
 
@@ -45,6 +45,12 @@ class ForwardContext:
     # over all causal keys (the warm-up) instead of the indexer's top-k, and the indexer KL computed.
     dense_indexer_attention: bool = False
     indexer_loss: bool = False
+    # GPT family: the window schedule's progress (1 = every layer at its final window; model/attention.py
+    # scheduled_window), the embedding output x0 (residual scales) and {layer: value-embedding rows [B,T,Hkv·D]}
+    window_progress: float = 1.0
+    window_start_blocks: int = 1
+    x0: torch.Tensor | None = None
+    value_embeds: dict = field(default_factory=dict)
     _masks: dict = field(default_factory=dict)
 
     def mask(self, window: int = 0) -> torch.Tensor:
@@ -83,6 +89,13 @@ class DenseFFN(SwiGLU):
         return super().forward(x), NO_AUX
 
 
+class DenseMLP(MLP):
+    """The ungated dense FFN (model.gated_ffn=False): ReLU² or GPT-2's GELU, block contract."""
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, dict]:
+        return super().forward(x), NO_AUX
+
+
 def build_mixer(kind: str, cfg: ModelConfig, layer_idx: int) -> nn.Module:
     if kind == "gqa":
         return Attention(cfg, layer_idx)
@@ -105,23 +118,40 @@ def build_mixer(kind: str, cfg: ModelConfig, layer_idx: int) -> nn.Module:
 def build_ffn(kind: str, cfg: ModelConfig, layer_idx: int) -> nn.Module:
     if kind == "moe":
         return MoE(cfg, layer_idx)
+    if not cfg.gated_ffn:
+        return DenseMLP(cfg.d_model, cfg.d_ff, cfg.hidden_act)
     return DenseFFN(cfg.d_model, cfg.d_ff, cfg.hidden_act)
 
 
 class Block(nn.Module):
-    """Pre-norm residual block: x += mixer(norm(x)); x += ffn(norm(x))."""
+    """Pre-norm residual block: x += mixer(norm(x)); x += ffn(norm(x)).
+
+    With model.residual_scales the block first mixes the embedding output back in,
+    x <- λ_res·x + λ_0·x0 (two learned scalars, initialised to 1 and 0: the plain block at init)."""
+
+    PARAM_ROLES = {"residual_scales": "scalar"}  # model/roles.py (absent unless residual_scales)
 
     def __init__(self, cfg: ModelConfig, layer_idx: int):
         super().__init__()
         mixer, ffn = cfg.layer_types[layer_idx]
         self.layer_idx = layer_idx
+        self.residual_scales = nn.Parameter(torch.tensor([1.0, 0.0])) if cfg.residual_scales else None
         self.mixer_kind, self.ffn_kind = mixer, ffn
         self.attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps, cfg.norm_zero_centered)
         self.mixer = build_mixer(mixer, cfg, layer_idx)
         self.ffn_norm = RMSNorm(cfg.d_model, cfg.norm_eps, cfg.norm_zero_centered)
         self.ffn = build_ffn(ffn, cfg, layer_idx)
 
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """The block's own scalars (sub-modules initialise themselves): λ_res = 1, λ_0 = 0."""
+        if self.residual_scales is not None:
+            self.residual_scales.copy_(torch.tensor([1.0, 0.0]))
+
     def forward(self, x: torch.Tensor, ctx: ForwardContext, cache=None) -> tuple[torch.Tensor, dict]:
+        if self.residual_scales is not None:
+            lam = self.residual_scales.to(x.dtype)
+            x = lam[0] * x + lam[1] * ctx.x0
         h, mixer_aux = self.mixer(self.attn_norm(x), ctx, cache)
         x = x + h
         h, ffn_aux = self.ffn(self.ffn_norm(x))

@@ -82,6 +82,24 @@ def activation(name: str) -> Callable[[torch.Tensor], torch.Tensor]:
     raise ValueError(f"hidden_act={name!r} is not supported{why}; supported: {', '.join(ACTIVATIONS)}")
 
 
+class MLP(nn.Module):
+    """Ungated feed-forward down(act(up(x))): GPT-2's GELU MLP, or ReLU² (modded-nanogpt) with
+    act='relu2'. Same parameter names as SwiGLU's halves, so roles and init read alike."""
+
+    PARAM_ROLES = {"w_down.weight": "matrix_out"}  # writes into the residual stream (model/roles.py)
+
+    def __init__(self, d_model: int, d_ff: int, act: str = "relu2"):
+        super().__init__()
+        self.d_ff = d_ff
+        self.act_name = act
+        self.act = activation(act)
+        self.w_up = nn.Linear(d_model, d_ff, bias=False)
+        self.w_down = nn.Linear(d_ff, d_model, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w_down(self.act(self.w_up(x)))
+
+
 class SwiGLU(nn.Module):
     """down(act(gate(x)) * up(x)); `act` defaults to SiLU (SwiGLU proper)."""
 

@@ -50,6 +50,10 @@ class Objective:
     mtp_weight: float = 0.0  # λ of the multi-token-prediction loss (0: the MTP modules do not run)
     indexer_mode: str = "off"  # DSA: off | dense_warmup | sparse (model/dsa.py)
     indexer_weight: float = 1.0  # weight of the DSA indexer KL (0: not computed)
+    # GPT-family window schedule (train/schedule.py window_progress): attention windows grow from
+    # window_start_blocks blocks to each layer's final window as this goes 0 -> 1 (1: final windows)
+    window_progress: float = 1.0
+    window_start_blocks: int = 1
 
     def __post_init__(self) -> None:
         if self.loss_backend not in LOSS_BACKENDS:
@@ -68,9 +72,11 @@ class Objective:
 
 
 def cross_entropy_sums(h: torch.Tensor, logits_fn, head_weight: torch.Tensor, targets: torch.Tensor,
-                       objective: Objective) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+                       objective: Objective, softcap: float = 0.0
+                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Final hidden states h [B, T, d], targets [B, T] (-100 = ignore) ->
-    (Σ CE, Σ z-loss (0 when fused: the kernel returns them together), logits [B, T, V] or None)."""
+    (Σ CE, Σ z-loss (0 when fused: the kernel returns them together), logits [B, T, V] or None).
+    softcap: the head's logit soft-cap, which `logits_fn` applies itself; the fused kernel is told."""
     flat_targets = targets.reshape(-1)
     if objective.loss_backend == "torch":
         logits = logits_fn(h)
@@ -96,5 +102,5 @@ def cross_entropy_sums(h: torch.Tensor, logits_fn, head_weight: torch.Tensor, ta
     dev = hf.device.type
     dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else hf.dtype
     total = linear_cross_entropy(hf.to(dtype), head_weight.to(dtype), flat_targets, ignore_index=IGNORE_INDEX,
-                                 reduction="sum", z_loss=objective.z_loss)
+                                 reduction="sum", z_loss=objective.z_loss, softcap=softcap if softcap > 0 else None)
     return total, total.new_zeros(()), None

@@ -22,6 +22,7 @@ import math
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 import torch.utils._pytree as pytree
 from torch import nn
 
@@ -63,6 +64,49 @@ def rotary_dim(cfg: ModelConfig) -> int:
     return cfg.rope_dim
 
 
+class ValueEmbeddings(nn.Module):
+    """GPT family (model.value_embeds = K): K token tables of KV width [V, Hkv·D]; table k's rows
+    are added, gated by the layer's attention, to the values of layer k and of layer n - K + k."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.layers = cfg.value_embed_layers  # {layer: table}
+        self.tables = nn.ModuleList(nn.Embedding(cfg.vocab_size, cfg.n_kv_heads * cfg.head_dim)
+                                    for _ in range(cfg.value_embeds))
+
+    def forward(self, input_ids: torch.Tensor) -> dict[int, torch.Tensor]:
+        rows = [t(input_ids) for t in self.tables]
+        return {layer: rows[k] for layer, k in self.layers.items()}
+
+
+class UNetSkips(nn.Module):
+    """GPT family (model.unet_skips): the outputs of the first n//2 blocks are added, each scaled by
+    a learned gate, to the inputs of the mirrored blocks of the second half (block n-1-i takes
+    block i's output). Gates start at 1 (modded-nanogpt); at 0 the stack is the plain one."""
+
+    PARAM_ROLES = {"gates": "scalar"}
+
+    def __init__(self, n_layers: int):
+        super().__init__()
+        self.n_layers, self.half = n_layers, n_layers // 2
+        self.gates = nn.Parameter(torch.ones(self.half))
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        self.gates.fill_(1.0)
+
+    def enter(self, i: int, x: torch.Tensor, stack: list[torch.Tensor]) -> torch.Tensor:
+        """Block i's input: x plus the gated output of its mirror in the first half, if any."""
+        j = self.n_layers - 1 - i  # the mirror
+        if i >= self.n_layers - self.half:
+            return x + self.gates[j].to(x.dtype) * stack[j]
+        return x
+
+    def leave(self, i: int, x: torch.Tensor, stack: list[torch.Tensor]) -> None:
+        if i < self.half:
+            stack.append(x)
+
+
 class Transformer(nn.Module):
     PARAM_ROLES = {"lm_head.weight": "head"}  # model/roles.py
 
@@ -70,10 +114,14 @@ class Transformer(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        # GPT-2 absolute positions (model.position=learned): a lookup added to the token embedding, no rotary
+        self.pos_embed = nn.Embedding(cfg.max_seq_len, cfg.d_model) if cfg.position == "learned" else None
+        self.value_embeds = ValueEmbeddings(cfg) if cfg.value_embeds > 0 else None
         self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
+        self.skips = UNetSkips(cfg.n_layers) if cfg.unet_skips else None
         self.norm = RMSNorm(cfg.d_model, cfg.norm_eps, cfg.norm_zero_centered)
         self.lm_head = None if cfg.tie_embeddings else nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
-        self.rotary = Rotary(cfg, rotary_dim(cfg))
+        self.rotary = Rotary(cfg, rotary_dim(cfg))  # unused (ctx.cos None) with learned positions
         self.mtp = nn.ModuleList(MTP(cfg, cfg.n_layers + i) for i in range(cfg.n_mtp)) if cfg.n_mtp > 0 else None
         self.reset_parameters()
 
@@ -119,10 +167,13 @@ class Transformer(nn.Module):
         n = self.num_params(active=True) - self.embed.weight.numel()
         if self.lm_head is None:
             n += self.embed.weight.numel()
+        for lookup in (self.pos_embed, self.value_embeds):  # table lookups, not matmuls
+            n -= sum(p.numel() for p in lookup.parameters()) if lookup is not None else 0
         attn = 0
         for b in self.blocks:
             if b.mixer_kind in ("gqa", "gated_gqa"):
-                attn += 6 * self.cfg.n_heads * self.cfg.head_dim * seq_len
+                seen = min(seq_len, b.mixer.window) if b.mixer.window > 0 else seq_len
+                attn += 6 * self.cfg.n_heads * self.cfg.head_dim * seen
             elif b.mixer_kind in ("mla", "dsa"):
                 c = self.cfg
                 attn += 3 * c.n_heads * (c.qk_nope_head_dim + c.qk_rope_head_dim + c.v_head_dim) * seq_len
@@ -137,10 +188,25 @@ class Transformer(nn.Module):
         B, T = input_ids.shape
         if positions is None:
             positions = torch.arange(T, device=input_ids.device).expand(B, T)
-        cos, sin = self.rotary(positions)
+        cos, sin = self.rotary(positions) if self.pos_embed is None else (None, None)
         return ForwardContext(positions=positions, cos=cos, sin=sin, doc_ids=doc_ids,
                               dense_indexer_attention=objective.indexer_mode == "dense_warmup",
-                              indexer_loss=indexer_loss)
+                              indexer_loss=indexer_loss, window_progress=objective.window_progress,
+                              window_start_blocks=objective.window_start_blocks)
+
+    def embed_tokens(self, input_ids: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+        """x0 [B,T,d]: token embedding (+ learned positions), RMS-normed with model.embed_norm; fills the
+        context's GPT-family side inputs (x0 for residual scales, value-embedding rows)."""
+        x = self.embed(input_ids)
+        if self.pos_embed is not None:
+            x = x + self.pos_embed(ctx.positions)
+        if self.cfg.embed_norm:
+            x = F.rms_norm(x, (x.shape[-1],), eps=self.cfg.norm_eps)
+        if self.cfg.residual_scales:
+            ctx.x0 = x
+        if self.value_embeds is not None:
+            ctx.value_embeds = self.value_embeds(input_ids)
+        return x
 
     @property
     def head_weight(self) -> torch.Tensor:
@@ -148,8 +214,11 @@ class Transformer(nn.Module):
         return self.embed.weight if self.lm_head is None else self.lm_head.weight
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
-        """The LM head: final-normed hidden states [..., d] -> logits [..., V]."""
-        return h @ self.head_weight.t() if self.lm_head is None else self.lm_head(h)
+        """The LM head: final-normed hidden states [..., d] -> logits [..., V] (soft-capped
+        c·tanh(z/c) with model.logit_softcap = c > 0)."""
+        z = h @ self.head_weight.t() if self.lm_head is None else self.lm_head(h)
+        c = self.cfg.logit_softcap
+        return c * torch.tanh(z / c) if c > 0 else z
 
     def forward(self, input_ids: torch.Tensor, *, positions: torch.Tensor | None = None,
                 doc_ids: torch.Tensor | None = None, cache: ModelCache | None = None,
@@ -161,17 +230,23 @@ class Transformer(nn.Module):
         train_aux = targets is not None
         ctx = self.context(input_ids, positions, doc_ids, objective,
                            indexer_loss=train_aux and objective.indexer_mode != "off" and objective.indexer_weight > 0)
-        x = self.embed(input_ids)
+        x = self.embed_tokens(input_ids, ctx)
         block_aux = []
+        stack: list[torch.Tensor] = []  # U-net skips: first-half outputs
         for i, block in enumerate(self.blocks):
+            if self.skips is not None:
+                x = self.skips.enter(i, x, stack)
             x, aux = block(x, ctx, None if cache is None else cache[i])
+            if self.skips is not None:
+                self.skips.leave(i, x, stack)
             block_aux.append((block.layer_idx, aux))
         h = self.norm(x)
         out = ModelOutput(hidden=h if return_hidden else None)
         if targets is None:
             out.logits = self.logits(h[:, -logits_to_keep:] if logits_to_keep else h)
         else:
-            out.ce_sum, out.z_sum, out.logits = cross_entropy_sums(h, self.logits, self.head_weight, targets, objective)
+            out.ce_sum, out.z_sum, out.logits = cross_entropy_sums(h, self.logits, self.head_weight, targets, objective,
+                                                                   softcap=self.cfg.logit_softcap)
             out.n_targets = (targets != IGNORE_INDEX).sum()
             if self.mtp is not None and objective.mtp_weight > 0:
                 hidden = []
