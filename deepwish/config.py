@@ -256,6 +256,15 @@ class TrainConfig:
     muon_ns_schedule: str = "jordan"  # Newton–Schulz coefficients: jordan (original) | polar_express (train/muon.py)
     muon_normuon: bool = False  # NorMuon per-neuron normalisation after orthogonalisation (single device)
     weight_decay: float = 0.0
+    # Per-group settings (train/optim.py param_groups; groups by parameter role): 0 lr = train.lr,
+    # negative decay = train.weight_decay. Scalars/gates (norms, biases, gates, scalars) take no decay by default.
+    embed_lr: float = 0.0  # token, value and position embeddings
+    head_lr: float = 0.0  # the untied LM head
+    scalar_lr: float = 0.0  # norms, biases, gates, convolutions, learned scalars
+    embed_wd: float = -1.0
+    head_wd: float = -1.0
+    scalar_wd: float = 0.0
+    muon_wd: float = -1.0  # hidden matrices (Muon; AdamW's matrix group with optimizer=adamw)
     betas: tuple[float, float] = (0.9, 0.95)
     grad_clip: float = 1.0  # 0 = off
     schedule: str = "cosine"  # cosine | wsd | constant
@@ -519,6 +528,10 @@ def config_problems(cfg: RunConfig) -> list[str]:
          "NorMuon runs on one device only (DistributedMuon does not support it)")
     for name in ("lr", "muon_lr"):
         need(finite(getattr(t, name)) and getattr(t, name) > 0, name, "must be a finite number > 0")
+    for name in ("embed_lr", "head_lr", "scalar_lr"):
+        need(finite(getattr(t, name)) and getattr(t, name) >= 0, name, "must be a finite number >= 0 (0: train.lr)")
+    for name in ("embed_wd", "head_wd", "scalar_wd", "muon_wd"):
+        need(finite(getattr(t, name)), name, "must be finite (< 0: train.weight_decay)")
     for name in ("weight_decay", "grad_clip", "z_loss", "mtp_lambda", "indexer_loss_coef"):
         need(finite(getattr(t, name)) and getattr(t, name) >= 0, name, "must be a finite number >= 0")
     need(finite(t.mtp_lambda_final), "mtp_lambda_final", "must be finite (< 0: constant)")

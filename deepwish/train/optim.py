@@ -3,7 +3,13 @@
 Muon itself (and its pure functions: batched Newton–Schulz, Polar Express coefficients, NorMuon)
 lives in train/muon.py. Embeddings, the output head, norms, biases, routers/gates and every 1-D
 parameter stay on AdamW (the Muon write-up and Moonlight, arXiv:2502.16982, both keep these on
-Adam: they are not "hidden" linear maps). Weight decay is decoupled; 1-D parameters get none.
+Adam: they are not "hidden" linear maps). Weight decay is decoupled.
+
+Groups follow parameter roles (model/roles.py), never names: hidden matrices, embeddings, head and
+scalars/gates (norms, biases, gates, learned scalars), each with its own learning rate and weight
+decay (train.embed_lr, head_lr, scalar_lr, embed_wd, head_wd, scalar_wd, muon_wd; at their
+defaults: train.lr everywhere but Muon's train.muon_lr, train.weight_decay everywhere but the
+scalars, which take none).
 """
 from __future__ import annotations
 
@@ -12,7 +18,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from deepwish.model.roles import DECAY_ROLES, MUON_ROLES, param_roles
+from deepwish.model.roles import DECAY_ROLES, MUON_ROLES, ROLES, param_roles
 from deepwish.train.muon import (NS_COEFFS, POLAR_EXPRESS_COEFFS, DistributedMuon, Muon,  # noqa: F401 (re-exported)
                                  newton_schulz, normuon_normalize)
 
@@ -85,29 +91,46 @@ def classify_params(model: nn.Module) -> tuple[dict[str, list[nn.Parameter]], Pa
     return groups, ParamAssignment(names["muon"], names["adamw_decay"], names["adamw_no_decay"])
 
 
-def param_groups(model: nn.Module, cfg) -> dict[str, list[dict]]:
-    """Optimizer groups for `cfg.optimizer` (TrainConfig): {'muon': [...], 'adamw': [...]}.
+# Optimizer groups by role class (model/roles.py): what each is, its lr and weight-decay fields.
+GROUP_ROLES = {
+    "matrix": MUON_ROLES,  # hidden matrices: Muon (optimizer=muon) or AdamW (optimizer=adamw)
+    "embedding": frozenset({"embedding"}),  # token, value and position embeddings (the tied head too)
+    "head": frozenset({"head"}),  # the untied LM head
+    "scalar": frozenset(ROLES) - MUON_ROLES - DECAY_ROLES,  # norms, biases, gates, convolutions, scalars
+}
 
-    Every group carries `base_lr`, which the schedule multiplies into `lr` each step.
-    """
-    groups, _ = classify_params(model)
+
+def group_settings(cfg) -> dict[str, tuple[float, float]]:
+    """{group: (lr, weight decay)} from TrainConfig `cfg`: a 0 lr is train.lr (train.muon_lr for
+    Muon's matrices), a negative decay train.weight_decay."""
+    def wd(x: float) -> float:
+        return cfg.weight_decay if x < 0 else x
+
+    matrix_lr = cfg.muon_lr if cfg.optimizer == "muon" else cfg.lr
+    return {"matrix": (matrix_lr, wd(cfg.muon_wd)), "embedding": (cfg.embed_lr or cfg.lr, wd(cfg.embed_wd)),
+            "head": (cfg.head_lr or cfg.lr, wd(cfg.head_wd)), "scalar": (cfg.scalar_lr or cfg.lr, wd(cfg.scalar_wd))}
+
+
+def param_groups(model: nn.Module, cfg) -> dict[str, list[dict]]:
+    """Optimizer groups for `cfg.optimizer` (TrainConfig): {'muon': [...], 'adamw': [...]}, one group
+    per role class (GROUP_ROLES) that has parameters, each with its own lr and weight decay
+    (`group_settings`): hidden matrices on Muon (or on AdamW with optimizer=adamw), embeddings,
+    head and scalars/gates on AdamW. Every group carries `name` and `base_lr`, which the schedule
+    multiplies into `lr` each step."""
     if cfg.optimizer not in ("muon", "adamw"):
         raise ValueError(f"train.optimizer={cfg.optimizer!r} is not muon or adamw")
-    adamw_groups = []
-    muon_groups = []
-    if cfg.optimizer == "muon":
-        if groups["muon"]:
-            muon_groups.append(dict(params=groups["muon"], lr=cfg.muon_lr, base_lr=cfg.muon_lr,
-                                    weight_decay=cfg.weight_decay, name="muon"))
-    else:
-        groups["adamw_decay"] = groups["muon"] + groups["adamw_decay"]
-    if groups["adamw_decay"]:
-        adamw_groups.append(dict(params=groups["adamw_decay"], lr=cfg.lr, base_lr=cfg.lr,
-                                 weight_decay=cfg.weight_decay, name="adamw_decay"))
-    if groups["adamw_no_decay"]:
-        adamw_groups.append(dict(params=groups["adamw_no_decay"], lr=cfg.lr, base_lr=cfg.lr,
-                                 weight_decay=0.0, name="adamw_no_decay"))
-    return {"muon": muon_groups, "adamw": adamw_groups}
+    classify_params(model)  # asserts the full, exclusive cover
+    roles = param_roles(model)
+    settings = group_settings(cfg)
+    out: dict[str, list[dict]] = {"muon": [], "adamw": []}
+    for group, members in GROUP_ROLES.items():
+        params = [p for n, p in model.named_parameters() if p.requires_grad and roles[n] in members]
+        if not params:
+            continue
+        lr, wd = settings[group]
+        opt = "muon" if group == "matrix" and cfg.optimizer == "muon" else "adamw"
+        out[opt].append(dict(params=params, lr=lr, base_lr=lr, weight_decay=wd, name=group))
+    return out
 
 
 def build_optimizer(model: nn.Module, cfg, distributed: bool = False) -> ChainedOptimizer:
@@ -119,7 +142,7 @@ def build_optimizer(model: nn.Module, cfg, distributed: bool = False) -> Chained
     if pg["muon"]:
         opts["muon"] = (DistributedMuon if distributed else Muon)(
             pg["muon"], lr=cfg.muon_lr, momentum=cfg.muon_momentum, ns_steps=cfg.muon_ns_steps,
-            weight_decay=cfg.weight_decay, ns_schedule=cfg.muon_ns_schedule, normuon=cfg.muon_normuon)
+            weight_decay=pg["muon"][0]["weight_decay"], ns_schedule=cfg.muon_ns_schedule, normuon=cfg.muon_normuon)
     if pg["adamw"]:
         # foreach on CPU keeps the update bitwise-reproducible and fast; fused is CUDA-only.
         on_cuda = any(p.is_cuda for g in pg["adamw"] for p in g["params"])  # False for CPU-offloaded shards
