@@ -186,6 +186,7 @@ BENCHES = {
     "gdn": "deepwish.bench.gdn",
     "decode": "deepwish.bench.decode",
     "train": "deepwish.bench.train",
+    "sweep": "deepwish.bench.sweep",
 }
 
 

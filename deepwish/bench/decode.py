@@ -40,6 +40,8 @@ Goals (the issue), printed met / not met:
                      layers, same widths and MoE) × 1.25 + 20 µs: the Gated DeltaNet layers must
                      add nothing that grows with the context.
 Results: DIR/results.json, DIR/decode.png (ms/token vs context, roofline dashed), table last.
+`--tradeoff`: the captured step at batches 1..256 and one context instead, drawn as throughput
+(tok/s) against latency (ms/token): DIR/tradeoff.json, DIR/decode_tradeoff.png.
 A preset that does not exist yet is skipped with a note.
 """
 from __future__ import annotations
@@ -406,6 +408,68 @@ def run(out_dir, presets=PRESETS, batches=(1, 8, 64), prompts=(128, 2048, 8192),
     return doc
 
 
+TRADEOFF_BATCHES = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+
+
+def run_tradeoff(out_dir, presets=("qwen3_0.6b",), batches=TRADEOFF_BATCHES, context: int = 512,
+                 new_tokens: int = 32, device: str = "cuda") -> dict:
+    """Throughput against latency: the captured step at each batch size, one context. Writes
+    tradeoff.json and decode_tradeoff.png (tok/s against ms/token, one point per batch)."""
+    from deepwish.config import model_config
+    if not torch.cuda.is_available() or not str(device).startswith("cuda"):
+        raise RuntimeError("the decode benchmark needs a CUDA device")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for p in presets:
+        cfg = model_config(p)
+        cfg = dataclasses.replace(cfg, max_seq_len=max(cfg.max_seq_len, context + new_tokens + 1))
+        model = build(cfg, device)
+        free = torch.cuda.mem_get_info()[0]
+        for b in batches:
+            if cache_bytes(model, b, context + new_tokens) > 0.8 * free:
+                rows.append(Row(p, "graph", b, context, note="skipped: cache > 80% of free memory"))
+                print(_fmt(rows[-1]), flush=True)
+                continue
+            rows += _decode_rows(p, model, b, context, new_tokens, ["graph"], device)
+        del model
+        gc.collect()
+        torch.cuda.empty_cache()
+    doc = {"env": environment(), "context": context, "new_tokens": new_tokens, "batches": list(batches),
+           "rows": [dataclasses.asdict(r) for r in rows]}
+    (out / "tradeoff.json").write_text(json.dumps(doc, indent=2))
+    plot_tradeoff(rows, out / "decode_tradeoff.png", context)
+    print(f"\n== decode throughput vs latency ({doc['env']['device']}), context {context}, captured step")
+    for r in rows:
+        print(_fmt(r))
+    return doc
+
+
+def plot_tradeoff(rows, path: Path, context: int) -> None:
+    """tok/s (y) against ms per token (x), a line per preset, each point labelled with its batch."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(7, 5))
+    for p in sorted({r.preset for r in rows}):
+        pts = sorted((r.batch, r.ms_per_step, r.tok_s) for r in rows if r.preset == p and r.ms_per_step)
+        if not pts:
+            continue
+        ax.plot([m for _, m, _ in pts], [t for _, _, t in pts], "o-", label=p)
+        for b, m, t in pts:
+            ax.annotate(f"b{b}", (m, t), textcoords="offset points", xytext=(4, -10), fontsize=7)
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("latency: ms per token (one decode step)")
+    ax.set_ylabel("throughput: tokens / s (batch / step time)")
+    ax.set_title(f"decode throughput vs latency, captured step, context {context}")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m deepwish.bench.decode", description=__doc__.split("\n")[0])
     ap.add_argument("--out", required=True, help="output directory (results.json, decode.png)")
@@ -414,8 +478,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--compile", default=None, choices=["none", "goal", "all"],
                     help="torch.compile the step before capture: none, goal (batch 1, smallest context; "
                          "default) or all shapes")
+    ap.add_argument("--tradeoff", action="store_true",
+                    help="throughput vs latency instead: the captured step at batches 1..256 (--batches), one "
+                         "context (--context); presets default to qwen3_0.6b")
+    ap.add_argument("--batches", default=",".join(map(str, TRADEOFF_BATCHES)), help="with --tradeoff")
+    ap.add_argument("--context", type=int, default=512, help="with --tradeoff")
     args = ap.parse_args(argv)
     presets = tuple(p for p in args.presets.split(",") if p)
+    if args.tradeoff:
+        if args.presets == ",".join(PRESETS):
+            presets = ("qwen3_0.6b",)
+        run_tradeoff(args.out, presets, tuple(int(b) for b in args.batches.split(",") if b), args.context)
+        return 0
     if args.quick:
         run(args.out, presets, batches=(1, 8), prompts=(128, 1024), new_tokens=16, hf_tokens=4,
             compile=args.compile or "none")

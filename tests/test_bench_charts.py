@@ -1,0 +1,45 @@
+"""The kernel sweep at toy scales on CPU (Triton under the interpreter, conftest) and the decode
+throughput-vs-latency chart's drawing."""
+import json
+
+import pytest
+
+from deepwish.bench import sweep
+from deepwish.bench.decode import Row, plot_tradeoff
+
+
+def test_sweep_quick_times_checks_and_draws(tmp_path, capsys):
+    res = sweep.run(tmp_path, scales=sweep.QUICK_SCALES, device="cpu")
+    assert res["scales"] == [[1, 16, 16], [2, 32, 16]]
+    for kernel in sweep.KERNELS:
+        for backend in ("torch", "triton"):
+            ms = res["ms"][f"{kernel} {backend}"]
+            assert len(ms) == 2 and all(isinstance(v, float) and v > 0 for v in ms), (kernel, backend, ms)
+        # triton agrees with the reference at the first scale (fp32 on CPU)
+        assert res["check_rel_rms"][f"{kernel} triton"] < 1e-4
+        sp = res["speedup"][f"{kernel} triton/torch"]
+        ms_t, ms_r = res["ms"][f"{kernel} triton"], res["ms"][f"{kernel} torch"]
+        assert sp["per_scale"] == pytest.approx([r / t for r, t in zip(ms_r, ms_t)])
+    # throughput: tokens per call over the time (B·T for conv and chunk, B for one step)
+    assert res["tok_s"]["short_conv torch"][1] == pytest.approx(2 * 32 / (res["ms"]["short_conv torch"][1] * 1e-3))
+    assert res["tok_s"]["recurrent_step torch"][1] == pytest.approx(2 / (res["ms"]["recurrent_step torch"][1] * 1e-3))
+    assert json.loads((tmp_path / "results.json").read_text())["ms"] == res["ms"]
+    assert (tmp_path / "sweep_time.png").stat().st_size > 10_000 and (tmp_path / "sweep_speedup.png").is_file()
+    assert "== kernel sweep" in capsys.readouterr().out
+
+
+def test_sweep_scales_and_heads():
+    assert sweep.SCALES[0] == (2, 256, 128) and sweep.SCALES[-1] == (64, 2048, 4096) and len(sweep.SCALES) == 10
+    assert sweep.heads(4096) == (32, 128) and sweep.heads(64) == (1, 64)
+    assert sweep.parse_scales("2x256x128,8X1024x1024") == ((2, 256, 128), (8, 1024, 1024))
+    with pytest.raises(ValueError, match="not a multiple"):
+        sweep.parse_scales("2x256x192")
+    with pytest.raises(ValueError, match="BxTxD"):
+        sweep.parse_scales("2x256")
+
+
+def test_tradeoff_plot(tmp_path):
+    rows = [Row("p", "graph", b, 512, ms_per_step=0.5 + 0.01 * b, tok_s=b * 1e3 / (0.5 + 0.01 * b))
+            for b in (1, 8, 64, 256)] + [Row("p", "graph", 512, 512, note="skipped")]
+    plot_tradeoff(rows, tmp_path / "t.png", 512)
+    assert (tmp_path / "t.png").stat().st_size > 10_000
