@@ -286,6 +286,7 @@ class TrainConfig:
     tensorboard: bool = False
     mlflow: bool = False
     mlflow_experiment: str = ""  # MLflow experiment name (empty: MLFLOW_EXPERIMENT_ID/_NAME, else "deepwish")
+    mlflow_run_name: str = ""  # MLflow run name of a new run (empty: the run directory's name)
     sample_tokens: int = 64  # tokens sampled at the end of the run
     sample_prompt: str = "ROMEO:"
     # --- scale-out (train/parallel.py) ---------------------------------------------

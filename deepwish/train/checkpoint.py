@@ -240,7 +240,7 @@ def step_dir_name(step: int) -> str:
 
 def save_checkpoint(run_dir: str | os.PathLike, step: int, *, model_state: dict, optimizer_state: dict,
                     loader_state: Any, ema_state: dict | None, config: dict, keep_last: int = 2,
-                    extra: dict | None = None) -> Path:
+                    extra: dict | None = None, meta_extra: dict | None = None) -> Path:
     """Write checkpoint `step` atomically; return its directory. `step` = optimizer steps done."""
     if keep_last < 1:
         raise ValueError(f"keep_last must be >= 1, got {keep_last}")
@@ -260,7 +260,7 @@ def save_checkpoint(run_dir: str | os.PathLike, step: int, *, model_state: dict,
         train_state = {"format": FORMAT_VERSION, "step": step, "optimizer": optimizer_state,
                        "rng": rng_state(), "loader": loader_state, "ema": ema_state, "extra": extra or {}}
         _write_bytes_synced(tmp / "train_state.pt", lambda f: torch.save(train_state, f))
-        write_meta(tmp, step, config)
+        write_meta(tmp, step, config, **(meta_extra or {}))
         _fsync_path(tmp)
         publish(root, tmp, name, keep_last)
     except BaseException as e:
@@ -400,11 +400,12 @@ def resolve_any(path_or_run_dir: str | os.PathLike) -> Path:
 
 
 def read_meta(path_or_run_dir: str | os.PathLike) -> dict:
-    """{'path', 'step', 'config', 'format' ('dcp' | 'torch'), 'world_size'} without loading tensors."""
+    """{'path', 'step', 'config', 'format' ('dcp' | 'torch'), 'world_size', 'mlflow'} without loading
+    tensors ('mlflow': the MLflow run the training run logged to, or None)."""
     d = resolve_any(path_or_run_dir)
     meta = read_meta_json(d)
     return {"path": d, "step": meta["step"], "config": meta["config"], "format": meta.get("kind", "torch"),
-            "world_size": meta.get("world_size", 1)}
+            "world_size": meta.get("world_size", 1), "mlflow": meta.get("mlflow")}
 
 
 def load_checkpoint(path_or_run_dir: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict:

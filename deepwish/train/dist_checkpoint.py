@@ -129,8 +129,9 @@ def _name_keyed_optimizer_state(model: nn.Module, optimizer, saved: dict) -> dic
 
 # ---- save ---------------------------------------------------------------------------------------
 def save(run_dir: str | os.PathLike, step: int, *, model: nn.Module, optimizer, loader, ema, config: dict,
-         keep_last: int = 2) -> Path:
-    """Collective: every rank calls it. Returns the checkpoint directory."""
+         keep_last: int = 2, meta_extra: dict | None = None) -> Path:
+    """Collective: every rank calls it. Returns the checkpoint directory. `meta_extra`: more keys
+    for meta.json (rank 0's are written)."""
     import torch.distributed.checkpoint as dcp
 
     if keep_last < 1:
@@ -163,7 +164,7 @@ def save(run_dir: str | os.PathLike, step: int, *, model: nn.Module, optimizer, 
             _write_bytes_synced(tmp / "train_state.pt", lambda f: torch.save(train_state, f))
             for f in (tmp / DCP_DIR).iterdir():
                 _fsync_path(f)
-            write_meta(tmp, step, config, kind="dcp", world_size=world)
+            write_meta(tmp, step, config, kind="dcp", world_size=world, **(meta_extra or {}))
             _fsync_path(tmp / DCP_DIR)
             _fsync_path(tmp)
             publish(root, tmp, name, keep_last)

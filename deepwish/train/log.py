@@ -1,5 +1,12 @@
 """Training progress: a line every N steps, metrics.jsonl always, optional TensorBoard / MLflow.
 
+MLflow: the tracking URI, experiment and run come from MLflow's own environment variables
+(MLFLOW_TRACKING_URI, MLFLOW_EXPERIMENT_NAME / _ID, MLFLOW_RUN_ID) unless the config names them
+(train.mlflow_experiment, train.mlflow_run_name); without MLFLOW_TRACKING_URI a file store inside
+the run directory is used. The run id is kept in RUN/mlflow.json and in every checkpoint's
+meta.json, so `--resume` continues the same MLflow run (metrics continue at the resumed step).
+Params are the flattened resolved config; the config file and the plot are artifacts.
+
 MFU = (tokens/s × model FLOPs per token) / device peak. The peak is a *measured* dense bf16
 matmul ceiling where we have one (H100: 777 TFLOP/s, /work/shared/GPU.md), otherwise the
 vendor's dense bf16 figure; an unknown device or the CPU reports MFU as n/a rather than a guess.
@@ -89,13 +96,48 @@ def mlflow_experiment_args(name: str) -> dict:
     return {"experiment_name": os.environ.get("MLFLOW_EXPERIMENT_NAME") or "deepwish"}
 
 
+MLFLOW_RUN_FILE = "mlflow.json"  # RUN/mlflow.json: the MLflow run this run directory logs to
+
+
+def read_mlflow_run(run_dir: str | os.PathLike) -> dict | None:
+    """{'run_id', 'experiment_id', 'tracking_uri'} of RUN/mlflow.json, or None when absent."""
+    path = Path(run_dir) / MLFLOW_RUN_FILE
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def mlflow_run_to_continue(run_dir: str | os.PathLike, explicit_run_id: str | None, resumed_meta: dict | None
+                           ) -> dict | None:
+    """The MLflow run a training run logs to, when it is an existing one: `--mlflow-run-id`,
+    else MLflow's MLFLOW_RUN_ID, else (resuming) the run recorded in the checkpoint's meta.json or
+    in RUN/mlflow.json. None: start a new MLflow run."""
+    if explicit_run_id:
+        return {"run_id": explicit_run_id}
+    if os.environ.get("MLFLOW_RUN_ID"):
+        return {"run_id": os.environ["MLFLOW_RUN_ID"]}
+    if resumed_meta is not None:
+        return resumed_meta.get("mlflow") or read_mlflow_run(run_dir)
+    return None
+
+
+def mlflow_tracking_uri(run_dir: Path, saved_uri: str | None) -> str:
+    """MLFLOW_TRACKING_URI (a server, a database, `databricks`: MLflow's own variables, credentials
+    included, apply), else the URI the continued run was logged to, else a file store inside the
+    run directory (no server)."""
+    return os.environ.get("MLFLOW_TRACKING_URI") or saved_uri or (run_dir / "mlruns").resolve().as_uri()
+
+
+def _flat_params(config: dict) -> dict[str, str]:
+    """`section.key` -> value as text (MLflow params are strings of at most a few hundred chars)."""
+    return {f"{s}.{k}": str(v)[:250] for s, sec in config.items() if isinstance(sec, dict) for k, v in sec.items()}
+
+
 class Logger:
     """Writes metrics.jsonl under `run_dir` and prints progress; one instance per run."""
 
     def __init__(self, run_dir: str | os.PathLike, *, total_steps: int, flops_per_token: float,
                  device: torch.device, log_every: int, tensorboard: bool = False, mlflow: bool = False,
                  config: dict | None = None, window: int = 20, progress_bar: bool | None = None,
-                 mlflow_experiment: str | None = None):
+                 mlflow_experiment: str | None = None, mlflow_continue: dict | None = None):
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.total_steps = total_steps
@@ -111,31 +153,58 @@ class Logger:
         if tensorboard:
             tb = _require("torch.utils.tensorboard", "tensorboard", "tensorboard")
             self._tb = tb.SummaryWriter(log_dir=str(self.run_dir / "tensorboard"))
-        if mlflow:
-            mlf = _require("mlflow", "mlflow", "mlflow")
-            uri = os.environ.get("MLFLOW_TRACKING_URI")
-            if not uri:  # the default: a local file store inside the run directory, no server
-                uri = (self.run_dir / "mlruns").resolve().as_uri()
-            if is_file_store(uri):
-                # MLflow 3 refuses file stores unless MLFLOW_ALLOW_FILE_STORE=true (it prefers a
-                # database backend); a file store is what was asked for here, by default or by
-                # MLFLOW_TRACKING_URI, so opt in unless the variable is already set either way.
-                os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
-            mlf.set_tracking_uri(uri)
-            if mlflow_experiment is None:
-                mlflow_experiment = ((config or {}).get("train") or {}).get("mlflow_experiment", "")
-            mlf.set_experiment(**mlflow_experiment_args(mlflow_experiment))
-            mlf.start_run(run_name=self.run_dir.name)
-            if config:
-                flat = {f"{s}.{k}": v for s, sec in config.items() if isinstance(sec, dict) for k, v in sec.items()}
-                mlf.log_params({k: str(v)[:250] for k, v in flat.items()})
-            self._mlflow = mlf
         use_bar = sys.stdout.isatty() if progress_bar is None else progress_bar
         self._bar = None
         if use_bar:
             from tqdm import tqdm
             self._bar = tqdm(total=total_steps, dynamic_ncols=True, leave=True, file=sys.stdout)
         self.print(f"[deepwish] MFU peak: {self.peak_note}")
+        self.mlflow_run: dict | None = None  # {'run_id', 'experiment_id', 'tracking_uri'}: saved with checkpoints
+        if mlflow:
+            self._start_mlflow(_require("mlflow", "mlflow", "mlflow"), config or {}, mlflow_experiment, mlflow_continue)
+
+    def _start_mlflow(self, mlf, config: dict, experiment: str | None, cont: dict | None) -> None:
+        """Open the MLflow run: `cont` (mlflow_run_to_continue) continues an existing run, else a new
+        run named `train.mlflow_run_name` (default: the run directory's name) in the experiment of
+        mlflow_experiment_args. Params are the flattened resolved config; a continued run gets the
+        params it lacks (MLflow params cannot change: a changed value is noted, not logged)."""
+        train = config.get("train") or {}
+        uri = mlflow_tracking_uri(self.run_dir, (cont or {}).get("tracking_uri"))
+        if is_file_store(uri):
+            # MLflow 3 refuses file stores unless MLFLOW_ALLOW_FILE_STORE=true (it prefers a
+            # database backend); a file store is what was asked for here, by default or by
+            # MLFLOW_TRACKING_URI, so opt in unless the variable is already set either way.
+            os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
+        mlf.set_tracking_uri(uri)
+        params = _flat_params(config)
+        if cont:
+            active = mlf.start_run(run_id=cont["run_id"])  # the run's own experiment
+            have = mlf.get_run(cont["run_id"]).data.params
+            changed = sorted(k for k in params if k in have and have[k] != params[k])
+            if changed:
+                self.print(f"[deepwish] note: MLflow params cannot change; the continued run keeps its values of "
+                           f"{', '.join(changed)} (the new ones are in this run's config.json artifact)")
+            params = {k: v for k, v in params.items() if k not in have}
+        else:
+            if experiment is None:
+                experiment = train.get("mlflow_experiment", "")
+            mlf.set_experiment(**mlflow_experiment_args(experiment))
+            active = mlf.start_run(run_name=train.get("mlflow_run_name") or self.run_dir.name)
+        if params:
+            mlf.log_params(params)
+        self._mlflow = mlf
+        self.mlflow_run = {"run_id": active.info.run_id, "experiment_id": active.info.experiment_id,
+                           # a URI chosen by the environment is kept for --resume; the default is re-derived
+                           "tracking_uri": uri if os.environ.get("MLFLOW_TRACKING_URI") or (cont or {}).get(
+                               "tracking_uri") else None}
+        (self.run_dir / MLFLOW_RUN_FILE).write_text(json.dumps(self.mlflow_run, indent=1))
+        self.print(f"[deepwish] MLflow: {'continuing' if cont else 'new'} run {active.info.run_id} (experiment "
+                   f"{active.info.experiment_id}) at {uri}")
+
+    def artifact(self, path: str | os.PathLike) -> None:
+        """Log a file (the resolved config, the plot) as an MLflow artifact of the run."""
+        if self._mlflow is not None:
+            self._mlflow.log_artifact(str(path))
 
     # ---- output ----------------------------------------------------------------------
     def print(self, line: str) -> None:
@@ -148,14 +217,17 @@ class Logger:
         """One JSON line; every record has `kind` and `step`."""
         append_line(self._jsonl, json.dumps(record))
         step = record.get("step", 0)
+        batch = {}
         for k, v in record.items():
             if k in ("kind", "step") or not isinstance(v, (int, float)) or isinstance(v, bool):
                 continue
             tag = f"{record['kind']}/{k}"
             if self._tb is not None:
                 self._tb.add_scalar(tag, v, step)
-            if self._mlflow is not None and math.isfinite(v):
-                self._mlflow.log_metric(tag.replace("/", "_"), v, step=step)
+            if math.isfinite(v):
+                batch[tag.replace("/", "_")] = v
+        if self._mlflow is not None and batch:
+            self._mlflow.log_metrics(batch, step=step)  # one request per record
 
     def expert_load(self, step: int, layers: list[int], tokens_per_expert: torch.Tensor) -> None:
         """MoE expert-load histograms, one per layer: the raw counts tokens_per_expert [L, E] and,
@@ -230,14 +302,15 @@ class Logger:
         self.print(f"step {step}/{self.total_steps} | " + " | ".join(
             f"{'val ce' if k == 'val_loss' else k} {v:.4f}" for k, v in metrics.items()))
 
-    def close(self) -> None:
+    def close(self, status: str = "FINISHED") -> None:
+        """status: the MLflow run's end state, FINISHED | FAILED | KILLED (a stopped, resumable run)."""
         if self._bar is not None:
             self._bar.close()
         os.close(self._jsonl)
         if self._tb is not None:
             self._tb.close()
         if self._mlflow is not None:
-            self._mlflow.end_run()
+            self._mlflow.end_run(status=status)
 
 
 def open_appender(path: Path) -> int:

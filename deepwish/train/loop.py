@@ -40,7 +40,7 @@ from deepwish.config import ConfigError, RunConfig, from_dict, load_config, pres
 from deepwish.train import dist_checkpoint, parallel, rundir
 from deepwish.train.checkpoint import (list_checkpoints, load_checkpoint, read_meta, resolve_any, save_checkpoint,
                                        set_rng_state, start_branch)
-from deepwish.train.log import Logger
+from deepwish.train.log import Logger, mlflow_run_to_continue
 from deepwish.train.loss import count_targets, eval_objective, lm_loss, resolve_loss_backend
 from deepwish.train.nonfinite import raise_nonfinite
 from deepwish.train.optim import build_optimizer
@@ -369,7 +369,7 @@ def restore_state(run: Run, meta: dict) -> None:
 
 
 def start_run(run_cfg: RunConfig, resume: bool | str, progress_bar: bool | None, init_from: str | None = None,
-              init_ema: bool = False) -> Run:
+              init_ema: bool = False, mlflow_run_id: str | None = None) -> Run:
     """Set-up: run directory, device, seed, data, model (wrapped), optimizer, EMA, loss backend,
     loader, the resumed state, logger."""
     from deepwish.data import PackedLoader
@@ -377,6 +377,8 @@ def start_run(run_cfg: RunConfig, resume: bool | str, progress_bar: bool | None,
 
     if resume and init_from:
         raise ConfigError("--resume continues a run, --init-from starts a new one from weights: give one of them")
+    if mlflow_run_id and not run_cfg.train.mlflow:
+        raise ConfigError(f"--mlflow-run-id {mlflow_run_id} needs train.mlflow=true")
     run_cfg, run_dir, meta = open_run_dir(run_cfg, resume)
     run_cfg, data = check_run(run_cfg, meta, init_from)  # the configuration and the data, before anything runs
     tc = run_cfg.train
@@ -406,7 +408,8 @@ def start_run(run_cfg: RunConfig, resume: bool | str, progress_bar: bool | None,
     run.logger = parallel.NullLogger() if not d.main else Logger(
         run_dir, total_steps=total_steps(tc), flops_per_token=model.flops_per_token(tc.seq_len), device=d.device,
         log_every=tc.log_every, tensorboard=tc.tensorboard, mlflow=tc.mlflow, config=to_dict(run_cfg),
-        progress_bar=progress_bar)
+        progress_bar=progress_bar, mlflow_continue=mlflow_run_to_continue(run_dir, mlflow_run_id, meta))
+    run.logger.artifact(run_dir / "config.json")  # the resolved config (MLflow)
     run.logger.print(f"[deepwish] run {run_dir} | {model.num_params() / 1e6:.2f}M params | device {d.device} | "
                      f"{tc.optimizer} | {tokens_per_step(run)} tokens/step | loss backend {run.backend}")
     return run
@@ -512,14 +515,16 @@ def log_step(run: Run, done: int, lr_f: float, r: StepResult) -> None:
 def save_state(run: Run, done: int) -> str:
     """A checkpoint of everything the run needs to continue exactly (sharded under data parallelism)."""
     tc = run.cfg.train
+    # the MLflow run, so that --resume from this checkpoint continues it (rank 0 writes meta.json)
+    meta_extra = {"mlflow": run.logger.mlflow_run} if run.logger.mlflow_run else None
     if run.d.active:  # collective, sharded (torch.distributed.checkpoint)
         return str(dist_checkpoint.save(run.run_dir, done, model=run.model, optimizer=run.optimizer,
                                         loader=run.loader, ema=run.ema, config=to_dict(run.cfg),
-                                        keep_last=tc.keep_checkpoints))
+                                        keep_last=tc.keep_checkpoints, meta_extra=meta_extra))
     return str(save_checkpoint(run.run_dir, done, model_state=run.model.state_dict(),
                                optimizer_state=run.optimizer.state_dict(), loader_state=run.loader.state_dict(),
                                ema_state=run.ema.state_dict() if run.ema else None, config=to_dict(run.cfg),
-                               keep_last=tc.keep_checkpoints))
+                               keep_last=tc.keep_checkpoints, meta_extra=meta_extra))
 
 
 def validation_loss(run: Run) -> float:
@@ -577,7 +582,7 @@ def finish_run(run: Run, train_losses: dict, val_losses: dict, train_seconds: fl
 
 
 def train(run_cfg: RunConfig, resume: bool | str = False, *, progress_bar: bool | None = None,
-          init_from: str | None = None, init_ema: bool = False) -> dict:
+          init_from: str | None = None, init_ema: bool = False, mlflow_run_id: str | None = None) -> dict:
     """Train per `run_cfg`; returns a summary dict (`finish_run`, plus 'plot' and 'sample').
 
     resume: False = fresh run in train.out_dir (which must hold no checkpoint); True = continue
@@ -585,27 +590,36 @@ def train(run_cfg: RunConfig, resume: bool | str = False, *, progress_bar: bool 
     checkpoint directory), writing into that run directory.
     init_from: a fresh run whose model starts from these weights (train/init_from.py; init_ema: the
     source's EMA weights); optimizer, schedule and data position start fresh.
+    mlflow_run_id: log to this existing MLflow run (train.mlflow=true); resuming without it
+    continues the run recorded in the checkpoint (train/log.py `mlflow_run_to_continue`).
 
     The run directory is locked for the call, and SIGINT/SIGTERM stop it after the current step
     with a save (train/rundir.py: `RunDirError`, `Stopped`).
     """
     with rundir.exclusive(rundir.run_dir_of(run_cfg.train.out_dir, resume), resume), rundir.stop_on_signals():
-        return _train(run_cfg, resume, progress_bar, init_from, init_ema)
+        return _train(run_cfg, resume, progress_bar, init_from, init_ema, mlflow_run_id)
 
 
 def _train(run_cfg: RunConfig, resume: bool | str, progress_bar: bool | None, init_from: str | None = None,
-           init_ema: bool = False) -> dict:
-    run = start_run(run_cfg, resume, progress_bar, init_from, init_ema)
+           init_ema: bool = False, mlflow_run_id: str | None = None) -> dict:
+    from deepwish.train.plot import plot_run
+
+    run = start_run(run_cfg, resume, progress_bar, init_from, init_ema, mlflow_run_id)
+    status = "FAILED"
     try:
         t0 = time.perf_counter()
         train_losses, val_losses = train_steps(run)
         summary = finish_run(run, train_losses, val_losses, time.perf_counter() - t0)
+        summary["plot"] = str(plot_run(run.run_dir)) if run.d.main else None  # rank 0 alone writes metrics.jsonl
+        if run.d.main:
+            print(f"[deepwish] plot: {summary['plot']}", flush=True)
+            run.logger.artifact(summary["plot"])
+        status = "FINISHED"
+    except rundir.Stopped:
+        status = "KILLED"  # stopped by a signal after a save: --resume continues the same MLflow run
+        raise
     finally:
-        run.logger.close()
-    from deepwish.train.plot import plot_run
-    summary["plot"] = str(plot_run(run.run_dir)) if run.d.main else None  # rank 0 alone writes metrics.jsonl
-    if run.d.main:
-        print(f"[deepwish] plot: {summary['plot']}", flush=True)
+        run.logger.close(status)
     summary["sample"] = sample_text(run.model, run.data.tokenizer, run.cfg.train, run.device)
     if summary["sample"] is not None and run.d.main:
         print(f"[deepwish] sample:\n{summary['sample']}", flush=True)
@@ -651,6 +665,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--debug", action="store_true",
                         help="first check of a new preset: 20 steps on synthetic tokens (data/synthetic.py; no "
                              "data or tokenizer needed) in runs/debug/PRESET unless --out; --set still applies")
+    parser.add_argument("--mlflow-run-id", default=None, metavar="RUN_ID",
+                        help="log to this existing MLflow run (sets train.mlflow=true); --resume continues the "
+                             "run recorded in the checkpoint without it")
 
 
 def config_from_args(args: argparse.Namespace) -> RunConfig:
@@ -658,7 +675,8 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
     layered by `config.load_config`."""
     overrides = (debug_overrides(args) if getattr(args, "debug", False) else []) + (
         [f"train.out_dir={args.out}"] if args.out else []) + (
-        [f"train.parallel={args.parallel}"] if getattr(args, "parallel", None) else []) + list(args.overrides)
+        [f"train.parallel={args.parallel}"] if getattr(args, "parallel", None) else []) + (
+        ["train.mlflow=true"] if getattr(args, "mlflow_run_id", None) else []) + list(args.overrides)
     init_from = getattr(args, "init_from", None)
     if args.preset is None and args.config is None and init_from and not args.resume:
         from deepwish.train.init_from import is_hf_dir, source_config
@@ -722,7 +740,7 @@ def run(args: argparse.Namespace) -> int:
         resume = args.out
     try:
         summary = train(cfg, resume=resume, init_from=getattr(args, "init_from", None),
-                        init_ema=getattr(args, "init_ema", False))
+                        init_ema=getattr(args, "init_ema", False), mlflow_run_id=getattr(args, "mlflow_run_id", None))
     except BaseException:
         parallel.shutdown()
         raise

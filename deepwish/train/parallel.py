@@ -299,7 +299,12 @@ class NullLogger:
     def expert_load(self, step: int, layers: list[int], tokens_per_expert: torch.Tensor) -> None:
         pass
 
-    def close(self) -> None:
+    def artifact(self, path) -> None:
+        pass
+
+    mlflow_run = None
+
+    def close(self, status: str = "FINISHED") -> None:
         pass
 
 

@@ -83,17 +83,26 @@ class FakeMlflow3:
             raise RuntimeError("The filesystem tracking backend (e.g., './mlruns') is no longer supported.")
         self.calls.append(("experiment", experiment_name or f"id:{experiment_id}"))
 
-    def start_run(self, run_name=None):
-        self.calls.append(("run", run_name))
+    def start_run(self, run_name=None, run_id=None):
+        from types import SimpleNamespace
+        self.calls.append(("run", run_name or f"id:{run_id}"))
+        return SimpleNamespace(info=SimpleNamespace(run_id=run_id or "r1", experiment_id="e1"))
+
+    def get_run(self, run_id):
+        from types import SimpleNamespace
+        return SimpleNamespace(data=SimpleNamespace(params={}))
 
     def log_params(self, params):
         pass
 
-    def log_metric(self, key, value, step=None):
-        self.calls.append(("metric", key))
+    def log_metrics(self, metrics, step=None):
+        self.calls += [("metric", k) for k in metrics]
 
-    def end_run(self):
-        self.calls.append(("end", None))
+    def log_artifact(self, path):
+        self.calls.append(("artifact", path))
+
+    def end_run(self, status="FINISHED"):
+        self.calls.append(("end", status))
 
 
 @pytest.mark.parametrize("config_name,env,want", [
