@@ -24,9 +24,9 @@ before anything of ours is resident; each result records what was still allocate
                   flash). Compare with `deepwish` for the cost of document isolation.
 The other variants take random token ids, no packing (plain causal attention, the flash path).
 
-Reported per run: tokens/s, step time, MFU = tok/s × model.flops_per_token(seq) / 777 TFLOP/s
-(the measured bf16 matmul peak of the H100, GPU.md; the same FLOP count for both models), peak
-allocated memory, and 'OOM' when a run does not fit. Results go to DIR/results.json and
+Reported per run: tokens/s, step time, MFU = tok/s × model.flops_per_token(seq) / the device's
+measured bf16 matmul peak (train/mfu.py: the same count and peak table as the trainer's progress
+line, printed with its source; the same FLOP count for every variant), peak allocated memory, and 'OOM' when a run does not fit. Results go to DIR/results.json and
 DIR/train_throughput.png; a table is printed last. Goals (issue): qwen3_0.6b >= 80k tok/s and
 >= 45% MFU at batch 8 (HF: 35.0k tok/s at batch 4, OOM at 8); deepseek_v3_bench >= 2x HF
 (71.1k); qwen3_next_bench >= 4x HF (17.1k). A preset that does not exist yet is skipped with a note.
@@ -56,7 +56,8 @@ from pathlib import Path
 
 import torch
 
-PEAK_FLOPS = 777e12  # measured bf16 matmul 8192^3 on the H100 (GPU.md)
+from deepwish.train.mfu import device_peak_flops, mfu
+
 GOALS = {
     "qwen3_0.6b": {"tok_s": 80e3, "mfu": 0.45, "hf_anchor_tok_s": 35.0e3,
                    "note": "HF anchor at batch 4 (OOM at 8)"},
@@ -192,10 +193,15 @@ def build_hf(preset: str, batch: int, seq: int):
         optimizer.zero_grad(set_to_none=True)
         return loss.detach()
 
+    return step, model_flops_per_token(cfg, seq)
+
+
+def model_flops_per_token(model_cfg, seq: int) -> float:
+    """The count the trainer logs (Transformer.flops_per_token), from a meta-device model: the
+    same FLOPs for HF as for ours at the same shape."""
     from deepwish.model import Transformer
     with torch.device("meta"):
-        fpt = Transformer(cfg).flops_per_token(seq)
-    return step, fpt
+        return Transformer(model_cfg).flops_per_token(seq)
 
 
 # ---- timing ----------------------------------------------------------------------------------------
@@ -209,6 +215,7 @@ def measure(preset: str, variant: str, batch: int, seq: int, steps: int, warmup:
     failure = None
     try:
         step, fpt = build_hf(preset, batch, seq) if variant == "hf" else build_deepwish(preset, batch, seq, variant)
+        peak, _ = device_peak_flops(torch.device("cuda"))
         t0 = time.perf_counter()
         first = float(step())
         res.first_step_s = time.perf_counter() - t0
@@ -221,7 +228,7 @@ def measure(preset: str, variant: str, batch: int, seq: int, steps: int, warmup:
         dt = time.perf_counter() - t0
         res.tok_s = steps * batch * seq / dt
         res.step_ms = 1e3 * dt / steps
-        res.mfu = res.tok_s * fpt / PEAK_FLOPS
+        res.mfu = mfu(res.tok_s, fpt, peak)
         res.peak_gib = torch.cuda.max_memory_allocated() / 2**30
         res.loss_first, res.loss_last = first, float(losses[-1])
     except torch.OutOfMemoryError:
@@ -255,10 +262,14 @@ def run_preset(preset: str, variants: list[str], batch: int, seq: int, steps: in
     return out
 
 
+def _pct(x: float | None) -> str:
+    return "  n/a" if x is None else f"{100 * x:5.1f}%"
+
+
 def _fmt(r: Result) -> str:
     if r.status != "ok":
         return f"{r.variant:15s} b{r.batch:<3d} {r.status}"
-    return (f"{r.variant:15s} b{r.batch:<3d} {r.tok_s / 1e3:8.1f}k tok/s  {r.step_ms:8.1f} ms/step  MFU {100 * r.mfu:5.1f}%  "
+    return (f"{r.variant:15s} b{r.batch:<3d} {r.tok_s / 1e3:8.1f}k tok/s  {r.step_ms:8.1f} ms/step  MFU {_pct(r.mfu)}  "
             f"peak {r.peak_gib:6.1f} GiB  first step {r.first_step_s:6.1f} s  loss {r.loss_first:.3f}->{r.loss_last:.3f}")
 
 
@@ -269,12 +280,12 @@ def verdicts(preset: str, results: list[Result]) -> list[str]:
     if goal is None or not ours:
         return []
     best = max(ours, key=lambda r: r.tok_s)
-    lines = [f"{preset}: best deepwish {best.variant} b{best.batch} {best.tok_s / 1e3:.1f}k tok/s, MFU {100 * best.mfu:.1f}%"]
+    lines = [f"{preset}: best deepwish {best.variant} b{best.batch} {best.tok_s / 1e3:.1f}k tok/s, MFU {_pct(best.mfu)}"]
     hf_ok = [r for r in results if r.variant == "hf" and r.status == "ok"]
     hf = max(hf_ok, key=lambda r: r.tok_s) if hf_ok else None
     if "tok_s" in goal:
         lines.append(f"  goal >= {goal['tok_s'] / 1e3:.0f}k tok/s: {'MET' if best.tok_s >= goal['tok_s'] else 'NOT met'}; "
-                     f"goal MFU >= {100 * goal['mfu']:.0f}%: {'MET' if best.mfu >= goal['mfu'] else 'NOT met'}")
+                     f"goal MFU >= {100 * goal['mfu']:.0f}%: {'MET' if (best.mfu or 0) >= goal['mfu'] else 'NOT met'}")
     if "hf_ratio" in goal:
         base = hf.tok_s if hf else goal["hf_anchor_tok_s"]
         src = f"HF measured here b{hf.batch}" if hf else "HF anchor from GPU.md"
@@ -299,7 +310,7 @@ def plot(results: list[Result], path: Path) -> None:
         vals = [r.tok_s / 1e3 if r.status == "ok" else 0.0 for r in rs]
         bars = ax.bar(range(len(rs)), vals, color=["C0" if r.variant.startswith("deepwish") else "C1" for r in rs])
         for b, r in zip(bars, rs):
-            text = f"{r.tok_s / 1e3:.1f}k\n{100 * r.mfu:.0f}% MFU" if r.status == "ok" else r.status[:12]
+            text = f"{r.tok_s / 1e3:.1f}k\n{_pct(r.mfu)} MFU" if r.status == "ok" else r.status[:12]
             ax.annotate(text, (b.get_x() + b.get_width() / 2, b.get_height()), ha="center", va="bottom", fontsize=7)
         goal = GOALS.get(preset, {})
         if "tok_s" in goal:
@@ -320,10 +331,11 @@ def plot(results: list[Result], path: Path) -> None:
 def environment() -> dict:
     import triton
     import transformers
+    peak, note = device_peak_flops(torch.device("cuda")) if torch.cuda.is_available() else (None, "no GPU")
     return {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
             "python": platform.python_version(), "torch": torch.__version__, "triton": triton.__version__,
-            "transformers": transformers.__version__, "peak_flops": PEAK_FLOPS}
+            "transformers": transformers.__version__, "peak_flops": peak, "peak_source": note}
 
 
 def preset_exists(name: str) -> bool:
@@ -462,7 +474,7 @@ def main(argv: list[str] | None = None) -> int:
     if results:
         plot(results, out / "train_throughput.png")
     print(f"\n{doc['env']['device']} | torch {torch.__version__} | seq {args.seq} | {args.steps} timed steps "
-          f"| MFU vs {PEAK_FLOPS / 1e12:.0f} TFLOP/s")
+          f"| MFU peak {doc['env']['peak_source']}")
     for r in results:
         print(f"{r.preset:18s} {_fmt(r)}")
     for preset in dict.fromkeys(r.preset for r in results):

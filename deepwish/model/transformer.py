@@ -162,24 +162,29 @@ class Transformer(nn.Module):
         return total
 
     def flops_per_token(self, seq_len: int) -> float:
-        """Training FLOPs per token: 6·(active matmul params) + causal attention 6·L·H·D·T.
+        """Training FLOPs per token: 6·(active matmul params) + attention and gated-delta terms,
+        counted as train/mfu.py documents (the one count behind every MFU figure).
         Every parameter but the embedding lookup is counted as a matmul (the tied head is one)."""
+        from deepwish.train.mfu import attention_flops_per_token, gated_delta_flops_per_token, mean_keys
+
+        c = self.cfg
         n = self.num_params(active=True) - self.embed.weight.numel()
         if self.lm_head is None:
             n += self.embed.weight.numel()
         for lookup in (self.pos_embed, self.value_embeds):  # table lookups, not matmuls
             n -= sum(p.numel() for p in lookup.parameters()) if lookup is not None else 0
-        attn = 0
+        mixer = 0.0
         for b in self.blocks:
             if b.mixer_kind in ("gqa", "gated_gqa"):
-                seen = min(seq_len, b.mixer.window) if b.mixer.window > 0 else seq_len
-                attn += 6 * self.cfg.n_heads * self.cfg.head_dim * seen
-            elif b.mixer_kind in ("mla", "dsa"):
-                c = self.cfg
-                attn += 3 * c.n_heads * (c.qk_nope_head_dim + c.qk_rope_head_dim + c.v_head_dim) * seq_len
+                mixer += attention_flops_per_token(c.n_heads, c.head_dim, c.head_dim, mean_keys(seq_len, b.mixer.window))
             elif b.mixer_kind == "swa":
-                attn += 6 * self.cfg.n_heads * self.cfg.head_dim * min(seq_len, self.cfg.sliding_window)
-        return 6.0 * n + attn
+                mixer += attention_flops_per_token(c.n_heads, c.head_dim, c.head_dim, mean_keys(seq_len, c.sliding_window))
+            elif b.mixer_kind in ("mla", "dsa"):
+                mixer += attention_flops_per_token(c.n_heads, c.qk_nope_head_dim + c.qk_rope_head_dim, c.v_head_dim,
+                                                   mean_keys(seq_len))
+            elif b.mixer_kind == "gdn":
+                mixer += gated_delta_flops_per_token(c.linear_n_v_heads, c.linear_k_head_dim, c.linear_v_head_dim)
+        return 6.0 * n + mixer
 
     # ---- forward -------------------------------------------------------------------------
     def context(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None,

@@ -7,9 +7,10 @@ the run directory is used. The run id is kept in RUN/mlflow.json and in every ch
 meta.json, so `--resume` continues the same MLflow run (metrics continue at the resumed step).
 Params are the flattened resolved config; the config file and the plot are artifacts.
 
-MFU = (tokens/s × model FLOPs per token) / device peak. The peak is a *measured* dense bf16
-matmul ceiling where we have one (H100: 777 TFLOP/s, /work/shared/GPU.md), otherwise the
-vendor's dense bf16 figure; an unknown device or the CPU reports MFU as n/a rather than a guess.
+MFU = (tokens/s × model FLOPs per token) / device peak, counted by train/mfu.py (the same count
+and peak table as `deepwish bench train`). The peak is a *measured* dense bf16 matmul ceiling
+where we have one (H100 777, H200 774 TFLOP/s), otherwise the vendor's dense bf16 figure; an
+unknown device or the CPU reports MFU as n/a rather than a guess.
 
 metrics.jsonl is appended one whole line per write(2) on an O_APPEND descriptor (no user-space
 buffer, so a killed process leaves every finished record on disk). A kill can still tear the
@@ -34,28 +35,10 @@ from typing import Any
 
 import torch
 
-# Dense bf16 peak FLOP/s by a substring of torch.cuda.get_device_name(); first match wins.
-PEAK_BF16_FLOPS: tuple[tuple[str, float, str], ...] = (
-    ("H100", 777e12, "measured: 8192^3 bf16 matmul on H100 SXM 80GB"),
-    ("H200", 777e12, "assumed equal to the measured H100 (same GH100 compute)"),
-    ("GH200", 777e12, "assumed equal to the measured H100 (same GH100 compute)"),
-    ("B200", 2250e12, "datasheet dense bf16"),
-    ("A100", 312e12, "datasheet dense bf16"),
-    ("L40S", 362e12, "datasheet dense bf16"),
-    ("A10G", 70e12, "datasheet dense bf16"),
-    ("RTX 4090", 165e12, "datasheet dense bf16"),
-)
+from deepwish.train.mfu import PEAKS, device_peak_flops, mfu as model_flops_utilisation  # noqa: F401 (re-exported)
 
-
-def device_peak_flops(device: torch.device) -> tuple[float | None, str]:
-    """(peak FLOP/s or None, where the number comes from)."""
-    if device.type != "cuda":
-        return None, f"no peak for device type {device.type!r}: MFU n/a"
-    name = torch.cuda.get_device_name(device)
-    for key, peak, source in PEAK_BF16_FLOPS:
-        if key in name:
-            return peak, f"{name}: {peak / 1e12:.0f} TFLOP/s ({source})"
-    return None, f"{name}: peak unknown, MFU n/a (add it to PEAK_BF16_FLOPS in train/log.py)"
+# Dense bf16 peak FLOP/s by a substring of the device name (train/mfu.py's table, without the bandwidth).
+PEAK_BF16_FLOPS: tuple[tuple[str, float, str], ...] = tuple((k, f, s) for k, f, _, s in PEAKS)
 
 
 def peak_memory_bytes(device: torch.device) -> int:
@@ -275,7 +258,7 @@ class Logger:
         dt = max(t1 - t0, 1e-9)
         tok_s = (n1 - n0) / dt
         step_time = dt / max(steps_in_window, 1)
-        mfu = tok_s * self.flops_per_token / self.peak_flops if self.peak_flops else None
+        mfu = model_flops_utilisation(tok_s, self.flops_per_token, self.peak_flops)
         mem = peak_memory_bytes(self.device)
         eta = step_time * (self.total_steps - step)
         rec = {"kind": "train", "step": step, **metrics, "tok_s": tok_s, "mfu": mfu,

@@ -84,10 +84,12 @@ def newton_schulz(G: torch.Tensor, steps: int = 5, eps: float = 1e-7, schedule: 
         raise ValueError(f"newton_schulz needs a matrix or a batch of matrices, got shape {tuple(G.shape)}")
     coeffs, f = ns_coefficients(schedule, steps)
     m, n = G.shape[-2:]
-    X = G.reshape(-1, m, n)
-    # Frobenius normalisation bounds the spectral norm by 1, inside the iteration's basin.
-    norm = torch.linalg.vector_norm(X, dim=(-2, -1), keepdim=True, dtype=torch.promote_types(X.dtype, torch.float32))
-    X = (X / (norm * f + eps)).to(torch.bfloat16 if G.is_cuda else torch.float32)
+    G3 = G.reshape(-1, m, n)
+    # Frobenius normalisation bounds the spectral norm by 1, inside the iteration's basin; the norm
+    # and the division in fp32 (out= rounds once, to the compute dtype).
+    norm = torch.linalg.vector_norm(G3, dim=(-2, -1), keepdim=True, dtype=torch.promote_types(G.dtype, torch.float32))
+    X = torch.empty(G3.shape, dtype=compute_dtype(G.device), device=G.device)
+    torch.mul(G3, 1.0 / (norm * f + eps), out=X)
     tall = m > n
     if tall:
         X = X.mT
@@ -98,6 +100,11 @@ def newton_schulz(G: torch.Tensor, steps: int = 5, eps: float = 1e-7, schedule: 
     if tall:
         X = X.mT
     return X.reshape(G.shape).to(G.dtype)
+
+
+def compute_dtype(device: torch.device) -> torch.dtype:
+    """Dtype of the Newton–Schulz matmuls: bf16 on CUDA, fp32 elsewhere (CPU tests stay exact)."""
+    return torch.bfloat16 if device.type == "cuda" else torch.float32
 
 
 def normuon_normalize(O: torch.Tensor, v: torch.Tensor, beta2: float = 0.95, eps: float = 1e-8) -> torch.Tensor:
@@ -166,9 +173,9 @@ class Muon(torch.optim.Optimizer):
                     raise ValueError(f"Muon takes 2-D matrices or 3-D stacks of matrices, got shape "
                                      f"{tuple(p.shape)}; put it in an AdamW group")
 
-    def _momentum(self, group: dict, params: list, local) -> list[torch.Tensor]:
-        """Update the momentum buffers of `params` (foreach) and return the Nesterov updates u,
-        as tensors `local` maps to (DTensor shards -> their local tensors)."""
+    def _momentum(self, group: dict, params: list, local) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Update the momentum buffers of `params` (foreach); returns (grads, buffers) as the
+        tensors `local` maps them to (DTensor shards -> their local tensors)."""
         mu = group["momentum"]
         bufs = []
         for p in params:
@@ -179,7 +186,19 @@ class Muon(torch.optim.Optimizer):
         grads = [local(p.grad) for p in params]
         torch._foreach_mul_(bufs, mu)
         torch._foreach_add_(bufs, grads)
-        return torch._foreach_add(grads, bufs, alpha=mu) if group["nesterov"] else bufs
+        return grads, bufs
+
+    @staticmethod
+    def _stacked_update(group: dict, grads: list, bufs: list, idx: list[int], device: torch.device) -> torch.Tensor:
+        """[len(idx), *shape] Nesterov updates u = g + mu m (or m) of the tensors `idx`, written
+        straight into one stack in the compute dtype (one rounding from fp32, no fp32 copy)."""
+        U = torch.empty((len(idx), *grads[idx[0]].shape), dtype=compute_dtype(device), device=device)
+        for j, i in enumerate(idx):
+            if group["nesterov"]:
+                torch.add(grads[i].to(device), bufs[i].to(device), alpha=group["momentum"], out=U[j])
+            else:
+                U[j].copy_(bufs[i])
+        return U
 
     def _orthogonalise(self, group: dict, params: list, U: torch.Tensor) -> torch.Tensor:
         """[N, *shape] stacked updates of `params` -> orthogonalised (and NorMuon-normalised)."""
@@ -199,12 +218,14 @@ class Muon(torch.optim.Optimizer):
 
     @staticmethod
     def _apply(group: dict, targets: list[torch.Tensor], O: torch.Tensor, shape) -> None:
-        """p <- p (1 - lr wd) - lr scale o for the (local) tensors `targets` and stacked updates O."""
+        """p <- p (1 - lr wd) - lr scale o for the (local) tensors `targets` and stacked updates O
+        (any dtype and strides: each add reads its slice as it is, no converted copy)."""
         lr, wd = group["lr"], group["weight_decay"]
         if wd:
             torch._foreach_mul_(targets, 1.0 - lr * wd)
-        updates = O.to(device=targets[0].device, dtype=targets[0].dtype, memory_format=torch.contiguous_format)
-        torch._foreach_add_(targets, list(updates.unbind(0)), alpha=-lr * shape_scale(shape))
+        alpha = -lr * shape_scale(shape)
+        for t, o in zip(targets, O.unbind(0)):
+            t.add_(o.to(t.device), alpha=alpha)
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -216,11 +237,11 @@ class Muon(torch.optim.Optimizer):
             params = [p for p in group["params"] if p.grad is not None]
             if not params:
                 continue
-            us = self._momentum(group, params, lambda t: t)
-            for idx in shape_buckets(us):
+            grads, bufs = self._momentum(group, params, lambda t: t)
+            for idx in shape_buckets(grads):
                 ps = [params[i] for i in idx]
-                O = self._orthogonalise(group, ps, torch.stack([us[i] for i in idx]))
-                self._apply(group, ps, O, ps[0].shape)
+                U = self._stacked_update(group, grads, bufs, idx, grads[idx[0]].device)
+                self._apply(group, ps, self._orthogonalise(group, ps, U), ps[0].shape)
         return loss
 
 
@@ -291,7 +312,8 @@ class DistributedMuon(Muon):
             params = [p for p in group["params"] if p.grad is not None]
             if not params:
                 continue
-            us = self._momentum(group, params, _local)
+            grads, bufs = self._momentum(group, params, _local)
+            us = torch._foreach_add(grads, bufs, alpha=group["momentum"]) if group["nesterov"] else bufs
             keys = defaultdict(list)
             for i, p in enumerate(params):
                 if isinstance(p, DTensor):
@@ -328,7 +350,7 @@ class DistributedMuon(Muon):
 
         shape = tuple(ps[0].shape)
         dev = _comm_device(ps[0])
-        dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
+        dtype = compute_dtype(dev)
         mine = [k for k, o in enumerate(owners) if o == rank]
         if not sharded or world == 1:  # whole matrices already here
             full = torch.stack([us[k] for k in mine]).to(device=dev, dtype=dtype) if mine else None
@@ -366,7 +388,7 @@ class DistributedMuon(Muon):
         O = self._orthogonalise(group, [ps[k] for k in mine], full) if mine else None
         shape = tuple(ps[0].shape)
         dev = _comm_device(ps[0])
-        dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
+        dtype = compute_dtype(dev)
         count = [owners.count(j) for j in range(world)]
         position = [owners[:k].count(owners[k]) for k in range(len(ps))]  # index in its owner's stack
         if world == 1:

@@ -1,0 +1,69 @@
+"""One FLOP count and one peak table behind the trainer's MFU and `deepwish bench train`."""
+import pytest
+import torch
+
+from deepwish.config import load_config
+from deepwish.model import Transformer
+from deepwish.train import mfu as M
+
+
+def test_mean_keys_counts_the_causal_and_windowed_masks():
+    for T, w in ((64, 0), (64, 16), (64, 64), (64, 100), (37, 5)):
+        i = torch.arange(T)
+        mask = (i[None, :] <= i[:, None])
+        if w:
+            mask &= i[:, None] - i[None, :] < w
+        exact = mask.sum().item() / T
+        # the convention drops the diagonal's half (T/2, not (T+1)/2): within one key per query
+        assert abs(M.mean_keys(T, w) - exact) <= 0.5 + 1e-9, (T, w, M.mean_keys(T, w), exact)
+    assert M.mean_keys(2048) == 1024 and M.mean_keys(2048, 4096) == 1024
+    assert M.mean_keys(8192, 1024) == 1024 - 1024 ** 2 / (2 * 8192)
+
+
+def test_gated_delta_count_is_the_kernel_benchmarks_count():
+    from deepwish.bench import gdn
+    T = 4096
+    per_token_fwd = gdn.gdn_fwd_flops(T, heads=16, K=128, V=128) / (gdn.B * T)
+    assert M.gated_delta_flops_per_token(16, 128, 128) == pytest.approx(3 * per_token_fwd)
+
+
+def test_peak_table_names_its_source():
+    flops, copy, note = M.peaks_for_name("NVIDIA H200")
+    assert (flops, copy) == (774e12, 4172e9) and "measured" in note and "774" in note
+    assert M.peaks_for_name("NVIDIA H100 80GB HBM3")[0] == 777e12
+    assert M.peaks_for_name("NVIDIA GH200 480GB")[1] is None  # GH200 is not taken for an H200
+    assert M.peaks_for_name("Some GPU")[0] is None
+    assert M.device_peak_flops(torch.device("cpu"))[0] is None
+    assert M.mfu(1000.0, 2e9, 4e12) == 0.5 and M.mfu(1000.0, 2e9, None) is None
+
+
+@pytest.mark.parametrize("preset", ["qwen3_tiny", "qwen3_next_tiny"])
+def test_trainer_and_bench_count_the_same_flops_and_mfu(preset, monkeypatch, tmp_path):
+    """The progress line's MFU (Logger, given model.flops_per_token as the loop passes it) equals the
+    benchmark's (model_flops_per_token from a meta model, the same peak) for a made-up tok/s."""
+    from deepwish.bench import train as bench
+    from deepwish.train import log as L
+
+    cfg = load_config(preset).model
+    seq = 256
+    model = Transformer(cfg)
+    fpt_loop = model.flops_per_token(seq)
+    assert bench.model_flops_per_token(cfg, seq) == fpt_loop
+    kinds = {b.mixer_kind for b in model.blocks}
+    mixer = fpt_loop - 6.0 * (model.num_params(active=True) - (model.embed.weight.numel() if model.lm_head else 0))
+    expect = 0.0
+    for b in model.blocks:
+        if b.mixer_kind == "gdn":
+            expect += M.gated_delta_flops_per_token(cfg.linear_n_v_heads, cfg.linear_k_head_dim, cfg.linear_v_head_dim)
+        else:
+            expect += 6 * cfg.n_heads * cfg.head_dim * seq / 2 * 2
+    assert mixer == pytest.approx(expect), kinds
+    if preset == "qwen3_next_tiny":
+        assert "gdn" in kinds  # the recurrence is part of the count
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a, **k: "NVIDIA H200")
+    peak, note = M.device_peak_flops(torch.device("cuda"))
+    logger = L.Logger(tmp_path, total_steps=10, flops_per_token=fpt_loop, device=torch.device("cuda"), log_every=1,
+                      progress_bar=False)
+    assert logger.peak_flops == peak == 774e12 and logger.peak_note == note
+    assert M.mfu(50_000.0, bench.model_flops_per_token(cfg, seq), peak) == \
+        M.mfu(50_000.0, logger.flops_per_token, logger.peak_flops)
