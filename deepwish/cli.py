@@ -186,6 +186,7 @@ BENCHES = {
     "gdn": "deepwish.bench.gdn",
     "decode": "deepwish.bench.decode",
     "train": "deepwish.bench.train",
+    "muon": "deepwish.bench.muon",
     "sweep": "deepwish.bench.sweep",
 }
 

@@ -136,3 +136,23 @@ def test_shape_buckets_and_shard_rows():
 def test_muon_rejects_unknown_schedule():
     with pytest.raises(ValueError, match="schedule"):
         Muon([nn.Parameter(torch.randn(4, 4))], ns_schedule="cubic")
+
+
+def test_bench_reference_loop_and_flop_count():
+    """bench/muon.py's per-matrix step (its baseline) is the same update as the batched Muon; its
+    Newton–Schulz FLOP count is k·(4m²n + 2m³) per matrix."""
+    from deepwish.bench.muon import ns_flops, per_matrix_step
+    shapes = [(16, 8), (8, 16), (16, 8), (2, 6, 10)]
+    a = [nn.Parameter(torch.randn(s)) for s in shapes]
+    b = [nn.Parameter(x.detach().clone()) for x in a]
+    oa, ob = Muon(a, lr=0.05, weight_decay=0.1), Muon(b, lr=0.05, weight_decay=0.1)
+    for _ in range(2):
+        for x, y in zip(a, b):
+            x.grad = torch.randn(x.shape)
+            y.grad = x.grad.clone()
+        oa.step()
+        with torch.no_grad():
+            per_matrix_step(ob)
+    for x, y in zip(a, b):
+        torch.testing.assert_close(x.detach(), y.detach(), rtol=1e-5, atol=1e-6)
+    assert ns_flops([(16, 8), (2, 6, 10)], 5) == 5 * (4 * 64 * 16 + 2 * 512) + 2 * 5 * (4 * 36 * 10 + 2 * 216)

@@ -1,0 +1,155 @@
+"""Benchmark: one optimizer step on a real model's parameters, Muon (batched) against AdamW and
+against Muon taken one matrix at a time.
+
+    python -m deepwish.bench.muon --out reports/bench_muon [--preset qwen3_0.6b]
+    deepwish bench muon --out reports/bench_muon
+
+The model is built on the GPU in fp32 (the trainer's master weights) with random fp32 gradients;
+optimizers as `build_optimizer` makes them (Muon on the hidden matrices, fused AdamW on the rest):
+  adamw            fused AdamW on every parameter (train.optimizer=adamw);
+  muon             Muon, same-shape matrices batched (train/muon.py), jordan coefficients;
+  muon-pe          the same with the Polar Express coefficients;
+  muon-normuon     the same with NorMuon;
+  muon-per-matrix  Muon one matrix at a time (the update rule without batching: one Newton–Schulz
+                   launch chain per matrix), the reference for what batching buys.
+Reported: median ms per step (CUDA events, after warm-up), the Newton–Schulz FLOPs of one step
+(per matrix of min/max dims m <= n and k iterations: k·(4·m²·n + 2·m³)) and their rate against the
+device's measured bf16 peak (train/mfu.py). Results: DIR/results.json, DIR/muon_step.png.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+VARIANTS = ("adamw", "muon", "muon-pe", "muon-normuon", "muon-per-matrix")
+
+
+def ns_flops(shapes: list[tuple[int, ...]], steps: int) -> float:
+    """FLOPs of `steps` Newton–Schulz iterations over matrices (stacks) of these shapes."""
+    total = 0.0
+    for s in shapes:
+        m, n = sorted(s[-2:])
+        batch = 1
+        for d in s[:-2]:
+            batch *= d
+        total += batch * steps * (4 * m * m * n + 2 * m ** 3)
+    return total
+
+
+def per_matrix_step(opt) -> None:
+    """Muon's update, one matrix at a time (the shape of the loop before batching)."""
+    from deepwish.train.muon import newton_schulz, shape_scale
+    for group in opt.param_groups:
+        lr, mu, wd = group["lr"], group["momentum"], group["weight_decay"]
+        for p in group["params"]:
+            st = opt.state[p]
+            if "momentum_buffer" not in st:
+                st["momentum_buffer"] = torch.zeros_like(p.grad)
+            buf = st["momentum_buffer"]
+            buf.mul_(mu).add_(p.grad)
+            o = newton_schulz(p.grad.add(buf, alpha=mu), steps=group["ns_steps"])
+            if wd:
+                p.mul_(1 - lr * wd)
+            p.add_(o, alpha=-lr * shape_scale(p.shape))
+
+
+def time_variant(model, cfg_train, variant: str, steps: int, warmup: int) -> dict:
+    import dataclasses
+
+    from deepwish.train.optim import build_optimizer
+
+    sets = {"adamw": dict(optimizer="adamw"), "muon": {}, "muon-per-matrix": {},
+            "muon-pe": dict(muon_ns_schedule="polar_express"), "muon-normuon": dict(muon_normuon=True)}[variant]
+    tc = dataclasses.replace(cfg_train, **sets)
+    opt = build_optimizer(model, tc)
+    if variant == "muon-per-matrix":
+        muon = opt.optimizers["muon"]
+        rest = opt.optimizers["adamw"]
+
+        def step():
+            with torch.no_grad():
+                per_matrix_step(muon)
+            rest.step()
+    else:
+        step = opt.step
+    for _ in range(warmup):
+        step()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(steps):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        step()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b))
+    times.sort()
+    shapes = [tuple(p.shape) for g in opt.optimizers.get("muon", opt).param_groups for p in g["params"]] \
+        if "muon" in opt.optimizers else []
+    del opt
+    torch.cuda.empty_cache()
+    return {"variant": variant, "ms": times[len(times) // 2], "ms_min": times[0],
+            "ns_flops": ns_flops(shapes, tc.muon_ns_steps) if shapes else 0.0, "n_matrices": len(shapes)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="deepwish bench muon", description=__doc__.split("\n")[0])
+    p.add_argument("--out", default="reports/bench_muon")
+    p.add_argument("--preset", default="qwen3_0.6b")
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated subset of {', '.join(VARIANTS)}")
+    args = p.parse_args(argv)
+    if not torch.cuda.is_available():
+        raise SystemExit("deepwish bench muon needs a CUDA GPU")
+    variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+    bad = [v for v in variants if v not in VARIANTS]
+    if bad:
+        raise SystemExit(f"unknown variant(s) {bad}; choose from {', '.join(VARIANTS)}")
+    from deepwish.config import load_config
+    from deepwish.model import Transformer
+    from deepwish.train.mfu import device_peak_flops
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    cfg = load_config(args.preset)
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        model = Transformer(cfg.model)
+    for q in model.parameters():
+        q.grad = torch.randn_like(q) * 1e-3
+    peak, note = device_peak_flops(torch.device("cuda"))
+    results = []
+    for v in variants:
+        r = time_variant(model, cfg.train, v, args.steps, args.warmup)
+        r["ns_tflops_s"] = r["ns_flops"] / (r["ms"] * 1e-3) / 1e12 if r["ns_flops"] else None
+        results.append(r)
+        print(f"[bench muon] {args.preset} {v:16s} {r['ms']:8.2f} ms/step  ({r['n_matrices']} matrices, "
+              f"NS {r['ns_flops'] / 1e12:.2f} TFLOP/step"
+              + (f", {r['ns_tflops_s']:.0f} TFLOP/s counting the whole step)" if r["ns_tflops_s"] else ")"), flush=True)
+    env = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+           "device": torch.cuda.get_device_name(), "torch": torch.__version__, "peak": note}
+    (out / "results.json").write_text(json.dumps({"env": env, "preset": args.preset, "results": results}, indent=1))
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(7, 4))
+    bars = ax.bar(range(len(results)), [r["ms"] for r in results], color=["C1" if r["variant"] == "adamw" else "C0" for r in results])
+    for bar, r in zip(bars, results):
+        ax.annotate(f"{r['ms']:.1f} ms", (bar.get_x() + bar.get_width() / 2, bar.get_height()), ha="center", va="bottom", fontsize=8)
+    ax.set_xticks(range(len(results)), [r["variant"] for r in results], fontsize=8)
+    ax.set_ylabel("ms per optimizer step")
+    ax.set_title(f"{args.preset} optimizer step, {env['device']}")
+    fig.tight_layout()
+    fig.savefig(out / "muon_step.png", dpi=120)
+    print(f"{env['device']} | torch {torch.__version__} | peak {note}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
