@@ -17,6 +17,10 @@ before anything of ours is resident; each result records what was still allocate
                   SDPA attention, fp32 weights under bf16 autocast, fused AdamW, clipping, the
                   model's own loss (labels=input_ids) — what a user of HF would run. Tried at the
                   benchmark batch and, if that does not fit, at half of it.
+  hf-liger        the same HF model with Liger kernels (liger_kernel.transformers.apply_liger_kernel_to_qwen3:
+                  RMSNorm, rotary, SwiGLU, fused linear cross-entropy), Qwen3 only; skipped with a
+                  line saying why when liger_kernel is not importable or the family has no patch.
+                  Liger patches transformers' Qwen3 classes process-wide, so it runs after `hf`.
   deepwish-packed the trainer's real input: PackedLoader batches of the embedded corpus (the
                   default shards `deepwish train` builds), with per-token document ids and
                   positions, so attention runs with document isolation (model.attn_backend=auto:
@@ -65,7 +69,7 @@ GOALS = {
     "qwen3_next_bench": {"hf_ratio": 4.0, "hf_anchor_tok_s": 17.1e3, "note": "HF anchor at batch 4"},
 }
 # HF first: nothing of ours (compiled graphs, caches) is resident yet when it tries to fit.
-VARIANTS = ("hf", "deepwish", "deepwish-packed", "deepwish-muon", "deepwish-eager", "deepwish-fsdp1")
+VARIANTS = ("hf", "hf-liger", "deepwish", "deepwish-packed", "deepwish-muon", "deepwish-eager", "deepwish-fsdp1")
 
 
 @dataclasses.dataclass
@@ -170,13 +174,32 @@ def hf_config(model_cfg):
     return transformers.AutoConfig.for_model(d.pop("model_type"), **d)
 
 
-def build_hf(preset: str, batch: int, seq: int):
+class Skipped(Exception):
+    """A variant that cannot run here (a missing optional library); reported, not an error."""
+
+
+def apply_liger(model_type: str) -> None:
+    """Liger's kernels patched into transformers' classes for `model_type` (before the model is built)."""
+    try:
+        import liger_kernel.transformers as liger
+    except Exception as e:  # noqa: BLE001 - any import failure means the variant cannot run
+        raise Skipped(f"liger_kernel is not importable ({type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''})")
+    patches = {"qwen3": "apply_liger_kernel_to_qwen3"}
+    if model_type not in patches:
+        raise Skipped(f"no Liger patch wired for HF model type {model_type!r} (only {', '.join(patches)})")
+    getattr(liger, patches[model_type])(rope=True, rms_norm=True, swiglu=True, cross_entropy=False,
+                                        fused_linear_cross_entropy=True)
+
+
+def build_hf(preset: str, batch: int, seq: int, liger: bool = False):
     import transformers
 
     from deepwish.config import load_config
 
     cfg = load_config(preset).model
     device = torch.device("cuda")
+    if liger:
+        apply_liger(hf_config(cfg).model_type)
     torch.manual_seed(0)
     model = transformers.AutoModelForCausalLM.from_config(hf_config(cfg), attn_implementation="sdpa",
                                                           dtype=torch.float32).to(device)
@@ -214,7 +237,8 @@ def measure(preset: str, variant: str, batch: int, seq: int, steps: int, warmup:
     res.resident_gib_before = torch.cuda.memory_allocated() / 2**30
     failure = None
     try:
-        step, fpt = build_hf(preset, batch, seq) if variant == "hf" else build_deepwish(preset, batch, seq, variant)
+        step, fpt = (build_hf(preset, batch, seq, liger=variant == "hf-liger") if variant.startswith("hf")
+                     else build_deepwish(preset, batch, seq, variant))
         peak, _ = device_peak_flops(torch.device("cuda"))
         t0 = time.perf_counter()
         first = float(step())
@@ -233,6 +257,8 @@ def measure(preset: str, variant: str, batch: int, seq: int, steps: int, warmup:
         res.loss_first, res.loss_last = first, float(losses[-1])
     except torch.OutOfMemoryError:
         failure = "OOM"
+    except Skipped as e:
+        failure = f"skipped: {e}"
     except Exception as e:  # noqa: BLE001 - one failing variant is reported, the others still run
         failure = f"error: {type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
     if failure is not None:  # outside the except block, so the traceback's frames are gone
@@ -253,9 +279,9 @@ def run_preset(preset: str, variants: list[str], batch: int, seq: int, steps: in
     for v in variants:
         print(f"[bench] {preset} {v} batch {batch} seq {seq} ...", flush=True)
         r = measure(preset, v, batch, seq, steps, warmup)
-        if v == "hf" and r.status == "OOM" and batch > 1:
+        if v.startswith("hf") and r.status == "OOM" and batch > 1:
             out.append(r)
-            print(f"[bench] {preset} hf OOM at batch {batch}; trying batch {batch // 2}", flush=True)
+            print(f"[bench] {preset} {v} OOM at batch {batch}; trying batch {batch // 2}", flush=True)
             r = measure(preset, v, batch // 2, seq, steps, warmup)
         out.append(r)
         print(f"[bench]   {_fmt(r)}", flush=True)
@@ -291,6 +317,10 @@ def verdicts(preset: str, results: list[Result]) -> list[str]:
         src = f"HF measured here b{hf.batch}" if hf else "HF anchor from GPU.md"
         lines.append(f"  goal >= {goal['hf_ratio']:.0f}x HF ({src}: {base / 1e3:.1f}k): {best.tok_s / base:.2f}x, "
                      f"{'MET' if best.tok_s >= goal['hf_ratio'] * base else 'NOT met'}")
+    liger_ok = [r for r in results if r.variant == "hf-liger" and r.status == "ok"]
+    if liger_ok:
+        lg = max(liger_ok, key=lambda r: r.tok_s)
+        lines.append(f"  vs HF + Liger measured here (b{lg.batch}): {best.tok_s / lg.tok_s:.2f}x")
     if hf is not None:
         lines.append(f"  vs HF measured here (b{hf.batch}): {best.tok_s / hf.tok_s:.2f}x (GPU.md anchor "
                      f"{goal['hf_anchor_tok_s'] / 1e3:.1f}k, {goal['note']})")

@@ -308,6 +308,8 @@ def test_bench_train_runs_every_variant_on_a_tiny_preset(cuda, tmp_path):
     doc = json.loads((tmp_path / "results.json").read_text())
     by_variant = {r["variant"]: r for r in doc["results"]}
     for v in bench.VARIANTS:
+        if v == "hf-liger" and by_variant[v]["status"].startswith("skipped: liger_kernel is not importable"):
+            continue  # optional library absent on this machine: skipped with its reason
         assert by_variant[v]["status"] == "ok" and by_variant[v]["tok_s"] > 0, by_variant[v]
     assert (tmp_path / "train_throughput.png").stat().st_size > 1000
 

@@ -67,3 +67,19 @@ def test_trainer_and_bench_count_the_same_flops_and_mfu(preset, monkeypatch, tmp
     assert logger.peak_flops == peak == 774e12 and logger.peak_note == note
     assert M.mfu(50_000.0, bench.model_flops_per_token(cfg, seq), peak) == \
         M.mfu(50_000.0, logger.flops_per_token, logger.peak_flops)
+
+
+def test_hf_liger_variant_is_skipped_with_its_reason():
+    from deepwish.bench import train as bench
+    try:
+        import liger_kernel  # noqa: F401
+        have = True
+    except Exception:  # noqa: BLE001
+        have = False
+    if not have:
+        with pytest.raises(bench.Skipped, match="liger_kernel is not importable"):
+            bench.apply_liger("qwen3")
+    else:
+        with pytest.raises(bench.Skipped, match="no Liger patch wired for HF model type 'gpt2'"):
+            bench.apply_liger("gpt2")
+    assert bench.VARIANTS.index("hf") < bench.VARIANTS.index("hf-liger")  # Liger patches HF's classes for good
