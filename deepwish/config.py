@@ -270,6 +270,11 @@ class TrainConfig:
     schedule: str = "cosine"  # cosine | wsd | constant
     warmup_steps: int = 20
     decay_frac: float = 0.2  # wsd: fraction of steps in the final decay
+    # Scheduled shapes (train/schedule.py), each a pure function of the step (resumes exactly):
+    window_warmup_frac: float = 0.0  # attention windows grow from window_start_blocks to their final size over this fraction of steps
+    window_start_blocks: int = 1  # blocks of 128 tokens
+    seq_len_schedule: tuple[int, ...] = ()  # sequence lengths of equal stages over `steps` (each divides seq_len); () = seq_len
+    batch_schedule: tuple[int, ...] = ()  # micro-batches per step of equal stages over `steps`; () = grad_accum
     min_lr_frac: float = 0.1  # floor of the schedule as a fraction of peak
     ema_decay: float = 0.0  # 0 = no EMA of weights
     eval_every: int = 50
@@ -552,6 +557,11 @@ def config_problems(cfg: RunConfig) -> list[str]:
     need(t.reshard_after_forward or t.parallel == "fsdp", "reshard_after_forward",
          "false (ZeRO-2-like sharding) needs train.parallel=fsdp")
     need(t.extend_steps >= 0, "extend_steps", "must be >= 0")
+    need(finite(t.window_warmup_frac) and 0 <= t.window_warmup_frac <= 1, "window_warmup_frac", "must be in [0, 1]")
+    need(t.window_start_blocks >= 1, "window_start_blocks", "must be >= 1")
+    need(all(n >= 2 and t.seq_len % n == 0 for n in t.seq_len_schedule), "seq_len_schedule",
+         f"every entry must be >= 2 and divide train.seq_len={t.seq_len} (rows of seq_len tokens are split)")
+    need(all(n >= 1 for n in t.batch_schedule), "batch_schedule", "every entry must be >= 1 micro-batch")
     if not d.train_bin and (d.val_bin or d.tokenizer):
         out.append("data.val_bin/data.tokenizer given without data.train_bin: give all paths or none "
                    "(none = the embedded corpus)")

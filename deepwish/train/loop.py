@@ -44,7 +44,7 @@ from deepwish.train.log import Logger, mlflow_run_to_continue
 from deepwish.train.loss import count_targets, eval_objective, lm_loss, resolve_loss_backend
 from deepwish.train.nonfinite import raise_nonfinite
 from deepwish.train.optim import build_optimizer
-from deepwish.train.schedule import apply_lr
+from deepwish.train.schedule import accum_at, apply_lr, seq_len_at, split_rows
 
 
 def warn_if_cpu_oversubscribed(device: torch.device) -> None:
@@ -420,9 +420,9 @@ def total_steps(tc) -> int:
     return tc.steps + tc.extend_steps
 
 
-def tokens_per_step(run: Run) -> int:
+def tokens_per_step(run: Run, step: int = 0) -> int:
     tc = run.cfg.train
-    return tc.batch_size * tc.seq_len * tc.grad_accum * run.d.world_size
+    return tc.batch_size * tc.seq_len * accum_at(step, tc) * run.d.world_size
 
 
 # ---- one optimizer step ----------------------------------------------------------------------------
@@ -507,7 +507,7 @@ def log_step(run: Run, done: int, lr_f: float, r: StepResult) -> None:
     tpe = torch.stack([r.loads[k] for k in layers]) if layers else None
     if tpe is not None:
         metrics.update(moe_metrics(tpe))
-    rec = run.logger.step(done, tokens_per_step(run), metrics)
+    rec = run.logger.step(done, tokens_per_step(run, done - 1), metrics)
     if rec is not None and tpe is not None:
         run.logger.expert_load(done, layers, tpe)  # per-layer histograms (JSONL, TensorBoard)
 
@@ -547,7 +547,9 @@ def train_steps(run: Run) -> tuple[dict[int, float], dict[int, float]]:
     for step in range(run.start_step, total_steps(tc)):
         done = step + 1
         lr_f = apply_lr(run.optimizer, step, tc)
-        result = optimizer_step(run, step, [next(batches) for _ in range(tc.grad_accum)])
+        length = seq_len_at(step, tc)  # scheduled shapes (train/schedule.py): pure functions of the step
+        micro = [next(batches) for _ in range(accum_at(step, tc))]
+        result = optimizer_step(run, step, micro if length == tc.seq_len else [split_rows(b, length) for b in micro])
         train_losses[done] = result.loss
         log_step(run, done, lr_f, result)
         saved = done % tc.save_every == 0 or done == total_steps(tc)

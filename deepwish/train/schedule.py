@@ -8,7 +8,17 @@ group's `base_lr`. Nothing is stored but the step, so resuming needs only the st
 - constant: warm-up, then 1.
 
 The horizon is `steps`: steps at or after it (`train.extend_steps` runs them) take the final
-factor, so extending a run changes no step it has already planned.
+factor, so extending a run changes no step it has already planned. (warmup-stable-linear-cooldown,
+modded-nanogpt's schedule: `wsd` with min_lr_frac=0 and decay_frac the cooldown fraction.)
+
+Scheduled shapes, also pure functions of the step (a resumed run takes the same shape at every step):
+- window_progress: attention windows (GPT family, per-layer window_pattern) grow from
+  window_start_blocks blocks to their final sizes over the first window_warmup_frac of the steps
+  (model/attention.py scheduled_window turns the progress into whole 128-token blocks);
+- seq_len_at: train.seq_len_schedule, equal stages over `steps`: the loader's rows of seq_len
+  tokens are split into rows of the stage's length (the same tokens, shorter contexts);
+- accum_at: train.batch_schedule, equal stages over `steps`: micro-batches per optimizer step
+  (the batch size grows by accumulation; the loader's position is in every checkpoint).
 """
 from __future__ import annotations
 
@@ -51,3 +61,29 @@ def apply_lr(optimizer, step: int, cfg) -> float:
     for group in optimizer.param_groups:
         group["lr"] = group["base_lr"] * f
     return f
+
+
+def _stage(step: int, stages: tuple, total: int):
+    """The entry of `stages` (equal stages over `total` steps) in force at 0-based `step`."""
+    return stages[min(len(stages) - 1, step * len(stages) // max(total, 1))]
+
+
+def window_progress(step: int, cfg) -> float:
+    """Progress of the window schedule at `step` in [0, 1] (1: every layer at its final window)."""
+    span = cfg.window_warmup_frac * cfg.steps
+    return 1.0 if span <= 0 else min(1.0, step / span)
+
+
+def seq_len_at(step: int, cfg) -> int:
+    """Sequence length of the step's micro-batches (train.seq_len_schedule, else train.seq_len)."""
+    return _stage(step, cfg.seq_len_schedule, cfg.steps) if cfg.seq_len_schedule else cfg.seq_len
+
+
+def accum_at(step: int, cfg) -> int:
+    """Micro-batches of the step (train.batch_schedule, else train.grad_accum)."""
+    return _stage(step, cfg.batch_schedule, cfg.steps) if cfg.batch_schedule else cfg.grad_accum
+
+
+def split_rows(batch: tuple, length: int) -> tuple:
+    """A loader batch (tensors [B, T] or None) as rows of `length` tokens: [B·T/length, length]."""
+    return tuple(None if t is None else t.reshape(-1, length) for t in batch)

@@ -14,7 +14,8 @@ from deepwish.generate import generate, prefill
 from deepwish.model import Objective, Transformer
 from deepwish.model.roles import ROLES
 
-PRESETS = ("qwen3_tiny", "qwen3_moe_tiny", "qwen3_next_tiny", "deepseek_v3_tiny", "deepseek_v32_tiny")
+PRESETS = ("qwen3_tiny", "qwen3_moe_tiny", "qwen3_next_tiny", "deepseek_v3_tiny", "deepseek_v32_tiny", "gpt_tiny",
+           "gpt_moe_tiny", "gpt2_baseline_tiny")
 
 
 @pytest.mark.parametrize("preset", PRESETS)
