@@ -94,7 +94,8 @@ class ModelConfig:
     n_experts: int = 0  # routed experts; 0 = dense model
     n_experts_per_tok: int = 0  # top-k
     d_ff_expert: int = 0  # moe_intermediate_size
-    router: str = "softmax"  # softmax (Qwen3-MoE) | sigmoid (DeepSeek-V3)
+    router: str = "softmax"  # softmax (Qwen3-MoE) | sigmoid (DeepSeek-V3) | centroid (cosine to learned centroids)
+    router_temperature: float = 0.1  # centroid router: softmax(cos / temperature); smaller is sharper
     norm_topk_prob: bool = True  # renormalise the chosen k weights to sum to 1
     routed_scaling_factor: float = 1.0  # multiplies routed weights (DeepSeek), independent of norm
     n_group: int = 1  # group-limited routing: experts split into groups
@@ -146,7 +147,10 @@ class ModelConfig:
             (self.attn_mixer in MIXERS, f"attn_mixer={self.attn_mixer!r} is not one of {MIXERS}"),
             (self.n_heads % max(self.n_kv_heads, 1) == 0,
              f"n_heads={self.n_heads} must be a multiple of n_kv_heads={self.n_kv_heads}"),
-            (self.router in ("softmax", "sigmoid"), f"router={self.router!r} is not softmax or sigmoid"),
+            (self.router in ("softmax", "sigmoid", "centroid"),
+             f"router={self.router!r} is not softmax, sigmoid or centroid"),
+            (self.router_temperature > 0 and self.router_temperature != float("inf"),
+             f"router_temperature={self.router_temperature} must be a finite number > 0"),
             (self.n_experts == 0 or 0 < self.n_experts_per_tok <= self.n_experts,
              f"n_experts_per_tok={self.n_experts_per_tok} must be in 1..n_experts={self.n_experts}"),
             (self.n_experts == 0 or self.n_experts % self.n_group == 0,

@@ -8,6 +8,13 @@ Routers (pure functions, each unit-tested):
   is scored by the sum of its top-2 biased scores, the best `topk_group` groups are kept and the
   others masked with -inf (a 0 fill would let a masked expert win when biased scores go
   negative); `norm_topk_prob` and `routed_scaling_factor` are applied independently.
+- `route_centroid`: each expert owns a learned centroid (the router's weight rows); a token's
+  score for an expert is the cosine similarity of the normalised token and the normalised
+  centroid, divided by `router_temperature`, softmaxed over experts. Cosine scores are bounded,
+  so no expert wins by the norm of its row alone; the temperature sets how sharp routing is.
+  Selection then follows the sigmoid router: the correction bias chooses but never weights,
+  group-limited routing keeps `topk_group` of `n_group` groups (`select_experts`), and the
+  Switch and sequence-wise balance losses read the softmax scores.
 
 Experts are stored stacked, `w_gate_up` [E, 2I, d] and `w_down` [E, d, I], and computed
 without a Python loop over experts: assignments are sorted by expert, then either
@@ -37,11 +44,10 @@ def route_softmax(logits: torch.Tensor, top_k: int, norm_topk_prob: bool) -> tup
     return weights, indices, probs
 
 
-def route_sigmoid_grouped(logits: torch.Tensor, bias: torch.Tensor, top_k: int, n_group: int, topk_group: int,
-                          norm_topk_prob: bool, routed_scaling_factor: float
-                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """logits [N, E], bias [E] -> (weights [N, k] fp32, indices [N, k], scores [N, E] fp32)."""
-    scores = logits.float().sigmoid()
+def select_experts(scores: torch.Tensor, bias: torch.Tensor, top_k: int, n_group: int, topk_group: int,
+                   norm_topk_prob: bool, routed_scaling_factor: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """scores [N, E] fp32, bias [E] -> (weights [N, k] fp32, indices [N, k]): the biased scores
+    choose (group-limited when n_group > 1), the unbiased scores weight."""
     choice = scores + bias.float()
     N, E = choice.shape
     if n_group > 1:
@@ -54,7 +60,31 @@ def route_sigmoid_grouped(logits: torch.Tensor, bias: torch.Tensor, top_k: int, 
     weights = scores.gather(1, indices)
     if norm_topk_prob:
         weights = weights / (weights.sum(-1, keepdim=True) + 1e-20)
-    return weights * routed_scaling_factor, indices, scores
+    return weights * routed_scaling_factor, indices
+
+
+def route_sigmoid_grouped(logits: torch.Tensor, bias: torch.Tensor, top_k: int, n_group: int, topk_group: int,
+                          norm_topk_prob: bool, routed_scaling_factor: float
+                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """logits [N, E], bias [E] -> (weights [N, k] fp32, indices [N, k], scores [N, E] fp32)."""
+    scores = logits.float().sigmoid()
+    weights, indices = select_experts(scores, bias, top_k, n_group, topk_group, norm_topk_prob, routed_scaling_factor)
+    return weights, indices, scores
+
+
+def centroid_scores(x: torch.Tensor, centroids: torch.Tensor, temperature: float) -> torch.Tensor:
+    """x [N, d], centroids [E, d] -> softmax_e(cos(x_n, c_e) / temperature) [N, E] fp32."""
+    cos = F.normalize(x.float(), dim=-1) @ F.normalize(centroids.float(), dim=-1).t()
+    return (cos / temperature).softmax(-1)
+
+
+def route_centroid(x: torch.Tensor, centroids: torch.Tensor, bias: torch.Tensor, temperature: float, top_k: int,
+                   n_group: int, topk_group: int, norm_topk_prob: bool, routed_scaling_factor: float
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """x [N, d], centroids [E, d], bias [E] -> (weights [N, k] fp32, indices [N, k], scores [N, E] fp32)."""
+    scores = centroid_scores(x, centroids, temperature)
+    weights, indices = select_experts(scores, bias, top_k, n_group, topk_group, norm_topk_prob, routed_scaling_factor)
+    return weights, indices, scores
 
 
 def switch_aux_loss(probs: torch.Tensor, indices: torch.Tensor, n_experts: int) -> torch.Tensor:
@@ -147,7 +177,7 @@ class MoE(nn.Module):
         self.act = activation(cfg.hidden_act)
         self.w_gate_up = nn.Parameter(torch.empty(E, 2 * inner, d))
         self.w_down = nn.Parameter(torch.empty(E, d, inner))
-        if cfg.router == "sigmoid":
+        if cfg.router in ("sigmoid", "centroid"):  # aux-loss-free balancing's correction bias
             self.register_buffer("e_score_correction_bias", torch.zeros(E))
         else:
             self.e_score_correction_bias = None
@@ -165,6 +195,9 @@ class MoE(nn.Module):
 
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         c = self.cfg
+        if c.router == "centroid":  # the router's rows are the experts' centroids
+            return route_centroid(x, self.router.weight, self.e_score_correction_bias, c.router_temperature, self.top_k,
+                                  c.n_group, c.topk_group, c.norm_topk_prob, c.routed_scaling_factor)
         logits = F.linear(x.float(), self.router.weight.float())
         if c.router == "sigmoid":
             return route_sigmoid_grouped(logits, self.e_score_correction_bias, self.top_k, c.n_group, c.topk_group,
@@ -200,6 +233,6 @@ class MoE(nn.Module):
         """Aux-loss-free balancing (DeepSeek-V3 §2.1.2): nudge under-loaded experts up and
         over-loaded ones down by `rate`, by the sign of (mean load - load)."""
         if self.e_score_correction_bias is None:
-            raise RuntimeError("correction bias exists only for the sigmoid router")
+            raise RuntimeError("correction bias exists only for the sigmoid and centroid routers")
         load = tokens_per_expert.float()
         self.e_score_correction_bias.add_(rate * torch.sign(load.mean() - load))

@@ -490,7 +490,7 @@ def optimizer_step(run: Run, step: int, micro: list) -> StepResult:
     run.optimizer.zero_grad(set_to_none=True)
     if run.ema is not None:
         run.ema.update(run.model)
-    rate = run.cfg.model.bias_update_rate if run.cfg.model.router == "sigmoid" else 0.0
+    rate = run.cfg.model.bias_update_rate if run.cfg.model.router in ("sigmoid", "centroid") else 0.0
     if rate > 0 and loads:
         run.model.update_router_bias(loads, rate)
     return StepResult(loss=loss_value, ce=float(ce) / n_global, grad_norm=grad_norm, n_targets=n_counted,
