@@ -77,8 +77,8 @@ def newton_schulz(G: torch.Tensor, steps: int = 5, eps: float = 1e-7, schedule: 
     G: [..., m, n] (a matrix or any batch of matrices: experts [E, m, n], a shape group [N, m, n]).
     Returns a tensor of G's shape and dtype. The matmuls run in bf16 on CUDA (the iteration is
     stable in bf16 and that is where its cost lies) and in fp32 elsewhere; the Frobenius
-    normalisation is computed in fp32 before the cast. Tall matrices are transposed (a view, which
-    bmm reads as is) so the Gram matrix X X^T is the smaller one.
+    normalisation is computed in fp32 before the cast. For tall matrices the Gram matrix is X^T X
+    (the smaller one).
     """
     if G.ndim < 2:
         raise ValueError(f"newton_schulz needs a matrix or a batch of matrices, got shape {tuple(G.shape)}")
@@ -90,15 +90,18 @@ def newton_schulz(G: torch.Tensor, steps: int = 5, eps: float = 1e-7, schedule: 
     norm = torch.linalg.vector_norm(G3, dim=(-2, -1), keepdim=True, dtype=torch.promote_types(G.dtype, torch.float32))
     X = torch.empty(G3.shape, dtype=compute_dtype(G.device), device=G.device)
     torch.mul(G3, 1.0 / (norm * f + eps), out=X)
-    tall = m > n
-    if tall:
-        X = X.mT
+    # A tall X (m > n) keeps its layout: the iteration on W = X^T (A = W W^T = X^T X, W <- a W + B W)
+    # transposed is X <- a X + X B (B is symmetric), so the Gram matrix is the smaller one and
+    # every operand and result stays contiguous (no transposed copies before the update).
     for a, b, c in coeffs:
-        A = torch.bmm(X, X.mT)
-        B = torch.baddbmm(A, A, A, beta=b, alpha=c)  # b A + c A^2
-        X = torch.baddbmm(X, B, X, beta=a, alpha=1.0)  # a X + B X
-    if tall:
-        X = X.mT
+        if m > n:
+            A = torch.bmm(X.mT, X)
+            B = torch.baddbmm(A, A, A, beta=b, alpha=c)  # b A + c A^2
+            X = torch.baddbmm(X, X, B, beta=a, alpha=1.0)  # a X + X B
+        else:
+            A = torch.bmm(X, X.mT)
+            B = torch.baddbmm(A, A, A, beta=b, alpha=c)
+            X = torch.baddbmm(X, B, X, beta=a, alpha=1.0)  # a X + B X
     return X.reshape(G.shape).to(G.dtype)
 
 
