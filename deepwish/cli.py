@@ -1,4 +1,4 @@
-"""`deepwish train | generate | data build | bench | plot | convert`.
+"""`deepwish train | sft | chat | generate | data build | bench | plot | convert`.
 
 Each subcommand's arguments live beside its implementation (`add_arguments` / `run`); this
 file only dispatches, importing a subcommand's module when it is used.
@@ -199,6 +199,12 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("train", help="train a model (single device, or under torchrun)")
     importlib.import_module("deepwish.train.loop").add_arguments(p)
 
+    p = sub.add_parser("sft", help="fine-tune on chats, the loss on the assistant's tokens only")
+    importlib.import_module("deepwish.train.sft").add_arguments(p)
+
+    p = sub.add_parser("chat", help="a multi-turn chat with a model in its chat template (stdin lines)")
+    importlib.import_module("deepwish.chat").add_arguments(p)
+
     p = sub.add_parser("generate", help="generate text from a deepwish checkpoint or an HF directory")
     _add_generate(p)
 
@@ -232,6 +238,7 @@ def main(argv: list[str] | None = None) -> int:
 def _known_errors() -> tuple[type[BaseException], ...]:
     from deepwish.config import ConfigError
     from deepwish.data.build import InputError
+    from deepwish.data.chat import ChatTemplateError
     from deepwish.data.shards import ShardError
     from deepwish.hf.io import CheckpointError
     from deepwish.kernels.backend import BackendError
@@ -241,12 +248,16 @@ def _known_errors() -> tuple[type[BaseException], ...]:
     from deepwish.train.rundir import RunDirError
     # OSError: a missing file, a read-only or full disk; its text names the file.
     return (ConfigError, ShardError, CheckpointError, BackendError, CacheFullError, RunCheckpointError, RunDirError,
-            OSError, UsageError, InputError, NonFiniteError)
+            OSError, UsageError, InputError, NonFiniteError, ChatTemplateError)
 
 
 def _dispatch(args) -> int:
     if args.cmd == "train":
         return importlib.import_module("deepwish.train.loop").run(args)
+    if args.cmd == "sft":
+        return importlib.import_module("deepwish.train.sft").run(args)
+    if args.cmd == "chat":
+        return importlib.import_module("deepwish.chat").run(args)
     if args.cmd == "generate":
         return run_generate(args)
     if args.cmd == "data":

@@ -1,7 +1,7 @@
 """Data layer: embedded corpus, tokenizers, binary token shards, the packing loader, chat
 formatting and the shard builder. See each module's docstring for formats and choices."""
 from .build import BuildResult, build_shards, ensure_default_data
-from .chat import encode_chat, render_chat
+from .chat import ChatTemplate, encode_chat, encode_conversation, render_chat, resolve_template
 from .corpus import read_corpus, split_documents
 from .loader import Batch, PackedLoader, sequential_batches, unigram_entropy
 from .shards import ShardError, ShardHeader, check_compatible, open_shard, read_header, write_shard
@@ -9,6 +9,7 @@ from .tokenizer import Tokenizer, default_tokenizer, load_tokenizer, qwen_tokeni
 
 __all__ = [
     "Batch",
+    "ChatTemplate",
     "BuildResult",
     "PackedLoader",
     "ShardError",
@@ -18,6 +19,7 @@ __all__ = [
     "check_compatible",
     "default_tokenizer",
     "encode_chat",
+    "encode_conversation",
     "ensure_default_data",
     "load_tokenizer",
     "open_shard",
@@ -25,6 +27,7 @@ __all__ = [
     "read_corpus",
     "read_header",
     "render_chat",
+    "resolve_template",
     "resolve_tokenizer",
     "sequential_batches",
     "split_documents",

@@ -2,6 +2,7 @@
 
     deepwish data build --input a.txt b.jsonl chats.csv --out DIR [--tokenizer PATH|qwen|default]
                         [--val-fraction 0.01] [--val-input held_out.jsonl ...] [--seed 0]
+                        [--chat-template chatml|qwen3|deepseek_v3|HF_PATH] [--chat-loss assistant|all]
 
 (On-disk HF datasets, streamed with a token budget and mixing weights: `--hf-dataset` and
 `--source`, see mix.py. `--tokenizer` defaults to $TOKENIZER_PATH, else 'default'.)
@@ -10,13 +11,21 @@ Input formats (chosen by file extension; anything else is an error):
 - `.txt`: the whole file is one document (UTF-8). Split a large corpus into several files, or
   use .jsonl, to get several documents.
 - `.jsonl`: one JSON object per non-empty line, either {"text": "..."} (a document) or
-  {"messages": [{"role": ..., "content": ...}, ...]} (a chat, rendered with ChatML, see
-  chat.py). Other keys are ignored; having both or neither of text/messages is an error.
+  {"messages": [{"role": ..., "content": ...}, ...]} (a chat, rendered with the chat template,
+  see chat.py). Other keys are ignored; having both or neither of text/messages is an error.
 - `.csv`: a chat table with a header row holding the columns `conversation_id`, `role`,
   `content` (others ignored). Rows with the same conversation_id form one chat, messages in
   row order, chats in order of first appearance.
 
-Every document is encoded without special tokens and closed with the tokenizer's eos. The
+Every document is encoded without special tokens and closed with the tokenizer's eos (a chat
+whose rendering already ends with it is not closed twice).
+
+Loss masks: with `chat_loss="assistant"` (the default) and any chat among the inputs, the
+shards carry a loss mask (shards.py): 1 on the assistant tokens of each chat (found by
+incremental rendering, chat.py), 0 on the rest of it and on its closing eos; plain-text
+documents are trained on whole. A chat with no assistant token, or with nothing else, is an
+error naming its row. `chat_loss="all"` trains on every token (no mask). A chat the template
+renders as several documents (Qwen3 rewrites history) stays on one side of the split. The
 validation split is either `val_fraction` of all documents (chosen by a seeded permutation,
 at least one when the fraction is positive) or, with `val_inputs`, exactly the documents of
 those files. Output in `out_dir`: train.bin, val.bin (absent when there is no validation
@@ -36,7 +45,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .chat import render_chat, require_chat_tokens, validate_messages
+from .chat import ChatTemplate, encode_conversation, require_template_tokens, resolve_template, validate_messages
 from .corpus import corpus_hash, read_corpus, split_documents
 from .shards import ShardError, read_header, write_shard
 from .tokenizer import Tokenizer, default_cache_dir, default_tokenizer, resolve_tokenizer
@@ -51,11 +60,15 @@ class InputError(ValueError):
     as one line and exits 2)."""
 
 
+CHAT_LOSSES = ("assistant", "all")
+
+
 @dataclass(frozen=True)
 class Document:
-    text: str
+    text: str  # "" for a chat (rendered when encoded, with the build's template)
     is_chat: bool
     source: str  # file[:line] it came from, for error messages
+    messages: tuple = ()  # a chat's messages
 
 
 @dataclass(frozen=True)
@@ -109,7 +122,7 @@ def _read_jsonl(path: Path) -> list[Document]:
                     raise ValueError(f"{where}: 'text' must be a string")
                 docs.append(Document(record["text"], False, where))
             else:
-                docs.append(Document(render_chat(validate_messages(record["messages"], where)), True, where))
+                docs.append(Document("", True, where, tuple(validate_messages(record["messages"], where))))
     if not docs:
         raise ValueError(f"{path}: no documents")
     return docs
@@ -127,18 +140,44 @@ def _read_chat_csv(path: Path) -> list[Document]:
     if not chats:
         raise ValueError(f"{path}: no rows")
     return [
-        Document(render_chat(validate_messages(m, f"{path} conversation {cid!r}")), True, f"{path}:{cid}")
+        Document("", True, f"{path} conversation {cid!r}", tuple(validate_messages(m, f"{path} conversation {cid!r}")))
         for cid, m in chats.items()
     ]
 
 
 def encode_documents(docs: list[Document], tokenizer: Tokenizer) -> list[list[int]]:
-    """Ids of each document followed by the eos."""
+    """Ids of each document followed by the eos (chats rendered with ChatML, every token kept)."""
+    pieces = encode_masked(docs, tokenizer, resolve_template("chatml"), masked=False)
+    return [ids for doc in pieces for ids, _ in doc]
+
+
+def encode_masked(docs: list[Document], tokenizer: Tokenizer, template: ChatTemplate,
+                  masked: bool = True) -> list[list[tuple[list[int], list[int]]]]:
+    """Per input document, its encoded pieces (ids ending with the eos, loss mask): one piece
+    for text (all ones), one or more for a chat (chat.encode_conversation; the eos is context).
+    masked=False: a chat is its whole rendering, every token kept (no assistant turn needed)."""
     if tokenizer.eos_id is None:
         raise ValueError("tokenizer has no eos token; documents could not be told apart by the model")
-    if any(d.is_chat for d in docs):
-        require_chat_tokens(tokenizer)
-    return [ids + [tokenizer.eos_id] for ids in tokenizer.encode_batch([d.text for d in docs])]
+    eos = tokenizer.eos_id
+    texts = iter(tokenizer.encode_batch([d.text for d in docs if not d.is_chat]))
+    out = []
+    for d in docs:
+        if not d.is_chat:
+            ids = next(texts)
+            out.append([(ids + [eos], [1] * (len(ids) + 1))])
+            continue
+        if not masked:
+            require_template_tokens(tokenizer, template)
+            ids = tokenizer.encode(template.render(list(d.messages))) + [eos]
+            out.append([(ids, [1] * len(ids))])
+            continue
+        pieces = []
+        for ids, mask in encode_conversation(tokenizer, template, list(d.messages), d.source):
+            if not ids or ids[-1] != eos:
+                ids, mask = ids + [eos], mask + [0]
+            pieces.append((ids, mask))
+        out.append(pieces)
+    return out
 
 
 def val_split(n_docs: int, val_fraction: float, seed: int) -> np.ndarray:
@@ -153,16 +192,17 @@ def val_split(n_docs: int, val_fraction: float, seed: int) -> np.ndarray:
 
 
 def _write_split(
-    out_dir: Path, train: list[list[int]], val: list[list[int]], tokenizer: Tokenizer, meta: dict
+    out_dir: Path, train: list[list[int]], val: list[list[int]], tokenizer: Tokenizer, meta: dict,
+    train_masks: list[list[int]] | None = None, val_masks: list[list[int]] | None = None,
 ) -> BuildResult:
     out_dir.mkdir(parents=True, exist_ok=True)
     fp = tokenizer.fingerprint
     train_bin = out_dir / "train.bin"
-    write_shard(train_bin, train, tokenizer.vocab_size, fp)
+    write_shard(train_bin, train, tokenizer.vocab_size, fp, loss_masks=train_masks)
     val_bin = None
     if val:
         val_bin = out_dir / "val.bin"
-        write_shard(val_bin, val, tokenizer.vocab_size, fp)
+        write_shard(val_bin, val, tokenizer.vocab_size, fp, loss_masks=val_masks)
     tokenizer.save(out_dir / "tokenizer")
     meta = {
         **meta,
@@ -176,6 +216,10 @@ def _write_split(
         "train": {"path": "train.bin", "docs": len(train), "tokens": sum(map(len, train))},
         "val": None if val_bin is None else {"path": "val.bin", "docs": len(val), "tokens": sum(map(len, val))},
     }
+    if train_masks is not None:
+        meta["train"]["loss_tokens"] = sum(map(sum, train_masks))
+        if val_bin is not None:
+            meta["val"]["loss_tokens"] = sum(map(sum, val_masks))
     (out_dir / "meta.json").write_text(json.dumps(meta, indent=1) + "\n")
     return BuildResult(train_bin, val_bin, meta)
 
@@ -188,26 +232,43 @@ def build_shards(
     val_inputs: list[str | Path] = (),
     seed: int = 0,
     tokenizer_spec: str | None = None,
+    chat_template: str | ChatTemplate = "chatml",
+    chat_loss: str = "assistant",
 ) -> BuildResult:
     """Tokenize `inputs` into out_dir/{train,val}.bin + meta.json (see module doc).
 
     Validation is `val_fraction` of the documents, or, when `val_inputs` is given, exactly
     the documents of those files (then val_fraction must be 0). `tokenizer_spec` is only
     recorded in meta.json (how the tokenizer was named: a path, "qwen", "default").
+    chat_template: a template or its spelling (chat.resolve_template); chat_loss: "assistant"
+    (loss masks on chats) or "all".
     """
     if not inputs:
         raise ValueError("no inputs")
     if val_inputs and val_fraction != 0:
         raise ValueError("give val_fraction=0 when naming val_inputs (both would pick validation documents)")
+    if chat_loss not in CHAT_LOSSES:
+        raise ValueError(f"chat_loss {chat_loss!r} is not one of {CHAT_LOSSES}")
+    template = resolve_template(chat_template) if isinstance(chat_template, str) else chat_template
     docs = [d for p in inputs for d in read_documents(p)]
-    ids = encode_documents(docs, tokenizer)
+    masked = chat_loss == "assistant"
+    pieces = encode_masked(docs, tokenizer, template, masked)
     if val_inputs:
-        train, val = ids, encode_documents([d for p in val_inputs for d in read_documents(p)], tokenizer)
+        val_docs = [d for p in val_inputs for d in read_documents(p)]
+        train_p, val_p = pieces, encode_masked(val_docs, tokenizer, template, masked)
+        docs = docs + val_docs
     else:
-        is_val = np.zeros(len(ids), dtype=bool)
-        is_val[val_split(len(ids), val_fraction, seed)] = True
-        train = [x for x, v in zip(ids, is_val) if not v]
-        val = [x for x, v in zip(ids, is_val) if v]
+        is_val = np.zeros(len(pieces), dtype=bool)
+        is_val[val_split(len(pieces), val_fraction, seed)] = True
+        train_p = [x for x, v in zip(pieces, is_val) if not v]
+        val_p = [x for x, v in zip(pieces, is_val) if v]
+    train = [ids for doc in train_p for ids, _ in doc]
+    val = [ids for doc in val_p for ids, _ in doc]
+    masked = masked and any(d.is_chat for d in docs)
+    train_masks = [m for doc in train_p for _, m in doc] if masked else None
+    val_masks = [m for doc in val_p for _, m in doc] if masked else None
+    if masked and not any(map(any, train_masks)):
+        raise ValueError(f"no training document has a token to train on (inputs {[str(p) for p in inputs]})")
     meta = {
         "format": "deepwish-shards",
         "inputs": [str(p) for p in inputs],
@@ -215,8 +276,10 @@ def build_shards(
         "val_fraction": val_fraction,
         "seed": seed,
         "tokenizer": {"spec": tokenizer_spec},
+        "chat_template": template.to_json() if any(d.is_chat for d in docs) else None,
+        "chat_loss": chat_loss if any(d.is_chat for d in docs) else None,
     }
-    return _write_split(Path(out_dir), train, val, tokenizer, meta)
+    return _write_split(Path(out_dir), train, val, tokenizer, meta, train_masks, val_masks)
 
 
 def ensure_default_data(
@@ -279,6 +342,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--val-input", nargs="+", default=[], help="files held out as validation instead")
     parser.add_argument("--seed", type=int, default=0, help="seed of the validation split")
+    parser.add_argument("--chat-template", default="chatml",
+                        help="how chats are rendered: chatml | qwen3 | deepseek_v3 | an HF tokenizer_config.json, "
+                             ".jinja file or directory holding one")
+    parser.add_argument("--chat-loss", default="assistant", choices=CHAT_LOSSES,
+                        help="assistant: chats carry a loss mask on the assistant's tokens; all: every token")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -298,19 +366,28 @@ def run(args: argparse.Namespace) -> int:
     try:
         tokenizer = resolve_tokenizer(args.tokenizer)
         result = build_shards(
-            args.input, args.out, tokenizer, val_fraction, args.val_input, args.seed, tokenizer_spec=args.tokenizer
+            args.input, args.out, tokenizer, val_fraction, args.val_input, args.seed, tokenizer_spec=args.tokenizer,
+            chat_template=getattr(args, "chat_template", "chatml"), chat_loss=getattr(args, "chat_loss", "assistant"),
         )
     except InputError:
         raise
     except (ValueError, ShardError) as e:  # every check above raises these with the file and the reason
         raise InputError(str(e)) from None
+    print_summary(result, tokenizer)
+    return 0
+
+
+def print_summary(result: BuildResult, tokenizer: Tokenizer) -> None:
     train, val = result.meta["train"], result.meta["val"]
+
+    def trained(part):  # the loss-mask count, when the shard has one
+        return f" ({part['loss_tokens']} trained)" if "loss_tokens" in part else ""
     print(
-        f"wrote {result.train_bin}: {train['docs']} docs, {train['tokens']} tokens"
-        + (f"; {result.val_bin}: {val['docs']} docs, {val['tokens']} tokens" if val else "; no validation split")
+        f"wrote {result.train_bin}: {train['docs']} docs, {train['tokens']} tokens{trained(train)}"
+        + (f"; {result.val_bin}: {val['docs']} docs, {val['tokens']} tokens{trained(val)}" if val
+           else "; no validation split")
         + f" (tokenizer {tokenizer.fingerprint}, vocab {tokenizer.vocab_size})"
     )
-    return 0
 
 
 def _run_mix(args: argparse.Namespace) -> int:

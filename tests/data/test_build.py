@@ -49,7 +49,8 @@ def write_inputs(tmp_path):
 
 def test_build_all_formats(tmp_path, tok):
     inputs = write_inputs(tmp_path)
-    result = build_shards(inputs, tmp_path / "out", tok, val_fraction=0.0, tokenizer_spec="toy")
+    # chat_loss="all": every token kept, so the chat without a reply ('y') is a document too
+    result = build_shards(inputs, tmp_path / "out", tok, val_fraction=0.0, tokenizer_spec="toy", chat_loss="all")
     expected = [
         "First document.\n\nStill the first.\n",
         "Second document.",
@@ -137,7 +138,7 @@ def test_cli_main(tmp_path, tok, capsys):
     inputs = write_inputs(tmp_path)
     tok.save(tmp_path / "tok")
     rc = main(["--input", *map(str, inputs), "--out", str(tmp_path / "cli"), "--tokenizer", str(tmp_path / "tok"),
-               "--val-fraction", "0.2"])
+               "--val-fraction", "0.2", "--chat-loss", "all"])
     assert rc == 0
     assert "wrote" in capsys.readouterr().out
     meta = json.loads((tmp_path / "cli" / "meta.json").read_text())

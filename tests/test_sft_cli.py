@@ -1,0 +1,84 @@
+"""`deepwish sft` and `deepwish chat` end to end on a tiny model: shards with masks, training,
+the saved template, a sampled reply, --init-from an SFT run, a piped chat, one-line errors."""
+import io
+import json
+
+import pytest
+import torch
+
+from deepwish.cli import main
+from deepwish.data.shards import open_shard
+
+TINY = ["--set", "model.n_layers=1", "--set", "train.steps=3", "--set", "train.seq_len=48",
+        "--set", "train.batch_size=2", "--set", "train.eval_every=3", "--set", "train.eval_batches=1", "--set", "train.log_every=1"]
+
+
+@pytest.fixture(scope="module")
+def sft_run(tmp_path_factory):
+    torch.set_num_threads(1)
+    d = tmp_path_factory.mktemp("sft") / "run"
+    assert main(["sft", "--preset", "qwen3_tiny", "--data", "examples/chat.jsonl", "--out", str(d),
+                 "--sample-tokens", "4", *TINY]) == 0
+    return d
+
+
+def test_sft_builds_masked_shards_trains_and_saves_the_template(sft_run, capsys):
+    shard = open_shard(sft_run / "data" / "train.bin")
+    assert shard.header.has_loss_mask and 0 < int(shard.loss_mask.sum()) < shard.header.n_tokens
+    assert json.loads((sft_run / "chat_template.json").read_text()) == {"name": "chatml", "options": {}}
+    metrics = [json.loads(x) for x in (sft_run / "metrics.jsonl").read_text().splitlines()]
+    steps = [m for m in metrics if m.get("kind") == "train"]
+    # the trainer's normaliser counts assistant tokens only: far fewer than the tokens of the step
+    assert len(steps) == 3 and all(0 < m["n_targets"] < 2 * 48 for m in steps)
+    assert (sft_run / "checkpoints").is_dir()
+
+
+def test_sft_init_from_a_run_with_csv_and_qwen3_template(sft_run, tmp_path, capsys):
+    out = tmp_path / "again"
+    assert main(["sft", "--init-from", str(sft_run), "--data", "examples/chat.csv", "--out", str(out),
+                 "--chat-template", "qwen3", "--sample", "What is 2 + 2?", "--sample-tokens", "3",
+                 "--set", "train.steps=1", "--set", "train.seq_len=48", "--set", "train.batch_size=2",
+                 "--set", "train.eval_batches=1"]) == 0
+    text = capsys.readouterr().out
+    assert "initialised from the weights of" in text and "user: What is 2 + 2?\nassistant:" in text
+    assert json.loads((out / "chat_template.json").read_text())["name"] == "qwen3"
+
+
+def test_chat_reads_piped_turns_until_exit(sft_run, capsys, monkeypatch):
+    monkeypatch.setattr("sys.stdin", io.StringIO("Hello\n\nWhat is 2 + 2?\n/exit\nnever read\n"))
+    assert main(["chat", "--ckpt", str(sft_run), "--max-new-tokens", "3", "--temperature", "0",
+                 "--system", "Be brief."]) == 0
+    captured = capsys.readouterr()
+    assert captured.out.count("assistant: ") == 2
+    assert "chat template chatml" in captured.err
+
+
+def test_chat_replies_follow_the_template_greedily(sft_run):
+    """reply() equals a greedy generate() from the rendered prompt, cut at the end-of-turn token."""
+    from deepwish.chat import reply, run_dir_template, stop_ids
+    from deepwish.data.tokenizer import load_tokenizer
+    from deepwish.generate import generate
+    from deepwish.weights import load_model
+
+    model, tok = load_model(sft_run), load_tokenizer(sft_run / "tokenizer")
+    template = run_dir_template(sft_run)
+    msgs = [{"role": "user", "content": "What is 7 + 5?"}]
+    ids = tok.encode(template.render(msgs, add_generation_prompt=True))
+    assert ids[-3:] == tok.encode("<|im_start|>assistant\n")[-3:]
+    new = generate(model, [ids], 6, stop_tokens=stop_ids(tok, template))[0]
+    want = tok.decode([t for t in new if t not in stop_ids(tok, template)])
+    assert reply(model, tok, template, msgs, 6) == want
+
+
+def test_sft_errors_are_one_line(tmp_path, capsys):
+    (tmp_path / "t.jsonl").write_text(json.dumps({"text": "no chat here"}) + "\n")
+    assert main(["sft", "--preset", "qwen3_tiny", "--data", str(tmp_path / "t.jsonl"), "--out",
+                 str(tmp_path / "r"), "--val-fraction", "0"]) == 2
+    assert "sft trains on chats" in capsys.readouterr().err
+    (tmp_path / "n.jsonl").write_text(json.dumps({"messages": [{"role": "user", "content": "hi"}]}) + "\n")
+    assert main(["sft", "--preset", "qwen3_tiny", "--data", str(tmp_path / "n.jsonl"), "--out", str(tmp_path / "r2")]) == 2
+    err = capsys.readouterr().err
+    assert "n.jsonl:1: no assistant message" in err and err.count("\n") == 1
+    assert main(["sft", "--preset", "qwen3_tiny", "--data", "examples/chat.jsonl", "--out", str(tmp_path / "r3"),
+                 "--chat-template", "nope"]) == 2
+    assert "chat template 'nope'" in capsys.readouterr().err
