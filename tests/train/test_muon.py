@@ -166,6 +166,7 @@ def test_batched_muon_on_gpu_matches_per_matrix_loop_in_bf16(cuda):
     shapes = [(256, 128), (128, 256), (256, 128), (4, 96, 160), (128, 256)]
     a = [nn.Parameter(torch.randn(s, device=cuda)) for s in shapes]
     b = [nn.Parameter(x.detach().clone()) for x in a]
+    x0 = [x.detach().clone() for x in a]
     oa, ob = Muon(a, lr=0.05, weight_decay=0.1), Muon(b, lr=0.05, weight_decay=0.1)
     for _ in range(3):
         for x, y in zip(a, b):
@@ -174,6 +175,6 @@ def test_batched_muon_on_gpu_matches_per_matrix_loop_in_bf16(cuda):
         oa.step()
         with torch.no_grad():
             per_matrix_step(ob)
-    for x, y in zip(a, b):
-        d = (x.detach() - y.detach()).norm() / (y.detach() - 0).norm()
-        assert d < 2e-3, (tuple(x.shape), float(d))
+    for x, y, z in zip(a, b, x0):
+        d = (x.detach() - y.detach()).norm() / (y.detach() - z).norm()  # relative to the update itself
+        assert d < 3e-2, (tuple(x.shape), float(d))
