@@ -1,7 +1,8 @@
 """`deepwish bench attention`: the own flash-attention kernels against their anchors, one GPU run.
 
-    deepwish bench attention --out reports/attention          (the full grid, ~6 min on an H200)
-    deepwish bench attention --out /tmp/a --quick              (a few shapes)
+    deepwish bench attention --out DIR                 (a representative subset of the grid, ~3 min on an H200)
+    deepwish bench attention --out DIR --grid full     (the issue's grid, 30 shapes, ~8 min)
+    deepwish bench attention --out DIR --grid quick    (five shapes)
 
 Training (bf16, fwd / bwd / fwd+bwd): own Triton kernel (kernels/attention/triton.py) vs
 - SDPA with the dense boolean mask [B, 1, T, T] (the path the model took before): skipped, and
@@ -33,18 +34,35 @@ DENSE_MASK_MAX = 1 << 30  # elements of the [B, 1, T, T] mask SDPA is given (1 G
 TOKENS = 16384  # tokens per step for T <= 16k (B = TOKENS // T)
 
 
-def train_grid(quick: bool) -> list[dict]:
-    """(D, H, Hkv, T, docs per row, window) shapes: the issue's grid, structured rather than a full
-    product so that it runs in minutes (each (B, T, D, G) is a fresh FlexAttention compile)."""
+def train_grid(grid: str) -> list[dict]:
+    """(D, H, Hkv, T, docs per row, window) shapes. `full`: the issue's grid, structured rather than
+    a full product (each (B, T, D, G) is a fresh FlexAttention compile, ~20 s each); `default`: a
+    representative subset of it with five FlexAttention compiles (T 2k/16k/64k at D128 16/8, T16k
+    at D128 16/2 and D256 16/2; T8k only in `full`); `quick`: five shapes."""
     g = []
     def add(D, H, Hkv, T, docs, W):
         g.append(dict(D=D, H=H, Hkv=Hkv, T=T, B=max(1, TOKENS // T), docs=docs, window=W))
-    if quick:  # the issue's table shapes, one window, one 256-wide head
+    if grid == "quick":  # the issue's table shapes, one window, one 256-wide head
         add(128, 16, 8, 2048, 4, 0)
         add(128, 16, 8, 16384, 8, 0)
         add(128, 16, 8, 65536, 16, 0)
         add(128, 16, 8, 16384, 1, 4096)
         add(256, 16, 2, 16384, 4, 0)
+        return g
+    if grid == "default":
+        for T in (2048, 16384):
+            for docs in (1, 4, 16):
+                add(128, 16, 8, T, docs, 0)
+        add(128, 16, 8, 2048, 4, 512)
+        add(128, 16, 8, 16384, 4, 512)
+        add(128, 16, 8, 16384, 4, 4096)
+        add(128, 16, 8, 65536, 1, 0)
+        add(128, 16, 8, 65536, 16, 0)
+        add(128, 16, 8, 65536, 16, 4096)
+        add(128, 16, 2, 16384, 4, 0)
+        add(256, 16, 2, 16384, 1, 0)
+        add(256, 16, 2, 16384, 4, 0)
+        add(256, 16, 2, 16384, 4, 4096)
         return g
     for T in (2048, 8192, 16384, 65536):
         for docs in (1, 4, 16):
@@ -150,15 +168,15 @@ def check_correctness(device, quick: bool = False) -> list[dict]:
     return rows
 
 
-def bench_train(device, quick: bool, only: set[str], path: Path) -> list[dict]:
+def bench_train(device, grid: str, only: set[str], path: Path) -> list[dict]:
     import torch._dynamo
     from deepwish.kernels.attention.flex import block_mask, flex_attention
-    from deepwish.kernels.attention.triton import flash_attention
+    from deepwish.kernels.attention.triton import document_bounds, flash_attention
     from deepwish.model.attention import attention_mask
     torch._dynamo.config.cache_size_limit = 64
     gen = torch.Generator().manual_seed(1)
     rows = []
-    for s in train_grid(quick):
+    for s in train_grid(grid):
         B, T, H, Hkv, D, docs, W = s["B"], s["T"], s["H"], s["Hkv"], s["D"], s["docs"], s["window"]
         ids_cpu = make_doc_ids(B, T, docs, gen)
         pairs = visible_pairs(B, T, ids_cpu, W)
@@ -176,7 +194,10 @@ def bench_train(device, quick: bool, only: set[str], path: Path) -> list[dict]:
         def flex_fn(mask=None):
             return lambda: flex_attention(q, k, v, doc_ids=ids, window=W, mask=mask)
 
-        paths = {"own": (lambda: flash_attention(q, k, v, doc_ids=ids, window=W), (q, k, v), g, fwd_flop)}
+        # the document description is built once per batch, as FlexAttention's block mask is
+        bounds = document_bounds(ids, B, T, device)
+        paths = {"own": (lambda: flash_attention(q, k, v, doc_ids=ids, window=W, bounds=bounds), (q, k, v), g,
+                         fwd_flop)}
         if "flex" in only:
             try:
                 fm = block_mask(B, T, ids, W, device)
@@ -328,7 +349,12 @@ def environment(device) -> dict:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="deepwish bench attention", description=__doc__.split("\n")[0])
     p.add_argument("--out", required=True)
-    p.add_argument("--quick", action="store_true", help="a few shapes only")
+    p.add_argument("--grid", default="default", choices=("default", "full", "quick"),
+                   help="training shapes: a representative subset (default), the issue's full grid, or five")
+    p.add_argument("--quick", action="store_true", help="= --grid quick, and the short check and decode lists")
+    p.add_argument("--tiles", default=None, help="JSON of launch configs from deepwish.bench.attention_tiles "
+                                                 "(applied over kernels/attention/triton.py: TILES)")
+    p.add_argument("--decode-per-sm", type=int, default=None, help="split-KV programs per SM (decode.py default)")
     p.add_argument("--parts", default="check,train,decode", help="comma list, in order: check,train,decode")
     p.add_argument("--paths", default="own,flex,sdpa_mask,sdpa_flash_causal", help="training paths to time")
     args = p.parse_args(argv)
@@ -340,10 +366,21 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     parts = [x for x in args.parts.split(",") if x]
     only = set(args.paths.split(","))
-    res = dict(env=environment(device), ceilings=ceilings(device), paths=sorted(only))
+    if args.quick:
+        args.grid = "quick"
+    from deepwish.kernels.attention import decode as decode_mod
+    from deepwish.kernels.attention import triton as triton_mod
+    if args.tiles:
+        for key, cfg in json.loads(Path(args.tiles).read_text()).items():
+            triton_mod.TILES[tuple(key.split("|"))] = tuple(cfg)
+    if args.decode_per_sm:
+        decode_mod.DECODE_PROGRAMS_PER_SM = args.decode_per_sm
+    res = dict(env=environment(device), ceilings=ceilings(device), paths=sorted(only), grid=args.grid,
+               tiles={"|".join(k): v for k, v in triton_mod.TILES.items()},
+               decode_programs_per_sm=decode_mod.DECODE_PROGRAMS_PER_SM)
     print(json.dumps(res, indent=1), flush=True)
     run = {"check": lambda: check_correctness(device, args.quick),
-           "train": lambda: bench_train(device, args.quick, only, out / "train_rows.json"),
+           "train": lambda: bench_train(device, args.grid, only, out / "train_rows.json"),
            "decode": lambda: bench_decode(device, args.quick, res["ceilings"]["copy_gbs"])}
     for part in parts:
         fn = run[part]

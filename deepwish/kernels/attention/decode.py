@@ -136,12 +136,18 @@ def _sm_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
-def plan_splits(B: int, Hkv: int, L: int, device) -> tuple[int, int]:
-    """(splits, chunk): about two programs per SM, chunks a multiple of 128 slots (16 under the
-    interpreter). Shapes only, so a captured graph keeps it."""
+# Programs per SM the split count aims at: B·Hkv is far too few at batch 1 (8 at Qwen3-0.6B), so
+# the cache is cut until the grid fills every SM a few times over (tile sweep on an H200).
+DECODE_PROGRAMS_PER_SM = 2
+
+
+def plan_splits(B: int, Hkv: int, L: int, device, per_sm: int | None = None) -> tuple[int, int]:
+    """(splits, chunk): about `per_sm` (DECODE_PROGRAMS_PER_SM) programs per SM, chunks a multiple
+    of 128 slots (16 under the interpreter). Shapes only, so a captured graph keeps it."""
     unit = 16 if _INTERPRET else 128
     idx = torch.device(device).index or 0
-    want = max(1, -(-2 * _sm_count(idx) // (B * Hkv)))
+    per_sm = DECODE_PROGRAMS_PER_SM if per_sm is None else per_sm
+    want = max(1, -(-per_sm * _sm_count(idx) // (B * Hkv)))
     chunk = max(unit, -(-L // want))
     chunk = -(-chunk // unit) * unit
     return -(-L // chunk), chunk

@@ -19,10 +19,16 @@ Design (FlashAttention-2, the online softmax in base 2):
 - Visited tiles are split into three ranges: interior tiles where every (row, key) pair is
   visible run without any mask arithmetic; the tiles at the document/window start and on the
   diagonal apply the full mask.
-- Forward saves the row log-sum-exp (base 2, fp32 [B, T, H]). Backward: delta = rowsum(dO·O) in
-  torch; one kernel per key tile computes dK, dV iterating over query tiles (the G heads of
-  the group are summed by the tile's own dot products: no atomics); a second kernel per query
-  tile computes dQ iterating over key tiles. Both are deterministic.
+- Scores go to base 2 once: s·scale·log2(e) is one multiply (softcap: after the tanh), the
+  softmax runs on exp2.
+- Forward saves the row log-sum-exp (base 2, fp32 [B, T, H]). Backward: a small kernel computes
+  delta = rowsum(dO·O); one kernel per key tile computes dK, dV iterating over query tiles (the
+  G heads of the group are summed by the tile's own dot products: no atomics); a second kernel
+  per query tile computes dQ iterating over key tiles. Both are deterministic. The dK/dV kernel
+  works on transposed scores (keys as rows: Sᵀ = K·Qᵀ), so Pᵀ and dSᵀ are the left operands of
+  their dots straight from registers; the untransposed form needs a register transpose
+  (a round trip through shared memory) of two BN×BM tiles per step, which halved its speed.
+- Offsets are int64 (B·T·H·D passes 2³¹ at long T).
 - Accumulation is fp32; P and dS are cast to the input dtype for the tensor-core dots; fp32
   inputs take IEEE fp32 dots (no tf32), the exact toggle.
 
@@ -47,22 +53,36 @@ NO_WINDOW = 1 << 30  # "window" of a full-causal call: larger than any T
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+# Launch configs per (kernel, head-dim class, dtype class): BM query rows (folded heads), BN keys,
+# warps, pipeline stages. A fixed table rather than an autotuner: an autotuner compiles every
+# candidate for every shape class, minutes of start-up per training run. Chosen by the tile sweep
+# (deepwish/bench/attention_tiles.py) on an H200, bf16; reports/attention.md has the table.
+TILES = {
+    # (kind, "d128" | "d256", "16bit" | "fp32"): (BM, BN, warps, stages)
+    ("fwd", "d128", "16bit"): (128, 64, 8, 3),
+    ("dkdv", "d128", "16bit"): (64, 128, 8, 2),
+    ("dq", "d128", "16bit"): (128, 64, 8, 2),
+    ("fwd", "d256", "16bit"): (64, 64, 8, 2),
+    ("dkdv", "d256", "16bit"): (32, 64, 8, 2),
+    ("dq", "d256", "16bit"): (64, 32, 8, 2),
+    ("fwd", "d128", "fp32"): (64, 32, 4, 2),
+    ("dkdv", "d128", "fp32"): (32, 64, 4, 1),
+    ("dq", "d128", "fp32"): (64, 32, 4, 1),
+    ("fwd", "d256", "fp32"): (32, 32, 4, 2),
+    ("dkdv", "d256", "fp32"): (32, 32, 4, 1),
+    ("dq", "d256", "fp32"): (32, 32, 4, 1),
+}
+
+
 def tile_config(kind: str, head_dim: int, group: int, dtype: torch.dtype) -> dict:
-    """Tile shape for one kernel: BM query rows, BN keys, warps, pipeline stages. Fixed per
-    (kind, head dim, dtype) rather than autotuned: an autotuner compiles every candidate for
-    every shape class, minutes of start-up per run. The interpreter takes 16 x 16 tiles so a
-    test of a few dozen tokens crosses several tiles. kind: fwd | dkdv | dq."""
+    """Tile shape for one kernel (kind: fwd | dkdv | dq) from TILES. The interpreter takes 16 x 16
+    tiles so a test of a few dozen tokens crosses several tiles."""
     gp = triton.next_power_of_2(group)
     if _INTERPRET:
         bm, bn, w, st = max(16, gp), 16, 1, 1
-    elif dtype == torch.float32:  # twice the bytes per element: half the tile
-        bm, bn, w, st = {"fwd": (64, 32, 4, 2), "dkdv": (32, 64, 4, 1), "dq": (64, 32, 4, 1)}[kind]
-        if head_dim > 128:
-            bm, bn = min(bm, 32), min(bn, 32)
-    elif head_dim <= 128:  # bf16/fp16; fp32 accumulators at most ~128 registers per thread
-        bm, bn, w, st = {"fwd": (128, 64, 8, 3), "dkdv": (64, 128, 8, 2), "dq": (128, 64, 8, 2)}[kind]
-    else:  # 256-wide heads: registers bound the accumulators
-        bm, bn, w, st = {"fwd": (64, 64, 8, 2), "dkdv": (32, 64, 8, 2), "dq": (64, 32, 8, 2)}[kind]
+    else:
+        key = (kind, "d128" if head_dim <= 128 else "d256", "fp32" if dtype == torch.float32 else "16bit")
+        bm, bn, w, st = TILES[key]
     return dict(BM=max(bm, gp), BN=bn, num_warps=w, num_stages=st)
 
 
@@ -100,23 +120,35 @@ def _query_tile_key_ranges(DS, ds_base, m0, T, W, BT: tl.constexpr, BN: tl.const
 
 @triton.jit
 def _visible(t, n, ds_row, ds_key, W):
+    """[rows, keys] visibility: causal, in the window, same document."""
     return (n[None, :] <= t[:, None]) & (n[None, :] > t[:, None] - W) & (ds_key[None, :] == ds_row[:, None])
+
+
+@triton.jit
+def _visible_t(t, n, ds_row, ds_key, W):
+    """[keys, rows]: `_visible` transposed."""
+    return (n[:, None] <= t[None, :]) & (n[:, None] > t[None, :] - W) & (ds_key[:, None] == ds_row[None, :])
 
 
 @triton.jit
 def _fwd_tiles(acc, m_i, l_i, q, K, V, k_base, v_base, sk_t, sv_t, DS, ds_base, t, ds_row,
                start, end, T, W, scale, softcap, dk, dv, DQK, DV,
                BN: tl.constexpr, MASK: tl.constexpr, SOFTCAP: tl.constexpr, PREC: tl.constexpr):
+    qk_scale = scale * 1.4426950408889634
     for n0 in range(start, end, BN):
         n = n0 + tl.arange(0, BN)
         n64 = tl.cast(n, tl.int64)
-        key_ok = n < T
-        k = tl.load(K + k_base + n64[:, None] * sk_t + dk[None, :],
-                    mask=key_ok[:, None] & (dk < DQK)[None, :], other=0.0)
-        s = tl.dot(q, tl.trans(k), input_precision=PREC) * scale
+        if MASK:
+            key_ok = n < T
+            k = tl.load(K + k_base + n64[:, None] * sk_t + dk[None, :],
+                        mask=key_ok[:, None] & (dk < DQK)[None, :], other=0.0)
+        else:  # interior tiles lie inside [0, T)
+            k = tl.load(K + k_base + n64[:, None] * sk_t + dk[None, :], mask=(dk < DQK)[None, :], other=0.0)
+        s = tl.dot(q, tl.trans(k), input_precision=PREC)
         if SOFTCAP:
-            s = softcap * _tanh(s / softcap)
-        s = s * 1.4426950408889634
+            s = (softcap * 1.4426950408889634) * _tanh(s * (scale / softcap))
+        else:
+            s = s * qk_scale
         if MASK:
             ds_key = tl.load(DS + ds_base + n, mask=key_ok, other=-1)
             s = tl.where(_visible(t, n, ds_row, ds_key, W), s, float("-inf"))
@@ -124,8 +156,11 @@ def _fwd_tiles(acc, m_i, l_i, q, K, V, k_base, v_base, sk_t, sv_t, DS, ds_base, 
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(V + v_base + n64[:, None] * sv_t + dv[None, :],
-                    mask=key_ok[:, None] & (dv < DV)[None, :], other=0.0)
+        if MASK:
+            v = tl.load(V + v_base + n64[:, None] * sv_t + dv[None, :],
+                        mask=key_ok[:, None] & (dv < DV)[None, :], other=0.0)
+        else:
+            v = tl.load(V + v_base + n64[:, None] * sv_t + dv[None, :], mask=(dv < DV)[None, :], other=0.0)
         acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=PREC)
         m_i = m_new
     return acc, m_i, l_i
@@ -138,7 +173,7 @@ def _fwd_kernel(Q, K, V, O, LSE, DS,
                 BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr, GP: tl.constexpr,
                 SOFTCAP: tl.constexpr, PREC: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr):
     BT: tl.constexpr = BM // GP
-    m0 = tl.program_id(0) * BT
+    m0 = (tl.num_programs(0) - 1 - tl.program_id(0)) * BT  # the longest (last) query tiles start first
     bh = tl.program_id(1)
     b = tl.cast(bh // HKV, tl.int64)
     hkv = bh % HKV
@@ -171,35 +206,52 @@ def _fwd_kernel(Q, K, V, O, LSE, DS,
 
 
 @triton.jit
+def _delta_kernel(O, DO, DELTA, ROWS, DV, BR: tl.constexpr, BLOCK_DV: tl.constexpr):
+    """delta[row] = sum_d dO[row, d] · O[row, d] over the rows of contiguous [rows, DV] tensors."""
+    row = tl.program_id(0) * BR + tl.arange(0, BR)
+    row64 = tl.cast(row, tl.int64)
+    d = tl.arange(0, BLOCK_DV)
+    m = (row < ROWS)[:, None] & (d < DV)[None, :]
+    o = tl.load(O + row64[:, None] * DV + d[None, :], mask=m, other=0.0).to(tl.float32)
+    do = tl.load(DO + row64[:, None] * DV + d[None, :], mask=m, other=0.0).to(tl.float32)
+    tl.store(DELTA + row64, tl.sum(o * do, 1), mask=row < ROWS)
+
+
+@triton.jit
 def _dkdv_tiles(dk_acc, dv_acc, k, v, Q, DO, LSE, DELTA, DS, q_base, do_base, ds_base, sq_t, sq_h, sdo_t, sdo_h,
                 n, ds_key, hkv, start, end, T, H, G, W, scale, softcap, dk, dv, DQK, DV,
                 GP: tl.constexpr, BM: tl.constexpr, MASK: tl.constexpr, SOFTCAP: tl.constexpr,
                 PREC: tl.constexpr):
+    """Keys are rows here: sᵀ [BN, BM] = k · qᵀ, so pᵀ and dsᵀ feed their dots from registers."""
     BT: tl.constexpr = BM // GP
+    qk_scale = scale * 1.4426950408889634
     for m0 in range(start, end, BT):
         t, r, row_ok = _rows(m0, T, G, GP, BM)
         t64, h64 = tl.cast(t, tl.int64), tl.cast(hkv * G + r, tl.int64)
-        q = tl.load(Q + q_base + t64[:, None] * sq_t + h64[:, None] * sq_h + dk[None, :],
-                    mask=row_ok[:, None] & (dk < DQK)[None, :], other=0.0)
-        do = tl.load(DO + do_base + t64[:, None] * sdo_t + h64[:, None] * sdo_h + dv[None, :],
-                     mask=row_ok[:, None] & (dv < DV)[None, :], other=0.0)
+        q_t = tl.load(Q + q_base + t64[None, :] * sq_t + h64[None, :] * sq_h + dk[:, None],
+                      mask=row_ok[None, :] & (dk < DQK)[:, None], other=0.0)  # [BLOCK_DK, BM]
         row = (ds_base + t64) * H + h64
         lse = tl.load(LSE + row, mask=row_ok, other=0.0)
-        delta = tl.load(DELTA + row, mask=row_ok, other=0.0)
-        s = tl.dot(q, tl.trans(k), input_precision=PREC) * scale
+        s_t = tl.dot(k, q_t, input_precision=PREC)
         if SOFTCAP:
-            tc = _tanh(s / softcap)
-            s = softcap * tc
-        p = tl.exp2(s * 1.4426950408889634 - lse[:, None])
+            tc = _tanh(s_t * (scale / softcap))
+            p_t = tl.exp2((softcap * 1.4426950408889634) * tc - lse[None, :])
+        else:
+            p_t = tl.exp2(s_t * qk_scale - lse[None, :])
         if MASK:
             ds_row = tl.load(DS + ds_base + t, mask=row_ok, other=-2)
-            p = tl.where(_visible(t, n, ds_row, ds_key, W) & row_ok[:, None], p, 0.0)
-        dv_acc = tl.dot(tl.trans(p.to(do.dtype)), do, dv_acc, input_precision=PREC)
-        dp = tl.dot(do, tl.trans(v), input_precision=PREC)
-        dsc = p * (dp - delta[:, None])
+            p_t = tl.where(_visible_t(t, n, ds_row, ds_key, W) & row_ok[None, :], p_t, 0.0)
+        # padded rows (heads >= G, tokens >= T) load q = dO = 0 and lse = delta = 0: in unmasked
+        # tiles their p is 1 but their dO and ds are 0, so they add nothing
+        do = tl.load(DO + do_base + t64[:, None] * sdo_t + h64[:, None] * sdo_h + dv[None, :],
+                     mask=row_ok[:, None] & (dv < DV)[None, :], other=0.0)
+        dv_acc = tl.dot(p_t.to(do.dtype), do, dv_acc, input_precision=PREC)
+        delta = tl.load(DELTA + row, mask=row_ok, other=0.0)
+        dp_t = tl.dot(v, tl.trans(do), input_precision=PREC)
+        ds_t = p_t * (dp_t - delta[None, :])
         if SOFTCAP:
-            dsc = dsc * (1.0 - tc * tc)
-        dk_acc = tl.dot(tl.trans(dsc.to(q.dtype)), q, dk_acc, input_precision=PREC)
+            ds_t = ds_t * (1.0 - tc * tc)
+        dk_acc = tl.dot(ds_t.to(q_t.dtype), tl.trans(q_t), dk_acc, input_precision=PREC)
     return dk_acc, dv_acc
 
 
@@ -261,19 +313,25 @@ def _dkdv_kernel(Q, K, V, DO, LSE, DELTA, DS, DE, DKO, DVO,
 def _dq_tiles(dq_acc, q, do, lse, delta, K, V, k_base, v_base, sk_t, sv_t, DS, ds_base, t, ds_row,
               start, end, T, W, scale, softcap, dk, dv, DQK, DV,
               BN: tl.constexpr, MASK: tl.constexpr, SOFTCAP: tl.constexpr, PREC: tl.constexpr):
+    qk_scale = scale * 1.4426950408889634
     for n0 in range(start, end, BN):
         n = n0 + tl.arange(0, BN)
         n64 = tl.cast(n, tl.int64)
         key_ok = n < T
-        k = tl.load(K + k_base + n64[:, None] * sk_t + dk[None, :],
-                    mask=key_ok[:, None] & (dk < DQK)[None, :], other=0.0)
-        v = tl.load(V + v_base + n64[:, None] * sv_t + dv[None, :],
-                    mask=key_ok[:, None] & (dv < DV)[None, :], other=0.0)
-        s = tl.dot(q, tl.trans(k), input_precision=PREC) * scale
+        if MASK:
+            k = tl.load(K + k_base + n64[:, None] * sk_t + dk[None, :],
+                        mask=key_ok[:, None] & (dk < DQK)[None, :], other=0.0)
+            v = tl.load(V + v_base + n64[:, None] * sv_t + dv[None, :],
+                        mask=key_ok[:, None] & (dv < DV)[None, :], other=0.0)
+        else:  # interior tiles lie inside [0, T)
+            k = tl.load(K + k_base + n64[:, None] * sk_t + dk[None, :], mask=(dk < DQK)[None, :], other=0.0)
+            v = tl.load(V + v_base + n64[:, None] * sv_t + dv[None, :], mask=(dv < DV)[None, :], other=0.0)
+        s = tl.dot(q, tl.trans(k), input_precision=PREC)
         if SOFTCAP:
-            tc = _tanh(s / softcap)
-            s = softcap * tc
-        p = tl.exp2(s * 1.4426950408889634 - lse[:, None])
+            tc = _tanh(s * (scale / softcap))
+            p = tl.exp2((softcap * 1.4426950408889634) * tc - lse[:, None])
+        else:
+            p = tl.exp2(s * qk_scale - lse[:, None])
         if MASK:
             ds_key = tl.load(DS + ds_base + n, mask=key_ok, other=-1)
             p = tl.where(_visible(t, n, ds_row, ds_key, W), p, 0.0)
@@ -293,7 +351,7 @@ def _dq_kernel(Q, K, V, DO, LSE, DELTA, DS, DQO,
                BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr, GP: tl.constexpr,
                SOFTCAP: tl.constexpr, PREC: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr):
     BT: tl.constexpr = BM // GP
-    m0 = tl.program_id(0) * BT
+    m0 = (tl.num_programs(0) - 1 - tl.program_id(0)) * BT  # the longest (last) query tiles start first
     bh = tl.program_id(1)
     b = tl.cast(bh // HKV, tl.int64)
     hkv = bh % HKV
@@ -353,7 +411,9 @@ def _meta(q, k, v, window, softcap):
                 PREC="ieee" if q.dtype == torch.float32 else "tf32")
 
 
-def _doc_bounds(doc_ids, B, T, device):
+def document_bounds(doc_ids: torch.Tensor | None, B: int, T: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(start, end) [B, T] int32 of each token's document, the kernels' description of doc_ids
+    (a dozen small torch ops: compute once per batch and pass as `bounds` to every layer)."""
     if doc_ids is None:
         zero = torch.zeros(B, T, dtype=torch.int32, device=device)
         return zero, torch.full((B, T), T, dtype=torch.int32, device=device)
@@ -372,21 +432,44 @@ def forward(q, k, v, doc_start, scale, window, softcap):
     return o, lse
 
 
-def backward(q, k, v, o, lse, do, doc_start, doc_end, scale, window, softcap):
-    B, T, H, _ = q.shape
+def backward_delta(o, do):
+    """delta = rowsum(dO · O) [B, T, H] fp32 (o and do contiguous)."""
+    B, T, H, DV = o.shape
+    delta = torch.empty(B, T, H, dtype=torch.float32, device=o.device)
+    rows = B * T * H
+    BR = 16 if _INTERPRET else 64
+    _delta_kernel[(triton.cdiv(rows, BR),)](o, do, delta, rows, DV, BR=BR,
+                                            BLOCK_DV=max(16, triton.next_power_of_2(DV)))
+    return delta
+
+
+def backward_dkdv(q, k, v, do, lse, delta, doc_start, doc_end, scale, window, softcap):
+    B, T = q.shape[:2]
     meta = _meta(q, k, v, window, softcap)
-    delta = (o.float() * do.float()).sum(-1).contiguous()  # [B, T, H]
-    dq = torch.empty_like(q)
     dk = torch.empty_like(k)
     dv = torch.empty_like(v)
-    D = max(q.shape[-1], v.shape[-1])
-    cfg = tile_config("dkdv", D, meta["G"], q.dtype)
-    _dkdv_kernel[(triton.cdiv(T, cfg["BN"]), B * meta["HKV"])](q, k, v, do, lse, delta, doc_start, doc_end, dk, dv,
-                          *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *do.stride()[:3],
-                          *dk.stride()[:3], *dv.stride()[:3], scale=scale, **meta, **cfg)
-    cfg = tile_config("dq", D, meta["G"], q.dtype)
-    _dq_kernel[(triton.cdiv(T, cfg["BM"] // meta["GP"]), B * meta["HKV"])](q, k, v, do, lse, delta, doc_start, dq, *q.stride()[:3], *k.stride()[:3],
-                       *v.stride()[:3], *do.stride()[:3], *dq.stride()[:3], scale=scale, **meta, **cfg)
+    cfg = tile_config("dkdv", max(q.shape[-1], v.shape[-1]), meta["G"], q.dtype)
+    _dkdv_kernel[(triton.cdiv(T, cfg["BN"]), B * meta["HKV"])](
+        q, k, v, do, lse, delta, doc_start, doc_end, dk, dv, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3],
+        *do.stride()[:3], *dk.stride()[:3], *dv.stride()[:3], scale=scale, **meta, **cfg)
+    return dk, dv
+
+
+def backward_dq(q, k, v, do, lse, delta, doc_start, scale, window, softcap):
+    B, T = q.shape[:2]
+    meta = _meta(q, k, v, window, softcap)
+    dq = torch.empty_like(q)
+    cfg = tile_config("dq", max(q.shape[-1], v.shape[-1]), meta["G"], q.dtype)
+    _dq_kernel[(triton.cdiv(T, cfg["BM"] // meta["GP"]), B * meta["HKV"])](
+        q, k, v, do, lse, delta, doc_start, dq, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3],
+        *do.stride()[:3], *dq.stride()[:3], scale=scale, **meta, **cfg)
+    return dq
+
+
+def backward(q, k, v, o, lse, do, doc_start, doc_end, scale, window, softcap):
+    delta = backward_delta(o, do)
+    dk, dv = backward_dkdv(q, k, v, do, lse, delta, doc_start, doc_end, scale, window, softcap)
+    dq = backward_dq(q, k, v, do, lse, delta, doc_start, scale, window, softcap)
     return dq, dk, dv
 
 
@@ -433,11 +516,17 @@ _fwd_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, doc_ids: torch.Tensor | None = None,
-                    window: int = 0, softcap: float = 0.0, scale: float | None = None) -> torch.Tensor:
+                    window: int = 0, softcap: float = 0.0, scale: float | None = None,
+                    bounds: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """Causal attention, q [B, T, H, Dqk], k [B, T, Hkv, Dqk], v [B, T, Hkv, Dv] -> [B, T, H, Dv];
-    see reference.attention for the semantics. Differentiable in q, k, v."""
+    see reference.attention for the semantics. Differentiable in q, k, v. `bounds`: the
+    `document_bounds(doc_ids, B, T, device)` of the same doc_ids, computed once per batch."""
     _check(q, k, v, doc_ids, window, softcap)
     B, T = q.shape[:2]
-    doc_start, doc_end = _doc_bounds(doc_ids, B, T, q.device)
+    if bounds is None:
+        bounds = document_bounds(doc_ids, B, T, q.device)
+    elif any(tuple(x.shape) != (B, T) or x.dtype != torch.int32 for x in bounds):
+        raise ValueError(f"flash_attention: bounds must be two int32 [B, T] = {(B, T)} tensors from document_bounds")
+    doc_start, doc_end = bounds
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     return _fwd_op(q, k, v, doc_start, doc_end, scale, int(window), float(softcap))[0]

@@ -1,0 +1,256 @@
+"""Launch-config sweep of the flash-attention kernels (kernels/attention/triton.py: TILES) and of
+the split-KV decode's split count (kernels/attention/decode.py), one GPU run:
+
+    python -m deepwish.bench.attention_tiles --out DIR [--quick]
+
+Each kernel (fwd, dkdv, dq) is timed alone (triton.testing.do_bench, median) per candidate
+(BM, BN, warps, stages) on the shape classes of its head-dim class, every candidate checked
+against the fp32 reference first (relative RMS of its outputs; a wrong config is dropped). The
+candidates are compiled in parallel worker processes into Triton's on-disk cache first (compile
+time dominates a sweep). Prints a table per kernel and writes DIR/tiles.json
+({"kind|class|16bit": [BM, BN, warps, stages]}: the fastest by mean time relative to the best
+per shape), which `deepwish bench attention --tiles DIR/tiles.json` applies.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import time
+from pathlib import Path
+
+import torch
+
+# shape classes: name -> (B, T, H, Hkv, D, docs per row)
+SHAPES = {
+    "d128": [("B8 T2k 16/8 4docs", (8, 2048, 16, 8, 128, 4)), ("B1 T16k 16/8 causal", (1, 16384, 16, 8, 128, 1))],
+    "d256": [("B1 T16k 16/2 4docs", (1, 16384, 16, 2, 256, 4))],
+}
+CANDIDATES = {
+    ("fwd", "d128"): [(128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 4, 3), (128, 128, 8, 2), (64, 64, 4, 3),
+                      (128, 64, 8, 4)],
+    ("dkdv", "d128"): [(64, 128, 8, 2), (32, 128, 4, 3), (64, 128, 8, 3), (64, 64, 4, 3), (32, 64, 4, 3),
+                       (128, 128, 8, 2), (64, 128, 4, 2)],
+    ("dq", "d128"): [(128, 64, 8, 2), (128, 32, 4, 3), (64, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 2)],
+    ("fwd", "d256"): [(64, 64, 8, 2), (128, 64, 8, 2), (64, 32, 4, 2), (128, 32, 8, 2), (64, 64, 4, 2)],
+    ("dkdv", "d256"): [(32, 64, 8, 2), (64, 64, 8, 2), (32, 32, 4, 2), (64, 32, 4, 2), (32, 64, 4, 2)],
+    ("dq", "d256"): [(64, 32, 8, 2), (64, 64, 8, 2), (128, 32, 8, 2), (32, 64, 4, 2), (64, 32, 4, 2)],
+}
+DECODE_PER_SM = (1, 2, 4, 8, 16)
+
+
+def make_inputs(shape, device, seed=0):
+    from deepwish.bench.attention import make_doc_ids
+    from deepwish.kernels.attention.triton import document_bounds
+    B, T, H, Hkv, D, docs = shape
+    gen = torch.Generator().manual_seed(seed)
+    ids = make_doc_ids(B, T, docs, gen)
+    ids = None if ids is None else ids.to(device)
+    q = torch.randn(B, T, H, D, generator=gen).to(device, torch.bfloat16)
+    k = torch.randn(B, T, Hkv, D, generator=gen).to(device, torch.bfloat16)
+    v = torch.randn(B, T, Hkv, D, generator=gen).to(device, torch.bfloat16)
+    do = torch.randn(B, T, H, D, generator=gen).to(device, torch.bfloat16)
+    return q, k, v, do, ids, document_bounds(ids, B, T, device)
+
+
+def run_kind(kind, q, k, v, do, bounds, o=None, lse=None, delta=None):
+    from deepwish.kernels.attention import triton as tk
+    scale = q.shape[-1] ** -0.5
+    if kind == "fwd":
+        return tk.forward(q, k, v, bounds[0], scale, 0, 0.0)
+    if kind == "dkdv":
+        return tk.backward_dkdv(q, k, v, do, lse, delta, bounds[0], bounds[1], scale, 0, 0.0)
+    return (tk.backward_dq(q, k, v, do, lse, delta, bounds[0], scale, 0, 0.0),)
+
+
+def _prepare(shape, device):
+    from deepwish.kernels.attention import triton as tk
+    q, k, v, do, ids, bounds = make_inputs(shape, device)
+    o, lse = tk.forward(q, k, v, bounds[0], q.shape[-1] ** -0.5, 0, 0.0)
+    delta = tk.backward_delta(o, do)
+    return q, k, v, do, ids, bounds, o, lse, delta
+
+
+def _compile_worker(task):
+    """Compile (and run once) one candidate in a worker: fills Triton's on-disk cache."""
+    kind, cls, cand = task
+    from deepwish.kernels.attention import triton as tk
+    tk.TILES[(kind, cls, "16bit")] = cand
+    try:
+        for _, shape in SHAPES[cls]:
+            q, k, v, do, ids, bounds, o, lse, delta = _prepare(shape, "cuda")
+            run_kind(kind, q, k, v, do, bounds, o, lse, delta)
+        torch.cuda.synchronize()
+        return task, "ok"
+    except Exception as e:  # noqa: BLE001
+        return task, f"{type(e).__name__}: {str(e).splitlines()[0][:100]}"
+
+
+def reference_grads(q, k, v, do, ids):
+    from deepwish.kernels.attention import reference as ref
+    qq, kk, vv = (x.detach().float().requires_grad_() for x in (q, k, v))
+    o = ref.attention(qq, kk, vv, doc_ids=ids)
+    dq, dk, dv = torch.autograd.grad(o, (qq, kk, vv), do.float())
+    return dict(fwd=(o.detach(),), dkdv=(dk, dv), dq=(dq,))
+
+
+def rel_rms(a, b):
+    a, b = a.double(), b.double()
+    return float((a - b).pow(2).mean().sqrt() / a.pow(2).mean().sqrt())
+
+
+def sweep_tiles(out: Path, workers: int) -> dict:
+    from triton.testing import do_bench
+    from deepwish.kernels.attention import triton as tk
+    tasks = [(kind, cls, c) for (kind, cls), cands in CANDIDATES.items() for c in cands]
+    t0 = time.time()
+    ctx = mp.get_context("spawn")
+    with ctx.Pool(workers) as pool:
+        compiled = dict(pool.imap_unordered(_compile_worker, tasks))
+    print(f"compiled {len(tasks)} candidates in {time.time() - t0:.0f} s", flush=True)
+    rows, best = [], {}
+    for cls, shapes in SHAPES.items():
+        prepared = []
+        for name, shape in shapes:
+            q, k, v, do, ids, bounds, o, lse, delta = _prepare(shape, "cuda")
+            small = shape[1] <= 2048  # the reference's [B, H, T, T] scores fit for the short shape only
+            want = reference_grads(q, k, v, do, ids) if small else None
+            prepared.append((name, (q, k, v, do, bounds, o, lse, delta), want))
+        for kind in ("fwd", "dkdv", "dq"):
+            times = {}
+            for cand in CANDIDATES[(kind, cls)]:
+                key = (kind, cls, cand)
+                if compiled.get(key) != "ok":
+                    rows.append(dict(kind=kind, cls=cls, cand=cand, error=compiled.get(key)))
+                    continue
+                tk.TILES[(kind, cls, "16bit")] = cand
+                row = dict(kind=kind, cls=cls, cand=cand, ms={}, err=None)
+                for name, (q, k, v, do, bounds, o, lse, delta), want in prepared:
+                    fn = lambda: run_kind(kind, q, k, v, do, bounds, o, lse, delta)  # noqa: E731
+                    if want is not None:
+                        got = fn()
+                        row["err"] = max(rel_rms(a, b) for a, b in zip(want[kind], got))
+                    row["ms"][name] = float(do_bench(fn, warmup=10, rep=40, return_mode="median"))
+                rows.append(row)
+                if row["err"] is None or row["err"] < 1e-2:
+                    times[cand] = row["ms"]
+                print(f"{kind:5s} {cls} BM{cand[0]:4d} BN{cand[1]:4d} w{cand[2]} s{cand[3]}  "
+                      + "  ".join(f"{n}: {t:.3f} ms" for n, t in row["ms"].items())
+                      + (f"  err {row['err']:.1e}" if row["err"] is not None else ""), flush=True)
+            if times:
+                names = list(next(iter(times.values())))
+                fastest = {n: min(t[n] for t in times.values()) for n in names}
+                score = {c: sum(t[n] / fastest[n] for n in names) / len(names) for c, t in times.items()}
+                pick = min(score, key=score.get)
+                best[f"{kind}|{cls}|16bit"] = list(pick)
+                tk.TILES[(kind, cls, "16bit")] = pick
+                print(f"  -> {kind} {cls}: {pick} (mean time / best {score[pick]:.3f})", flush=True)
+    (out / "tiles.json").write_text(json.dumps(best, indent=1))
+    (out / "tile_rows.json").write_text(json.dumps(rows, indent=1, default=str))
+    return best
+
+
+def sweep_decode(out: Path) -> list[dict]:
+    """Split-KV decode at batch 1 (and 8): time per programs-per-SM, eager (do_bench) and as CUDA
+    graph replays (launch overhead out), against the copy bandwidth."""
+    from triton.testing import do_bench
+    from deepwish.kernels.attention import decode as dk
+    dev = torch.device("cuda")
+    x = torch.empty(1 << 30, dtype=torch.uint8, device=dev).random_()
+    y = torch.empty_like(x)
+    copy_gbs = 2 * x.numel() / do_bench(lambda: y.copy_(x), return_mode="median") / 1e6
+    del x, y
+    rows = []
+    for L, B in ((32768, 1), (131072, 1), (32768, 8), (4096, 1)):
+        kc = torch.randn(B, 8, L, 128, device=dev, dtype=torch.bfloat16)
+        vc = torch.randn(B, 8, L, 128, device=dev, dtype=torch.bfloat16)
+        q = torch.randn(B, 1, 16, 128, device=dev, dtype=torch.bfloat16)
+        qp = torch.full((B, 1), L - 1, device=dev, dtype=torch.int64)
+        nbytes = 2 * kc.numel() * 2
+        for per_sm in DECODE_PER_SM:
+            splits, chunk = dk.plan_splits(B, 8, L, dev, per_sm=per_sm)
+            fn = lambda: dk.decode_attention(q, kc, vc, qp, splits=splits)  # noqa: E731
+            fn()
+            eager = float(do_bench(fn, warmup=10, rep=50, return_mode="median"))
+            g = torch.cuda.CUDAGraph()
+            s = torch.cuda.Stream()
+            s.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(s):
+                fn()
+            torch.cuda.current_stream().wait_stream(s)
+            with torch.cuda.graph(g):
+                for _ in range(10):
+                    fn()
+            graph = float(do_bench(g.replay, warmup=10, rep=50, return_mode="median")) / 10
+            row = dict(L=L, B=B, per_sm=per_sm, splits=splits, chunk=chunk, eager_us=eager * 1e3,
+                       graph_us=graph * 1e3, graph_of_copy=nbytes / graph / 1e6 / copy_gbs,
+                       eager_of_copy=nbytes / eager / 1e6 / copy_gbs)
+            rows.append(row)
+            print(f"decode L{L} B{B} per_sm {per_sm:2d} splits {splits:4d} chunk {chunk:6d}: eager {eager * 1e3:7.1f} us "
+                  f"({row['eager_of_copy']:.0%} of copy)  graph {graph * 1e3:7.1f} us ({row['graph_of_copy']:.0%})",
+                  flush=True)
+        del kc, vc
+        torch.cuda.empty_cache()
+    (out / "decode_splits.json").write_text(json.dumps(dict(copy_gbs=copy_gbs, rows=rows), indent=1))
+    return rows
+
+
+def diagnose_unequal_dims(out: Path) -> list[dict]:
+    """The bf16 error of the own kernel at Dqk 192 / Dv 128 beside equal dims, and beside SDPA's
+    own bf16 error on the same inputs (what bf16 rounding alone costs)."""
+    import torch.nn.functional as F
+    from deepwish.kernels.attention import reference as ref
+    from deepwish.kernels.attention.triton import flash_attention
+    dev = torch.device("cuda")
+    rows = []
+    for H, Hkv, Dqk, Dv in ((8, 8, 192, 128), (8, 8, 128, 128), (8, 8, 192, 192), (8, 8, 256, 128), (16, 8, 192, 128)):
+        torch.manual_seed(0)
+        B, T = 2, 1500
+        q = torch.randn(B, T, H, Dqk, device=dev, dtype=torch.bfloat16, requires_grad=True)
+        k = torch.randn(B, T, Hkv, Dqk, device=dev, dtype=torch.bfloat16, requires_grad=True)
+        v = torch.randn(B, T, Hkv, Dv, device=dev, dtype=torch.bfloat16, requires_grad=True)
+        ids = torch.zeros(B, T, dtype=torch.long, device=dev)
+        ids[0, 300:] += 1
+        ids[0, 301:] += 1
+        ids[1, 1000:] += 1
+        g = torch.randn(B, T, H, Dv, device=dev)
+        want = ref.attention(q, k, v, doc_ids=ids)
+        wg = torch.autograd.grad((want.float() * g).sum(), (q, k, v))
+        got = flash_attention(q, k, v, doc_ids=ids)
+        gg = torch.autograd.grad((got.float() * g).sum(), (q, k, v))
+        mask = ref.visible(T, ids, 0, dev, B)[:, None]
+        rep = H // Hkv
+        qt = q.transpose(1, 2)
+        kt = k.repeat_interleave(rep, 2).transpose(1, 2)
+        vt = v.repeat_interleave(rep, 2).transpose(1, 2)
+        sd = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=mask).transpose(1, 2)
+        sg = torch.autograd.grad((sd.float() * g).sum(), (q, k, v))
+        row = dict(case=f"H{H}/{Hkv} Dqk{Dqk} Dv{Dv}",
+                   own=[rel_rms(a, b) for a, b in zip((want, *wg), (got, *gg))],
+                   sdpa_bf16=[rel_rms(a, b) for a, b in zip((want, *wg), (sd, *sg))])
+        rows.append(row)
+        print(f"{row['case']}: own o/dq/dk/dv " + " ".join(f"{e:.1e}" for e in row["own"])
+              + " | sdpa bf16 " + " ".join(f"{e:.1e}" for e in row["sdpa_bf16"]), flush=True)
+    (out / "unequal_dims.json").write_text(json.dumps(rows, indent=1))
+    return rows
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m deepwish.bench.attention_tiles", description=__doc__.split("\n")[0])
+    p.add_argument("--out", required=True)
+    p.add_argument("--parts", default="diag,decode,tiles")
+    p.add_argument("--workers", type=int, default=12)
+    args = p.parse_args(argv)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    for part in args.parts.split(","):
+        t0 = time.time()
+        print(f"=== {part}", flush=True)
+        {"diag": lambda: diagnose_unequal_dims(out), "decode": lambda: sweep_decode(out),
+         "tiles": lambda: sweep_tiles(out, args.workers)}[part]()
+        print(f"=== {part} took {time.time() - t0:.0f} s", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
