@@ -17,6 +17,7 @@ import argparse
 import json
 import multiprocessing as mp
 import time
+import traceback
 from pathlib import Path
 
 import torch
@@ -24,7 +25,7 @@ import torch
 # shape classes: name -> (B, T, H, Hkv, D, docs per row)
 SHAPES = {
     "d128": [("B8 T2k 16/8 4docs", (8, 2048, 16, 8, 128, 4)), ("B1 T16k 16/8 causal", (1, 16384, 16, 8, 128, 1))],
-    "d256": [("B1 T16k 16/2 4docs", (1, 16384, 16, 2, 256, 4))],
+    "d256": [("B2 T2k 16/2 4docs", (2, 2048, 16, 2, 256, 4)), ("B1 T16k 16/2 4docs", (1, 16384, 16, 2, 256, 4))],
 }
 CANDIDATES = {
     ("fwd", "d128"): [(128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 4, 3), (128, 128, 8, 2), (64, 64, 4, 3),
@@ -246,8 +247,11 @@ def main(argv=None) -> int:
     for part in args.parts.split(","):
         t0 = time.time()
         print(f"=== {part}", flush=True)
-        {"diag": lambda: diagnose_unequal_dims(out), "decode": lambda: sweep_decode(out),
-         "tiles": lambda: sweep_tiles(out, args.workers)}[part]()
+        try:
+            {"diag": lambda: diagnose_unequal_dims(out), "decode": lambda: sweep_decode(out),
+             "tiles": lambda: sweep_tiles(out, args.workers)}[part]()
+        except Exception:  # noqa: BLE001  (the other parts still run)
+            traceback.print_exc()
         print(f"=== {part} took {time.time() - t0:.0f} s", flush=True)
     return 0
 
