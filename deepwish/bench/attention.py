@@ -111,6 +111,21 @@ def bench_ms(fn, grad_to_none=None) -> float:
     return float(do_bench(fn, warmup=25, rep=100, grad_to_none=grad_to_none, return_mode="median"))
 
 
+def graph_ms(fn, calls: int = 10) -> float:
+    """Median time of one call of `fn` replayed from a CUDA graph of `calls` calls."""
+    from triton.testing import do_bench
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        fn()
+    torch.cuda.current_stream().wait_stream(side)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        for _ in range(calls):
+            fn()
+    return float(do_bench(g.replay, warmup=10, rep=50, return_mode="median")) / calls
+
+
 def check_correctness(device, quick: bool = False) -> list[dict]:
     """Own kernel (fwd + all grads), flex and the decode kernel against the fp32 reference."""
     from deepwish.kernels.attention import reference as ref
@@ -261,6 +276,9 @@ def bench_decode(device, quick: bool, copy_gbs: float) -> list[dict]:
             try:
                 ms = bench_ms(fn)
                 row[name] = dict(us=ms * 1e3, gbs=nbytes / ms / 1e6, of_copy=nbytes / ms / 1e6 / copy_gbs)
+                gms = graph_ms(fn)  # the decode step runs captured: launch overhead out
+                row[name].update(graph_us=gms * 1e3, graph_gbs=nbytes / gms / 1e6,
+                                 graph_of_copy=nbytes / gms / 1e6 / copy_gbs)
             except Exception as e:  # noqa: BLE001
                 row[name] = f"error: {type(e).__name__}"
                 torch.cuda.empty_cache()
@@ -301,8 +319,10 @@ def fmt_train_row(r) -> str:
 
 def fmt_decode_row(r) -> str:
     own, sd = r.get("own"), r.get("sdpa")
-    o = f"{own['us']:.1f}us {own['gbs']:.0f}GB/s ({own['of_copy']:.0%} of copy)" if isinstance(own, dict) else str(own)
-    s = f"{sd['us']:.1f}us {sd['gbs']:.0f}GB/s" if isinstance(sd, dict) else str(sd)
+    o = (f"{own['us']:.1f}us {own['gbs']:.0f}GB/s ({own['of_copy']:.0%} of copy), graph {own['graph_us']:.1f}us "
+         f"({own['graph_of_copy']:.0%})" if isinstance(own, dict) else str(own))
+    s = (f"{sd['us']:.1f}us {sd['gbs']:.0f}GB/s, graph {sd['graph_us']:.1f}us ({sd['graph_of_copy']:.0%})"
+         if isinstance(sd, dict) else str(sd))
     return f"decode L{r['L']} B{r['B']} Tq{r['Tq']}: own {o} | sdpa {s}"
 
 

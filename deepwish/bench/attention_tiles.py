@@ -8,7 +8,7 @@ Each kernel (fwd, dkdv, dq) is timed alone (triton.testing.do_bench, median) per
 against the fp32 reference first (relative RMS of its outputs; a wrong config is dropped). The
 candidates are compiled in parallel worker processes into Triton's on-disk cache first (compile
 time dominates a sweep). Prints a table per kernel and writes DIR/tiles.json
-({"kind|class|16bit": [BM, BN, warps, stages]}: the fastest by mean time relative to the best
+({"kind|head-dim class|16bit|length class": [BM, BN, warps, stages]}: the fastest by mean time relative to the best
 per shape), which `deepwish bench attention --tiles DIR/tiles.json` applies.
 """
 from __future__ import annotations
@@ -22,20 +22,35 @@ from pathlib import Path
 
 import torch
 
-# shape classes: name -> (B, T, H, Hkv, D, docs per row)
+# shape classes: (head-dim class, length class) -> [(name, (B, T, H, Hkv, D, docs per row), timed)];
+# untimed shapes are checked against the fp32 reference only (the reference's [B, H, T, T]
+# scores are too large past T8k), timed ones up to T2k are checked too.
 SHAPES = {
-    "d128": [("B8 T2k 16/8 4docs", (8, 2048, 16, 8, 128, 4)), ("B1 T16k 16/8 causal", (1, 16384, 16, 8, 128, 1))],
-    "d256": [("B2 T2k 16/2 4docs", (2, 2048, 16, 2, 256, 4)), ("B1 T16k 16/2 4docs", (1, 16384, 16, 2, 256, 4))],
+    ("d128", "short"): [("B8 T2k 16/8 4docs", (8, 2048, 16, 8, 128, 4), True),
+                        ("B2 T4k 16/8 causal", (2, 4096, 16, 8, 128, 1), True)],
+    ("d256", "short"): [("B2 T2k 16/2 4docs", (2, 2048, 16, 2, 256, 4), True),
+                        ("B1 T4k 16/2 4docs", (1, 4096, 16, 2, 256, 4), True)],
+    ("d128", "long"): [("B1 T8k 16/8 4docs", (1, 8192, 16, 8, 128, 4), False),
+                       ("B1 T16k 16/8 causal", (1, 16384, 16, 8, 128, 1), True),
+                       ("B1 T16k 16/8 4docs", (1, 16384, 16, 8, 128, 4), True)],
+    ("d256", "long"): [("B1 T8k 16/2 4docs", (1, 8192, 16, 2, 256, 4), False),
+                       ("B1 T16k 16/2 4docs", (1, 16384, 16, 2, 256, 4), True)],
 }
 CANDIDATES = {
-    ("fwd", "d128"): [(128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 4, 3), (128, 128, 8, 2), (64, 64, 4, 3),
-                      (128, 64, 8, 4)],
-    ("dkdv", "d128"): [(64, 128, 8, 2), (32, 128, 4, 3), (64, 128, 8, 3), (64, 64, 4, 3), (32, 64, 4, 3),
-                       (128, 128, 8, 2), (64, 128, 4, 2)],
-    ("dq", "d128"): [(128, 64, 8, 2), (128, 32, 4, 3), (64, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 2)],
-    ("fwd", "d256"): [(64, 64, 8, 2), (128, 64, 8, 2), (64, 32, 4, 2), (128, 32, 8, 2), (64, 64, 4, 2)],
-    ("dkdv", "d256"): [(32, 64, 8, 2), (64, 64, 8, 2), (32, 32, 4, 2), (64, 32, 4, 2), (32, 64, 4, 2)],
-    ("dq", "d256"): [(64, 32, 8, 2), (64, 64, 8, 2), (128, 32, 8, 2), (32, 64, 4, 2), (64, 32, 4, 2)],
+    ("fwd", "d128", "short"): [(128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 4, 3), (128, 128, 8, 2), (64, 64, 4, 3),
+                               (128, 64, 8, 4)],
+    ("dkdv", "d128", "short"): [(64, 128, 8, 2), (32, 128, 4, 3), (64, 128, 8, 3), (64, 64, 4, 3), (32, 64, 4, 3),
+                                (128, 128, 8, 2), (64, 128, 4, 2)],
+    ("dq", "d128", "short"): [(128, 64, 8, 2), (128, 32, 4, 3), (64, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 2)],
+    ("fwd", "d256", "short"): [(64, 64, 8, 2), (128, 64, 8, 2), (64, 32, 4, 2), (128, 32, 8, 2), (64, 64, 4, 2)],
+    ("dkdv", "d256", "short"): [(32, 64, 8, 2), (64, 64, 8, 2), (32, 32, 4, 2), (64, 32, 4, 2), (32, 64, 4, 2)],
+    ("dq", "d256", "short"): [(64, 32, 8, 2), (64, 64, 8, 2), (128, 32, 8, 2), (32, 64, 4, 2), (64, 32, 4, 2)],
+    ("fwd", "d128", "long"): [(128, 128, 8, 3), (128, 64, 8, 3), (128, 128, 8, 4), (128, 64, 8, 4)],
+    ("dkdv", "d128", "long"): [(64, 128, 8, 3), (64, 128, 8, 2), (64, 128, 8, 4), (32, 128, 8, 3), (64, 64, 8, 3)],
+    ("dq", "d128", "long"): [(128, 64, 8, 3), (128, 64, 8, 4), (128, 128, 8, 3), (64, 128, 8, 3)],
+    ("fwd", "d256", "long"): [(128, 64, 8, 2), (128, 64, 8, 3), (128, 32, 8, 3)],
+    ("dkdv", "d256", "long"): [(64, 64, 8, 2), (64, 64, 8, 3), (64, 32, 8, 2), (32, 64, 8, 3)],
+    ("dq", "d256", "long"): [(128, 32, 8, 2), (128, 32, 8, 3), (128, 64, 8, 2)],
 }
 DECODE_PER_SM = (1, 2, 4, 8, 16)
 
@@ -74,11 +89,11 @@ def _prepare(shape, device):
 
 def _compile_worker(task):
     """Compile (and run once) one candidate in a worker: fills Triton's on-disk cache."""
-    kind, cls, cand = task
+    kind, dcls, tcls, cand = task
     from deepwish.kernels.attention import triton as tk
-    tk.TILES[(kind, cls, "16bit")] = cand
+    tk.TILES[(kind, dcls, "16bit", tcls)] = cand
     try:
-        for _, shape in SHAPES[cls]:
+        for _, shape, _ in SHAPES[(dcls, tcls)]:
             q, k, v, do, ids, bounds, o, lse, delta = _prepare(shape, "cuda")
             run_kind(kind, q, k, v, do, bounds, o, lse, delta)
         torch.cuda.synchronize()
@@ -100,42 +115,44 @@ def rel_rms(a, b):
     return float((a - b).pow(2).mean().sqrt() / a.pow(2).mean().sqrt())
 
 
-def sweep_tiles(out: Path, workers: int) -> dict:
+def sweep_tiles(out: Path, workers: int, classes: list[tuple[str, str]]) -> dict:
     from triton.testing import do_bench
     from deepwish.kernels.attention import triton as tk
-    tasks = [(kind, cls, c) for (kind, cls), cands in CANDIDATES.items() for c in cands]
+    tasks = [(kind, d, t, c) for (kind, d, t), cands in CANDIDATES.items() if (d, t) in classes for c in cands]
     t0 = time.time()
     ctx = mp.get_context("spawn")
     with ctx.Pool(workers) as pool:
         compiled = dict(pool.imap_unordered(_compile_worker, tasks))
     print(f"compiled {len(tasks)} candidates in {time.time() - t0:.0f} s", flush=True)
     rows, best = [], {}
-    for cls, shapes in SHAPES.items():
+    for dcls, tcls in classes:
         prepared = []
-        for name, shape in shapes:
+        for name, shape, timed in SHAPES[(dcls, tcls)]:
             q, k, v, do, ids, bounds, o, lse, delta = _prepare(shape, "cuda")
-            small = shape[1] <= 2048  # the reference's [B, H, T, T] scores fit for the short shape only
-            want = reference_grads(q, k, v, do, ids) if small else None
-            prepared.append((name, (q, k, v, do, bounds, o, lse, delta), want))
+            check = not timed or shape[1] <= 2048
+            want = reference_grads(q, k, v, do, ids) if check else None
+            prepared.append((name, timed, (q, k, v, do, bounds, o, lse, delta), want))
         for kind in ("fwd", "dkdv", "dq"):
             times = {}
-            for cand in CANDIDATES[(kind, cls)]:
-                key = (kind, cls, cand)
-                if compiled.get(key) != "ok":
-                    rows.append(dict(kind=kind, cls=cls, cand=cand, error=compiled.get(key)))
+            for cand in CANDIDATES[(kind, dcls, tcls)]:
+                if compiled.get((kind, dcls, tcls, cand)) != "ok":
+                    rows.append(dict(kind=kind, cls=[dcls, tcls], cand=cand, error=compiled.get((kind, dcls, tcls, cand))))
+                    print(f"{kind} {dcls} {tcls} {cand}: {compiled.get((kind, dcls, tcls, cand))}", flush=True)
                     continue
-                tk.TILES[(kind, cls, "16bit")] = cand
-                row = dict(kind=kind, cls=cls, cand=cand, ms={}, err=None)
-                for name, (q, k, v, do, bounds, o, lse, delta), want in prepared:
+                tk.TILES[(kind, dcls, "16bit", tcls)] = cand
+                row = dict(kind=kind, cls=[dcls, tcls], cand=cand, ms={}, err=None)
+                for name, timed, (q, k, v, do, bounds, o, lse, delta), want in prepared:
                     fn = lambda: run_kind(kind, q, k, v, do, bounds, o, lse, delta)  # noqa: E731
                     if want is not None:
                         got = fn()
-                        row["err"] = max(rel_rms(a, b) for a, b in zip(want[kind], got))
-                    row["ms"][name] = float(do_bench(fn, warmup=10, rep=40, return_mode="median"))
+                        err = max(rel_rms(a, b) for a, b in zip(want[kind], got))
+                        row["err"] = max(err, row["err"] or 0.0)
+                    if timed:
+                        row["ms"][name] = float(do_bench(fn, warmup=10, rep=40, return_mode="median"))
                 rows.append(row)
                 if row["err"] is None or row["err"] < 1e-2:
                     times[cand] = row["ms"]
-                print(f"{kind:5s} {cls} BM{cand[0]:4d} BN{cand[1]:4d} w{cand[2]} s{cand[3]}  "
+                print(f"{kind:5s} {dcls} {tcls:5s} BM{cand[0]:4d} BN{cand[1]:4d} w{cand[2]} s{cand[3]}  "
                       + "  ".join(f"{n}: {t:.3f} ms" for n, t in row["ms"].items())
                       + (f"  err {row['err']:.1e}" if row["err"] is not None else ""), flush=True)
             if times:
@@ -143,9 +160,12 @@ def sweep_tiles(out: Path, workers: int) -> dict:
                 fastest = {n: min(t[n] for t in times.values()) for n in names}
                 score = {c: sum(t[n] / fastest[n] for n in names) / len(names) for c, t in times.items()}
                 pick = min(score, key=score.get)
-                best[f"{kind}|{cls}|16bit"] = list(pick)
-                tk.TILES[(kind, cls, "16bit")] = pick
-                print(f"  -> {kind} {cls}: {pick} (mean time / best {score[pick]:.3f})", flush=True)
+                best[f"{kind}|{dcls}|16bit|{tcls}"] = list(pick)
+                tk.TILES[(kind, dcls, "16bit", tcls)] = pick
+                print(f"  -> {kind} {dcls} {tcls}: {pick} (mean time / best {score[pick]:.3f})", flush=True)
+            del times
+        del prepared
+        torch.cuda.empty_cache()
     (out / "tiles.json").write_text(json.dumps(best, indent=1))
     (out / "tile_rows.json").write_text(json.dumps(rows, indent=1, default=str))
     return best
@@ -241,15 +261,18 @@ def main(argv=None) -> int:
     p.add_argument("--out", required=True)
     p.add_argument("--parts", default="diag,decode,tiles")
     p.add_argument("--workers", type=int, default=12)
+    p.add_argument("--classes", default="d128-short,d256-short,d128-long,d256-long",
+                   help="shape classes to sweep: head-dim class - length class")
     args = p.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    classes = [tuple(c.split("-")) for c in args.classes.split(",")]
     for part in args.parts.split(","):
         t0 = time.time()
         print(f"=== {part}", flush=True)
         try:
             {"diag": lambda: diagnose_unequal_dims(out), "decode": lambda: sweep_decode(out),
-             "tiles": lambda: sweep_tiles(out, args.workers)}[part]()
+             "tiles": lambda: sweep_tiles(out, args.workers, classes)}[part]()
         except Exception:  # noqa: BLE001  (the other parts still run)
             traceback.print_exc()
         print(f"=== {part} took {time.time() - t0:.0f} s", flush=True)

@@ -53,36 +53,53 @@ NO_WINDOW = 1 << 30  # "window" of a full-causal call: larger than any T
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-# Launch configs per (kernel, head-dim class, dtype class): BM query rows (folded heads), BN keys,
-# warps, pipeline stages. A fixed table rather than an autotuner: an autotuner compiles every
-# candidate for every shape class, minutes of start-up per training run. Chosen by the tile sweep
-# (deepwish/bench/attention_tiles.py) on an H200, bf16; reports/attention.md has the table.
+# Launch configs per (kernel, head-dim class, dtype class, length class): BM query rows (folded
+# heads), BN keys, warps, pipeline stages. A fixed table rather than an autotuner: an autotuner
+# compiles every candidate for every shape class, minutes of start-up per training run. The bf16
+# rows are the tile sweep's picks (python -m deepwish.bench.attention_tiles, one H200,
+# 2026-12-03; reports/attention.md): "short" = T < LONG_T (scored on B8 T2k with 4 documents
+# per row and B1 T16k causal: small tiles waste less on documents that end inside a tile),
+# "long" = T >= LONG_T (scored at T16k: the dK/dV kernel's 64 x 128 tile was 12% faster there
+# than the short class's 32 x 64, and 14% slower at T2k with 4 documents).
+LONG_T = 8192
 TILES = {
-    # (kind, "d128" | "d256", "16bit" | "fp32"): (BM, BN, warps, stages)
-    ("fwd", "d128", "16bit"): (128, 64, 8, 3),
-    ("dkdv", "d128", "16bit"): (64, 128, 8, 2),
-    ("dq", "d128", "16bit"): (128, 64, 8, 2),
-    ("fwd", "d256", "16bit"): (64, 64, 8, 2),
-    ("dkdv", "d256", "16bit"): (32, 64, 8, 2),
-    ("dq", "d256", "16bit"): (64, 32, 8, 2),
-    ("fwd", "d128", "fp32"): (64, 32, 4, 2),
-    ("dkdv", "d128", "fp32"): (32, 64, 4, 1),
-    ("dq", "d128", "fp32"): (64, 32, 4, 1),
-    ("fwd", "d256", "fp32"): (32, 32, 4, 2),
-    ("dkdv", "d256", "fp32"): (32, 32, 4, 1),
-    ("dq", "d256", "fp32"): (32, 32, 4, 1),
+    # (kind, "d128" | "d256", "16bit" | "fp32", "short" | "long"): (BM, BN, warps, stages)
+    ("fwd", "d128", "16bit", "short"): (128, 64, 8, 3),
+    ("dkdv", "d128", "16bit", "short"): (32, 64, 4, 3),
+    ("dq", "d128", "16bit", "short"): (128, 64, 8, 3),
+    ("fwd", "d128", "16bit", "long"): (128, 128, 8, 3),
+    ("dkdv", "d128", "16bit", "long"): (64, 128, 8, 3),
+    ("dq", "d128", "16bit", "long"): (128, 64, 8, 3),
+    ("fwd", "d256", "16bit", "short"): (128, 64, 8, 2),
+    ("dkdv", "d256", "16bit", "short"): (64, 64, 8, 2),
+    ("dq", "d256", "16bit", "short"): (128, 32, 8, 2),
+    ("fwd", "d256", "16bit", "long"): (128, 64, 8, 2),
+    ("dkdv", "d256", "16bit", "long"): (64, 64, 8, 2),
+    ("dq", "d256", "16bit", "long"): (128, 32, 8, 2),
+    # fp32 (the exact toggle): half the tile of 16-bit inputs, not swept
+    ("fwd", "d128", "fp32", "short"): (64, 32, 4, 2),
+    ("dkdv", "d128", "fp32", "short"): (32, 64, 4, 1),
+    ("dq", "d128", "fp32", "short"): (64, 32, 4, 1),
+    ("fwd", "d256", "fp32", "short"): (32, 32, 4, 2),
+    ("dkdv", "d256", "fp32", "short"): (32, 32, 4, 1),
+    ("dq", "d256", "fp32", "short"): (32, 32, 4, 1),
 }
 
 
-def tile_config(kind: str, head_dim: int, group: int, dtype: torch.dtype) -> dict:
+def tile_key(kind: str, head_dim: int, dtype: torch.dtype, T: int) -> tuple[str, str, str, str]:
+    fp32 = dtype == torch.float32
+    return (kind, "d128" if head_dim <= 128 else "d256", "fp32" if fp32 else "16bit",
+            "long" if T >= LONG_T and not fp32 else "short")
+
+
+def tile_config(kind: str, head_dim: int, group: int, dtype: torch.dtype, T: int = 0) -> dict:
     """Tile shape for one kernel (kind: fwd | dkdv | dq) from TILES. The interpreter takes 16 x 16
     tiles so a test of a few dozen tokens crosses several tiles."""
     gp = triton.next_power_of_2(group)
     if _INTERPRET:
         bm, bn, w, st = max(16, gp), 16, 1, 1
     else:
-        key = (kind, "d128" if head_dim <= 128 else "d256", "fp32" if dtype == torch.float32 else "16bit")
-        bm, bn, w, st = TILES[key]
+        bm, bn, w, st = TILES[tile_key(kind, head_dim, dtype, T)]
     return dict(BM=max(bm, gp), BN=bn, num_warps=w, num_stages=st)
 
 
@@ -425,7 +442,7 @@ def forward(q, k, v, doc_start, scale, window, softcap):
     meta = _meta(q, k, v, window, softcap)
     o = torch.empty(B, T, H, v.shape[-1], dtype=q.dtype, device=q.device)
     lse = torch.empty(B, T, H, dtype=torch.float32, device=q.device)
-    cfg = tile_config("fwd", max(q.shape[-1], v.shape[-1]), meta["G"], q.dtype)
+    cfg = tile_config("fwd", max(q.shape[-1], v.shape[-1]), meta["G"], q.dtype, T)
     grid = (triton.cdiv(T, cfg["BM"] // meta["GP"]), B * meta["HKV"])
     _fwd_kernel[grid](q, k, v, o, lse, doc_start, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3],
                       *o.stride()[:3], scale=scale, **meta, **cfg)
@@ -448,7 +465,7 @@ def backward_dkdv(q, k, v, do, lse, delta, doc_start, doc_end, scale, window, so
     meta = _meta(q, k, v, window, softcap)
     dk = torch.empty_like(k)
     dv = torch.empty_like(v)
-    cfg = tile_config("dkdv", max(q.shape[-1], v.shape[-1]), meta["G"], q.dtype)
+    cfg = tile_config("dkdv", max(q.shape[-1], v.shape[-1]), meta["G"], q.dtype, T)
     _dkdv_kernel[(triton.cdiv(T, cfg["BN"]), B * meta["HKV"])](
         q, k, v, do, lse, delta, doc_start, doc_end, dk, dv, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3],
         *do.stride()[:3], *dk.stride()[:3], *dv.stride()[:3], scale=scale, **meta, **cfg)
@@ -459,7 +476,7 @@ def backward_dq(q, k, v, do, lse, delta, doc_start, scale, window, softcap):
     B, T = q.shape[:2]
     meta = _meta(q, k, v, window, softcap)
     dq = torch.empty_like(q)
-    cfg = tile_config("dq", max(q.shape[-1], v.shape[-1]), meta["G"], q.dtype)
+    cfg = tile_config("dq", max(q.shape[-1], v.shape[-1]), meta["G"], q.dtype, T)
     _dq_kernel[(triton.cdiv(T, cfg["BM"] // meta["GP"]), B * meta["HKV"])](
         q, k, v, do, lse, delta, doc_start, dq, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3],
         *do.stride()[:3], *dq.stride()[:3], scale=scale, **meta, **cfg)
