@@ -20,9 +20,8 @@ Training and prefill without a cache go through `causal_attention`, by `model.at
 - flex: torch FlexAttention with a block mask built once per forward and window;
 - sdpa: torch SDPA, flash on plain causal input, a dense [B, 1, T, T] mask otherwise;
 - torch: explicit fp32 softmax (the readable reference);
-- auto: flex for packed/windowed input, SDPA flash for plain causal input and the split-KV
-  kernel for cached decoding on CUDA (the fastest of each measured, reports/attention.md); sdpa
-  on the CPU.
+- auto: the own kernel for packed/windowed input, SDPA flash for plain causal input and the
+  split-KV kernel for cached decoding on CUDA (measured, reports/attention.md); sdpa on the CPU.
 With a cache, keys and values are written at their positions and attention runs over the whole
 static cache under a `slot <= position` mask, so shapes never change between decode steps; on
 the triton (and auto, CUDA) backend a step of a few tokens runs the split-KV kernel
@@ -59,22 +58,20 @@ class AttnBackends(NamedTuple):
     decode: str  # a few tokens over a cache: triton (split-KV kernel) | sdpa | torch (masked)
 
 
-FLEX_MEASURED_HEAD_DIM = 128  # auto takes FlexAttention only where it was measured (head dim <= 128)
-
-
 def resolve_attn_backend(requested: str, head_dim: int = 128, announce: bool = True,
                          v_head_dim: int | None = None) -> AttnBackends:
     """model.attn_backend -> AttnBackends. An explicit name is used for every call it can serve
-    (flex has no cached path: decode then takes masked SDPA). 'auto' takes the fastest path
-    measured on an H200 for each kind of call (reports/attention.md): FlexAttention for packed or
-    windowed input (faster than the own kernel there, both far faster than SDPA's dense mask),
-    SDPA flash for plain causal input, the own split-KV kernel for cached decoding (no [T, L]
-    mask, k+1 verification tokens in one pass); sdpa for all of it on the CPU. With heads wider
-    than FLEX_MEASURED_HEAD_DIM (Qwen3-Next's 256, MLA's 192) auto takes the own kernel for
-    packed input: FlexAttention was not measured there. With q·k and value dims that differ (MLA's
-    192 / 128) auto keeps SDPA with the explicit mask for packed input: the own kernel's bf16 GPU
-    test at 192/128 missed its tolerance (rel. RMS 2.1e-2 against 1e-2, 2026-12-02) and is
-    available only by name until that is explained."""
+    (flex has no cached path: decode then takes masked SDPA). 'auto' takes, on CUDA, by the
+    H200 measurements of reports/attention.md (2026-12-03):
+    - packed or windowed input: the own kernel, then FlexAttention. At the trainer's shape (B8 x
+      T2k, D128, 4 documents per row) fwd+bwd took 1.05 ms against FlexAttention's 1.21 in two
+      runs, at D256 0.65-0.70x FlexAttention's time; at T16k-64k, D128, it is within 0.87-1.08x
+      of FlexAttention, and it needs no compile. Unequal q·k / value dims (MLA's 192 / 128)
+      too: the bf16 GPU test passes there (errors equal SDPA's own bf16 errors);
+    - plain causal input: SDPA flash (1.5-1.7x faster than either kernel at D128);
+    - cached decoding (1 or k+1 tokens): the own split-KV kernel (no [T, L] mask, 80% of copy
+      bandwidth at 32k, batch 1, in a CUDA graph; 5-17x SDPA's masked verification).
+    sdpa for all of it on the CPU."""
     def triton_unusable():
         if not torch.cuda.is_available() and not (requested == "triton" and _interpreting()):
             return "no CUDA device (TRITON_INTERPRET=1 runs the kernel on CPU when 'triton' is asked for by name)"
@@ -94,9 +91,9 @@ def resolve_attn_backend(requested: str, head_dim: int = 128, announce: bool = T
         return None
 
     candidates = {"triton": triton_unusable, "flex": flex_unusable, "sdpa": lambda: None, "torch": lambda: None}
-    order = ["flex", "triton", "sdpa"] if head_dim <= FLEX_MEASURED_HEAD_DIM else ["triton", "flex", "sdpa"]
+    order = ["triton", "flex", "sdpa"]
     if v_head_dim is not None and v_head_dim != head_dim:
-        order = ["sdpa"]
+        order = ["triton", "sdpa"]  # FlexAttention was not measured with unequal dims
     packed = resolve_backend("attention", requested, candidates, order, announce=False)
     if requested == "auto":
         plain = "sdpa"

@@ -97,6 +97,9 @@ def test_kernel_paths_get_one_dtype_as_sdpa_would():
         assert {t.dtype for t in kernel_inputs(q, k, v)} == {torch.bfloat16}
 
 
-def test_auto_keeps_sdpa_for_unequal_qk_and_value_dims():
-    from deepwish.model.attention import resolve_attn_backend
-    assert resolve_attn_backend("auto", 192, announce=False, v_head_dim=128).packed == "sdpa"
+def test_auto_takes_the_measured_paths_on_cuda(monkeypatch):
+    """auto on a CUDA machine (probed, not run): own kernel for packed input at every head dim,
+    unequal q·k / value dims included; SDPA flash for plain causal; split-KV kernel for decode."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    for dims in ((128, None), (256, None), (192, 128)):
+        assert resolve_attn_backend("auto", dims[0], announce=False, v_head_dim=dims[1]) == ("triton", "sdpa", "triton")

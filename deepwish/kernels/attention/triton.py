@@ -56,19 +56,20 @@ _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 # Launch configs per (kernel, head-dim class, dtype class, length class): BM query rows (folded
 # heads), BN keys, warps, pipeline stages. A fixed table rather than an autotuner: an autotuner
 # compiles every candidate for every shape class, minutes of start-up per training run. The bf16
-# rows are the tile sweep's picks (python -m deepwish.bench.attention_tiles, one H200,
-# 2026-12-03; reports/attention.md): "short" = T < LONG_T (scored on B8 T2k with 4 documents
-# per row and B1 T16k causal: small tiles waste less on documents that end inside a tile),
-# "long" = T >= LONG_T (scored at T16k: the dK/dV kernel's 64 x 128 tile was 12% faster there
-# than the short class's 32 x 64, and 14% slower at T2k with 4 documents).
-LONG_T = 8192
+# rows come from the tile sweep (python -m deepwish.bench.attention_tiles) and two bench runs on
+# one H200, 2026-12-03 (reports/attention.md). "short" = T < LONG_T: picked on B8 T2k with 4
+# documents per row and B1 T16k causal; small dK/dV tiles (32 x 64) waste least where documents
+# end inside a tile. "long" = T >= LONG_T: the 64 x 128 dK/dV tile (and 128 x 128 forward)
+# was 4-7% faster at T64k (1 or 16 documents), but 3-14% slower at T16k with 4-16 documents per
+# row or a 512 window, hence the threshold above 16k.
+LONG_T = 32768
 TILES = {
     # (kind, "d128" | "d256", "16bit" | "fp32", "short" | "long"): (BM, BN, warps, stages)
     ("fwd", "d128", "16bit", "short"): (128, 64, 8, 3),
     ("dkdv", "d128", "16bit", "short"): (32, 64, 4, 3),
     ("dq", "d128", "16bit", "short"): (128, 64, 8, 3),
     ("fwd", "d128", "16bit", "long"): (128, 128, 8, 3),
-    ("dkdv", "d128", "16bit", "long"): (64, 128, 8, 3),
+    ("dkdv", "d128", "16bit", "long"): (64, 128, 8, 3),  # 64 x 128: 12% faster than 32 x 64 at T16k causal
     ("dq", "d128", "16bit", "long"): (128, 64, 8, 3),
     ("fwd", "d256", "16bit", "short"): (128, 64, 8, 2),
     ("dkdv", "d256", "16bit", "short"): (64, 64, 8, 2),
