@@ -188,6 +188,8 @@ BENCHES = {
     "train": "deepwish.bench.train",
     "muon": "deepwish.bench.muon",
     "sweep": "deepwish.bench.sweep",
+    "speedrun": "deepwish.bench.speedrun",
+    "ablate": "deepwish.bench.ablate",
 }
 
 

@@ -1,0 +1,142 @@
+"""Benchmark: ablations of the GPT family — Δ validation loss per token of each technique.
+
+    deepwish bench ablate --out reports/ablate --preset gpt_124m --off value_embeds,skips,windows
+        [--seeds 2] [--steps N] [--set section.key=value ...]
+
+For every seed, the full preset and one variant per technique turned off train with the real
+trainer on identical data in identical order (the seed fixes both the data order and the
+initialisation stream; the training shape is the preset's for every variant). At every
+evaluation, Δ = val loss(variant) − val loss(full) at the same token count: a positive Δ is what
+the technique buys. Reported per technique: the final Δ as the mean over seeds with its
+seed-to-seed spread (min..max; one Δ per seed), the full model's own seed-to-seed spread of its
+final loss beside it (a Δ inside that spread is not measured), Δ against tokens as a plot
+(mean line, min..max band), DIR/ablate.json and DIR/ablate.md.
+
+Techniques (--off; each is one `--set` away from the full preset, the neutral value of the switch):
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from deepwish.bench.speedrun import run_curves
+
+TECHNIQUES: dict[str, tuple[str, ...]] = {
+    "value_embeds": ("model.value_embeds=0",),
+    "skips": ("model.unet_skips=false",),
+    "residual_scales": ("model.residual_scales=false",),
+    "windows": ("model.window_pattern=''", "train.window_warmup_frac=0"),  # full causal attention everywhere
+    "window_schedule": ("train.window_warmup_frac=0",),  # final windows from the first step
+    "logit_softcap": ("model.logit_softcap=0",),
+    "attn_softcap": ("model.attn_softcap=0",),
+    "qk_norm": ("model.qk_norm=false",),
+    "embed_norm": ("model.embed_norm=false",),
+    "relu2": ("model.hidden_act=gelu_new",),  # the ungated MLP with GPT-2's activation instead
+    "untied_head": ("model.tie_embeddings=true",),
+    "muon": ("train.optimizer=adamw",),
+    "polar_express": ("train.muon_ns_schedule=jordan",),
+    "normuon": ("train.muon_normuon=false",),
+}
+__doc__ += "\n".join(f"    {name:16s} {' '.join(sets)}" for name, sets in TECHNIQUES.items()) + "\n"
+
+
+def train_variant(preset: str, out_dir: Path, sets: list[str]) -> dict:
+    from deepwish.config import load_config
+    from deepwish.train import loop
+
+    cfg = load_config(preset, list(sets) + [f"train.out_dir={out_dir}", "train.log_every=1", "train.sample_tokens=0"])
+    cfg = load_config(None, [f"train.save_every={cfg.train.steps}"], base=cfg)
+    loop.train(cfg, progress_bar=False)
+    return run_curves(out_dir)
+
+
+def deltas(full: dict, variant: dict) -> tuple[list[int], list[float]]:
+    """Δ val loss at the evaluations both runs share (the same steps: the same tokens)."""
+    at = dict(zip(full["steps"], zip(full["tokens"], full["val_loss"])))
+    pairs = [(at[s][0], v - at[s][1]) for s, v in zip(variant["steps"], variant["val_loss"]) if s in at]
+    return [p[0] for p in pairs], [p[1] for p in pairs]
+
+
+def summarise(curves: dict[str, dict[int, dict]], off: list[str]) -> dict:
+    """curves[variant][seed] -> per technique: final Δ per seed, mean, min, max, and Δ(tokens)."""
+    seeds = sorted(curves["full"])
+    finals = [curves["full"][s]["val_loss"][-1] for s in seeds]
+    out = {"seeds": seeds, "full": {"final_val_loss": finals, "spread": max(finals) - min(finals)}, "off": {}}
+    for name in off:
+        per_seed = [deltas(curves["full"][s], curves[name][s]) for s in seeds]
+        final = [d[-1] for _, d in per_seed]
+        out["off"][name] = {"final_delta": final, "mean": sum(final) / len(final), "min": min(final),
+                            "max": max(final), "tokens": per_seed[0][0], "delta_by_seed": [d for _, d in per_seed]}
+    return out
+
+
+def table(summary: dict, preset: str) -> str:
+    full = summary["full"]
+    lines = [f"{preset}, seeds {summary['seeds']}: full model final val loss "
+             f"{', '.join(f'{x:.4f}' for x in full['final_val_loss'])} (seed spread {full['spread']:.4f})", "",
+             "| off | Δ final val loss (mean) | min..max over seeds | outside the seed spread |", "|---|---|---|---|"]
+    for name, r in summary["off"].items():
+        measured = "yes" if abs(r["mean"]) > full["spread"] else "no"
+        lines.append(f"| {name} | {r['mean']:+.4f} | {r['min']:+.4f}..{r['max']:+.4f} | {measured} |")
+    return "\n".join(lines)
+
+
+def plot(summary: dict, path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for name, r in summary["off"].items():
+        rows = list(zip(*r["delta_by_seed"]))  # per evaluation: Δ of each seed
+        mean = [sum(x) / len(x) for x in rows]
+        line, = ax.plot(r["tokens"], mean, marker=".", label=f"{name} off")
+        ax.fill_between(r["tokens"], [min(x) for x in rows], [max(x) for x in rows], color=line.get_color(), alpha=0.2)
+    ax.axhline(0.0, color="gray", lw=0.8)
+    ax.set_xlabel("tokens")
+    ax.set_ylabel("Δ val loss vs full model (nats/token)")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="deepwish bench ablate", description=__doc__.split("\n")[0])
+    ap.add_argument("--out", default="reports/ablate")
+    ap.add_argument("--preset", default="gpt_124m")
+    ap.add_argument("--off", default="value_embeds,skips,residual_scales,windows",
+                    help=f"comma-separated techniques: {', '.join(TECHNIQUES)}")
+    ap.add_argument("--seeds", type=int, default=2)
+    ap.add_argument("--steps", type=int, default=0, help="train.steps (0: the preset's)")
+    ap.add_argument("--set", dest="sets", action="append", default=[], help="section.key=value, for every run")
+    args = ap.parse_args(argv)
+    off = [x.strip() for x in args.off.split(",") if x.strip()]
+    unknown = [x for x in off if x not in TECHNIQUES]
+    if unknown or not off:
+        from deepwish.config import ConfigError
+        raise ConfigError(f"--off {args.off!r}: unknown technique(s) {', '.join(unknown) or '(none given)'}; "
+                          f"known: {', '.join(TECHNIQUES)}")
+    if args.seeds < 2:
+        print("[deepwish] note: one seed gives no seed-to-seed spread; the goal asks for at least 2", flush=True)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    base = args.sets + ([f"train.steps={args.steps}"] if args.steps else [])
+    curves: dict[str, dict[int, dict]] = {}
+    for seed in range(args.seeds):
+        for name in ["full", *off]:
+            sets = base + [f"train.seed={seed}"] + list(TECHNIQUES.get(name, ()))
+            curves.setdefault(name, {})[seed] = train_variant(args.preset, out / f"seed{seed}" / name, sets)
+    summary = summarise(curves, off)
+    text = table(summary, args.preset)
+    plot(summary, out / "ablate.png")
+    (out / "ablate.md").write_text(text + "\n")
+    (out / "ablate.json").write_text(json.dumps({"preset": args.preset, "sets": base, **summary}, indent=1))
+    print(text)
+    print(f"[deepwish] wrote {out / 'ablate.json'}, {out / 'ablate.md'}, {out / 'ablate.png'}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,162 @@
+"""Benchmark: the GPT-family speedrun — a model against its baseline twin on the same tokens.
+
+    deepwish bench speedrun --out reports/speedrun [--preset gpt_124m --baseline gpt2_baseline_124m]
+        [--steps N] [--set section.key=value ...]
+
+Both presets train with the real trainer (`deepwish train`) on the same data in the same order:
+the baseline takes the model preset's training shape (steps, batch_size, grad_accum, seq_len,
+seed, eval_every, eval_batches), so step s of either run has seen the same tokens. The data is
+the embedded corpus unless `--set data.train_bin=... --set data.val_bin=... --set
+data.tokenizer=...` gives shards (applied to both; the presets' vocab must cover the tokenizer).
+`--set` overrides go to both runs (e.g. a smaller shape for a CPU check).
+
+Reported (DIR/speedrun.json, DIR/speedrun.md, DIR/speedrun.png):
+- the baseline's final validation loss L*, and for the model the first evaluation at or below L*:
+  tokens and training wall-clock to get there, both as fractions of the baseline's (goals: at
+  most 1/2 of its tokens, 1/3 of its wall-clock);
+- tokens/s and MFU of each run (the median of the logged steps after the first 10%, so
+  compilation and warm-up do not count), parameters, final validation loss;
+- loss against tokens and against wall-clock, both runs on one figure each.
+
+Wall-clock is training time: the trainer logs every step (`train.log_every=1`), and the time spent
+in evaluations is subtracted (saves happen only at the end). Steps are the run's own: a run that
+reaches L* earlier is not stopped, so both curves are complete.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+SHARED_TRAIN = ("steps", "batch_size", "grad_accum", "seq_len", "seed", "eval_every", "eval_batches")
+
+
+def run_curves(run_dir: Path) -> dict:
+    """From a run's metrics.jsonl: validation loss by step with the tokens and training seconds
+    at that step, and the median tok/s and MFU after the first 10% of the logged steps."""
+    recs = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+    train = {r["step"]: r for r in recs if r["kind"] == "train"}
+    vals = {r["step"]: r for r in recs if r["kind"] == "val"}
+    steps = sorted(train)
+    if not steps or not vals:
+        raise ValueError(f"{run_dir}: metrics.jsonl has no training or validation records")
+    first = train[steps[0]]
+    t0 = first["time"] - first["n_targets"] / max(first["tok_s"], 1e-9)  # the first step's start (approx.)
+    seconds, eval_time = {}, 0.0
+    for s in steps:
+        seconds[s] = train[s]["time"] - t0 - eval_time
+        if s in vals:  # evaluation runs after the step's log record: not training time
+            eval_time += vals[s]["time"] - train[s]["time"]
+    tokens_per_step = {s: train[s]["n_targets"] for s in steps}
+    tokens, total = {}, 0
+    for s in steps:
+        total += tokens_per_step[s]
+        tokens[s] = total
+    late = steps[len(steps) // 10:]
+
+    def median(key):
+        xs = sorted(train[s][key] for s in late if train[s].get(key) is not None)
+        return xs[len(xs) // 2] if xs else None
+
+    return {"steps": sorted(vals), "val_loss": [vals[s]["val_loss"] for s in sorted(vals)],
+            "tokens": [tokens[s] for s in sorted(vals)], "seconds": [seconds[s] for s in sorted(vals)],
+            "tok_s": median("tok_s"), "mfu": median("mfu")}
+
+
+def reach(curve: dict, target: float) -> dict | None:
+    """The first evaluation of `curve` at or below `target`: its step, tokens and seconds."""
+    for s, loss, n, t in zip(curve["steps"], curve["val_loss"], curve["tokens"], curve["seconds"]):
+        if loss <= target:
+            return {"step": s, "tokens": n, "seconds": t, "val_loss": loss}
+    return None
+
+
+def train_preset(preset: str, out_dir: Path, sets: list[str], shape_from=None) -> dict:
+    """One `deepwish train` run of `preset` into out_dir (logging every step, one save at the end)."""
+    from deepwish.config import load_config
+    from deepwish.train import loop
+
+    overrides = list(sets)
+    if shape_from is not None:  # the baseline takes the model's training shape: the same tokens
+        overrides = [f"train.{k}={getattr(shape_from, k)}" for k in SHARED_TRAIN] + overrides
+    cfg = load_config(preset, overrides + [f"train.out_dir={out_dir}", "train.log_every=1", "train.sample_tokens=0"])
+    cfg = load_config(None, [f"train.save_every={cfg.train.steps}"], base=cfg)
+    summary = loop.train(cfg, progress_bar=False)
+    return {"preset": preset, "cfg": cfg, "num_params": summary["num_params"],
+            "final_val_loss": summary["final_val_loss"], "curves": run_curves(out_dir)}
+
+
+def plot(results: dict, path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for name in ("baseline", "model"):
+        r = results[name]
+        c = r["curves"]
+        axes[0].plot(c["tokens"], c["val_loss"], marker=".", label=r["preset"])
+        axes[1].plot(c["seconds"], c["val_loss"], marker=".", label=r["preset"])
+    for ax, xl in zip(axes, ("tokens", "training wall-clock (s)")):
+        ax.axhline(results["target"], color="gray", ls="--", lw=0.8, label="baseline final val loss")
+        ax.set_xlabel(xl)
+        ax.set_ylabel("validation loss (nats/token)")
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _fmt(x, spec):
+    return "n/a" if x is None else format(x, spec)
+
+
+def table(results: dict) -> str:
+    m, b, hit = results["model"], results["baseline"], results["reached"]
+    lines = ["| run | params | final val loss | tok/s | MFU |", "|---|---|---|---|---|"]
+    for r in (b, m):
+        c = r["curves"]
+        lines.append(f"| {r['preset']} | {r['num_params'] / 1e6:.1f}M | {r['final_val_loss']:.4f} | "
+                     f"{_fmt(c['tok_s'], ',.0f')} | {_fmt(None if c['mfu'] is None else 100 * c['mfu'], '.1f')}% |")
+    lines.append("")
+    bc = b["curves"]
+    if hit is None:
+        lines.append(f"{m['preset']} did not reach the baseline's final val loss {results['target']:.4f}.")
+    else:
+        lines.append(f"{m['preset']} reached the baseline's final val loss {results['target']:.4f} at step "
+                     f"{hit['step']}: {hit['tokens']:,} tokens ({hit['tokens'] / bc['tokens'][-1]:.2f} of the "
+                     f"baseline's {bc['tokens'][-1]:,}; goal <= 0.50) and {hit['seconds']:.1f} s of training "
+                     f"({hit['seconds'] / max(bc['seconds'][-1], 1e-9):.2f} of the baseline's "
+                     f"{bc['seconds'][-1]:.1f} s; goal <= 0.33).")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="deepwish bench speedrun", description=__doc__.split("\n")[0])
+    ap.add_argument("--out", default="reports/speedrun")
+    ap.add_argument("--preset", default="gpt_124m")
+    ap.add_argument("--baseline", default="gpt2_baseline_124m")
+    ap.add_argument("--steps", type=int, default=0, help="train.steps of both runs (0: the model preset's)")
+    ap.add_argument("--set", dest="sets", action="append", default=[], help="section.key=value, for both runs")
+    args = ap.parse_args(argv)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    sets = args.sets + ([f"train.steps={args.steps}"] if args.steps else [])
+    model = train_preset(args.preset, out / args.preset, sets)
+    baseline = train_preset(args.baseline, out / args.baseline, sets, shape_from=model["cfg"].train)
+    target = baseline["final_val_loss"]
+    results = {"model": model, "baseline": baseline, "target": target, "reached": reach(model["curves"], target)}
+    plot(results, out / "speedrun.png")
+    text = table(results)
+    (out / "speedrun.md").write_text(text + "\n")
+    keep = {k: v for k, v in results.items() if k not in ("model", "baseline")}
+    for name in ("model", "baseline"):
+        keep[name] = {k: v for k, v in results[name].items() if k != "cfg"}
+    (out / "speedrun.json").write_text(json.dumps(keep, indent=1))
+    print(text)
+    print(f"[deepwish] wrote {out / 'speedrun.json'}, {out / 'speedrun.md'}, {out / 'speedrun.png'}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

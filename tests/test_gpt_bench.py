@@ -1,0 +1,55 @@
+"""`deepwish bench speedrun` and `deepwish bench ablate` end to end at toy size on the CPU: the
+runs train on the same tokens, and the reported numbers are the ones in the runs' metrics."""
+import json
+
+import pytest
+import torch
+
+from deepwish.bench.ablate import deltas, summarise
+from deepwish.bench.speedrun import reach
+from deepwish.cli import main
+
+TINY = ["--set", "model.n_layers=2", "--set", "train.batch_size=1", "--set", "train.seq_len=160",
+        "--set", "train.eval_every=1", "--set", "train.eval_batches=1", "--set", "train.warmup_steps=1"]
+
+
+def test_reach_and_deltas_by_hand():
+    curve = {"steps": [1, 2, 3], "val_loss": [5.0, 4.0, 3.5], "tokens": [10, 20, 30], "seconds": [1.0, 2.0, 3.0]}
+    assert reach(curve, 4.0) == {"step": 2, "tokens": 20, "seconds": 2.0, "val_loss": 4.0}
+    assert reach(curve, 3.0) is None
+    worse = dict(curve, val_loss=[5.5, 4.25, 3.75])
+    assert deltas(curve, worse) == ([10, 20, 30], [0.5, 0.25, 0.25])
+    s = summarise({"full": {0: curve, 1: dict(curve, val_loss=[5.0, 4.0, 3.6])},
+                   "skips": {0: worse, 1: dict(curve, val_loss=[5.0, 4.0, 3.7])}}, ["skips"])
+    assert s["off"]["skips"]["final_delta"] == pytest.approx([0.25, 0.1])
+    assert s["off"]["skips"]["mean"] == pytest.approx(0.175) and s["full"]["spread"] == pytest.approx(0.1)
+
+
+def test_speedrun_cli_same_tokens(tmp_path, capsys):
+    torch.set_num_threads(1)
+    out = tmp_path / "sr"
+    assert main(["bench", "speedrun", "--out", str(out), "--preset", "gpt_tiny", "--baseline", "gpt2_baseline_tiny",
+                 "--steps", "3", *TINY]) == 0
+    r = json.loads((out / "speedrun.json").read_text())
+    m, b = r["model"]["curves"], r["baseline"]["curves"]
+    assert m["steps"] == b["steps"] == [1, 2, 3] and m["tokens"] == b["tokens"]  # the same tokens
+    assert r["target"] == b["val_loss"][-1] == r["baseline"]["final_val_loss"]
+    assert all(x > 0 for x in m["seconds"]) and m["seconds"] == sorted(m["seconds"])
+    assert (out / "speedrun.png").stat().st_size > 1000
+    assert "gpt2_baseline_tiny" in capsys.readouterr().out
+
+
+def test_ablate_cli_two_seeds(tmp_path, capsys):
+    torch.set_num_threads(1)
+    out = tmp_path / "ab"
+    assert main(["bench", "ablate", "--out", str(out), "--preset", "gpt_tiny", "--off", "value_embeds",
+                 "--seeds", "2", "--steps", "2", *TINY]) == 0
+    r = json.loads((out / "ablate.json").read_text())
+    assert r["seeds"] == [0, 1] and len(r["off"]["value_embeds"]["final_delta"]) == 2
+    full0 = [json.loads(x) for x in (out / "seed0" / "full" / "metrics.jsonl").read_text().splitlines()]
+    off0 = [json.loads(x) for x in (out / "seed0" / "value_embeds" / "metrics.jsonl").read_text().splitlines()]
+    last = lambda recs: [x["val_loss"] for x in recs if x["kind"] == "val"][-1]  # noqa: E731
+    assert r["off"]["value_embeds"]["final_delta"][0] == pytest.approx(last(off0) - last(full0))
+    assert (out / "ablate.png").stat().st_size > 1000
+    assert main(["bench", "ablate", "--out", str(out), "--off", "nonsense"]) == 2
+    assert "unknown technique(s) nonsense" in capsys.readouterr().err
