@@ -1,5 +1,4 @@
-"""Benchmark: one optimizer step on a real model's parameters, Muon (batched) against AdamW and
-against Muon taken one matrix at a time.
+"""Benchmark: one optimizer step on a preset's parameters (AdamW, batched Muon, Muon per matrix).
 
     python -m deepwish.bench.muon --out reports/bench_muon [--preset qwen3_0.6b]
     deepwish bench muon --out reports/bench_muon
