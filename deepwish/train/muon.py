@@ -110,12 +110,15 @@ def compute_dtype(device: torch.device) -> torch.dtype:
     return torch.bfloat16 if device.type == "cuda" else torch.float32
 
 
-def normuon_normalize(O: torch.Tensor, v: torch.Tensor, beta2: float = 0.95, eps: float = 1e-8) -> torch.Tensor:
+def normuon_normalize(O: torch.Tensor, v: torch.Tensor, beta2: float = 0.95, eps: float = 1e-8,
+                      all_rows=None) -> torch.Tensor:
     """NorMuon's per-neuron normalisation of an orthogonalised update (module docstring).
 
     O: [..., m, n] orthogonalised update (rows are output neurons); v: [..., m, 1] fp32 running
     mean of each row's mean square, updated in place: v <- beta2 v + (1 - beta2) mean_j O_ij^2.
     Returns O / (sqrt(v) + eps), rescaled to O's Frobenius norm per matrix, in O's dtype.
+    all_rows: when O holds only some rows of each matrix (a row shard), a function that sums the
+    per-matrix sums of squares [2, ...] over the holders of the other rows (an all-reduce).
     """
     if v.shape != (*O.shape[:-1], 1):
         raise ValueError(f"normuon: second moment of shape {tuple(v.shape)} for an update of shape {tuple(O.shape)}; "
@@ -123,9 +126,10 @@ def normuon_normalize(O: torch.Tensor, v: torch.Tensor, beta2: float = 0.95, eps
     O32 = O.float()
     v.lerp_(O32.square().mean(dim=-1, keepdim=True), 1.0 - beta2)
     out = O32 / (v.sqrt() + eps)
-    scale = torch.linalg.vector_norm(O32, dim=(-2, -1), keepdim=True) / \
-        torch.linalg.vector_norm(out, dim=(-2, -1), keepdim=True).clamp_min(1e-30)
-    return (out * scale).to(O.dtype)
+    sums = torch.stack([O32.square().sum(dim=(-2, -1), keepdim=True), out.square().sum(dim=(-2, -1), keepdim=True)])
+    if all_rows is not None:
+        sums = all_rows(sums)
+    return (out * (sums[0] / sums[1].clamp_min(1e-30)).sqrt()).to(O.dtype)
 
 
 def shape_scale(shape) -> float:
@@ -203,10 +207,11 @@ class Muon(torch.optim.Optimizer):
                 U[j].copy_(bufs[i])
         return U
 
-    def _orthogonalise(self, group: dict, params: list, U: torch.Tensor) -> torch.Tensor:
-        """[N, *shape] stacked updates of `params` -> orthogonalised (and NorMuon-normalised)."""
+    def _orthogonalise(self, group: dict, params: list, U: torch.Tensor, normuon: bool = True) -> torch.Tensor:
+        """[N, *shape] stacked updates of `params` -> orthogonalised (and NorMuon-normalised unless
+        `normuon` is False: DistributedMuon normalises each rank's rows after the return)."""
         O = newton_schulz(U, steps=group["ns_steps"], schedule=group["ns_schedule"])
-        if group["normuon"]:
+        if group["normuon"] and normuon:
             vs = []
             for p in params:
                 state = self.state[p]
@@ -290,14 +295,10 @@ class DistributedMuon(Muon):
     All buckets' gathers are issued asynchronously first, so the orthogonalisation of one bucket
     runs while the next bucket's gather is in flight, and the returns overlap the next buckets' work.
     Memory: each rank holds its owned whole matrices (about 1/W of the Muon parameters) at once.
-    NorMuon is not supported here (its row statistics would have to follow the owner).
+    NorMuon runs after the return, on each rank's own rows (its row statistics are local: shards
+    are whole rows, or whole experts), its state sharded like the parameter; only the per-matrix
+    norms of a row-sharded 2-D matrix are summed over ranks (one small all-reduce per bucket).
     """
-
-    def __init__(self, params, **kwargs):
-        super().__init__(params, **kwargs)
-        if any(g["normuon"] for g in self.param_groups):
-            raise ValueError("DistributedMuon: normuon is implemented for single-device Muon only; "
-                             "set train.muon_normuon=false for data-parallel runs")
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -342,8 +343,38 @@ class DistributedMuon(Muon):
         for (group, ps, us, pg, rank, world, sharded), gathered in zip(buckets, gathers):
             returns.append(self._orthogonalise_and_return(group, ps, gathered, pg, rank, world, sharded))
         for (group, ps, us, pg, rank, world, sharded), back in zip(buckets, returns):
-            self._apply(group, [_local(p) for p in ps], back(), ps[0].shape)
+            O = back()
+            if group["normuon"]:
+                O = self._normuon_local(group, ps, O, pg if sharded and world > 1 and ps[0].ndim == 2 else None)
+            self._apply(group, [_local(p) for p in ps], O, ps[0].shape)
         return loss
+
+    def _normuon_local(self, group, ps, O: torch.Tensor, row_group) -> torch.Tensor:
+        """NorMuon on this rank's rows O [N, *local shape]; row_group: the process group over
+        which a 2-D matrix's rows are split (None: the rows here are whole matrices)."""
+        import torch.distributed as dist
+        from torch.distributed.tensor import DTensor
+
+        vs = []
+        for p in ps:
+            st = self.state[p]
+            if "normuon_v" not in st:
+                local = torch.zeros(*_local(p).shape[:-1], 1, dtype=torch.float32, device=_local(p).device)
+                if isinstance(p, DTensor):
+                    shape = (*p.shape[:-1], 1)
+                    local = DTensor.from_local(local, p.device_mesh, p.placements, run_check=False, shape=shape,
+                                               stride=torch.empty(shape, device="meta").stride())
+                st["normuon_v"] = local
+            vs.append(_local(st["normuon_v"]))
+        V = torch.stack([v.to(O.device) for v in vs])
+
+        def all_rows(sums):
+            dist.all_reduce(sums, group=row_group)
+            return sums
+        out = normuon_normalize(O, V, beta2=group["normuon_beta2"], all_rows=all_rows if row_group is not None else None)
+        for v, new in zip(vs, V.unbind(0)):
+            v.copy_(new)
+        return out
 
     @staticmethod
     def _gather_to_owner(ps, us, owners, pg, rank, world, sharded):
@@ -388,7 +419,7 @@ class DistributedMuon(Muon):
 
         owners, mine, full = gathered
         full = full()
-        O = self._orthogonalise(group, [ps[k] for k in mine], full) if mine else None
+        O = self._orthogonalise(group, [ps[k] for k in mine], full, normuon=False) if mine else None
         shape = tuple(ps[0].shape)
         dev = _comm_device(ps[0])
         dtype = compute_dtype(dev)

@@ -230,8 +230,8 @@ WORKER = textwrap.dedent('''
     dp = [nn.Parameter(f.clone() if i in replicated else distribute_tensor(f.clone(), mesh, [Shard(0)]))
           for i, f in enumerate(fulls)]
     shardwise = [nn.Parameter(f.clone().tensor_split(world)[rank].clone()) for f in fulls[:2]]
-    o_ref = Muon(ref, lr=0.05, weight_decay=0.1, ns_schedule="polar_express")
-    o_dp = DistributedMuon(dp, lr=0.05, weight_decay=0.1, ns_schedule="polar_express")
+    o_ref = Muon(ref, lr=0.05, weight_decay=0.1, ns_schedule="polar_express", normuon=True)
+    o_dp = DistributedMuon(dp, lr=0.05, weight_decay=0.1, ns_schedule="polar_express", normuon=True)
     o_shard = Muon(shardwise, lr=0.05, weight_decay=0.1)
     for grads in steps:
         for p, g in zip(ref, grads):
