@@ -3,7 +3,8 @@
     prefill(model, tokens, cache)            -> logits of the last position   [B, V]
     decode_one_token(model, tok, pos, cache) -> logits for the next token     [B, V]
     sample(logits, temperature, top_k, top_p)
-    generate(model, prompts, max_new_tokens, ...)
+    generate(model, prompts, max_new_tokens, ...)            num_beams > 1: beam search per prompt
+    beam_search(model, prompt, max_new_tokens, num_beams, ...) -> the best finished beams, scored
 
 Every request starts from a clean cache: `generate` and `prefill` (from position 0) reset the
 cache they are given, so a recurrent state (Gated DeltaNet) never carries one request into the
@@ -14,11 +15,19 @@ together, then each row keeps feeding its own prompt tokens (forced) through the
 decode step until it reaches its own end, after which it feeds what it samples. Every row
 carries its own position, so this is exact for every cache kind (KV, latent, recurrent), where
 padding would leak pad tokens into a recurrent state.
+
+Beam search keeps `num_beams` rows of one static cache per prompt; after each step the cache is
+reordered in place (`ModelCache.reorder`: index_select along the batch of every cache kind), so
+the decode step, captured or not, keeps its shapes. Its selection follows HF transformers'
+beam search exactly (greedy, not sampled): 2·num_beams candidates per step (more with several
+stop tokens), a candidate ending in a stop token or at max_new_tokens becomes a finished
+hypothesis only when it ranks among the first num_beams, scored sum(log p) / new_len^length_penalty;
+`early_stopping` True / False / "never" as HF defines them.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Callable, Literal, Sequence
 
 import torch
 
@@ -101,14 +110,33 @@ def generate(model, prompts: Sequence[Sequence[int]] | torch.Tensor, max_new_tok
              temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
              stop_tokens: Sequence[int] = (), cache_len: int | None = None, seed: int | None = None,
              on_token: Callable[[int, int], None] | None = None, cache: ModelCache | None = None,
-             decode_fn: Callable | None = None) -> list[list[int]]:
+             decode_fn: Callable | None = None, num_beams: int = 1, length_penalty: float = 1.0,
+             early_stopping: bool | Literal["never"] = False) -> list[list[int]]:
     """Generate up to `max_new_tokens` per prompt; returns the new tokens of each row (a stop
     token, when hit, is included and ends that row). `on_token(row, token)` streams them.
     `decode_fn` replaces `decode_one_token` (e.g. a CUDA-graph-captured step). A given `cache`
-    is reset before the request (by prefill), so consecutive requests on one cache are independent."""
+    is reset before the request (by prefill), so consecutive requests on one cache are independent.
+    num_beams > 1: beam search (`beam_search`, temperature 0 only), the best beam of each prompt;
+    a given `cache` then holds num_beams rows and serves the prompts one after another; on_token
+    gets the chosen beam's tokens once it is final."""
     if isinstance(prompts, torch.Tensor):
         prompts = prompts.tolist()
     prompts = [list(p) for p in prompts]
+    if num_beams > 1:
+        if temperature > 0 or top_k or top_p < 1.0:
+            raise ValueError("beam search here is deterministic: num_beams > 1 needs temperature 0 and no top_k/top_p")
+        out = []
+        for row, p in enumerate(prompts):
+            best = beam_search(model, p, max_new_tokens, num_beams, length_penalty=length_penalty,
+                               early_stopping=early_stopping, stop_tokens=stop_tokens, cache_len=cache_len,
+                               cache=cache, decode_fn=decode_fn)[0][0]
+            for t in best:
+                if on_token is not None:
+                    on_token(row, t)
+            out.append(best)
+        return out
+    if num_beams < 1:
+        raise ValueError(f"num_beams={num_beams} must be >= 1")
     lens = [len(p) for p in prompts]
     B = len(prompts)
     device = model.embed.weight.device
@@ -159,3 +187,78 @@ def generate(model, prompts: Sequence[Sequence[int]] | torch.Tensor, max_new_tok
         logits = decode_fn(model, feed, position, cache)
         pos += 1
     return out
+
+
+@torch.no_grad()
+def beam_search(model, prompt: Sequence[int], max_new_tokens: int, num_beams: int, *, length_penalty: float = 1.0,
+                early_stopping: bool | Literal["never"] = False, stop_tokens: Sequence[int] = (),
+                num_return_sequences: int = 1, cache_len: int | None = None, cache: ModelCache | None = None,
+                decode_fn: Callable | None = None) -> list[tuple[list[int], float]]:
+    """The `num_return_sequences` best finished hypotheses of one prompt, best first, as (new
+    tokens, score = sum of log-probabilities / len(new tokens) ** length_penalty). The search is
+    HF transformers' (module docstring); `cache` must hold num_beams rows."""
+    if num_beams < 1 or not 1 <= num_return_sequences <= num_beams:
+        raise ValueError(f"need num_beams >= 1 and 1 <= num_return_sequences <= num_beams, got {num_beams}, "
+                         f"{num_return_sequences}")
+    if early_stopping not in (True, False, "never"):
+        raise ValueError(f"early_stopping={early_stopping!r} is not True, False or 'never'")
+    prompt = list(prompt)
+    L0, N = len(prompt), num_beams
+    device = model.embed.weight.device
+    if cache is None:
+        cache_len = cache_len or min(model.cfg.max_seq_len, L0 + max_new_tokens)
+        _check_lengths([L0], max_new_tokens, cache_len, model.cfg.max_seq_len)
+        cache = model.make_cache(N, cache_len)
+    else:
+        if cache.batch != N:
+            raise ValueError(f"beam search with num_beams={N} needs a cache of batch {N}, got {cache.batch}")
+        _check_lengths([L0], max_new_tokens, cache.max_len, model.cfg.max_seq_len)
+    decode_fn = decode_fn or decode_one_token
+    stops = torch.tensor(sorted(set(int(s) for s in stop_tokens)), dtype=torch.long, device=device)
+    K = max(2, 1 + len(stops)) * N  # candidates kept per step: enough to continue N beams past stops
+    NEG = -1.0e9  # HF's "impossible" score; kept, not -inf, so that the arithmetic below matches it
+    first_n = torch.arange(K, device=device) < N
+    running = torch.zeros(N, max_new_tokens, dtype=torch.long, device=device)  # new tokens of each live beam
+    running_score = torch.full((N,), NEG, device=device)
+    running_score[0] = 0.0  # the N rows start identical: only the first one's continuations count
+    done_seq = torch.zeros(N, max_new_tokens, dtype=torch.long, device=device)
+    done_len = torch.zeros(N, dtype=torch.long, device=device)
+    done_score = torch.full((N,), NEG, device=device)
+    done_flag = torch.zeros(N, dtype=torch.bool, device=device)
+    improvable = True
+    logits = prefill(model, torch.tensor(prompt, device=device).expand(N, L0), cache)
+    for t in range(max_new_tokens):  # t: new tokens before this step
+        logp = (logits.float().log_softmax(-1) + running_score[:, None]).reshape(-1)
+        V = logits.shape[-1]
+        top_score, top_idx = logp.topk(K)
+        beam, token = top_idx // V, top_idx % V
+        cand = running[beam]
+        cand[:, t] = token
+        hits = torch.isin(token, stops) | (t + 1 >= max_new_tokens)  # [K]: stop token or length limit
+        # the live beams: the best N candidates that did not finish
+        live_score = top_score + hits.float() * NEG
+        keep = live_score.topk(N).indices
+        running, running_score, parent = cand[keep], live_score[keep], beam[keep]
+        # finished hypotheses: candidates that finished among the first N, length-penalised
+        fin = top_score / float(t + 1) ** length_penalty
+        if bool(done_flag.all()) and early_stopping is True:
+            fin = fin + NEG
+        if not improvable:
+            fin = fin + NEG
+        fin = fin + (~(hits & first_n)).float() * NEG
+        merged = torch.cat([done_score, fin]).topk(N).indices
+        done_seq = torch.cat([done_seq, cand])[merged]
+        done_len = torch.cat([done_len, torch.full((K,), t + 1, device=device)])[merged]
+        done_flag = torch.cat([done_flag, hits & first_n])[merged]
+        done_score = torch.cat([done_score, fin])[merged]
+        # can a live beam still beat the worst finished one? (HF's heuristic, per early_stopping)
+        best_len = max_new_tokens if early_stopping == "never" and length_penalty > 0 else t + 1
+        best_live = float(running_score[0]) / float(best_len) ** length_penalty
+        worst = torch.where(done_flag, done_score.min(), torch.full_like(done_score, NEG))
+        improvable = improvable and bool((best_live > worst).any())
+        if not improvable or (bool(done_flag.all()) and early_stopping is True) or bool(hits.all()):
+            break
+        cache.reorder(parent)
+        position = torch.full((N,), L0 + t, device=device)
+        logits = decode_fn(model, running[:, t], position, cache)
+    return [(done_seq[i, :int(done_len[i])].tolist(), float(done_score[i])) for i in range(num_return_sequences)]

@@ -20,6 +20,12 @@ class CacheFullError(RuntimeError):
     """A sequence would grow past the cache length."""
 
 
+def take_rows_(t: torch.Tensor, index: torch.Tensor) -> None:
+    """t[b] <- t[index[b]] along the batch dimension, in place: the storage stays, so a decode
+    step captured as a CUDA graph keeps reading the reordered cache (beam search)."""
+    t.copy_(t.index_select(0, index))
+
+
 @dataclass
 class KVCache:
     k: torch.Tensor  # [B, Hkv, L, D]
@@ -56,6 +62,11 @@ class KVCache:
         self.k.zero_()
         self.v.zero_()
 
+    def reorder(self, index: torch.Tensor) -> None:
+        """Row b becomes row index[b] (beam search); in place."""
+        take_rows_(self.k, index)
+        take_rows_(self.v, index)
+
 
 @dataclass
 class RecurrentCache:
@@ -78,6 +89,11 @@ class RecurrentCache:
     def reset(self) -> None:
         self.conv_state.zero_()
         self.recurrent_state.zero_()
+
+    def reorder(self, index: torch.Tensor) -> None:
+        """Row b becomes row index[b] (beam search); in place."""
+        take_rows_(self.conv_state, index)
+        take_rows_(self.recurrent_state, index)
 
 
 @dataclass
@@ -111,6 +127,11 @@ class MLACache:
         self.c_kv.zero_()
         self.k_pe.zero_()
 
+    def reorder(self, index: torch.Tensor) -> None:
+        """Row b becomes row index[b] (beam search); in place."""
+        take_rows_(self.c_kv, index)
+        take_rows_(self.k_pe, index)
+
 
 class ModelCache:
     """Per-layer caches of one model, in layer order (index = layer index)."""
@@ -129,6 +150,14 @@ class ModelCache:
     def reset(self) -> None:
         for c in self.layers:
             c.reset()
+
+    def reorder(self, index: torch.Tensor) -> None:
+        """Every layer's row b becomes its row index[b] (index [batch] int64: beam search keeps
+        the continued beams); in place, whatever the cache kind."""
+        if index.shape != (self.batch,):
+            raise ValueError(f"reorder index of shape {tuple(index.shape)} for a cache of batch {self.batch}")
+        for c in self.layers:
+            c.reorder(index)
 
     def nbytes(self) -> int:
         """Bytes held by all tensors of the cache."""

@@ -43,7 +43,7 @@ from torch import nn
 
 from deepwish.config import ModelConfig
 from deepwish.model.attention import attention_mask
-from deepwish.model.cache import MLACache
+from deepwish.model.cache import MLACache, take_rows_
 from deepwish.model.mla import MLA
 from deepwish.model.rope import apply_rotary
 
@@ -68,6 +68,10 @@ class DSACache(MLACache):
     def reset(self) -> None:
         super().reset()
         self.index_k.zero_()
+
+    def reorder(self, index: torch.Tensor) -> None:
+        super().reorder(index)
+        take_rows_(self.index_k, index)
 
 
 class Indexer(nn.Module):

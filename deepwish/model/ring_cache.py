@@ -28,7 +28,7 @@ from dataclasses import dataclass
 
 import torch
 
-from deepwish.model.cache import ModelCache
+from deepwish.model.cache import ModelCache, take_rows_
 
 EMPTY = 2 ** 62  # position of an empty slot: beyond any query, hence masked by causality
 
@@ -82,6 +82,11 @@ class RingKVCache:
         self.k.zero_()
         self.v.zero_()
         self.pos.fill_(EMPTY)
+
+    def reorder(self, index: torch.Tensor) -> None:
+        """Row b becomes row index[b] (beam search); in place, slot positions included."""
+        for t in (self.k, self.v, self.pos):
+            take_rows_(t, index)
 
 
 def make_ring_cache(model, batch: int, max_len: int, slack: int = 0, dtype: torch.dtype | None = None,
