@@ -342,12 +342,13 @@ def plot(train: list[dict], decode: list[dict], path: str) -> None:
     a1.set_title("training attention, bf16")
     for name in ("own", "sdpa"):
         for B in sorted({r["B"] for r in decode}):
-            pts = [(r["L"], r[name]["gbs"]) for r in decode if r["B"] == B and r["Tq"] == 1 and isinstance(r.get(name), dict)]
+            pts = [(r["L"], r[name].get("graph_gbs", r[name]["gbs"])) for r in decode
+                   if r["B"] == B and r["Tq"] == 1 and isinstance(r.get(name), dict)]
             if pts:
                 a2.plot(*zip(*pts), marker="o", label=f"{name} B{B}")
     a2.set_xscale("log", base=2)
     a2.set_xlabel("context (slots)")
-    a2.set_ylabel("KV GB/s")
+    a2.set_ylabel("KV GB/s (CUDA graph replays)")
     a2.legend()
     a2.set_title("decode, 1 token, H16/8 D128")
     fig.tight_layout()

@@ -71,6 +71,21 @@ def test_documents_are_isolated():
         assert torch.allclose(packed[:, a:b], alone, atol=1e-6)
 
 
+def test_precomputed_document_bounds_give_the_same_result():
+    """`bounds` built once per batch (as the bench and a model would) equal the per-call ones;
+    bounds of the wrong shape or dtype are an error."""
+    from deepwish.kernels.attention.triton import document_bounds
+    torch.manual_seed(6)
+    q, k, v = torch.randn(2, 19, 2, 16), torch.randn(2, 19, 1, 16), torch.randn(2, 19, 1, 16)
+    ids = _docs(2, 19, [[4, 1, 6], [18]])
+    bounds = document_bounds(ids, 2, 19, q.device)
+    assert bounds[0][0].tolist()[:12] == [0] * 4 + [4] + [5] * 6 + [11]
+    assert bounds[1][0].tolist()[:12] == [4] * 4 + [5] + [11] * 6 + [19]
+    assert torch.equal(flash_attention(q, k, v, doc_ids=ids), flash_attention(q, k, v, doc_ids=ids, bounds=bounds))
+    with pytest.raises(ValueError, match="bounds"):
+        flash_attention(q, k, v, doc_ids=ids, bounds=(bounds[0].long(), bounds[1]))
+
+
 @pytest.mark.parametrize("bad,match", [
     (dict(dtype=torch.float64), "dtype"),
     (dict(Dqk=512), "head dims"),
