@@ -1,7 +1,7 @@
 """`deepwish bench attention`: the own flash-attention kernels against their anchors, one GPU run.
 
     deepwish bench attention --out DIR                 (a representative subset of the grid, ~3 min on an H200)
-    deepwish bench attention --out DIR --grid full     (the issue's grid, 30 shapes, ~8 min)
+    deepwish bench attention --out DIR --grid full     (the whole grid, 30 shapes, ~8 min)
     deepwish bench attention --out DIR --grid quick    (five shapes)
 
 Training (bf16, fwd / bwd / fwd+bwd): own Triton kernel (kernels/attention/triton.py) vs
@@ -35,14 +35,15 @@ TOKENS = 16384  # tokens per step for T <= 16k (B = TOKENS // T)
 
 
 def train_grid(grid: str) -> list[dict]:
-    """(D, H, Hkv, T, docs per row, window) shapes. `full`: the issue's grid, structured rather than
-    a full product (each (B, T, D, G) is a fresh FlexAttention compile, ~20 s each); `default`: a
+    """(D, H, Hkv, T, docs per row, window) shapes. `full`: T 2k/8k/16k/64k, documents 1/4/16,
+    windows 512/4096, GQA 16/8 and 16/2, D 128/256, structured rather than a full product (each
+    (B, T, D, G) is a fresh FlexAttention compile, ~20 s each); `default`: a
     representative subset of it with five FlexAttention compiles (T 2k/16k/64k at D128 16/8, T16k
     at D128 16/2 and D256 16/2; T8k only in `full`); `quick`: five shapes."""
     g = []
     def add(D, H, Hkv, T, docs, W):
         g.append(dict(D=D, H=H, Hkv=Hkv, T=T, B=max(1, TOKENS // T), docs=docs, window=W))
-    if grid == "quick":  # the issue's table shapes, one window, one 256-wide head
+    if grid == "quick":  # the first measurements' shapes, one window, one 256-wide head
         add(128, 16, 8, 2048, 4, 0)
         add(128, 16, 8, 16384, 8, 0)
         add(128, 16, 8, 65536, 16, 0)
@@ -371,7 +372,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="deepwish bench attention", description=__doc__.split("\n")[0])
     p.add_argument("--out", required=True)
     p.add_argument("--grid", default="default", choices=("default", "full", "quick"),
-                   help="training shapes: a representative subset (default), the issue's full grid, or five")
+                   help="training shapes: a representative subset (default), the full grid, or five")
     p.add_argument("--quick", action="store_true", help="= --grid quick, and the short check and decode lists")
     p.add_argument("--tiles", default=None, help="JSON of launch configs from deepwish.bench.attention_tiles "
                                                  "(applied over kernels/attention/triton.py: TILES)")
