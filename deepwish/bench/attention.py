@@ -9,7 +9,9 @@ Training (bf16, fwd / bwd / fwd+bwd): own Triton kernel (kernels/attention/trito
   said so, where that mask exceeds DENSE_MASK_MAX elements;
 - FlexAttention with a block mask built once per batch (kernels/attention/flex.py);
 - SDPA flash on plain causal input (no document isolation, no window): the speed anchor.
-Documents per row are random cut points (seeded); windows count the query's own token.
+Documents per row are random cut points (seeded); windows count the query's own token. The own
+kernel's document bounds and FlexAttention's block mask are built once per shape, outside the
+timing (a model builds them once per batch).
 TFLOP/s count only visible (query, key) pairs: fwd 2·pairs·H·(Dqk + Dv), bwd 2.5 × fwd
 (FlashAttention's convention: the bwd recomputes the scores), SDPA-flash rows count causal pairs.
 Decode: one new token (and 4 for speculative verification) over a full cache of L slots,
