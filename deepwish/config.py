@@ -275,7 +275,7 @@ class TrainConfig:
     warmup_steps: int = 20
     decay_frac: float = 0.2  # wsd: fraction of steps in the final decay
     # Scheduled shapes (train/schedule.py), each a pure function of the step (resumes exactly):
-    window_warmup_frac: float = 0.0  # attention windows grow from window_start_blocks to their final size over this fraction of steps
+    window_warmup_frac: float = 0.0  # windows capped at a cap growing from window_start_blocks to seq_len over this fraction of steps
     window_start_blocks: int = 1  # blocks of 128 tokens
     seq_len_schedule: tuple[int, ...] = ()  # sequence lengths of equal stages over `steps` (each divides seq_len); () = seq_len
     batch_schedule: tuple[int, ...] = ()  # micro-batches per step of equal stages over `steps`; () = grad_accum

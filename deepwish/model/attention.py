@@ -5,7 +5,7 @@
   sigmoid(gate) scales the attention output before o_proj;
 - partial rotary (Qwen3-Next rotates the first quarter of each head);
 - a sliding window (for `swa` layers), or per-layer windows from `window_pattern` (GPT family),
-  grown during training by the window schedule (`scheduled_window`, progress from the Objective);
+  grown during training by the window schedule (`scheduled_window`, a cap from the Objective);
 - GPT-family options: one fused [q|k|v] projection, a soft-cap on the scores, value embeddings
   (a per-token table row added, gated per KV head, to the values) and no rotary at all when the
   model uses learned absolute positions (ctx.cos is None).
@@ -123,17 +123,14 @@ def kernel_inputs(*ts: torch.Tensor) -> tuple[torch.Tensor, ...]:
     return tuple(t.to(dtype) for t in ts)
 
 
-def scheduled_window(final: int, progress: float, start_blocks: int) -> int:
-    """The window a layer attends with at window-schedule `progress` in [0, 1]: `final` tokens (0 =
-    full causal, never scheduled) reached at progress 1, starting from `start_blocks` blocks of
-    WINDOW_BLOCK tokens and growing linearly in whole blocks (few distinct values: a compiled
-    model recompiles once per value, not per step)."""
-    if final <= 0 or progress >= 1.0:
+def scheduled_window(final: int, cap_blocks: int) -> int:
+    """The window a layer attends with under the window schedule's cap of `cap_blocks` blocks of
+    WINDOW_BLOCK tokens (0 = no cap): min(final, cap). A full-attention layer (final 0) is never
+    capped. The cap is a whole number of blocks that changes a few times per run, so a compiled
+    block sees few distinct windows (one graph each), not one per step."""
+    if final <= 0 or cap_blocks <= 0:
         return final
-    final_blocks = -(-final // WINDOW_BLOCK)
-    start = min(max(start_blocks, 1), final_blocks)
-    blocks = start + int((final_blocks - start) * max(progress, 0.0))
-    return min(final, blocks * WINDOW_BLOCK)
+    return min(final, cap_blocks * WINDOW_BLOCK)
 
 
 def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx, window: int, scale: float,
@@ -271,7 +268,7 @@ class Attention(nn.Module):
         if ctx.cos is not None:  # None: learned absolute positions, no rotary
             q, k = apply_rotary(q, ctx.cos, ctx.sin), apply_rotary(k, ctx.cos, ctx.sin)
         if cache is None:
-            window = scheduled_window(self.window, ctx.window_progress, ctx.window_start_blocks)
+            window = scheduled_window(self.window, ctx.window_blocks)
             o = causal_attention(q, k, v, ctx, window, self.scale, self.backends, self.softcap)
         else:
             o = self.attend_cache(q, k, v, ctx, cache)

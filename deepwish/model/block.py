@@ -45,10 +45,10 @@ class ForwardContext:
     # over all causal keys (the warm-up) instead of the indexer's top-k, and the indexer KL computed.
     dense_indexer_attention: bool = False
     indexer_loss: bool = False
-    # GPT family: the window schedule's progress (1 = every layer at its final window; model/attention.py
-    # scheduled_window), the embedding output x0 (residual scales) and {layer: value-embedding rows [B,T,Hkv·D]}
-    window_progress: float = 1.0
-    window_start_blocks: int = 1
+    # GPT family: the window schedule's cap in 128-token blocks (0 = none: every layer at its final window;
+    # model/attention.py scheduled_window), the embedding output x0 (residual scales) and
+    # {layer: value-embedding rows [B,T,Hkv·D]}
+    window_blocks: int = 0
     x0: torch.Tensor | None = None
     value_embeds: dict = field(default_factory=dict)
     _masks: dict = field(default_factory=dict)

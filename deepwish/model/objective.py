@@ -50,10 +50,9 @@ class Objective:
     mtp_weight: float = 0.0  # λ of the multi-token-prediction loss (0: the MTP modules do not run)
     indexer_mode: str = "off"  # DSA: off | dense_warmup | sparse (model/dsa.py)
     indexer_weight: float = 1.0  # weight of the DSA indexer KL (0: not computed)
-    # GPT-family window schedule (train/schedule.py window_progress): attention windows grow from
-    # window_start_blocks blocks to each layer's final window as this goes 0 -> 1 (1: final windows)
-    window_progress: float = 1.0
-    window_start_blocks: int = 1
+    # GPT-family window schedule (train/schedule.py window_blocks_at): every windowed layer attends
+    # with min(its final window, window_blocks·128 tokens); 0 = no cap (the final windows)
+    window_blocks: int = 0
 
     def __post_init__(self) -> None:
         if self.loss_backend not in LOSS_BACKENDS:

@@ -196,8 +196,7 @@ class Transformer(nn.Module):
         cos, sin = self.rotary(positions) if self.pos_embed is None else (None, None)
         return ForwardContext(positions=positions, cos=cos, sin=sin, doc_ids=doc_ids,
                               dense_indexer_attention=objective.indexer_mode == "dense_warmup",
-                              indexer_loss=indexer_loss, window_progress=objective.window_progress,
-                              window_start_blocks=objective.window_start_blocks)
+                              indexer_loss=indexer_loss, window_blocks=objective.window_blocks)
 
     def embed_tokens(self, input_ids: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         """x0 [B,T,d]: token embedding (+ learned positions), RMS-normed with model.embed_norm; fills the

@@ -18,7 +18,7 @@ import torch
 from deepwish.kernels.backend import resolve_backend
 from deepwish.model.mtp import mtp_lambda_at
 from deepwish.model.objective import IGNORE_INDEX, Objective
-from deepwish.train.schedule import window_progress
+from deepwish.train.schedule import window_blocks_at
 
 __all__ = ["IGNORE_INDEX", "count_targets", "eval_objective", "lm_loss", "resolve_loss_backend", "step_metrics",
            "step_objective"]
@@ -55,7 +55,7 @@ def step_objective(tc, step: int, backend: str, n_global: int) -> Objective:
     return Objective(loss_backend=backend, z_loss=tc.z_loss, loss_norm=float(n_global),
                      mtp_weight=mtp_lambda_at(tc.mtp_lambda, tc.mtp_lambda_final, step, tc.steps),
                      indexer_mode=tc.indexer_mode, indexer_weight=tc.indexer_loss_coef,
-                     window_progress=window_progress(step, tc), window_start_blocks=tc.window_start_blocks)
+                     window_blocks=window_blocks_at(step, tc))
 
 
 def eval_objective(tc, backend: str) -> Objective:

@@ -236,6 +236,10 @@ def parallelize(model: nn.Module, run_cfg, d: Dist) -> nn.Module:
         raise ConfigError(f"parallelize: train.parallel={tc.parallel} but no process group (init_distributed)")
     on_cuda = d.device.type == "cuda"
     use_compile = compile_enabled(tc, d.device)
+    if use_compile:  # blocks that differ (GPT-family windows, value-embedding layers) and each scheduled
+        # window are one graph each of the one Block.forward: more than dynamo's default 8 (then eager)
+        import torch._dynamo.config as dynamo_config
+        dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, 64)
     ac = set(checkpointed_blocks(tc.activation_checkpoint, len(model.blocks)))
     for i in range(len(model.blocks)):
         model.blocks[i] = wrap_block(model.blocks[i], checkpoint=i in ac, compile=use_compile,

@@ -12,9 +12,10 @@ factor, so extending a run changes no step it has already planned. (warmup-stabl
 modded-nanogpt's schedule: `wsd` with min_lr_frac=0 and decay_frac the cooldown fraction.)
 
 Scheduled shapes, also pure functions of the step (a resumed run takes the same shape at every step):
-- window_progress: attention windows (GPT family, per-layer window_pattern) grow from
-  window_start_blocks blocks to their final sizes over the first window_warmup_frac of the steps
-  (model/attention.py scheduled_window turns the progress into whole 128-token blocks);
+- window_blocks_at: attention windows (GPT family, per-layer window_pattern) are capped at a
+  number of 128-token blocks that grows linearly, in whole blocks, from window_start_blocks to
+  the row length (seq_len) over the first window_warmup_frac of the steps; each layer attends with
+  min(its final window, the cap) (model/attention.py scheduled_window), full-attention layers uncapped;
 - seq_len_at: train.seq_len_schedule, equal stages over `steps`: the loader's rows of seq_len
   tokens are split into rows of the stage's length (the same tokens, shorter contexts);
 - accum_at: train.batch_schedule, equal stages over `steps`: micro-batches per optimizer step
@@ -68,10 +69,16 @@ def _stage(step: int, stages: tuple, total: int):
     return stages[min(len(stages) - 1, step * len(stages) // max(total, 1))]
 
 
-def window_progress(step: int, cfg) -> float:
-    """Progress of the window schedule at `step` in [0, 1] (1: every layer at its final window)."""
+def window_blocks_at(step: int, cfg) -> int:
+    """The window cap at `step` in blocks of WINDOW_BLOCK tokens; 0 = no cap (the final windows)."""
+    from deepwish.config import WINDOW_BLOCK
+
     span = cfg.window_warmup_frac * cfg.steps
-    return 1.0 if span <= 0 else min(1.0, step / span)
+    if span <= 0 or step >= span:
+        return 0
+    full = -(-cfg.seq_len // WINDOW_BLOCK)  # a cap of the row length caps nothing
+    start = min(cfg.window_start_blocks, full)
+    return start + int((full - start) * step / span)
 
 
 def seq_len_at(step: int, cfg) -> int:

@@ -167,18 +167,17 @@ def _plain_logits(model, ids):
     return plain(ids).logits
 
 
-def test_window_schedule_grows_in_blocks():
-    assert [scheduled_window(384, p, 1) for p in (0.0, 0.3, 0.5, 0.99, 1.0)] == [128, 128, 256, 256, 384]
-    assert scheduled_window(0, 0.0, 1) == 0  # full attention is never scheduled
-    assert scheduled_window(300, 0.0, 8) == 300  # start above the final window: the final window
-    assert scheduled_window(1024, 0.5, 2) == 5 * 128
-    # the forward takes the schedule from the objective; progress 1 is the final windows
+def test_window_schedule_caps_in_blocks():
+    assert [scheduled_window(384, c) for c in (0, 1, 2, 3, 9)] == [384, 128, 256, 384, 384]
+    assert scheduled_window(0, 1) == 0  # full attention is never capped
+    # the forward takes the cap from the objective; cap 0 is the final windows
     torch.manual_seed(0)
     model = Transformer(replace(BASE, window_pattern="L", window_short=1, window_long=2)).eval()
     ids = _ids(T=300, B=1)
-    early = model(ids, targets=ids, objective=Objective(window_progress=0.0)).logits
-    late = model(ids, targets=ids, objective=Objective(window_progress=1.0)).logits
+    early = model(ids, targets=ids, objective=Objective(window_blocks=1)).logits
+    late = model(ids, targets=ids, objective=Objective(window_blocks=0)).logits
     assert not torch.allclose(early, late)
+    torch.testing.assert_close(late, model(ids).logits)
     torch.manual_seed(0)
     one_block = Transformer(replace(BASE, window_pattern="L", window_short=1, window_long=1)).eval()
     one_block.load_state_dict(model.state_dict())

@@ -7,21 +7,23 @@ from deepwish.config import ConfigError, TrainConfig, load_config, validate
 from deepwish.train import loop
 from deepwish.train.checkpoint import load_checkpoint
 from deepwish.train.loss import step_objective
-from deepwish.train.schedule import accum_at, lr_factor, seq_len_at, split_rows, window_progress
+from deepwish.train.schedule import accum_at, lr_factor, seq_len_at, split_rows, window_blocks_at
 
 
-def test_stages_and_window_progress():
+def test_stages_and_window_cap():
     tc = TrainConfig(steps=12, seq_len=64, seq_len_schedule=(16, 32, 64), batch_schedule=(1, 2), grad_accum=3,
                      window_warmup_frac=0.5)
     assert [seq_len_at(s, tc) for s in range(12)] == [16] * 4 + [32] * 4 + [64] * 4
     assert [accum_at(s, tc) for s in range(12)] == [1] * 6 + [2] * 6
     assert seq_len_at(20, tc) == 64 and accum_at(20, tc) == 2  # extension steps keep the last stage
-    assert [window_progress(s, tc) for s in (0, 3, 6, 11)] == [0.0, 0.5, 1.0, 1.0]
+    tc = TrainConfig(steps=12, seq_len=1024, window_warmup_frac=0.5, window_start_blocks=2)  # 8 blocks per row
+    assert [window_blocks_at(s, tc) for s in range(8)] == [2, 3, 4, 5, 6, 7, 0, 0]  # 0: no cap
     plain = TrainConfig(steps=12, seq_len=64, grad_accum=3)
     assert {seq_len_at(s, plain) for s in range(12)} == {64} and {accum_at(s, plain) for s in range(12)} == {3}
-    assert window_progress(0, plain) == 1.0
-    obj = step_objective(TrainConfig(steps=10, window_warmup_frac=0.5, window_start_blocks=3), 2, "torch", 1)
-    assert obj.window_progress == pytest.approx(0.4) and obj.window_start_blocks == 3
+    assert window_blocks_at(0, plain) == 0
+    obj = step_objective(TrainConfig(steps=10, seq_len=1024, window_warmup_frac=0.5, window_start_blocks=3), 2,
+                         "torch", 1)
+    assert obj.window_blocks == 3 + int(5 * 2 / 5)
 
 
 def test_cooldown_schedule_is_wsd_to_zero():
