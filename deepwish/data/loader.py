@@ -71,7 +71,7 @@ def window_batch(shard: Shard, window_index: np.ndarray, seq_len: int) -> Batch:
     doc_ids = np.zeros(doc.shape, dtype=np.int32)
     np.cumsum(doc[:, 1:] != doc[:, :-1], axis=1, out=doc_ids[:, 1:])
     positions = inputs - np.maximum(offsets[doc], starts[:, None])
-    targets = np.ascontiguousarray(window[:, 1:])
+    targets = window[:, 1:].copy()  # a copy even when B = 1 (a view would carry the mask into the inputs)
     if shard.loss_mask is not None:
         targets[shard.loss_mask[idx[:, 1:]] == 0] = IGNORE_INDEX
     return Batch(

@@ -35,9 +35,9 @@ from deepwish.config import ConfigError, RunConfig, from_dict, load_config, to_d
 SFT_DEFAULTS = (
     "train.out_dir=runs/sft",
     "train.steps=60",
-    "train.batch_size=4",
+    "train.batch_size=2",  # x grad_accum 2: 4 windows a step; a small validation split still holds a batch
     "train.seq_len=128",
-    "train.grad_accum=1",
+    "train.grad_accum=2",
     "train.lr=0.001",
     "train.muon_lr=0.005",
     "train.warmup_steps=5",
@@ -59,7 +59,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", nargs="+", required=True, help="chat files (.jsonl with 'messages', .csv)")
     p.add_argument("--val-data", nargs="+", default=[], help="chat files held out for validation")
     p.add_argument("--val-fraction", type=float, default=None,
-                   help="share of the conversations held out (default 0.1; 0 with --val-data)")
+                   help="share of the conversations held out (default 0.15; 0 with --val-data)")
     p.add_argument("--chat-template", default=None,
                    help="chatml | qwen3 | deepseek_v3 | an HF tokenizer_config.json/.jinja/directory "
                         "(default: the source's own, else chatml)")
@@ -148,7 +148,7 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(f"{run_dir} already holds checkpoints; choose another --out")
     tokenizer = source_tokenizer(args)
     template = choose_template(args)
-    val_fraction = args.val_fraction if args.val_fraction is not None else (0.0 if args.val_data else 0.1)
+    val_fraction = args.val_fraction if args.val_fraction is not None else (0.0 if args.val_data else 0.15)
     try:
         result = build_shards(args.data, run_dir / "data", tokenizer, val_fraction, args.val_data, args.seed,
                               tokenizer_spec=args.tokenizer or "source", chat_template=template, chat_loss="assistant")

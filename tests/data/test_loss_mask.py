@@ -103,6 +103,11 @@ def test_loader_ignores_masked_targets_and_keeps_documents(tmp_path):
             # document ids still change exactly where a new conversation starts
             changes = [owner[start + t] != owner[start + t - 1] for t in range(1, T)]
             assert (b.doc_ids[row, 1:] != b.doc_ids[row, :-1]).tolist() == changes
+    # one window a batch: the ignored targets never leak into the inputs (they share a row)
+    for w in range(5):
+        one = window_batch(open_shard(tmp_path / "m.bin"), np.array([w]), T)
+        assert one.input_ids.tolist()[0] == flat[w * T:(w + 1) * T]
+        assert (one.targets == IGNORE_INDEX).any() or w > 0
     # validation batches carry the mask too; the unigram entropy counts only kept tokens
     for vb in sequential_batches(tmp_path / "m.bin", T, 2, max_batches=1):
         assert (vb.targets == IGNORE_INDEX).any()
