@@ -14,6 +14,7 @@ _EXPORTS = {
     "load_hf": "deepwish.hf.io", "save_hf": "deepwish.hf.io",
     "Transformer": "deepwish.model.transformer", "ModelOutput": "deepwish.model.transformer",
     "Objective": "deepwish.model.objective",
+    "generate_text": "deepwish.generate",
 }
 __all__ = sorted(_EXPORTS) + ["__version__"]
 

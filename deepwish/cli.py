@@ -39,7 +39,8 @@ def _add_generate(p: argparse.ArgumentParser) -> None:
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
-    p.add_argument("--dtype", default="auto", help="auto (bf16 on GPU, fp32 on CPU) | bf16 | fp32")
+    p.add_argument("--dtype", "--precision", dest="dtype", default="auto",
+                   help="auto (bf16 on GPU, fp32 on CPU) | bf16 | fp32 (--precision is the same option)")
     p.add_argument("--ema", action="store_true", help="use the checkpoint's EMA weights")
     p.add_argument("--graph", default="auto", choices=("auto", "on", "off"),
                    help="capture the decode step as a CUDA graph (auto: on when running on CUDA)")
@@ -163,7 +164,8 @@ def run_generate(args) -> int:
 def _add_convert(p: argparse.ArgumentParser) -> None:
     p.add_argument("ckpt", help="deepwish run or checkpoint directory")
     p.add_argument("out", help="output HF directory")
-    p.add_argument("--dtype", default="bf16", help="bf16 | fp32")
+    p.add_argument("--dtype", "--precision", dest="dtype", default="bf16", choices=("bf16", "fp32"),
+                   help="bf16 | fp32: the exported weights (--precision is the same option)")
     p.add_argument("--ema", action="store_true")
 
 

@@ -5,6 +5,7 @@
     sample(logits, temperature, top_k, top_p)
     generate(model, prompts, max_new_tokens, ...)            num_beams > 1: beam search per prompt
     beam_search(model, prompt, max_new_tokens, num_beams, ...) -> the best finished beams, scored
+    generate_text(model, tokenizer, prompt, ...) -> the continuation as text (deepwish or HF tokenizer)
 
 Every request starts from a clean cache: `generate` and `prefill` (from position 0) reset the
 cache they are given, so a recurrent state (Gated DeltaNet) never carries one request into the
@@ -262,3 +263,41 @@ def beam_search(model, prompt: Sequence[int], max_new_tokens: int, num_beams: in
         position = torch.full((N,), L0 + t, device=device)
         logits = decode_fn(model, running[:, t], position, cache)
     return [(done_seq[i, :int(done_len[i])].tolist(), float(done_score[i])) for i in range(num_return_sequences)]
+
+
+def _text_codec(tokenizer) -> tuple[Callable[[str], list[int]], Callable[[list[int]], str], int | None]:
+    """(encode, decode, eos id) of a deepwish `Tokenizer` or a transformers tokenizer (which
+    encodes with its own special-token convention, e.g. a BOS, as HF's pipelines do)."""
+    from deepwish.data.tokenizer import Tokenizer
+    if isinstance(tokenizer, Tokenizer):
+        return tokenizer.encode, tokenizer.decode, tokenizer.eos_id
+    try:
+        from transformers import PreTrainedTokenizerBase
+    except ImportError:
+        PreTrainedTokenizerBase = ()
+    if PreTrainedTokenizerBase and isinstance(tokenizer, PreTrainedTokenizerBase):
+        return (lambda s: tokenizer.encode(s)), (lambda ids: tokenizer.decode(ids, skip_special_tokens=False)), \
+            tokenizer.eos_token_id
+    raise TypeError(f"generate_text needs a deepwish Tokenizer (deepwish.data.tokenizer) or a transformers "
+                    f"tokenizer, got {type(tokenizer).__name__}")
+
+
+def generate_text(model, tokenizer, prompt: str | Sequence[str], max_new_tokens: int = 64, *,
+                  temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, num_beams: int = 1,
+                  length_penalty: float = 1.0, early_stopping: bool | Literal["never"] = False,
+                  stop_at_eos: bool = True, seed: int | None = None) -> str | list[str]:
+    """The continuation of `prompt` (a string, or a list of strings -> a list) as text, the
+    prompt not repeated. Greedy by default; `temperature`/`top_k`/`top_p` sample, `num_beams`
+    beam-searches. Generation stops at the tokenizer's eos (left out of the text) unless
+    `stop_at_eos=False`. `tokenizer`: a deepwish `Tokenizer` or a transformers tokenizer."""
+    encode, decode, eos = _text_codec(tokenizer)
+    texts = [prompt] if isinstance(prompt, str) else list(prompt)
+    ids = [encode(t) for t in texts]
+    empty = [t for t, i in zip(texts, ids) if not i]
+    if empty:
+        raise ValueError(f"prompt {empty[0]!r} encodes to no tokens")
+    stops = [eos] if stop_at_eos and eos is not None else []
+    new = generate(model, ids, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, stop_tokens=stops,
+                   seed=seed, num_beams=num_beams, length_penalty=length_penalty, early_stopping=early_stopping)
+    out = [decode(t[:-1] if stops and t and t[-1] == eos else t) for t in new]
+    return out[0] if isinstance(prompt, str) else out

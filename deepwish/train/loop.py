@@ -667,6 +667,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--debug", action="store_true",
                         help="first check of a new preset: 20 steps on synthetic tokens (data/synthetic.py; no "
                              "data or tokenizer needed) in runs/debug/PRESET unless --out; --set still applies")
+    parser.add_argument("--precision", default=None, choices=("fp32", "bf16"),
+                        help="compute precision: the alias of --set train.dtype (bf16 autocast on GPU; fp32 on CPU)")
     parser.add_argument("--mlflow-run-id", default=None, metavar="RUN_ID",
                         help="log to this existing MLflow run (sets train.mlflow=true); --resume continues the "
                              "run recorded in the checkpoint without it")
@@ -678,7 +680,8 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
     overrides = (debug_overrides(args) if getattr(args, "debug", False) else []) + (
         [f"train.out_dir={args.out}"] if args.out else []) + (
         [f"train.parallel={args.parallel}"] if getattr(args, "parallel", None) else []) + (
-        ["train.mlflow=true"] if getattr(args, "mlflow_run_id", None) else []) + list(args.overrides)
+        ["train.mlflow=true"] if getattr(args, "mlflow_run_id", None) else []) + (
+        [f"train.dtype={args.precision}"] if getattr(args, "precision", None) else []) + list(args.overrides)
     init_from = getattr(args, "init_from", None)
     if args.preset is None and args.config is None and init_from and not args.resume:
         from deepwish.train.init_from import is_hf_dir, source_config
