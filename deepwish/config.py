@@ -126,7 +126,7 @@ class ModelConfig:
     # --- multi-token prediction -----------------------------------------------------
     n_mtp: int = 0  # num_nextn_predict_layers
     # --- GPT family (modded-nanogpt style); every switch is off at its default ----------
-    fused_qkv: bool = False  # one [q|k|v] projection `qkv_proj` (one matmul instead of three)
+    fused_qkv: bool = False  # q, k, v as one [3, H·D, d] stack `qkv_weight` (one matmul; Muon per slice); needs n_kv_heads = n_heads
     attn_softcap: float = 0.0  # attention scores c·tanh(s/c); 0 = off
     logit_softcap: float = 0.0  # LM-head logits c·tanh(z/c); 0 = off
     window_pattern: str = ""  # per-layer S(hort)/L(ong) windows, tiled over the layers ("SSSL"); "" = off
@@ -184,6 +184,10 @@ class ModelConfig:
                                              ("fused_qkv", self.fused_qkv), ("attn_softcap", self.attn_softcap),
                                              ("value_embeds", self.value_embeds)) if on]
         others = sorted({m for m, _ in self.layer_types} - {"gqa", "gated_gqa"})
+        if self.fused_qkv and (self.n_kv_heads != self.n_heads or self.attn_bias
+                               or any(m == "gated_gqa" for m, _ in self.layer_types)):
+            raise ConfigError("model config: fused_qkv stacks q, k and v as three equal matrices: it needs "
+                              "n_kv_heads == n_heads, no attn_bias and no gated_gqa layers")
         if gqa_options and others:
             raise ConfigError(f"model config: {', '.join(gqa_options)} are options of the gqa/gated_gqa attention; "
                               f"this stack also has {', '.join(others)} layers")

@@ -6,7 +6,7 @@
 - partial rotary (Qwen3-Next rotates the first quarter of each head);
 - a sliding window (for `swa` layers), or per-layer windows from `window_pattern` (GPT family),
   grown during training by the window schedule (`scheduled_window`, a cap from the Objective);
-- GPT-family options: one fused [q|k|v] projection, a soft-cap on the scores, value embeddings
+- GPT-family options: q, k, v as one [3, H·D, d] stack (one matmul; Muon orthogonalises each slice), a soft-cap on the scores, value embeddings
   (a per-token table row added, gated per KV head, to the values) and no rotary at all when the
   model uses learned absolute positions (ctx.cos is None).
 
@@ -213,8 +213,9 @@ VALUE_EMBED_GATE_DIM = 12  # leading input channels the value-embedding gate rea
 
 
 class Attention(nn.Module):
-    # o_proj writes into the residual stream; the value-embedding gate scores, it maps nothing (model/roles.py)
-    PARAM_ROLES = {"o_proj.weight": "matrix_out", "ve_gate.weight": "gate"}
+    # o_proj writes into the residual stream; the value-embedding gate scores, it maps nothing; the fused
+    # [q; k; v] stack is three hidden matrices, which Muon orthogonalises one by one (model/roles.py)
+    PARAM_ROLES = {"o_proj.weight": "matrix_out", "ve_gate.weight": "gate", "qkv_weight": "matrix"}
 
     def __init__(self, cfg: ModelConfig, layer_idx: int, gated: bool = False, window: int = 0):
         super().__init__()
@@ -229,8 +230,10 @@ class Attention(nn.Module):
         d = cfg.d_model
         q_out, kv_out = self.n_heads * self.head_dim * (2 if gated else 1), self.n_kv_heads * self.head_dim
         self.qkv_sizes = (q_out, kv_out, kv_out)
-        if cfg.fused_qkv:  # rows [q | k | v]: the same maps as three projections, one matmul
-            self.qkv_proj = nn.Linear(d, q_out + 2 * kv_out, bias=cfg.attn_bias)
+        if cfg.fused_qkv:
+            # One [3, H·D, d] stack (modded-nanogpt): one matmul for q, k and v, while Muon, which
+            # orthogonalises a 3-D parameter slice by slice, still sees three matrices, not one [3HD, d].
+            self.qkv_weight = nn.Parameter(torch.empty(3, q_out, d))
         else:
             self.q_proj = nn.Linear(d, q_out, bias=cfg.attn_bias)
             self.k_proj = nn.Linear(d, kv_out, bias=cfg.attn_bias)
@@ -247,8 +250,8 @@ class Attention(nn.Module):
 
     def project_qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """x [B,T,d] -> the q (with gate rows when gated), k, v projections, flat per token."""
-        if hasattr(self, "qkv_proj"):
-            return self.qkv_proj(x).split(self.qkv_sizes, dim=-1)
+        if hasattr(self, "qkv_weight"):
+            return F.linear(x, self.qkv_weight.flatten(0, 1)).split(self.qkv_sizes, dim=-1)
         return self.q_proj(x), self.k_proj(x), self.v_proj(x)
 
     def forward(self, x: torch.Tensor, ctx, cache: KVCache | None = None) -> tuple[torch.Tensor, dict]:

@@ -15,17 +15,17 @@ from deepwish.model.objective import Objective
 
 BASE = ModelConfig(family="gpt", vocab_size=97, d_model=32, n_layers=4, n_heads=4, n_kv_heads=2, head_dim=8,
                    d_ff=48, max_seq_len=512, rope_theta=10000.0, attn_backend="sdpa")
-ALL_ON = dict(fused_qkv=True, attn_softcap=20.0, logit_softcap=15.0, window_pattern="SSL", window_short=1,
+ALL_ON = dict(fused_qkv=True, n_kv_heads=4, attn_softcap=20.0, logit_softcap=15.0, window_pattern="SSL", window_short=1,
               window_long=0, residual_scales=True, unet_skips=True, value_embeds=1, gated_ffn=False,
               hidden_act="relu2", embed_norm=True, tie_embeddings=False)
 
 
-def _pair(**switch):
+def _pair(base=BASE, **switch):
     """A plain model and one with `switch`, sharing every parameter they both have."""
     torch.manual_seed(0)
-    plain = Transformer(BASE).eval()
+    plain = Transformer(base).eval()
     torch.manual_seed(1)
-    other = Transformer(replace(BASE, **switch)).eval()
+    other = Transformer(replace(base, **switch)).eval()
     other.load_state_dict(plain.state_dict(), strict=False)
     return plain, other
 
@@ -35,13 +35,33 @@ def _ids(T=24, B=2):
 
 
 def test_fused_qkv_is_the_three_projections():
-    plain, fused = _pair(fused_qkv=True)
+    plain, fused = _pair(replace(BASE, n_kv_heads=4), fused_qkv=True)
     with torch.no_grad():
         for a, b in zip(plain.blocks, fused.blocks):
             a, b = a.mixer, b.mixer
-            b.qkv_proj.weight.copy_(torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight]))
+            b.qkv_weight.copy_(torch.stack([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight]))
     ids = _ids()
     torch.testing.assert_close(fused(ids).logits, plain(ids).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_muon_orthogonalises_the_fused_stack_per_matrix():
+    """The optimizer sees q, k and v as three matrices: one Muon step on the stack equals one step on
+    each of the three separately (not the orthogonalisation of one [3HD, d] matrix)."""
+    from deepwish.train.muon import Muon
+    stack = torch.nn.Parameter(torch.randn(3, 16, 32))
+    before = stack.detach().clone()
+    parts = [torch.nn.Parameter(before[i].clone()) for i in range(3)]
+    g = torch.randn(3, 16, 32)
+    stack.grad = g.clone()
+    for i, p in enumerate(parts):
+        p.grad = g[i].clone()
+    Muon([stack], lr=0.1).step()
+    Muon(parts, lr=0.1).step()
+    torch.testing.assert_close(stack.detach(), torch.stack([p.detach() for p in parts]), rtol=1e-5, atol=1e-6)
+    flat = torch.nn.Parameter(torch.zeros(48, 32))
+    flat.grad = g.reshape(48, 32).clone()
+    Muon([flat], lr=0.1).step()  # one [48, 32] matrix: another update
+    assert (flat.detach().view(3, 16, 32) - (stack.detach() - before)).abs().max() > 1e-2
 
 
 def test_residual_scales_at_init_and_their_formula():
@@ -245,7 +265,7 @@ def test_every_gpt_parameter_has_its_role():
     assert roles["blocks.0.residual_scales"] == "scalar"
     assert roles["blocks.0.mixer.ve_gate.weight"] == "gate"
     assert roles["value_embeds.tables.0.weight"] == "embedding"
-    assert roles["blocks.0.mixer.qkv_proj.weight"] == "matrix"
+    assert roles["blocks.0.mixer.qkv_weight"] == "matrix"
     assert roles["blocks.0.ffn.w_down.weight"] == "matrix_out"
     assert roles["lm_head.weight"] == "head"
     assert _all_on(position="learned").param_roles()["pos_embed.weight"] == "embedding"
@@ -253,7 +273,9 @@ def test_every_gpt_parameter_has_its_role():
 
 def test_gpt_options_reject_other_mixers_and_bad_values():
     with pytest.raises(ConfigError, match="gqa/gated_gqa"):
-        replace(BASE, mixer="gdn", fused_qkv=True)
+        replace(BASE, mixer="gdn", attn_softcap=5.0)
+    with pytest.raises(ConfigError, match="n_kv_heads == n_heads"):
+        replace(BASE, fused_qkv=True)
     with pytest.raises(ConfigError, match="window_short"):
         replace(BASE, window_pattern="SL")
     with pytest.raises(ConfigError, match="only S and L"):
@@ -269,7 +291,8 @@ def test_hf_export_refuses_the_gpt_family(tmp_path):
     with pytest.raises(CheckpointError, match="HF export is not supported for family 'gpt'"):
         save_hf(Transformer(BASE), tmp_path / "a")
     with pytest.raises(CheckpointError, match="fused_qkv, unet_skips"):
-        save_hf(Transformer(replace(BASE, family="qwen3", fused_qkv=True, unet_skips=True)), tmp_path / "b")
+        save_hf(Transformer(replace(BASE, family="qwen3", fused_qkv=True, n_kv_heads=4, unet_skips=True)),
+                tmp_path / "b")
     assert not (tmp_path / "a").exists()
 
 

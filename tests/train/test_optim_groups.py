@@ -8,7 +8,7 @@ from deepwish.config import ModelConfig, TrainConfig
 from deepwish.model import Transformer
 from deepwish.train.optim import build_optimizer, group_settings, param_groups
 
-CFG = ModelConfig(family="gpt", vocab_size=61, d_model=16, n_layers=2, n_heads=2, n_kv_heads=1, head_dim=8, d_ff=24,
+CFG = ModelConfig(family="gpt", vocab_size=61, d_model=16, n_layers=2, n_heads=2, n_kv_heads=2, head_dim=8, d_ff=24,
                   max_seq_len=64, fused_qkv=True, residual_scales=True, unet_skips=True, value_embeds=1,
                   gated_ffn=False, hidden_act="relu2", position="learned")
 
@@ -26,7 +26,7 @@ def test_groups_follow_roles():
     names = _names(model, pg)
     assert names["embedding"] == ["embed.weight", "pos_embed.weight", "value_embeds.tables.0.weight"]
     assert names["head"] == ["lm_head.weight"]
-    assert "blocks.0.mixer.qkv_proj.weight" in names["matrix"] and "blocks.1.ffn.w_up.weight" in names["matrix"]
+    assert "blocks.0.mixer.qkv_weight" in names["matrix"] and "blocks.1.ffn.w_up.weight" in names["matrix"]
     assert {"skips.gates", "blocks.0.residual_scales", "blocks.0.mixer.ve_gate.weight", "norm.weight"} <= set(
         names["scalar"])
     assert sum(len(v) for v in names.values()) == len(list(model.parameters()))
