@@ -298,7 +298,8 @@ class TrainConfig:
     indexer_loss_coef: float = 1.0
     tensorboard: bool = False
     mlflow: bool = False
-    mlflow_experiment: str = ""  # MLflow experiment name (empty: MLFLOW_EXPERIMENT_ID/_NAME, else "deepwish")
+    mlflow_experiment: str = ""  # MLflow experiment name (empty: mlflow_experiment_id, MLFLOW_EXPERIMENT_ID/_NAME, else "deepwish")
+    mlflow_experiment_id: str = ""  # MLflow experiment id, used when mlflow_experiment is empty
     mlflow_run_name: str = ""  # MLflow run name of a new run (empty: the run directory's name)
     sample_tokens: int = 64  # tokens sampled at the end of the run
     sample_prompt: str = "ROMEO:"

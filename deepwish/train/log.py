@@ -2,7 +2,7 @@
 
 MLflow: the tracking URI, experiment and run come from MLflow's own environment variables
 (MLFLOW_TRACKING_URI, MLFLOW_EXPERIMENT_NAME / _ID, MLFLOW_RUN_ID) unless the config names them
-(train.mlflow_experiment, train.mlflow_run_name); without MLFLOW_TRACKING_URI a file store inside
+(train.mlflow_experiment or train.mlflow_experiment_id, train.mlflow_run_name); without MLFLOW_TRACKING_URI a file store inside
 the run directory is used. The run id is kept in RUN/mlflow.json and in every checkpoint's
 meta.json, so `--resume` continues the same MLflow run (metrics continue at the resumed step).
 Params are the flattened resolved config; the config file and the plot are artifacts.
@@ -69,11 +69,14 @@ def is_file_store(uri: str) -> bool:
     return scheme == "file" or len(scheme) <= 1  # "" or a Windows drive letter
 
 
-def mlflow_experiment_args(name: str) -> dict:
-    """The experiment a run logs to: `train.mlflow_experiment` when set, else MLflow's own
-    MLFLOW_EXPERIMENT_ID / MLFLOW_EXPERIMENT_NAME, else "deepwish"."""
+def mlflow_experiment_args(name: str, experiment_id: str = "") -> dict:
+    """The experiment a run logs to: `train.mlflow_experiment` when set, else
+    `train.mlflow_experiment_id`, else MLflow's own MLFLOW_EXPERIMENT_ID / MLFLOW_EXPERIMENT_NAME,
+    else "deepwish"."""
     if name:
         return {"experiment_name": name}
+    if experiment_id:
+        return {"experiment_id": experiment_id}
     if os.environ.get("MLFLOW_EXPERIMENT_ID"):
         return {"experiment_id": os.environ["MLFLOW_EXPERIMENT_ID"]}
     return {"experiment_name": os.environ.get("MLFLOW_EXPERIMENT_NAME") or "deepwish"}
@@ -171,7 +174,7 @@ class Logger:
         else:
             if experiment is None:
                 experiment = train.get("mlflow_experiment", "")
-            mlf.set_experiment(**mlflow_experiment_args(experiment))
+            mlf.set_experiment(**mlflow_experiment_args(experiment, train.get("mlflow_experiment_id", "")))
             active = mlf.start_run(run_name=train.get("mlflow_run_name") or self.run_dir.name)
         if params:
             mlf.log_params(params)

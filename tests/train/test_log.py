@@ -107,6 +107,7 @@ class FakeMlflow3:
 
 @pytest.mark.parametrize("config_name,env,want", [
     ("", {}, "deepwish"),
+    ("id=7", {"MLFLOW_EXPERIMENT_ID": "42"}, "id:7"),
     ("from-config", {"MLFLOW_EXPERIMENT_NAME": "from-env"}, "from-config"),
     ("", {"MLFLOW_EXPERIMENT_NAME": "from-env"}, "from-env"),
     ("", {"MLFLOW_EXPERIMENT_ID": "42"}, "id:42"),
@@ -121,7 +122,9 @@ def test_mlflow3_user_file_store_and_experiment(tmp_path, monkeypatch, config_na
         monkeypatch.setenv(k, v)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", (tmp_path / "store").as_uri())  # a user-chosen file store
     lg = L.Logger(tmp_path, total_steps=1, flops_per_token=1.0, device=torch.device("cpu"), log_every=1,
-                  progress_bar=False, mlflow=True, config={"train": {"mlflow_experiment": config_name}})
+                  progress_bar=False, mlflow=True, config={"train": {
+                      "mlflow_experiment": "" if config_name.startswith("id=") else config_name,
+                      "mlflow_experiment_id": config_name[3:] if config_name.startswith("id=") else ""}})
     lg.start(0)
     lg.step(1, 10, {"loss": 1.0, "lr": 1.0, "grad_norm": 1.0})
     lg.close()
