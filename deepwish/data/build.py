@@ -331,7 +331,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--split", default=None, help="split of a DatasetDict or split-named files (default train)")
     parser.add_argument("--text-field", default=None, help="column holding the text (default: 'text')")
     parser.add_argument("--messages-field", default=None,
-                        help="column holding chat messages, rendered with ChatML (default: 'messages')")
+                        help="column holding chat messages, rendered with --chat-template (default: 'messages')")
     parser.add_argument("--token-budget", type=int, default=None,
                         help="at most this many tokens in the shards (whole documents)")
     parser.add_argument("--out", required=True, help="output directory (train.bin, val.bin, meta.json)")
@@ -401,7 +401,8 @@ def _run_mix(args: argparse.Namespace) -> int:
         result = build_mix(sources, args.out, tokenizer, token_budget=args.token_budget,
                            val_fraction=0.01 if args.val_fraction is None else args.val_fraction, split=args.split,
                            text_field=args.text_field, messages_field=args.messages_field,
-                           tokenizer_spec=args.tokenizer)
+                           tokenizer_spec=args.tokenizer, chat_template=getattr(args, "chat_template", "chatml"),
+                           chat_loss=getattr(args, "chat_loss", "assistant"))
     except (DatasetInputError, ShardError) as e:
         raise InputError(str(e)) from None
     except ValueError as e:  # chat validation names the file and row

@@ -153,9 +153,11 @@ def choose_field(names: list[str], text_field: str | None, messages_field: str |
 
 
 def iter_texts(path: str | Path, split: str | None = None, text_field: str | None = None,
-               messages_field: str | None = None, batch_rows: int = 1024) -> Iterator[tuple[list[str], bool]]:
+               messages_field: str | None = None, batch_rows: int = 1024,
+               render: bool = True) -> Iterator[tuple[list, bool]]:
     """Batches of document texts of the dataset at `path`: ([text, ...], is_chat). Chats come out
-    rendered with ChatML (chat.render_chat)."""
+    rendered with ChatML (chat.render_chat), or, with render=False, as ([(messages, where), ...],
+    True) for a template and loss mask of the caller's (mix.py)."""
     field = None
     for file in data_files(path, split):
         row = 0
@@ -169,7 +171,9 @@ def iter_texts(path: str | Path, split: str | None = None, text_field: str | Non
             for value in cols[field.name]:
                 where = f"{file} row {row}"
                 row += 1
-                if field.is_chat:
+                if field.is_chat and not render:
+                    texts.append((validate_messages(_plain_messages(value), where), where))
+                elif field.is_chat:
                     texts.append(render_chat(validate_messages(_plain_messages(value), where)))
                 elif not isinstance(value, str) or not value:
                     raise DatasetInputError(f"{where}: field {field.name!r} is "

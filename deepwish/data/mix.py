@@ -18,7 +18,11 @@ Each source is read by hf_dataset.py (save_to_disk arrow, parquet, jsonl). Defin
 - validation: document i of the output (counted over all sources) is held out when
   ceil((i+1)·f) > ceil(i·f), f = val_fraction: the first document, then one in every 1/f, spread
   evenly without knowing the total in advance (ceil(n·f) of n documents, as `--input` does).
-Memory is bounded: one record batch per source and the document offsets.
+- chats: rendered with `chat_template` (chat.py, ChatML by default); with chat_loss="assistant"
+  (the default) the shards carry a loss mask on the assistant's tokens (plain-text documents of
+  other sources are all ones in it), and a conversation the template splits into several
+  documents (Qwen3) stays whole on one side of the split; "all" keeps every token.
+Memory is bounded: one record batch per source, the document offsets, and one document.
 """
 from __future__ import annotations
 
@@ -29,7 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
-from .chat import require_chat_tokens
+from .chat import ChatTemplate, encode_conversation, require_template_tokens, resolve_template
 from .hf_dataset import DatasetInputError, iter_texts
 from .shards import ShardWriter
 from .tokenizer import Tokenizer
@@ -71,38 +75,50 @@ def is_validation(i: int, val_fraction: float) -> bool:
 
 
 class _Stream:
-    """Encoded documents of one source (ids + eos), re-reading it from the start when `repeat`."""
+    """Encoded records of one source, each a list of documents (ids + eos, loss mask or None),
+    re-reading the source from the start when `repeat`."""
 
-    def __init__(self, src: Source, quota: float, tokenizer: Tokenizer, repeat: bool, read_args: dict):
+    def __init__(self, src: Source, quota: float, tokenizer: Tokenizer, repeat: bool, read_args: dict,
+                 template: ChatTemplate, masked: bool):
         self.src, self.quota, self.tok, self.repeat, self.read_args = src, quota, tokenizer, repeat, read_args
+        self.template, self.masked = template, masked
         self.tokens = self.docs = 0
         self.epochs = 0  # completed passes over the source
         self.done = False
         self._it = self._documents()
 
-    def _documents(self) -> Iterator[list[int]]:
+    def _documents(self) -> Iterator[list[tuple[list[int], list[int] | None]]]:
+        eos = self.tok.eos_id
         while True:
             n = 0
-            for texts, is_chat in iter_texts(self.src.path, **self.read_args):
+            for items, is_chat in iter_texts(self.src.path, render=False, **self.read_args):
                 if is_chat:
-                    require_chat_tokens(self.tok)
+                    require_template_tokens(self.tok, self.template)
+                if is_chat and self.masked:
+                    for messages, where in items:
+                        n += 1
+                        yield [(ids + [eos], mask + [0]) if ids[-1:] != [eos] else (ids, mask)
+                               for ids, mask in encode_conversation(self.tok, self.template, messages, where)]
+                    continue
+                texts = [self.template.render(m) for m, _ in items] if is_chat else items
                 for ids in self.tok.encode_batch(texts):
                     n += 1
-                    yield ids + [self.tok.eos_id]
+                    yield [(ids + [eos], None)]
             if n == 0:
                 raise DatasetInputError(f"{self.src.path}: no documents")
             self.epochs += 1
             if not self.repeat:
                 return
 
-    def next(self) -> list[int] | None:
+    def next(self) -> list[tuple[list[int], list[int] | None]] | None:
         return next(self._it, None)
 
 
 def build_mix(sources: list[Source], out_dir: str | Path, tokenizer: Tokenizer, *, token_budget: int | None = None,
               val_fraction: float = 0.01, split: str | None = None, text_field: str | None = None,
               messages_field: str | None = None, tokenizer_spec: str | None = None, batch_rows: int = 1024,
-              progress: bool | None = None) -> MixResult:
+              progress: bool | None = None, chat_template: str | ChatTemplate = "chatml",
+              chat_loss: str = "assistant") -> MixResult:
     """Stream `sources` into out_dir/{train,val}.bin + tokenizer/ + meta.json (module doc)."""
     from tqdm import tqdm
 
@@ -116,10 +132,14 @@ def build_mix(sources: list[Source], out_dir: str | Path, tokenizer: Tokenizer, 
         raise DatasetInputError(f"val_fraction {val_fraction} outside [0, 1)")
     if tokenizer.eos_id is None:
         raise DatasetInputError("tokenizer has no eos token; documents could not be told apart by the model")
+    if chat_loss not in ("assistant", "all"):
+        raise DatasetInputError(f"chat_loss {chat_loss!r} is not one of ('assistant', 'all')")
+    template = resolve_template(chat_template) if isinstance(chat_template, str) else chat_template
     total_w = sum(s.weight for s in sources)
     read_args = dict(split=split, text_field=text_field, messages_field=messages_field, batch_rows=batch_rows)
     streams = [_Stream(s, math.inf if token_budget is None else token_budget * s.weight / total_w, tokenizer,
-                       repeat=token_budget is not None, read_args=read_args) for s in sources]
+                       repeat=token_budget is not None, read_args=read_args, template=template,
+                       masked=chat_loss == "assistant") for s in sources]
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     writers = {"train": ShardWriter(out / "train.bin", tokenizer.vocab_size, tokenizer.fingerprint),
@@ -133,15 +153,18 @@ def build_mix(sources: list[Source], out_dir: str | Path, tokenizer: Tokenizer, 
             if not live:
                 break
             s = min(live, key=lambda s: s.tokens / s.quota if s.quota != math.inf else s.tokens)
-            doc = s.next()
-            if doc is None or s.tokens + len(doc) > s.quota:
+            record = s.next()
+            size = 0 if record is None else sum(len(ids) for ids, _ in record)
+            if record is None or s.tokens + size > s.quota:
                 s.done = True
                 continue
-            writers["val" if is_validation(n_out, val_fraction) else "train"].add(doc)
+            writer = writers["val" if is_validation(n_out, val_fraction) else "train"]
+            for ids, mask in record:
+                writer.add(ids, mask)
             n_out += 1
-            s.tokens += len(doc)
+            s.tokens += size
             s.docs += 1
-            bar.update(len(doc))
+            bar.update(size)
     except BaseException:
         for w in writers.values():
             w.abort()
@@ -171,6 +194,7 @@ def build_mix(sources: list[Source], out_dir: str | Path, tokenizer: Tokenizer, 
         "token_budget": token_budget, "val_fraction": val_fraction, "val_rule": "ceil((i+1)f) > ceil(i f)",
         "tokenizer": {"spec": tokenizer_spec, "fingerprint": tokenizer.fingerprint,
                       "vocab_size": tokenizer.vocab_size, "eos_id": tokenizer.eos_id, "saved": "tokenizer"},
+        "chat_template": template.to_json(), "chat_loss": chat_loss,
         "train": {"path": "train.bin", "docs": train_h.n_docs, "tokens": train_h.n_tokens},
         "val": None if val_h is None else {"path": "val.bin", "docs": val_h.n_docs, "tokens": val_h.n_tokens},
     }

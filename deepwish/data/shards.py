@@ -30,6 +30,7 @@ flags 0, so its bytes differ from version 1 only in the version field.
 from __future__ import annotations
 
 import os
+import shutil
 import struct
 import uuid
 from dataclasses import dataclass
@@ -139,7 +140,9 @@ class ShardWriter:
     """The streaming form of write_shard, for inputs too large to hold: documents are appended
     one at a time (`add`), tokens go straight to disk, and `close` writes the offsets and the
     header (whose counts are known only then) and renames the file into place. Memory: the
-    document offsets (8 bytes a document) and one document."""
+    document offsets (8 bytes a document) and one document. A document added with a loss mask
+    gives the shard its mask channel (documents added without one are all ones in it); the mask
+    bytes go to a side file until `close` appends them."""
 
     def __init__(self, path: str | Path, vocab_size: int, fingerprint: str):
         self.path = Path(path)
@@ -155,6 +158,9 @@ class ShardWriter:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.f = open(self.tmp, "wb")
         self.f.write(b"\0" * HEADER_BYTES)  # the real header is written by close()
+        self.mask_tmp = self.tmp.with_name(self.tmp.name + ".mask")
+        self.mask_f = open(self.mask_tmp, "wb")
+        self.masked = False  # some document came with a loss mask
 
     @property
     def n_tokens(self) -> int:
@@ -164,30 +170,44 @@ class ShardWriter:
     def n_docs(self) -> int:
         return len(self.offsets) - 1
 
-    def add(self, doc: list[int]) -> None:
+    def add(self, doc: list[int], loss_mask: list[int] | None = None) -> None:
         ids = np.asarray(doc, dtype=np.int64)
+        if loss_mask is not None and len(loss_mask) != len(doc):
+            self.abort()
+            raise ShardError(f"document {self.n_docs}: loss mask of {len(loss_mask)} entries for {len(doc)} tokens")
         if ids.size and (ids.min() < 0 or ids.max() >= self.vocab_size):
             bad = int(ids.max()) if ids.max() >= self.vocab_size else int(ids.min())
             self.abort()
             raise ShardError(f"document {self.n_docs}: token id {bad} outside [0, vocab_size={self.vocab_size})")
         self.f.write(ids.astype(_DTYPES[self.code]).tobytes())
         self.offsets.append(self.offsets[-1] + int(ids.size))
+        self.masked |= loss_mask is not None
+        m = np.ones(ids.size, np.uint8) if loss_mask is None else (np.asarray(loss_mask) != 0).astype(np.uint8)
+        self.mask_f.write(m.tobytes())
 
     def close(self) -> ShardHeader:
-        header = ShardHeader(VERSION, self.code, self.n_tokens, self.vocab_size, self.n_docs, self.fingerprint)
+        flags = FLAG_LOSS_MASK if self.masked else 0
+        header = ShardHeader(VERSION, self.code, self.n_tokens, self.vocab_size, self.n_docs, self.fingerprint, flags)
         self.f.write(np.asarray(self.offsets, dtype="<i8").tobytes())
+        self.mask_f.close()
+        if self.masked:
+            with open(self.mask_tmp, "rb") as m:
+                shutil.copyfileobj(m, self.f)
+        self.mask_tmp.unlink()
         self.f.seek(0)
-        self.f.write(_HEADER.pack(MAGIC, VERSION, self.code, header.n_tokens, self.vocab_size, header.n_docs,
-                                  self.fp).ljust(HEADER_BYTES, b"\0"))
+        self.f.write((_HEADER.pack(MAGIC, VERSION, self.code, header.n_tokens, self.vocab_size, header.n_docs,
+                                   self.fp) + _FLAGS.pack(flags)).ljust(HEADER_BYTES, b"\0"))
         self.f.close()
         self.tmp.replace(self.path)
         return header
 
     def abort(self) -> None:
         """Drop the partial file (a failed build leaves nothing behind)."""
-        if not self.f.closed:
-            self.f.close()
+        for f in (self.f, self.mask_f):
+            if not f.closed:
+                f.close()
         self.tmp.unlink(missing_ok=True)
+        self.mask_tmp.unlink(missing_ok=True)
 
 
 def read_header(path: str | Path) -> ShardHeader:

@@ -205,3 +205,42 @@ def test_fused_loss_is_given_only_unmasked_rows(tmp_path, monkeypatch):
     assert out["triton"][0] == pytest.approx(out["torch"][0], rel=1e-5)
     for name, g in out["torch"][1].items():
         torch.testing.assert_close(out["triton"][1][name], g, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_streaming_writer_writes_the_same_masked_shard(tmp_path):
+    from deepwish.data.shards import ShardWriter
+
+    docs, masks = chat_like_docs()
+    write_shard(tmp_path / "a.bin", docs, VOCAB, "fp", loss_masks=masks)
+    w = ShardWriter(tmp_path / "b.bin", VOCAB, "fp")
+    for d, m in zip(docs, masks):
+        w.add(d, m)
+    w.close()
+    assert (tmp_path / "a.bin").read_bytes() == (tmp_path / "b.bin").read_bytes()
+    # documents without a mask are all ones in it; a shard given none has no channel
+    w = ShardWriter(tmp_path / "c.bin", VOCAB, "fp")
+    w.add(docs[0])
+    w.add(docs[1], masks[1])
+    w.close()
+    assert open_shard(tmp_path / "c.bin").loss_mask.tolist() == [1] * len(docs[0]) + masks[1]
+    w = ShardWriter(tmp_path / "d.bin", VOCAB, "fp")
+    w.add(docs[0])
+    w.close()
+    write_shard(tmp_path / "e.bin", docs[:1], VOCAB, "fp")
+    assert (tmp_path / "d.bin").read_bytes() == (tmp_path / "e.bin").read_bytes()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.bin", "b.bin", "c.bin", "d.bin", "e.bin"]
+
+
+def test_streamed_chats_get_the_same_masks_as_built_ones(tmp_path):
+    pytest.importorskip("pyarrow")
+    from deepwish.data.build import build_shards
+    from deepwish.data.mix import Source, build_mix
+    from deepwish.data.tokenizer import default_tokenizer
+
+    tok = default_tokenizer()
+    for template in ("chatml", "qwen3"):
+        a = build_shards(["examples/chat.jsonl"], tmp_path / f"a{template}", tok, val_fraction=0, chat_template=template)
+        b = build_mix([Source("examples/chat.jsonl")], tmp_path / f"b{template}", tok, val_fraction=0,
+                      chat_template=template, progress=False)
+        assert open_shard(b.train_bin).header.has_loss_mask
+        assert a.train_bin.read_bytes() == b.train_bin.read_bytes(), template
