@@ -50,6 +50,10 @@ def _add_generate(p: argparse.ArgumentParser) -> None:
     spec.add_argument("--mtp", action="store_true",
                       help="self-speculative decoding with the model's own MTP heads (DeepSeek-V3)")
     p.add_argument("--speculate-k", type=int, default=4, help="draft tokens per round (--draft)")
+    p.add_argument("--num-beams", type=int, default=1,
+                   help="beam search with this many beams (needs --temperature 0); prints the best beam")
+    p.add_argument("--length-penalty", type=float, default=1.0,
+                   help="beam search: hypotheses are scored sum(log p) / length ** this")
 
 
 def load_model_for_inference(args):
@@ -102,6 +106,12 @@ def check_generate_args(args) -> None:
         bad.append(f"--top-k {args.top_k} must be >= 0 (0 = off)")
     if args.speculate_k < 1:
         bad.append(f"--speculate-k {args.speculate_k} must be >= 1")
+    if args.num_beams < 1:
+        bad.append(f"--num-beams {args.num_beams} must be >= 1")
+    if args.num_beams > 1 and args.temperature != 0:
+        bad.append(f"--num-beams {args.num_beams} needs --temperature 0 (beam search is deterministic)")
+    if args.num_beams > 1 and (args.draft or args.mtp):
+        bad.append("--num-beams does not combine with --draft/--mtp")
     if bad:
         raise UsageError("; ".join(bad))
 
@@ -152,11 +162,12 @@ def run_generate(args) -> int:
     if use_graph and device.type != "cuda":
         raise UsageError("--graph on needs a CUDA device")
     cache = decode_fn = None
-    if use_graph:
+    if use_graph:  # beam search reorders the cache in place: the captured step keeps reading it
         from deepwish.decode_graph import CapturedDecoder
-        cache = model.make_cache(1, min(model.cfg.max_seq_len, len(ids) + args.max_new_tokens))
+        cache = model.make_cache(args.num_beams, min(model.cfg.max_seq_len, len(ids) + args.max_new_tokens))
         decode_fn = CapturedDecoder(model, cache)  # capture first: it leaves the cache zeroed
-    generate(model, [ids], args.max_new_tokens, on_token=stream, cache=cache, decode_fn=decode_fn, **sampling)
+    generate(model, [ids], args.max_new_tokens, on_token=stream, cache=cache, decode_fn=decode_fn,
+             num_beams=args.num_beams, length_penalty=args.length_penalty, **sampling)
     sys.stdout.write("\n")
     return 0
 

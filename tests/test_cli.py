@@ -27,6 +27,19 @@ def test_generate_plain_and_speculative_agree_greedy(run_dir, capsys):
     assert "acceptance 100.0%" in captured.err
 
 
+def test_generate_with_beams_prints_the_best_beam(run_dir, capsys):
+    from deepwish.generate import beam_search
+    from deepwish.weights import load_model
+    from deepwish.data.tokenizer import load_tokenizer
+
+    assert main(["generate", "--ckpt", str(run_dir), "--prompt", "KING:", "--max-new-tokens", "8",
+                 "--temperature", "0", "--num-beams", "3", "--length-penalty", "0.5"]) == 0
+    out = capsys.readouterr().out
+    tok = load_tokenizer(run_dir / "tokenizer")
+    best = beam_search(load_model(run_dir), tok.encode("KING:"), 8, 3, length_penalty=0.5, stop_tokens=[tok.eos_id])
+    assert out == "KING:" + tok.decode(best[0][0]) + "\n"
+
+
 def test_convert_then_generate_from_hf_dir(run_dir, tmp_path, capsys):
     out = tmp_path / "hf"
     assert main(["convert", str(run_dir), str(out), "--dtype", "fp32"]) == 0
@@ -59,6 +72,8 @@ def test_errors_are_one_line(run_dir, capsys):
     (["--top-p", "0"], "--top-p 0.0 must be in (0, 1]"),
     (["--top-p", "1.5"], "--top-p 1.5 must be in (0, 1]"),
     (["--dtype", "fp16"], "--dtype 'fp16' is not one of auto, bf16, fp32"),
+    (["--num-beams", "3"], "--num-beams 3 needs --temperature 0"),
+    (["--num-beams", "0"], "--num-beams 0 must be >= 1"),
 ])
 def test_nonsense_generation_arguments_are_one_line_errors(run_dir, capsys, argv, match):
     assert main(["generate", "--ckpt", str(run_dir), "--prompt", "x", *argv]) == 2
