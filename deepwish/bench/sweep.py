@@ -191,6 +191,7 @@ def run(out_dir, scales=SCALES, kernels=KERNELS, device: str = "auto", max_ref_t
             del fns
             if dev.type == "cuda":
                 torch.cuda.empty_cache()
+            (out / "results.json").write_text(json.dumps(results, indent=1))  # partial results survive a stop
             print(f"[sweep] {kernel} B={B} T={T} D={D}: " + ", ".join(
                 f"{k.split()[1]} {_fmt(v[-1])}" for k, v in results["ms"].items() if k.startswith(kernel + " ")),
                 flush=True)
