@@ -26,6 +26,16 @@ def test_sweep_quick_times_checks_and_draws(tmp_path, capsys):
     assert json.loads((tmp_path / "results.json").read_text())["ms"] == res["ms"]
     assert (tmp_path / "sweep_time.png").stat().st_size > 10_000 and (tmp_path / "sweep_speedup.png").is_file()
     assert "== kernel sweep" in capsys.readouterr().out
+    # a run stopped during the second scale: redrawn from what it saved
+    part = json.loads((tmp_path / "results.json").read_text())
+    for key in ("recurrent_step torch", "recurrent_step triton"):
+        part["ms"][key], part["tok_s"][key] = part["ms"][key][:1], part["tok_s"][key][:1]
+    (tmp_path / "results.json").write_text(json.dumps(part))
+    (tmp_path / "sweep_speedup.png").unlink()
+    again = sweep.replot(tmp_path)
+    assert again["speedup"]["recurrent_step triton/torch"]["per_scale"] == res["speedup"][
+        "recurrent_step triton/torch"]["per_scale"][:1]
+    assert (tmp_path / "sweep_speedup.png").is_file()
 
 
 def test_sweep_scales_and_heads():

@@ -168,8 +168,8 @@ def run(out_dir, scales=SCALES, kernels=KERNELS, device: str = "auto", max_ref_t
                      "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
                      "torch": torch.__version__, "fla": None if fla is None else _fla_version(),
                      "ms": {}, "tok_s": {}, "check_rel_rms": {}, "notes": []}
-    for kernel in kernels:
-        for i, (B, T, D) in enumerate(scales):
+    for i, (B, T, D) in enumerate(scales):  # scales outermost: a stopped run still covers every kernel
+        for kernel in kernels:
             fns, tokens = cases(kernel, B, T, D, dev, dtype, fla)
             if i == 0:  # correctness at the first scale, before anything is timed
                 ref = fns["torch"]().float()
@@ -252,7 +252,8 @@ def plot(results: dict, out: Path) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    scales = [tuple(s) for s in results["scales"]]
+    done = max(len(v) for v in results["ms"].values())  # a partial run (--replot) covers the first scales
+    scales = [tuple(s) for s in results["scales"]][:done]
     labels = _labels(scales)
     xs = list(range(len(scales)))
     kernels = [k for k in KERNELS if any(key.startswith(k + " ") for key in results["ms"])]
@@ -285,7 +286,8 @@ def plot(results: dict, out: Path) -> None:
         pairs = [k for k in sp if k.startswith(kernel + " ")]
         width = 0.8 / max(1, len(pairs))
         for n, key in enumerate(pairs):
-            vals = [v if v else 0.0 for v in sp[key]["per_scale"]] + [sp[key]["geomean"] or 0.0]
+            per = (sp[key]["per_scale"] + [None] * len(scales))[:len(scales)]
+            vals = [v if v else 0.0 for v in per] + [sp[key]["geomean"] or 0.0]
             pos = [x + (n - (len(pairs) - 1) / 2) * width for x in range(len(vals))]
             ax.bar(pos, vals, width, label=f"{key.split()[1]} (mean {sp[key]['geomean'] or 0:.2f}x)")
         ax.axhline(1.0, color="k", lw=0.8)
@@ -300,8 +302,20 @@ def plot(results: dict, out: Path) -> None:
     plt.close(fig)
 
 
+def replot(out_dir) -> dict:
+    """Speedups, charts and table again from out_dir/results.json (e.g. of a run stopped early)."""
+    out = Path(out_dir)
+    results = json.loads((out / "results.json").read_text())
+    results["speedup"] = speedups(results)
+    (out / "results.json").write_text(json.dumps(results, indent=1))
+    plot(results, out)
+    print_table(results)
+    return results
+
+
 def print_table(results: dict) -> None:
-    labels = _labels([tuple(s) for s in results["scales"]])
+    done = max(len(v) for v in results["ms"].values())
+    labels = _labels([tuple(s) for s in results["scales"]][:done])
     print(f"\n== kernel sweep, forward ms (median) on {results['device']}, {results['dtype']}, head dim {HEAD_DIM}")
     print(f"{'':28s}" + "".join(f"{s:>15s}" for s in labels))
     for key, row in results["ms"].items():
@@ -321,9 +335,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--scales", default=None, help="comma-separated BxTxD list (default: the ten scales)")
     p.add_argument("--kernels", default=",".join(KERNELS), help="subset of " + ",".join(KERNELS))
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    p.add_argument("--replot", action="store_true", help="only redraw from --out's results.json (a partial run too)")
     p.add_argument("--max-ref-tokens", type=int, default=None,
                    help="skip the torch reference of conv/chunk above B*T tokens (it is slow)")
     args = p.parse_args(argv)
+    if args.replot:
+        replot(args.out)
+        return 0
     if args.quick and args.scales:
         p.error("give --quick or --scales, not both")
     scales = QUICK_SCALES if args.quick else parse_scales(args.scales) if args.scales else SCALES
