@@ -15,6 +15,7 @@ import os
 
 import torch
 
+from deepwish.config import WINDOW_BLOCK
 from deepwish.kernels.backend import resolve_backend
 from deepwish.model.mtp import mtp_lambda_at
 from deepwish.model.objective import IGNORE_INDEX, Objective
@@ -55,7 +56,7 @@ def step_objective(tc, step: int, backend: str, n_global: int) -> Objective:
     return Objective(loss_backend=backend, z_loss=tc.z_loss, loss_norm=float(n_global),
                      mtp_weight=mtp_lambda_at(tc.mtp_lambda, tc.mtp_lambda_final, step, tc.steps),
                      indexer_mode=tc.indexer_mode, indexer_weight=tc.indexer_loss_coef,
-                     window_blocks=window_blocks_at(step, tc))
+                     window_blocks=window_blocks_at(step, tc, WINDOW_BLOCK))
 
 
 def eval_objective(tc, backend: str) -> Objective:

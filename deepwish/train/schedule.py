@@ -69,14 +69,13 @@ def _stage(step: int, stages: tuple, total: int):
     return stages[min(len(stages) - 1, step * len(stages) // max(total, 1))]
 
 
-def window_blocks_at(step: int, cfg) -> int:
-    """The window cap at `step` in blocks of WINDOW_BLOCK tokens; 0 = no cap (the final windows)."""
-    from deepwish.config import WINDOW_BLOCK
-
+def window_blocks_at(step: int, cfg, block: int) -> int:
+    """The window cap at `step` in blocks of `block` tokens (config.WINDOW_BLOCK); 0 = no cap (the
+    final windows)."""
     span = cfg.window_warmup_frac * cfg.steps
     if span <= 0 or step >= span:
         return 0
-    full = -(-cfg.seq_len // WINDOW_BLOCK)  # a cap of the row length caps nothing
+    full = -(-cfg.seq_len // block)  # a cap of the row length caps nothing
     start = min(cfg.window_start_blocks, full)
     return start + int((full - start) * step / span)
 

@@ -17,10 +17,10 @@ def test_stages_and_window_cap():
     assert [accum_at(s, tc) for s in range(12)] == [1] * 6 + [2] * 6
     assert seq_len_at(20, tc) == 64 and accum_at(20, tc) == 2  # extension steps keep the last stage
     tc = TrainConfig(steps=12, seq_len=1024, window_warmup_frac=0.5, window_start_blocks=2)  # 8 blocks per row
-    assert [window_blocks_at(s, tc) for s in range(8)] == [2, 3, 4, 5, 6, 7, 0, 0]  # 0: no cap
+    assert [window_blocks_at(s, tc, 128) for s in range(8)] == [2, 3, 4, 5, 6, 7, 0, 0]  # 0: no cap
     plain = TrainConfig(steps=12, seq_len=64, grad_accum=3)
     assert {seq_len_at(s, plain) for s in range(12)} == {64} and {accum_at(s, plain) for s in range(12)} == {3}
-    assert window_blocks_at(0, plain) == 0
+    assert window_blocks_at(0, plain, 128) == 0
     obj = step_objective(TrainConfig(steps=10, seq_len=1024, window_warmup_frac=0.5, window_start_blocks=3), 2,
                          "torch", 1)
     assert obj.window_blocks == 3 + int(5 * 2 / 5)
