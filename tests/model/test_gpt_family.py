@@ -248,6 +248,21 @@ def test_prefill_then_decode_equals_full_forward(more):
     torch.testing.assert_close(torch.cat([pre] + steps, 1), full, rtol=1e-4, atol=1e-4)
 
 
+def test_ring_cache_decoding_equals_full_forward():
+    """The S layers' 128-token windows on ring caches of 128 + slack slots (model/ring_cache.py)."""
+    from deepwish.model.ring_cache import RingKVCache, make_ring_cache
+    model = _all_on()
+    T, P = 150, 146
+    ids = _ids(T=T, B=1)
+    full = model(ids).logits
+    cache = make_ring_cache(model, 1, 160)
+    assert [isinstance(c, RingKVCache) for c in cache.layers] == [True, True, False, True]
+    pos = torch.arange(T)[None]
+    pre = model(ids[:, :P], positions=pos[:, :P], cache=cache).logits
+    steps = [model(ids[:, t:t + 1], positions=pos[:, t:t + 1], cache=cache).logits for t in range(P, T)]
+    torch.testing.assert_close(torch.cat([pre] + steps, 1), full, rtol=1e-4, atol=1e-4)
+
+
 def test_packed_documents_equal_separate_documents():
     model = _all_on()
     a, b = _ids(T=9, B=1), _ids(T=14, B=1)
