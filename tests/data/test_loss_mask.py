@@ -244,3 +244,20 @@ def test_streamed_chats_get_the_same_masks_as_built_ones(tmp_path):
                       chat_template=template, progress=False)
         assert open_shard(b.train_bin).header.has_loss_mask
         assert a.train_bin.read_bytes() == b.train_bin.read_bytes(), template
+
+
+def test_packed_masked_conversations_equal_the_conversations_run_apart(tmp_path):
+    """Document ids keep packed conversations apart: a window's masked loss is the sum of the
+    losses of its conversation pieces, each run alone from position 0."""
+    model = Transformer(model_config("qwen3_tiny", **TINY)).eval()
+    ids, targets, doc_ids, positions = _masked_batch(tmp_path, B=3, T=24)
+    with torch.no_grad():
+        packed = model(ids, positions=positions, doc_ids=doc_ids, targets=targets)
+        apart, n = torch.zeros(()), 0
+        for row in range(ids.shape[0]):
+            for d in doc_ids[row].unique():
+                sel = doc_ids[row] == d
+                out = model(ids[row, sel][None], positions=positions[row, sel][None], targets=targets[row, sel][None])
+                apart, n = apart + out.ce_sum, n + int(out.n_targets)
+    assert doc_ids.max() > 0 and int(packed.n_targets) == n
+    torch.testing.assert_close(packed.ce_sum, apart, rtol=1e-5, atol=1e-5)
