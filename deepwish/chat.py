@@ -24,19 +24,36 @@ CHAT_TEMPLATE_FILE = "chat_template.json"  # RUN_DIR/chat_template.json: the tem
 
 def run_dir_template(path: str | Path):
     """The chat template stored with a deepwish run (or beside an HF directory), or None."""
-    from deepwish.data.chat import ChatTemplate, load_hf_template, hf_template
+    from deepwish.data.chat import JINJA, ChatTemplate, hf_template, load_hf_template, resolve_template
     from deepwish.weights import is_hf_dir
 
     path = Path(path)
     if is_hf_dir(path):
         if (path / "chat_template.jinja").is_file() or "chat_template" in _json(path / "tokenizer_config.json"):
             source, tokens = load_hf_template(path)
+            for name, builtin in JINJA.items():  # exported by `deepwish convert`: the built-in, with its end of turn
+                if source == builtin:
+                    return resolve_template(name)
             return hf_template(source, tokens, name=str(path))
         return None
     for d in (path, *path.parents[:2]):  # a run directory, or one of its checkpoint directories
         if (d / CHAT_TEMPLATE_FILE).is_file():
             return ChatTemplate.from_json(json.loads((d / CHAT_TEMPLATE_FILE).read_text()))
     return None
+
+
+def export_template(run: str | Path, hf_dir: str | Path) -> bool:
+    """Write the chat template of deepwish run `run` (if it has one) into `hf_dir`'s
+    tokenizer_config.json as `chat_template`, so HF's apply_chat_template (and `deepwish chat --hf`)
+    render conversations as the run was tuned. Returns whether there was one."""
+    template = run_dir_template(run)
+    if template is None:
+        return False
+    config_file = Path(hf_dir) / "tokenizer_config.json"
+    config = _json(config_file)
+    config["chat_template"] = template.jinja()
+    config_file.write_text(json.dumps(config, indent=1, ensure_ascii=False) + "\n")
+    return True
 
 
 def _json(path: Path) -> dict:

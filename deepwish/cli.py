@@ -189,6 +189,9 @@ def run_convert(args) -> int:
     args.dtype = "fp32"
     model, tok = load_model_for_inference(args)
     out = save_hf(model, args.out, dtype=dtype, tokenizer=tok)
+    from deepwish.chat import export_template
+    if export_template(args.ckpt, out):  # an SFT run's chat template, as HF reads it
+        print(f"[deepwish] chat template of {args.ckpt} -> {out}/tokenizer_config.json", flush=True)
     print(f"wrote {out}")
     return 0
 

@@ -82,3 +82,23 @@ def test_sft_errors_are_one_line(tmp_path, capsys):
     assert main(["sft", "--preset", "qwen3_tiny", "--data", "examples/chat.jsonl", "--out", str(tmp_path / "r3"),
                  "--chat-template", "nope"]) == 2
     assert "chat template 'nope'" in capsys.readouterr().err
+
+
+def test_convert_exports_the_template_for_hf_and_chat(sft_run, tmp_path, capsys, monkeypatch):
+    from transformers import PreTrainedTokenizerFast
+
+    from deepwish.chat import run_dir_template
+    from deepwish.data.chat import render_chatml
+
+    out = tmp_path / "hf"
+    assert main(["convert", str(sft_run), str(out), "--dtype", "fp32"]) == 0
+    config = json.loads((out / "tokenizer_config.json").read_text())
+    msgs = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]
+    hf_tok = PreTrainedTokenizerFast(tokenizer_file=str(out / "tokenizer.json"), eos_token=config["eos_token"])
+    assert hf_tok.apply_chat_template(msgs, chat_template=config["chat_template"], tokenize=False,
+                                      add_generation_prompt=False) == render_chatml(msgs)
+    assert run_dir_template(out).name == "chatml"  # read back as the built-in, stopping at <|im_end|>
+    capsys.readouterr()
+    monkeypatch.setattr("sys.stdin", io.StringIO("Hi\n"))
+    assert main(["chat", "--hf", str(out), "--max-new-tokens", "2", "--temperature", "0"]) == 0
+    assert capsys.readouterr().out.count("assistant: ") == 1

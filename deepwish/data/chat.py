@@ -164,6 +164,82 @@ def render_deepseek_v3(messages: list[dict], add_generation_prompt: bool = False
     return "".join(out)
 
 
+# ---- the built-in templates as HF jinja (written into an exported model's tokenizer_config.json) ----
+# Each renders exactly as the Python function of the same name (tests/data/test_chat_templates.py
+# checks both against transformers' apply_chat_template). DeepSeek's markers are literal here, since
+# an exported tokenizer's own bos/eos need not be DeepSeek's.
+CHATML_JINJA = """{% for m in messages %}<|im_start|>{{ m.role }}
+{{ m.content }}<|im_end|>
+{% endfor %}
+{% if add_generation_prompt %}<|im_start|>assistant
+{% endif %}"""
+
+QWEN3_JINJA = """
+{%- if messages and messages[0].role == 'system' -%}
+<|im_start|>system
+{{ messages[0].content }}<|im_end|>
+{% endif -%}
+{%- set st = namespace(last_query=messages|length - 1, found=false) -%}
+{%- for i in range(messages|length - 1, -1, -1) -%}
+  {%- set c = messages[i].content -%}
+  {%- if not st.found and messages[i].role == 'user'
+        and not (c.startswith('<tool_response>') and c.endswith('</tool_response>')) -%}
+    {%- set st.last_query = i -%}{%- set st.found = true -%}
+  {%- endif -%}
+{%- endfor -%}
+{%- for m in messages -%}
+  {%- if m.role == 'user' or (m.role == 'system' and not loop.first) -%}
+<|im_start|>{{ m.role }}
+{{ m.content }}<|im_end|>
+{% elif m.role == 'assistant' -%}
+    {%- set answer = m.content -%}{%- set thought = '' -%}
+    {%- if m.reasoning_content is string -%}{%- set thought = m.reasoning_content -%}
+    {%- elif '</think>' in answer -%}
+      {%- set thought = answer.split('</think>')[0].rstrip('\\n').split('<think>')[-1].lstrip('\\n') -%}
+      {%- set answer = answer.split('</think>')[-1].lstrip('\\n') -%}
+    {%- endif -%}
+    {%- if loop.index0 > st.last_query and (loop.last or thought) -%}
+{{ '<|im_start|>assistant\\n<think>\\n' + thought.strip('\\n') + '\\n</think>\\n\\n' + answer.lstrip('\\n') }}
+    {%- else -%}
+{{ '<|im_start|>assistant\\n' + answer }}
+    {%- endif -%}
+{{ '<|im_end|>\\n' }}
+  {%- elif m.role == 'tool' -%}
+    {%- if loop.first or messages[loop.index0 - 1].role != 'tool' %}<|im_start|>user{% endif -%}
+{{ '\\n<tool_response>\\n' + m.content + '\\n</tool_response>' }}
+    {%- if loop.last or messages[loop.index0 + 1].role != 'tool' %}{{ '<|im_end|>\\n' }}{% endif -%}
+  {%- endif -%}
+{%- endfor -%}
+{%- if add_generation_prompt -%}
+<|im_start|>assistant
+{% if enable_thinking is defined and enable_thinking is false %}<think>
+
+</think>
+
+{% endif -%}
+{%- endif -%}"""
+
+DEEPSEEK_V3_JINJA = """{%- set st = namespace(system='', first=true, tools=false) -%}
+{%- for m in messages if m.role == 'system' -%}
+  {%- set st.system = st.system + ('' if st.first else '\\n\\n') + m.content -%}{%- set st.first = false -%}
+{%- endfor -%}
+<｜begin▁of▁sentence｜>{{ st.system }}
+{%- for m in messages -%}
+  {%- if m.role == 'user' -%}
+    {%- if st.tools %}<｜tool▁outputs▁end｜>{% set st.tools = false %}{% endif -%}
+    <｜User｜>{{ m.content }}
+  {%- elif m.role == 'assistant' -%}
+    {%- if st.tools %}<｜tool▁outputs▁end｜>{% set st.tools = false %}{% else %}<｜Assistant｜>{% endif -%}
+    {{ m.content }}<｜end▁of▁sentence｜>
+  {%- elif m.role == 'tool' -%}
+    {%- if not st.tools %}<｜tool▁outputs▁begin｜>{% endif -%}
+    <｜tool▁output▁begin｜>{{ m.content }}<｜tool▁output▁end｜>{%- set st.tools = true -%}
+  {%- endif -%}
+{%- endfor -%}
+{%- if st.tools %}<｜tool▁outputs▁end｜>{% elif add_generation_prompt %}<｜Assistant｜>{% endif -%}"""
+JINJA = {"chatml": CHATML_JINJA, "qwen3": QWEN3_JINJA, "deepseek_v3": DEEPSEEK_V3_JINJA}
+
+
 # ---- HF chat templates (jinja2) ------------------------------------------------------------------
 def _jinja_env():
     """A jinja2 environment configured as transformers configures the one it renders
@@ -223,7 +299,7 @@ def load_hf_template(path: str | Path) -> tuple[str, dict]:
         raise ChatTemplateError(f"chat template {path}: no chat_template.jinja or tokenizer_config.json there")
     source = config.get("chat_template")
     if isinstance(source, list):  # named templates: [{"name": ..., "template": ...}]
-        named = {t.get("name"): t.get("template") for t in source if isinstance(t, dict)}
+        named = {str(t.get("name")): t.get("template") for t in source if isinstance(t, dict)}
         source = named.get("default")
         if source is None:
             raise ChatTemplateError(f"{config_file}: chat_template lists {sorted(named)} but no 'default'")
@@ -237,9 +313,10 @@ def load_hf_template(path: str | Path) -> tuple[str, dict]:
 class ChatTemplate:
     """How conversations are rendered: `render(messages, add_generation_prompt) -> str`.
 
-    end_of_turn: the text that closes an assistant reply (generation stops at it).
-    control: strings of the format that must each be one token of the tokenizer used.
-    spec: what `resolve_template` was given, or the HF template itself (`to_json`)."""
+    name: a built-in's name (`resolve_template`), or where an HF template came from.
+    end_of_turn: the text that closes an assistant reply (generation stops at it; an HF
+    template's is its eos_token, as HF chat models configure it).
+    control: strings of the format that must each be one token of the tokenizer used."""
 
     name: str
     renderer: Callable[..., str] = field(repr=False)
@@ -251,6 +328,10 @@ class ChatTemplate:
 
     def render(self, messages: list[dict], add_generation_prompt: bool = False) -> str:
         return self.renderer(messages, add_generation_prompt, **self.options)
+
+    def jinja(self) -> str:
+        """The template as HF jinja source (options such as enable_thinking stay call-time variables)."""
+        return self.source if self.source is not None else JINJA[self.name]
 
     def to_json(self) -> dict:
         """A description `from_json` turns back into this template (stored beside a run)."""

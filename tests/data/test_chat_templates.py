@@ -8,7 +8,7 @@ import pytest
 from tokenizers import AddedToken
 
 from deepwish.data.build import build_shards, read_documents
-from deepwish.data.chat import (DS_ASSISTANT, DS_BOS, DS_EOS, DS_TOOL_OUTPUT_BEGIN, DS_TOOL_OUTPUT_END,
+from deepwish.data.chat import (CHATML_JINJA, DEEPSEEK_V3_JINJA, DS_ASSISTANT, QWEN3_JINJA, DS_BOS, DS_EOS, DS_TOOL_OUTPUT_BEGIN, DS_TOOL_OUTPUT_END,
                                 DS_TOOL_OUTPUTS_BEGIN, DS_TOOL_OUTPUTS_END, DS_USER, ChatTemplateError,
                                 encode_conversation, hf_template, load_hf_template, render_chatml,
                                 render_deepseek_v3, render_qwen3, resolve_template)
@@ -113,58 +113,8 @@ def test_deepseek_v3_hand_checked(tok):
     assert render_deepseek_v3([SYS, U1, SYS]).startswith(f"{DS_BOS}Be brief.\n\nBe brief.{DS_USER}")
 
 
-# ---- HF jinja templates: written for these tests to express the same three formats ----------------
-CHATML_JINJA = """{% for m in messages %}<|im_start|>{{ m.role }}
-{{ m.content }}<|im_end|>
-{% endfor %}
-{% if add_generation_prompt %}<|im_start|>assistant
-{% endif %}"""
-
-QWEN3_JINJA = """
-{%- if messages and messages[0].role == 'system' -%}
-<|im_start|>system
-{{ messages[0].content }}<|im_end|>
-{% endif -%}
-{%- set st = namespace(last_query=messages|length - 1, found=false) -%}
-{%- for i in range(messages|length - 1, -1, -1) -%}
-  {%- set c = messages[i].content -%}
-  {%- if not st.found and messages[i].role == 'user'
-        and not (c.startswith('<tool_response>') and c.endswith('</tool_response>')) -%}
-    {%- set st.last_query = i -%}{%- set st.found = true -%}
-  {%- endif -%}
-{%- endfor -%}
-{%- for m in messages -%}
-  {%- if m.role == 'user' or (m.role == 'system' and not loop.first) -%}
-<|im_start|>{{ m.role }}
-{{ m.content }}<|im_end|>
-{% elif m.role == 'assistant' -%}
-    {%- set answer = m.content -%}{%- set thought = '' -%}
-    {%- if m.reasoning_content is string -%}{%- set thought = m.reasoning_content -%}
-    {%- elif '</think>' in answer -%}
-      {%- set thought = answer.split('</think>')[0].rstrip('\\n').split('<think>')[-1].lstrip('\\n') -%}
-      {%- set answer = answer.split('</think>')[-1].lstrip('\\n') -%}
-    {%- endif -%}
-    {%- if loop.index0 > st.last_query and (loop.last or thought) -%}
-{{ '<|im_start|>assistant\\n<think>\\n' + thought.strip('\\n') + '\\n</think>\\n\\n' + answer.lstrip('\\n') }}
-    {%- else -%}
-{{ '<|im_start|>assistant\\n' + answer }}
-    {%- endif -%}
-{{ '<|im_end|>\\n' }}
-  {%- elif m.role == 'tool' -%}
-    {%- if loop.first or messages[loop.index0 - 1].role != 'tool' %}<|im_start|>user{% endif -%}
-{{ '\\n<tool_response>\\n' + m.content + '\\n</tool_response>' }}
-    {%- if loop.last or messages[loop.index0 + 1].role != 'tool' %}{{ '<|im_end|>\\n' }}{% endif -%}
-  {%- endif -%}
-{%- endfor -%}
-{%- if add_generation_prompt -%}
-<|im_start|>assistant
-{% if enable_thinking is defined and enable_thinking is false %}<think>
-
-</think>
-
-{% endif -%}
-{%- endif -%}"""
-
+# ---- HF jinja: the packaged sources of the three formats (chat.JINJA), and DeepSeek's once more with
+# bos_token/eos_token variables and a {% generation %} block, as HF templates are often written ------
 DEEPSEEK_JINJA = """{%- set st = namespace(system='', first=true, tools=false) -%}
 {%- for m in messages if m.role == 'system' -%}
   {%- set st.system = st.system + ('' if st.first else '\\n\\n') + m.content -%}{%- set st.first = false -%}
@@ -192,10 +142,11 @@ CONVERSATIONS = [
     [SYS, U1, A1, SYS, {"role": "user", "content": "Ünïcode, \"quotes\" {}"}],
 ]
 FORMATS = [("chatml", CHATML_JINJA, {}), ("qwen3", QWEN3_JINJA, {}),
-           ("deepseek_v3", DEEPSEEK_JINJA, {"bos_token": DS_BOS, "eos_token": DS_EOS})]
+           ("deepseek_v3", DEEPSEEK_JINJA, {"bos_token": DS_BOS, "eos_token": DS_EOS}),
+           ("deepseek_v3", DEEPSEEK_V3_JINJA, {})]
 
 
-@pytest.mark.parametrize("name,source,tokens", FORMATS, ids=[f[0] for f in FORMATS])
+@pytest.mark.parametrize("name,source,tokens", FORMATS, ids=["chatml", "qwen3", "deepseek_v3", "deepseek_v3_literal"])
 def test_builtin_renderers_equal_hf_apply_chat_template(tok, name, source, tokens):
     from transformers import PreTrainedTokenizerFast
 
