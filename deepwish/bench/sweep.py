@@ -22,6 +22,7 @@ geometric mean), and prints the table.
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import math
 import os
@@ -65,11 +66,12 @@ def _fla():
     except Exception as e:  # noqa: BLE001 - any import failure means "fla not available here"
         return None, f"{type(e).__name__}: {e}"
     ops = {"chunk": chunk_gated_delta_rule, "recurrent": fused_recurrent_gated_delta_rule}
-    try:
-        from fla.modules.convolution import causal_conv1d as fla_conv
-        ops["conv"] = fla_conv
-    except Exception:  # noqa: BLE001 - older fla: no conv anchor
-        pass
+    for where in ("fla.modules.causal_conv1d", "fla.modules.convolution"):  # 0.6, older releases
+        try:
+            ops["conv"] = importlib.import_module(where).causal_conv1d
+            break
+        except Exception:  # noqa: BLE001 - no conv anchor in this fla
+            continue
     return ops, None
 
 
