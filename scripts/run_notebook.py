@@ -94,7 +94,8 @@ def run(path: Path, out: Path) -> int:
         cell["execution_count"] = count
         print(f"[run_notebook] cell {i}: {time.time() - t:.1f} s{' FAILED' if error else ''}", file=sys.__stderr__,
               flush=True)
-        out.write_text(json.dumps(nb, indent=1, ensure_ascii=False) + "\n")  # after every cell: a stopped run keeps its outputs
+        # saved after every cell: a run stopped from outside keeps what it had
+        out.write_text(json.dumps(nb, indent=1, ensure_ascii=False) + "\n")
         if error:
             status = 1
             break

@@ -239,10 +239,11 @@ def speedups(results: dict) -> dict:
             slow = results["ms"].get(f"{kernel} {base}")
             if not slow:
                 continue
-            per = [s / f if isinstance(s, float) and isinstance(f, float) and f > 0 else None for s, f in zip(slow, fast)]
+            per = [s / f if isinstance(s, float) and isinstance(f, float) and f > 0 else None
+                   for s, f in zip(slow, fast)]
             vals = [x for x in per if x]
-            out[f"{kernel} triton/{base}"] = {"per_scale": per,
-                                              "geomean": math.exp(sum(map(math.log, vals)) / len(vals)) if vals else None}
+            geomean = math.exp(sum(map(math.log, vals)) / len(vals)) if vals else None
+            out[f"{kernel} triton/{base}"] = {"per_scale": per, "geomean": geomean}
     return out
 
 

@@ -336,7 +336,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="at most this many tokens in the shards (whole documents)")
     parser.add_argument("--out", required=True, help="output directory (train.bin, val.bin, meta.json)")
     parser.add_argument("--tokenizer", default=None,
-                        help="'default' (Shakespeare BPE), 'qwen', or a path (default: $TOKENIZER_PATH, else 'default')")
+                        help="'default' (Shakespeare BPE), 'qwen', or a path "
+                             "(default: $TOKENIZER_PATH, else 'default')")
     parser.add_argument(
         "--val-fraction", type=float, default=None, help="fraction of documents held out (default 0.01)"
     )

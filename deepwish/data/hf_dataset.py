@@ -49,7 +49,8 @@ def data_files(path: str | Path, split: str | None = None) -> list[Path]:
         raise FileNotFoundError(f"dataset {path} does not exist")
     if path.is_file():
         if path.suffix not in SUFFIXES:
-            raise DatasetInputError(f"{path}: unsupported dataset file type {path.suffix!r}; expected one of {SUFFIXES}")
+            raise DatasetInputError(f"{path}: unsupported dataset file type {path.suffix!r}; "
+                                    f"expected one of {SUFFIXES}")
         return [path]
     if (path / "dataset_dict.json").is_file():
         splits = json.loads((path / "dataset_dict.json").read_text()).get("splits", [])
