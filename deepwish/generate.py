@@ -227,6 +227,9 @@ def beam_search(model, prompt: Sequence[int], max_new_tokens: int, num_beams: in
     done_score = torch.full((N,), NEG, device=device)
     done_flag = torch.zeros(N, dtype=torch.bool, device=device)
     improvable = True
+    if K > N * model.cfg.vocab_size:
+        raise ValueError(f"beam search keeps {K} candidates per step but {N} beams x vocabulary "
+                         f"{model.cfg.vocab_size} offer only {N * model.cfg.vocab_size}")
     logits = prefill(model, torch.tensor(prompt, device=device).expand(N, L0), cache)
     for t in range(max_new_tokens):  # t: new tokens before this step
         logp = (logits.float().log_softmax(-1) + running_score[:, None]).reshape(-1)
