@@ -21,11 +21,16 @@ Top to bottom:
    ignore index);
 5. the template is saved as OUT/chat_template.json, so `deepwish chat --ckpt OUT` speaks it;
    one chat reply is sampled at the end.
+
+Under torchrun (`--set train.parallel=ddp|fsdp`) rank 0 alone builds the shards; the other ranks
+wait for them, then every rank trains its slice of the global batch.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import time
 from pathlib import Path
 
 from deepwish.config import ConfigError, RunConfig, from_dict, load_config, to_dict
@@ -132,6 +137,31 @@ def first_user_turn(paths: list[str]) -> list[dict]:
     raise ConfigError(f"no user message in {paths} to sample a reply to; give --sample")
 
 
+def built_once(data_dir: Path, build):
+    """`build()` in this process; under torchrun on rank 0 alone, the other ranks waiting for the
+    marker it leaves (named by the launch's run id, so an earlier launch's data never counts)."""
+    from deepwish.data.build import BuildResult
+
+    if int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        return build()
+    marker = data_dir / f".built-{os.environ.get('TORCHELASTIC_RUN_ID', 'launch')}"
+    if int(os.environ.get("RANK", "0")) == 0:
+        result = build()
+        marker.write_text("")
+        return result
+    deadline = time.monotonic() + BUILD_WAIT_S
+    while not marker.exists():  # torchrun ends this rank should rank 0 fail
+        if time.monotonic() > deadline:
+            raise ConfigError(f"rank {os.environ.get('RANK')}: no shards from rank 0 in {data_dir} after "
+                              f"{BUILD_WAIT_S} s")
+        time.sleep(0.2)
+    meta = json.loads((data_dir / "meta.json").read_text())
+    return BuildResult(data_dir / "train.bin", data_dir / "val.bin" if meta["val"] else None, meta)
+
+
+BUILD_WAIT_S = 3600  # the other ranks' wait for rank 0's shards
+
+
 def run(args: argparse.Namespace) -> int:
     from deepwish.chat import CHAT_TEMPLATE_FILE, reply
     from deepwish.data.build import InputError, build_shards, print_summary
@@ -149,22 +179,36 @@ def run(args: argparse.Namespace) -> int:
     tokenizer = source_tokenizer(args)
     template = choose_template(args)
     val_fraction = args.val_fraction if args.val_fraction is not None else (0.0 if args.val_data else 0.15)
-    try:
-        result = build_shards(args.data, run_dir / "data", tokenizer, val_fraction, args.val_data, args.seed,
-                              tokenizer_spec=args.tokenizer or "source", chat_template=template, chat_loss="assistant")
-    except (ValueError, ShardError) as e:
-        raise InputError(str(e)) from None
+
+    def build():
+        try:
+            return build_shards(args.data, run_dir / "data", tokenizer, val_fraction, args.val_data, args.seed,
+                                tokenizer_spec=args.tokenizer or "source", chat_template=template,
+                                chat_loss="assistant")
+        except (ValueError, ShardError) as e:
+            raise InputError(str(e)) from None
+    result = built_once(run_dir / "data", build)
+    main_rank = int(os.environ.get("RANK", "0")) == 0
     if result.meta["chat_template"] is None:
         raise InputError(f"{args.data}: no conversation (records with 'messages', or a chat CSV); sft trains on chats")
     if result.val_bin is None:
         raise InputError("sft needs validation conversations: give --val-fraction > 0 or --val-data")
-    print_summary(result, tokenizer)
-    (run_dir / CHAT_TEMPLATE_FILE).write_text(json.dumps(template.to_json(), indent=1) + "\n")
-    print(f"[deepwish] chat template {template.name} -> {run_dir / CHAT_TEMPLATE_FILE}", flush=True)
+    if main_rank:
+        print_summary(result, tokenizer)
+        (run_dir / CHAT_TEMPLATE_FILE).write_text(json.dumps(template.to_json(), indent=1) + "\n")
+        print(f"[deepwish] chat template {template.name} -> {run_dir / CHAT_TEMPLATE_FILE}", flush=True)
     data = {"data": {"train_bin": str(result.train_bin), "val_bin": str(result.val_bin),
                      "tokenizer": str(run_dir / "data" / "tokenizer")}}
     cfg = load_config(None, base=from_dict({**to_dict(cfg), **data}, "sft"))
-    summary = train(cfg, init_from=args.init_from, init_ema=args.init_ema)
+    from deepwish.train import parallel
+    try:
+        summary = train(cfg, init_from=args.init_from, init_ema=args.init_ema)
+    except BaseException:
+        parallel.shutdown()
+        raise
+    parallel.shutdown(wait_for_peers=True)  # under torchrun; a no-op in one process
+    if not main_rank:
+        return 0
     if args.sample_tokens > 0 and summary.get("checkpoint"):
         messages = [{"role": "user", "content": args.sample}] if args.sample else first_user_turn(args.data)
         model = load_model(summary["checkpoint"])

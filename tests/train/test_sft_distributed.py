@@ -26,3 +26,14 @@ def test_masked_shards_on_two_ddp_ranks_match_one_process(tmp_path):
     assert logged(run, key="n_targets") == logged(ref, key="n_targets")
     assert_same_losses(logged(run), logged(ref), range(1, 7))
     assert_same_losses(logged(run, key="grad_norm"), logged(ref, key="grad_norm"), range(1, 7))
+
+
+def test_sft_under_torchrun_builds_once_and_trains_on_two_ranks(tmp_path):
+    out = tmp_path / "sft"
+    text = torchrun(2, ["-m", "deepwish", "sft", "--preset", "qwen3_tiny", "--data", "examples/chat.jsonl",
+                        "--out", str(out), "--sample-tokens", "2", "--set", "model.n_layers=1",
+                        "--set", "train.parallel=ddp", "--set", "train.batch_size=1", "--set", "train.steps=2",
+                        "--set", "train.seq_len=48", "--set", "train.eval_batches=1", "--set", "train.log_every=1"])
+    assert text.count("wrote ") == 1 and "[deepwish] sample:" in text and "[deepwish] done:" in text
+    assert (out / "chat_template.json").is_file() and len(list((out / "data").glob(".built-*"))) == 1
+    assert len(logged(out)) == 2
