@@ -129,9 +129,11 @@ class ModelConfig:
     fused_qkv: bool = False  # q, k, v as one [3, H·D, d] stack `qkv_weight` (one matmul; Muon per slice); needs n_kv_heads = n_heads
     attn_softcap: float = 0.0  # attention scores c·tanh(s/c); 0 = off
     logit_softcap: float = 0.0  # LM-head logits c·tanh(z/c); 0 = off
-    window_pattern: str = ""  # per-layer S(hort)/L(ong) windows, tiled over the layers ("SSSL"); "" = off
+    window_pattern: str = ""  # per-layer S(hort)/L(ong) windows or B(lock-sparse), tiled over the layers ("SSSL"); "" = off
     window_short: int = 0  # S window in WINDOW_BLOCK-token blocks
     window_long: int = 0  # L window in blocks; 0 = full causal attention
+    sparse_local: int = 0  # B layers: local dense blocks (the diagonal included); model/block_sparse.py
+    sparse_stride: int = 0  # B layers: long links to every stride-th earlier block (0 = none, 1 = full causal)
     residual_scales: bool = False  # learned x <- λ_res·x + λ_0·x0 at every block entry (x0: embedding output)
     unet_skips: bool = False  # first-half block outputs added, gated, to the inputs of the mirrored second half
     value_embeds: int = 0  # K value-embedding tables, added (gated) to the values of the first K and last K layers
@@ -166,9 +168,13 @@ class ModelConfig:
              f"layer_mixers has {len(self.layer_mixers)} entries for n_layers={self.n_layers}"),
             (set(self.layer_mixers) <= set(MIXERS), f"layer_mixers={self.layer_mixers} has entries not in {MIXERS}"),
             (self.position in POSITIONS, f"position={self.position!r} is not one of {POSITIONS}"),
-            (set(self.window_pattern) <= {"S", "L"}, f"window_pattern={self.window_pattern!r} may hold only S and L"),
-            (not self.window_pattern or self.window_short > 0,
+            (set(self.window_pattern) <= {"S", "L", "B"},
+             f"window_pattern={self.window_pattern!r} may hold only S, L and B"),
+            ("S" not in self.window_pattern or self.window_short > 0,
              f"window_pattern={self.window_pattern!r} needs window_short > 0 (blocks of {WINDOW_BLOCK} tokens)"),
+            ("B" not in self.window_pattern or self.sparse_local > 0,
+             f"window_pattern={self.window_pattern!r} needs sparse_local > 0 for its block-sparse (B) layers"),
+            (self.sparse_stride >= 0, "sparse_stride must be >= 0"),
             (self.window_short >= 0 and self.window_long >= 0, "window_short and window_long must be >= 0"),
             (self.attn_softcap >= 0 and self.logit_softcap >= 0, "attn_softcap and logit_softcap must be >= 0"),
             (0 <= 2 * self.value_embeds <= self.n_layers,
@@ -229,10 +235,14 @@ class ModelConfig:
         for i, (mixer, _) in enumerate(self.layer_types):
             if self.window_pattern:
                 kind = self.window_pattern[i % len(self.window_pattern)]
-                out.append(WINDOW_BLOCK * (self.window_short if kind == "S" else self.window_long))
+                out.append({"S": WINDOW_BLOCK * self.window_short, "L": WINDOW_BLOCK * self.window_long, "B": 0}[kind])
             else:
                 out.append(self.sliding_window if mixer == "swa" else 0)
         return tuple(out)
+
+    def block_sparse_layer(self, i: int) -> bool:
+        """Layer i attends through the block-sparse mask (a B of window_pattern)."""
+        return bool(self.window_pattern) and self.window_pattern[i % len(self.window_pattern)] == "B"
 
     @property
     def value_embed_layers(self) -> dict[int, int]:

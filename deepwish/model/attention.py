@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from deepwish.config import WINDOW_BLOCK, ModelConfig
+from deepwish.config import WINDOW_BLOCK, ConfigError, ModelConfig
 from deepwish.kernels.backend import resolve_backend
 from deepwish.model.cache import KVCache
 from deepwish.model.norm import RMSNorm
@@ -156,6 +156,31 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx, win
     return o.transpose(1, 2)
 
 
+def sparse_backend(requested: str, backends: AttnBackends) -> str:
+    """The backend of block-sparse layers: the own kernel has no block links, so 'auto' takes
+    FlexAttention where the packed path would take the own kernel (SDPA with the dense block mask
+    on the CPU); 'triton' asked for by name is an error naming the alternatives."""
+    if backends.packed != "triton":
+        return backends.packed
+    if requested == "triton":
+        raise ConfigError("model.attn_backend=triton: block-sparse (B) layers of window_pattern need flex, sdpa or "
+                          "torch (the own kernel has no block links); auto takes flex on CUDA")
+    return "flex" if torch.cuda.is_available() else "sdpa"
+
+
+def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx, local: int, stride: int, scale: float,
+                     backend: str, softcap: float = 0.0) -> torch.Tensor:
+    """Block-sparse causal attention without a cache (model/block_sparse.py): shapes as causal_attention."""
+    if backend == "flex":
+        from deepwish.kernels.attention.flex import flex_attention
+        q, k, v = kernel_inputs(q, k, v)
+        return flex_attention(q, k, v, doc_ids=ctx.doc_ids, softcap=softcap, scale=scale,
+                              mask=ctx.flex_sparse_mask(local, stride))
+    o = sdpa(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), ctx.sparse_mask(local, stride), scale, False,
+             backend, softcap)
+    return o.transpose(1, 2)
+
+
 def attention_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, window: int = 0,
                    q_doc: torch.Tensor | None = None, k_doc: torch.Tensor | None = None) -> torch.Tensor:
     """Boolean mask [B, 1, Tq, Tk]: key visible iff k_pos <= q_pos (within the window, same doc)."""
@@ -224,9 +249,13 @@ class Attention(nn.Module):
         self.layer_idx = layer_idx
         self.window = window or cfg.layer_windows[layer_idx]  # final window; the schedule grows towards it
         self.softcap = cfg.attn_softcap
+        # block-sparse layer (model/block_sparse.py): (local blocks, long-link stride)
+        self.sparse = (cfg.sparse_local, cfg.sparse_stride) if cfg.block_sparse_layer(layer_idx) else None
         first = next((i for i, (m, _) in enumerate(cfg.layer_types) if m in ATTENDING_MIXERS), layer_idx)
         self.backends = resolve_attn_backend(cfg.attn_backend, cfg.head_dim, announce=layer_idx == first)
         self.backend = "torch" if self.backends.decode == "torch" else "sdpa"  # the masked path over a cache
+        if self.sparse is not None:
+            self.sparse_backend = sparse_backend(cfg.attn_backend, self.backends)
         d = cfg.d_model
         q_out, kv_out = self.n_heads * self.head_dim * (2 if gated else 1), self.n_kv_heads * self.head_dim
         self.qkv_sizes = (q_out, kv_out, kv_out)
@@ -270,7 +299,11 @@ class Attention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         if ctx.cos is not None:  # None: learned absolute positions, no rotary
             q, k = apply_rotary(q, ctx.cos, ctx.sin), apply_rotary(k, ctx.cos, ctx.sin)
-        if cache is None:
+        if cache is None and self.sparse is not None:
+            local, stride = self.sparse
+            local = min(local, ctx.window_blocks) if ctx.window_blocks > 0 else local  # the window schedule
+            o = sparse_attention(q, k, v, ctx, local, stride, self.scale, self.sparse_backend, self.softcap)
+        elif cache is None:
             window = scheduled_window(self.window, ctx.window_blocks)
             o = causal_attention(q, k, v, ctx, window, self.scale, self.backends, self.softcap)
         else:
@@ -284,6 +317,11 @@ class Attention(nn.Module):
         T = q.shape[1]
         k, v, k_pos = cache.keys_for(ctx.positions, k.transpose(1, 2), v.transpose(1, 2))
         rows = T * (1 << (self.n_heads // self.n_kv_heads - 1).bit_length())
+        if self.sparse is not None:  # the decode kernel has no block links: the masked path
+            from deepwish.model.block_sparse import block_sparse_mask
+            mask = block_sparse_mask(ctx.positions, k_pos, *self.sparse)
+            return sdpa_folded_groups(q.transpose(1, 2), k, v, mask, self.scale, self.backend,
+                                      self.softcap).transpose(1, 2)
         if self.backends.decode == "triton" and rows <= DECODE_KERNEL_MAX_ROWS and (q.is_cuda or _interpreting()):
             from deepwish.kernels.attention.decode import decode_attention
             slot_is_position = isinstance(cache, KVCache)  # lets the kernel stop at the last position

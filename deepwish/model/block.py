@@ -53,6 +53,24 @@ class ForwardContext:
     value_embeds: dict = field(default_factory=dict)
     _masks: dict = field(default_factory=dict)
 
+    def sparse_mask(self, local: int, stride: int) -> torch.Tensor:
+        """Block-sparse (and same-document) boolean mask [B, 1, T, T] (model/block_sparse.py), built once."""
+        key = ("sparse", local, stride)
+        if key not in self._masks:
+            from deepwish.model.block_sparse import block_sparse_mask
+            self._masks[key] = block_sparse_mask(self.positions, self.positions, local, stride, self.doc_ids,
+                                                 self.doc_ids)
+        return self._masks[key]
+
+    @torch.compiler.disable
+    def flex_sparse_mask(self, local: int, stride: int):
+        """The same as a FlexAttention BlockMask, built eagerly once per forward."""
+        key = ("flex-sparse", local, stride)
+        if key not in self._masks:
+            from deepwish.model.block_sparse import flex_block_sparse_mask
+            self._masks[key] = flex_block_sparse_mask(self.positions, self.doc_ids, local, stride)
+        return self._masks[key]
+
     def mask(self, window: int = 0) -> torch.Tensor:
         """Causal, same-document (and windowed) boolean mask [B, 1, T, T], built once per window."""
         if window not in self._masks:

@@ -175,7 +175,11 @@ class Transformer(nn.Module):
             n -= sum(p.numel() for p in lookup.parameters()) if lookup is not None else 0
         mixer = 0.0
         for b in self.blocks:
-            if b.mixer_kind in ("gqa", "gated_gqa"):
+            if b.mixer_kind in ("gqa", "gated_gqa") and b.mixer.sparse is not None:
+                from deepwish.model.block_sparse import mean_visible_keys
+                mixer += attention_flops_per_token(c.n_heads, c.head_dim, c.head_dim,
+                                                   mean_visible_keys(seq_len, *b.mixer.sparse))
+            elif b.mixer_kind in ("gqa", "gated_gqa"):
                 mixer += attention_flops_per_token(c.n_heads, c.head_dim, c.head_dim, mean_keys(seq_len, b.mixer.window))
             elif b.mixer_kind == "swa":
                 mixer += attention_flops_per_token(c.n_heads, c.head_dim, c.head_dim, mean_keys(seq_len, c.sliding_window))

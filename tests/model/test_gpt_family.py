@@ -293,7 +293,7 @@ def test_gpt_options_reject_other_mixers_and_bad_values():
         replace(BASE, fused_qkv=True)
     with pytest.raises(ConfigError, match="window_short"):
         replace(BASE, window_pattern="SL")
-    with pytest.raises(ConfigError, match="only S and L"):
+    with pytest.raises(ConfigError, match="only S, L and B"):
         replace(BASE, window_pattern="SX", window_short=1)
     with pytest.raises(ConfigError, match="2K <= n_layers"):
         replace(BASE, value_embeds=3)
