@@ -126,10 +126,10 @@ class ModelConfig:
     # --- multi-token prediction -----------------------------------------------------
     n_mtp: int = 0  # num_nextn_predict_layers
     # --- GPT family (modded-nanogpt style); every switch is off at its default ----------
-    fused_qkv: bool = False  # q, k, v as one [3, H·D, d] stack `qkv_weight` (one matmul; Muon per slice); needs n_kv_heads = n_heads
+    fused_qkv: bool = False  # q, k, v as one [3, H·D, d] stack `qkv_weight` (one matmul, Muon per slice); H = Hkv
     attn_softcap: float = 0.0  # attention scores c·tanh(s/c); 0 = off
     logit_softcap: float = 0.0  # LM-head logits c·tanh(z/c); 0 = off
-    window_pattern: str = ""  # per-layer S(hort)/L(ong) windows or B(lock-sparse), tiled over the layers ("SSSL"); "" = off
+    window_pattern: str = ""  # per-layer S(hort)/L(ong) windows or B(lock-sparse), tiled ("SSSL"); "" = off
     window_short: int = 0  # S window in WINDOW_BLOCK-token blocks
     window_long: int = 0  # L window in blocks; 0 = full causal attention
     sparse_local: int = 0  # B layers: local dense blocks (the diagonal included); model/block_sparse.py
@@ -224,7 +224,8 @@ class ModelConfig:
         return tuple(name for name, on in (
             ("fused_qkv", self.fused_qkv), ("attn_softcap", self.attn_softcap), ("logit_softcap", self.logit_softcap),
             ("window_pattern", self.window_pattern), ("residual_scales", self.residual_scales),
-            ("unet_skips", self.unet_skips), ("value_embeds", self.value_embeds), ("gated_ffn=false", not self.gated_ffn),
+            ("unet_skips", self.unet_skips), ("value_embeds", self.value_embeds),
+            ("gated_ffn=false", not self.gated_ffn),
             ("position=learned", self.position == "learned"), ("embed_norm", self.embed_norm)) if on)
 
     @property
@@ -289,9 +290,10 @@ class TrainConfig:
     warmup_steps: int = 20
     decay_frac: float = 0.2  # wsd: fraction of steps in the final decay
     # Scheduled shapes (train/schedule.py), each a pure function of the step (resumes exactly):
-    window_warmup_frac: float = 0.0  # windows capped at a cap growing from window_start_blocks to seq_len over this fraction of steps
+    window_warmup_frac: float = 0.0  # windows capped, the cap growing from window_start_blocks to seq_len over this
+    # fraction of the steps
     window_start_blocks: int = 1  # blocks of 128 tokens
-    seq_len_schedule: tuple[int, ...] = ()  # sequence lengths of equal stages over `steps` (each divides seq_len); () = seq_len
+    seq_len_schedule: tuple[int, ...] = ()  # lengths of equal stages over `steps` (each divides seq_len); () = seq_len
     batch_schedule: tuple[int, ...] = ()  # micro-batches per step of equal stages over `steps`; () = grad_accum
     min_lr_frac: float = 0.1  # floor of the schedule as a fraction of peak
     ema_decay: float = 0.0  # 0 = no EMA of weights

@@ -2,8 +2,8 @@ import pytest
 
 from deepwish.config import ConfigError, ModelConfig, load_config, preset_path
 
-PRESETS = ["qwen3_tiny", "qwen3_0.6b", "qwen3_8b", "qwen3_moe_tiny", "qwen3_30b_a3b", "gpt_tiny", "gpt_moe_tiny", "gpt_124m",
-           "gpt_350m", "gpt2_baseline_tiny", "gpt2_baseline_124m", "gpt2_baseline_350m"]
+PRESETS = ["qwen3_tiny", "qwen3_0.6b", "qwen3_8b", "qwen3_moe_tiny", "qwen3_30b_a3b", "gpt_tiny", "gpt_moe_tiny",
+           "gpt_124m", "gpt_350m", "gpt2_baseline_tiny", "gpt2_baseline_124m", "gpt2_baseline_350m"]
 
 
 @pytest.mark.parametrize("name", PRESETS)

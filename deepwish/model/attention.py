@@ -6,7 +6,8 @@
 - partial rotary (Qwen3-Next rotates the first quarter of each head);
 - a sliding window (for `swa` layers), or per-layer windows from `window_pattern` (GPT family),
   grown during training by the window schedule (`scheduled_window`, a cap from the Objective);
-- GPT-family options: q, k, v as one [3, H·D, d] stack (one matmul; Muon orthogonalises each slice), a soft-cap on the scores, value embeddings
+- GPT-family options: q, k, v as one [3, H·D, d] stack (one matmul; Muon orthogonalises each
+  slice), a soft-cap on the scores, value embeddings
   (a per-token table row added, gated per KV head, to the values) and no rotary at all when the
   model uses learned absolute positions (ctx.cos is None).
 

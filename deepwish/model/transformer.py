@@ -179,10 +179,8 @@ class Transformer(nn.Module):
                 from deepwish.model.block_sparse import mean_visible_keys
                 mixer += attention_flops_per_token(c.n_heads, c.head_dim, c.head_dim,
                                                    mean_visible_keys(seq_len, *b.mixer.sparse))
-            elif b.mixer_kind in ("gqa", "gated_gqa"):
+            elif b.mixer_kind in ("gqa", "gated_gqa", "swa"):  # the mixer's window: swa's, or the layer pattern's
                 mixer += attention_flops_per_token(c.n_heads, c.head_dim, c.head_dim, mean_keys(seq_len, b.mixer.window))
-            elif b.mixer_kind == "swa":
-                mixer += attention_flops_per_token(c.n_heads, c.head_dim, c.head_dim, mean_keys(seq_len, c.sliding_window))
             elif b.mixer_kind in ("mla", "dsa"):
                 mixer += attention_flops_per_token(c.n_heads, c.qk_nope_head_dim + c.qk_rope_head_dim, c.v_head_dim,
                                                    mean_keys(seq_len))

@@ -1,0 +1,42 @@
+"""GPU checks of the GPT family in the trainer (pytest -m gpu tests/train/test_gpt_gpu.py -s): the
+fused loss with the head's soft-cap, and a compiled run through the window schedule."""
+import json
+
+import pytest
+import torch
+
+from deepwish.config import TrainConfig, load_config, model_config
+from deepwish.model import Transformer
+from deepwish.train import loop
+from deepwish.train.loss import count_targets, lm_loss
+
+
+@pytest.mark.gpu
+def test_fused_loss_applies_the_logit_softcap(cuda, rel_err):
+    model = Transformer(model_config("gpt_tiny", logit_softcap=5.0)).to(cuda)
+    ids = torch.randint(0, 2048, (2, 256), device=cuda)
+    out = {}
+    for backend in ("torch", "triton"):
+        model.zero_grad()
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss, _ = lm_loss(model, (ids, ids, None, None), TrainConfig(), count_targets(ids), backend=backend)
+        loss.backward()
+        out[backend] = (loss.detach().float(), model.lm_head.weight.grad.float().clone())
+    assert rel_err(out["torch"][0], out["triton"][0]) < 1e-2
+    assert rel_err(out["torch"][1], out["triton"][1]) < 5e-2
+
+
+@pytest.mark.gpu
+def test_compiled_gpt_tiny_learns_through_the_window_schedule(cuda, tmp_path):
+    """Compiled blocks (per-layer windows, value-embedding layers) and a window cap that grows
+    during the run: the run learns, and every window value the schedule takes is one graph."""
+    cfg = load_config("gpt_tiny", [f"train.out_dir={tmp_path / 'run'}", "train.steps=60", "train.compile=on",
+                                   "train.device=cuda", "train.window_warmup_frac=0.5", "train.eval_every=30",
+                                   "train.save_every=60", "train.sample_tokens=0", "train.log_every=10"])
+    s = loop.train(cfg, progress_bar=False)
+    recs = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    losses = [r["loss"] for r in recs if r["kind"] == "train"]
+    assert losses[-1] < losses[0] - 1.0, losses
+    assert s["final_val_loss"] < 6.0
+    tok_s = [r["tok_s"] for r in recs if r["kind"] == "train"]
+    print(f"gpt_tiny compiled: tok/s {[round(x) for x in tok_s]}, final val {s['final_val_loss']:.4f}")
