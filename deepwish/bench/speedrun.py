@@ -8,7 +8,10 @@ the baseline takes the model preset's training shape (steps, batch_size, grad_ac
 seed, eval_every, eval_batches), so step s of either run has seen the same tokens. The data is
 the embedded corpus unless `--set data.train_bin=... --set data.val_bin=... --set
 data.tokenizer=...` gives shards (applied to both; the presets' vocab must cover the tokenizer).
-`--set` overrides go to both runs (e.g. a smaller shape for a CPU check).
+`--set` overrides go to both runs (e.g. a smaller shape for a CPU check). The embedded corpus
+is small (about 0.4M training tokens): a preset's full token budget is hundreds of epochs of it,
+so on it give --steps and a batch that keep to a few epochs (the curves then show learning, not
+memorisation), or give shards of a larger corpus.
 
 Reported (DIR/speedrun.json, DIR/speedrun.md, DIR/speedrun.png):
 - the baseline's final validation loss L*, and for the model the first evaluation at or below L*:
