@@ -172,6 +172,75 @@ def run_generate(args) -> int:
     return 0
 
 
+def _add_chat(p: argparse.ArgumentParser) -> None:
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--ckpt", help="deepwish run directory or checkpoint directory")
+    src.add_argument("--hf", help="HF checkpoint directory (config.json + safetensors)")
+    p.add_argument("--tokenizer", default=None, help="default: the run's (or HF directory's) own")
+    p.add_argument("--chat-template", default=None,
+                   help="chatml | qwen3 | deepseek_v3 | an HF template path (default: the run's own, else chatml)")
+    p.add_argument("--system", default=None, help="a system message that opens the conversation")
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--temperature", type=float, default=0.7)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    p.add_argument("--dtype", default="auto", help="auto (bf16 on GPU, fp32 on CPU) | bf16 | fp32")
+    p.add_argument("--ema", action="store_true", help="use the checkpoint's EMA weights")
+
+
+def run_chat(args) -> int:
+    from deepwish.chat import reply, run_dir_template
+    from deepwish.data.chat import ChatTemplateError, require_template_tokens, resolve_template
+
+    if args.max_new_tokens < 1:
+        raise UsageError(f"--max-new-tokens {args.max_new_tokens} must be >= 1")
+    if not args.temperature >= 0 or not 0 < args.top_p <= 1 or args.top_k < 0:
+        raise UsageError("--temperature must be >= 0, --top-p in (0, 1], --top-k >= 0")
+    try:
+        template = resolve_template(args.chat_template) if args.chat_template else run_dir_template(args.ckpt or args.hf)
+    except ChatTemplateError as e:
+        raise UsageError(str(e)) from None
+    template = template or resolve_template("chatml")
+    model, tok = load_model_for_inference(args)
+    try:
+        require_template_tokens(tok, template)
+    except ValueError as e:
+        raise UsageError(f"{e} (--chat-template chooses another)") from None
+    history: list[dict] = [{"role": "system", "content": args.system}] if args.system else []
+    first = len(history)
+    print(f"[deepwish] chat template {template.name}; /exit ends, /reset forgets", file=sys.stderr, flush=True)
+    turn = 0
+    interactive = sys.stdin.isatty()
+    while True:
+        if interactive:
+            print("you: ", end="", file=sys.stderr, flush=True)
+        line = sys.stdin.readline()
+        if not line:  # end of the input
+            break
+        text = line.rstrip("\n")
+        if text.strip() == "/exit":
+            break
+        if text.strip() == "/reset":
+            del history[first:]
+            continue
+        if not text.strip():
+            continue
+        history.append({"role": "user", "content": text})
+        try:
+            answer = reply(model, tok, template, history, args.max_new_tokens, args.temperature, args.top_k,
+                           args.top_p, None if args.seed is None else args.seed + turn)
+        except (ValueError, ChatTemplateError) as e:  # e.g. a history longer than the model's context
+            history.pop()
+            print(f"error: {e}", file=sys.stderr, flush=True)
+            continue
+        history.append({"role": "assistant", "content": answer})
+        print(f"assistant: {answer}", flush=True)
+        turn += 1
+    return 0
+
+
 def _add_convert(p: argparse.ArgumentParser) -> None:
     p.add_argument("ckpt", help="deepwish run or checkpoint directory")
     p.add_argument("out", help="output HF directory")
@@ -221,7 +290,7 @@ def main(argv: list[str] | None = None) -> int:
     importlib.import_module("deepwish.train.sft").add_arguments(p)
 
     p = sub.add_parser("chat", help="a multi-turn chat with a model in its chat template (stdin lines)")
-    importlib.import_module("deepwish.chat").add_arguments(p)
+    _add_chat(p)
 
     p = sub.add_parser("generate", help="generate text from a deepwish checkpoint or an HF directory")
     _add_generate(p)
@@ -275,7 +344,7 @@ def _dispatch(args) -> int:
     if args.cmd == "sft":
         return importlib.import_module("deepwish.train.sft").run(args)
     if args.cmd == "chat":
-        return importlib.import_module("deepwish.chat").run(args)
+        return run_chat(args)
     if args.cmd == "generate":
         return run_generate(args)
     if args.cmd == "data":

@@ -102,3 +102,11 @@ def test_convert_exports_the_template_for_hf_and_chat(sft_run, tmp_path, capsys,
     monkeypatch.setattr("sys.stdin", io.StringIO("Hi\n"))
     assert main(["chat", "--hf", str(out), "--max-new-tokens", "2", "--temperature", "0"]) == 0
     assert capsys.readouterr().out.count("assistant: ") == 1
+
+
+def test_chat_says_when_the_conversation_outgrows_the_context(sft_run, capsys, monkeypatch):
+    monkeypatch.setattr("sys.stdin", io.StringIO("word " * 1200 + "\n/reset\nHi\n"))
+    assert main(["chat", "--ckpt", str(sft_run), "--max-new-tokens", "2", "--temperature", "0"]) == 0
+    captured = capsys.readouterr()
+    assert "error: the conversation is" in captured.err and "/reset it" in captured.err
+    assert captured.out.count("assistant: ") == 1
