@@ -53,3 +53,16 @@ def test_ablate_cli_two_seeds(tmp_path, capsys):
     assert (out / "ablate.png").stat().st_size > 1000
     assert main(["bench", "ablate", "--out", str(out), "--off", "nonsense"]) == 2
     assert "unknown technique(s) nonsense" in capsys.readouterr().err
+
+
+def test_run_curves_count_tokens_and_training_time_between_records(tmp_path):
+    from deepwish.bench.speedrun import run_curves
+    recs = [{"kind": "train", "step": 2, "n_targets": 100, "tok_s": 100.0, "time": 12.0},
+            {"kind": "val", "step": 2, "val_loss": 5.0, "time": 15.0},  # 3 s of evaluation
+            {"kind": "train", "step": 4, "n_targets": 100, "tok_s": 100.0, "time": 17.0},
+            {"kind": "val", "step": 4, "val_loss": 4.0, "time": 18.0}]
+    (tmp_path / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in recs))
+    c = run_curves(tmp_path)
+    assert c["tokens"] == [200, 400]  # a record every 2 steps
+    assert c["seconds"] == pytest.approx([2.0, 4.0])  # started at 10 s; the evaluation does not count
+    assert c["val_loss"] == [5.0, 4.0]

@@ -44,17 +44,17 @@ def run_curves(run_dir: Path) -> dict:
     if not steps or not vals:
         raise ValueError(f"{run_dir}: metrics.jsonl has no training or validation records")
     first = train[steps[0]]
-    t0 = first["time"] - first["n_targets"] / max(first["tok_s"], 1e-9)  # the first step's start (approx.)
+    # the run's first step started when the first record's steps (at its tok/s) began
+    t0 = first["time"] - first["step"] * first["n_targets"] / max(first["tok_s"], 1e-9)
     seconds, eval_time = {}, 0.0
     for s in steps:
         seconds[s] = train[s]["time"] - t0 - eval_time
         if s in vals:  # evaluation runs after the step's log record: not training time
             eval_time += vals[s]["time"] - train[s]["time"]
-    tokens_per_step = {s: train[s]["n_targets"] for s in steps}
-    tokens, total = {}, 0
-    for s in steps:
-        total += tokens_per_step[s]
-        tokens[s] = total
+    tokens, total, prev = {}, 0, 0
+    for s in steps:  # a record every log_every steps: its step's target count stands for the steps since the last
+        total += train[s]["n_targets"] * (s - prev)
+        tokens[s], prev = total, s
     late = steps[len(steps) // 10:]
 
     def median(key):
