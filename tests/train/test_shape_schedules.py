@@ -47,7 +47,7 @@ def test_bad_schedules_are_named():
     assert "seq_len_schedule" in msg and "batch_schedule" in msg and "window_warmup_frac" in msg
 
 
-TINY = ["model.n_layers=2", "model.d_model=32", "model.n_kv_heads=2", "model.n_heads=2", "model.head_dim=16",
+TINY = ["model.n_layers=2", "model.d_model=32", "model.head_dim=8",
         "model.d_ff=64", "model.window_pattern=SL", "model.window_short=1", "model.window_long=2",
         "model.value_embeds=1", "train.seq_len=256", "train.batch_size=1", "train.eval_batches=1",
         "train.sample_tokens=0", "train.log_every=1", "train.warmup_steps=1", "train.steps=6", "train.save_every=3",
