@@ -273,3 +273,22 @@ def test_qwen3_masks_with_the_real_qwen_tokenizer():
     assert trained[0] == 151667 and 151668 in trained and trained[-1] == 151645
     assert tok.decode(trained) == "<think>\ntwo and two\n</think>\n\nanswer: 4<|im_end|>"
     assert tok.decode(ids[-1:]) == "\n" and mask[-1] == 0  # the newline after <|im_end|> is context
+
+
+def test_data_build_cli_flags(tok, tmp_path, capsys):
+    from deepwish.data.build import InputError, main
+
+    tok.save(tmp_path / "tok")
+    assert main(["--input", "examples/chat.csv", "--out", str(tmp_path / "o"), "--tokenizer", str(tmp_path / "tok"),
+                 "--chat-template", "deepseek_v3", "--val-fraction", "0.1"]) == 0
+    assert "trained)" in capsys.readouterr().out
+    meta = json.loads((tmp_path / "o" / "meta.json").read_text())
+    assert meta["chat_template"]["name"] == "deepseek_v3" and meta["chat_loss"] == "assistant"
+    shard = open_shard(tmp_path / "o" / "train.bin")
+    assert shard.header.has_loss_mask and int(shard.loss_mask.sum()) == meta["train"]["loss_tokens"]
+    assert main(["--input", "examples/chat.csv", "--out", str(tmp_path / "a"), "--tokenizer", str(tmp_path / "tok"),
+                 "--chat-loss", "all"]) == 0
+    assert not open_shard(tmp_path / "a" / "train.bin").header.has_loss_mask
+    with pytest.raises(InputError, match="chat template 'nope'"):
+        main(["--input", "examples/chat.csv", "--out", str(tmp_path / "b"), "--tokenizer", str(tmp_path / "tok"),
+              "--chat-template", "nope"])
