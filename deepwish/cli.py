@@ -1,4 +1,4 @@
-"""`deepwish train | sft | chat | generate | data build | bench | plot | convert`.
+"""`deepwish train | sft | chat | grpo | generate | data build | bench | plot | convert`.
 
 Each subcommand's arguments live beside its implementation (`add_arguments` / `run`); this
 file only dispatches, importing a subcommand's module when it is used.
@@ -275,6 +275,7 @@ BENCHES = {
     "sweep": "deepwish.bench.sweep",
     "speedrun": "deepwish.bench.speedrun",
     "ablate": "deepwish.bench.ablate",
+    "grpo": "deepwish.bench.grpo",
 }
 
 
@@ -291,6 +292,9 @@ def main(argv: list[str] | None = None) -> int:
 
     p = sub.add_parser("chat", help="a multi-turn chat with a model in its chat template (stdin lines)")
     _add_chat(p)
+
+    p = sub.add_parser("grpo", help="GRPO with verifiable rewards from a trained run (or a preset)")
+    importlib.import_module("deepwish.rl.trainer").add_arguments(p)
 
     p = sub.add_parser("generate", help="generate text from a deepwish checkpoint or an HF directory")
     _add_generate(p)
@@ -330,12 +334,13 @@ def _known_errors() -> tuple[type[BaseException], ...]:
     from deepwish.hf.io import CheckpointError
     from deepwish.kernels.backend import BackendError
     from deepwish.model.cache import CacheFullError
+    from deepwish.rl.tasks import TaskError
     from deepwish.train.checkpoint import CheckpointError as RunCheckpointError
     from deepwish.train.nonfinite import NonFiniteError
     from deepwish.train.rundir import RunDirError
     # OSError: a missing file, a read-only or full disk; its text names the file.
     return (ConfigError, ShardError, CheckpointError, BackendError, CacheFullError, RunCheckpointError, RunDirError,
-            OSError, UsageError, InputError, NonFiniteError, ChatTemplateError)
+            OSError, UsageError, InputError, NonFiniteError, ChatTemplateError, TaskError)
 
 
 def _dispatch(args) -> int:
@@ -345,6 +350,8 @@ def _dispatch(args) -> int:
         return importlib.import_module("deepwish.train.sft").run(args)
     if args.cmd == "chat":
         return run_chat(args)
+    if args.cmd == "grpo":
+        return importlib.import_module("deepwish.rl.trainer").run(args)
     if args.cmd == "generate":
         return run_generate(args)
     if args.cmd == "data":

@@ -127,7 +127,11 @@ class Arithmetic(Task):
         return Problem(f"{expr}=", f"answer: {int(value)}")
 
     def reward(self, problem: Problem, completion: str) -> float:
-        return _exact_reward(problem, completion)
+        """Checked against the prompt's own value, not the reference text (which may be noisy)."""
+        got = final_answer(completion)
+        if got is None or not re.fullmatch(r"-?\d+", got):
+            return 0.0
+        return 1.0 if int(got) == _evaluate(problem.prompt.rstrip("=")) else 0.0
 
     def alphabet(self) -> str:
         return "0123456789+-*= answer:"
@@ -356,4 +360,5 @@ class CharTokenizer:
         return [self.stoi[c] for c in text]
 
     def decode(self, ids) -> str:
-        return "".join(self.itos[i] if i != self.eos_id else "" for i in ids)
+        # ids past the alphabet (a model vocabulary may be larger) decode to U+FFFD, never to a valid answer
+        return "".join("" if i == self.eos_id else self.itos[i] if i < len(self.itos) else "\ufffd" for i in ids)
