@@ -228,11 +228,12 @@ class GRPORun:
     logger: object = None
     start_step: int = 0
     last_ckpt: str | None = None
-    decoders: dict = field(default_factory=dict)  # rows -> (cache, decode_fn)
+    decoders: dict = field(default_factory=dict)  # (rows, cache length) -> (cache, decode_fn)
+    stop_on_eos: bool = True  # False: every completion runs max_new_tokens (benchmarks at a fixed shape)
 
     @property
     def stop_tokens(self) -> list[int]:
-        return [self.tok.eos_id] if self.tok.eos_id is not None else []
+        return [self.tok.eos_id] if self.stop_on_eos else []
 
     def use_graph(self) -> bool:
         if self.grpo.graph == "on" and self.device.type != "cuda":
