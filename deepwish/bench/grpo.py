@@ -123,7 +123,21 @@ def main(argv: list[str] | None = None) -> int:
     keys = ("rollout_s", "update_s", "rollout_tok_s", "mismatch", "reward", "entropy", "clip_frac", "completion_len")
     for s in range(args.warmup + args.steps):
         t = time.perf_counter()
-        m = grpo_step(run, s)
+        try:
+            m = grpo_step(run, s)
+        except Exception as e:  # one retry without the captured step, recorded, so a run still measures
+            if not run.use_graph() or s > 0:
+                raise
+            import traceback
+            traceback.print_exc()
+            result["graph_error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"
+            print(f"[bench grpo] the captured decode step failed ({result['graph_error']}); continuing eagerly",
+                  flush=True)
+            run.grpo = dataclasses.replace(run.grpo, graph="off")
+            run.decoders.clear()
+            run.optimizer.zero_grad(set_to_none=True)
+            result["graph"] = False
+            m = grpo_step(run, s)
         wall = time.perf_counter() - t
         timed = s >= args.warmup
         rec = {"step": s + 1, "timed": timed, "wall_s": wall, **{k: m[k] for k in keys}}
