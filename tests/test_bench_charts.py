@@ -53,3 +53,11 @@ def test_tradeoff_plot(tmp_path):
             for b in (1, 8, 64, 256)] + [Row("p", "graph", 512, 512, note="skipped")]
     plot_tradeoff(rows, tmp_path / "t.png", 512)
     assert (tmp_path / "t.png").stat().st_size > 10_000
+
+
+@pytest.mark.gpu
+def test_sweep_first_scale_on_gpu(tmp_path, cuda):
+    res = sweep.run(tmp_path, scales=sweep.SCALES[:1], device="cuda")
+    for kernel in sweep.KERNELS:
+        assert res["check_rel_rms"][f"{kernel} triton"] < 2e-2  # bf16 inputs against the fp32 reference
+        assert isinstance(res["ms"][f"{kernel} triton"][0], float)
