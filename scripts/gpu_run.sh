@@ -29,7 +29,7 @@ for stage in "$@"; do
     gdn) python3 -m deepwish.cli bench gdn --out "$OUT/gdn" || status=1 ;;
     train) python3 -m deepwish.cli bench train --out "$OUT/train" ${TRAIN_ARGS:-} || status=1 ;;
     decode) python3 -m deepwish.cli bench decode --out "$OUT/decode" ${DECODE_ARGS:-} || status=1 ;;
-    sweep) python3 -m deepwish.cli bench sweep --out "$OUT/sweep" ${SWEEP_ARGS:-} || status=1 ;;
+    sweep) python3 -m deepwish.cli bench sweep --out "$OUT/sweep" ${SWEEP_ARGS:---time-limit 420} || status=1 ;;
     notebook) python3 scripts/run_notebook.py notebooks/walkthrough.ipynb --out "$OUT/walkthrough_gpu.ipynb" || status=1 ;;
     tradeoff) python3 -m deepwish.cli bench decode --tradeoff --out "$OUT/tradeoff" ${TRADEOFF_ARGS:-} || status=1 ;;
     profile) python3 -m deepwish.bench.profile_train ${PROFILE_ARGS:-} || status=1 ;;

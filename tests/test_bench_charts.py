@@ -38,6 +38,13 @@ def test_sweep_quick_times_checks_and_draws(tmp_path, capsys):
     assert (tmp_path / "sweep_speedup.png").is_file()
 
 
+def test_sweep_time_limit_stops_between_scales(tmp_path):
+    res = sweep.run(tmp_path, scales=((1, 16, 16), (1, 16, 32)), kernels=("short_conv",), device="cpu",
+                    time_limit_s=0.0)
+    assert len(res["ms"]["short_conv torch"]) == 1 and "stopped after 1 of 2 scales" in res["notes"][0]
+    assert (tmp_path / "sweep_time.png").is_file()
+
+
 def test_sweep_scales_and_heads():
     assert sweep.SCALES[0] == (2, 256, 128) and sweep.SCALES[-1] == (64, 2048, 4096) and len(sweep.SCALES) == 10
     assert sweep.heads(4096) == (32, 128) and sweep.heads(64) == (1, 64)

@@ -150,7 +150,11 @@ def rel_rms(ref, out) -> float:
     return float((ref - out).pow(2).mean().sqrt() / ref.pow(2).mean().sqrt().clamp_min(1e-30))
 
 
-def run(out_dir, scales=SCALES, kernels=KERNELS, device: str = "auto", max_ref_tokens: int | None = None) -> dict:
+def run(out_dir, scales=SCALES, kernels=KERNELS, device: str = "auto", max_ref_tokens: int | None = None,
+        time_limit_s: float | None = None) -> dict:
+    """Time every kernel and backend at each scale; see the module doc. `time_limit_s`: start no new
+    scale after this many seconds (compilation and autotuning per shape dominate on a GPU), and
+    draw what was measured."""
     import torch
 
     from deepwish.device import resolve_device
@@ -170,7 +174,12 @@ def run(out_dir, scales=SCALES, kernels=KERNELS, device: str = "auto", max_ref_t
                      "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
                      "torch": torch.__version__, "fla": None if fla is None else _fla_version(),
                      "ms": {}, "tok_s": {}, "check_rel_rms": {}, "notes": []}
+    start = time.perf_counter()
     for i, (B, T, D) in enumerate(scales):  # scales outermost: a stopped run still covers every kernel
+        if time_limit_s is not None and i > 0 and time.perf_counter() - start > time_limit_s:
+            results["notes"].append(f"stopped after {i} of {len(scales)} scales: --time-limit {time_limit_s:g} s")
+            print(f"[sweep] {results['notes'][-1]}", flush=True)
+            break
         for kernel in kernels:
             fns, tokens = cases(kernel, B, T, D, dev, dtype, fla)
             if i == 0:  # correctness at the first scale, before anything is timed
@@ -338,6 +347,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--scales", default=None, help="comma-separated BxTxD list (default: the ten scales)")
     p.add_argument("--kernels", default=",".join(KERNELS), help="subset of " + ",".join(KERNELS))
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    p.add_argument("--time-limit", type=float, default=None, metavar="S",
+                   help="start no new scale after S seconds; the charts show the scales measured")
     p.add_argument("--replot", action="store_true", help="only redraw from --out's results.json (a partial run too)")
     p.add_argument("--max-ref-tokens", type=int, default=None,
                    help="skip the torch reference of conv/chunk above B*T tokens (it is slow)")
@@ -352,7 +363,7 @@ def main(argv: list[str] | None = None) -> int:
     bad = [k for k in kernels if k not in KERNELS]
     if bad:
         p.error(f"unknown kernel(s) {bad}; choose from {KERNELS}")
-    run(args.out, scales, kernels, args.device, args.max_ref_tokens)
+    run(args.out, scales, kernels, args.device, args.max_ref_tokens, args.time_limit)
     return 0
 
 
