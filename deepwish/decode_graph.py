@@ -92,10 +92,11 @@ class CapturedDecoder:
     Capture leaves the cache zeroed: build the decoder before prefilling.
     """
 
-    def __init__(self, model, cache: ModelCache, compile: bool = False, warmup: int = 2):
+    def __init__(self, model, cache: ModelCache, compile: bool = False, warmup: int = 2, step=decode_one_token):
+        # step: a function with decode_one_token's signature (e.g. rl/rollout.py's fp32-head step)
         self.model, self.cache, self.compiled = model, cache, compile
         self.batch = cache.batch
-        self._graph = _Graph(decode_one_token, model, cache, [(cache.batch,), (cache.batch,)], compile, warmup)
+        self._graph = _Graph(step, model, cache, [(cache.batch,), (cache.batch,)], compile, warmup)
 
     def __call__(self, model, token: torch.Tensor, position: torch.Tensor, cache: ModelCache) -> torch.Tensor:
         if model is not self.model or cache is not self.cache:

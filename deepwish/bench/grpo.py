@@ -90,6 +90,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--graph", default="auto", choices=("auto", "on", "off"))
     p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--head-fp32", action="store_true", help="LM head in fp32 in sampler and trainer (bf16 otherwise)")
     args = p.parse_args(argv)
 
     out = Path(args.out)
@@ -100,6 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     grpo = GRPOConfig(task="arithmetic", tokenizer="char", prompts_per_step=args.prompts, group_size=args.samples,
                       max_new_tokens=args.new_tokens, temperature=args.temperature, micro_batch=args.micro_batch,
                       track_kl=False, sft_steps=args.sft_steps, sft_lr=args.sft_lr, graph=args.graph,
+                      head_fp32=args.head_fp32,
                       loss=GRPOLoss(mask_truncated=False, drop_equal_groups=False))
     t0 = time.perf_counter()
     run = start_grpo(cfg, grpo)
@@ -112,6 +114,7 @@ def main(argv: list[str] | None = None) -> int:
               "graph": run.use_graph(), "setup_s": time.perf_counter() - t0, "steps": []}
     print(f"[bench grpo] {args.preset} {run.model.num_params() / 1e6:.0f}M params on {result['device']} | "
           f"{args.prompts} prompts x {args.samples} samples x {args.new_tokens} tokens | graph {run.use_graph()} | "
+          f"head {'fp32' if args.head_fp32 else 'autocast dtype'} | "
           f"set-up {result['setup_s']:.1f}s", flush=True)
     t = time.perf_counter()
     losses = supervised_warmup(run.model, run.task, run.tok, run.cfg.train, grpo, dev) if args.sft_steps else []

@@ -60,6 +60,34 @@ def draw(logits: torch.Tensor, sampling: SamplingConfig, generator: torch.Genera
     return tok, logp.gather(-1, tok[:, None]).squeeze(-1)
 
 
+def head_logits(model, h: torch.Tensor, fp32: bool) -> torch.Tensor:
+    """Final hidden states [..., d] -> logits [..., V] (fp32). fp32=True: the head's matmul in fp32
+    even under autocast. bf16 logits are rounded to steps of 1/16 at |logit| >= 8 and 1/8 at
+    >= 16, so a sampler and a trainer whose hidden states differ by kernel order alone can
+    round a logit differently by a whole step: a ratio off by e^(1/8) ~ 1.13 from rounding only."""
+    if not fp32:
+        return model.logits(h).float()
+    with torch.autocast(h.device.type, enabled=False):
+        return h.float() @ model.head_weight.float().t()
+
+
+@torch.no_grad()
+def decode_fp32_head(model, token: torch.Tensor, position: torch.Tensor, cache: ModelCache) -> torch.Tensor:
+    """decode_one_token with the LM head in fp32 (the trunk as the caller's autocast has it)."""
+    h = model(token[:, None], positions=position[:, None], cache=cache, logits_to_keep=1, return_hidden=True).hidden
+    return head_logits(model, h[:, 0], True)
+
+
+@torch.no_grad()
+def prefill_fp32_head(model, tokens: torch.Tensor, cache: ModelCache) -> torch.Tensor:
+    """generate.prefill (from position 0) with the LM head in fp32: last logits [B, V]."""
+    cache.reset()
+    B, T = tokens.shape
+    pos = torch.arange(T, device=tokens.device).expand(B, T)
+    h = model(tokens, positions=pos, cache=cache, logits_to_keep=1, return_hidden=True).hidden
+    return head_logits(model, h[:, -1], True)
+
+
 @dataclass
 class Rollout:
     """One batch of sampled completions, row p·G + g = sample g of prompt p."""
@@ -107,10 +135,11 @@ def copy_to_groups(src: ModelCache, dst: ModelCache, rows: torch.Tensor) -> None
 def rollout(model, prompts: list[list[int]], group_size: int, max_new_tokens: int, sampling: SamplingConfig,
             stop_tokens=(), *, cache: ModelCache | None = None, decode_fn=None,
             generator: torch.Generator | None = None, sync_every: int = 16,
-            cache_dtype: torch.dtype | None = None) -> Rollout:
+            cache_dtype: torch.dtype | None = None, head_fp32: bool = False) -> Rollout:
     """Sample `group_size` completions of up to `max_new_tokens` for each prompt (module
     docstring). cache: a group cache of len(prompts)·group_size rows (reused across calls; a
-    CapturedDecoder bound to it is `decode_fn`); built here when None."""
+    CapturedDecoder bound to it is `decode_fn`); built here when None. head_fp32: the LM head in
+    fp32 for prefill and (when no decode_fn is given) decoding; a given decode_fn must match."""
     P, G = len(prompts), group_size
     if P == 0 or any(len(p) == 0 for p in prompts):
         raise ValueError("every prompt needs at least one token")
@@ -127,7 +156,8 @@ def rollout(model, prompts: list[list[int]], group_size: int, max_new_tokens: in
     if need > cache.max_len:
         raise CacheFullError(f"prompts of up to {max(lens)} tokens + {max_new_tokens} new tokens need "
                              f"{need} positions; the cache holds {cache.max_len}")
-    decode_fn = decode_fn or decode_one_token
+    decode_fn = decode_fn or (decode_fp32_head if head_fp32 else decode_one_token)
+    do_prefill = prefill_fp32_head if head_fp32 else prefill
     t0 = time.perf_counter()
     # prefill: prompts of one length together, into a P-row cache laid out like the group cache
     first = cache_tensors(cache)[0]
@@ -140,10 +170,10 @@ def rollout(model, prompts: list[list[int]], group_size: int, max_new_tokens: in
     for n, idx in sorted(by_len.items()):
         ids = torch.tensor([prompts[i] for i in idx], device=device)
         if len(by_len) == 1:
-            last = prefill(model, ids, pcache)
+            last = do_prefill(model, ids, pcache)
             break
         tmp = model.make_cache(len(idx), cache.max_len, dtype=first.dtype, device=device)
-        last[idx] = prefill(model, ids, tmp)
+        last[idx] = do_prefill(model, ids, tmp)
         for a, b in zip(cache_tensors(tmp), cache_tensors(pcache)):
             b.index_copy_(0, torch.tensor(idx, device=device), a)
     del tmp
@@ -195,7 +225,8 @@ def completion_positions(roll_prompt_lens: torch.Tensor, T: int) -> torch.Tensor
 
 
 def completion_logprobs(model, tokens: torch.Tensor, prompt_lens: torch.Tensor, T: int, sampling: SamplingConfig,
-                        *, with_entropy: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+                        *, with_entropy: bool = False, head_fp32: bool = False
+                        ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Log-probabilities [n, T] of the completion tokens of `tokens` [n, L] (one full forward,
     with grad when enabled) under the sampling distribution, and its entropy [n, T] (detached)
     when asked. Only the completion positions go through the head."""
@@ -203,7 +234,8 @@ def completion_logprobs(model, tokens: torch.Tensor, prompt_lens: torch.Tensor, 
     pos = completion_positions(prompt_lens, T).clamp(max=L - 1)
     h = model(tokens, logits_to_keep=1, return_hidden=True).hidden  # [n, L, d]
     h = h.gather(1, pos[..., None].expand(-1, -1, h.shape[-1]))
-    logp_all = sampling_log_probs(model.logits(h), sampling.temperature, sampling.top_k, sampling.top_p)
+    logp_all = sampling_log_probs(head_logits(model, h, head_fp32), sampling.temperature, sampling.top_k,
+                                  sampling.top_p)
     target = tokens.gather(1, (pos + 1).clamp(max=L - 1))
     logp = logp_all.gather(-1, target[..., None]).squeeze(-1)
     ent = None

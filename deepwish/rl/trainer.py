@@ -70,6 +70,7 @@ class GRPOConfig:
     sft_batch: int = 32
     sft_lr: float = 1e-3
     graph: str = "auto"  # capture the decode step as a CUDA graph: auto (on for CUDA) | on | off
+    head_fp32: bool = False  # LM head in fp32 in sampler and trainer alike (bf16 logits: rl/rollout.py head_logits)
     loss: GRPOLoss = field(default_factory=GRPOLoss)
 
     def problems(self) -> list[str]:
@@ -249,8 +250,11 @@ class GRPORun:
             fn = None
             if self.use_graph():
                 from deepwish.decode_graph import CapturedDecoder
+                from deepwish.generate import decode_one_token
+                from deepwish.rl.rollout import decode_fp32_head
                 with autocast(self.device, self.cfg.train.dtype):
-                    fn = CapturedDecoder(self.model, cache)
+                    fn = CapturedDecoder(self.model, cache, step=decode_fp32_head if self.grpo.head_fp32
+                                         else decode_one_token)
             self.decoders[key] = (cache, fn)
         return self.decoders[key]
 
@@ -271,7 +275,7 @@ def sample_groups(run: GRPORun, problems, group_size: int, sampling: SamplingCon
     run.model.eval()
     with autocast(run.device, run.cfg.train.dtype):
         roll = rollout(run.model, prompts, group_size, run.grpo.max_new_tokens, sampling, run.stop_tokens,
-                       cache=cache, decode_fn=fn, generator=gen)
+                       cache=cache, decode_fn=fn, generator=gen, head_fp32=run.grpo.head_fp32)
     texts = [run.tok.decode([t for t in c if t != run.tok.eos_id]) for c in roll.completions()]
     rewards = torch.tensor([run.task.reward(problems[i // group_size], t) for i, t in enumerate(texts)])
     return roll, rewards.view(len(problems), group_size)
@@ -283,7 +287,8 @@ def _chunks(rows: list[int], n: int):
 
 
 @torch.no_grad()
-def recompute_logprobs(model, roll: Rollout, sampling, micro: int, device, dtype, entropy: bool = False):
+def recompute_logprobs(model, roll: Rollout, sampling, micro: int, device, dtype, entropy: bool = False,
+                       head_fp32: bool = False):
     """Log-probabilities (and entropies) of every sampled token under `model`, [N, T]."""
     N, T = roll.logprobs.shape
     logp = torch.zeros(N, T, device=device)
@@ -292,7 +297,8 @@ def recompute_logprobs(model, roll: Rollout, sampling, micro: int, device, dtype
     for idx in _chunks(list(range(N)), micro):
         i = torch.tensor(idx, device=device)
         with autocast(device, dtype):
-            lp, e = completion_logprobs(model, roll.tokens[i], roll.prompt_lens[i], T, sampling, with_entropy=entropy)
+            lp, e = completion_logprobs(model, roll.tokens[i], roll.prompt_lens[i], T, sampling, with_entropy=entropy,
+                                        head_fp32=head_fp32)
         logp[i] = lp.float()
         if entropy:
             ent[i] = e.float()
@@ -312,12 +318,14 @@ def grpo_step(run: GRPORun, step: int) -> dict:
     completion = roll.completion_mask
     mask = token_mask(completion, roll.truncated, keep_rows, lcfg)
     # consistency, before any update: the trainer's log-probabilities of the sampled tokens
-    trainer_logp, ent = recompute_logprobs(run.model, roll, g.sampling, g.micro_batch, device, tc.dtype, entropy=True)
+    trainer_logp, ent = recompute_logprobs(run.model, roll, g.sampling, g.micro_batch, device, tc.dtype, entropy=True,
+                                           head_fp32=g.head_fp32)
     mismatch = mismatch_share(trainer_logp, roll.logprobs, completion)
     old_logp = trainer_logp if g.ratio_to == "trainer" else roll.logprobs
     ref_logp = None
     if run.reference is not None:
-        ref_logp, _ = recompute_logprobs(run.reference, roll, g.sampling, g.micro_batch, device, tc.dtype)
+        ref_logp, _ = recompute_logprobs(run.reference, roll, g.sampling, g.micro_batch, device, tc.dtype,
+                                         head_fp32=g.head_fp32)
     n_tokens = int(mask.sum())
     rows = [i for i in range(mask.shape[0]) if bool(mask[i].any())]
     norm = float(n_tokens) if lcfg.token_level else float(len(rows))
@@ -328,7 +336,8 @@ def grpo_step(run: GRPORun, step: int) -> dict:
         for idx in _chunks(rows, g.micro_batch):
             i = torch.tensor(idx, device=device)
             with autocast(device, tc.dtype):
-                logp, _ = completion_logprobs(run.model, roll.tokens[i], roll.prompt_lens[i], T, g.sampling)
+                logp, _ = completion_logprobs(run.model, roll.tokens[i], roll.prompt_lens[i], T, g.sampling,
+                                              head_fp32=g.head_fp32)
             terms = grpo_loss(logp.float(), old_logp[i], adv[i], mask[i], lcfg, norm=norm,
                               ref_logp=None if ref_logp is None or lcfg.kl_beta == 0 else ref_logp[i])
             terms.loss.backward()

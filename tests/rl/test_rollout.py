@@ -17,15 +17,17 @@ def _model(preset="qwen3_tiny", **kw):
 
 @pytest.mark.parametrize("sampling", [SamplingConfig(1.0), SamplingConfig(0.7, top_k=5),
                                       SamplingConfig(1.3, top_p=0.8)])
-def test_rollout_logprobs_equal_full_forward(sampling):
+@pytest.mark.parametrize("head_fp32", [False, True])
+def test_rollout_logprobs_equal_full_forward(sampling, head_fp32):
     model = _model()
     prompts = [[3, 4, 5], [7, 8], [9, 10, 11, 12]]  # three lengths: prefill grouped by length
     gen = torch.Generator().manual_seed(0)
     roll = rollout(model, prompts, group_size=3, max_new_tokens=7, sampling=sampling, stop_tokens=[1, 2],
-                   generator=gen)
+                   generator=gen, head_fp32=head_fp32)
     T = roll.logprobs.shape[1]
     with torch.no_grad():
-        logp, ent = completion_logprobs(model, roll.tokens, roll.prompt_lens, T, sampling, with_entropy=True)
+        logp, ent = completion_logprobs(model, roll.tokens, roll.prompt_lens, T, sampling, with_entropy=True,
+                                        head_fp32=head_fp32)
     mask = roll.completion_mask
     assert mask.sum() > 20
     torch.testing.assert_close(logp[mask], roll.logprobs[mask], rtol=0, atol=2e-5)
