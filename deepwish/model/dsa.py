@@ -44,6 +44,7 @@ from torch import nn
 from deepwish.config import ModelConfig
 from deepwish.model.attention import attention_mask
 from deepwish.model.cache import MLACache, take_rows_
+from deepwish.model.dsa_rows import index_scores
 from deepwish.model.mla import MLA
 from deepwish.model.rope import apply_rotary
 
@@ -91,16 +92,19 @@ class Indexer(nn.Module):
         k = self.k_norm(self.wk(x))
         return apply_rotary(k[:, :, None], ctx.cos, ctx.sin, interleave=False)[:, :, 0]
 
-    def scores(self, x: torch.Tensor, q_resid: torch.Tensor, k: torch.Tensor, ctx) -> torch.Tensor:
-        """x [B,T,d], q_resid [B,T,Rq], k [B,S,Di] -> index scores I [B,T,S] fp32 (unmasked)."""
+    def queries(self, x: torch.Tensor, q_resid: torch.Tensor, ctx) -> tuple[torch.Tensor, torch.Tensor]:
+        """x [B,T,d], q_resid [B,T,Rq] -> rotated index queries q [B,T,Hi,Di] and per-head weights
+        w [B,T,Hi] fp32 (with the Hi^-0.5 folded in)."""
         B, T, _ = x.shape
         q = self.wq_b(q_resid).view(B, T, self.n_heads, self.head_dim)
         q = apply_rotary(q, ctx.cos, ctx.sin, interleave=False)
-        # same operation order as HF, so ties and near-ties resolve identically
-        s = torch.matmul(q.float(), k.transpose(-1, -2).float().unsqueeze(1)) * self.softmax_scale  # [B,T,Hi,S]
-        s = F.relu(s)
-        w = F.linear(x.float(), self.weights_proj.weight.float()) * self.n_heads ** -0.5  # [B,T,Hi]
-        return torch.matmul(w.unsqueeze(-2), s).squeeze(-2)
+        w = F.linear(x.float(), self.weights_proj.weight.float()) * self.n_heads ** -0.5
+        return q, w
+
+    def scores(self, x: torch.Tensor, q_resid: torch.Tensor, k: torch.Tensor, ctx) -> torch.Tensor:
+        """x [B,T,d], q_resid [B,T,Rq], k [B,S,Di] -> index scores I [B,T,S] fp32 (unmasked)."""
+        q, w = self.queries(x, q_resid, ctx)
+        return index_scores(q, w, k, self.softmax_scale)  # HF's operation order: ties resolve alike
 
     def select(self, index_scores: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Top-k visible keys per query as a boolean mask. index_scores [B,T,S],

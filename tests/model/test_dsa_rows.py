@@ -1,0 +1,134 @@
+"""DSA in row blocks (model/dsa_rows.py): the chunked top-k selects exactly the dense reference's
+set (`select_topk_latest`) on awkward cases, and both indexer losses equal `indexer_kl`."""
+import pytest
+import torch
+
+from deepwish.model.attention import attention_mask
+from deepwish.model.dsa import indexer_kl, select_topk_latest
+from deepwish.model.dsa_rows import dense_kl, index_scores, sparse_kl, topk_indices, topk_latest_indices
+
+
+def as_mask(indices: torch.Tensor, S: int) -> torch.Tensor:
+    """[..., K] slots (-1 unused, each listed once) -> [..., S] bool."""
+    m = torch.zeros(*indices.shape[:-1], S + 1, dtype=torch.bool)
+    m.scatter_(-1, torch.where(indices >= 0, indices.long(), S), True)
+    assert (indices >= 0).sum(-1).eq(m[..., :S].sum(-1)).all(), "a slot listed twice"
+    return m[..., :S]
+
+
+@pytest.mark.parametrize("k", [1, 3, 7, 12, 40])
+def test_topk_indices_of_a_block_equal_the_reference_set(k):
+    g = torch.Generator().manual_seed(k)
+    scores = torch.randint(-2, 3, (3, 9, 12), generator=g).float()  # small integers: ties everywhere
+    scores[1] = torch.randn(9, 12, generator=g)
+    scores[2] = 0.0  # every key tied
+    visible = torch.rand(3, 9, 12, generator=g) < 0.7
+    visible[0, 0] = False  # a row that sees nothing
+    got = topk_latest_indices(scores, visible, k)
+    assert got.shape == (3, 9, k) and got.dtype == torch.int32
+    assert torch.equal(as_mask(got, 12), select_topk_latest(scores, visible, k))
+    assert (got[0, 0] == -1).all()
+
+
+def indexer_inputs(B, T, Hi=3, Di=8, seed=0, tie_heads=False):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(B, T, Hi, Di, generator=g)
+    k = torch.randn(B, T, Di, generator=g)
+    w = torch.randn(B, T, Hi, generator=g)
+    if tie_heads:  # one positive-weight head whose dots are mostly negative: most scores exactly 0
+        w = w.abs()
+        q[:, :, 1:] = 0
+        q[:, :, 0] = -q[:, :, 0].abs() * 0.3
+        k = k.abs()
+        k[:, ::3] = -k[:, ::3]  # every third key scores > 0
+    return q, w, k
+
+
+def dense_reference(q, w, k, pos, doc, topk):
+    scores = index_scores(q, w, k, 0.5)
+    vis = attention_mask(pos, pos, 0, doc, doc)[:, 0]
+    return select_topk_latest(scores, vis, topk)
+
+
+CASES = {  # name: (T, topk, budget, packed, ties)
+    "T_below_topk": (6, 9, 1 << 20, False, False),
+    "topk_1_several_blocks": (23, 1, 3 * 23 * 4, False, False),
+    "ties_one_block": (21, 5, 1 << 20, False, True),
+    "ties_several_blocks": (21, 5, 3 * 21 * 2, False, True),
+    "packed_ties_several_blocks": (25, 4, 3 * 25 * 5, True, True),
+    "packed_random_one_row_blocks": (17, 6, 1, True, False),
+}
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_chunked_topk_equals_dense_selection(name):
+    T, topk, budget, packed, ties = CASES[name]
+    B = 2
+    q, w, k = indexer_inputs(B, T, tie_heads=ties, seed=T + topk)
+    if packed:
+        cut = [T // 3, T // 2]  # two layouts: documents of different lengths per row
+        doc = torch.stack([(torch.arange(T) >= c).long() + (torch.arange(T) >= T - 3).long() for c in cut])
+        pos = torch.stack([torch.cat([torch.arange(int((d == i).sum())) for i in range(3)]) for d in doc])
+    else:
+        doc, pos = None, torch.arange(T).expand(B, T)
+    ref = dense_reference(q, w, k, pos, doc, topk)
+    if ties:
+        assert (index_scores(q, w, k, 0.5) == 0).float().mean() > 0.4  # the case really is tied
+    for prefix in (True, False):
+        got = topk_indices(q, w, k, 0.5, topk, pos, pos, doc, doc, causal_prefix=prefix, budget=budget)
+        assert got.shape == (B, T, topk)
+        assert torch.equal(as_mask(got, T), ref), prefix
+
+
+def test_cached_rows_select_the_same_set_as_uncached():
+    """Decode: queries at the end of a longer static cache (unwritten slots invisible)."""
+    B, T, L = 2, 14, 30
+    q, w, k = indexer_inputs(B, T, tie_heads=True, seed=5)
+    pos = torch.arange(T).expand(B, T)
+    ref = dense_reference(q, w, k, pos, None, 4)
+    k_cache = torch.cat([k, torch.randn(B, L - T, k.shape[-1])], 1)
+    got = topk_indices(q[:, -3:], w[:, -3:], k_cache, 0.5, 4, pos[:, -3:], torch.arange(L).expand(B, L))
+    assert torch.equal(as_mask(got, L), torch.cat([ref[:, -3:], torch.zeros(B, 3, L - T, dtype=torch.bool)], -1))
+
+
+def kl_inputs(B=2, T=13, H=3, D=10, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    q, w, k = indexer_inputs(B, T, seed=seed)
+    q_abs, kv = torch.randn(B, T, H, D, generator=g), torch.randn(B, T, D, generator=g)
+    return [t.requires_grad_() for t in (q, w, k)], q_abs, kv
+
+
+def reference_kl(q, w, k, q_abs, kv, attend):
+    s = torch.einsum("bthd,bsd->bhts", q_abs, kv) * 0.3
+    return indexer_kl(s, index_scores(q, w, k, 0.5), attend[:, None])
+
+
+@pytest.mark.parametrize("budget", [1 << 20, 3 * 13 * 2])
+@pytest.mark.parametrize("packed", [False, True])
+def test_dense_warmup_kl_and_grads_equal_reference(budget, packed, rel_err):
+    (q, w, k), q_abs, kv = kl_inputs()
+    B, T = 2, 13
+    doc = (torch.arange(T) >= 5).long().expand(B, T) if packed else None
+    pos = torch.cat([torch.arange(5), torch.arange(T - 5)]).expand(B, T) if packed else torch.arange(T).expand(B, T)
+    vis = attention_mask(pos, pos, 0, doc, doc)[:, 0]
+    ref = reference_kl(q, w, k, q_abs, kv, vis)
+    ref_grads = torch.autograd.grad(ref, (q, w, k))
+    got = dense_kl(q, w, k, q_abs, kv, 0.5, 0.3, pos, pos, doc, doc, causal_prefix=True, budget=budget)
+    assert abs(got.item() - ref.item()) < 1e-5 * max(1.0, ref.item()) and ref.item() > 0.01
+    for a, b in zip(ref_grads, torch.autograd.grad(got, (q, w, k))):
+        assert rel_err(a, b) < 1e-5
+
+
+@pytest.mark.parametrize("budget", [1 << 20, 5 * 10])
+def test_sparse_kl_and_grads_equal_reference(budget, rel_err):
+    (q, w, k), q_abs, kv = kl_inputs(seed=3)
+    B, T, topk = 2, 13, 4
+    pos = torch.arange(T).expand(B, T)
+    indices = topk_indices(q.detach(), w.detach(), k.detach(), 0.5, topk, pos, pos, causal_prefix=True)
+    attend = as_mask(indices, T)
+    ref = reference_kl(q, w, k, q_abs, kv, attend)
+    ref_grads = torch.autograd.grad(ref, (q, w, k))
+    got = sparse_kl(q, w, k, q_abs, kv, indices, 0.5, 0.3, budget=budget)
+    assert abs(got.item() - ref.item()) < 1e-5 * max(1.0, ref.item()) and ref.item() > 0.01
+    for a, b in zip(ref_grads, torch.autograd.grad(got, (q, w, k))):
+        assert rel_err(a, b) < 1e-5
