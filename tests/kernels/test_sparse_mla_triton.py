@@ -81,3 +81,12 @@ def test_all_rows_empty_and_planned_splits(rel_err):
     assert (dq == 0).all() and (dkv == 0).all()
     assert tk.plan_splits(1, 2048, 64, torch.device("cpu"))[0] > 1
     assert tk.plan_splits(4096, 2048, 64, torch.device("cpu")) == (1, 2048)
+
+
+@pytest.mark.parametrize("mode,budget", [("fused", 1 << 30), ("split", 2 * (2 * 4 * 24 * 2))])
+def test_backward_forms(rel_err, monkeypatch, mode, budget):
+    """Both backward forms; the split one with a p/ds buffer of 2 tokens, so 7 tokens run in 4
+    chunks (the last one short)."""
+    monkeypatch.setattr(tk, "BACKWARD", mode)
+    monkeypatch.setattr(tk, "PB_BUDGET_BYTES", budget)
+    _check(rel_err, 1, 7, 30, 4, 48, 32, 24, torch.float16, empty=(2,))

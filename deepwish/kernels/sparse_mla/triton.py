@@ -19,20 +19,26 @@ Design (the FlashMLA-sparse layout):
 - lse is stored in natural log, fp32; the kernels work in base 2 (scale·log2 e folded into one
   multiply) and convert at the edges.
 - Backward: a small kernel computes delta = rowsum(dO·O) - dlse (lse is an output the indexer
-  loss may differentiate: d lse / d s = p, so dlse enters as a shift of delta). One fused kernel
-  per (token, head tile) recomputes p, dp = dO·kv_vᵀ, ds = p·(dp - delta); dq accumulates
-  ds·kv in registers (no atomics: the program owns its token's dq); the gathered rows' dkv =
-  ds_scaledᵀ·q + pᵀ·dO (the dots sum over the tile's heads) is added into an fp32 [B, S, Dqk]
-  buffer with atomics, then cast to kv's dtype.
+  loss may differentiate: d lse / d s = p, so dlse enters as a shift of delta). Per (token, head
+  tile) a kernel recomputes p, dp = dO·kv_vᵀ, ds = p·(dp - delta) and accumulates dq = ds·kv in
+  registers (no atomics: the program owns its token's dq). The gathered rows' dkv share,
+  dsᵀ·q + pᵀ·dO (the dots sum over the tile's heads; computed transposed so the 512 channels are
+  the MMA's M), is added into an fp32 [B, S, Dqk] buffer with atomics, then cast to kv's dtype.
+  Two forms (BACKWARD): "split" stores p and the scaled ds ([B, Tc, H, K] in the input dtype,
+  chunks of Tc tokens under PB_BUDGET_BYTES) and a second kernel per (token, head tile) turns them
+  into dkv; "fused" does both in one kernel. Same FLOPs (nothing is recomputed); split moves
+  4·T·H·K·2 bytes more (4 GiB, ~1.3 ms at S 4096, K 2048, H 64: ~5% of the backward) but never
+  holds dq (64 x 576 fp32) and a dkv tile (BK x 576 fp32) in registers together, which at BK 32
+  is ~220 of the 255 registers a thread has, before any operand.
 - Why atomics and not an inverse index (slot -> the queries that selected it): the dkv of one
   slot is a sum over (query, head) of ds·q; the heads of one query share that query's q rows,
-  which is what makes it an MMA (M = slots of the step, K = heads). Grouped by slot instead, each
-  (slot, query) pair is a GEMV over the query's [H, Dqk] rows, re-reading q once per pair:
-  T·K·H·Dqk·2 bytes, about 600 TB at S 4096, K 2048, H 64, D 576, against T·K·Dqk·4 bytes (19 GB)
-  of fp32 reductions that the L2 absorbs. Building the inverse index would also cost a device
-  sort of T·K pairs per layer. The price of atomics: dkv is not bit-deterministic run to run
-  (fp32 sums in arbitrary order), as in FlashAttention-2's dq atomics and TileLang's sparse MLA
-  backward.
+  which is what makes it an MMA (M = channels, N = slots of the step, K = heads). Grouped by
+  slot instead, each (slot, query) pair is a GEMV over the query's [H, Dqk] rows, re-reading q
+  once per pair: T·K·H·Dqk·2 bytes, about 600 TB at S 4096, K 2048, H 64, D 576, against T·K·Dqk·4
+  bytes (19 GB) of fp32 reductions that the L2 absorbs. Building the inverse index would also
+  cost a device sort of T·K pairs per layer. The price of atomics: dkv is not bit-deterministic
+  run to run (fp32 sums in arbitrary order), as in FlashAttention-2's dq atomics and TileLang's
+  sparse MLA backward.
 - Decode (few query tokens: T·B·ceil(H/BH) programs cannot fill the GPU) splits each token's K
   slots over NSPLIT programs that write fp32 partial (o, lse); a merge kernel combines them. The
   split count is a function of shapes and the SM count only: no host sync, graph-capturable.
@@ -58,21 +64,36 @@ LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
-# (kind, "16bit" | "fp32", "wide" (Dqk > 256) | "narrow"): (BH, BK, warps, stages).
-# Chosen by register/shared-memory budget, not yet measured: at Dqk 576 the q tile (64 x 576,
-# 72 KiB in bf16) and one gathered kv tile (BK x 576) per stage share the 228 KiB of an H200 SM;
-# the fp32 accumulator (64 x 512) is 128 registers per thread at 8 warps. The backward keeps dq
-# (64 x 576 fp32) live and builds a BK x 576 fp32 dkv tile per step, hence its smaller BK.
+# (kind, "16bit" | "fp32", "wide" (Dqk > 256) | "narrow"): (BH, BK, warps, stages). kind: fwd;
+# bwd (the fused backward); dq and dkv (the two kernels of the split backward).
+# Chosen by register/shared-memory budget, not yet measured (`deepwish bench dsa --sweep` times
+# candidates): at Dqk 576 the q tile (64 x 576, 72 KiB in bf16) and one gathered kv tile (BK x 576)
+# per stage share the 228 KiB of an H200 SM; the fp32 accumulator (64 x 512) is 128 registers per
+# thread at 8 warps, as is dq in the backward.
 TILES = {
     ("fwd", "16bit", "wide"): (64, 64, 8, 1),
-    ("bwd", "16bit", "wide"): (64, 32, 8, 1),
+    ("bwd", "16bit", "wide"): (64, 16, 8, 1),
+    ("dq", "16bit", "wide"): (64, 32, 8, 1),
+    ("dkv", "16bit", "wide"): (64, 32, 8, 2),
     ("fwd", "16bit", "narrow"): (64, 64, 4, 2),
     ("bwd", "16bit", "narrow"): (64, 32, 4, 2),
+    ("dq", "16bit", "narrow"): (64, 32, 4, 2),
+    ("dkv", "16bit", "narrow"): (64, 32, 4, 2),
     ("fwd", "fp32", "wide"): (32, 32, 8, 1),
     ("bwd", "fp32", "wide"): (32, 16, 8, 1),
+    ("dq", "fp32", "wide"): (32, 16, 8, 1),
+    ("dkv", "fp32", "wide"): (32, 16, 8, 1),
     ("fwd", "fp32", "narrow"): (32, 32, 4, 1),
     ("bwd", "fp32", "narrow"): (32, 16, 4, 1),
+    ("dq", "fp32", "narrow"): (32, 16, 4, 1),
+    ("dkv", "fp32", "narrow"): (32, 16, 4, 1),
 }
+# The backward's form: "split" (a dq kernel that stores p and the scaled ds, then a dkv kernel
+# that reads them) or "fused" (one kernel; dq and each step's dkv tile live in registers at once).
+BACKWARD = "split"
+# The split form's p and ds buffers [B, Tc, H, K] (input dtype) take at most this many bytes
+# together; longer sequences run in chunks of Tc tokens.
+PB_BUDGET_BYTES = 1 << 30
 DECODE_PROGRAMS_PER_SM = 2  # split-K target: this many programs per SM when tokens alone are too few
 
 
@@ -240,12 +261,33 @@ def _delta_kernel(O, DO, DLSE, DELTA, ROWS, DV, HAS_DLSE: tl.constexpr, BR: tl.c
 
 
 @triton.jit
-def _bwd_kernel(Q, KV, IDX, DO, LSE, DELTA, DQ, DKV,
+def _add_dkv(DKV, dkv_base, slot, ok, qv, qr, do, p, ds, dvr, dr, DV, DR, HAS_TAIL: tl.constexpr,
+             PREC: tl.constexpr):
+    """One token's share of its gathered rows' gradient, summed over the tile's heads by the dots,
+    added into the fp32 [B, S, Dqk] buffer: dkv_v = pᵀ·dO + dsᵀ·q_v, dkv_r = dsᵀ·q_r (p, ds [BH, BK]
+    in the dot dtype, ds already scaled). Computed transposed ([channels, BK] = qᵀ·ds): the channel
+    dimension (512) is the MMA's M, not BK."""
+    drow = dkv_base + tl.cast(slot, tl.int64) * (DV + DR)
+    dkv_v = tl.dot(tl.trans(do), p, input_precision=PREC)
+    dkv_v = tl.dot(tl.trans(qv), ds, dkv_v, input_precision=PREC)
+    tl.atomic_add(DKV + drow[None, :] + dvr[:, None], dkv_v, mask=(dvr < DV)[:, None] & ok[None, :], sem="relaxed")
+    if HAS_TAIL:
+        dkv_r = tl.dot(tl.trans(qr), ds, input_precision=PREC)
+        tl.atomic_add(DKV + drow[None, :] + DV + dr[:, None], dkv_r, mask=(dr < DR)[:, None] & ok[None, :],
+                      sem="relaxed")
+
+
+@triton.jit
+def _bwd_kernel(Q, KV, IDX, DO, LSE, DELTA, DQ, DKV, PB, DSB,
                 sq_b, sq_t, sq_h, skv_b, skv_s, si_b, si_t, sdo_b, sdo_t, sdo_h, sdq_b, sdq_t, sdq_h,
-                S, T, H, K, DV, DR, scale, scale_log2,
-                BLOCK_V: tl.constexpr, BLOCK_R: tl.constexpr, HAS_TAIL: tl.constexpr,
+                S, T, H, K, DV, DR, T0, TC, scale, scale_log2,
+                BLOCK_V: tl.constexpr, BLOCK_R: tl.constexpr, HAS_TAIL: tl.constexpr, FUSED: tl.constexpr,
                 PREC: tl.constexpr, BH: tl.constexpr, BK: tl.constexpr):
-    t = tl.program_id(0)
+    """dq of one (token, head tile); FUSED also adds the token's dkv share by atomics, else p and
+    the scaled ds go to the [B, TC, H, K] buffers of the chunk of tokens [T0, T0 + TC) for
+    `_dkv_kernel`."""
+    tc = tl.program_id(0)
+    t = T0 + tc
     hb = tl.program_id(1)
     b = tl.cast(tl.program_id(2), tl.int64)
     t64 = tl.cast(t, tl.int64)
@@ -269,6 +311,7 @@ def _bwd_kernel(Q, KV, IDX, DO, LSE, DELTA, DQ, DKV,
     kv_base = b * skv_b
     dkv_base = b * S * (DV + DR)  # the fp32 dkv buffer is contiguous [B, S, Dqk]
     idx_base = b * si_b + t64 * si_t
+    buf_row = ((b * TC + tc) * H + h64) * K
     for k0 in range(0, K, BK):
         kk = k0 + tl.arange(0, BK)
         slot = tl.load(IDX + idx_base + kk, mask=kk < K, other=-1)
@@ -283,23 +326,51 @@ def _bwd_kernel(Q, KV, IDX, DO, LSE, DELTA, DQ, DKV,
         dq_v = tl.dot(ds_c, kv_v, dq_v, input_precision=PREC)
         if HAS_TAIL:
             dq_r = tl.dot(ds_c, kv_r, dq_r, input_precision=PREC)
-        # this token's share of the gathered rows' gradient, summed over the tile's heads
-        ds_t = tl.trans((ds * scale).to(qv.dtype))
-        dkv_v = tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PREC)
-        dkv_v = tl.dot(ds_t, qv, dkv_v, input_precision=PREC)
-        drow = dkv_base + tl.cast(slot, tl.int64) * (DV + DR)
-        tl.atomic_add(DKV + drow[:, None] + dvr[None, :], dkv_v, mask=ok[:, None] & (dvr < DV)[None, :],
-                      sem="relaxed")
-        if HAS_TAIL:
-            dkv_r = tl.dot(ds_t, qr, input_precision=PREC)
-            tl.atomic_add(DKV + drow[:, None] + DV + dr[None, :], dkv_r, mask=ok[:, None] & (dr < DR)[None, :],
-                          sem="relaxed")
+        if FUSED:
+            _add_dkv(DKV, dkv_base, slot, ok, qv, qr, do, p.to(do.dtype), (ds * scale).to(qv.dtype), dvr, dr,
+                     DV, DR, HAS_TAIL, PREC)
+        else:
+            bm = h_ok[:, None] & (kk < K)[None, :]
+            tl.store(PB + buf_row[:, None] + kk[None, :], p.to(PB.dtype.element_ty), mask=bm)
+            tl.store(DSB + buf_row[:, None] + kk[None, :], (ds * scale).to(DSB.dtype.element_ty), mask=bm)
     dq_base = b * sdq_b + t64 * sdq_t + h64[:, None] * sdq_h
     tl.store(DQ + dq_base + dvr[None, :], (dq_v * scale).to(DQ.dtype.element_ty),
              mask=h_ok[:, None] & (dvr < DV)[None, :])
     if HAS_TAIL:
         tl.store(DQ + dq_base + DV + dr[None, :], (dq_r * scale).to(DQ.dtype.element_ty),
                  mask=h_ok[:, None] & (dr < DR)[None, :])
+
+
+@triton.jit
+def _dkv_kernel(Q, IDX, DO, DKV, PB, DSB,
+                sq_b, sq_t, sq_h, si_b, si_t, sdo_b, sdo_t, sdo_h,
+                S, H, K, DV, DR, T0, TC,
+                BLOCK_V: tl.constexpr, BLOCK_R: tl.constexpr, HAS_TAIL: tl.constexpr,
+                PREC: tl.constexpr, BH: tl.constexpr, BK: tl.constexpr):
+    """The dkv share of one (token, head tile) from the p and ds that `_bwd_kernel` stored."""
+    tc = tl.program_id(0)
+    t64 = tl.cast(T0 + tc, tl.int64)
+    hb = tl.program_id(1)
+    b = tl.cast(tl.program_id(2), tl.int64)
+    h = hb * BH + tl.arange(0, BH)
+    h_ok = h < H
+    h64 = tl.cast(h, tl.int64)
+    dvr = tl.arange(0, BLOCK_V)
+    dr = tl.arange(0, BLOCK_R)
+    qv, qr = _load_q(Q, b * sq_b + t64 * sq_t, h64, h_ok, dvr, dr, DV, DR, sq_h, HAS_TAIL, BH, BLOCK_R)
+    do = tl.load(DO + b * sdo_b + t64 * sdo_t + h64[:, None] * sdo_h + dvr[None, :],
+                 mask=h_ok[:, None] & (dvr < DV)[None, :], other=0.0)
+    dkv_base = b * S * (DV + DR)
+    idx_base = b * si_b + t64 * si_t
+    buf_row = ((b * TC + tc) * H + h64) * K
+    for k0 in range(0, K, BK):
+        kk = k0 + tl.arange(0, BK)
+        slot = tl.load(IDX + idx_base + kk, mask=kk < K, other=-1)
+        ok = slot >= 0
+        bm = h_ok[:, None] & ok[None, :]
+        p = tl.load(PB + buf_row[:, None] + kk[None, :], mask=bm, other=0.0)
+        ds = tl.load(DSB + buf_row[:, None] + kk[None, :], mask=bm, other=0.0)
+        _add_dkv(DKV, dkv_base, slot, ok, qv, qr, do, p, ds, dvr, dr, DV, DR, HAS_TAIL, PREC)
 
 
 def _check(q, kv, indices, dv):
@@ -369,12 +440,29 @@ def backward(q, kv, indices, o, lse, do, dlse, dv: int, scale: float) -> tuple[t
     delta = backward_delta(o, do, dlse)
     dq = torch.empty_like(q)
     dkv = torch.zeros(B, S, D, dtype=torch.float32, device=q.device)
-    cfg = tile_config("bwd", q.dtype, D, H)
-    if T > 0 and H > 0:
-        _bwd_kernel[(T, triton.cdiv(H, cfg["BH"]), B)](
-            q, kv, indices, do, lse, delta, dq, dkv, *q.stride()[:3], *kv.stride()[:2], *indices.stride()[:2],
-            *do.stride()[:3], *dq.stride()[:3], S, T, H, K, meta["DV"], meta["DR"], scale, scale * LOG2E,
-            BLOCK_V=meta["BLOCK_V"], BLOCK_R=meta["BLOCK_R"], HAS_TAIL=meta["HAS_TAIL"], PREC=meta["PREC"], **cfg)
+    if T == 0 or H == 0 or K == 0:
+        return dq.zero_(), dkv.to(kv.dtype)
+    fused = BACKWARD == "fused"
+    cfg = tile_config("bwd" if fused else "dq", q.dtype, D, H)
+    nhb = triton.cdiv(H, cfg["BH"])
+    tc = T if fused else max(1, min(T, PB_BUDGET_BYTES // (2 * B * H * K * q.element_size())))
+    if fused:
+        pb = dsb = dkv  # unused
+    else:
+        pb = torch.empty(B, tc, H, K, dtype=q.dtype, device=q.device)
+        dsb = torch.empty_like(pb)
+        dkv_cfg = tile_config("dkv", q.dtype, D, H)
+    common = dict(BLOCK_V=meta["BLOCK_V"], BLOCK_R=meta["BLOCK_R"], HAS_TAIL=meta["HAS_TAIL"], PREC=meta["PREC"])
+    for t0 in range(0, T, tc):
+        n = min(tc, T - t0)
+        _bwd_kernel[(n, nhb, B)](
+            q, kv, indices, do, lse, delta, dq, dkv, pb, dsb, *q.stride()[:3], *kv.stride()[:2],
+            *indices.stride()[:2], *do.stride()[:3], *dq.stride()[:3], S, T, H, K, meta["DV"], meta["DR"],
+            t0, tc, scale, scale * LOG2E, FUSED=fused, **common, **cfg)
+        if not fused:
+            _dkv_kernel[(n, triton.cdiv(H, dkv_cfg["BH"]), B)](
+                q, indices, do, dkv, pb, dsb, *q.stride()[:3], *indices.stride()[:2], *do.stride()[:3],
+                S, H, K, meta["DV"], meta["DR"], t0, tc, **common, **dkv_cfg)
     return dq, dkv.to(kv.dtype)
 
 
