@@ -1,0 +1,75 @@
+"""Native Sparse Attention kernels (arXiv 2502.11089): the compressed branch with the block scoring
+and top-n selection, and the selected-block branch. The window branch is plain causal attention
+(kernels/attention); the compression MLP, gates and cache belong to model/nsa.py.
+
+    o_cmp, sel_idx = nsa_compressed(q, k_cmp, v_cmp, cmp_end, q_pos=..., doc_ids=..., cmp_len=l,
+                                    select_len=64, n_select=16, n_init=1, n_local=2, scale=..., backend=...)
+    o_slc = nsa_selected(q, k, v, sel_idx, q_pos=..., doc_ids=..., select_len=64, scale=..., backend=...)
+
+Shapes, visibility and the exact selection rule: reference.py's docstring. Backends: `torch`
+(reference.py, fp32 dense masks: the CPU path and oracle) and `triton` (triton.py, imported on
+first use). `auto` is triton on CUDA, torch elsewhere; resolve once with `resolve_nsa_backend`
+and pass the resolved name on every call."""
+from __future__ import annotations
+
+import os
+
+import torch
+
+from deepwish.kernels.backend import resolve_backend
+from deepwish.kernels.nsa import reference
+from deepwish.kernels.nsa.reference import check_compressed, check_selected
+
+__all__ = ["reference", "resolve_nsa_backend", "nsa_compressed", "nsa_selected"]
+
+
+def _triton_probe(device: torch.device):
+    def probe():
+        if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+            return "no CUDA device (TRITON_INTERPRET=1 runs it on CPU in the interpreter, slowly)"
+        try:
+            import deepwish.kernels.nsa.triton  # noqa: F401
+        except ImportError as e:
+            return f"the Triton kernel cannot be imported ({e})"
+        return None
+    return probe
+
+
+def resolve_nsa_backend(requested: str, device: torch.device | str, announce: bool = True) -> str:
+    """'auto' -> 'triton' on CUDA, 'torch' elsewhere (printed when announce); a named backend
+    that cannot run here raises BackendError."""
+    device = torch.device(device)
+    order = ["triton", "torch"] if device.type == "cuda" else ["torch"]
+    return resolve_backend("nsa", requested, {"triton": _triton_probe(device), "torch": lambda: None},
+                           order, announce=announce)
+
+
+def nsa_compressed(q: torch.Tensor, k_cmp: torch.Tensor, v_cmp: torch.Tensor, cmp_end: torch.Tensor, *,
+                   q_pos: torch.Tensor | None = None, doc_ids: torch.Tensor | None = None, cmp_len: int,
+                   select_len: int = 64, n_select: int = 16, n_init: int = 1, n_local: int = 2,
+                   scale: float | None = None, backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
+    """(o_cmp [B, T, H, Dv], sel_idx [B, T, Hkv, n_select] int32): attention over the visible
+    compressed tokens, and each KV group's top-n selection blocks (reference.py's rule).
+    Differentiable in q, k_cmp, v_cmp. q_pos or doc_ids must be given (the row length)."""
+    check_compressed(q, k_cmp, v_cmp, cmp_end, q_pos, doc_ids, cmp_len, select_len, n_select, n_init, n_local)
+    backend = resolve_nsa_backend(backend, q.device, announce=False)
+    kw = dict(q_pos=q_pos, doc_ids=doc_ids, cmp_len=cmp_len, select_len=select_len, n_select=n_select,
+              n_init=n_init, n_local=n_local, scale=scale)
+    if backend == "torch":
+        return reference.nsa_compressed(q, k_cmp, v_cmp, cmp_end, **kw)
+    from deepwish.kernels.nsa.triton import nsa_compressed as _triton_compressed
+    return _triton_compressed(q, k_cmp, v_cmp, cmp_end, **kw)
+
+
+def nsa_selected(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sel_idx: torch.Tensor, *,
+                 q_pos: torch.Tensor | None = None, doc_ids: torch.Tensor | None = None, select_len: int = 64,
+                 scale: float | None = None, backend: str = "auto") -> torch.Tensor:
+    """o_slc [B, T, H, Dv]: each query head over the visible raw keys of its group's selected blocks.
+    Differentiable in q, k, v."""
+    check_selected(q, k, v, sel_idx, q_pos, doc_ids, select_len)
+    backend = resolve_nsa_backend(backend, q.device, announce=False)
+    kw = dict(q_pos=q_pos, doc_ids=doc_ids, select_len=select_len, scale=scale)
+    if backend == "torch":
+        return reference.nsa_selected(q, k, v, sel_idx, **kw)
+    from deepwish.kernels.nsa.triton import nsa_selected as _triton_selected
+    return _triton_selected(q, k, v, sel_idx, **kw)
