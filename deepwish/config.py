@@ -116,6 +116,7 @@ class ModelConfig:
     index_n_heads: int = 0
     index_head_dim: int = 0
     index_topk: int = 0
+    dsa_backend: str = "auto"  # auto | triton: row-block indexer + sparse_mla; torch: the dense reference; model/dsa.py
     # --- Gated DeltaNet (Qwen3-Next linear attention) ------------------------------
     linear_n_k_heads: int = 0
     linear_n_v_heads: int = 0
@@ -161,6 +162,8 @@ class ModelConfig:
             (self.gdn_backend in BACKENDS, f"gdn_backend={self.gdn_backend!r} is not one of {BACKENDS}"),
             (self.attn_backend in ("auto", "triton", "flex", "sdpa", "torch"),
              f"attn_backend={self.attn_backend!r} is not one of auto, triton, flex, sdpa, torch"),
+            (self.dsa_backend in ("auto", "triton", "torch"),
+             f"dsa_backend={self.dsa_backend!r} is not one of auto, triton, torch"),
             (self.rope_type in ROPE_TYPES, f"rope_type={self.rope_type!r} is not one of {ROPE_TYPES}"),
             (0.0 < self.rope_partial <= 1.0, f"rope_partial={self.rope_partial} must be in (0, 1]"),
             (_activation_problem(self.hidden_act) is None, _activation_problem(self.hidden_act)),

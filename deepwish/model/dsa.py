@@ -28,13 +28,22 @@ differentiable anyway). Freezing the rest of the model during the warm-up, as th
 is the trainer's choice: `freeze_all_but_indexers(model)` does it. The loss (mean over query
 tokens) is returned beside the output as aux["indexer"] (model/block.py).
 
-The cache (`DSACache`) adds one indexer key [Di] per token to MLA's latent cache. Deviations:
-no fp8, no Hadamard transform, the KL target is computed by a dense [B,H,T,S] pass (a kernel
-would fuse it); with a cache the selection runs over the static cache's slots with unwritten
-slots masked, which selects the same set as HF's growing cache.
+The cache (`DSACache`) adds one indexer key [Di] per token to MLA's latent cache, whose c_kv
+and k_pe are views of one [B, L, R+P] buffer (the latent rows the sparse kernel reads).
+Deviations: no fp8, no Hadamard transform; with a cache the selection runs over the static
+cache's slots with unwritten slots masked, which selects the same set as HF's growing cache.
+
+Two paths over the same weights, by `model.dsa_backend` (resolved once, printed):
+- torch: this file's reference — [B,T,S] index scores, the top-k as a boolean mask, naive MLA
+  under it, the KL target from a dense [B,H,T,S] pass. The oracle.
+- auto | triton: the fast path — index scores and the top-k in row blocks as indices [B,T,K]
+  (model/dsa_rows.py, the same set by the same tie rule), sparse_mla (kernels/sparse_mla) over
+  the latent rows in the weight-absorbed form for training, prefill and decoding alike, and
+  both KL losses in row blocks. The dense warm-up attends through MLA's causal kernel.
 """
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -44,7 +53,9 @@ from torch import nn
 from deepwish.config import ModelConfig
 from deepwish.model.attention import attention_mask
 from deepwish.model.cache import MLACache, take_rows_
-from deepwish.model.dsa_rows import index_scores
+from deepwish.kernels.sparse_mla import resolve_sparse_mla_backend, sparse_mla
+from deepwish.model.attention import kernel_inputs
+from deepwish.model.dsa_rows import dense_kl, index_scores, sparse_kl, topk_indices
 from deepwish.model.mla import MLA
 from deepwish.model.rope import apply_rotary
 
@@ -58,8 +69,20 @@ class DSACache(MLACache):
     @classmethod
     def empty_dsa(cls, batch: int, max_len: int, kv_lora_rank: int, rope_dim: int, index_dim: int,
                   dtype=torch.float32, device=None) -> "DSACache":
-        z = lambda n: torch.zeros(batch, max_len, n, dtype=dtype, device=device)  # noqa: E731
-        return cls(z(kv_lora_rank), z(rope_dim), z(index_dim))
+        # c_kv and k_pe are two views of one [B, L, R+P] buffer: the sparse kernel reads whole
+        # latent rows from it (latent_rows) with no per-step concatenation of the cache
+        rows = torch.zeros(batch, max_len, kv_lora_rank + rope_dim, dtype=dtype, device=device)
+        c_kv, k_pe = rows.split([kv_lora_rank, rope_dim], dim=-1)
+        return cls(c_kv, k_pe, torch.zeros(batch, max_len, index_dim, dtype=dtype, device=device))
+
+    def latent_rows(self) -> torch.Tensor:
+        """[B, L, R+P]: c_kv and k_pe side by side, the buffer both are views of (empty_dsa)."""
+        B, L, R = self.c_kv.shape
+        base = self.c_kv._base
+        if base is None or self.k_pe._base is not base or base.shape != (B, L, R + self.k_pe.shape[-1]):
+            raise ValueError("DSACache.latent_rows: c_kv and k_pe are not views of one [B, L, R+P] buffer "
+                             "(build the cache with DSACache.empty_dsa)")
+        return base
 
     def update_index(self, positions: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
         """Write indexer keys k [B,T,Di] at `positions` [B,T]; return all [B,L,Di]."""
@@ -145,6 +168,23 @@ def indexer_kl(attn_scores: torch.Tensor, index_scores: torch.Tensor, mask: torc
     return (p * (log_p - log_q)).sum(-1).mean()
 
 
+def resolve_dsa_backend(requested: str, announce: bool = True) -> str | None:
+    """model.dsa_backend -> the sparse_mla backend of the row-block path, or None for the dense
+    reference ('torch'). 'auto' takes the row-block path everywhere, with the Triton kernel on
+    CUDA and sparse_mla's torch reference elsewhere; 'triton' insists on the kernel (an error
+    where it cannot run; TRITON_INTERPRET=1 runs it on the CPU)."""
+    if requested == "torch":
+        chosen, line = None, "dense reference ([T, S] index scores, top-k as a -inf mask)"
+    else:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        chosen = resolve_sparse_mla_backend(requested, device, announce=False)
+        note = " (no CUDA device)" if requested == "auto" and chosen == "torch" else ""
+        line = f"row-block indexer/top-k, sparse_mla {chosen}{note}"
+    if announce:
+        print(f"[deepwish] dsa: backend {requested} -> {line}", file=sys.stderr)
+    return chosen
+
+
 class DSA(MLA):
     def __init__(self, cfg: ModelConfig, layer_idx: int):
         super().__init__(cfg, layer_idx)
@@ -159,6 +199,8 @@ class DSA(MLA):
         if problems:
             raise ValueError(f"layer {layer_idx} (dsa): " + "; ".join(problems))
         self.indexer = Indexer(cfg)
+        first = next((i for i, (m, _) in enumerate(cfg.layer_types) if m == "dsa"), layer_idx)
+        self.sparse_backend = resolve_dsa_backend(cfg.dsa_backend, announce=layer_idx == first)
 
     def make_cache(self, batch: int, max_len: int, dtype, device) -> DSACache:
         return DSACache.empty_dsa(batch, max_len, self.kv_lora_rank, self.rope, self.indexer.head_dim,
@@ -166,7 +208,15 @@ class DSA(MLA):
 
     def forward(self, x: torch.Tensor, ctx, cache: DSACache | None = None) -> tuple[torch.Tensor, dict]:
         """ctx.dense_indexer_attention / ctx.indexer_loss: the indexer mode of this forward
-        (resolved from `Objective.indexer_mode` by the model, module docstring)."""
+        (resolved from `Objective.indexer_mode` by the model, module docstring). The path is
+        model.dsa_backend's, resolved once in __init__: row blocks + sparse_mla, or the reference."""
+        if self.sparse_backend is None:
+            return self.forward_reference(x, ctx, cache)
+        return self.forward_rows(x, ctx, cache)
+
+    def forward_reference(self, x: torch.Tensor, ctx, cache: DSACache | None = None) -> tuple[torch.Tensor, dict]:
+        """The dense reference (dsa_backend=torch): [B,T,S] index scores, a boolean top-k mask and
+        a dense [B,H,T,S] KL target. The oracle of forward_rows."""
         B, T, _ = x.shape
         q_nope, q_pe, c_kv, k_pe, q_resid = self.project(x, ctx)
         xi, qi = x.detach(), q_resid.detach()  # the indexer learns only from its own loss
@@ -188,6 +238,54 @@ class DSA(MLA):
             with torch.no_grad():
                 s = self.attention_scores_absorbed(q_nope, q_pe, c_kv, k_pe)
             aux["indexer"] = indexer_kl(s, index_scores, attend)
+        return self.o_proj(o.reshape(B, T, -1)), aux
+
+    def absorbed_query(self, q_nope: torch.Tensor, q_pe: torch.Tensor) -> torch.Tensor:
+        """[B,T,H,R+P]: q_nope folded through W_uk into the latent, then q_pe (the MQA form)."""
+        w_uk, _ = self.absorbed_weights()
+        q_lat = torch.einsum("bthn,hnr->bthr", q_nope, w_uk.to(q_nope.dtype))
+        return torch.cat([q_lat, q_pe.to(q_lat.dtype)], dim=-1)
+
+    def forward_rows(self, x: torch.Tensor, ctx, cache: DSACache | None = None) -> tuple[torch.Tensor, dict]:
+        """The fast path (dsa_backend auto | triton): the indexer's top-k in row blocks as indices
+        [B,T,K], sparse_mla over the latent rows in the absorbed form, the KL in row blocks
+        (model/dsa_rows.py). Nothing is [T, S]; with a cache, shapes are static and nothing reads
+        a value on the host, so a decode step can be captured as a graph."""
+        B, T, _ = x.shape
+        ix = self.indexer
+        q_nope, q_pe, c_kv, k_pe, q_resid = self.project(x, ctx)
+        xi, qi = x.detach(), q_resid.detach()  # the indexer learns only from its own loss
+        k_idx = ix.keys(xi, ctx)
+        q_idx, w_idx = ix.queries(xi, qi, ctx)
+        if cache is not None:
+            c_kv, k_pe = cache.update(ctx.positions, c_kv, k_pe)
+            k_idx = cache.update_index(ctx.positions, k_idx)
+            kv = cache.latent_rows()
+            k_pos, q_doc, k_doc, prefix = torch.arange(cache.max_len, device=x.device).expand(B, -1), None, None, False
+        else:
+            kv = torch.cat([c_kv, k_pe.to(c_kv.dtype)], dim=-1)
+            k_pos, q_doc, k_doc, prefix = ctx.positions, ctx.doc_ids, ctx.doc_ids, True
+        q_abs = self.absorbed_query(q_nope, q_pe)
+        where = dict(q_pos=ctx.positions, k_pos=k_pos, q_doc=q_doc, k_doc=k_doc, causal_prefix=prefix)
+        indices = None
+        if ctx.dense_indexer_attention:  # the warm-up attends densely: MLA's own paths
+            if cache is None:
+                o = self.attend_training(q_nope, q_pe, c_kv, k_pe, ctx)
+            else:
+                o = self.attend_absorbed(q_nope, q_pe, c_kv, k_pe, attention_mask(ctx.positions, k_pos))
+        else:
+            indices = topk_indices(q_idx.detach(), w_idx.detach(), k_idx.detach(), ix.softmax_scale, ix.topk, **where)
+            q_k, kv_k = kernel_inputs(q_abs, kv)
+            o_lat, _ = sparse_mla(q_k, kv_k, indices, dv=self.kv_lora_rank, scale=self.scale,
+                                  backend=self.sparse_backend)
+            _, w_uv = self.absorbed_weights()
+            o = torch.einsum("bthr,hvr->bthv", o_lat, w_uv.to(o_lat.dtype)).to(q_nope.dtype)
+        aux = {}
+        if ctx.indexer_loss:
+            if indices is None:
+                aux["indexer"] = dense_kl(q_idx, w_idx, k_idx, q_abs, kv, ix.softmax_scale, self.scale, **where)
+            else:
+                aux["indexer"] = sparse_kl(q_idx, w_idx, k_idx, q_abs, kv, indices, ix.softmax_scale, self.scale)
         return self.o_proj(o.reshape(B, T, -1)), aux
 
 

@@ -16,8 +16,8 @@ from deepwish.config import ConfigError, ModelConfig, from_dict, to_dict
 from deepwish.weights import is_hf_dir, load_weights
 
 # Model fields that do not change what the weights mean: free to differ from the source.
-TRAINING_ONLY_FIELDS = ("init_std", "attn_backend", "gdn_backend", "router_aux_loss_coef", "seq_aux_loss_coef",
-                        "bias_update_rate")
+TRAINING_ONLY_FIELDS = ("init_std", "attn_backend", "gdn_backend", "dsa_backend", "router_aux_loss_coef",
+                        "seq_aux_loss_coef", "bias_update_rate")
 
 
 def source_config(path: str | Path) -> ModelConfig:
