@@ -276,6 +276,7 @@ BENCHES = {
     "speedrun": "deepwish.bench.speedrun",
     "ablate": "deepwish.bench.ablate",
     "grpo": "deepwish.bench.grpo",
+    "dsa": "deepwish.bench.dsa",
 }
 
 

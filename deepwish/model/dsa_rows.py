@@ -42,8 +42,9 @@ def rows_per_block(batch: int, width: int, budget: int = ROW_BUDGET) -> int:
 def index_scores(q: torch.Tensor, w: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tensor:
     """I[t,s] = Σ_h w_h · relu(q_h·k_s · scale). q [B,C,Hi,Di], w [B,C,Hi] (fp32, with the
     Hi^-0.5 folded in), k [B,S,Di] -> [B,C,S] fp32, in the operation order HF uses."""
-    s = torch.matmul(q.float(), k.transpose(-1, -2).float().unsqueeze(1)) * scale  # [B,C,Hi,S]
-    s = F.relu(s)
+    # in place: one [B,C,Hi,S] buffer, not three (neither op's backward needs what it overwrites)
+    s = torch.matmul(q.float(), k.transpose(-1, -2).float().unsqueeze(1)).mul_(scale)  # [B,C,Hi,S]
+    s = F.relu_(s)
     return torch.matmul(w.unsqueeze(-2), s).squeeze(-2)
 
 
