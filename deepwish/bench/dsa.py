@@ -4,6 +4,11 @@ reference (model.dsa_backend=torch).
     deepwish bench dsa --out DIR [--index-seq 4096,16384,65536] [--train-seq 4096,16384,32768]
                                  [--decode-ctx 8192,32768,65536,131072] [--layers 2]
     deepwish bench dsa --out DIR --tiny          (toy shapes; runs on the CPU too)
+    deepwish bench dsa --out DIR --parts kernel [--sweep] [--tiles DIR/tiles.json]
+
+0. (--parts kernel, CUDA only) the sparse MLA kernel alone (bench/sparse_mla.py): fwd/bwd time
+   and TFLOP/s at T 4k-64k and the goal shape against dense SDPA over the latent, decode
+   latency at 4k-128k, a bf16 check against the reference; DIR/sparse_mla.json and .png.
 
 1. Indexer + top-k in row blocks (model/dsa_rows.py topk_indices) at B=1, 64 index heads of 128,
    top-2048, against T: time and extra peak memory (everything allocated beyond the inputs,
@@ -305,7 +310,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--layers", type=int, default=2, help="layers of the V3.2 bench-shape model (parts 2, 3)")
     p.add_argument("--tiny", action="store_true", help="toy shapes (deepseek_v32_tiny), for a CPU check of the bench")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--parts", default="kernel,indexer,train,decode",
+                   help="comma list of kernel (the sparse MLA kernel alone; CUDA), indexer, train, decode")
+    p.add_argument("--sweep", action="store_true", help="kernel part: time launch configs first, use the fastest")
+    p.add_argument("--tiles", default=None, help="kernel part: a tiles.json from an earlier --sweep")
     a = p.parse_args(argv)
+    parts = {x for x in a.parts.split(",") if x}
+    if parts - {"kernel", "indexer", "train", "decode"}:
+        raise SystemExit(f"deepwish bench dsa: unknown parts {sorted(parts - {'kernel', 'indexer', 'train', 'decode'})}")
     dev = torch.device(a.device)
     if a.tiny:
         base, Hi, Di, K = "deepseek_v32_tiny", 4, 32, 16
@@ -322,9 +334,12 @@ def main(argv: list[str] | None = None) -> int:
     res = {"env": environment(dev), "shape": {"base": base, "index_heads": Hi, "index_dim": Di, "topk": K,
                                               "layers": a.layers}}
     print(f"device: {res['env']['device']} | torch {torch.__version__} | {base} + DSA, {a.layers} layers", flush=True)
-    res["indexer"] = bench_indexer(index_seq, Hi, Di, K, dev)
-    res["train"] = bench_train(train_seq, a.layers, base, a.tiny, dev)
-    res["decode"] = bench_decode(decode_ctx, a.layers, base, a.tiny, dev)
+    if "kernel" in parts and dev.type == "cuda" and not a.tiny:
+        from deepwish.bench.sparse_mla import run as kernel_bench
+        kernel_bench(dev, out, ["check", "kernel", "decode"], sweep_first=a.sweep, tiles=a.tiles)
+    res["indexer"] = bench_indexer(index_seq, Hi, Di, K, dev) if "indexer" in parts else []
+    res["train"] = bench_train(train_seq, a.layers, base, a.tiny, dev) if "train" in parts else []
+    res["decode"] = bench_decode(decode_ctx, a.layers, base, a.tiny, dev) if "decode" in parts else []
     print_tables(res)
     (out / "results.json").write_text(json.dumps(res, indent=2))
     plot(res, out / "dsa.png")
