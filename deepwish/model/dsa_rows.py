@@ -31,6 +31,7 @@ from torch.utils.checkpoint import checkpoint
 
 from deepwish.model.attention import attention_mask
 
+NEG_INF_KEY = -0x7F800001  # fp32 -inf (bits 0xFF800000) in the order-preserving int32 map of topk_latest_indices
 ROW_BUDGET = 1 << 25  # elements of a block's widest fp32 intermediate (128 MiB)
 
 
@@ -52,19 +53,21 @@ def topk_latest_indices(scores: torch.Tensor, visible: torch.Tensor, k: int) -> 
     """The set of `select_topk_latest(scores, visible, k)` as slots: scores [..., S] fp32,
     visible [..., S] bool -> [..., k] int32, -1 padded (rows with fewer than k visible keys).
 
-    One topk gives the k-th score and every key above it (a sorted topk lists them first);
-    a second topk over the tied keys' slot numbers gives the latest of them, which fill the rest."""
+    The rule "every key above the k-th score, then the latest of the keys equal to it" is the
+    top-k of the pairs (score, slot) in lexicographic order, so one topk over an int64 key does
+    it: the score's fp32 bits mapped to an int32 of the same order (negative floats have their
+    magnitude bits flipped; -0.0 is made +0.0 first, as the two compare equal), times 2^32,
+    plus the slot. Invisible keys score -inf and come back as -1."""
     S = scores.shape[-1]
     kk = min(k, S)
-    s = scores.masked_fill(~visible, float("-inf"))
-    vals, idx = s.topk(kk, dim=-1)  # sorted: the keys above the k-th score come first
-    kth = vals[..., -1:]
-    n_above = (vals > kth).sum(-1, keepdim=True)
-    slots = torch.arange(S, device=s.device, dtype=torch.int32)
-    tied = torch.where((s == kth) & visible, slots, -1)  # -inf k-th (too few visible): nothing ties
-    latest_tied = tied.topk(kk, dim=-1).values  # latest first, then -1
-    j = torch.arange(kk, device=s.device)
-    out = torch.where(j < n_above, idx.to(torch.int32), latest_tied.gather(-1, (j - n_above).clamp_min(0)))
+    s = scores.masked_fill(~visible, float("-inf")) + 0.0  # + 0.0: -0.0 -> +0.0
+    bits = s.view(torch.int32)
+    ordered = bits ^ ((bits >> 31) & 0x7FFFFFFF)  # int32 order == float order
+    slots = torch.arange(S, device=s.device, dtype=torch.int64)
+    key = ordered.to(torch.int64).mul_(1 << 32).add_(slots)
+    top, idx = key.topk(kk, dim=-1, sorted=False)
+    unseen = top < ((NEG_INF_KEY + 1) << 32)  # the -inf entries: fewer than k visible
+    out = torch.where(unseen, -1, idx.to(torch.int32))
     if kk < k:
         out = F.pad(out, (0, k - kk), value=-1)
     return out
@@ -74,6 +77,7 @@ def _keys_for(t1: int, causal_prefix: bool, S: int) -> int:
     return t1 if causal_prefix else S
 
 
+@torch.compiler.disable  # a loop of row blocks: run eagerly inside a compiled block, not unrolled
 def topk_indices(q: torch.Tensor, w: torch.Tensor, k: torch.Tensor, scale: float, topk: int,
                  q_pos: torch.Tensor, k_pos: torch.Tensor, q_doc: torch.Tensor | None = None,
                  k_doc: torch.Tensor | None = None, causal_prefix: bool = False,
@@ -121,6 +125,7 @@ def _dense_kl_block(q: torch.Tensor, w: torch.Tensor, k: torch.Tensor, q_abs: to
     return _kl_rows(p, log_q, keep)
 
 
+@torch.compiler.disable
 def dense_kl(q: torch.Tensor, w: torch.Tensor, k: torch.Tensor, q_abs: torch.Tensor, kv: torch.Tensor,
              index_scale: float, attn_scale: float, q_pos: torch.Tensor, k_pos: torch.Tensor,
              q_doc: torch.Tensor | None = None, k_doc: torch.Tensor | None = None,
@@ -164,6 +169,7 @@ def _sparse_kl_block(q: torch.Tensor, w: torch.Tensor, k: torch.Tensor, q_abs: t
     return _kl_rows(p, log_q, keep)
 
 
+@torch.compiler.disable
 def sparse_kl(q: torch.Tensor, w: torch.Tensor, k: torch.Tensor, q_abs: torch.Tensor, kv: torch.Tensor,
               indices: torch.Tensor, index_scale: float, attn_scale: float,
               budget: int = ROW_BUDGET) -> torch.Tensor:

@@ -21,7 +21,8 @@ def test_topk_indices_of_a_block_equal_the_reference_set(k):
     g = torch.Generator().manual_seed(k)
     scores = torch.randint(-2, 3, (3, 9, 12), generator=g).float()  # small integers: ties everywhere
     scores[1] = torch.randn(9, 12, generator=g)
-    scores[2] = 0.0  # every key tied
+    scores[2] = torch.where(torch.rand(9, 12, generator=g) < 0.5, -0.0, 0.0)  # every key tied (-0.0 == 0.0)
+    assert torch.signbit(scores[2]).any()
     visible = torch.rand(3, 9, 12, generator=g) < 0.7
     visible[0, 0] = False  # a row that sees nothing
     got = topk_latest_indices(scores, visible, k)
