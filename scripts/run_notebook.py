@@ -58,6 +58,7 @@ def _display_hooks(outputs: list) -> None:
 
         root = types.ModuleType("IPython")
         root.get_ipython = lambda: None
+        root.version_info = (0, 0, 0)  # matplotlib reads it whenever an "IPython" module is loaded
         mod = types.ModuleType("IPython.display")
         mod.Image = Image
         root.display = mod

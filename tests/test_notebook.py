@@ -79,3 +79,20 @@ def test_run_notebook_script_saves_outputs(tmp_path):
     assert c2.outputs[1]["data"]["image/png"] == "iVBORw0KGgpmYWtl"
     assert c3.outputs[-1]["output_type"] == "error" and c3.outputs[-1]["ename"] == "ValueError"
     assert c4.outputs == []
+
+
+def test_run_notebook_without_ipython_draws_figures(tmp_path):
+    """Where IPython is not installed the runner's stand-in module must satisfy matplotlib, which
+    inspects any loaded "IPython" module whenever a figure is created."""
+    import subprocess
+    nb = nbformat.v4.new_notebook()
+    nb.cells = [nbformat.v4.new_code_cell("import matplotlib.pyplot as plt\nfig, ax = plt.subplots()\n"
+                                          "ax.plot([1, 2])\nfig.savefig('p.png')\nprint('drawn')")]
+    src, out = tmp_path / "n.ipynb", tmp_path / "done.ipynb"
+    nbformat.write(nb, src)
+    hide_ipython = ("import sys, runpy; sys.modules['IPython'] = None; "
+                    f"sys.argv = ['run_notebook.py', {str(src)!r}, '--out', {str(out)!r}]; "
+                    f"runpy.run_path({str(ROOT / 'scripts' / 'run_notebook.py')!r}, run_name='__main__')")
+    r = subprocess.run([sys.executable, "-c", hide_ipython], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "drawn" in r.stdout and (tmp_path / "p.png").stat().st_size > 0
