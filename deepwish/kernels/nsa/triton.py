@@ -1,0 +1,740 @@
+"""NSA's compressed and selected branches in Triton: forward and backward, packed documents, any
+query positions (training, prefill and decoding share the entry points).
+
+Same semantics as `reference.py` (read it first: visibility and the exact selection rule).
+Shape legend: B batch, T queries, S raw keys, N compressed tokens, H query heads, Hkv KV heads,
+G = H / Hkv, GP = G rounded up to a power of two, NB = ceil(S / l') selection blocks, n = n_select.
+
+Compressed branch (one kernel for the forward, `_cmp_fwd_kernel`):
+- A program owns one KV head and BT = 16 consecutive queries; its BM = BT·GP rows are (query,
+  head of the group) pairs, as in kernels/attention (`_rows`): every compressed K/V tile serves
+  the whole group.
+- Pass 1 is flash attention over the compressed tokens the tile can see, saving the row
+  log-sum-exp (base 2). The range of compressed tokens is found by binary search in the prefix
+  max and suffix min of cmp_end (torch, once per call), so it is exact for any order of cmp_end
+  and tight for the usual ascending one (padding last); queries at positions before a block's end
+  never visit it.
+- Pass 2 (the selection) recomputes the probabilities with the saved lse, never storing the
+  [T, N] matrix: it walks the selection blocks the tile can select in tiles of BJ = 16 blocks; for
+  each, the compressed tokens overlapping those blocks (again by binary search), p = exp2(s - lse)
+  summed over the G heads of each query (a reshape and sum: exact fp32), and mapped onto the
+  blocks by an fp32 dot with the 0/1 overlap matrix [BN, BJ] built from cmp_end. Forced blocks
+  get +inf, ineligible ones -inf, and each query keeps a running top-n in registers: blocks
+  arrive in increasing order, so a newcomer replaces the minimum slot (lowest score, then
+  earliest block) iff its score is >= that minimum: exactly the reference's order (score, then
+  later block). The slots are sorted (descending block index) and stored as sel_idx.
+- Backward: delta = rowsum(dO·O) (kernels/attention's kernel), dQ per query tile over the same
+  compressed range, dK/dV per compressed tile over the query tiles that can see it (binary
+  search in the prefix max of q_pos and the suffix min of the queries' document starts). No
+  atomics; the selection has no gradient (sel_idx is discrete).
+
+Selected branch:
+- Forward (`_slc_fwd_kernel`): a program owns one query and one KV group; its rows are the G
+  query heads (padded to 16 for the tensor cores), so each selected K/V block, loaded once,
+  serves the whole group: the matmul's M dimension is the group. Blocks with index -1 are
+  skipped; positions after the query or before its document start are masked.
+- dQ: the same program shape, with the saved lse and delta.
+- dK/dV through an inverse index, built on device without a host sync (`inverse_index`): the
+  (batch, KV head, block) key of every valid sel_idx entry is sorted (argsort), counted
+  (bincount) and cut into work items of at most CH queries each; a program per work item loads
+  its K/V block once and iterates over the gathered queries (BQ queries · GP heads as the
+  columns of transposed scores), accumulating dK, dV in registers, then adds them to fp32
+  buffers with one atomic add per element per work item (not per query). Chunking keeps the
+  initial block, chosen by every query of its document, from serialising on one program. The
+  number of work items is bounded by ceil(B·T·Hkv·n / CH) + B·Hkv·NB, a fixed grid whose
+  surplus programs exit at once.
+
+Offsets are int64 (B·S·Hkv·D passes 2³¹ at long S); positions are int32 (S < 2³¹). Accumulation
+is fp32; fp32 inputs take IEEE dots. The selection scoring always runs in fp32 IEEE arithmetic.
+
+Simplifications: G <= 16 (BT·GP rows of the compressed tiles; config checks call `check_group`);
+head dims up to 256, padded to a power of two; a block listed twice in sel_idx counts twice (the
+top-n never lists one twice). Decoding with T = 1 runs one program per (batch, KV head) for the
+compressed branch (no split over the compressed tokens): simple and graph-capturable, not the
+fastest at very long contexts.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from deepwish.kernels.attention.triton import _rows, backward_delta
+from deepwish.kernels.nsa.reference import check_compressed, check_selected, default_q_pos, query_doc_start
+
+MAX_HEAD_DIM = 256
+MAX_GROUP = 16
+POS_MAX = 2 ** 31 - 1  # a padding slot's cmp_end, clamped to int32: beyond every position
+
+_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+# Fixed launch configurations (no autotuner: it compiles every candidate per shape class).
+# (kind, "16bit" | "fp32"): dict of tile sizes and warps. Compressed kernels: BT queries per tile
+# (BM = BT·GP rows), BN compressed tokens per tile, BJ selection blocks per scoring tile.
+# Selected kernels: rows = max(16, GP); BQ queries per dK/dV step, CH queries per work item.
+# The 16-bit rows are first choices for an H200 at D 128, G 16 (register budget: BM = 256 rows
+# of fp32 scores over BN = 64); not swept yet.
+TILES = {
+    ("cmp_fwd", "16bit"): dict(BT=16, BN=64, BJ=16, num_warps=8, num_stages=2),
+    ("cmp_dq", "16bit"): dict(BT=16, BN=64, num_warps=8, num_stages=2),
+    ("cmp_dkdv", "16bit"): dict(BT=8, BN=64, num_warps=8, num_stages=2),
+    ("slc_fwd", "16bit"): dict(num_warps=4, num_stages=2),
+    ("slc_dq", "16bit"): dict(num_warps=4, num_stages=2),
+    ("slc_dkdv", "16bit"): dict(ROWS=128, CH=1024, num_warps=8, num_stages=2),
+    ("cmp_fwd", "fp32"): dict(BT=16, BN=32, BJ=16, num_warps=8, num_stages=1),
+    ("cmp_dq", "fp32"): dict(BT=16, BN=32, num_warps=8, num_stages=1),
+    ("cmp_dkdv", "fp32"): dict(BT=4, BN=32, num_warps=8, num_stages=1),
+    ("slc_fwd", "fp32"): dict(num_warps=4, num_stages=1),
+    ("slc_dq", "fp32"): dict(num_warps=4, num_stages=1),
+    ("slc_dkdv", "fp32"): dict(ROWS=64, CH=1024, num_warps=8, num_stages=1),
+}
+# the interpreter: small tiles, so a test of a few dozen tokens crosses several of each
+INTERPRET_TILES = {
+    "cmp_fwd": dict(BT=16, BN=16, BJ=16, num_warps=1, num_stages=1),
+    "cmp_dq": dict(BT=16, BN=16, num_warps=1, num_stages=1),
+    "cmp_dkdv": dict(BT=2, BN=16, num_warps=1, num_stages=1),
+    "slc_fwd": dict(num_warps=1, num_stages=1),
+    "slc_dq": dict(num_warps=1, num_stages=1),
+    "slc_dkdv": dict(ROWS=16, CH=3, num_warps=1, num_stages=1),
+}
+
+
+def tile_config(kind: str, dtype: torch.dtype) -> dict:
+    if _INTERPRET:
+        return dict(INTERPRET_TILES[kind])
+    return dict(TILES[(kind, "fp32" if dtype == torch.float32 else "16bit")])
+
+
+def check_group(n_heads: int, n_kv_heads: int) -> None:
+    """The group sizes the Triton kernels tile (a config check for model code)."""
+    if n_heads % n_kv_heads or n_heads // n_kv_heads > MAX_GROUP:
+        raise ValueError(f"nsa (triton): {n_heads} query heads over {n_kv_heads} KV heads: the group size must be an "
+                         f"integer <= {MAX_GROUP}")
+
+
+# ---- small device helpers -----------------------------------------------------------------------
+@triton.jit
+def _first_ge(A, base, n, x):
+    """First i in [0, n) with A[base + i] >= x (A non-decreasing there), n if none: binary search."""
+    lo = n * 0
+    hi = n
+    while lo < hi:
+        mid = (lo + hi) // 2
+        ge = tl.load(A + base + mid) >= x
+        lo = tl.where(ge, lo, mid + 1)
+        hi = tl.where(ge, mid, hi)
+    return lo
+
+
+@triton.jit
+def _cmp_visible(p, ds, end):
+    """[rows, tokens]: compressed token visible iff doc_start(p) <= cmp_end <= p."""
+    return (end[None, :] <= p[:, None]) & (end[None, :] >= ds[:, None])
+
+
+@triton.jit
+def _cmp_range(CMAX, CMIN, cbase, N, p, ds, ok):
+    """[c_lo, c_hi) of the compressed tokens any of the rows (p, ds, ok) may see."""
+    p_max = tl.max(tl.where(ok, p, -1))
+    ds_min = tl.min(tl.where(ok, ds, 2147483647))
+    c_lo = _first_ge(CMAX, cbase, N, ds_min)
+    c_hi = _first_ge(CMIN, cbase, N, p_max + 1)
+    return c_lo, c_hi
+
+
+# ---- compressed branch --------------------------------------------------------------------------
+@triton.jit
+def _cmp_fwd_kernel(Q, KC, VC, END, CMAX, CMIN, QPOS, QDS, O, LSE, SEL,
+                    sq_b, sq_t, sq_h, sk_b, sk_n, sk_h, sv_b, sv_n, sv_h, so_b, so_t, so_h,
+                    T, N, H, HKV, G, DQK, DV, scale, CMP_LEN, SEL_LEN, N_SELECT, N_INIT, N_LOCAL,
+                    BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr, GP: tl.constexpr, BT: tl.constexpr,
+                    BN: tl.constexpr, BJ: tl.constexpr, NP: tl.constexpr, SELECT: tl.constexpr,
+                    PREC: tl.constexpr):
+    BM: tl.constexpr = BT * GP
+    qk_scale = scale * 1.4426950408889634
+    m0 = tl.program_id(0) * BT
+    bh = tl.program_id(1)
+    b = tl.cast(bh // HKV, tl.int64)
+    hkv = bh % HKV
+    t, r, row_ok = _rows(m0, T, G, GP, BM)
+    h = hkv * G + r
+    t64, h64 = tl.cast(t, tl.int64), tl.cast(h, tl.int64)
+    dk = tl.arange(0, BLOCK_DK)
+    dv = tl.arange(0, BLOCK_DV)
+    p_row = tl.load(QPOS + b * T + t, mask=row_ok, other=0)
+    ds_row = tl.load(QDS + b * T + t, mask=row_ok, other=0)
+    q = tl.load(Q + b * sq_b + t64[:, None] * sq_t + h64[:, None] * sq_h + dk[None, :],
+                mask=row_ok[:, None] & (dk < DQK)[None, :], other=0.0)
+    cbase = b * N
+    c_lo, c_hi = _cmp_range(CMAX, CMIN, cbase, N, p_row, ds_row, row_ok)
+    k_base = b * sk_b + tl.cast(hkv, tl.int64) * sk_h
+    v_base = b * sv_b + tl.cast(hkv, tl.int64) * sv_h
+    acc = tl.zeros([BM, BLOCK_DV], dtype=tl.float32)
+    m_i = tl.full([BM], -1.0e30, dtype=tl.float32)  # finite: a row that sees nothing stays NaN-free
+    l_i = tl.zeros([BM], dtype=tl.float32)
+    for c0 in range(c_lo, c_hi, BN):
+        c = c0 + tl.arange(0, BN)
+        c_ok = c < c_hi
+        c64 = tl.cast(c, tl.int64)
+        end = tl.load(END + cbase + c, mask=c_ok, other=2147483647)
+        k = tl.load(KC + k_base + c64[:, None] * sk_n + dk[None, :], mask=c_ok[:, None] & (dk < DQK)[None, :], other=0.0)
+        s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale
+        s = tl.where(_cmp_visible(p_row, ds_row, end), s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(VC + v_base + c64[:, None] * sv_n + dv[None, :], mask=c_ok[:, None] & (dv < DV)[None, :], other=0.0)
+        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=PREC)
+        m_i = m_new
+    seen = l_i > 0.0
+    o = acc / tl.where(seen, l_i, 1.0)[:, None]
+    tl.store(O + b * so_b + t64[:, None] * so_t + h64[:, None] * so_h + dv[None, :], o.to(O.dtype.element_ty),
+             mask=row_ok[:, None] & (dv < DV)[None, :])
+    # a row that sees nothing (or a padding row) gets lse = +inf: every p = exp2(s - lse) is 0
+    lse = tl.where(seen & row_ok, m_i + tl.log2(tl.where(seen, l_i, 1.0)), float("inf"))
+    tl.store(LSE + (b * T + t64) * H + h64, lse, mask=row_ok)
+    if SELECT:
+        # ---- pass 2: block importance and the running top-n, per query of the tile ----
+        tt = m0 + tl.arange(0, BT)
+        tok_ok = tt < T
+        p_tok = tl.load(QPOS + b * T + tt, mask=tok_ok, other=0)
+        ds_tok = tl.load(QDS + b * T + tt, mask=tok_ok, other=0)
+        sb = ds_tok // SEL_LEN                       # block of the document start
+        qb = p_tok // SEL_LEN                        # block of the query
+        j_lo = tl.min(tl.where(tok_ok, sb, 2147483647))
+        j_hi = tl.max(tl.where(tok_ok, qb, -1)) + 1
+        slot = tl.arange(0, NP)
+        live = slot < N_SELECT
+        # slots beyond n_select: +inf and a huge index, so never the minimum (n_init + n_local <= n)
+        best_s = tl.where(live, float("-inf"), float("inf"))[None, :] + tl.zeros([BT, NP], dtype=tl.float32)
+        best_i = tl.where(live, -1 - slot, 2147483647)[None, :] + tl.zeros([BT, NP], dtype=tl.int32)
+        jj = tl.arange(0, BJ)
+        for j0 in range(j_lo, j_hi, BJ):
+            j = j0 + jj
+            score = tl.zeros([BT, BJ], dtype=tl.float32)
+            # compressed tokens overlapping blocks [j0, j0 + BJ): end >= j0·l', end - l + 1 <= (j0 + BJ)·l' - 1
+            ca = tl.maximum(c_lo, _first_ge(CMAX, cbase, N, j0 * SEL_LEN))
+            cb = tl.minimum(c_hi, _first_ge(CMIN, cbase, N, (j0 + BJ) * SEL_LEN + CMP_LEN - 1))
+            for c0 in range(ca, cb, BN):
+                c = c0 + tl.arange(0, BN)
+                c_ok = c < cb
+                c64 = tl.cast(c, tl.int64)
+                end = tl.load(END + cbase + c, mask=c_ok, other=2147483647)
+                k = tl.load(KC + k_base + c64[:, None] * sk_n + dk[None, :],
+                            mask=c_ok[:, None] & (dk < DQK)[None, :], other=0.0)
+                s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale
+                p = tl.where(_cmp_visible(p_row, ds_row, end), tl.exp2(s - lse[:, None]), 0.0)
+                pg = tl.sum(tl.reshape(p, [BT, GP, BN]), 1)                    # [BT, BN]: the group's sum
+                first = tl.maximum(end - CMP_LEN + 1, 0) // SEL_LEN
+                last = end // SEL_LEN
+                ov = (j[None, :] >= first[:, None]) & (j[None, :] <= last[:, None]) & c_ok[:, None]
+                score = tl.dot(pg, ov.to(tl.float32), score, input_precision="ieee")
+            elig = (j[None, :] >= sb[:, None]) & (j[None, :] <= qb[:, None]) & tok_ok[:, None]
+            forced = elig & ((j[None, :] < sb[:, None] + N_INIT) | (j[None, :] > qb[:, None] - N_LOCAL))
+            score = tl.where(forced, float("inf"), tl.where(elig, score, float("-inf")))
+            for x in range(0, BJ):
+                s_j = tl.sum(tl.where(jj[None, :] == x, score, 0.0), 1)       # [BT]
+                m = tl.min(best_s, 1)
+                at_min = best_s == m[:, None]
+                i_min = tl.min(tl.where(at_min, best_i, 2147483647), 1)
+                victim = at_min & (best_i == i_min[:, None])
+                take = (s_j >= m) & (s_j > float("-inf"))
+                best_s = tl.where(victim & take[:, None], s_j[:, None], best_s)
+                best_i = tl.where(victim & take[:, None], j0 + x, best_i)
+        best_i = tl.where(live[None, :], tl.maximum(best_i, -1), -2)   # empty slots -1; surplus -2, sorted last
+        best_i = tl.sort(best_i, dim=1, descending=True)
+        tt64 = tl.cast(tt, tl.int64)
+        tl.store(SEL + ((b * T + tt64[:, None]) * HKV + hkv) * N_SELECT + slot[None, :], best_i,
+                 mask=tok_ok[:, None] & live[None, :])
+
+
+@triton.jit
+def _cmp_dq_kernel(Q, KC, VC, DO, LSE, DELTA, END, CMAX, CMIN, QPOS, QDS, DQO,
+                   sq_b, sq_t, sq_h, sk_b, sk_n, sk_h, sv_b, sv_n, sv_h, sdo_b, sdo_t, sdo_h, sdq_b, sdq_t, sdq_h,
+                   T, N, H, HKV, G, DQK, DV, scale,
+                   BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr, GP: tl.constexpr, BT: tl.constexpr,
+                   BN: tl.constexpr, PREC: tl.constexpr):
+    BM: tl.constexpr = BT * GP
+    qk_scale = scale * 1.4426950408889634
+    m0 = tl.program_id(0) * BT
+    bh = tl.program_id(1)
+    b = tl.cast(bh // HKV, tl.int64)
+    hkv = bh % HKV
+    t, r, row_ok = _rows(m0, T, G, GP, BM)
+    h = hkv * G + r
+    t64, h64 = tl.cast(t, tl.int64), tl.cast(h, tl.int64)
+    dk = tl.arange(0, BLOCK_DK)
+    dv = tl.arange(0, BLOCK_DV)
+    p_row = tl.load(QPOS + b * T + t, mask=row_ok, other=0)
+    ds_row = tl.load(QDS + b * T + t, mask=row_ok, other=0)
+    q = tl.load(Q + b * sq_b + t64[:, None] * sq_t + h64[:, None] * sq_h + dk[None, :],
+                mask=row_ok[:, None] & (dk < DQK)[None, :], other=0.0)
+    do = tl.load(DO + b * sdo_b + t64[:, None] * sdo_t + h64[:, None] * sdo_h + dv[None, :],
+                 mask=row_ok[:, None] & (dv < DV)[None, :], other=0.0)
+    row = (b * T + t64) * H + h64
+    lse = tl.load(LSE + row, mask=row_ok, other=float("inf"))
+    delta = tl.load(DELTA + row, mask=row_ok, other=0.0)
+    cbase = b * N
+    c_lo, c_hi = _cmp_range(CMAX, CMIN, cbase, N, p_row, ds_row, row_ok)
+    k_base = b * sk_b + tl.cast(hkv, tl.int64) * sk_h
+    v_base = b * sv_b + tl.cast(hkv, tl.int64) * sv_h
+    dq_acc = tl.zeros([BM, BLOCK_DK], dtype=tl.float32)
+    for c0 in range(c_lo, c_hi, BN):
+        c = c0 + tl.arange(0, BN)
+        c_ok = c < c_hi
+        c64 = tl.cast(c, tl.int64)
+        end = tl.load(END + cbase + c, mask=c_ok, other=2147483647)
+        k = tl.load(KC + k_base + c64[:, None] * sk_n + dk[None, :], mask=c_ok[:, None] & (dk < DQK)[None, :], other=0.0)
+        v = tl.load(VC + v_base + c64[:, None] * sv_n + dv[None, :], mask=c_ok[:, None] & (dv < DV)[None, :], other=0.0)
+        s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale
+        p = tl.where(_cmp_visible(p_row, ds_row, end), tl.exp2(s - lse[:, None]), 0.0)
+        dp = tl.dot(do, tl.trans(v), input_precision=PREC)
+        dsc = p * (dp - delta[:, None])
+        dq_acc = tl.dot(dsc.to(k.dtype), k, dq_acc, input_precision=PREC)
+    tl.store(DQO + b * sdq_b + t64[:, None] * sdq_t + h64[:, None] * sdq_h + dk[None, :],
+             (dq_acc * scale).to(DQO.dtype.element_ty), mask=row_ok[:, None] & (dk < DQK)[None, :])
+
+
+@triton.jit
+def _cmp_dkdv_kernel(Q, KC, VC, DO, LSE, DELTA, END, QPOS, QDS, QPMAX, QDSMIN, DKO, DVO,
+                     sq_b, sq_t, sq_h, sk_b, sk_n, sk_h, sv_b, sv_n, sv_h, sdo_b, sdo_t, sdo_h,
+                     sdk_b, sdk_n, sdk_h, sdv_b, sdv_n, sdv_h,
+                     T, N, H, HKV, G, DQK, DV, scale,
+                     BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr, GP: tl.constexpr, BT: tl.constexpr,
+                     BN: tl.constexpr, PREC: tl.constexpr):
+    """Compressed tokens are rows here: sᵀ [BN, BM] = k · qᵀ (as kernels/attention's dK/dV)."""
+    BM: tl.constexpr = BT * GP
+    qk_scale = scale * 1.4426950408889634
+    n0 = tl.program_id(0) * BN
+    bh = tl.program_id(1)
+    b = tl.cast(bh // HKV, tl.int64)
+    hkv = bh % HKV
+    hkv64 = tl.cast(hkv, tl.int64)
+    c = n0 + tl.arange(0, BN)
+    c_ok = c < N
+    c64 = tl.cast(c, tl.int64)
+    dk = tl.arange(0, BLOCK_DK)
+    dv = tl.arange(0, BLOCK_DV)
+    end = tl.load(END + b * N + c, mask=c_ok, other=2147483647)
+    k = tl.load(KC + b * sk_b + hkv64 * sk_h + c64[:, None] * sk_n + dk[None, :],
+                mask=c_ok[:, None] & (dk < DQK)[None, :], other=0.0)
+    v = tl.load(VC + b * sv_b + hkv64 * sv_h + c64[:, None] * sv_n + dv[None, :],
+                mask=c_ok[:, None] & (dv < DV)[None, :], other=0.0)
+    # queries that may see this tile: from the first with q_pos >= min end, while doc_start <= max end
+    real = c_ok & (end < 2147483647)
+    e_min = tl.min(tl.where(real, end, 2147483647))
+    e_max = tl.max(tl.where(real, end, -1))
+    t_lo = _first_ge(QPMAX, b * T, T, e_min)
+    t_hi = _first_ge(QDSMIN, b * T, T, e_max + 1)
+    dk_acc = tl.zeros([BN, BLOCK_DK], dtype=tl.float32)
+    dv_acc = tl.zeros([BN, BLOCK_DV], dtype=tl.float32)
+    for m0 in range(t_lo, t_hi, BT):
+        t, r, row_ok = _rows(m0, t_hi, G, GP, BM)
+        t64, h64 = tl.cast(t, tl.int64), tl.cast(hkv * G + r, tl.int64)
+        p_row = tl.load(QPOS + b * T + t, mask=row_ok, other=0)
+        ds_row = tl.load(QDS + b * T + t, mask=row_ok, other=0)
+        q_t = tl.load(Q + b * sq_b + t64[None, :] * sq_t + h64[None, :] * sq_h + dk[:, None],
+                      mask=row_ok[None, :] & (dk < DQK)[:, None], other=0.0)            # [BLOCK_DK, BM]
+        row = (b * T + t64) * H + h64
+        lse = tl.load(LSE + row, mask=row_ok, other=float("inf"))
+        s_t = tl.dot(k, q_t, input_precision=PREC) * qk_scale
+        vis_t = (end[:, None] <= p_row[None, :]) & (end[:, None] >= ds_row[None, :]) & row_ok[None, :]
+        p_t = tl.where(vis_t, tl.exp2(s_t - lse[None, :]), 0.0)
+        do = tl.load(DO + b * sdo_b + t64[:, None] * sdo_t + h64[:, None] * sdo_h + dv[None, :],
+                     mask=row_ok[:, None] & (dv < DV)[None, :], other=0.0)
+        dv_acc = tl.dot(p_t.to(do.dtype), do, dv_acc, input_precision=PREC)
+        delta = tl.load(DELTA + row, mask=row_ok, other=0.0)
+        dp_t = tl.dot(v, tl.trans(do), input_precision=PREC)
+        ds_t = p_t * (dp_t - delta[None, :])
+        dk_acc = tl.dot(ds_t.to(q_t.dtype), tl.trans(q_t), dk_acc, input_precision=PREC)
+    tl.store(DKO + b * sdk_b + hkv64 * sdk_h + c64[:, None] * sdk_n + dk[None, :],
+             (dk_acc * scale).to(DKO.dtype.element_ty), mask=c_ok[:, None] & (dk < DQK)[None, :])
+    tl.store(DVO + b * sdv_b + hkv64 * sdv_h + c64[:, None] * sdv_n + dv[None, :],
+             dv_acc.to(DVO.dtype.element_ty), mask=c_ok[:, None] & (dv < DV)[None, :])
+
+
+# ---- selected branch ----------------------------------------------------------------------------
+@triton.jit
+def _slc_fwd_kernel(Q, K, V, SEL, QPOS, QDS, O, LSE,
+                    sq_b, sq_t, sq_h, sk_b, sk_s, sk_h, sv_b, sv_s, sv_h, so_b, so_t, so_h,
+                    T, S, H, HKV, G, DQK, DV, scale, SEL_LEN, N_SEL,
+                    BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr, RP: tl.constexpr, BS: tl.constexpr,
+                    PREC: tl.constexpr):
+    qk_scale = scale * 1.4426950408889634
+    t = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = tl.cast(bh // HKV, tl.int64)
+    hkv = bh % HKV
+    hkv64 = tl.cast(hkv, tl.int64)
+    r = tl.arange(0, RP)
+    row_ok = r < G
+    h64 = tl.cast(hkv * G + r, tl.int64)
+    t64 = tl.cast(t, tl.int64)
+    dk = tl.arange(0, BLOCK_DK)
+    dv = tl.arange(0, BLOCK_DV)
+    pos = tl.load(QPOS + b * T + t)
+    ds = tl.load(QDS + b * T + t)
+    q = tl.load(Q + b * sq_b + t64 * sq_t + h64[:, None] * sq_h + dk[None, :],
+                mask=row_ok[:, None] & (dk < DQK)[None, :], other=0.0)
+    k_base = b * sk_b + hkv64 * sk_h
+    v_base = b * sv_b + hkv64 * sv_h
+    sel_base = ((b * T + t64) * HKV + hkv) * N_SEL
+    i_s = tl.arange(0, BS)
+    acc = tl.zeros([RP, BLOCK_DV], dtype=tl.float32)
+    m_i = tl.full([RP], -1.0e30, dtype=tl.float32)
+    l_i = tl.zeros([RP], dtype=tl.float32)
+    for i in range(0, N_SEL):
+        j = tl.load(SEL + sel_base + i)
+        if j >= 0:
+            s_pos = j * SEL_LEN + i_s
+            key_ok = (i_s < SEL_LEN) & (s_pos <= pos) & (s_pos >= ds) & (s_pos < S)
+            s64 = tl.cast(s_pos, tl.int64)
+            k = tl.load(K + k_base + s64[:, None] * sk_s + dk[None, :], mask=key_ok[:, None] & (dk < DQK)[None, :],
+                        other=0.0)
+            s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale
+            s = tl.where(key_ok[None, :], s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            alpha = tl.exp2(m_i - m_new)
+            p = tl.exp2(s - m_new[:, None])
+            l_i = l_i * alpha + tl.sum(p, 1)
+            v = tl.load(V + v_base + s64[:, None] * sv_s + dv[None, :], mask=key_ok[:, None] & (dv < DV)[None, :],
+                        other=0.0)
+            acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=PREC)
+            m_i = m_new
+    seen = l_i > 0.0
+    o = acc / tl.where(seen, l_i, 1.0)[:, None]
+    tl.store(O + b * so_b + t64 * so_t + h64[:, None] * so_h + dv[None, :], o.to(O.dtype.element_ty),
+             mask=row_ok[:, None] & (dv < DV)[None, :])
+    lse = tl.where(seen, m_i + tl.log2(tl.where(seen, l_i, 1.0)), float("inf"))
+    tl.store(LSE + (b * T + t64) * H + h64, lse, mask=row_ok)
+
+
+@triton.jit
+def _slc_dq_kernel(Q, K, V, DO, LSE, DELTA, SEL, QPOS, QDS, DQO,
+                   sq_b, sq_t, sq_h, sk_b, sk_s, sk_h, sv_b, sv_s, sv_h, sdo_b, sdo_t, sdo_h, sdq_b, sdq_t, sdq_h,
+                   T, S, H, HKV, G, DQK, DV, scale, SEL_LEN, N_SEL,
+                   BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr, RP: tl.constexpr, BS: tl.constexpr,
+                   PREC: tl.constexpr):
+    qk_scale = scale * 1.4426950408889634
+    t = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = tl.cast(bh // HKV, tl.int64)
+    hkv = bh % HKV
+    hkv64 = tl.cast(hkv, tl.int64)
+    r = tl.arange(0, RP)
+    row_ok = r < G
+    h64 = tl.cast(hkv * G + r, tl.int64)
+    t64 = tl.cast(t, tl.int64)
+    dk = tl.arange(0, BLOCK_DK)
+    dv = tl.arange(0, BLOCK_DV)
+    pos = tl.load(QPOS + b * T + t)
+    ds = tl.load(QDS + b * T + t)
+    q = tl.load(Q + b * sq_b + t64 * sq_t + h64[:, None] * sq_h + dk[None, :],
+                mask=row_ok[:, None] & (dk < DQK)[None, :], other=0.0)
+    do = tl.load(DO + b * sdo_b + t64 * sdo_t + h64[:, None] * sdo_h + dv[None, :],
+                 mask=row_ok[:, None] & (dv < DV)[None, :], other=0.0)
+    row = (b * T + t64) * H + h64
+    lse = tl.load(LSE + row, mask=row_ok, other=float("inf"))
+    delta = tl.load(DELTA + row, mask=row_ok, other=0.0)
+    k_base = b * sk_b + hkv64 * sk_h
+    v_base = b * sv_b + hkv64 * sv_h
+    sel_base = ((b * T + t64) * HKV + hkv) * N_SEL
+    i_s = tl.arange(0, BS)
+    dq_acc = tl.zeros([RP, BLOCK_DK], dtype=tl.float32)
+    for i in range(0, N_SEL):
+        j = tl.load(SEL + sel_base + i)
+        if j >= 0:
+            s_pos = j * SEL_LEN + i_s
+            key_ok = (i_s < SEL_LEN) & (s_pos <= pos) & (s_pos >= ds) & (s_pos < S)
+            s64 = tl.cast(s_pos, tl.int64)
+            k = tl.load(K + k_base + s64[:, None] * sk_s + dk[None, :], mask=key_ok[:, None] & (dk < DQK)[None, :],
+                        other=0.0)
+            v = tl.load(V + v_base + s64[:, None] * sv_s + dv[None, :], mask=key_ok[:, None] & (dv < DV)[None, :],
+                        other=0.0)
+            s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale
+            p = tl.where(key_ok[None, :], tl.exp2(s - lse[:, None]), 0.0)
+            dp = tl.dot(do, tl.trans(v), input_precision=PREC)
+            dsc = p * (dp - delta[:, None])
+            dq_acc = tl.dot(dsc.to(k.dtype), k, dq_acc, input_precision=PREC)
+    tl.store(DQO + b * sdq_b + t64 * sdq_t + h64[:, None] * sdq_h + dk[None, :],
+             (dq_acc * scale).to(DQO.dtype.element_ty), mask=row_ok[:, None] & (dk < DQK)[None, :])
+
+
+@triton.jit
+def _slc_dkdv_kernel(Q, K, V, DO, LSE, DELTA, QPOS, QDS, W_BLK, W_START, W_LEN, TOK, DKACC, DVACC,
+                     sq_b, sq_t, sq_h, sk_b, sk_s, sk_h, sv_b, sv_s, sv_h, sdo_b, sdo_t, sdo_h,
+                     T, S, H, HKV, G, NB, DQK, DV, scale, SEL_LEN,
+                     BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr, GP: tl.constexpr, BQ: tl.constexpr,
+                     BS: tl.constexpr, PREC: tl.constexpr):
+    """One work item: a KV block and up to CH of the queries that selected it (inverse index).
+    K/V rows are the block's keys; the columns are (gathered query, head) pairs: sᵀ = k · qᵀ."""
+    BM: tl.constexpr = BQ * GP
+    qk_scale = scale * 1.4426950408889634
+    w = tl.program_id(0)
+    n_q = tl.load(W_LEN + w)
+    if n_q > 0:
+        blk = tl.load(W_BLK + w)
+        start = tl.load(W_START + w)
+        j = blk % NB
+        bh = blk // NB
+        b = tl.cast(bh // HKV, tl.int64)
+        hkv = bh % HKV
+        hkv64 = tl.cast(hkv, tl.int64)
+        i_s = tl.arange(0, BS)
+        s_pos = j * SEL_LEN + i_s
+        key_ok = (i_s < SEL_LEN) & (s_pos < S)
+        s64 = tl.cast(s_pos, tl.int64)
+        dk = tl.arange(0, BLOCK_DK)
+        dv = tl.arange(0, BLOCK_DV)
+        k = tl.load(K + b * sk_b + hkv64 * sk_h + s64[:, None] * sk_s + dk[None, :],
+                    mask=key_ok[:, None] & (dk < DQK)[None, :], other=0.0)
+        v = tl.load(V + b * sv_b + hkv64 * sv_h + s64[:, None] * sv_s + dv[None, :],
+                    mask=key_ok[:, None] & (dv < DV)[None, :], other=0.0)
+        dk_acc = tl.zeros([BS, BLOCK_DK], dtype=tl.float32)
+        dv_acc = tl.zeros([BS, BLOCK_DV], dtype=tl.float32)
+        col = tl.arange(0, BM)
+        for i0 in range(0, n_q, BQ):
+            ii = i0 + col // GP
+            r = col % GP
+            ok = (ii < n_q) & (r < G)
+            t = tl.load(TOK + start + ii, mask=ok, other=0)
+            t64 = tl.cast(t, tl.int64)
+            h64 = tl.cast(hkv * G + r, tl.int64)
+            pos = tl.load(QPOS + b * T + t64, mask=ok, other=-1)
+            ds = tl.load(QDS + b * T + t64, mask=ok, other=0)
+            q_t = tl.load(Q + b * sq_b + t64[None, :] * sq_t + h64[None, :] * sq_h + dk[:, None],
+                          mask=ok[None, :] & (dk < DQK)[:, None], other=0.0)             # [BLOCK_DK, BM]
+            row = (b * T + t64) * H + h64
+            lse = tl.load(LSE + row, mask=ok, other=float("inf"))
+            s_t = tl.dot(k, q_t, input_precision=PREC) * qk_scale
+            vis_t = key_ok[:, None] & (s_pos[:, None] <= pos[None, :]) & (s_pos[:, None] >= ds[None, :]) & ok[None, :]
+            p_t = tl.where(vis_t, tl.exp2(s_t - lse[None, :]), 0.0)
+            do = tl.load(DO + b * sdo_b + t64[:, None] * sdo_t + h64[:, None] * sdo_h + dv[None, :],
+                         mask=ok[:, None] & (dv < DV)[None, :], other=0.0)
+            dv_acc = tl.dot(p_t.to(do.dtype), do, dv_acc, input_precision=PREC)
+            delta = tl.load(DELTA + row, mask=ok, other=0.0)
+            dp_t = tl.dot(v, tl.trans(do), input_precision=PREC)
+            ds_t = p_t * (dp_t - delta[None, :])
+            dk_acc = tl.dot(ds_t.to(q_t.dtype), tl.trans(q_t), dk_acc, input_precision=PREC)
+        # fp32 accumulators, contiguous [B, S, Hkv, D]
+        acc_row = ((b * S + s64) * HKV + hkv64)
+        tl.atomic_add(DKACC + acc_row[:, None] * DQK + dk[None, :], dk_acc * scale,
+                      mask=key_ok[:, None] & (dk < DQK)[None, :], sem="relaxed")
+        tl.atomic_add(DVACC + acc_row[:, None] * DV + dv[None, :], dv_acc,
+                      mask=key_ok[:, None] & (dv < DV)[None, :], sem="relaxed")
+
+
+# ---- host side ----------------------------------------------------------------------------------
+def _check_triton(name: str, q: torch.Tensor, v: torch.Tensor, H: int, Hkv: int) -> None:
+    if max(q.shape[-1], v.shape[-1]) > MAX_HEAD_DIM:
+        raise ValueError(f"{name} (triton): head dims must be <= {MAX_HEAD_DIM}, got D={q.shape[-1]}, Dv={v.shape[-1]}")
+    check_group(H, Hkv)
+    if not _INTERPRET and not q.is_cuda:
+        raise ValueError(f"{name} (triton): the kernels need CUDA tensors (use backend='torch' on CPU)")
+
+
+def _last_dim_contiguous(x: torch.Tensor) -> torch.Tensor:
+    """The kernels take any strides but a unit stride in the head dim (a copy otherwise)."""
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
+def _prec(dtype: torch.dtype) -> str:
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def _dims(q, v) -> dict:
+    return dict(DQK=q.shape[-1], DV=v.shape[-1], BLOCK_DK=max(16, triton.next_power_of_2(q.shape[-1])),
+                BLOCK_DV=max(16, triton.next_power_of_2(v.shape[-1])), PREC=_prec(q.dtype))
+
+
+def query_positions(q: torch.Tensor, q_pos, doc_ids, S: int | None):
+    """(q_pos, doc_start(q_pos)) int32 [B, T], contiguous."""
+    B, T = q.shape[:2]
+    qp = default_q_pos(B, T, S, q.device) if q_pos is None else q_pos.long()
+    return qp.to(torch.int32).contiguous(), query_doc_start(qp, doc_ids).to(torch.int32).contiguous()
+
+
+def _prefix_max(x: torch.Tensor) -> torch.Tensor:
+    return torch.cummax(x, dim=1).values.contiguous()
+
+
+def _suffix_min(x: torch.Tensor) -> torch.Tensor:
+    return torch.cummin(x.flip(1), dim=1).values.flip(1).contiguous()
+
+
+def compressed_forward(q, k_cmp, v_cmp, end, qpos, qds, scale, cmp_len, select_len, n_select, n_init, n_local,
+                       select: bool = True):
+    """(o [B, T, H, Dv], lse [B, T, H] base 2, sel_idx [B, T, Hkv, n] int32 or None). end, qpos, qds int32."""
+    B, T, H, _ = q.shape
+    N, Hkv = k_cmp.shape[1], k_cmp.shape[2]
+    G = H // Hkv
+    cfg = tile_config("cmp_fwd", q.dtype)
+    o = torch.empty(B, T, H, v_cmp.shape[-1], dtype=q.dtype, device=q.device)
+    lse = torch.empty(B, T, H, dtype=torch.float32, device=q.device)
+    sel = torch.empty(B, T, Hkv, n_select, dtype=torch.int32, device=q.device)
+    grid = (triton.cdiv(T, cfg["BT"]), B * Hkv)
+    _cmp_fwd_kernel[grid](q, k_cmp, v_cmp, end, _prefix_max(end), _suffix_min(end), qpos, qds, o, lse, sel,
+                          *q.stride()[:3], *k_cmp.stride()[:3], *v_cmp.stride()[:3], *o.stride()[:3],
+                          T, N, H, Hkv, G, scale=scale, CMP_LEN=cmp_len, SEL_LEN=select_len, N_SELECT=n_select,
+                          N_INIT=n_init, N_LOCAL=n_local, GP=triton.next_power_of_2(G),
+                          NP=triton.next_power_of_2(n_select), SELECT=select, **_dims(q, v_cmp), **cfg)
+    return o, lse, (sel if select else None)
+
+
+def compressed_backward(q, k_cmp, v_cmp, o, lse, do, end, qpos, qds, scale):
+    B, T, H, _ = q.shape
+    N, Hkv = k_cmp.shape[1], k_cmp.shape[2]
+    G = H // Hkv
+    GP = triton.next_power_of_2(G)
+    delta = backward_delta(o, do)
+    dims = _dims(q, v_cmp)
+    dq = torch.empty_like(q)
+    cfg = tile_config("cmp_dq", q.dtype)
+    _cmp_dq_kernel[(triton.cdiv(T, cfg["BT"]), B * Hkv)](
+        q, k_cmp, v_cmp, do, lse, delta, end, _prefix_max(end), _suffix_min(end), qpos, qds, dq,
+        *q.stride()[:3], *k_cmp.stride()[:3], *v_cmp.stride()[:3], *do.stride()[:3], *dq.stride()[:3],
+        T, N, H, Hkv, G, scale=scale, GP=GP, **dims, **cfg)
+    dkc = torch.empty(k_cmp.shape, dtype=k_cmp.dtype, device=q.device)
+    dvc = torch.empty(v_cmp.shape, dtype=v_cmp.dtype, device=q.device)
+    cfg = tile_config("cmp_dkdv", q.dtype)
+    _cmp_dkdv_kernel[(triton.cdiv(N, cfg["BN"]), B * Hkv)](
+        q, k_cmp, v_cmp, do, lse, delta, end, qpos, qds, _prefix_max(qpos), _suffix_min(qds), dkc, dvc,
+        *q.stride()[:3], *k_cmp.stride()[:3], *v_cmp.stride()[:3], *do.stride()[:3], *dkc.stride()[:3],
+        *dvc.stride()[:3], T, N, H, Hkv, G, scale=scale, GP=GP, **dims, **cfg)
+    return dq, dkc, dvc
+
+
+def _slc_meta(q, k, v, select_len):
+    H, Hkv = q.shape[2], k.shape[2]
+    G = H // Hkv
+    return dict(T=q.shape[1], S=k.shape[1], H=H, HKV=Hkv, G=G, RP=max(16, triton.next_power_of_2(G)),
+                BS=max(16, triton.next_power_of_2(select_len)), SEL_LEN=select_len, **_dims(q, v))
+
+
+def selected_forward(q, k, v, sel, qpos, qds, scale, select_len):
+    """(o [B, T, H, Dv], lse [B, T, H] base 2); sel contiguous int32."""
+    B, T, H, _ = q.shape
+    o = torch.empty(B, T, H, v.shape[-1], dtype=q.dtype, device=q.device)
+    lse = torch.empty(B, T, H, dtype=torch.float32, device=q.device)
+    meta = _slc_meta(q, k, v, select_len)
+    _slc_fwd_kernel[(T, B * k.shape[2])](q, k, v, sel, qpos, qds, o, lse, *q.stride()[:3], *k.stride()[:3],
+                                         *v.stride()[:3], *o.stride()[:3], scale=scale, N_SEL=sel.shape[-1],
+                                         **meta, **tile_config("slc_fwd", q.dtype))
+    return o, lse
+
+
+def inverse_index(sel: torch.Tensor, S: int, select_len: int, chunk: int):
+    """The queries that selected each KV block, cut into work items, on device and without a host
+    sync (fixed shapes). sel [B, T, Hkv, n] -> (w_blk, w_start, w_len) [W] int32 and tok [E] int32:
+    work item w covers tok[w_start : w_start + w_len], the query indices (in [0, T)) that selected
+    block key w_blk = (b·Hkv + hkv)·NB + j; w_len = 0 marks a spare item. W = ceil(E / chunk) + B·Hkv·NB."""
+    B, T, Hkv, n = sel.shape
+    NB = triton.cdiv(S, select_len)
+    NBLK = B * Hkv * NB
+    dev = sel.device
+    j = sel.long()
+    valid = (j >= 0) & (j < NB)
+    bh = (torch.arange(B, device=dev)[:, None, None, None] * Hkv + torch.arange(Hkv, device=dev)[None, None, :, None])
+    key = torch.where(valid, bh * NB + j, NBLK).reshape(-1)
+    order = torch.argsort(key, stable=True)
+    tok = ((order // (Hkv * n)) % T).to(torch.int32)
+    counts = torch.bincount(key, minlength=NBLK + 1)[:NBLK]
+    starts = torch.cumsum(counts, 0) - counts
+    n_chunks = (counts + chunk - 1) // chunk
+    chunk_end = torch.cumsum(n_chunks, 0)
+    W = triton.cdiv(key.numel(), chunk) + NBLK
+    w = torch.arange(W, device=dev)
+    blk = torch.searchsorted(chunk_end, w, right=True)
+    spare = blk >= NBLK
+    blk = blk.clamp(max=NBLK - 1)
+    k_in = w - (chunk_end[blk] - n_chunks[blk])
+    w_start = starts[blk] + k_in * chunk
+    w_len = torch.where(spare, 0, (counts[blk] - k_in * chunk).clamp(0, chunk))
+    return blk.to(torch.int32), w_start.to(torch.int32), w_len.to(torch.int32), tok
+
+
+def selected_backward(q, k, v, o, lse, do, sel, qpos, qds, scale, select_len):
+    B, T, H, _ = q.shape
+    S, Hkv = k.shape[1], k.shape[2]
+    meta = _slc_meta(q, k, v, select_len)
+    delta = backward_delta(o, do)
+    dq = torch.empty_like(q)
+    _slc_dq_kernel[(T, B * Hkv)](q, k, v, do, lse, delta, sel, qpos, qds, dq, *q.stride()[:3], *k.stride()[:3],
+                                 *v.stride()[:3], *do.stride()[:3], *dq.stride()[:3], scale=scale,
+                                 N_SEL=sel.shape[-1], **meta, **tile_config("slc_dq", q.dtype))
+    cfg = tile_config("slc_dkdv", q.dtype)
+    w_blk, w_start, w_len, tok = inverse_index(sel, S, select_len, cfg.pop("CH"))
+    GP = triton.next_power_of_2(meta["G"])
+    BQ = max(1, cfg.pop("ROWS") // GP)
+    dk_acc = torch.zeros(B, S, Hkv, q.shape[-1], dtype=torch.float32, device=q.device)
+    dv_acc = torch.zeros(B, S, Hkv, v.shape[-1], dtype=torch.float32, device=q.device)
+    del meta["RP"]
+    _slc_dkdv_kernel[(w_blk.shape[0],)](q, k, v, do, lse, delta, qpos, qds, w_blk, w_start, w_len, tok, dk_acc, dv_acc,
+                                        *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *do.stride()[:3],
+                                        NB=triton.cdiv(S, select_len), scale=scale, GP=GP, BQ=BQ, **meta, **cfg)
+    return dq, dk_acc.to(k.dtype), dv_acc.to(v.dtype)
+
+
+# ---- autograd and entry points ------------------------------------------------------------------
+class _Compressed(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k_cmp, v_cmp, end, qpos, qds, scale, cmp_len, select_len, n_select, n_init, n_local):
+        o, lse, sel = compressed_forward(q, k_cmp, v_cmp, end, qpos, qds, scale, cmp_len, select_len, n_select,
+                                         n_init, n_local)
+        ctx.save_for_backward(q, k_cmp, v_cmp, o, lse, end, qpos, qds)
+        ctx.scale = scale
+        ctx.mark_non_differentiable(sel)
+        return o, sel
+
+    @staticmethod
+    def backward(ctx, do, _dsel):
+        q, k_cmp, v_cmp, o, lse, end, qpos, qds = ctx.saved_tensors
+        dq, dkc, dvc = compressed_backward(q, k_cmp, v_cmp, o, lse, do.contiguous(), end, qpos, qds, ctx.scale)
+        return dq, dkc, dvc, *([None] * 9)
+
+
+class _Selected(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, sel, qpos, qds, scale, select_len):
+        o, lse = selected_forward(q, k, v, sel, qpos, qds, scale, select_len)
+        ctx.save_for_backward(q, k, v, o, lse, sel, qpos, qds)
+        ctx.opts = (scale, select_len)
+        return o
+
+    @staticmethod
+    def backward(ctx, do):
+        q, k, v, o, lse, sel, qpos, qds = ctx.saved_tensors
+        dq, dk, dv = selected_backward(q, k, v, o, lse, do.contiguous(), sel, qpos, qds, *ctx.opts)
+        return dq, dk, dv, *([None] * 5)
+
+
+def nsa_compressed(q: torch.Tensor, k_cmp: torch.Tensor, v_cmp: torch.Tensor, cmp_end: torch.Tensor, *,
+                   q_pos: torch.Tensor | None = None, doc_ids: torch.Tensor | None = None, cmp_len: int,
+                   select_len: int = 64, n_select: int = 16, n_init: int = 1, n_local: int = 2,
+                   scale: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(o_cmp [B, T, H, Dv], sel_idx [B, T, Hkv, n_select] int32), as reference.nsa_compressed.
+    No host synchronisation (graph-capturable at fixed shapes); differentiable in q, k_cmp, v_cmp."""
+    check_compressed(q, k_cmp, v_cmp, cmp_end, q_pos, doc_ids, cmp_len, select_len, n_select, n_init, n_local)
+    _check_triton("nsa_compressed", q, v_cmp, q.shape[2], k_cmp.shape[2])
+    qpos, qds = query_positions(q, q_pos, doc_ids, None if doc_ids is None else doc_ids.shape[1])
+    end = cmp_end.clamp(max=POS_MAX).to(torch.int32).contiguous()
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    q, k_cmp, v_cmp = (_last_dim_contiguous(x) for x in (q, k_cmp, v_cmp))
+    return _Compressed.apply(q, k_cmp, v_cmp, end, qpos, qds, scale, int(cmp_len), int(select_len), int(n_select),
+                             int(n_init), int(n_local))
+
+
+def nsa_selected(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sel_idx: torch.Tensor, *,
+                 q_pos: torch.Tensor | None = None, doc_ids: torch.Tensor | None = None, select_len: int = 64,
+                 scale: float | None = None) -> torch.Tensor:
+    """o_slc [B, T, H, Dv], as reference.nsa_selected. No host synchronisation; differentiable in q, k, v."""
+    check_selected(q, k, v, sel_idx, q_pos, doc_ids, select_len)
+    _check_triton("nsa_selected", q, v, q.shape[2], k.shape[2])
+    qpos, qds = query_positions(q, q_pos, doc_ids, k.shape[1])
+    sel = sel_idx.to(torch.int32).contiguous()
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    q, k, v = (_last_dim_contiguous(x) for x in (q, k, v))
+    return _Selected.apply(q, k, v, sel, qpos, qds, scale, int(select_len))

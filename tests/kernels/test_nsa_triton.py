@@ -1,0 +1,200 @@
+"""NSA's Triton kernels (interpreter on CPU) against the fp32 reference: the compressed branch
+(output, gradients, the selection), the selected branch (output, gradients), the inverse index,
+and decoding over a static cache (prefill, then one token and k+1 tokens at a time, equal to the
+full forward). Tiles are 16 wide under the interpreter and the dK/dV work items hold 3 queries,
+so tiny shapes cross several of each."""
+import pytest
+import torch
+
+from deepwish.kernels.nsa import reference as ref
+from deepwish.kernels.nsa import triton as tri
+
+NEVER = 2 ** 62
+TOL = {torch.float32: 1e-4, torch.float16: 1e-2}
+
+
+def doc_ids_of(lengths):
+    """doc_ids [B, S] from document lengths per row."""
+    return torch.tensor([[d for d, n in enumerate(row) for _ in range(n)] for row in lengths])
+
+
+def block_ends(lengths, l, d, pad):
+    """cmp_end [B, N]: compression blocks aligned to each document's start (as the model makes
+    them), ascending, then `pad` padding slots (and as many as rows need to be equal length)."""
+    rows = []
+    for row in lengths:
+        ends, start = [], 0
+        for n in row:
+            ends += [start + e for e in range(l - 1, n, d)]
+            start += n
+        rows.append(ends)
+    N = max(len(r) for r in rows) + pad
+    return torch.tensor([r + [NEVER] * (N - len(r)) for r in rows])
+
+
+def assert_selection_ok(sel, score, n):
+    """sel [B, T, Hkv, n] is a correct top-n of the reference scores [B, T, Hkv, NB] (+inf forced,
+    -inf ineligible), up to near-ties: every forced block in, nothing ineligible, as many blocks as
+    eligible (up to n), the worst chosen score >= the best left out (1e-5 relative), listed in
+    descending order with -1 last."""
+    NB = score.shape[-1]
+    valid = sel >= 0
+    eligible = (score > float("-inf")).sum(-1)
+    assert torch.equal(valid.sum(-1), eligible.clamp(max=n))
+    srt = torch.where(valid, sel, -1)
+    assert torch.equal(srt, srt.sort(-1, descending=True).values)
+    chosen = torch.zeros(*sel.shape[:-1], NB + 1, dtype=torch.bool).scatter_(-1, torch.where(valid, sel.long(), NB), True)
+    chosen = chosen[..., :NB]
+    assert torch.equal(chosen.sum(-1), valid.sum(-1)), "a block listed twice"
+    assert not (chosen & (score == float("-inf"))).any()
+    assert not (~chosen & (score == float("inf"))).any()
+    finite = score.clamp(-1e30, 1e30)
+    worst_in = torch.where(chosen, finite, torch.full_like(finite, 1e30)).amin(-1)
+    best_out = torch.where(~chosen & (score > float("-inf")), finite, torch.full_like(finite, -1e30)).amax(-1)
+    assert (worst_in >= best_out - 1e-5 * best_out.abs().clamp_min(1)).all()
+
+
+def rel(rel_err, want, got):
+    if want.abs().max() == 0:
+        return float((got.detach().double() - want.detach().double()).abs().max())
+    return rel_err(want, got)
+
+
+CASES = [  # B, lengths per row (sum = S), T (last T queries), H, Hkv, D, l, d, l', n, n_local, docs, dtype
+    pytest.param(1, [[5]], 5, 1, 1, 16, 8, 4, 16, 2, 1, False, torch.float32, id="T-shorter-than-a-block-g1"),
+    pytest.param(1, [[27]], 27, 4, 1, 32, 8, 4, 16, 3, 2, False, torch.float32, id="T27-g4"),
+    pytest.param(2, [[5, 3, 9], [17]], 17, 8, 2, 16, 8, 4, 8, 3, 1, True, torch.float16, id="docs-shorter-than-blocks-g4"),
+    pytest.param(1, [[21]], 21, 16, 1, 24, 4, 2, 8, 6, 2, False, torch.float16, id="n-beyond-past-blocks-g16-d24"),
+    pytest.param(1, [[11, 22]], 7, 2, 2, 16, 8, 8, 16, 2, 1, True, torch.float32, id="last-queries-g1-docs"),
+]
+
+
+def make_inputs(B, lengths, T, H, Hkv, D, l, d, dtype):
+    S = sum(lengths[0])
+    q = torch.randn(B, T, H, D, dtype=dtype, requires_grad=True)
+    k = torch.randn(B, S, Hkv, D, dtype=dtype, requires_grad=True)
+    v = torch.randn(B, S, Hkv, D, dtype=dtype, requires_grad=True)
+    ends = block_ends(lengths, l, d, pad=2)
+    N = ends.shape[1]
+    k_cmp = torch.randn(B, N, Hkv, D, dtype=dtype, requires_grad=True)
+    v_cmp = torch.randn(B, N, Hkv, D, dtype=dtype, requires_grad=True)
+    q_pos = torch.arange(S - T, S).expand(B, T)
+    return q, k, v, k_cmp, v_cmp, ends, q_pos
+
+
+@pytest.mark.parametrize("B,lengths,T,H,Hkv,D,l,d,sl,n,n_local,docs,dtype", CASES)
+def test_compressed_and_selected_match_reference(rel_err, B, lengths, T, H, Hkv, D, l, d, sl, n, n_local, docs, dtype):
+    torch.manual_seed(0)
+    q, k, v, k_cmp, v_cmp, ends, q_pos = make_inputs(B, lengths, T, H, Hkv, D, l, d, dtype)
+    S = k.shape[1]
+    ids = doc_ids_of(lengths) if docs else None
+    kw = dict(q_pos=q_pos, doc_ids=ids, cmp_len=l, select_len=sl, n_select=n, n_init=1, n_local=n_local)
+    o_want, sel_want = ref.nsa_compressed(q, k_cmp, v_cmp, ends, S=S, **kw)
+    o_got, sel_got = tri.nsa_compressed(q, k_cmp, v_cmp, ends, **kw)
+    assert o_got.dtype == dtype and sel_got.dtype == torch.int32 and sel_got.shape == sel_want.shape
+    # the selection: a correct top-n of the reference's own scores (fp16 may reorder near-ties)
+    p = ref.compressed_probs(q.detach(), k_cmp.detach(), ends, q_pos, ids, D ** -0.5)
+    score = ref.block_scores(p, ends, q_pos, ids, n_kv_heads=Hkv, S=S, cmp_len=l, select_len=sl, n_init=1,
+                             n_local=n_local)
+    assert_selection_ok(sel_got, score, n)
+    if dtype == torch.float32:
+        assert torch.equal(sel_got, sel_want)
+    g = torch.randn(o_want.shape)
+    wg = torch.autograd.grad((o_want.float() * g).sum(), (q, k_cmp, v_cmp))
+    gg = torch.autograd.grad((o_got.float() * g).sum(), (q, k_cmp, v_cmp))
+    errs = [rel(rel_err, a, b) for a, b in zip((o_want, *wg), (o_got, *gg))]
+    assert max(errs) < TOL[dtype], dict(zip(("o_cmp", "dq", "dk_cmp", "dv_cmp"), errs))
+    # the selected branch on the reference's selection
+    skw = dict(q_pos=q_pos, doc_ids=ids, select_len=sl)
+    s_want = ref.nsa_selected(q, k, v, sel_want, **skw)
+    s_got = tri.nsa_selected(q, k, v, sel_want, **skw)
+    wg = torch.autograd.grad((s_want.float() * g).sum(), (q, k, v))
+    gg = torch.autograd.grad((s_got.float() * g).sum(), (q, k, v))
+    errs = [rel(rel_err, a, b) for a, b in zip((s_want, *wg), (s_got, *gg))]
+    assert max(errs) < TOL[dtype], dict(zip(("o_slc", "dq", "dk", "dv"), errs))
+
+
+def test_strided_inputs_and_unsorted_cmp_end(rel_err):
+    """k/v as transposes of a [B, Hkv, L, D] cache, and compressed tokens in a shuffled order with
+    padding in the middle: the kernels read strides and search exact ranges."""
+    torch.manual_seed(3)
+    B, S, H, Hkv, D, l, d, sl = 1, 26, 4, 2, 16, 4, 2, 8
+    q = torch.randn(B, S, H, D)
+    k = torch.randn(B, Hkv, S, D).transpose(1, 2)
+    v = torch.randn(B, Hkv, S, D).transpose(1, 2)
+    ends = block_ends([[S]], l, d, pad=3)
+    perm = torch.randperm(ends.shape[1])
+    ends = ends[:, perm]
+    k_cmp = torch.randn(B, Hkv, ends.shape[1], D).transpose(1, 2)
+    v_cmp = torch.randn(B, Hkv, ends.shape[1], D).transpose(1, 2)
+    kw = dict(q_pos=torch.arange(S)[None], cmp_len=l, select_len=sl, n_select=3)
+    o_want, sel_want = ref.nsa_compressed(q, k_cmp, v_cmp, ends, **kw)
+    o_got, sel_got = tri.nsa_compressed(q, k_cmp, v_cmp, ends, **kw)
+    assert rel_err(o_want, o_got) < 1e-5 and torch.equal(sel_want, sel_got)
+    s_want = ref.nsa_selected(q, k, v, sel_want, select_len=sl)
+    s_got = tri.nsa_selected(q, k, v, sel_want, select_len=sl)
+    assert rel_err(s_want, s_got) < 1e-5
+
+
+def test_inverse_index_lists_every_query_once():
+    torch.manual_seed(4)
+    B, T, Hkv, n, S, sl = 2, 7, 3, 4, 40, 8
+    NB = S // sl
+    sel = torch.randint(-1, NB + 1, (B, T, Hkv, n), dtype=torch.int32)   # NB: out of range, dropped
+    w_blk, w_start, w_len, tok = tri.inverse_index(sel, S, sl, chunk=3)
+    assert (w_len <= 3).all()
+    got = []
+    for blk, st, ln in zip(w_blk.tolist(), w_start.tolist(), w_len.tolist()):
+        got += [(blk, t) for t in tok[st:st + ln].tolist()]
+    want = [((b * Hkv + h) * NB + j, t) for b in range(B) for t in range(T) for h in range(Hkv) for j in sel[b, t, h].tolist()
+            if 0 <= j < NB]
+    assert sorted(got) == sorted(want)
+
+
+def test_decode_over_a_static_cache_equals_the_full_forward(rel_err):
+    """Prefill 11 tokens, then 1 token at a time and one k+1 = 3 chunk, over a cache of fixed
+    length whose future slots hold garbage and whose unwritten compressed slots are padding:
+    every step equals the full-sequence reference at its rows (output and selection)."""
+    torch.manual_seed(5)
+    B, L, H, Hkv, D, l, d, sl, n = 2, 20, 4, 2, 16, 4, 2, 8, 3
+    q = torch.randn(B, L, H, D)
+    k, v = torch.randn(B, L, Hkv, D), torch.randn(B, L, Hkv, D)
+    ends = torch.arange(l - 1, L, d).expand(B, -1)
+    k_cmp, v_cmp = torch.randn(B, ends.shape[1], Hkv, D), torch.randn(B, ends.shape[1], Hkv, D)
+    kw = dict(cmp_len=l, select_len=sl, n_select=n)
+    o_full, sel_full = ref.nsa_compressed(q, k_cmp, v_cmp, ends, q_pos=torch.arange(L).expand(B, L), **kw)
+    s_full = ref.nsa_selected(q, k, v, sel_full, select_len=sl, q_pos=torch.arange(L).expand(B, L))
+    chunks = [(0, 11), (11, 12), (12, 13), (13, 16), (16, 17)]
+    for a, b in chunks:
+        q_pos = torch.arange(a, b).expand(B, -1)
+        # the cache as a decoder holds it: slots after b - 1 garbage, blocks ending after b - 1 unwritten
+        kc, vc = k.clone(), v.clone()
+        kc[:, b:], vc[:, b:] = 1e3, -1e3
+        e = torch.where(ends < b, ends, NEVER)
+        o, sel = tri.nsa_compressed(q[:, a:b], k_cmp, v_cmp, e, q_pos=q_pos, **kw)
+        s = tri.nsa_selected(q[:, a:b], kc, vc, sel, q_pos=q_pos, select_len=sl)
+        assert torch.equal(sel, sel_full[:, a:b]), (a, b)
+        assert rel_err(o_full[:, a:b], o) < 1e-5 and rel_err(s_full[:, a:b], s) < 1e-5, (a, b)
+
+
+def test_group_too_large_is_named():
+    q = torch.zeros(1, 4, 32, 16)
+    kc = torch.zeros(1, 2, 1, 16)
+    with pytest.raises(ValueError, match="group size"):
+        tri.nsa_compressed(q, kc, kc, torch.zeros(1, 2, dtype=torch.long), q_pos=torch.zeros(1, 4, dtype=torch.long),
+                           cmp_len=2)
+
+
+def test_ties_go_to_the_later_block():
+    """No compressed token visible (all padding but one far in the future): every eligible block
+    scores exactly 0 and the top-n takes the latest ones, as the reference does."""
+    S, sl = 40, 4
+    q = torch.randn(1, S, 2, 16)
+    kc = torch.randn(1, 3, 1, 16)
+    ends = torch.tensor([[S - 1, NEVER, NEVER]])
+    for n_init, n_local in ((0, 0), (1, 1)):
+        kw = dict(q_pos=torch.arange(S)[None], cmp_len=8, select_len=sl, n_select=3, n_init=n_init, n_local=n_local)
+        _, want = ref.nsa_compressed(q, kc, kc, ends, **kw)
+        _, got = tri.nsa_compressed(q, kc, kc, ends, **kw)
+        assert torch.equal(got, want)
+        assert got[0, 30, 0].tolist() == ([7, 6, 5] if n_init == 0 else [7, 6, 0])
