@@ -90,3 +90,28 @@ def test_backward_forms(rel_err, monkeypatch, mode, budget):
     monkeypatch.setattr(tk, "BACKWARD", mode)
     monkeypatch.setattr(tk, "PB_BUDGET_BYTES", budget)
     _check(rel_err, 1, 7, 30, 4, 48, 32, 24, torch.float16, empty=(2,))
+
+
+def test_a_config_that_does_not_fit_shrinks_loudly(monkeypatch, capsys):
+    """OutOfResources at launch: one stage less, then half the slots per step, announced; the
+    launch is retried with the smaller config."""
+    from triton.runtime.errors import OutOfResources
+    key = ("fwd", "16bit", "wide")
+    monkeypatch.setitem(tk.TILES, key, (64, 32, 8, 2))
+    monkeypatch.setattr(tk, "_INTERPRET", False)  # read TILES, not the interpreter's tiles
+    seen = []
+
+    class Kernel:
+        def __getitem__(self, grid):
+            def launch(*args, **cfg):
+                seen.append((cfg["BK"], cfg["num_stages"]))
+                if len(seen) < 3:
+                    raise OutOfResources(300000, 232448, "shared memory")
+            return launch
+    q = torch.zeros(1, 1, 64, 576, dtype=torch.bfloat16)
+    tk._launch(Kernel(), "fwd", q, (1,))
+    assert seen == [(32, 2), (32, 1), (16, 1)] and tk.TILES[key] == (64, 16, 8, 1)
+    assert capsys.readouterr().err.count("does not fit this GPU") == 2
+    monkeypatch.setitem(tk.TILES, key, (64, 16, 8, 1))
+    with pytest.raises(OutOfResources):
+        tk._shrink(key, OutOfResources(1, 0, "shared memory"))

@@ -47,16 +47,20 @@ Design (the FlashMLA-sparse layout):
   take IEEE fp32 dots (no tf32).
 
 Launch configs are a fixed table per (kernel, dtype class, Dqk class) — no autotuner (an
-autotuner compiles every candidate at start-up); `deepwish bench dsa --sweep` times candidates.
+autotuner compiles every candidate at start-up); `deepwish bench dsa --parts kernel --sweep` times
+candidates. An entry that does not fit the GPU (OutOfResources at launch) is shrunk once, with a
+printed line (`_shrink`): speed changes, results do not.
 """
 from __future__ import annotations
 
 import functools
 import os
+import sys
 
 import torch
 import triton
 import triton.language as tl
+from triton.runtime.errors import OutOfResources
 
 from deepwish.kernels.sparse_mla.reference import check_inputs
 
@@ -79,10 +83,10 @@ TILES = {
     ("bwd", "16bit", "narrow"): (64, 32, 4, 2),
     ("dq", "16bit", "narrow"): (64, 32, 4, 2),
     ("dkv", "16bit", "narrow"): (64, 32, 4, 2),
-    ("fwd", "fp32", "wide"): (32, 32, 8, 1),
-    ("bwd", "fp32", "wide"): (32, 16, 8, 1),
-    ("dq", "fp32", "wide"): (32, 16, 8, 1),
-    ("dkv", "fp32", "wide"): (32, 16, 8, 1),
+    ("fwd", "fp32", "wide"): (16, 16, 4, 1),
+    ("bwd", "fp32", "wide"): (16, 16, 4, 1),
+    ("dq", "fp32", "wide"): (16, 16, 4, 1),
+    ("dkv", "fp32", "wide"): (16, 16, 4, 1),
     ("fwd", "fp32", "narrow"): (32, 32, 4, 1),
     ("bwd", "fp32", "narrow"): (32, 16, 4, 1),
     ("dq", "fp32", "narrow"): (32, 16, 4, 1),
@@ -97,6 +101,10 @@ PB_BUDGET_BYTES = 1 << 30
 DECODE_PROGRAMS_PER_SM = 2  # split-K target: this many programs per SM when tokens alone are too few
 
 
+def tile_key(kind: str, dtype: torch.dtype, dqk: int) -> tuple[str, str, str]:
+    return kind, "fp32" if dtype == torch.float32 else "16bit", "wide" if dqk > 256 else "narrow"
+
+
 def tile_config(kind: str, dtype: torch.dtype, dqk: int, H: int) -> dict:
     """BH, BK, warps, stages for one kernel from TILES; BH never exceeds H rounded up to the MMA
     minimum of 16 rows. The interpreter takes 16-row, 16-slot tiles (a handful of slots then
@@ -104,9 +112,36 @@ def tile_config(kind: str, dtype: torch.dtype, dqk: int, H: int) -> dict:
     if _INTERPRET:
         bh, bk, w, st = 16, 16, 1, 1
     else:
-        bh, bk, w, st = TILES[(kind, "fp32" if dtype == torch.float32 else "16bit", "wide" if dqk > 256 else "narrow")]
+        bh, bk, w, st = TILES[tile_key(kind, dtype, dqk)]
     bh = min(bh, max(16, triton.next_power_of_2(H)))
     return dict(BH=bh, BK=bk, num_warps=w, num_stages=st)
+
+
+def _shrink(key: tuple[str, str, str], err: OutOfResources) -> None:
+    """A TILES entry that does not fit this GPU (shared memory, registers) is replaced, loudly and
+    once, by the next smaller one: one pipeline stage less, else half the slots per step. Shapes
+    and results are unchanged; only speed is. The head tile and warps stay (the grid stays)."""
+    bh, bk, w, st = TILES[key]
+    if st > 1:
+        new = (bh, bk, w, st - 1)
+    elif bk > 16:
+        new = (bh, bk // 2, w, st)
+    else:
+        raise err
+    print(f"[deepwish] sparse_mla: launch config {'|'.join(key)} {TILES[key]} does not fit this GPU ({err}); "
+          f"using {new}", file=sys.stderr)
+    TILES[key] = new
+
+
+def _launch(kernel, kind: str, q: torch.Tensor, grid, *args, **kwargs) -> None:
+    """kernel[grid](*args, **kwargs, **its TILES config), shrinking a config that does not fit."""
+    key = tile_key(kind, q.dtype, q.shape[-1])
+    while True:
+        try:
+            kernel[grid](*args, **kwargs, **tile_config(kind, q.dtype, q.shape[-1], q.shape[2]))
+            return
+        except OutOfResources as e:
+            _shrink(key, e)
 
 
 @functools.lru_cache(maxsize=None)
@@ -392,31 +427,36 @@ def forward(q: torch.Tensor, kv: torch.Tensor, indices: torch.Tensor, dv: int, s
     B, T, H, D = q.shape
     K = indices.shape[2]
     meta = _meta(q, dv)
-    cfg = tile_config("fwd", q.dtype, D, H)
-    nhb = triton.cdiv(H, cfg["BH"])
     o = torch.empty(B, T, H, dv, dtype=q.dtype, device=q.device)
     lse = torch.empty(B, T, H, dtype=torch.float32, device=q.device)
     if T == 0 or H == 0:
         return o, lse
-    if splits <= 0:
-        splits, chunk = plan_splits(B * T * nhb, K, cfg["BK"], q.device)
-    else:
-        chunk = triton.cdiv(triton.cdiv(max(K, 1), splits), cfg["BK"]) * cfg["BK"]
-        splits = triton.cdiv(max(K, 1), chunk)
-    split = splits > 1
+    while True:  # once more with a smaller config if this one does not fit (see _shrink)
+        cfg = tile_config("fwd", q.dtype, D, H)
+        nhb = triton.cdiv(H, cfg["BH"])
+        if splits <= 0:
+            n_split, chunk = plan_splits(B * T * nhb, K, cfg["BK"], q.device)
+        else:
+            chunk = triton.cdiv(triton.cdiv(max(K, 1), splits), cfg["BK"]) * cfg["BK"]
+            n_split = triton.cdiv(max(K, 1), chunk)
+        split = n_split > 1
+        if split:
+            op = torch.empty(B, T, n_split, H, meta["BLOCK_V"], dtype=torch.float32, device=q.device)
+            lp = torch.empty(B, T, n_split, H, dtype=torch.float32, device=q.device)
+        else:
+            op = lp = lse  # unused
+        try:
+            _fwd_kernel[(T * n_split, nhb, B)](
+                q, kv, indices, o, lse, op, lp, *q.stride()[:3], *kv.stride()[:2], *indices.stride()[:2],
+                *o.stride()[:3], T, H, K, meta["DV"], meta["DR"], n_split, chunk, scale * LOG2E,
+                BLOCK_V=meta["BLOCK_V"], BLOCK_R=meta["BLOCK_R"], HAS_TAIL=meta["HAS_TAIL"], SPLIT=split,
+                PREC=meta["PREC"], **cfg)
+            break
+        except OutOfResources as e:
+            _shrink(tile_key("fwd", q.dtype, D), e)
     if split:
-        op = torch.empty(B, T, splits, H, meta["BLOCK_V"], dtype=torch.float32, device=q.device)
-        lp = torch.empty(B, T, splits, H, dtype=torch.float32, device=q.device)
-    else:
-        op = lp = lse  # unused
-    _fwd_kernel[(T * splits, nhb, B)](
-        q, kv, indices, o, lse, op, lp, *q.stride()[:3], *kv.stride()[:2], *indices.stride()[:2],
-        *o.stride()[:3], T, H, K, meta["DV"], meta["DR"], splits, chunk, scale * LOG2E,
-        BLOCK_V=meta["BLOCK_V"], BLOCK_R=meta["BLOCK_R"], HAS_TAIL=meta["HAS_TAIL"], SPLIT=split,
-        PREC=meta["PREC"], **cfg)
-    if split:
-        _merge_kernel[(B * T * H,)](op, lp, o, lse, *o.stride()[:3], T, H, dv, splits,
-                                    BLOCK_V=meta["BLOCK_V"], BS=max(2, triton.next_power_of_2(splits)))
+        _merge_kernel[(B * T * H,)](op, lp, o, lse, *o.stride()[:3], T, H, dv, n_split,
+                                    BLOCK_V=meta["BLOCK_V"], BS=max(2, triton.next_power_of_2(n_split)))
     return o, lse
 
 
@@ -443,26 +483,26 @@ def backward(q, kv, indices, o, lse, do, dlse, dv: int, scale: float) -> tuple[t
     if T == 0 or H == 0 or K == 0:
         return dq.zero_(), dkv.to(kv.dtype)
     fused = BACKWARD == "fused"
-    cfg = tile_config("bwd" if fused else "dq", q.dtype, D, H)
-    nhb = triton.cdiv(H, cfg["BH"])
+    kind = "bwd" if fused else "dq"
+    nhb = triton.cdiv(H, tile_config(kind, q.dtype, D, H)["BH"])
     tc = T if fused else max(1, min(T, PB_BUDGET_BYTES // (2 * B * H * K * q.element_size())))
     if fused:
         pb = dsb = dkv  # unused
     else:
         pb = torch.empty(B, tc, H, K, dtype=q.dtype, device=q.device)
         dsb = torch.empty_like(pb)
-        dkv_cfg = tile_config("dkv", q.dtype, D, H)
+        nhb_dkv = triton.cdiv(H, tile_config("dkv", q.dtype, D, H)["BH"])
     common = dict(BLOCK_V=meta["BLOCK_V"], BLOCK_R=meta["BLOCK_R"], HAS_TAIL=meta["HAS_TAIL"], PREC=meta["PREC"])
     for t0 in range(0, T, tc):
         n = min(tc, T - t0)
-        _bwd_kernel[(n, nhb, B)](
-            q, kv, indices, do, lse, delta, dq, dkv, pb, dsb, *q.stride()[:3], *kv.stride()[:2],
-            *indices.stride()[:2], *do.stride()[:3], *dq.stride()[:3], S, T, H, K, meta["DV"], meta["DR"],
-            t0, tc, scale, scale * LOG2E, FUSED=fused, **common, **cfg)
+        _launch(_bwd_kernel, kind, q, (n, nhb, B),
+                q, kv, indices, do, lse, delta, dq, dkv, pb, dsb, *q.stride()[:3], *kv.stride()[:2],
+                *indices.stride()[:2], *do.stride()[:3], *dq.stride()[:3], S, T, H, K, meta["DV"], meta["DR"],
+                t0, tc, scale, scale * LOG2E, FUSED=fused, **common)
         if not fused:
-            _dkv_kernel[(n, triton.cdiv(H, dkv_cfg["BH"]), B)](
-                q, indices, do, dkv, pb, dsb, *q.stride()[:3], *indices.stride()[:2], *do.stride()[:3],
-                S, H, K, meta["DV"], meta["DR"], t0, tc, **common, **dkv_cfg)
+            _launch(_dkv_kernel, "dkv", q, (n, nhb_dkv, B),
+                    q, indices, do, dkv, pb, dsb, *q.stride()[:3], *indices.stride()[:2], *do.stride()[:3],
+                    S, H, K, meta["DV"], meta["DR"], t0, tc, **common)
     return dq, dkv.to(kv.dtype)
 
 
