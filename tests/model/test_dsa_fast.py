@@ -23,7 +23,7 @@ def pair(*extra):
             p.copy_(1 + 0.1 * torch.randn_like(p)) if p.dim() == 1 else p.normal_(0, 0.1)
     dense = Transformer(replace(rc.model, dsa_backend="torch"))
     dense.load_state_dict(fast.state_dict())
-    assert fast.blocks[0].mixer.sparse_backend == "torch" and dense.blocks[0].mixer.sparse_backend is None
+    assert dense.blocks[0].mixer.sparse_backend is None
     return fast, dense
 
 
@@ -31,6 +31,7 @@ def pair(*extra):
 @pytest.mark.parametrize("packed", [False, True])
 def test_fast_path_equals_dense_reference(mode, packed, rel_err):
     fast, dense = pair()
+    assert fast.blocks[0].mixer.sparse_backend == "torch"  # auto on the CPU: sparse_mla's reference
     g = torch.Generator().manual_seed(0)
     x, t = torch.randint(0, 101, (2, 19), generator=g), torch.randint(0, 101, (2, 19), generator=g)
     kw = {}
@@ -98,3 +99,29 @@ def test_backend_resolution_and_errors(capsys, monkeypatch):
             resolve_dsa_backend("triton")
     with pytest.raises(ConfigError, match="dsa_backend"):
         load_config("deepseek_v32_tiny", ["model.dsa_backend=fast"])
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the interpreter runs on CPU tensors; GPU: test_dsa_gpu.py")
+def test_triton_kernel_route_under_the_interpreter_equals_dense(rel_err):
+    """dsa_backend=triton: the Triton sparse_mla (TRITON_INTERPRET=1, tests/conftest.py) behind the
+    row-block top-k, training step and cached decoding, against the dense reference."""
+    from deepwish.generate import decode_one_token, prefill
+    fast, dense = pair("model.n_layers=1", "model.dsa_backend=triton")
+    assert fast.blocks[0].mixer.sparse_backend == "triton"
+    x, t = torch.randint(0, 101, (1, 12)), torch.randint(0, 101, (1, 12))
+    obj = Objective(indexer_mode="sparse", indexer_weight=1.0)
+    res = []
+    for m in (dense, fast):
+        out = m(x, targets=t, objective=obj)
+        out.loss.backward()
+        res.append((out, {n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None}))
+    (ref, ref_g), (got, got_g) = res
+    assert rel_err(ref.logits, got.logits) < 1e-5
+    assert got.aux_losses["indexer"].item() == pytest.approx(ref.aux_losses["indexer"].item(), rel=1e-5)
+    for n in ref_g:
+        assert rel_err(ref_g[n], got_g[n]) < 1e-4, n
+    with torch.no_grad():
+        cache = fast.make_cache(1, 16)
+        steps = [prefill(fast, x[:, :6], cache)] + [decode_one_token(fast, x[:, i], torch.full((1,), i), cache)
+                                                    for i in range(6, 12)]
+    assert rel_err(ref.logits[:, 5:].detach(), torch.stack(steps, 1)) < 1e-4
