@@ -16,7 +16,7 @@ import os
 
 import torch
 
-from deepwish.kernels.backend import resolve_backend
+from deepwish.kernels.backend import BackendError, resolve_backend
 from deepwish.kernels.sparse_mla import reference
 from deepwish.kernels.sparse_mla.reference import check_inputs
 
@@ -47,10 +47,15 @@ def resolve_sparse_mla_backend(requested: str, device: torch.device | str, annou
 def sparse_mla(q: torch.Tensor, kv: torch.Tensor, indices: torch.Tensor, *, dv: int = 512,
                scale: float, backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
     """(o, lse) of sparse attention of q over the kv rows listed in indices; see the module doc.
-    `backend` 'auto' is resolved here silently on every call: prefer resolving once."""
+    `backend` 'auto' is resolved here silently on every call: prefer resolving once (a resolved
+    name goes straight to its path: nothing here for torch.compile or a CUDA graph to trip on)."""
     check_inputs(q, kv, indices, dv)
-    backend = resolve_sparse_mla_backend(backend, q.device, announce=False)
+    if backend not in ("torch", "triton"):
+        backend = resolve_sparse_mla_backend(backend, q.device, announce=False)
     if backend == "torch":
         return reference.sparse_mla(q, kv, indices, dv=dv, scale=scale)
-    from deepwish.kernels.sparse_mla.triton import sparse_mla as _triton_sparse_mla
+    try:
+        from deepwish.kernels.sparse_mla.triton import sparse_mla as _triton_sparse_mla
+    except ImportError as e:
+        raise BackendError(f"sparse_mla: backend 'triton' was requested but cannot be imported ({e})") from e
     return _triton_sparse_mla(q, kv, indices, dv=dv, scale=scale)
