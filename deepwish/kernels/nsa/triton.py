@@ -6,7 +6,7 @@ Shape legend: B batch, T queries, S raw keys, N compressed tokens, H query heads
 G = H / Hkv, GP = G rounded up to a power of two, NB = ceil(S / l') selection blocks, n = n_select.
 
 Compressed branch (one kernel for the forward, `_cmp_fwd_kernel`):
-- A program owns one KV head and BT = 16 consecutive queries; its BM = BT·GP rows are (query,
+- A program owns one KV head and BT = BM / GP consecutive queries; its BM rows are (query,
   head of the group) pairs, as in kernels/attention (`_rows`): every compressed K/V tile serves
   the whole group.
 - Pass 1 is flash attention over the compressed tokens the tile can see, saving the row
@@ -18,7 +18,8 @@ Compressed branch (one kernel for the forward, `_cmp_fwd_kernel`):
   [T, N] matrix: it walks the selection blocks the tile can select in tiles of BJ = 16 blocks; for
   each, the compressed tokens overlapping those blocks (again by binary search), p = exp2(s - lse)
   summed over the G heads of each query (a reshape and sum: exact fp32), and mapped onto the
-  blocks by an fp32 dot with the 0/1 overlap matrix [BN, BJ] built from cmp_end. Forced blocks
+  blocks by an fp32 product with the 0/1 overlap matrix [BN, BJ] built from cmp_end (a dot when
+  the tile has >= 16 queries, a broadcast sum otherwise; both exact fp32). Forced blocks
   get +inf, ineligible ones -inf, and each query keeps a running top-n in registers: blocks
   arrive in increasing order, so a newcomer replaces the minimum slot (lowest score, then
   earliest block) iff its score is >= that minimum: exactly the reference's order (score, then
@@ -47,7 +48,7 @@ Selected branch:
 Offsets are int64 (B·S·Hkv·D passes 2³¹ at long S); positions are int32 (S < 2³¹). Accumulation
 is fp32; fp32 inputs take IEEE dots. The selection scoring always runs in fp32 IEEE arithmetic.
 
-Simplifications: G <= 16 (BT·GP rows of the compressed tiles; config checks call `check_group`);
+Simplifications: G <= 16 (the tested sizes; config checks call `check_group`);
 head dims up to 256, padded to a power of two; a block listed twice in sel_idx counts twice (the
 top-n never lists one twice). Decoding with T = 1 runs one program per (batch, KV head) for the
 compressed branch (no split over the compressed tokens): simple and graph-capturable, not the
@@ -71,40 +72,43 @@ POS_MAX = 2 ** 31 - 1  # a padding slot's cmp_end, clamped to int32: beyond ever
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 # Fixed launch configurations (no autotuner: it compiles every candidate per shape class).
-# (kind, "16bit" | "fp32"): dict of tile sizes and warps. Compressed kernels: BT queries per tile
-# (BM = BT·GP rows), BN compressed tokens per tile, BJ selection blocks per scoring tile.
-# Selected kernels: rows = max(16, GP); BQ queries per dK/dV step, CH queries per work item.
-# The 16-bit rows are first choices for an H200 at D 128, G 16 (register budget: BM = 256 rows
-# of fp32 scores over BN = 64); not swept yet.
+# (kind, "16bit" | "fp32"): dict of tile sizes and warps. Compressed kernels: BM rows = BT·GP
+# (BT = BM / GP queries per tile, at least 1), BN compressed tokens per tile, BJ selection blocks
+# per scoring tile. Selected kernels: rows = max(16, GP); ROWS = BQ·GP gathered (query, head)
+# columns per dK/dV step, CH queries per work item. The 16-bit rows are first choices for an
+# H200 at D 128 (the register budget of kernels/attention's 128-row tiles); not swept yet.
 TILES = {
-    ("cmp_fwd", "16bit"): dict(BT=16, BN=64, BJ=16, num_warps=8, num_stages=2),
-    ("cmp_dq", "16bit"): dict(BT=16, BN=64, num_warps=8, num_stages=2),
-    ("cmp_dkdv", "16bit"): dict(BT=8, BN=64, num_warps=8, num_stages=2),
+    ("cmp_fwd", "16bit"): dict(BM=128, BN=64, BJ=16, num_warps=8, num_stages=2),
+    ("cmp_dq", "16bit"): dict(BM=128, BN=64, num_warps=8, num_stages=2),
+    ("cmp_dkdv", "16bit"): dict(BM=128, BN=64, num_warps=8, num_stages=2),
     ("slc_fwd", "16bit"): dict(num_warps=4, num_stages=2),
     ("slc_dq", "16bit"): dict(num_warps=4, num_stages=2),
     ("slc_dkdv", "16bit"): dict(ROWS=128, CH=1024, num_warps=8, num_stages=2),
-    ("cmp_fwd", "fp32"): dict(BT=16, BN=32, BJ=16, num_warps=8, num_stages=1),
-    ("cmp_dq", "fp32"): dict(BT=16, BN=32, num_warps=8, num_stages=1),
-    ("cmp_dkdv", "fp32"): dict(BT=4, BN=32, num_warps=8, num_stages=1),
+    ("cmp_fwd", "fp32"): dict(BM=64, BN=32, BJ=16, num_warps=8, num_stages=1),
+    ("cmp_dq", "fp32"): dict(BM=64, BN=32, num_warps=8, num_stages=1),
+    ("cmp_dkdv", "fp32"): dict(BM=64, BN=32, num_warps=8, num_stages=1),
     ("slc_fwd", "fp32"): dict(num_warps=4, num_stages=1),
     ("slc_dq", "fp32"): dict(num_warps=4, num_stages=1),
     ("slc_dkdv", "fp32"): dict(ROWS=64, CH=1024, num_warps=8, num_stages=1),
 }
-# the interpreter: small tiles, so a test of a few dozen tokens crosses several of each
+# the interpreter: small tiles, so a test of a few dozen tokens crosses several of each (and
+# G = 16 takes the broadcast mapping of the scores, G <= 4 the dot)
 INTERPRET_TILES = {
-    "cmp_fwd": dict(BT=16, BN=16, BJ=16, num_warps=1, num_stages=1),
-    "cmp_dq": dict(BT=16, BN=16, num_warps=1, num_stages=1),
-    "cmp_dkdv": dict(BT=2, BN=16, num_warps=1, num_stages=1),
+    "cmp_fwd": dict(BM=64, BN=16, BJ=16, num_warps=1, num_stages=1),
+    "cmp_dq": dict(BM=64, BN=16, num_warps=1, num_stages=1),
+    "cmp_dkdv": dict(BM=32, BN=16, num_warps=1, num_stages=1),
     "slc_fwd": dict(num_warps=1, num_stages=1),
     "slc_dq": dict(num_warps=1, num_stages=1),
     "slc_dkdv": dict(ROWS=16, CH=3, num_warps=1, num_stages=1),
 }
 
 
-def tile_config(kind: str, dtype: torch.dtype) -> dict:
-    if _INTERPRET:
-        return dict(INTERPRET_TILES[kind])
-    return dict(TILES[(kind, "fp32" if dtype == torch.float32 else "16bit")])
+def tile_config(kind: str, dtype: torch.dtype, group: int = 1) -> dict:
+    """Launch configuration of one kernel; BM grows to GP when a group alone has more rows."""
+    cfg = dict(INTERPRET_TILES[kind] if _INTERPRET else TILES[(kind, "fp32" if dtype == torch.float32 else "16bit")])
+    if "BM" in cfg:
+        cfg["BM"] = max(cfg["BM"], triton.next_power_of_2(group))
+    return cfg
 
 
 def check_group(n_heads: int, n_kv_heads: int) -> None:
@@ -149,10 +153,11 @@ def _cmp_range(CMAX, CMIN, cbase, N, p, ds, ok):
 def _cmp_fwd_kernel(Q, KC, VC, END, CMAX, CMIN, QPOS, QDS, O, LSE, SEL,
                     sq_b, sq_t, sq_h, sk_b, sk_n, sk_h, sv_b, sv_n, sv_h, so_b, so_t, so_h,
                     T, N, H, HKV, G, DQK, DV, scale, CMP_LEN, SEL_LEN, N_SELECT, N_INIT, N_LOCAL,
-                    BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr, GP: tl.constexpr, BT: tl.constexpr,
+                    BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr, GP: tl.constexpr, BM: tl.constexpr,
                     BN: tl.constexpr, BJ: tl.constexpr, NP: tl.constexpr, SELECT: tl.constexpr,
                     PREC: tl.constexpr):
-    BM: tl.constexpr = BT * GP
+    BT: tl.constexpr = BM // GP
+    MAP_DOT: tl.constexpr = BT >= 16
     qk_scale = scale * 1.4426950408889634
     m0 = tl.program_id(0) * BT
     bh = tl.program_id(1)
@@ -230,8 +235,11 @@ def _cmp_fwd_kernel(Q, KC, VC, END, CMAX, CMIN, QPOS, QDS, O, LSE, SEL,
                 pg = tl.sum(tl.reshape(p, [BT, GP, BN]), 1)                    # [BT, BN]: the group's sum
                 first = tl.maximum(end - CMP_LEN + 1, 0) // SEL_LEN
                 last = end // SEL_LEN
-                ov = (j[None, :] >= first[:, None]) & (j[None, :] <= last[:, None]) & c_ok[:, None]
-                score = tl.dot(pg, ov.to(tl.float32), score, input_precision="ieee")
+                ov = ((j[None, :] >= first[:, None]) & (j[None, :] <= last[:, None]) & c_ok[:, None]).to(tl.float32)
+                if MAP_DOT:
+                    score = tl.dot(pg, ov, score, input_precision="ieee")
+                else:  # fewer than 16 queries per tile (large groups): a broadcast product, as exact
+                    score += tl.sum(pg[:, :, None] * ov[None, :, :], 1)
             elig = (j[None, :] >= sb[:, None]) & (j[None, :] <= qb[:, None]) & tok_ok[:, None]
             forced = elig & ((j[None, :] < sb[:, None] + N_INIT) | (j[None, :] > qb[:, None] - N_LOCAL))
             score = tl.where(forced, float("inf"), tl.where(elig, score, float("-inf")))
@@ -255,9 +263,9 @@ def _cmp_fwd_kernel(Q, KC, VC, END, CMAX, CMIN, QPOS, QDS, O, LSE, SEL,
 def _cmp_dq_kernel(Q, KC, VC, DO, LSE, DELTA, END, CMAX, CMIN, QPOS, QDS, DQO,
                    sq_b, sq_t, sq_h, sk_b, sk_n, sk_h, sv_b, sv_n, sv_h, sdo_b, sdo_t, sdo_h, sdq_b, sdq_t, sdq_h,
                    T, N, H, HKV, G, DQK, DV, scale,
-                   BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr, GP: tl.constexpr, BT: tl.constexpr,
+                   BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr, GP: tl.constexpr, BM: tl.constexpr,
                    BN: tl.constexpr, PREC: tl.constexpr):
-    BM: tl.constexpr = BT * GP
+    BT: tl.constexpr = BM // GP
     qk_scale = scale * 1.4426950408889634
     m0 = tl.program_id(0) * BT
     bh = tl.program_id(1)
@@ -303,10 +311,10 @@ def _cmp_dkdv_kernel(Q, KC, VC, DO, LSE, DELTA, END, QPOS, QDS, QPMAX, QDSMIN, D
                      sq_b, sq_t, sq_h, sk_b, sk_n, sk_h, sv_b, sv_n, sv_h, sdo_b, sdo_t, sdo_h,
                      sdk_b, sdk_n, sdk_h, sdv_b, sdv_n, sdv_h,
                      T, N, H, HKV, G, DQK, DV, scale,
-                     BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr, GP: tl.constexpr, BT: tl.constexpr,
+                     BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr, GP: tl.constexpr, BM: tl.constexpr,
                      BN: tl.constexpr, PREC: tl.constexpr):
     """Compressed tokens are rows here: sᵀ [BN, BM] = k · qᵀ (as kernels/attention's dK/dV)."""
-    BM: tl.constexpr = BT * GP
+    BT: tl.constexpr = BM // GP
     qk_scale = scale * 1.4426950408889634
     n0 = tl.program_id(0) * BN
     bh = tl.program_id(1)
@@ -571,15 +579,16 @@ def compressed_forward(q, k_cmp, v_cmp, end, qpos, qds, scale, cmp_len, select_l
     B, T, H, _ = q.shape
     N, Hkv = k_cmp.shape[1], k_cmp.shape[2]
     G = H // Hkv
-    cfg = tile_config("cmp_fwd", q.dtype)
+    GP = triton.next_power_of_2(G)
+    cfg = tile_config("cmp_fwd", q.dtype, G)
     o = torch.empty(B, T, H, v_cmp.shape[-1], dtype=q.dtype, device=q.device)
     lse = torch.empty(B, T, H, dtype=torch.float32, device=q.device)
     sel = torch.empty(B, T, Hkv, n_select, dtype=torch.int32, device=q.device)
-    grid = (triton.cdiv(T, cfg["BT"]), B * Hkv)
+    grid = (triton.cdiv(T, cfg["BM"] // GP), B * Hkv)
     _cmp_fwd_kernel[grid](q, k_cmp, v_cmp, end, _prefix_max(end), _suffix_min(end), qpos, qds, o, lse, sel,
                           *q.stride()[:3], *k_cmp.stride()[:3], *v_cmp.stride()[:3], *o.stride()[:3],
                           T, N, H, Hkv, G, scale=scale, CMP_LEN=cmp_len, SEL_LEN=select_len, N_SELECT=n_select,
-                          N_INIT=n_init, N_LOCAL=n_local, GP=triton.next_power_of_2(G),
+                          N_INIT=n_init, N_LOCAL=n_local, GP=GP,
                           NP=triton.next_power_of_2(n_select), SELECT=select, **_dims(q, v_cmp), **cfg)
     return o, lse, (sel if select else None)
 
@@ -592,14 +601,14 @@ def compressed_backward(q, k_cmp, v_cmp, o, lse, do, end, qpos, qds, scale):
     delta = backward_delta(o, do)
     dims = _dims(q, v_cmp)
     dq = torch.empty_like(q)
-    cfg = tile_config("cmp_dq", q.dtype)
-    _cmp_dq_kernel[(triton.cdiv(T, cfg["BT"]), B * Hkv)](
+    cfg = tile_config("cmp_dq", q.dtype, G)
+    _cmp_dq_kernel[(triton.cdiv(T, cfg["BM"] // GP), B * Hkv)](
         q, k_cmp, v_cmp, do, lse, delta, end, _prefix_max(end), _suffix_min(end), qpos, qds, dq,
         *q.stride()[:3], *k_cmp.stride()[:3], *v_cmp.stride()[:3], *do.stride()[:3], *dq.stride()[:3],
         T, N, H, Hkv, G, scale=scale, GP=GP, **dims, **cfg)
     dkc = torch.empty(k_cmp.shape, dtype=k_cmp.dtype, device=q.device)
     dvc = torch.empty(v_cmp.shape, dtype=v_cmp.dtype, device=q.device)
-    cfg = tile_config("cmp_dkdv", q.dtype)
+    cfg = tile_config("cmp_dkdv", q.dtype, G)
     _cmp_dkdv_kernel[(triton.cdiv(N, cfg["BN"]), B * Hkv)](
         q, k_cmp, v_cmp, do, lse, delta, end, qpos, qds, _prefix_max(qpos), _suffix_min(qds), dkc, dvc,
         *q.stride()[:3], *k_cmp.stride()[:3], *v_cmp.stride()[:3], *do.stride()[:3], *dkc.stride()[:3],
