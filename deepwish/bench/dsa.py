@@ -10,8 +10,8 @@ reference (model.dsa_backend=torch).
    and TFLOP/s at T 4k-64k and the goal shape against dense SDPA over the latent, decode
    latency at 4k-128k, a bf16 check against the reference; DIR/sparse_mla.json and .png.
 
-1. Indexer + top-k in row blocks (model/dsa_rows.py topk_indices) at B=1, 64 index heads of 128,
-   top-2048, against T: time and extra peak memory (everything allocated beyond the inputs,
+1. Indexer + top-k in row blocks (model/dsa_rows.py topk_indices, the Triton scorer on CUDA) at
+   B=1, 64 index heads of 128, top-2048, against T: time and extra peak memory (everything allocated beyond the inputs,
    the [T, K] int32 indices included), next to the goal 2·T·K·4 bytes; the dense reference
    (index_scores [T, T] + select_topk_latest) where it fits ('OOM' where it does not).
 2. One training step (forward + backward, bf16 autocast over fp32 weights, the sparse stage:
@@ -97,6 +97,7 @@ def measured(fn, dev: torch.device, iters: int) -> dict:
 
 # ---- 1. indexer + top-k -----------------------------------------------------------------------
 def bench_indexer(seqs: list[int], Hi: int, Di: int, K: int, dev: torch.device) -> list[dict]:
+    """The fast path with the scorer dsa_backend=auto takes here (the Triton kernel on CUDA)."""
     from deepwish.model.dsa import select_topk_latest
     from deepwish.model.dsa_rows import index_scores, topk_indices
     rows = []
@@ -108,14 +109,15 @@ def bench_indexer(seqs: list[int], Hi: int, Di: int, K: int, dev: torch.device) 
         w = torch.randn(1, T, Hi, device=dev, generator=g) * Hi ** -0.5
         pos = torch.arange(T, device=dev)[None]
         scale = Di ** -0.5
-        fast = measured(lambda: topk_indices(q, w, k, scale, K, pos, pos, causal_prefix=True), dev,
+        scorer = "triton" if dev.type == "cuda" else "torch"
+        fast = measured(lambda: topk_indices(q, w, k, scale, K, pos, pos, causal_prefix=True, scorer=scorer), dev,
                         iters=1 if T >= 32768 else 3)
 
         def dense():
             s = index_scores(q, w, k, scale)
             return select_topk_latest(s, torch.ones(T, T, dtype=torch.bool, device=dev).tril()[None], K)
         ref = measured(dense, dev, iters=1) if T <= 32768 else {"error": "skipped (T > 32k)"}
-        rows.append({"T": T, "K": K, "goal_bytes": 2 * T * K * 4, "fast": fast, "dense": ref})
+        rows.append({"T": T, "K": K, "goal_bytes": 2 * T * K * 4, "scorer": scorer, "fast": fast, "dense": ref})
         del q, k, w
         release()
     return rows
@@ -157,7 +159,7 @@ def bench_train(seqs: list[int], layers: int, base: str, tiny: bool, dev: torch.
                 out.loss.backward()
                 losses["ce"] = (out.ce_sum / out.n_targets).item()
                 losses["indexer"] = out.aux_losses["indexer"].item()
-            r = measured(step, dev, iters=3)
+            r = measured(step, dev, iters=1 if tiny else 3)
             row[name] = {**r, **losses} if "ms" in r else r
             del model
             release()
@@ -197,7 +199,7 @@ def bench_decode(ctxs: list[int], layers: int, base: str, tiny: bool, dev: torch
                 token = torch.zeros(1, dtype=torch.long, device=dev)
                 position = torch.full((1,), L - 1, device=dev)
                 with torch.no_grad():
-                    r = measured(lambda: step(model, token, position, cache), dev, iters=10)
+                    r = measured(lambda: step(model, token, position, cache), dev, iters=2 if tiny else 10)
                 row[name] = {**r, "how": how}
                 del model, cache, step
             except Exception as e:  # noqa: BLE001

@@ -37,7 +37,8 @@ Two paths over the same weights, by `model.dsa_backend` (resolved once, printed)
 - torch: this file's reference — [B,T,S] index scores, the top-k as a boolean mask, naive MLA
   under it, the KL target from a dense [B,H,T,S] pass. The oracle.
 - auto | triton: the fast path — index scores and the top-k in row blocks as indices [B,T,K]
-  (model/dsa_rows.py, the same set by the same tie rule), sparse_mla (kernels/sparse_mla) over
+  (model/dsa_rows.py, the same tie rule; the scores from the fused kernels/index_scores kernel
+  where sparse_mla is Triton, else the reference's arithmetic), sparse_mla (kernels/sparse_mla) over
   the latent rows in the weight-absorbed form for training, prefill and decoding alike, and
   both KL losses in row blocks. The dense warm-up attends through MLA's causal kernel.
 """
@@ -55,7 +56,8 @@ from deepwish.model.attention import attention_mask
 from deepwish.model.cache import MLACache, take_rows_
 from deepwish.kernels.sparse_mla import resolve_sparse_mla_backend, sparse_mla
 from deepwish.model.attention import kernel_inputs
-from deepwish.model.dsa_rows import dense_kl, index_scores, sparse_kl, topk_indices
+from deepwish.kernels.index_scores.reference import index_scores
+from deepwish.model.dsa_rows import dense_kl, sparse_kl, topk_indices
 from deepwish.model.mla import MLA
 from deepwish.model.rope import apply_rotary
 
@@ -179,7 +181,8 @@ def resolve_dsa_backend(requested: str, announce: bool = True) -> str | None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
         chosen = resolve_sparse_mla_backend(requested, device, announce=False)
         note = " (no CUDA device)" if requested == "auto" and chosen == "torch" else ""
-        line = f"row-block indexer/top-k, sparse_mla {chosen}{note}"
+        scores = "Triton" if chosen == "triton" else "torch"
+        line = f"row-block indexer/top-k ({scores} scores), sparse_mla {chosen}{note}"
     if announce:
         print(f"[deepwish] dsa: backend {requested} -> {line}", file=sys.stderr)
     return chosen
@@ -201,6 +204,7 @@ class DSA(MLA):
         self.indexer = Indexer(cfg)
         first = next((i for i, (m, _) in enumerate(cfg.layer_types) if m == "dsa"), layer_idx)
         self.sparse_backend = resolve_dsa_backend(cfg.dsa_backend, announce=layer_idx == first)
+        self.index_scorer = "triton" if self.sparse_backend == "triton" else "torch"  # kernels/index_scores
 
     def make_cache(self, batch: int, max_len: int, dtype, device) -> DSACache:
         return DSACache.empty_dsa(batch, max_len, self.kv_lora_rank, self.rope, self.indexer.head_dim,
@@ -274,7 +278,8 @@ class DSA(MLA):
             else:
                 o = self.attend_absorbed(q_nope, q_pe, c_kv, k_pe, attention_mask(ctx.positions, k_pos))
         else:
-            indices = topk_indices(q_idx.detach(), w_idx.detach(), k_idx.detach(), ix.softmax_scale, ix.topk, **where)
+            indices = topk_indices(q_idx.detach(), w_idx.detach(), k_idx.detach(), ix.softmax_scale, ix.topk, **where,
+                                   scorer=self.index_scorer)
             q_k, kv_k = kernel_inputs(q_abs, kv)
             o_lat, _ = sparse_mla(q_k, kv_k, indices, dv=self.kv_lora_rank, scale=self.scale,
                                   backend=self.sparse_backend)

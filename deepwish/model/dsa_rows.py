@@ -11,9 +11,11 @@ query rows against the keys that block can see, so the widest intermediate is on
 (`rows_per_block` sizes it from a budget of elements) and what persists is the selection,
 indices [B, T, K] int32 (-1 = unused): B·T·K·4 bytes.
 
-- `index_scores` is the reference's arithmetic (same operations in the same order), so a row's
-  scores are those of the dense pass and `topk_latest_indices` selects exactly the set of
-  `select_topk_latest` (ties at the k-th score to the latest keys), as slot indices.
+- `index_scores` (kernels/index_scores/reference.py) is the reference's arithmetic (same
+  operations in the same order), so a row's scores are those of the dense pass and
+  `topk_latest_indices` selects exactly the set of `select_topk_latest` (ties at the k-th score
+  to the latest keys), as slot indices. On the triton backend the scores come from one fused
+  kernel (kernels/index_scores/triton.py) instead: no [C, Hi, S] buffer, rounding apart.
 - `topk_indices` walks the row blocks. Without a cache the keys of block [t0, t1) are the
   slots [0, t1): a key after its query's slot is never visible (slots are positions within a
   document, documents are contiguous), so the causal square is skipped, not just masked.
@@ -29,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from deepwish.kernels.index_scores.reference import index_scores
 from deepwish.model.attention import attention_mask
 
 NEG_INF_KEY = -0x7F800001  # fp32 -inf (bits 0xFF800000) in the order-preserving int32 map of topk_latest_indices
@@ -38,15 +41,6 @@ ROW_BUDGET = 1 << 25  # elements of a block's widest fp32 intermediate (128 MiB)
 def rows_per_block(batch: int, width: int, budget: int = ROW_BUDGET) -> int:
     """Query rows per block so that batch · rows · width elements stay within the budget."""
     return max(1, budget // max(1, batch * width))
-
-
-def index_scores(q: torch.Tensor, w: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tensor:
-    """I[t,s] = Σ_h w_h · relu(q_h·k_s · scale). q [B,C,Hi,Di], w [B,C,Hi] (fp32, with the
-    Hi^-0.5 folded in), k [B,S,Di] -> [B,C,S] fp32, in the operation order HF uses."""
-    # in place: one [B,C,Hi,S] buffer, not three (neither op's backward needs what it overwrites)
-    s = torch.matmul(q.float(), k.transpose(-1, -2).float().unsqueeze(1)).mul_(scale)  # [B,C,Hi,S]
-    s = F.relu_(s)
-    return torch.matmul(w.unsqueeze(-2), s).squeeze(-2)
 
 
 def topk_latest_indices(scores: torch.Tensor, visible: torch.Tensor, k: int) -> torch.Tensor:
@@ -81,21 +75,30 @@ def _keys_for(t1: int, causal_prefix: bool, S: int) -> int:
 def topk_indices(q: torch.Tensor, w: torch.Tensor, k: torch.Tensor, scale: float, topk: int,
                  q_pos: torch.Tensor, k_pos: torch.Tensor, q_doc: torch.Tensor | None = None,
                  k_doc: torch.Tensor | None = None, causal_prefix: bool = False,
-                 budget: int = ROW_BUDGET) -> torch.Tensor:
+                 budget: int = ROW_BUDGET, scorer: str = "torch") -> torch.Tensor:
     """The indexer's top-k visible keys of every query, in row blocks.
     q [B,T,Hi,Di], w [B,T,Hi] fp32, k [B,S,Di]; visibility: k_pos <= q_pos (and same document)
     with q_pos [B,T], k_pos [B,S], docs [B,T]/[B,S] or None. causal_prefix: the keys are the
-    queries' own tokens (no cache), so block [t0, t1) scores only slots [0, t1).
+    queries' own tokens (no cache), so block [t0, t1) scores only slots [0, t1). scorer: 'torch'
+    (the reference's arithmetic: exactly its set) or 'triton' (kernels/index_scores: fused, no
+    [C, Hi, S] buffer, so blocks of Hi times more rows; equal up to rounding at near-ties).
     -> indices [B,T,topk] int32 (-1 = unused). Not differentiable (a selection)."""
     B, T, Hi, _ = q.shape
     S = k.shape[1]
-    C = rows_per_block(B, Hi * S, budget)
+    if scorer == "triton":
+        from deepwish.kernels.index_scores.triton import index_scores as score
+        width = 6 * S  # the [C, S] scores and the int32/int64 keys of the selection
+    elif scorer == "torch":
+        score, width = index_scores, Hi * S
+    else:
+        raise ValueError(f"topk_indices: scorer must be 'torch' or 'triton', got {scorer!r}")
+    C = rows_per_block(B, width, budget)
     out = torch.empty(B, T, topk, dtype=torch.int32, device=q.device)
     with torch.no_grad():
         for t0 in range(0, T, C):
             t1 = min(T, t0 + C)
             n = _keys_for(t1, causal_prefix, S)
-            scores = index_scores(q[:, t0:t1], w[:, t0:t1], k[:, :n], scale)
+            scores = score(q[:, t0:t1], w[:, t0:t1], k[:, :n], scale)
             vis = attention_mask(q_pos[:, t0:t1], k_pos[:, :n], 0,
                                  None if q_doc is None else q_doc[:, t0:t1], None if k_doc is None else k_doc[:, :n])
             out[:, t0:t1] = topk_latest_indices(scores, vis[:, 0], topk)

@@ -92,7 +92,7 @@ def test_backend_resolution_and_errors(capsys, monkeypatch):
     assert "dense reference" in capsys.readouterr().err
     if not torch.cuda.is_available():
         assert resolve_dsa_backend("auto") == "torch"
-        assert "row-block indexer/top-k, sparse_mla torch (no CUDA device)" in capsys.readouterr().err
+        assert "row-block indexer/top-k (torch scores), sparse_mla torch (no CUDA device)" in capsys.readouterr().err
         monkeypatch.delenv("TRITON_INTERPRET", raising=False)
         from deepwish.kernels.backend import BackendError
         with pytest.raises(BackendError, match="triton"):

@@ -17,15 +17,16 @@ from deepwish.model.transformer import Transformer
 pytestmark = pytest.mark.gpu
 
 
-def test_row_block_topk_equals_dense_at_real_size(cuda):
+@pytest.mark.parametrize("scorer", ["torch", "triton"])
+def test_row_block_topk_equals_dense_at_real_size(cuda, scorer):
     T, Hi, Di, K = 4096, 64, 128, 2048
     g = torch.Generator(device=cuda).manual_seed(0)
     q = torch.randn(1, T, Hi, Di, device=cuda, dtype=torch.bfloat16, generator=g)
     k = torch.randn(1, T, Di, device=cuda, dtype=torch.bfloat16, generator=g)
     w = torch.randn(1, T, Hi, device=cuda, generator=g) * Hi ** -0.5
-    k[:, ::5] = -k[:, ::5].abs()  # some exact ties at 0 too
+    k[:, ::5] = -k[:, ::5].abs()  # a skewed key set: more heads at relu 0
     pos = torch.arange(T, device=cuda)[None]
-    got = topk_indices(q, w, k, Di ** -0.5, K, pos, pos, causal_prefix=True, budget=1 << 24)
+    got = topk_indices(q, w, k, Di ** -0.5, K, pos, pos, causal_prefix=True, budget=1 << 24, scorer=scorer)
     assert got.shape == (1, T, K) and got.dtype == torch.int32
     for t0 in range(0, T, 512):  # the dense reference a slice of rows at a time
         rows = slice(t0, t0 + 512)
@@ -35,12 +36,12 @@ def test_row_block_topk_equals_dense_at_real_size(cuda):
         mask = torch.zeros(1, 512, T + 1, dtype=torch.bool, device=cuda)
         mask.scatter_(-1, torch.where(got[:, rows] >= 0, got[:, rows].long(), T), True)
         assert torch.equal(mask.sum(-1), ref.sum(-1))
-        # cuBLAS may round a [C, t1] block's dot products apart from the [512, T] slice's by an ulp:
-        # a differing key must then sit at the k-th score; exact ties (the zeros) never differ
+        # cuBLAS may round a [C, t1] block's dot products apart from the [512, T] slice's by an ulp, and
+        # the Triton scorer sums in its own order: a differing key must sit at the k-th score
         kth = scores.masked_fill(~visible, float("-inf")).topk(min(K, T), dim=-1).values[..., -1:]
-        near = (scores - kth).abs() <= 1e-5 * kth.abs() + 1e-7
+        near = (scores - kth).abs() <= 1e-4 * kth.abs() + 1e-6
         differ = mask[..., :T] ^ ref
-        assert (differ & ~near).sum() == 0 and differ.sum() <= 8, t0
+        assert (differ & ~near).sum() == 0 and differ.sum() <= 64, t0
 
 
 def pair(cuda, *extra):

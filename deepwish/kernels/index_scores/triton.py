@@ -1,0 +1,78 @@
+"""Lightning-indexer scores as one Triton kernel: I[t,s] = Σ_h w_h · relu(scale · q_h·k_s).
+
+Shapes as reference.py: q [B, C, Hi, Di], w [B, C, Hi] fp32, k [B, S, Di] -> I [B, C, S] fp32.
+
+One program computes a [BLOCK_T, BLOCK_S] tile of I: the BLOCK_T queries' Hi heads are the M
+rows of one dot with the keys' tile (M = BLOCK_T · Hi, padded to a power of two), relu and the
+head weights are applied in registers and the heads summed by a reshape, so nothing of size
+Hi · S is ever written (the reference writes and rereads a [C, Hi, S] fp32 buffer). The dot takes
+the inputs' dtype (bf16 on the GPU) with fp32 accumulation, fp32 inputs in IEEE precision: the
+scores then differ from the reference's by rounding only (exact ties, the zeros, stay exact).
+Forward only: the selection is not differentiated, and the indexer loss (model/dsa_rows.py)
+differentiates the reference on its blocks.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _index_scores_kernel(q_ptr, w_ptr, k_ptr, o_ptr, T, S, scale,
+                         sq_b, sq_t, sq_h, sw_b, sw_t, sk_b, sk_s, so_b, so_t,
+                         H: tl.constexpr, D: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_T: tl.constexpr,
+                         BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr, IEEE: tl.constexpr):
+    pid_s = tl.program_id(0)
+    pid_t = tl.program_id(1)
+    b = tl.program_id(2)
+    r = tl.arange(0, BLOCK_T * BLOCK_H)  # row = (query, head), query-major
+    t = pid_t * BLOCK_T + r // BLOCK_H
+    h = r % BLOCK_H
+    row_ok = (t < T) & (h < H)
+    s = pid_s * BLOCK_S + tl.arange(0, BLOCK_S)
+    s_ok = s < S
+    acc = tl.zeros((BLOCK_T * BLOCK_H, BLOCK_S), dtype=tl.float32)
+    for d0 in range(0, D, BLOCK_D):
+        d = d0 + tl.arange(0, BLOCK_D)
+        d_ok = d < D
+        qd = tl.load(q_ptr + b * sq_b + t[:, None] * sq_t + h[:, None] * sq_h + d[None, :],
+                     mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+        kd = tl.load(k_ptr + b * sk_b + s[None, :] * sk_s + d[:, None],
+                     mask=s_ok[None, :] & d_ok[:, None], other=0.0)  # [BLOCK_D, BLOCK_S]
+        if IEEE:
+            acc += tl.dot(qd, kd, input_precision="ieee")
+        else:
+            acc += tl.dot(qd, kd)
+    wv = tl.load(w_ptr + b * sw_b + t * sw_t + h, mask=row_ok, other=0.0)
+    acc = tl.maximum(acc * scale, 0.0) * wv[:, None]
+    out = tl.sum(tl.reshape(acc, (BLOCK_T, BLOCK_H, BLOCK_S)), axis=1)
+    to = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
+    tl.store(o_ptr + b * so_b + to[:, None] * so_t + s[None, :], out, mask=(to[:, None] < T) & s_ok[None, :])
+
+
+def index_scores(q: torch.Tensor, w: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tensor:
+    """I [B, C, S] fp32 (module docstring). q and k share a dtype (cast to q's otherwise)."""
+    B, C, H, D = q.shape
+    S = k.shape[1]
+    if w.shape != (B, C, H) or k.shape[0] != B or k.shape[2] != D:
+        raise ValueError(f"index_scores: q {tuple(q.shape)}, w {tuple(w.shape)}, k {tuple(k.shape)} do not match "
+                         "[B,C,Hi,Di], [B,C,Hi], [B,S,Di]")
+    q = q.contiguous()
+    k = k.to(q.dtype).contiguous()
+    w = w.float().contiguous()
+    out = torch.empty(B, C, S, dtype=torch.float32, device=q.device)
+    BLOCK_H = max(triton.next_power_of_2(H), 1)
+    BLOCK_T = max(1, 128 // BLOCK_H) if C > 1 else 1  # 128 (query, head) rows per dot when there are queries to fill it
+    BLOCK_T = max(1, min(BLOCK_T, triton.next_power_of_2(C)))
+    while BLOCK_T * BLOCK_H < 16:  # tl.dot needs M >= 16
+        BLOCK_T *= 2
+    BLOCK_S = 64
+    BLOCK_D = max(16, min(64, triton.next_power_of_2(D)))
+    grid = (triton.cdiv(S, BLOCK_S), triton.cdiv(C, BLOCK_T), B)
+    _index_scores_kernel[grid](q, w, k, out, C, S, float(scale),
+                               q.stride(0), q.stride(1), q.stride(2), w.stride(0), w.stride(1),
+                               k.stride(0), k.stride(1), out.stride(0), out.stride(1),
+                               H=H, D=D, BLOCK_H=BLOCK_H, BLOCK_T=BLOCK_T, BLOCK_S=BLOCK_S, BLOCK_D=BLOCK_D,
+                               IEEE=q.dtype == torch.float32)
+    return out

@@ -1,0 +1,47 @@
+"""Lightning-indexer scores: the fused Triton kernel (under the interpreter on CPU) against the
+torch reference on awkward shapes, and exactly on integer-valued inputs (every product and sum
+exact in fp32, so any order agrees), where the row-block top-k then selects the dense set."""
+import pytest
+import torch
+
+from deepwish.kernels.index_scores import reference as ref
+from deepwish.model.attention import attention_mask
+from deepwish.model.dsa import select_topk_latest
+from deepwish.model.dsa_rows import topk_indices
+
+tk = pytest.importorskip("deepwish.kernels.index_scores.triton")
+
+
+@pytest.mark.parametrize("B,C,S,H,D", [(2, 5, 37, 3, 20), (1, 1, 70, 64, 128), (1, 9, 16, 4, 8), (2, 3, 130, 16, 32)])
+def test_kernel_matches_reference(B, C, S, H, D, rel_err):
+    g = torch.Generator().manual_seed(B * C + S)
+    q, k = torch.randn(B, C, H, D, generator=g), torch.randn(B, S, D, generator=g)
+    w = torch.randn(B, C, H, generator=g)
+    want = ref.index_scores(q, w, k, D ** -0.5)
+    got = tk.index_scores(q, w, k, D ** -0.5)
+    assert got.shape == (B, C, S) and got.dtype == torch.float32
+    assert rel_err(want, got) < 1e-5
+
+
+def integer_inputs(B, T, H, D, seed):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randint(-2, 3, (B, T, H, D), generator=g).float()
+    k = torch.randint(-2, 3, (B, T, D), generator=g).float()
+    w = torch.randint(-1, 3, (B, T, H), generator=g).float()
+    return q, w, k
+
+
+def test_integer_inputs_score_exactly_and_select_the_dense_set():
+    B, T, H, D, K = 2, 19, 3, 8, 4
+    q, w, k = integer_inputs(B, T, H, D, 0)
+    assert torch.equal(tk.index_scores(q, w, k, 0.5), ref.index_scores(q, w, k, 0.5))
+    pos = torch.arange(T).expand(B, T)
+    doc = (torch.arange(T) >= 7).long().expand(B, T)
+    pos = torch.where(doc == 1, pos - 7, pos)
+    dense = select_topk_latest(ref.index_scores(q, w, k, 0.5), attention_mask(pos, pos, 0, doc, doc)[:, 0], K)
+    for budget in (1 << 20, 6 * T * 2):  # one block, several
+        got = topk_indices(q, w, k, 0.5, K, pos, pos, doc, doc, causal_prefix=True, budget=budget, scorer="triton")
+        m = torch.zeros(B, T, T + 1, dtype=torch.bool).scatter_(-1, torch.where(got >= 0, got.long(), T), True)
+        assert torch.equal(m[..., :T], dense)
+    with pytest.raises(ValueError, match="scorer"):
+        topk_indices(q, w, k, 0.5, K, pos, pos, scorer="cuda")
