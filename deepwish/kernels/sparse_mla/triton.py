@@ -70,12 +70,16 @@ _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 # (kind, "16bit" | "fp32", "wide" (Dqk > 256) | "narrow"): (BH, BK, warps, stages). kind: fwd;
 # bwd (the fused backward); dq and dkv (the two kernels of the split backward).
-# Chosen by register/shared-memory budget, not yet measured (`deepwish bench dsa --sweep` times
-# candidates): at Dqk 576 the q tile (64 x 576, 72 KiB in bf16) and one gathered kv tile (BK x 576)
-# per stage share the 228 KiB of an H200 SM; the fp32 accumulator (64 x 512) is 128 registers per
-# thread at 8 warps, as is dq in the backward.
+# Not yet timed (`deepwish bench dsa --parts kernel --sweep` does). The 16-bit wide rows were
+# picked from ahead-of-time compiles for sm_90a (Triton 3.7, ptxas -v; Dqk 576 = 512 + 64):
+#   fwd (64, 64, 8, 2): 216 KiB shared, 255 registers, no spills; (64, 64, 8, 1) and
+#       (64, 32, 8, 1) spill ~390 bytes, (64, 32, 8, 2) 144 KiB and no spills, 4 warps spill 3 KB;
+#   dq  (64, 32, 8, 1): 172 KiB, spills 32 bytes; stages 2 or BK 64 spill 340-520 bytes;
+#   dkv (64, 32, 8, 2): 156 KiB, 167 registers, no spills (its atomics compile to v4.f32);
+#   bwd (64, 16, 8, 1): 154 KiB, spills ~700 bytes: the fused form carries dq and a dkv tile.
+# fp32 (the exact toggle, FMA dots) uses small tiles; its dq kernel spills (slow, still exact).
 TILES = {
-    ("fwd", "16bit", "wide"): (64, 64, 8, 1),
+    ("fwd", "16bit", "wide"): (64, 64, 8, 2),
     ("bwd", "16bit", "wide"): (64, 16, 8, 1),
     ("dq", "16bit", "wide"): (64, 32, 8, 1),
     ("dkv", "16bit", "wide"): (64, 32, 8, 2),
@@ -83,9 +87,9 @@ TILES = {
     ("bwd", "16bit", "narrow"): (64, 32, 4, 2),
     ("dq", "16bit", "narrow"): (64, 32, 4, 2),
     ("dkv", "16bit", "narrow"): (64, 32, 4, 2),
-    ("fwd", "fp32", "wide"): (16, 16, 4, 1),
-    ("bwd", "fp32", "wide"): (16, 16, 4, 1),
-    ("dq", "fp32", "wide"): (16, 16, 4, 1),
+    ("fwd", "fp32", "wide"): (16, 16, 8, 1),
+    ("bwd", "fp32", "wide"): (16, 16, 8, 1),
+    ("dq", "fp32", "wide"): (16, 16, 8, 1),
     ("dkv", "fp32", "wide"): (16, 16, 4, 1),
     ("fwd", "fp32", "narrow"): (32, 32, 4, 1),
     ("bwd", "fp32", "narrow"): (32, 16, 4, 1),
