@@ -278,8 +278,10 @@ class DSA(MLA):
             else:
                 o = self.attend_absorbed(q_nope, q_pe, c_kv, k_pe, attention_mask(ctx.positions, k_pos))
         else:
-            indices = topk_indices(q_idx.detach(), w_idx.detach(), k_idx.detach(), ix.softmax_scale, ix.topk, **where,
-                                   scorer=self.index_scorer)
+            q_s, k_s = q_idx.detach(), k_idx.detach()
+            if self.index_scorer == "triton":  # the kernel's dot in autocast's dtype, as the attention kernels
+                q_s, k_s = kernel_inputs(q_s, k_s)
+            indices = topk_indices(q_s, w_idx.detach(), k_s, ix.softmax_scale, ix.topk, **where, scorer=self.index_scorer)
             q_k, kv_k = kernel_inputs(q_abs, kv)
             o_lat, _ = sparse_mla(q_k, kv_k, indices, dv=self.kv_lora_rank, scale=self.scale,
                                   backend=self.sparse_backend)

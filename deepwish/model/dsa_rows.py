@@ -87,6 +87,7 @@ def topk_indices(q: torch.Tensor, w: torch.Tensor, k: torch.Tensor, scale: float
     S = k.shape[1]
     if scorer == "triton":
         from deepwish.kernels.index_scores.triton import index_scores as score
+        k = k.to(q.dtype)  # once, not per block
         width = 6 * S  # the [C, S] scores and the int32/int64 keys of the selection
     elif scorer == "torch":
         score, width = index_scores, Hi * S

@@ -45,3 +45,12 @@ def test_integer_inputs_score_exactly_and_select_the_dense_set():
         assert torch.equal(m[..., :T], dense)
     with pytest.raises(ValueError, match="scorer"):
         topk_indices(q, w, k, 0.5, K, pos, pos, scorer="cuda")
+
+
+def test_kernel_reads_row_block_views(rel_err):
+    """topk_indices passes q[:, t0:t1] and k[:, :n] of a batch: strided views, read in place."""
+    g = torch.Generator().manual_seed(7)
+    q, k, w = torch.randn(2, 11, 5, 24, generator=g), torch.randn(2, 11, 24, generator=g), torch.randn(2, 11, 5, generator=g)
+    qv, wv, kv = q[:, 3:8], w[:, 3:8], k[:, :8]
+    assert not qv.is_contiguous() and not kv.is_contiguous()
+    assert rel_err(ref.index_scores(qv, wv, kv, 0.25), tk.index_scores(qv, wv, kv, 0.25)) < 1e-5

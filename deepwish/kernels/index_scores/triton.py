@@ -25,7 +25,7 @@ def _index_scores_kernel(q_ptr, w_ptr, k_ptr, o_ptr, T, S, scale,
                          BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr, IEEE: tl.constexpr):
     pid_s = tl.program_id(0)
     pid_t = tl.program_id(1)
-    b = tl.program_id(2)
+    b = tl.program_id(2).to(tl.int64)  # B·C·Hi·Di passes 2^31 at long contexts
     r = tl.arange(0, BLOCK_T * BLOCK_H)  # row = (query, head), query-major
     t = pid_t * BLOCK_T + r // BLOCK_H
     h = r % BLOCK_H
@@ -52,15 +52,19 @@ def _index_scores_kernel(q_ptr, w_ptr, k_ptr, o_ptr, T, S, scale,
 
 
 def index_scores(q: torch.Tensor, w: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tensor:
-    """I [B, C, S] fp32 (module docstring). q and k share a dtype (cast to q's otherwise)."""
+    """I [B, C, S] fp32 (module docstring). k is cast to q's dtype (cast once, outside a loop of
+    row blocks, as topk_indices does)."""
     B, C, H, D = q.shape
     S = k.shape[1]
     if w.shape != (B, C, H) or k.shape[0] != B or k.shape[2] != D:
         raise ValueError(f"index_scores: q {tuple(q.shape)}, w {tuple(w.shape)}, k {tuple(k.shape)} do not match "
                          "[B,C,Hi,Di], [B,C,Hi], [B,S,Di]")
-    q = q.contiguous()
-    k = k.to(q.dtype).contiguous()
-    w = w.float().contiguous()
+    # row blocks are views (q[:, t0:t1], k[:, :n]): kept as they are when the channels are dense
+    q = q if q.stride(-1) == 1 else q.contiguous()
+    k = k.to(q.dtype)
+    k = k if k.stride(-1) == 1 else k.contiguous()
+    w = w.float()
+    w = w if w.stride(-1) == 1 else w.contiguous()
     out = torch.empty(B, C, S, dtype=torch.float32, device=q.device)
     BLOCK_H = max(triton.next_power_of_2(H), 1)
     BLOCK_T = max(1, 128 // BLOCK_H) if C > 1 else 1  # 128 (query, head) rows per dot when there are queries to fill it
