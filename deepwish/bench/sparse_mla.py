@@ -321,6 +321,65 @@ def sweep(device, out: Path) -> dict:
     return res
 
 
+def ptxas_report(cases: list[tuple[str, tuple[int, int, int, int]]] | None = None) -> list[dict]:
+    """Compile the bf16 kernels at Dqk 576 = 512 + 64 for sm_90a without a GPU (Triton's own ptxas
+    -v): shared memory, registers and spilled bytes per launch config; by default TILES' 16-bit
+    wide rows and the sweep's candidates. How the TILES defaults were chosen."""
+    import os
+    import re
+    import tempfile
+
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from deepwish.kernels.sparse_mla import triton as tk
+    ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+    pointers = {"IDX": "*i32", "LSE": "*fp32", "OP": "*fp32", "LP": "*fp32", "DELTA": "*fp32", "DKV": "*fp32"}
+    floats = {"scale", "scale_log2"}
+    kernels = {"fwd": (tk._fwd_kernel, dict(SPLIT=False)), "bwd": (tk._bwd_kernel, dict(FUSED=True)),
+               "dq": (tk._bwd_kernel, dict(FUSED=False)), "dkv": (tk._dkv_kernel, {})}
+    if cases is None:
+        cases = [(k, v) for k in kernels for v in dict.fromkeys([tk.TILES[(k, "16bit", "wide")], *SWEEP[k]])]
+    rows = []
+    for kind, (bh, bk, warps, stages) in cases:
+        fn, extra = kernels[kind]
+        consts = dict(BLOCK_V=512, BLOCK_R=64, HAS_TAIL=True, PREC="tf32", BH=bh, BK=bk, **extra)
+        sig, attrs = {}, {}
+        for i, name in enumerate(fn.arg_names):
+            if name in consts:
+                sig[name] = "constexpr"
+            elif name in pointers or name in ("Q", "KV", "O", "DO", "DQ", "PB", "DSB"):
+                sig[name] = pointers.get(name, "*bf16")
+                attrs[(i,)] = [["tt.divisibility", 16]]
+            elif name in floats:
+                sig[name] = "fp32"
+            else:
+                sig[name] = "i64" if name.endswith("_b") else "i32"
+                if name.startswith("s") or name in ("DV", "DR", "K", "TC"):  # strides and sizes: multiples of 16
+                    attrs[(i,)] = [["tt.divisibility", 16]]
+        src = ASTSource(fn=fn, signature=sig, constexprs={(fn.arg_names.index(k),): v for k, v in consts.items()},
+                        attrs=attrs)
+        row = dict(kind=kind, tile=(bh, bk, warps, stages))
+        try:
+            k = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=warps, num_stages=stages))
+            with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as f:
+                f.write(k.asm["ptx"])
+            info = subprocess.run([ptxas, "-v", "--gpu-name", "sm_90a", f.name, "-o", os.devnull],
+                                  capture_output=True, text=True).stderr
+            os.unlink(f.name)
+            regs = re.search(r"Used (\d+) registers", info)
+            spill = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", info)
+            row.update(shared_kib=k.metadata.shared / 1024, registers=int(regs.group(1)) if regs else None,
+                       spill_bytes=int(spill.group(1)) if spill else None,
+                       v4_atomics=len(re.findall(r"add\.v4\.f32", k.asm["ptx"])))
+        except Exception as e:  # noqa: BLE001
+            row["error"] = f"{type(e).__name__}: {str(e)[:200]}"
+        print(row, flush=True)
+        rows.append(row)
+    return rows
+
+
 def apply_tiles(path: str) -> None:
     from deepwish.kernels.sparse_mla import triton as tk
     for key, cfg in json.loads(Path(path).read_text()).items():
@@ -457,7 +516,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--sweep", action="store_true", help="time launch-config candidates first and use the fastest")
     p.add_argument("--tiles", default=None, help="a tiles.json from an earlier --sweep")
     p.add_argument("--dense-max-t", type=int, default=32768, help="skip the dense path above this many queries")
+    p.add_argument("--ptxas", action="store_true",
+                   help="no GPU needed: compile the bf16 kernels for sm_90a and print shared memory, registers, "
+                        "spills per launch config (TILES and the sweep's candidates), then exit")
     args = p.parse_args(argv)
+    if args.ptxas:
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+        (Path(args.out) / "ptxas.json").write_text(json.dumps(ptxas_report(), indent=1))
+        return 0
     if not torch.cuda.is_available():
         print("error: the sparse MLA bench needs a CUDA GPU", file=sys.stderr)
         return 2
