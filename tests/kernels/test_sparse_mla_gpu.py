@@ -26,7 +26,7 @@ def _inputs(B, T, S, H, dtype, device, seed=0):
 @pytest.mark.parametrize("B,T,S,H,dtype,form,tol", [
     (1, 256, 8192, 64, torch.bfloat16, "split", 2e-2),
     (1, 256, 8192, 64, torch.bfloat16, "fused", 2e-2),
-    (2, 96, 3000, 128, torch.bfloat16, "split", 2e-2),   # two head tiles; K > visible keys early on
+    (2, 96, 2100, 128, torch.bfloat16, "split", 2e-2),   # two head tiles; the first 44 queries see < K keys
     (1, 64, 4096, 64, torch.float16, "split", 5e-3),
     (1, 32, 4096, 16, torch.float32, "split", 1e-4),
 ])

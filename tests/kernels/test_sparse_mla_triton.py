@@ -26,10 +26,10 @@ def _indices(B, T, S, K, empty_rows=(), seed=0):
     return idx
 
 
-def _check(rel_err, B, T, S, H, D, dv, K, dtype, empty=(), splits=0, dlse=True):
+def _check(rel_err, B, T, S, H, D, dv, K, dtype, empty=(), splits=0, dlse=True, index_dtype=torch.int32):
     q = torch.randn(B, T, H, D, dtype=dtype, requires_grad=True)
     kv = torch.randn(B, S, D, dtype=dtype, requires_grad=True)
-    idx = _indices(B, T, S, K, empty)
+    idx = _indices(B, T, S, K, empty).to(index_dtype)
     scale = D ** -0.5
     wo, wl = ref.sparse_mla(q, kv, idx, dv=dv, scale=scale)
     go, gl = tk.sparse_mla(q, kv, idx, dv=dv, scale=scale, splits=splits)
@@ -55,10 +55,11 @@ def _check(rel_err, B, T, S, H, D, dv, K, dtype, empty=(), splits=0, dlse=True):
     pytest.param(1, 6, 40, 4, 48, 32, 1, torch.float32, (), id="topk1"),
     pytest.param(2, 9, 9, 4, 48, 32, 40, torch.float16, (0,), id="K-gt-S-fp16-empty-row"),
     pytest.param(1, 5, 37, 20, 48, 32, 21, torch.float32, (3,), id="H20-two-head-tiles"),
-    pytest.param(1, 4, 30, 4, 32, 32, 18, torch.float32, (), id="no-rope-tail"),
+    pytest.param(1, 4, 30, 4, 32, 32, 18, torch.float32, (), id="no-rope-tail-int64-indices"),
 ])
 def test_sparse_mla_matches_reference(rel_err, B, T, S, H, D, dv, K, dtype, empty):
-    _check(rel_err, B, T, S, H, D, dv, K, dtype, empty)
+    _check(rel_err, B, T, S, H, D, dv, K, dtype, empty,
+           index_dtype=torch.int64 if D == dv else torch.int32)
 
 
 @pytest.mark.parametrize("splits", [2, 3])
