@@ -277,6 +277,7 @@ BENCHES = {
     "ablate": "deepwish.bench.ablate",
     "grpo": "deepwish.bench.grpo",
     "dsa": "deepwish.bench.dsa",
+    "nsa": "deepwish.bench.nsa",
 }
 
 

@@ -124,6 +124,15 @@ class ModelConfig:
     linear_v_head_dim: int = 0
     linear_conv_kernel: int = 4
     gdn_backend: str = "auto"  # auto | torch | triton | fla
+    # --- native sparse attention (mixer 'nsa', model/nsa.py) -----------------------
+    nsa_cmp_len: int = 32  # l: tokens per compression block
+    nsa_cmp_stride: int = 16  # d: stride between compression blocks (they overlap by l - d)
+    nsa_select_len: int = 64  # l': tokens per selection block (a multiple of d)
+    nsa_n_select: int = 16  # n: selection blocks per query and KV group, the initial and local ones included
+    nsa_n_local: int = 2  # blocks always selected: the one holding the query and the nsa_n_local - 1 before it
+    nsa_window: int = 512  # tokens of the sliding-window branch
+    nsa_gate: str = "sigmoid"  # sigmoid: per-head gates from the input | sum: the three branches added
+    nsa_backend: str = "auto"  # compressed/selected kernels: auto (triton on CUDA) | triton | torch
     # --- multi-token prediction -----------------------------------------------------
     n_mtp: int = 0  # num_nextn_predict_layers
     # --- GPT family (modded-nanogpt style); every switch is off at its default ----------
@@ -185,6 +194,8 @@ class ModelConfig:
             (self.n_mtp == 0 or not (self.value_embeds or self.unet_skips),
              "value_embeds and unet_skips are trunk-wide and not defined for MTP blocks (n_mtp > 0)"),
         ]
+        if any(m == "nsa" for m, _ in self.layer_types):
+            checks += self._nsa_checks()
         for ok, msg in checks:
             if not ok:
                 raise ConfigError(f"model config: {msg}")
@@ -200,6 +211,26 @@ class ModelConfig:
         if gqa_options and others:
             raise ConfigError(f"model config: {', '.join(gqa_options)} are options of the gqa/gated_gqa attention; "
                               f"this stack also has {', '.join(others)} layers")
+
+    def _nsa_checks(self) -> list[tuple[bool, str]]:
+        """What an 'nsa' layer needs of the nsa_* fields (model/nsa.py)."""
+        l, d, sl = self.nsa_cmp_len, self.nsa_cmp_stride, self.nsa_select_len
+        return [
+            (d >= 1 and l >= d, f"nsa_cmp_len={l} and nsa_cmp_stride={d}: need 1 <= stride <= length"),
+            (d < 1 or l % d == 0, f"nsa_cmp_len={l} must be a multiple of nsa_cmp_stride={d} (blocks tile the row)"),
+            (d < 1 or (sl >= 1 and sl % d == 0),
+             f"nsa_select_len={sl} must be a positive multiple of nsa_cmp_stride={d}: a selection block must "
+             f"start where a compression block does"),
+            (self.nsa_n_local >= 1, f"nsa_n_local={self.nsa_n_local} must be >= 1 (the query's own block)"),
+            (self.nsa_n_select >= self.nsa_n_local + 1,
+             f"nsa_n_select={self.nsa_n_select} must be >= nsa_n_local + 1 = {self.nsa_n_local + 1} "
+             f"(the initial and local blocks are always selected)"),
+            (self.nsa_window >= 1, f"nsa_window={self.nsa_window} must be >= 1"),
+            (self.nsa_gate in ("sigmoid", "sum"), f"nsa_gate={self.nsa_gate!r} is not sigmoid or sum"),
+            (self.nsa_backend in ("auto", "triton", "torch"),
+             f"nsa_backend={self.nsa_backend!r} is not one of auto, triton, torch"),
+            (self.n_kv_heads >= 1 and self.head_dim >= 1, "nsa layers need n_kv_heads >= 1 and head_dim >= 1"),
+        ]
 
     @property
     def layer_types(self) -> tuple[tuple[str, str], ...]:

@@ -52,7 +52,7 @@ def _is_positional(layer) -> bool:
     """KV-like caches (a slot per position). Anything else is treated as a recurrent state and
     snapshotted: always correct, merely a copy when the layer was positional after all."""
     from deepwish.model.ring_cache import RingKVCache
-    return isinstance(layer, POSITIONAL_CACHES + (RingKVCache,))
+    return isinstance(layer, POSITIONAL_CACHES + (RingKVCache,)) or getattr(layer, "POSITIONAL", False)
 
 
 @dataclass

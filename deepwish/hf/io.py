@@ -201,6 +201,9 @@ def save_hf(model: Transformer, path: str | Path, dtype: torch.dtype | None = No
         raise CheckpointError(f"HF export is not supported for {what}: no HF model class computes this model "
                               f"(exportable families: {', '.join(FAMILY_OF_CONFIG)}); use the deepwish checkpoint "
                               f"itself (deepwish generate --ckpt RUN)")
+    if any(m == "nsa" for m, _ in cfg.layer_types):  # the name table would silently drop NSA's own weights
+        raise CheckpointError("HF export is not supported for Native Sparse Attention (mixer nsa) layers: no HF "
+                              "model class computes them; use the deepwish checkpoint itself (deepwish generate --ckpt RUN)")
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     fam = importlib.import_module(FAMILY_OF_CONFIG[cfg.family])

@@ -232,7 +232,7 @@ def sdpa_folded_groups(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: 
     return o.reshape(B, H, T, o.shape[-1])
 
 
-ATTENDING_MIXERS = ("gqa", "gated_gqa", "swa", "mla", "dsa")
+ATTENDING_MIXERS = ("gqa", "gated_gqa", "swa", "mla", "dsa", "nsa")
 
 
 VALUE_EMBED_GATE_DIM = 12  # leading input channels the value-embedding gate reads (modded-nanogpt's choice)

@@ -130,6 +130,9 @@ def build_mixer(kind: str, cfg: ModelConfig, layer_idx: int) -> nn.Module:
     if kind == "gdn":
         from deepwish.model.gated_deltanet import GatedDeltaNet
         return GatedDeltaNet(cfg, layer_idx)
+    if kind == "nsa":
+        from deepwish.model.nsa import NSA
+        return NSA(cfg, layer_idx)
     raise ValueError(f"layer {layer_idx}: mixer {kind!r} is not implemented")
 
 

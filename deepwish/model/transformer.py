@@ -184,6 +184,11 @@ class Transformer(nn.Module):
             elif b.mixer_kind in ("mla", "dsa"):
                 mixer += attention_flops_per_token(c.n_heads, c.qk_nope_head_dim + c.qk_rope_head_dim, c.v_head_dim,
                                                    mean_keys(seq_len))
+            elif b.mixer_kind == "nsa":  # window + selected blocks + compressed tokens (train/mfu.py)
+                m = b.mixer
+                keys = (mean_keys(seq_len, m.window_size) + min(m.n_select * m.select_len, seq_len / 2)
+                        + mean_keys(seq_len) / m.cmp_stride)
+                mixer += attention_flops_per_token(c.n_heads, c.head_dim, c.head_dim, keys)
             elif b.mixer_kind == "gdn":
                 mixer += gated_delta_flops_per_token(c.linear_n_v_heads, c.linear_k_head_dim, c.linear_v_head_dim)
         return 6.0 * n + mixer

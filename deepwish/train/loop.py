@@ -392,10 +392,15 @@ def start_run(run_cfg: RunConfig, resume: bool | str, progress_bar: bool | None,
 
     model = Transformer(run_cfg.model).to(d.device)
     if init_from is not None:  # weights only, before any wrapping; everything else starts fresh
-        from deepwish.train.init_from import load_init_weights
-        model.load_state_dict(load_init_weights(init_from, ema=init_ema))
+        from deepwish.train.init_from import load_init
+        fresh = load_init(model, init_from, ema=init_ema)
         if d.main:
             print(f"[deepwish] initialised from the {'EMA ' if init_ema else ''}weights of {init_from}", flush=True)
+            if fresh:  # dense attention -> NSA: the new parameters start from the model's own initialisation
+                kinds = sorted({n.partition(".mixer.")[2] for n in fresh})
+                layers = len({n.partition(".mixer.")[0] for n in fresh})
+                print(f"[deepwish] newly initialised in {layers} NSA layer(s) (not in the weights): "
+                      f"{', '.join(kinds)}", flush=True)
     step_model = parallel.parallelize(model, run_cfg, d)
     optimizer = build_optimizer(model, tc, distributed=d.active)
     run = Run(cfg=run_cfg, run_dir=run_dir, d=d, data=data, model=model, step_model=step_model,

@@ -14,7 +14,9 @@ Training FLOPs per token (`Transformer.flops_per_token`, built from the function
   of the chunked form (chunk C = 64, the kernels' chunk): 6·K·V + 6·C·K + 4·C·V (k k^T, w, u,
   w S, the state update, q S, q k^T and the intra-chunk product; bench/gdn.py counts the same);
 - not counted: softmax, norms, rotary and other elementwise work; DSA is counted as dense MLA
-  (its top-k selection and indexer are not separated), NSA's branches are not counted.
+  (its top-k selection and indexer are not separated); NSA (model/nsa.py) as softmax attention
+  over mean_keys(T, w) window keys + min(n·l', T/2) selected keys + mean_keys(T)/d compressed
+  tokens (block scoring, the compression MLP's matmuls aside, not counted).
 """
 from __future__ import annotations
 

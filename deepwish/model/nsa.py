@@ -1,0 +1,292 @@
+"""Native Sparse Attention (Yuan et al. 2025, "Native Sparse Attention: Hardware-Aligned and
+Natively Trainable Sparse Attention", arXiv 2502.11089): the `nsa` mixer and its decoding cache.
+
+Every query head attends three ways over the same rotated queries, keys and values (GQA: query
+head h reads KV head h // G, G = H / Hkv) and mixes the results with per-head gates:
+
+    o = g_cmp · o_cmp + g_slc · o_slc + g_win · o_win,      [g_cmp, g_slc, g_win] = σ(W_g x)
+
+- compressed: blocks of l tokens every d tokens (l = model.nsa_cmp_len, d = model.nsa_cmp_stride;
+  32 / 16) are each compressed to one key and one value by a learnable MLP φ with an intra-block
+  position embedding; queries attend to the compressed tokens whose whole block is in their past
+  (kernels/nsa: `nsa_compressed`);
+- selected: the compressed-attention probabilities, summed over the G heads of a KV group, score
+  the selection blocks of l' tokens (model.nsa_select_len, 64) they overlap; the top n blocks
+  (model.nsa_n_select, 16) — always with the document's first block and the nsa_n_local (2)
+  blocks ending with the query's — are attended token by token (`nsa_selected`);
+- window: causal attention over the last w tokens (model.nsa_window, 512) through the project's
+  attention kernels (model/attention.py `causal_attention`, the backend of model.attn_backend).
+No branch attends across a document boundary of a packed row (ctx.doc_ids).
+
+Choices and deviations from the paper (which leaves most of these open):
+- φ: k̃ = mean_i(k_i + p_i) + W_2·silu(W_1·flatten(k_i + p_i)) over the l keys of a block, with p
+  [l, D] a learned intra-block position embedding, W_1 [D, l·D], W_2 [D, D]; the same form,
+  separate weights, for values. Shared across KV heads. The mean-pooling term makes φ start near
+  mean pooling (W_2 is small at initialisation), so a model initialised from dense weights
+  (`train --init-from`) begins with meaningful compressed tokens.
+- Positions: the blocks are compressed from the keys after the QK-norm and before rotary, and the
+  compressed key is then rotated at the position of the block's last token; queries are the
+  rotated queries of the other branches. The score of a query at p against a block therefore
+  carries the relative distance p − (block end) ≥ 0, as the raw branches carry p − s.
+- Blocks are aligned to document positions (block j of a document covers its positions
+  [j·d, j·d + l − 1]); a document shorter than l has no compressed token (its queries get o_cmp = 0
+  and select from the initial and local blocks alone). Selection blocks are aligned to row
+  positions (the kernel's rule, kernels/nsa), so in a packed row whose documents do not start at
+  multiples of l' the selection differs from the same documents in separate rows (the window and
+  compressed branches do not).
+- n_init = 1 (the paper's one initial block); n_local from model.nsa_n_local.
+- Gates: W_g is one [3H, d] linear map without bias (N(0, init_std) like other gates, so every gate
+  starts near 0.5); model.nsa_gate=sum drops it and adds the three branches.
+- The query's own KV group shares one selection (the paper's GQA rule); the group size is any
+  divisor of n_heads on the torch path.
+
+Decoding (NSACache): raw rotated K and V (selected and window branches) at their positions, the
+un-rotated keys the compression reads (one more [B, Hkv, L, D] buffer: the simplest exact source;
+a ring of l slots would do), and the compressed K / V with the row position of each block's end.
+A chunk (prefill, one decode token, a k+1 verification) writes its keys, compresses every block
+that ends inside it into slot (end − l + 1)/d (blocks that do not exist go to one trash slot whose
+end is never visible), then attends over the whole static cache. All shapes are fixed, nothing
+synchronises with the host, so a decode step is graph-capturable (decode_graph.py), and a slot is
+a function of position, so rejected speculative tokens are simply rewritten later (speculative.py
+treats the cache as positional). The cache serves one document per row (no doc_ids).
+Cost note: the training path compresses only the T//d + 1 candidate block ends of a row; the
+cache path compresses T//d + 1 candidates per chunk (one per decode step, most of them the trash).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from deepwish.config import ModelConfig
+from deepwish.model.attention import (ATTENDING_MIXERS, DECODE_KERNEL_MAX_ROWS, _interpreting, attention_mask,
+                                      causal_attention, kernel_inputs, resolve_attn_backend, sdpa_folded_groups)
+from deepwish.model.cache import take_rows_
+from deepwish.model.norm import RMSNorm
+from deepwish.model.rope import apply_rotary
+
+NEVER = 2 ** 62  # block end of a slot that holds no block: beyond every query, so never visible
+
+
+def block_ends(doc_pos: torch.Tensor, cmp_len: int, stride: int, n_slots: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The tokens that end a compression block, packed to the front: doc_pos [B, T] (positions in
+    the token's document, consecutive within it) -> (rows [B, n_slots] int64 indices into T,
+    valid [B, n_slots] bool). A token at document position p ends block (p − l + 1)/d when p >= l − 1
+    and d divides p − l + 1. Fixed shapes, no host synchronisation: ends beyond n_slots would be
+    dropped, so n_slots must bound their number (T//d + 1 does for any T consecutive positions)."""
+    B, T = doc_pos.shape
+    ends_here = (doc_pos >= cmp_len - 1) & ((doc_pos - (cmp_len - 1)) % stride == 0)
+    slot = torch.where(ends_here, ends_here.long().cumsum(1) - 1, n_slots).clamp(max=n_slots)
+    rows = torch.zeros(B, n_slots + 1, dtype=torch.long, device=doc_pos.device)
+    rows.scatter_(1, slot, torch.arange(T, device=doc_pos.device).expand(B, T))
+    valid = torch.zeros(B, n_slots + 1, dtype=torch.bool, device=doc_pos.device).scatter_(1, slot, ends_here)
+    return rows[:, :n_slots], valid[:, :n_slots]
+
+
+def block_rows(ends: torch.Tensor, cmp_len: int) -> torch.Tensor:
+    """ends [B, N] -> the l rows of each block [B, N·l] (end − l + 1 .. end, clamped at 0 for pads)."""
+    offs = torch.arange(1 - cmp_len, 1, device=ends.device)
+    return (ends[:, :, None] + offs).clamp_min(0).flatten(1)
+
+
+class Compression(nn.Module):
+    """φ: the l tokens of a block of one KV head [..., l, D] -> one token [..., D] (module docstring)."""
+
+    # pos: a learned table like an embedding; down adds onto the mean pooling, so it starts small
+    PARAM_ROLES = {"pos": "embedding", "down.weight": "matrix_out"}
+
+    def __init__(self, cmp_len: int, dim: int):
+        super().__init__()
+        self.pos = nn.Parameter(torch.zeros(cmp_len, dim))
+        self.up = nn.Linear(cmp_len * dim, dim, bias=False)
+        self.down = nn.Linear(dim, dim, bias=False)
+
+    def forward(self, blocks: torch.Tensor) -> torch.Tensor:
+        x = blocks + self.pos.to(blocks.dtype)
+        return x.mean(-2) + self.down(F.silu(self.up(x.flatten(-2))))
+
+
+@dataclass
+class NSACache:
+    k: torch.Tensor  # [B, Hkv, L, D] rotated keys (selected and window branches)
+    v: torch.Tensor  # [B, Hkv, L, D]
+    k_raw: torch.Tensor  # [B, Hkv, L, D] keys before rotary: what the compression reads
+    k_cmp: torch.Tensor  # [B, N + 1, Hkv, D] compressed keys (rotated at the block end); slot N: trash
+    v_cmp: torch.Tensor  # [B, N + 1, Hkv, D]
+    cmp_end: torch.Tensor  # [B, N + 1] int64: row position of each block's last token (NEVER: none)
+
+    POSITIONAL = True  # every entry is a function of position: speculative rollback needs no copy
+
+    @classmethod
+    def empty(cls, batch: int, max_len: int, n_kv_heads: int, head_dim: int, cmp_len: int, stride: int,
+              dtype=torch.float32, device=None) -> "NSACache":
+        n = max(0, (max_len - cmp_len) // stride + 1)
+        kv = lambda L: torch.zeros(batch, n_kv_heads, L, head_dim, dtype=dtype, device=device)  # noqa: E731
+        cmp = lambda: torch.zeros(batch, n + 1, n_kv_heads, head_dim, dtype=dtype, device=device)  # noqa: E731
+        return cls(kv(max_len), kv(max_len), kv(max_len), cmp(), cmp(),
+                   torch.full((batch, n + 1), NEVER, dtype=torch.long, device=device))
+
+    @property
+    def max_len(self) -> int:
+        return self.k.shape[2]
+
+    @property
+    def n_blocks(self) -> int:
+        return self.cmp_end.shape[1] - 1
+
+    def write(self, positions: torch.Tensor, k: torch.Tensor, k_raw: torch.Tensor, v: torch.Tensor) -> None:
+        """k, k_raw, v [B, T, Hkv, D] at slots `positions` [B, T]."""
+        idx = positions[:, None, :, None].expand(-1, k.shape[2], -1, k.shape[-1])
+        for buf, t in ((self.k, k), (self.k_raw, k_raw), (self.v, v)):
+            buf.scatter_(2, idx, t.transpose(1, 2).to(buf.dtype))
+
+    def write_blocks(self, slot: torch.Tensor, k_cmp: torch.Tensor, v_cmp: torch.Tensor, end: torch.Tensor) -> None:
+        """slot [B, n] (n_blocks = trash), k_cmp, v_cmp [B, n, Hkv, D], end [B, n] (NEVER for the trash)."""
+        idx = slot[:, :, None, None].expand(-1, -1, *k_cmp.shape[2:])
+        self.k_cmp.scatter_(1, idx, k_cmp.to(self.k_cmp.dtype))
+        self.v_cmp.scatter_(1, idx, v_cmp.to(self.v_cmp.dtype))
+        self.cmp_end.scatter_(1, slot, end)
+
+    def reset(self) -> None:
+        for t in (self.k, self.v, self.k_raw, self.k_cmp, self.v_cmp):
+            t.zero_()
+        self.cmp_end.fill_(NEVER)
+
+    def reorder(self, index: torch.Tensor) -> None:
+        """Row b becomes row index[b] (beam search); in place."""
+        for t in (self.k, self.v, self.k_raw, self.k_cmp, self.v_cmp, self.cmp_end):
+            take_rows_(t, index)
+
+
+class NSA(nn.Module):
+    """The `nsa` mixer (module docstring). Projections, QK-norm and rotary as the Qwen3 attention
+    (same parameter names, so dense weights load into it)."""
+
+    PARAM_ROLES = {"o_proj.weight": "matrix_out", "gate_proj.weight": "gate"}
+
+    def __init__(self, cfg: ModelConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        self.cmp_len, self.cmp_stride = cfg.nsa_cmp_len, cfg.nsa_cmp_stride
+        self.select_len, self.n_select, self.n_local = cfg.nsa_select_len, cfg.nsa_n_select, cfg.nsa_n_local
+        self.window_size = cfg.nsa_window  # not `window`: make_ring_cache would take it for an swa layer
+        self.kernel_backend = cfg.nsa_backend
+        first = next((i for i, (m, _) in enumerate(cfg.layer_types) if m in ATTENDING_MIXERS), layer_idx)
+        self.backends = resolve_attn_backend(cfg.attn_backend, cfg.head_dim, announce=layer_idx == first)
+        self.mask_backend = "torch" if self.backends.decode == "torch" else "sdpa"
+        d, H, Hkv, D = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        self.q_proj = nn.Linear(d, H * D, bias=cfg.attn_bias)
+        self.k_proj = nn.Linear(d, Hkv * D, bias=cfg.attn_bias)
+        self.v_proj = nn.Linear(d, Hkv * D, bias=cfg.attn_bias)
+        self.o_proj = nn.Linear(H * D, d, bias=cfg.attn_bias)
+        self.q_norm = RMSNorm(D, cfg.norm_eps, cfg.norm_zero_centered) if cfg.qk_norm else None
+        self.k_norm = RMSNorm(D, cfg.norm_eps, cfg.norm_zero_centered) if cfg.qk_norm else None
+        self.k_compress = Compression(self.cmp_len, D)
+        self.v_compress = Compression(self.cmp_len, D)
+        self.gate_proj = nn.Linear(d, 3 * H, bias=False) if cfg.nsa_gate == "sigmoid" else None
+        self.scale = D ** -0.5
+
+    def make_cache(self, batch: int, max_len: int, dtype, device) -> NSACache:
+        return NSACache.empty(batch, max_len, self.n_kv_heads, self.head_dim, self.cmp_len, self.cmp_stride,
+                              dtype=dtype, device=device)
+
+    # ---- pieces ------------------------------------------------------------------------------
+    def compress(self, k_src: torch.Tensor, v_src: torch.Tensor, rows: torch.Tensor, cos: torch.Tensor | None,
+                 sin: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """k_src, v_src [B, Hkv, S, D] (un-rotated keys, values), rows [B, N] the block ends in S,
+        cos / sin [B, N, R/2] at the block ends (None: no rotary) -> k_cmp, v_cmp [B, N, Hkv, D]."""
+        B, Hkv, _, D = k_src.shape
+        N, l = rows.shape[1], self.cmp_len
+        idx = block_rows(rows, l)[:, None, :, None].expand(-1, Hkv, -1, D)
+        k_blk = k_src.gather(2, idx).view(B, Hkv, N, l, D).transpose(1, 2)  # [B, N, Hkv, l, D]
+        v_blk = v_src.gather(2, idx).view(B, Hkv, N, l, D).transpose(1, 2)
+        k_cmp, v_cmp = self.k_compress(k_blk), self.v_compress(v_blk)
+        if cos is not None:
+            k_cmp = apply_rotary(k_cmp, cos, sin)
+        return k_cmp, v_cmp
+
+    def gates(self, x: torch.Tensor) -> torch.Tensor | None:
+        """[B, T, H, 3] sigmoid gates (cmp, slc, win), or None for the plain sum."""
+        if self.gate_proj is None:
+            return None
+        B, T, _ = x.shape
+        return torch.sigmoid(self.gate_proj(x)).view(B, T, self.n_heads, 3)
+
+    def sparse_branches(self, q, k_cmp, v_cmp, cmp_end, k, v, q_pos, doc_ids):
+        """The compressed and selected branches (kernels/nsa) -> o_cmp, o_slc [B, T, H, D]."""
+        from deepwish.kernels.nsa import nsa_compressed, nsa_selected
+        o_cmp, sel_idx = nsa_compressed(q, k_cmp, v_cmp, cmp_end, q_pos=q_pos, doc_ids=doc_ids,
+                                        cmp_len=self.cmp_len, select_len=self.select_len, n_select=self.n_select,
+                                        n_init=1, n_local=self.n_local, scale=self.scale,
+                                        backend=self.kernel_backend)
+        o_slc = nsa_selected(q, k, v, sel_idx, q_pos=q_pos, doc_ids=doc_ids, select_len=self.select_len,
+                             scale=self.scale, backend=self.kernel_backend)
+        return o_cmp, o_slc
+
+    # ---- forward -----------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor, ctx, cache: NSACache | None = None) -> tuple[torch.Tensor, dict]:
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim)
+        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim)
+        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        k_raw = k
+        if ctx.cos is not None:
+            q, k = apply_rotary(q, ctx.cos, ctx.sin), apply_rotary(k, ctx.cos, ctx.sin)
+        # blocks ending in this chunk: rows into T, found from document positions
+        rows, valid = block_ends(ctx.positions, self.cmp_len, self.cmp_stride, T // self.cmp_stride + 1)
+        cos = sin = None
+        if ctx.cos is not None:
+            at = rows[:, :, None].expand(-1, -1, ctx.cos.shape[-1])
+            cos, sin = ctx.cos.gather(1, at), ctx.sin.gather(1, at)
+        if cache is None:
+            o_cmp, o_slc, o_win = self.attend_rows(q, k, v, k_raw, rows, valid, cos, sin, ctx)
+        else:
+            o_cmp, o_slc, o_win = self.attend_cache(q, k, v, k_raw, rows, valid, cos, sin, ctx, cache)
+        g = self.gates(x)
+        if g is None:
+            o = o_cmp + o_slc + o_win
+        else:
+            g = g.to(o_win.dtype)
+            o = g[..., 0:1] * o_cmp + g[..., 1:2] * o_slc + g[..., 2:3] * o_win
+        return self.o_proj(o.reshape(B, T, -1)), {}
+
+    def attend_rows(self, q, k, v, k_raw, rows, valid, cos, sin, ctx):
+        """Training / prefill without a cache: every branch over the rows themselves."""
+        B, T = q.shape[:2]
+        k_cmp, v_cmp = self.compress(k_raw.transpose(1, 2), v.transpose(1, 2), rows, cos, sin)
+        cmp_end = torch.where(valid, rows, NEVER)
+        q_pos = torch.arange(T, device=q.device).expand(B, T)
+        qk, kk, vk, kc, vc = kernel_inputs(q, k, v, k_cmp, v_cmp)
+        o_cmp, o_slc = self.sparse_branches(qk, kc, vc, cmp_end, kk, vk, q_pos, ctx.doc_ids)
+        o_win = causal_attention(q, k, v, ctx, self.window_size, self.scale, self.backends)
+        return o_cmp, o_slc, o_win
+
+    def attend_cache(self, q, k, v, k_raw, rows, valid, cos, sin, ctx, cache: NSACache):
+        """Prefill / decode / verification over the cache (module docstring)."""
+        if ctx.doc_ids is not None:
+            raise ValueError("nsa: a cached forward serves one document per row; doc_ids is not supported with a cache")
+        pos = ctx.positions  # slot = position = row position
+        cache.write(pos, k, k_raw, v)
+        k_cmp, v_cmp = self.compress(cache.k_raw, cache.v, pos.gather(1, rows), cos, sin)
+        end = pos.gather(1, rows)
+        slot = torch.where(valid, (end - (self.cmp_len - 1)) // self.cmp_stride, cache.n_blocks)
+        slot = slot.clamp(0, cache.n_blocks)  # a block past the cache's last slot cannot end inside it
+        cache.write_blocks(slot, k_cmp, v_cmp, torch.where(valid, end, NEVER))
+        q = q.to(cache.k.dtype)  # the cache's dtype: casting q is cheap, casting the cache is not
+        o_cmp, o_slc = self.sparse_branches(q, cache.k_cmp, cache.v_cmp, cache.cmp_end, cache.k.transpose(1, 2),
+                                            cache.v.transpose(1, 2), pos, None)
+        rows_per_head = q.shape[1] * (1 << (self.n_heads // self.n_kv_heads - 1).bit_length())
+        if self.backends.decode == "triton" and rows_per_head <= DECODE_KERNEL_MAX_ROWS and (q.is_cuda or _interpreting()):
+            from deepwish.kernels.attention.decode import decode_attention
+            o_win = decode_attention(q, cache.k, cache.v, pos, None, window=self.window_size, scale=self.scale)
+        else:
+            k_pos = torch.arange(cache.max_len, device=q.device).expand(q.shape[0], -1)
+            mask = attention_mask(pos, k_pos, self.window_size)
+            o_win = sdpa_folded_groups(q.transpose(1, 2), cache.k, cache.v, mask, self.scale,
+                                       self.mask_backend).transpose(1, 2)
+        return o_cmp, o_slc, o_win

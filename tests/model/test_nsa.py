@@ -1,0 +1,206 @@
+"""The `nsa` mixer (model/nsa.py): config errors, document-aligned compression, no attention across
+documents, cache paths equal to the full forward (prefill + token by token, batch rows, packed
+rows, speculative = greedy), and `--init-from` a dense run. Tiny shapes on the torch kernels."""
+import pytest
+import torch
+
+from deepwish.config import ConfigError, model_config
+from deepwish.model.nsa import NEVER, NSA, NSACache, block_ends
+from deepwish.model.rope import apply_rotary
+from deepwish.model.transformer import Transformer
+
+# qwen3_nsa_tiny at 2 layers: blocks of 16 every 8, 4 selection blocks of 16, a 32-token window
+TINY = dict(n_layers=2, attn_backend="torch", nsa_backend="torch")
+
+
+def tiny_model(**kw) -> Transformer:
+    torch.manual_seed(0)
+    return Transformer(model_config("qwen3_nsa_tiny", **{**TINY, **kw})).eval()
+
+
+@pytest.mark.parametrize("bad, match", [
+    (dict(nsa_cmp_len=20, nsa_cmp_stride=8), "nsa_cmp_len=20 must be a multiple of nsa_cmp_stride=8"),
+    (dict(nsa_select_len=12), "nsa_select_len=12 must be a positive multiple of nsa_cmp_stride=8"),
+    (dict(nsa_cmp_len=8, nsa_cmp_stride=16, nsa_select_len=16), "need 1 <= stride <= length"),
+    (dict(nsa_n_select=2), r"nsa_n_select=2 must be >= nsa_n_local \+ 1 = 3"),
+    (dict(nsa_gate="softmax"), "nsa_gate='softmax' is not sigmoid or sum"),
+])
+def test_impossible_nsa_settings_are_named(bad, match):
+    with pytest.raises(ConfigError, match=match):
+        model_config("qwen3_nsa_tiny", **bad)
+    model_config("qwen3_tiny", **bad)  # a stack without nsa layers does not check them
+
+
+def test_block_ends_per_document():
+    # two documents of 20 and 13 tokens in one row; l = 8, d = 4: ends at doc positions 7, 11, 15, 19
+    pos = torch.cat([torch.arange(20), torch.arange(13)])[None]
+    rows, valid = block_ends(pos, 8, 4, 33 // 4 + 1)
+    want = [7, 11, 15, 19, 20 + 7, 20 + 11]
+    assert rows[0, :6].tolist() == want and valid[0].tolist() == [True] * 6 + [False] * 3
+
+
+def test_compressed_tokens_follow_the_documents():
+    """k_cmp of a packed row = φ over each document's own blocks, rotated at the block end."""
+    m = tiny_model(n_layers=1)
+    nsa = m.blocks[0].mixer
+    l, d = nsa.cmp_len, nsa.cmp_stride
+    lens = [40, 21]
+    pos = torch.cat([torch.arange(n) for n in lens])[None]
+    k_raw = torch.randn(1, sum(lens), nsa.n_kv_heads, nsa.head_dim)
+    v = torch.randn_like(k_raw)
+    cos, sin = m.rotary(pos)
+    rows, valid = block_ends(pos, l, d, sum(lens) // d + 1)
+    at = rows[:, :, None].expand(-1, -1, cos.shape[-1])
+    k_cmp, v_cmp = nsa.compress(k_raw.transpose(1, 2), v.transpose(1, 2), rows, cos.gather(1, at), sin.gather(1, at))
+    i = 0
+    start = 0
+    for n in lens:
+        for j in range((n - l) // d + 1):
+            lo = start + j * d
+            kb, vb = k_raw[0, lo:lo + l].transpose(0, 1), v[0, lo:lo + l].transpose(0, 1)  # [Hkv, l, D]
+            e = lo + l - 1
+            want_k = apply_rotary(nsa.k_compress(kb)[None, None], cos[:, e:e + 1], sin[:, e:e + 1])[0, 0]
+            torch.testing.assert_close(k_cmp[0, i], want_k, atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(v_cmp[0, i], nsa.v_compress(vb), atol=1e-5, rtol=1e-5)
+            assert rows[0, i] == e and valid[0, i]
+            i += 1
+        start += n
+    assert i == 4 + 1 and not valid[0, i:].any()  # 40 tokens: 4 blocks; 21 tokens: 1 block
+
+
+def test_no_branch_reads_across_documents():
+    m = tiny_model()
+    lens = [50, 45]
+    doc = torch.cat([torch.full((n,), i) for i, n in enumerate(lens)])[None]
+    pos = torch.cat([torch.arange(n) for n in lens])[None]
+    ids = torch.randint(0, m.cfg.vocab_size, (1, sum(lens)))
+    other = ids.clone()
+    other[0, :lens[0]] = torch.randint(0, m.cfg.vocab_size, (lens[0],))
+    a = m(ids, positions=pos, doc_ids=doc).logits
+    b = m(other, positions=pos, doc_ids=doc).logits
+    assert not torch.allclose(a[0, :lens[0]], b[0, :lens[0]])
+    torch.testing.assert_close(a[0, lens[0]:], b[0, lens[0]:], atol=1e-5, rtol=1e-5)
+
+
+def test_packed_equals_separate_rows():
+    """Documents starting at multiples of the selection block: packed = separate (module docstring)."""
+    m = tiny_model()
+    lens = [48, 32, 29]
+    ids = torch.randint(0, m.cfg.vocab_size, (1, sum(lens)))
+    doc = torch.cat([torch.full((n,), i) for i, n in enumerate(lens)])[None]
+    pos = torch.cat([torch.arange(n) for n in lens])[None]
+    packed = m(ids, positions=pos, doc_ids=doc).logits
+    alone = torch.cat([m(part).logits for part in ids.split(lens, dim=1)], dim=1)
+    torch.testing.assert_close(packed, alone, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("gate", ["sigmoid", "sum"])
+def test_prefill_then_token_by_token_equals_the_full_forward(gate):
+    m = tiny_model(nsa_gate=gate)
+    assert (m.blocks[0].mixer.gate_proj is None) == (gate == "sum")
+    B, T, first = 2, 75, 37
+    ids = torch.randint(0, m.cfg.vocab_size, (B, T))
+    full = m(ids).logits
+    cache = m.make_cache(B, 96)
+    assert isinstance(cache[0], NSACache) and cache[0].n_blocks == (96 - 16) // 8 + 1
+    out = [m(ids[:, :first], cache=cache).logits]
+    for t in range(first, T):
+        out.append(m(ids[:, t:t + 1], positions=torch.full((B, 1), t), cache=cache).logits)
+    torch.testing.assert_close(torch.cat(out, 1), full, atol=1e-5, rtol=1e-5)
+    # the blocks that ended got their slot, the rest are never visible
+    ends = cache[0].cmp_end[0]
+    n_done = (T - 16) // 8 + 1
+    assert ends[:n_done].tolist() == [16 - 1 + 8 * j for j in range(n_done)] and (ends[n_done:] == NEVER).all()
+
+
+def test_batch_rows_and_greedy_generate_equal_single_rows():
+    from deepwish.generate import generate
+    m = tiny_model()
+    prompts = [torch.randint(0, m.cfg.vocab_size, (n,)).tolist() for n in (41, 23)]
+    both = generate(m, prompts, 12, cache_len=80)
+    alone = [generate(m, [p], 12, cache_len=80)[0] for p in prompts]
+    assert both == alone and all(len(r) == 12 for r in both)
+
+
+def test_speculative_equals_greedy():
+    from deepwish.generate import generate
+    from deepwish.speculative import speculative_generate
+    target = tiny_model()
+    torch.manual_seed(1)
+    draft = Transformer(model_config("qwen3_nsa_tiny", **{**TINY, "n_layers": 1})).eval()
+    prompt = torch.randint(0, target.cfg.vocab_size, (30,)).tolist()
+    want = generate(target, [prompt], 24)[0]
+    got, stats = speculative_generate(target, draft, prompt, 24, k=3, fallback=False)
+    assert got == want and stats.rounds > 0
+
+
+def test_nsa_trains_every_parameter_and_counts_flops():
+    m = tiny_model().train()
+    ids, targets = torch.randint(0, m.cfg.vocab_size, (2, 2, 64))
+    out = m(ids, targets=targets)
+    out.loss.backward()
+    assert torch.isfinite(out.loss) and abs(out.loss.item() - torch.log(torch.tensor(2048.0)).item()) < 0.5
+    silent = [n for n, p in m.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
+    assert silent == []
+    roles = m.param_roles()
+    assert roles["blocks.0.mixer.gate_proj.weight"] == "gate" and roles["blocks.0.mixer.k_compress.pos"] == "embedding"
+    dense = Transformer(model_config("qwen3_tiny", n_layers=2, attn_backend="torch"))
+    assert m.flops_per_token(4096) < dense.flops_per_token(4096)  # sparse attention at long context
+
+
+def test_init_from_dense_loads_shared_weights_and_names_the_new(tmp_path, one_thread, capsys):
+    from deepwish.config import load_config
+    from deepwish.train import loop
+    from deepwish.train.checkpoint import load_checkpoint
+    from deepwish.train.init_from import init_problems
+    small = ["model.n_layers=1", "model.d_model=32", "model.n_heads=2", "model.n_kv_heads=1", "model.head_dim=16",
+             "model.d_ff=64", "train.seq_len=32", "train.batch_size=2", "train.eval_batches=1",
+             "train.sample_tokens=0", "train.warmup_steps=1", "train.log_every=1", "train.steps=1",
+             "train.save_every=1", "train.eval_every=1", "model.attn_backend=torch", "model.nsa_backend=torch"]
+    src = tmp_path / "dense"
+    loop.train(load_config("qwen3_tiny", small + [f"train.out_dir={src}"]), progress_bar=False)
+    cfg = load_config("qwen3_nsa_tiny", small + [f"train.out_dir={tmp_path / 'nsa'}"])
+    assert init_problems(src, cfg.model) == []
+    wider = load_config("qwen3_nsa_tiny", small + ["model.d_ff=96"]).model
+    assert "d_ff (64 in the weights vs 96 here)" in init_problems(src, wider)[0]
+    seen = {}
+    real = loop.build_optimizer
+
+    def spy(model, tc, **kw):
+        seen.update({k: v.detach().clone() for k, v in model.state_dict().items()})
+        return real(model, tc, **kw)
+
+    loop.build_optimizer, saved = spy, loop.build_optimizer
+    try:
+        loop.train(cfg, init_from=str(src), progress_bar=False)
+    finally:
+        loop.build_optimizer = saved
+    dense = load_checkpoint(src)["model"]
+    assert all(torch.equal(seen[k], dense[k]) for k in dense)
+    new = sorted(k for k in seen if k not in dense)
+    assert new == sorted(f"blocks.0.mixer.{n}" for n in ("gate_proj.weight", "k_compress.down.weight",
+                                                           "k_compress.pos", "k_compress.up.weight",
+                                                           "v_compress.down.weight", "v_compress.pos",
+                                                           "v_compress.up.weight"))
+    assert ("newly initialised in 1 NSA layer(s) (not in the weights): gate_proj.weight, k_compress.down.weight"
+            in capsys.readouterr().out)
+
+
+@pytest.mark.gpu
+def test_captured_decoder_equals_eager_on_gpu():
+    from deepwish.decode_graph import CapturedDecoder
+    from deepwish.generate import generate
+    torch.manual_seed(0)
+    m = Transformer(model_config("qwen3_nsa_tiny")).cuda().eval()
+    prompts = [torch.randint(0, m.cfg.vocab_size, (n,)).tolist() for n in (70, 33)]
+    want = generate(m, prompts, 40, cache_len=160)
+    cache = m.make_cache(2, 160)
+    step = CapturedDecoder(m, cache)
+    assert generate(m, prompts, 40, cache=cache, decode_fn=step) == want
+
+
+def test_hf_export_refuses_nsa_layers(tmp_path):
+    from deepwish.hf.io import CheckpointError, save_hf
+    with pytest.raises(CheckpointError, match="Native Sparse Attention"):
+        save_hf(tiny_model(n_layers=1), tmp_path / "hf")
+    assert not (tmp_path / "hf").exists()
