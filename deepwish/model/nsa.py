@@ -173,9 +173,14 @@ class NSA(nn.Module):
         self.cmp_len, self.cmp_stride = cfg.nsa_cmp_len, cfg.nsa_cmp_stride
         self.select_len, self.n_select, self.n_local = cfg.nsa_select_len, cfg.nsa_n_select, cfg.nsa_n_local
         self.window_size = cfg.nsa_window  # not `window`: make_ring_cache would take it for an swa layer
-        self.kernel_backend = cfg.nsa_backend
         first = next((i for i, (m, _) in enumerate(cfg.layer_types) if m in ATTENDING_MIXERS), layer_idx)
         self.backends = resolve_attn_backend(cfg.attn_backend, cfg.head_dim, announce=layer_idx == first)
+        # kernels/nsa, resolved once (announced by the first nsa layer); 'auto' on a CPU tensor takes torch
+        from deepwish.kernels.nsa import resolve_nsa_backend
+        first_nsa = next(i for i, (m, _) in enumerate(cfg.layer_types) if m == "nsa")
+        self.kernel_requested = cfg.nsa_backend
+        self.kernel_backend = resolve_nsa_backend(cfg.nsa_backend, "cuda" if torch.cuda.is_available() else "cpu",
+                                                  announce=layer_idx == first_nsa)
         self.mask_backend = "torch" if self.backends.decode == "torch" else "sdpa"
         d, H, Hkv, D = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
         self.q_proj = nn.Linear(d, H * D, bias=cfg.attn_bias)
@@ -218,12 +223,13 @@ class NSA(nn.Module):
     def sparse_branches(self, q, k_cmp, v_cmp, cmp_end, k, v, q_pos, doc_ids):
         """The compressed and selected branches (kernels/nsa) -> o_cmp, o_slc [B, T, H, D]."""
         from deepwish.kernels.nsa import nsa_compressed, nsa_selected
+        backend = self.kernel_backend if q.is_cuda or self.kernel_requested != "auto" else "torch"
         o_cmp, sel_idx = nsa_compressed(q, k_cmp, v_cmp, cmp_end, q_pos=q_pos, doc_ids=doc_ids,
                                         cmp_len=self.cmp_len, select_len=self.select_len, n_select=self.n_select,
                                         n_init=1, n_local=self.n_local, scale=self.scale,
-                                        backend=self.kernel_backend)
+                                        backend=backend)
         o_slc = nsa_selected(q, k, v, sel_idx, q_pos=q_pos, doc_ids=doc_ids, select_len=self.select_len,
-                             scale=self.scale, backend=self.kernel_backend)
+                             scale=self.scale, backend=backend)
         return o_cmp, o_slc
 
     # ---- forward -----------------------------------------------------------------------------
@@ -259,6 +265,8 @@ class NSA(nn.Module):
         """Training / prefill without a cache: every branch over the rows themselves."""
         B, T = q.shape[:2]
         k_cmp, v_cmp = self.compress(k_raw.transpose(1, 2), v.transpose(1, 2), rows, cos, sin)
+        if ctx.doc_ids is not None:  # positions that do not restart per document must not make a block span two
+            valid = valid & (ctx.doc_ids.gather(1, (rows - (self.cmp_len - 1)).clamp_min(0)) == ctx.doc_ids.gather(1, rows))
         cmp_end = torch.where(valid, rows, NEVER)
         q_pos = torch.arange(T, device=q.device).expand(B, T)
         qk, kk, vk, kc, vc = kernel_inputs(q, k, v, k_cmp, v_cmp)

@@ -204,3 +204,27 @@ def test_hf_export_refuses_nsa_layers(tmp_path):
     with pytest.raises(CheckpointError, match="Native Sparse Attention"):
         save_hf(tiny_model(n_layers=1), tmp_path / "hf")
     assert not (tmp_path / "hf").exists()
+
+
+@pytest.mark.gpu
+def test_triton_kernels_match_the_torch_path_in_the_model_on_gpu():
+    """The model's loss and gradients with kernels/nsa's triton backend (and the attention kernels
+    for the window) against the torch backends, fp32, packed documents."""
+    torch.manual_seed(0)
+    cfg = model_config("qwen3_nsa_tiny")
+    fast = Transformer(cfg).cuda()
+    slow = Transformer(model_config("qwen3_nsa_tiny", attn_backend="torch", nsa_backend="torch")).cuda()
+    slow.load_state_dict(fast.state_dict())
+    lens = [100, 60, 96]
+    ids, targets = torch.randint(0, cfg.vocab_size, (2, 2, sum(lens)), device="cuda")
+    doc = torch.cat([torch.full((n,), i) for i, n in enumerate(lens)]).cuda().expand(2, -1)
+    pos = torch.cat([torch.arange(n) for n in lens]).cuda().expand(2, -1)
+    losses = []
+    for m in (fast, slow):
+        out = m(ids, positions=pos, doc_ids=doc, targets=targets)
+        out.loss.backward()
+        losses.append(out.loss.item())
+    assert abs(losses[0] - losses[1]) < 2e-3  # the kernels may take TF32 for fp32 dot products
+    for (n, a), b in zip(fast.named_parameters(), slow.parameters()):
+        rel = (a.grad - b.grad).norm() / b.grad.norm().clamp_min(1e-12)
+        assert rel < 2e-2, n
