@@ -1,0 +1,341 @@
+"""NSA's kernels (kernels/nsa) on one GPU: the compressed branch (attention over compressed tokens
+with the block scoring and top-n fused in) and the selected branch, against SDPA flash (plain
+causal) and, when importable, `fla.ops.nsa.parallel_nsa` (fla-core 0.6). The kernel part of
+`deepwish bench nsa`; alone:
+
+    python -m deepwish.bench.nsa_kernels --out DIR [--parts check,train,decode] [--lengths 8192,...] [--quick]
+
+Shape: the paper's, B 1, 64 query / 4 KV heads (G 16), D 128, bf16; compression blocks l 32,
+stride d 16 (N = (T - 32) / 16 + 1 compressed tokens, random: the compression MLP is the model's),
+selection blocks l' 64, n 16 (1 initial, 2 local).
+
+Parts:
+- check:  T 2048 at that shape against the fp32 reference (reference.py): relative RMS of o_cmp,
+          o_slc and every gradient, and the share of (query, group) rows whose selection equals
+          the reference's (bf16 scores may reorder near-ties).
+- train:  forward, backward (fwd+bwd minus fwd) and fwd+bwd milliseconds at T = 8k..128k of
+          `cmp` (nsa_compressed: attention, scoring, top-n) and `slc` (nsa_selected on cmp's
+          selection), and their sum; SDPA flash causal (enable_gqa, no copies of K/V); fla, when
+          importable: `fla cmp+slc` = parallel_nsa(q, k, v, g_cmp, g_slc, None, block_counts=16,
+          block_size=64, window_size=0) (its compression, top-n and selection; gates all ones)
+          and `fla slc` = parallel_nsa(q, k, v, None, None, None, block_indices=our sel_idx, ...,
+          window_size=0) (selection alone, on the same blocks as ours).
+- decode: one query at position C - 1 over a static cache of C = 8k..128k (B 1), cmp + slc replayed
+          from a CUDA graph (the capture is the graph-capturability check), against SDPA over the
+          whole cache (one query, enable_gqa) replayed the same way.
+
+What fla covers, read from its source (fla/ops/nsa/parallel.py, compression.py; fla-org/
+flash-linear-attention): its compressed tokens are MEAN-POOLED non-overlapping blocks of
+block_size (64) tokens, so N = T / 64, a quarter of the paper's (and ours) at l 32 / d 16; its
+top-n forces block 0 and the last two blocks (score 1.0), scores only complete blocks, and needs
+G a power of two >= 16. So `fla cmp+slc` does a quarter of our compressed attention and scoring
+work, and `fla slc` the same selected work as our `slc`.
+
+Why `parallel_nsa(q, k, v, g_cmp, g_slc, g_swa, block_counts=16, block_size=64, window_size=512)`
+fails with "'NoneType' object is not callable": not the missing block_indices. Without them it
+computes them (parallel_nsa_compression, then parallel_nsa_topk) and runs the selection; the
+error comes after, from the sliding-window branch. `fla/ops/nsa/parallel.py` imports
+`flash_attn_func, flash_attn_varlen_func` from the `flash-attn` package at module import and, on
+ImportError, sets both to None with only an ImportWarning (which Python hides by default); any
+window_size > 0 then calls `flash_attn_func(q, k, v, causal=True, window_size=(w - 1, 0))` = None(...).
+The GPU image has no flash-attn, so the window branch of parallel_nsa cannot run there whatever the
+indices; window_size=0 skips it (as this bench does), and the window branch is timed on its own
+(our flash kernel with window 512, kernels/attention) in the whole-layer bench.
+
+Prints tables; writes DIR/nsa_kernels.json and DIR/nsa_kernels.png. Every function here is
+importable (the whole-layer bench reuses make_inputs, branch_times, decode_times).
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import subprocess
+import sys
+import traceback
+from pathlib import Path
+
+import torch
+
+from deepwish.bench.sparse_mla import graph_ms, rel_rms, time_ms
+
+B, H, HKV, D = 1, 64, 4, 128
+CMP_LEN, CMP_STRIDE, SELECT_LEN, N_SELECT, N_INIT, N_LOCAL = 32, 16, 64, 16, 1, 2
+LENGTHS = [8192, 16384, 32768, 65536, 131072]
+QUICK_LENGTHS = [8192, 16384]
+CHECK_T = 2048
+
+
+def make_inputs(T: int, device, dtype=torch.bfloat16, seed: int = 0, S: int | None = None) -> dict:
+    """q [B, T, H, D] at the last T positions of a row of S (default T), k/v [B, S, HKV, D], random
+    compressed tokens k_cmp/v_cmp [B, N, HKV, D] with cmp_end [B, N] (every complete block of
+    l tokens every d), q_pos [B, T]."""
+    S = T if S is None else S
+    g = torch.Generator(device=device).manual_seed(seed)
+
+    def rnd(*shape):
+        return torch.randn(*shape, device=device, dtype=dtype, generator=g)
+    ends = torch.arange(CMP_LEN - 1, S, CMP_STRIDE, device=device)[None].expand(B, -1).contiguous()
+    N = ends.shape[1]
+    return dict(q=rnd(B, T, H, D), k=rnd(B, S, HKV, D), v=rnd(B, S, HKV, D), k_cmp=rnd(B, N, HKV, D),
+                v_cmp=rnd(B, N, HKV, D), cmp_end=ends, q_pos=torch.arange(S - T, S, device=device)[None].expand(B, T))
+
+
+def cmp_kwargs() -> dict:
+    return dict(cmp_len=CMP_LEN, select_len=SELECT_LEN, n_select=N_SELECT, n_init=N_INIT, n_local=N_LOCAL)
+
+
+def _fwd_bwd_ms(fwd, params) -> dict:
+    """fwd() -> output; times fwd, fwd+bwd (a fixed random cotangent), bwd = their difference."""
+    out = fwd()
+    do = torch.randn_like(out)
+    del out
+
+    def fwdbwd():
+        torch.autograd.backward(fwd(), do)
+
+    with torch.no_grad():
+        f = time_ms(fwd)
+    for p in params:
+        p.grad = None
+    fb = time_ms(fwdbwd)
+    for p in params:
+        p.grad = None
+    return dict(fwd=f, bwd=fb - f, fwdbwd=fb)
+
+
+def branch_times(T: int, device, with_fla: bool = True) -> dict:
+    """{'cmp', 'slc', 'nsa (cmp+slc)', 'sdpa', 'fla cmp+slc', 'fla slc'}: {fwd, bwd, fwdbwd} ms (or an
+    'error' string) at T (module docstring)."""
+    from deepwish.kernels.nsa import triton as nk
+    x = make_inputs(T, device)
+    q, k, v, kc, vc = (x[n].requires_grad_() for n in ("q", "k", "v", "k_cmp", "v_cmp"))
+    row = {}
+
+    def guarded(name, f):
+        try:
+            row[name] = f()
+        except Exception as e:  # noqa: BLE001 - one failing path must not stop the table
+            row[name] = {"error": f"{type(e).__name__}: {e}"[:400]}
+        torch.cuda.empty_cache()
+
+    guarded("cmp", lambda: _fwd_bwd_ms(lambda: nk.nsa_compressed(q, kc, vc, x["cmp_end"], q_pos=x["q_pos"],
+                                                                   **cmp_kwargs())[0], (q, kc, vc)))
+    with torch.no_grad():
+        sel = nk.nsa_compressed(q, kc, vc, x["cmp_end"], q_pos=x["q_pos"], **cmp_kwargs())[1]
+    guarded("slc", lambda: _fwd_bwd_ms(lambda: nk.nsa_selected(q, k, v, sel, q_pos=x["q_pos"], select_len=SELECT_LEN),
+                                       (q, k, v)))
+    if "error" not in row["cmp"] and "error" not in row["slc"]:
+        row["nsa (cmp+slc)"] = {m: row["cmp"][m] + row["slc"][m] for m in ("fwd", "bwd", "fwdbwd")}
+    guarded("sdpa", lambda: sdpa_times(q, k, v))
+    if with_fla:
+        fla = fla_nsa()
+        if isinstance(fla, str):
+            row["fla cmp+slc"] = row["fla slc"] = {"error": fla}
+        else:
+            ones = torch.ones(B, T, H, device=device, dtype=q.dtype)
+            guarded("fla cmp+slc", lambda: _fwd_bwd_ms(
+                lambda: fla(q, k, v, ones, ones, None, block_counts=N_SELECT, block_size=SELECT_LEN, window_size=0),
+                (q, k, v)))
+            idx = sel.long()
+            guarded("fla slc", lambda: _fwd_bwd_ms(
+                lambda: fla(q, k, v, None, None, None, block_indices=idx, block_counts=N_SELECT, block_size=SELECT_LEN,
+                            window_size=0), (q, k, v)))
+    return row
+
+
+def sdpa_times(q, k, v) -> dict:
+    """SDPA flash, plain causal, GQA folded by the kernel (enable_gqa)."""
+    import torch.nn.functional as F
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    def fwd():
+        with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+            return F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                                  is_causal=True, enable_gqa=True)
+    return _fwd_bwd_ms(fwd, (q, k, v))
+
+
+def fla_nsa():
+    """fla's parallel_nsa, or a one-line reason it is not importable."""
+    try:
+        from fla.ops.nsa.parallel import parallel_nsa
+    except Exception as e:  # noqa: BLE001 - fla is optional: never installed into the project's env
+        return f"fla not importable ({type(e).__name__}: {e}); carry fla-core 0.6 as a wheel (.whl/) to compare"
+    return parallel_nsa
+
+
+def decode_times(C: int, device) -> dict:
+    """Per-layer decode step at context C (one query at C - 1, static cache), CUDA-graph replayed:
+    {'cmp+slc': ms, 'sdpa': ms}."""
+    import torch.nn.functional as F
+    from deepwish.kernels.nsa import triton as nk
+    x = make_inputs(1, device, S=C)
+    q, k, v = x["q"], x["k"], x["v"]
+    row = {}
+
+    def step():
+        o_cmp, sel = nk.nsa_compressed(q, x["k_cmp"], x["v_cmp"], x["cmp_end"], q_pos=x["q_pos"], **cmp_kwargs())
+        return o_cmp + nk.nsa_selected(q, k, v, sel, q_pos=x["q_pos"], select_len=SELECT_LEN)
+
+    def dense():
+        return F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), enable_gqa=True)
+    with torch.no_grad():
+        for name, f in (("cmp+slc", step), ("sdpa", dense)):
+            try:
+                row[name] = graph_ms(f)
+            except Exception as e:  # noqa: BLE001
+                row[name] = f"error: {type(e).__name__}: {e}"[:400]
+    return row
+
+
+def check(device) -> dict:
+    """Real-size bf16 kernels against the fp32 reference at T = CHECK_T (module docstring)."""
+    from deepwish.kernels.nsa import reference as ref
+    from deepwish.kernels.nsa import triton as nk
+    x = make_inputs(CHECK_T, device)
+    ins = {n: x[n].requires_grad_() for n in ("q", "k", "v", "k_cmp", "v_cmp")}
+    q, k, v, kc, vc = ins.values()
+    res = {}
+    o_r, sel_r = ref.nsa_compressed(q, kc, vc, x["cmp_end"], q_pos=x["q_pos"], S=CHECK_T, **cmp_kwargs())
+    o_t, sel_t = nk.nsa_compressed(q, kc, vc, x["cmp_end"], q_pos=x["q_pos"], **cmp_kwargs())
+    do = torch.randn_like(o_r, dtype=torch.float32)
+    g_r = torch.autograd.grad((o_r.float() * do).sum(), (q, kc, vc))
+    g_t = torch.autograd.grad((o_t.float() * do).sum(), (q, kc, vc))
+    for name, a, b in zip(("o_cmp", "dq_cmp", "dk_cmp", "dv_cmp"), (o_r, *g_r), (o_t, *g_t)):
+        res[name] = rel_rms(a, b)
+    res["selection_equal"] = float((sel_r == sel_t).all(-1).float().mean())
+    s_r = ref.nsa_selected(q, k, v, sel_r, q_pos=x["q_pos"], select_len=SELECT_LEN)
+    s_t = nk.nsa_selected(q, k, v, sel_r, q_pos=x["q_pos"], select_len=SELECT_LEN)
+    g_r = torch.autograd.grad((s_r.float() * do).sum(), (q, k, v))
+    g_t = torch.autograd.grad((s_t.float() * do).sum(), (q, k, v))
+    for name, a, b in zip(("o_slc", "dq_slc", "dk_slc", "dv_slc"), (s_r, *g_r), (s_t, *g_t)):
+        res[name] = rel_rms(a, b)
+    return res
+
+
+def _ms(cell, key) -> str:
+    if not isinstance(cell, dict):
+        return "-"
+    if "error" in cell:
+        return "error"
+    return f"{cell[key]:.2f}"
+
+
+TRAIN_COLS = ["cmp", "slc", "nsa (cmp+slc)", "sdpa", "fla cmp+slc", "fla slc"]
+
+
+def train_table(rows: list[dict]) -> str:
+    lines = ["| T | metric | " + " | ".join(TRAIN_COLS) + " | sdpa / nsa |", "|---" * (len(TRAIN_COLS) + 3) + "|"]
+    for r in rows:
+        for m in ("fwd", "bwd", "fwdbwd"):
+            nsa, sd = r.get("nsa (cmp+slc)"), r.get("sdpa")
+            ratio = f"{sd[m] / nsa[m]:.1f}x" if isinstance(nsa, dict) and isinstance(sd, dict) and "error" not in sd else "-"
+            lines.append(f"| {r['T']} | {m} ms | " + " | ".join(_ms(r.get(c), m) for c in TRAIN_COLS) + f" | {ratio} |")
+    errors = {f"T{r['T']} {c}": r[c]["error"] for r in rows for c in TRAIN_COLS
+              if isinstance(r.get(c), dict) and "error" in r[c]}
+    if errors:
+        lines += ["", "errors:"] + [f"- {k}: {v}" for k, v in errors.items()]
+    return "\n".join(lines)
+
+
+def decode_table(rows: list[dict]) -> str:
+    lines = ["| context | cmp+slc us | sdpa us | sdpa / nsa |", "|---|---|---|---|"]
+    for r in rows:
+        a, b = r.get("cmp+slc"), r.get("sdpa")
+        ok = isinstance(a, float) and isinstance(b, float)
+        lines.append(f"| {r['C']} | {a * 1e3:.1f} | {b * 1e3:.1f} | {b / a:.2f}x |" if ok else f"| {r['C']} | {a} | {b} | - |")
+    return "\n".join(lines)
+
+
+def plot(train: list[dict], decode: list[dict], path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    ax = axes[0]
+    for col in TRAIN_COLS:
+        pts = [(r["T"], r[col]["fwdbwd"]) for r in train if isinstance(r.get(col), dict) and "fwdbwd" in r[col]]
+        if pts:
+            ax.plot(*zip(*pts), marker="o", label=col)
+    ax.set(xscale="log", yscale="log", xlabel="T", ylabel="fwd+bwd ms", title="NSA branches vs SDPA flash (H64/KV4, D128)")
+    ax.legend(fontsize=7)
+    ax = axes[1]
+    for col in ("cmp+slc", "sdpa"):
+        pts = [(r["C"], r[col] * 1e3) for r in decode if isinstance(r.get(col), float)]
+        if pts:
+            ax.plot(*zip(*pts), marker="o", label=col)
+    ax.set(xscale="log", yscale="log", xlabel="context", ylabel="us per step", title="decode, one query, B1")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def environment(device) -> dict:
+    import triton
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    except OSError:
+        commit = ""
+    fla = fla_nsa()
+    return dict(device=torch.cuda.get_device_name(device), torch=torch.__version__, triton=triton.__version__,
+                fla=fla if isinstance(fla, str) else "importable",
+                date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                command="python -m deepwish.bench.nsa_kernels " + " ".join(sys.argv[1:]), commit=commit,
+                shape=dict(B=B, H=H, Hkv=HKV, D=D, cmp_len=CMP_LEN, cmp_stride=CMP_STRIDE, select_len=SELECT_LEN,
+                           n_select=N_SELECT, n_init=N_INIT, n_local=N_LOCAL, dtype="bfloat16"))
+
+
+def run(device, out: Path, parts: list[str], lengths: list[int]) -> dict:
+    """The parts in order; writes out/nsa_kernels.json after each and out/nsa_kernels.png."""
+    out.mkdir(parents=True, exist_ok=True)
+    res = dict(env=environment(device))
+    print(json.dumps(res["env"]), flush=True)
+    for part in parts:
+        if part not in ("check", "train", "decode"):
+            raise ValueError(f"nsa_kernels bench: unknown part {part!r}; choose from check, train, decode")
+    for part in parts:
+        try:
+            if part == "check":
+                res["check"] = check(device)
+                print("\n## check at T", CHECK_T, "(relative RMS vs the fp32 reference)\n" +
+                      "\n".join(f"{k}: {v:.2e}" for k, v in res["check"].items()), flush=True)
+            elif part == "train":
+                res["train"] = []
+                for T in lengths:
+                    res["train"].append(dict(T=T, **branch_times(T, device)))
+                    print(f"T {T}: " + json.dumps(res["train"][-1], default=str), flush=True)
+                print("\n## training branches (ms)\n" + train_table(res["train"]), flush=True)
+            else:
+                res["decode"] = []
+                for C in lengths:
+                    res["decode"].append(dict(C=C, **decode_times(C, device)))
+                print("\n## decode step (per layer, cmp + slc)\n" + decode_table(res["decode"]), flush=True)
+        except Exception:  # noqa: BLE001
+            res[part] = "error: " + traceback.format_exc()[-2000:]
+            print(res[part], flush=True)
+        (out / "nsa_kernels.json").write_text(json.dumps(res, indent=1, default=str))
+    if isinstance(res.get("train"), list) and isinstance(res.get("decode"), list):
+        plot(res["train"], res["decode"], out / "nsa_kernels.png")
+    print(f"[deepwish] wrote {out / 'nsa_kernels.json'}", flush=True)
+    return res
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m deepwish.bench.nsa_kernels", description=__doc__.split("\n")[0])
+    ap.add_argument("--out", default="reports/nsa_kernels")
+    ap.add_argument("--parts", default="check,train,decode")
+    ap.add_argument("--lengths", default="", help="comma-separated T (default 8k..128k; --quick: 8k, 16k)")
+    ap.add_argument("--quick", action="store_true")
+    args = ap.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("nsa_kernels bench: needs a CUDA device", file=sys.stderr)
+        return 2
+    lengths = [int(x) for x in args.lengths.split(",") if x] or (QUICK_LENGTHS if args.quick else LENGTHS)
+    run(torch.device("cuda"), Path(args.out), [p for p in args.parts.split(",") if p], lengths)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

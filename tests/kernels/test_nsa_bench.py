@@ -1,0 +1,26 @@
+"""The NSA kernel bench's CPU-side pieces: inputs, tables, plot, and the optional fla import."""
+import torch
+
+from deepwish.bench import nsa_kernels as nb
+
+
+def test_inputs_tables_and_plot(tmp_path):
+    x = nb.make_inputs(64, "cpu", dtype=torch.float32, S=100)
+    assert x["q"].shape == (1, 64, nb.H, nb.D) and x["k"].shape == (1, 100, nb.HKV, nb.D)
+    assert x["cmp_end"][0, :3].tolist() == [31, 47, 63] and x["k_cmp"].shape[1] == x["cmp_end"].shape[1] == 5
+    assert x["q_pos"][0, 0] == 36
+    cell = dict(fwd=1.0, bwd=2.0, fwdbwd=3.0)
+    train = [dict(T=8192, cmp=cell, slc=cell, **{"nsa (cmp+slc)": dict(fwd=2.0, bwd=4.0, fwdbwd=6.0)},
+                  sdpa=dict(fwd=4.0, bwd=8.0, fwdbwd=12.0), **{"fla cmp+slc": {"error": "fla not importable"}})]
+    text = nb.train_table(train)
+    assert "| 8192 | fwdbwd ms | 3.00 | 3.00 | 6.00 | 12.00 | error | - | 2.0x |" in text
+    assert "fla not importable" in text
+    decode = [dict(C=8192, **{"cmp+slc": 0.05, "sdpa": 0.1})]
+    assert "| 8192 | 50.0 | 100.0 | 2.00x |" in nb.decode_table(decode)
+    nb.plot(train, decode, tmp_path / "p.png")
+    assert (tmp_path / "p.png").stat().st_size > 0
+
+
+def test_fla_missing_is_a_reason_not_an_error():
+    got = nb.fla_nsa()
+    assert callable(got) or "fla not importable" in got
