@@ -24,6 +24,11 @@ Compressed branch (one kernel for the forward, `_cmp_fwd_kernel`):
   arrive in increasing order, so a newcomer replaces the minimum slot (lowest score, then
   earliest block) iff its score is >= that minimum: exactly the reference's order (score, then
   later block). The slots are sorted (descending block index) and stored as sel_idx.
+- Decoding (T <= DECODE_MAX_T queries per row): a (query tile, KV head) pair alone would walk a
+  long context serially, so both passes are split over NSPLIT programs (`_cmp_split_attend_kernel`
+  over the compressed tokens, `_cmp_split_select_kernel` over the selectable blocks, each with its
+  own running top-n), and torch merges the partial softmax states and the partial top-n lists
+  (sorted by block, then stably by score: the same total order). Fixed shapes, no host sync.
 - Backward: delta = rowsum(dO·O) (kernels/attention's kernel), dQ per query tile over the same
   compressed range, dK/dV per compressed tile over the query tiles that can see it (binary
   search in the prefix max of q_pos and the suffix min of the queries' document starts). No
@@ -50,9 +55,7 @@ is fp32; fp32 inputs take IEEE dots. The selection scoring always runs in fp32 I
 
 Simplifications: G <= 16 (the tested sizes; config checks call `check_group`);
 head dims up to 256, padded to a power of two; a block listed twice in sel_idx counts twice (the
-top-n never lists one twice). Decoding with T = 1 runs one program per (batch, KV head) for the
-compressed branch (no split over the compressed tokens): simple and graph-capturable, not the
-fastest at very long contexts.
+top-n never lists one twice).
 """
 from __future__ import annotations
 
@@ -90,7 +93,12 @@ TILES = {
     ("slc_fwd", "fp32"): dict(num_warps=4, num_stages=1),
     ("slc_dq", "fp32"): dict(num_warps=4, num_stages=1),
     ("slc_dkdv", "fp32"): dict(ROWS=64, CH=1024, num_warps=8, num_stages=1),
+    # decoding (T <= DECODE_MAX_T): rows = T·GP up to MAX_BM, SPLIT_TOKENS compressed tokens per split
+    ("cmp_split", "16bit"): dict(MAX_BM=128, BN=64, BJ=16, SPLIT_TOKENS=256, num_warps=4, num_stages=2),
+    ("cmp_split", "fp32"): dict(MAX_BM=64, BN=32, BJ=16, SPLIT_TOKENS=256, num_warps=4, num_stages=1),
 }
+DECODE_MAX_T = 16  # up to this many queries per row take the split (decoding) path
+MAX_SPLITS = 64
 # the interpreter: small tiles, so a test of a few dozen tokens crosses several of each (and
 # G = 16 takes the broadcast mapping of the scores, G <= 4 the dot)
 INTERPRET_TILES = {
@@ -100,6 +108,7 @@ INTERPRET_TILES = {
     "slc_fwd": dict(num_warps=1, num_stages=1),
     "slc_dq": dict(num_warps=1, num_stages=1),
     "slc_dkdv": dict(ROWS=16, CH=3, num_warps=1, num_stages=1),
+    "cmp_split": dict(MAX_BM=64, BN=16, BJ=16, SPLIT_TOKENS=5, num_warps=1, num_stages=1),
 }
 
 
@@ -150,14 +159,107 @@ def _cmp_range(CMAX, CMIN, cbase, N, p, ds, ok):
 
 # ---- compressed branch --------------------------------------------------------------------------
 @triton.jit
+def _cmp_attend(acc, m_i, l_i, q, KC, VC, END, cbase, k_base, v_base, sk_n, sv_n, p_row, ds_row, c_a, c_b, qk_scale,
+                dk, dv, DQK, DV, BN: tl.constexpr, PREC: tl.constexpr):
+    """Online softmax of the rows over compressed tokens [c_a, c_b) (base 2)."""
+    for c0 in range(c_a, c_b, BN):
+        c = c0 + tl.arange(0, BN)
+        c_ok = c < c_b
+        c64 = tl.cast(c, tl.int64)
+        end = tl.load(END + cbase + c, mask=c_ok, other=2147483647)
+        k = tl.load(KC + k_base + c64[:, None] * sk_n + dk[None, :], mask=c_ok[:, None] & (dk < DQK)[None, :], other=0.0)
+        s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale
+        s = tl.where(_cmp_visible(p_row, ds_row, end), s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(VC + v_base + c64[:, None] * sv_n + dv[None, :], mask=c_ok[:, None] & (dv < DV)[None, :], other=0.0)
+        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=PREC)
+        m_i = m_new
+    return acc, m_i, l_i
+
+
+@triton.jit
+def _tile_blocks(QPOS, QDS, qbase, m0, T, SEL_LEN, BT: tl.constexpr):
+    """Per query of the tile: (tok_ok, sb = block of the document start, qb = block of the query),
+    and [j_lo, j_hi), the blocks any of them may select."""
+    tt = m0 + tl.arange(0, BT)
+    tok_ok = tt < T
+    sb = tl.load(QDS + qbase + tt, mask=tok_ok, other=0) // SEL_LEN
+    qb = tl.load(QPOS + qbase + tt, mask=tok_ok, other=0) // SEL_LEN
+    j_lo = tl.min(tl.where(tok_ok, sb, 2147483647))
+    j_hi = tl.max(tl.where(tok_ok, qb, -1)) + 1
+    return tok_ok, sb, qb, j_lo, j_hi
+
+
+@triton.jit
+def _cmp_select(best_s, best_i, q, lse, KC, END, CMAX, CMIN, cbase, k_base, sk_n, N, p_row, ds_row, c_lo, c_hi,
+                tok_ok, sb, qb, j_a, j_b, qk_scale, dk, DQK, CMP_LEN, SEL_LEN, N_INIT, N_LOCAL,
+                BT: tl.constexpr, GP: tl.constexpr, BN: tl.constexpr, BJ: tl.constexpr, PREC: tl.constexpr):
+    """Pass 2 over selection blocks [j_a, j_b): each query's block importance (the group-summed
+    probabilities exp2(s - lse) of the compressed tokens overlapping each block), +inf forced,
+    -inf ineligible, merged into its running top-n (best_s, best_i) [BT, NP]."""
+    MAP_DOT: tl.constexpr = BT >= 16
+    jj = tl.arange(0, BJ)
+    for j0 in range(j_a, j_b, BJ):
+        j = j0 + jj
+        score = tl.zeros([BT, BJ], dtype=tl.float32)
+        # compressed tokens overlapping blocks [j0, j0 + BJ): end >= j0·l', end - l + 1 <= (j0 + BJ)·l' - 1
+        ca = tl.maximum(c_lo, _first_ge(CMAX, cbase, N, j0 * SEL_LEN))
+        cb = tl.minimum(c_hi, _first_ge(CMIN, cbase, N, (j0 + BJ) * SEL_LEN + CMP_LEN - 1))
+        for c0 in range(ca, cb, BN):
+            c = c0 + tl.arange(0, BN)
+            c_ok = c < cb
+            c64 = tl.cast(c, tl.int64)
+            end = tl.load(END + cbase + c, mask=c_ok, other=2147483647)
+            k = tl.load(KC + k_base + c64[:, None] * sk_n + dk[None, :], mask=c_ok[:, None] & (dk < DQK)[None, :],
+                        other=0.0)
+            s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale
+            p = tl.where(_cmp_visible(p_row, ds_row, end), tl.exp2(s - lse[:, None]), 0.0)
+            pg = tl.sum(tl.reshape(p, [BT, GP, BN]), 1)                    # [BT, BN]: the group's sum
+            first = tl.maximum(end - CMP_LEN + 1, 0) // SEL_LEN
+            last = end // SEL_LEN
+            ov = ((j[None, :] >= first[:, None]) & (j[None, :] <= last[:, None]) & c_ok[:, None]).to(tl.float32)
+            if MAP_DOT:
+                score = tl.dot(pg, ov, score, input_precision="ieee")
+            else:  # fewer than 16 queries per tile (large groups): a broadcast product, as exact
+                score += tl.sum(pg[:, :, None] * ov[None, :, :], 1)
+        elig = (j[None, :] >= sb[:, None]) & (j[None, :] <= qb[:, None]) & (j[None, :] < j_b) & tok_ok[:, None]
+        forced = elig & ((j[None, :] < sb[:, None] + N_INIT) | (j[None, :] > qb[:, None] - N_LOCAL))
+        score = tl.where(forced, float("inf"), tl.where(elig, score, float("-inf")))
+        for x in range(0, BJ):
+            s_j = tl.sum(tl.where(jj[None, :] == x, score, 0.0), 1)       # [BT]
+            m = tl.min(best_s, 1)
+            at_min = best_s == m[:, None]
+            i_min = tl.min(tl.where(at_min, best_i, 2147483647), 1)
+            victim = at_min & (best_i == i_min[:, None])
+            take = (s_j >= m) & (s_j > float("-inf"))
+            best_s = tl.where(victim & take[:, None], s_j[:, None], best_s)
+            best_i = tl.where(victim & take[:, None], j0 + x, best_i)
+    return best_s, best_i
+
+
+@triton.jit
+def _topn_init(N_SELECT, BT: tl.constexpr, NP: tl.constexpr):
+    """Empty running top-n: live slots (-inf, distinct negative indices); slots beyond n_select
+    (+inf, a huge index), never the minimum since at most n_init + n_local <= n scores are +inf."""
+    slot = tl.arange(0, NP)
+    live = slot < N_SELECT
+    best_s = tl.where(live, float("-inf"), float("inf"))[None, :] + tl.zeros([BT, NP], dtype=tl.float32)
+    best_i = tl.where(live, -1 - slot, 2147483647)[None, :] + tl.zeros([BT, NP], dtype=tl.int32)
+    return best_s, best_i, slot, live
+
+
+@triton.jit
 def _cmp_fwd_kernel(Q, KC, VC, END, CMAX, CMIN, QPOS, QDS, O, LSE, SEL,
                     sq_b, sq_t, sq_h, sk_b, sk_n, sk_h, sv_b, sv_n, sv_h, so_b, so_t, so_h,
                     T, N, H, HKV, G, DQK, DV, scale, CMP_LEN, SEL_LEN, N_SELECT, N_INIT, N_LOCAL,
                     BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr, GP: tl.constexpr, BM: tl.constexpr,
                     BN: tl.constexpr, BJ: tl.constexpr, NP: tl.constexpr, SELECT: tl.constexpr,
                     PREC: tl.constexpr):
+    """Training / prefill: pass 1 and pass 2 in one program per (query tile, KV head)."""
     BT: tl.constexpr = BM // GP
-    MAP_DOT: tl.constexpr = BT >= 16
     qk_scale = scale * 1.4426950408889634
     m0 = tl.program_id(0) * BT
     bh = tl.program_id(1)
@@ -179,21 +281,8 @@ def _cmp_fwd_kernel(Q, KC, VC, END, CMAX, CMIN, QPOS, QDS, O, LSE, SEL,
     acc = tl.zeros([BM, BLOCK_DV], dtype=tl.float32)
     m_i = tl.full([BM], -1.0e30, dtype=tl.float32)  # finite: a row that sees nothing stays NaN-free
     l_i = tl.zeros([BM], dtype=tl.float32)
-    for c0 in range(c_lo, c_hi, BN):
-        c = c0 + tl.arange(0, BN)
-        c_ok = c < c_hi
-        c64 = tl.cast(c, tl.int64)
-        end = tl.load(END + cbase + c, mask=c_ok, other=2147483647)
-        k = tl.load(KC + k_base + c64[:, None] * sk_n + dk[None, :], mask=c_ok[:, None] & (dk < DQK)[None, :], other=0.0)
-        s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale
-        s = tl.where(_cmp_visible(p_row, ds_row, end), s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(VC + v_base + c64[:, None] * sv_n + dv[None, :], mask=c_ok[:, None] & (dv < DV)[None, :], other=0.0)
-        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=PREC)
-        m_i = m_new
+    acc, m_i, l_i = _cmp_attend(acc, m_i, l_i, q, KC, VC, END, cbase, k_base, v_base, sk_n, sv_n, p_row, ds_row,
+                                c_lo, c_hi, qk_scale, dk, dv, DQK, DV, BN, PREC)
     seen = l_i > 0.0
     o = acc / tl.where(seen, l_i, 1.0)[:, None]
     tl.store(O + b * so_b + t64[:, None] * so_t + h64[:, None] * so_h + dv[None, :], o.to(O.dtype.element_ty),
@@ -202,61 +291,105 @@ def _cmp_fwd_kernel(Q, KC, VC, END, CMAX, CMIN, QPOS, QDS, O, LSE, SEL,
     lse = tl.where(seen & row_ok, m_i + tl.log2(tl.where(seen, l_i, 1.0)), float("inf"))
     tl.store(LSE + (b * T + t64) * H + h64, lse, mask=row_ok)
     if SELECT:
-        # ---- pass 2: block importance and the running top-n, per query of the tile ----
-        tt = m0 + tl.arange(0, BT)
-        tok_ok = tt < T
-        p_tok = tl.load(QPOS + b * T + tt, mask=tok_ok, other=0)
-        ds_tok = tl.load(QDS + b * T + tt, mask=tok_ok, other=0)
-        sb = ds_tok // SEL_LEN                       # block of the document start
-        qb = p_tok // SEL_LEN                        # block of the query
-        j_lo = tl.min(tl.where(tok_ok, sb, 2147483647))
-        j_hi = tl.max(tl.where(tok_ok, qb, -1)) + 1
-        slot = tl.arange(0, NP)
-        live = slot < N_SELECT
-        # slots beyond n_select: +inf and a huge index, so never the minimum (n_init + n_local <= n)
-        best_s = tl.where(live, float("-inf"), float("inf"))[None, :] + tl.zeros([BT, NP], dtype=tl.float32)
-        best_i = tl.where(live, -1 - slot, 2147483647)[None, :] + tl.zeros([BT, NP], dtype=tl.int32)
-        jj = tl.arange(0, BJ)
-        for j0 in range(j_lo, j_hi, BJ):
-            j = j0 + jj
-            score = tl.zeros([BT, BJ], dtype=tl.float32)
-            # compressed tokens overlapping blocks [j0, j0 + BJ): end >= j0·l', end - l + 1 <= (j0 + BJ)·l' - 1
-            ca = tl.maximum(c_lo, _first_ge(CMAX, cbase, N, j0 * SEL_LEN))
-            cb = tl.minimum(c_hi, _first_ge(CMIN, cbase, N, (j0 + BJ) * SEL_LEN + CMP_LEN - 1))
-            for c0 in range(ca, cb, BN):
-                c = c0 + tl.arange(0, BN)
-                c_ok = c < cb
-                c64 = tl.cast(c, tl.int64)
-                end = tl.load(END + cbase + c, mask=c_ok, other=2147483647)
-                k = tl.load(KC + k_base + c64[:, None] * sk_n + dk[None, :],
-                            mask=c_ok[:, None] & (dk < DQK)[None, :], other=0.0)
-                s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale
-                p = tl.where(_cmp_visible(p_row, ds_row, end), tl.exp2(s - lse[:, None]), 0.0)
-                pg = tl.sum(tl.reshape(p, [BT, GP, BN]), 1)                    # [BT, BN]: the group's sum
-                first = tl.maximum(end - CMP_LEN + 1, 0) // SEL_LEN
-                last = end // SEL_LEN
-                ov = ((j[None, :] >= first[:, None]) & (j[None, :] <= last[:, None]) & c_ok[:, None]).to(tl.float32)
-                if MAP_DOT:
-                    score = tl.dot(pg, ov, score, input_precision="ieee")
-                else:  # fewer than 16 queries per tile (large groups): a broadcast product, as exact
-                    score += tl.sum(pg[:, :, None] * ov[None, :, :], 1)
-            elig = (j[None, :] >= sb[:, None]) & (j[None, :] <= qb[:, None]) & tok_ok[:, None]
-            forced = elig & ((j[None, :] < sb[:, None] + N_INIT) | (j[None, :] > qb[:, None] - N_LOCAL))
-            score = tl.where(forced, float("inf"), tl.where(elig, score, float("-inf")))
-            for x in range(0, BJ):
-                s_j = tl.sum(tl.where(jj[None, :] == x, score, 0.0), 1)       # [BT]
-                m = tl.min(best_s, 1)
-                at_min = best_s == m[:, None]
-                i_min = tl.min(tl.where(at_min, best_i, 2147483647), 1)
-                victim = at_min & (best_i == i_min[:, None])
-                take = (s_j >= m) & (s_j > float("-inf"))
-                best_s = tl.where(victim & take[:, None], s_j[:, None], best_s)
-                best_i = tl.where(victim & take[:, None], j0 + x, best_i)
+        tok_ok, sb, qb, j_lo, j_hi = _tile_blocks(QPOS, QDS, b * T, m0, T, SEL_LEN, BT)
+        best_s, best_i, slot, live = _topn_init(N_SELECT, BT, NP)
+        best_s, best_i = _cmp_select(best_s, best_i, q, lse, KC, END, CMAX, CMIN, cbase, k_base, sk_n, N, p_row,
+                                     ds_row, c_lo, c_hi, tok_ok, sb, qb, j_lo, j_hi, qk_scale, dk, DQK, CMP_LEN,
+                                     SEL_LEN, N_INIT, N_LOCAL, BT, GP, BN, BJ, PREC)
         best_i = tl.where(live[None, :], tl.maximum(best_i, -1), -2)   # empty slots -1; surplus -2, sorted last
         best_i = tl.sort(best_i, dim=1, descending=True)
-        tt64 = tl.cast(tt, tl.int64)
+        tt64 = tl.cast(m0 + tl.arange(0, BT), tl.int64)
         tl.store(SEL + ((b * T + tt64[:, None]) * HKV + hkv) * N_SELECT + slot[None, :], best_i,
                  mask=tok_ok[:, None] & live[None, :])
+
+
+@triton.jit
+def _split_range(lo, hi, split, NSPLIT):
+    """The split-th of NSPLIT near-equal parts of [lo, hi)."""
+    n = tl.maximum(hi - lo, 0)
+    part = (n + NSPLIT - 1) // NSPLIT
+    a = tl.minimum(lo + split * part, hi)
+    return a, tl.minimum(a + part, hi)
+
+
+@triton.jit
+def _cmp_split_attend_kernel(Q, KC, VC, END, CMAX, CMIN, QPOS, QDS, M_PART, L_PART, ACC_PART,
+                             sq_b, sq_t, sq_h, sk_b, sk_n, sk_h, sv_b, sv_n, sv_h,
+                             T, N, H, HKV, G, DQK, DV, scale, NSPLIT,
+                             BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr, GP: tl.constexpr, BM: tl.constexpr,
+                             BN: tl.constexpr, PREC: tl.constexpr):
+    """Decoding, pass 1: one program per (query tile, KV head, split of the compressed range)
+    writes its partial (m, l, acc) [NSPLIT, B·T·H(, DV)]; torch merges them (`_merge_attend`)."""
+    BT: tl.constexpr = BM // GP
+    qk_scale = scale * 1.4426950408889634
+    m0 = tl.program_id(0) * BT
+    bh = tl.program_id(1)
+    split = tl.program_id(2)
+    b = tl.cast(bh // HKV, tl.int64)
+    hkv = bh % HKV
+    t, r, row_ok = _rows(m0, T, G, GP, BM)
+    h = hkv * G + r
+    t64, h64 = tl.cast(t, tl.int64), tl.cast(h, tl.int64)
+    dk = tl.arange(0, BLOCK_DK)
+    dv = tl.arange(0, BLOCK_DV)
+    p_row = tl.load(QPOS + b * T + t, mask=row_ok, other=0)
+    ds_row = tl.load(QDS + b * T + t, mask=row_ok, other=0)
+    q = tl.load(Q + b * sq_b + t64[:, None] * sq_t + h64[:, None] * sq_h + dk[None, :],
+                mask=row_ok[:, None] & (dk < DQK)[None, :], other=0.0)
+    cbase = b * N
+    c_lo, c_hi = _cmp_range(CMAX, CMIN, cbase, N, p_row, ds_row, row_ok)
+    c_a, c_b = _split_range(c_lo, c_hi, split, NSPLIT)
+    acc = tl.zeros([BM, BLOCK_DV], dtype=tl.float32)
+    m_i = tl.full([BM], -1.0e30, dtype=tl.float32)
+    l_i = tl.zeros([BM], dtype=tl.float32)
+    acc, m_i, l_i = _cmp_attend(acc, m_i, l_i, q, KC, VC, END, cbase, b * sk_b + tl.cast(hkv, tl.int64) * sk_h,
+                                b * sv_b + tl.cast(hkv, tl.int64) * sv_h, sk_n, sv_n, p_row, ds_row, c_a, c_b,
+                                qk_scale, dk, dv, DQK, DV, BN, PREC)
+    row = split * (tl.num_programs(1) // HKV) * T * H + (b * T + t64) * H + h64
+    tl.store(M_PART + row, m_i, mask=row_ok)
+    tl.store(L_PART + row, l_i, mask=row_ok)
+    tl.store(ACC_PART + row[:, None] * DV + dv[None, :], acc, mask=row_ok[:, None] & (dv < DV)[None, :])
+
+
+@triton.jit
+def _cmp_split_select_kernel(Q, KC, END, CMAX, CMIN, QPOS, QDS, LSE, S_PART, I_PART,
+                             sq_b, sq_t, sq_h, sk_b, sk_n, sk_h,
+                             T, N, H, HKV, G, DQK, scale, CMP_LEN, SEL_LEN, N_SELECT, N_INIT, N_LOCAL, NSPLIT,
+                             BLOCK_DK: tl.constexpr, GP: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+                             BJ: tl.constexpr, NP: tl.constexpr, PREC: tl.constexpr):
+    """Decoding, pass 2: one program per (query tile, KV head, split of the selectable blocks)
+    writes its partial top-n (scores, indices) [NSPLIT, B, T, HKV, NP]; torch merges them
+    (`_merge_select`). Empty slots are (-inf, -1)."""
+    BT: tl.constexpr = BM // GP
+    qk_scale = scale * 1.4426950408889634
+    m0 = tl.program_id(0) * BT
+    bh = tl.program_id(1)
+    split = tl.program_id(2)
+    b = tl.cast(bh // HKV, tl.int64)
+    hkv = bh % HKV
+    t, r, row_ok = _rows(m0, T, G, GP, BM)
+    h = hkv * G + r
+    t64, h64 = tl.cast(t, tl.int64), tl.cast(h, tl.int64)
+    dk = tl.arange(0, BLOCK_DK)
+    p_row = tl.load(QPOS + b * T + t, mask=row_ok, other=0)
+    ds_row = tl.load(QDS + b * T + t, mask=row_ok, other=0)
+    q = tl.load(Q + b * sq_b + t64[:, None] * sq_t + h64[:, None] * sq_h + dk[None, :],
+                mask=row_ok[:, None] & (dk < DQK)[None, :], other=0.0)
+    lse = tl.load(LSE + (b * T + t64) * H + h64, mask=row_ok, other=float("inf"))
+    cbase = b * N
+    c_lo, c_hi = _cmp_range(CMAX, CMIN, cbase, N, p_row, ds_row, row_ok)
+    tok_ok, sb, qb, j_lo, j_hi = _tile_blocks(QPOS, QDS, b * T, m0, T, SEL_LEN, BT)
+    j_a, j_b = _split_range(j_lo, j_hi, split, NSPLIT)
+    best_s, best_i, slot, live = _topn_init(N_SELECT, BT, NP)
+    best_s, best_i = _cmp_select(best_s, best_i, q, lse, KC, END, CMAX, CMIN, cbase,
+                                 b * sk_b + tl.cast(hkv, tl.int64) * sk_h, sk_n, N, p_row, ds_row, c_lo, c_hi,
+                                 tok_ok, sb, qb, j_a, j_b, qk_scale, dk, DQK, CMP_LEN, SEL_LEN, N_INIT, N_LOCAL,
+                                 BT, GP, BN, BJ, PREC)
+    keep = live[None, :] & (best_i >= 0)
+    tt64 = tl.cast(m0 + tl.arange(0, BT), tl.int64)
+    at = (((split * (tl.num_programs(1) // HKV) + b) * T + tt64[:, None]) * HKV + hkv) * NP + slot[None, :]
+    tl.store(S_PART + at, tl.where(keep, best_s, float("-inf")), mask=tok_ok[:, None])
+    tl.store(I_PART + at, tl.where(keep, best_i, -1), mask=tok_ok[:, None])
 
 
 @triton.jit
@@ -575,7 +708,11 @@ def _suffix_min(x: torch.Tensor) -> torch.Tensor:
 
 def compressed_forward(q, k_cmp, v_cmp, end, qpos, qds, scale, cmp_len, select_len, n_select, n_init, n_local,
                        select: bool = True):
-    """(o [B, T, H, Dv], lse [B, T, H] base 2, sel_idx [B, T, Hkv, n] int32 or None). end, qpos, qds int32."""
+    """(o [B, T, H, Dv], lse [B, T, H] base 2, sel_idx [B, T, Hkv, n] int32 or None). end, qpos, qds int32.
+    Up to DECODE_MAX_T queries take the split path (decoding), more the fused kernel."""
+    if q.shape[1] <= DECODE_MAX_T:
+        return compressed_forward_split(q, k_cmp, v_cmp, end, qpos, qds, scale, cmp_len, select_len, n_select,
+                                        n_init, n_local, select)
     B, T, H, _ = q.shape
     N, Hkv = k_cmp.shape[1], k_cmp.shape[2]
     G = H // Hkv
@@ -591,6 +728,76 @@ def compressed_forward(q, k_cmp, v_cmp, end, qpos, qds, scale, cmp_len, select_l
                           N_INIT=n_init, N_LOCAL=n_local, GP=GP,
                           NP=triton.next_power_of_2(n_select), SELECT=select, **_dims(q, v_cmp), **cfg)
     return o, lse, (sel if select else None)
+
+
+def _split_config(q, T: int, G: int, N: int) -> dict:
+    """Decoding launch: the T queries of a row in one tile when they fit (BM = T·GP rows, at least
+    16), NSPLIT programs per (tile, KV head) over the compressed tokens and over the blocks."""
+    cfg = tile_config("cmp_split", q.dtype, G)
+    GP = triton.next_power_of_2(G)
+    cfg["BM"] = max(16, GP, min(cfg.pop("MAX_BM"), triton.next_power_of_2(T * GP)))
+    cfg["NSPLIT"] = max(1, min(MAX_SPLITS, triton.cdiv(N, cfg.pop("SPLIT_TOKENS"))))
+    return cfg
+
+
+def _merge_attend(m, l, acc, dtype):
+    """(o, lse) from the splits' partial online-softmax states [NSPLIT, B, T, H(, DV)]."""
+    m_max = m.amax(0)
+    w = torch.exp2(m - m_max)
+    L = (w * l).sum(0)
+    seen = L > 0
+    o = (w[..., None] * acc).sum(0) / torch.where(seen, L, 1.0)[..., None]
+    lse = torch.where(seen, m_max + torch.log2(torch.where(seen, L, 1.0)), float("inf"))
+    return o.to(dtype), lse
+
+
+def _merge_select(s_part, i_part, n_select):
+    """sel_idx from the splits' partial top-n lists [NSPLIT, B, T, HKV, NP] (disjoint blocks): the
+    top n by (score, then later block), listed in descending block index, -1 for empty slots."""
+    NS, B, T, Hkv, NP = s_part.shape
+    cs = s_part.permute(1, 2, 3, 0, 4).reshape(B, T, Hkv, NS * NP)
+    ci = i_part.permute(1, 2, 3, 0, 4).reshape(B, T, Hkv, NS * NP)
+    by_block = torch.sort(ci, dim=-1, descending=True, stable=True).indices
+    cs, ci = cs.gather(-1, by_block), ci.gather(-1, by_block)
+    top = torch.sort(cs, dim=-1, descending=True, stable=True).indices[..., :n_select]
+    ts, ti = cs.gather(-1, top), ci.gather(-1, top)
+    ti = torch.where(ts > float("-inf"), ti, -1)
+    return ti.sort(-1, descending=True).values.to(torch.int32).contiguous()
+
+
+def compressed_forward_split(q, k_cmp, v_cmp, end, qpos, qds, scale, cmp_len, select_len, n_select, n_init,
+                             n_local, select: bool = True):
+    """compressed_forward for a few queries (decoding): the compressed tokens and the selectable
+    blocks are split over NSPLIT programs per (query tile, KV head), then merged in torch. Fixed
+    shapes, no host synchronisation."""
+    B, T, H, _ = q.shape
+    N, Hkv = k_cmp.shape[1], k_cmp.shape[2]
+    G = H // Hkv
+    GP = triton.next_power_of_2(G)
+    cfg = _split_config(q, T, G, N)
+    NS = cfg.pop("NSPLIT")
+    BJ = cfg.pop("BJ")
+    grid = (triton.cdiv(T, cfg["BM"] // GP), B * Hkv, NS)
+    cmax, cmin = _prefix_max(end), _suffix_min(end)
+    m = torch.empty(NS, B, T, H, dtype=torch.float32, device=q.device)
+    l = torch.empty_like(m)
+    acc = torch.empty(NS, B, T, H, v_cmp.shape[-1], dtype=torch.float32, device=q.device)
+    dims = _dims(q, v_cmp)
+    _cmp_split_attend_kernel[grid](q, k_cmp, v_cmp, end, cmax, cmin, qpos, qds, m, l, acc,
+                                   *q.stride()[:3], *k_cmp.stride()[:3], *v_cmp.stride()[:3],
+                                   T, N, H, Hkv, G, scale=scale, NSPLIT=NS, GP=GP, **dims, **cfg)
+    o, lse = _merge_attend(m, l, acc, q.dtype)
+    if not select:
+        return o, lse, None
+    NP = triton.next_power_of_2(n_select)
+    s_part = torch.empty(NS, B, T, Hkv, NP, dtype=torch.float32, device=q.device)
+    i_part = torch.empty(NS, B, T, Hkv, NP, dtype=torch.int32, device=q.device)
+    del dims["BLOCK_DV"], dims["DV"]
+    _cmp_split_select_kernel[grid](q, k_cmp, end, cmax, cmin, qpos, qds, lse, s_part, i_part,
+                                   *q.stride()[:3], *k_cmp.stride()[:3], T, N, H, Hkv, G, scale=scale,
+                                   CMP_LEN=cmp_len, SEL_LEN=select_len, N_SELECT=n_select, N_INIT=n_init,
+                                   N_LOCAL=n_local, NSPLIT=NS, GP=GP, BJ=BJ, NP=NP, **dims, **cfg)
+    return o, lse, _merge_select(s_part, i_part, n_select)
 
 
 def compressed_backward(q, k_cmp, v_cmp, o, lse, do, end, qpos, qds, scale):
