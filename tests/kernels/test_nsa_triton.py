@@ -201,3 +201,23 @@ def test_ties_go_to_the_later_block():
         assert got[0, 30, 0].tolist() == ([7, 6, 5] if n_init == 0 else [7, 6, 0])
         _, one = tri.nsa_compressed(q[:, 30:31], kc, kc, ends, q_pos=torch.tensor([[30]]), **kw)
         assert torch.equal(one[0, 0], got[0, 30])
+
+
+def test_fanout_search_equals_searchsorted():
+    """`_first_ge` (FANOUT = 4 here: several narrowing steps) against torch.searchsorted, on
+    sorted arrays with repeats, every boundary value and the empty array."""
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def probe(A, X, OUT, n):
+        i = tl.program_id(0)
+        tl.store(OUT + i, tri._first_ge(A, 0, n, tl.load(X + i)))
+
+    torch.manual_seed(6)
+    for n in (0, 5, 40):
+        a = torch.randint(0, 30, (max(n, 1),), dtype=torch.int32).sort().values[:n].contiguous()
+        x = torch.arange(-1, 32, dtype=torch.int32)
+        out = torch.empty_like(x)
+        probe[(x.numel(),)](a if n else torch.zeros(1, dtype=torch.int32), x, out, n)
+        assert torch.equal(out, torch.searchsorted(a, x, right=False).to(torch.int32)), n
