@@ -122,7 +122,8 @@ def _head_summed_target(s: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
 def _dense_kl_block(q: torch.Tensor, w: torch.Tensor, k: torch.Tensor, q_abs: torch.Tensor, kv: torch.Tensor,
                     keep: torch.Tensor, index_scale: float, attn_scale: float) -> torch.Tensor:
     with torch.no_grad():
-        s = torch.einsum("bchd,bsd->bhcs", q_abs.float(), kv.float()) * attn_scale
+        # in the inputs' dtype, as the reference's attention_scores_absorbed: no fp32 copy of the rows
+        s = torch.einsum("bchd,bsd->bhcs", q_abs, kv).float() * attn_scale
         p = _head_summed_target(s, keep)
     i = index_scores(q, w, k, index_scale)
     log_q = i.masked_fill(~keep, float("-inf")).log_softmax(-1)
@@ -141,7 +142,7 @@ def dense_kl(q: torch.Tensor, w: torch.Tensor, k: torch.Tensor, q_abs: torch.Ten
     B, T, H, _ = q_abs.shape
     S = k.shape[1]
     C = rows_per_block(B, max(H, q.shape[2]) * S, budget)
-    q_abs, kv = q_abs.detach(), kv.detach()
+    q_abs, kv = q_abs.detach(), kv.detach().to(q_abs.dtype)  # cast once, not per block
     total = q.new_zeros((), dtype=torch.float32)
     for t0 in range(0, T, C):
         t1 = min(T, t0 + C)
@@ -164,7 +165,7 @@ def _sparse_kl_block(q: torch.Tensor, w: torch.Tensor, k: torch.Tensor, q_abs: t
                      indices: torch.Tensor, index_scale: float, attn_scale: float) -> torch.Tensor:
     keep = indices >= 0  # [B,C,K]
     with torch.no_grad():
-        s = torch.einsum("bchd,bckd->bhck", q_abs.float(), _gather_rows(kv, indices).float()) * attn_scale
+        s = torch.einsum("bchd,bckd->bhck", q_abs, _gather_rows(kv, indices)).float() * attn_scale
         p = _head_summed_target(s, keep)
     k_sel = _gather_rows(k, indices).float()  # [B,C,K,Di]
     z = F.relu(torch.einsum("bchd,bckd->bchk", q.float(), k_sel) * index_scale)
@@ -183,7 +184,7 @@ def sparse_kl(q: torch.Tensor, w: torch.Tensor, k: torch.Tensor, q_abs: torch.Te
     B, T, H, D = q_abs.shape
     K = indices.shape[-1]
     C = rows_per_block(B, K * max(H, q.shape[2], D), budget)
-    q_abs, kv = q_abs.detach(), kv.detach()
+    q_abs, kv = q_abs.detach(), kv.detach().to(q_abs.dtype)  # cast once, not per block
     total = q.new_zeros((), dtype=torch.float32)
     for t0 in range(0, T, C):
         t1 = min(T, t0 + C)
