@@ -907,36 +907,88 @@ def selected_backward(q, k, v, o, lse, do, sel, qpos, qds, scale, select_len):
 
 
 # ---- autograd and entry points ------------------------------------------------------------------
-class _Compressed(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q, k_cmp, v_cmp, end, qpos, qds, scale, cmp_len, select_len, n_select, n_init, n_local):
-        o, lse, sel = compressed_forward(q, k_cmp, v_cmp, end, qpos, qds, scale, cmp_len, select_len, n_select,
-                                         n_init, n_local)
-        ctx.save_for_backward(q, k_cmp, v_cmp, o, lse, end, qpos, qds)
-        ctx.scale = scale
-        ctx.mark_non_differentiable(sel)
-        return o, sel
-
-    @staticmethod
-    def backward(ctx, do, _dsel):
-        q, k_cmp, v_cmp, o, lse, end, qpos, qds = ctx.saved_tensors
-        dq, dkc, dvc = compressed_backward(q, k_cmp, v_cmp, o, lse, do.contiguous(), end, qpos, qds, ctx.scale)
-        return dq, dkc, dvc, *([None] * 9)
+# Custom ops (as kernels/attention): torch.compile treats the kernels as opaque calls with known
+# output shapes instead of tracing into the launchers; autograd is registered on the forward op.
+@torch.library.custom_op("deepwish::nsa_cmp_fwd", mutates_args=())
+def _cmp_fwd_op(q: torch.Tensor, k_cmp: torch.Tensor, v_cmp: torch.Tensor, end: torch.Tensor, qpos: torch.Tensor,
+                qds: torch.Tensor, scale: float, cmp_len: int, select_len: int, n_select: int, n_init: int,
+                n_local: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return compressed_forward(q, k_cmp, v_cmp, end, qpos, qds, scale, cmp_len, select_len, n_select, n_init, n_local)
 
 
-class _Selected(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q, k, v, sel, qpos, qds, scale, select_len):
-        o, lse = selected_forward(q, k, v, sel, qpos, qds, scale, select_len)
-        ctx.save_for_backward(q, k, v, o, lse, sel, qpos, qds)
-        ctx.opts = (scale, select_len)
-        return o
+@_cmp_fwd_op.register_fake
+def _(q, k_cmp, v_cmp, end, qpos, qds, scale, cmp_len, select_len, n_select, n_init, n_local):
+    B, T, H, _ = q.shape
+    return (q.new_empty(B, T, H, v_cmp.shape[-1]), q.new_empty(B, T, H, dtype=torch.float32),
+            q.new_empty(B, T, k_cmp.shape[2], n_select, dtype=torch.int32))
 
-    @staticmethod
-    def backward(ctx, do):
-        q, k, v, o, lse, sel, qpos, qds = ctx.saved_tensors
-        dq, dk, dv = selected_backward(q, k, v, o, lse, do.contiguous(), sel, qpos, qds, *ctx.opts)
-        return dq, dk, dv, *([None] * 5)
+
+@torch.library.custom_op("deepwish::nsa_cmp_bwd", mutates_args=())
+def _cmp_bwd_op(q: torch.Tensor, k_cmp: torch.Tensor, v_cmp: torch.Tensor, o: torch.Tensor, lse: torch.Tensor,
+                do: torch.Tensor, end: torch.Tensor, qpos: torch.Tensor, qds: torch.Tensor,
+                scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return compressed_backward(q, k_cmp, v_cmp, o, lse, do, end, qpos, qds, scale)
+
+
+@_cmp_bwd_op.register_fake
+def _(q, k_cmp, v_cmp, o, lse, do, end, qpos, qds, scale):
+    return torch.empty_like(q), torch.empty_like(k_cmp), torch.empty_like(v_cmp)
+
+
+def _cmp_setup(ctx, inputs, output):
+    q, k_cmp, v_cmp, end, qpos, qds, scale = inputs[:7]
+    o, lse, _ = output
+    ctx.save_for_backward(q, k_cmp, v_cmp, o, lse, end, qpos, qds)
+    ctx.scale = scale
+
+
+def _cmp_backward(ctx, do, _dlse, _dsel):
+    q, k_cmp, v_cmp, o, lse, end, qpos, qds = ctx.saved_tensors
+    dq, dkc, dvc = _cmp_bwd_op(q, k_cmp, v_cmp, o, lse, do.contiguous(), end, qpos, qds, ctx.scale)
+    return dq, dkc, dvc, *([None] * 9)
+
+
+_cmp_fwd_op.register_autograd(_cmp_backward, setup_context=_cmp_setup)
+
+
+@torch.library.custom_op("deepwish::nsa_slc_fwd", mutates_args=())
+def _slc_fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sel: torch.Tensor, qpos: torch.Tensor,
+                qds: torch.Tensor, scale: float, select_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    return selected_forward(q, k, v, sel, qpos, qds, scale, select_len)
+
+
+@_slc_fwd_op.register_fake
+def _(q, k, v, sel, qpos, qds, scale, select_len):
+    B, T, H, _ = q.shape
+    return q.new_empty(B, T, H, v.shape[-1]), q.new_empty(B, T, H, dtype=torch.float32)
+
+
+@torch.library.custom_op("deepwish::nsa_slc_bwd", mutates_args=())
+def _slc_bwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor, lse: torch.Tensor,
+                do: torch.Tensor, sel: torch.Tensor, qpos: torch.Tensor, qds: torch.Tensor, scale: float,
+                select_len: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return selected_backward(q, k, v, o, lse, do, sel, qpos, qds, scale, select_len)
+
+
+@_slc_bwd_op.register_fake
+def _(q, k, v, o, lse, do, sel, qpos, qds, scale, select_len):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+def _slc_setup(ctx, inputs, output):
+    q, k, v, sel, qpos, qds, scale, select_len = inputs
+    o, lse = output
+    ctx.save_for_backward(q, k, v, o, lse, sel, qpos, qds)
+    ctx.opts = (scale, select_len)
+
+
+def _slc_backward(ctx, do, _dlse):
+    q, k, v, o, lse, sel, qpos, qds = ctx.saved_tensors
+    dq, dk, dv = _slc_bwd_op(q, k, v, o, lse, do.contiguous(), sel, qpos, qds, *ctx.opts)
+    return dq, dk, dv, *([None] * 5)
+
+
+_slc_fwd_op.register_autograd(_slc_backward, setup_context=_slc_setup)
 
 
 def nsa_compressed(q: torch.Tensor, k_cmp: torch.Tensor, v_cmp: torch.Tensor, cmp_end: torch.Tensor, *,
@@ -951,8 +1003,9 @@ def nsa_compressed(q: torch.Tensor, k_cmp: torch.Tensor, v_cmp: torch.Tensor, cm
     end = cmp_end.clamp(max=POS_MAX).to(torch.int32).contiguous()
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     q, k_cmp, v_cmp = (_last_dim_contiguous(x) for x in (q, k_cmp, v_cmp))
-    return _Compressed.apply(q, k_cmp, v_cmp, end, qpos, qds, scale, int(cmp_len), int(select_len), int(n_select),
-                             int(n_init), int(n_local))
+    o, _, sel = _cmp_fwd_op(q, k_cmp, v_cmp, end, qpos, qds, scale, int(cmp_len), int(select_len), int(n_select),
+                            int(n_init), int(n_local))
+    return o, sel
 
 
 def nsa_selected(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sel_idx: torch.Tensor, *,
@@ -965,4 +1018,4 @@ def nsa_selected(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sel_idx: tor
     sel = sel_idx.to(torch.int32).contiguous()
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     q, k, v = (_last_dim_contiguous(x) for x in (q, k, v))
-    return _Selected.apply(q, k, v, sel, qpos, qds, scale, int(select_len))
+    return _slc_fwd_op(q, k, v, sel, qpos, qds, scale, int(select_len))[0]
