@@ -221,3 +221,25 @@ def test_fanout_search_equals_searchsorted():
         out = torch.empty_like(x)
         probe[(x.numel(),)](a if n else torch.zeros(1, dtype=torch.int32), x, out, n)
         assert torch.equal(out, torch.searchsorted(a, x, right=False).to(torch.int32)), n
+
+
+def test_compiles_as_opaque_custom_ops():
+    """torch.compile (fullgraph, aot_eager) traces both entry points as custom ops with fake
+    shapes: the same output and gradients as eager."""
+    torch.manual_seed(7)
+    S, H, Hkv, D = 24, 4, 1, 16
+    q, k, v = torch.randn(1, S, H, D), torch.randn(1, S, Hkv, D), torch.randn(1, S, Hkv, D)
+    ends = torch.arange(3, S, 2)[None]
+    kc, vc = torch.randn(1, ends.shape[1], Hkv, D), torch.randn(1, ends.shape[1], Hkv, D)
+    ins = [x.requires_grad_() for x in (q, k, v, kc, vc)]
+    q_pos = torch.arange(S)[None]
+
+    def f(q, k, v, kc, vc):
+        o, sel = tri.nsa_compressed(q, kc, vc, ends, q_pos=q_pos, cmp_len=4, select_len=8, n_select=3)
+        return o + tri.nsa_selected(q, k, v, sel, q_pos=q_pos, select_len=8)
+
+    want = f(*ins)
+    got = torch.compile(f, backend="aot_eager", fullgraph=True)(*ins)
+    assert torch.equal(want, got)
+    for a, b in zip(torch.autograd.grad(want.sum(), ins), torch.autograd.grad(got.sum(), ins)):
+        assert torch.equal(a, b)
