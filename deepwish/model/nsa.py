@@ -34,6 +34,8 @@ Choices and deviations from the paper (which leaves most of these open):
   positions (the kernel's rule, kernels/nsa), so in a packed row whose documents do not start at
   multiples of l' the selection differs from the same documents in separate rows (the window and
   compressed branches do not).
+- Block importance is kernels/nsa/reference.py's rule: a compressed token's group-summed probability
+  counts once for every selection block its range overlaps (not eq. 9's triangular weights).
 - n_init = 1 (the paper's one initial block); n_local from model.nsa_n_local.
 - Gates: W_g is one [3H, d] linear map without bias (N(0, init_std) like other gates, so every gate
   starts near 0.5); model.nsa_gate=sum drops it and adds the three branches.

@@ -184,6 +184,14 @@ def test_init_from_dense_loads_shared_weights_and_names_the_new(tmp_path, one_th
                                                            "v_compress.up.weight"))
     assert ("newly initialised in 1 NSA layer(s) (not in the weights): gate_proj.weight, k_compress.down.weight"
             in capsys.readouterr().out)
+    # the same from the dense run exported as an HF directory
+    from deepwish.cli import main
+    from deepwish.train.init_from import load_init
+    assert main(["convert", str(src), str(tmp_path / "hf"), "--dtype", "fp32"]) == 0
+    assert init_problems(tmp_path / "hf", cfg.model) == []
+    model = Transformer(cfg.model)
+    assert sorted(load_init(model, tmp_path / "hf")) == new
+    assert torch.equal(model.blocks[0].mixer.q_proj.weight, dense["blocks.0.mixer.q_proj.weight"])
 
 
 @pytest.mark.gpu
