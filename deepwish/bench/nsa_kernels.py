@@ -91,24 +91,20 @@ def _fwd_bwd_ms(fwd, params) -> dict:
     do = torch.randn_like(out)
     del out
 
-    def fwdbwd():
-        torch.autograd.backward(fwd(), do)
+    def fwdbwd():  # gradients returned, not accumulated into .grad (no extra read-modify-write of dq)
+        torch.autograd.grad(fwd(), params, do)
 
     with torch.no_grad():
         f = time_ms(fwd)
-    for p in params:
-        p.grad = None
     fb = time_ms(fwdbwd)
-    for p in params:
-        p.grad = None
     return dict(fwd=f, bwd=fb - f, fwdbwd=fb)
 
 
-def branch_times(T: int, device, with_fla: bool = True) -> dict:
+def branch_times(T: int, device, with_fla: bool = True, dtype=torch.bfloat16) -> dict:
     """{'cmp', 'slc', 'nsa (cmp+slc)', 'sdpa', 'fla cmp+slc', 'fla slc'}: {fwd, bwd, fwdbwd} ms (or an
     'error' string) at T (module docstring)."""
     from deepwish.kernels.nsa import triton as nk
-    x = make_inputs(T, device)
+    x = make_inputs(T, device, dtype=dtype)
     q, k, v, kc, vc = (x[n].requires_grad_() for n in ("q", "k", "v", "k_cmp", "v_cmp"))
     row = {}
 

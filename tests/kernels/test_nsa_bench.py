@@ -24,3 +24,16 @@ def test_inputs_tables_and_plot(tmp_path):
 def test_fla_missing_is_a_reason_not_an_error():
     got = nb.fla_nsa()
     assert callable(got) or "fla not importable" in got
+
+
+def test_branch_times_runs_every_path(monkeypatch):
+    """branch_times end to end at a toy shape under the interpreter, with a stand-in clock: our
+    branches time, a missing fla is reported as such, nothing raises."""
+    for name, value in dict(H=4, HKV=1, D=16, CMP_LEN=4, CMP_STRIDE=2, SELECT_LEN=8, N_SELECT=3).items():
+        monkeypatch.setattr(nb, name, value)
+    monkeypatch.setattr(nb, "time_ms", lambda fn, **kw: (fn(), 1.0)[1])
+    row = nb.branch_times(20, torch.device("cpu"), dtype=torch.float32)   # no bf16 in the interpreter
+    assert row["cmp"] == row["slc"] == dict(fwd=1.0, bwd=0.0, fwdbwd=1.0)
+    assert row["nsa (cmp+slc)"]["fwdbwd"] == 2.0 and "sdpa" in row
+    if isinstance(nb.fla_nsa(), str):
+        assert "fla not importable" in row["fla slc"]["error"]
