@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # What the GPU machine runs: environment report, GPU tests and benchmarks, results under $OUT.
-#   bash scripts/gpu_run.sh STAGE...   with STAGE in: env tests kernels gdn train decode sweep tradeoff notebook speedrun ablate dsa nsa_kernels
+#   bash scripts/gpu_run.sh STAGE...   with STAGE in: env tests kernels gdn train decode sweep tradeoff notebook speedrun ablate dsa nsa_kernels nsa_quality
 # Optional wheels in .whl/ (flash-linear-attention, liger-kernel) are installed to /tmp/site
 # first, so the anchors run side by side with deepwish in the same process (NO_WHEELS=1 skips
 # them, e.g. for HF's Qwen3-Next on its torch path).
@@ -37,6 +37,7 @@ for stage in "$@"; do
     ablate) python3 -m deepwish.cli bench ablate --out "$OUT/ablate" ${ABLATE_ARGS:-} || status=1 ;;
     dsa) python3 -m deepwish.cli bench dsa --out "$OUT/dsa" ${DSA_ARGS:-} || status=1 ;;
     nsa_kernels) python3 -m deepwish.bench.nsa_kernels --out "$OUT/nsa_kernels" ${NSA_KERNELS_ARGS:-} || status=1 ;;
+    nsa_quality) python3 -m deepwish.cli bench nsa --quality --out "$OUT/nsa_quality" ${NSA_QUALITY_ARGS:---seeds 2} || status=1 ;;
     *) echo "unknown stage $stage"; status=2 ;;
   esac
 done
