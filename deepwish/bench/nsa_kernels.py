@@ -1,9 +1,10 @@
 """NSA's kernels (kernels/nsa) on one GPU: the compressed branch (attention over compressed tokens
 with the block scoring and top-n fused in) and the selected branch, against SDPA flash (plain
 causal) and, when importable, `fla.ops.nsa.parallel_nsa` (fla-core 0.6). The kernel part of
-`deepwish bench nsa`; alone:
+`deepwish bench nsa` (what it runs without --quality):
 
-    python -m deepwish.bench.nsa_kernels --out DIR [--parts check,train,decode] [--lengths 8192,...] [--quick]
+    deepwish bench nsa --out DIR [--parts check,train,decode] [--lengths 8192,...] [--quick]
+    python -m deepwish.bench.nsa_kernels --out DIR ...      (the same)
 
 Shape: the paper's, B 1, 64 query / 4 KV heads (G 16), D 128, bf16; compression blocks l 32,
 stride d 16 (N = (T - 32) / 16 + 1 compressed tokens, random: the compression MLP is the model's),
