@@ -62,7 +62,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from deepwish.config import ModelConfig
+from deepwish.config import ConfigError, ModelConfig
 from deepwish.model.attention import (ATTENDING_MIXERS, DECODE_KERNEL_MAX_ROWS, _interpreting, attention_mask,
                                       causal_attention, kernel_inputs, resolve_attn_backend, sdpa_folded_groups)
 from deepwish.model.cache import take_rows_
@@ -183,6 +183,15 @@ class NSA(nn.Module):
         self.kernel_requested = cfg.nsa_backend
         self.kernel_backend = resolve_nsa_backend(cfg.nsa_backend, "cuda" if torch.cuda.is_available() else "cpu",
                                                   announce=layer_idx == first_nsa)
+        if self.kernel_backend == "triton":  # the shapes the Triton kernels tile, named at build time
+            from deepwish.kernels.nsa.triton import MAX_HEAD_DIM, check_group
+            try:
+                check_group(cfg.n_heads, cfg.n_kv_heads)
+                if cfg.head_dim > MAX_HEAD_DIM:
+                    raise ValueError(f"head_dim={cfg.head_dim} > {MAX_HEAD_DIM}")
+            except ValueError as e:
+                raise ConfigError(f"layer {layer_idx} (nsa): model.nsa_backend={cfg.nsa_backend} resolved to triton, "
+                                  f"which cannot run this shape: {e}; use model.nsa_backend=torch") from None
         self.mask_backend = "torch" if self.backends.decode == "torch" else "sdpa"
         d, H, Hkv, D = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
         self.q_proj = nn.Linear(d, H * D, bias=cfg.attn_bias)

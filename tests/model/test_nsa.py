@@ -236,3 +236,10 @@ def test_triton_kernels_match_the_torch_path_in_the_model_on_gpu():
     for (n, a), b in zip(fast.named_parameters(), slow.parameters()):
         rel = (a.grad - b.grad).norm() / b.grad.norm().clamp_min(1e-12)
         assert rel < 2e-2, n
+
+
+def test_a_group_the_triton_kernels_cannot_tile_is_named(monkeypatch):
+    pytest.importorskip("triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")  # lets 'triton' resolve on the CPU
+    with pytest.raises(ConfigError, match=r"resolved to triton.*group size must be an integer <= 16"):
+        Transformer(model_config("qwen3_nsa_tiny", n_layers=1, n_heads=34, n_kv_heads=2, nsa_backend="triton"))
