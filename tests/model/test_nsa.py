@@ -238,8 +238,31 @@ def test_triton_kernels_match_the_torch_path_in_the_model_on_gpu():
         assert rel < 2e-2, n
 
 
-def test_a_group_the_triton_kernels_cannot_tile_is_named(monkeypatch):
-    pytest.importorskip("triton")
-    monkeypatch.setenv("TRITON_INTERPRET", "1")  # lets 'triton' resolve on the CPU
+INTERPRETED = pytest.mark.skipif(torch.cuda.is_available(),
+                                 reason="the interpreter (tests/conftest.py) runs on CPU tensors; GPU: the gpu tests")
+
+
+@INTERPRETED
+def test_a_group_the_triton_kernels_cannot_tile_is_named():
     with pytest.raises(ConfigError, match=r"resolved to triton.*group size must be an integer <= 16"):
         Transformer(model_config("qwen3_nsa_tiny", n_layers=1, n_heads=34, n_kv_heads=2, nsa_backend="triton"))
+
+
+@INTERPRETED
+def test_the_triton_kernels_in_the_model_equal_the_torch_path_under_the_interpreter():
+    """Packed rows, then a prefill and decode steps over the cache (strided cache views, padding
+    slots), through kernels/nsa's Triton kernels in the interpreter: the torch path's logits."""
+    fast = tiny_model(n_layers=1, nsa_backend="triton")
+    slow = tiny_model(n_layers=1)
+    slow.load_state_dict(fast.state_dict())
+    lens = [20, 12]
+    ids = torch.randint(0, fast.cfg.vocab_size, (1, sum(lens)))
+    doc = torch.cat([torch.full((n,), i) for i, n in enumerate(lens)])[None]
+    pos = torch.cat([torch.arange(n) for n in lens])[None]
+    torch.testing.assert_close(fast(ids, positions=pos, doc_ids=doc).logits,
+                               slow(ids, positions=pos, doc_ids=doc).logits, atol=1e-5, rtol=1e-5)
+    cache = fast.make_cache(1, 40)
+    out = [fast(ids[:, :30], cache=cache).logits]
+    for t in (30, 31):
+        out.append(fast(ids[:, t:t + 1], positions=torch.full((1, 1), t), cache=cache).logits)
+    torch.testing.assert_close(torch.cat(out, 1), slow(ids).logits, atol=1e-5, rtol=1e-5)
