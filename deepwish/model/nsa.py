@@ -40,15 +40,17 @@ Choices and deviations from the paper (which leaves most of these open):
 - Gates: W_g is one [3H, d] linear map without bias (N(0, init_std) like other gates, so every gate
   starts near 0.5); model.nsa_gate=sum drops it and adds the three branches.
 - The query's own KV group shares one selection (the paper's GQA rule); the group size is any
-  divisor of n_heads on the torch path.
+  divisor of n_heads on the torch path, <= 16 (and head_dim <= 256) on the Triton path, checked
+  when the model is built.
 
 Decoding (NSACache): raw rotated K and V (selected and window branches) at their positions, the
 un-rotated keys the compression reads (one more [B, Hkv, L, D] buffer: the simplest exact source;
-a ring of l slots would do), and the compressed K / V with the row position of each block's end.
+a ring of l + speculation slack slots would do), and the compressed K / V with the row position of each block's end.
 A chunk (prefill, one decode token, a k+1 verification) writes its keys, compresses every block
 that ends inside it into slot (end − l + 1)/d (blocks that do not exist go to one trash slot whose
-end is never visible), then attends over the whole static cache. All shapes are fixed, nothing
-synchronises with the host, so a decode step is graph-capturable (decode_graph.py), and a slot is
+end is never visible), then attends over the whole static cache. All shapes are fixed and nothing
+here synchronises with the host, so with the Triton kernels a decode step is graph-capturable
+(decode_graph.py; the torch reference kernel reads max(q_pos) on the host), and a slot is
 a function of position, so rejected speculative tokens are simply rewritten later (speculative.py
 treats the cache as positional). The cache serves one document per row (no doc_ids).
 Cost note: the training path compresses only the T//d + 1 candidate block ends of a row; the
