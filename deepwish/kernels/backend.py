@@ -2,6 +2,8 @@
 first that can and says so in one line. Never a silent fallback."""
 from __future__ import annotations
 
+import importlib
+import os
 import sys
 from typing import Callable
 
@@ -35,3 +37,23 @@ def resolve_backend(op: str, requested: str, candidates: dict[str, Callable[[], 
             return name
         skipped.append(f"{name}: {why}")
     raise BackendError(f"{op}: no usable backend: {'; '.join(skipped)}")
+
+
+def triton_probe(module: str, device) -> Callable[[], str | None]:
+    """Probe for a Triton kernel module: usable on CUDA, or on CPU under TRITON_INTERPRET=1."""
+    def probe() -> str | None:
+        if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+            return "no CUDA device (TRITON_INTERPRET=1 runs it on CPU in the interpreter, slowly)"
+        try:
+            importlib.import_module(module)
+        except ImportError as e:
+            return f"the Triton kernel cannot be imported ({e})"
+        return None
+    return probe
+
+
+def resolve_triton_or_torch(op: str, module: str, requested: str, device, announce: bool = True) -> str:
+    """The common two-way choice: 'auto' -> 'triton' (kernel `module`) on CUDA, 'torch' elsewhere."""
+    order = ["triton", "torch"] if device.type == "cuda" else ["torch"]
+    return resolve_backend(op, requested, {"triton": triton_probe(module, device), "torch": lambda: None},
+                           order, announce=announce)

@@ -11,12 +11,11 @@ backward gives exactly the gradient of one big batch.
 """
 from __future__ import annotations
 
-import os
 
 import torch
 
 from deepwish.config import WINDOW_BLOCK
-from deepwish.kernels.backend import resolve_backend
+from deepwish.kernels.backend import resolve_triton_or_torch
 from deepwish.model.mtp import mtp_lambda_at
 from deepwish.model.objective import IGNORE_INDEX, Objective
 from deepwish.train.schedule import window_blocks_at
@@ -25,22 +24,9 @@ __all__ = ["IGNORE_INDEX", "count_targets", "eval_objective", "lm_loss", "resolv
            "step_objective"]
 
 
-def _triton_probe(device: torch.device):
-    def probe() -> str | None:
-        try:
-            import deepwish.kernels.linear_cross_entropy.triton  # noqa: F401
-        except ImportError as e:
-            return f"fused kernel unavailable ({e})"
-        if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
-            return "no CUDA device (TRITON_INTERPRET=1 runs it in the interpreter, slowly)"
-        return None
-    return probe
-
-
 def resolve_loss_backend(requested: str, device: torch.device) -> str:
     """'auto' -> 'triton' on CUDA, 'torch' otherwise; printed once by the caller's call."""
-    return resolve_backend("loss", requested, {"triton": _triton_probe(device), "torch": lambda: None},
-                           auto_order=["triton", "torch"] if device.type == "cuda" else ["torch"])
+    return resolve_triton_or_torch("loss", "deepwish.kernels.linear_cross_entropy.triton", requested, device)
 
 
 def count_targets(targets: torch.Tensor) -> int:

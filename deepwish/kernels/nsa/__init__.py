@@ -12,36 +12,20 @@ first use). `auto` is triton on CUDA, torch elsewhere; resolve once with `resolv
 and pass the resolved name on every call."""
 from __future__ import annotations
 
-import os
 
 import torch
 
-from deepwish.kernels.backend import resolve_backend
+from deepwish.kernels.backend import resolve_triton_or_torch
 from deepwish.kernels.nsa import reference
 from deepwish.kernels.nsa.reference import check_compressed, check_selected
 
 __all__ = ["reference", "resolve_nsa_backend", "nsa_compressed", "nsa_selected"]
 
 
-def _triton_probe(device: torch.device):
-    def probe():
-        if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
-            return "no CUDA device (TRITON_INTERPRET=1 runs it on CPU in the interpreter, slowly)"
-        try:
-            import deepwish.kernels.nsa.triton  # noqa: F401
-        except ImportError as e:
-            return f"the Triton kernel cannot be imported ({e})"
-        return None
-    return probe
-
-
 def resolve_nsa_backend(requested: str, device: torch.device | str, announce: bool = True) -> str:
     """'auto' -> 'triton' on CUDA, 'torch' elsewhere (printed when announce); a named backend
     that cannot run here raises BackendError."""
-    device = torch.device(device)
-    order = ["triton", "torch"] if device.type == "cuda" else ["torch"]
-    return resolve_backend("nsa", requested, {"triton": _triton_probe(device), "torch": lambda: None},
-                           order, announce=announce)
+    return resolve_triton_or_torch("nsa", "deepwish.kernels.nsa.triton", requested, torch.device(device), announce)
 
 
 def nsa_compressed(q: torch.Tensor, k_cmp: torch.Tensor, v_cmp: torch.Tensor, cmp_end: torch.Tensor, *,

@@ -12,36 +12,21 @@ imported on first use). `auto` is triton on CUDA, torch elsewhere. Resolve once 
 `resolve_sparse_mla_backend` and pass the resolved name on every call."""
 from __future__ import annotations
 
-import os
 
 import torch
 
-from deepwish.kernels.backend import BackendError, resolve_backend
+from deepwish.kernels.backend import BackendError, resolve_triton_or_torch
 from deepwish.kernels.sparse_mla import reference
 from deepwish.kernels.sparse_mla.reference import check_inputs
 
 __all__ = ["reference", "resolve_sparse_mla_backend", "sparse_mla"]
 
 
-def _triton_probe(device: torch.device):
-    def probe():
-        if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
-            return "no CUDA device (TRITON_INTERPRET=1 runs it on CPU in the interpreter, slowly)"
-        try:
-            import deepwish.kernels.sparse_mla.triton  # noqa: F401
-        except ImportError as e:
-            return f"the Triton kernel cannot be imported ({e})"
-        return None
-    return probe
-
-
 def resolve_sparse_mla_backend(requested: str, device: torch.device | str, announce: bool = True) -> str:
     """'auto' -> 'triton' on CUDA, 'torch' elsewhere (printed when announce); a named backend
     that cannot run here raises BackendError."""
-    device = torch.device(device)
-    order = ["triton", "torch"] if device.type == "cuda" else ["torch"]
-    return resolve_backend("sparse_mla", requested, {"triton": _triton_probe(device), "torch": lambda: None},
-                           order, announce=announce)
+    return resolve_triton_or_torch("sparse_mla", "deepwish.kernels.sparse_mla.triton", requested,
+                                   torch.device(device), announce)
 
 
 def sparse_mla(q: torch.Tensor, kv: torch.Tensor, indices: torch.Tensor, *, dv: int = 512,
