@@ -22,15 +22,15 @@ Before timing, every path is checked against the fp32 reference (relative RMS).
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
-import subprocess
 import sys
 import traceback
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+
+from deepwish.bench.env import kernel_bench_environment
 
 DENSE_MASK_MAX = 1 << 30  # elements of the [B, 1, T, T] mask SDPA is given (1 GiB as bool)
 TOKENS = 16384  # tokens per step for T <= 16k (B = TOKENS // T)
@@ -360,14 +360,7 @@ def plot(train: list[dict], decode: list[dict], path: str) -> None:
 
 
 def environment(device) -> dict:
-    import triton
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-    except OSError:
-        commit = ""
-    return dict(device=torch.cuda.get_device_name(device), torch=torch.__version__, triton=triton.__version__,
-                date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-                command="deepwish bench attention " + " ".join(sys.argv[1:]), commit=commit)
+    return kernel_bench_environment(device, "deepwish bench attention")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -49,15 +49,14 @@ importable (the whole-layer bench reuses make_inputs, branch_times, decode_times
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
-import subprocess
 import sys
 import traceback
 from pathlib import Path
 
 import torch
 
+from deepwish.bench.env import kernel_bench_environment
 from deepwish.bench.sparse_mla import graph_ms, rel_rms, time_ms
 
 B, H, HKV, D = 1, 64, 4, 128
@@ -281,16 +280,9 @@ def plot(train: list[dict], decode: list[dict], path: Path) -> None:
 
 
 def environment(device) -> dict:
-    import triton
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-    except OSError:
-        commit = ""
     fla = fla_nsa()
-    return dict(device=torch.cuda.get_device_name(device), torch=torch.__version__, triton=triton.__version__,
+    return dict(kernel_bench_environment(device, "python -m deepwish.bench.nsa_kernels"),
                 fla=fla if isinstance(fla, str) else "importable",
-                date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-                command="python -m deepwish.bench.nsa_kernels " + " ".join(sys.argv[1:]), commit=commit,
                 shape=dict(B=B, H=H, Hkv=HKV, D=D, cmp_len=CMP_LEN, cmp_stride=CMP_STRIDE, select_len=SELECT_LEN,
                            n_select=N_SELECT, n_init=N_INIT, n_local=N_LOCAL, dtype="bfloat16"))
 

@@ -29,7 +29,6 @@ DIR/sparse_mla.png.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import subprocess
 import sys
@@ -38,6 +37,8 @@ import traceback
 from pathlib import Path
 
 import torch
+
+from deepwish.bench.env import kernel_bench_environment
 
 H, DQK, DV, TOPK = 64, 576, 512, 2048
 BWD_FACTOR = 2.5
@@ -451,14 +452,7 @@ def plot(kernel: list[dict], decode: list[dict], path: Path) -> None:
 
 
 def environment(device) -> dict:
-    import triton
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-    except OSError:
-        commit = ""
-    return dict(device=torch.cuda.get_device_name(device), torch=torch.__version__, triton=triton.__version__,
-                date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-                command="deepwish bench dsa " + " ".join(sys.argv[1:]), commit=commit)
+    return kernel_bench_environment(device, "deepwish bench dsa")
 
 
 def run(device, out: Path, parts: list[str], quick: bool = False, sweep_first: bool = False,
