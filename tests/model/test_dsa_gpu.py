@@ -35,7 +35,8 @@ def test_row_block_topk_equals_dense_at_real_size(cuda, scorer):
         ref = select_topk_latest(scores, visible, K)
         mask = torch.zeros(1, 512, T + 1, dtype=torch.bool, device=cuda)
         mask.scatter_(-1, torch.where(got[:, rows] >= 0, got[:, rows].long(), T), True)
-        assert torch.equal(mask.sum(-1), ref.sum(-1))
+        # column T collects every -1 (a row with fewer than K visible keys): count real slots only
+        assert torch.equal(mask[..., :T].sum(-1), ref.sum(-1))
         # cuBLAS may round a [C, t1] block's dot products apart from the [512, T] slice's by an ulp, and
         # the Triton scorer sums in its own order: a differing key must sit at the k-th score
         kth = scores.masked_fill(~visible, float("-inf")).topk(min(K, T), dim=-1).values[..., -1:]
@@ -55,22 +56,29 @@ def pair(cuda, *extra):
 
 
 def test_fast_training_step_equals_dense_in_bf16(cuda, rel_err):
+    """bf16 noise measured, not guessed: the dense reference in fp32 is the truth; the fast path
+    under bf16 autocast may stray from it at most a little more than the dense path under the
+    same autocast does."""
     rc, fast, dense = pair(cuda)
     g = torch.Generator(device=cuda).manual_seed(1)
     x = torch.randint(0, rc.model.vocab_size, (2, 256), device=cuda, generator=g)
     t = torch.randint(0, rc.model.vocab_size, (2, 256), device=cuda, generator=g)
     obj = Objective(indexer_mode="sparse", indexer_weight=1.0)
-    res = []
-    for m in (dense, fast):
-        with torch.autocast("cuda", dtype=torch.bfloat16):
+
+    def run(m, bf16):
+        m.zero_grad(set_to_none=True)
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=bf16):
             out = m(x, targets=t, objective=obj)
         out.loss.backward()
-        res.append((out, {n: p.grad.float() for n, p in m.named_parameters() if p.grad is not None}))
-    (ref, ref_g), (got, got_g) = res
-    assert got.loss.item() == pytest.approx(ref.loss.item(), rel=1e-2)
-    assert got.aux_losses["indexer"].item() == pytest.approx(ref.aux_losses["indexer"].item(), rel=5e-2, abs=1e-4)
-    for n in ref_g:
-        assert rel_err(ref_g[n], got_g[n]) < 5e-2, n
+        return out, {n: p.grad.float().clone() for n, p in m.named_parameters() if p.grad is not None}
+
+    (truth, truth_g), (ref, ref_g), (got, got_g) = run(dense, False), run(dense, True), run(fast, True)
+    assert got.loss.item() == pytest.approx(truth.loss.item(), rel=1e-2)
+    assert got.aux_losses["indexer"].item() == pytest.approx(truth.aux_losses["indexer"].item(), rel=5e-2, abs=1e-4)
+    assert set(got_g) == set(truth_g)
+    for n in truth_g:
+        noise = rel_err(truth_g[n], ref_g[n])
+        assert rel_err(truth_g[n], got_g[n]) < 1.5 * noise + 1e-3, (n, noise)
 
 
 def test_fast_decode_captures_and_equals_forward(cuda, rel_err):
