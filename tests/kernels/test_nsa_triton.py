@@ -114,6 +114,22 @@ def test_compressed_and_selected_match_reference(rel_err, B, lengths, T, H, Hkv,
     assert max(errs) < TOL[dtype], dict(zip(("o_slc", "dq", "dk", "dv"), errs))
 
 
+@pytest.mark.parametrize("n,lengths", [(16, [36]), (5, [20, 16])], ids=["n16-one-doc", "n5-docs"])
+def test_selection_merges_several_scoring_tiles(rel_err, n, lengths):
+    """36 selection blocks of one token (more than two scoring tiles of 16): the running top list
+    is merged tile after tile and still equals the reference's top-n (fp32: exact)."""
+    torch.manual_seed(8)
+    S, H, Hkv, D = sum(lengths), 2, 1, 16
+    q = torch.randn(1, S, H, D)
+    ends = block_ends([lengths], 2, 1, pad=1)
+    kc, vc = torch.randn(1, ends.shape[1], Hkv, D), torch.randn(1, ends.shape[1], Hkv, D)
+    kw = dict(q_pos=torch.arange(S)[None], doc_ids=doc_ids_of([lengths]), cmp_len=2, select_len=1, n_select=n,
+              n_init=1, n_local=2)
+    o_want, sel_want = ref.nsa_compressed(q, kc, vc, ends, **kw)
+    o_got, sel_got = tri.nsa_compressed(q, kc, vc, ends, **kw)
+    assert torch.equal(sel_got, sel_want) and rel_err(o_want, o_got) < 1e-5
+
+
 def test_strided_inputs_and_unsorted_cmp_end(rel_err):
     """k/v as transposes of a [B, Hkv, L, D] cache, and compressed tokens in a shuffled order with
     padding in the middle: the kernels read strides and search exact ranges."""

@@ -16,23 +16,30 @@ Compressed branch (one kernel for the forward, `_cmp_fwd_kernel`):
   never visit it.
 - Pass 2 (the selection) recomputes the probabilities with the saved lse, never storing the
   [T, N] matrix: it walks the selection blocks the tile can select in tiles of BJ = 16 blocks; for
-  each, the compressed tokens overlapping those blocks (again by binary search), p = exp2(s - lse)
-  summed over the G heads of each query (a reshape and sum: exact fp32), and mapped onto the
-  blocks by an fp32 product with the 0/1 overlap matrix [BN, BJ] built from cmp_end (a dot when
-  the tile has >= 16 queries, a broadcast sum otherwise; both exact fp32). Forced blocks
-  get +inf, ineligible ones -inf, and each query keeps a running top-n in registers: blocks
-  arrive in increasing order, so a newcomer replaces the minimum slot (lowest score, then
-  earliest block) iff its score is >= that minimum: exactly the reference's order (score, then
-  later block). The slots are sorted (descending block index) and stored as sel_idx.
+  each, the compressed tokens overlapping those blocks (again by binary search; BNS per step),
+  p = exp2(s - lse) summed over the G heads of each query (a reshape and sum: exact fp32), and
+  mapped onto the blocks by an fp32 product with the 0/1 overlap matrix [BNS, BJ] built from
+  cmp_end (a dot when the tile has >= 16 queries, a broadcast sum otherwise; both exact fp32).
+  Forced blocks get +inf, ineligible ones -inf. Each (score, block) becomes one int64 key whose
+  integer order is the selection's total order (score, then the later block): the fp32 bits of a
+  score >= 0 order as integers, so key = bits << 32 | block. Each query keeps its running top BJ
+  keys in registers; a tile of BJ new keys is merged by one bitonic sort of the 2·BJ candidates
+  (15 compare-exchange stages for BJ 16) instead of inserting block by block (BJ serial steps of
+  three cross-warp reductions each). The first n keys give sel_idx (descending block index).
 - Decoding (T <= DECODE_MAX_T queries per row): a (query tile, KV head) pair alone would walk a
   long context serially, so both passes are split over NSPLIT programs (`_cmp_split_attend_kernel`
   over the compressed tokens, `_cmp_split_select_kernel` over the selectable blocks, each with its
   own running top-n), and torch merges the partial softmax states and the partial top-n lists
   (sorted by block, then stably by score: the same total order). Fixed shapes, no host sync.
 - Backward: delta = rowsum(dO·O) (kernels/attention's kernel), dQ per query tile over the same
-  compressed range, dK/dV per compressed tile over the query tiles that can see it (binary
-  search in the prefix max of q_pos and the suffix min of the queries' document starts). No
-  atomics; the selection has no gradient (sel_idx is discrete).
+  compressed range, dK/dV per (compressed tile, chunk of queries) over the query tiles of the
+  chunk that can see it (binary search in the prefix max of q_pos and the suffix min of the
+  queries' document starts). A compressed tile is seen by every later query, so one program per
+  tile would walk up to T / BT query tiles alone on a grid of only N / BN · Hkv programs (32 at
+  T 8k, most SMs idle); the chunks (at least Q_CHUNK queries, at most MAX_CHUNKS of them) give
+  the grid N / BN · Hkv · chunks programs, whose partial dK/dV are added to fp32 buffers by
+  atomic add (one per element per program; one chunk stores directly). The selection has no
+  gradient (sel_idx is discrete).
 
 Selected branch:
 - Forward (`_slc_fwd_kernel`): a program owns one query and one KV group; its rows are the G
@@ -83,15 +90,15 @@ _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 # columns per dK/dV step, CH queries per work item. The 16-bit rows are first choices for an
 # H200 at D 128 (the register budget of kernels/attention's 128-row tiles); not swept yet.
 TILES = {
-    ("cmp_fwd", "16bit"): dict(BM=128, BN=64, BJ=16, num_warps=8, num_stages=2),
+    ("cmp_fwd", "16bit"): dict(BM=128, BN=64, BNS=32, BJ=16, num_warps=8, num_stages=2),
     ("cmp_dq", "16bit"): dict(BM=128, BN=64, num_warps=8, num_stages=2),
-    ("cmp_dkdv", "16bit"): dict(BM=128, BN=64, num_warps=8, num_stages=2),
+    ("cmp_dkdv", "16bit"): dict(BM=128, BN=64, Q_CHUNK=512, MAX_CHUNKS=16, num_warps=8, num_stages=2),
     ("slc_fwd", "16bit"): dict(num_warps=4, num_stages=2),
     ("slc_dq", "16bit"): dict(num_warps=4, num_stages=2),
     ("slc_dkdv", "16bit"): dict(ROWS=128, CH=1024, num_warps=8, num_stages=2),
-    ("cmp_fwd", "fp32"): dict(BM=64, BN=32, BJ=16, num_warps=8, num_stages=1),
+    ("cmp_fwd", "fp32"): dict(BM=64, BN=32, BNS=32, BJ=16, num_warps=8, num_stages=1),
     ("cmp_dq", "fp32"): dict(BM=64, BN=32, num_warps=8, num_stages=1),
-    ("cmp_dkdv", "fp32"): dict(BM=64, BN=32, num_warps=8, num_stages=1),
+    ("cmp_dkdv", "fp32"): dict(BM=64, BN=32, Q_CHUNK=512, MAX_CHUNKS=16, num_warps=8, num_stages=1),
     ("slc_fwd", "fp32"): dict(num_warps=4, num_stages=1),
     ("slc_dq", "fp32"): dict(num_warps=4, num_stages=1),
     ("slc_dkdv", "fp32"): dict(ROWS=64, CH=1024, num_warps=8, num_stages=1),
@@ -104,9 +111,9 @@ MAX_SPLITS = 64
 # the interpreter: small tiles, so a test of a few dozen tokens crosses several of each (and
 # G = 16 takes the broadcast mapping of the scores, G <= 4 the dot)
 INTERPRET_TILES = {
-    "cmp_fwd": dict(BM=64, BN=16, BJ=16, num_warps=1, num_stages=1),
+    "cmp_fwd": dict(BM=64, BN=16, BNS=16, BJ=16, num_warps=1, num_stages=1),
     "cmp_dq": dict(BM=64, BN=16, num_warps=1, num_stages=1),
-    "cmp_dkdv": dict(BM=32, BN=16, num_warps=1, num_stages=1),
+    "cmp_dkdv": dict(BM=32, BN=16, Q_CHUNK=8, MAX_CHUNKS=3, num_warps=1, num_stages=1),
     "slc_fwd": dict(num_warps=1, num_stages=1),
     "slc_dq": dict(num_warps=1, num_stages=1),
     "slc_dkdv": dict(ROWS=16, CH=3, num_warps=1, num_stages=1),
@@ -206,12 +213,12 @@ def _tile_blocks(QPOS, QDS, qbase, m0, T, SEL_LEN, BT: tl.constexpr):
 
 
 @triton.jit
-def _cmp_select(best_s, best_i, q, lse, KC, END, CMAX, CMIN, cbase, k_base, sk_n, N, p_row, ds_row, c_lo, c_hi,
+def _cmp_select(key, q, lse, KC, END, CMAX, CMIN, cbase, k_base, sk_n, N, p_row, ds_row, c_lo, c_hi,
                 tok_ok, sb, qb, j_a, j_b, qk_scale, dk, DQK, CMP_LEN, SEL_LEN, N_INIT, N_LOCAL,
                 BT: tl.constexpr, GP: tl.constexpr, BN: tl.constexpr, BJ: tl.constexpr, PREC: tl.constexpr):
     """Pass 2 over selection blocks [j_a, j_b): each query's block importance (the group-summed
     probabilities exp2(s - lse) of the compressed tokens overlapping each block), +inf forced,
-    -inf ineligible, merged into its running top-n (best_s, best_i) [BT, NP]."""
+    -inf ineligible, merged into its running top-BJ `key` [BT, BJ] (`_block_key`, descending)."""
     MAP_DOT: tl.constexpr = BT >= 16
     jj = tl.arange(0, BJ)
     for j0 in range(j_a, j_b, BJ):
@@ -239,28 +246,51 @@ def _cmp_select(best_s, best_i, q, lse, KC, END, CMAX, CMIN, cbase, k_base, sk_n
                 score += tl.sum(pg[:, :, None] * ov[None, :, :], 1)
         elig = (j[None, :] >= sb[:, None]) & (j[None, :] <= qb[:, None]) & (j[None, :] < j_b) & tok_ok[:, None]
         forced = elig & ((j[None, :] < sb[:, None] + N_INIT) | (j[None, :] > qb[:, None] - N_LOCAL))
-        score = tl.where(forced, float("inf"), tl.where(elig, score, float("-inf")))
-        for x in range(0, BJ):
-            s_j = tl.sum(tl.where(jj[None, :] == x, score, 0.0), 1)       # [BT]
-            m = tl.min(best_s, 1)
-            at_min = best_s == m[:, None]
-            i_min = tl.min(tl.where(at_min, best_i, 2147483647), 1)
-            victim = at_min & (best_i == i_min[:, None])
-            take = (s_j >= m) & (s_j > float("-inf"))
-            best_s = tl.where(victim & take[:, None], s_j[:, None], best_s)
-            best_i = tl.where(victim & take[:, None], j0 + x, best_i)
-    return best_s, best_i
+        score = tl.where(forced, float("inf"), score)
+        key = _merge_top(key, _block_key(score, j[None, :] + tl.zeros([BT, BJ], dtype=tl.int32), elig), BT, BJ)
+    return key
 
 
 @triton.jit
-def _topn_init(N_SELECT, BT: tl.constexpr, NP: tl.constexpr):
-    """Empty running top-n: live slots (-inf, distinct negative indices); slots beyond n_select
-    (+inf, a huge index), never the minimum since at most n_init + n_local <= n scores are +inf."""
-    slot = tl.arange(0, NP)
-    live = slot < N_SELECT
-    best_s = tl.where(live, float("-inf"), float("inf"))[None, :] + tl.zeros([BT, NP], dtype=tl.float32)
-    best_i = tl.where(live, -1 - slot, 2147483647)[None, :] + tl.zeros([BT, NP], dtype=tl.int32)
-    return best_s, best_i, slot, live
+def _block_key(score, j, ok):
+    """int64 keys whose integer order is the selection's total order, (score, then later block):
+    the fp32 bits of a score >= 0 (+inf included) order as integers, so (bits << 32) | j; a block
+    that is not eligible gets -1 (below every real key)."""
+    bits = tl.cast(score, tl.int32, bitcast=True) & 0x7FFFFFFF                 # -0.0 -> +0.0
+    return tl.where(ok, (tl.cast(bits, tl.int64) << 32) | tl.cast(j, tl.int64), -1)
+
+
+@triton.jit
+def _merge_top(key, new, BT: tl.constexpr, BJ: tl.constexpr):
+    """The top BJ of key [BT, BJ] and new [BT, BJ] per row, in descending order: one bitonic sort
+    of the 2·BJ candidates (no per-block insertion loop)."""
+    both = tl.sort(tl.reshape(tl.join(key, new), [BT, 2 * BJ]), dim=1, descending=True)
+    hi, lo = tl.split(tl.permute(tl.reshape(both, [BT, 2, BJ]), (0, 2, 1)))
+    return hi
+
+
+@triton.jit
+def _key_block(key):
+    """Block index of a key, -1 for an empty or ineligible slot."""
+    return tl.where(key >= 0, tl.cast(key & 0xFFFFFFFF, tl.int32), -1)
+
+
+@triton.jit
+def _key_score(key):
+    """Score of a key (-inf for an empty or ineligible slot)."""
+    bits = tl.cast(tl.cast(key >> 32, tl.int32), tl.float32, bitcast=True)
+    return tl.where(key >= 0, bits, float("-inf"))
+
+
+@triton.jit
+def _first_slots(x, BT: tl.constexpr, BJ: tl.constexpr, NP: tl.constexpr):
+    """x[:, :NP] of x [BT, BJ] (NP <= BJ, powers of two)."""
+    if NP == BJ:
+        return x
+    else:
+        part = tl.reshape(x, [BT, BJ // NP, NP])
+        first = (tl.arange(0, BJ // NP) == 0)[None, :, None]
+        return tl.sum(tl.where(first, part, 0), 1)
 
 
 @triton.jit
@@ -268,8 +298,8 @@ def _cmp_fwd_kernel(Q, KC, VC, END, CMAX, CMIN, QPOS, QDS, O, LSE, SEL,
                     sq_b, sq_t, sq_h, sk_b, sk_n, sk_h, sv_b, sv_n, sv_h, so_b, so_t, so_h,
                     T, N, H, HKV, G, DQK, DV, scale, CMP_LEN, SEL_LEN, N_SELECT, N_INIT, N_LOCAL,
                     BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr, GP: tl.constexpr, BM: tl.constexpr,
-                    BN: tl.constexpr, BJ: tl.constexpr, NP: tl.constexpr, SELECT: tl.constexpr,
-                    PREC: tl.constexpr):
+                    BN: tl.constexpr, BNS: tl.constexpr, BJ: tl.constexpr, NP: tl.constexpr,
+                    SELECT: tl.constexpr, PREC: tl.constexpr):
     """Training / prefill: pass 1 and pass 2 in one program per (query tile, KV head)."""
     BT: tl.constexpr = BM // GP
     qk_scale = scale * 1.4426950408889634
@@ -304,11 +334,13 @@ def _cmp_fwd_kernel(Q, KC, VC, END, CMAX, CMIN, QPOS, QDS, O, LSE, SEL,
     tl.store(LSE + (b * T + t64) * H + h64, lse, mask=row_ok)
     if SELECT:
         tok_ok, sb, qb, j_lo, j_hi = _tile_blocks(QPOS, QDS, b * T, m0, T, SEL_LEN, BT)
-        best_s, best_i, slot, live = _topn_init(N_SELECT, BT, NP)
-        best_s, best_i = _cmp_select(best_s, best_i, q, lse, KC, END, CMAX, CMIN, cbase, k_base, sk_n, N, p_row,
-                                     ds_row, c_lo, c_hi, tok_ok, sb, qb, j_lo, j_hi, qk_scale, dk, DQK, CMP_LEN,
-                                     SEL_LEN, N_INIT, N_LOCAL, BT, GP, BN, BJ, PREC)
-        best_i = tl.where(live[None, :], tl.maximum(best_i, -1), -2)   # empty slots -1; surplus -2, sorted last
+        key = tl.full([BT, BJ], -1, dtype=tl.int64)
+        key = _cmp_select(key, q, lse, KC, END, CMAX, CMIN, cbase, k_base, sk_n, N, p_row, ds_row, c_lo, c_hi,
+                          tok_ok, sb, qb, j_lo, j_hi, qk_scale, dk, DQK, CMP_LEN, SEL_LEN, N_INIT, N_LOCAL,
+                          BT, GP, BNS, BJ, PREC)
+        slot = tl.arange(0, NP)
+        live = slot < N_SELECT
+        best_i = tl.where(live[None, :], _key_block(_first_slots(key, BT, BJ, NP)), -2)  # surplus -2, sorted last
         best_i = tl.sort(best_i, dim=1, descending=True)
         tt64 = tl.cast(m0 + tl.arange(0, BT), tl.int64)
         tl.store(SEL + ((b * T + tt64[:, None]) * HKV + hkv) * N_SELECT + slot[None, :], best_i,
@@ -392,16 +424,17 @@ def _cmp_split_select_kernel(Q, KC, END, CMAX, CMIN, QPOS, QDS, LSE, S_PART, I_P
     c_lo, c_hi = _cmp_range(CMAX, CMIN, cbase, N, p_row, ds_row, row_ok)
     tok_ok, sb, qb, j_lo, j_hi = _tile_blocks(QPOS, QDS, b * T, m0, T, SEL_LEN, BT)
     j_a, j_b = _split_range(j_lo, j_hi, split, NSPLIT)
-    best_s, best_i, slot, live = _topn_init(N_SELECT, BT, NP)
-    best_s, best_i = _cmp_select(best_s, best_i, q, lse, KC, END, CMAX, CMIN, cbase,
-                                 b * sk_b + tl.cast(hkv, tl.int64) * sk_h, sk_n, N, p_row, ds_row, c_lo, c_hi,
-                                 tok_ok, sb, qb, j_a, j_b, qk_scale, dk, DQK, CMP_LEN, SEL_LEN, N_INIT, N_LOCAL,
-                                 BT, GP, BN, BJ, PREC)
-    keep = live[None, :] & (best_i >= 0)
+    key = tl.full([BT, BJ], -1, dtype=tl.int64)
+    key = _cmp_select(key, q, lse, KC, END, CMAX, CMIN, cbase, b * sk_b + tl.cast(hkv, tl.int64) * sk_h, sk_n, N,
+                      p_row, ds_row, c_lo, c_hi, tok_ok, sb, qb, j_a, j_b, qk_scale, dk, DQK, CMP_LEN, SEL_LEN,
+                      N_INIT, N_LOCAL, BT, GP, BN, BJ, PREC)
+    key = _first_slots(key, BT, BJ, NP)
+    slot = tl.arange(0, NP)
+    keep = (slot < N_SELECT)[None, :] & (key >= 0)
     tt64 = tl.cast(m0 + tl.arange(0, BT), tl.int64)
     at = (((split * (tl.num_programs(1) // HKV) + b) * T + tt64[:, None]) * HKV + hkv) * NP + slot[None, :]
-    tl.store(S_PART + at, tl.where(keep, best_s, float("-inf")), mask=tok_ok[:, None])
-    tl.store(I_PART + at, tl.where(keep, best_i, -1), mask=tok_ok[:, None])
+    tl.store(S_PART + at, tl.where(keep, _key_score(key), float("-inf")), mask=tok_ok[:, None])
+    tl.store(I_PART + at, tl.where(keep, _key_block(key), -1), mask=tok_ok[:, None])
 
 
 @triton.jit
@@ -455,14 +488,17 @@ def _cmp_dq_kernel(Q, KC, VC, DO, LSE, DELTA, END, CMAX, CMIN, QPOS, QDS, DQO,
 def _cmp_dkdv_kernel(Q, KC, VC, DO, LSE, DELTA, END, QPOS, QDS, QPMAX, QDSMIN, DKO, DVO,
                      sq_b, sq_t, sq_h, sk_b, sk_n, sk_h, sv_b, sv_n, sv_h, sdo_b, sdo_t, sdo_h,
                      sdk_b, sdk_n, sdk_h, sdv_b, sdv_n, sdv_h,
-                     T, N, H, HKV, G, DQK, DV, scale,
+                     T, N, H, HKV, G, DQK, DV, scale, Q_CHUNK,
                      BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr, GP: tl.constexpr, BM: tl.constexpr,
-                     BN: tl.constexpr, PREC: tl.constexpr):
-    """Compressed tokens are rows here: sᵀ [BN, BM] = k · qᵀ (as kernels/attention's dK/dV)."""
+                     BN: tl.constexpr, ATOMIC: tl.constexpr, PREC: tl.constexpr):
+    """Compressed tokens are rows here: sᵀ [BN, BM] = k · qᵀ (as kernels/attention's dK/dV).
+    Program (tile, KV head, chunk) walks the queries of [chunk·Q_CHUNK, (chunk+1)·Q_CHUNK) that may
+    see the tile; with several chunks (ATOMIC) the partial dK/dV go to fp32 buffers by atomic add."""
     BT: tl.constexpr = BM // GP
     qk_scale = scale * 1.4426950408889634
     n0 = tl.program_id(0) * BN
     bh = tl.program_id(1)
+    q_a = tl.program_id(2) * Q_CHUNK
     b = tl.cast(bh // HKV, tl.int64)
     hkv = bh % HKV
     hkv64 = tl.cast(hkv, tl.int64)
@@ -480,8 +516,8 @@ def _cmp_dkdv_kernel(Q, KC, VC, DO, LSE, DELTA, END, QPOS, QDS, QPMAX, QDSMIN, D
     real = c_ok & (end < 2147483647)
     e_min = tl.min(tl.where(real, end, 2147483647))
     e_max = tl.max(tl.where(real, end, -1))
-    t_lo = _first_ge(QPMAX, b * T, T, e_min)
-    t_hi = _first_ge(QDSMIN, b * T, T, e_max + 1)
+    t_lo = tl.maximum(_first_ge(QPMAX, b * T, T, e_min), q_a)
+    t_hi = tl.minimum(_first_ge(QDSMIN, b * T, T, e_max + 1), q_a + Q_CHUNK)
     dk_acc = tl.zeros([BN, BLOCK_DK], dtype=tl.float32)
     dv_acc = tl.zeros([BN, BLOCK_DV], dtype=tl.float32)
     for m0 in range(t_lo, t_hi, BT):
@@ -503,10 +539,15 @@ def _cmp_dkdv_kernel(Q, KC, VC, DO, LSE, DELTA, END, QPOS, QDS, QPMAX, QDSMIN, D
         dp_t = tl.dot(v, tl.trans(do), input_precision=PREC)
         ds_t = p_t * (dp_t - delta[None, :])
         dk_acc = tl.dot(ds_t.to(q_t.dtype), tl.trans(q_t), dk_acc, input_precision=PREC)
-    tl.store(DKO + b * sdk_b + hkv64 * sdk_h + c64[:, None] * sdk_n + dk[None, :],
-             (dk_acc * scale).to(DKO.dtype.element_ty), mask=c_ok[:, None] & (dk < DQK)[None, :])
-    tl.store(DVO + b * sdv_b + hkv64 * sdv_h + c64[:, None] * sdv_n + dv[None, :],
-             dv_acc.to(DVO.dtype.element_ty), mask=c_ok[:, None] & (dv < DV)[None, :])
+    dk_ptr = DKO + b * sdk_b + hkv64 * sdk_h + c64[:, None] * sdk_n + dk[None, :]
+    dv_ptr = DVO + b * sdv_b + hkv64 * sdv_h + c64[:, None] * sdv_n + dv[None, :]
+    if ATOMIC:
+        if t_lo < t_hi:  # a chunk that sees none of the tile adds nothing
+            tl.atomic_add(dk_ptr, dk_acc * scale, mask=c_ok[:, None] & (dk < DQK)[None, :], sem="relaxed")
+            tl.atomic_add(dv_ptr, dv_acc, mask=c_ok[:, None] & (dv < DV)[None, :], sem="relaxed")
+    else:
+        tl.store(dk_ptr, (dk_acc * scale).to(DKO.dtype.element_ty), mask=c_ok[:, None] & (dk < DQK)[None, :])
+        tl.store(dv_ptr, dv_acc.to(DVO.dtype.element_ty), mask=c_ok[:, None] & (dv < DV)[None, :])
 
 
 # ---- selected branch ----------------------------------------------------------------------------
@@ -733,12 +774,14 @@ def compressed_forward(q, k_cmp, v_cmp, end, qpos, qds, scale, cmp_len, select_l
     o = torch.empty(B, T, H, v_cmp.shape[-1], dtype=q.dtype, device=q.device)
     lse = torch.empty(B, T, H, dtype=torch.float32, device=q.device)
     sel = torch.empty(B, T, Hkv, n_select, dtype=torch.int32, device=q.device)
+    NP = triton.next_power_of_2(n_select)
+    cfg["BJ"] = max(cfg["BJ"], NP)   # the running top list is one scoring tile wide
     grid = (triton.cdiv(T, cfg["BM"] // GP), B * Hkv)
     _cmp_fwd_kernel[grid](q, k_cmp, v_cmp, end, _prefix_max(end), _suffix_min(end), qpos, qds, o, lse, sel,
                           *q.stride()[:3], *k_cmp.stride()[:3], *v_cmp.stride()[:3], *o.stride()[:3],
                           T, N, H, Hkv, G, scale=scale, CMP_LEN=cmp_len, SEL_LEN=select_len, N_SELECT=n_select,
                           N_INIT=n_init, N_LOCAL=n_local, GP=GP,
-                          NP=triton.next_power_of_2(n_select), SELECT=select, **_dims(q, v_cmp), **cfg)
+                          NP=NP, SELECT=select, **_dims(q, v_cmp), **cfg)
     return o, lse, (sel if select else None)
 
 
@@ -802,6 +845,7 @@ def compressed_forward_split(q, k_cmp, v_cmp, end, qpos, qds, scale, cmp_len, se
     if not select:
         return o, lse, None
     NP = triton.next_power_of_2(n_select)
+    BJ = max(BJ, NP)
     s_part = torch.empty(NS, B, T, Hkv, NP, dtype=torch.float32, device=q.device)
     i_part = torch.empty(NS, B, T, Hkv, NP, dtype=torch.int32, device=q.device)
     del dims["BLOCK_DV"], dims["DV"]
@@ -825,14 +869,29 @@ def compressed_backward(q, k_cmp, v_cmp, o, lse, do, end, qpos, qds, scale):
         q, k_cmp, v_cmp, do, lse, delta, end, _prefix_max(end), _suffix_min(end), qpos, qds, dq,
         *q.stride()[:3], *k_cmp.stride()[:3], *v_cmp.stride()[:3], *do.stride()[:3], *dq.stride()[:3],
         T, N, H, Hkv, G, scale=scale, GP=GP, **dims, **cfg)
-    dkc = torch.empty(k_cmp.shape, dtype=k_cmp.dtype, device=q.device)
-    dvc = torch.empty(v_cmp.shape, dtype=v_cmp.dtype, device=q.device)
     cfg = tile_config("cmp_dkdv", q.dtype, G)
-    _cmp_dkdv_kernel[(triton.cdiv(N, cfg["BN"]), B * Hkv)](
+    n_chunks, q_chunk = _query_chunks(T, cfg.pop("Q_CHUNK"), cfg.pop("MAX_CHUNKS"), cfg["BM"] // GP)
+    atomic = n_chunks > 1
+    # several query chunks per tile: fp32 buffers summed by atomic add, cast once at the end
+    buf = dict(dtype=torch.float32) if atomic else dict(dtype=k_cmp.dtype)
+    dkc = (torch.zeros if atomic else torch.empty)(k_cmp.shape, device=q.device, **buf)
+    dvc = (torch.zeros if atomic else torch.empty)(v_cmp.shape, device=q.device, **buf)
+    _cmp_dkdv_kernel[(triton.cdiv(N, cfg["BN"]), B * Hkv, n_chunks)](
         q, k_cmp, v_cmp, do, lse, delta, end, qpos, qds, _prefix_max(qpos), _suffix_min(qds), dkc, dvc,
         *q.stride()[:3], *k_cmp.stride()[:3], *v_cmp.stride()[:3], *do.stride()[:3], *dkc.stride()[:3],
-        *dvc.stride()[:3], T, N, H, Hkv, G, scale=scale, GP=GP, **dims, **cfg)
+        *dvc.stride()[:3], T, N, H, Hkv, G, scale=scale, Q_CHUNK=q_chunk, GP=GP, ATOMIC=atomic, **dims, **cfg)
+    if atomic:
+        dkc, dvc = dkc.to(k_cmp.dtype), dvc.to(v_cmp.dtype)
     return dq, dkc, dvc
+
+
+def _query_chunks(T: int, q_chunk: int, max_chunks: int, bt: int) -> tuple[int, int]:
+    """(number of chunks, queries per chunk, a multiple of the tile's bt queries) of the dK/dV
+    kernel's query axis: chunks of at least q_chunk queries, at most max_chunks of them (more
+    chunks: more programs for few compressed tiles, but more atomic adds)."""
+    n = max(1, min(max_chunks, triton.cdiv(T, q_chunk)))
+    size = triton.cdiv(triton.cdiv(T, n), bt) * bt
+    return triton.cdiv(T, size), size
 
 
 def _slc_meta(q, k, v, select_len):
