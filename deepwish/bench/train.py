@@ -154,11 +154,13 @@ def build_deepwish(preset: str, batch: int, seq: int, variant: str):
 
 def packed_batches(batch: int, seq: int, device, count: int = 8) -> list[tuple]:
     """The first `count` batches `deepwish train` would draw from the embedded corpus (default
-    shards and tokenizer, PackedLoader with seed 0): ids, targets, doc ids, positions on device."""
+    shards and tokenizer, PackedLoader with seed 0), moved to the device as the trainer moves them
+    (`to_device`: doc ids dropped from batches whose rows each hold one document)."""
     from deepwish.data import PackedLoader, ensure_default_data
+    from deepwish.train.loop import to_device
     train_bin, _, _ = ensure_default_data()
     it = iter(PackedLoader(train_bin, seq, batch, seed=0))
-    return [tuple(t.to(device) for t in next(it)) for _ in range(count)]
+    return [to_device(next(it), device) for _ in range(count)]
 
 
 def hf_config(model_cfg):
