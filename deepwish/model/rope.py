@@ -127,6 +127,19 @@ class Rotary(nn.Module):
             self.register_buffer("inv_freq_long", longrope_frequencies(cfg, dim, cfg.rope_long_factor),
                                  persistent=False)
 
+    def _apply(self, fn, recurse=True):
+        """Moves follow the model; dtype casts do not: `model.to(torch.bfloat16)` would otherwise
+        round the frequencies to bf16 (every rotation angle then off by up to 2^-9 of itself), and
+        a bf16 model would rotate differently from the same weights loaded by `load_hf`, which
+        recomputes them in fp32 (as HF keeps them)."""
+        kept = {n: b for n, b in self._buffers.items() if b is not None and b.is_floating_point()}
+        super()._apply(fn, recurse)
+        for n, old in kept.items():
+            new = self._buffers[n]
+            if new.dtype != old.dtype and not old.is_meta and not new.is_meta:
+                self._buffers[n] = old.to(new.device)
+        return self
+
     def reset_buffers(self) -> None:
         """Recompute the (non-persistent) frequencies, e.g. after building on the meta device."""
         device = self.inv_freq.device if not self.inv_freq.is_meta else "cpu"
