@@ -44,8 +44,12 @@ Compressed branch (one kernel for the forward, `_cmp_fwd_kernel`):
 Selected branch:
 - Forward (`_slc_fwd_kernel`): a program owns one query and one KV group; its rows are the G
   query heads (padded to 16 for the tensor cores), so each selected K/V block, loaded once,
-  serves the whole group: the matmul's M dimension is the group. Blocks with index -1 are
-  skipped; positions after the query or before its document start are masked.
+  serves the whole group: the matmul's M dimension is the group. Slots with index -1 are
+  masked, not branched around (a branch in the loop body stops software pipelining: each block's
+  index and K/V loads would wait for the previous block's math); positions after the query or
+  before its document start are masked. Bound: each selected block brings 2·64·D·2 bytes of K/V
+  for 4·16·64·D FLOPs (16 FLOP/byte; fla's design has the same), so the branch runs at the
+  L2 bandwidth of gathered blocks, not at tensor-core rates.
 - dQ: the same program shape, with the saved lse and delta.
 - dK/dV through an inverse index, built on device without a host sync (`inverse_index`): the
   (batch, KV head, block) key of every valid sel_idx entry is sorted (argsort), counted
@@ -66,6 +70,7 @@ top-n never lists one twice).
 """
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
@@ -90,13 +95,15 @@ _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 # columns per dK/dV step, CH queries per work item. The 16-bit rows are first choices for an
 # H200 at D 128 (the register budget of kernels/attention's 128-row tiles); not swept yet.
 TILES = {
-    ("cmp_fwd", "16bit"): dict(BM=128, BN=64, BNS=32, BJ=16, num_warps=8, num_stages=2),
+    ("cmp_fwd", "16bit"): dict(BM=128, BN=64, BNS=32, BJ=16, FUSED_SELECT=True, num_warps=8, num_stages=2),
+    ("cmp_sel", "16bit"): dict(BM=128, BN=32, BJ=16, num_warps=8, num_stages=2),
     ("cmp_dq", "16bit"): dict(BM=128, BN=64, num_warps=8, num_stages=2),
     ("cmp_dkdv", "16bit"): dict(BM=128, BN=64, Q_CHUNK=512, MAX_CHUNKS=16, num_warps=8, num_stages=2),
-    ("slc_fwd", "16bit"): dict(num_warps=4, num_stages=2),
-    ("slc_dq", "16bit"): dict(num_warps=4, num_stages=2),
+    ("slc_fwd", "16bit"): dict(num_warps=4, num_stages=3),
+    ("slc_dq", "16bit"): dict(num_warps=4, num_stages=3),
     ("slc_dkdv", "16bit"): dict(ROWS=128, CH=1024, num_warps=8, num_stages=2),
-    ("cmp_fwd", "fp32"): dict(BM=64, BN=32, BNS=32, BJ=16, num_warps=8, num_stages=1),
+    ("cmp_fwd", "fp32"): dict(BM=64, BN=32, BNS=32, BJ=16, FUSED_SELECT=True, num_warps=8, num_stages=1),
+    ("cmp_sel", "fp32"): dict(BM=64, BN=32, BJ=16, num_warps=8, num_stages=1),
     ("cmp_dq", "fp32"): dict(BM=64, BN=32, num_warps=8, num_stages=1),
     ("cmp_dkdv", "fp32"): dict(BM=64, BN=32, Q_CHUNK=512, MAX_CHUNKS=16, num_warps=8, num_stages=1),
     ("slc_fwd", "fp32"): dict(num_warps=4, num_stages=1),
@@ -111,7 +118,8 @@ MAX_SPLITS = 64
 # the interpreter: small tiles, so a test of a few dozen tokens crosses several of each (and
 # G = 16 takes the broadcast mapping of the scores, G <= 4 the dot)
 INTERPRET_TILES = {
-    "cmp_fwd": dict(BM=64, BN=16, BNS=16, BJ=16, num_warps=1, num_stages=1),
+    "cmp_fwd": dict(BM=64, BN=16, BNS=16, BJ=16, FUSED_SELECT=True, num_warps=1, num_stages=1),
+    "cmp_sel": dict(BM=32, BN=16, BJ=16, num_warps=1, num_stages=1),
     "cmp_dq": dict(BM=64, BN=16, num_warps=1, num_stages=1),
     "cmp_dkdv": dict(BM=32, BN=16, Q_CHUNK=8, MAX_CHUNKS=3, num_warps=1, num_stages=1),
     "slc_fwd": dict(num_warps=1, num_stages=1),
@@ -127,6 +135,24 @@ def tile_config(kind: str, dtype: torch.dtype, group: int = 1) -> dict:
     if "BM" in cfg:
         cfg["BM"] = max(cfg["BM"], triton.next_power_of_2(group))
     return cfg
+
+
+@contextlib.contextmanager
+def override_tiles(kind: str, **cfg):
+    """Within the block, the 16-bit (under the interpreter: the interpreter's) launch configuration
+    of one kernel kind updated with cfg: how the bench's tile sweep tries candidates. The winners
+    belong in TILES (fixed configurations, no autotuner)."""
+    key = kind if _INTERPRET else (kind, "16bit")
+    table = INTERPRET_TILES if _INTERPRET else TILES
+    unknown = set(cfg) - set(table[key])
+    if unknown:
+        raise ValueError(f"override_tiles: {kind} has no option(s) {sorted(unknown)}; it has {sorted(table[key])}")
+    saved = table[key]
+    table[key] = dict(saved, **cfg)
+    try:
+        yield
+    finally:
+        table[key] = saved
 
 
 def check_group(n_heads: int, n_kv_heads: int) -> None:
@@ -338,13 +364,21 @@ def _cmp_fwd_kernel(Q, KC, VC, END, CMAX, CMIN, QPOS, QDS, O, LSE, SEL,
         key = _cmp_select(key, q, lse, KC, END, CMAX, CMIN, cbase, k_base, sk_n, N, p_row, ds_row, c_lo, c_hi,
                           tok_ok, sb, qb, j_lo, j_hi, qk_scale, dk, DQK, CMP_LEN, SEL_LEN, N_INIT, N_LOCAL,
                           BT, GP, BNS, BJ, PREC)
-        slot = tl.arange(0, NP)
-        live = slot < N_SELECT
-        best_i = tl.where(live[None, :], _key_block(_first_slots(key, BT, BJ, NP)), -2)  # surplus -2, sorted last
-        best_i = tl.sort(best_i, dim=1, descending=True)
-        tt64 = tl.cast(m0 + tl.arange(0, BT), tl.int64)
-        tl.store(SEL + ((b * T + tt64[:, None]) * HKV + hkv) * N_SELECT + slot[None, :], best_i,
-                 mask=tok_ok[:, None] & live[None, :])
+        _store_sel(SEL, key, b, T, m0, tok_ok, hkv, HKV, N_SELECT, BT, BJ, NP)
+
+
+@triton.jit
+def _store_sel(SEL, key, b, T, m0, tok_ok, hkv, HKV, N_SELECT, BT: tl.constexpr, BJ: tl.constexpr,
+               NP: tl.constexpr):
+    """sel_idx rows of the tile from the running top keys: the first n blocks, in descending block
+    index, -1 for empty slots."""
+    slot = tl.arange(0, NP)
+    live = slot < N_SELECT
+    best_i = tl.where(live[None, :], _key_block(_first_slots(key, BT, BJ, NP)), -2)  # surplus -2, sorted last
+    best_i = tl.sort(best_i, dim=1, descending=True)
+    tt64 = tl.cast(m0 + tl.arange(0, BT), tl.int64)
+    tl.store(SEL + ((b * T + tt64[:, None]) * HKV + hkv) * N_SELECT + slot[None, :], best_i,
+             mask=tok_ok[:, None] & live[None, :])
 
 
 @triton.jit
@@ -396,14 +430,15 @@ def _cmp_split_attend_kernel(Q, KC, VC, END, CMAX, CMIN, QPOS, QDS, M_PART, L_PA
 
 
 @triton.jit
-def _cmp_split_select_kernel(Q, KC, END, CMAX, CMIN, QPOS, QDS, LSE, S_PART, I_PART,
+def _cmp_split_select_kernel(Q, KC, END, CMAX, CMIN, QPOS, QDS, LSE, S_PART, I_PART, SEL,
                              sq_b, sq_t, sq_h, sk_b, sk_n, sk_h,
                              T, N, H, HKV, G, DQK, scale, CMP_LEN, SEL_LEN, N_SELECT, N_INIT, N_LOCAL, NSPLIT,
                              BLOCK_DK: tl.constexpr, GP: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
-                             BJ: tl.constexpr, NP: tl.constexpr, PREC: tl.constexpr):
+                             BJ: tl.constexpr, NP: tl.constexpr, FINAL: tl.constexpr, PREC: tl.constexpr):
     """Decoding, pass 2: one program per (query tile, KV head, split of the selectable blocks)
     writes its partial top-n (scores, indices) [NSPLIT, B, T, HKV, NP]; torch merges them
-    (`_merge_select`). Empty slots are (-inf, -1)."""
+    (`_merge_select`). Empty slots are (-inf, -1). FINAL (one split, the training path's
+    separate scoring pass): sel_idx itself."""
     BT: tl.constexpr = BM // GP
     qk_scale = scale * 1.4426950408889634
     m0 = tl.program_id(0) * BT
@@ -428,13 +463,16 @@ def _cmp_split_select_kernel(Q, KC, END, CMAX, CMIN, QPOS, QDS, LSE, S_PART, I_P
     key = _cmp_select(key, q, lse, KC, END, CMAX, CMIN, cbase, b * sk_b + tl.cast(hkv, tl.int64) * sk_h, sk_n, N,
                       p_row, ds_row, c_lo, c_hi, tok_ok, sb, qb, j_a, j_b, qk_scale, dk, DQK, CMP_LEN, SEL_LEN,
                       N_INIT, N_LOCAL, BT, GP, BN, BJ, PREC)
-    key = _first_slots(key, BT, BJ, NP)
-    slot = tl.arange(0, NP)
-    keep = (slot < N_SELECT)[None, :] & (key >= 0)
-    tt64 = tl.cast(m0 + tl.arange(0, BT), tl.int64)
-    at = (((split * (tl.num_programs(1) // HKV) + b) * T + tt64[:, None]) * HKV + hkv) * NP + slot[None, :]
-    tl.store(S_PART + at, tl.where(keep, _key_score(key), float("-inf")), mask=tok_ok[:, None])
-    tl.store(I_PART + at, tl.where(keep, _key_block(key), -1), mask=tok_ok[:, None])
+    if FINAL:   # one split: the selection itself
+        _store_sel(SEL, key, b, T, m0, tok_ok, hkv, HKV, N_SELECT, BT, BJ, NP)
+    else:
+        key = _first_slots(key, BT, BJ, NP)
+        slot = tl.arange(0, NP)
+        keep = (slot < N_SELECT)[None, :] & (key >= 0)
+        tt64 = tl.cast(m0 + tl.arange(0, BT), tl.int64)
+        at = (((split * (tl.num_programs(1) // HKV) + b) * T + tt64[:, None]) * HKV + hkv) * NP + slot[None, :]
+        tl.store(S_PART + at, tl.where(keep, _key_score(key), float("-inf")), mask=tok_ok[:, None])
+        tl.store(I_PART + at, tl.where(keep, _key_block(key), -1), mask=tok_ok[:, None])
 
 
 @triton.jit
@@ -580,24 +618,25 @@ def _slc_fwd_kernel(Q, K, V, SEL, QPOS, QDS, O, LSE,
     acc = tl.zeros([RP, BLOCK_DV], dtype=tl.float32)
     m_i = tl.full([RP], -1.0e30, dtype=tl.float32)
     l_i = tl.zeros([RP], dtype=tl.float32)
+    # branch-free (an unused slot -1 masks its whole block): the loop stays one software-pipelined
+    # body, the next block's index and K/V loads issued while this block computes
     for i in range(0, N_SEL):
         j = tl.load(SEL + sel_base + i)
-        if j >= 0:
-            s_pos = j * SEL_LEN + i_s
-            key_ok = (i_s < SEL_LEN) & (s_pos <= pos) & (s_pos >= ds) & (s_pos < S)
-            s64 = tl.cast(s_pos, tl.int64)
-            k = tl.load(K + k_base + s64[:, None] * sk_s + dk[None, :], mask=key_ok[:, None] & (dk < DQK)[None, :],
-                        other=0.0)
-            s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale
-            s = tl.where(key_ok[None, :], s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            alpha = tl.exp2(m_i - m_new)
-            p = tl.exp2(s - m_new[:, None])
-            l_i = l_i * alpha + tl.sum(p, 1)
-            v = tl.load(V + v_base + s64[:, None] * sv_s + dv[None, :], mask=key_ok[:, None] & (dv < DV)[None, :],
-                        other=0.0)
-            acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=PREC)
-            m_i = m_new
+        s_pos = j * SEL_LEN + i_s
+        key_ok = (i_s < SEL_LEN) & (s_pos <= pos) & (s_pos >= ds) & (s_pos < S) & (j >= 0)
+        s64 = tl.cast(s_pos, tl.int64)
+        k = tl.load(K + k_base + s64[:, None] * sk_s + dk[None, :], mask=key_ok[:, None] & (dk < DQK)[None, :],
+                    other=0.0)
+        s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale
+        s = tl.where(key_ok[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(V + v_base + s64[:, None] * sv_s + dv[None, :], mask=key_ok[:, None] & (dv < DV)[None, :],
+                    other=0.0)
+        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=PREC)
+        m_i = m_new
     seen = l_i > 0.0
     o = acc / tl.where(seen, l_i, 1.0)[:, None]
     tl.store(O + b * so_b + t64 * so_t + h64[:, None] * so_h + dv[None, :], o.to(O.dtype.element_ty),
@@ -638,21 +677,20 @@ def _slc_dq_kernel(Q, K, V, DO, LSE, DELTA, SEL, QPOS, QDS, DQO,
     sel_base = ((b * T + t64) * HKV + hkv) * N_SEL
     i_s = tl.arange(0, BS)
     dq_acc = tl.zeros([RP, BLOCK_DK], dtype=tl.float32)
-    for i in range(0, N_SEL):
+    for i in range(0, N_SEL):   # branch-free, as the forward
         j = tl.load(SEL + sel_base + i)
-        if j >= 0:
-            s_pos = j * SEL_LEN + i_s
-            key_ok = (i_s < SEL_LEN) & (s_pos <= pos) & (s_pos >= ds) & (s_pos < S)
-            s64 = tl.cast(s_pos, tl.int64)
-            k = tl.load(K + k_base + s64[:, None] * sk_s + dk[None, :], mask=key_ok[:, None] & (dk < DQK)[None, :],
-                        other=0.0)
-            v = tl.load(V + v_base + s64[:, None] * sv_s + dv[None, :], mask=key_ok[:, None] & (dv < DV)[None, :],
-                        other=0.0)
-            s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale
-            p = tl.where(key_ok[None, :], tl.exp2(s - lse[:, None]), 0.0)
-            dp = tl.dot(do, tl.trans(v), input_precision=PREC)
-            dsc = p * (dp - delta[:, None])
-            dq_acc = tl.dot(dsc.to(k.dtype), k, dq_acc, input_precision=PREC)
+        s_pos = j * SEL_LEN + i_s
+        key_ok = (i_s < SEL_LEN) & (s_pos <= pos) & (s_pos >= ds) & (s_pos < S) & (j >= 0)
+        s64 = tl.cast(s_pos, tl.int64)
+        k = tl.load(K + k_base + s64[:, None] * sk_s + dk[None, :], mask=key_ok[:, None] & (dk < DQK)[None, :],
+                    other=0.0)
+        v = tl.load(V + v_base + s64[:, None] * sv_s + dv[None, :], mask=key_ok[:, None] & (dv < DV)[None, :],
+                    other=0.0)
+        s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale
+        p = tl.where(key_ok[None, :], tl.exp2(s - lse[:, None]), 0.0)
+        dp = tl.dot(do, tl.trans(v), input_precision=PREC)
+        dsc = p * (dp - delta[:, None])
+        dq_acc = tl.dot(dsc.to(k.dtype), k, dq_acc, input_precision=PREC)
     tl.store(DQO + b * sdq_b + t64 * sdq_t + h64[:, None] * sdq_h + dk[None, :],
              (dq_acc * scale).to(DQO.dtype.element_ty), mask=row_ok[:, None] & (dk < DQK)[None, :])
 
@@ -776,12 +814,23 @@ def compressed_forward(q, k_cmp, v_cmp, end, qpos, qds, scale, cmp_len, select_l
     sel = torch.empty(B, T, Hkv, n_select, dtype=torch.int32, device=q.device)
     NP = triton.next_power_of_2(n_select)
     cfg["BJ"] = max(cfg["BJ"], NP)   # the running top list is one scoring tile wide
+    fused = cfg.pop("FUSED_SELECT")
     grid = (triton.cdiv(T, cfg["BM"] // GP), B * Hkv)
-    _cmp_fwd_kernel[grid](q, k_cmp, v_cmp, end, _prefix_max(end), _suffix_min(end), qpos, qds, o, lse, sel,
+    cmax, cmin = _prefix_max(end), _suffix_min(end)
+    _cmp_fwd_kernel[grid](q, k_cmp, v_cmp, end, cmax, cmin, qpos, qds, o, lse, sel,
                           *q.stride()[:3], *k_cmp.stride()[:3], *v_cmp.stride()[:3], *o.stride()[:3],
                           T, N, H, Hkv, G, scale=scale, CMP_LEN=cmp_len, SEL_LEN=select_len, N_SELECT=n_select,
                           N_INIT=n_init, N_LOCAL=n_local, GP=GP,
-                          NP=NP, SELECT=select, **_dims(q, v_cmp), **cfg)
+                          NP=NP, SELECT=select and fused, **_dims(q, v_cmp), **cfg)
+    if select and not fused:   # the scoring pass as its own launch (its own tiles and warps)
+        cfg = tile_config("cmp_sel", q.dtype, G)
+        cfg["BJ"] = max(cfg["BJ"], NP)
+        dims = _dims(q, v_cmp)
+        del dims["BLOCK_DV"], dims["DV"]
+        _cmp_split_select_kernel[(triton.cdiv(T, cfg["BM"] // GP), B * Hkv, 1)](
+            q, k_cmp, end, cmax, cmin, qpos, qds, lse, lse, sel, sel, *q.stride()[:3], *k_cmp.stride()[:3],
+            T, N, H, Hkv, G, scale=scale, CMP_LEN=cmp_len, SEL_LEN=select_len, N_SELECT=n_select, N_INIT=n_init,
+            N_LOCAL=n_local, NSPLIT=1, GP=GP, NP=NP, FINAL=True, **dims, **cfg)
     return o, lse, (sel if select else None)
 
 
@@ -849,10 +898,10 @@ def compressed_forward_split(q, k_cmp, v_cmp, end, qpos, qds, scale, cmp_len, se
     s_part = torch.empty(NS, B, T, Hkv, NP, dtype=torch.float32, device=q.device)
     i_part = torch.empty(NS, B, T, Hkv, NP, dtype=torch.int32, device=q.device)
     del dims["BLOCK_DV"], dims["DV"]
-    _cmp_split_select_kernel[grid](q, k_cmp, end, cmax, cmin, qpos, qds, lse, s_part, i_part,
+    _cmp_split_select_kernel[grid](q, k_cmp, end, cmax, cmin, qpos, qds, lse, s_part, i_part, s_part,
                                    *q.stride()[:3], *k_cmp.stride()[:3], T, N, H, Hkv, G, scale=scale,
                                    CMP_LEN=cmp_len, SEL_LEN=select_len, N_SELECT=n_select, N_INIT=n_init,
-                                   N_LOCAL=n_local, NSPLIT=NS, GP=GP, BJ=BJ, NP=NP, **dims, **cfg)
+                                   N_LOCAL=n_local, NSPLIT=NS, GP=GP, BJ=BJ, NP=NP, FINAL=False, **dims, **cfg)
     return o, lse, _merge_select(s_part, i_part, n_select)
 
 
