@@ -3,8 +3,9 @@ with the block scoring and top-n fused in) and the selected branch, against SDPA
 causal) and, when importable, `fla.ops.nsa.parallel_nsa` (fla-core 0.6). The kernel part of
 `deepwish bench nsa` (what it runs without --quality):
 
-    deepwish bench nsa --out DIR [--parts check,train,decode] [--lengths 8192,...] [--quick]
+    deepwish bench nsa --out DIR [--parts check,train,decode] [--lengths 8192,...] [--quick] [--no-fla]
     python -m deepwish.bench.nsa_kernels --out DIR ...      (the same)
+    python -m deepwish.bench.nsa_kernels --out DIR --parts sweep [--sweep-T 16384] [--sweep-kinds cmp_fwd,...]
 
 Shape: the paper's, B 1, 64 query / 4 KV heads (G 16), D 128, bf16; compression blocks l 32,
 stride d 16 (N = (T - 32) / 16 + 1 compressed tokens, random: the compression MLP is the model's),
@@ -43,6 +44,18 @@ The GPU image has no flash-attn, so the window branch of parallel_nsa cannot run
 indices; window_size=0 skips it (as this bench does), and the window branch is timed on its own
 (our flash kernel with window 512, kernels/attention) in the whole-layer bench.
 
+- sweep (not in the default parts; run once per GPU kind, then paste the winners into
+          kernels/nsa/triton.py's TILES): for each kernel kind in turn, a few launch
+          configurations (SWEEP_CANDIDATES, each a change of the current one), each checked
+          against the fp32 reference at T CHECK_T (relative RMS of outputs and gradients below
+          SWEEP_TOL, >= 95% of selections equal) and then timed at --sweep-T; the fastest correct
+          one is kept before the next kind (one coordinate-descent pass). Writes DIR/nsa_sweep.json.
+
+Time: every cell records its wall seconds ("seconds"), compilation included. The first call of
+each of our kernels compiles it (the first length pays); fla autotunes each of its kernels at
+its first call over 3-16 configurations (keys exclude T, so at the first length only), most of a
+minute or more. The reference check runs at T CHECK_T only.
+
 Prints tables; writes DIR/nsa_kernels.json and DIR/nsa_kernels.png. Every function here is
 importable (the whole-layer bench reuses make_inputs, branch_times, decode_times).
 """
@@ -51,6 +64,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 import traceback
 from pathlib import Path
 
@@ -109,11 +123,14 @@ def branch_times(T: int, device, with_fla: bool = True, dtype=torch.bfloat16) ->
     row = {}
 
     def guarded(name, f):
+        t0 = time.perf_counter()
         try:
             row[name] = f()
         except Exception as e:  # noqa: BLE001 - one failing path must not stop the table
             row[name] = {"error": f"{type(e).__name__}: {e}"[:400]}
-        torch.cuda.empty_cache()
+        row[name]["seconds"] = round(time.perf_counter() - t0, 1)   # wall time of the cell, compiles included
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
 
     guarded("cmp", lambda: _fwd_bwd_ms(lambda: nk.nsa_compressed(q, kc, vc, x["cmp_end"], q_pos=x["q_pos"],
                                                                    **cmp_kwargs())[0], (q, kc, vc)))
@@ -121,7 +138,7 @@ def branch_times(T: int, device, with_fla: bool = True, dtype=torch.bfloat16) ->
         sel = nk.nsa_compressed(q, kc, vc, x["cmp_end"], q_pos=x["q_pos"], **cmp_kwargs())[1]
     guarded("slc", lambda: _fwd_bwd_ms(lambda: nk.nsa_selected(q, k, v, sel, q_pos=x["q_pos"], select_len=SELECT_LEN),
                                        (q, k, v)))
-    if "error" not in row["cmp"] and "error" not in row["slc"]:
+    if "error" not in row["cmp"] and "error" not in row["slc"]:   # the sum of the two branches
         row["nsa (cmp+slc)"] = {m: row["cmp"][m] + row["slc"][m] for m in ("fwd", "bwd", "fwdbwd")}
     guarded("sdpa", lambda: sdpa_times(q, k, v))
     if with_fla:
@@ -196,15 +213,15 @@ def decode_times(C: int, device) -> dict:
     return row
 
 
-def check(device) -> dict:
+def check(device, dtype=torch.bfloat16, T: int = CHECK_T) -> dict:
     """Real-size bf16 kernels against the fp32 reference at T = CHECK_T (module docstring)."""
     from deepwish.kernels.nsa import reference as ref
     from deepwish.kernels.nsa import triton as nk
-    x = make_inputs(CHECK_T, device)
+    x = make_inputs(T, device, dtype=dtype)
     ins = {n: x[n].requires_grad_() for n in ("q", "k", "v", "k_cmp", "v_cmp")}
     q, k, v, kc, vc = ins.values()
     res = {}
-    o_r, sel_r = ref.nsa_compressed(q, kc, vc, x["cmp_end"], q_pos=x["q_pos"], S=CHECK_T, **cmp_kwargs())
+    o_r, sel_r = ref.nsa_compressed(q, kc, vc, x["cmp_end"], q_pos=x["q_pos"], S=T, **cmp_kwargs())
     o_t, sel_t = nk.nsa_compressed(q, kc, vc, x["cmp_end"], q_pos=x["q_pos"], **cmp_kwargs())
     do = torch.randn_like(o_r, dtype=torch.float32)
     g_r = torch.autograd.grad((o_r.float() * do).sum(), (q, kc, vc))
@@ -219,6 +236,93 @@ def check(device) -> dict:
     for name, a, b in zip(("o_slc", "dq_slc", "dk_slc", "dv_slc"), (s_r, *g_r), (s_t, *g_t)):
         res[name] = rel_rms(a, b)
     return res
+
+
+# kernel kind -> candidate changes of its current launch configuration (the first, {}, is the
+# current one). Kept short: each candidate compiles its kernel once (seconds).
+SWEEP_CANDIDATES = {
+    "cmp_fwd": [{}, dict(BN=128), dict(BNS=64), dict(BJ=32), dict(num_stages=3), dict(BM=64, num_warps=4),
+                dict(FUSED_SELECT=False)],
+    "cmp_sel": [{}, dict(BN=64), dict(BJ=32), dict(num_warps=4), dict(BM=64, num_warps=4)],
+    "cmp_dq": [{}, dict(BN=32), dict(num_stages=3), dict(BM=64, num_warps=4)],
+    "cmp_dkdv": [{}, dict(Q_CHUNK=1024), dict(MAX_CHUNKS=32), dict(BN=32), dict(num_stages=3),
+                 dict(BM=64, num_warps=4)],
+    "slc_fwd": [{}, dict(num_stages=2), dict(num_stages=4), dict(num_warps=8), dict(num_warps=2)],
+    "slc_dq": [{}, dict(num_stages=2), dict(num_stages=4), dict(num_warps=8), dict(num_warps=2)],
+    "slc_dkdv": [{}, dict(ROWS=64), dict(ROWS=256), dict(CH=256), dict(num_stages=3), dict(num_warps=4)],
+}
+SWEEP_TOL = 2e-2
+
+
+def _internal_inputs(x: dict) -> dict:
+    """The launchers' arguments (kernels/nsa/triton.py, below the autograd layer) for inputs x."""
+    from deepwish.kernels.nsa import triton as nk
+    q = x["q"].detach()
+    qpos, qds = nk.query_positions(q, x["q_pos"], None, x["k"].shape[1])
+    end = x["cmp_end"].clamp(max=nk.POS_MAX).to(torch.int32).contiguous()
+    return dict(q=q, k=x["k"].detach(), v=x["v"].detach(), kc=x["k_cmp"].detach(), vc=x["v_cmp"].detach(), end=end,
+                qpos=qpos, qds=qds, scale=q.shape[-1] ** -0.5, do=torch.randn_like(q))
+
+
+def kind_runner(kind: str, a: dict):
+    """A no-argument call that runs the kernel(s) of `kind` once on inputs a (_internal_inputs):
+    the compressed forward (cmp_fwd, cmp_sel), the compressed backward (cmp_dq, cmp_dkdv), the
+    selected forward (slc_fwd) or backward (slc_dq, slc_dkdv)."""
+    from deepwish.kernels.nsa import triton as nk
+    opts = (CMP_LEN, SELECT_LEN, N_SELECT, N_INIT, N_LOCAL)
+    fwd = lambda: nk.compressed_forward(a["q"], a["kc"], a["vc"], a["end"], a["qpos"], a["qds"], a["scale"], *opts)  # noqa: E731
+    if kind in ("cmp_fwd", "cmp_sel"):
+        return fwd
+    o, lse, sel = fwd()
+    if kind in ("cmp_dq", "cmp_dkdv"):
+        return lambda: nk.compressed_backward(a["q"], a["kc"], a["vc"], o, lse, a["do"], a["end"], a["qpos"], a["qds"],
+                                              a["scale"])
+    sfwd = lambda: nk.selected_forward(a["q"], a["k"], a["v"], sel, a["qpos"], a["qds"], a["scale"], SELECT_LEN)  # noqa: E731
+    if kind == "slc_fwd":
+        return sfwd
+    so, slse = sfwd()
+    return lambda: nk.selected_backward(a["q"], a["k"], a["v"], so, slse, a["do"], sel, a["qpos"], a["qds"], a["scale"],
+                                        SELECT_LEN)
+
+
+def sweep(device, T: int, kinds: list[str] | None = None, candidates: dict | None = None, log=print) -> dict:
+    """The tile sweep (module docstring): {kind: {"best": changes, "config": the full launch
+    configuration to keep, "trials": [{changes, ms | error, check}]}}. The winners stay applied
+    (kernels/nsa/triton.py's tables) for the rest of this process."""
+    from deepwish.kernels.nsa import triton as nk
+    candidates = SWEEP_CANDIDATES if candidates is None else candidates
+    kinds = list(candidates) if kinds is None else kinds
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    a = _internal_inputs(make_inputs(T, device, dtype=dtype))
+    result = {}
+    for kind in kinds:
+        trials = []
+        for change in candidates[kind]:
+            t0 = time.perf_counter()
+            trial = dict(changes=change)
+            try:
+                with nk.override_tiles(kind, **change):
+                    trial["check"] = check(device, dtype=dtype, T=min(CHECK_T, T))
+                    worst = max(v for k, v in trial["check"].items() if k != "selection_equal")
+                    if worst > SWEEP_TOL or trial["check"]["selection_equal"] < 0.95:
+                        trial["error"] = f"wrong: worst relative RMS {worst:.2e}, selection equal " \
+                                         f"{trial['check']['selection_equal']:.2f}"
+                    else:
+                        trial["ms"] = time_ms(kind_runner(kind, a))
+            except Exception as e:  # noqa: BLE001 - a candidate that does not compile or fit is skipped
+                trial["error"] = f"{type(e).__name__}: {e}"[:300]
+            trial["seconds"] = round(time.perf_counter() - t0, 1)
+            trials.append(trial)
+            log(f"sweep {kind} {change}: " + (f"{trial['ms']:.3f} ms" if "ms" in trial else trial["error"]) +
+                f" ({trial['seconds']} s)")
+        ok = [t for t in trials if "ms" in t]
+        best = min(ok, key=lambda t: t["ms"])["changes"] if ok else {}
+        table = nk.INTERPRET_TILES if nk._INTERPRET else nk.TILES
+        key = kind if nk._INTERPRET else (kind, "16bit")
+        table[key] = dict(table[key], **best)     # keep the winner for the next kinds
+        result[kind] = dict(best=best, config=dict(table[key]), trials=trials)
+        log(f"sweep {kind}: keep {result[kind]['config']}")
+    return result
 
 
 def _ms(cell, key) -> str:
@@ -287,34 +391,53 @@ def environment(device) -> dict:
                            n_select=N_SELECT, n_init=N_INIT, n_local=N_LOCAL, dtype="bfloat16"))
 
 
-def run(device, out: Path, parts: list[str], lengths: list[int]) -> dict:
-    """The parts in order; writes out/nsa_kernels.json after each and out/nsa_kernels.png."""
+def run(device, out: Path, parts: list[str], lengths: list[int], with_fla: bool = True, sweep_T: int = 16384,
+        sweep_kinds: list[str] | None = None) -> dict:
+    """The parts in order; writes out/nsa_kernels.json after each and out/nsa_kernels.png
+    (the sweep: out/nsa_sweep.json)."""
     out.mkdir(parents=True, exist_ok=True)
     res = dict(env=environment(device))
     print(json.dumps(res["env"]), flush=True)
     for part in parts:
-        if part not in ("check", "train", "decode"):
-            raise ValueError(f"nsa_kernels bench: unknown part {part!r}; choose from check, train, decode")
+        if part not in ("check", "train", "decode", "sweep"):
+            raise ValueError(f"nsa_kernels bench: unknown part {part!r}; choose from check, train, decode, sweep")
+    for kind in sweep_kinds or []:
+        if kind not in SWEEP_CANDIDATES:
+            raise ValueError(f"nsa_kernels bench: unknown sweep kind {kind!r}; choose from {list(SWEEP_CANDIDATES)}")
+    t_start = time.perf_counter()
     for part in parts:
+        t0 = time.perf_counter()
         try:
-            if part == "check":
+            if part == "sweep":
+                res["sweep"] = sweep(device, sweep_T, sweep_kinds, log=lambda m: print(m, flush=True))
+                (out / "nsa_sweep.json").write_text(json.dumps(res["sweep"], indent=1, default=str))
+                print("\n## sweep winners at T", sweep_T, "(paste into kernels/nsa/triton.py TILES, 16bit)\n" +
+                      "\n".join(f'("{k}", "16bit"): dict({", ".join(f"{a}={b!r}" for a, b in r["config"].items())}),'
+                                for k, r in res["sweep"].items()), flush=True)
+            elif part == "check":
                 res["check"] = check(device)
                 print("\n## check at T", CHECK_T, "(relative RMS vs the fp32 reference)\n" +
                       "\n".join(f"{k}: {v:.2e}" for k, v in res["check"].items()), flush=True)
             elif part == "train":
                 res["train"] = []
                 for T in lengths:
-                    res["train"].append(dict(T=T, **branch_times(T, device)))
+                    res["train"].append(dict(T=T, **branch_times(T, device, with_fla=with_fla)))
                     print(f"T {T}: " + json.dumps(res["train"][-1], default=str), flush=True)
-                print("\n## training branches (ms)\n" + train_table(res["train"]), flush=True)
+                print("\n## training branches (ms)\n" + train_table(res["train"]) +
+                      "\n(goal at T 64k: NSA fwd+bwd >= 6x SDPA flash's with all branches and gates; this table's "
+                      "nsa is cmp + slc only)", flush=True)
             else:
                 res["decode"] = []
                 for C in lengths:
                     res["decode"].append(dict(C=C, **decode_times(C, device)))
-                print("\n## decode step (per layer, cmp + slc)\n" + decode_table(res["decode"]), flush=True)
+                print("\n## decode step (per layer, cmp + slc)\n" + decode_table(res["decode"]) +
+                      "\n(goal at context 64k: sdpa / nsa >= 8x)", flush=True)
         except Exception:  # noqa: BLE001
             res[part] = "error: " + traceback.format_exc()[-2000:]
             print(res[part], flush=True)
+        res.setdefault("seconds", {})[part] = round(time.perf_counter() - t0, 1)
+        print(f"[deepwish] part {part}: {res['seconds'][part]} s (total {time.perf_counter() - t_start:.0f} s)",
+              flush=True)
         (out / "nsa_kernels.json").write_text(json.dumps(res, indent=1, default=str))
     if isinstance(res.get("train"), list) and isinstance(res.get("decode"), list):
         plot(res["train"], res["decode"], out / "nsa_kernels.png")
@@ -328,12 +451,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--parts", default="check,train,decode")
     ap.add_argument("--lengths", default="", help="comma-separated T (default 8k..128k; --quick: 8k, 16k)")
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--no-fla", action="store_true", help="skip fla's parallel_nsa (it autotunes at its first call)")
+    ap.add_argument("--sweep-T", type=int, default=16384, help="the length the sweep part times at")
+    ap.add_argument("--sweep-kinds", default="", help=f"comma-separated subset of {','.join(SWEEP_CANDIDATES)}")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         print("nsa_kernels bench: needs a CUDA device", file=sys.stderr)
         return 2
     lengths = [int(x) for x in args.lengths.split(",") if x] or (QUICK_LENGTHS if args.quick else LENGTHS)
-    run(torch.device("cuda"), Path(args.out), [p for p in args.parts.split(",") if p], lengths)
+    run(torch.device("cuda"), Path(args.out), [p for p in args.parts.split(",") if p], lengths, with_fla=not args.no_fla,
+        sweep_T=args.sweep_T, sweep_kinds=[k for k in args.sweep_kinds.split(",") if k] or None)
     return 0
 
 

@@ -33,7 +33,26 @@ def test_branch_times_runs_every_path(monkeypatch):
         monkeypatch.setattr(nb, name, value)
     monkeypatch.setattr(nb, "time_ms", lambda fn, **kw: (fn(), 1.0)[1])
     row = nb.branch_times(20, torch.device("cpu"), dtype=torch.float32)   # no bf16 in the interpreter
+    assert all(row[c].pop("seconds") >= 0 for c in ("cmp", "slc", "sdpa"))
     assert row["cmp"] == row["slc"] == dict(fwd=1.0, bwd=0.0, fwdbwd=1.0)
     assert row["nsa (cmp+slc)"]["fwdbwd"] == 2.0 and "sdpa" in row
     if isinstance(nb.fla_nsa(), str):
         assert "fla not importable" in row["fla slc"]["error"]
+
+
+def test_sweep_checks_times_and_keeps_the_fastest(monkeypatch):
+    """The tile sweep at a toy shape under the interpreter, a stand-in clock that makes each later
+    candidate faster: correct candidates are timed and the fastest kept (and applied), one that
+    names no option is an error, not a winner."""
+    from deepwish.kernels.nsa import triton as nk
+    for name, value in dict(H=4, HKV=1, D=16, CMP_LEN=4, CMP_STRIDE=2, SELECT_LEN=8, N_SELECT=3).items():
+        monkeypatch.setattr(nb, name, value)
+    for kind in ("cmp_fwd", "slc_fwd"):
+        monkeypatch.setitem(nk.INTERPRET_TILES, kind, dict(nk.INTERPRET_TILES[kind]))   # restored afterwards
+    clock = iter(range(100, 0, -1))
+    monkeypatch.setattr(nb, "time_ms", lambda fn, **kw: (fn(), float(next(clock)))[1])
+    cands = {"cmp_fwd": [{}, dict(FUSED_SELECT=False)], "slc_fwd": [{}, dict(BOGUS=1)]}
+    got = nb.sweep(torch.device("cpu"), 20, candidates=cands, log=lambda m: None)
+    assert got["cmp_fwd"]["best"] == dict(FUSED_SELECT=False) and nk.INTERPRET_TILES["cmp_fwd"]["FUSED_SELECT"] is False
+    assert got["slc_fwd"]["best"] == {} and "BOGUS" in got["slc_fwd"]["trials"][1]["error"]
+    assert all(t["check"]["selection_equal"] == 1.0 for t in got["cmp_fwd"]["trials"])
