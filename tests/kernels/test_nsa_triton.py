@@ -133,6 +133,27 @@ def test_selection_merges_several_scoring_tiles(rel_err, n, lengths, fused):
     assert torch.equal(sel_got, sel_want) and rel_err(o_want, o_got) < 1e-5
 
 
+def test_compressed_backward_with_dq_fused_into_dkdv(rel_err):
+    """FUSE_DQ: the dK/dV kernel also sums dQ (fp32 atomic adds), over query chunks and packed
+    documents (and a query row that sees no compressed token): every gradient equals the reference's."""
+    torch.manual_seed(9)
+    lengths, H, Hkv, D = [3, 11, 16], 4, 2, 16
+    S = sum(lengths)
+    q = torch.randn(1, S, H, D, requires_grad=True)
+    ends = block_ends([lengths], 4, 2, pad=1)
+    kc = torch.randn(1, ends.shape[1], Hkv, D, requires_grad=True)
+    vc = torch.randn(1, ends.shape[1], Hkv, D, requires_grad=True)
+    kw = dict(q_pos=torch.arange(S)[None], doc_ids=doc_ids_of([lengths]), cmp_len=4, select_len=8, n_select=3)
+    o_want, _ = ref.nsa_compressed(q, kc, vc, ends, **kw)
+    with tri.override_tiles("cmp_dkdv", FUSE_DQ=True):
+        o_got, _ = tri.nsa_compressed(q, kc, vc, ends, **kw)
+        g = torch.randn(o_want.shape)
+        want = torch.autograd.grad((o_want * g).sum(), (q, kc, vc))
+        got = torch.autograd.grad((o_got * g).sum(), (q, kc, vc))
+    for name, a, b in zip(("dq", "dk_cmp", "dv_cmp"), want, got):
+        assert rel_err(a, b) < 1e-5, name
+
+
 def test_strided_inputs_and_unsorted_cmp_end(rel_err):
     """k/v as transposes of a [B, Hkv, L, D] cache, and compressed tokens in a shuffled order with
     padding in the middle: the kernels read strides and search exact ranges."""

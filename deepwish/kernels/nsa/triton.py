@@ -38,8 +38,11 @@ Compressed branch (one kernel for the forward, `_cmp_fwd_kernel`):
   tile would walk up to T / BT query tiles alone on a grid of only N / BN · Hkv programs (32 at
   T 8k, most SMs idle); the chunks (at least Q_CHUNK queries, at most MAX_CHUNKS of them) give
   the grid N / BN · Hkv · chunks programs, whose partial dK/dV are added to fp32 buffers by
-  atomic add (one per element per program; one chunk stores directly). The selection has no
-  gradient (sel_idx is discrete).
+  atomic add (one per element per program; one chunk stores directly). FUSE_DQ (a tile option
+  for the sweep): the dK/dV kernel also adds dQ = dsᵀᵀ·k to an fp32 [B, T, H, D] buffer by
+  atomic add and the dQ kernel is skipped: 5 matmuls per (query tile, compressed tile) instead
+  of 3 + 4, for avg N/(2·BN) atomic adds per dQ element. The selection has no gradient (sel_idx
+  is discrete).
 
 Selected branch:
 - Forward (`_slc_fwd_kernel`): a program owns one query and one KV group; its rows are the G
@@ -98,14 +101,16 @@ TILES = {
     ("cmp_fwd", "16bit"): dict(BM=128, BN=64, BNS=32, BJ=16, FUSED_SELECT=True, num_warps=8, num_stages=2),
     ("cmp_sel", "16bit"): dict(BM=128, BN=32, BJ=16, num_warps=8, num_stages=2),
     ("cmp_dq", "16bit"): dict(BM=128, BN=64, num_warps=8, num_stages=2),
-    ("cmp_dkdv", "16bit"): dict(BM=128, BN=64, Q_CHUNK=512, MAX_CHUNKS=16, num_warps=8, num_stages=2),
+    ("cmp_dkdv", "16bit"): dict(BM=128, BN=64, Q_CHUNK=512, MAX_CHUNKS=16, FUSE_DQ=False, num_warps=8,
+                                num_stages=2),
     ("slc_fwd", "16bit"): dict(num_warps=4, num_stages=3),
     ("slc_dq", "16bit"): dict(num_warps=4, num_stages=3),
     ("slc_dkdv", "16bit"): dict(ROWS=128, CH=1024, num_warps=8, num_stages=2),
     ("cmp_fwd", "fp32"): dict(BM=64, BN=32, BNS=32, BJ=16, FUSED_SELECT=True, num_warps=8, num_stages=1),
     ("cmp_sel", "fp32"): dict(BM=64, BN=32, BJ=16, num_warps=8, num_stages=1),
     ("cmp_dq", "fp32"): dict(BM=64, BN=32, num_warps=8, num_stages=1),
-    ("cmp_dkdv", "fp32"): dict(BM=64, BN=32, Q_CHUNK=512, MAX_CHUNKS=16, num_warps=8, num_stages=1),
+    ("cmp_dkdv", "fp32"): dict(BM=64, BN=32, Q_CHUNK=512, MAX_CHUNKS=16, FUSE_DQ=False, num_warps=8,
+                              num_stages=1),
     ("slc_fwd", "fp32"): dict(num_warps=4, num_stages=1),
     ("slc_dq", "fp32"): dict(num_warps=4, num_stages=1),
     ("slc_dkdv", "fp32"): dict(ROWS=64, CH=1024, num_warps=8, num_stages=1),
@@ -121,7 +126,7 @@ INTERPRET_TILES = {
     "cmp_fwd": dict(BM=64, BN=16, BNS=16, BJ=16, FUSED_SELECT=True, num_warps=1, num_stages=1),
     "cmp_sel": dict(BM=32, BN=16, BJ=16, num_warps=1, num_stages=1),
     "cmp_dq": dict(BM=64, BN=16, num_warps=1, num_stages=1),
-    "cmp_dkdv": dict(BM=32, BN=16, Q_CHUNK=8, MAX_CHUNKS=3, num_warps=1, num_stages=1),
+    "cmp_dkdv": dict(BM=32, BN=16, Q_CHUNK=8, MAX_CHUNKS=3, FUSE_DQ=False, num_warps=1, num_stages=1),
     "slc_fwd": dict(num_warps=1, num_stages=1),
     "slc_dq": dict(num_warps=1, num_stages=1),
     "slc_dkdv": dict(ROWS=16, CH=3, num_warps=1, num_stages=1),
@@ -523,15 +528,17 @@ def _cmp_dq_kernel(Q, KC, VC, DO, LSE, DELTA, END, CMAX, CMIN, QPOS, QDS, DQO,
 
 
 @triton.jit
-def _cmp_dkdv_kernel(Q, KC, VC, DO, LSE, DELTA, END, QPOS, QDS, QPMAX, QDSMIN, DKO, DVO,
+def _cmp_dkdv_kernel(Q, KC, VC, DO, LSE, DELTA, END, QPOS, QDS, QPMAX, QDSMIN, DKO, DVO, DQACC,
                      sq_b, sq_t, sq_h, sk_b, sk_n, sk_h, sv_b, sv_n, sv_h, sdo_b, sdo_t, sdo_h,
                      sdk_b, sdk_n, sdk_h, sdv_b, sdv_n, sdv_h,
                      T, N, H, HKV, G, DQK, DV, scale, Q_CHUNK,
                      BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr, GP: tl.constexpr, BM: tl.constexpr,
-                     BN: tl.constexpr, ATOMIC: tl.constexpr, PREC: tl.constexpr):
+                     BN: tl.constexpr, ATOMIC: tl.constexpr, FUSE_DQ: tl.constexpr, PREC: tl.constexpr):
     """Compressed tokens are rows here: sᵀ [BN, BM] = k · qᵀ (as kernels/attention's dK/dV).
     Program (tile, KV head, chunk) walks the queries of [chunk·Q_CHUNK, (chunk+1)·Q_CHUNK) that may
-    see the tile; with several chunks (ATOMIC) the partial dK/dV go to fp32 buffers by atomic add."""
+    see the tile; with several chunks (ATOMIC) the partial dK/dV go to fp32 buffers by atomic add.
+    FUSE_DQ: dQ as well, dsᵀᵀ · k added to the fp32 buffer DQACC [B, T, H, DQK] by atomic add
+    (5 matmuls per step for dQ, dK, dV instead of 3 + 4 in two kernels)."""
     BT: tl.constexpr = BM // GP
     qk_scale = scale * 1.4426950408889634
     n0 = tl.program_id(0) * BN
@@ -577,6 +584,10 @@ def _cmp_dkdv_kernel(Q, KC, VC, DO, LSE, DELTA, END, QPOS, QDS, QPMAX, QDSMIN, D
         dp_t = tl.dot(v, tl.trans(do), input_precision=PREC)
         ds_t = p_t * (dp_t - delta[None, :])
         dk_acc = tl.dot(ds_t.to(q_t.dtype), tl.trans(q_t), dk_acc, input_precision=PREC)
+        if FUSE_DQ:
+            dq_part = tl.dot(tl.trans(ds_t.to(k.dtype)), k, input_precision=PREC)            # [BM, BLOCK_DK]
+            tl.atomic_add(DQACC + row[:, None] * DQK + dk[None, :], dq_part * scale,
+                          mask=row_ok[:, None] & (dk < DQK)[None, :], sem="relaxed")
     dk_ptr = DKO + b * sdk_b + hkv64 * sdk_h + c64[:, None] * sdk_n + dk[None, :]
     dv_ptr = DVO + b * sdv_b + hkv64 * sdv_h + c64[:, None] * sdv_n + dv[None, :]
     if ATOMIC:
@@ -912,13 +923,17 @@ def compressed_backward(q, k_cmp, v_cmp, o, lse, do, end, qpos, qds, scale):
     GP = triton.next_power_of_2(G)
     delta = backward_delta(o, do)
     dims = _dims(q, v_cmp)
-    dq = torch.empty_like(q)
-    cfg = tile_config("cmp_dq", q.dtype, G)
-    _cmp_dq_kernel[(triton.cdiv(T, cfg["BM"] // GP), B * Hkv)](
-        q, k_cmp, v_cmp, do, lse, delta, end, _prefix_max(end), _suffix_min(end), qpos, qds, dq,
-        *q.stride()[:3], *k_cmp.stride()[:3], *v_cmp.stride()[:3], *do.stride()[:3], *dq.stride()[:3],
-        T, N, H, Hkv, G, scale=scale, GP=GP, **dims, **cfg)
     cfg = tile_config("cmp_dkdv", q.dtype, G)
+    fuse_dq = cfg.pop("FUSE_DQ")
+    if fuse_dq:   # dQ summed by the dK/dV kernel into an fp32 buffer [B, T, H, D]
+        dq = torch.zeros(B, T, H, q.shape[-1], dtype=torch.float32, device=q.device)
+    else:
+        dq = torch.empty_like(q)
+        dq_cfg = tile_config("cmp_dq", q.dtype, G)
+        _cmp_dq_kernel[(triton.cdiv(T, dq_cfg["BM"] // GP), B * Hkv)](
+            q, k_cmp, v_cmp, do, lse, delta, end, _prefix_max(end), _suffix_min(end), qpos, qds, dq,
+            *q.stride()[:3], *k_cmp.stride()[:3], *v_cmp.stride()[:3], *do.stride()[:3], *dq.stride()[:3],
+            T, N, H, Hkv, G, scale=scale, GP=GP, **dims, **dq_cfg)
     n_chunks, q_chunk = _query_chunks(T, cfg.pop("Q_CHUNK"), cfg.pop("MAX_CHUNKS"), cfg["BM"] // GP)
     atomic = n_chunks > 1
     # several query chunks per tile: fp32 buffers summed by atomic add, cast once at the end
@@ -926,12 +941,13 @@ def compressed_backward(q, k_cmp, v_cmp, o, lse, do, end, qpos, qds, scale):
     dkc = (torch.zeros if atomic else torch.empty)(k_cmp.shape, device=q.device, **buf)
     dvc = (torch.zeros if atomic else torch.empty)(v_cmp.shape, device=q.device, **buf)
     _cmp_dkdv_kernel[(triton.cdiv(N, cfg["BN"]), B * Hkv, n_chunks)](
-        q, k_cmp, v_cmp, do, lse, delta, end, qpos, qds, _prefix_max(qpos), _suffix_min(qds), dkc, dvc,
+        q, k_cmp, v_cmp, do, lse, delta, end, qpos, qds, _prefix_max(qpos), _suffix_min(qds), dkc, dvc, dq,
         *q.stride()[:3], *k_cmp.stride()[:3], *v_cmp.stride()[:3], *do.stride()[:3], *dkc.stride()[:3],
-        *dvc.stride()[:3], T, N, H, Hkv, G, scale=scale, Q_CHUNK=q_chunk, GP=GP, ATOMIC=atomic, **dims, **cfg)
+        *dvc.stride()[:3], T, N, H, Hkv, G, scale=scale, Q_CHUNK=q_chunk, GP=GP, ATOMIC=atomic, FUSE_DQ=fuse_dq,
+        **dims, **cfg)
     if atomic:
         dkc, dvc = dkc.to(k_cmp.dtype), dvc.to(v_cmp.dtype)
-    return dq, dkc, dvc
+    return (dq.to(q.dtype) if fuse_dq else dq), dkc, dvc
 
 
 def _query_chunks(T: int, q_chunk: int, max_chunks: int, bt: int) -> tuple[int, int]:
