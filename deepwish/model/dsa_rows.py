@@ -20,10 +20,13 @@ indices [B, T, K] int32 (-1 = unused): B·T·K·4 bytes.
   slots [0, t1): a key after its query's slot is never visible (slots are positions within a
   document, documents are contiguous), so the causal square is skipped, not just masked.
 - `dense_kl` / `sparse_kl` are `indexer_kl` over all visible keys (the dense warm-up) or over
-  the selected ones (the sparse stage). Each block runs under activation checkpointing: its
-  target and graph are rebuilt in the backward pass, one block at a time, so training memory
-  stays one block, not T/C of them. The sparse stage gathers the selected rows (index keys and
-  latent rows), O(C·K) per block, never O(C·S).
+  the selected ones (the sparse stage). dense_kl's blocks run under activation checkpointing:
+  their target and graph are rebuilt in the backward pass, one block at a time, so training
+  memory stays one block, not T/C of them. sparse_kl gathers the selected rows (index keys and
+  latent rows), O(C·K) per block, never O(C·S), and computes the loss and its gradients in one
+  pass over large blocks with no autograd graph (`_SparseKL`): a per-block graph under
+  checkpointing cost ~110 small launches per block of ~50 rows (fwd, recompute, bwd), and each
+  block's slice of q sent a full-size [B, T, Hi, Di] zero-filled gradient back (O(T²/C) bytes).
 """
 from __future__ import annotations
 
@@ -154,40 +157,125 @@ def dense_kl(q: torch.Tensor, w: torch.Tensor, k: torch.Tensor, q_abs: torch.Ten
     return total / (B * T)
 
 
-def _gather_rows(x: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
-    """x [B,S,D], indices [B,C,K] (-1 allowed) -> x at the slots [B,C,K,D] (slot 0 for -1)."""
+KL_ROW_BUDGET = 1 << 27  # the sparse KL's blocks: elements of the widest [C, K, ·] intermediate (512 MiB fp32)
+
+
+def _sparse_kl_block(q: torch.Tensor, w: torch.Tensor, k_rows: torch.Tensor, q_abs: torch.Tensor,
+                     kv_rows: torch.Tensor, indices: torch.Tensor, base: torch.Tensor, index_scale: float,
+                     attn_scale: float, norm: float, want_grads: bool):
+    """One block of C query rows, no autograd graph: the KL summed over the block's rows and,
+    when want_grads, its gradients written out by hand.
+
+    q [B,C,Hi,Di] and q_abs [B,C,H,D] already in their dots' dtypes, w [B,C,Hi] fp32,
+    k_rows [B·S, Di] / kv_rows [B·S, D] the flattened keys and latent rows (dots' dtypes),
+    indices [B,C,K] (-1 = unused), base [B] = b·S. Returns (kl fp32 scalar, dq [B,C,Hi,Di] fp32,
+    dw [B,C,Hi] fp32, dk_sel [B·C·K, Di] fp32 (0 at unused slots), slots [B·C·K]) with the
+    gradients of kl / norm; None for the gradients when not want_grads.
+
+    The arithmetic is `indexer_kl`'s on the selected slots, in the reference's operation order:
+    the target's scores and the index dots in the given dtypes (bf16 under autocast, as autograd
+    would run them there), everything after in fp32; the gradients are log_softmax's, relu's and
+    the dots' own backward formulas."""
     B, C, K = indices.shape
-    slot = indices.long().clamp_min(0).reshape(B, C * K, 1).expand(-1, -1, x.shape[-1])
-    return torch.gather(x, 1, slot).reshape(B, C, K, -1)
+    H, D = q_abs.shape[2:]
+    Hi, Di = q.shape[2:]
+    BC = B * C
+    keep = (indices >= 0).reshape(BC, K)
+    slots = (indices.long().clamp_min(0) + base[:, None, None]).reshape(-1)  # -1 reads slot 0, masked
+    # target: head-summed attention over the selected slots, L1-normalised (no gradient)
+    rows = kv_rows.index_select(0, slots).view(BC, K, D)
+    s = torch.bmm(q_abs.reshape(BC, H, D), rows.transpose(1, 2)).float().mul_(attn_scale)  # [BC,H,K]
+    del rows
+    p = s.masked_fill_(~keep[:, None], float("-inf")).softmax(-1).sum(1)
+    del s
+    p = p / p.sum(-1, keepdim=True)  # [BC,K]
+    # index scores at the selected slots: I = Σ_h w_h · relu(scale · q_h·k)
+    k_sel = k_rows.index_select(0, slots).view(BC, K, Di)
+    qb = q.reshape(BC, Hi, Di)
+    a = F.relu_(torch.bmm(qb, k_sel.transpose(1, 2)).float().mul_(index_scale))  # [BC,Hi,K]
+    wb = w.reshape(BC, 1, Hi).float()
+    i = torch.bmm(wb, a).squeeze(1)  # [BC,K]
+    log_q = i.masked_fill_(~keep, float("-inf")).log_softmax(-1)
+    kl = (p * (p.clamp_min(1e-30).log() - log_q.masked_fill(~keep, 0.0))).sum()
+    if not want_grads:
+        return kl, None, None, None, slots
+    # d kl / d I = softmax(I)·Σp - p on the kept slots (log_softmax's backward of -p), / norm
+    g_i = (log_q.exp_().mul_(p.sum(-1, keepdim=True)).sub_(p)).masked_fill_(~keep, 0.0).div_(norm)
+    dw = torch.bmm(a, g_i[:, :, None]).view(B, C, Hi)  # d I / d w_h = relu(·)
+    # d I / d (q_h·k) = w_h · scale where the relu passes; the dots' dtype, as autograd's would be
+    g_z = (wb.transpose(1, 2) * index_scale * g_i[:, None, :]).masked_fill_(a <= 0, 0.0).to(qb.dtype)  # [BC,Hi,K]
+    del a
+    dq = torch.bmm(g_z, k_sel).float().view(B, C, Hi, Di)
+    dk_sel = torch.bmm(g_z.transpose(1, 2), qb).float().view(BC * K, Di)
+    return kl, dq, dw, dk_sel, slots
 
 
-def _sparse_kl_block(q: torch.Tensor, w: torch.Tensor, k: torch.Tensor, q_abs: torch.Tensor, kv: torch.Tensor,
-                     indices: torch.Tensor, index_scale: float, attn_scale: float) -> torch.Tensor:
-    keep = indices >= 0  # [B,C,K]
-    with torch.no_grad():
-        s = torch.einsum("bchd,bckd->bhck", q_abs, _gather_rows(kv, indices)).float() * attn_scale
-        p = _head_summed_target(s, keep)
-    k_sel = _gather_rows(k, indices).float()  # [B,C,K,Di]
-    z = F.relu(torch.einsum("bchd,bckd->bchk", q.float(), k_sel) * index_scale)
-    i = torch.einsum("bch,bchk->bck", w, z)
-    log_q = i.masked_fill(~keep, float("-inf")).log_softmax(-1)
-    return _kl_rows(p, log_q, keep)
+class _SparseKL(torch.autograd.Function):
+    """The sparse stage's KL with its gradients computed in the same pass over the row blocks
+    (the loss is a scalar: its backward only scales them), so nothing is recomputed and no
+    per-block autograd graph exists. Held between forward and backward: dq, dw, dk, the size of
+    the indexer's q, w, k (in their dtypes; dk accumulated in fp32)."""
+
+    @staticmethod
+    def forward(ctx, q, w, k, q_abs, kv, indices, index_scale, attn_scale, budget, dot_dtype, target_dtype):
+        B, T, Hi, Di = q.shape
+        H, D = q_abs.shape[2:]
+        S, K = k.shape[1], indices.shape[-1]
+        want = any(ctx.needs_input_grad[:3])
+        C = rows_per_block(B, K * max(H, Hi, D, Di), budget)
+        norm = float(B * T)
+        dev = q.device
+        k_rows = k.detach().to(dot_dtype).reshape(B * S, Di)  # cast once, not per block
+        kv_rows = kv.detach().to(target_dtype).reshape(B * S, D)
+        base = torch.arange(B, device=dev) * S
+        total = torch.zeros((), dtype=torch.float32, device=dev)
+        if want:
+            dq = torch.empty(B, T, Hi, Di, dtype=q.dtype, device=dev)
+            dw = torch.empty(B, T, Hi, dtype=w.dtype, device=dev)
+            # unused slots add their zeros to K spare rows after the S real ones, one per column:
+            # none piles onto slot 0 (fp32 atomics onto one row serialise)
+            dk = torch.zeros(B * S + K, Di, dtype=torch.float32, device=dev)
+            spare = B * S + torch.arange(K, device=dev)
+        with torch.autocast(dev.type, enabled=False):  # the dtypes are chosen here, explicitly
+            for t0 in range(0, T, C):
+                t1 = min(T, t0 + C)
+                idx = indices[:, t0:t1]
+                kl, dq_b, dw_b, dk_sel, slots = _sparse_kl_block(
+                    q[:, t0:t1].to(dot_dtype), w[:, t0:t1], k_rows, q_abs[:, t0:t1].to(target_dtype), kv_rows,
+                    idx, base, index_scale, attn_scale, norm, want)
+                total += kl
+                if want:
+                    dq[:, t0:t1] = dq_b
+                    dw[:, t0:t1] = dw_b
+                    unused = (idx < 0).reshape(-1)
+                    slots = torch.where(unused, spare.repeat(B * (t1 - t0)), slots)
+                    dk.index_add_(0, slots, dk_sel)
+        if want:
+            ctx.save_for_backward(dq, dw, dk[:B * S].view(B, S, Di).to(k.dtype))
+        return total / norm
+
+    @staticmethod
+    def backward(ctx, g):
+        dq, dw, dk = ctx.saved_tensors
+        return dq * g, dw * g, dk * g, None, None, None, None, None, None, None, None
 
 
 @torch.compiler.disable
 def sparse_kl(q: torch.Tensor, w: torch.Tensor, k: torch.Tensor, q_abs: torch.Tensor, kv: torch.Tensor,
               indices: torch.Tensor, index_scale: float, attn_scale: float,
-              budget: int = ROW_BUDGET) -> torch.Tensor:
+              budget: int = KL_ROW_BUDGET) -> torch.Tensor:
     """The sparse stage's indexer loss, `indexer_kl` over the selected keys only, in row blocks:
     arguments as `dense_kl`, plus indices [B,T,K] (-1 = unused) from `topk_indices`. The index
-    scores and the target are computed at the selected slots only. -> mean over queries."""
-    B, T, H, D = q_abs.shape
-    K = indices.shape[-1]
-    C = rows_per_block(B, K * max(H, q.shape[2], D), budget)
-    q_abs, kv = q_abs.detach(), kv.detach().to(q_abs.dtype)  # cast once, not per block
-    total = q.new_zeros((), dtype=torch.float32)
-    for t0 in range(0, T, C):
-        t1 = min(T, t0 + C)
-        total = total + checkpoint(_sparse_kl_block, q[:, t0:t1], w[:, t0:t1], k, q_abs[:, t0:t1], kv,
-                                   indices[:, t0:t1], index_scale, attn_scale, use_reentrant=False)
-    return total / (B * T)
+    scores and the target are computed at the selected slots only, O(C·K) per block, never
+    O(C·S). Differentiable in q, w, k (their gradients are computed in the same pass over the
+    blocks, see `_SparseKL`). The dots take autocast's dtype when it is on (else the inputs'
+    promoted dtype), as the attention kernels' inputs do. -> mean over queries."""
+    q_abs, kv = q_abs.detach(), kv.detach()
+    return _SparseKL.apply(q, w, k, q_abs, kv, indices, index_scale, attn_scale, budget, _dot_dtype(q, k),
+                           _dot_dtype(q_abs, kv))
+
+
+def _dot_dtype(a: torch.Tensor, b: torch.Tensor) -> torch.dtype:
+    """The dtype `kernel_inputs` would cast a and b to: autocast's when it is on, else promoted."""
+    dev = a.device.type
+    return torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else torch.promote_types(a.dtype, b.dtype)

@@ -133,3 +133,45 @@ def test_sparse_kl_and_grads_equal_reference(budget, rel_err):
     assert abs(got.item() - ref.item()) < 1e-5 * max(1.0, ref.item()) and ref.item() > 0.01
     for a, b in zip(ref_grads, torch.autograd.grad(got, (q, w, k))):
         assert rel_err(a, b) < 1e-5
+
+
+def test_sparse_kl_scaled_backward_and_frozen_inputs(rel_err):
+    """The gradients computed in the forward pass are scaled by the upstream gradient (an indexer
+    weight), go only where asked (w alone when q and k are frozen), and a no-grad call returns
+    the same value."""
+    (q, w, k), q_abs, kv = kl_inputs(B=2, T=11, seed=5)
+    pos = torch.arange(11).expand(2, 11)
+    indices = topk_indices(q.detach(), w.detach(), k.detach(), 0.5, 5, pos, pos, causal_prefix=True)
+    attend = as_mask(indices, 11)
+    ref = reference_kl(q, w, k, q_abs, kv, attend)
+    ref_grads = torch.autograd.grad(2.5 * ref, (q, w, k))
+    got = sparse_kl(q, w, k, q_abs, kv, indices, 0.5, 0.3, budget=5 * 10)
+    for a, b in zip(ref_grads, torch.autograd.grad(2.5 * got, (q, w, k))):
+        assert rel_err(a, b) < 1e-5
+    qf, kf = q.detach(), k.detach()
+    only_w = sparse_kl(qf, w, kf, q_abs, kv, indices, 0.5, 0.3)
+    (gw,) = torch.autograd.grad(only_w, (w,))
+    assert rel_err(ref_grads[1] / 2.5, gw) < 1e-5
+    with torch.no_grad():
+        plain = sparse_kl(q, w, k, q_abs, kv, indices, 0.5, 0.3)
+    assert not plain.requires_grad and abs(plain.item() - ref.item()) < 1e-5 * max(1.0, ref.item())
+
+
+def test_sparse_kl_under_bf16_autocast_stays_near_fp32():
+    """Under autocast the dots run in bf16 (as autograd runs them there), the rest in fp32: the
+    loss and gradients stay within bf16 noise of the fp32 ones, in the inputs' dtypes."""
+    (q, w, k), q_abs, kv = kl_inputs(B=1, T=16, H=4, D=16, seed=7)
+    pos = torch.arange(16)[None]
+    indices = topk_indices(q.detach(), w.detach(), k.detach(), 0.5, 6, pos, pos, causal_prefix=True)
+    ref = sparse_kl(q, w, k, q_abs, kv, indices, 0.5, 0.3)
+    ref_grads = torch.autograd.grad(ref, (q, w, k))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = sparse_kl(q, w, k, q_abs, kv, indices, 0.5, 0.3)
+    grads = torch.autograd.grad(got, (q, w, k))
+    assert got.dtype == torch.float32 and abs(got.item() - ref.item()) < 2e-2 * ref.item()
+    for a, b in zip(ref_grads, grads):
+        assert b.dtype == a.dtype and rel_rms(a, b) < 5e-2
+
+
+def rel_rms(a, b):
+    return ((a - b).float().pow(2).mean().sqrt() / a.float().pow(2).mean().sqrt().clamp_min(1e-30)).item()
