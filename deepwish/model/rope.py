@@ -121,11 +121,16 @@ class Rotary(nn.Module):
     def __init__(self, cfg: ModelConfig, dim: int):
         super().__init__()
         self.cfg, self.dim = cfg, dim
-        inv_freq, self.attention_factor = rope_frequencies(cfg, dim)
-        self.register_buffer("inv_freq", inv_freq, persistent=False)
-        if cfg.rope_type == "longrope":
-            self.register_buffer("inv_freq_long", longrope_frequencies(cfg, dim, cfg.rope_long_factor),
-                                 persistent=False)
+        # Computed on the CPU whatever device the model is built on (a `torch.device` context), then
+        # moved: CUDA's pow may differ from the CPU's in the last bit, and a model built on the GPU
+        # would then rotate differently from the same weights loaded (load_hf computes on the CPU).
+        device = torch.empty(0).device
+        with torch.device("cpu"):
+            inv_freq, self.attention_factor = rope_frequencies(cfg, dim)
+            long = longrope_frequencies(cfg, dim, cfg.rope_long_factor) if cfg.rope_type == "longrope" else None
+        self.register_buffer("inv_freq", inv_freq.to(device), persistent=False)
+        if long is not None:
+            self.register_buffer("inv_freq_long", long.to(device), persistent=False)
 
     def _apply(self, fn, recurse=True):
         """Moves follow the model; dtype casts do not: `model.to(torch.bfloat16)` would otherwise
@@ -143,9 +148,10 @@ class Rotary(nn.Module):
     def reset_buffers(self) -> None:
         """Recompute the (non-persistent) frequencies, e.g. after building on the meta device."""
         device = self.inv_freq.device if not self.inv_freq.is_meta else "cpu"
-        self.inv_freq = rope_frequencies(self.cfg, self.dim)[0].to(device)
-        if self.cfg.rope_type == "longrope":
-            self.inv_freq_long = longrope_frequencies(self.cfg, self.dim, self.cfg.rope_long_factor).to(device)
+        with torch.device("cpu"):
+            self.inv_freq = rope_frequencies(self.cfg, self.dim)[0].to(device)
+            if self.cfg.rope_type == "longrope":
+                self.inv_freq_long = longrope_frequencies(self.cfg, self.dim, self.cfg.rope_long_factor).to(device)
 
     def frequencies(self, positions: torch.Tensor) -> torch.Tensor:
         """inv_freq for a forward at `positions` (per call for dynamic and longrope)."""
