@@ -144,3 +144,20 @@ def test_mtp_speculation_on_gpu(cuda):
     prompt = list(range(3, 12))
     out, st = mtp_speculative_generate(model, prompt, 30, fallback=False)
     assert out == generate(model, [prompt], 30)[0], st.summary()
+
+
+@pytest.mark.parametrize("preset", ["qwen3_moe_tiny", "qwen3_next_tiny"])
+def test_bf16_decode_is_bit_reproducible(cuda, preset):
+    """bf16, default init (flat logits, top-2 ties common): the eager step run twice and the
+    captured step give the same logits bit for bit. The step's only cross-thread accumulation was
+    the MoE combine's index_add_ (atomics, order varying run to run); nothing may reintroduce one."""
+    model = _model(preset, torch.bfloat16, cuda)
+    V = model.cfg.vocab_size
+    prompt = torch.randint(0, V, (2, 9), device=cuda)
+    feed = torch.randint(0, V, (2, 24), device=cuda)
+    first = _stepwise(model, decode_one_token, model.make_cache(2, 33), prompt, feed)
+    again = _stepwise(model, decode_one_token, model.make_cache(2, 33), prompt, feed)
+    cache = model.make_cache(2, 33)
+    graphed = _stepwise(model, CapturedDecoder(model, cache), cache, prompt, feed)
+    assert torch.equal(first, again)
+    assert torch.equal(first, graphed)

@@ -44,9 +44,12 @@ def test_walkthrough_runs_top_to_bottom_on_cpu(this_interpreter_kernel):
     assert f"deepwish from {ROOT / 'deepwish'}" in text  # this checkout, in this interpreter
     assert "tiny HF Qwen3 -> load_hf" in text and "speculative:" in text
     assert "captured:    needs CUDA" in text
+    assert "bit-exact: True (returned in fp32: none); max |logit difference| = 0.00e+00" in text  # save_hf round trip
     summary = json.loads(text[text.rindex('{\n "size"'):])
     assert summary["size"] == "tiny" and summary["final_train_loss"] < summary["first_train_loss"] - 0.2
     assert set(summary["generate_ms_per_token"]) == {"eager", "speculative"}
+    # the function a CUDA graph captures, run eagerly, equals the eager step bit for bit
+    assert summary["eager_repeatable"] is True and summary["captured_vs_eager_max_logit_diff"] == 0
     assert all(isinstance(summary["kernel_ms"][f"{k} torch"], float)
                for k in ("short_conv", "chunk_gated_delta", "recurrent_step"))
     assert "torch" in summary["model_fwd_bwd_ms"]
