@@ -241,9 +241,9 @@ def check(device, dtype=torch.bfloat16, T: int = CHECK_T) -> dict:
 # kernel kind -> candidate changes of its current launch configuration (the first, {}, is the
 # current one). Kept short: each candidate compiles its kernel once (seconds).
 SWEEP_CANDIDATES = {
-    "cmp_fwd": [{}, dict(BN=128), dict(BNS=64), dict(BJ=32), dict(num_stages=3), dict(BM=64, num_warps=4),
-                dict(FUSED_SELECT=False)],
-    "cmp_sel": [{}, dict(BN=64), dict(BJ=32), dict(num_warps=4), dict(BM=64, num_warps=4)],
+    "cmp_fwd": [{}, dict(SORT_MERGE=False), dict(BN=128), dict(BNS=64), dict(BJ=32), dict(num_stages=3),
+                dict(BM=64, num_warps=4), dict(FUSED_SELECT=False)],
+    "cmp_sel": [{}, dict(SORT_MERGE=False), dict(BN=64), dict(BJ=32), dict(num_warps=4), dict(BM=64, num_warps=4)],
     "cmp_dq": [{}, dict(BN=32), dict(num_stages=3), dict(BM=64, num_warps=4)],
     "cmp_dkdv": [{}, dict(Q_CHUNK=1024), dict(MAX_CHUNKS=32), dict(BN=32), dict(num_stages=3),
                  dict(BM=64, num_warps=4), dict(FUSE_DQ=True), dict(FUSE_DQ=True, BN=128)],
@@ -285,10 +285,12 @@ def kind_runner(kind: str, a: dict):
                                         SELECT_LEN)
 
 
-def sweep(device, T: int, kinds: list[str] | None = None, candidates: dict | None = None, log=print) -> dict:
+def sweep(device, T: int, kinds: list[str] | None = None, candidates: dict | None = None, log=print,
+          save: Path | None = None) -> dict:
     """The tile sweep (module docstring): {kind: {"best": changes, "config": the full launch
-    configuration to keep, "trials": [{changes, ms | error, check}]}}. The winners stay applied
-    (kernels/nsa/triton.py's tables) for the rest of this process."""
+    configuration to keep, "trials": [{changes, ms | error, check}]}}, also written to `save`
+    after each kind (a run stopped by a time limit keeps the kinds it finished). The winners
+    stay applied (kernels/nsa/triton.py's tables) for the rest of this process."""
     from deepwish.kernels.nsa import triton as nk
     candidates = SWEEP_CANDIDATES if candidates is None else candidates
     kinds = list(candidates) if kinds is None else kinds
@@ -322,6 +324,8 @@ def sweep(device, T: int, kinds: list[str] | None = None, candidates: dict | Non
         table[key] = dict(table[key], **best)     # keep the winner for the next kinds
         result[kind] = dict(best=best, config=dict(table[key]), trials=trials)
         log(f"sweep {kind}: keep {result[kind]['config']}")
+        if save is not None:
+            save.write_text(json.dumps(result, indent=1, default=str))
     return result
 
 
@@ -409,8 +413,8 @@ def run(device, out: Path, parts: list[str], lengths: list[int], with_fla: bool 
         t0 = time.perf_counter()
         try:
             if part == "sweep":
-                res["sweep"] = sweep(device, sweep_T, sweep_kinds, log=lambda m: print(m, flush=True))
-                (out / "nsa_sweep.json").write_text(json.dumps(res["sweep"], indent=1, default=str))
+                res["sweep"] = sweep(device, sweep_T, sweep_kinds, log=lambda m: print(m, flush=True),
+                                     save=out / "nsa_sweep.json")
                 print("\n## sweep winners at T", sweep_T, "(paste into kernels/nsa/triton.py TILES, 16bit)\n" +
                       "\n".join(f'("{k}", "16bit"): dict({", ".join(f"{a}={b!r}" for a, b in r["config"].items())}),'
                                 for k, r in res["sweep"].items()), flush=True)

@@ -114,12 +114,16 @@ def test_compressed_and_selected_match_reference(rel_err, B, lengths, T, H, Hkv,
     assert max(errs) < TOL[dtype], dict(zip(("o_slc", "dq", "dk", "dv"), errs))
 
 
-@pytest.mark.parametrize("n,lengths,fused", [(16, [36], True), (5, [20, 16], True), (16, [20, 16], False)],
-                         ids=["n16-one-doc", "n5-docs", "n16-docs-separate-pass"])
-def test_selection_merges_several_scoring_tiles(rel_err, n, lengths, fused):
+@pytest.mark.parametrize("n,lengths,fused,sort", [(16, [36], True, True), (5, [20, 16], True, True),
+                                                   (16, [20, 16], False, True), (5, [36], True, False),
+                                                   (16, [20, 16], False, False)],
+                         ids=["n16-one-doc", "n5-docs", "n16-docs-separate-pass", "n5-insertion",
+                              "n16-docs-separate-pass-insertion"])
+def test_selection_merges_several_scoring_tiles(rel_err, n, lengths, fused, sort):
     """36 selection blocks of one token (more than two scoring tiles of 16): the running top list
     is merged tile after tile and still equals the reference's top-n (fp32: exact), in the
-    forward kernel and in the separate scoring pass (FUSED_SELECT off)."""
+    forward kernel and in the separate scoring pass (FUSED_SELECT off), by the sort merge and
+    by the insertion form (SORT_MERGE off)."""
     torch.manual_seed(8)
     S, H, Hkv, D = sum(lengths), 2, 1, 16
     q = torch.randn(1, S, H, D)
@@ -128,7 +132,8 @@ def test_selection_merges_several_scoring_tiles(rel_err, n, lengths, fused):
     kw = dict(q_pos=torch.arange(S)[None], doc_ids=doc_ids_of([lengths]), cmp_len=2, select_len=1, n_select=n,
               n_init=1, n_local=2)
     o_want, sel_want = ref.nsa_compressed(q, kc, vc, ends, **kw)
-    with tri.override_tiles("cmp_fwd", FUSED_SELECT=fused):
+    with tri.override_tiles("cmp_fwd", FUSED_SELECT=fused, SORT_MERGE=sort), \
+            tri.override_tiles("cmp_sel", SORT_MERGE=sort):
         o_got, sel_got = tri.nsa_compressed(q, kc, vc, ends, **kw)
     assert torch.equal(sel_got, sel_want) and rel_err(o_want, o_got) < 1e-5
 

@@ -24,8 +24,12 @@ Compressed branch (one kernel for the forward, `_cmp_fwd_kernel`):
   integer order is the selection's total order (score, then the later block): the fp32 bits of a
   score >= 0 order as integers, so key = bits << 32 | block. Each query keeps its running top BJ
   keys in registers; a tile of BJ new keys is merged by one bitonic sort of the 2·BJ candidates
-  (15 compare-exchange stages for BJ 16) instead of inserting block by block (BJ serial steps of
-  three cross-warp reductions each). The first n keys give sel_idx (descending block index).
+  (15 compare-exchange stages for BJ 16; SORT_MERGE) or inserted key by key (BJ serial steps of
+  two row reductions, the minimum replaced when beaten: keys are unique, so the minimum is one
+  slot); which is faster is the tile sweep's to say. The per-block insertion this replaces took
+  three reductions and a float/index pair per block; at 64k a query tile walks up to 1024 blocks,
+  so this serial part grows as T² over the whole branch. The first n keys give sel_idx
+  (descending block index).
 - Decoding (T <= DECODE_MAX_T queries per row): a (query tile, KV head) pair alone would walk a
   long context serially, so both passes are split over NSPLIT programs (`_cmp_split_attend_kernel`
   over the compressed tokens, `_cmp_split_select_kernel` over the selectable blocks, each with its
@@ -98,16 +102,18 @@ _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 # columns per dK/dV step, CH queries per work item. The 16-bit rows are first choices for an
 # H200 at D 128 (the register budget of kernels/attention's 128-row tiles); not swept yet.
 TILES = {
-    ("cmp_fwd", "16bit"): dict(BM=128, BN=64, BNS=32, BJ=16, FUSED_SELECT=True, num_warps=8, num_stages=2),
-    ("cmp_sel", "16bit"): dict(BM=128, BN=32, BJ=16, num_warps=8, num_stages=2),
+    ("cmp_fwd", "16bit"): dict(BM=128, BN=64, BNS=32, BJ=16, FUSED_SELECT=True, SORT_MERGE=True, num_warps=8,
+                               num_stages=2),
+    ("cmp_sel", "16bit"): dict(BM=128, BN=32, BJ=16, SORT_MERGE=True, num_warps=8, num_stages=2),
     ("cmp_dq", "16bit"): dict(BM=128, BN=64, num_warps=8, num_stages=2),
     ("cmp_dkdv", "16bit"): dict(BM=128, BN=64, Q_CHUNK=512, MAX_CHUNKS=16, FUSE_DQ=False, num_warps=8,
                                 num_stages=2),
     ("slc_fwd", "16bit"): dict(num_warps=4, num_stages=3),
     ("slc_dq", "16bit"): dict(num_warps=4, num_stages=3),
     ("slc_dkdv", "16bit"): dict(ROWS=128, CH=1024, num_warps=8, num_stages=2),
-    ("cmp_fwd", "fp32"): dict(BM=64, BN=32, BNS=32, BJ=16, FUSED_SELECT=True, num_warps=8, num_stages=1),
-    ("cmp_sel", "fp32"): dict(BM=64, BN=32, BJ=16, num_warps=8, num_stages=1),
+    ("cmp_fwd", "fp32"): dict(BM=64, BN=32, BNS=32, BJ=16, FUSED_SELECT=True, SORT_MERGE=True, num_warps=8,
+                             num_stages=1),
+    ("cmp_sel", "fp32"): dict(BM=64, BN=32, BJ=16, SORT_MERGE=True, num_warps=8, num_stages=1),
     ("cmp_dq", "fp32"): dict(BM=64, BN=32, num_warps=8, num_stages=1),
     ("cmp_dkdv", "fp32"): dict(BM=64, BN=32, Q_CHUNK=512, MAX_CHUNKS=16, FUSE_DQ=False, num_warps=8,
                               num_stages=1),
@@ -115,22 +121,24 @@ TILES = {
     ("slc_dq", "fp32"): dict(num_warps=4, num_stages=1),
     ("slc_dkdv", "fp32"): dict(ROWS=64, CH=1024, num_warps=8, num_stages=1),
     # decoding (T <= DECODE_MAX_T): rows = T·GP up to MAX_BM, SPLIT_TOKENS compressed tokens per split
-    ("cmp_split", "16bit"): dict(MAX_BM=128, BN=64, BJ=16, SPLIT_TOKENS=256, num_warps=4, num_stages=2),
-    ("cmp_split", "fp32"): dict(MAX_BM=64, BN=32, BJ=16, SPLIT_TOKENS=256, num_warps=4, num_stages=1),
+    ("cmp_split", "16bit"): dict(MAX_BM=128, BN=64, BJ=16, SPLIT_TOKENS=256, SORT_MERGE=True, num_warps=4,
+                                 num_stages=2),
+    ("cmp_split", "fp32"): dict(MAX_BM=64, BN=32, BJ=16, SPLIT_TOKENS=256, SORT_MERGE=True, num_warps=4,
+                                num_stages=1),
 }
 DECODE_MAX_T = 16  # up to this many queries per row take the split (decoding) path
 MAX_SPLITS = 64
 # the interpreter: small tiles, so a test of a few dozen tokens crosses several of each (and
 # G = 16 takes the broadcast mapping of the scores, G <= 4 the dot)
 INTERPRET_TILES = {
-    "cmp_fwd": dict(BM=64, BN=16, BNS=16, BJ=16, FUSED_SELECT=True, num_warps=1, num_stages=1),
-    "cmp_sel": dict(BM=32, BN=16, BJ=16, num_warps=1, num_stages=1),
+    "cmp_fwd": dict(BM=64, BN=16, BNS=16, BJ=16, FUSED_SELECT=True, SORT_MERGE=True, num_warps=1, num_stages=1),
+    "cmp_sel": dict(BM=32, BN=16, BJ=16, SORT_MERGE=True, num_warps=1, num_stages=1),
     "cmp_dq": dict(BM=64, BN=16, num_warps=1, num_stages=1),
     "cmp_dkdv": dict(BM=32, BN=16, Q_CHUNK=8, MAX_CHUNKS=3, FUSE_DQ=False, num_warps=1, num_stages=1),
     "slc_fwd": dict(num_warps=1, num_stages=1),
     "slc_dq": dict(num_warps=1, num_stages=1),
     "slc_dkdv": dict(ROWS=16, CH=3, num_warps=1, num_stages=1),
-    "cmp_split": dict(MAX_BM=64, BN=16, BJ=16, SPLIT_TOKENS=5, num_warps=1, num_stages=1),
+    "cmp_split": dict(MAX_BM=64, BN=16, BJ=16, SPLIT_TOKENS=5, SORT_MERGE=True, num_warps=1, num_stages=1),
 }
 
 
@@ -246,10 +254,12 @@ def _tile_blocks(QPOS, QDS, qbase, m0, T, SEL_LEN, BT: tl.constexpr):
 @triton.jit
 def _cmp_select(key, q, lse, KC, END, CMAX, CMIN, cbase, k_base, sk_n, N, p_row, ds_row, c_lo, c_hi,
                 tok_ok, sb, qb, j_a, j_b, qk_scale, dk, DQK, CMP_LEN, SEL_LEN, N_INIT, N_LOCAL,
-                BT: tl.constexpr, GP: tl.constexpr, BN: tl.constexpr, BJ: tl.constexpr, PREC: tl.constexpr):
+                BT: tl.constexpr, GP: tl.constexpr, BN: tl.constexpr, BJ: tl.constexpr, SORT_MERGE: tl.constexpr,
+                PREC: tl.constexpr):
     """Pass 2 over selection blocks [j_a, j_b): each query's block importance (the group-summed
     probabilities exp2(s - lse) of the compressed tokens overlapping each block), +inf forced,
-    -inf ineligible, merged into its running top-BJ `key` [BT, BJ] (`_block_key`, descending)."""
+    -inf ineligible, merged into its running top-BJ `key` [BT, BJ] (`_block_key`; start from
+    `_empty_keys`; `_top_keys` orders them at the end)."""
     MAP_DOT: tl.constexpr = BT >= 16
     jj = tl.arange(0, BJ)
     for j0 in range(j_a, j_b, BJ):
@@ -278,8 +288,41 @@ def _cmp_select(key, q, lse, KC, END, CMAX, CMIN, cbase, k_base, sk_n, N, p_row,
         elig = (j[None, :] >= sb[:, None]) & (j[None, :] <= qb[:, None]) & (j[None, :] < j_b) & tok_ok[:, None]
         forced = elig & ((j[None, :] < sb[:, None] + N_INIT) | (j[None, :] > qb[:, None] - N_LOCAL))
         score = tl.where(forced, float("inf"), score)
-        key = _merge_top(key, _block_key(score, j[None, :] + tl.zeros([BT, BJ], dtype=tl.int32), elig), BT, BJ)
+        new = _block_key(score, j[None, :] + tl.zeros([BT, BJ], dtype=tl.int32), elig)
+        if SORT_MERGE:
+            key = _merge_top(key, new, BT, BJ)
+        else:
+            key = _insert_top(key, new, BJ)
     return key
+
+
+@triton.jit
+def _empty_keys(BT: tl.constexpr, BJ: tl.constexpr):
+    """An empty running top list: distinct negative keys (-1 - slot), below every real key and
+    never equal to each other (the insertion replaces the unique minimum)."""
+    return -1 - tl.cast(tl.arange(0, BJ), tl.int64)[None, :] + tl.zeros([BT, BJ], dtype=tl.int64)
+
+
+@triton.jit
+def _insert_top(key, new, BJ: tl.constexpr):
+    """The insertion form of the merge: the BJ new keys one at a time, each replacing the row's
+    minimum when larger (two reductions per block; keys are unique, so the minimum is one slot)."""
+    jj = tl.arange(0, BJ)
+    for x in range(0, BJ):
+        k_x = tl.sum(tl.where(jj[None, :] == x, new, 0), 1)                # [BT]
+        m = tl.min(key, 1)
+        take = (k_x > m) & (k_x >= 0)
+        key = tl.where((key == m[:, None]) & take[:, None], k_x[:, None], key)
+    return key
+
+
+@triton.jit
+def _top_keys(key, SORT_MERGE: tl.constexpr):
+    """The running top list in descending order (the insertion form leaves it unordered)."""
+    if SORT_MERGE:
+        return key
+    else:
+        return tl.sort(key, dim=1, descending=True)
 
 
 @triton.jit
@@ -330,7 +373,7 @@ def _cmp_fwd_kernel(Q, KC, VC, END, CMAX, CMIN, QPOS, QDS, O, LSE, SEL,
                     T, N, H, HKV, G, DQK, DV, scale, CMP_LEN, SEL_LEN, N_SELECT, N_INIT, N_LOCAL,
                     BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr, GP: tl.constexpr, BM: tl.constexpr,
                     BN: tl.constexpr, BNS: tl.constexpr, BJ: tl.constexpr, NP: tl.constexpr,
-                    SELECT: tl.constexpr, PREC: tl.constexpr):
+                    SELECT: tl.constexpr, SORT_MERGE: tl.constexpr, PREC: tl.constexpr):
     """Training / prefill: pass 1 and pass 2 in one program per (query tile, KV head)."""
     BT: tl.constexpr = BM // GP
     qk_scale = scale * 1.4426950408889634
@@ -365,10 +408,10 @@ def _cmp_fwd_kernel(Q, KC, VC, END, CMAX, CMIN, QPOS, QDS, O, LSE, SEL,
     tl.store(LSE + (b * T + t64) * H + h64, lse, mask=row_ok)
     if SELECT:
         tok_ok, sb, qb, j_lo, j_hi = _tile_blocks(QPOS, QDS, b * T, m0, T, SEL_LEN, BT)
-        key = tl.full([BT, BJ], -1, dtype=tl.int64)
-        key = _cmp_select(key, q, lse, KC, END, CMAX, CMIN, cbase, k_base, sk_n, N, p_row, ds_row, c_lo, c_hi,
-                          tok_ok, sb, qb, j_lo, j_hi, qk_scale, dk, DQK, CMP_LEN, SEL_LEN, N_INIT, N_LOCAL,
-                          BT, GP, BNS, BJ, PREC)
+        key = _cmp_select(_empty_keys(BT, BJ), q, lse, KC, END, CMAX, CMIN, cbase, k_base, sk_n, N, p_row, ds_row,
+                          c_lo, c_hi, tok_ok, sb, qb, j_lo, j_hi, qk_scale, dk, DQK, CMP_LEN, SEL_LEN, N_INIT,
+                          N_LOCAL, BT, GP, BNS, BJ, SORT_MERGE, PREC)
+        key = _top_keys(key, SORT_MERGE)
         _store_sel(SEL, key, b, T, m0, tok_ok, hkv, HKV, N_SELECT, BT, BJ, NP)
 
 
@@ -439,7 +482,8 @@ def _cmp_split_select_kernel(Q, KC, END, CMAX, CMIN, QPOS, QDS, LSE, S_PART, I_P
                              sq_b, sq_t, sq_h, sk_b, sk_n, sk_h,
                              T, N, H, HKV, G, DQK, scale, CMP_LEN, SEL_LEN, N_SELECT, N_INIT, N_LOCAL, NSPLIT,
                              BLOCK_DK: tl.constexpr, GP: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
-                             BJ: tl.constexpr, NP: tl.constexpr, FINAL: tl.constexpr, PREC: tl.constexpr):
+                             BJ: tl.constexpr, NP: tl.constexpr, FINAL: tl.constexpr, SORT_MERGE: tl.constexpr,
+                             PREC: tl.constexpr):
     """Decoding, pass 2: one program per (query tile, KV head, split of the selectable blocks)
     writes its partial top-n (scores, indices) [NSPLIT, B, T, HKV, NP]; torch merges them
     (`_merge_select`). Empty slots are (-inf, -1). FINAL (one split, the training path's
@@ -464,10 +508,10 @@ def _cmp_split_select_kernel(Q, KC, END, CMAX, CMIN, QPOS, QDS, LSE, S_PART, I_P
     c_lo, c_hi = _cmp_range(CMAX, CMIN, cbase, N, p_row, ds_row, row_ok)
     tok_ok, sb, qb, j_lo, j_hi = _tile_blocks(QPOS, QDS, b * T, m0, T, SEL_LEN, BT)
     j_a, j_b = _split_range(j_lo, j_hi, split, NSPLIT)
-    key = tl.full([BT, BJ], -1, dtype=tl.int64)
-    key = _cmp_select(key, q, lse, KC, END, CMAX, CMIN, cbase, b * sk_b + tl.cast(hkv, tl.int64) * sk_h, sk_n, N,
-                      p_row, ds_row, c_lo, c_hi, tok_ok, sb, qb, j_a, j_b, qk_scale, dk, DQK, CMP_LEN, SEL_LEN,
-                      N_INIT, N_LOCAL, BT, GP, BN, BJ, PREC)
+    key = _cmp_select(_empty_keys(BT, BJ), q, lse, KC, END, CMAX, CMIN, cbase, b * sk_b + tl.cast(hkv, tl.int64) * sk_h,
+                      sk_n, N, p_row, ds_row, c_lo, c_hi, tok_ok, sb, qb, j_a, j_b, qk_scale, dk, DQK, CMP_LEN,
+                      SEL_LEN, N_INIT, N_LOCAL, BT, GP, BN, BJ, SORT_MERGE, PREC)
+    key = _top_keys(key, SORT_MERGE)
     if FINAL:   # one split: the selection itself
         _store_sel(SEL, key, b, T, m0, tok_ok, hkv, HKV, N_SELECT, BT, BJ, NP)
     else:
@@ -892,6 +936,7 @@ def compressed_forward_split(q, k_cmp, v_cmp, end, qpos, qds, scale, cmp_len, se
     cfg = _split_config(q, T, G, N)
     NS = cfg.pop("NSPLIT")
     BJ = cfg.pop("BJ")
+    sort_merge = cfg.pop("SORT_MERGE")
     grid = (triton.cdiv(T, cfg["BM"] // GP), B * Hkv, NS)
     cmax, cmin = _prefix_max(end), _suffix_min(end)
     m = torch.empty(NS, B, T, H, dtype=torch.float32, device=q.device)
@@ -912,7 +957,8 @@ def compressed_forward_split(q, k_cmp, v_cmp, end, qpos, qds, scale, cmp_len, se
     _cmp_split_select_kernel[grid](q, k_cmp, end, cmax, cmin, qpos, qds, lse, s_part, i_part, s_part,
                                    *q.stride()[:3], *k_cmp.stride()[:3], T, N, H, Hkv, G, scale=scale,
                                    CMP_LEN=cmp_len, SEL_LEN=select_len, N_SELECT=n_select, N_INIT=n_init,
-                                   N_LOCAL=n_local, NSPLIT=NS, GP=GP, BJ=BJ, NP=NP, FINAL=False, **dims, **cfg)
+                                   N_LOCAL=n_local, NSPLIT=NS, GP=GP, BJ=BJ, NP=NP, FINAL=False, SORT_MERGE=sort_merge,
+                                   **dims, **cfg)
     return o, lse, _merge_select(s_part, i_part, n_select)
 
 
