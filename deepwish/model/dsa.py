@@ -283,8 +283,8 @@ class DSA(MLA):
                 q_s, k_s = kernel_inputs(q_s, k_s)
             indices = topk_indices(q_s, w_idx.detach(), k_s, ix.softmax_scale, ix.topk, **where, scorer=self.index_scorer)
             q_k, kv_k = kernel_inputs(q_abs, kv)
-            o_lat, _ = sparse_mla(q_k, kv_k, indices, dv=self.kv_lora_rank, scale=self.scale,
-                                  backend=self.sparse_backend)
+            o_lat, lse = sparse_mla(q_k, kv_k, indices, dv=self.kv_lora_rank, scale=self.scale,
+                                    backend=self.sparse_backend)
             _, w_uv = self.absorbed_weights()
             o = torch.einsum("bthr,hvr->bthv", o_lat, w_uv.to(o_lat.dtype)).to(q_nope.dtype)
         aux = {}
@@ -292,7 +292,9 @@ class DSA(MLA):
             if indices is None:
                 aux["indexer"] = dense_kl(q_idx, w_idx, k_idx, q_abs, kv, ix.softmax_scale, self.scale, **where)
             else:
-                aux["indexer"] = sparse_kl(q_idx, w_idx, k_idx, q_abs, kv, indices, ix.softmax_scale, self.scale)
+                # the target from the attention's own lse (triton: kernels/indexer_kl), or its own softmax
+                aux["indexer"] = sparse_kl(q_idx, w_idx, k_idx, q_k, kv_k, indices, ix.softmax_scale, self.scale,
+                                           lse=lse, backend=self.sparse_backend)
         return self.o_proj(o.reshape(B, T, -1)), aux
 
 

@@ -260,17 +260,77 @@ class _SparseKL(torch.autograd.Function):
         return dq * g, dw * g, dk * g, None, None, None, None, None, None, None, None
 
 
+class _SparseKLKernels(torch.autograd.Function):
+    """The sparse stage's KL from kernels/indexer_kl: one pass writes the index scores I and the
+    head-summed target P at the selected slots ([B,T,K] fp32, P from the sparse attention's own
+    lse, so the latent rows are read once, in the kernel, and never gathered into memory), the
+    KL and d KL / d I are a few [B,T,K] operations here, and the backward kernel recomputes the
+    index dots to turn d KL / d I into dq, dw, dk. Held between forward and backward: q and k
+    in the dots' dtype and d KL / d I, [B,T,K] fp32."""
+
+    @staticmethod
+    def forward(ctx, q, w, k, q_abs, kv, lse, indices, index_scale, attn_scale, dot_dtype, target_dtype, backend):
+        kern = _indexer_kl_module(backend)
+        B, T = indices.shape[:2]
+        norm = float(B * T)
+        qd, kd = q.detach().to(dot_dtype), k.detach().to(dot_dtype)
+        with torch.autocast(q.device.type, enabled=False):
+            i, p = kern.scores_and_target(qd, w.detach(), kd, q_abs.to(target_dtype), kv.to(target_dtype), lse,
+                                          indices, index_scale=index_scale, attn_scale=attn_scale)
+            keep = indices >= 0
+            p = p / p.sum(-1, keepdim=True)
+            log_q = i.log_softmax(-1)  # i = -inf at unused slots
+            kl = (p * (p.clamp_min(1e-30).log() - log_q.masked_fill(~keep, 0.0))).sum() / norm
+            if any(ctx.needs_input_grad[:3]):
+                # d kl / d I = softmax(I)·Σp - p on the kept slots (log_softmax's backward of -p)
+                g_i = log_q.exp_().mul_(p.sum(-1, keepdim=True)).sub_(p).masked_fill_(~keep, 0.0).div_(norm)
+                ctx.save_for_backward(qd, w.detach(), kd, indices, g_i)
+        ctx.opts = (index_scale, backend, q.dtype, w.dtype, k.dtype)
+        return kl
+
+    @staticmethod
+    def backward(ctx, g):
+        qd, w, kd, indices, g_i = ctx.saved_tensors
+        index_scale, backend, q_dtype, w_dtype, k_dtype = ctx.opts
+        with torch.autocast(qd.device.type, enabled=False):
+            dq, dw, dk = _indexer_kl_module(backend).scores_backward(qd, w, kd, indices, g_i * g.float(),
+                                                                     index_scale=index_scale)
+        return (dq.to(q_dtype), dw.to(w_dtype), dk.to(k_dtype), None, None, None, None, None, None, None, None,
+                None)
+
+
+def _indexer_kl_module(backend: str):
+    """kernels/indexer_kl's 'triton' kernels or its 'reference' (the same Function over torch)."""
+    from deepwish.kernels.indexer_kl import reference
+    if backend == "reference":
+        return reference
+    from deepwish.kernels.indexer_kl import triton as kern
+    return kern
+
+
 @torch.compiler.disable
 def sparse_kl(q: torch.Tensor, w: torch.Tensor, k: torch.Tensor, q_abs: torch.Tensor, kv: torch.Tensor,
               indices: torch.Tensor, index_scale: float, attn_scale: float,
-              budget: int = KL_ROW_BUDGET) -> torch.Tensor:
-    """The sparse stage's indexer loss, `indexer_kl` over the selected keys only, in row blocks:
-    arguments as `dense_kl`, plus indices [B,T,K] (-1 = unused) from `topk_indices`. The index
-    scores and the target are computed at the selected slots only, O(C·K) per block, never
-    O(C·S). Differentiable in q, w, k (their gradients are computed in the same pass over the
-    blocks, see `_SparseKL`). The dots take autocast's dtype when it is on (else the inputs'
-    promoted dtype), as the attention kernels' inputs do. -> mean over queries."""
+              budget: int = KL_ROW_BUDGET, lse: torch.Tensor | None = None, backend: str = "torch") -> torch.Tensor:
+    """The sparse stage's indexer loss, `indexer_kl` over the selected keys only: arguments as
+    `dense_kl`, plus indices [B,T,K] (-1 = unused) from `topk_indices`. The index scores and the
+    target are computed at the selected slots only, never O(T·S). Differentiable in q, w, k.
+    The dots take autocast's dtype when it is on (else the inputs' promoted dtype), as the
+    attention kernels' inputs do. -> mean over queries.
+
+    backend 'torch': row blocks of `budget` elements in torch, the loss and its gradients in one
+    pass (`_SparseKL`), the target from its own softmax. 'triton': kernels/indexer_kl
+    (`_SparseKLKernels`), the target from lse [B,T,H], the natural-log normaliser of the main
+    attention over the same slots (sparse_mla's second output, required here). 'reference': the
+    same as 'triton' over kernels/indexer_kl's torch reference (tests; it gathers [B,T,K,D])."""
     q_abs, kv = q_abs.detach(), kv.detach()
+    if backend in ("triton", "reference"):
+        if lse is None:
+            raise ValueError(f"sparse_kl: backend {backend!r} takes the target from the sparse attention's lse; pass lse")
+        return _SparseKLKernels.apply(q, w, k, q_abs, kv, lse.detach(), indices, index_scale, attn_scale,
+                                      _dot_dtype(q, k), _dot_dtype(q_abs, kv), backend)
+    if backend != "torch":
+        raise ValueError(f"sparse_kl: backend must be 'torch', 'triton' or 'reference', got {backend!r}")
     return _SparseKL.apply(q, w, k, q_abs, kv, indices, index_scale, attn_scale, budget, _dot_dtype(q, k),
                            _dot_dtype(q_abs, kv))
 

@@ -175,3 +175,29 @@ def test_sparse_kl_under_bf16_autocast_stays_near_fp32():
 
 def rel_rms(a, b):
     return ((a - b).float().pow(2).mean().sqrt() / a.float().pow(2).mean().sqrt().clamp_min(1e-30)).item()
+
+
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_sparse_kl_from_the_attention_lse_equals_reference(backend, dtype, rel_err):
+    """The kernel route (kernels/indexer_kl, under the interpreter): the target from sparse_mla's
+    own lse, the loss and every gradient equal to `indexer_kl`'s, also under an upstream weight."""
+    from deepwish.kernels.sparse_mla import reference as attention
+    (q, w, k), q_abs, kv = kl_inputs(B=2, T=13, H=3, D=10, seed=3)
+    pos = torch.arange(13).expand(2, 13)
+    indices = topk_indices(q.detach(), w.detach(), k.detach(), 0.5, 4, pos, pos, causal_prefix=True)
+    ref = reference_kl(q, w, k, q_abs, kv, as_mask(indices, 13))
+    ref_grads = torch.autograd.grad(1.5 * ref, (q, w, k))
+    qa, kvd = q_abs.to(dtype), kv.to(dtype)
+    _, lse = attention.sparse_mla(qa, kvd, indices, dv=8, scale=0.3)
+    qd, kd = q.detach().to(dtype).requires_grad_(), k.detach().to(dtype).requires_grad_()
+    got = sparse_kl(qd, w, kd, qa, kvd, indices, 0.5, 0.3, lse=lse, backend=backend)
+    tol = 1e-5 if dtype == torch.float32 else 5e-3
+    assert abs(got.item() - ref.item()) < tol * max(1.0, ref.item()) and ref.item() > 0.01
+    grads = torch.autograd.grad(1.5 * got, (qd, w, kd))
+    for a, b, x in zip(ref_grads, grads, (qd, w, kd)):
+        assert b.dtype == x.dtype and rel_err(a, b.float()) < 2 * tol
+    with pytest.raises(ValueError, match="lse"):
+        sparse_kl(q, w, k, q_abs, kv, indices, 0.5, 0.3, backend=backend)
+    with pytest.raises(ValueError, match="backend"):
+        sparse_kl(q, w, k, q_abs, kv, indices, 0.5, 0.3, backend="cuda")
