@@ -39,8 +39,10 @@ Two paths over the same weights, by `model.dsa_backend` (resolved once, printed)
 - auto | triton: the fast path — index scores and the top-k in row blocks as indices [B,T,K]
   (model/dsa_rows.py, the same tie rule; the scores from the fused kernels/index_scores kernel
   where sparse_mla is Triton, else the reference's arithmetic), sparse_mla (kernels/sparse_mla) over
-  the latent rows in the weight-absorbed form for training, prefill and decoding alike, and
-  both KL losses in row blocks. The dense warm-up attends through MLA's causal kernel.
+  the latent rows in the weight-absorbed form for training, prefill and decoding alike, the
+  dense warm-up's KL in row blocks, and the sparse stage's KL at the selected slots (on triton
+  from kernels/indexer_kl, its target from sparse_mla's own lse; else torch row blocks). The
+  dense warm-up attends through MLA's causal kernel.
 """
 from __future__ import annotations
 
