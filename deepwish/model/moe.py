@@ -164,8 +164,9 @@ def grouped_swiglu(x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor
     # on CUDA, in an order that changes from run to run and, in bf16, rounded after every add: two
     # runs of one decode step (eager, or replayed from a CUDA graph) could then pick different
     # greedy tokens. (On CPU index_add_ already sums in fp32 and rounds once: same values there.)
+    # Summed straight into x's dtype: under autocast (fp32 x, bf16 ys) the sum is not rounded to bf16.
     by_token = torch.empty_like(ys).index_copy_(0, order, ys).view(N, k, d)
-    return (by_token * weights.to(ys.dtype)[..., None]).sum(1).to(x.dtype)
+    return (by_token * weights.to(ys.dtype)[..., None]).sum(1, dtype=x.dtype)
 
 
 class MoE(nn.Module):
