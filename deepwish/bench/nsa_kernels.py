@@ -247,8 +247,10 @@ SWEEP_CANDIDATES = {
     "cmp_dq": [{}, dict(BN=32), dict(num_stages=3), dict(BM=64, num_warps=4)],
     "cmp_dkdv": [{}, dict(Q_CHUNK=1024), dict(MAX_CHUNKS=32), dict(BN=32), dict(num_stages=3),
                  dict(BM=64, num_warps=4), dict(FUSE_DQ=True), dict(FUSE_DQ=True, BN=128)],
-    "slc_fwd": [{}, dict(num_stages=2), dict(num_stages=4), dict(num_warps=8), dict(num_warps=2)],
-    "slc_dq": [{}, dict(num_stages=2), dict(num_stages=4), dict(num_warps=8), dict(num_warps=2)],
+    "slc_fwd": [{}, dict(num_stages=2), dict(num_stages=4), dict(num_warps=8), dict(num_warps=2),
+                dict(BT=4), dict(BT=8, num_warps=8)],
+    "slc_dq": [{}, dict(num_stages=2), dict(num_stages=4), dict(num_warps=8), dict(num_warps=2),
+               dict(BT=4), dict(BT=8, num_warps=8)],
     "slc_dkdv": [{}, dict(ROWS=64), dict(ROWS=256), dict(CH=256), dict(num_stages=3), dict(num_warps=4)],
 }
 SWEEP_TOL = 2e-2

@@ -159,6 +159,34 @@ def test_compressed_backward_with_dq_fused_into_dkdv(rel_err):
         assert rel_err(a, b) < 1e-5, name
 
 
+@pytest.mark.parametrize("bt,lengths,H,Hkv", [(2, [9, 14], 4, 2), (4, [19], 2, 2)], ids=["bt2-g2-docs", "bt4-g1"])
+def test_selected_branch_over_the_union_of_adjacent_selections(rel_err, bt, lengths, H, Hkv):
+    """BT > 1: one program per tile of adjacent tokens walks the union of their selections:
+    output and every gradient equal the reference's, with packed documents, a partial last tile,
+    unused slots and a G = 1 group (rows padded to 16); a block listed twice counts once in the
+    output and dQ, as in the reference's dense mask."""
+    torch.manual_seed(10)
+    S, D, sl, n = sum(lengths), 16, 4, 3
+    NB = -(-S // sl)
+    q = torch.randn(1, S, H, D, requires_grad=True)
+    k = torch.randn(1, S, Hkv, D, requires_grad=True)
+    v = torch.randn(1, S, Hkv, D, requires_grad=True)
+    sel = (torch.rand(1, S, Hkv, NB + 1).argsort(-1)[..., :n] - 1).to(torch.int32)   # distinct, -1 = unused
+    kw = dict(q_pos=torch.arange(S)[None], doc_ids=doc_ids_of([lengths]), select_len=sl)
+    g = torch.randn(1, S, H, D)
+    with tri.override_tiles("slc_fwd", BT=bt), tri.override_tiles("slc_dq", BT=bt):
+        for twice in (False, True):
+            if twice:
+                sel[0, 3, 0] = torch.tensor([2, 2, -1], dtype=torch.int32)
+            want = ref.nsa_selected(q, k, v, sel, **kw)
+            got = tri.nsa_selected(q, k, v, sel, **kw)
+            gw = torch.autograd.grad((want * g).sum(), (q, k, v))
+            gg = torch.autograd.grad((got * g).sum(), (q, k, v))
+            assert rel_err(want, got) < 1e-5
+            for name, a, b in list(zip(("dq", "dk", "dv"), gw, gg))[:1 if twice else 3]:
+                assert rel_err(a, b) < 1e-5, (name, twice)
+
+
 def test_strided_inputs_and_unsorted_cmp_end(rel_err):
     """k/v as transposes of a [B, Hkv, L, D] cache, and compressed tokens in a shuffled order with
     padding in the middle: the kernels read strides and search exact ranges."""

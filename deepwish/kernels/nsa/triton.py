@@ -58,6 +58,13 @@ Selected branch:
   for 4·16·64·D FLOPs (16 FLOP/byte; fla's design has the same), so the branch runs at the
   L2 bandwidth of gathered blocks, not at tensor-core rates.
 - dQ: the same program shape, with the saved lse and delta.
+- BT > 1 (a tile option of slc_fwd / slc_dq, `_slc_union_kernel`): a program owns BT adjacent
+  tokens (rows: BT · GP) and walks the union of their selections once (deduplicated by an
+  [BT·n, BT·n] comparison and compacted by a prefix sum, in registers), each K/V block loaded
+  once for all of them and masked for the tokens that did not select it. Bytes fall by the
+  overlap of adjacent tokens' selections (the forced first and local blocks always; on trained
+  models most blocks), matmul work rises by the rows that are masked; the branch is bound by
+  gathered bytes at 16 FLOP/B, far below the tensor cores' balance, so the sweep decides.
 - dK/dV through an inverse index, built on device without a host sync (`inverse_index`): the
   (batch, KV head, block) key of every valid sel_idx entry is sorted (argsort), counted
   (bincount) and cut into work items of at most CH queries each; a program per work item loads
@@ -108,8 +115,8 @@ TILES = {
     ("cmp_dq", "16bit"): dict(BM=128, BN=64, num_warps=8, num_stages=2),
     ("cmp_dkdv", "16bit"): dict(BM=128, BN=64, Q_CHUNK=512, MAX_CHUNKS=16, FUSE_DQ=False, num_warps=8,
                                 num_stages=2),
-    ("slc_fwd", "16bit"): dict(num_warps=4, num_stages=3),
-    ("slc_dq", "16bit"): dict(num_warps=4, num_stages=3),
+    ("slc_fwd", "16bit"): dict(BT=1, num_warps=4, num_stages=3),
+    ("slc_dq", "16bit"): dict(BT=1, num_warps=4, num_stages=3),
     ("slc_dkdv", "16bit"): dict(ROWS=128, CH=1024, num_warps=8, num_stages=2),
     ("cmp_fwd", "fp32"): dict(BM=64, BN=32, BNS=32, BJ=16, FUSED_SELECT=True, SORT_MERGE=True, num_warps=8,
                              num_stages=1),
@@ -117,8 +124,8 @@ TILES = {
     ("cmp_dq", "fp32"): dict(BM=64, BN=32, num_warps=8, num_stages=1),
     ("cmp_dkdv", "fp32"): dict(BM=64, BN=32, Q_CHUNK=512, MAX_CHUNKS=16, FUSE_DQ=False, num_warps=8,
                               num_stages=1),
-    ("slc_fwd", "fp32"): dict(num_warps=4, num_stages=1),
-    ("slc_dq", "fp32"): dict(num_warps=4, num_stages=1),
+    ("slc_fwd", "fp32"): dict(BT=1, num_warps=4, num_stages=1),
+    ("slc_dq", "fp32"): dict(BT=1, num_warps=4, num_stages=1),
     ("slc_dkdv", "fp32"): dict(ROWS=64, CH=1024, num_warps=8, num_stages=1),
     # decoding (T <= DECODE_MAX_T): rows = T·GP up to MAX_BM, SPLIT_TOKENS compressed tokens per split
     ("cmp_split", "16bit"): dict(MAX_BM=128, BN=64, BJ=16, SPLIT_TOKENS=256, SORT_MERGE=True, num_warps=4,
@@ -135,8 +142,8 @@ INTERPRET_TILES = {
     "cmp_sel": dict(BM=32, BN=16, BJ=16, SORT_MERGE=True, num_warps=1, num_stages=1),
     "cmp_dq": dict(BM=64, BN=16, num_warps=1, num_stages=1),
     "cmp_dkdv": dict(BM=32, BN=16, Q_CHUNK=8, MAX_CHUNKS=3, FUSE_DQ=False, num_warps=1, num_stages=1),
-    "slc_fwd": dict(num_warps=1, num_stages=1),
-    "slc_dq": dict(num_warps=1, num_stages=1),
+    "slc_fwd": dict(BT=1, num_warps=1, num_stages=1),
+    "slc_dq": dict(BT=1, num_warps=1, num_stages=1),
     "slc_dkdv": dict(ROWS=16, CH=3, num_warps=1, num_stages=1),
     "cmp_split": dict(MAX_BM=64, BN=16, BJ=16, SPLIT_TOKENS=5, SORT_MERGE=True, num_warps=1, num_stages=1),
 }
@@ -751,6 +758,112 @@ def _slc_dq_kernel(Q, K, V, DO, LSE, DELTA, SEL, QPOS, QDS, DQO,
 
 
 @triton.jit
+def _union_blocks(SEL, sel_base, tok_ok, N_SEL, BT: tl.constexpr, NP: tl.constexpr):
+    """The selections of BT tokens (sel_base [BT] offsets into SEL) and their union: (sel [BT, NP]
+    with -1 padding, the distinct valid blocks compacted to the front of a [BT·NP] vector, their
+    number). Order is free: the online softmax does not depend on it."""
+    L: tl.constexpr = BT * NP
+    slot = tl.arange(0, NP)
+    sel = tl.load(SEL + sel_base[:, None] + slot[None, :], mask=tok_ok[:, None] & (slot < N_SEL)[None, :], other=-1)
+    u = tl.reshape(sel, [L])
+    i = tl.arange(0, L)
+    # keep the first occurrence of each valid block: an [L, L] comparison, no sort
+    dup = tl.max(((u[:, None] == u[None, :]) & (i[None, :] < i[:, None])).to(tl.int32), 1) > 0
+    keep = (u >= 0) & ~dup
+    at = tl.cumsum(keep.to(tl.int32), 0) - 1
+    compact = tl.sum(tl.where(keep[:, None] & (at[:, None] == i[None, :]), u[:, None], 0), 0)
+    return sel, compact, tl.sum(keep.to(tl.int32), 0)
+
+
+@triton.jit
+def _union_rows_hit(sel, j, BT: tl.constexpr, GP: tl.constexpr):
+    """[BT·GP] rows (token, head) whose token selected block j."""
+    hit = tl.max((sel == j).to(tl.int32), 1)                                 # [BT]
+    return tl.reshape(tl.broadcast_to(hit[:, None], [BT, GP]), [BT * GP]) > 0
+
+
+@triton.jit
+def _slc_union_kernel(Q, K, V, DO, LSE, DELTA, SEL, QPOS, QDS, O, DQO,
+                      sq_b, sq_t, sq_h, sk_b, sk_s, sk_h, sv_b, sv_s, sv_h, sdo_b, sdo_t, sdo_h,
+                      so_b, so_t, so_h, T, S, H, HKV, G, DQK, DV, scale, SEL_LEN, N_SEL,
+                      BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr, GP: tl.constexpr, BM: tl.constexpr,
+                      BS: tl.constexpr, NP: tl.constexpr, DQ: tl.constexpr, PREC: tl.constexpr):
+    """Selected branch over a tile of BT = BM / GP adjacent tokens (rows: token × head of the
+    group): one pass over the UNION of their selected blocks, each block's K/V loaded once for all
+    of them, rows of tokens that did not select it masked. DQ false: the forward (writes O, LSE);
+    DQ: dQ from DO, LSE, DELTA (writes DQO). Fewer K/V bytes per token when adjacent tokens share
+    blocks; more masked matmul work when they do not."""
+    BT: tl.constexpr = BM // GP
+    qk_scale = scale * 1.4426950408889634
+    m0 = tl.program_id(0) * BT
+    bh = tl.program_id(1)
+    b = tl.cast(bh // HKV, tl.int64)
+    hkv = bh % HKV
+    hkv64 = tl.cast(hkv, tl.int64)
+    t, r, row_ok = _rows(m0, T, G, GP, BM)
+    h = hkv * G + r
+    t64, h64 = tl.cast(t, tl.int64), tl.cast(h, tl.int64)
+    dk = tl.arange(0, BLOCK_DK)
+    dv = tl.arange(0, BLOCK_DV)
+    p_row = tl.load(QPOS + b * T + t, mask=row_ok, other=-1)
+    ds_row = tl.load(QDS + b * T + t, mask=row_ok, other=0)
+    q = tl.load(Q + b * sq_b + t64[:, None] * sq_t + h64[:, None] * sq_h + dk[None, :],
+                mask=row_ok[:, None] & (dk < DQK)[None, :], other=0.0)
+    tt = m0 + tl.arange(0, BT)
+    tok_ok = tt < T
+    sel, compact, n_u = _union_blocks(SEL, ((b * T + tl.cast(tt, tl.int64)) * HKV + hkv) * N_SEL, tok_ok, N_SEL,
+                                      BT, NP)
+    k_base = b * sk_b + hkv64 * sk_h
+    v_base = b * sv_b + hkv64 * sv_h
+    i_s = tl.arange(0, BS)
+    iu = tl.arange(0, BT * NP)
+    row = (b * T + t64) * H + h64
+    if DQ:
+        do = tl.load(DO + b * sdo_b + t64[:, None] * sdo_t + h64[:, None] * sdo_h + dv[None, :],
+                     mask=row_ok[:, None] & (dv < DV)[None, :], other=0.0)
+        lse = tl.load(LSE + row, mask=row_ok, other=float("inf"))
+        delta = tl.load(DELTA + row, mask=row_ok, other=0.0)
+        dq_acc = tl.zeros([BM, BLOCK_DK], dtype=tl.float32)
+    else:
+        acc = tl.zeros([BM, BLOCK_DV], dtype=tl.float32)
+        m_i = tl.full([BM], -1.0e30, dtype=tl.float32)
+        l_i = tl.zeros([BM], dtype=tl.float32)
+    for u in range(0, n_u):
+        j = tl.sum(tl.where(iu == u, compact, 0), 0)
+        s_pos = j * SEL_LEN + i_s
+        key_ok = (i_s < SEL_LEN) & (s_pos < S)
+        vis = _union_rows_hit(sel, j, BT, GP)[:, None] & key_ok[None, :] & \
+            (s_pos[None, :] <= p_row[:, None]) & (s_pos[None, :] >= ds_row[:, None])
+        s64 = tl.cast(s_pos, tl.int64)
+        k = tl.load(K + k_base + s64[:, None] * sk_s + dk[None, :], mask=key_ok[:, None] & (dk < DQK)[None, :],
+                    other=0.0)
+        v = tl.load(V + v_base + s64[:, None] * sv_s + dv[None, :], mask=key_ok[:, None] & (dv < DV)[None, :],
+                    other=0.0)
+        s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale
+        if DQ:
+            p = tl.where(vis, tl.exp2(s - lse[:, None]), 0.0)
+            dp = tl.dot(do, tl.trans(v), input_precision=PREC)
+            dq_acc = tl.dot((p * (dp - delta[:, None])).to(k.dtype), k, dq_acc, input_precision=PREC)
+        else:
+            s = tl.where(vis, s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            alpha = tl.exp2(m_i - m_new)
+            p = tl.exp2(s - m_new[:, None])
+            l_i = l_i * alpha + tl.sum(p, 1)
+            acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=PREC)
+            m_i = m_new
+    if DQ:
+        tl.store(DQO + b * so_b + t64[:, None] * so_t + h64[:, None] * so_h + dk[None, :],
+                 (dq_acc * scale).to(DQO.dtype.element_ty), mask=row_ok[:, None] & (dk < DQK)[None, :])
+    else:
+        seen = l_i > 0.0
+        o = acc / tl.where(seen, l_i, 1.0)[:, None]
+        tl.store(O + b * so_b + t64[:, None] * so_t + h64[:, None] * so_h + dv[None, :], o.to(O.dtype.element_ty),
+                 mask=row_ok[:, None] & (dv < DV)[None, :])
+        tl.store(LSE + row, tl.where(seen, m_i + tl.log2(tl.where(seen, l_i, 1.0)), float("inf")), mask=row_ok)
+
+
+@triton.jit
 def _slc_dkdv_kernel(Q, K, V, DO, LSE, DELTA, QPOS, QDS, W_BLK, W_START, W_LEN, TOK, DKACC, DVACC,
                      sq_b, sq_t, sq_h, sk_b, sk_s, sk_h, sv_b, sv_s, sv_h, sdo_b, sdo_t, sdo_h,
                      T, S, H, HKV, G, NB, DQK, DV, scale, SEL_LEN,
@@ -1018,10 +1131,30 @@ def selected_forward(q, k, v, sel, qpos, qds, scale, select_len):
     o = torch.empty(B, T, H, v.shape[-1], dtype=q.dtype, device=q.device)
     lse = torch.empty(B, T, H, dtype=torch.float32, device=q.device)
     meta = _slc_meta(q, k, v, select_len)
+    cfg = tile_config("slc_fwd", q.dtype)
+    if cfg["BT"] > 1:
+        _slc_union(q, k, v, None, lse, None, sel, qpos, qds, o, scale, meta, cfg)
+        return o, lse
+    del cfg["BT"]
     _slc_fwd_kernel[(T, B * k.shape[2])](q, k, v, sel, qpos, qds, o, lse, *q.stride()[:3], *k.stride()[:3],
                                          *v.stride()[:3], *o.stride()[:3], scale=scale, N_SEL=sel.shape[-1],
-                                         **meta, **tile_config("slc_fwd", q.dtype))
+                                         **meta, **cfg)
     return o, lse
+
+
+def _slc_union(q, k, v, do, lse, delta, sel, qpos, qds, out, scale, meta, cfg):
+    """`_slc_union_kernel` launch: the forward (do None; out = o, lse written) or dQ (out = dq)."""
+    B, T = q.shape[:2]
+    GP = triton.next_power_of_2(meta["G"])
+    BM = max(16, cfg.pop("BT") * GP)
+    sel_len = meta["SEL_LEN"]
+    meta = {k_: v_ for k_, v_ in meta.items() if k_ not in ("RP", "T", "S", "H", "HKV", "G", "SEL_LEN")}
+    dq = do is not None
+    _slc_union_kernel[(triton.cdiv(T, BM // GP), B * k.shape[2])](
+        q, k, v, do if dq else q, lse, delta if dq else lse, sel, qpos, qds, out, out,
+        *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *(do if dq else q).stride()[:3], *out.stride()[:3],
+        T, k.shape[1], q.shape[2], k.shape[2], q.shape[2] // k.shape[2], scale=scale, SEL_LEN=sel_len,
+        N_SEL=sel.shape[-1], GP=GP, BM=BM, NP=triton.next_power_of_2(sel.shape[-1]), DQ=dq, **meta, **cfg)
 
 
 def inverse_index(sel: torch.Tensor, S: int, select_len: int, chunk: int):
@@ -1060,9 +1193,14 @@ def selected_backward(q, k, v, o, lse, do, sel, qpos, qds, scale, select_len):
     meta = _slc_meta(q, k, v, select_len)
     delta = backward_delta(o, do)
     dq = torch.empty_like(q)
-    _slc_dq_kernel[(T, B * Hkv)](q, k, v, do, lse, delta, sel, qpos, qds, dq, *q.stride()[:3], *k.stride()[:3],
-                                 *v.stride()[:3], *do.stride()[:3], *dq.stride()[:3], scale=scale,
-                                 N_SEL=sel.shape[-1], **meta, **tile_config("slc_dq", q.dtype))
+    cfg = tile_config("slc_dq", q.dtype)
+    if cfg["BT"] > 1:
+        _slc_union(q, k, v, do, lse, delta, sel, qpos, qds, dq, scale, meta, cfg)
+    else:
+        del cfg["BT"]
+        _slc_dq_kernel[(T, B * Hkv)](q, k, v, do, lse, delta, sel, qpos, qds, dq, *q.stride()[:3], *k.stride()[:3],
+                                     *v.stride()[:3], *do.stride()[:3], *dq.stride()[:3], scale=scale,
+                                     N_SEL=sel.shape[-1], **meta, **cfg)
     cfg = tile_config("slc_dkdv", q.dtype)
     w_blk, w_start, w_len, tok = inverse_index(sel, S, select_len, cfg.pop("CH"))
     GP = triton.next_power_of_2(meta["G"])
