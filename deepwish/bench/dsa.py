@@ -19,6 +19,10 @@ reference (model.dsa_backend=torch).
    (index heads 64 × 128, top-2048), --layers layers, B=1 — at each --train-seq, fast path vs
    the dense reference: ms, peak memory, and both runs' CE and indexer loss from the same
    weights and tokens (equal to bf16 noise where both run).
+2b. (--parts stages) One DSA layer's sparse training stage by piece at each --train-seq (B=1,
+   the bench shape, random inputs): indexer + top-k, sparse attention fwd and fwd+bwd, the
+   sparse-stage KL fwd+bwd on its Triton kernels (kernels/indexer_kl) and in torch row blocks,
+   with their KL values side by side (equal to bf16 noise).
 3. Decoding, batch 1: ms per token of one decode step (a CUDA graph on CUDA, eager otherwise)
    over a static cache of each --decode-ctx tokens (random latent rows and indexer keys: the
    cost depends on the cache length only), fast vs dense, and fast(ctx) / fast(smallest ctx).
@@ -167,6 +171,58 @@ def bench_train(seqs: list[int], layers: int, base: str, tiny: bool, dev: torch.
     return rows
 
 
+# ---- 2b. one layer's sparse-stage pieces -------------------------------------------------------
+def bench_stages(seqs: list[int], base: str, tiny: bool, dev: torch.device, iters: int = 3) -> list[dict]:
+    """Where one DSA layer's sparse training step goes, at the bench shape (B=1, the model's heads,
+    latent and indexer sizes, random inputs in autocast's dtype): ms of the indexer + top-k, the
+    sparse attention forward and forward+backward, and the sparse-stage KL forward+backward on
+    each backend ('triton': kernels/indexer_kl with the target from the attention's lse; 'torch':
+    row blocks), each with its extra peak memory."""
+    from deepwish.kernels.sparse_mla import sparse_mla
+    from deepwish.model.dsa_rows import sparse_kl, topk_indices
+    cfg = v32_config(base, 1, max(seqs), tiny, "auto")
+    Hi, Di, K, H = cfg.index_n_heads, cfg.index_head_dim, cfg.index_topk, cfg.n_heads
+    R, P = cfg.kv_lora_rank, cfg.qk_rope_head_dim
+    gpu = dev.type == "cuda"
+    dt = torch.bfloat16 if gpu else torch.float32
+    backend = "triton" if gpu else "torch"
+    rows = []
+    for T in seqs:
+        g = torch.Generator(device=dev).manual_seed(T)
+        qi = torch.randn(1, T, Hi, Di, device=dev, generator=g).to(dt).requires_grad_()
+        w = (torch.randn(1, T, Hi, device=dev, generator=g) * Hi ** -0.5).requires_grad_()
+        ki = torch.randn(1, T, Di, device=dev, generator=g).to(dt).requires_grad_()
+        qa = (torch.randn(1, T, H, R + P, device=dev, generator=g) * 0.1).to(dt).requires_grad_()
+        kv = torch.randn(1, T, R + P, device=dev, generator=g).to(dt).requires_grad_()
+        pos = torch.arange(T, device=dev)[None]
+        iscale, ascale = Di ** -0.5, (cfg.qk_nope_head_dim + P) ** -0.5
+        row = {"T": T, "K": K, "H": H, "D": R + P, "index_heads": Hi}
+        scorer = "triton" if gpu else "torch"
+        pick = lambda: topk_indices(qi.detach(), w.detach(), ki.detach(), iscale, K, pos, pos,  # noqa: E731
+                                    causal_prefix=True, scorer=scorer)
+        row["indexer_topk"] = measured(pick, dev, iters)
+        idx = pick()
+        row["attention_fwd"] = measured(lambda: sparse_mla(qa.detach(), kv.detach(), idx, dv=R, scale=ascale,
+                                                           backend=backend), dev, iters)
+
+        def attention_step():
+            o, _ = sparse_mla(qa, kv, idx, dv=R, scale=ascale, backend=backend)
+            o.float().square().mean().backward()
+        row["attention_fwd_bwd"] = measured(attention_step, dev, iters)
+        with torch.no_grad():
+            _, lse = sparse_mla(qa, kv, idx, dv=R, scale=ascale, backend=backend)
+        for name in (["triton"] if gpu else []) + ["torch"]:
+            def kl_step():
+                loss = sparse_kl(qi, w, ki, qa.detach(), kv.detach(), idx, iscale, ascale, lse=lse, backend=name)
+                loss.backward()
+                row.setdefault(f"kl_value_{name}", loss.item())
+            row[f"kl_fwd_bwd_{name}"] = measured(kl_step, dev, iters)
+        rows.append(row)
+        del qi, w, ki, qa, kv, idx, lse
+        release()
+    return rows
+
+
 # ---- 3. decoding ------------------------------------------------------------------------------
 def bench_decode(ctxs: list[int], layers: int, base: str, tiny: bool, dev: torch.device) -> list[dict]:
     from deepwish.generate import decode_one_token
@@ -242,6 +298,15 @@ def print_tables(res: dict) -> None:
         ce = f"{cell(f, 'ce', '{:.4f}')} / {cell(d, 'ce', '{:.4f}')}"
         kl = f"{cell(f, 'indexer', '{:.4g}')} / {cell(d, 'indexer', '{:.4g}')}"
         print(f"| {r['T']} | {cell(f)} | {mib(f)} | {cell(d)} | {mib(d)} | {up} | {ce} | {kl} |")
+    if res.get("stages"):
+        print("\n## one DSA layer's sparse stage, by piece (B=1, ms / extra peak MiB)")
+        print("| T | indexer + top-k | attention fwd | attention fwd+bwd | KL fwd+bwd triton | KL fwd+bwd torch | KL triton / torch |")
+        print("|---:|---:|---:|---:|---:|---:|---:|")
+        for r in res["stages"]:
+            c = [f"{cell(r[k])} / {mib(r[k])}" if k in r else "-" for k in
+                 ("indexer_topk", "attention_fwd", "attention_fwd_bwd", "kl_fwd_bwd_triton", "kl_fwd_bwd_torch")]
+            kl = f"{r['kl_value_triton']:.5g} / {r['kl_value_torch']:.5g}" if "kl_value_triton" in r and "kl_value_torch" in r else "-"
+            print(f"| {r['T']} | " + " | ".join(c) + f" | {kl} |")
     print("\n## decode (B=1, ms per token)")
     print("| context | fast ms | how | dense ms | fast / fast at first context |")
     print("|---:|---:|---|---:|---:|")
@@ -312,14 +377,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--layers", type=int, default=2, help="layers of the V3.2 bench-shape model (parts 2, 3)")
     p.add_argument("--tiny", action="store_true", help="toy shapes (deepseek_v32_tiny), for a CPU check of the bench")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--parts", default="kernel,indexer,train,decode",
-                   help="comma list of kernel (the sparse MLA kernel alone; CUDA), indexer, train, decode")
+    p.add_argument("--parts", default="kernel,indexer,stages,train,decode",
+                   help="comma list of kernel (the sparse MLA kernel alone; CUDA), indexer, stages (one layer's "
+                        "sparse-stage pieces at --train-seq), train, decode")
     p.add_argument("--sweep", action="store_true", help="kernel part: time launch configs first, use the fastest")
     p.add_argument("--tiles", default=None, help="kernel part: a tiles.json from an earlier --sweep")
     a = p.parse_args(argv)
     parts = {x for x in a.parts.split(",") if x}
-    if parts - {"kernel", "indexer", "train", "decode"}:
-        raise SystemExit(f"deepwish bench dsa: unknown parts {sorted(parts - {'kernel', 'indexer', 'train', 'decode'})}")
+    known = {"kernel", "indexer", "stages", "train", "decode"}
+    if parts - known:
+        raise SystemExit(f"deepwish bench dsa: unknown parts {sorted(parts - known)}")
     dev = torch.device(a.device)
     if a.tiny:
         base, Hi, Di, K = "deepseek_v32_tiny", 4, 32, 16
@@ -340,6 +407,7 @@ def main(argv: list[str] | None = None) -> int:
         from deepwish.bench.sparse_mla import run as kernel_bench
         kernel_bench(dev, out, ["check", "kernel", "decode"], sweep_first=a.sweep, tiles=a.tiles)
     res["indexer"] = bench_indexer(index_seq, Hi, Di, K, dev) if "indexer" in parts else []
+    res["stages"] = bench_stages(train_seq, base, a.tiny, dev) if "stages" in parts else []
     res["train"] = bench_train(train_seq, a.layers, base, a.tiny, dev) if "train" in parts else []
     res["decode"] = bench_decode(decode_ctx, a.layers, base, a.tiny, dev) if "decode" in parts else []
     print_tables(res)
