@@ -20,25 +20,28 @@ indices [B, T, K] int32 (-1 = unused): B·T·K·4 bytes.
   slots [0, t1): a key after its query's slot is never visible (slots are positions within a
   document, documents are contiguous), so the causal square is skipped, not just masked.
 - `dense_kl` / `sparse_kl` are `indexer_kl` over all visible keys (the dense warm-up) or over
-  the selected ones (the sparse stage). dense_kl's blocks run under activation checkpointing:
-  their target and graph are rebuilt in the backward pass, one block at a time, so training
-  memory stays one block, not T/C of them. sparse_kl gathers the selected rows (index keys and
-  latent rows), O(C·K) per block, never O(C·S), and computes the loss and its gradients in one
-  pass over large blocks with no autograd graph (`_SparseKL`): a per-block graph under
-  checkpointing cost ~110 small launches per block of ~50 rows (fwd, recompute, bwd), and each
-  block's slice of q sent a full-size [B, T, Hi, Di] zero-filled gradient back (O(T²/C) bytes).
+  the selected ones (the sparse stage), the loss and its gradients in one pass over large
+  blocks with no autograd graph (`_DenseKL`, `_SparseKL`; the loss is a scalar, so its backward
+  only scales the gradients computed in the forward pass). This replaced per-block autograd
+  graphs under activation checkpointing, which cost ~110 small launches per block of ~50 rows
+  (forward, recompute, backward: CPU-bound), and whose slices of q each sent a full-size
+  [B, T, Hi, Di] zero-filled gradient back (O(T²/C) bytes). sparse_kl gathers the selected rows
+  (index keys and latent rows), O(C·K) per block, never O(C·S); on the triton backend it runs on
+  kernels/indexer_kl instead (`_SparseKLKernels`), its target from the attention's own lse.
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
 
 from deepwish.kernels.index_scores.reference import index_scores
 from deepwish.model.attention import attention_mask
 
 NEG_INF_KEY = -0x7F800001  # fp32 -inf (bits 0xFF800000) in the order-preserving int32 map of topk_latest_indices
 ROW_BUDGET = 1 << 25  # elements of a block's widest fp32 intermediate (128 MiB)
+# the KL losses' blocks: several intermediates that wide live at once, but with no autograd graph
+# and no recompute, fewer and larger blocks pay (the launches per block are fixed)
+KL_ROW_BUDGET = 1 << 27
 
 
 def rows_per_block(batch: int, width: int, budget: int = ROW_BUDGET) -> int:
@@ -123,41 +126,92 @@ def _head_summed_target(s: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
 
 
 def _dense_kl_block(q: torch.Tensor, w: torch.Tensor, k: torch.Tensor, q_abs: torch.Tensor, kv: torch.Tensor,
-                    keep: torch.Tensor, index_scale: float, attn_scale: float) -> torch.Tensor:
-    with torch.no_grad():
-        # in the inputs' dtype, as the reference's attention_scores_absorbed: no fp32 copy of the rows
-        s = torch.einsum("bchd,bsd->bhcs", q_abs, kv).float() * attn_scale
-        p = _head_summed_target(s, keep)
-    i = index_scores(q, w, k, index_scale)
-    log_q = i.masked_fill(~keep, float("-inf")).log_softmax(-1)
-    return _kl_rows(p, log_q, keep)
+                    keep: torch.Tensor, index_scale: float, attn_scale: float, norm: float, want_grads: bool):
+    """One block of C query rows against the n keys they can see, no autograd graph: q [B,C,Hi,Di]
+    and k [B,n,Di] in the index dots' dtype, w [B,C,Hi] fp32, q_abs [B,C,H,D] and kv [B,n,D] in the
+    target's dtype, keep [B,C,n]. -> (kl summed over the rows, and when want_grads the gradients
+    of kl / norm: dq [B,C,Hi,Di], dw [B,C,Hi], dk [B,n,Di], fp32). The reference's operations in
+    its order (the target's and index dots in the given dtypes, the rest fp32); the gradients are
+    log_softmax's, relu's and the dots' own backward formulas."""
+    # in the inputs' dtype, as the reference's attention_scores_absorbed: no fp32 copy of the rows
+    s = torch.einsum("bchd,bsd->bhcs", q_abs, kv).float().mul_(attn_scale)
+    p = _head_summed_target(s, keep)
+    del s
+    a = F.relu_(torch.matmul(q, k.transpose(-1, -2).unsqueeze(1)).float().mul_(index_scale))  # [B,C,Hi,n]
+    i = torch.matmul(w.float().unsqueeze(-2), a).squeeze(-2)
+    log_q = i.masked_fill_(~keep, float("-inf")).log_softmax(-1)
+    kl = _kl_rows(p, log_q, keep)
+    if not want_grads:
+        return kl, None, None, None
+    g_i = log_q.exp_().mul_(p.sum(-1, keepdim=True)).sub_(p).masked_fill_(~keep, 0.0).div_(norm)  # d kl / d I
+    dw = torch.matmul(a, g_i.unsqueeze(-1)).squeeze(-1)
+    g_z = (w.float()[..., None] * index_scale * g_i[:, :, None, :]).masked_fill_(a <= 0, 0.0).to(q.dtype)
+    del a
+    dq = torch.matmul(g_z, k.unsqueeze(1)).float()
+    dk = torch.einsum("bchs,bchd->bsd", g_z, q).float()
+    return kl, dq, dw, dk
+
+
+class _DenseKL(torch.autograd.Function):
+    """The dense warm-up's KL with its gradients computed in the same pass over the row blocks, as
+    `_SparseKL`: no per-block autograd graph, nothing recomputed. Held between forward and
+    backward: dq, dw, dk, the size of the indexer's q, w, k."""
+
+    @staticmethod
+    def forward(ctx, q, w, k, q_abs, kv, q_pos, k_pos, q_doc, k_doc, causal_prefix, index_scale, attn_scale, budget,
+                dot_dtype, target_dtype):
+        B, T, Hi, Di = q.shape
+        H = q_abs.shape[2]
+        S = k.shape[1]
+        want = any(ctx.needs_input_grad[:3])
+        C = rows_per_block(B, max(H, Hi) * S, budget)
+        norm = float(B * T)
+        dev = q.device
+        kd = k.detach().to(dot_dtype)  # cast once, not per block
+        kvd = kv.detach().to(target_dtype)
+        total = torch.zeros((), dtype=torch.float32, device=dev)
+        if want:
+            dq = torch.empty(B, T, Hi, Di, dtype=q.dtype, device=dev)
+            dw = torch.empty(B, T, Hi, dtype=w.dtype, device=dev)
+            dk = torch.zeros(B, S, Di, dtype=torch.float32, device=dev)
+        with torch.autocast(dev.type, enabled=False):
+            for t0 in range(0, T, C):
+                t1 = min(T, t0 + C)
+                n = _keys_for(t1, causal_prefix, S)
+                keep = attention_mask(q_pos[:, t0:t1], k_pos[:, :n], 0, None if q_doc is None else q_doc[:, t0:t1],
+                                      None if k_doc is None else k_doc[:, :n])[:, 0]
+                kl, dq_b, dw_b, dk_b = _dense_kl_block(q[:, t0:t1].to(dot_dtype), w[:, t0:t1], kd[:, :n],
+                                                       q_abs[:, t0:t1].to(target_dtype), kvd[:, :n], keep,
+                                                       index_scale, attn_scale, norm, want)
+                total += kl
+                if want:
+                    dq[:, t0:t1] = dq_b
+                    dw[:, t0:t1] = dw_b
+                    dk[:, :n] += dk_b
+        if want:
+            ctx.save_for_backward(dq, dw, dk.to(k.dtype))
+        return total / norm
+
+    @staticmethod
+    def backward(ctx, g):
+        dq, dw, dk = ctx.saved_tensors
+        return (dq * g, dw * g, dk * g) + (None,) * 12
 
 
 @torch.compiler.disable
 def dense_kl(q: torch.Tensor, w: torch.Tensor, k: torch.Tensor, q_abs: torch.Tensor, kv: torch.Tensor,
              index_scale: float, attn_scale: float, q_pos: torch.Tensor, k_pos: torch.Tensor,
              q_doc: torch.Tensor | None = None, k_doc: torch.Tensor | None = None,
-             causal_prefix: bool = False, budget: int = ROW_BUDGET) -> torch.Tensor:
+             causal_prefix: bool = False, budget: int = KL_ROW_BUDGET) -> torch.Tensor:
     """The dense warm-up's indexer loss, `indexer_kl` over every visible key, in row blocks.
     q, w, k: the indexer's queries [B,T,Hi,Di], weights [B,T,Hi] and keys [B,S,Di] (gradient
-    flows to them); q_abs [B,T,H,D] the absorbed main-attention queries and kv [B,S,D] the latent
-    rows, whose scores · attn_scale are the target's logits (no gradient). -> mean over queries."""
-    B, T, H, _ = q_abs.shape
-    S = k.shape[1]
-    C = rows_per_block(B, max(H, q.shape[2]) * S, budget)
-    q_abs, kv = q_abs.detach(), kv.detach().to(q_abs.dtype)  # cast once, not per block
-    total = q.new_zeros((), dtype=torch.float32)
-    for t0 in range(0, T, C):
-        t1 = min(T, t0 + C)
-        n = _keys_for(t1, causal_prefix, S)
-        keep = attention_mask(q_pos[:, t0:t1], k_pos[:, :n], 0,
-                              None if q_doc is None else q_doc[:, t0:t1], None if k_doc is None else k_doc[:, :n])[:, 0]
-        total = total + checkpoint(_dense_kl_block, q[:, t0:t1], w[:, t0:t1], k[:, :n], q_abs[:, t0:t1], kv[:, :n],
-                                   keep, index_scale, attn_scale, use_reentrant=False)
-    return total / (B * T)
-
-
-KL_ROW_BUDGET = 1 << 27  # the sparse KL's blocks: elements of the widest [C, K, ·] intermediate (512 MiB fp32)
+    flows to them; computed in the same pass, `_DenseKL`); q_abs [B,T,H,D] the absorbed
+    main-attention queries and kv [B,S,D] the latent rows, whose scores · attn_scale are the
+    target's logits (no gradient). The dots take autocast's dtype when it is on (else the
+    inputs' promoted dtype). -> mean over queries."""
+    q_abs, kv = q_abs.detach(), kv.detach()
+    return _DenseKL.apply(q, w, k, q_abs, kv, q_pos, k_pos, q_doc, k_doc, causal_prefix, index_scale, attn_scale,
+                          budget, _dot_dtype(q, k), _dot_dtype(q_abs, kv))
 
 
 def _sparse_kl_block(q: torch.Tensor, w: torch.Tensor, k_rows: torch.Tensor, q_abs: torch.Tensor,

@@ -201,3 +201,21 @@ def test_sparse_kl_from_the_attention_lse_equals_reference(backend, dtype, rel_e
         sparse_kl(q, w, k, q_abs, kv, indices, 0.5, 0.3, backend=backend)
     with pytest.raises(ValueError, match="backend"):
         sparse_kl(q, w, k, q_abs, kv, indices, 0.5, 0.3, backend="cuda")
+
+
+def test_dense_kl_scaled_backward_frozen_inputs_and_no_grad(rel_err):
+    """dense_kl's gradients, computed in its forward pass, follow an upstream weight, go only to
+    the inputs that ask (w alone), and a no-grad call gives the same value."""
+    (q, w, k), q_abs, kv = kl_inputs(B=2, T=11, seed=4)
+    pos = torch.arange(11).expand(2, 11)
+    vis = attention_mask(pos, pos, 0)[:, 0]
+    ref = reference_kl(q, w, k, q_abs, kv, vis)
+    ref_grads = torch.autograd.grad(0.7 * ref, (q, w, k))
+    got = dense_kl(q, w, k, q_abs, kv, 0.5, 0.3, pos, pos, causal_prefix=True, budget=3 * 11 * 3)
+    for a, b in zip(ref_grads, torch.autograd.grad(0.7 * got, (q, w, k))):
+        assert rel_err(a, b) < 1e-5
+    (gw,) = torch.autograd.grad(dense_kl(q.detach(), w, k.detach(), q_abs, kv, 0.5, 0.3, pos, pos), (w,))
+    assert rel_err(ref_grads[1] / 0.7, gw) < 1e-5
+    with torch.no_grad():
+        plain = dense_kl(q, w, k, q_abs, kv, 0.5, 0.3, pos, pos, causal_prefix=True)
+    assert not plain.requires_grad and abs(plain.item() - ref.item()) < 1e-5 * max(1.0, ref.item())
