@@ -158,14 +158,14 @@ def grouped_swiglu(x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor
         buf[expert, slot] = xs
         gate, up = torch.bmm(buf, w_gate_up.transpose(1, 2)).chunk(2, dim=-1)
         ys = torch.bmm(act(gate) * up, w_down.transpose(1, 2))[expert, slot]
-    # Combine without atomics: `order` is a permutation, so putting the rows back in token order is
-    # a copy (each row written once); each token's k weighted outputs are then summed by a plain
-    # reduction (fp32 accumulation, one rounding). index_add_ would accumulate them with atomic adds
-    # on CUDA, in an order that changes from run to run and, in bf16, rounded after every add: two
-    # runs of one decode step (eager, or replayed from a CUDA graph) could then pick different
-    # greedy tokens. (On CPU index_add_ already sums in fp32 and rounds once: same values there.)
-    # Summed straight into x's dtype: under autocast (fp32 x, bf16 ys) the sum is not rounded to bf16.
-    by_token = torch.empty_like(ys).index_copy_(0, order, ys).view(N, k, d)
+    # Combine without atomics: `order` is a permutation, so the rows go back to token order by a
+    # gather with its inverse (argsort and indexing, as above: no host sync, capturable), and each
+    # token's k weighted outputs are summed by a plain reduction (fp32 accumulation, one rounding),
+    # straight into x's dtype (under autocast: fp32 x, bf16 ys, an unrounded sum). index_add_ would
+    # accumulate them with atomic adds on CUDA, in an order that changes from run to run and, in
+    # bf16, rounded after every add: two runs of one decode step (eager, or replayed from a CUDA
+    # graph) could then pick different greedy tokens. (On CPU index_add_ sums in fp32 and rounds once.)
+    by_token = ys[torch.argsort(order)].view(N, k, d)
     return (by_token * weights.to(ys.dtype)[..., None]).sum(1, dtype=x.dtype)
 
 
