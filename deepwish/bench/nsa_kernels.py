@@ -4,6 +4,7 @@ causal) and, when importable, `fla.ops.nsa.parallel_nsa` (fla-core 0.6). The ker
 `deepwish bench nsa` (what it runs without --quality):
 
     deepwish bench nsa --out DIR [--parts check,train,decode] [--lengths 8192,...] [--quick] [--no-fla]
+                       [--query-runs 64]
     python -m deepwish.bench.nsa_kernels --out DIR ...      (the same)
     python -m deepwish.bench.nsa_kernels --out DIR --parts sweep [--sweep-T 16384] [--sweep-kinds cmp_fwd,...]
 
@@ -78,6 +79,11 @@ CMP_LEN, CMP_STRIDE, SELECT_LEN, N_SELECT, N_INIT, N_LOCAL = 32, 16, 64, 16, 1, 
 LENGTHS = [8192, 16384, 32768, 65536, 131072]
 QUICK_LENGTHS = [8192, 16384]
 CHECK_T = 2048
+# 0: independent random queries (adjacent tokens share only the forced blocks of their selections).
+# r > 0: each run of r positions shares one random query direction (plus 25% noise per token), a
+# stand-in for trained models' neighbouring queries that select mostly the same blocks (what the
+# selected branch's BT > 1 union tiles gain from). --query-runs sets it for a whole run.
+QUERY_RUN = 0
 
 
 def make_inputs(T: int, device, dtype=torch.bfloat16, seed: int = 0, S: int | None = None) -> dict:
@@ -91,7 +97,11 @@ def make_inputs(T: int, device, dtype=torch.bfloat16, seed: int = 0, S: int | No
         return torch.randn(*shape, device=device, dtype=dtype, generator=g)
     ends = torch.arange(CMP_LEN - 1, S, CMP_STRIDE, device=device)[None].expand(B, -1).contiguous()
     N = ends.shape[1]
-    return dict(q=rnd(B, T, H, D), k=rnd(B, S, HKV, D), v=rnd(B, S, HKV, D), k_cmp=rnd(B, N, HKV, D),
+    q = rnd(B, T, H, D)
+    if QUERY_RUN > 0:   # module constant QUERY_RUN: runs of positions share a query direction
+        shared = rnd(B, -(-T // QUERY_RUN), H, D).repeat_interleave(QUERY_RUN, 1)[:, :T]
+        q = (shared.float() + 0.25 * q.float()).to(dtype)
+    return dict(q=q, k=rnd(B, S, HKV, D), v=rnd(B, S, HKV, D), k_cmp=rnd(B, N, HKV, D),
                 v_cmp=rnd(B, N, HKV, D), cmp_end=ends, q_pos=torch.arange(S - T, S, device=device)[None].expand(B, T))
 
 
@@ -394,7 +404,7 @@ def environment(device) -> dict:
     return dict(kernel_bench_environment(device, "python -m deepwish.bench.nsa_kernels"),
                 fla=fla if isinstance(fla, str) else "importable",
                 shape=dict(B=B, H=H, Hkv=HKV, D=D, cmp_len=CMP_LEN, cmp_stride=CMP_STRIDE, select_len=SELECT_LEN,
-                           n_select=N_SELECT, n_init=N_INIT, n_local=N_LOCAL, dtype="bfloat16"))
+                           n_select=N_SELECT, n_init=N_INIT, n_local=N_LOCAL, dtype="bfloat16", query_run=QUERY_RUN))
 
 
 def run(device, out: Path, parts: list[str], lengths: list[int], with_fla: bool = True, sweep_T: int = 16384,
@@ -458,6 +468,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--lengths", default="", help="comma-separated T (default 8k..128k; --quick: 8k, 16k)")
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--no-fla", action="store_true", help="skip fla's parallel_nsa (it autotunes at its first call)")
+    ap.add_argument("--query-runs", type=int, default=0,
+                    help="runs of this many positions share a query direction (0: independent queries)")
     ap.add_argument("--sweep-T", type=int, default=16384, help="the length the sweep part times at")
     ap.add_argument("--sweep-kinds", default="", help=f"comma-separated subset of {','.join(SWEEP_CANDIDATES)}")
     args = ap.parse_args(argv)
@@ -465,6 +477,8 @@ def main(argv: list[str] | None = None) -> int:
         print("nsa_kernels bench: needs a CUDA device", file=sys.stderr)
         return 2
     lengths = [int(x) for x in args.lengths.split(",") if x] or (QUICK_LENGTHS if args.quick else LENGTHS)
+    global QUERY_RUN
+    QUERY_RUN = args.query_runs
     run(torch.device("cuda"), Path(args.out), [p for p in args.parts.split(",") if p], lengths, with_fla=not args.no_fla,
         sweep_T=args.sweep_T, sweep_kinds=[k for k in args.sweep_kinds.split(",") if k] or None)
     return 0

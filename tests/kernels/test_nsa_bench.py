@@ -9,6 +9,13 @@ def test_inputs_tables_and_plot(tmp_path):
     assert x["q"].shape == (1, 64, nb.H, nb.D) and x["k"].shape == (1, 100, nb.HKV, nb.D)
     assert x["cmp_end"][0, :3].tolist() == [31, 47, 63] and x["k_cmp"].shape[1] == x["cmp_end"].shape[1] == 5
     assert x["q_pos"][0, 0] == 36
+    nb.QUERY_RUN = 8   # runs of 8 positions share a direction: neighbours far closer than strangers
+    try:
+        q = nb.make_inputs(64, "cpu", dtype=torch.float32)["q"][0, :, 0]
+    finally:
+        nb.QUERY_RUN = 0
+    cos = torch.nn.functional.cosine_similarity
+    assert cos(q[0], q[1], 0) > 0.8 and abs(cos(q[0], q[8], 0)) < 0.5
     cell = dict(fwd=1.0, bwd=2.0, fwdbwd=3.0)
     train = [dict(T=8192, cmp=cell, slc=cell, **{"nsa (cmp+slc)": dict(fwd=2.0, bwd=4.0, fwdbwd=6.0)},
                   sdpa=dict(fwd=4.0, bwd=8.0, fwdbwd=12.0), **{"fla cmp+slc": {"error": "fla not importable"}})]

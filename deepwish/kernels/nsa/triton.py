@@ -354,7 +354,7 @@ def _merge_top(key, new, BT: tl.constexpr, BJ: tl.constexpr):
 @triton.jit
 def _key_block(key):
     """Block index of a key, -1 for an empty or ineligible slot."""
-    return tl.where(key >= 0, tl.cast(key & 0xFFFFFFFF, tl.int32), -1)
+    return tl.where(key >= 0, tl.cast(key & 0x7FFFFFFF, tl.int32), -1)   # block < 2³¹: bit 31 is 0
 
 
 @triton.jit
