@@ -285,14 +285,18 @@ def kind_runner(kind: str, a: dict):
     selected forward (slc_fwd) or backward (slc_dq, slc_dkdv)."""
     from deepwish.kernels.nsa import triton as nk
     opts = (CMP_LEN, SELECT_LEN, N_SELECT, N_INIT, N_LOCAL)
-    fwd = lambda: nk.compressed_forward(a["q"], a["kc"], a["vc"], a["end"], a["qpos"], a["qds"], a["scale"], *opts)  # noqa: E731
+
+    def fwd():
+        return nk.compressed_forward(a["q"], a["kc"], a["vc"], a["end"], a["qpos"], a["qds"], a["scale"], *opts)
     if kind in ("cmp_fwd", "cmp_sel"):
         return fwd
     o, lse, sel = fwd()
     if kind in ("cmp_dq", "cmp_dkdv"):
         return lambda: nk.compressed_backward(a["q"], a["kc"], a["vc"], o, lse, a["do"], a["end"], a["qpos"], a["qds"],
                                               a["scale"])
-    sfwd = lambda: nk.selected_forward(a["q"], a["k"], a["v"], sel, a["qpos"], a["qds"], a["scale"], SELECT_LEN)  # noqa: E731
+
+    def sfwd():
+        return nk.selected_forward(a["q"], a["k"], a["v"], sel, a["qpos"], a["qds"], a["scale"], SELECT_LEN)
     if kind == "slc_fwd":
         return sfwd
     so, slse = sfwd()
@@ -482,8 +486,8 @@ def main(argv: list[str] | None = None) -> int:
     lengths = [int(x) for x in args.lengths.split(",") if x] or (QUICK_LENGTHS if args.quick else LENGTHS)
     global QUERY_RUN
     QUERY_RUN = args.query_runs
-    run(torch.device("cuda"), Path(args.out), [p for p in args.parts.split(",") if p], lengths, with_fla=not args.no_fla,
-        sweep_T=args.sweep_T, sweep_kinds=[k for k in args.sweep_kinds.split(",") if k] or None)
+    run(torch.device("cuda"), Path(args.out), [p for p in args.parts.split(",") if p], lengths,
+        with_fla=not args.no_fla, sweep_T=args.sweep_T, sweep_kinds=[k for k in args.sweep_kinds.split(",") if k] or None)
     return 0
 
 

@@ -38,6 +38,32 @@ def _selection_ok(sel, score):
 
 @pytest.mark.parametrize("lengths", [[1536], [300, 20, 700, 516]], ids=["one-doc", "packed"])
 def test_bf16_branches_match_reference(cuda, rel_err, lengths):
+    _branches_match_reference(cuda, rel_err, lengths)
+
+
+# the launch options the tile sweep may pick (kernels/nsa/triton.py TILES), each one compiled and checked
+OPTIONS = {
+    "insertion-top-n": {"cmp_fwd": dict(SORT_MERGE=False)},
+    "separate-scoring-pass": {"cmp_fwd": dict(FUSED_SELECT=False)},
+    "scoring-bj32-bns16": {"cmp_fwd": dict(BJ=32, BNS=16)},
+    "dq-fused-into-dkdv": {"cmp_dkdv": dict(FUSE_DQ=True)},
+    "dkdv-one-chunk": {"cmp_dkdv": dict(Q_CHUNK=1 << 20)},
+    "slc-union-bt4": {"slc_fwd": dict(BT=4), "slc_dq": dict(BT=4)},
+}
+
+
+@pytest.mark.parametrize("option", list(OPTIONS))
+def test_tile_options_match_reference(cuda, rel_err, option):
+    import contextlib
+
+    from deepwish.kernels.nsa import triton as nk
+    with contextlib.ExitStack() as stack:
+        for kind, change in OPTIONS[option].items():
+            stack.enter_context(nk.override_tiles(kind, **change))
+        _branches_match_reference(cuda, rel_err, [300, 20, 700, 516])
+
+
+def _branches_match_reference(cuda, rel_err, lengths):
     from deepwish.kernels.nsa import triton as nk
     torch.manual_seed(0)
     S = sum(lengths)
