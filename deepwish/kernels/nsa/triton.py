@@ -44,10 +44,10 @@ Compressed branch (one kernel for the forward, `_cmp_fwd_kernel`):
   T 8k, most SMs idle); the chunks (at least Q_CHUNK queries, at most MAX_CHUNKS of them) give
   the grid N / BN · Hkv · chunks programs, whose partial dK/dV are added to fp32 buffers by
   atomic add (one per element per program; one chunk stores directly). FUSE_DQ (a tile option
-  for the sweep): the dK/dV kernel also adds dQ = dsᵀᵀ·k to an fp32 [B, T, H, D] buffer by
-  atomic add and the dQ kernel is skipped: 5 matmuls per (query tile, compressed tile) instead
-  of 3 + 4, for avg N/(2·BN) atomic adds per dQ element. The selection has no gradient (sel_idx
-  is discrete).
+  for the sweep): the dK/dV kernel also adds dQ = dS·k (its dSᵀ tile transposed) to an fp32
+  [B, T, H, D] buffer by atomic add and the dQ kernel is skipped: 5 matmuls per (query tile,
+  compressed tile) instead of 3 + 4, for avg N/(2·BN) atomic adds per dQ element. The selection
+  has no gradient (sel_idx is discrete).
 
 Selected branch:
 - Forward (`_slc_fwd_kernel`): a program owns one query and one KV group; its rows are the G
@@ -589,7 +589,7 @@ def _cmp_dkdv_kernel(Q, KC, VC, DO, LSE, DELTA, END, QPOS, QDS, QPMAX, QDSMIN, D
     """Compressed tokens are rows here: sᵀ [BN, BM] = k · qᵀ (as kernels/attention's dK/dV).
     Program (tile, KV head, chunk) walks the queries of [chunk·Q_CHUNK, (chunk+1)·Q_CHUNK) that may
     see the tile; with several chunks (ATOMIC) the partial dK/dV go to fp32 buffers by atomic add.
-    FUSE_DQ: dQ as well, dsᵀᵀ · k added to the fp32 buffer DQACC [B, T, H, DQK] by atomic add
+    FUSE_DQ: dQ as well, (dSᵀ)ᵀ · k added to the fp32 buffer DQACC [B, T, H, DQK] by atomic add
     (5 matmuls per step for dQ, dK, dV instead of 3 + 4 in two kernels)."""
     BT: tl.constexpr = BM // GP
     qk_scale = scale * 1.4426950408889634
