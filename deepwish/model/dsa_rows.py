@@ -14,8 +14,9 @@ indices [B, T, K] int32 (-1 = unused): B·T·K·4 bytes.
 - `index_scores` (kernels/index_scores/reference.py) is the reference's arithmetic (same
   operations in the same order), so a row's scores are those of the dense pass and
   `topk_latest_indices` selects exactly the set of `select_topk_latest` (ties at the k-th score
-  to the latest keys), as slot indices. On the triton backend the scores come from one fused
-  kernel (kernels/index_scores/triton.py) instead: no [C, Hi, S] buffer, rounding apart.
+  to the latest keys), as slot indices. On the triton backend one fused kernel
+  (kernels/index_scores/triton.py `index_keys`) writes the selection keys themselves: no
+  [C, Hi, S] buffer, no scores or mask in torch, rounding of the scores apart.
 - `topk_indices` walks the row blocks. Without a cache the keys of block [t0, t1) are the
   slots [0, t1): a key after its query's slot is never visible (slots are positions within a
   document, documents are contiguous), so the causal square is skipped, not just masked.
@@ -59,12 +60,17 @@ def topk_latest_indices(scores: torch.Tensor, visible: torch.Tensor, k: int) -> 
     magnitude bits flipped; -0.0 is made +0.0 first, as the two compare equal), times 2^32,
     plus the slot. Invisible keys score -inf and come back as -1."""
     S = scores.shape[-1]
-    kk = min(k, S)
     s = scores.masked_fill(~visible, float("-inf")) + 0.0  # + 0.0: -0.0 -> +0.0
     bits = s.view(torch.int32)
     ordered = bits ^ ((bits >> 31) & 0x7FFFFFFF)  # int32 order == float order
     slots = torch.arange(S, device=s.device, dtype=torch.int64)
-    key = ordered.to(torch.int64).mul_(1 << 32).add_(slots)
+    return top_of_keys(ordered.to(torch.int64).mul_(1 << 32).add_(slots), k)
+
+
+def top_of_keys(key: torch.Tensor, k: int) -> torch.Tensor:
+    """The k largest selection keys (`topk_latest_indices`: ordered score · 2^32 + slot) [..., S]
+    int64 as slots [..., k] int32, -1 for the -inf (invisible) ones and the padding past S."""
+    kk = min(k, key.shape[-1])
     top, idx = key.topk(kk, dim=-1, sorted=False)
     unseen = top < ((NEG_INF_KEY + 1) << 32)  # the -inf entries: fewer than k visible
     out = torch.where(unseen, -1, idx.to(torch.int32))
@@ -92,11 +98,11 @@ def topk_indices(q: torch.Tensor, w: torch.Tensor, k: torch.Tensor, scale: float
     B, T, Hi, _ = q.shape
     S = k.shape[1]
     if scorer == "triton":
-        from deepwish.kernels.index_scores.triton import index_scores as score
+        from deepwish.kernels.index_scores.triton import index_keys
         k = k.to(q.dtype)  # once, not per block
-        width = 6 * S  # the [C, S] scores and the int32/int64 keys of the selection
+        width = 4 * S  # the [C, S] int64 keys, written once by the kernel, and what topk holds beside them
     elif scorer == "torch":
-        score, width = index_scores, Hi * S
+        width = Hi * S
     else:
         raise ValueError(f"topk_indices: scorer must be 'torch' or 'triton', got {scorer!r}")
     C = rows_per_block(B, width, budget)
@@ -105,10 +111,14 @@ def topk_indices(q: torch.Tensor, w: torch.Tensor, k: torch.Tensor, scale: float
         for t0 in range(0, T, C):
             t1 = min(T, t0 + C)
             n = _keys_for(t1, causal_prefix, S)
-            scores = score(q[:, t0:t1], w[:, t0:t1], k[:, :n], scale)
-            vis = attention_mask(q_pos[:, t0:t1], k_pos[:, :n], 0,
-                                 None if q_doc is None else q_doc[:, t0:t1], None if k_doc is None else k_doc[:, :n])
-            out[:, t0:t1] = topk_latest_indices(scores, vis[:, 0], topk)
+            qd, kd = (None, None) if q_doc is None else (q_doc[:, t0:t1], k_doc[:, :n])
+            if scorer == "triton":  # the keys straight from the kernel: scores, mask and key in one pass
+                keys = index_keys(q[:, t0:t1], w[:, t0:t1], k[:, :n], scale, q_pos[:, t0:t1], k_pos[:, :n], qd, kd)
+                out[:, t0:t1] = top_of_keys(keys, topk)
+            else:
+                scores = index_scores(q[:, t0:t1], w[:, t0:t1], k[:, :n], scale)
+                vis = attention_mask(q_pos[:, t0:t1], k_pos[:, :n], 0, qd, kd)
+                out[:, t0:t1] = topk_latest_indices(scores, vis[:, 0], topk)
     return out
 
 

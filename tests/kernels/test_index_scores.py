@@ -54,3 +54,32 @@ def test_kernel_reads_row_block_views(rel_err):
     qv, wv, kv = q[:, 3:8], w[:, 3:8], k[:, :8]
     assert not qv.is_contiguous() and not kv.is_contiguous()
     assert rel_err(ref.index_scores(qv, wv, kv, 0.25), tk.index_scores(qv, wv, kv, 0.25)) < 1e-5
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_index_keys_equal_the_selection_keys_built_in_torch(packed):
+    """index_keys writes topk_latest_indices' int64 keys (ordered score · 2^32 + slot, -inf where
+    invisible, -0.0 as +0.0) in the kernel: bit-equal on integer inputs (exact scores, many ties
+    and signed zeros), with documents, and with cache-style expanded key positions (stride 0)."""
+    from deepwish.model.dsa_rows import top_of_keys, topk_latest_indices
+    B, T, S, H, D = 2, 9, 21, 4, 8  # 4 heads: no padded head adds a +0.0 to the kernel's head sum
+    q, w, _ = integer_inputs(B, T, H, D, 3)
+    k = torch.randint(-2, 3, (B, S, D), generator=torch.Generator().manual_seed(4)).float()
+    q_pos = torch.arange(S - T, S).expand(B, T)
+    k_pos = torch.arange(S).expand(B, S)  # stride 0 in the batch, as the cached path passes it
+    q_doc = k_doc = None
+    if packed:
+        k_doc = (torch.arange(S) >= 14).long().expand(B, S).contiguous()
+        q_doc = k_doc[:, S - T:]
+    w[1] = -w[1].abs() - 1  # batch 1: every head weight negative, so a key no head fires on sums -0.0 terms
+    scores = ref.index_scores(q, w, k, 0.5)
+    assert (scores == 0).any()
+    vis = attention_mask(q_pos, k_pos, 0, q_doc, k_doc)[:, 0]
+    s = scores.masked_fill(~vis, float("-inf")) + 0.0
+    bits = s.view(torch.int32)
+    want = (bits ^ ((bits >> 31) & 0x7FFFFFFF)).to(torch.int64) * (1 << 32) + torch.arange(S)
+    got = tk.index_keys(q, w, k, 0.5, q_pos, k_pos, q_doc, k_doc)
+    assert got.dtype == torch.int64 and torch.equal(got, want)
+    assert torch.equal(top_of_keys(got, 5).sort(-1).values, topk_latest_indices(scores, vis, 5).sort(-1).values)
+    with pytest.raises(ValueError, match="q_doc and k_doc"):
+        tk.index_keys(q, w, k, 0.5, q_pos, k_pos, q_doc=q_pos)
