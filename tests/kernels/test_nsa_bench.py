@@ -49,8 +49,9 @@ def test_branch_times_runs_every_path(monkeypatch):
 
 def test_sweep_checks_times_and_keeps_the_fastest(monkeypatch):
     """The tile sweep at a toy shape under the interpreter, a stand-in clock that makes each later
-    candidate faster: correct candidates are timed and the fastest kept (and applied), one that
-    names no option is an error, not a winner."""
+    candidate faster and a stand-in check that finds one candidate wrong: correct candidates are
+    timed (the real kernels run under each override) and the fastest kept and applied; a wrong
+    one and one that names no option are errors, not winners."""
     from deepwish.kernels.nsa import triton as nk
     for name, value in dict(H=4, HKV=1, D=16, CMP_LEN=4, CMP_STRIDE=2, SELECT_LEN=8, N_SELECT=3).items():
         monkeypatch.setattr(nb, name, value)
@@ -58,8 +59,13 @@ def test_sweep_checks_times_and_keeps_the_fastest(monkeypatch):
         monkeypatch.setitem(nk.INTERPRET_TILES, kind, dict(nk.INTERPRET_TILES[kind]))   # restored afterwards
     clock = iter(range(100, 0, -1))
     monkeypatch.setattr(nb, "time_ms", lambda fn, **kw: (fn(), float(next(clock)))[1])
-    cands = {"cmp_fwd": [{}, dict(FUSED_SELECT=False)], "slc_fwd": [{}, dict(BOGUS=1)]}
+
+    def check(device, dtype, T):   # "wrong" under the insertion form, right otherwise
+        wrong = nk.INTERPRET_TILES["cmp_fwd"]["SORT_MERGE"] is False
+        return dict(o_cmp=0.5 if wrong else 1e-3, selection_equal=1.0)
+    monkeypatch.setattr(nb, "check", check)
+    cands = {"cmp_fwd": [{}, dict(FUSED_SELECT=False), dict(SORT_MERGE=False)], "slc_fwd": [{}, dict(BOGUS=1)]}
     got = nb.sweep(torch.device("cpu"), 20, candidates=cands, log=lambda m: None)
     assert got["cmp_fwd"]["best"] == dict(FUSED_SELECT=False) and nk.INTERPRET_TILES["cmp_fwd"]["FUSED_SELECT"] is False
+    assert "wrong" in got["cmp_fwd"]["trials"][2]["error"]
     assert got["slc_fwd"]["best"] == {} and "BOGUS" in got["slc_fwd"]["trials"][1]["error"]
-    assert all(t["check"]["selection_equal"] == 1.0 for t in got["cmp_fwd"]["trials"])
