@@ -254,8 +254,9 @@ SWEEP_CANDIDATES = {
     # BNS / BJ: a tile of BJ blocks overlaps BJ·l'/d + 1 compressed tokens (65 for 16), computed in
     # steps of BNS: 16 -> 80 (1.23x), 32 -> 96 (1.5x), 64 -> 128 (2x); BJ 32, BNS 16 -> 144 for 129
     "cmp_fwd": [{}, dict(SORT_MERGE=False), dict(BN=128), dict(BNS=16), dict(BNS=64), dict(BJ=32),
-                dict(BJ=32, BNS=16), dict(num_stages=3), dict(BM=64, num_warps=4), dict(FUSED_SELECT=False)],
-    "cmp_sel": [{}, dict(SORT_MERGE=False), dict(BN=16), dict(BN=64), dict(BJ=32), dict(num_warps=4),
+                dict(BJ=32, BNS=16), dict(JV=16), dict(num_stages=3), dict(BM=64, num_warps=4),
+                dict(FUSED_SELECT=False)],
+    "cmp_sel": [{}, dict(SORT_MERGE=False), dict(BN=16), dict(BN=64), dict(BJ=32), dict(JV=16), dict(num_warps=4),
                 dict(BM=64, num_warps=4)],
     "cmp_dq": [{}, dict(BN=32), dict(num_stages=3), dict(BM=64, num_warps=4)],
     "cmp_dkdv": [{}, dict(Q_CHUNK=1024), dict(MAX_CHUNKS=32), dict(BN=32), dict(num_stages=3),

@@ -46,6 +46,7 @@ OPTIONS = {
     "insertion-top-n": {"cmp_fwd": dict(SORT_MERGE=False)},
     "separate-scoring-pass": {"cmp_fwd": dict(FUSED_SELECT=False)},
     "scoring-bj32-bns16": {"cmp_fwd": dict(BJ=32, BNS=16)},
+    "vector-searches-jv16": {"cmp_fwd": dict(JV=16)},
     "dq-fused-into-dkdv": {"cmp_dkdv": dict(FUSE_DQ=True)},
     "dkdv-one-chunk": {"cmp_dkdv": dict(Q_CHUNK=1 << 20)},
     "slc-union-bt4": {"slc_fwd": dict(BT=4), "slc_dq": dict(BT=4)},

@@ -114,16 +114,17 @@ def test_compressed_and_selected_match_reference(rel_err, B, lengths, T, H, Hkv,
     assert max(errs) < TOL[dtype], dict(zip(("o_slc", "dq", "dk", "dv"), errs))
 
 
-@pytest.mark.parametrize("n,lengths,fused,sort", [(16, [36], True, True), (5, [20, 16], True, True),
-                                                   (16, [20, 16], False, True), (5, [36], True, False),
-                                                   (16, [20, 16], False, False)],
-                         ids=["n16-one-doc", "n5-docs", "n16-docs-separate-pass", "n5-insertion",
-                              "n16-docs-separate-pass-insertion"])
-def test_selection_merges_several_scoring_tiles(rel_err, n, lengths, fused, sort):
+@pytest.mark.parametrize("n,lengths,fused,sort,jv", [(16, [36], True, True, 0), (5, [20, 16], True, True, 0),
+                                                      (16, [20, 16], False, True, 0), (5, [36], True, False, 2),
+                                                      (16, [20, 16], False, False, 2)],
+                         ids=["n16-one-doc", "n5-docs", "n16-docs-separate-pass", "n5-insertion-jv2",
+                              "n16-docs-separate-pass-insertion-jv2"])
+def test_selection_merges_several_scoring_tiles(rel_err, n, lengths, fused, sort, jv):
     """36 selection blocks of one token (more than two scoring tiles of 16): the running top list
     is merged tile after tile and still equals the reference's top-n (fp32: exact), in the
     forward kernel and in the separate scoring pass (FUSED_SELECT off), by the sort merge and
-    by the insertion form (SORT_MERGE off)."""
+    by the insertion form (SORT_MERGE off), with one search per tile or the searches of JV = 2
+    tiles at once (3 tiles: a full group of 2 and a partial one)."""
     torch.manual_seed(8)
     S, H, Hkv, D = sum(lengths), 2, 1, 16
     q = torch.randn(1, S, H, D)
@@ -132,8 +133,8 @@ def test_selection_merges_several_scoring_tiles(rel_err, n, lengths, fused, sort
     kw = dict(q_pos=torch.arange(S)[None], doc_ids=doc_ids_of([lengths]), cmp_len=2, select_len=1, n_select=n,
               n_init=1, n_local=2)
     o_want, sel_want = ref.nsa_compressed(q, kc, vc, ends, **kw)
-    with tri.override_tiles("cmp_fwd", FUSED_SELECT=fused, SORT_MERGE=sort), \
-            tri.override_tiles("cmp_sel", SORT_MERGE=sort):
+    with tri.override_tiles("cmp_fwd", FUSED_SELECT=fused, SORT_MERGE=sort, JV=jv), \
+            tri.override_tiles("cmp_sel", SORT_MERGE=sort, JV=jv):
         o_got, sel_got = tri.nsa_compressed(q, kc, vc, ends, **kw)
     assert torch.equal(sel_got, sel_want) and rel_err(o_want, o_got) < 1e-5
 
@@ -277,8 +278,9 @@ def test_ties_go_to_the_later_block():
 
 
 def test_fanout_search_equals_searchsorted():
-    """`_first_ge` (FANOUT = 4 here: several narrowing steps) against torch.searchsorted, on
-    sorted arrays with repeats, every boundary value and the empty array."""
+    """`_first_ge` and its vector form `_first_ge_vec` (FANOUT = 4 here: several narrowing steps)
+    against torch.searchsorted, on sorted arrays with repeats, every boundary value and the empty
+    array."""
     import triton
     import triton.language as tl
 
@@ -287,6 +289,11 @@ def test_fanout_search_equals_searchsorted():
         i = tl.program_id(0)
         tl.store(OUT + i, tri._first_ge(A, 0, n, tl.load(X + i)))
 
+    @triton.jit
+    def probe_vec(A, X, OUT, n, V: tl.constexpr):
+        i = tl.arange(0, V)
+        tl.store(OUT + i, tri._first_ge_vec(A, 0, n, tl.load(X + i), V))
+
     torch.manual_seed(6)
     for n in (0, 5, 40):
         a = torch.randint(0, 30, (max(n, 1),), dtype=torch.int32).sort().values[:n].contiguous()
@@ -294,6 +301,10 @@ def test_fanout_search_equals_searchsorted():
         out = torch.empty_like(x)
         probe[(x.numel(),)](a if n else torch.zeros(1, dtype=torch.int32), x, out, n)
         assert torch.equal(out, torch.searchsorted(a, x, right=False).to(torch.int32)), n
+        xv = x[:32].contiguous()
+        outv = torch.empty_like(xv)
+        probe_vec[(1,)](a if n else torch.zeros(1, dtype=torch.int32), xv, outv, n, V=32)
+        assert torch.equal(outv, torch.searchsorted(a, xv, right=False).to(torch.int32)), n
 
 
 def test_compiles_as_opaque_custom_ops():

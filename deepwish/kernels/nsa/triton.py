@@ -29,7 +29,9 @@ Compressed branch (one kernel for the forward, `_cmp_fwd_kernel`):
   slot); which is faster is the tile sweep's to say. The per-block insertion this replaces took
   three reductions and a float/index pair per block; at 64k a query tile walks up to 1024 blocks,
   so this serial part grows as T² over the whole branch. The first n keys give sel_idx
-  (descending block index).
+  (descending block index). Each scoring tile needs its compressed-token range: two searches of
+  ~2 dependent loads each, latency no other work hides (up to 64 tiles per program at 64k);
+  JV > 0 (option) searches the ranges of JV tiles at once (`_first_ge_vec`).
 - Decoding (T <= DECODE_MAX_T queries per row): a (query tile, KV head) pair alone would walk a
   long context serially, so both passes are split over NSPLIT programs (`_cmp_split_attend_kernel`
   over the compressed tokens, `_cmp_split_select_kernel` over the selectable blocks, each with its
@@ -110,18 +112,18 @@ _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 # columns per dK/dV step, CH queries per work item. The 16-bit rows are first choices for an
 # H200 at D 128 (the register budget of kernels/attention's 128-row tiles); not swept yet.
 TILES = {
-    ("cmp_fwd", "16bit"): dict(BM=128, BN=64, BNS=32, BJ=16, FUSED_SELECT=True, SORT_MERGE=True, num_warps=8,
-                               num_stages=2),
-    ("cmp_sel", "16bit"): dict(BM=128, BN=32, BJ=16, SORT_MERGE=True, num_warps=8, num_stages=2),
+    ("cmp_fwd", "16bit"): dict(BM=128, BN=64, BNS=32, BJ=16, FUSED_SELECT=True, SORT_MERGE=True, JV=0,
+                               num_warps=8, num_stages=2),
+    ("cmp_sel", "16bit"): dict(BM=128, BN=32, BJ=16, SORT_MERGE=True, JV=0, num_warps=8, num_stages=2),
     ("cmp_dq", "16bit"): dict(BM=128, BN=64, num_warps=8, num_stages=2),
     ("cmp_dkdv", "16bit"): dict(BM=128, BN=64, Q_CHUNK=512, MAX_CHUNKS=16, FUSE_DQ=False, num_warps=8,
                                 num_stages=2),
     ("slc_fwd", "16bit"): dict(BT=1, num_warps=4, num_stages=3),
     ("slc_dq", "16bit"): dict(BT=1, num_warps=4, num_stages=3),
     ("slc_dkdv", "16bit"): dict(ROWS=128, CH=1024, num_warps=8, num_stages=2),
-    ("cmp_fwd", "fp32"): dict(BM=64, BN=32, BNS=32, BJ=16, FUSED_SELECT=True, SORT_MERGE=True, num_warps=8,
-                             num_stages=1),
-    ("cmp_sel", "fp32"): dict(BM=64, BN=32, BJ=16, SORT_MERGE=True, num_warps=8, num_stages=1),
+    ("cmp_fwd", "fp32"): dict(BM=64, BN=32, BNS=32, BJ=16, FUSED_SELECT=True, SORT_MERGE=True, JV=0,
+                             num_warps=8, num_stages=1),
+    ("cmp_sel", "fp32"): dict(BM=64, BN=32, BJ=16, SORT_MERGE=True, JV=0, num_warps=8, num_stages=1),
     ("cmp_dq", "fp32"): dict(BM=64, BN=32, num_warps=8, num_stages=1),
     ("cmp_dkdv", "fp32"): dict(BM=64, BN=32, Q_CHUNK=512, MAX_CHUNKS=16, FUSE_DQ=False, num_warps=8,
                               num_stages=1),
@@ -129,24 +131,25 @@ TILES = {
     ("slc_dq", "fp32"): dict(BT=1, num_warps=4, num_stages=1),
     ("slc_dkdv", "fp32"): dict(ROWS=64, CH=1024, num_warps=8, num_stages=1),
     # decoding (T <= DECODE_MAX_T): rows = T·GP up to MAX_BM, SPLIT_TOKENS compressed tokens per split
-    ("cmp_split", "16bit"): dict(MAX_BM=128, BN=64, BJ=16, SPLIT_TOKENS=256, SORT_MERGE=True, num_warps=4,
-                                 num_stages=2),
-    ("cmp_split", "fp32"): dict(MAX_BM=64, BN=32, BJ=16, SPLIT_TOKENS=256, SORT_MERGE=True, num_warps=4,
-                                num_stages=1),
+    ("cmp_split", "16bit"): dict(MAX_BM=128, BN=64, BJ=16, SPLIT_TOKENS=256, SORT_MERGE=True, JV=0,
+                                 num_warps=4, num_stages=2),
+    ("cmp_split", "fp32"): dict(MAX_BM=64, BN=32, BJ=16, SPLIT_TOKENS=256, SORT_MERGE=True, JV=0,
+                                num_warps=4, num_stages=1),
 }
 DECODE_MAX_T = 16  # up to this many queries per row take the split (decoding) path
 MAX_SPLITS = 64
 # the interpreter: small tiles, so a test of a few dozen tokens crosses several of each (and
 # G = 16 takes the broadcast mapping of the scores, G <= 4 the dot)
 INTERPRET_TILES = {
-    "cmp_fwd": dict(BM=64, BN=16, BNS=16, BJ=16, FUSED_SELECT=True, SORT_MERGE=True, num_warps=1, num_stages=1),
-    "cmp_sel": dict(BM=32, BN=16, BJ=16, SORT_MERGE=True, num_warps=1, num_stages=1),
+    "cmp_fwd": dict(BM=64, BN=16, BNS=16, BJ=16, FUSED_SELECT=True, SORT_MERGE=True, JV=0, num_warps=1,
+                    num_stages=1),
+    "cmp_sel": dict(BM=32, BN=16, BJ=16, SORT_MERGE=True, JV=0, num_warps=1, num_stages=1),
     "cmp_dq": dict(BM=64, BN=16, num_warps=1, num_stages=1),
     "cmp_dkdv": dict(BM=32, BN=16, Q_CHUNK=8, MAX_CHUNKS=3, FUSE_DQ=False, num_warps=1, num_stages=1),
     "slc_fwd": dict(BT=1, num_warps=1, num_stages=1),
     "slc_dq": dict(BT=1, num_warps=1, num_stages=1),
     "slc_dkdv": dict(ROWS=16, CH=3, num_warps=1, num_stages=1),
-    "cmp_split": dict(MAX_BM=64, BN=16, BJ=16, SPLIT_TOKENS=5, SORT_MERGE=True, num_warps=1, num_stages=1),
+    "cmp_split": dict(MAX_BM=64, BN=16, BJ=16, SPLIT_TOKENS=5, SORT_MERGE=True, JV=0, num_warps=1, num_stages=1),
 }
 
 
@@ -260,47 +263,91 @@ def _tile_blocks(QPOS, QDS, qbase, m0, T, SEL_LEN, BT: tl.constexpr):
 
 
 @triton.jit
+def _first_ge_vec(A, base, n, x, V: tl.constexpr):
+    """`_first_ge` for V thresholds x [V] at once (each step loads [V, FANOUT] entries): the
+    searches of V scoring tiles in one chain of dependent loads instead of V chains."""
+    lo = tl.zeros([V], dtype=tl.int32) + n * 0
+    hi = lo + n
+    k = tl.arange(0, FANOUT)
+    while tl.sum((lo < hi).to(tl.int32), 0) > 0:
+        stride = (hi - lo + FANOUT - 1) // FANOUT
+        idx = lo[:, None] + k[None, :] * stride[:, None]
+        ok = idx < hi[:, None]
+        below = ok & (tl.load(A + base + idx, mask=ok, other=0) < x[:, None])
+        cnt = tl.sum(below.to(tl.int32), 1)
+        n_ok = tl.sum(ok.to(tl.int32), 1)
+        new_lo = tl.where(cnt > 0, lo + (cnt - 1) * stride + 1, lo)
+        hi = tl.where(cnt < n_ok, lo + cnt * stride, hi)
+        lo = new_lo
+    return lo
+
+
+@triton.jit
 def _cmp_select(key, q, lse, KC, END, CMAX, CMIN, cbase, k_base, sk_n, N, p_row, ds_row, c_lo, c_hi,
                 tok_ok, sb, qb, j_a, j_b, qk_scale, dk, DQK, CMP_LEN, SEL_LEN, N_INIT, N_LOCAL,
                 BT: tl.constexpr, GP: tl.constexpr, BN: tl.constexpr, BJ: tl.constexpr, SORT_MERGE: tl.constexpr,
-                PREC: tl.constexpr):
+                JV: tl.constexpr, PREC: tl.constexpr):
     """Pass 2 over selection blocks [j_a, j_b): each query's block importance (the group-summed
     probabilities exp2(s - lse) of the compressed tokens overlapping each block), +inf forced,
     -inf ineligible, merged into its running top-BJ `key` [BT, BJ] (`_block_key`; start from
-    `_empty_keys`; `_top_keys` orders them at the end)."""
+    `_empty_keys`; `_top_keys` orders them at the end). Each tile of BJ blocks needs the range of
+    compressed tokens overlapping it (two searches); JV > 0 runs the searches of JV tiles at once."""
+    if JV == 0:
+        for j0 in range(j_a, j_b, BJ):
+            # compressed tokens overlapping blocks [j0, j0 + BJ): end >= j0·l', end - l + 1 <= (j0 + BJ)·l' - 1
+            ca = tl.maximum(c_lo, _first_ge(CMAX, cbase, N, j0 * SEL_LEN))
+            cb = tl.minimum(c_hi, _first_ge(CMIN, cbase, N, (j0 + BJ) * SEL_LEN + CMP_LEN - 1))
+            key = _score_tile(key, j0, ca, cb, q, lse, KC, END, cbase, k_base, sk_n, p_row, ds_row, tok_ok, sb, qb,
+                              j_b, qk_scale, dk, DQK, CMP_LEN, SEL_LEN, N_INIT, N_LOCAL, BT, GP, BN, BJ, SORT_MERGE,
+                              PREC)
+    else:
+        jv = tl.arange(0, JV)
+        for jc in range(j_a, j_b, BJ * JV):
+            jt = jc + jv * BJ
+            ca_v = tl.maximum(c_lo, _first_ge_vec(CMAX, cbase, N, jt * SEL_LEN, JV))
+            cb_v = tl.minimum(c_hi, _first_ge_vec(CMIN, cbase, N, (jt + BJ) * SEL_LEN + CMP_LEN - 1, JV))
+            for x in range(0, tl.minimum(JV, (j_b - jc + BJ - 1) // BJ)):
+                ca = tl.sum(tl.where(jv == x, ca_v, 0), 0)
+                cb = tl.sum(tl.where(jv == x, cb_v, 0), 0)
+                key = _score_tile(key, jc + x * BJ, ca, cb, q, lse, KC, END, cbase, k_base, sk_n, p_row, ds_row,
+                                  tok_ok, sb, qb, j_b, qk_scale, dk, DQK, CMP_LEN, SEL_LEN, N_INIT, N_LOCAL, BT, GP, BN,
+                                  BJ, SORT_MERGE, PREC)
+    return key
+
+
+@triton.jit
+def _score_tile(key, j0, ca, cb, q, lse, KC, END, cbase, k_base, sk_n, p_row, ds_row, tok_ok, sb, qb, j_b, qk_scale,
+                dk, DQK, CMP_LEN, SEL_LEN, N_INIT, N_LOCAL, BT: tl.constexpr, GP: tl.constexpr, BN: tl.constexpr,
+                BJ: tl.constexpr, SORT_MERGE: tl.constexpr, PREC: tl.constexpr):
+    """One scoring tile: blocks [j0, j0 + BJ) from the compressed tokens [ca, cb), merged into key."""
     MAP_DOT: tl.constexpr = BT >= 16
-    jj = tl.arange(0, BJ)
-    for j0 in range(j_a, j_b, BJ):
-        j = j0 + jj
-        score = tl.zeros([BT, BJ], dtype=tl.float32)
-        # compressed tokens overlapping blocks [j0, j0 + BJ): end >= j0·l', end - l + 1 <= (j0 + BJ)·l' - 1
-        ca = tl.maximum(c_lo, _first_ge(CMAX, cbase, N, j0 * SEL_LEN))
-        cb = tl.minimum(c_hi, _first_ge(CMIN, cbase, N, (j0 + BJ) * SEL_LEN + CMP_LEN - 1))
-        for c0 in range(ca, cb, BN):
-            c = c0 + tl.arange(0, BN)
-            c_ok = c < cb
-            c64 = tl.cast(c, tl.int64)
-            end = tl.load(END + cbase + c, mask=c_ok, other=2147483647)
-            k = tl.load(KC + k_base + c64[:, None] * sk_n + dk[None, :], mask=c_ok[:, None] & (dk < DQK)[None, :],
-                        other=0.0)
-            s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale
-            p = tl.where(_cmp_visible(p_row, ds_row, end), tl.exp2(s - lse[:, None]), 0.0)
-            pg = tl.sum(tl.reshape(p, [BT, GP, BN]), 1)                    # [BT, BN]: the group's sum
-            first = tl.maximum(end - CMP_LEN + 1, 0) // SEL_LEN
-            last = end // SEL_LEN
-            ov = ((j[None, :] >= first[:, None]) & (j[None, :] <= last[:, None]) & c_ok[:, None]).to(tl.float32)
-            if MAP_DOT:
-                score = tl.dot(pg, ov, score, input_precision="ieee")
-            else:  # fewer than 16 queries per tile (large groups): a broadcast product, as exact
-                score += tl.sum(pg[:, :, None] * ov[None, :, :], 1)
-        elig = (j[None, :] >= sb[:, None]) & (j[None, :] <= qb[:, None]) & (j[None, :] < j_b) & tok_ok[:, None]
-        forced = elig & ((j[None, :] < sb[:, None] + N_INIT) | (j[None, :] > qb[:, None] - N_LOCAL))
-        score = tl.where(forced, float("inf"), score)
-        new = _block_key(score, j[None, :] + tl.zeros([BT, BJ], dtype=tl.int32), elig)
-        if SORT_MERGE:
-            key = _merge_top(key, new, BT, BJ)
-        else:
-            key = _insert_top(key, new, BJ)
+    j = j0 + tl.arange(0, BJ)
+    score = tl.zeros([BT, BJ], dtype=tl.float32)
+    for c0 in range(ca, cb, BN):
+        c = c0 + tl.arange(0, BN)
+        c_ok = c < cb
+        c64 = tl.cast(c, tl.int64)
+        end = tl.load(END + cbase + c, mask=c_ok, other=2147483647)
+        k = tl.load(KC + k_base + c64[:, None] * sk_n + dk[None, :], mask=c_ok[:, None] & (dk < DQK)[None, :],
+                    other=0.0)
+        s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale
+        p = tl.where(_cmp_visible(p_row, ds_row, end), tl.exp2(s - lse[:, None]), 0.0)
+        pg = tl.sum(tl.reshape(p, [BT, GP, BN]), 1)                    # [BT, BN]: the group's sum
+        first = tl.maximum(end - CMP_LEN + 1, 0) // SEL_LEN
+        last = end // SEL_LEN
+        ov = ((j[None, :] >= first[:, None]) & (j[None, :] <= last[:, None]) & c_ok[:, None]).to(tl.float32)
+        if MAP_DOT:
+            score = tl.dot(pg, ov, score, input_precision="ieee")
+        else:  # fewer than 16 queries per tile (large groups): a broadcast product, as exact
+            score += tl.sum(pg[:, :, None] * ov[None, :, :], 1)
+    elig = (j[None, :] >= sb[:, None]) & (j[None, :] <= qb[:, None]) & (j[None, :] < j_b) & tok_ok[:, None]
+    forced = elig & ((j[None, :] < sb[:, None] + N_INIT) | (j[None, :] > qb[:, None] - N_LOCAL))
+    score = tl.where(forced, float("inf"), score)
+    new = _block_key(score, j[None, :] + tl.zeros([BT, BJ], dtype=tl.int32), elig)
+    if SORT_MERGE:
+        key = _merge_top(key, new, BT, BJ)
+    else:
+        key = _insert_top(key, new, BJ)
     return key
 
 
@@ -381,7 +428,7 @@ def _cmp_fwd_kernel(Q, KC, VC, END, CMAX, CMIN, QPOS, QDS, O, LSE, SEL,
                     T, N, H, HKV, G, DQK, DV, scale, CMP_LEN, SEL_LEN, N_SELECT, N_INIT, N_LOCAL,
                     BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr, GP: tl.constexpr, BM: tl.constexpr,
                     BN: tl.constexpr, BNS: tl.constexpr, BJ: tl.constexpr, NP: tl.constexpr,
-                    SELECT: tl.constexpr, SORT_MERGE: tl.constexpr, PREC: tl.constexpr):
+                    SELECT: tl.constexpr, SORT_MERGE: tl.constexpr, JV: tl.constexpr, PREC: tl.constexpr):
     """Training / prefill: pass 1 and pass 2 in one program per (query tile, KV head)."""
     BT: tl.constexpr = BM // GP
     qk_scale = scale * 1.4426950408889634
@@ -418,7 +465,7 @@ def _cmp_fwd_kernel(Q, KC, VC, END, CMAX, CMIN, QPOS, QDS, O, LSE, SEL,
         tok_ok, sb, qb, j_lo, j_hi = _tile_blocks(QPOS, QDS, b * T, m0, T, SEL_LEN, BT)
         key = _cmp_select(_empty_keys(BT, BJ), q, lse, KC, END, CMAX, CMIN, cbase, k_base, sk_n, N, p_row, ds_row,
                           c_lo, c_hi, tok_ok, sb, qb, j_lo, j_hi, qk_scale, dk, DQK, CMP_LEN, SEL_LEN, N_INIT,
-                          N_LOCAL, BT, GP, BNS, BJ, SORT_MERGE, PREC)
+                          N_LOCAL, BT, GP, BNS, BJ, SORT_MERGE, JV, PREC)
         key = _top_keys(key, SORT_MERGE)
         _store_sel(SEL, key, b, T, m0, tok_ok, hkv, HKV, N_SELECT, BT, BJ, NP)
 
@@ -491,7 +538,7 @@ def _cmp_split_select_kernel(Q, KC, END, CMAX, CMIN, QPOS, QDS, LSE, S_PART, I_P
                              T, N, H, HKV, G, DQK, scale, CMP_LEN, SEL_LEN, N_SELECT, N_INIT, N_LOCAL, NSPLIT,
                              BLOCK_DK: tl.constexpr, GP: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
                              BJ: tl.constexpr, NP: tl.constexpr, FINAL: tl.constexpr, SORT_MERGE: tl.constexpr,
-                             PREC: tl.constexpr):
+                             JV: tl.constexpr, PREC: tl.constexpr):
     """Decoding, pass 2: one program per (query tile, KV head, split of the selectable blocks)
     writes its partial top-n (scores, indices) [NSPLIT, B, T, HKV, NP]; `_merge_select_kernel`
     merges them. Empty slots are (-inf, -1). FINAL (one split, the training path's
@@ -518,7 +565,7 @@ def _cmp_split_select_kernel(Q, KC, END, CMAX, CMIN, QPOS, QDS, LSE, S_PART, I_P
     j_a, j_b = _split_range(j_lo, j_hi, split, NSPLIT)
     key = _cmp_select(_empty_keys(BT, BJ), q, lse, KC, END, CMAX, CMIN, cbase, b * sk_b + tl.cast(hkv, tl.int64) * sk_h,
                       sk_n, N, p_row, ds_row, c_lo, c_hi, tok_ok, sb, qb, j_a, j_b, qk_scale, dk, DQK, CMP_LEN,
-                      SEL_LEN, N_INIT, N_LOCAL, BT, GP, BN, BJ, SORT_MERGE, PREC)
+                      SEL_LEN, N_INIT, N_LOCAL, BT, GP, BN, BJ, SORT_MERGE, JV, PREC)
     key = _top_keys(key, SORT_MERGE)
     if FINAL:   # one split: the selection itself
         _store_sel(SEL, key, b, T, m0, tok_ok, hkv, HKV, N_SELECT, BT, BJ, NP)
@@ -1066,7 +1113,7 @@ def compressed_forward_split(q, k_cmp, v_cmp, end, qpos, qds, scale, cmp_len, se
     cfg = _split_config(q, T, G, N)
     NS = cfg.pop("NSPLIT")
     BJ = cfg.pop("BJ")
-    sort_merge = cfg.pop("SORT_MERGE")
+    sort_merge, jv = cfg.pop("SORT_MERGE"), cfg.pop("JV")
     grid = (triton.cdiv(T, cfg["BM"] // GP), B * Hkv, NS)
     cmax, cmin = _prefix_max(end), _suffix_min(end)
     m = torch.empty(NS, B, T, H, dtype=torch.float32, device=q.device)
@@ -1092,7 +1139,7 @@ def compressed_forward_split(q, k_cmp, v_cmp, end, qpos, qds, scale, cmp_len, se
                                    *q.stride()[:3], *k_cmp.stride()[:3], T, N, H, Hkv, G, scale=scale,
                                    CMP_LEN=cmp_len, SEL_LEN=select_len, N_SELECT=n_select, N_INIT=n_init,
                                    N_LOCAL=n_local, NSPLIT=NS, GP=GP, BJ=BJ, NP=NP, FINAL=False,
-                                   SORT_MERGE=sort_merge, **dims, **cfg)
+                                   SORT_MERGE=sort_merge, JV=jv, **dims, **cfg)
     sel = torch.empty(B, T, Hkv, n_select, dtype=torch.int32, device=q.device)
     _merge_select_kernel[(B * T * Hkv,)](s_part, i_part, sel, B * T * Hkv, NS, n_select, NSP=NSP, NP=NP,
                                          num_warps=4 if not _INTERPRET else 1)
