@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from deepwish.bench.env import kernel_bench_environment
+from deepwish.bench.env import bench_environment
 
 DENSE_MASK_MAX = 1 << 30  # elements of the [B, 1, T, T] mask SDPA is given (1 GiB as bool)
 TOKENS = 16384  # tokens per step for T <= 16k (B = TOKENS // T)
@@ -360,7 +360,7 @@ def plot(train: list[dict], decode: list[dict], path: str) -> None:
 
 
 def environment(device) -> dict:
-    return kernel_bench_environment(device, "deepwish bench attention")
+    return bench_environment(device, "deepwish bench attention")
 
 
 def main(argv: list[str] | None = None) -> int:

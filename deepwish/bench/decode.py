@@ -48,10 +48,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import datetime
 import gc
 import json
-import platform
 import tempfile
 import time
 from pathlib import Path
@@ -363,12 +361,8 @@ def plot(rows, path: Path) -> None:
 
 
 def environment() -> dict:
-    import transformers
-    import triton
-    return {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "device": torch.cuda.get_device_name(), "python": platform.python_version(),
-            "torch": torch.__version__, "triton": triton.__version__, "transformers": transformers.__version__,
-            "copy_bandwidth": COPY_BW}
+    from deepwish.bench.env import bench_environment
+    return bench_environment("cuda", "deepwish bench decode", copy_bandwidth=COPY_BW)
 
 
 def run(out_dir, presets=PRESETS, batches=(1, 8, 64), prompts=(128, 2048, 8192), new_tokens: int = 64,

@@ -35,10 +35,8 @@ decode at 128k <= 1.5x its latency at the smallest context.
 from __future__ import annotations
 
 import argparse
-import datetime
 import gc
 import json
-import sys
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -352,16 +350,8 @@ def plot(res: dict, path: Path) -> None:
 
 
 def environment(dev: torch.device) -> dict:
-    from deepwish.bench.gdn import git_hash
-    env = {"device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu", "torch": torch.__version__,
-           "python": sys.version.split()[0], "git": git_hash(),
-           "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
-    try:
-        import triton
-        env["triton"] = triton.__version__
-    except ImportError:
-        env["triton"] = None
-    return env
+    from deepwish.bench.env import bench_environment
+    return bench_environment(dev, "deepwish bench dsa")
 
 
 def ints(s: str) -> list[int]:

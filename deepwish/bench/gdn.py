@@ -18,15 +18,14 @@ Times are the median of `triton.testing.do_bench`. Throughput figures use these 
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
-import subprocess
-import sys
 from typing import Callable
 
 import torch
 import torch.nn.functional as F
+
+from deepwish.bench.env import bench_environment
 
 COPY_PEAK_GBS = 2973.0
 MATMUL_PEAK_TFLOPS = 777.0
@@ -212,25 +211,13 @@ def bench_decode(backends, device) -> dict:
     return res
 
 
-def git_hash() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                              cwd=os.path.dirname(os.path.abspath(__file__)), check=True).stdout.strip()
-    except Exception:  # noqa: BLE001
-        return "unknown"
-
-
 def environment(device) -> dict:
-    import triton
-    env = {"device": torch.cuda.get_device_name(device), "torch": torch.__version__, "triton": triton.__version__,
-           "python": sys.version.split()[0], "git": git_hash(),
-           "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
     try:
         import fla
-        env["fla"] = getattr(fla, "__version__", "unknown")
-    except Exception:  # noqa: BLE001
-        env["fla"] = None
-    return env
+        fla_version = getattr(fla, "__version__", "unknown")
+    except Exception:  # noqa: BLE001 - any import failure means fla is not there
+        fla_version = None
+    return bench_environment(device, "deepwish bench gdn", fla=fla_version)
 
 
 def fmt(val, digits=3) -> str:

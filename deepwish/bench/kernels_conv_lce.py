@@ -15,11 +15,8 @@ writes results.json, conv.png and lce.png there and prints a table last.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
-import subprocess
-import sys
 import time
 
 import torch
@@ -218,16 +215,8 @@ def _lce_impls(with_compile: bool) -> tuple[dict, dict]:
 # ----------------------------------------------------------------------------- report
 
 def _environment(device: str) -> dict:
-    import triton
-    try:
-        git = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                             cwd=os.path.dirname(__file__)).stdout.strip()
-    except OSError:
-        git = "unknown"
-    return {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "device": torch.cuda.get_device_name(device), "torch": torch.__version__,
-            "triton": triton.__version__, "python": sys.version.split()[0], "git": git,
-            "copy_GBps_ceiling": COPY_GBPS}
+    from deepwish.bench.env import bench_environment
+    return bench_environment(device, "deepwish bench kernels", copy_GBps_ceiling=COPY_GBPS)
 
 
 def _fmt(v, spec=".3f"):

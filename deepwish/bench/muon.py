@@ -18,7 +18,6 @@ device's measured bf16 peak (train/mfu.py). Results: DIR/results.json, DIR/muon_
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import sys
 from pathlib import Path
@@ -131,8 +130,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[bench muon] {args.preset} {v:16s} {r['ms']:8.2f} ms/step  ({r['n_matrices']} matrices, "
               f"NS {r['ns_flops'] / 1e12:.2f} TFLOP/step"
               + (f", {r['ns_tflops_s']:.0f} TFLOP/s counting the whole step)" if r["ns_tflops_s"] else ")"), flush=True)
-    env = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-           "device": torch.cuda.get_device_name(), "torch": torch.__version__, "peak": note}
+    from deepwish.bench.env import bench_environment
+    env = bench_environment("cuda", "deepwish bench muon", peak=note)
     (out / "results.json").write_text(json.dumps({"env": env, "preset": args.preset, "results": results}, indent=1))
     import matplotlib
     matplotlib.use("Agg")

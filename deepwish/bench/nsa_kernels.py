@@ -71,7 +71,7 @@ from pathlib import Path
 
 import torch
 
-from deepwish.bench.env import kernel_bench_environment
+from deepwish.bench.env import bench_environment
 from deepwish.bench.sparse_mla import graph_ms, rel_rms, time_ms
 
 B, H, HKV, D = 1, 64, 4, 128
@@ -409,7 +409,7 @@ def plot(train: list[dict], decode: list[dict], path: Path) -> None:
 
 def environment(device) -> dict:
     fla = fla_nsa()
-    return dict(kernel_bench_environment(device, "python -m deepwish.bench.nsa_kernels"),
+    return dict(bench_environment(device, "python -m deepwish.bench.nsa_kernels"),
                 fla=fla if isinstance(fla, str) else "importable",
                 shape=dict(B=B, H=H, Hkv=HKV, D=D, cmp_len=CMP_LEN, cmp_stride=CMP_STRIDE, select_len=SELECT_LEN,
                            n_select=N_SELECT, n_init=N_INIT, n_local=N_LOCAL, dtype="bfloat16", query_run=QUERY_RUN))

@@ -38,7 +38,7 @@ from pathlib import Path
 
 import torch
 
-from deepwish.bench.env import kernel_bench_environment
+from deepwish.bench.env import bench_environment
 
 H, DQK, DV, TOPK = 64, 576, 512, 2048
 BWD_FACTOR = 2.5
@@ -452,7 +452,7 @@ def plot(kernel: list[dict], decode: list[dict], path: Path) -> None:
 
 
 def environment(device) -> dict:
-    return kernel_bench_environment(device, "deepwish bench dsa")
+    return bench_environment(device, "deepwish bench dsa")
 
 
 def run(device, out: Path, parts: list[str], quick: bool = False, sweep_first: bool = False,

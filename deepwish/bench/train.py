@@ -47,11 +47,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import datetime
 import gc
 import json
 import os
-import platform
 import signal
 import subprocess
 import sys
@@ -361,13 +359,10 @@ def plot(results: list[Result], path: Path) -> None:
 
 
 def environment() -> dict:
-    import triton
-    import transformers
-    peak, note = device_peak_flops(torch.device("cuda")) if torch.cuda.is_available() else (None, "no GPU")
-    return {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
-            "python": platform.python_version(), "torch": torch.__version__, "triton": triton.__version__,
-            "transformers": transformers.__version__, "peak_flops": peak, "peak_source": note}
+    from deepwish.bench.env import bench_environment
+    cuda = torch.cuda.is_available()
+    peak, note = device_peak_flops(torch.device("cuda")) if cuda else (None, "no GPU")
+    return bench_environment("cuda" if cuda else "cpu", "deepwish bench train", peak_flops=peak, peak_source=note)
 
 
 def preset_exists(name: str) -> bool:
