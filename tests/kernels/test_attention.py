@@ -38,11 +38,20 @@ CASES = [  # B, T, H, Hkv, Dqk, Dv, doc lengths per row (None: one document), wi
     pytest.param(1, 21, 8, 1, 256, 256, None, 50, 20.0, torch.float32, id="window-gt-T-gqa8-d256-softcap"),
     pytest.param(1, 40, 2, 1, 192, 128, [[9, 1, 12]], 0, 0.0, torch.float16, id="dqk192-dv128"),
     pytest.param(2, 45, 2, 2, 128, 128, [[10, 30], [1, 2, 3]], 7, 5.0, torch.float32, id="docs-window-softcap"),
+    pytest.param(1, 30, 6, 2, 32, 16, [[4, 1, 13]], 0, 0.0, torch.float32, id="gqa3-padded-heads-dqk-ne-dv"),
 ]
 
 
+@pytest.mark.parametrize("dq_form", ["kernel", "atomic"])
 @pytest.mark.parametrize("B,T,H,Hkv,Dqk,Dv,lengths,window,softcap,dtype", CASES)
-def test_flash_attention_matches_reference(rel_err, B, T, H, Hkv, Dqk, Dv, lengths, window, softcap, dtype):
+def test_flash_attention_matches_reference(rel_err, monkeypatch, B, T, H, Hkv, Dqk, Dv, lengths, window, softcap,
+                                           dtype, dq_form):
+    """Both backward forms (BACKWARD_DQ): dq from its own kernel, or added by the dK/dV kernel
+    with atomics (the dQ kernel must then not run)."""
+    from deepwish.kernels.attention import triton as tk
+    monkeypatch.setattr(tk, "BACKWARD_DQ", dq_form)
+    if dq_form == "atomic":
+        monkeypatch.setattr(tk, "backward_dq", lambda *a, **k: pytest.fail("the dQ kernel ran in the atomic form"))
     torch.manual_seed(0)
     q = torch.randn(B, T, H, Dqk, dtype=dtype, requires_grad=True)
     k = torch.randn(B, T, Hkv, Dqk, dtype=dtype, requires_grad=True)
@@ -84,6 +93,14 @@ def test_precomputed_document_bounds_give_the_same_result():
     assert torch.equal(flash_attention(q, k, v, doc_ids=ids), flash_attention(q, k, v, doc_ids=ids, bounds=bounds))
     with pytest.raises(ValueError, match="bounds"):
         flash_attention(q, k, v, doc_ids=ids, bounds=(bounds[0].long(), bounds[1]))
+
+
+def test_unknown_backward_form_is_an_error(monkeypatch):
+    from deepwish.kernels.attention import triton as tk
+    monkeypatch.setattr(tk, "BACKWARD_DQ", "atomics")
+    q = torch.randn(1, 3, 2, 16, requires_grad=True)
+    with pytest.raises(ValueError, match="BACKWARD_DQ"):
+        flash_attention(q, q.detach(), q.detach()).sum().backward()
 
 
 @pytest.mark.parametrize("bad,match", [

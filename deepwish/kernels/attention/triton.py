@@ -24,7 +24,9 @@ Design (FlashAttention-2, the online softmax in base 2):
 - Forward saves the row log-sum-exp (base 2, fp32 [B, T, H]). Backward: a small kernel computes
   delta = rowsum(dO·O); one kernel per key tile computes dK, dV iterating over query tiles (the
   G heads of the group are summed by the tile's own dot products: no atomics); a second kernel
-  per query tile computes dQ iterating over key tiles. Both are deterministic. The dK/dV kernel
+  per query tile computes dQ iterating over key tiles. Both are deterministic (BACKWARD_DQ =
+  "atomic" instead adds dQ from the dK/dV kernel with fp32 atomics: five matmuls instead of
+  seven, not bit-deterministic; see BACKWARD_DQ). The dK/dV kernel
   works on transposed scores (keys as rows: Sᵀ = K·Qᵀ), so Pᵀ and dSᵀ are the left operands of
   their dots straight from registers; the untransposed form needs a register transpose
   (a round trip through shared memory) of two BN×BM tiles per step, which halved its speed.
@@ -77,14 +79,35 @@ TILES = {
     ("fwd", "d256", "16bit", "long"): (128, 64, 8, 2),
     ("dkdv", "d256", "16bit", "long"): (64, 64, 8, 2),
     ("dq", "d256", "16bit", "long"): (128, 32, 8, 2),
+    # the dK/dV kernel with dq atomics (BACKWARD_DQ = "atomic"), not swept yet: one atomic per
+    # (row, channel) per key tile, so the most keys per program that fit (FlashAttention-2's
+    # 64 x 128 at d128); at d256 the dq tile [BM, 256] fp32 adds 64 registers a thread at
+    # BM 64, hence BM 32
+    ("dkdvq", "d128", "16bit", "short"): (64, 128, 8, 3),
+    ("dkdvq", "d128", "16bit", "long"): (64, 128, 8, 3),
+    ("dkdvq", "d256", "16bit", "short"): (32, 64, 8, 2),
+    ("dkdvq", "d256", "16bit", "long"): (32, 64, 8, 2),
     # fp32 (the exact toggle): half the tile of 16-bit inputs, not swept
     ("fwd", "d128", "fp32", "short"): (64, 32, 4, 2),
     ("dkdv", "d128", "fp32", "short"): (32, 64, 4, 1),
     ("dq", "d128", "fp32", "short"): (64, 32, 4, 1),
+    ("dkdvq", "d128", "fp32", "short"): (32, 64, 4, 1),
     ("fwd", "d256", "fp32", "short"): (32, 32, 4, 2),
     ("dkdv", "d256", "fp32", "short"): (32, 32, 4, 1),
     ("dq", "d256", "fp32", "short"): (32, 32, 4, 1),
+    ("dkdvq", "d256", "fp32", "short"): (32, 32, 4, 1),
 }
+
+# How the backward gets dq:
+# - "kernel" (default): a second kernel per query tile recomputes s and dp and sums ds·k in
+#   registers. Seven matmuls per visited (row, key) tile pair (dK/dV kernel: sᵀ, dv, dpᵀ, dk; dQ
+#   kernel: s, dp, dq), no atomics, bit-deterministic.
+# - "atomic": the dK/dV kernel also computes ds·k for each query tile it visits and adds it with
+#   fp32 atomics into a [B, T, H, Dqk] buffer (FlashAttention-2's way). Five matmuls, and per
+#   step BM·Dqk atomic adds, one per (row, channel) and key tile: with BN keys per program that is
+#   one atomic per 10·BN flops of the step's five matmuls (d128, BN 128: 1,280). The order of
+#   the fp32 sums varies run to run: dq is NOT bit-deterministic (dk and dv still are).
+BACKWARD_DQ = "kernel"
 
 
 def tile_key(kind: str, head_dim: int, dtype: torch.dtype, T: int) -> tuple[str, str, str, str]:
@@ -94,7 +117,7 @@ def tile_key(kind: str, head_dim: int, dtype: torch.dtype, T: int) -> tuple[str,
 
 
 def tile_config(kind: str, head_dim: int, group: int, dtype: torch.dtype, T: int = 0) -> dict:
-    """Tile shape for one kernel (kind: fwd | dkdv | dq) from TILES. The interpreter takes 16 x 16
+    """Tile shape for one kernel (kind: fwd | dkdv | dq | dkdvq) from TILES. The interpreter takes 16 x 16
     tiles so a test of a few dozen tokens crosses several tiles."""
     gp = triton.next_power_of_2(group)
     if _INTERPRET:
@@ -236,11 +259,13 @@ def _delta_kernel(O, DO, DELTA, ROWS, DV, BR: tl.constexpr, BLOCK_DV: tl.constex
 
 
 @triton.jit
-def _dkdv_tiles(dk_acc, dv_acc, k, v, Q, DO, LSE, DELTA, DS, q_base, do_base, ds_base, sq_t, sq_h, sdo_t, sdo_h,
-                n, ds_key, hkv, start, end, T, H, G, W, scale, softcap, dk, dv, DQK, DV,
+def _dkdv_tiles(dk_acc, dv_acc, k, v, Q, DO, LSE, DELTA, DS, DQA, q_base, do_base, ds_base, sq_t, sq_h, sdo_t,
+                sdo_h, n, ds_key, hkv, start, end, T, H, G, W, scale, softcap, dk, dv, DQK, DV,
                 GP: tl.constexpr, BM: tl.constexpr, MASK: tl.constexpr, SOFTCAP: tl.constexpr,
-                PREC: tl.constexpr):
-    """Keys are rows here: sᵀ [BN, BM] = k · qᵀ, so pᵀ and dsᵀ feed their dots from registers."""
+                PREC: tl.constexpr, DQ_ATOMIC: tl.constexpr):
+    """Keys are rows here: sᵀ [BN, BM] = k · qᵀ, so pᵀ and dsᵀ feed their dots from registers.
+    DQ_ATOMIC: also add this key tile's share of dq, ds · k [BM, Dqk], into the fp32 buffer DQA
+    (contiguous [B, T, H, Dqk], unscaled) with atomics."""
     BT: tl.constexpr = BM // GP
     qk_scale = scale * 1.4426950408889634
     for m0 in range(start, end, BT):
@@ -269,17 +294,28 @@ def _dkdv_tiles(dk_acc, dv_acc, k, v, Q, DO, LSE, DELTA, DS, q_base, do_base, ds
         ds_t = p_t * (dp_t - delta[None, :])
         if SOFTCAP:
             ds_t = ds_t * (1.0 - tc * tc)
-        dk_acc = tl.dot(ds_t.to(q_t.dtype), tl.trans(q_t), dk_acc, input_precision=PREC)
+        ds_t = ds_t.to(q_t.dtype)
+        dk_acc = tl.dot(ds_t, tl.trans(q_t), dk_acc, input_precision=PREC)
+        if DQ_ATOMIC:
+            # ds = dsᵀ transposed: one shared-memory round trip of a BN x BM 16-bit tile (the
+            # dot's left operand), not a third matmul; the [BM, Dqk] result holds neighbouring
+            # channels in each thread, so the atomics of a row hit consecutive addresses.
+            # Padded rows and masked pairs have ds = 0; the mask keeps padded rows (h >= H,
+            # t >= T) from addressing memory at all.
+            dq_part = tl.dot(tl.trans(ds_t), k, input_precision=PREC)
+            tl.atomic_add(DQA + row[:, None] * DQK + dk[None, :], dq_part,
+                          mask=row_ok[:, None] & (dk < DQK)[None, :], sem="relaxed")
     return dk_acc, dv_acc
 
 
 @triton.jit
-def _dkdv_kernel(Q, K, V, DO, LSE, DELTA, DS, DE, DKO, DVO,
+def _dkdv_kernel(Q, K, V, DO, LSE, DELTA, DS, DE, DKO, DVO, DQA,
                  sq_b, sq_t, sq_h, sk_b, sk_t, sk_h, sv_b, sv_t, sv_h, sdo_b, sdo_t, sdo_h,
                  sdk_b, sdk_t, sdk_h, sdv_b, sdv_t, sdv_h,
                  T, H, HKV, G, W, scale, softcap, DQK, DV,
                  BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr, GP: tl.constexpr,
-                 SOFTCAP: tl.constexpr, PREC: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr):
+                 SOFTCAP: tl.constexpr, PREC: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+                 DQ_ATOMIC: tl.constexpr):
     BT: tl.constexpr = BM // GP
     n0 = tl.program_id(0) * BN
     bh = tl.program_id(1)
@@ -312,15 +348,15 @@ def _dkdv_kernel(Q, K, V, DO, LSE, DELTA, DS, DE, DKO, DVO,
     dv_acc = tl.zeros([BN, BLOCK_DV], dtype=tl.float32)
     q_base = b * sq_b
     do_base = b * sdo_b
-    dk_acc, dv_acc = _dkdv_tiles(dk_acc, dv_acc, k, v, Q, DO, LSE, DELTA, DS, q_base, do_base, ds_base,
+    dk_acc, dv_acc = _dkdv_tiles(dk_acc, dv_acc, k, v, Q, DO, LSE, DELTA, DS, DQA, q_base, do_base, ds_base,
                                  sq_t, sq_h, sdo_t, sdo_h, n, ds_key, hkv, lo, a, T, H, G, W, scale, softcap,
-                                 dk, dv, DQK, DV, GP, BM, True, SOFTCAP, PREC)
-    dk_acc, dv_acc = _dkdv_tiles(dk_acc, dv_acc, k, v, Q, DO, LSE, DELTA, DS, q_base, do_base, ds_base,
+                                 dk, dv, DQK, DV, GP, BM, True, SOFTCAP, PREC, DQ_ATOMIC)
+    dk_acc, dv_acc = _dkdv_tiles(dk_acc, dv_acc, k, v, Q, DO, LSE, DELTA, DS, DQA, q_base, do_base, ds_base,
                                  sq_t, sq_h, sdo_t, sdo_h, n, ds_key, hkv, a, bb, T, H, G, W, scale, softcap,
-                                 dk, dv, DQK, DV, GP, BM, False, SOFTCAP, PREC)
-    dk_acc, dv_acc = _dkdv_tiles(dk_acc, dv_acc, k, v, Q, DO, LSE, DELTA, DS, q_base, do_base, ds_base,
+                                 dk, dv, DQK, DV, GP, BM, False, SOFTCAP, PREC, DQ_ATOMIC)
+    dk_acc, dv_acc = _dkdv_tiles(dk_acc, dv_acc, k, v, Q, DO, LSE, DELTA, DS, DQA, q_base, do_base, ds_base,
                                  sq_t, sq_h, sdo_t, sdo_h, n, ds_key, hkv, bb, hi, T, H, G, W, scale, softcap,
-                                 dk, dv, DQK, DV, GP, BM, True, SOFTCAP, PREC)
+                                 dk, dv, DQK, DV, GP, BM, True, SOFTCAP, PREC, DQ_ATOMIC)
     tl.store(DKO + b * sdk_b + hkv64 * sdk_h + n64[:, None] * sdk_t + dk[None, :],
              (dk_acc * scale).to(DKO.dtype.element_ty), mask=key_ok[:, None] & (dk < DQK)[None, :])
     tl.store(DVO + b * sdv_b + hkv64 * sdv_h + n64[:, None] * sdv_t + dv[None, :],
@@ -467,9 +503,10 @@ def backward_dkdv(q, k, v, do, lse, delta, doc_start, doc_end, scale, window, so
     dk = torch.empty_like(k)
     dv = torch.empty_like(v)
     cfg = tile_config("dkdv", max(q.shape[-1], v.shape[-1]), meta["G"], q.dtype, T)
+    # DQA (dv in its place) is never touched without DQ_ATOMIC
     _dkdv_kernel[(triton.cdiv(T, cfg["BN"]), B * meta["HKV"])](
-        q, k, v, do, lse, delta, doc_start, doc_end, dk, dv, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3],
-        *do.stride()[:3], *dk.stride()[:3], *dv.stride()[:3], scale=scale, **meta, **cfg)
+        q, k, v, do, lse, delta, doc_start, doc_end, dk, dv, dv, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3],
+        *do.stride()[:3], *dk.stride()[:3], *dv.stride()[:3], scale=scale, **meta, **cfg, DQ_ATOMIC=False)
     return dk, dv
 
 
@@ -484,8 +521,27 @@ def backward_dq(q, k, v, do, lse, delta, doc_start, scale, window, softcap):
     return dq
 
 
+def backward_dkdvq(q, k, v, do, lse, delta, doc_start, doc_end, scale, window, softcap):
+    """dq, dk, dv from the dK/dV kernel alone: dq accumulated with fp32 atomics (BACKWARD_DQ = "atomic")."""
+    B, T = q.shape[:2]
+    meta = _meta(q, k, v, window, softcap)
+    dk = torch.empty_like(k)
+    dv = torch.empty_like(v)
+    dq_acc = torch.zeros(q.shape, dtype=torch.float32, device=q.device)  # contiguous [B, T, H, Dqk]
+    cfg = tile_config("dkdvq", max(q.shape[-1], v.shape[-1]), meta["G"], q.dtype, T)
+    _dkdv_kernel[(triton.cdiv(T, cfg["BN"]), B * meta["HKV"])](
+        q, k, v, do, lse, delta, doc_start, doc_end, dk, dv, dq_acc, *q.stride()[:3], *k.stride()[:3],
+        *v.stride()[:3], *do.stride()[:3], *dk.stride()[:3], *dv.stride()[:3], scale=scale, **meta, **cfg,
+        DQ_ATOMIC=True)
+    return dq_acc.mul_(scale).to(q.dtype), dk, dv
+
+
 def backward(q, k, v, o, lse, do, doc_start, doc_end, scale, window, softcap):
+    if BACKWARD_DQ not in ("kernel", "atomic"):
+        raise ValueError(f"flash_attention: BACKWARD_DQ must be 'kernel' or 'atomic', got {BACKWARD_DQ!r}")
     delta = backward_delta(o, do)
+    if BACKWARD_DQ == "atomic":
+        return backward_dkdvq(q, k, v, do, lse, delta, doc_start, doc_end, scale, window, softcap)
     dk, dv = backward_dkdv(q, k, v, do, lse, delta, doc_start, doc_end, scale, window, softcap)
     dq = backward_dq(q, k, v, do, lse, delta, doc_start, scale, window, softcap)
     return dq, dk, dv
