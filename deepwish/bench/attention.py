@@ -3,6 +3,8 @@
     deepwish bench attention --out DIR                 (a representative subset of the grid, ~3 min on an H200)
     deepwish bench attention --out DIR --grid full     (the whole grid, 30 shapes, ~8 min)
     deepwish bench attention --out DIR --grid quick    (five shapes)
+    deepwish bench attention --out DIR --dq-forms kernel,atomic --parts check,train --paths own,flex
+                                                       (both backward forms of the own kernel side by side)
 
 Training (bf16, fwd / bwd / fwd+bwd): own Triton kernel (kernels/attention/triton.py) vs
 - SDPA with the dense boolean mask [B, 1, T, T] (the path the model took before): skipped, and
@@ -18,6 +20,9 @@ Decode: one new token (and 4 for speculative verification) over a full cache of 
 own split-KV kernel (kernels/attention/decode.py) vs SDPA; GB/s = K and V bytes read / time,
 against the device copy bandwidth measured in the same run.
 Before timing, every path is checked against the fp32 reference (relative RMS).
+--dq-forms: the own kernel's backward forms to time (kernels/attention/triton.py: BACKWARD_DQ);
+"own" is always the module's default form, every other listed form is the path "own_<form>"
+(same forward, same inputs, timed in the same loop), printed beside "own" and FlexAttention.
 """
 from __future__ import annotations
 
@@ -129,8 +134,34 @@ def graph_ms(fn, calls: int = 10) -> float:
     return float(do_bench(g.replay, warmup=10, rep=50, return_mode="median")) / calls
 
 
-def check_correctness(device, quick: bool = False) -> list[dict]:
-    """Own kernel (fwd + all grads), flex and the decode kernel against the fp32 reference."""
+def own_form(form: str, fn):
+    """`fn` with the own kernel's backward form (BACKWARD_DQ) set at each call: the backward
+    launched later from the returned output uses it."""
+    from deepwish.kernels.attention import triton as tk
+
+    def call(*args, **kwargs):
+        tk.BACKWARD_DQ = form
+        return fn(*args, **kwargs)
+    return call
+
+
+def own_paths(forms: list[str], default: str) -> dict[str, str]:
+    """{path name: backward form}: "own" = the default form, "own_<form>" the others."""
+    return {"own": default, **{f"own_{f}": f for f in forms if f != default}}
+
+
+def check_correctness(device, quick: bool = False, forms: list[str] | None = None) -> list[dict]:
+    """Own kernel (fwd + all grads; every backward form in `forms`), flex and the decode kernel
+    against the fp32 reference."""
+    from deepwish.kernels.attention import triton as tk
+    default = tk.BACKWARD_DQ
+    try:
+        return _check_correctness(device, quick, own_paths(forms or [], default))
+    finally:
+        tk.BACKWARD_DQ = default
+
+
+def _check_correctness(device, quick: bool, own_forms: dict[str, str]) -> list[dict]:
     from deepwish.kernels.attention import reference as ref
     from deepwish.kernels.attention.decode import decode_attention
     from deepwish.kernels.attention.flex import flex_attention
@@ -157,7 +188,8 @@ def check_correctness(device, quick: bool = False) -> list[dict]:
         want = ref.attention(q, k, v, doc_ids=ids, window=W, softcap=cap)
         wg = torch.autograd.grad((want.float() * g).sum(), (q, k, v))
         row = dict(case=f"B{B} T{T} H{H}/{Hkv} D{D}/{Dv} docs{docs} W{W} cap{cap} {str(dt)[6:]}")
-        for name, fn in (("own", flash_attention), ("flex", flex_attention)):
+        owns = [(name, own_form(form, flash_attention)) for name, form in own_forms.items()]
+        for name, fn in (*owns, ("flex", flex_attention)):
             if name == "flex" and quick:
                 continue
             if name == "flex" and (dt == torch.float32 or D != Dv or D > 128 and dt != torch.bfloat16):
@@ -186,7 +218,16 @@ def check_correctness(device, quick: bool = False) -> list[dict]:
     return rows
 
 
-def bench_train(device, grid: str, only: set[str], path: Path) -> list[dict]:
+def bench_train(device, grid: str, only: set[str], path: Path, forms: list[str] | None = None) -> list[dict]:
+    from deepwish.kernels.attention import triton as tk
+    default = tk.BACKWARD_DQ
+    try:
+        return _bench_train(device, grid, only, path, own_paths(forms or [], default))
+    finally:
+        tk.BACKWARD_DQ = default
+
+
+def _bench_train(device, grid: str, only: set[str], path: Path, own_forms: dict[str, str]) -> list[dict]:
     import torch._dynamo
     from deepwish.kernels.attention.flex import block_mask, flex_attention
     from deepwish.kernels.attention.triton import document_bounds, flash_attention
@@ -214,8 +255,9 @@ def bench_train(device, grid: str, only: set[str], path: Path) -> list[dict]:
 
         # the document description is built once per batch, as FlexAttention's block mask is
         bounds = document_bounds(ids, B, T, device)
-        paths = {"own": (lambda: flash_attention(q, k, v, doc_ids=ids, window=W, bounds=bounds), (q, k, v), g,
-                         fwd_flop)}
+        paths = {name: (own_form(form, lambda: flash_attention(q, k, v, doc_ids=ids, window=W, bounds=bounds)),
+                        (q, k, v), g, fwd_flop)
+                 for name, form in own_forms.items() if "own" in only}
         if "flex" in only:
             try:
                 fm = block_mask(B, T, ids, W, device)
@@ -236,7 +278,7 @@ def bench_train(device, grid: str, only: set[str], path: Path) -> list[dict]:
                                                                                enable_gqa=True)),
                                       (qt, kt, vt), gt, 2.0 * causal_pairs * H * (D + D))
         for name, (fn, leaves, grad, flop) in paths.items():
-            if name not in only:
+            if name not in only and not name.startswith("own_"):
                 continue
             try:
                 fwd = bench_ms(fn)
@@ -317,7 +359,26 @@ def fmt_train_row(r) -> str:
     return (f"D{r['D']} {r['H']}/{r['Hkv']} B{r['B']} T{r['T']} docs{r['docs']} W{r['window']}: fwd+bwd ms "
             f"own {fmt_cell(own)} flex {fmt_cell(flex)} sdpa_mask {fmt_cell(r.get('sdpa_mask'))} "
             f"flash_causal {fmt_cell(r.get('sdpa_flash_causal'))} | own/flex x{ratio:.2f} | own fwd {tf:.0f} TF/s "
-            f"= {fwd_vs:.2f} of flash")
+            f"= {fwd_vs:.2f} of flash" + fmt_forms(r))
+
+
+def fmt_forms(r) -> str:
+    """The own kernel's backward forms side by side (rows timed with --dq-forms), '' otherwise."""
+    others = sorted(k for k in r if k.startswith("own_"))
+    if not others:
+        return ""
+    own, flex = r.get("own"), r.get("flex")
+    flex_ms = flex["fwdbwd_ms"] if isinstance(flex, dict) else float("nan")
+    cells = []
+    for name in ["own", *others]:
+        x = r.get(name)
+        if isinstance(x, dict):
+            vs = own["bwd_ms"] / x["bwd_ms"] if isinstance(own, dict) else float("nan")
+            cells.append(f"{name} bwd {x['bwd_ms']:.3f} (x{vs:.2f} of own) f+b {x['fwdbwd_ms']:.3f} "
+                         f"/flex x{flex_ms / x['fwdbwd_ms']:.2f}")
+        else:
+            cells.append(f"{name} {fmt_cell(x)}")
+    return "\n    backward forms: " + " | ".join(cells) + f" | flex f+b {fmt_cell(flex)}"
 
 
 def fmt_decode_row(r) -> str:
@@ -374,7 +435,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--decode-per-sm", type=int, default=None, help="split-KV programs per SM (decode.py default)")
     p.add_argument("--parts", default="check,train,decode", help="comma list, in order: check,train,decode")
     p.add_argument("--paths", default="own,flex,sdpa_mask,sdpa_flash_causal", help="training paths to time")
+    p.add_argument("--dq-forms", default="", help="comma list of the own kernel's backward forms to time side by "
+                                                  "side (kernel,atomic; kernels/attention/triton.py: BACKWARD_DQ)")
     args = p.parse_args(argv)
+    forms = [x for x in args.dq_forms.split(",") if x]
+    bad = [f for f in forms if f not in ("kernel", "atomic")]
+    if bad:
+        print(f"error: --dq-forms takes kernel and/or atomic, got {','.join(bad)}", file=sys.stderr)
+        return 2
     if not torch.cuda.is_available():
         print("error: deepwish bench attention needs a CUDA GPU", file=sys.stderr)
         return 2
@@ -393,11 +461,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.decode_per_sm:
         decode_mod.DECODE_PROGRAMS_PER_SM = args.decode_per_sm
     res = dict(env=environment(device), ceilings=ceilings(device), paths=sorted(only), grid=args.grid,
+               backward_dq=triton_mod.BACKWARD_DQ, dq_forms=forms,
                tiles={"|".join(k): v for k, v in triton_mod.TILES.items()},
                decode_programs_per_sm=decode_mod.DECODE_PROGRAMS_PER_SM)
     print(json.dumps(res, indent=1), flush=True)
-    run = {"check": lambda: check_correctness(device, args.quick),
-           "train": lambda: bench_train(device, args.grid, only, out / "train_rows.json"),
+    run = {"check": lambda: check_correctness(device, args.quick, forms),
+           "train": lambda: bench_train(device, args.grid, only, out / "train_rows.json", forms),
            "decode": lambda: bench_decode(device, args.quick, res["ceilings"]["copy_gbs"])}
     for part in parts:
         fn = run[part]
