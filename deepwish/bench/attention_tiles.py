@@ -3,13 +3,14 @@ the split-KV decode's split count (kernels/attention/decode.py), one GPU run:
 
     python -m deepwish.bench.attention_tiles --out DIR [--quick]
 
-Each kernel (fwd, dkdv, dq) is timed alone (triton.testing.do_bench, median) per candidate
-(BM, BN, warps, stages) on the shape classes of its head-dim class, every candidate checked
-against the fp32 reference first (relative RMS of its outputs; a wrong config is dropped). The
-candidates are compiled in parallel worker processes into Triton's on-disk cache first (compile
-time dominates a sweep). Prints a table per kernel and writes DIR/tiles.json
-({"kind|head-dim class|16bit|length class": [BM, BN, warps, stages]}: the fastest by mean time relative to the best
-per shape), which `deepwish bench attention --tiles DIR/tiles.json` applies.
+Each kernel (fwd, dkdv, dq; with --kinds also dkdvq, the dK/dV kernel with dq atomics) is timed
+alone (triton.testing.do_bench, median) per candidate (BM, BN, warps, stages) on the shape classes
+of its head-dim class, every candidate checked against the fp32 reference first (relative RMS of
+its outputs; a wrong config is dropped). The candidates are compiled in parallel worker processes
+into Triton's on-disk cache first (compile time dominates a sweep). Prints a table per kernel and
+writes DIR/tiles.json ({"kind|head-dim class|16bit|length class": [BM, BN, warps, stages]}: the
+fastest by mean time relative to the best per shape), which `deepwish bench attention --tiles
+DIR/tiles.json` applies.
 """
 from __future__ import annotations
 
@@ -51,6 +52,12 @@ CANDIDATES = {
     ("fwd", "d256", "long"): [(128, 64, 8, 2), (128, 64, 8, 3), (128, 32, 8, 3)],
     ("dkdv", "d256", "long"): [(64, 64, 8, 2), (64, 64, 8, 3), (64, 32, 8, 2), (32, 64, 8, 3)],
     ("dq", "d256", "long"): [(128, 32, 8, 2), (128, 32, 8, 3), (128, 64, 8, 2)],
+    # the dK/dV kernel with dq atomics (BACKWARD_DQ = "atomic"; --kinds ...,dkdvq)
+    ("dkdvq", "d128", "short"): [(64, 128, 8, 3), (64, 128, 8, 2), (32, 128, 4, 2), (32, 64, 4, 3), (64, 64, 4, 3),
+                                 (128, 128, 8, 2)],
+    ("dkdvq", "d128", "long"): [(64, 128, 8, 3), (64, 128, 8, 2), (32, 128, 8, 3), (128, 128, 8, 2)],
+    ("dkdvq", "d256", "short"): [(32, 64, 8, 2), (64, 64, 8, 2), (32, 32, 4, 2), (16, 64, 4, 2), (32, 128, 8, 2)],
+    ("dkdvq", "d256", "long"): [(32, 64, 8, 2), (64, 64, 8, 2), (32, 128, 8, 2)],
 }
 DECODE_PER_SM = (1, 2, 4, 8, 16)
 
@@ -76,6 +83,8 @@ def run_kind(kind, q, k, v, do, bounds, o=None, lse=None, delta=None):
         return tk.forward(q, k, v, bounds[0], scale, 0, 0.0)
     if kind == "dkdv":
         return tk.backward_dkdv(q, k, v, do, lse, delta, bounds[0], bounds[1], scale, 0, 0.0)
+    if kind == "dkdvq":
+        return tk.backward_dkdvq(q, k, v, do, lse, delta, bounds[0], bounds[1], scale, 0, 0.0)
     return (tk.backward_dq(q, k, v, do, lse, delta, bounds[0], scale, 0, 0.0),)
 
 
@@ -107,7 +116,7 @@ def reference_grads(q, k, v, do, ids):
     qq, kk, vv = (x.detach().float().requires_grad_() for x in (q, k, v))
     o = ref.attention(qq, kk, vv, doc_ids=ids)
     dq, dk, dv = torch.autograd.grad(o, (qq, kk, vv), do.float())
-    return dict(fwd=(o.detach(),), dkdv=(dk, dv), dq=(dq,))
+    return dict(fwd=(o.detach(),), dkdv=(dk, dv), dq=(dq,), dkdvq=(dq, dk, dv))
 
 
 def rel_rms(a, b):
@@ -115,10 +124,11 @@ def rel_rms(a, b):
     return float((a - b).pow(2).mean().sqrt() / a.pow(2).mean().sqrt())
 
 
-def sweep_tiles(out: Path, workers: int, classes: list[tuple[str, str]]) -> dict:
+def sweep_tiles(out: Path, workers: int, classes: list[tuple[str, str]], kinds=("fwd", "dkdv", "dq")) -> dict:
     from triton.testing import do_bench
     from deepwish.kernels.attention import triton as tk
-    tasks = [(kind, d, t, c) for (kind, d, t), cands in CANDIDATES.items() if (d, t) in classes for c in cands]
+    tasks = [(kind, d, t, c) for (kind, d, t), cands in CANDIDATES.items()
+             if (d, t) in classes and kind in kinds for c in cands]
     t0 = time.time()
     ctx = mp.get_context("spawn")
     with ctx.Pool(workers) as pool:
@@ -132,7 +142,7 @@ def sweep_tiles(out: Path, workers: int, classes: list[tuple[str, str]]) -> dict
             check = not timed or shape[1] <= 2048
             want = reference_grads(q, k, v, do, ids) if check else None
             prepared.append((name, timed, (q, k, v, do, bounds, o, lse, delta), want))
-        for kind in ("fwd", "dkdv", "dq"):
+        for kind in kinds:
             times = {}
             for cand in CANDIDATES[(kind, dcls, tcls)]:
                 if compiled.get((kind, dcls, tcls, cand)) != "ok":
@@ -263,6 +273,8 @@ def main(argv=None) -> int:
     p.add_argument("--workers", type=int, default=12)
     p.add_argument("--classes", default="d128-short,d256-short,d128-long,d256-long",
                    help="shape classes to sweep: head-dim class - length class")
+    p.add_argument("--kinds", default="fwd,dkdv,dq",
+                   help="kernels to sweep: fwd, dkdv, dq, and dkdvq (the dK/dV kernel with dq atomics)")
     args = p.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -272,7 +284,7 @@ def main(argv=None) -> int:
         print(f"=== {part}", flush=True)
         try:
             {"diag": lambda: diagnose_unequal_dims(out), "decode": lambda: sweep_decode(out),
-             "tiles": lambda: sweep_tiles(out, args.workers, classes)}[part]()
+             "tiles": lambda: sweep_tiles(out, args.workers, classes, tuple(args.kinds.split(",")))}[part]()
         except Exception:  # noqa: BLE001  (the other parts still run)
             traceback.print_exc()
         print(f"=== {part} took {time.time() - t0:.0f} s", flush=True)
