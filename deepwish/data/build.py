@@ -5,7 +5,9 @@
                         [--chat-template chatml|qwen3|deepseek_v3|HF_PATH] [--chat-loss assistant|all]
 
 (On-disk HF datasets, streamed with a token budget and mixing weights: `--hf-dataset` and
-`--source`, see mix.py. `--tokenizer` defaults to $TOKENIZER_PATH, else 'default'.)
+`--source`, see mix.py. The text files under directory trees, e.g. the installed Python's, with a
+BPE trained on them: `--tree DIR|python [--bpe-vocab V]`, see text_tree.py. `--tokenizer` defaults
+to $TOKENIZER_PATH, else 'default'.)
 
 Input formats (chosen by file extension; anything else is an error):
 - `.txt`: the whole file is one document (UTF-8). Split a large corpus into several files, or
@@ -328,6 +330,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--source", action="append", default=[], metavar="PATH[:WEIGHT]",
                         help="one source of a weighted mix (repeatable); source s gets "
                              "token_budget * W_s / sum(W) tokens (needs --token-budget)")
+    # the text files under directory trees (data/text_tree.py)
+    parser.add_argument("--tree", action="append", default=[], metavar="DIR|python",
+                        help="a directory whose text files (--suffixes) are the documents (repeatable); 'python': "
+                             "this interpreter's stdlib and site-packages")
+    parser.add_argument("--bpe-vocab", type=int, default=None, metavar="V",
+                        help="with --tree: train a byte-level BPE of V ids on the trees' training documents "
+                             "(instead of --tokenizer)")
+    parser.add_argument("--suffixes", default=None, help="with --tree: file endings, comma-separated "
+                                                         "(default .py,.md,.rst,.txt)")
     parser.add_argument("--split", default=None, help="split of a DatasetDict or split-named files (default train)")
     parser.add_argument("--text-field", default=None, help="column holding the text (default: 'text')")
     parser.add_argument("--messages-field", default=None,
@@ -351,11 +362,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    trees = getattr(args, "tree", None)
+    if sum(bool(x) for x in (args.input, getattr(args, "hf_dataset", None), getattr(args, "source", None), trees)) != 1:
+        raise InputError("give exactly one of --input FILE..., --hf-dataset PATH, --source PATH[:WEIGHT]... "
+                         "or --tree DIR|python...")
+    if trees:
+        return _run_tree(args)
+    for name in ("bpe_vocab", "suffixes"):
+        if getattr(args, name, None) is not None:
+            raise InputError(f"--{name.replace('_', '-')} applies to --tree")
     if args.tokenizer is None:
         args.tokenizer = os.environ.get("TOKENIZER_PATH") or "default"
     hf_args = getattr(args, "hf_dataset", None) or getattr(args, "source", None)  # absent in older callers
-    if sum(bool(x) for x in (args.input, getattr(args, "hf_dataset", None), getattr(args, "source", None))) != 1:
-        raise InputError("give exactly one of --input FILE..., --hf-dataset PATH or --source PATH[:WEIGHT]...")
     if hf_args:
         return _run_mix(args)
     for name in ("split", "text_field", "messages_field", "token_budget"):
@@ -389,6 +407,31 @@ def print_summary(result: BuildResult, tokenizer: Tokenizer) -> None:
            else "; no validation split")
         + f" (tokenizer {tokenizer.fingerprint}, vocab {tokenizer.vocab_size})"
     )
+
+
+def _run_tree(args: argparse.Namespace) -> int:
+    from .text_tree import SUFFIXES, TreeError, build_tree_shards, resolve_trees
+    for name in ("split", "text_field", "messages_field"):
+        if getattr(args, name, None) is not None:
+            raise InputError(f"--{name.replace('_', '-')} applies to --hf-dataset/--source, not to --tree")
+    if args.val_input:
+        raise InputError("--val-input applies to --input; --tree splits by file hash (--val-fraction)")
+    if args.bpe_vocab is not None and args.tokenizer is not None:
+        raise InputError("give either --bpe-vocab (a BPE trained on the trees) or --tokenizer, not both")
+    suffixes = tuple(s.strip() for s in args.suffixes.split(",") if s.strip()) if args.suffixes else SUFFIXES
+    try:
+        tokenizer = None
+        if args.bpe_vocab is None:
+            spec = args.tokenizer or os.environ.get("TOKENIZER_PATH") or "default"
+            tokenizer = resolve_tokenizer(spec)
+        build_tree_shards(resolve_trees(args.tree), args.out, tokenizer, bpe_vocab=args.bpe_vocab,
+                          token_budget=args.token_budget, suffixes=suffixes,
+                          val_fraction=0.01 if args.val_fraction is None else args.val_fraction)
+    except (TreeError, ShardError) as e:
+        raise InputError(str(e)) from None
+    except ValueError as e:  # train_bpe's vocab check names the value
+        raise InputError(str(e)) from None
+    return 0
 
 
 def _run_mix(args: argparse.Namespace) -> int:
