@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # What the GPU machine runs: environment report, GPU tests and benchmarks, results under $OUT.
-#   bash scripts/gpu_run.sh STAGE...   with STAGE in: env tests kernels gdn train decode sweep tradeoff notebook speedrun ablate dsa nsa_kernels nsa_quality attn_dq
+#   bash scripts/gpu_run.sh STAGE...   with STAGE in: env tests kernels gdn train decode sweep tradeoff notebook speedrun ablate dsa nsa_kernels nsa_quality attn_dq_tiles attn_dq
 # Optional wheels in .whl/ (flash-linear-attention, liger-kernel) are installed to /tmp/site
 # first, so the anchors run side by side with deepwish in the same process (NO_WHEELS=1 skips
 # them, e.g. for HF's Qwen3-Next on its torch path).
@@ -38,10 +38,15 @@ for stage in "$@"; do
     dsa) python3 -m deepwish.cli bench dsa --out "$OUT/dsa" ${DSA_ARGS:-} || status=1 ;;
     nsa_kernels) python3 -m deepwish.bench.nsa_kernels --out "$OUT/nsa_kernels" ${NSA_KERNELS_ARGS:-} || status=1 ;;
     nsa_quality) python3 -m deepwish.cli bench nsa --quality --out "$OUT/nsa_quality" ${NSA_QUALITY_ARGS:---seeds 2} || status=1 ;;
+    attn_dq_tiles)  # tile sweep of the atomic-dq backward kernel (dkdvq) only; attn_dq applies its picks
+      python3 -m deepwish.bench.attention_tiles --out "$OUT/attn_dq_tiles" --parts tiles --kinds dkdvq \
+        ${ATTN_DQ_TILES_ARGS:-} 2>&1 | tee "$OUT/attn_dq_tiles.log" || status=1 ;;
     attn_dq)  # the flash backward's two dq forms (kernels/attention/triton.py: BACKWARD_DQ) side by side
       python3 -m pytest -m gpu -q -p no:cacheprovider tests/kernels/test_attention_gpu.py 2>&1 | tee "$OUT/attn_dq_tests.log" | tail -15
+      tiles=()
+      [ -f "$OUT/attn_dq_tiles/tiles.json" ] && tiles=(--tiles "$OUT/attn_dq_tiles/tiles.json")
       python3 -m deepwish.cli bench attention --out "$OUT/attn_dq" --dq-forms kernel,atomic --parts check,train \
-        --paths own,flex ${ATTN_DQ_ARGS:-} 2>&1 | tee "$OUT/attn_dq.log" || status=1 ;;
+        --paths own,flex "${tiles[@]}" ${ATTN_DQ_ARGS:-} 2>&1 | tee "$OUT/attn_dq.log" || status=1 ;;
     *) echo "unknown stage $stage"; status=2 ;;
   esac
 done

@@ -40,3 +40,20 @@ def test_the_row_prints_both_forms_beside_flex():
 def test_unknown_backward_form_is_refused(tmp_path, capsys):
     assert ba.main(["--out", str(tmp_path), "--dq-forms", "kernel,atomics"]) == 2
     assert "--dq-forms" in capsys.readouterr().err
+
+
+def test_bench_train_times_each_form_with_its_own_backward(monkeypatch, tmp_path):
+    """One tiny shape through the training loop (interpreter; a stub in place of do_bench): "own"
+    runs the default form, "own_atomic" the atomic one, and the default is back afterwards."""
+    from deepwish.kernels.attention import triton as tk
+    monkeypatch.setattr(ba, "train_grid", lambda grid: [dict(D=16, H=2, Hkv=1, T=20, B=1, docs=2, window=0)])
+    monkeypatch.setattr(ba, "bench_ms", lambda fn, grad_to_none=None: (fn(), 1.0)[1])
+    monkeypatch.setattr(tk, "BACKWARD_DQ", "kernel")
+    seen = []
+    for name in ("backward_dq", "backward_dkdvq"):
+        real = getattr(tk, name)
+        monkeypatch.setattr(tk, name, lambda *a, _n=name, _f=real: seen.append(_n) or _f(*a))
+    rows = ba.bench_train(torch.device("cpu"), "default", {"own"}, tmp_path / "rows.json", ["kernel", "atomic"])
+    assert isinstance(rows[0]["own"], dict) and isinstance(rows[0]["own_atomic"], dict)
+    assert "backward_dq" in seen and "backward_dkdvq" in seen and tk.BACKWARD_DQ == "kernel"
+    assert seen.index("backward_dkdvq") > seen.index("backward_dq")  # own first, then own_atomic

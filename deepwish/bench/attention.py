@@ -373,7 +373,7 @@ def fmt_forms(r) -> str:
     for name in ["own", *others]:
         x = r.get(name)
         if isinstance(x, dict):
-            vs = own["bwd_ms"] / x["bwd_ms"] if isinstance(own, dict) else float("nan")
+            vs = own["bwd_ms"] / max(x["bwd_ms"], 1e-9) if isinstance(own, dict) else float("nan")
             cells.append(f"{name} bwd {x['bwd_ms']:.3f} (x{vs:.2f} of own) f+b {x['fwdbwd_ms']:.3f} "
                          f"/flex x{flex_ms / x['fwdbwd_ms']:.2f}")
         else:
