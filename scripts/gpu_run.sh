@@ -41,11 +41,11 @@ for stage in "$@"; do
     attn_dq_tiles)  # tile sweep of the atomic-dq backward kernel (dkdvq) only; attn_dq applies its picks
       python3 -m deepwish.bench.attention_tiles --out "$OUT/attn_dq_tiles" --parts tiles --kinds dkdvq \
         ${ATTN_DQ_TILES_ARGS:-} 2>&1 | tee "$OUT/attn_dq_tiles.log" || status=1 ;;
-    attn_dq)  # the flash backward's two dq forms (kernels/attention/triton.py: BACKWARD_DQ) side by side
+    attn_dq)  # the flash backward's dq forms (kernels/attention/triton.py: BACKWARD_DQ) side by side
       python3 -m pytest -m gpu -q -p no:cacheprovider tests/kernels/test_attention_gpu.py 2>&1 | tee "$OUT/attn_dq_tests.log" | tail -15
       tiles=()
       [ -f "$OUT/attn_dq_tiles/tiles.json" ] && tiles=(--tiles "$OUT/attn_dq_tiles/tiles.json")
-      python3 -m deepwish.cli bench attention --out "$OUT/attn_dq" --dq-forms kernel,atomic --parts check,train \
+      python3 -m deepwish.cli bench attention --out "$OUT/attn_dq" --dq-forms kernel,atomic,atomic_t --parts check,train \
         --paths own,flex "${tiles[@]}" ${ATTN_DQ_ARGS:-} 2>&1 | tee "$OUT/attn_dq.log" || status=1 ;;
     *) echo "unknown stage $stage"; status=2 ;;
   esac

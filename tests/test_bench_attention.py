@@ -10,6 +10,7 @@ def test_backward_forms_become_paths_named_after_the_default():
     assert ba.own_paths([], "kernel") == {"own": "kernel"}
     assert ba.own_paths(["kernel", "atomic"], "kernel") == {"own": "kernel", "own_atomic": "atomic"}
     assert ba.own_paths(["kernel", "atomic"], "atomic") == {"own": "atomic", "own_kernel": "kernel"}
+    assert list(ba.own_paths(["kernel", "atomic", "atomic_t"], "kernel")) == ["own", "own_atomic", "own_atomic_t"]
 
 
 def test_own_form_sets_the_backward_form_the_gradient_takes(monkeypatch):

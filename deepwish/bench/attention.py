@@ -3,7 +3,7 @@
     deepwish bench attention --out DIR                 (a representative subset of the grid, ~3 min on an H200)
     deepwish bench attention --out DIR --grid full     (the whole grid, 30 shapes, ~8 min)
     deepwish bench attention --out DIR --grid quick    (five shapes)
-    deepwish bench attention --out DIR --dq-forms kernel,atomic --parts check,train --paths own,flex
+    deepwish bench attention --out DIR --dq-forms kernel,atomic,atomic_t --parts check,train --paths own,flex
                                                        (both backward forms of the own kernel side by side)
 
 Training (bf16, fwd / bwd / fwd+bwd): own Triton kernel (kernels/attention/triton.py) vs
@@ -435,13 +435,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--decode-per-sm", type=int, default=None, help="split-KV programs per SM (decode.py default)")
     p.add_argument("--parts", default="check,train,decode", help="comma list, in order: check,train,decode")
     p.add_argument("--paths", default="own,flex,sdpa_mask,sdpa_flash_causal", help="training paths to time")
-    p.add_argument("--dq-forms", default="", help="comma list of the own kernel's backward forms to time side by "
-                                                  "side (kernel,atomic; kernels/attention/triton.py: BACKWARD_DQ)")
+    p.add_argument("--dq-forms", default="", help="comma list of the own kernel's backward forms to time side "
+                                                  "by side: kernel,atomic,atomic_t (kernels/attention/triton.py: "
+                                                  "BACKWARD_DQ)")
     args = p.parse_args(argv)
     forms = [x for x in args.dq_forms.split(",") if x]
-    bad = [f for f in forms if f not in ("kernel", "atomic")]
+    bad = [f for f in forms if f not in ("kernel", "atomic", "atomic_t")]
     if bad:
-        print(f"error: --dq-forms takes kernel and/or atomic, got {','.join(bad)}", file=sys.stderr)
+        print(f"error: --dq-forms takes kernel, atomic, atomic_t, got {','.join(bad)}", file=sys.stderr)
         return 2
     if not torch.cuda.is_available():
         print("error: deepwish bench attention needs a CUDA GPU", file=sys.stderr)

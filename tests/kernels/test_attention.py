@@ -42,7 +42,7 @@ CASES = [  # B, T, H, Hkv, Dqk, Dv, doc lengths per row (None: one document), wi
 ]
 
 
-@pytest.mark.parametrize("dq_form", ["kernel", "atomic"])
+@pytest.mark.parametrize("dq_form", ["kernel", "atomic", "atomic_t"])
 @pytest.mark.parametrize("B,T,H,Hkv,Dqk,Dv,lengths,window,softcap,dtype", CASES)
 def test_flash_attention_matches_reference(rel_err, monkeypatch, B, T, H, Hkv, Dqk, Dv, lengths, window, softcap,
                                            dtype, dq_form):
@@ -50,7 +50,7 @@ def test_flash_attention_matches_reference(rel_err, monkeypatch, B, T, H, Hkv, D
     with atomics (the dQ kernel must then not run)."""
     from deepwish.kernels.attention import triton as tk
     monkeypatch.setattr(tk, "BACKWARD_DQ", dq_form)
-    if dq_form == "atomic":
+    if dq_form != "kernel":
         monkeypatch.setattr(tk, "backward_dq", lambda *a, **k: pytest.fail("the dQ kernel ran in the atomic form"))
     torch.manual_seed(0)
     q = torch.randn(B, T, H, Dqk, dtype=dtype, requires_grad=True)

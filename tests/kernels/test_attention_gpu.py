@@ -17,16 +17,18 @@ def test_flash_attention_bf16_real_sizes(cuda, rel_err, H, Hkv, Dqk, Dv, window,
     _check_real_size(cuda, rel_err, H, Hkv, Dqk, Dv, window, softcap)
 
 
+@pytest.mark.parametrize("form", ["atomic", "atomic_t"])
 @pytest.mark.parametrize("H,Hkv,Dqk,Dv,window,softcap,dtype,tol", [
     (16, 8, 128, 128, 0, 0.0, torch.bfloat16, 1e-2), (16, 2, 256, 256, 0, 0.0, torch.bfloat16, 1e-2),
     (12, 4, 128, 128, 512, 0.0, torch.bfloat16, 1e-2),  # G = 3: padded head rows in every tile
     (8, 8, 192, 128, 0, 0.0, torch.bfloat16, 1e-2), (8, 1, 64, 64, 100, 30.0, torch.bfloat16, 1e-2),
     (4, 2, 128, 128, 300, 0.0, torch.float32, 1e-4)])
 def test_flash_attention_atomic_dq_real_sizes(cuda, rel_err, monkeypatch, H, Hkv, Dqk, Dv, window, softcap, dtype,
-                                              tol):
-    """BACKWARD_DQ = "atomic" (dq added by the dK/dV kernel with fp32 atomics) at the GPU's tiles."""
+                                              tol, form):
+    """BACKWARD_DQ = "atomic" / "atomic_t" (dq added by the dK/dV kernel with fp32 atomics) at the
+    GPU's tiles."""
     from deepwish.kernels.attention import triton as tk
-    monkeypatch.setattr(tk, "BACKWARD_DQ", "atomic")
+    monkeypatch.setattr(tk, "BACKWARD_DQ", form)
     monkeypatch.setattr(tk, "backward_dq", lambda *a, **k: pytest.fail("the dQ kernel ran in the atomic form"))
     _check_real_size(cuda, rel_err, H, Hkv, Dqk, Dv, window, softcap, dtype, tol)
 

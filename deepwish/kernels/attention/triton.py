@@ -79,7 +79,8 @@ TILES = {
     ("fwd", "d256", "16bit", "long"): (128, 64, 8, 2),
     ("dkdv", "d256", "16bit", "long"): (64, 64, 8, 2),
     ("dq", "d256", "16bit", "long"): (128, 32, 8, 2),
-    # the dK/dV kernel with dq atomics (BACKWARD_DQ = "atomic"), not swept yet: one atomic per
+    # the dK/dV kernel with dq atomics (BACKWARD_DQ = "atomic" / "atomic_t"; attention_tiles
+    # --kinds dkdvq sweeps the orientation BACKWARD_DQ names), not swept yet: one atomic per
     # (row, channel) per key tile, so the most keys per program that fit (FlashAttention-2's
     # 64 x 128 at d128); at d256 the dq tile [BM, 256] fp32 adds 64 registers a thread at
     # BM 64, hence BM 32
@@ -107,7 +108,17 @@ TILES = {
 #   step BM·Dqk atomic adds, one per (row, channel) and key tile: with BN keys per program that is
 #   one atomic per 10·BN flops of the step's five matmuls (d128, BN 128: 1,280). The order of
 #   the fp32 sums varies run to run: dq is NOT bit-deterministic (dk and dv still are).
+#   The dsᵀ [BN, BM] the kernel holds must become ds [BM, BN] for dq = ds·k: a transposing
+#   shared-memory round trip of one 16-bit tile per step (BN·BM·2 bytes: 16 KiB at 128 x 64),
+#   where getting ds without it would take a second score and dp dot (two matmuls, the cost the
+#   atomic form exists to remove). Its [BM, Dqk] result keeps channels together per thread.
+# - "atomic_t": the same, with the dot in the other orientation, dqᵀ = kᵀ·dsᵀ [Dqk, BM]: dsᵀ is
+#   the right operand as it is (stored to shared memory, which the right operand takes anyway; no
+#   transposing load), kᵀ is loop-invariant; each thread's neighbouring results are rows H·Dqk
+#   apart, so the atomics scatter more. Which costs less is for the GPU to say
+#   (`deepwish bench attention --dq-forms kernel,atomic,atomic_t`).
 BACKWARD_DQ = "kernel"
+BACKWARD_DQ_FORMS = ("kernel", "atomic", "atomic_t")
 
 
 def tile_key(kind: str, head_dim: int, dtype: torch.dtype, T: int) -> tuple[str, str, str, str]:
@@ -264,8 +275,9 @@ def _dkdv_tiles(dk_acc, dv_acc, k, v, Q, DO, LSE, DELTA, DS, DQA, q_base, do_bas
                 GP: tl.constexpr, BM: tl.constexpr, MASK: tl.constexpr, SOFTCAP: tl.constexpr,
                 PREC: tl.constexpr, DQ_ATOMIC: tl.constexpr):
     """Keys are rows here: sᵀ [BN, BM] = k · qᵀ, so pᵀ and dsᵀ feed their dots from registers.
-    DQ_ATOMIC: also add this key tile's share of dq, ds · k [BM, Dqk], into the fp32 buffer DQA
-    (contiguous [B, T, H, Dqk], unscaled) with atomics."""
+    DQ_ATOMIC (0: off): also add this key tile's share of dq, ds · k, into the fp32 buffer DQA
+    (contiguous [B, T, H, Dqk], unscaled) with atomics; 1: as dq [BM, Dqk] = dsᵀᵀ · k, 2: as
+    dqᵀ [Dqk, BM] = kᵀ · dsᵀ (see BACKWARD_DQ)."""
     BT: tl.constexpr = BM // GP
     qk_scale = scale * 1.4426950408889634
     for m0 in range(start, end, BT):
@@ -296,7 +308,7 @@ def _dkdv_tiles(dk_acc, dv_acc, k, v, Q, DO, LSE, DELTA, DS, DQA, q_base, do_bas
             ds_t = ds_t * (1.0 - tc * tc)
         ds_t = ds_t.to(q_t.dtype)
         dk_acc = tl.dot(ds_t, tl.trans(q_t), dk_acc, input_precision=PREC)
-        if DQ_ATOMIC:
+        if DQ_ATOMIC == 1:
             # ds = dsᵀ transposed: one shared-memory round trip of a BN x BM 16-bit tile (the
             # dot's left operand), not a third matmul; the [BM, Dqk] result holds neighbouring
             # channels in each thread, so the atomics of a row hit consecutive addresses.
@@ -305,6 +317,13 @@ def _dkdv_tiles(dk_acc, dv_acc, k, v, Q, DO, LSE, DELTA, DS, DQA, q_base, do_bas
             dq_part = tl.dot(tl.trans(ds_t), k, input_precision=PREC)
             tl.atomic_add(DQA + row[:, None] * DQK + dk[None, :], dq_part,
                           mask=row_ok[:, None] & (dk < DQK)[None, :], sem="relaxed")
+        if DQ_ATOMIC == 2:
+            # dsᵀ as it is, as the right operand (which the tensor cores read from shared memory
+            # anyway: one store, no transposing load); kᵀ is loop-invariant. Each thread's
+            # neighbouring results are neighbouring rows, H·Dqk apart in memory.
+            dq_part_t = tl.dot(tl.trans(k), ds_t, input_precision=PREC)
+            tl.atomic_add(DQA + row[None, :] * DQK + dk[:, None], dq_part_t,
+                          mask=row_ok[None, :] & (dk < DQK)[:, None], sem="relaxed")
     return dk_acc, dv_acc
 
 
@@ -506,7 +525,7 @@ def backward_dkdv(q, k, v, do, lse, delta, doc_start, doc_end, scale, window, so
     # DQA (dv in its place) is never touched without DQ_ATOMIC
     _dkdv_kernel[(triton.cdiv(T, cfg["BN"]), B * meta["HKV"])](
         q, k, v, do, lse, delta, doc_start, doc_end, dk, dv, dv, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3],
-        *do.stride()[:3], *dk.stride()[:3], *dv.stride()[:3], scale=scale, **meta, **cfg, DQ_ATOMIC=False)
+        *do.stride()[:3], *dk.stride()[:3], *dv.stride()[:3], scale=scale, **meta, **cfg, DQ_ATOMIC=0)
     return dk, dv
 
 
@@ -522,7 +541,8 @@ def backward_dq(q, k, v, do, lse, delta, doc_start, scale, window, softcap):
 
 
 def backward_dkdvq(q, k, v, do, lse, delta, doc_start, doc_end, scale, window, softcap):
-    """dq, dk, dv from the dK/dV kernel alone: dq accumulated with fp32 atomics (BACKWARD_DQ = "atomic")."""
+    """dq, dk, dv from the dK/dV kernel alone: dq accumulated with fp32 atomics (BACKWARD_DQ =
+    "atomic" or "atomic_t": the orientation of the dq dot)."""
     B, T = q.shape[:2]
     meta = _meta(q, k, v, window, softcap)
     dk = torch.empty_like(k)
@@ -532,15 +552,15 @@ def backward_dkdvq(q, k, v, do, lse, delta, doc_start, doc_end, scale, window, s
     _dkdv_kernel[(triton.cdiv(T, cfg["BN"]), B * meta["HKV"])](
         q, k, v, do, lse, delta, doc_start, doc_end, dk, dv, dq_acc, *q.stride()[:3], *k.stride()[:3],
         *v.stride()[:3], *do.stride()[:3], *dk.stride()[:3], *dv.stride()[:3], scale=scale, **meta, **cfg,
-        DQ_ATOMIC=True)
+        DQ_ATOMIC=2 if BACKWARD_DQ == "atomic_t" else 1)
     return dq_acc.mul_(scale).to(q.dtype), dk, dv
 
 
 def backward(q, k, v, o, lse, do, doc_start, doc_end, scale, window, softcap):
-    if BACKWARD_DQ not in ("kernel", "atomic"):
-        raise ValueError(f"flash_attention: BACKWARD_DQ must be 'kernel' or 'atomic', got {BACKWARD_DQ!r}")
+    if BACKWARD_DQ not in BACKWARD_DQ_FORMS:
+        raise ValueError(f"flash_attention: BACKWARD_DQ must be one of {BACKWARD_DQ_FORMS}, got {BACKWARD_DQ!r}")
     delta = backward_delta(o, do)
-    if BACKWARD_DQ == "atomic":
+    if BACKWARD_DQ != "kernel":
         return backward_dkdvq(q, k, v, do, lse, delta, doc_start, doc_end, scale, window, softcap)
     dk, dv = backward_dkdv(q, k, v, do, lse, delta, doc_start, doc_end, scale, window, softcap)
     dq = backward_dq(q, k, v, do, lse, delta, doc_start, scale, window, softcap)
