@@ -352,6 +352,8 @@ class TrainConfig:
     # --- scale-out (train/parallel.py) ---------------------------------------------
     parallel: str = "none"  # none | ddp | fsdp
     compile: str = "auto"  # auto (on for GPU) | on | off
+    # before the clock: one forward+backward at every shape the schedules use, no update (train/warmup.py)
+    compile_warmup: bool = False
     activation_checkpoint: str = "none"  # none | selective | full
     offload: str = "none"  # none | params | activations
     reshard_after_forward: bool = True  # fsdp: true = ZeRO-3-like (blocks re-gathered for backward); false = ZeRO-2-like (kept gathered until backward)

@@ -2,7 +2,8 @@
 
     start_run        device, seed, data (+ vocab check), model (wrapped), optimizer, loss backend,
                      loader, the resumed state (restore_state), logger
-    train_steps      per step: lr <- schedule(step); optimizer_step (grad_accum micro-batches, each
+    train_steps      (train.compile_warmup: every scheduled shape compiled first, train/warmup.py), then
+                     per step: lr <- schedule(step); optimizer_step (grad_accum micro-batches, each
                      out.loss with the step's global normaliser, then backward; non-finite check
                      before anything is updated or saved; clip; update; EMA; router biases);
                      log_step; save_state; THEN evaluate (a save never follows an evaluation in
@@ -558,6 +559,9 @@ def train_steps(run: Run) -> tuple[dict[int, float], dict[int, float]]:
     val_losses: dict[int, float] = {}
     batches = iter(run.loader)
     run.step_model.train()
+    if tc.compile_warmup:  # compilation of every scheduled shape, before the clock starts (train/warmup.py)
+        from deepwish.train.warmup import warm_up
+        warm_up(run)
     run.logger.start(run.start_step)
     for step in range(run.start_step, total_steps(tc)):
         done = step + 1
