@@ -561,7 +561,7 @@ def train_steps(run: Run) -> tuple[dict[int, float], dict[int, float]]:
     run.step_model.train()
     if tc.compile_warmup:  # compilation of every scheduled shape, before the clock starts (train/warmup.py)
         from deepwish.train.warmup import warm_up
-        warm_up(run)
+        warm_up(run, forward_backward, total_steps(tc))
     run.logger.start(run.start_step)
     for step in range(run.start_step, total_steps(tc)):
         done = step + 1

@@ -71,13 +71,12 @@ def _set_rng_state(state: tuple) -> None:
         torch.cuda.set_rng_state_all(cuda)
 
 
-def warm_up(run) -> dict:
-    """One forward and backward per shape of `warmup_plan` (both document-id forms), then
-    everything restored (module doc). Logs a {"kind": "warmup"} record; returns it."""
-    from deepwish.train.loop import forward_backward, total_steps
-
+def warm_up(run, forward_backward, total_steps: int) -> dict:
+    """One forward and backward per shape of `warmup_plan` up to `total_steps` (both document-id
+    forms), through the loop's `forward_backward(run, micro, step, n_global)`, then everything
+    restored (module doc). Logs a {"kind": "warmup"} record; returns it."""
     tc = run.cfg.train
-    plan = warmup_plan(tc, run.start_step, total_steps(tc))
+    plan = warmup_plan(tc, run.start_step, total_steps)
     rng = _rng_state()
     buffers = {name: b.detach().clone() for name, b in run.model.named_buffers()}
     if run.device.type == "cuda":
