@@ -26,17 +26,28 @@ def test_reach_and_deltas_by_hand():
 
 
 def test_speedrun_cli_same_tokens(tmp_path, capsys):
+    from tests.data.test_text_tree import make_tree
     torch.set_num_threads(1)
-    out = tmp_path / "sr"
+    out, data = tmp_path / "sr", tmp_path / "corpus"
+    assert main(["data", "build", "--tree", str(make_tree(tmp_path / "tree")), "--bpe-vocab", "300",
+                 "--val-fraction", "0.2", "--out", str(data)]) == 0
+    meta = json.loads((data / "meta.json").read_text())
     assert main(["bench", "speedrun", "--out", str(out), "--preset", "gpt_tiny", "--baseline", "gpt2_baseline_tiny",
-                 "--steps", "3", *TINY]) == 0
+                 "--steps", "3", "--data", str(data), *TINY]) == 0
     r = json.loads((out / "speedrun.json").read_text())
     m, b = r["model"]["curves"], r["baseline"]["curves"]
     assert m["steps"] == b["steps"] == [1, 2, 3] and m["tokens"] == b["tokens"]  # the same tokens
+    assert m["tokens"][-1] == r["data"]["planned_tokens"] == 3 * 160
+    assert r["data"]["fingerprint"] == meta["fingerprint"] and r["data"]["train_tokens"] == meta["train"]["tokens"]
     assert r["target"] == b["val_loss"][-1] == r["baseline"]["final_val_loss"]
     assert all(x > 0 for x in m["seconds"]) and m["seconds"] == sorted(m["seconds"])
+    assert m["compile_seconds"] > 0 and b["compile_seconds"] > 0  # both took the warm-up, outside the clock
+    cfg = json.loads((out / "gpt_tiny" / "config.json").read_text())
+    assert cfg["data"]["train_bin"] == str((data / "train.bin").resolve()) and cfg["train"]["compile_warmup"]
     assert (out / "speedrun.png").stat().st_size > 1000
-    assert "gpt2_baseline_tiny" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "gpt2_baseline_tiny" in printed and f"corpus fingerprint {meta['fingerprint']}" in printed
+    assert main(["bench", "speedrun", "--out", str(out), "--data", str(tmp_path / "nothing")]) == 2
 
 
 def test_ablate_cli_two_seeds(tmp_path, capsys):

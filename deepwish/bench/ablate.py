@@ -1,11 +1,12 @@
 """Benchmark: ablations of the GPT family — Δ validation loss per token of each technique.
 
     deepwish bench ablate --out reports/ablate --preset gpt_124m --off value_embeds,skips,windows
-        [--seeds 2] [--steps N] [--set section.key=value ...]
+        [--seeds 2] [--data DIR] [--steps N] [--set section.key=value ...]
 
 For every seed, the full preset and one variant per technique turned off train with the real
 trainer on identical data in identical order (the seed fixes both the data order and the
-initialisation stream; the training shape is the preset's for every variant). At every
+initialisation stream; the training shape is the preset's for every variant; the data is the
+embedded corpus or `--data DIR`, a `deepwish data build` output, as for `bench speedrun`). At every
 evaluation, Δ = val loss(variant) − val loss(full) at the same token count: a positive Δ is what
 the technique buys. Reported per technique: the final Δ as the mean over seeds with its
 seed-to-seed spread (min..max; one Δ per seed), the full model's own seed-to-seed spread of its
@@ -20,7 +21,7 @@ import argparse
 import json
 from pathlib import Path
 
-from deepwish.bench.speedrun import run_curves
+from deepwish.bench.speedrun import data_note, data_sets, run_curves
 
 TECHNIQUES: dict[str, tuple[str, ...]] = {
     "value_embeds": ("model.value_embeds=0",),
@@ -109,6 +110,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--off", default="value_embeds,skips,residual_scales,windows",
                     help=f"comma-separated techniques: {', '.join(TECHNIQUES)}")
     ap.add_argument("--seeds", type=int, default=2)
+    ap.add_argument("--data", default=None, metavar="DIR",
+                    help="a `deepwish data build` output (train.bin, val.bin, tokenizer/); default: the embedded corpus")
     ap.add_argument("--steps", type=int, default=0, help="train.steps (0: the preset's)")
     ap.add_argument("--set", dest="sets", action="append", default=[], help="section.key=value, for every run")
     args = ap.parse_args(argv)
@@ -121,8 +124,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.seeds < 2:
         print("[deepwish] note: one seed gives no seed-to-seed spread; the goal asks for at least 2", flush=True)
     out = Path(args.out)
+    base = (data_sets(args.data) if args.data else []) + args.sets + ([f"train.steps={args.steps}"] if args.steps else [])
+    note = data_note(args.data, args.preset, base)
     out.mkdir(parents=True, exist_ok=True)
-    base = args.sets + ([f"train.steps={args.steps}"] if args.steps else [])
     curves: dict[str, dict[int, dict]] = {}
     for seed in range(args.seeds):
         for name in ["full", *off]:
@@ -132,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
     text = table(summary, args.preset)
     plot(summary, out / "ablate.png")
     (out / "ablate.md").write_text(text + "\n")
-    (out / "ablate.json").write_text(json.dumps({"preset": args.preset, "sets": base, **summary}, indent=1))
+    (out / "ablate.json").write_text(json.dumps({"preset": args.preset, "sets": base, "data": note, **summary}, indent=1))
     print(text)
     print(f"[deepwish] wrote {out / 'ablate.json'}, {out / 'ablate.md'}, {out / 'ablate.png'}")
     return 0

@@ -1,13 +1,16 @@
 """Benchmark: the GPT-family speedrun — a model against its baseline twin on the same tokens.
 
     deepwish bench speedrun --out reports/speedrun [--preset gpt_124m --baseline gpt2_baseline_124m]
-        [--steps N] [--set section.key=value ...]
+        [--data DIR] [--steps N] [--set section.key=value ...]
 
 Both presets train with the real trainer (`deepwish train`) on the same data in the same order:
 the baseline takes the model preset's training shape (steps, batch_size, grad_accum, seq_len,
 seed, eval_every, eval_batches), so step s of either run has seen the same tokens. The data is
-the embedded corpus unless `--set data.train_bin=... --set data.val_bin=... --set
-data.tokenizer=...` gives shards (applied to both; the presets' vocab must cover the tokenizer).
+the embedded corpus unless `--data DIR` names a `deepwish data build` output (DIR/train.bin,
+DIR/val.bin, DIR/tokenizer; e.g. `data build --tree python --bpe-vocab 50304`, the installed
+Python's code and docs, tens of millions of tokens) or `--set data.train_bin=... --set
+data.val_bin=... --set data.tokenizer=...` gives shards (applied to both; the presets' vocab must
+cover the tokenizer). The planned tokens are printed as epochs of the training shard.
 `--set` overrides go to both runs (e.g. a smaller shape for a CPU check). The embedded corpus
 is small (about 0.4M training tokens): a preset's full token budget is hundreds of epochs of it,
 so on it give --steps and a batch that keep to a few epochs (the curves then show learning, not
@@ -22,8 +25,12 @@ Reported (DIR/speedrun.json, DIR/speedrun.md, DIR/speedrun.png):
 - loss against tokens and against wall-clock, both runs on one figure each.
 
 Wall-clock is training time: the trainer logs every step (`train.log_every=1`), and the time spent
-in evaluations is subtracted (saves happen only at the end). Steps are the run's own: a run that
-reaches L* earlier is not stopped, so both curves are complete.
+in evaluations is subtracted (saves happen only at the end). Both runs take the compile warm-up
+(`train.compile_warmup=true`, train/warmup.py: one forward+backward at every shape the schedules
+use, before the clock starts, no update), so the clock holds no compilation; its seconds are
+reported apart ("compile s"). `--set train.compile_warmup=false` puts compilation back into the
+clock. Steps are the run's own: a run that reaches L* earlier is not stopped, so both curves are
+complete.
 """
 from __future__ import annotations
 
@@ -34,10 +41,45 @@ from pathlib import Path
 SHARED_TRAIN = ("steps", "batch_size", "grad_accum", "seq_len", "seed", "eval_every", "eval_batches")
 
 
+def data_sets(data_dir: str | Path) -> list[str]:
+    """--set overrides naming the shards and tokenizer of a `deepwish data build` output directory."""
+    from deepwish.config import ConfigError
+    d = Path(data_dir)
+    missing = [n for n in ("train.bin", "val.bin", "tokenizer") if not (d / n).exists()]
+    if missing:
+        raise ConfigError(f"--data {d}: no {', '.join(missing)} there; build it with `deepwish data build ... "
+                          f"--out {d}` (e.g. --tree python --bpe-vocab 50304)")
+    return [f"data.train_bin={d / 'train.bin'}", f"data.val_bin={d / 'val.bin'}", f"data.tokenizer={d / 'tokenizer'}"]
+
+
+def data_note(data_dir: str | Path | None, preset: str, sets: list[str]) -> dict:
+    """The data a bench trains on (corpus fingerprint from DIR/meta.json when there is one) and the
+    planned tokens as epochs of the training shard; printed, and kept in the bench's JSON."""
+    from deepwish.config import load_config
+    from deepwish.data.shards import read_header
+    from deepwish.train.schedule import accum_at
+
+    tc = load_config(preset, sets).train
+    planned = sum(tc.batch_size * tc.seq_len * accum_at(s, tc) for s in range(tc.steps + tc.extend_steps))
+    note = {"data_dir": None if data_dir is None else str(data_dir), "planned_tokens": planned}
+    if data_dir is not None:
+        meta_file = Path(data_dir) / "meta.json"
+        meta = json.loads(meta_file.read_text()) if meta_file.is_file() else {}
+        note.update(fingerprint=meta.get("fingerprint"), tokenizer=meta.get("tokenizer", {}).get("fingerprint"),
+                    train_tokens=read_header(Path(data_dir) / "train.bin").n_tokens,
+                    val_tokens=read_header(Path(data_dir) / "val.bin").n_tokens)
+        note["epochs"] = planned / note["train_tokens"]
+        print(f"[deepwish] data {data_dir}: {note['train_tokens']:,} training tokens (corpus fingerprint "
+              f"{note['fingerprint']}); each run plans {planned:,} tokens = {note['epochs']:.2f} epochs", flush=True)
+    return note
+
+
 def run_curves(run_dir: Path) -> dict:
     """From a run's metrics.jsonl: validation loss by step with the tokens and training seconds
-    at that step, and the median tok/s and MFU after the first 10% of the logged steps."""
+    at that step, the median tok/s and MFU after the first 10% of the logged steps, and the
+    compile warm-up's seconds (None without one)."""
     recs = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+    warmup = [r["seconds"] for r in recs if r["kind"] == "warmup"]
     train = {r["step"]: r for r in recs if r["kind"] == "train"}
     vals = {r["step"]: r for r in recs if r["kind"] == "val"}
     steps = sorted(train)
@@ -63,7 +105,7 @@ def run_curves(run_dir: Path) -> dict:
 
     return {"steps": sorted(vals), "val_loss": [vals[s]["val_loss"] for s in sorted(vals)],
             "tokens": [tokens[s] for s in sorted(vals)], "seconds": [seconds[s] for s in sorted(vals)],
-            "tok_s": median("tok_s"), "mfu": median("mfu")}
+            "tok_s": median("tok_s"), "mfu": median("mfu"), "compile_seconds": sum(warmup) if warmup else None}
 
 
 def reach(curve: dict, target: float) -> dict | None:
@@ -116,12 +158,18 @@ def _fmt(x, spec):
 
 def table(results: dict) -> str:
     m, b, hit = results["model"], results["baseline"], results["reached"]
-    lines = ["| run | params | final val loss | tok/s | MFU |", "|---|---|---|---|---|"]
+    lines = ["| run | params | final val loss | tok/s | MFU | training s | compile s |", "|---|---|---|---|---|---|---|"]
     for r in (b, m):
         c = r["curves"]
         lines.append(f"| {r['preset']} | {r['num_params'] / 1e6:.1f}M | {r['final_val_loss']:.4f} | "
-                     f"{_fmt(c['tok_s'], ',.0f')} | {_fmt(None if c['mfu'] is None else 100 * c['mfu'], '.1f')}% |")
+                     f"{_fmt(c['tok_s'], ',.0f')} | {_fmt(None if c['mfu'] is None else 100 * c['mfu'], '.1f')}% | "
+                     f"{c['seconds'][-1]:.1f} | {_fmt(c.get('compile_seconds'), '.1f')} |")
     lines.append("")
+    data = results.get("data") or {}
+    if data.get("data_dir"):
+        lines += [f"data {data['data_dir']}: corpus fingerprint {data.get('fingerprint')}, "
+                  f"{data['train_tokens']:,} training tokens; each run {data['planned_tokens']:,} tokens "
+                  f"({data['epochs']:.2f} epochs)", ""]
     bc = b["curves"]
     if hit is None:
         lines.append(f"{m['preset']} did not reach the baseline's final val loss {results['target']:.4f}.")
@@ -139,16 +187,22 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default="reports/speedrun")
     ap.add_argument("--preset", default="gpt_124m")
     ap.add_argument("--baseline", default="gpt2_baseline_124m")
+    ap.add_argument("--data", default=None, metavar="DIR",
+                    help="a `deepwish data build` output (train.bin, val.bin, tokenizer/) for both runs "
+                         "(default: the embedded corpus)")
     ap.add_argument("--steps", type=int, default=0, help="train.steps of both runs (0: the model preset's)")
     ap.add_argument("--set", dest="sets", action="append", default=[], help="section.key=value, for both runs")
     args = ap.parse_args(argv)
     out = Path(args.out)
+    sets = (["train.compile_warmup=true"] + (data_sets(args.data) if args.data else []) + args.sets
+            + ([f"train.steps={args.steps}"] if args.steps else []))
+    note = data_note(args.data, args.preset, sets)
     out.mkdir(parents=True, exist_ok=True)
-    sets = args.sets + ([f"train.steps={args.steps}"] if args.steps else [])
     model = train_preset(args.preset, out / args.preset, sets)
     baseline = train_preset(args.baseline, out / args.baseline, sets, shape_from=model["cfg"].train)
     target = baseline["final_val_loss"]
-    results = {"model": model, "baseline": baseline, "target": target, "reached": reach(model["curves"], target)}
+    results = {"model": model, "baseline": baseline, "target": target, "reached": reach(model["curves"], target),
+               "data": note}
     plot(results, out / "speedrun.png")
     text = table(results)
     (out / "speedrun.md").write_text(text + "\n")
