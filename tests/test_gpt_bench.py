@@ -64,6 +64,15 @@ def test_ablate_cli_two_seeds(tmp_path, capsys):
     assert (out / "ablate.png").stat().st_size > 1000
     assert main(["bench", "ablate", "--out", str(out), "--off", "nonsense"]) == 2
     assert "unknown technique(s) nonsense" in capsys.readouterr().err
+    # a later call of a split ablation takes the full model's runs from this one, when they match
+    from deepwish.bench.ablate import reuse_full
+    from deepwish.bench.speedrun import run_curves
+    sets = [x for x in TINY if x != "--set"] + ["train.steps=2", "train.seed=1"]
+    assert reuse_full(out, "gpt_tiny", sets, 1, {}) == run_curves(out / "seed1" / "full")
+    assert main(["bench", "ablate", "--out", str(tmp_path / "ab2"), "--preset", "gpt_tiny", "--off", "skips",
+                 "--seeds", "2", "--steps", "3", "--full-from", str(out), *TINY]) == 2
+    assert "differs from this call's in train.eval_every" not in (err := capsys.readouterr().err) and "train.steps" in err
+    assert not (tmp_path / "ab2" / "seed0").exists()  # nothing trained
 
 
 def test_run_curves_count_tokens_and_training_time_between_records(tmp_path):

@@ -11,7 +11,9 @@ evaluation, Δ = val loss(variant) − val loss(full) at the same token count: a
 the technique buys. Reported per technique: the final Δ as the mean over seeds with its
 seed-to-seed spread (min..max; one Δ per seed), the full model's own seed-to-seed spread of its
 final loss beside it (a Δ inside that spread is not measured), Δ against tokens as a plot
-(mean line, min..max band), DIR/ablate.json and DIR/ablate.md.
+(mean line, min..max band), DIR/ablate.json and DIR/ablate.md. An ablation too long for one
+sitting is split by technique: the first call trains the full model too, later ones take its runs
+with `--full-from FIRST_OUT` (checked to be the same settings, data and corpus fingerprint).
 
 Techniques (--off; each is one `--set` away from the full preset, the neutral value of the switch):
 """
@@ -42,14 +44,47 @@ TECHNIQUES: dict[str, tuple[str, ...]] = {
 __doc__ += "\n".join(f"    {name:16s} {' '.join(sets)}" for name, sets in TECHNIQUES.items()) + "\n"
 
 
-def train_variant(preset: str, out_dir: Path, sets: list[str]) -> dict:
+def variant_config(preset: str, out_dir: Path, sets: list[str]):
     from deepwish.config import load_config
-    from deepwish.train import loop
 
     cfg = load_config(preset, list(sets) + [f"train.out_dir={out_dir}", "train.log_every=1", "train.sample_tokens=0"])
-    cfg = load_config(None, [f"train.save_every={cfg.train.steps}"], base=cfg)
-    loop.train(cfg, progress_bar=False)
+    return load_config(None, [f"train.save_every={cfg.train.steps}"], base=cfg)
+
+
+def train_variant(preset: str, out_dir: Path, sets: list[str]) -> dict:
+    from deepwish.train import loop
+
+    loop.train(variant_config(preset, out_dir, sets), progress_bar=False)
     return run_curves(out_dir)
+
+
+def reuse_full(full_from: Path, preset: str, sets: list[str], seed: int, note: dict) -> dict:
+    """The full model's curves for `seed` from an earlier `bench ablate` output (--full-from DIR:
+    DIR/seed<s>/full/{config.json,metrics.jsonl} and DIR/ablate.json), after checking that it trained
+    what this call would (the model and train settings, out_dir aside; the data files; and the
+    corpus fingerprint when both calls name one). A mismatch is one error naming the settings."""
+    from deepwish.config import ConfigError, to_dict
+
+    run = Path(full_from) / f"seed{seed}" / "full"
+    if not (run / "config.json").is_file() or not (run / "metrics.jsonl").is_file():
+        raise ConfigError(f"--full-from {full_from}: no {run}/config.json and metrics.jsonl (the output of an "
+                          f"earlier `bench ablate` with --seeds > {seed})")
+    saved = json.loads((run / "config.json").read_text())
+    want = json.loads(json.dumps(to_dict(variant_config(preset, run, sets))))
+    diff = [f"train.{k}" for k in sorted(set(saved["train"]) | set(want["train"]))
+            if k != "out_dir" and saved["train"].get(k) != want["train"].get(k)]
+    diff += [f"model.{k}" for k in sorted(set(saved["model"]) | set(want["model"]))
+             if saved["model"].get(k) != want["model"].get(k) and not (k == "vocab_size" and not want["data"]["train_bin"])]
+    diff += [f"data.{k}" for k in ("train_bin", "val_bin")
+             if (Path(saved["data"][k]).name if saved["data"][k] else "") != (Path(want["data"][k]).name if want["data"][k] else "")]
+    earlier = Path(full_from) / "ablate.json"
+    fp = json.loads(earlier.read_text()).get("data", {}).get("fingerprint") if earlier.is_file() else None
+    if fp and note.get("fingerprint") and fp != note["fingerprint"]:
+        diff.append(f"corpus fingerprint ({fp} there, {note['fingerprint']} here)")
+    if diff:
+        raise ConfigError(f"--full-from {full_from}: seed {seed}'s full run differs from this call's in "
+                          f"{', '.join(diff)}; train it here (drop --full-from)")
+    return run_curves(run)
 
 
 def deltas(full: dict, variant: dict) -> tuple[list[int], list[float]]:
@@ -112,6 +147,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seeds", type=int, default=2)
     ap.add_argument("--data", default=None, metavar="DIR",
                     help="a `deepwish data build` output (train.bin, val.bin, tokenizer/); default: the embedded corpus")
+    ap.add_argument("--full-from", default=None, metavar="DIR",
+                    help="take the full model's runs from an earlier `bench ablate --out DIR` with the same settings "
+                         "(its seed*/full/{config.json,metrics.jsonl} and ablate.json) instead of training them: an "
+                         "ablation split over several calls trains the full model once")
     ap.add_argument("--steps", type=int, default=0, help="train.steps (0: the preset's)")
     ap.add_argument("--set", dest="sets", action="append", default=[], help="section.key=value, for every run")
     args = ap.parse_args(argv)
@@ -131,12 +170,16 @@ def main(argv: list[str] | None = None) -> int:
     for seed in range(args.seeds):
         for name in ["full", *off]:
             sets = base + [f"train.seed={seed}"] + list(TECHNIQUES.get(name, ()))
+            if name == "full" and args.full_from:
+                curves.setdefault(name, {})[seed] = reuse_full(Path(args.full_from), args.preset, sets, seed, note)
+                continue
             curves.setdefault(name, {})[seed] = train_variant(args.preset, out / f"seed{seed}" / name, sets)
     summary = summarise(curves, off)
     text = table(summary, args.preset)
     plot(summary, out / "ablate.png")
     (out / "ablate.md").write_text(text + "\n")
-    (out / "ablate.json").write_text(json.dumps({"preset": args.preset, "sets": base, "data": note, **summary}, indent=1))
+    (out / "ablate.json").write_text(json.dumps({"preset": args.preset, "sets": base, "data": note, "full_from": args.full_from,
+                                                 **summary}, indent=1))
     print(text)
     print(f"[deepwish] wrote {out / 'ablate.json'}, {out / 'ablate.md'}, {out / 'ablate.png'}")
     return 0
