@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from deepwish.bench.ablate import deltas, summarise
+from deepwish.bench.ablate import deltas, summarise, table
 from deepwish.bench.speedrun import reach
 from deepwish.cli import main
 
@@ -23,6 +23,8 @@ def test_reach_and_deltas_by_hand():
                    "skips": {0: worse, 1: dict(curve, val_loss=[5.0, 4.0, 3.7])}}, ["skips"])
     assert s["off"]["skips"]["final_delta"] == pytest.approx([0.25, 0.1])
     assert s["off"]["skips"]["mean"] == pytest.approx(0.175) and s["full"]["spread"] == pytest.approx(0.1)
+    alone = summarise({"full": {0: curve, 1: dict(curve, val_loss=[5.0, 4.0, 3.6])}}, [])  # --off none
+    assert alone["off"] == {} and "seed spread 0.1000" in table(alone, "p")
 
 
 def test_speedrun_cli_same_tokens(tmp_path, capsys):
@@ -73,6 +75,8 @@ def test_ablate_cli_two_seeds(tmp_path, capsys):
                  "--seeds", "2", "--steps", "3", "--full-from", str(out), *TINY]) == 2
     assert "differs from this call's in train.eval_every" not in (err := capsys.readouterr().err) and "train.steps" in err
     assert not (tmp_path / "ab2" / "seed0").exists()  # nothing trained
+    assert main(["bench", "ablate", "--out", str(tmp_path / "ab3"), "--off", "none", "--full-from", str(out)]) == 2
+    assert "nothing to train" in capsys.readouterr().err
 
 
 def test_run_curves_count_tokens_and_training_time_between_records(tmp_path):

@@ -13,7 +13,8 @@ seed-to-seed spread (min..max; one Δ per seed), the full model's own seed-to-se
 final loss beside it (a Δ inside that spread is not measured), Δ against tokens as a plot
 (mean line, min..max band), DIR/ablate.json and DIR/ablate.md. An ablation too long for one
 sitting is split by technique: the first call trains the full model too, later ones take its runs
-with `--full-from FIRST_OUT` (checked to be the same settings, data and corpus fingerprint).
+with `--full-from FIRST_OUT` (checked to be the same settings, data and corpus fingerprint);
+`--off none` trains the full model alone.
 
 Techniques (--off; each is one `--set` away from the full preset, the neutral value of the switch):
 """
@@ -143,7 +144,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default="reports/ablate")
     ap.add_argument("--preset", default="gpt_124m")
     ap.add_argument("--off", default="value_embeds,skips,residual_scales,windows",
-                    help=f"comma-separated techniques: {', '.join(TECHNIQUES)}")
+                    help=f"comma-separated techniques: {', '.join(TECHNIQUES)}; 'none': the full model "
+                         f"alone (its seed spread, and runs for later calls' --full-from)")
     ap.add_argument("--seeds", type=int, default=2)
     ap.add_argument("--data", default=None, metavar="DIR",
                     help="a `deepwish data build` output (train.bin, val.bin, tokenizer/); default: the embedded corpus")
@@ -154,9 +156,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--steps", type=int, default=0, help="train.steps (0: the preset's)")
     ap.add_argument("--set", dest="sets", action="append", default=[], help="section.key=value, for every run")
     args = ap.parse_args(argv)
-    off = [x.strip() for x in args.off.split(",") if x.strip()]
+    off = [] if args.off.strip() == "none" else [x.strip() for x in args.off.split(",") if x.strip()]
     unknown = [x for x in off if x not in TECHNIQUES]
-    if unknown or not off:
+    if not off and args.full_from:
+        from deepwish.config import ConfigError
+        raise ConfigError("--off none --full-from: nothing to train; name the techniques to turn off")
+    if unknown or (not off and args.off.strip() != "none"):
         from deepwish.config import ConfigError
         raise ConfigError(f"--off {args.off!r}: unknown technique(s) {', '.join(unknown) or '(none given)'}; "
                           f"known: {', '.join(TECHNIQUES)}")
