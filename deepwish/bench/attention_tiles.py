@@ -2,6 +2,8 @@
 the split-KV decode's split count (kernels/attention/decode.py), one GPU run:
 
     python -m deepwish.bench.attention_tiles --out DIR [--quick]
+    python -m deepwish.bench.attention_tiles --out DIR --parts regs --kinds dkdv,dkdvq --classes d128-long
+        (no GPU: compiles the candidates for sm_90 and prints ptxas's registers and spills)
 
 Each kernel (fwd, dkdv, dq; with --kinds also dkdvq, the dK/dV kernel with dq atomics) is timed
 alone (triton.testing.do_bench, median) per candidate (BM, BN, warps, stages) on the shape classes
@@ -53,9 +55,9 @@ CANDIDATES = {
     ("dkdv", "d256", "long"): [(64, 64, 8, 2), (64, 64, 8, 3), (64, 32, 8, 2), (32, 64, 8, 3)],
     ("dq", "d256", "long"): [(128, 32, 8, 2), (128, 32, 8, 3), (128, 64, 8, 2)],
     # the dK/dV kernel with dq atomics (BACKWARD_DQ = "atomic"; --kinds ...,dkdvq)
-    ("dkdvq", "d128", "short"): [(64, 128, 8, 3), (64, 128, 8, 2), (32, 128, 4, 2), (32, 64, 4, 3), (64, 64, 4, 3),
-                                 (128, 128, 8, 2)],
-    ("dkdvq", "d128", "long"): [(64, 128, 8, 3), (64, 128, 8, 2), (32, 128, 8, 3), (128, 128, 8, 2)],
+    ("dkdvq", "d128", "short"): [(32, 128, 8, 3), (32, 128, 8, 2), (64, 128, 8, 3), (64, 128, 8, 2), (32, 64, 4, 3),
+                                 (64, 64, 4, 3)],
+    ("dkdvq", "d128", "long"): [(32, 128, 8, 3), (32, 128, 8, 2), (64, 128, 8, 3), (64, 128, 8, 2)],
     ("dkdvq", "d256", "short"): [(32, 64, 8, 2), (64, 64, 8, 2), (32, 32, 4, 2), (16, 64, 4, 2), (32, 128, 8, 2)],
     ("dkdvq", "d256", "long"): [(32, 64, 8, 2), (64, 64, 8, 2), (32, 128, 8, 2)],
 }
@@ -266,6 +268,80 @@ def diagnose_unequal_dims(out: Path) -> list[dict]:
     return rows
 
 
+def compile_report(kind: str, head_dim: int, group: int, cand, form: str = "atomic") -> dict:
+    """Compile one kernel for sm_90 without a GPU (Triton's own ptxas) and read what ptxas says:
+    registers a thread, spill bytes (static: per thread, summed over the code), the tensor-core
+    and atomic instructions in the PTX. A first filter for candidates, and the way to see what a
+    code change costs in registers before a GPU run. `form`: the dkdvq orientation."""
+    import os
+    import re
+    import subprocess
+    import tempfile
+
+    import triton
+    import triton.backends.nvidia as nv
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from deepwish.kernels.attention import triton as tk
+    fn = {"fwd": tk._fwd_kernel, "dkdv": tk._dkdv_kernel, "dkdvq": tk._dkdv_kernel, "dq": tk._dq_kernel}[kind]
+    bm, bn, warps, stages = cand
+    const = dict(BLOCK_DK=head_dim, BLOCK_DV=head_dim, GP=triton.next_power_of_2(group), SOFTCAP=False, PREC="tf32",
+                 BM=bm, BN=bn, DQ_ATOMIC={"dkdv": 0, "dkdvq": 2 if form == "atomic_t" else 1}.get(kind, 0))
+    fp32_ptrs, int_ptrs = {"LSE", "DELTA", "DQA"} if kind == "dkdvq" else {"LSE", "DELTA"}, {"DS", "DE"}
+    sig, constexprs = {}, {}
+    for i, prm in enumerate(fn.params):
+        name = prm.name
+        if prm.is_constexpr:
+            sig[name], constexprs[(i,)] = "constexpr", const[name]
+        elif name in ("scale", "softcap"):
+            sig[name] = "fp32"
+        elif name.isupper() and name not in ("T", "H", "HKV", "G", "W", "DQK", "DV"):
+            sig[name] = "*fp32" if name in fp32_ptrs else "*i32" if name in int_ptrs else "*bf16"
+        else:
+            sig[name] = "i32"
+    compiled = triton.compile(ASTSource(fn, sig, constexprs=constexprs), target=GPUTarget("cuda", 90, 32),
+                              options=dict(num_warps=warps, num_stages=stages))
+    ptx = compiled.asm["ptx"]
+    with tempfile.TemporaryDirectory() as d:
+        path = os.path.join(d, "k.ptx")
+        with open(path, "w") as f:
+            f.write(ptx)
+        ptxas = os.path.join(os.path.dirname(nv.__file__), "bin", "ptxas")
+        log = subprocess.run([ptxas, "-v", "--gpu-name=sm_90a", path, "-o", path + ".cubin"],
+                             capture_output=True, text=True).stderr
+    regs = re.search(r"Used (\d+) registers", log)
+    spill = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", log)
+    return dict(kind=kind, head_dim=head_dim, group=group, cand=list(cand), form=form if kind == "dkdvq" else None,
+                regs=int(regs.group(1)) if regs else None,
+                spill_stores=int(spill.group(1)) if spill else None, spill_loads=int(spill.group(2)) if spill else None,
+                shared=compiled.metadata.shared, wgmma=ptx.count("wgmma.mma_async"), mma_sync=ptx.count("mma.sync"),
+                atomics=len(re.findall(r"(?:atom|red)\.global\S*add", ptx)))
+
+
+def report_regs(out: Path, classes: list[tuple[str, str]], kinds) -> list[dict]:
+    """compile_report for every candidate of the given kinds and classes (CPU only, ~20 s each)."""
+    from deepwish.kernels.attention import triton as tk
+    forms = ("atomic", "atomic_t")
+    rows = []
+    for (kind, dcls, tcls), cands in CANDIDATES.items():
+        if kind not in kinds or (dcls, tcls) not in classes:
+            continue
+        D, G = (128, 2) if dcls == "d128" else (256, 8)  # the sweep's GQA: 16/8 at d128, 16/2 at d256
+        for cand in cands:
+            for form in forms if kind == "dkdvq" else (tk.BACKWARD_DQ,):
+                try:
+                    row = compile_report(kind, D, G, cand, form)
+                except Exception as e:  # noqa: BLE001
+                    row = dict(kind=kind, cand=list(cand), form=form, error=f"{type(e).__name__}: {str(e)[:200]}")
+                rows.append(row)
+                print(f"{kind:5s} {dcls} {tcls:5s} {cand} {form if kind == 'dkdvq' else '':8s} "
+                      + " ".join(f"{k} {v}" for k, v in row.items() if k not in ("kind", "cand", "form", "head_dim",
+                                                                                 "group")), flush=True)
+    (out / "regs.json").write_text(json.dumps(rows, indent=1))
+    return rows
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m deepwish.bench.attention_tiles", description=__doc__.split("\n")[0])
     p.add_argument("--out", required=True)
@@ -284,7 +360,8 @@ def main(argv=None) -> int:
         print(f"=== {part}", flush=True)
         try:
             {"diag": lambda: diagnose_unequal_dims(out), "decode": lambda: sweep_decode(out),
-             "tiles": lambda: sweep_tiles(out, args.workers, classes, tuple(args.kinds.split(",")))}[part]()
+             "tiles": lambda: sweep_tiles(out, args.workers, classes, tuple(args.kinds.split(","))),
+             "regs": lambda: report_regs(out, classes, tuple(args.kinds.split(",")))}[part]()
         except Exception:  # noqa: BLE001  (the other parts still run)
             traceback.print_exc()
         print(f"=== {part} took {time.time() - t0:.0f} s", flush=True)

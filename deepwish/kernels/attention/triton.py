@@ -80,12 +80,16 @@ TILES = {
     ("dkdv", "d256", "16bit", "long"): (64, 64, 8, 2),
     ("dq", "d256", "16bit", "long"): (128, 32, 8, 2),
     # the dK/dV kernel with dq atomics (BACKWARD_DQ = "atomic" / "atomic_t"; attention_tiles
-    # --kinds dkdvq sweeps the orientation BACKWARD_DQ names), not swept yet: one atomic per
-    # (row, channel) per key tile, so the most keys per program that fit (FlashAttention-2's
-    # 64 x 128 at d128); at d256 the dq tile [BM, 256] fp32 adds 64 registers a thread at
-    # BM 64, hence BM 32
-    ("dkdvq", "d128", "16bit", "short"): (64, 128, 8, 3),
-    ("dkdvq", "d128", "16bit", "long"): (64, 128, 8, 3),
+    # --kinds dkdvq sweeps the orientation BACKWARD_DQ names), not timed yet: one atomic per
+    # (row, channel) per key tile, so the most keys per program (BN 128 at d128); the dq tile
+    # [BM, Dqk] fp32 costs registers, and every dK/dV config already uses all 255 of a thread:
+    # compiled offline for sm_90 (triton 3.7, attention_tiles --parts regs), ptxas reports
+    # spill stores per thread of 1,060 bytes for today's dkdv 64 x 128 w8 at d128, 2,772 / 2,440
+    # (atomic / atomic_t) for dkdvq 64 x 128 w8, 756 / 1,036 for dkdvq 32 x 128 w8; at d256
+    # 4,996 for dkdv 64 x 64 w8, 9,056 for dkdvq 64 x 64 w8 (atomic), 3,132 / 3,324 at 32 x 64.
+    # Hence BM 32 (at d128 "atomic" then runs its M = 32 dq dot on mma.sync instead of wgmma).
+    ("dkdvq", "d128", "16bit", "short"): (32, 128, 8, 3),
+    ("dkdvq", "d128", "16bit", "long"): (32, 128, 8, 3),
     ("dkdvq", "d256", "16bit", "short"): (32, 64, 8, 2),
     ("dkdvq", "d256", "16bit", "long"): (32, 64, 8, 2),
     # fp32 (the exact toggle): half the tile of 16-bit inputs, not swept
