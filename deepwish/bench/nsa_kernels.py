@@ -253,11 +253,17 @@ def check(device, dtype=torch.bfloat16, T: int = CHECK_T) -> dict:
 SWEEP_CANDIDATES = {
     # BNS / BJ: a tile of BJ blocks overlaps BJ·l'/d + 1 compressed tokens (65 for 16), computed in
     # steps of BNS: 16 -> 80 (1.23x), 32 -> 96 (1.5x), 64 -> 128 (2x); BJ 32, BNS 16 -> 144 for 129
+    # SKIP_MERGE / RANK_MERGE: the early-out and the rank form of the running top-n merge;
+    # FUSED_SELECT False: the scoring as its own launch (cmp_sel's tiles: 3 programs per SM by
+    # registers at BM 64 / 4 warps, where the fused kernel's 255 registers x 256 threads hold 1)
     "cmp_fwd": [{}, dict(SORT_MERGE=False), dict(BN=128), dict(BNS=16), dict(BNS=64), dict(BJ=32),
                 dict(BJ=32, BNS=16), dict(JV=16), dict(num_stages=3), dict(BM=64, num_warps=4),
-                dict(FUSED_SELECT=False)],
-    "cmp_sel": [{}, dict(SORT_MERGE=False), dict(BN=16), dict(BN=64), dict(BJ=32), dict(JV=16), dict(num_warps=4),
-                dict(BM=64, num_warps=4)],
+                dict(SKIP_MERGE=True), dict(RANK_MERGE=True), dict(JV=16, SKIP_MERGE=True),
+                dict(FUSED_SELECT=False), dict(FUSED_SELECT=False, SKIP_MERGE=True)],
+    # only timed apart from cmp_fwd when cmp_fwd's sweep kept FUSED_SELECT False
+    "cmp_sel": [{}, dict(SORT_MERGE=False), dict(BN=16), dict(BN=64), dict(BJ=32), dict(JV=16),
+                dict(BM=128, num_warps=8), dict(BM=32, num_warps=2), dict(SKIP_MERGE=True), dict(RANK_MERGE=True),
+                dict(JV=16, SKIP_MERGE=True)],
     "cmp_dq": [{}, dict(BN=32), dict(num_stages=3), dict(BM=64, num_warps=4)],
     "cmp_dkdv": [{}, dict(Q_CHUNK=1024), dict(MAX_CHUNKS=32), dict(BN=32), dict(num_stages=3),
                  dict(BM=64, num_warps=4), dict(FUSE_DQ=True), dict(FUSE_DQ=True, BN=128)],

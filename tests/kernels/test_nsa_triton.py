@@ -114,17 +114,22 @@ def test_compressed_and_selected_match_reference(rel_err, B, lengths, T, H, Hkv,
     assert max(errs) < TOL[dtype], dict(zip(("o_slc", "dq", "dk", "dv"), errs))
 
 
-@pytest.mark.parametrize("n,lengths,fused,sort,jv", [(16, [36], True, True, 0), (5, [20, 16], True, True, 0),
-                                                      (16, [20, 16], False, True, 0), (5, [36], True, False, 2),
-                                                      (16, [20, 16], False, False, 2)],
-                         ids=["n16-one-doc", "n5-docs", "n16-docs-separate-pass", "n5-insertion-jv2",
-                              "n16-docs-separate-pass-insertion-jv2"])
-def test_selection_merges_several_scoring_tiles(rel_err, n, lengths, fused, sort, jv):
+@pytest.mark.parametrize("n,lengths,fused,sort,jv,rank,skip", [
+    (16, [36], True, True, 0, False, False), (5, [20, 16], True, True, 0, False, False),
+    (16, [20, 16], False, True, 0, False, False), (5, [36], True, False, 2, False, False),
+    (16, [20, 16], False, False, 2, False, False), (16, [36], True, True, 0, True, False),
+    (5, [20, 16], False, True, 0, True, True), (5, [20, 16], True, True, 0, False, True),
+    (16, [36], True, False, 2, False, True)],
+    ids=["n16-one-doc", "n5-docs", "n16-docs-separate-pass", "n5-insertion-jv2", "n16-docs-separate-pass-insertion-jv2",
+         "n16-rank", "n5-docs-separate-pass-rank-skip", "n5-docs-sort-skip", "n16-insertion-jv2-skip"])
+def test_selection_merges_several_scoring_tiles(rel_err, n, lengths, fused, sort, jv, rank, skip):
     """36 selection blocks of one token (more than two scoring tiles of 16): the running top list
     is merged tile after tile and still equals the reference's top-n (fp32: exact), in the
-    forward kernel and in the separate scoring pass (FUSED_SELECT off), by the sort merge and
-    by the insertion form (SORT_MERGE off), with one search per tile or the searches of JV = 2
-    tiles at once (3 tiles: a full group of 2 and a partial one)."""
+    forward kernel and in the separate scoring pass (FUSED_SELECT off), by the sort merge, by
+    the insertion form (SORT_MERGE off) and by ranks (RANK_MERGE), each with and without the
+    early-out (SKIP_MERGE: a tile none of whose keys beats a row's n-th best is not merged),
+    with one search per tile or the searches of JV = 2 tiles at once (3 tiles: a full group of
+    2 and a partial one)."""
     torch.manual_seed(8)
     S, H, Hkv, D = sum(lengths), 2, 1, 16
     q = torch.randn(1, S, H, D)
@@ -133,10 +138,35 @@ def test_selection_merges_several_scoring_tiles(rel_err, n, lengths, fused, sort
     kw = dict(q_pos=torch.arange(S)[None], doc_ids=doc_ids_of([lengths]), cmp_len=2, select_len=1, n_select=n,
               n_init=1, n_local=2)
     o_want, sel_want = ref.nsa_compressed(q, kc, vc, ends, **kw)
-    with tri.override_tiles("cmp_fwd", FUSED_SELECT=fused, SORT_MERGE=sort, JV=jv), \
-            tri.override_tiles("cmp_sel", SORT_MERGE=sort, JV=jv):
+    opts = dict(SORT_MERGE=sort, RANK_MERGE=rank, SKIP_MERGE=skip, JV=jv)
+    with tri.override_tiles("cmp_fwd", FUSED_SELECT=fused, **opts), tri.override_tiles("cmp_sel", **opts):
         o_got, sel_got = tri.nsa_compressed(q, kc, vc, ends, **kw)
     assert torch.equal(sel_got, sel_want) and rel_err(o_want, o_got) < 1e-5
+
+
+def test_early_out_merges_equal_the_full_merges_on_a_long_walk():
+    """The last 20 queries of a row of 48 blocks of 1 token: one query tile walking 3 scoring
+    tiles of 16 blocks. With queries sharing a direction and the compressed keys of the first
+    blocks along it, the middle tile beats no row's n-th best (the early-out skips its merge: the
+    case it is for, scores peaked on the same blocks); with independent queries it does not. The
+    rank merges with the early-out give the reference's selection in both (the other forms with
+    the early-out, and the decoding path's splits: the tests above and the tie test)."""
+    torch.manual_seed(12)
+    S, H, Hkv, D = 48, 2, 1, 16
+    base = torch.randn(D)
+    ends = block_ends([[S]], 2, 1, pad=1)
+    kc, vc = torch.randn(1, ends.shape[1], Hkv, D), torch.randn(1, ends.shape[1], Hkv, D)
+    peaked = kc.clone()
+    peaked[:, :15] = base * 2 + 0.1 * torch.randn(1, 15, Hkv, D)
+    shared = base * 2 + 0.1 * torch.randn(1, S, H, D)
+    kw = dict(q_pos=torch.arange(S - 20, S)[None], cmp_len=2, select_len=1, n_select=8, n_init=1, n_local=2)
+    for q, k in ((shared, peaked), (torch.randn(1, S, H, D), kc)):
+        _, sel_want = ref.nsa_compressed(q[:, -20:], k, vc, ends, **kw)
+        with tri.override_tiles("cmp_fwd", RANK_MERGE=True, SKIP_MERGE=True):
+            _, sel_got = tri.nsa_compressed(q[:, -20:], k, vc, ends, **kw)
+        assert torch.equal(sel_got, sel_want)
+        if k is peaked:   # the premise: apart from the 2 local blocks, every pick is in the first tile
+            assert (sel_want[..., 2:] < 16).all()
 
 
 def test_compressed_backward_with_dq_fused_into_dkdv(rel_err):
@@ -259,10 +289,18 @@ def test_group_too_large_is_named():
                            cmp_len=2)
 
 
-def test_ties_go_to_the_later_block():
+@pytest.mark.parametrize("merge", [{}, dict(RANK_MERGE=True, SKIP_MERGE=True), dict(SORT_MERGE=False, SKIP_MERGE=True)],
+                         ids=["sort", "rank-skip", "insertion-skip"])
+def test_ties_go_to_the_later_block(merge):
     """No compressed token visible (all padding but one far in the future): every eligible block
     scores exactly 0 and the top-n takes the latest ones, as the reference does, in the fused
-    kernel (40 queries) and across the merged splits of the decoding path (one query)."""
+    kernel (40 queries) and across the merged splits of the decoding path (one query), by each
+    merge form (with the early-out, a tile of equal scores still wins by its later blocks)."""
+    with tri.override_tiles("cmp_fwd", **merge), tri.override_tiles("cmp_split", **merge):
+        _ties_go_to_the_later_block()
+
+
+def _ties_go_to_the_later_block():
     S, sl = 40, 4
     q = torch.randn(1, S, 2, 16)
     kc = torch.randn(1, 10, 1, 16)

@@ -26,7 +26,14 @@ Compressed branch (one kernel for the forward, `_cmp_fwd_kernel`):
   keys in registers; a tile of BJ new keys is merged by one bitonic sort of the 2·BJ candidates
   (15 compare-exchange stages for BJ 16; SORT_MERGE) or inserted key by key (BJ serial steps of
   two row reductions, the minimum replaced when beaten: keys are unique, so the minimum is one
-  slot); which is faster is the tile sweep's to say. The per-block insertion this replaces took
+  slot); which is faster is the tile sweep's to say. RANK_MERGE (option): the merge by ranks
+  (each candidate's rank = the number of candidates above it; slot r takes rank r), two wide
+  reductions instead of the dependent bitonic stages (compiled for sm_90 it is the longer form:
+  544 instructions per [8, 32] merge against the bitonic's 256, so it stays a sweep candidate).
+  SKIP_MERGE (option): a tile none of whose keys beats its row's current n-th best (which only
+  grows) cannot change the final top n and is not merged: one compare and reduction per tile
+  saves the merge when the tile's queries agree on their best blocks (trained models); on
+  independent random queries a tile of 8 queries almost always has one row to merge. The per-block insertion this replaces took
   three reductions and a float/index pair per block; at 64k a query tile walks up to 1024 blocks,
   so this serial part grows as T² over the whole branch. The first n keys give sel_idx
   (descending block index). Each scoring tile needs its compressed-token range: two searches of
@@ -112,18 +119,22 @@ _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 # columns per dK/dV step, CH queries per work item. The 16-bit rows are first choices for an
 # H200 at D 128 (the register budget of kernels/attention's 128-row tiles); not swept yet.
 TILES = {
-    ("cmp_fwd", "16bit"): dict(BM=128, BN=64, BNS=32, BJ=16, FUSED_SELECT=True, SORT_MERGE=True, JV=0,
-                               num_warps=8, num_stages=2),
-    ("cmp_sel", "16bit"): dict(BM=128, BN=32, BJ=16, SORT_MERGE=True, JV=0, num_warps=8, num_stages=2),
+    ("cmp_fwd", "16bit"): dict(BM=128, BN=64, BNS=32, BJ=16, FUSED_SELECT=True, SORT_MERGE=True, RANK_MERGE=False,
+                               SKIP_MERGE=False, JV=0, num_warps=8, num_stages=2),
+    # the separate scoring pass (FUSED_SELECT False): 4 queries x 16 heads, 4 warps, 165 registers:
+    # 3 programs per SM (BM 128 / 8 warps: 153 registers x 256 threads, 1 program per SM)
+    ("cmp_sel", "16bit"): dict(BM=64, BN=32, BJ=16, SORT_MERGE=True, RANK_MERGE=False, SKIP_MERGE=False, JV=0,
+                               num_warps=4, num_stages=2),
     ("cmp_dq", "16bit"): dict(BM=128, BN=64, num_warps=8, num_stages=2),
     ("cmp_dkdv", "16bit"): dict(BM=128, BN=64, Q_CHUNK=512, MAX_CHUNKS=16, FUSE_DQ=False, num_warps=8,
                                 num_stages=2),
     ("slc_fwd", "16bit"): dict(BT=1, num_warps=4, num_stages=3),
     ("slc_dq", "16bit"): dict(BT=1, num_warps=4, num_stages=3),
     ("slc_dkdv", "16bit"): dict(ROWS=128, CH=1024, num_warps=8, num_stages=2),
-    ("cmp_fwd", "fp32"): dict(BM=64, BN=32, BNS=32, BJ=16, FUSED_SELECT=True, SORT_MERGE=True, JV=0,
-                             num_warps=8, num_stages=1),
-    ("cmp_sel", "fp32"): dict(BM=64, BN=32, BJ=16, SORT_MERGE=True, JV=0, num_warps=8, num_stages=1),
+    ("cmp_fwd", "fp32"): dict(BM=64, BN=32, BNS=32, BJ=16, FUSED_SELECT=True, SORT_MERGE=True, RANK_MERGE=False,
+                              SKIP_MERGE=False, JV=0, num_warps=8, num_stages=1),
+    ("cmp_sel", "fp32"): dict(BM=64, BN=32, BJ=16, SORT_MERGE=True, RANK_MERGE=False, SKIP_MERGE=False, JV=0,
+                              num_warps=8, num_stages=1),
     ("cmp_dq", "fp32"): dict(BM=64, BN=32, num_warps=8, num_stages=1),
     ("cmp_dkdv", "fp32"): dict(BM=64, BN=32, Q_CHUNK=512, MAX_CHUNKS=16, FUSE_DQ=False, num_warps=8,
                               num_stages=1),
@@ -131,25 +142,27 @@ TILES = {
     ("slc_dq", "fp32"): dict(BT=1, num_warps=4, num_stages=1),
     ("slc_dkdv", "fp32"): dict(ROWS=64, CH=1024, num_warps=8, num_stages=1),
     # decoding (T <= DECODE_MAX_T): rows = T·GP up to MAX_BM, SPLIT_TOKENS compressed tokens per split
-    ("cmp_split", "16bit"): dict(MAX_BM=128, BN=64, BJ=16, SPLIT_TOKENS=256, SORT_MERGE=True, JV=0,
-                                 num_warps=4, num_stages=2),
-    ("cmp_split", "fp32"): dict(MAX_BM=64, BN=32, BJ=16, SPLIT_TOKENS=256, SORT_MERGE=True, JV=0,
-                                num_warps=4, num_stages=1),
+    ("cmp_split", "16bit"): dict(MAX_BM=128, BN=64, BJ=16, SPLIT_TOKENS=256, SORT_MERGE=True, RANK_MERGE=False,
+                                 SKIP_MERGE=False, JV=0, num_warps=4, num_stages=2),
+    ("cmp_split", "fp32"): dict(MAX_BM=64, BN=32, BJ=16, SPLIT_TOKENS=256, SORT_MERGE=True, RANK_MERGE=False,
+                                SKIP_MERGE=False, JV=0, num_warps=4, num_stages=1),
 }
 DECODE_MAX_T = 16  # up to this many queries per row take the split (decoding) path
 MAX_SPLITS = 64
 # the interpreter: small tiles, so a test of a few dozen tokens crosses several of each (and
 # G = 16 takes the broadcast mapping of the scores, G <= 4 the dot)
 INTERPRET_TILES = {
-    "cmp_fwd": dict(BM=64, BN=16, BNS=16, BJ=16, FUSED_SELECT=True, SORT_MERGE=True, JV=0, num_warps=1,
+    "cmp_fwd": dict(BM=64, BN=16, BNS=16, BJ=16, FUSED_SELECT=True, SORT_MERGE=True, RANK_MERGE=False,
+                    SKIP_MERGE=False, JV=0, num_warps=1, num_stages=1),
+    "cmp_sel": dict(BM=32, BN=16, BJ=16, SORT_MERGE=True, RANK_MERGE=False, SKIP_MERGE=False, JV=0, num_warps=1,
                     num_stages=1),
-    "cmp_sel": dict(BM=32, BN=16, BJ=16, SORT_MERGE=True, JV=0, num_warps=1, num_stages=1),
     "cmp_dq": dict(BM=64, BN=16, num_warps=1, num_stages=1),
     "cmp_dkdv": dict(BM=32, BN=16, Q_CHUNK=8, MAX_CHUNKS=3, FUSE_DQ=False, num_warps=1, num_stages=1),
     "slc_fwd": dict(BT=1, num_warps=1, num_stages=1),
     "slc_dq": dict(BT=1, num_warps=1, num_stages=1),
     "slc_dkdv": dict(ROWS=16, CH=3, num_warps=1, num_stages=1),
-    "cmp_split": dict(MAX_BM=64, BN=16, BJ=16, SPLIT_TOKENS=5, SORT_MERGE=True, JV=0, num_warps=1, num_stages=1),
+    "cmp_split": dict(MAX_BM=64, BN=16, BJ=16, SPLIT_TOKENS=5, SORT_MERGE=True, RANK_MERGE=False, SKIP_MERGE=False,
+                      JV=0, num_warps=1, num_stages=1),
 }
 
 
@@ -285,8 +298,9 @@ def _first_ge_vec(A, base, n, x, V: tl.constexpr):
 @triton.jit
 def _cmp_select(key, q, lse, KC, END, CMAX, CMIN, cbase, k_base, sk_n, N, p_row, ds_row, c_lo, c_hi,
                 tok_ok, sb, qb, j_a, j_b, qk_scale, dk, DQK, CMP_LEN, SEL_LEN, N_INIT, N_LOCAL,
-                BT: tl.constexpr, GP: tl.constexpr, BN: tl.constexpr, BJ: tl.constexpr, SORT_MERGE: tl.constexpr,
-                JV: tl.constexpr, PREC: tl.constexpr):
+                BT: tl.constexpr, GP: tl.constexpr, BN: tl.constexpr, BJ: tl.constexpr, NP: tl.constexpr,
+                SORT_MERGE: tl.constexpr, RANK_MERGE: tl.constexpr, SKIP_MERGE: tl.constexpr, JV: tl.constexpr,
+                PREC: tl.constexpr):
     """Pass 2 over selection blocks [j_a, j_b): each query's block importance (the group-summed
     probabilities exp2(s - lse) of the compressed tokens overlapping each block), +inf forced,
     -inf ineligible, merged into its running top-BJ `key` [BT, BJ] (`_block_key`; start from
@@ -298,8 +312,8 @@ def _cmp_select(key, q, lse, KC, END, CMAX, CMIN, cbase, k_base, sk_n, N, p_row,
             ca = tl.maximum(c_lo, _first_ge(CMAX, cbase, N, j0 * SEL_LEN))
             cb = tl.minimum(c_hi, _first_ge(CMIN, cbase, N, (j0 + BJ) * SEL_LEN + CMP_LEN - 1))
             key = _score_tile(key, j0, ca, cb, q, lse, KC, END, cbase, k_base, sk_n, p_row, ds_row, tok_ok, sb, qb,
-                              j_b, qk_scale, dk, DQK, CMP_LEN, SEL_LEN, N_INIT, N_LOCAL, BT, GP, BN, BJ, SORT_MERGE,
-                              PREC)
+                              j_b, qk_scale, dk, DQK, CMP_LEN, SEL_LEN, N_INIT, N_LOCAL, BT, GP, BN, BJ, NP, SORT_MERGE,
+                              RANK_MERGE, SKIP_MERGE, PREC)
     else:
         jv = tl.arange(0, JV)
         for jc in range(j_a, j_b, BJ * JV):
@@ -311,14 +325,15 @@ def _cmp_select(key, q, lse, KC, END, CMAX, CMIN, cbase, k_base, sk_n, N, p_row,
                 cb = tl.sum(tl.where(jv == x, cb_v, 0), 0)
                 key = _score_tile(key, jc + x * BJ, ca, cb, q, lse, KC, END, cbase, k_base, sk_n, p_row, ds_row,
                                   tok_ok, sb, qb, j_b, qk_scale, dk, DQK, CMP_LEN, SEL_LEN, N_INIT, N_LOCAL, BT, GP, BN,
-                                  BJ, SORT_MERGE, PREC)
+                                  BJ, NP, SORT_MERGE, RANK_MERGE, SKIP_MERGE, PREC)
     return key
 
 
 @triton.jit
 def _score_tile(key, j0, ca, cb, q, lse, KC, END, cbase, k_base, sk_n, p_row, ds_row, tok_ok, sb, qb, j_b, qk_scale,
                 dk, DQK, CMP_LEN, SEL_LEN, N_INIT, N_LOCAL, BT: tl.constexpr, GP: tl.constexpr, BN: tl.constexpr,
-                BJ: tl.constexpr, SORT_MERGE: tl.constexpr, PREC: tl.constexpr):
+                BJ: tl.constexpr, NP: tl.constexpr, SORT_MERGE: tl.constexpr, RANK_MERGE: tl.constexpr,
+                SKIP_MERGE: tl.constexpr, PREC: tl.constexpr):
     """One scoring tile: blocks [j0, j0 + BJ) from the compressed tokens [ca, cb), merged into key."""
     MAP_DOT: tl.constexpr = BT >= 16
     j = j0 + tl.arange(0, BJ)
@@ -344,11 +359,53 @@ def _score_tile(key, j0, ca, cb, q, lse, KC, END, cbase, k_base, sk_n, p_row, ds
     forced = elig & ((j[None, :] < sb[:, None] + N_INIT) | (j[None, :] > qb[:, None] - N_LOCAL))
     score = tl.where(forced, float("inf"), score)
     new = _block_key(score, j[None, :] + tl.zeros([BT, BJ], dtype=tl.int32), elig)
-    if SORT_MERGE:
-        key = _merge_top(key, new, BT, BJ)
+    if RANK_MERGE:   # the rank form needs unique keys: ineligible ones below the list's empty slots
+        new = tl.where(new >= 0, new, -1 - BJ - tl.cast(tl.arange(0, BJ), tl.int64)[None, :])
+    if SKIP_MERGE:
+        # a key at or below the row's current n-th best can never reach the final top n (the n-th
+        # best only grows): merge only when some row has a new key above its own
+        if tl.max(tl.max((new > _nth_key(key, BJ, NP, SORT_MERGE, RANK_MERGE)[:, None]).to(tl.int32), 1), 0) > 0:
+            key = _merge_keys(key, new, BT, BJ, SORT_MERGE, RANK_MERGE)
     else:
-        key = _insert_top(key, new, BJ)
+        key = _merge_keys(key, new, BT, BJ, SORT_MERGE, RANK_MERGE)
     return key
+
+
+@triton.jit
+def _merge_keys(key, new, BT: tl.constexpr, BJ: tl.constexpr, SORT_MERGE: tl.constexpr, RANK_MERGE: tl.constexpr):
+    """The running top-BJ list merged with a tile of BJ new keys, in the chosen form."""
+    if RANK_MERGE:
+        return _rank_top(key, new, BT, BJ)
+    elif SORT_MERGE:
+        return _merge_top(key, new, BT, BJ)
+    else:
+        return _insert_top(key, new, BJ)
+
+
+@triton.jit
+def _nth_key(key, BJ: tl.constexpr, NP: tl.constexpr, SORT_MERGE: tl.constexpr, RANK_MERGE: tl.constexpr):
+    """[BT] a lower bound of each row's NP-th best key: slot NP - 1 of a descending list (sort and
+    rank forms), the minimum of an unordered one (the insertion form)."""
+    if RANK_MERGE:
+        return tl.sum(tl.where(tl.arange(0, BJ)[None, :] == NP - 1, key, 0), 1)
+    elif SORT_MERGE:
+        return tl.sum(tl.where(tl.arange(0, BJ)[None, :] == NP - 1, key, 0), 1)
+    else:
+        return tl.min(key, 1)
+
+
+@triton.jit
+def _rank_top(key, new, BT: tl.constexpr, BJ: tl.constexpr):
+    """The top BJ of key [BT, BJ] and new [BT, BJ] per row, in descending order, by ranks instead
+    of a sort: each of the 2·BJ candidates' rank is the number of candidates above it ([BT, 2·BJ,
+    2·BJ] compares and one sum), and slot r takes the candidate of rank r (a [BT, 2·BJ, BJ] select
+    and sum). Two wide reductions instead of log2(2·BJ)·(log2(2·BJ) + 1) / 2 dependent bitonic
+    stages (15 for BJ 16) on a [BT, 2·BJ] tensor of BT·2·BJ elements (one per thread at BT 8).
+    Needs unique keys (the caller's)."""
+    both = tl.reshape(tl.join(key, new), [BT, 2 * BJ])
+    rank = tl.sum((both[:, None, :] > both[:, :, None]).to(tl.int32), 2)                      # [BT, 2·BJ]
+    slot = tl.arange(0, BJ)
+    return tl.sum(tl.where(rank[:, :, None] == slot[None, None, :], both[:, :, None], 0), 1)   # [BT, BJ]
 
 
 @triton.jit
@@ -372,9 +429,11 @@ def _insert_top(key, new, BJ: tl.constexpr):
 
 
 @triton.jit
-def _top_keys(key, SORT_MERGE: tl.constexpr):
+def _top_keys(key, SORT_MERGE: tl.constexpr, RANK_MERGE: tl.constexpr):
     """The running top list in descending order (the insertion form leaves it unordered)."""
-    if SORT_MERGE:
+    if RANK_MERGE:
+        return key
+    elif SORT_MERGE:
         return key
     else:
         return tl.sort(key, dim=1, descending=True)
@@ -428,7 +487,8 @@ def _cmp_fwd_kernel(Q, KC, VC, END, CMAX, CMIN, QPOS, QDS, O, LSE, SEL,
                     T, N, H, HKV, G, DQK, DV, scale, CMP_LEN, SEL_LEN, N_SELECT, N_INIT, N_LOCAL,
                     BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr, GP: tl.constexpr, BM: tl.constexpr,
                     BN: tl.constexpr, BNS: tl.constexpr, BJ: tl.constexpr, NP: tl.constexpr,
-                    SELECT: tl.constexpr, SORT_MERGE: tl.constexpr, JV: tl.constexpr, PREC: tl.constexpr):
+                    SELECT: tl.constexpr, SORT_MERGE: tl.constexpr, RANK_MERGE: tl.constexpr,
+                    SKIP_MERGE: tl.constexpr, JV: tl.constexpr, PREC: tl.constexpr):
     """Training / prefill: pass 1 and pass 2 in one program per (query tile, KV head)."""
     BT: tl.constexpr = BM // GP
     qk_scale = scale * 1.4426950408889634
@@ -465,8 +525,8 @@ def _cmp_fwd_kernel(Q, KC, VC, END, CMAX, CMIN, QPOS, QDS, O, LSE, SEL,
         tok_ok, sb, qb, j_lo, j_hi = _tile_blocks(QPOS, QDS, b * T, m0, T, SEL_LEN, BT)
         key = _cmp_select(_empty_keys(BT, BJ), q, lse, KC, END, CMAX, CMIN, cbase, k_base, sk_n, N, p_row, ds_row,
                           c_lo, c_hi, tok_ok, sb, qb, j_lo, j_hi, qk_scale, dk, DQK, CMP_LEN, SEL_LEN, N_INIT,
-                          N_LOCAL, BT, GP, BNS, BJ, SORT_MERGE, JV, PREC)
-        key = _top_keys(key, SORT_MERGE)
+                          N_LOCAL, BT, GP, BNS, BJ, NP, SORT_MERGE, RANK_MERGE, SKIP_MERGE, JV, PREC)
+        key = _top_keys(key, SORT_MERGE, RANK_MERGE)
         _store_sel(SEL, key, b, T, m0, tok_ok, hkv, HKV, N_SELECT, BT, BJ, NP)
 
 
@@ -538,7 +598,8 @@ def _cmp_split_select_kernel(Q, KC, END, CMAX, CMIN, QPOS, QDS, LSE, S_PART, I_P
                              T, N, H, HKV, G, DQK, scale, CMP_LEN, SEL_LEN, N_SELECT, N_INIT, N_LOCAL, NSPLIT,
                              BLOCK_DK: tl.constexpr, GP: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
                              BJ: tl.constexpr, NP: tl.constexpr, FINAL: tl.constexpr, SORT_MERGE: tl.constexpr,
-                             JV: tl.constexpr, PREC: tl.constexpr):
+                             RANK_MERGE: tl.constexpr, SKIP_MERGE: tl.constexpr, JV: tl.constexpr,
+                             PREC: tl.constexpr):
     """Decoding, pass 2: one program per (query tile, KV head, split of the selectable blocks)
     writes its partial top-n (scores, indices) [NSPLIT, B, T, HKV, NP]; `_merge_select_kernel`
     merges them. Empty slots are (-inf, -1). FINAL (one split, the training path's
@@ -565,8 +626,8 @@ def _cmp_split_select_kernel(Q, KC, END, CMAX, CMIN, QPOS, QDS, LSE, S_PART, I_P
     j_a, j_b = _split_range(j_lo, j_hi, split, NSPLIT)
     key = _cmp_select(_empty_keys(BT, BJ), q, lse, KC, END, CMAX, CMIN, cbase, b * sk_b + tl.cast(hkv, tl.int64) * sk_h,
                       sk_n, N, p_row, ds_row, c_lo, c_hi, tok_ok, sb, qb, j_a, j_b, qk_scale, dk, DQK, CMP_LEN,
-                      SEL_LEN, N_INIT, N_LOCAL, BT, GP, BN, BJ, SORT_MERGE, JV, PREC)
-    key = _top_keys(key, SORT_MERGE)
+                      SEL_LEN, N_INIT, N_LOCAL, BT, GP, BN, BJ, NP, SORT_MERGE, RANK_MERGE, SKIP_MERGE, JV, PREC)
+    key = _top_keys(key, SORT_MERGE, RANK_MERGE)
     if FINAL:   # one split: the selection itself
         _store_sel(SEL, key, b, T, m0, tok_ok, hkv, HKV, N_SELECT, BT, BJ, NP)
     else:
@@ -1113,7 +1174,7 @@ def compressed_forward_split(q, k_cmp, v_cmp, end, qpos, qds, scale, cmp_len, se
     cfg = _split_config(q, T, G, N)
     NS = cfg.pop("NSPLIT")
     BJ = cfg.pop("BJ")
-    sort_merge, jv = cfg.pop("SORT_MERGE"), cfg.pop("JV")
+    merge = {o: cfg.pop(o) for o in ("SORT_MERGE", "RANK_MERGE", "SKIP_MERGE", "JV")}
     grid = (triton.cdiv(T, cfg["BM"] // GP), B * Hkv, NS)
     cmax, cmin = _prefix_max(end), _suffix_min(end)
     m = torch.empty(NS, B, T, H, dtype=torch.float32, device=q.device)
@@ -1139,7 +1200,7 @@ def compressed_forward_split(q, k_cmp, v_cmp, end, qpos, qds, scale, cmp_len, se
                                    *q.stride()[:3], *k_cmp.stride()[:3], T, N, H, Hkv, G, scale=scale,
                                    CMP_LEN=cmp_len, SEL_LEN=select_len, N_SELECT=n_select, N_INIT=n_init,
                                    N_LOCAL=n_local, NSPLIT=NS, GP=GP, BJ=BJ, NP=NP, FINAL=False,
-                                   SORT_MERGE=sort_merge, JV=jv, **dims, **cfg)
+                                   **merge, **dims, **cfg)
     sel = torch.empty(B, T, Hkv, n_select, dtype=torch.int32, device=q.device)
     _merge_select_kernel[(B * T * Hkv,)](s_part, i_part, sel, B * T * Hkv, NS, n_select, NSP=NSP, NP=NP,
                                          num_warps=4 if not _INTERPRET else 1)
