@@ -280,7 +280,7 @@ def _dkdv_tiles(dk_acc, dv_acc, k, v, Q, DO, LSE, DELTA, DS, DQA, q_base, do_bas
                 PREC: tl.constexpr, DQ_ATOMIC: tl.constexpr):
     """Keys are rows here: sᵀ [BN, BM] = k · qᵀ, so pᵀ and dsᵀ feed their dots from registers.
     DQ_ATOMIC (0: off): also add this key tile's share of dq, ds · k, into the fp32 buffer DQA
-    (contiguous [B, T, H, Dqk], unscaled) with atomics; 1: as dq [BM, Dqk] = dsᵀᵀ · k, 2: as
+    (contiguous [B, T, H, Dqk], unscaled) with atomics; 1: as dq [BM, Dqk] = (dsᵀ)ᵀ · k, 2: as
     dqᵀ [Dqk, BM] = kᵀ · dsᵀ (see BACKWARD_DQ)."""
     BT: tl.constexpr = BM // GP
     qk_scale = scale * 1.4426950408889634
@@ -316,8 +316,9 @@ def _dkdv_tiles(dk_acc, dv_acc, k, v, Q, DO, LSE, DELTA, DS, DQA, q_base, do_bas
             # ds = dsᵀ transposed: one shared-memory round trip of a BN x BM 16-bit tile (the
             # dot's left operand), not a third matmul; the [BM, Dqk] result holds neighbouring
             # channels in each thread, so the atomics of a row hit consecutive addresses.
-            # Padded rows and masked pairs have ds = 0; the mask keeps padded rows (h >= H,
-            # t >= T) from addressing memory at all.
+            # Masked pairs and padded rows have ds = 0 (a masked pair adds 0.0); the mask keeps
+            # padded rows (heads >= G, tokens >= T) from touching memory at all: their address
+            # may be another group's head or past the buffer.
             dq_part = tl.dot(tl.trans(ds_t), k, input_precision=PREC)
             tl.atomic_add(DQA + row[:, None] * DQK + dk[None, :], dq_part,
                           mask=row_ok[:, None] & (dk < DQK)[None, :], sem="relaxed")
