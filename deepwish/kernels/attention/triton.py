@@ -314,7 +314,7 @@ def _dkdv_tiles(dk_acc, dv_acc, k, v, Q, DO, LSE, DELTA, DS, DQA, q_base, do_bas
         dk_acc = tl.dot(ds_t, tl.trans(q_t), dk_acc, input_precision=PREC)
         if DQ_ATOMIC == 1:
             # ds = dsᵀ transposed: one shared-memory round trip of a BN x BM 16-bit tile (the
-            # dot's left operand), not a third matmul; the [BM, Dqk] result holds neighbouring
+            # dot's left operand), not a recomputed s and dp; the [BM, Dqk] result holds neighbouring
             # channels in each thread, so the atomics of a row hit consecutive addresses.
             # Masked pairs and padded rows have ds = 0 (a masked pair adds 0.0); the mask keeps
             # padded rows (heads >= G, tokens >= T) from touching memory at all: their address
