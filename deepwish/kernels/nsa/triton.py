@@ -45,6 +45,8 @@ Compressed branch (one kernel for the forward, `_cmp_fwd_kernel`):
   own running top-n), and one program per row merges the partial softmax states and the partial
   top-n lists (`_merge_attend_kernel`, `_merge_select_kernel`: one sort of the splits' keys, the
   same total order). Fixed shapes, no host sync; 2 merge launches instead of ~25 torch ops.
+  The selection pass has its own split count (SEL_TILES scoring tiles per split, `_select_splits`):
+  a split is a serial chain of scoring tiles, the attention's 256-token splits left it 4 tiles.
 - Backward: delta = rowsum(dO·O) (kernels/attention's kernel), dQ per query tile over the same
   compressed range, dK/dV per (compressed tile, chunk of queries) over the query tiles of the
   chunk that can see it (binary search in the prefix max of q_pos and the suffix min of the
@@ -142,10 +144,12 @@ TILES = {
     ("slc_dq", "fp32"): dict(BT=1, num_warps=4, num_stages=1),
     ("slc_dkdv", "fp32"): dict(ROWS=64, CH=1024, num_warps=8, num_stages=1),
     # decoding (T <= DECODE_MAX_T): rows = T·GP up to MAX_BM, SPLIT_TOKENS compressed tokens per split
-    ("cmp_split", "16bit"): dict(MAX_BM=128, BN=64, BJ=16, SPLIT_TOKENS=256, SORT_MERGE=True, RANK_MERGE=False,
-                                 SKIP_MERGE=False, JV=0, num_warps=4, num_stages=2),
-    ("cmp_split", "fp32"): dict(MAX_BM=64, BN=32, BJ=16, SPLIT_TOKENS=256, SORT_MERGE=True, RANK_MERGE=False,
-                                SKIP_MERGE=False, JV=0, num_warps=4, num_stages=1),
+    # SEL_TILES: scoring tiles per split of the selection pass (its own split count, `_select_splits`);
+    # 0: the attention pass's splits
+    ("cmp_split", "16bit"): dict(MAX_BM=128, BN=64, BJ=16, SPLIT_TOKENS=256, SEL_TILES=1, SORT_MERGE=True,
+                                 RANK_MERGE=False, SKIP_MERGE=False, JV=0, num_warps=4, num_stages=2),
+    ("cmp_split", "fp32"): dict(MAX_BM=64, BN=32, BJ=16, SPLIT_TOKENS=256, SEL_TILES=1, SORT_MERGE=True,
+                                RANK_MERGE=False, SKIP_MERGE=False, JV=0, num_warps=4, num_stages=1),
 }
 DECODE_MAX_T = 16  # up to this many queries per row take the split (decoding) path
 MAX_SPLITS = 64
@@ -161,8 +165,8 @@ INTERPRET_TILES = {
     "slc_fwd": dict(BT=1, num_warps=1, num_stages=1),
     "slc_dq": dict(BT=1, num_warps=1, num_stages=1),
     "slc_dkdv": dict(ROWS=16, CH=3, num_warps=1, num_stages=1),
-    "cmp_split": dict(MAX_BM=64, BN=16, BJ=16, SPLIT_TOKENS=5, SORT_MERGE=True, RANK_MERGE=False, SKIP_MERGE=False,
-                      JV=0, num_warps=1, num_stages=1),
+    "cmp_split": dict(MAX_BM=64, BN=16, BJ=16, SPLIT_TOKENS=5, SEL_TILES=1, SORT_MERGE=True, RANK_MERGE=False,
+                      SKIP_MERGE=False, JV=0, num_warps=1, num_stages=1),
 }
 
 
@@ -1121,6 +1125,18 @@ def _split_config(q, T: int, G: int, N: int) -> dict:
     return cfg
 
 
+def _select_splits(ns: int, sel_tiles: int, N: int, cmp_len: int, select_len: int, bj: int) -> int:
+    """Splits of the decoding selection pass. Its programs are serial chains of scoring tiles
+    (~11 µs each on the H200 by a fit of the compressed forward's 8k and 64k timings,
+    reports/nsa.md), so each split walks at most sel_tiles tiles of bj blocks: the row's blocks are bounded without a host
+    sync by N·l / l' (N compressed slots of stride <= l; 2x the blocks at the defaults l 32, d 16).
+    At 64k that is 64 splits of 16 blocks instead of 16 of 64. sel_tiles 0: the attention's ns.
+    Any count is exact (disjoint block ranges, merged in the key order)."""
+    if sel_tiles <= 0:
+        return ns
+    return max(ns, min(MAX_SPLITS, triton.cdiv(triton.cdiv(N * cmp_len, select_len), bj * sel_tiles)))
+
+
 @triton.jit
 def _merge_attend_kernel(M_PART, L_PART, ACC_PART, O, LSE, R, NS, DV, NSP: tl.constexpr, BLOCK_DV: tl.constexpr):
     """(o, lse) of one row (b, t, h) from the splits' partial online-softmax states
@@ -1173,6 +1189,7 @@ def compressed_forward_split(q, k_cmp, v_cmp, end, qpos, qds, scale, cmp_len, se
     GP = triton.next_power_of_2(G)
     cfg = _split_config(q, T, G, N)
     NS = cfg.pop("NSPLIT")
+    sel_tiles = cfg.pop("SEL_TILES")
     BJ = cfg.pop("BJ")
     merge = {o: cfg.pop(o) for o in ("SORT_MERGE", "RANK_MERGE", "SKIP_MERGE", "JV")}
     grid = (triton.cdiv(T, cfg["BM"] // GP), B * Hkv, NS)
@@ -1193,6 +1210,9 @@ def compressed_forward_split(q, k_cmp, v_cmp, end, qpos, qds, scale, cmp_len, se
         return o, lse, None
     NP = triton.next_power_of_2(n_select)
     BJ = max(BJ, NP)
+    NS = _select_splits(NS, sel_tiles, N, cmp_len, select_len, BJ)
+    NSP = triton.next_power_of_2(NS)
+    grid = (grid[0], grid[1], NS)
     s_part = torch.empty(NS, B, T, Hkv, NP, dtype=torch.float32, device=q.device)
     i_part = torch.empty(NS, B, T, Hkv, NP, dtype=torch.int32, device=q.device)
     del dims["BLOCK_DV"], dims["DV"]
