@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # What the GPU machine runs: environment report, GPU tests and benchmarks, results under $OUT.
-#   bash scripts/gpu_run.sh STAGE...   with STAGE in: env tests kernels gdn train decode sweep tradeoff notebook speedrun ablate dsa nsa_kernels nsa_quality attn_dq_tiles attn_dq
+#   bash scripts/gpu_run.sh STAGE...   with STAGE in: env tests kernels gdn train decode sweep tradeoff notebook corpus speedrun ablate dsa nsa_kernels nsa_quality attn_dq_tiles attn_dq
 # Optional wheels in .whl/ (flash-linear-attention, liger-kernel) are installed to /tmp/site
 # first, so the anchors run side by side with deepwish in the same process (NO_WHEELS=1 skips
 # them, e.g. for HF's Qwen3-Next on its torch path).
@@ -33,6 +33,15 @@ for stage in "$@"; do
     notebook) python3 scripts/run_notebook.py notebooks/walkthrough.ipynb --out "$OUT/walkthrough_gpu.ipynb" || status=1 ;;
     tradeoff) python3 -m deepwish.cli bench decode --tradeoff --out "$OUT/tradeoff" ${TRADEOFF_ARGS:-} || status=1 ;;
     profile) python3 -m deepwish.bench.profile_train ${PROFILE_ARGS:-} || status=1 ;;
+    corpus)  # the speedrun's corpus, built in place from the installed Python's code and docs (data/text_tree.py);
+      # kept under $CORPUS while the machine stays up (meta.json is written last: its presence = a complete build)
+      CORPUS=${CORPUS:-/tmp/deepwish-pycode}
+      if [ ! -f "$CORPUS/meta.json" ]; then
+        python3 -m deepwish.cli data build --tree python --out "$CORPUS" \
+          ${CORPUS_ARGS:---bpe-vocab 50304 --token-budget 24000000 --val-fraction 0.02} || status=1
+      fi
+      [ -f "$CORPUS/meta.json" ] && cp "$CORPUS/meta.json" "$OUT/corpus_meta.json" \
+        && python3 -c "import json,sys; m=json.load(open(sys.argv[1])); print('corpus', sys.argv[1], m['fingerprint'], m['train']['tokens'], 'train tokens', m['val']['tokens'], 'val tokens')" "$CORPUS/meta.json" ;;
     speedrun) python3 -m deepwish.cli bench speedrun --out "$OUT/speedrun" ${SPEEDRUN_ARGS:-} || status=1 ;;
     ablate) python3 -m deepwish.cli bench ablate --out "$OUT/ablate" ${ABLATE_ARGS:-} || status=1 ;;
     dsa) python3 -m deepwish.cli bench dsa --out "$OUT/dsa" ${DSA_ARGS:-} || status=1 ;;
