@@ -301,6 +301,20 @@ def test_decoding_selection_splits_of_their_own(sel_tiles):
     assert (o_got - o_want).abs().max() < 1e-5
 
 
+def test_prefix_max_and_suffix_min_in_one_launch():
+    """The range searches' prefix max / suffix min (one Triton launch, chunks of 16 under the
+    interpreter with a carry between them) equal torch's cummax / flipped cummin, on unsorted
+    rows of lengths that are and are not multiples of the chunk, padding values included."""
+    torch.manual_seed(14)
+    for n in (1, 16, 37):
+        a = torch.randint(-50, 50, (3, n), dtype=torch.int32)
+        b = torch.randint(-50, 50, (3, n), dtype=torch.int32)
+        b[0, -1] = tri.POS_MAX
+        pmax, smin = tri._prefix_max_suffix_min(a, b)
+        assert torch.equal(pmax, torch.cummax(a, 1).values)
+        assert torch.equal(smin, torch.cummin(b.flip(1), 1).values.flip(1))
+
+
 def test_group_too_large_is_named():
     q = torch.zeros(1, 4, 32, 16)
     kc = torch.zeros(1, 2, 1, 16)

@@ -1067,15 +1067,54 @@ def query_positions(q: torch.Tensor, q_pos, doc_ids, S: int | None):
     """(q_pos, doc_start(q_pos)) int32 [B, T], contiguous."""
     B, T = q.shape[:2]
     qp = default_q_pos(B, T, S, q.device) if q_pos is None else q_pos.long()
+    if doc_ids is None:   # one launch for the zeros (a decoding step pays each)
+        return qp.to(torch.int32).contiguous(), torch.zeros(B, T, dtype=torch.int32, device=q.device)
     return qp.to(torch.int32).contiguous(), query_doc_start(qp, doc_ids).to(torch.int32).contiguous()
 
 
-def _prefix_max(x: torch.Tensor) -> torch.Tensor:
-    return torch.cummax(x, dim=1).values.contiguous()
+@triton.jit
+def _max_op(a, b):
+    return tl.maximum(a, b)
 
 
-def _suffix_min(x: torch.Tensor) -> torch.Tensor:
-    return torch.cummin(x.flip(1), dim=1).values.flip(1).contiguous()
+@triton.jit
+def _min_op(a, b):
+    return tl.minimum(a, b)
+
+
+@triton.jit
+def _prefix_max_suffix_min_kernel(A, B, PMAX, SMIN, N, BLOCK: tl.constexpr):
+    """Row b: PMAX = running max of A from the left, SMIN = running min of B from the right
+    (int32 [rows, N], contiguous), in chunks of BLOCK with a carry: one launch where torch takes
+    four (cummax; flip, cummin, flip), which a decoding step pays every token."""
+    row = tl.cast(tl.program_id(0), tl.int64) * N
+    i = tl.arange(0, BLOCK)
+    carry = tl.max(tl.full([BLOCK], -2147483648, tl.int32), 0)
+    for c0 in range(0, N, BLOCK):
+        ok = c0 + i < N
+        a = tl.load(A + row + c0 + i, mask=ok, other=-2147483648)
+        run = tl.maximum(tl.associative_scan(a, 0, _max_op), carry)
+        tl.store(PMAX + row + c0 + i, run, mask=ok)
+        carry = tl.max(run, 0)
+    carry = tl.min(tl.full([BLOCK], 2147483647, tl.int32), 0)
+    n_chunks = (N + BLOCK - 1) // BLOCK
+    for r in range(0, n_chunks):
+        c0 = (n_chunks - 1 - r) * BLOCK
+        ok = c0 + i < N
+        x = tl.load(B + row + c0 + i, mask=ok, other=2147483647)
+        run = tl.minimum(tl.associative_scan(x, 0, _min_op, reverse=True), carry)
+        tl.store(SMIN + row + c0 + i, run, mask=ok)
+        carry = tl.min(run, 0)
+
+
+def _prefix_max_suffix_min(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(running max of a from the left, running min of b from the right) along dim 1; a, b int32
+    [rows, N] contiguous (one launch, `_prefix_max_suffix_min_kernel`)."""
+    rows, n = a.shape
+    pmax, smin = torch.empty_like(a), torch.empty_like(b)
+    block = 16 if _INTERPRET else min(1024, max(16, triton.next_power_of_2(n)))
+    _prefix_max_suffix_min_kernel[(rows,)](a, b, pmax, smin, n, BLOCK=block, num_warps=1 if _INTERPRET else 4)
+    return pmax, smin
 
 
 def compressed_forward(q, k_cmp, v_cmp, end, qpos, qds, scale, cmp_len, select_len, n_select, n_init, n_local,
@@ -1097,7 +1136,7 @@ def compressed_forward(q, k_cmp, v_cmp, end, qpos, qds, scale, cmp_len, select_l
     cfg["BJ"] = max(cfg["BJ"], NP)   # the running top list is one scoring tile wide
     fused = cfg.pop("FUSED_SELECT")
     grid = (triton.cdiv(T, cfg["BM"] // GP), B * Hkv)
-    cmax, cmin = _prefix_max(end), _suffix_min(end)
+    cmax, cmin = _prefix_max_suffix_min(end, end)
     _cmp_fwd_kernel[grid](q, k_cmp, v_cmp, end, cmax, cmin, qpos, qds, o, lse, sel,
                           *q.stride()[:3], *k_cmp.stride()[:3], *v_cmp.stride()[:3], *o.stride()[:3],
                           T, N, H, Hkv, G, scale=scale, CMP_LEN=cmp_len, SEL_LEN=select_len, N_SELECT=n_select,
@@ -1193,7 +1232,7 @@ def compressed_forward_split(q, k_cmp, v_cmp, end, qpos, qds, scale, cmp_len, se
     BJ = cfg.pop("BJ")
     merge = {o: cfg.pop(o) for o in ("SORT_MERGE", "RANK_MERGE", "SKIP_MERGE", "JV")}
     grid = (triton.cdiv(T, cfg["BM"] // GP), B * Hkv, NS)
-    cmax, cmin = _prefix_max(end), _suffix_min(end)
+    cmax, cmin = _prefix_max_suffix_min(end, end)
     m = torch.empty(NS, B, T, H, dtype=torch.float32, device=q.device)
     l = torch.empty_like(m)
     acc = torch.empty(NS, B, T, H, v_cmp.shape[-1], dtype=torch.float32, device=q.device)
@@ -1240,9 +1279,10 @@ def compressed_backward(q, k_cmp, v_cmp, o, lse, do, end, qpos, qds, scale):
         dq = torch.zeros(B, T, H, q.shape[-1], dtype=torch.float32, device=q.device)
     else:
         dq = torch.empty_like(q)
+        cmax, cmin = _prefix_max_suffix_min(end, end)
         dq_cfg = tile_config("cmp_dq", q.dtype, G)
         _cmp_dq_kernel[(triton.cdiv(T, dq_cfg["BM"] // GP), B * Hkv)](
-            q, k_cmp, v_cmp, do, lse, delta, end, _prefix_max(end), _suffix_min(end), qpos, qds, dq,
+            q, k_cmp, v_cmp, do, lse, delta, end, cmax, cmin, qpos, qds, dq,
             *q.stride()[:3], *k_cmp.stride()[:3], *v_cmp.stride()[:3], *do.stride()[:3], *dq.stride()[:3],
             T, N, H, Hkv, G, scale=scale, GP=GP, **dims, **dq_cfg)
     n_chunks, q_chunk = _query_chunks(T, cfg.pop("Q_CHUNK"), cfg.pop("MAX_CHUNKS"), cfg["BM"] // GP)
@@ -1252,7 +1292,7 @@ def compressed_backward(q, k_cmp, v_cmp, o, lse, do, end, qpos, qds, scale):
     dkc = (torch.zeros if atomic else torch.empty)(k_cmp.shape, device=q.device, **buf)
     dvc = (torch.zeros if atomic else torch.empty)(v_cmp.shape, device=q.device, **buf)
     _cmp_dkdv_kernel[(triton.cdiv(N, cfg["BN"]), B * Hkv, n_chunks)](
-        q, k_cmp, v_cmp, do, lse, delta, end, qpos, qds, _prefix_max(qpos), _suffix_min(qds), dkc, dvc, dq,
+        q, k_cmp, v_cmp, do, lse, delta, end, qpos, qds, *_prefix_max_suffix_min(qpos, qds), dkc, dvc, dq,
         *q.stride()[:3], *k_cmp.stride()[:3], *v_cmp.stride()[:3], *do.stride()[:3], *dkc.stride()[:3],
         *dvc.stride()[:3], T, N, H, Hkv, G, scale=scale, Q_CHUNK=q_chunk, GP=GP, ATOMIC=atomic, FUSE_DQ=fuse_dq,
         **dims, **cfg)
