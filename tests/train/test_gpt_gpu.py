@@ -40,3 +40,34 @@ def test_compiled_gpt_tiny_learns_through_the_window_schedule(cuda, tmp_path):
     assert s["final_val_loss"] < 6.0
     tok_s = [r["tok_s"] for r in recs if r["kind"] == "train"]
     print(f"gpt_tiny compiled: tok/s {[round(x) for x in tok_s]}, final val {s['final_val_loss']:.4f}")
+
+
+@pytest.mark.gpu
+def test_compile_warmup_leaves_no_compilation_to_the_training_steps(cuda, tmp_path, monkeypatch):
+    """train.compile_warmup compiles every shape the schedules use (window caps, sequence-length
+    stages, rows with and without document ids) before the clock: no graph is compiled during
+    the training steps themselves (the evaluation's graph comes after the last step)."""
+    from torch._dynamo.utils import counters
+
+    graphs = []
+    real = loop.optimizer_step
+
+    def counted(run, step, micro):
+        before = counters["stats"]["unique_graphs"]
+        out = real(run, step, micro)
+        graphs.append((step, before, counters["stats"]["unique_graphs"]))
+        return out
+
+    monkeypatch.setattr(loop, "optimizer_step", counted)
+    cfg = load_config("gpt_tiny", [f"train.out_dir={tmp_path / 'run'}", "train.steps=40", "train.compile=on",
+                                   "train.device=cuda", "train.seq_len=512", "train.seq_len_schedule=[128,256,512]",
+                                   "train.window_warmup_frac=0.8", "train.compile_warmup=true", "train.eval_every=40",
+                                   "train.save_every=40", "train.sample_tokens=0", "train.log_every=10"])
+    loop.train(cfg, progress_bar=False)
+    recs = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    warm = [r for r in recs if r["kind"] == "warmup"][0]
+    assert len(warm["shapes"]) >= 4 and warm["passes"] == 2 * len(warm["shapes"])
+    new = [(s, b, a) for s, b, a in graphs if a != b]
+    assert graphs[0][1] > 0 and not new, f"graphs compiled during training steps: {new} (warm-up {warm})"
+    print(f"compile warm-up {warm['seconds']:.1f} s over {len(warm['shapes'])} shapes; "
+          f"{graphs[0][1]} graphs, none during the {len(graphs)} steps")
