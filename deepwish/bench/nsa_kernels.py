@@ -255,7 +255,8 @@ SWEEP_CANDIDATES = {
     # steps of BNS: 16 -> 80 (1.23x), 32 -> 96 (1.5x), 64 -> 128 (2x); BJ 32, BNS 16 -> 144 for 129
     # SKIP_MERGE / RANK_MERGE: the early-out and the rank form of the running top-n merge;
     # FUSED_SELECT False: the scoring as its own launch (cmp_sel's tiles: 3 programs per SM by
-    # registers at BM 64 / 4 warps, where the fused kernel's 255 registers x 256 threads hold 1)
+    # registers at BM 64 / 4 warps, where the fused kernel's 255 registers x 256 threads hold 1);
+    # cmp_sel BJ 64: 4x fewer scoring tiles (each a serial chain), 240 registers, 2 per SM
     "cmp_fwd": [{}, dict(SORT_MERGE=False), dict(BN=128), dict(BNS=16), dict(BNS=64), dict(BJ=32),
                 dict(BJ=32, BNS=16), dict(JV=16), dict(num_stages=3), dict(BM=64, num_warps=4),
                 dict(SKIP_MERGE=True), dict(RANK_MERGE=True), dict(JV=16, SKIP_MERGE=True),
@@ -263,7 +264,7 @@ SWEEP_CANDIDATES = {
     # only timed apart from cmp_fwd when cmp_fwd's sweep kept FUSED_SELECT False
     "cmp_sel": [{}, dict(SORT_MERGE=False), dict(BN=16), dict(BN=64), dict(BJ=32), dict(JV=16),
                 dict(BM=128, num_warps=8), dict(BM=32, num_warps=2), dict(SKIP_MERGE=True), dict(RANK_MERGE=True),
-                dict(JV=16, SKIP_MERGE=True)],
+                dict(JV=16, SKIP_MERGE=True), dict(BJ=64), dict(BJ=64, SKIP_MERGE=True)],
     "cmp_dq": [{}, dict(BN=32), dict(num_stages=3), dict(BM=64, num_warps=4)],
     "cmp_dkdv": [{}, dict(Q_CHUNK=1024), dict(MAX_CHUNKS=32), dict(BN=32), dict(num_stages=3),
                  dict(BM=64, num_warps=4), dict(FUSE_DQ=True), dict(FUSE_DQ=True, BN=128)],

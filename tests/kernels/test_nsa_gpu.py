@@ -53,6 +53,7 @@ OPTIONS = {
                                         "cmp_sel": dict(RANK_MERGE=True, SKIP_MERGE=True)},
     "separate-scoring-bm128-jv16-early-out": {"cmp_fwd": dict(FUSED_SELECT=False),
                                               "cmp_sel": dict(BM=128, num_warps=8, JV=16, SKIP_MERGE=True)},
+    "separate-scoring-bj64": {"cmp_fwd": dict(FUSED_SELECT=False), "cmp_sel": dict(BJ=64)},
     "dq-fused-into-dkdv": {"cmp_dkdv": dict(FUSE_DQ=True)},
     "dkdv-one-chunk": {"cmp_dkdv": dict(Q_CHUNK=1 << 20)},
     "slc-union-bt4": {"slc_fwd": dict(BT=4), "slc_dq": dict(BT=4)},
