@@ -30,6 +30,8 @@ import torch
 import triton
 import triton.language as tl
 
+from deepwish.kernels.online_softmax import online_softmax_step
+
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 NO_WINDOW = 1 << 62
 FAR = tl.constexpr(NO_WINDOW)  # a position beyond every query (kernels read only constexpr globals)
@@ -92,12 +94,7 @@ def _split_kernel(Q, K, V, QPOS, KPOS, OP, LP,
             s = softcap * _tanh(s / softcap)
         vis = ok[None, :] & (kp[None, :] <= qp[:, None]) & (kp[None, :] > qp[:, None] - W)
         s = tl.where(vis, s * 1.4426950408889634, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=PREC)
-        m_i = m_new
+        acc, m_i, l_i = online_softmax_step(acc, m_i, l_i, s, v, PREC)
     empty = l_i == 0.0
     o = acc / tl.where(empty, 1.0, l_i)[:, None]
     lse = tl.where(empty, float("-inf"), m_i + tl.log2(tl.where(empty, 1.0, l_i)))

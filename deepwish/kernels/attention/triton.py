@@ -46,6 +46,7 @@ import triton
 import triton.language as tl
 
 from deepwish.kernels.attention.reference import check_inputs, document_ends, document_starts
+from deepwish.kernels.online_softmax import online_softmax_step
 
 LOG2E = 1.4426950408889634
 MAX_HEAD_DIM = 256
@@ -208,17 +209,12 @@ def _fwd_tiles(acc, m_i, l_i, q, K, V, k_base, v_base, sk_t, sv_t, DS, ds_base, 
         if MASK:
             ds_key = tl.load(DS + ds_base + n, mask=key_ok, other=-1)
             s = tl.where(_visible(t, n, ds_row, ds_key, W), s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
         if MASK:
             v = tl.load(V + v_base + n64[:, None] * sv_t + dv[None, :],
                         mask=key_ok[:, None] & (dv < DV)[None, :], other=0.0)
         else:
             v = tl.load(V + v_base + n64[:, None] * sv_t + dv[None, :], mask=(dv < DV)[None, :], other=0.0)
-        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=PREC)
-        m_i = m_new
+        acc, m_i, l_i = online_softmax_step(acc, m_i, l_i, s, v, PREC)
     return acc, m_i, l_i
 
 

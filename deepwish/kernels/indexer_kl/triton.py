@@ -35,11 +35,8 @@ TARGET_HEADS = 32  # BH of `_target_kernel`: heads per program (the dot's M)
 
 
 @triton.jit
-def _scores_kernel(QI, W, KI, IDX, I_OUT, sq_b, sq_t, sq_h, sw_b, sw_t, sk_b, sk_s, si_b, si_t,
-                   T, HI, DI, K, iscale, PREC: tl.constexpr, BHI: tl.constexpr, BDI: tl.constexpr,
-                   BK: tl.constexpr):
-    t64 = tl.cast(tl.program_id(0), tl.int64)
-    b = tl.cast(tl.program_id(1), tl.int64)
+def _token_queries(QI, W, b, t64, sq_b, sq_t, sq_h, sw_b, sw_t, HI, DI, BHI: tl.constexpr, BDI: tl.constexpr):
+    """One token's index queries [BHI, BDI] and head weights [BHI] (fp32), with their ranges and masks."""
     hi = tl.arange(0, BHI)
     di = tl.arange(0, BDI)
     hi_ok = hi < HI
@@ -47,6 +44,16 @@ def _scores_kernel(QI, W, KI, IDX, I_OUT, sq_b, sq_t, sq_h, sw_b, sw_t, sk_b, sk
     qi = tl.load(QI + b * sq_b + t64 * sq_t + hi[:, None] * sq_h + di[None, :],
                  mask=hi_ok[:, None] & di_ok[None, :], other=0.0)
     wv = tl.load(W + b * sw_b + t64 * sw_t + hi, mask=hi_ok, other=0.0).to(tl.float32)
+    return hi, di, hi_ok, di_ok, qi, wv
+
+
+@triton.jit
+def _scores_kernel(QI, W, KI, IDX, I_OUT, sq_b, sq_t, sq_h, sw_b, sw_t, sk_b, sk_s, si_b, si_t,
+                   T, HI, DI, K, iscale, PREC: tl.constexpr, BHI: tl.constexpr, BDI: tl.constexpr,
+                   BK: tl.constexpr):
+    t64 = tl.cast(tl.program_id(0), tl.int64)
+    b = tl.cast(tl.program_id(1), tl.int64)
+    hi, di, hi_ok, di_ok, qi, wv = _token_queries(QI, W, b, t64, sq_b, sq_t, sq_h, sw_b, sw_t, HI, DI, BHI, BDI)
     out = I_OUT + (b * T + t64) * K
     for k0 in range(0, K, BK):
         kk = k0 + tl.arange(0, BK)
@@ -109,13 +116,7 @@ def _backward_kernel(QI, W, KI, IDX, G, DQ, DW, DK, sq_b, sq_t, sq_h, sw_b, sw_t
                      BK: tl.constexpr):
     t64 = tl.cast(tl.program_id(0), tl.int64)
     b = tl.cast(tl.program_id(1), tl.int64)
-    hi = tl.arange(0, BHI)
-    di = tl.arange(0, BDI)
-    hi_ok = hi < HI
-    di_ok = di < DI
-    qi = tl.load(QI + b * sq_b + t64 * sq_t + hi[:, None] * sq_h + di[None, :],
-                 mask=hi_ok[:, None] & di_ok[None, :], other=0.0)
-    wv = tl.load(W + b * sw_b + t64 * sw_t + hi, mask=hi_ok, other=0.0).to(tl.float32)
+    hi, di, hi_ok, di_ok, qi, wv = _token_queries(QI, W, b, t64, sq_b, sq_t, sq_h, sw_b, sw_t, HI, DI, BHI, BDI)
     dq = tl.zeros([BHI, BDI], dtype=tl.float32)
     dw = tl.zeros([BHI], dtype=tl.float32)
     grow = G + (b * T + t64) * K

@@ -105,6 +105,7 @@ import triton.language as tl
 
 from deepwish.kernels.attention.triton import _rows, backward_delta
 from deepwish.kernels.nsa.reference import check_compressed, check_selected, default_q_pos, query_doc_start
+from deepwish.kernels.online_softmax import online_softmax_step
 
 MAX_HEAD_DIM = 256
 # entries one step of `_first_ge` loads; 4 under the interpreter so tiny tests take several steps
@@ -256,13 +257,8 @@ def _cmp_attend(acc, m_i, l_i, q, KC, VC, END, cbase, k_base, v_base, sk_n, sv_n
         k = tl.load(KC + k_base + c64[:, None] * sk_n + dk[None, :], mask=c_ok[:, None] & (dk < DQK)[None, :], other=0.0)
         s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale
         s = tl.where(_cmp_visible(p_row, ds_row, end), s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
         v = tl.load(VC + v_base + c64[:, None] * sv_n + dv[None, :], mask=c_ok[:, None] & (dv < DV)[None, :], other=0.0)
-        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=PREC)
-        m_i = m_new
+        acc, m_i, l_i = online_softmax_step(acc, m_i, l_i, s, v, PREC)
     return acc, m_i, l_i
 
 
@@ -804,14 +800,9 @@ def _slc_fwd_kernel(Q, K, V, SEL, QPOS, QDS, O, LSE,
                     other=0.0)
         s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale
         s = tl.where(key_ok[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
         v = tl.load(V + v_base + s64[:, None] * sv_s + dv[None, :], mask=key_ok[:, None] & (dv < DV)[None, :],
                     other=0.0)
-        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=PREC)
-        m_i = m_new
+        acc, m_i, l_i = online_softmax_step(acc, m_i, l_i, s, v, PREC)
     seen = l_i > 0.0
     o = acc / tl.where(seen, l_i, 1.0)[:, None]
     tl.store(O + b * so_b + t64 * so_t + h64[:, None] * so_h + dv[None, :], o.to(O.dtype.element_ty),
@@ -959,12 +950,7 @@ def _slc_union_kernel(Q, K, V, DO, LSE, DELTA, SEL, QPOS, QDS, O, DQO,
             dq_acc = tl.dot((p * (dp - delta[:, None])).to(k.dtype), k, dq_acc, input_precision=PREC)
         else:
             s = tl.where(vis, s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            alpha = tl.exp2(m_i - m_new)
-            p = tl.exp2(s - m_new[:, None])
-            l_i = l_i * alpha + tl.sum(p, 1)
-            acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=PREC)
-            m_i = m_new
+            acc, m_i, l_i = online_softmax_step(acc, m_i, l_i, s, v, PREC)
     if DQ:
         tl.store(DQO + b * so_b + t64[:, None] * so_t + h64[:, None] * so_h + dk[None, :],
                  (dq_acc * scale).to(DQO.dtype.element_ty), mask=row_ok[:, None] & (dk < DQK)[None, :])

@@ -62,6 +62,7 @@ import triton
 import triton.language as tl
 from triton.runtime.errors import OutOfResources
 
+from deepwish.kernels.online_softmax import online_softmax_step
 from deepwish.kernels.sparse_mla.reference import check_inputs
 
 LOG2E = 1.4426950408889634
@@ -244,12 +245,7 @@ def _fwd_kernel(Q, KV, IDX, O, LSE, OP, LP,
         kv_v, kv_r = _gather(KV, kv_base, slot, ok, dvr, dr, DV, DR, skv_s, HAS_TAIL, BK, BLOCK_R)
         s = _scores(qv, qr, kv_v, kv_r, HAS_TAIL, PREC) * scale_log2
         s = tl.where(ok[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = tl.dot(p.to(kv_v.dtype), kv_v, acc * alpha[:, None], input_precision=PREC)
-        m_i = m_new
+        acc, m_i, l_i = online_softmax_step(acc, m_i, l_i, s, kv_v, PREC)
     empty = l_i == 0.0
     o = acc / tl.where(empty, 1.0, l_i)[:, None]
     lse = tl.where(empty, float("-inf"), (m_i + tl.log2(tl.where(empty, 1.0, l_i))) * 0.6931471805599453)
