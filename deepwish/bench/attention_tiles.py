@@ -289,7 +289,7 @@ def compile_report(kind: str, head_dim: int, group: int, cand, form: str = "atom
     const = dict(BLOCK_DK=head_dim, BLOCK_DV=head_dim, GP=triton.next_power_of_2(group), SOFTCAP=False, PREC="tf32",
                  BM=bm, BN=bn, DQ_ATOMIC={"dkdv": 0, "dkdvq": 2 if form == "atomic_t" else 1}.get(kind, 0))
     fp32_ptrs, int_ptrs = {"LSE", "DELTA", "DQA"} if kind == "dkdvq" else {"LSE", "DELTA"}, {"DS", "DE"}
-    sig, constexprs = {}, {}
+    sig, constexprs, attrs = {}, {}, {}
     for i, prm in enumerate(fn.params):
         name = prm.name
         if prm.is_constexpr:
@@ -300,8 +300,15 @@ def compile_report(kind: str, head_dim: int, group: int, cand, form: str = "atom
             sig[name] = "*fp32" if name in fp32_ptrs else "*i32" if name in int_ptrs else "*bf16"
         else:
             sig[name] = "i32"
-    compiled = triton.compile(ASTSource(fn, sig, constexprs=constexprs), target=GPUTarget("cuda", 90, 32),
-                              options=dict(num_warps=warps, num_stages=stages))
+        # what the JIT's specialization tells the compiler at a real launch (contiguous [B, T, H, D]
+        # tensors, T a multiple of 16, as in training): pointers 16-byte aligned, every stride, T, H,
+        # W and the head dims divisible by 16 (HKV and G are not at the sweep's 16/8 and 16/2).
+        # Without it every load is a scalar 16-bit load, no cp.async pipelining, and the register
+        # count describes a kernel that never runs.
+        if sig[name] != "constexpr" and sig[name] != "fp32" and name not in ("HKV", "G"):
+            attrs[(i,)] = [["tt.divisibility", 16]]
+    compiled = triton.compile(ASTSource(fn, sig, constexprs=constexprs, attrs=attrs),
+                              target=GPUTarget("cuda", 90, 32), options=dict(num_warps=warps, num_stages=stages))
     ptx = compiled.asm["ptx"]
     with tempfile.TemporaryDirectory() as d:
         path = os.path.join(d, "k.ptx")
