@@ -16,6 +16,9 @@ Design (FlashAttention-2, the online softmax in base 2):
   last token and visits only the key tiles from its documents' start (or the window's start)
   up to its last token; in the backward, a key tile visits query tiles from itself up to the
   end of its document (or window). Work is O(sum of doc_len²) and O(T·W), not O(T²).
+- In a masked tile a (row, key) pair is visible iff first_key(row) <= key <= row, first_key being
+  the later of the row's document start and window start (documents are contiguous runs): two
+  compares against per-row values, no per-key document ids.
 - Visited tiles are split into three ranges: interior tiles where every (row, key) pair is
   visible run without any mask arithmetic; the tiles at the document/window start and on the
   diagonal apply the full mask.
@@ -176,19 +179,28 @@ def _query_tile_key_ranges(DS, ds_base, m0, T, W, BT: tl.constexpr, BN: tl.const
 
 
 @triton.jit
-def _visible(t, n, ds_row, ds_key, W):
-    """[rows, keys] visibility: causal, in the window, same document."""
-    return (n[None, :] <= t[:, None]) & (n[None, :] > t[:, None] - W) & (ds_key[None, :] == ds_row[:, None])
+def _first_key(t, ds_row, W):
+    """The first key row t sees: its document's start or its window's, whichever is later. Documents
+    are contiguous runs, so for a key n <= t "same document" is n >= start of t's document: the
+    visibility of a (row, key) pair is lo <= n <= t, two compares against per-row values (no
+    per-key document ids to load and hold)."""
+    return tl.maximum(ds_row, t - W + 1)
 
 
 @triton.jit
-def _visible_t(t, n, ds_row, ds_key, W):
+def _visible(t, n, lo):
+    """[rows, keys] visibility (causal, in the window, same document); lo = _first_key(...)."""
+    return (n[None, :] <= t[:, None]) & (n[None, :] >= lo[:, None])
+
+
+@triton.jit
+def _visible_t(t, n, lo):
     """[keys, rows]: `_visible` transposed."""
-    return (n[:, None] <= t[None, :]) & (n[:, None] > t[None, :] - W) & (ds_key[:, None] == ds_row[None, :])
+    return (n[:, None] <= t[None, :]) & (n[:, None] >= lo[None, :])
 
 
 @triton.jit
-def _fwd_tiles(acc, m_i, l_i, q, K, V, k_base, v_base, sk_t, sv_t, DS, ds_base, t, ds_row,
+def _fwd_tiles(acc, m_i, l_i, q, K, V, k_base, v_base, sk_t, sv_t, t, lo_key,
                start, end, T, W, scale, softcap, dk, dv, DQK, DV,
                BN: tl.constexpr, MASK: tl.constexpr, SOFTCAP: tl.constexpr, PREC: tl.constexpr):
     qk_scale = scale * 1.4426950408889634
@@ -207,8 +219,7 @@ def _fwd_tiles(acc, m_i, l_i, q, K, V, k_base, v_base, sk_t, sv_t, DS, ds_base, 
         else:
             s = s * qk_scale
         if MASK:
-            ds_key = tl.load(DS + ds_base + n, mask=key_ok, other=-1)
-            s = tl.where(_visible(t, n, ds_row, ds_key, W), s, float("-inf"))
+            s = tl.where(_visible(t, n, lo_key), s, float("-inf"))
         if MASK:
             v = tl.load(V + v_base + n64[:, None] * sv_t + dv[None, :],
                         mask=key_ok[:, None] & (dv < DV)[None, :], other=0.0)
@@ -237,18 +248,18 @@ def _fwd_kernel(Q, K, V, O, LSE, DS,
     ds_base = b * T
     q = tl.load(Q + b * sq_b + t64[:, None] * sq_t + h64[:, None] * sq_h + dk[None, :],
                 mask=row_ok[:, None] & (dk < DQK)[None, :], other=0.0)
-    ds_row = tl.load(DS + ds_base + t, mask=row_ok, other=0)
+    lo_key = _first_key(t, tl.load(DS + ds_base + t, mask=row_ok, other=0), W)
     k_base = b * sk_b + tl.cast(hkv, tl.int64) * sk_h
     v_base = b * sv_b + tl.cast(hkv, tl.int64) * sv_h
     lo, a, bb, hi = _query_tile_key_ranges(DS, ds_base, m0, T, W, BT, BN)
     acc = tl.zeros([BM, BLOCK_DV], dtype=tl.float32)
     m_i = tl.full([BM], -1.0e30, dtype=tl.float32)  # finite: a fully masked tile row stays NaN-free
     l_i = tl.zeros([BM], dtype=tl.float32)
-    acc, m_i, l_i = _fwd_tiles(acc, m_i, l_i, q, K, V, k_base, v_base, sk_t, sv_t, DS, ds_base, t, ds_row,
+    acc, m_i, l_i = _fwd_tiles(acc, m_i, l_i, q, K, V, k_base, v_base, sk_t, sv_t, t, lo_key,
                                lo, a, T, W, scale, softcap, dk, dv, DQK, DV, BN, True, SOFTCAP, PREC)
-    acc, m_i, l_i = _fwd_tiles(acc, m_i, l_i, q, K, V, k_base, v_base, sk_t, sv_t, DS, ds_base, t, ds_row,
+    acc, m_i, l_i = _fwd_tiles(acc, m_i, l_i, q, K, V, k_base, v_base, sk_t, sv_t, t, lo_key,
                                a, bb, T, W, scale, softcap, dk, dv, DQK, DV, BN, False, SOFTCAP, PREC)
-    acc, m_i, l_i = _fwd_tiles(acc, m_i, l_i, q, K, V, k_base, v_base, sk_t, sv_t, DS, ds_base, t, ds_row,
+    acc, m_i, l_i = _fwd_tiles(acc, m_i, l_i, q, K, V, k_base, v_base, sk_t, sv_t, t, lo_key,
                                bb, hi, T, W, scale, softcap, dk, dv, DQK, DV, BN, True, SOFTCAP, PREC)
     l_i = tl.where(l_i == 0.0, 1.0, l_i)
     o = acc / l_i[:, None]
@@ -271,7 +282,7 @@ def _delta_kernel(O, DO, DELTA, ROWS, DV, BR: tl.constexpr, BLOCK_DV: tl.constex
 
 @triton.jit
 def _dkdv_tiles(dk_acc, dv_acc, k, v, Q, DO, LSE, DELTA, DS, DQA, q_base, do_base, ds_base, sq_t, sq_h, sdo_t,
-                sdo_h, n, ds_key, hkv, start, end, T, H, G, W, scale, softcap, dk, dv, DQK, DV,
+                sdo_h, n, hkv, start, end, T, H, G, W, scale, softcap, dk, dv, DQK, DV,
                 GP: tl.constexpr, BM: tl.constexpr, MASK: tl.constexpr, SOFTCAP: tl.constexpr,
                 PREC: tl.constexpr, DQ_ATOMIC: tl.constexpr):
     """Keys are rows here: sᵀ [BN, BM] = k · qᵀ, so pᵀ and dsᵀ feed their dots from registers.
@@ -294,16 +305,20 @@ def _dkdv_tiles(dk_acc, dv_acc, k, v, Q, DO, LSE, DELTA, DS, DQA, q_base, do_bas
         else:
             p_t = tl.exp2(s_t * qk_scale - lse[None, :])
         if MASK:
-            ds_row = tl.load(DS + ds_base + t, mask=row_ok, other=-2)
-            p_t = tl.where(_visible_t(t, n, ds_row, ds_key, W) & row_ok[None, :], p_t, 0.0)
+            # padded tokens (t >= T) get a first key past every key: nothing visible
+            lo_key = _first_key(t, tl.load(DS + ds_base + t, mask=row_ok, other=T), W)
+            p_t = tl.where(_visible_t(t, n, lo_key), p_t, 0.0)
         # padded rows (heads >= G, tokens >= T) load q = dO = 0 and lse = delta = 0: in unmasked
         # tiles their p is 1 but their dO and ds are 0, so they add nothing
         do = tl.load(DO + do_base + t64[:, None] * sdo_t + h64[:, None] * sdo_h + dv[None, :],
                      mask=row_ok[:, None] & (dv < DV)[None, :], other=0.0)
-        dv_acc = tl.dot(p_t.to(do.dtype), do, dv_acc, input_precision=PREC)
+        # pᵀ is kept only in the input dtype (the dv dot's operand; ds below uses it too): no fp32
+        # copy held across the dpᵀ dot (16-bit inputs: p rounded once, as the dv dot sees it)
+        p_t = p_t.to(do.dtype)
+        dv_acc = tl.dot(p_t, do, dv_acc, input_precision=PREC)
         delta = tl.load(DELTA + row, mask=row_ok, other=0.0)
         dp_t = tl.dot(v, tl.trans(do), input_precision=PREC)
-        ds_t = p_t * (dp_t - delta[None, :])
+        ds_t = p_t.to(tl.float32) * (dp_t - delta[None, :])
         if SOFTCAP:
             ds_t = ds_t * (1.0 - tc * tc)
         ds_t = ds_t.to(q_t.dtype)
@@ -352,7 +367,6 @@ def _dkdv_kernel(Q, K, V, DO, LSE, DELTA, DS, DE, DKO, DVO, DQA,
                 mask=key_ok[:, None] & (dk < DQK)[None, :], other=0.0)
     v = tl.load(V + b * sv_b + hkv64 * sv_h + n64[:, None] * sv_t + dv[None, :],
                 mask=key_ok[:, None] & (dv < DV)[None, :], other=0.0)
-    ds_key = tl.load(DS + ds_base + n, mask=key_ok, other=-1)
     # query tiles that see this key tile: [lo, a) masked, [a, b) interior, [b, hi) masked
     n_last = tl.minimum(n0 + BN, T) - 1
     de_first = tl.load(DE + ds_base + n0)
@@ -369,13 +383,13 @@ def _dkdv_kernel(Q, K, V, DO, LSE, DELTA, DS, DE, DKO, DVO, DQA,
     q_base = b * sq_b
     do_base = b * sdo_b
     dk_acc, dv_acc = _dkdv_tiles(dk_acc, dv_acc, k, v, Q, DO, LSE, DELTA, DS, DQA, q_base, do_base, ds_base,
-                                 sq_t, sq_h, sdo_t, sdo_h, n, ds_key, hkv, lo, a, T, H, G, W, scale, softcap,
+                                 sq_t, sq_h, sdo_t, sdo_h, n, hkv, lo, a, T, H, G, W, scale, softcap,
                                  dk, dv, DQK, DV, GP, BM, True, SOFTCAP, PREC, DQ_ATOMIC)
     dk_acc, dv_acc = _dkdv_tiles(dk_acc, dv_acc, k, v, Q, DO, LSE, DELTA, DS, DQA, q_base, do_base, ds_base,
-                                 sq_t, sq_h, sdo_t, sdo_h, n, ds_key, hkv, a, bb, T, H, G, W, scale, softcap,
+                                 sq_t, sq_h, sdo_t, sdo_h, n, hkv, a, bb, T, H, G, W, scale, softcap,
                                  dk, dv, DQK, DV, GP, BM, False, SOFTCAP, PREC, DQ_ATOMIC)
     dk_acc, dv_acc = _dkdv_tiles(dk_acc, dv_acc, k, v, Q, DO, LSE, DELTA, DS, DQA, q_base, do_base, ds_base,
-                                 sq_t, sq_h, sdo_t, sdo_h, n, ds_key, hkv, bb, hi, T, H, G, W, scale, softcap,
+                                 sq_t, sq_h, sdo_t, sdo_h, n, hkv, bb, hi, T, H, G, W, scale, softcap,
                                  dk, dv, DQK, DV, GP, BM, True, SOFTCAP, PREC, DQ_ATOMIC)
     tl.store(DKO + b * sdk_b + hkv64 * sdk_h + n64[:, None] * sdk_t + dk[None, :],
              (dk_acc * scale).to(DKO.dtype.element_ty), mask=key_ok[:, None] & (dk < DQK)[None, :])
@@ -384,7 +398,7 @@ def _dkdv_kernel(Q, K, V, DO, LSE, DELTA, DS, DE, DKO, DVO, DQA,
 
 
 @triton.jit
-def _dq_tiles(dq_acc, q, do, lse, delta, K, V, k_base, v_base, sk_t, sv_t, DS, ds_base, t, ds_row,
+def _dq_tiles(dq_acc, q, do, lse, delta, K, V, k_base, v_base, sk_t, sv_t, t, lo_key,
               start, end, T, W, scale, softcap, dk, dv, DQK, DV,
               BN: tl.constexpr, MASK: tl.constexpr, SOFTCAP: tl.constexpr, PREC: tl.constexpr):
     qk_scale = scale * 1.4426950408889634
@@ -407,8 +421,7 @@ def _dq_tiles(dq_acc, q, do, lse, delta, K, V, k_base, v_base, sk_t, sv_t, DS, d
         else:
             p = tl.exp2(s * qk_scale - lse[:, None])
         if MASK:
-            ds_key = tl.load(DS + ds_base + n, mask=key_ok, other=-1)
-            p = tl.where(_visible(t, n, ds_row, ds_key, W), p, 0.0)
+            p = tl.where(_visible(t, n, lo_key), p, 0.0)
         dp = tl.dot(do, tl.trans(v), input_precision=PREC)
         dsc = p * (dp - delta[:, None])
         if SOFTCAP:
@@ -442,16 +455,16 @@ def _dq_kernel(Q, K, V, DO, LSE, DELTA, DS, DQO,
     row = (ds_base + t64) * H + h64
     lse = tl.load(LSE + row, mask=row_ok, other=0.0)
     delta = tl.load(DELTA + row, mask=row_ok, other=0.0)
-    ds_row = tl.load(DS + ds_base + t, mask=row_ok, other=0)
+    lo_key = _first_key(t, tl.load(DS + ds_base + t, mask=row_ok, other=0), W)
     k_base = b * sk_b + tl.cast(hkv, tl.int64) * sk_h
     v_base = b * sv_b + tl.cast(hkv, tl.int64) * sv_h
     lo, a, bb, hi = _query_tile_key_ranges(DS, ds_base, m0, T, W, BT, BN)
     dq_acc = tl.zeros([BM, BLOCK_DK], dtype=tl.float32)
-    dq_acc = _dq_tiles(dq_acc, q, do, lse, delta, K, V, k_base, v_base, sk_t, sv_t, DS, ds_base, t, ds_row,
+    dq_acc = _dq_tiles(dq_acc, q, do, lse, delta, K, V, k_base, v_base, sk_t, sv_t, t, lo_key,
                        lo, a, T, W, scale, softcap, dk, dv, DQK, DV, BN, True, SOFTCAP, PREC)
-    dq_acc = _dq_tiles(dq_acc, q, do, lse, delta, K, V, k_base, v_base, sk_t, sv_t, DS, ds_base, t, ds_row,
+    dq_acc = _dq_tiles(dq_acc, q, do, lse, delta, K, V, k_base, v_base, sk_t, sv_t, t, lo_key,
                        a, bb, T, W, scale, softcap, dk, dv, DQK, DV, BN, False, SOFTCAP, PREC)
-    dq_acc = _dq_tiles(dq_acc, q, do, lse, delta, K, V, k_base, v_base, sk_t, sv_t, DS, ds_base, t, ds_row,
+    dq_acc = _dq_tiles(dq_acc, q, do, lse, delta, K, V, k_base, v_base, sk_t, sv_t, t, lo_key,
                        bb, hi, T, W, scale, softcap, dk, dv, DQK, DV, BN, True, SOFTCAP, PREC)
     tl.store(DQO + b * sdq_b + t64[:, None] * sdq_t + h64[:, None] * sdq_h + dk[None, :],
              (dq_acc * scale).to(DQO.dtype.element_ty), mask=row_ok[:, None] & (dk < DQK)[None, :])
