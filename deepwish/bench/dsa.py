@@ -372,6 +372,7 @@ def main(argv: list[str] | None = None) -> int:
                         "sparse-stage pieces at --train-seq), train, decode")
     p.add_argument("--sweep", action="store_true", help="kernel part: time launch configs first, use the fastest")
     p.add_argument("--tiles", default=None, help="kernel part: a tiles.json from an earlier --sweep")
+    p.add_argument("--sweep-kinds", default="fwd,dq,dkv,bwd", help="kernel part, with --sweep: the kernels to sweep")
     a = p.parse_args(argv)
     parts = {x for x in a.parts.split(",") if x}
     known = {"kernel", "indexer", "stages", "train", "decode"}
@@ -385,7 +386,7 @@ def main(argv: list[str] | None = None) -> int:
         if dev.type != "cuda":
             raise SystemExit("deepwish bench dsa needs a CUDA GPU at the V3.2 bench shape (--tiny runs on the CPU)")
         base, Hi, Di, K = "deepseek_v3_bench", 64, 128, 2048
-        defaults = ([4096, 16384, 32768, 65536], [4096, 16384, 32768], [8192, 32768, 65536, 131072])
+        defaults = ([4096, 16384, 32768, 65536], [4096, 16384, 32768], [4096, 8192, 32768, 65536, 131072])
     index_seq, train_seq, decode_ctx = (v if v is not None else d for v, d in
                                         zip((a.index_seq, a.train_seq, a.decode_ctx), defaults))
     out = Path(a.out)
@@ -395,7 +396,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"device: {res['env']['device']} | torch {torch.__version__} | {base} + DSA, {a.layers} layers", flush=True)
     if "kernel" in parts and dev.type == "cuda" and not a.tiny:
         from deepwish.bench.sparse_mla import run as kernel_bench
-        kernel_bench(dev, out, ["check", "kernel", "decode"], sweep_first=a.sweep, tiles=a.tiles)
+        kernel_bench(dev, out, ["check", "kernel", "decode"], sweep_first=a.sweep, tiles=a.tiles,
+                     sweep_kinds=a.sweep_kinds)
     res["indexer"] = bench_indexer(index_seq, Hi, Di, K, dev) if "indexer" in parts else []
     res["stages"] = bench_stages(train_seq, base, a.tiny, dev) if "stages" in parts else []
     res["train"] = bench_train(train_seq, a.layers, base, a.tiny, dev) if "train" in parts else []

@@ -50,7 +50,8 @@ DECODE_CONTEXTS = [4096, 8192, 16384, 32768, 65536, 131072]
 GOAL = dict(fwd_tflops=300.0, bwd_tflops=120.0)
 
 SWEEP = {  # kind -> candidates (BH, BK, warps, stages); the ptxas notes in kernels/sparse_mla/triton.py
-    "fwd": [(64, 64, 8, 2), (64, 32, 8, 2), (64, 32, 8, 3), (64, 64, 8, 1), (64, 16, 8, 2)],
+    "fwd": [(64, 64, 8, 2), (64, 32, 8, 2), (64, 32, 8, 3), (64, 64, 8, 1), (64, 16, 8, 2),
+            (32, 64, 4, 2), (32, 32, 4, 2), (32, 32, 4, 3), (32, 64, 8, 2)],  # BH 32: two programs per token
     "dq": [(64, 32, 8, 1), (64, 32, 8, 2), (64, 16, 8, 2), (64, 64, 8, 1)],
     "dkv": [(64, 32, 8, 2), (64, 64, 8, 2), (64, 32, 8, 3), (64, 16, 8, 3)],
     "bwd": [(64, 16, 8, 2), (32, 16, 8, 1), (32, 16, 8, 2)],  # BH 64 with one stage faults (triton.py)
@@ -278,7 +279,7 @@ def decode_rows(device, quick: bool) -> list[dict]:
     return rows
 
 
-def sweep(device, out: Path) -> dict:
+def sweep(device, out: Path, kinds: tuple[str, ...] = ("fwd", "dq", "dkv", "bwd")) -> dict:
     """Each candidate of SWEEP at the goal shape: checked on a slice (o, dq, dkv rel RMS < 3e-2),
     then timed; the fastest per kind is kept in TILES, and the faster backward form in BACKWARD."""
     from deepwish.kernels.sparse_mla import triton as tk
@@ -308,14 +309,40 @@ def sweep(device, out: Path) -> dict:
             tk.TILES[(kind, "16bit", "wide")] = best[0]
         return best
 
-    run("fwd", "split")
-    run("dq", "split")
-    split = run("dkv", "split")
-    fused = run("bwd", "fused")
-    timed = [(best[1], form) for form, best in (("split", split), ("fused", fused)) if best is not None]
-    tk.BACKWARD = min(timed)[1] if timed else "split"
+    if "fwd" in kinds:
+        run("fwd", "split")
+    # the forward's loop options at its fastest tile: lazy rescaling, automatic warp specialization
+    best_fwd = None
+    loops = ((False, False, False), (8.0, False, False), (False, False, True), (8.0, False, True),
+             (False, True, False), (8.0, True, True))
+    for lazy, ws, ahead in loops if "fwd" in kinds else ():
+        tk.FWD_LAZY_RESCALE, tk.FWD_WARP_SPECIALIZE, tk.FWD_INDEX_AHEAD = lazy, ws, ahead
+        row = dict(kind="fwd_loop", lazy_rescale=lazy, warp_specialize=ws, index_ahead=ahead,
+                   tile=tk.TILES[("fwd", "16bit", "wide")])
+        try:
+            err = check_slice(device)
+            if max(err.values()) > 3e-2:
+                raise RuntimeError(f"wrong: {err}")
+            row["ms"] = sparse_times(q, kv, idx, do)["fwd_ms"]
+        except Exception as e:  # noqa: BLE001 (a compile failure of one option is recorded, skipped)
+            row["error"] = f"{type(e).__name__}: {str(e)[:200]}"
+        print(row, flush=True)
+        res.setdefault("fwd_loop", []).append(row)
+        if "ms" in row and (best_fwd is None or row["ms"] < best_fwd[3]):
+            best_fwd = (lazy, ws, ahead, row["ms"])
+    if best_fwd is not None:
+        tk.FWD_LAZY_RESCALE, tk.FWD_WARP_SPECIALIZE, tk.FWD_INDEX_AHEAD = best_fwd[:3]
+    if "dq" in kinds:
+        run("dq", "split")
+    split = run("dkv", "split") if "dkv" in kinds else None
+    fused = run("bwd", "fused") if "bwd" in kinds else None
+    if split is not None and fused is not None:  # the backward form only when both were timed
+        tk.BACKWARD = "fused" if fused[1] < split[1] else "split"
     picks = {"|".join(k): list(v) for k, v in tk.TILES.items() if k[1:] == ("16bit", "wide")}
     picks["backward"] = tk.BACKWARD
+    picks["fwd_lazy_rescale"] = tk.FWD_LAZY_RESCALE
+    picks["fwd_warp_specialize"] = tk.FWD_WARP_SPECIALIZE
+    picks["fwd_index_ahead"] = tk.FWD_INDEX_AHEAD
     (out / "tiles.json").write_text(json.dumps(picks, indent=1))
     res["picked"] = picks
     print("picked:", picks, flush=True)
@@ -338,7 +365,8 @@ def ptxas_report(cases: list[tuple[str, tuple[int, int, int, int]]] | None = Non
     ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
     pointers = {"IDX": "*i32", "LSE": "*fp32", "OP": "*fp32", "LP": "*fp32", "DELTA": "*fp32", "DKV": "*fp32"}
     floats = {"scale", "scale_log2"}
-    kernels = {"fwd": (tk._fwd_kernel, dict(SPLIT=False)), "bwd": (tk._bwd_kernel, dict(FUSED=True)),
+    kernels = {"fwd": (tk._fwd_kernel, dict(SPLIT=False, LAZY=float(tk.FWD_LAZY_RESCALE or 0.0), WS=bool(tk.FWD_WARP_SPECIALIZE),
+                                                  AHEAD=bool(tk.FWD_INDEX_AHEAD))), "bwd": (tk._bwd_kernel, dict(FUSED=True)),
                "dq": (tk._bwd_kernel, dict(FUSED=False)), "dkv": (tk._dkv_kernel, {})}
     if cases is None:
         cases = [(k, v) for k in kernels for v in dict.fromkeys([tk.TILES[(k, "16bit", "wide")], *SWEEP[k]])]
@@ -386,6 +414,12 @@ def apply_tiles(path: str) -> None:
     for key, cfg in json.loads(Path(path).read_text()).items():
         if key == "backward":
             tk.BACKWARD = cfg
+        elif key == "fwd_lazy_rescale":
+            tk.FWD_LAZY_RESCALE = cfg
+        elif key == "fwd_warp_specialize":
+            tk.FWD_WARP_SPECIALIZE = cfg
+        elif key == "fwd_index_ahead":
+            tk.FWD_INDEX_AHEAD = cfg
         else:
             tk.TILES[tuple(key.split("|"))] = tuple(cfg)
 
@@ -456,7 +490,7 @@ def environment(device) -> dict:
 
 
 def run(device, out: Path, parts: list[str], quick: bool = False, sweep_first: bool = False,
-        tiles: str | None = None, dense_max_t: int = 32768) -> dict:
+        tiles: str | None = None, dense_max_t: int = 32768, sweep_kinds: str = "fwd,dq,dkv,bwd") -> dict:
     """The parts in order (check, kernel, decode), after an optional sweep; writes
     out/sparse_mla.json (after each part) and out/sparse_mla.png, prints the tables."""
     from deepwish.kernels.sparse_mla import triton as tk
@@ -466,9 +500,11 @@ def run(device, out: Path, parts: list[str], quick: bool = False, sweep_first: b
     res = dict(env=environment(device), flops=f"fwd 2*H*(Dqk+dv) per selected (query, slot); bwd {BWD_FACTOR}x fwd")
     print(json.dumps(res["env"]), flush=True)
     if sweep_first:
-        res["sweep"] = sweep(device, out)
+        res["sweep"] = sweep(device, out, tuple(k for k in sweep_kinds.split(",") if k))
     res["tiles"] = {"|".join(k): v for k, v in tk.TILES.items()}
     res["backward"] = tk.BACKWARD
+    res["fwd_loop"] = dict(lazy_rescale=tk.FWD_LAZY_RESCALE, warp_specialize=tk.FWD_WARP_SPECIALIZE,
+                           index_ahead=tk.FWD_INDEX_AHEAD)
     steps = {"check": lambda: check(device),
              "kernel": lambda: kernel_rows(device, quick, dense_max_t),
              "decode": lambda: decode_rows(device, quick)}
@@ -508,6 +544,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--parts", default="check,kernel,decode", help="comma list, in order: check,kernel,decode")
     p.add_argument("--quick", action="store_true", help="T4k and the goal shape only; three decode contexts")
     p.add_argument("--sweep", action="store_true", help="time launch-config candidates first and use the fastest")
+    p.add_argument("--sweep-kinds", default="fwd,dq,dkv,bwd", help="with --sweep: the kernels to sweep (fwd also times its loop options)")
     p.add_argument("--tiles", default=None, help="a tiles.json from an earlier --sweep")
     p.add_argument("--dense-max-t", type=int, default=32768, help="skip the dense path above this many queries")
     p.add_argument("--ptxas", action="store_true",
@@ -522,7 +559,7 @@ def main(argv: list[str] | None = None) -> int:
         print("error: the sparse MLA bench needs a CUDA GPU", file=sys.stderr)
         return 2
     run(torch.device("cuda"), Path(args.out), [x for x in args.parts.split(",") if x], args.quick, args.sweep,
-        args.tiles, args.dense_max_t)
+        args.tiles, args.dense_max_t, args.sweep_kinds)
     return 0
 
 

@@ -19,3 +19,25 @@ def online_softmax_step(acc, m_i, l_i, s, v, PREC: tl.constexpr):
     l_i = l_i * alpha + tl.sum(p, 1)
     acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=PREC)
     return acc, m_new, l_i
+
+
+@triton.jit
+def online_softmax_step_lazy(acc, m_i, l_i, s, v, PREC: tl.constexpr, SLACK: tl.constexpr):
+    """The same recurrence with a stale maximum: acc and l are rescaled only when some row's
+    maximum grew by more than SLACK (log2 units) since the last rescale; otherwise the tile is
+    exponentiated against the old m, so its p stays <= 2^SLACK (exact in fp32 for l and acc, and
+    in the 16-bit p of the dot, whose relative precision does not depend on magnitude). The final
+    o = acc / l and lse = m + log2(l) are the same quantities as the eager step's, up to rounding.
+    Why: the [rows, dv] rescale of acc is a multiply per accumulator element per tile, which at
+    dv 512 competes with the tile's matmuls; after the first few tiles a row's maximum rarely moves
+    by 2^SLACK, so the branch (one per tile, uniform over the program) is rarely taken."""
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    if tl.max(m_new - m_i, 0) > SLACK:
+        alpha = tl.exp2(m_i - m_new)
+        acc = acc * alpha[:, None]
+        l_i = l_i * alpha
+        m_i = m_new
+    p = tl.exp2(s - m_i[:, None])
+    l_i = l_i + tl.sum(p, 1)
+    acc = tl.dot(p.to(v.dtype), v, acc, input_precision=PREC)
+    return acc, m_i, l_i

@@ -116,3 +116,22 @@ def test_a_config_that_does_not_fit_shrinks_loudly(monkeypatch, capsys):
     monkeypatch.setitem(tk.TILES, key, (64, 16, 8, 1))
     with pytest.raises(OutOfResources):
         tk._shrink(key, OutOfResources(1, 0, "shared memory"))
+
+
+@pytest.mark.parametrize("slack", [0.5, 8.0])
+def test_lazy_rescale_forward(rel_err, monkeypatch, slack):
+    """The forward with a stale running maximum (online_softmax_step_lazy): at slack 0.5 a row's
+    maximum outgrows it on some 16-slot steps and not on others, at 8 only the first step rescales;
+    o, lse and the gradients equal the reference either way (three steps, an empty row, fp32 and
+    fp16)."""
+    monkeypatch.setattr(tk, "FWD_LAZY_RESCALE", slack)
+    _check(rel_err, 1, 5, 60, 4, 48, 32, 40, torch.float32, empty=(1,))
+    _check(rel_err, 1, 4, 50, 4, 48, 32, 40, torch.float16)
+
+
+def test_index_ahead_forward(rel_err, monkeypatch):
+    """The forward with each step's slot indices loaded one step ahead: the same o, lse and
+    gradients (three 16-slot steps, a short last one, an empty row; split-K decode too)."""
+    monkeypatch.setattr(tk, "FWD_INDEX_AHEAD", True)
+    _check(rel_err, 1, 5, 60, 4, 48, 32, 37, torch.float32, empty=(1,))
+    _check(rel_err, 1, 3, 50, 4, 48, 32, 48, torch.float32, splits=2)

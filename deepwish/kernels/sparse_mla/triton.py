@@ -62,7 +62,7 @@ import triton
 import triton.language as tl
 from triton.runtime.errors import OutOfResources
 
-from deepwish.kernels.online_softmax import online_softmax_step
+from deepwish.kernels.online_softmax import online_softmax_step, online_softmax_step_lazy
 from deepwish.kernels.sparse_mla.reference import check_inputs
 
 LOG2E = 1.4426950408889634
@@ -71,8 +71,12 @@ _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 # (kind, "16bit" | "fp32", "wide" (Dqk > 256) | "narrow"): (BH, BK, warps, stages). kind: fwd;
 # bwd (the fused backward); dq and dkv (the two kernels of the split backward).
-# Not yet timed (`deepwish bench dsa --parts kernel --sweep` does). The 16-bit wide rows were
-# picked from ahead-of-time compiles for sm_90a (Triton 3.7, ptxas -v; Dqk 576 = 512 + 64):
+# Timed on one H200 (2026-12-03, `deepwish bench dsa --parts kernel --sweep`, the goal shape
+# S 4096 / KV 8192, H 64, top-k 2048): fwd (64, 64, 8, 2) 4.36 ms, next (32, 64, 4, 2) 5.41 and
+# (64, 64, 8, 1) 5.68; dq (64, 64, 8, 1) 18.8 ms vs (64, 32, 8, 1) 21.2; dkv (64, 64, 8, 2) 17.4 vs
+# (64, 32, 8, 2) 18.8 (the split backward's two kernels, timed as the whole backward); the fused
+# form's best (64, 16, 8, 2) 32.5 ms. Before that, the 16-bit wide rows were picked from
+# ahead-of-time compiles for sm_90a (Triton 3.7, ptxas -v; Dqk 576 = 512 + 64):
 #   fwd (64, 64, 8, 2): 216 KiB shared, 255 registers, no spills; (64, 64, 8, 1) and
 #       (64, 32, 8, 1) spill ~390 bytes, (64, 32, 8, 2) 144 KiB and no spills, 4 warps spill 3 KB;
 #   dq  (64, 32, 8, 1): 172 KiB, spills 32 bytes; stages 2 or BK 64 spill 340-520 bytes;
@@ -86,8 +90,8 @@ _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 TILES = {
     ("fwd", "16bit", "wide"): (64, 64, 8, 2),
     ("bwd", "16bit", "wide"): (64, 16, 8, 2),
-    ("dq", "16bit", "wide"): (64, 32, 8, 1),
-    ("dkv", "16bit", "wide"): (64, 32, 8, 2),
+    ("dq", "16bit", "wide"): (64, 64, 8, 1),
+    ("dkv", "16bit", "wide"): (64, 64, 8, 2),
     ("fwd", "16bit", "narrow"): (64, 64, 4, 2),
     ("bwd", "16bit", "narrow"): (64, 32, 4, 2),
     ("dq", "16bit", "narrow"): (64, 32, 4, 2),
@@ -107,6 +111,16 @@ BACKWARD = "split"
 # The split form's p and ds buffers [B, Tc, H, K] (input dtype) take at most this many bytes
 # together; longer sequences run in chunks of Tc tokens.
 PB_BUDGET_BYTES = 1 << 30
+# The forward's online softmax: False rescales acc every step (online_softmax_step); a number
+# rescales only when a row's maximum grew by more than that many powers of two
+# (online_softmax_step_lazy: at dv 512 the [BH, 512] rescale is a multiply per accumulator element
+# per step, beside the step's two matmuls).
+FWD_LAZY_RESCALE: float | bool = False
+# The forward's slot loop with Triton's automatic warp specialization (tl.range warp_specialize).
+FWD_WARP_SPECIALIZE = False
+# The forward loads the next step's slot indices one step ahead, in registers carried by the
+# loop, so a step's gather addresses never wait on a load issued in the same step.
+FWD_INDEX_AHEAD = False
 DECODE_PROGRAMS_PER_SM = 2  # split-K target: this many programs per SM when tokens alone are too few
 
 
@@ -218,7 +232,8 @@ def _fwd_kernel(Q, KV, IDX, O, LSE, OP, LP,
                 sq_b, sq_t, sq_h, skv_b, skv_s, si_b, si_t, so_b, so_t, so_h,
                 T, H, K, DV, DR, NSPLIT, CHUNK, scale_log2,
                 BLOCK_V: tl.constexpr, BLOCK_R: tl.constexpr, HAS_TAIL: tl.constexpr, SPLIT: tl.constexpr,
-                PREC: tl.constexpr, BH: tl.constexpr, BK: tl.constexpr):
+                PREC: tl.constexpr, BH: tl.constexpr, BK: tl.constexpr, LAZY: tl.constexpr, WS: tl.constexpr,
+                AHEAD: tl.constexpr):
     pid = tl.program_id(0)
     t = pid // NSPLIT
     sp = pid % NSPLIT
@@ -238,14 +253,25 @@ def _fwd_kernel(Q, KV, IDX, O, LSE, OP, LP,
     acc = tl.zeros([BH, BLOCK_V], dtype=tl.float32)
     m_i = tl.full([BH], -1.0e30, dtype=tl.float32)  # finite: a step of only -1 slots stays NaN-free
     l_i = tl.zeros([BH], dtype=tl.float32)
-    for k0 in range(k_lo, k_hi, BK):
-        kk = k0 + tl.arange(0, BK)
-        slot = tl.load(IDX + idx_base + kk, mask=kk < k_hi, other=-1)
+    if AHEAD:
+        kk = k_lo + tl.arange(0, BK)
+        slot_next = tl.load(IDX + idx_base + kk, mask=kk < k_hi, other=-1)
+    for k0 in tl.range(k_lo, k_hi, BK, warp_specialize=WS):
+        if AHEAD:
+            slot = slot_next
+            kk = k0 + BK + tl.arange(0, BK)
+            slot_next = tl.load(IDX + idx_base + kk, mask=kk < k_hi, other=-1)
+        else:
+            kk = k0 + tl.arange(0, BK)
+            slot = tl.load(IDX + idx_base + kk, mask=kk < k_hi, other=-1)
         ok = slot >= 0
         kv_v, kv_r = _gather(KV, kv_base, slot, ok, dvr, dr, DV, DR, skv_s, HAS_TAIL, BK, BLOCK_R)
         s = _scores(qv, qr, kv_v, kv_r, HAS_TAIL, PREC) * scale_log2
         s = tl.where(ok[None, :], s, float("-inf"))
-        acc, m_i, l_i = online_softmax_step(acc, m_i, l_i, s, kv_v, PREC)
+        if LAZY > 0:
+            acc, m_i, l_i = online_softmax_step_lazy(acc, m_i, l_i, s, kv_v, PREC, LAZY)
+        else:
+            acc, m_i, l_i = online_softmax_step(acc, m_i, l_i, s, kv_v, PREC)
     empty = l_i == 0.0
     o = acc / tl.where(empty, 1.0, l_i)[:, None]
     lse = tl.where(empty, float("-inf"), (m_i + tl.log2(tl.where(empty, 1.0, l_i))) * 0.6931471805599453)
@@ -454,7 +480,8 @@ def forward(q: torch.Tensor, kv: torch.Tensor, indices: torch.Tensor, dv: int, s
                 q, kv, indices, o, lse, op, lp, *q.stride()[:3], *kv.stride()[:2], *indices.stride()[:2],
                 *o.stride()[:3], T, H, K, meta["DV"], meta["DR"], n_split, chunk, scale * LOG2E,
                 BLOCK_V=meta["BLOCK_V"], BLOCK_R=meta["BLOCK_R"], HAS_TAIL=meta["HAS_TAIL"], SPLIT=split,
-                PREC=meta["PREC"], **cfg)
+                PREC=meta["PREC"], LAZY=float(FWD_LAZY_RESCALE or 0.0), WS=bool(FWD_WARP_SPECIALIZE),
+                AHEAD=bool(FWD_INDEX_AHEAD), **cfg)
             break
         except OutOfResources as e:
             _shrink(tile_key("fwd", q.dtype, D), e)
