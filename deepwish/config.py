@@ -308,6 +308,7 @@ class TrainConfig:
     muon_ns_steps: int = 5
     muon_ns_schedule: str = "jordan"  # Newton–Schulz coefficients: jordan (original) | polar_express (train/muon.py)
     muon_normuon: bool = False  # NorMuon per-neuron normalisation after orthogonalisation (train/muon.py)
+    muon_backend: str = "auto"  # auto | torch | triton: Muon's step kernels (train/muon.py; auto: triton on CUDA)
     weight_decay: float = 0.0
     # Per-group settings (train/optim.py param_groups; groups by parameter role): 0 lr = train.lr,
     # negative decay = train.weight_decay. Scalars/gates (norms, biases, gates, scalars) take no decay by default.
@@ -587,6 +588,7 @@ def config_problems(cfg: RunConfig) -> list[str]:
     need(t.sample_tokens >= 0, "sample_tokens", "must be >= 0")
     need(t.muon_ns_steps >= 1, "muon_ns_steps", "must be >= 1")
     need(t.muon_ns_schedule in ("jordan", "polar_express"), "muon_ns_schedule", "is not one of jordan, polar_express")
+    need(t.muon_backend in ("auto", "torch", "triton"), "muon_backend", "is not one of auto, torch, triton")
     for name in ("lr", "muon_lr"):
         need(finite(getattr(t, name)) and getattr(t, name) > 0, name, "must be a finite number > 0")
     for name in ("embed_lr", "head_lr", "scalar_lr"):

@@ -6,14 +6,19 @@
 The model is built on the GPU in fp32 (the trainer's master weights) with random fp32 gradients;
 optimizers as `build_optimizer` makes them (Muon on the hidden matrices, fused AdamW on the rest):
   adamw            fused AdamW on every parameter (train.optimizer=adamw);
-  muon             Muon, same-shape matrices batched (train/muon.py), jordan coefficients;
+  muon             Muon, same-shape matrices batched (train/muon.py), jordan coefficients,
+                   train.muon_backend=auto (on CUDA the Triton step: kernels/muon/triton.py);
+  muon-torch       the same with train.muon_backend=torch (cuBLAS Newton–Schulz, foreach momentum
+                   and update): the step before its kernels;
   muon-pe          the same with the Polar Express coefficients;
   muon-normuon     the same with NorMuon;
   muon-per-matrix  Muon one matrix at a time (the update rule without batching: one Newton–Schulz
                    launch chain per matrix), the reference for what batching buys.
 Reported: median ms per step (CUDA events, after warm-up), the Newton–Schulz FLOPs of one step
 (per matrix of min/max dims m <= n and k iterations: k·(4·m²·n + 2·m³)) and their rate against the
-device's measured bf16 peak (train/mfu.py). Results: DIR/results.json, DIR/muon_step.png.
+device's measured bf16 peak (train/mfu.py), and the FLOPs the triton backend executes (its two
+symmetric products computed on 128-tiles on and above the diagonal only). Results: DIR/results.json,
+DIR/muon_step.png.
 """
 from __future__ import annotations
 
@@ -24,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-VARIANTS = ("adamw", "muon", "muon-pe", "muon-normuon", "muon-per-matrix")
+VARIANTS = ("adamw", "muon", "muon-torch", "muon-pe", "muon-normuon", "muon-per-matrix")
 
 
 def ns_flops(shapes: list[tuple[int, ...]], steps: int) -> float:
@@ -36,6 +41,21 @@ def ns_flops(shapes: list[tuple[int, ...]], steps: int) -> float:
         for d in s[:-2]:
             batch *= d
         total += batch * steps * (4 * m * m * n + 2 * m ** 3)
+    return total
+
+
+def ns_flops_symmetric(shapes: list[tuple[int, ...]], steps: int, tile: int = 128) -> float:
+    """FLOPs the triton backend runs for the same iterations: A = X Xᵀ and A Aᵀ on the T(T+1)/2
+    tiles on and above the diagonal of T² (T = ceil(m / tile)), B X in full."""
+    total = 0.0
+    for s in shapes:
+        m, n = sorted(s[-2:])
+        t = -(-m // tile)
+        frac = t * (t + 1) / (2 * t * t)
+        batch = 1
+        for d in s[:-2]:
+            batch *= d
+        total += batch * steps * (frac * (2 * m * m * n + 2 * m ** 3) + 2 * m * m * n)
     return total
 
 
@@ -61,7 +81,7 @@ def time_variant(model, cfg_train, variant: str, steps: int, warmup: int) -> dic
 
     from deepwish.train.optim import build_optimizer
 
-    sets = {"adamw": dict(optimizer="adamw"), "muon": {}, "muon-per-matrix": {},
+    sets = {"adamw": dict(optimizer="adamw"), "muon": {}, "muon-per-matrix": {}, "muon-torch": dict(muon_backend="torch"),
             "muon-pe": dict(muon_ns_schedule="polar_express"), "muon-normuon": dict(muon_normuon=True)}[variant]
     tc = dataclasses.replace(cfg_train, **sets)
     opt = build_optimizer(model, tc)
@@ -89,10 +109,14 @@ def time_variant(model, cfg_train, variant: str, steps: int, warmup: int) -> dic
     times.sort()
     shapes = [tuple(p.shape) for g in opt.optimizers.get("muon", opt).param_groups for p in g["params"]] \
         if "muon" in opt.optimizers else []
+    fused = "muon" in opt.optimizers and variant != "muon-per-matrix" \
+        and opt.optimizers["muon"].backend_for(torch.device("cuda", torch.cuda.current_device())) == "triton"
     del opt
     torch.cuda.empty_cache()
     return {"variant": variant, "ms": times[len(times) // 2], "ms_min": times[0],
-            "ns_flops": ns_flops(shapes, tc.muon_ns_steps) if shapes else 0.0, "n_matrices": len(shapes)}
+            "ns_flops": ns_flops(shapes, tc.muon_ns_steps) if shapes else 0.0, "n_matrices": len(shapes),
+            "backend": "triton" if fused else "torch" if shapes else None,
+            "ns_flops_run": (ns_flops_symmetric if fused else ns_flops)(shapes, tc.muon_ns_steps) if shapes else 0.0}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -129,6 +153,7 @@ def main(argv: list[str] | None = None) -> int:
         results.append(r)
         print(f"[bench muon] {args.preset} {v:16s} {r['ms']:8.2f} ms/step  ({r['n_matrices']} matrices, "
               f"NS {r['ns_flops'] / 1e12:.2f} TFLOP/step"
+              + (f", {r['ns_flops_run'] / 1e12:.2f} run by the {r['backend']} backend" if r["backend"] else "")
               + (f", {r['ns_tflops_s']:.0f} TFLOP/s counting the whole step)" if r["ns_tflops_s"] else ")"), flush=True)
     from deepwish.bench.env import bench_environment
     env = bench_environment("cuda", "deepwish bench muon", peak=note)

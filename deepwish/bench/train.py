@@ -8,7 +8,10 @@ before anything of ours is resident; each result records what was still allocate
   deepwish        the trainer's own step (train/loss.py lm_loss, train/parallel.py wrapping): per-block
                   torch.compile, fused linear cross-entropy (train.loss_backend=auto -> triton), SDPA
                   flash attention, fp32 master weights under bf16 autocast, AdamW (fused), clipping;
-  deepwish-muon   the same with Muon on the hidden matrices (the trainer's default optimizer);
+  deepwish-muon   the same with Muon on the hidden matrices (the trainer's default optimizer;
+                  train.muon_backend=auto: the Triton step on CUDA);
+  deepwish-muon-torch  the same with train.muon_backend=torch (cuBLAS Newton–Schulz, foreach
+                  momentum/update): the Muon step before its kernels, for the before/after;
   deepwish-eager  the same as `deepwish` without torch.compile;
   deepwish-fsdp1  the same as `deepwish` under FSDP2 on a one-rank group: bf16 parameters for
                   compute (MixedPrecisionPolicy: cast once per step, not per matmul by autocast),
@@ -67,7 +70,8 @@ GOALS = {
     "qwen3_next_bench": {"hf_ratio": 4.0, "hf_anchor_tok_s": 17.1e3, "note": "HF anchor at batch 4"},
 }
 # HF first: nothing of ours (compiled graphs, caches) is resident yet when it tries to fit.
-VARIANTS = ("hf", "hf-liger", "deepwish", "deepwish-packed", "deepwish-muon", "deepwish-eager", "deepwish-fsdp1")
+VARIANTS = ("hf", "hf-liger", "deepwish", "deepwish-packed", "deepwish-muon", "deepwish-muon-torch", "deepwish-eager",
+            "deepwish-fsdp1")
 
 
 @dataclasses.dataclass
@@ -93,8 +97,10 @@ def _run_config(preset: str, batch: int, seq: int, variant: str):
 
     sets = [f"train.batch_size={batch}", f"train.seq_len={seq}", "train.loss_backend=auto",
             "train.compile=" + ("'off'" if variant == "deepwish-eager" else "'on'"),  # quoted: YAML on/off are bools
-            "train.optimizer=" + ("muon" if variant == "deepwish-muon" else "adamw"),
+            "train.optimizer=" + ("muon" if variant.startswith("deepwish-muon") else "adamw"),
             "train.parallel=" + ("fsdp" if variant == "deepwish-fsdp1" else "none"), "train.lr=3e-4"]
+    if variant == "deepwish-muon-torch":
+        sets.append("train.muon_backend=torch")
     return load_config(preset, sets)
 
 
@@ -294,8 +300,8 @@ def _pct(x: float | None) -> str:
 
 def _fmt(r: Result) -> str:
     if r.status != "ok":
-        return f"{r.variant:15s} b{r.batch:<3d} {r.status}"
-    return (f"{r.variant:15s} b{r.batch:<3d} {r.tok_s / 1e3:8.1f}k tok/s  {r.step_ms:8.1f} ms/step  MFU {_pct(r.mfu)}  "
+        return f"{r.variant:19s} b{r.batch:<3d} {r.status}"
+    return (f"{r.variant:19s} b{r.batch:<3d} {r.tok_s / 1e3:8.1f}k tok/s  {r.step_ms:8.1f} ms/step  MFU {_pct(r.mfu)}  "
             f"peak {r.peak_gib:6.1f} GiB  first step {r.first_step_s:6.1f} s  loss {r.loss_first:.3f}->{r.loss_last:.3f}")
 
 
@@ -324,6 +330,13 @@ def verdicts(preset: str, results: list[Result]) -> list[str]:
     if hf is not None:
         lines.append(f"  vs HF measured here (b{hf.batch}): {best.tok_s / hf.tok_s:.2f}x (GPU.md anchor "
                      f"{goal['hf_anchor_tok_s'] / 1e3:.1f}k, {goal['note']})")
+    by = {r.variant: r for r in ours}
+    if "deepwish" in by:
+        for v in ("deepwish-muon", "deepwish-muon-torch"):
+            if v in by:
+                ratio = by[v].tok_s / by["deepwish"].tok_s
+                lines.append(f"  {v} / deepwish (AdamW): {100 * ratio:.1f}% of its tok/s (goal >= 90%: "
+                             f"{'MET' if ratio >= 0.9 else 'NOT met'})")
     return lines
 
 

@@ -142,7 +142,8 @@ def build_optimizer(model: nn.Module, cfg, distributed: bool = False) -> Chained
     if pg["muon"]:
         opts["muon"] = (DistributedMuon if distributed else Muon)(
             pg["muon"], lr=cfg.muon_lr, momentum=cfg.muon_momentum, ns_steps=cfg.muon_ns_steps,
-            weight_decay=pg["muon"][0]["weight_decay"], ns_schedule=cfg.muon_ns_schedule, normuon=cfg.muon_normuon)
+            weight_decay=pg["muon"][0]["weight_decay"], ns_schedule=cfg.muon_ns_schedule, normuon=cfg.muon_normuon,
+            backend=cfg.muon_backend)
     if pg["adamw"]:
         # foreach on CPU keeps the update bitwise-reproducible and fast; fused is CUDA-only.
         on_cuda = any(p.is_cuda for g in pg["adamw"] for p in g["params"])  # False for CPU-offloaded shards

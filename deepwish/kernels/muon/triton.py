@@ -1,0 +1,353 @@
+"""Muon's step in Triton: the same ops as `reference.py` (read it first), fused.
+
+Where the time goes (Qwen3-0.6B: 168 matrices, 440M elements, all with min(rows, cols) = 1024):
+- Newton–Schulz, per iteration: A = X Xᵀ (2·m²·n FLOPs), A² (2·m³), B X (2·m²·n). A and A² = A Aᵀ
+  are symmetric, so `gram` computes only the tiles on and above the diagonal (T(T+1)/2 of T² tiles,
+  T = m / 128 = 8: 56%) and writes each off-diagonal tile twice (itself and its transpose). For
+  Qwen3-0.6B that is 10.8 -> 8.1 TFLOP per step (-25%).
+- torch's baddbmm(C, A, B, beta=β) first copies C into the result, then runs the matmul with β:
+  4 bytes per element of X per iteration (2.4 GB per step here). The epilogues below read C once.
+- The Frobenius normalisation X0 = U / ||U|| is folded into the first iteration (A0 = s² U Uᵀ,
+  X1 = s (a U + B0 U), s = 1 / (||U||·f + eps), per matrix, read from a [N] fp32 tensor): no pass
+  over U. (In fp32 accumulation U Uᵀ overflows only for ||U||_F > 1.8e19.)
+- Around it, torch ran momentum (2 foreach passes, 20 B/element), the bf16 stack (10 B), the
+  norm (2 B), the normalisation (4 B), weight decay (8 B) and the update (10 B): 54 B/element.
+  `momentum_stack` does momentum + Nesterov + the stack + the per-block sums of squares of the
+  rounded update in one pass (14 B), `apply_update` weight decay + the step (10 B): 24 B/element.
+  Both take their per-matrix tensors through a table of addresses (int64), one launch per shape.
+Accumulation is fp32; matmul operands are the compute dtype (bf16 on CUDA; fp32 under the
+interpreter, where the dots are exact).
+
+The matmul tiles are autotuned once per shape (a few configs; no GPU timing chose a single one);
+under TRITON_INTERPRET=1 a fixed small config is used (`INTERPRETER_META`).
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+# ---- symmetric Gram product --------------------------------------------------------------------------
+@triton.jit
+def _gram_kernel(p_ptr, y_ptr, c_ptr, scale_ptr, M, K,
+                 s_pb, s_pm, s_pk, s_yb, s_ym, s_yn, s_cb, s_cm, s_cn, alpha, beta,
+                 HAS_Y: tl.constexpr, HAS_SCALE: tl.constexpr, IEEE: tl.constexpr, EVEN: tl.constexpr,
+                 BLOCK: tl.constexpr, BLOCK_K: tl.constexpr):
+    """C_b = alpha·scale_b·P_b P_bᵀ + beta·Y_b for the tile (ti, tj), ti <= tj, of program 0's index;
+    the tile is stored at (ti, tj) and, off the diagonal, transposed at (tj, ti). Y must be symmetric."""
+    T = tl.cdiv(M, BLOCK)
+    # Upper-triangle tiles, counted from the last row: row T-1-r holds r+1 tiles, rows below
+    # it hold r(r+1)/2. q < T(T+1)/2 <= ~10^4, so the fp32 sqrt is exact enough for the floor;
+    # the two corrections make it exact regardless.
+    q = T * (T + 1) // 2 - 1 - tl.program_id(0)
+    r = ((tl.sqrt((8 * q + 1).to(tl.float32)) - 1.0) * 0.5).to(tl.int32)
+    r = tl.where((r + 1) * (r + 2) // 2 <= q, r + 1, r)
+    r = tl.where(r * (r + 1) // 2 > q, r - 1, r)
+    ti = T - 1 - r
+    tj = T - 1 - (q - r * (r + 1) // 2)
+    b = tl.program_id(1).to(tl.int64)
+    rm = ti * BLOCK + tl.arange(0, BLOCK)
+    rn = tj * BLOCK + tl.arange(0, BLOCK)
+    rk = tl.arange(0, BLOCK_K)
+    p_b = p_ptr + b * s_pb
+    a_ptrs = p_b + rm[:, None] * s_pm + rk[None, :] * s_pk   # P[rm, k]   [BLOCK, BLOCK_K]
+    bt_ptrs = p_b + rn[None, :] * s_pm + rk[:, None] * s_pk  # P[rn, k]ᵀ  [BLOCK_K, BLOCK]
+    m_ok = rm < M
+    n_ok = rn < M
+    acc = tl.zeros((BLOCK, BLOCK), dtype=tl.float32)
+    for k in range(0, tl.cdiv(K, BLOCK_K)):
+        if EVEN:
+            pa = tl.load(a_ptrs)
+            pb = tl.load(bt_ptrs)
+        else:
+            k_ok = rk < K - k * BLOCK_K
+            pa = tl.load(a_ptrs, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+            pb = tl.load(bt_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+        if IEEE:
+            acc = tl.dot(pa, pb, acc, input_precision="ieee")
+        else:
+            acc = tl.dot(pa, pb, acc)
+        a_ptrs += BLOCK_K * s_pk
+        bt_ptrs += BLOCK_K * s_pk
+    acc = acc * alpha
+    if HAS_SCALE:
+        acc = acc * tl.load(scale_ptr + b)
+    mask = m_ok[:, None] & n_ok[None, :]
+    if HAS_Y:
+        y = tl.load(y_ptr + b * s_yb + rm[:, None] * s_ym + rn[None, :] * s_yn, mask=mask, other=0.0)
+        acc += beta * y.to(tl.float32)
+    out = acc.to(c_ptr.dtype.element_ty)
+    c_b = c_ptr + b * s_cb
+    tl.store(c_b + rm[:, None] * s_cm + rn[None, :] * s_cn, out, mask=mask)
+    if ti != tj:
+        tl.store(c_b + rn[None, :] * s_cm + rm[:, None] * s_cn, out, mask=mask)
+
+
+# ---- the update a·Y + L R ----------------------------------------------------------------------------
+@triton.jit
+def _update_kernel(l_ptr, r_ptr, y_ptr, c_ptr, scale_ptr, M, N, K,
+                   s_lb, s_lm, s_lk, s_rb, s_rk, s_rn, s_yb, s_ym, s_yn, s_cb, s_cm, s_cn, a,
+                   HAS_SCALE: tl.constexpr, IEEE: tl.constexpr, EVEN: tl.constexpr,
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+    """C_b = scale_b·(a·Y_b + L_b R_b); program 0 walks the output tiles in groups of GROUP_M tile
+    rows (the L and R tiles of a group stay in L2), program 1 is the matrix."""
+    pid = tl.program_id(0)
+    b = tl.program_id(1).to(tl.int64)
+    num_m = tl.cdiv(M, BLOCK_M)
+    num_n = tl.cdiv(N, BLOCK_N)
+    per_group = GROUP_M * num_n
+    first_m = (pid // per_group) * GROUP_M
+    size_m = tl.minimum(num_m - first_m, GROUP_M)
+    pm = first_m + (pid % per_group) % size_m
+    pn = (pid % per_group) // size_m
+    rm = pm * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = pn * BLOCK_N + tl.arange(0, BLOCK_N)
+    rk = tl.arange(0, BLOCK_K)
+    l_ptrs = l_ptr + b * s_lb + rm[:, None] * s_lm + rk[None, :] * s_lk
+    r_ptrs = r_ptr + b * s_rb + rk[:, None] * s_rk + rn[None, :] * s_rn
+    m_ok = rm < M
+    n_ok = rn < N
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k in range(0, tl.cdiv(K, BLOCK_K)):
+        if EVEN:
+            lt = tl.load(l_ptrs)
+            rt = tl.load(r_ptrs)
+        else:
+            k_ok = rk < K - k * BLOCK_K
+            lt = tl.load(l_ptrs, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+            rt = tl.load(r_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+        if IEEE:
+            acc = tl.dot(lt, rt, acc, input_precision="ieee")
+        else:
+            acc = tl.dot(lt, rt, acc)
+        l_ptrs += BLOCK_K * s_lk
+        r_ptrs += BLOCK_K * s_rk
+    mask = m_ok[:, None] & n_ok[None, :]
+    y = tl.load(y_ptr + b * s_yb + rm[:, None] * s_ym + rn[None, :] * s_yn, mask=mask, other=0.0)
+    acc += a * y.to(tl.float32)
+    if HAS_SCALE:
+        acc = acc * tl.load(scale_ptr + b)
+    tl.store(c_ptr + b * s_cb + rm[:, None] * s_cm + rn[None, :] * s_cn, acc.to(c_ptr.dtype.element_ty), mask=mask)
+
+
+# ---- elementwise passes over a list of same-shape tensors ------------------------------------------
+@triton.jit
+def _momentum_stack_kernel(g_table, m_table, g_first, m_first, u_ptr, part_ptr, numel, mu,
+                           NESTEROV: tl.constexpr, BLOCK: tl.constexpr):
+    """m <- mu m + g in place; u = g + mu m (or m) rounded into the stack U[j]; the sum of squares
+    of the rounded block into part[j, block]. The tables hold each matrix's address."""
+    blk = tl.program_id(0)
+    j = tl.program_id(1)
+    g_ptr = tl.load(g_table + j).to(g_first.dtype)
+    m_ptr = tl.load(m_table + j).to(m_first.dtype)
+    offs = blk.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    ok = offs < numel
+    g = tl.load(g_ptr + offs, mask=ok, other=0.0).to(tl.float32)
+    m = mu * tl.load(m_ptr + offs, mask=ok, other=0.0).to(tl.float32) + g
+    tl.store(m_ptr + offs, m, mask=ok)
+    if NESTEROV:
+        u = g + mu * m
+    else:
+        u = m
+    u = u.to(u_ptr.dtype.element_ty)
+    tl.store(u_ptr + j.to(tl.int64) * numel + offs, u, mask=ok)
+    uf = u.to(tl.float32)
+    tl.store(part_ptr + j * tl.num_programs(0) + blk, tl.sum(uf * uf, axis=0))
+
+
+@triton.jit
+def _apply_kernel(p_table, p_first, o_ptr, numel, decay, alpha, BLOCK: tl.constexpr):
+    """p_j <- decay·p_j + alpha·O[j] in place."""
+    blk = tl.program_id(0)
+    j = tl.program_id(1)
+    p_ptr = tl.load(p_table + j).to(p_first.dtype)
+    offs = blk.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    ok = offs < numel
+    p = tl.load(p_ptr + offs, mask=ok, other=0.0).to(tl.float32)
+    o = tl.load(o_ptr + j.to(tl.int64) * numel + offs, mask=ok, other=0.0).to(tl.float32)
+    tl.store(p_ptr + offs, decay * p + alpha * o, mask=ok)
+
+
+# ---- launch ------------------------------------------------------------------------------------------
+_GRAM_CONFIGS = [triton.Config({"BLOCK": 128, "BLOCK_K": 64}, num_warps=w, num_stages=s) for w, s in ((4, 4), (8, 3))]
+_UPDATE_CONFIGS = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=w, num_stages=s)
+                   for bm, bn, w, s in ((128, 128, 4, 4), (128, 256, 8, 3), (256, 128, 8, 3))]
+# The interpreter runs numpy per tile (~25 ms a program): few, small tiles keep tests fast; tests pass
+# 16-wide tiles (`meta`) where they need several tiles per matrix (mirroring, edges).
+INTERPRETER_META = {"gram": dict(BLOCK=32, BLOCK_K=32), "update": dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, GROUP_M=2)}
+ELEMENTWISE_BLOCK, ELEMENTWISE_WARPS = 2048, 8
+
+_gram_even = triton.heuristics({"EVEN": lambda a: a["M"] % a["BLOCK"] == 0 and a["K"] % a["BLOCK_K"] == 0})(_gram_kernel)
+_update_even = triton.heuristics({"EVEN": lambda a: a["M"] % a["BLOCK_M"] == 0 and a["N"] % a["BLOCK_N"] == 0
+                                  and a["K"] % a["BLOCK_K"] == 0})(_update_kernel)
+# Autotuned kernels write only their output (never an input), so trial launches are safe. The
+# strides that may be 1 are in the keys: a transposed operand is a different compiled kernel.
+_gram_tuned = triton.autotune(configs=_GRAM_CONFIGS, key=["M", "K", "s_pm", "s_pk"])(_gram_even)
+_update_tuned = triton.autotune(configs=_UPDATE_CONFIGS, key=["M", "N", "K", "s_lm", "s_lk", "s_rk", "s_rn"])(_update_even)
+
+
+def _launch(tuned, raw, grid, args: dict, kind: str, meta: dict | None):
+    """Autotuned on a GPU; under the interpreter (or with `meta`, a test's tile choice) one fixed config."""
+    if meta is None and not _interpreting():
+        tuned[grid](**args)
+    else:
+        raw[grid](**args, **(meta or INTERPRETER_META[kind]))
+
+
+def _check_stack(name: str, t: torch.Tensor, ndim: int = 3) -> None:
+    if t.ndim != ndim:
+        raise ValueError(f"muon kernels: {name} must have {ndim} dims, got shape {tuple(t.shape)}")
+
+
+def gram(P: torch.Tensor, alpha: float = 1.0, beta: float = 0.0, Y: torch.Tensor | None = None,
+         scale: torch.Tensor | None = None, out: torch.Tensor | None = None, meta: dict | None = None) -> torch.Tensor:
+    """alpha·scale_i·P_i P_iᵀ + beta·Y_i (reference.gram) for P [N, M, K] of any strides; Y [N, M, M]
+    symmetric; scale [N] fp32. `out` [N, M, M] (P's dtype by default) must not alias P or Y."""
+    _check_stack("P", P)
+    Nb, M, K = P.shape
+    if out is None:
+        out = torch.empty(Nb, M, M, device=P.device, dtype=P.dtype)
+    if Y is not None and Y.shape != (Nb, M, M):
+        raise ValueError(f"gram: Y of shape {tuple(Y.shape)} for P of shape {tuple(P.shape)}")
+    y = Y if Y is not None else out
+    sc = scale if scale is not None else out
+    args = dict(p_ptr=P, y_ptr=y, c_ptr=out, scale_ptr=sc, M=M, K=K,
+                s_pb=P.stride(0), s_pm=P.stride(1), s_pk=P.stride(2),
+                s_yb=y.stride(0), s_ym=y.stride(1), s_yn=y.stride(2),
+                s_cb=out.stride(0), s_cm=out.stride(1), s_cn=out.stride(2), alpha=float(alpha), beta=float(beta),
+                HAS_Y=Y is not None, HAS_SCALE=scale is not None, IEEE=P.dtype == torch.float32)
+
+    def grid(meta_):
+        t = triton.cdiv(M, meta_["BLOCK"])
+        return (t * (t + 1) // 2, Nb)
+    _launch(_gram_tuned, _gram_even, grid, args, "gram", meta)
+    return out
+
+
+def ns_update(L: torch.Tensor, R: torch.Tensor, Y: torch.Tensor, a: float, scale: torch.Tensor | None = None,
+              out: torch.Tensor | None = None, meta: dict | None = None) -> torch.Tensor:
+    """scale_i·(a·Y_i + L_i R_i) (reference.ns_update), any strides; `out` must not alias an input."""
+    for name, t in (("L", L), ("R", R), ("Y", Y)):
+        _check_stack(name, t)
+    Nb, M, K = L.shape
+    N = R.shape[2]
+    if R.shape[:2] != (Nb, K) or Y.shape != (Nb, M, N):
+        raise ValueError(f"ns_update: shapes L {tuple(L.shape)}, R {tuple(R.shape)}, Y {tuple(Y.shape)} do not chain")
+    if out is None:
+        out = torch.empty_like(Y)
+    sc = scale if scale is not None else out
+    args = dict(l_ptr=L, r_ptr=R, y_ptr=Y, c_ptr=out, scale_ptr=sc, M=M, N=N, K=K,
+                s_lb=L.stride(0), s_lm=L.stride(1), s_lk=L.stride(2), s_rb=R.stride(0), s_rk=R.stride(1), s_rn=R.stride(2),
+                s_yb=Y.stride(0), s_ym=Y.stride(1), s_yn=Y.stride(2),
+                s_cb=out.stride(0), s_cm=out.stride(1), s_cn=out.stride(2), a=float(a),
+                HAS_SCALE=scale is not None, IEEE=L.dtype == torch.float32)
+
+    def grid(meta_):
+        return (triton.cdiv(M, meta_["BLOCK_M"]) * triton.cdiv(N, meta_["BLOCK_N"]), Nb)
+    _launch(_update_tuned, _update_even, grid, args, "update", meta)
+    return out
+
+
+def newton_schulz(G: torch.Tensor, coeffs, f: float, eps: float, dtype: torch.dtype,
+                  sumsq: torch.Tensor | None = None, meta: dict | None = None) -> torch.Tensor:
+    """train/muon.py's batched Newton–Schulz (same iteration, orientation and normalisation) with
+    the kernels above. G [..., m, n]; matmul operands in `dtype`; sumsq: each matrix's sum of
+    squares [N] fp32 when already known (momentum_stack), else computed from G.
+    meta: {'gram': ..., 'update': ...} fixed tiles (tests)."""
+    m, n = G.shape[-2:]
+    G3 = G.reshape(-1, m, n)
+    if sumsq is None:
+        norm = torch.linalg.vector_norm(G3, dim=(-2, -1), dtype=torch.promote_types(G.dtype, torch.float32))
+    else:
+        norm = sumsq.float().sqrt()
+    inv = 1.0 / (norm.float() * f + eps)
+    inv2 = inv * inv
+    X = G3.to(dtype)
+    tall = m > n  # as train/muon.py: the Gram matrix is the smaller one; X keeps its layout
+    d = min(m, n)
+    A = torch.empty(X.shape[0], d, d, device=X.device, dtype=dtype)
+    B = torch.empty_like(A)
+    spare = [torch.empty_like(X), torch.empty_like(X)]
+    gm, um = (meta or {}).get("gram"), (meta or {}).get("update")
+    for k, (a, b, c) in enumerate(coeffs):
+        first = k == 0
+        gram(X.mT if tall else X, scale=inv2 if first else None, out=A, meta=gm)
+        gram(A, alpha=c, beta=b, Y=A, out=B, meta=gm)  # b A + c A² (A Aᵀ = A²: A is symmetric)
+        Xn = spare[k % 2]
+        if tall:
+            ns_update(X, B, X, a, scale=inv if first else None, out=Xn, meta=um)  # a X + X B
+        else:
+            ns_update(B, X, X, a, scale=inv if first else None, out=Xn, meta=um)  # a X + B X
+        X = Xn
+    return X.reshape(G.shape).to(G.dtype)
+
+
+class AddressTables:
+    """int64 device tensors of the addresses of every matrix of a list of same-shape contiguous
+    tensors [..., m, n] (a stack of E experts contributes E addresses), kept per address tuple (the
+    parameters' and buffers' addresses do not change between steps; gradients' usually do not either)."""
+
+    def __init__(self, capacity: int = 64):
+        self.capacity = capacity
+        self.tables: dict[tuple, torch.Tensor] = {}
+
+    def __call__(self, tensors: list[torch.Tensor]) -> torch.Tensor:
+        per = tensors[0].shape[-2] * tensors[0].shape[-1] * tensors[0].element_size()
+        count = tensors[0].numel() // max(1, tensors[0].shape[-2] * tensors[0].shape[-1])
+        key = (tensors[0].device, per, count, *(t.data_ptr() for t in tensors))
+        table = self.tables.get(key)
+        if table is None:
+            if len(self.tables) >= self.capacity:
+                self.tables.clear()
+            host = torch.tensor([t.data_ptr() + e * per for t in tensors for e in range(count)], dtype=torch.int64)
+            if tensors[0].is_cuda:  # pinned + non_blocking: the copy does not wait for the device
+                host = host.pin_memory()
+            table = host.to(tensors[0].device, non_blocking=True)
+            self.tables[key] = table
+        return table
+
+
+def _check_list(name: str, ts: list[torch.Tensor], shape, device) -> None:
+    for t in ts:
+        if tuple(t.shape) != tuple(shape) or t.device != device or not t.is_contiguous() or t.dtype != ts[0].dtype:
+            raise ValueError(f"muon kernels: every {name} must be contiguous, of shape {tuple(shape)}, dtype "
+                             f"{ts[0].dtype} and on {device}; got shape {tuple(t.shape)}, dtype {t.dtype}, "
+                             f"contiguous={t.is_contiguous()} on {t.device} (train.muon_backend=torch takes any layout)")
+
+
+def momentum_stack(grads: list[torch.Tensor], bufs: list[torch.Tensor], mu: float, nesterov: bool,
+                   dtype: torch.dtype, tables: AddressTables) -> tuple[torch.Tensor, torch.Tensor]:
+    """reference.momentum_stack in one pass over same-shape tensors [..., m, n]: returns (U [N, ...,
+    m, n] in `dtype`, the sum of squares of each of its N·(...) matrices, flat, fp32)."""
+    shape, device = grads[0].shape, grads[0].device
+    _check_list("gradient", grads, shape, device)
+    _check_list("momentum buffer", bufs, shape, device)
+    numel = shape[-2] * shape[-1]  # per matrix: the kernel's program 1 is one matrix (an expert of a stack)
+    U = torch.empty((len(grads), *shape), device=device, dtype=dtype)
+    matrices = U.numel() // max(1, numel)
+    blocks = triton.cdiv(numel, ELEMENTWISE_BLOCK)
+    part = torch.empty(matrices, blocks, device=device, dtype=torch.float32)
+    _momentum_stack_kernel[(blocks, matrices)](tables(grads), tables(bufs), grads[0], bufs[0], U, part, numel,
+                                               float(mu), NESTEROV=bool(nesterov), BLOCK=ELEMENTWISE_BLOCK,
+                                               num_warps=ELEMENTWISE_WARPS)
+    return U, part.sum(1)
+
+
+def apply_update(params: list[torch.Tensor], O: torch.Tensor, decay: float, alpha: float, tables: AddressTables) -> None:
+    """reference.apply_update in one pass (O contiguous [N, *shape])."""
+    shape, device = params[0].shape, params[0].device
+    _check_list("parameter", params, shape, device)
+    if tuple(O.shape) != (len(params), *shape) or not O.is_contiguous() or O.device != device:
+        raise ValueError(f"apply_update: updates of shape {tuple(O.shape)} (contiguous={O.is_contiguous()}) "
+                         f"for {len(params)} parameters of shape {tuple(shape)}")
+    numel = shape[-2] * shape[-1]
+    blocks = triton.cdiv(numel, ELEMENTWISE_BLOCK)
+    _apply_kernel[(blocks, O.numel() // max(1, numel))](tables(params), params[0], O, numel, float(decay), float(alpha),
+                                                        BLOCK=ELEMENTWISE_BLOCK, num_warps=ELEMENTWISE_WARPS)

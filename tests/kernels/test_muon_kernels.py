@@ -1,0 +1,162 @@
+"""Muon's Triton kernels (interpreter on CPU, fp32/fp16 dots) against kernels/muon/reference.py, and
+the triton backend's Newton–Schulz and optimizer step against the torch backend (train/muon.py)."""
+import pytest
+import torch
+from torch import nn
+
+from deepwish.kernels.muon import reference as ref
+from deepwish.kernels.muon import triton as tri
+from deepwish.train.muon import Muon, newton_schulz, ns_coefficients
+
+# 16-wide tiles: several tiles per matrix, so the mirrored stores and the edge masks run.
+SMALL = {"gram": dict(BLOCK=16, BLOCK_K=16), "update": dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, GROUP_M=2)}
+TOL = {torch.float32: 1e-6, torch.float16: 2e-3}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("transposed", [False, True])
+def test_gram_equals_reference_and_mirrors_exactly(rel_err, dtype, transposed):
+    """M = 40 (three 16-tiles, the last partial), K = 24 (a partial K tile); P as stored or as the
+    transposed view of a contiguous matrix (the tall case's Xᵀ)."""
+    P = torch.randn(2, 24, 40).mT if transposed else torch.randn(2, 40, 24)
+    P = P.to(dtype)
+    s = torch.rand(2) + 0.5
+    out = tri.gram(P, alpha=0.75, scale=s, meta=SMALL["gram"])
+    assert out.dtype == dtype and out.shape == (2, 40, 40)
+    assert rel_err(ref.gram(P, 0.75, scale=s), out) < TOL[dtype]
+    for i in range(3):  # off-diagonal tiles are the same values stored twice
+        for j in range(i + 1, 3):
+            assert torch.equal(out[:, 16 * i:16 * i + 16, 16 * j:16 * j + 16],
+                               out[:, 16 * j:16 * j + 16, 16 * i:16 * i + 16].mT)
+
+
+def test_gram_with_symmetric_y_is_b_a_plus_c_a_squared(rel_err):
+    """B = b A + c A Aᵀ with A from the kernel: A Aᵀ is A² (the Newton–Schulz use)."""
+    A = tri.gram(torch.randn(3, 36, 20), meta=SMALL["gram"])
+    B = tri.gram(A, alpha=2.0315, beta=-4.775, Y=A, meta=SMALL["gram"])
+    want = -4.775 * A.double() + 2.0315 * A.double() @ A.double()
+    assert rel_err(want, B) < 1e-6
+    with pytest.raises(ValueError, match="Y of shape"):
+        tri.gram(A, Y=A[:, :5])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("M,N,K", [(40, 24, 24), (24, 40, 24), (32, 32, 32)])  # tall, wide, all tiles whole
+def test_ns_update_equals_reference(rel_err, dtype, M, N, K):
+    L, R, Y = torch.randn(2, M, K).to(dtype), torch.randn(2, K, N).to(dtype), torch.randn(2, M, N).to(dtype)
+    s = torch.rand(2) + 0.5
+    out = tri.ns_update(L, R, Y, 3.4445, scale=s, meta=SMALL["update"])
+    assert out.dtype == dtype
+    assert rel_err(ref.ns_update(L, R, Y, 3.4445, s), out) < TOL[dtype]
+    with pytest.raises(ValueError, match="do not chain"):
+        tri.ns_update(L, R[:, :5], Y, 1.0)
+
+
+@pytest.mark.parametrize("nesterov", [True, False])
+def test_momentum_stack_and_apply_equal_reference(nesterov):
+    shape = (2, 12, 20)  # an expert stack: two matrices per tensor, one sum of squares each
+    grads = [torch.randn(shape) for _ in range(3)]
+    bufs = [torch.randn(shape) for _ in range(3)]
+    bufs_ref = [b.clone() for b in bufs]
+    tables = tri.AddressTables()
+    U, sumsq = tri.momentum_stack(grads, bufs, 0.9, nesterov, torch.float16, tables)
+    U_ref, _ = ref.momentum_stack(grads, bufs_ref, 0.9, nesterov, torch.float16)
+    for b, r in zip(bufs, bufs_ref):
+        torch.testing.assert_close(b, r, rtol=1e-6, atol=1e-6)
+    assert U.dtype == torch.float16 and U.shape == (3, *shape)
+    torch.testing.assert_close(U, U_ref, rtol=1e-3, atol=0)  # one fp16 rounding of the same fp32 value
+    torch.testing.assert_close(sumsq, U.float().square().flatten(2).sum(2).flatten(), rtol=1e-5, atol=0)
+    params = [torch.randn(shape) for _ in range(3)]
+    params_ref = [p.clone() for p in params]
+    tri.apply_update(params, U, 0.99, -0.05, tables)
+    ref.apply_update(params_ref, U, 0.99, -0.05)
+    for p, r in zip(params, params_ref):
+        torch.testing.assert_close(p, r, rtol=1e-6, atol=1e-6)
+    with pytest.raises(ValueError, match="contiguous"):
+        tri.momentum_stack([g.mT for g in grads], bufs, 0.9, nesterov, torch.float16, tables)
+
+
+@pytest.mark.parametrize("shape,schedule", [((24, 40), "jordan"), ((40, 24), "polar_express"), ((3, 16, 20), "jordan")])
+def test_newton_schulz_triton_equals_torch(rel_err, shape, schedule):
+    """Wide, tall (the Gram matrix is XᵀX) and a batch; the normalisation folded into the first
+    iteration, from computed (or, tall, given) sums of squares."""
+    G = torch.randn(*shape)
+    want = newton_schulz(G, steps=3, schedule=schedule, backend="torch")
+    if shape == (40, 24):
+        coeffs, f = ns_coefficients(schedule, 3)
+        got = tri.newton_schulz(G, coeffs, f, 1e-7, torch.float32, sumsq=G.square().sum().view(1), meta=SMALL)
+    else:
+        got = newton_schulz(G, steps=3, schedule=schedule, backend="triton")
+    assert got.shape == G.shape and got.dtype == G.dtype
+    assert rel_err(want, got) < 1e-5
+
+
+def test_bf16_rounding_points_keep_bf16_noise():
+    """The fused path rounds at other points than the torch path on CUDA (the normalisation folded
+    into the first iteration's epilogues; A Aᵀ for A²). Both emulated in bf16 with torch (fp32
+    accumulation, bf16 results): each is as far from the exact iteration as the other."""
+    bf = torch.bfloat16
+    coeffs, _ = ns_coefficients("jordan", 5)
+    U = torch.randn(2, 96, 192).to(bf)
+
+    def mm(x, y):
+        return x.float() @ y.float()
+    s = 1.0 / (U.float().norm(dim=(-2, -1), keepdim=True) + 1e-7)
+    X = (U.float() * s).to(bf)  # torch path: normalise, then iterate
+    for a, b, c in coeffs:
+        A = mm(X, X.mT).to(bf)
+        X = (a * X.float() + mm((b * A.float() + c * mm(A, A)).to(bf), X)).to(bf)
+    old = X
+    X = U  # fused path
+    for k, (a, b, c) in enumerate(coeffs):
+        A = (mm(X, X.mT) * (s * s if k == 0 else 1)).to(bf)
+        X = ((a * X.float() + mm((b * A.float() + c * mm(A, A.mT)).to(bf), X)) * (s if k == 0 else 1)).to(bf)
+    new = X
+    E = U.double() / U.double().norm(dim=(-2, -1), keepdim=True)
+    for a, b, c in coeffs:
+        A = E @ E.mT
+        E = a * E + (b * A + c * A @ A) @ E
+
+    def err(x):
+        return float((x.double() - E).norm() / E.norm())
+    assert err(old) < 0.02 and err(new) < 0.02
+    assert err(new) < 1.2 * err(old)
+
+
+def _step_both(shapes, groups, steps, **kw):
+    a = [nn.Parameter(torch.randn(s)) for s in shapes]
+    b = [nn.Parameter(x.detach().clone()) for x in a]
+    opts = [Muon([{"params": [ps[i] for i in g]} for g in groups], backend=backend, **kw)
+            for ps, backend in ((a, "torch"), (b, "triton"))]
+    for _ in range(steps):
+        for x, y in zip(a, b):
+            x.grad = torch.randn(x.shape)
+            y.grad = x.grad.clone()
+        for o in opts:
+            o.step()
+    return a, b, opts
+
+
+@pytest.mark.parametrize("normuon,nesterov", [(False, True), (True, False)])
+def test_muon_step_triton_equals_torch(normuon, nesterov):
+    """Steps of the whole optimizer (two groups; a shape in both; an expert stack; weight decay)."""
+    shapes = [(32, 16), (2, 12, 20), (32, 16), (16, 24)]
+    a, b, (oa, ob) = _step_both(shapes, [[0, 1, 2], [3]], 2 if normuon else 1, lr=0.05, momentum=0.9, nesterov=nesterov,
+                                weight_decay=0.1, ns_steps=2, normuon=normuon)
+    for x, y in zip(a, b):
+        torch.testing.assert_close(y.detach(), x.detach(), rtol=1e-5, atol=1e-6)
+    for x, y in zip(a, b):
+        torch.testing.assert_close(ob.state[y]["momentum_buffer"], oa.state[x]["momentum_buffer"], rtol=1e-6, atol=1e-6)
+    assert ob.backend_for(torch.device("cpu")) == "triton" and oa.backend_for(torch.device("cpu")) == "torch"
+
+
+def test_muon_backend_is_checked():
+    with pytest.raises(ValueError, match="backend"):
+        Muon([nn.Parameter(torch.randn(4, 4))], backend="cublas")
+
+
+def test_bench_counts_the_symmetric_flops():
+    from deepwish.bench.muon import ns_flops, ns_flops_symmetric
+    m, n = 256, 512  # two 128-tiles per side: 3 of 4 tiles of each Gram product
+    assert ns_flops_symmetric([(n, m)], 1) == 0.75 * (2 * m * m * n + 2 * m ** 3) + 2 * m * m * n
+    assert ns_flops_symmetric([(2, m, m)], 5) < ns_flops([(2, m, m)], 5)
