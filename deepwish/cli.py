@@ -163,9 +163,14 @@ def run_generate(args) -> int:
         raise UsageError("--graph on needs a CUDA device")
     cache = decode_fn = None
     if use_graph:  # beam search reorders the cache in place: the captured step keeps reading it
-        from deepwish.decode_graph import CapturedDecoder
+        from deepwish.decode_graph import CapturedDecoder, CapturedSampler
+        from deepwish.generate import SamplingConfig
         cache = model.make_cache(args.num_beams, min(model.cfg.max_seq_len, len(ids) + args.max_new_tokens))
-        decode_fn = CapturedDecoder(model, cache)  # capture first: it leaves the cache zeroed
+        if args.num_beams > 1:  # beam search scores the logits itself
+            decode_fn = CapturedDecoder(model, cache)  # capture first: it leaves the cache zeroed
+        else:  # the token is picked inside the graph (same tokens as the eager path for the same seed)
+            decode_fn = CapturedSampler(model, cache, SamplingConfig(args.temperature, args.top_k, args.top_p)
+                                        if args.temperature > 0 else SamplingConfig())
     generate(model, [ids], args.max_new_tokens, on_token=stream, cache=cache, decode_fn=decode_fn,
              num_beams=args.num_beams, length_penalty=args.length_penalty, **sampling)
     sys.stdout.write("\n")

@@ -65,6 +65,9 @@ class ModelConfig:
     attn_output_gate: bool = False  # Qwen3-Next gated attention: sigmoid gate from q_proj
     sliding_window: int = 0  # 0 = full causal attention; >0 for "swa" layers
     attn_backend: str = "auto"  # auto | triton | flex | sdpa | torch (explicit softmax); model/attention.py
+    # q/k/v weights as row views of one [q+2kv, d] tensor, projected by one matmul when no gradient is
+    # needed (decode); the parameters, their names and the checkpoints stay q_proj/k_proj/v_proj
+    fuse_projections: bool = True
     # --- rotary ---------------------------------------------------------------------
     rope_theta: float = 1_000_000.0
     rope_partial: float = 1.0  # fraction of head_dim that is rotated (Qwen3-Next: 0.25)

@@ -10,6 +10,8 @@ buffers and warm-up we control).
     cache = model.make_cache(B, L)
     step = CapturedDecoder(model, cache)           # capture once; the cache is left zeroed
     out = generate(model, prompts, n, cache=cache, decode_fn=step)
+    sampler = CapturedSampler(model, cache, SamplingConfig(0.7, top_p=0.9))   # sampling in the graph too
+    out = generate(model, prompts, n, temperature=0.7, top_p=0.9, seed=0, cache=cache, decode_fn=sampler)
 
 Prefill stays outside the graph (its shapes change with the prompt) and writes into the very
 tensors the graph reads. The captured step is `generate.decode_one_token` itself, so eager and
@@ -48,7 +50,8 @@ def chunk_logits(model, tokens: torch.Tensor, positions: torch.Tensor, cache: Mo
 class _Graph:
     """fn(model, *inputs, cache) captured once over static input buffers shaped like `shapes`."""
 
-    def __init__(self, fn, model, cache: ModelCache, shapes: list[tuple[int, ...]], compile: bool, warmup: int):
+    def __init__(self, fn, model, cache: ModelCache, shapes: list[tuple[int, ...]], compile: bool, warmup: int,
+                 generators: tuple[torch.Generator, ...] = ()):
         device = model.embed.weight.device
         if device.type != "cuda":
             raise ValueError(f"CUDA-graph capture needs a CUDA model (got {device}); on CPU run the step eagerly")
@@ -69,6 +72,8 @@ class _Graph:
                 step(model, *self.inputs, cache)
         torch.cuda.current_stream(device).wait_stream(side)
         self.graph = torch.cuda.CUDAGraph()
+        for g in generators:  # each replay then draws from the generator's current state, as eager would
+            self.graph.register_generator_state(g)
         with torch.cuda.graph(self.graph):
             self.output = step(model, *self.inputs, cache)
         # Warm-up wrote token 0 at position 0 of every layer and advanced recurrent states.
@@ -101,6 +106,52 @@ class CapturedDecoder:
     def __call__(self, model, token: torch.Tensor, position: torch.Tensor, cache: ModelCache) -> torch.Tensor:
         if model is not self.model or cache is not self.cache:
             raise ValueError("this captured step is bound to the model and cache it was captured with")
+        if token.shape != (self.batch,) or position.shape != (self.batch,):
+            raise ValueError(f"captured for batch {self.batch}: token {tuple(token.shape)} / position "
+                             f"{tuple(position.shape)} must both be [{self.batch}]")
+        return self._graph(token, position)
+
+
+class CapturedSampler:
+    """decode_fn(model, token [B], position [B], cache) -> the next tokens [B] (int64): the one-token
+    step and `generate.sample` captured together in one CUDA graph, so picking a token costs no
+    launch of its own and no copy of the logits ([B, V] fp32) leaves the graph. `generate` takes it
+    as its `decode_fn` (it reads `returns_tokens`) and samples only the first token, from the
+    prefill logits, itself, with `generator`.
+
+    sampling: greedy at temperature 0, else temperature / top_k / top_p as `generate.sample`.
+    Sampled tokens equal the eager path's for the same generator state: the graph replays the
+    same kernels, and `generator` (this sampler's own, registered with the graph; `generate`
+    seeds it from its `seed`) advances at each replay exactly as an eager call advances it. With
+    compile=True, inductor draws its random numbers its own way: greedy tokens are still the eager
+    ones, sampled tokens are a different (equally distributed) stream.
+    The returned tensor is the graph's own and is overwritten by the next call: copy it to keep it.
+    """
+
+    returns_tokens = True
+
+    def __init__(self, model, cache: ModelCache, sampling=None, compile: bool = False, warmup: int = 2,
+                 step=decode_one_token):
+        from deepwish.generate import SamplingConfig, sample
+        self.model, self.cache, self.compiled = model, cache, compile
+        self.batch = cache.batch
+        sampling = sampling or SamplingConfig()
+        if sampling.temperature <= 0:  # greedy: top_k / top_p play no part
+            sampling = SamplingConfig()
+        self.sampling = sampling
+        device = model.embed.weight.device
+        self.generator = torch.Generator(device=device) if sampling.temperature > 0 else None
+
+        def step_and_sample(model, token, position, cache):
+            logits = step(model, token, position, cache)
+            return sample(logits, sampling.temperature, sampling.top_k, sampling.top_p, self.generator)
+
+        self._graph = _Graph(step_and_sample, model, cache, [(cache.batch,), (cache.batch,)], compile, warmup,
+                             generators=() if self.generator is None else (self.generator,))
+
+    def __call__(self, model, token: torch.Tensor, position: torch.Tensor, cache: ModelCache) -> torch.Tensor:
+        if model is not self.model or cache is not self.cache:
+            raise ValueError("this captured sampler is bound to the model and cache it was captured with")
         if token.shape != (self.batch,) or position.shape != (self.batch,):
             raise ValueError(f"captured for batch {self.batch}: token {tuple(token.shape)} / position "
                              f"{tuple(position.shape)} must both be [{self.batch}]")

@@ -150,8 +150,17 @@ def generate(model, prompts: Sequence[Sequence[int]] | torch.Tensor, max_new_tok
     else:
         _check_lengths(lens, max_new_tokens, cache.max_len, model.cfg.max_seq_len)
     decode_fn = decode_fn or decode_one_token
+    # a decode_fn that samples itself (decode_graph.CapturedSampler) returns tokens, not logits
+    returns_tokens = getattr(decode_fn, "returns_tokens", False)
     gen = None
-    if seed is not None:
+    if returns_tokens:
+        want = SamplingConfig(temperature, top_k, top_p) if temperature > 0 else SamplingConfig()
+        if decode_fn.sampling != want:
+            raise ValueError(f"decode_fn samples with {decode_fn.sampling}, generate was asked for {want}")
+        gen = decode_fn.generator  # the first token is drawn from it too, so the stream is the eager one
+        if seed is not None and gen is not None:
+            gen.manual_seed(seed)
+    elif seed is not None:
         gen = torch.Generator(device=device)
         gen.manual_seed(seed)
     stops = set(int(s) for s in stop_tokens)
@@ -165,8 +174,8 @@ def generate(model, prompts: Sequence[Sequence[int]] | torch.Tensor, max_new_tok
     out: list[list[int]] = [[] for _ in range(B)]
     done = [False] * B
     pos = L0
+    nxt = sample(logits, temperature, top_k, top_p, gen)
     while True:
-        nxt = sample(logits, temperature, top_k, top_p, gen)
         # rows still inside their prompt are forced to their next prompt token
         in_prompt = pos < lens_t
         forced = prompt_t[:, min(pos, prompt_t.shape[1] - 1)]
@@ -185,7 +194,10 @@ def generate(model, prompts: Sequence[Sequence[int]] | torch.Tensor, max_new_tok
         if pos >= cache.max_len:  # unreachable after _check_lengths; never clamp (that would overwrite a slot)
             raise CacheFullError(f"decode at position {pos} but the cache holds {cache.max_len} positions")
         position = torch.full((B,), pos, device=device)
-        logits = decode_fn(model, feed, position, cache)
+        if returns_tokens:
+            nxt = decode_fn(model, feed, position, cache).clone()  # the graph's buffer: the next call overwrites it
+        else:
+            nxt = sample(decode_fn(model, feed, position, cache), temperature, top_k, top_p, gen)
         pos += 1
     return out
 

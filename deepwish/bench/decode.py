@@ -20,8 +20,8 @@ Models are random-init in bf16 (no downloads). For each preset, batch and contex
 The context is not prefilled: a static cache costs the same to decode over whatever it holds,
 so the cache is sized context + new tokens (zeros) and decoding starts at position `context`.
 
-Roofline per step = bytes that must move / 2,973 GB/s (the H100's measured copy bandwidth,
-shared/GPU.md), counted as:
+Roofline per step = bytes that must move / the GPU's measured copy bandwidth (train/mfu.py
+PEAKS: H200 4,172 GB/s, H100 2,973 GB/s; the H100's for a GPU not listed), counted as:
   weights  every parameter once, except: the input embedding reads only B rows (a tied head
            still reads the whole matrix once, as the head); routed experts count only the
            expected number of distinct experts hit by B·k assignments under uniform routing,
@@ -40,6 +40,10 @@ Goals (the issue), printed met / not met:
                      layers, same widths and MoE) × 1.25 + 20 µs: the Gated DeltaNet layers must
                      add nothing that grows with the context.
 Results: DIR/results.json, DIR/decode.png (ms/token vs context, roofline dashed), table last.
+`--compare`: before/after in one process (qwen3_0.6b, context --context, batches 1 and 64): the same
+weights with model.fuse_projections off and on, captured and compiled + captured, HF generate with
+a static cache beside them, the goals (batch 1 >= 1,800 tok/s and >= 3x HF, batch 64 >= 70% of its
+roofline): DIR/compare.json. `python -m deepwish.bench.decode_profile` lists one step's kernels.
 `--tradeoff`: the captured step at batches 1..256 and one context instead, drawn as throughput
 (tok/s) against latency (ms/token): DIR/tradeoff.json, DIR/decode_tradeoff.png.
 A preset that does not exist yet is skipped with a note.
@@ -56,7 +60,17 @@ from pathlib import Path
 
 import torch
 
-COPY_BW = 2973e9  # bytes/s, measured device-to-device copy on the H100 (GPU.md)
+COPY_BW = 2973e9  # bytes/s, measured device-to-device copy on the H100 (GPU.md): for GPUs not in PEAKS
+
+
+def copy_bw() -> float:
+    """The measured copy bandwidth of this GPU (train/mfu.py PEAKS: H200 4,172 GB/s, H100 2,973), else the H100's."""
+    from deepwish.train.mfu import peaks_for_name
+    if torch.cuda.is_available():
+        copy = peaks_for_name(torch.cuda.get_device_name())[1]
+        if copy:
+            return copy
+    return COPY_BW
 PRESETS = ("qwen3_0.6b", "deepseek_v3_bench", "qwen3_next_bench")
 MLA_LONG_CONTEXT = 32768  # the DeepSeek goal's long context (extra row, batch 1)
 GOAL_COMPILED = "qwen3_0.6b"  # --compile goal compiles only where a goal needs it (~1 min per shape)
@@ -136,7 +150,7 @@ def _decode_rows(preset, model, batch, context, new_tokens, modes, device, label
     V = model.cfg.vocab_size
     length = context + new_tokens
     w, c = step_bytes(model, batch, context)
-    roof_ms = (w + c) / COPY_BW * 1e3
+    roof_ms = (w + c) / copy_bw() * 1e3
     rows = []
     tokens = torch.randint(0, V, (new_tokens, batch), device=device)
     positions = (context + torch.arange(new_tokens, device=device))[:, None].expand(-1, batch).contiguous()
@@ -199,35 +213,44 @@ def _generate_ms(model, cache, dec, context, new_tokens, device) -> float:
     return (tn - t1) / (new_tokens - 1) * 1e3
 
 
-def hf_row(preset, model, context, new_tokens, device) -> Row:
-    """HF transformers generate on the same weights, batch 1."""
+def hf_row(preset, model, context, new_tokens, device, static: bool = False, batch: int = 1) -> Row:
+    """HF transformers generate on the same weights. static: with a `StaticCache` of fixed length
+    (context + new_tokens + 1, reset between calls), which HF's generate compiles its forward for
+    (`torch.compile`, on its first call: the warm-up); else HF's default dynamic cache."""
     from transformers import AutoModelForCausalLM
 
     from deepwish.hf.io import save_hf
-    row = Row(preset, "hf", 1, context)
-    w, c = step_bytes(model, 1, context)
-    row.roofline_ms, row.weight_gb, row.cache_gb = (w + c) / COPY_BW * 1e3, w / 1e9, c / 1e9
+    row = Row(preset, "hf-static" if static else "hf", batch, context)
+    w, c = step_bytes(model, batch, context)
+    row.roofline_ms, row.weight_gb, row.cache_gb = (w + c) / copy_bw() * 1e3, w / 1e9, c / 1e9
     try:
         with tempfile.TemporaryDirectory() as tmp:
             save_hf(model, tmp, dtype=torch.bfloat16)
             hf = AutoModelForCausalLM.from_pretrained(tmp, dtype=torch.bfloat16).to(device).eval()
         hf.generation_config.eos_token_id = None
         hf.generation_config.pad_token_id = 0
-        ids = torch.randint(0, model.cfg.vocab_size, (1, context), device=device)
+        ids = torch.randint(0, model.cfg.vocab_size, (batch, context), device=device)
         mask = torch.ones_like(ids)
+        kw = {}
+        if static:
+            from transformers import StaticCache
+            kw["past_key_values"] = StaticCache(config=hf.config, max_cache_len=context + new_tokens + 1)
 
         def run(n):
+            if static:
+                kw["past_key_values"].reset()
             torch.cuda.synchronize()
             t = time.perf_counter()
             with torch.no_grad():
-                hf.generate(ids, attention_mask=mask, max_new_tokens=n, do_sample=False)
+                hf.generate(ids, attention_mask=mask, max_new_tokens=n, do_sample=False, **kw)
             torch.cuda.synchronize()
             return time.perf_counter() - t
 
         run(2)
+        run(new_tokens)  # a static cache: the compiled forward's first calls (warm-up, cudagraph recording)
         t1, tn = run(1), run(new_tokens)
         row.ms_per_step = (tn - t1) / (new_tokens - 1) * 1e3
-        row.tok_s = 1e3 / row.ms_per_step
+        row.tok_s = batch * 1e3 / row.ms_per_step
         row.roofline_frac = row.roofline_ms / row.ms_per_step
         del hf
     except Exception as e:  # reported in the table, never silently dropped
@@ -362,7 +385,7 @@ def plot(rows, path: Path) -> None:
 
 def environment() -> dict:
     from deepwish.bench.env import bench_environment
-    return bench_environment("cuda", "deepwish bench decode", copy_bandwidth=COPY_BW)
+    return bench_environment("cuda", "deepwish bench decode", copy_bandwidth=copy_bw())
 
 
 def run(out_dir, presets=PRESETS, batches=(1, 8, 64), prompts=(128, 2048, 8192), new_tokens: int = 64,
@@ -392,11 +415,71 @@ def run(out_dir, presets=PRESETS, batches=(1, 8, 64), prompts=(128, 2048, 8192),
     if rows:
         plot(rows, out / "decode.png")
     print(f"\n== decode benchmark ({doc['env']['device']}, torch {torch.__version__}, "
-          f"{doc['seconds']:.0f} s); roofline at {COPY_BW / 1e9:.0f} GB/s ==")
+          f"{doc['seconds']:.0f} s); roofline at {copy_bw() / 1e9:.0f} GB/s ==")
     for r in rows:
         print(_fmt(r))
     for n in notes:
         print("note:", n)
+    for x in g:
+        print(f"goal {'MET    ' if x['met'] else 'NOT MET'} {x['goal']}: {x['value']}")
+    return doc
+
+
+def run_compare(out_dir, preset: str = "qwen3_0.6b", batches=(1, 64), context: int = 512, new_tokens: int = 64,
+                hf_tokens: int = 32, compile_batches=(1, 64), device: str = "cuda") -> dict:
+    """Before/after in one process: the same weights with model.fuse_projections off (q, k, v as
+    three matmuls: the layout before) and on, captured (`graph`) and compiled + captured
+    (`compiled`, at `compile_batches`), each at `batches`; HF generate with a static cache (batch
+    1) on the same weights; the roofline beside every row. Rows print as they finish, most
+    important first (a run cut short keeps them). Writes DIR/compare.json."""
+    from deepwish.config import model_config
+    if not torch.cuda.is_available() or not str(device).startswith("cuda"):
+        raise RuntimeError("the decode benchmark needs a CUDA device")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.time()
+    cfg = model_config(preset)
+    cfg = dataclasses.replace(cfg, max_seq_len=max(cfg.max_seq_len, context + max(new_tokens, hf_tokens) + 2))
+    torch.manual_seed(0)
+    fused = build(dataclasses.replace(cfg, fuse_projections=True), device)
+    unfused = build(dataclasses.replace(cfg, fuse_projections=False), device)
+    unfused.load_state_dict(fused.state_dict())
+    print(f"== decode before/after: {preset}, context {context}, batches {list(batches)}; roofline at "
+          f"{copy_bw() / 1e9:.0f} GB/s ({torch.cuda.get_device_name()})", flush=True)
+    rows = []
+    plan = []  # (model, label, mode, batch), most important first
+    for b in batches:
+        if b in compile_batches:
+            plan += [(fused, "compiled", "compiled", b), (unfused, "compiled-unfused", "compiled", b)]
+        plan += [(fused, "graph", "graph", b), (unfused, "graph-unfused", "graph", b)]
+    first = True
+    for model, label, mode, b in plan:
+        rows += _decode_rows(preset, model, b, context, new_tokens, [mode], device, label=label)
+        if first:
+            rows.append(hf_row(preset, fused, context, hf_tokens, device, static=True))
+            first = False
+    best1 = max((r for r in rows if r.batch == 1 and r.mode in ("graph", "compiled") and r.tok_s), default=None,
+                key=lambda r: r.tok_s)
+    hf = next((r for r in rows if r.mode == "hf-static" and r.tok_s), None)
+    best64 = max((r for r in rows if r.batch == max(batches) and r.mode in ("graph", "compiled") and r.tok_s),
+                 default=None, key=lambda r: r.tok_s)
+    g = []
+    if best1:
+        g.append({"goal": "batch 1 >= 1,800 tok/s", "met": best1.tok_s >= 1800,
+                  "value": f"{best1.tok_s:.0f} tok/s ({best1.mode}), {best1.roofline_frac:.0%} of roofline"})
+        if hf:
+            g.append({"goal": "batch 1 >= 3x HF static-cache generate", "met": best1.tok_s >= 3 * hf.tok_s,
+                      "value": f"{best1.tok_s / hf.tok_s:.2f}x ({hf.tok_s:.0f} tok/s)"})
+    if best64 and max(batches) > 1:
+        g.append({"goal": f"batch {best64.batch} >= 70% of its roofline", "met": best64.roofline_frac >= 0.7,
+                  "value": f"{best64.tok_s:.0f} tok/s ({best64.mode}) = {best64.roofline_frac:.0%}"})
+    doc = {"env": environment(), "preset": preset, "context": context, "batches": list(batches),
+           "new_tokens": new_tokens, "hf_tokens": hf_tokens, "goals": g,
+           "rows": [dataclasses.asdict(r) for r in rows], "seconds": time.time() - t0}
+    (out / "compare.json").write_text(json.dumps(doc, indent=2))
+    print(f"\n== decode before/after ({doc['env']['device']}, torch {torch.__version__}, {doc['seconds']:.0f} s)")
+    for r in rows:
+        print(_fmt(r))
     for x in g:
         print(f"goal {'MET    ' if x['met'] else 'NOT MET'} {x['goal']}: {x['value']}")
     return doc
@@ -477,8 +560,19 @@ def main(argv: list[str] | None = None) -> int:
                          "context (--context); presets default to qwen3_0.6b")
     ap.add_argument("--batches", default=",".join(map(str, TRADEOFF_BATCHES)), help="with --tradeoff")
     ap.add_argument("--context", type=int, default=512, help="with --tradeoff")
+    ap.add_argument("--compare", action="store_true",
+                    help="before/after in one process: model.fuse_projections off and on, captured and compiled + "
+                         "captured, at --compare-batches (default 1,64) and --context, HF static-cache generate "
+                         "beside them (first preset of --presets; default qwen3_0.6b)")
+    ap.add_argument("--compare-batches", default="1,64", help="with --compare")
+    ap.add_argument("--compile-batches", default="1,64", help="with --compare: batches also compiled (~1 min each)")
     args = ap.parse_args(argv)
     presets = tuple(p for p in args.presets.split(",") if p)
+    if args.compare:
+        preset = presets[0] if args.presets != ",".join(PRESETS) else "qwen3_0.6b"
+        ints = lambda s: tuple(int(b) for b in s.split(",") if b)  # noqa: E731
+        run_compare(args.out, preset, ints(args.compare_batches), args.context, compile_batches=ints(args.compile_batches))
+        return 0
     if args.tradeoff:
         if args.presets == ",".join(PRESETS):
             presets = ("qwen3_0.6b",)

@@ -232,6 +232,33 @@ def sdpa_folded_groups(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: 
     return o.reshape(B, H, T, o.shape[-1])
 
 
+@torch.compiler.assume_constant_result
+def _views_of(fused, lins) -> bool:
+    """Are the linears' weights (and biases) still consecutive row slices of `fused` = (w, b)?
+    Evaluated once when torch.compile traces (a storage address is not traceable); a compiled
+    step is bound to its parameters as they were then."""
+    if fused is None:
+        return False
+    for i, name in enumerate(("weight", "bias")):
+        whole = fused[i]
+        parts = [getattr(m, name) for m in lins]
+        if whole is None:
+            if any(p is not None for p in parts):
+                return False
+            continue
+        if any(p is None or type(p.data) is not torch.Tensor or p.is_meta or p.dtype != whole.dtype
+               or p.device != whole.device for p in parts):
+            return False
+        offset = 0
+        for p in parts:
+            if p.data_ptr() != whole.data_ptr() + offset * whole.element_size() or not p.is_contiguous():
+                return False
+            offset += p.numel()
+        if offset != whole.numel():
+            return False
+    return True
+
+
 ATTENDING_MIXERS = ("gqa", "gated_gqa", "swa", "mla", "dsa", "nsa")
 
 
@@ -268,6 +295,10 @@ class Attention(nn.Module):
             self.q_proj = nn.Linear(d, q_out, bias=cfg.attn_bias)
             self.k_proj = nn.Linear(d, kv_out, bias=cfg.attn_bias)
             self.v_proj = nn.Linear(d, kv_out, bias=cfg.attn_bias)
+        self._qkv: tuple[torch.Tensor, torch.Tensor | None] | None = None  # the fused view (pack_qkv_)
+        self.fuse_projections = cfg.fuse_projections and not cfg.fused_qkv
+        if self.fuse_projections:
+            self.pack_qkv_()
         self.ve_gate = (nn.Linear(min(VALUE_EMBED_GATE_DIM, d), self.n_kv_heads, bias=False)
                         if layer_idx in cfg.value_embed_layers else None)
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, d, bias=cfg.attn_bias)  # HF: o_proj too
@@ -278,10 +309,56 @@ class Attention(nn.Module):
     def make_cache(self, batch: int, max_len: int, dtype, device) -> KVCache:
         return KVCache.empty(batch, max_len, self.n_kv_heads, self.head_dim, dtype=dtype, device=device)
 
+    # ---- the fused q/k/v view (model.fuse_projections) ------------------------------------
+    # Decoding one token is a matrix-vector product per projection: three launches that each read
+    # a slice of weights, where one read of [Wq; Wk; Wv] does. Training keeps three parameters
+    # (their names, roles and Muon's per-matrix orthogonalisation), so the fusion is a view: the
+    # three weights are row slices of one [q+2kv, d] tensor, made once here and again after every
+    # move or cast (`_apply`); in-place updates (optimizer steps, load_state_dict) write into it.
+    # The fused matmul runs only without gradients (decode, prefill, evaluation), and only while
+    # the three parameters still are its slices: anything that replaces a parameter's storage
+    # (FSDP, load_state_dict(assign=True), `p.data = ...`) makes `_fused_qkv` return None and the
+    # three matmuls run as before. Same products, one launch: on the CPU the logits are identical.
+    def pack_qkv_(self) -> None:
+        """Make q_proj/k_proj/v_proj's weights (and biases) row views of one fused tensor."""
+        lins = (self.q_proj, self.k_proj, self.v_proj)
+        ws = [m.weight for m in lins]
+        if any(w.is_meta or type(w.data) is not torch.Tensor for w in ws) or len({(w.dtype, w.device) for w in ws}) > 1:
+            self._qkv = None  # meta (built before materialising) or sharded: nothing to view into
+            return
+        with torch.no_grad():
+            w = torch.cat([x.detach() for x in ws])
+            b = torch.cat([m.bias.detach() for m in lins]) if self.q_proj.bias is not None else None
+        for m, part in zip(lins, w.split(self.qkv_sizes)):
+            m.weight.data = part
+        if b is not None:
+            for m, part in zip(lins, b.split(self.qkv_sizes)):
+                m.bias.data = part
+        self._qkv = (w, b)
+
+    def _apply(self, fn, recurse=True):
+        super()._apply(fn, recurse)
+        if self.fuse_projections and not _views_of(self._qkv, (self.q_proj, self.k_proj, self.v_proj)):
+            self.pack_qkv_()  # a move or cast gave each parameter its own storage: view them again
+        return self
+
+    def __setstate__(self, state):
+        super().__setstate__(state)  # deepcopy and unpickling: parameters copied one by one
+        if self.fuse_projections and not _views_of(self._qkv, (self.q_proj, self.k_proj, self.v_proj)):
+            self.pack_qkv_()
+
+    def _fused_qkv(self) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+        if not self.fuse_projections or torch.is_grad_enabled():
+            return None
+        return self._qkv if _views_of(self._qkv, (self.q_proj, self.k_proj, self.v_proj)) else None
+
     def project_qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """x [B,T,d] -> the q (with gate rows when gated), k, v projections, flat per token."""
         if hasattr(self, "qkv_weight"):
             return F.linear(x, self.qkv_weight.flatten(0, 1)).split(self.qkv_sizes, dim=-1)
+        fused = self._fused_qkv()
+        if fused is not None:
+            return F.linear(x, *fused).split(self.qkv_sizes, dim=-1)
         return self.q_proj(x), self.k_proj(x), self.v_proj(x)
 
     def forward(self, x: torch.Tensor, ctx, cache: KVCache | None = None) -> tuple[torch.Tensor, dict]:
@@ -316,19 +393,27 @@ class Attention(nn.Module):
     def attend_cache(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx, cache) -> torch.Tensor:
         """Write k, v [B,T,Hkv,D] into the cache and attend q [B,T,H,D] over it -> [B,T,H,D]."""
         T = q.shape[1]
-        k, v, k_pos = cache.keys_for(ctx.positions, k.transpose(1, 2), v.transpose(1, 2))
+        slot_is_position = isinstance(cache, KVCache)  # a plain cache: slot j holds position j
         rows = T * (1 << (self.n_heads // self.n_kv_heads - 1).bit_length())
+        kernel = (self.sparse is None and self.backends.decode == "triton" and rows <= DECODE_KERNEL_MAX_ROWS
+                  and (q.is_cuda or _interpreting()))
+        if kernel and slot_is_position:  # the kernel reads slot = position itself: no key positions
+            k, v = cache.update(ctx.positions, k.transpose(1, 2), v.transpose(1, 2))
+            k_pos = None
+        else:
+            k, v, k_pos = cache.keys_for(ctx.positions, k.transpose(1, 2), v.transpose(1, 2))
         if self.sparse is not None:  # the decode kernel has no block links: the masked path
             from deepwish.model.block_sparse import block_sparse_mask
             mask = block_sparse_mask(ctx.positions, k_pos, *self.sparse)
             return sdpa_folded_groups(q.transpose(1, 2), k, v, mask, self.scale, self.backend,
                                       self.softcap).transpose(1, 2)
-        if self.backends.decode == "triton" and rows <= DECODE_KERNEL_MAX_ROWS and (q.is_cuda or _interpreting()):
+        if kernel:
             from deepwish.kernels.attention.decode import decode_attention
-            slot_is_position = isinstance(cache, KVCache)  # lets the kernel stop at the last position
             q = q.to(k.dtype)  # the cache's dtype: casting q is cheap, casting the cache is not
-            return decode_attention(q, k, v, ctx.positions, None if slot_is_position else k_pos,
+            return decode_attention(q, k, v, ctx.positions, k_pos,  # None: stops at the last position
                                     window=self.window, scale=self.scale, softcap=self.softcap)
-        mask = attention_mask(ctx.positions, k_pos, self.window)
+        # every layer of a plain cache sees the same key positions: one mask per window and step
+        mask = (ctx.cache_mask(self.window, k_pos) if slot_is_position
+                else attention_mask(ctx.positions, k_pos, self.window))
         return sdpa_folded_groups(q.transpose(1, 2), k, v, mask, self.scale, self.backend,
                                   self.softcap).transpose(1, 2)

@@ -77,6 +77,14 @@ class ForwardContext:
             self._masks[window] = attention_mask(self.positions, self.positions, window, self.doc_ids, self.doc_ids)
         return self._masks[window]
 
+    def cache_mask(self, window: int, k_pos: torch.Tensor) -> torch.Tensor:
+        """The mask [B, 1, T, L] of these queries over a plain static cache whose slot j holds position
+        j (k_pos [B, L], the same for every layer), built once per window and step."""
+        key = ("cache", window, k_pos.shape[-1])
+        if key not in self._masks:
+            self._masks[key] = attention_mask(self.positions, k_pos, window)
+        return self._masks[key]
+
     @torch.compiler.disable
     def flex_mask(self, window: int = 0):
         """FlexAttention BlockMask for the same visibility as `mask`, built once per window.

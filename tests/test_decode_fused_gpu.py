@@ -1,0 +1,99 @@
+"""The fast decode path keeps the eager path's tokens (run on the device machine: pytest -m gpu).
+
+- CapturedSampler (step + sampling in one CUDA graph) gives the eager `generate`'s greedy tokens
+  exactly (same kernels), and its sampled tokens for the same seed (the generator is registered
+  with the graph);
+- compiled + captured, and the fused q/k/v matmul against three matmuls, compute in another order
+  (inductor's fusions, another GEMV shape): greedy tokens must agree until the first step where the
+  eager logits' top two are a near-tie, and that step must be one (random-init models have many).
+"""
+import dataclasses
+
+import pytest
+import torch
+
+from deepwish.config import model_config
+from deepwish.decode_graph import CapturedSampler
+from deepwish.generate import SamplingConfig, decode_one_token, generate, prefill
+from deepwish.model.transformer import Transformer
+
+pytestmark = pytest.mark.gpu
+
+NEAR_TIE = 0.05  # logits (bf16 keeps ~3 significant digits of values of order 1-10)
+
+
+def _model(preset, device, fuse=True):
+    torch.manual_seed(0)
+    cfg = model_config(preset)
+    cfg = dataclasses.replace(cfg, fuse_projections=fuse, max_seq_len=min(cfg.max_seq_len, 4096))
+    with torch.device(device):
+        m = Transformer(cfg)
+    return m.to(torch.bfloat16).eval()
+
+
+def _eager_greedy_with_gaps(model, prompt, n):
+    """Eager greedy tokens [B, n] and the top-1 minus top-2 logit gap at each step [B, n]."""
+    B, T = prompt.shape
+    cache = model.make_cache(B, T + n)
+    logits = prefill(model, prompt, cache)
+    toks, gaps = [], []
+    for s in range(n):
+        top = logits.topk(2, dim=-1).values
+        gaps.append(top[:, 0] - top[:, 1])
+        toks.append(logits.argmax(-1))
+        if s < n - 1:
+            logits = decode_one_token(model, toks[-1], torch.full((B,), T + s, device=prompt.device), cache)
+    return torch.stack(toks, 1).tolist(), torch.stack(gaps, 1).tolist()
+
+
+def _agree_until_near_tie(ref, gaps, got):
+    for row, (r, g, o) in enumerate(zip(ref, gaps, got)):
+        for i, (a, b) in enumerate(zip(r, o)):
+            if a != b:
+                assert g[i] < NEAR_TIE, f"row {row} step {i}: {b} instead of {a} with a top-2 gap of {g[i]:.3f}"
+                break
+
+
+@pytest.mark.parametrize("preset", ["qwen3_tiny", "qwen3_0.6b"])
+@pytest.mark.parametrize("batch", [1, 64])
+def test_captured_sampler_greedy_is_eager(cuda, preset, batch):
+    model = _model(preset, cuda)
+    prompt = torch.randint(0, model.cfg.vocab_size, (batch, 12), device=cuda)
+    ref = generate(model, prompt, 24)
+    cache = model.make_cache(batch, 12 + 24)
+    got = generate(model, prompt, 24, cache=cache, decode_fn=CapturedSampler(model, cache))
+    assert got == ref
+
+
+@pytest.mark.parametrize("sampling", [SamplingConfig(0.8), SamplingConfig(0.8, top_k=50, top_p=0.9)])
+def test_captured_sampler_draws_the_eager_stream(cuda, sampling):
+    model = _model("qwen3_tiny", cuda)
+    prompt = torch.randint(0, model.cfg.vocab_size, (4, 8), device=cuda)
+    kw = dict(temperature=sampling.temperature, top_k=sampling.top_k, top_p=sampling.top_p)
+    ref = generate(model, prompt, 20, seed=7, **kw)
+    cache = model.make_cache(4, 8 + 20)
+    sampler = CapturedSampler(model, cache, sampling)
+    assert generate(model, prompt, 20, seed=7, cache=cache, decode_fn=sampler, **kw) == ref
+    assert generate(model, prompt, 20, seed=8, cache=cache, decode_fn=sampler, **kw) != ref
+
+
+@pytest.mark.parametrize("batch", [1, 64])
+def test_compiled_sampler_greedy_follows_eager(cuda, batch):
+    torch._dynamo.reset()
+    model = _model("qwen3_0.6b", cuda)
+    prompt = torch.randint(0, model.cfg.vocab_size, (batch, 12), device=cuda)
+    ref, gaps = _eager_greedy_with_gaps(model, prompt, 24)
+    cache = model.make_cache(batch, 12 + 24)
+    got = generate(model, prompt, 24, cache=cache, decode_fn=CapturedSampler(model, cache, compile=True))
+    _agree_until_near_tie(ref, gaps, got)
+
+
+def test_fused_projection_greedy_follows_three_matmuls(cuda):
+    fused = _model("qwen3_0.6b", cuda, fuse=True)
+    plain = _model("qwen3_0.6b", cuda, fuse=False)
+    plain.load_state_dict(fused.state_dict())
+    with torch.no_grad():
+        assert fused.blocks[0].mixer._fused_qkv() is not None and plain.blocks[0].mixer._fused_qkv() is None
+    prompt = torch.randint(0, fused.cfg.vocab_size, (8, 12), device=cuda)
+    ref, gaps = _eager_greedy_with_gaps(plain, prompt, 24)
+    _agree_until_near_tie(ref, gaps, generate(fused, prompt, 24))
