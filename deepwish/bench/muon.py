@@ -10,6 +10,8 @@ optimizers as `build_optimizer` makes them (Muon on the hidden matrices, fused A
                    train.muon_backend=auto (on CUDA the Triton step: kernels/muon/triton.py);
   muon-torch       the same with train.muon_backend=torch (cuBLAS Newton–Schulz, foreach momentum
                    and update): the step before its kernels;
+  muon-fused-cublas  the triton backend's fused momentum/stack and update passes around the torch
+                   (cuBLAS) Newton–Schulz: what the Newton–Schulz kernels add on their own;
   muon-pe          the same with the Polar Express coefficients;
   muon-normuon     the same with NorMuon;
   muon-per-matrix  Muon one matrix at a time (the update rule without batching: one Newton–Schulz
@@ -29,7 +31,7 @@ from pathlib import Path
 
 import torch
 
-VARIANTS = ("adamw", "muon", "muon-torch", "muon-pe", "muon-normuon", "muon-per-matrix")
+VARIANTS = ("adamw", "muon", "muon-torch", "muon-fused-cublas", "muon-pe", "muon-normuon", "muon-per-matrix")
 
 
 def ns_flops(shapes: list[tuple[int, ...]], steps: int) -> float:
@@ -82,9 +84,12 @@ def time_variant(model, cfg_train, variant: str, steps: int, warmup: int) -> dic
     from deepwish.train.optim import build_optimizer
 
     sets = {"adamw": dict(optimizer="adamw"), "muon": {}, "muon-per-matrix": {}, "muon-torch": dict(muon_backend="torch"),
+            "muon-fused-cublas": dict(muon_backend="triton"),
             "muon-pe": dict(muon_ns_schedule="polar_express"), "muon-normuon": dict(muon_normuon=True)}[variant]
     tc = dataclasses.replace(cfg_train, **sets)
     opt = build_optimizer(model, tc)
+    if variant == "muon-fused-cublas":
+        opt.optimizers["muon"].ns_backend = "torch"
     if variant == "muon-per-matrix":
         muon = opt.optimizers["muon"]
         rest = opt.optimizers["adamw"]
@@ -109,13 +114,13 @@ def time_variant(model, cfg_train, variant: str, steps: int, warmup: int) -> dic
     times.sort()
     shapes = [tuple(p.shape) for g in opt.optimizers.get("muon", opt).param_groups for p in g["params"]] \
         if "muon" in opt.optimizers else []
-    fused = "muon" in opt.optimizers and variant != "muon-per-matrix" \
+    fused = "muon" in opt.optimizers and variant not in ("muon-per-matrix", "muon-fused-cublas") \
         and opt.optimizers["muon"].backend_for(torch.device("cuda", torch.cuda.current_device())) == "triton"
     del opt
     torch.cuda.empty_cache()
     return {"variant": variant, "ms": times[len(times) // 2], "ms_min": times[0],
             "ns_flops": ns_flops(shapes, tc.muon_ns_steps) if shapes else 0.0, "n_matrices": len(shapes),
-            "backend": "triton" if fused else "torch" if shapes else None,
+            "ns_backend": ("triton" if fused else "torch") if shapes else None,
             "ns_flops_run": (ns_flops_symmetric if fused else ns_flops)(shapes, tc.muon_ns_steps) if shapes else 0.0}
 
 
@@ -153,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
         results.append(r)
         print(f"[bench muon] {args.preset} {v:16s} {r['ms']:8.2f} ms/step  ({r['n_matrices']} matrices, "
               f"NS {r['ns_flops'] / 1e12:.2f} TFLOP/step"
-              + (f", {r['ns_flops_run'] / 1e12:.2f} run by the {r['backend']} backend" if r["backend"] else "")
+              + (f", {r['ns_flops_run'] / 1e12:.2f} run by the {r['ns_backend']} Newton–Schulz" if r["ns_backend"] else "")
               + (f", {r['ns_tflops_s']:.0f} TFLOP/s counting the whole step)" if r["ns_tflops_s"] else ")"), flush=True)
     from deepwish.bench.env import bench_environment
     env = bench_environment("cuda", "deepwish bench muon", peak=note)

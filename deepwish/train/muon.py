@@ -89,7 +89,8 @@ def newton_schulz(G: torch.Tensor, steps: int = 5, eps: float = 1e-7, schedule: 
     (the smaller one).
     backend: "torch" (below) or "triton" (kernels/muon/triton.py: the same iteration with symmetric
     Gram products and fused epilogues); sumsq: the triton path's per-matrix sums of squares of G
-    [N] fp32 when the caller has them (Muon's fused momentum pass), else computed from G.
+    [N] fp32 when the caller has them (Muon's fused momentum pass), else computed from G (the
+    torch path always computes them).
     """
     if G.ndim < 2:
         raise ValueError(f"newton_schulz needs a matrix or a batch of matrices, got shape {tuple(G.shape)}")
@@ -195,6 +196,9 @@ class Muon(torch.optim.Optimizer):
         self.backend = backend
         self._resolved: dict[torch.device, str] = {}  # device -> torch | triton
         self._tables = None  # kernels/muon/triton.py AddressTables, made on the first triton step
+        # Newton–Schulz's backend when it should differ from the step's (None: the same). `bench muon`
+        # sets "torch" under the triton backend to time the fused passes around cuBLAS matmuls.
+        self.ns_backend: str | None = None
         for group in self.param_groups:
             for p in group["params"]:
                 if p.ndim not in (2, 3):
@@ -240,7 +244,7 @@ class Muon(torch.optim.Optimizer):
         """[N, *shape] stacked updates of `params` -> orthogonalised (and NorMuon-normalised unless
         `normuon` is False: DistributedMuon normalises each rank's rows after the return)."""
         O = newton_schulz(U, steps=group["ns_steps"], schedule=group["ns_schedule"],
-                          backend=self.backend_for(U.device), sumsq=sumsq)
+                          backend=self.ns_backend or self.backend_for(U.device), sumsq=sumsq)
         if group["normuon"] and normuon:
             vs = []
             for p in params:

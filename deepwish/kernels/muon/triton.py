@@ -140,13 +140,17 @@ def _update_kernel(l_ptr, r_ptr, y_ptr, c_ptr, scale_ptr, M, N, K,
 # ---- elementwise passes over a list of same-shape tensors ------------------------------------------
 @triton.jit
 def _momentum_stack_kernel(g_table, m_table, g_first, m_first, u_ptr, part_ptr, numel, mu,
-                           NESTEROV: tl.constexpr, BLOCK: tl.constexpr):
+                           NESTEROV: tl.constexpr, ALIGNED: tl.constexpr, BLOCK: tl.constexpr):
     """m <- mu m + g in place; u = g + mu m (or m) rounded into the stack U[j]; the sum of squares
-    of the rounded block into part[j, block]. The tables hold each matrix's address."""
+    of the rounded block into part[j, block]. The tables hold each matrix's address (ALIGNED:
+    every address is a multiple of 16 bytes, which lets the loads be vectorised)."""
     blk = tl.program_id(0)
     j = tl.program_id(1)
     g_ptr = tl.load(g_table + j).to(g_first.dtype)
     m_ptr = tl.load(m_table + j).to(m_first.dtype)
+    if ALIGNED:
+        g_ptr = tl.multiple_of(g_ptr, 16)
+        m_ptr = tl.multiple_of(m_ptr, 16)
     offs = blk.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     ok = offs < numel
     g = tl.load(g_ptr + offs, mask=ok, other=0.0).to(tl.float32)
@@ -163,11 +167,13 @@ def _momentum_stack_kernel(g_table, m_table, g_first, m_first, u_ptr, part_ptr, 
 
 
 @triton.jit
-def _apply_kernel(p_table, p_first, o_ptr, numel, decay, alpha, BLOCK: tl.constexpr):
+def _apply_kernel(p_table, p_first, o_ptr, numel, decay, alpha, ALIGNED: tl.constexpr, BLOCK: tl.constexpr):
     """p_j <- decay·p_j + alpha·O[j] in place."""
     blk = tl.program_id(0)
     j = tl.program_id(1)
     p_ptr = tl.load(p_table + j).to(p_first.dtype)
+    if ALIGNED:
+        p_ptr = tl.multiple_of(p_ptr, 16)
     offs = blk.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     ok = offs < numel
     p = tl.load(p_ptr + offs, mask=ok, other=0.0).to(tl.float32)
@@ -176,7 +182,7 @@ def _apply_kernel(p_table, p_first, o_ptr, numel, decay, alpha, BLOCK: tl.conste
 
 
 # ---- launch ------------------------------------------------------------------------------------------
-_GRAM_CONFIGS = [triton.Config({"BLOCK": 128, "BLOCK_K": 64}, num_warps=w, num_stages=s) for w, s in ((4, 4), (8, 3))]
+_GRAM_CONFIGS = [triton.Config({"BLOCK": 128, "BLOCK_K": 64}, num_warps=w, num_stages=s) for w, s in ((4, 4), (4, 3), (8, 3))]
 _UPDATE_CONFIGS = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=w, num_stages=s)
                    for bm, bn, w, s in ((128, 128, 4, 4), (128, 256, 8, 3), (256, 128, 8, 3))]
 # The interpreter runs numpy per tile (~25 ms a program): few, small tiles keep tests fast; tests pass
@@ -298,20 +304,22 @@ class AddressTables:
         self.capacity = capacity
         self.tables: dict[tuple, torch.Tensor] = {}
 
-    def __call__(self, tensors: list[torch.Tensor]) -> torch.Tensor:
+    def __call__(self, tensors: list[torch.Tensor]) -> tuple[torch.Tensor, bool]:
+        """(table, whether every address is a multiple of 16 bytes)."""
         per = tensors[0].shape[-2] * tensors[0].shape[-1] * tensors[0].element_size()
         count = tensors[0].numel() // max(1, tensors[0].shape[-2] * tensors[0].shape[-1])
         key = (tensors[0].device, per, count, *(t.data_ptr() for t in tensors))
-        table = self.tables.get(key)
-        if table is None:
+        entry = self.tables.get(key)
+        if entry is None:
             if len(self.tables) >= self.capacity:
                 self.tables.clear()
-            host = torch.tensor([t.data_ptr() + e * per for t in tensors for e in range(count)], dtype=torch.int64)
+            addresses = [t.data_ptr() + e * per for t in tensors for e in range(count)]
+            host = torch.tensor(addresses, dtype=torch.int64)
             if tensors[0].is_cuda:  # pinned + non_blocking: the copy does not wait for the device
                 host = host.pin_memory()
-            table = host.to(tensors[0].device, non_blocking=True)
-            self.tables[key] = table
-        return table
+            entry = (host.to(tensors[0].device, non_blocking=True), all(a % 16 == 0 for a in addresses))
+            self.tables[key] = entry
+        return entry
 
 
 def _check_list(name: str, ts: list[torch.Tensor], shape, device) -> None:
@@ -334,9 +342,10 @@ def momentum_stack(grads: list[torch.Tensor], bufs: list[torch.Tensor], mu: floa
     matrices = U.numel() // max(1, numel)
     blocks = triton.cdiv(numel, ELEMENTWISE_BLOCK)
     part = torch.empty(matrices, blocks, device=device, dtype=torch.float32)
-    _momentum_stack_kernel[(blocks, matrices)](tables(grads), tables(bufs), grads[0], bufs[0], U, part, numel,
-                                               float(mu), NESTEROV=bool(nesterov), BLOCK=ELEMENTWISE_BLOCK,
-                                               num_warps=ELEMENTWISE_WARPS)
+    (g_table, g_aligned), (m_table, m_aligned) = tables(grads), tables(bufs)
+    _momentum_stack_kernel[(blocks, matrices)](g_table, m_table, grads[0], bufs[0], U, part, numel, float(mu),
+                                               NESTEROV=bool(nesterov), ALIGNED=g_aligned and m_aligned,
+                                               BLOCK=ELEMENTWISE_BLOCK, num_warps=ELEMENTWISE_WARPS)
     return U, part.sum(1)
 
 
@@ -349,5 +358,7 @@ def apply_update(params: list[torch.Tensor], O: torch.Tensor, decay: float, alph
                          f"for {len(params)} parameters of shape {tuple(shape)}")
     numel = shape[-2] * shape[-1]
     blocks = triton.cdiv(numel, ELEMENTWISE_BLOCK)
-    _apply_kernel[(blocks, O.numel() // max(1, numel))](tables(params), params[0], O, numel, float(decay), float(alpha),
-                                                        BLOCK=ELEMENTWISE_BLOCK, num_warps=ELEMENTWISE_WARPS)
+    table, aligned = tables(params)
+    _apply_kernel[(blocks, O.numel() // max(1, numel))](table, params[0], O, numel, float(decay), float(alpha),
+                                                        ALIGNED=aligned, BLOCK=ELEMENTWISE_BLOCK,
+                                                        num_warps=ELEMENTWISE_WARPS)
