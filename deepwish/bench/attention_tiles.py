@@ -285,9 +285,10 @@ def compile_report(kind: str, head_dim: int, group: int, cand, form: str = "atom
 
     from deepwish.kernels.attention import triton as tk
     fn = {"fwd": tk._fwd_kernel, "dkdv": tk._dkdv_kernel, "dkdvq": tk._dkdv_kernel, "dq": tk._dq_kernel}[kind]
-    bm, bn, warps, stages = cand
+    bm, bn, warps, stages, *rest = cand
     const = dict(BLOCK_DK=head_dim, BLOCK_DV=head_dim, GP=triton.next_power_of_2(group), SOFTCAP=False, PREC="tf32",
-                 BM=bm, BN=bn, DQ_ATOMIC={"dkdv": 0, "dkdvq": 2 if form == "atomic_t" else 1}.get(kind, 0))
+                 BM=bm, BN=bn, DQ_ATOMIC={"dkdv": 0, "dkdvq": 2 if form == "atomic_t" else 1}.get(kind, 0),
+                 SPLIT=rest[0] if rest else 0)
     fp32_ptrs, int_ptrs = {"LSE", "DELTA", "DQA"} if kind == "dkdvq" else {"LSE", "DELTA"}, {"DS", "DE"}
     sig, constexprs, attrs = {}, {}, {}
     for i, prm in enumerate(fn.params):

@@ -136,14 +136,20 @@ def tile_key(kind: str, head_dim: int, dtype: torch.dtype, T: int) -> tuple[str,
 
 
 def tile_config(kind: str, head_dim: int, group: int, dtype: torch.dtype, T: int = 0) -> dict:
-    """Tile shape for one kernel (kind: fwd | dkdv | dq | dkdvq) from TILES. The interpreter takes 16 x 16
-    tiles so a test of a few dozen tokens crosses several tiles."""
+    """Tile shape for one kernel (kind: fwd | dkdv | dq | dkdvq) from TILES: (BM, BN, warps, stages),
+    dK/dV kinds optionally a fifth entry SPLIT (see _dkdv_kernel; 0 when absent). The interpreter
+    takes 16 x 16 tiles so a test of a few dozen tokens crosses several tiles, and splits the dK/dV
+    sums above head dim 128 as the GPU table does."""
     gp = triton.next_power_of_2(group)
     if _INTERPRET:
-        bm, bn, w, st = max(16, gp), 16, 1, 1
+        bm, bn, w, st, split = max(16, gp), 16, 1, 1, int(head_dim > 128)
     else:
-        bm, bn, w, st = TILES[tile_key(kind, head_dim, dtype, T)]
-    return dict(BM=max(bm, gp), BN=bn, num_warps=w, num_stages=st)
+        bm, bn, w, st, *rest = TILES[tile_key(kind, head_dim, dtype, T)]
+        split = rest[0] if rest else 0
+    cfg = dict(BM=max(bm, gp), BN=bn, num_warps=w, num_stages=st)
+    if kind in ("dkdv", "dkdvq"):
+        cfg["SPLIT"] = int(split)
+    return cfg
 
 
 @triton.jit
@@ -194,9 +200,17 @@ def _visible(t, n, lo):
 
 
 @triton.jit
-def _visible_t(t, n, lo):
-    """[keys, rows]: `_visible` transposed."""
-    return (n[:, None] <= t[None, :]) & (n[:, None] >= lo[None, :])
+def _end_row(n, de_key, W):
+    """One past the last row that sees key n: its document's end or its window's, whichever is
+    earlier (the dK/dV kernel's per-key form of _first_key: per-key values stay put across its
+    loop over row tiles, and there are BN / (16·warps)·2 of them a thread, not BM / 4·... columns)."""
+    return tl.minimum(de_key, n + W)
+
+
+@triton.jit
+def _visible_t(t, n, hi):
+    """[keys, rows]: `_visible` transposed, from hi = _end_row(...) of the keys."""
+    return (n[:, None] <= t[None, :]) & (t[None, :] < hi[:, None])
 
 
 @triton.jit
@@ -282,10 +296,11 @@ def _delta_kernel(O, DO, DELTA, ROWS, DV, BR: tl.constexpr, BLOCK_DV: tl.constex
 
 @triton.jit
 def _dkdv_tiles(dk_acc, dv_acc, k, v, Q, DO, LSE, DELTA, DS, DQA, q_base, do_base, ds_base, sq_t, sq_h, sdo_t,
-                sdo_h, n, hkv, start, end, T, H, G, W, scale, softcap, dk, dv, DQK, DV,
+                sdo_h, n, hi_row, hkv, start, end, T, H, G, W, scale, softcap, dk, dv, DQK, DV,
                 GP: tl.constexpr, BM: tl.constexpr, MASK: tl.constexpr, SOFTCAP: tl.constexpr,
-                PREC: tl.constexpr, DQ_ATOMIC: tl.constexpr):
+                PREC: tl.constexpr, DQ_ATOMIC: tl.constexpr, DO_DK: tl.constexpr, DO_DV: tl.constexpr):
     """Keys are rows here: sᵀ [BN, BM] = k · qᵀ, so pᵀ and dsᵀ feed their dots from registers.
+    DO_DK / DO_DV: which of the two sums this program makes (DKDV split: see _dkdv_kernel).
     DQ_ATOMIC (0: off): also add this key tile's share of dq, ds · k, into the fp32 buffer DQA
     (contiguous [B, T, H, Dqk], unscaled) with atomics; 1: as dq [BM, Dqk] = (dsᵀ)ᵀ · k, 2: as
     dqᵀ [Dqk, BM] = kᵀ · dsᵀ (see BACKWARD_DQ)."""
@@ -305,9 +320,7 @@ def _dkdv_tiles(dk_acc, dv_acc, k, v, Q, DO, LSE, DELTA, DS, DQA, q_base, do_bas
         else:
             p_t = tl.exp2(s_t * qk_scale - lse[None, :])
         if MASK:
-            # padded tokens (t >= T) get a first key past every key: nothing visible
-            lo_key = _first_key(t, tl.load(DS + ds_base + t, mask=row_ok, other=T), W)
-            p_t = tl.where(_visible_t(t, n, lo_key), p_t, 0.0)
+            p_t = tl.where(_visible_t(t, n, hi_row), p_t, 0.0)
         # padded rows (heads >= G, tokens >= T) load q = dO = 0 and lse = delta = 0: in unmasked
         # tiles their p is 1 but their dO and ds are 0, so they add nothing
         do = tl.load(DO + do_base + t64[:, None] * sdo_t + h64[:, None] * sdo_h + dv[None, :],
@@ -315,15 +328,17 @@ def _dkdv_tiles(dk_acc, dv_acc, k, v, Q, DO, LSE, DELTA, DS, DQA, q_base, do_bas
         # pᵀ is kept only in the input dtype (the dv dot's operand; ds below uses it too): no fp32
         # copy held across the dpᵀ dot (16-bit inputs: p rounded once, as the dv dot sees it)
         p_t = p_t.to(do.dtype)
-        dv_acc = tl.dot(p_t, do, dv_acc, input_precision=PREC)
-        delta = tl.load(DELTA + row, mask=row_ok, other=0.0)
-        dp_t = tl.dot(v, tl.trans(do), input_precision=PREC)
-        ds_t = p_t.to(tl.float32) * (dp_t - delta[None, :])
-        if SOFTCAP:
-            ds_t = ds_t * (1.0 - tc * tc)
-        ds_t = ds_t.to(q_t.dtype)
-        dk_acc = tl.dot(ds_t, tl.trans(q_t), dk_acc, input_precision=PREC)
-        if DQ_ATOMIC == 1:
+        if DO_DV:
+            dv_acc = tl.dot(p_t, do, dv_acc, input_precision=PREC)
+        if DO_DK:
+            delta = tl.load(DELTA + row, mask=row_ok, other=0.0)
+            dp_t = tl.dot(v, tl.trans(do), input_precision=PREC)
+            ds_t = p_t.to(tl.float32) * (dp_t - delta[None, :])
+            if SOFTCAP:
+                ds_t = ds_t * (1.0 - tc * tc)
+            ds_t = ds_t.to(q_t.dtype)
+            dk_acc = tl.dot(ds_t, tl.trans(q_t), dk_acc, input_precision=PREC)
+        if DO_DK and DQ_ATOMIC == 1:
             # ds = dsᵀ transposed: one shared-memory round trip of a BN x BM 16-bit tile (the
             # dot's left operand), not a recomputed s and dp; the [BM, Dqk] result holds neighbouring
             # channels in each thread, so the atomics of a row hit consecutive addresses.
@@ -333,7 +348,7 @@ def _dkdv_tiles(dk_acc, dv_acc, k, v, Q, DO, LSE, DELTA, DS, DQA, q_base, do_bas
             dq_part = tl.dot(tl.trans(ds_t), k, input_precision=PREC)
             tl.atomic_add(DQA + row[:, None] * DQK + dk[None, :], dq_part,
                           mask=row_ok[:, None] & (dk < DQK)[None, :], sem="relaxed")
-        if DQ_ATOMIC == 2:
+        if DO_DK and DQ_ATOMIC == 2:
             # dsᵀ as it is, as the right operand (which the tensor cores read from shared memory
             # anyway: one store, no transposing load); kᵀ is loop-invariant. Each thread's
             # neighbouring results are neighbouring rows, H·Dqk apart in memory.
@@ -350,7 +365,38 @@ def _dkdv_kernel(Q, K, V, DO, LSE, DELTA, DS, DE, DKO, DVO, DQA,
                  T, H, HKV, G, W, scale, softcap, DQK, DV,
                  BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr, GP: tl.constexpr,
                  SOFTCAP: tl.constexpr, PREC: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
-                 DQ_ATOMIC: tl.constexpr):
+                 DQ_ATOMIC: tl.constexpr, SPLIT: tl.constexpr):
+    """SPLIT = 0: one program per key tile sums dK and dV. SPLIT = 1 (grid axis 2 of size 2): the
+    programs of part 0 sum dK (and the dq atomics), those of part 1 dV; each holds one [BN, D] fp32
+    accumulator instead of two, the price being the sᵀ dot done twice (five matmuls, not four).
+    At D256 two accumulators are 256 fp32 registers a thread at BN = 16·warps (the most keys per
+    program whose sᵀ/dpᵀ dots are not computed twice by two warpgroups over the same 64 rows)."""
+    if SPLIT:
+        if tl.program_id(2) == 0:
+            _dkdv_program(Q, K, V, DO, LSE, DELTA, DS, DE, DKO, DVO, DQA, sq_b, sq_t, sq_h, sk_b, sk_t, sk_h,
+                          sv_b, sv_t, sv_h, sdo_b, sdo_t, sdo_h, sdk_b, sdk_t, sdk_h, sdv_b, sdv_t, sdv_h,
+                          T, H, HKV, G, W, scale, softcap, DQK, DV, BLOCK_DK, BLOCK_DV, GP, SOFTCAP, PREC, BM, BN,
+                          DQ_ATOMIC, True, False)
+        else:
+            _dkdv_program(Q, K, V, DO, LSE, DELTA, DS, DE, DKO, DVO, DQA, sq_b, sq_t, sq_h, sk_b, sk_t, sk_h,
+                          sv_b, sv_t, sv_h, sdo_b, sdo_t, sdo_h, sdk_b, sdk_t, sdk_h, sdv_b, sdv_t, sdv_h,
+                          T, H, HKV, G, W, scale, softcap, DQK, DV, BLOCK_DK, BLOCK_DV, GP, SOFTCAP, PREC, BM, BN,
+                          0, False, True)
+    else:
+        _dkdv_program(Q, K, V, DO, LSE, DELTA, DS, DE, DKO, DVO, DQA, sq_b, sq_t, sq_h, sk_b, sk_t, sk_h,
+                      sv_b, sv_t, sv_h, sdo_b, sdo_t, sdo_h, sdk_b, sdk_t, sdk_h, sdv_b, sdv_t, sdv_h,
+                      T, H, HKV, G, W, scale, softcap, DQK, DV, BLOCK_DK, BLOCK_DV, GP, SOFTCAP, PREC, BM, BN,
+                      DQ_ATOMIC, True, True)
+
+
+@triton.jit
+def _dkdv_program(Q, K, V, DO, LSE, DELTA, DS, DE, DKO, DVO, DQA,
+                  sq_b, sq_t, sq_h, sk_b, sk_t, sk_h, sv_b, sv_t, sv_h, sdo_b, sdo_t, sdo_h,
+                  sdk_b, sdk_t, sdk_h, sdv_b, sdv_t, sdv_h,
+                  T, H, HKV, G, W, scale, softcap, DQK, DV,
+                  BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr, GP: tl.constexpr,
+                  SOFTCAP: tl.constexpr, PREC: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+                  DQ_ATOMIC: tl.constexpr, DO_DK: tl.constexpr, DO_DV: tl.constexpr):
     BT: tl.constexpr = BM // GP
     n0 = tl.program_id(0) * BN
     bh = tl.program_id(1)
@@ -367,6 +413,8 @@ def _dkdv_kernel(Q, K, V, DO, LSE, DELTA, DS, DE, DKO, DVO, DQA,
                 mask=key_ok[:, None] & (dk < DQK)[None, :], other=0.0)
     v = tl.load(V + b * sv_b + hkv64 * sv_h + n64[:, None] * sv_t + dv[None, :],
                 mask=key_ok[:, None] & (dv < DV)[None, :], other=0.0)
+    # rows t >= T, and padded keys (de 0), see nothing
+    hi_row = _end_row(n, tl.load(DE + ds_base + n, mask=key_ok, other=0), W)
     # query tiles that see this key tile: [lo, a) masked, [a, b) interior, [b, hi) masked
     n_last = tl.minimum(n0 + BN, T) - 1
     de_first = tl.load(DE + ds_base + n0)
@@ -383,18 +431,20 @@ def _dkdv_kernel(Q, K, V, DO, LSE, DELTA, DS, DE, DKO, DVO, DQA,
     q_base = b * sq_b
     do_base = b * sdo_b
     dk_acc, dv_acc = _dkdv_tiles(dk_acc, dv_acc, k, v, Q, DO, LSE, DELTA, DS, DQA, q_base, do_base, ds_base,
-                                 sq_t, sq_h, sdo_t, sdo_h, n, hkv, lo, a, T, H, G, W, scale, softcap,
-                                 dk, dv, DQK, DV, GP, BM, True, SOFTCAP, PREC, DQ_ATOMIC)
+                                 sq_t, sq_h, sdo_t, sdo_h, n, hi_row, hkv, lo, a, T, H, G, W, scale, softcap,
+                                 dk, dv, DQK, DV, GP, BM, True, SOFTCAP, PREC, DQ_ATOMIC, DO_DK, DO_DV)
     dk_acc, dv_acc = _dkdv_tiles(dk_acc, dv_acc, k, v, Q, DO, LSE, DELTA, DS, DQA, q_base, do_base, ds_base,
-                                 sq_t, sq_h, sdo_t, sdo_h, n, hkv, a, bb, T, H, G, W, scale, softcap,
-                                 dk, dv, DQK, DV, GP, BM, False, SOFTCAP, PREC, DQ_ATOMIC)
+                                 sq_t, sq_h, sdo_t, sdo_h, n, hi_row, hkv, a, bb, T, H, G, W, scale, softcap,
+                                 dk, dv, DQK, DV, GP, BM, False, SOFTCAP, PREC, DQ_ATOMIC, DO_DK, DO_DV)
     dk_acc, dv_acc = _dkdv_tiles(dk_acc, dv_acc, k, v, Q, DO, LSE, DELTA, DS, DQA, q_base, do_base, ds_base,
-                                 sq_t, sq_h, sdo_t, sdo_h, n, hkv, bb, hi, T, H, G, W, scale, softcap,
-                                 dk, dv, DQK, DV, GP, BM, True, SOFTCAP, PREC, DQ_ATOMIC)
-    tl.store(DKO + b * sdk_b + hkv64 * sdk_h + n64[:, None] * sdk_t + dk[None, :],
-             (dk_acc * scale).to(DKO.dtype.element_ty), mask=key_ok[:, None] & (dk < DQK)[None, :])
-    tl.store(DVO + b * sdv_b + hkv64 * sdv_h + n64[:, None] * sdv_t + dv[None, :],
-             dv_acc.to(DVO.dtype.element_ty), mask=key_ok[:, None] & (dv < DV)[None, :])
+                                 sq_t, sq_h, sdo_t, sdo_h, n, hi_row, hkv, bb, hi, T, H, G, W, scale, softcap,
+                                 dk, dv, DQK, DV, GP, BM, True, SOFTCAP, PREC, DQ_ATOMIC, DO_DK, DO_DV)
+    if DO_DK:
+        tl.store(DKO + b * sdk_b + hkv64 * sdk_h + n64[:, None] * sdk_t + dk[None, :],
+                 (dk_acc * scale).to(DKO.dtype.element_ty), mask=key_ok[:, None] & (dk < DQK)[None, :])
+    if DO_DV:
+        tl.store(DVO + b * sdv_b + hkv64 * sdv_h + n64[:, None] * sdv_t + dv[None, :],
+                 dv_acc.to(DVO.dtype.element_ty), mask=key_ok[:, None] & (dv < DV)[None, :])
 
 
 @triton.jit
@@ -537,7 +587,7 @@ def backward_dkdv(q, k, v, do, lse, delta, doc_start, doc_end, scale, window, so
     dv = torch.empty_like(v)
     cfg = tile_config("dkdv", max(q.shape[-1], v.shape[-1]), meta["G"], q.dtype, T)
     # DQA (dv in its place) is never touched without DQ_ATOMIC
-    _dkdv_kernel[(triton.cdiv(T, cfg["BN"]), B * meta["HKV"])](
+    _dkdv_kernel[(triton.cdiv(T, cfg["BN"]), B * meta["HKV"], 1 + cfg["SPLIT"])](
         q, k, v, do, lse, delta, doc_start, doc_end, dk, dv, dv, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3],
         *do.stride()[:3], *dk.stride()[:3], *dv.stride()[:3], scale=scale, **meta, **cfg, DQ_ATOMIC=0)
     return dk, dv
@@ -563,7 +613,7 @@ def backward_dkdvq(q, k, v, do, lse, delta, doc_start, doc_end, scale, window, s
     dv = torch.empty_like(v)
     dq_acc = torch.zeros(q.shape, dtype=torch.float32, device=q.device)  # contiguous [B, T, H, Dqk]
     cfg = tile_config("dkdvq", max(q.shape[-1], v.shape[-1]), meta["G"], q.dtype, T)
-    _dkdv_kernel[(triton.cdiv(T, cfg["BN"]), B * meta["HKV"])](
+    _dkdv_kernel[(triton.cdiv(T, cfg["BN"]), B * meta["HKV"], 1 + cfg["SPLIT"])](
         q, k, v, do, lse, delta, doc_start, doc_end, dk, dv, dq_acc, *q.stride()[:3], *k.stride()[:3],
         *v.stride()[:3], *do.stride()[:3], *dk.stride()[:3], *dv.stride()[:3], scale=scale, **meta, **cfg,
         DQ_ATOMIC=2 if BACKWARD_DQ == "atomic_t" else 1)
