@@ -246,7 +246,7 @@ def _fwd_tiles(acc, m_i, l_i, q, K, V, k_base, v_base, sk_t, sv_t, t, lo_key,
 @triton.jit
 def _fwd_kernel(Q, K, V, O, LSE, DS,
                 sq_b, sq_t, sq_h, sk_b, sk_t, sk_h, sv_b, sv_t, sv_h, so_b, so_t, so_h,
-                T, H, HKV, G, W, scale, softcap, DQK, DV,
+                T, H, HKV, G, W, scale, softcap, DQK: tl.constexpr, DV: tl.constexpr,
                 BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr, GP: tl.constexpr,
                 SOFTCAP: tl.constexpr, PREC: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr):
     BT: tl.constexpr = BM // GP
@@ -362,7 +362,7 @@ def _dkdv_tiles(dk_acc, dv_acc, k, v, Q, DO, LSE, DELTA, DS, DQA, q_base, do_bas
 def _dkdv_kernel(Q, K, V, DO, LSE, DELTA, DS, DE, DKO, DVO, DQA,
                  sq_b, sq_t, sq_h, sk_b, sk_t, sk_h, sv_b, sv_t, sv_h, sdo_b, sdo_t, sdo_h,
                  sdk_b, sdk_t, sdk_h, sdv_b, sdv_t, sdv_h,
-                 T, H, HKV, G, W, scale, softcap, DQK, DV,
+                 T, H, HKV, G, W, scale, softcap, DQK: tl.constexpr, DV: tl.constexpr,
                  BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr, GP: tl.constexpr,
                  SOFTCAP: tl.constexpr, PREC: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
                  DQ_ATOMIC: tl.constexpr, SPLIT: tl.constexpr):
@@ -393,7 +393,7 @@ def _dkdv_kernel(Q, K, V, DO, LSE, DELTA, DS, DE, DKO, DVO, DQA,
 def _dkdv_program(Q, K, V, DO, LSE, DELTA, DS, DE, DKO, DVO, DQA,
                   sq_b, sq_t, sq_h, sk_b, sk_t, sk_h, sv_b, sv_t, sv_h, sdo_b, sdo_t, sdo_h,
                   sdk_b, sdk_t, sdk_h, sdv_b, sdv_t, sdv_h,
-                  T, H, HKV, G, W, scale, softcap, DQK, DV,
+                  T, H, HKV, G, W, scale, softcap, DQK: tl.constexpr, DV: tl.constexpr,
                   BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr, GP: tl.constexpr,
                   SOFTCAP: tl.constexpr, PREC: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
                   DQ_ATOMIC: tl.constexpr, DO_DK: tl.constexpr, DO_DV: tl.constexpr):
@@ -484,7 +484,7 @@ def _dq_tiles(dq_acc, q, do, lse, delta, K, V, k_base, v_base, sk_t, sv_t, t, lo
 def _dq_kernel(Q, K, V, DO, LSE, DELTA, DS, DQO,
                sq_b, sq_t, sq_h, sk_b, sk_t, sk_h, sv_b, sv_t, sv_h, sdo_b, sdo_t, sdo_h,
                sdq_b, sdq_t, sdq_h,
-               T, H, HKV, G, W, scale, softcap, DQK, DV,
+               T, H, HKV, G, W, scale, softcap, DQK: tl.constexpr, DV: tl.constexpr,
                BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr, GP: tl.constexpr,
                SOFTCAP: tl.constexpr, PREC: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr):
     BT: tl.constexpr = BM // GP
