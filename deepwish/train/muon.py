@@ -63,6 +63,7 @@ POLAR_EXPRESS_SAFETY = 1.01
 POLAR_EXPRESS_COEFFS = tuple((a / POLAR_EXPRESS_SAFETY, b / POLAR_EXPRESS_SAFETY ** 3, c / POLAR_EXPRESS_SAFETY ** 5)
                              for a, b, c in _POLAR_EXPRESS_RAW[:-1]) + (_POLAR_EXPRESS_RAW[-1],)
 NS_SCHEDULES = ("jordan", "polar_express")
+NS_EPS = 1e-7  # added to the Frobenius norm before the division
 MUON_BACKENDS = ("auto", "torch", "triton")
 
 
@@ -78,7 +79,7 @@ def ns_coefficients(schedule: str, steps: int) -> tuple[list[tuple[float, float,
     raise ValueError(f"unknown Newton–Schulz schedule {schedule!r}; choose from {', '.join(NS_SCHEDULES)}")
 
 
-def newton_schulz(G: torch.Tensor, steps: int = 5, eps: float = 1e-7, schedule: str = "jordan",
+def newton_schulz(G: torch.Tensor, steps: int = 5, eps: float = NS_EPS, schedule: str = "jordan",
                   backend: str = "torch", sumsq: torch.Tensor | None = None) -> torch.Tensor:
     """Approximate polar factor U V^T of each matrix of G = U S V^T.
 
@@ -307,10 +308,16 @@ class Muon(torch.optim.Optimizer):
             bufs.append(state["momentum_buffer"])
         U, sumsq = kernels.momentum_stack([p.grad for p in ps], bufs, group["momentum"], group["nesterov"],
                                           compute_dtype(device), self._tables)
-        O = self._orthogonalise(group, ps, U, sumsq=sumsq)
         lr = group["lr"]
-        kernels.apply_update(ps, O.contiguous(), 1.0 - lr * group["weight_decay"], -lr * shape_scale(ps[0].shape),
-                             self._tables)
+        decay, alpha = 1.0 - lr * group["weight_decay"], -lr * shape_scale(ps[0].shape)
+        if not group["normuon"] and group["ns_steps"] >= 2 and self.ns_backend is None:
+            # the last iteration's epilogue updates the parameters: the result is never stored
+            coeffs, f = ns_coefficients(group["ns_schedule"], group["ns_steps"])
+            kernels.newton_schulz(U, coeffs, f, NS_EPS, compute_dtype(device), sumsq=sumsq,
+                                  apply=(ps, decay, alpha, self._tables))
+            return
+        O = self._orthogonalise(group, ps, U, sumsq=sumsq)
+        kernels.apply_update(ps, O.contiguous(), decay, alpha, self._tables)
 
 
 # ---- data parallel ---------------------------------------------------------------------------------

@@ -52,6 +52,18 @@ def test_ns_update_equals_reference(rel_err, dtype, M, N, K):
         tri.ns_update(L, R[:, :5], Y, 1.0)
 
 
+@pytest.mark.parametrize("M,N", [(40, 24), (24, 40)])
+def test_ns_update_applied_to_parameters_equals_reference(M, N):
+    """The last iteration's epilogue updates the parameters (an expert stack: one address a matrix)."""
+    L, R, Y = torch.randn(4, M, M), torch.randn(4, M, N), torch.randn(4, M, N)
+    params = [torch.randn(2, M, N) for _ in range(2)]
+    want = [p.clone() for p in params]
+    ref.apply_update([w.view(-1, M, N)[i] for w in want for i in range(2)], ref.ns_update(L, R, Y, 1.5), 0.99, -0.05)
+    assert tri.ns_update(L, R, Y, 1.5, meta=SMALL["update"], apply=(params, 0.99, -0.05, tri.AddressTables())) is None
+    for p, w in zip(params, want):
+        torch.testing.assert_close(p, w, rtol=1e-6, atol=1e-6)
+
+
 @pytest.mark.parametrize("nesterov", [True, False])
 def test_momentum_stack_and_apply_equal_reference(nesterov):
     shape = (2, 12, 20)  # an expert stack: two matrices per tensor, one sum of squares each

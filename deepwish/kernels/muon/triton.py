@@ -92,12 +92,15 @@ def _gram_kernel(p_ptr, y_ptr, c_ptr, scale_ptr, M, K,
 
 # ---- the update a·Y + L R ----------------------------------------------------------------------------
 @triton.jit
-def _update_kernel(l_ptr, r_ptr, y_ptr, c_ptr, scale_ptr, M, N, K,
-                   s_lb, s_lm, s_lk, s_rb, s_rk, s_rn, s_yb, s_ym, s_yn, s_cb, s_cm, s_cn, a,
-                   HAS_SCALE: tl.constexpr, IEEE: tl.constexpr, EVEN: tl.constexpr,
-                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+def _update_kernel(l_ptr, r_ptr, y_ptr, c_ptr, scale_ptr, p_table, p_first, M, N, K,
+                   s_lb, s_lm, s_lk, s_rb, s_rk, s_rn, s_yb, s_ym, s_yn, s_cb, s_cm, s_cn, a, decay, alpha,
+                   HAS_SCALE: tl.constexpr, APPLY: tl.constexpr, ALIGNED: tl.constexpr, IEEE: tl.constexpr,
+                   EVEN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                   GROUP_M: tl.constexpr):
     """C_b = scale_b·(a·Y_b + L_b R_b); program 0 walks the output tiles in groups of GROUP_M tile
-    rows (the L and R tiles of a group stay in L2), program 1 is the matrix."""
+    rows (the L and R tiles of a group stay in L2), program 1 is the matrix. APPLY: instead of
+    storing C, update the contiguous [M, N] matrix at p_table[b]: p <- decay·p + alpha·C (the last
+    iteration and the parameter update in one pass; C is never rounded to the compute dtype)."""
     pid = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
     num_m = tl.cdiv(M, BLOCK_M)
@@ -134,7 +137,15 @@ def _update_kernel(l_ptr, r_ptr, y_ptr, c_ptr, scale_ptr, M, N, K,
     acc += a * y.to(tl.float32)
     if HAS_SCALE:
         acc = acc * tl.load(scale_ptr + b)
-    tl.store(c_ptr + b * s_cb + rm[:, None] * s_cm + rn[None, :] * s_cn, acc.to(c_ptr.dtype.element_ty), mask=mask)
+    if APPLY:
+        p_ptr = tl.load(p_table + b).to(p_first.dtype)
+        if ALIGNED:
+            p_ptr = tl.multiple_of(p_ptr, 16)
+        p_ptrs = p_ptr + rm[:, None] * N + rn[None, :]
+        p = tl.load(p_ptrs, mask=mask, other=0.0).to(tl.float32)
+        tl.store(p_ptrs, decay * p + alpha * acc, mask=mask)
+    else:
+        tl.store(c_ptr + b * s_cb + rm[:, None] * s_cm + rn[None, :] * s_cn, acc.to(c_ptr.dtype.element_ty), mask=mask)
 
 
 # ---- elementwise passes over a list of same-shape tensors ------------------------------------------
@@ -223,7 +234,7 @@ def gram(P: torch.Tensor, alpha: float = 1.0, beta: float = 0.0, Y: torch.Tensor
     if Y is not None and Y.shape != (Nb, M, M):
         raise ValueError(f"gram: Y of shape {tuple(Y.shape)} for P of shape {tuple(P.shape)}")
     y = Y if Y is not None else out
-    sc = scale if scale is not None else out
+    sc = scale if scale is not None else _dummy(P.device, torch.float32)  # one dtype: one autotuning key
     args = dict(p_ptr=P, y_ptr=y, c_ptr=out, scale_ptr=sc, M=M, K=K,
                 s_pb=P.stride(0), s_pm=P.stride(1), s_pk=P.stride(2),
                 s_yb=y.stride(0), s_ym=y.stride(1), s_yn=y.stride(2),
@@ -237,35 +248,77 @@ def gram(P: torch.Tensor, alpha: float = 1.0, beta: float = 0.0, Y: torch.Tensor
     return out
 
 
+def _dummy(device, dtype) -> torch.Tensor:
+    """A one-element tensor for a pointer argument the launch does not read."""
+    key = (device, dtype)
+    if key not in _DUMMIES:
+        _DUMMIES[key] = torch.zeros(1, device=device, dtype=dtype)
+    return _DUMMIES[key]
+
+
+_DUMMIES: dict = {}
+
+
+def _config_kwargs(config) -> dict:
+    """A triton.Config as launch keywords (meta-parameters, warps, stages)."""
+    return {**config.kwargs, "num_warps": config.num_warps, "num_stages": config.num_stages}
+
+
 def ns_update(L: torch.Tensor, R: torch.Tensor, Y: torch.Tensor, a: float, scale: torch.Tensor | None = None,
-              out: torch.Tensor | None = None, meta: dict | None = None) -> torch.Tensor:
-    """scale_i·(a·Y_i + L_i R_i) (reference.ns_update), any strides; `out` must not alias an input."""
+              out: torch.Tensor | None = None, meta: dict | None = None, apply=None) -> torch.Tensor | None:
+    """scale_i·(a·Y_i + L_i R_i) (reference.ns_update), any strides; `out` must not alias an input.
+    apply: (params, decay, alpha, tables): same-shape contiguous tensors holding the N matrices
+    (AddressTables order) of Y's matrix shape; instead of returning the result, p_i <- decay·p_i +
+    alpha·result_i (reference.apply_update, the result unrounded). On a GPU that launch takes the
+    config autotuned by the previous call (of the same shape: newton_schulz's previous iteration),
+    since autotuning runs the kernel several times, which an in-place update must not be."""
     for name, t in (("L", L), ("R", R), ("Y", Y)):
         _check_stack(name, t)
     Nb, M, K = L.shape
     N = R.shape[2]
     if R.shape[:2] != (Nb, K) or Y.shape != (Nb, M, N):
         raise ValueError(f"ns_update: shapes L {tuple(L.shape)}, R {tuple(R.shape)}, Y {tuple(Y.shape)} do not chain")
-    if out is None:
+    if out is None and apply is None:
         out = torch.empty_like(Y)
-    sc = scale if scale is not None else out
-    args = dict(l_ptr=L, r_ptr=R, y_ptr=Y, c_ptr=out, scale_ptr=sc, M=M, N=N, K=K,
+    c = out if out is not None else Y  # under apply only its dtype and strides reach the kernel
+    # Argument dtypes are part of the autotuning key: every call passes an fp32 scale tensor, an
+    # int64 table and an fp32 first-parameter tensor, used or not, so all iterations share one tuning.
+    sc = scale if scale is not None else _dummy(Y.device, torch.float32)
+    if apply is None:
+        table, aligned, first, decay, alpha = _dummy(Y.device, torch.int64), False, _dummy(Y.device, torch.float32), 1.0, 0.0
+    else:
+        params, decay, alpha, tables = apply
+        if params[0].shape[-2:] != (M, N):
+            raise ValueError(f"ns_update: parameters of shape {tuple(params[0].shape)} for results [{M}, {N}]")
+        _check_list("parameter", params, params[0].shape, Y.device)
+        table, aligned = tables(params)
+        first = params[0]
+        if table.numel() != Nb:
+            raise ValueError(f"ns_update: {table.numel()} parameter matrices for {Nb} results")
+    args = dict(l_ptr=L, r_ptr=R, y_ptr=Y, c_ptr=c, scale_ptr=sc, p_table=table, p_first=first, M=M, N=N, K=K,
                 s_lb=L.stride(0), s_lm=L.stride(1), s_lk=L.stride(2), s_rb=R.stride(0), s_rk=R.stride(1), s_rn=R.stride(2),
                 s_yb=Y.stride(0), s_ym=Y.stride(1), s_yn=Y.stride(2),
-                s_cb=out.stride(0), s_cm=out.stride(1), s_cn=out.stride(2), a=float(a),
-                HAS_SCALE=scale is not None, IEEE=L.dtype == torch.float32)
+                s_cb=c.stride(0), s_cm=c.stride(1), s_cn=c.stride(2), a=float(a), decay=float(decay), alpha=float(alpha),
+                HAS_SCALE=scale is not None, APPLY=apply is not None, ALIGNED=bool(aligned), IEEE=L.dtype == torch.float32)
 
     def grid(meta_):
         return (triton.cdiv(M, meta_["BLOCK_M"]) * triton.cdiv(N, meta_["BLOCK_N"]), Nb)
+    if apply is not None and meta is None and not _interpreting():
+        best = getattr(_update_tuned, "best_config", None)
+        if best is None:
+            raise RuntimeError("ns_update(apply=...) on a GPU needs an autotuned call of the same shape first")
+        meta = _config_kwargs(best)
     _launch(_update_tuned, _update_even, grid, args, "update", meta)
     return out
 
 
 def newton_schulz(G: torch.Tensor, coeffs, f: float, eps: float, dtype: torch.dtype,
-                  sumsq: torch.Tensor | None = None, meta: dict | None = None) -> torch.Tensor:
+                  sumsq: torch.Tensor | None = None, meta: dict | None = None, apply=None) -> torch.Tensor | None:
     """train/muon.py's batched Newton–Schulz (same iteration, orientation and normalisation) with
     the kernels above. G [..., m, n]; matmul operands in `dtype`; sumsq: each matrix's sum of
     squares [N] fp32 when already known (momentum_stack), else computed from G.
+    apply: (params, decay, alpha, tables) with two or more iterations: the last iteration updates
+    the parameters in place (ns_update) and None is returned.
     meta: {'gram': ..., 'update': ...} fixed tiles (tests)."""
     m, n = G.shape[-2:]
     G3 = G.reshape(-1, m, n)
@@ -273,6 +326,8 @@ def newton_schulz(G: torch.Tensor, coeffs, f: float, eps: float, dtype: torch.dt
         norm = torch.linalg.vector_norm(G3, dim=(-2, -1), dtype=torch.promote_types(G.dtype, torch.float32))
     else:
         norm = sumsq.float().sqrt()
+    if apply is not None and len(coeffs) < 2:
+        raise ValueError("newton_schulz: apply needs two or more iterations (the last one reuses the tuned tiles)")
     inv = 1.0 / (norm.float() * f + eps)
     inv2 = inv * inv
     X = G3.to(dtype)
@@ -280,19 +335,21 @@ def newton_schulz(G: torch.Tensor, coeffs, f: float, eps: float, dtype: torch.dt
     d = min(m, n)
     A = torch.empty(X.shape[0], d, d, device=X.device, dtype=dtype)
     B = torch.empty_like(A)
-    spare = [torch.empty_like(X), torch.empty_like(X)]
+    writes = len(coeffs) - (apply is not None)  # iterations that store X (ping-pong buffers)
+    spare = [torch.empty_like(X) if writes > i else None for i in range(2)]
     gm, um = (meta or {}).get("gram"), (meta or {}).get("update")
     for k, (a, b, c) in enumerate(coeffs):
-        first = k == 0
+        first, last = k == 0, k == len(coeffs) - 1
         gram(X.mT if tall else X, scale=inv2 if first else None, out=A, meta=gm)
         gram(A, alpha=c, beta=b, Y=A, out=B, meta=gm)  # b A + c A² (A Aᵀ = A²: A is symmetric)
-        Xn = spare[k % 2]
+        fused = apply if last else None
+        Xn = None if fused is not None else spare[k % 2]
         if tall:
-            ns_update(X, B, X, a, scale=inv if first else None, out=Xn, meta=um)  # a X + X B
+            ns_update(X, B, X, a, scale=inv if first else None, out=Xn, meta=um, apply=fused)  # a X + X B
         else:
-            ns_update(B, X, X, a, scale=inv if first else None, out=Xn, meta=um)  # a X + B X
+            ns_update(B, X, X, a, scale=inv if first else None, out=Xn, meta=um, apply=fused)  # a X + B X
         X = Xn
-    return X.reshape(G.shape).to(G.dtype)
+    return None if apply is not None else X.reshape(G.shape).to(G.dtype)
 
 
 class AddressTables:
