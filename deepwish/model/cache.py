@@ -26,6 +26,39 @@ def take_rows_(t: torch.Tensor, index: torch.Tensor) -> None:
     t.copy_(t.index_select(0, index))
 
 
+def scatter_rows_(buf: torch.Tensor, dim: int, slots: torch.Tensor, values: torch.Tensor) -> None:
+    """buf[b, .., slots[b, t], ..] <- values[b, .., t, ..] along `dim` (1 or 2), by one scatter_.
+    buf [B, L, ...] (dim 1) or [B, H, L, ...] (dim 2), slots [B, T], values shaped like buf with T at dim."""
+    shape = [1] * buf.dim()
+    shape[0], shape[dim] = slots.shape
+    buf.scatter_(dim, slots.view(shape).expand(values.shape), values.to(buf.dtype))
+
+
+def index_put_rows_(buf: torch.Tensor, dim: int, slots: torch.Tensor, values: torch.Tensor) -> None:
+    """The same write as `scatter_rows_`, as an index_put_ (buf[rows, slots] = values)."""
+    rows = torch.arange(buf.shape[0], device=buf.device)[:, None]
+    if dim == 1:
+        buf[rows, slots] = values.to(buf.dtype)
+    elif dim == 2:  # advanced indices around a slice: the indexed dims come first, [B, T, H, ...]
+        buf[rows, :, slots] = values.transpose(1, 2).to(buf.dtype)
+    else:
+        raise ValueError(f"index_put_rows_: dim must be 1 or 2, got {dim}")
+
+
+def write_rows_(buf: torch.Tensor, dim: int, slots: torch.Tensor, values: torch.Tensor) -> None:
+    """Write a chunk of T tokens into a cache buffer at per-row slots (see `scatter_rows_`).
+
+    Eagerly a scatter_ is one kernel. Under torch.compile the same write is made an index_put_:
+    inductor performs an index_put_ on a graph input in place, but lowers a scatter_ there to a
+    copy of the whole buffer, the scatter and a copy back, i.e. moves the cache twice per layer and
+    step (measured in the generated code; gpt-fast writes its cache this way for the same reason).
+    Both forms write the same values."""
+    if torch.compiler.is_compiling():
+        index_put_rows_(buf, dim, slots, values)
+    else:
+        scatter_rows_(buf, dim, slots, values)
+
+
 @dataclass
 class KVCache:
     k: torch.Tensor  # [B, Hkv, L, D]
@@ -44,10 +77,8 @@ class KVCache:
 
     def update(self, positions: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Write k, v [B, Hkv, T, D] at slots `positions` [B, T]; return the whole cache."""
-        idx_k = positions[:, None, :, None].expand(-1, k.shape[1], -1, k.shape[-1])
-        idx_v = positions[:, None, :, None].expand(-1, v.shape[1], -1, v.shape[-1])
-        self.k.scatter_(2, idx_k, k.to(self.k.dtype))
-        self.v.scatter_(2, idx_v, v.to(self.v.dtype))
+        write_rows_(self.k, 2, positions, k)
+        write_rows_(self.v, 2, positions, v)
         return self.k, self.v
 
     def keys_for(self, positions: torch.Tensor, k: torch.Tensor, v: torch.Tensor
@@ -119,8 +150,8 @@ class MLACache:
     def update(self, positions: torch.Tensor, c_kv: torch.Tensor, k_pe: torch.Tensor
                ) -> tuple[torch.Tensor, torch.Tensor]:
         """Write c_kv [B, T, R], k_pe [B, T, P] at slots `positions` [B, T]; return the whole cache."""
-        self.c_kv.scatter_(1, positions[..., None].expand(-1, -1, c_kv.shape[-1]), c_kv.to(self.c_kv.dtype))
-        self.k_pe.scatter_(1, positions[..., None].expand(-1, -1, k_pe.shape[-1]), k_pe.to(self.k_pe.dtype))
+        write_rows_(self.c_kv, 1, positions, c_kv)
+        write_rows_(self.k_pe, 1, positions, k_pe)
         return self.c_kv, self.k_pe
 
     def reset(self) -> None:

@@ -55,7 +55,7 @@ from torch import nn
 
 from deepwish.config import ModelConfig
 from deepwish.model.attention import attention_mask
-from deepwish.model.cache import MLACache, take_rows_
+from deepwish.model.cache import MLACache, take_rows_, write_rows_
 from deepwish.kernels.sparse_mla import resolve_sparse_mla_backend, sparse_mla
 from deepwish.model.attention import kernel_inputs
 from deepwish.kernels.index_scores.reference import index_scores
@@ -90,7 +90,7 @@ class DSACache(MLACache):
 
     def update_index(self, positions: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
         """Write indexer keys k [B,T,Di] at `positions` [B,T]; return all [B,L,Di]."""
-        self.index_k.scatter_(1, positions[..., None].expand(-1, -1, k.shape[-1]), k.to(self.index_k.dtype))
+        write_rows_(self.index_k, 1, positions, k)
         return self.index_k
 
     def reset(self) -> None:

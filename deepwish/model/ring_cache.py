@@ -28,7 +28,7 @@ from dataclasses import dataclass
 
 import torch
 
-from deepwish.model.cache import ModelCache, take_rows_
+from deepwish.model.cache import ModelCache, take_rows_, write_rows_
 
 EMPTY = 2 ** 62  # position of an empty slot: beyond any query, hence masked by causality
 
@@ -57,9 +57,9 @@ class RingKVCache:
 
     def _write(self, positions: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         slot = positions % self.slots  # [B, T], distinct within a row when T <= S
-        self.k.scatter_(2, slot[:, None, :, None].expand(-1, k.shape[1], -1, k.shape[-1]), k.to(self.k.dtype))
-        self.v.scatter_(2, slot[:, None, :, None].expand(-1, v.shape[1], -1, v.shape[-1]), v.to(self.v.dtype))
-        self.pos.scatter_(1, slot, positions)
+        write_rows_(self.k, 2, slot, k)
+        write_rows_(self.v, 2, slot, v)
+        write_rows_(self.pos, 1, slot, positions)
 
     def keys_for(self, positions: torch.Tensor, k: torch.Tensor, v: torch.Tensor
                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
