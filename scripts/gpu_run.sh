@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # What the GPU machine runs: environment report, GPU tests and benchmarks, results under $OUT.
-#   bash scripts/gpu_run.sh STAGE...   with STAGE in: env tests kernels gdn train decode sweep tradeoff notebook corpus speedrun ablate dsa nsa_kernels nsa_quality attn_dq_tiles attn_dq
+#   bash scripts/gpu_run.sh STAGE...   with STAGE in: env tests kernels gdn train decode sweep tradeoff notebook corpus speedrun ablate dsa nsa_kernels nsa_quality attn_dq_tiles attn_dq muon
 # Optional wheels in .whl/ (flash-linear-attention, liger-kernel) are installed to /tmp/site
 # first, so the anchors run side by side with deepwish in the same process (NO_WHEELS=1 skips
 # them, e.g. for HF's Qwen3-Next on its torch path).
@@ -56,6 +56,16 @@ for stage in "$@"; do
       [ -f "$OUT/attn_dq_tiles/tiles.json" ] && tiles=(--tiles "$OUT/attn_dq_tiles/tiles.json")
       python3 -m deepwish.cli bench attention --out "$OUT/attn_dq" --dq-forms kernel,atomic,atomic_t --parts check,train \
         --paths own,flex "${tiles[@]}" ${ATTN_DQ_ARGS:-} 2>&1 | tee "$OUT/attn_dq.log" || status=1 ;;
+    muon)  # Muon's Triton step against its torch step: GPU tests, the optimizer step alone, the training step
+      python3 -m pytest -m gpu -q -p no:cacheprovider tests/kernels/test_muon_kernels_gpu.py tests/train/test_muon.py 2>&1 \
+        | tee "$OUT/muon_tests.log" | tail -8
+      [ "${PIPESTATUS[0]}" = 0 ] || status=1
+      TRITON_PRINT_AUTOTUNING=1 python3 -m deepwish.cli bench muon --out "$OUT/muon" --steps 8 \
+        --variants ${MUON_VARIANTS:-adamw,muon,muon-torch,muon-fused-cublas} 2>&1 | tee "$OUT/muon_bench.log"
+      [ "${PIPESTATUS[0]}" = 0 ] || status=1
+      python3 -m deepwish.cli bench train --out "$OUT/muon_train" --preset qwen3_0.6b --steps 10 \
+        --variants deepwish,deepwish-muon,deepwish-muon-torch 2>&1 | tee "$OUT/muon_train.log"
+      [ "${PIPESTATUS[0]}" = 0 ] || status=1 ;;
     *) echo "unknown stage $stage"; status=2 ;;
   esac
 done
