@@ -12,6 +12,8 @@ optimizers as `build_optimizer` makes them (Muon on the hidden matrices, fused A
                    and update): the step before its kernels;
   muon-fused-cublas  the triton backend's fused momentum/stack and update passes around the torch
                    (cuBLAS) Newton–Schulz: what the Newton–Schulz kernels add on their own;
+  muon-triton-gram the triton backend with cuBLAS for the update matmul a X + B X (kernels/muon/
+                   triton.py UPDATE_MATMUL="cublas"): the symmetric Gram kernels without the update kernel;
   muon-pe          the same with the Polar Express coefficients;
   muon-normuon     the same with NorMuon;
   muon-per-matrix  Muon one matrix at a time (the update rule without batching: one Newton–Schulz
@@ -31,7 +33,8 @@ from pathlib import Path
 
 import torch
 
-VARIANTS = ("adamw", "muon", "muon-torch", "muon-fused-cublas", "muon-pe", "muon-normuon", "muon-per-matrix")
+VARIANTS = ("adamw", "muon", "muon-torch", "muon-fused-cublas", "muon-triton-gram", "muon-pe", "muon-normuon",
+            "muon-per-matrix")
 
 
 def ns_flops(shapes: list[tuple[int, ...]], steps: int) -> float:
@@ -79,12 +82,23 @@ def per_matrix_step(opt) -> None:
 
 
 def time_variant(model, cfg_train, variant: str, steps: int, warmup: int) -> dict:
+    from deepwish.kernels.muon import triton as muon_kernels
+
+    before = muon_kernels.UPDATE_MATMUL
+    muon_kernels.UPDATE_MATMUL = "cublas" if variant == "muon-triton-gram" else before
+    try:
+        return _time_variant(model, cfg_train, variant, steps, warmup)
+    finally:
+        muon_kernels.UPDATE_MATMUL = before
+
+
+def _time_variant(model, cfg_train, variant: str, steps: int, warmup: int) -> dict:
     import dataclasses
 
     from deepwish.train.optim import build_optimizer
 
     sets = {"adamw": dict(optimizer="adamw"), "muon": {}, "muon-per-matrix": {}, "muon-torch": dict(muon_backend="torch"),
-            "muon-fused-cublas": dict(muon_backend="triton"),
+            "muon-fused-cublas": dict(muon_backend="triton"), "muon-triton-gram": dict(muon_backend="triton"),
             "muon-pe": dict(muon_ns_schedule="polar_express"), "muon-normuon": dict(muon_normuon=True)}[variant]
     tc = dataclasses.replace(cfg_train, **sets)
     opt = build_optimizer(model, tc)

@@ -312,14 +312,28 @@ def ns_update(L: torch.Tensor, R: torch.Tensor, Y: torch.Tensor, a: float, scale
     return out
 
 
+# The matmul of the update a X + B X: "triton" (ns_update: the epilogue reads X once, the
+# normalisation and, in Muon's step, the parameter update folded in) or "cublas" (torch.baddbmm,
+# which copies X into its result first; an explicit normalisation pass and a separate update pass).
+# Every update matmul has K = min(m, n), short for a Triton pipeline; `bench muon` times both
+# (variant muon-triton-gram) so the faster one can be made the default here.
+UPDATE_MATMULS = ("triton", "cublas")
+UPDATE_MATMUL = "triton"
+
+
 def newton_schulz(G: torch.Tensor, coeffs, f: float, eps: float, dtype: torch.dtype,
-                  sumsq: torch.Tensor | None = None, meta: dict | None = None, apply=None) -> torch.Tensor | None:
+                  sumsq: torch.Tensor | None = None, meta: dict | None = None, apply=None,
+                  update: str | None = None) -> torch.Tensor | None:
     """train/muon.py's batched Newton–Schulz (same iteration, orientation and normalisation) with
     the kernels above. G [..., m, n]; matmul operands in `dtype`; sumsq: each matrix's sum of
     squares [N] fp32 when already known (momentum_stack), else computed from G.
-    apply: (params, decay, alpha, tables) with two or more iterations: the last iteration updates
-    the parameters in place (ns_update) and None is returned.
+    apply: (params, decay, alpha, tables) with two or more iterations: the parameters are updated
+    in place (with update="triton" by the last iteration's epilogue) and None is returned.
+    update: the update's matmul (UPDATE_MATMULS; None: UPDATE_MATMUL).
     meta: {'gram': ..., 'update': ...} fixed tiles (tests)."""
+    update = update or UPDATE_MATMUL
+    if update not in UPDATE_MATMULS:
+        raise ValueError(f"newton_schulz: unknown update matmul {update!r}; choose from {', '.join(UPDATE_MATMULS)}")
     m, n = G.shape[-2:]
     G3 = G.reshape(-1, m, n)
     if sumsq is None:
@@ -330,14 +344,28 @@ def newton_schulz(G: torch.Tensor, coeffs, f: float, eps: float, dtype: torch.dt
         raise ValueError("newton_schulz: apply needs two or more iterations (the last one reuses the tuned tiles)")
     inv = 1.0 / (norm.float() * f + eps)
     inv2 = inv * inv
-    X = G3.to(dtype)
     tall = m > n  # as train/muon.py: the Gram matrix is the smaller one; X keeps its layout
     d = min(m, n)
+    gm, um = (meta or {}).get("gram"), (meta or {}).get("update")
+    if update == "cublas":
+        X = torch.empty(G3.shape, device=G.device, dtype=dtype)
+        torch.mul(G3, inv.view(-1, 1, 1), out=X)
+        A = torch.empty(X.shape[0], d, d, device=X.device, dtype=dtype)
+        B = torch.empty_like(A)
+        for a, b, c in coeffs:
+            gram(X.mT if tall else X, out=A, meta=gm)
+            gram(A, alpha=c, beta=b, Y=A, out=B, meta=gm)
+            X = torch.baddbmm(X, X, B, beta=a) if tall else torch.baddbmm(X, B, X, beta=a)
+        if apply is None:
+            return X.reshape(G.shape).to(G.dtype)
+        params, decay, alpha, tables = apply
+        apply_update(params, X.reshape(len(params), *params[0].shape), decay, alpha, tables)
+        return None
+    X = G3.to(dtype)
     A = torch.empty(X.shape[0], d, d, device=X.device, dtype=dtype)
     B = torch.empty_like(A)
     writes = len(coeffs) - (apply is not None)  # iterations that store X (ping-pong buffers)
     spare = [torch.empty_like(X) if writes > i else None for i in range(2)]
-    gm, um = (meta or {}).get("gram"), (meta or {}).get("update")
     for k, (a, b, c) in enumerate(coeffs):
         first, last = k == 0, k == len(coeffs) - 1
         gram(X.mT if tall else X, scale=inv2 if first else None, out=A, meta=gm)
