@@ -270,8 +270,8 @@ def ns_update(L: torch.Tensor, R: torch.Tensor, Y: torch.Tensor, a: float, scale
     apply: (params, decay, alpha, tables): same-shape contiguous tensors holding the N matrices
     (AddressTables order) of Y's matrix shape; instead of returning the result, p_i <- decay·p_i +
     alpha·result_i (reference.apply_update, the result unrounded). On a GPU that launch takes the
-    config autotuned by the previous call (of the same shape: newton_schulz's previous iteration),
-    since autotuning runs the kernel several times, which an in-place update must not be."""
+    config autotuned by the previous call (of the same shape: newton_schulz's previous iteration)
+    instead of tuning: autotuning runs the kernel several times, which an in-place update must not be."""
     for name, t in (("L", L), ("R", R), ("Y", Y)):
         _check_stack(name, t)
     Nb, M, K = L.shape
@@ -304,10 +304,9 @@ def ns_update(L: torch.Tensor, R: torch.Tensor, Y: torch.Tensor, a: float, scale
     def grid(meta_):
         return (triton.cdiv(M, meta_["BLOCK_M"]) * triton.cdiv(N, meta_["BLOCK_N"]), Nb)
     if apply is not None and meta is None and not _interpreting():
-        best = getattr(_update_tuned, "best_config", None)
-        if best is None:
-            raise RuntimeError("ns_update(apply=...) on a GPU needs an autotuned call of the same shape first")
-        meta = _config_kwargs(best)
+        # the config of the last tuned launch (any config is correct for any shape; this one was
+        # measured for this shape by the previous iteration), else the first
+        meta = _config_kwargs(getattr(_update_tuned, "best_config", None) or _UPDATE_CONFIGS[0])
     _launch(_update_tuned, _update_even, grid, args, "update", meta)
     return out
 
@@ -341,7 +340,7 @@ def newton_schulz(G: torch.Tensor, coeffs, f: float, eps: float, dtype: torch.dt
     else:
         norm = sumsq.float().sqrt()
     if apply is not None and len(coeffs) < 2:
-        raise ValueError("newton_schulz: apply needs two or more iterations (the last one reuses the tuned tiles)")
+        raise ValueError("newton_schulz: apply needs two or more iterations (the last one reuses the previous one's tiles)")
     inv = 1.0 / (norm.float() * f + eps)
     inv2 = inv * inv
     tall = m > n  # as train/muon.py: the Gram matrix is the smaller one; X keeps its layout
