@@ -18,7 +18,8 @@ optimizers as `build_optimizer` makes them (Muon on the hidden matrices, fused A
   muon-normuon     the same with NorMuon;
   muon-per-matrix  Muon one matrix at a time (the update rule without batching: one Newton–Schulz
                    launch chain per matrix), the reference for what batching buys.
-Reported: median ms per step (CUDA events, after warm-up), the Newton–Schulz FLOPs of one step
+Reported: median ms per step (CUDA events, after warm-up; with --profile also the device kernel
+time per step and the longest kernels, from torch.profiler), the Newton–Schulz FLOPs of one step
 (per matrix of min/max dims m <= n and k iterations: k·(4·m²·n + 2·m³)) and their rate against the
 device's measured bf16 peak (train/mfu.py), and the FLOPs the triton backend executes (its two
 symmetric products computed on 128-tiles on and above the diagonal only). Results: DIR/results.json,
@@ -81,18 +82,40 @@ def per_matrix_step(opt) -> None:
             p.add_(o, alpha=-lr * shape_scale(p.shape))
 
 
-def time_variant(model, cfg_train, variant: str, steps: int, warmup: int) -> dict:
+def kernel_profile(step, steps: int = 2) -> dict:
+    """Device kernels of `steps` calls of step() under torch.profiler: {'busy_ms': kernel time per
+    step, 'kernels': [{'name', 'ms', 'calls'} per step, longest first]}. busy_ms well under the
+    step's time means the device waited (for the CPU issuing launches)."""
+    from collections import defaultdict
+
+    from deepwish.bench.decode_profile import device_events
+
+    torch.cuda.synchronize()
+    acts = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+    with torch.profiler.profile(activities=acts) as prof:
+        for _ in range(steps):
+            step()
+        torch.cuda.synchronize()
+    per: dict[str, list] = defaultdict(lambda: [0.0, 0])
+    for name, us in device_events(prof, "cuda"):
+        per[name][0] += us / 1e3 / steps
+        per[name][1] += 1 / steps
+    rows = sorted(({"name": k, "ms": v[0], "calls": v[1]} for k, v in per.items()), key=lambda r: -r["ms"])
+    return {"busy_ms": sum(r["ms"] for r in rows), "kernels": rows}
+
+
+def time_variant(model, cfg_train, variant: str, steps: int, warmup: int, profile: bool = False) -> dict:
     from deepwish.kernels.muon import triton as muon_kernels
 
     before = muon_kernels.UPDATE_MATMUL
     muon_kernels.UPDATE_MATMUL = "cublas" if variant == "muon-triton-gram" else before
     try:
-        return _time_variant(model, cfg_train, variant, steps, warmup)
+        return _time_variant(model, cfg_train, variant, steps, warmup, profile)
     finally:
         muon_kernels.UPDATE_MATMUL = before
 
 
-def _time_variant(model, cfg_train, variant: str, steps: int, warmup: int) -> dict:
+def _time_variant(model, cfg_train, variant: str, steps: int, warmup: int, profile: bool) -> dict:
     import dataclasses
 
     from deepwish.train.optim import build_optimizer
@@ -126,6 +149,7 @@ def _time_variant(model, cfg_train, variant: str, steps: int, warmup: int) -> di
         b.synchronize()
         times.append(a.elapsed_time(b))
     times.sort()
+    prof = kernel_profile(step) if profile else None
     shapes = [tuple(p.shape) for g in opt.optimizers.get("muon", opt).param_groups for p in g["params"]] \
         if "muon" in opt.optimizers else []
     fused = "muon" in opt.optimizers and variant not in ("muon-per-matrix", "muon-fused-cublas") \
@@ -135,7 +159,8 @@ def _time_variant(model, cfg_train, variant: str, steps: int, warmup: int) -> di
     return {"variant": variant, "ms": times[len(times) // 2], "ms_min": times[0],
             "ns_flops": ns_flops(shapes, tc.muon_ns_steps) if shapes else 0.0, "n_matrices": len(shapes),
             "ns_backend": ("triton" if fused else "torch") if shapes else None,
-            "ns_flops_run": (ns_flops_symmetric if fused else ns_flops)(shapes, tc.muon_ns_steps) if shapes else 0.0}
+            "ns_flops_run": (ns_flops_symmetric if fused else ns_flops)(shapes, tc.muon_ns_steps) if shapes else 0.0,
+            "profile": prof}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -145,6 +170,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated subset of {', '.join(VARIANTS)}")
+    p.add_argument("--profile", action="store_true",
+                   help="also profile two steps of each variant: device kernel time per step, the longest kernels")
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("deepwish bench muon needs a CUDA GPU")
@@ -167,13 +194,19 @@ def main(argv: list[str] | None = None) -> int:
     peak, note = device_peak_flops(torch.device("cuda"))
     results = []
     for v in variants:
-        r = time_variant(model, cfg.train, v, args.steps, args.warmup)
+        r = time_variant(model, cfg.train, v, args.steps, args.warmup, profile=args.profile)
         r["ns_tflops_s"] = r["ns_flops"] / (r["ms"] * 1e-3) / 1e12 if r["ns_flops"] else None
         results.append(r)
         print(f"[bench muon] {args.preset} {v:16s} {r['ms']:8.2f} ms/step  ({r['n_matrices']} matrices, "
               f"NS {r['ns_flops'] / 1e12:.2f} TFLOP/step"
               + (f", {r['ns_flops_run'] / 1e12:.2f} run by the {r['ns_backend']} Newton–Schulz" if r["ns_backend"] else "")
               + (f", {r['ns_tflops_s']:.0f} TFLOP/s counting the whole step)" if r["ns_tflops_s"] else ")"), flush=True)
+        if r["profile"]:
+            pr = r["profile"]
+            print(f"[bench muon]   profile: {pr['busy_ms']:.2f} ms of device kernels per step "
+                  f"({100 * pr['busy_ms'] / r['ms']:.0f}% of the step), longest:", flush=True)
+            for k in pr["kernels"][:12]:
+                print(f"[bench muon]     {k['ms']:7.3f} ms  {k['calls']:5.1f}x  {k['name'][:90]}", flush=True)
     from deepwish.bench.env import bench_environment
     env = bench_environment("cuda", "deepwish bench muon", peak=note)
     (out / "results.json").write_text(json.dumps({"env": env, "preset": args.preset, "results": results}, indent=1))

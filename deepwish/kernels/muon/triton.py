@@ -6,15 +6,18 @@ Where the time goes (Qwen3-0.6B: 168 matrices, 440M elements, all with min(rows,
   T = m / 128 = 8: 56%) and writes each off-diagonal tile twice (itself and its transpose). For
   Qwen3-0.6B that is 10.8 -> 8.1 TFLOP per step (-25%).
 - torch's baddbmm(C, A, B, beta=β) first copies C into the result, then runs the matmul with β:
-  4 bytes per element of X per iteration (2.4 GB per step here). The epilogues below read C once.
+  4 bytes per element of X (and of A) per iteration, 12 GB per step here (~3 ms at the H200's
+  copy bandwidth). The epilogues below read C once.
 - The Frobenius normalisation X0 = U / ||U|| is folded into the first iteration (A0 = s² U Uᵀ,
   X1 = s (a U + B0 U), s = 1 / (||U||·f + eps), per matrix, read from a [N] fp32 tensor): no pass
   over U. (In fp32 accumulation U Uᵀ overflows only for ||U||_F > 1.8e19.)
 - Around it, torch ran momentum (2 foreach passes, 20 B/element), the bf16 stack (10 B), the
-  norm (2 B), the normalisation (4 B), weight decay (8 B) and the update (10 B): 54 B/element.
-  `momentum_stack` does momentum + Nesterov + the stack + the per-block sums of squares of the
-  rounded update in one pass (14 B), `apply_update` weight decay + the step (10 B): 24 B/element.
-  Both take their per-matrix tensors through a table of addresses (int64), one launch per shape.
+  norm (2 B), the normalisation (4 B), weight decay (8 B) and the update (10 B): 54 B/element
+  (24 GB per step here). `momentum_stack` does momentum + Nesterov + the stack + the per-block
+  sums of squares of the rounded update in one pass (14 B); the last iteration's epilogue does
+  weight decay + the step (read and write p, 8 B, the last X never stored; with NorMuon the
+  separate `apply_update`, 10 B): 22 B/element (10 GB). The passes take their per-matrix tensors
+  through a table of addresses (int64), one launch per shape bucket.
 Accumulation is fp32; matmul operands are the compute dtype (bf16 on CUDA; fp32 under the
 interpreter, where the dots are exact).
 
