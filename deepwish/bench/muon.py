@@ -11,9 +11,10 @@ optimizers as `build_optimizer` makes them (Muon on the hidden matrices, fused A
   muon-torch       the same with train.muon_backend=torch (cuBLAS Newton–Schulz, foreach momentum
                    and update): the step before its kernels;
   muon-fused-cublas  the triton backend's fused momentum/stack and update passes around the torch
-                   (cuBLAS) Newton–Schulz: what the Newton–Schulz kernels add on their own;
-  muon-triton-gram the triton backend with cuBLAS for the update matmul a X + B X (kernels/muon/
-                   triton.py UPDATE_MATMUL="cublas"): the symmetric Gram kernels without the update kernel;
+                   (cuBLAS) Newton–Schulz (kernels/muon/triton.py NS_KERNELS="none"): what the
+                   Newton–Schulz kernels add on their own;
+  muon-triton-gram the triton backend with cuBLAS for the update matmul a X + B X (NS_KERNELS="gram"):
+                   the symmetric Gram kernels without the update kernel;
   muon-pe          the same with the Polar Express coefficients;
   muon-normuon     the same with NorMuon;
   muon-per-matrix  Muon one matrix at a time (the update rule without batching: one Newton–Schulz
@@ -107,12 +108,12 @@ def kernel_profile(step, steps: int = 2) -> dict:
 def time_variant(model, cfg_train, variant: str, steps: int, warmup: int, profile: bool = False) -> dict:
     from deepwish.kernels.muon import triton as muon_kernels
 
-    before = muon_kernels.UPDATE_MATMUL
-    muon_kernels.UPDATE_MATMUL = "cublas" if variant == "muon-triton-gram" else before
+    before = muon_kernels.NS_KERNELS
+    muon_kernels.NS_KERNELS = {"muon-triton-gram": "gram", "muon-fused-cublas": "none"}.get(variant, before)
     try:
         return _time_variant(model, cfg_train, variant, steps, warmup, profile)
     finally:
-        muon_kernels.UPDATE_MATMUL = before
+        muon_kernels.NS_KERNELS = before
 
 
 def _time_variant(model, cfg_train, variant: str, steps: int, warmup: int, profile: bool) -> dict:
@@ -125,8 +126,6 @@ def _time_variant(model, cfg_train, variant: str, steps: int, warmup: int, profi
             "muon-pe": dict(muon_ns_schedule="polar_express"), "muon-normuon": dict(muon_normuon=True)}[variant]
     tc = dataclasses.replace(cfg_train, **sets)
     opt = build_optimizer(model, tc)
-    if variant == "muon-fused-cublas":
-        opt.optimizers["muon"].ns_backend = "torch"
     if variant == "muon-per-matrix":
         muon = opt.optimizers["muon"]
         rest = opt.optimizers["adamw"]

@@ -101,6 +101,11 @@ def newton_schulz(G: torch.Tensor, steps: int = 5, eps: float = NS_EPS, schedule
         return kernels.newton_schulz(G, coeffs, f, eps, compute_dtype(G.device), sumsq=sumsq)
     if backend != "torch":
         raise ValueError(f"newton_schulz: unknown backend {backend!r}; choose from torch, triton")
+    return torch_newton_schulz(G, coeffs, f, eps)
+
+
+def torch_newton_schulz(G: torch.Tensor, coeffs, f: float, eps: float) -> torch.Tensor:
+    """newton_schulz's torch path for explicit coefficients (ns_coefficients)."""
     m, n = G.shape[-2:]
     G3 = G.reshape(-1, m, n)
     # Frobenius normalisation bounds the spectral norm by 1, inside the iteration's basin; the norm
@@ -197,9 +202,6 @@ class Muon(torch.optim.Optimizer):
         self.backend = backend
         self._resolved: dict[torch.device, str] = {}  # device -> torch | triton
         self._tables = None  # kernels/muon/triton.py AddressTables, made on the first triton step
-        # Newton–Schulz's backend when it should differ from the step's (None: the same). `bench muon`
-        # sets "torch" under the triton backend to time the fused passes around cuBLAS matmuls.
-        self.ns_backend: str | None = None
         for group in self.param_groups:
             for p in group["params"]:
                 if p.ndim not in (2, 3):
@@ -245,7 +247,7 @@ class Muon(torch.optim.Optimizer):
         """[N, *shape] stacked updates of `params` -> orthogonalised (and NorMuon-normalised unless
         `normuon` is False: DistributedMuon normalises each rank's rows after the return)."""
         O = newton_schulz(U, steps=group["ns_steps"], schedule=group["ns_schedule"],
-                          backend=self.ns_backend or self.backend_for(U.device), sumsq=sumsq)
+                          backend=self.backend_for(U.device), sumsq=sumsq)
         if group["normuon"] and normuon:
             vs = []
             for p in params:
@@ -310,7 +312,7 @@ class Muon(torch.optim.Optimizer):
                                           compute_dtype(device), self._tables)
         lr = group["lr"]
         decay, alpha = 1.0 - lr * group["weight_decay"], -lr * shape_scale(ps[0].shape)
-        if not group["normuon"] and group["ns_steps"] >= 2 and self.ns_backend is None:
+        if not group["normuon"] and group["ns_steps"] >= 2:
             # the last iteration's epilogue updates the parameters: the result is never stored
             coeffs, f = ns_coefficients(group["ns_schedule"], group["ns_steps"])
             kernels.newton_schulz(U, coeffs, f, NS_EPS, compute_dtype(device), sumsq=sumsq,

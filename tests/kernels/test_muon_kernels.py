@@ -52,19 +52,20 @@ def test_ns_update_equals_reference(rel_err, dtype, M, N, K):
         tri.ns_update(L, R[:, :5], Y, 1.0)
 
 
-@pytest.mark.parametrize("shape", [(2, 24, 16), (2, 16, 24)])
-def test_newton_schulz_with_cublas_update_applied_to_parameters(shape):
-    """update="cublas" (baddbmm for a X + B X, then the separate update pass) on expert stacks."""
+@pytest.mark.parametrize("kernels,shape", [("gram", (2, 24, 16)), ("gram", (2, 16, 24)), ("none", (2, 24, 16))])
+def test_newton_schulz_with_cublas_matmuls_applied_to_parameters(kernels, shape):
+    """kernels="gram" (baddbmm for a X + B X) and "none" (the torch iteration), then the separate
+    update pass, on expert stacks."""
     G = torch.randn(3, *shape)
     params = [torch.randn(shape) for _ in range(3)]
     want = [p * 0.99 - 0.05 * o for p, o in zip(params, newton_schulz(G, steps=2, backend="torch"))]
     coeffs, f = ns_coefficients("jordan", 2)
     assert tri.newton_schulz(G, coeffs, f, 1e-7, torch.float32, apply=(params, 0.99, -0.05, tri.AddressTables()),
-                             update="cublas") is None
+                             kernels=kernels) is None
     for p, w in zip(params, want):
         torch.testing.assert_close(p, w, rtol=1e-5, atol=1e-6)
-    with pytest.raises(ValueError, match="update matmul"):
-        tri.newton_schulz(G, coeffs, f, 1e-7, torch.float32, update="cutlass")
+    with pytest.raises(ValueError, match="unknown kernels"):
+        tri.newton_schulz(G, coeffs, f, 1e-7, torch.float32, kernels="cutlass")
 
 
 @pytest.mark.parametrize("M,N", [(40, 24), (24, 40)])

@@ -314,42 +314,50 @@ def ns_update(L: torch.Tensor, R: torch.Tensor, Y: torch.Tensor, a: float, scale
     return out
 
 
-# The matmul of the update a X + B X: "triton" (ns_update: the epilogue reads X once, the
-# normalisation and, in Muon's step, the parameter update folded in) or "cublas" (torch.baddbmm,
-# which copies X into its result first; an explicit normalisation pass and a separate update pass).
-# Every update matmul has K = min(m, n), short for a Triton pipeline; `bench muon` times both
-# (variant muon-triton-gram) so the faster one can be made the default here.
-UPDATE_MATMULS = ("triton", "cublas")
-UPDATE_MATMUL = "triton"
+# Which of Newton–Schulz's matmuls run as the kernels above, the rest as cuBLAS (torch) calls:
+#   "all"   gram for A and A², ns_update for a X + B X (the epilogue reads X once; the normalisation
+#           and, in Muon's step, the parameter update folded in);
+#   "gram"  gram kernels, torch.baddbmm for the update (it copies X into its result first; an
+#           explicit normalisation pass and a separate parameter-update pass);
+#   "none"  train/muon.py's torch iteration (cuBLAS for all three), between the fused momentum and
+#           update passes.
+# Every update matmul has K = min(m, n), short for a Triton pipeline. `bench muon` times the three
+# (variants muon, muon-triton-gram, muon-fused-cublas): set the default to the fastest there.
+NS_KERNEL_CHOICES = ("all", "gram", "none")
+NS_KERNELS = "all"
 
 
 def newton_schulz(G: torch.Tensor, coeffs, f: float, eps: float, dtype: torch.dtype,
                   sumsq: torch.Tensor | None = None, meta: dict | None = None, apply=None,
-                  update: str | None = None) -> torch.Tensor | None:
+                  kernels: str | None = None) -> torch.Tensor | None:
     """train/muon.py's batched Newton–Schulz (same iteration, orientation and normalisation) with
     the kernels above. G [..., m, n]; matmul operands in `dtype`; sumsq: each matrix's sum of
     squares [N] fp32 when already known (momentum_stack), else computed from G.
     apply: (params, decay, alpha, tables) with two or more iterations: the parameters are updated
-    in place (with update="triton" by the last iteration's epilogue) and None is returned.
-    update: the update's matmul (UPDATE_MATMULS; None: UPDATE_MATMUL).
+    in place (with kernels="all" by the last iteration's epilogue) and None is returned.
+    kernels: which matmuls are kernels (NS_KERNEL_CHOICES; None: NS_KERNELS).
     meta: {'gram': ..., 'update': ...} fixed tiles (tests)."""
-    update = update or UPDATE_MATMUL
-    if update not in UPDATE_MATMULS:
-        raise ValueError(f"newton_schulz: unknown update matmul {update!r}; choose from {', '.join(UPDATE_MATMULS)}")
+    kernels = kernels or NS_KERNELS
+    if kernels not in NS_KERNEL_CHOICES:
+        raise ValueError(f"newton_schulz: unknown kernels {kernels!r}; choose from {', '.join(NS_KERNEL_CHOICES)}")
+    if apply is not None and len(coeffs) < 2:
+        raise ValueError("newton_schulz: apply needs two or more iterations (the last one reuses the previous one's tiles)")
+    if kernels == "none":
+        from deepwish.train.muon import torch_newton_schulz
+        X = torch_newton_schulz(G, coeffs, f, eps)
+        return _apply_or_return(X, apply)
     m, n = G.shape[-2:]
     G3 = G.reshape(-1, m, n)
     if sumsq is None:
         norm = torch.linalg.vector_norm(G3, dim=(-2, -1), dtype=torch.promote_types(G.dtype, torch.float32))
     else:
         norm = sumsq.float().sqrt()
-    if apply is not None and len(coeffs) < 2:
-        raise ValueError("newton_schulz: apply needs two or more iterations (the last one reuses the previous one's tiles)")
     inv = 1.0 / (norm.float() * f + eps)
     inv2 = inv * inv
     tall = m > n  # as train/muon.py: the Gram matrix is the smaller one; X keeps its layout
     d = min(m, n)
     gm, um = (meta or {}).get("gram"), (meta or {}).get("update")
-    if update == "cublas":
+    if kernels == "gram":
         X = torch.empty(G3.shape, device=G.device, dtype=dtype)
         torch.mul(G3, inv.view(-1, 1, 1), out=X)
         A = torch.empty(X.shape[0], d, d, device=X.device, dtype=dtype)
@@ -358,11 +366,7 @@ def newton_schulz(G: torch.Tensor, coeffs, f: float, eps: float, dtype: torch.dt
             gram(X.mT if tall else X, out=A, meta=gm)
             gram(A, alpha=c, beta=b, Y=A, out=B, meta=gm)
             X = torch.baddbmm(X, X, B, beta=a) if tall else torch.baddbmm(X, B, X, beta=a)
-        if apply is None:
-            return X.reshape(G.shape).to(G.dtype)
-        params, decay, alpha, tables = apply
-        apply_update(params, X.reshape(len(params), *params[0].shape), decay, alpha, tables)
-        return None
+        return _apply_or_return(X.reshape(G.shape).to(G.dtype), apply)
     X = G3.to(dtype)
     A = torch.empty(X.shape[0], d, d, device=X.device, dtype=dtype)
     B = torch.empty_like(A)
@@ -380,6 +384,15 @@ def newton_schulz(G: torch.Tensor, coeffs, f: float, eps: float, dtype: torch.dt
             ns_update(B, X, X, a, scale=inv if first else None, out=Xn, meta=um, apply=fused)  # a X + B X
         X = Xn
     return None if apply is not None else X.reshape(G.shape).to(G.dtype)
+
+
+def _apply_or_return(O: torch.Tensor, apply) -> torch.Tensor | None:
+    """O, or (apply given) None after the parameter update p_i <- decay·p_i + alpha·O_i."""
+    if apply is None:
+        return O
+    params, decay, alpha, tables = apply
+    apply_update(params, O.reshape(len(params), *params[0].shape).contiguous(), decay, alpha, tables)
+    return None
 
 
 class AddressTables:
