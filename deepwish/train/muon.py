@@ -44,6 +44,8 @@ from collections import defaultdict
 
 import torch
 
+from deepwish.kernels.muon.reference import newton_schulz as torch_newton_schulz
+
 # Quintic coefficients of the original Muon (Jordan et al.): one triple reused every iteration.
 NS_COEFFS = (3.4445, -4.7750, 2.0315)
 # Polar Express (arXiv:2505.16932), per iteration, for an input spectrum in [1e-3, 1]; after the
@@ -101,31 +103,7 @@ def newton_schulz(G: torch.Tensor, steps: int = 5, eps: float = NS_EPS, schedule
         return kernels.newton_schulz(G, coeffs, f, eps, compute_dtype(G.device), sumsq=sumsq)
     if backend != "torch":
         raise ValueError(f"newton_schulz: unknown backend {backend!r}; choose from torch, triton")
-    return torch_newton_schulz(G, coeffs, f, eps)
-
-
-def torch_newton_schulz(G: torch.Tensor, coeffs, f: float, eps: float) -> torch.Tensor:
-    """newton_schulz's torch path for explicit coefficients (ns_coefficients)."""
-    m, n = G.shape[-2:]
-    G3 = G.reshape(-1, m, n)
-    # Frobenius normalisation bounds the spectral norm by 1, inside the iteration's basin; the norm
-    # and the division in fp32 (out= rounds once, to the compute dtype).
-    norm = torch.linalg.vector_norm(G3, dim=(-2, -1), keepdim=True, dtype=torch.promote_types(G.dtype, torch.float32))
-    X = torch.empty(G3.shape, dtype=compute_dtype(G.device), device=G.device)
-    torch.mul(G3, 1.0 / (norm * f + eps), out=X)
-    # A tall X (m > n) keeps its layout: the iteration on W = X^T (A = W W^T = X^T X, W <- a W + B W)
-    # transposed is X <- a X + X B (B is symmetric), so the Gram matrix is the smaller one and
-    # every operand and result stays contiguous (no transposed copies before the update).
-    for a, b, c in coeffs:
-        if m > n:
-            A = torch.bmm(X.mT, X)
-            B = torch.baddbmm(A, A, A, beta=b, alpha=c)  # b A + c A^2
-            X = torch.baddbmm(X, X, B, beta=a, alpha=1.0)  # a X + X B
-        else:
-            A = torch.bmm(X, X.mT)
-            B = torch.baddbmm(A, A, A, beta=b, alpha=c)
-            X = torch.baddbmm(X, B, X, beta=a, alpha=1.0)  # a X + B X
-    return X.reshape(G.shape).to(G.dtype)
+    return torch_newton_schulz(G, coeffs, f, eps, compute_dtype(G.device))
 
 
 def compute_dtype(device: torch.device) -> torch.dtype:

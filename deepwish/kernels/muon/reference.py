@@ -1,4 +1,5 @@
-"""The fused ops of Muon's step in plain torch (fp32 arithmetic): what `triton.py` computes.
+"""Muon's step in plain torch: the torch backend's Newton–Schulz (`newton_schulz`: cuBLAS bmm /
+baddbmm in the compute dtype) and, in fp32 arithmetic, the ops `triton.py` fuses.
 
 Newton–Schulz (train/muon.py) is X <- a X + (b A + c A²) X with A = X Xᵀ. Written with these ops:
     A = gram(X, scale=s²)             A = s² X Xᵀ       (s: the per-matrix Frobenius normalisation,
@@ -9,6 +10,31 @@ Both Gram products are symmetric (A and A² = A Aᵀ), which is what the kernel 
 from __future__ import annotations
 
 import torch
+
+
+def newton_schulz(G: torch.Tensor, coeffs, f: float, eps: float, dtype: torch.dtype) -> torch.Tensor:
+    """train/muon.py newton_schulz's torch path (the `torch` backend: cuBLAS bmm / baddbmm), for
+    explicit coefficients (train/muon.py ns_coefficients) and the matmuls' dtype."""
+    m, n = G.shape[-2:]
+    G3 = G.reshape(-1, m, n)
+    # Frobenius normalisation bounds the spectral norm by 1, inside the iteration's basin; the norm
+    # and the division in fp32 (out= rounds once, to the compute dtype).
+    norm = torch.linalg.vector_norm(G3, dim=(-2, -1), keepdim=True, dtype=torch.promote_types(G.dtype, torch.float32))
+    X = torch.empty(G3.shape, dtype=dtype, device=G.device)
+    torch.mul(G3, 1.0 / (norm * f + eps), out=X)
+    # A tall X (m > n) keeps its layout: the iteration on W = X^T (A = W W^T = X^T X, W <- a W + B W)
+    # transposed is X <- a X + X B (B is symmetric), so the Gram matrix is the smaller one and
+    # every operand and result stays contiguous (no transposed copies before the update).
+    for a, b, c in coeffs:
+        if m > n:
+            A = torch.bmm(X.mT, X)
+            B = torch.baddbmm(A, A, A, beta=b, alpha=c)  # b A + c A^2
+            X = torch.baddbmm(X, X, B, beta=a, alpha=1.0)  # a X + X B
+        else:
+            A = torch.bmm(X, X.mT)
+            B = torch.baddbmm(A, A, A, beta=b, alpha=c)
+            X = torch.baddbmm(X, B, X, beta=a, alpha=1.0)  # a X + B X
+    return X.reshape(G.shape).to(G.dtype)
 
 
 def gram(P: torch.Tensor, alpha: float = 1.0, beta: float = 0.0, Y: torch.Tensor | None = None,

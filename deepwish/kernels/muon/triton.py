@@ -343,9 +343,8 @@ def newton_schulz(G: torch.Tensor, coeffs, f: float, eps: float, dtype: torch.dt
     if apply is not None and len(coeffs) < 2:
         raise ValueError("newton_schulz: apply needs two or more iterations (the last one reuses the previous one's tiles)")
     if kernels == "none":
-        from deepwish.train.muon import torch_newton_schulz
-        X = torch_newton_schulz(G, coeffs, f, eps)
-        return _apply_or_return(X, apply)
+        from deepwish.kernels.muon.reference import newton_schulz as torch_newton_schulz
+        return _apply_or_return(torch_newton_schulz(G, coeffs, f, eps, dtype), apply)
     m, n = G.shape[-2:]
     G3 = G.reshape(-1, m, n)
     if sumsq is None:
