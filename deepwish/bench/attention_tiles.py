@@ -288,7 +288,8 @@ def compile_report(kind: str, head_dim: int, group: int, cand, form: str = "atom
     bm, bn, warps, stages, *rest = cand
     const = dict(BLOCK_DK=head_dim, BLOCK_DV=head_dim, GP=triton.next_power_of_2(group), SOFTCAP=False, PREC="tf32",
                  BM=bm, BN=bn, DQ_ATOMIC={"dkdv": 0, "dkdvq": 2 if form == "atomic_t" else 1}.get(kind, 0),
-                 SPLIT=rest[0] if rest else 0, DQK=head_dim, DV=head_dim)
+                 SPLIT=rest[0] if rest else 0, DQK=head_dim, DV=head_dim,
+                 SLACK=rest[0] if rest else 0, WS=bool(rest[1]) if len(rest) > 1 else False)
     fp32_ptrs, int_ptrs = {"LSE", "DELTA", "DQA"} if kind == "dkdvq" else {"LSE", "DELTA"}, {"DS", "DE"}
     sig, constexprs, attrs = {}, {}, {}
     for i, prm in enumerate(fn.params):

@@ -41,3 +41,29 @@ def online_softmax_step_lazy(acc, m_i, l_i, s, v, PREC: tl.constexpr, SLACK: tl.
     l_i = l_i + tl.sum(p, 1)
     acc = tl.dot(p.to(v.dtype), v, acc, input_precision=PREC)
     return acc, m_i, l_i
+
+
+@triton.jit
+def online_softmax_step_scaled(acc, m_i, l_i, s, c, v, PREC: tl.constexpr, SLACK: tl.constexpr):
+    """online_softmax_step (SLACK 0) or online_softmax_step_lazy (SLACK > 0) on the scores c·s,
+    given as s and the factor c > 0 (softmax scale · log2(e), or the softcap's): the row maximum
+    is taken on s and multiplied once per row (c > 0 keeps the argmax), and the factor goes into the
+    exponent's fused multiply-add, 2^(c·s - m): one multiply per score fewer than scaling s first.
+    Same quantities as the unscaled steps, up to fp32 rounding (the product is not rounded before
+    the subtraction)."""
+    m_new = tl.maximum(m_i, tl.max(s, 1) * c)
+    if SLACK > 0:
+        if tl.max(m_new - m_i, 0) > SLACK:
+            alpha = tl.exp2(m_i - m_new)
+            acc = acc * alpha[:, None]
+            l_i = l_i * alpha
+            m_i = m_new
+    else:
+        alpha = tl.exp2(m_i - m_new)
+        acc = acc * alpha[:, None]
+        l_i = l_i * alpha
+        m_i = m_new
+    p = tl.exp2(s * c - m_i[:, None])
+    l_i = l_i + tl.sum(p, 1)
+    acc = tl.dot(p.to(v.dtype), v, acc, input_precision=PREC)
+    return acc, m_i, l_i

@@ -49,7 +49,7 @@ import triton
 import triton.language as tl
 
 from deepwish.kernels.attention.reference import check_inputs, document_ends, document_starts
-from deepwish.kernels.online_softmax import online_softmax_step
+from deepwish.kernels.online_softmax import online_softmax_step_scaled
 
 LOG2E = 1.4426950408889634
 MAX_HEAD_DIM = 256
@@ -142,13 +142,18 @@ def tile_config(kind: str, head_dim: int, group: int, dtype: torch.dtype, T: int
     sums above head dim 128 as the GPU table does."""
     gp = triton.next_power_of_2(group)
     if _INTERPRET:
-        bm, bn, w, st, split = max(16, gp), 16, 1, 1, int(head_dim > 128)
+        # above head dim 128 the dK/dV sums split and the forward rescales lazily, so the tests'
+        # d192/d256 cases run those paths
+        bm, bn, w, st, split, rest = max(16, gp), 16, 1, 1, int(head_dim > 128), (8 if head_dim > 128 else 0,)
     else:
         bm, bn, w, st, *rest = TILES[tile_key(kind, head_dim, dtype, T)]
         split = rest[0] if rest else 0
     cfg = dict(BM=max(bm, gp), BN=bn, num_warps=w, num_stages=st)
     if kind in ("dkdv", "dkdvq"):
         cfg["SPLIT"] = int(split)
+    if kind == "fwd":  # fifth / sixth entries: SLACK (lazy rescale, log2 units; 0 = eager), WS
+        cfg["SLACK"] = rest[0] if rest else 0
+        cfg["WS"] = bool(rest[1]) if len(rest) > 1 else False
     return cfg
 
 
@@ -216,9 +221,14 @@ def _visible_t(t, n, hi):
 @triton.jit
 def _fwd_tiles(acc, m_i, l_i, q, K, V, k_base, v_base, sk_t, sv_t, t, lo_key,
                start, end, T, W, scale, softcap, dk, dv, DQK, DV,
-               BN: tl.constexpr, MASK: tl.constexpr, SOFTCAP: tl.constexpr, PREC: tl.constexpr):
-    qk_scale = scale * 1.4426950408889634
-    for n0 in range(start, end, BN):
+               BN: tl.constexpr, MASK: tl.constexpr, SOFTCAP: tl.constexpr, PREC: tl.constexpr,
+               SLACK: tl.constexpr, WS: tl.constexpr):
+    # the exponent's factor (base 2): the step applies it in its FMA (online_softmax_step_scaled)
+    if SOFTCAP:
+        c = softcap * 1.4426950408889634
+    else:
+        c = scale * 1.4426950408889634
+    for n0 in tl.range(start, end, BN, warp_specialize=WS):
         n = n0 + tl.arange(0, BN)
         n64 = tl.cast(n, tl.int64)
         if MASK:
@@ -229,9 +239,7 @@ def _fwd_tiles(acc, m_i, l_i, q, K, V, k_base, v_base, sk_t, sv_t, t, lo_key,
             k = tl.load(K + k_base + n64[:, None] * sk_t + dk[None, :], mask=(dk < DQK)[None, :], other=0.0)
         s = tl.dot(q, tl.trans(k), input_precision=PREC)
         if SOFTCAP:
-            s = (softcap * 1.4426950408889634) * _tanh(s * (scale / softcap))
-        else:
-            s = s * qk_scale
+            s = _tanh(s * (scale / softcap))
         if MASK:
             s = tl.where(_visible(t, n, lo_key), s, float("-inf"))
         if MASK:
@@ -239,7 +247,7 @@ def _fwd_tiles(acc, m_i, l_i, q, K, V, k_base, v_base, sk_t, sv_t, t, lo_key,
                         mask=key_ok[:, None] & (dv < DV)[None, :], other=0.0)
         else:
             v = tl.load(V + v_base + n64[:, None] * sv_t + dv[None, :], mask=(dv < DV)[None, :], other=0.0)
-        acc, m_i, l_i = online_softmax_step(acc, m_i, l_i, s, v, PREC)
+        acc, m_i, l_i = online_softmax_step_scaled(acc, m_i, l_i, s, c, v, PREC, SLACK)
     return acc, m_i, l_i
 
 
@@ -248,7 +256,10 @@ def _fwd_kernel(Q, K, V, O, LSE, DS,
                 sq_b, sq_t, sq_h, sk_b, sk_t, sk_h, sv_b, sv_t, sv_h, so_b, so_t, so_h,
                 T, H, HKV, G, W, scale, softcap, DQK: tl.constexpr, DV: tl.constexpr,
                 BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr, GP: tl.constexpr,
-                SOFTCAP: tl.constexpr, PREC: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr):
+                SOFTCAP: tl.constexpr, PREC: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+                SLACK: tl.constexpr, WS: tl.constexpr):
+    """SLACK: the online softmax's lazy rescale (online_softmax_step_scaled; 0 = every tile);
+    WS: Triton's warp specialization of the interior loop (loads and dots in their own warps)."""
     BT: tl.constexpr = BM // GP
     m0 = (tl.num_programs(0) - 1 - tl.program_id(0)) * BT  # the longest (last) query tiles start first
     bh = tl.program_id(1)
@@ -270,11 +281,11 @@ def _fwd_kernel(Q, K, V, O, LSE, DS,
     m_i = tl.full([BM], -1.0e30, dtype=tl.float32)  # finite: a fully masked tile row stays NaN-free
     l_i = tl.zeros([BM], dtype=tl.float32)
     acc, m_i, l_i = _fwd_tiles(acc, m_i, l_i, q, K, V, k_base, v_base, sk_t, sv_t, t, lo_key,
-                               lo, a, T, W, scale, softcap, dk, dv, DQK, DV, BN, True, SOFTCAP, PREC)
+                               lo, a, T, W, scale, softcap, dk, dv, DQK, DV, BN, True, SOFTCAP, PREC, SLACK, False)
     acc, m_i, l_i = _fwd_tiles(acc, m_i, l_i, q, K, V, k_base, v_base, sk_t, sv_t, t, lo_key,
-                               a, bb, T, W, scale, softcap, dk, dv, DQK, DV, BN, False, SOFTCAP, PREC)
+                               a, bb, T, W, scale, softcap, dk, dv, DQK, DV, BN, False, SOFTCAP, PREC, SLACK, WS)
     acc, m_i, l_i = _fwd_tiles(acc, m_i, l_i, q, K, V, k_base, v_base, sk_t, sv_t, t, lo_key,
-                               bb, hi, T, W, scale, softcap, dk, dv, DQK, DV, BN, True, SOFTCAP, PREC)
+                               bb, hi, T, W, scale, softcap, dk, dv, DQK, DV, BN, True, SOFTCAP, PREC, SLACK, False)
     l_i = tl.where(l_i == 0.0, 1.0, l_i)
     o = acc / l_i[:, None]
     tl.store(O + b * so_b + t64[:, None] * so_t + h64[:, None] * so_h + dv[None, :], o.to(O.dtype.element_ty),
