@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # What the GPU machine runs: environment report, GPU tests and benchmarks, results under $OUT.
-#   bash scripts/gpu_run.sh STAGE...   with STAGE in: env tests kernels gdn train decode sweep tradeoff notebook corpus speedrun ablate dsa nsa_kernels nsa_quality attn_dq_tiles attn_dq muon
+#   bash scripts/gpu_run.sh STAGE...   with STAGE in: env tests kernels gdn train decode sweep tradeoff notebook corpus speedrun ablate dsa nsa_kernels nsa_quality attn_dq_tiles attn_dq muon attn_focus_tiles attn_goals
 # Optional wheels in .whl/ (flash-linear-attention, liger-kernel) are installed to /tmp/site
 # first, so the anchors run side by side with deepwish in the same process (NO_WHEELS=1 skips
 # them, e.g. for HF's Qwen3-Next on its torch path).
@@ -66,6 +66,16 @@ for stage in "$@"; do
       python3 -m deepwish.cli bench train --out "$OUT/muon_train" --preset qwen3_0.6b --steps 10 \
         --variants deepwish,deepwish-muon,deepwish-muon-torch 2>&1 | tee "$OUT/muon_train.log"
       [ "${PIPESTATUS[0]}" = 0 ] || status=1 ;;
+    attn_focus_tiles)  # tile sweep of the latest flash-attention changes only (attention_tiles FOCUS: forward
+      # SLACK option, dK/dV SPLIT) beside today's TILES picks; attn_goals applies its picks
+      python3 -m deepwish.bench.attention_tiles --out "$OUT/attn_focus_tiles" --parts tiles --focus \
+        --kinds ${ATTN_FOCUS_KINDS:-fwd,dkdv} ${ATTN_FOCUS_TILES_ARGS:-} 2>&1 | tee "$OUT/attn_focus_tiles.log" || status=1 ;;
+    attn_goals)  # own vs FlexAttention vs SDPA flash (plain causal) at the goals' eight shapes, with the focus picks
+      python3 -m pytest -m gpu -q -p no:cacheprovider tests/kernels/test_attention_gpu.py 2>&1 | tee "$OUT/attn_goals_tests.log" | tail -15
+      tiles=()
+      [ -f "$OUT/attn_focus_tiles/tiles.json" ] && tiles=(--tiles "$OUT/attn_focus_tiles/tiles.json")
+      python3 -m deepwish.cli bench attention --out "$OUT/attn_goals" --grid goals --parts train \
+        --paths own,flex,sdpa_flash_causal "${tiles[@]}" ${ATTN_GOALS_ARGS:-} 2>&1 | tee "$OUT/attn_goals.log" || status=1 ;;
     *) echo "unknown stage $stage"; status=2 ;;
   esac
 done

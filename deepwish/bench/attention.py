@@ -3,6 +3,7 @@
     deepwish bench attention --out DIR                 (a representative subset of the grid, ~3 min on an H200)
     deepwish bench attention --out DIR --grid full     (the whole grid, 30 shapes, ~8 min)
     deepwish bench attention --out DIR --grid quick    (five shapes)
+    deepwish bench attention --out DIR --grid goals    (the goals' eight shapes)
     deepwish bench attention --out DIR --dq-forms kernel,atomic,atomic_t --parts check,train --paths own,flex
                                                        (both backward forms of the own kernel side by side)
 
@@ -55,6 +56,17 @@ def train_grid(grid: str) -> list[dict]:
         add(128, 16, 8, 16384, 8, 0)
         add(128, 16, 8, 65536, 16, 0)
         add(128, 16, 8, 16384, 1, 4096)
+        add(256, 16, 2, 16384, 4, 0)
+        return g
+    if grid == "goals":  # the goals' shape classes, four FlexAttention compiles: documents and a window
+        # at the trainer's T2k, one document (the forward's plain-causal goal) and many at T16k / T64k
+        add(128, 16, 8, 2048, 4, 0)
+        add(128, 16, 8, 2048, 4, 512)
+        add(128, 16, 8, 16384, 1, 0)
+        add(128, 16, 8, 16384, 4, 0)
+        add(128, 16, 8, 65536, 1, 0)
+        add(128, 16, 8, 65536, 16, 0)
+        add(256, 16, 2, 16384, 1, 0)
         add(256, 16, 2, 16384, 4, 0)
         return g
     if grid == "default":
@@ -427,8 +439,9 @@ def environment(device) -> dict:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="deepwish bench attention", description=__doc__.split("\n")[0])
     p.add_argument("--out", required=True)
-    p.add_argument("--grid", default="default", choices=("default", "full", "quick"),
-                   help="training shapes: a representative subset (default), the full grid, or five")
+    p.add_argument("--grid", default="default", choices=("default", "full", "quick", "goals"),
+                   help="training shapes: a representative subset (default), the full grid, five, or the "
+                        "goals' eight (documents, a window, one document at T16k/T64k, D256)")
     p.add_argument("--quick", action="store_true", help="= --grid quick, and the short check and decode lists")
     p.add_argument("--tiles", default=None, help="JSON of launch configs from deepwish.bench.attention_tiles "
                                                  "(applied over kernels/attention/triton.py: TILES)")

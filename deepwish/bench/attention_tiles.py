@@ -30,7 +30,8 @@ import torch
 # scores are too large past T8k), timed ones up to T2k are checked too.
 SHAPES = {
     ("d128", "short"): [("B8 T2k 16/8 4docs", (8, 2048, 16, 8, 128, 4), True),
-                        ("B2 T4k 16/8 causal", (2, 4096, 16, 8, 128, 1), True)],
+                        ("B2 T4k 16/8 causal", (2, 4096, 16, 8, 128, 1), True),
+                        ("B1 T16k 16/8 causal", (1, 16384, 16, 8, 128, 1), True)],
     ("d256", "short"): [("B2 T2k 16/2 4docs", (2, 2048, 16, 2, 256, 4), True),
                         ("B1 T4k 16/2 4docs", (1, 4096, 16, 2, 256, 4), True)],
     ("d128", "long"): [("B1 T32k 2/1 4docs", (1, 32768, 2, 1, 128, 4), False),
@@ -61,7 +62,44 @@ CANDIDATES = {
     ("dkdvq", "d256", "short"): [(32, 64, 8, 2), (64, 64, 8, 2), (32, 32, 4, 2), (16, 64, 4, 2), (32, 128, 8, 2)],
     ("dkdvq", "d256", "long"): [(32, 64, 8, 2), (64, 64, 8, 2), (32, 128, 8, 2)],
 }
+# --focus: the candidates of one round of kernel changes, each class beside today's TILES pick
+# (added to the list when absent). Candidates are (BM, BN, warps, stages) plus options: fwd
+# (..., SLACK): lazy rescale in log2 units (0: every tile); dkdv / dkdvq (..., SPLIT): dK and dV
+# summed by separate programs (one accumulator each).
+# ptxas (sm_90, triton 3.7, --parts regs) on these: fwd 128 x 128 w8 251-255 registers, no spills;
+# dkdv d256 split 32 x 128 w8 s2 and 16 x 128 w8 s2 none, 32 x 128 w8 s3 <= 4 bytes (unsplit
+# 64 x 64 w8: 356 bytes, and its sᵀ / dpᵀ dots run twice, once per warpgroup over the same 64
+# keys); dkdv d128 split 64 x 128 w8 none (unsplit 44 bytes, outside the loops).
+FOCUS = {
+    ("fwd", "d128", "short"): [(128, 128, 8, 3), (128, 128, 8, 2), (128, 64, 8, 3, 8), (128, 128, 8, 3, 8),
+                               (128, 128, 8, 2, 8)],
+    ("fwd", "d128", "long"): [(128, 128, 8, 3, 8), (128, 128, 8, 2, 8), (128, 64, 8, 3, 8)],
+    ("fwd", "d256", "short"): [(128, 64, 8, 2, 8), (128, 64, 8, 3, 8)],
+    ("fwd", "d256", "long"): [(128, 64, 8, 2, 8)],
+    ("dkdv", "d128", "short"): [(64, 128, 8, 3), (64, 128, 8, 3, 1), (32, 128, 8, 3)],
+    ("dkdv", "d128", "long"): [(64, 128, 8, 3, 1), (32, 128, 8, 3)],
+    ("dkdv", "d256", "short"): [(32, 128, 8, 2, 1), (16, 128, 8, 2, 1), (32, 128, 8, 3, 1)],
+    ("dkdv", "d256", "long"): [(32, 128, 8, 2, 1), (16, 128, 8, 2, 1), (32, 128, 8, 3, 1)],
+    ("dkdvq", "d128", "short"): [(64, 128, 8, 3, 1), (32, 128, 8, 3, 1)],
+    ("dkdvq", "d128", "long"): [(64, 128, 8, 3, 1), (32, 128, 8, 3, 1)],
+    ("dkdvq", "d256", "short"): [(32, 128, 8, 2, 1), (16, 128, 8, 2, 1)],
+    ("dkdvq", "d256", "long"): [(32, 128, 8, 2, 1), (16, 128, 8, 2, 1)],
+}
+for _key, _cands in FOCUS.items():  # the full lists hold the focus candidates too
+    CANDIDATES[_key] += [c for c in _cands if c not in CANDIDATES[_key]]
 DECODE_PER_SM = (1, 2, 4, 8, 16)
+
+
+def candidate_lists(focus: bool) -> dict:
+    """CANDIDATES, or with focus FOCUS with today's TILES pick first in each list."""
+    if not focus:
+        return CANDIDATES
+    from deepwish.kernels.attention import triton as tk
+    out = {}
+    for (kind, d, t), cands in FOCUS.items():
+        pick = tuple(tk.TILES[(kind, d, "16bit", t)])
+        out[(kind, d, t)] = [pick] + [c for c in cands if tuple(c) != pick]
+    return out
 
 
 def make_inputs(shape, device, seed=0):
@@ -126,10 +164,12 @@ def rel_rms(a, b):
     return float((a - b).pow(2).mean().sqrt() / a.pow(2).mean().sqrt())
 
 
-def sweep_tiles(out: Path, workers: int, classes: list[tuple[str, str]], kinds=("fwd", "dkdv", "dq")) -> dict:
+def sweep_tiles(out: Path, workers: int, classes: list[tuple[str, str]], kinds=("fwd", "dkdv", "dq"),
+                focus: bool = False) -> dict:
     from triton.testing import do_bench
     from deepwish.kernels.attention import triton as tk
-    tasks = [(kind, d, t, c) for (kind, d, t), cands in CANDIDATES.items()
+    cand_lists = candidate_lists(focus)
+    tasks = [(kind, d, t, c) for (kind, d, t), cands in cand_lists.items()
              if (d, t) in classes and kind in kinds for c in cands]
     t0 = time.time()
     ctx = mp.get_context("spawn")
@@ -146,7 +186,9 @@ def sweep_tiles(out: Path, workers: int, classes: list[tuple[str, str]], kinds=(
             prepared.append((name, timed, (q, k, v, do, bounds, o, lse, delta), want))
         for kind in kinds:
             times = {}
-            for cand in CANDIDATES[(kind, dcls, tcls)]:
+            if (kind, dcls, tcls) not in cand_lists:
+                continue
+            for cand in cand_lists[(kind, dcls, tcls)]:
                 if compiled.get((kind, dcls, tcls, cand)) != "ok":
                     rows.append(dict(kind=kind, cls=[dcls, tcls], cand=cand, error=compiled.get((kind, dcls, tcls, cand))))
                     print(f"{kind} {dcls} {tcls} {cand}: {compiled.get((kind, dcls, tcls, cand))}", flush=True)
@@ -164,7 +206,8 @@ def sweep_tiles(out: Path, workers: int, classes: list[tuple[str, str]], kinds=(
                 rows.append(row)
                 if row["err"] is None or row["err"] < 1e-2:
                     times[cand] = row["ms"]
-                print(f"{kind:5s} {dcls} {tcls:5s} BM{cand[0]:4d} BN{cand[1]:4d} w{cand[2]} s{cand[3]}  "
+                print(f"{kind:5s} {dcls} {tcls:5s} BM{cand[0]:4d} BN{cand[1]:4d} w{cand[2]} s{cand[3]} "
+                      f"{'opt ' + ','.join(map(str, cand[4:])) if len(cand) > 4 else '':8s} "
                       + "  ".join(f"{n}: {t:.3f} ms" for n, t in row["ms"].items())
                       + (f"  err {row['err']:.1e}" if row["err"] is not None else ""), flush=True)
             if times:
@@ -289,7 +332,7 @@ def compile_report(kind: str, head_dim: int, group: int, cand, form: str = "atom
     const = dict(BLOCK_DK=head_dim, BLOCK_DV=head_dim, GP=triton.next_power_of_2(group), SOFTCAP=False, PREC="tf32",
                  BM=bm, BN=bn, DQ_ATOMIC={"dkdv": 0, "dkdvq": 2 if form == "atomic_t" else 1}.get(kind, 0),
                  SPLIT=rest[0] if rest else 0, DQK=head_dim, DV=head_dim,
-                 SLACK=rest[0] if rest else 0, WS=bool(rest[1]) if len(rest) > 1 else False)
+                 SLACK=rest[0] if rest else 0)
     fp32_ptrs, int_ptrs = {"LSE", "DELTA", "DQA"} if kind == "dkdvq" else {"LSE", "DELTA"}, {"DS", "DE"}
     sig, constexprs, attrs = {}, {}, {}
     for i, prm in enumerate(fn.params):
@@ -328,12 +371,12 @@ def compile_report(kind: str, head_dim: int, group: int, cand, form: str = "atom
                 atomics=len(re.findall(r"(?:atom|red)\.global\S*add", ptx)))
 
 
-def report_regs(out: Path, classes: list[tuple[str, str]], kinds) -> list[dict]:
-    """compile_report for every candidate of the given kinds and classes (CPU only, ~20 s each)."""
+def report_regs(out: Path, classes: list[tuple[str, str]], kinds, focus: bool = False) -> list[dict]:
+    """compile_report for every candidate of the given kinds and classes (CPU only, ~5-20 s each)."""
     from deepwish.kernels.attention import triton as tk
     forms = ("atomic", "atomic_t")
     rows = []
-    for (kind, dcls, tcls), cands in CANDIDATES.items():
+    for (kind, dcls, tcls), cands in candidate_lists(focus).items():
         if kind not in kinds or (dcls, tcls) not in classes:
             continue
         D, G = (128, 2) if dcls == "d128" else (256, 8)  # the sweep's GQA: 16/8 at d128, 16/2 at d256
@@ -360,6 +403,8 @@ def main(argv=None) -> int:
                    help="shape classes to sweep: head-dim class - length class")
     p.add_argument("--kinds", default="fwd,dkdv,dq",
                    help="kernels to sweep: fwd, dkdv, dq, and dkdvq (the dK/dV kernel with dq atomics)")
+    p.add_argument("--focus", action="store_true",
+                   help="only FOCUS's candidates (the latest kernel changes) beside today's TILES picks")
     args = p.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -369,8 +414,8 @@ def main(argv=None) -> int:
         print(f"=== {part}", flush=True)
         try:
             {"diag": lambda: diagnose_unequal_dims(out), "decode": lambda: sweep_decode(out),
-             "tiles": lambda: sweep_tiles(out, args.workers, classes, tuple(args.kinds.split(","))),
-             "regs": lambda: report_regs(out, classes, tuple(args.kinds.split(",")))}[part]()
+             "tiles": lambda: sweep_tiles(out, args.workers, classes, tuple(args.kinds.split(",")), args.focus),
+             "regs": lambda: report_regs(out, classes, tuple(args.kinds.split(",")), args.focus)}[part]()
         except Exception:  # noqa: BLE001  (the other parts still run)
             traceback.print_exc()
         print(f"=== {part} took {time.time() - t0:.0f} s", flush=True)

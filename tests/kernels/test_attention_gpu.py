@@ -33,6 +33,24 @@ def test_flash_attention_atomic_dq_real_sizes(cuda, rel_err, monkeypatch, H, Hkv
     _check_real_size(cuda, rel_err, H, Hkv, Dqk, Dv, window, softcap, dtype, tol)
 
 
+@pytest.mark.parametrize("kind,dcls,cfg,H,Hkv,D,window,softcap,form", [
+    ("fwd", "d128", (128, 128, 8, 3, 8), 16, 8, 128, 0, 0.0, "kernel"),  # lazy rescale
+    ("fwd", "d128", (128, 128, 8, 2, 8), 12, 4, 128, 512, 0.0, "kernel"),
+    ("fwd", "d256", (128, 64, 8, 2, 8), 16, 2, 256, 0, 30.0, "kernel"),
+    ("dkdv", "d128", (64, 128, 8, 3, 1), 12, 4, 128, 512, 0.0, "kernel"),  # dK and dV by separate programs
+    ("dkdv", "d256", (32, 128, 8, 2, 1), 16, 2, 256, 0, 30.0, "kernel"),
+    ("dkdvq", "d256", (16, 128, 8, 2, 1), 16, 2, 256, 100, 0.0, "atomic_t"),
+    ("dkdvq", "d128", (64, 128, 8, 3, 1), 16, 8, 128, 0, 0.0, "atomic")])
+def test_flash_attention_tile_options_real_sizes(cuda, rel_err, monkeypatch, kind, dcls, cfg, H, Hkv, D, window,
+                                                 softcap, form):
+    """The launch options of attention_tiles' FOCUS candidates (forward SLACK, dK/dV SPLIT)
+    against the reference, at the GPU's tiles."""
+    from deepwish.kernels.attention import triton as tk
+    monkeypatch.setitem(tk.TILES, (kind, dcls, "16bit", "short"), cfg)
+    monkeypatch.setattr(tk, "BACKWARD_DQ", form)
+    _check_real_size(cuda, rel_err, H, Hkv, D, D, window, softcap)
+
+
 def _check_real_size(cuda, rel_err, H, Hkv, Dqk, Dv, window, softcap, dtype=torch.bfloat16, tol=1e-2):
     torch.manual_seed(0)
     B, T = 2, 1500

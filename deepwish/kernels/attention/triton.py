@@ -151,9 +151,8 @@ def tile_config(kind: str, head_dim: int, group: int, dtype: torch.dtype, T: int
     cfg = dict(BM=max(bm, gp), BN=bn, num_warps=w, num_stages=st)
     if kind in ("dkdv", "dkdvq"):
         cfg["SPLIT"] = int(split)
-    if kind == "fwd":  # fifth / sixth entries: SLACK (lazy rescale, log2 units; 0 = eager), WS
+    if kind == "fwd":  # fifth entry: SLACK (lazy rescale, log2 units; 0 = every tile)
         cfg["SLACK"] = rest[0] if rest else 0
-        cfg["WS"] = bool(rest[1]) if len(rest) > 1 else False
     return cfg
 
 
@@ -222,13 +221,13 @@ def _visible_t(t, n, hi):
 def _fwd_tiles(acc, m_i, l_i, q, K, V, k_base, v_base, sk_t, sv_t, t, lo_key,
                start, end, T, W, scale, softcap, dk, dv, DQK, DV,
                BN: tl.constexpr, MASK: tl.constexpr, SOFTCAP: tl.constexpr, PREC: tl.constexpr,
-               SLACK: tl.constexpr, WS: tl.constexpr):
+               SLACK: tl.constexpr):
     # the exponent's factor (base 2): the step applies it in its FMA (online_softmax_step_scaled)
     if SOFTCAP:
         c = softcap * 1.4426950408889634
     else:
         c = scale * 1.4426950408889634
-    for n0 in tl.range(start, end, BN, warp_specialize=WS):
+    for n0 in range(start, end, BN):
         n = n0 + tl.arange(0, BN)
         n64 = tl.cast(n, tl.int64)
         if MASK:
@@ -257,9 +256,10 @@ def _fwd_kernel(Q, K, V, O, LSE, DS,
                 T, H, HKV, G, W, scale, softcap, DQK: tl.constexpr, DV: tl.constexpr,
                 BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr, GP: tl.constexpr,
                 SOFTCAP: tl.constexpr, PREC: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
-                SLACK: tl.constexpr, WS: tl.constexpr):
-    """SLACK: the online softmax's lazy rescale (online_softmax_step_scaled; 0 = every tile);
-    WS: Triton's warp specialization of the interior loop (loads and dots in their own warps)."""
+                SLACK: tl.constexpr):
+    """SLACK: the online softmax's lazy rescale (online_softmax_step_scaled; 0 = every tile). (Triton
+    3.7's warp specialization, tl.range(warp_specialize=True), leaves this loop unchanged on sm_90:
+    no partitions without TMA descriptors, checked offline.)"""
     BT: tl.constexpr = BM // GP
     m0 = (tl.num_programs(0) - 1 - tl.program_id(0)) * BT  # the longest (last) query tiles start first
     bh = tl.program_id(1)
@@ -281,11 +281,11 @@ def _fwd_kernel(Q, K, V, O, LSE, DS,
     m_i = tl.full([BM], -1.0e30, dtype=tl.float32)  # finite: a fully masked tile row stays NaN-free
     l_i = tl.zeros([BM], dtype=tl.float32)
     acc, m_i, l_i = _fwd_tiles(acc, m_i, l_i, q, K, V, k_base, v_base, sk_t, sv_t, t, lo_key,
-                               lo, a, T, W, scale, softcap, dk, dv, DQK, DV, BN, True, SOFTCAP, PREC, SLACK, False)
+                               lo, a, T, W, scale, softcap, dk, dv, DQK, DV, BN, True, SOFTCAP, PREC, SLACK)
     acc, m_i, l_i = _fwd_tiles(acc, m_i, l_i, q, K, V, k_base, v_base, sk_t, sv_t, t, lo_key,
-                               a, bb, T, W, scale, softcap, dk, dv, DQK, DV, BN, False, SOFTCAP, PREC, SLACK, WS)
+                               a, bb, T, W, scale, softcap, dk, dv, DQK, DV, BN, False, SOFTCAP, PREC, SLACK)
     acc, m_i, l_i = _fwd_tiles(acc, m_i, l_i, q, K, V, k_base, v_base, sk_t, sv_t, t, lo_key,
-                               bb, hi, T, W, scale, softcap, dk, dv, DQK, DV, BN, True, SOFTCAP, PREC, SLACK, False)
+                               bb, hi, T, W, scale, softcap, dk, dv, DQK, DV, BN, True, SOFTCAP, PREC, SLACK)
     l_i = tl.where(l_i == 0.0, 1.0, l_i)
     o = acc / l_i[:, None]
     tl.store(O + b * so_b + t64[:, None] * so_t + h64[:, None] * so_h + dv[None, :], o.to(O.dtype.element_ty),
