@@ -191,9 +191,16 @@ def main(argv: list[str] | None = None) -> int:
     for q in model.parameters():
         q.grad = torch.randn_like(q) * 1e-3
     peak, note = device_peak_flops(torch.device("cuda"))
-    results = []
+    results, failed = [], []
     for v in variants:
-        r = time_variant(model, cfg.train, v, args.steps, args.warmup, profile=args.profile)
+        try:
+            r = time_variant(model, cfg.train, v, args.steps, args.warmup, profile=args.profile)
+        except Exception as e:  # noqa: BLE001 - one variant's failure is reported; the others still run
+            first = str(e).strip().splitlines()[0][:300] if str(e).strip() else ""
+            print(f"[bench muon] {args.preset} {v:16s} FAILED: {type(e).__name__}: {first}", flush=True)
+            failed.append({"variant": v, "error": f"{type(e).__name__}: {first}"})
+            torch.cuda.synchronize()
+            continue
         r["ns_tflops_s"] = r["ns_flops"] / (r["ms"] * 1e-3) / 1e12 if r["ns_flops"] else None
         results.append(r)
         print(f"[bench muon] {args.preset} {v:16s} {r['ms']:8.2f} ms/step  ({r['n_matrices']} matrices, "
@@ -208,7 +215,8 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"[bench muon]     {k['ms']:7.3f} ms  {k['calls']:5.1f}x  {k['name'][:90]}", flush=True)
     from deepwish.bench.env import bench_environment
     env = bench_environment("cuda", "deepwish bench muon", peak=note)
-    (out / "results.json").write_text(json.dumps({"env": env, "preset": args.preset, "results": results}, indent=1))
+    (out / "results.json").write_text(json.dumps({"env": env, "preset": args.preset, "results": results,
+                                                  "failed": failed}, indent=1))
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -222,7 +230,7 @@ def main(argv: list[str] | None = None) -> int:
     fig.tight_layout()
     fig.savefig(out / "muon_step.png", dpi=120)
     print(f"{env['device']} | torch {torch.__version__} | peak {note}")
-    return 0
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":
