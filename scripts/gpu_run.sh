@@ -61,7 +61,7 @@ for stage in "$@"; do
         | tee "$OUT/muon_tests.log" | tail -8
       [ "${PIPESTATUS[0]}" = 0 ] || status=1
       TRITON_PRINT_AUTOTUNING=1 python3 -m deepwish.cli bench muon --out "$OUT/muon" --steps 8 --profile \
-        --variants ${MUON_VARIANTS:-adamw,muon-torch,muon-fused-cublas,muon-triton-gram,muon} 2>&1 | tee "$OUT/muon_bench.log"
+        --variants ${MUON_VARIANTS:-adamw,muon-torch,muon-fused-cublas,muon-triton-gram,muon-triton-all,muon} 2>&1 | tee "$OUT/muon_bench.log"
       [ "${PIPESTATUS[0]}" = 0 ] || status=1
       python3 -m deepwish.cli bench train --out "$OUT/muon_train" --preset qwen3_0.6b --steps 10 \
         --variants deepwish,deepwish-muon,deepwish-muon-torch 2>&1 | tee "$OUT/muon_train.log"

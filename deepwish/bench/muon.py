@@ -7,7 +7,9 @@ The model is built on the GPU in fp32 (the trainer's master weights) with random
 optimizers as `build_optimizer` makes them (Muon on the hidden matrices, fused AdamW on the rest):
   adamw            fused AdamW on every parameter (train.optimizer=adamw);
   muon             Muon, same-shape matrices batched (train/muon.py), jordan coefficients,
-                   train.muon_backend=auto (on CUDA the Triton step: kernels/muon/triton.py);
+                   train.muon_backend=auto (on CUDA the Triton step: kernels/muon/triton.py, its
+                   Newton–Schulz matmuls picked per shape by timing, NS_KERNELS="auto");
+  muon-triton-all  the triton backend with every Newton–Schulz matmul a kernel (NS_KERNELS="all");
   muon-torch       the same with train.muon_backend=torch (cuBLAS Newton–Schulz, foreach momentum
                    and update): the step before its kernels;
   muon-fused-cublas  the triton backend's fused momentum/stack and update passes around the torch
@@ -35,7 +37,8 @@ from pathlib import Path
 
 import torch
 
-VARIANTS = ("adamw", "muon", "muon-torch", "muon-fused-cublas", "muon-triton-gram", "muon-pe", "muon-normuon",
+VARIANTS = ("adamw", "muon", "muon-torch", "muon-fused-cublas", "muon-triton-gram", "muon-triton-all", "muon-pe",
+            "muon-normuon",
             "muon-per-matrix")
 
 
@@ -105,11 +108,32 @@ def kernel_profile(step, steps: int = 2) -> dict:
     return {"busy_ms": sum(r["ms"] for r in rows), "kernels": rows}
 
 
+# Variants that fix kernels/muon/triton.py's NS_KERNELS (the others keep its default, "auto").
+NS_KERNELS_OF = {"muon-triton-all": "all", "muon-triton-gram": "gram", "muon-fused-cublas": "none"}
+
+
+def ns_flops_run(variant: str, backend: str, shapes: list, steps: int) -> tuple[str, float]:
+    """(which Newton–Schulz ran, its FLOPs per step): the symmetric count where the Gram kernels ran."""
+    from deepwish.kernels.muon import triton as muon_kernels
+
+    if not shapes:
+        return "", 0.0
+    if backend != "triton" or variant == "muon-per-matrix":
+        return "torch", ns_flops(shapes, steps)
+    kind = NS_KERNELS_OF.get(variant, muon_kernels.NS_KERNELS)
+    if kind != "auto":
+        return f"triton {kind}", (ns_flops if kind == "none" else ns_flops_symmetric)(shapes, steps)
+    picks = [(key[0], kind) for key, kind in muon_kernels._PICKED.items() if key[3] == steps]
+    total = sum((ns_flops if kind == "none" else ns_flops_symmetric)([stack], steps) for stack, kind in picks)
+    counts = {k: sum(1 for _, c in picks if c == k) for k in muon_kernels.NS_KERNEL_CHOICES}
+    return "triton auto (" + ", ".join(f"{k} {n}" for k, n in counts.items() if n) + ")", total
+
+
 def time_variant(model, cfg_train, variant: str, steps: int, warmup: int, profile: bool = False) -> dict:
     from deepwish.kernels.muon import triton as muon_kernels
 
     before = muon_kernels.NS_KERNELS
-    muon_kernels.NS_KERNELS = {"muon-triton-gram": "gram", "muon-fused-cublas": "none"}.get(variant, before)
+    muon_kernels.NS_KERNELS = NS_KERNELS_OF.get(variant, before)
     try:
         return _time_variant(model, cfg_train, variant, steps, warmup, profile)
     finally:
@@ -123,6 +147,7 @@ def _time_variant(model, cfg_train, variant: str, steps: int, warmup: int, profi
 
     sets = {"adamw": dict(optimizer="adamw"), "muon": {}, "muon-per-matrix": {}, "muon-torch": dict(muon_backend="torch"),
             "muon-fused-cublas": dict(muon_backend="triton"), "muon-triton-gram": dict(muon_backend="triton"),
+            "muon-triton-all": dict(muon_backend="triton"),
             "muon-pe": dict(muon_ns_schedule="polar_express"), "muon-normuon": dict(muon_normuon=True)}[variant]
     tc = dataclasses.replace(cfg_train, **sets)
     opt = build_optimizer(model, tc)
@@ -151,15 +176,14 @@ def _time_variant(model, cfg_train, variant: str, steps: int, warmup: int, profi
     prof = kernel_profile(step) if profile else None
     shapes = [tuple(p.shape) for g in opt.optimizers.get("muon", opt).param_groups for p in g["params"]] \
         if "muon" in opt.optimizers else []
-    fused = "muon" in opt.optimizers and variant not in ("muon-per-matrix", "muon-fused-cublas") \
-        and opt.optimizers["muon"].backend_for(torch.device("cuda", torch.cuda.current_device())) == "triton"
+    backend = opt.optimizers["muon"].backend_for(torch.device("cuda", torch.cuda.current_device())) \
+        if "muon" in opt.optimizers else ""
+    ran, flops_run = ns_flops_run(variant, backend, shapes, tc.muon_ns_steps)
     del opt
     torch.cuda.empty_cache()
     return {"variant": variant, "ms": times[len(times) // 2], "ms_min": times[0],
             "ns_flops": ns_flops(shapes, tc.muon_ns_steps) if shapes else 0.0, "n_matrices": len(shapes),
-            "ns_backend": ("triton" if fused else "torch") if shapes else None,
-            "ns_flops_run": (ns_flops_symmetric if fused else ns_flops)(shapes, tc.muon_ns_steps) if shapes else 0.0,
-            "profile": prof}
+            "ns_backend": ran or None, "ns_flops_run": flops_run, "profile": prof}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -27,7 +27,9 @@ projections at once, instead of ~40 small launches per matrix. Two backends (`ba
   triton  kernels/muon/triton.py: the two symmetric products (A = X Xᵀ, A²) computed on and above
           the diagonal only (-25% Newton–Schulz FLOPs on Qwen3-0.6B), fused epilogues (no copy of
           X per iteration), the normalisation folded into the first iteration, and per shape
-          bucket one pass for momentum + Nesterov + stack and one for weight decay + update.
+          bucket one pass for momentum + Nesterov + stack and one for weight decay + update;
+          which Newton–Schulz matmuls run as kernels or through cuBLAS is timed once per stack
+          shape (kernels/muon/triton.py NS_KERNELS="auto").
 
 Choices and deviations:
 - Update scale: `max(1, rows/cols) ** 0.5` (the original Muon scale, with its own learning rate

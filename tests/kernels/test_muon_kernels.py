@@ -183,8 +183,34 @@ def test_muon_backend_is_checked():
         Muon([nn.Parameter(torch.randn(4, 4))], backend="cublas")
 
 
-def test_bench_counts_the_symmetric_flops():
-    from deepwish.bench.muon import ns_flops, ns_flops_symmetric
+def test_bench_counts_the_symmetric_flops(monkeypatch):
+    from deepwish.bench.muon import ns_flops, ns_flops_run, ns_flops_symmetric
     m, n = 256, 512  # two 128-tiles per side: 3 of 4 tiles of each Gram product
     assert ns_flops_symmetric([(n, m)], 1) == 0.75 * (2 * m * m * n + 2 * m ** 3) + 2 * m * m * n
     assert ns_flops_symmetric([(2, m, m)], 5) < ns_flops([(2, m, m)], 5)
+    # NS_KERNELS="auto": what was picked per stack shape decides the count
+    monkeypatch.setattr(tri, "_PICKED", {((4, m, n), torch.bfloat16, "cuda", 5): "all",
+                                         ((2, n, n), torch.bfloat16, "cuda", 5): "none"})
+    ran, flops = ns_flops_run("muon", "triton", [(m, n)] * 4 + [(n, n)] * 2, 5)
+    assert ran == "triton auto (all 1, none 1)"
+    assert flops == ns_flops_symmetric([(4, m, n)], 5) + ns_flops([(2, n, n)], 5)
+    assert ns_flops_run("muon-torch", "torch", [(m, n)], 5) == ("torch", ns_flops([(m, n)], 5))
+
+
+def test_pick_ns_kernels_takes_the_fastest_once_per_shape(monkeypatch, capsys):
+    """NS_KERNELS="auto": each choice run once untimed, then timed; the fastest kept per shape."""
+    monkeypatch.setattr(tri, "_PICKED", {})
+    seconds = {"all": 3e-3, "gram": 1e-3, "none": 2e-3}
+    timed = []
+
+    def timer(fn):
+        choice = fn.__defaults__[0]
+        timed.append(choice)
+        return seconds[choice]
+    G = torch.randn(2, 16, 24)
+    coeffs, f = ns_coefficients("jordan", 2)
+    assert tri.pick_ns_kernels(G, coeffs, f, 1e-7, torch.float32, timer=timer) == "gram"
+    assert sorted(timed) == sorted(2 * ["all", "gram", "none"])
+    assert "-> gram" in capsys.readouterr().err
+    assert tri.pick_ns_kernels(G, coeffs, f, 1e-7, torch.float32, timer=timer) == "gram" and len(timed) == 6
+    assert tri.pick_ns_kernels(G[:1], coeffs, f, 1e-7, torch.float32, timer=timer) == "gram" and len(timed) == 12

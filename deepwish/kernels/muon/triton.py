@@ -27,6 +27,7 @@ under TRITON_INTERPRET=1 a fixed small config is used (`INTERPRETER_META`).
 from __future__ import annotations
 
 import os
+import sys
 
 import torch
 import triton
@@ -321,10 +322,44 @@ def ns_update(L: torch.Tensor, R: torch.Tensor, Y: torch.Tensor, a: float, scale
 #           explicit normalisation pass and a separate parameter-update pass);
 #   "none"  train/muon.py's torch iteration (cuBLAS for all three), between the fused momentum and
 #           update passes.
-# Every update matmul has K = min(m, n), short for a Triton pipeline. `bench muon` times the three
-# (variants muon, muon-triton-gram, muon-fused-cublas): set the default to the fastest there.
+#   "auto"  the fastest of the three for each stack shape, timed once on the first stack of that
+#           shape (`pick_ns_kernels`, one line printed); under the interpreter "all", untimed.
+# Every update matmul has K = min(m, n), short for a Triton pipeline, and no GPU timing informed
+# the kernels' tiles, hence "auto". `bench muon` times each fixed choice (variants muon-triton-all,
+# muon-triton-gram, muon-fused-cublas). The choice depends on timing, as autotuned tiles do: two
+# runs may round differently (bf16 noise), never compute differently.
 NS_KERNEL_CHOICES = ("all", "gram", "none")
-NS_KERNELS = "all"
+NS_KERNELS = "auto"
+_PICKED: dict[tuple, str] = {}
+
+
+def pick_ns_kernels(G: torch.Tensor, coeffs, f: float, eps: float, dtype: torch.dtype, sumsq=None,
+                    timer=None, repeats: int = 2) -> str:
+    """The fastest NS_KERNEL_CHOICES entry for stacks of G's shape (cached per shape, dtype, device
+    and coefficient count): each choice runs once untimed (compiles, autotunes), then `repeats`
+    times timed; G is only read. timer: callable(fn) -> seconds (default: CUDA events)."""
+    key = (tuple(G.shape), G.dtype, G.device, len(coeffs))
+    if key in _PICKED:
+        return _PICKED[key]
+    if timer is None:
+        def timer(fn):
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            fn()
+            b.record()
+            b.synchronize()
+            return a.elapsed_time(b) / 1e3
+    times = {}
+    for choice in NS_KERNEL_CHOICES:
+        def run(choice=choice):
+            newton_schulz(G, coeffs, f, eps, dtype, sumsq=sumsq, kernels=choice)
+        run()
+        times[choice] = min(timer(run) for _ in range(repeats))
+    best = min(times, key=times.get)
+    _PICKED[key] = best
+    print(f"[deepwish] muon: Newton–Schulz on {list(G.shape)} {str(G.dtype).replace('torch.', '')}: "
+          + ", ".join(f"{c} kernels {1e3 * t:.2f} ms" for c, t in times.items()) + f" -> {best}", file=sys.stderr)
+    return best
 
 
 def newton_schulz(G: torch.Tensor, coeffs, f: float, eps: float, dtype: torch.dtype,
@@ -335,11 +370,13 @@ def newton_schulz(G: torch.Tensor, coeffs, f: float, eps: float, dtype: torch.dt
     squares [N] fp32 when already known (momentum_stack), else computed from G.
     apply: (params, decay, alpha, tables) with two or more iterations: the parameters are updated
     in place (with kernels="all" by the last iteration's epilogue) and None is returned.
-    kernels: which matmuls are kernels (NS_KERNEL_CHOICES; None: NS_KERNELS).
+    kernels: which matmuls are kernels (NS_KERNEL_CHOICES or "auto"; None: NS_KERNELS).
     meta: {'gram': ..., 'update': ...} fixed tiles (tests)."""
     kernels = kernels or NS_KERNELS
+    if kernels == "auto":
+        kernels = "all" if _interpreting() or not G.is_cuda else pick_ns_kernels(G, coeffs, f, eps, dtype, sumsq)
     if kernels not in NS_KERNEL_CHOICES:
-        raise ValueError(f"newton_schulz: unknown kernels {kernels!r}; choose from {', '.join(NS_KERNEL_CHOICES)}")
+        raise ValueError(f"newton_schulz: unknown kernels {kernels!r}; choose from auto, {', '.join(NS_KERNEL_CHOICES)}")
     if apply is not None and len(coeffs) < 2:
         raise ValueError("newton_schulz: apply needs two or more iterations (the last one reuses the previous one's tiles)")
     if kernels == "none":
