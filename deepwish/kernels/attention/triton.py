@@ -306,11 +306,12 @@ def _delta_kernel(O, DO, DELTA, ROWS, DV, BR: tl.constexpr, BLOCK_DV: tl.constex
 
 
 @triton.jit
-def _dkdv_tiles(dk_acc, dv_acc, k, v, Q, DO, LSE, DELTA, DS, DQA, q_base, do_base, ds_base, sq_t, sq_h, sdo_t,
-                sdo_h, n, hi_row, hkv, start, end, T, H, G, W, scale, softcap, dk, dv, DQK, DV,
+def _dkdv_tiles(dk_acc, dv_acc, k, v, Q, DO, LSE, DELTA, DQA, sq_t, sq_h, sdo_t, sdo_h, n, hi_row, start, end, T, H, G, W, scale, softcap, dk, dv, DQK, DV,
                 GP: tl.constexpr, BM: tl.constexpr, MASK: tl.constexpr, SOFTCAP: tl.constexpr,
                 PREC: tl.constexpr, DQ_ATOMIC: tl.constexpr, DO_DK: tl.constexpr, DO_DV: tl.constexpr):
     """Keys are rows here: sᵀ [BN, BM] = k · qᵀ, so pᵀ and dsᵀ feed their dots from registers.
+    Q, DO, LSE, DELTA, DQA point at the program's batch row and first query head of its group
+    (offsets from them: token and head in the group).
     DO_DK / DO_DV: which of the two sums this program makes (DKDV split: see _dkdv_kernel).
     DQ_ATOMIC (0: off): also add this key tile's share of dq, ds · k, into the fp32 buffer DQA
     (contiguous [B, T, H, Dqk], unscaled) with atomics; 1: as dq [BM, Dqk] = (dsᵀ)ᵀ · k, 2: as
@@ -319,10 +320,10 @@ def _dkdv_tiles(dk_acc, dv_acc, k, v, Q, DO, LSE, DELTA, DS, DQA, q_base, do_bas
     qk_scale = scale * 1.4426950408889634
     for m0 in range(start, end, BT):
         t, r, row_ok = _rows(m0, T, G, GP, BM)
-        t64, h64 = tl.cast(t, tl.int64), tl.cast(hkv * G + r, tl.int64)
-        q_t = tl.load(Q + q_base + t64[None, :] * sq_t + h64[None, :] * sq_h + dk[:, None],
+        t64, h64 = tl.cast(t, tl.int64), tl.cast(r, tl.int64)
+        q_t = tl.load(Q + t64[None, :] * sq_t + h64[None, :] * sq_h + dk[:, None],
                       mask=row_ok[None, :] & (dk < DQK)[:, None], other=0.0)  # [BLOCK_DK, BM]
-        row = (ds_base + t64) * H + h64
+        row = t64 * H + h64
         lse = tl.load(LSE + row, mask=row_ok, other=0.0)
         s_t = tl.dot(k, q_t, input_precision=PREC)
         if SOFTCAP:
@@ -334,7 +335,7 @@ def _dkdv_tiles(dk_acc, dv_acc, k, v, Q, DO, LSE, DELTA, DS, DQA, q_base, do_bas
             p_t = tl.where(_visible_t(t, n, hi_row), p_t, 0.0)
         # padded rows (heads >= G, tokens >= T) load q = dO = 0 and lse = delta = 0: in unmasked
         # tiles their p is 1 but their dO and ds are 0, so they add nothing
-        do = tl.load(DO + do_base + t64[:, None] * sdo_t + h64[:, None] * sdo_h + dv[None, :],
+        do = tl.load(DO + t64[:, None] * sdo_t + h64[:, None] * sdo_h + dv[None, :],
                      mask=row_ok[:, None] & (dv < DV)[None, :], other=0.0)
         # pᵀ is kept only in the input dtype (the dv dot's operand; ds below uses it too): no fp32
         # copy held across the dpᵀ dot (16-bit inputs: p rounded once, as the dv dot sees it)
@@ -439,16 +440,21 @@ def _dkdv_program(Q, K, V, DO, LSE, DELTA, DS, DE, DKO, DVO, DQA,
     bb = tl.where(empty, hi, bb)
     dk_acc = tl.zeros([BN, BLOCK_DK], dtype=tl.float32)
     dv_acc = tl.zeros([BN, BLOCK_DV], dtype=tl.float32)
-    q_base = b * sq_b
-    do_base = b * sdo_b
-    dk_acc, dv_acc = _dkdv_tiles(dk_acc, dv_acc, k, v, Q, DO, LSE, DELTA, DS, DQA, q_base, do_base, ds_base,
-                                 sq_t, sq_h, sdo_t, sdo_h, n, hi_row, hkv, lo, a, T, H, G, W, scale, softcap,
+    # the batch row's base pointers (the tiles' offsets are relative to them)
+    h0 = tl.cast(hkv * G, tl.int64)  # the group's first query head
+    Qb = Q + b * sq_b + h0 * sq_h
+    DOb = DO + b * sdo_b + h0 * sdo_h
+    LSEb = LSE + ds_base * H + h0
+    DELTAb = DELTA + ds_base * H + h0
+    DQAb = DQA + (ds_base * H + h0) * DQK
+    dk_acc, dv_acc = _dkdv_tiles(dk_acc, dv_acc, k, v, Qb, DOb, LSEb, DELTAb, DQAb,
+                                 sq_t, sq_h, sdo_t, sdo_h, n, hi_row, lo, a, T, H, G, W, scale, softcap,
                                  dk, dv, DQK, DV, GP, BM, True, SOFTCAP, PREC, DQ_ATOMIC, DO_DK, DO_DV)
-    dk_acc, dv_acc = _dkdv_tiles(dk_acc, dv_acc, k, v, Q, DO, LSE, DELTA, DS, DQA, q_base, do_base, ds_base,
-                                 sq_t, sq_h, sdo_t, sdo_h, n, hi_row, hkv, a, bb, T, H, G, W, scale, softcap,
+    dk_acc, dv_acc = _dkdv_tiles(dk_acc, dv_acc, k, v, Qb, DOb, LSEb, DELTAb, DQAb,
+                                 sq_t, sq_h, sdo_t, sdo_h, n, hi_row, a, bb, T, H, G, W, scale, softcap,
                                  dk, dv, DQK, DV, GP, BM, False, SOFTCAP, PREC, DQ_ATOMIC, DO_DK, DO_DV)
-    dk_acc, dv_acc = _dkdv_tiles(dk_acc, dv_acc, k, v, Q, DO, LSE, DELTA, DS, DQA, q_base, do_base, ds_base,
-                                 sq_t, sq_h, sdo_t, sdo_h, n, hi_row, hkv, bb, hi, T, H, G, W, scale, softcap,
+    dk_acc, dv_acc = _dkdv_tiles(dk_acc, dv_acc, k, v, Qb, DOb, LSEb, DELTAb, DQAb,
+                                 sq_t, sq_h, sdo_t, sdo_h, n, hi_row, bb, hi, T, H, G, W, scale, softcap,
                                  dk, dv, DQK, DV, GP, BM, True, SOFTCAP, PREC, DQ_ATOMIC, DO_DK, DO_DV)
     if DO_DK:
         tl.store(DKO + b * sdk_b + hkv64 * sdk_h + n64[:, None] * sdk_t + dk[None, :],
