@@ -4,6 +4,8 @@ the split-KV decode's split count (kernels/attention/decode.py), one GPU run:
     python -m deepwish.bench.attention_tiles --out DIR [--quick]
     python -m deepwish.bench.attention_tiles --out DIR --parts regs --kinds dkdv,dkdvq --classes d128-long
         (no GPU: compiles the candidates for sm_90 and prints ptxas's registers and spills)
+    python -m deepwish.bench.attention_tiles --out DIR --parts tiles --focus --kinds fwd,dkdv
+        (only FOCUS's candidates, the latest kernel changes, beside today's TILES picks)
 
 Each kernel (fwd, dkdv, dq; with --kinds also dkdvq, the dK/dV kernel with dq atomics) is timed
 alone (triton.testing.do_bench, median) per candidate (BM, BN, warps, stages) on the shape classes

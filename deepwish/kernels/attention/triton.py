@@ -22,11 +22,12 @@ Design (FlashAttention-2, the online softmax in base 2):
 - Visited tiles are split into three ranges: interior tiles where every (row, key) pair is
   visible run without any mask arithmetic; the tiles at the document/window start and on the
   diagonal apply the full mask.
-- Scores go to base 2 once: s·scale·log2(e) is one multiply (softcap: after the tanh), the
-  softmax runs on exp2.
+- Scores go to base 2 once: the forward folds scale·log2(e) (softcap: softcap·log2(e), after the
+  tanh) into the exponent's FMA, 2^(c·s - m) (online_softmax_step_scaled), the softmax runs on exp2.
 - Forward saves the row log-sum-exp (base 2, fp32 [B, T, H]). Backward: a small kernel computes
   delta = rowsum(dO·O); one kernel per key tile computes dK, dV iterating over query tiles (the
-  G heads of the group are summed by the tile's own dot products: no atomics); a second kernel
+  G heads of the group are summed by the tile's own dot products: no atomics; with SPLIT two
+  programs per key tile, one per sum, each holding one fp32 accumulator); a second kernel
   per query tile computes dQ iterating over key tiles. Both are deterministic (BACKWARD_DQ =
   "atomic" instead adds dQ from the dK/dV kernel with fp32 atomics: five matmuls instead of
   seven, not bit-deterministic; see BACKWARD_DQ). The dK/dV kernel
@@ -86,12 +87,16 @@ TILES = {
     # the dK/dV kernel with dq atomics (BACKWARD_DQ = "atomic" / "atomic_t"; attention_tiles
     # --kinds dkdvq sweeps the orientation BACKWARD_DQ names), not timed yet: one atomic per
     # (row, channel) per key tile, so the most keys per program (BN 128 at d128); the dq tile
-    # [BM, Dqk] fp32 costs registers, and every dK/dV config already uses all 255 of a thread:
-    # compiled offline for sm_90 (triton 3.7, attention_tiles --parts regs), ptxas reports
-    # spill stores per thread of 1,060 bytes for today's dkdv 64 x 128 w8 at d128, 2,772 / 2,440
-    # (atomic / atomic_t) for dkdvq 64 x 128 w8, 756 / 1,036 for dkdvq 32 x 128 w8; at d256
-    # 4,996 for dkdv 64 x 64 w8, 9,056 for dkdvq 64 x 64 w8 (atomic), 3,132 / 3,324 at 32 x 64.
-    # Hence BM 32 (at d128 "atomic" then runs its M = 32 dq dot on mma.sync instead of wgmma).
+    # [BM, Dqk] fp32 costs registers. Registers (sm_90, triton 3.7, attention_tiles --parts regs,
+    # compiled with the launch's 16-divisibility of pointers, strides and sizes): dkdvq d128
+    # 32 x 128 w8 232 (atomic) / 250 (atomic_t), no spills; d256 32 x 64 w8 332 bytes of spills
+    # (its sᵀ/dpᵀ dots run twice: see SPLIT in _dkdv_kernel). Hence BM 32 (at d128 "atomic" then
+    # runs its M = 32 dq dot on mma.sync instead of wgmma).
+    # The dK/dV rows above, same compile: dkdv d128 32 x 64 w4 249 registers, no spills; 64 x 128 w8
+    # 255, 12 bytes spilled outside the loops; d256 64 x 64 w8 344 bytes, and its 64 keys over
+    # 8 warps make both warpgroups compute the same sᵀ and dpᵀ (6 matmul units of work for 4).
+    # The fifth entry SPLIT = 1 (attention_tiles FOCUS: d256 32 x 128 w8 s2, no spills; d128
+    # 64 x 128 w8, no spills) awaits the GPU sweep.
     ("dkdvq", "d128", "16bit", "short"): (32, 128, 8, 3),
     ("dkdvq", "d128", "16bit", "long"): (32, 128, 8, 3),
     ("dkdvq", "d256", "16bit", "short"): (32, 64, 8, 2),
