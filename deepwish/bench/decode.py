@@ -427,11 +427,12 @@ def run(out_dir, presets=PRESETS, batches=(1, 8, 64), prompts=(128, 2048, 8192),
 
 def run_compare(out_dir, preset: str = "qwen3_0.6b", batches=(1, 64), context: int = 512, new_tokens: int = 64,
                 hf_tokens: int = 32, compile_batches=(1, 64), device: str = "cuda") -> dict:
-    """Before/after in one process: the same weights with model.fuse_projections off (q, k, v as
-    three matmuls: the layout before) and on, captured (`graph`) and compiled + captured
-    (`compiled`, at `compile_batches`), each at `batches`; HF generate with a static cache (batch
-    1) on the same weights; the roofline beside every row. Rows print as they finish, most
-    important first (a run cut short keeps them). Writes DIR/compare.json."""
+    """Before/after in one process, on the same weights: model.fuse_projections off (`-unfused`: q, k,
+    v as three matmuls, the layout before) and on (no suffix), and on with model.decode_matmul=triton
+    (`-gemv`: kernels/gemv for the step's matmuls, batches <= 16); each captured (`graph`) and
+    compiled + captured (`compiled`, at `compile_batches`); HF generate with a static cache (batch
+    1); the roofline beside every row. Rows print as they finish, most important first (a run cut
+    short keeps them). Writes DIR/compare.json."""
     from deepwish.config import model_config
     if not torch.cuda.is_available() or not str(device).startswith("cuda"):
         raise RuntimeError("the decode benchmark needs a CUDA device")
@@ -444,24 +445,32 @@ def run_compare(out_dir, preset: str = "qwen3_0.6b", batches=(1, 64), context: i
     fused = build(dataclasses.replace(cfg, fuse_projections=True), device)
     unfused = build(dataclasses.replace(cfg, fuse_projections=False), device)
     unfused.load_state_dict(fused.state_dict())
+    gemv = build(dataclasses.replace(cfg, decode_matmul="triton"), device)  # fused, and kernels/gemv for <= 16 rows
+    gemv.load_state_dict(fused.state_dict())
     print(f"== decode before/after: {preset}, context {context}, batches {list(batches)}; roofline at "
           f"{copy_bw() / 1e9:.0f} GB/s ({torch.cuda.get_device_name()})", flush=True)
     rows = []
     plan = []  # (model, label, mode, batch), most important first
+    from deepwish.kernels.gemv import MAX_ROWS
     for b in batches:
-        if b in compile_batches:
-            plan += [(fused, "compiled", "compiled", b), (unfused, "compiled-unfused", "compiled", b)]
+        small = b <= MAX_ROWS  # the GEMV kernel serves <= 16 rows; above, the gemv model is the fused one
+        if b in compile_batches:  # ~1 min of compilation each: the unfused one only where the GEMV runs too
+            plan += [(gemv, "compiled-gemv", "compiled", b)] if small else []
+            plan += [(fused, "compiled", "compiled", b)]
+            plan += [(unfused, "compiled-unfused", "compiled", b)] if small else []
         plan += [(fused, "graph", "graph", b), (unfused, "graph-unfused", "graph", b)]
+        plan += [(gemv, "graph-gemv", "graph", b)] if small else []
     first = True
     for model, label, mode, b in plan:
         rows += _decode_rows(preset, model, b, context, new_tokens, [mode], device, label=label)
         if first:
             rows.append(hf_row(preset, fused, context, hf_tokens, device, static=True))
             first = False
-    best1 = max((r for r in rows if r.batch == 1 and r.mode in ("graph", "compiled") and r.tok_s), default=None,
+    ours = ("graph", "compiled", "graph-gemv", "compiled-gemv")
+    best1 = max((r for r in rows if r.batch == 1 and r.mode in ours and r.tok_s), default=None,
                 key=lambda r: r.tok_s)
     hf = next((r for r in rows if r.mode == "hf-static" and r.tok_s), None)
-    best64 = max((r for r in rows if r.batch == max(batches) and r.mode in ("graph", "compiled") and r.tok_s),
+    best64 = max((r for r in rows if r.batch == max(batches) and r.mode in ours and r.tok_s),
                  default=None, key=lambda r: r.tok_s)
     g = []
     if best1:
@@ -559,7 +568,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="throughput vs latency instead: the captured step at batches 1..256 (--batches), one "
                          "context (--context); presets default to qwen3_0.6b")
     ap.add_argument("--batches", default=",".join(map(str, TRADEOFF_BATCHES)), help="with --tradeoff")
-    ap.add_argument("--context", type=int, default=512, help="with --tradeoff")
+    ap.add_argument("--context", type=int, default=512, help="with --tradeoff or --compare")
     ap.add_argument("--compare", action="store_true",
                     help="before/after in one process: model.fuse_projections off and on, captured and compiled + "
                          "captured, at --compare-batches (default 1,64) and --context, HF static-cache generate "
@@ -571,7 +580,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.compare:
         preset = presets[0] if args.presets != ",".join(PRESETS) else "qwen3_0.6b"
         ints = lambda s: tuple(int(b) for b in s.split(",") if b)  # noqa: E731
-        run_compare(args.out, preset, ints(args.compare_batches), args.context, compile_batches=ints(args.compile_batches))
+        run_compare(args.out, preset, ints(args.compare_batches), args.context,
+                    compile_batches=ints(args.compile_batches))
         return 0
     if args.tradeoff:
         if args.presets == ",".join(PRESETS):

@@ -2,7 +2,7 @@
 
     python -m deepwish.bench.decode_profile --out reports/decode_profile [--preset qwen3_0.6b]
         [--batch 1] [--context 512] [--paths eager,compiled,captured,compiled-captured]
-        [--steps 20] [--rows 30] [--unfused]
+        [--steps 20] [--rows 30] [--unfused] [--matmul torch|triton]
 
 Paths (all run `generate.decode_one_token`, the step `generate` takes):
   eager              the step as Python launches it;
@@ -20,7 +20,8 @@ On a machine without CUDA the eager path is profiled on the CPU (ops by self CPU
 same table, for checking the tool, not for conclusions about the GPU.
 
 --unfused builds the model with model.fuse_projections=false (q, k, v as three matmuls), the
-layout before the fused projection, so before/after tables come from one build of the tool.
+layout before the fused projection, so before/after tables come from one build of the tool;
+--matmul triton takes model.decode_matmul=triton (kernels/gemv for the step's matmuls).
 """
 from __future__ import annotations
 
@@ -39,7 +40,8 @@ PATHS = ("eager", "compiled", "captured", "compiled-captured")
 # Kernel classes by name, first match wins (cuBLAS/cuBLASLt GEMMs and GEMVs have many names).
 KERNEL_CLASSES = (
     ("attention", re.compile(r"_split_kernel|_merge_kernel|flash|fmha|attention|sdpa", re.I)),
-    ("gemm", re.compile(r"gemm|gemv|nvjet|cutlass|xmma|sm\d\d_|splitK|cublas|matmul|addmm|\bmm\b|linear", re.I)),
+    ("gemm", re.compile(r"gemm|gemv|_one_row_kernel|_rows_kernel|nvjet|cutlass|xmma|sm\d\d_|splitK|cublas|matmul|"
+                        r"addmm|\bmm\b|linear", re.I)),
     ("triton-fused", re.compile(r"^triton_", re.I)),
     ("copy", re.compile(r"memcpy|memset|copy|fill|scatter|index", re.I)),
     ("elementwise", re.compile(r"elementwise|vectorized|reduce|unrolled|softmax|norm|mul|add|rsqrt|pow|mean|cat|"
@@ -166,12 +168,13 @@ def format_table(path: str, result: dict, rows: int = 30, width: int = 90) -> st
     return "\n".join(lines)
 
 
-def build_model(preset: str, context: int, device: str, fuse: bool = True, dtype=torch.bfloat16):
+def build_model(preset: str, context: int, device: str, fuse: bool = True, dtype=torch.bfloat16,
+                matmul: str = "torch"):
     from deepwish.config import model_config
     from deepwish.model.transformer import Transformer
     cfg = model_config(preset)
     cfg = dataclasses.replace(cfg, max_seq_len=max(cfg.max_seq_len, context + 64),
-                              fuse_projections=fuse)
+                              fuse_projections=fuse, decode_matmul=matmul)
     torch.manual_seed(0)
     with torch.device(device):
         model = Transformer(cfg)
@@ -197,7 +200,7 @@ def path_step(path: str, model, cache, tokens: torch.Tensor, positions: torch.Te
 
 
 def run(out_dir, preset: str = "qwen3_0.6b", batch: int = 1, context: int = 512, paths=PATHS, steps: int = 20,
-        rows: int = 30, fuse: bool = True, device: str | None = None) -> dict:
+        rows: int = 30, fuse: bool = True, device: str | None = None, matmul: str = "torch") -> dict:
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cpu":
         paths = tuple(p for p in paths if p == "eager")  # nothing to capture on the CPU; compile is slow there
@@ -206,7 +209,7 @@ def run(out_dir, preset: str = "qwen3_0.6b", batch: int = 1, context: int = 512,
         raise ValueError(f"paths {bad} are not among {', '.join(PATHS)}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    model = build_model(preset, context, device, fuse, torch.bfloat16 if device == "cuda" else torch.float32)
+    model = build_model(preset, context, device, fuse, torch.bfloat16 if device == "cuda" else torch.float32, matmul)
     V = model.cfg.vocab_size
     g = torch.Generator().manual_seed(0)
     tokens = torch.randint(0, V, (steps + 8, batch), generator=g).to(device)
@@ -227,10 +230,11 @@ def run(out_dir, preset: str = "qwen3_0.6b", batch: int = 1, context: int = 512,
             torch.cuda.empty_cache()
     from deepwish.bench.env import bench_environment
     doc = {"env": bench_environment(device, "deepwish bench decode_profile"), "preset": preset, "batch": batch,
-           "context": context, "steps": steps, "fuse_projections": fuse, "device": device, "paths": results}
+           "context": context, "steps": steps, "fuse_projections": fuse, "decode_matmul": matmul, "device": device,
+           "paths": results}
     (out / "decode_profile.json").write_text(json.dumps(doc, indent=2))
     head = (f"## decode step profile: {preset}, batch {batch}, context {context}, {device}, "
-            f"fuse_projections={fuse}, torch {torch.__version__}\n")
+            f"fuse_projections={fuse}, decode_matmul={matmul}, torch {torch.__version__}\n")
     parts = [head]
     for path, res in results.items():
         parts.append(f"### {path}: failed: {res['error']}" if "error" in res else format_table(path, res, rows))
@@ -250,9 +254,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--steps", type=int, default=20, help="steps timed and profiled per path")
     ap.add_argument("--rows", type=int, default=30, help="kernels listed per path (the rest summed)")
     ap.add_argument("--unfused", action="store_true", help="model.fuse_projections=false: q, k, v as three matmuls")
+    ap.add_argument("--matmul", default="torch", choices=["torch", "triton"],
+                    help="model.decode_matmul: triton runs the step's matmuls (<= 16 rows) through kernels/gemv")
     args = ap.parse_args(argv)
     run(args.out, args.preset, args.batch, args.context, tuple(p for p in args.paths.split(",") if p), args.steps,
-        args.rows, fuse=not args.unfused)
+        args.rows, fuse=not args.unfused, matmul=args.matmul)
     return 0
 
 

@@ -40,6 +40,7 @@ from torch import nn
 
 from deepwish.config import WINDOW_BLOCK, ConfigError, ModelConfig
 from deepwish.kernels.backend import resolve_backend
+from deepwish.kernels.gemv import linear
 from deepwish.model.cache import KVCache
 from deepwish.model.norm import RMSNorm
 from deepwish.model.rope import apply_rotary
@@ -295,6 +296,7 @@ class Attention(nn.Module):
             self.q_proj = nn.Linear(d, q_out, bias=cfg.attn_bias)
             self.k_proj = nn.Linear(d, kv_out, bias=cfg.attn_bias)
             self.v_proj = nn.Linear(d, kv_out, bias=cfg.attn_bias)
+        self.matmul = cfg.decode_matmul  # the backend of decode-sized inference matmuls (kernels/gemv)
         self._qkv: tuple[torch.Tensor, torch.Tensor | None] | None = None  # the fused view (pack_qkv_)
         self.fuse_projections = cfg.fuse_projections and not cfg.fused_qkv
         if self.fuse_projections:
@@ -358,7 +360,7 @@ class Attention(nn.Module):
             return F.linear(x, self.qkv_weight.flatten(0, 1)).split(self.qkv_sizes, dim=-1)
         fused = self._fused_qkv()
         if fused is not None:
-            return F.linear(x, *fused).split(self.qkv_sizes, dim=-1)
+            return linear(x, *fused, backend=self.matmul).split(self.qkv_sizes, dim=-1)
         return self.q_proj(x), self.k_proj(x), self.v_proj(x)
 
     def forward(self, x: torch.Tensor, ctx, cache: KVCache | None = None) -> tuple[torch.Tensor, dict]:
@@ -388,7 +390,7 @@ class Attention(nn.Module):
             o = self.attend_cache(q, k, v, ctx, cache)
         if self.gated:
             o = o * torch.sigmoid(gate)
-        return self.o_proj(o.reshape(B, T, -1)), {}
+        return linear(o.reshape(B, T, -1), self.o_proj.weight, self.o_proj.bias, self.matmul), {}
 
     def attend_cache(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx, cache) -> torch.Tensor:
         """Write k, v [B,T,Hkv,D] into the cache and attend q [B,T,H,D] over it -> [B,T,H,D]."""

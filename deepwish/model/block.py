@@ -149,7 +149,7 @@ def build_ffn(kind: str, cfg: ModelConfig, layer_idx: int) -> nn.Module:
         return MoE(cfg, layer_idx)
     if not cfg.gated_ffn:
         return DenseMLP(cfg.d_model, cfg.d_ff, cfg.hidden_act)
-    return DenseFFN(cfg.d_model, cfg.d_ff, cfg.hidden_act)
+    return DenseFFN(cfg.d_model, cfg.d_ff, cfg.hidden_act, cfg.decode_matmul)
 
 
 class Block(nn.Module):

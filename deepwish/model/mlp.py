@@ -20,6 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from deepwish.kernels.gemv import linear
+
 _SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
 
 
@@ -105,14 +107,15 @@ class SwiGLU(nn.Module):
 
     PARAM_ROLES = {"w_down.weight": "matrix_out"}  # writes into the residual stream (model/roles.py)
 
-    def __init__(self, d_model: int, d_ff: int, act: str = "silu"):
+    def __init__(self, d_model: int, d_ff: int, act: str = "silu", matmul: str = "torch"):
         super().__init__()
         self.d_ff = d_ff
         self.act_name = act
         self.act = activation(act)
+        self.matmul = matmul  # model.decode_matmul: the backend of decode-sized inference matmuls
         self.w_gate_up = nn.Linear(d_model, 2 * d_ff, bias=False)
         self.w_down = nn.Linear(d_ff, d_model, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.w_gate_up(x).chunk(2, dim=-1)
-        return self.w_down(self.act(gate) * up)
+        gate, up = linear(x, self.w_gate_up.weight, None, self.matmul).chunk(2, dim=-1)
+        return linear(self.act(gate) * up, self.w_down.weight, None, self.matmul)

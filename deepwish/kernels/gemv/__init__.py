@@ -1,0 +1,29 @@
+"""Decode-sized matmuls y = x Wᵀ (+ b) for a few rows of x: `reference` (pure torch, the CPU path
+and test oracle) and `triton` (one pass over W with every SM busy). `linear` dispatches by the
+model's `decode_matmul` setting (config.py)."""
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.nn.functional as F
+
+from deepwish.kernels.gemv import reference
+
+__all__ = ["reference", "linear", "MAX_ROWS"]
+
+MAX_ROWS = 16  # rows of x the kernel serves (a batch-1..16 decode step); more rows are a GEMM
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+           backend: str = "torch") -> torch.Tensor:
+    """F.linear(x, weight, bias), through the Triton GEMV when backend == 'triton' and the call is
+    an inference matmul of at most MAX_ROWS rows on CUDA (or under TRITON_INTERPRET=1) in the
+    weight's dtype. Training, prefill and large batches stay on F.linear (cuBLAS): the option
+    concerns decoding only, where cuBLAS's tiles leave most of the bandwidth unused."""
+    if (backend == "triton" and not torch.is_grad_enabled() and x.dtype == weight.dtype
+            and x.numel() <= MAX_ROWS * x.shape[-1] and x.numel() > 0
+            and (x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1")):
+        from deepwish.kernels.gemv.triton import gemv
+        return gemv(x, weight, bias)
+    return F.linear(x, weight, bias)
