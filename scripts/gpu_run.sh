@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # What the GPU machine runs: environment report, GPU tests and benchmarks, results under $OUT.
-#   bash scripts/gpu_run.sh STAGE...   with STAGE in: env tests kernels gdn train decode sweep tradeoff notebook corpus speedrun ablate dsa nsa_kernels nsa_quality attn_dq_tiles attn_dq muon attn_focus_tiles attn_goals
+#   bash scripts/gpu_run.sh STAGE...   with STAGE in: env tests kernels gdn train decode sweep tradeoff notebook corpus speedrun ablate dsa nsa_kernels nsa_quality attn_dq_tiles attn_dq muon attn_focus_tiles attn_goals decode_compare
 # Optional wheels in .whl/ (flash-linear-attention, liger-kernel) are installed to /tmp/site
 # first, so the anchors run side by side with deepwish in the same process (NO_WHEELS=1 skips
 # them, e.g. for HF's Qwen3-Next on its torch path).
@@ -29,6 +29,9 @@ for stage in "$@"; do
     gdn) python3 -m deepwish.cli bench gdn --out "$OUT/gdn" || status=1 ;;
     train) python3 -m deepwish.cli bench train --out "$OUT/train" ${TRAIN_ARGS:-} || status=1 ;;
     decode) python3 -m deepwish.cli bench decode --out "$OUT/decode" ${DECODE_ARGS:-} || status=1 ;;
+    decode_compare) python3 -m deepwish.bench.decode --compare --out "$OUT/decode_compare" ${DECODE_COMPARE_ARGS:-} || status=1
+                    python3 -m deepwish.bench.decode_profile --out "$OUT/decode_profile" --paths compiled-captured || status=1
+                    python3 -m deepwish.bench.decode_profile --out "$OUT/decode_profile_gemv" --paths compiled-captured --matmul triton || status=1 ;;
     sweep) python3 -m deepwish.cli bench sweep --out "$OUT/sweep" ${SWEEP_ARGS:---time-limit 420} || status=1 ;;
     notebook) python3 scripts/run_notebook.py notebooks/walkthrough.ipynb --out "$OUT/walkthrough_gpu.ipynb" || status=1 ;;
     tradeoff) python3 -m deepwish.cli bench decode --tradeoff --out "$OUT/tradeoff" ${TRADEOFF_ARGS:-} || status=1 ;;
