@@ -68,15 +68,17 @@ CANDIDATES = {
 # (added to the list when absent). Candidates are (BM, BN, warps, stages) plus options: fwd
 # (..., SLACK): lazy rescale in log2 units (0: every tile); dkdv / dkdvq (..., SPLIT): dK and dV
 # summed by separate programs (one accumulator each).
-# ptxas (sm_90, triton 3.7, --parts regs) on these: fwd 128 x 128 w8 251-255 registers, no spills;
-# dkdv d256 split 32 x 128 w8 s2 and 16 x 128 w8 s2 none, 32 x 128 w8 s3 <= 4 bytes (unsplit
-# 64 x 64 w8: 356 bytes, and its sᵀ / dpᵀ dots run twice, once per warpgroup over the same 64
-# keys); dkdv d128 split 64 x 128 w8 none (unsplit 44 bytes, outside the loops).
+# ptxas (sm_90, triton 3.7, --parts regs) on these: fwd 128 x 128 w8 248-255 registers, no spills;
+# dkdv d256 split 32 x 128 w8 s2 none, 16 x 128 w8 s2 8 bytes, 32 x 128 w8 s3 20 (unsplit
+# 64 x 64 w8: 344 bytes, and its sᵀ / dpᵀ dots run twice, once per warpgroup over the same 64
+# keys); dkdv d128 split 64 x 128 w8 none (unsplit 12 bytes, outside the loops).
 FOCUS = {
+    # 64 x 64 w4 s2: 196 registers, 82 KB of shared memory: two programs per SM, whose softmax
+    # and matmuls can overlap (one 8-warp program per SM at 128-row tiles)
     ("fwd", "d128", "short"): [(128, 128, 8, 3), (128, 128, 8, 2), (128, 64, 8, 3, 8), (128, 128, 8, 3, 8),
-                               (128, 128, 8, 2, 8)],
-    ("fwd", "d128", "long"): [(128, 128, 8, 3, 8), (128, 128, 8, 2, 8), (128, 64, 8, 3, 8)],
-    ("fwd", "d256", "short"): [(128, 64, 8, 2, 8), (128, 64, 8, 3, 8)],
+                               (128, 128, 8, 2, 8), (64, 64, 4, 2), (64, 64, 4, 2, 8)],
+    ("fwd", "d128", "long"): [(128, 128, 8, 3, 8), (128, 128, 8, 2, 8), (128, 64, 8, 3, 8), (64, 64, 4, 2, 8)],
+    ("fwd", "d256", "short"): [(128, 64, 8, 2, 8)],
     ("fwd", "d256", "long"): [(128, 64, 8, 2, 8)],
     ("dkdv", "d128", "short"): [(64, 128, 8, 3), (64, 128, 8, 3, 1), (32, 128, 8, 3)],
     ("dkdv", "d128", "long"): [(64, 128, 8, 3, 1), (32, 128, 8, 3)],
