@@ -42,7 +42,7 @@ from deepwish.config import WINDOW_BLOCK, ConfigError, ModelConfig
 from deepwish.kernels.backend import resolve_backend
 from deepwish.kernels.gemv import linear
 from deepwish.model.cache import KVCache
-from deepwish.model.norm import RMSNorm
+from deepwish.model.norm import RMSNorm, rms_norm
 from deepwish.model.rope import apply_rotary
 
 
@@ -365,20 +365,25 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, ctx, cache: KVCache | None = None) -> tuple[torch.Tensor, dict]:
         B, T, _ = x.shape
-        q, k, v = self.project_qkv(x)
-        q = q.reshape(B, T, self.n_heads, -1)
-        if self.gated:  # per head: [query | gate], as in Qwen3-Next's released weights
-            q, gate = q.split(self.head_dim, dim=-1)
-        k = k.reshape(B, T, self.n_kv_heads, self.head_dim)
-        v = v.reshape(B, T, self.n_kv_heads, self.head_dim)
+        fused = None if self.gated or self.q_norm is None else self._fused_qkv()
+        if fused is not None:
+            q, k, v = self.joint_qk(x, fused, ctx)
+        else:
+            q, k, v = self.project_qkv(x)
+            q = q.reshape(B, T, self.n_heads, -1)
+            if self.gated:  # per head: [query | gate], as in Qwen3-Next's released weights
+                q, gate = q.split(self.head_dim, dim=-1)
+            k = k.reshape(B, T, self.n_kv_heads, self.head_dim)
+            v = v.reshape(B, T, self.n_kv_heads, self.head_dim)
         if self.ve_gate is not None:  # value embedding: a table row per token, gated per KV head (2·σ: 1 at 0)
             ve = ctx.value_embeds[self.layer_idx].view(B, T, self.n_kv_heads, self.head_dim)
             g = 2 * torch.sigmoid(self.ve_gate(x[..., :self.ve_gate.in_features]))
             v = v + g[..., None] * ve
-        if self.q_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
-        if ctx.cos is not None:  # None: learned absolute positions, no rotary
-            q, k = apply_rotary(q, ctx.cos, ctx.sin), apply_rotary(k, ctx.cos, ctx.sin)
+        if fused is None:
+            if self.q_norm is not None:
+                q, k = self.q_norm(q), self.k_norm(k)
+            if ctx.cos is not None:  # None: learned absolute positions, no rotary
+                q, k = apply_rotary(q, ctx.cos, ctx.sin), apply_rotary(k, ctx.cos, ctx.sin)
         if cache is None and self.sparse is not None:
             local, stride = self.sparse
             local = min(local, ctx.window_blocks) if ctx.window_blocks > 0 else local  # the window schedule
@@ -391,6 +396,23 @@ class Attention(nn.Module):
         if self.gated:
             o = o * torch.sigmoid(gate)
         return linear(o.reshape(B, T, -1), self.o_proj.weight, self.o_proj.bias, self.matmul), {}
+
+    def joint_qk(self, x: torch.Tensor, fused, ctx) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The fused projection with q and k normed and rotated as one [B, T, H+Hkv, D] tensor: the q
+        and k heads lie side by side in the projection's output, so QK-norm (one weight row per
+        head) and rotary run once over both, the same operations per element as q and k apart, with
+        half the launches. -> q [B,T,H,D], k [B,T,Hkv,D] (rotated), v [B,T,Hkv,D]."""
+        B, T, _ = x.shape
+        H, Hkv, D = self.n_heads, self.n_kv_heads, self.head_dim
+        y = linear(x, *fused, backend=self.matmul)
+        n_qk = self.qkv_sizes[0] + self.qkv_sizes[1]
+        qk = y[..., :n_qk].unflatten(-1, (H + Hkv, D))
+        w = torch.cat([self.q_norm.weight.expand(H, D), self.k_norm.weight.expand(Hkv, D)])
+        qk = rms_norm(qk, w, self.q_norm.eps, self.q_norm.zero_centered)
+        if ctx.cos is not None:
+            qk = apply_rotary(qk, ctx.cos, ctx.sin)
+        q, k = qk.split((H, Hkv), dim=2)
+        return q, k, y[..., n_qk:].unflatten(-1, (Hkv, D))
 
     def attend_cache(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx, cache) -> torch.Tensor:
         """Write k, v [B,T,Hkv,D] into the cache and attend q [B,T,H,D] over it -> [B,T,H,D]."""

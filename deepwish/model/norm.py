@@ -10,6 +10,16 @@ import torch
 from torch import nn
 
 
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, zero_centered: bool = False) -> torch.Tensor:
+    """x̂·w (or x̂·(1 + w)) over the last dim, statistics in fp32; weight broadcasts against x
+    (e.g. one [H, D] row per head)."""
+    xf = x.float()
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    if zero_centered:
+        return (xf * (1.0 + weight.float())).type_as(x)
+    return weight * xf.type_as(x)
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float = 1e-6, zero_centered: bool = False):
         super().__init__()
@@ -18,11 +28,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.zeros(dim) if zero_centered else torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        if self.zero_centered:
-            return (xf * (1.0 + self.weight.float())).type_as(x)
-        return self.weight * xf.type_as(x)
+        return rms_norm(x, self.weight, self.eps, self.zero_centered)
 
     def reset_parameters(self) -> None:
         nn.init.zeros_(self.weight) if self.zero_centered else nn.init.ones_(self.weight)
