@@ -175,12 +175,31 @@ def generate(model, prompts: Sequence[Sequence[int]] | torch.Tensor, max_new_tok
     done = [False] * B
     pos = L0
     nxt = sample(logits, temperature, top_k, top_p, gen)
+    # The next step is launched before the host reads this step's tokens: its input `feed` is already
+    # on the device, so on a GPU the host's bookkeeping (stop tokens, streaming) overlaps the step
+    # instead of leaving the GPU idle once per token. The tokens reach the host through a pinned
+    # buffer and an event, which wait for the copy only, not for the step behind it. The cost: one
+    # step computed past the last token (its cache slot is never read: the next request resets).
+    host = torch.empty(B, dtype=torch.long, pin_memory=True) if device.type == "cuda" else None
     while True:
         # rows still inside their prompt are forced to their next prompt token
         in_prompt = pos < lens_t
         forced = prompt_t[:, min(pos, prompt_t.shape[1] - 1)]
         feed = torch.where(in_prompt, forced, nxt)
-        new = nxt.tolist()
+        if host is not None:
+            host.copy_(nxt, non_blocking=True)
+            copied = torch.cuda.Event()
+            copied.record(torch.cuda.current_stream(device))
+        ahead = None
+        if pos < cache.max_len:  # else only reached when every row is done (after _check_lengths)
+            ahead = decode_fn(model, feed, torch.full((B,), pos, device=device), cache)
+            if returns_tokens:
+                ahead = ahead.clone()  # the graph's buffer: the next call overwrites it
+        if host is not None:
+            copied.synchronize()
+            new = host.tolist()
+        else:
+            new = nxt.tolist()
         for b in range(B):
             if done[b] or pos < lens[b]:
                 continue
@@ -191,13 +210,9 @@ def generate(model, prompts: Sequence[Sequence[int]] | torch.Tensor, max_new_tok
                 done[b] = True
         if all(done):
             break
-        if pos >= cache.max_len:  # unreachable after _check_lengths; never clamp (that would overwrite a slot)
+        if ahead is None:  # unreachable after _check_lengths; never clamp (that would overwrite a slot)
             raise CacheFullError(f"decode at position {pos} but the cache holds {cache.max_len} positions")
-        position = torch.full((B,), pos, device=device)
-        if returns_tokens:
-            nxt = decode_fn(model, feed, position, cache).clone()  # the graph's buffer: the next call overwrites it
-        else:
-            nxt = sample(decode_fn(model, feed, position, cache), temperature, top_k, top_p, gen)
+        nxt = ahead if returns_tokens else sample(ahead, temperature, top_k, top_p, gen)
         pos += 1
     return out
 

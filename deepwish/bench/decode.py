@@ -10,7 +10,8 @@ Models are random-init in bf16 (no downloads). For each preset, batch and contex
   compiled  the same step through torch.compile before capture (by default only for
             qwen3_0.6b at batch 1, the smallest context: compilation costs ~a minute per shape);
   eager     the uncaptured step (batch 1, smallest context), to show what capture buys;
-  generate  our `generate()` end to end with the captured step (batch 1, smallest context);
+  generate  our `generate()` end to end with the captured step and sampler (`CapturedSampler`; batch
+            1, smallest context);
   verify-k4 a captured 5-token chunk forward (speculative verification with k = 4 drafts; batch
             1, smallest context): its time over the one-token step is the verification cost
             ratio r, and speculation pays when E[tokens per round] > r + k·(draft/target cost);
@@ -145,7 +146,7 @@ def _time_steps(step, n: int, warmup: int = 3) -> float:
 
 def _decode_rows(preset, model, batch, context, new_tokens, modes, device, label: str | None = None) -> list[Row]:
     """One row per mode; `label` renames the rows (e.g. the attention-only sibling's)."""
-    from deepwish.decode_graph import CapturedDecoder, CapturedSteps
+    from deepwish.decode_graph import CapturedDecoder, CapturedSampler, CapturedSteps
     from deepwish.generate import decode_one_token
     V = model.cfg.vocab_size
     length = context + new_tokens
@@ -170,10 +171,11 @@ def _decode_rows(preset, model, batch, context, new_tokens, modes, device, label
             else:
                 if mode == "compiled":
                     torch._dynamo.reset()  # a fresh compile per shape, not a recompile-limit fallback
-                dec = CapturedDecoder(model, cache, compile=mode == "compiled")
-                if mode == "generate":
+                if mode == "generate":  # the path `generate` takes on CUDA: the token picked inside the graph
+                    dec = CapturedSampler(model, cache)
                     ms = _generate_ms(model, cache, dec, context, new_tokens, device)
                 else:
+                    dec = CapturedDecoder(model, cache, compile=mode == "compiled")
                     ms = _time_steps(lambda i: dec(model, tokens[i], positions[i], cache), new_tokens)
             row.ms_per_step, row.tok_s = ms, batch * 1e3 / ms
             row.roofline_frac = roof_ms / ms
