@@ -233,16 +233,19 @@ def sdpa_folded_groups(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: 
     return o.reshape(B, H, T, o.shape[-1])
 
 
-@torch.compiler.assume_constant_result
 def _views_of(fused, lins) -> bool:
-    """Are the linears' weights (and biases) still consecutive row slices of `fused` = (w, b)?
-    Evaluated once when torch.compile traces (a storage address is not traceable); a compiled
-    step is bound to its parameters as they were then."""
+    """Are the linears' weights (and biases) still consecutive row slices of `fused` = (w, b)?"""
     if fused is None:
         return False
-    for i, name in enumerate(("weight", "bias")):
-        whole = fused[i]
-        parts = [getattr(m, name) for m in lins]
+    return _slices_of(fused[0], fused[1], *(m.weight for m in lins), *(m.bias for m in lins))
+
+
+@torch.compiler.assume_constant_result
+def _slices_of(w, b, qw, kw, vw, qb, kb, vb) -> bool:
+    """Evaluated once when torch.compile traces (a storage address is not traceable; the arguments are
+    tensors or None, which the tracer passes as they are); a compiled step is bound to its parameters
+    as they were then."""
+    for whole, parts in ((w, (qw, kw, vw)), (b, (qb, kb, vb))):
         if whole is None:
             if any(p is not None for p in parts):
                 return False

@@ -104,3 +104,23 @@ def test_meta_build_materialises_fused():
         assert _attn(m)._fused_qkv() is not None
         w, _ = _attn(m)._qkv
         assert torch.equal(w[:_attn(m).qkv_sizes[0]], _attn(m).q_proj.weight)
+
+
+def test_decode_step_traces_as_one_graph():
+    """torch.compile must see the fused path (and the cache writes) without a graph break: dynamo
+    alone (backend eager) over the one-token forward, fullgraph, gives the eager logits exactly."""
+    fused, _ = _pair("qwen3_tiny")
+    V = fused.cfg.vocab_size
+    ids = torch.randint(0, V, (2, 5))
+    caches = [fused.make_cache(2, 8) for _ in range(2)]
+    for c in caches:
+        prefill(fused, ids, c)
+
+    @torch.no_grad()
+    def step(tok, pos, cache):
+        return fused(tok[:, None], positions=pos[:, None], cache=cache).logits
+
+    tok, pos = torch.tensor([3, 4]), torch.tensor([5, 5])
+    traced = torch.compile(step, backend="eager", fullgraph=True)
+    assert torch.equal(traced(tok, pos, caches[0]), step(tok, pos, caches[1]))
+    assert torch.equal(caches[0][0].k, caches[1][0].k)
