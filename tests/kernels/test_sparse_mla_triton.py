@@ -120,7 +120,7 @@ def test_a_config_that_does_not_fit_shrinks_loudly(monkeypatch, capsys):
 
 @pytest.mark.parametrize("slack", [0.5, 8.0])
 def test_lazy_rescale_forward(rel_err, monkeypatch, slack):
-    """The forward with a stale running maximum (online_softmax_step_lazy): at slack 0.5 a row's
+    """The forward with a stale running maximum (online_softmax_step_scaled's SLACK): at slack 0.5 a row's
     maximum outgrows it on some 16-slot steps and not on others, at 8 only the first step rescales;
     o, lse and the gradients equal the reference either way (three steps, an empty row, fp32 and
     fp16)."""

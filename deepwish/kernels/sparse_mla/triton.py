@@ -62,7 +62,7 @@ import triton
 import triton.language as tl
 from triton.runtime.errors import OutOfResources
 
-from deepwish.kernels.online_softmax import online_softmax_step, online_softmax_step_lazy
+from deepwish.kernels.online_softmax import online_softmax_step_scaled
 from deepwish.kernels.sparse_mla.reference import check_inputs
 
 LOG2E = 1.4426950408889634
@@ -111,10 +111,10 @@ BACKWARD = "split"
 # The split form's p and ds buffers [B, Tc, H, K] (input dtype) take at most this many bytes
 # together; longer sequences run in chunks of Tc tokens.
 PB_BUDGET_BYTES = 1 << 30
-# The forward's online softmax: False rescales acc every step (online_softmax_step); a number
-# rescales only when a row's maximum grew by more than that many powers of two
-# (online_softmax_step_lazy: at dv 512 the [BH, 512] rescale is a multiply per accumulator element
-# per step, beside the step's two matmuls).
+# The forward's online softmax (kernels/online_softmax.py online_softmax_step_scaled): False
+# rescales acc every step; a number rescales only when a row's maximum grew by more than that many
+# powers of two (at dv 512 the [BH, 512] rescale is a multiply per accumulator element per step,
+# beside the step's two matmuls).
 FWD_LAZY_RESCALE: float | bool = False
 # The forward's slot loop with Triton's automatic warp specialization (tl.range warp_specialize).
 FWD_WARP_SPECIALIZE = False
@@ -266,12 +266,8 @@ def _fwd_kernel(Q, KV, IDX, O, LSE, OP, LP,
             slot = tl.load(IDX + idx_base + kk, mask=kk < k_hi, other=-1)
         ok = slot >= 0
         kv_v, kv_r = _gather(KV, kv_base, slot, ok, dvr, dr, DV, DR, skv_s, HAS_TAIL, BK, BLOCK_R)
-        s = _scores(qv, qr, kv_v, kv_r, HAS_TAIL, PREC) * scale_log2
-        s = tl.where(ok[None, :], s, float("-inf"))
-        if LAZY > 0:
-            acc, m_i, l_i = online_softmax_step_lazy(acc, m_i, l_i, s, kv_v, PREC, LAZY)
-        else:
-            acc, m_i, l_i = online_softmax_step(acc, m_i, l_i, s, kv_v, PREC)
+        s = tl.where(ok[None, :], _scores(qv, qr, kv_v, kv_r, HAS_TAIL, PREC), float("-inf"))
+        acc, m_i, l_i = online_softmax_step_scaled(acc, m_i, l_i, s, scale_log2, kv_v, PREC, LAZY)
     empty = l_i == 0.0
     o = acc / tl.where(empty, 1.0, l_i)[:, None]
     lse = tl.where(empty, float("-inf"), (m_i + tl.log2(tl.where(empty, 1.0, l_i))) * 0.6931471805599453)
