@@ -145,7 +145,7 @@ def _time_variant(model, cfg_train, variant: str, steps: int, warmup: int, profi
 
     from deepwish.train.optim import build_optimizer
 
-    sets = {"adamw": dict(optimizer="adamw"), "muon": {}, "muon-per-matrix": {}, "muon-torch": dict(muon_backend="torch"),
+    sets = {"adamw": dict(optimizer="adamw"), "muon": dict(muon_backend="auto"), "muon-per-matrix": {}, "muon-torch": dict(muon_backend="torch"),
             "muon-fused-cublas": dict(muon_backend="triton"), "muon-triton-gram": dict(muon_backend="triton"),
             "muon-triton-all": dict(muon_backend="triton"),
             "muon-pe": dict(muon_ns_schedule="polar_express"), "muon-normuon": dict(muon_normuon=True)}[variant]

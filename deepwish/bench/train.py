@@ -9,7 +9,7 @@ before anything of ours is resident; each result records what was still allocate
                   torch.compile, fused linear cross-entropy (train.loss_backend=auto -> triton), SDPA
                   flash attention, fp32 master weights under bf16 autocast, AdamW (fused), clipping;
   deepwish-muon   the same with Muon on the hidden matrices (the trainer's default optimizer;
-                  train.muon_backend=auto: the Triton step on CUDA);
+                  train.muon_backend=auto here: the Triton step on CUDA);
   deepwish-muon-torch  the same with train.muon_backend=torch (cuBLAS Newton–Schulz, foreach
                   momentum/update): the Muon step before its kernels, for the before/after;
   deepwish-eager  the same as `deepwish` without torch.compile;
@@ -99,8 +99,8 @@ def _run_config(preset: str, batch: int, seq: int, variant: str):
             "train.compile=" + ("'off'" if variant == "deepwish-eager" else "'on'"),  # quoted: YAML on/off are bools
             "train.optimizer=" + ("muon" if variant.startswith("deepwish-muon") else "adamw"),
             "train.parallel=" + ("fsdp" if variant == "deepwish-fsdp1" else "none"), "train.lr=3e-4"]
-    if variant == "deepwish-muon-torch":
-        sets.append("train.muon_backend=torch")
+    if variant.startswith("deepwish-muon"):
+        sets.append("train.muon_backend=" + ("torch" if variant == "deepwish-muon-torch" else "auto"))
     return load_config(preset, sets)
 
 
