@@ -40,6 +40,30 @@ def _interpreting() -> bool:
 
 # ---- symmetric Gram product --------------------------------------------------------------------------
 @triton.jit
+def _tile_product(a_ptrs, b_ptrs, a_step, b_step, m_ok, n_ok, rk, K, BLOCK_M: tl.constexpr,
+                  BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN: tl.constexpr, IEEE: tl.constexpr):
+    """Σ_k A[m, k]·B[k, n] over K in BLOCK_K steps for one [BLOCK_M, BLOCK_N] tile (fp32): a_ptrs /
+    b_ptrs address the first [BLOCK_M, BLOCK_K] / [BLOCK_K, BLOCK_N] tiles and advance by a_step /
+    b_step elements per step; EVEN (K a multiple of BLOCK_K and full tiles) drops the masks."""
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k in range(0, tl.cdiv(K, BLOCK_K)):
+        if EVEN:
+            at = tl.load(a_ptrs)
+            bt = tl.load(b_ptrs)
+        else:
+            k_ok = rk < K - k * BLOCK_K
+            at = tl.load(a_ptrs, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+            bt = tl.load(b_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+        if IEEE:
+            acc = tl.dot(at, bt, acc, input_precision="ieee")
+        else:
+            acc = tl.dot(at, bt, acc)
+        a_ptrs += a_step
+        b_ptrs += b_step
+    return acc
+
+
+@triton.jit
 def _gram_kernel(p_ptr, y_ptr, c_ptr, scale_ptr, M, K,
                  s_pb, s_pm, s_pk, s_yb, s_ym, s_yn, s_cb, s_cm, s_cn, alpha, beta,
                  HAS_Y: tl.constexpr, HAS_SCALE: tl.constexpr, IEEE: tl.constexpr, EVEN: tl.constexpr,
@@ -65,21 +89,8 @@ def _gram_kernel(p_ptr, y_ptr, c_ptr, scale_ptr, M, K,
     bt_ptrs = p_b + rn[None, :] * s_pm + rk[:, None] * s_pk  # P[rn, k]ᵀ  [BLOCK_K, BLOCK]
     m_ok = rm < M
     n_ok = rn < M
-    acc = tl.zeros((BLOCK, BLOCK), dtype=tl.float32)
-    for k in range(0, tl.cdiv(K, BLOCK_K)):
-        if EVEN:
-            pa = tl.load(a_ptrs)
-            pb = tl.load(bt_ptrs)
-        else:
-            k_ok = rk < K - k * BLOCK_K
-            pa = tl.load(a_ptrs, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
-            pb = tl.load(bt_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
-        if IEEE:
-            acc = tl.dot(pa, pb, acc, input_precision="ieee")
-        else:
-            acc = tl.dot(pa, pb, acc)
-        a_ptrs += BLOCK_K * s_pk
-        bt_ptrs += BLOCK_K * s_pk
+    acc = _tile_product(a_ptrs, bt_ptrs, BLOCK_K * s_pk, BLOCK_K * s_pk, m_ok, n_ok, rk, K, BLOCK, BLOCK, BLOCK_K,
+                        EVEN, IEEE)
     acc = acc * alpha
     if HAS_SCALE:
         acc = acc * tl.load(scale_ptr + b)
@@ -121,21 +132,8 @@ def _update_kernel(l_ptr, r_ptr, y_ptr, c_ptr, scale_ptr, p_table, p_first, M, N
     r_ptrs = r_ptr + b * s_rb + rk[:, None] * s_rk + rn[None, :] * s_rn
     m_ok = rm < M
     n_ok = rn < N
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k in range(0, tl.cdiv(K, BLOCK_K)):
-        if EVEN:
-            lt = tl.load(l_ptrs)
-            rt = tl.load(r_ptrs)
-        else:
-            k_ok = rk < K - k * BLOCK_K
-            lt = tl.load(l_ptrs, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
-            rt = tl.load(r_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
-        if IEEE:
-            acc = tl.dot(lt, rt, acc, input_precision="ieee")
-        else:
-            acc = tl.dot(lt, rt, acc)
-        l_ptrs += BLOCK_K * s_lk
-        r_ptrs += BLOCK_K * s_rk
+    acc = _tile_product(l_ptrs, r_ptrs, BLOCK_K * s_lk, BLOCK_K * s_rk, m_ok, n_ok, rk, K, BLOCK_M, BLOCK_N, BLOCK_K,
+                        EVEN, IEEE)
     mask = m_ok[:, None] & n_ok[None, :]
     y = tl.load(y_ptr + b * s_yb + rm[:, None] * s_ym + rn[None, :] * s_yn, mask=mask, other=0.0)
     acc += a * y.to(tl.float32)
