@@ -111,7 +111,7 @@ def make_doc_ids(B: int, T: int, docs: int, gen: torch.Generator) -> torch.Tenso
 
 def visible_pairs(B: int, T: int, doc_ids: torch.Tensor | None, window: int) -> int:
     """Number of visible (query, key) pairs per head."""
-    from deepwish.kernels.attention.reference import document_starts
+    from deepwish.kernels.documents import document_starts
     pos = torch.arange(T).expand(B, T)
     if doc_ids is not None:
         pos = pos - document_starts(doc_ids).long()

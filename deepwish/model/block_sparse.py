@@ -46,11 +46,11 @@ def flex_block_sparse_mask(positions: torch.Tensor, doc_ids: torch.Tensor | None
     """The same rule as a FlexAttention BlockMask over one forward's [B, T] positions/documents."""
     from torch.nn.attention.flex_attention import create_block_mask
 
-    from deepwish.kernels.attention.reference import document_starts
+    from deepwish.kernels.documents import document_starts
 
     B, T = positions.shape
     device = positions.device
-    starts = document_starts(doc_ids) if doc_ids is not None else torch.zeros(B, T, dtype=torch.int32, device=device)
+    starts = document_starts(doc_ids) if doc_ids is not None else torch.zeros(B, T, dtype=torch.long, device=device)
     pos = positions.to(torch.int32)
 
     def visible(b, h, qi, ki):

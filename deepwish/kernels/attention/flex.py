@@ -12,7 +12,8 @@ import torch
 from torch.nn.attention.flex_attention import create_block_mask
 from torch.nn.attention.flex_attention import flex_attention as _flex
 
-from deepwish.kernels.attention.reference import check_inputs, document_starts
+from deepwish.kernels.attention.reference import check_inputs
+from deepwish.kernels.documents import document_starts
 
 
 @functools.cache
@@ -27,7 +28,7 @@ def block_mask(B: int, T: int, doc_ids: torch.Tensor | None, window: int, device
     if doc_ids is not None:
         starts = document_starts(doc_ids)
     else:
-        starts = torch.zeros(B, T, dtype=torch.int32, device=device)
+        starts = torch.zeros(B, T, dtype=torch.long, device=device)
     span = torch.tensor(window if window > 0 else 1 << 30, dtype=torch.int32, device=device)
 
     def visible(b, h, qi, ki):

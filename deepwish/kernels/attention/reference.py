@@ -13,23 +13,9 @@ from __future__ import annotations
 
 import torch
 
+from deepwish.kernels.documents import document_starts
+
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-
-
-def document_starts(doc_ids: torch.Tensor) -> torch.Tensor:
-    """[B, T] int32: position of the first token of each token's document (a run of equal ids)."""
-    B, T = doc_ids.shape
-    pos = torch.arange(T, device=doc_ids.device).expand(B, T)
-    new = torch.ones_like(doc_ids, dtype=torch.bool)
-    new[:, 1:] = doc_ids[:, 1:] != doc_ids[:, :-1]
-    return torch.cummax(torch.where(new, pos, torch.zeros_like(pos)), dim=1).values.to(torch.int32)
-
-
-def document_ends(doc_ids: torch.Tensor) -> torch.Tensor:
-    """[B, T] int32: one past the last token of each token's document."""
-    T = doc_ids.shape[1]
-    rev = (T - 1 - document_starts(doc_ids.flip(1)).long()).flip(1)  # last index of the run
-    return (rev + 1).to(torch.int32)
 
 
 def check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, doc_ids: torch.Tensor | None,

@@ -49,7 +49,8 @@ import torch
 import triton
 import triton.language as tl
 
-from deepwish.kernels.attention.reference import check_inputs, document_ends, document_starts
+from deepwish.kernels.attention.reference import check_inputs
+from deepwish.kernels.documents import document_ends, document_starts
 from deepwish.kernels.online_softmax import online_softmax_step_scaled
 
 LOG2E = 1.4426950408889634
@@ -576,7 +577,7 @@ def document_bounds(doc_ids: torch.Tensor | None, B: int, T: int, device) -> tup
     if doc_ids is None:
         zero = torch.zeros(B, T, dtype=torch.int32, device=device)
         return zero, torch.full((B, T), T, dtype=torch.int32, device=device)
-    return document_starts(doc_ids).contiguous(), document_ends(doc_ids).contiguous()
+    return document_starts(doc_ids).to(torch.int32), document_ends(doc_ids).to(torch.int32)
 
 
 def forward(q, k, v, doc_start, scale, window, softcap):

@@ -48,19 +48,12 @@ from __future__ import annotations
 
 import torch
 
+from deepwish.kernels.documents import document_starts
+
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 
 # ---- shared checks and helpers ------------------------------------------------------------------
-def document_starts(doc_ids: torch.Tensor) -> torch.Tensor:
-    """[B, S] int64: the first position of each position's document (a run of equal ids)."""
-    B, S = doc_ids.shape
-    pos = torch.arange(S, device=doc_ids.device).expand(B, S)
-    new = torch.ones_like(doc_ids, dtype=torch.bool)
-    new[:, 1:] = doc_ids[:, 1:] != doc_ids[:, :-1]
-    return torch.cummax(torch.where(new, pos, torch.zeros_like(pos)), dim=1).values
-
-
 def default_q_pos(B: int, T: int, S: int, device) -> torch.Tensor:
     """[B, T] int64: the last T positions of a row of S."""
     return torch.arange(S - T, S, device=device).expand(B, T)
