@@ -40,7 +40,7 @@ from torch import nn
 
 from deepwish.config import WINDOW_BLOCK, ConfigError, ModelConfig
 from deepwish.kernels.backend import resolve_backend
-from deepwish.kernels.gemv import linear
+from deepwish.kernels.gemv import Linear, linear
 from deepwish.model.cache import KVCache
 from deepwish.model.norm import RMSNorm, rms_norm
 from deepwish.model.rope import apply_rotary
@@ -306,7 +306,7 @@ class Attention(nn.Module):
             self.pack_qkv_()
         self.ve_gate = (nn.Linear(min(VALUE_EMBED_GATE_DIM, d), self.n_kv_heads, bias=False)
                         if layer_idx in cfg.value_embed_layers else None)
-        self.o_proj = nn.Linear(self.n_heads * self.head_dim, d, bias=cfg.attn_bias)  # HF: o_proj too
+        self.o_proj = Linear(self.n_heads * self.head_dim, d, bias=cfg.attn_bias, backend=self.matmul)  # HF: o_proj too
         self.q_norm = RMSNorm(self.head_dim, cfg.norm_eps, cfg.norm_zero_centered) if cfg.qk_norm else None
         self.k_norm = RMSNorm(self.head_dim, cfg.norm_eps, cfg.norm_zero_centered) if cfg.qk_norm else None
         self.scale = self.head_dim ** -0.5
@@ -398,7 +398,7 @@ class Attention(nn.Module):
             o = self.attend_cache(q, k, v, ctx, cache)
         if self.gated:
             o = o * torch.sigmoid(gate)
-        return linear(o.reshape(B, T, -1), self.o_proj.weight, self.o_proj.bias, self.matmul), {}
+        return self.o_proj(o.reshape(B, T, -1)), {}
 
     def joint_qk(self, x: torch.Tensor, fused, ctx) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The fused projection with q and k normed and rotated as one [B, T, H+Hkv, D] tensor: the q

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from deepwish.kernels.gemv import linear
+from deepwish.kernels.gemv import Linear
 
 _SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
 
@@ -112,10 +112,10 @@ class SwiGLU(nn.Module):
         self.d_ff = d_ff
         self.act_name = act
         self.act = activation(act)
-        self.matmul = matmul  # model.decode_matmul: the backend of decode-sized inference matmuls
-        self.w_gate_up = nn.Linear(d_model, 2 * d_ff, bias=False)
-        self.w_down = nn.Linear(d_ff, d_model, bias=False)
+        # matmul = model.decode_matmul: the backend of decode-sized inference matmuls (kernels/gemv)
+        self.w_gate_up = Linear(d_model, 2 * d_ff, bias=False, backend=matmul)
+        self.w_down = Linear(d_ff, d_model, bias=False, backend=matmul)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = linear(x, self.w_gate_up.weight, None, self.matmul).chunk(2, dim=-1)
-        return linear(self.act(gate) * up, self.w_down.weight, None, self.matmul)
+        gate, up = self.w_gate_up(x).chunk(2, dim=-1)
+        return self.w_down(self.act(gate) * up)

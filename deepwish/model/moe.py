@@ -169,6 +169,17 @@ def grouped_swiglu(x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor
     return (by_token * weights.to(ys.dtype)[..., None]).sum(1, dtype=x.dtype)
 
 
+class Router(nn.Linear):
+    """Expert scores x Wᵀ in fp32 (bias-free), whatever the activations' dtype: top-k choices on
+    bf16 scores flip between near-ties, and HF's MoE routers score in fp32 too."""
+
+    def __init__(self, d_model: int, n_experts: int):
+        super().__init__(d_model, n_experts, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x.float(), self.weight.float())
+
+
 class MoE(nn.Module):
     # model/roles.py: stacked experts are hidden matrices (their output projection writes into the
     # residual stream); router and shared-expert gate rows are scores, not hidden maps
@@ -180,7 +191,7 @@ class MoE(nn.Module):
         self.cfg = cfg
         E, d, inner = cfg.n_experts, cfg.d_model, cfg.d_ff_expert
         self.n_experts, self.top_k = E, cfg.n_experts_per_tok
-        self.router = nn.Linear(d, E, bias=False)
+        self.router = Router(d, E)
         self.act = activation(cfg.hidden_act)
         self.w_gate_up = nn.Parameter(torch.empty(E, 2 * inner, d))
         self.w_down = nn.Parameter(torch.empty(E, d, inner))
@@ -202,10 +213,10 @@ class MoE(nn.Module):
 
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         c = self.cfg
-        if c.router == "centroid":  # the router's rows are the experts' centroids
+        if c.router == "centroid":  # the router's rows are the experts' centroids (cosine, not a linear map)
             return route_centroid(x, self.router.weight, self.e_score_correction_bias, c.router_temperature, self.top_k,
                                   c.n_group, c.topk_group, c.norm_topk_prob, c.routed_scaling_factor)
-        logits = F.linear(x.float(), self.router.weight.float())
+        logits = self.router(x)
         if c.router == "sigmoid":
             return route_sigmoid_grouped(logits, self.e_score_correction_bias, self.top_k, c.n_group, c.topk_group,
                                          c.norm_topk_prob, c.routed_scaling_factor)

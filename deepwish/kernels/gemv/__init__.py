@@ -1,16 +1,18 @@
 """Decode-sized matmuls y = x Wᵀ (+ b) for a few rows of x: `reference` (pure torch, the CPU path
 and test oracle) and `triton` (one pass over W with every SM busy). `linear` dispatches by the
-model's `decode_matmul` setting (config.py)."""
+model's `decode_matmul` setting (config.py); `Linear` is an nn.Linear that calls it, so a model's
+projections stay modules (hooks, FSDP, adapters that wrap or replace them see every call)."""
 from __future__ import annotations
 
 import os
 
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 
 from deepwish.kernels.gemv import reference
 
-__all__ = ["reference", "linear", "MAX_ROWS"]
+__all__ = ["reference", "linear", "Linear", "MAX_ROWS"]
 
 MAX_ROWS = 16  # rows of x the kernel serves (a batch-1..16 decode step); more rows are a GEMM
 
@@ -27,3 +29,18 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
         from deepwish.kernels.gemv.triton import gemv
         return gemv(x, weight, bias)
     return F.linear(x, weight, bias)
+
+
+class Linear(nn.Linear):
+    """nn.Linear whose decode-sized inference matmuls take `backend` (model.decode_matmul); the
+    same parameters, names and state dict as nn.Linear."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, backend: str = "torch", **kw):
+        super().__init__(in_features, out_features, bias=bias, **kw)
+        self.backend = backend
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return linear(x, self.weight, self.bias, self.backend)
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + (f", backend={self.backend}" if self.backend != "torch" else "")
