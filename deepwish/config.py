@@ -316,7 +316,7 @@ class TrainConfig:
     muon_ns_steps: int = 5
     muon_ns_schedule: str = "jordan"  # Newton–Schulz coefficients: jordan (original) | polar_express (train/muon.py)
     muon_normuon: bool = False  # NorMuon per-neuron normalisation after orthogonalisation (train/muon.py)
-    muon_backend: str = "torch"  # torch | triton | auto (triton on CUDA): Muon's step (train/muon.py); triton not yet timed on a GPU
+    muon_backend: str = "auto"  # auto (triton on CUDA, torch elsewhere) | torch | triton: Muon's step (train/muon.py)
     weight_decay: float = 0.0
     # Per-group settings (train/optim.py param_groups; groups by parameter role): 0 lr = train.lr,
     # negative decay = train.weight_decay. Scalars/gates (norms, biases, gates, scalars) take no decay by default.

@@ -21,7 +21,7 @@ Pure functions (shared by every optimizer option that needs them):
 Speed: the step groups the matrices of a parameter group by shape (and device, dtype) and runs one
 batched Newton–Schulz per group: three batched matmuls per iteration for all of a model's q
 projections at once, instead of ~40 small launches per matrix. Two backends (`backend`, from
-`train.muon_backend`, default torch; `auto`: triton on CUDA, torch elsewhere), the same update to bf16 noise:
+`train.muon_backend`, default auto: triton on CUDA, torch elsewhere), the same update to bf16 noise:
   torch   bmm / baddbmm / baddbmm per iteration (cuBLAS); momentum and the parameter update are
           foreach ops, the stack one copy per matrix;
   triton  kernels/muon/triton.py: the two symmetric products (A = X Xᵀ, A²) computed on and above
