@@ -9,6 +9,7 @@ import argparse
 import importlib
 import os
 import sys
+import time
 from pathlib import Path
 
 
@@ -44,6 +45,9 @@ def _add_generate(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ema", action="store_true", help="use the checkpoint's EMA weights")
     p.add_argument("--graph", default="auto", choices=("auto", "on", "off"),
                    help="capture the decode step as a CUDA graph (auto: on when running on CUDA)")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the captured decode step (about twice the tokens/s of the plain "
+                        "capture on one H200 for Qwen3-0.6B, after ~1 min of compilation: for long outputs)")
     spec = p.add_mutually_exclusive_group()
     spec.add_argument("--draft", default=None,
                       help="speculative decoding with this draft model (HF directory or deepwish checkpoint)")
@@ -112,6 +116,8 @@ def check_generate_args(args) -> None:
         bad.append(f"--num-beams {args.num_beams} needs --temperature 0 (beam search is deterministic)")
     if args.num_beams > 1 and (args.draft or args.mtp):
         bad.append("--num-beams does not combine with --draft/--mtp")
+    if args.compile and (args.draft or args.mtp or args.graph == "off"):
+        bad.append("--compile compiles the captured decode step: it needs --graph (on CUDA) and no --draft/--mtp")
     if bad:
         raise UsageError("; ".join(bad))
 
@@ -120,6 +126,13 @@ def run_generate(args) -> int:
     from deepwish.generate import generate
 
     check_generate_args(args)
+    if args.compile:
+        from deepwish.device import resolve_device
+        where = resolve_device(args.device, what="--device").type
+        if where != "cuda":
+            raise UsageError("--compile compiles the captured decode step: it needs --graph (on CUDA), "
+                             f"and this run is on {where}")
+    t_start = time.perf_counter()
     model, tok = load_model_for_inference(args)
     device = model.embed.weight.device
     ids = tok.encode(args.prompt)
@@ -167,13 +180,21 @@ def run_generate(args) -> int:
         from deepwish.generate import SamplingConfig
         cache = model.make_cache(args.num_beams, min(model.cfg.max_seq_len, len(ids) + args.max_new_tokens))
         if args.num_beams > 1:  # beam search scores the logits itself
-            decode_fn = CapturedDecoder(model, cache)  # capture first: it leaves the cache zeroed
+            decode_fn = CapturedDecoder(model, cache, compile=args.compile)  # capture first: it leaves the cache zeroed
         else:  # the token is picked inside the graph (same tokens as the eager path for the same seed)
             decode_fn = CapturedSampler(model, cache, SamplingConfig(args.temperature, args.top_k, args.top_p)
-                                        if args.temperature > 0 else SamplingConfig())
+                                        if args.temperature > 0 else SamplingConfig(), compile=args.compile)
+    t_ready = time.perf_counter()
     generate(model, [ids], args.max_new_tokens, on_token=stream, cache=cache, decode_fn=decode_fn,
              num_beams=args.num_beams, length_penalty=args.length_penalty, **sampling)
+    if device.type == "cuda":
+        import torch
+        torch.cuda.synchronize()
+    dt = time.perf_counter() - t_ready
     sys.stdout.write("\n")
+    print(f"[deepwish] generate: {len(emitted)} tokens in {dt:.2f} s ({len(emitted) / max(dt, 1e-9):,.1f} tok/s, "
+          f"prefill of the {len(ids)}-token prompt included; set-up {t_ready - t_start:.1f} s: load"
+          + (" + compile" if args.compile else "") + (" + capture" if use_graph else "") + ")", file=sys.stderr)
     return 0
 
 

@@ -1,5 +1,7 @@
 """The command line end to end on a tiny run: train -> generate (plain, draft) -> convert -> HF
 load -> plot, and one-line errors for bad input."""
+import re
+
 import pytest
 import torch
 
@@ -19,7 +21,10 @@ def run_dir(tmp_path_factory):
 def test_generate_plain_and_speculative_agree_greedy(run_dir, capsys):
     assert main(["generate", "--ckpt", str(run_dir), "--prompt", "KING:", "--max-new-tokens", "8",
                  "--temperature", "0"]) == 0
-    plain = capsys.readouterr().out
+    first = capsys.readouterr()
+    plain = first.out
+    n = len(plain) and re.search(r"\[deepwish\] generate: (\d+) tokens in [\d.]+ s \([\d,.]+ tok/s", first.err)
+    assert n and 1 <= int(n.group(1)) <= 8, first.err  # the timing line, on stderr only
     assert main(["generate", "--ckpt", str(run_dir), "--draft", str(run_dir), "--prompt", "KING:",
                  "--max-new-tokens", "8", "--temperature", "0"]) == 0
     captured = capsys.readouterr()
@@ -74,6 +79,8 @@ def test_errors_are_one_line(run_dir, capsys):
     (["--dtype", "fp16"], "--dtype 'fp16' is not one of auto, bf16, fp32"),
     (["--num-beams", "3"], "--num-beams 3 needs --temperature 0"),
     (["--num-beams", "0"], "--num-beams 0 must be >= 1"),
+    (["--compile", "--graph", "off"], "--compile compiles the captured decode step: it needs --graph"),
+    (["--compile"], "it needs --graph (on CUDA), and this run is on cpu"),
 ])
 def test_nonsense_generation_arguments_are_one_line_errors(run_dir, capsys, argv, match):
     assert main(["generate", "--ckpt", str(run_dir), "--prompt", "x", *argv]) == 2

@@ -444,8 +444,9 @@ def run_compare(out_dir, preset: str = "qwen3_0.6b", batches=(1, 64), context: i
     cfg = model_config(preset)
     cfg = dataclasses.replace(cfg, max_seq_len=max(cfg.max_seq_len, context + max(new_tokens, hf_tokens) + 2))
     torch.manual_seed(0)
-    fused = build(dataclasses.replace(cfg, fuse_projections=True), device)
-    unfused = build(dataclasses.replace(cfg, fuse_projections=False), device)
+    # cuBLAS for the fused and unfused models (decode_matmul defaults to auto: the GEMV on CUDA)
+    fused = build(dataclasses.replace(cfg, fuse_projections=True, decode_matmul="torch"), device)
+    unfused = build(dataclasses.replace(cfg, fuse_projections=False, decode_matmul="torch"), device)
     unfused.load_state_dict(fused.state_dict())
     gemv = build(dataclasses.replace(cfg, decode_matmul="triton"), device)  # fused, and kernels/gemv for <= 16 rows
     gemv.load_state_dict(fused.state_dict())

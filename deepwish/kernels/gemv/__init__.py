@@ -19,13 +19,14 @@ MAX_ROWS = 16  # rows of x the kernel serves (a batch-1..16 decode step); more r
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
            backend: str = "torch") -> torch.Tensor:
-    """F.linear(x, weight, bias), through the Triton GEMV when backend == 'triton' and the call is
-    an inference matmul of at most MAX_ROWS rows on CUDA (or under TRITON_INTERPRET=1) in the
-    weight's dtype. Training, prefill and large batches stay on F.linear (cuBLAS): the option
-    concerns decoding only, where cuBLAS's tiles leave most of the bandwidth unused."""
-    if (backend == "triton" and not torch.is_grad_enabled() and x.dtype == weight.dtype
+    """F.linear(x, weight, bias), through the Triton GEMV when the call is an inference matmul of
+    at most MAX_ROWS rows in the weight's dtype and backend is 'triton' (on CUDA, or under
+    TRITON_INTERPRET=1) or 'auto' (on CUDA only: the interpreter is for testing the kernel, never a
+    default). Training, prefill and large batches stay on F.linear (cuBLAS): the option concerns
+    decoding only, where cuBLAS's tiles leave most of the bandwidth unused."""
+    if (backend != "torch" and not torch.is_grad_enabled() and x.dtype == weight.dtype
             and x.numel() <= MAX_ROWS * x.shape[-1] and x.numel() > 0
-            and (x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1")):
+            and (x.is_cuda or (backend == "triton" and os.environ.get("TRITON_INTERPRET") == "1"))):
         from deepwish.kernels.gemv.triton import gemv
         return gemv(x, weight, bias)
     return F.linear(x, weight, bias)
