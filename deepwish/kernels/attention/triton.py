@@ -80,10 +80,10 @@ TILES = {
     ("dkdv", "d128", "16bit", "long"): (64, 128, 8, 3),  # 64 x 128: 12% faster than 32 x 64 at T16k causal
     ("dq", "d128", "16bit", "long"): (128, 64, 8, 3),
     ("fwd", "d256", "16bit", "short"): (128, 64, 8, 2),
-    ("dkdv", "d256", "16bit", "short"): (64, 64, 8, 2),
+    ("dkdv", "d256", "16bit", "short"): (32, 128, 8, 3, 1),  # SPLIT: 0.758 vs 0.929 ms (64 x 64 w8 s2), B2 T2k
     ("dq", "d256", "16bit", "short"): (128, 32, 8, 2),
     ("fwd", "d256", "16bit", "long"): (128, 64, 8, 2),
-    ("dkdv", "d256", "16bit", "long"): (64, 64, 8, 2),
+    ("dkdv", "d256", "16bit", "long"): (32, 128, 8, 3, 1),  # SPLIT: 24.0 vs 32.4 ms, B1 T32k 4 docs
     ("dq", "d256", "16bit", "long"): (128, 32, 8, 2),
     # the dK/dV kernel with dq atomics (BACKWARD_DQ = "atomic" / "atomic_t"; attention_tiles
     # --kinds dkdvq sweeps the orientation BACKWARD_DQ names), not timed yet: one atomic per
@@ -96,8 +96,9 @@ TILES = {
     # The dK/dV rows above, same compile: dkdv d128 32 x 64 w4 249 registers, no spills; 64 x 128 w8
     # 255, 12 bytes spilled outside the loops; d256 64 x 64 w8 344 bytes, and its 64 keys over
     # 8 warps make both warpgroups compute the same sᵀ and dpᵀ (6 matmul units of work for 4).
-    # The fifth entry SPLIT = 1 (attention_tiles FOCUS: d256 32 x 128 w8 s2, no spills; d128
-    # 64 x 128 w8, no spills) awaits the GPU sweep.
+    # A fifth entry SPLIT = 1 runs dK and dV in separate programs (no spills at d256 32 x 128 w8):
+    # the d256 rows since the focus sweep of 2026-12-03 (18-26% faster than 64 x 64 w8 s2); at
+    # d128 it lost (64 x 128 w8 s3: 0.611 vs 0.491 ms at B8 T2k, 104.6 vs 78.6 at T64k causal).
     ("dkdvq", "d128", "16bit", "short"): (32, 128, 8, 3),
     ("dkdvq", "d128", "16bit", "long"): (32, 128, 8, 3),
     ("dkdvq", "d256", "16bit", "short"): (32, 64, 8, 2),
