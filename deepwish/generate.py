@@ -60,11 +60,12 @@ def decode_one_token(model, token: torch.Tensor, position: torch.Tensor, cache: 
     return model(token[:, None], positions=position[:, None], cache=cache).logits[:, 0].float()
 
 
-def sampling_probs(logits: torch.Tensor, temperature: float, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
-    """logits [..., V] -> the distribution `sample` draws from [..., V] (fp32), temperature > 0.
-    Speculative decoding needs it explicitly to accept/resample against the same distribution."""
+def truncated_logits(logits: torch.Tensor, temperature: float, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
+    """logits [..., V] -> logits / temperature (fp32) with -inf outside the top-k / top-p set, the
+    one truncation rule behind sampling (`sampling_probs`) and RL's log-probabilities
+    (rl/rollout.sampling_log_probs). temperature > 0."""
     if temperature <= 0:
-        raise ValueError("sampling_probs needs temperature > 0 (temperature 0 is argmax, not a distribution)")
+        raise ValueError("sampling needs temperature > 0 (temperature 0 is argmax, not a distribution)")
     logits = logits.float() / temperature
     if top_k > 0:
         kth = logits.topk(min(top_k, logits.shape[-1]), dim=-1).values[..., -1:]
@@ -76,7 +77,13 @@ def sampling_probs(logits: torch.Tensor, temperature: float, top_k: int = 0, top
         drop = probs.cumsum(-1) - probs >= top_p
         sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
         logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
-    return logits.softmax(-1)
+    return logits
+
+
+def sampling_probs(logits: torch.Tensor, temperature: float, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
+    """logits [..., V] -> the distribution `sample` draws from [..., V] (fp32), temperature > 0.
+    Speculative decoding needs it explicitly to accept/resample against the same distribution."""
+    return truncated_logits(logits, temperature, top_k, top_p).softmax(-1)
 
 
 def sample(logits: torch.Tensor, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,

@@ -27,26 +27,14 @@ from dataclasses import dataclass
 
 import torch
 
-from deepwish.generate import SamplingConfig, decode_one_token, prefill
+from deepwish.generate import SamplingConfig, decode_one_token, prefill, truncated_logits
 from deepwish.model.cache import CacheFullError, ModelCache
 
 
 def sampling_log_probs(logits: torch.Tensor, temperature: float, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
     """logits [..., V] -> log of the sampling distribution [..., V] (fp32; -inf outside the
-    top-k / top-p set). Same truncation as generate.sampling_probs."""
-    if temperature <= 0:
-        raise ValueError("log-probabilities need temperature > 0 (temperature 0 is argmax)")
-    logits = logits.float() / temperature
-    if top_k > 0:
-        kth = logits.topk(min(top_k, logits.shape[-1]), dim=-1).values[..., -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p < 1.0:
-        sorted_logits, order = logits.sort(-1, descending=True)
-        probs = sorted_logits.softmax(-1)
-        drop = probs.cumsum(-1) - probs >= top_p
-        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
-        logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
-    return logits.log_softmax(-1)
+    top-k / top-p set): generate.truncated_logits, the same rule `sample` draws with."""
+    return truncated_logits(logits, temperature, top_k, top_p).log_softmax(-1)
 
 
 def draw(logits: torch.Tensor, sampling: SamplingConfig, generator: torch.Generator | None
