@@ -23,7 +23,8 @@ def test_generate_plain_and_speculative_agree_greedy(run_dir, capsys):
                  "--temperature", "0"]) == 0
     first = capsys.readouterr()
     plain = first.out
-    n = len(plain) and re.search(r"\[deepwish\] generate: (\d+) tokens in [\d.]+ s \([\d,.]+ tok/s", first.err)
+    n = re.search(r"\[deepwish\] generate: (\d+) tokens(; first after [\d.]+ s \(prefill of \d+ prompt tokens\), "
+                  r"then [\d,.]+ tok/s| in [\d.]+ s); set-up [\d.]+ s \(load\)", first.err)
     assert n and 1 <= int(n.group(1)) <= 8, first.err  # the timing line, on stderr only
     assert main(["generate", "--ckpt", str(run_dir), "--draft", str(run_dir), "--prompt", "KING:",
                  "--max-new-tokens", "8", "--temperature", "0"]) == 0

@@ -32,11 +32,22 @@ def test_gemv_leading_dims_and_errors():
         gemv(x, torch.randn(9, 21))
 
 
-def test_linear_dispatch():
+def test_linear_dispatch(monkeypatch):
     x, w = torch.randn(1, 1, 20), torch.randn(9, 20)
     with torch.no_grad():
         assert torch.allclose(linear(x, w, backend="triton"), x @ w.t(), atol=1e-5)
         assert torch.equal(linear(x, w), torch.nn.functional.linear(x, w))
+    # a prefill chunk of a few tokens (here 5) is not a decode step: cuBLAS, never the kernel
+    import deepwish.kernels.gemv.triton as tk
+
+    def no_kernel(*a, **k):
+        raise AssertionError("the GEMV kernel ran for a prefill chunk")
+    monkeypatch.setattr(tk, "gemv", no_kernel)
+    with torch.no_grad():
+        xs = torch.randn(1, 5, 20)
+        assert torch.equal(linear(xs, w, backend="triton"), torch.nn.functional.linear(xs, w))
+        with pytest.raises(AssertionError, match="prefill"):  # and the decode shape does reach it
+            linear(x, w, backend="triton")
     # with gradients (training) the cuBLAS path, whatever the setting: the kernel has no backward
     w.requires_grad_(True)
     y = linear(x, w, backend="triton")

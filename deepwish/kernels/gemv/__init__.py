@@ -22,10 +22,12 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     """F.linear(x, weight, bias), through the Triton GEMV when the call is an inference matmul of
     at most MAX_ROWS rows in the weight's dtype and backend is 'triton' (on CUDA, or under
     TRITON_INTERPRET=1) or 'auto' (on CUDA only: the interpreter is for testing the kernel, never a
-    default). Training, prefill and large batches stay on F.linear (cuBLAS): the option concerns
-    decoding only, where cuBLAS's tiles leave most of the bandwidth unused."""
+    default), and x holds one token per sequence ([B, 1, K], or rows [M, K]). Training, prefill
+    (a short prompt is a few rows too) and large batches stay on F.linear (cuBLAS): the option
+    concerns the decode step only, where cuBLAS's tiles leave most of the bandwidth unused, and
+    each new row count would cost the kernel an autotuning pass of its own (seconds) at first use."""
     if (backend != "torch" and not torch.is_grad_enabled() and x.dtype == weight.dtype
-            and x.numel() <= MAX_ROWS * x.shape[-1] and x.numel() > 0
+            and x.numel() <= MAX_ROWS * x.shape[-1] and x.numel() > 0 and (x.dim() < 3 or x.shape[-2] == 1)
             and (x.is_cuda or (backend == "triton" and os.environ.get("TRITON_INTERPRET") == "1"))):
         from deepwish.kernels.gemv.triton import gemv
         return gemv(x, weight, bias)
