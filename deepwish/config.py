@@ -318,6 +318,9 @@ class TrainConfig:
     muon_ns_schedule: str = "jordan"  # Newton–Schulz coefficients: jordan (original) | polar_express (train/muon.py)
     muon_normuon: bool = False  # NorMuon per-neuron normalisation after orthogonalisation (train/muon.py)
     muon_backend: str = "auto"  # auto (triton on CUDA, torch elsewhere) | torch | triton: Muon's step (train/muon.py)
+    # CUDA, optimizer=muon: the AdamW part of the step (embeddings, head, norms) runs on a second stream
+    # beside Muon's compute-bound Newton–Schulz (train/optim.py ChainedOptimizer); off until timed
+    optimizer_overlap: bool = False
     weight_decay: float = 0.0
     # Per-group settings (train/optim.py param_groups; groups by parameter role): 0 lr = train.lr,
     # negative decay = train.weight_decay. Scalars/gates (norms, biases, gates, scalars) take no decay by default.

@@ -64,10 +64,10 @@ for stage in "$@"; do
         | tee "$OUT/muon_tests.log" | tail -8
       [ "${PIPESTATUS[0]}" = 0 ] || status=1
       TRITON_PRINT_AUTOTUNING=1 python3 -m deepwish.cli bench muon --out "$OUT/muon" --steps 8 --profile \
-        --variants ${MUON_VARIANTS:-adamw,muon-torch,muon-fused-cublas,muon-triton-gram,muon-triton-all,muon} 2>&1 | tee "$OUT/muon_bench.log"
+        --variants ${MUON_VARIANTS:-adamw,muon-torch,muon-fused-cublas,muon-triton-gram,muon-triton-all,muon,muon-overlap} 2>&1 | tee "$OUT/muon_bench.log"
       [ "${PIPESTATUS[0]}" = 0 ] || status=1
       python3 -m deepwish.cli bench train --out "$OUT/muon_train" --preset qwen3_0.6b --steps 10 \
-        --variants deepwish,deepwish-muon,deepwish-muon-torch 2>&1 | tee "$OUT/muon_train.log"
+        --variants deepwish,deepwish-muon,deepwish-muon-overlap,deepwish-muon-torch 2>&1 | tee "$OUT/muon_train.log"
       [ "${PIPESTATUS[0]}" = 0 ] || status=1 ;;
     attn_focus_tiles)  # tile sweep of the latest flash-attention changes only (attention_tiles FOCUS: forward
       # SLACK option, dK/dV SPLIT) beside today's TILES picks; attn_goals applies its picks

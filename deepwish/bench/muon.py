@@ -9,6 +9,7 @@ optimizers as `build_optimizer` makes them (Muon on the hidden matrices, fused A
   muon             Muon, same-shape matrices batched (train/muon.py), jordan coefficients,
                    train.muon_backend=auto (on CUDA the Triton step: kernels/muon/triton.py, its
                    Newton–Schulz matmuls picked per shape by timing, NS_KERNELS="auto");
+  muon-overlap     muon with train.optimizer_overlap (the AdamW part on a second stream beside it);
   muon-triton-all  the triton backend with every Newton–Schulz matmul a kernel (NS_KERNELS="all");
   muon-torch       the same with train.muon_backend=torch (cuBLAS Newton–Schulz, foreach momentum
                    and update): the step before its kernels;
@@ -37,9 +38,8 @@ from pathlib import Path
 
 import torch
 
-VARIANTS = ("adamw", "muon", "muon-torch", "muon-fused-cublas", "muon-triton-gram", "muon-triton-all", "muon-pe",
-            "muon-normuon",
-            "muon-per-matrix")
+VARIANTS = ("adamw", "muon", "muon-overlap", "muon-torch", "muon-fused-cublas", "muon-triton-gram", "muon-triton-all",
+            "muon-pe", "muon-normuon", "muon-per-matrix")
 
 
 def ns_flops(shapes: list[tuple[int, ...]], steps: int) -> float:
@@ -145,7 +145,8 @@ def _time_variant(model, cfg_train, variant: str, steps: int, warmup: int, profi
 
     from deepwish.train.optim import build_optimizer
 
-    sets = {"adamw": dict(optimizer="adamw"), "muon": dict(muon_backend="auto"), "muon-per-matrix": {}, "muon-torch": dict(muon_backend="torch"),
+    sets = {"adamw": dict(optimizer="adamw"), "muon": dict(muon_backend="auto"),
+            "muon-overlap": dict(muon_backend="auto", optimizer_overlap=True), "muon-per-matrix": {}, "muon-torch": dict(muon_backend="torch"),
             "muon-fused-cublas": dict(muon_backend="triton"), "muon-triton-gram": dict(muon_backend="triton"),
             "muon-triton-all": dict(muon_backend="triton"),
             "muon-pe": dict(muon_ns_schedule="polar_express"), "muon-normuon": dict(muon_normuon=True)}[variant]

@@ -12,6 +12,8 @@ before anything of ours is resident; each result records what was still allocate
                   train.muon_backend=auto here: the Triton step on CUDA);
   deepwish-muon-torch  the same with train.muon_backend=torch (cuBLAS Newton–Schulz, foreach
                   momentum/update): the Muon step before its kernels, for the before/after;
+  deepwish-muon-overlap  deepwish-muon with train.optimizer_overlap=true (AdamW's part of the step
+                  on a second stream beside Muon's Newton–Schulz);
   deepwish-eager  the same as `deepwish` without torch.compile;
   deepwish-fsdp1  the same as `deepwish` under FSDP2 on a one-rank group: bf16 parameters for
                   compute (MixedPrecisionPolicy: cast once per step, not per matmul by autocast),
@@ -70,8 +72,8 @@ GOALS = {
     "qwen3_next_bench": {"hf_ratio": 4.0, "hf_anchor_tok_s": 17.1e3, "note": "HF anchor at batch 4"},
 }
 # HF first: nothing of ours (compiled graphs, caches) is resident yet when it tries to fit.
-VARIANTS = ("hf", "hf-liger", "deepwish", "deepwish-packed", "deepwish-muon", "deepwish-muon-torch", "deepwish-eager",
-            "deepwish-fsdp1")
+VARIANTS = ("hf", "hf-liger", "deepwish", "deepwish-packed", "deepwish-muon", "deepwish-muon-torch",
+            "deepwish-muon-overlap", "deepwish-eager", "deepwish-fsdp1")
 
 
 @dataclasses.dataclass
@@ -101,6 +103,7 @@ def _run_config(preset: str, batch: int, seq: int, variant: str):
             "train.parallel=" + ("fsdp" if variant == "deepwish-fsdp1" else "none"), "train.lr=3e-4"]
     if variant.startswith("deepwish-muon"):
         sets.append("train.muon_backend=" + ("torch" if variant == "deepwish-muon-torch" else "auto"))
+        sets.append(f"train.optimizer_overlap={str(variant == 'deepwish-muon-overlap').lower()}")
     return load_config(preset, sets)
 
 
@@ -332,7 +335,7 @@ def verdicts(preset: str, results: list[Result]) -> list[str]:
                      f"{goal['hf_anchor_tok_s'] / 1e3:.1f}k, {goal['note']})")
     by = {r.variant: r for r in ours}
     if "deepwish" in by:
-        for v in ("deepwish-muon", "deepwish-muon-torch"):
+        for v in ("deepwish-muon", "deepwish-muon-torch", "deepwish-muon-overlap"):
             if v in by:
                 ratio = by[v].tok_s / by["deepwish"].tok_s
                 lines.append(f"  {v} / deepwish (AdamW): {100 * ratio:.1f}% of its tok/s (goal >= 90%: "

@@ -25,20 +25,51 @@ from deepwish.train.muon import (NS_COEFFS, POLAR_EXPRESS_COEFFS, DistributedMuo
 
 class ChainedOptimizer:
     """Several optimizers stepped together, seen as one: `param_groups` is their concatenation
-    (the schedule scales every group's `base_lr`), state_dict is keyed by name."""
+    (the schedule scales every group's `base_lr`), state_dict is keyed by name.
 
-    def __init__(self, optimizers: dict[str, torch.optim.Optimizer]):
+    overlap (train.optimizer_overlap): on CUDA, every optimizer after the first steps on a second
+    stream while the first steps on the current one. Muon's step is Newton–Schulz matmuls
+    (compute-bound), AdamW's on embeddings, head and norms is elementwise (memory-bound): side by
+    side the second can fill what the first leaves of the memory system. The side stream waits for
+    the current one before (gradients, clipping and the schedule's lr are in place) and the
+    current one waits for the side stream after, so what follows the step sees every update; the
+    updates themselves are the sequential ones (disjoint parameters, same kernels)."""
+
+    def __init__(self, optimizers: dict[str, torch.optim.Optimizer], overlap: bool = False):
         if not optimizers:
             raise ValueError("ChainedOptimizer needs at least one optimizer")
         self.optimizers = optimizers
+        self.overlap = overlap
+        self._side: dict[torch.device, torch.cuda.Stream] = {}
 
     @property
     def param_groups(self) -> list[dict]:
         return [g for opt in self.optimizers.values() for g in opt.param_groups]
 
+    def _overlap_device(self) -> torch.device | None:
+        """The CUDA device every parameter lives on when the step can overlap, else None."""
+        if not self.overlap or len(self.optimizers) < 2:
+            return None
+        devices = {p.device for g in self.param_groups for p in g["params"]}
+        if len(devices) != 1 or next(iter(devices)).type != "cuda":
+            return None  # CPU (and CPU-offloaded shards): sequential
+        return next(iter(devices))
+
     def step(self) -> None:
-        for opt in self.optimizers.values():
-            opt.step()
+        device = self._overlap_device()
+        if device is None:
+            for opt in self.optimizers.values():
+                opt.step()
+            return
+        main = torch.cuda.current_stream(device)
+        side = self._side.setdefault(device, torch.cuda.Stream(device))
+        first, *rest = self.optimizers.values()
+        side.wait_stream(main)
+        with torch.cuda.stream(side):  # queued first, so its kernels are there to fill the gaps
+            for opt in rest:
+                opt.step()
+        first.step()
+        main.wait_stream(side)
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         for opt in self.optimizers.values():
@@ -149,4 +180,4 @@ def build_optimizer(model: nn.Module, cfg, distributed: bool = False) -> Chained
         on_cuda = any(p.is_cuda for g in pg["adamw"] for p in g["params"])  # False for CPU-offloaded shards
         opts["adamw"] = torch.optim.AdamW(pg["adamw"], lr=cfg.lr, betas=tuple(cfg.betas), eps=1e-8,
                                           fused=on_cuda or None, foreach=None if on_cuda else True)
-    return ChainedOptimizer(opts)
+    return ChainedOptimizer(opts, overlap=cfg.optimizer_overlap)

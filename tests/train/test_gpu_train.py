@@ -41,3 +41,27 @@ def test_tiny_run_on_gpu_learns_and_reports_mfu(cuda, tmp_path, capsys):
     assert s["device"].startswith("cuda") and s["loss_backend"] == "triton"
     assert s["final_val_loss"] < s["unigram_entropy"]
     assert "MFU n/a" not in out and "GiB" in out
+
+
+@pytest.mark.gpu
+def test_overlapped_optimizer_step_equals_the_sequential_one(cuda):
+    """train.optimizer_overlap: AdamW on a side stream beside Muon gives the sequential step's
+    parameters bit for bit, over several steps (disjoint parameters, the same kernels)."""
+    from deepwish.train.optim import build_optimizer
+    torch.manual_seed(0)
+    base = Transformer(model_config("qwen3_tiny", **TINY)).to(cuda)
+    models, opts = [], []
+    for overlap in (False, True):
+        m = Transformer(model_config("qwen3_tiny", **TINY)).to(cuda)
+        m.load_state_dict(base.state_dict())
+        models.append(m)
+        opts.append(build_optimizer(m, TrainConfig(optimizer="muon", weight_decay=0.1, optimizer_overlap=overlap)))
+    assert opts[1]._overlap_device().type == "cuda" and opts[0]._overlap_device() is None
+    for step in range(3):
+        grads = {n: torch.randn_like(p) for n, p in base.named_parameters()}
+        for m, opt in zip(models, opts):
+            for n, p in m.named_parameters():
+                p.grad = grads[n].clone()
+            opt.step()
+    for (n, a), b in zip(models[0].named_parameters(), models[1].parameters()):
+        assert torch.equal(a, b), n

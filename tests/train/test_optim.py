@@ -126,6 +126,25 @@ def test_build_optimizer_muon_and_adamw_train_every_parameter():
         param_groups(ToyMoE(), TrainConfig(optimizer="sgd"))
 
 
+def test_overlap_is_sequential_off_cuda_and_with_one_optimizer():
+    """train.optimizer_overlap needs CUDA and two optimizers; elsewhere the step is the plain
+    sequential one (the same parameters bit for bit). The overlapped step itself: tests/train/test_gpu_train.py."""
+    torch.manual_seed(0)
+    a, b = ToyMoE(), ToyMoE()
+    b.load_state_dict(a.state_dict())
+    oa = build_optimizer(a, TrainConfig(optimizer="muon"))
+    ob = build_optimizer(b, TrainConfig(optimizer="muon", optimizer_overlap=True))
+    assert ob.overlap and ob._overlap_device() is None
+    assert build_optimizer(ToyMoE(), TrainConfig(optimizer="adamw", optimizer_overlap=True))._overlap_device() is None
+    for m, o in ((a, oa), (b, ob)):
+        torch.manual_seed(1)
+        for p in m.parameters():
+            p.grad = torch.randn_like(p)
+        o.step()
+    for (n, x), y in zip(a.named_parameters(), b.parameters()):
+        assert torch.equal(x, y), n
+
+
 def test_real_model_groups_keep_conv_router_and_gates_off_muon():
     from deepwish.config import model_config
     from deepwish.model import Transformer
