@@ -145,7 +145,8 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx, win
         q, k, v = kernel_inputs(q, k, v)
     if backend == "triton":
         from deepwish.kernels.attention.triton import flash_attention
-        return flash_attention(q, k, v, doc_ids=ctx.doc_ids, window=window, scale=scale, softcap=softcap)
+        return flash_attention(q, k, v, doc_ids=ctx.doc_ids, window=window, scale=scale, softcap=softcap,
+                               bounds=ctx.doc_bounds)
     if backend == "flex":
         from deepwish.kernels.attention.flex import flex_attention
         return flex_attention(q, k, v, doc_ids=ctx.doc_ids, window=window, scale=scale, softcap=softcap,

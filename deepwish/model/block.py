@@ -51,6 +51,9 @@ class ForwardContext:
     window_blocks: int = 0
     x0: torch.Tensor | None = None
     value_embeds: dict = field(default_factory=dict)
+    # (start, end) [B, T] int32 of each token's document for the flash-attention kernel
+    # (kernels/attention/triton.py document_bounds), made once per forward, not once per layer
+    doc_bounds: tuple[torch.Tensor, torch.Tensor] | None = None
     _masks: dict = field(default_factory=dict)
 
     def sparse_mask(self, local: int, stride: int) -> torch.Tensor:

@@ -27,6 +27,7 @@ import torch.utils._pytree as pytree
 from torch import nn
 
 from deepwish.config import ModelConfig
+from deepwish.model.attention import AttnBackends
 from deepwish.model.block import Block, ForwardContext
 from deepwish.model.cache import ModelCache
 from deepwish.model.moe import MoE
@@ -123,6 +124,10 @@ class Transformer(nn.Module):
         self.lm_head = None if cfg.tie_embeddings else nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         self.rotary = Rotary(cfg, rotary_dim(cfg))  # unused (ctx.cos None) with learned positions
         self.mtp = nn.ModuleList(MTP(cfg, cfg.n_layers + i) for i in range(cfg.n_mtp)) if cfg.n_mtp > 0 else None
+        # whether a layer runs packed documents through the flash kernel (then `context` makes its
+        # document bounds once per forward)
+        self._flash_packed = any(isinstance(getattr(m, "backends", None), AttnBackends) and m.backends.packed == "triton"
+                                 for m in self.modules())  # attention, MLA, NSA's window branch
         self.reset_parameters()
 
     # ---- parameters ----------------------------------------------------------------------
@@ -201,9 +206,13 @@ class Transformer(nn.Module):
         if positions is None:
             positions = torch.arange(T, device=input_ids.device).expand(B, T)
         cos, sin = self.rotary(positions) if self.pos_embed is None else (None, None)
+        bounds = None
+        if doc_ids is not None and self._flash_packed:  # once here, not in each layer's kernel call
+            from deepwish.kernels.attention.triton import document_bounds
+            bounds = document_bounds(doc_ids, B, T, doc_ids.device)
         return ForwardContext(positions=positions, cos=cos, sin=sin, doc_ids=doc_ids,
                               dense_indexer_attention=objective.indexer_mode == "dense_warmup",
-                              indexer_loss=indexer_loss, window_blocks=objective.window_blocks)
+                              indexer_loss=indexer_loss, window_blocks=objective.window_blocks, doc_bounds=bounds)
 
     def embed_tokens(self, input_ids: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         """x0 [B,T,d]: token embedding (+ learned positions), RMS-normed with model.embed_norm; fills the
