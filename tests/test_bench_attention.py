@@ -49,6 +49,7 @@ def test_bench_train_times_each_form_with_its_own_backward(monkeypatch, tmp_path
     from deepwish.kernels.attention import triton as tk
     monkeypatch.setattr(ba, "train_grid", lambda grid: [dict(D=16, H=2, Hkv=1, T=20, B=1, docs=2, window=0)])
     monkeypatch.setattr(ba, "bench_ms", lambda fn, grad_to_none=None: (fn(), 1.0)[1])
+    monkeypatch.setattr(ba, "graph_ms", lambda fn: (fn(), 0.5)[1])  # rows under GRAPH_BELOW_MS: captured too
     monkeypatch.setattr(tk, "BACKWARD_DQ", "kernel")
     seen = []
     for name in ("backward_dq", "backward_dkdvq"):
@@ -56,5 +57,17 @@ def test_bench_train_times_each_form_with_its_own_backward(monkeypatch, tmp_path
         monkeypatch.setattr(tk, name, lambda *a, _n=name, _f=real: seen.append(_n) or _f(*a))
     rows = ba.bench_train(torch.device("cpu"), "default", {"own"}, tmp_path / "rows.json", ["kernel", "atomic"])
     assert isinstance(rows[0]["own"], dict) and isinstance(rows[0]["own_atomic"], dict)
+    assert rows[0]["own"]["fwdbwd_graph_ms"] == 0.5 == rows[0]["own_atomic"]["fwdbwd_graph_ms"]
     assert "backward_dq" in seen and "backward_dkdvq" in seen and tk.BACKWARD_DQ == "kernel"
     assert seen.index("backward_dkdvq") > seen.index("backward_dq")  # own first, then own_atomic
+
+
+def test_short_rows_print_their_captured_times():
+    own = dict(fwd_ms=0.3, bwd_ms=1.0, fwdbwd_ms=1.3, fwd_tflops=1.0, fwdbwd_graph_ms=0.8)
+    flex = dict(fwd_ms=0.3, bwd_ms=0.9, fwdbwd_ms=1.2, fwd_tflops=1.0, fwdbwd_graph_ms=1.0)
+    row = dict(D=128, H=16, Hkv=8, B=8, T=2048, docs=4, window=0, own=own, flex=flex)
+    assert "captured f+b ms own 0.800 flex 1.000 own/flex x1.25" in ba.fmt_train_row(row)
+    flex["fwdbwd_graph_ms"] = "error: RuntimeError"  # a path that does not capture keeps its eager figure
+    assert "captured f+b ms own 0.800 flex error: RuntimeError own/flex xnan" in ba.fmt_train_row(row)
+    del own["fwdbwd_graph_ms"], flex["fwdbwd_graph_ms"]
+    assert "captured" not in ba.fmt_train_row(row)
