@@ -40,7 +40,7 @@ class ChainedOptimizer:
             raise ValueError("ChainedOptimizer needs at least one optimizer")
         self.optimizers = optimizers
         self.overlap = overlap
-        self._side: dict[torch.device, torch.cuda.Stream] = {}
+        self._side: tuple[torch.device, torch.cuda.Stream] | None = None  # made at the first overlapped step
 
     @property
     def param_groups(self) -> list[dict]:
@@ -56,13 +56,15 @@ class ChainedOptimizer:
         return next(iter(devices))
 
     def step(self) -> None:
-        device = self._overlap_device()
-        if device is None:
-            for opt in self.optimizers.values():
-                opt.step()
-            return
+        if self._side is None or not self.overlap:
+            device = self._overlap_device()
+            if device is None:
+                for opt in self.optimizers.values():
+                    opt.step()
+                return
+            self._side = (device, torch.cuda.Stream(device))
+        device, side = self._side
         main = torch.cuda.current_stream(device)
-        side = self._side.setdefault(device, torch.cuda.Stream(device))
         first, *rest = self.optimizers.values()
         side.wait_stream(main)
         with torch.cuda.stream(side):  # queued first, so its kernels are there to fill the gaps
