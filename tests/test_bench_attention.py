@@ -48,7 +48,7 @@ def test_bench_train_times_each_form_with_its_own_backward(monkeypatch, tmp_path
     runs the default form, "own_atomic" the atomic one, and the default is back afterwards."""
     from deepwish.kernels.attention import triton as tk
     monkeypatch.setattr(ba, "train_grid", lambda grid: [dict(D=16, H=2, Hkv=1, T=20, B=1, docs=2, window=0)])
-    monkeypatch.setattr(ba, "bench_ms", lambda fn, grad_to_none=None: (fn(), 1.0)[1])
+    monkeypatch.setattr(ba, "median_ms", lambda fn, grad_to_none=None: (fn(), 1.0)[1])
     monkeypatch.setattr(ba, "graph_ms", lambda fn: (fn(), 0.5)[1])  # rows under GRAPH_BELOW_MS: captured too
     monkeypatch.setattr(tk, "BACKWARD_DQ", "kernel")
     seen = []

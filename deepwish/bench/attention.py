@@ -37,6 +37,7 @@ import torch
 import torch.nn.functional as F
 
 from deepwish.bench.env import bench_environment
+from deepwish.bench.timing import graph_ms, median_ms, rel_rms
 
 DENSE_MASK_MAX = 1 << 30  # elements of the [B, 1, T, T] mask SDPA is given (1 GiB as bool)
 TOKENS = 16384  # tokens per step for T <= 16k (B = TOKENS // T)
@@ -121,33 +122,8 @@ def visible_pairs(B: int, T: int, doc_ids: torch.Tensor | None, window: int) -> 
     return int(seen.sum())
 
 
-def rel_rms(ref, out) -> float:
-    ref, out = ref.detach().double(), out.detach().double()
-    return float((ref - out).pow(2).mean().sqrt() / ref.pow(2).mean().sqrt().clamp_min(1e-30))
-
-
-def bench_ms(fn, grad_to_none=None) -> float:
-    from triton.testing import do_bench
-    return float(do_bench(fn, warmup=25, rep=100, grad_to_none=grad_to_none, return_mode="median"))
-
-
 # train rows faster than this (eager fwd+bwd) are also timed captured in a CUDA graph
 GRAPH_BELOW_MS = 3.0
-
-
-def graph_ms(fn, calls: int = 10) -> float:
-    """Median time of one call of `fn` replayed from a CUDA graph of `calls` calls."""
-    from triton.testing import do_bench
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        fn()
-    torch.cuda.current_stream().wait_stream(side)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        for _ in range(calls):
-            fn()
-    return float(do_bench(g.replay, warmup=10, rep=50, return_mode="median")) / calls
 
 
 def own_form(form: str, fn):
@@ -297,8 +273,8 @@ def _bench_train(device, grid: str, only: set[str], path: Path, own_forms: dict[
             if name not in only and not name.startswith("own_"):
                 continue
             try:
-                fwd = bench_ms(fn)
-                fb = bench_ms(lambda: fn().backward(grad), grad_to_none=list(leaves))
+                fwd = median_ms(fn)
+                fb = median_ms(lambda: fn().backward(grad), grad_to_none=list(leaves))
                 row[name] = dict(fwd_ms=fwd, fwdbwd_ms=fb, bwd_ms=fb - fwd, fwd_tflops=flop / fwd / 1e9,
                                  bwd_tflops=2.5 * flop / max(fb - fwd, 1e-6) / 1e9, fwdbwd_tflops=3.5 * flop / fb / 1e9)
             except Exception as e:  # noqa: BLE001
@@ -343,7 +319,7 @@ def bench_decode(device, quick: bool, copy_gbs: float) -> list[dict]:
                          ("sdpa", lambda: F.scaled_dot_product_attention(qt, kc, vc, attn_mask=mask,
                                                                          enable_gqa=True))):
             try:
-                ms = bench_ms(fn)
+                ms = median_ms(fn)
                 row[name] = dict(us=ms * 1e3, gbs=nbytes / ms / 1e6, of_copy=nbytes / ms / 1e6 / copy_gbs)
                 gms = graph_ms(fn)  # the decode step runs captured: launch overhead out
                 row[name].update(graph_us=gms * 1e3, graph_gbs=nbytes / gms / 1e6,
@@ -361,10 +337,10 @@ def bench_decode(device, quick: bool, copy_gbs: float) -> list[dict]:
 def ceilings(device) -> dict:
     x = torch.empty(1 << 30, dtype=torch.uint8, device=device).random_()
     y = torch.empty_like(x)
-    ms = bench_ms(lambda: y.copy_(x))
+    ms = median_ms(lambda: y.copy_(x))
     a = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
     b = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
-    mm = bench_ms(lambda: a @ b)
+    mm = median_ms(lambda: a @ b)
     return dict(copy_gbs=2 * x.numel() / ms / 1e6, matmul_tflops=2 * 8192 ** 3 / mm / 1e9)
 
 

@@ -27,6 +27,8 @@ from pathlib import Path
 
 import torch
 
+from deepwish.bench.timing import graph_ms, median_ms, rel_rms
+
 # shape classes: (head-dim class, length class) -> [(name, (B, T, H, Hkv, D, docs per row), timed)];
 # untimed shapes are checked against the fp32 reference only (the reference's [B, H, T, T]
 # scores are too large past T8k), timed ones up to T2k are checked too.
@@ -163,14 +165,8 @@ def reference_grads(q, k, v, do, ids):
     return dict(fwd=(o.detach(),), dkdv=(dk, dv), dq=(dq,), dkdvq=(dq, dk, dv))
 
 
-def rel_rms(a, b):
-    a, b = a.double(), b.double()
-    return float((a - b).pow(2).mean().sqrt() / a.pow(2).mean().sqrt())
-
-
 def sweep_tiles(out: Path, workers: int, classes: list[tuple[str, str]], kinds=("fwd", "dkdv", "dq"),
                 focus: bool = False) -> dict:
-    from triton.testing import do_bench
     from deepwish.kernels.attention import triton as tk
     cand_lists = candidate_lists(focus)
     tasks = [(kind, d, t, c) for (kind, d, t), cands in cand_lists.items()
@@ -206,7 +202,7 @@ def sweep_tiles(out: Path, workers: int, classes: list[tuple[str, str]], kinds=(
                         err = max(rel_rms(a, b) for a, b in zip(want[kind], got))
                         row["err"] = max(err, row["err"] or 0.0)
                     if timed:
-                        row["ms"][name] = float(do_bench(fn, warmup=10, rep=40, return_mode="median"))
+                        row["ms"][name] = median_ms(fn, warmup=10, rep=40)
                 rows.append(row)
                 if row["err"] is None or row["err"] < 1e-2:
                     times[cand] = row["ms"]
@@ -233,12 +229,11 @@ def sweep_tiles(out: Path, workers: int, classes: list[tuple[str, str]], kinds=(
 def sweep_decode(out: Path) -> list[dict]:
     """Split-KV decode at batch 1 (and 8): time per programs-per-SM, eager (do_bench) and as CUDA
     graph replays (launch overhead out), against the copy bandwidth."""
-    from triton.testing import do_bench
     from deepwish.kernels.attention import decode as dk
     dev = torch.device("cuda")
     x = torch.empty(1 << 30, dtype=torch.uint8, device=dev).random_()
     y = torch.empty_like(x)
-    copy_gbs = 2 * x.numel() / do_bench(lambda: y.copy_(x), return_mode="median") / 1e6
+    copy_gbs = 2 * x.numel() / median_ms(lambda: y.copy_(x)) / 1e6
     del x, y
     rows = []
     for L, B in ((32768, 1), (131072, 1), (32768, 8), (4096, 1)):
@@ -250,18 +245,8 @@ def sweep_decode(out: Path) -> list[dict]:
         for per_sm in DECODE_PER_SM:
             splits, chunk = dk.plan_splits(B, 8, L, dev, per_sm=per_sm)
             fn = lambda: dk.decode_attention(q, kc, vc, qp, splits=splits)  # noqa: E731
-            fn()
-            eager = float(do_bench(fn, warmup=10, rep=50, return_mode="median"))
-            g = torch.cuda.CUDAGraph()
-            s = torch.cuda.Stream()
-            s.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(s):
-                fn()
-            torch.cuda.current_stream().wait_stream(s)
-            with torch.cuda.graph(g):
-                for _ in range(10):
-                    fn()
-            graph = float(do_bench(g.replay, warmup=10, rep=50, return_mode="median")) / 10
+            eager = median_ms(fn, warmup=10, rep=50)
+            graph = graph_ms(fn)
             row = dict(L=L, B=B, per_sm=per_sm, splits=splits, chunk=chunk, eager_us=eager * 1e3,
                        graph_us=graph * 1e3, graph_of_copy=nbytes / graph / 1e6 / copy_gbs,
                        eager_of_copy=nbytes / eager / 1e6 / copy_gbs)

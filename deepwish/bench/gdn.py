@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from deepwish.bench.env import bench_environment
+from deepwish.bench.timing import median_ms, rel_rms
 
 COPY_PEAK_GBS = 2973.0
 MATMUL_PEAK_TFLOPS = 777.0
@@ -50,11 +51,6 @@ def decode_bytes(batch: int, heads: int = H, K: int = D, V: int = D) -> float:
     state = batch * heads * K * V * 4 * 2
     vectors = batch * heads * (2 * K + 2 * V) * 2
     return float(state + vectors)
-
-
-def rel_rms(ref: torch.Tensor, out: torch.Tensor) -> float:
-    ref, out = ref.detach().double(), out.detach().double()
-    return float((ref - out).pow(2).mean().sqrt() / ref.pow(2).mean().sqrt().clamp_min(1e-30))
 
 
 def make_inputs(T: int, device, dtype=torch.bfloat16, batch: int = B):
@@ -91,13 +87,6 @@ def load_backends() -> dict[str, dict[str, Callable | None]]:
         backends["fla"] = {"chunk": lambda q, k, v, g, beta: fla_chunk(q=q, k=k, v=v, g=g, beta=beta)[0],
                            "step": fla_step}
     return backends
-
-
-def timed(fn: Callable, grad_to_none=None) -> float:
-    import triton.testing
-    fn()                                    # compile / autotune outside the timing
-    torch.cuda.synchronize()
-    return float(triton.testing.do_bench(fn, warmup=25, rep=100, grad_to_none=grad_to_none, return_mode="median"))
 
 
 def attempt(label: str, fn: Callable[[], float]):
@@ -162,7 +151,7 @@ def bench_chunk(backends, seqlens, device) -> dict:
             fwd_key, bwd_key = f"{name} fwd", f"{name} fwd+bwd"
             if name == "torch" and T > REF_MAX_T_FWD:
                 continue
-            res.setdefault(fwd_key, {})[T] = attempt(f"{fwd_key} T={T}", lambda: timed(
+            res.setdefault(fwd_key, {})[T] = attempt(f"{fwd_key} T={T}", lambda: median_ms(
                 lambda: fns["chunk"](*inputs)))
             if name == "torch" and T > REF_MAX_T_BWD:
                 continue
@@ -177,19 +166,19 @@ def bench_chunk(backends, seqlens, device) -> dict:
                 res.setdefault(bwd_key, {})[T] = f"refused: {type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}"
                 print(f"[gdn bench] {bwd_key} T={T}: {res[bwd_key][T]}")
                 continue
-            res.setdefault(bwd_key, {})[T] = attempt(f"{bwd_key} T={T}", lambda: timed(fwd_bwd, grad_to_none=leaves))
+            res.setdefault(bwd_key, {})[T] = attempt(f"{bwd_key} T={T}", lambda: median_ms(fwd_bwd, grad_to_none=leaves))
             del leaves, do
         del inputs
         # causal softmax attention at the same shapes
         q, k, v = (torch.randn(B, H, T, D, device=device, dtype=torch.bfloat16) for _ in range(3))
-        res.setdefault("sdpa fwd", {})[T] = attempt(f"sdpa fwd T={T}", lambda: timed(
+        res.setdefault("sdpa fwd", {})[T] = attempt(f"sdpa fwd T={T}", lambda: median_ms(
             lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True)))
         leaves = [x.requires_grad_() for x in (q, k, v)]
         do = torch.randn_like(q)
 
         def sdpa_fwd_bwd():
             F.scaled_dot_product_attention(*leaves, is_causal=True).backward(do)
-        res.setdefault("sdpa fwd+bwd", {})[T] = attempt(f"sdpa fwd+bwd T={T}", lambda: timed(
+        res.setdefault("sdpa fwd+bwd", {})[T] = attempt(f"sdpa fwd+bwd T={T}", lambda: median_ms(
             sdpa_fwd_bwd, grad_to_none=leaves))
         del q, k, v, leaves, do
     return res
@@ -206,7 +195,7 @@ def bench_decode(backends, device) -> dict:
         beta = torch.sigmoid(torch.randn(batch, H, device=device))
         for name, fns in backends.items():
             state = torch.randn(batch, H, D, D, device=device) * 0.01
-            res.setdefault(f"{name} decode", {})[batch] = attempt(f"{name} decode B={batch}", lambda: timed(
+            res.setdefault(f"{name} decode", {})[batch] = attempt(f"{name} decode B={batch}", lambda: median_ms(
                 lambda: fns["step"](q, k, v, g, beta, state)))
     return res
 

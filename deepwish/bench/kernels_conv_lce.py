@@ -22,17 +22,13 @@ import time
 import torch
 import torch.nn.functional as F
 
+from deepwish.bench.timing import median_ms
+
 COPY_GBPS = 2973.0       # measured device-to-device copy bandwidth of the H100 (GPU.md)
 CONV_T = (1024, 4096, 16384, 32768, 65536)
 CONV_D, CONV_W = 4096, 4
 LCE_N = (2048, 4096, 8192, 16384, 32768)
 LCE_D, LCE_V = 1024, 151936
-
-
-def _bench(fn) -> float:
-    """Median milliseconds (triton.testing.do_bench)."""
-    import triton.testing
-    return float(triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median"))
 
 
 def _try(fn):
@@ -76,8 +72,8 @@ def _conv_case(T: int, device: str, compiled_ref) -> dict:
             y = fn(x, w)[0]
             return torch.autograd.grad(y, [x, w], dy)
 
-        t_f = _try(lambda: _bench(fwd))
-        t_fb = _try(lambda: _bench(fwdbwd))
+        t_f = _try(lambda: median_ms(fwd))
+        t_fb = _try(lambda: median_ms(fwdbwd))
         row[name] = {"fwd_ms": t_f, "fwdbwd_ms": t_fb}
         if isinstance(t_f, float):
             row[name]["fwd_GBps"] = fwd_bytes / t_f / 1e6
@@ -96,14 +92,14 @@ def _conv_tile_sweep(device: str, T: int = 16384) -> dict:
     elem = T * CONV_D
     out = {"T": T, "fwd": [], "bwd": []}
     for bt, bd, nw in ((16, 128, 4), (32, 128, 4), (8, 256, 4), (16, 256, 8), (32, 64, 4), (64, 32, 4)):
-        ms = _try(lambda: _bench(lambda: conv_tri.conv_forward(x2, w, None, None, doc_idx, doc_start, T, True,
+        ms = _try(lambda: median_ms(lambda: conv_tri.conv_forward(x2, w, None, None, doc_idx, doc_start, T, True,
                                                               block_t=bt, block_d=bd, num_warps=nw)))
         out["fwd"].append({"block_t": bt, "block_d": bd, "num_warps": nw, "ms": ms,
                            "GBps": 4 * elem / ms / 1e6 if isinstance(ms, float) else None})
     for bd, nw, progs, regs in ((512, 4, 2048, 128), (512, 4, 2048, None), (512, 4, 1024, 128),
                                 (512, 4, 4096, 128), (256, 2, 2048, 128), (1024, 8, 2048, 128),
                                 (128, 1, 4096, None)):
-        ms = _try(lambda: _bench(lambda: conv_tri.conv_backward(dy2, x2, w, None, None, doc_idx, doc_start, cu, T,
+        ms = _try(lambda: median_ms(lambda: conv_tri.conv_backward(dy2, x2, w, None, None, doc_idx, doc_start, cu, T,
                                                                True, block_d=bd, num_warps=nw,
                                                                target_programs=progs, max_registers=regs)))
         out["bwd"].append({"block_d": bd, "num_warps": nw, "target_programs": progs, "max_registers": regs,
@@ -174,7 +170,7 @@ def _lce_case(N: int, device: str, impls: dict) -> dict:
             row[name] = {"error": got}
             continue
         loss, peak = got
-        ms = _try(lambda: _bench(step))
+        ms = _try(lambda: median_ms(step))
         ref_loss = loss if ref_loss is None else ref_loss
         grads_gb = (h.numel() + w.numel()) * 2 / 1e9
         row[name] = {"fwdbwd_ms": ms, "peak_GB": peak, "peak_minus_grads_GB": peak - grads_gb,

@@ -72,7 +72,8 @@ from pathlib import Path
 import torch
 
 from deepwish.bench.env import bench_environment
-from deepwish.bench.sparse_mla import graph_ms, rel_rms, time_ms
+from deepwish.bench.sparse_mla import time_ms
+from deepwish.bench.timing import graph_ms, rel_rms
 
 B, H, HKV, D = 1, 64, 4, 128
 CMP_LEN, CMP_STRIDE, SELECT_LEN, N_SELECT, N_INIT, N_LOCAL = 32, 16, 64, 16, 1, 2

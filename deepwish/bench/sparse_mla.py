@@ -39,6 +39,7 @@ from pathlib import Path
 import torch
 
 from deepwish.bench.env import bench_environment
+from deepwish.bench.timing import graph_ms, rel_rms
 
 H, DQK, DV, TOPK = 64, 576, 512, 2048
 BWD_FACTOR = 2.5
@@ -80,11 +81,6 @@ def causal_indices(B: int, T: int, S: int, K: int, device, seed: int = 0) -> tor
     return out
 
 
-def rel_rms(ref, out) -> float:
-    ref, out = ref.detach().double(), out.detach().double()
-    return float((ref - out).pow(2).mean().sqrt() / ref.pow(2).mean().sqrt().clamp_min(1e-30))
-
-
 def time_ms(fn, min_ms: float = 200.0, max_reps: int = 50) -> float:
     """Median milliseconds of fn() by CUDA events: one warm-up call, then as many as fit in
     about min_ms (at least 2; a call of seconds runs twice)."""
@@ -104,20 +100,6 @@ def time_ms(fn, min_ms: float = 200.0, max_reps: int = 50) -> float:
         torch.cuda.synchronize()
         times.append(a.elapsed_time(b))
     return sorted(times)[len(times) // 2]
-
-
-def graph_ms(fn, calls: int = 10) -> float:
-    """Median time of one call of fn replayed from a CUDA graph of `calls` calls."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        fn()
-    torch.cuda.current_stream().wait_stream(side)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        for _ in range(calls):
-            fn()
-    return time_ms(g.replay, min_ms=100.0) / calls
 
 
 def make_inputs(T: int, S: int, device, dtype=torch.bfloat16, seed: int = 0, K: int = TOPK, heads: int = H):

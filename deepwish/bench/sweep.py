@@ -31,6 +31,8 @@ import time
 from pathlib import Path
 from typing import Callable
 
+from deepwish.bench.timing import median_ms, rel_rms
+
 SCALES = ((2, 256, 128), (2, 512, 256), (4, 512, 512), (4, 1024, 512), (8, 1024, 1024), (8, 2048, 1024),
           (16, 2048, 2048), (32, 2048, 2048), (32, 2048, 4096), (64, 2048, 4096))
 QUICK_SCALES = ((1, 16, 16), (2, 32, 16))
@@ -134,8 +136,7 @@ def cases(kernel: str, B: int, T: int, D: int, device, dtype, fla) -> tuple[dict
 def time_ms(fn: Callable, device, reps: int = 2) -> float:
     """Median ms per call: do_bench on CUDA (after one compile/autotune call), wall clock on CPU."""
     if device.type == "cuda":
-        from deepwish.bench.gdn import timed
-        return timed(fn)
+        return median_ms(fn)
     fn()
     ts = []
     for _ in range(reps):
@@ -143,11 +144,6 @@ def time_ms(fn: Callable, device, reps: int = 2) -> float:
         fn()
         ts.append((time.perf_counter() - t) * 1e3)
     return statistics.median(ts)
-
-
-def rel_rms(ref, out) -> float:
-    ref, out = ref.detach().double(), out.detach().double()
-    return float((ref - out).pow(2).mean().sqrt() / ref.pow(2).mean().sqrt().clamp_min(1e-30))
 
 
 def run(out_dir, scales=SCALES, kernels=KERNELS, device: str = "auto", max_ref_tokens: int | None = None,
