@@ -26,6 +26,11 @@ before anything of ours is resident; each result records what was still allocate
                   RMSNorm, rotary, SwiGLU, fused linear cross-entropy), Qwen3 only; skipped with a
                   line saying why when liger_kernel is not importable or the family has no patch.
                   Liger patches transformers' Qwen3 classes process-wide, so it runs after `hf`.
+  torchtitan      torchtitan's own Qwen3 of the same shape (torchtitan 0.3, carried as a wheel): its
+                  model, per-block compile and single-device precision (bf16 autocast over fp32
+                  parameters), FlexAttention with its per-batch causal mask (it has no SDPA path),
+                  fused AdamW, clipping; qwen3 presets only; skipped with a line saying why when
+                  torchtitan is not importable.
   deepwish-packed the trainer's real input: PackedLoader batches of the embedded corpus (the
                   default shards `deepwish train` builds), with per-token document ids and
                   positions, so attention runs with document isolation (model.attn_backend=auto:
@@ -72,7 +77,7 @@ GOALS = {
     "qwen3_next_bench": {"hf_ratio": 4.0, "hf_anchor_tok_s": 17.1e3, "note": "HF anchor at batch 4"},
 }
 # HF first: nothing of ours (compiled graphs, caches) is resident yet when it tries to fit.
-VARIANTS = ("hf", "hf-liger", "deepwish", "deepwish-packed", "deepwish-muon", "deepwish-muon-torch",
+VARIANTS = ("hf", "hf-liger", "torchtitan", "deepwish", "deepwish-packed", "deepwish-muon", "deepwish-muon-torch",
             "deepwish-muon-overlap", "deepwish-eager", "deepwish-fsdp1")
 
 
@@ -228,6 +233,65 @@ def build_hf(preset: str, batch: int, seq: int, liger: bool = False):
     return step, model_flops_per_token(cfg, seq)
 
 
+# deepwish preset -> torchtitan's Qwen3 flavour of the same shape (torchtitan/models/qwen3)
+TORCHTITAN_FLAVORS = {"qwen3_0.6b": "0.6B", "qwen3_8b": "8B"}
+
+
+def build_torchtitan(preset: str, batch: int, seq: int):
+    """torchtitan's own Qwen3 (torchtitan.models.qwen3, its config of the same shape) trained the way
+    its single-device trainer does: fp32 parameters under bf16 autocast, each TransformerBlock
+    compiled (fullgraph, as torchtitan's apply_compile), FlexAttention with the causal + document
+    mask it builds from positions every batch (its language models offer flex, flex_flash and
+    varlen, no SDPA), fp32 cross-entropy, clipping, fused AdamW. Not its Trainer (data loading,
+    checkpointing, logging): the model, its compile and its precision."""
+    try:
+        from torchtitan.models.qwen3 import qwen3_configs
+    except Exception as e:  # noqa: BLE001 - any import failure means the variant cannot run
+        raise Skipped(f"torchtitan is not importable ({type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''})")
+    if preset not in TORCHTITAN_FLAVORS:
+        raise Skipped(f"no torchtitan flavour wired for {preset} (only {', '.join(TORCHTITAN_FLAVORS)})")
+    from deepwish.config import load_config
+
+    cfg = load_config(preset).model
+    device = torch.device("cuda")
+    tt_cfg = qwen3_configs[TORCHTITAN_FLAVORS[preset]](attn_backend="flex")
+    torch.manual_seed(0)
+    with torch.device("meta"):
+        model = tt_cfg.build()
+    model.to_empty(device=device)
+    with torch.no_grad():
+        model.init_states(buffer_device=device)
+    n_ours = sum(p.numel() for p in _meta_deepwish(cfg).parameters())
+    n_tt = sum(p.numel() for p in model.parameters())
+    if n_tt != n_ours:
+        raise RuntimeError(f"torchtitan's {TORCHTITAN_FLAVORS[preset]} has {n_tt:,} parameters, {preset} {n_ours:,}")
+    for block in model.layers.values():
+        block.compile(fullgraph=True)
+    model.train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-4, betas=(0.9, 0.95), fused=True)
+    x = torch.randint(0, cfg.vocab_size, (batch, seq), device=device)
+    positions = torch.arange(seq, device=device).expand(batch, seq)
+
+    def step() -> torch.Tensor:
+        masks = model.get_attention_masks(positions)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            logits = model(x, positions, masks)
+        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), x.flatten())
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return loss.detach()
+
+    return step, model_flops_per_token(cfg, seq)
+
+
+def _meta_deepwish(model_cfg):
+    from deepwish.model import Transformer
+    with torch.device("meta"):
+        return Transformer(model_cfg)
+
+
 def model_flops_per_token(model_cfg, seq: int) -> float:
     """The count the trainer logs (Transformer.flops_per_token), from a meta-device model: the
     same FLOPs for HF as for ours at the same shape."""
@@ -247,6 +311,7 @@ def measure(preset: str, variant: str, batch: int, seq: int, steps: int, warmup:
     failure = None
     try:
         step, fpt = (build_hf(preset, batch, seq, liger=variant == "hf-liger") if variant.startswith("hf")
+                     else build_torchtitan(preset, batch, seq) if variant == "torchtitan"
                      else build_deepwish(preset, batch, seq, variant))
         peak, _ = device_peak_flops(torch.device("cuda"))
         t0 = time.perf_counter()
@@ -326,10 +391,15 @@ def verdicts(preset: str, results: list[Result]) -> list[str]:
         src = f"HF measured here b{hf.batch}" if hf else "HF anchor from GPU.md"
         lines.append(f"  goal >= {goal['hf_ratio']:.0f}x HF ({src}: {base / 1e3:.1f}k): {best.tok_s / base:.2f}x, "
                      f"{'MET' if best.tok_s >= goal['hf_ratio'] * base else 'NOT met'}")
-    liger_ok = [r for r in results if r.variant == "hf-liger" and r.status == "ok"]
-    if liger_ok:
-        lg = max(liger_ok, key=lambda r: r.tok_s)
-        lines.append(f"  vs HF + Liger measured here (b{lg.batch}): {best.tok_s / lg.tok_s:.2f}x")
+    # the anchors train random ids with AdamW: `deepwish` is the like-for-like row when it ran
+    same = next((r for r in ours if r.variant == "deepwish"), best)
+    for variant, label, want in (("hf-liger", "HF + Liger", 2.0), ("torchtitan", "torchtitan", 1.2)):
+        ok = [r for r in results if r.variant == variant and r.status == "ok"]
+        if ok:
+            a = max(ok, key=lambda r: r.tok_s)
+            ratio = same.tok_s / a.tok_s
+            lines.append(f"  {same.variant} vs {label} measured here (b{a.batch}): {ratio:.2f}x (goal >= {want:g}x: "
+                         f"{'MET' if ratio >= want else 'NOT met'})")
     if hf is not None:
         lines.append(f"  vs HF measured here (b{hf.batch}): {best.tok_s / hf.tok_s:.2f}x (GPU.md anchor "
                      f"{goal['hf_anchor_tok_s'] / 1e3:.1f}k, {goal['note']})")

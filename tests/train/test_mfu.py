@@ -83,3 +83,34 @@ def test_hf_liger_variant_is_skipped_with_its_reason():
         with pytest.raises(bench.Skipped, match="no Liger patch wired for HF model type 'gpt2'"):
             bench.apply_liger("gpt2")
     assert bench.VARIANTS.index("hf") < bench.VARIANTS.index("hf-liger")  # Liger patches HF's classes for good
+
+
+def test_bench_train_verdicts_name_the_anchors_goals():
+    """bench train's goal lines: deepwish (random ids, AdamW) against HF + Liger (>= 2x) and
+    torchtitan (>= 1.2x) measured in the same run, and Muon against AdamW (>= 90%)."""
+    from deepwish.bench import train as bench
+    R = bench.Result
+    rows = [R("qwen3_0.6b", "hf-liger", 8, 2048, "ok", tok_s=50e3, mfu=0.3),
+            R("qwen3_0.6b", "torchtitan", 8, 2048, "ok", tok_s=90e3, mfu=0.5),
+            R("qwen3_0.6b", "deepwish", 8, 2048, "ok", tok_s=100e3, mfu=0.55),
+            R("qwen3_0.6b", "deepwish-packed", 8, 2048, "ok", tok_s=120e3, mfu=0.6),
+            R("qwen3_0.6b", "deepwish-muon", 8, 2048, "ok", tok_s=91e3, mfu=0.5)]
+    text = "\n".join(bench.verdicts("qwen3_0.6b", rows))
+    assert "deepwish vs HF + Liger measured here (b8): 2.00x (goal >= 2x: MET)" in text
+    assert "deepwish vs torchtitan measured here (b8): 1.11x (goal >= 1.2x: NOT met)" in text
+    assert "deepwish-muon / deepwish (AdamW): 91.0% of its tok/s (goal >= 90%: MET)" in text
+
+
+def test_bench_train_torchtitan_without_the_library_is_skipped_with_a_reason(monkeypatch):
+    import builtins
+
+    from deepwish.bench import train as bench
+    real_import = builtins.__import__
+
+    def no_titan(name, *a, **k):
+        if name.startswith("torchtitan"):
+            raise ModuleNotFoundError("No module named 'torchtitan'")
+        return real_import(name, *a, **k)
+    monkeypatch.setattr(builtins, "__import__", no_titan)
+    with pytest.raises(bench.Skipped, match="torchtitan is not importable"):
+        bench.build_torchtitan("qwen3_0.6b", 1, 8)
