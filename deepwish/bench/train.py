@@ -218,19 +218,29 @@ def build_hf(preset: str, batch: int, seq: int, liger: bool = False):
     model = transformers.AutoModelForCausalLM.from_config(hf_config(cfg), attn_implementation="sdpa",
                                                           dtype=torch.float32).to(device)
     model.train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-4, betas=(0.9, 0.95), fused=True)
     x = torch.randint(0, cfg.vocab_size, (batch, seq), device=device)
 
-    def step() -> torch.Tensor:
+    def loss() -> torch.Tensor:
         with torch.autocast("cuda", dtype=torch.bfloat16):
-            loss = model(input_ids=x, labels=x).loss
+            return model(input_ids=x, labels=x).loss
+
+    return anchor_step(model, loss), model_flops_per_token(cfg, seq)
+
+
+def anchor_step(model, loss_fn):
+    """One training step of an anchor (HF, torchtitan) as its users run it: loss_fn()'s backward,
+    clipping at 1.0, a fused AdamW step. Returns step() -> the loss (detached)."""
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-4, betas=(0.9, 0.95), fused=True)
+
+    def step() -> torch.Tensor:
+        loss = loss_fn()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         return loss.detach()
 
-    return step, model_flops_per_token(cfg, seq)
+    return step
 
 
 # deepwish preset -> torchtitan's Qwen3 flavour of the same shape (torchtitan/models/qwen3)
@@ -268,22 +278,16 @@ def build_torchtitan(preset: str, batch: int, seq: int):
     for block in model.layers.values():
         block.compile(fullgraph=True)
     model.train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-4, betas=(0.9, 0.95), fused=True)
     x = torch.randint(0, cfg.vocab_size, (batch, seq), device=device)
     positions = torch.arange(seq, device=device).expand(batch, seq)
 
-    def step() -> torch.Tensor:
+    def loss() -> torch.Tensor:
         masks = model.get_attention_masks(positions)
         with torch.autocast("cuda", dtype=torch.bfloat16):
             logits = model(x, positions, masks)
-        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), x.flatten())
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        return loss.detach()
+        return torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), x.flatten())
 
-    return step, model_flops_per_token(cfg, seq)
+    return anchor_step(model, loss), model_flops_per_token(cfg, seq)
 
 
 def _meta_deepwish(model_cfg):
@@ -295,9 +299,7 @@ def _meta_deepwish(model_cfg):
 def model_flops_per_token(model_cfg, seq: int) -> float:
     """The count the trainer logs (Transformer.flops_per_token), from a meta-device model: the
     same FLOPs for HF as for ours at the same shape."""
-    from deepwish.model import Transformer
-    with torch.device("meta"):
-        return Transformer(model_cfg).flops_per_token(seq)
+    return _meta_deepwish(model_cfg).flops_per_token(seq)
 
 
 # ---- timing ----------------------------------------------------------------------------------------
