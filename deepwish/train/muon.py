@@ -275,6 +275,26 @@ class Muon(torch.optim.Optimizer):
                 self._apply(group, ps, self._orthogonalise(group, ps, U), ps[0].shape)
         return loss
 
+    @torch.no_grad()
+    def warm_up(self) -> int:
+        """Compile and autotune the triton step's kernels (and time its Newton–Schulz choice,
+        `pick_ns_kernels`) for every shape bucket before training, so the first real step does
+        not pay for it: one step of a twin optimizer with the same settings over scratch tensors
+        of each bucket's shapes, one bucket at a time (memory: one bucket's parameters, gradients
+        and momentum). Parameters, gradients and this optimizer's state are not touched. Returns the
+        number of buckets warmed (0 where the torch backend runs: nothing to compile)."""
+        warmed = 0
+        for group in self.param_groups:
+            params = [p for p in group["params"] if self.backend_for(p.device) == "triton"]
+            settings = {k: v for k, v in group.items() if k != "params"}
+            for idx in shape_buckets(params):
+                scratch = [torch.zeros_like(params[i], memory_format=torch.contiguous_format) for i in idx]
+                for s in scratch:
+                    s.grad = torch.randn_like(s)
+                Muon([dict(settings, params=scratch)], backend="triton").step()
+                warmed += 1
+        return warmed
+
     def _fused_bucket_step(self, group: dict, ps: list, device: torch.device) -> None:
         """The step of one shape bucket with the triton backend's fused passes (momentum + Nesterov
         + stack + sums of squares; Newton–Schulz; weight decay + update)."""
@@ -348,6 +368,11 @@ class DistributedMuon(Muon):
     are whole rows, or whole experts), its state sharded like the parameter; only the per-matrix
     norms of a row-sharded 2-D matrix are summed over ranks (one small all-reduce per bucket).
     """
+
+    def warm_up(self) -> int:
+        """No warm-up: its step gathers whole matrices across ranks (a twin step would have to
+        communicate too); the first step compiles and autotunes as it runs."""
+        return 0
 
     @torch.no_grad()
     def step(self, closure=None):

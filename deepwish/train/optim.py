@@ -73,6 +73,11 @@ class ChainedOptimizer:
         first.step()
         main.wait_stream(side)
 
+    def warm_up(self) -> int:
+        """Each optimizer's kernel warm-up (Muon.warm_up) where it has one; the number of shape
+        buckets warmed. Nothing any optimizer holds changes."""
+        return sum(opt.warm_up() for opt in self.optimizers.values() if hasattr(opt, "warm_up"))
+
     def zero_grad(self, set_to_none: bool = True) -> None:
         for opt in self.optimizers.values():
             opt.zero_grad(set_to_none=set_to_none)

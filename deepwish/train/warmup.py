@@ -17,7 +17,9 @@ The warm-up changes nothing the run computes: a run with it takes exactly the st
 without it (tests/train/test_warmup.py compares the weights):
 - its batches are synthetic (token 0, targets 0), never the loader's: the data order is untouched;
 - there is no optimizer step: parameters, optimizer state, EMA and router biases are untouched, and
-  the gradients are set to None afterwards;
+  the gradients are set to None afterwards; the optimizer's own kernels (Muon's triton step:
+  compilation, autotuning and its timed Newton–Schulz choice, about 20 s for Qwen3-0.6B on an H200)
+  are warmed by a twin step on scratch tensors of every shape bucket (`Muon.warm_up`);
 - the RNG states (python, numpy, torch CPU and CUDA) are restored afterwards, and so are the
   model's buffers (from a copy taken before).
 On the GPU the compiled graphs a run then uses can differ from a run without warm-up (a window
@@ -91,6 +93,9 @@ def warm_up(run, forward_backward, total_steps: int) -> dict:
                 forward_backward(run, [batch], step, n_global=rows * length * run.d.world_size)
                 run.model.zero_grad(set_to_none=True)
                 passes += 1
+        # the optimizer's own kernels (Muon's triton step: compile, autotune, its Newton–Schulz
+        # choice) on scratch tensors of every shape bucket; its state is untouched
+        buckets = run.optimizer.warm_up() if hasattr(run.optimizer, "warm_up") else 0
         if run.device.type == "cuda":
             torch.cuda.synchronize(run.device)
     finally:
@@ -101,8 +106,10 @@ def warm_up(run, forward_backward, total_steps: int) -> dict:
         _set_rng_state(rng)
     seconds = time.perf_counter() - t0
     rec = {"kind": "warmup", "step": run.start_step, "seconds": seconds, "passes": passes,
+           "optimizer_buckets": buckets,
            "shapes": [{"step": s, "seq_len": n, "window_blocks": c} for s, n, c in plan]}
     run.logger.write(rec)
     run.logger.print(f"[deepwish] compile warm-up: {passes} forward/backward passes over {len(plan)} scheduled "
-                     f"shape(s) in {seconds:.1f} s (not in the training clock, no optimizer step)")
+                     f"shape(s), optimizer kernels for {buckets} shape bucket(s), in {seconds:.1f} s "
+                     f"(not in the training clock, no optimizer step)")
     return rec

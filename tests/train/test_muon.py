@@ -178,3 +178,29 @@ def test_batched_muon_on_gpu_matches_per_matrix_loop_in_bf16(cuda):
     for x, y, z in zip(a, b, x0):
         d = (x.detach() - y.detach()).norm() / (y.detach() - z).norm()  # relative to the update itself
         assert d < 3e-2, (tuple(x.shape), float(d))
+
+
+def test_warm_up_touches_nothing_and_the_step_after_is_the_same():
+    """Muon.warm_up runs the triton step (here under the interpreter) on scratch tensors of each
+    shape bucket: parameters, gradients and state are untouched, and the real step after it is the
+    step without it, bit for bit."""
+    from deepwish.train.optim import ChainedOptimizer
+
+    torch.manual_seed(0)
+    shapes = [(16, 24), (24, 16), (16, 24), (2, 8, 12)]
+    a = [torch.nn.Parameter(torch.randn(s)) for s in shapes]
+    b = [torch.nn.Parameter(x.detach().clone()) for x in a]
+    for x, y in zip(a, b):
+        x.grad = torch.randn_like(x)
+        y.grad = x.grad.clone()
+    oa, ob = Muon(a, lr=0.05, weight_decay=0.1, backend="triton"), Muon(b, lr=0.05, weight_decay=0.1, backend="triton")
+    chained = ChainedOptimizer({"muon": ob, "adamw": torch.optim.AdamW([torch.nn.Parameter(torch.zeros(3))])})
+    assert chained.warm_up() == 3  # buckets (16, 24) x2, (24, 16), (2, 8, 12); AdamW has no warm-up
+    assert not ob.state
+    for x, y in zip(a, b):
+        assert torch.equal(x, y) and torch.equal(x.grad, y.grad)
+    oa.step()
+    ob.step()
+    for x, y in zip(a, b):
+        assert torch.equal(x, y)
+    assert Muon(a, backend="torch").warm_up() == 0  # nothing to compile
