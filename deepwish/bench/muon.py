@@ -18,6 +18,8 @@ optimizers as `build_optimizer` makes them (Muon on the hidden matrices, fused A
                    Newton–Schulz kernels add on their own;
   muon-triton-gram the triton backend with cuBLAS for the update matmul a X + B X (NS_KERNELS="gram"):
                    the symmetric Gram kernels without the update kernel;
+  muon-gram-ns     the triton backend with the Gram Newton–Schulz iteration for every stack
+                   (kernels/muon/triton.py gram_newton_schulz, NS_KERNELS="gram_ns");
   muon-pe          the same with the Polar Express coefficients;
   muon-normuon     the same with NorMuon;
   muon-per-matrix  Muon one matrix at a time (the update rule without batching: one Newton–Schulz
@@ -39,7 +41,7 @@ from pathlib import Path
 import torch
 
 VARIANTS = ("adamw", "muon", "muon-overlap", "muon-torch", "muon-fused-cublas", "muon-triton-gram", "muon-triton-all",
-            "muon-pe", "muon-normuon", "muon-per-matrix")
+            "muon-gram-ns", "muon-pe", "muon-normuon", "muon-per-matrix")
 
 
 def ns_flops(shapes: list[tuple[int, ...]], steps: int) -> float:
@@ -109,7 +111,8 @@ def kernel_profile(step, steps: int = 2) -> dict:
 
 
 # Variants that fix kernels/muon/triton.py's NS_KERNELS (the others keep its default, "auto").
-NS_KERNELS_OF = {"muon-triton-all": "all", "muon-triton-gram": "gram", "muon-fused-cublas": "none"}
+NS_KERNELS_OF = {"muon-triton-all": "all", "muon-triton-gram": "gram", "muon-fused-cublas": "none",
+                 "muon-gram-ns": "gram_ns"}
 
 
 def ns_flops_run(variant: str, backend: str, shapes: list, steps: int) -> tuple[str, float]:

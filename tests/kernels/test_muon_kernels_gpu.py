@@ -42,12 +42,12 @@ def test_newton_schulz_triton_matches_torch_in_bf16(cuda, shape):
     assert new.dtype == G.dtype and new.shape == G.shape
     assert err(old) < 0.03 and err(new) < 1.2 * err(old) + 1e-3, (err(old), err(new))
     coeffs, f = ns_coefficients("jordan", 5)
-    for kernels in ("all", "gram"):
+    for kernels in ("all", "gram", "gram_ns"):
         out = tri.newton_schulz(G, coeffs, f, 1e-7, torch.bfloat16, kernels=kernels)
         assert err(out) < 1.2 * err(old) + 1e-3, (kernels, err(old), err(out))
 
 
-@pytest.mark.parametrize("kernels", ["all", "gram", "auto"])  # all: the last iteration updates the parameters
+@pytest.mark.parametrize("kernels", ["all", "gram", "gram_ns", "auto"])  # all: the last iteration updates the parameters
 def test_muon_step_triton_matches_torch_on_gpu(cuda, monkeypatch, kernels):
     monkeypatch.setattr(tri, "NS_KERNELS", kernels)
     shapes = [(256, 128), (128, 256), (256, 128), (4, 96, 160), (128, 256)]

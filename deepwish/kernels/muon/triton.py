@@ -319,14 +319,16 @@ def ns_update(L: torch.Tensor, R: torch.Tensor, Y: torch.Tensor, a: float, scale
 #   "gram"  gram kernels, torch.baddbmm for the update (it copies X into its result first; an
 #           explicit normalisation pass and a separate parameter-update pass);
 #   "none"  train/muon.py's torch iteration (cuBLAS for all three), between the fused momentum and
-#           update passes.
-#   "auto"  the fastest of the three for each stack shape, timed once on the first stack of that
+#           update passes;
+#   "gram_ns" the iteration carried on the Gram matrix (`gram_newton_schulz`: fp16, one restart),
+#           gram kernels for the symmetric products, cuBLAS for the rest: fewer FLOPs for wide stacks.
+#   "auto"  the fastest of these for each stack shape, timed once on the first stack of that
 #           shape (`pick_ns_kernels`, one line printed); under the interpreter "all", untimed.
 # Every update matmul has K = min(m, n), short for a Triton pipeline, and no GPU timing informed
 # the kernels' tiles, hence "auto". `bench muon` times each fixed choice (variants muon-triton-all,
-# muon-triton-gram, muon-fused-cublas). The choice depends on timing, as autotuned tiles do: two
-# runs may round differently (bf16 noise), never compute differently.
-NS_KERNEL_CHOICES = ("all", "gram", "none")
+# muon-triton-gram, muon-fused-cublas, muon-gram-ns). The choice depends on timing, as autotuned tiles
+# do: two runs may round differently (half-precision noise), never compute a different iteration.
+NS_KERNEL_CHOICES = ("all", "gram", "none", "gram_ns")
 NS_KERNELS = "auto"
 _PICKED: dict[tuple, str] = {}
 
@@ -380,6 +382,8 @@ def newton_schulz(G: torch.Tensor, coeffs, f: float, eps: float, dtype: torch.dt
     if kernels == "none":
         from deepwish.kernels.muon.reference import newton_schulz as torch_newton_schulz
         return _apply_or_return(torch_newton_schulz(G, coeffs, f, eps, dtype), apply)
+    if kernels == "gram_ns":
+        return _apply_or_return(gram_newton_schulz(G, coeffs, f, eps, dtype, sumsq, meta), apply)
     m, n = G.shape[-2:]
     G3 = G.reshape(-1, m, n)
     if sumsq is None:
@@ -418,6 +422,46 @@ def newton_schulz(G: torch.Tensor, coeffs, f: float, eps: float, dtype: torch.dt
             ns_update(B, X, X, a, scale=inv if first else None, out=Xn, meta=um, apply=fused)  # a X + B X
         X = Xn
     return None if apply is not None else X.reshape(G.shape).to(G.dtype)
+
+
+GRAM_NS_RESTART = 2  # the iteration before which gram_newton_schulz restarts from X (with 4+ iterations)
+
+
+def gram_newton_schulz(G: torch.Tensor, coeffs, f: float, eps: float, dtype: torch.dtype,
+                       sumsq: torch.Tensor | None = None, meta: dict | None = None) -> torch.Tensor:
+    """The same iteration on the Gram matrix (Zhang, Amsel, Chen, Dao 2026, "Gram Newton–Schulz").
+    With X wide (d x D, d <= D) every iterate is X_k = Q_k X_0 where Q_k is a polynomial in
+    R_0 = X_0 X_0ᵀ, so the d x D products are needed only to form R_0 and the result: per
+    iteration P = a I + b R + c R² (one symmetric `gram` call), Q <- Q P, R <- P R P (three d x d
+    batched matmuls, cuBLAS). Before iteration GRAM_NS_RESTART it restarts (X <- Q X_0,
+    R <- X Xᵀ, Q <- I): without it the d x d recurrences drift in half precision. Per matrix
+    that trades 2·k·d²·D FLOPs of updates for 4·d²·D (restart and result) plus ~3·k·d³: a gain
+    when D is several times d (Qwen3's gate/up [6144, 1024]), a loss for square ones, hence one
+    of `pick_ns_kernels`' timed choices. Half-precision operands are fp16 (its 11-bit mantissa:
+    the Gram recurrence in bf16 lands ~4x further from the exact iteration than the plain
+    iteration in bf16 does; in fp16 it is ~2x nearer, measured on log-uniform spectra); X_0 is
+    normalised, so every entry of X, R and P stays far inside fp16's range."""
+    half = torch.float32 if dtype == torch.float32 else torch.float16
+    m, n = G.shape[-2:]
+    G3 = G.reshape(-1, m, n)
+    norm = sumsq.float().sqrt() if sumsq is not None else torch.linalg.vector_norm(G3.float(), dim=(-2, -1))
+    X = (G3 * (1.0 / (norm * f + eps)).view(-1, 1, 1)).to(half)
+    Xw = X.mT if m > n else X  # wide: d x D, d <= D
+    gm = (meta or {}).get("gram")
+    R = gram(Xw, meta=gm)
+    Q = None
+    for k, (a, b, c) in enumerate(coeffs):
+        if k == GRAM_NS_RESTART and len(coeffs) > GRAM_NS_RESTART + 1:
+            Xw = torch.bmm(Q, Xw)
+            R = gram(Xw, meta=gm)
+            Q = None
+        P = gram(R, alpha=c, beta=b, Y=R, meta=gm)  # b R + c R Rᵀ (R symmetric)
+        P.diagonal(dim1=-2, dim2=-1).add_(a)
+        Q = P if Q is None else torch.bmm(Q, P)
+        if k < len(coeffs) - 1:
+            R = torch.bmm(P, torch.bmm(R, P))
+    O = torch.bmm(Q, Xw)
+    return (O.mT if m > n else O).reshape(G.shape).to(G.dtype)
 
 
 def _apply_or_return(O: torch.Tensor, apply) -> torch.Tensor | None:
