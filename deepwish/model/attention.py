@@ -380,7 +380,7 @@ class Attention(nn.Module):
             k = k.reshape(B, T, self.n_kv_heads, self.head_dim)
             v = v.reshape(B, T, self.n_kv_heads, self.head_dim)
         if self.ve_gate is not None:  # value embedding: a table row per token, gated per KV head (2·σ: 1 at 0)
-            ve = ctx.value_embeds[self.layer_idx].view(B, T, self.n_kv_heads, self.head_dim)
+            ve = ctx.value_embed.view(B, T, self.n_kv_heads, self.head_dim)  # this layer's rows (BlockContext)
             g = 2 * torch.sigmoid(self.ve_gate(x[..., :self.ve_gate.in_features]))
             v = v + g[..., None] * ve
         if fused is None:

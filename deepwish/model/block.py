@@ -46,11 +46,14 @@ class ForwardContext:
     dense_indexer_attention: bool = False
     indexer_loss: bool = False
     # GPT family: the window schedule's cap in 128-token blocks (0 = none: every layer at its final window;
-    # model/attention.py scheduled_window), the embedding output x0 (residual scales) and
-    # {layer: value-embedding rows [B,T,Hkv·D]}
+    # model/attention.py scheduled_window), the embedding output x0 (residual scales),
+    # {layer: value-embedding rows [B,T,Hkv·D]} and the rows of the block being run (set by the
+    # stack before each block: a block that read its own rows by its layer index would be compiled
+    # once per layer, the index being a constant of the graph)
     window_blocks: int = 0
     x0: torch.Tensor | None = None
     value_embeds: dict = field(default_factory=dict)
+    value_embed: torch.Tensor | None = None
     # (start, end) [B, T] int32 of each token's document for the flash-attention kernel
     # (kernels/attention/triton.py document_bounds), made once per forward, not once per layer
     doc_bounds: tuple[torch.Tensor, torch.Tensor] | None = None

@@ -256,6 +256,8 @@ class Transformer(nn.Module):
         for i, block in enumerate(self.blocks):
             if self.skips is not None:
                 x = self.skips.enter(i, x, stack)
+            if ctx.value_embeds:
+                ctx.value_embed = ctx.value_embeds.get(block.layer_idx)
             x, aux = block(x, ctx, None if cache is None else cache[i])
             if self.skips is not None:
                 self.skips.leave(i, x, stack)

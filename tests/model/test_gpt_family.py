@@ -120,6 +120,7 @@ def test_value_embedding_is_added_gated_to_the_values():
     x = torch.randn(2, 10, cfg.d_model)
     ctx = model.context(ids)
     ctx.value_embeds = model.value_embeds(ids)
+    ctx.value_embed = ctx.value_embeds[0]  # the stack sets each block's rows before running it
     y, _ = attn(x, ctx)
     # by hand: the same attention with v replaced by v + 2σ(W x[:12])·ve
     ve = ctx.value_embeds[0].view(2, 10, 2, 8)
@@ -338,3 +339,24 @@ def test_triton_windows_and_softcap_equal_sdpa_training_forward(cuda, rel_err):
         with torch.autocast("cuda", torch.bfloat16):
             outs.append(model(ids, positions=pos, doc_ids=doc).logits.float())
     assert rel_err(outs[1], outs[0]) < 2e-2
+
+
+def test_value_embedding_layers_share_one_compiled_graph():
+    """Layers 0 and 3 both take value-embedding rows (model.value_embeds=1 on 4 layers); the stack
+    hands each block its rows, so the compiled Block.forward is one graph for both (and one for the
+    two plain layers), not one per layer index: a GPT run's many scheduled shapes times one graph
+    per layer ran past dynamo's recompile limit (then eager)."""
+    from torch._dynamo.testing import CompileCounter
+
+    torch._dynamo.reset()
+    model = Transformer(replace(BASE, value_embeds=1)).eval()
+    assert sorted(model.cfg.value_embed_layers) == [0, 3]
+    counter = CompileCounter()
+    ids = _ids()
+    with torch.no_grad():
+        want = model(ids).logits
+        for i in range(len(model.blocks)):
+            model.blocks[i] = torch.compile(model.blocks[i], backend=counter)
+        got = model(ids).logits
+    torch.testing.assert_close(got, want)
+    assert counter.frame_count == 2
