@@ -71,6 +71,33 @@ def ns_flops_symmetric(shapes: list[tuple[int, ...]], steps: int, tile: int = 12
     return total
 
 
+def ns_flops_gram_ns(shapes: list[tuple[int, ...]], steps: int, tile: int = 128) -> float:
+    """FLOPs of kernels/muon/triton.py gram_newton_schulz for the same iterations (d <= D): the Gram
+    products X Xᵀ (at the start and at the restart) and b R + c R² on the symmetric tiles only;
+    Q X (restart, result) in full; per iteration Q P (not the first, nor the one after the restart)
+    and P (R P) (not the last) in full."""
+    from deepwish.kernels.muon.triton import GRAM_NS_RESTART
+
+    total = 0.0
+    for s in shapes:
+        d, D = sorted(s[-2:])
+        t = -(-d // tile)
+        frac = t * (t + 1) / (2 * t * t)
+        batch = 1
+        for x in s[:-2]:
+            batch *= x
+        restart = steps > GRAM_NS_RESTART + 1
+        grams = (1 + restart) * frac * 2 * d * d * D + steps * frac * 2 * d ** 3
+        products = (1 + restart) * 2 * d * d * D + (steps - 1 - restart) * 2 * d ** 3 + (steps - 1) * 4 * d ** 3
+        total += batch * (grams + products)
+    return total
+
+
+def ns_flops_of(kind: str):
+    """The FLOP count of one NS_KERNELS choice."""
+    return {"none": ns_flops, "gram_ns": ns_flops_gram_ns}.get(kind, ns_flops_symmetric)
+
+
 def per_matrix_step(opt) -> None:
     """Muon's update, one matrix at a time (the shape of the loop before batching)."""
     from deepwish.train.muon import newton_schulz, shape_scale
@@ -125,9 +152,9 @@ def ns_flops_run(variant: str, backend: str, shapes: list, steps: int) -> tuple[
         return "torch", ns_flops(shapes, steps)
     kind = NS_KERNELS_OF.get(variant, muon_kernels.NS_KERNELS)
     if kind != "auto":
-        return f"triton {kind}", (ns_flops if kind == "none" else ns_flops_symmetric)(shapes, steps)
+        return f"triton {kind}", ns_flops_of(kind)(shapes, steps)
     picks = [(key[0], kind) for key, kind in muon_kernels._PICKED.items() if key[3] == steps]
-    total = sum((ns_flops if kind == "none" else ns_flops_symmetric)([stack], steps) for stack, kind in picks)
+    total = sum(ns_flops_of(kind)([stack], steps) for stack, kind in picks)
     counts = {k: sum(1 for _, c in picks if c == k) for k in muon_kernels.NS_KERNEL_CHOICES}
     return "triton auto (" + ", ".join(f"{k} {n}" for k, n in counts.items() if n) + ")", total
 
@@ -151,7 +178,7 @@ def _time_variant(model, cfg_train, variant: str, steps: int, warmup: int, profi
     sets = {"adamw": dict(optimizer="adamw"), "muon": dict(muon_backend="auto"),
             "muon-overlap": dict(muon_backend="auto", optimizer_overlap=True), "muon-per-matrix": {}, "muon-torch": dict(muon_backend="torch"),
             "muon-fused-cublas": dict(muon_backend="triton"), "muon-triton-gram": dict(muon_backend="triton"),
-            "muon-triton-all": dict(muon_backend="triton"),
+            "muon-triton-all": dict(muon_backend="triton"), "muon-gram-ns": dict(muon_backend="triton"),
             "muon-pe": dict(muon_ns_schedule="polar_express"), "muon-normuon": dict(muon_normuon=True)}[variant]
     tc = dataclasses.replace(cfg_train, **sets)
     opt = build_optimizer(model, tc)

@@ -245,3 +245,26 @@ def test_gram_newton_schulz_in_fp16_is_nearer_the_exact_iteration_than_bf16():
     def err(x):
         return float((x.double() - exact).norm() / exact.norm())
     assert err(gram_fp16) < err(plain_bf16), (err(gram_fp16), err(plain_bf16))
+
+
+@pytest.mark.parametrize("shape,steps", [((2, 24, 56), 5), ((56, 24), 3)])
+def test_gram_ns_flop_count_follows_its_calls(monkeypatch, shape, steps):
+    """bench muon's count for gram_newton_schulz equals the FLOPs of the calls it makes (the Gram
+    kernel on its symmetric 128-tiles, cuBLAS products in full)."""
+    from deepwish.bench.muon import ns_flops_gram_ns
+    counted = []
+    bmm, gram = torch.bmm, tri.gram
+
+    def spy_bmm(a, b):
+        counted.append(2 * a.shape[0] * a.shape[1] * a.shape[2] * b.shape[2])
+        return bmm(a, b)
+
+    def spy_gram(P, *args, **kw):
+        t = -(-P.shape[1] // 128)
+        counted.append(t * (t + 1) / (2 * t * t) * 2 * P.shape[0] * P.shape[1] ** 2 * P.shape[2])
+        return gram(P, *args, **kw)
+    monkeypatch.setattr(torch, "bmm", spy_bmm)
+    monkeypatch.setattr(tri, "gram", spy_gram)
+    coeffs, f = ns_coefficients("jordan", steps)
+    tri.gram_newton_schulz(torch.randn(*shape), coeffs, f, 1e-7, torch.float32)
+    assert sum(counted) == pytest.approx(ns_flops_gram_ns([shape], steps))
