@@ -44,14 +44,22 @@ VARIANTS = ("adamw", "muon", "muon-overlap", "muon-torch", "muon-fused-cublas", 
             "muon-gram-ns", "muon-pe", "muon-normuon", "muon-per-matrix")
 
 
+def _stack_dims(shape: tuple[int, ...], tile: int = 128) -> tuple[int, int, int, float]:
+    """(matrices in the stack, d = min dim, D = max dim, the fraction of a d x d product's
+    tile-x-tile tiles on and above the diagonal: T(T+1)/2 of T², T = ceil(d / tile))."""
+    d, D = sorted(shape[-2:])
+    batch = 1
+    for x in shape[:-2]:
+        batch *= x
+    t = -(-d // tile)
+    return batch, d, D, t * (t + 1) / (2 * t * t)
+
+
 def ns_flops(shapes: list[tuple[int, ...]], steps: int) -> float:
     """FLOPs of `steps` Newton–Schulz iterations over matrices (stacks) of these shapes."""
     total = 0.0
     for s in shapes:
-        m, n = sorted(s[-2:])
-        batch = 1
-        for d in s[:-2]:
-            batch *= d
+        batch, m, n, _ = _stack_dims(s)
         total += batch * steps * (4 * m * m * n + 2 * m ** 3)
     return total
 
@@ -61,12 +69,7 @@ def ns_flops_symmetric(shapes: list[tuple[int, ...]], steps: int, tile: int = 12
     tiles on and above the diagonal of T² (T = ceil(m / tile)), B X in full."""
     total = 0.0
     for s in shapes:
-        m, n = sorted(s[-2:])
-        t = -(-m // tile)
-        frac = t * (t + 1) / (2 * t * t)
-        batch = 1
-        for d in s[:-2]:
-            batch *= d
+        batch, m, n, frac = _stack_dims(s, tile)
         total += batch * steps * (frac * (2 * m * m * n + 2 * m ** 3) + 2 * m * m * n)
     return total
 
@@ -79,14 +82,9 @@ def ns_flops_gram_ns(shapes: list[tuple[int, ...]], steps: int, tile: int = 128)
     from deepwish.kernels.muon.triton import GRAM_NS_RESTART
 
     total = 0.0
+    restart = steps > GRAM_NS_RESTART + 1
     for s in shapes:
-        d, D = sorted(s[-2:])
-        t = -(-d // tile)
-        frac = t * (t + 1) / (2 * t * t)
-        batch = 1
-        for x in s[:-2]:
-            batch *= x
-        restart = steps > GRAM_NS_RESTART + 1
+        batch, d, D, frac = _stack_dims(s, tile)
         grams = (1 + restart) * frac * 2 * d * d * D + steps * frac * 2 * d ** 3
         products = (1 + restart) * 2 * d * d * D + (steps - 1 - restart) * 2 * d ** 3 + (steps - 1) * 4 * d ** 3
         total += batch * (grams + products)
