@@ -75,18 +75,19 @@ def ns_flops_symmetric(shapes: list[tuple[int, ...]], steps: int, tile: int = 12
 
 
 def ns_flops_gram_ns(shapes: list[tuple[int, ...]], steps: int, tile: int = 128) -> float:
-    """FLOPs of kernels/muon/triton.py gram_newton_schulz for the same iterations (d <= D): the Gram
-    products X Xᵀ (at the start and at the restart) and b R + c R² on the symmetric tiles only;
-    Q X (restart, result) in full; per iteration Q P (not the first, nor the one after the restart)
-    and P (R P) (not the last) in full."""
+    """FLOPs of kernels/muon/triton.py gram_newton_schulz for the same iterations (d <= D), on the
+    symmetric tiles only: X Xᵀ (at the start and at the restart), per iteration b R + c R², Q P (not
+    the first, nor the one after the restart) and R P, P (R P) (not the last); in full: Q X (at the
+    restart and for the result)."""
     from deepwish.kernels.muon.triton import GRAM_NS_RESTART
 
     total = 0.0
     restart = steps > GRAM_NS_RESTART + 1
     for s in shapes:
         batch, d, D, frac = _stack_dims(s, tile)
-        grams = (1 + restart) * frac * 2 * d * d * D + steps * frac * 2 * d ** 3
-        products = (1 + restart) * 2 * d * d * D + (steps - 1 - restart) * 2 * d ** 3 + (steps - 1) * 4 * d ** 3
+        square = steps + (steps - 1 - restart) + 2 * (steps - 1)  # d x d products, all symmetric
+        grams = (1 + restart) * frac * 2 * d * d * D + square * frac * 2 * d ** 3
+        products = (1 + restart) * 2 * d * d * D
         total += batch * (grams + products)
     return total
 

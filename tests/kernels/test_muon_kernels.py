@@ -227,6 +227,7 @@ def test_gram_newton_schulz_is_the_same_iteration(rel_err, shape, steps):
     got = tri.newton_schulz(G, coeffs, f, 1e-7, torch.float32, kernels="gram_ns")
     assert got.shape == G.shape and got.dtype == G.dtype
     assert rel_err(want, got) < 1e-4
+    assert rel_err(ref.gram_newton_schulz(G, coeffs, f, 1e-7, torch.float32), got) < 1e-5
 
 
 def test_gram_newton_schulz_in_fp16_is_nearer_the_exact_iteration_than_bf16():
@@ -240,7 +241,8 @@ def test_gram_newton_schulz_in_fp16_is_nearer_the_exact_iteration_than_bf16():
     coeffs, f = ns_coefficients("jordan", 5)
     exact = newton_schulz(G.double(), steps=5, schedule="jordan", backend="torch")
     plain_bf16 = ref.newton_schulz(G, coeffs, f, 1e-7, torch.bfloat16)
-    gram_fp16 = tri.gram_newton_schulz(G, coeffs, f, 1e-7, torch.bfloat16)
+    # the reference's products accumulate in fp32 as the GPU's do (the interpreter's fp16 dots do not)
+    gram_fp16 = ref.gram_newton_schulz(G, coeffs, f, 1e-7, torch.bfloat16)
 
     def err(x):
         return float((x.double() - exact).norm() / exact.norm())
@@ -268,3 +270,17 @@ def test_gram_ns_flop_count_follows_its_calls(monkeypatch, shape, steps):
     coeffs, f = ns_coefficients("jordan", steps)
     tri.gram_newton_schulz(torch.randn(*shape), coeffs, f, 1e-7, torch.float32)
     assert sum(counted) == pytest.approx(ns_flops_gram_ns([shape], steps))
+
+
+def test_gram_with_a_second_operand_is_the_symmetric_product():
+    """gram(P, other=O) = P Oᵀ on the upper tiles, mirrored: exact for commuting symmetric P, O
+    (polynomials in one symmetric matrix), several 16-tiles per matrix, a batch of two."""
+    S = torch.randn(2, 40, 40)
+    S = S + S.mT
+    P, O = S @ S + 0.5 * S, S @ S @ S - S
+    got = tri.gram(P, other=O, meta={"BLOCK": 16, "BLOCK_K": 16})
+    assert float((got - P @ O).norm() / (P @ O).norm()) < 1e-6
+    assert float((got - got.mT).norm() / got.norm()) < 1e-6  # mirrored tiles; diagonal tiles computed whole
+    torch.testing.assert_close(ref.gram(P, other=O), got, rtol=0, atol=1e-6 * float(got.abs().max()))
+    with pytest.raises(ValueError, match="other"):
+        tri.gram(P, other=O[:, :8])

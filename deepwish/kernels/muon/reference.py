@@ -38,16 +38,59 @@ def newton_schulz(G: torch.Tensor, coeffs, f: float, eps: float, dtype: torch.dt
 
 
 def gram(P: torch.Tensor, alpha: float = 1.0, beta: float = 0.0, Y: torch.Tensor | None = None,
-         scale: torch.Tensor | None = None, out_dtype: torch.dtype | None = None) -> torch.Tensor:
+         scale: torch.Tensor | None = None, out_dtype: torch.dtype | None = None,
+         other: torch.Tensor | None = None) -> torch.Tensor:
     """alpha · scale_i · P_i P_iᵀ + beta · Y_i for each i of P [N, M, K] (Y [N, M, M] symmetric,
-    scale [N] fp32); returned in `out_dtype` (P's by default)."""
+    scale [N] fp32); returned in `out_dtype` (P's by default). other [N, M, K]: P_i otherᵢᵀ instead,
+    for products the caller knows to be symmetric, made exactly so from the upper triangle as the
+    kernel makes it from its upper tiles (the rounding of a product of two operands is not symmetric,
+    and the Gram recurrence drifts when it is kept)."""
     P32 = P.float()
-    C = alpha * (P32 @ P32.mT)
+    C = alpha * (P32 @ (P32 if other is None else other.float()).mT)
+    if other is not None:
+        C = torch.triu(C) + torch.triu(C, 1).mT
     if scale is not None:
         C = C * scale.float().view(-1, 1, 1)
     if Y is not None:
         C = C + beta * Y.float()
     return C.to(out_dtype or P.dtype)
+
+
+def gram_newton_schulz(G: torch.Tensor, coeffs, f: float, eps: float, dtype: torch.dtype,
+                       sumsq: torch.Tensor | None = None, restart: int = 2, gram=gram) -> torch.Tensor:
+    """The same iteration carried on the Gram matrix (Zhang, Amsel, Chen, Dao 2026, "Gram
+    Newton–Schulz"). With X wide (d x D, d <= D) every iterate is X_k = Q_k X_0, Q_k a polynomial in
+    R_0 = X_0 X_0ᵀ, so the d x D products are needed only to form R_0 and the result: per iteration
+        P = a I + b R + c R²,   Q <- Q P,   R <- P R P,
+    d x d products that are all symmetric (Q, R and P are polynomials in one symmetric matrix, so
+    they commute): `gram` (this module's, or triton.py's kernel computing the upper tiles only) with
+    `other` for the products of two. Before iteration `restart` (with more iterations than that
+    plus one) it starts again from X <- Q X_0, R <- X Xᵀ, Q <- I: without it the d x d recurrences
+    drift in half precision. Half-precision operands are fp16 (its 11-bit mantissa: the recurrence
+    in bf16 lands further from the exact iteration than the plain iteration in bf16; in fp16 nearer,
+    tests/kernels/test_muon_kernels.py); X_0 is normalised, so X, R and P stay well inside fp16's
+    range. Per matrix this trades 2·k·d²·D FLOPs of updates for 4·d²·D (the restart and the result)
+    plus ~4·k·d³: a gain when D is several times d (Qwen3's gate/up [6144, 1024])."""
+    half = torch.float32 if dtype == torch.float32 else torch.float16
+    m, n = G.shape[-2:]
+    G3 = G.reshape(-1, m, n)
+    norm = sumsq.float().sqrt() if sumsq is not None else torch.linalg.vector_norm(G3.float(), dim=(-2, -1))
+    X = (G3 * (1.0 / (norm * f + eps)).view(-1, 1, 1)).to(half)
+    Xw = X.mT if m > n else X  # wide: d x D, d <= D
+    R = gram(Xw)
+    Q = None
+    for k, (a, b, c) in enumerate(coeffs):
+        if k == restart and len(coeffs) > restart + 1:
+            Xw = torch.bmm(Q, Xw)
+            R = gram(Xw)
+            Q = None
+        P = gram(R, alpha=c, beta=b, Y=R)  # b R + c R Rᵀ
+        P.diagonal(dim1=-2, dim2=-1).add_(a)
+        Q = P if Q is None else gram(Q, other=P)
+        if k < len(coeffs) - 1:
+            R = gram(P, other=gram(R, other=P))  # P (R P)
+    O = torch.bmm(Q, Xw)
+    return (O.mT if m > n else O).reshape(G.shape).to(G.dtype)
 
 
 def ns_update(L: torch.Tensor, R: torch.Tensor, Y: torch.Tensor, a: float,

@@ -64,12 +64,14 @@ def _tile_product(a_ptrs, b_ptrs, a_step, b_step, m_ok, n_ok, rk, K, BLOCK_M: tl
 
 
 @triton.jit
-def _gram_kernel(p_ptr, y_ptr, c_ptr, scale_ptr, M, K,
-                 s_pb, s_pm, s_pk, s_yb, s_ym, s_yn, s_cb, s_cm, s_cn, alpha, beta,
+def _gram_kernel(p_ptr, o_ptr, y_ptr, c_ptr, scale_ptr, M, K,
+                 s_pb, s_pm, s_pk, s_ob, s_om, s_ok, s_yb, s_ym, s_yn, s_cb, s_cm, s_cn, alpha, beta,
                  HAS_Y: tl.constexpr, HAS_SCALE: tl.constexpr, IEEE: tl.constexpr, EVEN: tl.constexpr,
                  BLOCK: tl.constexpr, BLOCK_K: tl.constexpr):
-    """C_b = alpha·scale_b·P_b P_bᵀ + beta·Y_b for the tile (ti, tj), ti <= tj, of program 0's index;
-    the tile is stored at (ti, tj) and, off the diagonal, transposed at (tj, ti). Y must be symmetric."""
+    """C_b = alpha·scale_b·P_b O_bᵀ + beta·Y_b for the tile (ti, tj), ti <= tj, of program 0's index;
+    the tile is stored at (ti, tj) and, off the diagonal, transposed at (tj, ti). O is P itself (a
+    Gram product) or a second operand whose product with P the caller knows to be symmetric; Y must
+    be symmetric."""
     T = tl.cdiv(M, BLOCK)
     # Upper-triangle tiles, counted from the last row: row T-1-r holds r+1 tiles, rows below
     # it hold r(r+1)/2. q < T(T+1)/2 <= ~10^4, so the fp32 sqrt is exact enough for the floor;
@@ -84,12 +86,11 @@ def _gram_kernel(p_ptr, y_ptr, c_ptr, scale_ptr, M, K,
     rm = ti * BLOCK + tl.arange(0, BLOCK)
     rn = tj * BLOCK + tl.arange(0, BLOCK)
     rk = tl.arange(0, BLOCK_K)
-    p_b = p_ptr + b * s_pb
-    a_ptrs = p_b + rm[:, None] * s_pm + rk[None, :] * s_pk   # P[rm, k]   [BLOCK, BLOCK_K]
-    bt_ptrs = p_b + rn[None, :] * s_pm + rk[:, None] * s_pk  # P[rn, k]ᵀ  [BLOCK_K, BLOCK]
+    a_ptrs = p_ptr + b * s_pb + rm[:, None] * s_pm + rk[None, :] * s_pk   # P[rm, k]   [BLOCK, BLOCK_K]
+    bt_ptrs = o_ptr + b * s_ob + rn[None, :] * s_om + rk[:, None] * s_ok  # O[rn, k]ᵀ  [BLOCK_K, BLOCK]
     m_ok = rm < M
     n_ok = rn < M
-    acc = _tile_product(a_ptrs, bt_ptrs, BLOCK_K * s_pk, BLOCK_K * s_pk, m_ok, n_ok, rk, K, BLOCK, BLOCK, BLOCK_K,
+    acc = _tile_product(a_ptrs, bt_ptrs, BLOCK_K * s_pk, BLOCK_K * s_ok, m_ok, n_ok, rk, K, BLOCK, BLOCK, BLOCK_K,
                         EVEN, IEEE)
     acc = acc * alpha
     if HAS_SCALE:
@@ -208,7 +209,7 @@ _update_even = triton.heuristics({"EVEN": lambda a: a["M"] % a["BLOCK_M"] == 0 a
                                   and a["K"] % a["BLOCK_K"] == 0})(_update_kernel)
 # Autotuned kernels write only their output (never an input), so trial launches are safe. The
 # strides that may be 1 are in the keys: a transposed operand is a different compiled kernel.
-_gram_tuned = triton.autotune(configs=_GRAM_CONFIGS, key=["M", "K", "s_pm", "s_pk"])(_gram_even)
+_gram_tuned = triton.autotune(configs=_GRAM_CONFIGS, key=["M", "K", "s_pm", "s_pk", "s_om", "s_ok"])(_gram_even)
 _update_tuned = triton.autotune(configs=_UPDATE_CONFIGS, key=["M", "N", "K", "s_lm", "s_lk", "s_rk", "s_rn"])(_update_even)
 
 
@@ -226,19 +227,26 @@ def _check_stack(name: str, t: torch.Tensor, ndim: int = 3) -> None:
 
 
 def gram(P: torch.Tensor, alpha: float = 1.0, beta: float = 0.0, Y: torch.Tensor | None = None,
-         scale: torch.Tensor | None = None, out: torch.Tensor | None = None, meta: dict | None = None) -> torch.Tensor:
+         scale: torch.Tensor | None = None, out: torch.Tensor | None = None, meta: dict | None = None,
+         other: torch.Tensor | None = None) -> torch.Tensor:
     """alpha·scale_i·P_i P_iᵀ + beta·Y_i (reference.gram) for P [N, M, K] of any strides; Y [N, M, M]
-    symmetric; scale [N] fp32. `out` [N, M, M] (P's dtype by default) must not alias P or Y."""
+    symmetric; scale [N] fp32. `out` [N, M, M] (P's dtype by default) must not alias P or Y.
+    other [N, M, K]: P_i otherᵀ_i instead of P_i P_iᵀ, for products the caller knows are symmetric
+    (e.g. of two commuting symmetric matrices: P other = P otherᵀ), still on the upper tiles only."""
     _check_stack("P", P)
     Nb, M, K = P.shape
+    O = P if other is None else other
+    if O.shape != P.shape or O.dtype != P.dtype:
+        raise ValueError(f"gram: other of shape {tuple(O.shape)}, {O.dtype} for P of shape {tuple(P.shape)}, {P.dtype}")
     if out is None:
         out = torch.empty(Nb, M, M, device=P.device, dtype=P.dtype)
     if Y is not None and Y.shape != (Nb, M, M):
         raise ValueError(f"gram: Y of shape {tuple(Y.shape)} for P of shape {tuple(P.shape)}")
     y = Y if Y is not None else out
     sc = scale if scale is not None else _dummy(P.device, torch.float32)  # one dtype: one autotuning key
-    args = dict(p_ptr=P, y_ptr=y, c_ptr=out, scale_ptr=sc, M=M, K=K,
+    args = dict(p_ptr=P, o_ptr=O, y_ptr=y, c_ptr=out, scale_ptr=sc, M=M, K=K,
                 s_pb=P.stride(0), s_pm=P.stride(1), s_pk=P.stride(2),
+                s_ob=O.stride(0), s_om=O.stride(1), s_ok=O.stride(2),
                 s_yb=y.stride(0), s_ym=y.stride(1), s_yn=y.stride(2),
                 s_cb=out.stride(0), s_cm=out.stride(1), s_cn=out.stride(2), alpha=float(alpha), beta=float(beta),
                 HAS_Y=Y is not None, HAS_SCALE=scale is not None, IEEE=P.dtype == torch.float32)
@@ -424,44 +432,20 @@ def newton_schulz(G: torch.Tensor, coeffs, f: float, eps: float, dtype: torch.dt
     return None if apply is not None else X.reshape(G.shape).to(G.dtype)
 
 
-GRAM_NS_RESTART = 2  # the iteration before which gram_newton_schulz restarts from X (with 4+ iterations)
+GRAM_NS_RESTART = 2  # the iteration before which the Gram form restarts from X (with 4+ iterations)
 
 
 def gram_newton_schulz(G: torch.Tensor, coeffs, f: float, eps: float, dtype: torch.dtype,
                        sumsq: torch.Tensor | None = None, meta: dict | None = None) -> torch.Tensor:
-    """The same iteration on the Gram matrix (Zhang, Amsel, Chen, Dao 2026, "Gram Newton–Schulz").
-    With X wide (d x D, d <= D) every iterate is X_k = Q_k X_0 where Q_k is a polynomial in
-    R_0 = X_0 X_0ᵀ, so the d x D products are needed only to form R_0 and the result: per
-    iteration P = a I + b R + c R² (one symmetric `gram` call), Q <- Q P, R <- P R P (three d x d
-    batched matmuls, cuBLAS). Before iteration GRAM_NS_RESTART it restarts (X <- Q X_0,
-    R <- X Xᵀ, Q <- I): without it the d x d recurrences drift in half precision. Per matrix
-    that trades 2·k·d²·D FLOPs of updates for 4·d²·D (restart and result) plus ~3·k·d³: a gain
-    when D is several times d (Qwen3's gate/up [6144, 1024]), a loss for square ones, hence one
-    of `pick_ns_kernels`' timed choices. Half-precision operands are fp16 (its 11-bit mantissa:
-    the Gram recurrence in bf16 lands ~4x further from the exact iteration than the plain
-    iteration in bf16 does; in fp16 it is ~2x nearer, measured on log-uniform spectra); X_0 is
-    normalised, so every entry of X, R and P stays far inside fp16's range."""
-    half = torch.float32 if dtype == torch.float32 else torch.float16
-    m, n = G.shape[-2:]
-    G3 = G.reshape(-1, m, n)
-    norm = sumsq.float().sqrt() if sumsq is not None else torch.linalg.vector_norm(G3.float(), dim=(-2, -1))
-    X = (G3 * (1.0 / (norm * f + eps)).view(-1, 1, 1)).to(half)
-    Xw = X.mT if m > n else X  # wide: d x D, d <= D
+    """reference.gram_newton_schulz (read it: the iteration, its precision, its FLOPs) with every
+    d x d product and X Xᵀ on the `gram` kernel's upper tiles; the d x D products Q X via cuBLAS."""
+    from deepwish.kernels.muon import reference
+
     gm = (meta or {}).get("gram")
-    R = gram(Xw, meta=gm)
-    Q = None
-    for k, (a, b, c) in enumerate(coeffs):
-        if k == GRAM_NS_RESTART and len(coeffs) > GRAM_NS_RESTART + 1:
-            Xw = torch.bmm(Q, Xw)
-            R = gram(Xw, meta=gm)
-            Q = None
-        P = gram(R, alpha=c, beta=b, Y=R, meta=gm)  # b R + c R Rᵀ (R symmetric)
-        P.diagonal(dim1=-2, dim2=-1).add_(a)
-        Q = P if Q is None else torch.bmm(Q, P)
-        if k < len(coeffs) - 1:
-            R = torch.bmm(P, torch.bmm(R, P))
-    O = torch.bmm(Q, Xw)
-    return (O.mT if m > n else O).reshape(G.shape).to(G.dtype)
+
+    def sym(P, alpha=1.0, beta=0.0, Y=None, other=None):
+        return gram(P, alpha=alpha, beta=beta, Y=Y, other=other, meta=gm)
+    return reference.gram_newton_schulz(G, coeffs, f, eps, dtype, sumsq, restart=GRAM_NS_RESTART, gram=sym)
 
 
 def _apply_or_return(O: torch.Tensor, apply) -> torch.Tensor | None:
