@@ -65,3 +65,22 @@ def test_muon_step_triton_matches_torch_on_gpu(cuda, monkeypatch, kernels):
     for x, y, z in zip(a, b, x0):
         d = (x.detach() - y.detach()).norm() / (x.detach() - z).norm()  # relative to the update itself
         assert d < 3e-2, (tuple(x.shape), float(d))
+
+
+def test_warm_up_leaves_no_timing_to_the_first_step(cuda, monkeypatch):
+    """Muon.warm_up (train.compile_warmup) times the Newton–Schulz choice of every shape bucket on
+    scratch tensors; the first real step then picks nothing new, and it still updates."""
+    monkeypatch.setattr(tri, "_PICKED", {})
+    shapes = [(256, 128), (128, 256), (256, 128), (4, 96, 160)]
+    ps = [nn.Parameter(torch.randn(s, device=cuda)) for s in shapes]
+    before = [p.detach().clone() for p in ps]
+    opt = Muon(ps, lr=0.05, backend="triton")
+    assert opt.warm_up() == 3 and not opt.state
+    picked = dict(tri._PICKED)
+    assert len(picked) == 3  # one timed choice per stack shape
+    for p, b in zip(ps, before):
+        assert torch.equal(p.detach(), b)
+        p.grad = torch.randn_like(p)
+    opt.step()
+    assert tri._PICKED == picked
+    assert all(not torch.equal(p.detach(), b) for p, b in zip(ps, before))
