@@ -79,7 +79,7 @@ def ns_flops_gram_ns(shapes: list[tuple[int, ...]], steps: int, tile: int = 128)
     symmetric tiles only: X Xᵀ (at the start and at the restart), per iteration b R + c R², Q P (not
     the first, nor the one after the restart) and R P, P (R P) (not the last); in full: Q X (at the
     restart and for the result)."""
-    from deepwish.kernels.muon.triton import GRAM_NS_RESTART
+    from deepwish.kernels.muon.reference import GRAM_NS_RESTART
 
     total = 0.0
     restart = steps > GRAM_NS_RESTART + 1

@@ -56,8 +56,11 @@ def gram(P: torch.Tensor, alpha: float = 1.0, beta: float = 0.0, Y: torch.Tensor
     return C.to(out_dtype or P.dtype)
 
 
+GRAM_NS_RESTART = 2  # the iteration before which the Gram form restarts from X (with 4+ iterations)
+
+
 def gram_newton_schulz(G: torch.Tensor, coeffs, f: float, eps: float, dtype: torch.dtype,
-                       sumsq: torch.Tensor | None = None, restart: int = 2, gram=gram) -> torch.Tensor:
+                       sumsq: torch.Tensor | None = None, restart: int = GRAM_NS_RESTART, gram=gram) -> torch.Tensor:
     """The same iteration carried on the Gram matrix (Zhang, Amsel, Chen, Dao 2026, "Gram
     Newton–Schulz"). With X wide (d x D, d <= D) every iterate is X_k = Q_k X_0, Q_k a polynomial in
     R_0 = X_0 X_0ᵀ, so the d x D products are needed only to form R_0 and the result: per iteration

@@ -432,9 +432,6 @@ def newton_schulz(G: torch.Tensor, coeffs, f: float, eps: float, dtype: torch.dt
     return None if apply is not None else X.reshape(G.shape).to(G.dtype)
 
 
-GRAM_NS_RESTART = 2  # the iteration before which the Gram form restarts from X (with 4+ iterations)
-
-
 def gram_newton_schulz(G: torch.Tensor, coeffs, f: float, eps: float, dtype: torch.dtype,
                        sumsq: torch.Tensor | None = None, meta: dict | None = None) -> torch.Tensor:
     """reference.gram_newton_schulz (read it: the iteration, its precision, its FLOPs) with every
@@ -445,7 +442,7 @@ def gram_newton_schulz(G: torch.Tensor, coeffs, f: float, eps: float, dtype: tor
 
     def sym(P, alpha=1.0, beta=0.0, Y=None, other=None):
         return gram(P, alpha=alpha, beta=beta, Y=Y, other=other, meta=gm)
-    return reference.gram_newton_schulz(G, coeffs, f, eps, dtype, sumsq, restart=GRAM_NS_RESTART, gram=sym)
+    return reference.gram_newton_schulz(G, coeffs, f, eps, dtype, sumsq, gram=sym)
 
 
 def _apply_or_return(O: torch.Tensor, apply) -> torch.Tensor | None:
