@@ -78,7 +78,8 @@ def gram_newton_schulz(G: torch.Tensor, coeffs, f: float, eps: float, dtype: tor
     m, n = G.shape[-2:]
     G3 = G.reshape(-1, m, n)
     norm = sumsq.float().sqrt() if sumsq is not None else torch.linalg.vector_norm(G3.float(), dim=(-2, -1))
-    X = (G3 * (1.0 / (norm * f + eps)).view(-1, 1, 1)).to(half)
+    X = torch.empty(G3.shape, dtype=half, device=G.device)
+    torch.mul(G3, (1.0 / (norm * f + eps)).view(-1, 1, 1), out=X)  # one pass, rounded once (no fp32 copy)
     Xw = X.mT if m > n else X  # wide: d x D, d <= D
     R = gram(Xw)
     Q = None
