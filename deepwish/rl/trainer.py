@@ -507,11 +507,13 @@ def _train(run: GRPORun) -> dict:
                          f" | rollout {m['rollout_tok_s']:,.0f} tok/s ({m['rollout_s']:.2f}s) | update {m['update_s']:.2f}s")
         saved = done % tc.save_every == 0 or done == tc.steps
         if saved:
-            run.last_ckpt = save_state(run, done)
+            with run.logger.paused():  # saves and held-out evaluations are not in the logged tok/s
+                run.last_ckpt = save_state(run, done)
         if (signum := rundir.stop_requested()) is not None:
             raise rundir.stopped(signum, done, run.last_ckpt if saved else save_state(run, done), run.run_dir)
         if done % g.eval_every == 0 or done == tc.steps:
-            heldout[done] = evaluate_heldout(run)
+            with run.logger.paused():
+                heldout[done] = evaluate_heldout(run)
             run.logger.eval(done, heldout[done])
     plot = plot_grpo(run.run_dir)
     run.logger.print(f"[deepwish] grpo: plot {plot}")

@@ -23,6 +23,7 @@ the progress line shows `ce` beside `loss` when they differ, and the plot draws 
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -131,8 +132,9 @@ class Logger:
         self.device = device
         self.log_every = max(1, log_every)
         self.peak_flops, self.peak_note = device_peak_flops(device)
-        self._times: deque[tuple[float, int]] = deque(maxlen=window + 1)  # (time, tokens so far)
+        self._times: deque[tuple[float, int]] = deque(maxlen=window + 1)  # (clock, tokens so far)
         self._tokens = 0
+        self._paused_s = 0.0  # seconds spent in `paused()` blocks: not on the training clock
         self._jsonl = open_appender(self.run_dir / "metrics.jsonl")
         self._tb = None
         self._mlflow = None
@@ -239,10 +241,24 @@ class Logger:
                                            global_step=step)
 
     # ---- per step ----------------------------------------------------------------------
+    def _clock(self) -> float:
+        """The training clock: wall time less what `paused()` blocks took."""
+        return time.perf_counter() - self._paused_s
+
+    @contextlib.contextmanager
+    def paused(self):
+        """Time spent inside (evaluation, checkpoint saves) is kept out of tok/s, MFU and the ETA's
+        step time: they report the training steps' rate, whatever the evaluation schedule."""
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self._paused_s += time.perf_counter() - t0
+
     def start(self, step: int) -> None:
         """Mark the clock at `step` (run start or resume) so tok/s excludes set-up time."""
         self._times.clear()
-        self._times.append((time.perf_counter(), self._tokens))
+        self._times.append((self._clock(), self._tokens))
         if self._bar is not None:
             self._bar.n = step
             self._bar.refresh()
@@ -250,8 +266,7 @@ class Logger:
     def step(self, step: int, tokens: int, metrics: dict[str, float]) -> dict[str, float] | None:
         """Record a finished optimizer step (1-based `step`); print/write every `log_every`."""
         self._tokens += tokens
-        now = time.perf_counter()
-        self._times.append((now, self._tokens))
+        self._times.append((self._clock(), self._tokens))
         if self._bar is not None:
             self._bar.update(1)
         if step % self.log_every and step != self.total_steps:

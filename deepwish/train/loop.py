@@ -573,11 +573,13 @@ def train_steps(run: Run) -> tuple[dict[int, float], dict[int, float]]:
         log_step(run, done, lr_f, result)
         saved = done % tc.save_every == 0 or done == total_steps(tc)
         if saved:
-            run.last_ckpt = save_state(run, done)
+            with run.logger.paused():  # saves and evaluations are not in the logged tok/s
+                run.last_ckpt = save_state(run, done)
         if (signum := rundir.stop_requested(run.d)) is not None:  # SIGINT/SIGTERM: this step is done
             raise rundir.stopped(signum, done, run.last_ckpt if saved else save_state(run, done), run.run_dir)
         if done % tc.eval_every == 0 or done == total_steps(tc):  # after the save, never before it
-            val_losses[done] = validation_loss(run)
+            with run.logger.paused():
+                val_losses[done] = validation_loss(run)
             run.logger.eval(done, {"val_loss": val_losses[done]})
     return train_losses, val_losses
 

@@ -40,6 +40,24 @@ def test_mfu_uses_the_peak(tmp_path, monkeypatch):
     assert rec["mfu"] == pytest.approx(rec["tok_s"] * 1e3 / 1e9)
 
 
+def test_paused_time_is_not_on_the_training_clock(tmp_path, monkeypatch):
+    """An evaluation (or save) between steps does not lower the logged tok/s."""
+    now = [100.0]
+    monkeypatch.setattr(L.time, "perf_counter", lambda: now[0])
+    lg = L.Logger(tmp_path, total_steps=3, flops_per_token=1.0, device=torch.device("cpu"), log_every=1,
+                  progress_bar=False)
+    lg.start(0)
+    now[0] += 2.0
+    assert lg.step(1, 1000, {"loss": 1.0, "lr": 1.0, "grad_norm": 1.0})["tok_s"] == pytest.approx(500.0)
+    with lg.paused():  # a 30-second evaluation
+        now[0] += 30.0
+    now[0] += 2.0
+    assert lg.step(2, 1000, {"loss": 1.0, "lr": 1.0, "grad_norm": 1.0})["tok_s"] == pytest.approx(500.0)
+    now[0] += 6.0  # a slower step does lower it: only paused time is left out
+    assert lg.step(3, 1000, {"loss": 1.0, "lr": 1.0, "grad_norm": 1.0})["tok_s"] == pytest.approx(300.0)
+    lg.close()
+
+
 @pytest.mark.parametrize("flag,module", [("tensorboard", "tensorboard"), ("mlflow", "mlflow")])
 def test_optional_integrations(tmp_path, flag, module, monkeypatch):
     # a user-chosen file store (MLflow 3 refuses those unless MLFLOW_ALLOW_FILE_STORE=true)
