@@ -30,6 +30,15 @@ def main(argv: list[str] | None = None) -> int:
     for _ in range(3):
         step()
     torch.cuda.synchronize()
+    # the step's wall time without the profiler, to set beside the kernels' time below: the
+    # difference is time the GPU waits on the host
+    t0, t1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    t0.record()
+    for _ in range(args.steps):
+        step()
+    t1.record()
+    torch.cuda.synchronize()
+    wall_ms = t0.elapsed_time(t1) / args.steps
     acts = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
     with torch.profiler.profile(activities=acts) as prof:
         for _ in range(args.steps):
@@ -37,6 +46,11 @@ def main(argv: list[str] | None = None) -> int:
         torch.cuda.synchronize()
     print(f"== {args.preset} {args.variant} b{args.batch} s{args.seq}: top kernels by device time over {args.steps} steps")
     print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=args.rows, max_name_column_width=70))
+    # each kernel's time counted once, under the host-side op that launched it (the table's total)
+    kernel_ms = sum(e.self_device_time_total for e in prof.key_averages()
+                    if e.device_type == torch.autograd.DeviceType.CPU) / 1e3 / args.steps  # us -> ms
+    print(f"== per step: wall {wall_ms:.2f} ms (unprofiled), kernels {kernel_ms:.2f} ms "
+          f"({100 * kernel_ms / wall_ms:.0f}% of the wall time)")
     if args.out:
         from pathlib import Path
         Path(args.out).mkdir(parents=True, exist_ok=True)

@@ -38,29 +38,36 @@ import triton.language as tl
 from deepwish.kernels.linear_cross_entropy.reference import (check_lce_inputs, check_target_values,
                                                               reduce_loss)
 
-# One program per row, 32 warps (~55 registers/thread on sm_90: one program per SM), so only ~132
-# rows are in flight. The earlier 16-warp kernel took 0.65 ms per 2048-row chunk on an H100:
-# 1.9 TB/s over the minimal bytes (read + write each logit), or the 2.97 TB/s copy ceiling if
-# every row is read twice from DRAM (lse pass, then gradient pass); what is left to gain is L2
-# reuse between the two passes. The gradient pass walks the row backwards, so its first
-# blocks are the lse pass's last (the most recently cached), and few rows in flight keep that
-# reuse distance short.
-ROW_BLOCK_V = 16384
-ROW_WARPS = 32
+# One program per row; each thread holds 8 consecutive logits of a block (16-byte bf16 loads).
+# Measured on one H200 (torch 2.11, triton 3.6; chunks of 2048 rows, lse + gradient passes, bf16):
+#   V = 50,304 (GPT presets): 4096 columns x 16 warps 162 us (2.55 TB/s over the minimal bytes, one
+#     read and one write per logit); the earlier 16384 x 32 227 us: a 16384 block leaves 23% of the
+#     lanes of the last block idle and allows one program per SM; with the 15.0 soft-cap 268 us vs 408;
+#   V = 151,936 (Qwen3): 8192 x 32 476 us (2.61 TB/s), 4096 x 16 490, 16384 x 32 553.
+# The gradient pass walks the row backwards, so its first blocks are the lse pass's last (the most
+# recently cached in L2).
+def row_block(V: int) -> tuple[int, int]:
+    """(columns a row program loads per iteration, its warps): 8 logits per thread."""
+    bv = min(4096 if V <= 65536 else 8192, triton.next_power_of_2(V))
+    return bv, max(1, bv // 256)
+
+
 MIN_CHUNK_ROWS, MAX_CHUNK_ROWS = 128, 2048
 
 
 @triton.jit
 def _tanh(x):
-    # exp-based tanh (the interpreter has no libdevice); absolute error ~1e-7.
+    # exp-based tanh (the interpreter has no libdevice); absolute error ~1e-7. The quotient is the
+    # 2-ulp approximate division: an IEEE-rounded fp32 division is a ~10-instruction sequence, and
+    # with two of them per logit per pass the soft-capped row kernel was bound by them, not by memory.
     e = tl.exp(-2.0 * tl.abs(x))
-    r = (1.0 - e) / (1.0 + e)
+    r = tl.fdiv(1.0 - e, 1.0 + e, ieee_rounding=False)
     return tl.where(x < 0, -r, r)
 
 
 @triton.jit
 def _ce_rows_kernel(logits_ptr, grad_ptr, targets_ptr, lse_ptr, target_logit_ptr, g_loss_ptr, g_lp_ptr,
-                    V, stride_logits, stride_grad, z_loss, softcap,
+                    V, stride_logits, stride_grad, z_loss, softcap, inv_softcap,
                     HAS_SOFTCAP: tl.constexpr, COMPUTE_LSE: tl.constexpr, WRITE_GRAD: tl.constexpr,
                     BV: tl.constexpr):
     """One program per row of the chunk. COMPUTE_LSE: online log-sum-exp and target logit.
@@ -83,7 +90,7 @@ def _ce_rows_kernel(logits_ptr, grad_ptr, targets_ptr, lse_ptr, target_logit_ptr
             ok = cols < V
             x = tl.load(logits_row + cols, mask=ok, other=0.0).to(tl.float32)
             if HAS_SOFTCAP:
-                x = softcap * _tanh(x / softcap)
+                x = softcap * _tanh(x * inv_softcap)
             e = tl.exp(-tl.abs(x - m))
             up = x > m
             s = tl.where(ok, tl.where(up, s * e + 1.0, s + e), s)
@@ -96,7 +103,7 @@ def _ce_rows_kernel(logits_ptr, grad_ptr, targets_ptr, lse_ptr, target_logit_ptr
         t_ok = (target >= 0) & (target < V)
         t_x = tl.load(logits_row + tl.where(t_ok, target, 0), mask=t_ok, other=0.0).to(tl.float32)
         if HAS_SOFTCAP:
-            t_x = softcap * _tanh(t_x / softcap)
+            t_x = softcap * _tanh(t_x * inv_softcap)
         tl.store(target_logit_ptr + row, tl.where(t_ok, t_x, 0.0))
     else:
         lse = tl.load(lse_ptr + row)
@@ -113,10 +120,10 @@ def _ce_rows_kernel(logits_ptr, grad_ptr, targets_ptr, lse_ptr, target_logit_ptr
             ok = cols < V
             x = tl.load(logits_row + cols, mask=ok, other=0.0).to(tl.float32)
             if HAS_SOFTCAP:
-                x = softcap * _tanh(x / softcap)
+                x = softcap * _tanh(x * inv_softcap)
             g = coef_p * tl.exp(x - lse) - tl.where(cols == target, coef_t, 0.0)
             if HAS_SOFTCAP:
-                g = g * (1.0 - (x / softcap) * (x / softcap))
+                g = g * (1.0 - (x * inv_softcap) * (x * inv_softcap))
             # Each element is read and then written by the same lane, so in place is safe.
             tl.store(grad_row + cols, g.to(grad_ptr.dtype.element_ty), mask=ok)
 
@@ -146,14 +153,15 @@ def _launch_rows(logits, grad, targets_c, lse_c, target_logit_c, g_loss_c, g_lp_
     if n == 0:
         return
     dummy = lse_c
+    bv, warps = row_block(V)
     _ce_rows_kernel[(n,)](
         logits, grad if grad is not None else logits, targets_c, lse_c,
         target_logit_c if target_logit_c is not None else dummy,
         g_loss_c if g_loss_c is not None else dummy, g_lp_c if g_lp_c is not None else dummy,
         V, logits.stride(0), grad.stride(0) if grad is not None else 0,
-        float(z_loss), float(softcap) if softcap is not None else 1.0,
+        float(z_loss), float(softcap) if softcap is not None else 1.0, 1.0 / float(softcap) if softcap else 1.0,
         HAS_SOFTCAP=softcap is not None, COMPUTE_LSE=compute_lse, WRITE_GRAD=write_grad,
-        BV=min(ROW_BLOCK_V, triton.next_power_of_2(V)), num_warps=ROW_WARPS)
+        BV=bv, num_warps=warps)
 
 
 def _chunked_pass(h, weight, targets, lse, target_logit, g_loss, g_lp, z_loss, softcap,
