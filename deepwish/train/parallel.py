@@ -294,6 +294,9 @@ class NullLogger:
     def start(self, step: int) -> None:
         pass
 
+    def paused(self):
+        return contextlib.nullcontext()
+
     def step(self, step: int, tokens: int, metrics: dict) -> None:
         return None
 
