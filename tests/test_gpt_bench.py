@@ -66,6 +66,26 @@ def test_ablate_cli_two_seeds(tmp_path, capsys):
     assert (out / "ablate.png").stat().st_size > 1000
     assert main(["bench", "ablate", "--out", str(out), "--off", "nonsense"]) == 2
     assert "unknown technique(s) nonsense" in capsys.readouterr().err
+    # the same command again (a call cut short, taken up): finished runs are read back, a run without
+    # its final record is resumed from its checkpoint, and the summary is the same
+    metrics = out / "seed1" / "value_embeds" / "metrics.jsonl"
+    kept = [x for x in metrics.read_text().splitlines() if json.loads(x)["kind"] != "final"]
+    metrics.write_text("\n".join(kept) + "\n")
+    capsys.readouterr()
+    assert main(["bench", "ablate", "--out", str(out), "--preset", "gpt_tiny", "--off", "value_embeds",
+                 "--seeds", "2", "--steps", "2", *TINY]) == 0
+    assert capsys.readouterr().out.count("finished in an earlier call") == 3
+    again = json.loads((out / "ablate.json").read_text())
+    assert again["off"] == r["off"] and again["full"] == r["full"]
+    import shutil
+    shutil.rmtree(out / "seed1" / "value_embeds" / "checkpoints")
+    (out / "seed1" / "value_embeds" / "metrics.jsonl").write_text("\n".join(kept) + "\n")
+    assert main(["bench", "ablate", "--out", str(out), "--preset", "gpt_tiny", "--off", "value_embeds",
+                 "--seeds", "2", "--steps", "2", *TINY]) == 2
+    assert "unfinished run without a checkpoint" in capsys.readouterr().err
+    assert main(["bench", "ablate", "--out", str(out), "--preset", "gpt_tiny", "--off", "value_embeds",
+                 "--seeds", "2", "--steps", "3", *TINY]) == 2
+    assert "holds a run with other settings (train.save_every, train.steps)" in capsys.readouterr().err
     # a later call of a split ablation takes the full model's runs from this one, when they match
     from deepwish.bench.ablate import reuse_full
     from deepwish.bench.speedrun import run_curves

@@ -14,7 +14,9 @@ final loss beside it (a Δ inside that spread is not measured), Δ against token
 (mean line, min..max band), DIR/ablate.json and DIR/ablate.md. An ablation too long for one
 sitting is split by technique: the first call trains the full model too, later ones take its runs
 with `--full-from FIRST_OUT` (checked to be the same settings, data and corpus fingerprint);
-`--off none` trains the full model alone.
+`--off none` trains the full model alone. A call cut short (a time limit's SIGTERM) is taken up
+by the same command: runs that finished in --out are read back (checked to be the same settings),
+a run stopped with a checkpoint is resumed, the rest are trained.
 
 Techniques (--off; each is one `--set` away from the full preset, the neutral value of the switch):
 """
@@ -53,23 +55,38 @@ def variant_config(preset: str, out_dir: Path, sets: list[str]):
 
 
 def train_variant(preset: str, out_dir: Path, sets: list[str]) -> dict:
+    """One run's curves: read back when an earlier call finished it in `out_dir`, resumed from its
+    checkpoint when one was stopped there, trained otherwise."""
+    from deepwish.config import ConfigError
     from deepwish.train import loop
+    from deepwish.train.checkpoint import list_checkpoints
 
+    if (out_dir / "config.json").is_file():
+        if diff := settings_diff(out_dir, preset, sets):
+            raise ConfigError(f"{out_dir}: holds a run with other settings ({', '.join(diff)}); give another --out")
+        if finished(out_dir):
+            print(f"[deepwish] ablate: {out_dir} finished in an earlier call; its curves are read back", flush=True)
+            return run_curves(out_dir)
+        if list_checkpoints(out_dir):
+            loop.train(variant_config(preset, out_dir, sets), resume=True, progress_bar=False)
+            return run_curves(out_dir)
+        raise ConfigError(f"{out_dir}: an unfinished run without a checkpoint; remove it to train it again")
     loop.train(variant_config(preset, out_dir, sets), progress_bar=False)
     return run_curves(out_dir)
 
 
-def reuse_full(full_from: Path, preset: str, sets: list[str], seed: int, note: dict) -> dict:
-    """The full model's curves for `seed` from an earlier `bench ablate` output (--full-from DIR:
-    DIR/seed<s>/full/{config.json,metrics.jsonl} and DIR/ablate.json), after checking that it trained
-    what this call would (the model and train settings, out_dir aside; the data files; and the
-    corpus fingerprint when both calls name one). A mismatch is one error naming the settings."""
-    from deepwish.config import ConfigError, to_dict
+def finished(run: Path) -> bool:
+    """The trainer's last record (`final`) is in the run's metrics.jsonl."""
+    path = run / "metrics.jsonl"
+    return path.is_file() and any(json.loads(line).get("kind") == "final" for line in path.read_text().splitlines()
+                                  if line.strip())
 
-    run = Path(full_from) / f"seed{seed}" / "full"
-    if not (run / "config.json").is_file() or not (run / "metrics.jsonl").is_file():
-        raise ConfigError(f"--full-from {full_from}: no {run}/config.json and metrics.jsonl (the output of an "
-                          f"earlier `bench ablate` with --seeds > {seed})")
+
+def settings_diff(run: Path, preset: str, sets: list[str]) -> list[str]:
+    """What the run saved in run/config.json trained differently from what `sets` would (the model
+    and train settings, out_dir aside; the data files by name)."""
+    from deepwish.config import to_dict
+
     saved = json.loads((run / "config.json").read_text())
     want = json.loads(json.dumps(to_dict(variant_config(preset, run, sets))))
     diff = [f"train.{k}" for k in sorted(set(saved["train"]) | set(want["train"]))
@@ -78,6 +95,21 @@ def reuse_full(full_from: Path, preset: str, sets: list[str], seed: int, note: d
              if saved["model"].get(k) != want["model"].get(k) and not (k == "vocab_size" and not want["data"]["train_bin"])]
     diff += [f"data.{k}" for k in ("train_bin", "val_bin")
              if (Path(saved["data"][k]).name if saved["data"][k] else "") != (Path(want["data"][k]).name if want["data"][k] else "")]
+    return diff
+
+
+def reuse_full(full_from: Path, preset: str, sets: list[str], seed: int, note: dict) -> dict:
+    """The full model's curves for `seed` from an earlier `bench ablate` output (--full-from DIR:
+    DIR/seed<s>/full/{config.json,metrics.jsonl} and DIR/ablate.json), after checking that it trained
+    what this call would (`settings_diff`; and the corpus fingerprint when both calls name one). A
+    mismatch is one error naming the settings."""
+    from deepwish.config import ConfigError
+
+    run = Path(full_from) / f"seed{seed}" / "full"
+    if not (run / "config.json").is_file() or not (run / "metrics.jsonl").is_file():
+        raise ConfigError(f"--full-from {full_from}: no {run}/config.json and metrics.jsonl (the output of an "
+                          f"earlier `bench ablate` with --seeds > {seed})")
+    diff = settings_diff(run, preset, sets)
     earlier = Path(full_from) / "ablate.json"
     fp = json.loads(earlier.read_text()).get("data", {}).get("fingerprint") if earlier.is_file() else None
     if fp and note.get("fingerprint") and fp != note["fingerprint"]:
