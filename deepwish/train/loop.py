@@ -487,9 +487,16 @@ def optimizer_step(run: Run, step: int, micro: list) -> StepResult:
     n_global = max(n_counted, 1)
     ce, z, aux, loads = forward_backward(run, micro, step, n_global)
     ce, z, aux, loads = parallel.sum_step_metrics(run.d, ce, z, aux, loads)
-    loss_value = float((ce + z) / n_global + sum(aux.values(), torch.zeros((), device=run.device)))
+    loss = (ce + z) / n_global + sum(aux.values(), torch.zeros((), device=run.device))
     clip = tc.grad_clip if tc.grad_clip > 0 else float("inf")
-    grad_norm = parallel.clip_grad_norm(run.model.parameters(), clip)
+    norm = parallel.clip_grad_norm(run.model.parameters(), clip)  # clipped in place; nothing updated yet
+    # One host synchronisation a step: the loss and gradient norm (the non-finite check needs them
+    # before the update) and the logged sums are read together, so the GPU's queue drains once.
+    keys = sorted(aux)
+    scalars = torch.stack([torch.as_tensor(t, device=run.device).float().reshape(())
+                           for t in (loss, norm, ce, z, *(aux[k] for k in keys))]).tolist()
+    loss_value, grad_norm, ce_sum, z_sum = scalars[:4]
+    aux_values = dict(zip(keys, scalars[4:]))
     if not (math.isfinite(loss_value) and math.isfinite(grad_norm)):
         what = f"loss ({loss_value})" if not math.isfinite(loss_value) else f"gradient norm ({grad_norm})"
 
@@ -509,8 +516,8 @@ def optimizer_step(run: Run, step: int, micro: list) -> StepResult:
     rate = run.cfg.model.bias_update_rate if run.cfg.model.router in ("sigmoid", "centroid") else 0.0
     if rate > 0 and loads:
         run.model.update_router_bias(loads, rate)
-    return StepResult(loss=loss_value, ce=float(ce) / n_global, grad_norm=grad_norm, n_targets=n_counted,
-                      z=float(z) / n_global, aux={k: float(v) for k, v in aux.items()}, loads=loads)
+    return StepResult(loss=loss_value, ce=ce_sum / n_global, grad_norm=grad_norm, n_targets=n_counted,
+                      z=z_sum / n_global, aux=aux_values, loads=loads)
 
 
 def log_step(run: Run, done: int, lr_f: float, r: StepResult) -> None:

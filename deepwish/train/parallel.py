@@ -261,8 +261,10 @@ def parallelize(model: nn.Module, run_cfg, d: Dist) -> nn.Module:
 
 
 # ---- gradient clipping over shards ------------------------------------------------------------
-def clip_grad_norm(params, max_norm: float) -> float:
-    """Global gradient 2-norm (over every shard and rank), clipped to `max_norm`; returns the norm.
+def clip_grad_norm(params, max_norm: float) -> torch.Tensor:
+    """Global gradient 2-norm (over every shard and rank), clipped to `max_norm`; returns the norm
+    as a 0-d tensor, unread: the caller reads it with the step's other scalars in one host
+    synchronisation (a read here would drain the GPU's queue before the update is launched).
 
     Under FSDP2 the norm torch computes is a DTensor with a pending reduction: materialising it
     all-reduces the shard norms, and the clip coefficient is then applied to the local shards.
@@ -278,7 +280,7 @@ def clip_grad_norm(params, max_norm: float) -> float:
         norm = norm.full_tensor()
     if params and max_norm < float("inf"):
         torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm, foreach=None)
-    return float(norm)
+    return norm
 
 
 # ---- logging on non-zero ranks ---------------------------------------------------------------
