@@ -365,7 +365,8 @@ class TrainConfig:
     # --- scale-out (train/parallel.py) ---------------------------------------------
     parallel: str = "none"  # none | ddp | fsdp
     compile: str = "auto"  # auto (on for GPU) | on | off
-    # before the clock: one forward+backward at every shape the schedules use, no update (train/warmup.py)
+    # before the clock: one forward+backward at every shape the schedules use and the evaluation's
+    # forward, no update (train/warmup.py)
     compile_warmup: bool = False
     activation_checkpoint: str = "none"  # none | selective | full
     offload: str = "none"  # none | params | activations

@@ -194,6 +194,14 @@ class EMA:
 
 
 # ---- evaluation -----------------------------------------------------------------------------
+def evaluation_forward(model, batch, tc, device, objective):
+    """One validation batch through the model (in eval mode, under no_grad: the caller's), as
+    `evaluate` runs it and the compile warm-up (train/warmup.py) rehearses it."""
+    input_ids, targets, doc_ids, positions = to_device(batch, device)
+    with autocast_context(device, tc.dtype):
+        return model(input_ids, positions=positions, doc_ids=doc_ids, targets=targets, objective=objective)
+
+
 @torch.no_grad()
 def evaluate(model, val_bin: str, run_cfg: RunConfig, device, backend: str, max_batches: int,
              d: parallel.Dist | None = None) -> float:
@@ -209,9 +217,7 @@ def evaluate(model, val_bin: str, run_cfg: RunConfig, device, backend: str, max_
         world, rank = (d.world_size, d.rank) if d is not None else (1, 0)
         # Data-parallel: the same windows as one device with the global batch, split over ranks.
         for batch in sequential_batches(val_bin, tc.seq_len, tc.batch_size, max_batches * world, rank, world):
-            input_ids, targets, doc_ids, positions = to_device(batch, device)
-            with autocast_context(device, tc.dtype):
-                out = model(input_ids, positions=positions, doc_ids=doc_ids, targets=targets, objective=objective)
+            out = evaluation_forward(model, batch, tc, device, objective)
             ce += float(out.ce_sum)
             n += int(out.n_targets)
     finally:
@@ -568,7 +574,9 @@ def train_steps(run: Run) -> tuple[dict[int, float], dict[int, float]]:
     run.step_model.train()
     if tc.compile_warmup:  # compilation of every scheduled shape, before the clock starts (train/warmup.py)
         from deepwish.train.warmup import warm_up
-        warm_up(run, forward_backward, total_steps(tc))
+        warm_up(run, forward_backward, total_steps(tc),
+                evaluation=lambda batch: evaluation_forward(run.model, batch, tc, run.device,
+                                                            eval_objective(tc, run.backend)))
     run.logger.start(run.start_step)
     for step in range(run.start_step, total_steps(tc)):
         done = step + 1

@@ -10,7 +10,8 @@ What makes a shape (each a separate graph or kernel specialisation):
 - whether the micro-batch carries document ids: rows that all hold one document drop them
   (loop.to_device), another graph, so both forms run at every (length, cap).
 The run's steps start_step..total_steps are scanned; the first step of each distinct
-(length, cap) stands for it (`warmup_plan`). train.batch_schedule changes only how many
+(length, cap) stands for it (`warmup_plan`). The evaluation's forward (eval mode, no gradients,
+the full row length) is a graph of its own too, rehearsed with both document-id forms. train.batch_schedule changes only how many
 micro-batches a step takes, not their shape.
 
 The warm-up changes nothing the run computes: a run with it takes exactly the steps of a run
@@ -73,10 +74,14 @@ def _set_rng_state(state: tuple) -> None:
         torch.cuda.set_rng_state_all(cuda)
 
 
-def warm_up(run, forward_backward, total_steps: int) -> dict:
+def warm_up(run, forward_backward, total_steps: int, evaluation=None) -> dict:
     """One forward and backward per shape of `warmup_plan` up to `total_steps` (both document-id
-    forms), through the loop's `forward_backward(run, micro, step, n_global)`, then everything
-    restored (module doc). Logs a {"kind": "warmup"} record; returns it."""
+    forms), through the loop's `forward_backward(run, micro, step, n_global)`; then, given
+    `evaluation(batch)` (the loop's validation forward), the evaluation's own graphs (eval mode, no
+    gradients, the full row length, both document-id forms), whose compilation would otherwise stall
+    the first evaluation (~18 s for gpt_124m on an H200, reports/speedrun.md run 4); then everything
+    restored (module doc).
+    Logs a {"kind": "warmup"} record; returns it."""
     tc = run.cfg.train
     plan = warmup_plan(tc, run.start_step, total_steps)
     rng = _rng_state()
@@ -84,7 +89,7 @@ def warm_up(run, forward_backward, total_steps: int) -> dict:
     if run.device.type == "cuda":
         torch.cuda.synchronize(run.device)
     t0 = time.perf_counter()
-    passes = 0
+    passes = eval_passes = 0
     try:
         for step, length, _cap in plan:
             rows = tc.batch_size * tc.seq_len // length
@@ -93,6 +98,16 @@ def warm_up(run, forward_backward, total_steps: int) -> dict:
                 forward_backward(run, [batch], step, n_global=rows * length * run.d.world_size)
                 run.model.zero_grad(set_to_none=True)
                 passes += 1
+        if evaluation is not None:
+            was_training = run.model.training
+            run.model.eval()
+            try:
+                with torch.no_grad():
+                    for documents in (1, 2):
+                        evaluation(synthetic_batch(tc.batch_size, tc.seq_len, min(documents, tc.seq_len)))
+                        eval_passes += 1
+            finally:
+                run.model.train(was_training)
         # the optimizer's own kernels (Muon's triton step: compile, autotune, its Newton–Schulz
         # choice) on scratch tensors of every shape bucket; its state is untouched
         buckets = run.optimizer.warm_up() if hasattr(run.optimizer, "warm_up") else 0
@@ -106,10 +121,11 @@ def warm_up(run, forward_backward, total_steps: int) -> dict:
         _set_rng_state(rng)
     seconds = time.perf_counter() - t0
     rec = {"kind": "warmup", "step": run.start_step, "seconds": seconds, "passes": passes,
-           "optimizer_buckets": buckets,
+           "eval_passes": eval_passes, "optimizer_buckets": buckets,
            "shapes": [{"step": s, "seq_len": n, "window_blocks": c} for s, n, c in plan]}
     run.logger.write(rec)
     run.logger.print(f"[deepwish] compile warm-up: {passes} forward/backward passes over {len(plan)} scheduled "
-                     f"shape(s), optimizer kernels for {buckets} shape bucket(s), in {seconds:.1f} s "
+                     f"shape(s), {eval_passes} evaluation forward(s), optimizer kernels for {buckets} shape "
+                     f"bucket(s), in {seconds:.1f} s "
                      f"(not in the training clock, no optimizer step)")
     return rec

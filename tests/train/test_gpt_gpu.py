@@ -45,8 +45,8 @@ def test_compiled_gpt_tiny_learns_through_the_window_schedule(cuda, tmp_path):
 @pytest.mark.gpu
 def test_compile_warmup_leaves_no_compilation_to_the_training_steps(cuda, tmp_path, monkeypatch):
     """train.compile_warmup compiles every shape the schedules use (window caps, sequence-length
-    stages, rows with and without document ids) before the clock: no graph is compiled during
-    the training steps themselves (the evaluation's graph comes after the last step)."""
+    stages, rows with and without document ids) and the evaluation's forward before the clock: no
+    graph is compiled during the training steps or the evaluations."""
     from torch._dynamo.utils import counters
 
     graphs = []
@@ -59,9 +59,19 @@ def test_compile_warmup_leaves_no_compilation_to_the_training_steps(cuda, tmp_pa
         return out
 
     monkeypatch.setattr(loop, "optimizer_step", counted)
+    evals = []
+    real_eval = loop.validation_loss
+
+    def counted_eval(run):
+        before = counters["stats"]["unique_graphs"]
+        out = real_eval(run)
+        evals.append((before, counters["stats"]["unique_graphs"]))
+        return out
+
+    monkeypatch.setattr(loop, "validation_loss", counted_eval)
     cfg = load_config("gpt_tiny", [f"train.out_dir={tmp_path / 'run'}", "train.steps=40", "train.compile=on",
                                    "train.device=cuda", "train.seq_len=512", "train.seq_len_schedule=[128,256,512]",
-                                   "train.window_warmup_frac=0.8", "train.compile_warmup=true", "train.eval_every=40",
+                                   "train.window_warmup_frac=0.8", "train.compile_warmup=true", "train.eval_every=20",
                                    "train.save_every=40", "train.sample_tokens=0", "train.log_every=10"])
     loop.train(cfg, progress_bar=False)
     recs = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
@@ -69,5 +79,6 @@ def test_compile_warmup_leaves_no_compilation_to_the_training_steps(cuda, tmp_pa
     assert len(warm["shapes"]) >= 4 and warm["passes"] == 2 * len(warm["shapes"])
     new = [(s, b, a) for s, b, a in graphs if a != b]
     assert graphs[0][1] > 0 and not new, f"graphs compiled during training steps: {new} (warm-up {warm})"
+    assert warm["eval_passes"] == 2 and evals and all(a == b for b, a in evals), f"graphs compiled in evaluations: {evals}"
     print(f"compile warm-up {warm['seconds']:.1f} s over {len(warm['shapes'])} shapes; "
           f"{graphs[0][1]} graphs, none during the {len(graphs)} steps")

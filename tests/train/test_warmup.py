@@ -50,14 +50,27 @@ def test_warmup_leaves_the_run_unchanged(tmp_path, monkeypatch):
         return real(model, batch, tc, n_global, **k)
 
     monkeypatch.setattr(loop, "lm_loss", spy)
+    evals = []
+    real_eval = loop.evaluation_forward
+
+    def eval_spy(model, batch, *a):
+        evals.append((tuple(batch[0].shape), batch[2] is not None and bool((batch[2] != 0).any()),
+                      model.training, torch.is_grad_enabled()))
+        return real_eval(model, batch, *a)
+
+    monkeypatch.setattr(loop, "evaluation_forward", eval_spy)
     plain = loop.train(load_config("gpt_tiny", TINY + [f"train.out_dir={tmp_path / 'a'}"]), progress_bar=False)
     assert len(shapes) == 6  # steps 0-1 one micro-batch of 2 rows of 128, steps 2-3 two of 1 row of 256
+    assert len(evals) == 1 and evals[0][2:] == (False, False)  # the final evaluation: one batch
     shapes.clear()
+    evals.clear()
     warm = loop.train(load_config("gpt_tiny", TINY + [f"train.out_dir={tmp_path / 'b'}", "train.compile_warmup=true"]),
                       progress_bar=False)
     # the plan: (step 0, 128, cap 1), (step 2, 256, uncapped), each with one and two documents a row
     assert shapes[:4] == [((2, 128), False, 0), ((2, 128), True, 0), ((1, 256), False, 2), ((1, 256), True, 2)]
     assert len(shapes) == 4 + 6
+    # then the evaluation's forward at the full length, eval mode, no gradients, both document-id forms
+    assert evals[:2] == [((1, 256), False, False, False), ((1, 256), True, False, False)] and len(evals) == 2 + 1
     assert warm["train_losses"] == plain["train_losses"] and warm["final_val_loss"] == plain["final_val_loss"]
     ca, cb = load_checkpoint(tmp_path / "a"), load_checkpoint(tmp_path / "b")
     assert ca["model"].keys() == cb["model"].keys()
@@ -65,7 +78,7 @@ def test_warmup_leaves_the_run_unchanged(tmp_path, monkeypatch):
         assert torch.equal(v, cb["model"][k]), k
     recs = [json.loads(x) for x in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
     w = [r for r in recs if r["kind"] == "warmup"]
-    assert len(w) == 1 and w[0]["passes"] == 4 and w[0]["seconds"] > 0
+    assert len(w) == 1 and w[0]["passes"] == 4 and w[0]["eval_passes"] == 2 and w[0]["seconds"] > 0
     assert w[0]["optimizer_buckets"] == 0  # Muon's torch backend on the CPU: no kernels to warm
     assert [s["window_blocks"] for s in w[0]["shapes"]] == [1, 0]
     assert recs.index(w[0]) < min(i for i, r in enumerate(recs) if r["kind"] == "train")
