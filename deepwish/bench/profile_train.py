@@ -21,6 +21,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=2)
     p.add_argument("--rows", type=int, default=30)
     p.add_argument("--out", default=None, help="folder for trace.json")
+    p.add_argument("--by-shape", action="store_true",
+                   help="also the host-side ops by input shape (which tensors the eager kernels work on)")
     args = p.parse_args(argv)
     from deepwish.bench.train import build_deepwish, build_hf
     if args.variant == "hf":
@@ -40,12 +42,16 @@ def main(argv: list[str] | None = None) -> int:
     torch.cuda.synchronize()
     wall_ms = t0.elapsed_time(t1) / args.steps
     acts = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
-    with torch.profiler.profile(activities=acts) as prof:
+    with torch.profiler.profile(activities=acts, record_shapes=args.by_shape) as prof:
         for _ in range(args.steps):
             step()
         torch.cuda.synchronize()
     print(f"== {args.preset} {args.variant} b{args.batch} s{args.seq}: top kernels by device time over {args.steps} steps")
     print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=args.rows, max_name_column_width=70))
+    if args.by_shape:
+        print(f"== host-side ops by input shape, by device time over {args.steps} steps")
+        print(prof.key_averages(group_by_input_shape=True).table(sort_by="self_cuda_time_total", row_limit=args.rows,
+                                                                 max_name_column_width=40, max_shapes_column_width=80))
     # each kernel's time counted once, under the host-side op that launched it (the table's total)
     kernel_ms = sum(e.self_device_time_total for e in prof.key_averages()
                     if e.device_type == torch.autograd.DeviceType.CPU) / 1e3 / args.steps  # us -> ms
