@@ -72,6 +72,11 @@ class ModelConfig:
     # step of batch <= 16: q/k/v, o, gate/up, down) through kernels/gemv, the rest through F.linear |
     # auto: triton on CUDA (Qwen3-0.6B decode step 1.25 vs 1.52 ms on one H200, reports/inference.md)
     decode_matmul: str = "auto"
+    # weight gradients of the token tables read at the same ids (the embedding and the GPT family's
+    # value-embedding tables): torch: each table an nn.Embedding (its backward sorts the ids per table) |
+    # triton: one sort for all tables and a run-sum kernel (kernels/embedding) | auto: torch (the kernel
+    # is not yet measured on a GPU)
+    embed_backend: str = "auto"
     # --- rotary ---------------------------------------------------------------------
     rope_theta: float = 1_000_000.0
     rope_partial: float = 1.0  # fraction of head_dim that is rotated (Qwen3-Next: 0.25)
@@ -180,6 +185,8 @@ class ModelConfig:
              f"attn_backend={self.attn_backend!r} is not one of auto, triton, flex, sdpa, torch"),
             (self.decode_matmul in ("auto", "torch", "triton"),
              f"decode_matmul={self.decode_matmul!r} is not one of auto, torch, triton"),
+            (self.embed_backend in ("auto", "torch", "triton"),
+             f"embed_backend={self.embed_backend!r} is not one of auto, torch, triton"),
             (self.dsa_backend in ("auto", "triton", "torch"),
              f"dsa_backend={self.dsa_backend!r} is not one of auto, triton, torch"),
             (self.rope_type in ROPE_TYPES, f"rope_type={self.rope_type!r} is not one of {ROPE_TYPES}"),

@@ -76,7 +76,10 @@ class ValueEmbeddings(nn.Module):
                                     for _ in range(cfg.value_embeds))
 
     def forward(self, input_ids: torch.Tensor) -> dict[int, torch.Tensor]:
-        rows = [t(input_ids) for t in self.tables]
+        return self.by_layer([t(input_ids) for t in self.tables])
+
+    def by_layer(self, rows: list[torch.Tensor]) -> dict[int, torch.Tensor]:
+        """{layer: its table's rows} from the K tables' lookups."""
         return {layer: rows[k] for layer, k in self.layers.items()}
 
 
@@ -217,7 +220,13 @@ class Transformer(nn.Module):
     def embed_tokens(self, input_ids: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         """x0 [B,T,d]: token embedding (+ learned positions), RMS-normed with model.embed_norm; fills the
         context's GPT-family side inputs (x0 for residual scales, value-embedding rows)."""
-        x = self.embed(input_ids)
+        value_rows = None
+        if self.cfg.embed_backend == "triton":  # every token table in one lookup: one sort in the backward
+            from deepwish.kernels.embedding import lookups
+            tables = [self.embed] + (list(self.value_embeds.tables) if self.value_embeds is not None else [])
+            x, *value_rows = lookups(input_ids, [t.weight for t in tables], "triton")
+        else:  # auto, torch: the modules, each its own lookup
+            x = self.embed(input_ids)
         if self.pos_embed is not None:
             x = x + self.pos_embed(ctx.positions)
         if self.cfg.embed_norm:
@@ -225,7 +234,8 @@ class Transformer(nn.Module):
         if self.cfg.residual_scales:
             ctx.x0 = x
         if self.value_embeds is not None:
-            ctx.value_embeds = self.value_embeds(input_ids)
+            ctx.value_embeds = (self.value_embeds(input_ids) if value_rows is None
+                                else self.value_embeds.by_layer(value_rows))
         return x
 
     @property

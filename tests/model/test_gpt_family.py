@@ -360,3 +360,26 @@ def test_value_embedding_layers_share_one_compiled_graph():
         got = model(ids).logits
     torch.testing.assert_close(got, want)
     assert counter.frame_count == 2
+
+
+def test_embed_backend_triton_equals_the_modules(monkeypatch):
+    """model.embed_backend=triton: the token embedding and the value-embedding tables looked up
+    together, their gradients from one sort (kernels/embedding; interpreter on the CPU): the same
+    logits and parameter gradients as the per-table modules."""
+    from deepwish.kernels.embedding import triton as kernel
+    calls = []
+    real = kernel.table_grads
+    monkeypatch.setattr(kernel, "table_grads", lambda ids, gs, V: calls.append(len(gs)) or real(ids, gs, V))
+    ids = _ids(T=40)
+    grads = {}
+    for backend in ("torch", "triton"):
+        model = _all_on(value_embeds=2, embed_backend=backend).train()
+        loss = model(ids, targets=ids).loss
+        loss.backward()
+        grads[backend] = (loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None})
+    (l_t, g_t), (l_k, g_k) = grads["torch"], grads["triton"]
+    assert calls == [3]  # one backward for the three tables
+    assert torch.equal(l_t, l_k) and g_t.keys() == g_k.keys()
+    assert {"embed.weight", "value_embeds.tables.0.weight", "value_embeds.tables.1.weight"} <= g_k.keys()
+    for name in g_t:
+        torch.testing.assert_close(g_k[name], g_t[name], rtol=1e-5, atol=1e-6, msg=name)
