@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # What the GPU machine runs: environment report, GPU tests and benchmarks, results under $OUT.
-#   bash scripts/gpu_run.sh STAGE...   with STAGE in: env tests kernels gdn train decode sweep tradeoff notebook corpus speedrun ablate dsa nsa_kernels nsa_quality attn_dq_tiles attn_dq muon attn_focus_tiles attn_goals decode_compare
+#   bash scripts/gpu_run.sh STAGE...   with STAGE in: env tests kernels gdn train decode sweep tradeoff notebook profile embedding corpus speedrun ablate dsa nsa_kernels nsa_quality attn_dq_tiles attn_dq muon attn_focus_tiles attn_goals decode_compare
 # Optional wheels in .whl/ (flash-linear-attention, liger-kernel) are installed to /tmp/site
 # first, so the anchors run side by side with deepwish in the same process (NO_WHEELS=1 skips
 # them, e.g. for HF's Qwen3-Next on its torch path).
@@ -36,6 +36,10 @@ for stage in "$@"; do
     notebook) python3 scripts/run_notebook.py notebooks/walkthrough.ipynb --out "$OUT/walkthrough_gpu.ipynb" || status=1 ;;
     tradeoff) python3 -m deepwish.cli bench decode --tradeoff --out "$OUT/tradeoff" ${TRADEOFF_ARGS:-} || status=1 ;;
     profile) python3 -m deepwish.bench.profile_train ${PROFILE_ARGS:-} || status=1 ;;
+    embedding)  # the token-table gradient kernel: GPU tests, then against torch's embedding backward
+      python3 -m pytest -m gpu -q -p no:cacheprovider tests/kernels/test_embedding_gpu.py 2>&1 | tail -5
+      [ "${PIPESTATUS[0]}" = 0 ] || status=1
+      python3 -m deepwish.bench.embedding --out "$OUT/embedding" || status=1 ;;
     corpus)  # the speedrun's corpus, built in place from the installed Python's code and docs (data/text_tree.py);
       # kept under $CORPUS while the machine stays up (meta.json is written last: its presence = a complete build)
       CORPUS=${CORPUS:-/tmp/deepwish-pycode}
