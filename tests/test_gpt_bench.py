@@ -66,6 +66,11 @@ def test_ablate_cli_two_seeds(tmp_path, capsys):
     assert (out / "ablate.png").stat().st_size > 1000
     assert main(["bench", "ablate", "--out", str(out), "--off", "nonsense"]) == 2
     assert "unknown technique(s) nonsense" in capsys.readouterr().err
+    # a technique the preset does not use (gpt_tiny runs Muon without NorMuon) cannot be ablated
+    assert main(["bench", "ablate", "--out", str(tmp_path / "idle"), "--preset", "gpt_tiny", "--off", "skips,normuon",
+                 "--steps", "2", *TINY]) == 2
+    assert "--off normuon: already off in gpt_tiny" in capsys.readouterr().err
+    assert not (tmp_path / "idle").exists()
     # the same command again (a call cut short, taken up): finished runs are read back, a run without
     # its final record is resumed from its checkpoint, and the summary is the same
     metrics = out / "seed1" / "value_embeds" / "metrics.jsonl"

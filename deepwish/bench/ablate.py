@@ -18,7 +18,9 @@ with `--full-from FIRST_OUT` (checked to be the same settings, data and corpus f
 by the same command: runs that finished in --out are read back (checked to be the same settings),
 a run stopped with a checkpoint is resumed, the rest are trained.
 
-Techniques (--off; each is one `--set` away from the full preset, the neutral value of the switch):
+Techniques (--off; each is one `--set` away from the full preset, the neutral value of the switch;
+a technique the preset does not use, whose switch is already neutral, is refused: gpt_124m has no
+attention soft-cap and runs Muon without NorMuon):
 """
 from __future__ import annotations
 
@@ -202,6 +204,12 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     base = (data_sets(args.data) if args.data else []) + args.sets + ([f"train.steps={args.steps}"] if args.steps else [])
     note = data_note(args.data, args.preset, base)
+    from deepwish.config import ConfigError, to_dict
+    full_cfg = to_dict(variant_config(args.preset, out, base))
+    idle = [name for name in off if to_dict(variant_config(args.preset, out, base + list(TECHNIQUES[name]))) == full_cfg]
+    if idle:  # its switch is already at the neutral value: the "ablation" would train the full model again
+        raise ConfigError(f"--off {','.join(idle)}: already off in {args.preset} with these settings "
+                          f"({'; '.join(' '.join(TECHNIQUES[n]) for n in idle)}): nothing to ablate")
     out.mkdir(parents=True, exist_ok=True)
     curves: dict[str, dict[int, dict]] = {}
     for seed in range(args.seeds):
