@@ -83,6 +83,26 @@ class ValueEmbeddings(nn.Module):
         return {layer: rows[k] for layer, k in self.layers.items()}
 
 
+class GatedAdd(nn.Module):
+    """x + g·s (a U-net skip's entry). A module of its own, like `EmbedNorm` and the final norm, so
+    that training compiles it as it compiles the blocks (train/parallel.py, `Transformer.
+    stack_modules`): eager, it is separate passes over the fp32 residual stream, more in backward."""
+
+    def forward(self, x: torch.Tensor, gate: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
+        return x + gate.to(x.dtype) * skip
+
+
+class EmbedNorm(nn.Module):
+    """RMS normalisation of x0 without a weight (model.embed_norm, modded-nanogpt's norm(embed(ids)))."""
+
+    def __init__(self, eps: float):
+        super().__init__()
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.rms_norm(x, (x.shape[-1],), eps=self.eps)
+
+
 class UNetSkips(nn.Module):
     """GPT family (model.unet_skips): the outputs of the first n//2 blocks are added, each scaled by
     a learned gate, to the inputs of the mirrored blocks of the second half (block n-1-i takes
@@ -94,6 +114,7 @@ class UNetSkips(nn.Module):
         super().__init__()
         self.n_layers, self.half = n_layers, n_layers // 2
         self.gates = nn.Parameter(torch.ones(self.half))
+        self.mix = GatedAdd()
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
@@ -103,7 +124,7 @@ class UNetSkips(nn.Module):
         """Block i's input: x plus the gated output of its mirror in the first half, if any."""
         j = self.n_layers - 1 - i  # the mirror
         if i >= self.n_layers - self.half:
-            return x + self.gates[j].to(x.dtype) * stack[j]
+            return self.mix(x, self.gates[j], stack[j])
         return x
 
     def leave(self, i: int, x: torch.Tensor, stack: list[torch.Tensor]) -> None:
@@ -124,6 +145,7 @@ class Transformer(nn.Module):
         self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
         self.skips = UNetSkips(cfg.n_layers) if cfg.unet_skips else None
         self.norm = RMSNorm(cfg.d_model, cfg.norm_eps, cfg.norm_zero_centered)
+        self.embed_norm = EmbedNorm(cfg.norm_eps) if cfg.embed_norm else None
         self.lm_head = None if cfg.tie_embeddings else nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         self.rotary = Rotary(cfg, rotary_dim(cfg))  # unused (ctx.cos None) with learned positions
         self.mtp = nn.ModuleList(MTP(cfg, cfg.n_layers + i) for i in range(cfg.n_mtp)) if cfg.n_mtp > 0 else None
@@ -229,14 +251,20 @@ class Transformer(nn.Module):
             x = self.embed(input_ids)
         if self.pos_embed is not None:
             x = x + self.pos_embed(ctx.positions)
-        if self.cfg.embed_norm:
-            x = F.rms_norm(x, (x.shape[-1],), eps=self.cfg.norm_eps)
+        if self.embed_norm is not None:
+            x = self.embed_norm(x)
         if self.cfg.residual_scales:
             ctx.x0 = x
         if self.value_embeds is not None:
             ctx.value_embeds = (self.value_embeds(input_ids) if value_rows is None
                                 else self.value_embeds.by_layer(value_rows))
         return x
+
+    def stack_modules(self) -> list[nn.Module]:
+        """The modules the stack runs on the residual stream between the blocks (the final norm, the
+        GPT family's x0 norm and skip entries): training compiles them in place beside the blocks."""
+        mods = [self.norm, self.embed_norm, self.skips.mix if self.skips is not None else None]
+        return [m for m in mods if m is not None]
 
     @property
     def head_weight(self) -> torch.Tensor:

@@ -3,8 +3,9 @@
     init_distributed(tc)        process group from torchrun's RANK / WORLD_SIZE / LOCAL_RANK
                                 (nccl on CUDA, gloo on CPU) -> a frozen `Dist`
     parallelize(model, cfg, d)  per block: activation checkpoint -> torch.compile -> activation
-                                offload; then FSDP2 (`fully_shard` per Block, then the root) or
-                                DDP; returns the module the training step calls
+                                offload; torch.compile of the stack's modules between the blocks
+                                (`Transformer.stack_modules`); then FSDP2 (`fully_shard` per Block,
+                                then the root) or DDP; returns the module the training step calls
     Dist.sum / sum_int          the collectives a data-parallel step needs: the GLOBAL target count
                                 (loss normalisation) and the logged sums
     clip_grad_norm              gradient clipping that also reduces over FSDP2 shards
@@ -244,6 +245,9 @@ def parallelize(model: nn.Module, run_cfg, d: Dist) -> nn.Module:
     for i in range(len(model.blocks)):
         model.blocks[i] = wrap_block(model.blocks[i], checkpoint=i in ac, compile=use_compile,
                                      offload_activations=tc.offload == "activations")
+    if use_compile:  # the elementwise glue between the blocks too (final norm, x0 norm, skip entries)
+        for m in model.stack_modules():
+            m.compile()
     step_model = model
     if tc.parallel == "fsdp":
         _fsdp_shard(model, d, offload_params=tc.offload == "params", reshard_after_forward=tc.reshard_after_forward)

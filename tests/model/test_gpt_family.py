@@ -383,3 +383,37 @@ def test_embed_backend_triton_equals_the_modules(monkeypatch):
     assert {"embed.weight", "value_embeds.tables.0.weight", "value_embeds.tables.1.weight"} <= g_k.keys()
     for name in g_t:
         torch.testing.assert_close(g_k[name], g_t[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_training_compiles_the_stack_modules_and_they_compute_the_same(monkeypatch):
+    """With train.compile on, parallelize compiles the modules the stack runs between the blocks (final
+    norm, x0 norm, skip entry) as it compiles the blocks; compiled (aot_eager here), the GPT model's
+    loss and gradients are those of the eager model."""
+    from deepwish.config import load_config
+    from deepwish.model.block import Block
+    from deepwish.train.parallel import Dist, parallelize
+    compiled = []
+    monkeypatch.setattr(torch.nn.Module, "compile", lambda self, *a, **k: compiled.append(self))
+    rc = load_config("gpt_tiny", ["train.compile='on'"])
+    model = Transformer(rc.model)
+    parallelize(model, rc, Dist(0, 1, 0, torch.device("cpu"), None))
+    glue = model.stack_modules()
+    assert len(glue) == 3 and [m for m in compiled if not isinstance(m, Block)] == glue
+    monkeypatch.undo()
+
+    torch._dynamo.reset()
+    ids = _ids(T=40)
+    runs = []
+    for compile_ in (False, True):
+        model = _all_on(unet_skips=True, embed_norm=True).train()
+        if compile_:
+            for m in [*model.blocks, *model.stack_modules()]:
+                m.compile(backend="aot_eager")
+        loss = model(ids, targets=ids).loss
+        loss.backward()
+        runs.append((loss.detach(), {n: p.grad for n, p in model.named_parameters()}))
+    (l_e, g_e), (l_c, g_c) = runs
+    torch.testing.assert_close(l_c, l_e)
+    assert g_e["skips.gates"] is not None
+    for name, g in g_e.items():
+        torch.testing.assert_close(g_c[name], g, rtol=1e-5, atol=1e-6, msg=name)
