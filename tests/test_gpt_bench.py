@@ -96,6 +96,14 @@ def test_ablate_cli_two_seeds(tmp_path, capsys):
     from deepwish.bench.speedrun import run_curves
     sets = [x for x in TINY if x != "--set"] + ["train.steps=2", "train.seed=1"]
     assert reuse_full(out, "gpt_tiny", sets, 1, {}) == run_curves(out / "seed1" / "full")
+    # a run saved before a setting existed (absent from its config.json) matches at the default only
+    saved = out / "seed1" / "full" / "config.json"
+    cfg = json.loads(saved.read_text())
+    assert cfg["model"].pop("embed_backend") == "auto"
+    saved.write_text(json.dumps(cfg))
+    assert reuse_full(out, "gpt_tiny", sets, 1, {}) == run_curves(out / "seed1" / "full")
+    with pytest.raises(Exception, match="differs from this call's in model.embed_backend"):
+        reuse_full(out, "gpt_tiny", sets + ["model.embed_backend=torch"], 1, {})
     assert main(["bench", "ablate", "--out", str(tmp_path / "ab2"), "--preset", "gpt_tiny", "--off", "skips",
                  "--seeds", "2", "--steps", "3", "--full-from", str(out), *TINY]) == 2
     assert "differs from this call's in train.eval_every" not in (err := capsys.readouterr().err) and "train.steps" in err

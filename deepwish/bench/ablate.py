@@ -87,14 +87,20 @@ def finished(run: Path) -> bool:
 def settings_diff(run: Path, preset: str, sets: list[str]) -> list[str]:
     """What the run saved in run/config.json trained differently from what `sets` would (the model
     and train settings, out_dir aside; the data files by name)."""
-    from deepwish.config import to_dict
+    from deepwish.config import ModelConfig, TrainConfig, to_dict
 
     saved = json.loads((run / "config.json").read_text())
     want = json.loads(json.dumps(to_dict(variant_config(preset, run, sets))))
-    diff = [f"train.{k}" for k in sorted(set(saved["train"]) | set(want["train"]))
-            if k != "out_dir" and saved["train"].get(k) != want["train"].get(k)]
+    # a setting newer than the saved run is absent from its config.json: at its default it matches
+    defaults = {sec: json.loads(json.dumps(to_dict(cls()))) for sec, cls in (("train", TrainConfig), ("model", ModelConfig))}
+
+    def differs(sec: str, k: str) -> bool:
+        if k not in saved[sec] and want[sec].get(k) == defaults[sec].get(k):
+            return False
+        return saved[sec].get(k) != want[sec].get(k)
+    diff = [f"train.{k}" for k in sorted(set(saved["train"]) | set(want["train"])) if k != "out_dir" and differs("train", k)]
     diff += [f"model.{k}" for k in sorted(set(saved["model"]) | set(want["model"]))
-             if saved["model"].get(k) != want["model"].get(k) and not (k == "vocab_size" and not want["data"]["train_bin"])]
+             if differs("model", k) and not (k == "vocab_size" and not want["data"]["train_bin"])]
     diff += [f"data.{k}" for k in ("train_bin", "val_bin")
              if (Path(saved["data"][k]).name if saved["data"][k] else "") != (Path(want["data"][k]).name if want["data"][k] else "")]
     return diff
