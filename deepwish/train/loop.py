@@ -139,7 +139,18 @@ def to_device(batch, device: torch.device):
     input_ids, targets, doc_ids, positions = batch
     if doc_ids is not None and not doc_ids.is_cuda and bool((doc_ids == doc_ids[:, :1]).all()):
         doc_ids = None
-    return tuple(None if t is None else t.to(device, non_blocking=True) for t in (input_ids, targets, doc_ids, positions))
+    pin = device.type == "cuda"
+    return tuple(None if t is None else _host_to_device(t, device, pin) for t in (input_ids, targets, doc_ids, positions))
+
+
+def _host_to_device(t: torch.Tensor, device: torch.device, pin: bool) -> torch.Tensor:
+    # A copy from pageable host memory makes the host wait until every kernel already queued has
+    # run (the whole previous micro-batch), after which the GPU idles while the host launches the
+    # next one. Staged in pinned memory the copy is queued like a kernel and the host stays ahead;
+    # the caching host allocator keeps the pinned source until the copy has been done.
+    if pin and t.device.type == "cpu" and not t.is_pinned():
+        t = t.pin_memory()
+    return t.to(device, non_blocking=True)
 
 
 # ---- EMA -----------------------------------------------------------------------------------------

@@ -37,3 +37,21 @@ def test_one_document_rows_equal_plain_input(preset):
     plain = model(ids, positions=pos, doc_ids=None, targets=targets)
     torch.testing.assert_close(plain.loss, packed.loss, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(plain.logits, packed.logits, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.gpu
+def test_to_device_does_not_wait_for_queued_gpu_work(cuda):
+    """The batch's host-to-device copies are queued behind the GPU's work, not waited for: the host
+    returns from to_device while a long kernel still runs (a pageable copy would wait for it)."""
+    import time
+    batch = _batch(torch.arange(2 * 2048, dtype=torch.int32).view(2, 2048) // 700)
+    to_device(batch, cuda)  # the pinned host blocks are allocated once, then cached
+    torch.cuda.synchronize()
+    torch.cuda._sleep(2_000_000_000)  # about a second of GPU time queued
+    t0 = time.perf_counter()
+    got = to_device(batch, cuda)
+    host_s = time.perf_counter() - t0
+    torch.cuda.synchronize()
+    assert host_s < 0.2, f"to_device blocked the host {host_s:.2f} s"
+    for a, b in zip(got, batch):
+        assert torch.equal(a.cpu(), b)
