@@ -53,6 +53,10 @@ class Objective:
     # GPT-family window schedule (train/schedule.py window_blocks_at): every windowed layer attends
     # with min(its final window, window_blocks·128 tokens); 0 = no cap (the final windows)
     window_blocks: int = 0
+    # the caller's count of this batch's targets that are not ignored, made on the host after checking
+    # every target is in the vocabulary or ignored (train/loss.py checked_target_count): the fused
+    # loss then reads nothing back from the device (no target check, no data-dependent row count)
+    checked_targets: int | None = None
 
     def __post_init__(self) -> None:
         if self.loss_backend not in LOSS_BACKENDS:
@@ -62,6 +66,8 @@ class Objective:
             raise ValueError(f"indexer mode {self.indexer_mode!r} is not one of {INDEXER_MODES}")
         if self.loss_norm is not None and not self.loss_norm > 0:
             raise ValueError(f"loss_norm must be positive, got {self.loss_norm}")
+        if self.checked_targets is not None and self.checked_targets < 0:
+            raise ValueError(f"checked_targets must be a count, got {self.checked_targets}")
 
     def aux_weight(self, name: str) -> float:
         weights = {"moe": 1.0, "mtp": self.mtp_weight, "indexer": self.indexer_weight}
@@ -91,9 +97,16 @@ def cross_entropy_sums(h: torch.Tensor, logits_fn, head_weight: torch.Tensor, ta
     hf = h.reshape(-1, h.size(-1))
     # Ignored rows (loss-masked prompts, document padding) are dropped before the kernel, so their
     # [V]-wide logits are never computed; index_select's backward gives them exactly zero gradient.
-    # (The kernel reads the targets on the host anyway, so the nonzero's synchronisation is free.)
-    keep = (flat_targets != IGNORE_INDEX).nonzero().squeeze(1)
-    if keep.numel() < flat_targets.numel():
+    # With the count known on the host (objective.checked_targets) nothing is read back from the
+    # device; without it the row count (and the kernel's target check) synchronise.
+    n = objective.checked_targets
+    if n is None:
+        keep = (flat_targets != IGNORE_INDEX).nonzero().squeeze(1)
+    elif n < flat_targets.numel():
+        keep = torch.nonzero_static(flat_targets != IGNORE_INDEX, size=n).squeeze(1)
+    else:
+        keep = None
+    if keep is not None and keep.numel() < flat_targets.numel():
         hf, flat_targets = hf.index_select(0, keep), flat_targets.index_select(0, keep)
     # Under autocast the head's matmuls run in the autocast dtype, as the head itself would: the
     # final norm returns fp32 (the residual stream is fp32), and an fp32 fused loss at a 152k
@@ -101,5 +114,6 @@ def cross_entropy_sums(h: torch.Tensor, logits_fn, head_weight: torch.Tensor, ta
     dev = hf.device.type
     dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else hf.dtype
     total = linear_cross_entropy(hf.to(dtype), head_weight.to(dtype), flat_targets, ignore_index=IGNORE_INDEX,
-                                 reduction="sum", z_loss=objective.z_loss, softcap=softcap if softcap > 0 else None)
+                                 reduction="sum", z_loss=objective.z_loss, softcap=softcap if softcap > 0 else None,
+                                 check_targets=n is None)
     return total, total.new_zeros(()), None

@@ -42,7 +42,8 @@ from deepwish.train import dist_checkpoint, parallel, rundir
 from deepwish.train.checkpoint import (list_checkpoints, load_checkpoint, read_meta, resolve_any, save_checkpoint,
                                        set_rng_state, start_branch)
 from deepwish.train.log import Logger, mlflow_run_to_continue
-from deepwish.train.loss import count_targets, eval_objective, lm_loss, resolve_loss_backend
+from deepwish.train.loss import (checked_target_count, count_targets, eval_objective, lm_loss,
+                                 resolve_loss_backend)
 from deepwish.train.nonfinite import raise_nonfinite
 from deepwish.train.optim import build_optimizer
 from deepwish.train.schedule import accum_at, apply_lr, seq_len_at, split_rows
@@ -208,6 +209,7 @@ class EMA:
 def evaluation_forward(model, batch, tc, device, objective):
     """One validation batch through the model (in eval mode, under no_grad: the caller's), as
     `evaluate` runs it and the compile warm-up (train/warmup.py) rehearses it."""
+    objective = dataclasses.replace(objective, checked_targets=checked_target_count(batch[1], model.cfg.vocab_size))
     input_ids, targets, doc_ids, positions = to_device(batch, device)
     with autocast_context(device, tc.dtype):
         return model(input_ids, positions=positions, doc_ids=doc_ids, targets=targets, objective=objective)
@@ -479,10 +481,12 @@ def forward_backward(run: Run, micro: list, step: int, n_global: int) -> tuple:
     aux: dict[str, torch.Tensor] = {}
     loads: dict[int, torch.Tensor] = {}
     for i, b in enumerate(micro):
+        checked = checked_target_count(b[1], run.cfg.model.vocab_size)  # on the host copy: no device read-back
         b = to_device(b, device)
         with parallel.grad_sync(run.step_model, last=i == len(micro) - 1):  # DDP: reduce once per step
             with autocast_context(device, tc.dtype):
-                loss, m = lm_loss(run.step_model, b, tc, n_global, backend=run.backend, step=step)
+                loss, m = lm_loss(run.step_model, b, tc, n_global, backend=run.backend, step=step,
+                                  checked_targets=checked)
             (loss * run.d.grad_scale).backward()  # DDP/FSDP2 average over ranks (train/parallel.py)
         ce += m["ce_sum"]
         z += m["z_sum"]

@@ -20,7 +20,7 @@ from deepwish.model.mtp import mtp_lambda_at
 from deepwish.model.objective import IGNORE_INDEX, Objective
 from deepwish.train.schedule import window_blocks_at
 
-__all__ = ["IGNORE_INDEX", "count_targets", "eval_objective", "lm_loss", "resolve_loss_backend", "step_metrics",
+__all__ = ["IGNORE_INDEX", "checked_target_count", "count_targets", "eval_objective", "lm_loss", "resolve_loss_backend", "step_metrics",
            "step_objective"]
 
 
@@ -33,16 +33,28 @@ def count_targets(targets: torch.Tensor) -> int:
     return int((targets != IGNORE_INDEX).sum())
 
 
-def step_objective(tc, step: int, backend: str, n_global: int) -> Objective:
+def checked_target_count(targets: torch.Tensor, vocab_size: int) -> int:
+    """The targets not ignored, after checking every target is in [0, vocab_size) or ignored; on
+    the batch's host copy, so the model's fused loss need not read them back from the device
+    (Objective.checked_targets)."""
+    bad = ((targets < 0) | (targets >= vocab_size)) & (targets != IGNORE_INDEX)
+    if bool(bad.any()):
+        raise ValueError(f"targets outside the vocabulary [0, {vocab_size}) that are not ignored ({IGNORE_INDEX}): "
+                         f"{targets[bad][:8].tolist()}; the data's tokenizer and model.vocab_size disagree")
+    return count_targets(targets)
+
+
+def step_objective(tc, step: int, backend: str, n_global: int, checked_targets: int | None = None) -> Objective:
     """The objective of training step `step` (0-based) per TrainConfig `tc`: the one place where
     the auxiliary losses get their weights (λ of the MTP loss with its ramp, the indexer
-    coefficient) and the loss its normaliser, the step's global target count."""
+    coefficient) and the loss its normaliser, the step's global target count. checked_targets:
+    the micro-batch's `checked_target_count`, when the caller made it on the host."""
     if n_global <= 0:
         raise ValueError(f"the step's global target count must be positive, got {n_global}")
     return Objective(loss_backend=backend, z_loss=tc.z_loss, loss_norm=float(n_global),
                      mtp_weight=mtp_lambda_at(tc.mtp_lambda, tc.mtp_lambda_final, step, tc.steps),
                      indexer_mode=tc.indexer_mode, indexer_weight=tc.indexer_loss_coef,
-                     window_blocks=window_blocks_at(step, tc, WINDOW_BLOCK))
+                     window_blocks=window_blocks_at(step, tc, WINDOW_BLOCK), checked_targets=checked_targets)
 
 
 def eval_objective(tc, backend: str) -> Objective:
@@ -61,11 +73,14 @@ def step_metrics(out) -> dict:
     return m
 
 
-def lm_loss(model, batch, tc, n_global: int, *, backend: str, step: int | None = None) -> tuple[torch.Tensor, dict]:
+def lm_loss(model, batch, tc, n_global: int, *, backend: str, step: int | None = None,
+            checked_targets: int | None = None) -> tuple[torch.Tensor, dict]:
     """One micro-batch through the model's forward: (loss to call backward on, `step_metrics`).
     batch: (input_ids [B,T], targets [B,T] with -100 = ignore, doc_ids [B,T] | None,
-    positions [B,T] | None); step: 0-based optimizer step (scheduled weights); None = step 0."""
+    positions [B,T] | None); step: 0-based optimizer step (scheduled weights); None = step 0;
+    checked_targets: the batch's `checked_target_count` from its host copy (None: the fused loss
+    checks and counts on the device, synchronising)."""
     input_ids, targets, doc_ids, positions = batch
     out = model(input_ids, positions=positions, doc_ids=doc_ids, targets=targets,
-                objective=step_objective(tc, step or 0, backend, n_global))
+                objective=step_objective(tc, step or 0, backend, n_global, checked_targets))
     return out.loss, step_metrics(out)

@@ -127,6 +127,42 @@ def test_fused_backend_matches_torch_backend(rel_err):
         assert rel_err(g, out["triton"][1][name]) < 1e-4, name
 
 
+@pytest.mark.parametrize("ignore_frac", [0.3, 0.0])
+def test_host_checked_targets_give_the_same_fused_loss_without_reading_back(rel_err, monkeypatch, ignore_frac):
+    """With the batch's targets checked and counted on the host (checked_target_count ->
+    Objective.checked_targets), the fused loss skips its device-side target check and takes the kept
+    rows by a count it is given (nonzero_static; all rows when none is ignored): the same loss and
+    gradients as the path that reads them back."""
+    from deepwish.kernels.linear_cross_entropy import triton as lce
+    from deepwish.train.loss import checked_target_count
+    checks, nonzeros = [], []
+    real_check = lce.check_target_values
+    monkeypatch.setattr(lce, "check_target_values", lambda *a: checks.append(1) or real_check(*a))
+    real_nonzero = torch.Tensor.nonzero
+    monkeypatch.setattr(torch.Tensor, "nonzero", lambda self, *a, **k: nonzeros.append(1) or real_nonzero(self, *a, **k))
+    model = Transformer(model_config("qwen3_tiny", **TINY))
+    torch.manual_seed(3)
+    batch = make_batch(2, 16, 64, ignore_frac=ignore_frac)
+    n = count_targets(batch[1])
+    assert checked_target_count(batch[1], 64) == n
+    out = {}
+    for checked in (None, n):
+        checks.clear()
+        nonzeros.clear()
+        model.zero_grad()
+        loss, _ = lm_loss(model, batch, TrainConfig(), n, backend="triton", checked_targets=checked)
+        loss.backward()
+        out[checked] = (loss.detach(), grads(model))
+        assert (len(checks), len(nonzeros)) == ((1, 1) if checked is None else (0, 0))
+    assert rel_err(out[None][0], out[n][0]) < 1e-6
+    for name, g in out[None][1].items():
+        assert rel_err(g, out[n][1][name]) < 1e-6, name
+    bad = batch[1].clone()
+    bad[0, 3] = 64
+    with pytest.raises(ValueError, match=r"targets outside the vocabulary \[0, 64\).*\[64\]"):
+        checked_target_count(bad, 64)
+
+
 def test_mtp_loss_follows_lambda_ramp_and_is_skipped_in_evaluation():
     from deepwish.model.mtp import mtp_ce_sums, mtp_hidden_states
     mc = model_config("deepseek_v3_tiny", vocab_size=64, d_model=32, n_layers=2, n_heads=2, n_kv_heads=2,

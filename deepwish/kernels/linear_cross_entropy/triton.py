@@ -27,7 +27,8 @@ Deviations / precision:
   `(h @ W.T).float()` loss does. Pass float32 when per-token logprobs must be precise (RL);
   it costs twice the buffer and more memory traffic.
 - dW is accumulated across chunks in the weight's dtype (one rounding per chunk for bf16).
-- Target values are checked on the host (one device synchronisation per call).
+- Target values are checked on the host (one device synchronisation per call) unless the caller
+  says it checked them (check_targets=False).
 """
 from __future__ import annotations
 
@@ -266,13 +267,18 @@ class _LinearCrossEntropyFn(torch.autograd.Function):
 def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
                          ignore_index: int = -100, reduction: str = "sum", z_loss: float = 0.0,
                          softcap: float | None = None, return_logprobs: bool = False,
-                         chunk_rows: int | None = None, logits_dtype: torch.dtype | None = None):
+                         chunk_rows: int | None = None, logits_dtype: torch.dtype | None = None,
+                         check_targets: bool = True):
     """h: [N, D], weight: [V, D], targets: int [N]. Returns loss (fp32; scalar for sum/mean,
     [N] for none) and, if return_logprobs, logprobs [N] (fp32, 0 where ignored).
     chunk_rows bounds the [chunk_rows, V] logits buffer (default `default_chunk_rows(N)`);
-    logits_dtype is h.dtype (default) or torch.float32."""
+    logits_dtype is h.dtype (default) or torch.float32. check_targets=False: the caller has
+    checked the targets (on the host, e.g. train/loss.py `checked_target_count`), so nothing is read
+    back from the device (the check synchronises; an unchecked out-of-range target is masked by
+    the kernel, not read out of bounds, but its loss is wrong)."""
     check_lce_inputs(h, weight, targets, reduction, softcap)
-    check_target_values(targets, weight.shape[0], ignore_index)
+    if check_targets:
+        check_target_values(targets, weight.shape[0], ignore_index)
     logits_dtype = h.dtype if logits_dtype is None else logits_dtype
     if logits_dtype not in (h.dtype, torch.float32):
         raise ValueError(f"linear_cross_entropy: logits_dtype must be h.dtype or float32, got {logits_dtype}")
