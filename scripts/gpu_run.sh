@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # What the GPU machine runs: environment report, GPU tests and benchmarks, results under $OUT.
-#   bash scripts/gpu_run.sh STAGE...   with STAGE in: env tests kernels gdn train decode sweep tradeoff notebook profile embedding corpus speedrun ablate dsa nsa_kernels nsa_quality attn_dq_tiles attn_dq muon attn_focus_tiles attn_goals decode_compare
+#   bash scripts/gpu_run.sh STAGE...   with STAGE in: env tests kernels gdn train decode sweep tradeoff notebook profile embedding gpt_mfu corpus speedrun ablate dsa nsa_kernels nsa_quality attn_dq_tiles attn_dq muon attn_focus_tiles attn_goals decode_compare
 # Optional wheels in .whl/ (flash-linear-attention, liger-kernel) are installed to /tmp/site
 # first, so the anchors run side by side with deepwish in the same process (NO_WHEELS=1 skips
 # them, e.g. for HF's Qwen3-Next on its torch path).
@@ -36,6 +36,16 @@ for stage in "$@"; do
     notebook) python3 scripts/run_notebook.py notebooks/walkthrough.ipynb --out "$OUT/walkthrough_gpu.ipynb" || status=1 ;;
     tradeoff) python3 -m deepwish.cli bench decode --tradeoff --out "$OUT/tradeoff" ${TRADEOFF_ARGS:-} || status=1 ;;
     profile) python3 -m deepwish.bench.profile_train ${PROFILE_ARGS:-} || status=1 ;;
+    gpt_mfu)  # gpt_124m's training rate after its step changes: the warm-up GPU test, the token-table
+      # kernel (GPU tests + bench), the speedrun (corpus built first) with the kernel on, the profile by shape
+      python3 -m pytest -m gpu -q -p no:cacheprovider tests/train/test_gpt_gpu.py tests/train/test_to_device.py \
+        tests/kernels/test_embedding_gpu.py 2>&1 | tail -5
+      python3 -m deepwish.bench.embedding --out "$OUT/embedding" || status=1
+      bash "$0" corpus >/dev/null || status=1
+      python3 -m deepwish.cli bench speedrun --out "$OUT/speedrun" --data "${CORPUS:-/tmp/deepwish-pycode}" --steps 160 \
+        --set train.eval_every=10 --set train.eval_batches=8 --set model.embed_backend=${EMBED_BACKEND:-triton} ${SPEEDRUN_ARGS:-} || status=1
+      python3 -m deepwish.bench.profile_train --preset gpt_124m --variant deepwish-muon --batch 16 --seq 2048 \
+        --by-shape --rows 40 ${PROFILE_ARGS:-} || status=1 ;;
     embedding)  # the token-table gradient kernel: GPU tests, then against torch's embedding backward
       python3 -m pytest -m gpu -q -p no:cacheprovider tests/kernels/test_embedding_gpu.py 2>&1 | tail -5
       [ "${PIPESTATUS[0]}" = 0 ] || status=1
