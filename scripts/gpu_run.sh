@@ -36,16 +36,16 @@ for stage in "$@"; do
     notebook) python3 scripts/run_notebook.py notebooks/walkthrough.ipynb --out "$OUT/walkthrough_gpu.ipynb" || status=1 ;;
     tradeoff) python3 -m deepwish.cli bench decode --tradeoff --out "$OUT/tradeoff" ${TRADEOFF_ARGS:-} || status=1 ;;
     profile) python3 -m deepwish.bench.profile_train ${PROFILE_ARGS:-} || status=1 ;;
-    gpt_mfu)  # gpt_124m's training rate after its step changes: the warm-up GPU test, the token-table
-      # kernel (GPU tests + bench), the speedrun (corpus built first) with the kernel on, the profile by shape
-      python3 -m pytest -m gpu -q -p no:cacheprovider tests/train/test_gpt_gpu.py tests/train/test_to_device.py \
-        tests/kernels/test_embedding_gpu.py 2>&1 | tail -5
+    gpt_mfu)  # gpt_124m's training rate after its step changes, ~8 minutes: the token-table kernel's bench,
+      # the speedrun (corpus built first) with it on, the profile by shape; then the GPU tests of those changes
       python3 -m deepwish.bench.embedding --out "$OUT/embedding" || status=1
       bash "$0" corpus >/dev/null || status=1
       python3 -m deepwish.cli bench speedrun --out "$OUT/speedrun" --data "${CORPUS:-/tmp/deepwish-pycode}" --steps 160 \
         --set train.eval_every=10 --set train.eval_batches=8 --set model.embed_backend=${EMBED_BACKEND:-triton} ${SPEEDRUN_ARGS:-} || status=1
       python3 -m deepwish.bench.profile_train --preset gpt_124m --variant deepwish-muon --batch 16 --seq 2048 \
-        --by-shape --rows 40 ${PROFILE_ARGS:-} || status=1 ;;
+        --by-shape --rows 40 ${PROFILE_ARGS:-} || status=1
+      python3 -m pytest -m gpu -q -p no:cacheprovider tests/kernels/test_embedding_gpu.py tests/train/test_to_device.py \
+        tests/train/test_gpt_gpu.py 2>&1 | tail -5 ;;
     embedding)  # the token-table gradient kernel: GPU tests, then against torch's embedding backward
       python3 -m pytest -m gpu -q -p no:cacheprovider tests/kernels/test_embedding_gpu.py 2>&1 | tail -5
       [ "${PIPESTATUS[0]}" = 0 ] || status=1
