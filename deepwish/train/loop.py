@@ -225,18 +225,23 @@ def evaluate(model, val_bin: str, run_cfg: RunConfig, device, backend: str, max_
     objective = eval_objective(tc, backend)
     was_training = model.training
     model.eval()
-    ce, n = 0.0, 0
+    # summed on the device, read once at the end (a read per batch drains the GPU's queue each time);
+    # the target count is the host's
+    ce_sum, n = torch.zeros((), dtype=torch.float64, device=device), 0
     try:
         world, rank = (d.world_size, d.rank) if d is not None else (1, 0)
         # Data-parallel: the same windows as one device with the global batch, split over ranks.
         for batch in sequential_batches(val_bin, tc.seq_len, tc.batch_size, max_batches * world, rank, world):
             out = evaluation_forward(model, batch, tc, device, objective)
-            ce += float(out.ce_sum)
-            n += int(out.n_targets)
+            ce_sum += out.ce_sum.double()
+            n += count_targets(batch[1])
     finally:
         model.train(was_training)
     if d is not None and d.world_size > 1:
-        ce, n = (float(t) for t in d.sum(torch.tensor([ce, float(n)], dtype=torch.float64, device=device)))
+        ce, n = (float(t) for t in d.sum(torch.stack([ce_sum, torch.tensor(float(n), dtype=torch.float64,
+                                                                          device=device)])))
+    else:
+        ce = float(ce_sum)
     if n == 0:
         raise ValueError(f"{val_bin}: no (unmasked) validation targets in {max_batches} batches of seq_len={tc.seq_len}")
     return ce / n
