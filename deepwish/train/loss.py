@@ -16,6 +16,7 @@ import torch
 
 from deepwish.config import WINDOW_BLOCK
 from deepwish.kernels.backend import resolve_triton_or_torch
+from deepwish.kernels.linear_cross_entropy.reference import check_target_values
 from deepwish.model.mtp import mtp_lambda_at
 from deepwish.model.objective import IGNORE_INDEX, Objective
 from deepwish.train.schedule import window_blocks_at
@@ -37,10 +38,8 @@ def checked_target_count(targets: torch.Tensor, vocab_size: int) -> int:
     """The targets not ignored, after checking every target is in [0, vocab_size) or ignored; on
     the batch's host copy, so the model's fused loss need not read them back from the device
     (Objective.checked_targets)."""
-    bad = ((targets < 0) | (targets >= vocab_size)) & (targets != IGNORE_INDEX)
-    if bool(bad.any()):
-        raise ValueError(f"targets outside the vocabulary [0, {vocab_size}) that are not ignored ({IGNORE_INDEX}): "
-                         f"{targets[bad][:8].tolist()}; the data's tokenizer and model.vocab_size disagree")
+    check_target_values(targets, vocab_size, IGNORE_INDEX,
+                        where="batch (do the data's tokenizer and model.vocab_size agree?)")
     return count_targets(targets)
 
 

@@ -36,11 +36,12 @@ def check_lce_inputs(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tenso
         raise ValueError(f"linear_cross_entropy: softcap must be positive or None, got {softcap}")
 
 
-def check_target_values(targets: torch.Tensor, V: int, ignore_index: int) -> None:
-    """Targets must index the vocabulary unless ignored (reads the tensor: synchronises)."""
+def check_target_values(targets: torch.Tensor, V: int, ignore_index: int, where: str = "linear_cross_entropy") -> None:
+    """Targets must index the vocabulary unless ignored (reads the tensor: on a GPU it synchronises);
+    `where` starts the error."""
     bad = ((targets < 0) | (targets >= V)) & (targets != ignore_index)
     if bool(bad.any()):
-        raise ValueError(f"linear_cross_entropy: targets outside [0, {V}) that are not "
+        raise ValueError(f"{where}: targets outside the vocabulary [0, {V}) that are not "
                          f"ignore_index={ignore_index}: {targets[bad][:8].tolist()}")
 
 
