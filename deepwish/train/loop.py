@@ -477,16 +477,18 @@ class StepResult:
     loads: dict  # layer -> tokens per expert [E] summed over micro-batches and ranks
 
 
-def forward_backward(run: Run, micro: list, step: int, n_global: int) -> tuple:
+def forward_backward(run: Run, micro: list, step: int, n_global: int, counts: list[int] | None = None) -> tuple:
     """Every micro-batch of the step through the model, backward each; the step's summed CE,
-    z-loss, weighted auxiliary losses and expert loads (this rank)."""
+    z-loss, weighted auxiliary losses and expert loads (this rank). counts: each micro-batch's
+    `checked_target_count` when the caller has them (None: made here)."""
     tc, device = run.cfg.train, run.device
     ce = torch.zeros((), device=device)
     z = torch.zeros((), device=device)
     aux: dict[str, torch.Tensor] = {}
     loads: dict[int, torch.Tensor] = {}
     for i, b in enumerate(micro):
-        checked = checked_target_count(b[1], run.cfg.model.vocab_size)  # on the host copy: no device read-back
+        # the micro-batch's targets checked and counted on its host copy: the loss reads nothing back
+        checked = counts[i] if counts is not None else checked_target_count(b[1], run.cfg.model.vocab_size)
         b = to_device(b, device)
         with parallel.grad_sync(run.step_model, last=i == len(micro) - 1):  # DDP: reduce once per step
             with autocast_context(device, tc.dtype):
@@ -507,11 +509,12 @@ def optimizer_step(run: Run, step: int, micro: list) -> StepResult:
     """One optimizer step: forward/backward of every micro-batch, non-finite check (before
     anything is updated or saved), clipping, update, EMA, router-bias step."""
     tc = run.cfg.train
-    n_counted = run.d.sum_int(sum(count_targets(b[1]) for b in micro))  # over micro-batches and ranks
+    counts = [checked_target_count(b[1], run.cfg.model.vocab_size) for b in micro]
+    n_counted = run.d.sum_int(sum(counts))  # over micro-batches and ranks
     # Loss-masked data (SFT) can, rarely, give a step no target at all: its cross-entropy is then
     # an empty sum with zero gradient, and dividing it by 1 keeps it so.
     n_global = max(n_counted, 1)
-    ce, z, aux, loads = forward_backward(run, micro, step, n_global)
+    ce, z, aux, loads = forward_backward(run, micro, step, n_global, counts)
     ce, z, aux, loads = parallel.sum_step_metrics(run.d, ce, z, aux, loads)
     loss = (ce + z) / n_global + sum(aux.values(), torch.zeros((), device=run.device))
     clip = tc.grad_clip if tc.grad_clip > 0 else float("inf")
