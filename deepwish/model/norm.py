@@ -7,6 +7,7 @@ computed in fp32 whatever the input dtype, as the reference implementations do.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
@@ -32,3 +33,15 @@ class RMSNorm(nn.Module):
 
     def reset_parameters(self) -> None:
         nn.init.zeros_(self.weight) if self.zero_centered else nn.init.ones_(self.weight)
+
+
+class EmbedNorm(nn.Module):
+    """RMS normalisation without a weight: the GPT family's x0 = norm(embed(ids)) (model.embed_norm,
+    as modded-nanogpt). A module, so that training compiles it with the blocks."""
+
+    def __init__(self, eps: float):
+        super().__init__()
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.rms_norm(x, (x.shape[-1],), eps=self.eps)

@@ -22,7 +22,6 @@ import math
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 import torch.utils._pytree as pytree
 from torch import nn
 
@@ -32,7 +31,7 @@ from deepwish.model.block import Block, ForwardContext
 from deepwish.model.cache import ModelCache
 from deepwish.model.moe import MoE
 from deepwish.model.mtp import MTP, mtp_ce_sums
-from deepwish.model.norm import RMSNorm
+from deepwish.model.norm import EmbedNorm, RMSNorm
 from deepwish.model.objective import Objective, cross_entropy_sums, IGNORE_INDEX
 from deepwish.model.roles import (EXPERT_ROLES, NORMAL_INIT_ROLES, OWNER_INIT_ROLES, RESIDUAL_OUT_ROLES,
                                   param_roles)
@@ -90,17 +89,6 @@ class GatedAdd(nn.Module):
 
     def forward(self, x: torch.Tensor, gate: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
         return x + gate.to(x.dtype) * skip
-
-
-class EmbedNorm(nn.Module):
-    """RMS normalisation of x0 without a weight (model.embed_norm, modded-nanogpt's norm(embed(ids)))."""
-
-    def __init__(self, eps: float):
-        super().__init__()
-        self.eps = eps
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.rms_norm(x, (x.shape[-1],), eps=self.eps)
 
 
 class UNetSkips(nn.Module):
