@@ -331,8 +331,8 @@ class TrainConfig:
     weight_decay: float = 0.0
     # Per-group settings (train/optim.py param_groups; groups by parameter role): 0 lr = train.lr,
     # negative decay = train.weight_decay. Scalars/gates (norms, biases, gates, scalars) take no decay by default.
-    embed_lr: float = 0.0  # token, value and position embeddings
-    head_lr: float = 0.0  # the untied LM head
+    embed_lr: float = 0.0  # token, value and position embeddings (a tied token table is the head: head_lr)
+    head_lr: float = 0.0  # the LM head, tied or not
     scalar_lr: float = 0.0  # norms, biases, gates, convolutions, learned scalars
     embed_wd: float = -1.0
     head_wd: float = -1.0

@@ -135,6 +135,11 @@ class Transformer(nn.Module):
         self.norm = RMSNorm(cfg.d_model, cfg.norm_eps, cfg.norm_zero_centered)
         self.embed_norm = EmbedNorm(cfg.norm_eps) if cfg.embed_norm else None
         self.lm_head = None if cfg.tie_embeddings else nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            # the tied table is the head too, and the head's side bounds its stable step: it takes the
+            # head's optimizer group (train.head_lr), not the embeddings' (embed_lr 0.3 in gpt_124m
+            # diverges as a head: val loss 8.56 after 100 steps where the untied model has 3.34)
+            self.PARAM_ROLES = {"embed.weight": "head"}
         self.rotary = Rotary(cfg, rotary_dim(cfg))  # unused (ctx.cos None) with learned positions
         self.mtp = nn.ModuleList(MTP(cfg, cfg.n_layers + i) for i in range(cfg.n_mtp)) if cfg.n_mtp > 0 else None
         # whether a layer runs packed documents through the flash kernel (then `context` makes its

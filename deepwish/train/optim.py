@@ -132,8 +132,8 @@ def classify_params(model: nn.Module) -> tuple[dict[str, list[nn.Parameter]], Pa
 # Optimizer groups by role class (model/roles.py): what each is, its lr and weight-decay fields.
 GROUP_ROLES = {
     "matrix": MUON_ROLES,  # hidden matrices: Muon (optimizer=muon) or AdamW (optimizer=adamw)
-    "embedding": frozenset({"embedding"}),  # token, value and position embeddings (the tied head too)
-    "head": frozenset({"head"}),  # the untied LM head
+    "embedding": frozenset({"embedding"}),  # token, value and position embeddings
+    "head": frozenset({"head"}),  # the LM head (a tied token table too: Transformer declares it so)
     "scalar": frozenset(ROLES) - MUON_ROLES - DECAY_ROLES,  # norms, biases, gates, convolutions, scalars
 }
 
