@@ -367,6 +367,10 @@ class TrainConfig:
     mlflow_experiment: str = ""  # MLflow experiment name (empty: mlflow_experiment_id, MLFLOW_EXPERIMENT_ID/_NAME, else "deepwish")
     mlflow_experiment_id: str = ""  # MLflow experiment id, used when mlflow_experiment is empty
     mlflow_run_name: str = ""  # MLflow run name of a new run (empty: the run directory's name)
+    # torch.profiler over profile_steps steps of this loop from step profile_start (0-based; 0 steps:
+    # off): RUN_DIR/profile/{summary.txt, trace.json.gz}, the GPU's idle time by host phase (train/profile.py)
+    profile_steps: int = 0
+    profile_start: int = 10
     sample_tokens: int = 64  # tokens sampled at the end of the run
     sample_prompt: str = "ROMEO:"
     # --- scale-out (train/parallel.py) ---------------------------------------------
@@ -606,6 +610,11 @@ def config_problems(cfg: RunConfig) -> list[str]:
     need(t.seq_len <= cfg.model.max_seq_len, "seq_len", f"exceeds model.max_seq_len={cfg.model.max_seq_len}")
     need(t.warmup_steps >= 0, "warmup_steps", "must be >= 0")
     need(t.sample_tokens >= 0, "sample_tokens", "must be >= 0")
+    for name in ("profile_steps", "profile_start"):
+        need(getattr(t, name) >= 0, name, "must be >= 0")
+    need(t.profile_steps == 0 or t.profile_start + t.profile_steps <= t.steps + t.extend_steps, "profile_steps",
+         f"steps {t.profile_start + 1}-{t.profile_start + t.profile_steps} are not all in the run's "
+         f"{t.steps + t.extend_steps} steps (train.profile_start={t.profile_start} is 0-based)")
     need(t.muon_ns_steps >= 1, "muon_ns_steps", "must be >= 1")
     need(t.muon_ns_schedule in ("jordan", "polar_express"), "muon_ns_schedule", "is not one of jordan, polar_express")
     need(t.muon_backend in ("auto", "torch", "triton"), "muon_backend", "is not one of auto, torch, triton")

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # What the GPU machine runs: environment report, GPU tests and benchmarks, results under $OUT.
-#   bash scripts/gpu_run.sh STAGE...   with STAGE in: env tests kernels gdn train decode sweep tradeoff notebook profile embedding gpt_mfu corpus speedrun ablate dsa nsa_kernels nsa_quality attn_dq_tiles attn_dq muon attn_focus_tiles attn_goals decode_compare
+#   bash scripts/gpu_run.sh STAGE...   with STAGE in: env tests kernels gdn train decode sweep tradeoff notebook profile embedding gpt_mfu corpus speedrun loop_profile ablate dsa nsa_kernels nsa_quality attn_dq_tiles attn_dq muon attn_focus_tiles attn_goals decode_compare
 # Optional wheels in .whl/ (flash-linear-attention, liger-kernel) are installed to /tmp/site
 # first, so the anchors run side by side with deepwish in the same process (NO_WHEELS=1 skips
 # them, e.g. for HF's Qwen3-Next on its torch path).
@@ -59,6 +59,17 @@ for stage in "$@"; do
       fi
       [ -f "$CORPUS/meta.json" ] && cp "$CORPUS/meta.json" "$OUT/corpus_meta.json" \
         && python3 -c "import json,sys; m=json.load(open(sys.argv[1])); print('corpus', sys.argv[1], m['fingerprint'], m['train']['tokens'], 'train tokens', m['val']['tokens'], 'val tokens')" "$CORPUS/meta.json" ;;
+    loop_profile)  # where the real loop's step goes (train.profile_steps, train/profile.py): gpt_124m on the
+      # speedrun's corpus, steps 31-33 of 40 after the compile warm-up; the GPU's idle time by host phase
+      bash "$0" corpus >/dev/null || status=1
+      C=${CORPUS:-/tmp/deepwish-pycode}
+      for preset in ${LOOP_PROFILE_PRESETS:-gpt_124m}; do
+        python3 -m deepwish.cli train --preset "$preset" --set "data.train_bin=$C/train.bin" --set "data.val_bin=$C/val.bin" \
+          --set "data.tokenizer=$C/tokenizer" --set train.steps=40 --set train.compile_warmup=true \
+          --set train.profile_start=30 --set train.profile_steps=3 --set train.eval_every=40 --set train.sample_tokens=0 \
+          --set "train.out_dir=/tmp/loop_profile/$preset" ${LOOP_PROFILE_ARGS:-} 2>&1 | grep -v '^step' | tail -12 || status=1
+        cp "/tmp/loop_profile/$preset/profile/summary.txt" "$OUT/loop_profile_$preset.txt" || status=1
+      done ;;
     speedrun) python3 -m deepwish.cli bench speedrun --out "$OUT/speedrun" ${SPEEDRUN_ARGS:-} || status=1 ;;
     ablate) python3 -m deepwish.cli bench ablate --out "$OUT/ablate" ${ABLATE_ARGS:-} || status=1 ;;
     dsa) python3 -m deepwish.cli bench dsa --out "$OUT/dsa" ${DSA_ARGS:-} || status=1 ;;

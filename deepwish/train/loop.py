@@ -46,6 +46,7 @@ from deepwish.train.loss import (checked_target_count, count_targets, eval_objec
                                  resolve_loss_backend)
 from deepwish.train.nonfinite import raise_nonfinite
 from deepwish.train.optim import build_optimizer
+from deepwish.train.profile import StepProfiler, phase
 from deepwish.train.schedule import accum_at, apply_lr, seq_len_at, split_rows
 
 
@@ -509,21 +510,25 @@ def optimizer_step(run: Run, step: int, micro: list) -> StepResult:
     """One optimizer step: forward/backward of every micro-batch, non-finite check (before
     anything is updated or saved), clipping, update, EMA, router-bias step."""
     tc = run.cfg.train
-    counts = [checked_target_count(b[1], run.cfg.model.vocab_size) for b in micro]
-    n_counted = run.d.sum_int(sum(counts))  # over micro-batches and ranks
+    with phase("data"):
+        counts = [checked_target_count(b[1], run.cfg.model.vocab_size) for b in micro]
+        n_counted = run.d.sum_int(sum(counts))  # over micro-batches and ranks
     # Loss-masked data (SFT) can, rarely, give a step no target at all: its cross-entropy is then
     # an empty sum with zero gradient, and dividing it by 1 keeps it so.
     n_global = max(n_counted, 1)
-    ce, z, aux, loads = forward_backward(run, micro, step, n_global, counts)
-    ce, z, aux, loads = parallel.sum_step_metrics(run.d, ce, z, aux, loads)
-    loss = (ce + z) / n_global + sum(aux.values(), torch.zeros((), device=run.device))
-    clip = tc.grad_clip if tc.grad_clip > 0 else float("inf")
-    norm = parallel.clip_grad_norm(run.model.parameters(), clip)  # clipped in place; nothing updated yet
+    with phase("forward_backward"):
+        ce, z, aux, loads = forward_backward(run, micro, step, n_global, counts)
+    with phase("clip"):
+        ce, z, aux, loads = parallel.sum_step_metrics(run.d, ce, z, aux, loads)
+        loss = (ce + z) / n_global + sum(aux.values(), torch.zeros((), device=run.device))
+        clip = tc.grad_clip if tc.grad_clip > 0 else float("inf")
+        norm = parallel.clip_grad_norm(run.model.parameters(), clip)  # clipped in place; nothing updated yet
     # One host synchronisation a step: the loss and gradient norm (the non-finite check needs them
     # before the update) and the logged sums are read together, so the GPU's queue drains once.
     keys = sorted(aux)
-    scalars = torch.stack([torch.as_tensor(t, device=run.device).float().reshape(())
-                           for t in (loss, norm, ce, z, *(aux[k] for k in keys))]).tolist()
+    with phase("read"):
+        scalars = torch.stack([torch.as_tensor(t, device=run.device).float().reshape(())
+                               for t in (loss, norm, ce, z, *(aux[k] for k in keys))]).tolist()
     loss_value, grad_norm, ce_sum, z_sum = scalars[:4]
     aux_values = dict(zip(keys, scalars[4:]))
     if not (math.isfinite(loss_value) and math.isfinite(grad_norm)):
@@ -538,13 +543,14 @@ def optimizer_step(run: Run, step: int, micro: list) -> StepResult:
                 total = l if total is None else total + l
             return total
         raise_nonfinite(run.model, rerun, step + 1, what, run.last_ckpt)
-    run.optimizer.step()
-    run.optimizer.zero_grad(set_to_none=True)
-    if run.ema is not None:
-        run.ema.update(run.model)
-    rate = run.cfg.model.bias_update_rate if run.cfg.model.router in ("sigmoid", "centroid") else 0.0
-    if rate > 0 and loads:
-        run.model.update_router_bias(loads, rate)
+    with phase("optimizer"):
+        run.optimizer.step()
+        run.optimizer.zero_grad(set_to_none=True)
+        if run.ema is not None:
+            run.ema.update(run.model)
+        rate = run.cfg.model.bias_update_rate if run.cfg.model.router in ("sigmoid", "centroid") else 0.0
+        if rate > 0 and loads:
+            run.model.update_router_bias(loads, rate)
     return StepResult(loss=loss_value, ce=ce_sum / n_global, grad_norm=grad_norm, n_targets=n_counted,
                       z=z_sum / n_global, aux=aux_values, loads=loads)
 
@@ -601,24 +607,33 @@ def train_steps(run: Run) -> tuple[dict[int, float], dict[int, float]]:
                 evaluation=lambda batch: evaluation_forward(run.model, batch, tc, run.device,
                                                             eval_objective(tc, run.backend)))
     run.logger.start(run.start_step)
-    for step in range(run.start_step, total_steps(tc)):
-        done = step + 1
-        lr_f = apply_lr(run.optimizer, step, tc)
-        length = seq_len_at(step, tc)  # scheduled shapes (train/schedule.py): pure functions of the step
-        micro = [next(batches) for _ in range(accum_at(step, tc))]
-        result = optimizer_step(run, step, micro if length == tc.seq_len else [split_rows(b, length) for b in micro])
-        train_losses[done] = result.loss
-        log_step(run, done, lr_f, result)
-        saved = done % tc.save_every == 0 or done == total_steps(tc)
-        if saved:
-            with run.logger.paused():  # saves and evaluations are not in the logged tok/s
-                run.last_ckpt = save_state(run, done)
-        if (signum := rundir.stop_requested(run.d)) is not None:  # SIGINT/SIGTERM: this step is done
-            raise rundir.stopped(signum, done, run.last_ckpt if saved else save_state(run, done), run.run_dir)
-        if done % tc.eval_every == 0 or done == total_steps(tc):  # after the save, never before it
-            with run.logger.paused():
-                val_losses[done] = validation_loss(run)
-            run.logger.eval(done, {"val_loss": val_losses[done]})
+    profiler = StepProfiler(tc.profile_start, tc.profile_steps, run.run_dir / "profile" / (
+        f"rank{run.d.rank}" if run.d.world_size > 1 else ""), run.device, run.logger)
+    try:
+        for step in range(run.start_step, total_steps(tc)):
+            done = step + 1
+            profiler.before(step)
+            with phase("data"):
+                lr_f = apply_lr(run.optimizer, step, tc)
+                length = seq_len_at(step, tc)  # scheduled shapes (train/schedule.py): pure functions of the step
+                micro = [next(batches) for _ in range(accum_at(step, tc))]
+            result = optimizer_step(run, step, micro if length == tc.seq_len else [split_rows(b, length) for b in micro])
+            train_losses[done] = result.loss
+            with phase("log"):
+                log_step(run, done, lr_f, result)
+            saved = done % tc.save_every == 0 or done == total_steps(tc)
+            if saved:
+                with run.logger.paused(), phase("save"):  # saves and evaluations are not in the logged tok/s
+                    run.last_ckpt = save_state(run, done)
+            if (signum := rundir.stop_requested(run.d)) is not None:  # SIGINT/SIGTERM: this step is done
+                raise rundir.stopped(signum, done, run.last_ckpt if saved else save_state(run, done), run.run_dir)
+            if done % tc.eval_every == 0 or done == total_steps(tc):  # after the save, never before it
+                with run.logger.paused(), phase("evaluate"):
+                    val_losses[done] = validation_loss(run)
+                run.logger.eval(done, {"val_loss": val_losses[done]})
+            profiler.after(step)
+    finally:
+        profiler.close()
     return train_losses, val_losses
 
 

@@ -1,0 +1,173 @@
+"""Where the training loop's time goes: torch.profiler over `train.profile_steps` steps of the
+real loop (from step `train.profile_start`), on its own batches, schedules and host work.
+
+`bench profile_train` times one synthetic step (random ids, no data loader, no logging, no host
+read); the loop itself does more on the host between the GPU's work, and the GPU waits for it.
+Each step's host phases are marked (`phase`: `deepwish.data`, `.forward_backward`, `.read` — the
+step's one host synchronisation —, `.optimizer`, `.log`, `.save`, `.evaluate`). From the trace:
+the window's wall time, the time the GPU ran kernels, copies or fills (the union of their
+intervals: overlapping streams count once), and the GPU's idle time split by the host phase
+running meanwhile, i.e. what the GPU waited for. Written under RUN_DIR/profile/ (one folder per
+rank under data parallelism, profile/rank<r>/): summary.txt (those
+figures and the kernels by device time) and trace.json.gz (chrome://tracing or Perfetto); the
+figures are printed too. The profiled steps run slower than the others (the profiler's own
+cost), which their logged tok/s shows: profile a window apart from the one you time.
+"""
+from __future__ import annotations
+
+import contextlib
+import gzip
+import json
+import shutil
+import time
+from pathlib import Path
+
+import torch
+
+PHASE_PREFIX = "deepwish."
+DEVICE_CATEGORIES = ("kernel", "gpu_memcpy", "gpu_memset")  # what keeps the GPU busy, in a kineto trace
+
+
+def phase(name: str):
+    """Mark a host phase of the training step (`deepwish.<name>` in a profiler trace; close to
+    free when no profiler records)."""
+    return torch.profiler.record_function(PHASE_PREFIX + name)
+
+
+# ---- intervals (microseconds) ---------------------------------------------------------------------
+def union(intervals: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    """Sorted, merged: the time covered by any of `intervals`."""
+    out: list[list[float]] = []
+    for s, e in sorted(intervals):
+        if out and s <= out[-1][1]:
+            out[-1][1] = max(out[-1][1], e)
+        else:
+            out.append([s, e])
+    return [(s, e) for s, e in out]
+
+
+def gaps(busy: list[tuple[float, float]], window: tuple[float, float]) -> list[tuple[float, float]]:
+    """The parts of `window` that no interval of `busy` (merged, sorted) covers."""
+    out, t = [], window[0]
+    for s, e in busy:
+        if e <= t:
+            continue
+        if s >= window[1]:
+            break
+        if s > t:
+            out.append((t, s))
+        t = max(t, e)
+    if t < window[1]:
+        out.append((t, window[1]))
+    return out
+
+
+def idle_by_phase(busy: list[tuple[float, float]], phases: list[tuple[str, float, float]],
+                  window: tuple[float, float]) -> dict[str, float]:
+    """The GPU's idle time within `window`, split by the host phase that overlaps it (phases do not
+    overlap each other: the loop's top-level steps); idle time under no phase is 'other'."""
+    out: dict[str, float] = {}
+    phases = sorted(phases, key=lambda p: p[1])
+    for s, e in gaps(union(busy), window):
+        covered = 0.0
+        for name, ps, pe in phases:
+            lo, hi = max(s, ps), min(e, pe)
+            if hi > lo:
+                out[name] = out.get(name, 0.0) + hi - lo
+                covered += hi - lo
+        if e - s - covered > 0:
+            out["other"] = out.get("other", 0.0) + e - s - covered
+    return out
+
+
+def trace_figures(trace: dict) -> dict:
+    """From a kineto (chrome) trace: the window (first phase start .. last phase or device event
+    end), the GPU's busy time and its idle time by phase (microseconds); the phases' host time."""
+    events = [e for e in trace.get("traceEvents", []) if e.get("ph") == "X" and "dur" in e]
+    phases = [(e["name"][len(PHASE_PREFIX):], float(e["ts"]), float(e["ts"]) + float(e["dur"])) for e in events
+              if e.get("cat") == "user_annotation" and str(e.get("name", "")).startswith(PHASE_PREFIX)]
+    busy = [(float(e["ts"]), float(e["ts"]) + float(e["dur"])) for e in events if e.get("cat") in DEVICE_CATEGORIES]
+    if not phases:
+        raise ValueError("the trace holds no deepwish.* phase: nothing of the training loop was recorded")
+    start = min(p[1] for p in phases)
+    end = max([p[2] for p in phases] + [e for _, e in busy])
+    merged = union(busy)
+    busy_us = sum(min(e, end) - max(s, start) for s, e in merged if e > start and s < end)
+    host = {}
+    for name, s, e in phases:
+        host[name] = host.get(name, 0.0) + e - s
+    return {"wall_us": end - start, "busy_us": busy_us, "device_events": len(busy),
+            "idle_us": idle_by_phase(busy, phases, (start, end)) if busy else {}, "host_us": host}
+
+
+def summary_lines(fig: dict, first: int, last: int) -> list[str]:
+    n = last - first + 1
+    ms = 1e-3
+    head = f"profile: steps {first}-{last}: wall {fig['wall_us'] * ms:.1f} ms ({fig['wall_us'] * ms / n:.1f} a step)"
+    host = ", ".join(f"{k} {v * ms / n:.2f}" for k, v in sorted(fig["host_us"].items(), key=lambda kv: -kv[1]))
+    if not fig["device_events"]:
+        return [head + "; no GPU work in the trace (a CPU run)", f"profile: host phases, ms a step: {host}"]
+    busy = fig["busy_us"]
+    idle = fig["wall_us"] - busy
+    by = ", ".join(f"{k} {v * ms / n:.2f}" for k, v in sorted(fig["idle_us"].items(), key=lambda kv: -kv[1]))
+    return [head + f", GPU busy {busy * ms / n:.1f} ms a step ({100 * busy / fig['wall_us']:.0f}%), "
+                   f"idle {idle * ms / n:.1f}",
+            f"profile: GPU idle by host phase, ms a step: {by}",
+            f"profile: host phases, ms a step: {host}"]
+
+
+class StepProfiler:
+    """torch.profiler over steps [start, start + n) of the loop (0-based step indices; a resumed run
+    past them profiles none). `before(step)` / `after(step)` around each step; `close()` on the
+    way out (stops a window the run left early, writing nothing)."""
+
+    def __init__(self, start: int, n: int, out: Path, device: torch.device, logger):
+        self.first, self.last = start, start + n - 1
+        self.out = Path(out)
+        self.device, self.logger = device, logger
+        self.prof = None
+
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def before(self, step: int) -> None:
+        if self.last < self.first or step != self.first:
+            return
+        acts = [torch.profiler.ProfilerActivity.CPU]
+        if self.device.type == "cuda":
+            acts.append(torch.profiler.ProfilerActivity.CUDA)
+        self._sync()  # the window starts with an empty queue: its first idle time is the loop's own
+        self.prof = torch.profiler.profile(activities=acts)
+        self.prof.__enter__()
+
+    def after(self, step: int) -> None:
+        if self.prof is None or step != self.last:
+            return
+        self._sync()
+        prof, self.prof = self.prof, None
+        prof.__exit__(None, None, None)
+        with self.logger.paused():  # the summary's work is not training time
+            t0 = time.perf_counter()
+            self.out.mkdir(parents=True, exist_ok=True)
+            raw = self.out / "trace.json"
+            prof.export_chrome_trace(str(raw))
+            fig = trace_figures(json.loads(raw.read_text()))
+            with open(raw, "rb") as src, gzip.open(self.out / "trace.json.gz", "wb") as dst:
+                shutil.copyfileobj(src, dst)
+            raw.unlink()
+            lines = summary_lines(fig, self.first + 1, self.last + 1)  # steps as the log numbers them
+            cuda = self.device.type == "cuda"
+            table = prof.key_averages().table(sort_by="self_cuda_time_total" if cuda else "self_cpu_time_total",
+                                              row_limit=30, max_name_column_width=70)
+            (self.out / "summary.txt").write_text("\n".join(lines) + "\n\n" + table + "\n")
+            for line in lines:
+                self.logger.print(f"[deepwish] {line}")
+            self.logger.print(f"[deepwish] profile: {self.out / 'summary.txt'}, {self.out / 'trace.json.gz'} "
+                              f"({time.perf_counter() - t0:.1f} s to write)")
+
+    def close(self) -> None:
+        if self.prof is not None:
+            prof, self.prof = self.prof, None
+            with contextlib.suppress(Exception):
+                prof.__exit__(None, None, None)

@@ -1,0 +1,72 @@
+"""train.profile_steps: torch.profiler over steps of the real loop, the GPU's idle time by host
+phase (train/profile.py)."""
+import gzip
+import json
+
+import pytest
+
+from deepwish.config import ConfigError, load_config, validate
+from deepwish.train import loop
+from deepwish.train.profile import gaps, idle_by_phase, summary_lines, trace_figures, union
+
+from tests.train.test_loop import TINY
+
+
+def test_union_and_gaps():
+    assert union([(5, 7), (0, 2), (1, 3), (7, 8)]) == [(0, 3), (5, 8)]
+    assert gaps([(0, 3), (5, 8)], (0, 10)) == [(3, 5), (8, 10)]
+    assert gaps([(-2, 1), (12, 14)], (0, 10)) == [(1, 10)]
+    assert gaps([], (2, 4)) == [(2, 4)]
+
+
+def test_idle_time_goes_to_the_host_phase_running_meanwhile():
+    busy = [(0, 10), (4, 12), (20, 30)]  # overlapping streams count once: busy 0-12 and 20-30
+    phases = [("forward_backward", 0, 9), ("read", 9, 14), ("optimizer", 14, 22)]
+    # idle: 12-20 (read 12-14, optimizer 14-20) and 30-35 (no phase)
+    assert idle_by_phase(busy, phases, (0, 35)) == {"read": 2, "optimizer": 6, "other": 5}
+
+
+def _event(cat, name, ts, dur):
+    return {"ph": "X", "cat": cat, "name": name, "ts": ts, "dur": dur}
+
+
+def test_trace_figures_and_summary_from_a_kineto_trace():
+    trace = {"traceEvents": [
+        _event("user_annotation", "deepwish.forward_backward", 100, 50),
+        _event("user_annotation", "deepwish.read", 150, 30),
+        _event("user_annotation", "deepwish.optimizer", 180, 20),
+        _event("user_annotation", "Optimizer.step#AdamW.step", 181, 10),  # not a phase
+        _event("gpu_user_annotation", "deepwish.read", 150, 30),  # the device-side copy: not a phase
+        _event("cpu_op", "aten::mm", 101, 5),
+        _event("kernel", "gemm", 110, 60), _event("gpu_memcpy", "copy", 165, 10),
+        _event("kernel", "adam", 190, 30),
+    ]}
+    fig = trace_figures(trace)
+    # window 100..220; busy 110-175 and 190-220 = 95; idle 100-110 (forward_backward), 175-180 (read),
+    # 180-190 (optimizer)
+    assert fig["wall_us"] == 120 and fig["busy_us"] == 95 and fig["device_events"] == 3
+    assert fig["idle_us"] == {"forward_backward": 10, "read": 5, "optimizer": 10}
+    assert fig["host_us"] == {"forward_backward": 50, "read": 30, "optimizer": 20}
+    lines = summary_lines(fig, 3, 3)
+    assert "GPU busy 0.1 ms a step (79%)" in lines[0] and "optimizer 0.01" in lines[1]
+    with pytest.raises(ValueError, match="no deepwish"):
+        trace_figures({"traceEvents": [_event("kernel", "gemm", 0, 1)]})
+
+
+def test_a_profiled_run_writes_its_summary_and_trace(tmp_path, capsys):
+    cfg = load_config("qwen3_tiny", TINY + [f"train.out_dir={tmp_path}", "train.steps=4", "train.profile_start=1",
+                                            "train.profile_steps=2", "train.sample_tokens=0", "train.eval_every=2"])
+    loop.train(cfg, progress_bar=False)
+    summary = (tmp_path / "profile" / "summary.txt").read_text()
+    assert summary.startswith("profile: steps 2-3: wall ") and "no GPU work in the trace (a CPU run)" in summary
+    for name in ("data", "forward_backward", "clip", "read", "optimizer", "log", "evaluate"):
+        assert f"{name} " in summary.splitlines()[1], name
+    names = {e.get("name") for e in json.loads(gzip.open(tmp_path / "profile" / "trace.json.gz").read())["traceEvents"]}
+    assert {"deepwish.forward_backward", "deepwish.optimizer"} <= names
+    assert "profile: steps 2-3" in capsys.readouterr().out
+
+
+def test_a_profile_window_outside_the_run_is_refused(tmp_path):
+    with pytest.raises(ConfigError, match="train.profile_steps=3: steps 3-5 are not all in the run's 4 steps"):
+        validate(load_config("qwen3_tiny", TINY + [f"train.out_dir={tmp_path}", "train.steps=4",
+                                                   "train.profile_start=2", "train.profile_steps=3"]))
