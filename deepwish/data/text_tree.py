@@ -23,7 +23,12 @@ byte-identical shards, and the printed corpus fingerprint says whether they did)
   fall on both sides; both runs of a comparison see the same split, so it is a fair yardstick,
   not a measure of generalisation to unseen code.
 - budget: documents are taken in that order, whole, until the next one would take the total
-  (train + validation) past `token_budget`; none: every document.
+  (train + validation) past `token_budget`; none: every document. The order and the split read
+  the same hash prefix, so the tree's validation documents are all first in the order: under a
+  budget, validation is the whole tree's split (the same documents at every budget, so losses
+  compare across budgets), more than `val_fraction` of the built tokens (the speedrun corpus:
+  2.48M validation against 21.5M training tokens at 0.02), and a budget below the tree's
+  validation tokens holds no training document (an error).
 - tokenizer: with `bpe_vocab` V, a byte-level BPE of V ids (tokenizer.train_bpe: eos id 0) trained
   on the first `bpe_sample_bytes` of training documents in that order (whole documents; the
   sample is fixed by the contents, so the tokenizer is too); otherwise the tokenizer given.
@@ -210,7 +215,9 @@ def build_tree_shards(trees: list[Path], out_dir: str | Path, tokenizer: Tokeniz
         if writers["train"].n_docs == 0 or writers["val"].n_docs == 0:
             raise TreeError(f"{used} document(s) within the budget give "
                             f"{writers['train'].n_docs} training and {writers['val'].n_docs} validation "
-                            f"document(s); both must be non-empty (a larger budget or val_fraction)")
+                            f"document(s); both must be non-empty (the tree's validation documents come first "
+                            f"in the hash order: a budget above their {writers['val'].n_tokens} tokens, or "
+                            f"another val_fraction)")
         heads = {s: w.close() for s, w in writers.items()}
     except BaseException:
         for w in writers.values():  # a closed writer's file is in place; abort drops only partial ones

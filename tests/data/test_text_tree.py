@@ -78,6 +78,12 @@ def test_tree_budget_and_given_tokenizer(tmp_path):
     # the cut corpus is the full one's prefix in hash order
     both = docs_of(tmp_path / "cut" / "train.bin", tok)
     assert both == docs_of(tmp_path / "full" / "train.bin", tok)[:len(both)]
+    # validation documents come first in that order: under a budget, the split is the whole tree's
+    assert docs_of(tmp_path / "cut" / "val.bin", tok) == docs_of(tmp_path / "full" / "val.bin", tok)
+    # a budget inside them holds no training document, and the error says what budget would
+    with pytest.raises(TreeError, match=r"0 training and \d+ validation document\(s\).*a budget above their \d+ tokens"):
+        build_tree_shards([tree], tmp_path / "tiny", tok, token_budget=full["val"]["tokens"] - 1, val_fraction=0.2,
+                          log=lambda s: None)
 
 
 def test_tree_errors_and_python_trees(tmp_path):
