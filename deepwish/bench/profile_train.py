@@ -3,13 +3,20 @@
     python -m deepwish.bench.profile_train --preset qwen3_0.6b [--variant deepwish] [--batch 8 --seq 2048]
 
 Prints the kernels (and CPU-side ops) that take the most device time over a few profiled steps,
-after warm-up, and writes a Chrome trace to --out when given.
+after warm-up, the GPU's idle time by host phase (as `train.profile_steps` counts it in the real
+loop, train/profile.py), and writes a Chrome trace to --out when given.
 """
 from __future__ import annotations
 
 import argparse
+import json
+import shutil
+import tempfile
+from pathlib import Path
 
 import torch
+
+from deepwish.train.profile import summary_lines, trace_figures
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -57,10 +64,14 @@ def main(argv: list[str] | None = None) -> int:
                     if e.device_type == torch.autograd.DeviceType.CPU) / 1e3 / args.steps  # us -> ms
     print(f"== per step: wall {wall_ms:.2f} ms (unprofiled), kernels {kernel_ms:.2f} ms "
           f"({100 * kernel_ms / wall_ms:.0f}% of the wall time)")
-    if args.out:
-        from pathlib import Path
-        Path(args.out).mkdir(parents=True, exist_ok=True)
-        prof.export_chrome_trace(str(Path(args.out) / "trace.json"))
+    # the GPU's idle time by host phase, counted as `train.profile_steps` counts it in the real loop
+    out = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="profile_train_"))
+    out.mkdir(parents=True, exist_ok=True)
+    prof.export_chrome_trace(str(out / "trace.json"))
+    for line in summary_lines(trace_figures(json.loads((out / "trace.json").read_text())), 1, args.steps):
+        print(f"== {line}")
+    if not args.out:
+        shutil.rmtree(out)
     return 0
 
 

@@ -129,6 +129,7 @@ def build_deepwish(preset: str, batch: int, seq: int, variant: str):
     from deepwish.train.loop import autocast_context
     from deepwish.train.loss import lm_loss, resolve_loss_backend
     from deepwish.train.optim import build_optimizer
+    from deepwish.train.profile import phase
 
     run_cfg = _run_config(preset, batch, seq, variant)
     tc = run_cfg.train
@@ -153,12 +154,15 @@ def build_deepwish(preset: str, batch: int, seq: int, variant: str):
 
     def step() -> torch.Tensor:
         b = batches[next(turn) % len(batches)]
-        with autocast_context(device, tc.dtype):
-            loss, _ = lm_loss(step_model, b, tc, n, backend=backend)
-        loss.backward()
-        parallel.clip_grad_norm(model.parameters(), tc.grad_clip)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        with phase("forward_backward"):  # the loop's phase names (train/profile.py), for profile_train
+            with autocast_context(device, tc.dtype):
+                loss, _ = lm_loss(step_model, b, tc, n, backend=backend)
+            loss.backward()
+        with phase("clip"):
+            parallel.clip_grad_norm(model.parameters(), tc.grad_clip)
+        with phase("optimizer"):
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
         return loss.detach()
 
     return step, model.flops_per_token(seq)
