@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # What the GPU machine runs: environment report, GPU tests and benchmarks, results under $OUT.
-#   bash scripts/gpu_run.sh STAGE...   with STAGE in: env tests kernels gdn train decode sweep tradeoff notebook profile embedding gpt_mfu corpus speedrun loop_profile ablate dsa nsa_kernels nsa_quality attn_dq_tiles attn_dq muon attn_focus_tiles attn_goals decode_compare
+#   bash scripts/gpu_run.sh STAGE...   with STAGE in: env tests kernels gdn train decode sweep tradeoff notebook profile embedding gpt_mfu corpus speedrun loop_profile lce ablate dsa nsa_kernels nsa_quality attn_dq_tiles attn_dq muon attn_focus_tiles attn_goals decode_compare
 # Optional wheels in .whl/ (flash-linear-attention, liger-kernel) are installed to /tmp/site
 # first, so the anchors run side by side with deepwish in the same process (NO_WHEELS=1 skips
 # them, e.g. for HF's Qwen3-Next on its torch path).
@@ -70,6 +70,11 @@ for stage in "$@"; do
           --set "train.out_dir=/tmp/loop_profile/$preset" ${LOOP_PROFILE_ARGS:-} 2>&1 | grep -v '^step' | tail -12 || status=1
         cp "/tmp/loop_profile/$preset/profile/summary.txt" "$OUT/loop_profile_$preset.txt" || status=1
       done ;;
+    lce)  # the fused loss: GPU tests (the soft-cap's tanh instruction included), then its row kernel and the
+      # whole loss against torch.compile of the plain loss (bench/lce_rows.py)
+      python3 -m pytest -m gpu -q -p no:cacheprovider tests/kernels/test_kernels_gpu_conv_lce.py 2>&1 | tail -5
+      [ "${PIPESTATUS[0]}" = 0 ] || status=1
+      python3 -m deepwish.bench.lce_rows --out "$OUT/lce" || status=1 ;;
     speedrun) python3 -m deepwish.cli bench speedrun --out "$OUT/speedrun" ${SPEEDRUN_ARGS:-} || status=1 ;;
     ablate) python3 -m deepwish.cli bench ablate --out "$OUT/ablate" ${ABLATE_ARGS:-} || status=1 ;;
     dsa) python3 -m deepwish.cli bench dsa --out "$OUT/dsa" ${DSA_ARGS:-} || status=1 ;;

@@ -103,3 +103,22 @@ def test_lce_training_path_bf16_and_memory_bound(cuda, rel_err):
     assert rel_err(want, loss) < 2e-3
     wdh, wdw = torch.autograd.grad(lce_ref.linear_cross_entropy(h, w, t, reduction="mean"), [h, w])
     assert rel_err(wdh, dh) < 2e-2 and rel_err(wdw, dw) < 2e-2
+
+
+def test_lce_hardware_tanh_matches_the_exact_soft_cap(cuda, rel_err, monkeypatch):
+    """bf16 logits with a soft-cap take the GPU's tanh instruction; fp32 logits keep the exact form.
+    The two agree inside half the bf16 path's tolerance against the fp32 reference (2e-2 above)."""
+    from deepwish.kernels.linear_cross_entropy import triton as lce_tri
+    assert lce_tri.hardware_tanh(torch.zeros(1, device=cuda, dtype=torch.bfloat16))
+    assert not lce_tri.hardware_tanh(torch.zeros(1, device=cuda, dtype=torch.float32))
+    N, D, V = 2048, 768, 50304
+    h = torch.randn(N, D, device=cuda).to(torch.bfloat16).requires_grad_()
+    w = (torch.randn(V, D, device=cuda) * D ** -0.5 * 4).to(torch.bfloat16).requires_grad_()
+    t = torch.randint(0, V, (N,), device=cuda)
+    g_loss, g_lp = torch.randn(N, device=cuda), torch.randn(N, device=cuda)
+    kw = dict(reduction="none", z_loss=1e-4, softcap=15.0)
+    fast = _lce_all(lce_tri.linear_cross_entropy, h, w, t, g_loss, g_lp, **kw)
+    monkeypatch.setattr(lce_tri, "hardware_tanh", lambda logits: False)
+    exact = _lce_all(lce_tri.linear_cross_entropy, h, w, t, g_loss, g_lp, **kw)
+    for i, (a, b) in enumerate(zip(exact, fast)):
+        assert rel_err(a, b) < 1e-2, (i, rel_err(a, b))

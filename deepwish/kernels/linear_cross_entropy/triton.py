@@ -57,7 +57,13 @@ MIN_CHUNK_ROWS, MAX_CHUNK_ROWS = 128, 2048
 
 
 @triton.jit
-def _tanh(x):
+def _tanh(x, HW_TANH: tl.constexpr):
+    if HW_TANH:
+        # the GPU's tanh instruction (sm_75+, one special-function op where the exp-based form
+        # takes an exp and a reciprocal): relative error ~2^-11, below a 16-bit logits buffer's own
+        # rounding (bf16 2^-9), so taken only for those buffers
+        return tl.inline_asm_elementwise("tanh.approx.f32 $0, $1;", "=f,f", [x], dtype=tl.float32,
+                                         is_pure=True, pack=1)
     # exp-based tanh (the interpreter has no libdevice); absolute error ~1e-7. The quotient is the
     # 2-ulp approximate division: an IEEE-rounded fp32 division is a ~10-instruction sequence, and
     # with two of them per logit per pass the soft-capped row kernel was bound by them, not by memory.
@@ -66,11 +72,18 @@ def _tanh(x):
     return tl.where(x < 0, -r, r)
 
 
+def hardware_tanh(logits: torch.Tensor) -> bool:
+    """Whether the row kernel takes the GPU's tanh instruction for these logits: a 16-bit buffer
+    on a CUDA GPU of compute capability 7.5 or later (not in the interpreter, which runs no PTX)."""
+    return (logits.is_cuda and logits.dtype in (torch.bfloat16, torch.float16) and torch.version.cuda is not None
+            and torch.cuda.get_device_capability(logits.device) >= (7, 5))
+
+
 @triton.jit
 def _ce_rows_kernel(logits_ptr, grad_ptr, targets_ptr, lse_ptr, target_logit_ptr, g_loss_ptr, g_lp_ptr,
                     V, stride_logits, stride_grad, z_loss, softcap, inv_softcap,
                     HAS_SOFTCAP: tl.constexpr, COMPUTE_LSE: tl.constexpr, WRITE_GRAD: tl.constexpr,
-                    BV: tl.constexpr):
+                    HW_TANH: tl.constexpr, BV: tl.constexpr):
     """One program per row of the chunk. COMPUTE_LSE: online log-sum-exp and target logit.
     WRITE_GRAD: dlogits = (g_loss*(1 + 2 z lse) - g_lp) * softmax - (g_loss - g_lp) * onehot,
     times the softcap derivative; g_loss / g_lp are the row's loss / logprob output gradients."""
@@ -91,7 +104,7 @@ def _ce_rows_kernel(logits_ptr, grad_ptr, targets_ptr, lse_ptr, target_logit_ptr
             ok = cols < V
             x = tl.load(logits_row + cols, mask=ok, other=0.0).to(tl.float32)
             if HAS_SOFTCAP:
-                x = softcap * _tanh(x * inv_softcap)
+                x = softcap * _tanh(x * inv_softcap, HW_TANH)
             e = tl.exp(-tl.abs(x - m))
             up = x > m
             s = tl.where(ok, tl.where(up, s * e + 1.0, s + e), s)
@@ -104,7 +117,7 @@ def _ce_rows_kernel(logits_ptr, grad_ptr, targets_ptr, lse_ptr, target_logit_ptr
         t_ok = (target >= 0) & (target < V)
         t_x = tl.load(logits_row + tl.where(t_ok, target, 0), mask=t_ok, other=0.0).to(tl.float32)
         if HAS_SOFTCAP:
-            t_x = softcap * _tanh(t_x * inv_softcap)
+            t_x = softcap * _tanh(t_x * inv_softcap, HW_TANH)
         tl.store(target_logit_ptr + row, tl.where(t_ok, t_x, 0.0))
     else:
         lse = tl.load(lse_ptr + row)
@@ -121,7 +134,7 @@ def _ce_rows_kernel(logits_ptr, grad_ptr, targets_ptr, lse_ptr, target_logit_ptr
             ok = cols < V
             x = tl.load(logits_row + cols, mask=ok, other=0.0).to(tl.float32)
             if HAS_SOFTCAP:
-                x = softcap * _tanh(x * inv_softcap)
+                x = softcap * _tanh(x * inv_softcap, HW_TANH)
             g = coef_p * tl.exp(x - lse) - tl.where(cols == target, coef_t, 0.0)
             if HAS_SOFTCAP:
                 g = g * (1.0 - (x * inv_softcap) * (x * inv_softcap))
@@ -162,7 +175,7 @@ def _launch_rows(logits, grad, targets_c, lse_c, target_logit_c, g_loss_c, g_lp_
         V, logits.stride(0), grad.stride(0) if grad is not None else 0,
         float(z_loss), float(softcap) if softcap is not None else 1.0, 1.0 / float(softcap) if softcap else 1.0,
         HAS_SOFTCAP=softcap is not None, COMPUTE_LSE=compute_lse, WRITE_GRAD=write_grad,
-        BV=bv, num_warps=warps)
+        HW_TANH=softcap is not None and hardware_tanh(logits), BV=bv, num_warps=warps)
 
 
 def _chunked_pass(h, weight, targets, lse, target_logit, g_loss, g_lp, z_loss, softcap,
