@@ -90,7 +90,17 @@ class ChainedOptimizer:
             raise ValueError(f"optimizer state has parts {sorted(state)}, expected {sorted(self.optimizers)} "
                              f"(was the checkpoint written with another train.optimizer?)")
         for name, opt in self.optimizers.items():
-            opt.load_state_dict(state[name])
+            try:
+                opt.load_state_dict(state[name])
+            except ValueError as e:  # torch's count/size check of the parameter groups
+                saved = [len(g["params"]) for g in state[name].get("param_groups", [])]
+                here = {g.get("name", "?"): len(g["params"]) for g in opt.param_groups}
+                raise ValueError(
+                    f"{name} state does not fit this run's parameter groups ({e}): saved groups of {saved} "
+                    f"parameters, here {here}. The groups follow parameter roles (train/optim.py GROUP_ROLES); "
+                    f"a checkpoint written while they were drawn otherwise (before 2026-12-04 a tied token table "
+                    f"was in the embeddings' group, now the head's) trains on with --init-from CHECKPOINT "
+                    f"(weights only, a fresh optimizer)") from None
 
 
 @dataclass
@@ -106,7 +116,7 @@ def classify_params(model: nn.Module) -> tuple[dict[str, list[nn.Parameter]], Pa
     asserting full, exclusive cover.
 
     Muon: hidden matrices and stacks of them (roles matrix, matrix_out, expert, expert_out).
-    AdamW with decay: embeddings and the output head.
+    AdamW with decay: embeddings and the output head (a tied token table is the head).
     AdamW without decay: norms, biases, routers/gates, convolution kernels, scalars.
     """
     roles = param_roles(model)

@@ -2,6 +2,7 @@
 embeddings, head and scalars/gates, each with its own lr and weight decay."""
 from dataclasses import replace
 
+import pytest
 import torch
 
 from deepwish.config import ModelConfig, TrainConfig
@@ -89,3 +90,17 @@ def test_each_group_steps_with_its_own_lr_and_decay():
     for name, factor in (("embed.weight", 1 - 0.1 * 0.5), ("lm_head.weight", 1 - 0.1 * 0.25),
                          ("norm.weight", 1.0), ("blocks.0.mixer.o_proj.weight", 1 - 0.2 * 0.3)):
         torch.testing.assert_close(params[name], before[name] * factor, rtol=1e-5, atol=1e-6)
+
+
+def test_a_state_from_other_groups_is_one_clear_error():
+    """A checkpoint whose AdamW groups were drawn otherwise (the tied table with the position table,
+    as before the tied head joined the head's group) names the groups and the way on (--init-from)."""
+    tied = replace(CFG, tie_embeddings=True, value_embeds=0)
+    model = Transformer(tied)
+    opt = build_optimizer(model, TrainConfig())
+    state = opt.state_dict()
+    groups = state["adamw"]["param_groups"]  # [embedding (pos), head (tied token table), scalar]
+    merged = dict(groups[0], params=groups[0]["params"] + groups[1]["params"])
+    state["adamw"]["param_groups"] = [merged] + groups[2:]
+    with pytest.raises(ValueError, match=r"adamw state does not fit this run's parameter groups .*--init-from"):
+        build_optimizer(model, TrainConfig()).load_state_dict(state)
