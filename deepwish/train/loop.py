@@ -476,6 +476,7 @@ class StepResult:
     z: float
     aux: dict  # 'aux/<name>' -> float, weighted as added to the loss
     loads: dict  # layer -> tokens per expert [E] summed over micro-batches and ranks
+    stop: int | None = None  # under a process group: the stop signal requested on any rank, read with the step
 
 
 def forward_backward(run: Run, micro: list, step: int, n_global: int, counts: list[int] | None = None) -> tuple:
@@ -526,11 +527,14 @@ def optimizer_step(run: Run, step: int, micro: list) -> StepResult:
     # One host synchronisation a step: the loss and gradient norm (the non-finite check needs them
     # before the update) and the logged sums are read together, so the GPU's queue drains once.
     keys = sorted(aux)
+    stop = rundir.stop_request_tensor(run.d)  # the ranks' stop requests, read in the same synchronisation
     with phase("read"):
         scalars = torch.stack([torch.as_tensor(t, device=run.device).float().reshape(())
-                               for t in (loss, norm, ce, z, *(aux[k] for k in keys))]).tolist()
+                               for t in (loss, norm, ce, z, *(aux[k] for k in keys),
+                                         *([] if stop is None else [stop]))]).tolist()
     loss_value, grad_norm, ce_sum, z_sum = scalars[:4]
-    aux_values = dict(zip(keys, scalars[4:]))
+    aux_values = dict(zip(keys, scalars[4:4 + len(keys)]))
+    stop_signal = None if stop is None else int(scalars[-1])
     if not (math.isfinite(loss_value) and math.isfinite(grad_norm)):
         what = f"loss ({loss_value})" if not math.isfinite(loss_value) else f"gradient norm ({grad_norm})"
 
@@ -552,7 +556,7 @@ def optimizer_step(run: Run, step: int, micro: list) -> StepResult:
         if rate > 0 and loads:
             run.model.update_router_bias(loads, rate)
     return StepResult(loss=loss_value, ce=ce_sum / n_global, grad_norm=grad_norm, n_targets=n_counted,
-                      z=z_sum / n_global, aux=aux_values, loads=loads)
+                      z=z_sum / n_global, aux=aux_values, loads=loads, stop=stop_signal)
 
 
 def log_step(run: Run, done: int, lr_f: float, r: StepResult) -> None:
@@ -625,7 +629,7 @@ def train_steps(run: Run) -> tuple[dict[int, float], dict[int, float]]:
             if saved:
                 with run.logger.paused(), phase("save"):  # saves and evaluations are not in the logged tok/s
                     run.last_ckpt = save_state(run, done)
-            if (signum := rundir.stop_requested(run.d)) is not None:  # SIGINT/SIGTERM: this step is done
+            if (signum := rundir.stop_requested(run.d, result.stop)) is not None:  # SIGINT/SIGTERM: this step is done
                 raise rundir.stopped(signum, done, run.last_ckpt if saved else save_state(run, done), run.run_dir)
             if done % tc.eval_every == 0 or done == total_steps(tc):  # after the save, never before it
                 with run.logger.paused(), phase("evaluate"):

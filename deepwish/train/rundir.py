@@ -9,8 +9,9 @@ owner. Only the process that writes checkpoints and metrics takes it: rank 0 und
 systems that do not forward it (some NFS set-ups): there the pid/host line is only a label.
 
 Signals: inside `stop_on_signals()` the first SIGINT or SIGTERM only sets a flag; the training
-loop reads it at the end of each step (`stop_requested`, all-reduced so every rank stops at the
-same step), saves, and raises `Stopped`. A second signal raises `Stopped` at once, without a
+loop reads it at the end of each step (`stop_requested`; under a process group all-reduced with
+the step's own values, `stop_request_tensor`, so every rank stops at the same step without a
+second host synchronisation), saves, and raises `Stopped`. A second signal raises `Stopped` at once, without a
 save: the last checkpoint is whatever was written before (a save being written is abandoned
 whole, train/checkpoint.py). The exit status is 128 + the signal number, as a shell reports it.
 """
@@ -210,17 +211,33 @@ def stop_on_signals():
         STOP.installed, STOP.signum = False, None
 
 
-def stop_requested(d=None) -> int | None:
-    """The signal number if a stop was requested on any rank (collective under a process group
-    whenever the handlers are installed: every rank calls it at the same point of each step)."""
+def _collective(d) -> bool:
+    return d is not None and d.active and d.world_size > 1
+
+
+def stop_request_tensor(d):
+    """Under a process group: this rank's stop request (0 or the signal number) as a device
+    tensor, all-reduced (MAX) in stream order, so the training step reads it together with its
+    other values (one host synchronisation a step); None without a process group or handlers.
+    Collective: every rank calls it at the same point of each step."""
+    if not (STOP.installed and _collective(d)):
+        return None
+    import torch
+    import torch.distributed as dist
+
+    t = torch.tensor([STOP.signum or 0], dtype=torch.float32, device=d.device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t.reshape(())
+
+
+def stop_requested(d=None, reduced: int | None = None) -> int | None:
+    """The signal number if a stop was requested on any rank. Under a process group: `reduced`,
+    the step's read of `stop_request_tensor`, when the caller has it (every rank then stops at
+    the same step), else a collective of its own (every rank calls it at the same point)."""
     if not STOP.installed:
         return None
-    signum = STOP.signum or 0
-    if d is not None and d.active and d.world_size > 1:
-        import torch
-        import torch.distributed as dist
-
-        t = torch.tensor([signum], dtype=torch.int64, device=d.device)
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
-        signum = int(t.item())
-    return signum or None
+    if not _collective(d):
+        return STOP.signum or None
+    if reduced is None:
+        reduced = int(stop_request_tensor(d).item())
+    return int(reduced) or None
