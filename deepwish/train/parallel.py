@@ -52,7 +52,7 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
@@ -72,6 +72,8 @@ class Dist:
     local_rank: int
     device: torch.device
     backend: str | None
+    # a gloo group beside an NCCL one, for host integers (sum_int): no round trip through the GPU's queue
+    host_group: object = field(default=None, compare=False, repr=False)
 
     @property
     def main(self) -> bool:
@@ -93,6 +95,16 @@ class Dist:
         return t
 
     def sum_int(self, n: int) -> int:
+        """A host integer summed over ranks. Beside an NCCL group it goes over the host group: a
+        device tensor would be queued behind the GPU's work, and reading it back would make the host
+        wait for that work to finish before it launches the next (the step's count of targets comes
+        before its forward)."""
+        if not (self.active and self.world_size > 1):
+            return n
+        if self.host_group is not None:
+            t = torch.tensor([n], dtype=torch.int64)
+            dist.all_reduce(t, op=dist.ReduceOp.SUM, group=self.host_group)
+            return int(t.item())
         return int(self.sum(torch.tensor([n], dtype=torch.int64, device=self.device)).item())
 
     def barrier(self) -> None:
@@ -147,7 +159,9 @@ def init_distributed(tc) -> Dist:
         backend = dist.get_backend()
     else:
         dist.init_process_group(backend=backend, rank=rank, world_size=world)
-    return Dist(rank, world, local_rank, device, backend)
+    # collective: every rank calls init_distributed at the same point
+    host_group = dist.new_group(backend="gloo") if backend == "nccl" and world > 1 else None
+    return Dist(rank, world, local_rank, device, backend, host_group)
 
 
 def shutdown(wait_for_peers: bool = False) -> None:
