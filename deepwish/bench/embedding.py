@@ -17,10 +17,9 @@ from pathlib import Path
 
 import torch
 
+from deepwish.bench.decode import copy_bw
 from deepwish.bench.timing import median_ms
 from deepwish.kernels.embedding import lookups
-
-COPY_GBPS = 4172  # H200, shared/GPU.md
 
 
 def zipf_ids(n: int, V: int, device, seed: int = 0) -> torch.Tensor:
@@ -42,7 +41,7 @@ def case(name: str, n: int, V: int, widths: list[int], device) -> dict:
             torch.autograd.backward([o.to(torch.bfloat16) for o in outs], cots)
         row[backend] = median_ms(step, grad_to_none=tables)
     bytes_min = sum(V * d * 4 + n * d * 2 for d in widths)
-    row["roofline_ms"] = bytes_min / (COPY_GBPS * 1e9) * 1e3
+    row["roofline_ms"] = bytes_min / copy_bw() * 1e3
     return row
 
 

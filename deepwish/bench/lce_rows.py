@@ -19,10 +19,11 @@ from pathlib import Path
 
 import torch
 
+from deepwish.bench.decode import copy_bw
 from deepwish.bench.timing import median_ms
 from deepwish.kernels.linear_cross_entropy import triton as lce
+from deepwish.train.mfu import device_peak_flops
 
-COPY_GBPS, PEAK_TFLOPS = 4172, 774  # H200, shared/GPU.md
 ROWS = 2048
 
 
@@ -47,7 +48,7 @@ def row_case(V: int, softcap: float | None, hw_tanh: bool, device) -> dict:
         lce.hardware_tanh = original
     gbps = 2 * ROWS * V * 2 / (ms * 1e-3) / 1e9
     return {"V": V, "softcap": softcap, "hw_tanh": hw_tanh and softcap is not None, "us": round(ms * 1e3, 1),
-            "GB/s": round(gbps), "of_copy": round(gbps / COPY_GBPS, 3)}
+            "GB/s": round(gbps), "of_copy": round(gbps * 1e9 / copy_bw(), 3)}
 
 
 def loss_case(name: str, N: int, D: int, V: int, softcap: float | None, device) -> dict:
@@ -63,8 +64,9 @@ def loss_case(name: str, N: int, D: int, V: int, softcap: float | None, device) 
         return torch.nn.functional.cross_entropy(z, t)
 
     compiled = torch.compile(plain)
+    peak, _ = device_peak_flops(device)  # train/mfu.py PEAKS: the GPU's measured bf16 matmul rate
     out = {"case": name, "N": N, "D": D, "V": V, "softcap": softcap,
-           "gemms_ms_at_peak": round(3 * 2 * N * D * V / (PEAK_TFLOPS * 1e12) * 1e3, 2)}
+           "gemms_ms_at_peak": round(3 * 2 * N * D * V / peak * 1e3, 2) if peak else None}
     for label, fn in (("fused", lambda: lce.linear_cross_entropy(h, w, t, softcap=softcap, check_targets=False)),
                       ("compile", lambda: compiled(h, w, t))):
         def step():
