@@ -42,8 +42,7 @@ from deepwish.train import dist_checkpoint, parallel, rundir
 from deepwish.train.checkpoint import (list_checkpoints, load_checkpoint, read_meta, resolve_any, save_checkpoint,
                                        set_rng_state, start_branch)
 from deepwish.train.log import Logger, mlflow_run_to_continue
-from deepwish.train.loss import (checked_target_count, count_targets, eval_objective, lm_loss,
-                                 resolve_loss_backend)
+from deepwish.train.loss import checked_target_count, eval_objective, lm_loss, resolve_loss_backend
 from deepwish.train.nonfinite import raise_nonfinite
 from deepwish.train.optim import build_optimizer
 from deepwish.train.profile import StepProfiler, phase
@@ -209,11 +208,13 @@ class EMA:
 # ---- evaluation -----------------------------------------------------------------------------
 def evaluation_forward(model, batch, tc, device, objective):
     """One validation batch through the model (in eval mode, under no_grad: the caller's), as
-    `evaluate` runs it and the compile warm-up (train/warmup.py) rehearses it."""
-    objective = dataclasses.replace(objective, checked_targets=checked_target_count(batch[1], model.cfg.vocab_size))
+    `evaluate` runs it and the compile warm-up (train/warmup.py) rehearses it: (the model's
+    output, the batch's target count, made and checked on its host copy)."""
+    n = checked_target_count(batch[1], model.cfg.vocab_size)
+    objective = dataclasses.replace(objective, checked_targets=n)
     input_ids, targets, doc_ids, positions = to_device(batch, device)
     with autocast_context(device, tc.dtype):
-        return model(input_ids, positions=positions, doc_ids=doc_ids, targets=targets, objective=objective)
+        return model(input_ids, positions=positions, doc_ids=doc_ids, targets=targets, objective=objective), n
 
 
 @torch.no_grad()
@@ -233,9 +234,9 @@ def evaluate(model, val_bin: str, run_cfg: RunConfig, device, backend: str, max_
         world, rank = (d.world_size, d.rank) if d is not None else (1, 0)
         # Data-parallel: the same windows as one device with the global batch, split over ranks.
         for batch in sequential_batches(val_bin, tc.seq_len, tc.batch_size, max_batches * world, rank, world):
-            out = evaluation_forward(model, batch, tc, device, objective)
+            out, n_batch = evaluation_forward(model, batch, tc, device, objective)
             ce_sum += out.ce_sum.double()
-            n += count_targets(batch[1])
+            n += n_batch
     finally:
         model.train(was_training)
     if d is not None and d.world_size > 1:
