@@ -74,8 +74,8 @@ class ModelConfig:
     decode_matmul: str = "auto"
     # weight gradients of the token tables read at the same ids (the embedding and the GPT family's
     # value-embedding tables): torch: each table an nn.Embedding (its backward sorts the ids per table) |
-    # triton: one sort for all tables and a run-sum kernel (kernels/embedding) | auto: torch (the kernel
-    # is not yet measured on a GPU)
+    # triton: one sort for all tables and a run-sum kernel (kernels/embedding) | auto: torch (the kernel's
+    # first form measured slower than torch's on an H200, reports/speedrun.md run 6; its chunked form is untimed)
     embed_backend: str = "auto"
     # --- rotary ---------------------------------------------------------------------
     rope_theta: float = 1_000_000.0
