@@ -67,8 +67,9 @@ for stage in "$@"; do
         python3 -m deepwish.cli train --preset "$preset" --set "data.train_bin=$C/train.bin" --set "data.val_bin=$C/val.bin" \
           --set "data.tokenizer=$C/tokenizer" --set train.steps=40 --set train.compile_warmup=true \
           --set train.profile_start=30 --set train.profile_steps=3 --set train.eval_every=40 --set train.sample_tokens=0 \
-          --set "train.out_dir=/tmp/loop_profile/$preset" ${LOOP_PROFILE_ARGS:-} 2>&1 | grep -v '^step' | tail -12 || status=1
+          --set "train.out_dir=/tmp/loop_profile/$preset" ${LOOP_PROFILE_ARGS:-} 2>&1 | grep -v '^step' | tail -40 || status=1
         cp "/tmp/loop_profile/$preset/profile/summary.txt" "$OUT/loop_profile_$preset.txt" || status=1
+        [ -n "${LOOP_PROFILE_TRACE:-}" ] && cp "/tmp/loop_profile/$preset/profile/trace.json.gz" "$OUT/loop_profile_$preset.trace.json.gz"
       done ;;
     lce)  # the fused loss: GPU tests (the soft-cap's tanh instruction included), then its row kernel and the
       # whole loss against torch.compile of the plain loss (bench/lce_rows.py)

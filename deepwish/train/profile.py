@@ -80,6 +80,36 @@ def idle_by_phase(busy: list[tuple[float, float]], phases: list[tuple[str, float
     return out
 
 
+HOST_CATEGORIES = ("cpu_op", "user_annotation", "python_function")  # what the host thread runs, nested
+# runtime calls after which the host has waited for the GPU (its queue drained meanwhile)
+BLOCKING = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize", "cudaMemcpy",
+            "cuStreamSynchronize", "cuCtxSynchronize", "cuEventSynchronize")
+
+
+def host_stacks(host: list[tuple[str, float, float]], times: list[float]) -> list[tuple[str, ...]]:
+    """For each time of `times` (sorted), the names of the host events covering it, outermost
+    first (the events of one thread nest: a sweep with a stack)."""
+    host = sorted(host, key=lambda h: (h[1], -h[2]))
+    out, stack, i = [], [], 0
+    for t in times:
+        while i < len(host) and host[i][1] <= t:
+            while stack and stack[-1][2] <= host[i][1]:
+                stack.pop()
+            stack.append(host[i])
+            i += 1
+        while stack and stack[-1][2] <= t:
+            stack.pop()
+        out.append(tuple(name for name, s, e in stack if s <= t < e))
+    return out
+
+
+def where(stack: tuple[str, ...], depth: int = 2) -> str:
+    """A host stack as its phase and innermost `depth` events: 'forward_backward: a > b'."""
+    phase_names = [n[len(PHASE_PREFIX):] for n in stack if n.startswith(PHASE_PREFIX)]
+    inner = [n for n in stack if not n.startswith(PHASE_PREFIX)][-depth:]
+    return f"{phase_names[-1] if phase_names else 'other'}: {' > '.join(inner) or '-'}"
+
+
 def trace_figures(trace: dict) -> dict:
     """From a kineto (chrome) trace: the window (first phase start .. last phase or device event
     end), the GPU's busy time and its idle time by phase (microseconds); the phases' host time."""
@@ -96,11 +126,32 @@ def trace_figures(trace: dict) -> dict:
     host = {}
     for name, s, e in phases:
         host[name] = host.get(name, 0.0) + e - s
+    # What the loop's thread was doing while the GPU waited: each idle gap's time goes to the host
+    # events covering the gap's start (the work that held back the next launch), and the blocking
+    # runtime calls (a synchronisation drains the queue) to the host events that made them.
+    tids = {e.get("tid") for e in events if e.get("cat") == "user_annotation"
+            and str(e.get("name", "")).startswith(PHASE_PREFIX)}
+    thread = [(str(e["name"]), float(e["ts"]), float(e["ts"]) + float(e["dur"])) for e in events
+              if e.get("cat") in HOST_CATEGORIES and e.get("tid") in tids]
+    idle_gaps = [g for g in gaps(merged, (start, end)) if g[1] - g[0] > 0] if busy else []
+    idle_at: dict[str, list[float]] = {}
+    for (s, e), stack in zip(idle_gaps, host_stacks(thread, [g[0] for g in idle_gaps])):
+        acc = idle_at.setdefault(where(stack), [0, 0.0])
+        acc[0] += 1
+        acc[1] += e - s
+    calls = sorted((float(e["ts"]), float(e["dur"]), str(e["name"])) for e in events
+                   if e.get("cat") in ("cuda_runtime", "cuda_driver") and str(e.get("name")) in BLOCKING)
+    blocking: dict[str, list[float]] = {}
+    for (t, dur, name), stack in zip(calls, host_stacks(thread, [c[0] for c in calls])):
+        acc = blocking.setdefault(f"{name} in {where(stack)}", [0, 0.0])
+        acc[0] += 1
+        acc[1] += dur
     return {"wall_us": end - start, "busy_us": busy_us, "device_events": len(busy),
-            "idle_us": idle_by_phase(busy, phases, (start, end)) if busy else {}, "host_us": host}
+            "idle_us": idle_by_phase(busy, phases, (start, end)) if busy else {}, "host_us": host,
+            "idle_at": idle_at, "blocking": blocking}
 
 
-def summary_lines(fig: dict, first: int, last: int) -> list[str]:
+def summary_lines(fig: dict, first: int, last: int, rows: int = 12) -> list[str]:
     n = last - first + 1
     ms = 1e-3
     head = f"profile: steps {first}-{last}: wall {fig['wall_us'] * ms:.1f} ms ({fig['wall_us'] * ms / n:.1f} a step)"
@@ -110,10 +161,17 @@ def summary_lines(fig: dict, first: int, last: int) -> list[str]:
     busy = fig["busy_us"]
     idle = fig["wall_us"] - busy
     by = ", ".join(f"{k} {v * ms / n:.2f}" for k, v in sorted(fig["idle_us"].items(), key=lambda kv: -kv[1]))
-    return [head + f", GPU busy {busy * ms / n:.1f} ms a step ({100 * busy / fig['wall_us']:.0f}%), "
-                   f"idle {idle * ms / n:.1f}",
-            f"profile: GPU idle by host phase, ms a step: {by}",
-            f"profile: host phases, ms a step: {host}"]
+    lines = [head + f", GPU busy {busy * ms / n:.1f} ms a step ({100 * busy / fig['wall_us']:.0f}%), "
+                    f"idle {idle * ms / n:.1f}",
+             f"profile: GPU idle by host phase, ms a step: {by}",
+             f"profile: host phases, ms a step: {host}"]
+    for title, table in (("GPU idle by what the host ran at the gap's start", fig.get("idle_at", {})),
+                         ("blocking runtime calls (host waits for the GPU)", fig.get("blocking", {}))):
+        if table:
+            lines.append(f"profile: {title}, ms a step (count):")
+            lines += [f"profile:   {v[1] * ms / n:8.2f} ({v[0] / n:g})  {k}"
+                      for k, v in sorted(table.items(), key=lambda kv: -kv[1][1])[:rows]]
+    return lines
 
 
 class StepProfiler:

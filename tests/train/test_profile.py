@@ -7,7 +7,7 @@ import pytest
 
 from deepwish.config import ConfigError, load_config, validate
 from deepwish.train import loop
-from deepwish.train.profile import gaps, idle_by_phase, summary_lines, trace_figures, union
+from deepwish.train.profile import gaps, host_stacks, idle_by_phase, summary_lines, trace_figures, union
 
 from tests.train.test_loop import TINY
 
@@ -51,6 +51,33 @@ def test_trace_figures_and_summary_from_a_kineto_trace():
     assert "GPU busy 0.1 ms a step (79%)" in lines[0] and "optimizer 0.01" in lines[1]
     with pytest.raises(ValueError, match="no deepwish"):
         trace_figures({"traceEvents": [_event("kernel", "gemm", 0, 1)]})
+
+
+def test_host_stacks_name_the_nested_events_covering_each_time():
+    host = [("deepwish.fb", 0, 100), ("a", 10, 40), ("b", 20, 30), ("c", 50, 60)]
+    assert host_stacks(host, [5, 25, 35, 45, 55, 100]) == [
+        ("deepwish.fb",), ("deepwish.fb", "a", "b"), ("deepwish.fb", "a"), ("deepwish.fb",), ("deepwish.fb", "c"), ()]
+
+
+def test_idle_gaps_and_blocking_calls_go_to_the_host_events_behind_them():
+    trace = {"traceEvents": [
+        _event("user_annotation", "deepwish.forward_backward", 0, 100),
+        _event("user_annotation", "deepwish.read", 100, 20),
+        _event("cpu_op", "attention", 10, 30), _event("cpu_op", "aten::empty", 12, 2),
+        _event("cpu_op", "aten::item", 102, 15),
+        {**_event("cuda_runtime", "cudaStreamSynchronize", 103, 12)},
+        {**_event("cuda_runtime", "cudaLaunchKernel", 20, 1)},  # not blocking
+        _event("kernel", "k1", 0, 11), _event("kernel", "k2", 30, 60), _event("kernel", "k3", 95, 10),
+        {**_event("cpu_op", "other thread", 0, 200), "tid": 7},  # another thread's work is not the loop's
+    ]}
+    fig = trace_figures(trace)
+    # idle 11-30 (the host inside attention, aten::empty having ended), 90-95 (inside no event), 105-120
+    assert fig["idle_at"] == {"forward_backward: attention": [1, 19.0], "forward_backward: -": [1, 5.0],
+                              "read: aten::item": [1, 15.0]}
+    assert fig["blocking"] == {"cudaStreamSynchronize in read: aten::item": [1, 12.0]}
+    lines = summary_lines(fig, 1, 1)
+    assert any("0.02 (1)  forward_backward: attention" in line for line in lines)
+    assert any("cudaStreamSynchronize in read: aten::item" in line for line in lines)
 
 
 def test_a_profiled_run_writes_its_summary_and_trace(tmp_path, capsys):
