@@ -3,7 +3,7 @@ formatting and the shard builder. See each module's docstring for formats and ch
 from .build import BuildResult, build_shards, ensure_default_data
 from .chat import ChatTemplate, encode_chat, encode_conversation, render_chat, resolve_template
 from .corpus import read_corpus, split_documents
-from .loader import Batch, PackedLoader, sequential_batches, unigram_entropy
+from .loader import Batch, Lookahead, PackedLoader, sequential_batches, unigram_entropy
 from .shards import ShardError, ShardHeader, check_compatible, open_shard, read_header, write_shard
 from .tokenizer import Tokenizer, default_tokenizer, load_tokenizer, qwen_tokenizer, resolve_tokenizer, train_bpe
 
@@ -11,6 +11,7 @@ __all__ = [
     "Batch",
     "ChatTemplate",
     "BuildResult",
+    "Lookahead",
     "PackedLoader",
     "ShardError",
     "ShardHeader",

@@ -168,6 +168,46 @@ class PackedLoader:
         self.epoch, self.step = int(state["epoch"]), int(state["step"])
 
 
+class Lookahead:
+    """A loader whose next batches can be drawn ahead of their step: `take(n)` returns n batches
+    (those drawn ahead, or n drawn now), `ahead(n)` draws the next n now and holds them. The
+    trainer draws step s+1's batches while the GPU still runs step s (the host would otherwise
+    wait for it, then leave the GPU idle while it reads the shard). `state_dict` is the position
+    before the held batches, so a checkpoint taken meanwhile resumes at them; everything else is
+    the wrapped loader's."""
+
+    def __init__(self, loader: PackedLoader):
+        self.loader = loader
+        self._held: tuple[list[Batch], dict] | None = None  # (batches, the loader's state before them)
+
+    def take(self, n: int) -> list[Batch]:
+        if self._held is None:
+            return [self.loader.next_batch() for _ in range(n)]
+        held = self._held[0]
+        if len(held) != n:
+            raise ValueError(f"Lookahead: {len(held)} batches were drawn ahead, {n} are taken")
+        self._held = None
+        return held
+
+    def ahead(self, n: int) -> None:
+        if self._held is not None:
+            raise ValueError("Lookahead: batches are already held; take them first")
+        state = self.loader.state_dict()
+        self._held = ([self.loader.next_batch() for _ in range(n)], state)
+
+    def state_dict(self) -> dict:
+        return dict(self._held[1]) if self._held is not None else self.loader.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self._held = None
+        self.loader.load_state_dict(state)
+
+    def __getattr__(self, name):  # batch_size, world_size, header, ...: the wrapped loader's
+        if name == "loader":
+            raise AttributeError(name)
+        return getattr(self.loader, name)
+
+
 def sequential_batches(
     path: str | Path,
     seq_len: int,

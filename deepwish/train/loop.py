@@ -409,7 +409,7 @@ def start_run(run_cfg: RunConfig, resume: bool | str, progress_bar: bool | None,
               init_ema: bool = False, mlflow_run_id: str | None = None) -> Run:
     """Set-up: run directory, device, seed, data, model (wrapped), optimizer, EMA, loss backend,
     loader, the resumed state, logger."""
-    from deepwish.data import PackedLoader
+    from deepwish.data import Lookahead, PackedLoader
     from deepwish.model import Transformer
 
     if resume and init_from:
@@ -443,8 +443,8 @@ def start_run(run_cfg: RunConfig, resume: bool | str, progress_bar: bool | None,
     run = Run(cfg=run_cfg, run_dir=run_dir, d=d, data=data, model=model, step_model=step_model,
               optimizer=optimizer, ema=EMA(model, tc.ema_decay) if tc.ema_decay > 0 else None,
               backend=resolve_loss_backend(tc.loss_backend, d.device),
-              loader=PackedLoader(data.train_bin, tc.seq_len, tc.batch_size, rank=d.rank, world_size=d.world_size,
-                                  seed=tc.seed), logger=None)
+              loader=Lookahead(PackedLoader(data.train_bin, tc.seq_len, tc.batch_size, rank=d.rank,
+                                            world_size=d.world_size, seed=tc.seed)), logger=None)
     if meta is not None:
         restore_state(run, meta)
     run.logger = parallel.NullLogger() if not d.main else Logger(
@@ -508,9 +508,11 @@ def forward_backward(run: Run, micro: list, step: int, n_global: int, counts: li
     return ce, z, aux, loads
 
 
-def optimizer_step(run: Run, step: int, micro: list) -> StepResult:
+def optimizer_step(run: Run, step: int, micro: list, meanwhile=None) -> StepResult:
     """One optimizer step: forward/backward of every micro-batch, non-finite check (before
-    anything is updated or saved), clipping, update, EMA, router-bias step."""
+    anything is updated or saved), clipping, update, EMA, router-bias step. `meanwhile()`: host
+    work run after the step's GPU work is queued and before the host waits for it (the loop
+    draws the next step's batches there)."""
     tc = run.cfg.train
     with phase("data"):
         counts = [checked_target_count(b[1], run.cfg.model.vocab_size) for b in micro]
@@ -529,6 +531,9 @@ def optimizer_step(run: Run, step: int, micro: list) -> StepResult:
     # before the update) and the logged sums are read together, so the GPU's queue drains once.
     keys = sorted(aux)
     stop = rundir.stop_request_tensor(run.d)  # the ranks' stop requests, read in the same synchronisation
+    if meanwhile is not None:
+        with phase("data"):
+            meanwhile()
     with phase("read"):
         scalars = torch.stack([torch.as_tensor(t, device=run.device).float().reshape(())
                                for t in (loss, norm, ce, z, *(aux[k] for k in keys),
@@ -604,7 +609,6 @@ def train_steps(run: Run) -> tuple[dict[int, float], dict[int, float]]:
     tc = run.cfg.train
     train_losses: dict[int, float] = {}
     val_losses: dict[int, float] = {}
-    batches = iter(run.loader)
     run.step_model.train()
     if tc.compile_warmup:  # compilation of every scheduled shape, before the clock starts (train/warmup.py)
         from deepwish.train.warmup import warm_up
@@ -621,8 +625,12 @@ def train_steps(run: Run) -> tuple[dict[int, float], dict[int, float]]:
             with phase("data"):
                 lr_f = apply_lr(run.optimizer, step, tc)
                 length = seq_len_at(step, tc)  # scheduled shapes (train/schedule.py): pure functions of the step
-                micro = [next(batches) for _ in range(accum_at(step, tc))]
-            result = optimizer_step(run, step, micro if length == tc.seq_len else [split_rows(b, length) for b in micro])
+                micro = run.loader.take(accum_at(step, tc))  # drawn while the GPU ran the step before
+            # the next step's batches are read from the shard while the GPU runs this one (the
+            # loader's checkpointed position stays before them: data/loader.py Lookahead)
+            ahead = (lambda: run.loader.ahead(accum_at(done, tc))) if done < total_steps(tc) else None
+            result = optimizer_step(run, step, micro if length == tc.seq_len else [split_rows(b, length) for b in micro],
+                                    meanwhile=ahead)
             train_losses[done] = result.loss
             with phase("log"):
                 log_step(run, done, lr_f, result)

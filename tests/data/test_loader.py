@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from deepwish.data.loader import PackedLoader, sequential_batches, unigram_entropy
+from deepwish.data.loader import Lookahead, PackedLoader, sequential_batches, unigram_entropy
 from deepwish.data.shards import write_shard
 
 VOCAB = 500
@@ -117,6 +117,29 @@ def test_resume_gives_identical_batches(tmp_path):
     c = PackedLoader(tmp_path / "s.bin", 24, 3, seed=11)
     with pytest.raises(ValueError, match="batch_size is 2 in the checkpoint, 3 here"):
         c.load_state_dict(state)
+
+
+def test_lookahead_holds_the_next_batches_and_checkpoints_the_position_before_them(tmp_path):
+    make_shard(tmp_path / "s.bin")
+    plain = PackedLoader(tmp_path / "s.bin", 24, 2, seed=11)
+    want = [next(plain) for _ in range(5)]
+    ahead = Lookahead(PackedLoader(tmp_path / "s.bin", 24, 2, seed=11))
+    assert ahead.batch_size == 2 and ahead.steps_per_epoch == plain.steps_per_epoch  # the loader's own
+    got = ahead.take(2)
+    before = ahead.state_dict()
+    ahead.ahead(3)
+    assert ahead.state_dict() == before != ahead.loader.state_dict()  # a checkpoint now resumes at the held batches
+    with pytest.raises(ValueError, match="already held"):
+        ahead.ahead(1)
+    with pytest.raises(ValueError, match="3 batches were drawn ahead, 2 are taken"):
+        ahead.take(2)
+    got += ahead.take(3)  # still held after the refused take
+    assert all(torch.equal(x, y) for w, g in zip(want, got) for x, y in zip(w, g))
+    assert ahead.state_dict() == plain.state_dict()
+    resumed = Lookahead(PackedLoader(tmp_path / "s.bin", 24, 2, seed=11))
+    resumed.ahead(1)
+    resumed.load_state_dict(before)  # drops what it held
+    assert all(torch.equal(x, y) for w, g in zip(want[2:], resumed.take(3)) for x, y in zip(w, g))
 
 
 def test_bad_arguments(tmp_path):

@@ -52,9 +52,9 @@ def test_compile_warmup_leaves_no_compilation_to_the_training_steps(cuda, tmp_pa
     graphs = []
     real = loop.optimizer_step
 
-    def counted(run, step, micro):
+    def counted(run, step, micro, meanwhile=None):
         before = counters["stats"]["unique_graphs"]
-        out = real(run, step, micro)
+        out = real(run, step, micro, meanwhile)
         graphs.append((step, before, counters["stats"]["unique_graphs"]))
         return out
 
