@@ -376,6 +376,12 @@ class TrainConfig:
     # --- scale-out (train/parallel.py) ---------------------------------------------
     parallel: str = "none"  # none | ddp | fsdp
     compile: str = "auto"  # auto (on for GPU) | on | off
+    # inductor's mode for the compiled blocks: default | max-autotune-no-cudagraphs (GEMMs timed
+    # against Triton templates that can take the following elementwise ops into their epilogue;
+    # minutes more of compilation, before the clock with compile_warmup). Modes that capture CUDA
+    # graphs are refused: a block's captured outputs are overwritten by its next call, and the
+    # trainer keeps each micro-batch's outputs alive until backward.
+    compile_mode: str = "default"
     # before the clock: one forward+backward at every shape the schedules use and the evaluation's
     # forward, no update (train/warmup.py)
     compile_warmup: bool = False
@@ -579,6 +585,7 @@ def from_dict(d: dict, source: str = "<dict>") -> RunConfig:
 OPTIMIZERS = ("muon", "adamw")
 PARALLEL_MODES = ("none", "ddp", "fsdp")  # train/parallel.py reads these
 COMPILE_MODES = ("auto", "on", "off")
+INDUCTOR_MODES = ("default", "max-autotune-no-cudagraphs")  # train.compile_mode
 CHECKPOINT_MODES = ("none", "selective", "full")
 OFFLOAD_MODES = ("none", "params", "activations")
 LOSS_BACKENDS = ("auto", "torch", "triton")
@@ -634,7 +641,8 @@ def config_problems(cfg: RunConfig) -> list[str]:
     need(all(finite(b) and 0 <= b < 1 for b in t.betas), "betas", "each must be in [0, 1)")
     for name, allowed in (("optimizer", OPTIMIZERS), ("schedule", SCHEDULES), ("loss_backend", LOSS_BACKENDS),
                           ("dtype", DTYPES), ("indexer_mode", INDEXER_MODES), ("parallel", PARALLEL_MODES),
-                          ("compile", COMPILE_MODES), ("activation_checkpoint", CHECKPOINT_MODES),
+                          ("compile", COMPILE_MODES), ("compile_mode", INDUCTOR_MODES),
+                          ("activation_checkpoint", CHECKPOINT_MODES),
                           ("offload", OFFLOAD_MODES)):
         need(getattr(t, name) in allowed, name, f"is not one of {', '.join(allowed)}")
     need(t.device in ("auto", "cpu") or t.device == "cuda" or

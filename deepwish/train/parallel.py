@@ -58,7 +58,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from deepwish.config import CHECKPOINT_MODES, COMPILE_MODES, OFFLOAD_MODES, PARALLEL_MODES, ConfigError
+from deepwish.config import CHECKPOINT_MODES, COMPILE_MODES, INDUCTOR_MODES, OFFLOAD_MODES, PARALLEL_MODES, ConfigError
 from deepwish.device import resolve_device
 TORCHRUN_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK")
 
@@ -115,6 +115,7 @@ class Dist:
 def validate(tc) -> None:
     """Check every scale-out field of a TrainConfig, naming the bad one."""
     for name, value, allowed in (("parallel", tc.parallel, PARALLEL_MODES), ("compile", tc.compile, COMPILE_MODES),
+                                 ("compile_mode", tc.compile_mode, INDUCTOR_MODES),
                                  ("activation_checkpoint", tc.activation_checkpoint, CHECKPOINT_MODES),
                                  ("offload", tc.offload, OFFLOAD_MODES)):
         if value not in allowed:
@@ -190,13 +191,15 @@ def checkpointed_blocks(mode: str, n_layers: int) -> list[int]:
     return []
 
 
-def wrap_block(block: nn.Module, *, checkpoint: bool, compile: bool, offload_activations: bool) -> nn.Module:
-    """compile (in place) -> activation checkpointing -> activation offload; returns the module
-    that takes the block's place (the block itself when neither wrapper applies)."""
+def wrap_block(block: nn.Module, *, checkpoint: bool, compile: bool, offload_activations: bool,
+               compile_mode: str = "default") -> nn.Module:
+    """compile (in place, inductor's `compile_mode`) -> activation checkpointing -> activation
+    offload; returns the module that takes the block's place (the block itself when neither
+    wrapper applies)."""
     from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (CheckpointImpl, checkpoint_wrapper,
                                                                              offload_wrapper)
     if compile:
-        block.compile()
+        block.compile(mode=compile_mode)
     if checkpoint:
         # Non-reentrant: takes keyword arguments, nests with autograd and traces under torch.compile.
         block = checkpoint_wrapper(block, checkpoint_impl=CheckpointImpl.NO_REENTRANT)
@@ -258,10 +261,10 @@ def parallelize(model: nn.Module, run_cfg, d: Dist) -> nn.Module:
     ac = set(checkpointed_blocks(tc.activation_checkpoint, len(model.blocks)))
     for i in range(len(model.blocks)):
         model.blocks[i] = wrap_block(model.blocks[i], checkpoint=i in ac, compile=use_compile,
-                                     offload_activations=tc.offload == "activations")
+                                     offload_activations=tc.offload == "activations", compile_mode=tc.compile_mode)
     if use_compile:  # the elementwise glue between the blocks too (final norm, x0 norm, skip entries)
         for m in model.stack_modules():
-            m.compile()
+            m.compile(mode=tc.compile_mode)
     step_model = model
     if tc.parallel == "fsdp":
         _fsdp_shard(model, d, offload_params=tc.offload == "params", reshard_after_forward=tc.reshard_after_forward)
@@ -273,7 +276,7 @@ def parallelize(model: nn.Module, run_cfg, d: Dist) -> nn.Module:
         zero = (" (ZeRO-3-like: parameters resharded after forward)" if tc.reshard_after_forward else
                 " (ZeRO-2-like: parameters kept gathered from forward to backward)") if tc.parallel == "fsdp" else ""
         print(f"[deepwish] parallel {tc.parallel}{zero} x{d.world_size} ({d.backend or 'no group'}) | compile "
-              f"{'on' if use_compile else 'off'} | activation checkpoint {tc.activation_checkpoint} "
+              f"{('on' + ('' if tc.compile_mode == 'default' else f' ({tc.compile_mode})')) if use_compile else 'off'} | activation checkpoint {tc.activation_checkpoint} "
               f"({len(ac)}/{len(model.blocks)} blocks) | offload {tc.offload}", file=sys.stderr, flush=True)
     return step_model
 

@@ -391,14 +391,19 @@ def test_training_compiles_the_stack_modules_and_they_compute_the_same(monkeypat
     loss and gradients are those of the eager model."""
     from deepwish.config import load_config
     from deepwish.model.block import Block
-    from deepwish.train.parallel import Dist, parallelize
+    from deepwish.train.parallel import Dist, parallelize, validate
     compiled = []
-    monkeypatch.setattr(torch.nn.Module, "compile", lambda self, *a, **k: compiled.append(self))
-    rc = load_config("gpt_tiny", ["train.compile='on'"])
+    monkeypatch.setattr(torch.nn.Module, "compile", lambda self, *a, **k: compiled.append((self, k)))
+    rc = load_config("gpt_tiny", ["train.compile='on'", "train.compile_mode=max-autotune-no-cudagraphs"])
     model = Transformer(rc.model)
     parallelize(model, rc, Dist(0, 1, 0, torch.device("cpu"), None))
     glue = model.stack_modules()
-    assert len(glue) == 3 and [m for m in compiled if not isinstance(m, Block)] == glue
+    assert len(glue) == 3 and [m for m, _ in compiled if not isinstance(m, Block)] == glue
+    # inductor's mode reaches every compiled module, blocks and glue alike
+    assert len(compiled) == len(model.blocks) + 3
+    assert all(k == {"mode": "max-autotune-no-cudagraphs"} for _, k in compiled)
+    with pytest.raises(ConfigError, match="compile_mode='reduce-overhead' is not one of default, max-autotune-no"):
+        validate(load_config("gpt_tiny", ["train.compile_mode=reduce-overhead"]).train)
     monkeypatch.undo()
 
     torch._dynamo.reset()
