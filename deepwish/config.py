@@ -379,8 +379,7 @@ class TrainConfig:
     # inductor's mode for the compiled blocks: default | max-autotune-no-cudagraphs (GEMMs timed
     # against Triton templates that can take the following elementwise ops into their epilogue;
     # minutes more of compilation, before the clock with compile_warmup). Modes that capture CUDA
-    # graphs are refused: a block's captured outputs are overwritten by its next call, and the
-    # trainer keeps each micro-batch's outputs alive until backward.
+    # graphs are refused: untested with per-block compilation, scheduled shapes and accumulation.
     compile_mode: str = "default"
     # before the clock: one forward+backward at every shape the schedules use and the evaluation's
     # forward, no update (train/warmup.py)
