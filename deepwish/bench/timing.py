@@ -22,9 +22,11 @@ def median_ms(fn: Callable, grad_to_none=None, warmup: int = 25, rep: int = 100)
                                          return_mode="median"))
 
 
-def graph_ms(fn: Callable, calls: int = 10, warmup: int = 10, rep: int = 50) -> float:
-    import triton.testing
-    side = torch.cuda.Stream()  # warm-up off the capture stream, as torch.cuda.graphs documents
+def capture(fn: Callable, calls: int = 1):
+    """(graph, what the last captured call returned): `fn` run once on a side stream (the warm-up
+    torch.cuda.graphs asks for), then `calls` times into one CUDA graph. Replaying the graph
+    rewrites the returned tensors in place."""
+    side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
         fn()
@@ -32,7 +34,13 @@ def graph_ms(fn: Callable, calls: int = 10, warmup: int = 10, rep: int = 50) -> 
     g = torch.cuda.CUDAGraph()
     with torch.cuda.graph(g):
         for _ in range(calls):
-            fn()
+            out = fn()
+    return g, out
+
+
+def graph_ms(fn: Callable, calls: int = 10, warmup: int = 10, rep: int = 50) -> float:
+    import triton.testing
+    g, _ = capture(fn, calls)
     return float(triton.testing.do_bench(g.replay, warmup=warmup, rep=rep, return_mode="median")) / calls
 
 

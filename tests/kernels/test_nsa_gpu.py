@@ -4,6 +4,7 @@ documents, a captured decode step, and offsets past 2³¹ elements."""
 import pytest
 import torch
 
+from deepwish.bench.timing import capture
 from deepwish.kernels.nsa import reference as ref
 
 pytestmark = pytest.mark.gpu
@@ -119,14 +120,7 @@ def test_captured_decode_step_equals_reference(cuda, rel_err):
             o, sel = nk.nsa_compressed(q, kc, vc, ends, q_pos=q_pos, cmp_len=L, select_len=SL, n_select=N)
             return o, nk.nsa_selected(q, k, v, sel, q_pos=q_pos, select_len=SL), sel
 
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            step()
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            o_cmp, o_slc, sel = step()
+        graph, (o_cmp, o_slc, sel) = capture(step)
         for last in (40, 1000, 2500, C - 1):
             q.copy_(mk(1, T, H, D))
             q_pos.copy_(torch.arange(last - T + 1, last + 1, device=cuda)[None])
