@@ -30,6 +30,7 @@ and points `latest` at the checkpoint resumed from.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -72,6 +73,20 @@ def _is_write_failure(e: BaseException) -> bool:
 def write_failure(final: Path, e: BaseException) -> CheckpointError:
     why = f"{e.strerror} ({e.filename})" if isinstance(e, OSError) and e.strerror else _first_line(e)
     return CheckpointError(f"cannot write checkpoint {final}: {why}; the previous checkpoints are untouched")
+
+
+@contextlib.contextmanager
+def staged(tmp: Path, final: Path):
+    """Around the writing of checkpoint `final` under its staging directory `tmp`: any failure
+    removes `tmp` (the previous checkpoints stay as they were), and a failed write (full disk, I/O
+    error) becomes one CheckpointError naming `final`."""
+    try:
+        yield
+    except BaseException as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if _is_write_failure(e):
+            raise write_failure(final, e) from None
+        raise
 
 
 def _fsync_path(path: Path) -> None:
@@ -254,7 +269,7 @@ def save_checkpoint(run_dir: str | os.PathLike, step: int, *, model_state: dict,
     for stale in root.glob(".tmp-*"):
         shutil.rmtree(stale, ignore_errors=True)
     tmp = root / f".tmp-{name}-{os.getpid()}"
-    try:
+    with staged(tmp, final):
         tmp.mkdir()
         _write_bytes_synced(tmp / "model.pt", lambda f: torch.save(model_state, f))
         train_state = {"format": FORMAT_VERSION, "step": step, "optimizer": optimizer_state,
@@ -263,11 +278,6 @@ def save_checkpoint(run_dir: str | os.PathLike, step: int, *, model_state: dict,
         write_meta(tmp, step, config, **(meta_extra or {}))
         _fsync_path(tmp)
         publish(root, tmp, name, keep_last)
-    except BaseException as e:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if _is_write_failure(e):
-            raise write_failure(final, e) from None
-        raise
     return final
 
 

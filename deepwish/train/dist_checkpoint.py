@@ -42,9 +42,9 @@ from torch import nn
 from deepwish.train.parallel import state_name
 
 from deepwish.train.checkpoint import (CKPT_DIR, DCP_DIR, FORMAT_VERSION, CheckpointError, _first_line, _fsync_path,
-                                       _is_write_failure, _write_bytes_synced, is_dcp_checkpoint, load_checkpoint,
-                                       load_pt, publish, resolve_any, rng_state, set_rng_state, step_dir_name,
-                                       write_failure, write_meta)
+                                       _write_bytes_synced, is_dcp_checkpoint, load_checkpoint,
+                                       load_pt, publish, resolve_any, rng_state, set_rng_state, staged,
+                                       step_dir_name, write_meta)
 
 
 def _world() -> tuple[int, int]:
@@ -158,7 +158,7 @@ def save(run_dir: str | os.PathLike, step: int, *, model: nn.Module, optimizer, 
                               f"are untouched") from None
     _barrier()
     if rank == 0:
-        try:
+        with staged(tmp, final):
             loader_state = {**loader.state_dict(), "global_batch": loader.batch_size * loader.world_size}
             train_state = {"format": FORMAT_VERSION, "step": step, "rng": rng_state(), "loader": loader_state}
             _write_bytes_synced(tmp / "train_state.pt", lambda f: torch.save(train_state, f))
@@ -168,11 +168,6 @@ def save(run_dir: str | os.PathLike, step: int, *, model: nn.Module, optimizer, 
             _fsync_path(tmp / DCP_DIR)
             _fsync_path(tmp)
             publish(root, tmp, name, keep_last)
-        except BaseException as e:
-            shutil.rmtree(tmp, ignore_errors=True)
-            if _is_write_failure(e):
-                raise write_failure(final, e) from None
-            raise
     _barrier()
     return final
 
