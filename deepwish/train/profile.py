@@ -82,6 +82,9 @@ def idle_by_phase(busy: list[tuple[float, float]], phases: list[tuple[str, float
 
 HOST_CATEGORIES = ("cpu_op", "user_annotation", "python_function")  # what the host thread runs, nested
 # runtime calls after which the host has waited for the GPU (its queue drained meanwhile)
+# an idle gap shorter than this is the GPU's own time from one kernel to the next queued one
+# (a few microseconds each), which no host-side change removes; longer ones are waits for the host
+SHORT_GAP_US = 10.0
 BLOCKING = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize", "cudaMemcpy",
             "cuStreamSynchronize", "cuCtxSynchronize", "cuEventSynchronize")
 
@@ -126,29 +129,48 @@ def trace_figures(trace: dict) -> dict:
     host = {}
     for name, s, e in phases:
         host[name] = host.get(name, 0.0) + e - s
-    # What the loop's thread was doing while the GPU waited: each idle gap's time goes to the host
-    # events covering the gap's start (the work that held back the next launch), and the blocking
-    # runtime calls (a synchronisation drains the queue) to the host events that made them.
-    tids = {e.get("tid") for e in events if e.get("cat") == "user_annotation"
-            and str(e.get("name", "")).startswith(PHASE_PREFIX)}
-    thread = [(str(e["name"]), float(e["ts"]), float(e["ts"]) + float(e["dur"])) for e in events
-              if e.get("cat") in HOST_CATEGORIES and e.get("tid") in tids]
+    # What the host was doing while the GPU waited: each idle gap's time goes to the host events
+    # covering the gap's start (the work that held back the next launch) on the thread with the
+    # deepest stack then (the loop's own, or the autograd engine's, which runs the backward on
+    # CUDA), labelled with the loop's phase; each blocking runtime call (a synchronisation drains
+    # the queue) to the events of the thread that made it.
+    loop_tids = {e.get("tid") for e in events if e.get("cat") == "user_annotation"
+                 and str(e.get("name", "")).startswith(PHASE_PREFIX)}
+    threads: dict = {}
+    for e in events:
+        if e.get("cat") in HOST_CATEGORIES:
+            threads.setdefault(e.get("tid"), []).append((str(e["name"]), float(e["ts"]), float(e["ts"]) + float(e["dur"])))
+    order = sorted(threads, key=lambda tid: tid not in loop_tids)  # the loop's thread first: it wins ties
+
+    def stacks_at(times: list[float]) -> dict:
+        return {tid: host_stacks(threads[tid], times) for tid in order}
+
+    def label(by_tid: dict, i: int, *caller) -> str:  # caller: the thread that made the call, if one did
+        phase_stack = next((by_tid[t][i] for t in order if t in loop_tids), ())
+        inner = by_tid[caller[0]][i] if caller and caller[0] in by_tid else max(
+            (by_tid[t][i] for t in order), key=len, default=())
+        return where(tuple(n for n in phase_stack if n.startswith(PHASE_PREFIX)) + inner)
+
     idle_gaps = [g for g in gaps(merged, (start, end)) if g[1] - g[0] > 0] if busy else []
+    short = [e - s for s, e in idle_gaps if e - s < SHORT_GAP_US]
     idle_at: dict[str, list[float]] = {}
-    for (s, e), stack in zip(idle_gaps, host_stacks(thread, [g[0] for g in idle_gaps])):
-        acc = idle_at.setdefault(where(stack), [0, 0.0])
+    by_tid = stacks_at([g[0] for g in idle_gaps])
+    for i, (s, e) in enumerate(idle_gaps):
+        acc = idle_at.setdefault(label(by_tid, i), [0, 0.0])
         acc[0] += 1
         acc[1] += e - s
-    calls = sorted((float(e["ts"]), float(e["dur"]), str(e["name"])) for e in events
+    calls = sorted((float(e["ts"]), float(e["dur"]), str(e["name"]), e.get("tid")) for e in events
                    if e.get("cat") in ("cuda_runtime", "cuda_driver") and str(e.get("name")) in BLOCKING)
     blocking: dict[str, list[float]] = {}
-    for (t, dur, name), stack in zip(calls, host_stacks(thread, [c[0] for c in calls])):
-        acc = blocking.setdefault(f"{name} in {where(stack)}", [0, 0.0])
+    by_tid = stacks_at([c[0] for c in calls])
+    for i, (t, dur, name, tid) in enumerate(calls):
+        acc = blocking.setdefault(f"{name} in {label(by_tid, i, tid)}", [0, 0.0])
         acc[0] += 1
         acc[1] += dur
     return {"wall_us": end - start, "busy_us": busy_us, "device_events": len(busy),
             "idle_us": idle_by_phase(busy, phases, (start, end)) if busy else {}, "host_us": host,
-            "idle_at": idle_at, "blocking": blocking}
+            "idle_at": idle_at, "blocking": blocking, "short_gaps": (len(short), sum(short)),
+            "long_gaps": (len(idle_gaps) - len(short), sum(e - s for s, e in idle_gaps) - sum(short))}
 
 
 def summary_lines(fig: dict, first: int, last: int, rows: int = 12) -> list[str]:
@@ -165,6 +187,10 @@ def summary_lines(fig: dict, first: int, last: int, rows: int = 12) -> list[str]
                     f"idle {idle * ms / n:.1f}",
              f"profile: GPU idle by host phase, ms a step: {by}",
              f"profile: host phases, ms a step: {host}"]
+    if "short_gaps" in fig:
+        (ns, ts), (nl, tl) = fig["short_gaps"], fig["long_gaps"]
+        lines.append(f"profile: idle gaps a step: {ns / n:g} shorter than {SHORT_GAP_US:g} us ({ts * ms / n:.2f} ms: "
+                     f"kernel-to-kernel time), {nl / n:g} longer ({tl * ms / n:.2f} ms: waits for the host)")
     for title, table in (("GPU idle by what the host ran at the gap's start", fig.get("idle_at", {})),
                          ("blocking runtime calls (host waits for the GPU)", fig.get("blocking", {}))):
         if table:

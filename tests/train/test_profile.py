@@ -68,13 +68,18 @@ def test_idle_gaps_and_blocking_calls_go_to_the_host_events_behind_them():
         {**_event("cuda_runtime", "cudaStreamSynchronize", 103, 12)},
         {**_event("cuda_runtime", "cudaLaunchKernel", 20, 1)},  # not blocking
         _event("kernel", "k1", 0, 11), _event("kernel", "k2", 30, 60), _event("kernel", "k3", 95, 10),
-        {**_event("cpu_op", "other thread", 0, 200), "tid": 7},  # another thread's work is not the loop's
+        # the autograd engine's thread (it runs the backward on CUDA): deeper than the loop's at 90
+        {**_event("cpu_op", "evaluate_function: MmBackward0", 85, 10), "tid": 7},
+        {**_event("cpu_op", "aten::add_", 88, 5), "tid": 7},
     ]}
     fig = trace_figures(trace)
-    # idle 11-30 (the host inside attention, aten::empty having ended), 90-95 (inside no event), 105-120
-    assert fig["idle_at"] == {"forward_backward: attention": [1, 19.0], "forward_backward: -": [1, 5.0],
+    # idle 11-30 (the loop inside attention, aten::empty having ended), 90-95 (the loop inside no
+    # event, the autograd thread inside an add), 105-120
+    assert fig["idle_at"] == {"forward_backward: attention": [1, 19.0],
+                              "forward_backward: evaluate_function: MmBackward0 > aten::add_": [1, 5.0],
                               "read: aten::item": [1, 15.0]}
     assert fig["blocking"] == {"cudaStreamSynchronize in read: aten::item": [1, 12.0]}
+    assert fig["short_gaps"] == (1, 5.0) and fig["long_gaps"] == (2, 34.0)  # 90-95; 11-30 and 105-120
     lines = summary_lines(fig, 1, 1)
     assert any("0.02 (1)  forward_backward: attention" in line for line in lines)
     assert any("cudaStreamSynchronize in read: aten::item" in line for line in lines)
