@@ -26,11 +26,13 @@ before anything of ours is resident; each result records what was still allocate
                   RMSNorm, rotary, SwiGLU, fused linear cross-entropy), Qwen3 only; skipped with a
                   line saying why when liger_kernel is not importable or the family has no patch.
                   Liger patches transformers' Qwen3 classes process-wide, so it runs after `hf`.
-  torchtitan      torchtitan's own Qwen3 of the same shape (torchtitan 0.3, carried as a wheel): its
-                  model, per-block compile and single-device precision (bf16 autocast over fp32
-                  parameters), FlexAttention with its per-batch causal mask (it has no SDPA path),
-                  fused AdamW, clipping; qwen3 presets only; skipped with a line saying why when
-                  torchtitan is not importable.
+  torchtitan      torchtitan's own Qwen3 of the same shape (carried as a wheel): its model, its
+                  initialisation, per-block compile and single-device precision (bf16 autocast
+                  over fp32 parameters), fused AdamW, clipping; qwen3 presets only. torchtitan 0.2
+                  (qwen3_args, the release for the GPU machine's torch 2.11): its default SDPA
+                  attention, plain causal like the other variants; torchtitan 0.3 (qwen3_configs,
+                  needs a newer torch): FlexAttention with its per-batch causal mask (it has no
+                  SDPA path). Skipped with a line saying why when torchtitan is not importable.
   deepwish-packed the trainer's real input: PackedLoader batches of the embedded corpus (the
                   default shards `deepwish train` builds), with per-token document ids and
                   positions, so attention runs with document isolation (model.attn_backend=auto:
@@ -56,14 +58,17 @@ windows of 2048) keep batch × N <= 16 at seq 2048.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import gc
+import importlib
 import json
 import os
 import signal
 import subprocess
 import sys
 import time
+import types
 from pathlib import Path
 
 import torch
@@ -251,45 +256,112 @@ def anchor_step(model, loss_fn):
 TORCHTITAN_FLAVORS = {"qwen3_0.6b": "0.6B", "qwen3_8b": "8B"}
 
 
-def build_torchtitan(preset: str, batch: int, seq: int):
-    """torchtitan's own Qwen3 (torchtitan.models.qwen3, its config of the same shape) trained the way
-    its single-device trainer does: fp32 parameters under bf16 autocast, each TransformerBlock
-    compiled (fullgraph, as torchtitan's apply_compile), FlexAttention with the causal + document
-    mask it builds from positions every batch (its language models offer flex, flex_flash and
-    varlen, no SDPA), fp32 cross-entropy, clipping, fused AdamW. Not its Trainer (data loading,
-    checkpointing, logging): the model, its compile and its precision."""
-    try:
-        from torchtitan.models.qwen3 import qwen3_configs
-    except Exception as e:  # noqa: BLE001 - any import failure means the variant cannot run
-        raise Skipped(f"torchtitan is not importable ({type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''})")
-    if preset not in TORCHTITAN_FLAVORS:
-        raise Skipped(f"no torchtitan flavour wired for {preset} (only {', '.join(TORCHTITAN_FLAVORS)})")
-    from deepwish.config import load_config
+# torchtitan 0.2's model packages import its data and logging components when they load
+# (`datasets` for its Hugging Face loaders, `torch.utils.tensorboard` for its metrics), which the
+# bench never calls and the GPU machine lacks. While torchtitan imports, those that cannot be
+# imported are inert stand-ins (a name from them fails when used, saying so), removed again after.
+TORCHTITAN_UNUSED_IMPORTS = ("datasets", "datasets.distributed", "torch.utils.tensorboard")
 
-    cfg = load_config(preset).model
-    device = torch.device("cuda")
-    tt_cfg = qwen3_configs[TORCHTITAN_FLAVORS[preset]](attn_backend="flex")
+
+class _StandIn(types.ModuleType):
+    """A module torchtitan imports but the bench never uses: every name is a class that refuses
+    to be made."""
+
+    def __getattr__(self, name: str):
+        if name.startswith("__"):
+            raise AttributeError(name)
+        module = self.__name__
+
+        def refuse(*args, **kwargs):
+            raise RuntimeError(f"{module}.{name}: a stand-in (bench/train.py TORCHTITAN_UNUSED_IMPORTS), "
+                               f"not the real module, which this machine lacks")
+        return type(name, (), {"__init__": refuse, "__call__": refuse})
+
+
+@contextlib.contextmanager
+def stand_ins_for_absent(names: tuple[str, ...]):
+    """Within: each module of `names` that cannot be imported is a `_StandIn` in sys.modules."""
+    added = []
+    for name in names:
+        try:
+            importlib.import_module(name)
+        except ImportError:
+            sys.modules[name] = _StandIn(name)
+            added.append(name)
+    try:
+        yield added
+    finally:
+        for name in added:
+            sys.modules.pop(name, None)
+
+
+def torchtitan_qwen3(flavor: str, seq: int, device: torch.device):
+    """torchtitan's own Qwen3 of `flavor`, built on the meta device and initialised on `device`
+    its way; returns (model, logits(x) under bf16 autocast). torchtitan 0.3 (qwen3_configs):
+    FlexAttention with the causal mask it builds every batch (it has no SDPA path); torchtitan 0.2
+    (qwen3_args, Qwen3Model): its default SDPA attention, causal."""
+    def why(e: Exception) -> str:
+        return f"{type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}"
+    try:
+        from torchtitan.models.qwen3 import qwen3_configs  # torchtitan 0.3
+    except Exception as e03:  # noqa: BLE001 - any import failure: try the other release's API
+        try:
+            with stand_ins_for_absent(TORCHTITAN_UNUSED_IMPORTS):
+                from torchtitan.models.qwen3 import Qwen3Model, qwen3_args  # torchtitan 0.2
+        except Exception as e02:  # noqa: BLE001 - neither: the variant cannot run
+            raise Skipped(f"torchtitan is not importable (as 0.3: {why(e03)}; as 0.2: {why(e02)})") from None
+        args = dataclasses.replace(qwen3_args[flavor], max_seq_len=max(seq, qwen3_args[flavor].max_seq_len))
+        torch.manual_seed(0)
+        with torch.device("meta"):
+            model = Qwen3Model(args)
+        model.to_empty(device=device)
+        with torch.no_grad():
+            model.init_weights(buffer_device=device)
+
+        def logits(x: torch.Tensor) -> torch.Tensor:
+            with torch.autocast(device.type, dtype=torch.bfloat16):
+                return model(x)
+        return model, logits
+    tt_cfg = qwen3_configs[flavor](attn_backend="flex")
     torch.manual_seed(0)
     with torch.device("meta"):
         model = tt_cfg.build()
     model.to_empty(device=device)
     with torch.no_grad():
         model.init_states(buffer_device=device)
+
+    def logits(x: torch.Tensor) -> torch.Tensor:
+        positions = torch.arange(x.shape[1], device=x.device).expand_as(x)
+        masks = model.get_attention_masks(positions)
+        with torch.autocast(device.type, dtype=torch.bfloat16):
+            return model(x, positions, masks)
+    return model, logits
+
+
+def build_torchtitan(preset: str, batch: int, seq: int, device: torch.device | None = None):
+    """torchtitan's own Qwen3 (its config of the same shape, `torchtitan_qwen3`) trained the way
+    its single-device trainer does: fp32 parameters under bf16 autocast, each TransformerBlock
+    compiled (fullgraph, as torchtitan's apply_compile), fp32 cross-entropy, clipping, fused AdamW.
+    Not its Trainer (data loading, checkpointing, logging): the model, its compile and its precision."""
+    if preset not in TORCHTITAN_FLAVORS:
+        raise Skipped(f"no torchtitan flavour wired for {preset} (only {', '.join(TORCHTITAN_FLAVORS)})")
+    from deepwish.config import load_config
+
+    cfg = load_config(preset).model
+    device = device or torch.device("cuda")
+    model, logits = torchtitan_qwen3(TORCHTITAN_FLAVORS[preset], seq, device)
     n_ours = sum(p.numel() for p in _meta_deepwish(cfg).parameters())
     n_tt = sum(p.numel() for p in model.parameters())
     if n_tt != n_ours:
         raise RuntimeError(f"torchtitan's {TORCHTITAN_FLAVORS[preset]} has {n_tt:,} parameters, {preset} {n_ours:,}")
-    for block in model.layers.values():
-        block.compile(fullgraph=True)
+    if device.type == "cuda":
+        for block in model.layers.values():
+            block.compile(fullgraph=True)
     model.train()
     x = torch.randint(0, cfg.vocab_size, (batch, seq), device=device)
-    positions = torch.arange(seq, device=device).expand(batch, seq)
 
     def loss() -> torch.Tensor:
-        masks = model.get_attention_masks(positions)
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            logits = model(x, positions, masks)
-        return torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), x.flatten())
+        return torch.nn.functional.cross_entropy(logits(x).flatten(0, 1).float(), x.flatten())
 
     return anchor_step(model, loss), model_flops_per_token(cfg, seq)
 

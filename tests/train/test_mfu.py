@@ -114,3 +114,22 @@ def test_bench_train_torchtitan_without_the_library_is_skipped_with_a_reason(mon
     monkeypatch.setattr(builtins, "__import__", no_titan)
     with pytest.raises(bench.Skipped, match="torchtitan is not importable"):
         bench.build_torchtitan("qwen3_0.6b", 1, 8)
+
+
+def test_modules_torchtitan_imports_but_the_bench_never_uses_stand_in_only_while_absent_and_only_within():
+    """torchtitan 0.2 imports its data and logging components (datasets, torch.utils.tensorboard)
+    when its model package loads; where they are absent, inert stand-ins let the model import, and
+    anything taken from them refuses to run, naming itself."""
+    import json
+    import sys
+
+    from deepwish.bench import train as bench
+    with bench.stand_ins_for_absent(("deepwish_absent_module", "json")) as added:
+        assert added == ["deepwish_absent_module"]  # json imports: the real module stays
+        assert sys.modules["json"] is json
+        from deepwish_absent_module import Dataset  # noqa: F401 - what an importing module does
+        with pytest.raises(RuntimeError, match="deepwish_absent_module.Dataset: a stand-in"):
+            Dataset()
+    assert "deepwish_absent_module" not in sys.modules
+    with pytest.raises(ImportError):
+        import deepwish_absent_module  # noqa: F401
