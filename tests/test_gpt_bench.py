@@ -110,6 +110,20 @@ def test_ablate_cli_two_seeds(tmp_path, capsys):
     assert not (tmp_path / "ab2" / "seed0").exists()  # nothing trained
     assert main(["bench", "ablate", "--out", str(tmp_path / "ab3"), "--off", "none", "--full-from", str(out)]) == 2
     assert "nothing to train" in capsys.readouterr().err
+    # --runs-from: every run that finished there (the full model's, seed 0's value_embeds; seed 1's was
+    # left unfinished above) is read back after the settings check, the rest trained in --out
+    capsys.readouterr()
+    assert main(["bench", "ablate", "--out", str(tmp_path / "ab4"), "--preset", "gpt_tiny", "--off", "value_embeds,skips",
+                 "--seeds", "2", "--steps", "2", "--runs-from", str(out), *TINY]) == 0
+    printed = capsys.readouterr().out
+    assert printed.count("read back from") == 3 and "seed 0's value_embeds read back" in printed
+    assert sorted(p.name for p in (tmp_path / "ab4").glob("seed*/*")) == ["skips", "skips", "value_embeds"]
+    r4 = json.loads((tmp_path / "ab4" / "ablate.json").read_text())
+    assert r4["off"]["value_embeds"]["final_delta"][0] == r["off"]["value_embeds"]["final_delta"][0]
+    assert r4["runs_from"] == str(out) and len(r4["off"]["skips"]["final_delta"]) == 2
+    assert main(["bench", "ablate", "--out", str(tmp_path / "ab5"), "--preset", "gpt_tiny", "--off", "value_embeds",
+                 "--seeds", "1", "--steps", "3", "--runs-from", str(out), *TINY]) == 2
+    assert "--runs-from" in (err := capsys.readouterr().err) and "seed 0's full run differs" in err and "train.steps" in err
 
 
 def test_run_curves_count_tokens_and_training_time_between_records(tmp_path):

@@ -14,7 +14,9 @@ final loss beside it (a Δ inside that spread is not measured), Δ against token
 (mean line, min..max band), DIR/ablate.json and DIR/ablate.md. An ablation too long for one
 sitting is split by technique: the first call trains the full model too, later ones take its runs
 with `--full-from FIRST_OUT` (checked to be the same settings, data and corpus fingerprint);
-`--off none` trains the full model alone. A call cut short (a time limit's SIGTERM) is taken up
+`--off none` trains the full model alone. `--runs-from EARLIER_OUT` reads back every run that
+finished there, the full model's and any technique's (same checks), and trains only the rest, so
+one command gives the whole table after several calls. A call cut short (a time limit's SIGTERM) is taken up
 by the same command: runs that finished in --out are read back (checked to be the same settings),
 a run stopped with a checkpoint is resumed, the rest are trained.
 
@@ -111,22 +113,33 @@ def settings_diff(run: Path, preset: str, sets: list[str]) -> list[str]:
 def reuse_full(full_from: Path, preset: str, sets: list[str], seed: int, note: dict) -> dict:
     """The full model's curves for `seed` from an earlier `bench ablate` output (--full-from DIR:
     DIR/seed<s>/full/{config.json,metrics.jsonl} and DIR/ablate.json), after checking that it trained
-    what this call would (`settings_diff`; and the corpus fingerprint when both calls name one). A
-    mismatch is one error naming the settings."""
+    what this call would (`reuse_run`). A missing run is an error."""
     from deepwish.config import ConfigError
 
     run = Path(full_from) / f"seed{seed}" / "full"
     if not (run / "config.json").is_file() or not (run / "metrics.jsonl").is_file():
         raise ConfigError(f"--full-from {full_from}: no {run}/config.json and metrics.jsonl (the output of an "
                           f"earlier `bench ablate` with --seeds > {seed})")
+    return reuse_run("--full-from", Path(full_from), "full", preset, sets, seed, note)
+
+
+def reuse_run(flag: str, root: Path, name: str, preset: str, sets: list[str], seed: int, note: dict) -> dict:
+    """Run `name`'s curves for `seed` from an earlier `bench ablate` output ROOT
+    (ROOT/seed<s>/<name>/{config.json,metrics.jsonl}, finished), after checking that it trained what
+    this call would (`settings_diff`; and the corpus fingerprint of ROOT/ablate.json when both calls
+    name one). A mismatch is one error naming the settings: a run is never silently retrained."""
+    from deepwish.config import ConfigError
+
+    run = root / f"seed{seed}" / name
     diff = settings_diff(run, preset, sets)
-    earlier = Path(full_from) / "ablate.json"
+    earlier = root / "ablate.json"
     fp = json.loads(earlier.read_text()).get("data", {}).get("fingerprint") if earlier.is_file() else None
     if fp and note.get("fingerprint") and fp != note["fingerprint"]:
         diff.append(f"corpus fingerprint ({fp} there, {note['fingerprint']} here)")
     if diff:
-        raise ConfigError(f"--full-from {full_from}: seed {seed}'s full run differs from this call's in "
-                          f"{', '.join(diff)}; train it here (drop --full-from)")
+        raise ConfigError(f"{flag} {root}: seed {seed}'s {name} run differs from this call's in "
+                          f"{', '.join(diff)}; train it here (drop {flag})")
+    print(f"[deepwish] ablate: seed {seed}'s {name} read back from {run}", flush=True)
     return run_curves(run)
 
 
@@ -195,6 +208,10 @@ def main(argv: list[str] | None = None) -> int:
                     help="take the full model's runs from an earlier `bench ablate --out DIR` with the same settings "
                          "(its seed*/full/{config.json,metrics.jsonl} and ablate.json) instead of training them: an "
                          "ablation split over several calls trains the full model once")
+    ap.add_argument("--runs-from", default=None, metavar="DIR",
+                    help="read back every run that finished in an earlier `bench ablate --out DIR` (the full "
+                         "model's and any technique's, seed*/NAME), after the same settings check, instead of "
+                         "training it; what DIR lacks is trained: a table completed over several calls")
     ap.add_argument("--steps", type=int, default=0, help="train.steps (0: the preset's)")
     ap.add_argument("--set", dest="sets", action="append", default=[], help="section.key=value, for every run")
     args = ap.parse_args(argv)
@@ -226,12 +243,17 @@ def main(argv: list[str] | None = None) -> int:
             if name == "full" and args.full_from:
                 curves.setdefault(name, {})[seed] = reuse_full(Path(args.full_from), args.preset, sets, seed, note)
                 continue
+            if args.runs_from and finished(Path(args.runs_from) / f"seed{seed}" / name):
+                curves.setdefault(name, {})[seed] = reuse_run("--runs-from", Path(args.runs_from), name, args.preset,
+                                                              sets, seed, note)
+                continue
             curves.setdefault(name, {})[seed] = train_variant(args.preset, out / f"seed{seed}" / name, sets)
     summary = summarise(curves, off)
     text = table(summary, args.preset)
     plot(summary, out / "ablate.png")
     (out / "ablate.md").write_text(text + "\n")
     (out / "ablate.json").write_text(json.dumps({"preset": args.preset, "sets": base, "data": note, "full_from": args.full_from,
+                                                 "runs_from": args.runs_from,
                                                  **summary}, indent=1))
     print(text)
     print(f"[deepwish] wrote {out / 'ablate.json'}, {out / 'ablate.md'}, {out / 'ablate.png'}")
