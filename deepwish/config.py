@@ -371,6 +371,12 @@ class TrainConfig:
     # off): RUN_DIR/profile/{summary.txt, trace.json.gz}, the GPU's idle time by host phase (train/profile.py)
     profile_steps: int = 0
     profile_start: int = 10
+    # Python's garbage collector during the loop: every object alive after the warm-up (model,
+    # compiled graphs, caches) is frozen out of its scans, automatic collection is off, and one full
+    # collection runs every gc_every steps (0: Python's automatic collection, as outside the loop).
+    # An automatic collection of the whole heap can take the host tens of milliseconds in the
+    # middle of a step's launches, at an unpredictable step.
+    gc_every: int = 50
     sample_tokens: int = 64  # tokens sampled at the end of the run
     sample_prompt: str = "ROMEO:"
     # --- scale-out (train/parallel.py) ---------------------------------------------
@@ -616,7 +622,7 @@ def config_problems(cfg: RunConfig) -> list[str]:
     need(t.seq_len <= cfg.model.max_seq_len, "seq_len", f"exceeds model.max_seq_len={cfg.model.max_seq_len}")
     need(t.warmup_steps >= 0, "warmup_steps", "must be >= 0")
     need(t.sample_tokens >= 0, "sample_tokens", "must be >= 0")
-    for name in ("profile_steps", "profile_start"):
+    for name in ("profile_steps", "profile_start", "gc_every"):
         need(getattr(t, name) >= 0, name, "must be >= 0")
     need(t.profile_steps == 0 or t.profile_start + t.profile_steps <= t.steps + t.extend_steps, "profile_steps",
          f"steps {t.profile_start + 1}-{t.profile_start + t.profile_steps} are not all in the run's "

@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import gc
 import json
 import math
 import os
@@ -616,6 +617,7 @@ def train_steps(run: Run) -> tuple[dict[int, float], dict[int, float]]:
                 evaluation=lambda batch: evaluation_forward(run.model, batch, tc, run.device,
                                                             eval_objective(tc, run.backend)))
     run.logger.start(run.start_step)
+    collector = HostGarbage(tc.gc_every)
     profiler = StepProfiler(tc.profile_start, tc.profile_steps, run.run_dir / "profile" / (
         f"rank{run.d.rank}" if run.d.world_size > 1 else ""), run.device, run.logger)
     try:
@@ -644,10 +646,38 @@ def train_steps(run: Run) -> tuple[dict[int, float], dict[int, float]]:
                 with run.logger.paused(), phase("evaluate"):
                     val_losses[done] = validation_loss(run)
                 run.logger.eval(done, {"val_loss": val_losses[done]})
+            with phase("gc"):
+                collector.after(done)
             profiler.after(step)
     finally:
         profiler.close()
+        collector.close()
     return train_losses, val_losses
+
+
+class HostGarbage:
+    """Python's garbage collection on the loop's schedule (train.gc_every; 0: untouched): what is
+    alive when the loop starts is frozen (gc.freeze: later collections skip it), automatic
+    collection is off, and a full collection runs every `every` steps, so the host never stops for
+    a collection of the whole heap inside a step's launches. `close` restores the collector."""
+
+    def __init__(self, every: int):
+        self.every = every
+        self.was_enabled = gc.isenabled()
+        if every > 0:
+            gc.collect()
+            gc.freeze()
+            gc.disable()
+
+    def after(self, done: int) -> None:
+        if self.every > 0 and done % self.every == 0:
+            gc.collect()
+
+    def close(self) -> None:
+        if self.every > 0:
+            gc.unfreeze()
+            if self.was_enabled:
+                gc.enable()
 
 
 def finish_run(run: Run, train_losses: dict, val_losses: dict, train_seconds: float) -> dict:

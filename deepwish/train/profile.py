@@ -4,7 +4,7 @@ real loop (from step `train.profile_start`), on its own batches, schedules and h
 `bench profile_train` times one synthetic step (random ids, no data loader, no logging, no host
 read); the loop itself does more on the host between the GPU's work, and the GPU waits for it.
 Each step's host phases are marked (`phase`: `deepwish.data`, `.forward_backward`, `.read` — the
-step's one host synchronisation —, `.optimizer`, `.log`, `.save`, `.evaluate`). From the trace:
+step's one host synchronisation —, `.optimizer`, `.log`, `.save`, `.evaluate`, `.gc`). From the trace:
 the window's wall time, the time the GPU ran kernels, copies or fills (the union of their
 intervals: overlapping streams count once), and the GPU's idle time split by the host phase
 running meanwhile, i.e. what the GPU waited for. Written under RUN_DIR/profile/ (one folder per

@@ -128,3 +128,32 @@ def test_moe_run_logs_expert_load_and_updates_router_bias(tmp_path, monkeypatch)
     bias = load_checkpoint(tmp_path)["model"]["blocks.0.ffn.e_score_correction_bias"]
     torch.testing.assert_close(bias, expect)
     assert s["final_val_loss"] > 0
+
+
+def test_the_loop_collects_garbage_on_its_schedule_and_restores_the_collector(tmp_path, monkeypatch):
+    """train.gc_every: automatic collection off and the pre-loop heap frozen during the loop, one
+    full collection every gc_every steps, the collector as it was afterwards (also when a step fails)."""
+    import gc
+    seen = []
+    real_after = loop.HostGarbage.after
+
+    def after(self, done):
+        seen.append((done, gc.isenabled(), gc.get_freeze_count() > 0))
+        collections = gc.get_stats()[2]["collections"]
+        real_after(self, done)
+        seen[-1] += (gc.get_stats()[2]["collections"] - collections,)  # full collections this step
+    monkeypatch.setattr(loop.HostGarbage, "after", after)
+    assert gc.isenabled()
+    cfg = load_config("qwen3_tiny", TINY + [f"train.out_dir={tmp_path / 'a'}", "train.steps=5", "train.gc_every=2",
+                                            "train.sample_tokens=0", "train.eval_every=5"])
+    loop.train(cfg, progress_bar=False)
+    assert seen == [(1, False, True, 0), (2, False, True, 1), (3, False, True, 0), (4, False, True, 1), (5, False, True, 0)]
+    assert gc.isenabled() and gc.get_freeze_count() == 0
+    # a failing step leaves the collector restored too; gc_every=0 leaves it alone
+    seen.clear()
+    monkeypatch.setattr(loop, "optimizer_step", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("boom")))
+    with pytest.raises(RuntimeError, match="boom"):
+        loop.train(load_config(None, [f"train.out_dir={tmp_path / 'b'}"], base=cfg), progress_bar=False)
+    assert gc.isenabled() and gc.get_freeze_count() == 0
+    monkeypatch.undo()
+    assert loop.HostGarbage(0).every == 0 and gc.isenabled() and gc.get_freeze_count() == 0
