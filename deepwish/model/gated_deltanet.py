@@ -296,7 +296,6 @@ class GatedDeltaNet(nn.Module):
     def _heads(self, qkv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """[..., D_conv] -> q, k [..., H, K], v [..., HV, V]."""
         q, k, v = qkv.split([self.key_dim, self.key_dim, self.value_dim], dim=-1)
-        lead = qkv.shape[:-1]
         return (q.unflatten(-1, (self.n_k_heads, self.k_head_dim)), k.unflatten(-1, (self.n_k_heads, self.k_head_dim)),
                 v.unflatten(-1, (self.n_v_heads, self.v_head_dim)))
 
