@@ -64,6 +64,7 @@ for stage in "$@"; do
       bash "$0" corpus >/dev/null || status=1
       C=${CORPUS:-/tmp/deepwish-pycode}
       for preset in ${LOOP_PROFILE_PRESETS:-gpt_124m}; do
+        rm -rf "/tmp/loop_profile/$preset"  # a fresh run each time (an earlier one on this machine would be refused)
         python3 -m deepwish.cli train --preset "$preset" --set "data.train_bin=$C/train.bin" --set "data.val_bin=$C/val.bin" \
           --set "data.tokenizer=$C/tokenizer" --set train.steps=40 --set train.compile_warmup=true \
           --set train.profile_start=30 --set train.profile_steps=3 --set train.eval_every=40 --set train.sample_tokens=0 \
