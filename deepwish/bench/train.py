@@ -304,6 +304,12 @@ def torchtitan_qwen3(flavor: str, seq: int, device: torch.device):
         return f"{type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}"
     try:
         from torchtitan.models.qwen3 import qwen3_configs  # torchtitan 0.3
+        tt_cfg = qwen3_configs[flavor](attn_backend="flex")
+        build, init = tt_cfg.build, "init_states"
+
+        def forward(model, x: torch.Tensor) -> torch.Tensor:
+            positions = torch.arange(x.shape[1], device=x.device).expand_as(x)
+            return model(x, positions, model.get_attention_masks(positions))
     except Exception as e03:  # noqa: BLE001 - any import failure: try the other release's API
         try:
             with stand_ins_for_absent(TORCHTITAN_UNUSED_IMPORTS):
@@ -311,30 +317,20 @@ def torchtitan_qwen3(flavor: str, seq: int, device: torch.device):
         except Exception as e02:  # noqa: BLE001 - neither: the variant cannot run
             raise Skipped(f"torchtitan is not importable (as 0.3: {why(e03)}; as 0.2: {why(e02)})") from None
         args = dataclasses.replace(qwen3_args[flavor], max_seq_len=max(seq, qwen3_args[flavor].max_seq_len))
-        torch.manual_seed(0)
-        with torch.device("meta"):
-            model = Qwen3Model(args)
-        model.to_empty(device=device)
-        with torch.no_grad():
-            model.init_weights(buffer_device=device)
+        build, init = (lambda: Qwen3Model(args)), "init_weights"
 
-        def logits(x: torch.Tensor) -> torch.Tensor:
-            with torch.autocast(device.type, dtype=torch.bfloat16):
-                return model(x)
-        return model, logits
-    tt_cfg = qwen3_configs[flavor](attn_backend="flex")
+        def forward(model, x: torch.Tensor) -> torch.Tensor:
+            return model(x)
     torch.manual_seed(0)
     with torch.device("meta"):
-        model = tt_cfg.build()
+        model = build()
     model.to_empty(device=device)
     with torch.no_grad():
-        model.init_states(buffer_device=device)
+        getattr(model, init)(buffer_device=device)
 
     def logits(x: torch.Tensor) -> torch.Tensor:
-        positions = torch.arange(x.shape[1], device=x.device).expand_as(x)
-        masks = model.get_attention_masks(positions)
         with torch.autocast(device.type, dtype=torch.bfloat16):
-            return model(x, positions, masks)
+            return forward(model, x)
     return model, logits
 
 

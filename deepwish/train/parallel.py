@@ -278,8 +278,9 @@ def parallelize(model: nn.Module, run_cfg, d: Dist) -> nn.Module:
     if d.main:
         zero = (" (ZeRO-3-like: parameters resharded after forward)" if tc.reshard_after_forward else
                 " (ZeRO-2-like: parameters kept gathered from forward to backward)") if tc.parallel == "fsdp" else ""
+        compiled = "off" if not use_compile else "on" if tc.compile_mode == "default" else f"on ({tc.compile_mode})"
         print(f"[deepwish] parallel {tc.parallel}{zero} x{d.world_size} ({d.backend or 'no group'}) | compile "
-              f"{('on' + ('' if tc.compile_mode == 'default' else f' ({tc.compile_mode})')) if use_compile else 'off'} | activation checkpoint {tc.activation_checkpoint} "
+              f"{compiled} | activation checkpoint {tc.activation_checkpoint} "
               f"({len(ac)}/{len(model.blocks)} blocks) | offload {tc.offload}", file=sys.stderr, flush=True)
     return step_model
 
