@@ -394,6 +394,11 @@ class TrainConfig:
     offload: str = "none"  # none | params | activations
     reshard_after_forward: bool = True  # fsdp: true = ZeRO-3-like (blocks re-gathered for backward); false = ZeRO-2-like (kept gathered until backward)
     dtype: str = "bf16"  # compute dtype under autocast on GPU: bf16 | fp32
+    # the residual stream's dtype under bf16 autocast: fp32 (autocast's own: the fp32 embedding rows
+    # carry through every residual add) | bf16 (x0 cast once: every elementwise kernel on the stream
+    # and every sum of its gradients moves half the bytes; what FSDP2's bf16 parameters give anyway).
+    # Matmuls and norm statistics are bf16 / fp32 either way; CPU runs compute in fp32 throughout.
+    residual_dtype: str = "fp32"
 
 
 @dataclass(frozen=True)
@@ -595,6 +600,7 @@ CHECKPOINT_MODES = ("none", "selective", "full")
 OFFLOAD_MODES = ("none", "params", "activations")
 LOSS_BACKENDS = ("auto", "torch", "triton")
 DTYPES = ("bf16", "fp32")
+RESIDUAL_DTYPES = ("fp32", "bf16")  # train.residual_dtype
 INDEXER_MODES = ("off", "dense_warmup", "sparse")
 
 
@@ -645,13 +651,16 @@ def config_problems(cfg: RunConfig) -> list[str]:
         need(finite(getattr(t, name)) and 0 <= getattr(t, name) < 1, name, "must be in [0, 1)")
     need(all(finite(b) and 0 <= b < 1 for b in t.betas), "betas", "each must be in [0, 1)")
     for name, allowed in (("optimizer", OPTIMIZERS), ("schedule", SCHEDULES), ("loss_backend", LOSS_BACKENDS),
-                          ("dtype", DTYPES), ("indexer_mode", INDEXER_MODES), ("parallel", PARALLEL_MODES),
+                          ("dtype", DTYPES), ("residual_dtype", RESIDUAL_DTYPES), ("indexer_mode", INDEXER_MODES),
+                          ("parallel", PARALLEL_MODES),
                           ("compile", COMPILE_MODES), ("compile_mode", INDUCTOR_MODES),
                           ("activation_checkpoint", CHECKPOINT_MODES),
                           ("offload", OFFLOAD_MODES)):
         need(getattr(t, name) in allowed, name, f"is not one of {', '.join(allowed)}")
     need(t.device in ("auto", "cpu") or t.device == "cuda" or
          (t.device.startswith("cuda:") and t.device[5:].isdigit()), "device", "is not auto, cpu or cuda[:N]")
+    need(t.residual_dtype == "fp32" or t.dtype == "bf16", "residual_dtype",
+         f"{t.residual_dtype} needs train.dtype=bf16 (the stream is carried in autocast's dtype)")
     need(t.offload != "params" or t.parallel == "fsdp", "offload", "params needs train.parallel=fsdp")
     need(t.reshard_after_forward or t.parallel == "fsdp", "reshard_after_forward",
          "false (ZeRO-2-like sharding) needs train.parallel=fsdp")

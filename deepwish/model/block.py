@@ -187,7 +187,9 @@ class Block(nn.Module):
         if self.residual_scales is not None:
             lam = self.residual_scales.to(x.dtype)
             x = lam[0] * x + lam[1] * ctx.x0
+        # The stream keeps its dtype (Objective.residual_dtype): a branch that returns fp32 under
+        # autocast (an MoE's fp32 combine weights) does not promote a bf16 stream back to fp32.
         h, mixer_aux = self.mixer(self.attn_norm(x), ctx, cache)
-        x = x + h
+        x = x + h.to(x.dtype)
         h, ffn_aux = self.ffn(self.ffn_norm(x))
-        return x + h, {**mixer_aux, **ffn_aux}
+        return x + h.to(x.dtype), {**mixer_aux, **ffn_aux}

@@ -57,6 +57,11 @@ class Objective:
     # every target is in the vocabulary or ignored (train/loss.py checked_target_count): the fused
     # loss then reads nothing back from the device (no target check, no data-dependent row count)
     checked_targets: int | None = None
+    # Carry the residual stream in this dtype under autocast (train.residual_dtype):
+    # the embedding output x0 is cast once, so every block's input, output and residual sum is in
+    # it. None: the embedding's dtype (fp32 parameters under autocast give an fp32 stream, as in
+    # plain AMP; FSDP2's bf16 parameters give bf16). Without autocast it has no effect.
+    residual_dtype: torch.dtype | None = None
 
     def __post_init__(self) -> None:
         if self.loss_backend not in LOSS_BACKENDS:

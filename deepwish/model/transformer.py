@@ -232,9 +232,11 @@ class Transformer(nn.Module):
                               dense_indexer_attention=objective.indexer_mode == "dense_warmup",
                               indexer_loss=indexer_loss, window_blocks=objective.window_blocks, doc_bounds=bounds)
 
-    def embed_tokens(self, input_ids: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
-        """x0 [B,T,d]: token embedding (+ learned positions), RMS-normed with model.embed_norm; fills the
-        context's GPT-family side inputs (x0 for residual scales, value-embedding rows)."""
+    def embed_tokens(self, input_ids: torch.Tensor, ctx: ForwardContext,
+                     residual_dtype: torch.dtype | None = None) -> torch.Tensor:
+        """x0 [B,T,d]: token embedding (+ learned positions), RMS-normed with model.embed_norm, in
+        residual_dtype under autocast (Objective.residual_dtype); fills the context's GPT-family side
+        inputs (x0 for residual scales, value-embedding rows)."""
         value_rows = None
         if self.cfg.embed_backend == "triton":  # every token table in one lookup: one sort in the backward
             from deepwish.kernels.embedding import lookups
@@ -246,6 +248,8 @@ class Transformer(nn.Module):
             x = x + self.pos_embed(ctx.positions)
         if self.embed_norm is not None:
             x = self.embed_norm(x)
+        if residual_dtype is not None and torch.is_autocast_enabled(x.device.type):
+            x = x.to(residual_dtype)
         if self.cfg.residual_scales:
             ctx.x0 = x
         if self.value_embeds is not None:
@@ -281,7 +285,7 @@ class Transformer(nn.Module):
         train_aux = targets is not None
         ctx = self.context(input_ids, positions, doc_ids, objective,
                            indexer_loss=train_aux and objective.indexer_mode != "off" and objective.indexer_weight > 0)
-        x = self.embed_tokens(input_ids, ctx)
+        x = self.embed_tokens(input_ids, ctx, objective.residual_dtype)
         block_aux = []
         stack: list[torch.Tensor] = []  # U-net skips: first-half outputs
         for i, block in enumerate(self.blocks):

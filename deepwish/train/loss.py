@@ -53,13 +53,20 @@ def step_objective(tc, step: int, backend: str, n_global: int, checked_targets: 
     return Objective(loss_backend=backend, z_loss=tc.z_loss, loss_norm=float(n_global),
                      mtp_weight=mtp_lambda_at(tc.mtp_lambda, tc.mtp_lambda_final, step, tc.steps),
                      indexer_mode=tc.indexer_mode, indexer_weight=tc.indexer_loss_coef,
-                     window_blocks=window_blocks_at(step, tc, WINDOW_BLOCK), checked_targets=checked_targets)
+                     window_blocks=window_blocks_at(step, tc, WINDOW_BLOCK), checked_targets=checked_targets,
+                     residual_dtype=residual_dtype(tc))
 
 
 def eval_objective(tc, backend: str) -> Objective:
     """Validation reports the main cross-entropy only: no MTP heads, no indexer loss, and the
     attention the training run uses (dense during a DSA dense warm-up)."""
-    return Objective(loss_backend=backend, indexer_mode=tc.indexer_mode, indexer_weight=0.0)
+    return Objective(loss_backend=backend, indexer_mode=tc.indexer_mode, indexer_weight=0.0,
+                     residual_dtype=residual_dtype(tc))
+
+
+def residual_dtype(tc) -> torch.dtype | None:
+    """Objective.residual_dtype of train.residual_dtype: bf16, or None (the embedding's dtype)."""
+    return torch.bfloat16 if tc.residual_dtype == "bf16" else None
 
 
 def step_metrics(out) -> dict:
