@@ -309,6 +309,7 @@ BENCHES = {
     "sweep": "deepwish.bench.sweep",
     "speedrun": "deepwish.bench.speedrun",
     "ablate": "deepwish.bench.ablate",
+    "variants": "deepwish.bench.variants",
     "grpo": "deepwish.bench.grpo",
     "dsa": "deepwish.bench.dsa",
     "nsa": "deepwish.bench.nsa",

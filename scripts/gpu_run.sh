@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # What the GPU machine runs: environment report, GPU tests and benchmarks, results under $OUT.
-#   bash scripts/gpu_run.sh STAGE...   with STAGE in: env tests kernels gdn train decode sweep tradeoff notebook profile embedding gpt_mfu corpus speedrun loop_profile lce ablate dsa nsa_kernels nsa_quality attn_dq_tiles attn_dq muon attn_focus_tiles attn_goals decode_compare
+#   bash scripts/gpu_run.sh STAGE...   with STAGE in: env tests kernels gdn train decode sweep tradeoff notebook profile embedding gpt_mfu corpus speedrun loop_profile mfu_variants lce ablate dsa nsa_kernels nsa_quality attn_dq_tiles attn_dq muon attn_focus_tiles attn_goals decode_compare
 # Optional wheels in .whl/ (flash-linear-attention, liger-kernel) are installed to /tmp/site
 # first, so the anchors run side by side with deepwish in the same process (NO_WHEELS=1 skips
 # them, e.g. for HF's Qwen3-Next on its torch path).
@@ -72,6 +72,16 @@ for stage in "$@"; do
         cp "/tmp/loop_profile/$preset/profile/summary.txt" "$OUT/loop_profile_$preset.txt" || status=1
         [ -n "${LOOP_PROFILE_TRACE:-}" ] && cp "/tmp/loop_profile/$preset/profile/trace.json.gz" "$OUT/loop_profile_$preset.trace.json.gz"
       done ;;
+    mfu_variants)  # gpt_124m's training rate under setting variants, each a real `deepwish train` run on the
+      # corpus (bench/variants.py), at the final windows from step 0 (one compiled shape set: ~2-3 min a run)
+      bash "$0" corpus >/dev/null || status=1
+      rm -rf "$OUT/variants"
+      python3 -m deepwish.cli bench variants --out "$OUT/variants" --preset gpt_124m --data "${CORPUS:-/tmp/deepwish-pycode}" \
+        --steps 40 --set train.window_warmup_frac=0 --set train.eval_every=40 --set train.eval_batches=4 \
+        --variant "bf16: train.residual_dtype=bf16" \
+        --variant "b32: train.batch_size=32 train.grad_accum=1" \
+        --variant "b32_bf16: train.batch_size=32 train.grad_accum=1 train.residual_dtype=bf16" \
+        ${VARIANTS_ARGS:-} 2>&1 | grep -v '^step' | tail -30 || status=1 ;;
     lce)  # the fused loss: GPU tests (the soft-cap's tanh instruction included), then its row kernel and the
       # whole loss against torch.compile of the plain loss (bench/lce_rows.py)
       python3 -m pytest -m gpu -q -p no:cacheprovider tests/kernels/test_kernels_gpu_conv_lce.py 2>&1 | tail -5

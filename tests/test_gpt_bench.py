@@ -1,4 +1,4 @@
-"""`deepwish bench speedrun` and `deepwish bench ablate` end to end at toy size on the CPU: the
+"""`deepwish bench speedrun`, `bench ablate` and `bench variants` end to end at toy size on the CPU: the
 runs train on the same tokens, and the reported numbers are the ones in the runs' metrics."""
 import json
 
@@ -137,3 +137,28 @@ def test_run_curves_count_tokens_and_training_time_between_records(tmp_path):
     assert c["tokens"] == [200, 400]  # a record every 2 steps
     assert c["seconds"] == pytest.approx([2.0, 4.0])  # started at 10 s; the evaluation does not count
     assert c["val_loss"] == [5.0, 4.0]
+
+
+def test_variants_cli_times_each_variant_on_the_real_trainer(tmp_path, capsys):
+    from deepwish.bench.variants import parse_variant
+    torch.set_num_threads(1)
+    out = tmp_path / "var"
+    assert main(["bench", "variants", "--out", str(out), "--preset", "gpt_tiny", "--steps", "2", *TINY,
+                 "--variant", "b2: train.batch_size=2", "--variant", "bad: train.optimizer=sgd"]) == 1
+    r = json.loads((out / "variants.json").read_text())
+    base, b2, bad = r["rows"]
+    assert [x["variant"] for x in r["rows"]] == ["base", "b2", "bad"] and base["sets"] == []
+    for row, batch in ((base, 1), (b2, 2)):  # each row is its own run's metrics, with its own batch
+        recs = [json.loads(x) for x in (out / row["variant"] / "metrics.jsonl").read_text().splitlines()]
+        train = [x for x in recs if x["kind"] == "train"]
+        assert row["error"] is None and train[-1]["n_targets"] == batch * 160
+        assert row["tok_s"] in [x["tok_s"] for x in train] and row["step_ms"] == pytest.approx(1e3 * batch * 160 / row["tok_s"])
+        assert row["final_val_loss"] > 0 and row["peak_mem_gib"] > 0
+    assert "optimizer='sgd'" in bad["error"] and "tok_s" not in bad  # refused by name, nothing timed
+    printed = capsys.readouterr().out
+    assert "| b2 | train.batch_size=2 |" in printed and "| bad | train.optimizer=sgd | failed:" in printed
+    assert (out / "variants.png").stat().st_size > 1000
+    assert parse_variant("x-1: a.b=1 c.d='e f'") == ("x-1", ["a.b=1", "c.d=e f"])
+    for bad_text in ("nocolon", "base: a.b=1", "x:", "x: notakey", "x y: a.b=1"):
+        with pytest.raises(ValueError):
+            parse_variant(bad_text)
