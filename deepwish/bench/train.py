@@ -18,6 +18,8 @@ before anything of ours is resident; each result records what was still allocate
   deepwish-fsdp1  the same as `deepwish` under FSDP2 on a one-rank group: bf16 parameters for
                   compute (MixedPrecisionPolicy: cast once per step, not per matmul by autocast),
                   fp32 master weights and gradient reduction;
+  NAME+bf16       any deepwish variant with train.residual_dtype=bf16 (the residual stream in bf16,
+                  as FSDP2's bf16 parameters give; e.g. deepwish+bf16, deepwish-muon+bf16);
   hf              transformers' model built from the same config (config_to_hf of our HF table),
                   SDPA attention, fp32 weights under bf16 autocast, fused AdamW, clipping, the
                   model's own loss (labels=input_ids) — what a user of HF would run. Tried at the
@@ -104,9 +106,19 @@ class Result:
 
 
 # ---- the two step functions ----------------------------------------------------------------------
+def variant_parts(variant: str) -> tuple[str, str]:
+    """'deepwish-muon+bf16' -> ('deepwish-muon', 'bf16'): a deepwish variant with the residual
+    stream in bf16 (train.residual_dtype=bf16); the suffix is refused on the anchors."""
+    base, _, mod = variant.partition("+")
+    if base not in VARIANTS or (mod and (mod != "bf16" or not base.startswith("deepwish"))):
+        raise ValueError(variant)
+    return base, mod
+
+
 def _run_config(preset: str, batch: int, seq: int, variant: str):
     from deepwish.config import load_config
 
+    variant, mod = variant_parts(variant)
     sets = [f"train.batch_size={batch}", f"train.seq_len={seq}", "train.loss_backend=auto",
             "train.compile=" + ("'off'" if variant == "deepwish-eager" else "'on'"),  # quoted: YAML on/off are bools
             "train.optimizer=" + ("muon" if variant.startswith("deepwish-muon") else "adamw"),
@@ -114,6 +126,8 @@ def _run_config(preset: str, batch: int, seq: int, variant: str):
     if variant.startswith("deepwish-muon"):
         sets.append("train.muon_backend=" + ("torch" if variant == "deepwish-muon-torch" else "auto"))
         sets.append(f"train.optimizer_overlap={str(variant == 'deepwish-muon-overlap').lower()}")
+    if mod == "bf16":
+        sets.append("train.residual_dtype=bf16")
     return load_config(preset, sets)
 
 
@@ -149,7 +163,7 @@ def build_deepwish(preset: str, batch: int, seq: int, variant: str):
     optimizer = build_optimizer(model, tc, distributed=d.active)
     backend = resolve_loss_backend(tc.loss_backend, device)
     V = run_cfg.model.vocab_size
-    if variant == "deepwish-packed":
+    if variant_parts(variant)[0] == "deepwish-packed":
         batches = packed_batches(batch, seq, device)
     else:
         batches = [(torch.randint(0, V, (batch, seq), device=device), torch.randint(0, V, (batch, seq), device=device),
@@ -465,11 +479,12 @@ def verdicts(preset: str, results: list[Result]) -> list[str]:
         src = f"HF measured here b{hf.batch}" if hf else "HF anchor from GPU.md"
         lines.append(f"  goal >= {goal['hf_ratio']:.0f}x HF ({src}: {base / 1e3:.1f}k): {best.tok_s / base:.2f}x, "
                      f"{'MET' if best.tok_s >= goal['hf_ratio'] * base else 'NOT met'}")
-    # the anchors train random ids with AdamW: `deepwish` is the like-for-like row when it ran
-    same = next((r for r in ours if r.variant == "deepwish"), best)
+    # the anchors train random ids with AdamW: `deepwish` is the like-for-like row when it ran (and
+    # `deepwish+bf16`, its residual stream in bf16 as torchtitan's FSDP2 bf16 parameters give)
+    sames = [r for r in ours if r.variant in ("deepwish", "deepwish+bf16")] or [best]
     for variant, label, want in (("hf-liger", "HF + Liger", 2.0), ("torchtitan", "torchtitan", 1.2)):
         ok = [r for r in results if r.variant == variant and r.status == "ok"]
-        if ok:
+        for same in sames if ok else ():
             a = max(ok, key=lambda r: r.tok_s)
             ratio = same.tok_s / a.tok_s
             lines.append(f"  {same.variant} vs {label} measured here (b{a.batch}): {ratio:.2f}x (goal >= {want:g}x: "
@@ -644,9 +659,15 @@ def main(argv: list[str] | None = None) -> int:
     if not torch.cuda.is_available():
         raise SystemExit("deepwish bench train needs a CUDA GPU")
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
-    unknown = [v for v in variants if v not in VARIANTS]
+    unknown = []
+    for v in variants:
+        try:
+            variant_parts(v)
+        except ValueError:
+            unknown.append(v)
     if unknown:
-        raise SystemExit(f"unknown variant(s) {unknown}; choose from {', '.join(VARIANTS)}")
+        raise SystemExit(f"unknown variant(s) {unknown}; choose from {', '.join(VARIANTS)} (a deepwish one may end in "
+                         f"+bf16: the residual stream in bf16)")
     results: list[Result] = []
     skipped = []
     for preset in presets:
