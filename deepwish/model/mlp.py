@@ -46,6 +46,29 @@ def _laplace(x: torch.Tensor, mu: float = 0.707107, sigma: float = 0.282095) -> 
     return 0.5 * (1.0 + torch.erf((x - mu).div(sigma * math.sqrt(2.0))))
 
 
+class _ReLUSquared(torch.autograd.Function):
+    """y = relu(x)², whose backward reads y alone: dy·2·relu(x) = dy·2·√y. Autograd's own backward
+    of the formula keeps relu(x) as well as y, which the next matmul keeps as its input anyway:
+    one [tokens, d_ff] tensor written and held per layer that this saves (√ of the rounded y
+    differs from relu(x) by under half an ulp of y's dtype)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        y = torch.square(F.relu(x))
+        ctx.save_for_backward(y)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy: torch.Tensor) -> torch.Tensor:
+        (y,) = ctx.saved_tensors
+        return dy * (2.0 * torch.sqrt(y))
+
+
+def relu2(x: torch.Tensor) -> torch.Tensor:
+    """relu(x)² (modded-nanogpt's ReLU², HF's ReLUSquaredActivation), saving only its output."""
+    return _ReLUSquared.apply(x)
+
+
 ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "silu": F.silu,
     "swish": F.silu,
@@ -59,7 +82,7 @@ ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "gelu_10": lambda x: torch.clip(F.gelu(x), -10.0, 10.0),
     "quick_gelu": lambda x: x * torch.sigmoid(1.702 * x),
     "relu": F.relu,
-    "relu2": lambda x: torch.square(F.relu(x)),
+    "relu2": relu2,
     "relu6": F.relu6,
     "leaky_relu": F.leaky_relu,  # negative slope 0.01, as nn.LeakyReLU()
     "hardswish": F.hardswish,

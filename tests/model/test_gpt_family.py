@@ -144,6 +144,28 @@ def test_relu2_mlp_formula():
     assert ffn.w_up.weight.shape == (48, 32)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_relu2_backward_from_its_output_alone(dtype):
+    """ReLU²'s backward reads relu(x)² only (2·relu(x) = 2·√y): the formula's gradient to y's
+    rounding, and one tensor of the hidden's size saved instead of two."""
+    from deepwish.model.mlp import relu2
+    x = torch.randn(64, 96, dtype=torch.float64).to(dtype).requires_grad_()
+    dy = torch.randn(64, 96, dtype=dtype)
+    (g,) = torch.autograd.grad(relu2(x), x, dy)
+    g_ref = 2 * torch.relu(x.detach().double()) * dy.double()  # the formula's gradient, in fp64
+    assert (g[x.detach() <= 0] == 0).all()  # zero where relu is, negative inputs and zeros alike
+    tol = {torch.float32: 1e-6, torch.bfloat16: 8e-3}[dtype]
+    torch.testing.assert_close(g.double(), g_ref, rtol=tol, atol=tol * dy.abs().max().item())
+
+    def saved_elements(fn):
+        n = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: n.append(t.numel()) or t, lambda t: t):
+            fn(x)
+        return sum(n)
+    assert saved_elements(relu2) == x.numel()
+    assert saved_elements(lambda t: torch.relu(t).square()) == 2 * x.numel()  # what autograd keeps otherwise
+
+
 def test_logit_softcap_formula():
     plain, capped = _pair(logit_softcap=2.0)
     ids = _ids()
