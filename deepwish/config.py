@@ -593,7 +593,7 @@ def from_dict(d: dict, source: str = "<dict>") -> RunConfig:
 
 # ---- whole-configuration validation --------------------------------------------------------------
 OPTIMIZERS = ("muon", "adamw")
-PARALLEL_MODES = ("none", "ddp", "fsdp")  # train/parallel.py reads these
+PARALLEL_MODES = ("none", "ddp", "fsdp")
 COMPILE_MODES = ("auto", "on", "off")
 INDUCTOR_MODES = ("default", "max-autotune-no-cudagraphs")  # train.compile_mode
 CHECKPOINT_MODES = ("none", "selective", "full")
@@ -608,10 +608,24 @@ def config_problems(cfg: RunConfig) -> list[str]:
     """Every problem of a resolved RunConfig that would stop or corrupt a training run, one
     `section.key=value: why` string each (an empty list: nothing found). The model section checks
     itself on construction (ModelConfig.__post_init__); this covers train and data, and the
-    fields that relate the two."""
+    fields that relate them."""
+    t, d = cfg.train, cfg.data
+    out = train_problems(t)
+    if t.seq_len > cfg.model.max_seq_len:
+        out.append(f"train.seq_len={t.seq_len!r}: exceeds model.max_seq_len={cfg.model.max_seq_len}")
+    if not d.train_bin and (d.val_bin or d.tokenizer):
+        out.append("data.val_bin/data.tokenizer given without data.train_bin: give all paths or none "
+                   "(none = the embedded corpus)")
+    if d.train_bin and not d.val_bin:
+        out.append("data.train_bin given without data.val_bin")
+    return out
+
+
+def train_problems(t: TrainConfig) -> list[str]:
+    """The problems of the train section on its own (config_problems' part that needs nothing else;
+    train/parallel.py checks these where only the TrainConfig is at hand)."""
     from deepwish.train.schedule import SCHEDULES
 
-    t, d = cfg.train, cfg.data
     out: list[str] = []
 
     def need(ok: bool, name: str, why: str) -> None:
@@ -625,7 +639,6 @@ def config_problems(cfg: RunConfig) -> list[str]:
                  "keep_checkpoints", "log_every"):
         need(getattr(t, name) >= 1, name, "must be >= 1")
     need(t.seq_len >= 2, "seq_len", "must be >= 2")
-    need(t.seq_len <= cfg.model.max_seq_len, "seq_len", f"exceeds model.max_seq_len={cfg.model.max_seq_len}")
     need(t.warmup_steps >= 0, "warmup_steps", "must be >= 0")
     need(t.sample_tokens >= 0, "sample_tokens", "must be >= 0")
     for name in ("profile_steps", "profile_start", "gc_every"):
@@ -656,12 +669,16 @@ def config_problems(cfg: RunConfig) -> list[str]:
                           ("compile", COMPILE_MODES), ("compile_mode", INDUCTOR_MODES),
                           ("activation_checkpoint", CHECKPOINT_MODES),
                           ("offload", OFFLOAD_MODES)):
-        need(getattr(t, name) in allowed, name, f"is not one of {', '.join(allowed)}")
+        value = getattr(t, name)
+        need(value in allowed, name, f"is not one of {', '.join(allowed)}" + (
+            " (YAML reads unquoted on/off as true/false: quote it, e.g. --set \"train.compile='off'\")"
+            if str(value) in ("True", "False") else ""))
     need(t.device in ("auto", "cpu") or t.device == "cuda" or
          (t.device.startswith("cuda:") and t.device[5:].isdigit()), "device", "is not auto, cpu or cuda[:N]")
     need(t.residual_dtype == "fp32" or t.dtype == "bf16", "residual_dtype",
          f"{t.residual_dtype} needs train.dtype=bf16 (the stream is carried in autocast's dtype)")
-    need(t.offload != "params" or t.parallel == "fsdp", "offload", "params needs train.parallel=fsdp")
+    need(t.offload != "params" or t.parallel == "fsdp", "offload",
+         "params uses FSDP2's CPUOffloadPolicy: set train.parallel=fsdp (torchrun --nproc_per_node=1 runs it on one GPU)")
     need(t.reshard_after_forward or t.parallel == "fsdp", "reshard_after_forward",
          "false (ZeRO-2-like sharding) needs train.parallel=fsdp")
     need(t.extend_steps >= 0, "extend_steps", "must be >= 0")
@@ -670,11 +687,6 @@ def config_problems(cfg: RunConfig) -> list[str]:
     need(all(n >= 2 and t.seq_len % n == 0 for n in t.seq_len_schedule), "seq_len_schedule",
          f"every entry must be >= 2 and divide train.seq_len={t.seq_len} (rows of seq_len tokens are split)")
     need(all(n >= 1 for n in t.batch_schedule), "batch_schedule", "every entry must be >= 1 micro-batch")
-    if not d.train_bin and (d.val_bin or d.tokenizer):
-        out.append("data.val_bin/data.tokenizer given without data.train_bin: give all paths or none "
-                   "(none = the embedded corpus)")
-    if d.train_bin and not d.val_bin:
-        out.append("data.train_bin given without data.val_bin")
     return out
 
 

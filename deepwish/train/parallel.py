@@ -58,7 +58,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from deepwish.config import CHECKPOINT_MODES, COMPILE_MODES, INDUCTOR_MODES, OFFLOAD_MODES, PARALLEL_MODES, ConfigError
+from deepwish.config import ConfigError, raise_problems, train_problems
 from deepwish.device import resolve_device
 TORCHRUN_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK")
 
@@ -113,21 +113,8 @@ class Dist:
 
 
 def validate(tc) -> None:
-    """Check every scale-out field of a TrainConfig, naming the bad one."""
-    for name, value, allowed in (("parallel", tc.parallel, PARALLEL_MODES), ("compile", tc.compile, COMPILE_MODES),
-                                 ("compile_mode", tc.compile_mode, INDUCTOR_MODES),
-                                 ("activation_checkpoint", tc.activation_checkpoint, CHECKPOINT_MODES),
-                                 ("offload", tc.offload, OFFLOAD_MODES)):
-        if value not in allowed:
-            hint = (" (YAML reads unquoted on/off as true/false: quote it, e.g. --set \"train.compile='off'\")"
-                    if value in ("True", "False") else "")
-            raise ConfigError(f"train.{name}={value!r} is not one of {', '.join(allowed)}{hint}")
-    if tc.offload == "params" and tc.parallel != "fsdp":
-        raise ConfigError("train.offload=params uses FSDP2's CPUOffloadPolicy: set train.parallel=fsdp "
-                          "(torchrun --nproc_per_node=1 runs it on one GPU)")
-    if not tc.reshard_after_forward and tc.parallel != "fsdp":
-        raise ConfigError(f"train.reshard_after_forward=false (ZeRO-2-like sharding) is an FSDP2 setting: set "
-                          f"train.parallel=fsdp (it is {tc.parallel})")
+    """Raise one ConfigError naming every problem of a TrainConfig (config.train_problems)."""
+    raise_problems(train_problems(tc), "invalid train configuration")
 
 
 def init_distributed(tc) -> Dist:

@@ -424,7 +424,7 @@ def test_training_compiles_the_stack_modules_and_they_compute_the_same(monkeypat
     # inductor's mode reaches every compiled module, blocks and glue alike
     assert len(compiled) == len(model.blocks) + 3
     assert all(k == {"mode": "max-autotune-no-cudagraphs"} for _, k in compiled)
-    with pytest.raises(ConfigError, match="compile_mode='reduce-overhead' is not one of default, max-autotune-no"):
+    with pytest.raises(ConfigError, match="compile_mode='reduce-overhead': is not one of default, max-autotune-no"):
         validate(load_config("gpt_tiny", ["train.compile_mode=reduce-overhead"]).train)
     monkeypatch.undo()
 

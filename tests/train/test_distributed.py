@@ -387,7 +387,7 @@ def test_zero2_setting_needs_fsdp():
     cfg = load_config("qwen3_tiny", ["train.reshard_after_forward=false", "train.parallel=ddp"])
     assert any(p.startswith("train.reshard_after_forward=False") and "train.parallel=fsdp" in p
                for p in config_problems(cfg))
-    with pytest.raises(ConfigError, match="reshard_after_forward=false .*train.parallel=fsdp"):
+    with pytest.raises(ConfigError, match="reshard_after_forward=False: .*train.parallel=fsdp"):
         parallel.validate(cfg.train)
     assert not config_problems(load_config("qwen3_tiny", ["train.reshard_after_forward=false",
                                                           "train.parallel=fsdp"]))
