@@ -44,14 +44,20 @@ TOKENS = 16384  # tokens per step for T <= 16k (B = TOKENS // T)
 
 
 def train_grid(grid: str) -> list[dict]:
-    """(D, H, Hkv, T, docs per row, window) shapes. `full`: T 2k/8k/16k/64k, documents 1/4/16,
+    """(D, H, Hkv, T, docs per row, window) shapes (B: TOKENS // T unless a grid names it). `full`: T 2k/8k/16k/64k, documents 1/4/16,
     windows 512/4096, GQA 16/8 and 16/2, D 128/256, structured rather than a full product (each
     (B, T, D, G) is a fresh FlexAttention compile, ~20 s each); `default`: a
     representative subset of it with five FlexAttention compiles (T 2k/16k/64k at D128 16/8, T16k
     at D128 16/2 and D256 16/2; T8k only in `full`); `quick`: five shapes."""
     g = []
-    def add(D, H, Hkv, T, docs, W):
-        g.append(dict(D=D, H=H, Hkv=Hkv, T=T, B=max(1, TOKENS // T), docs=docs, window=W))
+    def add(D, H, Hkv, T, docs, W, B=0):
+        g.append(dict(D=D, H=H, Hkv=Hkv, T=T, B=B or max(1, TOKENS // T), docs=docs, window=W))
+    if grid == "gpt":  # gpt_124m's own attention calls: one micro-batch of 16 × 2048 packed tokens, 6 heads
+        # of 128 without GQA; its S layers' final window 512, L layers' 2048 (= causal within the
+        # row), and 256, where the window schedule spends its early steps
+        for W in (256, 512, 0):
+            add(128, 6, 6, 2048, 4, W, B=16)
+        return g
     if grid == "quick":  # the first measurements' shapes, one window, one 256-wide head
         add(128, 16, 8, 2048, 4, 0)
         add(128, 16, 8, 16384, 8, 0)
@@ -438,9 +444,10 @@ def environment(device) -> dict:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="deepwish bench attention", description=__doc__.split("\n")[0])
     p.add_argument("--out", required=True)
-    p.add_argument("--grid", default="default", choices=("default", "full", "quick", "goals"),
-                   help="training shapes: a representative subset (default), the full grid, five, or the "
-                        "goals' eight (documents, a window, one document at T16k/T64k, D256)")
+    p.add_argument("--grid", default="default", choices=("default", "full", "quick", "goals", "gpt"),
+                   help="training shapes: a representative subset (default), the full grid, five, the "
+                        "goals' eight (documents, a window, one document at T16k/T64k, D256), or gpt_124m's "
+                        "own (B16 T2k, 6 heads, windows 256/512/none)")
     p.add_argument("--quick", action="store_true", help="= --grid quick, and the short check and decode lists")
     p.add_argument("--tiles", default=None, help="JSON of launch configs from deepwish.bench.attention_tiles "
                                                  "(applied over kernels/attention/triton.py: TILES)")
