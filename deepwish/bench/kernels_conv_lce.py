@@ -22,9 +22,9 @@ import time
 import torch
 import torch.nn.functional as F
 
-from deepwish.bench.timing import median_ms
+from deepwish.bench.timing import graph_ms, median_ms
 
-COPY_GBPS = 2973.0       # measured device-to-device copy bandwidth of the H100 (GPU.md)
+H100_COPY_GBPS = 2973.0  # measured device-to-device copy bandwidth of the H100 (GPU.md): older results' ceiling
 CONV_T = (1024, 4096, 16384, 32768, 65536)
 CONV_D, CONV_W = 4096, 4
 LCE_N = (2048, 4096, 8192, 16384, 32768)
@@ -79,6 +79,12 @@ def _conv_case(T: int, device: str, compiled_ref) -> dict:
             row[name]["fwd_GBps"] = fwd_bytes / t_f / 1e6
         if isinstance(t_fb, float):
             row[name]["fwdbwd_GBps"] = fwdbwd_bytes / t_fb / 1e6
+        if name == "ours":  # the same step replayed as one CUDA graph: the GPU's time without the host's
+            # launches and autograd (at T 16k the eager step's kernels take less than its timed span)
+            t_g = _try(lambda: graph_ms(fwdbwd))
+            row[name]["fwdbwd_graph_ms"] = t_g
+            if isinstance(t_g, float):
+                row[name]["fwdbwd_graph_GBps"] = fwdbwd_bytes / t_g / 1e6
     return row
 
 
@@ -210,9 +216,16 @@ def _lce_impls(with_compile: bool) -> tuple[dict, dict]:
 
 # ----------------------------------------------------------------------------- report
 
+def copy_gbps() -> float:
+    """This GPU's measured copy bandwidth in GB/s (train/mfu.py PEAKS), the H100's where it has none."""
+    from deepwish.train.mfu import peaks_for_name
+    copy = peaks_for_name(torch.cuda.get_device_name())[1] if torch.cuda.is_available() else None
+    return copy / 1e9 if copy else H100_COPY_GBPS
+
+
 def _environment(device: str) -> dict:
     from deepwish.bench.env import bench_environment
-    return bench_environment(device, "deepwish bench kernels", copy_GBps_ceiling=COPY_GBPS)
+    return bench_environment(device, "deepwish bench kernels", copy_GBps_ceiling=copy_gbps())
 
 
 def _fmt(v, spec=".3f"):
@@ -224,6 +237,7 @@ def _plot(results: dict, out_dir: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     conv = results.get("conv", [])
+    copy = results.get("env", {}).get("copy_GBps_ceiling", H100_COPY_GBPS)
     if conv:
         fig, axes = plt.subplots(1, 2, figsize=(11, 4))
         for ax, key in zip(axes, ("fwd_GBps", "fwdbwd_GBps")):
@@ -231,8 +245,8 @@ def _plot(results: dict, out_dir: str) -> None:
                 pts = [(r["T"], r[name].get(key)) for r in conv if name in r and isinstance(r[name].get(key), float)]
                 if pts:
                     ax.plot(*zip(*pts), marker="o", label=name)
-            ax.axhline(COPY_GBPS, color="k", ls="--", lw=0.8, label="copy 2973 GB/s")
-            ax.axhline(0.6 * COPY_GBPS, color="gray", ls=":", lw=0.8, label="60% target")
+            ax.axhline(copy, color="k", ls="--", lw=0.8, label=f"copy {copy:.0f} GB/s")
+            ax.axhline(0.6 * copy, color="gray", ls=":", lw=0.8, label="60% target")
             ax.set_xscale("log", base=2)
             ax.set_xlabel(f"T (B=1, D={CONV_D}, bf16)")
             ax.set_ylabel("GB/s over minimal bytes")
@@ -268,8 +282,9 @@ def _plot(results: dict, out_dir: str) -> None:
 
 
 def _print_table(results: dict) -> None:
+    copy = results.get("env", {}).get("copy_GBps_ceiling", H100_COPY_GBPS)
     print(f"\n== short conv (B=1, D={CONV_D}, W={CONV_W}, bf16): ms and GB/s over minimal bytes; "
-          f"copy = {COPY_GBPS:.0f} GB/s ==")
+          f"copy = {copy:.0f} GB/s ==")
     print(f"{'T':>6} | {'impl':<13} | {'fwd ms':>8} {'GB/s':>7} {'%copy':>6} | {'f+b ms':>8} {'GB/s':>7} {'%copy':>6}")
     for r in results.get("conv", []):
         for name in ("ours", "torch_hf_bf16", "torch_ref", "compiled_ref"):
@@ -278,8 +293,12 @@ def _print_table(results: dict) -> None:
             v = r[name]
             gf, gb = v.get("fwd_GBps"), v.get("fwdbwd_GBps")
             print(f"{r['T']:>6} | {name:<13} | {_fmt(v['fwd_ms']):>8} {_fmt(gf, '.0f'):>7} "
-                  f"{_fmt(gf / COPY_GBPS * 100 if gf else None, '.0f'):>6} | {_fmt(v['fwdbwd_ms']):>8} "
-                  f"{_fmt(gb, '.0f'):>7} {_fmt(gb / COPY_GBPS * 100 if gb else None, '.0f'):>6}")
+                  f"{_fmt(gf / copy * 100 if gf else None, '.0f'):>6} | {_fmt(v['fwdbwd_ms']):>8} "
+                  f"{_fmt(gb, '.0f'):>7} {_fmt(gb / copy * 100 if gb else None, '.0f'):>6}")
+            if "fwdbwd_graph_ms" in v:
+                gg = v.get("fwdbwd_graph_GBps")
+                print(f"{'':>6} | {'  as a graph':<13} | {'':>8} {'':>7} {'':>6} | {_fmt(v['fwdbwd_graph_ms']):>8} "
+                      f"{_fmt(gg, '.0f'):>7} {_fmt(gg / copy * 100 if gg else None, '.0f'):>6}")
     sweep = results.get("conv_tiles")
     if sweep:
         print(f"\n-- conv tile sweep at T={sweep['T']} (kernel only) --")

@@ -1,0 +1,30 @@
+"""`deepwish bench kernels` (bench/kernels_conv_lce.py) reporting on the CPU: percentages of the copy
+ceiling recorded with the run (the GPU's own, from train/mfu.py), the captured f+b row beside the
+eager one."""
+import torch
+
+from deepwish.bench import kernels_conv_lce as K
+
+
+def test_conv_table_uses_the_runs_copy_ceiling_and_shows_the_graph_row(capsys, tmp_path):
+    row = {"T": 16384, "ours": {"fwd_ms": 0.1, "fwdbwd_ms": 0.5, "fwd_GBps": 2086.0, "fwdbwd_GBps": 1251.0,
+                                "fwdbwd_graph_ms": 0.3, "fwdbwd_graph_GBps": 2503.2}}
+    K._print_table({"env": {"copy_GBps_ceiling": 4172.0}, "conv": [row], "lce": []})
+    out = capsys.readouterr().out
+    assert "copy = 4172 GB/s" in out
+    lines = out.splitlines()
+    ours = next(x for x in lines if "| ours" in x)
+    graph = lines[lines.index(ours) + 1]
+    assert ours.split("|")[2].split() == ["0.100", "2086", "50"] and ours.split("|")[3].split() == ["0.500", "1251", "30"]
+    assert "as a graph" in graph and graph.split("|")[3].split() == ["0.300", "2503", "60"]
+    K._print_table({"conv": [row], "lce": []})  # a results file from before the ceiling was recorded: the H100's
+    assert "copy = 2973 GB/s" in capsys.readouterr().out
+    K._plot({"env": {"copy_GBps_ceiling": 4172.0}, "conv": [row]}, str(tmp_path))
+    assert (tmp_path / "conv.png").stat().st_size > 1000
+
+
+def test_copy_ceiling_is_the_devices_measured_one(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    for name, want in (("NVIDIA H200", 4172.0), ("NVIDIA H100 80GB HBM3", 2973.0), ("NVIDIA A100-SXM4-80GB", 2973.0)):
+        monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a, n=name: n)
+        assert K.copy_gbps() == want, name  # a GPU without a measured copy falls back to the H100's
