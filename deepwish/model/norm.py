@@ -12,13 +12,19 @@ from torch import nn
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, zero_centered: bool = False) -> torch.Tensor:
-    """x̂·w (or x̂·(1 + w)) over the last dim, statistics in fp32; weight broadcasts against x
-    (e.g. one [H, D] row per head)."""
+    """x̂·w (or x̂·(1 + w)) over the last dim, statistics in fp32, returned in x's dtype; weight
+    broadcasts against x (e.g. one [H, D] row per head).
+
+    x's dtype, not the promoted one: under autocast the weight is an fp32 parameter and x a bf16
+    activation, and w·x̂ in fp32 would make every consumer that is not a matmul (rotary after
+    QK-norm) run, save and take its gradient in fp32. A matmul consumer gets the same bf16 values
+    either way (autocast rounds the fp32 product the same), and the weight's gradient is still
+    summed in fp32 (the cast's backward hands it fp32)."""
     xf = x.float()
     xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
     if zero_centered:
         return (xf * (1.0 + weight.float())).type_as(x)
-    return weight * xf.type_as(x)
+    return (weight * xf.type_as(x)).to(x.dtype)
 
 
 class RMSNorm(nn.Module):

@@ -1,6 +1,7 @@
-"""train.residual_dtype / Objective.residual_dtype: under autocast the residual stream is carried in
-bf16 from x0 on (every block's input and output), the loss and gradients stay those of the fp32
-stream to bf16 rounding, and without autocast nothing changes."""
+"""Activation dtypes under autocast. train.residual_dtype (Objective.residual_dtype): the residual
+stream is carried in bf16 from x0 on (every block's input and output), the loss and gradients stay
+those of the fp32 stream to bf16 rounding, and without autocast nothing changes. RMSNorm returns its
+input's dtype."""
 from __future__ import annotations
 
 from dataclasses import replace
@@ -82,3 +83,30 @@ def test_the_training_and_evaluation_objectives_carry_it_and_bad_settings_are_re
         validate(load_config("gpt_tiny", ["train.residual_dtype=fp16"]))
     with pytest.raises(ConfigError, match="residual_dtype.*bf16 needs train.dtype=bf16"):
         validate(load_config("gpt_tiny", ["train.residual_dtype=bf16", "train.dtype=fp32"]))
+
+
+def test_rms_norm_returns_its_inputs_dtype_and_a_matmul_after_it_sees_the_same_values():
+    """Under autocast (fp32 weight, bf16 activation) the norm returns bf16: rotary after QK-norm and
+    its gradient stay in bf16; a matmul consumer gets exactly the values and gradients of the
+    promoted fp32 form, which autocast rounded the same way."""
+    from deepwish.model.norm import rms_norm
+
+    def promoted(x, w, eps):
+        xf = x.float()
+        return w * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).type_as(x)
+
+    torch.manual_seed(0)
+    x0, w0, lin0 = torch.randn(64, 96, dtype=torch.bfloat16), torch.randn(96), torch.randn(48, 96)
+    runs = []
+    for norm in (promoted, rms_norm):
+        x, w, lin = (t.clone().requires_grad_() for t in (x0, w0, lin0))
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            h = norm(x, w, 1e-6)
+            y = h @ lin.t()
+        y.float().square().sum().backward()
+        runs.append((h.dtype, y, x.grad, w.grad, lin.grad))
+    assert (runs[0][0], runs[1][0]) == (torch.float32, torch.bfloat16)
+    for a, b in zip(runs[0][1:], runs[1][1:]):
+        assert a.dtype == b.dtype and torch.equal(a, b)
+    x32 = x0.float()  # fp32 in, fp32 out: the formula as before
+    torch.testing.assert_close(rms_norm(x32, w0, 1e-6), promoted(x32, w0, 1e-6), rtol=0, atol=0)
