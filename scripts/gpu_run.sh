@@ -29,9 +29,14 @@ for stage in "$@"; do
     gdn) python3 -m deepwish.cli bench gdn --out "$OUT/gdn" || status=1 ;;
     train) python3 -m deepwish.cli bench train --out "$OUT/train" ${TRAIN_ARGS:-} || status=1 ;;
     decode) python3 -m deepwish.cli bench decode --out "$OUT/decode" ${DECODE_ARGS:-} || status=1 ;;
-    decode_compare) python3 -m deepwish.bench.decode --compare --out "$OUT/decode_compare" ${DECODE_COMPARE_ARGS:-} || status=1
-                    python3 -m deepwish.bench.decode_profile --out "$OUT/decode_profile" --paths compiled-captured || status=1
-                    python3 -m deepwish.bench.decode_profile --out "$OUT/decode_profile_gemv" --paths compiled-captured --matmul triton || status=1 ;;
+    decode_compare)  # the decode GPU tests, the before/after rows, then one step's kernels with and without the prologue kernel
+      python3 -m pytest -m gpu -q -p no:cacheprovider tests/test_decode_fused_gpu.py tests/test_decode_graph_gpu.py 2>&1 \
+        | tee "$OUT/decode_tests.log" | tail -8
+      [ "${PIPESTATUS[0]}" = 0 ] || status=1
+      python3 -m deepwish.bench.decode --compare --out "$OUT/decode_compare" ${DECODE_COMPARE_ARGS:-} || status=1
+      python3 -m deepwish.bench.decode_profile --out "$OUT/decode_profile_gemv" --paths compiled-captured --matmul triton || status=1
+      python3 -m deepwish.bench.decode_profile --out "$OUT/decode_profile_gemv_sep" --paths compiled-captured --matmul triton \
+        --separate-prologue || status=1 ;;
     sweep) python3 -m deepwish.cli bench sweep --out "$OUT/sweep" ${SWEEP_ARGS:---time-limit 420} || status=1 ;;
     notebook) python3 scripts/run_notebook.py notebooks/walkthrough.ipynb --out "$OUT/walkthrough_gpu.ipynb" || status=1 ;;
     tradeoff) python3 -m deepwish.cli bench decode --tradeoff --out "$OUT/tradeoff" ${TRADEOFF_ARGS:-} || status=1 ;;

@@ -22,10 +22,10 @@ pytestmark = pytest.mark.gpu
 NEAR_TIE = 0.05  # logits (bf16 keeps ~3 significant digits of values of order 1-10)
 
 
-def _model(preset, device, fuse=True):
+def _model(preset, device, fuse=True, **kw):
     torch.manual_seed(0)
     cfg = model_config(preset)
-    cfg = dataclasses.replace(cfg, fuse_projections=fuse, max_seq_len=min(cfg.max_seq_len, 4096))
+    cfg = dataclasses.replace(cfg, fuse_projections=fuse, max_seq_len=min(cfg.max_seq_len, 4096), **kw)
     with torch.device(device):
         m = Transformer(cfg)
     return m.to(torch.bfloat16).eval()
@@ -121,6 +121,42 @@ def test_gemv_decode_greedy_follows_cublas(cuda, batch):
     with torch.device(cuda):
         fast = Transformer(cfg).to(torch.bfloat16).eval()
     fast.load_state_dict(plain.state_dict())
+    prompt = torch.randint(0, plain.cfg.vocab_size, (batch, 12), device=cuda)
+    ref, gaps = _eager_greedy_with_gaps(plain, prompt, 24)
+    _agree_until_near_tie(ref, gaps, generate(fast, prompt, 24))
+    for compile in ([False, True] if batch == 1 else [False]):
+        torch._dynamo.reset()
+        cache = fast.make_cache(batch, 12 + 24)
+        got = generate(fast, prompt, 24, cache=cache, decode_fn=CapturedSampler(fast, cache, compile=compile))
+        _agree_until_near_tie(ref, gaps, got)
+
+
+def test_decode_prologue_kernel_matches_reference_at_the_models_shape(cuda, rel_err):
+    """Qwen3-0.6B's heads (16 query / 8 KV of 128, whole rotary), bf16, batch 4, a 3-token chunk."""
+    from deepwish.kernels.attention import reference
+    from deepwish.kernels.attention.decode import decode_prologue
+    B, T, H, Hkv, D, L = 4, 3, 16, 8, 128, 64
+    y = torch.randn(B, T, (H + 2 * Hkv) * D, device=cuda, dtype=torch.bfloat16)
+    wq, wk = (1 + 0.1 * torch.randn(2, D, device=cuda)).to(torch.bfloat16)
+    angle = torch.rand(B, T, D // 2, device=cuda) * 6
+    pos = torch.arange(T, device=cuda) + torch.tensor([0, 7, 30, 60], device=cuda)[:B, None].clamp(max=L - T)
+    caches = [(torch.zeros(B, Hkv, L, D, device=cuda, dtype=torch.bfloat16),
+               torch.zeros(B, Hkv, L, D, device=cuda, dtype=torch.bfloat16)) for _ in range(2)]
+    q_ref = reference.decode_prologue(y, wq, wk, 1e-6, angle.cos(), angle.sin(), pos, *caches[0], H)
+    q = decode_prologue(y, wq, wk, 1e-6, angle.cos(), angle.sin(), pos, *caches[1], H)
+    assert rel_err(q_ref, q) < 1e-2
+    for a, b in zip(caches[0], caches[1]):
+        assert rel_err(a, b) < 1e-2
+
+
+@pytest.mark.parametrize("batch", [1, 8])
+def test_decode_prologue_greedy_follows_the_separate_ops(cuda, batch):
+    """model.decode_prologue (the default) against the separate norm / rotary / cache-write ops:
+    eager, captured and (batch 1) compiled + captured, greedy until a near-tie."""
+    plain = _model("qwen3_0.6b", cuda, decode_prologue=False)
+    fast = _model("qwen3_0.6b", cuda)
+    fast.load_state_dict(plain.state_dict())
+    assert fast.cfg.decode_prologue and not plain.cfg.decode_prologue
     prompt = torch.randint(0, plain.cfg.vocab_size, (batch, 12), device=cuda)
     ref, gaps = _eager_greedy_with_gaps(plain, prompt, 24)
     _agree_until_near_tie(ref, gaps, generate(fast, prompt, 24))

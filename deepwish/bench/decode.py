@@ -431,7 +431,8 @@ def run_compare(out_dir, preset: str = "qwen3_0.6b", batches=(1, 64), context: i
                 hf_tokens: int = 32, compile_batches=(1, 64), device: str = "cuda") -> dict:
     """Before/after in one process, on the same weights: model.fuse_projections off (`-unfused`: q, k,
     v as three matmuls, the layout before) and on (no suffix), and on with model.decode_matmul=triton
-    (`-gemv`: kernels/gemv for the step's matmuls, batches <= 16); each captured (`graph`) and
+    (`-gemv`: kernels/gemv for the step's matmuls, batches <= 16), that with model.decode_prologue off
+    (`-gemv-sep`: QK-norm, rotary and the cache write as separate ops); each captured (`graph`) and
     compiled + captured (`compiled`, at `compile_batches`); HF generate with a static cache (batch
     1); the roofline beside every row. Rows print as they finish, most important first (a run cut
     short keeps them). Writes DIR/compare.json."""
@@ -450,6 +451,9 @@ def run_compare(out_dir, preset: str = "qwen3_0.6b", batches=(1, 64), context: i
     unfused.load_state_dict(fused.state_dict())
     gemv = build(dataclasses.replace(cfg, decode_matmul="triton"), device)  # fused, and kernels/gemv for <= 16 rows
     gemv.load_state_dict(fused.state_dict())
+    # the same without the one-kernel QK-norm / rotary / cache write (model.decode_prologue): the row before it
+    separate = build(dataclasses.replace(cfg, decode_matmul="triton", decode_prologue=False), device)
+    separate.load_state_dict(fused.state_dict())
     print(f"== decode before/after: {preset}, context {context}, batches {list(batches)}; roofline at "
           f"{copy_bw() / 1e9:.0f} GB/s ({torch.cuda.get_device_name()})", flush=True)
     rows = []
@@ -458,18 +462,19 @@ def run_compare(out_dir, preset: str = "qwen3_0.6b", batches=(1, 64), context: i
     for b in batches:
         small = b <= MAX_ROWS  # the GEMV kernel serves <= 16 rows; above, the gemv model is the fused one
         if b in compile_batches:  # ~1 min of compilation each: the unfused one only where the GEMV runs too
-            plan += [(gemv, "compiled-gemv", "compiled", b)] if small else []
+            plan += [(gemv, "compiled-gemv", "compiled", b), (separate, "compiled-gemv-sep", "compiled", b)] \
+                if small else []
             plan += [(fused, "compiled", "compiled", b)]
             plan += [(unfused, "compiled-unfused", "compiled", b)] if small else []
         plan += [(fused, "graph", "graph", b), (unfused, "graph-unfused", "graph", b)]
-        plan += [(gemv, "graph-gemv", "graph", b)] if small else []
+        plan += [(gemv, "graph-gemv", "graph", b), (separate, "graph-gemv-sep", "graph", b)] if small else []
     first = True
     for model, label, mode, b in plan:
         rows += _decode_rows(preset, model, b, context, new_tokens, [mode], device, label=label)
         if first:
             rows.append(hf_row(preset, fused, context, hf_tokens, device, static=True))
             first = False
-    ours = ("graph", "compiled", "graph-gemv", "compiled-gemv")
+    ours = ("graph", "compiled", "graph-gemv", "compiled-gemv", "graph-gemv-sep", "compiled-gemv-sep")
     best1 = max((r for r in rows if r.batch == 1 and r.mode in ours and r.tok_s), default=None,
                 key=lambda r: r.tok_s)
     hf = next((r for r in rows if r.mode == "hf-static" and r.tok_s), None)

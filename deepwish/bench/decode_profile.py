@@ -21,7 +21,8 @@ same table, for checking the tool, not for conclusions about the GPU.
 
 --unfused builds the model with model.fuse_projections=false (q, k, v as three matmuls), the
 layout before the fused projection, so before/after tables come from one build of the tool;
---matmul triton takes model.decode_matmul=triton (kernels/gemv for the step's matmuls).
+--matmul triton takes model.decode_matmul=triton (kernels/gemv for the step's matmuls);
+--separate-prologue model.decode_prologue=false (QK-norm, rotary and the cache write as separate ops).
 """
 from __future__ import annotations
 
@@ -169,12 +170,12 @@ def format_table(path: str, result: dict, rows: int = 30, width: int = 90) -> st
 
 
 def build_model(preset: str, context: int, device: str, fuse: bool = True, dtype=torch.bfloat16,
-                matmul: str = "torch"):
+                matmul: str = "torch", prologue: bool = True):
     from deepwish.config import model_config
     from deepwish.model.transformer import Transformer
     cfg = model_config(preset)
     cfg = dataclasses.replace(cfg, max_seq_len=max(cfg.max_seq_len, context + 64),
-                              fuse_projections=fuse, decode_matmul=matmul)
+                              fuse_projections=fuse, decode_matmul=matmul, decode_prologue=prologue)
     torch.manual_seed(0)
     with torch.device(device):
         model = Transformer(cfg)
@@ -200,7 +201,8 @@ def path_step(path: str, model, cache, tokens: torch.Tensor, positions: torch.Te
 
 
 def run(out_dir, preset: str = "qwen3_0.6b", batch: int = 1, context: int = 512, paths=PATHS, steps: int = 20,
-        rows: int = 30, fuse: bool = True, device: str | None = None, matmul: str = "torch") -> dict:
+        rows: int = 30, fuse: bool = True, device: str | None = None, matmul: str = "torch",
+        prologue: bool = True) -> dict:
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cpu":
         paths = tuple(p for p in paths if p == "eager")  # nothing to capture on the CPU; compile is slow there
@@ -209,7 +211,8 @@ def run(out_dir, preset: str = "qwen3_0.6b", batch: int = 1, context: int = 512,
         raise ValueError(f"paths {bad} are not among {', '.join(PATHS)}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    model = build_model(preset, context, device, fuse, torch.bfloat16 if device == "cuda" else torch.float32, matmul)
+    model = build_model(preset, context, device, fuse, torch.bfloat16 if device == "cuda" else torch.float32, matmul,
+                        prologue)
     V = model.cfg.vocab_size
     g = torch.Generator().manual_seed(0)
     tokens = torch.randint(0, V, (steps + 8, batch), generator=g).to(device)
@@ -230,11 +233,12 @@ def run(out_dir, preset: str = "qwen3_0.6b", batch: int = 1, context: int = 512,
             torch.cuda.empty_cache()
     from deepwish.bench.env import bench_environment
     doc = {"env": bench_environment(device, "deepwish bench decode_profile"), "preset": preset, "batch": batch,
-           "context": context, "steps": steps, "fuse_projections": fuse, "decode_matmul": matmul, "device": device,
+           "context": context, "steps": steps, "fuse_projections": fuse, "decode_matmul": matmul,
+           "decode_prologue": prologue, "device": device,
            "paths": results}
     (out / "decode_profile.json").write_text(json.dumps(doc, indent=2))
     head = (f"## decode step profile: {preset}, batch {batch}, context {context}, {device}, "
-            f"fuse_projections={fuse}, decode_matmul={matmul}, torch {torch.__version__}\n")
+            f"fuse_projections={fuse}, decode_matmul={matmul}, decode_prologue={prologue}, torch {torch.__version__}\n")
     parts = [head]
     for path, res in results.items():
         parts.append(f"### {path}: failed: {res['error']}" if "error" in res else format_table(path, res, rows))
@@ -256,9 +260,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--unfused", action="store_true", help="model.fuse_projections=false: q, k, v as three matmuls")
     ap.add_argument("--matmul", default="torch", choices=["torch", "triton"],
                     help="model.decode_matmul: triton runs the step's matmuls (<= 16 rows) through kernels/gemv")
+    ap.add_argument("--separate-prologue", action="store_true",
+                    help="model.decode_prologue=false: QK-norm, rotary and the cache write as separate ops")
     args = ap.parse_args(argv)
     run(args.out, args.preset, args.batch, args.context, tuple(p for p in args.paths.split(",") if p), args.steps,
-        args.rows, fuse=not args.unfused, matmul=args.matmul)
+        args.rows, fuse=not args.unfused, matmul=args.matmul, prologue=not args.separate_prologue)
     return 0
 
 

@@ -303,6 +303,7 @@ class Attention(nn.Module):
         self.matmul = cfg.decode_matmul  # the backend of decode-sized inference matmuls (kernels/gemv)
         self._qkv: tuple[torch.Tensor, torch.Tensor | None] | None = None  # the fused view (pack_qkv_)
         self.fuse_projections = cfg.fuse_projections and not cfg.fused_qkv
+        self.decode_prologue = cfg.decode_prologue
         if self.fuse_projections:
             self.pack_qkv_()
         self.ve_gate = (nn.Linear(min(VALUE_EMBED_GATE_DIM, d), self.n_kv_heads, bias=False)
@@ -370,6 +371,9 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, ctx, cache: KVCache | None = None) -> tuple[torch.Tensor, dict]:
         B, T, _ = x.shape
         fused = None if self.gated or self.q_norm is None else self._fused_qkv()
+        if (fused is not None and self.decode_prologue and isinstance(cache, KVCache) and ctx.cos is not None
+                and self.ve_gate is None and self.decode_kernel(T, x.device)):
+            return self.o_proj(self.decode_step(x, fused, ctx, cache).reshape(B, T, -1)), {}
         if fused is not None:
             q, k, v = self.joint_qk(x, fused, ctx)
         else:
@@ -418,13 +422,28 @@ class Attention(nn.Module):
         q, k = qk.split((H, Hkv), dim=2)
         return q, k, y[..., n_qk:].unflatten(-1, (Hkv, D))
 
+    def decode_kernel(self, T: int, device: torch.device) -> bool:
+        """Whether T new tokens attend over a cache through the own split-KV kernel."""
+        rows = T * (1 << (self.n_heads // self.n_kv_heads - 1).bit_length())
+        return (self.sparse is None and self.backends.decode == "triton" and rows <= DECODE_KERNEL_MAX_ROWS
+                and (device.type == "cuda" or _interpreting()))
+
+    def decode_step(self, x: torch.Tensor, fused, ctx, cache: KVCache) -> torch.Tensor:
+        """The cached path of the fused projection in three launches (model.decode_prologue): the
+        projection, then QK-norm, rotary and the k/v cache write together, then the split-KV kernel
+        (plain cache: slot = position) -> the attention output [B, T, H, D] before o_proj."""
+        from deepwish.kernels.attention.decode import decode_attention, decode_prologue
+        y = linear(x, *fused, backend=self.matmul)
+        q = decode_prologue(y, self.q_norm.weight, self.k_norm.weight, self.q_norm.eps, ctx.cos, ctx.sin,
+                            ctx.positions, cache.k, cache.v, self.n_heads, self.q_norm.zero_centered)
+        return decode_attention(q.to(cache.k.dtype), cache.k, cache.v, ctx.positions, None,
+                                window=self.window, scale=self.scale, softcap=self.softcap)
+
     def attend_cache(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx, cache) -> torch.Tensor:
         """Write k, v [B,T,Hkv,D] into the cache and attend q [B,T,H,D] over it -> [B,T,H,D]."""
         T = q.shape[1]
         slot_is_position = isinstance(cache, KVCache)  # a plain cache: slot j holds position j
-        rows = T * (1 << (self.n_heads // self.n_kv_heads - 1).bit_length())
-        kernel = (self.sparse is None and self.backends.decode == "triton" and rows <= DECODE_KERNEL_MAX_ROWS
-                  and (q.is_cuda or _interpreting()))
+        kernel = self.decode_kernel(T, q.device)
         if kernel and slot_is_position:  # the kernel reads slot = position itself: no key positions
             k, v = cache.update(ctx.positions, k.transpose(1, 2), v.transpose(1, 2))
             k_pos = None

@@ -179,3 +179,38 @@ def test_flash_attention_traces_into_one_compiled_graph():
     want = torch.autograd.grad(ref.attention(q, k, v, doc_ids=ids, window=5).square().sum(), (q, k, v))
     for a, b in zip(want, got):
         assert torch.allclose(a, b, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("T,rot,zero_centered", [(1, 16, False), (3, 8, False), (1, 8, True)])
+def test_decode_prologue_matches_reference(dtype, T, rot, zero_centered, monkeypatch):
+    """QK-norm, rotary (whole or partial) and the cache write of a decode step in one kernel: q,
+    and both caches slot for slot (the written slots and every other one), as the reference."""
+    from deepwish.kernels.attention.decode import decode_prologue
+    B, H, Hkv, D, L = 2, 4, 2, 16, 12
+    y = torch.randn(B, T, (H + 2 * Hkv) * D).to(dtype)
+    wq, wk = (torch.randn(D) * 0.3 + (0.0 if zero_centered else 1.0)).to(dtype), torch.randn(D).to(dtype)
+    angle = torch.rand(B, T, rot // 2) * 6.0
+    cos, sin = angle.cos(), angle.sin()
+    positions = torch.stack([torch.arange(T) + 5, torch.arange(T) + 2])  # rows at different offsets
+    before = torch.randn(B, Hkv, L, D).to(dtype), torch.randn(B, Hkv, L, D).to(dtype)
+    caches = [tuple(c.clone() for c in before) for _ in range(2)]
+    q_ref = ref.decode_prologue(y, wq, wk, 1e-6, cos, sin, positions, *caches[0], H, zero_centered)
+    q = decode_prologue(y, wq, wk, 1e-6, cos, sin, positions, *caches[1], H, zero_centered)
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-3, atol=2e-3)
+    torch.testing.assert_close(q, q_ref, **tol)
+    for got, want, old in zip(caches[1], caches[0], before):
+        torch.testing.assert_close(got, want, **tol)
+        assert not torch.equal(got, old)  # the step's slots were written
+    with pytest.raises(ValueError, match="decode_prologue: y"):
+        decode_prologue(y[..., :-D], wq, wk, 1e-6, cos, sin, positions, *caches[1], H)
+    # a position past the cache: the kernel's device-side assertion (compiled in on the GPU by its
+    # debug flag; the interpreter honours assertions only in its debug options)
+    import dataclasses
+
+    from triton.runtime import interpreter
+    builder = interpreter.interpreter_builder
+    monkeypatch.setattr(builder, "options", dataclasses.replace(builder.options, debug=True))
+    with pytest.raises(Exception, match="a position past the cache"):
+        decode_prologue(y, wq, wk, 1e-6, cos, sin, positions + L - 2, *caches[1], H)
+    torch.testing.assert_close(caches[1][0], caches[0][0], **tol)  # and nothing written past it

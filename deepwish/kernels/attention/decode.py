@@ -224,3 +224,104 @@ def _(q, k, v, q_pos, k_pos, window, softcap, scale, splits):
 
 def D_scale(D: int, scale: float | None) -> float:
     return D ** -0.5 if scale is None else float(scale)
+
+
+# ---- the step's prologue: QK-norm, rotary and the cache write, one launch ---------------------
+# Between the fused q/k/v projection and the split kernel, a decode step's attention layer norms and
+# rotates q and k and writes k and v into the cache. Compiled, that was five small kernels a layer
+# (the norm's statistics, the normed and rotated q/k, the k and v cache writes, q made contiguous
+# for the attention op), each far shorter than its launch. Here one program per (token, head)
+# does all of it for its head: q heads write q, k heads their cache slot, v heads copy theirs.
+@triton.jit(debug=True)  # the position check below: a step past the cache stops with a device-side assertion,
+# as the cache write it replaces did (a host check would synchronise every step)
+def _prologue_kernel(Y, WQ, WK, COS, SIN, POS, QO, KC, VC,
+                     s_yb, s_yt, s_qb, s_qt, s_qh, s_kb, s_kh, s_kl, s_vb, s_vh, s_vl, s_cb, s_ct, s_pb, s_pt,
+                     T, H, HKV, L, eps, D: tl.constexpr, R: tl.constexpr, BLOCK_D: tl.constexpr,
+                     ZERO_CENTERED: tl.constexpr):
+    head = tl.program_id(0)  # 0..H-1 query heads, then Hkv key heads, then Hkv value heads
+    bt = tl.program_id(1)
+    b = tl.cast(bt // T, tl.int64)
+    t = bt % T
+    d = tl.arange(0, BLOCK_D)
+    d_ok = d < D
+    row = Y + b * s_yb + t * s_yt + tl.cast(head, tl.int64) * D
+    pos = tl.load(POS + b * s_pb + t * s_pt).to(tl.int64)
+    in_cache = (pos >= 0) & (pos < L)
+    tl.device_assert(in_cache, "decode_prologue: a position past the cache")
+    dt = Y.dtype.element_ty
+    if head >= H + HKV:  # a value head: its row goes into the cache as it is
+        hv = tl.cast(head - H - HKV, tl.int64)
+        y = tl.load(row + d, mask=d_ok, other=0.0)
+        tl.store(VC + b * s_vb + hv * s_vh + pos * s_vl + d, y.to(VC.dtype.element_ty), mask=d_ok & in_cache)
+    else:
+        is_q = head < H
+        x = tl.load(row + d, mask=d_ok, other=0.0).to(tl.float32)
+        inv = tl.rsqrt(tl.sum(x * x, axis=0) / D + eps)
+        # the rotation pairs channel i with i ± R/2 (i < R): its partner, normed the same way
+        rot = d < R
+        pd = tl.where(d < R // 2, d + R // 2, d - R // 2)
+        xp = tl.load(row + pd, mask=rot & d_ok, other=0.0).to(tl.float32)
+        w = tl.where(is_q, tl.load(WQ + d, mask=d_ok, other=0.0), tl.load(WK + d, mask=d_ok, other=0.0))
+        wp = tl.where(is_q, tl.load(WQ + pd, mask=rot & d_ok, other=0.0), tl.load(WK + pd, mask=rot & d_ok, other=0.0))
+        w, wp = w.to(tl.float32), wp.to(tl.float32)
+        if ZERO_CENTERED:
+            y = (x * inv * (1.0 + w)).to(dt).to(tl.float32)
+            yp = (xp * inv * (1.0 + wp)).to(dt).to(tl.float32)
+        else:  # x̂ rounded to the input's dtype, then times the weight (model/norm.py rms_norm)
+            y = (w * (x * inv).to(dt).to(tl.float32)).to(dt).to(tl.float32)
+            yp = (wp * (xp * inv).to(dt).to(tl.float32)).to(dt).to(tl.float32)
+        j = tl.where(d < R // 2, d, d - R // 2)
+        c = tl.load(COS + b * s_cb + t * s_ct + j, mask=rot, other=1.0)
+        s = tl.load(SIN + b * s_cb + t * s_ct + j, mask=rot, other=0.0)
+        out = tl.where(rot, tl.where(d < R // 2, y * c - yp * s, y * c + yp * s), y)
+        if is_q:
+            tl.store(QO + b * s_qb + t * s_qt + tl.cast(head, tl.int64) * s_qh + d, out.to(QO.dtype.element_ty),
+                     mask=d_ok)
+        else:
+            hk = tl.cast(head - H, tl.int64)
+            tl.store(KC + b * s_kb + hk * s_kh + pos * s_kl + d, out.to(KC.dtype.element_ty), mask=d_ok & in_cache)
+
+
+def decode_prologue(y: torch.Tensor, q_weight: torch.Tensor, k_weight: torch.Tensor, eps: float,
+                    cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor, k_cache: torch.Tensor,
+                    v_cache: torch.Tensor, n_heads: int, zero_centered: bool = False) -> torch.Tensor:
+    """`reference.decode_prologue` in one launch: y [B, T, (H + 2·Hkv)·D] -> q [B, T, H, D]; k and v
+    written into the caches [B, Hkv, L, D] at `positions` [B, T] (the caller has checked they fit)."""
+    B, T, F = y.shape
+    Hkv, D = k_cache.shape[1], k_cache.shape[-1]
+    if (F != (n_heads + 2 * Hkv) * D or v_cache.shape[-1] != D or tuple(q_weight.shape) != (D,)
+            or tuple(k_weight.shape) != (D,) or tuple(positions.shape) != (B, T)
+            or cos.shape[:2] != (B, T) or 2 * cos.shape[-1] > D or cos.shape != sin.shape):
+        raise ValueError(f"decode_prologue: y {tuple(y.shape)} must be [B, T, (H + 2·Hkv)·D] for H={n_heads}, "
+                         f"caches {tuple(k_cache.shape)} / {tuple(v_cache.shape)}, weights [D], positions [B, T], "
+                         f"cos/sin [B, T, <= D/2]; got weights {tuple(q_weight.shape)} / {tuple(k_weight.shape)}, "
+                         f"positions {tuple(positions.shape)}, cos {tuple(cos.shape)}")
+    if y.stride(-1) != 1:
+        y = y.contiguous()
+    cos, sin = cos.float(), sin.float()
+    if cos.stride() != sin.stride() or cos.stride(-1) != 1:  # the kernel reads both with cos's strides
+        cos, sin = cos.contiguous(), sin.contiguous()
+    return _prologue_op(y, q_weight, k_weight, float(eps), cos, sin, positions, k_cache, v_cache,
+                        int(n_heads), bool(zero_centered))
+
+
+@torch.library.custom_op("deepwish::decode_prologue", mutates_args=("k_cache", "v_cache"))
+def _prologue_op(y: torch.Tensor, q_weight: torch.Tensor, k_weight: torch.Tensor, eps: float, cos: torch.Tensor,
+                 sin: torch.Tensor, positions: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                 n_heads: int, zero_centered: bool) -> torch.Tensor:
+    B, T, _ = y.shape
+    Hkv, D = k_cache.shape[1], k_cache.shape[-1]
+    q = torch.empty(B, T, n_heads, D, dtype=y.dtype, device=y.device)
+    _prologue_kernel[(n_heads + 2 * Hkv, B * T)](
+        y, q_weight, k_weight, cos, sin, positions, q, k_cache, v_cache,
+        y.stride(0), y.stride(1), *q.stride()[:3], k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), cos.stride(0), cos.stride(1),
+        positions.stride(0), positions.stride(1), T, n_heads, Hkv, k_cache.shape[2], eps,
+        D=D, R=2 * cos.shape[-1], BLOCK_D=triton.next_power_of_2(D), ZERO_CENTERED=zero_centered,
+        num_warps=1 if _INTERPRET else 2)
+    return q
+
+
+@_prologue_op.register_fake
+def _(y, q_weight, k_weight, eps, cos, sin, positions, k_cache, v_cache, n_heads, zero_centered):
+    return y.new_empty(y.shape[0], y.shape[1], n_heads, k_cache.shape[-1])
