@@ -70,8 +70,9 @@ class ModelConfig:
     fuse_projections: bool = True
     # a decode step's QK-norm, rotary and k/v cache write in one kernel (kernels/attention/decode.py
     # decode_prologue) wherever the own split-KV decode kernel reads a plain cache after the fused
-    # q/k/v projection (Qwen3's layers); false: the separate ops (compiled, five kernels a layer)
-    decode_prologue: bool = True
+    # q/k/v projection (Qwen3's layers); false: the separate ops (compiled, five kernels a layer).
+    # Off until timed on a GPU (interpreter-tested; reports/inference.md)
+    decode_prologue: bool = False
     # torch: every matmul through F.linear (cuBLAS) | triton: inference matmuls of <= 16 rows on CUDA (a decode
     # step of batch <= 16: q/k/v, o, gate/up, down) through kernels/gemv, the rest through F.linear |
     # auto: triton on CUDA (Qwen3-0.6B decode step 1.25 vs 1.52 ms on one H200, reports/inference.md)

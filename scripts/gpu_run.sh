@@ -35,8 +35,8 @@ for stage in "$@"; do
       [ "${PIPESTATUS[0]}" = 0 ] || status=1
       python3 -m deepwish.bench.decode --compare --out "$OUT/decode_compare" ${DECODE_COMPARE_ARGS:-} || status=1
       python3 -m deepwish.bench.decode_profile --out "$OUT/decode_profile_gemv" --paths compiled-captured --matmul triton || status=1
-      python3 -m deepwish.bench.decode_profile --out "$OUT/decode_profile_gemv_sep" --paths compiled-captured --matmul triton \
-        --separate-prologue || status=1 ;;
+      python3 -m deepwish.bench.decode_profile --out "$OUT/decode_profile_gemv_prologue" --paths compiled-captured --matmul triton \
+        --prologue || status=1 ;;
     sweep) python3 -m deepwish.cli bench sweep --out "$OUT/sweep" ${SWEEP_ARGS:---time-limit 420} || status=1 ;;
     notebook) python3 scripts/run_notebook.py notebooks/walkthrough.ipynb --out "$OUT/walkthrough_gpu.ipynb" || status=1 ;;
     tradeoff) python3 -m deepwish.cli bench decode --tradeoff --out "$OUT/tradeoff" ${TRADEOFF_ARGS:-} || status=1 ;;

@@ -431,8 +431,8 @@ def run_compare(out_dir, preset: str = "qwen3_0.6b", batches=(1, 64), context: i
                 hf_tokens: int = 32, compile_batches=(1, 64), device: str = "cuda") -> dict:
     """Before/after in one process, on the same weights: model.fuse_projections off (`-unfused`: q, k,
     v as three matmuls, the layout before) and on (no suffix), and on with model.decode_matmul=triton
-    (`-gemv`: kernels/gemv for the step's matmuls, batches <= 16), that with model.decode_prologue off
-    (`-gemv-sep`: QK-norm, rotary and the cache write as separate ops); each captured (`graph`) and
+    (`-gemv`: kernels/gemv for the step's matmuls, batches <= 16, with model.decode_prologue on), that
+    with it off (`-gemv-sep`: QK-norm, rotary and the cache write as separate ops); each captured (`graph`) and
     compiled + captured (`compiled`, at `compile_batches`); HF generate with a static cache (batch
     1); the roofline beside every row. Rows print as they finish, most important first (a run cut
     short keeps them). Writes DIR/compare.json."""
@@ -449,9 +449,10 @@ def run_compare(out_dir, preset: str = "qwen3_0.6b", batches=(1, 64), context: i
     fused = build(dataclasses.replace(cfg, fuse_projections=True, decode_matmul="torch"), device)
     unfused = build(dataclasses.replace(cfg, fuse_projections=False, decode_matmul="torch"), device)
     unfused.load_state_dict(fused.state_dict())
-    gemv = build(dataclasses.replace(cfg, decode_matmul="triton"), device)  # fused, and kernels/gemv for <= 16 rows
+    # fused, kernels/gemv for <= 16 rows, and QK-norm / rotary / the cache write in one kernel (model.decode_prologue)
+    gemv = build(dataclasses.replace(cfg, decode_matmul="triton", decode_prologue=True), device)
     gemv.load_state_dict(fused.state_dict())
-    # the same without the one-kernel QK-norm / rotary / cache write (model.decode_prologue): the row before it
+    # the same with those as separate ops: the row before the prologue kernel
     separate = build(dataclasses.replace(cfg, decode_matmul="triton", decode_prologue=False), device)
     separate.load_state_dict(fused.state_dict())
     print(f"== decode before/after: {preset}, context {context}, batches {list(batches)}; roofline at "

@@ -22,7 +22,7 @@ same table, for checking the tool, not for conclusions about the GPU.
 --unfused builds the model with model.fuse_projections=false (q, k, v as three matmuls), the
 layout before the fused projection, so before/after tables come from one build of the tool;
 --matmul triton takes model.decode_matmul=triton (kernels/gemv for the step's matmuls);
---separate-prologue model.decode_prologue=false (QK-norm, rotary and the cache write as separate ops).
+--prologue model.decode_prologue=true (QK-norm, rotary and the cache write in one kernel).
 """
 from __future__ import annotations
 
@@ -170,7 +170,7 @@ def format_table(path: str, result: dict, rows: int = 30, width: int = 90) -> st
 
 
 def build_model(preset: str, context: int, device: str, fuse: bool = True, dtype=torch.bfloat16,
-                matmul: str = "torch", prologue: bool = True):
+                matmul: str = "torch", prologue: bool = False):
     from deepwish.config import model_config
     from deepwish.model.transformer import Transformer
     cfg = model_config(preset)
@@ -202,7 +202,7 @@ def path_step(path: str, model, cache, tokens: torch.Tensor, positions: torch.Te
 
 def run(out_dir, preset: str = "qwen3_0.6b", batch: int = 1, context: int = 512, paths=PATHS, steps: int = 20,
         rows: int = 30, fuse: bool = True, device: str | None = None, matmul: str = "torch",
-        prologue: bool = True) -> dict:
+        prologue: bool = False) -> dict:
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cpu":
         paths = tuple(p for p in paths if p == "eager")  # nothing to capture on the CPU; compile is slow there
@@ -260,11 +260,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--unfused", action="store_true", help="model.fuse_projections=false: q, k, v as three matmuls")
     ap.add_argument("--matmul", default="torch", choices=["torch", "triton"],
                     help="model.decode_matmul: triton runs the step's matmuls (<= 16 rows) through kernels/gemv")
-    ap.add_argument("--separate-prologue", action="store_true",
-                    help="model.decode_prologue=false: QK-norm, rotary and the cache write as separate ops")
+    ap.add_argument("--prologue", action="store_true",
+                    help="model.decode_prologue=true: QK-norm, rotary and the cache write in one kernel")
     args = ap.parse_args(argv)
     run(args.out, args.preset, args.batch, args.context, tuple(p for p in args.paths.split(",") if p), args.steps,
-        args.rows, fuse=not args.unfused, matmul=args.matmul, prologue=not args.separate_prologue)
+        args.rows, fuse=not args.unfused, matmul=args.matmul, prologue=args.prologue)
     return 0
 
 
