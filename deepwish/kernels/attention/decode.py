@@ -286,7 +286,8 @@ def decode_prologue(y: torch.Tensor, q_weight: torch.Tensor, k_weight: torch.Ten
                     cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor, k_cache: torch.Tensor,
                     v_cache: torch.Tensor, n_heads: int, zero_centered: bool = False) -> torch.Tensor:
     """`reference.decode_prologue` in one launch: y [B, T, (H + 2·Hkv)·D] -> q [B, T, H, D]; k and v
-    written into the caches [B, Hkv, L, D] at `positions` [B, T] (the caller has checked they fit)."""
+    written into the caches [B, Hkv, L, D] at `positions` [B, T]. A position outside the cache writes
+    nothing and stops the kernel with a device-side assertion (no host synchronisation)."""
     B, T, F = y.shape
     Hkv, D = k_cache.shape[1], k_cache.shape[-1]
     if (F != (n_heads + 2 * Hkv) * D or v_cache.shape[-1] != D or tuple(q_weight.shape) != (D,)
