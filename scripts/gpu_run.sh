@@ -79,14 +79,18 @@ for stage in "$@"; do
       done ;;
     mfu_variants)  # gpt_124m's training rate under setting variants, each a real `deepwish train` run on the
       # corpus (bench/variants.py), at the final windows from step 0 (one compiled shape set: ~2-3 min a run)
+      # (the runs' checkpoints stay on the machine: only the tables and each run's metrics come back)
       bash "$0" corpus >/dev/null || status=1
-      rm -rf "$OUT/variants"
-      python3 -m deepwish.cli bench variants --out "$OUT/variants" --preset gpt_124m --data "${CORPUS:-/tmp/deepwish-pycode}" \
+      rm -rf /tmp/variants
+      python3 -m deepwish.cli bench variants --out /tmp/variants --preset gpt_124m --data "${CORPUS:-/tmp/deepwish-pycode}" \
         --steps 40 --set train.window_warmup_frac=0 --set train.eval_every=40 --set train.eval_batches=4 \
         --variant "bf16: train.residual_dtype=bf16" \
         --variant "b32: train.batch_size=32 train.grad_accum=1" \
         --variant "b32_bf16: train.batch_size=32 train.grad_accum=1 train.residual_dtype=bf16" \
-        ${VARIANTS_ARGS:-} 2>&1 | grep -v '^step' | tail -30 || status=1 ;;
+        ${VARIANTS_ARGS:-} 2>&1 | grep -v '^step' | tail -30 || status=1
+      mkdir -p "$OUT/variants"
+      cp /tmp/variants/variants.* "$OUT/variants/" 2>/dev/null || status=1
+      for m in /tmp/variants/*/metrics.jsonl; do [ -f "$m" ] && cp "$m" "$OUT/variants/$(basename "$(dirname "$m")")_metrics.jsonl"; done ;;
     lce)  # the fused loss: GPU tests (the soft-cap's tanh instruction included), then its row kernel and the
       # whole loss against torch.compile of the plain loss (bench/lce_rows.py)
       python3 -m pytest -m gpu -q -p no:cacheprovider tests/kernels/test_kernels_gpu_conv_lce.py 2>&1 | tail -5
