@@ -409,6 +409,9 @@ def start_grpo(run_cfg: RunConfig, grpo: GRPOConfig, *, init_from: str | None = 
         raise ConfigError(f"{run_dir} already holds checkpoints; resume it (--resume {run_dir}) or choose another --out")
     # data and seq_len shape pre-training only; GRPO draws its sequences from the task
     problems = [p for p in config_problems(run_cfg) if not p.startswith(("data.", "train.seq_len"))] + grpo.problems()
+    if tc.residual_dtype != "fp32":  # rollouts, log-probabilities and the update run their own forwards
+        problems.append(f"train.residual_dtype={tc.residual_dtype!r}: deepwish grpo carries the residual stream "
+                        f"as autocast leaves it (fp32); the setting is for `deepwish train` and `deepwish sft`")
     if init_from is not None:
         from deepwish.train.init_from import init_problems
         problems += init_problems(init_from, run_cfg.model)

@@ -50,3 +50,6 @@ def test_grpo_cli_errors(tmp_path, capsys):
     assert main(["grpo", "--preset", "qwen3_tiny", *TINY, "--tokenizer", "char", "--rl", "group_size=1",
                  "--out", str(tmp_path / "z")]) == 2
     assert "group_size" in capsys.readouterr().err
+    assert main(["grpo", "--preset", "qwen3_tiny", *TINY, "--tokenizer", "char", "--set", "train.residual_dtype=bf16",
+                 "--out", str(tmp_path / "w")]) == 2  # a training-loop setting GRPO's own forwards do not take
+    assert "train.residual_dtype='bf16'" in capsys.readouterr().err
