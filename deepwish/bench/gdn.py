@@ -12,8 +12,11 @@ Times are the median of `triton.testing.do_bench`. Throughput figures use these 
 - chunked gated delta forward FLOPs per chunk of C = 64 and head: 6 C K V + 6 C^2 K + 4 C^2 V
   (k k^T, w, u, w S, the state update, q S, q k^T and the intra-chunk product); fwd + bwd = 3x fwd.
 - causal attention forward FLOPs: 2 B H T^2 D; fwd + bwd = 3.5x fwd (FlashAttention's convention).
-- decode GB/s: bytes of state read and written plus q, k, v, o; compared with the measured 2973 GB/s
-  device copy (reports/GPU numbers); TFLOP/s compared with the measured 777 TFLOP/s bf16 matmul.
+- decode GB/s: bytes of state read and written plus q, k, v, o; compared with the running GPU's
+  measured device copy, TFLOP/s with its measured bf16 matmul peak (train/mfu.py PEAKS; the H100's
+  2973 GB/s and 777 TFLOP/s where the table has none).
+`--profile-T T` (default 65536; 0: off) also lists the forward's kernels of ours and of fla's at T
+by GPU time (torch.profiler): which stage (intra-chunk, state passing, output) is where the two differ.
 """
 from __future__ import annotations
 
@@ -26,9 +29,9 @@ import torch
 import torch.nn.functional as F
 
 from deepwish.bench.env import bench_environment
-from deepwish.bench.timing import median_ms, rel_rms
+from deepwish.bench.timing import kernel_times, median_ms, rel_rms
 
-COPY_PEAK_GBS = 2973.0
+COPY_PEAK_GBS = 2973.0  # the H100's measured ceilings: the defaults where train/mfu.py's table has none
 MATMUL_PEAK_TFLOPS = 777.0
 B, H, D = 1, 16, 128
 CHUNK = 64
@@ -215,8 +218,9 @@ def fmt(val, digits=3) -> str:
     return f"{val:.{digits}f}"
 
 
-def print_table(chunk: dict, decode: dict, seqlens) -> None:
-    print(f"\nchunked, B={B} H={H} K=V={D} bf16: ms (model TFLOP/s, % of {MATMUL_PEAK_TFLOPS:.0f})")
+def print_table(chunk: dict, decode: dict, seqlens, peak_tflops: float = MATMUL_PEAK_TFLOPS,
+                copy_gbs: float = COPY_PEAK_GBS) -> None:
+    print(f"\nchunked, B={B} H={H} K=V={D} bf16: ms (model TFLOP/s, % of {peak_tflops:.0f})")
     print(f"{'':22s}" + "".join(f"{'T=' + str(T):>22s}" for T in seqlens))
     for key, row in chunk.items():
         cells = []
@@ -231,9 +235,9 @@ def print_table(chunk: dict, decode: dict, seqlens) -> None:
             flops = attn_fwd_flops(T) if key.startswith("sdpa") else gdn_fwd_flops(T)
             flops *= (3.5 if key.startswith("sdpa") else 3.0) if key.endswith("fwd+bwd") else 1.0
             tf = flops / (val * 1e-3) / 1e12
-            cells.append(f"{val:9.3f} ({tf:5.0f},{100 * tf / MATMUL_PEAK_TFLOPS:3.0f}%)".rjust(22))
+            cells.append(f"{val:9.3f} ({tf:5.0f},{100 * tf / peak_tflops:3.0f}%)".rjust(22))
         print(f"{key:22s}" + "".join(cells))
-    print(f"\ndecode step, H={H} K=V={D}, fp32 state: us (GB/s, % of {COPY_PEAK_GBS:.0f} copy)")
+    print(f"\ndecode step, H={H} K=V={D}, fp32 state: us (GB/s, % of {copy_gbs:.0f} copy)")
     print(f"{'':22s}" + "".join(f"{'B=' + str(b):>22s}" for b in DECODE_BATCHES))
     for key, row in decode.items():
         cells = []
@@ -241,13 +245,13 @@ def print_table(chunk: dict, decode: dict, seqlens) -> None:
             val = row.get(b)
             if isinstance(val, (int, float)):
                 gbs = decode_bytes(b) / (val * 1e-3) / 1e9
-                cells.append(f"{val * 1e3:9.1f} ({gbs:5.0f},{100 * gbs / COPY_PEAK_GBS:3.0f}%)".rjust(22))
+                cells.append(f"{val * 1e3:9.1f} ({gbs:5.0f},{100 * gbs / copy_gbs:3.0f}%)".rjust(22))
             else:
                 cells.append(f"{fmt(val) if val else '-':>22s}")
         print(f"{key:22s}" + "".join(cells))
 
 
-def plot(chunk: dict, decode: dict, seqlens, path: str) -> None:
+def plot(chunk: dict, decode: dict, seqlens, path: str, copy_gbs: float = COPY_PEAK_GBS) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -267,7 +271,7 @@ def plot(chunk: dict, decode: dict, seqlens, path: str) -> None:
         xs = [b for b in DECODE_BATCHES if isinstance(row.get(b), (int, float))]
         if xs:
             ax2.plot(xs, [decode_bytes(b) / (row[b] * 1e-3) / 1e9 for b in xs], marker="o", label=key)
-    ax2.axhline(COPY_PEAK_GBS, color="k", linestyle=":", label="device copy peak")
+    ax2.axhline(copy_gbs, color="k", linestyle=":", label=f"device copy {copy_gbs:.0f} GB/s")
     ax2.set_xscale("log", base=2)
     ax2.set_xlabel("batch")
     ax2.set_ylabel("GB/s (state read + write)")
@@ -279,7 +283,27 @@ def plot(chunk: dict, decode: dict, seqlens, path: str) -> None:
     plt.close(fig)
 
 
-def run(out_dir: str, seqlens=(4096, 8192, 16384, 32768, 65536), device="cuda") -> dict:
+def device_peaks() -> tuple[float, float]:
+    """(bf16 matmul TFLOP/s, copy GB/s) of this GPU from train/mfu.py, the H100's where it has none."""
+    from deepwish.train.mfu import peaks_for_name
+    flops, copy, _ = peaks_for_name(torch.cuda.get_device_name()) if torch.cuda.is_available() else (None, None, "")
+    return (flops / 1e12 if flops else MATMUL_PEAK_TFLOPS), (copy / 1e9 if copy else COPY_PEAK_GBS)
+
+
+def profile_forward(backends, T: int, device) -> dict:
+    """The chunked forward's kernels at T by GPU time, for every backend but the torch reference."""
+    inputs = make_inputs(T, device)
+    out = {}
+    for name in [n for n in backends if n != "torch"]:
+        out[name] = attempt(f"profile {name} T={T}", lambda: kernel_times(lambda: backends[name]["chunk"](*inputs)))
+        if isinstance(out[name], dict):
+            print(f"[gdn bench] {name} fwd at T={T}: {out[name]['sum_ms']:.3f} ms of kernels")
+            for r in out[name]["kernels"]:
+                print(f"    {r['us_per_step']:9.1f} us  x{r['calls_per_step']:.0f}  {r['name']}")
+    return out
+
+
+def run(out_dir: str, seqlens=(4096, 8192, 16384, 32768, 65536), device="cuda", profile_T: int = 65536) -> dict:
     """Check, time, print, and write `gdn.json` and `gdn.png` into out_dir. Returns the results."""
     device = torch.device(device)
     if device.type != "cuda" or not torch.cuda.is_available():
@@ -292,16 +316,19 @@ def run(out_dir: str, seqlens=(4096, 8192, 16384, 32768, 65536), device="cuda") 
     correctness = check_correctness(backends, device)
     chunk = bench_chunk(backends, seqlens, device)
     decode = bench_decode(backends, device)
-    print_table(chunk, decode, seqlens)
+    peak_tflops, copy_gbs = device_peaks()
+    print_table(chunk, decode, seqlens, peak_tflops, copy_gbs)
+    profile = profile_forward(backends, profile_T, device) if profile_T > 0 else {}
     results = {"environment": env, "shapes": {"B": B, "H": H, "HV": H, "K": D, "V": D, "dtype": "bfloat16",
                                               "decode_batches": list(DECODE_BATCHES)},
                "correctness_rel_rms": correctness,
                "chunk_ms": {k: {str(T): v for T, v in row.items()} for k, row in chunk.items()},
                "decode_ms": {k: {str(b): v for b, v in row.items()} for k, row in decode.items()},
-               "peaks": {"copy_GBps": COPY_PEAK_GBS, "bf16_matmul_TFLOPs": MATMUL_PEAK_TFLOPS}}
+               "peaks": {"copy_GBps": copy_gbs, "bf16_matmul_TFLOPs": peak_tflops},
+               "forward_kernels": {"T": profile_T, **profile}}
     with open(os.path.join(out_dir, "gdn.json"), "w") as f:
         json.dump(results, f, indent=2)
-    plot(chunk, decode, seqlens, os.path.join(out_dir, "gdn.png"))
+    plot(chunk, decode, seqlens, os.path.join(out_dir, "gdn.png"), copy_gbs)
     print(f"[gdn bench] wrote {os.path.join(out_dir, 'gdn.json')} and gdn.png")
     return results
 
@@ -311,8 +338,9 @@ def main(argv=None) -> None:
     p.add_argument("--out", required=True, help="directory for gdn.json and gdn.png")
     p.add_argument("--seqlens", type=int, nargs="+", default=[4096, 8192, 16384, 32768, 65536])
     p.add_argument("--device", default="cuda")
+    p.add_argument("--profile-T", type=int, default=65536, help="the forward's kernels of ours and fla's at this T (0: off)")
     args = p.parse_args(argv)
-    run(args.out, seqlens=args.seqlens, device=args.device)
+    run(args.out, seqlens=args.seqlens, device=args.device, profile_T=args.profile_T)
 
 
 if __name__ == "__main__":

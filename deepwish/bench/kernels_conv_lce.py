@@ -22,7 +22,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from deepwish.bench.timing import graph_ms, median_ms
+from deepwish.bench.timing import graph_ms, kernel_times, median_ms
 
 H100_COPY_GBPS = 2973.0  # measured device-to-device copy bandwidth of the H100 (GPU.md): older results' ceiling
 CONV_T = (1024, 4096, 16384, 32768, 65536)
@@ -117,30 +117,11 @@ def _conv_tile_sweep(device: str, T: int = 16384) -> dict:
 def _conv_profile(device: str, T: int = 16384, iters: int = 10) -> dict:
     """Device time per forward+backward step of ours, by kernel (torch.profiler), to tell GPU
     work from idle gaps between the kernels (compare the sum with the timed fwdbwd_ms)."""
-    from torch.profiler import ProfilerActivity, profile
     from deepwish.kernels.short_conv import triton as conv_tri
     x = torch.randn(1, T, CONV_D, device=device, dtype=torch.bfloat16, requires_grad=True)
     w = (torch.randn(CONV_D, CONV_W, device=device) * 0.5).to(torch.bfloat16).requires_grad_()
     dy = torch.randn_like(x)
-
-    def step():
-        return torch.autograd.grad(conv_tri.causal_conv1d(x, w)[0], [x, w], dy)
-
-    for _ in range(3):
-        step()
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(iters):
-            step()
-        torch.cuda.synchronize()
-    rows = []
-    for e in prof.key_averages():
-        us = getattr(e, "device_time_total", None)
-        us = getattr(e, "cuda_time_total", 0.0) if us is None else us
-        if us > 0:
-            rows.append({"name": e.key[:90], "us_per_step": us / iters, "calls_per_step": e.count / iters})
-    rows.sort(key=lambda r: -r["us_per_step"])
-    return {"T": T, "kernels": rows[:12], "sum_ms": sum(r["us_per_step"] for r in rows) / 1e3}
+    return {"T": T, **kernel_times(lambda: torch.autograd.grad(conv_tri.causal_conv1d(x, w)[0], [x, w], dy), iters)}
 
 
 # ----------------------------------------------------------------------------- LCE

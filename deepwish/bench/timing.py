@@ -47,3 +47,25 @@ def graph_ms(fn: Callable, calls: int = 10, warmup: int = 10, rep: int = 50) -> 
 def rel_rms(ref: torch.Tensor, out: torch.Tensor) -> float:
     ref, out = ref.detach().double(), out.detach().double()
     return float((ref - out).pow(2).mean().sqrt() / ref.pow(2).mean().sqrt().clamp_min(1e-30))
+
+
+def kernel_times(step: Callable, iters: int = 10, warmup: int = 3, rows: int = 12) -> dict:
+    """GPU time per call of `step` by kernel (torch.profiler): {'kernels': [{name, us_per_step,
+    calls_per_step}] longest first (the first `rows`), 'sum_ms': all kernels' time a step}. Beside
+    a timed span it tells kernel time from the gaps between kernels."""
+    from torch.profiler import ProfilerActivity, profile
+    for _ in range(warmup):
+        step()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(iters):
+            step()
+        torch.cuda.synchronize()
+    out = []
+    for e in prof.key_averages():
+        us = getattr(e, "device_time_total", None)
+        us = getattr(e, "cuda_time_total", 0.0) if us is None else us
+        if us > 0:
+            out.append({"name": e.key[:90], "us_per_step": us / iters, "calls_per_step": e.count / iters})
+    out.sort(key=lambda r: -r["us_per_step"])
+    return {"kernels": out[:rows], "sum_ms": sum(r["us_per_step"] for r in out) / 1e3}
