@@ -54,6 +54,20 @@ def _agree_until_near_tie(ref, gaps, got):
                 break
 
 
+def _fast_path_follows_eager(plain, fast, batch):
+    """`fast` (the same weights as `plain`, another kernel path) generates greedy tokens that follow
+    plain's eager ones until a near-tie: eager, captured, and at batch 1 compiled + captured."""
+    fast.load_state_dict(plain.state_dict())
+    prompt = torch.randint(0, plain.cfg.vocab_size, (batch, 12), device=next(plain.parameters()).device)
+    ref, gaps = _eager_greedy_with_gaps(plain, prompt, 24)
+    _agree_until_near_tie(ref, gaps, generate(fast, prompt, 24))
+    for compile in ([False, True] if batch == 1 else [False]):
+        torch._dynamo.reset()
+        cache = fast.make_cache(batch, 12 + 24)
+        got = generate(fast, prompt, 24, cache=cache, decode_fn=CapturedSampler(fast, cache, compile=compile))
+        _agree_until_near_tie(ref, gaps, got)
+
+
 @pytest.mark.parametrize("preset", ["qwen3_tiny", "qwen3_0.6b"])
 @pytest.mark.parametrize("batch", [1, 64])
 def test_captured_sampler_greedy_is_eager(cuda, preset, batch):
@@ -117,18 +131,8 @@ def test_gemv_decode_greedy_follows_cublas(cuda, batch):
     """model.decode_matmul=triton, captured (and at batch 1 compiled): greedy tokens as cuBLAS's
     eager path until a near-tie."""
     plain = _model("qwen3_0.6b", cuda)
-    cfg = dataclasses.replace(plain.cfg, decode_matmul="triton")
-    with torch.device(cuda):
-        fast = Transformer(cfg).to(torch.bfloat16).eval()
-    fast.load_state_dict(plain.state_dict())
-    prompt = torch.randint(0, plain.cfg.vocab_size, (batch, 12), device=cuda)
-    ref, gaps = _eager_greedy_with_gaps(plain, prompt, 24)
-    _agree_until_near_tie(ref, gaps, generate(fast, prompt, 24))
-    for compile in ([False, True] if batch == 1 else [False]):
-        torch._dynamo.reset()
-        cache = fast.make_cache(batch, 12 + 24)
-        got = generate(fast, prompt, 24, cache=cache, decode_fn=CapturedSampler(fast, cache, compile=compile))
-        _agree_until_near_tie(ref, gaps, got)
+    fast = _model("qwen3_0.6b", cuda, decode_matmul="triton")
+    _fast_path_follows_eager(plain, fast, batch)
 
 
 def test_decode_prologue_kernel_matches_reference_at_the_models_shape(cuda, rel_err):
@@ -155,12 +159,4 @@ def test_decode_prologue_greedy_follows_the_separate_ops(cuda, batch):
     and (batch 1) compiled + captured, greedy until a near-tie."""
     plain = _model("qwen3_0.6b", cuda, decode_prologue=False)
     fast = _model("qwen3_0.6b", cuda, decode_prologue=True)
-    fast.load_state_dict(plain.state_dict())
-    prompt = torch.randint(0, plain.cfg.vocab_size, (batch, 12), device=cuda)
-    ref, gaps = _eager_greedy_with_gaps(plain, prompt, 24)
-    _agree_until_near_tie(ref, gaps, generate(fast, prompt, 24))
-    for compile in ([False, True] if batch == 1 else [False]):
-        torch._dynamo.reset()
-        cache = fast.make_cache(batch, 12 + 24)
-        got = generate(fast, prompt, 24, cache=cache, decode_fn=CapturedSampler(fast, cache, compile=compile))
-        _agree_until_near_tie(ref, gaps, got)
+    _fast_path_follows_eager(plain, fast, batch)
