@@ -79,3 +79,26 @@ def test_decode_bf16_real_sizes(cuda, rel_err, B, Tq, L):
     q_pos = (torch.arange(Tq, device=cuda) + L - Tq - 7).expand(B, Tq).contiguous()
     want = ref.decode_attention(q, kc, vc, q_pos, torch.arange(L, device=cuda).expand(B, L))
     assert rel_err(want, decode_attention(q, kc, vc, q_pos)) < 1e-2
+
+
+def test_decode_kernels_compile_once_for_steps_and_chunks(cuda):
+    """The token count is not specialised: a one-token step and prefill chunks of 5 and 8 tokens (the
+    same 16-row tile at 2 query heads per KV head) run the same compiled split and merge kernels
+    (before, the first prefill after a captured step's warm-up compiled both again, ~a second before
+    the first token)."""
+    from deepwish.kernels.attention import decode
+    B, H, Hkv, D, L = 1, 16, 8, 128, 256
+    k, v = (torch.randn(B, Hkv, L, D, device=cuda, dtype=torch.bfloat16) for _ in range(2))
+    kernels = (decode._split_kernel, decode._merge_kernel)
+    dev = torch.cuda.current_device()
+
+    def compiled():
+        return [len(kern.device_caches[dev][0]) for kern in kernels]
+    for T in (1, 5, 8):
+        q = torch.randn(B, T, H, D, device=cuda, dtype=torch.bfloat16)
+        pos = torch.arange(100, 100 + T, device=cuda)[None]
+        decode_attention(q, k, v, pos, None)
+        if T == 1:
+            after_step = compiled()
+    torch.cuda.synchronize()
+    assert compiled() == after_step

@@ -47,7 +47,10 @@ def _tanh(x):
     return 2.0 / (1.0 + tl.exp(-2.0 * x)) - 1.0
 
 
-@triton.jit
+# TQ (tokens a row) is not specialised: Triton would otherwise compile a separate kernel for TQ == 1
+# (the decode step) and for a prefill or verification chunk, so the first prefill after the captured
+# step's warm-up compiled both kernels again (a second or more before a first token).
+@triton.jit(do_not_specialize=["TQ"])
 def _split_kernel(Q, K, V, QPOS, KPOS, OP, LP,
                   sq_b, sq_t, sq_h, sk_b, sk_h, sk_l, sv_b, sv_h, sv_l,
                   TQ, HKV, G, L, W, scale, softcap, DQK, DV, SPLITS,
@@ -103,7 +106,7 @@ def _split_kernel(Q, K, V, QPOS, KPOS, OP, LP,
     tl.store(LP + base + i, lse)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["TQ"])
 def _merge_kernel(OP, LP, O, so_b, so_t, so_h, TQ, HKV, G, DV, SPLITS,
                   BLOCK_DV: tl.constexpr, BM: tl.constexpr, GP: tl.constexpr, BS: tl.constexpr):
     """One program per (batch row, KV head, row): weight the chunks' outputs by their share of
@@ -232,8 +235,9 @@ def D_scale(D: int, scale: float | None) -> float:
 # (the norm's statistics, the normed and rotated q/k, the k and v cache writes, q made contiguous
 # for the attention op), each far shorter than its launch. Here one program per (token, head)
 # does all of it for its head: q heads write q, k heads their cache slot, v heads copy theirs.
-@triton.jit(debug=True)  # the position check below: a step past the cache stops with a device-side assertion,
-# as the cache write it replaces did (a host check would synchronise every step)
+# debug: the position check below (a step past the cache stops with a device-side assertion, as the
+# cache write it replaces did; a host check would synchronise every step). T unspecialised as in _split_kernel.
+@triton.jit(debug=True, do_not_specialize=["T"])
 def _prologue_kernel(Y, WQ, WK, COS, SIN, POS, QO, KC, VC,
                      s_yb, s_yt, s_qb, s_qt, s_qh, s_kb, s_kh, s_kl, s_vb, s_vh, s_vl, s_cb, s_ct, s_pb, s_pt,
                      T, H, HKV, L, eps, D: tl.constexpr, R: tl.constexpr, BLOCK_D: tl.constexpr,
