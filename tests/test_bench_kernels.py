@@ -23,23 +23,28 @@ def test_conv_table_uses_the_runs_copy_ceiling_and_shows_the_graph_row(capsys, t
     assert (tmp_path / "conv.png").stat().st_size > 1000
 
 
-def test_copy_ceiling_is_the_devices_measured_one(monkeypatch):
+def test_ceilings_are_the_devices_measured_ones(monkeypatch):
+    from deepwish.bench.env import ceilings, copy_bw
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     for name, want in (("NVIDIA H200", 4172.0), ("NVIDIA H100 80GB HBM3", 2973.0), ("NVIDIA A100-SXM4-80GB", 2973.0)):
         monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a, n=name: n)
-        assert K.copy_gbps() == want, name  # a GPU without a measured copy falls back to the H100's
+        assert copy_bw() / 1e9 == want, name  # a GPU without a measured copy falls back to the H100's
+    assert ceilings() == (312e12, 2973e9)  # the A100: its datasheet matmul peak, the H100's copy
 
 
 def test_gdn_tables_use_the_devices_peaks(capsys, monkeypatch, tmp_path):
     from deepwish.bench import gdn
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "NVIDIA H200")
-    assert gdn.device_peaks() == (774.0, 4172.0)
+    from deepwish.bench.env import ceilings
+    flops, copy = ceilings()
+    peaks = flops / 1e12, copy / 1e9
+    assert peaks == (774.0, 4172.0)
     T = 4096
     ms = gdn.gdn_fwd_flops(T) / 387e12 * 1e3  # half of 774 TFLOP/s
     chunk = {"triton fwd": {T: ms}}
     decode = {"triton decode": {1: gdn.decode_bytes(1) / 2086e9 * 1e3}}  # half of 4172 GB/s
-    gdn.print_table(chunk, decode, (T,), *gdn.device_peaks())
+    gdn.print_table(chunk, decode, (T,), *peaks)
     out = capsys.readouterr().out
     assert "% of 774)" in out and "% of 4172 copy" in out
     assert "387, 50%)" in out and "2086, 50%)" in out

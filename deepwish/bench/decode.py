@@ -61,17 +61,8 @@ from pathlib import Path
 
 import torch
 
-COPY_BW = 2973e9  # bytes/s, measured device-to-device copy on the H100 (GPU.md): for GPUs not in PEAKS
+from deepwish.bench.env import copy_bw
 
-
-def copy_bw() -> float:
-    """The measured copy bandwidth of this GPU (train/mfu.py PEAKS: H200 4,172 GB/s, H100 2,973), else the H100's."""
-    from deepwish.train.mfu import peaks_for_name
-    if torch.cuda.is_available():
-        copy = peaks_for_name(torch.cuda.get_device_name())[1]
-        if copy:
-            return copy
-    return COPY_BW
 PRESETS = ("qwen3_0.6b", "deepseek_v3_bench", "qwen3_next_bench")
 MLA_LONG_CONTEXT = 32768  # the DeepSeek goal's long context (extra row, batch 1)
 GOAL_COMPILED = "qwen3_0.6b"  # --compile goal compiles only where a goal needs it (~1 min per shape)

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from deepwish.bench.decode import copy_bw
+from deepwish.bench.env import copy_bw
 from deepwish.bench.timing import median_ms
 from deepwish.kernels.embedding import lookups
 

@@ -1,4 +1,5 @@
-"""What every benchmark records about where it ran: device, versions, date, command, commit."""
+"""What every benchmark records about where it ran (device, versions, date, command, commit), and the
+ceilings its figures are divided by."""
 from __future__ import annotations
 
 import datetime
@@ -6,6 +7,24 @@ import platform
 import sys
 
 import torch
+
+# measured on one H100 (shared/GPU.md): the ceilings of a GPU that train/mfu.py's PEAKS does not list
+H100_MATMUL_FLOPS = 777e12
+H100_COPY_BW = 2973e9
+
+
+def ceilings() -> tuple[float, float]:
+    """(bf16 matmul FLOP/s, device copy bytes/s) of this GPU as the benchmarks divide by them: the
+    measured figures of train/mfu.py's PEAKS (H200 774 TFLOP/s, 4,172 GB/s), the H100's for what the
+    table lacks (and without a GPU)."""
+    from deepwish.train.mfu import peaks_for_name
+    flops, copy = peaks_for_name(torch.cuda.get_device_name())[:2] if torch.cuda.is_available() else (None, None)
+    return flops or H100_MATMUL_FLOPS, copy or H100_COPY_BW
+
+
+def copy_bw() -> float:
+    """This GPU's measured copy bandwidth in bytes/s (`ceilings`)."""
+    return ceilings()[1]
 
 
 def bench_environment(device, command: str, **extra) -> dict:

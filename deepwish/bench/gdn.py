@@ -28,11 +28,11 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from deepwish.bench.env import bench_environment
+from deepwish.bench.env import H100_COPY_BW, H100_MATMUL_FLOPS, bench_environment, ceilings
 from deepwish.bench.timing import kernel_times, median_ms, rel_rms
 
-COPY_PEAK_GBS = 2973.0  # the H100's measured ceilings: the defaults where train/mfu.py's table has none
-MATMUL_PEAK_TFLOPS = 777.0
+COPY_PEAK_GBS = H100_COPY_BW / 1e9  # table defaults: the H100's ceilings (bench/env.py ceilings)
+MATMUL_PEAK_TFLOPS = H100_MATMUL_FLOPS / 1e12
 B, H, D = 1, 16, 128
 CHUNK = 64
 DECODE_BATCHES = (1, 8, 64)
@@ -283,13 +283,6 @@ def plot(chunk: dict, decode: dict, seqlens, path: str, copy_gbs: float = COPY_P
     plt.close(fig)
 
 
-def device_peaks() -> tuple[float, float]:
-    """(bf16 matmul TFLOP/s, copy GB/s) of this GPU from train/mfu.py, the H100's where it has none."""
-    from deepwish.train.mfu import peaks_for_name
-    flops, copy, _ = peaks_for_name(torch.cuda.get_device_name()) if torch.cuda.is_available() else (None, None, "")
-    return (flops / 1e12 if flops else MATMUL_PEAK_TFLOPS), (copy / 1e9 if copy else COPY_PEAK_GBS)
-
-
 def profile_forward(backends, T: int, device) -> dict:
     """The chunked forward's kernels at T by GPU time, for every backend but the torch reference."""
     inputs = make_inputs(T, device)
@@ -316,7 +309,8 @@ def run(out_dir: str, seqlens=(4096, 8192, 16384, 32768, 65536), device="cuda", 
     correctness = check_correctness(backends, device)
     chunk = bench_chunk(backends, seqlens, device)
     decode = bench_decode(backends, device)
-    peak_tflops, copy_gbs = device_peaks()
+    flops, copy = ceilings()
+    peak_tflops, copy_gbs = flops / 1e12, copy / 1e9
     print_table(chunk, decode, seqlens, peak_tflops, copy_gbs)
     profile = profile_forward(backends, profile_T, device) if profile_T > 0 else {}
     results = {"environment": env, "shapes": {"B": B, "H": H, "HV": H, "K": D, "V": D, "dtype": "bfloat16",

@@ -22,9 +22,10 @@ import time
 import torch
 import torch.nn.functional as F
 
+from deepwish.bench.env import H100_COPY_BW, copy_bw
 from deepwish.bench.timing import graph_ms, kernel_times, median_ms
 
-H100_COPY_GBPS = 2973.0  # measured device-to-device copy bandwidth of the H100 (GPU.md): older results' ceiling
+H100_COPY_GBPS = H100_COPY_BW / 1e9  # the ceiling of results written before it was recorded with them
 CONV_T = (1024, 4096, 16384, 32768, 65536)
 CONV_D, CONV_W = 4096, 4
 LCE_N = (2048, 4096, 8192, 16384, 32768)
@@ -197,16 +198,9 @@ def _lce_impls(with_compile: bool) -> tuple[dict, dict]:
 
 # ----------------------------------------------------------------------------- report
 
-def copy_gbps() -> float:
-    """This GPU's measured copy bandwidth in GB/s (train/mfu.py PEAKS), the H100's where it has none."""
-    from deepwish.train.mfu import peaks_for_name
-    copy = peaks_for_name(torch.cuda.get_device_name())[1] if torch.cuda.is_available() else None
-    return copy / 1e9 if copy else H100_COPY_GBPS
-
-
 def _environment(device: str) -> dict:
     from deepwish.bench.env import bench_environment
-    return bench_environment(device, "deepwish bench kernels", copy_GBps_ceiling=copy_gbps())
+    return bench_environment(device, "deepwish bench kernels", copy_GBps_ceiling=copy_bw() / 1e9)
 
 
 def _fmt(v, spec=".3f"):

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from deepwish.bench.decode import copy_bw
+from deepwish.bench.env import copy_bw
 from deepwish.bench.timing import median_ms
 from deepwish.kernels.linear_cross_entropy import triton as lce
 from deepwish.train.mfu import device_peak_flops
