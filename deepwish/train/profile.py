@@ -81,10 +81,10 @@ def idle_by_phase(busy: list[tuple[float, float]], phases: list[tuple[str, float
 
 
 HOST_CATEGORIES = ("cpu_op", "user_annotation", "python_function")  # what the host thread runs, nested
-# runtime calls after which the host has waited for the GPU (its queue drained meanwhile)
 # an idle gap shorter than this is the GPU's own time from one kernel to the next queued one
 # (a few microseconds each), which no host-side change removes; longer ones are waits for the host
 SHORT_GAP_US = 10.0
+# runtime calls after which the host has waited for the GPU (its queue drained meanwhile)
 BLOCKING = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize", "cudaMemcpy",
             "cuStreamSynchronize", "cuCtxSynchronize", "cuEventSynchronize")
 
