@@ -77,6 +77,16 @@ class ModelConfig:
     # step of batch <= 16: q/k/v, o, gate/up, down) through kernels/gemv, the rest through F.linear |
     # auto: triton on CUDA (Qwen3-0.6B decode step 1.25 vs 1.52 ms on one H200, reports/inference.md)
     decode_matmul: str = "auto"
+    # the decode step's GEMVs take in the ops around them (kernels/gemv/triton.py): each pre-norm
+    # (RMSNorm) in the prologue of the projection after it, SwiGLU's activation in the down
+    # projection's prologue, the residual add in the o and down projections' epilogues: three kernels
+    # a layer fewer for Qwen3's dense blocks (model/block.py residual_branch). Needs decode_matmul
+    # auto / triton. Off until timed on a GPU (interpreter-tested; reports/inference.md)
+    decode_fusion: bool = False
+    # the decode step's own kernels (GEMV, prologue, split-KV attention) launched with programmatic
+    # dependent launch (kernels/pdl.py; Hopper or later): each starts while the one before finishes.
+    # Off until timed on a GPU
+    decode_pdl: bool = False
     # weight gradients of the token tables read at the same ids (the embedding and the GPT family's
     # value-embedding tables): torch: each table an nn.Embedding (its backward sorts the ids per table) |
     # triton: one sort for all tables and a run-sum kernel (kernels/embedding) | auto: torch (the kernel's
@@ -190,6 +200,8 @@ class ModelConfig:
              f"attn_backend={self.attn_backend!r} is not one of auto, triton, flex, sdpa, torch"),
             (self.decode_matmul in ("auto", "torch", "triton"),
              f"decode_matmul={self.decode_matmul!r} is not one of auto, torch, triton"),
+            (not self.decode_fusion or self.decode_matmul != "torch",
+             "decode_fusion=true fuses ops into the GEMV kernel, which decode_matmul=torch turns off"),
             (self.embed_backend in ("auto", "torch", "triton"),
              f"embed_backend={self.embed_backend!r} is not one of auto, torch, triton"),
             (self.dsa_backend in ("auto", "triton", "torch"),

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # What the GPU machine runs: environment report, GPU tests and benchmarks, results under $OUT.
-#   bash scripts/gpu_run.sh STAGE...   with STAGE in: env tests kernels gdn train decode sweep tradeoff notebook profile embedding gpt_mfu corpus speedrun loop_profile mfu_variants lce ablate dsa nsa_kernels nsa_quality attn_dq_tiles attn_dq muon attn_focus_tiles attn_goals decode_compare
+#   bash scripts/gpu_run.sh STAGE...   with STAGE in: env tests kernels gdn train decode sweep tradeoff notebook profile embedding gpt_mfu corpus speedrun loop_profile mfu_variants lce ablate dsa nsa_kernels nsa_quality attn_dq_tiles attn_dq muon attn_focus_tiles attn_goals decode_tests decode_compare decode_profiles
 # Optional wheels in .whl/ (flash-linear-attention, liger-kernel) are installed to /tmp/site
 # first, so the anchors run side by side with deepwish in the same process (NO_WHEELS=1 skips
 # them, e.g. for HF's Qwen3-Next on its torch path).
@@ -29,12 +29,15 @@ for stage in "$@"; do
     gdn) python3 -m deepwish.cli bench gdn --out "$OUT/gdn" || status=1 ;;
     train) python3 -m deepwish.cli bench train --out "$OUT/train" ${TRAIN_ARGS:-} || status=1 ;;
     decode) python3 -m deepwish.cli bench decode --out "$OUT/decode" ${DECODE_ARGS:-} || status=1 ;;
-    decode_compare)  # the decode GPU tests, the before/after rows, then one step's kernels with and without the prologue kernel
+    decode_tests)  # the decode GPU tests (fused kernels, captured and compiled steps), ~4 min
       python3 -m pytest -m gpu -q -p no:cacheprovider tests/test_decode_fused_gpu.py tests/test_decode_graph_gpu.py 2>&1 \
         | tee "$OUT/decode_tests.log" | tail -8
-      [ "${PIPESTATUS[0]}" = 0 ] || status=1
-      python3 -m deepwish.bench.decode --compare --out "$OUT/decode_compare" ${DECODE_COMPARE_ARGS:-} || status=1
-      python3 -m deepwish.bench.decode_profile --out "$OUT/decode_profile_gemv" --paths compiled-captured --matmul triton || status=1
+      [ "${PIPESTATUS[0]}" = 0 ] || status=1 ;;
+    decode_compare)  # the before/after rows: cuBLAS, the GEMV, its prologue kernel, decode_fusion, decode_pdl (~8 min)
+      python3 -m deepwish.bench.decode --compare --out "$OUT/decode_compare" ${DECODE_COMPARE_ARGS:-} || status=1 ;;
+    decode_profiles)  # one step's kernels: the GEMV path with every decode option on, and with the prologue kernel only
+      python3 -m deepwish.bench.decode_profile --out "$OUT/decode_profile_pdl" --paths compiled-captured --matmul triton \
+        --prologue --fusion --pdl || status=1
       python3 -m deepwish.bench.decode_profile --out "$OUT/decode_profile_gemv_prologue" --paths compiled-captured --matmul triton \
         --prologue || status=1 ;;
     sweep) python3 -m deepwish.cli bench sweep --out "$OUT/sweep" ${SWEEP_ARGS:---time-limit 420} || status=1 ;;

@@ -160,3 +160,58 @@ def test_decode_prologue_greedy_follows_the_separate_ops(cuda, batch):
     plain = _model("qwen3_0.6b", cuda, decode_prologue=False)
     fast = _model("qwen3_0.6b", cuda, decode_prologue=True)
     _fast_path_follows_eager(plain, fast, batch)
+
+
+@pytest.mark.parametrize("M", [1, 3])
+@pytest.mark.parametrize("pdl", [False, True])
+def test_fused_gemv_kernels_match_reference_at_the_models_shapes(cuda, rel_err, M, pdl):
+    """Qwen3-0.6B's four decode GEMVs with what model.decode_fusion puts in them: the pre-norm in q/k/v
+    and gate/up, the residual add in o and down, SwiGLU's activation in down; with and without PDL."""
+    if pdl and torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("programmatic dependent launch needs Hopper or later")
+    from deepwish.kernels.gemv import reference
+    from deepwish.kernels.gemv.triton import gemv
+    d, ff = 1024, 3072
+    bf = dict(device=cuda, dtype=torch.bfloat16)
+    x = torch.randn(M, d, **bf)
+    nw = 1 + 0.1 * torch.randn(d, **bf)
+    cases = [(x, torch.randn(4096, d, **bf) * 0.02, dict(norm=(nw, 1e-6, False))),
+             (torch.randn(M, 2048, **bf), torch.randn(d, 2048, **bf) * 0.02, dict(residual=x)),
+             (x, torch.randn(2 * ff, d, **bf) * 0.02, dict(norm=(nw - 1, 1e-6, True))),
+             (torch.randn(M, 2 * ff, **bf), torch.randn(d, ff, **bf) * 0.02, dict(gated=True, residual=x))]
+    for inp, w, kw in cases:
+        assert rel_err(reference.gemv(inp, w, **kw), gemv(inp, w, pdl=pdl, **kw)) < 5e-3, kw.keys()
+
+
+def test_pdl_step_captures_and_replays_the_eager_logits(cuda):
+    """decode_pdl inside a CUDA graph (programmatic edges): the captured step of a model with every
+    decode option on gives the eager step's logits, replay after replay."""
+    if torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("programmatic dependent launch needs Hopper or later")
+    from deepwish.decode_graph import CapturedDecoder
+    model = _model("qwen3_0.6b", cuda, decode_matmul="triton", decode_prologue=True, decode_fusion=True,
+                   decode_pdl=True)
+    prompt = torch.randint(0, model.cfg.vocab_size, (1, 12), device=cuda)
+    caches = [model.make_cache(1, 40) for _ in range(2)]
+    step = CapturedDecoder(model, caches[1])  # before the prefill: capture leaves the cache zeroed
+    logits = [prefill(model, prompt, c) for c in caches]
+    tok = logits[0].argmax(-1)
+    for s in range(12):
+        pos = torch.full((1,), 12 + s, device=cuda)
+        want = decode_one_token(model, tok, pos, caches[0])
+        got = step(model, tok, pos, caches[1])
+        torch.testing.assert_close(got.float(), want.float(), rtol=0, atol=0)
+        tok = want.argmax(-1)
+
+
+@pytest.mark.parametrize("batch", [1, 8])
+@pytest.mark.parametrize("pdl", [False, True])
+def test_decode_fusion_greedy_follows_the_separate_ops(cuda, batch, pdl):
+    """model.decode_fusion (and decode_pdl) against the GEMV path without them: eager, captured and
+    (batch 1) compiled + captured, greedy until a near-tie."""
+    if pdl and torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("programmatic dependent launch needs Hopper or later")
+    plain = _model("qwen3_0.6b", cuda, decode_matmul="triton", decode_prologue=True)
+    fast = _model("qwen3_0.6b", cuda, decode_matmul="triton", decode_prologue=True, decode_fusion=True,
+                  decode_pdl=pdl)
+    _fast_path_follows_eager(plain, fast, batch)

@@ -42,7 +42,8 @@ Goals (the issue), printed met / not met:
                      add nothing that grows with the context.
 Results: DIR/results.json, DIR/decode.png (ms/token vs context, roofline dashed), table last.
 `--compare`: before/after in one process (qwen3_0.6b, context --context, batches 1 and 64): the same
-weights with model.fuse_projections off and on, captured and compiled + captured, HF generate with
+weights through cuBLAS and through each step of the GEMV path (its prologue kernel, decode_fusion,
+decode_pdl; `--unfused` adds fuse_projections off), captured and compiled + captured, HF generate with
 a static cache beside them, the goals (batch 1 >= 1,800 tok/s and >= 3x HF, batch 64 >= 70% of its
 roofline): DIR/compare.json. `python -m deepwish.bench.decode_profile` lists one step's kernels.
 `--tradeoff`: the captured step at batches 1..256 and one context instead, drawn as throughput
@@ -419,14 +420,17 @@ def run(out_dir, presets=PRESETS, batches=(1, 8, 64), prompts=(128, 2048, 8192),
 
 
 def run_compare(out_dir, preset: str = "qwen3_0.6b", batches=(1, 64), context: int = 512, new_tokens: int = 64,
-                hf_tokens: int = 32, compile_batches=(1, 64), device: str = "cuda") -> dict:
-    """Before/after in one process, on the same weights: model.fuse_projections off (`-unfused`: q, k,
-    v as three matmuls, the layout before) and on (no suffix), and on with model.decode_matmul=triton
-    (`-gemv`: kernels/gemv for the step's matmuls, batches <= 16, with model.decode_prologue on), that
-    with it off (`-gemv-sep`: QK-norm, rotary and the cache write as separate ops); each captured (`graph`) and
-    compiled + captured (`compiled`, at `compile_batches`); HF generate with a static cache (batch
-    1); the roofline beside every row. Rows print as they finish, most important first (a run cut
-    short keeps them). Writes DIR/compare.json."""
+                hf_tokens: int = 32, compile_batches=(1, 64), device: str = "cuda", unfused: bool = False) -> dict:
+    """Before/after in one process, on the same weights: cuBLAS with model.fuse_projections on (no
+    suffix); model.decode_matmul=triton (`-gemv`: kernels/gemv for the step's matmuls, batches <= 16,
+    with model.decode_prologue on), that with the prologue off (`-gemv-sep`: QK-norm, rotary and the
+    cache write as separate ops), with model.decode_fusion on (`-gemv-fused`: the block's norms,
+    SwiGLU and residual adds inside the GEMVs) and with decode_pdl on as well (`-gemv-pdl`); each
+    captured (`graph`) and compiled + captured (`compiled`, at `compile_batches`); HF generate with a
+    static cache (batch 1); the roofline beside every row. `unfused` adds the rows with
+    fuse_projections off (`-unfused`: q, k, v as three matmuls; 2.389 ms compiled at batch 1 on an
+    H200, reports/inference.md). Rows print as they finish, most important first (a run cut short
+    keeps them). Writes DIR/compare.json."""
     from deepwish.config import model_config
     if not torch.cuda.is_available() or not str(device).startswith("cuda"):
         raise RuntimeError("the decode benchmark needs a CUDA device")
@@ -438,14 +442,23 @@ def run_compare(out_dir, preset: str = "qwen3_0.6b", batches=(1, 64), context: i
     torch.manual_seed(0)
     # cuBLAS for the fused and unfused models (decode_matmul defaults to auto: the GEMV on CUDA)
     fused = build(dataclasses.replace(cfg, fuse_projections=True, decode_matmul="torch"), device)
-    unfused = build(dataclasses.replace(cfg, fuse_projections=False, decode_matmul="torch"), device)
-    unfused.load_state_dict(fused.state_dict())
+    if unfused:
+        unfused = build(dataclasses.replace(cfg, fuse_projections=False, decode_matmul="torch"), device)
+        unfused.load_state_dict(fused.state_dict())
     # fused, kernels/gemv for <= 16 rows, and QK-norm / rotary / the cache write in one kernel (model.decode_prologue)
     gemv = build(dataclasses.replace(cfg, decode_matmul="triton", decode_prologue=True), device)
     gemv.load_state_dict(fused.state_dict())
     # the same with those as separate ops: the row before the prologue kernel
     separate = build(dataclasses.replace(cfg, decode_matmul="triton", decode_prologue=False), device)
     separate.load_state_dict(fused.state_dict())
+    # the block's norms, SwiGLU and residual adds in the GEMVs (model.decode_fusion), then with PDL too
+    fusion = build(dataclasses.replace(cfg, decode_matmul="triton", decode_prologue=True, decode_fusion=True), device)
+    fusion.load_state_dict(fused.state_dict())
+    pdl = None
+    if torch.cuda.get_device_capability()[0] >= 9:  # programmatic dependent launch: Hopper or later
+        pdl = build(dataclasses.replace(cfg, decode_matmul="triton", decode_prologue=True, decode_fusion=True,
+                                        decode_pdl=True), device)
+        pdl.load_state_dict(fused.state_dict())
     print(f"== decode before/after: {preset}, context {context}, batches {list(batches)}; roofline at "
           f"{copy_bw() / 1e9:.0f} GB/s ({torch.cuda.get_device_name()})", flush=True)
     rows = []
@@ -454,19 +467,22 @@ def run_compare(out_dir, preset: str = "qwen3_0.6b", batches=(1, 64), context: i
     for b in batches:
         small = b <= MAX_ROWS  # the GEMV kernel serves <= 16 rows; above, the gemv model is the fused one
         if b in compile_batches:  # ~1 min of compilation each: the unfused one only where the GEMV runs too
-            plan += [(gemv, "compiled-gemv", "compiled", b), (separate, "compiled-gemv-sep", "compiled", b)] \
-                if small else []
+            plan += [(pdl, "compiled-gemv-pdl", "compiled", b)] if small and pdl is not None else []
+            plan += [(fusion, "compiled-gemv-fused", "compiled", b), (gemv, "compiled-gemv", "compiled", b),
+                     (separate, "compiled-gemv-sep", "compiled", b)] if small else []
             plan += [(fused, "compiled", "compiled", b)]
-            plan += [(unfused, "compiled-unfused", "compiled", b)] if small else []
-        plan += [(fused, "graph", "graph", b), (unfused, "graph-unfused", "graph", b)]
-        plan += [(gemv, "graph-gemv", "graph", b), (separate, "graph-gemv-sep", "graph", b)] if small else []
+            plan += [(unfused, "compiled-unfused", "compiled", b)] if small and unfused else []
+        plan += [(fused, "graph", "graph", b)] + ([(unfused, "graph-unfused", "graph", b)] if unfused else [])
+        plan += [(pdl, "graph-gemv-pdl", "graph", b)] if small and pdl is not None else []
+        plan += [(fusion, "graph-gemv-fused", "graph", b), (gemv, "graph-gemv", "graph", b),
+                 (separate, "graph-gemv-sep", "graph", b)] if small else []
     first = True
     for model, label, mode, b in plan:
         rows += _decode_rows(preset, model, b, context, new_tokens, [mode], device, label=label)
         if first:
             rows.append(hf_row(preset, fused, context, hf_tokens, device, static=True))
             first = False
-    ours = ("graph", "compiled", "graph-gemv", "compiled-gemv", "graph-gemv-sep", "compiled-gemv-sep")
+    ours = tuple(f"{m}{s}" for m in ("graph", "compiled") for s in ("", "-gemv", "-gemv-sep", "-gemv-fused", "-gemv-pdl"))
     best1 = max((r for r in rows if r.batch == 1 and r.mode in ours and r.tok_s), default=None,
                 key=lambda r: r.tok_s)
     hf = next((r for r in rows if r.mode == "hf-static" and r.tok_s), None)
@@ -570,18 +586,19 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batches", default=",".join(map(str, TRADEOFF_BATCHES)), help="with --tradeoff")
     ap.add_argument("--context", type=int, default=512, help="with --tradeoff or --compare")
     ap.add_argument("--compare", action="store_true",
-                    help="before/after in one process: model.fuse_projections off and on, captured and compiled + "
-                         "captured, at --compare-batches (default 1,64) and --context, HF static-cache generate "
+                    help="before/after in one process: cuBLAS and the GEMV path's steps (prologue kernel, "
+                         "decode_fusion, decode_pdl), captured and compiled + captured, at --compare-batches (default 1,64) and --context, HF static-cache generate "
                          "beside them (first preset of --presets; default qwen3_0.6b)")
     ap.add_argument("--compare-batches", default="1,64", help="with --compare")
     ap.add_argument("--compile-batches", default="1,64", help="with --compare: batches also compiled (~1 min each)")
+    ap.add_argument("--unfused", action="store_true", help="with --compare: also model.fuse_projections off")
     args = ap.parse_args(argv)
     presets = tuple(p for p in args.presets.split(",") if p)
     if args.compare:
         preset = presets[0] if args.presets != ",".join(PRESETS) else "qwen3_0.6b"
         ints = lambda s: tuple(int(b) for b in s.split(",") if b)  # noqa: E731
         run_compare(args.out, preset, ints(args.compare_batches), args.context,
-                    compile_batches=ints(args.compile_batches))
+                    compile_batches=ints(args.compile_batches), unfused=args.unfused)
         return 0
     if args.tradeoff:
         if args.presets == ",".join(PRESETS):

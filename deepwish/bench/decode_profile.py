@@ -22,7 +22,9 @@ same table, for checking the tool, not for conclusions about the GPU.
 --unfused builds the model with model.fuse_projections=false (q, k, v as three matmuls), the
 layout before the fused projection, so before/after tables come from one build of the tool;
 --matmul triton takes model.decode_matmul=triton (kernels/gemv for the step's matmuls);
---prologue model.decode_prologue=true (QK-norm, rotary and the cache write in one kernel).
+--prologue model.decode_prologue=true (QK-norm, rotary and the cache write in one kernel);
+--fusion model.decode_fusion=true (the block's norms, SwiGLU and residual adds inside the GEMVs);
+--pdl model.decode_pdl=true (the step's own kernels with programmatic dependent launch).
 """
 from __future__ import annotations
 
@@ -170,12 +172,13 @@ def format_table(path: str, result: dict, rows: int = 30, width: int = 90) -> st
 
 
 def build_model(preset: str, context: int, device: str, fuse: bool = True, dtype=torch.bfloat16,
-                matmul: str = "torch", prologue: bool = False):
+                matmul: str = "torch", prologue: bool = False, fusion: bool = False, pdl: bool = False):
     from deepwish.config import model_config
     from deepwish.model.transformer import Transformer
     cfg = model_config(preset)
     cfg = dataclasses.replace(cfg, max_seq_len=max(cfg.max_seq_len, context + 64),
-                              fuse_projections=fuse, decode_matmul=matmul, decode_prologue=prologue)
+                              fuse_projections=fuse, decode_matmul=matmul, decode_prologue=prologue,
+                              decode_fusion=fusion, decode_pdl=pdl)
     torch.manual_seed(0)
     with torch.device(device):
         model = Transformer(cfg)
@@ -202,7 +205,7 @@ def path_step(path: str, model, cache, tokens: torch.Tensor, positions: torch.Te
 
 def run(out_dir, preset: str = "qwen3_0.6b", batch: int = 1, context: int = 512, paths=PATHS, steps: int = 20,
         rows: int = 30, fuse: bool = True, device: str | None = None, matmul: str = "torch",
-        prologue: bool = False) -> dict:
+        prologue: bool = False, fusion: bool = False, pdl: bool = False) -> dict:
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cpu":
         paths = tuple(p for p in paths if p == "eager")  # nothing to capture on the CPU; compile is slow there
@@ -212,7 +215,7 @@ def run(out_dir, preset: str = "qwen3_0.6b", batch: int = 1, context: int = 512,
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     model = build_model(preset, context, device, fuse, torch.bfloat16 if device == "cuda" else torch.float32, matmul,
-                        prologue)
+                        prologue, fusion, pdl)
     V = model.cfg.vocab_size
     g = torch.Generator().manual_seed(0)
     tokens = torch.randint(0, V, (steps + 8, batch), generator=g).to(device)
@@ -234,11 +237,12 @@ def run(out_dir, preset: str = "qwen3_0.6b", batch: int = 1, context: int = 512,
     from deepwish.bench.env import bench_environment
     doc = {"env": bench_environment(device, "deepwish bench decode_profile"), "preset": preset, "batch": batch,
            "context": context, "steps": steps, "fuse_projections": fuse, "decode_matmul": matmul,
-           "decode_prologue": prologue, "device": device,
+           "decode_prologue": prologue, "decode_fusion": fusion, "decode_pdl": pdl, "device": device,
            "paths": results}
     (out / "decode_profile.json").write_text(json.dumps(doc, indent=2))
     head = (f"## decode step profile: {preset}, batch {batch}, context {context}, {device}, "
-            f"fuse_projections={fuse}, decode_matmul={matmul}, decode_prologue={prologue}, torch {torch.__version__}\n")
+            f"fuse_projections={fuse}, decode_matmul={matmul}, decode_prologue={prologue}, decode_fusion={fusion}, "
+            f"decode_pdl={pdl}, torch {torch.__version__}\n")
     parts = [head]
     for path, res in results.items():
         parts.append(f"### {path}: failed: {res['error']}" if "error" in res else format_table(path, res, rows))
@@ -262,9 +266,15 @@ def main(argv: list[str] | None = None) -> int:
                     help="model.decode_matmul: triton runs the step's matmuls (<= 16 rows) through kernels/gemv")
     ap.add_argument("--prologue", action="store_true",
                     help="model.decode_prologue=true: QK-norm, rotary and the cache write in one kernel")
+    ap.add_argument("--fusion", action="store_true",
+                    help="model.decode_fusion=true: the block's norms, SwiGLU and residual adds inside the GEMVs "
+                         "(needs --matmul triton)")
+    ap.add_argument("--pdl", action="store_true",
+                    help="model.decode_pdl=true: the step's own kernels with programmatic dependent launch (Hopper)")
     args = ap.parse_args(argv)
     run(args.out, args.preset, args.batch, args.context, tuple(p for p in args.paths.split(",") if p), args.steps,
-        args.rows, fuse=not args.unfused, matmul=args.matmul, prologue=args.prologue)
+        args.rows, fuse=not args.unfused, matmul=args.matmul, prologue=args.prologue, fusion=args.fusion,
+        pdl=args.pdl)
     return 0
 
 

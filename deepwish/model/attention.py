@@ -40,7 +40,7 @@ from torch import nn
 
 from deepwish.config import WINDOW_BLOCK, ConfigError, ModelConfig
 from deepwish.kernels.backend import resolve_backend
-from deepwish.kernels.gemv import Linear, linear
+from deepwish.kernels.gemv import Linear, linear, takes_gemv
 from deepwish.model.cache import KVCache
 from deepwish.model.norm import RMSNorm, rms_norm
 from deepwish.model.rope import apply_rotary
@@ -304,11 +304,14 @@ class Attention(nn.Module):
         self._qkv: tuple[torch.Tensor, torch.Tensor | None] | None = None  # the fused view (pack_qkv_)
         self.fuse_projections = cfg.fuse_projections and not cfg.fused_qkv
         self.decode_prologue = cfg.decode_prologue
+        self.decode_fusion = cfg.decode_fusion  # residual_forward: the block's norm and add in the GEMVs
+        self.pdl = cfg.decode_pdl  # the decode kernels' programmatic dependent launch (kernels/pdl.py)
         if self.fuse_projections:
             self.pack_qkv_()
         self.ve_gate = (nn.Linear(min(VALUE_EMBED_GATE_DIM, d), self.n_kv_heads, bias=False)
                         if layer_idx in cfg.value_embed_layers else None)
-        self.o_proj = Linear(self.n_heads * self.head_dim, d, bias=cfg.attn_bias, backend=self.matmul)  # HF: o_proj too
+        self.o_proj = Linear(self.n_heads * self.head_dim, d, bias=cfg.attn_bias, backend=self.matmul,
+                             pdl=self.pdl)  # HF: o_proj too
         self.q_norm = RMSNorm(self.head_dim, cfg.norm_eps, cfg.norm_zero_centered) if cfg.qk_norm else None
         self.k_norm = RMSNorm(self.head_dim, cfg.norm_eps, cfg.norm_zero_centered) if cfg.qk_norm else None
         self.scale = self.head_dim ** -0.5
@@ -365,14 +368,13 @@ class Attention(nn.Module):
             return F.linear(x, self.qkv_weight.flatten(0, 1)).split(self.qkv_sizes, dim=-1)
         fused = self._fused_qkv()
         if fused is not None:
-            return linear(x, *fused, backend=self.matmul).split(self.qkv_sizes, dim=-1)
+            return linear(x, *fused, backend=self.matmul, pdl=self.pdl).split(self.qkv_sizes, dim=-1)
         return self.q_proj(x), self.k_proj(x), self.v_proj(x)
 
     def forward(self, x: torch.Tensor, ctx, cache: KVCache | None = None) -> tuple[torch.Tensor, dict]:
         B, T, _ = x.shape
         fused = None if self.gated or self.q_norm is None else self._fused_qkv()
-        if (fused is not None and self.decode_prologue and isinstance(cache, KVCache) and ctx.cos is not None
-                and self.ve_gate is None and self.decode_kernel(T, x.device)):
+        if fused is not None and self.takes_decode_step(x, ctx, cache):
             return self.o_proj(self.decode_step(x, fused, ctx, cache).reshape(B, T, -1)), {}
         if fused is not None:
             q, k, v = self.joint_qk(x, fused, ctx)
@@ -412,7 +414,7 @@ class Attention(nn.Module):
         half the launches. -> q [B,T,H,D], k [B,T,Hkv,D] (rotated), v [B,T,Hkv,D]."""
         B, T, _ = x.shape
         H, Hkv, D = self.n_heads, self.n_kv_heads, self.head_dim
-        y = linear(x, *fused, backend=self.matmul)
+        y = linear(x, *fused, backend=self.matmul, pdl=self.pdl)
         n_qk = self.qkv_sizes[0] + self.qkv_sizes[1]
         qk = y[..., :n_qk].unflatten(-1, (H + Hkv, D))
         w = torch.cat([self.q_norm.weight.expand(H, D), self.k_norm.weight.expand(Hkv, D)])
@@ -428,16 +430,43 @@ class Attention(nn.Module):
         return (self.sparse is None and self.backends.decode == "triton" and rows <= DECODE_KERNEL_MAX_ROWS
                 and (device.type == "cuda" or _interpreting()))
 
-    def decode_step(self, x: torch.Tensor, fused, ctx, cache: KVCache) -> torch.Tensor:
+    def takes_decode_step(self, x: torch.Tensor, ctx, cache) -> bool:
+        """Whether this cached forward runs `decode_step` (model.decode_prologue, Qwen3's layers over
+        a plain cache; the caller has the fused projection in hand)."""
+        return (self.decode_prologue and isinstance(cache, KVCache) and ctx.cos is not None and self.ve_gate is None
+                and self.decode_kernel(x.shape[1], x.device))
+
+    def decode_step(self, x: torch.Tensor, fused, ctx, cache: KVCache, norm: nn.Module | None = None) -> torch.Tensor:
         """The cached path of the fused projection in three launches (model.decode_prologue): the
         projection, then QK-norm, rotary and the k/v cache write together, then the split-KV kernel
-        (plain cache: slot = position) -> the attention output [B, T, H, D] before o_proj."""
+        (plain cache: slot = position) -> the attention output [B, T, H, D] before o_proj. `norm`: x is
+        the stream, normed in the projection's prologue (residual_forward)."""
         from deepwish.kernels.attention.decode import decode_attention, decode_prologue
-        y = linear(x, *fused, backend=self.matmul)
+        if norm is None:
+            y = linear(x, *fused, backend=self.matmul, pdl=self.pdl)
+        else:
+            from deepwish.kernels.gemv.triton import gemv
+            y = gemv(x, *fused, norm=(norm.weight, norm.eps, norm.zero_centered), pdl=self.pdl)
         q = decode_prologue(y, self.q_norm.weight, self.k_norm.weight, self.q_norm.eps, ctx.cos, ctx.sin,
-                            ctx.positions, cache.k, cache.v, self.n_heads, self.q_norm.zero_centered)
+                            ctx.positions, cache.k, cache.v, self.n_heads, self.q_norm.zero_centered, pdl=self.pdl)
         return decode_attention(q.to(cache.k.dtype), cache.k, cache.v, ctx.positions, None,
-                                window=self.window, scale=self.scale, softcap=self.softcap)
+                                window=self.window, scale=self.scale, softcap=self.softcap, pdl=self.pdl)
+
+    def residual_forward(self, x: torch.Tensor, norm: nn.Module, ctx, cache=None) -> tuple[torch.Tensor, dict] | None:
+        """x + self(norm(x)) for a decode step in four launches (model.decode_fusion): the block's
+        RMSNorm in the fused projection's prologue, `decode_step`'s prologue and split-KV kernels, and
+        the residual add in o_proj's epilogue (kernels/gemv); None where that path does not apply
+        (the caller composes the ops: model/block.py residual_branch)."""
+        if not self.decode_fusion or self.gated or self.q_norm is None:
+            return None
+        fused = self._fused_qkv()
+        if (fused is None or not self.takes_decode_step(x, ctx, cache) or not takes_gemv(x, fused[0], self.matmul)
+                or x.dtype != self.o_proj.weight.dtype or x.dtype != cache.k.dtype):
+            return None
+        from deepwish.kernels.gemv.triton import gemv
+        B, T, _ = x.shape
+        o = self.decode_step(x, fused, ctx, cache, norm).reshape(B, T, -1)
+        return gemv(o, self.o_proj.weight, self.o_proj.bias, residual=x, pdl=self.pdl), {}
 
     def attend_cache(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx, cache) -> torch.Tensor:
         """Write k, v [B,T,Hkv,D] into the cache and attend q [B,T,H,D] over it -> [B,T,H,D]."""
@@ -458,7 +487,7 @@ class Attention(nn.Module):
             from deepwish.kernels.attention.decode import decode_attention
             q = q.to(k.dtype)  # the cache's dtype: casting q is cheap, casting the cache is not
             return decode_attention(q, k, v, ctx.positions, k_pos,  # None: stops at the last position
-                                    window=self.window, scale=self.scale, softcap=self.softcap)
+                                    window=self.window, scale=self.scale, softcap=self.softcap, pdl=self.pdl)
         # every layer of a plain cache sees the same key positions: one mask per window and step
         mask = (ctx.cache_mask(self.window, k_pos) if slot_is_position
                 else attention_mask(ctx.positions, k_pos, self.window))

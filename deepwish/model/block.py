@@ -120,6 +120,10 @@ class DenseFFN(SwiGLU):
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, dict]:
         return super().forward(x), NO_AUX
 
+    def residual_forward(self, x: torch.Tensor, norm: nn.Module) -> tuple[torch.Tensor, dict] | None:
+        out = super().residual_forward(x, norm)
+        return None if out is None else (out, NO_AUX)
+
 
 class DenseMLP(MLP):
     """The ungated dense FFN (model.gated_ffn=False): ReLU² or GPT-2's GELU, block contract."""
@@ -155,7 +159,7 @@ def build_ffn(kind: str, cfg: ModelConfig, layer_idx: int) -> nn.Module:
         return MoE(cfg, layer_idx)
     if not cfg.gated_ffn:
         return DenseMLP(cfg.d_model, cfg.d_ff, cfg.hidden_act)
-    return DenseFFN(cfg.d_model, cfg.d_ff, cfg.hidden_act, cfg.decode_matmul)
+    return DenseFFN(cfg.d_model, cfg.d_ff, cfg.hidden_act, cfg.decode_matmul, cfg.decode_pdl, cfg.decode_fusion)
 
 
 class Block(nn.Module):
@@ -187,9 +191,21 @@ class Block(nn.Module):
         if self.residual_scales is not None:
             lam = self.residual_scales.to(x.dtype)
             x = lam[0] * x + lam[1] * ctx.x0
-        # The stream keeps its dtype (Objective.residual_dtype): a branch that returns fp32 under
-        # autocast (an MoE's fp32 combine weights) does not promote a bf16 stream back to fp32.
-        h, mixer_aux = self.mixer(self.attn_norm(x), ctx, cache)
-        x = x + h.to(x.dtype)
-        h, ffn_aux = self.ffn(self.ffn_norm(x))
-        return x + h.to(x.dtype), {**mixer_aux, **ffn_aux}
+        x, mixer_aux = residual_branch(self.mixer, self.attn_norm, x, ctx, cache)
+        x, ffn_aux = residual_branch(self.ffn, self.ffn_norm, x)
+        return x, {**mixer_aux, **ffn_aux}
+
+
+def residual_branch(branch: nn.Module, norm: RMSNorm, x: torch.Tensor, *args) -> tuple[torch.Tensor, dict]:
+    """x + branch(norm(x), *args) -> (x, aux). A branch may compute the whole of it itself
+    (`residual_forward`, returning None where it cannot): the decode step's GEMVs take the norm into
+    the first matmul's prologue and the add into the last one's epilogue (model.decode_fusion),
+    kernels that compiled were launches of their own. The stream keeps its dtype
+    (Objective.residual_dtype): a branch that returns fp32 under autocast (an MoE's fp32 combine
+    weights) does not promote a bf16 stream back to fp32."""
+    fused = getattr(branch, "residual_forward", None)
+    out = fused(x, norm, *args) if fused is not None else None
+    if out is not None:
+        return out
+    h, aux = branch(norm(x), *args)
+    return x + h.to(x.dtype), aux

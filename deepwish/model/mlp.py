@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from deepwish.kernels.gemv import Linear
+from deepwish.kernels.gemv import Linear, takes_gemv
 
 _SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
 
@@ -126,19 +126,38 @@ class MLP(nn.Module):
 
 
 class SwiGLU(nn.Module):
-    """down(act(gate(x)) * up(x)); `act` defaults to SiLU (SwiGLU proper)."""
+    """down(act(gate(x)) * up(x)); `act` defaults to SiLU (SwiGLU proper).
+
+    matmul / pdl / fusion: model.decode_matmul, decode_pdl, decode_fusion (config.py), the decode
+    step's GEMV settings; with `fusion` the block's branch x + self(norm(x)) is two GEMVs
+    (`residual_forward`)."""
 
     PARAM_ROLES = {"w_down.weight": "matrix_out"}  # writes into the residual stream (model/roles.py)
+    FUSED_ACTIVATIONS = ("silu", "swish")  # the act(gate)·up prologue of kernels/gemv
 
-    def __init__(self, d_model: int, d_ff: int, act: str = "silu", matmul: str = "torch"):
+    def __init__(self, d_model: int, d_ff: int, act: str = "silu", matmul: str = "torch", pdl: bool = False,
+                 fusion: bool = False):
         super().__init__()
         self.d_ff = d_ff
         self.act_name = act
         self.act = activation(act)
-        # matmul = model.decode_matmul: the backend of decode-sized inference matmuls (kernels/gemv)
-        self.w_gate_up = Linear(d_model, 2 * d_ff, bias=False, backend=matmul)
-        self.w_down = Linear(d_ff, d_model, bias=False, backend=matmul)
+        self.matmul = matmul
+        self.fusion = fusion and act in self.FUSED_ACTIVATIONS
+        self.w_gate_up = Linear(d_model, 2 * d_ff, bias=False, backend=matmul, pdl=pdl)
+        self.w_down = Linear(d_ff, d_model, bias=False, backend=matmul, pdl=pdl)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.w_gate_up(x).chunk(2, dim=-1)
         return self.w_down(self.act(gate) * up)
+
+    def residual_forward(self, x: torch.Tensor, norm: nn.Module) -> torch.Tensor | None:
+        """x + self(norm(x)) in two launches where the decode step's GEMV serves both matmuls: the
+        RMSNorm in gate/up's prologue, the activation in down's prologue, the add in its epilogue
+        (kernels/gemv); None where it does not (the caller composes the ops: model/block.py)."""
+        w_gu, w_down = self.w_gate_up.weight, self.w_down.weight
+        if not (self.fusion and takes_gemv(x, w_gu, self.matmul) and x.dtype == w_down.dtype):
+            return None
+        from deepwish.kernels.gemv.triton import gemv
+        pdl = self.w_down.pdl
+        gu = gemv(x, w_gu, norm=(norm.weight, norm.eps, norm.zero_centered), pdl=pdl)
+        return gemv(gu, w_down, gated=True, residual=x, pdl=pdl)

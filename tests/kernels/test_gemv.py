@@ -53,3 +53,105 @@ def test_linear_dispatch(monkeypatch):
     y = linear(x, w, backend="triton")
     y.sum().backward()
     assert w.grad is not None
+
+
+@pytest.mark.parametrize("M", [1, 3])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("fusion", ["norm", "norm_zero_centered", "gated", "residual", "norm+residual"])
+def test_fused_gemv_matches_reference(rel_err, M, dtype, fusion):
+    """The prologues (RMSNorm, SwiGLU's silu(gate)·up) and the residual epilogue, on a K that is not
+    a multiple of the tile; and the reference is the model's own ops (model/norm.py, model/mlp.py,
+    the block's add), rounding where they round."""
+    import torch.nn.functional as F
+
+    from deepwish.kernels.gemv.triton import gemv
+    from deepwish.model.norm import rms_norm
+    N, K = 37, 45
+    zc = fusion == "norm_zero_centered"
+    x = torch.randn(M, 2 * K if fusion == "gated" else K).to(dtype)
+    w = (0.2 * torch.randn(N, K)).to(dtype)
+    nw = ((0.1 if zc else 1.0) + 0.3 * torch.randn(K)).to(dtype)
+    r = torch.randn(M, N).to(dtype)
+    kw = dict(norm=(nw, 1e-6, zc) if "norm" in fusion else None, gated=fusion == "gated",
+              residual=r if "residual" in fusion else None)
+    want = reference.gemv(x, w, **kw)
+    xin = rms_norm(x, nw, 1e-6, zc) if kw["norm"] else x
+    if kw["gated"]:
+        g, u = x.chunk(2, dim=-1)
+        xin = F.silu(g) * u
+    ops = F.linear(xin, w)
+    ops = r + ops if kw["residual"] is not None else ops
+    assert rel_err(ops, want) < (1e-6 if dtype == torch.float32 else 1e-3)
+    got = gemv(x, w, **kw)
+    assert got.shape == (M, N) and got.dtype == dtype
+    assert rel_err(want, got) < (1e-6 if dtype == torch.float32 else 1e-2)
+    assert rel_err(want, gemv(x[..., :K], w)) > 0.05  # the fusion changes the result: it ran
+
+
+def test_fused_gemv_errors():
+    from deepwish.kernels.gemv.triton import gemv
+    x, w = torch.randn(1, 20), torch.randn(9, 20)
+    with pytest.raises(ValueError, match="gated"):
+        gemv(x, w, gated=True)  # gated input holds [gate | up]: 40 values for K = 20
+    with pytest.raises(ValueError, match="norm"):
+        gemv(x, w, norm=(torch.ones(19), 1e-6, False))
+    with pytest.raises(ValueError, match="residual"):
+        gemv(x, w, residual=torch.randn(1, 8))
+
+
+def test_pdl_kernels_compile_for_hopper_with_the_wait_after_the_weight_prefetch():
+    """decode_pdl's kernels compiled for sm_90 (no GPU needed: Triton's own ptxas, in a process
+    without the interpreter): the GEMV issues its first weight loads before `griddepcontrol.wait`
+    and reads nothing else before it; the decode kernels wait before any load; each lets the next
+    kernel launch."""
+    import json
+    import os
+    import subprocess
+    import sys
+    script = r'''
+import json, re, triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from deepwish.kernels.attention import decode
+from deepwish.kernels.gemv import triton as gk
+
+def ptx(fn, const, fp32=(), ints=()):
+    sig, cx = {}, {}
+    for i, p in enumerate(fn.params):
+        if p.is_constexpr:
+            sig[p.name] = "constexpr"; cx[(i,)] = const[p.name]
+        elif p.name in fp32:
+            sig[p.name] = "fp32"
+        elif p.name.isupper() and p.name not in ints:
+            sig[p.name] = "*i64" if "POS" in p.name else "*fp32" if p.name in ("OP", "LP", "COS", "SIN") else "*bf16"
+        else:
+            sig[p.name] = "i32"
+    c = triton.compile(ASTSource(fn, sig, constexprs=cx), target=GPUTarget("cuda", 90, 32),
+                       options=dict(num_warps=4, num_stages=3))
+    lines = c.asm["ptx"].splitlines()
+    wait = next(i for i, l in enumerate(lines) if "griddepcontrol.wait" in l)
+    launch = next(i for i, l in enumerate(lines) if "griddepcontrol.launch_dependents" in l)
+    loads = [i for i, l in enumerate(lines) if re.search(r"\bld\.global", l)]
+    return dict(before=sum(i < wait for i in loads), after=sum(i > wait for i in loads), launch_after_wait=launch > wait)
+
+out = {}
+g = dict(HAS_BIAS=False, NORM=1, GATED=False, RESIDUAL=True, PDL=True, BN=8, BK=256)
+out["one_row"] = ptx(gk._one_row_kernel.fn, g, fp32=("eps",), ints=("N", "K"))
+out["rows"] = ptx(gk._rows_kernel.fn, dict(g, PREC="tf32", BN=32, BK=128), fp32=("eps",), ints=("M", "N", "K"))
+out["split"] = ptx(decode._split_kernel, dict(CHUNK=256, BLOCK_DK=128, BLOCK_DV=128, BM=16, GP=2, SLOT_POS=True,
+                   SOFTCAP=False, PREC="tf32", BN=64, PDL=True), fp32=("scale", "softcap"),
+                   ints=("TQ", "HKV", "G", "L", "W", "DQK", "DV", "SPLITS"))
+out["merge"] = ptx(decode._merge_kernel, dict(BLOCK_DV=128, BM=16, GP=2, BS=8, PDL=True),
+                   ints=("TQ", "HKV", "G", "DV", "SPLITS"))
+out["prologue"] = ptx(decode._prologue_kernel, dict(D=128, R=128, BLOCK_D=128, ZERO_CENTERED=False, PDL=True),
+                      fp32=("eps",), ints=("T", "H", "HKV", "L"))
+print(json.dumps(out))
+'''
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    for name in ("one_row", "rows"):  # the first weight tile in flight before the wait, x and r after it
+        assert out[name]["before"] > 0 and out[name]["after"] > 0 and out[name]["launch_after_wait"], (name, out)
+    for name in ("split", "merge", "prologue"):
+        assert out[name]["before"] == 0 and out[name]["after"] > 0 and out[name]["launch_after_wait"], (name, out)

@@ -19,6 +19,8 @@ Design (decode reads the whole visible cache once; it is bound by memory bandwid
   the cache length.
 - The split count depends only on shapes (host arithmetic, no device reads): the step can be
   captured in a CUDA graph.
+- `pdl` (model.decode_pdl, kernels/pdl.py): the split, merge and prologue kernels are launched
+  with programmatic dependent launch; every program waits for the previous kernel's writes first.
 """
 from __future__ import annotations
 
@@ -31,6 +33,7 @@ import triton
 import triton.language as tl
 
 from deepwish.kernels.online_softmax import online_softmax_step
+from deepwish.kernels.pdl import launch_options, wait_for_inputs
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 NO_WINDOW = 1 << 62
@@ -56,7 +59,8 @@ def _split_kernel(Q, K, V, QPOS, KPOS, OP, LP,
                   TQ, HKV, G, L, W, scale, softcap, DQK, DV, SPLITS,
                   CHUNK: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr, BM: tl.constexpr,
                   GP: tl.constexpr, SLOT_POS: tl.constexpr, SOFTCAP: tl.constexpr, PREC: tl.constexpr,
-                  BN: tl.constexpr):
+                  BN: tl.constexpr, PDL: tl.constexpr):
+    wait_for_inputs(PDL)
     split = tl.program_id(0)
     bh = tl.program_id(1)
     b = tl.cast(bh // HKV, tl.int64)
@@ -108,9 +112,10 @@ def _split_kernel(Q, K, V, QPOS, KPOS, OP, LP,
 
 @triton.jit(do_not_specialize=["TQ"])
 def _merge_kernel(OP, LP, O, so_b, so_t, so_h, TQ, HKV, G, DV, SPLITS,
-                  BLOCK_DV: tl.constexpr, BM: tl.constexpr, GP: tl.constexpr, BS: tl.constexpr):
+                  BLOCK_DV: tl.constexpr, BM: tl.constexpr, GP: tl.constexpr, BS: tl.constexpr, PDL: tl.constexpr):
     """One program per (batch row, KV head, row): weight the chunks' outputs by their share of
     the softmax mass, exp2(lse_c - max lse)."""
+    wait_for_inputs(PDL)  # every program, the idle rows' too (kernels/pdl.py: the chain of waits)
     bh = tl.program_id(0)
     i = tl.program_id(1)
     j = i // GP
@@ -155,9 +160,9 @@ def plan_splits(B: int, Hkv: int, L: int, device, per_sm: int | None = None) -> 
 
 def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: torch.Tensor,
                      k_pos: torch.Tensor | None = None, *, window: int = 0, softcap: float = 0.0,
-                     scale: float | None = None, splits: int | None = None) -> torch.Tensor:
+                     scale: float | None = None, splits: int | None = None, pdl: bool = False) -> torch.Tensor:
     """q [B, Tq, H, Dqk], k [B, Hkv, L, Dqk], v [B, Hkv, L, Dv], q_pos [B, Tq], k_pos [B, L] or None
-    -> [B, Tq, H, Dv] in q's dtype. Inference only (no gradient)."""
+    -> [B, Tq, H, Dv] in q's dtype. Inference only (no gradient). pdl: programmatic dependent launch."""
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
         raise ValueError(f"decode_attention: want q [B,Tq,H,D], k/v [B,Hkv,L,D]; got {tuple(q.shape)}, "
                          f"{tuple(k.shape)}, {tuple(v.shape)}")
@@ -183,14 +188,16 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: t
         raise ValueError("decode_attention: q, k, v must be contiguous in their last dim")
     return _decode_op(q, k, v, q_pos.to(torch.int64).contiguous(),
                       None if k_pos is None else k_pos.to(torch.int64).contiguous(),
-                      int(window), float(softcap), D_scale(DQK, scale), -1 if splits is None else int(splits))
+                      int(window), float(softcap), D_scale(DQK, scale), -1 if splits is None else int(splits),
+                      bool(pdl))
 
 
 # A custom op: torch.compile (of a decode step) sees one opaque call with a known output shape.
 @torch.library.custom_op("deepwish::decode_attention", mutates_args=())
 def _decode_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: torch.Tensor, k_pos: Optional[torch.Tensor],
-               window: int, softcap: float, scale: float, splits: int) -> torch.Tensor:
+               window: int, softcap: float, scale: float, splits: int, pdl: bool) -> torch.Tensor:
     B, TQ, H, DQK = q.shape
+    pdl, launch = launch_options(pdl, q.device, "decode_attention")
     HKV, L = k.shape[1], k.shape[2]
     G = H // HKV
     GP = triton.next_power_of_2(G)
@@ -213,15 +220,16 @@ def _decode_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: torch.T
         softcap if softcap > 0 else 1.0, DQK, DV, splits,
         CHUNK=chunk, BLOCK_DK=BLOCK_DK, BLOCK_DV=BLOCK_DV, BM=BM, GP=GP, SLOT_POS=k_pos is None,
         SOFTCAP=softcap > 0, PREC="ieee" if q.dtype == torch.float32 else "tf32",
-        BN=DECODE_BN, num_warps=DECODE_WARPS, num_stages=DECODE_STAGES)
+        BN=DECODE_BN, PDL=pdl, num_warps=DECODE_WARPS, num_stages=DECODE_STAGES, **launch)
     o = torch.empty(B, TQ, H, DV, dtype=q.dtype, device=q.device)
     _merge_kernel[(B * HKV, BM)](op, lp, o, *o.stride()[:3], TQ, HKV, G, DV, splits,
-                                 BLOCK_DV=BLOCK_DV, BM=BM, GP=GP, BS=max(2, triton.next_power_of_2(splits)))
+                                 BLOCK_DV=BLOCK_DV, BM=BM, GP=GP, BS=max(2, triton.next_power_of_2(splits)), PDL=pdl,
+                                 **launch)
     return o
 
 
 @_decode_op.register_fake
-def _(q, k, v, q_pos, k_pos, window, softcap, scale, splits):
+def _(q, k, v, q_pos, k_pos, window, softcap, scale, splits, pdl):
     return q.new_empty(*q.shape[:3], v.shape[-1])
 
 
@@ -241,7 +249,8 @@ def D_scale(D: int, scale: float | None) -> float:
 def _prologue_kernel(Y, WQ, WK, COS, SIN, POS, QO, KC, VC,
                      s_yb, s_yt, s_qb, s_qt, s_qh, s_kb, s_kh, s_kl, s_vb, s_vh, s_vl, s_cb, s_ct, s_pb, s_pt,
                      T, H, HKV, L, eps, D: tl.constexpr, R: tl.constexpr, BLOCK_D: tl.constexpr,
-                     ZERO_CENTERED: tl.constexpr):
+                     ZERO_CENTERED: tl.constexpr, PDL: tl.constexpr):
+    wait_for_inputs(PDL)
     head = tl.program_id(0)  # 0..H-1 query heads, then Hkv key heads, then Hkv value heads
     bt = tl.program_id(1)
     b = tl.cast(bt // T, tl.int64)
@@ -255,8 +264,9 @@ def _prologue_kernel(Y, WQ, WK, COS, SIN, POS, QO, KC, VC,
     dt = Y.dtype.element_ty
     if head >= H + HKV:  # a value head: its row goes into the cache as it is
         hv = tl.cast(head - H - HKV, tl.int64)
-        y = tl.load(row + d, mask=d_ok, other=0.0)
-        tl.store(VC + b * s_vb + hv * s_vh + pos * s_vl + d, y.to(VC.dtype.element_ty), mask=d_ok & in_cache)
+        # (its own name: Triton joins the two branches' variables, and y is fp32 below)
+        v_row = tl.load(row + d, mask=d_ok, other=0.0)
+        tl.store(VC + b * s_vb + hv * s_vh + pos * s_vl + d, v_row.to(VC.dtype.element_ty), mask=d_ok & in_cache)
     else:
         is_q = head < H
         x = tl.load(row + d, mask=d_ok, other=0.0).to(tl.float32)
@@ -288,10 +298,11 @@ def _prologue_kernel(Y, WQ, WK, COS, SIN, POS, QO, KC, VC,
 
 def decode_prologue(y: torch.Tensor, q_weight: torch.Tensor, k_weight: torch.Tensor, eps: float,
                     cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor, k_cache: torch.Tensor,
-                    v_cache: torch.Tensor, n_heads: int, zero_centered: bool = False) -> torch.Tensor:
+                    v_cache: torch.Tensor, n_heads: int, zero_centered: bool = False, pdl: bool = False) -> torch.Tensor:
     """`reference.decode_prologue` in one launch: y [B, T, (H + 2·Hkv)·D] -> q [B, T, H, D]; k and v
     written into the caches [B, Hkv, L, D] at `positions` [B, T]. A position outside the cache writes
-    nothing and stops the kernel with a device-side assertion (no host synchronisation)."""
+    nothing and stops the kernel with a device-side assertion (no host synchronisation). pdl:
+    programmatic dependent launch (kernels/pdl.py)."""
     B, T, F = y.shape
     Hkv, D = k_cache.shape[1], k_cache.shape[-1]
     if (F != (n_heads + 2 * Hkv) * D or v_cache.shape[-1] != D or tuple(q_weight.shape) != (D,)
@@ -307,14 +318,15 @@ def decode_prologue(y: torch.Tensor, q_weight: torch.Tensor, k_weight: torch.Ten
     if cos.stride() != sin.stride() or cos.stride(-1) != 1:  # the kernel reads both with cos's strides
         cos, sin = cos.contiguous(), sin.contiguous()
     return _prologue_op(y, q_weight, k_weight, float(eps), cos, sin, positions, k_cache, v_cache,
-                        int(n_heads), bool(zero_centered))
+                        int(n_heads), bool(zero_centered), bool(pdl))
 
 
 @torch.library.custom_op("deepwish::decode_prologue", mutates_args=("k_cache", "v_cache"))
 def _prologue_op(y: torch.Tensor, q_weight: torch.Tensor, k_weight: torch.Tensor, eps: float, cos: torch.Tensor,
                  sin: torch.Tensor, positions: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                 n_heads: int, zero_centered: bool) -> torch.Tensor:
+                 n_heads: int, zero_centered: bool, pdl: bool) -> torch.Tensor:
     B, T, _ = y.shape
+    pdl, launch = launch_options(pdl, y.device, "decode_prologue")
     Hkv, D = k_cache.shape[1], k_cache.shape[-1]
     q = torch.empty(B, T, n_heads, D, dtype=y.dtype, device=y.device)
     _prologue_kernel[(n_heads + 2 * Hkv, B * T)](
@@ -322,11 +334,11 @@ def _prologue_op(y: torch.Tensor, q_weight: torch.Tensor, k_weight: torch.Tensor
         y.stride(0), y.stride(1), *q.stride()[:3], k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), cos.stride(0), cos.stride(1),
         positions.stride(0), positions.stride(1), T, n_heads, Hkv, k_cache.shape[2], eps,
-        D=D, R=2 * cos.shape[-1], BLOCK_D=triton.next_power_of_2(D), ZERO_CENTERED=zero_centered,
-        num_warps=1 if _INTERPRET else 2)
+        D=D, R=2 * cos.shape[-1], BLOCK_D=triton.next_power_of_2(D), ZERO_CENTERED=zero_centered, PDL=pdl,
+        num_warps=1 if _INTERPRET else 2, **launch)
     return q
 
 
 @_prologue_op.register_fake
-def _(y, q_weight, k_weight, eps, cos, sin, positions, k_cache, v_cache, n_heads, zero_centered):
+def _(y, q_weight, k_weight, eps, cos, sin, positions, k_cache, v_cache, n_heads, zero_centered, pdl):
     return y.new_empty(y.shape[0], y.shape[1], n_heads, k_cache.shape[-1])

@@ -1,6 +1,7 @@
 """Matrix-vector products for decoding, in Triton: y = x Wᵀ (+ b) for x [M, K] with M <= 16 rows
 (one decode step of a batch of 1..16), W [N, K] row-major, b [N]; same semantics as
-`reference.gemv` (fp32 accumulation, output in x's dtype).
+`reference.gemv` (fp32 accumulation, output in x's dtype), including its optional prologue and
+epilogue.
 
 Why: at batch 1 every projection of a decode step is a GEMV, bound by reading W once. cuBLAS
 runs them with GEMM tiles that leave most of the bandwidth unused (H200 profile of the
@@ -10,6 +11,19 @@ programs cover every SM. One row (M = 1) is a broadcast multiply and a row sum (
 needed: the work per byte is one FMA); 2..16 rows use one tl.dot per tile, x padded to 16 rows.
 Tiles are autotuned per (N, K) at the first call, which must come before CUDA-graph capture (the
 captured step's warm-up does that).
+
+Fusions (model.decode_fusion; reference.gemv spells out each one's arithmetic). Every program
+reads all of x anyway, so work on x costs no launch and no traffic worth counting:
+- `norm`: the RMSNorm that precedes the projection (the block's pre-norm), applied to x as it is
+  read; its statistics are a first pass over x (K values, from L2);
+- `gated`: x holds [gate | up] (2K values a row) and the product takes act(gate)·up (SwiGLU's
+  down projection);
+- `residual`: y + r, the block's residual add, in the epilogue.
+Compiled, each of these was a kernel of its own a layer (the add and the norm one, the SwiGLU one).
+
+PDL (`pdl`, model.decode_pdl; kernels/pdl.py): each program loads its first tile of W (weights:
+nothing in the step writes them) before it waits for the previous kernel's writes and reads x.
+
 Deviation from cuBLAS: another summation order, so results differ in the last bits (not in
 meaning: fp32 accumulation in both).
 """
@@ -21,6 +35,8 @@ from typing import Optional
 import torch
 import triton
 import triton.language as tl
+
+from deepwish.kernels.pdl import launch_options, wait_for_inputs
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
@@ -35,81 +51,163 @@ else:
              for bn, bk, w, s in ((16, 128, 4, 3), (16, 256, 4, 3), (32, 128, 4, 3), (32, 64, 4, 4),
                                   (64, 64, 4, 3), (64, 128, 8, 3))]
 
+NORM_NONE, NORM_PLAIN, NORM_ZERO_CENTERED = 0, 1, 2  # the NORM constexpr (model/norm.py's two forms)
 
-@triton.autotune(configs=_ONE_ROW, key=["N", "K"])
+
 @triton.jit
-def _one_row_kernel(X, W, Bias, Y, N, K, s_wn, HAS_BIAS: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+def _x_tile(x_ptrs, mask, NW, rk, rstd, K, NORM: tl.constexpr, GATED: tl.constexpr):
+    """x's tile as the product reads it, in fp32, each fused step rounded to x's dtype where the
+    separate ops round (model/norm.py rms_norm, model/mlp.py SwiGLU)."""
+    dt = x_ptrs.dtype.element_ty
+    if GATED:  # [gate | up]: silu(gate)·up, silu(gate) rounded as F.silu returns it
+        g = tl.load(x_ptrs, mask=mask, other=0.0).to(tl.float32)
+        u = tl.load(x_ptrs + K, mask=mask, other=0.0).to(tl.float32)
+        a = (g / (1.0 + tl.exp(-g))).to(dt).to(tl.float32)
+        x = (a * u).to(dt).to(tl.float32)
+    else:
+        x = tl.load(x_ptrs, mask=mask, other=0.0).to(tl.float32)
+        if NORM == 1:  # w·x̂, x̂ rounded first
+            w = tl.load(NW + rk, mask=rk < K, other=0.0).to(tl.float32)
+            x = (w * (x * rstd).to(dt).to(tl.float32)).to(dt).to(tl.float32)
+        elif NORM == 2:  # x̂·(1 + w), Qwen3-Next's zero-centred weight
+            w = tl.load(NW + rk, mask=rk < K, other=0.0).to(tl.float32)
+            x = (x * rstd * (1.0 + w)).to(dt).to(tl.float32)
+    return x
+
+
+@triton.autotune(configs=_ONE_ROW, key=["N", "K", "NORM", "GATED"])
+@triton.jit
+def _one_row_kernel(X, W, Bias, NW, R, Y, N, K, eps, s_wn, HAS_BIAS: tl.constexpr, NORM: tl.constexpr,
+                    GATED: tl.constexpr, RESIDUAL: tl.constexpr, PDL: tl.constexpr,
+                    BN: tl.constexpr, BK: tl.constexpr):
     rn = tl.program_id(0) * BN + tl.arange(0, BN)
     n_ok = rn < N
     w_rows = W + tl.cast(rn, tl.int64)[:, None] * s_wn
-    acc = tl.zeros([BN], dtype=tl.float32)
-    for k0 in range(0, K, BK):
+    rk = tl.arange(0, BK)
+    w_first = tl.load(w_rows + rk[None, :], mask=n_ok[:, None] & (rk < K)[None, :], other=0.0)
+    wait_for_inputs(PDL)
+    rstd = 1.0
+    if NORM != 0:
+        ss = tl.zeros([BK], dtype=tl.float32)
+        for k0 in range(0, K, BK):
+            x = tl.load(X + k0 + rk, mask=k0 + rk < K, other=0.0).to(tl.float32)
+            ss += x * x
+        rstd = tl.rsqrt(tl.sum(ss, axis=0) / K + eps)
+    x = _x_tile(X + rk, rk < K, NW, rk, rstd, K, NORM, GATED)
+    acc = tl.sum(w_first.to(tl.float32) * x[None, :], axis=1)
+    for k0 in range(BK, K, BK):
         rk = k0 + tl.arange(0, BK)
         k_ok = rk < K
         w = tl.load(w_rows + rk[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0.0)
-        x = tl.load(X + rk, mask=k_ok, other=0.0)
-        acc += tl.sum(w.to(tl.float32) * x.to(tl.float32)[None, :], axis=1)
+        x = _x_tile(X + rk, k_ok, NW, rk, rstd, K, NORM, GATED)
+        acc += tl.sum(w.to(tl.float32) * x[None, :], axis=1)
     if HAS_BIAS:
         acc += tl.load(Bias + rn, mask=n_ok, other=0.0).to(tl.float32)
+    if RESIDUAL:  # x + h.to(x.dtype), as the block adds
+        r = tl.load(R + rn, mask=n_ok, other=0.0).to(tl.float32)
+        acc = r + acc.to(Y.dtype.element_ty).to(tl.float32)
     tl.store(Y + rn, acc.to(Y.dtype.element_ty), mask=n_ok)
 
 
-@triton.autotune(configs=_ROWS, key=["N", "K"])
+@triton.autotune(configs=_ROWS, key=["N", "K", "NORM", "GATED"])
 @triton.jit
-def _rows_kernel(X, W, Bias, Y, M, N, K, s_xm, s_wn, s_ym, HAS_BIAS: tl.constexpr, PREC: tl.constexpr,
-                 BN: tl.constexpr, BK: tl.constexpr):
+def _rows_kernel(X, W, Bias, NW, R, Y, M, N, K, eps, s_xm, s_wn, s_rm, s_ym, HAS_BIAS: tl.constexpr,
+                 NORM: tl.constexpr, GATED: tl.constexpr, RESIDUAL: tl.constexpr, PDL: tl.constexpr,
+                 PREC: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
     BM: tl.constexpr = 16
     rn = tl.program_id(0) * BN + tl.arange(0, BN)
     rm = tl.arange(0, BM)
     n_ok = rn < N
     m_ok = rm < M
     w_rows = W + tl.cast(rn, tl.int64)[:, None] * s_wn
-    acc = tl.zeros([BM, BN], dtype=tl.float32)
-    for k0 in range(0, K, BK):
+    x_rows = X + rm[:, None] * s_xm
+    rk = tl.arange(0, BK)
+    w_first = tl.load(w_rows + rk[None, :], mask=n_ok[:, None] & (rk < K)[None, :], other=0.0)
+    wait_for_inputs(PDL)
+    rstd = tl.full([BM, 1], 1.0, dtype=tl.float32)
+    if NORM != 0:
+        ss = tl.zeros([BM, BK], dtype=tl.float32)
+        for k0 in range(0, K, BK):
+            x = tl.load(x_rows + k0 + rk[None, :], mask=m_ok[:, None] & (k0 + rk < K)[None, :], other=0.0)
+            ss += x.to(tl.float32) * x.to(tl.float32)
+        rstd = tl.rsqrt(tl.sum(ss, axis=1) / K + eps)[:, None]
+    x = _x_tile(x_rows + rk[None, :], m_ok[:, None] & (rk < K)[None, :], NW, rk[None, :], rstd, K, NORM, GATED)
+    # bf16/fp16 values are exact in tf32: the tf32 dot of the upcast tiles multiplies them exactly
+    acc = tl.dot(x, tl.trans(w_first.to(tl.float32)), input_precision=PREC)
+    for k0 in range(BK, K, BK):
         rk = k0 + tl.arange(0, BK)
         k_ok = rk < K
         w = tl.load(w_rows + rk[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0.0)
-        x = tl.load(X + rm[:, None] * s_xm + rk[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0)
-        # bf16/fp16 values are exact in tf32: the tf32 dot of the upcast tiles multiplies them exactly
-        acc = tl.dot(x.to(tl.float32), tl.trans(w.to(tl.float32)), acc, input_precision=PREC)
+        x = _x_tile(x_rows + rk[None, :], m_ok[:, None] & k_ok[None, :], NW, rk[None, :], rstd, K, NORM, GATED)
+        acc = tl.dot(x, tl.trans(w.to(tl.float32)), acc, input_precision=PREC)
     if HAS_BIAS:
         acc += tl.load(Bias + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
-    tl.store(Y + rm[:, None] * s_ym + rn[None, :], acc.to(Y.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
+    out_ok = m_ok[:, None] & n_ok[None, :]
+    if RESIDUAL:
+        r = tl.load(R + rm[:, None] * s_rm + rn[None, :], mask=out_ok, other=0.0).to(tl.float32)
+        acc = r + acc.to(Y.dtype.element_ty).to(tl.float32)
+    tl.store(Y + rm[:, None] * s_ym + rn[None, :], acc.to(Y.dtype.element_ty), mask=out_ok)
 
 
-def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """x [..., K] (at most 16 rows in all), weight [N, K], bias [N] or None -> [..., N] in x's dtype."""
-    K = x.shape[-1]
+def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
+         norm: tuple[torch.Tensor, float, bool] | None = None, gated: bool = False,
+         residual: torch.Tensor | None = None, pdl: bool = False) -> torch.Tensor:
+    """x [..., K] (at most 16 rows in all), weight [N, K], bias [N] or None -> [..., N] in x's dtype.
+
+    norm = (w [K], eps, zero_centered): RMSNorm x's rows first; gated: x is [..., 2K] = [gate | up]
+    and the product takes silu(gate)·up; residual [..., N]: returns residual + y; pdl: launch with
+    programmatic dependent launch (kernels/pdl.py)."""
+    K = weight.shape[-1] if weight.dim() == 2 else -1
     N = weight.shape[0]
-    M = x.numel() // max(K, 1)
-    if weight.dim() != 2 or weight.shape[1] != K or (bias is not None and tuple(bias.shape) != (N,)):
-        raise ValueError(f"gemv: x [..., {K}] needs weight [N, {K}] and bias [N]; got weight {tuple(weight.shape)}, "
-                         f"bias {None if bias is None else tuple(bias.shape)}")
+    x_width = 2 * K if gated else K
+    M = x.numel() // max(x.shape[-1], 1)
+    if weight.dim() != 2 or x.shape[-1] != x_width or (bias is not None and tuple(bias.shape) != (N,)):
+        raise ValueError(f"gemv: x [..., {x_width}] needs weight [N, {K}] and bias [N]"
+                         f"{' (gated: x holds [gate | up])' if gated else ''}; got x {tuple(x.shape)}, "
+                         f"weight {tuple(weight.shape)}, bias {None if bias is None else tuple(bias.shape)}")
     if not 1 <= M <= 16:
         raise ValueError(f"gemv: serves 1..16 rows, got {M} (use F.linear)")
     if x.dtype != weight.dtype or (bias is not None and bias.dtype != weight.dtype):
         raise ValueError(f"gemv: x, weight and bias must share a dtype, got {x.dtype}, {weight.dtype}")
+    if norm is not None and (gated or tuple(norm[0].shape) != (K,)):
+        raise ValueError(f"gemv: norm needs a weight [{K}] and no gated input; got {tuple(norm[0].shape)}, "
+                         f"gated={gated}")
+    if residual is not None and (tuple(residual.shape) != (*x.shape[:-1], N) or residual.dtype != x.dtype):
+        raise ValueError(f"gemv: residual must be [..., {N}] in {x.dtype}; got {tuple(residual.shape)} "
+                         f"{residual.dtype}")
     if not _INTERPRET and not x.is_cuda:
         raise ValueError("gemv: the Triton kernel needs CUDA tensors (use reference.gemv)")
-    y = _gemv_op(x.reshape(M, K).contiguous(), weight if weight.stride(1) == 1 else weight.contiguous(), bias)
+    nw, eps, zc = norm if norm is not None else (None, 0.0, False)
+    y = _gemv_op(x.reshape(M, x_width).contiguous(), weight if weight.stride(1) == 1 else weight.contiguous(), bias,
+                 nw, float(eps), bool(zc), bool(gated),
+                 None if residual is None else residual.reshape(M, N).contiguous(), bool(pdl))
     return y.reshape(*x.shape[:-1], N)
 
 
 @torch.library.custom_op("deepwish::gemv", mutates_args=())
-def _gemv_op(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
-    M, K = x.shape
-    N = weight.shape[0]
+def _gemv_op(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], norm_weight: Optional[torch.Tensor],
+             eps: float, zero_centered: bool, gated: bool, residual: Optional[torch.Tensor], pdl: bool) -> torch.Tensor:
+    M = x.shape[0]
+    N, K = weight.shape
     y = torch.empty(M, N, dtype=x.dtype, device=x.device)
-    b = bias if bias is not None else y  # a placeholder pointer, never read
+    placeholder = y  # a pointer for an absent operand, never read
+    b = bias if bias is not None else placeholder
+    nw = norm_weight if norm_weight is not None else placeholder
+    r = residual if residual is not None else placeholder
+    norm = NORM_NONE if norm_weight is None else NORM_ZERO_CENTERED if zero_centered else NORM_PLAIN
+    pdl, launch = launch_options(pdl, x.device, "gemv")
     grid = lambda meta: (triton.cdiv(N, meta["BN"]),)  # noqa: E731
     if M == 1:
-        _one_row_kernel[grid](x, weight, b, y, N, K, weight.stride(0), HAS_BIAS=bias is not None)
+        _one_row_kernel[grid](x, weight, b, nw, r, y, N, K, eps, weight.stride(0), HAS_BIAS=bias is not None,
+                              NORM=norm, GATED=gated, RESIDUAL=residual is not None, PDL=pdl, **launch)
     else:
-        _rows_kernel[grid](x, weight, b, y, M, N, K, x.stride(0), weight.stride(0), y.stride(0),
-                           HAS_BIAS=bias is not None, PREC="ieee" if x.dtype == torch.float32 else "tf32")
+        _rows_kernel[grid](x, weight, b, nw, r, y, M, N, K, eps, x.stride(0), weight.stride(0), r.stride(0),
+                           y.stride(0), HAS_BIAS=bias is not None, NORM=norm, GATED=gated,
+                           RESIDUAL=residual is not None, PDL=pdl,
+                           PREC="ieee" if x.dtype == torch.float32 else "tf32", **launch)
     return y
 
 
 @_gemv_op.register_fake
-def _(x, weight, bias):
+def _(x, weight, bias, norm_weight, eps, zero_centered, gated, residual, pdl):
     return x.new_empty(x.shape[0], weight.shape[0])
