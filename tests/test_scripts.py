@@ -79,3 +79,47 @@ def test_profile_kernels_tables(tmp_path, capsys):
     assert any("backward" in r["name"].lower() for r in prof["train"])  # the step includes the backward
     assert not any("backward" in r["name"].lower() for r in prof["decode"])
     assert (tmp_path / "trace_train.json").is_file()
+
+
+def test_compile_sm90_finds_what_the_interpreter_runs_but_the_compiler_rejects(tmp_path):
+    """scripts/compile_sm90.py: a kernel whose variable holds two dtypes across a runtime branch runs
+    under the interpreter (its test passes) and fails Triton's compiler for sm_90, which the script
+    reports by name with the compiler's message (exit 1); the mended kernel compiles (exit 0)."""
+    kernel = '''
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def copy_or_scale(X, Y, n, BLOCK: tl.constexpr):
+    i = tl.arange(0, BLOCK)
+    if tl.program_id(0) == 0:
+        y = tl.load(X + i, mask=i < n)
+    else:
+        y = tl.load(X + i, mask=i < n).to(tl.float32) * 2.0
+    tl.store(Y + i, y, mask=i < n)
+'''
+    test = '''
+import torch
+import sm90_probe
+
+
+def test_probe():
+    x = torch.randn(8, dtype=torch.float16)
+    y = torch.empty_like(x)
+    sm90_probe.copy_or_scale[(1,)](x, y, 8, BLOCK=8)
+    assert torch.equal(x, y)
+'''
+    (tmp_path / "sm90_probe.py").write_text(kernel)
+    (tmp_path / "test_probe.py").write_text(test)
+    env = _env(PYTHONPATH=os.pathsep.join([str(tmp_path), str(ROOT)]))
+    env.pop("TRITON_INTERPRET", None)
+    run = lambda: subprocess.run([sys.executable, str(ROOT / "scripts" / "compile_sm90.py"),  # noqa: E731
+                                  str(tmp_path / "test_probe.py"), "--jobs", "1", "-p", "no:cacheprovider"],
+                                 capture_output=True, text=True, timeout=300, env=env, cwd=ROOT)
+    r = run()
+    assert r.returncode == 1, r.stdout[-2000:] + r.stderr[-2000:]
+    assert "FAIL sm90_probe.copy_or_scale" in r.stdout and "Mismatched type for y" in r.stdout
+    (tmp_path / "sm90_probe.py").write_text(kernel.replace("mask=i < n)\n    else", "mask=i < n).to(tl.float32)\n    else"))
+    r = run()
+    assert r.returncode == 0 and "1 compiled, 0 failed" in r.stdout, r.stdout[-2000:] + r.stderr[-2000:]
