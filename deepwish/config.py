@@ -79,9 +79,10 @@ class ModelConfig:
     decode_matmul: str = "auto"
     # the decode step's GEMVs take in the ops around them (kernels/gemv/triton.py): each pre-norm
     # (RMSNorm) in the prologue of the projection after it, SwiGLU's activation in the down
-    # projection's prologue, the residual add in the o and down projections' epilogues: three kernels
-    # a layer fewer for Qwen3's dense blocks (model/block.py residual_branch). Needs decode_matmul
-    # auto / triton. Off until timed on a GPU (interpreter-tested; reports/inference.md)
+    # projection's prologue, the residual add in the o and down projections' epilogues (model/block.py
+    # residual_branch); and the split-KV kernel merges its own splits (kernels/attention/decode.py):
+    # four kernels a layer fewer for Qwen3's dense blocks. Needs decode_matmul auto / triton. Off
+    # until timed on a GPU (interpreter-tested; reports/inference.md)
     decode_fusion: bool = False
     # the decode step's own kernels (GEMV, prologue, split-KV attention) launched with programmatic
     # dependent launch (kernels/pdl.py; Hopper or later): each starts while the one before finishes.

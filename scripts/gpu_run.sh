@@ -35,10 +35,13 @@ for stage in "$@"; do
       [ "${PIPESTATUS[0]}" = 0 ] || status=1 ;;
     decode_compare)  # the before/after rows: cuBLAS, the GEMV, its prologue kernel, decode_fusion, decode_pdl (~8 min)
       python3 -m deepwish.bench.decode --compare --out "$OUT/decode_compare" ${DECODE_COMPARE_ARGS:-} || status=1 ;;
-    decode_profiles)  # one step's kernels: the GEMV path with every decode option on, and with the prologue kernel only
+    decode_profiles)  # one step's kernels: the GEMV path with every decode option on, with the prologue kernel only; batch 64
       python3 -m deepwish.bench.decode_profile --out "$OUT/decode_profile_pdl" --paths compiled-captured --matmul triton \
         --prologue --fusion --pdl || status=1
       python3 -m deepwish.bench.decode_profile --out "$OUT/decode_profile_gemv_prologue" --paths compiled-captured --matmul triton \
+        --prologue || status=1
+      # batch 64 (cuBLAS: the GEMV serves <= 16 rows), where the cache reads are most of the roofline's bytes
+      python3 -m deepwish.bench.decode_profile --out "$OUT/decode_profile_b64" --paths compiled-captured --batch 64 \
         --prologue || status=1 ;;
     sweep) python3 -m deepwish.cli bench sweep --out "$OUT/sweep" ${SWEEP_ARGS:---time-limit 420} || status=1 ;;
     notebook) python3 scripts/run_notebook.py notebooks/walkthrough.ipynb --out "$OUT/walkthrough_gpu.ipynb" || status=1 ;;

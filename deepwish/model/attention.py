@@ -450,7 +450,8 @@ class Attention(nn.Module):
         q = decode_prologue(y, self.q_norm.weight, self.k_norm.weight, self.q_norm.eps, ctx.cos, ctx.sin,
                             ctx.positions, cache.k, cache.v, self.n_heads, self.q_norm.zero_centered, pdl=self.pdl)
         return decode_attention(q.to(cache.k.dtype), cache.k, cache.v, ctx.positions, None,
-                                window=self.window, scale=self.scale, softcap=self.softcap, pdl=self.pdl)
+                                window=self.window, scale=self.scale, softcap=self.softcap, pdl=self.pdl,
+                                merge_in_split=self.decode_fusion)
 
     def residual_forward(self, x: torch.Tensor, norm: nn.Module, ctx, cache=None) -> tuple[torch.Tensor, dict] | None:
         """x + self(norm(x)) for a decode step in four launches (model.decode_fusion): the block's
@@ -487,7 +488,8 @@ class Attention(nn.Module):
             from deepwish.kernels.attention.decode import decode_attention
             q = q.to(k.dtype)  # the cache's dtype: casting q is cheap, casting the cache is not
             return decode_attention(q, k, v, ctx.positions, k_pos,  # None: stops at the last position
-                                    window=self.window, scale=self.scale, softcap=self.softcap, pdl=self.pdl)
+                                    window=self.window, scale=self.scale, softcap=self.softcap, pdl=self.pdl,
+                                    merge_in_split=self.decode_fusion)
         # every layer of a plain cache sees the same key positions: one mask per window and step
         mask = (ctx.cache_mask(self.window, k_pos) if slot_is_position
                 else attention_mask(ctx.positions, k_pos, self.window))

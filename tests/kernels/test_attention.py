@@ -133,6 +133,15 @@ def test_decode_matches_reference_over_a_static_cache(rel_err, Tq, H, Hkv, windo
     want = ref.decode_attention(q, kc, vc, q_pos, torch.arange(L).expand(B, L), window=window, softcap=3.0)
     assert rel_err(want, got) < TOL[dtype]
     assert rel_err(want, decode_attention(q, kc, vc, q_pos, None, window=window, softcap=3.0, splits=1)) < TOL[dtype]
+    # the merge inside the split kernel (model.decode_fusion): the same values, one split or several,
+    # and the counters back at zero after each call (a captured graph calls again with the same buffer)
+    from deepwish.kernels.attention import decode
+    for splits in (None, 1, 3):
+        merged = decode_attention(q, kc, vc, q_pos, None, window=window, softcap=3.0, splits=splits, merge_in_split=True)
+        assert rel_err(want, merged) < TOL[dtype]
+        assert not decode._merge_counters(q.device).any()
+    again = decode_attention(q, kc, vc, q_pos, None, window=window, softcap=3.0, splits=3, merge_in_split=True)
+    assert torch.equal(again, merged)
 
 
 def test_decode_over_a_ring_cache_matches_full_attention(rel_err):
@@ -148,10 +157,10 @@ def test_decode_over_a_ring_cache_matches_full_attention(rel_err):
     for t in range(T - 3):
         pos = torch.tensor([[t]])
         kk, vv, kp = cache.keys_for(pos, k[:, t:t + 1].transpose(1, 2), v[:, t:t + 1].transpose(1, 2))
-        outs.append(decode_attention(q[:, t:t + 1], kk, vv, pos, kp, window=W))
+        outs.append(decode_attention(q[:, t:t + 1], kk, vv, pos, kp, window=W, merge_in_split=t % 2 == 1))
     pos = torch.arange(T - 3, T)[None]
     kk, vv, kp = cache.keys_for(pos, k[:, -3:].transpose(1, 2), v[:, -3:].transpose(1, 2))
-    outs.append(decode_attention(q[:, -3:], kk.contiguous(), vv.contiguous(), pos, kp, window=W))
+    outs.append(decode_attention(q[:, -3:], kk.contiguous(), vv.contiguous(), pos, kp, window=W, merge_in_split=True))
     assert rel_err(full, torch.cat(outs, 1)) < 1e-5
 
 

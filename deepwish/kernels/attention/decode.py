@@ -21,6 +21,10 @@ Design (decode reads the whole visible cache once; it is bound by memory bandwid
   captured in a CUDA graph.
 - `pdl` (model.decode_pdl, kernels/pdl.py): the split, merge and prologue kernels are launched
   with programmatic dependent launch; every program waits for the previous kernel's writes first.
+- `merge_in_split` (model.decode_fusion): no merge kernel; each split program raises a counter of
+  its (batch row, KV head) after storing its partial, and the program that raises it last merges
+  all of them (the usual last-block reduction: a CTA barrier, an acq_rel atomic at GPU scope,
+  partials read past L1) and zeroes the counter again.
 """
 from __future__ import annotations
 
@@ -54,12 +58,12 @@ def _tanh(x):
 # (the decode step) and for a prefill or verification chunk, so the first prefill after the captured
 # step's warm-up compiled both kernels again (a second or more before a first token).
 @triton.jit(do_not_specialize=["TQ"])
-def _split_kernel(Q, K, V, QPOS, KPOS, OP, LP,
-                  sq_b, sq_t, sq_h, sk_b, sk_h, sk_l, sv_b, sv_h, sv_l,
+def _split_kernel(Q, K, V, QPOS, KPOS, OP, LP, O, CNT,
+                  sq_b, sq_t, sq_h, sk_b, sk_h, sk_l, sv_b, sv_h, sv_l, so_b, so_t, so_h,
                   TQ, HKV, G, L, W, scale, softcap, DQK, DV, SPLITS,
                   CHUNK: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr, BM: tl.constexpr,
                   GP: tl.constexpr, SLOT_POS: tl.constexpr, SOFTCAP: tl.constexpr, PREC: tl.constexpr,
-                  BN: tl.constexpr, PDL: tl.constexpr):
+                  BN: tl.constexpr, PDL: tl.constexpr, MERGE: tl.constexpr):
     wait_for_inputs(PDL)
     split = tl.program_id(0)
     bh = tl.program_id(1)
@@ -108,6 +112,28 @@ def _split_kernel(Q, K, V, QPOS, KPOS, OP, LP,
     base = (tl.cast(bh, tl.int64) * SPLITS + split) * BM
     tl.store(OP + (base + i)[:, None] * BLOCK_DV + dv[None, :], o)
     tl.store(LP + base + i, lse)
+    if MERGE:  # the last program of this (batch row, KV head) to finish merges every split
+        tl.debug_barrier()  # every thread's partial stored before the count is raised
+        done = tl.atomic_add(CNT + bh, 1, sem="acq_rel", scope="gpu")
+        if done == SPLITS - 1:
+            tl.debug_barrier()
+            base0 = tl.cast(bh, tl.int64) * SPLITS * BM
+            m = tl.full([BM], float("-inf"), dtype=tl.float32)
+            for sp in range(0, SPLITS):  # .cg: the other programs' partials, never a stale L1 line
+                m = tl.maximum(m, tl.load(LP + base0 + sp * BM + i, cache_modifier=".cg"))
+            m = tl.where(m == float("-inf"), 0.0, m)  # padding rows: nothing anywhere, stored masked
+            acc = tl.zeros([BM, BLOCK_DV], dtype=tl.float32)
+            w_sum = tl.zeros([BM], dtype=tl.float32)
+            for sp in range(0, SPLITS):
+                w = tl.exp2(tl.load(LP + base0 + sp * BM + i, cache_modifier=".cg") - m)
+                part = tl.load(OP + (base0 + sp * BM + i)[:, None] * BLOCK_DV + dv[None, :], cache_modifier=".cg")
+                acc += part * w[:, None]
+                w_sum += w
+            out = acc / tl.where(w_sum == 0.0, 1.0, w_sum)[:, None]
+            h = tl.cast(hkv * G + r, tl.int64)
+            tl.store(O + b * so_b + tl.cast(j, tl.int64)[:, None] * so_t + h[:, None] * so_h + dv[None, :],
+                     out.to(O.dtype.element_ty), mask=row_ok[:, None] & (dv < DV)[None, :])
+            tl.atomic_xchg(CNT + bh, 0)  # zero again for the next call (a captured graph reuses the buffer)
 
 
 @triton.jit(do_not_specialize=["TQ"])
@@ -132,6 +158,22 @@ def _merge_kernel(OP, LP, O, so_b, so_t, so_h, TQ, HKV, G, DV, SPLITS,
         o = tl.sum(o * w[:, None], 0) / tl.sum(w, 0)
         h = tl.cast(hkv * G + r, tl.int64)
         tl.store(O + b * so_b + j * so_t + h * so_h + dv, o.to(O.dtype.element_ty), mask=dv < DV)
+
+
+# The merge inside the split kernel counts finished splits per (batch row, KV head) in one int32 each:
+# a buffer per device, made once (before a graph is captured: the warm-up's call) and never freed, since
+# captured graphs keep its address; the last program of each count sets it back to zero. Calls on one
+# stream follow each other, so they can share it; two decode steps running at once on two streams
+# could not (nothing here does that).
+MERGE_COUNTERS = 1 << 16  # B·Hkv past this merges in its own kernel
+
+
+@functools.cache
+def _merge_counters(device: torch.device) -> torch.Tensor:
+    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        raise RuntimeError("decode_attention(merge_in_split=True): the first call on a device must come before "
+                           "CUDA-graph capture (its counters must outlive the graph's memory pool); warm up first")
+    return torch.zeros(MERGE_COUNTERS, dtype=torch.int32, device=device)
 
 
 @functools.cache
@@ -160,9 +202,12 @@ def plan_splits(B: int, Hkv: int, L: int, device, per_sm: int | None = None) -> 
 
 def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: torch.Tensor,
                      k_pos: torch.Tensor | None = None, *, window: int = 0, softcap: float = 0.0,
-                     scale: float | None = None, splits: int | None = None, pdl: bool = False) -> torch.Tensor:
+                     scale: float | None = None, splits: int | None = None, pdl: bool = False,
+                     merge_in_split: bool = False) -> torch.Tensor:
     """q [B, Tq, H, Dqk], k [B, Hkv, L, Dqk], v [B, Hkv, L, Dv], q_pos [B, Tq], k_pos [B, L] or None
-    -> [B, Tq, H, Dv] in q's dtype. Inference only (no gradient). pdl: programmatic dependent launch."""
+    -> [B, Tq, H, Dv] in q's dtype. Inference only (no gradient). pdl: programmatic dependent launch;
+    merge_in_split: the last split program of each (row, KV head) merges the splits (one launch,
+    not two; model.decode_fusion)."""
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
         raise ValueError(f"decode_attention: want q [B,Tq,H,D], k/v [B,Hkv,L,D]; got {tuple(q.shape)}, "
                          f"{tuple(k.shape)}, {tuple(v.shape)}")
@@ -189,13 +234,13 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: t
     return _decode_op(q, k, v, q_pos.to(torch.int64).contiguous(),
                       None if k_pos is None else k_pos.to(torch.int64).contiguous(),
                       int(window), float(softcap), D_scale(DQK, scale), -1 if splits is None else int(splits),
-                      bool(pdl))
+                      bool(pdl), bool(merge_in_split))
 
 
 # A custom op: torch.compile (of a decode step) sees one opaque call with a known output shape.
 @torch.library.custom_op("deepwish::decode_attention", mutates_args=())
 def _decode_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: torch.Tensor, k_pos: Optional[torch.Tensor],
-               window: int, softcap: float, scale: float, splits: int, pdl: bool) -> torch.Tensor:
+               window: int, softcap: float, scale: float, splits: int, pdl: bool, merge_in_split: bool) -> torch.Tensor:
     B, TQ, H, DQK = q.shape
     pdl, launch = launch_options(pdl, q.device, "decode_attention")
     HKV, L = k.shape[1], k.shape[2]
@@ -214,14 +259,18 @@ def _decode_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: torch.T
     kp = q_pos if k_pos is None else k_pos
     op = torch.empty(B * HKV, splits, BM, BLOCK_DV, dtype=torch.float32, device=q.device)
     lp = torch.empty(B * HKV, splits, BM, dtype=torch.float32, device=q.device)
+    o = torch.empty(B, TQ, H, DV, dtype=q.dtype, device=q.device)
+    merge = merge_in_split and B * HKV <= MERGE_COUNTERS
     _split_kernel[(splits, B * HKV)](
-        q, k, v, q_pos, kp, op, lp, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3],
+        q, k, v, q_pos, kp, op, lp, o, _merge_counters(q.device) if merge else lp,
+        *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *o.stride()[:3],
         TQ, HKV, G, L, window if window > 0 else NO_WINDOW, scale,
         softcap if softcap > 0 else 1.0, DQK, DV, splits,
         CHUNK=chunk, BLOCK_DK=BLOCK_DK, BLOCK_DV=BLOCK_DV, BM=BM, GP=GP, SLOT_POS=k_pos is None,
         SOFTCAP=softcap > 0, PREC="ieee" if q.dtype == torch.float32 else "tf32",
-        BN=DECODE_BN, PDL=pdl, num_warps=DECODE_WARPS, num_stages=DECODE_STAGES, **launch)
-    o = torch.empty(B, TQ, H, DV, dtype=q.dtype, device=q.device)
+        BN=DECODE_BN, PDL=pdl, MERGE=merge, num_warps=DECODE_WARPS, num_stages=DECODE_STAGES, **launch)
+    if merge:
+        return o
     _merge_kernel[(B * HKV, BM)](op, lp, o, *o.stride()[:3], TQ, HKV, G, DV, splits,
                                  BLOCK_DV=BLOCK_DV, BM=BM, GP=GP, BS=max(2, triton.next_power_of_2(splits)), PDL=pdl,
                                  **launch)
@@ -229,7 +278,7 @@ def _decode_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: torch.T
 
 
 @_decode_op.register_fake
-def _(q, k, v, q_pos, k_pos, window, softcap, scale, splits, pdl):
+def _(q, k, v, q_pos, k_pos, window, softcap, scale, splits, pdl, merge_in_split):
     return q.new_empty(*q.shape[:3], v.shape[-1])
 
 
