@@ -215,3 +215,19 @@ def test_decode_fusion_greedy_follows_the_separate_ops(cuda, batch, pdl):
     fast = _model("qwen3_0.6b", cuda, decode_matmul="triton", decode_prologue=True, decode_fusion=True,
                   decode_pdl=pdl)
     _fast_path_follows_eager(plain, fast, batch)
+
+
+@pytest.mark.parametrize("B,L", [(1, 8192), (64, 576)])
+def test_merge_in_split_matches_the_merge_kernel(cuda, rel_err, B, L):
+    """decode_attention(merge_in_split=True) at Qwen3-0.6B's heads: the last split program's merge
+    equals the separate merge kernel's at many splits (batch 1, 8k) and at batch 64, call after call
+    (the counters return to zero), and with PDL."""
+    from deepwish.kernels.attention.decode import decode_attention
+    bf = dict(device=cuda, dtype=torch.bfloat16)
+    q = torch.randn(B, 1, 16, 128, **bf)
+    k, v = torch.randn(B, 8, L, 128, **bf), torch.randn(B, 8, L, 128, **bf)
+    pos = torch.randint(L // 2, L, (B, 1), device=cuda)
+    want = decode_attention(q, k, v, pos)
+    for pdl in (False, True, True):
+        got = decode_attention(q, k, v, pos, merge_in_split=True, pdl=pdl)
+        assert rel_err(want, got) < 1e-3
