@@ -58,6 +58,14 @@ def _add_generate(p: argparse.ArgumentParser) -> None:
                    help="beam search with this many beams (needs --temperature 0); prints the best beam")
     p.add_argument("--length-penalty", type=float, default=1.0,
                    help="beam search: hypotheses are scored sum(log p) / length ** this")
+    _add_runtime_set(p)
+
+
+def _add_runtime_set(p: argparse.ArgumentParser) -> None:
+    from deepwish.config import RUNTIME_MODEL_FIELDS
+    p.add_argument("--set", action="append", default=[], metavar="model.KEY=VALUE",
+                   help=f"how the model computes, not what it is: KEY in {', '.join(RUNTIME_MODEL_FIELDS)} "
+                        "(e.g. --set model.decode_fusion=true); repeatable")
 
 
 def load_model_for_inference(args):
@@ -78,12 +86,12 @@ def load_model_for_inference(args):
         args.tokenizer = os.environ["TOKENIZER_PATH"]
     tok = None
     if args.hf:
-        model = load_model(args.hf, device=device, dtype=dtype)
+        model = load_model(args.hf, device=device, dtype=dtype, overrides=args.set)
         if args.tokenizer is None and (Path(args.hf) / "tokenizer.json").exists():
             tok = load_tokenizer(Path(args.hf) / "tokenizer.json")
     else:  # single-device and sharded (DCP) checkpoints alike, gathered into one full state
         from deepwish.train.checkpoint import read_meta
-        model = load_model(args.ckpt, device=device, dtype=dtype, ema=args.ema)
+        model = load_model(args.ckpt, device=device, dtype=dtype, ema=args.ema, overrides=args.set)
         if args.tokenizer is None:  # the run's own copy, else the path or spelling its config recorded
             meta = read_meta(args.ckpt)
             copy = Path(meta["path"]).parent.parent / "tokenizer"
@@ -211,6 +219,7 @@ def _add_chat(p: argparse.ArgumentParser) -> None:
     src.add_argument("--ckpt", help="deepwish run directory or checkpoint directory")
     src.add_argument("--hf", help="HF checkpoint directory (config.json + safetensors)")
     p.add_argument("--tokenizer", default=None, help="default: the run's (or HF directory's) own")
+    _add_runtime_set(p)
     p.add_argument("--chat-template", default=None,
                    help="chatml | qwen3 | deepseek_v3 | an HF template path (default: the run's own, else chatml)")
     p.add_argument("--system", default=None, help="a system message that opens the conversation")
@@ -287,7 +296,7 @@ def run_convert(args) -> int:
     import torch
 
     from deepwish.hf.io import save_hf
-    args.hf, args.device, args.tokenizer = None, "cpu", None
+    args.hf, args.device, args.tokenizer, args.set = None, "cpu", None, []
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
     args.dtype = "fp32"
     model, tok = load_model_for_inference(args)

@@ -570,6 +570,24 @@ def load_config(name_or_path: str | None = None, overrides: list[str] | tuple[st
 
 MODEL_SHAPE_KEYS = ("family", "vocab_size", "d_model", "n_layers", "n_heads", "d_ff")
 
+# Model fields that choose how a model's weights are computed, not what they are: a saved model
+# (checkpoint or HF directory) takes them at load time (`deepwish generate --set model.KEY=VALUE`).
+RUNTIME_MODEL_FIELDS = ("attn_backend", "fuse_projections", "decode_prologue", "decode_matmul", "decode_fusion",
+                        "decode_pdl", "embed_backend", "dsa_backend", "gdn_backend", "nsa_backend")
+
+
+def runtime_overrides(cfg: ModelConfig, overrides: list[str] | tuple[str, ...]) -> ModelConfig:
+    """`cfg` with `model.KEY=VALUE` overrides of RUNTIME_MODEL_FIELDS applied (typed and checked
+    as --set is for training); any other key is an error naming the key and the fields allowed."""
+    for ov in overrides:
+        key = ov.split("=", 1)[0]
+        name = key.removeprefix("model.")
+        if "=" not in ov or not key.startswith("model.") or name not in RUNTIME_MODEL_FIELDS:
+            raise ConfigError(f"--set {ov!r}: a saved model takes only model.KEY=VALUE for KEY in "
+                              f"{', '.join(RUNTIME_MODEL_FIELDS)} (the rest is fixed by its weights)")
+        cfg = _apply(replace(RunConfig(), model=cfg), "model", {name: ov.split("=", 1)[1]}, f"--set {ov}").model
+    return cfg
+
 
 def require_model_shape(path: str | Path) -> None:
     """A YAML file used without a preset must give the model's shape itself: the defaults are

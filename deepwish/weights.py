@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from deepwish.config import ConfigError, from_dict
+from deepwish.config import ConfigError, from_dict, runtime_overrides
 from deepwish.model.transformer import Transformer
 from deepwish.train.checkpoint import DCP_DIR, CheckpointError, load_pt, read_meta
 
@@ -62,15 +62,16 @@ def load_weights(path: str | os.PathLike, ema: bool = False) -> tuple[dict, dict
 
 
 def load_model(path: str | os.PathLike, *, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
-               ema: bool = False) -> Transformer:
+               ema: bool = False, overrides: tuple[str, ...] | list[str] = ()) -> Transformer:
     """A Transformer in eval mode from an HF directory (config.json + safetensors) or a deepwish
-    run/checkpoint directory (either format)."""
+    run/checkpoint directory (either format). `overrides`: `model.KEY=VALUE` for the fields that
+    choose how the weights are computed (config.RUNTIME_MODEL_FIELDS: backends, decode options)."""
     if is_hf_dir(path):
         if ema:
             raise ConfigError(f"{path} is an HF directory: it has no EMA weights")
         from deepwish.hf.io import load_hf
-        return load_hf(path, dtype=dtype, device=device).eval()
+        return load_hf(path, dtype=dtype, device=device, overrides=overrides).eval()
     state, config = load_weights(path, ema=ema)
-    model = Transformer(from_dict(config, source=str(path)).model)
+    model = Transformer(runtime_overrides(from_dict(config, source=str(path)).model, overrides))
     model.load_state_dict(state)
     return model.to(device=device, dtype=dtype).eval()

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # What the GPU machine runs: environment report, GPU tests and benchmarks, results under $OUT.
-#   bash scripts/gpu_run.sh STAGE...   with STAGE in: env tests kernels gdn train decode sweep tradeoff notebook profile embedding gpt_mfu corpus speedrun loop_profile mfu_variants lce ablate dsa nsa_kernels nsa_quality attn_dq_tiles attn_dq muon attn_focus_tiles attn_goals decode_tests decode_compare decode_profiles
+#   bash scripts/gpu_run.sh STAGE...   with STAGE in: env tests kernels gdn train decode sweep tradeoff notebook profile embedding gpt_mfu corpus speedrun loop_profile mfu_variants lce ablate dsa nsa_kernels nsa_quality attn_dq_tiles attn_dq muon attn_focus_tiles attn_goals decode_tests decode_compare decode_profiles generate
 # Optional wheels in .whl/ (flash-linear-attention, liger-kernel) are installed to /tmp/site
 # first, so the anchors run side by side with deepwish in the same process (NO_WHEELS=1 skips
 # them, e.g. for HF's Qwen3-Next on its torch path).
@@ -43,6 +43,17 @@ for stage in "$@"; do
       # batch 64 (cuBLAS: the GEMV serves <= 16 rows), where the cache reads are most of the roofline's bytes
       python3 -m deepwish.bench.decode_profile --out "$OUT/decode_profile_b64" --paths compiled-captured --batch 64 \
         --prologue || status=1 ;;
+    generate)  # `deepwish generate` itself, 512 greedy tokens on a 30-step qwen3_0.6b checkpoint: the plain capture,
+      # --compile, and --compile with every decode option (prologue kernel, decode_fusion, decode_pdl); timing lines on stderr
+      python3 -m deepwish.cli train --preset qwen3_0.6b --out /tmp/gen_run --set train.steps=30 --set train.eval_every=30 \
+        --set train.save_every=30 --set train.sample_tokens=0 2>&1 | tail -3 || status=1
+      i=0
+      for opts in "" "--compile" "--compile --set model.decode_prologue=true --set model.decode_fusion=true --set model.decode_pdl=true"; do
+        i=$((i + 1))
+        echo "--- deepwish generate $opts"
+        python3 -m deepwish.cli generate --ckpt /tmp/gen_run --max-new-tokens 512 --temperature 0 $opts \
+          > "$OUT/generate_out_$i.txt" 2> >(tee -a "$OUT/generate.log" | grep -E "generate:|rror" >&2) || status=1
+      done ;;
     sweep) python3 -m deepwish.cli bench sweep --out "$OUT/sweep" ${SWEEP_ARGS:---time-limit 420} || status=1 ;;
     notebook) python3 scripts/run_notebook.py notebooks/walkthrough.ipynb --out "$OUT/walkthrough_gpu.ipynb" || status=1 ;;
     tradeoff) python3 -m deepwish.cli bench decode --tradeoff --out "$OUT/tradeoff" ${TRADEOFF_ARGS:-} || status=1 ;;

@@ -57,6 +57,31 @@ def test_convert_then_generate_from_hf_dir(run_dir, tmp_path, capsys):
     assert capsys.readouterr().out == a
 
 
+def test_generate_takes_runtime_model_settings(run_dir, tmp_path, capsys):
+    """`generate --set model.KEY=VALUE` for the fields that choose how the weights are computed
+    (decode options, backends), from a run and from an HF directory; a field the weights fix is a
+    one-line error naming what may be set."""
+    from deepwish.weights import load_model
+    sets = ["--set", "model.fuse_projections=false", "--set", "model.attn_backend=torch"]
+    model = load_model(run_dir, overrides=sets[1::2])
+    assert not model.cfg.fuse_projections and model.cfg.attn_backend == "torch"
+    assert main(["generate", "--ckpt", str(run_dir), "--prompt", "KING:", "--max-new-tokens", "6", "--temperature", "0"]) == 0
+    plain = capsys.readouterr().out
+    assert main(["generate", "--ckpt", str(run_dir), "--prompt", "KING:", "--max-new-tokens", "6",
+                 "--temperature", "0", *sets]) == 0
+    assert capsys.readouterr().out == plain
+    hf = tmp_path / "hf"
+    assert main(["convert", str(run_dir), str(hf), "--dtype", "fp32"]) == 0
+    assert load_model(hf, overrides=["model.decode_prologue=true"]).cfg.decode_prologue
+    capsys.readouterr()
+    for src in (["--ckpt", str(run_dir)], ["--hf", str(hf)]):
+        assert main(["generate", *src, "--prompt", "x", "--set", "model.d_model=64"]) == 2
+        err = capsys.readouterr().err
+        assert "model.d_model=64" in err and "decode_fusion" in err and len(err.strip().splitlines()) == 1
+    assert main(["generate", "--ckpt", str(run_dir), "--prompt", "x", "--set", "model.decode_fusion=maybe"]) == 2
+    assert "decode_fusion='maybe' is not a valid bool" in capsys.readouterr().err
+
+
 def test_plot(run_dir, capsys):
     assert main(["plot", str(run_dir)]) == 0
     assert list(run_dir.glob("*.png"))

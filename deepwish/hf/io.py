@@ -16,7 +16,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from deepwish.config import ModelConfig
+from deepwish.config import ModelConfig, runtime_overrides
 from deepwish.model.transformer import Transformer
 
 # architecture name in config.json -> module holding config_from_hf / config_to_hf / name_table
@@ -131,12 +131,14 @@ def _reset_buffers(model: Transformer) -> None:
             m.reset_buffers()
 
 
-def load_hf(path: str | Path, dtype: torch.dtype | None = None, device: str | torch.device = "cpu") -> Transformer:
-    """Build a deepwish model from an HF checkpoint directory (exact weights, checked names)."""
+def load_hf(path: str | Path, dtype: torch.dtype | None = None, device: str | torch.device = "cpu",
+            overrides: tuple[str, ...] | list[str] = ()) -> Transformer:
+    """Build a deepwish model from an HF checkpoint directory (exact weights, checked names).
+    `overrides`: `model.KEY=VALUE` for config.RUNTIME_MODEL_FIELDS (backends, decode options)."""
     path = Path(path)
     d = read_hf_config(path)
     fam = _family_module(d["architectures"][0])
-    cfg = _family_config(d, str(path))
+    cfg = runtime_overrides(_family_config(d, str(path)), overrides)
     if dtype is None:
         name = d.get("dtype") or d.get("torch_dtype") or "float32"
         dtype = getattr(torch, name) if isinstance(name, str) and hasattr(torch, name) else torch.float32

@@ -123,7 +123,8 @@ def ptx(fn, const, fp32=(), ints=()):
         elif p.name in fp32:
             sig[p.name] = "fp32"
         elif p.name.isupper() and p.name not in ints:
-            sig[p.name] = "*i64" if "POS" in p.name else "*fp32" if p.name in ("OP", "LP", "COS", "SIN") else "*bf16"
+            sig[p.name] = ("*i64" if "POS" in p.name else "*fp32" if p.name in ("OP", "LP", "COS", "SIN")
+                           else "*i32" if p.name == "CNT" else "*bf16")
         else:
             sig[p.name] = "i32"
     c = triton.compile(ASTSource(fn, sig, constexprs=cx), target=GPUTarget("cuda", 90, 32),
@@ -139,7 +140,7 @@ g = dict(HAS_BIAS=False, NORM=1, GATED=False, RESIDUAL=True, PDL=True, BN=8, BK=
 out["one_row"] = ptx(gk._one_row_kernel.fn, g, fp32=("eps",), ints=("N", "K"))
 out["rows"] = ptx(gk._rows_kernel.fn, dict(g, PREC="tf32", BN=32, BK=128), fp32=("eps",), ints=("M", "N", "K"))
 out["split"] = ptx(decode._split_kernel, dict(CHUNK=256, BLOCK_DK=128, BLOCK_DV=128, BM=16, GP=2, SLOT_POS=True,
-                   SOFTCAP=False, PREC="tf32", BN=64, PDL=True), fp32=("scale", "softcap"),
+                   SOFTCAP=False, PREC="tf32", BN=64, PDL=True, MERGE=True), fp32=("scale", "softcap"),
                    ints=("TQ", "HKV", "G", "L", "W", "DQK", "DV", "SPLITS"))
 out["merge"] = ptx(decode._merge_kernel, dict(BLOCK_DV=128, BM=16, GP=2, BS=8, PDL=True),
                    ints=("TQ", "HKV", "G", "DV", "SPLITS"))
