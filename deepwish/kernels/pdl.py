@@ -15,6 +15,7 @@ TRITON_INTERPRET=1 the kernels run without it.
 """
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -38,7 +39,12 @@ def launch_options(pdl: bool, device: torch.device, name: str) -> tuple[bool, di
     without PDL is an error naming the kernel, never a silent launch without it."""
     if not pdl or _INTERPRET:
         return False, {}
-    if device.type != "cuda" or torch.cuda.get_device_capability(device)[0] < 9:
+    if device.type != "cuda" or not _has_pdl(device.index if device.index is not None else torch.cuda.current_device()):
         raise ValueError(f"{name}: pdl (model.decode_pdl) needs a CUDA device of compute capability 9.0 "
                          f"or later (Hopper); got {device}")
     return True, {"launch_pdl": True}
+
+
+@functools.cache
+def _has_pdl(index: int) -> bool:
+    return torch.cuda.get_device_capability(index)[0] >= 9
