@@ -9,6 +9,12 @@ The block contract (every mixer and FFN keeps it, so the block treats them alike
     ffn(x [B,T,d])                      -> (y [B,T,d], aux)
     Block(x, ctx, cache | None)         -> (x [B,T,d], aux)
 
+and, optionally, the whole residual branch x + f(norm(x)) in one call, for a branch that can fuse
+the norm and the add into its own kernels (model.decode_fusion; `residual_branch` below):
+
+    mixer.residual_forward(x, norm, ctx, cache) -> (x [B,T,d], aux) | None   (None: not here)
+    ffn.residual_forward(x, norm)               -> (x [B,T,d], aux) | None
+
 `aux` is a dict of this forward's side results (names below), returned rather than kept on the
 module, so a compiled, checkpointed or sharded block gives the same results as a plain one and
 nothing is read back from modules after the fact:
