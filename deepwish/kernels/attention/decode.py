@@ -63,7 +63,7 @@ def _split_kernel(Q, K, V, QPOS, KPOS, OP, LP, O, CNT,
                   TQ, HKV, G, L, W, scale, softcap, DQK, DV, SPLITS,
                   CHUNK: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr, BM: tl.constexpr,
                   GP: tl.constexpr, SLOT_POS: tl.constexpr, SOFTCAP: tl.constexpr, PREC: tl.constexpr,
-                  BN: tl.constexpr, PDL: tl.constexpr, MERGE: tl.constexpr):
+                  BN: tl.constexpr, PDL: tl.constexpr, MERGE: tl.constexpr, BS: tl.constexpr):
     wait_for_inputs(PDL)
     split = tl.program_id(0)
     bh = tl.program_id(1)
@@ -118,21 +118,18 @@ def _split_kernel(Q, K, V, QPOS, KPOS, OP, LP, O, CNT,
         if done == SPLITS - 1:
             tl.debug_barrier()
             base0 = tl.cast(bh, tl.int64) * SPLITS * BM
-            m = tl.full([BM], float("-inf"), dtype=tl.float32)
-            for sp in range(0, SPLITS):  # .cg: the other programs' partials, never a stale L1 line
-                m = tl.maximum(m, tl.load(LP + base0 + sp * BM + i, cache_modifier=".cg"))
-            m = tl.where(m == float("-inf"), 0.0, m)  # padding rows: nothing anywhere, stored masked
-            acc = tl.zeros([BM, BLOCK_DV], dtype=tl.float32)
-            w_sum = tl.zeros([BM], dtype=tl.float32)
-            for sp in range(0, SPLITS):
-                w = tl.exp2(tl.load(LP + base0 + sp * BM + i, cache_modifier=".cg") - m)
-                part = tl.load(OP + (base0 + sp * BM + i)[:, None] * BLOCK_DV + dv[None, :], cache_modifier=".cg")
-                acc += part * w[:, None]
-                w_sum += w
-            out = acc / tl.where(w_sum == 0.0, 1.0, w_sum)[:, None]
-            h = tl.cast(hkv * G + r, tl.int64)
-            tl.store(O + b * so_b + tl.cast(j, tl.int64)[:, None] * so_t + h[:, None] * so_h + dv[None, :],
-                     out.to(O.dtype.element_ty), mask=row_ok[:, None] & (dv < DV)[None, :])
+            s_idx = tl.arange(0, BS)
+            for row in range(0, TQ * GP):  # the real rows only (the merge kernel's per-row work, in sequence)
+                if (row % GP < G) & (row // GP < TQ):
+                    at = base0 + s_idx * BM + row  # .cg: the other programs' partials, never a stale L1 line
+                    lse_s = tl.load(LP + at, mask=s_idx < SPLITS, other=float("-inf"), cache_modifier=".cg")
+                    w = tl.exp2(lse_s - tl.max(lse_s, 0))
+                    part = tl.load(OP + at[:, None] * BLOCK_DV + dv[None, :], mask=(s_idx < SPLITS)[:, None], other=0.0,
+                                   cache_modifier=".cg")
+                    out = tl.sum(part * w[:, None], 0) / tl.sum(w, 0)
+                    h = tl.cast(hkv * G + row % GP, tl.int64)
+                    tl.store(O + b * so_b + tl.cast(row // GP, tl.int64) * so_t + h * so_h + dv,
+                             out.to(O.dtype.element_ty), mask=dv < DV)
             tl.atomic_xchg(CNT + bh, 0)  # zero again for the next call (a captured graph reuses the buffer)
 
 
@@ -268,7 +265,8 @@ def _decode_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: torch.T
         softcap if softcap > 0 else 1.0, DQK, DV, splits,
         CHUNK=chunk, BLOCK_DK=BLOCK_DK, BLOCK_DV=BLOCK_DV, BM=BM, GP=GP, SLOT_POS=k_pos is None,
         SOFTCAP=softcap > 0, PREC="ieee" if q.dtype == torch.float32 else "tf32",
-        BN=DECODE_BN, PDL=pdl, MERGE=merge, num_warps=DECODE_WARPS, num_stages=DECODE_STAGES, **launch)
+        BN=DECODE_BN, PDL=pdl, MERGE=merge, BS=max(2, triton.next_power_of_2(splits)), num_warps=DECODE_WARPS,
+        num_stages=DECODE_STAGES, **launch)
     if merge:
         return o
     _merge_kernel[(B * HKV, BM)](op, lp, o, *o.stride()[:3], TQ, HKV, G, DV, splits,
