@@ -140,7 +140,7 @@ g = dict(HAS_BIAS=False, NORM=1, GATED=False, RESIDUAL=True, PDL=True, BN=8, BK=
 out["one_row"] = ptx(gk._one_row_kernel.fn, g, fp32=("eps",), ints=("N", "K"))
 out["rows"] = ptx(gk._rows_kernel.fn, dict(g, PREC="tf32", BN=32, BK=128), fp32=("eps",), ints=("M", "N", "K"))
 out["split"] = ptx(decode._split_kernel, dict(CHUNK=256, BLOCK_DK=128, BLOCK_DV=128, BM=16, GP=2, SLOT_POS=True,
-                   SOFTCAP=False, PREC="tf32", BN=64, PDL=True, MERGE=True), fp32=("scale", "softcap"),
+                   SOFTCAP=False, PREC="tf32", BN=64, PDL=True, MERGE=True, BS=64), fp32=("scale", "softcap"),
                    ints=("TQ", "HKV", "G", "L", "W", "DQK", "DV", "SPLITS"))
 out["merge"] = ptx(decode._merge_kernel, dict(BLOCK_DV=128, BM=16, GP=2, BS=8, PDL=True),
                    ints=("TQ", "HKV", "G", "DV", "SPLITS"))

@@ -1,7 +1,8 @@
 """y = x Wᵀ (+ b), the readable reference: x [M, K], W [N, K], b [N] -> [M, N], in fp32, cast to x's
 dtype; with the kernel's optional prologue (an RMSNorm of x, or SwiGLU's silu(gate)·up) and
 epilogue (a residual add), each rounded where the separate ops round (model/norm.py rms_norm,
-model/mlp.py SwiGLU, model/block.py's x + h)."""
+model/mlp.py SwiGLU, model/block.py's x + h). The kernel applies the norm's scale after the
+product and does not round x̂ on the way: within x's rounding of this."""
 from __future__ import annotations
 
 import torch

@@ -14,8 +14,9 @@ captured step's warm-up does that).
 
 Fusions (model.decode_fusion; reference.gemv spells out each one's arithmetic). Every program
 reads all of x anyway, so work on x costs no launch and no traffic worth counting:
-- `norm`: the RMSNorm that precedes the projection (the block's pre-norm), applied to x as it is
-  read; its statistics are a first pass over x (K values, from L2);
+- `norm`: the RMSNorm that precedes the projection (the block's pre-norm): the weight multiplies x
+  as it is read, the statistics accumulate in the same pass, and each output is scaled by
+  rsqrt(mean(x²) + eps) at the end (the scale is one number a row: it commutes with the product);
 - `gated`: x holds [gate | up] (2K values a row) and the product takes act(gate)·up (SwiGLU's
   down projection);
 - `residual`: y + r, the block's residual add, in the epilogue.
@@ -55,24 +56,28 @@ NORM_NONE, NORM_PLAIN, NORM_ZERO_CENTERED = 0, 1, 2  # the NORM constexpr (model
 
 
 @triton.jit
-def _x_tile(x_ptrs, mask, NW, rk, rstd, K, NORM: tl.constexpr, GATED: tl.constexpr):
-    """x's tile as the product reads it, in fp32, each fused step rounded to x's dtype where the
-    separate ops round (model/norm.py rms_norm, model/mlp.py SwiGLU)."""
+def _x_tile(x_ptrs, mask, NW, rk, K, NORM: tl.constexpr, GATED: tl.constexpr):
+    """(x's tile as the product reads it, in fp32; its squares, for the norm's statistics).
+
+    The norm is applied after the product: W(w ⊙ x̂) = rsqrt(mean(x²) + eps) · W(w ⊙ x), so the
+    statistics accumulate in the same pass over x as the product (no first pass, no wait for it)
+    and the kernel scales each output at the end. Unlike the separate ops, x̂ is not rounded to x's
+    dtype on the way (fp32 throughout: nearer the exact norm, not bit-equal to model/norm.py)."""
     dt = x_ptrs.dtype.element_ty
     if GATED:  # [gate | up]: silu(gate)·up, silu(gate) rounded as F.silu returns it
         g = tl.load(x_ptrs, mask=mask, other=0.0).to(tl.float32)
         u = tl.load(x_ptrs + K, mask=mask, other=0.0).to(tl.float32)
         a = (g / (1.0 + tl.exp(-g))).to(dt).to(tl.float32)
         x = (a * u).to(dt).to(tl.float32)
+        sq = x
     else:
         x = tl.load(x_ptrs, mask=mask, other=0.0).to(tl.float32)
-        if NORM == 1:  # w·x̂, x̂ rounded first
-            w = tl.load(NW + rk, mask=rk < K, other=0.0).to(tl.float32)
-            x = (w * (x * rstd).to(dt).to(tl.float32)).to(dt).to(tl.float32)
-        elif NORM == 2:  # x̂·(1 + w), Qwen3-Next's zero-centred weight
-            w = tl.load(NW + rk, mask=rk < K, other=0.0).to(tl.float32)
-            x = (x * rstd * (1.0 + w)).to(dt).to(tl.float32)
-    return x
+        sq = x * x
+        if NORM == 1:  # w·x
+            x = x * tl.load(NW + rk, mask=rk < K, other=0.0).to(tl.float32)
+        elif NORM == 2:  # x·(1 + w), Qwen3-Next's zero-centred weight
+            x = x * (1.0 + tl.load(NW + rk, mask=rk < K, other=0.0).to(tl.float32))
+    return x, sq
 
 
 @triton.autotune(configs=_ONE_ROW, key=["N", "K", "NORM", "GATED"])
@@ -86,21 +91,18 @@ def _one_row_kernel(X, W, Bias, NW, R, Y, N, K, eps, s_wn, HAS_BIAS: tl.constexp
     rk = tl.arange(0, BK)
     w_first = tl.load(w_rows + rk[None, :], mask=n_ok[:, None] & (rk < K)[None, :], other=0.0)
     wait_for_inputs(PDL)
-    rstd = 1.0
-    if NORM != 0:
-        ss = tl.zeros([BK], dtype=tl.float32)
-        for k0 in range(0, K, BK):
-            x = tl.load(X + k0 + rk, mask=k0 + rk < K, other=0.0).to(tl.float32)
-            ss += x * x
-        rstd = tl.rsqrt(tl.sum(ss, axis=0) / K + eps)
-    x = _x_tile(X + rk, rk < K, NW, rk, rstd, K, NORM, GATED)
+    x, ss = _x_tile(X + rk, rk < K, NW, rk, K, NORM, GATED)
     acc = tl.sum(w_first.to(tl.float32) * x[None, :], axis=1)
     for k0 in range(BK, K, BK):
         rk = k0 + tl.arange(0, BK)
         k_ok = rk < K
         w = tl.load(w_rows + rk[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0.0)
-        x = _x_tile(X + rk, k_ok, NW, rk, rstd, K, NORM, GATED)
+        x, sq = _x_tile(X + rk, k_ok, NW, rk, K, NORM, GATED)
         acc += tl.sum(w.to(tl.float32) * x[None, :], axis=1)
+        if NORM != 0:
+            ss += sq
+    if NORM != 0:
+        acc *= tl.rsqrt(tl.sum(ss, axis=0) / K + eps)
     if HAS_BIAS:
         acc += tl.load(Bias + rn, mask=n_ok, other=0.0).to(tl.float32)
     if RESIDUAL:  # x + h.to(x.dtype), as the block adds
@@ -124,22 +126,19 @@ def _rows_kernel(X, W, Bias, NW, R, Y, M, N, K, eps, s_xm, s_wn, s_rm, s_ym, HAS
     rk = tl.arange(0, BK)
     w_first = tl.load(w_rows + rk[None, :], mask=n_ok[:, None] & (rk < K)[None, :], other=0.0)
     wait_for_inputs(PDL)
-    rstd = tl.full([BM, 1], 1.0, dtype=tl.float32)
-    if NORM != 0:
-        ss = tl.zeros([BM, BK], dtype=tl.float32)
-        for k0 in range(0, K, BK):
-            x = tl.load(x_rows + k0 + rk[None, :], mask=m_ok[:, None] & (k0 + rk < K)[None, :], other=0.0)
-            ss += x.to(tl.float32) * x.to(tl.float32)
-        rstd = tl.rsqrt(tl.sum(ss, axis=1) / K + eps)[:, None]
-    x = _x_tile(x_rows + rk[None, :], m_ok[:, None] & (rk < K)[None, :], NW, rk[None, :], rstd, K, NORM, GATED)
-    # bf16/fp16 values are exact in tf32: the tf32 dot of the upcast tiles multiplies them exactly
+    x, ss = _x_tile(x_rows + rk[None, :], m_ok[:, None] & (rk < K)[None, :], NW, rk[None, :], K, NORM, GATED)
+    # bf16/fp16 values are exact in tf32 (the norm's w·x is not: tf32 rounds it as x's dtype would)
     acc = tl.dot(x, tl.trans(w_first.to(tl.float32)), input_precision=PREC)
     for k0 in range(BK, K, BK):
         rk = k0 + tl.arange(0, BK)
         k_ok = rk < K
         w = tl.load(w_rows + rk[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0.0)
-        x = _x_tile(x_rows + rk[None, :], m_ok[:, None] & k_ok[None, :], NW, rk[None, :], rstd, K, NORM, GATED)
+        x, sq = _x_tile(x_rows + rk[None, :], m_ok[:, None] & k_ok[None, :], NW, rk[None, :], K, NORM, GATED)
         acc = tl.dot(x, tl.trans(w.to(tl.float32)), acc, input_precision=PREC)
+        if NORM != 0:
+            ss += sq
+    if NORM != 0:
+        acc *= tl.rsqrt(tl.sum(ss, axis=1) / K + eps)[:, None]
     if HAS_BIAS:
         acc += tl.load(Bias + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
     out_ok = m_ok[:, None] & n_ok[None, :]
