@@ -54,6 +54,23 @@ def _tanh(x):
     return 2.0 / (1.0 + tl.exp(-2.0 * x)) - 1.0
 
 
+@triton.jit
+def _merge_row(OP, LP, O, base, row, b, h, t, so_b, so_t, so_h, SPLITS, DV,
+               BLOCK_DV: tl.constexpr, BM: tl.constexpr, BS: tl.constexpr, CACHE: tl.constexpr):
+    """Row `row` of one (batch row, KV head)'s split partials merged and stored as o[b, t, h]: each
+    chunk's output weighted by its share of the softmax mass, exp2(lse_c - max lse). CACHE: the
+    loads' cache modifier ('.cg' where other programs of the same launch wrote the partials)."""
+    s = tl.arange(0, BS)
+    dv = tl.arange(0, BLOCK_DV)
+    at = base + s * BM + row
+    lse = tl.load(LP + at, mask=s < SPLITS, other=float("-inf"), cache_modifier=CACHE)
+    w = tl.exp2(lse - tl.max(lse, 0))
+    part = tl.load(OP + at[:, None] * BLOCK_DV + dv[None, :], mask=(s < SPLITS)[:, None], other=0.0,
+                   cache_modifier=CACHE)
+    o = tl.sum(part * w[:, None], 0) / tl.sum(w, 0)
+    tl.store(O + b * so_b + t * so_t + h * so_h + dv, o.to(O.dtype.element_ty), mask=dv < DV)
+
+
 # TQ (tokens a row) is not specialised: Triton would otherwise compile a separate kernel for TQ == 1
 # (the decode step) and for a prefill or verification chunk, so the first prefill after the captured
 # step's warm-up compiled both kernels again (a second or more before a first token).
@@ -118,18 +135,10 @@ def _split_kernel(Q, K, V, QPOS, KPOS, OP, LP, O, CNT,
         if done == SPLITS - 1:
             tl.debug_barrier()
             base0 = tl.cast(bh, tl.int64) * SPLITS * BM
-            s_idx = tl.arange(0, BS)
-            for row in range(0, TQ * GP):  # the real rows only (the merge kernel's per-row work, in sequence)
-                if (row % GP < G) & (row // GP < TQ):
-                    at = base0 + s_idx * BM + row  # .cg: the other programs' partials, never a stale L1 line
-                    lse_s = tl.load(LP + at, mask=s_idx < SPLITS, other=float("-inf"), cache_modifier=".cg")
-                    w = tl.exp2(lse_s - tl.max(lse_s, 0))
-                    part = tl.load(OP + at[:, None] * BLOCK_DV + dv[None, :], mask=(s_idx < SPLITS)[:, None], other=0.0,
-                                   cache_modifier=".cg")
-                    out = tl.sum(part * w[:, None], 0) / tl.sum(w, 0)
-                    h = tl.cast(hkv * G + row % GP, tl.int64)
-                    tl.store(O + b * so_b + tl.cast(row // GP, tl.int64) * so_t + h * so_h + dv,
-                             out.to(O.dtype.element_ty), mask=dv < DV)
+            for row in range(0, TQ * GP):  # the real rows only, each as the merge kernel merges it
+                if (row % GP < G) & (row // GP < TQ):  # .cg: the other programs' partials, never a stale L1 line
+                    _merge_row(OP, LP, O, base0, row, b, tl.cast(hkv * G + row % GP, tl.int64),
+                               tl.cast(row // GP, tl.int64), so_b, so_t, so_h, SPLITS, DV, BLOCK_DV, BM, BS, ".cg")
             tl.atomic_xchg(CNT + bh, 0)  # zero again for the next call (a captured graph reuses the buffer)
 
 
@@ -144,17 +153,8 @@ def _merge_kernel(OP, LP, O, so_b, so_t, so_h, TQ, HKV, G, DV, SPLITS,
     j = i // GP
     r = i % GP
     if (r < G) & (j < TQ):
-        b = tl.cast(bh // HKV, tl.int64)
-        hkv = bh % HKV
-        s = tl.arange(0, BS)
-        dv = tl.arange(0, BLOCK_DV)
-        base = tl.cast(bh, tl.int64) * SPLITS * BM
-        lse = tl.load(LP + base + s * BM + i, mask=s < SPLITS, other=float("-inf"))
-        w = tl.exp2(lse - tl.max(lse, 0))
-        o = tl.load(OP + (base + s * BM + i)[:, None] * BLOCK_DV + dv[None, :], mask=(s < SPLITS)[:, None], other=0.0)
-        o = tl.sum(o * w[:, None], 0) / tl.sum(w, 0)
-        h = tl.cast(hkv * G + r, tl.int64)
-        tl.store(O + b * so_b + j * so_t + h * so_h + dv, o.to(O.dtype.element_ty), mask=dv < DV)
+        _merge_row(OP, LP, O, tl.cast(bh, tl.int64) * SPLITS * BM, i, tl.cast(bh // HKV, tl.int64),
+                   tl.cast((bh % HKV) * G + r, tl.int64), j, so_b, so_t, so_h, SPLITS, DV, BLOCK_DV, BM, BS, "")
 
 
 # The merge inside the split kernel counts finished splits per (batch row, KV head) in one int32 each:
