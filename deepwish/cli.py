@@ -65,7 +65,7 @@ def _add_runtime_set(p: argparse.ArgumentParser) -> None:
     from deepwish.config import RUNTIME_MODEL_FIELDS
     p.add_argument("--set", action="append", default=[], metavar="model.KEY=VALUE",
                    help=f"how the model computes, not what it is: KEY in {', '.join(RUNTIME_MODEL_FIELDS)} "
-                        "(e.g. --set model.decode_fusion=true); repeatable")
+                        "(e.g. --set model.decode_pdl=off); repeatable")
 
 
 def load_model_for_inference(args):

@@ -71,8 +71,8 @@ class ModelConfig:
     # a decode step's QK-norm, rotary and k/v cache write in one kernel (kernels/attention/decode.py
     # decode_prologue) wherever the own split-KV decode kernel reads a plain cache after the fused
     # q/k/v projection (Qwen3's layers); false: the separate ops (compiled, five kernels a layer).
-    # Off until timed on a GPU (interpreter-tested; reports/inference.md)
-    decode_prologue: bool = False
+    # Qwen3-0.6B's captured step 1.228 -> 1.116 ms on one H200 (reports/inference.md)
+    decode_prologue: bool = True
     # torch: every matmul through F.linear (cuBLAS) | triton: inference matmuls of <= 16 rows on CUDA (a decode
     # step of batch <= 16: q/k/v, o, gate/up, down) through kernels/gemv, the rest through F.linear |
     # auto: triton on CUDA (Qwen3-0.6B decode step 1.25 vs 1.52 ms on one H200, reports/inference.md)
@@ -81,13 +81,14 @@ class ModelConfig:
     # (RMSNorm) in the prologue of the projection after it, SwiGLU's activation in the down
     # projection's prologue, the residual add in the o and down projections' epilogues (model/block.py
     # residual_branch); and the split-KV kernel merges its own splits (kernels/attention/decode.py):
-    # four kernels a layer fewer for Qwen3's dense blocks. Needs decode_matmul auto / triton. Off
-    # until timed on a GPU (interpreter-tested; reports/inference.md)
-    decode_fusion: bool = False
+    # four kernels a layer fewer for Qwen3's dense blocks. Applies where the GEMV serves the step
+    # (decode_matmul auto / triton on CUDA); 1.116 -> 1.042 ms a step on one H200 (reports/inference.md)
+    decode_fusion: bool = True
     # the decode step's own kernels (GEMV, prologue, split-KV attention) launched with programmatic
     # dependent launch (kernels/pdl.py; Hopper or later): each starts while the one before finishes.
-    # Off until timed on a GPU
-    decode_pdl: bool = False
+    # auto: where the GPU has it | on: required (an error elsewhere) | off. With decode_fusion
+    # 1.042 -> 0.909-0.919 ms a step on one H200; without it no faster (reports/inference.md)
+    decode_pdl: str = "auto"
     # weight gradients of the token tables read at the same ids (the embedding and the GPT family's
     # value-embedding tables): torch: each table an nn.Embedding (its backward sorts the ids per table) |
     # triton: one sort for all tables and a run-sum kernel (kernels/embedding) | auto: torch (the kernel's
@@ -201,8 +202,7 @@ class ModelConfig:
              f"attn_backend={self.attn_backend!r} is not one of auto, triton, flex, sdpa, torch"),
             (self.decode_matmul in ("auto", "torch", "triton"),
              f"decode_matmul={self.decode_matmul!r} is not one of auto, torch, triton"),
-            (not self.decode_fusion or self.decode_matmul != "torch",
-             "decode_fusion=true fuses ops into the GEMV kernel, which decode_matmul=torch turns off"),
+            (self.decode_pdl in ("auto", "on", "off"), f"decode_pdl={self.decode_pdl!r} is not one of auto, on, off"),
             (self.embed_backend in ("auto", "torch", "triton"),
              f"embed_backend={self.embed_backend!r} is not one of auto, torch, triton"),
             (self.dsa_backend in ("auto", "triton", "torch"),

@@ -44,11 +44,11 @@ for stage in "$@"; do
       python3 -m deepwish.bench.decode_profile --out "$OUT/decode_profile_b64" --paths compiled-captured --batch 64 \
         --prologue || status=1 ;;
     generate)  # `deepwish generate` itself, 512 greedy tokens on a 30-step qwen3_0.6b checkpoint: the plain capture,
-      # --compile, and --compile with every decode option (prologue kernel, decode_fusion, decode_pdl); timing lines on stderr
+      # --compile with every decode option off, and --compile as it comes (prologue kernel, decode_fusion, decode_pdl on); timing lines on stderr
       python3 -m deepwish.cli train --preset qwen3_0.6b --out /tmp/gen_run --set train.steps=30 --set train.eval_every=30 \
         --set train.save_every=30 --set train.sample_tokens=0 2>&1 | tail -3 || status=1
       i=0
-      for opts in "" "--compile" "--compile --set model.decode_prologue=true --set model.decode_fusion=true --set model.decode_pdl=true"; do
+      for opts in "" "--compile --set model.decode_prologue=false --set model.decode_fusion=false --set model.decode_pdl=off" "--compile"; do
         i=$((i + 1))
         echo "--- deepwish generate $opts"
         python3 -m deepwish.cli generate --ckpt /tmp/gen_run --max-new-tokens 512 --temperature 0 $opts \

@@ -72,7 +72,7 @@ def test_generate_takes_runtime_model_settings(run_dir, tmp_path, capsys):
     assert capsys.readouterr().out == plain
     hf = tmp_path / "hf"
     assert main(["convert", str(run_dir), str(hf), "--dtype", "fp32"]) == 0
-    assert load_model(hf, overrides=["model.decode_prologue=true"]).cfg.decode_prologue
+    assert not load_model(hf, overrides=["model.decode_prologue=false"]).cfg.decode_prologue
     capsys.readouterr()
     for src in (["--ckpt", str(run_dir)], ["--hf", str(hf)]):
         assert main(["generate", *src, "--prompt", "x", "--set", "model.d_model=64"]) == 2

@@ -157,8 +157,8 @@ def test_decode_prologue_kernel_matches_reference_at_the_models_shape(cuda, rel_
 def test_decode_prologue_greedy_follows_the_separate_ops(cuda, batch):
     """model.decode_prologue against the separate norm / rotary / cache-write ops: eager, captured
     and (batch 1) compiled + captured, greedy until a near-tie."""
-    plain = _model("qwen3_0.6b", cuda, decode_prologue=False)
-    fast = _model("qwen3_0.6b", cuda, decode_prologue=True)
+    plain = _model("qwen3_0.6b", cuda, decode_prologue=False, decode_fusion=False, decode_pdl="off")
+    fast = _model("qwen3_0.6b", cuda, decode_prologue=True, decode_fusion=False, decode_pdl="off")
     _fast_path_follows_eager(plain, fast, batch)
 
 
@@ -190,7 +190,7 @@ def test_pdl_step_captures_and_replays_the_eager_logits(cuda):
         pytest.skip("programmatic dependent launch needs Hopper or later")
     from deepwish.decode_graph import CapturedDecoder
     model = _model("qwen3_0.6b", cuda, decode_matmul="triton", decode_prologue=True, decode_fusion=True,
-                   decode_pdl=True)
+                   decode_pdl="on")
     prompt = torch.randint(0, model.cfg.vocab_size, (1, 12), device=cuda)
     caches = [model.make_cache(1, 40) for _ in range(2)]
     step = CapturedDecoder(model, caches[1])  # before the prefill: capture leaves the cache zeroed
@@ -211,9 +211,10 @@ def test_decode_fusion_greedy_follows_the_separate_ops(cuda, batch, pdl):
     (batch 1) compiled + captured, greedy until a near-tie."""
     if pdl and torch.cuda.get_device_capability()[0] < 9:
         pytest.skip("programmatic dependent launch needs Hopper or later")
-    plain = _model("qwen3_0.6b", cuda, decode_matmul="triton", decode_prologue=True)
+    plain = _model("qwen3_0.6b", cuda, decode_matmul="triton", decode_prologue=True, decode_fusion=False,
+                   decode_pdl="off")
     fast = _model("qwen3_0.6b", cuda, decode_matmul="triton", decode_prologue=True, decode_fusion=True,
-                  decode_pdl=pdl)
+                  decode_pdl="on" if pdl else "off")
     _fast_path_follows_eager(plain, fast, batch)
 
 

@@ -440,24 +440,27 @@ def run_compare(out_dir, preset: str = "qwen3_0.6b", batches=(1, 64), context: i
     cfg = model_config(preset)
     cfg = dataclasses.replace(cfg, max_seq_len=max(cfg.max_seq_len, context + max(new_tokens, hf_tokens) + 2))
     torch.manual_seed(0)
+    # every decode option off, then on one at a time (the defaults have them all on: the last model)
+    off = dict(decode_prologue=False, decode_fusion=False, decode_pdl="off")
     # cuBLAS for the fused and unfused models (decode_matmul defaults to auto: the GEMV on CUDA)
-    fused = build(dataclasses.replace(cfg, fuse_projections=True, decode_matmul="torch"), device)
+    fused = build(dataclasses.replace(cfg, fuse_projections=True, decode_matmul="torch", **off), device)
     if unfused:
-        unfused = build(dataclasses.replace(cfg, fuse_projections=False, decode_matmul="torch"), device)
+        unfused = build(dataclasses.replace(cfg, fuse_projections=False, decode_matmul="torch", **off), device)
         unfused.load_state_dict(fused.state_dict())
     # fused, kernels/gemv for <= 16 rows, and QK-norm / rotary / the cache write in one kernel (model.decode_prologue)
-    gemv = build(dataclasses.replace(cfg, decode_matmul="triton", decode_prologue=True), device)
+    gemv = build(dataclasses.replace(cfg, decode_matmul="triton", **{**off, "decode_prologue": True}), device)
     gemv.load_state_dict(fused.state_dict())
     # the same with those as separate ops: the row before the prologue kernel
-    separate = build(dataclasses.replace(cfg, decode_matmul="triton", decode_prologue=False), device)
+    separate = build(dataclasses.replace(cfg, decode_matmul="triton", **off), device)
     separate.load_state_dict(fused.state_dict())
     # the block's norms, SwiGLU and residual adds in the GEMVs (model.decode_fusion), then with PDL too
-    fusion = build(dataclasses.replace(cfg, decode_matmul="triton", decode_prologue=True, decode_fusion=True), device)
+    fusion = build(dataclasses.replace(cfg, decode_matmul="triton", decode_prologue=True, decode_fusion=True,
+                                       decode_pdl="off"), device)
     fusion.load_state_dict(fused.state_dict())
     pdl = None
     if torch.cuda.get_device_capability()[0] >= 9:  # programmatic dependent launch: Hopper or later
         pdl = build(dataclasses.replace(cfg, decode_matmul="triton", decode_prologue=True, decode_fusion=True,
-                                        decode_pdl=True), device)
+                                        decode_pdl="on"), device)
         pdl.load_state_dict(fused.state_dict())
     print(f"== decode before/after: {preset}, context {context}, batches {list(batches)}; roofline at "
           f"{copy_bw() / 1e9:.0f} GB/s ({torch.cuda.get_device_name()})", flush=True)

@@ -24,7 +24,9 @@ layout before the fused projection, so before/after tables come from one build o
 --matmul triton takes model.decode_matmul=triton (kernels/gemv for the step's matmuls);
 --prologue model.decode_prologue=true (QK-norm, rotary and the cache write in one kernel);
 --fusion model.decode_fusion=true (the block's norms, SwiGLU and residual adds inside the GEMVs);
---pdl model.decode_pdl=true (the step's own kernels with programmatic dependent launch).
+--pdl model.decode_pdl=on (the step's own kernels with programmatic dependent launch).
+Each decode option is off unless its flag is given, so one step is built up option by option; the
+model's defaults (the step `deepwish generate` runs) have all three on.
 """
 from __future__ import annotations
 
@@ -178,7 +180,7 @@ def build_model(preset: str, context: int, device: str, fuse: bool = True, dtype
     cfg = model_config(preset)
     cfg = dataclasses.replace(cfg, max_seq_len=max(cfg.max_seq_len, context + 64),
                               fuse_projections=fuse, decode_matmul=matmul, decode_prologue=prologue,
-                              decode_fusion=fusion, decode_pdl=pdl)
+                              decode_fusion=fusion, decode_pdl="on" if pdl else "off")
     torch.manual_seed(0)
     with torch.device(device):
         model = Transformer(cfg)
@@ -270,7 +272,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="model.decode_fusion=true: the block's norms, SwiGLU and residual adds inside the GEMVs "
                          "(needs --matmul triton)")
     ap.add_argument("--pdl", action="store_true",
-                    help="model.decode_pdl=true: the step's own kernels with programmatic dependent launch (Hopper)")
+                    help="model.decode_pdl=on: the step's own kernels with programmatic dependent launch (Hopper)")
     args = ap.parse_args(argv)
     run(args.out, args.preset, args.batch, args.context, tuple(p for p in args.paths.split(",") if p), args.steps,
         args.rows, fuse=not args.unfused, matmul=args.matmul, prologue=args.prologue, fusion=args.fusion,

@@ -135,7 +135,7 @@ class SwiGLU(nn.Module):
     PARAM_ROLES = {"w_down.weight": "matrix_out"}  # writes into the residual stream (model/roles.py)
     FUSED_ACTIVATIONS = ("silu", "swish")  # the act(gate)·up prologue of kernels/gemv
 
-    def __init__(self, d_model: int, d_ff: int, act: str = "silu", matmul: str = "torch", pdl: bool = False,
+    def __init__(self, d_model: int, d_ff: int, act: str = "silu", matmul: str = "torch", pdl: bool | str = False,
                  fusion: bool = False):
         super().__init__()
         self.d_ff = d_ff

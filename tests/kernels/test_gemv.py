@@ -101,8 +101,8 @@ def test_fused_gemv_errors():
 
 def test_pdl_kernels_compile_for_hopper_with_the_wait_after_the_weight_prefetch():
     """decode_pdl's kernels compiled for sm_90 (no GPU needed: Triton's own ptxas, in a process
-    without the interpreter): the GEMV issues its first weight loads before `griddepcontrol.wait`
-    and reads nothing else before it; the decode kernels wait before any load; each lets the next
+    without the interpreter): the GEMV issues its bulk L2 prefetch of its rows of W and its first
+    weight loads before `griddepcontrol.wait` and reads nothing else before it; the decode kernels wait before any load; each lets the next
     kernel launch."""
     import json
     import os
@@ -133,12 +133,15 @@ def ptx(fn, const, fp32=(), ints=()):
     wait = next(i for i, l in enumerate(lines) if "griddepcontrol.wait" in l)
     launch = next(i for i, l in enumerate(lines) if "griddepcontrol.launch_dependents" in l)
     loads = [i for i, l in enumerate(lines) if re.search(r"\bld\.global", l)]
-    return dict(before=sum(i < wait for i in loads), after=sum(i > wait for i in loads), launch_after_wait=launch > wait)
+    bulk = [i for i, l in enumerate(lines) if "cp.async.bulk.prefetch.L2.global" in l]
+    return dict(before=sum(i < wait for i in loads), after=sum(i > wait for i in loads), launch_after_wait=launch > wait,
+                prefetch_before_wait=len(bulk) > 0 and max(bulk) < wait, prefetches=len(bulk))
 
 out = {}
-g = dict(HAS_BIAS=False, NORM=1, GATED=False, RESIDUAL=True, PDL=True, BN=8, BK=256)
+g = dict(HAS_BIAS=False, NORM=1, GATED=False, RESIDUAL=True, PDL=True, PREFETCH=True, BN=8, BK=256)
 out["one_row"] = ptx(gk._one_row_kernel.fn, g, fp32=("eps",), ints=("N", "K"))
 out["rows"] = ptx(gk._rows_kernel.fn, dict(g, PREC="tf32", BN=32, BK=128), fp32=("eps",), ints=("M", "N", "K"))
+out["one_row_no_prefetch"] = ptx(gk._one_row_kernel.fn, dict(g, PREFETCH=False), fp32=("eps",), ints=("N", "K"))
 out["split"] = ptx(decode._split_kernel, dict(CHUNK=256, BLOCK_DK=128, BLOCK_DV=128, BM=16, GP=2, SLOT_POS=True,
                    SOFTCAP=False, PREC="tf32", BN=64, PDL=True, MERGE=True, BS=64), fp32=("scale", "softcap"),
                    ints=("TQ", "HKV", "G", "L", "W", "DQK", "DV", "SPLITS"))
@@ -152,7 +155,10 @@ print(json.dumps(out))
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = json.loads(proc.stdout.strip().splitlines()[-1])
-    for name in ("one_row", "rows"):  # the first weight tile in flight before the wait, x and r after it
+    for name in ("one_row", "rows", "one_row_no_prefetch"):  # the first weight tile in flight before the wait,
         assert out[name]["before"] > 0 and out[name]["after"] > 0 and out[name]["launch_after_wait"], (name, out)
+    # the program's rows of W sent towards L2 by one bulk prefetch before the wait (PREFETCH)
+    assert out["one_row"]["prefetch_before_wait"] and out["rows"]["prefetch_before_wait"], out
+    assert out["one_row_no_prefetch"]["prefetches"] == 0, out
     for name in ("split", "merge", "prologue"):
         assert out[name]["before"] == 0 and out[name]["after"] > 0 and out[name]["launch_after_wait"], (name, out)

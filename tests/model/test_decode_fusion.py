@@ -68,22 +68,45 @@ def test_branches_without_a_fused_form_keep_the_plain_composition():
     assert gelu_free.blocks[0].ffn.residual_forward(x, gelu_free.blocks[0].ffn_norm) is None  # grad enabled
 
 
-def test_fusion_needs_the_gemv_backend():
-    with pytest.raises(ConfigError, match="decode_fusion"):
-        _tiny(decode_fusion=True, decode_matmul="torch")
+def test_fusion_without_the_gemv_keeps_the_plain_composition():
+    """decode_fusion is on by default; with decode_matmul=torch (cuBLAS, no GEMV to fuse into) the
+    branches compose the norm and the add as before."""
+    from deepwish.model.block import residual_branch
+    model = Transformer(_tiny(decode_fusion=True, decode_matmul="torch")).eval()
+    block = model.blocks[0]
+    x = torch.randn(2, 1, 32)
+    with torch.no_grad():
+        assert block.ffn.residual_forward(x, block.ffn_norm) is None
+        y, _ = residual_branch(block.ffn, block.ffn_norm, x)
+        torch.testing.assert_close(y, x + block.ffn(block.ffn_norm(x))[0])
 
 
-def test_pdl_is_refused_off_hopper():
-    """decode_pdl asks the kernels for programmatic dependent launch: a device without it is an error
-    naming the kernel, not a silent launch without it (the interpreter runs without it)."""
+def test_pdl_settings():
+    """decode_pdl: "on" asks the kernels for programmatic dependent launch, and a device without it is
+    an error naming the kernel, not a silent launch without it; "auto" (the default) takes it where
+    the device has it; "off" never (the interpreter runs without it). The setting changes no number."""
     from deepwish.kernels import pdl
-    assert pdl.launch_options(False, torch.device("cpu"), "gemv") == (False, {})
-    with mock.patch.object(pdl, "_INTERPRET", False), pytest.raises(ValueError, match="gemv: pdl"):
-        pdl.launch_options(True, torch.device("cpu"), "gemv")
-    cfg = dataclasses.replace(_tiny(decode_fusion=True), decode_pdl=True)
+    cpu = torch.device("cpu")
+    assert pdl.launch_options(False, cpu, "gemv") == pdl.launch_options("off", cpu, "gemv") == (False, {})
+    assert [pdl.setting(v, "gemv") for v in (True, False, "auto")] == ["on", "off", "auto"]
+    with pytest.raises(ValueError, match="gemv: pdl='yes' is not one of"):
+        pdl.setting("yes", "gemv")
+    with mock.patch.object(pdl, "_INTERPRET", False):
+        assert not pdl.use_pdl("auto", cpu, "gemv")
+        for on in (True, "on"):
+            with pytest.raises(ValueError, match="gemv: pdl"):
+                pdl.launch_options(on, cpu, "gemv")
+        with mock.patch.object(pdl, "_has_pdl", lambda index: True):
+            assert pdl.launch_options("auto", torch.device("cuda", 0), "gemv") == (True, {"launch_pdl": True})
+        with mock.patch.object(pdl, "_has_pdl", lambda index: False):
+            assert pdl.launch_options("auto", torch.device("cuda", 0), "gemv") == (False, {})
+    assert model_config("qwen3_0.6b").decode_pdl == "auto"
+    with pytest.raises(ConfigError, match="decode_pdl='sometimes' is not one of auto, on, off"):
+        _tiny(decode_pdl="sometimes")
+    cfg = _tiny(decode_fusion=True, decode_pdl="on")
     torch.manual_seed(0)
-    a, b = Transformer(cfg).eval(), Transformer(dataclasses.replace(cfg, decode_pdl=False)).eval()
+    a, b = Transformer(cfg).eval(), Transformer(dataclasses.replace(cfg, decode_pdl="off")).eval()
     b.load_state_dict(a.state_dict())
     x = torch.randint(0, 64, (2, 9))
     torch.testing.assert_close(_run(a, x)[0], _run(b, x)[0], rtol=0, atol=0)
-    assert a.blocks[0].ffn.w_down.pdl and a.blocks[0].mixer.pdl
+    assert a.blocks[0].ffn.w_down.pdl == a.blocks[0].mixer.pdl == "on"

@@ -37,7 +37,7 @@ import triton
 import triton.language as tl
 
 from deepwish.kernels.online_softmax import online_softmax_step
-from deepwish.kernels.pdl import launch_options, wait_for_inputs
+from deepwish.kernels.pdl import launch_options, setting, wait_for_inputs
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 NO_WINDOW = 1 << 62
@@ -185,10 +185,14 @@ def _sm_count(device_index: int) -> int:
 DECODE_PROGRAMS_PER_SM = 2
 
 
+# Chunks are a multiple of this many cache slots (bench/decode_tiles sweeps it with the split count)
+DECODE_CHUNK_UNIT = 16 if _INTERPRET else 128
+
+
 def plan_splits(B: int, Hkv: int, L: int, device, per_sm: int | None = None) -> tuple[int, int]:
     """(splits, chunk): about `per_sm` (DECODE_PROGRAMS_PER_SM) programs per SM, chunks a multiple
-    of 128 slots (16 under the interpreter). Shapes only, so a captured graph keeps it."""
-    unit = 16 if _INTERPRET else 128
+    of DECODE_CHUNK_UNIT slots. Shapes only, so a captured graph keeps it."""
+    unit = DECODE_CHUNK_UNIT
     idx = torch.device(device).index or 0
     per_sm = DECODE_PROGRAMS_PER_SM if per_sm is None else per_sm
     want = max(1, -(-per_sm * _sm_count(idx) // (B * Hkv)))
@@ -199,7 +203,7 @@ def plan_splits(B: int, Hkv: int, L: int, device, per_sm: int | None = None) -> 
 
 def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: torch.Tensor,
                      k_pos: torch.Tensor | None = None, *, window: int = 0, softcap: float = 0.0,
-                     scale: float | None = None, splits: int | None = None, pdl: bool = False,
+                     scale: float | None = None, splits: int | None = None, pdl: bool | str = False,
                      merge_in_split: bool = False) -> torch.Tensor:
     """q [B, Tq, H, Dqk], k [B, Hkv, L, Dqk], v [B, Hkv, L, Dv], q_pos [B, Tq], k_pos [B, L] or None
     -> [B, Tq, H, Dv] in q's dtype. Inference only (no gradient). pdl: programmatic dependent launch;
@@ -231,13 +235,13 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: t
     return _decode_op(q, k, v, q_pos.to(torch.int64).contiguous(),
                       None if k_pos is None else k_pos.to(torch.int64).contiguous(),
                       int(window), float(softcap), D_scale(DQK, scale), -1 if splits is None else int(splits),
-                      bool(pdl), bool(merge_in_split))
+                      setting(pdl, "decode_attention"), bool(merge_in_split))
 
 
 # A custom op: torch.compile (of a decode step) sees one opaque call with a known output shape.
 @torch.library.custom_op("deepwish::decode_attention", mutates_args=())
 def _decode_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: torch.Tensor, k_pos: Optional[torch.Tensor],
-               window: int, softcap: float, scale: float, splits: int, pdl: bool, merge_in_split: bool) -> torch.Tensor:
+               window: int, softcap: float, scale: float, splits: int, pdl: str, merge_in_split: bool) -> torch.Tensor:
     B, TQ, H, DQK = q.shape
     pdl, launch = launch_options(pdl, q.device, "decode_attention")
     HKV, L = k.shape[1], k.shape[2]
@@ -249,7 +253,7 @@ def _decode_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: torch.T
         splits, chunk = plan_splits(B, HKV, L, q.device)
     else:
         chunk = -(-L // splits)
-        chunk = -(-chunk // 128) * 128
+        chunk = -(-chunk // DECODE_CHUNK_UNIT) * DECODE_CHUNK_UNIT
         splits = -(-L // chunk)
     BLOCK_DK = max(16, triton.next_power_of_2(DQK))
     BLOCK_DV = max(16, triton.next_power_of_2(DV))
@@ -345,7 +349,7 @@ def _prologue_kernel(Y, WQ, WK, COS, SIN, POS, QO, KC, VC,
 
 def decode_prologue(y: torch.Tensor, q_weight: torch.Tensor, k_weight: torch.Tensor, eps: float,
                     cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor, k_cache: torch.Tensor,
-                    v_cache: torch.Tensor, n_heads: int, zero_centered: bool = False, pdl: bool = False) -> torch.Tensor:
+                    v_cache: torch.Tensor, n_heads: int, zero_centered: bool = False, pdl: bool | str = False) -> torch.Tensor:
     """`reference.decode_prologue` in one launch: y [B, T, (H + 2·Hkv)·D] -> q [B, T, H, D]; k and v
     written into the caches [B, Hkv, L, D] at `positions` [B, T]. A position outside the cache writes
     nothing and stops the kernel with a device-side assertion (no host synchronisation). pdl:
@@ -365,13 +369,13 @@ def decode_prologue(y: torch.Tensor, q_weight: torch.Tensor, k_weight: torch.Ten
     if cos.stride() != sin.stride() or cos.stride(-1) != 1:  # the kernel reads both with cos's strides
         cos, sin = cos.contiguous(), sin.contiguous()
     return _prologue_op(y, q_weight, k_weight, float(eps), cos, sin, positions, k_cache, v_cache,
-                        int(n_heads), bool(zero_centered), bool(pdl))
+                        int(n_heads), bool(zero_centered), setting(pdl, "decode_prologue"))
 
 
 @torch.library.custom_op("deepwish::decode_prologue", mutates_args=("k_cache", "v_cache"))
 def _prologue_op(y: torch.Tensor, q_weight: torch.Tensor, k_weight: torch.Tensor, eps: float, cos: torch.Tensor,
                  sin: torch.Tensor, positions: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                 n_heads: int, zero_centered: bool, pdl: bool) -> torch.Tensor:
+                 n_heads: int, zero_centered: bool, pdl: str) -> torch.Tensor:
     B, T, _ = y.shape
     pdl, launch = launch_options(pdl, y.device, "decode_prologue")
     Hkv, D = k_cache.shape[1], k_cache.shape[-1]

@@ -32,7 +32,7 @@ def takes_gemv(x: torch.Tensor, weight: torch.Tensor, backend: str) -> bool:
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
-           backend: str = "torch", pdl: bool = False) -> torch.Tensor:
+           backend: str = "torch", pdl: bool | str = False) -> torch.Tensor:
     """F.linear(x, weight, bias), through the Triton GEMV where `takes_gemv` says so (pdl: launched
     with programmatic dependent launch, model.decode_pdl)."""
     if takes_gemv(x, weight, backend):
@@ -46,7 +46,7 @@ class Linear(nn.Linear):
     `pdl` (model.decode_pdl); the same parameters, names and state dict as nn.Linear."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, backend: str = "torch",
-                 pdl: bool = False, **kw):
+                 pdl: bool | str = False, **kw):
         super().__init__(in_features, out_features, bias=bias, **kw)
         self.backend = backend
         self.pdl = pdl
@@ -56,4 +56,4 @@ class Linear(nn.Linear):
 
     def extra_repr(self) -> str:
         return (super().extra_repr() + (f", backend={self.backend}" if self.backend != "torch" else "")
-                + (", pdl=True" if self.pdl else ""))
+                + (f", pdl={self.pdl}" if self.pdl not in (False, "off") else ""))

@@ -23,7 +23,10 @@ reads all of x anyway, so work on x costs no launch and no traffic worth countin
 Compiled, each of these was a kernel of its own a layer (the add and the norm one, the SwiGLU one).
 
 PDL (`pdl`, model.decode_pdl; kernels/pdl.py): each program loads its first tile of W (weights:
-nothing in the step writes them) before it waits for the previous kernel's writes and reads x.
+nothing in the step writes them) before it waits for the previous kernel's writes and reads x,
+and (PREFETCH, where W's rows are contiguous and 16-byte aligned) first sends the whole of its
+rows of W towards L2 with one bulk prefetch, so the loads after the wait find them there: the
+weights stream in while the kernel before still runs.
 
 Deviation from cuBLAS: another summation order, so results differ in the last bits (not in
 meaning: fp32 accumulation in both).
@@ -37,7 +40,7 @@ import torch
 import triton
 import triton.language as tl
 
-from deepwish.kernels.pdl import launch_options, wait_for_inputs
+from deepwish.kernels.pdl import launch_options, prefetch_to_l2, setting, wait_for_inputs
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
@@ -53,6 +56,9 @@ else:
                                   (64, 64, 4, 3), (64, 128, 8, 3))]
 
 NORM_NONE, NORM_PLAIN, NORM_ZERO_CENTERED = 0, 1, 2  # the NORM constexpr (model/norm.py's two forms)
+# under PDL, each program's rows of W sent to L2 before the wait (kernels/pdl.py prefetch_to_l2);
+# bench/decode_tiles times the GEMVs with it and without
+PREFETCH_UNDER_PDL = True
 
 
 @triton.jit
@@ -80,13 +86,23 @@ def _x_tile(x_ptrs, mask, NW, rk, K, NORM: tl.constexpr, GATED: tl.constexpr):
     return x, sq
 
 
+@triton.jit
+def _prefetch_rows(W, N, K, s_wn, BN: tl.constexpr):
+    """This program's BN rows of W (contiguous: s_wn == K) on their way to L2 (kernels/pdl.py)."""
+    n0 = tl.program_id(0) * BN
+    rows = tl.minimum(N - n0, BN)
+    prefetch_to_l2(W + tl.cast(n0, tl.int64) * s_wn, rows * K * (W.dtype.element_ty.primitive_bitwidth // 8))
+
+
 @triton.autotune(configs=_ONE_ROW, key=["N", "K", "NORM", "GATED"])
 @triton.jit
 def _one_row_kernel(X, W, Bias, NW, R, Y, N, K, eps, s_wn, HAS_BIAS: tl.constexpr, NORM: tl.constexpr,
-                    GATED: tl.constexpr, RESIDUAL: tl.constexpr, PDL: tl.constexpr,
+                    GATED: tl.constexpr, RESIDUAL: tl.constexpr, PDL: tl.constexpr, PREFETCH: tl.constexpr,
                     BN: tl.constexpr, BK: tl.constexpr):
     rn = tl.program_id(0) * BN + tl.arange(0, BN)
     n_ok = rn < N
+    if PREFETCH:
+        _prefetch_rows(W, N, K, s_wn, BN)
     w_rows = W + tl.cast(rn, tl.int64)[:, None] * s_wn
     rk = tl.arange(0, BK)
     w_first = tl.load(w_rows + rk[None, :], mask=n_ok[:, None] & (rk < K)[None, :], other=0.0)
@@ -115,11 +131,13 @@ def _one_row_kernel(X, W, Bias, NW, R, Y, N, K, eps, s_wn, HAS_BIAS: tl.constexp
 @triton.jit
 def _rows_kernel(X, W, Bias, NW, R, Y, M, N, K, eps, s_xm, s_wn, s_rm, s_ym, HAS_BIAS: tl.constexpr,
                  NORM: tl.constexpr, GATED: tl.constexpr, RESIDUAL: tl.constexpr, PDL: tl.constexpr,
-                 PREC: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+                 PREFETCH: tl.constexpr, PREC: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
     BM: tl.constexpr = 16
     rn = tl.program_id(0) * BN + tl.arange(0, BN)
     rm = tl.arange(0, BM)
     n_ok = rn < N
+    if PREFETCH:
+        _prefetch_rows(W, N, K, s_wn, BN)
     m_ok = rm < M
     w_rows = W + tl.cast(rn, tl.int64)[:, None] * s_wn
     x_rows = X + rm[:, None] * s_xm
@@ -150,7 +168,7 @@ def _rows_kernel(X, W, Bias, NW, R, Y, M, N, K, eps, s_xm, s_wn, s_rm, s_ym, HAS
 
 def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
          norm: tuple[torch.Tensor, float, bool] | None = None, gated: bool = False,
-         residual: torch.Tensor | None = None, pdl: bool = False) -> torch.Tensor:
+         residual: torch.Tensor | None = None, pdl: bool | str = False) -> torch.Tensor:
     """x [..., K] (at most 16 rows in all), weight [N, K], bias [N] or None -> [..., N] in x's dtype.
 
     norm = (w [K], eps, zero_centered): RMSNorm x's rows first; gated: x is [..., 2K] = [gate | up]
@@ -179,13 +197,13 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
     nw, eps, zc = norm if norm is not None else (None, 0.0, False)
     y = _gemv_op(x.reshape(M, x_width).contiguous(), weight if weight.stride(1) == 1 else weight.contiguous(), bias,
                  nw, float(eps), bool(zc), bool(gated),
-                 None if residual is None else residual.reshape(M, N).contiguous(), bool(pdl))
+                 None if residual is None else residual.reshape(M, N).contiguous(), setting(pdl, "gemv"))
     return y.reshape(*x.shape[:-1], N)
 
 
 @torch.library.custom_op("deepwish::gemv", mutates_args=())
 def _gemv_op(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], norm_weight: Optional[torch.Tensor],
-             eps: float, zero_centered: bool, gated: bool, residual: Optional[torch.Tensor], pdl: bool) -> torch.Tensor:
+             eps: float, zero_centered: bool, gated: bool, residual: Optional[torch.Tensor], pdl: str) -> torch.Tensor:
     M = x.shape[0]
     N, K = weight.shape
     y = torch.empty(M, N, dtype=x.dtype, device=x.device)
@@ -195,14 +213,18 @@ def _gemv_op(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]
     r = residual if residual is not None else placeholder
     norm = NORM_NONE if norm_weight is None else NORM_ZERO_CENTERED if zero_centered else NORM_PLAIN
     pdl, launch = launch_options(pdl, x.device, "gemv")
+    # the bulk prefetch needs W's rows back to back from a 16-byte aligned start, whole 16-byte units
+    prefetch = (pdl and PREFETCH_UNDER_PDL and weight.stride(0) == K and weight.data_ptr() % 16 == 0
+                and K * weight.element_size() % 16 == 0)
     grid = lambda meta: (triton.cdiv(N, meta["BN"]),)  # noqa: E731
     if M == 1:
         _one_row_kernel[grid](x, weight, b, nw, r, y, N, K, eps, weight.stride(0), HAS_BIAS=bias is not None,
-                              NORM=norm, GATED=gated, RESIDUAL=residual is not None, PDL=pdl, **launch)
+                              NORM=norm, GATED=gated, RESIDUAL=residual is not None, PDL=pdl, PREFETCH=prefetch,
+                              **launch)
     else:
         _rows_kernel[grid](x, weight, b, nw, r, y, M, N, K, eps, x.stride(0), weight.stride(0), r.stride(0),
                            y.stride(0), HAS_BIAS=bias is not None, NORM=norm, GATED=gated,
-                           RESIDUAL=residual is not None, PDL=pdl,
+                           RESIDUAL=residual is not None, PDL=pdl, PREFETCH=prefetch,
                            PREC="ieee" if x.dtype == torch.float32 else "tf32", **launch)
     return y
 

@@ -1,0 +1,202 @@
+"""Launch configurations of the decode step's own kernels at a model's shapes, timed as the step
+runs them: one launch per layer, back to back in one CUDA graph (each layer with its own weights
+and cache, so nothing is served from L2), with programmatic dependent launch where the GPU has it
+(model.decode_pdl=auto), one GPU run:
+
+    python -m deepwish.bench.decode_tiles --out DIR [--preset qwen3_0.6b] [--context 512]
+
+Parts: `gemv`: the one-row GEMV (kernels/gemv/triton.py, batch 1) at the step's four projections
+with what model.decode_fusion puts in them (q/k/v and gate/up with the pre-norm, o with the residual
+add, down with SwiGLU's activation and the add) and the LM head, per (BN, BK, warps, stages), and
+the shipped tiles without the bulk L2 prefetch of W (PREFETCH_UNDER_PDL);
+`split`: the split-KV decode kernel with its merge (kernels/attention/decode.py, merge_in_split) per
+programs per SM, chunk unit and (BN, warps, stages). Every candidate's output is checked against
+the shipped configuration's first (a wrong one is dropped). Prints µs a launch and the share of
+the copy bandwidth the launch's bytes would take, and writes DIR/decode_tiles.json (every row, the
+fastest per kernel, the shipped configuration's time).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from deepwish.bench.env import bench_environment, copy_bw
+from deepwish.bench.timing import graph_ms, rel_rms
+
+# one-row GEMV candidates (BN, BK, warps, stages): the autotuned list (kernels/gemv/triton.py) and
+# fewer rows a program with longer K tiles (more bytes in flight a program, more programs at N=1024)
+GEMV_CANDIDATES = [(4, 512, 4, 4), (8, 256, 4, 4), (8, 512, 4, 3), (16, 256, 4, 3), (16, 512, 8, 3),
+                   (32, 256, 8, 3), (32, 128, 4, 4), (64, 128, 8, 3),
+                   (2, 512, 4, 3), (2, 1024, 4, 2), (2, 1024, 8, 2), (4, 1024, 4, 2), (4, 1024, 8, 2),
+                   (4, 1024, 8, 3), (8, 1024, 8, 2), (8, 1024, 8, 3), (2, 2048, 8, 1), (4, 2048, 8, 1),
+                   (1, 1024, 4, 2), (1, 2048, 4, 1), (4, 256, 2, 4), (8, 256, 2, 4)]
+# split-KV candidates: programs per SM x chunk unit x (BN, warps, stages)
+SPLIT_PER_SM = (1, 2, 4, 8)
+SPLIT_UNITS = (64, 128)
+SPLIT_TILES = [(64, 4, 3), (64, 4, 2), (32, 4, 2), (32, 2, 2), (64, 8, 2), (128, 8, 2), (32, 4, 3)]
+
+
+def _gemv_cases(cfg, layers: int, dev) -> list[tuple[str, int, list]]:
+    """(name, bytes a launch, per-launch argument dicts) for the step's GEMVs at batch 1."""
+    bf = dict(device=dev, dtype=torch.bfloat16)
+    d, ff, H, Hkv, D = cfg.d_model, cfg.d_ff, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+    g = torch.Generator(device=dev).manual_seed(0)
+
+    def rnd(*shape, scale=1.0):
+        return torch.randn(*shape, generator=g, **bf) * scale
+
+    x = rnd(1, d)
+    nw = 1 + 0.1 * rnd(d)
+    shapes = [("qkv+norm", (H + 2 * Hkv) * D, d, dict(norm=(nw, 1e-6, False))),
+              ("o+residual", d, H * D, dict(residual=x)),
+              ("gate_up+norm", 2 * ff, d, dict(norm=(nw, 1e-6, False))),
+              ("down+swiglu+residual", d, ff, dict(gated=True, residual=x))]
+    cases = []
+    for name, N, K, kw in shapes:
+        inp = rnd(1, 2 * K) if kw.get("gated") else (x if K == d else rnd(1, K))
+        calls = [dict(x=inp, weight=rnd(N, K, scale=0.02), **kw) for _ in range(layers)]
+        cases.append((name, N * K * 2, calls))
+    cases.append(("lm_head", cfg.vocab_size * d * 2, [dict(x=x, weight=rnd(cfg.vocab_size, d, scale=0.02))]))
+    return cases
+
+
+def sweep_gemv(cfg, layers: int, dev, pdl: str, rows: list) -> None:
+    from deepwish.kernels.gemv import triton as gk
+    import triton
+    kernel = gk._one_row_kernel
+    shipped = list(kernel.configs)
+    try:
+        for name, nbytes, calls in _gemv_cases(cfg, layers, dev):
+            run = lambda: [gk.gemv(**c, pdl=pdl) for c in calls]  # noqa: E731
+            kernel.configs, kernel.cache = shipped, {}
+            want = run()
+            base_us = graph_ms(run) * 1e3 / len(calls)
+            pick = kernel.best_config
+            print(f"gemv {name}: {nbytes / 1e6:.1f} MB a launch x {len(calls)}; shipped (autotuned {pick.kwargs}, "
+                  f"w{pick.num_warps} s{pick.num_stages}): {base_us:.2f} us ({nbytes / base_us / 1e-6 / copy_bw():.0%} "
+                  f"of copy)", flush=True)
+            rows.append(dict(kernel="gemv", case=name, config="shipped", us=base_us, bytes=nbytes,
+                             picked=[pick.kwargs["BN"], pick.kwargs["BK"], pick.num_warps, pick.num_stages]))
+            gk.PREFETCH_UNDER_PDL = False  # the same tiles without the bulk L2 prefetch before the wait
+            try:
+                no_prefetch_us = graph_ms(run) * 1e3 / len(calls)
+            finally:
+                gk.PREFETCH_UNDER_PDL = True
+            rows.append(dict(kernel="gemv", case=name, config="shipped without prefetch", us=no_prefetch_us,
+                             bytes=nbytes))
+            print(f"  shipped tiles without the L2 prefetch: {no_prefetch_us:.2f} us", flush=True)
+            for bn, bk, w, s in GEMV_CANDIDATES:
+                kernel.configs = [triton.Config({"BN": bn, "BK": bk}, num_warps=w, num_stages=s)]
+                kernel.cache = {}
+                try:
+                    got = run()
+                    err = max(rel_rms(a, b) for a, b in zip(want, got))
+                    us = graph_ms(run) * 1e3 / len(calls) if err < 1e-2 else float("nan")
+                except Exception as e:  # noqa: BLE001 (a config that does not compile is a row, not a stop)
+                    err, us = float("nan"), float("nan")
+                    print(f"  {bn}x{bk} w{w} s{s}: {type(e).__name__}", flush=True)
+                rows.append(dict(kernel="gemv", case=name, config=[bn, bk, w, s], us=us, bytes=nbytes, rel_rms=err))
+                print(f"  BN {bn:3d} BK {bk:5d} w{w} s{s}: {us:7.2f} us ({nbytes / us / 1e-6 / copy_bw():4.0%})", flush=True)
+    finally:
+        kernel.configs, kernel.cache = shipped, {}
+
+
+def sweep_split(cfg, layers: int, context: int, dev, pdl: str, rows: list) -> None:
+    from deepwish.kernels.attention import decode as dk
+    H, Hkv, D = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+    L = context + 64  # a cache sized for the prompt and some new tokens, as generate sizes it
+    g = torch.Generator(device=dev).manual_seed(1)
+    bf = dict(device=dev, dtype=torch.bfloat16)
+    caches = [(torch.randn(1, Hkv, L, D, generator=g, **bf), torch.randn(1, Hkv, L, D, generator=g, **bf))
+              for _ in range(layers)]
+    qs = [torch.randn(1, 1, H, D, generator=g, **bf) for _ in range(layers)]
+    pos = torch.full((1, 1), context, device=dev, dtype=torch.int64)
+    nbytes = 2 * Hkv * (context + 1) * D * 2  # the keys and values a step reads (positions 0..context)
+    saved = {k: getattr(dk, k) for k in ("DECODE_PROGRAMS_PER_SM", "DECODE_CHUNK_UNIT", "DECODE_BN", "DECODE_WARPS",
+                                         "DECODE_STAGES")}
+    run = lambda: [dk.decode_attention(q, k, v, pos, pdl=pdl, merge_in_split=True)  # noqa: E731
+                   for q, (k, v) in zip(qs, caches)]
+    try:
+        want = run()
+        base_us = graph_ms(run) * 1e3 / layers
+        splits, chunk = dk.plan_splits(1, Hkv, L, dev)
+        print(f"split context {context} (cache {L}): shipped {saved} splits {splits} chunk {chunk}: {base_us:.2f} us "
+              f"({nbytes / base_us / 1e-6 / copy_bw():.0%} of copy)", flush=True)
+        rows.append(dict(kernel="split", case=f"context {context}", config="shipped", us=base_us, bytes=nbytes,
+                         picked=list(saved.values())))
+        for per_sm in SPLIT_PER_SM:
+            for unit in SPLIT_UNITS:
+                for bn, w, s in SPLIT_TILES:
+                    dk.DECODE_PROGRAMS_PER_SM, dk.DECODE_CHUNK_UNIT = per_sm, unit
+                    dk.DECODE_BN, dk.DECODE_WARPS, dk.DECODE_STAGES = bn, w, s
+                    splits, chunk = dk.plan_splits(1, Hkv, L, dev)
+                    try:
+                        got = run()
+                        err = max(rel_rms(a, b) for a, b in zip(want, got))
+                        us = graph_ms(run) * 1e3 / layers if err < 1e-2 else float("nan")
+                    except Exception as e:  # noqa: BLE001
+                        err, us = float("nan"), float("nan")
+                        print(f"  {per_sm} {unit} {bn} w{w} s{s}: {type(e).__name__}", flush=True)
+                    rows.append(dict(kernel="split", case=f"context {context}", config=[per_sm, unit, bn, w, s],
+                                     splits=splits, chunk=chunk, us=us, bytes=nbytes, rel_rms=err))
+                    print(f"  per_sm {per_sm} unit {unit:3d} BN {bn:3d} w{w} s{s} ({splits} x {chunk}): {us:6.2f} us",
+                          flush=True)
+    finally:
+        for k, v in saved.items():
+            setattr(dk, k, v)
+
+
+def run(out_dir, preset: str = "qwen3_0.6b", context: int = 512, parts=("gemv", "split")) -> dict:
+    from deepwish.config import model_config
+    from deepwish.kernels.pdl import use_pdl
+    if not torch.cuda.is_available():
+        raise RuntimeError("the decode tile sweep needs a CUDA device")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    dev = torch.device("cuda")
+    cfg = model_config(preset)
+    pdl = cfg.decode_pdl
+    print(f"== decode tiles: {preset}, {cfg.n_layers} launches a kernel, context {context}, pdl={pdl} "
+          f"({'on' if use_pdl(pdl, dev, 'gemv') else 'off'} here), {torch.cuda.get_device_name()}", flush=True)
+    rows: list = []
+    t0 = time.time()
+    if "gemv" in parts:
+        sweep_gemv(cfg, cfg.n_layers, dev, pdl, rows)
+    if "split" in parts:
+        sweep_split(cfg, cfg.n_layers, context, dev, pdl, rows)
+    best = {}
+    for r in rows:
+        if isinstance(r["config"], list) and r["us"] == r["us"]:
+            key = f"{r['kernel']}|{r['case']}"
+            if key not in best or r["us"] < best[key]["us"]:
+                best[key] = r
+    print("\n| kernel | case | shipped µs | best µs | best config | best % of copy |\n|---|---|---:|---:|---|---:|")
+    for r in rows:
+        if r["config"] == "shipped":
+            b = best.get(f"{r['kernel']}|{r['case']}")
+            if b:
+                print(f"| {r['kernel']} | {r['case']} | {r['us']:.2f} | {b['us']:.2f} | {b['config']} | "
+                      f"{b['bytes'] / b['us'] / 1e-6 / copy_bw():.0%} |")
+    result = dict(env=bench_environment(dev, "python -m deepwish.bench.decode_tiles", preset=preset, context=context),
+                  rows=rows, best=best, seconds=time.time() - t0)
+    (out / "decode_tiles.json").write_text(json.dumps(result, indent=1, default=str))
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m deepwish.bench.decode_tiles", description=__doc__.split("\n")[0])
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--preset", default="qwen3_0.6b")
+    ap.add_argument("--context", type=int, default=512)
+    ap.add_argument("--parts", default="gemv,split", help="comma-separated subset of gemv, split")
+    args = ap.parse_args(argv)
+    run(args.out, args.preset, args.context, tuple(args.parts.split(",")))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,43 @@
+"""bench decode_tiles on the CPU (the kernels under the interpreter, wall time for the graph timer):
+every candidate is checked and timed as a row, and the shipped configuration comes back afterwards."""
+import math
+import time
+from unittest import mock
+
+import torch
+
+import deepwish.bench.decode_tiles as dt
+from deepwish.config import model_config
+from deepwish.kernels.attention import decode as dk
+from deepwish.kernels.gemv import triton as gk
+
+
+def _wall_ms(fn, *args, **kw):
+    t = time.perf_counter()
+    fn()
+    return (time.perf_counter() - t) * 1e3
+
+
+def test_sweeps_time_every_candidate_and_restore_the_shipped_configuration():
+    cfg = model_config("qwen3_tiny", n_layers=2, vocab_size=64, d_model=32, d_ff=48, n_heads=2, n_kv_heads=1,
+                       head_dim=16)
+    shipped = (list(gk._one_row_kernel.configs), gk.PREFETCH_UNDER_PDL, dk.DECODE_PROGRAMS_PER_SM,
+               dk.DECODE_CHUNK_UNIT, dk.DECODE_BN)
+    rows = []
+    with mock.patch.object(dt, "graph_ms", _wall_ms), mock.patch.object(dt, "copy_bw", lambda: 1e9), \
+            mock.patch.object(dt, "GEMV_CANDIDATES", [(4, 16, 1, 1), (2, 32, 1, 1)]), \
+            mock.patch.object(dt, "SPLIT_PER_SM", (1, 4)), mock.patch.object(dt, "SPLIT_UNITS", (16,)), \
+            mock.patch.object(dt, "SPLIT_TILES", [(16, 1, 1)]):
+        dt.sweep_gemv(cfg, 2, torch.device("cpu"), "auto", rows)
+        dt.sweep_split(cfg, 2, 40, torch.device("cpu"), "auto", rows)
+    gemv = [r for r in rows if r["kernel"] == "gemv"]
+    split = [r for r in rows if r["kernel"] == "split"]
+    # 4 projections and the LM head, each shipped, shipped without the prefetch, 2 candidates
+    assert len(gemv) == 5 * 4 and len(split) == 1 + 2
+    assert {r["case"] for r in gemv} == {"qkv+norm", "o+residual", "gate_up+norm", "down+swiglu+residual", "lm_head"}
+    for r in rows:
+        assert r["us"] > 0 and (isinstance(r["config"], str) or r["rel_rms"] < 1e-2), r
+    assert [r["splits"] for r in split[1:]] != [split[1]["splits"]] * 2  # per_sm changes the split count
+    assert not any(math.isnan(r["us"]) for r in rows)
+    assert shipped == (list(gk._one_row_kernel.configs), gk.PREFETCH_UNDER_PDL, dk.DECODE_PROGRAMS_PER_SM,
+                       dk.DECODE_CHUNK_UNIT, dk.DECODE_BN)
