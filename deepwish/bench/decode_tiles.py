@@ -8,9 +8,11 @@ and cache, so nothing is served from L2), with programmatic dependent launch whe
 Parts: `gemv`: the one-row GEMV (kernels/gemv/triton.py, batch 1) at the step's four projections
 with what model.decode_fusion puts in them (q/k/v and gate/up with the pre-norm, o with the residual
 add, down with SwiGLU's activation and the add) and the LM head, per (BN, BK, warps, stages), and
-the shipped tiles without the bulk L2 prefetch of W (PREFETCH_UNDER_PDL);
-`split`: the split-KV decode kernel with its merge (kernels/attention/decode.py, merge_in_split) per
-programs per SM, chunk unit and (BN, warps, stages). Every candidate's output is checked against
+the shipped tiles without the bulk L2 prefetch of W (PREFETCH_UNDER_PDL) and autotuned alone (the
+shapes of IN_STEP_TILES too); `split`: the split-KV decode kernel with its merge
+(kernels/attention/decode.py, merge_in_split) per programs per SM, chunk unit and (BN, warps,
+stages); `step` (opt-in): the whole step of the model as it comes, compiled and captured, with the
+GEMV's in-step tiles and with every tile autotuned alone. Every candidate's output is checked against
 the shipped configuration's first (a wrong one is dropped). Prints µs a launch and the share of
 the copy bandwidth the launch's bytes would take, and writes DIR/decode_tiles.json (every row, the
 fastest per kernel, the shipped configuration's time).
@@ -76,11 +78,21 @@ def sweep_gemv(cfg, layers: int, dev, pdl: str, rows: list) -> None:
             want = run()
             base_us = graph_ms(run) * 1e3 / len(calls)
             pick = kernel.best_config
-            print(f"gemv {name}: {nbytes / 1e6:.1f} MB a launch x {len(calls)}; shipped (autotuned {pick.kwargs}, "
+            print(f"gemv {name}: {nbytes / 1e6:.1f} MB a launch x {len(calls)}; shipped ({pick.kwargs}, "
                   f"w{pick.num_warps} s{pick.num_stages}): {base_us:.2f} us ({nbytes / base_us / 1e-6 / copy_bw():.0%} "
                   f"of copy)", flush=True)
             rows.append(dict(kernel="gemv", case=name, config="shipped", us=base_us, bytes=nbytes,
                              picked=[pick.kwargs["BN"], pick.kwargs["BK"], pick.num_warps, pick.num_stages]))
+            gk.USE_IN_STEP_TILES, kernel.cache = False, {}  # every tile autotuned alone, as other shapes are
+            try:
+                run()
+                alone, alone_us = kernel.best_config, graph_ms(run) * 1e3 / len(calls)
+            finally:
+                gk.USE_IN_STEP_TILES, kernel.cache = True, {}
+            rows.append(dict(kernel="gemv", case=name, config="autotuned alone", us=alone_us, bytes=nbytes,
+                             picked=[alone.kwargs["BN"], alone.kwargs["BK"], alone.num_warps, alone.num_stages]))
+            print(f"  autotuned alone ({alone.kwargs}, w{alone.num_warps} s{alone.num_stages}): {alone_us:.2f} us",
+                  flush=True)
             gk.PREFETCH_UNDER_PDL = False  # the same tiles without the bulk L2 prefetch before the wait
             try:
                 no_prefetch_us = graph_ms(run) * 1e3 / len(calls)
@@ -150,6 +162,33 @@ def sweep_split(cfg, layers: int, context: int, dev, pdl: str, rows: list) -> No
             setattr(dk, k, v)
 
 
+def sweep_step(preset: str, context: int, dev, rows: list, new_tokens: int = 64) -> None:
+    """The whole decode step (the model with its defaults, compiled and captured: `generate
+    --compile`'s step) with the GEMV's in-step tiles and with every GEMV tile autotuned alone."""
+    import dataclasses
+
+    from deepwish.bench.decode import _decode_rows, build
+    from deepwish.config import model_config
+    from deepwish.kernels.gemv import triton as gk
+    cfg = model_config(preset)
+    cfg = dataclasses.replace(cfg, max_seq_len=max(cfg.max_seq_len, context + new_tokens + 1))
+    torch.manual_seed(0)
+    model = build(cfg, dev)
+    kernels = (gk._one_row_kernel, gk._rows_kernel)
+    for label, in_step in (("step, in-step tiles", True), ("step, tiles autotuned alone", False)):
+        gk.USE_IN_STEP_TILES = in_step
+        for k in kernels:
+            k.cache = {}
+        try:
+            (r,) = _decode_rows(preset, model, 1, context, new_tokens, ["compiled"], dev, label=label)
+        finally:
+            gk.USE_IN_STEP_TILES = True
+        rows.append(dict(kernel="step", case=f"context {context}", config=label, us=(r.ms_per_step or float("nan")) * 1e3,
+                         bytes=r.weight_gb * 1e9 + r.cache_gb * 1e9, note=r.note))
+    for k in kernels:
+        k.cache = {}
+
+
 def run(out_dir, preset: str = "qwen3_0.6b", context: int = 512, parts=("gemv", "split")) -> dict:
     from deepwish.config import model_config
     from deepwish.kernels.pdl import use_pdl
@@ -168,6 +207,8 @@ def run(out_dir, preset: str = "qwen3_0.6b", context: int = 512, parts=("gemv", 
         sweep_gemv(cfg, cfg.n_layers, dev, pdl, rows)
     if "split" in parts:
         sweep_split(cfg, cfg.n_layers, context, dev, pdl, rows)
+    if "step" in parts:
+        sweep_step(preset, context, dev, rows)
     best = {}
     for r in rows:
         if isinstance(r["config"], list) and r["us"] == r["us"]:
@@ -192,7 +233,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", required=True)
     ap.add_argument("--preset", default="qwen3_0.6b")
     ap.add_argument("--context", type=int, default=512)
-    ap.add_argument("--parts", default="gemv,split", help="comma-separated subset of gemv, split")
+    ap.add_argument("--parts", default="gemv,split", help="comma-separated subset of gemv, split, step")
     args = ap.parse_args(argv)
     run(args.out, args.preset, args.context, tuple(args.parts.split(",")))
     return 0

@@ -162,3 +162,43 @@ print(json.dumps(out))
     assert out["one_row_no_prefetch"]["prefetches"] == 0, out
     for name in ("split", "merge", "prologue"):
         assert out[name]["before"] == 0 and out[name]["after"] > 0 and out[name]["launch_after_wait"], (name, out)
+
+
+def test_in_step_tiles_pick_measured_shapes_only(monkeypatch):
+    """The autotuner's pruning hook: a measured (N, K) of 2-byte weights gets its one tile; any
+    other shape, dtype, or the switch off, keeps the whole list to autotune."""
+    import triton
+
+    from deepwish.kernels.gemv import triton as gk
+    configs = [triton.Config({"BN": 8, "BK": 256}, num_warps=4), triton.Config({"BN": 16, "BK": 512}, num_warps=8)]
+    args = lambda N, K, dtype: dict(W=torch.empty(0, dtype=dtype), N=N, K=K)  # noqa: E731
+    (got,) = gk._in_step_tiles(configs, args(1024, 2048, torch.bfloat16))
+    assert (got.kwargs, got.num_warps, got.num_stages) == ({"BN": 2, "BK": 2048}, 8, 1)
+    assert gk._in_step_tiles(configs, args(1024, 2047, torch.bfloat16)) is configs
+    assert gk._in_step_tiles(configs, args(1024, 2048, torch.float32)) is configs
+    monkeypatch.setattr(gk, "USE_IN_STEP_TILES", False)
+    assert gk._in_step_tiles(configs, args(1024, 2048, torch.bfloat16)) is configs
+
+
+@pytest.mark.parametrize("case", ["o+residual", "down+swiglu+residual"])
+def test_in_step_tiles_compute_the_product(rel_err, monkeypatch, case):
+    """The measured tiles that differ most from the autotuned list (two rows a program with all
+    of K in one tile; four rows with K in three tiles of the gated input) at their own shapes,
+    through the interpreter, against the reference (fp16: the interpreter's bf16 is not exact)."""
+    import triton
+
+    from deepwish.kernels.gemv import triton as gk
+    N, K = (1024, 2048) if case == "o+residual" else (1024, 3072)
+    bn, bk, w, s = gk.IN_STEP_TILES[(N, K)]
+    kernel = gk._one_row_kernel
+    monkeypatch.setattr(kernel, "configs", [triton.Config({"BN": bn, "BK": bk}, num_warps=w, num_stages=s)])
+    monkeypatch.setattr(kernel, "cache", {})
+    g = torch.Generator().manual_seed(0)
+    gated = case.startswith("down")
+    x = torch.randn(1, 2 * K if gated else K, generator=g).half()
+    wt = (torch.randn(N, K, generator=g) * 0.02).half()
+    r = torch.randn(1, N, generator=g).half()
+    out = gk.gemv(x, wt, gated=gated, residual=r)
+    ref = reference.gemv(x, wt, gated=gated, residual=r)
+    assert kernel.best_config.kwargs == {"BN": bn, "BK": bk}
+    assert rel_err(ref, out) < 1e-3

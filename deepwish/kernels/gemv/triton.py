@@ -10,7 +10,11 @@ rows of W and streams them once along K, BK columns at a time; BN is small enoug
 programs cover every SM. One row (M = 1) is a broadcast multiply and a row sum (no tensor cores
 needed: the work per byte is one FMA); 2..16 rows use one tl.dot per tile, x padded to 16 rows.
 Tiles are autotuned per (N, K) at the first call, which must come before CUDA-graph capture (the
-captured step's warm-up does that).
+captured step's warm-up does that), except at the shapes of IN_STEP_TILES: there the one-row
+kernel takes the tiles measured as the step runs them (bench/decode_tiles: a launch per layer back
+to back in one CUDA graph, under PDL). Autotuning times one launch alone, where no kernel before it
+overlaps its first loads; in the step, fewer rows a program with longer K tiles win at N = 1024
+(H200, Qwen3-0.6B's o and down projections: 3.34 -> 2.46 and 4.89 -> 3.81 µs a launch).
 
 Fusions (model.decode_fusion; reference.gemv spells out each one's arithmetic). Every program
 reads all of x anyway, so work on x costs no launch and no traffic worth counting:
@@ -55,6 +59,26 @@ else:
              for bn, bk, w, s in ((16, 128, 4, 3), (16, 256, 4, 3), (32, 128, 4, 3), (32, 64, 4, 4),
                                   (64, 64, 4, 3), (64, 128, 8, 3))]
 
+# (N, K) -> (BN, BK, warps, stages) of the one-row kernel for 2-byte weights, measured in the step
+# where it differs from the tile autotuned alone (python -m deepwish.bench.decode_tiles, one H200,
+# 2026-12-05, qwen3_0.6b with decode_fusion, decode_pdl and the L2 prefetch on; µs a launch, autotuned
+# alone -> this, in one run): o + residual 3.34 -> 2.46, down + SwiGLU + residual 4.89 -> 3.81, LM head
+# 74.86 -> 71.84 (q/k/v and gate/up: no tile beat the autotuned one beyond the run-to-run noise).
+# The compiled, captured step: 0.900 -> 0.846 ms. Other shapes are autotuned; USE_IN_STEP_TILES =
+# False autotunes these too.
+IN_STEP_TILES = {(1024, 2048): (2, 2048, 8, 1), (1024, 3072): (4, 1024, 8, 2), (151936, 1024): (4, 1024, 4, 2)}
+USE_IN_STEP_TILES = True
+
+
+def _in_step_tiles(configs, named_args, **kwargs):
+    """The autotuner's pruning hook: IN_STEP_TILES' entry for this (N, K), else every config."""
+    pick = IN_STEP_TILES.get((named_args["N"], named_args["K"])) if USE_IN_STEP_TILES else None
+    if pick is None or named_args["W"].element_size() != 2:
+        return configs
+    bn, bk, w, s = pick
+    return [triton.Config({"BN": bn, "BK": bk}, num_warps=w, num_stages=s)]
+
+
 NORM_NONE, NORM_PLAIN, NORM_ZERO_CENTERED = 0, 1, 2  # the NORM constexpr (model/norm.py's two forms)
 # under PDL, each program's rows of W sent to L2 before the wait (kernels/pdl.py prefetch_to_l2);
 # bench/decode_tiles times the GEMVs with it and without
@@ -94,7 +118,7 @@ def _prefetch_rows(W, N, K, s_wn, BN: tl.constexpr):
     prefetch_to_l2(W + tl.cast(n0, tl.int64) * s_wn, rows * K * (W.dtype.element_ty.primitive_bitwidth // 8))
 
 
-@triton.autotune(configs=_ONE_ROW, key=["N", "K", "NORM", "GATED"])
+@triton.autotune(configs=_ONE_ROW, key=["N", "K", "NORM", "GATED"], prune_configs_by={"early_config_prune": _in_step_tiles})
 @triton.jit
 def _one_row_kernel(X, W, Bias, NW, R, Y, N, K, eps, s_wn, HAS_BIAS: tl.constexpr, NORM: tl.constexpr,
                     GATED: tl.constexpr, RESIDUAL: tl.constexpr, PDL: tl.constexpr, PREFETCH: tl.constexpr,
