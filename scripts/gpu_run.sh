@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # What the GPU machine runs: environment report, GPU tests and benchmarks, results under $OUT.
-#   bash scripts/gpu_run.sh STAGE...   with STAGE in: env tests kernels gdn train decode sweep tradeoff notebook profile embedding gpt_mfu corpus speedrun loop_profile mfu_variants lce ablate dsa nsa_kernels nsa_quality attn_dq_tiles attn_dq muon attn_focus_tiles attn_goals decode_tests decode_compare decode_profiles generate
+#   bash scripts/gpu_run.sh STAGE...   with STAGE in: env tests kernels gdn train decode sweep tradeoff notebook profile embedding gpt_mfu corpus speedrun loop_profile mfu_variants lce ablate dsa nsa_kernels nsa_quality attn_dq_tiles attn_dq muon attn_focus_tiles attn_goals decode_tests decode_compare decode_tiles decode_profiles generate
 # Optional wheels in .whl/ (flash-linear-attention, liger-kernel) are installed to /tmp/site
 # first, so the anchors run side by side with deepwish in the same process (NO_WHEELS=1 skips
 # them, e.g. for HF's Qwen3-Next on its torch path).
@@ -35,6 +35,10 @@ for stage in "$@"; do
       [ "${PIPESTATUS[0]}" = 0 ] || status=1 ;;
     decode_compare)  # the before/after rows: cuBLAS, the GEMV, its prologue kernel, decode_fusion, decode_pdl (~8 min)
       python3 -m deepwish.bench.decode --compare --out "$OUT/decode_compare" ${DECODE_COMPARE_ARGS:-} || status=1 ;;
+    decode_tiles)  # the step's kernels' launch configurations as the step runs them, the split kernel's L2 prefetch
+      # switched, and the captured step with each change undone (~4 min)
+      python3 -m deepwish.bench.decode_tiles --out "$OUT/decode_tiles" --parts gemv,split,step ${DECODE_TILES_ARGS:-} \
+        | tee "$OUT/decode_tiles.log" | grep -E "^gemv|^split|shipped|alone|step" || status=1 ;;
     decode_profiles)  # one step's kernels: the GEMV path with every decode option on, with the prologue kernel only; batch 64
       python3 -m deepwish.bench.decode_profile --out "$OUT/decode_profile_pdl" --paths compiled-captured --matmul triton \
         --prologue --fusion --pdl || status=1

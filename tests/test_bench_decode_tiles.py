@@ -33,32 +33,36 @@ def test_sweeps_time_every_candidate_and_restore_the_shipped_configuration():
     gemv = [r for r in rows if r["kernel"] == "gemv"]
     split = [r for r in rows if r["kernel"] == "split"]
     # 4 projections and the LM head, each shipped, shipped without the prefetch, autotuned alone, 2 candidates
-    assert len(gemv) == 5 * 5 and len(split) == 1 + 2
+    assert len(gemv) == 5 * 5 and len(split) == 1 + 1 + 2
     assert {r["case"] for r in gemv} == {"qkv+norm", "o+residual", "gate_up+norm", "down+swiglu+residual", "lm_head"}
     for r in rows:
         assert r["us"] > 0 and (isinstance(r["config"], str) or r["rel_rms"] < 1e-2), r
-    assert [r["splits"] for r in split[1:]] != [split[1]["splits"]] * 2  # per_sm changes the split count
+    assert split[1]["rel_rms"] == 0.0 and "prefetch" in split[1]["config"]  # no PDL off the GPU: the same kernel
+    assert [r["splits"] for r in split[2:]] != [split[2]["splits"]] * 2  # per_sm changes the split count
     assert not any(math.isnan(r["us"]) for r in rows)
     assert shipped == (list(gk._one_row_kernel.configs), gk.PREFETCH_UNDER_PDL, dk.DECODE_PROGRAMS_PER_SM,
                        dk.DECODE_CHUNK_UNIT, dk.DECODE_BN)
     assert gk.USE_IN_STEP_TILES
 
 
-def test_step_part_times_the_in_step_tiles_then_the_autotuned_ones():
-    """`step` times the model's step twice, the GEMV's tiles re-picked each time (the autotuner's
-    cache emptied), and leaves the in-step tiles on."""
+def test_step_part_times_the_shipped_step_and_each_change_undone():
+    """`step` times the model's step as shipped, without the split kernel's prefetch and with the
+    GEMV's tiles autotuned alone, re-picked each time (the autotuner's cache emptied), and leaves
+    the shipped settings on."""
     from deepwish.bench.decode import Row
     seen = []
 
     def fake_rows(preset, model, batch, context, new_tokens, modes, device, label=None):
-        seen.append((gk.USE_IN_STEP_TILES, gk._one_row_kernel.cache == {}, modes, label))
+        seen.append(((gk.USE_IN_STEP_TILES, dk.PREFETCH_UNDER_PDL), gk._one_row_kernel.cache == {}, modes, label))
         return [Row(preset, label, batch, context, ms_per_step=1.0 if gk.USE_IN_STEP_TILES else 1.25,
                     weight_gb=1.0, cache_gb=0.5)]
     rows = []
     gk._one_row_kernel.cache = {("stale",): None}
     with mock.patch("deepwish.bench.decode._decode_rows", fake_rows), \
             mock.patch("deepwish.bench.decode.build", lambda cfg, dev: None):
-        dt.sweep_step("qwen3_tiny", 40, torch.device("cpu"), rows)
-    assert [s[:3] for s in seen] == [(True, True, ["compiled"]), (False, True, ["compiled"])]
-    assert [r["us"] for r in rows] == [1000.0, 1250.0] and rows[0]["bytes"] == 1.5e9
-    assert gk.USE_IN_STEP_TILES and gk._one_row_kernel.cache == {}
+        dt.sweep_step("qwen3_tiny", 40, torch.device("cpu"), rows, mode="compiled")
+    p = dk.PREFETCH_UNDER_PDL  # the split kernel's prefetch as shipped, then switched
+    assert [s[:3] for s in seen] == [((True, p), True, ["compiled"]), ((True, not p), True, ["compiled"]),
+                                     ((False, p), True, ["compiled"])]
+    assert [r["us"] for r in rows] == [1000.0, 1000.0, 1250.0] and rows[0]["bytes"] == 1.5e9
+    assert gk.USE_IN_STEP_TILES and dk.PREFETCH_UNDER_PDL == p and gk._one_row_kernel.cache == {}

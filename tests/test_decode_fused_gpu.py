@@ -232,3 +232,28 @@ def test_merge_in_split_matches_the_merge_kernel(cuda, rel_err, B, L):
     for pdl in (False, True, True):
         got = decode_attention(q, k, v, pos, merge_in_split=True, pdl=pdl)
         assert rel_err(want, got) < 1e-3
+
+
+@pytest.mark.parametrize("TQ", [1, 5])
+def test_split_prefetch_changes_no_value(cuda, monkeypatch, TQ):
+    """The split kernel's L2 prefetch before its PDL wait (PREFETCH_UNDER_PDL): the same output bit
+    for bit as without it, for one token and a 5-token verification chunk at 8k, with the new
+    tokens' slots written just before (under PDL by the prologue kernel in the model's step:
+    test_pdl_step_captures_and_replays_the_eager_logits)."""
+    if torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("programmatic dependent launch needs Hopper or later")
+    from deepwish.kernels.attention import decode
+    bf = dict(device=cuda, dtype=torch.bfloat16)
+    L = 8192
+    q = torch.randn(1, TQ, 16, 128, **bf)
+    k, v = torch.randn(1, 8, L, 128, **bf), torch.randn(1, 8, L, 128, **bf)
+    pos = (L - 64 + torch.arange(TQ, device=cuda))[None]
+    new_k, new_v = torch.randn(1, 8, TQ, 128, **bf), torch.randn(1, 8, TQ, 128, **bf)
+    out = {}
+    for prefetch in (False, True):
+        monkeypatch.setattr(decode, "PREFETCH_UNDER_PDL", prefetch)
+        kc, vc = k.clone(), v.clone()
+        kc[:, :, L - 64:L - 64 + TQ] = new_k
+        vc[:, :, L - 64:L - 64 + TQ] = new_v
+        out[prefetch] = decode.decode_attention(q, kc, vc, pos, pdl=True, merge_in_split=True)
+    assert torch.equal(out[True], out[False])

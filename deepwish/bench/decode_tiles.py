@@ -11,8 +11,9 @@ add, down with SwiGLU's activation and the add) and the LM head, per (BN, BK, wa
 the shipped tiles without the bulk L2 prefetch of W (PREFETCH_UNDER_PDL) and autotuned alone (the
 shapes of IN_STEP_TILES too); `split`: the split-KV decode kernel with its merge
 (kernels/attention/decode.py, merge_in_split) per programs per SM, chunk unit and (BN, warps,
-stages); `step` (opt-in): the whole step of the model as it comes, compiled and captured, with the
-GEMV's in-step tiles and with every tile autotuned alone. Every candidate's output is checked against
+stages), and with its L2 prefetch of keys and values switched (PREFETCH_UNDER_PDL); `step` (opt-in): the whole step of the model
+as it comes, captured (--step-mode compiled: compiled and captured), as shipped, with the split
+kernel's prefetch switched, and with every GEMV tile autotuned alone. Every candidate's output is checked against
 the shipped configuration's first (a wrong one is dropped). Prints µs a launch and the share of
 the copy bandwidth the launch's bytes would take, and writes DIR/decode_tiles.json (every row, the
 fastest per kernel, the shipped configuration's time).
@@ -128,6 +129,7 @@ def sweep_split(cfg, layers: int, context: int, dev, pdl: str, rows: list) -> No
     qs = [torch.randn(1, 1, H, D, generator=g, **bf) for _ in range(layers)]
     pos = torch.full((1, 1), context, device=dev, dtype=torch.int64)
     nbytes = 2 * Hkv * (context + 1) * D * 2  # the keys and values a step reads (positions 0..context)
+    saved_prefetch = dk.PREFETCH_UNDER_PDL
     saved = {k: getattr(dk, k) for k in ("DECODE_PROGRAMS_PER_SM", "DECODE_CHUNK_UNIT", "DECODE_BN", "DECODE_WARPS",
                                          "DECODE_STAGES")}
     run = lambda: [dk.decode_attention(q, k, v, pos, pdl=pdl, merge_in_split=True)  # noqa: E731
@@ -140,6 +142,18 @@ def sweep_split(cfg, layers: int, context: int, dev, pdl: str, rows: list) -> No
               f"({nbytes / base_us / 1e-6 / copy_bw():.0%} of copy)", flush=True)
         rows.append(dict(kernel="split", case=f"context {context}", config="shipped", us=base_us, bytes=nbytes,
                          picked=list(saved.values())))
+        # the same kernel with its bulk L2 prefetch of keys and values switched (off by default until measured)
+        flipped = not saved_prefetch
+        dk.PREFETCH_UNDER_PDL = flipped
+        try:
+            err = max(rel_rms(a, b) for a, b in zip(want, run()))
+            flipped_us = graph_ms(run) * 1e3 / layers
+        finally:
+            dk.PREFETCH_UNDER_PDL = saved_prefetch
+        label = f"shipped {'with' if flipped else 'without'} prefetch"
+        rows.append(dict(kernel="split", case=f"context {context}", config=label, us=flipped_us, bytes=nbytes,
+                         rel_rms=err))
+        print(f"  {label}: {flipped_us:.2f} us (rel. rms {err:.1e} from shipped)", flush=True)
         for per_sm in SPLIT_PER_SM:
             for unit in SPLIT_UNITS:
                 for bn, w, s in SPLIT_TILES:
@@ -162,9 +176,10 @@ def sweep_split(cfg, layers: int, context: int, dev, pdl: str, rows: list) -> No
             setattr(dk, k, v)
 
 
-def sweep_step(preset: str, context: int, dev, rows: list, new_tokens: int = 64) -> None:
-    """The whole decode step (the model with its defaults, compiled and captured: `generate
-    --compile`'s step) with the GEMV's in-step tiles and with every GEMV tile autotuned alone."""
+def sweep_step(preset: str, context: int, dev, rows: list, new_tokens: int = 64, mode: str = "graph") -> None:
+    """The whole decode step of the model with its defaults (`mode` graph: captured, the step
+    `deepwish generate` runs on CUDA; compiled: compiled and captured, `generate --compile`'s) as
+    shipped, with the split kernel's L2 prefetch switched, and with every GEMV tile autotuned alone."""
     import dataclasses
 
     from deepwish.bench.decode import _decode_rows, build
@@ -174,22 +189,28 @@ def sweep_step(preset: str, context: int, dev, rows: list, new_tokens: int = 64)
     cfg = dataclasses.replace(cfg, max_seq_len=max(cfg.max_seq_len, context + new_tokens + 1))
     torch.manual_seed(0)
     model = build(cfg, dev)
+    from deepwish.kernels.attention import decode as dk
     kernels = (gk._one_row_kernel, gk._rows_kernel)
-    for label, in_step in (("step, in-step tiles", True), ("step, tiles autotuned alone", False)):
-        gk.USE_IN_STEP_TILES = in_step
+    shipped = (gk.USE_IN_STEP_TILES, dk.PREFETCH_UNDER_PDL)
+    for label, in_step, split_prefetch in (
+            ("step, as shipped", *shipped),
+            (f"step, split {'without' if shipped[1] else 'with'} its L2 prefetch", shipped[0], not shipped[1]),
+            ("step, GEMV tiles autotuned alone", False, shipped[1])):
+        gk.USE_IN_STEP_TILES, dk.PREFETCH_UNDER_PDL = in_step, split_prefetch
         for k in kernels:
             k.cache = {}
         try:
-            (r,) = _decode_rows(preset, model, 1, context, new_tokens, ["compiled"], dev, label=label)
+            (r,) = _decode_rows(preset, model, 1, context, new_tokens, [mode], dev, label=f"{label} ({mode})")
         finally:
-            gk.USE_IN_STEP_TILES = True
-        rows.append(dict(kernel="step", case=f"context {context}", config=label, us=(r.ms_per_step or float("nan")) * 1e3,
+            gk.USE_IN_STEP_TILES, dk.PREFETCH_UNDER_PDL = shipped
+        rows.append(dict(kernel="step", case=f"context {context}, {mode}", config=label, us=(r.ms_per_step or float("nan")) * 1e3,
                          bytes=r.weight_gb * 1e9 + r.cache_gb * 1e9, note=r.note))
     for k in kernels:
         k.cache = {}
 
 
-def run(out_dir, preset: str = "qwen3_0.6b", context: int = 512, parts=("gemv", "split")) -> dict:
+def run(out_dir, preset: str = "qwen3_0.6b", context: int = 512, parts=("gemv", "split"),
+        step_mode: str = "graph") -> dict:
     from deepwish.config import model_config
     from deepwish.kernels.pdl import use_pdl
     if not torch.cuda.is_available():
@@ -208,7 +229,7 @@ def run(out_dir, preset: str = "qwen3_0.6b", context: int = 512, parts=("gemv", 
     if "split" in parts:
         sweep_split(cfg, cfg.n_layers, context, dev, pdl, rows)
     if "step" in parts:
-        sweep_step(preset, context, dev, rows)
+        sweep_step(preset, context, dev, rows, mode=step_mode)
     best = {}
     for r in rows:
         if isinstance(r["config"], list) and r["us"] == r["us"]:
@@ -234,8 +255,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--preset", default="qwen3_0.6b")
     ap.add_argument("--context", type=int, default=512)
     ap.add_argument("--parts", default="gemv,split", help="comma-separated subset of gemv, split, step")
+    ap.add_argument("--step-mode", default="graph", choices=("graph", "compiled"),
+                    help="the step part's step: captured (generate's) or compiled and captured (generate --compile's)")
     args = ap.parse_args(argv)
-    run(args.out, args.preset, args.context, tuple(args.parts.split(",")))
+    run(args.out, args.preset, args.context, tuple(args.parts.split(",")), args.step_mode)
     return 0
 
 

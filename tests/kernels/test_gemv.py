@@ -102,8 +102,9 @@ def test_fused_gemv_errors():
 def test_pdl_kernels_compile_for_hopper_with_the_wait_after_the_weight_prefetch():
     """decode_pdl's kernels compiled for sm_90 (no GPU needed: Triton's own ptxas, in a process
     without the interpreter): the GEMV issues its bulk L2 prefetch of its rows of W and its first
-    weight loads before `griddepcontrol.wait` and reads nothing else before it; the decode kernels wait before any load; each lets the next
-    kernel launch."""
+    weight loads before `griddepcontrol.wait` and reads nothing else before it; the decode kernels
+    wait before any load, except the split kernel's PREFETCH (the query positions and the bulk
+    prefetches of its keys and values); each lets the next kernel launch."""
     import json
     import os
     import subprocess
@@ -143,8 +144,11 @@ out["one_row"] = ptx(gk._one_row_kernel.fn, g, fp32=("eps",), ints=("N", "K"))
 out["rows"] = ptx(gk._rows_kernel.fn, dict(g, PREC="tf32", BN=32, BK=128), fp32=("eps",), ints=("M", "N", "K"))
 out["one_row_no_prefetch"] = ptx(gk._one_row_kernel.fn, dict(g, PREFETCH=False), fp32=("eps",), ints=("N", "K"))
 out["split"] = ptx(decode._split_kernel, dict(CHUNK=256, BLOCK_DK=128, BLOCK_DV=128, BM=16, GP=2, SLOT_POS=True,
-                   SOFTCAP=False, PREC="tf32", BN=64, PDL=True, MERGE=True, BS=64), fp32=("scale", "softcap"),
-                   ints=("TQ", "HKV", "G", "L", "W", "DQK", "DV", "SPLITS"))
+                   SOFTCAP=False, PREC="tf32", BN=64, PDL=True, MERGE=True, BS=64, PREFETCH=False),
+                   fp32=("scale", "softcap"), ints=("TQ", "HKV", "G", "L", "W", "DQK", "DV", "SPLITS"))
+out["split_prefetch"] = ptx(decode._split_kernel, dict(CHUNK=256, BLOCK_DK=128, BLOCK_DV=128, BM=16, GP=2, SLOT_POS=True,
+                            SOFTCAP=False, PREC="tf32", BN=64, PDL=True, MERGE=True, BS=64, PREFETCH=True),
+                            fp32=("scale", "softcap"), ints=("TQ", "HKV", "G", "L", "W", "DQK", "DV", "SPLITS"))
 out["merge"] = ptx(decode._merge_kernel, dict(BLOCK_DV=128, BM=16, GP=2, BS=8, PDL=True),
                    ints=("TQ", "HKV", "G", "DV", "SPLITS"))
 out["prologue"] = ptx(decode._prologue_kernel, dict(D=128, R=128, BLOCK_D=128, ZERO_CENTERED=False, PDL=True),
@@ -162,6 +166,11 @@ print(json.dumps(out))
     assert out["one_row_no_prefetch"]["prefetches"] == 0, out
     for name in ("split", "merge", "prologue"):
         assert out[name]["before"] == 0 and out[name]["after"] > 0 and out[name]["launch_after_wait"], (name, out)
+    # the split kernel's PREFETCH: the query positions read, the chunk's keys and values sent to L2
+    # (two bulk prefetches), all before the wait; q and the tiles after it
+    sp = out["split_prefetch"]
+    assert sp["prefetch_before_wait"] and sp["prefetches"] == 2 and sp["after"] > 0 and sp["launch_after_wait"], sp
+    assert 0 < sp["before"] < sp["after"], sp
 
 
 def test_in_step_tiles_pick_measured_shapes_only(monkeypatch):

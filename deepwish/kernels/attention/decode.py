@@ -20,7 +20,11 @@ Design (decode reads the whole visible cache once; it is bound by memory bandwid
 - The split count depends only on shapes (host arithmetic, no device reads): the step can be
   captured in a CUDA graph.
 - `pdl` (model.decode_pdl, kernels/pdl.py): the split, merge and prologue kernels are launched
-  with programmatic dependent launch; every program waits for the previous kernel's writes first.
+  with programmatic dependent launch; every program waits for the previous kernel's writes before
+  it reads them. With a plain cache whose slots are contiguous (PREFETCH_UNDER_PDL, off by
+  default until measured), a split program first reads the query positions and sends its chunk's older keys and values (slots
+  below every new token, written by earlier steps) towards L2 with bulk prefetches, so the loop's
+  loads after the wait find them there.
 - `merge_in_split` (model.decode_fusion): no merge kernel; each split program raises a counter of
   its (batch row, KV head) after storing its partial, and the program that raises it last merges
   all of them (the usual last-block reduction: a CTA barrier, an acq_rel atomic at GPU scope,
@@ -37,7 +41,7 @@ import triton
 import triton.language as tl
 
 from deepwish.kernels.online_softmax import online_softmax_step
-from deepwish.kernels.pdl import launch_options, setting, wait_for_inputs
+from deepwish.kernels.pdl import launch_options, prefetch_to_l2, setting, wait_for_inputs
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 NO_WINDOW = 1 << 62
@@ -47,6 +51,11 @@ FAR = tl.constexpr(NO_WINDOW)  # a position beyond every query (kernels read onl
 # Keys per tile: 64 x 128 bf16 K and V tiles, three stages in flight (fixed, not autotuned:
 # compile time per shape class matters more than the last few percent here).
 DECODE_BN, DECODE_WARPS, DECODE_STAGES = (16, 1, 1) if _INTERPRET else (64, 4, 3)
+# under PDL, each split program's keys and values sent to L2 before the wait (kernels/pdl.py
+# prefetch_to_l2). Off until a GPU has timed it (bench/decode_tiles times the kernel and the step
+# with it switched; tests/test_decode_fused_gpu.py holds its output to the kernel's without it):
+# compiled for sm_90 and checked in its PTX only.
+PREFETCH_UNDER_PDL = False
 
 
 @triton.jit
@@ -80,8 +89,10 @@ def _split_kernel(Q, K, V, QPOS, KPOS, OP, LP, O, CNT,
                   TQ, HKV, G, L, W, scale, softcap, DQK, DV, SPLITS,
                   CHUNK: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr, BM: tl.constexpr,
                   GP: tl.constexpr, SLOT_POS: tl.constexpr, SOFTCAP: tl.constexpr, PREC: tl.constexpr,
-                  BN: tl.constexpr, PDL: tl.constexpr, MERGE: tl.constexpr, BS: tl.constexpr):
-    wait_for_inputs(PDL)
+                  BN: tl.constexpr, PDL: tl.constexpr, MERGE: tl.constexpr, BS: tl.constexpr,
+                  PREFETCH: tl.constexpr):
+    if not PREFETCH:
+        wait_for_inputs(PDL)
     split = tl.program_id(0)
     bh = tl.program_id(1)
     b = tl.cast(bh // HKV, tl.int64)
@@ -93,8 +104,9 @@ def _split_kernel(Q, K, V, QPOS, KPOS, OP, LP, O, CNT,
     h64 = tl.cast(hkv * G + r, tl.int64)
     dk = tl.arange(0, BLOCK_DK)
     dv = tl.arange(0, BLOCK_DV)
-    q = tl.load(Q + b * sq_b + tl.cast(j, tl.int64)[:, None] * sq_t + h64[:, None] * sq_h + dk[None, :],
-                mask=row_ok[:, None] & (dk < DQK)[None, :], other=0.0)
+    # PREFETCH: the positions are read before the wait (the step writes them before its first
+    # kernel, never in the kernel just before this one: kernels/pdl.py's chain makes every kernel
+    # but that one complete by now)
     qp = tl.load(QPOS + b * TQ + j, mask=row_ok, other=-1).to(tl.int64)
     lo = split * CHUNK
     hi = tl.minimum(lo + CHUNK, L)
@@ -104,6 +116,17 @@ def _split_kernel(Q, K, V, QPOS, KPOS, OP, LP, O, CNT,
         lo = tl.maximum(lo, tl.cast(tl.maximum(first, 0), tl.int32) // BN * BN)
     k_base = b * sk_b + tl.cast(hkv, tl.int64) * sk_h
     v_base = b * sv_b + tl.cast(hkv, tl.int64) * sv_h
+    if PREFETCH:  # (plain cache, rows contiguous) this chunk's keys and values on their way to L2 while
+        # the kernel before still runs: only the slots below every query's position, which earlier
+        # steps wrote (the new tokens' slots are the previous kernel's writes)
+        top = tl.minimum(hi, tl.cast(tl.min(tl.where(row_ok, qp, FAR), 0), tl.int32))
+        if top > lo:
+            elt = K.dtype.element_ty.primitive_bitwidth // 8
+            prefetch_to_l2(K + k_base + tl.cast(lo, tl.int64) * sk_l, (top - lo) * DQK * elt)
+            prefetch_to_l2(V + v_base + tl.cast(lo, tl.int64) * sv_l, (top - lo) * DV * elt)
+        wait_for_inputs(PDL)
+    q = tl.load(Q + b * sq_b + tl.cast(j, tl.int64)[:, None] * sq_t + h64[:, None] * sq_h + dk[None, :],
+                mask=row_ok[:, None] & (dk < DQK)[None, :], other=0.0)
     acc = tl.zeros([BM, BLOCK_DV], dtype=tl.float32)
     m_i = tl.full([BM], -1.0e30, dtype=tl.float32)
     l_i = tl.zeros([BM], dtype=tl.float32)
@@ -262,6 +285,10 @@ def _decode_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: torch.T
     lp = torch.empty(B * HKV, splits, BM, dtype=torch.float32, device=q.device)
     o = torch.empty(B, TQ, H, DV, dtype=q.dtype, device=q.device)
     merge = merge_in_split and B * HKV <= MERGE_COUNTERS
+    # the bulk prefetch needs each head's slots back to back from a 16-byte aligned start
+    elt = k.element_size()
+    prefetch = (pdl and PREFETCH_UNDER_PDL and k_pos is None and k.stride(2) == DQK and v.stride(2) == DV
+                and all(t.data_ptr() % 16 == 0 and all(st * elt % 16 == 0 for st in t.stride()[:3]) for t in (k, v)))
     _split_kernel[(splits, B * HKV)](
         q, k, v, q_pos, kp, op, lp, o, _merge_counters(q.device) if merge else lp,
         *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *o.stride()[:3],
@@ -269,7 +296,8 @@ def _decode_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: torch.T
         softcap if softcap > 0 else 1.0, DQK, DV, splits,
         CHUNK=chunk, BLOCK_DK=BLOCK_DK, BLOCK_DV=BLOCK_DV, BM=BM, GP=GP, SLOT_POS=k_pos is None,
         SOFTCAP=softcap > 0, PREC="ieee" if q.dtype == torch.float32 else "tf32",
-        BN=DECODE_BN, PDL=pdl, MERGE=merge, BS=max(2, triton.next_power_of_2(splits)), num_warps=DECODE_WARPS,
+        BN=DECODE_BN, PDL=pdl, MERGE=merge, BS=max(2, triton.next_power_of_2(splits)), PREFETCH=prefetch,
+        num_warps=DECODE_WARPS,
         num_stages=DECODE_STAGES, **launch)
     if merge:
         return o
