@@ -37,7 +37,7 @@ for stage in "$@"; do
       python3 -m deepwish.bench.decode --compare --out "$OUT/decode_compare" ${DECODE_COMPARE_ARGS:-} || status=1 ;;
     decode_tiles)  # the step's kernels' launch configurations as the step runs them, the split kernel's L2 prefetch
       # switched, and the captured step with each change undone (~4 min)
-      python3 -m deepwish.bench.decode_tiles --out "$OUT/decode_tiles" --parts gemv,split,step ${DECODE_TILES_ARGS:-} \
+      python3 -m deepwish.bench.decode_tiles --out "$OUT/decode_tiles" --parts gemv,split,step --context 512,4096 ${DECODE_TILES_ARGS:-} \
         | tee "$OUT/decode_tiles.log" | grep -E "^gemv|^split|shipped|alone|step" || status=1 ;;
     decode_profiles)  # one step's kernels: the GEMV path with every decode option on, with the prologue kernel only; batch 64
       python3 -m deepwish.bench.decode_profile --out "$OUT/decode_profile_pdl" --paths compiled-captured --matmul triton \

@@ -66,3 +66,17 @@ def test_step_part_times_the_shipped_step_and_each_change_undone():
                                      ((False, p), True, ["compiled"])]
     assert [r["us"] for r in rows] == [1000.0, 1000.0, 1250.0] and rows[0]["bytes"] == 1.5e9
     assert gk.USE_IN_STEP_TILES and dk.PREFETCH_UNDER_PDL == p and gk._one_row_kernel.cache == {}
+
+
+def test_main_sweeps_the_split_kernel_at_each_context(tmp_path):
+    """--context takes a list: the split part sweeps each (the step part, the first)."""
+    seen = []
+    with mock.patch.object(dt, "sweep_split", lambda cfg, layers, c, dev, pdl, rows: seen.append(c)), \
+            mock.patch.object(dt, "sweep_step", lambda preset, c, dev, rows, mode: seen.append(("step", c, mode))), \
+            mock.patch.object(dt, "bench_environment", lambda *a, **k: dict(k)), \
+            mock.patch("torch.cuda.is_available", lambda: True), mock.patch("torch.cuda.get_device_name", lambda: "-"), \
+            mock.patch("deepwish.kernels.pdl.use_pdl", lambda *a: False):
+        assert dt.main(["--out", str(tmp_path), "--preset", "qwen3_tiny", "--parts", "split,step",
+                        "--context", "512,4096"]) == 0
+    assert seen == [512, 4096, ("step", 512, "graph")]
+    assert (tmp_path / "decode_tiles.json").exists()

@@ -3,7 +3,7 @@ runs them: one launch per layer, back to back in one CUDA graph (each layer with
 and cache, so nothing is served from L2), with programmatic dependent launch where the GPU has it
 (model.decode_pdl=auto), one GPU run:
 
-    python -m deepwish.bench.decode_tiles --out DIR [--preset qwen3_0.6b] [--context 512]
+    python -m deepwish.bench.decode_tiles --out DIR [--preset qwen3_0.6b] [--context 512[,4096,...]]
 
 Parts: `gemv`: the one-row GEMV (kernels/gemv/triton.py, batch 1) at the step's four projections
 with what model.decode_fusion puts in them (q/k/v and gate/up with the pre-norm, o with the residual
@@ -39,7 +39,9 @@ GEMV_CANDIDATES = [(4, 512, 4, 4), (8, 256, 4, 4), (8, 512, 4, 3), (16, 256, 4, 
                    (1, 1024, 4, 2), (1, 2048, 4, 1), (4, 256, 2, 4), (8, 256, 2, 4)]
 # split-KV candidates: programs per SM x chunk unit x (BN, warps, stages)
 SPLIT_PER_SM = (1, 2, 4, 8)
-SPLIT_UNITS = (64, 128)
+# (at context 512 on an H200, 9 splits of 64 slots beat 5 of 128: a program's chain of dependent
+# loads, not the bytes, sets the time; 32 tries shorter chunks still)
+SPLIT_UNITS = (32, 64, 128)
 SPLIT_TILES = [(64, 4, 3), (64, 4, 2), (32, 4, 2), (32, 2, 2), (64, 8, 2), (128, 8, 2), (32, 4, 3)]
 
 
@@ -209,8 +211,10 @@ def sweep_step(preset: str, context: int, dev, rows: list, new_tokens: int = 64,
         k.cache = {}
 
 
-def run(out_dir, preset: str = "qwen3_0.6b", context: int = 512, parts=("gemv", "split"),
+def run(out_dir, preset: str = "qwen3_0.6b", context: int | tuple[int, ...] = 512, parts=("gemv", "split"),
         step_mode: str = "graph") -> dict:
+    """`context`: one or several; the split part sweeps each, the step part takes the first."""
+    contexts = (context,) if isinstance(context, int) else tuple(context)
     from deepwish.config import model_config
     from deepwish.kernels.pdl import use_pdl
     if not torch.cuda.is_available():
@@ -220,16 +224,17 @@ def run(out_dir, preset: str = "qwen3_0.6b", context: int = 512, parts=("gemv", 
     dev = torch.device("cuda")
     cfg = model_config(preset)
     pdl = cfg.decode_pdl
-    print(f"== decode tiles: {preset}, {cfg.n_layers} launches a kernel, context {context}, pdl={pdl} "
+    print(f"== decode tiles: {preset}, {cfg.n_layers} launches a kernel, context {list(contexts)}, pdl={pdl} "
           f"({'on' if use_pdl(pdl, dev, 'gemv') else 'off'} here), {torch.cuda.get_device_name()}", flush=True)
     rows: list = []
     t0 = time.time()
     if "gemv" in parts:
         sweep_gemv(cfg, cfg.n_layers, dev, pdl, rows)
     if "split" in parts:
-        sweep_split(cfg, cfg.n_layers, context, dev, pdl, rows)
+        for c in contexts:
+            sweep_split(cfg, cfg.n_layers, c, dev, pdl, rows)
     if "step" in parts:
-        sweep_step(preset, context, dev, rows, mode=step_mode)
+        sweep_step(preset, contexts[0], dev, rows, mode=step_mode)
     best = {}
     for r in rows:
         if isinstance(r["config"], list) and r["us"] == r["us"]:
@@ -243,7 +248,8 @@ def run(out_dir, preset: str = "qwen3_0.6b", context: int = 512, parts=("gemv", 
             if b:
                 print(f"| {r['kernel']} | {r['case']} | {r['us']:.2f} | {b['us']:.2f} | {b['config']} | "
                       f"{b['bytes'] / b['us'] / 1e-6 / copy_bw():.0%} |")
-    result = dict(env=bench_environment(dev, "python -m deepwish.bench.decode_tiles", preset=preset, context=context),
+    result = dict(env=bench_environment(dev, "python -m deepwish.bench.decode_tiles", preset=preset,
+                                                  context=list(contexts)),
                   rows=rows, best=best, seconds=time.time() - t0)
     (out / "decode_tiles.json").write_text(json.dumps(result, indent=1, default=str))
     return result
@@ -253,12 +259,13 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m deepwish.bench.decode_tiles", description=__doc__.split("\n")[0])
     ap.add_argument("--out", required=True)
     ap.add_argument("--preset", default="qwen3_0.6b")
-    ap.add_argument("--context", type=int, default=512)
+    ap.add_argument("--context", default="512", help="comma-separated: the split part sweeps each, the step takes the first")
     ap.add_argument("--parts", default="gemv,split", help="comma-separated subset of gemv, split, step")
     ap.add_argument("--step-mode", default="graph", choices=("graph", "compiled"),
                     help="the step part's step: captured (generate's) or compiled and captured (generate --compile's)")
     args = ap.parse_args(argv)
-    run(args.out, args.preset, args.context, tuple(args.parts.split(",")), args.step_mode)
+    run(args.out, args.preset, tuple(int(c) for c in args.context.split(",")), tuple(args.parts.split(",")),
+        args.step_mode)
     return 0
 
 
