@@ -13,7 +13,8 @@ shapes of IN_STEP_TILES too); `split`: the split-KV decode kernel with its merge
 (kernels/attention/decode.py, merge_in_split) per programs per SM, chunk unit and (BN, warps,
 stages), and with its L2 prefetch of keys and values switched (PREFETCH_UNDER_PDL); `step` (opt-in): the whole step of the model
 as it comes, captured (--step-mode compiled: compiled and captured), as shipped, with the split
-kernel's prefetch switched, and with every GEMV tile autotuned alone. Every candidate's output is checked against
+kernel's prefetch switched, with the prologue inside the split kernel switched, and with every GEMV
+tile autotuned alone. Every candidate's output is checked against
 the shipped configuration's first (a wrong one is dropped). Prints µs a launch and the share of
 the copy bandwidth the launch's bytes would take, and writes DIR/decode_tiles.json (every row, the
 fastest per kernel, the shipped configuration's time).
@@ -181,7 +182,8 @@ def sweep_split(cfg, layers: int, context: int, dev, pdl: str, rows: list) -> No
 def sweep_step(preset: str, context: int, dev, rows: list, new_tokens: int = 64, mode: str = "graph") -> None:
     """The whole decode step of the model with its defaults (`mode` graph: captured, the step
     `deepwish generate` runs on CUDA; compiled: compiled and captured, `generate --compile`'s) as
-    shipped, with the split kernel's L2 prefetch switched, and with every GEMV tile autotuned alone."""
+    shipped, with the split kernel's L2 prefetch switched, with the prologue kernel's work inside the
+    split kernel switched (decode.PROLOGUE_IN_SPLIT), and with every GEMV tile autotuned alone."""
     import dataclasses
 
     from deepwish.bench.decode import _decode_rows, build
@@ -193,18 +195,21 @@ def sweep_step(preset: str, context: int, dev, rows: list, new_tokens: int = 64,
     model = build(cfg, dev)
     from deepwish.kernels.attention import decode as dk
     kernels = (gk._one_row_kernel, gk._rows_kernel)
-    shipped = (gk.USE_IN_STEP_TILES, dk.PREFETCH_UNDER_PDL)
-    for label, in_step, split_prefetch in (
+    shipped = (gk.USE_IN_STEP_TILES, dk.PREFETCH_UNDER_PDL, dk.PROLOGUE_IN_SPLIT)
+    for label, *setting in (
             ("step, as shipped", *shipped),
-            (f"step, split {'without' if shipped[1] else 'with'} its L2 prefetch", shipped[0], not shipped[1]),
-            ("step, GEMV tiles autotuned alone", False, shipped[1])):
-        gk.USE_IN_STEP_TILES, dk.PREFETCH_UNDER_PDL = in_step, split_prefetch
+            (f"step, split {'without' if shipped[1] else 'with'} its L2 prefetch", shipped[0], not shipped[1],
+             shipped[2]),
+            (f"step, prologue {'apart from' if shipped[2] else 'inside'} the split kernel", *shipped[:2],
+             not shipped[2]),
+            ("step, GEMV tiles autotuned alone", False, *shipped[1:])):
+        gk.USE_IN_STEP_TILES, dk.PREFETCH_UNDER_PDL, dk.PROLOGUE_IN_SPLIT = setting
         for k in kernels:
             k.cache = {}
         try:
             (r,) = _decode_rows(preset, model, 1, context, new_tokens, [mode], dev, label=f"{label} ({mode})")
         finally:
-            gk.USE_IN_STEP_TILES, dk.PREFETCH_UNDER_PDL = shipped
+            gk.USE_IN_STEP_TILES, dk.PREFETCH_UNDER_PDL, dk.PROLOGUE_IN_SPLIT = shipped
         rows.append(dict(kernel="step", case=f"context {context}, {mode}", config=label, us=(r.ms_per_step or float("nan")) * 1e3,
                          bytes=r.weight_gb * 1e9 + r.cache_gb * 1e9, note=r.note))
     for k in kernels:

@@ -116,7 +116,7 @@ from triton.compiler import ASTSource
 from deepwish.kernels.attention import decode
 from deepwish.kernels.gemv import triton as gk
 
-def ptx(fn, const, fp32=(), ints=()):
+def ptx(fn, const, fp32=(), ints=(), **opts):
     sig, cx = {}, {}
     for i, p in enumerate(fn.params):
         if p.is_constexpr:
@@ -129,13 +129,13 @@ def ptx(fn, const, fp32=(), ints=()):
         else:
             sig[p.name] = "i32"
     c = triton.compile(ASTSource(fn, sig, constexprs=cx), target=GPUTarget("cuda", 90, 32),
-                       options=dict(num_warps=4, num_stages=3))
+                       options=dict(num_warps=4, num_stages=3, **opts))
     lines = c.asm["ptx"].splitlines()
     wait = next(i for i, l in enumerate(lines) if "griddepcontrol.wait" in l)
     launch = next(i for i, l in enumerate(lines) if "griddepcontrol.launch_dependents" in l)
     loads = [i for i, l in enumerate(lines) if re.search(r"\bld\.global", l)]
     bulk = [i for i, l in enumerate(lines) if "cp.async.bulk.prefetch.L2.global" in l]
-    return dict(before=sum(i < wait for i in loads), after=sum(i > wait for i in loads), launch_after_wait=launch > wait,
+    return dict(asserts=sum("__assertfail" in l for l in lines), before=sum(i < wait for i in loads), after=sum(i > wait for i in loads), launch_after_wait=launch > wait,
                 prefetch_before_wait=len(bulk) > 0 and max(bulk) < wait, prefetches=len(bulk))
 
 out = {}
@@ -144,11 +144,18 @@ out["one_row"] = ptx(gk._one_row_kernel.fn, g, fp32=("eps",), ints=("N", "K"))
 out["rows"] = ptx(gk._rows_kernel.fn, dict(g, PREC="tf32", BN=32, BK=128), fp32=("eps",), ints=("M", "N", "K"))
 out["one_row_no_prefetch"] = ptx(gk._one_row_kernel.fn, dict(g, PREFETCH=False), fp32=("eps",), ints=("N", "K"))
 out["split"] = ptx(decode._split_kernel, dict(CHUNK=256, BLOCK_DK=128, BLOCK_DV=128, BM=16, GP=2, SLOT_POS=True,
-                   SOFTCAP=False, PREC="tf32", BN=64, PDL=True, MERGE=True, BS=64, PREFETCH=False),
+                   SOFTCAP=False, PREC="tf32", BN=64, PDL=True, MERGE=True, BS=64, PREFETCH=False,
+                   PROLOGUE=False, R=2, ZERO_CENTERED=False, BT=1),
                    fp32=("scale", "softcap"), ints=("TQ", "HKV", "G", "L", "W", "DQK", "DV", "SPLITS"))
 out["split_prefetch"] = ptx(decode._split_kernel, dict(CHUNK=256, BLOCK_DK=128, BLOCK_DV=128, BM=16, GP=2, SLOT_POS=True,
-                            SOFTCAP=False, PREC="tf32", BN=64, PDL=True, MERGE=True, BS=64, PREFETCH=True),
+                            SOFTCAP=False, PREC="tf32", BN=64, PDL=True, MERGE=True, BS=64, PREFETCH=True,
+                            PROLOGUE=False, R=2, ZERO_CENTERED=False, BT=1),
                             fp32=("scale", "softcap"), ints=("TQ", "HKV", "G", "L", "W", "DQK", "DV", "SPLITS"))
+out["split_prologue"] = ptx(decode._split_kernel, dict(CHUNK=256, BLOCK_DK=128, BLOCK_DV=128, BM=16, GP=2, SLOT_POS=True,
+                            SOFTCAP=False, PREC="tf32", BN=64, PDL=True, MERGE=True, BS=64, PREFETCH=False,
+                            PROLOGUE=True, R=128, ZERO_CENTERED=False, BT=1), fp32=("scale", "softcap", "eps"),
+                            ints=("TQ", "HKV", "G", "L", "W", "DQK", "DV", "SPLITS", "H"), debug=True,
+                            sanitize_overflow=False)
 out["merge"] = ptx(decode._merge_kernel, dict(BLOCK_DV=128, BM=16, GP=2, BS=8, PDL=True),
                    ints=("TQ", "HKV", "G", "DV", "SPLITS"))
 out["prologue"] = ptx(decode._prologue_kernel, dict(D=128, R=128, BLOCK_D=128, ZERO_CENTERED=False, PDL=True),
@@ -164,13 +171,15 @@ print(json.dumps(out))
     # the program's rows of W sent towards L2 by one bulk prefetch before the wait (PREFETCH)
     assert out["one_row"]["prefetch_before_wait"] and out["rows"]["prefetch_before_wait"], out
     assert out["one_row_no_prefetch"]["prefetches"] == 0, out
-    for name in ("split", "merge", "prologue"):
+    for name in ("split", "merge", "prologue", "split_prologue"):
         assert out[name]["before"] == 0 and out[name]["after"] > 0 and out[name]["launch_after_wait"], (name, out)
     # the split kernel's PREFETCH: the query positions read, the chunk's keys and values sent to L2
     # (two bulk prefetches), all before the wait; q and the tiles after it
     sp = out["split_prefetch"]
     assert sp["prefetch_before_wait"] and sp["prefetches"] == 2 and sp["after"] > 0 and sp["launch_after_wait"], sp
     assert 0 < sp["before"] < sp["after"], sp
+    # the prologue inside the split kernel (bf16, sm_90): it compiles, with its position assertion
+    assert out["split_prologue"]["asserts"] > 0 and out["split"]["asserts"] == 0, out
 
 
 def test_in_step_tiles_pick_measured_shapes_only(monkeypatch):

@@ -29,6 +29,10 @@ Design (decode reads the whole visible cache once; it is bound by memory bandwid
   its (batch row, KV head) after storing its partial, and the program that raises it last merges
   all of them (the usual last-block reduction: a CTA barrier, an acq_rel atomic at GPU scope,
   partials read past L1) and zeroes the counter again.
+- `decode_prologue_attention` (PROLOGUE_IN_SPLIT, opt-in until timed): the split kernel reads the
+  fused projection's output y itself: each program norms and rotates its query rows (as
+  `decode_prologue` does) and the program whose chunk holds a new token's slot writes its k and v
+  there before its loop reads them. One launch instead of the prologue kernel and the split kernel.
 """
 from __future__ import annotations
 
@@ -80,6 +84,66 @@ def _merge_row(OP, LP, O, base, row, b, h, t, so_b, so_t, so_h, SPLITS, DV,
     tl.store(O + b * so_b + t * so_t + h * so_h + dv, o.to(O.dtype.element_ty), mask=dv < DV)
 
 
+@triton.jit
+def _norm_rope(rows, ok, W, cs, COS, SIN, d, D, eps, R: tl.constexpr, ZERO_CENTERED: tl.constexpr):
+    """QK-norm and rotary of M rows: rows [M] point at each row's D values (ok [M]: the rows to
+    read), cs [M] at each row's place in COS / SIN -> fp32 [M, len(d)]. Each row RMS-normed with
+    the weight W [D] as model/norm.py rounds it (x̂ in the input's dtype, then times w; Qwen3-Next's
+    zero-centred x̂·(1 + w)), then its first R channels rotated, channel i with i ± R/2."""
+    dt = rows.dtype.element_ty
+    d_ok = d < D
+    rot = d < R
+    first = d < R // 2
+    pd = tl.where(first, d + R // 2, d - R // 2)  # each rotated channel's partner, normed the same way
+    x = tl.load(rows[:, None] + d[None, :], mask=ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
+    xp = tl.load(rows[:, None] + pd[None, :], mask=ok[:, None] & (rot & d_ok)[None, :], other=0.0).to(tl.float32)
+    inv = tl.rsqrt(tl.sum(x * x, axis=1) / D + eps)[:, None]
+    w = tl.load(W + d, mask=d_ok, other=0.0).to(tl.float32)[None, :]
+    wp = tl.load(W + pd, mask=rot & d_ok, other=0.0).to(tl.float32)[None, :]
+    if ZERO_CENTERED:
+        y = (x * inv * (1.0 + w)).to(dt).to(tl.float32)
+        yp = (xp * inv * (1.0 + wp)).to(dt).to(tl.float32)
+    else:
+        y = (w * (x * inv).to(dt).to(tl.float32)).to(dt).to(tl.float32)
+        yp = (wp * (xp * inv).to(dt).to(tl.float32)).to(dt).to(tl.float32)
+    jj = tl.where(first, d, d - R // 2)
+    c = tl.load(COS + cs[:, None] + jj[None, :], mask=ok[:, None] & rot[None, :], other=1.0)
+    sn = tl.load(SIN + cs[:, None] + jj[None, :], mask=ok[:, None] & rot[None, :], other=0.0)
+    return tl.where(rot[None, :], tl.where(first[None, :], y * c - yp * sn, y * c + yp * sn), y)
+
+
+@triton.jit
+def _prologue_in_split(Y, K, V, QPOS, WQ, WK, COS, SIN, b, hkv, h64, j, row_ok, split, k_base, v_base,
+                       s_yb, s_yt, sk_l, sv_l, s_cb, s_ct, TQ, H, HKV, L, D, DV, eps, CHUNK: tl.constexpr, dk, dv,
+                       R: tl.constexpr, ZERO_CENTERED: tl.constexpr, BT: tl.constexpr):
+    """The prologue kernel's work inside a split program (PROLOGUE): its query rows normed and
+    rotated from y (every split of a KV head computes the same q), and the new tokens' k (normed,
+    rotated) and v written into the cache slots of this program's chunk, which only this program
+    reads: a CTA barrier, and its loop sees them. A position past the cache stops the kernel (the
+    device-side assertion of the prologue kernel; the launch turns it on)."""
+    j64 = tl.cast(j, tl.int64)
+    q = _norm_rope(Y + b * s_yb + j64 * s_yt + h64 * D, row_ok, WQ, b * s_cb + j64 * s_ct, COS, SIN, dk, D, eps,
+                   R, ZERO_CENTERED)
+    t = tl.arange(0, BT)
+    t_ok = t < TQ
+    pos = tl.load(QPOS + b * TQ + t, mask=t_ok, other=0)
+    tl.device_assert(~t_ok | ((pos >= 0) & (pos < L)), "decode_prologue: a position past the cache")
+    lo = tl.cast(split, tl.int64) * CHUNK
+    mine = t_ok & (pos >= lo) & (pos < lo + CHUNK) & (pos >= 0) & (pos < L)
+    t64 = tl.cast(t, tl.int64)
+    y_rows = Y + b * s_yb + t64 * s_yt
+    hk = tl.cast(hkv, tl.int64)
+    k_new = _norm_rope(y_rows + (H + hk) * D, mine, WK, b * s_cb + t64 * s_ct, COS, SIN, dk, D, eps, R, ZERO_CENTERED)
+    tl.store(K + k_base + pos[:, None] * sk_l + dk[None, :], k_new.to(K.dtype.element_ty),
+             mask=mine[:, None] & (dk < D)[None, :])
+    v_new = tl.load(y_rows[:, None] + (H + HKV + hk) * D + dv[None, :], mask=mine[:, None] & (dv < DV)[None, :],
+                    other=0.0)
+    tl.store(V + v_base + pos[:, None] * sv_l + dv[None, :], v_new.to(V.dtype.element_ty),
+             mask=mine[:, None] & (dv < DV)[None, :])
+    tl.debug_barrier()  # every thread's new slots stored before any thread's loop loads them
+    return q.to(Y.dtype.element_ty).to(K.dtype.element_ty)  # as the prologue kernel stores q, then the cast
+
+
 # TQ (tokens a row) is not specialised: Triton would otherwise compile a separate kernel for TQ == 1
 # (the decode step) and for a prefill or verification chunk, so the first prefill after the captured
 # step's warm-up compiled both kernels again (a second or more before a first token).
@@ -90,7 +154,8 @@ def _split_kernel(Q, K, V, QPOS, KPOS, OP, LP, O, CNT,
                   CHUNK: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr, BM: tl.constexpr,
                   GP: tl.constexpr, SLOT_POS: tl.constexpr, SOFTCAP: tl.constexpr, PREC: tl.constexpr,
                   BN: tl.constexpr, PDL: tl.constexpr, MERGE: tl.constexpr, BS: tl.constexpr,
-                  PREFETCH: tl.constexpr):
+                  PREFETCH: tl.constexpr, WQ, WK, COS, SIN, s_cb, s_ct, H, eps, PROLOGUE: tl.constexpr,
+                  R: tl.constexpr, ZERO_CENTERED: tl.constexpr, BT: tl.constexpr):
     if not PREFETCH:
         wait_for_inputs(PDL)
     split = tl.program_id(0)
@@ -125,8 +190,13 @@ def _split_kernel(Q, K, V, QPOS, KPOS, OP, LP, O, CNT,
             prefetch_to_l2(K + k_base + tl.cast(lo, tl.int64) * sk_l, (top - lo) * DQK * elt)
             prefetch_to_l2(V + v_base + tl.cast(lo, tl.int64) * sv_l, (top - lo) * DV * elt)
         wait_for_inputs(PDL)
-    q = tl.load(Q + b * sq_b + tl.cast(j, tl.int64)[:, None] * sq_t + h64[:, None] * sq_h + dk[None, :],
-                mask=row_ok[:, None] & (dk < DQK)[None, :], other=0.0)
+    if PROLOGUE:  # Q is the fused projection's output y: q normed and rotated here, the new slots written
+        q = _prologue_in_split(Q, K, V, QPOS, WQ, WK, COS, SIN, b, hkv, h64, j, row_ok, split, k_base, v_base,
+                               sq_b, sq_t, sk_l, sv_l, s_cb, s_ct, TQ, H, HKV, L, DQK, DV, eps, CHUNK, dk, dv,
+                               R, ZERO_CENTERED, BT)
+    else:
+        q = tl.load(Q + b * sq_b + tl.cast(j, tl.int64)[:, None] * sq_t + h64[:, None] * sq_h + dk[None, :],
+                    mask=row_ok[:, None] & (dk < DQK)[None, :], other=0.0)
     acc = tl.zeros([BM, BLOCK_DV], dtype=tl.float32)
     m_i = tl.full([BM], -1.0e30, dtype=tl.float32)
     l_i = tl.zeros([BM], dtype=tl.float32)
@@ -265,7 +335,15 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: t
 @torch.library.custom_op("deepwish::decode_attention", mutates_args=())
 def _decode_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: torch.Tensor, k_pos: Optional[torch.Tensor],
                window: int, softcap: float, scale: float, splits: int, pdl: str, merge_in_split: bool) -> torch.Tensor:
-    B, TQ, H, DQK = q.shape
+    return _split_launch(q, k, v, q_pos, k_pos, window, softcap, scale, splits, pdl, merge_in_split, None)
+
+
+def _split_launch(q, k, v, q_pos, k_pos, window, softcap, scale, splits, pdl, merge_in_split, prologue):
+    """The split kernel's launch (and the merge kernel's, without merge_in_split). `prologue`: None,
+    or (y's q heads as `q`; (q_weight, k_weight, eps, cos, sin, n_heads, zero_centered)) for
+    decode_prologue_attention."""
+    B, TQ = q.shape[:2]
+    H, DQK = (prologue[5], k.shape[-1]) if prologue else q.shape[2:]
     pdl, launch = launch_options(pdl, q.device, "decode_attention")
     HKV, L = k.shape[1], k.shape[2]
     G = H // HKV
@@ -283,22 +361,31 @@ def _decode_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: torch.T
     kp = q_pos if k_pos is None else k_pos
     op = torch.empty(B * HKV, splits, BM, BLOCK_DV, dtype=torch.float32, device=q.device)
     lp = torch.empty(B * HKV, splits, BM, dtype=torch.float32, device=q.device)
-    o = torch.empty(B, TQ, H, DV, dtype=q.dtype, device=q.device)
+    o = torch.empty(B, TQ, H, DV, dtype=k.dtype if prologue else q.dtype, device=q.device)
     merge = merge_in_split and B * HKV <= MERGE_COUNTERS
     # the bulk prefetch needs each head's slots back to back from a 16-byte aligned start
     elt = k.element_size()
     prefetch = (pdl and PREFETCH_UNDER_PDL and k_pos is None and k.stride(2) == DQK and v.stride(2) == DV
                 and all(t.data_ptr() % 16 == 0 and all(st * elt % 16 == 0 for st in t.stride()[:3]) for t in (k, v)))
+    if prologue:
+        wq, wk, eps, cos, sin, _, zero_centered = prologue
+        pro = dict(WQ=wq, WK=wk, COS=cos, SIN=sin, s_cb=cos.stride(0), s_ct=cos.stride(1), H=H, eps=eps, PROLOGUE=True,
+                   R=2 * cos.shape[-1], ZERO_CENTERED=zero_centered, BT=triton.next_power_of_2(TQ),
+                   debug=True, sanitize_overflow=False)  # the position assertion, without integer overflow checks
+        q_strides = (q.stride(0), q.stride(1), DQK)
+    else:
+        pro = dict(WQ=lp, WK=lp, COS=lp, SIN=lp, s_cb=0, s_ct=0, H=H, eps=0.0, PROLOGUE=False, R=2,
+                   ZERO_CENTERED=False, BT=1)
+        q_strides = q.stride()[:3]
     _split_kernel[(splits, B * HKV)](
         q, k, v, q_pos, kp, op, lp, o, _merge_counters(q.device) if merge else lp,
-        *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *o.stride()[:3],
+        *q_strides, *k.stride()[:3], *v.stride()[:3], *o.stride()[:3],
         TQ, HKV, G, L, window if window > 0 else NO_WINDOW, scale,
         softcap if softcap > 0 else 1.0, DQK, DV, splits,
         CHUNK=chunk, BLOCK_DK=BLOCK_DK, BLOCK_DV=BLOCK_DV, BM=BM, GP=GP, SLOT_POS=k_pos is None,
-        SOFTCAP=softcap > 0, PREC="ieee" if q.dtype == torch.float32 else "tf32",
+        SOFTCAP=softcap > 0, PREC="ieee" if k.dtype == torch.float32 else "tf32",
         BN=DECODE_BN, PDL=pdl, MERGE=merge, BS=max(2, triton.next_power_of_2(splits)), PREFETCH=prefetch,
-        num_warps=DECODE_WARPS,
-        num_stages=DECODE_STAGES, **launch)
+        num_warps=DECODE_WARPS, num_stages=DECODE_STAGES, **pro, **launch)
     if merge:
         return o
     _merge_kernel[(B * HKV, BM)](op, lp, o, *o.stride()[:3], TQ, HKV, G, DV, splits,
@@ -340,39 +427,41 @@ def _prologue_kernel(Y, WQ, WK, COS, SIN, POS, QO, KC, VC,
     pos = tl.load(POS + b * s_pb + t * s_pt).to(tl.int64)
     in_cache = (pos >= 0) & (pos < L)
     tl.device_assert(in_cache, "decode_prologue: a position past the cache")
-    dt = Y.dtype.element_ty
     if head >= H + HKV:  # a value head: its row goes into the cache as it is
         hv = tl.cast(head - H - HKV, tl.int64)
-        # (its own name: Triton joins the two branches' variables, and y is fp32 below)
         v_row = tl.load(row + d, mask=d_ok, other=0.0)
         tl.store(VC + b * s_vb + hv * s_vh + pos * s_vl + d, v_row.to(VC.dtype.element_ty), mask=d_ok & in_cache)
-    else:
-        is_q = head < H
-        x = tl.load(row + d, mask=d_ok, other=0.0).to(tl.float32)
-        inv = tl.rsqrt(tl.sum(x * x, axis=0) / D + eps)
-        # the rotation pairs channel i with i ± R/2 (i < R): its partner, normed the same way
-        rot = d < R
-        pd = tl.where(d < R // 2, d + R // 2, d - R // 2)
-        xp = tl.load(row + pd, mask=rot & d_ok, other=0.0).to(tl.float32)
-        w = tl.where(is_q, tl.load(WQ + d, mask=d_ok, other=0.0), tl.load(WK + d, mask=d_ok, other=0.0))
-        wp = tl.where(is_q, tl.load(WQ + pd, mask=rot & d_ok, other=0.0), tl.load(WK + pd, mask=rot & d_ok, other=0.0))
-        w, wp = w.to(tl.float32), wp.to(tl.float32)
-        if ZERO_CENTERED:
-            y = (x * inv * (1.0 + w)).to(dt).to(tl.float32)
-            yp = (xp * inv * (1.0 + wp)).to(dt).to(tl.float32)
-        else:  # x̂ rounded to the input's dtype, then times the weight (model/norm.py rms_norm)
-            y = (w * (x * inv).to(dt).to(tl.float32)).to(dt).to(tl.float32)
-            yp = (wp * (xp * inv).to(dt).to(tl.float32)).to(dt).to(tl.float32)
-        j = tl.where(d < R // 2, d, d - R // 2)
-        c = tl.load(COS + b * s_cb + t * s_ct + j, mask=rot, other=1.0)
-        s = tl.load(SIN + b * s_cb + t * s_ct + j, mask=rot, other=0.0)
-        out = tl.where(rot, tl.where(d < R // 2, y * c - yp * s, y * c + yp * s), y)
-        if is_q:
-            tl.store(QO + b * s_qb + t * s_qt + tl.cast(head, tl.int64) * s_qh + d, out.to(QO.dtype.element_ty),
-                     mask=d_ok)
+    else:  # a query or key head: normed and rotated (_norm_rope, as the split kernel's PROLOGUE does it)
+        one = tl.zeros([1], dtype=tl.int64)
+        cs = one + b * s_cb + t * s_ct
+        if head < H:
+            q = _norm_rope(row + one, one == 0, WQ, cs, COS, SIN, d, D, eps, R, ZERO_CENTERED)
+            tl.store(QO + b * s_qb + t * s_qt + tl.cast(head, tl.int64) * s_qh + d[None, :],
+                     q.to(QO.dtype.element_ty), mask=d_ok[None, :])
         else:
+            k = _norm_rope(row + one, one == 0, WK, cs, COS, SIN, d, D, eps, R, ZERO_CENTERED)
             hk = tl.cast(head - H, tl.int64)
-            tl.store(KC + b * s_kb + hk * s_kh + pos * s_kl + d, out.to(KC.dtype.element_ty), mask=d_ok & in_cache)
+            tl.store(KC + b * s_kb + hk * s_kh + pos * s_kl + d[None, :], k.to(KC.dtype.element_ty),
+                     mask=(d_ok & in_cache)[None, :])
+
+
+def _prologue_inputs(y, q_weight, k_weight, cos, sin, positions, k_cache, v_cache, n_heads, name):
+    """decode_prologue's inputs checked (an error naming `name`), as its kernels read them."""
+    B, T, F = y.shape
+    Hkv, D = k_cache.shape[1], k_cache.shape[-1]
+    if (F != (n_heads + 2 * Hkv) * D or v_cache.shape[-1] != D or tuple(q_weight.shape) != (D,)
+            or tuple(k_weight.shape) != (D,) or tuple(positions.shape) != (B, T)
+            or cos.shape[:2] != (B, T) or 2 * cos.shape[-1] > D or cos.shape != sin.shape):
+        raise ValueError(f"{name}: y {tuple(y.shape)} must be [B, T, (H + 2·Hkv)·D] for H={n_heads}, "
+                         f"caches {tuple(k_cache.shape)} / {tuple(v_cache.shape)}, weights [D], positions [B, T], "
+                         f"cos/sin [B, T, <= D/2]; got weights {tuple(q_weight.shape)} / {tuple(k_weight.shape)}, "
+                         f"positions {tuple(positions.shape)}, cos {tuple(cos.shape)}")
+    if y.stride(-1) != 1:
+        y = y.contiguous()
+    cos, sin = cos.float(), sin.float()
+    if cos.stride() != sin.stride() or cos.stride(-1) != 1:  # the kernels read both with cos's strides
+        cos, sin = cos.contiguous(), sin.contiguous()
+    return y, cos, sin
 
 
 def decode_prologue(y: torch.Tensor, q_weight: torch.Tensor, k_weight: torch.Tensor, eps: float,
@@ -382,20 +471,8 @@ def decode_prologue(y: torch.Tensor, q_weight: torch.Tensor, k_weight: torch.Ten
     written into the caches [B, Hkv, L, D] at `positions` [B, T]. A position outside the cache writes
     nothing and stops the kernel with a device-side assertion (no host synchronisation). pdl:
     programmatic dependent launch (kernels/pdl.py)."""
-    B, T, F = y.shape
-    Hkv, D = k_cache.shape[1], k_cache.shape[-1]
-    if (F != (n_heads + 2 * Hkv) * D or v_cache.shape[-1] != D or tuple(q_weight.shape) != (D,)
-            or tuple(k_weight.shape) != (D,) or tuple(positions.shape) != (B, T)
-            or cos.shape[:2] != (B, T) or 2 * cos.shape[-1] > D or cos.shape != sin.shape):
-        raise ValueError(f"decode_prologue: y {tuple(y.shape)} must be [B, T, (H + 2·Hkv)·D] for H={n_heads}, "
-                         f"caches {tuple(k_cache.shape)} / {tuple(v_cache.shape)}, weights [D], positions [B, T], "
-                         f"cos/sin [B, T, <= D/2]; got weights {tuple(q_weight.shape)} / {tuple(k_weight.shape)}, "
-                         f"positions {tuple(positions.shape)}, cos {tuple(cos.shape)}")
-    if y.stride(-1) != 1:
-        y = y.contiguous()
-    cos, sin = cos.float(), sin.float()
-    if cos.stride() != sin.stride() or cos.stride(-1) != 1:  # the kernel reads both with cos's strides
-        cos, sin = cos.contiguous(), sin.contiguous()
+    y, cos, sin = _prologue_inputs(y, q_weight, k_weight, cos, sin, positions, k_cache, v_cache, n_heads,
+                                   "decode_prologue")
     return _prologue_op(y, q_weight, k_weight, float(eps), cos, sin, positions, k_cache, v_cache,
                         int(n_heads), bool(zero_centered), setting(pdl, "decode_prologue"))
 
@@ -421,3 +498,52 @@ def _prologue_op(y: torch.Tensor, q_weight: torch.Tensor, k_weight: torch.Tensor
 @_prologue_op.register_fake
 def _(y, q_weight, k_weight, eps, cos, sin, positions, k_cache, v_cache, n_heads, zero_centered, pdl):
     return y.new_empty(y.shape[0], y.shape[1], n_heads, k_cache.shape[-1])
+
+
+# ---- the prologue inside the split kernel: one launch from the projection's output to attention ----
+# Opt-in (PROLOGUE_IN_SPLIT) until a GPU has timed it against the two launches (bench decode_tiles
+# --parts step): the prologue kernel's chain of dependent loads and stores goes, every split program
+# recomputes its query heads' norm and rotation (G rows of D values, from y), and the program whose
+# chunk holds a new token's slot writes that k and v.
+PROLOGUE_IN_SPLIT = False
+
+
+def decode_prologue_attention(y: torch.Tensor, q_weight: torch.Tensor, k_weight: torch.Tensor, eps: float,
+                              cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor, k_cache: torch.Tensor,
+                              v_cache: torch.Tensor, n_heads: int, zero_centered: bool = False, *, window: int = 0,
+                              softcap: float = 0.0, scale: float | None = None, pdl: bool | str = False,
+                              merge_in_split: bool = False) -> torch.Tensor:
+    """decode_attention(decode_prologue(y, ...).to(k_cache.dtype), k_cache, v_cache, positions, None,
+    ...) in one launch (two without merge_in_split): y [B, T, (H + 2·Hkv)·D] -> [B, T, H, D] in the
+    cache's dtype, the new tokens' k and v written into the plain caches at `positions` [B, T] as
+    decode_prologue writes them. Same values as the two calls, bit for bit (the same roundings)."""
+    y, cos, sin = _prologue_inputs(y, q_weight, k_weight, cos, sin, positions, k_cache, v_cache, n_heads,
+                                   "decode_prologue_attention")
+    B, T, _ = y.shape
+    Hkv, D = k_cache.shape[1], k_cache.shape[-1]
+    rows = T * triton.next_power_of_2(n_heads // Hkv)
+    if n_heads % Hkv or D > 256 or max(16, triton.next_power_of_2(rows)) > 128:
+        raise ValueError(f"decode_prologue_attention: H % Hkv == 0, D <= 256 and T·G <= 128 rows; got H={n_heads}, "
+                         f"Hkv={Hkv}, D={D}, T={T}")
+    if not (k_cache.dtype == v_cache.dtype) or k_cache.stride(-1) != 1 or v_cache.stride(-1) != 1:
+        raise ValueError("decode_prologue_attention: the caches must share a dtype and be contiguous in their last dim")
+    if not _INTERPRET and not y.is_cuda:
+        raise ValueError("decode_prologue_attention: the Triton kernel needs CUDA tensors")
+    return _prologue_decode_op(y, q_weight, k_weight, float(eps), cos, sin, positions.to(torch.int64).contiguous(),
+                               k_cache, v_cache, int(n_heads), bool(zero_centered), int(window), float(softcap),
+                               D_scale(D, scale), setting(pdl, "decode_prologue_attention"), bool(merge_in_split))
+
+
+@torch.library.custom_op("deepwish::decode_prologue_attention", mutates_args=("k_cache", "v_cache"))
+def _prologue_decode_op(y: torch.Tensor, q_weight: torch.Tensor, k_weight: torch.Tensor, eps: float,
+                        cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor, k_cache: torch.Tensor,
+                        v_cache: torch.Tensor, n_heads: int, zero_centered: bool, window: int, softcap: float,
+                        scale: float, pdl: str, merge_in_split: bool) -> torch.Tensor:
+    return _split_launch(y, k_cache, v_cache, positions, None, window, softcap, scale, -1, pdl, merge_in_split,
+                         (q_weight, k_weight, eps, cos, sin, n_heads, zero_centered))
+
+
+@_prologue_decode_op.register_fake
+def _(y, q_weight, k_weight, eps, cos, sin, positions, k_cache, v_cache, n_heads, zero_centered, window, softcap,
+      scale, pdl, merge_in_split):
+    return k_cache.new_empty(y.shape[0], y.shape[1], n_heads, k_cache.shape[-1])
