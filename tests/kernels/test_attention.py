@@ -213,15 +213,8 @@ def test_decode_prologue_matches_reference(dtype, T, rot, zero_centered, monkeyp
         assert not torch.equal(got, old)  # the step's slots were written
     with pytest.raises(ValueError, match="decode_prologue: y"):
         decode_prologue(y[..., :-D], wq, wk, 1e-6, cos, sin, positions, *caches[1], H)
-    # a position past the cache: the kernel's device-side assertion (compiled in on the GPU by its
-    # debug flag; the interpreter honours assertions only in its debug options)
-    import dataclasses
-
-    from triton.runtime import interpreter
-    builder = interpreter.interpreter_builder
-    monkeypatch.setattr(builder, "options", dataclasses.replace(builder.options, debug=True))
-    with pytest.raises(Exception, match="a position past the cache"):
-        decode_prologue(y, wq, wk, 1e-6, cos, sin, positions + L - 2, *caches[1], H)
+    _stops_past_the_cache(monkeypatch, lambda: decode_prologue(y, wq, wk, 1e-6, cos, sin, positions + L - 2,
+                                                                *caches[1], H))
     torch.testing.assert_close(caches[1][0], caches[0][0], **tol)  # and nothing written past it
 
 
@@ -256,13 +249,20 @@ def test_prologue_in_split_is_the_two_launches(dtype, T, rot, zero_centered, win
         assert torch.equal(a, b)
     with pytest.raises(ValueError, match="decode_prologue_attention: y"):
         decode_prologue_attention(y[..., :-D], wq, wk, 1e-6, cos, sin, positions, *caches[1], H)
+    _stops_past_the_cache(monkeypatch, lambda: decode_prologue_attention(y, wq, wk, 1e-6, cos, sin,
+                                                                          positions + L - 2, *caches[1], H))
+
+
+def _stops_past_the_cache(monkeypatch, call):
+    """A position past the cache: the kernel's device-side assertion (compiled in on the GPU by its
+    debug flag; the interpreter honours assertions only in its debug options)."""
     import dataclasses
 
     from triton.runtime import interpreter
     builder = interpreter.interpreter_builder
     monkeypatch.setattr(builder, "options", dataclasses.replace(builder.options, debug=True))
     with pytest.raises(Exception, match="a position past the cache"):
-        decode_prologue_attention(y, wq, wk, 1e-6, cos, sin, positions + L - 2, *caches[1], H)
+        call()
 
 
 def test_prologue_in_split_compiles_with_its_cache_writes():
