@@ -225,17 +225,21 @@ def test_decode_fusion_greedy_follows_the_separate_ops(cuda, batch, pdl):
 @pytest.mark.parametrize("B,L", [(1, 8192), (64, 576)])
 def test_merge_in_split_matches_the_merge_kernel(cuda, rel_err, B, L):
     """decode_attention(merge_in_split=True) at Qwen3-0.6B's heads: the last split program's merge
-    equals the separate merge kernel's at many splits (batch 1, 8k) and at batch 64, call after call
-    (the counters return to zero), and with PDL."""
+    equals the separate merge kernel's at many splits (batch 1, 8k) and at batch 64 (4 splits), call
+    after call (the counters return to zero), and with PDL; batch 64's planned single split, stored
+    directly, the same."""
     from deepwish.kernels.attention.decode import decode_attention
     bf = dict(device=cuda, dtype=torch.bfloat16)
     q = torch.randn(B, 1, 16, 128, **bf)
     k, v = torch.randn(B, 8, L, 128, **bf), torch.randn(B, 8, L, 128, **bf)
     pos = torch.randint(L // 2, L, (B, 1), device=cuda)
-    want = decode_attention(q, k, v, pos)
+    splits = None if B == 1 else 4  # batch 64 plans one split (stored directly, no merge): cut it here
+    want = decode_attention(q, k, v, pos, splits=splits)
     for pdl in (False, True, True):
-        got = decode_attention(q, k, v, pos, merge_in_split=True, pdl=pdl)
+        got = decode_attention(q, k, v, pos, splits=splits, merge_in_split=True, pdl=pdl)
         assert rel_err(want, got) < 1e-3
+    # and the planned step itself (batch 64: one split, its output stored as it is)
+    assert rel_err(want, decode_attention(q, k, v, pos, merge_in_split=True, pdl=True)) < 1e-3
 
 
 @pytest.mark.parametrize("TQ", [1, 5])

@@ -145,17 +145,21 @@ out["rows"] = ptx(gk._rows_kernel.fn, dict(g, PREC="tf32", BN=32, BK=128), fp32=
 out["one_row_no_prefetch"] = ptx(gk._one_row_kernel.fn, dict(g, PREFETCH=False), fp32=("eps",), ints=("N", "K"))
 out["split"] = ptx(decode._split_kernel, dict(CHUNK=256, BLOCK_DK=128, BLOCK_DV=128, BM=16, GP=2, SLOT_POS=True,
                    SOFTCAP=False, PREC="tf32", BN=64, PDL=True, MERGE=True, BS=64, PREFETCH=False,
-                   PROLOGUE=False, R=2, ZERO_CENTERED=False, BT=1),
+                   PROLOGUE=False, R=2, ZERO_CENTERED=False, BT=1, DIRECT=False),
                    fp32=("scale", "softcap"), ints=("TQ", "HKV", "G", "L", "W", "DQK", "DV", "SPLITS"))
 out["split_prefetch"] = ptx(decode._split_kernel, dict(CHUNK=256, BLOCK_DK=128, BLOCK_DV=128, BM=16, GP=2, SLOT_POS=True,
                             SOFTCAP=False, PREC="tf32", BN=64, PDL=True, MERGE=True, BS=64, PREFETCH=True,
-                            PROLOGUE=False, R=2, ZERO_CENTERED=False, BT=1),
+                            PROLOGUE=False, R=2, ZERO_CENTERED=False, BT=1, DIRECT=False),
                             fp32=("scale", "softcap"), ints=("TQ", "HKV", "G", "L", "W", "DQK", "DV", "SPLITS"))
 out["split_prologue"] = ptx(decode._split_kernel, dict(CHUNK=256, BLOCK_DK=128, BLOCK_DV=128, BM=16, GP=2, SLOT_POS=True,
                             SOFTCAP=False, PREC="tf32", BN=64, PDL=True, MERGE=True, BS=64, PREFETCH=False,
-                            PROLOGUE=True, R=128, ZERO_CENTERED=False, BT=1), fp32=("scale", "softcap", "eps"),
+                            PROLOGUE=True, R=128, ZERO_CENTERED=False, BT=1, DIRECT=False), fp32=("scale", "softcap", "eps"),
                             ints=("TQ", "HKV", "G", "L", "W", "DQK", "DV", "SPLITS", "H"), debug=True,
                             sanitize_overflow=False)
+out["split_direct"] = ptx(decode._split_kernel, dict(CHUNK=256, BLOCK_DK=128, BLOCK_DV=128, BM=16, GP=2, SLOT_POS=True,
+                          SOFTCAP=False, PREC="tf32", BN=64, PDL=True, MERGE=False, BS=2, PREFETCH=False,
+                          PROLOGUE=False, R=2, ZERO_CENTERED=False, BT=1, DIRECT=True),
+                          fp32=("scale", "softcap"), ints=("TQ", "HKV", "G", "L", "W", "DQK", "DV", "SPLITS"))
 out["merge"] = ptx(decode._merge_kernel, dict(BLOCK_DV=128, BM=16, GP=2, BS=8, PDL=True),
                    ints=("TQ", "HKV", "G", "DV", "SPLITS"))
 out["prologue"] = ptx(decode._prologue_kernel, dict(D=128, R=128, BLOCK_D=128, ZERO_CENTERED=False, PDL=True),
@@ -171,7 +175,7 @@ print(json.dumps(out))
     # the program's rows of W sent towards L2 by one bulk prefetch before the wait (PREFETCH)
     assert out["one_row"]["prefetch_before_wait"] and out["rows"]["prefetch_before_wait"], out
     assert out["one_row_no_prefetch"]["prefetches"] == 0, out
-    for name in ("split", "merge", "prologue", "split_prologue"):
+    for name in ("split", "merge", "prologue", "split_prologue", "split_direct"):
         assert out[name]["before"] == 0 and out[name]["after"] > 0 and out[name]["launch_after_wait"], (name, out)
     # the split kernel's PREFETCH: the query positions read, the chunk's keys and values sent to L2
     # (two bulk prefetches), all before the wait; q and the tiles after it

@@ -25,6 +25,8 @@ Design (decode reads the whole visible cache once; it is bound by memory bandwid
   default until measured), a split program first reads the query positions and sends its chunk's older keys and values (slots
   below every new token, written by earlier steps) towards L2 with bulk prefetches, so the loop's
   loads after the wait find them there.
+- One split (a short cache, or enough rows to fill the GPU without cutting the cache: batch 64 at
+  Qwen3-0.6B): the program's output is the answer, stored as it is; no partials, no merge.
 - `merge_in_split` (model.decode_fusion): no merge kernel; each split program raises a counter of
   its (batch row, KV head) after storing its partial, and the program that raises it last merges
   all of them (the usual last-block reduction: a CTA barrier, an acq_rel atomic at GPU scope,
@@ -155,7 +157,7 @@ def _split_kernel(Q, K, V, QPOS, KPOS, OP, LP, O, CNT,
                   GP: tl.constexpr, SLOT_POS: tl.constexpr, SOFTCAP: tl.constexpr, PREC: tl.constexpr,
                   BN: tl.constexpr, PDL: tl.constexpr, MERGE: tl.constexpr, BS: tl.constexpr,
                   PREFETCH: tl.constexpr, WQ, WK, COS, SIN, s_cb, s_ct, H, eps, PROLOGUE: tl.constexpr,
-                  R: tl.constexpr, ZERO_CENTERED: tl.constexpr, BT: tl.constexpr):
+                  R: tl.constexpr, ZERO_CENTERED: tl.constexpr, BT: tl.constexpr, DIRECT: tl.constexpr):
     if not PREFETCH:
         wait_for_inputs(PDL)
     split = tl.program_id(0)
@@ -218,6 +220,10 @@ def _split_kernel(Q, K, V, QPOS, KPOS, OP, LP, O, CNT,
         acc, m_i, l_i = online_softmax_step(acc, m_i, l_i, s, v, PREC)
     empty = l_i == 0.0
     o = acc / tl.where(empty, 1.0, l_i)[:, None]
+    if DIRECT:  # one split: its output is the answer (merging one chunk weighs it by exactly 1)
+        tl.store(O + b * so_b + tl.cast(j, tl.int64)[:, None] * so_t + h64[:, None] * so_h + dv[None, :],
+                 o.to(O.dtype.element_ty), mask=row_ok[:, None] & (dv < DV)[None, :])
+        return
     lse = tl.where(empty, float("-inf"), m_i + tl.log2(tl.where(empty, 1.0, l_i)))
     base = (tl.cast(bh, tl.int64) * SPLITS + split) * BM
     tl.store(OP + (base + i)[:, None] * BLOCK_DV + dv[None, :], o)
@@ -359,10 +365,14 @@ def _split_launch(q, k, v, q_pos, k_pos, window, softcap, scale, splits, pdl, me
     BLOCK_DK = max(16, triton.next_power_of_2(DQK))
     BLOCK_DV = max(16, triton.next_power_of_2(DV))
     kp = q_pos if k_pos is None else k_pos
-    op = torch.empty(B * HKV, splits, BM, BLOCK_DV, dtype=torch.float32, device=q.device)
-    lp = torch.empty(B * HKV, splits, BM, dtype=torch.float32, device=q.device)
     o = torch.empty(B, TQ, H, DV, dtype=k.dtype if prologue else q.dtype, device=q.device)
-    merge = merge_in_split and B * HKV <= MERGE_COUNTERS
+    direct = splits == 1  # one chunk a (row, KV head): the split kernel stores o itself, nothing to merge
+    if direct:
+        op = lp = torch.empty(1, dtype=torch.float32, device=q.device)  # never read or written
+    else:
+        op = torch.empty(B * HKV, splits, BM, BLOCK_DV, dtype=torch.float32, device=q.device)
+        lp = torch.empty(B * HKV, splits, BM, dtype=torch.float32, device=q.device)
+    merge = merge_in_split and B * HKV <= MERGE_COUNTERS and not direct
     # the bulk prefetch needs each head's slots back to back from a 16-byte aligned start
     elt = k.element_size()
     prefetch = (pdl and PREFETCH_UNDER_PDL and k_pos is None and k.stride(2) == DQK and v.stride(2) == DV
@@ -385,8 +395,8 @@ def _split_launch(q, k, v, q_pos, k_pos, window, softcap, scale, splits, pdl, me
         CHUNK=chunk, BLOCK_DK=BLOCK_DK, BLOCK_DV=BLOCK_DV, BM=BM, GP=GP, SLOT_POS=k_pos is None,
         SOFTCAP=softcap > 0, PREC="ieee" if k.dtype == torch.float32 else "tf32",
         BN=DECODE_BN, PDL=pdl, MERGE=merge, BS=max(2, triton.next_power_of_2(splits)), PREFETCH=prefetch,
-        num_warps=DECODE_WARPS, num_stages=DECODE_STAGES, **pro, **launch)
-    if merge:
+        DIRECT=direct, num_warps=DECODE_WARPS, num_stages=DECODE_STAGES, **pro, **launch)
+    if merge or direct:
         return o
     _merge_kernel[(B * HKV, BM)](op, lp, o, *o.stride()[:3], TQ, HKV, G, DV, splits,
                                  BLOCK_DV=BLOCK_DV, BM=BM, GP=GP, BS=max(2, triton.next_power_of_2(splits)), PDL=pdl,
