@@ -219,9 +219,10 @@ def test_decode_prologue_matches_reference(dtype, T, rot, zero_centered, monkeyp
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-@pytest.mark.parametrize("T,rot,zero_centered,window,merge", [(1, 16, False, 0, True), (3, 8, False, 0, False),
-                                                               (3, 16, True, 0, True), (1, 16, False, 7, True)])
-def test_prologue_in_split_is_the_two_launches(dtype, T, rot, zero_centered, window, merge, monkeypatch):
+@pytest.mark.parametrize("T,rot,zero_centered,window,merge,splits", [
+    (1, 16, False, 0, True, 2), (3, 8, False, 0, False, 2), (3, 16, True, 0, True, 2), (1, 16, False, 7, True, 2),
+    (3, 16, False, 0, True, 1)])  # one split: stored directly
+def test_prologue_in_split_is_the_two_launches(dtype, T, rot, zero_centered, window, merge, splits, monkeypatch):
     """decode_prologue_attention (the prologue's work inside the split kernel) against
     decode_prologue then decode_attention: the output and both caches bit for bit, with the new
     tokens' slots inside a chunk and across two, GQA, and a window; then a position past the
@@ -234,9 +235,11 @@ def test_prologue_in_split_is_the_two_launches(dtype, T, rot, zero_centered, win
     wk = torch.randn(D, generator=g).to(dtype)
     angle = torch.rand(B, T, rot // 2, generator=g) * 6.0
     cos, sin = angle.cos(), angle.sin()
-    # two 32-slot chunks here: row 0's tokens inside chunk 0, row 1's from 30 (T = 3: 30, 31 | 32, across)
-    from deepwish.kernels.attention.decode import plan_splits
-    assert plan_splits(B, Hkv, L, "cpu") == (2, 32)
+    # two 32-slot chunks here: row 0's tokens inside chunk 0, row 1's from 30 (T = 3: 30, 31 | 32, across);
+    # or one chunk of them all (a program a row and KV head: 4 on the interpreter's 4 "SMs")
+    from deepwish.kernels.attention import decode
+    monkeypatch.setattr(decode, "DECODE_PROGRAMS_PER_SM", 2 if splits == 2 else 1)
+    assert decode.plan_splits(B, Hkv, L, "cpu") == ((2, 32) if splits == 2 else (1, 48))
     positions = torch.stack([torch.arange(T) + 15, torch.arange(T) + 30])
     before = torch.randn(B, Hkv, L, D, generator=g).to(dtype), torch.randn(B, Hkv, L, D, generator=g).to(dtype)
     caches = [tuple(c.clone() for c in before) for _ in range(2)]
