@@ -345,9 +345,9 @@ def _decode_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: torch.T
 
 
 def _split_launch(q, k, v, q_pos, k_pos, window, softcap, scale, splits, pdl, merge_in_split, prologue):
-    """The split kernel's launch (and the merge kernel's, without merge_in_split). `prologue`: None,
-    or (y's q heads as `q`; (q_weight, k_weight, eps, cos, sin, n_heads, zero_centered)) for
-    decode_prologue_attention."""
+    """The split kernel's launch (and the merge kernel's where it merges apart). `prologue`: None, or
+    (q_weight, k_weight, eps, cos, sin, n_heads, zero_centered) for decode_prologue_attention, `q`
+    then being the fused projection's output y [B, T, (H + 2·Hkv)·D]."""
     B, TQ = q.shape[:2]
     H, DQK = (prologue[5], k.shape[-1]) if prologue else q.shape[2:]
     pdl, launch = launch_options(pdl, q.device, "decode_attention")
