@@ -82,3 +82,18 @@ def test_main_sweeps_the_split_kernel_at_each_context(tmp_path):
                         "--context", "512,4096"]) == 0
     assert seen == [512, 4096, ("step", 512, "graph")]
     assert (tmp_path / "decode_tiles.json").exists()
+
+
+def test_switched_sets_and_restores_even_on_error():
+    """The bench's switches come back as they were, also when a timed call fails; a kernel's
+    autotuning cache comes back as the same dict (the shipped picks, not re-tuned)."""
+    import types
+    obj = types.SimpleNamespace(flag=True, cache={"key": "pick"})
+    before = obj.cache
+    try:
+        with dt.switched(obj, flag=False, cache={}):
+            assert obj.flag is False and obj.cache == {}
+            raise RuntimeError("a failing candidate")
+    except RuntimeError:
+        pass
+    assert obj.flag is True and obj.cache is before

@@ -22,6 +22,7 @@ fastest per kernel, the shipped configuration's time).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import time
 from pathlib import Path
@@ -44,6 +45,20 @@ SPLIT_PER_SM = (1, 2, 4, 8)
 # loads, not the bytes, sets the time; 32 tries shorter chunks still)
 SPLIT_UNITS = (32, 64, 128)
 SPLIT_TILES = [(64, 4, 3), (64, 4, 2), (32, 4, 2), (32, 2, 2), (64, 8, 2), (128, 8, 2), (32, 4, 3)]
+
+
+@contextlib.contextmanager
+def switched(obj, **values):
+    """obj's attributes (a module's switches, a kernel's autotuning cache) set to `values` for the
+    block, then back to what they were."""
+    saved = {k: getattr(obj, k) for k in values}
+    for k, v in values.items():
+        setattr(obj, k, v)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            setattr(obj, k, v)
 
 
 def _gemv_cases(cfg, layers: int, dev) -> list[tuple[str, int, list]]:
@@ -87,21 +102,16 @@ def sweep_gemv(cfg, layers: int, dev, pdl: str, rows: list) -> None:
                   f"of copy)", flush=True)
             rows.append(dict(kernel="gemv", case=name, config="shipped", us=base_us, bytes=nbytes,
                              picked=[pick.kwargs["BN"], pick.kwargs["BK"], pick.num_warps, pick.num_stages]))
-            gk.USE_IN_STEP_TILES, kernel.cache = False, {}  # every tile autotuned alone, as other shapes are
-            try:
+            # every tile autotuned alone, as other shapes are (then the shipped picks back, not re-tuned)
+            with switched(gk, USE_IN_STEP_TILES=False), switched(kernel, cache={}):
                 run()
                 alone, alone_us = kernel.best_config, graph_ms(run) * 1e3 / len(calls)
-            finally:
-                gk.USE_IN_STEP_TILES, kernel.cache = True, {}
             rows.append(dict(kernel="gemv", case=name, config="autotuned alone", us=alone_us, bytes=nbytes,
                              picked=[alone.kwargs["BN"], alone.kwargs["BK"], alone.num_warps, alone.num_stages]))
             print(f"  autotuned alone ({alone.kwargs}, w{alone.num_warps} s{alone.num_stages}): {alone_us:.2f} us",
                   flush=True)
-            gk.PREFETCH_UNDER_PDL = False  # the same tiles without the bulk L2 prefetch before the wait
-            try:
+            with switched(gk, PREFETCH_UNDER_PDL=False):  # the same tiles without the bulk L2 prefetch
                 no_prefetch_us = graph_ms(run) * 1e3 / len(calls)
-            finally:
-                gk.PREFETCH_UNDER_PDL = True
             rows.append(dict(kernel="gemv", case=name, config="shipped without prefetch", us=no_prefetch_us,
                              bytes=nbytes))
             print(f"  shipped tiles without the L2 prefetch: {no_prefetch_us:.2f} us", flush=True)
@@ -132,7 +142,6 @@ def sweep_split(cfg, layers: int, context: int, dev, pdl: str, rows: list) -> No
     qs = [torch.randn(1, 1, H, D, generator=g, **bf) for _ in range(layers)]
     pos = torch.full((1, 1), context, device=dev, dtype=torch.int64)
     nbytes = 2 * Hkv * (context + 1) * D * 2  # the keys and values a step reads (positions 0..context)
-    saved_prefetch = dk.PREFETCH_UNDER_PDL
     saved = {k: getattr(dk, k) for k in ("DECODE_PROGRAMS_PER_SM", "DECODE_CHUNK_UNIT", "DECODE_BN", "DECODE_WARPS",
                                          "DECODE_STAGES")}
     run = lambda: [dk.decode_attention(q, k, v, pos, pdl=pdl, merge_in_split=True)  # noqa: E731
@@ -146,13 +155,10 @@ def sweep_split(cfg, layers: int, context: int, dev, pdl: str, rows: list) -> No
         rows.append(dict(kernel="split", case=f"context {context}", config="shipped", us=base_us, bytes=nbytes,
                          picked=list(saved.values())))
         # the same kernel with its bulk L2 prefetch of keys and values switched (off by default until measured)
-        flipped = not saved_prefetch
-        dk.PREFETCH_UNDER_PDL = flipped
-        try:
+        flipped = not dk.PREFETCH_UNDER_PDL
+        with switched(dk, PREFETCH_UNDER_PDL=flipped):
             err = max(rel_rms(a, b) for a, b in zip(want, run()))
             flipped_us = graph_ms(run) * 1e3 / layers
-        finally:
-            dk.PREFETCH_UNDER_PDL = saved_prefetch
         label = f"shipped {'with' if flipped else 'without'} prefetch"
         rows.append(dict(kernel="split", case=f"context {context}", config=label, us=flipped_us, bytes=nbytes,
                          rel_rms=err))
@@ -188,28 +194,24 @@ def sweep_step(preset: str, context: int, dev, rows: list, new_tokens: int = 64,
 
     from deepwish.bench.decode import _decode_rows, build
     from deepwish.config import model_config
+    from deepwish.kernels.attention import decode as dk
     from deepwish.kernels.gemv import triton as gk
     cfg = model_config(preset)
     cfg = dataclasses.replace(cfg, max_seq_len=max(cfg.max_seq_len, context + new_tokens + 1))
     torch.manual_seed(0)
     model = build(cfg, dev)
-    from deepwish.kernels.attention import decode as dk
     kernels = (gk._one_row_kernel, gk._rows_kernel)
-    shipped = (gk.USE_IN_STEP_TILES, dk.PREFETCH_UNDER_PDL, dk.PROLOGUE_IN_SPLIT)
-    for label, *setting in (
-            ("step, as shipped", *shipped),
-            (f"step, split {'without' if shipped[1] else 'with'} its L2 prefetch", shipped[0], not shipped[1],
-             shipped[2]),
-            (f"step, prologue {'apart from' if shipped[2] else 'inside'} the split kernel", *shipped[:2],
-             not shipped[2]),
-            ("step, GEMV tiles autotuned alone", False, *shipped[1:])):
-        gk.USE_IN_STEP_TILES, dk.PREFETCH_UNDER_PDL, dk.PROLOGUE_IN_SPLIT = setting
+    prefetch, in_split = dk.PREFETCH_UNDER_PDL, dk.PROLOGUE_IN_SPLIT
+    for label, tiles, split in (
+            ("step, as shipped", {}, {}),
+            (f"step, split {'without' if prefetch else 'with'} its L2 prefetch", {}, dict(PREFETCH_UNDER_PDL=not prefetch)),
+            (f"step, prologue {'apart from' if in_split else 'inside'} the split kernel", {},
+             dict(PROLOGUE_IN_SPLIT=not in_split)),
+            ("step, GEMV tiles autotuned alone", dict(USE_IN_STEP_TILES=False), {})):
         for k in kernels:
             k.cache = {}
-        try:
+        with switched(gk, **tiles), switched(dk, **split):
             (r,) = _decode_rows(preset, model, 1, context, new_tokens, [mode], dev, label=f"{label} ({mode})")
-        finally:
-            gk.USE_IN_STEP_TILES, dk.PREFETCH_UNDER_PDL, dk.PROLOGUE_IN_SPLIT = shipped
         rows.append(dict(kernel="step", case=f"context {context}, {mode}", config=label, us=(r.ms_per_step or float("nan")) * 1e3,
                          bytes=r.weight_gb * 1e9 + r.cache_gb * 1e9, note=r.note))
     for k in kernels:
