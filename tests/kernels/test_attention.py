@@ -290,3 +290,25 @@ def test_prologue_in_split_compiles_with_its_cache_writes():
     assert all(torch.equal(a, b) for a, b in zip(caches[0], caches[1]))
     assert not torch.equal(caches[1][0][:, :, 9], before[:, :, 9])  # the new slot, written through the graph
     assert torch.equal(caches[1][0][:, :, :9], before[:, :, :9])
+
+
+def test_decode_kernels_name_a_tile_they_cannot_hold():
+    """Too many query rows for one program, a head dim past 256, heads that do not group: errors
+    that say so, from both entries."""
+    from deepwish.kernels.attention.decode import decode_prologue_attention
+    k = torch.randn(1, 1, 8, 16)
+    with pytest.raises(ValueError, match="Tq·G <= 128 rows; got Dqk=16, Dv=16, Tq=9, G=16"):
+        decode_attention(torch.randn(1, 9, 16, 16), k, k, torch.zeros(1, 9, dtype=torch.long))
+    big = torch.randn(1, 1, 8, 320)
+    with pytest.raises(ValueError, match="head dims <= 256"):
+        decode_attention(torch.randn(1, 1, 1, 320), big, big, torch.zeros(1, 1, dtype=torch.long))
+    cos = torch.ones(1, 1, 8)
+    with pytest.raises(ValueError, match="H=6 query heads over Hkv=4"):
+        kc = torch.randn(1, 4, 8, 16)
+        decode_prologue_attention(torch.randn(1, 1, 14 * 16), torch.ones(16), torch.ones(16), 1e-6, cos, cos,
+                                  torch.zeros(1, 1, dtype=torch.long), kc, kc.clone(), 6)
+    with pytest.raises(ValueError, match="decode_prologue_attention: head dims <= 256 and Tq·G <= 128"):
+        kc = torch.randn(1, 1, 8, 16)
+        decode_prologue_attention(torch.randn(1, 9, 18 * 16), torch.ones(16), torch.ones(16), 1e-6,
+                                  torch.ones(1, 9, 8), torch.ones(1, 9, 8), torch.zeros(1, 9, dtype=torch.long),
+                                  kc, kc.clone(), 16)

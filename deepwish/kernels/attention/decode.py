@@ -21,10 +21,10 @@ Design (decode reads the whole visible cache once; it is bound by memory bandwid
   captured in a CUDA graph.
 - `pdl` (model.decode_pdl, kernels/pdl.py): the split, merge and prologue kernels are launched
   with programmatic dependent launch; every program waits for the previous kernel's writes before
-  it reads them. With a plain cache whose slots are contiguous (PREFETCH_UNDER_PDL, off by
-  default until measured), a split program first reads the query positions and sends its chunk's older keys and values (slots
-  below every new token, written by earlier steps) towards L2 with bulk prefetches, so the loop's
-  loads after the wait find them there.
+  it reads them. With a plain cache whose slots are contiguous (PREFETCH_UNDER_PDL, off by default
+  until measured), a split program first reads the query positions and sends its chunk's older
+  keys and values (slots below every new token, written by earlier steps) towards L2 with bulk
+  prefetches, so the loop's loads after the wait find them there.
 - One split (a short cache, or enough rows to fill the GPU without cutting the cache: batch 64 at
   Qwen3-0.6B): the program's output is the answer, stored as it is; no partials, no merge.
 - `merge_in_split` (model.decode_fusion): no merge kernel; each split program raises a counter of
@@ -300,6 +300,12 @@ def plan_splits(B: int, Hkv: int, L: int, device, per_sm: int | None = None) -> 
     return -(-L // chunk), chunk
 
 
+def _check_tile(name: str, DQK: int, DV: int, TQ: int, G: int) -> None:
+    """What one split program holds: head dims <= 256, the Tq·G query rows of a KV head <= 128."""
+    if max(DQK, DV) > 256 or max(16, triton.next_power_of_2(TQ * triton.next_power_of_2(G))) > 128:
+        raise ValueError(f"{name}: head dims <= 256 and Tq·G <= 128 rows; got Dqk={DQK}, Dv={DV}, Tq={TQ}, G={G}")
+
+
 def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: torch.Tensor,
                      k_pos: torch.Tensor | None = None, *, window: int = 0, softcap: float = 0.0,
                      scale: float | None = None, splits: int | None = None, pdl: bool | str = False,
@@ -320,13 +326,7 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: t
     if tuple(q_pos.shape) != (B, TQ) or (k_pos is not None and tuple(k_pos.shape) != (B, L)):
         raise ValueError(f"decode_attention: q_pos must be [B, Tq] and k_pos [B, L]; got {tuple(q_pos.shape)}, "
                          f"{None if k_pos is None else tuple(k_pos.shape)}")
-    G = H // HKV
-    GP = triton.next_power_of_2(G)
-    BM = max(16, triton.next_power_of_2(TQ * GP))
-    DV = v.shape[-1]
-    if max(DQK, DV) > 256 or BM > 128:
-        raise ValueError(f"decode_attention: head dims <= 256 and Tq·G <= 128 rows; got Dqk={DQK}, Dv={DV}, "
-                         f"Tq={TQ}, G={G}")
+    _check_tile("decode_attention", DQK, v.shape[-1], TQ, H // HKV)
     if not _INTERPRET and not q.is_cuda:
         raise ValueError("decode_attention: the Triton kernel needs CUDA tensors (use reference.decode_attention)")
     if k.stride(-1) != 1 or v.stride(-1) != 1 or q.stride(-1) != 1:
@@ -531,10 +531,9 @@ def decode_prologue_attention(y: torch.Tensor, q_weight: torch.Tensor, k_weight:
                                    "decode_prologue_attention")
     B, T, _ = y.shape
     Hkv, D = k_cache.shape[1], k_cache.shape[-1]
-    rows = T * triton.next_power_of_2(n_heads // Hkv)
-    if n_heads % Hkv or D > 256 or max(16, triton.next_power_of_2(rows)) > 128:
-        raise ValueError(f"decode_prologue_attention: H % Hkv == 0, D <= 256 and T·G <= 128 rows; got H={n_heads}, "
-                         f"Hkv={Hkv}, D={D}, T={T}")
+    if n_heads % Hkv:
+        raise ValueError(f"decode_prologue_attention: H={n_heads} query heads over Hkv={Hkv} key heads")
+    _check_tile("decode_prologue_attention", D, D, T, n_heads // Hkv)
     if not (k_cache.dtype == v_cache.dtype) or k_cache.stride(-1) != 1 or v_cache.stride(-1) != 1:
         raise ValueError("decode_prologue_attention: the caches must share a dtype and be contiguous in their last dim")
     if not _INTERPRET and not y.is_cuda:
