@@ -860,12 +860,8 @@ def run(args: argparse.Namespace) -> int:
     resume = args.resume
     if resume is True and args.out:
         resume = args.out
-    try:
+    with parallel.process_group_until_done():
         summary = train(cfg, resume=resume, init_from=getattr(args, "init_from", None),
                         init_ema=getattr(args, "init_ema", False), mlflow_run_id=getattr(args, "mlflow_run_id", None))
-    except BaseException:
-        parallel.shutdown()
-        raise
-    parallel.shutdown(wait_for_peers=True)
     print(f"[deepwish] done: {summary['run_dir']}", flush=True)
     return 0

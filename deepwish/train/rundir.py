@@ -38,17 +38,20 @@ class RunDirError(RuntimeError):
 
 class Stopped(BaseException):
     """The run stopped on SIGINT/SIGTERM; `code` is the exit status (128 + signal number).
-    A BaseException, like KeyboardInterrupt: no `except Exception` on the way out swallows it."""
+    A BaseException, like KeyboardInterrupt: no `except Exception` on the way out swallows it.
+    agreed: every rank stops after the same step, with a save (the first signal); a second signal
+    stops only the process that received it."""
 
-    def __init__(self, message: str, code: int):
+    def __init__(self, message: str, code: int, agreed: bool = False):
         super().__init__(message)
         self.code = code
+        self.agreed = agreed
 
 
 def stopped(signum: int, step: int, checkpoint, run_dir) -> Stopped:
     """The Stopped of a run that finished `step`, saved `checkpoint` and stops on `signum`."""
     return Stopped(f"stopped by {signal.Signals(signum).name} after step {step}: saved {checkpoint}; continue "
-                   f"with --resume {run_dir}", 128 + signum)
+                   f"with --resume {run_dir}", 128 + signum, agreed=True)
 
 
 def run_dir_of(out_dir: str | os.PathLike, resume: bool | str | os.PathLike) -> Path:

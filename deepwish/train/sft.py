@@ -201,12 +201,8 @@ def run(args: argparse.Namespace) -> int:
                      "tokenizer": str(run_dir / "data" / "tokenizer")}}
     cfg = load_config(None, base=from_dict({**to_dict(cfg), **data}, "sft"))
     from deepwish.train import parallel
-    try:
+    with parallel.process_group_until_done():
         summary = train(cfg, init_from=args.init_from, init_ema=args.init_ema)
-    except BaseException:
-        parallel.shutdown()
-        raise
-    parallel.shutdown(wait_for_peers=True)  # under torchrun; a no-op in one process
     if not main_rank:
         return 0
     if args.sample_tokens > 0 and summary.get("checkpoint"):
