@@ -145,10 +145,6 @@ class _Stream:
         self.fed = fed  # the accepted tokens after the snapshot are re-fed next round
 
 
-def _probs(logits: torch.Tensor, temperature: float, top_k: int, top_p: float) -> torch.Tensor:
-    return sampling_probs(logits, temperature, top_k, top_p)
-
-
 def accept_tokens(p: torch.Tensor, q: torch.Tensor | None, draft: list[int], temperature: float,
                   generator: torch.Generator | None) -> tuple[int, int]:
     """The verification rule. p [k+1, V]: target logits (greedy) or probabilities (sampling);
@@ -174,6 +170,16 @@ def accept_tokens(p: torch.Tensor, q: torch.Tensor | None, draft: list[int], tem
     else:
         dist = p[k]
     return a, int(torch.multinomial(dist / dist.sum(), 1, generator=generator))
+
+
+def _draw(logits: torch.Tensor, temperature: float, top_k: int, top_p: float,
+          generator: torch.Generator | None) -> tuple[int, torch.Tensor | None]:
+    """One token from logits [V]: the argmax at temperature 0, else a draw from the sampling
+    distribution, returned with it (a draft's distribution is what the verification rule weighs)."""
+    if temperature <= 0:
+        return int(logits.argmax()), None
+    q = sampling_probs(logits[None], temperature, top_k, top_p)[0]
+    return int(torch.multinomial(q, 1, generator=generator)), q
 
 
 def _check_ring_slack(cache: ModelCache, k: int, who: str) -> None:
@@ -233,18 +239,14 @@ def _speculate(tgt: _Stream, propose: Callable, prompt: Sequence[int], max_new_t
         if proposal is None:  # target alone: the last token, after the fallback, or nothing to draft from
             logits = tgt.feed(seq[tgt.fed:n], 1)
             stats.target_forwards += 1
-            if temperature <= 0:
-                new = [int(logits[-1].argmax())]
-            else:
-                probs = _probs(logits[-1:], temperature, top_k, top_p)
-                new = [int(torch.multinomial(probs[0], 1, generator=gen))]
+            new = [_draw(logits[-1], temperature, top_k, top_p, gen)[0]]
         else:
             drafts, q = proposal
             stats.draft_forwards += k_eff
             tgt.snapshot()
             logits = tgt.feed(seq[tgt.fed:n] + drafts, k_eff + 1)
             stats.target_forwards += 1
-            p = logits if temperature <= 0 else _probs(logits, temperature, top_k, top_p)
+            p = logits if temperature <= 0 else sampling_probs(logits, temperature, top_k, top_p)
             a, nxt = accept_tokens(p, q, drafts, temperature, gen)
             tgt.rollback(n + a)
             after_round(n, a)
@@ -319,11 +321,9 @@ def speculative_generate(target, draft, prompt: Sequence[int], max_new_tokens: i
         logits = drf.feed(seq[drf.fed:n], 1)[-1]
         tokens, qs = [], []
         for i in range(k_eff):
-            if temperature <= 0:
-                tokens.append(int(logits.argmax()))
-            else:
-                q = _probs(logits[None], temperature, top_k, top_p)[0]
-                tokens.append(int(torch.multinomial(q, 1, generator=gen)))
+            token, q = _draw(logits, temperature, top_k, top_p, gen)
+            tokens.append(token)
+            if q is not None:
                 qs.append(q)
             if i < k_eff - 1:
                 logits = drf.feed(tokens[-1:], 1)[-1]
@@ -401,11 +401,9 @@ def mtp_speculative_generate(model, prompt: Sequence[int], max_new_tokens: int, 
             h = model.mtp_hidden(j, hidden[j - 1][s:n - 1][None], ahead[None], pos[None], cache=caches[j - 1])[0]
             hidden[j][s:n - 1] = h
             logits = model.logits(h[-1]).float()
-            if temperature <= 0:
-                tokens.append(int(logits.argmax()))
-            else:
-                q = _probs(logits[None], temperature, top_k, top_p)[0]
-                tokens.append(int(torch.multinomial(q, 1, generator=gen)))
+            token, q = _draw(logits, temperature, top_k, top_p, gen)
+            tokens.append(token)
+            if q is not None:
                 qs.append(q)
             ext.append(tokens[-1])
         return tokens, (torch.stack(qs) if qs else None)
