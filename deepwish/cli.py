@@ -146,7 +146,11 @@ def run_generate(args) -> int:
     ids = tok.encode(args.prompt)
     if not ids:
         raise UsageError("the prompt encodes to no tokens")
-    stops = [tok.eos_id] if tok.eos_id is not None else []
+    # a chat-tuned run (or an HF directory with a template) ends its reply with the template's end of
+    # turn: a stop like the tokenizer's eos, as HF's generation configs of chat models list it
+    from deepwish.chat import run_dir_template, stop_ids
+    template = run_dir_template(args.hf or args.ckpt)
+    stops = stop_ids(tok, template) if template is not None else [tok.eos_id] if tok.eos_id is not None else []
     emitted: list[int] = []
     shown = ""
 

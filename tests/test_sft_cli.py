@@ -110,3 +110,27 @@ def test_chat_says_when_the_conversation_outgrows_the_context(sft_run, capsys, m
     captured = capsys.readouterr()
     assert "error: the conversation is" in captured.err and "/reset it" in captured.err
     assert captured.out.count("assistant: ") == 1
+
+
+def test_generate_on_a_chat_run_stops_at_the_end_of_turn_too(sft_run, monkeypatch, capsys):
+    """`deepwish generate --ckpt` of a chat-tuned run stops where a reply ends (the template's end of
+    turn) as well as at the tokenizer's eos; a run without a template stops at eos only."""
+    import deepwish.generate
+    from deepwish.data.tokenizer import load_tokenizer
+    seen = []
+
+    def fake_generate(model, prompts, n, **kw):
+        seen.append(sorted(kw["stop_tokens"]))
+        return [[]]
+
+    monkeypatch.setattr(deepwish.generate, "generate", fake_generate)
+    tok = load_tokenizer(sft_run / "tokenizer")
+    assert main(["generate", "--ckpt", str(sft_run), "--prompt", "Hello", "--max-new-tokens", "2"]) == 0
+    assert seen[-1] == sorted({tok.token_to_id("<|im_end|>"), tok.eos_id} - {None})
+    (sft_run / "chat_template.json").rename(sft_run / "chat_template.json.off")
+    try:
+        assert main(["generate", "--ckpt", str(sft_run), "--prompt", "Hello", "--max-new-tokens", "2"]) == 0
+    finally:
+        (sft_run / "chat_template.json.off").rename(sft_run / "chat_template.json")
+    assert seen[-1] == ([tok.eos_id] if tok.eos_id is not None else [])
+    assert tok.token_to_id("<|im_end|>") not in seen[-1]

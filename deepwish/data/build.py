@@ -189,7 +189,8 @@ def val_split(n_docs: int, val_fraction: float, seed: int) -> np.ndarray:
         raise ValueError(f"val_fraction {val_fraction} outside [0, 1)")
     n_val = math.ceil(val_fraction * n_docs) if val_fraction > 0 else 0
     if n_val >= n_docs and n_val > 0:
-        raise ValueError(f"val_fraction {val_fraction} of {n_docs} document(s) leaves none for training")
+        raise ValueError(f"val_fraction {val_fraction} of {n_docs} document(s) leaves none for training (a .txt "
+                         f"file is one document): give more documents, or held-out ones with --val-input")
     return np.sort(np.random.Generator(np.random.PCG64(seed)).permutation(n_docs)[:n_val])
 
 

@@ -623,6 +623,6 @@ def run(args) -> int:
         resume = args.out
     summary = train_grpo(cfg, grpo, init_from=args.init_from, resume=resume)
     last = summary["heldout"][max(summary["heldout"])] if summary["heldout"] else {}
-    print(f"[deepwish] grpo done: {summary['run_dir']} | " + " | ".join(f"{k} {v:.3f}" for k, v in last.items()),
+    print(f"[deepwish] grpo done: {summary['run_dir']}" + "".join(f" | {k} {v:.3f}" for k, v in last.items()),
           flush=True)
     return 0

@@ -404,6 +404,11 @@ def restore_state(run: Run, meta: dict) -> None:
     if d.main:
         ranks = f" ({d.world_size} ranks)" if d.active else ""
         print(f"[deepwish] resumed from {meta['path']} at step {run.start_step}{ranks}", flush=True)
+        tc = run.cfg.train
+        if run.start_step >= total_steps(tc):  # extend_steps counts from train.steps, not from the checkpoint
+            print(f"[deepwish] nothing to train: the run is at step {run.start_step} and takes {total_steps(tc)} "
+                  f"(train.steps {tc.steps} + train.extend_steps {tc.extend_steps}); raise train.extend_steps "
+                  f"to go further", flush=True)
 
 
 def start_run(run_cfg: RunConfig, resume: bool | str, progress_bar: bool | None, init_from: str | None = None,
@@ -783,7 +788,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="data parallelism under torchrun (sets train.parallel; --set still applies after)")
     parser.add_argument("--debug", action="store_true",
                         help="first check of a new preset: 20 steps on synthetic tokens (data/synthetic.py; no "
-                             "data or tokenizer needed) in runs/debug/PRESET unless --out; --set still applies")
+                             "data or tokenizer needed) in runs/debug/PRESET (replacing the previous check there) unless --out; "
+                             "--set still applies")
     parser.add_argument("--precision", default=None, choices=("fp32", "bf16"),
                         help="compute precision: the alias of --set train.dtype (bf16 autocast on GPU; fp32 on CPU)")
     parser.add_argument("--mlflow-run-id", default=None, metavar="RUN_ID",
@@ -831,8 +837,26 @@ def debug_overrides(args: argparse.Namespace) -> list[str]:
     if args.resume or getattr(args, "init_from", None):
         raise ConfigError("--debug starts a fresh run on synthetic tokens; it does not combine with --resume or "
                           "--init-from")
-    name = Path(args.preset or args.config or "run").stem
-    return [*DEBUG_SETTINGS, f"train.out_dir=runs/debug/{name}"]
+    return [*DEBUG_SETTINGS, f"train.out_dir={debug_dir(args)}"]
+
+
+def debug_dir(args: argparse.Namespace) -> str:
+    """--debug's own run directory, where --out does not name one."""
+    return f"runs/debug/{Path(args.preset or args.config or 'run').stem}"
+
+
+def replace_debug_run(run_dir: Path) -> None:
+    """Empty --debug's own directory of a previous check (its synthetic shards mark it), so the
+    check runs again after each edit of the preset. Only there: a directory named by --out or
+    train.out_dir keeps the usual refusal, as does a debug run still training in it (its lock)."""
+    import shutil
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 or not (run_dir / "synthetic").is_dir():
+        return  # under torchrun every rank would race to delete: the refusal stands
+    with rundir.RunLock(run_dir):
+        for child in run_dir.iterdir():
+            if child.name != rundir.LOCK_FILE:
+                shutil.rmtree(child) if child.is_dir() and not child.is_symlink() else child.unlink()
+    print(f"[deepwish] --debug: replaced the previous check in {run_dir}", flush=True)
 
 
 def with_synthetic_data(cfg: RunConfig) -> RunConfig:
@@ -856,6 +880,8 @@ def with_synthetic_data(cfg: RunConfig) -> RunConfig:
 def run(args: argparse.Namespace) -> int:
     cfg = config_from_args(args)
     if getattr(args, "debug", False):
+        if cfg.train.out_dir == debug_dir(args):
+            replace_debug_run(Path(cfg.train.out_dir))
         cfg = with_synthetic_data(cfg)
     resume = args.resume
     if resume is True and args.out:

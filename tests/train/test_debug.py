@@ -34,3 +34,20 @@ def test_debug_refuses_data_settings(tmp_path, capsys):
     assert main(["train", "--preset", "qwen3_tiny", "--debug", "--out", str(tmp_path / "d"),
                  "--set", f"data.train_bin={tmp_path}/x.bin"]) == 2
     assert "synthetic tokens" in capsys.readouterr().err
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_debug_replaces_its_own_previous_check_but_not_a_run_named_by_out(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    small = ["--set", "model.n_layers=1", "--set", "train.batch_size=2", "--set", "train.seq_len=16",
+             "--set", "train.steps=4", "--set", "train.save_every=4"]
+    assert main(["train", "--preset", "qwen3_tiny", "--debug", *small]) == 0
+    own = tmp_path / "runs" / "debug" / "qwen3_tiny"
+    (own / "stray.txt").write_text("from the first check")
+    assert main(["train", "--preset", "qwen3_tiny", "--debug", *small]) == 0  # after an edit: again
+    assert "replaced the previous check in runs/debug/qwen3_tiny" in capsys.readouterr().out
+    assert not (own / "stray.txt").exists() and (own / "checkpoints").is_dir()
+    named = tmp_path / "mine"
+    assert main(["train", "--preset", "qwen3_tiny", "--debug", "--out", str(named), *small]) == 0
+    assert main(["train", "--preset", "qwen3_tiny", "--debug", "--out", str(named), *small]) == 2
+    assert "already holds checkpoints" in capsys.readouterr().err

@@ -157,3 +157,14 @@ def test_the_loop_collects_garbage_on_its_schedule_and_restores_the_collector(tm
     assert gc.isenabled() and gc.get_freeze_count() == 0
     monkeypatch.undo()
     assert loop.HostGarbage(0).every == 0 and gc.isenabled() and gc.get_freeze_count() == 0
+
+
+def test_resume_with_nothing_left_to_train_says_so(tmp_path, capsys):
+    loop.train(tiny_cfg(tmp_path / "run", "train.steps=4", "train.eval_every=4", "train.save_every=4",
+                        "train.sample_tokens=0"), progress_bar=False)
+    again = loop.train(tiny_cfg(tmp_path / "run", "train.steps=4", "train.eval_every=4", "train.save_every=4",
+                                "train.sample_tokens=0", "train.extend_steps=0"), resume=True, progress_bar=False)
+    assert again["train_losses"] == {}
+    out = capsys.readouterr().out
+    assert ("nothing to train: the run is at step 4 and takes 4 (train.steps 4 + train.extend_steps 0); raise "
+            "train.extend_steps to go further") in out
