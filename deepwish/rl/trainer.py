@@ -498,14 +498,21 @@ def _train(run: GRPORun) -> dict:
         heldout[0] = evaluate_heldout(run)
         run.logger.eval(0, heldout[0])
     run.logger.start(run.start_step)
+    said_truncated = False
     for step in range(run.start_step, tc.steps):
         done = step + 1
         lr_f = apply_lr(run.optimizer, step, tc)
         m = grpo_step(run, step)
         tokens = int(m["completion_len"] * g.prompts_per_step * g.group_size)
         run.logger.step(done, tokens, {**m, "lr": lr_f * tc.lr})
+        if m["truncated"] == 1.0 and g.loss.mask_truncated and not said_truncated:  # once a run
+            said_truncated = True
+            run.logger.print(f"[deepwish] grpo {done}: every completion reached max_new_tokens={g.max_new_tokens} "
+                             f"without a stop token, and loss.mask_truncated gives those no loss: this step learned "
+                             f"nothing (raise --rl max_new_tokens=N, or --rl loss.mask_truncated=false)")
         run.logger.print(f"  grpo {done}: reward {m['reward']:.3f} | pass@1 {m['pass@1']:.3f} | len "
-                         f"{m['completion_len']:.1f} | mismatch {m['mismatch']:.4f} | clip {m['clip_frac']:.4f} | "
+                         f"{m['completion_len']:.1f} | trunc {m['truncated']:.2f} | mismatch {m['mismatch']:.4f} | "
+                         f"clip {m['clip_frac']:.4f} | "
                          f"entropy {m['entropy']:.3f}" + (f" | kl {m['kl']:.4f}" if "kl" in m else "") +
                          f" | rollout {m['rollout_tok_s']:,.0f} tok/s ({m['rollout_s']:.2f}s) | update {m['update_s']:.2f}s")
         saved = done % tc.save_every == 0 or done == tc.steps

@@ -53,3 +53,17 @@ def test_grpo_cli_errors(tmp_path, capsys):
     assert main(["grpo", "--preset", "qwen3_tiny", *TINY, "--tokenizer", "char", "--set", "train.residual_dtype=bf16",
                  "--out", str(tmp_path / "w")]) == 2  # a training-loop setting GRPO's own forwards do not take
     assert "train.residual_dtype='bf16'" in capsys.readouterr().err
+
+
+def test_grpo_says_when_every_completion_is_truncated_and_masked(tmp_path, capsys):
+    """One token per completion never reaches the task's stop: with loss.mask_truncated (the default)
+    the step has no loss token, and the run says why, once; without the mask it says nothing."""
+    args = ["grpo", "--preset", "qwen3_tiny", *TINY, *RL, "--tokenizer", "char", "--task", "arithmetic",
+            "--rl", "max_new_tokens=1", "--set", "train.steps=2"]
+    assert main([*args, "--out", str(tmp_path / "masked")]) == 0
+    out = capsys.readouterr().out
+    assert out.count("every completion reached max_new_tokens=1 without a stop token") == 1 and "trunc 1.00" in out
+    recs = [json.loads(l) for l in (tmp_path / "masked" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["loss_tokens"] for r in recs if r["kind"] == "train"] == [0, 0]
+    assert main([*args, "--rl", "loss.mask_truncated=false", "--out", str(tmp_path / "kept")]) == 0
+    assert "every completion reached" not in capsys.readouterr().out
