@@ -121,6 +121,8 @@ def prepare_data(run_cfg: RunConfig) -> tuple[RunConfig, DataSetup]:
         tok_path = str(copy)  # the shards' fingerprint check below still guards against another tokenizer
     tok = load_tokenizer(tok_path) if tok_path else None
     for path in (d.train_bin, d.val_bin):
+        if not Path(path).is_file():
+            continue  # check_run's data_problems names every missing shard in one error
         header = read_header(path)
         if tok is not None:
             check_compatible(header, run_cfg.model.vocab_size, tok.fingerprint)

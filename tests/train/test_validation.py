@@ -68,6 +68,16 @@ def test_data_is_checked_against_the_config_before_the_first_step(tmp_path):
     assert not (tmp_path / "run").exists()
 
 
+def test_missing_shards_are_all_named_in_one_error(tmp_path):
+    cfg = load_config("qwen3_tiny", TINY + [f"data.train_bin={tmp_path}/gone/train.bin",
+                                            f"data.val_bin={tmp_path}/gone/val.bin", f"train.out_dir={tmp_path / 'run'}"])
+    with pytest.raises(ConfigError) as e:
+        loop.train(cfg, progress_bar=False)
+    msg = str(e.value)
+    assert "2 problems" in msg and f"data.train_bin: no shard at {tmp_path}/gone/train.bin" in msg
+    assert f"data.val_bin: no shard at {tmp_path}/gone/val.bin" in msg
+
+
 def test_token_ids_outside_the_model_vocabulary_name_the_shard(tmp_path):
     tr, va = shards(tmp_path, bad_id=100)
     with pytest.raises(ShardError, match=r"train\.bin: holds token id 100"):
