@@ -62,7 +62,7 @@ def test_grpo_says_when_every_completion_is_truncated_and_masked(tmp_path, capsy
             "--rl", "max_new_tokens=1", "--set", "train.steps=2"]
     assert main([*args, "--out", str(tmp_path / "masked")]) == 0
     out = capsys.readouterr().out
-    assert out.count("every completion reached max_new_tokens=1 without a stop token") == 1 and "trunc 1.00" in out
+    assert out.count("every completion reached max_new_tokens=1 without a stop token") == 1 and "trunc 1.00 | kept " in out
     recs = [json.loads(l) for l in (tmp_path / "masked" / "metrics.jsonl").read_text().splitlines()]
     assert [r["loss_tokens"] for r in recs if r["kind"] == "train"] == [0, 0]
     assert main([*args, "--rl", "loss.mask_truncated=false", "--out", str(tmp_path / "kept")]) == 0
