@@ -188,7 +188,7 @@ def shutdown(wait_for_peers: bool = False) -> None:
     its worker thread just after it completes, which can be after the main thread has begun
     shutting the interpreter down: that thread then cannot take the GIL, is unwound through a
     noexcept destructor and aborts the process ("terminate called without an active exception",
-    about 1 run in 25 of a 2-rank CPU test under torch 2.13). Held here, the work is freed by the
+    about 1 run in 20 of a 2-rank CPU test under torch 2.13). Held here, the work is freed by the
     main thread, when the module is torn down."""
     if dist.is_initialized():
         if wait_for_peers:
