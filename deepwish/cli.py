@@ -130,6 +130,27 @@ def check_generate_args(args) -> None:
         raise UsageError("; ".join(bad))
 
 
+def generation_stops(args, tok) -> list[int]:
+    """The tokenizer's eos and, for a chat-tuned run (its run directory, from the checkpoint's
+    meta) or an HF directory with a chat template, the template's end of turn. A template that
+    does not load is said in one line and generation stops at eos only, as without one."""
+    from deepwish.chat import run_dir_template, stop_ids
+    from deepwish.data.chat import ChatTemplateError
+    from deepwish.weights import is_hf_dir
+    eos = [tok.eos_id] if tok.eos_id is not None else []
+    where = args.hf or args.ckpt
+    if not is_hf_dir(where):
+        from deepwish.train.checkpoint import read_meta
+        where = Path(read_meta(where)["path"]).parent.parent  # the run directory, as for its tokenizer
+    try:
+        template = run_dir_template(where)
+    except ChatTemplateError as e:
+        print(f"[deepwish] note: {where}'s chat template does not load ({e}); stopping at eos only",
+              file=sys.stderr, flush=True)
+        return eos
+    return eos if template is None else stop_ids(tok, template)
+
+
 def run_generate(args) -> int:
     from deepwish.generate import generate
 
@@ -148,9 +169,7 @@ def run_generate(args) -> int:
         raise UsageError("the prompt encodes to no tokens")
     # a chat-tuned run (or an HF directory with a template) ends its reply with the template's end of
     # turn: a stop like the tokenizer's eos, as HF's generation configs of chat models list it
-    from deepwish.chat import run_dir_template, stop_ids
-    template = run_dir_template(args.hf or args.ckpt)
-    stops = stop_ids(tok, template) if template is not None else [tok.eos_id] if tok.eos_id is not None else []
+    stops = generation_stops(args, tok)
     emitted: list[int] = []
     shown = ""
 

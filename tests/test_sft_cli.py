@@ -134,3 +134,18 @@ def test_generate_on_a_chat_run_stops_at_the_end_of_turn_too(sft_run, monkeypatc
         (sft_run / "chat_template.json.off").rename(sft_run / "chat_template.json")
     assert seen[-1] == ([tok.eos_id] if tok.eos_id is not None else [])
     assert tok.token_to_id("<|im_end|>") not in seen[-1]
+
+
+def test_generate_from_an_hf_dir_whose_template_does_not_load_stops_at_eos(sft_run, tmp_path, monkeypatch, capsys):
+    import deepwish.generate
+    out = tmp_path / "hf"
+    assert main(["convert", str(sft_run), str(out), "--dtype", "fp32"]) == 0
+    config = json.loads((out / "tokenizer_config.json").read_text())
+    config["chat_template"] = "{% if %}"  # not a template
+    (out / "tokenizer_config.json").write_text(json.dumps(config))
+    seen = []
+    monkeypatch.setattr(deepwish.generate, "generate", lambda *a, **kw: seen.append(kw["stop_tokens"]) or [[]])
+    capsys.readouterr()
+    assert main(["generate", "--hf", str(out), "--prompt", "Hello", "--max-new-tokens", "2"]) == 0
+    assert seen == [[0]]  # the default tokenizer's eos
+    assert "chat template does not load" in capsys.readouterr().err

@@ -30,7 +30,8 @@ def data_problems(train_bin: str, val_bin: str, vocab_size: int, seq_len: int, b
         need = world_size * batch_size  # one training step, or one evaluation batch per rank
         if windows < need:
             what = "one step" if role == "train" else "one evaluation batch per rank"
-            remedy = "more training text" if role == "train" else "more validation text (data build's --val-fraction)"
+            remedy = "more training text" if role == "train" else \
+                "more validation text (data build's --val-fraction or --val-input)"
             out.append(f"data.{role}_bin: {path} has {shard.header.n_tokens} tokens = {windows} windows of "
                        f"seq_len+1={seq_len + 1}; {what} needs {need} (world_size {world_size} x batch_size "
                        f"{batch_size}): give {remedy} or a smaller train.batch_size")

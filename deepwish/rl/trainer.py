@@ -505,7 +505,7 @@ def _train(run: GRPORun) -> dict:
         m = grpo_step(run, step)
         tokens = int(m["completion_len"] * g.prompts_per_step * g.group_size)
         run.logger.step(done, tokens, {**m, "lr": lr_f * tc.lr})
-        if m["truncated"] == 1.0 and g.loss.mask_truncated and not said_truncated:  # once a run
+        if m["truncated"] == 1.0 and g.loss.mask_truncated and not said_truncated:  # once a call
             said_truncated = True
             run.logger.print(f"[deepwish] grpo {done}: every completion reached max_new_tokens={g.max_new_tokens} "
                              f"without a stop token, and loss.mask_truncated gives those no loss: this step learned "

@@ -790,7 +790,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="data parallelism under torchrun (sets train.parallel; --set still applies after)")
     parser.add_argument("--debug", action="store_true",
                         help="first check of a new preset: 20 steps on synthetic tokens (data/synthetic.py; no "
-                             "data or tokenizer needed) in runs/debug/PRESET (replacing the previous check there) unless --out; "
+                             "data or tokenizer needed) in runs/debug/PRESET (one process: replacing the previous check there) "
+                             "unless --out; "
                              "--set still applies")
     parser.add_argument("--precision", default=None, choices=("fp32", "bf16"),
                         help="compute precision: the alias of --set train.dtype (bf16 autocast on GPU; fp32 on CPU)")
@@ -849,8 +850,10 @@ def debug_dir(args: argparse.Namespace) -> str:
 
 def replace_debug_run(run_dir: Path) -> None:
     """Empty --debug's own directory of a previous check (its synthetic shards mark it), so the
-    check runs again after each edit of the preset. Only there: a directory named by --out or
-    train.out_dir keeps the usual refusal, as does a debug run still training in it (its lock)."""
+    check runs again after each edit of the preset. Only there (the caller's test): a directory
+    named by --out or train.out_dir keeps the usual refusal, as does a debug run still training
+    in it (its lock; two --debug runs of one preset started together can still race between this
+    lock and the run's own), and so does one process of several under torchrun."""
     import shutil
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 or not (run_dir / "synthetic").is_dir():
         return  # under torchrun every rank would race to delete: the refusal stands
@@ -882,8 +885,8 @@ def with_synthetic_data(cfg: RunConfig) -> RunConfig:
 def run(args: argparse.Namespace) -> int:
     cfg = config_from_args(args)
     if getattr(args, "debug", False):
-        if cfg.train.out_dir == debug_dir(args):
-            replace_debug_run(Path(cfg.train.out_dir))
+        if not args.out and not any(o.startswith("train.out_dir=") for o in args.overrides):
+            replace_debug_run(Path(cfg.train.out_dir))  # --debug's own directory, nothing the user named
         cfg = with_synthetic_data(cfg)
     resume = args.resume
     if resume is True and args.out:

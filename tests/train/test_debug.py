@@ -51,3 +51,7 @@ def test_debug_replaces_its_own_previous_check_but_not_a_run_named_by_out(tmp_pa
     assert main(["train", "--preset", "qwen3_tiny", "--debug", "--out", str(named), *small]) == 0
     assert main(["train", "--preset", "qwen3_tiny", "--debug", "--out", str(named), *small]) == 2
     assert "already holds checkpoints" in capsys.readouterr().err
+    # named by the user, even where that is --debug's own directory: never replaced
+    for naming in (["--out", "runs/debug/qwen3_tiny"], ["--set", "train.out_dir=./runs/debug/qwen3_tiny"]):
+        assert main(["train", "--preset", "qwen3_tiny", "--debug", *naming, *small]) == 2
+        assert "already holds checkpoints" in capsys.readouterr().err

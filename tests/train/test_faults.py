@@ -433,7 +433,35 @@ def test_shutdown_after_a_run_keeps_its_last_barrier_for_the_main_thread_to_free
     import torch.distributed as dist
     from deepwish.train import parallel
     monkeypatch.setattr(parallel, "_LAST_BARRIER", [])
+    try:
+        for _ in range(2):  # a long-lived process keeps only the last one
+            dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+            parallel.shutdown(wait_for_peers=True)
+            assert not dist.is_initialized()
+            assert len(parallel._LAST_BARRIER) == 1 and parallel._LAST_BARRIER[0].is_completed()
+            (tmp_path / "store").unlink(missing_ok=True)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def test_a_failed_final_barrier_is_said_and_the_group_still_goes(monkeypatch, capsys, tmp_path):
+    """A peer that died after all: the barrier's error is one note, never the run's outcome, and the
+    process group is destroyed regardless."""
+    import torch.distributed as dist
+    from deepwish.train import parallel
+    monkeypatch.setattr(parallel, "_LAST_BARRIER", [])
+
+    def broken(async_op=False):
+        raise RuntimeError("Connection closed by peer\nmore detail")
+
     dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
-    parallel.shutdown(wait_for_peers=True)
-    assert not dist.is_initialized()
-    assert len(parallel._LAST_BARRIER) == 1 and parallel._LAST_BARRIER[0].is_completed()
+    try:
+        monkeypatch.setattr(dist, "barrier", broken)
+        parallel.shutdown(wait_for_peers=True)
+        assert not dist.is_initialized()
+        assert ("note: the ranks' final barrier failed (RuntimeError: Connection closed by peer); tearing the "
+                "process group down anyway") in capsys.readouterr().err
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
