@@ -36,9 +36,13 @@ def run_dir_template(path: str | Path):
                     return resolve_template(name)
             return hf_template(source, tokens, name=str(path))
         return None
-    for d in (path, *path.parents[:2]):  # a run directory, or one of its checkpoint directories
-        if (d / CHAT_TEMPLATE_FILE).is_file():
-            return ChatTemplate.from_json(json.loads((d / CHAT_TEMPLATE_FILE).read_text()))
+    from deepwish.train.checkpoint import CheckpointError, read_meta
+    try:  # a run directory, one of its checkpoint directories, or its `latest`: the run directory
+        path = Path(read_meta(path)["path"]).parent.parent
+    except (CheckpointError, OSError):
+        pass  # no checkpoint to go by: the directory itself
+    if (path / CHAT_TEMPLATE_FILE).is_file():
+        return ChatTemplate.from_json(json.loads((path / CHAT_TEMPLATE_FILE).read_text()))
     return None
 
 

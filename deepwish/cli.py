@@ -131,17 +131,13 @@ def check_generate_args(args) -> None:
 
 
 def generation_stops(args, tok) -> list[int]:
-    """The tokenizer's eos and, for a chat-tuned run (its run directory, from the checkpoint's
-    meta) or an HF directory with a chat template, the template's end of turn. A template that
+    """The tokenizer's eos and, for a chat-tuned run or an HF directory with a chat template
+    (chat.run_dir_template), the template's end of turn. A template that
     does not load is said in one line and generation stops at eos only, as without one."""
     from deepwish.chat import run_dir_template, stop_ids
     from deepwish.data.chat import ChatTemplateError
-    from deepwish.weights import is_hf_dir
     eos = [tok.eos_id] if tok.eos_id is not None else []
     where = args.hf or args.ckpt
-    if not is_hf_dir(where):
-        from deepwish.train.checkpoint import read_meta
-        where = Path(read_meta(where)["path"]).parent.parent  # the run directory, as for its tokenizer
     try:
         template = run_dir_template(where)
     except ChatTemplateError as e:

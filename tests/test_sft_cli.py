@@ -1,6 +1,7 @@
 """`deepwish sft` and `deepwish chat` end to end on a tiny model: shards with masks, training,
 the saved template, a sampled reply, --init-from an SFT run, a piped chat, one-line errors."""
 import io
+import os
 import json
 
 import pytest
@@ -149,3 +150,22 @@ def test_generate_from_an_hf_dir_whose_template_does_not_load_stops_at_eos(sft_r
     assert main(["generate", "--hf", str(out), "--prompt", "Hello", "--max-new-tokens", "2"]) == 0
     assert seen == [[0]]  # the default tokenizer's eos
     assert "chat template does not load" in capsys.readouterr().err
+
+
+def test_a_runs_template_is_its_own_not_the_working_directorys(sft_run, monkeypatch):
+    """run_dir_template goes by the checkpoint's run directory: a run without a template, named
+    relatively from inside a chat run, has none; any of a chat run's spellings finds its own."""
+    import shutil
+
+    from deepwish.chat import run_dir_template
+    plain = sft_run.parent / "plain"  # a sibling: "../plain" from inside the chat run
+    shutil.copytree(sft_run, plain)
+    (plain / "chat_template.json").unlink()
+    monkeypatch.chdir(sft_run)
+    try:
+        assert run_dir_template("../plain") is None
+    finally:
+        shutil.rmtree(plain)
+    latest = sorted((sft_run / "checkpoints").glob("step_*"))[-1]
+    for spelling in (".", sft_run, latest, os.path.relpath(latest, sft_run)):
+        assert run_dir_template(spelling).name == "chatml", spelling
