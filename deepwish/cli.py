@@ -132,8 +132,8 @@ def check_generate_args(args) -> None:
 
 def generation_stops(args, tok) -> list[int]:
     """The tokenizer's eos and, for a chat-tuned run or an HF directory with a chat template
-    (chat.run_dir_template), the template's end of turn. A template that
-    does not load is said in one line and generation stops at eos only, as without one."""
+    (chat.run_dir_template), the template's end of turn, as HF's generation configs of chat models
+    list it. A template that does not load is said in one line; generation then stops at eos only."""
     from deepwish.chat import run_dir_template, stop_ids
     from deepwish.data.chat import ChatTemplateError
     eos = [tok.eos_id] if tok.eos_id is not None else []
@@ -163,8 +163,6 @@ def run_generate(args) -> int:
     ids = tok.encode(args.prompt)
     if not ids:
         raise UsageError("the prompt encodes to no tokens")
-    # a chat-tuned run (or an HF directory with a template) ends its reply with the template's end of
-    # turn: a stop like the tokenizer's eos, as HF's generation configs of chat models list it
     stops = generation_stops(args, tok)
     emitted: list[int] = []
     shown = ""

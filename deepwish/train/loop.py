@@ -790,9 +790,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="data parallelism under torchrun (sets train.parallel; --set still applies after)")
     parser.add_argument("--debug", action="store_true",
                         help="first check of a new preset: 20 steps on synthetic tokens (data/synthetic.py; no "
-                             "data or tokenizer needed) in runs/debug/PRESET (one process: replacing the previous check there) "
-                             "unless --out; "
-                             "--set still applies")
+                             "data or tokenizer needed) in runs/debug/PRESET (one process: replacing the previous "
+                             "check there) unless --out; --set still applies")
     parser.add_argument("--precision", default=None, choices=("fp32", "bf16"),
                         help="compute precision: the alias of --set train.dtype (bf16 autocast on GPU; fp32 on CPU)")
     parser.add_argument("--mlflow-run-id", default=None, metavar="RUN_ID",
