@@ -183,17 +183,15 @@ def test_fused_gemv_kernels_match_reference_at_the_models_shapes(cuda, rel_err, 
         assert rel_err(reference.gemv(inp, w, **kw), gemv(inp, w, pdl=pdl, **kw)) < 5e-3, kw.keys()
 
 
-@pytest.mark.parametrize("in_split,ahead", [(False, False), (True, False), (False, True), (True, True)])
-def test_pdl_step_captures_and_replays_the_eager_logits(cuda, monkeypatch, in_split, ahead):
+@pytest.mark.parametrize("in_split", [False, True])
+def test_pdl_step_captures_and_replays_the_eager_logits(cuda, monkeypatch, in_split):
     """decode_pdl inside a CUDA graph (programmatic edges): the captured step of a model with every
     decode option on gives the eager step's logits, replay after replay; also with the prologue
-    inside the split kernel (decode.PROLOGUE_IN_SPLIT) and with the next weights sent to L2 by the
-    split kernel (decode.L2_AHEAD)."""
+    inside the split kernel (decode.PROLOGUE_IN_SPLIT)."""
     if torch.cuda.get_device_capability()[0] < 9:
         pytest.skip("programmatic dependent launch needs Hopper or later")
     from deepwish.kernels.attention import decode
     monkeypatch.setattr(decode, "PROLOGUE_IN_SPLIT", in_split)
-    monkeypatch.setattr(decode, "L2_AHEAD", ahead)
     from deepwish.decode_graph import CapturedDecoder
     model = _model("qwen3_0.6b", cuda, decode_matmul="triton", decode_prologue=True, decode_fusion=True,
                    decode_pdl="on")
@@ -268,28 +266,6 @@ def test_split_prefetch_changes_no_value(cuda, monkeypatch, TQ):
         out[prefetch] = decode.decode_attention(q, kc, vc, pos, pdl=True, merge_in_split=True)
     assert torch.equal(out[True], out[False])
 
-
-@pytest.mark.parametrize("B", [1, 64])
-def test_split_ahead_changes_no_value(cuda, B):
-    """`ahead` (L2_AHEAD): three weights of Qwen3-0.6B's shapes sent to L2 by the split programs
-    before their PDL wait: the same output bit for bit as without, at batch 1 (many splits) and 64
-    (one split, stored directly); a weight the bulk prefetch cannot take (odd offset) is left out."""
-    if torch.cuda.get_device_capability()[0] < 9:
-        pytest.skip("programmatic dependent launch needs Hopper or later")
-    from deepwish.kernels.attention import decode
-    bf = dict(device=cuda, dtype=torch.bfloat16)
-    L = 1024
-    q = torch.randn(B, 1, 16, 128, **bf)
-    k, v = torch.randn(B, 8, L, 128, **bf), torch.randn(B, 8, L, 128, **bf)
-    pos = torch.randint(L // 2, L, (B, 1), device=cuda)
-    weights = (torch.randn(1024, 2048, **bf), torch.randn(6144, 1024, **bf), torch.randn(1024, 3072, **bf))
-    want = decode.decode_attention(q, k, v, pos, pdl=True, merge_in_split=True)
-    got = decode.decode_attention(q, k, v, pos, pdl=True, merge_in_split=True, ahead=weights)
-    assert torch.equal(got, want)
-    assert decode._ahead_args(list(weights), True, q)["AHEAD"] == 3
-    odd = torch.randn(4097, **bf)[1:]
-    assert decode._ahead_args([odd], True, q)["AHEAD"] == 0
-    assert torch.equal(decode.decode_attention(q, k, v, pos, pdl=True, merge_in_split=True, ahead=(odd,)), want)
 
 
 @pytest.mark.parametrize("TQ", [1, 5])

@@ -189,9 +189,7 @@ def sweep_step(preset: str, context: int, dev, rows: list, new_tokens: int = 64,
     """The whole decode step of the model with its defaults (`mode` graph: captured, the step
     `deepwish generate` runs on CUDA; compiled: compiled and captured, `generate --compile`'s) as
     shipped, with the split kernel's L2 prefetch switched, with the prologue kernel's work inside the
-    split kernel switched (decode.PROLOGUE_IN_SPLIT), with the next weights sent to L2 by the split
-    kernel switched (decode.L2_AHEAD), with all three of those on, and with every GEMV tile
-    autotuned alone."""
+    split kernel switched (decode.PROLOGUE_IN_SPLIT), and with every GEMV tile autotuned alone."""
     import dataclasses
 
     from deepwish.bench.decode import _decode_rows, build
@@ -203,18 +201,13 @@ def sweep_step(preset: str, context: int, dev, rows: list, new_tokens: int = 64,
     torch.manual_seed(0)
     model = build(cfg, dev)
     kernels = (gk._one_row_kernel, gk._rows_kernel)
-    prefetch, in_split, ahead = dk.PREFETCH_UNDER_PDL, dk.PROLOGUE_IN_SPLIT, dk.L2_AHEAD
-    variants = [
-        ("step, as shipped", {}, {}),
-        (f"step, split {'without' if prefetch else 'with'} its L2 prefetch", {}, dict(PREFETCH_UNDER_PDL=not prefetch)),
-        (f"step, prologue {'apart from' if in_split else 'inside'} the split kernel", {},
-         dict(PROLOGUE_IN_SPLIT=not in_split)),
-        (f"step, next weights {'not ' if ahead else ''}sent to L2 by the split kernel", {}, dict(L2_AHEAD=not ahead))]
-    if not (prefetch and in_split and ahead):
-        variants.append(("step, split prefetch + prologue inside + next weights to L2", {},
-                         dict(PREFETCH_UNDER_PDL=True, PROLOGUE_IN_SPLIT=True, L2_AHEAD=True)))
-    variants.append(("step, GEMV tiles autotuned alone", dict(USE_IN_STEP_TILES=False), {}))
-    for label, tiles, split in variants:
+    prefetch, in_split = dk.PREFETCH_UNDER_PDL, dk.PROLOGUE_IN_SPLIT
+    for label, tiles, split in (
+            ("step, as shipped", {}, {}),
+            (f"step, split {'without' if prefetch else 'with'} its L2 prefetch", {}, dict(PREFETCH_UNDER_PDL=not prefetch)),
+            (f"step, prologue {'apart from' if in_split else 'inside'} the split kernel", {},
+             dict(PROLOGUE_IN_SPLIT=not in_split)),
+            ("step, GEMV tiles autotuned alone", dict(USE_IN_STEP_TILES=False), {})):
         for k in kernels:
             k.cache = {}
         with switched(gk, **tiles), switched(dk, **split):

@@ -436,13 +436,11 @@ class Attention(nn.Module):
         return (self.decode_prologue and isinstance(cache, KVCache) and ctx.cos is not None and self.ve_gate is None
                 and self.decode_kernel(x.shape[1], x.device))
 
-    def decode_step(self, x: torch.Tensor, fused, ctx, cache: KVCache, norm: nn.Module | None = None,
-                    ahead: tuple[torch.Tensor, ...] = ()) -> torch.Tensor:
+    def decode_step(self, x: torch.Tensor, fused, ctx, cache: KVCache, norm: nn.Module | None = None) -> torch.Tensor:
         """The cached path of the fused projection in three launches (model.decode_prologue): the
         projection, then QK-norm, rotary and the k/v cache write together, then the split-KV kernel
         (plain cache: slot = position) -> the attention output [B, T, H, D] before o_proj. `norm`: x is
-        the stream, normed in the projection's prologue (residual_forward). `ahead`: weights the step
-        reads next, which the split kernel sends to L2 (kernels/attention/decode.py L2_AHEAD)."""
+        the stream, normed in the projection's prologue (residual_forward)."""
         from deepwish.kernels.attention.decode import decode_attention, decode_prologue
         if norm is None:
             y = linear(x, *fused, backend=self.matmul, pdl=self.pdl)
@@ -454,21 +452,18 @@ class Attention(nn.Module):
             return decode.decode_prologue_attention(
                 y, self.q_norm.weight, self.k_norm.weight, self.q_norm.eps, ctx.cos, ctx.sin, ctx.positions, cache.k,
                 cache.v, self.n_heads, self.q_norm.zero_centered, window=self.window, scale=self.scale,
-                softcap=self.softcap, pdl=self.pdl, merge_in_split=self.decode_fusion, ahead=ahead)
+                softcap=self.softcap, pdl=self.pdl, merge_in_split=self.decode_fusion)
         q = decode_prologue(y, self.q_norm.weight, self.k_norm.weight, self.q_norm.eps, ctx.cos, ctx.sin,
                             ctx.positions, cache.k, cache.v, self.n_heads, self.q_norm.zero_centered, pdl=self.pdl)
         return decode_attention(q.to(cache.k.dtype), cache.k, cache.v, ctx.positions, None,
                                 window=self.window, scale=self.scale, softcap=self.softcap, pdl=self.pdl,
-                                merge_in_split=self.decode_fusion, ahead=ahead)
+                                merge_in_split=self.decode_fusion)
 
-    def residual_forward(self, x: torch.Tensor, norm: nn.Module, ctx, cache=None,
-                         ahead: tuple[torch.Tensor, ...] = ()) -> tuple[torch.Tensor, dict] | None:
+    def residual_forward(self, x: torch.Tensor, norm: nn.Module, ctx, cache=None) -> tuple[torch.Tensor, dict] | None:
         """x + self(norm(x)) for a decode step in four launches (model.decode_fusion): the block's
         RMSNorm in the fused projection's prologue, `decode_step`'s prologue and split-KV kernels, and
         the residual add in o_proj's epilogue (kernels/gemv); None where that path does not apply
-        (the caller composes the ops: model/block.py residual_branch). `ahead`: the weights the step
-        reads after this branch (the FFN's), sent to L2 with o_proj's by the split kernel where
-        kernels/attention/decode.py L2_AHEAD is on."""
+        (the caller composes the ops: model/block.py residual_branch)."""
         if not self.decode_fusion or self.gated or self.q_norm is None:
             return None
         fused = self._fused_qkv()
@@ -477,9 +472,7 @@ class Attention(nn.Module):
             return None
         from deepwish.kernels.gemv.triton import gemv
         B, T, _ = x.shape
-        from deepwish.kernels.attention import decode
-        ahead = (self.o_proj.weight, *ahead)[:decode.AHEAD_MAX] if decode.L2_AHEAD else ()
-        o = self.decode_step(x, fused, ctx, cache, norm, ahead).reshape(B, T, -1)
+        o = self.decode_step(x, fused, ctx, cache, norm).reshape(B, T, -1)
         return gemv(o, self.o_proj.weight, self.o_proj.bias, residual=x, pdl=self.pdl), {}
 
     def attend_cache(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx, cache) -> torch.Tensor:

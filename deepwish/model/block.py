@@ -12,11 +12,8 @@ The block contract (every mixer and FFN keeps it, so the block treats them alike
 and, optionally, the whole residual branch x + f(norm(x)) in one call, for a branch that can fuse
 the norm and the add into its own kernels (model.decode_fusion; `residual_branch` below):
 
-    mixer.residual_forward(x, norm, ctx, cache, ahead) -> (x [B,T,d], aux) | None   (None: not here)
-    ffn.residual_forward(x, norm)                      -> (x [B,T,d], aux) | None
-
-where `ahead` is what the block reads after the mixer, `ffn.decode_weights()` (a decode step's
-weights, which the mixer may send to L2 while its attention runs; an FFN without that method: ()).
+    mixer.residual_forward(x, norm, ctx, cache) -> (x [B,T,d], aux) | None   (None: not here)
+    ffn.residual_forward(x, norm)               -> (x [B,T,d], aux) | None
 
 `aux` is a dict of this forward's side results (names below), returned rather than kept on the
 module, so a compiled, checkpointed or sharded block gives the same results as a plain one and
@@ -129,10 +126,6 @@ class DenseFFN(SwiGLU):
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, dict]:
         return super().forward(x), NO_AUX
 
-    def decode_weights(self) -> tuple[torch.Tensor, ...]:
-        """What a decode step reads here, in order (the mixer before may send them to L2: `ahead`)."""
-        return self.w_gate_up.weight, self.w_down.weight
-
     def residual_forward(self, x: torch.Tensor, norm: nn.Module) -> tuple[torch.Tensor, dict] | None:
         out = super().residual_forward(x, norm)
         return None if out is None else (out, NO_AUX)
@@ -204,14 +197,12 @@ class Block(nn.Module):
         if self.residual_scales is not None:
             lam = self.residual_scales.to(x.dtype)
             x = lam[0] * x + lam[1] * ctx.x0
-        ahead = self.ffn.decode_weights() if cache is not None and hasattr(self.ffn, "decode_weights") else ()
-        x, mixer_aux = residual_branch(self.mixer, self.attn_norm, x, ctx, cache, ahead=ahead)
+        x, mixer_aux = residual_branch(self.mixer, self.attn_norm, x, ctx, cache)
         x, ffn_aux = residual_branch(self.ffn, self.ffn_norm, x)
         return x, {**mixer_aux, **ffn_aux}
 
 
-def residual_branch(branch: nn.Module, norm: RMSNorm, x: torch.Tensor, *args,
-                    **fused_only) -> tuple[torch.Tensor, dict]:
+def residual_branch(branch: nn.Module, norm: RMSNorm, x: torch.Tensor, *args) -> tuple[torch.Tensor, dict]:
     """x + branch(norm(x), *args) -> (x, aux). A branch may compute the whole of it itself
     (`residual_forward`, returning None where it cannot): the decode step's GEMVs take the norm into
     the first matmul's prologue and the add into the last one's epilogue (model.decode_fusion),
@@ -219,7 +210,7 @@ def residual_branch(branch: nn.Module, norm: RMSNorm, x: torch.Tensor, *args,
     (Objective.residual_dtype): a branch that returns fp32 under autocast (an MoE's fp32 combine
     weights) does not promote a bf16 stream back to fp32."""
     fused = getattr(branch, "residual_forward", None)
-    out = fused(x, norm, *args, **fused_only) if fused is not None else None  # `ahead` is residual_forward's only
+    out = fused(x, norm, *args) if fused is not None else None
     if out is not None:
         return out
     h, aux = branch(norm(x), *args)

@@ -104,7 +104,7 @@ def test_pdl_kernels_compile_for_hopper_with_the_wait_after_the_weight_prefetch(
     without the interpreter): the GEMV issues its bulk L2 prefetch of its rows of W and its first
     weight loads before `griddepcontrol.wait` and reads nothing else before it; the decode kernels
     wait before any load, except the split kernel's PREFETCH (the query positions and the bulk
-    prefetches of its keys and values) and its `ahead` prefetches; each lets the next kernel launch."""
+    prefetches of its keys and values); each lets the next kernel launch."""
     import json
     import os
     import subprocess
@@ -145,25 +145,21 @@ out["rows"] = ptx(gk._rows_kernel.fn, dict(g, PREC="tf32", BN=32, BK=128), fp32=
 out["one_row_no_prefetch"] = ptx(gk._one_row_kernel.fn, dict(g, PREFETCH=False), fp32=("eps",), ints=("N", "K"))
 out["split"] = ptx(decode._split_kernel, dict(CHUNK=256, BLOCK_DK=128, BLOCK_DV=128, BM=16, GP=2, SLOT_POS=True,
                    SOFTCAP=False, PREC="tf32", BN=64, PDL=True, MERGE=True, BS=64, PREFETCH=False,
-                   PROLOGUE=False, R=2, ZERO_CENTERED=False, BT=1, DIRECT=False, AHEAD=0),
+                   PROLOGUE=False, R=2, ZERO_CENTERED=False, BT=1, DIRECT=False),
                    fp32=("scale", "softcap"), ints=("TQ", "HKV", "G", "L", "W", "DQK", "DV", "SPLITS"))
 out["split_prefetch"] = ptx(decode._split_kernel, dict(CHUNK=256, BLOCK_DK=128, BLOCK_DV=128, BM=16, GP=2, SLOT_POS=True,
                             SOFTCAP=False, PREC="tf32", BN=64, PDL=True, MERGE=True, BS=64, PREFETCH=True,
-                            PROLOGUE=False, R=2, ZERO_CENTERED=False, BT=1, DIRECT=False, AHEAD=0),
+                            PROLOGUE=False, R=2, ZERO_CENTERED=False, BT=1, DIRECT=False),
                             fp32=("scale", "softcap"), ints=("TQ", "HKV", "G", "L", "W", "DQK", "DV", "SPLITS"))
 out["split_prologue"] = ptx(decode._split_kernel, dict(CHUNK=256, BLOCK_DK=128, BLOCK_DV=128, BM=16, GP=2, SLOT_POS=True,
                             SOFTCAP=False, PREC="tf32", BN=64, PDL=True, MERGE=True, BS=64, PREFETCH=False,
-                            PROLOGUE=True, R=128, ZERO_CENTERED=False, BT=1, DIRECT=False, AHEAD=0), fp32=("scale", "softcap", "eps"),
+                            PROLOGUE=True, R=128, ZERO_CENTERED=False, BT=1, DIRECT=False), fp32=("scale", "softcap", "eps"),
                             ints=("TQ", "HKV", "G", "L", "W", "DQK", "DV", "SPLITS", "H"), debug=True,
                             sanitize_overflow=False)
 out["split_direct"] = ptx(decode._split_kernel, dict(CHUNK=256, BLOCK_DK=128, BLOCK_DV=128, BM=16, GP=2, SLOT_POS=True,
                           SOFTCAP=False, PREC="tf32", BN=64, PDL=True, MERGE=False, BS=2, PREFETCH=False,
-                          PROLOGUE=False, R=2, ZERO_CENTERED=False, BT=1, DIRECT=True, AHEAD=0),
+                          PROLOGUE=False, R=2, ZERO_CENTERED=False, BT=1, DIRECT=True),
                           fp32=("scale", "softcap"), ints=("TQ", "HKV", "G", "L", "W", "DQK", "DV", "SPLITS"))
-out["split_ahead"] = ptx(decode._split_kernel, dict(CHUNK=256, BLOCK_DK=128, BLOCK_DV=128, BM=16, GP=2, SLOT_POS=True,
-                         SOFTCAP=False, PREC="tf32", BN=64, PDL=True, MERGE=True, BS=64, PREFETCH=False,
-                         PROLOGUE=False, R=2, ZERO_CENTERED=False, BT=1, DIRECT=False, AHEAD=3),
-                         fp32=("scale", "softcap"), ints=("TQ", "HKV", "G", "L", "W", "DQK", "DV", "SPLITS", "NA0", "NA1", "NA2"))
 out["merge"] = ptx(decode._merge_kernel, dict(BLOCK_DV=128, BM=16, GP=2, BS=8, PDL=True),
                    ints=("TQ", "HKV", "G", "DV", "SPLITS"))
 out["prologue"] = ptx(decode._prologue_kernel, dict(D=128, R=128, BLOCK_D=128, ZERO_CENTERED=False, PDL=True),
@@ -179,17 +175,13 @@ print(json.dumps(out))
     # the program's rows of W sent towards L2 by one bulk prefetch before the wait (PREFETCH)
     assert out["one_row"]["prefetch_before_wait"] and out["rows"]["prefetch_before_wait"], out
     assert out["one_row_no_prefetch"]["prefetches"] == 0, out
-    for name in ("split", "merge", "prologue", "split_prologue", "split_direct", "split_ahead"):
+    for name in ("split", "merge", "prologue", "split_prologue", "split_direct"):
         assert out[name]["before"] == 0 and out[name]["after"] > 0 and out[name]["launch_after_wait"], (name, out)
     # the split kernel's PREFETCH: the query positions read, the chunk's keys and values sent to L2
     # (two bulk prefetches), all before the wait; q and the tiles after it
     sp = out["split_prefetch"]
     assert sp["prefetch_before_wait"] and sp["prefetches"] == 2 and sp["after"] > 0 and sp["launch_after_wait"], sp
     assert 0 < sp["before"] < sp["after"], sp
-    # `ahead` (L2_AHEAD): each program's share of the three weights sent to L2 before the wait; none without it
-    sa = out["split_ahead"]
-    assert sa["prefetch_before_wait"] and sa["prefetches"] == 3, sa
-    assert out["split"]["prefetches"] == 0, out
     # the prologue inside the split kernel (bf16, sm_90): it compiles, with its position assertion
     assert out["split_prologue"]["asserts"] > 0 and out["split"]["asserts"] == 0, out
 

@@ -107,39 +107,3 @@ def test_pdl_settings():
     x = torch.randint(0, 64, (2, 9))
     torch.testing.assert_close(_run(a, x)[0], _run(b, x)[0], rtol=0, atol=0)
     assert a.blocks[0].ffn.w_down.pdl == a.blocks[0].mixer.pdl == "on"
-
-
-@pytest.mark.parametrize("in_split", [False, True])
-def test_l2_ahead_passes_each_layers_next_weights_and_changes_no_value(in_split, monkeypatch):
-    """decode.L2_AHEAD: each layer's split launch is given o_proj's, gate/up's and down's weights of
-    that layer (the launch sends them to L2 under PDL only, so here it drops them); the logits and
-    caches are those without it, bit for bit."""
-    from deepwish.kernels.attention import decode
-    monkeypatch.setattr(decode, "PROLOGUE_IN_SPLIT", in_split)
-    torch.manual_seed(0)
-    model = Transformer(_tiny(decode_fusion=True)).eval()
-    x = torch.randint(0, 64, (2, 9))
-    want, c0, _ = _run(model, x)
-    monkeypatch.setattr(decode, "L2_AHEAD", True)
-    with mock.patch.object(decode, "_ahead_args", wraps=decode._ahead_args) as args:
-        got, c1, _ = _run(model, x)
-    assert torch.equal(got, want)
-    for a, b in zip(c0.layers, c1.layers):
-        assert torch.equal(a.k, b.k) and torch.equal(a.v, b.v)
-    # 2 layers x 3 single-token steps take the split launch with their own layer's three weights
-    # (the prefill's chunk attends through the same kernel, also with them)
-    passed = [tuple(c.args[0]) for c in args.call_args_list]
-    for i, blk in enumerate(model.blocks):
-        mine = (blk.mixer.o_proj.weight, blk.ffn.w_gate_up.weight, blk.ffn.w_down.weight)
-        n = sum(len(p) == 3 and all(a is b for a, b in zip(p, mine)) for p in passed)
-        assert n >= 3, (i, len(passed))
-    assert all(c.args[1] is False for c in args.call_args_list)  # no PDL here: nothing prefetched
-    assert all(decode._ahead_args(list(p), False, torch.empty(1))["AHEAD"] == 0 for p in passed)
-
-
-def test_l2_ahead_takes_at_most_three_weights():
-    from deepwish.kernels.attention import decode
-    q = torch.zeros(1, 1, 2, 16)
-    kc = torch.zeros(1, 1, 8, 16)
-    with pytest.raises(ValueError, match="ahead takes at most 3 weights"):
-        decode.decode_attention(q, kc, kc, torch.zeros(1, 1, dtype=torch.long), ahead=(q,) * 4)

@@ -63,30 +63,10 @@ DECODE_BN, DECODE_WARPS, DECODE_STAGES = (16, 1, 1) if _INTERPRET else (64, 4, 3
 # compiled for sm_90 and checked in its PTX only.
 PREFETCH_UNDER_PDL = False
 
-# The weights the step reads right after the attention (o_proj, the FFN's matrices), sent to L2 by
-# the split programs before their PDL wait (`ahead`): at a short context the split kernel is set
-# by each program's chain of dependent loads and leaves most of the memory bandwidth idle (2 MB
-# in ~7 µs at Qwen3-0.6B, context 512), so the next GEMVs' ~23 MB can stream in meanwhile and
-# those GEMVs read L2. The model passes them where this is on (model/attention.py
-# residual_forward); off until a GPU has timed it (bench/decode_tiles --parts step).
-L2_AHEAD = False
-AHEAD_MAX = 3  # weights one launch takes (o_proj, gate/up, down)
-
 
 @triton.jit
 def _tanh(x):
     return 2.0 / (1.0 + tl.exp(-2.0 * x)) - 1.0
-
-
-@triton.jit
-def _prefetch_share(W, nbytes, p, P):
-    """Program p of P sends its share of W's `nbytes` (whole 16-byte units) towards L2."""
-    elt = W.dtype.element_ty.primitive_bitwidth // 8
-    piece = (nbytes // 16 + P - 1) // P * 16
-    start = tl.cast(p, tl.int64) * piece
-    n = tl.minimum(piece, nbytes - start)
-    if n > 0:
-        prefetch_to_l2(W + start // elt, tl.cast(n, tl.int32))
 
 
 @triton.jit
@@ -177,16 +157,7 @@ def _split_kernel(Q, K, V, QPOS, KPOS, OP, LP, O, CNT,
                   GP: tl.constexpr, SLOT_POS: tl.constexpr, SOFTCAP: tl.constexpr, PREC: tl.constexpr,
                   BN: tl.constexpr, PDL: tl.constexpr, MERGE: tl.constexpr, BS: tl.constexpr,
                   PREFETCH: tl.constexpr, WQ, WK, COS, SIN, s_cb, s_ct, H, eps, PROLOGUE: tl.constexpr,
-                  R: tl.constexpr, ZERO_CENTERED: tl.constexpr, BT: tl.constexpr, DIRECT: tl.constexpr,
-                  A0, A1, A2, NA0, NA1, NA2, AHEAD: tl.constexpr):
-    if AHEAD > 0:  # weights nothing in the step writes: before the wait, each program its share
-        p = tl.program_id(1) * tl.num_programs(0) + tl.program_id(0)
-        P = tl.num_programs(0) * tl.num_programs(1)
-        _prefetch_share(A0, NA0, p, P)
-        if AHEAD > 1:
-            _prefetch_share(A1, NA1, p, P)
-        if AHEAD > 2:
-            _prefetch_share(A2, NA2, p, P)
+                  R: tl.constexpr, ZERO_CENTERED: tl.constexpr, BT: tl.constexpr, DIRECT: tl.constexpr):
     if not PREFETCH:
         wait_for_inputs(PDL)
     split = tl.program_id(0)
@@ -338,12 +309,11 @@ def _check_tile(name: str, DQK: int, DV: int, TQ: int, G: int) -> None:
 def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: torch.Tensor,
                      k_pos: torch.Tensor | None = None, *, window: int = 0, softcap: float = 0.0,
                      scale: float | None = None, splits: int | None = None, pdl: bool | str = False,
-                     merge_in_split: bool = False, ahead: tuple[torch.Tensor, ...] = ()) -> torch.Tensor:
+                     merge_in_split: bool = False) -> torch.Tensor:
     """q [B, Tq, H, Dqk], k [B, Hkv, L, Dqk], v [B, Hkv, L, Dv], q_pos [B, Tq], k_pos [B, L] or None
     -> [B, Tq, H, Dv] in q's dtype. Inference only (no gradient). pdl: programmatic dependent launch;
     merge_in_split: the last split program of each (row, KV head) merges the splits (one launch,
-    not two; model.decode_fusion); ahead: up to AHEAD_MAX weights the step reads next, sent to L2
-    before the PDL wait (L2_AHEAD; under PDL only: a hint, the output is the same)."""
+    not two; model.decode_fusion)."""
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
         raise ValueError(f"decode_attention: want q [B,Tq,H,D], k/v [B,Hkv,L,D]; got {tuple(q.shape)}, "
                          f"{tuple(k.shape)}, {tuple(v.shape)}")
@@ -364,39 +334,20 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: t
     return _decode_op(q, k, v, q_pos.to(torch.int64).contiguous(),
                       None if k_pos is None else k_pos.to(torch.int64).contiguous(),
                       int(window), float(softcap), D_scale(DQK, scale), -1 if splits is None else int(splits),
-                      setting(pdl, "decode_attention"), bool(merge_in_split), _ahead(ahead, "decode_attention"))
-
-
-def _ahead(ahead, name: str) -> list[torch.Tensor]:
-    if len(ahead) > AHEAD_MAX:
-        raise ValueError(f"{name}: ahead takes at most {AHEAD_MAX} weights, got {len(ahead)}")
-    return list(ahead)
+                      setting(pdl, "decode_attention"), bool(merge_in_split))
 
 
 # A custom op: torch.compile (of a decode step) sees one opaque call with a known output shape.
 @torch.library.custom_op("deepwish::decode_attention", mutates_args=())
 def _decode_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: torch.Tensor, k_pos: Optional[torch.Tensor],
-               window: int, softcap: float, scale: float, splits: int, pdl: str, merge_in_split: bool,
-               ahead: list[torch.Tensor]) -> torch.Tensor:
-    return _split_launch(q, k, v, q_pos, k_pos, window, softcap, scale, splits, pdl, merge_in_split, None, ahead)
+               window: int, softcap: float, scale: float, splits: int, pdl: str, merge_in_split: bool) -> torch.Tensor:
+    return _split_launch(q, k, v, q_pos, k_pos, window, softcap, scale, splits, pdl, merge_in_split, None)
 
 
-def _ahead_args(ahead: list[torch.Tensor], pdl: bool, lp: torch.Tensor) -> dict:
-    """The kernel's A*/NA*/AHEAD arguments: the weights whose bytes lie back to back from a 16-byte
-    aligned start (the bulk prefetch's terms), under PDL only (sm_90, like the prefetch); a weight that
-    does not qualify is left out (a hint, nothing more)."""
-    take = [w for w in ahead if pdl and w.is_cuda and w.is_contiguous() and w.data_ptr() % 16 == 0
-            and w.numel() * w.element_size() % 16 == 0 and w.numel() > 0]
-    ptrs = take + [lp] * (AHEAD_MAX - len(take))
-    sizes = [w.numel() * w.element_size() for w in take] + [0] * (AHEAD_MAX - len(take))
-    return dict(A0=ptrs[0], A1=ptrs[1], A2=ptrs[2], NA0=sizes[0], NA1=sizes[1], NA2=sizes[2], AHEAD=len(take))
-
-
-def _split_launch(q, k, v, q_pos, k_pos, window, softcap, scale, splits, pdl, merge_in_split, prologue, ahead):
+def _split_launch(q, k, v, q_pos, k_pos, window, softcap, scale, splits, pdl, merge_in_split, prologue):
     """The split kernel's launch (and the merge kernel's where it merges apart). `prologue`: None, or
     (q_weight, k_weight, eps, cos, sin, n_heads, zero_centered) for decode_prologue_attention, `q`
-    then being the fused projection's output y [B, T, (H + 2·Hkv)·D]. `ahead`: weights sent to L2
-    first (_ahead_args)."""
+    then being the fused projection's output y [B, T, (H + 2·Hkv)·D]."""
     B, TQ = q.shape[:2]
     H, DQK = (prologue[5], k.shape[-1]) if prologue else q.shape[2:]
     pdl, launch = launch_options(pdl, q.device, "decode_attention")
@@ -444,8 +395,7 @@ def _split_launch(q, k, v, q_pos, k_pos, window, softcap, scale, splits, pdl, me
         CHUNK=chunk, BLOCK_DK=BLOCK_DK, BLOCK_DV=BLOCK_DV, BM=BM, GP=GP, SLOT_POS=k_pos is None,
         SOFTCAP=softcap > 0, PREC="ieee" if k.dtype == torch.float32 else "tf32",
         BN=DECODE_BN, PDL=pdl, MERGE=merge, BS=max(2, triton.next_power_of_2(splits)), PREFETCH=prefetch,
-        DIRECT=direct, num_warps=DECODE_WARPS, num_stages=DECODE_STAGES, **pro, **_ahead_args(ahead, pdl, lp),
-        **launch)
+        DIRECT=direct, num_warps=DECODE_WARPS, num_stages=DECODE_STAGES, **pro, **launch)
     if merge or direct:
         return o
     _merge_kernel[(B * HKV, BM)](op, lp, o, *o.stride()[:3], TQ, HKV, G, DV, splits,
@@ -455,7 +405,7 @@ def _split_launch(q, k, v, q_pos, k_pos, window, softcap, scale, splits, pdl, me
 
 
 @_decode_op.register_fake
-def _(q, k, v, q_pos, k_pos, window, softcap, scale, splits, pdl, merge_in_split, ahead):
+def _(q, k, v, q_pos, k_pos, window, softcap, scale, splits, pdl, merge_in_split):
     return q.new_empty(*q.shape[:3], v.shape[-1])
 
 
@@ -572,7 +522,7 @@ def decode_prologue_attention(y: torch.Tensor, q_weight: torch.Tensor, k_weight:
                               cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor, k_cache: torch.Tensor,
                               v_cache: torch.Tensor, n_heads: int, zero_centered: bool = False, *, window: int = 0,
                               softcap: float = 0.0, scale: float | None = None, pdl: bool | str = False,
-                              merge_in_split: bool = False, ahead: tuple[torch.Tensor, ...] = ()) -> torch.Tensor:
+                              merge_in_split: bool = False) -> torch.Tensor:
     """decode_attention(decode_prologue(y, ...).to(k_cache.dtype), k_cache, v_cache, positions, None,
     ...) in one launch (two without merge_in_split): y [B, T, (H + 2·Hkv)·D] -> [B, T, H, D] in the
     cache's dtype, the new tokens' k and v written into the plain caches at `positions` [B, T] as
@@ -590,20 +540,19 @@ def decode_prologue_attention(y: torch.Tensor, q_weight: torch.Tensor, k_weight:
         raise ValueError("decode_prologue_attention: the Triton kernel needs CUDA tensors")
     return _prologue_decode_op(y, q_weight, k_weight, float(eps), cos, sin, positions.to(torch.int64).contiguous(),
                                k_cache, v_cache, int(n_heads), bool(zero_centered), int(window), float(softcap),
-                               D_scale(D, scale), setting(pdl, "decode_prologue_attention"), bool(merge_in_split),
-                               _ahead(ahead, "decode_prologue_attention"))
+                               D_scale(D, scale), setting(pdl, "decode_prologue_attention"), bool(merge_in_split))
 
 
 @torch.library.custom_op("deepwish::decode_prologue_attention", mutates_args=("k_cache", "v_cache"))
 def _prologue_decode_op(y: torch.Tensor, q_weight: torch.Tensor, k_weight: torch.Tensor, eps: float,
                         cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor, k_cache: torch.Tensor,
                         v_cache: torch.Tensor, n_heads: int, zero_centered: bool, window: int, softcap: float,
-                        scale: float, pdl: str, merge_in_split: bool, ahead: list[torch.Tensor]) -> torch.Tensor:
+                        scale: float, pdl: str, merge_in_split: bool) -> torch.Tensor:
     return _split_launch(y, k_cache, v_cache, positions, None, window, softcap, scale, -1, pdl, merge_in_split,
-                         (q_weight, k_weight, eps, cos, sin, n_heads, zero_centered), ahead)
+                         (q_weight, k_weight, eps, cos, sin, n_heads, zero_centered))
 
 
 @_prologue_decode_op.register_fake
 def _(y, q_weight, k_weight, eps, cos, sin, positions, k_cache, v_cache, n_heads, zero_centered, window, softcap,
-      scale, pdl, merge_in_split, ahead):
+      scale, pdl, merge_in_split):
     return k_cache.new_empty(y.shape[0], y.shape[1], n_heads, k_cache.shape[-1])
