@@ -238,8 +238,15 @@ def test_merge_in_split_matches_the_merge_kernel(cuda, rel_err, B, L):
     for pdl in (False, True, True):
         got = decode_attention(q, k, v, pos, splits=splits, merge_in_split=True, pdl=pdl)
         assert rel_err(want, got) < 1e-3
-    # and the planned step itself (batch 64: one split, its output stored as it is)
-    assert rel_err(want, decode_attention(q, k, v, pos, merge_in_split=True, pdl=True)) < 1e-3
+    # and the planned step itself (batch 64: one split, its output stored as it is). Against the fp32
+    # reference, not the cut form: each chunk rounds its softmax weights to bf16 against its own
+    # running max for P·V, so different cuts differ by about bf16's rounding (measured 1.7e-3 between
+    # them on an H200); the single split must be as near the exact answer as the cut form is.
+    from deepwish.kernels.attention import reference
+    exact = reference.decode_attention(q.float(), k.float(), v.float(), pos,
+                                       torch.arange(L, device=cuda).expand(B, L))
+    planned = decode_attention(q, k, v, pos, merge_in_split=True, pdl=True)
+    assert rel_err(exact, planned) < 4e-3 and rel_err(exact, planned) < 1.5 * rel_err(exact, want) + 1e-4
 
 
 @pytest.mark.parametrize("TQ", [1, 5])
