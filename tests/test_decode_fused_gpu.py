@@ -254,10 +254,12 @@ def test_split_prefetch_changes_no_value(cuda, monkeypatch, TQ):
     """The split kernel's L2 prefetch before its PDL wait (PREFETCH_UNDER_PDL): the same output bit
     for bit as without it, for one token and a 5-token verification chunk at 8k, with the new
     tokens' slots written just before (under PDL by the prologue kernel in the model's step:
-    test_pdl_step_captures_and_replays_the_eager_logits)."""
+    test_pdl_step_captures_and_replays_the_eager_logits). The 8k cache (33.6 MB) is past the
+    prefetch's bound, lifted here: the kernel's values are what is tested."""
     if torch.cuda.get_device_capability()[0] < 9:
         pytest.skip("programmatic dependent launch needs Hopper or later")
     from deepwish.kernels.attention import decode
+    monkeypatch.setattr(decode, "PREFETCH_MAX_BYTES", 1 << 40)
     bf = dict(device=cuda, dtype=torch.bfloat16)
     L = 8192
     q = torch.randn(1, TQ, 16, 128, **bf)

@@ -154,7 +154,7 @@ def sweep_split(cfg, layers: int, context: int, dev, pdl: str, rows: list) -> No
               f"({nbytes / base_us / 1e-6 / copy_bw():.0%} of copy)", flush=True)
         rows.append(dict(kernel="split", case=f"context {context}", config="shipped", us=base_us, bytes=nbytes,
                          picked=list(saved.values())))
-        # the same kernel with its bulk L2 prefetch of keys and values switched (off by default until measured)
+        # the same kernel with its bulk L2 prefetch of keys and values switched (on by default since 2026-12-06)
         flipped = not dk.PREFETCH_UNDER_PDL
         with switched(dk, PREFETCH_UNDER_PDL=flipped):
             err = max(rel_rms(a, b) for a, b in zip(want, run()))

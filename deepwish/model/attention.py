@@ -448,7 +448,7 @@ class Attention(nn.Module):
             from deepwish.kernels.gemv.triton import gemv
             y = gemv(x, *fused, norm=(norm.weight, norm.eps, norm.zero_centered), pdl=self.pdl)
         from deepwish.kernels.attention import decode
-        if decode.PROLOGUE_IN_SPLIT:  # the same in one launch (opt-in until timed: kernels/attention/decode.py)
+        if decode.PROLOGUE_IN_SPLIT:  # the same in one launch (opt-in, timed slower: kernels/attention/decode.py)
             return decode.decode_prologue_attention(
                 y, self.q_norm.weight, self.k_norm.weight, self.q_norm.eps, ctx.cos, ctx.sin, ctx.positions, cache.k,
                 cache.v, self.n_heads, self.q_norm.zero_centered, window=self.window, scale=self.scale,

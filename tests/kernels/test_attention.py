@@ -312,3 +312,32 @@ def test_decode_kernels_name_a_tile_they_cannot_hold():
         decode_prologue_attention(torch.randn(1, 9, 18 * 16), torch.ones(16), torch.ones(16), 1e-6,
                                   torch.ones(1, 9, 8), torch.ones(1, 9, 8), torch.zeros(1, 9, dtype=torch.long),
                                   kc, kc.clone(), 16)
+
+
+@pytest.mark.parametrize("B,Hkv,L,wide", [(64, 8, 12, True), (1, 2, 64, False), (2, 2, 12, False)])
+def test_split_launch_picks_the_wide_tile_and_bounds_the_prefetch(B, Hkv, L, wide, monkeypatch):
+    """Host choices of the split launch: one split over a grid of more than DECODE_PROGRAMS_PER_SM
+    programs a SM takes DECODE_DIRECT_TILE (batch 64: one wave, not two), anything else the usual
+    tile; under PDL the keys' and values' L2 prefetch is on only while the whole cache takes at most
+    PREFETCH_MAX_BYTES."""
+    from deepwish.kernels.attention import decode
+    launches = []
+
+    class Recorder:
+        def __getitem__(self, grid):
+            return lambda *args, **kw: launches.append((grid, kw))
+    monkeypatch.setattr(decode, "_split_kernel", Recorder())
+    monkeypatch.setattr(decode, "launch_options", lambda pdl, device, name: (True, {}))  # as on a Hopper GPU
+    monkeypatch.setattr(decode, "DECODE_DIRECT_TILE", (32, 4, 3))  # unlike the usual tile, so the pick shows
+    q = torch.randn(B, 1, 2 * Hkv, 16)
+    k, v = torch.randn(B, Hkv, L, 16), torch.randn(B, Hkv, L, 16)
+    pos = torch.full((B, 1), L - 1)
+    decode_attention(q, k, v, pos, pdl=True, merge_in_split=True)
+    grid, kw = launches[-1]
+    assert (grid[0] == 1) == (B * Hkv > 1 and L <= decode.DECODE_CHUNK_UNIT)  # planned: one split here
+    tile = (kw["BN"], kw["num_warps"], kw["num_stages"])
+    assert tile == ((32, 4, 3) if wide else (decode.DECODE_BN, decode.DECODE_WARPS, decode.DECODE_STAGES))
+    assert kw["PREFETCH"] is True  # a few KB of cache
+    monkeypatch.setattr(decode, "PREFETCH_MAX_BYTES", B * Hkv * L * 32 * 4 - 16)  # one slot row over the bound
+    decode_attention(q, k, v, pos, pdl=True, merge_in_split=True)
+    assert launches[-1][1]["PREFETCH"] is False

@@ -21,17 +21,18 @@ Design (decode reads the whole visible cache once; it is bound by memory bandwid
   captured in a CUDA graph.
 - `pdl` (model.decode_pdl, kernels/pdl.py): the split, merge and prologue kernels are launched
   with programmatic dependent launch; every program waits for the previous kernel's writes before
-  it reads them. With a plain cache whose slots are contiguous (PREFETCH_UNDER_PDL, off by default
-  until measured), a split program first reads the query positions and sends its chunk's older
-  keys and values (slots below every new token, written by earlier steps) towards L2 with bulk
-  prefetches, so the loop's loads after the wait find them there.
+  it reads them. With a plain cache whose slots are contiguous and whose bytes fit in about half of
+  L2 (PREFETCH_UNDER_PDL, PREFETCH_MAX_BYTES), a split program first reads the query positions and
+  sends its chunk's older keys and values (slots below every new token, written by earlier steps)
+  towards L2 with bulk prefetches, so the loop's loads after the wait find them there.
 - One split (a short cache, or enough rows to fill the GPU without cutting the cache: batch 64 at
-  Qwen3-0.6B): the program's output is the answer, stored as it is; no partials, no merge.
+  Qwen3-0.6B): the program's output is the answer, stored as it is; no partials, no merge. Where
+  that grid is more than two programs a SM, a 32-key tile (DECODE_DIRECT_TILE) keeps four resident.
 - `merge_in_split` (model.decode_fusion): no merge kernel; each split program raises a counter of
   its (batch row, KV head) after storing its partial, and the program that raises it last merges
   all of them (the usual last-block reduction: a CTA barrier, an acq_rel atomic at GPU scope,
   partials read past L1) and zeroes the counter again.
-- `decode_prologue_attention` (PROLOGUE_IN_SPLIT, opt-in until timed): the split kernel reads the
+- `decode_prologue_attention` (PROLOGUE_IN_SPLIT, opt-in; timed slower at batch 1): the split kernel reads the
   fused projection's output y itself: each program norms and rotates its query rows (as
   `decode_prologue` does) and the program whose chunk holds a new token's slot writes its k and v
   there before its loop reads them. One launch instead of the prologue kernel and the split kernel.
@@ -57,11 +58,22 @@ FAR = tl.constexpr(NO_WINDOW)  # a position beyond every query (kernels read onl
 # Keys per tile: 64 x 128 bf16 K and V tiles, three stages in flight (fixed, not autotuned:
 # compile time per shape class matters more than the last few percent here).
 DECODE_BN, DECODE_WARPS, DECODE_STAGES = (16, 1, 1) if _INTERPRET else (64, 4, 3)
+# One split over a grid of more programs than DECODE_PROGRAMS_PER_SM a SM (batch 64 at Qwen3-0.6B:
+# 512 programs, each the whole cache of its row and KV head): 32-key tiles need half the shared
+# memory, so four programs stay resident a SM and the grid runs in one wave, not two. Measured on
+# an H200 (2026-12-06, bf16, 28 launches in a graph): one launch at batch 64, context 512, 40.1 ->
+# 35.3 µs (80% -> 91% of copy); Qwen3-0.6B's captured step at batch 64, 3.490 -> 3.313 ms at
+# context 512 and 10.30 -> 9.16 ms at 4096. Where the cache is cut into splits the 64-key tile
+# stays (batch 8: -2.6% at context 512 but +2.8% at 4096; batch 1: +0.7%).
+DECODE_DIRECT_TILE = (16, 1, 1) if _INTERPRET else (32, 4, 3)
 # under PDL, each split program's keys and values sent to L2 before the wait (kernels/pdl.py
-# prefetch_to_l2). Off until a GPU has timed it (bench/decode_tiles times the kernel and the step
-# with it switched; tests/test_decode_fused_gpu.py holds its output to the kernel's without it):
-# compiled for sm_90 and checked in its PTX only.
-PREFETCH_UNDER_PDL = False
+# prefetch_to_l2; tests/test_decode_fused_gpu.py holds its output to the kernel's without it). On
+# an H200, Qwen3-0.6B's captured step at batch 1, context 512: 0.848 -> 0.834 and 0.843 -> 0.828 ms
+# in two runs (2026-12-06). Only where the whole cache (every row, head and slot) takes at most
+# PREFETCH_MAX_BYTES, about half of an H100's or H200's 50 MB L2: past that the programs' prefetches
+# together would evict each other's slots before the loads come (not measured: kept out).
+PREFETCH_UNDER_PDL = True
+PREFETCH_MAX_BYTES = 24 << 20
 
 
 @triton.jit
@@ -373,9 +385,12 @@ def _split_launch(q, k, v, q_pos, k_pos, window, softcap, scale, splits, pdl, me
         op = torch.empty(B * HKV, splits, BM, BLOCK_DV, dtype=torch.float32, device=q.device)
         lp = torch.empty(B * HKV, splits, BM, dtype=torch.float32, device=q.device)
     merge = merge_in_split and B * HKV <= MERGE_COUNTERS and not direct
+    wide = direct and B * HKV > DECODE_PROGRAMS_PER_SM * _sm_count(q.device.index or 0)
+    bn, warps, stages = DECODE_DIRECT_TILE if wide else (DECODE_BN, DECODE_WARPS, DECODE_STAGES)
     # the bulk prefetch needs each head's slots back to back from a 16-byte aligned start
     elt = k.element_size()
     prefetch = (pdl and PREFETCH_UNDER_PDL and k_pos is None and k.stride(2) == DQK and v.stride(2) == DV
+                and B * HKV * L * (DQK + DV) * elt <= PREFETCH_MAX_BYTES
                 and all(t.data_ptr() % 16 == 0 and all(st * elt % 16 == 0 for st in t.stride()[:3]) for t in (k, v)))
     if prologue:
         wq, wk, eps, cos, sin, _, zero_centered = prologue
@@ -394,8 +409,8 @@ def _split_launch(q, k, v, q_pos, k_pos, window, softcap, scale, splits, pdl, me
         softcap if softcap > 0 else 1.0, DQK, DV, splits,
         CHUNK=chunk, BLOCK_DK=BLOCK_DK, BLOCK_DV=BLOCK_DV, BM=BM, GP=GP, SLOT_POS=k_pos is None,
         SOFTCAP=softcap > 0, PREC="ieee" if k.dtype == torch.float32 else "tf32",
-        BN=DECODE_BN, PDL=pdl, MERGE=merge, BS=max(2, triton.next_power_of_2(splits)), PREFETCH=prefetch,
-        DIRECT=direct, num_warps=DECODE_WARPS, num_stages=DECODE_STAGES, **pro, **launch)
+        BN=bn, PDL=pdl, MERGE=merge, BS=max(2, triton.next_power_of_2(splits)), PREFETCH=prefetch,
+        DIRECT=direct, num_warps=warps, num_stages=stages, **pro, **launch)
     if merge or direct:
         return o
     _merge_kernel[(B * HKV, BM)](op, lp, o, *o.stride()[:3], TQ, HKV, G, DV, splits,
@@ -511,10 +526,11 @@ def _(y, q_weight, k_weight, eps, cos, sin, positions, k_cache, v_cache, n_heads
 
 
 # ---- the prologue inside the split kernel: one launch from the projection's output to attention ----
-# Opt-in (PROLOGUE_IN_SPLIT) until a GPU has timed it against the two launches (bench decode_tiles
-# --parts step): the prologue kernel's chain of dependent loads and stores goes, every split program
-# recomputes its query heads' norm and rotation (G rows of D values, from y), and the program whose
-# chunk holds a new token's slot writes that k and v.
+# Opt-in (PROLOGUE_IN_SPLIT): the prologue kernel's chain of dependent loads and stores goes, every
+# split program recomputes its query heads' norm and rotation (G rows of D values, from y), and the
+# program whose chunk holds a new token's slot writes that k and v. Timed against the two launches on
+# an H200 (bench decode_tiles --parts step, Qwen3-0.6B's captured step, batch 1, context 512,
+# 2026-12-06): slower, 0.848 -> 0.885 and 0.843 -> 0.891 ms in two runs, so it stays off.
 PROLOGUE_IN_SPLIT = False
 
 
