@@ -510,9 +510,10 @@ def _train(run: GRPORun) -> dict:
             run.logger.print(f"[deepwish] grpo {done}: every completion reached max_new_tokens={g.max_new_tokens} "
                              f"without a stop token, and loss.mask_truncated gives those no loss: this step learned "
                              f"nothing (raise --rl max_new_tokens=N, or --rl loss.mask_truncated=false)")
+        kl = f" | kl {m['kl']:.4f}" if "kl" in m else ""
         run.logger.print(f"  grpo {done}: reward {m['reward']:.3f} | pass@1 {m['pass@1']:.3f} | len "
                          f"{m['completion_len']:.1f} | trunc {m['truncated']:.2f} | kept {m['kept_groups']:.2f} | "
-                         f"mismatch {m['mismatch']:.4f} | clip {m['clip_frac']:.4f} | entropy {m['entropy']:.3f}" + (f" | kl {m['kl']:.4f}" if "kl" in m else "") +
+                         f"mismatch {m['mismatch']:.4f} | clip {m['clip_frac']:.4f} | entropy {m['entropy']:.3f}{kl}"
                          f" | rollout {m['rollout_tok_s']:,.0f} tok/s ({m['rollout_s']:.2f}s) | update {m['update_s']:.2f}s")
         saved = done % tc.save_every == 0 or done == tc.steps
         if saved:

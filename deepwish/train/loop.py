@@ -858,8 +858,12 @@ def replace_debug_run(run_dir: Path) -> None:
         return  # under torchrun every rank would race to delete: the refusal stands
     with rundir.RunLock(run_dir):
         for child in run_dir.iterdir():
-            if child.name != rundir.LOCK_FILE:
-                shutil.rmtree(child) if child.is_dir() and not child.is_symlink() else child.unlink()
+            if child.name == rundir.LOCK_FILE:
+                continue
+            if child.is_dir() and not child.is_symlink():
+                shutil.rmtree(child)
+            else:
+                child.unlink()
     print(f"[deepwish] --debug: replaced the previous check in {run_dir}", flush=True)
 
 
