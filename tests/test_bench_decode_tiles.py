@@ -34,7 +34,7 @@ def test_sweeps_time_every_candidate_and_restore_the_shipped_configuration():
     split = [r for r in rows if r["kernel"] == "split"]
     # 4 projections and the LM head, each shipped, shipped without the prefetch, autotuned alone, 2 candidates
     assert len(gemv) == 5 * 5 and len(split) == 1 + 1 + 2
-    assert {r["case"] for r in gemv} == {"qkv+norm", "o+residual", "gate_up+norm", "down+swiglu+residual", "lm_head"}
+    assert {r["case"] for r in gemv} == {"qkv+norm", "o+residual", "gate_up+norm+swiglu", "down+residual", "lm_head"}
     for r in rows:
         assert r["us"] > 0 and (isinstance(r["config"], str) or r["rel_rms"] < 1e-2), r
     assert split[1]["rel_rms"] == 0.0 and "prefetch" in split[1]["config"]  # no PDL off the GPU: the same kernel
@@ -70,17 +70,62 @@ def test_step_part_times_the_shipped_step_and_each_change_undone():
     assert gk._one_row_kernel.cache == {}
 
 
+def test_step_part_at_a_larger_batch_times_the_other_matmul():
+    """Above batch 1 the step part times the step as shipped and, where the rows kernel serves the
+    batch, its other operand form and cuBLAS instead; where it does not (compiled, above
+    MAX_ROWS_COMPILED), the rows kernel instead of cuBLAS; the limits and the form come back."""
+    from deepwish.bench.decode import Row
+    from deepwish.kernels import gemv as gd
+    seen = []
+
+    def fake_rows(preset, model, batch, context, new_tokens, modes, device, label=None):
+        seen.append((batch, modes[0], gd.MAX_ROWS, gd.MAX_ROWS_COMPILED, gk.ROWS_DOT))
+        return [Row(preset, label, batch, context, ms_per_step=1.0, weight_gb=1.0, cache_gb=0.5)]
+    shipped = (gd.MAX_ROWS, gd.MAX_ROWS_COMPILED, gk.ROWS_DOT)
+    assert shipped[0] >= 64 > shipped[1]  # the case below: 64 rows served captured, not compiled
+    other = "native" if gk.ROWS_DOT == "tf32" else "tf32"
+    rows = []
+    with mock.patch("deepwish.bench.decode._decode_rows", fake_rows), \
+            mock.patch("deepwish.bench.decode.build", lambda cfg, dev: None):
+        dt.sweep_step("qwen3_tiny", 40, torch.device("cpu"), rows, batch=64)
+        dt.sweep_step("qwen3_tiny", 40, torch.device("cpu"), rows, batch=64, mode="compiled")
+    assert seen == [(64, "graph", *shipped), (64, "graph", *shipped[:2], other), (64, "graph", 0, 0, shipped[2]),
+                    (64, "compiled", *shipped), (64, "compiled", 64, 64, shipped[2])]
+    assert [r["case"] for r in rows] == ["batch 64, context 40, graph"] * 3 + ["batch 64, context 40, compiled"] * 2
+    assert (gd.MAX_ROWS, gd.MAX_ROWS_COMPILED, gk.ROWS_DOT) == shipped
+
+
+def test_rows_part_times_cublas_and_both_forms_fused_and_plain():
+    """`rows`: per batch and projection, cuBLAS and the rows kernel in both operand forms with its
+    fusions and without them; the plain kernel's output checked against cuBLAS's."""
+    cfg = model_config("qwen3_tiny", n_layers=2, vocab_size=64, d_model=32, d_ff=48, n_heads=2, n_kv_heads=1,
+                       head_dim=16)
+    shipped = gk.ROWS_DOT
+    rows = []
+    with mock.patch.object(dt, "graph_ms", _wall_ms), mock.patch.object(dt, "copy_bw", lambda: 1e9):
+        # fp16: the interpreter's bf16 dot is not exact
+        dt.sweep_rows(cfg, 2, torch.device("cpu"), "auto", rows, counts=(3, 40), dtype=torch.float16)
+    assert len(rows) == 2 * 5 * 5
+    assert {r["case"] for r in rows} >= {"gate_up+norm+swiglu, 40 rows", "lm_head, 3 rows"}
+    for r in rows:
+        assert r["us"] > 0, r
+        if "plain" in r["config"]:  # the kernel computes cuBLAS's product, within fp16's rounding
+            assert r["rel_rms"] < 2e-3 and r["picked"] is not None, r
+    assert gk.ROWS_DOT == shipped
+
+
 def test_main_sweeps_the_split_kernel_at_each_context(tmp_path):
     """--context takes a list: the split part sweeps each (the step part, the first)."""
     seen = []
     with mock.patch.object(dt, "sweep_split", lambda cfg, layers, c, dev, pdl, rows: seen.append(c)), \
-            mock.patch.object(dt, "sweep_step", lambda preset, c, dev, rows, mode: seen.append(("step", c, mode))), \
+            mock.patch.object(dt, "sweep_step",
+                              lambda preset, c, dev, rows, mode, batch: seen.append(("step", c, mode, batch))), \
             mock.patch.object(dt, "bench_environment", lambda *a, **k: dict(k)), \
             mock.patch("torch.cuda.is_available", lambda: True), mock.patch("torch.cuda.get_device_name", lambda: "-"), \
             mock.patch("deepwish.kernels.pdl.use_pdl", lambda *a: False):
         assert dt.main(["--out", str(tmp_path), "--preset", "qwen3_tiny", "--parts", "split,step",
-                        "--context", "512,4096"]) == 0
-    assert seen == [512, 4096, ("step", 512, "graph")]
+                        "--context", "512,4096", "--batch", "1,64"]) == 0
+    assert seen == [512, 4096, ("step", 512, "graph", 1), ("step", 512, "graph", 64)]
     assert (tmp_path / "decode_tiles.json").exists()
 
 

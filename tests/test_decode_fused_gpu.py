@@ -162,11 +162,12 @@ def test_decode_prologue_greedy_follows_the_separate_ops(cuda, batch):
     _fast_path_follows_eager(plain, fast, batch)
 
 
-@pytest.mark.parametrize("M", [1, 3])
+@pytest.mark.parametrize("M", [1, 3, 64])
 @pytest.mark.parametrize("pdl", [False, True])
 def test_fused_gemv_kernels_match_reference_at_the_models_shapes(cuda, rel_err, M, pdl):
     """Qwen3-0.6B's four decode GEMVs with what model.decode_fusion puts in them: the pre-norm in q/k/v
-    and gate/up, the residual add in o and down, SwiGLU's activation in down; with and without PDL."""
+    and gate/up, SwiGLU's activation in gate/up, the residual add in o and down; with and without
+    PDL; one row, a few, and 64 (the rows kernel's largest tile)."""
     if pdl and torch.cuda.get_device_capability()[0] < 9:
         pytest.skip("programmatic dependent launch needs Hopper or later")
     from deepwish.kernels.gemv import reference
@@ -177,8 +178,8 @@ def test_fused_gemv_kernels_match_reference_at_the_models_shapes(cuda, rel_err, 
     nw = 1 + 0.1 * torch.randn(d, **bf)
     cases = [(x, torch.randn(4096, d, **bf) * 0.02, dict(norm=(nw, 1e-6, False))),
              (torch.randn(M, 2048, **bf), torch.randn(d, 2048, **bf) * 0.02, dict(residual=x)),
-             (x, torch.randn(2 * ff, d, **bf) * 0.02, dict(norm=(nw - 1, 1e-6, True))),
-             (torch.randn(M, 2 * ff, **bf), torch.randn(d, ff, **bf) * 0.02, dict(gated=True, residual=x))]
+             (x, torch.randn(2 * ff, d, **bf) * 0.02, dict(norm=(nw - 1, 1e-6, True), glu=True)),
+             (torch.randn(M, ff, **bf), torch.randn(d, ff, **bf) * 0.02, dict(residual=x))]
     for inp, w, kw in cases:
         assert rel_err(reference.gemv(inp, w, **kw), gemv(inp, w, pdl=pdl, **kw)) < 5e-3, kw.keys()
 

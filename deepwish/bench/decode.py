@@ -422,7 +422,7 @@ def run(out_dir, presets=PRESETS, batches=(1, 8, 64), prompts=(128, 2048, 8192),
 def run_compare(out_dir, preset: str = "qwen3_0.6b", batches=(1, 64), context: int = 512, new_tokens: int = 64,
                 hf_tokens: int = 32, compile_batches=(1, 64), device: str = "cuda", unfused: bool = False) -> dict:
     """Before/after in one process, on the same weights: cuBLAS with model.fuse_projections on (no
-    suffix); model.decode_matmul=triton (`-gemv`: kernels/gemv for the step's matmuls, batches <= 16,
+    suffix); model.decode_matmul=triton (`-gemv`: kernels/gemv for the step's matmuls, batches <= 64, <= 16 compiled,
     with model.decode_prologue on), that with the prologue off (`-gemv-sep`: QK-norm, rotary and the
     cache write as separate ops), with model.decode_fusion on (`-gemv-fused`: the block's norms,
     SwiGLU and residual adds inside the GEMVs) and with decode_pdl on as well (`-gemv-pdl`); each
@@ -447,7 +447,7 @@ def run_compare(out_dir, preset: str = "qwen3_0.6b", batches=(1, 64), context: i
     if unfused:
         unfused = build(dataclasses.replace(cfg, fuse_projections=False, decode_matmul="torch", **off), device)
         unfused.load_state_dict(fused.state_dict())
-    # fused, kernels/gemv for <= 16 rows, and QK-norm / rotary / the cache write in one kernel (model.decode_prologue)
+    # fused, kernels/gemv for <= 64 rows (16 compiled), and QK-norm / rotary / the cache write in one kernel (model.decode_prologue)
     gemv = build(dataclasses.replace(cfg, decode_matmul="triton", **{**off, "decode_prologue": True}), device)
     gemv.load_state_dict(fused.state_dict())
     # the same with those as separate ops: the row before the prologue kernel
@@ -466,15 +466,16 @@ def run_compare(out_dir, preset: str = "qwen3_0.6b", batches=(1, 64), context: i
           f"{copy_bw() / 1e9:.0f} GB/s ({torch.cuda.get_device_name()})", flush=True)
     rows = []
     plan = []  # (model, label, mode, batch), most important first
-    from deepwish.kernels.gemv import MAX_ROWS
+    from deepwish.kernels.gemv import MAX_ROWS, MAX_ROWS_COMPILED
     for b in batches:
-        small = b <= MAX_ROWS  # the GEMV kernel serves <= 16 rows; above, the gemv model is the fused one
+        # the rows kernel serves the batch (captured; compiled): else the gemv models are the fused one
+        small, small_compiled = b <= MAX_ROWS, b <= MAX_ROWS_COMPILED
         if b in compile_batches:  # ~1 min of compilation each: the unfused one only where the GEMV runs too
-            plan += [(pdl, "compiled-gemv-pdl", "compiled", b)] if small and pdl is not None else []
+            plan += [(pdl, "compiled-gemv-pdl", "compiled", b)] if small_compiled and pdl is not None else []
             plan += [(fusion, "compiled-gemv-fused", "compiled", b), (gemv, "compiled-gemv", "compiled", b),
-                     (separate, "compiled-gemv-sep", "compiled", b)] if small else []
+                     (separate, "compiled-gemv-sep", "compiled", b)] if small_compiled else []
             plan += [(fused, "compiled", "compiled", b)]
-            plan += [(unfused, "compiled-unfused", "compiled", b)] if small and unfused else []
+            plan += [(unfused, "compiled-unfused", "compiled", b)] if small_compiled and unfused else []
         plan += [(fused, "graph", "graph", b)] + ([(unfused, "graph-unfused", "graph", b)] if unfused else [])
         plan += [(pdl, "graph-gemv-pdl", "graph", b)] if small and pdl is not None else []
         plan += [(fusion, "graph-gemv-fused", "graph", b), (gemv, "graph-gemv", "graph", b),

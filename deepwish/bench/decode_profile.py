@@ -265,7 +265,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rows", type=int, default=30, help="kernels listed per path (the rest summed)")
     ap.add_argument("--unfused", action="store_true", help="model.fuse_projections=false: q, k, v as three matmuls")
     ap.add_argument("--matmul", default="torch", choices=["torch", "triton"],
-                    help="model.decode_matmul: triton runs the step's matmuls (<= 16 rows) through kernels/gemv")
+                    help="model.decode_matmul: triton runs the step's matmuls (<= 64 rows, 16 compiled) through kernels/gemv")
     ap.add_argument("--prologue", action="store_true",
                     help="model.decode_prologue=true: QK-norm, rotary and the cache write in one kernel")
     ap.add_argument("--fusion", action="store_true",

@@ -6,8 +6,8 @@ and cache, so nothing is served from L2), with programmatic dependent launch whe
     python -m deepwish.bench.decode_tiles --out DIR [--preset qwen3_0.6b] [--context 512[,4096,...]]
 
 Parts: `gemv`: the one-row GEMV (kernels/gemv/triton.py, batch 1) at the step's four projections
-with what model.decode_fusion puts in them (q/k/v and gate/up with the pre-norm, o with the residual
-add, down with SwiGLU's activation and the add) and the LM head, per (BN, BK, warps, stages), and
+with what model.decode_fusion puts in them (q/k/v and gate/up with the pre-norm, gate/up with
+SwiGLU's activation, o and down with the residual add) and the LM head, per (BN, BK, warps, stages), and
 the shipped tiles without the bulk L2 prefetch of W (PREFETCH_UNDER_PDL) and autotuned alone (the
 shapes of IN_STEP_TILES too); `split`: the split-KV decode kernel with its merge
 (kernels/attention/decode.py, merge_in_split) per programs per SM, chunk unit and (BN, warps,
@@ -15,7 +15,10 @@ stages), and with its L2 prefetch of keys and values switched (PREFETCH_UNDER_PD
 as it comes, captured (--step-mode compiled: compiled and captured), as shipped, with the split
 kernel's prefetch switched, with the prologue inside the split kernel switched, and with every GEMV
 tile autotuned alone. Every candidate's output is checked against
-the shipped configuration's first (a wrong one is dropped). Prints µs a launch and the share of
+the shipped configuration's first (a wrong one is dropped). `rows` (opt-in): the rows kernel
+(2..64 rows) at the same projections for batches 8, 16, 32 and 64 against cuBLAS, in both operand
+forms (ROWS_DOT), fused and plain; `--batch` runs the step part at other batches (with the
+projections moved between cuBLAS and the rows kernel too). Prints µs a launch and the share of
 the copy bandwidth the launch's bytes would take, and writes DIR/decode_tiles.json (every row, the
 fastest per kernel, the shipped configuration's time).
 """
@@ -61,24 +64,25 @@ def switched(obj, **values):
             setattr(obj, k, v)
 
 
-def _gemv_cases(cfg, layers: int, dev) -> list[tuple[str, int, list]]:
-    """(name, bytes a launch, per-launch argument dicts) for the step's GEMVs at batch 1."""
-    bf = dict(device=dev, dtype=torch.bfloat16)
+def _gemv_cases(cfg, layers: int, dev, rows: int = 1, dtype=torch.bfloat16) -> list[tuple[str, int, list]]:
+    """(name, bytes of W a launch, per-launch argument dicts) for the step's GEMVs at batch `rows`."""
+    bf = dict(device=dev, dtype=dtype)
     d, ff, H, Hkv, D = cfg.d_model, cfg.d_ff, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
     g = torch.Generator(device=dev).manual_seed(0)
 
     def rnd(*shape, scale=1.0):
         return torch.randn(*shape, generator=g, **bf) * scale
 
-    x = rnd(1, d)
+    x = rnd(rows, d)
     nw = 1 + 0.1 * rnd(d)
+    # (name, rows of W, K, fusions): W's rows are the outputs but for gate/up's (SwiGLU: half)
     shapes = [("qkv+norm", (H + 2 * Hkv) * D, d, dict(norm=(nw, 1e-6, False))),
               ("o+residual", d, H * D, dict(residual=x)),
-              ("gate_up+norm", 2 * ff, d, dict(norm=(nw, 1e-6, False))),
-              ("down+swiglu+residual", d, ff, dict(gated=True, residual=x))]
+              ("gate_up+norm+swiglu", 2 * ff, d, dict(norm=(nw, 1e-6, False), glu=True)),
+              ("down+residual", d, ff, dict(residual=x))]
     cases = []
     for name, N, K, kw in shapes:
-        inp = rnd(1, 2 * K) if kw.get("gated") else (x if K == d else rnd(1, K))
+        inp = x if K == d else rnd(rows, K)
         calls = [dict(x=inp, weight=rnd(N, K, scale=0.02), **kw) for _ in range(layers)]
         cases.append((name, N * K * 2, calls))
     cases.append(("lm_head", cfg.vocab_size * d * 2, [dict(x=x, weight=rnd(cfg.vocab_size, d, scale=0.02))]))
@@ -129,6 +133,52 @@ def sweep_gemv(cfg, layers: int, dev, pdl: str, rows: list) -> None:
                 print(f"  BN {bn:3d} BK {bk:5d} w{w} s{s}: {us:7.2f} us ({nbytes / us / 1e-6 / copy_bw():4.0%})", flush=True)
     finally:
         kernel.configs, kernel.cache = shipped, {}
+
+
+ROW_COUNTS = (8, 16, 32, 64)  # the rows part's batches: the GEMV's 2..16 and the GEMM range above it
+
+
+def sweep_rows(cfg, layers: int, dev, pdl: str, rows: list, counts=ROW_COUNTS, dtype=torch.bfloat16) -> None:
+    """The rows kernel (2..64 rows: a decode step of that batch) at the step's projections, against
+    cuBLAS (F.linear: the product alone, without the norm, activation and add the kernel takes in;
+    in the step those are separate kernels, or fused by the compiler into others), with both
+    tensor-core operand forms (ROWS_DOT); and the kernel without its fusions beside cuBLAS."""
+    import torch.nn.functional as F
+
+    from deepwish.kernels.gemv import triton as gk
+    for M in counts:
+        for name, nbytes, calls in _gemv_cases(cfg, layers, dev, rows=M, dtype=dtype):
+            plain = [dict(x=c["x"], weight=c["weight"]) for c in calls]
+            cublas = lambda: [F.linear(c["x"], c["weight"]) for c in plain]  # noqa: E731
+            cases = [("cublas", cublas)]
+            for form in ("tf32", "native"):
+                cases.append((f"kernel {form}, fused", lambda form=form: _rows_forms(gk, form, calls, pdl)))
+                cases.append((f"kernel {form}, plain", lambda form=form: _rows_forms(gk, form, plain, pdl)))
+            base = None
+            for label, fn in cases:
+                gk._rows_kernel.cache = {}
+                try:
+                    got = fn()
+                    us = graph_ms(fn) * 1e3 / len(calls)
+                    if label == "cublas":
+                        base = got
+                    err = max(rel_rms(a, b) for a, b in zip(base, got)) if "plain" in label else float("nan")
+                    pick = gk._rows_kernel.best_config if label != "cublas" else None
+                except Exception as e:  # noqa: BLE001 (a form that fails is a row, not a stop)
+                    us, err, pick = float("nan"), float("nan"), None
+                    print(f"rows {M} {name} {label}: {type(e).__name__}: {str(e)[:200]}", flush=True)
+                picked = None if pick is None else [pick.kwargs["BN"], pick.kwargs["BK"], pick.num_warps, pick.num_stages]
+                rows.append(dict(kernel="rows", case=f"{name}, {M} rows", config=label, us=us, bytes=nbytes,
+                                 rel_rms=err, picked=picked))
+                print(f"rows {M:2d} {name:22s} {label:22s}: {us:7.2f} us ({nbytes / us / 1e-6 / copy_bw():4.0%} of copy)"
+                      f"{'' if picked is None else f' tile {picked}'}{'' if err != err else f' rel. rms {err:.1e}'}",
+                      flush=True)
+    gk._rows_kernel.cache = {}
+
+
+def _rows_forms(gk, form: str, calls: list, pdl: str) -> list:
+    with switched(gk, ROWS_DOT=form):
+        return [gk.gemv(**c, pdl=pdl) for c in calls]
 
 
 def sweep_split(cfg, layers: int, context: int, dev, pdl: str, rows: list) -> None:
@@ -185,15 +235,20 @@ def sweep_split(cfg, layers: int, context: int, dev, pdl: str, rows: list) -> No
             setattr(dk, k, v)
 
 
-def sweep_step(preset: str, context: int, dev, rows: list, new_tokens: int = 64, mode: str = "graph") -> None:
+def sweep_step(preset: str, context: int, dev, rows: list, new_tokens: int = 64, mode: str = "graph",
+               batch: int = 1) -> None:
     """The whole decode step of the model with its defaults (`mode` graph: captured, the step
     `deepwish generate` runs on CUDA; compiled: compiled and captured, `generate --compile`'s) as
-    shipped, with the split kernel's L2 prefetch switched, with the prologue kernel's work inside the
-    split kernel switched (decode.PROLOGUE_IN_SPLIT), and with every GEMV tile autotuned alone."""
+    shipped, then at batch 1 with the split kernel's L2 prefetch switched, with the prologue
+    kernel's work inside the split kernel switched (decode.PROLOGUE_IN_SPLIT), and with every GEMV
+    tile autotuned alone; at a larger batch the other matmul: where the rows kernel serves the batch
+    (MAX_ROWS, or MAX_ROWS_COMPILED compiled), with its other operand form (ROWS_DOT) and with cuBLAS
+    instead, else with the rows kernel instead of cuBLAS."""
     import dataclasses
 
     from deepwish.bench.decode import _decode_rows, build
     from deepwish.config import model_config
+    from deepwish.kernels import gemv as gemv_dispatch
     from deepwish.kernels.attention import decode as dk
     from deepwish.kernels.gemv import triton as gk
     cfg = model_config(preset)
@@ -202,25 +257,37 @@ def sweep_step(preset: str, context: int, dev, rows: list, new_tokens: int = 64,
     model = build(cfg, dev)
     kernels = (gk._one_row_kernel, gk._rows_kernel)
     prefetch, in_split = dk.PREFETCH_UNDER_PDL, dk.PROLOGUE_IN_SPLIT
-    for label, tiles, split in (
-            ("step, as shipped", {}, {}),
-            (f"step, split {'without' if prefetch else 'with'} its L2 prefetch", {}, dict(PREFETCH_UNDER_PDL=not prefetch)),
+    other_dot = "native" if gk.ROWS_DOT == "tf32" else "tf32"
+    variants = [("step, as shipped", {}, {}, {})]
+    if batch == 1:
+        variants += [
+            (f"step, split {'without' if prefetch else 'with'} its L2 prefetch", {}, dict(PREFETCH_UNDER_PDL=not prefetch), {}),
             (f"step, prologue {'apart from' if in_split else 'inside'} the split kernel", {},
-             dict(PROLOGUE_IN_SPLIT=not in_split)),
-            ("step, GEMV tiles autotuned alone", dict(USE_IN_STEP_TILES=False), {})):
+             dict(PROLOGUE_IN_SPLIT=not in_split), {}),
+            ("step, GEMV tiles autotuned alone", dict(USE_IN_STEP_TILES=False), {}, {})]
+    elif batch <= (gemv_dispatch.MAX_ROWS_COMPILED if mode == "compiled" else gemv_dispatch.MAX_ROWS):
+        variants += [(f"step, rows kernel {other_dot}", dict(ROWS_DOT=other_dot), {}, {}),
+                     ("step, projections on cuBLAS", {}, {}, dict(MAX_ROWS=0, MAX_ROWS_COMPILED=0))]
+    elif batch <= gk.KERNEL_MAX_ROWS:
+        variants.append(("step, projections on the rows kernel, not cuBLAS", {}, {},
+                         dict(MAX_ROWS=batch, MAX_ROWS_COMPILED=batch)))
+    for label, tiles, split, dispatch in variants:
         for k in kernels:
             k.cache = {}
-        with switched(gk, **tiles), switched(dk, **split):
-            (r,) = _decode_rows(preset, model, 1, context, new_tokens, [mode], dev, label=f"{label} ({mode})")
-        rows.append(dict(kernel="step", case=f"context {context}, {mode}", config=label, us=(r.ms_per_step or float("nan")) * 1e3,
-                         bytes=r.weight_gb * 1e9 + r.cache_gb * 1e9, note=r.note))
+        with switched(gk, **tiles), switched(dk, **split), switched(gemv_dispatch, **dispatch):
+            (r,) = _decode_rows(preset, model, batch, context, new_tokens, [mode], dev, label=f"{label} ({mode})")
+        rows.append(dict(kernel="step", case=f"batch {batch}, context {context}, {mode}", config=label,
+                         us=(r.ms_per_step or float("nan")) * 1e3, bytes=r.weight_gb * 1e9 + r.cache_gb * 1e9,
+                         note=r.note))
     for k in kernels:
         k.cache = {}
 
 
 def run(out_dir, preset: str = "qwen3_0.6b", context: int | tuple[int, ...] = 512, parts=("gemv", "split"),
-        step_mode: str = "graph") -> dict:
-    """`context`: one or several; the split part sweeps each, the step part takes the first."""
+        step_mode: str = "graph", batch: int | tuple[int, ...] = 1, row_counts: tuple[int, ...] = ROW_COUNTS) -> dict:
+    """`context`: one or several; the split part sweeps each, the step part takes the first.
+    `batch`: one or several, the step part runs each."""
+    batches = (batch,) if isinstance(batch, int) else tuple(batch)
     contexts = (context,) if isinstance(context, int) else tuple(context)
     from deepwish.config import model_config
     from deepwish.kernels.pdl import use_pdl
@@ -240,8 +307,11 @@ def run(out_dir, preset: str = "qwen3_0.6b", context: int | tuple[int, ...] = 51
     if "split" in parts:
         for c in contexts:
             sweep_split(cfg, cfg.n_layers, c, dev, pdl, rows)
+    if "rows" in parts:
+        sweep_rows(cfg, cfg.n_layers, dev, pdl, rows, counts=row_counts)
     if "step" in parts:
-        sweep_step(preset, contexts[0], dev, rows, mode=step_mode)
+        for b in batches:
+            sweep_step(preset, contexts[0], dev, rows, mode=step_mode, batch=b)
     best = {}
     for r in rows:
         if isinstance(r["config"], list) and r["us"] == r["us"]:
@@ -267,12 +337,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", required=True)
     ap.add_argument("--preset", default="qwen3_0.6b")
     ap.add_argument("--context", default="512", help="comma-separated: the split part sweeps each, the step takes the first")
-    ap.add_argument("--parts", default="gemv,split", help="comma-separated subset of gemv, split, step")
+    ap.add_argument("--parts", default="gemv,split", help="comma-separated subset of gemv, split, rows, step")
+    ap.add_argument("--batch", default="1", help="comma-separated: the step part's batches")
+    ap.add_argument("--rows", default=",".join(map(str, ROW_COUNTS)), help="comma-separated: the rows part's row counts")
     ap.add_argument("--step-mode", default="graph", choices=("graph", "compiled"),
                     help="the step part's step: captured (generate's) or compiled and captured (generate --compile's)")
     args = ap.parse_args(argv)
     run(args.out, args.preset, tuple(int(c) for c in args.context.split(",")), tuple(args.parts.split(",")),
-        args.step_mode)
+        args.step_mode, tuple(int(b) for b in args.batch.split(",")), tuple(int(m) for m in args.rows.split(",")))
     return 0
 
 

@@ -133,7 +133,7 @@ class SwiGLU(nn.Module):
     (`residual_forward`)."""
 
     PARAM_ROLES = {"w_down.weight": "matrix_out"}  # writes into the residual stream (model/roles.py)
-    FUSED_ACTIVATIONS = ("silu", "swish")  # the act(gate)·up prologue of kernels/gemv
+    FUSED_ACTIVATIONS = ("silu", "swish")  # the act(gate)·up epilogue of kernels/gemv
 
     def __init__(self, d_model: int, d_ff: int, act: str = "silu", matmul: str = "torch", pdl: bool | str = False,
                  fusion: bool = False):
@@ -152,12 +152,12 @@ class SwiGLU(nn.Module):
 
     def residual_forward(self, x: torch.Tensor, norm: nn.Module) -> torch.Tensor | None:
         """x + self(norm(x)) in two launches where the decode step's GEMV serves both matmuls: the
-        RMSNorm in gate/up's prologue, the activation in down's prologue, the add in its epilogue
+        RMSNorm in gate/up's prologue, the activation in its epilogue, the add in down's epilogue
         (kernels/gemv); None where it does not (the caller composes the ops: model/block.py)."""
         w_gu, w_down = self.w_gate_up.weight, self.w_down.weight
         if not (self.fusion and takes_gemv(x, w_gu, self.matmul) and x.dtype == w_down.dtype):
             return None
         from deepwish.kernels.gemv.triton import gemv
         pdl = self.w_down.pdl
-        gu = gemv(x, w_gu, norm=(norm.weight, norm.eps, norm.zero_centered), pdl=pdl)
-        return gemv(gu, w_down, gated=True, residual=x, pdl=pdl)
+        a = gemv(x, w_gu, norm=(norm.weight, norm.eps, norm.zero_centered), glu=True, pdl=pdl)
+        return gemv(a, w_down, residual=x, pdl=pdl)

@@ -45,15 +45,17 @@ def test_fused_decode_step_equals_the_separate_ops(zero_centered):
         torch.testing.assert_close(b.k[:, :, :9], a.k[:, :, :9], rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(b.v[:, :, :9], a.v[:, :, :9], rtol=1e-5, atol=1e-5)
     # 2 layers x 3 steps x 4 GEMVs both ways; fused: q/k/v and gate/up with the norm in, o and down
-    # with the residual add, down with SwiGLU's activation; plain: none of them
+    # with the residual add, gate/up with SwiGLU's activation; plain: none of them
     assert len(calls0) == len(calls1) == 24
-    norm, gated, residual = (sum(c.args[i] is not None and c.args[i] is not False for c in calls1) for i in (3, 6, 7))
-    assert (norm, gated, residual) == (12, 6, 12)
+    norm, glu, residual = (sum(c.args[i] is not None and c.args[i] is not False for c in calls1) for i in (3, 6, 7))
+    assert (norm, glu, residual) == (12, 6, 12)
+    assert all(c.args[6] == (c.args[3] is not None and c.args[1].shape[0] == 2 * 48) for c in calls1), \
+        "SwiGLU goes with gate/up's projection only"
     assert all(c.args[3] is None and not c.args[6] and c.args[7] is None for c in calls0)
 
 
 def test_branches_without_a_fused_form_keep_the_plain_composition():
-    """An MoE FFN (no fused form) and a non-SiLU FFN (the kernel's prologue is SiLU's) compose the
+    """An MoE FFN (no fused form) and a non-SiLU FFN (the kernel's epilogue is SiLU's) compose the
     norm and the add as before; with a gradient (training) nothing fuses."""
     _composes_plainly(Transformer(_tiny(decode_fusion=True, hidden_act="gelu_pytorch_tanh")).eval())
     x = torch.randn(2, 1, 32)

@@ -1,5 +1,5 @@
 """Matrix-vector products for decoding, in Triton: y = x Wᵀ (+ b) for x [M, K] with M <= 16 rows
-(one decode step of a batch of 1..16), W [N, K] row-major, b [N]; same semantics as
+(one decode step of a batch of 1..64), W [N, K] row-major, b [N]; same semantics as
 `reference.gemv` (fp32 accumulation, output in x's dtype), including its optional prologue and
 epilogue.
 
@@ -8,7 +8,12 @@ runs them with GEMM tiles that leave most of the bandwidth unused (H200 profile 
 Qwen3-0.6B step, bench decode_profile: q/k/v at 0.3-0.5 TB/s of 4.2). Here each program owns BN
 rows of W and streams them once along K, BK columns at a time; BN is small enough that N / BN
 programs cover every SM. One row (M = 1) is a broadcast multiply and a row sum (no tensor cores
-needed: the work per byte is one FMA); 2..16 rows use one tl.dot per tile, x padded to 16 rows.
+needed: the work per byte is one FMA); 2..64 rows use one tl.dot per tile, x padded to 16, 32 or 64
+rows (BM). At 17..64 rows (a batch-64 decode step) cuBLAS's GEMM tiles are few for these shapes (a
+64 x 128 tile: 32 programs for N = 4096) and leave most of the bandwidth unused too (H200 profile,
+Qwen3-0.6B batch 64: its projections at ~37% of the copy bandwidth); here N / BN programs stream W
+once whatever the row count. Which row counts the model sends here is `MAX_ROWS` (kernels/gemv),
+set from measurement; the kernel itself takes up to KERNEL_MAX_ROWS.
 Tiles are autotuned per (N, K) at the first call, which must come before CUDA-graph capture (the
 captured step's warm-up does that), except at the shapes of IN_STEP_TILES: there the one-row
 kernel takes the tiles measured as the step runs them (bench/decode_tiles: a launch per layer back
@@ -21,8 +26,12 @@ reads all of x anyway, so work on x costs no launch and no traffic worth countin
 - `norm`: the RMSNorm that precedes the projection (the block's pre-norm): the weight multiplies x
   as it is read, the statistics accumulate in the same pass, and each output is scaled by
   rsqrt(mean(x²) + eps) at the end (the scale is one number a row: it commutes with the product);
-- `gated`: x holds [gate | up] (2K values a row) and the product takes act(gate)·up (SwiGLU's
-  down projection);
+- `glu`: W holds [W_gate; W_up] (2N rows) and the output is silu(x W_gateᵀ)·(x W_upᵀ), SwiGLU in
+  the gate/up projection's epilogue: each program takes gate row j and up row j together (two
+  accumulators), so the activation runs once an output. (It ran first in the down projection's
+  prologue, where every program recomputed all of silu(gate)·up from [gate | up]: free at one row,
+  but at 8 rows the down projection took 23.7 µs where the product alone takes 7.6, one H100,
+  2026-12-06, bench/decode_tiles --parts rows);
 - `residual`: y + r, the block's residual add, in the epilogue.
 Compiled, each of these was a kernel of its own a layer (the add and the norm one, the SwiGLU one).
 
@@ -57,7 +66,15 @@ else:
                                      (16, 512, 8, 3), (32, 256, 8, 3), (32, 128, 4, 4), (64, 128, 8, 3))]
     _ROWS = [triton.Config({"BN": bn, "BK": bk}, num_warps=w, num_stages=s)
              for bn, bk, w, s in ((16, 128, 4, 3), (16, 256, 4, 3), (32, 128, 4, 3), (32, 64, 4, 4),
-                                  (64, 64, 4, 3), (64, 128, 8, 3))]
+                                  (64, 64, 4, 3), (64, 128, 8, 3), (16, 256, 8, 4), (32, 256, 8, 3))]
+
+KERNEL_MAX_ROWS = 64  # the rows kernel pads x to BM = 16, 32 or 64 rows
+# the rows kernel's tensor-core operands for 2-byte x: "native" (x's tile in x's dtype, W's as
+# loaded: exact for a plain x, one rounding of the norm's w·x, as the separate norm rounds
+# x̂) or "tf32" (both converted to fp32 first: W's conversion costs an instruction a weight).
+# bench/decode_tiles --parts rows, one H100, 2026-12-06, Qwen3-0.6B's projections at 8..64 rows:
+# native as fast or faster in all 40 cases (o + residual at 8 rows: 6.29 -> 4.31 µs)
+ROWS_DOT = "native"
 
 # (N, K) -> (BN, BK, warps, stages) of the one-row kernel for 2-byte weights, measured in the step
 # where it differs from the tile autotuned alone (python -m deepwish.bench.decode_tiles, one H200,
@@ -65,7 +82,9 @@ else:
 # alone -> this, in one run): o + residual 3.34 -> 2.46, down + SwiGLU + residual 4.89 -> 3.81
 # (q/k/v and gate/up: no tile beat the autotuned one beyond the run-to-run noise; the LM head runs
 # on cuBLAS in the model, already at the copy bandwidth). The captured, compiled step: 0.900 ->
-# 0.846 ms. Other shapes are autotuned; USE_IN_STEP_TILES = False autotunes these too.
+# 0.846 ms. Other shapes are autotuned; USE_IN_STEP_TILES = False autotunes these too. The down
+# projection's entry was measured with SwiGLU in its prologue, where it is a plain product now
+# (the step with every tile autotuned alone, one H100, 2026-12-06: 1.003 ms against 0.923 shipped).
 IN_STEP_TILES = {(1024, 2048): (2, 2048, 8, 1), (1024, 3072): (4, 1024, 8, 2)}
 USE_IN_STEP_TILES = True
 
@@ -86,103 +105,147 @@ PREFETCH_UNDER_PDL = True
 
 
 @triton.jit
-def _x_tile(x_ptrs, mask, NW, rk, K, NORM: tl.constexpr, GATED: tl.constexpr):
+def _x_tile(x_ptrs, mask, NW, rk, K, NORM: tl.constexpr):
     """(x's tile as the product reads it, in fp32; its squares, for the norm's statistics).
 
     The norm is applied after the product: W(w ⊙ x̂) = rsqrt(mean(x²) + eps) · W(w ⊙ x), so the
     statistics accumulate in the same pass over x as the product (no first pass, no wait for it)
     and the kernel scales each output at the end. Unlike the separate ops, x̂ is not rounded to x's
     dtype on the way (fp32 throughout: nearer the exact norm, not bit-equal to model/norm.py)."""
-    dt = x_ptrs.dtype.element_ty
-    if GATED:  # [gate | up]: silu(gate)·up, silu(gate) rounded as F.silu returns it
-        g = tl.load(x_ptrs, mask=mask, other=0.0).to(tl.float32)
-        u = tl.load(x_ptrs + K, mask=mask, other=0.0).to(tl.float32)
-        a = (g / (1.0 + tl.exp(-g))).to(dt).to(tl.float32)
-        x = (a * u).to(dt).to(tl.float32)
-        sq = x
-    else:
-        x = tl.load(x_ptrs, mask=mask, other=0.0).to(tl.float32)
-        sq = x * x
-        if NORM == 1:  # w·x
-            x = x * tl.load(NW + rk, mask=rk < K, other=0.0).to(tl.float32)
-        elif NORM == 2:  # x·(1 + w), Qwen3-Next's zero-centred weight
-            x = x * (1.0 + tl.load(NW + rk, mask=rk < K, other=0.0).to(tl.float32))
+    x = tl.load(x_ptrs, mask=mask, other=0.0).to(tl.float32)
+    sq = x * x
+    if NORM == 1:  # w·x
+        x = x * tl.load(NW + rk, mask=rk < K, other=0.0).to(tl.float32)
+    elif NORM == 2:  # x·(1 + w), Qwen3-Next's zero-centred weight
+        x = x * (1.0 + tl.load(NW + rk, mask=rk < K, other=0.0).to(tl.float32))
     return x, sq
 
 
 @triton.jit
-def _prefetch_rows(W, N, K, s_wn, BN: tl.constexpr):
-    """This program's BN rows of W (contiguous: s_wn == K) on their way to L2 (kernels/pdl.py)."""
+def _glu(gate, up, dt: tl.constexpr):
+    """silu(gate)·up as the separate ops round it: the projection's outputs in x's dtype, silu's
+    in x's dtype (F.silu's), the product in x's dtype; returned in fp32."""
+    g = gate.to(dt).to(tl.float32)
+    a = (g / (1.0 + tl.exp(-g))).to(dt).to(tl.float32)
+    return (a * up.to(dt).to(tl.float32)).to(dt).to(tl.float32)
+
+
+@triton.jit
+def _prefetch_rows(W, N, K, s_wn, BN: tl.constexpr, GLU: tl.constexpr):
+    """This program's BN rows of W (contiguous: s_wn == K; GLU: and the BN up rows N further on)
+    on their way to L2 (kernels/pdl.py)."""
     n0 = tl.program_id(0) * BN
     rows = tl.minimum(N - n0, BN)
-    prefetch_to_l2(W + tl.cast(n0, tl.int64) * s_wn, rows * K * (W.dtype.element_ty.primitive_bitwidth // 8))
+    nbytes = rows * K * (W.dtype.element_ty.primitive_bitwidth // 8)
+    prefetch_to_l2(W + tl.cast(n0, tl.int64) * s_wn, nbytes)
+    if GLU:
+        prefetch_to_l2(W + tl.cast(n0 + N, tl.int64) * s_wn, nbytes)
 
 
-@triton.autotune(configs=_ONE_ROW, key=["N", "K", "NORM", "GATED"], prune_configs_by={"early_config_prune": _in_step_tiles})
+@triton.autotune(configs=_ONE_ROW, key=["N", "K", "NORM", "GLU"], prune_configs_by={"early_config_prune": _in_step_tiles})
 @triton.jit
 def _one_row_kernel(X, W, Bias, NW, R, Y, N, K, eps, s_wn, HAS_BIAS: tl.constexpr, NORM: tl.constexpr,
-                    GATED: tl.constexpr, RESIDUAL: tl.constexpr, PDL: tl.constexpr, PREFETCH: tl.constexpr,
+                    GLU: tl.constexpr, RESIDUAL: tl.constexpr, PDL: tl.constexpr, PREFETCH: tl.constexpr,
                     BN: tl.constexpr, BK: tl.constexpr):
+    """N outputs (GLU: W has 2N rows, gate then up)."""
     rn = tl.program_id(0) * BN + tl.arange(0, BN)
     n_ok = rn < N
     if PREFETCH:
-        _prefetch_rows(W, N, K, s_wn, BN)
+        _prefetch_rows(W, N, K, s_wn, BN, GLU)
     w_rows = W + tl.cast(rn, tl.int64)[:, None] * s_wn
+    u_rows = w_rows + tl.cast(N, tl.int64) * s_wn  # GLU's up rows
     rk = tl.arange(0, BK)
-    w_first = tl.load(w_rows + rk[None, :], mask=n_ok[:, None] & (rk < K)[None, :], other=0.0)
+    first_ok = n_ok[:, None] & (rk < K)[None, :]
+    w_first = tl.load(w_rows + rk[None, :], mask=first_ok, other=0.0)
+    if GLU:
+        u_first = tl.load(u_rows + rk[None, :], mask=first_ok, other=0.0)
     wait_for_inputs(PDL)
-    x, ss = _x_tile(X + rk, rk < K, NW, rk, K, NORM, GATED)
+    x, ss = _x_tile(X + rk, rk < K, NW, rk, K, NORM)
     acc = tl.sum(w_first.to(tl.float32) * x[None, :], axis=1)
+    if GLU:
+        acc_u = tl.sum(u_first.to(tl.float32) * x[None, :], axis=1)
     for k0 in range(BK, K, BK):
         rk = k0 + tl.arange(0, BK)
         k_ok = rk < K
-        w = tl.load(w_rows + rk[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0.0)
-        x, sq = _x_tile(X + rk, k_ok, NW, rk, K, NORM, GATED)
+        tile_ok = n_ok[:, None] & k_ok[None, :]
+        w = tl.load(w_rows + rk[None, :], mask=tile_ok, other=0.0)
+        x, sq = _x_tile(X + rk, k_ok, NW, rk, K, NORM)
         acc += tl.sum(w.to(tl.float32) * x[None, :], axis=1)
+        if GLU:
+            acc_u += tl.sum(tl.load(u_rows + rk[None, :], mask=tile_ok, other=0.0).to(tl.float32) * x[None, :], axis=1)
         if NORM != 0:
             ss += sq
     if NORM != 0:
-        acc *= tl.rsqrt(tl.sum(ss, axis=0) / K + eps)
+        scale = tl.rsqrt(tl.sum(ss, axis=0) / K + eps)
+        acc *= scale
+        if GLU:
+            acc_u *= scale
     if HAS_BIAS:
         acc += tl.load(Bias + rn, mask=n_ok, other=0.0).to(tl.float32)
+    if GLU:
+        acc = _glu(acc, acc_u, Y.dtype.element_ty)
     if RESIDUAL:  # x + h.to(x.dtype), as the block adds
         r = tl.load(R + rn, mask=n_ok, other=0.0).to(tl.float32)
         acc = r + acc.to(Y.dtype.element_ty).to(tl.float32)
     tl.store(Y + rn, acc.to(Y.dtype.element_ty), mask=n_ok)
 
 
-@triton.autotune(configs=_ROWS, key=["N", "K", "NORM", "GATED"])
+@triton.jit
+def _dot_tile(x, w, acc, PREC: tl.constexpr):
+    """acc + x wᵀ for x [BM, BK] in fp32 (as _x_tile gives it) and w [BN, BK] as loaded: PREC
+    "native" multiplies in w's dtype, "tf32"/"ieee" in fp32 (bf16/fp16 values are exact in tf32;
+    the norm's w·x is not, tf32 rounds it about as x's dtype would)."""
+    if PREC == "native":
+        return tl.dot(x.to(w.dtype), tl.trans(w), acc, out_dtype=tl.float32)
+    else:
+        return tl.dot(x, tl.trans(w.to(tl.float32)), acc, input_precision=PREC)
+
+
+@triton.autotune(configs=_ROWS, key=["N", "K", "NORM", "GLU", "BM", "PREC"])
 @triton.jit
 def _rows_kernel(X, W, Bias, NW, R, Y, M, N, K, eps, s_xm, s_wn, s_rm, s_ym, HAS_BIAS: tl.constexpr,
-                 NORM: tl.constexpr, GATED: tl.constexpr, RESIDUAL: tl.constexpr, PDL: tl.constexpr,
-                 PREFETCH: tl.constexpr, PREC: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
-    BM: tl.constexpr = 16
+                 NORM: tl.constexpr, GLU: tl.constexpr, RESIDUAL: tl.constexpr, PDL: tl.constexpr,
+                 PREFETCH: tl.constexpr, PREC: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+    """M <= BM rows, N outputs (GLU: W has 2N rows, gate then up)."""
     rn = tl.program_id(0) * BN + tl.arange(0, BN)
     rm = tl.arange(0, BM)
     n_ok = rn < N
     if PREFETCH:
-        _prefetch_rows(W, N, K, s_wn, BN)
+        _prefetch_rows(W, N, K, s_wn, BN, GLU)
     m_ok = rm < M
     w_rows = W + tl.cast(rn, tl.int64)[:, None] * s_wn
+    u_rows = w_rows + tl.cast(N, tl.int64) * s_wn  # GLU's up rows
     x_rows = X + rm[:, None] * s_xm
     rk = tl.arange(0, BK)
-    w_first = tl.load(w_rows + rk[None, :], mask=n_ok[:, None] & (rk < K)[None, :], other=0.0)
+    first_ok = n_ok[:, None] & (rk < K)[None, :]
+    w_first = tl.load(w_rows + rk[None, :], mask=first_ok, other=0.0)
+    if GLU:
+        u_first = tl.load(u_rows + rk[None, :], mask=first_ok, other=0.0)
     wait_for_inputs(PDL)
-    x, ss = _x_tile(x_rows + rk[None, :], m_ok[:, None] & (rk < K)[None, :], NW, rk[None, :], K, NORM, GATED)
-    # bf16/fp16 values are exact in tf32 (the norm's w·x is not: tf32 rounds it as x's dtype would)
-    acc = tl.dot(x, tl.trans(w_first.to(tl.float32)), input_precision=PREC)
+    x, ss = _x_tile(x_rows + rk[None, :], m_ok[:, None] & (rk < K)[None, :], NW, rk[None, :], K, NORM)
+    acc = _dot_tile(x, w_first, tl.zeros((BM, BN), dtype=tl.float32), PREC)
+    if GLU:
+        acc_u = _dot_tile(x, u_first, tl.zeros((BM, BN), dtype=tl.float32), PREC)
     for k0 in range(BK, K, BK):
         rk = k0 + tl.arange(0, BK)
         k_ok = rk < K
-        w = tl.load(w_rows + rk[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0.0)
-        x, sq = _x_tile(x_rows + rk[None, :], m_ok[:, None] & k_ok[None, :], NW, rk[None, :], K, NORM, GATED)
-        acc = tl.dot(x, tl.trans(w.to(tl.float32)), acc, input_precision=PREC)
+        tile_ok = n_ok[:, None] & k_ok[None, :]
+        w = tl.load(w_rows + rk[None, :], mask=tile_ok, other=0.0)
+        x, sq = _x_tile(x_rows + rk[None, :], m_ok[:, None] & k_ok[None, :], NW, rk[None, :], K, NORM)
+        acc = _dot_tile(x, w, acc, PREC)
+        if GLU:
+            acc_u = _dot_tile(x, tl.load(u_rows + rk[None, :], mask=tile_ok, other=0.0), acc_u, PREC)
         if NORM != 0:
             ss += sq
     if NORM != 0:
-        acc *= tl.rsqrt(tl.sum(ss, axis=1) / K + eps)[:, None]
+        scale = tl.rsqrt(tl.sum(ss, axis=1) / K + eps)[:, None]
+        acc *= scale
+        if GLU:
+            acc_u *= scale
     if HAS_BIAS:
         acc += tl.load(Bias + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+    if GLU:
+        acc = _glu(acc, acc_u, Y.dtype.element_ty)
     out_ok = m_ok[:, None] & n_ok[None, :]
     if RESIDUAL:
         r = tl.load(R + rm[:, None] * s_rm + rn[None, :], mask=out_ok, other=0.0).to(tl.float32)
@@ -191,45 +254,46 @@ def _rows_kernel(X, W, Bias, NW, R, Y, M, N, K, eps, s_xm, s_wn, s_rm, s_ym, HAS
 
 
 def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
-         norm: tuple[torch.Tensor, float, bool] | None = None, gated: bool = False,
+         norm: tuple[torch.Tensor, float, bool] | None = None, glu: bool = False,
          residual: torch.Tensor | None = None, pdl: bool | str = False) -> torch.Tensor:
-    """x [..., K] (at most 16 rows in all), weight [N, K], bias [N] or None -> [..., N] in x's dtype.
+    """x [..., K] (at most KERNEL_MAX_ROWS = 64 rows in all), weight [N, K], bias [N] or None -> [..., N] in x's dtype.
 
-    norm = (w [K], eps, zero_centered): RMSNorm x's rows first; gated: x is [..., 2K] = [gate | up]
-    and the product takes silu(gate)·up; residual [..., N]: returns residual + y; pdl: launch with
-    programmatic dependent launch (kernels/pdl.py)."""
+    norm = (w [K], eps, zero_centered): RMSNorm x's rows first; glu: weight is [2N, K] = [W_gate;
+    W_up] and the output silu(x W_gateᵀ)·(x W_upᵀ) [..., N] (no bias); residual [..., N]: returns
+    residual + y; pdl: launch with programmatic dependent launch (kernels/pdl.py)."""
     K = weight.shape[-1] if weight.dim() == 2 else -1
-    N = weight.shape[0]
-    x_width = 2 * K if gated else K
+    N = weight.shape[0] // 2 if glu else weight.shape[0]
     M = x.numel() // max(x.shape[-1], 1)
-    if weight.dim() != 2 or x.shape[-1] != x_width or (bias is not None and tuple(bias.shape) != (N,)):
-        raise ValueError(f"gemv: x [..., {x_width}] needs weight [N, {K}] and bias [N]"
-                         f"{' (gated: x holds [gate | up])' if gated else ''}; got x {tuple(x.shape)}, "
+    if weight.dim() != 2 or x.shape[-1] != K or (bias is not None and tuple(bias.shape) != (N,)):
+        raise ValueError(f"gemv: x [..., {K}] needs weight [N, {K}] and bias [N]; got x {tuple(x.shape)}, "
                          f"weight {tuple(weight.shape)}, bias {None if bias is None else tuple(bias.shape)}")
-    if not 1 <= M <= 16:
-        raise ValueError(f"gemv: serves 1..16 rows, got {M} (use F.linear)")
+    if glu and (weight.shape[0] % 2 or bias is not None):
+        raise ValueError(f"gemv: glu needs weight [2N, K] = [W_gate; W_up] (an even row count) and no bias; got "
+                         f"weight {tuple(weight.shape)}, bias {None if bias is None else tuple(bias.shape)}")
+    if not 1 <= M <= KERNEL_MAX_ROWS:
+        raise ValueError(f"gemv: serves 1..{KERNEL_MAX_ROWS} rows, got {M} (use F.linear)")
     if x.dtype != weight.dtype or (bias is not None and bias.dtype != weight.dtype):
         raise ValueError(f"gemv: x, weight and bias must share a dtype, got {x.dtype}, {weight.dtype}")
-    if norm is not None and (gated or tuple(norm[0].shape) != (K,)):
-        raise ValueError(f"gemv: norm needs a weight [{K}] and no gated input; got {tuple(norm[0].shape)}, "
-                         f"gated={gated}")
+    if norm is not None and tuple(norm[0].shape) != (K,):
+        raise ValueError(f"gemv: norm needs a weight [{K}]; got {tuple(norm[0].shape)}")
     if residual is not None and (tuple(residual.shape) != (*x.shape[:-1], N) or residual.dtype != x.dtype):
         raise ValueError(f"gemv: residual must be [..., {N}] in {x.dtype}; got {tuple(residual.shape)} "
                          f"{residual.dtype}")
     if not _INTERPRET and not x.is_cuda:
         raise ValueError("gemv: the Triton kernel needs CUDA tensors (use reference.gemv)")
     nw, eps, zc = norm if norm is not None else (None, 0.0, False)
-    y = _gemv_op(x.reshape(M, x_width).contiguous(), weight if weight.stride(1) == 1 else weight.contiguous(), bias,
-                 nw, float(eps), bool(zc), bool(gated),
+    y = _gemv_op(x.reshape(M, K).contiguous(), weight if weight.stride(1) == 1 else weight.contiguous(), bias,
+                 nw, float(eps), bool(zc), bool(glu),
                  None if residual is None else residual.reshape(M, N).contiguous(), setting(pdl, "gemv"))
     return y.reshape(*x.shape[:-1], N)
 
 
 @torch.library.custom_op("deepwish::gemv", mutates_args=())
 def _gemv_op(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], norm_weight: Optional[torch.Tensor],
-             eps: float, zero_centered: bool, gated: bool, residual: Optional[torch.Tensor], pdl: str) -> torch.Tensor:
+             eps: float, zero_centered: bool, glu: bool, residual: Optional[torch.Tensor], pdl: str) -> torch.Tensor:
     M = x.shape[0]
-    N, K = weight.shape
+    K = weight.shape[1]
+    N = weight.shape[0] // 2 if glu else weight.shape[0]
     y = torch.empty(M, N, dtype=x.dtype, device=x.device)
     placeholder = y  # a pointer for an absent operand, never read
     b = bias if bias is not None else placeholder
@@ -243,16 +307,17 @@ def _gemv_op(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]
     grid = lambda meta: (triton.cdiv(N, meta["BN"]),)  # noqa: E731
     if M == 1:
         _one_row_kernel[grid](x, weight, b, nw, r, y, N, K, eps, weight.stride(0), HAS_BIAS=bias is not None,
-                              NORM=norm, GATED=gated, RESIDUAL=residual is not None, PDL=pdl, PREFETCH=prefetch,
+                              NORM=norm, GLU=glu, RESIDUAL=residual is not None, PDL=pdl, PREFETCH=prefetch,
                               **launch)
     else:
         _rows_kernel[grid](x, weight, b, nw, r, y, M, N, K, eps, x.stride(0), weight.stride(0), r.stride(0),
-                           y.stride(0), HAS_BIAS=bias is not None, NORM=norm, GATED=gated,
+                           y.stride(0), HAS_BIAS=bias is not None, NORM=norm, GLU=glu,
                            RESIDUAL=residual is not None, PDL=pdl, PREFETCH=prefetch,
-                           PREC="ieee" if x.dtype == torch.float32 else "tf32", **launch)
+                           PREC="ieee" if x.dtype == torch.float32 else ROWS_DOT,
+                           BM=max(16, triton.next_power_of_2(M)), **launch)
     return y
 
 
 @_gemv_op.register_fake
-def _(x, weight, bias, norm_weight, eps, zero_centered, gated, residual, pdl):
-    return x.new_empty(x.shape[0], weight.shape[0])
+def _(x, weight, bias, norm_weight, eps, zero_centered, glu, residual, pdl):
+    return x.new_empty(x.shape[0], weight.shape[0] // 2 if glu else weight.shape[0])
