@@ -46,14 +46,14 @@ def test_sweeps_time_every_candidate_and_restore_the_shipped_configuration():
 
 
 def test_step_part_times_the_shipped_step_and_each_change_undone():
-    """`step` times the model's step as shipped, with the split kernel's prefetch switched, with the
-    prologue inside the split kernel switched, and with the GEMV's tiles autotuned alone, re-picked
-    each time (the autotuner's cache emptied), and leaves the shipped settings on."""
+    """`step` times the model's step as shipped, with the split kernel's prefetch switched and with
+    the GEMV's tiles autotuned alone, re-picked each time (the autotuner's cache emptied), and leaves
+    the shipped settings on."""
     from deepwish.bench.decode import Row
     seen = []
 
     def fake_rows(preset, model, batch, context, new_tokens, modes, device, label=None):
-        seen.append(((gk.USE_IN_STEP_TILES, dk.PREFETCH_UNDER_PDL, dk.PROLOGUE_IN_SPLIT),
+        seen.append(((gk.USE_IN_STEP_TILES, dk.PREFETCH_UNDER_PDL),
                      gk._one_row_kernel.cache == {}, modes, label))
         return [Row(preset, label, batch, context, ms_per_step=1.0 if gk.USE_IN_STEP_TILES else 1.25,
                     weight_gb=1.0, cache_gb=0.5)]
@@ -62,11 +62,11 @@ def test_step_part_times_the_shipped_step_and_each_change_undone():
     with mock.patch("deepwish.bench.decode._decode_rows", fake_rows), \
             mock.patch("deepwish.bench.decode.build", lambda cfg, dev: None):
         dt.sweep_step("qwen3_tiny", 40, torch.device("cpu"), rows, mode="compiled")
-    p, s = dk.PREFETCH_UNDER_PDL, dk.PROLOGUE_IN_SPLIT  # as shipped, then each switched
-    assert [x[:3] for x in seen] == [((True, p, s), True, ["compiled"]), ((True, not p, s), True, ["compiled"]),
-                                     ((True, p, not s), True, ["compiled"]), ((False, p, s), True, ["compiled"])]
-    assert [r["us"] for r in rows] == [1000.0, 1000.0, 1000.0, 1250.0] and rows[0]["bytes"] == 1.5e9
-    assert (gk.USE_IN_STEP_TILES, dk.PREFETCH_UNDER_PDL, dk.PROLOGUE_IN_SPLIT) == (True, p, s)
+    p = dk.PREFETCH_UNDER_PDL  # as shipped, then each switched
+    assert [x[:3] for x in seen] == [((True, p), True, ["compiled"]), ((True, not p), True, ["compiled"]),
+                                     ((False, p), True, ["compiled"])]
+    assert [r["us"] for r in rows] == [1000.0, 1000.0, 1250.0] and rows[0]["bytes"] == 1.5e9
+    assert (gk.USE_IN_STEP_TILES, dk.PREFETCH_UNDER_PDL) == (True, p)
     assert gk._one_row_kernel.cache == {}
 
 

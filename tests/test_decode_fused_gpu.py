@@ -184,15 +184,11 @@ def test_fused_gemv_kernels_match_reference_at_the_models_shapes(cuda, rel_err, 
         assert rel_err(reference.gemv(inp, w, **kw), gemv(inp, w, pdl=pdl, **kw)) < 5e-3, kw.keys()
 
 
-@pytest.mark.parametrize("in_split", [False, True])
-def test_pdl_step_captures_and_replays_the_eager_logits(cuda, monkeypatch, in_split):
+def test_pdl_step_captures_and_replays_the_eager_logits(cuda):
     """decode_pdl inside a CUDA graph (programmatic edges): the captured step of a model with every
-    decode option on gives the eager step's logits, replay after replay; also with the prologue
-    inside the split kernel (decode.PROLOGUE_IN_SPLIT)."""
+    decode option on gives the eager step's logits, replay after replay."""
     if torch.cuda.get_device_capability()[0] < 9:
         pytest.skip("programmatic dependent launch needs Hopper or later")
-    from deepwish.kernels.attention import decode
-    monkeypatch.setattr(decode, "PROLOGUE_IN_SPLIT", in_split)
     from deepwish.decode_graph import CapturedDecoder
     model = _model("qwen3_0.6b", cuda, decode_matmul="triton", decode_prologue=True, decode_fusion=True,
                    decode_pdl="on")
@@ -275,25 +271,3 @@ def test_split_prefetch_changes_no_value(cuda, monkeypatch, TQ):
         vc[:, :, L - 64:L - 64 + TQ] = new_v
         out[prefetch] = decode.decode_attention(q, kc, vc, pos, pdl=True, merge_in_split=True)
     assert torch.equal(out[True], out[False])
-
-
-
-@pytest.mark.parametrize("TQ", [1, 5])
-def test_prologue_in_split_is_the_two_launches_at_the_models_shape(cuda, TQ):
-    """decode_prologue_attention against decode_prologue + decode_attention at Qwen3-0.6B's heads,
-    bf16, 8k cache, with PDL: the output and both caches bit for bit."""
-    from deepwish.kernels.attention.decode import decode_attention, decode_prologue, decode_prologue_attention
-    bf = dict(device=cuda, dtype=torch.bfloat16)
-    H, Hkv, D, L = 16, 8, 128, 8192
-    y = torch.randn(1, TQ, (H + 2 * Hkv) * D, **bf)
-    wq, wk = 1 + 0.1 * torch.randn(D, **bf), 1 + 0.1 * torch.randn(D, **bf)
-    angle = torch.rand(1, TQ, D // 2, device=cuda) * 6
-    pos = (L - 700 + torch.arange(TQ, device=cuda))[None]
-    caches = [(torch.randn(1, Hkv, L, D, **bf), torch.randn(1, Hkv, L, D, **bf))]
-    caches.append(tuple(c.clone() for c in caches[0]))
-    q = decode_prologue(y, wq, wk, 1e-6, angle.cos(), angle.sin(), pos, *caches[0], H, pdl=True)
-    want = decode_attention(q, *caches[0], pos, pdl=True, merge_in_split=True)
-    got = decode_prologue_attention(y, wq, wk, 1e-6, angle.cos(), angle.sin(), pos, *caches[1], H, pdl=True,
-                                    merge_in_split=True)
-    assert torch.equal(got, want)
-    assert all(torch.equal(a, b) for a, b in zip(caches[0], caches[1]))

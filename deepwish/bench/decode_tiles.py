@@ -13,7 +13,7 @@ shapes of IN_STEP_TILES too); `split`: the split-KV decode kernel with its merge
 (kernels/attention/decode.py, merge_in_split) per programs per SM, chunk unit and (BN, warps,
 stages), and with its L2 prefetch of keys and values switched (PREFETCH_UNDER_PDL); `step` (opt-in): the whole step of the model
 as it comes, captured (--step-mode compiled: compiled and captured), as shipped, with the split
-kernel's prefetch switched, with the prologue inside the split kernel switched, and with every GEMV
+kernel's prefetch switched and with every GEMV
 tile autotuned alone. Every candidate's output is checked against
 the shipped configuration's first (a wrong one is dropped). `rows` (opt-in): the rows kernel
 (2..64 rows) at the same projections for batches 8, 16, 32 and 64 against cuBLAS, in both operand
@@ -239,9 +239,8 @@ def sweep_step(preset: str, context: int, dev, rows: list, new_tokens: int = 64,
                batch: int = 1) -> None:
     """The whole decode step of the model with its defaults (`mode` graph: captured, the step
     `deepwish generate` runs on CUDA; compiled: compiled and captured, `generate --compile`'s) as
-    shipped, then at batch 1 with the split kernel's L2 prefetch switched, with the prologue
-    kernel's work inside the split kernel switched (decode.PROLOGUE_IN_SPLIT), and with every GEMV
-    tile autotuned alone; at a larger batch the other matmul: where the rows kernel serves the batch
+    shipped, then at batch 1 with the split kernel's L2 prefetch switched and with every GEMV tile
+    autotuned alone; at a larger batch the other matmul: where the rows kernel serves the batch
     (MAX_ROWS, or MAX_ROWS_COMPILED compiled), with its other operand form (ROWS_DOT) and with cuBLAS
     instead, else with the rows kernel instead of cuBLAS."""
     import dataclasses
@@ -256,14 +255,12 @@ def sweep_step(preset: str, context: int, dev, rows: list, new_tokens: int = 64,
     torch.manual_seed(0)
     model = build(cfg, dev)
     kernels = (gk._one_row_kernel, gk._rows_kernel)
-    prefetch, in_split = dk.PREFETCH_UNDER_PDL, dk.PROLOGUE_IN_SPLIT
+    prefetch = dk.PREFETCH_UNDER_PDL
     other_dot = "native" if gk.ROWS_DOT == "tf32" else "tf32"
     variants = [("step, as shipped", {}, {}, {})]
     if batch == 1:
         variants += [
             (f"step, split {'without' if prefetch else 'with'} its L2 prefetch", {}, dict(PREFETCH_UNDER_PDL=not prefetch), {}),
-            (f"step, prologue {'apart from' if in_split else 'inside'} the split kernel", {},
-             dict(PROLOGUE_IN_SPLIT=not in_split), {}),
             ("step, GEMV tiles autotuned alone", dict(USE_IN_STEP_TILES=False), {}, {})]
     elif batch <= (gemv_dispatch.MAX_ROWS_COMPILED if mode == "compiled" else gemv_dispatch.MAX_ROWS):
         variants += [(f"step, rows kernel {other_dot}", dict(ROWS_DOT=other_dot), {}, {}),

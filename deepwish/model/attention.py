@@ -447,12 +447,6 @@ class Attention(nn.Module):
         else:
             from deepwish.kernels.gemv.triton import gemv
             y = gemv(x, *fused, norm=(norm.weight, norm.eps, norm.zero_centered), pdl=self.pdl)
-        from deepwish.kernels.attention import decode
-        if decode.PROLOGUE_IN_SPLIT:  # the same in one launch (opt-in, timed slower: kernels/attention/decode.py)
-            return decode.decode_prologue_attention(
-                y, self.q_norm.weight, self.k_norm.weight, self.q_norm.eps, ctx.cos, ctx.sin, ctx.positions, cache.k,
-                cache.v, self.n_heads, self.q_norm.zero_centered, window=self.window, scale=self.scale,
-                softcap=self.softcap, pdl=self.pdl, merge_in_split=self.decode_fusion)
         q = decode_prologue(y, self.q_norm.weight, self.k_norm.weight, self.q_norm.eps, ctx.cos, ctx.sin,
                             ctx.positions, cache.k, cache.v, self.n_heads, self.q_norm.zero_centered, pdl=self.pdl)
         return decode_attention(q.to(cache.k.dtype), cache.k, cache.v, ctx.positions, None,

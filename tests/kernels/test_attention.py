@@ -218,44 +218,6 @@ def test_decode_prologue_matches_reference(dtype, T, rot, zero_centered, monkeyp
     torch.testing.assert_close(caches[1][0], caches[0][0], **tol)  # and nothing written past it
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-@pytest.mark.parametrize("T,rot,zero_centered,window,merge,splits", [
-    (1, 16, False, 0, True, 2), (3, 8, False, 0, False, 2), (3, 16, True, 0, True, 2), (1, 16, False, 7, True, 2),
-    (3, 16, False, 0, True, 1)])  # one split: stored directly
-def test_prologue_in_split_is_the_two_launches(dtype, T, rot, zero_centered, window, merge, splits, monkeypatch):
-    """decode_prologue_attention (the prologue's work inside the split kernel) against
-    decode_prologue then decode_attention: the output and both caches bit for bit, with the new
-    tokens' slots inside a chunk and across two, GQA, and a window; then a position past the
-    cache stops it."""
-    from deepwish.kernels.attention.decode import decode_prologue, decode_prologue_attention
-    B, H, Hkv, D, L = 2, 4, 2, 16, 40
-    g = torch.Generator().manual_seed(T + rot)
-    y = torch.randn(B, T, (H + 2 * Hkv) * D, generator=g).to(dtype)
-    wq = (torch.randn(D, generator=g) * 0.3 + (0.0 if zero_centered else 1.0)).to(dtype)
-    wk = torch.randn(D, generator=g).to(dtype)
-    angle = torch.rand(B, T, rot // 2, generator=g) * 6.0
-    cos, sin = angle.cos(), angle.sin()
-    # two 32-slot chunks here: row 0's tokens inside chunk 0, row 1's from 30 (T = 3: 30, 31 | 32, across);
-    # or one chunk of them all (a program a row and KV head: 4 on the interpreter's 4 "SMs")
-    from deepwish.kernels.attention import decode
-    monkeypatch.setattr(decode, "DECODE_PROGRAMS_PER_SM", 2 if splits == 2 else 1)
-    assert decode.plan_splits(B, Hkv, L, "cpu") == ((2, 32) if splits == 2 else (1, 48))
-    positions = torch.stack([torch.arange(T) + 15, torch.arange(T) + 30])
-    before = torch.randn(B, Hkv, L, D, generator=g).to(dtype), torch.randn(B, Hkv, L, D, generator=g).to(dtype)
-    caches = [tuple(c.clone() for c in before) for _ in range(2)]
-    q = decode_prologue(y, wq, wk, 1e-6, cos, sin, positions, *caches[0], H, zero_centered)
-    want = decode_attention(q, *caches[0], positions, window=window, merge_in_split=merge)
-    got = decode_prologue_attention(y, wq, wk, 1e-6, cos, sin, positions, *caches[1], H, zero_centered,
-                                    window=window, merge_in_split=merge)
-    assert got.dtype == dtype and torch.equal(got, want)
-    for a, b in zip(caches[1], caches[0]):
-        assert torch.equal(a, b)
-    with pytest.raises(ValueError, match="decode_prologue_attention: y"):
-        decode_prologue_attention(y[..., :-D], wq, wk, 1e-6, cos, sin, positions, *caches[1], H)
-    _stops_past_the_cache(monkeypatch, lambda: decode_prologue_attention(y, wq, wk, 1e-6, cos, sin,
-                                                                          positions + L - 2, *caches[1], H))
-
-
 def _stops_past_the_cache(monkeypatch, call):
     """A position past the cache: the kernel's device-side assertion (compiled in on the GPU by its
     debug flag; the interpreter honours assertions only in its debug options)."""
@@ -268,50 +230,14 @@ def _stops_past_the_cache(monkeypatch, call):
         call()
 
 
-def test_prologue_in_split_compiles_with_its_cache_writes():
-    """decode_prologue_attention under torch.compile (one graph: its fake output, the caches it
-    mutates): the eager call's output and caches."""
-    from deepwish.kernels.attention.decode import decode_prologue_attention
-    B, H, Hkv, D, L, T = 1, 4, 2, 16, 24, 1
-    g = torch.Generator().manual_seed(3)
-    y = torch.randn(B, T, (H + 2 * Hkv) * D, generator=g)
-    w = torch.randn(D, generator=g)
-    angle = torch.rand(B, T, D // 2, generator=g)
-    pos = torch.tensor([[9]])
-    caches = [(torch.randn(B, Hkv, L, D, generator=g), torch.randn(B, Hkv, L, D, generator=g))]
-    caches.append(tuple(c.clone() for c in caches[0]))
-    before = caches[1][0].clone()
-
-    def step(kc, vc):
-        return decode_prologue_attention(y, w, w, 1e-6, angle.cos(), angle.sin(), pos, kc, vc, H)
-    want = step(*caches[0])
-    got = torch.compile(step, backend="aot_eager", fullgraph=True)(*caches[1])
-    assert torch.equal(got, want)
-    assert all(torch.equal(a, b) for a, b in zip(caches[0], caches[1]))
-    assert not torch.equal(caches[1][0][:, :, 9], before[:, :, 9])  # the new slot, written through the graph
-    assert torch.equal(caches[1][0][:, :, :9], before[:, :, :9])
-
-
 def test_decode_kernels_name_a_tile_they_cannot_hold():
-    """Too many query rows for one program, a head dim past 256, heads that do not group: errors
-    that say so, from both entries."""
-    from deepwish.kernels.attention.decode import decode_prologue_attention
+    """Too many query rows for one program, a head dim past 256: errors that say so."""
     k = torch.randn(1, 1, 8, 16)
     with pytest.raises(ValueError, match="Tq·G <= 128 rows; got Dqk=16, Dv=16, Tq=9, G=16"):
         decode_attention(torch.randn(1, 9, 16, 16), k, k, torch.zeros(1, 9, dtype=torch.long))
     big = torch.randn(1, 1, 8, 320)
     with pytest.raises(ValueError, match="head dims <= 256"):
         decode_attention(torch.randn(1, 1, 1, 320), big, big, torch.zeros(1, 1, dtype=torch.long))
-    cos = torch.ones(1, 1, 8)
-    with pytest.raises(ValueError, match="H=6 query heads over Hkv=4"):
-        kc = torch.randn(1, 4, 8, 16)
-        decode_prologue_attention(torch.randn(1, 1, 14 * 16), torch.ones(16), torch.ones(16), 1e-6, cos, cos,
-                                  torch.zeros(1, 1, dtype=torch.long), kc, kc.clone(), 6)
-    with pytest.raises(ValueError, match="decode_prologue_attention: head dims <= 256 and Tq·G <= 128"):
-        kc = torch.randn(1, 1, 8, 16)
-        decode_prologue_attention(torch.randn(1, 9, 18 * 16), torch.ones(16), torch.ones(16), 1e-6,
-                                  torch.ones(1, 9, 8), torch.ones(1, 9, 8), torch.zeros(1, 9, dtype=torch.long),
-                                  kc, kc.clone(), 16)
 
 
 @pytest.mark.parametrize("B,Hkv,L,wide", [(64, 8, 12, True), (1, 2, 64, False), (2, 2, 12, False)])

@@ -80,37 +80,30 @@ def test_decode_kernel_in_cached_steps_equals_forward(rel_err, ring):
 def test_decode_prologue_kernel_equals_the_separate_ops(monkeypatch):
     """model.decode_prologue: the decode steps' QK-norm, rotary and cache write in one kernel give
     the logits and the cache of the separate ops (prefill chunk, single tokens, a 3-token chunk), and
-    the kernel is what runs (its op is called once per layer and step); with that work inside the
-    split kernel (decode.PROLOGUE_IN_SPLIT) the same logits and caches bit for bit, in one op a
-    layer and step."""
+    the kernel is what runs (its op is called once per layer and step)."""
     from unittest import mock
 
     from deepwish.kernels.attention import decode
     torch.manual_seed(0)
     models = [Transformer(model_config("qwen3_tiny", attn_backend="triton", n_layers=2, vocab_size=64,
-                                       max_seq_len=64, decode_prologue=on)).eval() for on in (False, True, True)]
+                                       max_seq_len=64, decode_prologue=on)).eval() for on in (False, True)]
     for m in models[1:]:
         m.load_state_dict(models[0].state_dict())
     x = torch.randint(0, 64, (2, 16))
     runs = []
-    for i, model in enumerate(models):
-        monkeypatch.setattr(decode, "PROLOGUE_IN_SPLIT", i == 2)
+    for model in models:
         cache = model.make_cache(2, 24)
-        with torch.no_grad(), mock.patch.object(decode, "_prologue_op", wraps=decode._prologue_op) as op, \
-                mock.patch.object(decode, "_prologue_decode_op", wraps=decode._prologue_decode_op) as fused:
+        with torch.no_grad(), mock.patch.object(decode, "_prologue_op", wraps=decode._prologue_op) as op:
             outs = [model(x[:, :8], positions=torch.arange(8).expand(2, 8), cache=cache).logits]
             outs += [decode_one_token(model, x[:, t], torch.full((2,), t), cache)[:, None] for t in range(8, 13)]
             outs.append(model(x[:, 13:], positions=torch.arange(13, 16).expand(2, 3), cache=cache).logits)
-        runs.append((torch.cat(outs, 1), cache, op.call_count, fused.call_count))
-    (plain, c0, *n0), (pro, c1, *n1), (in_split, c2, *n2) = runs
-    assert (n0, n1, n2) == ([0, 0], [2 * 7, 0], [0, 2 * 7])  # 2 layers x (prefill + 5 steps + the chunk)
+        runs.append((torch.cat(outs, 1), cache, op.call_count))
+    (plain, c0, n0), (pro, c1, n1) = runs
+    assert (n0, n1) == (0, 2 * 7)  # 2 layers x (prefill + 5 steps + the chunk)
     torch.testing.assert_close(pro, plain, rtol=1e-5, atol=1e-5)
     for a, b in zip(c0.layers, c1.layers):
         torch.testing.assert_close(b.k[:, :, :16], a.k[:, :, :16], rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(b.v[:, :, :16], a.v[:, :, :16], rtol=1e-5, atol=1e-5)
-    assert torch.equal(in_split, pro)
-    for a, b in zip(c1.layers, c2.layers):
-        assert torch.equal(a.k, b.k) and torch.equal(a.v, b.v)
 
 
 def test_backend_names_are_checked():

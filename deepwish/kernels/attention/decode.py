@@ -32,10 +32,6 @@ Design (decode reads the whole visible cache once; it is bound by memory bandwid
   its (batch row, KV head) after storing its partial, and the program that raises it last merges
   all of them (the usual last-block reduction: a CTA barrier, an acq_rel atomic at GPU scope,
   partials read past L1) and zeroes the counter again.
-- `decode_prologue_attention` (PROLOGUE_IN_SPLIT, opt-in; timed slower at batch 1): the split kernel reads the
-  fused projection's output y itself: each program norms and rotates its query rows (as
-  `decode_prologue` does) and the program whose chunk holds a new token's slot writes its k and v
-  there before its loop reads them. One launch instead of the prologue kernel and the split kernel.
 """
 from __future__ import annotations
 
@@ -126,38 +122,6 @@ def _norm_rope(rows, ok, W, cs, COS, SIN, d, D, eps, R: tl.constexpr, ZERO_CENTE
     return tl.where(rot[None, :], tl.where(first[None, :], y * c - yp * sn, y * c + yp * sn), y)
 
 
-@triton.jit
-def _prologue_in_split(Y, K, V, QPOS, WQ, WK, COS, SIN, b, hkv, h64, j, row_ok, split, k_base, v_base,
-                       s_yb, s_yt, sk_l, sv_l, s_cb, s_ct, TQ, H, HKV, L, D, DV, eps, CHUNK: tl.constexpr, dk, dv,
-                       R: tl.constexpr, ZERO_CENTERED: tl.constexpr, BT: tl.constexpr):
-    """The prologue kernel's work inside a split program (PROLOGUE): its query rows normed and
-    rotated from y (every split of a KV head computes the same q), and the new tokens' k (normed,
-    rotated) and v written into the cache slots of this program's chunk, which only this program
-    reads: a CTA barrier, and its loop sees them. A position past the cache stops the kernel (the
-    device-side assertion of the prologue kernel; the launch turns it on)."""
-    j64 = tl.cast(j, tl.int64)
-    q = _norm_rope(Y + b * s_yb + j64 * s_yt + h64 * D, row_ok, WQ, b * s_cb + j64 * s_ct, COS, SIN, dk, D, eps,
-                   R, ZERO_CENTERED)
-    t = tl.arange(0, BT)
-    t_ok = t < TQ
-    pos = tl.load(QPOS + b * TQ + t, mask=t_ok, other=0)
-    tl.device_assert(~t_ok | ((pos >= 0) & (pos < L)), "decode_prologue: a position past the cache")
-    lo = tl.cast(split, tl.int64) * CHUNK
-    mine = t_ok & (pos >= lo) & (pos < lo + CHUNK) & (pos >= 0) & (pos < L)
-    t64 = tl.cast(t, tl.int64)
-    y_rows = Y + b * s_yb + t64 * s_yt
-    hk = tl.cast(hkv, tl.int64)
-    k_new = _norm_rope(y_rows + (H + hk) * D, mine, WK, b * s_cb + t64 * s_ct, COS, SIN, dk, D, eps, R, ZERO_CENTERED)
-    tl.store(K + k_base + pos[:, None] * sk_l + dk[None, :], k_new.to(K.dtype.element_ty),
-             mask=mine[:, None] & (dk < D)[None, :])
-    v_new = tl.load(y_rows[:, None] + (H + HKV + hk) * D + dv[None, :], mask=mine[:, None] & (dv < DV)[None, :],
-                    other=0.0)
-    tl.store(V + v_base + pos[:, None] * sv_l + dv[None, :], v_new.to(V.dtype.element_ty),
-             mask=mine[:, None] & (dv < DV)[None, :])
-    tl.debug_barrier()  # every thread's new slots stored before any thread's loop loads them
-    return q.to(Y.dtype.element_ty).to(K.dtype.element_ty)  # as the prologue kernel stores q, then the cast
-
-
 # TQ (tokens a row) is not specialised: Triton would otherwise compile a separate kernel for TQ == 1
 # (the decode step) and for a prefill or verification chunk, so the first prefill after the captured
 # step's warm-up compiled both kernels again (a second or more before a first token).
@@ -168,8 +132,7 @@ def _split_kernel(Q, K, V, QPOS, KPOS, OP, LP, O, CNT,
                   CHUNK: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr, BM: tl.constexpr,
                   GP: tl.constexpr, SLOT_POS: tl.constexpr, SOFTCAP: tl.constexpr, PREC: tl.constexpr,
                   BN: tl.constexpr, PDL: tl.constexpr, MERGE: tl.constexpr, BS: tl.constexpr,
-                  PREFETCH: tl.constexpr, WQ, WK, COS, SIN, s_cb, s_ct, H, eps, PROLOGUE: tl.constexpr,
-                  R: tl.constexpr, ZERO_CENTERED: tl.constexpr, BT: tl.constexpr, DIRECT: tl.constexpr):
+                  PREFETCH: tl.constexpr, DIRECT: tl.constexpr):
     if not PREFETCH:
         wait_for_inputs(PDL)
     split = tl.program_id(0)
@@ -204,13 +167,8 @@ def _split_kernel(Q, K, V, QPOS, KPOS, OP, LP, O, CNT,
             prefetch_to_l2(K + k_base + tl.cast(lo, tl.int64) * sk_l, (top - lo) * DQK * elt)
             prefetch_to_l2(V + v_base + tl.cast(lo, tl.int64) * sv_l, (top - lo) * DV * elt)
         wait_for_inputs(PDL)
-    if PROLOGUE:  # Q is the fused projection's output y: q normed and rotated here, the new slots written
-        q = _prologue_in_split(Q, K, V, QPOS, WQ, WK, COS, SIN, b, hkv, h64, j, row_ok, split, k_base, v_base,
-                               sq_b, sq_t, sk_l, sv_l, s_cb, s_ct, TQ, H, HKV, L, DQK, DV, eps, CHUNK, dk, dv,
-                               R, ZERO_CENTERED, BT)
-    else:
-        q = tl.load(Q + b * sq_b + tl.cast(j, tl.int64)[:, None] * sq_t + h64[:, None] * sq_h + dk[None, :],
-                    mask=row_ok[:, None] & (dk < DQK)[None, :], other=0.0)
+    q = tl.load(Q + b * sq_b + tl.cast(j, tl.int64)[:, None] * sq_t + h64[:, None] * sq_h + dk[None, :],
+                mask=row_ok[:, None] & (dk < DQK)[None, :], other=0.0)
     acc = tl.zeros([BM, BLOCK_DV], dtype=tl.float32)
     m_i = tl.full([BM], -1.0e30, dtype=tl.float32)
     l_i = tl.zeros([BM], dtype=tl.float32)
@@ -353,15 +311,12 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: t
 @torch.library.custom_op("deepwish::decode_attention", mutates_args=())
 def _decode_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: torch.Tensor, k_pos: Optional[torch.Tensor],
                window: int, softcap: float, scale: float, splits: int, pdl: str, merge_in_split: bool) -> torch.Tensor:
-    return _split_launch(q, k, v, q_pos, k_pos, window, softcap, scale, splits, pdl, merge_in_split, None)
+    return _split_launch(q, k, v, q_pos, k_pos, window, softcap, scale, splits, pdl, merge_in_split)
 
 
-def _split_launch(q, k, v, q_pos, k_pos, window, softcap, scale, splits, pdl, merge_in_split, prologue):
-    """The split kernel's launch (and the merge kernel's where it merges apart). `prologue`: None, or
-    (q_weight, k_weight, eps, cos, sin, n_heads, zero_centered) for decode_prologue_attention, `q`
-    then being the fused projection's output y [B, T, (H + 2·Hkv)·D]."""
-    B, TQ = q.shape[:2]
-    H, DQK = (prologue[5], k.shape[-1]) if prologue else q.shape[2:]
+def _split_launch(q, k, v, q_pos, k_pos, window, softcap, scale, splits, pdl, merge_in_split):
+    """The split kernel's launch (and the merge kernel's where it merges apart)."""
+    B, TQ, H, DQK = q.shape
     pdl, launch = launch_options(pdl, q.device, "decode_attention")
     HKV, L = k.shape[1], k.shape[2]
     G = H // HKV
@@ -377,7 +332,7 @@ def _split_launch(q, k, v, q_pos, k_pos, window, softcap, scale, splits, pdl, me
     BLOCK_DK = max(16, triton.next_power_of_2(DQK))
     BLOCK_DV = max(16, triton.next_power_of_2(DV))
     kp = q_pos if k_pos is None else k_pos
-    o = torch.empty(B, TQ, H, DV, dtype=k.dtype if prologue else q.dtype, device=q.device)
+    o = torch.empty(B, TQ, H, DV, dtype=q.dtype, device=q.device)
     direct = splits == 1  # one chunk a (row, KV head): the split kernel stores o itself, nothing to merge
     if direct:
         op = lp = torch.empty(1, dtype=torch.float32, device=q.device)  # never read or written
@@ -392,25 +347,15 @@ def _split_launch(q, k, v, q_pos, k_pos, window, softcap, scale, splits, pdl, me
     prefetch = (pdl and PREFETCH_UNDER_PDL and k_pos is None and k.stride(2) == DQK and v.stride(2) == DV
                 and B * HKV * L * (DQK + DV) * elt <= PREFETCH_MAX_BYTES
                 and all(t.data_ptr() % 16 == 0 and all(st * elt % 16 == 0 for st in t.stride()[:3]) for t in (k, v)))
-    if prologue:
-        wq, wk, eps, cos, sin, _, zero_centered = prologue
-        pro = dict(WQ=wq, WK=wk, COS=cos, SIN=sin, s_cb=cos.stride(0), s_ct=cos.stride(1), H=H, eps=eps, PROLOGUE=True,
-                   R=2 * cos.shape[-1], ZERO_CENTERED=zero_centered, BT=triton.next_power_of_2(TQ),
-                   debug=True, sanitize_overflow=False)  # the position assertion, without integer overflow checks
-        q_strides = (q.stride(0), q.stride(1), DQK)
-    else:
-        pro = dict(WQ=lp, WK=lp, COS=lp, SIN=lp, s_cb=0, s_ct=0, H=H, eps=0.0, PROLOGUE=False, R=2,
-                   ZERO_CENTERED=False, BT=1)
-        q_strides = q.stride()[:3]
     _split_kernel[(splits, B * HKV)](
         q, k, v, q_pos, kp, op, lp, o, _merge_counters(q.device) if merge else lp,
-        *q_strides, *k.stride()[:3], *v.stride()[:3], *o.stride()[:3],
+        *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *o.stride()[:3],
         TQ, HKV, G, L, window if window > 0 else NO_WINDOW, scale,
         softcap if softcap > 0 else 1.0, DQK, DV, splits,
         CHUNK=chunk, BLOCK_DK=BLOCK_DK, BLOCK_DV=BLOCK_DV, BM=BM, GP=GP, SLOT_POS=k_pos is None,
         SOFTCAP=softcap > 0, PREC="ieee" if k.dtype == torch.float32 else "tf32",
         BN=bn, PDL=pdl, MERGE=merge, BS=max(2, triton.next_power_of_2(splits)), PREFETCH=prefetch,
-        DIRECT=direct, num_warps=warps, num_stages=stages, **pro, **launch)
+        DIRECT=direct, num_warps=warps, num_stages=stages, **launch)
     if merge or direct:
         return o
     _merge_kernel[(B * HKV, BM)](op, lp, o, *o.stride()[:3], TQ, HKV, G, DV, splits,
@@ -456,7 +401,7 @@ def _prologue_kernel(Y, WQ, WK, COS, SIN, POS, QO, KC, VC,
         hv = tl.cast(head - H - HKV, tl.int64)
         v_row = tl.load(row + d, mask=d_ok, other=0.0)
         tl.store(VC + b * s_vb + hv * s_vh + pos * s_vl + d, v_row.to(VC.dtype.element_ty), mask=d_ok & in_cache)
-    else:  # a query or key head: normed and rotated (_norm_rope, as the split kernel's PROLOGUE does it)
+    else:  # a query or key head: normed and rotated (_norm_rope)
         one = tl.zeros([1], dtype=tl.int64)
         cs = one + b * s_cb + t * s_ct
         if head < H:
@@ -470,14 +415,19 @@ def _prologue_kernel(Y, WQ, WK, COS, SIN, POS, QO, KC, VC,
                      mask=(d_ok & in_cache)[None, :])
 
 
-def _prologue_inputs(y, q_weight, k_weight, cos, sin, positions, k_cache, v_cache, n_heads, name):
-    """decode_prologue's inputs checked (an error naming `name`), as its kernels read them."""
+def decode_prologue(y: torch.Tensor, q_weight: torch.Tensor, k_weight: torch.Tensor, eps: float,
+                    cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor, k_cache: torch.Tensor,
+                    v_cache: torch.Tensor, n_heads: int, zero_centered: bool = False, pdl: bool | str = False) -> torch.Tensor:
+    """`reference.decode_prologue` in one launch: y [B, T, (H + 2·Hkv)·D] -> q [B, T, H, D]; k and v
+    written into the caches [B, Hkv, L, D] at `positions` [B, T]. A position outside the cache writes
+    nothing and stops the kernel with a device-side assertion (no host synchronisation). pdl:
+    programmatic dependent launch (kernels/pdl.py)."""
     B, T, F = y.shape
     Hkv, D = k_cache.shape[1], k_cache.shape[-1]
     if (F != (n_heads + 2 * Hkv) * D or v_cache.shape[-1] != D or tuple(q_weight.shape) != (D,)
             or tuple(k_weight.shape) != (D,) or tuple(positions.shape) != (B, T)
             or cos.shape[:2] != (B, T) or 2 * cos.shape[-1] > D or cos.shape != sin.shape):
-        raise ValueError(f"{name}: y {tuple(y.shape)} must be [B, T, (H + 2·Hkv)·D] for H={n_heads}, "
+        raise ValueError(f"decode_prologue: y {tuple(y.shape)} must be [B, T, (H + 2·Hkv)·D] for H={n_heads}, "
                          f"caches {tuple(k_cache.shape)} / {tuple(v_cache.shape)}, weights [D], positions [B, T], "
                          f"cos/sin [B, T, <= D/2]; got weights {tuple(q_weight.shape)} / {tuple(k_weight.shape)}, "
                          f"positions {tuple(positions.shape)}, cos {tuple(cos.shape)}")
@@ -486,18 +436,6 @@ def _prologue_inputs(y, q_weight, k_weight, cos, sin, positions, k_cache, v_cach
     cos, sin = cos.float(), sin.float()
     if cos.stride() != sin.stride() or cos.stride(-1) != 1:  # the kernels read both with cos's strides
         cos, sin = cos.contiguous(), sin.contiguous()
-    return y, cos, sin
-
-
-def decode_prologue(y: torch.Tensor, q_weight: torch.Tensor, k_weight: torch.Tensor, eps: float,
-                    cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor, k_cache: torch.Tensor,
-                    v_cache: torch.Tensor, n_heads: int, zero_centered: bool = False, pdl: bool | str = False) -> torch.Tensor:
-    """`reference.decode_prologue` in one launch: y [B, T, (H + 2·Hkv)·D] -> q [B, T, H, D]; k and v
-    written into the caches [B, Hkv, L, D] at `positions` [B, T]. A position outside the cache writes
-    nothing and stops the kernel with a device-side assertion (no host synchronisation). pdl:
-    programmatic dependent launch (kernels/pdl.py)."""
-    y, cos, sin = _prologue_inputs(y, q_weight, k_weight, cos, sin, positions, k_cache, v_cache, n_heads,
-                                   "decode_prologue")
     return _prologue_op(y, q_weight, k_weight, float(eps), cos, sin, positions, k_cache, v_cache,
                         int(n_heads), bool(zero_centered), setting(pdl, "decode_prologue"))
 
@@ -523,52 +461,3 @@ def _prologue_op(y: torch.Tensor, q_weight: torch.Tensor, k_weight: torch.Tensor
 @_prologue_op.register_fake
 def _(y, q_weight, k_weight, eps, cos, sin, positions, k_cache, v_cache, n_heads, zero_centered, pdl):
     return y.new_empty(y.shape[0], y.shape[1], n_heads, k_cache.shape[-1])
-
-
-# ---- the prologue inside the split kernel: one launch from the projection's output to attention ----
-# Opt-in (PROLOGUE_IN_SPLIT): the prologue kernel's chain of dependent loads and stores goes, every
-# split program recomputes its query heads' norm and rotation (G rows of D values, from y), and the
-# program whose chunk holds a new token's slot writes that k and v. Timed against the two launches on
-# an H200 (bench decode_tiles --parts step, Qwen3-0.6B's captured step, batch 1, context 512,
-# 2026-12-06): slower, 0.848 -> 0.885 and 0.843 -> 0.891 ms in two runs, so it stays off.
-PROLOGUE_IN_SPLIT = False
-
-
-def decode_prologue_attention(y: torch.Tensor, q_weight: torch.Tensor, k_weight: torch.Tensor, eps: float,
-                              cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor, k_cache: torch.Tensor,
-                              v_cache: torch.Tensor, n_heads: int, zero_centered: bool = False, *, window: int = 0,
-                              softcap: float = 0.0, scale: float | None = None, pdl: bool | str = False,
-                              merge_in_split: bool = False) -> torch.Tensor:
-    """decode_attention(decode_prologue(y, ...).to(k_cache.dtype), k_cache, v_cache, positions, None,
-    ...) in one launch (two without merge_in_split): y [B, T, (H + 2·Hkv)·D] -> [B, T, H, D] in the
-    cache's dtype, the new tokens' k and v written into the plain caches at `positions` [B, T] as
-    decode_prologue writes them. Same values as the two calls, bit for bit (the same roundings)."""
-    y, cos, sin = _prologue_inputs(y, q_weight, k_weight, cos, sin, positions, k_cache, v_cache, n_heads,
-                                   "decode_prologue_attention")
-    B, T, _ = y.shape
-    Hkv, D = k_cache.shape[1], k_cache.shape[-1]
-    if n_heads % Hkv:
-        raise ValueError(f"decode_prologue_attention: H={n_heads} query heads over Hkv={Hkv} key heads")
-    _check_tile("decode_prologue_attention", D, D, T, n_heads // Hkv)
-    if not (k_cache.dtype == v_cache.dtype) or k_cache.stride(-1) != 1 or v_cache.stride(-1) != 1:
-        raise ValueError("decode_prologue_attention: the caches must share a dtype and be contiguous in their last dim")
-    if not _INTERPRET and not y.is_cuda:
-        raise ValueError("decode_prologue_attention: the Triton kernel needs CUDA tensors")
-    return _prologue_decode_op(y, q_weight, k_weight, float(eps), cos, sin, positions.to(torch.int64).contiguous(),
-                               k_cache, v_cache, int(n_heads), bool(zero_centered), int(window), float(softcap),
-                               D_scale(D, scale), setting(pdl, "decode_prologue_attention"), bool(merge_in_split))
-
-
-@torch.library.custom_op("deepwish::decode_prologue_attention", mutates_args=("k_cache", "v_cache"))
-def _prologue_decode_op(y: torch.Tensor, q_weight: torch.Tensor, k_weight: torch.Tensor, eps: float,
-                        cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor, k_cache: torch.Tensor,
-                        v_cache: torch.Tensor, n_heads: int, zero_centered: bool, window: int, softcap: float,
-                        scale: float, pdl: str, merge_in_split: bool) -> torch.Tensor:
-    return _split_launch(y, k_cache, v_cache, positions, None, window, softcap, scale, -1, pdl, merge_in_split,
-                         (q_weight, k_weight, eps, cos, sin, n_heads, zero_centered))
-
-
-@_prologue_decode_op.register_fake
-def _(y, q_weight, k_weight, eps, cos, sin, positions, k_cache, v_cache, n_heads, zero_centered, window, softcap,
-      scale, pdl, merge_in_split):
-    return k_cache.new_empty(y.shape[0], y.shape[1], n_heads, k_cache.shape[-1])
