@@ -73,15 +73,15 @@ def test_step_part_times_the_shipped_step_and_each_change_undone():
 def test_step_part_at_a_larger_batch_times_the_other_matmul():
     """Above batch 1 the step part times the step as shipped and, where the rows kernel serves the
     batch, its other operand form and cuBLAS instead; where it does not (compiled, above
-    MAX_ROWS_COMPILED), the rows kernel instead of cuBLAS; the limits and the form come back."""
+    MAX_ROWS), the rows kernel instead of cuBLAS; the limits and the form come back."""
     from deepwish.bench.decode import Row
     from deepwish.kernels import gemv as gd
     seen = []
 
     def fake_rows(preset, model, batch, context, new_tokens, modes, device, label=None):
-        seen.append((batch, modes[0], gd.MAX_ROWS, gd.MAX_ROWS_COMPILED, gk.ROWS_DOT))
+        seen.append((batch, modes[0], gd.MAX_ROWS_CAPTURED, gd.MAX_ROWS, gk.ROWS_DOT))
         return [Row(preset, label, batch, context, ms_per_step=1.0, weight_gb=1.0, cache_gb=0.5)]
-    shipped = (gd.MAX_ROWS, gd.MAX_ROWS_COMPILED, gk.ROWS_DOT)
+    shipped = (gd.MAX_ROWS_CAPTURED, gd.MAX_ROWS, gk.ROWS_DOT)
     assert shipped[0] >= 64 > shipped[1]  # the case below: 64 rows served captured, not compiled
     other = "native" if gk.ROWS_DOT == "tf32" else "tf32"
     rows = []
@@ -92,7 +92,7 @@ def test_step_part_at_a_larger_batch_times_the_other_matmul():
     assert seen == [(64, "graph", *shipped), (64, "graph", *shipped[:2], other), (64, "graph", 0, 0, shipped[2]),
                     (64, "compiled", *shipped), (64, "compiled", 64, 64, shipped[2])]
     assert [r["case"] for r in rows] == ["batch 64, context 40, graph"] * 3 + ["batch 64, context 40, compiled"] * 2
-    assert (gd.MAX_ROWS, gd.MAX_ROWS_COMPILED, gk.ROWS_DOT) == shipped
+    assert (gd.MAX_ROWS_CAPTURED, gd.MAX_ROWS, gk.ROWS_DOT) == shipped
 
 
 def test_rows_part_times_cublas_and_both_forms_fused_and_plain():

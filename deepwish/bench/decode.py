@@ -466,10 +466,10 @@ def run_compare(out_dir, preset: str = "qwen3_0.6b", batches=(1, 64), context: i
           f"{copy_bw() / 1e9:.0f} GB/s ({torch.cuda.get_device_name()})", flush=True)
     rows = []
     plan = []  # (model, label, mode, batch), most important first
-    from deepwish.kernels.gemv import MAX_ROWS, MAX_ROWS_COMPILED
+    from deepwish.kernels.gemv import MAX_ROWS, MAX_ROWS_CAPTURED
     for b in batches:
         # the rows kernel serves the batch (captured; compiled): else the gemv models are the fused one
-        small, small_compiled = b <= MAX_ROWS, b <= MAX_ROWS_COMPILED
+        small, small_compiled = b <= MAX_ROWS_CAPTURED, b <= MAX_ROWS
         if b in compile_batches:  # ~1 min of compilation each: the unfused one only where the GEMV runs too
             plan += [(pdl, "compiled-gemv-pdl", "compiled", b)] if small_compiled and pdl is not None else []
             plan += [(fusion, "compiled-gemv-fused", "compiled", b), (gemv, "compiled-gemv", "compiled", b),

@@ -241,7 +241,7 @@ def sweep_step(preset: str, context: int, dev, rows: list, new_tokens: int = 64,
     `deepwish generate` runs on CUDA; compiled: compiled and captured, `generate --compile`'s) as
     shipped, then at batch 1 with the split kernel's L2 prefetch switched and with every GEMV tile
     autotuned alone; at a larger batch the other matmul: where the rows kernel serves the batch
-    (MAX_ROWS, or MAX_ROWS_COMPILED compiled), with its other operand form (ROWS_DOT) and with cuBLAS
+    (MAX_ROWS_CAPTURED, or MAX_ROWS compiled), with its other operand form (ROWS_DOT) and with cuBLAS
     instead, else with the rows kernel instead of cuBLAS."""
     import dataclasses
 
@@ -262,12 +262,12 @@ def sweep_step(preset: str, context: int, dev, rows: list, new_tokens: int = 64,
         variants += [
             (f"step, split {'without' if prefetch else 'with'} its L2 prefetch", {}, dict(PREFETCH_UNDER_PDL=not prefetch), {}),
             ("step, GEMV tiles autotuned alone", dict(USE_IN_STEP_TILES=False), {}, {})]
-    elif batch <= (gemv_dispatch.MAX_ROWS_COMPILED if mode == "compiled" else gemv_dispatch.MAX_ROWS):
+    elif batch <= (gemv_dispatch.MAX_ROWS if mode == "compiled" else gemv_dispatch.MAX_ROWS_CAPTURED):
         variants += [(f"step, rows kernel {other_dot}", dict(ROWS_DOT=other_dot), {}, {}),
-                     ("step, projections on cuBLAS", {}, {}, dict(MAX_ROWS=0, MAX_ROWS_COMPILED=0))]
+                     ("step, projections on cuBLAS", {}, {}, dict(MAX_ROWS=0, MAX_ROWS_CAPTURED=0))]
     elif batch <= gk.KERNEL_MAX_ROWS:
         variants.append(("step, projections on the rows kernel, not cuBLAS", {}, {},
-                         dict(MAX_ROWS=batch, MAX_ROWS_COMPILED=batch)))
+                         dict(MAX_ROWS=batch, MAX_ROWS_CAPTURED=batch)))
     for label, tiles, split, dispatch in variants:
         for k in kernels:
             k.cache = {}

@@ -57,6 +57,22 @@ def test_linear_dispatch(monkeypatch):
     assert w.grad is not None
 
 
+def test_row_limits_follow_the_dtype_and_compilation(monkeypatch):
+    """The model's steps reach the kernel up to MAX_ROWS_CAPTURED rows in bf16/fp16 when not
+    compiled (measured), up to MAX_ROWS compiled or in fp32; the kernel itself takes 64."""
+    from deepwish.kernels import gemv as gd
+    assert (gd.MAX_ROWS, gd.MAX_ROWS_CAPTURED) == (16, 64)
+    w16, w32 = torch.randn(9, 20).half(), torch.randn(9, 20)
+
+    def takes(rows, w):
+        return gd.takes_gemv(torch.randn(rows, 1, 20).to(w.dtype), w, "triton")
+    with torch.no_grad():
+        assert takes(64, w16) and not takes(65, w16)
+        assert takes(16, w32) and not takes(17, w32)
+        monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+        assert takes(16, w16) and not takes(17, w16)
+
+
 @pytest.mark.parametrize("M", [1, 3, 33])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("fusion", ["norm", "norm_zero_centered", "glu", "norm+glu", "residual", "norm+residual"])

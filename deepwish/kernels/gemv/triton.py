@@ -12,8 +12,8 @@ needed: the work per byte is one FMA); 2..64 rows use one tl.dot per tile, x pad
 rows (BM). At 17..64 rows (a batch-64 decode step) cuBLAS's GEMM tiles are few for these shapes (a
 64 x 128 tile: 32 programs for N = 4096) and leave most of the bandwidth unused too (H200 profile,
 Qwen3-0.6B batch 64: its projections at ~37% of the copy bandwidth); here N / BN programs stream W
-once whatever the row count. Which row counts the model sends here is `MAX_ROWS` and
-`MAX_ROWS_COMPILED` (kernels/gemv), set from measurement; the kernel itself takes up to
+once whatever the row count. Which row counts the model sends here is `MAX_ROWS_CAPTURED` and
+`MAX_ROWS` (kernels/gemv max_rows), set from measurement; the kernel itself takes up to
 KERNEL_MAX_ROWS.
 Tiles are autotuned per (N, K) at the first call, which must come before CUDA-graph capture (the
 captured step's warm-up does that), except at the shapes of IN_STEP_TILES: there the one-row
