@@ -35,7 +35,6 @@ Design (decode reads the whole visible cache once; it is bound by memory bandwid
 """
 from __future__ import annotations
 
-import functools
 import os
 from typing import Optional
 
@@ -43,6 +42,7 @@ import torch
 import triton
 import triton.language as tl
 
+from deepwish.kernels.grid import counters, sm_count
 from deepwish.kernels.online_softmax import online_softmax_step
 from deepwish.kernels.pdl import launch_options, prefetch_to_l2, setting, wait_for_inputs
 
@@ -226,27 +226,13 @@ def _merge_kernel(OP, LP, O, so_b, so_t, so_h, TQ, HKV, G, DV, SPLITS,
                    tl.cast((bh % HKV) * G + r, tl.int64), j, so_b, so_t, so_h, SPLITS, DV, BLOCK_DV, BM, BS, "")
 
 
-# The merge inside the split kernel counts finished splits per (batch row, KV head) in one int32 each:
-# a buffer per device, made once (before a graph is captured: the warm-up's call) and never freed, since
-# captured graphs keep its address; the last program of each count sets it back to zero. Calls on one
-# stream follow each other, so they can share it; two decode steps running at once on two streams
-# could not (nothing here does that).
+# The merge inside the split kernel counts finished splits per (batch row, KV head) in one int32 each
+# (kernels/grid.py counters: the last program merges and zeroes its count).
 MERGE_COUNTERS = 1 << 16  # B·Hkv past this merges in its own kernel
 
 
-@functools.cache
 def _merge_counters(device: torch.device) -> torch.Tensor:
-    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-        raise RuntimeError("decode_attention(merge_in_split=True): the first call on a device must come before "
-                           "CUDA-graph capture (its counters must outlive the graph's memory pool); warm up first")
-    return torch.zeros(MERGE_COUNTERS, dtype=torch.int32, device=device)
-
-
-@functools.cache
-def _sm_count(device_index: int) -> int:
-    if _INTERPRET or not torch.cuda.is_available():
-        return 4
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
+    return counters(device, "decode_attention(merge_in_split=True)", MERGE_COUNTERS)
 
 
 # Programs per SM the split count aims at: B·Hkv is far too few at batch 1 (8 at Qwen3-0.6B), so
@@ -262,9 +248,8 @@ def plan_splits(B: int, Hkv: int, L: int, device, per_sm: int | None = None) -> 
     """(splits, chunk): about `per_sm` (DECODE_PROGRAMS_PER_SM) programs per SM, chunks a multiple
     of DECODE_CHUNK_UNIT slots. Shapes only, so a captured graph keeps it."""
     unit = DECODE_CHUNK_UNIT
-    idx = torch.device(device).index or 0
     per_sm = DECODE_PROGRAMS_PER_SM if per_sm is None else per_sm
-    want = max(1, -(-per_sm * _sm_count(idx) // (B * Hkv)))
+    want = max(1, -(-per_sm * sm_count(torch.device(device)) // (B * Hkv)))
     chunk = max(unit, -(-L // want))
     chunk = -(-chunk // unit) * unit
     return -(-L // chunk), chunk
@@ -340,7 +325,7 @@ def _split_launch(q, k, v, q_pos, k_pos, window, softcap, scale, splits, pdl, me
         op = torch.empty(B * HKV, splits, BM, BLOCK_DV, dtype=torch.float32, device=q.device)
         lp = torch.empty(B * HKV, splits, BM, dtype=torch.float32, device=q.device)
     merge = merge_in_split and B * HKV <= MERGE_COUNTERS and not direct
-    wide = direct and B * HKV > DECODE_PROGRAMS_PER_SM * _sm_count(q.device.index or 0)
+    wide = direct and B * HKV > DECODE_PROGRAMS_PER_SM * sm_count(q.device)
     bn, warps, stages = DECODE_DIRECT_TILE if wide else (DECODE_BN, DECODE_WARPS, DECODE_STAGES)
     # the bulk prefetch needs each head's slots back to back from a 16-byte aligned start
     elt = k.element_size()

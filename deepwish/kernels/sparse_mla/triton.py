@@ -53,7 +53,6 @@ printed line (`_shrink`): speed changes, results do not.
 """
 from __future__ import annotations
 
-import functools
 import os
 import sys
 
@@ -62,6 +61,7 @@ import triton
 import triton.language as tl
 from triton.runtime.errors import OutOfResources
 
+from deepwish.kernels.grid import sm_count
 from deepwish.kernels.online_softmax import online_softmax_step_scaled
 from deepwish.kernels.sparse_mla.reference import check_inputs
 
@@ -169,15 +169,10 @@ def _launch(kernel, kind: str, q: torch.Tensor, grid, *args, **kwargs) -> None:
             _shrink(key, e)
 
 
-@functools.lru_cache(maxsize=None)
-def _sm_count(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
-
-
 def plan_splits(n_programs: int, K: int, BK: int, device: torch.device) -> tuple[int, int]:
     """(splits, slots per split, a multiple of BK) of the forward: 1 split while the tokens'
     programs alone fill DECODE_PROGRAMS_PER_SM per SM, else enough to, at >= 2 steps each."""
-    sms = 4 if _INTERPRET or device.type != "cuda" else _sm_count(device.index or 0)
+    sms = sm_count(device)
     want = DECODE_PROGRAMS_PER_SM * sms
     K = max(K, 1)
     if n_programs >= want:
