@@ -17,7 +17,7 @@ kernel's prefetch switched and with every GEMV
 tile autotuned alone. Every candidate's output is checked against
 the shipped configuration's first (a wrong one is dropped). `rows` (opt-in): the rows kernel
 (2..64 rows) at the same projections for batches 8, 16, 32 and 64 against cuBLAS, in both operand
-forms (ROWS_DOT), fused and plain; `--batch` runs the step part at other batches (with the
+forms (ROWS_DOT) and with K split (ROWS_SPLIT_K), fused and plain; `--batch` runs the step part at other batches (with the
 projections moved between cuBLAS and the rows kernel too). Prints µs a launch and the share of
 the copy bandwidth the launch's bytes would take, and writes DIR/decode_tiles.json (every row, the
 fastest per kernel, the shipped configuration's time).
@@ -142,7 +142,8 @@ def sweep_rows(cfg, layers: int, dev, pdl: str, rows: list, counts=ROW_COUNTS, d
     """The rows kernel (2..64 rows: a decode step of that batch) at the step's projections, against
     cuBLAS (F.linear: the product alone, without the norm, activation and add the kernel takes in;
     in the step those are separate kernels, or fused by the compiler into others), with both
-    tensor-core operand forms (ROWS_DOT); and the kernel without its fusions beside cuBLAS."""
+    tensor-core operand forms (ROWS_DOT) and with K cut into slices (ROWS_SPLIT_K); and the kernel
+    without its fusions beside cuBLAS."""
     import torch.nn.functional as F
 
     from deepwish.kernels.gemv import triton as gk
@@ -151,9 +152,10 @@ def sweep_rows(cfg, layers: int, dev, pdl: str, rows: list, counts=ROW_COUNTS, d
             plain = [dict(x=c["x"], weight=c["weight"]) for c in calls]
             cublas = lambda: [F.linear(c["x"], c["weight"]) for c in plain]  # noqa: E731
             cases = [("cublas", cublas)]
-            for form in ("tf32", "native"):
-                cases.append((f"kernel {form}, fused", lambda form=form: _rows_forms(gk, form, calls, pdl)))
-                cases.append((f"kernel {form}, plain", lambda form=form: _rows_forms(gk, form, plain, pdl)))
+            for form, split in (("tf32", False), ("native", False), ("native", True)):
+                name_ = f"kernel {form}{', K split' if split else ''}"
+                cases.append((f"{name_}, fused", lambda form=form, split=split: _rows_forms(gk, form, split, calls, pdl)))
+                cases.append((f"{name_}, plain", lambda form=form, split=split: _rows_forms(gk, form, split, plain, pdl)))
             base = None
             for label, fn in cases:
                 gk._rows_kernel.cache = {}
@@ -170,14 +172,14 @@ def sweep_rows(cfg, layers: int, dev, pdl: str, rows: list, counts=ROW_COUNTS, d
                 picked = None if pick is None else [pick.kwargs["BN"], pick.kwargs["BK"], pick.num_warps, pick.num_stages]
                 rows.append(dict(kernel="rows", case=f"{name}, {M} rows", config=label, us=us, bytes=nbytes,
                                  rel_rms=err, picked=picked))
-                print(f"rows {M:2d} {name:22s} {label:22s}: {us:7.2f} us ({nbytes / us / 1e-6 / copy_bw():4.0%} of copy)"
+                print(f"rows {M:2d} {name:22s} {label:31s}: {us:7.2f} us ({nbytes / us / 1e-6 / copy_bw():4.0%} of copy)"
                       f"{'' if picked is None else f' tile {picked}'}{'' if err != err else f' rel. rms {err:.1e}'}",
                       flush=True)
     gk._rows_kernel.cache = {}
 
 
-def _rows_forms(gk, form: str, calls: list, pdl: str) -> list:
-    with switched(gk, ROWS_DOT=form):
+def _rows_forms(gk, form: str, split: bool, calls: list, pdl: str) -> list:
+    with switched(gk, ROWS_DOT=form, ROWS_SPLIT_K=split):
         return [gk.gemv(**c, pdl=pdl) for c in calls]
 
 
@@ -241,8 +243,9 @@ def sweep_step(preset: str, context: int, dev, rows: list, new_tokens: int = 64,
     `deepwish generate` runs on CUDA; compiled: compiled and captured, `generate --compile`'s) as
     shipped, then at batch 1 with the split kernel's L2 prefetch switched and with every GEMV tile
     autotuned alone; at a larger batch the other matmul: where the rows kernel serves the batch
-    (MAX_ROWS_CAPTURED, or MAX_ROWS compiled), with its other operand form (ROWS_DOT) and with cuBLAS
-    instead, else with the rows kernel instead of cuBLAS."""
+    (MAX_ROWS_CAPTURED, or MAX_ROWS compiled), with its other operand form (ROWS_DOT), with K split
+    switched (ROWS_SPLIT_K) and with cuBLAS instead, else with the rows kernel (K split switched too)
+    instead of cuBLAS."""
     import dataclasses
 
     from deepwish.bench.decode import _decode_rows, build
@@ -264,10 +267,14 @@ def sweep_step(preset: str, context: int, dev, rows: list, new_tokens: int = 64,
             ("step, GEMV tiles autotuned alone", dict(USE_IN_STEP_TILES=False), {}, {})]
     elif batch <= (gemv_dispatch.MAX_ROWS if mode == "compiled" else gemv_dispatch.MAX_ROWS_CAPTURED):
         variants += [(f"step, rows kernel {other_dot}", dict(ROWS_DOT=other_dot), {}, {}),
+                     (f"step, rows kernel {'without' if gk.ROWS_SPLIT_K else 'with'} K split",
+                      dict(ROWS_SPLIT_K=not gk.ROWS_SPLIT_K), {}, {}),
                      ("step, projections on cuBLAS", {}, {}, dict(MAX_ROWS=0, MAX_ROWS_CAPTURED=0))]
     elif batch <= gk.KERNEL_MAX_ROWS:
-        variants.append(("step, projections on the rows kernel, not cuBLAS", {}, {},
-                         dict(MAX_ROWS=batch, MAX_ROWS_CAPTURED=batch)))
+        into = dict(MAX_ROWS=batch, MAX_ROWS_CAPTURED=batch)
+        variants += [("step, projections on the rows kernel, not cuBLAS", {}, {}, into),
+                     (f"step, projections on the rows kernel {'without' if gk.ROWS_SPLIT_K else 'with'} K split, "
+                      "not cuBLAS", dict(ROWS_SPLIT_K=not gk.ROWS_SPLIT_K), {}, into)]
     for label, tiles, split, dispatch in variants:
         for k in kernels:
             k.cache = {}

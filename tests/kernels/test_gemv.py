@@ -131,6 +131,57 @@ def test_rows_kernel_native_dot_matches_tf32(rel_err, monkeypatch, M, fusion):
         assert rel_err(got["tf32"], got["native"]) < 1e-3
 
 
+@pytest.mark.parametrize("M", [3, 64])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("fusion", ["plain", "bias", "norm+glu", "norm_zero_centered+residual"])
+def test_rows_kernel_with_k_split_matches_reference(rel_err, monkeypatch, M, dtype, fusion):
+    """ROWS_SPLIT_K: K cut into slices over grid axis 1, the last program of each N tile adding the
+    partials up and applying the epilogue: the reference's result, call after call (the counts
+    return to zero), with every fusion the kernel has."""
+    from deepwish.kernels.gemv import triton as gk
+    from deepwish.kernels.grid import counters
+    monkeypatch.setattr(gk, "ROWS_SPLIT_K", True)
+    monkeypatch.setattr(gk._rows_kernel, "cache", {})
+    N, K = 37, 45
+    g = torch.Generator().manual_seed(5)
+    glu = "glu" in fusion
+    x = torch.randn(M, K, generator=g).to(dtype)
+    w = (0.2 * torch.randn(2 * N if glu else N, K, generator=g)).to(dtype)
+    kw = dict(bias=(0.5 * torch.randn(N, generator=g)).to(dtype) if fusion == "bias" else None,
+              norm=((0.1 + 0.3 * torch.randn(K, generator=g)).to(dtype), 1e-6, "zero_centered" in fusion)
+              if "norm" in fusion else None, glu=glu,
+              residual=torch.randn(M, N, generator=g).to(dtype) if "residual" in fusion else None)
+    slices = []
+    real = gk._k_slices
+    monkeypatch.setattr(gk, "_k_slices", lambda *a: slices.append(real(*a)) or slices[-1])
+    want = reference.gemv(x, w, **kw)
+    for _ in range(2):
+        got = gk.gemv(x, w, **kw)
+        assert rel_err(want, got) < (1e-6 if dtype == torch.float32 else 1e-2)
+        assert not counters(x.device, "gemv (rows kernel, K split)", gk.ROWS_SPLIT_COUNTERS).any()
+    assert slices and set(slices) == {3}  # the interpreter's tile (16 x 16): 3 N tiles x 3 slices of K
+
+
+def test_k_slices_fill_the_sms_without_empty_slices(monkeypatch):
+    """_k_slices: about ROWS_SPLIT_PER_SM programs a SM, at most ROWS_SPLIT_MAX slices and one K
+    tile each; every slice gets at least one tile (the kernel's slice length is cdiv(tiles, S))."""
+    import triton
+
+    from deepwish.kernels.gemv import triton as gk
+    monkeypatch.setattr(gk, "sm_count", lambda device: 132)
+    dev = torch.device("cpu")
+    assert gk._k_slices(1024, 3072, 16, 256, dev) == 4  # 64 N tiles: 264 programs wanted, 4 slices at most
+    assert gk._k_slices(4096, 1024, 32, 128, dev) == 3  # 128 tiles: 3 slices of 8 K tiles
+    assert gk._k_slices(6144, 1024, 16, 128, dev) == 1  # 384 tiles fill the SMs already
+    assert gk._k_slices(1024, 256, 16, 256, dev) == 1  # one K tile: nothing to cut
+    for tiles in range(1, 40):
+        for want in range(1, 9):
+            monkeypatch.setattr(gk, "ROWS_SPLIT_MAX", want)
+            S = gk._k_slices(16, tiles * 16, 16, 16, dev)
+            per = triton.cdiv(tiles, S)
+            assert 1 <= S <= want and (S - 1) * per < tiles <= S * per, (tiles, want, S)
+
+
 def test_fused_gemv_errors():
     from deepwish.kernels.gemv.triton import gemv
     x, w = torch.randn(1, 20), torch.randn(9, 20)
@@ -171,7 +222,7 @@ def ptx(fn, const, fp32=(), ints=(), **opts):
         elif p.name in fp32:
             sig[p.name] = "fp32"
         elif p.name.isupper() and p.name not in ints:
-            sig[p.name] = ("*i64" if "POS" in p.name else "*fp32" if p.name in ("OP", "LP", "COS", "SIN")
+            sig[p.name] = ("*i64" if "POS" in p.name else "*fp32" if p.name in ("OP", "LP", "COS", "SIN", "WS", "WSS")
                            else "*i32" if p.name == "CNT" else "*bf16")
         else:
             sig[p.name] = "i32"
@@ -188,11 +239,14 @@ def ptx(fn, const, fp32=(), ints=(), **opts):
 out = {}
 g = dict(HAS_BIAS=False, NORM=1, GLU=False, RESIDUAL=True, PDL=True, PREFETCH=True, BN=8, BK=256)
 out["one_row"] = ptx(gk._one_row_kernel.fn, g, fp32=("eps",), ints=("N", "K"))
-out["rows"] = ptx(gk._rows_kernel.fn, dict(g, PREC="tf32", BM=16, BN=32, BK=128), fp32=("eps",), ints=("M", "N", "K"))
-out["rows_native_64"] = ptx(gk._rows_kernel.fn, dict(g, PREC="native", BM=64, BN=64, BK=128), fp32=("eps",),
+rg = dict(g, SPLIT=False, SMAX=4)
+out["rows"] = ptx(gk._rows_kernel.fn, dict(rg, PREC="tf32", BM=16, BN=32, BK=128), fp32=("eps",), ints=("M", "N", "K"))
+out["rows_native_64"] = ptx(gk._rows_kernel.fn, dict(rg, PREC="native", BM=64, BN=64, BK=128), fp32=("eps",),
                             ints=("M", "N", "K"))
+out["rows_split"] = ptx(gk._rows_kernel.fn, dict(rg, PREC="native", BM=64, BN=16, BK=256, SPLIT=True, PREFETCH=False,
+                        GLU=True, RESIDUAL=False), fp32=("eps",), ints=("M", "N", "K"))
 out["one_row_glu"] = ptx(gk._one_row_kernel.fn, dict(g, GLU=True, RESIDUAL=False), fp32=("eps",), ints=("N", "K"))
-out["rows_glu"] = ptx(gk._rows_kernel.fn, dict(g, GLU=True, RESIDUAL=False, PREC="native", BM=16, BN=32, BK=128),
+out["rows_glu"] = ptx(gk._rows_kernel.fn, dict(rg, GLU=True, RESIDUAL=False, PREC="native", BM=16, BN=32, BK=128),
                       fp32=("eps",), ints=("M", "N", "K"))
 out["one_row_no_prefetch"] = ptx(gk._one_row_kernel.fn, dict(g, PREFETCH=False), fp32=("eps",), ints=("N", "K"))
 out["split"] = ptx(decode._split_kernel, dict(CHUNK=256, BLOCK_DK=128, BLOCK_DV=128, BM=16, GP=2, SLOT_POS=True,
@@ -217,7 +271,7 @@ print(json.dumps(out))
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = json.loads(proc.stdout.strip().splitlines()[-1])
-    for name in ("one_row", "rows", "rows_native_64", "one_row_glu", "rows_glu", "one_row_no_prefetch"):
+    for name in ("one_row", "rows", "rows_native_64", "rows_split", "one_row_glu", "rows_glu", "one_row_no_prefetch"):
         # the first weight tile in flight before the wait,
         assert out[name]["before"] > 0 and out[name]["after"] > 0 and out[name]["launch_after_wait"], (name, out)
     # the program's rows of W sent towards L2 by one bulk prefetch before the wait (PREFETCH)

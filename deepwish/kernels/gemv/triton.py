@@ -54,6 +54,7 @@ import torch
 import triton
 import triton.language as tl
 
+from deepwish.kernels.grid import counters, sm_count
 from deepwish.kernels.pdl import launch_options, prefetch_to_l2, setting, wait_for_inputs
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -70,6 +71,24 @@ else:
                                   (64, 64, 4, 3), (64, 128, 8, 3), (16, 256, 8, 4), (32, 256, 8, 3))]
 
 KERNEL_MAX_ROWS = 64  # the rows kernel pads x to BM = 16, 32 or 64 rows
+# The rows kernel with K cut into slices (grid axis 1), for shapes whose N / BN programs leave SMs
+# idle: Qwen3-0.6B's o and down projections (N = 1,024) run 64 programs at BN = 16 and reach 25-35%
+# of copy at 8-64 rows (one H100, 2026-12-06, bench/decode_tiles --parts rows; cuBLAS the same).
+# Slices bring the grid to about ROWS_SPLIT_PER_SM programs a SM, at most ROWS_SPLIT_MAX of them; the
+# last program of each N tile adds the partials up (kernels/grid.py) and applies the epilogue.
+# Opt-in until timed (bench/decode_tiles --parts rows, step: "K split").
+ROWS_SPLIT_K = False
+ROWS_SPLIT_MAX = 4
+ROWS_SPLIT_PER_SM = 2
+ROWS_SPLIT_COUNTERS = 1 << 14  # N tiles the counts cover (N <= 262,144 at BN = 16)
+
+
+def _k_slices(N: int, K: int, BN: int, BK: int, device: torch.device) -> int:
+    """Slices of K for the rows kernel: enough for ROWS_SPLIT_PER_SM programs a SM, at most
+    ROWS_SPLIT_MAX and one K tile each, none empty."""
+    tiles = triton.cdiv(K, BK)
+    want = min(ROWS_SPLIT_MAX, tiles, max(1, triton.cdiv(ROWS_SPLIT_PER_SM * sm_count(device), triton.cdiv(N, BN))))
+    return triton.cdiv(tiles, triton.cdiv(tiles, want))
 # the rows kernel's tensor-core operands for 2-byte x: "native" (x's tile in x's dtype, W's as
 # loaded: exact for a plain x, one rounding of the norm's w·x, as the separate norm rounds
 # x̂) or "tf32" (both converted to fp32 first: W's conversion costs an instruction a weight).
@@ -202,44 +221,13 @@ def _dot_tile(x, w, acc, PREC: tl.constexpr):
         return tl.dot(x, tl.trans(w.to(tl.float32)), acc, input_precision=PREC)
 
 
-@triton.autotune(configs=_ROWS, key=["N", "K", "NORM", "GLU", "BM", "PREC"])
 @triton.jit
-def _rows_kernel(X, W, Bias, NW, R, Y, M, N, K, eps, s_xm, s_wn, s_rm, s_ym, HAS_BIAS: tl.constexpr,
-                 NORM: tl.constexpr, GLU: tl.constexpr, RESIDUAL: tl.constexpr, PDL: tl.constexpr,
-                 PREFETCH: tl.constexpr, PREC: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
-    """M <= BM rows, N outputs (GLU: W has 2N rows, gate then up)."""
-    rn = tl.program_id(0) * BN + tl.arange(0, BN)
-    rm = tl.arange(0, BM)
-    n_ok = rn < N
-    if PREFETCH:
-        _prefetch_rows(W, N, K, s_wn, BN, GLU)
-    m_ok = rm < M
-    w_rows = W + tl.cast(rn, tl.int64)[:, None] * s_wn
-    u_rows = w_rows + tl.cast(N, tl.int64) * s_wn  # GLU's up rows
-    x_rows = X + rm[:, None] * s_xm
-    rk = tl.arange(0, BK)
-    first_ok = n_ok[:, None] & (rk < K)[None, :]
-    w_first = tl.load(w_rows + rk[None, :], mask=first_ok, other=0.0)
-    if GLU:
-        u_first = tl.load(u_rows + rk[None, :], mask=first_ok, other=0.0)
-    wait_for_inputs(PDL)
-    x, ss = _x_tile(x_rows + rk[None, :], m_ok[:, None] & (rk < K)[None, :], NW, rk[None, :], K, NORM)
-    acc = _dot_tile(x, w_first, tl.zeros((BM, BN), dtype=tl.float32), PREC)
-    if GLU:
-        acc_u = _dot_tile(x, u_first, tl.zeros((BM, BN), dtype=tl.float32), PREC)
-    for k0 in range(BK, K, BK):
-        rk = k0 + tl.arange(0, BK)
-        k_ok = rk < K
-        tile_ok = n_ok[:, None] & k_ok[None, :]
-        w = tl.load(w_rows + rk[None, :], mask=tile_ok, other=0.0)
-        x, sq = _x_tile(x_rows + rk[None, :], m_ok[:, None] & k_ok[None, :], NW, rk[None, :], K, NORM)
-        acc = _dot_tile(x, w, acc, PREC)
-        if GLU:
-            acc_u = _dot_tile(x, tl.load(u_rows + rk[None, :], mask=tile_ok, other=0.0), acc_u, PREC)
-        if NORM != 0:
-            ss += sq
+def _rows_epilogue(acc, acc_u, ss, rm, rn, m_ok, n_ok, Bias, R, Y, K, eps, s_rm, s_ym, HAS_BIAS: tl.constexpr,
+                   NORM: tl.constexpr, GLU: tl.constexpr, RESIDUAL: tl.constexpr):
+    """The rows kernel's outputs from its sums over all of K: acc (and GLU's acc_u) [BM, BN], ss [BM]
+    the rows' sums of squares (NORM)."""
     if NORM != 0:
-        scale = tl.rsqrt(tl.sum(ss, axis=1) / K + eps)[:, None]
+        scale = tl.rsqrt(ss / K + eps)[:, None]
         acc *= scale
         if GLU:
             acc_u *= scale
@@ -252,6 +240,87 @@ def _rows_kernel(X, W, Bias, NW, R, Y, M, N, K, eps, s_xm, s_wn, s_rm, s_ym, HAS
         r = tl.load(R + rm[:, None] * s_rm + rn[None, :], mask=out_ok, other=0.0).to(tl.float32)
         acc = r + acc.to(Y.dtype.element_ty).to(tl.float32)
     tl.store(Y + rm[:, None] * s_ym + rn[None, :], acc.to(Y.dtype.element_ty), mask=out_ok)
+
+
+@triton.autotune(configs=_ROWS, key=["N", "K", "NORM", "GLU", "BM", "PREC", "SPLIT"])
+@triton.jit
+def _rows_kernel(X, W, Bias, NW, R, Y, WS, WSS, CNT, M, N, K, eps, s_xm, s_wn, s_rm, s_ym, HAS_BIAS: tl.constexpr,
+                 NORM: tl.constexpr, GLU: tl.constexpr, RESIDUAL: tl.constexpr, PDL: tl.constexpr,
+                 PREFETCH: tl.constexpr, PREC: tl.constexpr, SPLIT: tl.constexpr, SMAX: tl.constexpr,
+                 BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+    """M <= BM rows, N outputs (GLU: W has 2N rows, gate then up). SPLIT: grid axis 1 cuts K into
+    num_programs(1) <= SMAX slices; each program stores its partial sums in WS (fp32 [2, SMAX, BM, N])
+    and WSS (the squares' row sums, [N tiles, SMAX, BM]) and the last one of its N tile to finish
+    (CNT, kernels/grid.py) adds them up in slice order and writes the outputs."""
+    pid_n = tl.program_id(0)
+    rn = pid_n * BN + tl.arange(0, BN)
+    rm = tl.arange(0, BM)
+    n_ok = rn < N
+    if SPLIT:
+        S = tl.num_programs(1)
+        part = tl.program_id(1)
+        per = tl.cdiv(tl.cdiv(K, BK), S) * BK
+        k_lo = part * per
+        k_hi = tl.minimum(K, k_lo + per)
+    else:
+        k_lo = 0
+        k_hi = K
+    if PREFETCH:
+        _prefetch_rows(W, N, K, s_wn, BN, GLU)
+    m_ok = rm < M
+    w_rows = W + tl.cast(rn, tl.int64)[:, None] * s_wn
+    u_rows = w_rows + tl.cast(N, tl.int64) * s_wn  # GLU's up rows
+    x_rows = X + rm[:, None] * s_xm
+    rk = k_lo + tl.arange(0, BK)
+    first_ok = n_ok[:, None] & (rk < k_hi)[None, :]
+    w_first = tl.load(w_rows + rk[None, :], mask=first_ok, other=0.0)
+    if GLU:
+        u_first = tl.load(u_rows + rk[None, :], mask=first_ok, other=0.0)
+    wait_for_inputs(PDL)
+    x, ss = _x_tile(x_rows + rk[None, :], m_ok[:, None] & (rk < k_hi)[None, :], NW, rk[None, :], K, NORM)
+    acc = _dot_tile(x, w_first, tl.zeros((BM, BN), dtype=tl.float32), PREC)
+    acc_u = acc
+    if GLU:
+        acc_u = _dot_tile(x, u_first, tl.zeros((BM, BN), dtype=tl.float32), PREC)
+    for k0 in range(k_lo + BK, k_hi, BK):
+        rk = k0 + tl.arange(0, BK)
+        k_ok = rk < k_hi
+        tile_ok = n_ok[:, None] & k_ok[None, :]
+        w = tl.load(w_rows + rk[None, :], mask=tile_ok, other=0.0)
+        x, sq = _x_tile(x_rows + rk[None, :], m_ok[:, None] & k_ok[None, :], NW, rk[None, :], K, NORM)
+        acc = _dot_tile(x, w, acc, PREC)
+        if GLU:
+            acc_u = _dot_tile(x, tl.load(u_rows + rk[None, :], mask=tile_ok, other=0.0), acc_u, PREC)
+        if NORM != 0:
+            ss += sq
+    ss_rows = tl.sum(ss, axis=1)
+    if SPLIT:
+        at = (part * BM + rm)[:, None] * N + rn[None, :]
+        tl.store(WS + at, acc, mask=n_ok[None, :])
+        if GLU:
+            tl.store(WS + SMAX * BM * N + at, acc_u, mask=n_ok[None, :])
+        if NORM != 0:
+            tl.store(WSS + (pid_n * SMAX + part) * BM + rm, ss_rows)
+        tl.debug_barrier()  # every thread's partial stored before the count is raised
+        done = tl.atomic_add(CNT + pid_n, 1, sem="acq_rel", scope="gpu")
+        if done == S - 1:  # the last slice of this N tile: every partial, in slice order (.cg: never a stale L1 line)
+            tl.debug_barrier()
+            acc = tl.zeros((BM, BN), dtype=tl.float32)
+            acc_u = acc
+            ss_rows = tl.zeros((BM,), dtype=tl.float32)
+            for t in range(0, S):
+                at = (t * BM + rm)[:, None] * N + rn[None, :]
+                acc += tl.load(WS + at, mask=n_ok[None, :], other=0.0, cache_modifier=".cg")
+                if GLU:
+                    acc_u += tl.load(WS + SMAX * BM * N + at, mask=n_ok[None, :], other=0.0, cache_modifier=".cg")
+                if NORM != 0:
+                    ss_rows += tl.load(WSS + (pid_n * SMAX + t) * BM + rm, cache_modifier=".cg")
+            _rows_epilogue(acc, acc_u, ss_rows, rm, rn, m_ok, n_ok, Bias, R, Y, K, eps, s_rm, s_ym, HAS_BIAS, NORM,
+                           GLU, RESIDUAL)
+            tl.atomic_xchg(CNT + pid_n, 0)  # zero again for the next call (a captured graph reuses the buffer)
+    else:
+        _rows_epilogue(acc, acc_u, ss_rows, rm, rn, m_ok, n_ok, Bias, R, Y, K, eps, s_rm, s_ym, HAS_BIAS, NORM, GLU,
+                       RESIDUAL)
 
 
 def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
@@ -311,11 +380,21 @@ def _gemv_op(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]
                               NORM=norm, GLU=glu, RESIDUAL=residual is not None, PDL=pdl, PREFETCH=prefetch,
                               **launch)
     else:
-        _rows_kernel[grid](x, weight, b, nw, r, y, M, N, K, eps, x.stride(0), weight.stride(0), r.stride(0),
-                           y.stride(0), HAS_BIAS=bias is not None, NORM=norm, GLU=glu,
-                           RESIDUAL=residual is not None, PDL=pdl, PREFETCH=prefetch,
-                           PREC="ieee" if x.dtype == torch.float32 else ROWS_DOT,
-                           BM=max(16, triton.next_power_of_2(M)), **launch)
+        BM = max(16, triton.next_power_of_2(M))
+        if ROWS_SPLIT_K:
+            ws = torch.empty(2 if glu else 1, ROWS_SPLIT_MAX, BM, N, dtype=torch.float32, device=x.device)
+            wss = torch.empty(triton.cdiv(N, 16), ROWS_SPLIT_MAX, BM, dtype=torch.float32, device=x.device)
+            cnt = counters(x.device, "gemv (rows kernel, K split)", ROWS_SPLIT_COUNTERS)
+            if triton.cdiv(N, 16) > ROWS_SPLIT_COUNTERS:
+                raise ValueError(f"gemv: N = {N} outputs are more tiles than the K split counts")
+            grid = lambda meta: (triton.cdiv(N, meta["BN"]), _k_slices(N, K, meta["BN"], meta["BK"], x.device))  # noqa: E731
+        else:
+            ws = wss = cnt = placeholder
+        _rows_kernel[grid](x, weight, b, nw, r, y, ws, wss, cnt, M, N, K, eps, x.stride(0), weight.stride(0),
+                           r.stride(0), y.stride(0), HAS_BIAS=bias is not None, NORM=norm, GLU=glu,
+                           RESIDUAL=residual is not None, PDL=pdl, PREFETCH=prefetch and not ROWS_SPLIT_K,
+                           PREC="ieee" if x.dtype == torch.float32 else ROWS_DOT, SPLIT=ROWS_SPLIT_K,
+                           SMAX=ROWS_SPLIT_MAX, BM=BM, **launch)
     return y
 
 
