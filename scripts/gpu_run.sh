@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # What the GPU machine runs: environment report, GPU tests and benchmarks, results under $OUT.
-#   bash scripts/gpu_run.sh STAGE...   with STAGE in: env tests kernels gdn train decode sweep tradeoff notebook profile embedding gpt_mfu corpus speedrun loop_profile mfu_variants lce ablate dsa nsa_kernels nsa_quality attn_dq_tiles attn_dq muon attn_focus_tiles attn_goals decode_tests decode_compare decode_tiles decode_rows decode_profiles generate
+#   bash scripts/gpu_run.sh STAGE...   with STAGE in: env tests kernels gdn train decode sweep tradeoff notebook profile embedding gpt_mfu corpus speedrun loop_profile mfu_variants lce ablate dsa nsa_kernels nsa_quality attn_dq_tiles attn_dq muon attn_focus_tiles attn_goals decode_tests decode_compare decode_tiles decode_rows decode_profiles generate train_paths
 # Optional wheels in .whl/ (flash-linear-attention, liger-kernel) are installed to /tmp/site
 # first, so the anchors run side by side with deepwish in the same process (NO_WHEELS=1 skips
 # them, e.g. for HF's Qwen3-Next on its torch path).
@@ -118,6 +118,17 @@ for stage in "$@"; do
       mkdir -p "$OUT/variants"
       cp /tmp/variants/variants.* "$OUT/variants/" 2>/dev/null || status=1
       for m in /tmp/variants/*/metrics.jsonl; do [ -f "$m" ] && cp "$m" "$OUT/variants/$(basename "$(dirname "$m")")_metrics.jsonl"; done ;;
+    train_paths)  # `deepwish train --preset qwen3_0.6b` itself on packed documents (the speedrun's corpus, batch
+      # 8 x 2048): AdamW with the attention backend as it comes, FlexAttention and SDPA (the packed path of
+      # the attention issue), and Muon (the optimizer issue), each a real run (bench/variants.py), ~10 min
+      bash "$0" corpus >/dev/null || status=1
+      rm -rf /tmp/variants_qwen
+      python3 -m deepwish.cli bench variants --out /tmp/variants_qwen --preset qwen3_0.6b --data "${CORPUS:-/tmp/deepwish-pycode}" \
+        --steps 30 --set train.optimizer=adamw --set train.eval_every=30 --set train.eval_batches=2 \
+        --variant "flex: model.attn_backend=flex" --variant "sdpa: model.attn_backend=sdpa" \
+        --variant "muon: train.optimizer=muon" ${TRAIN_PATHS_ARGS:-} 2>&1 | grep -v '^step' | tail -30 || status=1
+      mkdir -p "$OUT/train_paths"
+      cp /tmp/variants_qwen/variants.* "$OUT/train_paths/" 2>/dev/null || status=1 ;;
     lce)  # the fused loss: GPU tests (the soft-cap's tanh instruction included), then its row kernel and the
       # whole loss against torch.compile of the plain loss (bench/lce_rows.py)
       python3 -m pytest -m gpu -q -p no:cacheprovider tests/kernels/test_kernels_gpu_conv_lce.py 2>&1 | tail -5
