@@ -79,9 +79,11 @@ def test_step_part_at_a_larger_batch_times_the_other_matmul():
     seen = []
 
     def fake_rows(preset, model, batch, context, new_tokens, modes, device, label=None):
-        seen.append((batch, modes[0], gd.MAX_ROWS_CAPTURED, gd.MAX_ROWS, gk.ROWS_DOT, gk.ROWS_SPLIT_K))
+        seen.append((batch, modes[0], gd.MAX_ROWS_CAPTURED, gd.MAX_ROWS, gk.ROWS_DOT, gk.ROWS_SPLIT_K,
+                     gk.ROWS_NORM_ROW_SUMS))
         return [Row(preset, label, batch, context, ms_per_step=1.0, weight_gb=1.0, cache_gb=0.5)]
-    shipped = (gd.MAX_ROWS_CAPTURED, gd.MAX_ROWS, gk.ROWS_DOT, gk.ROWS_SPLIT_K)
+    shipped = (gd.MAX_ROWS_CAPTURED, gd.MAX_ROWS, gk.ROWS_DOT, gk.ROWS_SPLIT_K, gk.ROWS_NORM_ROW_SUMS)
+    assert shipped[3:] == (False, False)  # both opt-in: the variants below switch them on
     assert shipped[0] >= 64 > shipped[1]  # the case below: 64 rows served captured, not compiled
     other = "native" if gk.ROWS_DOT == "tf32" else "tf32"
     rows = []
@@ -89,13 +91,14 @@ def test_step_part_at_a_larger_batch_times_the_other_matmul():
             mock.patch("deepwish.bench.decode.build", lambda cfg, dev: None):
         dt.sweep_step("qwen3_tiny", 40, torch.device("cpu"), rows, batch=64)
         dt.sweep_step("qwen3_tiny", 40, torch.device("cpu"), rows, batch=64, mode="compiled")
-    split = not shipped[3]
-    assert seen == [(64, "graph", *shipped), (64, "graph", *shipped[:2], other, shipped[3]),
-                    (64, "graph", *shipped[:3], split), (64, "graph", 0, 0, *shipped[2:]),
-                    (64, "compiled", *shipped), (64, "compiled", 64, 64, *shipped[2:]),
-                    (64, "compiled", 64, 64, shipped[2], split)]
-    assert [r["case"] for r in rows] == ["batch 64, context 40, graph"] * 4 + ["batch 64, context 40, compiled"] * 3
-    assert (gd.MAX_ROWS_CAPTURED, gd.MAX_ROWS, gk.ROWS_DOT, gk.ROWS_SPLIT_K) == shipped
+    dot = shipped[2]
+    assert seen == [(64, "graph", *shipped), (64, "graph", *shipped[:2], other, False, False),
+                    (64, "graph", *shipped[:3], True, False), (64, "graph", *shipped[:3], False, True),
+                    (64, "graph", *shipped[:3], True, True), (64, "graph", 0, 0, dot, False, False),
+                    (64, "compiled", *shipped), (64, "compiled", 64, 64, dot, False, False),
+                    (64, "compiled", 64, 64, dot, True, True)]
+    assert [r["case"] for r in rows] == ["batch 64, context 40, graph"] * 6 + ["batch 64, context 40, compiled"] * 3
+    assert (gd.MAX_ROWS_CAPTURED, gd.MAX_ROWS, gk.ROWS_DOT, gk.ROWS_SPLIT_K, gk.ROWS_NORM_ROW_SUMS) == shipped
 
 
 def test_rows_part_times_cublas_and_both_forms_fused_and_plain():
@@ -103,18 +106,21 @@ def test_rows_part_times_cublas_and_both_forms_fused_and_plain():
     split, with its fusions and without them; the plain kernel's output checked against cuBLAS's."""
     cfg = model_config("qwen3_tiny", n_layers=2, vocab_size=64, d_model=32, d_ff=48, n_heads=2, n_kv_heads=1,
                        head_dim=16)
-    shipped = (gk.ROWS_DOT, gk.ROWS_SPLIT_K)
+    shipped = (gk.ROWS_DOT, gk.ROWS_SPLIT_K, gk.ROWS_NORM_ROW_SUMS)
     rows = []
     with mock.patch.object(dt, "graph_ms", _wall_ms), mock.patch.object(dt, "copy_bw", lambda: 1e9):
         # fp16: the interpreter's bf16 dot is not exact
         dt.sweep_rows(cfg, 2, torch.device("cpu"), "auto", rows, counts=(3, 40), dtype=torch.float16)
-    assert len(rows) == 2 * 5 * 7 and sum("K split" in r["config"] for r in rows) == 2 * 5 * 2
+    # per row count: cuBLAS, 3 forms fused and plain, and the 2 row-sum forms fused where the norm is (2 of 5)
+    assert len(rows) == 2 * (5 * 7 + 2 * 2)
+    assert sum("row sums" in r["config"] for r in rows) == 2 * 2 * 2
+    assert {r["case"].split(",")[0] for r in rows if "row sums" in r["config"]} == {"qkv+norm", "gate_up+norm+swiglu"}
     assert {r["case"] for r in rows} >= {"gate_up+norm+swiglu, 40 rows", "lm_head, 3 rows"}
     for r in rows:
         assert r["us"] > 0, r
         if "plain" in r["config"]:  # the kernel computes cuBLAS's product, within fp16's rounding
             assert r["rel_rms"] < 2e-3 and r["picked"] is not None, r
-    assert (gk.ROWS_DOT, gk.ROWS_SPLIT_K) == shipped
+    assert (gk.ROWS_DOT, gk.ROWS_SPLIT_K, gk.ROWS_NORM_ROW_SUMS) == shipped
 
 
 def test_main_sweeps_the_split_kernel_at_each_context(tmp_path):

@@ -17,7 +17,8 @@ kernel's prefetch switched and with every GEMV
 tile autotuned alone. Every candidate's output is checked against
 the shipped configuration's first (a wrong one is dropped). `rows` (opt-in): the rows kernel
 (2..64 rows) at the same projections for batches 8, 16, 32 and 64 against cuBLAS, in both operand
-forms (ROWS_DOT) and with K split (ROWS_SPLIT_K), fused and plain; `--batch` runs the step part at other batches (with the
+forms (ROWS_DOT), with K split (ROWS_SPLIT_K) and with the norm's row sums (ROWS_NORM_ROW_SUMS), fused
+and plain; `--batch` runs the step part at other batches (with the
 projections moved between cuBLAS and the rows kernel too). Prints µs a launch and the share of
 the copy bandwidth the launch's bytes would take, and writes DIR/decode_tiles.json (every row, the
 fastest per kernel, the shipped configuration's time).
@@ -136,14 +137,23 @@ def sweep_gemv(cfg, layers: int, dev, pdl: str, rows: list) -> None:
 
 
 ROW_COUNTS = (8, 16, 32, 64)  # the rows part's batches: the GEMV's 2..16 and the GEMM range above it
+_OFF = dict(ROWS_SPLIT_K=False, ROWS_NORM_ROW_SUMS=False)
+# the rows part's kernel forms: (label, kernels/gemv/triton.py switches); the norm row sums only
+# where the projection has the norm, and only fused (without it they change nothing)
+ROWS_FORMS = [("kernel tf32", dict(_OFF, ROWS_DOT="tf32")), ("kernel native", dict(_OFF, ROWS_DOT="native")),
+              ("kernel native, K split", dict(_OFF, ROWS_DOT="native", ROWS_SPLIT_K=True)),
+              ("kernel native, norm row sums", dict(_OFF, ROWS_DOT="native", ROWS_NORM_ROW_SUMS=True)),
+              ("kernel native, K split, norm row sums", dict(ROWS_DOT="native", ROWS_SPLIT_K=True,
+                                                            ROWS_NORM_ROW_SUMS=True))]
 
 
 def sweep_rows(cfg, layers: int, dev, pdl: str, rows: list, counts=ROW_COUNTS, dtype=torch.bfloat16) -> None:
     """The rows kernel (2..64 rows: a decode step of that batch) at the step's projections, against
     cuBLAS (F.linear: the product alone, without the norm, activation and add the kernel takes in;
     in the step those are separate kernels, or fused by the compiler into others), with both
-    tensor-core operand forms (ROWS_DOT) and with K cut into slices (ROWS_SPLIT_K); and the kernel
-    without its fusions beside cuBLAS."""
+    tensor-core operand forms (ROWS_DOT), with K cut into slices (ROWS_SPLIT_K) and with the norm's
+    statistics summed a row per tile (ROWS_NORM_ROW_SUMS): ROWS_FORMS; and the kernel without its
+    fusions beside cuBLAS."""
     import torch.nn.functional as F
 
     from deepwish.kernels.gemv import triton as gk
@@ -152,10 +162,12 @@ def sweep_rows(cfg, layers: int, dev, pdl: str, rows: list, counts=ROW_COUNTS, d
             plain = [dict(x=c["x"], weight=c["weight"]) for c in calls]
             cublas = lambda: [F.linear(c["x"], c["weight"]) for c in plain]  # noqa: E731
             cases = [("cublas", cublas)]
-            for form, split in (("tf32", False), ("native", False), ("native", True)):
-                name_ = f"kernel {form}{', K split' if split else ''}"
-                cases.append((f"{name_}, fused", lambda form=form, split=split: _rows_forms(gk, form, split, calls, pdl)))
-                cases.append((f"{name_}, plain", lambda form=form, split=split: _rows_forms(gk, form, split, plain, pdl)))
+            for label, switches in ROWS_FORMS:
+                if switches.get("ROWS_NORM_ROW_SUMS") and calls[0].get("norm") is None:
+                    continue  # no norm: the same kernel as without
+                cases.append((f"{label}, fused", lambda sw=switches: _rows_forms(gk, sw, calls, pdl)))
+                if not switches.get("ROWS_NORM_ROW_SUMS"):
+                    cases.append((f"{label}, plain", lambda sw=switches: _rows_forms(gk, sw, plain, pdl)))
             base = None
             for label, fn in cases:
                 gk._rows_kernel.cache = {}
@@ -178,8 +190,8 @@ def sweep_rows(cfg, layers: int, dev, pdl: str, rows: list, counts=ROW_COUNTS, d
     gk._rows_kernel.cache = {}
 
 
-def _rows_forms(gk, form: str, split: bool, calls: list, pdl: str) -> list:
-    with switched(gk, ROWS_DOT=form, ROWS_SPLIT_K=split):
+def _rows_forms(gk, switches: dict, calls: list, pdl: str) -> list:
+    with switched(gk, **switches):
         return [gk.gemv(**c, pdl=pdl) for c in calls]
 
 
@@ -237,6 +249,9 @@ def sweep_split(cfg, layers: int, context: int, dev, pdl: str, rows: list) -> No
             setattr(dk, k, v)
 
 
+_ROWS_SWITCHES = (("K split", "ROWS_SPLIT_K"), ("norm row sums", "ROWS_NORM_ROW_SUMS"))  # the step part's rows-kernel switches
+
+
 def sweep_step(preset: str, context: int, dev, rows: list, new_tokens: int = 64, mode: str = "graph",
                batch: int = 1) -> None:
     """The whole decode step of the model with its defaults (`mode` graph: captured, the step
@@ -244,8 +259,8 @@ def sweep_step(preset: str, context: int, dev, rows: list, new_tokens: int = 64,
     shipped, then at batch 1 with the split kernel's L2 prefetch switched and with every GEMV tile
     autotuned alone; at a larger batch the other matmul: where the rows kernel serves the batch
     (MAX_ROWS_CAPTURED, or MAX_ROWS compiled), with its other operand form (ROWS_DOT), with K split
-    switched (ROWS_SPLIT_K) and with cuBLAS instead, else with the rows kernel (K split switched too)
-    instead of cuBLAS."""
+    (ROWS_SPLIT_K) and the norm row sums (ROWS_NORM_ROW_SUMS) each switched and both on, and with
+    cuBLAS instead; else with the rows kernel instead of cuBLAS, as shipped and with both on."""
     import dataclasses
 
     from deepwish.bench.decode import _decode_rows, build
@@ -266,15 +281,16 @@ def sweep_step(preset: str, context: int, dev, rows: list, new_tokens: int = 64,
             (f"step, split {'without' if prefetch else 'with'} its L2 prefetch", {}, dict(PREFETCH_UNDER_PDL=not prefetch), {}),
             ("step, GEMV tiles autotuned alone", dict(USE_IN_STEP_TILES=False), {}, {})]
     elif batch <= (gemv_dispatch.MAX_ROWS if mode == "compiled" else gemv_dispatch.MAX_ROWS_CAPTURED):
-        variants += [(f"step, rows kernel {other_dot}", dict(ROWS_DOT=other_dot), {}, {}),
-                     (f"step, rows kernel {'without' if gk.ROWS_SPLIT_K else 'with'} K split",
-                      dict(ROWS_SPLIT_K=not gk.ROWS_SPLIT_K), {}, {}),
+        variants.append((f"step, rows kernel {other_dot}", dict(ROWS_DOT=other_dot), {}, {}))
+        variants += [(f"step, rows kernel {'without' if getattr(gk, attr) else 'with'} {name}",
+                      {attr: not getattr(gk, attr)}, {}, {}) for name, attr in _ROWS_SWITCHES]
+        variants += [("step, rows kernel with both", {attr: True for _, attr in _ROWS_SWITCHES}, {}, {}),
                      ("step, projections on cuBLAS", {}, {}, dict(MAX_ROWS=0, MAX_ROWS_CAPTURED=0))]
     elif batch <= gk.KERNEL_MAX_ROWS:
         into = dict(MAX_ROWS=batch, MAX_ROWS_CAPTURED=batch)
         variants += [("step, projections on the rows kernel, not cuBLAS", {}, {}, into),
-                     (f"step, projections on the rows kernel {'without' if gk.ROWS_SPLIT_K else 'with'} K split, "
-                      "not cuBLAS", dict(ROWS_SPLIT_K=not gk.ROWS_SPLIT_K), {}, into)]
+                     ("step, projections on the rows kernel with K split and norm row sums, not cuBLAS",
+                      {attr: True for _, attr in _ROWS_SWITCHES}, {}, into)]
     for label, tiles, split, dispatch in variants:
         for k in kernels:
             k.cache = {}

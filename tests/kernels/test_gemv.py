@@ -133,14 +133,16 @@ def test_rows_kernel_native_dot_matches_tf32(rel_err, monkeypatch, M, fusion):
 
 @pytest.mark.parametrize("M", [3, 64])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-@pytest.mark.parametrize("fusion", ["plain", "bias", "norm+glu", "norm_zero_centered+residual"])
+@pytest.mark.parametrize("fusion", ["plain", "bias", "norm+glu", "norm_zero_centered+residual", "norm+row_sums"])
 def test_rows_kernel_with_k_split_matches_reference(rel_err, monkeypatch, M, dtype, fusion):
     """ROWS_SPLIT_K: K cut into slices over grid axis 1, the last program of each N tile adding the
     partials up and applying the epilogue: the reference's result, call after call (the counts
-    return to zero), with every fusion the kernel has."""
+    return to zero), with every fusion the kernel has (and the norm's statistics summed a row per
+    tile, ROWS_NORM_ROW_SUMS)."""
     from deepwish.kernels.gemv import triton as gk
     from deepwish.kernels.grid import counters
     monkeypatch.setattr(gk, "ROWS_SPLIT_K", True)
+    monkeypatch.setattr(gk, "ROWS_NORM_ROW_SUMS", "row_sums" in fusion)
     monkeypatch.setattr(gk._rows_kernel, "cache", {})
     N, K = 37, 45
     g = torch.Generator().manual_seed(5)
@@ -160,6 +162,35 @@ def test_rows_kernel_with_k_split_matches_reference(rel_err, monkeypatch, M, dty
         assert rel_err(want, got) < (1e-6 if dtype == torch.float32 else 1e-2)
         assert not counters(x.device, "gemv (rows kernel, K split)", gk.ROWS_SPLIT_COUNTERS).any()
     assert slices and set(slices) == {3}  # the interpreter's tile (16 x 16): 3 N tiles x 3 slices of K
+
+
+@pytest.mark.parametrize("M", [3, 33])
+@pytest.mark.parametrize("zero_centered", [False, True])
+def test_rows_kernel_norm_row_sums_match_reference(rel_err, monkeypatch, M, zero_centered):
+    """ROWS_NORM_ROW_SUMS without the K split: the norm's statistics summed a row per tile give the
+    reference's normed product (fp32: to its rounding), with SwiGLU after it too."""
+    from deepwish.kernels.gemv import triton as gk
+    monkeypatch.setattr(gk, "ROWS_NORM_ROW_SUMS", True)
+    monkeypatch.setattr(gk._rows_kernel, "cache", {})
+    kernel, launched = gk._rows_kernel, []
+
+    class Spy:  # the launches' ROW_SUMS, then the kernel itself
+        def __getitem__(self, grid):
+            def launch(*args, **kw):
+                launched.append(kw["ROW_SUMS"])
+                return kernel[grid](*args, **kw)
+            return launch
+    monkeypatch.setattr(gk, "_rows_kernel", Spy())
+    N, K = 37, 45
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(M, K, generator=g)
+    nw = (0.1 if zero_centered else 1.0) + 0.3 * torch.randn(K, generator=g)
+    for glu in (False, True):
+        w = 0.2 * torch.randn(2 * N if glu else N, K, generator=g)
+        kw = dict(norm=(nw, 1e-6, zero_centered), glu=glu)
+        assert rel_err(reference.gemv(x, w, **kw), gk.gemv(x, w, **kw)) < 1e-6
+    gk.gemv(x, 0.2 * torch.randn(N, K, generator=g))  # no norm: nothing to sum
+    assert launched == [True, True, False]
 
 
 def test_k_slices_fill_the_sms_without_empty_slices(monkeypatch):
@@ -239,12 +270,12 @@ def ptx(fn, const, fp32=(), ints=(), **opts):
 out = {}
 g = dict(HAS_BIAS=False, NORM=1, GLU=False, RESIDUAL=True, PDL=True, PREFETCH=True, BN=8, BK=256)
 out["one_row"] = ptx(gk._one_row_kernel.fn, g, fp32=("eps",), ints=("N", "K"))
-rg = dict(g, SPLIT=False, SMAX=4)
+rg = dict(g, SPLIT=False, SMAX=4, ROW_SUMS=False)
 out["rows"] = ptx(gk._rows_kernel.fn, dict(rg, PREC="tf32", BM=16, BN=32, BK=128), fp32=("eps",), ints=("M", "N", "K"))
 out["rows_native_64"] = ptx(gk._rows_kernel.fn, dict(rg, PREC="native", BM=64, BN=64, BK=128), fp32=("eps",),
                             ints=("M", "N", "K"))
 out["rows_split"] = ptx(gk._rows_kernel.fn, dict(rg, PREC="native", BM=64, BN=16, BK=256, SPLIT=True, PREFETCH=False,
-                        GLU=True, RESIDUAL=False), fp32=("eps",), ints=("M", "N", "K"))
+                        GLU=True, RESIDUAL=False, ROW_SUMS=True), fp32=("eps",), ints=("M", "N", "K"))
 out["one_row_glu"] = ptx(gk._one_row_kernel.fn, dict(g, GLU=True, RESIDUAL=False), fp32=("eps",), ints=("N", "K"))
 out["rows_glu"] = ptx(gk._rows_kernel.fn, dict(rg, GLU=True, RESIDUAL=False, PREC="native", BM=16, BN=32, BK=128),
                       fp32=("eps",), ints=("M", "N", "K"))

@@ -81,6 +81,12 @@ ROWS_SPLIT_K = False
 ROWS_SPLIT_MAX = 4
 ROWS_SPLIT_PER_SM = 2
 ROWS_SPLIT_COUNTERS = 1 << 14  # N tiles the counts cover (N <= 262,144 at BN = 16)
+# The norm prologue's statistics in the rows kernel: a [BM, BK] fp32 tile of squares carried to the
+# end (as shipped), or summed a row per tile (ROWS_NORM_ROW_SUMS: [BM] values carried, a reduction
+# a tile). At 64 rows the norm prologue doubled q/k/v and gate/up (one H100, 2026-12-06: 11.4 and
+# 14.0 µs against 6.2 and 7.1 without the norm); the carried tile is 64 registers a thread there.
+# Opt-in until timed (bench/decode_tiles --parts rows, step: "norm row sums").
+ROWS_NORM_ROW_SUMS = False
 
 
 def _k_slices(N: int, K: int, BN: int, BK: int, device: torch.device) -> int:
@@ -242,16 +248,17 @@ def _rows_epilogue(acc, acc_u, ss, rm, rn, m_ok, n_ok, Bias, R, Y, K, eps, s_rm,
     tl.store(Y + rm[:, None] * s_ym + rn[None, :], acc.to(Y.dtype.element_ty), mask=out_ok)
 
 
-@triton.autotune(configs=_ROWS, key=["N", "K", "NORM", "GLU", "BM", "PREC", "SPLIT"])
+@triton.autotune(configs=_ROWS, key=["N", "K", "NORM", "GLU", "BM", "PREC", "SPLIT", "ROW_SUMS"])
 @triton.jit
 def _rows_kernel(X, W, Bias, NW, R, Y, WS, WSS, CNT, M, N, K, eps, s_xm, s_wn, s_rm, s_ym, HAS_BIAS: tl.constexpr,
                  NORM: tl.constexpr, GLU: tl.constexpr, RESIDUAL: tl.constexpr, PDL: tl.constexpr,
                  PREFETCH: tl.constexpr, PREC: tl.constexpr, SPLIT: tl.constexpr, SMAX: tl.constexpr,
-                 BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+                 ROW_SUMS: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
     """M <= BM rows, N outputs (GLU: W has 2N rows, gate then up). SPLIT: grid axis 1 cuts K into
     num_programs(1) <= SMAX slices; each program stores its partial sums in WS (fp32 [2, SMAX, BM, N])
     and WSS (the squares' row sums, [N tiles, SMAX, BM]) and the last one of its N tile to finish
-    (CNT, kernels/grid.py) adds them up in slice order and writes the outputs."""
+    (CNT, kernels/grid.py) adds them up in slice order and writes the outputs. ROW_SUMS (NORM): the
+    squares summed a row per tile ([BM] values carried), not kept as a [BM, BK] tile to the end."""
     pid_n = tl.program_id(0)
     rn = pid_n * BN + tl.arange(0, BN)
     rm = tl.arange(0, BM)
@@ -278,6 +285,8 @@ def _rows_kernel(X, W, Bias, NW, R, Y, WS, WSS, CNT, M, N, K, eps, s_xm, s_wn, s
         u_first = tl.load(u_rows + rk[None, :], mask=first_ok, other=0.0)
     wait_for_inputs(PDL)
     x, ss = _x_tile(x_rows + rk[None, :], m_ok[:, None] & (rk < k_hi)[None, :], NW, rk[None, :], K, NORM)
+    if ROW_SUMS:
+        ss = tl.sum(ss, axis=1)
     acc = _dot_tile(x, w_first, tl.zeros((BM, BN), dtype=tl.float32), PREC)
     acc_u = acc
     if GLU:
@@ -292,8 +301,14 @@ def _rows_kernel(X, W, Bias, NW, R, Y, WS, WSS, CNT, M, N, K, eps, s_xm, s_wn, s
         if GLU:
             acc_u = _dot_tile(x, tl.load(u_rows + rk[None, :], mask=tile_ok, other=0.0), acc_u, PREC)
         if NORM != 0:
-            ss += sq
-    ss_rows = tl.sum(ss, axis=1)
+            if ROW_SUMS:
+                ss += tl.sum(sq, axis=1)
+            else:
+                ss += sq
+    if ROW_SUMS:
+        ss_rows = ss
+    else:
+        ss_rows = tl.sum(ss, axis=1)
     if SPLIT:
         at = (part * BM + rm)[:, None] * N + rn[None, :]
         tl.store(WS + at, acc, mask=n_ok[None, :])
@@ -394,7 +409,7 @@ def _gemv_op(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]
                            r.stride(0), y.stride(0), HAS_BIAS=bias is not None, NORM=norm, GLU=glu,
                            RESIDUAL=residual is not None, PDL=pdl, PREFETCH=prefetch and not ROWS_SPLIT_K,
                            PREC="ieee" if x.dtype == torch.float32 else ROWS_DOT, SPLIT=ROWS_SPLIT_K,
-                           SMAX=ROWS_SPLIT_MAX, BM=BM, **launch)
+                           SMAX=ROWS_SPLIT_MAX, ROW_SUMS=ROWS_NORM_ROW_SUMS and norm != NORM_NONE, BM=BM, **launch)
     return y
 
 
