@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # What the GPU machine runs: environment report, GPU tests and benchmarks, results under $OUT.
-#   bash scripts/gpu_run.sh STAGE...   with STAGE in: env tests kernels gdn train decode sweep tradeoff notebook profile embedding gpt_mfu corpus speedrun loop_profile mfu_variants lce ablate dsa nsa_kernels nsa_quality attn_dq_tiles attn_dq muon attn_focus_tiles attn_goals decode_tests decode_compare decode_tiles decode_rows decode_profiles generate train_paths
+#   bash scripts/gpu_run.sh STAGE...   with STAGE in: env tests kernels gdn train decode sweep tradeoff notebook profile embedding gpt_mfu corpus speedrun loop_profile mfu_variants lce ablate dsa nsa_kernels nsa_quality attn_dq_tiles attn_dq muon attn_focus_tiles attn_goals decode_tests decode_compare decode_tiles decode_rows decode_rows_compiled decode_profiles generate train_paths
 # Optional wheels in .whl/ (flash-linear-attention, liger-kernel) are installed to /tmp/site
 # first, so the anchors run side by side with deepwish in the same process (NO_WHEELS=1 skips
 # them, e.g. for HF's Qwen3-Next on its torch path).
@@ -39,10 +39,11 @@ for stage in "$@"; do
       # switched, and the captured step with each change undone (~4 min)
       python3 -m deepwish.bench.decode_tiles --out "$OUT/decode_tiles" --parts gemv,split,step --context 512,4096 ${DECODE_TILES_ARGS:-} \
         | tee "$OUT/decode_tiles.log" | grep -E "^gemv|^split|shipped|alone|step" || status=1 ;;
-    decode_rows)  # the rows kernel (8 and 64 rows) against cuBLAS, then the step at batches 1, 8, 64 captured and
-      # 64, 8 compiled with the other operand form and the other matmul (~6 min)
+    decode_rows)  # the rows kernel's forms (bench/decode_tiles.py ROWS_FORMS) at 8 and 64 rows against cuBLAS,
+      # then the captured step at batches 1, 8, 64 with each form switched and the other matmul (~7 min)
       python3 -m deepwish.bench.decode_tiles --out "$OUT/decode_rows" --parts rows,step --rows 8,64 --batch 1,8,64 \
-        --context 512 | tee "$OUT/decode_rows.log" | grep -E "^rows|step" || status=1
+        --context 512 | tee "$OUT/decode_rows.log" | grep -E "^rows|step" || status=1 ;;
+    decode_rows_compiled)  # the same switches in the compiled and captured step, batches 64 and 8 (~6 min)
       python3 -m deepwish.bench.decode_tiles --out "$OUT/decode_rows_compiled" --parts step --step-mode compiled \
         --batch 64,8 --context 512 | tee "$OUT/decode_rows_compiled.log" | grep -E "step" || status=1 ;;
     decode_profiles)  # one step's kernels: the GEMV path with every decode option on, with the prologue kernel only; batch 64
