@@ -71,6 +71,12 @@ else:
                                   (64, 64, 4, 3), (64, 128, 8, 3), (16, 256, 8, 4), (32, 256, 8, 3))]
 
 KERNEL_MAX_ROWS = 64  # the rows kernel pads x to BM = 16, 32 or 64 rows
+# the rows kernel's tensor-core operands for 2-byte x: "native" (x's tile in x's dtype, W's as
+# loaded: exact for a plain x, one rounding of the norm's w·x, as the separate norm rounds
+# x̂) or "tf32" (both converted to fp32 first: W's conversion costs an instruction a weight).
+# bench/decode_tiles --parts rows, one H100, 2026-12-06, Qwen3-0.6B's projections at 8..64 rows:
+# native as fast or faster in all 40 cases (o + residual at 8 rows: 6.29 -> 4.31 µs)
+ROWS_DOT = "native"
 # The rows kernel with K cut into slices (grid axis 1), for shapes whose N / BN programs leave SMs
 # idle: Qwen3-0.6B's o and down projections (N = 1,024) run 64 programs at BN = 16 and reach 25-35%
 # of copy at 8-64 rows (one H100, 2026-12-06, bench/decode_tiles --parts rows; cuBLAS the same).
@@ -95,12 +101,7 @@ def _k_slices(N: int, K: int, BN: int, BK: int, device: torch.device) -> int:
     tiles = triton.cdiv(K, BK)
     want = min(ROWS_SPLIT_MAX, tiles, max(1, triton.cdiv(ROWS_SPLIT_PER_SM * sm_count(device), triton.cdiv(N, BN))))
     return triton.cdiv(tiles, triton.cdiv(tiles, want))
-# the rows kernel's tensor-core operands for 2-byte x: "native" (x's tile in x's dtype, W's as
-# loaded: exact for a plain x, one rounding of the norm's w·x, as the separate norm rounds
-# x̂) or "tf32" (both converted to fp32 first: W's conversion costs an instruction a weight).
-# bench/decode_tiles --parts rows, one H100, 2026-12-06, Qwen3-0.6B's projections at 8..64 rows:
-# native as fast or faster in all 40 cases (o + residual at 8 rows: 6.29 -> 4.31 µs)
-ROWS_DOT = "native"
+
 
 # (N, K) -> (BN, BK, warps, stages) of the one-row kernel for 2-byte weights, measured in the step
 # where it differs from the tile autotuned alone (python -m deepwish.bench.decode_tiles, one H200,
