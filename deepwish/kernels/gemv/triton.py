@@ -398,11 +398,11 @@ def _gemv_op(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]
     else:
         BM = max(16, triton.next_power_of_2(M))
         if ROWS_SPLIT_K:
+            if triton.cdiv(N, 16) > ROWS_SPLIT_COUNTERS:
+                raise ValueError(f"gemv: N = {N} outputs are more tiles than the K split counts")
             ws = torch.empty(2 if glu else 1, ROWS_SPLIT_MAX, BM, N, dtype=torch.float32, device=x.device)
             wss = torch.empty(triton.cdiv(N, 16), ROWS_SPLIT_MAX, BM, dtype=torch.float32, device=x.device)
             cnt = counters(x.device, "gemv (rows kernel, K split)", ROWS_SPLIT_COUNTERS)
-            if triton.cdiv(N, 16) > ROWS_SPLIT_COUNTERS:
-                raise ValueError(f"gemv: N = {N} outputs are more tiles than the K split counts")
             grid = lambda meta: (triton.cdiv(N, meta["BN"]), _k_slices(N, K, meta["BN"], meta["BK"], x.device))  # noqa: E731
         else:
             ws = wss = cnt = placeholder
