@@ -159,8 +159,9 @@ for stage in "$@"; do
       python3 -m deepwish.cli bench train --out "$OUT/muon_train" --preset qwen3_0.6b --steps 10 \
         --variants deepwish,deepwish-muon,deepwish-muon-overlap,deepwish-muon-torch 2>&1 | tee "$OUT/muon_train.log"
       [ "${PIPESTATUS[0]}" = 0 ] || status=1 ;;
-    attn_focus_tiles)  # tile sweep of the latest flash-attention changes only (attention_tiles FOCUS: forward
-      # SLACK option, dK/dV SPLIT) beside today's TILES picks; attn_goals applies its picks
+    attn_focus_tiles)  # tile sweep of the latest flash-attention changes only (attention_tiles FOCUS; with
+      # ATTN_FOCUS_TILES_ARGS="--loads pointer,tma" each fwd / dq candidate in both K/V load forms) beside
+      # today's TILES picks; attn_goals applies its picks
       python3 -m deepwish.bench.attention_tiles --out "$OUT/attn_focus_tiles" --parts tiles --focus \
         --kinds ${ATTN_FOCUS_KINDS:-fwd,dkdv} ${ATTN_FOCUS_TILES_ARGS:-} 2>&1 | tee "$OUT/attn_focus_tiles.log" || status=1 ;;
     attn_goals)  # own vs FlexAttention vs SDPA flash (plain causal) at the goals' eight shapes, with the focus picks

@@ -477,12 +477,15 @@ def main(argv: list[str] | None = None) -> int:
     from deepwish.kernels.attention import triton as triton_mod
     if args.tiles:
         for key, cfg in json.loads(Path(args.tiles).read_text()).items():
-            triton_mod.TILES[tuple(key.split("|"))] = tuple(cfg)
+            if key.startswith("loads|"):  # the sweep's K/V load form per (kernel, class); LOADS is per kernel
+                triton_mod.LOADS[key.split("|")[1]] = cfg
+            else:
+                triton_mod.TILES[tuple(key.split("|"))] = tuple(cfg)
     if args.decode_per_sm:
         decode_mod.DECODE_PROGRAMS_PER_SM = args.decode_per_sm
     res = dict(env=environment(device), ceilings=ceilings(device), paths=sorted(only), grid=args.grid,
                backward_dq=triton_mod.BACKWARD_DQ, dq_forms=forms,
-               tiles={"|".join(k): v for k, v in triton_mod.TILES.items()},
+               tiles={"|".join(k): v for k, v in triton_mod.TILES.items()}, loads=dict(triton_mod.LOADS),
                decode_programs_per_sm=decode_mod.DECODE_PROGRAMS_PER_SM)
     print(json.dumps(res, indent=1), flush=True)
     run = {"check": lambda: check_correctness(device, args.quick, forms),

@@ -6,6 +6,8 @@ the split-KV decode's split count (kernels/attention/decode.py), one GPU run:
         (no GPU: compiles the candidates for sm_90 and prints ptxas's registers and spills)
     python -m deepwish.bench.attention_tiles --out DIR --parts tiles --focus --kinds fwd,dkdv
         (only FOCUS's candidates, the latest kernel changes, beside today's TILES picks)
+    python -m deepwish.bench.attention_tiles --out DIR --parts tiles --focus --kinds fwd,dq --loads pointer,tma
+        (each fwd / dq candidate with its K/V tiles through pointers and through descriptors)
 
 Each kernel (fwd, dkdv, dq; with --kinds also dkdvq, the dK/dV kernel with dq atomics) is timed
 alone (triton.testing.do_bench, median) per candidate (BM, BN, warps, stages) on the shape classes
@@ -75,13 +77,17 @@ CANDIDATES = {
 # 64 x 64 w8: 344 bytes, and its sᵀ / dpᵀ dots run twice, once per warpgroup over the same 64
 # keys); dkdv d128 split 64 x 128 w8 none (unsplit 12 bytes, outside the loops).
 FOCUS = {
-    # 64 x 64 w4 s2: 196 registers, 82 KB of shared memory: two programs per SM, whose softmax
-    # and matmuls can overlap (one 8-warp program per SM at 128-row tiles)
-    ("fwd", "d128", "short"): [(128, 128, 8, 3), (128, 128, 8, 2), (128, 64, 8, 3, 8), (128, 128, 8, 3, 8),
-                               (128, 128, 8, 2, 8), (64, 64, 4, 2), (64, 64, 4, 2, 8)],
-    ("fwd", "d128", "long"): [(128, 128, 8, 3, 8), (128, 128, 8, 2, 8), (128, 64, 8, 3, 8), (64, 64, 4, 2, 8)],
-    ("fwd", "d256", "short"): [(128, 64, 8, 2, 8)],
-    ("fwd", "d256", "long"): [(128, 64, 8, 2, 8)],
+    # K/V tiles through descriptors (--loads pointer,tma): fewer registers (ptxas, sm_90, triton 3.7:
+    # fwd 128 x 128 w8 s3 248 -> 216, 128 x 64 180 -> 174; dq 128 x 64 w8 s3 198 -> 192, 128 x 128
+    # w8 s2 104 -> 24 bytes of spills), so the 128-key tiles are worth timing again
+    ("fwd", "d128", "short"): [(128, 64, 8, 3), (128, 128, 8, 2), (128, 128, 8, 3), (128, 64, 8, 4)],
+    ("fwd", "d128", "long"): [(128, 128, 8, 3), (128, 128, 8, 2), (128, 64, 8, 3)],
+    ("fwd", "d256", "short"): [(128, 64, 8, 2), (128, 64, 8, 3)],
+    ("fwd", "d256", "long"): [(128, 64, 8, 2)],
+    ("dq", "d128", "short"): [(128, 64, 8, 3), (128, 64, 8, 2), (128, 128, 8, 2)],
+    ("dq", "d128", "long"): [(128, 64, 8, 3), (128, 64, 8, 4)],
+    ("dq", "d256", "short"): [(128, 32, 8, 2)],
+    ("dq", "d256", "long"): [(128, 32, 8, 2)],
     ("dkdv", "d128", "short"): [(64, 128, 8, 3), (64, 128, 8, 3, 1), (32, 128, 8, 3)],
     ("dkdv", "d128", "long"): [(64, 128, 8, 3, 1), (32, 128, 8, 3)],
     ("dkdv", "d256", "short"): [(32, 128, 8, 2, 1), (16, 128, 8, 2, 1), (32, 128, 8, 3, 1)],
@@ -142,11 +148,19 @@ def _prepare(shape, device):
     return q, k, v, do, ids, bounds, o, lse, delta
 
 
-def _compile_worker(task):
-    """Compile (and run once) one candidate in a worker: fills Triton's on-disk cache."""
-    kind, dcls, tcls, cand = task
+def _apply(kind, dcls, tcls, cand, load):
+    """Make (cand, load) the launch of `kind` for its class: TILES, and LOADS for the kernels that
+    load K/V tiles (load None: the module's own)."""
     from deepwish.kernels.attention import triton as tk
     tk.TILES[(kind, dcls, "16bit", tcls)] = cand
+    if load is not None:
+        tk.LOADS[kind] = load
+
+
+def _compile_worker(task):
+    """Compile (and run once) one candidate in a worker: fills Triton's on-disk cache."""
+    kind, dcls, tcls, cand, load = task
+    _apply(kind, dcls, tcls, cand, load)
     try:
         for _, shape, _ in SHAPES[(dcls, tcls)]:
             q, k, v, do, ids, bounds, o, lse, delta = _prepare(shape, "cuda")
@@ -166,11 +180,14 @@ def reference_grads(q, k, v, do, ids):
 
 
 def sweep_tiles(out: Path, workers: int, classes: list[tuple[str, str]], kinds=("fwd", "dkdv", "dq"),
-                focus: bool = False) -> dict:
+                focus: bool = False, loads: tuple[str, ...] | None = None) -> dict:
+    """loads: the K/V load forms (kernels/attention/triton.py LOADS) each candidate of the kernels
+    that have them (fwd, dq) runs in; None: the module's own."""
     from deepwish.kernels.attention import triton as tk
     cand_lists = candidate_lists(focus)
-    tasks = [(kind, d, t, c) for (kind, d, t), cands in cand_lists.items()
-             if (d, t) in classes and kind in kinds for c in cands]
+    tasks = [(kind, d, t, c, ld) for (kind, d, t), cands in cand_lists.items()
+             if (d, t) in classes and kind in kinds for c in cands
+             for ld in (loads if loads and kind in tk.LOADS else (None,))]
     t0 = time.time()
     ctx = mp.get_context("spawn")
     with ctx.Pool(workers) as pool:
@@ -188,13 +205,16 @@ def sweep_tiles(out: Path, workers: int, classes: list[tuple[str, str]], kinds=(
             times = {}
             if (kind, dcls, tcls) not in cand_lists:
                 continue
-            for cand in cand_lists[(kind, dcls, tcls)]:
-                if compiled.get((kind, dcls, tcls, cand)) != "ok":
-                    rows.append(dict(kind=kind, cls=[dcls, tcls], cand=cand, error=compiled.get((kind, dcls, tcls, cand))))
-                    print(f"{kind} {dcls} {tcls} {cand}: {compiled.get((kind, dcls, tcls, cand))}", flush=True)
+            variants = [(c, ld) for c in cand_lists[(kind, dcls, tcls)]
+                        for ld in (loads if loads and kind in tk.LOADS else (None,))]
+            for cand, load in variants:
+                status = compiled.get((kind, dcls, tcls, cand, load))
+                if status != "ok":
+                    rows.append(dict(kind=kind, cls=[dcls, tcls], cand=cand, load=load, error=status))
+                    print(f"{kind} {dcls} {tcls} {cand} {load or ''}: {status}", flush=True)
                     continue
-                tk.TILES[(kind, dcls, "16bit", tcls)] = cand
-                row = dict(kind=kind, cls=[dcls, tcls], cand=cand, ms={}, err=None)
+                _apply(kind, dcls, tcls, cand, load)
+                row = dict(kind=kind, cls=[dcls, tcls], cand=cand, load=load, ms={}, err=None)
                 for name, timed, (q, k, v, do, bounds, o, lse, delta), want in prepared:
                     fn = lambda: run_kind(kind, q, k, v, do, bounds, o, lse, delta)  # noqa: E731
                     if want is not None:
@@ -205,19 +225,22 @@ def sweep_tiles(out: Path, workers: int, classes: list[tuple[str, str]], kinds=(
                         row["ms"][name] = median_ms(fn, warmup=10, rep=40)
                 rows.append(row)
                 if row["err"] is None or row["err"] < 1e-2:
-                    times[cand] = row["ms"]
+                    times[(cand, load)] = row["ms"]
                 print(f"{kind:5s} {dcls} {tcls:5s} BM{cand[0]:4d} BN{cand[1]:4d} w{cand[2]} s{cand[3]} "
-                      f"{'opt ' + ','.join(map(str, cand[4:])) if len(cand) > 4 else '':8s} "
+                      f"{'opt ' + ','.join(map(str, cand[4:])) if len(cand) > 4 else '':8s} {load or '':7s} "
                       + "  ".join(f"{n}: {t:.3f} ms" for n, t in row["ms"].items())
                       + (f"  err {row['err']:.1e}" if row["err"] is not None else ""), flush=True)
             if times:
                 names = list(next(iter(times.values())))
                 fastest = {n: min(t[n] for t in times.values()) for n in names}
                 score = {c: sum(t[n] / fastest[n] for n in names) / len(names) for c, t in times.items()}
-                pick = min(score, key=score.get)
+                pick, load = min(score, key=score.get)
                 best[f"{kind}|{dcls}|16bit|{tcls}"] = list(pick)
-                tk.TILES[(kind, dcls, "16bit", tcls)] = pick
-                print(f"  -> {kind} {dcls} {tcls}: {pick} (mean time / best {score[pick]:.3f})", flush=True)
+                if load is not None:
+                    best[f"loads|{kind}|{dcls}|{tcls}"] = load
+                _apply(kind, dcls, tcls, pick, load)
+                print(f"  -> {kind} {dcls} {tcls}: {pick} {load or ''} (mean time / best {score[pick, load]:.3f})",
+                      flush=True)
             del times
         del prepared
         torch.cuda.empty_cache()
@@ -392,6 +415,8 @@ def main(argv=None) -> int:
                    help="shape classes to sweep: head-dim class - length class")
     p.add_argument("--kinds", default="fwd,dkdv,dq",
                    help="kernels to sweep: fwd, dkdv, dq, and dkdvq (the dK/dV kernel with dq atomics)")
+    p.add_argument("--loads", default=None,
+                   help="K/V load forms to cross with the fwd and dq candidates (pointer,tma; default: today's LOADS)")
     p.add_argument("--focus", action="store_true",
                    help="only FOCUS's candidates (the latest kernel changes) beside today's TILES picks")
     args = p.parse_args(argv)
@@ -403,7 +428,8 @@ def main(argv=None) -> int:
         print(f"=== {part}", flush=True)
         try:
             {"diag": lambda: diagnose_unequal_dims(out), "decode": lambda: sweep_decode(out),
-             "tiles": lambda: sweep_tiles(out, args.workers, classes, tuple(args.kinds.split(",")), args.focus),
+             "tiles": lambda: sweep_tiles(out, args.workers, classes, tuple(args.kinds.split(",")), args.focus,
+                                          tuple(args.loads.split(",")) if args.loads else None),
              "regs": lambda: report_regs(out, classes, tuple(args.kinds.split(",")), args.focus)}[part]()
         except Exception:  # noqa: BLE001  (the other parts still run)
             traceback.print_exc()

@@ -68,6 +68,49 @@ def test_flash_attention_matches_reference(rel_err, monkeypatch, B, T, H, Hkv, D
     assert max(errs) < TOL[dtype], dict(zip(("o", "dq", "dk", "dv"), errs))
 
 
+@pytest.mark.parametrize("B,T,H,Hkv,Dqk,Dv,lengths,window,softcap,dtype",
+                         [c for c in CASES if c.values[-1] == torch.float16])
+def test_kv_tiles_through_tensor_descriptors_match_reference(rel_err, monkeypatch, B, T, H, Hkv, Dqk, Dv, lengths,
+                                                            window, softcap, dtype):
+    """LOADS = "tma" for both kernels: the forward's and the dQ kernel's K and V tiles through
+    descriptors (rows past T and the padded head dim are the descriptor's zeros, not masked
+    loads); the descriptors must be built (two per kernel), not fall back to pointer loads."""
+    from deepwish.kernels.attention import triton as tk
+    monkeypatch.setitem(tk.LOADS, "fwd", "tma")
+    monkeypatch.setitem(tk.LOADS, "dq", "tma")
+    made = []
+    real = tk._tile_descriptor
+    monkeypatch.setattr(tk, "_tile_descriptor", lambda *a: made.append(real(*a)) or made[-1])
+    torch.manual_seed(0)
+    q = torch.randn(B, T, H, Dqk, dtype=dtype, requires_grad=True)
+    k = torch.randn(B, T, Hkv, Dqk, dtype=dtype, requires_grad=True)
+    v = torch.randn(B, T, Hkv, Dv, dtype=dtype, requires_grad=True)
+    ids = None if lengths is None else _docs(B, T, lengths)
+    g = torch.randn(B, T, H, Dv)
+    want = ref.attention(q, k, v, doc_ids=ids, window=window, softcap=softcap)
+    got = flash_attention(q, k, v, doc_ids=ids, window=window, softcap=softcap)
+    wg = torch.autograd.grad((want.float() * g).sum(), (q, k, v))
+    gg = torch.autograd.grad((got.float() * g).sum(), (q, k, v))
+    assert len(made) == 4 and all(d is not None for d in made)
+    errs = [_err(rel_err, a, b) for a, b in zip((want, *wg), (got, *gg))]
+    assert max(errs) < TOL[dtype], dict(zip(("o", "dq", "dk", "dv"), errs))
+
+
+def test_tensor_descriptors_need_16bit_aligned_tiles():
+    """What the copy engine cannot take (fp32, a base or stride off 16 bytes) gets no descriptor:
+    the kernels then load through pointers. An unknown load form is an error."""
+    from deepwish.kernels.attention import triton as tk
+    with pytest.raises(ValueError, match="LOADS"):
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setitem(tk.LOADS, "fwd", "tensor")
+            tk._kv_descriptors("fwd", None, None, 16, {})
+    x = torch.zeros(1, 8, 2, 64, dtype=torch.float16)
+    assert tk._tile_descriptor(x, 16, 64) is not None
+    assert tk._tile_descriptor(x.float(), 16, 64) is None
+    assert tk._tile_descriptor(torch.zeros(1, 8, 2, 65, dtype=torch.float16)[..., 1:], 16, 64) is None
+    assert tk._tile_descriptor(torch.zeros(1, 8, 2, 68, dtype=torch.float16)[..., :64], 16, 64) is None
+
+
 def test_documents_are_isolated():
     """Packed rows equal the documents run one by one (and a document's output ignores what
     follows it)."""

@@ -17,6 +17,17 @@ def test_flash_attention_bf16_real_sizes(cuda, rel_err, H, Hkv, Dqk, Dv, window,
     _check_real_size(cuda, rel_err, H, Hkv, Dqk, Dv, window, softcap)
 
 
+@pytest.mark.parametrize("H,Hkv,Dqk,Dv,window,softcap", [
+    (16, 8, 128, 128, 0, 0.0), (16, 2, 256, 256, 0, 0.0), (12, 4, 128, 128, 512, 0.0), (8, 8, 192, 128, 0, 0.0)])
+def test_kv_tiles_through_descriptors_real_sizes(cuda, rel_err, monkeypatch, H, Hkv, Dqk, Dv, window, softcap):
+    """LOADS = "tma" for the forward and dQ kernels (K/V tiles by the copy engine) at the GPU's
+    tiles, T 1500 so the last tiles cross T, and 192-wide keys in 256-wide tiles."""
+    from deepwish.kernels.attention import triton as tk
+    monkeypatch.setitem(tk.LOADS, "fwd", "tma")
+    monkeypatch.setitem(tk.LOADS, "dq", "tma")
+    _check_real_size(cuda, rel_err, H, Hkv, Dqk, Dv, window, softcap)
+
+
 @pytest.mark.parametrize("form", ["atomic", "atomic_t"])
 @pytest.mark.parametrize("H,Hkv,Dqk,Dv,window,softcap,dtype,tol", [
     (16, 8, 128, 128, 0, 0.0, torch.bfloat16, 1e-2), (16, 2, 256, 256, 0, 0.0, torch.bfloat16, 1e-2),

@@ -135,6 +135,21 @@ TILES = {
 BACKWARD_DQ = "kernel"
 BACKWARD_DQ_FORMS = ("kernel", "atomic", "atomic_t")
 
+# How the forward and dQ kernels load their K and V tiles (LOADS[kind]):
+# - "pointer": a [BN, D] tile of per-element addresses (int64 offsets, masks at T and at the head
+#   dim), which Triton pipelines with asynchronous copies (cp.async) over num_stages buffers;
+# - "tma": a tensor descriptor over k / v [B, T, Hkv, D] (Hopper's tensor memory accelerator:
+#   one instruction copies the tile, the copy engine computes the addresses and zero-fills rows
+#   past T and channels past D, so the loop holds no address or mask arithmetic). 16-bit inputs
+#   whose base and strides are 16-byte aligned; anything else takes "pointer".
+# Two ways to overlap the forward's softmax with its matmuls were compiled offline for sm_90
+# (Triton 3.7, 128 x 64 tile, 8 warps, the descriptors) and dropped: tl.range(warp_specialize=True)
+# leaves the loop unpartitioned at 8 warps and fails in its pass at 4; issuing the next tile's
+# q·kᵀ before this tile's exponentials (FlashAttention-3's order, written by hand) gets the wait
+# for that matmul placed right after it, before the exponentials: no overlap, 55 more registers.
+LOADS = {"fwd": "pointer", "dq": "pointer"}
+LOADS_FORMS = ("pointer", "tma")
+
 
 def tile_key(kind: str, head_dim: int, dtype: torch.dtype, T: int) -> tuple[str, str, str, str]:
     fp32 = dtype == torch.float32
@@ -225,52 +240,60 @@ def _visible_t(t, n, hi):
 
 
 @triton.jit
-def _fwd_tiles(acc, m_i, l_i, q, K, V, k_base, v_base, sk_t, sv_t, t, lo_key,
+def _kv_tile(X, XD, x_base, sx_t, b32, hkv, n0, T, dx, DX, BN: tl.constexpr, BLOCK: tl.constexpr,
+              MASK: tl.constexpr, TMA: tl.constexpr):
+    """The [BN, BLOCK] tile of keys (or values) n0.. of one KV head (forward and dQ kernels): rows
+    past T and channels past DX are zeros (the descriptor's bounds with TMA; masked loads otherwise, the row mask only where a
+    tile can cross T)."""
+    if TMA:
+        x = tl.reshape(XD.load([b32, n0, hkv, 0]), [BN, BLOCK])
+    else:
+        n = n0 + tl.arange(0, BN)
+        ptr = X + x_base + tl.cast(n, tl.int64)[:, None] * sx_t + dx[None, :]
+        if MASK:
+            x = tl.load(ptr, mask=(n < T)[:, None] & (dx < DX)[None, :], other=0.0)
+        else:
+            x = tl.load(ptr, mask=(dx < DX)[None, :], other=0.0)
+    return x
+
+
+@triton.jit
+def _fwd_tiles(acc, m_i, l_i, q, K, V, KD, VD, k_base, v_base, sk_t, sv_t, b32, hkv, t, lo_key,
                start, end, T, W, scale, softcap, dk, dv, DQK, DV,
                BN: tl.constexpr, MASK: tl.constexpr, SOFTCAP: tl.constexpr, PREC: tl.constexpr,
-               SLACK: tl.constexpr):
+               SLACK: tl.constexpr, TMA: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr):
+    """The key tiles [start, end) (MASK: apply the visibility mask)."""
     # the exponent's factor (base 2): the step applies it in its FMA (online_softmax_step_scaled)
     if SOFTCAP:
         c = softcap * 1.4426950408889634
     else:
         c = scale * 1.4426950408889634
     for n0 in range(start, end, BN):
-        n = n0 + tl.arange(0, BN)
-        n64 = tl.cast(n, tl.int64)
-        if MASK:
-            key_ok = n < T
-            k = tl.load(K + k_base + n64[:, None] * sk_t + dk[None, :],
-                        mask=key_ok[:, None] & (dk < DQK)[None, :], other=0.0)
-        else:  # interior tiles lie inside [0, T)
-            k = tl.load(K + k_base + n64[:, None] * sk_t + dk[None, :], mask=(dk < DQK)[None, :], other=0.0)
+        k = _kv_tile(K, KD, k_base, sk_t, b32, hkv, n0, T, dk, DQK, BN, BLOCK_DK, MASK, TMA)
         s = tl.dot(q, tl.trans(k), input_precision=PREC)
         if SOFTCAP:
             s = _tanh(s * (scale / softcap))
         if MASK:
-            s = tl.where(_visible(t, n, lo_key), s, float("-inf"))
-        if MASK:
-            v = tl.load(V + v_base + n64[:, None] * sv_t + dv[None, :],
-                        mask=key_ok[:, None] & (dv < DV)[None, :], other=0.0)
-        else:
-            v = tl.load(V + v_base + n64[:, None] * sv_t + dv[None, :], mask=(dv < DV)[None, :], other=0.0)
+            s = tl.where(_visible(t, n0 + tl.arange(0, BN), lo_key), s, float("-inf"))
+        v = _kv_tile(V, VD, v_base, sv_t, b32, hkv, n0, T, dv, DV, BN, BLOCK_DV, MASK, TMA)
         acc, m_i, l_i = online_softmax_step_scaled(acc, m_i, l_i, s, c, v, PREC, SLACK)
     return acc, m_i, l_i
 
 
 @triton.jit
-def _fwd_kernel(Q, K, V, O, LSE, DS,
+def _fwd_kernel(Q, K, V, KD, VD, O, LSE, DS,
                 sq_b, sq_t, sq_h, sk_b, sk_t, sk_h, sv_b, sv_t, sv_h, so_b, so_t, so_h,
                 T, H, HKV, G, W, scale, softcap, DQK: tl.constexpr, DV: tl.constexpr,
                 BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr, GP: tl.constexpr,
                 SOFTCAP: tl.constexpr, PREC: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
-                SLACK: tl.constexpr):
-    """SLACK: the online softmax's lazy rescale (online_softmax_step_scaled; 0 = every tile). (Triton
-    3.7's warp specialization, tl.range(warp_specialize=True), leaves this loop unchanged on sm_90:
-    no partitions without TMA descriptors, checked offline.)"""
+                SLACK: tl.constexpr, TMA: tl.constexpr):
+    """SLACK: the online softmax's lazy rescale (online_softmax_step_scaled; 0 = every tile). TMA: K
+    and V through the descriptors KD, VD (LOADS["fwd"])."""
     BT: tl.constexpr = BM // GP
     m0 = (tl.num_programs(0) - 1 - tl.program_id(0)) * BT  # the longest (last) query tiles start first
     bh = tl.program_id(1)
-    b = tl.cast(bh // HKV, tl.int64)
+    b32 = bh // HKV
+    b = tl.cast(b32, tl.int64)
     hkv = bh % HKV
     t, r, row_ok = _rows(m0, T, G, GP, BM)
     h = hkv * G + r
@@ -287,12 +310,15 @@ def _fwd_kernel(Q, K, V, O, LSE, DS,
     acc = tl.zeros([BM, BLOCK_DV], dtype=tl.float32)
     m_i = tl.full([BM], -1.0e30, dtype=tl.float32)  # finite: a fully masked tile row stays NaN-free
     l_i = tl.zeros([BM], dtype=tl.float32)
-    acc, m_i, l_i = _fwd_tiles(acc, m_i, l_i, q, K, V, k_base, v_base, sk_t, sv_t, t, lo_key,
-                               lo, a, T, W, scale, softcap, dk, dv, DQK, DV, BN, True, SOFTCAP, PREC, SLACK)
-    acc, m_i, l_i = _fwd_tiles(acc, m_i, l_i, q, K, V, k_base, v_base, sk_t, sv_t, t, lo_key,
-                               a, bb, T, W, scale, softcap, dk, dv, DQK, DV, BN, False, SOFTCAP, PREC, SLACK)
-    acc, m_i, l_i = _fwd_tiles(acc, m_i, l_i, q, K, V, k_base, v_base, sk_t, sv_t, t, lo_key,
-                               bb, hi, T, W, scale, softcap, dk, dv, DQK, DV, BN, True, SOFTCAP, PREC, SLACK)
+    acc, m_i, l_i = _fwd_tiles(acc, m_i, l_i, q, K, V, KD, VD, k_base, v_base, sk_t, sv_t, b32, hkv, t, lo_key,
+                               lo, a, T, W, scale, softcap, dk, dv, DQK, DV, BN, True, SOFTCAP, PREC, SLACK, TMA,
+                               BLOCK_DK, BLOCK_DV)
+    acc, m_i, l_i = _fwd_tiles(acc, m_i, l_i, q, K, V, KD, VD, k_base, v_base, sk_t, sv_t, b32, hkv, t, lo_key,
+                               a, bb, T, W, scale, softcap, dk, dv, DQK, DV, BN, False, SOFTCAP, PREC, SLACK, TMA,
+                               BLOCK_DK, BLOCK_DV)
+    acc, m_i, l_i = _fwd_tiles(acc, m_i, l_i, q, K, V, KD, VD, k_base, v_base, sk_t, sv_t, b32, hkv, t, lo_key,
+                               bb, hi, T, W, scale, softcap, dk, dv, DQK, DV, BN, True, SOFTCAP, PREC, SLACK, TMA,
+                               BLOCK_DK, BLOCK_DV)
     l_i = tl.where(l_i == 0.0, 1.0, l_i)
     o = acc / l_i[:, None]
     tl.store(O + b * so_b + t64[:, None] * so_t + h64[:, None] * so_h + dv[None, :], o.to(O.dtype.element_ty),
@@ -472,22 +498,14 @@ def _dkdv_program(Q, K, V, DO, LSE, DELTA, DS, DE, DKO, DVO, DQA,
 
 
 @triton.jit
-def _dq_tiles(dq_acc, q, do, lse, delta, K, V, k_base, v_base, sk_t, sv_t, t, lo_key,
+def _dq_tiles(dq_acc, q, do, lse, delta, K, V, KD, VD, k_base, v_base, sk_t, sv_t, b32, hkv, t, lo_key,
               start, end, T, W, scale, softcap, dk, dv, DQK, DV,
-              BN: tl.constexpr, MASK: tl.constexpr, SOFTCAP: tl.constexpr, PREC: tl.constexpr):
+              BN: tl.constexpr, MASK: tl.constexpr, SOFTCAP: tl.constexpr, PREC: tl.constexpr,
+              TMA: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr):
     qk_scale = scale * 1.4426950408889634
     for n0 in range(start, end, BN):
-        n = n0 + tl.arange(0, BN)
-        n64 = tl.cast(n, tl.int64)
-        key_ok = n < T
-        if MASK:
-            k = tl.load(K + k_base + n64[:, None] * sk_t + dk[None, :],
-                        mask=key_ok[:, None] & (dk < DQK)[None, :], other=0.0)
-            v = tl.load(V + v_base + n64[:, None] * sv_t + dv[None, :],
-                        mask=key_ok[:, None] & (dv < DV)[None, :], other=0.0)
-        else:  # interior tiles lie inside [0, T)
-            k = tl.load(K + k_base + n64[:, None] * sk_t + dk[None, :], mask=(dk < DQK)[None, :], other=0.0)
-            v = tl.load(V + v_base + n64[:, None] * sv_t + dv[None, :], mask=(dv < DV)[None, :], other=0.0)
+        k = _kv_tile(K, KD, k_base, sk_t, b32, hkv, n0, T, dk, DQK, BN, BLOCK_DK, MASK, TMA)
+        v = _kv_tile(V, VD, v_base, sv_t, b32, hkv, n0, T, dv, DV, BN, BLOCK_DV, MASK, TMA)
         s = tl.dot(q, tl.trans(k), input_precision=PREC)
         if SOFTCAP:
             tc = _tanh(s * (scale / softcap))
@@ -495,7 +513,7 @@ def _dq_tiles(dq_acc, q, do, lse, delta, K, V, k_base, v_base, sk_t, sv_t, t, lo
         else:
             p = tl.exp2(s * qk_scale - lse[:, None])
         if MASK:
-            p = tl.where(_visible(t, n, lo_key), p, 0.0)
+            p = tl.where(_visible(t, n0 + tl.arange(0, BN), lo_key), p, 0.0)
         dp = tl.dot(do, tl.trans(v), input_precision=PREC)
         dsc = p * (dp - delta[:, None])
         if SOFTCAP:
@@ -505,16 +523,19 @@ def _dq_tiles(dq_acc, q, do, lse, delta, K, V, k_base, v_base, sk_t, sv_t, t, lo
 
 
 @triton.jit
-def _dq_kernel(Q, K, V, DO, LSE, DELTA, DS, DQO,
+def _dq_kernel(Q, K, V, KD, VD, DO, LSE, DELTA, DS, DQO,
                sq_b, sq_t, sq_h, sk_b, sk_t, sk_h, sv_b, sv_t, sv_h, sdo_b, sdo_t, sdo_h,
                sdq_b, sdq_t, sdq_h,
                T, H, HKV, G, W, scale, softcap, DQK: tl.constexpr, DV: tl.constexpr,
                BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr, GP: tl.constexpr,
-               SOFTCAP: tl.constexpr, PREC: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr):
+               SOFTCAP: tl.constexpr, PREC: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+               TMA: tl.constexpr):
+    """TMA: K and V through the descriptors KD, VD (LOADS["dq"])."""
     BT: tl.constexpr = BM // GP
     m0 = (tl.num_programs(0) - 1 - tl.program_id(0)) * BT  # the longest (last) query tiles start first
     bh = tl.program_id(1)
-    b = tl.cast(bh // HKV, tl.int64)
+    b32 = bh // HKV
+    b = tl.cast(b32, tl.int64)
     hkv = bh % HKV
     t, r, row_ok = _rows(m0, T, G, GP, BM)
     h = hkv * G + r
@@ -534,12 +555,15 @@ def _dq_kernel(Q, K, V, DO, LSE, DELTA, DS, DQO,
     v_base = b * sv_b + tl.cast(hkv, tl.int64) * sv_h
     lo, a, bb, hi = _query_tile_key_ranges(DS, ds_base, m0, T, W, BT, BN)
     dq_acc = tl.zeros([BM, BLOCK_DK], dtype=tl.float32)
-    dq_acc = _dq_tiles(dq_acc, q, do, lse, delta, K, V, k_base, v_base, sk_t, sv_t, t, lo_key,
-                       lo, a, T, W, scale, softcap, dk, dv, DQK, DV, BN, True, SOFTCAP, PREC)
-    dq_acc = _dq_tiles(dq_acc, q, do, lse, delta, K, V, k_base, v_base, sk_t, sv_t, t, lo_key,
-                       a, bb, T, W, scale, softcap, dk, dv, DQK, DV, BN, False, SOFTCAP, PREC)
-    dq_acc = _dq_tiles(dq_acc, q, do, lse, delta, K, V, k_base, v_base, sk_t, sv_t, t, lo_key,
-                       bb, hi, T, W, scale, softcap, dk, dv, DQK, DV, BN, True, SOFTCAP, PREC)
+    dq_acc = _dq_tiles(dq_acc, q, do, lse, delta, K, V, KD, VD, k_base, v_base, sk_t, sv_t, b32, hkv, t, lo_key,
+                       lo, a, T, W, scale, softcap, dk, dv, DQK, DV, BN, True, SOFTCAP, PREC, TMA,
+                       BLOCK_DK, BLOCK_DV)
+    dq_acc = _dq_tiles(dq_acc, q, do, lse, delta, K, V, KD, VD, k_base, v_base, sk_t, sv_t, b32, hkv, t, lo_key,
+                       a, bb, T, W, scale, softcap, dk, dv, DQK, DV, BN, False, SOFTCAP, PREC, TMA,
+                       BLOCK_DK, BLOCK_DV)
+    dq_acc = _dq_tiles(dq_acc, q, do, lse, delta, K, V, KD, VD, k_base, v_base, sk_t, sv_t, b32, hkv, t, lo_key,
+                       bb, hi, T, W, scale, softcap, dk, dv, DQK, DV, BN, True, SOFTCAP, PREC, TMA,
+                       BLOCK_DK, BLOCK_DV)
     tl.store(DQO + b * sdq_b + t64[:, None] * sdq_t + h64[:, None] * sdq_h + dk[None, :],
              (dq_acc * scale).to(DQO.dtype.element_ty), mask=row_ok[:, None] & (dk < DQK)[None, :])
 
@@ -581,6 +605,30 @@ def document_bounds(doc_ids: torch.Tensor | None, B: int, T: int, device) -> tup
     return document_starts(doc_ids).to(torch.int32), document_ends(doc_ids).to(torch.int32)
 
 
+def _tile_descriptor(x: torch.Tensor, rows: int, block_d: int):
+    """A descriptor over x [B, T, Hkv, D] whose box is one head's [rows, block_d] tile, or None
+    where the copy engine cannot take x (not 16-bit; base or strides not 16-byte aligned)."""
+    if x.dtype not in (torch.float16, torch.bfloat16) or x.data_ptr() % 16:
+        return None
+    if any(st * x.element_size() % 16 for st in x.stride()[:-1]):
+        return None
+    from triton.tools.tensor_descriptor import TensorDescriptor
+    return TensorDescriptor(x, list(x.shape), list(x.stride()), [1, rows, 1, block_d])
+
+
+def _kv_descriptors(kind: str, k, v, rows: int, meta: dict):
+    """(k, v) descriptors of [rows, head dim] tiles where LOADS[kind] is "tma", or (None, None):
+    the "pointer" form, or tensors the copy engine cannot take."""
+    form = LOADS[kind]
+    if form not in LOADS_FORMS:
+        raise ValueError(f"attention LOADS[{kind!r}] must be one of {LOADS_FORMS}, got {form!r}")
+    if form == "pointer":
+        return None, None
+    kd = _tile_descriptor(k, rows, meta["BLOCK_DK"])
+    vd = _tile_descriptor(v, rows, meta["BLOCK_DV"])
+    return (kd, vd) if kd is not None and vd is not None else (None, None)
+
+
 def forward(q, k, v, doc_start, scale, window, softcap):
     B, T, H, _ = q.shape
     meta = _meta(q, k, v, window, softcap)
@@ -588,8 +636,9 @@ def forward(q, k, v, doc_start, scale, window, softcap):
     lse = torch.empty(B, T, H, dtype=torch.float32, device=q.device)
     cfg = tile_config("fwd", max(q.shape[-1], v.shape[-1]), meta["G"], q.dtype, T)
     grid = (triton.cdiv(T, cfg["BM"] // meta["GP"]), B * meta["HKV"])
-    _fwd_kernel[grid](q, k, v, o, lse, doc_start, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3],
-                      *o.stride()[:3], scale=scale, **meta, **cfg)
+    kd, vd = _kv_descriptors("fwd", k, v, cfg["BN"], meta)
+    _fwd_kernel[grid](q, k, v, kd, vd, o, lse, doc_start, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3],
+                      *o.stride()[:3], scale=scale, TMA=kd is not None, **meta, **cfg)
     return o, lse
 
 
@@ -622,9 +671,10 @@ def backward_dq(q, k, v, do, lse, delta, doc_start, scale, window, softcap):
     meta = _meta(q, k, v, window, softcap)
     dq = torch.empty_like(q)
     cfg = tile_config("dq", max(q.shape[-1], v.shape[-1]), meta["G"], q.dtype, T)
+    kd, vd = _kv_descriptors("dq", k, v, cfg["BN"], meta)
     _dq_kernel[(triton.cdiv(T, cfg["BM"] // meta["GP"]), B * meta["HKV"])](
-        q, k, v, do, lse, delta, doc_start, dq, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3],
-        *do.stride()[:3], *dq.stride()[:3], scale=scale, **meta, **cfg)
+        q, k, v, kd, vd, do, lse, delta, doc_start, dq, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3],
+        *do.stride()[:3], *dq.stride()[:3], scale=scale, TMA=kd is not None, **meta, **cfg)
     return dq
 
 
