@@ -6,8 +6,8 @@ the split-KV decode's split count (kernels/attention/decode.py), one GPU run:
         (no GPU: compiles the candidates for sm_90 and prints ptxas's registers and spills)
     python -m deepwish.bench.attention_tiles --out DIR --parts tiles --focus --kinds fwd,dkdv
         (only FOCUS's candidates, the latest kernel changes, beside today's TILES picks)
-    python -m deepwish.bench.attention_tiles --out DIR --parts tiles --focus --kinds fwd,dq --loads pointer,tma
-        (each fwd / dq candidate with its K/V tiles through pointers and through descriptors)
+    python -m deepwish.bench.attention_tiles --out DIR --parts tiles --focus --kinds fwd,dq,dkdv --loads pointer,tma
+        (each candidate with its streamed tiles through pointers and through descriptors: LOADS)
 
 Each kernel (fwd, dkdv, dq; with --kinds also dkdvq, the dK/dV kernel with dq atomics) is timed
 alone (triton.testing.do_bench, median) per candidate (BM, BN, warps, stages) on the shape classes
@@ -77,7 +77,7 @@ CANDIDATES = {
 # 64 x 64 w8: 344 bytes, and its sᵀ / dpᵀ dots run twice, once per warpgroup over the same 64
 # keys); dkdv d128 split 64 x 128 w8 none (unsplit 12 bytes, outside the loops).
 FOCUS = {
-    # K/V tiles through descriptors (--loads pointer,tma): fewer registers (ptxas, sm_90, triton 3.7:
+    # streamed tiles through descriptors (--loads pointer,tma): fewer registers (ptxas, sm_90, triton 3.7:
     # fwd 128 x 128 w8 s3 248 -> 216, 128 x 64 180 -> 174; dq 128 x 64 w8 s3 198 -> 192, 128 x 128
     # w8 s2 104 -> 24 bytes of spills), so the 128-key tiles are worth timing again
     ("fwd", "d128", "short"): [(128, 64, 8, 3), (128, 128, 8, 2), (128, 128, 8, 3), (128, 64, 8, 4)],
@@ -88,10 +88,12 @@ FOCUS = {
     ("dq", "d128", "long"): [(128, 64, 8, 3), (128, 64, 8, 4)],
     ("dq", "d256", "short"): [(128, 32, 8, 2)],
     ("dq", "d256", "long"): [(128, 32, 8, 2)],
-    ("dkdv", "d128", "short"): [(64, 128, 8, 3), (64, 128, 8, 3, 1), (32, 128, 8, 3)],
-    ("dkdv", "d128", "long"): [(64, 128, 8, 3, 1), (32, 128, 8, 3)],
-    ("dkdv", "d256", "short"): [(32, 128, 8, 2, 1), (16, 128, 8, 2, 1), (32, 128, 8, 3, 1)],
-    ("dkdv", "d256", "long"): [(32, 128, 8, 2, 1), (16, 128, 8, 2, 1), (32, 128, 8, 3, 1)],
+    # the dK/dV kernel's q and dO tiles through descriptors: ptxas 32 x 64 w4 s3 245 -> 234 registers,
+    # 64 x 128 w8 s3 spills 12 -> 84 bytes, d256 32 x 128 w8 s3 SPLIT 8 -> 164
+    ("dkdv", "d128", "short"): [(32, 64, 4, 3), (32, 128, 8, 3), (64, 128, 8, 3)],
+    ("dkdv", "d128", "long"): [(64, 128, 8, 3), (32, 128, 8, 3)],
+    ("dkdv", "d256", "short"): [(32, 128, 8, 3, 1)],
+    ("dkdv", "d256", "long"): [(32, 128, 8, 3, 1)],
     ("dkdvq", "d128", "short"): [(64, 128, 8, 3, 1), (32, 128, 8, 3, 1)],
     ("dkdvq", "d128", "long"): [(64, 128, 8, 3, 1), (32, 128, 8, 3, 1)],
     ("dkdvq", "d256", "short"): [(32, 128, 8, 2, 1), (16, 128, 8, 2, 1)],
@@ -157,8 +159,21 @@ def _apply(kind, dcls, tcls, cand, load):
         tk.LOADS[kind] = load
 
 
+_WORKER_DEFAULTS = None  # a worker's TILES and LOADS as imported, restored before each task
+
+
 def _compile_worker(task):
-    """Compile (and run once) one candidate in a worker: fills Triton's on-disk cache."""
+    """Compile (and run once) one candidate in a worker: fills Triton's on-disk cache. A pool
+    worker runs many tasks: each starts from the module's own launches, so the other kernels a
+    task runs (the forward before a backward candidate) never take an earlier task's candidate."""
+    global _WORKER_DEFAULTS
+    from deepwish.kernels.attention import triton as tk
+    if _WORKER_DEFAULTS is None:
+        _WORKER_DEFAULTS = dict(tk.TILES), dict(tk.LOADS)
+    tk.TILES.clear()
+    tk.TILES.update(_WORKER_DEFAULTS[0])
+    tk.LOADS.clear()
+    tk.LOADS.update(_WORKER_DEFAULTS[1])
     kind, dcls, tcls, cand, load = task
     _apply(kind, dcls, tcls, cand, load)
     try:
