@@ -6,7 +6,7 @@ the split-KV decode's split count (kernels/attention/decode.py), one GPU run:
         (no GPU: compiles the candidates for sm_90 and prints ptxas's registers and spills)
     python -m deepwish.bench.attention_tiles --out DIR --parts tiles --focus --kinds fwd,dkdv
         (only FOCUS's candidates, the latest kernel changes, beside today's TILES picks)
-    python -m deepwish.bench.attention_tiles --out DIR --parts tiles --focus --kinds fwd,dq,dkdv --loads pointer,tma
+    python -m deepwish.bench.attention_tiles --out DIR --parts tiles --focus --kinds fwd,dq --loads pointer,tma
         (each candidate with its streamed tiles through pointers and through descriptors: LOADS)
 
 Each kernel (fwd, dkdv, dq; with --kinds also dkdvq, the dK/dV kernel with dq atomics) is timed
@@ -88,8 +88,6 @@ FOCUS = {
     ("dq", "d128", "long"): [(128, 64, 8, 3), (128, 64, 8, 4)],
     ("dq", "d256", "short"): [(128, 32, 8, 2)],
     ("dq", "d256", "long"): [(128, 32, 8, 2)],
-    # the dK/dV kernel's q and dO tiles through descriptors: ptxas 32 x 64 w4 s3 245 -> 234 registers,
-    # 64 x 128 w8 s3 spills 12 -> 84 bytes, d256 32 x 128 w8 s3 SPLIT 8 -> 164
     ("dkdv", "d128", "short"): [(32, 64, 4, 3), (32, 128, 8, 3), (64, 128, 8, 3)],
     ("dkdv", "d128", "long"): [(64, 128, 8, 3), (32, 128, 8, 3)],
     ("dkdv", "d256", "short"): [(32, 128, 8, 3, 1)],

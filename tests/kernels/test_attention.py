@@ -73,12 +73,11 @@ def test_flash_attention_matches_reference(rel_err, monkeypatch, B, T, H, Hkv, D
                          [c for c in CASES if c.values[-1] == torch.float16])
 def test_kv_tile_load_forms_match_reference(rel_err, monkeypatch, B, T, H, Hkv, Dqk, Dv, lengths, window, softcap,
                                             dtype, load):
-    """Both LOADS forms of 16-bit inputs, every kernel: the forward's and the dQ kernel's K and V
-    tiles, the dK/dV kernel's q and dO tiles (folded rows), through pointers or through
-    descriptors (rows past T and the padded head dim are the descriptor's zeros, not masked
-    loads); "tma" must build its descriptors (two per kernel), not fall back."""
+    """Both LOADS forms of 16-bit inputs: the forward's and the dQ kernel's K and V tiles through
+    pointers, or through descriptors (rows past T and the padded head dim are the descriptor's
+    zeros, not masked loads); "tma" must build its descriptors (two per kernel), not fall back."""
     from deepwish.kernels.attention import triton as tk
-    for kind in ("fwd", "dq", "dkdv"):
+    for kind in ("fwd", "dq"):
         monkeypatch.setitem(tk.LOADS, kind, load)
     made = []
     real = tk._tile_descriptor
@@ -93,7 +92,7 @@ def test_kv_tile_load_forms_match_reference(rel_err, monkeypatch, B, T, H, Hkv, 
     got = flash_attention(q, k, v, doc_ids=ids, window=window, softcap=softcap)
     wg = torch.autograd.grad((want.float() * g).sum(), (q, k, v))
     gg = torch.autograd.grad((got.float() * g).sum(), (q, k, v))
-    assert len(made) == (6 if load == "tma" else 0) and all(d is not None for d in made)
+    assert len(made) == (4 if load == "tma" else 0) and all(d is not None for d in made)
     errs = [_err(rel_err, a, b) for a, b in zip((want, *wg), (got, *gg))]
     assert max(errs) < TOL[dtype], dict(zip(("o", "dq", "dk", "dv"), errs))
 
@@ -102,15 +101,10 @@ def test_tensor_descriptors_need_16bit_aligned_tiles():
     """What the copy engine cannot take (fp32, a base or stride off 16 bytes) gets no descriptor:
     the kernels then load through pointers. An unknown load form is an error."""
     from deepwish.kernels.attention import triton as tk
-    meta = dict(G=3, GP=4, BLOCK_DK=64, BLOCK_DV=64)  # a group of 3: padded heads, which a box would fill
-    with pytest.MonkeyPatch.context() as mp:  # with another group's rows
-        mp.setitem(tk.LOADS, "dkdv", "tma")
-        assert tk._rows_descriptors(torch.zeros(1, 8, 6, 64, dtype=torch.float16),
-                                    torch.zeros(1, 8, 6, 64, dtype=torch.float16), 32, meta) == (None, None)
     with pytest.raises(ValueError, match="LOADS"):
         with pytest.MonkeyPatch.context() as mp:
             mp.setitem(tk.LOADS, "fwd", "tensor")
-            tk._descriptors("fwd", (None, [1, 16, 1, 64]))
+            tk._kv_descriptors("fwd", None, None, 16, {})
     x = torch.zeros(1, 8, 2, 64, dtype=torch.float16)
     box = [1, 16, 1, 64]
     assert tk._tile_descriptor(x, box) is not None

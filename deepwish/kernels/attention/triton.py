@@ -135,15 +135,13 @@ TILES = {
 BACKWARD_DQ = "kernel"
 BACKWARD_DQ_FORMS = ("kernel", "atomic", "atomic_t")
 
-# How the kernels load the tiles they stream (LOADS[kind]): the forward and dQ kernels their K and
-# V tiles, the dK/dV kernels (both BACKWARD_DQ forms: "dkdv") their q and dO tiles:
+# How the forward and dQ kernels load the K and V tiles they stream (LOADS[kind]):
 # - "pointer": a tile of per-element addresses (int64 offsets, masks at T and at the head dim),
 #   which Triton pipelines with asynchronous copies (cp.async) over num_stages buffers;
 # - "tma": a tensor descriptor over the [B, T, heads, D] tensor (Hopper's tensor memory
 #   accelerator: one instruction copies the tile, the copy engine computes the addresses and
 #   zero-fills rows past T and channels past D, so the loop holds no address or mask arithmetic).
-#   16-bit inputs whose base and strides are 16-byte aligned; the dK/dV kernels' folded rows also
-#   need a power-of-two group (G = GP); anything else takes "pointer".
+#   16-bit inputs whose base and strides are 16-byte aligned; anything else takes "pointer".
 # Two ways to overlap the forward's softmax with its matmuls were compiled offline for sm_90
 # (Triton 3.7, 128 x 64 tile, 8 warps, the descriptors) and dropped: tl.range(warp_specialize=True)
 # leaves the loop unpartitioned at 8 warps and fails in its pass at 4; issuing the next tile's
@@ -153,7 +151,11 @@ BACKWARD_DQ_FORMS = ("kernel", "atomic", "atomic_t")
 # attention.md, run 7): "tma" as fast or faster in every (kernel, tile, shape) pair, forward
 # T16k causal 2.366 -> 2.275 ms (same tile), T64k 34.07 -> 32.98; dQ T16k 2.682 -> 2.549, T64k
 # 47.45 -> 40.69; d256 forward 0.134 -> 0.121 ms.
-LOADS = {"fwd": "tma", "dq": "tma", "dkdv": "pointer"}
+# The dK/dV kernels stream q and dO tiles of folded rows; through descriptors (a [1, BT, G, D] box
+# reshaped to the BM rows, power-of-two groups) they were no faster on the same H100 (32 x 64 w4
+# s3: 4.843 -> 4.850 ms at T16k causal; 64 x 128 w8 s3 77.33 -> 77.65 at T64k; d256 SPLIT 1.291 ->
+# 1.316 at T4k; run 7): they keep pointers, and the form was removed.
+LOADS = {"fwd": "tma", "dq": "tma"}
 LOADS_FORMS = ("pointer", "tma")
 
 
@@ -345,18 +347,13 @@ def _delta_kernel(O, DO, DELTA, ROWS, DV, BR: tl.constexpr, BLOCK_DV: tl.constex
 
 
 @triton.jit
-def _dkdv_tiles(dk_acc, dv_acc, k, v, Q, DO, QD, DOD, LSE, DELTA, DQA, sq_t, sq_h, sdo_t, sdo_h, b32, h0, n, hi_row,
-                start, end, T, H, G, W, scale, softcap, dk, dv, DQK, DV,
+def _dkdv_tiles(dk_acc, dv_acc, k, v, Q, DO, LSE, DELTA, DQA, sq_t, sq_h, sdo_t, sdo_h, n, hi_row, start, end, T, H, G, W, scale, softcap, dk, dv, DQK, DV,
                 GP: tl.constexpr, BM: tl.constexpr, MASK: tl.constexpr, SOFTCAP: tl.constexpr,
-                PREC: tl.constexpr, DQ_ATOMIC: tl.constexpr, DO_DK: tl.constexpr, DO_DV: tl.constexpr,
-                TMA: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr):
+                PREC: tl.constexpr, DQ_ATOMIC: tl.constexpr, DO_DK: tl.constexpr, DO_DV: tl.constexpr):
     """Keys are rows here: sᵀ [BN, BM] = k · qᵀ, so pᵀ and dsᵀ feed their dots from registers.
     Q, DO, LSE, DELTA, DQA point at the program's batch row and first query head of its group
     (offsets from them: token and head in the group).
     DO_DK / DO_DV: which of the two sums this program makes (DKDV split: see _dkdv_kernel).
-    TMA: q and dO tiles through the descriptors QD, DOD (LOADS["dkdv"]; only where G = GP): the
-    box [1, BT, G, D] at (batch, token m0, head h0) is the tile's BT tokens × G heads of the
-    group, which reshaped to [BM, D] are the folded rows in their order; tokens >= T are zeros.
     DQ_ATOMIC (0: off): also add this key tile's share of dq, ds · k, into the fp32 buffer DQA
     (contiguous [B, T, H, Dqk], unscaled) with atomics; 1: as dq [BM, Dqk] = (dsᵀ)ᵀ · k, 2: as
     dqᵀ [Dqk, BM] = kᵀ · dsᵀ (see BACKWARD_DQ)."""
@@ -365,11 +362,8 @@ def _dkdv_tiles(dk_acc, dv_acc, k, v, Q, DO, QD, DOD, LSE, DELTA, DQA, sq_t, sq_
     for m0 in range(start, end, BT):
         t, r, row_ok = _rows(m0, T, G, GP, BM)
         t64, h64 = tl.cast(t, tl.int64), tl.cast(r, tl.int64)
-        if TMA:
-            q_t = tl.trans(tl.reshape(QD.load([b32, m0, h0, 0]), [BM, BLOCK_DK]))
-        else:
-            q_t = tl.load(Q + t64[None, :] * sq_t + h64[None, :] * sq_h + dk[:, None],
-                          mask=row_ok[None, :] & (dk < DQK)[:, None], other=0.0)  # [BLOCK_DK, BM]
+        q_t = tl.load(Q + t64[None, :] * sq_t + h64[None, :] * sq_h + dk[:, None],
+                      mask=row_ok[None, :] & (dk < DQK)[:, None], other=0.0)  # [BLOCK_DK, BM]
         row = t64 * H + h64
         lse = tl.load(LSE + row, mask=row_ok, other=0.0)
         s_t = tl.dot(k, q_t, input_precision=PREC)
@@ -382,11 +376,8 @@ def _dkdv_tiles(dk_acc, dv_acc, k, v, Q, DO, QD, DOD, LSE, DELTA, DQA, sq_t, sq_
             p_t = tl.where(_visible_t(t, n, hi_row), p_t, 0.0)
         # padded rows (heads >= G, tokens >= T) load q = dO = 0 and lse = delta = 0: in unmasked
         # tiles their p is 1 but their dO and ds are 0, so they add nothing
-        if TMA:
-            do = tl.reshape(DOD.load([b32, m0, h0, 0]), [BM, BLOCK_DV])
-        else:
-            do = tl.load(DO + t64[:, None] * sdo_t + h64[:, None] * sdo_h + dv[None, :],
-                         mask=row_ok[:, None] & (dv < DV)[None, :], other=0.0)
+        do = tl.load(DO + t64[:, None] * sdo_t + h64[:, None] * sdo_h + dv[None, :],
+                     mask=row_ok[:, None] & (dv < DV)[None, :], other=0.0)
         # pᵀ is kept only in the input dtype (the dv dot's operand; ds below uses it too): no fp32
         # copy held across the dpᵀ dot (16-bit inputs: p rounded once, as the dv dot sees it)
         p_t = p_t.to(do.dtype)
@@ -421,13 +412,13 @@ def _dkdv_tiles(dk_acc, dv_acc, k, v, Q, DO, QD, DOD, LSE, DELTA, DQA, sq_t, sq_
 
 
 @triton.jit
-def _dkdv_kernel(Q, K, V, DO, QD, DOD, LSE, DELTA, DS, DE, DKO, DVO, DQA,
+def _dkdv_kernel(Q, K, V, DO, LSE, DELTA, DS, DE, DKO, DVO, DQA,
                  sq_b, sq_t, sq_h, sk_b, sk_t, sk_h, sv_b, sv_t, sv_h, sdo_b, sdo_t, sdo_h,
                  sdk_b, sdk_t, sdk_h, sdv_b, sdv_t, sdv_h,
                  T, H, HKV, G, W, scale, softcap, DQK: tl.constexpr, DV: tl.constexpr,
                  BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr, GP: tl.constexpr,
                  SOFTCAP: tl.constexpr, PREC: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
-                 DQ_ATOMIC: tl.constexpr, SPLIT: tl.constexpr, TMA: tl.constexpr):
+                 DQ_ATOMIC: tl.constexpr, SPLIT: tl.constexpr):
     """SPLIT = 0: one program per key tile sums dK and dV. SPLIT = 1 (grid axis 2 of size 2): the
     programs of part 0 sum dK (and the dq atomics), those of part 1 dV; each holds one [BN, D] fp32
     accumulator instead of two, the price being the sᵀ dot done twice (five matmuls, not four).
@@ -435,35 +426,34 @@ def _dkdv_kernel(Q, K, V, DO, QD, DOD, LSE, DELTA, DS, DE, DKO, DVO, DQA,
     program whose sᵀ/dpᵀ dots are not computed twice by two warpgroups over the same 64 rows)."""
     if SPLIT:
         if tl.program_id(2) == 0:
-            _dkdv_program(Q, K, V, DO, QD, DOD, LSE, DELTA, DS, DE, DKO, DVO, DQA, sq_b, sq_t, sq_h, sk_b, sk_t, sk_h,
+            _dkdv_program(Q, K, V, DO, LSE, DELTA, DS, DE, DKO, DVO, DQA, sq_b, sq_t, sq_h, sk_b, sk_t, sk_h,
                           sv_b, sv_t, sv_h, sdo_b, sdo_t, sdo_h, sdk_b, sdk_t, sdk_h, sdv_b, sdv_t, sdv_h,
                           T, H, HKV, G, W, scale, softcap, DQK, DV, BLOCK_DK, BLOCK_DV, GP, SOFTCAP, PREC, BM, BN,
-                          DQ_ATOMIC, True, False, TMA)
+                          DQ_ATOMIC, True, False)
         else:
-            _dkdv_program(Q, K, V, DO, QD, DOD, LSE, DELTA, DS, DE, DKO, DVO, DQA, sq_b, sq_t, sq_h, sk_b, sk_t, sk_h,
+            _dkdv_program(Q, K, V, DO, LSE, DELTA, DS, DE, DKO, DVO, DQA, sq_b, sq_t, sq_h, sk_b, sk_t, sk_h,
                           sv_b, sv_t, sv_h, sdo_b, sdo_t, sdo_h, sdk_b, sdk_t, sdk_h, sdv_b, sdv_t, sdv_h,
                           T, H, HKV, G, W, scale, softcap, DQK, DV, BLOCK_DK, BLOCK_DV, GP, SOFTCAP, PREC, BM, BN,
-                          0, False, True, TMA)
+                          0, False, True)
     else:
-        _dkdv_program(Q, K, V, DO, QD, DOD, LSE, DELTA, DS, DE, DKO, DVO, DQA, sq_b, sq_t, sq_h, sk_b, sk_t, sk_h,
+        _dkdv_program(Q, K, V, DO, LSE, DELTA, DS, DE, DKO, DVO, DQA, sq_b, sq_t, sq_h, sk_b, sk_t, sk_h,
                       sv_b, sv_t, sv_h, sdo_b, sdo_t, sdo_h, sdk_b, sdk_t, sdk_h, sdv_b, sdv_t, sdv_h,
                       T, H, HKV, G, W, scale, softcap, DQK, DV, BLOCK_DK, BLOCK_DV, GP, SOFTCAP, PREC, BM, BN,
-                      DQ_ATOMIC, True, True, TMA)
+                      DQ_ATOMIC, True, True)
 
 
 @triton.jit
-def _dkdv_program(Q, K, V, DO, QD, DOD, LSE, DELTA, DS, DE, DKO, DVO, DQA,
+def _dkdv_program(Q, K, V, DO, LSE, DELTA, DS, DE, DKO, DVO, DQA,
                   sq_b, sq_t, sq_h, sk_b, sk_t, sk_h, sv_b, sv_t, sv_h, sdo_b, sdo_t, sdo_h,
                   sdk_b, sdk_t, sdk_h, sdv_b, sdv_t, sdv_h,
                   T, H, HKV, G, W, scale, softcap, DQK: tl.constexpr, DV: tl.constexpr,
                   BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr, GP: tl.constexpr,
                   SOFTCAP: tl.constexpr, PREC: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
-                  DQ_ATOMIC: tl.constexpr, DO_DK: tl.constexpr, DO_DV: tl.constexpr, TMA: tl.constexpr):
+                  DQ_ATOMIC: tl.constexpr, DO_DK: tl.constexpr, DO_DV: tl.constexpr):
     BT: tl.constexpr = BM // GP
     n0 = tl.program_id(0) * BN
     bh = tl.program_id(1)
-    b32 = bh // HKV
-    b = tl.cast(b32, tl.int64)
+    b = tl.cast(bh // HKV, tl.int64)
     hkv = bh % HKV
     n = n0 + tl.arange(0, BN)
     n64 = tl.cast(n, tl.int64)
@@ -498,18 +488,15 @@ def _dkdv_program(Q, K, V, DO, QD, DOD, LSE, DELTA, DS, DE, DKO, DVO, DQA,
     LSEb = LSE + ds_base * H + h0
     DELTAb = DELTA + ds_base * H + h0
     DQAb = DQA + (ds_base * H + h0) * DQK
-    dk_acc, dv_acc = _dkdv_tiles(dk_acc, dv_acc, k, v, Qb, DOb, QD, DOD, LSEb, DELTAb, DQAb,
-                                 sq_t, sq_h, sdo_t, sdo_h, b32, hkv * G, n, hi_row, lo, a, T, H, G, W, scale,
-                                 softcap, dk, dv, DQK, DV, GP, BM, True, SOFTCAP, PREC, DQ_ATOMIC, DO_DK, DO_DV,
-                                 TMA, BLOCK_DK, BLOCK_DV)
-    dk_acc, dv_acc = _dkdv_tiles(dk_acc, dv_acc, k, v, Qb, DOb, QD, DOD, LSEb, DELTAb, DQAb,
-                                 sq_t, sq_h, sdo_t, sdo_h, b32, hkv * G, n, hi_row, a, bb, T, H, G, W, scale,
-                                 softcap, dk, dv, DQK, DV, GP, BM, False, SOFTCAP, PREC, DQ_ATOMIC, DO_DK, DO_DV,
-                                 TMA, BLOCK_DK, BLOCK_DV)
-    dk_acc, dv_acc = _dkdv_tiles(dk_acc, dv_acc, k, v, Qb, DOb, QD, DOD, LSEb, DELTAb, DQAb,
-                                 sq_t, sq_h, sdo_t, sdo_h, b32, hkv * G, n, hi_row, bb, hi, T, H, G, W, scale,
-                                 softcap, dk, dv, DQK, DV, GP, BM, True, SOFTCAP, PREC, DQ_ATOMIC, DO_DK, DO_DV,
-                                 TMA, BLOCK_DK, BLOCK_DV)
+    dk_acc, dv_acc = _dkdv_tiles(dk_acc, dv_acc, k, v, Qb, DOb, LSEb, DELTAb, DQAb,
+                                 sq_t, sq_h, sdo_t, sdo_h, n, hi_row, lo, a, T, H, G, W, scale, softcap,
+                                 dk, dv, DQK, DV, GP, BM, True, SOFTCAP, PREC, DQ_ATOMIC, DO_DK, DO_DV)
+    dk_acc, dv_acc = _dkdv_tiles(dk_acc, dv_acc, k, v, Qb, DOb, LSEb, DELTAb, DQAb,
+                                 sq_t, sq_h, sdo_t, sdo_h, n, hi_row, a, bb, T, H, G, W, scale, softcap,
+                                 dk, dv, DQK, DV, GP, BM, False, SOFTCAP, PREC, DQ_ATOMIC, DO_DK, DO_DV)
+    dk_acc, dv_acc = _dkdv_tiles(dk_acc, dv_acc, k, v, Qb, DOb, LSEb, DELTAb, DQAb,
+                                 sq_t, sq_h, sdo_t, sdo_h, n, hi_row, bb, hi, T, H, G, W, scale, softcap,
+                                 dk, dv, DQK, DV, GP, BM, True, SOFTCAP, PREC, DQ_ATOMIC, DO_DK, DO_DV)
     if DO_DK:
         tl.store(DKO + b * sdk_b + hkv64 * sdk_h + n64[:, None] * sdk_t + dk[None, :],
                  (dk_acc * scale).to(DKO.dtype.element_ty), mask=key_ok[:, None] & (dk < DQK)[None, :])
@@ -637,31 +624,18 @@ def _tile_descriptor(x: torch.Tensor, box: list[int]):
     return TensorDescriptor(x, list(x.shape), list(x.stride()), box)
 
 
-def _descriptors(kind: str, *tiles):
-    """Descriptors for (tensor, box) pairs where LOADS[kind] is "tma", else Nones: the "pointer"
-    form, or a tensor the copy engine cannot take (then none of them, one form per launch)."""
+def _kv_descriptors(kind: str, k, v, rows: int, meta: dict):
+    """(k, v) descriptors of one KV head's [rows, head dim] tiles where LOADS[kind] is "tma", else
+    (None, None): the "pointer" form, or a tensor the copy engine cannot take (then neither: one
+    form per launch)."""
     form = LOADS[kind]
     if form not in LOADS_FORMS:
         raise ValueError(f"attention LOADS[{kind!r}] must be one of {LOADS_FORMS}, got {form!r}")
     if form == "pointer":
-        return (None,) * len(tiles)
-    made = tuple(_tile_descriptor(x, box) for x, box in tiles)
-    return made if all(d is not None for d in made) else (None,) * len(tiles)
-
-
-def _kv_descriptors(kind: str, k, v, rows: int, meta: dict):
-    """(k, v) descriptors of one KV head's [rows, head dim] tiles (forward and dQ kernels)."""
-    return _descriptors(kind, (k, [1, rows, 1, meta["BLOCK_DK"]]), (v, [1, rows, 1, meta["BLOCK_DV"]]))
-
-
-def _rows_descriptors(q, do, rows: int, meta: dict):
-    """(q, dO) descriptors of the dK/dV kernels' [rows / G tokens, G heads, head dim] tiles (the
-    group's folded rows), or (None, None); only where G is a power of two (GP = G: the box holds
-    no padded heads, which must be zeros and would be the next group's)."""
-    if meta["GP"] != meta["G"]:
         return None, None
-    bt = rows // meta["GP"]
-    return _descriptors("dkdv", (q, [1, bt, meta["G"], meta["BLOCK_DK"]]), (do, [1, bt, meta["G"], meta["BLOCK_DV"]]))
+    kd = _tile_descriptor(k, [1, rows, 1, meta["BLOCK_DK"]])
+    vd = _tile_descriptor(v, [1, rows, 1, meta["BLOCK_DV"]])
+    return (kd, vd) if kd is not None and vd is not None else (None, None)
 
 
 def forward(q, k, v, doc_start, scale, window, softcap):
@@ -695,11 +669,9 @@ def backward_dkdv(q, k, v, do, lse, delta, doc_start, doc_end, scale, window, so
     dv = torch.empty_like(v)
     cfg = tile_config("dkdv", max(q.shape[-1], v.shape[-1]), meta["G"], q.dtype, T)
     # DQA (dv in its place) is never touched without DQ_ATOMIC
-    qd, dod = _rows_descriptors(q, do, cfg["BM"], meta)
     _dkdv_kernel[(triton.cdiv(T, cfg["BN"]), B * meta["HKV"], 1 + cfg["SPLIT"])](
-        q, k, v, do, qd, dod, lse, delta, doc_start, doc_end, dk, dv, dv, *q.stride()[:3], *k.stride()[:3],
-        *v.stride()[:3], *do.stride()[:3], *dk.stride()[:3], *dv.stride()[:3], scale=scale, **meta, **cfg, DQ_ATOMIC=0,
-        TMA=qd is not None)
+        q, k, v, do, lse, delta, doc_start, doc_end, dk, dv, dv, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3],
+        *do.stride()[:3], *dk.stride()[:3], *dv.stride()[:3], scale=scale, **meta, **cfg, DQ_ATOMIC=0)
     return dk, dv
 
 
@@ -724,11 +696,10 @@ def backward_dkdvq(q, k, v, do, lse, delta, doc_start, doc_end, scale, window, s
     dv = torch.empty_like(v)
     dq_acc = torch.zeros(q.shape, dtype=torch.float32, device=q.device)  # contiguous [B, T, H, Dqk]
     cfg = tile_config("dkdvq", max(q.shape[-1], v.shape[-1]), meta["G"], q.dtype, T)
-    qd, dod = _rows_descriptors(q, do, cfg["BM"], meta)
     _dkdv_kernel[(triton.cdiv(T, cfg["BN"]), B * meta["HKV"], 1 + cfg["SPLIT"])](
-        q, k, v, do, qd, dod, lse, delta, doc_start, doc_end, dk, dv, dq_acc, *q.stride()[:3], *k.stride()[:3],
+        q, k, v, do, lse, delta, doc_start, doc_end, dk, dv, dq_acc, *q.stride()[:3], *k.stride()[:3],
         *v.stride()[:3], *do.stride()[:3], *dk.stride()[:3], *dv.stride()[:3], scale=scale, **meta, **cfg,
-        DQ_ATOMIC=2 if BACKWARD_DQ == "atomic_t" else 1, TMA=qd is not None)
+        DQ_ATOMIC=2 if BACKWARD_DQ == "atomic_t" else 1)
     return dq_acc.mul_(scale).to(q.dtype), dk, dv
 
 
