@@ -73,7 +73,7 @@ _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 LONG_T = 32768
 TILES = {
     # (kind, "d128" | "d256", "16bit" | "fp32", "short" | "long"): (BM, BN, warps, stages)
-    ("fwd", "d128", "16bit", "short"): (128, 128, 8, 3),  # with "tma" loads (LOADS), H100 2026-12-06
+    ("fwd", "d128", "16bit", "short"): (128, 128, 8, 3),  # with "tma" loads: the sweep's pick, H100 2026-12-06
     ("dkdv", "d128", "16bit", "short"): (32, 64, 4, 3),
     ("dq", "d128", "16bit", "short"): (128, 64, 8, 3),
     ("fwd", "d128", "16bit", "long"): (128, 128, 8, 3),
@@ -148,9 +148,10 @@ BACKWARD_DQ_FORMS = ("kernel", "atomic", "atomic_t")
 # q·kᵀ before this tile's exponentials (FlashAttention-3's order, written by hand) gets the wait
 # for that matmul placed right after it, before the exponentials: no overlap, 55 more registers.
 # Timed on one H100 (2026-12-06, attention_tiles --focus --kinds fwd,dq --loads pointer,tma; reports/
-# attention.md, run 7): "tma" as fast or faster in every (kernel, tile, shape) pair, forward
-# T16k causal 2.366 -> 2.275 ms (same tile), T64k 34.07 -> 32.98; dQ T16k 2.682 -> 2.549, T64k
-# 47.45 -> 40.69; d256 forward 0.134 -> 0.121 ms.
+# attention.md, run 7): "tma" faster in 31 of 33 (kernel, tile, shape) pairs, within 1.3% in the
+# other two (forward 128 x 128 s3 at T16k causal 2.141 -> 2.169 ms; 128 x 64 s3 at B8 T2k 0.2587 ->
+# 0.2590); forward 128 x 64 s3 at T16k 2.366 -> 2.275 ms, T64k (128 x 128) 34.07 -> 32.98; dQ T16k
+# 2.682 -> 2.549, T64k 47.45 -> 40.69; d256 forward 0.134 -> 0.121 ms.
 # The dK/dV kernels stream q and dO tiles of folded rows; through descriptors (a [1, BT, G, D] box
 # reshaped to the BM rows, power-of-two groups) they were no faster on the same H100 (32 x 64 w4
 # s3: 4.843 -> 4.850 ms at T16k causal; 64 x 128 w8 s3 77.33 -> 77.65 at T64k; d256 SPLIT 1.291 ->
