@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # What the GPU machine runs: environment report, GPU tests and benchmarks, results under $OUT.
-#   bash scripts/gpu_run.sh STAGE...   with STAGE in: env tests kernels gdn train decode sweep tradeoff notebook profile embedding gpt_mfu corpus speedrun loop_profile mfu_variants lce ablate dsa nsa_kernels nsa_quality attn_dq_tiles attn_dq muon attn_focus_tiles attn_goals decode_tests decode_compare decode_tiles decode_rows decode_rows_compiled decode_profiles generate train_paths
+#   bash scripts/gpu_run.sh STAGE...   with STAGE in: env tests kernels gdn train decode sweep tradeoff notebook profile embedding gpt_mfu corpus speedrun loop_profile mfu_variants lce ablate dsa nsa_kernels nsa_quality attn_dq_tiles attn_dq muon attn_focus_tiles attn_goals decode_tests decode_compare decode_tiles decode_rows decode_rows_compiled decode_profiles generate train_paths packed_bench
 # Optional wheels in .whl/ (flash-linear-attention, liger-kernel) are installed to /tmp/site
 # first, so the anchors run side by side with deepwish in the same process (NO_WHEELS=1 skips
 # them, e.g. for HF's Qwen3-Next on its torch path).
@@ -130,6 +130,13 @@ for stage in "$@"; do
         --variant "muon: train.optimizer=muon" ${TRAIN_PATHS_ARGS:-} 2>&1 | grep -v '^step' | tail -30 || status=1
       mkdir -p "$OUT/train_paths"
       cp /tmp/variants_qwen/variants.* "$OUT/train_paths/" 2>/dev/null || status=1 ;;
+    packed_bench)  # `bench train` plain causal beside its packed variant on the speedrun's code corpus (many
+      # documents a row; the row prints documents per row), one process, ~3 min: the attention issue's
+      # packed-within-5% goal measured where packing is real
+      bash "$0" corpus >/dev/null || status=1
+      python3 -m deepwish.cli bench train --out "$OUT/packed_bench" --preset qwen3_0.6b --variants deepwish,deepwish-packed \
+        --packed-data "${CORPUS:-/tmp/deepwish-pycode}" --steps 12 --warmup 4 ${PACKED_BENCH_ARGS:-} 2>&1 \
+        | grep -v '^step' | tail -12 || status=1 ;;
     lce)  # the fused loss: GPU tests (the soft-cap's tanh instruction included), then its row kernel and the
       # whole loss against torch.compile of the plain loss (bench/lce_rows.py)
       python3 -m pytest -m gpu -q -p no:cacheprovider tests/kernels/test_kernels_gpu_conv_lce.py 2>&1 | tail -5

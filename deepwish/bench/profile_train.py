@@ -35,7 +35,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.variant == "hf":
         step, _ = build_hf(args.preset, args.batch, args.seq)
     else:
-        step, _ = build_deepwish(args.preset, args.batch, args.seq, args.variant)
+        step, _, _ = build_deepwish(args.preset, args.batch, args.seq, args.variant)
     for _ in range(3):
         step()
     torch.cuda.synchronize()

@@ -36,10 +36,13 @@ before anything of ours is resident; each result records what was still allocate
                   needs a newer torch): FlexAttention with its per-batch causal mask (it has no
                   SDPA path). Skipped with a line saying why when torchtitan is not importable.
   deepwish-packed the trainer's real input: PackedLoader batches of the embedded corpus (the
-                  default shards `deepwish train` builds), with per-token document ids and
-                  positions, so attention runs with document isolation (model.attn_backend=auto:
-                  the own flash kernel on CUDA; the other variants' plain causal input takes SDPA
-                  flash). Compare with `deepwish` for the cost of document isolation.
+                  default shards `deepwish train` builds) or of `--packed-data DIR` (a corpus
+                  `deepwish data build` wrote), with per-token document ids and positions, so
+                  attention runs with document isolation (model.attn_backend=auto: the own flash
+                  kernel on CUDA; the other variants' plain causal input takes SDPA flash).
+                  Compare with `deepwish` for the cost of document isolation. The row reports
+                  its mean documents per row: the embedded corpus (eleven plays) gives ~1, i.e.
+                  mostly the plain causal path.
 The other variants take random token ids, no packing (plain causal attention, the flash path).
 
 Reported per run: tokens/s, step time, MFU = tok/s × model.flops_per_token(seq) / the device's
@@ -103,6 +106,7 @@ class Result:
     resident_gib_before: float | None = None  # allocated before building (left over from earlier runs)
     loss_first: float | None = None
     loss_last: float | None = None
+    docs_per_row: float | None = None  # deepwish-packed: mean documents per row of its batches
 
 
 # ---- the two step functions ----------------------------------------------------------------------
@@ -141,8 +145,9 @@ def _one_rank_group_env() -> None:
     os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
 
 
-def build_deepwish(preset: str, batch: int, seq: int, variant: str):
-    """(step() -> loss tensor, flops_per_token) for our trainer's step at this shape."""
+def build_deepwish(preset: str, batch: int, seq: int, variant: str, packed_data: str | None = None):
+    """(step() -> loss tensor, flops_per_token, info) for our trainer's step at this shape; info
+    holds docs_per_row for deepwish-packed (batches from `packed_data`, see packed_batches)."""
     from deepwish.model import Transformer
     from deepwish.train import parallel
     from deepwish.train.loop import autocast_context
@@ -163,8 +168,9 @@ def build_deepwish(preset: str, batch: int, seq: int, variant: str):
     optimizer = build_optimizer(model, tc, distributed=d.active)
     backend = resolve_loss_backend(tc.loss_backend, device)
     V = run_cfg.model.vocab_size
+    info = {}
     if variant_parts(variant)[0] == "deepwish-packed":
-        batches = packed_batches(batch, seq, device)
+        batches, info["docs_per_row"] = packed_batches(batch, seq, device, data=packed_data, vocab_size=V)
     else:
         batches = [(torch.randint(0, V, (batch, seq), device=device), torch.randint(0, V, (batch, seq), device=device),
                     None, None)]
@@ -187,15 +193,32 @@ def build_deepwish(preset: str, batch: int, seq: int, variant: str):
     return step, model.flops_per_token(seq)
 
 
-def packed_batches(batch: int, seq: int, device, count: int = 8) -> list[tuple]:
-    """The first `count` batches `deepwish train` would draw from the embedded corpus (default
-    shards and tokenizer, PackedLoader with seed 0), moved to the device as the trainer moves them
-    (`to_device`: doc ids dropped from batches whose rows each hold one document)."""
+def packed_batches(batch: int, seq: int, device, count: int = 8, data: str | None = None,
+                   vocab_size: int | None = None) -> tuple[list[tuple], float]:
+    """The first `count` batches `deepwish train` would draw (PackedLoader, seed 0) from `data` (a
+    directory `deepwish data build` wrote: its train.bin) or, without it, from the embedded
+    corpus's default shards, moved to the device as the trainer moves them (`to_device`: doc ids
+    dropped from batches whose rows each hold one document); and the mean number of documents per
+    row, which decides what the variant measures: the embedded corpus is eleven plays, so its
+    2,048-token rows are nearly all one document (the plain causal path), where a corpus of many
+    short files packs several per row. Ids must fit the model's vocabulary (`vocab_size`)."""
     from deepwish.data import PackedLoader, ensure_default_data
     from deepwish.train.loop import to_device
-    train_bin, _, _ = ensure_default_data()
-    it = iter(PackedLoader(train_bin, seq, batch, seed=0))
-    return [to_device(next(it), device) for _ in range(count)]
+    if data is None:
+        train_bin, _, _ = ensure_default_data()
+    else:
+        train_bin = Path(data) / "train.bin"
+        if not train_bin.is_file():
+            raise FileNotFoundError(f"--packed-data {data}: no train.bin there (a directory `deepwish data build` "
+                                    f"wrote is expected)")
+    loader = PackedLoader(train_bin, seq, batch, seed=0)
+    if vocab_size is not None and loader.header.vocab_size > vocab_size:
+        raise ValueError(f"{train_bin}: its tokenizer's vocabulary ({loader.header.vocab_size}) is larger than the "
+                         f"model's ({vocab_size}); ids past the embedding table")
+    it = iter(loader)
+    host = [next(it) for _ in range(count)]
+    docs = [len(torch.unique(row)) for b in host for row in b[2]]
+    return [to_device(b, device) for b in host], sum(docs) / len(docs)
 
 
 def hf_config(model_cfg):
@@ -389,7 +412,8 @@ def model_flops_per_token(model_cfg, seq: int) -> float:
 
 
 # ---- timing ----------------------------------------------------------------------------------------
-def measure(preset: str, variant: str, batch: int, seq: int, steps: int, warmup: int) -> Result:
+def measure(preset: str, variant: str, batch: int, seq: int, steps: int, warmup: int,
+            packed_data: str | None = None) -> Result:
     """Build, warm up and time one variant; out-of-memory becomes status 'OOM'."""
     res = Result(preset, variant, batch, seq, "ok")
     gc.collect()
@@ -398,9 +422,13 @@ def measure(preset: str, variant: str, batch: int, seq: int, steps: int, warmup:
     res.resident_gib_before = torch.cuda.memory_allocated() / 2**30
     failure = None
     try:
-        step, fpt = (build_hf(preset, batch, seq, liger=variant == "hf-liger") if variant.startswith("hf")
-                     else build_torchtitan(preset, batch, seq) if variant == "torchtitan"
-                     else build_deepwish(preset, batch, seq, variant))
+        if variant.startswith("hf"):
+            step, fpt = build_hf(preset, batch, seq, liger=variant == "hf-liger")
+        elif variant == "torchtitan":
+            step, fpt = build_torchtitan(preset, batch, seq)
+        else:
+            step, fpt, info = build_deepwish(preset, batch, seq, variant, packed_data)
+            res.docs_per_row = info.get("docs_per_row")
         peak, _ = device_peak_flops(torch.device("cuda"))
         t0 = time.perf_counter()
         first = float(step())
@@ -436,15 +464,16 @@ def measure(preset: str, variant: str, batch: int, seq: int, steps: int, warmup:
     return res
 
 
-def run_preset(preset: str, variants: list[str], batch: int, seq: int, steps: int, warmup: int) -> list[Result]:
+def run_preset(preset: str, variants: list[str], batch: int, seq: int, steps: int, warmup: int,
+               packed_data: str | None = None) -> list[Result]:
     out = []
     for v in variants:
         print(f"[bench] {preset} {v} batch {batch} seq {seq} ...", flush=True)
-        r = measure(preset, v, batch, seq, steps, warmup)
+        r = measure(preset, v, batch, seq, steps, warmup, packed_data)
         if v.startswith("hf") and r.status == "OOM" and batch > 1:
             out.append(r)
             print(f"[bench] {preset} {v} OOM at batch {batch}; trying batch {batch // 2}", flush=True)
-            r = measure(preset, v, batch // 2, seq, steps, warmup)
+            r = measure(preset, v, batch // 2, seq, steps, warmup, packed_data)
         out.append(r)
         print(f"[bench]   {_fmt(r)}", flush=True)
     return out
@@ -457,8 +486,10 @@ def _pct(x: float | None) -> str:
 def _fmt(r: Result) -> str:
     if r.status != "ok":
         return f"{r.variant:19s} b{r.batch:<3d} {r.status}"
+    docs = "" if r.docs_per_row is None else f"  {r.docs_per_row:.2f} docs/row"
     return (f"{r.variant:19s} b{r.batch:<3d} {r.tok_s / 1e3:8.1f}k tok/s  {r.step_ms:8.1f} ms/step  MFU {_pct(r.mfu)}  "
-            f"peak {r.peak_gib:6.1f} GiB  first step {r.first_step_s:6.1f} s  loss {r.loss_first:.3f}->{r.loss_last:.3f}")
+            f"peak {r.peak_gib:6.1f} GiB  first step {r.first_step_s:6.1f} s  loss {r.loss_first:.3f}->{r.loss_last:.3f}"
+            + docs)
 
 
 def verdicts(preset: str, results: list[Result]) -> list[str]:
@@ -648,7 +679,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--scaling", type=int, default=0, metavar="N",
                    help="instead: the FSDP2 scaling runs on N GPUs against 1 GPU (batch = per-GPU batch)")
     p.add_argument("--timeout", type=int, default=240, help="seconds allowed per scaling run")
+    p.add_argument("--packed-data", default=None, metavar="DIR",
+                   help="deepwish-packed's batches from this corpus (a `deepwish data build` directory) instead of "
+                        "the embedded one, whose rows are nearly all one document")
     args = p.parse_args(argv)
+    if args.packed_data is not None and not (Path(args.packed_data) / "train.bin").is_file():
+        raise SystemExit(f"--packed-data {args.packed_data}: no train.bin there (a directory `deepwish data build` "
+                         f"wrote is expected)")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     presets = args.preset or ["qwen3_0.6b"]
@@ -675,8 +712,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"[bench] note: preset {preset!r} does not exist yet; skipped", flush=True)
             skipped.append(preset)
             continue
-        results += run_preset(preset, variants, args.batch, args.seq, args.steps, args.warmup)
+        results += run_preset(preset, variants, args.batch, args.seq, args.steps, args.warmup, args.packed_data)
     doc = {"env": environment(), "batch": args.batch, "seq": args.seq, "steps": args.steps, "warmup": args.warmup,
+           "packed_data": args.packed_data,
            "skipped_presets": skipped, "goals": GOALS, "results": [dataclasses.asdict(r) for r in results]}
     (out / "results.json").write_text(json.dumps(doc, indent=1))
     if results:

@@ -157,3 +157,25 @@ def test_bench_train_bf16_stream_variants_and_their_verdicts():
     text = "\n".join(bench.verdicts("qwen3_0.6b", rows))
     assert "deepwish vs HF + Liger measured here (b8): 1.80x (goal >= 2x: NOT met)" in text
     assert "deepwish+bf16 vs HF + Liger measured here (b8): 2.00x (goal >= 2x: MET)" in text
+
+
+def test_bench_packed_variant_reads_a_built_corpus_and_counts_documents_per_row(tmp_path, capsys):
+    """deepwish-packed's batches from --packed-data: short documents pack several per row (the
+    embedded corpus's plays give ~1, the plain causal path), reported as documents per row; a
+    corpus whose ids overflow the model's embedding table, or a directory without train.bin, is
+    refused with a line naming the problem."""
+    from deepwish.bench import train as bench
+    from deepwish.data.shards import write_shard
+
+    rng = torch.Generator().manual_seed(0)
+    docs = [torch.randint(0, 90, (int(n),), generator=rng).tolist() for n in torch.randint(3, 12, (60,), generator=rng)]
+    write_shard(tmp_path / "train.bin", docs, vocab_size=100, fingerprint="test")
+    batches, per_row = bench.packed_batches(2, 32, torch.device("cpu"), count=3, data=str(tmp_path), vocab_size=128)
+    assert len(batches) == 3 and batches[0][0].shape == (2, 32)
+    assert per_row > 2  # 32-token rows of 3-11-token documents
+    ids = batches[0][2]
+    assert ids is not None and len(torch.unique(ids[0])) > 1
+    with pytest.raises(ValueError, match="larger than the model's"):
+        bench.packed_batches(2, 32, torch.device("cpu"), count=1, data=str(tmp_path), vocab_size=64)
+    with pytest.raises(SystemExit, match="no train.bin"):
+        bench.main(["--packed-data", str(tmp_path / "missing"), "--out", str(tmp_path / "out")])
