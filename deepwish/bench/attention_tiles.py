@@ -72,14 +72,12 @@ CANDIDATES = {
 # (added to the list when absent). Candidates are (BM, BN, warps, stages) plus options: fwd
 # (..., SLACK): lazy rescale in log2 units (0: every tile); dkdv / dkdvq (..., SPLIT): dK and dV
 # summed by separate programs (one accumulator each).
-# ptxas (sm_90, triton 3.7, --parts regs) on these: fwd 128 x 128 w8 248-255 registers, no spills;
-# dkdv d256 split 32 x 128 w8 s2 none, 16 x 128 w8 s2 8 bytes, 32 x 128 w8 s3 20 (unsplit
-# 64 x 64 w8: 344 bytes, and its sᵀ / dpᵀ dots run twice, once per warpgroup over the same 64
-# keys); dkdv d128 split 64 x 128 w8 none (unsplit 12 bytes, outside the loops).
+# This round (reports/attention.md run 7): the K/V load forms (--loads pointer,tma) of the forward
+# and dQ kernels; descriptors take fewer registers (ptxas, sm_90, triton 3.7: fwd 128 x 128 w8 s3
+# 248 -> 216, 128 x 64 180 -> 174; dq 128 x 64 w8 s3 198 -> 192, 128 x 128 w8 s2 104 -> 24 bytes
+# of spills), so the 128-key tiles were timed again. The dK/dV rows are today's picks and their
+# neighbours (the round's descriptor form for them lost and was removed).
 FOCUS = {
-    # streamed tiles through descriptors (--loads pointer,tma): fewer registers (ptxas, sm_90, triton 3.7:
-    # fwd 128 x 128 w8 s3 248 -> 216, 128 x 64 180 -> 174; dq 128 x 64 w8 s3 198 -> 192, 128 x 128
-    # w8 s2 104 -> 24 bytes of spills), so the 128-key tiles are worth timing again
     ("fwd", "d128", "short"): [(128, 64, 8, 3), (128, 128, 8, 2), (128, 128, 8, 3), (128, 64, 8, 4)],
     ("fwd", "d128", "long"): [(128, 128, 8, 3), (128, 128, 8, 2), (128, 64, 8, 3)],
     ("fwd", "d256", "short"): [(128, 64, 8, 2), (128, 64, 8, 3)],

@@ -34,6 +34,9 @@ Design (FlashAttention-2, the online softmax in base 2):
   works on transposed scores (keys as rows: Sᵀ = K·Qᵀ), so Pᵀ and dSᵀ are the left operands of
   their dots straight from registers; the untransposed form needs a register transpose
   (a round trip through shared memory) of two BN×BM tiles per step, which halved its speed.
+- The forward and dQ kernels stream K/V tiles of one KV head through tensor descriptors (LOADS:
+  Hopper's copy engine fetches a tile with one instruction and zero-fills past T and past the
+  head dim); inputs it cannot take keep per-element pointer loads.
 - Offsets are int64 (B·T·H·D passes 2³¹ at long T).
 - Accumulation is fp32; P and dS are cast to the input dtype for the tensor-core dots; fp32
   inputs take IEEE fp32 dots (no tf32), the exact toggle.
@@ -252,8 +255,8 @@ def _visible_t(t, n, hi):
 def _kv_tile(X, XD, x_base, sx_t, b32, hkv, n0, T, dx, DX, BN: tl.constexpr, BLOCK: tl.constexpr,
               MASK: tl.constexpr, TMA: tl.constexpr):
     """The [BN, BLOCK] tile of keys (or values) n0.. of one KV head (forward and dQ kernels): rows
-    past T and channels past DX are zeros (the descriptor's bounds with TMA; masked loads otherwise, the row mask only where a
-    tile can cross T)."""
+    past T and channels past DX are zeros (the descriptor's bounds with TMA; otherwise masked
+    loads, the row mask only where a tile can cross T)."""
     if TMA:
         x = tl.reshape(XD.load([b32, n0, hkv, 0]), [BN, BLOCK])
     else:
