@@ -269,10 +269,15 @@ SWEEP_CANDIDATES = {
     "cmp_dq": [{}, dict(BN=32), dict(num_stages=3), dict(BM=64, num_warps=4)],
     "cmp_dkdv": [{}, dict(Q_CHUNK=1024), dict(MAX_CHUNKS=32), dict(BN=32), dict(num_stages=3),
                  dict(BM=64, num_warps=4), dict(FUSE_DQ=True), dict(FUSE_DQ=True, BN=128)],
+    # TMA: each selected block through a tensor descriptor; compiled for sm_90 (triton 3.7) the
+    # pointer form's masked gather is not multi-buffered (22.5 KB of shared memory at any stage
+    # count, 150 registers), the descriptor form is (72 KB at 3 stages, 107 registers)
     "slc_fwd": [{}, dict(num_stages=2), dict(num_stages=4), dict(num_warps=8), dict(num_warps=2),
-                dict(BT=4), dict(BT=8, num_warps=8)],
+                dict(BT=4), dict(BT=8, num_warps=8), dict(TMA=True), dict(TMA=True, num_stages=4),
+                dict(TMA=True, num_stages=2)],
     "slc_dq": [{}, dict(num_stages=2), dict(num_stages=4), dict(num_warps=8), dict(num_warps=2),
-               dict(BT=4), dict(BT=8, num_warps=8)],
+               dict(BT=4), dict(BT=8, num_warps=8), dict(TMA=True), dict(TMA=True, num_stages=4),
+               dict(TMA=True, num_stages=2)],
     "slc_dkdv": [{}, dict(ROWS=64), dict(ROWS=256), dict(CH=256), dict(num_stages=3), dict(num_warps=4)],
 }
 SWEEP_TOL = 2e-2

@@ -58,6 +58,8 @@ OPTIONS = {
     "dq-fused-into-dkdv": {"cmp_dkdv": dict(FUSE_DQ=True)},
     "dkdv-one-chunk": {"cmp_dkdv": dict(Q_CHUNK=1 << 20)},
     "slc-union-bt4": {"slc_fwd": dict(BT=4), "slc_dq": dict(BT=4)},
+    "slc-tma": {"slc_fwd": dict(TMA=True), "slc_dq": dict(TMA=True)},
+    "slc-tma-4-stages": {"slc_fwd": dict(TMA=True, num_stages=4), "slc_dq": dict(TMA=True, num_stages=4)},
 }
 
 

@@ -218,6 +218,39 @@ def test_selected_branch_over_the_union_of_adjacent_selections(rel_err, bt, leng
                 assert rel_err(a, b) < 1e-5, (name, twice)
 
 
+@pytest.mark.parametrize("sl", [4, 16], ids=["block-lt-box", "block-eq-box"])
+def test_selected_branch_through_tensor_descriptors(rel_err, monkeypatch, sl):
+    """The tile option TMA of slc_fwd / slc_dq: each selected block's K and V through descriptors
+    (a block of 4 in a 16-row box holds its neighbours' rows, which the mask removes; an unused
+    slot's negative start and rows past S arrive as zeros), with packed documents and a partial
+    last block: output and dQ equal the reference's (fp16), and the descriptors are built, not
+    skipped. With BT > 1 (the union kernel) the option is refused."""
+    torch.manual_seed(11)
+    lengths, H, Hkv, D, n = [21, 30], 4, 2, 16, 3
+    S = sum(lengths)
+    NB = -(-S // sl)
+    q = torch.randn(1, S, H, D, dtype=torch.float16, requires_grad=True)
+    k = torch.randn(1, S, Hkv, D, dtype=torch.float16, requires_grad=True)
+    v = torch.randn(1, S, Hkv, D, dtype=torch.float16, requires_grad=True)
+    sel = (torch.rand(1, S, Hkv, NB + 1).argsort(-1)[..., :n] - 1).to(torch.int32)   # distinct, -1 = unused
+    kw = dict(q_pos=torch.arange(S)[None], doc_ids=doc_ids_of([lengths]), select_len=sl)
+    g = torch.randn(1, S, H, D)
+    made = []
+    real = tri._tile_descriptor
+    monkeypatch.setattr(tri, "_tile_descriptor", lambda *a: made.append(real(*a)) or made[-1])
+    with tri.override_tiles("slc_fwd", TMA=True), tri.override_tiles("slc_dq", TMA=True):
+        want = ref.nsa_selected(q, k, v, sel, **kw)
+        got = tri.nsa_selected(q, k, v, sel, **kw)
+        gw = torch.autograd.grad((want.float() * g).sum(), (q, k, v))
+        gg = torch.autograd.grad((got.float() * g).sum(), (q, k, v))
+    assert len(made) == 4 and all(d is not None for d in made)
+    assert rel_err(want, got) < TOL[torch.float16]
+    for name, a, b in zip(("dq", "dk", "dv"), gw, gg):
+        assert rel_err(a, b) < TOL[torch.float16], name
+    with tri.override_tiles("slc_fwd", TMA=True, BT=2), pytest.raises(ValueError, match="TMA applies to BT = 1"):
+        tri.nsa_selected(q, k, v, sel, **kw)
+
+
 def test_strided_inputs_and_unsorted_cmp_end(rel_err):
     """k/v as transposes of a [B, Hkv, L, D] cache, and compressed tokens in a shuffled order with
     padding in the middle: the kernels read strides and search exact ranges."""

@@ -70,6 +70,12 @@ Selected branch:
   for 4·16·64·D FLOPs (16 FLOP/byte; fla's design has the same), so the branch runs at the
   L2 bandwidth of gathered blocks, not at tensor-core rates.
 - dQ: the same program shape, with the saved lse and delta.
+- TMA (a tile option of slc_fwd / slc_dq at BT = 1, off until timed): each selected block's K and
+  V through a tensor descriptor (the block is a contiguous [SEL_LEN, D] tile at a data-dependent
+  row; the copy engine zero-fills an unused slot's negative start and rows past S). Compiled for
+  sm_90 (Triton 3.7) the pointer form's masked gather is not multi-buffered (22.5 KB of shared
+  memory whatever the stage count), the descriptor form is (72 KB at 3 stages; 150 -> 107
+  registers in the forward).
 - BT > 1 (a tile option of slc_fwd / slc_dq, `_slc_union_kernel`): a program owns BT adjacent
   tokens (rows: BT · GP) and walks the union of their selections once (deduplicated by an
   [BT·n, BT·n] comparison and compacted by a prefix sum, in registers), each K/V block loaded
@@ -103,7 +109,7 @@ import torch
 import triton
 import triton.language as tl
 
-from deepwish.kernels.attention.triton import _rows, backward_delta
+from deepwish.kernels.attention.triton import _rows, _tile_descriptor, backward_delta
 from deepwish.kernels.nsa.reference import check_compressed, check_selected, default_q_pos, query_doc_start
 from deepwish.kernels.online_softmax import online_softmax_step
 
@@ -131,8 +137,8 @@ TILES = {
     ("cmp_dq", "16bit"): dict(BM=128, BN=64, num_warps=8, num_stages=2),
     ("cmp_dkdv", "16bit"): dict(BM=128, BN=64, Q_CHUNK=512, MAX_CHUNKS=16, FUSE_DQ=False, num_warps=8,
                                 num_stages=2),
-    ("slc_fwd", "16bit"): dict(BT=1, num_warps=4, num_stages=3),
-    ("slc_dq", "16bit"): dict(BT=1, num_warps=4, num_stages=3),
+    ("slc_fwd", "16bit"): dict(BT=1, TMA=False, num_warps=4, num_stages=3),
+    ("slc_dq", "16bit"): dict(BT=1, TMA=False, num_warps=4, num_stages=3),
     ("slc_dkdv", "16bit"): dict(ROWS=128, CH=1024, num_warps=8, num_stages=2),
     ("cmp_fwd", "fp32"): dict(BM=64, BN=32, BNS=32, BJ=16, FUSED_SELECT=True, SORT_MERGE=True, RANK_MERGE=False,
                               SKIP_MERGE=False, JV=0, num_warps=8, num_stages=1),
@@ -141,8 +147,8 @@ TILES = {
     ("cmp_dq", "fp32"): dict(BM=64, BN=32, num_warps=8, num_stages=1),
     ("cmp_dkdv", "fp32"): dict(BM=64, BN=32, Q_CHUNK=512, MAX_CHUNKS=16, FUSE_DQ=False, num_warps=8,
                               num_stages=1),
-    ("slc_fwd", "fp32"): dict(BT=1, num_warps=4, num_stages=1),
-    ("slc_dq", "fp32"): dict(BT=1, num_warps=4, num_stages=1),
+    ("slc_fwd", "fp32"): dict(BT=1, TMA=False, num_warps=4, num_stages=1),
+    ("slc_dq", "fp32"): dict(BT=1, TMA=False, num_warps=4, num_stages=1),
     ("slc_dkdv", "fp32"): dict(ROWS=64, CH=1024, num_warps=8, num_stages=1),
     # decoding (T <= DECODE_MAX_T): rows = T·GP up to MAX_BM, SPLIT_TOKENS compressed tokens per split
     # SEL_TILES: scoring tiles per split of the selection pass (its own split count, `_select_splits`);
@@ -163,8 +169,8 @@ INTERPRET_TILES = {
                     num_stages=1),
     "cmp_dq": dict(BM=64, BN=16, num_warps=1, num_stages=1),
     "cmp_dkdv": dict(BM=32, BN=16, Q_CHUNK=8, MAX_CHUNKS=3, FUSE_DQ=False, num_warps=1, num_stages=1),
-    "slc_fwd": dict(BT=1, num_warps=1, num_stages=1),
-    "slc_dq": dict(BT=1, num_warps=1, num_stages=1),
+    "slc_fwd": dict(BT=1, TMA=False, num_warps=1, num_stages=1),
+    "slc_dq": dict(BT=1, TMA=False, num_warps=1, num_stages=1),
     "slc_dkdv": dict(ROWS=16, CH=3, num_warps=1, num_stages=1),
     "cmp_split": dict(MAX_BM=64, BN=16, BJ=16, SPLIT_TOKENS=5, SEL_TILES=1, SORT_MERGE=True, RANK_MERGE=False,
                       SKIP_MERGE=False, JV=0, num_warps=1, num_stages=1),
@@ -761,15 +767,32 @@ def _cmp_dkdv_kernel(Q, KC, VC, DO, LSE, DELTA, END, QPOS, QDS, QPMAX, QDSMIN, D
 
 # ---- selected branch ----------------------------------------------------------------------------
 @triton.jit
-def _slc_fwd_kernel(Q, K, V, SEL, QPOS, QDS, O, LSE,
+def _slc_block(X, XD, x_base, sx_s, b32, hkv, start, s_pos, key_ok, dx, DX, BS: tl.constexpr, BLOCK: tl.constexpr,
+               TMA: tl.constexpr):
+    """One selected block's [BS, BLOCK] keys (or values), rows from `start` (= block · SEL_LEN). With
+    TMA the copy engine fetches the block (rows past S and channels past DX, and a whole unused
+    slot's block, whose start is negative, arrive as zeros; rows the query may not see and rows
+    past SEL_LEN hold data, which the scores' mask removes); otherwise a masked gather of key_ok."""
+    if TMA:
+        x = tl.reshape(XD.load([b32, start, hkv, 0]), [BS, BLOCK])
+    else:
+        x = tl.load(X + x_base + tl.cast(s_pos, tl.int64)[:, None] * sx_s + dx[None, :],
+                    mask=key_ok[:, None] & (dx < DX)[None, :], other=0.0)
+    return x
+
+
+@triton.jit
+def _slc_fwd_kernel(Q, K, V, KD, VD, SEL, QPOS, QDS, O, LSE,
                     sq_b, sq_t, sq_h, sk_b, sk_s, sk_h, sv_b, sv_s, sv_h, so_b, so_t, so_h,
                     T, S, H, HKV, G, DQK, DV, scale, SEL_LEN, N_SEL,
                     BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr, RP: tl.constexpr, BS: tl.constexpr,
-                    PREC: tl.constexpr):
+                    PREC: tl.constexpr, TMA: tl.constexpr):
+    """TMA: each selected block's K and V through the descriptors KD, VD (the tile option TMA)."""
     qk_scale = scale * 1.4426950408889634
     t = tl.program_id(0)
     bh = tl.program_id(1)
-    b = tl.cast(bh // HKV, tl.int64)
+    b32 = bh // HKV
+    b = tl.cast(b32, tl.int64)
     hkv = bh % HKV
     hkv64 = tl.cast(hkv, tl.int64)
     r = tl.arange(0, RP)
@@ -795,13 +818,10 @@ def _slc_fwd_kernel(Q, K, V, SEL, QPOS, QDS, O, LSE,
         j = tl.load(SEL + sel_base + i)
         s_pos = j * SEL_LEN + i_s
         key_ok = (i_s < SEL_LEN) & (s_pos <= pos) & (s_pos >= ds) & (s_pos < S) & (j >= 0)
-        s64 = tl.cast(s_pos, tl.int64)
-        k = tl.load(K + k_base + s64[:, None] * sk_s + dk[None, :], mask=key_ok[:, None] & (dk < DQK)[None, :],
-                    other=0.0)
+        k = _slc_block(K, KD, k_base, sk_s, b32, hkv, j * SEL_LEN, s_pos, key_ok, dk, DQK, BS, BLOCK_DK, TMA)
         s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale
         s = tl.where(key_ok[None, :], s, float("-inf"))
-        v = tl.load(V + v_base + s64[:, None] * sv_s + dv[None, :], mask=key_ok[:, None] & (dv < DV)[None, :],
-                    other=0.0)
+        v = _slc_block(V, VD, v_base, sv_s, b32, hkv, j * SEL_LEN, s_pos, key_ok, dv, DV, BS, BLOCK_DV, TMA)
         acc, m_i, l_i = online_softmax_step(acc, m_i, l_i, s, v, PREC)
     seen = l_i > 0.0
     o = acc / tl.where(seen, l_i, 1.0)[:, None]
@@ -812,15 +832,17 @@ def _slc_fwd_kernel(Q, K, V, SEL, QPOS, QDS, O, LSE,
 
 
 @triton.jit
-def _slc_dq_kernel(Q, K, V, DO, LSE, DELTA, SEL, QPOS, QDS, DQO,
+def _slc_dq_kernel(Q, K, V, KD, VD, DO, LSE, DELTA, SEL, QPOS, QDS, DQO,
                    sq_b, sq_t, sq_h, sk_b, sk_s, sk_h, sv_b, sv_s, sv_h, sdo_b, sdo_t, sdo_h, sdq_b, sdq_t, sdq_h,
                    T, S, H, HKV, G, DQK, DV, scale, SEL_LEN, N_SEL,
                    BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr, RP: tl.constexpr, BS: tl.constexpr,
-                   PREC: tl.constexpr):
+                   PREC: tl.constexpr, TMA: tl.constexpr):
+    """TMA: as the forward's."""
     qk_scale = scale * 1.4426950408889634
     t = tl.program_id(0)
     bh = tl.program_id(1)
-    b = tl.cast(bh // HKV, tl.int64)
+    b32 = bh // HKV
+    b = tl.cast(b32, tl.int64)
     hkv = bh % HKV
     hkv64 = tl.cast(hkv, tl.int64)
     r = tl.arange(0, RP)
@@ -847,11 +869,8 @@ def _slc_dq_kernel(Q, K, V, DO, LSE, DELTA, SEL, QPOS, QDS, DQO,
         j = tl.load(SEL + sel_base + i)
         s_pos = j * SEL_LEN + i_s
         key_ok = (i_s < SEL_LEN) & (s_pos <= pos) & (s_pos >= ds) & (s_pos < S) & (j >= 0)
-        s64 = tl.cast(s_pos, tl.int64)
-        k = tl.load(K + k_base + s64[:, None] * sk_s + dk[None, :], mask=key_ok[:, None] & (dk < DQK)[None, :],
-                    other=0.0)
-        v = tl.load(V + v_base + s64[:, None] * sv_s + dv[None, :], mask=key_ok[:, None] & (dv < DV)[None, :],
-                    other=0.0)
+        k = _slc_block(K, KD, k_base, sk_s, b32, hkv, j * SEL_LEN, s_pos, key_ok, dk, DQK, BS, BLOCK_DK, TMA)
+        v = _slc_block(V, VD, v_base, sv_s, b32, hkv, j * SEL_LEN, s_pos, key_ok, dv, DV, BS, BLOCK_DV, TMA)
         s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale
         p = tl.where(key_ok[None, :], tl.exp2(s - lse[:, None]), 0.0)
         dp = tl.dot(do, tl.trans(v), input_precision=PREC)
@@ -1310,14 +1329,29 @@ def selected_forward(q, k, v, sel, qpos, qds, scale, select_len):
     lse = torch.empty(B, T, H, dtype=torch.float32, device=q.device)
     meta = _slc_meta(q, k, v, select_len)
     cfg = tile_config("slc_fwd", q.dtype)
+    kd, vd = _slc_descriptors("slc_fwd", cfg, k, v, meta)
     if cfg["BT"] > 1:
         _slc_union(q, k, v, None, lse, None, sel, qpos, qds, o, scale, meta, cfg)
         return o, lse
     del cfg["BT"]
-    _slc_fwd_kernel[(T, B * k.shape[2])](q, k, v, sel, qpos, qds, o, lse, *q.stride()[:3], *k.stride()[:3],
+    _slc_fwd_kernel[(T, B * k.shape[2])](q, k, v, kd, vd, sel, qpos, qds, o, lse, *q.stride()[:3], *k.stride()[:3],
                                          *v.stride()[:3], *o.stride()[:3], scale=scale, N_SEL=sel.shape[-1],
-                                         **meta, **cfg)
+                                         TMA=kd is not None, **meta, **cfg)
     return o, lse
+
+
+def _slc_descriptors(kind: str, cfg: dict, k, v, meta: dict):
+    """(k, v) descriptors of one selected block [BS, head dim] where the tile option TMA (taken out
+    of cfg) is on and the copy engine can take k and v, else (None, None). TMA with BT > 1 (the
+    union kernel, which keeps its gather) is refused."""
+    if not cfg.pop("TMA"):
+        return None, None
+    if cfg["BT"] > 1:
+        raise ValueError(f"nsa {kind}: the tile option TMA applies to BT = 1 (BT = {cfg['BT']} runs the union "
+                         f"kernel, which gathers)")
+    kd = _tile_descriptor(k, [1, meta["BS"], 1, meta["BLOCK_DK"]])
+    vd = _tile_descriptor(v, [1, meta["BS"], 1, meta["BLOCK_DV"]])
+    return (kd, vd) if kd is not None and vd is not None else (None, None)
 
 
 def _slc_union(q, k, v, do, lse, delta, sel, qpos, qds, out, scale, meta, cfg):
@@ -1372,13 +1406,14 @@ def selected_backward(q, k, v, o, lse, do, sel, qpos, qds, scale, select_len):
     delta = backward_delta(o, do)
     dq = torch.empty_like(q)
     cfg = tile_config("slc_dq", q.dtype)
+    kd, vd = _slc_descriptors("slc_dq", cfg, k, v, meta)
     if cfg["BT"] > 1:
         _slc_union(q, k, v, do, lse, delta, sel, qpos, qds, dq, scale, meta, cfg)
     else:
         del cfg["BT"]
-        _slc_dq_kernel[(T, B * Hkv)](q, k, v, do, lse, delta, sel, qpos, qds, dq, *q.stride()[:3], *k.stride()[:3],
-                                     *v.stride()[:3], *do.stride()[:3], *dq.stride()[:3], scale=scale,
-                                     N_SEL=sel.shape[-1], **meta, **cfg)
+        _slc_dq_kernel[(T, B * Hkv)](q, k, v, kd, vd, do, lse, delta, sel, qpos, qds, dq, *q.stride()[:3],
+                                     *k.stride()[:3], *v.stride()[:3], *do.stride()[:3], *dq.stride()[:3],
+                                     scale=scale, N_SEL=sel.shape[-1], TMA=kd is not None, **meta, **cfg)
     cfg = tile_config("slc_dkdv", q.dtype)
     w_blk, w_start, w_len, tok = inverse_index(sel, S, select_len, cfg.pop("CH"))
     GP = triton.next_power_of_2(meta["G"])
