@@ -772,7 +772,9 @@ def _slc_block(X, XD, x_base, sx_s, b32, hkv, start, s_pos, key_ok, dx, DX, BS: 
     """One selected block's [BS, BLOCK] keys (or values), rows from `start` (= block · SEL_LEN). With
     TMA the copy engine fetches the block (rows past S and channels past DX, and a whole unused
     slot's block, whose start is negative, arrive as zeros; rows the query may not see and rows
-    past SEL_LEN hold data, which the scores' mask removes); otherwise a masked gather of key_ok."""
+    past SEL_LEN hold data, which the scores' mask removes: a zero probability times a finite
+    value, so those rows must be finite, as the reference's dense p·v needs every row to be);
+    otherwise a masked gather of key_ok."""
     if TMA:
         x = tl.reshape(XD.load([b32, start, hkv, 0]), [BS, BLOCK])
     else:
