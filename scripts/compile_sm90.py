@@ -55,6 +55,9 @@ def jobs_from(path: str, bf16: bool) -> dict[str, dict]:
             elif isinstance(v, dict) and "tensor" in v:
                 t = _DTYPES[v["tensor"]]
                 sig[p.name] = "*" + ("bf16" if bf16 and t == "fp16" else t)
+            elif isinstance(v, dict) and "descriptor" in v:
+                t = _DTYPES[v["descriptor"]]
+                sig[p.name] = f"tensordesc<{'bf16' if bf16 and t == 'fp16' else t}[{', '.join(map(str, v['block']))}]>"
             elif isinstance(v, bool):
                 sig[p.name] = "i1"
             elif isinstance(v, int):

@@ -1,7 +1,7 @@
 """A pytest plugin (`-p launch_recorder`, scripts/ on sys.path) that writes the signature of every
 Triton kernel launch the interpreter runs to $DEEPWISH_RECORD_LAUNCHES (JSON lines): the kernel's
-module and name, each argument (a tensor as its dtype, a scalar as its value) and the launch
-options. scripts/compile_sm90.py compiles them for the GPU."""
+module and name, each argument (a tensor as its dtype, a tensor descriptor as its dtype and box,
+a scalar as its value) and the launch options. scripts/compile_sm90.py compiles them for the GPU."""
 from __future__ import annotations
 
 import atexit
@@ -12,6 +12,7 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import torch  # noqa: E402
 from triton.runtime import interpreter  # noqa: E402
+from triton.tools.tensor_descriptor import TensorDescriptor  # noqa: E402
 
 _launches: dict[str, dict] = {}
 _run = interpreter.InterpretedFunction.run
@@ -20,6 +21,8 @@ _run = interpreter.InterpretedFunction.run
 def _encode(v):
     if isinstance(v, torch.Tensor):
         return {"tensor": str(v.dtype).removeprefix("torch.")}
+    if isinstance(v, TensorDescriptor):  # a host-built TMA descriptor: its element type and box
+        return {"descriptor": str(v.base.dtype).removeprefix("torch."), "block": list(v.block_shape)}
     if hasattr(v, "value") and not isinstance(v, (bool, int, float, str)):  # tl.constexpr
         return _encode(v.value)
     return v if isinstance(v, (bool, int, float, str)) or v is None else {"other": type(v).__name__}

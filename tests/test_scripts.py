@@ -123,3 +123,38 @@ def test_probe():
     (tmp_path / "sm90_probe.py").write_text(kernel.replace("mask=i < n)\n    else", "mask=i < n).to(tl.float32)\n    else"))
     r = run()
     assert r.returncode == 0 and "1 compiled, 0 failed" in r.stdout, r.stdout[-2000:] + r.stderr[-2000:]
+
+
+def test_compile_sm90_takes_tensor_descriptor_arguments(tmp_path):
+    """A launch with a host-built tensor descriptor (the attention and NSA kernels' TMA loads) is
+    recorded with its element type and box, and compiled for sm_90 with that descriptor type."""
+    kernel = '''
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def copy_tile(XD, Y, BLOCK: tl.constexpr):
+    i = tl.arange(0, BLOCK)
+    tl.store(Y + i, XD.load([0]))
+'''
+    test = '''
+import torch
+from triton.tools.tensor_descriptor import TensorDescriptor
+import sm90_desc_probe
+
+
+def test_probe():
+    x = torch.randn(16, dtype=torch.float16)
+    y = torch.empty_like(x)
+    sm90_desc_probe.copy_tile[(1,)](TensorDescriptor(x, [16], [1], [16]), y, BLOCK=16)
+    assert torch.equal(x, y)
+'''
+    (tmp_path / "sm90_desc_probe.py").write_text(kernel)
+    (tmp_path / "test_desc_probe.py").write_text(test)
+    env = _env(PYTHONPATH=os.pathsep.join([str(tmp_path), str(ROOT)]))
+    env.pop("TRITON_INTERPRET", None)
+    r = subprocess.run([sys.executable, str(ROOT / "scripts" / "compile_sm90.py"), str(tmp_path / "test_desc_probe.py"),
+                        "--jobs", "1", "-p", "no:cacheprovider"], capture_output=True, text=True, timeout=300, env=env,
+                       cwd=ROOT)
+    assert r.returncode == 0 and "1 compiled, 0 failed" in r.stdout, r.stdout[-2000:] + r.stderr[-2000:]
