@@ -196,9 +196,12 @@ def sweep_tiles(out: Path, workers: int, classes: list[tuple[str, str]], kinds=(
     that have them (fwd, dq) runs in; None: the module's own."""
     from deepwish.kernels.attention import triton as tk
     cand_lists = candidate_lists(focus)
+
+    def forms(kind):  # the load forms a candidate of `kind` runs in (None: the module's own)
+        return loads if loads and kind in tk.LOADS else (None,)
+
     tasks = [(kind, d, t, c, ld) for (kind, d, t), cands in cand_lists.items()
-             if (d, t) in classes and kind in kinds for c in cands
-             for ld in (loads if loads and kind in tk.LOADS else (None,))]
+             if (d, t) in classes and kind in kinds for c in cands for ld in forms(kind)]
     t0 = time.time()
     ctx = mp.get_context("spawn")
     with ctx.Pool(workers) as pool:
@@ -216,8 +219,7 @@ def sweep_tiles(out: Path, workers: int, classes: list[tuple[str, str]], kinds=(
             times = {}
             if (kind, dcls, tcls) not in cand_lists:
                 continue
-            variants = [(c, ld) for c in cand_lists[(kind, dcls, tcls)]
-                        for ld in (loads if loads and kind in tk.LOADS else (None,))]
+            variants = [(c, ld) for c in cand_lists[(kind, dcls, tcls)] for ld in forms(kind)]
             for cand, load in variants:
                 status = compiled.get((kind, dcls, tcls, cand, load))
                 if status != "ok":
