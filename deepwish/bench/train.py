@@ -190,7 +190,7 @@ def build_deepwish(preset: str, batch: int, seq: int, variant: str, packed_data:
             optimizer.zero_grad(set_to_none=True)
         return loss.detach()
 
-    return step, model.flops_per_token(seq)
+    return step, model.flops_per_token(seq), info
 
 
 def packed_batches(batch: int, seq: int, device, count: int = 8, data: str | None = None,

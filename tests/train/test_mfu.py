@@ -179,3 +179,24 @@ def test_bench_packed_variant_reads_a_built_corpus_and_counts_documents_per_row(
         bench.packed_batches(2, 32, torch.device("cpu"), count=1, data=str(tmp_path), vocab_size=64)
     with pytest.raises(SystemExit, match="no train.bin"):
         bench.main(["--packed-data", str(tmp_path / "missing"), "--out", str(tmp_path / "out")])
+
+
+@pytest.mark.parametrize("variant", ["deepwish-eager", "deepwish-packed"])
+def test_bench_train_step_builder_runs_and_reports_its_flops_and_info(variant, tmp_path):
+    """build_deepwish hands back what measure() and profile_train unpack: a step that trains (the
+    loss is finite and falls on one repeated batch), the model's FLOPs per token, and info, which
+    for the packed variant holds documents per row of the corpus it read."""
+    from deepwish.bench import train as bench
+    from deepwish.data.shards import write_shard
+
+    rng = torch.Generator().manual_seed(0)
+    docs = [torch.randint(0, 90, (int(n),), generator=rng).tolist() for n in torch.randint(3, 12, (60,), generator=rng)]
+    write_shard(tmp_path / "train.bin", docs, vocab_size=100, fingerprint="test")
+    step, fpt, info = bench.build_deepwish("qwen3_tiny", 2, 32, variant, packed_data=str(tmp_path))
+    assert fpt == bench.model_flops_per_token(load_config("qwen3_tiny").model, 32)
+    losses = [float(step()) for _ in range(3)]
+    assert all(torch.isfinite(torch.tensor(losses)))
+    if variant == "deepwish-packed":
+        assert info["docs_per_row"] > 2
+    else:
+        assert info == {} and losses[-1] < losses[0]  # one random batch, repeated: AdamW fits it
