@@ -64,8 +64,8 @@ def test_sweep_checks_times_and_keeps_the_fastest(monkeypatch):
         wrong = nk.INTERPRET_TILES["cmp_fwd"]["SORT_MERGE"] is False
         return dict(o_cmp=0.5 if wrong else 1e-3, selection_equal=1.0)
     monkeypatch.setattr(nb, "check", check)
-    cands = {"cmp_fwd": [{}, dict(FUSED_SELECT=False), dict(SORT_MERGE=False)], "slc_fwd": [{}, dict(BOGUS=1)]}
+    cands = {"cmp_fwd": [{}, dict(FUSED_SELECT=True), dict(SORT_MERGE=False)], "slc_fwd": [{}, dict(BOGUS=1)]}
     got = nb.sweep(torch.device("cpu"), 20, candidates=cands, log=lambda m: None)
-    assert got["cmp_fwd"]["best"] == dict(FUSED_SELECT=False) and nk.INTERPRET_TILES["cmp_fwd"]["FUSED_SELECT"] is False
+    assert got["cmp_fwd"]["best"] == dict(FUSED_SELECT=True) and nk.INTERPRET_TILES["cmp_fwd"]["FUSED_SELECT"] is True
     assert "wrong" in got["cmp_fwd"]["trials"][2]["error"]
     assert got["slc_fwd"]["best"] == {} and "BOGUS" in got["slc_fwd"]["trials"][1]["error"]

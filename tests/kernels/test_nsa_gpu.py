@@ -44,12 +44,16 @@ def test_bf16_branches_match_reference(cuda, rel_err, lengths):
 
 # the launch options the tile sweep may pick (kernels/nsa/triton.py TILES), each one compiled and checked
 OPTIONS = {
-    "insertion-top-n": {"cmp_fwd": dict(SORT_MERGE=False)},
-    "separate-scoring-pass": {"cmp_fwd": dict(FUSED_SELECT=False)},
-    "scoring-bj32-bns16": {"cmp_fwd": dict(BJ=32, BNS=16)},
-    "vector-searches-jv16": {"cmp_fwd": dict(JV=16)},
-    "rank-top-n": {"cmp_fwd": dict(RANK_MERGE=True)},
-    "early-out-merges": {"cmp_fwd": dict(SKIP_MERGE=True), "cmp_split": dict(SKIP_MERGE=True)},
+    # the scoring fused into the compressed attention (FUSED_SELECT, off by default) and its forms
+    "fused-scoring": {"cmp_fwd": dict(FUSED_SELECT=True)},
+    "fused-insertion-top-n": {"cmp_fwd": dict(FUSED_SELECT=True, SORT_MERGE=False)},
+    "fused-scoring-bj32-bns16": {"cmp_fwd": dict(FUSED_SELECT=True, BJ=32, BNS=16)},
+    "fused-vector-searches-jv16": {"cmp_fwd": dict(FUSED_SELECT=True, JV=16)},
+    "fused-rank-top-n": {"cmp_fwd": dict(FUSED_SELECT=True, RANK_MERGE=True)},
+    "fused-early-out-merges": {"cmp_fwd": dict(FUSED_SELECT=True, SKIP_MERGE=True), "cmp_split": dict(SKIP_MERGE=True)},
+    # the separate scoring pass (the default) and its forms
+    "insertion-top-n": {"cmp_sel": dict(SORT_MERGE=False)},
+    "early-out-merges": {"cmp_sel": dict(SKIP_MERGE=True)},
     "separate-scoring-rank-early-out": {"cmp_fwd": dict(FUSED_SELECT=False),
                                         "cmp_sel": dict(RANK_MERGE=True, SKIP_MERGE=True)},
     "separate-scoring-bm128-jv16-early-out": {"cmp_fwd": dict(FUSED_SELECT=False),
@@ -57,8 +61,8 @@ OPTIONS = {
     "separate-scoring-bj64": {"cmp_fwd": dict(FUSED_SELECT=False), "cmp_sel": dict(BJ=64)},
     "dq-fused-into-dkdv": {"cmp_dkdv": dict(FUSE_DQ=True)},
     "dkdv-one-chunk": {"cmp_dkdv": dict(Q_CHUNK=1 << 20)},
-    "slc-union-bt4": {"slc_fwd": dict(BT=4), "slc_dq": dict(BT=4)},
-    "slc-tma": {"slc_fwd": dict(TMA=True), "slc_dq": dict(TMA=True)},
+    "slc-union-bt4": {"slc_fwd": dict(BT=4, TMA=False), "slc_dq": dict(BT=4, TMA=False)},
+    "slc-gather": {"slc_fwd": dict(TMA=False), "slc_dq": dict(TMA=False)},
     "slc-tma-4-stages": {"slc_fwd": dict(TMA=True, num_stages=4), "slc_dq": dict(TMA=True, num_stages=4)},
 }
 

@@ -70,7 +70,7 @@ Selected branch:
   for 4·16·64·D FLOPs (16 FLOP/byte; fla's design has the same), so the branch runs at the
   L2 bandwidth of gathered blocks, not at tensor-core rates.
 - dQ: the same program shape, with the saved lse and delta.
-- TMA (a tile option of slc_fwd / slc_dq at BT = 1, off until timed): each selected block's K and
+- TMA (a tile option of slc_fwd / slc_dq at BT = 1, on for 16-bit inputs): each selected block's K and
   V through a tensor descriptor (the block is a contiguous [SEL_LEN, D] tile at a data-dependent
   row; the copy engine zero-fills an unused slot's negative start and rows past S). Compiled for
   sm_90 (Triton 3.7) the pointer form's masked gather is not multi-buffered (22.5 KB of shared
@@ -128,7 +128,9 @@ _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 # columns per dK/dV step, CH queries per work item. The 16-bit rows are first choices for an
 # H200 at D 128 (the register budget of kernels/attention's 128-row tiles); not swept yet.
 TILES = {
-    ("cmp_fwd", "16bit"): dict(BM=128, BN=64, BNS=32, BJ=16, FUSED_SELECT=True, SORT_MERGE=True, RANK_MERGE=False,
+    # FUSED_SELECT off: the scoring as its own launch (cmp_sel below), timed at T 64k, H 64 / 4 KV heads,
+    # D 128 (H100, 2026-12-06): the compressed forward 95.2 -> 52.6 ms (reports/nsa.md "Third run")
+    ("cmp_fwd", "16bit"): dict(BM=128, BN=64, BNS=32, BJ=16, FUSED_SELECT=False, SORT_MERGE=True, RANK_MERGE=False,
                                SKIP_MERGE=False, JV=0, num_warps=8, num_stages=2),
     # the separate scoring pass (FUSED_SELECT False): 4 queries x 16 heads, 4 warps, 165 registers:
     # 3 programs per SM (BM 128 / 8 warps: 153 registers x 256 threads, 1 program per SM)
@@ -137,8 +139,10 @@ TILES = {
     ("cmp_dq", "16bit"): dict(BM=128, BN=64, num_warps=8, num_stages=2),
     ("cmp_dkdv", "16bit"): dict(BM=128, BN=64, Q_CHUNK=512, MAX_CHUNKS=16, FUSE_DQ=False, num_warps=8,
                                 num_stages=2),
-    ("slc_fwd", "16bit"): dict(BT=1, TMA=False, num_warps=4, num_stages=3),
-    ("slc_dq", "16bit"): dict(BT=1, TMA=False, num_warps=4, num_stages=3),
+    # TMA on: the sweep at T 16k, H 64 / 4 KV heads, D 128 (H100, 2026-12-06): forward 5.06 -> 4.00 ms,
+    # dQ 13.86 -> 12.68 ms (reports/nsa.md "Descriptor loads timed")
+    ("slc_fwd", "16bit"): dict(BT=1, TMA=True, num_warps=4, num_stages=3),
+    ("slc_dq", "16bit"): dict(BT=1, TMA=True, num_warps=4, num_stages=3),
     ("slc_dkdv", "16bit"): dict(ROWS=128, CH=1024, num_warps=8, num_stages=2),
     ("cmp_fwd", "fp32"): dict(BM=64, BN=32, BNS=32, BJ=16, FUSED_SELECT=True, SORT_MERGE=True, RANK_MERGE=False,
                               SKIP_MERGE=False, JV=0, num_warps=8, num_stages=1),
@@ -163,7 +167,7 @@ MAX_SPLITS = 64
 # the interpreter: small tiles, so a test of a few dozen tokens crosses several of each (and
 # G = 16 takes the broadcast mapping of the scores, G <= 4 the dot)
 INTERPRET_TILES = {
-    "cmp_fwd": dict(BM=64, BN=16, BNS=16, BJ=16, FUSED_SELECT=True, SORT_MERGE=True, RANK_MERGE=False,
+    "cmp_fwd": dict(BM=64, BN=16, BNS=16, BJ=16, FUSED_SELECT=False, SORT_MERGE=True, RANK_MERGE=False,
                     SKIP_MERGE=False, JV=0, num_warps=1, num_stages=1),
     "cmp_sel": dict(BM=32, BN=16, BJ=16, SORT_MERGE=True, RANK_MERGE=False, SKIP_MERGE=False, JV=0, num_warps=1,
                     num_stages=1),
