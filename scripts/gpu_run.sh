@@ -69,12 +69,13 @@ for stage in "$@"; do
     notebook) python3 scripts/run_notebook.py notebooks/walkthrough.ipynb --out "$OUT/walkthrough_gpu.ipynb" || status=1 ;;
     tradeoff) python3 -m deepwish.cli bench decode --tradeoff --out "$OUT/tradeoff" ${TRADEOFF_ARGS:-} || status=1 ;;
     profile) python3 -m deepwish.bench.profile_train ${PROFILE_ARGS:-} || status=1 ;;
-    gpt_mfu)  # gpt_124m's training rate after its step changes, ~8 minutes: the token-table kernel's bench,
-      # the speedrun (corpus built first) with it on, the profile by shape; then the GPU tests of those changes
+    gpt_mfu)  # gpt_124m's training rate after its step changes, ~9 minutes: the token-table kernel's bench,
+      # the speedrun (corpus built first) with the token tables' backend as it comes (EMBED_BACKEND=triton
+      # for the kernel, measured slower: reports/speedrun.md), the profile by shape; then the GPU tests
       python3 -m deepwish.bench.embedding --out "$OUT/embedding" || status=1
       bash "$0" corpus >/dev/null || status=1
       python3 -m deepwish.cli bench speedrun --out "$OUT/speedrun" --data "${CORPUS:-/tmp/deepwish-pycode}" --steps 160 \
-        --set train.eval_every=10 --set train.eval_batches=8 --set model.embed_backend=${EMBED_BACKEND:-triton} ${SPEEDRUN_ARGS:-} || status=1
+        --set train.eval_every=10 --set train.eval_batches=8 --set model.embed_backend=${EMBED_BACKEND:-auto} ${SPEEDRUN_ARGS:-} || status=1
       python3 -m deepwish.bench.profile_train --preset gpt_124m --variant deepwish-muon --batch 16 --seq 2048 \
         --by-shape --rows 40 ${PROFILE_ARGS:-} || status=1
       python3 -m pytest -m gpu -q -p no:cacheprovider tests/kernels/test_embedding_gpu.py tests/train/test_to_device.py \
@@ -150,12 +151,13 @@ for stage in "$@"; do
     attn_dq_tiles)  # tile sweep of the atomic-dq backward kernel (dkdvq) only; attn_dq applies its picks
       python3 -m deepwish.bench.attention_tiles --out "$OUT/attn_dq_tiles" --parts tiles --kinds dkdvq \
         ${ATTN_DQ_TILES_ARGS:-} 2>&1 | tee "$OUT/attn_dq_tiles.log" || status=1 ;;
-    attn_dq)  # the flash backward's dq forms (kernels/attention/triton.py: BACKWARD_DQ) side by side
-      python3 -m pytest -m gpu -q -p no:cacheprovider tests/kernels/test_attention_gpu.py 2>&1 | tee "$OUT/attn_dq_tests.log" | tail -15
+    attn_dq)  # the flash backward's dq forms (kernels/attention/triton.py: BACKWARD_DQ) side by side, then
+      # the attention GPU tests (~5 min of their own; after the timings, so a time limit cuts the tests)
       tiles=()
       [ -f "$OUT/attn_dq_tiles/tiles.json" ] && tiles=(--tiles "$OUT/attn_dq_tiles/tiles.json")
       python3 -m deepwish.cli bench attention --out "$OUT/attn_dq" --dq-forms kernel,atomic,atomic_t --parts check,train \
-        --paths own,flex "${tiles[@]}" ${ATTN_DQ_ARGS:-} 2>&1 | tee "$OUT/attn_dq.log" || status=1 ;;
+        --paths own,flex "${tiles[@]}" ${ATTN_DQ_ARGS:-} 2>&1 | tee "$OUT/attn_dq.log" || status=1
+      python3 -m pytest -m gpu -q -p no:cacheprovider tests/kernels/test_attention_gpu.py 2>&1 | tee "$OUT/attn_dq_tests.log" | tail -15 ;;
     muon)  # Muon's Triton step against its torch step: GPU tests, the optimizer step alone, the training step
       python3 -m pytest -m gpu -q -p no:cacheprovider tests/kernels/test_muon_kernels_gpu.py tests/train/test_muon.py 2>&1 \
         | tee "$OUT/muon_tests.log" | tail -8

@@ -39,7 +39,11 @@ def bench_environment(device, command: str, **extra) -> dict:
             env[name] = __import__(name).__version__
         except ImportError:
             env[name] = None
+    args = sys.argv[1:]
+    words = command.split()[1:]   # `deepwish bench x` through the CLI: its argv already names `bench x`
+    if words and args[:len(words)] == words:
+        args = args[len(words):]
     env.update(date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-               command=" ".join([command, *sys.argv[1:]]), commit=git_hash())
+               command=" ".join([command, *args]), commit=git_hash())
     env.update(extra)
     return env
