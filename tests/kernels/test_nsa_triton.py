@@ -162,9 +162,11 @@ def test_early_out_merges_equal_the_full_merges_on_a_long_walk():
     kw = dict(q_pos=torch.arange(S - 20, S)[None], cmp_len=2, select_len=1, n_select=8, n_init=1, n_local=2)
     for q, k in ((shared, peaked), (torch.randn(1, S, H, D), kc)):
         _, sel_want = ref.nsa_compressed(q[:, -20:], k, vc, ends, **kw)
-        with tri.override_tiles("cmp_fwd", RANK_MERGE=True, SKIP_MERGE=True):
-            _, sel_got = tri.nsa_compressed(q[:, -20:], k, vc, ends, **kw)
-        assert torch.equal(sel_got, sel_want)
+        for fused in (True, False):   # the scoring in the forward kernel, and as its own pass
+            opts = dict(RANK_MERGE=True, SKIP_MERGE=True)
+            with tri.override_tiles("cmp_fwd", FUSED_SELECT=fused, **opts), tri.override_tiles("cmp_sel", **opts):
+                _, sel_got = tri.nsa_compressed(q[:, -20:], k, vc, ends, **kw)
+            assert torch.equal(sel_got, sel_want), fused
         if k is peaked:   # the premise: apart from the 2 local blocks, every pick is in the first tile
             assert (sel_want[..., 2:] < 16).all()
 
@@ -216,6 +218,37 @@ def test_selected_branch_over_the_union_of_adjacent_selections(rel_err, bt, leng
             assert rel_err(want, got) < 1e-5
             for name, a, b in list(zip(("dq", "dk", "dv"), gw, gg))[:1 if twice else 3]:
                 assert rel_err(a, b) < 1e-5, (name, twice)
+
+
+def test_compressed_branch_through_tensor_descriptors(rel_err, monkeypatch):
+    """The tile option TMA of cmp_fwd / cmp_dq: the compressed K/V tiles through descriptors
+    (slots past the visible range hold data the mask removes; slots past N arrive as zeros), with
+    packed documents and padding slots, N not a multiple of the 16-slot tile: output, selection
+    and every gradient equal the reference's (fp16), and the descriptors are built, not skipped."""
+    torch.manual_seed(13)
+    lengths, H, Hkv, D = [[40, 29]], 4, 2, 16
+    S = sum(lengths[0])
+    ends = block_ends(lengths, 4, 2, pad=3)
+    q = torch.randn(1, S, H, D, dtype=torch.float16, requires_grad=True)
+    kc = torch.randn(1, ends.shape[1], Hkv, D, dtype=torch.float16, requires_grad=True)
+    vc = torch.randn(1, ends.shape[1], Hkv, D, dtype=torch.float16, requires_grad=True)
+    assert ends.shape[1] % 16
+    kw = dict(q_pos=torch.arange(S)[None], doc_ids=doc_ids_of(lengths), cmp_len=4, select_len=8, n_select=3,
+              n_init=1, n_local=1)
+    g = torch.randn(1, S, H, D)
+    made = []
+    real = tri._tile_descriptor
+    monkeypatch.setattr(tri, "_tile_descriptor", lambda *a: made.append(real(*a)) or made[-1])
+    o_want, sel_want = ref.nsa_compressed(q, kc, vc, ends, **kw)
+    with tri.override_tiles("cmp_fwd", TMA=True), tri.override_tiles("cmp_dq", TMA=True):
+        o_got, sel_got = tri.nsa_compressed(q, kc, vc, ends, **kw)
+        gw = torch.autograd.grad((o_want.float() * g).sum(), (q, kc, vc))
+        gg = torch.autograd.grad((o_got.float() * g).sum(), (q, kc, vc))
+    assert len(made) == 4 and all(d is not None for d in made)
+    assert torch.equal(sel_got, sel_want)
+    assert rel_err(o_want, o_got) < TOL[torch.float16]
+    for name, a, b in zip(("dq", "dk", "dv"), gw, gg):
+        assert rel_err(a, b) < TOL[torch.float16], name
 
 
 @pytest.mark.parametrize("sl", [4, 16], ids=["block-lt-box", "block-eq-box"])
@@ -361,10 +394,13 @@ def test_group_too_large_is_named():
 def test_ties_go_to_the_later_block(merge):
     """No compressed token visible (all padding but one far in the future): every eligible block
     scores exactly 0 and the top-n takes the latest ones, as the reference does, in the fused
-    kernel (40 queries) and across the merged splits of the decoding path (one query), by each
-    merge form (with the early-out, a tile of equal scores still wins by its later blocks)."""
-    with tri.override_tiles("cmp_fwd", **merge), tri.override_tiles("cmp_split", **merge):
-        _ties_go_to_the_later_block()
+    kernel and the separate scoring pass (40 queries) and across the merged splits of the decoding
+    path (one query), by each merge form (with the early-out, a tile of equal scores still wins by
+    its later blocks)."""
+    for fused in (True, False):
+        with tri.override_tiles("cmp_fwd", FUSED_SELECT=fused, **merge), tri.override_tiles("cmp_sel", **merge), \
+                tri.override_tiles("cmp_split", **merge):
+            _ties_go_to_the_later_block()
 
 
 def _ties_go_to_the_later_block():

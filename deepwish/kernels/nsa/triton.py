@@ -47,6 +47,10 @@ Compressed branch (one kernel for the forward, `_cmp_fwd_kernel`):
   same total order). Fixed shapes, no host sync; 2 merge launches instead of ~25 torch ops.
   The selection pass has its own split count (SEL_TILES scoring tiles per split, `_select_splits`):
   a split is a serial chain of scoring tiles, the attention's 256-token splits left it 4 tiles.
+- TMA (a tile option of cmp_fwd / cmp_dq, off until timed): the compressed K/V tiles [BN, D] of
+  one KV head through tensor descriptors instead of masked loads (as the selected branch and
+  kernels/attention do); slots past the range a tile may see are fetched and masked by their
+  cmp_end, so compressed tokens must be finite.
 - Backward: delta = rowsum(dO·O) (kernels/attention's kernel), dQ per query tile over the same
   compressed range, dK/dV per (compressed tile, chunk of queries) over the query tiles of the
   chunk that can see it (binary search in the prefix max of q_pos and the suffix min of the
@@ -131,12 +135,12 @@ TILES = {
     # FUSED_SELECT off: the scoring as its own launch (cmp_sel below), timed at T 64k, H 64 / 4 KV heads,
     # D 128 (H100, 2026-12-06): the compressed forward 95.2 -> 52.6 ms (reports/nsa.md "Third run")
     ("cmp_fwd", "16bit"): dict(BM=128, BN=64, BNS=32, BJ=16, FUSED_SELECT=False, SORT_MERGE=True, RANK_MERGE=False,
-                               SKIP_MERGE=False, JV=0, num_warps=8, num_stages=2),
+                               SKIP_MERGE=False, JV=0, TMA=False, num_warps=8, num_stages=2),
     # the separate scoring pass (FUSED_SELECT False): 4 queries x 16 heads, 4 warps, 165 registers:
     # 3 programs per SM (BM 128 / 8 warps: 153 registers x 256 threads, 1 program per SM)
     ("cmp_sel", "16bit"): dict(BM=64, BN=32, BJ=16, SORT_MERGE=True, RANK_MERGE=False, SKIP_MERGE=False, JV=0,
                                num_warps=4, num_stages=2),
-    ("cmp_dq", "16bit"): dict(BM=128, BN=64, num_warps=8, num_stages=2),
+    ("cmp_dq", "16bit"): dict(BM=128, BN=64, TMA=False, num_warps=8, num_stages=2),
     ("cmp_dkdv", "16bit"): dict(BM=128, BN=64, Q_CHUNK=512, MAX_CHUNKS=16, FUSE_DQ=False, num_warps=8,
                                 num_stages=2),
     # TMA on: the sweep at T 16k, H 64 / 4 KV heads, D 128 (H100, 2026-12-06): forward 5.06 -> 4.00 ms,
@@ -145,10 +149,10 @@ TILES = {
     ("slc_dq", "16bit"): dict(BT=1, TMA=True, num_warps=4, num_stages=3),
     ("slc_dkdv", "16bit"): dict(ROWS=128, CH=1024, num_warps=8, num_stages=2),
     ("cmp_fwd", "fp32"): dict(BM=64, BN=32, BNS=32, BJ=16, FUSED_SELECT=True, SORT_MERGE=True, RANK_MERGE=False,
-                              SKIP_MERGE=False, JV=0, num_warps=8, num_stages=1),
+                              SKIP_MERGE=False, JV=0, TMA=False, num_warps=8, num_stages=1),
     ("cmp_sel", "fp32"): dict(BM=64, BN=32, BJ=16, SORT_MERGE=True, RANK_MERGE=False, SKIP_MERGE=False, JV=0,
                               num_warps=8, num_stages=1),
-    ("cmp_dq", "fp32"): dict(BM=64, BN=32, num_warps=8, num_stages=1),
+    ("cmp_dq", "fp32"): dict(BM=64, BN=32, TMA=False, num_warps=8, num_stages=1),
     ("cmp_dkdv", "fp32"): dict(BM=64, BN=32, Q_CHUNK=512, MAX_CHUNKS=16, FUSE_DQ=False, num_warps=8,
                               num_stages=1),
     ("slc_fwd", "fp32"): dict(BT=1, TMA=False, num_warps=4, num_stages=1),
@@ -168,10 +172,10 @@ MAX_SPLITS = 64
 # G = 16 takes the broadcast mapping of the scores, G <= 4 the dot)
 INTERPRET_TILES = {
     "cmp_fwd": dict(BM=64, BN=16, BNS=16, BJ=16, FUSED_SELECT=False, SORT_MERGE=True, RANK_MERGE=False,
-                    SKIP_MERGE=False, JV=0, num_warps=1, num_stages=1),
+                    SKIP_MERGE=False, JV=0, TMA=False, num_warps=1, num_stages=1),
     "cmp_sel": dict(BM=32, BN=16, BJ=16, SORT_MERGE=True, RANK_MERGE=False, SKIP_MERGE=False, JV=0, num_warps=1,
                     num_stages=1),
-    "cmp_dq": dict(BM=64, BN=16, num_warps=1, num_stages=1),
+    "cmp_dq": dict(BM=64, BN=16, TMA=False, num_warps=1, num_stages=1),
     "cmp_dkdv": dict(BM=32, BN=16, Q_CHUNK=8, MAX_CHUNKS=3, FUSE_DQ=False, num_warps=1, num_stages=1),
     "slc_fwd": dict(BT=1, TMA=False, num_warps=1, num_stages=1),
     "slc_dq": dict(BT=1, TMA=False, num_warps=1, num_stages=1),
@@ -256,18 +260,35 @@ def _cmp_range(CMAX, CMIN, cbase, N, p, ds, ok):
 
 # ---- compressed branch --------------------------------------------------------------------------
 @triton.jit
-def _cmp_attend(acc, m_i, l_i, q, KC, VC, END, cbase, k_base, v_base, sk_n, sv_n, p_row, ds_row, c_a, c_b, qk_scale,
-                dk, dv, DQK, DV, BN: tl.constexpr, PREC: tl.constexpr):
-    """Online softmax of the rows over compressed tokens [c_a, c_b) (base 2)."""
+def _cmp_tile(X, XD, x_base, sx_n, b32, hkv, c0, c64, c_ok, dx, DX, BN: tl.constexpr, BLOCK: tl.constexpr,
+              TMA: tl.constexpr):
+    """[BN, BLOCK] compressed keys (or values) from slot c0. With TMA the copy engine fetches the
+    tile (slots past N and channels past DX arrive as zeros; slots past the range's end hold data,
+    which the visibility mask removes: a zero probability times a finite value, so compressed
+    tokens must be finite, as the reference's dense p·v needs); otherwise a masked load of c_ok."""
+    if TMA:
+        x = tl.reshape(XD.load([b32, c0, hkv, 0]), [BN, BLOCK])
+    else:
+        x = tl.load(X + x_base + c64[:, None] * sx_n + dx[None, :], mask=c_ok[:, None] & (dx < DX)[None, :],
+                    other=0.0)
+    return x
+
+
+@triton.jit
+def _cmp_attend(acc, m_i, l_i, q, KC, VC, KD, VD, END, cbase, k_base, v_base, sk_n, sv_n, p_row, ds_row, c_a, c_b,
+                qk_scale, b32, hkv, dk, dv, DQK, DV, BN: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr,
+                PREC: tl.constexpr, TMA: tl.constexpr):
+    """Online softmax of the rows over compressed tokens [c_a, c_b) (base 2); TMA: K/V tiles
+    through the descriptors KD, VD (`_cmp_tile`)."""
     for c0 in range(c_a, c_b, BN):
         c = c0 + tl.arange(0, BN)
         c_ok = c < c_b
         c64 = tl.cast(c, tl.int64)
         end = tl.load(END + cbase + c, mask=c_ok, other=2147483647)
-        k = tl.load(KC + k_base + c64[:, None] * sk_n + dk[None, :], mask=c_ok[:, None] & (dk < DQK)[None, :], other=0.0)
+        k = _cmp_tile(KC, KD, k_base, sk_n, b32, hkv, c0, c64, c_ok, dk, DQK, BN, BLOCK_DK, TMA)
         s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale
         s = tl.where(_cmp_visible(p_row, ds_row, end), s, float("-inf"))
-        v = tl.load(VC + v_base + c64[:, None] * sv_n + dv[None, :], mask=c_ok[:, None] & (dv < DV)[None, :], other=0.0)
+        v = _cmp_tile(VC, VD, v_base, sv_n, b32, hkv, c0, c64, c_ok, dv, DV, BN, BLOCK_DV, TMA)
         acc, m_i, l_i = online_softmax_step(acc, m_i, l_i, s, v, PREC)
     return acc, m_i, l_i
 
@@ -492,19 +513,21 @@ def _first_slots(x, BT: tl.constexpr, BJ: tl.constexpr, NP: tl.constexpr):
 
 
 @triton.jit
-def _cmp_fwd_kernel(Q, KC, VC, END, CMAX, CMIN, QPOS, QDS, O, LSE, SEL,
+def _cmp_fwd_kernel(Q, KC, VC, KD, VD, END, CMAX, CMIN, QPOS, QDS, O, LSE, SEL,
                     sq_b, sq_t, sq_h, sk_b, sk_n, sk_h, sv_b, sv_n, sv_h, so_b, so_t, so_h,
                     T, N, H, HKV, G, DQK, DV, scale, CMP_LEN, SEL_LEN, N_SELECT, N_INIT, N_LOCAL,
                     BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr, GP: tl.constexpr, BM: tl.constexpr,
                     BN: tl.constexpr, BNS: tl.constexpr, BJ: tl.constexpr, NP: tl.constexpr,
                     SELECT: tl.constexpr, SORT_MERGE: tl.constexpr, RANK_MERGE: tl.constexpr,
-                    SKIP_MERGE: tl.constexpr, JV: tl.constexpr, PREC: tl.constexpr):
-    """Training / prefill: pass 1 and pass 2 in one program per (query tile, KV head)."""
+                    SKIP_MERGE: tl.constexpr, JV: tl.constexpr, PREC: tl.constexpr, TMA: tl.constexpr):
+    """Training / prefill: pass 1 and pass 2 in one program per (query tile, KV head); TMA: pass
+    1's K/V tiles through the descriptors KD, VD."""
     BT: tl.constexpr = BM // GP
     qk_scale = scale * 1.4426950408889634
     m0 = tl.program_id(0) * BT
     bh = tl.program_id(1)
-    b = tl.cast(bh // HKV, tl.int64)
+    b32 = bh // HKV
+    b = tl.cast(b32, tl.int64)
     hkv = bh % HKV
     t, r, row_ok = _rows(m0, T, G, GP, BM)
     h = hkv * G + r
@@ -522,8 +545,9 @@ def _cmp_fwd_kernel(Q, KC, VC, END, CMAX, CMIN, QPOS, QDS, O, LSE, SEL,
     acc = tl.zeros([BM, BLOCK_DV], dtype=tl.float32)
     m_i = tl.full([BM], -1.0e30, dtype=tl.float32)  # finite: a row that sees nothing stays NaN-free
     l_i = tl.zeros([BM], dtype=tl.float32)
-    acc, m_i, l_i = _cmp_attend(acc, m_i, l_i, q, KC, VC, END, cbase, k_base, v_base, sk_n, sv_n, p_row, ds_row,
-                                c_lo, c_hi, qk_scale, dk, dv, DQK, DV, BN, PREC)
+    acc, m_i, l_i = _cmp_attend(acc, m_i, l_i, q, KC, VC, KD, VD, END, cbase, k_base, v_base, sk_n, sv_n, p_row,
+                                ds_row, c_lo, c_hi, qk_scale, b32, hkv, dk, dv, DQK, DV, BN, BLOCK_DK, BLOCK_DV, PREC,
+                                TMA)
     seen = l_i > 0.0
     o = acc / tl.where(seen, l_i, 1.0)[:, None]
     tl.store(O + b * so_b + t64[:, None] * so_t + h64[:, None] * so_h + dv[None, :], o.to(O.dtype.element_ty),
@@ -593,9 +617,9 @@ def _cmp_split_attend_kernel(Q, KC, VC, END, CMAX, CMIN, QPOS, QDS, M_PART, L_PA
     acc = tl.zeros([BM, BLOCK_DV], dtype=tl.float32)
     m_i = tl.full([BM], -1.0e30, dtype=tl.float32)
     l_i = tl.zeros([BM], dtype=tl.float32)
-    acc, m_i, l_i = _cmp_attend(acc, m_i, l_i, q, KC, VC, END, cbase, b * sk_b + tl.cast(hkv, tl.int64) * sk_h,
+    acc, m_i, l_i = _cmp_attend(acc, m_i, l_i, q, KC, VC, KC, VC, END, cbase, b * sk_b + tl.cast(hkv, tl.int64) * sk_h,
                                 b * sv_b + tl.cast(hkv, tl.int64) * sv_h, sk_n, sv_n, p_row, ds_row, c_a, c_b,
-                                qk_scale, dk, dv, DQK, DV, BN, PREC)
+                                qk_scale, 0, hkv, dk, dv, DQK, DV, BN, BLOCK_DK, BLOCK_DV, PREC, False)
     row = split * (tl.num_programs(1) // HKV) * T * H + (b * T + t64) * H + h64
     tl.store(M_PART + row, m_i, mask=row_ok)
     tl.store(L_PART + row, l_i, mask=row_ok)
@@ -651,16 +675,18 @@ def _cmp_split_select_kernel(Q, KC, END, CMAX, CMIN, QPOS, QDS, LSE, S_PART, I_P
 
 
 @triton.jit
-def _cmp_dq_kernel(Q, KC, VC, DO, LSE, DELTA, END, CMAX, CMIN, QPOS, QDS, DQO,
+def _cmp_dq_kernel(Q, KC, VC, KD, VD, DO, LSE, DELTA, END, CMAX, CMIN, QPOS, QDS, DQO,
                    sq_b, sq_t, sq_h, sk_b, sk_n, sk_h, sv_b, sv_n, sv_h, sdo_b, sdo_t, sdo_h, sdq_b, sdq_t, sdq_h,
                    T, N, H, HKV, G, DQK, DV, scale,
                    BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr, GP: tl.constexpr, BM: tl.constexpr,
-                   BN: tl.constexpr, PREC: tl.constexpr):
+                   BN: tl.constexpr, PREC: tl.constexpr, TMA: tl.constexpr):
+    """TMA: the K/V tiles through the descriptors KD, VD (`_cmp_tile`)."""
     BT: tl.constexpr = BM // GP
     qk_scale = scale * 1.4426950408889634
     m0 = tl.program_id(0) * BT
     bh = tl.program_id(1)
-    b = tl.cast(bh // HKV, tl.int64)
+    b32 = bh // HKV
+    b = tl.cast(b32, tl.int64)
     hkv = bh % HKV
     t, r, row_ok = _rows(m0, T, G, GP, BM)
     h = hkv * G + r
@@ -686,8 +712,8 @@ def _cmp_dq_kernel(Q, KC, VC, DO, LSE, DELTA, END, CMAX, CMIN, QPOS, QDS, DQO,
         c_ok = c < c_hi
         c64 = tl.cast(c, tl.int64)
         end = tl.load(END + cbase + c, mask=c_ok, other=2147483647)
-        k = tl.load(KC + k_base + c64[:, None] * sk_n + dk[None, :], mask=c_ok[:, None] & (dk < DQK)[None, :], other=0.0)
-        v = tl.load(VC + v_base + c64[:, None] * sv_n + dv[None, :], mask=c_ok[:, None] & (dv < DV)[None, :], other=0.0)
+        k = _cmp_tile(KC, KD, k_base, sk_n, b32, hkv, c0, c64, c_ok, dk, DQK, BN, BLOCK_DK, TMA)
+        v = _cmp_tile(VC, VD, v_base, sv_n, b32, hkv, c0, c64, c_ok, dv, DV, BN, BLOCK_DV, TMA)
         s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale
         p = tl.where(_cmp_visible(p_row, ds_row, end), tl.exp2(s - lse[:, None]), 0.0)
         dp = tl.dot(do, tl.trans(v), input_precision=PREC)
@@ -1146,13 +1172,14 @@ def compressed_forward(q, k_cmp, v_cmp, end, qpos, qds, scale, cmp_len, select_l
     NP = triton.next_power_of_2(n_select)
     cfg["BJ"] = max(cfg["BJ"], NP)   # the running top list is one scoring tile wide
     fused = cfg.pop("FUSED_SELECT")
+    kd, vd = _cmp_descriptors(cfg, k_cmp, v_cmp, _dims(q, v_cmp))
     grid = (triton.cdiv(T, cfg["BM"] // GP), B * Hkv)
     cmax, cmin = _prefix_max_suffix_min(end, end)
-    _cmp_fwd_kernel[grid](q, k_cmp, v_cmp, end, cmax, cmin, qpos, qds, o, lse, sel,
+    _cmp_fwd_kernel[grid](q, k_cmp, v_cmp, kd, vd, end, cmax, cmin, qpos, qds, o, lse, sel,
                           *q.stride()[:3], *k_cmp.stride()[:3], *v_cmp.stride()[:3], *o.stride()[:3],
                           T, N, H, Hkv, G, scale=scale, CMP_LEN=cmp_len, SEL_LEN=select_len, N_SELECT=n_select,
                           N_INIT=n_init, N_LOCAL=n_local, GP=GP,
-                          NP=NP, SELECT=select and fused, **_dims(q, v_cmp), **cfg)
+                          NP=NP, SELECT=select and fused, TMA=kd is not None, **_dims(q, v_cmp), **cfg)
     if select and not fused:   # the scoring pass as its own launch (its own tiles and warps)
         cfg = tile_config("cmp_sel", q.dtype, G)
         cfg["BJ"] = max(cfg["BJ"], NP)
@@ -1292,10 +1319,11 @@ def compressed_backward(q, k_cmp, v_cmp, o, lse, do, end, qpos, qds, scale):
         dq = torch.empty_like(q)
         cmax, cmin = _prefix_max_suffix_min(end, end)
         dq_cfg = tile_config("cmp_dq", q.dtype, G)
+        kd, vd = _cmp_descriptors(dq_cfg, k_cmp, v_cmp, dims)
         _cmp_dq_kernel[(triton.cdiv(T, dq_cfg["BM"] // GP), B * Hkv)](
-            q, k_cmp, v_cmp, do, lse, delta, end, cmax, cmin, qpos, qds, dq,
+            q, k_cmp, v_cmp, kd, vd, do, lse, delta, end, cmax, cmin, qpos, qds, dq,
             *q.stride()[:3], *k_cmp.stride()[:3], *v_cmp.stride()[:3], *do.stride()[:3], *dq.stride()[:3],
-            T, N, H, Hkv, G, scale=scale, GP=GP, **dims, **dq_cfg)
+            T, N, H, Hkv, G, scale=scale, GP=GP, TMA=kd is not None, **dims, **dq_cfg)
     n_chunks, q_chunk = _query_chunks(T, cfg.pop("Q_CHUNK"), cfg.pop("MAX_CHUNKS"), cfg["BM"] // GP)
     atomic = n_chunks > 1
     # several query chunks per tile: fp32 buffers summed by atomic add, cast once at the end
@@ -1310,6 +1338,17 @@ def compressed_backward(q, k_cmp, v_cmp, o, lse, do, end, qpos, qds, scale):
     if atomic:
         dkc, dvc = dkc.to(k_cmp.dtype), dvc.to(v_cmp.dtype)
     return (dq.to(q.dtype) if fuse_dq else dq), dkc, dvc
+
+
+def _cmp_descriptors(cfg: dict, k_cmp, v_cmp, dims: dict):
+    """(k, v) descriptors of one KV head's [BN, head dim] tile of compressed tokens where the tile
+    option TMA (taken out of cfg) is on and the copy engine can take k_cmp and v_cmp, else
+    (None, None): one form per launch."""
+    if not cfg.pop("TMA"):
+        return None, None
+    kd = _tile_descriptor(k_cmp, [1, cfg["BN"], 1, dims["BLOCK_DK"]])
+    vd = _tile_descriptor(v_cmp, [1, cfg["BN"], 1, dims["BLOCK_DV"]])
+    return (kd, vd) if kd is not None and vd is not None else (None, None)
 
 
 def _query_chunks(T: int, q_chunk: int, max_chunks: int, bt: int) -> tuple[int, int]:
