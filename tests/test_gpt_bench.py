@@ -139,6 +139,22 @@ def test_run_curves_count_tokens_and_training_time_between_records(tmp_path):
     assert c["val_loss"] == [5.0, 4.0]
 
 
+def test_run_curves_median_is_of_each_steps_own_rate(tmp_path):
+    """Records with step_tok_s: the median is of those (a slow first step stays in the logger's
+    windowed tok_s of every later record of a short run); older records without it: of tok_s."""
+    from deepwish.bench.speedrun import run_curves
+    recs = [{"kind": "train", "step": s, "n_targets": 100, "tok_s": 50.0 + s, "mfu": 0.1, "time": 10.0 + s,
+             "step_tok_s": 1000.0 if s > 1 else 10.0, "step_mfu": 0.5 if s > 1 else 0.01} for s in range(1, 11)]
+    recs.append({"kind": "val", "step": 10, "val_loss": 4.0, "time": 21.0})
+    (tmp_path / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in recs))
+    c = run_curves(tmp_path)
+    assert c["tok_s"] == 1000.0 and c["mfu"] == 0.5
+    for r in recs:
+        r.pop("step_tok_s", None), r.pop("step_mfu", None)
+    (tmp_path / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in recs))
+    assert run_curves(tmp_path)["tok_s"] == 56.0   # steps 2-10's windowed rates: 52..60, the median 56
+
+
 def test_variants_cli_times_each_variant_on_the_real_trainer(tmp_path, capsys):
     from deepwish.bench.variants import parse_variant
     torch.set_num_threads(1)

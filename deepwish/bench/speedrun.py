@@ -77,7 +77,9 @@ def data_note(data_dir: str | Path | None, preset: str, sets: list[str]) -> dict
 def run_curves(run_dir: Path) -> dict:
     """From a run's metrics.jsonl: validation loss by step with the tokens and training seconds
     at that step, the median tok/s and MFU after the first 10% of the logged steps, and the
-    compile warm-up's seconds (None without one)."""
+    compile warm-up's seconds (None without one). The medians are of each logged step's own rate
+    (step_tok_s) where the records have it: the logger's windowed rate averages the last 20 steps,
+    so in a short run every record would still carry the first, slow steps."""
     recs = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
     warmup = [r["seconds"] for r in recs if r["kind"] == "warmup"]
     train = {r["step"]: r for r in recs if r["kind"] == "train"}
@@ -103,9 +105,11 @@ def run_curves(run_dir: Path) -> dict:
         xs = sorted(train[s][key] for s in late if train[s].get(key) is not None)
         return xs[len(xs) // 2] if xs else None
 
+    per_step = any(train[s].get("step_tok_s") is not None for s in late)
     return {"steps": sorted(vals), "val_loss": [vals[s]["val_loss"] for s in sorted(vals)],
             "tokens": [tokens[s] for s in sorted(vals)], "seconds": [seconds[s] for s in sorted(vals)],
-            "tok_s": median("tok_s"), "mfu": median("mfu"), "compile_seconds": sum(warmup) if warmup else None}
+            "tok_s": median("step_tok_s" if per_step else "tok_s"), "mfu": median("step_mfu" if per_step else "mfu"),
+            "compile_seconds": sum(warmup) if warmup else None}
 
 
 def reach(curve: dict, target: float) -> dict | None:

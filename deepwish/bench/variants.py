@@ -12,7 +12,8 @@ process one after the other, so what is timed is what a user's command does. A v
 (out of memory, a refused setting) is reported with its error and the others still run.
 
 Reported (DIR/variants.json, DIR/variants.md, DIR/variants.png): per variant the median tok/s and
-MFU of the logged steps after the first 10% (bench/speedrun.py run_curves), the step's wall time,
+MFU of the logged steps after the first 10%, each step's own rate (bench/speedrun.py run_curves),
+the step's wall time,
 its ratio to `base`, the final validation loss (a variant that changes numerics shows it here; a
 loss verdict needs `bench ablate`'s seeds), peak memory and the warm-up's compile seconds.
 """

@@ -266,12 +266,17 @@ class Logger:
     def step(self, step: int, tokens: int, metrics: dict[str, float]) -> dict[str, float] | None:
         """Record a finished optimizer step (1-based `step`); print/write every `log_every`."""
         self._tokens += tokens
+        before = self._times[-1][0] if self._times else None
         self._times.append((self._clock(), self._tokens))
         if self._bar is not None:
             self._bar.update(1)
         if step % self.log_every and step != self.total_steps:
             return None
         (t0, n0), (t1, n1) = self._times[0], self._times[-1]
+        # this step alone: the window's rate (tok_s) carries a slow early step (a kernel compiled on
+        # first use) for `window` steps; a median of step_tok_s over a run does not
+        step_s = None if before is None else max(t1 - before, 1e-9)
+        step_tok_s = None if step_s is None else tokens / step_s
         steps_in_window = len(self._times) - 1
         dt = max(t1 - t0, 1e-9)
         tok_s = (n1 - n0) / dt
@@ -279,7 +284,10 @@ class Logger:
         mfu = model_flops_utilisation(tok_s, self.flops_per_token, self.peak_flops)
         mem = peak_memory_bytes(self.device)
         eta = step_time * (self.total_steps - step)
-        rec = {"kind": "train", "step": step, **metrics, "tok_s": tok_s, "mfu": mfu,
+        rec = {"kind": "train", "step": step, **metrics, "tok_s": tok_s, "mfu": mfu, "step_s": step_s,
+               "step_tok_s": step_tok_s,
+               "step_mfu": None if step_tok_s is None else model_flops_utilisation(step_tok_s, self.flops_per_token,
+                                                                                   self.peak_flops),
                "peak_mem_gib": mem / 2**30, "time": time.time()}
         self.write(rec)
         mfu_s = f"{100 * mfu:.1f}%" if mfu is not None else "n/a"

@@ -58,6 +58,30 @@ def test_paused_time_is_not_on_the_training_clock(tmp_path, monkeypatch):
     lg.close()
 
 
+def test_each_record_carries_its_own_steps_rate(tmp_path, monkeypatch):
+    """tok_s is the rate over the last `window` steps, so one slow first step (a kernel compiled on
+    first use) stays in it for that long; step_s / step_tok_s / step_mfu are the record's own step
+    alone (paused time left out)."""
+    now = [100.0]
+    monkeypatch.setattr(L.time, "perf_counter", lambda: now[0])
+    monkeypatch.setattr(L, "device_peak_flops", lambda d: (1e6, "test peak"))
+    lg = L.Logger(tmp_path, total_steps=3, flops_per_token=1.0, device=torch.device("cpu"), log_every=1,
+                  progress_bar=False)
+    lg.start(0)
+    now[0] += 10.0   # slow first step
+    r1 = lg.step(1, 1000, {"loss": 1.0, "lr": 1.0, "grad_norm": 1.0})
+    now[0] += 1.0
+    r2 = lg.step(2, 1000, {"loss": 1.0, "lr": 1.0, "grad_norm": 1.0})
+    with lg.paused():
+        now[0] += 30.0
+    now[0] += 1.0
+    r3 = lg.step(3, 1000, {"loss": 1.0, "lr": 1.0, "grad_norm": 1.0})
+    lg.close()
+    assert r1["step_s"] == pytest.approx(10.0) and r1["step_tok_s"] == pytest.approx(100.0)
+    assert r2["tok_s"] == pytest.approx(2000 / 11) and r2["step_tok_s"] == pytest.approx(1000.0)
+    assert r3["step_s"] == pytest.approx(1.0) and r3["step_mfu"] == pytest.approx(1000.0 / 1e6)
+
+
 @pytest.mark.parametrize("flag,module", [("tensorboard", "tensorboard"), ("mlflow", "mlflow")])
 def test_optional_integrations(tmp_path, flag, module, monkeypatch):
     # a user-chosen file store (MLflow 3 refuses those unless MLFLOW_ALLOW_FILE_STORE=true)
