@@ -260,17 +260,15 @@ SWEEP_CANDIDATES = {
     # cmp_sel BJ 64: 4x fewer scoring tiles (each a serial chain), 240 registers, 2 per SM
     # FUSED_SELECT True: the scoring inside the attention's programs (the default until the third
     # run, 95.2 ms at 64k against 52.6 for the separate pass); its closest forms kept as candidates
-    # TMA: the compressed K/V tiles through descriptors (as the selected branch's and flash attention's)
-    "cmp_fwd": [{}, dict(TMA=True), dict(TMA=True, num_stages=3), dict(BN=128), dict(BN=32), dict(num_stages=3),
-                dict(BM=64, num_warps=4),
+    # TMA (the default): the compressed K/V tiles through descriptors (as the selected branch's)
+    "cmp_fwd": [{}, dict(TMA=False), dict(num_stages=3), dict(BN=128), dict(BN=32), dict(BM=64, num_warps=4),
                 dict(FUSED_SELECT=True), dict(FUSED_SELECT=True, JV=16), dict(FUSED_SELECT=True, BNS=64),
                 dict(FUSED_SELECT=True, JV=16, SKIP_MERGE=True)],
     # the separate scoring pass (cmp_fwd's FUSED_SELECT False, the default)
     "cmp_sel": [{}, dict(SORT_MERGE=False), dict(BN=16), dict(BN=64), dict(BJ=32), dict(JV=16),
                 dict(BM=128, num_warps=8), dict(BM=32, num_warps=2), dict(SKIP_MERGE=True), dict(RANK_MERGE=True),
                 dict(JV=16, SKIP_MERGE=True), dict(BJ=64), dict(BJ=64, SKIP_MERGE=True)],
-    "cmp_dq": [{}, dict(TMA=True), dict(TMA=True, num_stages=3), dict(BN=32), dict(num_stages=3),
-               dict(BM=64, num_warps=4)],
+    "cmp_dq": [{}, dict(TMA=False), dict(num_stages=2), dict(BN=32), dict(BM=64, num_warps=4)],
     "cmp_dkdv": [{}, dict(Q_CHUNK=1024), dict(MAX_CHUNKS=32), dict(BN=32), dict(num_stages=3),
                  dict(BM=64, num_warps=4), dict(FUSE_DQ=True), dict(FUSE_DQ=True, BN=128)],
     # TMA (the default): each selected block through a tensor descriptor; compiled for sm_90 (triton

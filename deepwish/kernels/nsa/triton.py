@@ -47,7 +47,7 @@ Compressed branch (one kernel for the forward, `_cmp_fwd_kernel`):
   same total order). Fixed shapes, no host sync; 2 merge launches instead of ~25 torch ops.
   The selection pass has its own split count (SEL_TILES scoring tiles per split, `_select_splits`):
   a split is a serial chain of scoring tiles, the attention's 256-token splits left it 4 tiles.
-- TMA (a tile option of cmp_fwd / cmp_dq, off until timed): the compressed K/V tiles [BN, D] of
+- TMA (a tile option of cmp_fwd / cmp_dq, on for 16-bit inputs): the compressed K/V tiles [BN, D] of
   one KV head through tensor descriptors instead of masked loads (as the selected branch and
   kernels/attention do); slots past the range a tile may see are fetched and masked by their
   cmp_end, so compressed tokens must be finite.
@@ -133,14 +133,16 @@ _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 # H200 at D 128 (the register budget of kernels/attention's 128-row tiles); not swept yet.
 TILES = {
     # FUSED_SELECT off: the scoring as its own launch (cmp_sel below), timed at T 64k, H 64 / 4 KV heads,
-    # D 128 (H100, 2026-12-06): the compressed forward 95.2 -> 52.6 ms (reports/nsa.md "Third run")
+    # D 128 (H100, 2026-12-06): the compressed forward 95.2 -> 52.6 ms; TMA on: 52.4 -> 51.0 ms
+    # (reports/nsa.md "Third run")
     ("cmp_fwd", "16bit"): dict(BM=128, BN=64, BNS=32, BJ=16, FUSED_SELECT=False, SORT_MERGE=True, RANK_MERGE=False,
-                               SKIP_MERGE=False, JV=0, TMA=False, num_warps=8, num_stages=2),
+                               SKIP_MERGE=False, JV=0, TMA=True, num_warps=8, num_stages=2),
     # the separate scoring pass (FUSED_SELECT False): 4 queries x 16 heads, 4 warps, 165 registers:
     # 3 programs per SM (BM 128 / 8 warps: 153 registers x 256 threads, 1 program per SM)
     ("cmp_sel", "16bit"): dict(BM=64, BN=32, BJ=16, SORT_MERGE=True, RANK_MERGE=False, SKIP_MERGE=False, JV=0,
                                num_warps=4, num_stages=2),
-    ("cmp_dq", "16bit"): dict(BM=128, BN=64, TMA=False, num_warps=8, num_stages=2),
+    # TMA on, 3 stages: the compressed backward (dQ + dK/dV) at 64k 65.8 -> 63.8 ms (same sweep)
+    ("cmp_dq", "16bit"): dict(BM=128, BN=64, TMA=True, num_warps=8, num_stages=3),
     ("cmp_dkdv", "16bit"): dict(BM=128, BN=64, Q_CHUNK=512, MAX_CHUNKS=16, FUSE_DQ=False, num_warps=8,
                                 num_stages=2),
     # TMA on: the sweep at T 16k, H 64 / 4 KV heads, D 128 (H100, 2026-12-06): forward 5.06 -> 4.00 ms,
