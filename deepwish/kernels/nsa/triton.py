@@ -129,8 +129,9 @@ _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 # (kind, "16bit" | "fp32"): dict of tile sizes and warps. Compressed kernels: BM rows = BT·GP
 # (BT = BM / GP queries per tile, at least 1), BN compressed tokens per tile, BJ selection blocks
 # per scoring tile. Selected kernels: rows = max(16, GP); ROWS = BQ·GP gathered (query, head)
-# columns per dK/dV step, CH queries per work item. The 16-bit rows are first choices for an
-# H200 at D 128 (the register budget of kernels/attention's 128-row tiles); not swept yet.
+# columns per dK/dV step, CH queries per work item. The 16-bit rows: first choices for an H200 at
+# D 128 (the register budget of kernels/attention's 128-row tiles), then the sweeps' picks where a
+# comment says so (H100; cmp_sel swept at 64k and kept; cmp_dkdv and slc_dkdv not yet swept).
 TILES = {
     # FUSED_SELECT off: the scoring as its own launch (cmp_sel below), timed at T 64k, H 64 / 4 KV heads,
     # D 128 (H100, 2026-12-06): the compressed forward 95.2 -> 52.6 ms; TMA on: 52.4 -> 51.0 ms
@@ -146,7 +147,7 @@ TILES = {
     ("cmp_dkdv", "16bit"): dict(BM=128, BN=64, Q_CHUNK=512, MAX_CHUNKS=16, FUSE_DQ=False, num_warps=8,
                                 num_stages=2),
     # TMA on: the sweep at T 16k, H 64 / 4 KV heads, D 128 (H100, 2026-12-06): forward 5.06 -> 4.00 ms,
-    # dQ 13.86 -> 12.68 ms (reports/nsa.md "Descriptor loads timed")
+    # dQ 13.86 -> 12.68 ms (reports/nsa.md "Third run")
     ("slc_fwd", "16bit"): dict(BT=1, TMA=True, num_warps=4, num_stages=3),
     ("slc_dq", "16bit"): dict(BT=1, TMA=True, num_warps=4, num_stages=3),
     ("slc_dkdv", "16bit"): dict(ROWS=128, CH=1024, num_warps=8, num_stages=2),
