@@ -265,9 +265,10 @@ SWEEP_CANDIDATES = {
                 dict(FUSED_SELECT=True), dict(FUSED_SELECT=True, JV=16), dict(FUSED_SELECT=True, BNS=64),
                 dict(FUSED_SELECT=True, JV=16, SKIP_MERGE=True)],
     # the separate scoring pass (cmp_fwd's FUSED_SELECT False, the default)
-    "cmp_sel": [{}, dict(SORT_MERGE=False), dict(BN=16), dict(BN=64), dict(BJ=32), dict(JV=16),
-                dict(BM=128, num_warps=8), dict(BM=32, num_warps=2), dict(SKIP_MERGE=True), dict(RANK_MERGE=True),
-                dict(JV=16, SKIP_MERGE=True), dict(BJ=64), dict(BJ=64, SKIP_MERGE=True)],
+    # TMA: its key tiles through a descriptor (BN-wide boxes)
+    "cmp_sel": [{}, dict(TMA=True), dict(TMA=True, num_stages=3), dict(SORT_MERGE=False), dict(BN=16), dict(BN=64),
+                dict(BJ=32), dict(JV=16), dict(BM=128, num_warps=8), dict(BM=32, num_warps=2), dict(SKIP_MERGE=True),
+                dict(RANK_MERGE=True), dict(JV=16, SKIP_MERGE=True), dict(BJ=64), dict(BJ=64, SKIP_MERGE=True)],
     "cmp_dq": [{}, dict(TMA=False), dict(num_stages=2), dict(BN=32), dict(BM=64, num_warps=4)],
     "cmp_dkdv": [{}, dict(Q_CHUNK=1024), dict(MAX_CHUNKS=32), dict(BN=32), dict(num_stages=3),
                  dict(BM=64, num_warps=4), dict(FUSE_DQ=True), dict(FUSE_DQ=True, BN=128)],

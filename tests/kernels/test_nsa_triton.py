@@ -221,7 +221,7 @@ def test_selected_branch_over_the_union_of_adjacent_selections(rel_err, bt, leng
 
 
 def test_compressed_branch_through_tensor_descriptors(rel_err, monkeypatch):
-    """The tile option TMA of cmp_fwd / cmp_dq: the compressed K/V tiles through descriptors
+    """The tile option TMA of cmp_fwd / cmp_sel / cmp_dq: the compressed K/V tiles through descriptors
     (slots past the visible range hold data the mask removes; slots past N arrive as zeros), with
     packed documents and padding slots, N not a multiple of the 16-slot tile: output, selection
     and every gradient equal the reference's (fp16), and the descriptors are built, not skipped."""
@@ -240,11 +240,12 @@ def test_compressed_branch_through_tensor_descriptors(rel_err, monkeypatch):
     real = tri._tile_descriptor
     monkeypatch.setattr(tri, "_tile_descriptor", lambda *a: made.append(real(*a)) or made[-1])
     o_want, sel_want = ref.nsa_compressed(q, kc, vc, ends, **kw)
-    with tri.override_tiles("cmp_fwd", TMA=True), tri.override_tiles("cmp_dq", TMA=True):
+    with tri.override_tiles("cmp_fwd", TMA=True), tri.override_tiles("cmp_sel", TMA=True), \
+            tri.override_tiles("cmp_dq", TMA=True):
         o_got, sel_got = tri.nsa_compressed(q, kc, vc, ends, **kw)
         gw = torch.autograd.grad((o_want.float() * g).sum(), (q, kc, vc))
         gg = torch.autograd.grad((o_got.float() * g).sum(), (q, kc, vc))
-    assert len(made) == 4 and all(d is not None for d in made)
+    assert len(made) == 6 and all(d is not None for d in made)   # k and v of each launch
     assert torch.equal(sel_got, sel_want)
     assert rel_err(o_want, o_got) < TOL[torch.float16]
     for name, a, b in zip(("dq", "dk", "dv"), gw, gg):

@@ -47,10 +47,12 @@ Compressed branch (one kernel for the forward, `_cmp_fwd_kernel`):
   same total order). Fixed shapes, no host sync; 2 merge launches instead of ~25 torch ops.
   The selection pass has its own split count (SEL_TILES scoring tiles per split, `_select_splits`):
   a split is a serial chain of scoring tiles, the attention's 256-token splits left it 4 tiles.
-- TMA (a tile option of cmp_fwd / cmp_dq, on for 16-bit inputs): the compressed K/V tiles [BN, D] of
-  one KV head through tensor descriptors instead of masked loads (as the selected branch and
-  kernels/attention do); slots past the range a tile may see are fetched and masked by their
-  cmp_end, so compressed tokens must be finite.
+- TMA (a tile option of cmp_fwd / cmp_dq, on for 16-bit inputs; of cmp_sel, the separate scoring
+  pass's key tiles, off until timed): the compressed K/V tiles [BN, D] of one KV head through
+  tensor descriptors instead of masked loads (as the selected branch and kernels/attention do);
+  slots past the range a tile may see are fetched and masked by their cmp_end, so compressed
+  tokens must be finite. The fused scoring (FUSED_SELECT) keeps pointer loads (its BNS-wide steps
+  are not the attention's box).
 - Backward: delta = rowsum(dO·O) (kernels/attention's kernel), dQ per query tile over the same
   compressed range, dK/dV per (compressed tile, chunk of queries) over the query tiles of the
   chunk that can see it (binary search in the prefix max of q_pos and the suffix min of the
@@ -141,7 +143,7 @@ TILES = {
     # the separate scoring pass (FUSED_SELECT False): 4 queries x 16 heads, 4 warps, 165 registers:
     # 3 programs per SM (BM 128 / 8 warps: 153 registers x 256 threads, 1 program per SM)
     ("cmp_sel", "16bit"): dict(BM=64, BN=32, BJ=16, SORT_MERGE=True, RANK_MERGE=False, SKIP_MERGE=False, JV=0,
-                               num_warps=4, num_stages=2),
+                               TMA=False, num_warps=4, num_stages=2),
     # TMA on, 3 stages: the compressed backward (dQ + dK/dV) at 64k 65.8 -> 63.8 ms (same sweep)
     ("cmp_dq", "16bit"): dict(BM=128, BN=64, TMA=True, num_warps=8, num_stages=3),
     ("cmp_dkdv", "16bit"): dict(BM=128, BN=64, Q_CHUNK=512, MAX_CHUNKS=16, FUSE_DQ=False, num_warps=8,
@@ -154,7 +156,7 @@ TILES = {
     ("cmp_fwd", "fp32"): dict(BM=64, BN=32, BNS=32, BJ=16, FUSED_SELECT=True, SORT_MERGE=True, RANK_MERGE=False,
                               SKIP_MERGE=False, JV=0, TMA=False, num_warps=8, num_stages=1),
     ("cmp_sel", "fp32"): dict(BM=64, BN=32, BJ=16, SORT_MERGE=True, RANK_MERGE=False, SKIP_MERGE=False, JV=0,
-                              num_warps=8, num_stages=1),
+                              TMA=False, num_warps=8, num_stages=1),
     ("cmp_dq", "fp32"): dict(BM=64, BN=32, TMA=False, num_warps=8, num_stages=1),
     ("cmp_dkdv", "fp32"): dict(BM=64, BN=32, Q_CHUNK=512, MAX_CHUNKS=16, FUSE_DQ=False, num_warps=8,
                               num_stages=1),
@@ -176,8 +178,8 @@ MAX_SPLITS = 64
 INTERPRET_TILES = {
     "cmp_fwd": dict(BM=64, BN=16, BNS=16, BJ=16, FUSED_SELECT=False, SORT_MERGE=True, RANK_MERGE=False,
                     SKIP_MERGE=False, JV=0, TMA=False, num_warps=1, num_stages=1),
-    "cmp_sel": dict(BM=32, BN=16, BJ=16, SORT_MERGE=True, RANK_MERGE=False, SKIP_MERGE=False, JV=0, num_warps=1,
-                    num_stages=1),
+    "cmp_sel": dict(BM=32, BN=16, BJ=16, SORT_MERGE=True, RANK_MERGE=False, SKIP_MERGE=False, JV=0, TMA=False,
+                    num_warps=1, num_stages=1),
     "cmp_dq": dict(BM=64, BN=16, TMA=False, num_warps=1, num_stages=1),
     "cmp_dkdv": dict(BM=32, BN=16, Q_CHUNK=8, MAX_CHUNKS=3, FUSE_DQ=False, num_warps=1, num_stages=1),
     "slc_fwd": dict(BT=1, TMA=False, num_warps=1, num_stages=1),
@@ -330,24 +332,25 @@ def _first_ge_vec(A, base, n, x, V: tl.constexpr):
 
 
 @triton.jit
-def _cmp_select(key, q, lse, KC, END, CMAX, CMIN, cbase, k_base, sk_n, N, p_row, ds_row, c_lo, c_hi,
-                tok_ok, sb, qb, j_a, j_b, qk_scale, dk, DQK, CMP_LEN, SEL_LEN, N_INIT, N_LOCAL,
+def _cmp_select(key, q, lse, KC, KD, END, CMAX, CMIN, cbase, k_base, sk_n, N, p_row, ds_row, c_lo, c_hi,
+                tok_ok, sb, qb, j_a, j_b, qk_scale, b32, hkv, dk, DQK, CMP_LEN, SEL_LEN, N_INIT, N_LOCAL,
                 BT: tl.constexpr, GP: tl.constexpr, BN: tl.constexpr, BJ: tl.constexpr, NP: tl.constexpr,
                 SORT_MERGE: tl.constexpr, RANK_MERGE: tl.constexpr, SKIP_MERGE: tl.constexpr, JV: tl.constexpr,
-                PREC: tl.constexpr):
+                PREC: tl.constexpr, BLOCK_DK: tl.constexpr, TMA: tl.constexpr):
     """Pass 2 over selection blocks [j_a, j_b): each query's block importance (the group-summed
     probabilities exp2(s - lse) of the compressed tokens overlapping each block), +inf forced,
     -inf ineligible, merged into its running top-BJ `key` [BT, BJ] (`_block_key`; start from
     `_empty_keys`; `_top_keys` orders them at the end). Each tile of BJ blocks needs the range of
-    compressed tokens overlapping it (two searches); JV > 0 runs the searches of JV tiles at once."""
+    compressed tokens overlapping it (two searches); JV > 0 runs the searches of JV tiles at once.
+    TMA: the [BN, D] key tiles through the descriptor KD (`_cmp_tile`)."""
     if JV == 0:
         for j0 in range(j_a, j_b, BJ):
             # compressed tokens overlapping blocks [j0, j0 + BJ): end >= j0·l', end - l + 1 <= (j0 + BJ)·l' - 1
             ca = tl.maximum(c_lo, _first_ge(CMAX, cbase, N, j0 * SEL_LEN))
             cb = tl.minimum(c_hi, _first_ge(CMIN, cbase, N, (j0 + BJ) * SEL_LEN + CMP_LEN - 1))
-            key = _score_tile(key, j0, ca, cb, q, lse, KC, END, cbase, k_base, sk_n, p_row, ds_row, tok_ok, sb, qb,
-                              j_b, qk_scale, dk, DQK, CMP_LEN, SEL_LEN, N_INIT, N_LOCAL, BT, GP, BN, BJ, NP, SORT_MERGE,
-                              RANK_MERGE, SKIP_MERGE, PREC)
+            key = _score_tile(key, j0, ca, cb, q, lse, KC, KD, END, cbase, k_base, sk_n, p_row, ds_row, tok_ok, sb,
+                              qb, j_b, qk_scale, b32, hkv, dk, DQK, CMP_LEN, SEL_LEN, N_INIT, N_LOCAL, BT, GP, BN, BJ,
+                              NP, SORT_MERGE, RANK_MERGE, SKIP_MERGE, PREC, BLOCK_DK, TMA)
     else:
         jv = tl.arange(0, JV)
         for jc in range(j_a, j_b, BJ * JV):
@@ -357,17 +360,18 @@ def _cmp_select(key, q, lse, KC, END, CMAX, CMIN, cbase, k_base, sk_n, N, p_row,
             for x in range(0, tl.minimum(JV, (j_b - jc + BJ - 1) // BJ)):
                 ca = tl.sum(tl.where(jv == x, ca_v, 0), 0)
                 cb = tl.sum(tl.where(jv == x, cb_v, 0), 0)
-                key = _score_tile(key, jc + x * BJ, ca, cb, q, lse, KC, END, cbase, k_base, sk_n, p_row, ds_row,
-                                  tok_ok, sb, qb, j_b, qk_scale, dk, DQK, CMP_LEN, SEL_LEN, N_INIT, N_LOCAL, BT, GP, BN,
-                                  BJ, NP, SORT_MERGE, RANK_MERGE, SKIP_MERGE, PREC)
+                key = _score_tile(key, jc + x * BJ, ca, cb, q, lse, KC, KD, END, cbase, k_base, sk_n, p_row, ds_row,
+                                  tok_ok, sb, qb, j_b, qk_scale, b32, hkv, dk, DQK, CMP_LEN, SEL_LEN, N_INIT, N_LOCAL,
+                                  BT, GP, BN, BJ, NP, SORT_MERGE, RANK_MERGE, SKIP_MERGE, PREC, BLOCK_DK, TMA)
     return key
 
 
 @triton.jit
-def _score_tile(key, j0, ca, cb, q, lse, KC, END, cbase, k_base, sk_n, p_row, ds_row, tok_ok, sb, qb, j_b, qk_scale,
-                dk, DQK, CMP_LEN, SEL_LEN, N_INIT, N_LOCAL, BT: tl.constexpr, GP: tl.constexpr, BN: tl.constexpr,
-                BJ: tl.constexpr, NP: tl.constexpr, SORT_MERGE: tl.constexpr, RANK_MERGE: tl.constexpr,
-                SKIP_MERGE: tl.constexpr, PREC: tl.constexpr):
+def _score_tile(key, j0, ca, cb, q, lse, KC, KD, END, cbase, k_base, sk_n, p_row, ds_row, tok_ok, sb, qb, j_b,
+                qk_scale, b32, hkv, dk, DQK, CMP_LEN, SEL_LEN, N_INIT, N_LOCAL, BT: tl.constexpr, GP: tl.constexpr,
+                BN: tl.constexpr, BJ: tl.constexpr, NP: tl.constexpr, SORT_MERGE: tl.constexpr,
+                RANK_MERGE: tl.constexpr, SKIP_MERGE: tl.constexpr, PREC: tl.constexpr, BLOCK_DK: tl.constexpr,
+                TMA: tl.constexpr):
     """One scoring tile: blocks [j0, j0 + BJ) from the compressed tokens [ca, cb), merged into key."""
     MAP_DOT: tl.constexpr = BT >= 16
     j = j0 + tl.arange(0, BJ)
@@ -377,8 +381,7 @@ def _score_tile(key, j0, ca, cb, q, lse, KC, END, cbase, k_base, sk_n, p_row, ds
         c_ok = c < cb
         c64 = tl.cast(c, tl.int64)
         end = tl.load(END + cbase + c, mask=c_ok, other=2147483647)
-        k = tl.load(KC + k_base + c64[:, None] * sk_n + dk[None, :], mask=c_ok[:, None] & (dk < DQK)[None, :],
-                    other=0.0)
+        k = _cmp_tile(KC, KD, k_base, sk_n, b32, hkv, c0, c64, c_ok, dk, DQK, BN, BLOCK_DK, TMA)
         s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale
         p = tl.where(_cmp_visible(p_row, ds_row, end), tl.exp2(s - lse[:, None]), 0.0)
         pg = tl.sum(tl.reshape(p, [BT, GP, BN]), 1)                    # [BT, BN]: the group's sum
@@ -560,9 +563,10 @@ def _cmp_fwd_kernel(Q, KC, VC, KD, VD, END, CMAX, CMIN, QPOS, QDS, O, LSE, SEL,
     tl.store(LSE + (b * T + t64) * H + h64, lse, mask=row_ok)
     if SELECT:
         tok_ok, sb, qb, j_lo, j_hi = _tile_blocks(QPOS, QDS, b * T, m0, T, SEL_LEN, BT)
-        key = _cmp_select(_empty_keys(BT, BJ), q, lse, KC, END, CMAX, CMIN, cbase, k_base, sk_n, N, p_row, ds_row,
-                          c_lo, c_hi, tok_ok, sb, qb, j_lo, j_hi, qk_scale, dk, DQK, CMP_LEN, SEL_LEN, N_INIT,
-                          N_LOCAL, BT, GP, BNS, BJ, NP, SORT_MERGE, RANK_MERGE, SKIP_MERGE, JV, PREC)
+        # the scoring's key tiles are BNS wide, the descriptors' boxes BN: pointer loads here
+        key = _cmp_select(_empty_keys(BT, BJ), q, lse, KC, KC, END, CMAX, CMIN, cbase, k_base, sk_n, N, p_row, ds_row,
+                          c_lo, c_hi, tok_ok, sb, qb, j_lo, j_hi, qk_scale, b32, hkv, dk, DQK, CMP_LEN, SEL_LEN, N_INIT,
+                          N_LOCAL, BT, GP, BNS, BJ, NP, SORT_MERGE, RANK_MERGE, SKIP_MERGE, JV, PREC, BLOCK_DK, False)
         key = _top_keys(key, SORT_MERGE, RANK_MERGE)
         _store_sel(SEL, key, b, T, m0, tok_ok, hkv, HKV, N_SELECT, BT, BJ, NP)
 
@@ -630,23 +634,24 @@ def _cmp_split_attend_kernel(Q, KC, VC, END, CMAX, CMIN, QPOS, QDS, M_PART, L_PA
 
 
 @triton.jit
-def _cmp_split_select_kernel(Q, KC, END, CMAX, CMIN, QPOS, QDS, LSE, S_PART, I_PART, SEL,
+def _cmp_split_select_kernel(Q, KC, KD, END, CMAX, CMIN, QPOS, QDS, LSE, S_PART, I_PART, SEL,
                              sq_b, sq_t, sq_h, sk_b, sk_n, sk_h,
                              T, N, H, HKV, G, DQK, scale, CMP_LEN, SEL_LEN, N_SELECT, N_INIT, N_LOCAL, NSPLIT,
                              BLOCK_DK: tl.constexpr, GP: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
                              BJ: tl.constexpr, NP: tl.constexpr, FINAL: tl.constexpr, SORT_MERGE: tl.constexpr,
                              RANK_MERGE: tl.constexpr, SKIP_MERGE: tl.constexpr, JV: tl.constexpr,
-                             PREC: tl.constexpr):
+                             PREC: tl.constexpr, TMA: tl.constexpr):
     """Decoding, pass 2: one program per (query tile, KV head, split of the selectable blocks)
     writes its partial top-n (scores, indices) [NSPLIT, B, T, HKV, NP]; `_merge_select_kernel`
     merges them. Empty slots are (-inf, -1). FINAL (one split, the training path's
-    separate scoring pass): sel_idx itself."""
+    separate scoring pass): sel_idx itself. TMA: the key tiles through the descriptor KD."""
     BT: tl.constexpr = BM // GP
     qk_scale = scale * 1.4426950408889634
     m0 = tl.program_id(0) * BT
     bh = tl.program_id(1)
     split = tl.program_id(2)
-    b = tl.cast(bh // HKV, tl.int64)
+    b32 = bh // HKV
+    b = tl.cast(b32, tl.int64)
     hkv = bh % HKV
     t, r, row_ok = _rows(m0, T, G, GP, BM)
     h = hkv * G + r
@@ -661,9 +666,10 @@ def _cmp_split_select_kernel(Q, KC, END, CMAX, CMIN, QPOS, QDS, LSE, S_PART, I_P
     c_lo, c_hi = _cmp_range(CMAX, CMIN, cbase, N, p_row, ds_row, row_ok)
     tok_ok, sb, qb, j_lo, j_hi = _tile_blocks(QPOS, QDS, b * T, m0, T, SEL_LEN, BT)
     j_a, j_b = _split_range(j_lo, j_hi, split, NSPLIT)
-    key = _cmp_select(_empty_keys(BT, BJ), q, lse, KC, END, CMAX, CMIN, cbase, b * sk_b + tl.cast(hkv, tl.int64) * sk_h,
-                      sk_n, N, p_row, ds_row, c_lo, c_hi, tok_ok, sb, qb, j_a, j_b, qk_scale, dk, DQK, CMP_LEN,
-                      SEL_LEN, N_INIT, N_LOCAL, BT, GP, BN, BJ, NP, SORT_MERGE, RANK_MERGE, SKIP_MERGE, JV, PREC)
+    key = _cmp_select(_empty_keys(BT, BJ), q, lse, KC, KD, END, CMAX, CMIN, cbase,
+                      b * sk_b + tl.cast(hkv, tl.int64) * sk_h, sk_n, N, p_row, ds_row, c_lo, c_hi, tok_ok, sb, qb,
+                      j_a, j_b, qk_scale, b32, hkv, dk, DQK, CMP_LEN, SEL_LEN, N_INIT, N_LOCAL, BT, GP, BN, BJ, NP,
+                      SORT_MERGE, RANK_MERGE, SKIP_MERGE, JV, PREC, BLOCK_DK, TMA)
     key = _top_keys(key, SORT_MERGE, RANK_MERGE)
     if FINAL:   # one split: the selection itself
         _store_sel(SEL, key, b, T, m0, tok_ok, hkv, HKV, N_SELECT, BT, BJ, NP)
@@ -1187,11 +1193,12 @@ def compressed_forward(q, k_cmp, v_cmp, end, qpos, qds, scale, cmp_len, select_l
         cfg = tile_config("cmp_sel", q.dtype, G)
         cfg["BJ"] = max(cfg["BJ"], NP)
         dims = _dims(q, v_cmp)
+        kd, _ = _cmp_descriptors(cfg, k_cmp, v_cmp, dims)
         del dims["BLOCK_DV"], dims["DV"]
         _cmp_split_select_kernel[(triton.cdiv(T, cfg["BM"] // GP), B * Hkv, 1)](
-            q, k_cmp, end, cmax, cmin, qpos, qds, lse, lse, sel, sel, *q.stride()[:3], *k_cmp.stride()[:3],
+            q, k_cmp, kd, end, cmax, cmin, qpos, qds, lse, lse, sel, sel, *q.stride()[:3], *k_cmp.stride()[:3],
             T, N, H, Hkv, G, scale=scale, CMP_LEN=cmp_len, SEL_LEN=select_len, N_SELECT=n_select, N_INIT=n_init,
-            N_LOCAL=n_local, NSPLIT=1, GP=GP, NP=NP, FINAL=True, **dims, **cfg)
+            N_LOCAL=n_local, NSPLIT=1, GP=GP, NP=NP, FINAL=True, TMA=kd is not None, **dims, **cfg)
     return o, lse, (sel if select else None)
 
 
@@ -1296,10 +1303,10 @@ def compressed_forward_split(q, k_cmp, v_cmp, end, qpos, qds, scale, cmp_len, se
     s_part = torch.empty(NS, B, T, Hkv, NP, dtype=torch.float32, device=q.device)
     i_part = torch.empty(NS, B, T, Hkv, NP, dtype=torch.int32, device=q.device)
     del dims["BLOCK_DV"], dims["DV"]
-    _cmp_split_select_kernel[grid](q, k_cmp, end, cmax, cmin, qpos, qds, lse, s_part, i_part, s_part,
+    _cmp_split_select_kernel[grid](q, k_cmp, k_cmp, end, cmax, cmin, qpos, qds, lse, s_part, i_part, s_part,
                                    *q.stride()[:3], *k_cmp.stride()[:3], T, N, H, Hkv, G, scale=scale,
                                    CMP_LEN=cmp_len, SEL_LEN=select_len, N_SELECT=n_select, N_INIT=n_init,
-                                   N_LOCAL=n_local, NSPLIT=NS, GP=GP, BJ=BJ, NP=NP, FINAL=False,
+                                   N_LOCAL=n_local, NSPLIT=NS, GP=GP, BJ=BJ, NP=NP, FINAL=False, TMA=False,
                                    **merge, **dims, **cfg)
     sel = torch.empty(B, T, Hkv, n_select, dtype=torch.int32, device=q.device)
     _merge_select_kernel[(B * T * Hkv,)](s_part, i_part, sel, B * T * Hkv, NS, n_select, NSP=NSP, NP=NP,
