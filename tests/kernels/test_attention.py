@@ -94,8 +94,8 @@ def test_kv_tile_load_forms_match_reference(rel_err, monkeypatch, B, T, H, Hkv, 
 
 
 def test_tensor_descriptors_need_16bit_aligned_tiles():
-    """What the copy engine cannot take (fp32, a base or stride off 16 bytes) gets no descriptor:
-    the kernels then load through pointers. An unknown load form is an error."""
+    """What the copy engine cannot take (fp32, a base or stride off 16 bytes, a box side over 256)
+    gets no descriptor: the kernels then load through pointers. An unknown load form is an error."""
     from deepwish.kernels.attention import triton as tk
     with pytest.raises(ValueError, match="LOADS"):
         with pytest.MonkeyPatch.context() as mp:
@@ -107,6 +107,7 @@ def test_tensor_descriptors_need_16bit_aligned_tiles():
     assert tk._tile_descriptor(x.float(), box) is None
     assert tk._tile_descriptor(torch.zeros(1, 8, 2, 65, dtype=torch.float16)[..., 1:], box) is None
     assert tk._tile_descriptor(torch.zeros(1, 8, 2, 68, dtype=torch.float16)[..., :64], box) is None
+    assert tk._tile_descriptor(x, [1, 256, 1, 64]) is not None and tk._tile_descriptor(x, [1, 512, 1, 64]) is None
 
 
 def test_documents_are_isolated():

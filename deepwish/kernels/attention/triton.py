@@ -619,8 +619,9 @@ def document_bounds(doc_ids: torch.Tensor | None, B: int, T: int, device) -> tup
 
 def _tile_descriptor(x: torch.Tensor, box: list[int]):
     """A descriptor over x [B, T, heads, D] copying `box`-shaped tiles, or None where the copy
-    engine cannot take x (not 16-bit; base or strides not 16-byte aligned)."""
-    if x.dtype not in (torch.float16, torch.bfloat16) or x.data_ptr() % 16:
+    engine cannot take x (not 16-bit; base or strides not 16-byte aligned; a box side over 256,
+    e.g. NSA's selected blocks with nsa_select_len > 256)."""
+    if x.dtype not in (torch.float16, torch.bfloat16) or x.data_ptr() % 16 or max(box) > 256:
         return None
     if any(st * x.element_size() % 16 for st in x.stride()[:-1]):
         return None
