@@ -239,7 +239,7 @@ class NSA(nn.Module):
         backend = self.kernel_backend if q.is_cuda or self.kernel_requested != "auto" else "torch"
         o_cmp, sel_idx = nsa_compressed(q, k_cmp, v_cmp, cmp_end, q_pos=q_pos, doc_ids=doc_ids,
                                         cmp_len=self.cmp_len, select_len=self.select_len, n_select=self.n_select,
-                                        n_init=1, n_local=self.n_local, scale=self.scale,
+                                        n_init=1, n_local=self.n_local, scale=self.scale, S=k.shape[1],
                                         backend=backend)
         o_slc = nsa_selected(q, k, v, sel_idx, q_pos=q_pos, doc_ids=doc_ids, select_len=self.select_len,
                              scale=self.scale, backend=backend)

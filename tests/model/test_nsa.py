@@ -113,6 +113,26 @@ def test_prefill_then_token_by_token_equals_the_full_forward(gate):
     assert ends[:n_done].tolist() == [16 - 1 + 8 * j for j in range(n_done)] and (ends[n_done:] == NEVER).all()
 
 
+def test_the_torch_path_reads_nothing_back_from_the_device(monkeypatch):
+    """The mixer hands the kernels the raw row length (S), so the torch kernels never read
+    max(q_pos) back: no host synchronisation in a training forward, a prefill or a decoding step
+    (a captured decode graph could not hold one)."""
+    m = tiny_model()
+    B, T = 2, 40
+    ids = torch.randint(0, m.cfg.vocab_size, (B, T))
+    cache = m.make_cache(B, 64)
+
+    def read(*a, **k):
+        raise AssertionError("a device value read back to the host")
+    for name in ("__int__", "__index__", "item", "tolist", "__bool__"):
+        monkeypatch.setattr(torch.Tensor, name, read)
+    full = m(ids).logits
+    pre = m(ids[:, :T - 1], cache=cache).logits
+    step = m(ids[:, T - 1:], positions=torch.full((B, 1), T - 1), cache=cache).logits
+    monkeypatch.undo()
+    torch.testing.assert_close(torch.cat([pre, step], 1), full, atol=1e-5, rtol=1e-5)
+
+
 def test_batch_rows_and_greedy_generate_equal_single_rows():
     from deepwish.generate import generate
     m = tiny_model()

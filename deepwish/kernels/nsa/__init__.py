@@ -31,16 +31,20 @@ def resolve_nsa_backend(requested: str, device: torch.device | str, announce: bo
 def nsa_compressed(q: torch.Tensor, k_cmp: torch.Tensor, v_cmp: torch.Tensor, cmp_end: torch.Tensor, *,
                    q_pos: torch.Tensor | None = None, doc_ids: torch.Tensor | None = None, cmp_len: int,
                    select_len: int = 64, n_select: int = 16, n_init: int = 1, n_local: int = 2,
-                   scale: float | None = None, backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
+                   scale: float | None = None, S: int | None = None,
+                   backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
     """(o_cmp [B, T, H, Dv], sel_idx [B, T, Hkv, n_select] int32): attention over the visible
     compressed tokens, and each KV group's top-n selection blocks (reference.py's rule).
-    Differentiable in q, k_cmp, v_cmp. q_pos or doc_ids must be given (the row length)."""
+    Differentiable in q, k_cmp, v_cmp. q_pos or doc_ids must be given (the row length). S: the
+    raw row length (the raw keys' count, or a cache's length: any S past the last query selects
+    the same blocks); without it and without doc_ids the torch backend reads max(q_pos) from the
+    device (a host synchronisation, which a captured graph cannot hold)."""
     check_compressed(q, k_cmp, v_cmp, cmp_end, q_pos, doc_ids, cmp_len, select_len, n_select, n_init, n_local)
     backend = resolve_nsa_backend(backend, q.device, announce=False)
     kw = dict(q_pos=q_pos, doc_ids=doc_ids, cmp_len=cmp_len, select_len=select_len, n_select=n_select,
               n_init=n_init, n_local=n_local, scale=scale)
     if backend == "torch":
-        return reference.nsa_compressed(q, k_cmp, v_cmp, cmp_end, **kw)
+        return reference.nsa_compressed(q, k_cmp, v_cmp, cmp_end, S=S, **kw)
     from deepwish.kernels.nsa.triton import nsa_compressed as _triton_compressed
     return _triton_compressed(q, k_cmp, v_cmp, cmp_end, **kw)
 
