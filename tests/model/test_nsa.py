@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from deepwish.config import ConfigError, model_config
-from deepwish.model.nsa import NEVER, NSA, NSACache, block_ends
+from deepwish.model.nsa import NEVER, NSACache, block_ends
 from deepwish.model.rope import apply_rotary
 from deepwish.model.transformer import Transformer
 
