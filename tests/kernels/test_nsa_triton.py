@@ -6,6 +6,7 @@ so tiny shapes cross several of each."""
 import pytest
 import torch
 
+from deepwish.kernels.attention import triton as attn_triton
 from deepwish.kernels.nsa import reference as ref
 from deepwish.kernels.nsa import triton as tri
 
@@ -237,8 +238,8 @@ def test_compressed_branch_through_tensor_descriptors(rel_err, monkeypatch):
               n_init=1, n_local=1)
     g = torch.randn(1, S, H, D)
     made = []
-    real = tri._tile_descriptor
-    monkeypatch.setattr(tri, "_tile_descriptor", lambda *a: made.append(real(*a)) or made[-1])
+    real = attn_triton._tile_descriptor   # every descriptor NSA's launches build comes from it
+    monkeypatch.setattr(attn_triton, "_tile_descriptor", lambda *a: made.append(real(*a)) or made[-1])
     o_want, sel_want = ref.nsa_compressed(q, kc, vc, ends, **kw)
     with tri.override_tiles("cmp_fwd", TMA=True), tri.override_tiles("cmp_sel", TMA=True), \
             tri.override_tiles("cmp_dq", TMA=True):
@@ -270,8 +271,8 @@ def test_selected_branch_through_tensor_descriptors(rel_err, monkeypatch, sl):
     kw = dict(q_pos=torch.arange(S)[None], doc_ids=doc_ids_of([lengths]), select_len=sl)
     g = torch.randn(1, S, H, D)
     made = []
-    real = tri._tile_descriptor
-    monkeypatch.setattr(tri, "_tile_descriptor", lambda *a: made.append(real(*a)) or made[-1])
+    real = attn_triton._tile_descriptor   # every descriptor NSA's launches build comes from it
+    monkeypatch.setattr(attn_triton, "_tile_descriptor", lambda *a: made.append(real(*a)) or made[-1])
     with tri.override_tiles("slc_fwd", TMA=True), tri.override_tiles("slc_dq", TMA=True):
         want = ref.nsa_selected(q, k, v, sel, **kw)
         got = tri.nsa_selected(q, k, v, sel, **kw)

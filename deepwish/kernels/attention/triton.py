@@ -629,18 +629,20 @@ def _tile_descriptor(x: torch.Tensor, box: list[int]):
     return TensorDescriptor(x, list(x.shape), list(x.stride()), box)
 
 
-def _kv_descriptors(kind: str, k, v, rows: int, meta: dict):
-    """(k, v) descriptors of one KV head's [rows, head dim] tiles where LOADS[kind] is "tma", else
-    (None, None): the "pointer" form, or a tensor the copy engine cannot take (then neither: one
-    form per launch)."""
-    form = LOADS[kind]
-    if form not in LOADS_FORMS:
-        raise ValueError(f"attention LOADS[{kind!r}] must be one of {LOADS_FORMS}, got {form!r}")
-    if form == "pointer":
-        return None, None
+def _kv_pair_descriptors(k, v, rows: int, meta: dict):
+    """(k, v) descriptors of one KV head's [rows, head dim] tiles (meta: BLOCK_DK, BLOCK_DV), or
+    (None, None) where the copy engine cannot take either: one load form per launch."""
     kd = _tile_descriptor(k, [1, rows, 1, meta["BLOCK_DK"]])
     vd = _tile_descriptor(v, [1, rows, 1, meta["BLOCK_DV"]])
     return (kd, vd) if kd is not None and vd is not None else (None, None)
+
+
+def _kv_descriptors(kind: str, k, v, rows: int, meta: dict):
+    """`_kv_pair_descriptors` where LOADS[kind] is "tma"; (None, None) for the "pointer" form."""
+    form = LOADS[kind]
+    if form not in LOADS_FORMS:
+        raise ValueError(f"attention LOADS[{kind!r}] must be one of {LOADS_FORMS}, got {form!r}")
+    return (None, None) if form == "pointer" else _kv_pair_descriptors(k, v, rows, meta)
 
 
 def forward(q, k, v, doc_start, scale, window, softcap):

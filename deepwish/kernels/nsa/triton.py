@@ -115,7 +115,7 @@ import torch
 import triton
 import triton.language as tl
 
-from deepwish.kernels.attention.triton import _rows, _tile_descriptor, backward_delta
+from deepwish.kernels.attention.triton import _kv_pair_descriptors, _rows, backward_delta
 from deepwish.kernels.nsa.reference import check_compressed, check_selected, default_q_pos, query_doc_start
 from deepwish.kernels.online_softmax import online_softmax_step
 
@@ -265,17 +265,19 @@ def _cmp_range(CMAX, CMIN, cbase, N, p, ds, ok):
 
 # ---- compressed branch --------------------------------------------------------------------------
 @triton.jit
-def _cmp_tile(X, XD, x_base, sx_n, b32, hkv, c0, c64, c_ok, dx, DX, BN: tl.constexpr, BLOCK: tl.constexpr,
-              TMA: tl.constexpr):
-    """[BN, BLOCK] compressed keys (or values) from slot c0. With TMA the copy engine fetches the
-    tile (slots past N and channels past DX arrive as zeros; slots past the range's end hold data,
-    which the visibility mask removes: a zero probability times a finite value, so compressed
-    tokens must be finite, as the reference's dense p·v needs); otherwise a masked load of c_ok."""
+def _kv_rows(X, XD, x_base, sx_n, b32, hkv, r0, rows, ok, dx, DX, BR: tl.constexpr, BLOCK: tl.constexpr,
+             TMA: tl.constexpr):
+    """[BR, BLOCK] keys (or values) of one KV head: the rows r0.. (`rows`, int32) of compressed
+    tokens or of a selected block. With TMA the copy engine fetches the tile from the descriptor
+    XD (rows past the tensor's end, a negative start's rows and channels past DX arrive as zeros;
+    rows that `ok` leaves out hold data, which the scores' mask removes: a zero probability times a
+    finite value, so K/V must be finite, as the reference's dense p·v needs); otherwise a masked
+    load of the rows `ok` keeps."""
     if TMA:
-        x = tl.reshape(XD.load([b32, c0, hkv, 0]), [BN, BLOCK])
+        x = tl.reshape(XD.load([b32, r0, hkv, 0]), [BR, BLOCK])
     else:
-        x = tl.load(X + x_base + c64[:, None] * sx_n + dx[None, :], mask=c_ok[:, None] & (dx < DX)[None, :],
-                    other=0.0)
+        x = tl.load(X + x_base + tl.cast(rows, tl.int64)[:, None] * sx_n + dx[None, :],
+                    mask=ok[:, None] & (dx < DX)[None, :], other=0.0)
     return x
 
 
@@ -284,16 +286,15 @@ def _cmp_attend(acc, m_i, l_i, q, KC, VC, KD, VD, END, cbase, k_base, v_base, sk
                 qk_scale, b32, hkv, dk, dv, DQK, DV, BN: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr,
                 PREC: tl.constexpr, TMA: tl.constexpr):
     """Online softmax of the rows over compressed tokens [c_a, c_b) (base 2); TMA: K/V tiles
-    through the descriptors KD, VD (`_cmp_tile`)."""
+    through the descriptors KD, VD (`_kv_rows`)."""
     for c0 in range(c_a, c_b, BN):
         c = c0 + tl.arange(0, BN)
         c_ok = c < c_b
-        c64 = tl.cast(c, tl.int64)
         end = tl.load(END + cbase + c, mask=c_ok, other=2147483647)
-        k = _cmp_tile(KC, KD, k_base, sk_n, b32, hkv, c0, c64, c_ok, dk, DQK, BN, BLOCK_DK, TMA)
+        k = _kv_rows(KC, KD, k_base, sk_n, b32, hkv, c0, c, c_ok, dk, DQK, BN, BLOCK_DK, TMA)
         s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale
         s = tl.where(_cmp_visible(p_row, ds_row, end), s, float("-inf"))
-        v = _cmp_tile(VC, VD, v_base, sv_n, b32, hkv, c0, c64, c_ok, dv, DV, BN, BLOCK_DV, TMA)
+        v = _kv_rows(VC, VD, v_base, sv_n, b32, hkv, c0, c, c_ok, dv, DV, BN, BLOCK_DV, TMA)
         acc, m_i, l_i = online_softmax_step(acc, m_i, l_i, s, v, PREC)
     return acc, m_i, l_i
 
@@ -342,7 +343,7 @@ def _cmp_select(key, q, lse, KC, KD, END, CMAX, CMIN, cbase, k_base, sk_n, N, p_
     -inf ineligible, merged into its running top-BJ `key` [BT, BJ] (`_block_key`; start from
     `_empty_keys`; `_top_keys` orders them at the end). Each tile of BJ blocks needs the range of
     compressed tokens overlapping it (two searches); JV > 0 runs the searches of JV tiles at once.
-    TMA: the [BN, D] key tiles through the descriptor KD (`_cmp_tile`)."""
+    TMA: the [BN, D] key tiles through the descriptor KD (`_kv_rows`)."""
     if JV == 0:
         for j0 in range(j_a, j_b, BJ):
             # compressed tokens overlapping blocks [j0, j0 + BJ): end >= j0·l', end - l + 1 <= (j0 + BJ)·l' - 1
@@ -379,9 +380,8 @@ def _score_tile(key, j0, ca, cb, q, lse, KC, KD, END, cbase, k_base, sk_n, p_row
     for c0 in range(ca, cb, BN):
         c = c0 + tl.arange(0, BN)
         c_ok = c < cb
-        c64 = tl.cast(c, tl.int64)
         end = tl.load(END + cbase + c, mask=c_ok, other=2147483647)
-        k = _cmp_tile(KC, KD, k_base, sk_n, b32, hkv, c0, c64, c_ok, dk, DQK, BN, BLOCK_DK, TMA)
+        k = _kv_rows(KC, KD, k_base, sk_n, b32, hkv, c0, c, c_ok, dk, DQK, BN, BLOCK_DK, TMA)
         s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale
         p = tl.where(_cmp_visible(p_row, ds_row, end), tl.exp2(s - lse[:, None]), 0.0)
         pg = tl.sum(tl.reshape(p, [BT, GP, BN]), 1)                    # [BT, BN]: the group's sum
@@ -689,7 +689,7 @@ def _cmp_dq_kernel(Q, KC, VC, KD, VD, DO, LSE, DELTA, END, CMAX, CMIN, QPOS, QDS
                    T, N, H, HKV, G, DQK, DV, scale,
                    BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr, GP: tl.constexpr, BM: tl.constexpr,
                    BN: tl.constexpr, PREC: tl.constexpr, TMA: tl.constexpr):
-    """TMA: the K/V tiles through the descriptors KD, VD (`_cmp_tile`)."""
+    """TMA: the K/V tiles through the descriptors KD, VD (`_kv_rows`)."""
     BT: tl.constexpr = BM // GP
     qk_scale = scale * 1.4426950408889634
     m0 = tl.program_id(0) * BT
@@ -719,10 +719,9 @@ def _cmp_dq_kernel(Q, KC, VC, KD, VD, DO, LSE, DELTA, END, CMAX, CMIN, QPOS, QDS
     for c0 in range(c_lo, c_hi, BN):
         c = c0 + tl.arange(0, BN)
         c_ok = c < c_hi
-        c64 = tl.cast(c, tl.int64)
         end = tl.load(END + cbase + c, mask=c_ok, other=2147483647)
-        k = _cmp_tile(KC, KD, k_base, sk_n, b32, hkv, c0, c64, c_ok, dk, DQK, BN, BLOCK_DK, TMA)
-        v = _cmp_tile(VC, VD, v_base, sv_n, b32, hkv, c0, c64, c_ok, dv, DV, BN, BLOCK_DV, TMA)
+        k = _kv_rows(KC, KD, k_base, sk_n, b32, hkv, c0, c, c_ok, dk, DQK, BN, BLOCK_DK, TMA)
+        v = _kv_rows(VC, VD, v_base, sv_n, b32, hkv, c0, c, c_ok, dv, DV, BN, BLOCK_DV, TMA)
         s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale
         p = tl.where(_cmp_visible(p_row, ds_row, end), tl.exp2(s - lse[:, None]), 0.0)
         dp = tl.dot(do, tl.trans(v), input_precision=PREC)
@@ -806,23 +805,6 @@ def _cmp_dkdv_kernel(Q, KC, VC, DO, LSE, DELTA, END, QPOS, QDS, QPMAX, QDSMIN, D
 
 # ---- selected branch ----------------------------------------------------------------------------
 @triton.jit
-def _slc_block(X, XD, x_base, sx_s, b32, hkv, start, s_pos, key_ok, dx, DX, BS: tl.constexpr, BLOCK: tl.constexpr,
-               TMA: tl.constexpr):
-    """One selected block's [BS, BLOCK] keys (or values), rows from `start` (= block · SEL_LEN). With
-    TMA the copy engine fetches the block (rows past S and channels past DX, and a whole unused
-    slot's block, whose start is negative, arrive as zeros; rows the query may not see and rows
-    past SEL_LEN hold data, which the scores' mask removes: a zero probability times a finite
-    value, so those rows must be finite, as the reference's dense p·v needs every row to be);
-    otherwise a masked gather of key_ok."""
-    if TMA:
-        x = tl.reshape(XD.load([b32, start, hkv, 0]), [BS, BLOCK])
-    else:
-        x = tl.load(X + x_base + tl.cast(s_pos, tl.int64)[:, None] * sx_s + dx[None, :],
-                    mask=key_ok[:, None] & (dx < DX)[None, :], other=0.0)
-    return x
-
-
-@triton.jit
 def _slc_fwd_kernel(Q, K, V, KD, VD, SEL, QPOS, QDS, O, LSE,
                     sq_b, sq_t, sq_h, sk_b, sk_s, sk_h, sv_b, sv_s, sv_h, so_b, so_t, so_h,
                     T, S, H, HKV, G, DQK, DV, scale, SEL_LEN, N_SEL,
@@ -859,10 +841,10 @@ def _slc_fwd_kernel(Q, K, V, KD, VD, SEL, QPOS, QDS, O, LSE,
         j = tl.load(SEL + sel_base + i)
         s_pos = j * SEL_LEN + i_s
         key_ok = (i_s < SEL_LEN) & (s_pos <= pos) & (s_pos >= ds) & (s_pos < S) & (j >= 0)
-        k = _slc_block(K, KD, k_base, sk_s, b32, hkv, j * SEL_LEN, s_pos, key_ok, dk, DQK, BS, BLOCK_DK, TMA)
+        k = _kv_rows(K, KD, k_base, sk_s, b32, hkv, j * SEL_LEN, s_pos, key_ok, dk, DQK, BS, BLOCK_DK, TMA)
         s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale
         s = tl.where(key_ok[None, :], s, float("-inf"))
-        v = _slc_block(V, VD, v_base, sv_s, b32, hkv, j * SEL_LEN, s_pos, key_ok, dv, DV, BS, BLOCK_DV, TMA)
+        v = _kv_rows(V, VD, v_base, sv_s, b32, hkv, j * SEL_LEN, s_pos, key_ok, dv, DV, BS, BLOCK_DV, TMA)
         acc, m_i, l_i = online_softmax_step(acc, m_i, l_i, s, v, PREC)
     seen = l_i > 0.0
     o = acc / tl.where(seen, l_i, 1.0)[:, None]
@@ -910,8 +892,8 @@ def _slc_dq_kernel(Q, K, V, KD, VD, DO, LSE, DELTA, SEL, QPOS, QDS, DQO,
         j = tl.load(SEL + sel_base + i)
         s_pos = j * SEL_LEN + i_s
         key_ok = (i_s < SEL_LEN) & (s_pos <= pos) & (s_pos >= ds) & (s_pos < S) & (j >= 0)
-        k = _slc_block(K, KD, k_base, sk_s, b32, hkv, j * SEL_LEN, s_pos, key_ok, dk, DQK, BS, BLOCK_DK, TMA)
-        v = _slc_block(V, VD, v_base, sv_s, b32, hkv, j * SEL_LEN, s_pos, key_ok, dv, DV, BS, BLOCK_DV, TMA)
+        k = _kv_rows(K, KD, k_base, sk_s, b32, hkv, j * SEL_LEN, s_pos, key_ok, dk, DQK, BS, BLOCK_DK, TMA)
+        v = _kv_rows(V, VD, v_base, sv_s, b32, hkv, j * SEL_LEN, s_pos, key_ok, dv, DV, BS, BLOCK_DV, TMA)
         s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale
         p = tl.where(key_ok[None, :], tl.exp2(s - lse[:, None]), 0.0)
         dp = tl.dot(do, tl.trans(v), input_precision=PREC)
@@ -1181,20 +1163,20 @@ def compressed_forward(q, k_cmp, v_cmp, end, qpos, qds, scale, cmp_len, select_l
     NP = triton.next_power_of_2(n_select)
     cfg["BJ"] = max(cfg["BJ"], NP)   # the running top list is one scoring tile wide
     fused = cfg.pop("FUSED_SELECT")
-    kd, vd = _cmp_descriptors(cfg, k_cmp, v_cmp, _dims(q, v_cmp))
+    dims = _dims(q, v_cmp)
+    kd, vd = _cmp_descriptors(cfg, k_cmp, v_cmp, dims)
     grid = (triton.cdiv(T, cfg["BM"] // GP), B * Hkv)
     cmax, cmin = _prefix_max_suffix_min(end, end)
     _cmp_fwd_kernel[grid](q, k_cmp, v_cmp, kd, vd, end, cmax, cmin, qpos, qds, o, lse, sel,
                           *q.stride()[:3], *k_cmp.stride()[:3], *v_cmp.stride()[:3], *o.stride()[:3],
                           T, N, H, Hkv, G, scale=scale, CMP_LEN=cmp_len, SEL_LEN=select_len, N_SELECT=n_select,
                           N_INIT=n_init, N_LOCAL=n_local, GP=GP,
-                          NP=NP, SELECT=select and fused, TMA=kd is not None, **_dims(q, v_cmp), **cfg)
+                          NP=NP, SELECT=select and fused, TMA=kd is not None, **dims, **cfg)
     if select and not fused:   # the scoring pass as its own launch (its own tiles and warps)
         cfg = tile_config("cmp_sel", q.dtype, G)
         cfg["BJ"] = max(cfg["BJ"], NP)
-        dims = _dims(q, v_cmp)
         kd, _ = _cmp_descriptors(cfg, k_cmp, v_cmp, dims)
-        del dims["BLOCK_DV"], dims["DV"]
+        dims = {k_: v_ for k_, v_ in dims.items() if k_ not in ("BLOCK_DV", "DV")}
         _cmp_split_select_kernel[(triton.cdiv(T, cfg["BM"] // GP), B * Hkv, 1)](
             q, k_cmp, kd, end, cmax, cmin, qpos, qds, lse, lse, sel, sel, *q.stride()[:3], *k_cmp.stride()[:3],
             T, N, H, Hkv, G, scale=scale, CMP_LEN=cmp_len, SEL_LEN=select_len, N_SELECT=n_select, N_INIT=n_init,
@@ -1354,11 +1336,7 @@ def _cmp_descriptors(cfg: dict, k_cmp, v_cmp, dims: dict):
     """(k, v) descriptors of one KV head's [BN, head dim] tile of compressed tokens where the tile
     option TMA (taken out of cfg) is on and the copy engine can take k_cmp and v_cmp, else
     (None, None): one form per launch."""
-    if not cfg.pop("TMA"):
-        return None, None
-    kd = _tile_descriptor(k_cmp, [1, cfg["BN"], 1, dims["BLOCK_DK"]])
-    vd = _tile_descriptor(v_cmp, [1, cfg["BN"], 1, dims["BLOCK_DV"]])
-    return (kd, vd) if kd is not None and vd is not None else (None, None)
+    return _kv_pair_descriptors(k_cmp, v_cmp, cfg["BN"], dims) if cfg.pop("TMA") else (None, None)
 
 
 def _query_chunks(T: int, q_chunk: int, max_chunks: int, bt: int) -> tuple[int, int]:
@@ -1404,9 +1382,7 @@ def _slc_descriptors(kind: str, cfg: dict, k, v, meta: dict):
     if cfg["BT"] > 1:
         raise ValueError(f"nsa {kind}: the tile option TMA applies to BT = 1 (BT = {cfg['BT']} runs the union "
                          f"kernel, which gathers)")
-    kd = _tile_descriptor(k, [1, meta["BS"], 1, meta["BLOCK_DK"]])
-    vd = _tile_descriptor(v, [1, meta["BS"], 1, meta["BLOCK_DV"]])
-    return (kd, vd) if kd is not None and vd is not None else (None, None)
+    return _kv_pair_descriptors(k, v, meta["BS"], meta)
 
 
 def _slc_union(q, k, v, do, lse, delta, sel, qpos, qds, out, scale, meta, cfg):
