@@ -204,13 +204,7 @@ def packed_batches(batch: int, seq: int, device, count: int = 8, data: str | Non
     short files packs several per row. Ids must fit the model's vocabulary (`vocab_size`)."""
     from deepwish.data import PackedLoader, ensure_default_data
     from deepwish.train.loop import to_device
-    if data is None:
-        train_bin, _, _ = ensure_default_data()
-    else:
-        train_bin = Path(data) / "train.bin"
-        if not train_bin.is_file():
-            raise FileNotFoundError(f"--packed-data {data}: no train.bin there (a directory `deepwish data build` "
-                                    f"wrote is expected)")
+    train_bin = ensure_default_data()[0] if data is None else packed_train_bin(data)
     loader = PackedLoader(train_bin, seq, batch, seed=0)
     if vocab_size is not None and loader.header.vocab_size > vocab_size:
         raise ValueError(f"{train_bin}: its tokenizer's vocabulary ({loader.header.vocab_size}) is larger than the "
@@ -219,6 +213,15 @@ def packed_batches(batch: int, seq: int, device, count: int = 8, data: str | Non
     host = [next(it) for _ in range(count)]
     docs = [len(torch.unique(row)) for b in host for row in b[2]]
     return [to_device(b, device) for b in host], sum(docs) / len(docs)
+
+
+def packed_train_bin(data: str) -> Path:
+    """`data`'s train.bin (a directory `deepwish data build` wrote), or FileNotFoundError naming it."""
+    train_bin = Path(data) / "train.bin"
+    if not train_bin.is_file():
+        raise FileNotFoundError(f"--packed-data {data}: no train.bin there (a directory `deepwish data build` "
+                                f"wrote is expected)")
+    return train_bin
 
 
 def hf_config(model_cfg):
@@ -683,9 +686,11 @@ def main(argv: list[str] | None = None) -> int:
                    help="deepwish-packed's batches from this corpus (a `deepwish data build` directory) instead of "
                         "the embedded one, whose rows are nearly all one document")
     args = p.parse_args(argv)
-    if args.packed_data is not None and not (Path(args.packed_data) / "train.bin").is_file():
-        raise SystemExit(f"--packed-data {args.packed_data}: no train.bin there (a directory `deepwish data build` "
-                         f"wrote is expected)")
+    if args.packed_data is not None:   # before any model is built
+        try:
+            packed_train_bin(args.packed_data)
+        except FileNotFoundError as e:
+            raise SystemExit(str(e)) from None
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     presets = args.preset or ["qwen3_0.6b"]
