@@ -66,6 +66,7 @@ OPTIONS = {
     "slc-union-bt4": {"slc_fwd": dict(BT=4, TMA=False), "slc_dq": dict(BT=4, TMA=False)},
     "slc-gather": {"slc_fwd": dict(TMA=False), "slc_dq": dict(TMA=False)},
     "slc-tma-4-stages": {"slc_fwd": dict(TMA=True, num_stages=4), "slc_dq": dict(TMA=True, num_stages=4)},
+    "slc-union-tma-bt8": {"slc_fwd": dict(BT=8, TMA=True), "slc_dq": dict(BT=8, TMA=True)},
 }
 
 
@@ -80,9 +81,39 @@ def test_tile_options_match_reference(cuda, rel_err, option):
         _branches_match_reference(cuda, rel_err, [300, 20, 700, 516])
 
 
-def _branches_match_reference(cuda, rel_err, lengths):
+@pytest.mark.parametrize("bt", [1, 8])
+def test_small_group_branches_match_reference(cuda, rel_err, bt):
+    """Qwen3-0.6B's group (16 query / 8 KV heads, G 2: the small-group tile rows), one-token and
+    union (BT 8: 16 rows) selected kernels, packed documents."""
+    from deepwish.kernels.nsa import triton as nk
+    with nk.override_tiles("slc_fwd", group=2, BT=bt), nk.override_tiles("slc_dq", group=2, BT=bt):
+        _branches_match_reference(cuda, rel_err, [300, 20, 700, 516], heads=(16, 8))
+
+
+def test_selected_backward_never_waits_for_the_device(cuda):
+    """The selected branch's forward and backward (the inverse index included) read nothing back
+    to the host: a wait there drains the queue and idles the GPU while the host catches up."""
+    from deepwish.kernels.nsa import triton as nk
+    T, S, NB = 512, 512, 512 // SL
+    q = torch.randn(2, T, 16, D, device=cuda, dtype=torch.bfloat16, requires_grad=True)
+    k, v = (torch.randn(2, S, 8, D, device=cuda, dtype=torch.bfloat16, requires_grad=True) for _ in range(2))
+    sel = torch.rand(2, T, 8, NB, device=cuda).argsort(-1)[..., :N].to(torch.int32).sort(-1, descending=True).values
+    q_pos = torch.arange(T, device=cuda)[None].expand(2, T)
+    out = nk.nsa_selected(q, k, v, sel, q_pos=q_pos, select_len=SL)   # compiles outside the guarded region
+    torch.autograd.grad(out.float().sum(), (q, k, v))
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        out = nk.nsa_selected(q, k, v, sel, q_pos=q_pos, select_len=SL)
+        torch.autograd.grad(out.float().sum(), (q, k, v))
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
+def _branches_match_reference(cuda, rel_err, lengths, heads=(H, HKV)):
     from deepwish.kernels.nsa import triton as nk
     torch.manual_seed(0)
+    H, HKV = heads
     S = sum(lengths)
     ids = torch.tensor([[d for d, n in enumerate(lengths) for _ in range(n)]], device=cuda) if len(lengths) > 1 else None
     ends = _ends(lengths, cuda)

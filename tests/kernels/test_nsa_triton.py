@@ -253,13 +253,13 @@ def test_compressed_branch_through_tensor_descriptors(rel_err, monkeypatch):
         assert rel_err(a, b) < TOL[torch.float16], name
 
 
-@pytest.mark.parametrize("sl", [4, 16], ids=["block-lt-box", "block-eq-box"])
-def test_selected_branch_through_tensor_descriptors(rel_err, monkeypatch, sl):
+@pytest.mark.parametrize("sl,bt", [(4, 1), (16, 1), (4, 4)], ids=["block-lt-box", "block-eq-box", "union-bt4"])
+def test_selected_branch_through_tensor_descriptors(rel_err, monkeypatch, sl, bt):
     """The tile option TMA of slc_fwd / slc_dq: each selected block's K and V through descriptors
     (a block of 4 in a 16-row box holds its neighbours' rows, which the mask removes; an unused
     slot's negative start and rows past S arrive as zeros), with packed documents and a partial
-    last block: output and dQ equal the reference's (fp16), and the descriptors are built, not
-    skipped. With BT > 1 (the union kernel) the option is refused."""
+    last block, in the one-token kernels and (BT 4) the union kernel: output and dQ equal the
+    reference's (fp16), and the descriptors are built, not skipped."""
     torch.manual_seed(11)
     lengths, H, Hkv, D, n = [21, 30], 4, 2, 16, 3
     S = sum(lengths)
@@ -273,7 +273,7 @@ def test_selected_branch_through_tensor_descriptors(rel_err, monkeypatch, sl):
     made = []
     real = attn_triton._tile_descriptor   # every descriptor NSA's launches build comes from it
     monkeypatch.setattr(attn_triton, "_tile_descriptor", lambda *a: made.append(real(*a)) or made[-1])
-    with tri.override_tiles("slc_fwd", TMA=True), tri.override_tiles("slc_dq", TMA=True):
+    with tri.override_tiles("slc_fwd", TMA=True, BT=bt), tri.override_tiles("slc_dq", TMA=True, BT=bt):
         want = ref.nsa_selected(q, k, v, sel, **kw)
         got = tri.nsa_selected(q, k, v, sel, **kw)
         gw = torch.autograd.grad((want.float() * g).sum(), (q, k, v))
@@ -282,8 +282,6 @@ def test_selected_branch_through_tensor_descriptors(rel_err, monkeypatch, sl):
     assert rel_err(want, got) < TOL[torch.float16]
     for name, a, b in zip(("dq", "dk", "dv"), gw, gg):
         assert rel_err(a, b) < TOL[torch.float16], name
-    with tri.override_tiles("slc_fwd", TMA=True, BT=2), pytest.raises(ValueError, match="TMA applies to BT = 1"):
-        tri.nsa_selected(q, k, v, sel, **kw)
 
 
 def test_strided_inputs_and_unsorted_cmp_end(rel_err):
@@ -470,3 +468,13 @@ def test_compiles_as_opaque_custom_ops():
     assert torch.equal(want, got)
     for a, b in zip(torch.autograd.grad(want.sum(), ins), torch.autograd.grad(got.sum(), ins)):
         assert torch.equal(a, b)
+
+
+def test_small_groups_take_their_own_tile_rows():
+    """Groups filling fewer than 16 dot rows read the selected kernels' small-group rows (the union
+    kernel's token tiles); full groups, fp32 and kinds without such a row read the plain ones."""
+    assert tri._tile_key("slc_fwd", torch.bfloat16, 2) == ("slc_fwd", "16bit", "small_group")
+    assert tri._tile_key("slc_dq", torch.float16, 8) == ("slc_dq", "16bit", "small_group")
+    assert tri._tile_key("slc_fwd", torch.bfloat16, 16) == ("slc_fwd", "16bit")
+    assert tri._tile_key("slc_fwd", torch.float32, 2) == ("slc_fwd", "fp32")
+    assert tri._tile_key("cmp_fwd", torch.bfloat16, 2) == ("cmp_fwd", "16bit")

@@ -76,7 +76,7 @@ Selected branch:
   for 4·16·64·D FLOPs (16 FLOP/byte; fla's design has the same), so the branch runs at the
   L2 bandwidth of gathered blocks, not at tensor-core rates.
 - dQ: the same program shape, with the saved lse and delta.
-- TMA (a tile option of slc_fwd / slc_dq at BT = 1, on for 16-bit inputs): each selected block's K and
+- TMA (a tile option of slc_fwd / slc_dq, on for 16-bit inputs): each selected block's K and
   V through a tensor descriptor (the block is a contiguous [SEL_LEN, D] tile at a data-dependent
   row; the copy engine zero-fills an unused slot's negative start and rows past S). Compiled for
   sm_90 (Triton 3.7) the pointer form's masked gather is not multi-buffered (22.5 KB of shared
@@ -153,6 +153,11 @@ TILES = {
     ("slc_fwd", "16bit"): dict(BT=1, TMA=True, num_warps=4, num_stages=3),
     ("slc_dq", "16bit"): dict(BT=1, TMA=True, num_warps=4, num_stages=3),
     ("slc_dkdv", "16bit"): dict(ROWS=128, CH=1024, num_warps=8, num_stages=2),
+    # small groups (G < 16, e.g. Qwen3-0.6B's 16 query / 8 KV heads): a one-token program fills
+    # G of its 16 dot rows and loads each block for G heads only; the union kernel (BT > 1) fills
+    # the rows with adjacent tokens (`_tile_key`). Not yet swept: the large-group picks.
+    ("slc_fwd", "16bit", "small_group"): dict(BT=1, TMA=True, num_warps=4, num_stages=3),
+    ("slc_dq", "16bit", "small_group"): dict(BT=1, TMA=True, num_warps=4, num_stages=3),
     ("cmp_fwd", "fp32"): dict(BM=64, BN=32, BNS=32, BJ=16, FUSED_SELECT=True, SORT_MERGE=True, RANK_MERGE=False,
                               SKIP_MERGE=False, JV=0, TMA=False, num_warps=8, num_stages=1),
     ("cmp_sel", "fp32"): dict(BM=64, BN=32, BJ=16, SORT_MERGE=True, RANK_MERGE=False, SKIP_MERGE=False, JV=0,
@@ -190,20 +195,28 @@ INTERPRET_TILES = {
 }
 
 
+def _tile_key(kind: str, dtype: torch.dtype, group: int) -> tuple:
+    """TILES key of one kernel kind: (kind, precision), or (kind, "16bit", "small_group") where
+    that row exists and the group fills fewer than MAX_GROUP rows."""
+    key = (kind, "fp32" if dtype == torch.float32 else "16bit")
+    small = (*key, "small_group")
+    return small if triton.next_power_of_2(group) < MAX_GROUP and small in TILES else key
+
+
 def tile_config(kind: str, dtype: torch.dtype, group: int = 1) -> dict:
     """Launch configuration of one kernel; BM grows to GP when a group alone has more rows."""
-    cfg = dict(INTERPRET_TILES[kind] if _INTERPRET else TILES[(kind, "fp32" if dtype == torch.float32 else "16bit")])
+    cfg = dict(INTERPRET_TILES[kind] if _INTERPRET else TILES[_tile_key(kind, dtype, group)])
     if "BM" in cfg:
         cfg["BM"] = max(cfg["BM"], triton.next_power_of_2(group))
     return cfg
 
 
 @contextlib.contextmanager
-def override_tiles(kind: str, **cfg):
+def override_tiles(kind: str, group: int = MAX_GROUP, **cfg):
     """Within the block, the 16-bit (under the interpreter: the interpreter's) launch configuration
-    of one kernel kind updated with cfg: how the bench's tile sweep tries candidates. The winners
-    belong in TILES (fixed configurations, no autotuner)."""
-    key = kind if _INTERPRET else (kind, "16bit")
+    of one kernel kind at group size `group` updated with cfg: how the bench's tile sweep tries
+    candidates. The winners belong in TILES (fixed configurations, no autotuner)."""
+    key = kind if _INTERPRET else _tile_key(kind, torch.bfloat16, group)
     table = INTERPRET_TILES if _INTERPRET else TILES
     unknown = set(cfg) - set(table[key])
     if unknown:
@@ -929,21 +942,23 @@ def _union_rows_hit(sel, j, BT: tl.constexpr, GP: tl.constexpr):
 
 
 @triton.jit
-def _slc_union_kernel(Q, K, V, DO, LSE, DELTA, SEL, QPOS, QDS, O, DQO,
+def _slc_union_kernel(Q, K, V, KD, VD, DO, LSE, DELTA, SEL, QPOS, QDS, O, DQO,
                       sq_b, sq_t, sq_h, sk_b, sk_s, sk_h, sv_b, sv_s, sv_h, sdo_b, sdo_t, sdo_h,
                       so_b, so_t, so_h, T, S, H, HKV, G, DQK, DV, scale, SEL_LEN, N_SEL,
                       BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr, GP: tl.constexpr, BM: tl.constexpr,
-                      BS: tl.constexpr, NP: tl.constexpr, DQ: tl.constexpr, PREC: tl.constexpr):
+                      BS: tl.constexpr, NP: tl.constexpr, DQ: tl.constexpr, PREC: tl.constexpr, TMA: tl.constexpr):
     """Selected branch over a tile of BT = BM / GP adjacent tokens (rows: token × head of the
     group): one pass over the UNION of their selected blocks, each block's K/V loaded once for all
     of them, rows of tokens that did not select it masked. DQ false: the forward (writes O, LSE);
     DQ: dQ from DO, LSE, DELTA (writes DQO). Fewer K/V bytes per token when adjacent tokens share
-    blocks; more masked matmul work when they do not."""
+    blocks; more masked matmul work when they do not. TMA: the blocks through descriptors, as the
+    one-token kernels'."""
     BT: tl.constexpr = BM // GP
     qk_scale = scale * 1.4426950408889634
     m0 = tl.program_id(0) * BT
     bh = tl.program_id(1)
-    b = tl.cast(bh // HKV, tl.int64)
+    b32 = bh // HKV
+    b = tl.cast(b32, tl.int64)
     hkv = bh % HKV
     hkv64 = tl.cast(hkv, tl.int64)
     t, r, row_ok = _rows(m0, T, G, GP, BM)
@@ -980,11 +995,8 @@ def _slc_union_kernel(Q, K, V, DO, LSE, DELTA, SEL, QPOS, QDS, O, DQO,
         key_ok = (i_s < SEL_LEN) & (s_pos < S)
         vis = _union_rows_hit(sel, j, BT, GP)[:, None] & key_ok[None, :] & \
             (s_pos[None, :] <= p_row[:, None]) & (s_pos[None, :] >= ds_row[:, None])
-        s64 = tl.cast(s_pos, tl.int64)
-        k = tl.load(K + k_base + s64[:, None] * sk_s + dk[None, :], mask=key_ok[:, None] & (dk < DQK)[None, :],
-                    other=0.0)
-        v = tl.load(V + v_base + s64[:, None] * sv_s + dv[None, :], mask=key_ok[:, None] & (dv < DV)[None, :],
-                    other=0.0)
+        k = _kv_rows(K, KD, k_base, sk_s, b32, hkv, j * SEL_LEN, s_pos, key_ok, dk, DQK, BS, BLOCK_DK, TMA)
+        v = _kv_rows(V, VD, v_base, sv_s, b32, hkv, j * SEL_LEN, s_pos, key_ok, dv, DV, BS, BLOCK_DV, TMA)
         s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale
         if DQ:
             p = tl.where(vis, tl.exp2(s - lse[:, None]), 0.0)
@@ -1361,10 +1373,10 @@ def selected_forward(q, k, v, sel, qpos, qds, scale, select_len):
     o = torch.empty(B, T, H, v.shape[-1], dtype=q.dtype, device=q.device)
     lse = torch.empty(B, T, H, dtype=torch.float32, device=q.device)
     meta = _slc_meta(q, k, v, select_len)
-    cfg = tile_config("slc_fwd", q.dtype)
-    kd, vd = _slc_descriptors("slc_fwd", cfg, k, v, meta)
+    cfg = tile_config("slc_fwd", q.dtype, meta["G"])
+    kd, vd = _slc_descriptors(cfg, k, v, meta)
     if cfg["BT"] > 1:
-        _slc_union(q, k, v, None, lse, None, sel, qpos, qds, o, scale, meta, cfg)
+        _slc_union(q, k, v, kd, vd, None, lse, None, sel, qpos, qds, o, scale, meta, cfg)
         return o, lse
     del cfg["BT"]
     _slc_fwd_kernel[(T, B * k.shape[2])](q, k, v, kd, vd, sel, qpos, qds, o, lse, *q.stride()[:3], *k.stride()[:3],
@@ -1373,19 +1385,15 @@ def selected_forward(q, k, v, sel, qpos, qds, scale, select_len):
     return o, lse
 
 
-def _slc_descriptors(kind: str, cfg: dict, k, v, meta: dict):
+def _slc_descriptors(cfg: dict, k, v, meta: dict):
     """(k, v) descriptors of one selected block [BS, head dim] where the tile option TMA (taken out
-    of cfg) is on and the copy engine can take k and v, else (None, None). TMA with BT > 1 (the
-    union kernel, which keeps its gather) is refused."""
+    of cfg) is on and the copy engine can take k and v, else (None, None)."""
     if not cfg.pop("TMA"):
         return None, None
-    if cfg["BT"] > 1:
-        raise ValueError(f"nsa {kind}: the tile option TMA applies to BT = 1 (BT = {cfg['BT']} runs the union "
-                         f"kernel, which gathers)")
     return _kv_pair_descriptors(k, v, meta["BS"], meta)
 
 
-def _slc_union(q, k, v, do, lse, delta, sel, qpos, qds, out, scale, meta, cfg):
+def _slc_union(q, k, v, kd, vd, do, lse, delta, sel, qpos, qds, out, scale, meta, cfg):
     """`_slc_union_kernel` launch: the forward (do None; out = o, lse written) or dQ (out = dq)."""
     B, T = q.shape[:2]
     GP = triton.next_power_of_2(meta["G"])
@@ -1394,10 +1402,11 @@ def _slc_union(q, k, v, do, lse, delta, sel, qpos, qds, out, scale, meta, cfg):
     meta = {k_: v_ for k_, v_ in meta.items() if k_ not in ("RP", "T", "S", "H", "HKV", "G", "SEL_LEN")}
     dq = do is not None
     _slc_union_kernel[(triton.cdiv(T, BM // GP), B * k.shape[2])](
-        q, k, v, do if dq else q, lse, delta if dq else lse, sel, qpos, qds, out, out,
+        q, k, v, kd, vd, do if dq else q, lse, delta if dq else lse, sel, qpos, qds, out, out,
         *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *(do if dq else q).stride()[:3], *out.stride()[:3],
         T, k.shape[1], q.shape[2], k.shape[2], q.shape[2] // k.shape[2], scale=scale, SEL_LEN=sel_len,
-        N_SEL=sel.shape[-1], GP=GP, BM=BM, NP=triton.next_power_of_2(sel.shape[-1]), DQ=dq, **meta, **cfg)
+        N_SEL=sel.shape[-1], GP=GP, BM=BM, NP=triton.next_power_of_2(sel.shape[-1]), DQ=dq, TMA=kd is not None,
+        **meta, **cfg)
 
 
 def inverse_index(sel: torch.Tensor, S: int, select_len: int, chunk: int):
@@ -1415,7 +1424,8 @@ def inverse_index(sel: torch.Tensor, S: int, select_len: int, chunk: int):
     key = torch.where(valid, bh * NB + j, NBLK).reshape(-1)
     order = torch.argsort(key, stable=True)
     tok = ((order // (Hkv * n)) % T).to(torch.int32)
-    counts = torch.bincount(key, minlength=NBLK + 1)[:NBLK]
+    # a scatter-add, not torch.bincount: on CUDA bincount reads the key's maximum back to the host
+    counts = torch.zeros(NBLK + 1, dtype=torch.long, device=dev).scatter_add_(0, key, torch.ones_like(key))[:NBLK]
     starts = torch.cumsum(counts, 0) - counts
     n_chunks = (counts + chunk - 1) // chunk
     chunk_end = torch.cumsum(n_chunks, 0)
@@ -1436,16 +1446,16 @@ def selected_backward(q, k, v, o, lse, do, sel, qpos, qds, scale, select_len):
     meta = _slc_meta(q, k, v, select_len)
     delta = backward_delta(o, do)
     dq = torch.empty_like(q)
-    cfg = tile_config("slc_dq", q.dtype)
-    kd, vd = _slc_descriptors("slc_dq", cfg, k, v, meta)
+    cfg = tile_config("slc_dq", q.dtype, meta["G"])
+    kd, vd = _slc_descriptors(cfg, k, v, meta)
     if cfg["BT"] > 1:
-        _slc_union(q, k, v, do, lse, delta, sel, qpos, qds, dq, scale, meta, cfg)
+        _slc_union(q, k, v, kd, vd, do, lse, delta, sel, qpos, qds, dq, scale, meta, cfg)
     else:
         del cfg["BT"]
         _slc_dq_kernel[(T, B * Hkv)](q, k, v, kd, vd, do, lse, delta, sel, qpos, qds, dq, *q.stride()[:3],
                                      *k.stride()[:3], *v.stride()[:3], *do.stride()[:3], *dq.stride()[:3],
                                      scale=scale, N_SEL=sel.shape[-1], TMA=kd is not None, **meta, **cfg)
-    cfg = tile_config("slc_dkdv", q.dtype)
+    cfg = tile_config("slc_dkdv", q.dtype, meta["G"])
     w_blk, w_start, w_len, tok = inverse_index(sel, S, select_len, cfg.pop("CH"))
     GP = triton.next_power_of_2(meta["G"])
     BQ = max(1, cfg.pop("ROWS") // GP)
