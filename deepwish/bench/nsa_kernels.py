@@ -87,6 +87,18 @@ CHECK_T = 2048
 QUERY_RUN = 0
 
 
+def set_shape(spec: str) -> None:
+    """The module's B, H, HKV from "B,H,HKV" (--shape), checked."""
+    global B, H, HKV
+    try:
+        b, h, hkv = (int(x) for x in spec.split(","))
+    except ValueError:
+        raise ValueError(f"nsa_kernels bench: --shape wants B,H,HKV (three integers), got {spec!r}") from None
+    if min(b, h, hkv) < 1 or h % hkv:
+        raise ValueError(f"nsa_kernels bench: --shape {spec}: sizes must be positive and H a multiple of HKV")
+    B, H, HKV = b, h, hkv
+
+
 def make_inputs(T: int, device, dtype=torch.bfloat16, seed: int = 0, S: int | None = None) -> dict:
     """q [B, T, H, D] at the last T positions of a row of S (default T), k/v [B, S, HKV, D], random
     compressed tokens k_cmp/v_cmp [B, N, HKV, D] with cmp_end [B, N] (every complete block of
@@ -276,10 +288,14 @@ SWEEP_CANDIDATES = {
     # 3.7) the pointer form's masked gather is not multi-buffered (22.5 KB of shared memory at any
     # stage count, 150 registers), the descriptor form is (72 KB at 3 stages, 107 registers).
     # BT > 1 (the union kernel) gathers: its candidates name the pointer form
+    # BT > 1 (the union kernel, descriptor loads too): at small groups (--shape 8,16,8: G 2) BT 8 fills
+    # the 16 dot rows a one-token program fills 2 of
     "slc_fwd": [{}, dict(num_stages=2), dict(num_stages=4), dict(num_warps=2), dict(TMA=False),
-                dict(TMA=False, BT=4), dict(TMA=False, BT=8, num_warps=8)],
+                dict(TMA=False, BT=4), dict(TMA=False, BT=8, num_warps=8), dict(BT=4), dict(BT=8),
+                dict(BT=8, num_stages=2), dict(BT=16, num_warps=8), dict(BT=32, num_warps=8)],
     "slc_dq": [{}, dict(num_stages=2), dict(num_stages=4), dict(num_warps=2), dict(TMA=False),
-               dict(TMA=False, BT=4), dict(TMA=False, BT=8, num_warps=8)],
+               dict(TMA=False, BT=4), dict(TMA=False, BT=8, num_warps=8), dict(BT=4), dict(BT=8),
+               dict(BT=8, num_stages=2), dict(BT=16, num_warps=8), dict(BT=32, num_warps=8)],
     "slc_dkdv": [{}, dict(ROWS=64), dict(ROWS=256), dict(CH=256), dict(num_stages=3), dict(num_warps=4)],
 }
 SWEEP_TOL = 2e-2
@@ -338,7 +354,7 @@ def sweep(device, T: int, kinds: list[str] | None = None, candidates: dict | Non
             t0 = time.perf_counter()
             trial = dict(changes=change)
             try:
-                with nk.override_tiles(kind, **change):
+                with nk.override_tiles(kind, group=H // HKV, **change):
                     trial["check"] = check(device, dtype=dtype, T=min(CHECK_T, T))
                     worst = max(v for k, v in trial["check"].items() if k != "selection_equal")
                     if worst > SWEEP_TOL or trial["check"]["selection_equal"] < 0.95:
@@ -355,7 +371,7 @@ def sweep(device, T: int, kinds: list[str] | None = None, candidates: dict | Non
         ok = [t for t in trials if "ms" in t]
         best = min(ok, key=lambda t: t["ms"])["changes"] if ok else {}
         table = nk.INTERPRET_TILES if nk._INTERPRET else nk.TILES
-        key = kind if nk._INTERPRET else (kind, "16bit")
+        key = kind if nk._INTERPRET else nk._tile_key(kind, torch.bfloat16, H // HKV)
         table[key] = dict(table[key], **best)     # keep the winner for the next kinds
         result[kind] = dict(best=best, config=dict(table[key]), trials=trials)
         log(f"sweep {kind}: keep {result[kind]['config']}")
@@ -495,7 +511,10 @@ def main(argv: list[str] | None = None) -> int:
                     help="runs of this many positions share a query direction (0: independent queries)")
     ap.add_argument("--sweep-T", type=int, default=16384, help="the length the sweep part times at")
     ap.add_argument("--sweep-kinds", default="", help=f"comma-separated subset of {','.join(SWEEP_CANDIDATES)}")
+    ap.add_argument("--shape", default=f"{B},{H},{HKV}",
+                    help="B,H,HKV: batch, query heads, KV heads (default: the paper's 1,64,4; qwen3_0.6b_nsa: 8,16,8)")
     args = ap.parse_args(argv)
+    set_shape(args.shape)
     if not torch.cuda.is_available():
         print("nsa_kernels bench: needs a CUDA device", file=sys.stderr)
         return 2

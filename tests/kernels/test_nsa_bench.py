@@ -69,3 +69,18 @@ def test_sweep_checks_times_and_keeps_the_fastest(monkeypatch):
     assert got["cmp_fwd"]["best"] == dict(FUSED_SELECT=True) and nk.INTERPRET_TILES["cmp_fwd"]["FUSED_SELECT"] is True
     assert "wrong" in got["cmp_fwd"]["trials"][2]["error"]
     assert got["slc_fwd"]["best"] == {} and "BOGUS" in got["slc_fwd"]["trials"][1]["error"]
+
+
+def test_shape_option_sets_the_inputs_and_refuses_bad_sizes(monkeypatch):
+    for name in ("B", "H", "HKV"):
+        monkeypatch.setattr(nb, name, getattr(nb, name))   # restored afterwards
+    nb.set_shape("2,16,8")
+    x = nb.make_inputs(40, "cpu", dtype=torch.float32)
+    assert x["q"].shape == (2, 40, 16, nb.D) and x["k"].shape == (2, 40, 8, nb.D)
+    for bad in ("8,16,3", "8,16", "0,4,4", "a,b,c"):
+        try:
+            nb.set_shape(bad)
+        except ValueError as e:
+            assert "--shape" in str(e)
+        else:
+            raise AssertionError(f"--shape {bad} accepted")
