@@ -151,7 +151,7 @@ def build_deepwish(preset: str, batch: int, seq: int, variant: str, packed_data:
     from deepwish.model import Transformer
     from deepwish.train import parallel
     from deepwish.train.loop import autocast_context
-    from deepwish.train.loss import lm_loss, resolve_loss_backend
+    from deepwish.train.loss import checked_target_count, lm_loss, resolve_loss_backend
     from deepwish.train.optim import build_optimizer
     from deepwish.train.profile import phase
 
@@ -175,13 +175,16 @@ def build_deepwish(preset: str, batch: int, seq: int, variant: str, packed_data:
         batches = [(torch.randint(0, V, (batch, seq), device=device), torch.randint(0, V, (batch, seq), device=device),
                     None, None)]
     n = batch * seq
+    # each batch's target count, checked on a host copy as the training loop does (train/loop.py):
+    # the fused loss then reads nothing back from the device
+    checked = [checked_target_count(b[1].cpu(), V) for b in batches]
     turn = iter(range(1 << 62))
 
     def step() -> torch.Tensor:
-        b = batches[next(turn) % len(batches)]
+        i = next(turn) % len(batches)
         with phase("forward_backward"):  # the loop's phase names (train/profile.py), for profile_train
             with autocast_context(device, tc.dtype):
-                loss, _ = lm_loss(step_model, b, tc, n, backend=backend)
+                loss, _ = lm_loss(step_model, batches[i], tc, n, backend=backend, checked_targets=checked[i])
             loss.backward()
         with phase("clip"):
             parallel.clip_grad_norm(model.parameters(), tc.grad_clip)
