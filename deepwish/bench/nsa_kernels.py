@@ -277,8 +277,8 @@ SWEEP_CANDIDATES = {
                 dict(FUSED_SELECT=True), dict(FUSED_SELECT=True, JV=16), dict(FUSED_SELECT=True, BNS=64),
                 dict(FUSED_SELECT=True, JV=16, SKIP_MERGE=True)],
     # the separate scoring pass (cmp_fwd's FUSED_SELECT False, the default)
-    # TMA: its key tiles through a descriptor (BN-wide boxes)
-    "cmp_sel": [{}, dict(TMA=True), dict(TMA=True, num_stages=3), dict(SORT_MERGE=False), dict(BN=16), dict(BN=64),
+    # TMA (the default since the fourth run): its key tiles through a descriptor (BN-wide boxes)
+    "cmp_sel": [{}, dict(TMA=False), dict(num_stages=3), dict(SORT_MERGE=False), dict(BN=16), dict(BN=64),
                 dict(BJ=32), dict(JV=16), dict(BM=128, num_warps=8), dict(BM=32, num_warps=2), dict(SKIP_MERGE=True),
                 dict(RANK_MERGE=True), dict(JV=16, SKIP_MERGE=True), dict(BJ=64), dict(BJ=64, SKIP_MERGE=True)],
     "cmp_dq": [{}, dict(TMA=False), dict(num_stages=2), dict(BN=32), dict(BM=64, num_warps=4)],
@@ -289,13 +289,13 @@ SWEEP_CANDIDATES = {
     # stage count, 150 registers), the descriptor form is (72 KB at 3 stages, 107 registers).
     # BT > 1 (the union kernel) gathers: its candidates name the pointer form
     # BT > 1 (the union kernel, descriptor loads too): at small groups (--shape 8,16,8: G 2) BT 8 fills
-    # the 16 dot rows a one-token program fills 2 of
+    # the 16 dot rows a one-token program fills 2 of (BT 32 took 126 s to compile and ran 16 ms)
     "slc_fwd": [{}, dict(num_stages=2), dict(num_stages=4), dict(num_warps=2), dict(TMA=False),
                 dict(TMA=False, BT=4), dict(TMA=False, BT=8, num_warps=8), dict(BT=4), dict(BT=8),
-                dict(BT=8, num_stages=2), dict(BT=16, num_warps=8), dict(BT=32, num_warps=8)],
+                dict(BT=8, num_stages=2), dict(BT=16, num_warps=8)],
     "slc_dq": [{}, dict(num_stages=2), dict(num_stages=4), dict(num_warps=2), dict(TMA=False),
                dict(TMA=False, BT=4), dict(TMA=False, BT=8, num_warps=8), dict(BT=4), dict(BT=8),
-               dict(BT=8, num_stages=2), dict(BT=16, num_warps=8), dict(BT=32, num_warps=8)],
+               dict(BT=8, num_stages=2), dict(BT=16, num_warps=8)],
     "slc_dkdv": [{}, dict(ROWS=64), dict(ROWS=256), dict(CH=256), dict(num_stages=3), dict(num_warps=4)],
 }
 SWEEP_TOL = 2e-2

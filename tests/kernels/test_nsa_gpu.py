@@ -60,7 +60,7 @@ OPTIONS = {
                                               "cmp_sel": dict(BM=128, num_warps=8, JV=16, SKIP_MERGE=True)},
     "separate-scoring-bj64": {"cmp_fwd": dict(FUSED_SELECT=False), "cmp_sel": dict(BJ=64)},
     "cmp-gather": {"cmp_fwd": dict(TMA=False), "cmp_dq": dict(TMA=False)},
-    "scoring-tma": {"cmp_sel": dict(TMA=True)},
+    "scoring-gather": {"cmp_sel": dict(TMA=False)},
     "dq-fused-into-dkdv": {"cmp_dkdv": dict(FUSE_DQ=True)},
     "dkdv-one-chunk": {"cmp_dkdv": dict(Q_CHUNK=1 << 20)},
     "slc-union-bt4": {"slc_fwd": dict(BT=4, TMA=False), "slc_dq": dict(BT=4, TMA=False)},

@@ -47,8 +47,8 @@ Compressed branch (one kernel for the forward, `_cmp_fwd_kernel`):
   same total order). Fixed shapes, no host sync; 2 merge launches instead of ~25 torch ops.
   The selection pass has its own split count (SEL_TILES scoring tiles per split, `_select_splits`):
   a split is a serial chain of scoring tiles, the attention's 256-token splits left it 4 tiles.
-- TMA (a tile option of cmp_fwd / cmp_dq, on for 16-bit inputs; of cmp_sel, the separate scoring
-  pass's key tiles, off until timed): the compressed K/V tiles [BN, D] of one KV head through
+- TMA (a tile option of cmp_fwd / cmp_dq and of cmp_sel, the separate scoring pass's key tiles;
+  on for 16-bit inputs): the compressed K/V tiles [BN, D] of one KV head through
   tensor descriptors instead of masked loads (as the selected branch and kernels/attention do);
   slots past the range a tile may see are fetched and masked by their cmp_end, so compressed
   tokens must be finite. The fused scoring (FUSED_SELECT) keeps pointer loads (its BNS-wide steps
@@ -88,7 +88,10 @@ Selected branch:
   once for all of them and masked for the tokens that did not select it. Bytes fall by the
   overlap of adjacent tokens' selections (the forced first and local blocks always; on trained
   models most blocks), matmul work rises by the rows that are masked; the branch is bound by
-  gathered bytes at 16 FLOP/B, far below the tensor cores' balance, so the sweep decides.
+  gathered bytes at 16 FLOP/B, far below the tensor cores' balance, so the sweep decides. At
+  small groups (G < 16: the ("…", "16bit", "small_group") tile rows) it is the default: a one-token
+  program there fills G of its 16 dot rows and fetches every block for G heads only (at
+  qwen3_0.6b_nsa's G 2, T 2048 the union tiles run the forward 4.5x, dQ + dK/dV 2.3x faster).
 - dK/dV through an inverse index, built on device without a host sync (`inverse_index`): the
   (batch, KV head, block) key of every valid sel_idx entry is sorted (argsort), counted
   (bincount) and cut into work items of at most CH queries each; a program per work item loads
@@ -141,9 +144,10 @@ TILES = {
     ("cmp_fwd", "16bit"): dict(BM=128, BN=64, BNS=32, BJ=16, FUSED_SELECT=False, SORT_MERGE=True, RANK_MERGE=False,
                                SKIP_MERGE=False, JV=0, TMA=True, num_warps=8, num_stages=2),
     # the separate scoring pass (FUSED_SELECT False): 4 queries x 16 heads, 4 warps, 165 registers:
-    # 3 programs per SM (BM 128 / 8 warps: 153 registers x 256 threads, 1 program per SM)
+    # 3 programs per SM (BM 128 / 8 warps: 153 registers x 256 threads, 1 program per SM); TMA on
+    # (key tiles through a descriptor): 50.7 -> 48.9 ms at 64k (H100, reports/nsa.md "Fourth run")
     ("cmp_sel", "16bit"): dict(BM=64, BN=32, BJ=16, SORT_MERGE=True, RANK_MERGE=False, SKIP_MERGE=False, JV=0,
-                               TMA=False, num_warps=4, num_stages=2),
+                               TMA=True, num_warps=4, num_stages=2),
     # TMA on, 3 stages: the compressed backward (dQ + dK/dV) at 64k 65.8 -> 63.8 ms (same sweep)
     ("cmp_dq", "16bit"): dict(BM=128, BN=64, TMA=True, num_warps=8, num_stages=3),
     ("cmp_dkdv", "16bit"): dict(BM=128, BN=64, Q_CHUNK=512, MAX_CHUNKS=16, FUSE_DQ=False, num_warps=8,
@@ -155,9 +159,12 @@ TILES = {
     ("slc_dkdv", "16bit"): dict(ROWS=128, CH=1024, num_warps=8, num_stages=2),
     # small groups (G < 16, e.g. Qwen3-0.6B's 16 query / 8 KV heads): a one-token program fills
     # G of its 16 dot rows and loads each block for G heads only; the union kernel (BT > 1) fills
-    # the rows with adjacent tokens (`_tile_key`). Not yet swept: the large-group picks.
-    ("slc_fwd", "16bit", "small_group"): dict(BT=1, TMA=True, num_warps=4, num_stages=3),
-    ("slc_dq", "16bit", "small_group"): dict(BT=1, TMA=True, num_warps=4, num_stages=3),
+    # the rows with adjacent tokens (`_tile_key`). Swept at qwen3_0.6b_nsa's shape (B 8, T 2048,
+    # 16 / 8 heads, D 128; H100, 2026-12-06): forward 7.78 -> 1.71 ms, dQ + dK/dV 11.24 -> 4.99 ms
+    # (BT 8: 1.72 / 5.00, the same launch at G 2: rows = max(16, BT·GP), so BT 4 runs 8 tokens a
+    # program there; BT 16: 8.4 / 27.1) (reports/nsa.md "Fourth run"). G 4 and 8 are not timed.
+    ("slc_fwd", "16bit", "small_group"): dict(BT=4, TMA=True, num_warps=4, num_stages=3),
+    ("slc_dq", "16bit", "small_group"): dict(BT=4, TMA=True, num_warps=4, num_stages=3),
     ("cmp_fwd", "fp32"): dict(BM=64, BN=32, BNS=32, BJ=16, FUSED_SELECT=True, SORT_MERGE=True, RANK_MERGE=False,
                               SKIP_MERGE=False, JV=0, TMA=False, num_warps=8, num_stages=1),
     ("cmp_sel", "fp32"): dict(BM=64, BN=32, BJ=16, SORT_MERGE=True, RANK_MERGE=False, SKIP_MERGE=False, JV=0,
