@@ -287,7 +287,6 @@ SWEEP_CANDIDATES = {
     # TMA (the default): each selected block through a tensor descriptor; compiled for sm_90 (triton
     # 3.7) the pointer form's masked gather is not multi-buffered (22.5 KB of shared memory at any
     # stage count, 150 registers), the descriptor form is (72 KB at 3 stages, 107 registers).
-    # BT > 1 (the union kernel) gathers: its candidates name the pointer form
     # BT > 1 (the union kernel, descriptor loads too): at small groups (--shape 8,16,8: G 2) BT 8 fills
     # the 16 dot rows a one-token program fills 2 of (BT 32 took 126 s to compile and ran 16 ms)
     "slc_fwd": [{}, dict(num_stages=2), dict(num_stages=4), dict(num_warps=2), dict(TMA=False),
