@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # What the GPU machine runs: environment report, GPU tests and benchmarks, results under $OUT.
-#   bash scripts/gpu_run.sh STAGE...   with STAGE in: env tests kernels gdn train decode sweep tradeoff notebook profile embedding gpt_mfu corpus speedrun loop_profile mfu_variants lce ablate dsa nsa_kernels nsa_quality attn_dq_tiles attn_dq muon attn_focus_tiles attn_goals decode_tests decode_compare decode_tiles decode_rows decode_rows_compiled decode_profiles generate train_paths packed_bench
+#   bash scripts/gpu_run.sh STAGE...   with STAGE in: env tests kernels gdn train decode sweep tradeoff notebook profile embedding gpt_mfu corpus speedrun loop_profile mfu_variants lce ablate dsa nsa_kernels nsa_model nsa_quality attn_dq_tiles attn_dq muon attn_focus_tiles attn_goals decode_tests decode_compare decode_tiles decode_rows decode_rows_compiled decode_profiles generate train_paths packed_bench
 # Optional wheels in .whl/ (flash-linear-attention, liger-kernel) are installed to /tmp/site
 # first, so the anchors run side by side with deepwish in the same process (NO_WHEELS=1 skips
 # them, e.g. for HF's Qwen3-Next on its torch path).
@@ -147,6 +147,13 @@ for stage in "$@"; do
     ablate) python3 -m deepwish.cli bench ablate --out "$OUT/ablate" ${ABLATE_ARGS:-} || status=1 ;;
     dsa) python3 -m deepwish.cli bench dsa --out "$OUT/dsa" ${DSA_ARGS:-} || status=1 ;;
     nsa_kernels) python3 -m deepwish.bench.nsa_kernels --out "$OUT/nsa_kernels" ${NSA_KERNELS_ARGS:-} || status=1 ;;
+    nsa_model)  # qwen3_0.6b_nsa as users run it: the selected dK/dV sweep at its heads (8 x 2048, 16 / 8, the
+      # small-group rows), then `deepwish train --preset qwen3_0.6b_nsa` itself on the speedrun's corpus with
+      # steps 21-22 profiled (loop_profile's settings; ~6 min)
+      timeout 150 python3 -m deepwish.bench.nsa_kernels --out "$OUT/nsa_model" --parts sweep --shape 8,16,8 \
+        --sweep-T 2048 --sweep-kinds slc_dkdv --no-fla 2>&1 | grep -v '^{' | tail -12 || status=1
+      LOOP_PROFILE_PRESETS=qwen3_0.6b_nsa LOOP_PROFILE_ARGS="--set train.steps=25 --set train.profile_start=20 --set train.profile_steps=2 --set train.eval_every=25 ${NSA_MODEL_ARGS:-}" \
+        bash "$0" loop_profile || status=1 ;;
     nsa_quality) python3 -m deepwish.cli bench nsa --quality --out "$OUT/nsa_quality" ${NSA_QUALITY_ARGS:---seeds 2} || status=1 ;;
     attn_dq_tiles)  # tile sweep of the atomic-dq backward kernel (dkdvq) only; attn_dq applies its picks
       python3 -m deepwish.bench.attention_tiles --out "$OUT/attn_dq_tiles" --parts tiles --kinds dkdvq \
