@@ -215,11 +215,14 @@ def test_init_from_dense_loads_shared_weights_and_names_the_new(tmp_path, one_th
 
 
 @pytest.mark.gpu
-def test_captured_decoder_equals_eager_on_gpu():
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_captured_decoder_equals_eager_on_gpu(dtype):
+    """Greedy generation through CapturedDecoder equals eager; in bf16 the selected branch takes the
+    small-group tile rows (G 2: the union kernel) at prefill and at every decoding step."""
     from deepwish.decode_graph import CapturedDecoder
     from deepwish.generate import generate
     torch.manual_seed(0)
-    m = Transformer(model_config("qwen3_nsa_tiny")).cuda().eval()
+    m = Transformer(model_config("qwen3_nsa_tiny")).cuda().eval().to(dtype)
     prompts = [torch.randint(0, m.cfg.vocab_size, (n,)).tolist() for n in (70, 33)]
     want = generate(m, prompts, 40, cache_len=160)
     cache = m.make_cache(2, 160)
