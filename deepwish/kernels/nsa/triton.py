@@ -162,7 +162,8 @@ TILES = {
     # the rows with adjacent tokens (`_tile_key`). Swept at qwen3_0.6b_nsa's shape (B 8, T 2048,
     # 16 / 8 heads, D 128; H100, 2026-12-06): forward 7.78 -> 1.71 ms, dQ + dK/dV 11.24 -> 4.99 ms
     # (BT 8: 1.72 / 5.00, the same launch at G 2: rows = max(16, BT·GP), so BT 4 runs 8 tokens a
-    # program there; BT 16: 8.4 / 27.1) (reports/nsa.md "Fourth run"). G 4 and 8 are not timed.
+    # program there; BT 16: 8.4 / 27.1) (reports/nsa.md "Fourth run"). G 1, 4 and 8 are not timed
+    # (G 1 runs 16 tokens a program, G 4 4 and G 8 4 with 32 rows).
     ("slc_fwd", "16bit", "small_group"): dict(BT=4, TMA=True, num_warps=4, num_stages=3),
     ("slc_dq", "16bit", "small_group"): dict(BT=4, TMA=True, num_warps=4, num_stages=3),
     ("cmp_fwd", "fp32"): dict(BM=64, BN=32, BNS=32, BJ=16, FUSED_SELECT=True, SORT_MERGE=True, RANK_MERGE=False,
