@@ -94,8 +94,8 @@ Selected branch:
   qwen3_0.6b_nsa's G 2, T 2048 the union tiles run the forward 4.5x, dQ + dK/dV 2.3x faster).
 - dK/dV through an inverse index, built on device without a host sync (`inverse_index`): the
   (batch, KV head, block) key of every valid sel_idx entry is sorted (argsort), counted
-  (a scatter-add; torch.bincount would read the maximum back) and cut into work items of at most CH queries each; a program per work item loads
-  its K/V block once and iterates over the gathered queries (BQ queries · GP heads as the
+  (a scatter-add; torch.bincount would read the maximum back) and cut into work items of at most
+  CH queries each; a program per work item loads its K/V block once and iterates over the gathered queries (BQ queries · GP heads as the
   columns of transposed scores), accumulating dK, dV in registers, then adds them to fp32
   buffers with one atomic add per element per work item (not per query). Chunking keeps the
   initial block, chosen by every query of its document, from serialising on one program. The
