@@ -214,25 +214,45 @@ def fla_nsa():
 
 def decode_times(C: int, device) -> dict:
     """Per-layer decode step at context C (one query at C - 1, static cache), CUDA-graph replayed:
-    {'cmp+slc': ms, 'sdpa': ms}."""
+    {'cmp+slc': ms, 'cmp': ms, 'slc': ms (on cmp's selection), 'cmp+slc unsplit': ms (the selected
+    branch's slots not split, tile option slc_split BLOCKS 0), 'sdpa': ms, 'kernels': the step's
+    kernels by GPU time (eager, torch.profiler)}."""
     import torch.nn.functional as F
+    from deepwish.bench.timing import kernel_times
     from deepwish.kernels.nsa import triton as nk
     x = make_inputs(1, device, S=C)
     q, k, v = x["q"], x["k"], x["v"]
     row = {}
 
+    def cmp():
+        return nk.nsa_compressed(q, x["k_cmp"], x["v_cmp"], x["cmp_end"], q_pos=x["q_pos"], **cmp_kwargs())
+
+    with torch.no_grad():
+        sel = cmp()[1]
+
+    def slc():
+        return nk.nsa_selected(q, k, v, sel, q_pos=x["q_pos"], select_len=SELECT_LEN)
+
     def step():
-        o_cmp, sel = nk.nsa_compressed(q, x["k_cmp"], x["v_cmp"], x["cmp_end"], q_pos=x["q_pos"], **cmp_kwargs())
+        o_cmp, sel = cmp()
         return o_cmp + nk.nsa_selected(q, k, v, sel, q_pos=x["q_pos"], select_len=SELECT_LEN)
+
+    def unsplit():
+        with nk.override_tiles("slc_split", BLOCKS=0):
+            return step()
 
     def dense():
         return F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), enable_gqa=True)
     with torch.no_grad():
-        for name, f in (("cmp+slc", step), ("sdpa", dense)):
+        for name, f in (("cmp+slc", step), ("cmp", cmp), ("slc", slc), ("cmp+slc unsplit", unsplit), ("sdpa", dense)):
             try:
                 row[name] = graph_ms(f)
             except Exception as e:  # noqa: BLE001
                 row[name] = f"error: {type(e).__name__}: {e}"[:400]
+        try:
+            row["kernels"] = kernel_times(step, rows=16)
+        except Exception as e:  # noqa: BLE001
+            row["kernels"] = f"error: {type(e).__name__}: {e}"[:400]
     return row
 
 
@@ -404,12 +424,25 @@ def train_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+DECODE_COLS = ("cmp+slc", "cmp", "slc", "cmp+slc unsplit", "sdpa")
+
+
 def decode_table(rows: list[dict]) -> str:
-    lines = ["| context | cmp+slc us | sdpa us | sdpa / nsa |", "|---|---|---|---|"]
+    """µs per step by column, SDPA / NSA, then each context's kernels by GPU time."""
+    lines = ["| context | " + " | ".join(f"{c} us" for c in DECODE_COLS) + " | sdpa / nsa |",
+             "|---" * (len(DECODE_COLS) + 2) + "|"]
     for r in rows:
+        cells = [f"{r[c] * 1e3:.1f}" if isinstance(r.get(c), float) else str(r.get(c)) for c in DECODE_COLS]
         a, b = r.get("cmp+slc"), r.get("sdpa")
-        ok = isinstance(a, float) and isinstance(b, float)
-        lines.append(f"| {r['C']} | {a * 1e3:.1f} | {b * 1e3:.1f} | {b / a:.2f}x |" if ok else f"| {r['C']} | {a} | {b} | - |")
+        ratio = f"{b / a:.2f}x" if isinstance(a, float) and isinstance(b, float) else "-"
+        lines.append(f"| {r['C']} | " + " | ".join(cells) + f" | {ratio} |")
+    for r in rows:
+        kt = r.get("kernels")
+        if isinstance(kt, dict):
+            lines.append(f"\ncontext {r['C']}: kernels {kt['sum_ms'] * 1e3:.1f} us a step (eager)")
+            lines += [f"  {e['us_per_step']:7.1f} us  x{e['calls_per_step']:g}  {e['name'][:90]}" for e in kt["kernels"]]
+        elif kt is not None:
+            lines.append(f"\ncontext {r['C']}: kernels {kt}")
     return "\n".join(lines)
 
 

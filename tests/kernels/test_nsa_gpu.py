@@ -140,9 +140,18 @@ def _branches_match_reference(cuda, rel_err, lengths, heads=(H, HKV)):
     assert max(errs) < 2e-2, dict(zip(("o_slc", "dq", "dk", "dv"), errs))
 
 
-def test_captured_decode_step_equals_reference(cuda, rel_err):
+@pytest.mark.parametrize("split", [{}, dict(BLOCKS=2, TMA=False), dict(BLOCKS=0)],
+                         ids=["default", "two-block-chains-gather", "unsplit"])
+def test_captured_decode_step_equals_reference(cuda, rel_err, split):
     """One and three queries over a static 4096-slot cache, replayed from CUDA graphs with the
-    positions (and the cache) updated in place between replays."""
+    positions (and the cache) updated in place between replays; the selected branch's slots split
+    (the default), in chains of two gathered blocks, or not split."""
+    from deepwish.kernels.nsa import triton as nk
+    with nk.override_tiles("slc_split", **split):
+        _captured_decode_step(cuda, rel_err)
+
+
+def _captured_decode_step(cuda, rel_err):
     from deepwish.kernels.nsa import triton as nk
     torch.manual_seed(1)
     C = 4096

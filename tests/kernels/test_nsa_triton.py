@@ -221,6 +221,33 @@ def test_selected_branch_over_the_union_of_adjacent_selections(rel_err, bt, leng
                 assert rel_err(a, b) < 1e-5, (name, twice)
 
 
+@pytest.mark.parametrize("blocks", [0, 1, 2])
+def test_selected_decoding_splits_its_slots(rel_err, blocks):
+    """A few queries (the decoding path): the 5 slots split into chains of 1 or 2 blocks (5 or 3
+    splits, the last one short) or not at all (BLOCKS 0), merged: output and every gradient (the
+    backward reads the merged lse) equal the reference's, with packed documents and unused slots."""
+    torch.manual_seed(11)
+    lengths, H, Hkv, D, sl, n = [7, 6], 4, 2, 16, 4, 5
+    S = sum(lengths)
+    NB = -(-S // sl)
+    q = torch.randn(1, S, H, D, requires_grad=True)
+    k = torch.randn(1, S, Hkv, D, requires_grad=True)
+    v = torch.randn(1, S, Hkv, D, requires_grad=True)
+    sel = (torch.rand(1, S, Hkv, NB + 1).argsort(-1)[..., :n] - 1).to(torch.int32)   # distinct, -1 = unused
+    kw = dict(q_pos=torch.arange(S)[None], doc_ids=doc_ids_of([lengths]), select_len=sl)
+    assert tri._slc_splits(n, 1, blocks, 8) == {0: (1, 5), 1: (5, 1), 2: (3, 2)}[blocks]
+    assert tri._slc_splits(n, 8, blocks, 8) == (1, 5)   # the grid is full unsplit
+    g = torch.randn(1, S, H, D)
+    with tri.override_tiles("slc_split", BLOCKS=blocks, PROGRAMS=10 ** 3):
+        want = ref.nsa_selected(q, k, v, sel, **kw)
+        got = tri.nsa_selected(q, k, v, sel, **kw)
+    assert tri._slc_splits(n, S * Hkv, blocks, 10 ** 3)[0] == {0: 1, 1: 5, 2: 3}[blocks]
+    assert rel_err(want, got) < 1e-5
+    for name, a, b in zip(("dq", "dk", "dv"), torch.autograd.grad((want * g).sum(), (q, k, v)),
+                          torch.autograd.grad((got * g).sum(), (q, k, v))):
+        assert rel_err(a, b) < 1e-5, name
+
+
 def test_compressed_branch_through_tensor_descriptors(rel_err, monkeypatch):
     """The tile option TMA of cmp_fwd / cmp_sel / cmp_dq: the compressed K/V tiles through descriptors
     (slots past the visible range hold data the mask removes; slots past N arrive as zeros), with

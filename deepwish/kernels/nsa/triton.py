@@ -157,6 +157,9 @@ TILES = {
     ("slc_fwd", "16bit"): dict(BT=1, TMA=True, num_warps=4, num_stages=3),
     ("slc_dq", "16bit"): dict(BT=1, TMA=True, num_warps=4, num_stages=3),
     ("slc_dkdv", "16bit"): dict(ROWS=128, CH=1024, num_warps=8, num_stages=2),
+    # decoding (T <= DECODE_MAX_T): the one-token kernel with its slots split into chains of BLOCKS
+    # blocks until the grid has about PROGRAMS programs (`_slc_splits`; BLOCKS 0: no split)
+    ("slc_split", "16bit"): dict(BLOCKS=1, PROGRAMS=128, TMA=True, num_warps=4, num_stages=2),
     # small groups (G < 16, e.g. Qwen3-0.6B's 16 query / 8 KV heads): a one-token program fills
     # G of its 16 dot rows and loads each block for G heads only; the union kernel (BT > 1) fills
     # the rows with adjacent tokens (`_tile_key`). Swept at qwen3_0.6b_nsa's shape (B 8, T 2048,
@@ -176,6 +179,7 @@ TILES = {
     ("slc_fwd", "fp32"): dict(BT=1, TMA=False, num_warps=4, num_stages=1),
     ("slc_dq", "fp32"): dict(BT=1, TMA=False, num_warps=4, num_stages=1),
     ("slc_dkdv", "fp32"): dict(ROWS=64, CH=1024, num_warps=8, num_stages=1),
+    ("slc_split", "fp32"): dict(BLOCKS=1, PROGRAMS=128, TMA=False, num_warps=4, num_stages=1),
     # decoding (T <= DECODE_MAX_T): rows = T·GP up to MAX_BM, SPLIT_TOKENS compressed tokens per split
     # SEL_TILES: scoring tiles per split of the selection pass (its own split count, `_select_splits`);
     # 0: the attention pass's splits
@@ -198,6 +202,7 @@ INTERPRET_TILES = {
     "slc_fwd": dict(BT=1, TMA=False, num_warps=1, num_stages=1),
     "slc_dq": dict(BT=1, TMA=False, num_warps=1, num_stages=1),
     "slc_dkdv": dict(ROWS=16, CH=3, num_warps=1, num_stages=1),
+    "slc_split": dict(BLOCKS=1, PROGRAMS=8, TMA=False, num_warps=1, num_stages=1),
     "cmp_split": dict(MAX_BM=64, BN=16, BJ=16, SPLIT_TOKENS=5, SEL_TILES=1, SORT_MERGE=True, RANK_MERGE=False,
                       SKIP_MERGE=False, JV=0, num_warps=1, num_stages=1),
 }
@@ -826,15 +831,18 @@ def _cmp_dkdv_kernel(Q, KC, VC, DO, LSE, DELTA, END, QPOS, QDS, QPMAX, QDSMIN, D
 
 # ---- selected branch ----------------------------------------------------------------------------
 @triton.jit
-def _slc_fwd_kernel(Q, K, V, KD, VD, SEL, QPOS, QDS, O, LSE,
+def _slc_fwd_kernel(Q, K, V, KD, VD, SEL, QPOS, QDS, O, LSE, M_PART, L_PART, ACC_PART,
                     sq_b, sq_t, sq_h, sk_b, sk_s, sk_h, sv_b, sv_s, sv_h, so_b, so_t, so_h,
-                    T, S, H, HKV, G, DQK, DV, scale, SEL_LEN, N_SEL,
+                    T, S, H, HKV, G, DQK, DV, scale, SEL_LEN, N_SEL, PER_SPLIT,
                     BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr, RP: tl.constexpr, BS: tl.constexpr,
-                    PREC: tl.constexpr, TMA: tl.constexpr):
-    """TMA: each selected block's K and V through the descriptors KD, VD (the tile option TMA)."""
+                    PREC: tl.constexpr, TMA: tl.constexpr, SPLIT: tl.constexpr):
+    """TMA: each selected block's K and V through the descriptors KD, VD (the tile option TMA).
+    SPLIT (decoding): program (t, b·hkv, split) walks the slots [split·PER_SPLIT, +PER_SPLIT) and
+    writes its partial (m, l, acc) [NSPLIT, B·T·H(, DV)] for `_merge_attend_kernel`."""
     qk_scale = scale * 1.4426950408889634
     t = tl.program_id(0)
     bh = tl.program_id(1)
+    split = tl.program_id(2)
     b32 = bh // HKV
     b = tl.cast(b32, tl.int64)
     hkv = bh % HKV
@@ -858,7 +866,8 @@ def _slc_fwd_kernel(Q, K, V, KD, VD, SEL, QPOS, QDS, O, LSE,
     l_i = tl.zeros([RP], dtype=tl.float32)
     # branch-free (an unused slot -1 masks its whole block): the loop stays one software-pipelined
     # body, the next block's index and K/V loads issued while this block computes
-    for i in range(0, N_SEL):
+    i_lo = split * PER_SPLIT
+    for i in range(i_lo, tl.minimum(i_lo + PER_SPLIT, N_SEL)):
         j = tl.load(SEL + sel_base + i)
         s_pos = j * SEL_LEN + i_s
         key_ok = (i_s < SEL_LEN) & (s_pos <= pos) & (s_pos >= ds) & (s_pos < S) & (j >= 0)
@@ -867,12 +876,18 @@ def _slc_fwd_kernel(Q, K, V, KD, VD, SEL, QPOS, QDS, O, LSE,
         s = tl.where(key_ok[None, :], s, float("-inf"))
         v = _kv_rows(V, VD, v_base, sv_s, b32, hkv, j * SEL_LEN, s_pos, key_ok, dv, DV, BS, BLOCK_DV, TMA)
         acc, m_i, l_i = online_softmax_step(acc, m_i, l_i, s, v, PREC)
-    seen = l_i > 0.0
-    o = acc / tl.where(seen, l_i, 1.0)[:, None]
-    tl.store(O + b * so_b + t64 * so_t + h64[:, None] * so_h + dv[None, :], o.to(O.dtype.element_ty),
-             mask=row_ok[:, None] & (dv < DV)[None, :])
-    lse = tl.where(seen, m_i + tl.log2(tl.where(seen, l_i, 1.0)), float("inf"))
-    tl.store(LSE + (b * T + t64) * H + h64, lse, mask=row_ok)
+    if SPLIT:
+        row = split * (tl.num_programs(1) // HKV) * T * H + (b * T + t64) * H + h64
+        tl.store(M_PART + row, m_i, mask=row_ok)
+        tl.store(L_PART + row, l_i, mask=row_ok)
+        tl.store(ACC_PART + row[:, None] * DV + dv[None, :], acc, mask=row_ok[:, None] & (dv < DV)[None, :])
+    else:
+        seen = l_i > 0.0
+        o = acc / tl.where(seen, l_i, 1.0)[:, None]
+        tl.store(O + b * so_b + t64 * so_t + h64[:, None] * so_h + dv[None, :], o.to(O.dtype.element_ty),
+                 mask=row_ok[:, None] & (dv < DV)[None, :])
+        lse = tl.where(seen, m_i + tl.log2(tl.where(seen, l_i, 1.0)), float("inf"))
+        tl.store(LSE + (b * T + t64) * H + h64, lse, mask=row_ok)
 
 
 @triton.jit
@@ -1376,21 +1391,47 @@ def _slc_meta(q, k, v, select_len):
 
 
 def selected_forward(q, k, v, sel, qpos, qds, scale, select_len):
-    """(o [B, T, H, Dv], lse [B, T, H] base 2); sel contiguous int32."""
+    """(o [B, T, H, Dv], lse [B, T, H] base 2); sel contiguous int32. Decoding (T <= DECODE_MAX_T):
+    the slots are split over programs (`_slc_splits`) and merged by `_merge_attend_kernel`."""
     B, T, H, _ = q.shape
     o = torch.empty(B, T, H, v.shape[-1], dtype=q.dtype, device=q.device)
     lse = torch.empty(B, T, H, dtype=torch.float32, device=q.device)
     meta = _slc_meta(q, k, v, select_len)
-    cfg = tile_config("slc_fwd", q.dtype, meta["G"])
+    n_sel = sel.shape[-1]
+    decoding = T <= DECODE_MAX_T
+    cfg = tile_config("slc_split" if decoding else "slc_fwd", q.dtype, meta["G"])
     kd, vd = _slc_descriptors(cfg, k, v, meta)
-    if cfg["BT"] > 1:
+    if not decoding and cfg["BT"] > 1:
         _slc_union(q, k, v, kd, vd, None, lse, None, sel, qpos, qds, o, scale, meta, cfg)
         return o, lse
-    del cfg["BT"]
-    _slc_fwd_kernel[(T, B * k.shape[2])](q, k, v, kd, vd, sel, qpos, qds, o, lse, *q.stride()[:3], *k.stride()[:3],
-                                         *v.stride()[:3], *o.stride()[:3], scale=scale, N_SEL=sel.shape[-1],
-                                         TMA=kd is not None, **meta, **cfg)
+    ns, per = _slc_splits(n_sel, B * T * k.shape[2], cfg.pop("BLOCKS", 0), cfg.pop("PROGRAMS", 0))
+    cfg.pop("BT", None)
+    if ns > 1:
+        m_part = torch.empty(ns, B, T, H, dtype=torch.float32, device=q.device)
+        part = (m_part, torch.empty_like(m_part), torch.empty(*m_part.shape, v.shape[-1], dtype=torch.float32,
+                                                                device=q.device))
+    else:
+        part = (lse, lse, lse)
+    _slc_fwd_kernel[(T, B * k.shape[2], ns)](q, k, v, kd, vd, sel, qpos, qds, o, lse, *part, *q.stride()[:3],
+                                             *k.stride()[:3], *v.stride()[:3], *o.stride()[:3], scale=scale,
+                                             N_SEL=n_sel, PER_SPLIT=per, TMA=kd is not None, SPLIT=ns > 1,
+                                             **meta, **cfg)
+    if ns > 1:
+        R = B * T * H
+        _merge_attend_kernel[(R,)](*part, o, lse, R, ns, v.shape[-1], NSP=triton.next_power_of_2(ns),
+                                   BLOCK_DV=meta["BLOCK_DV"], num_warps=4 if not _INTERPRET else 1)
     return o, lse
+
+
+def _slc_splits(n_sel: int, programs: int, blocks: int, target: int) -> tuple[int, int]:
+    """(splits, slots per split) of the selected forward: a decoding step has B·T·Hkv programs
+    (4 at B 1 with 4 KV heads), each a serial chain of n_sel gathered blocks; splitting the slots
+    brings the grid to about `target` programs of at least `blocks` slots each. blocks 0: one split."""
+    if blocks <= 0:
+        return 1, n_sel
+    ns = min(triton.cdiv(n_sel, blocks), max(1, triton.cdiv(target, programs)))
+    per = triton.cdiv(n_sel, ns)
+    return triton.cdiv(n_sel, per), per
 
 
 def _slc_descriptors(cfg: dict, k, v, meta: dict):
