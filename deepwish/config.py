@@ -80,8 +80,8 @@ class ModelConfig:
     # the decode step's GEMVs take in the ops around them (kernels/gemv/triton.py): each pre-norm
     # (RMSNorm) in the prologue of the projection after it, SwiGLU's activation in the down
     # projection's prologue, the residual add in the o and down projections' epilogues (model/block.py
-    # residual_branch); and the split-KV kernel merges its own splits (kernels/attention/decode.py):
-    # four kernels a layer fewer for Qwen3's dense blocks. Applies where the GEMV serves the step
+    # residual_branch); and the split-KV kernel merges its own splits (kernels/attention/decode.py; NSA's
+    # window branch too): four kernels a layer fewer for Qwen3's dense blocks. Applies where the GEMV serves the step
     # (decode_matmul auto / triton on CUDA); 1.116 -> 1.042 ms a step on one H200 (reports/inference.md)
     decode_fusion: bool = True
     # the decode step's own kernels (GEMV, prologue, split-KV attention) launched with programmatic

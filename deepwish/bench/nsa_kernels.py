@@ -325,7 +325,7 @@ def _internal_inputs(x: dict) -> dict:
     from deepwish.kernels.nsa import triton as nk
     q = x["q"].detach()
     qpos, qds = nk.query_positions(q, x["q_pos"], None, x["k"].shape[1])
-    end = x["cmp_end"].clamp(max=nk.POS_MAX).to(torch.int32).contiguous()
+    end = x["cmp_end"].contiguous()
     return dict(q=q, k=x["k"].detach(), v=x["v"].detach(), kc=x["k_cmp"].detach(), vc=x["v_cmp"].detach(), end=end,
                 qpos=qpos, qds=qds, scale=q.shape[-1] ** -0.5, do=torch.randn_like(q))
 

@@ -206,6 +206,7 @@ class NSA(nn.Module):
         self.v_compress = Compression(self.cmp_len, D)
         self.gate_proj = nn.Linear(d, 3 * H, bias=False) if cfg.nsa_gate == "sigmoid" else None
         self.scale = D ** -0.5
+        self.decode_fusion = cfg.decode_fusion  # the window branch's split-KV merge inside its split kernel
 
     def make_cache(self, batch: int, max_len: int, dtype, device) -> NSACache:
         return NSACache.empty(batch, max_len, self.n_kv_heads, self.head_dim, self.cmp_len, self.cmp_stride,
@@ -304,7 +305,8 @@ class NSA(nn.Module):
         rows_per_head = q.shape[1] * (1 << (self.n_heads // self.n_kv_heads - 1).bit_length())
         if self.backends.decode == "triton" and rows_per_head <= DECODE_KERNEL_MAX_ROWS and (q.is_cuda or _interpreting()):
             from deepwish.kernels.attention.decode import decode_attention
-            o_win = decode_attention(q, cache.k, cache.v, pos, None, window=self.window_size, scale=self.scale)
+            o_win = decode_attention(q, cache.k, cache.v, pos, None, window=self.window_size, scale=self.scale,
+                                     merge_in_split=self.decode_fusion)
         else:
             k_pos = torch.arange(cache.max_len, device=q.device).expand(q.shape[0], -1)
             mask = attention_mask(pos, k_pos, self.window_size)

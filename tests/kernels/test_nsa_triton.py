@@ -348,6 +348,63 @@ def test_inverse_index_lists_every_query_once():
     assert sorted(got) == sorted(want)
 
 
+def test_a_decoding_step_launches_only_its_kernels(monkeypatch):
+    """One query over a cache as the model holds it (int64 positions, int64 block ends with NEVER
+    in the unwritten slots): both branches dispatch no torch computation (no casts, clamps or
+    zeros before the kernels: each would be a launch of its own in every step), only
+    allocations and views, and the Triton kernels of the two split passes and their merges."""
+    import collections
+
+    import triton.runtime.interpreter as interp
+    from torch.utils._python_dispatch import TorchDispatchMode
+    torch.manual_seed(2)
+    C, H, Hkv, D, l, d, sl, n = 64, 4, 2, 16, 4, 2, 8, 3
+    k, v = torch.randn(1, C, Hkv, D), torch.randn(1, C, Hkv, D)
+    ends = torch.arange(l - 1, C, d)[None]
+    kc, vc = torch.randn(1, ends.shape[1], Hkv, D), torch.randn(1, ends.shape[1], Hkv, D)
+    q, q_pos = torch.randn(1, 1, H, D), torch.tensor([[40]])
+    ends = torch.where(ends <= 40, ends, NEVER)
+    free = {"empty", "empty_like", "empty_strided", "new_empty", "view", "_unsafe_view", "expand", "slice",
+            "select", "unsqueeze", "squeeze", "permute", "transpose", "t", "alias", "as_strided", "detach",
+            "lift_fresh"}
+    computed, launched, ops, in_kernel = collections.Counter(), collections.Counter(), {}, []
+
+    class Count(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            name = func.overloadpacket.__name__
+            if name in ("nsa_cmp_fwd", "nsa_slc_fwd"):
+                ops[name] = args   # the op's body runs outside this mode: replayed below
+            elif name not in free and not in_kernel:   # the interpreter's own copies are not the step's
+                computed[name] += 1
+            return func(*args, **(kwargs or {}))
+
+    with Count():   # the entry points: their two ops and nothing else
+        o, sel = tri.nsa_compressed(q, kc, vc, ends, q_pos=q_pos, cmp_len=l, select_len=sl, n_select=n)
+        s = tri.nsa_selected(q, k, v, sel, q_pos=q_pos, select_len=sl)
+    assert not computed and sorted(ops) == ["nsa_cmp_fwd", "nsa_slc_fwd"], dict(computed)
+    run = interp.InterpretedFunction.run
+
+    def counted_run(self, *a, **kw):
+        launched[self.fn.__name__] += 1
+        in_kernel.append(1)
+        try:
+            return run(self, *a, **kw)
+        finally:
+            in_kernel.pop()
+    monkeypatch.setattr(interp.InterpretedFunction, "run", counted_run)
+    with Count():   # the ops' bodies (the launchers) on the arguments the ops received
+        tri.compressed_forward(*ops["nsa_cmp_fwd"])
+        tri.selected_forward(*ops["nsa_slc_fwd"])
+    assert not computed, dict(computed)
+    assert dict(launched) == {"_prefix_max_suffix_min_kernel": 1, "_cmp_split_attend_kernel": 1,
+                              "_merge_attend_kernel": 2, "_cmp_split_select_kernel": 1, "_merge_select_kernel": 1,
+                              "_slc_fwd_kernel": 1}
+    kw = dict(q_pos=q_pos, cmp_len=l, select_len=sl, n_select=n)
+    o_r, sel_r = ref.nsa_compressed(q, kc, vc, ends, S=C, **kw)
+    assert torch.equal(sel, sel_r) and (o - o_r).abs().max() < 1e-4
+    assert (s - ref.nsa_selected(q, k, v, sel_r, q_pos=q_pos, select_len=sl)).abs().max() < 1e-4
+
+
 def test_decode_over_a_static_cache_equals_the_full_forward(rel_err):
     """Prefill 11 tokens, then 1 token at a time and one k+1 = 3 chunk, over a cache of fixed
     length whose future slots hold garbage and whose unwritten compressed slots are padding:

@@ -274,6 +274,36 @@ def _first_ge(A, base, n, x):
 
 
 @triton.jit
+def _load_end(END, at, ok):
+    """cmp_end at `at` as int32, from any integer dtype (a padding slot's NEVER clamps to POS_MAX):
+    the caller's tensor as it is, no clamp and cast launched before each decoding step."""
+    return tl.minimum(tl.load(END + at, mask=ok, other=2147483647), 2147483647).to(tl.int32)
+
+
+@triton.jit
+def _load_pos(QPOS, QDS, at, ok, other):
+    """(position, document start) int32 of the queries at `at`: q_pos of any integer dtype, and
+    QDS None for one document a row (start 0): no cast or zeros launched before each step."""
+    p = tl.load(QPOS + at, mask=ok, other=other).to(tl.int32)
+    if QDS is None:
+        ds = p * 0
+    else:
+        ds = tl.load(QDS + at, mask=ok, other=0).to(tl.int32)
+    return p, ds
+
+
+@triton.jit
+def _load_pos1(QPOS, QDS, at):
+    """_load_pos for one query."""
+    p = tl.load(QPOS + at).to(tl.int32)
+    if QDS is None:
+        ds = p * 0
+    else:
+        ds = tl.load(QDS + at).to(tl.int32)
+    return p, ds
+
+
+@triton.jit
 def _cmp_visible(p, ds, end):
     """[rows, tokens]: compressed token visible iff doc_start(p) <= cmp_end <= p."""
     return (end[None, :] <= p[:, None]) & (end[None, :] >= ds[:, None])
@@ -316,7 +346,7 @@ def _cmp_attend(acc, m_i, l_i, q, KC, VC, KD, VD, END, cbase, k_base, v_base, sk
     for c0 in range(c_a, c_b, BN):
         c = c0 + tl.arange(0, BN)
         c_ok = c < c_b
-        end = tl.load(END + cbase + c, mask=c_ok, other=2147483647)
+        end = _load_end(END, cbase + c, c_ok)
         k = _kv_rows(KC, KD, k_base, sk_n, b32, hkv, c0, c, c_ok, dk, DQK, BN, BLOCK_DK, TMA)
         s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale
         s = tl.where(_cmp_visible(p_row, ds_row, end), s, float("-inf"))
@@ -331,8 +361,9 @@ def _tile_blocks(QPOS, QDS, qbase, m0, T, SEL_LEN, BT: tl.constexpr):
     and [j_lo, j_hi), the blocks any of them may select."""
     tt = m0 + tl.arange(0, BT)
     tok_ok = tt < T
-    sb = tl.load(QDS + qbase + tt, mask=tok_ok, other=0) // SEL_LEN
-    qb = tl.load(QPOS + qbase + tt, mask=tok_ok, other=0) // SEL_LEN
+    qp, ds = _load_pos(QPOS, QDS, qbase + tt, tok_ok, 0)
+    sb = ds // SEL_LEN
+    qb = qp // SEL_LEN
     j_lo = tl.min(tl.where(tok_ok, sb, 2147483647))
     j_hi = tl.max(tl.where(tok_ok, qb, -1)) + 1
     return tok_ok, sb, qb, j_lo, j_hi
@@ -406,7 +437,7 @@ def _score_tile(key, j0, ca, cb, q, lse, KC, KD, END, cbase, k_base, sk_n, p_row
     for c0 in range(ca, cb, BN):
         c = c0 + tl.arange(0, BN)
         c_ok = c < cb
-        end = tl.load(END + cbase + c, mask=c_ok, other=2147483647)
+        end = _load_end(END, cbase + c, c_ok)
         k = _kv_rows(KC, KD, k_base, sk_n, b32, hkv, c0, c, c_ok, dk, DQK, BN, BLOCK_DK, TMA)
         s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale
         p = tl.where(_cmp_visible(p_row, ds_row, end), tl.exp2(s - lse[:, None]), 0.0)
@@ -566,8 +597,7 @@ def _cmp_fwd_kernel(Q, KC, VC, KD, VD, END, CMAX, CMIN, QPOS, QDS, O, LSE, SEL,
     t64, h64 = tl.cast(t, tl.int64), tl.cast(h, tl.int64)
     dk = tl.arange(0, BLOCK_DK)
     dv = tl.arange(0, BLOCK_DV)
-    p_row = tl.load(QPOS + b * T + t, mask=row_ok, other=0)
-    ds_row = tl.load(QDS + b * T + t, mask=row_ok, other=0)
+    p_row, ds_row = _load_pos(QPOS, QDS, b * T + t, row_ok, 0)
     q = tl.load(Q + b * sq_b + t64[:, None] * sq_t + h64[:, None] * sq_h + dk[None, :],
                 mask=row_ok[:, None] & (dk < DQK)[None, :], other=0.0)
     cbase = b * N
@@ -640,8 +670,7 @@ def _cmp_split_attend_kernel(Q, KC, VC, END, CMAX, CMIN, QPOS, QDS, M_PART, L_PA
     t64, h64 = tl.cast(t, tl.int64), tl.cast(h, tl.int64)
     dk = tl.arange(0, BLOCK_DK)
     dv = tl.arange(0, BLOCK_DV)
-    p_row = tl.load(QPOS + b * T + t, mask=row_ok, other=0)
-    ds_row = tl.load(QDS + b * T + t, mask=row_ok, other=0)
+    p_row, ds_row = _load_pos(QPOS, QDS, b * T + t, row_ok, 0)
     q = tl.load(Q + b * sq_b + t64[:, None] * sq_t + h64[:, None] * sq_h + dk[None, :],
                 mask=row_ok[:, None] & (dk < DQK)[None, :], other=0.0)
     cbase = b * N
@@ -683,8 +712,7 @@ def _cmp_split_select_kernel(Q, KC, KD, END, CMAX, CMIN, QPOS, QDS, LSE, S_PART,
     h = hkv * G + r
     t64, h64 = tl.cast(t, tl.int64), tl.cast(h, tl.int64)
     dk = tl.arange(0, BLOCK_DK)
-    p_row = tl.load(QPOS + b * T + t, mask=row_ok, other=0)
-    ds_row = tl.load(QDS + b * T + t, mask=row_ok, other=0)
+    p_row, ds_row = _load_pos(QPOS, QDS, b * T + t, row_ok, 0)
     q = tl.load(Q + b * sq_b + t64[:, None] * sq_t + h64[:, None] * sq_h + dk[None, :],
                 mask=row_ok[:, None] & (dk < DQK)[None, :], other=0.0)
     lse = tl.load(LSE + (b * T + t64) * H + h64, mask=row_ok, other=float("inf"))
@@ -728,8 +756,7 @@ def _cmp_dq_kernel(Q, KC, VC, KD, VD, DO, LSE, DELTA, END, CMAX, CMIN, QPOS, QDS
     t64, h64 = tl.cast(t, tl.int64), tl.cast(h, tl.int64)
     dk = tl.arange(0, BLOCK_DK)
     dv = tl.arange(0, BLOCK_DV)
-    p_row = tl.load(QPOS + b * T + t, mask=row_ok, other=0)
-    ds_row = tl.load(QDS + b * T + t, mask=row_ok, other=0)
+    p_row, ds_row = _load_pos(QPOS, QDS, b * T + t, row_ok, 0)
     q = tl.load(Q + b * sq_b + t64[:, None] * sq_t + h64[:, None] * sq_h + dk[None, :],
                 mask=row_ok[:, None] & (dk < DQK)[None, :], other=0.0)
     do = tl.load(DO + b * sdo_b + t64[:, None] * sdo_t + h64[:, None] * sdo_h + dv[None, :],
@@ -745,7 +772,7 @@ def _cmp_dq_kernel(Q, KC, VC, KD, VD, DO, LSE, DELTA, END, CMAX, CMIN, QPOS, QDS
     for c0 in range(c_lo, c_hi, BN):
         c = c0 + tl.arange(0, BN)
         c_ok = c < c_hi
-        end = tl.load(END + cbase + c, mask=c_ok, other=2147483647)
+        end = _load_end(END, cbase + c, c_ok)
         k = _kv_rows(KC, KD, k_base, sk_n, b32, hkv, c0, c, c_ok, dk, DQK, BN, BLOCK_DK, TMA)
         v = _kv_rows(VC, VD, v_base, sv_n, b32, hkv, c0, c, c_ok, dv, DV, BN, BLOCK_DV, TMA)
         s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale
@@ -782,7 +809,7 @@ def _cmp_dkdv_kernel(Q, KC, VC, DO, LSE, DELTA, END, QPOS, QDS, QPMAX, QDSMIN, D
     c64 = tl.cast(c, tl.int64)
     dk = tl.arange(0, BLOCK_DK)
     dv = tl.arange(0, BLOCK_DV)
-    end = tl.load(END + b * N + c, mask=c_ok, other=2147483647)
+    end = _load_end(END, b * N + c, c_ok)
     k = tl.load(KC + b * sk_b + hkv64 * sk_h + c64[:, None] * sk_n + dk[None, :],
                 mask=c_ok[:, None] & (dk < DQK)[None, :], other=0.0)
     v = tl.load(VC + b * sv_b + hkv64 * sv_h + c64[:, None] * sv_n + dv[None, :],
@@ -798,8 +825,7 @@ def _cmp_dkdv_kernel(Q, KC, VC, DO, LSE, DELTA, END, QPOS, QDS, QPMAX, QDSMIN, D
     for m0 in range(t_lo, t_hi, BT):
         t, r, row_ok = _rows(m0, t_hi, G, GP, BM)
         t64, h64 = tl.cast(t, tl.int64), tl.cast(hkv * G + r, tl.int64)
-        p_row = tl.load(QPOS + b * T + t, mask=row_ok, other=0)
-        ds_row = tl.load(QDS + b * T + t, mask=row_ok, other=0)
+        p_row, ds_row = _load_pos(QPOS, QDS, b * T + t, row_ok, 0)
         q_t = tl.load(Q + b * sq_b + t64[None, :] * sq_t + h64[None, :] * sq_h + dk[:, None],
                       mask=row_ok[None, :] & (dk < DQK)[:, None], other=0.0)            # [BLOCK_DK, BM]
         row = (b * T + t64) * H + h64
@@ -853,8 +879,7 @@ def _slc_fwd_kernel(Q, K, V, KD, VD, SEL, QPOS, QDS, O, LSE, M_PART, L_PART, ACC
     t64 = tl.cast(t, tl.int64)
     dk = tl.arange(0, BLOCK_DK)
     dv = tl.arange(0, BLOCK_DV)
-    pos = tl.load(QPOS + b * T + t)
-    ds = tl.load(QDS + b * T + t)
+    pos, ds = _load_pos1(QPOS, QDS, b * T + t)
     q = tl.load(Q + b * sq_b + t64 * sq_t + h64[:, None] * sq_h + dk[None, :],
                 mask=row_ok[:, None] & (dk < DQK)[None, :], other=0.0)
     k_base = b * sk_b + hkv64 * sk_h
@@ -910,8 +935,7 @@ def _slc_dq_kernel(Q, K, V, KD, VD, DO, LSE, DELTA, SEL, QPOS, QDS, DQO,
     t64 = tl.cast(t, tl.int64)
     dk = tl.arange(0, BLOCK_DK)
     dv = tl.arange(0, BLOCK_DV)
-    pos = tl.load(QPOS + b * T + t)
-    ds = tl.load(QDS + b * T + t)
+    pos, ds = _load_pos1(QPOS, QDS, b * T + t)
     q = tl.load(Q + b * sq_b + t64 * sq_t + h64[:, None] * sq_h + dk[None, :],
                 mask=row_ok[:, None] & (dk < DQK)[None, :], other=0.0)
     do = tl.load(DO + b * sdo_b + t64 * sdo_t + h64[:, None] * sdo_h + dv[None, :],
@@ -989,8 +1013,7 @@ def _slc_union_kernel(Q, K, V, KD, VD, DO, LSE, DELTA, SEL, QPOS, QDS, O, DQO,
     t64, h64 = tl.cast(t, tl.int64), tl.cast(h, tl.int64)
     dk = tl.arange(0, BLOCK_DK)
     dv = tl.arange(0, BLOCK_DV)
-    p_row = tl.load(QPOS + b * T + t, mask=row_ok, other=-1)
-    ds_row = tl.load(QDS + b * T + t, mask=row_ok, other=0)
+    p_row, ds_row = _load_pos(QPOS, QDS, b * T + t, row_ok, -1)
     q = tl.load(Q + b * sq_b + t64[:, None] * sq_t + h64[:, None] * sq_h + dk[None, :],
                 mask=row_ok[:, None] & (dk < DQK)[None, :], other=0.0)
     tt = m0 + tl.arange(0, BT)
@@ -1079,8 +1102,7 @@ def _slc_dkdv_kernel(Q, K, V, DO, LSE, DELTA, QPOS, QDS, W_BLK, W_START, W_LEN, 
             t = tl.load(TOK + start + ii, mask=ok, other=0)
             t64 = tl.cast(t, tl.int64)
             h64 = tl.cast(hkv * G + r, tl.int64)
-            pos = tl.load(QPOS + b * T + t64, mask=ok, other=-1)
-            ds = tl.load(QDS + b * T + t64, mask=ok, other=0)
+            pos, ds = _load_pos(QPOS, QDS, b * T + t64, ok, -1)
             q_t = tl.load(Q + b * sq_b + t64[None, :] * sq_t + h64[None, :] * sq_h + dk[:, None],
                           mask=ok[None, :] & (dk < DQK)[:, None], other=0.0)             # [BLOCK_DK, BM]
             row = (b * T + t64) * H + h64
@@ -1127,12 +1149,14 @@ def _dims(q, v) -> dict:
 
 
 def query_positions(q: torch.Tensor, q_pos, doc_ids, S: int | None):
-    """(q_pos, doc_start(q_pos)) int32 [B, T], contiguous."""
+    """(q_pos [B, T] contiguous, of its integer dtype; doc_start(q_pos) int32 [B, T], or None
+    without doc_ids): the kernels cast at their loads (`_load_pos`), so a decoding step's
+    contiguous positions reach them with no launch."""
     B, T = q.shape[:2]
-    qp = default_q_pos(B, T, S, q.device) if q_pos is None else q_pos.long()
-    if doc_ids is None:   # one launch for the zeros (a decoding step pays each)
-        return qp.to(torch.int32).contiguous(), torch.zeros(B, T, dtype=torch.int32, device=q.device)
-    return qp.to(torch.int32).contiguous(), query_doc_start(qp, doc_ids).to(torch.int32).contiguous()
+    qp = (default_q_pos(B, T, S, q.device) if q_pos is None else q_pos).contiguous()
+    if doc_ids is None:
+        return qp, None
+    return qp, query_doc_start(qp, doc_ids).to(torch.int32).contiguous()
 
 
 @triton.jit
@@ -1148,14 +1172,15 @@ def _min_op(a, b):
 @triton.jit
 def _prefix_max_suffix_min_kernel(A, B, PMAX, SMIN, N, BLOCK: tl.constexpr):
     """Row b: PMAX = running max of A from the left, SMIN = running min of B from the right
-    (int32 [rows, N], contiguous), in chunks of BLOCK with a carry: one launch where torch takes
-    four (cummax; flip, cummin, flip), which a decoding step pays every token."""
+    (int32 [rows, N], contiguous; A, B of any integer dtype, clamped to POS_MAX; B None: all
+    zeros), in chunks of BLOCK with a carry: one launch where torch takes four (cummax; flip,
+    cummin, flip), which a decoding step pays every token."""
     row = tl.cast(tl.program_id(0), tl.int64) * N
     i = tl.arange(0, BLOCK)
     carry = tl.max(tl.full([BLOCK], -2147483648, tl.int32), 0)
     for c0 in range(0, N, BLOCK):
         ok = c0 + i < N
-        a = tl.load(A + row + c0 + i, mask=ok, other=-2147483648)
+        a = tl.minimum(tl.load(A + row + c0 + i, mask=ok, other=-2147483648), 2147483647).to(tl.int32)
         run = tl.maximum(tl.associative_scan(a, 0, _max_op), carry)
         tl.store(PMAX + row + c0 + i, run, mask=ok)
         carry = tl.max(run, 0)
@@ -1164,17 +1189,20 @@ def _prefix_max_suffix_min_kernel(A, B, PMAX, SMIN, N, BLOCK: tl.constexpr):
     for r in range(0, n_chunks):
         c0 = (n_chunks - 1 - r) * BLOCK
         ok = c0 + i < N
-        x = tl.load(B + row + c0 + i, mask=ok, other=2147483647)
+        if B is None:
+            x = i * 0
+        else:
+            x = tl.minimum(tl.load(B + row + c0 + i, mask=ok, other=2147483647), 2147483647).to(tl.int32)
         run = tl.minimum(tl.associative_scan(x, 0, _min_op, reverse=True), carry)
         tl.store(SMIN + row + c0 + i, run, mask=ok)
         carry = tl.min(run, 0)
 
 
 def _prefix_max_suffix_min(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(running max of a from the left, running min of b from the right) along dim 1; a, b int32
-    [rows, N] contiguous (one launch, `_prefix_max_suffix_min_kernel`)."""
+    """(running max of a from the left, running min of b from the right) along dim 1, int32; a, b
+    integer [rows, N] contiguous, b None for zeros (one launch, `_prefix_max_suffix_min_kernel`)."""
     rows, n = a.shape
-    pmax, smin = torch.empty_like(a), torch.empty_like(b)
+    pmax, smin = (torch.empty(rows, n, dtype=torch.int32, device=a.device) for _ in range(2))
     block = 16 if _INTERPRET else min(1024, max(16, triton.next_power_of_2(n)))
     _prefix_max_suffix_min_kernel[(rows,)](a, b, pmax, smin, n, BLOCK=block, num_warps=1 if _INTERPRET else 4)
     return pmax, smin
@@ -1182,7 +1210,8 @@ def _prefix_max_suffix_min(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tens
 
 def compressed_forward(q, k_cmp, v_cmp, end, qpos, qds, scale, cmp_len, select_len, n_select, n_init, n_local,
                        select: bool = True):
-    """(o [B, T, H, Dv], lse [B, T, H] base 2, sel_idx [B, T, Hkv, n] int32 or None). end, qpos, qds int32.
+    """(o [B, T, H, Dv], lse [B, T, H] base 2, sel_idx [B, T, Hkv, n] int32 or None). end, qpos: any
+    integer dtype; qds int32 or None (`query_positions`).
     Up to DECODE_MAX_T queries take the split path (decoding), more the fused kernel."""
     if q.shape[1] <= DECODE_MAX_T:
         return compressed_forward_split(q, k_cmp, v_cmp, end, qpos, qds, scale, cmp_len, select_len, n_select,
@@ -1522,7 +1551,7 @@ def selected_backward(q, k, v, o, lse, do, sel, qpos, qds, scale, select_len):
 # output shapes instead of tracing into the launchers; autograd is registered on the forward op.
 @torch.library.custom_op("deepwish::nsa_cmp_fwd", mutates_args=())
 def _cmp_fwd_op(q: torch.Tensor, k_cmp: torch.Tensor, v_cmp: torch.Tensor, end: torch.Tensor, qpos: torch.Tensor,
-                qds: torch.Tensor, scale: float, cmp_len: int, select_len: int, n_select: int, n_init: int,
+                qds: torch.Tensor | None, scale: float, cmp_len: int, select_len: int, n_select: int, n_init: int,
                 n_local: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return compressed_forward(q, k_cmp, v_cmp, end, qpos, qds, scale, cmp_len, select_len, n_select, n_init, n_local)
 
@@ -1536,7 +1565,7 @@ def _(q, k_cmp, v_cmp, end, qpos, qds, scale, cmp_len, select_len, n_select, n_i
 
 @torch.library.custom_op("deepwish::nsa_cmp_bwd", mutates_args=())
 def _cmp_bwd_op(q: torch.Tensor, k_cmp: torch.Tensor, v_cmp: torch.Tensor, o: torch.Tensor, lse: torch.Tensor,
-                do: torch.Tensor, end: torch.Tensor, qpos: torch.Tensor, qds: torch.Tensor,
+                do: torch.Tensor, end: torch.Tensor, qpos: torch.Tensor, qds: torch.Tensor | None,
                 scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return compressed_backward(q, k_cmp, v_cmp, o, lse, do, end, qpos, qds, scale)
 
@@ -1564,7 +1593,7 @@ _cmp_fwd_op.register_autograd(_cmp_backward, setup_context=_cmp_setup)
 
 @torch.library.custom_op("deepwish::nsa_slc_fwd", mutates_args=())
 def _slc_fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sel: torch.Tensor, qpos: torch.Tensor,
-                qds: torch.Tensor, scale: float, select_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+                qds: torch.Tensor | None, scale: float, select_len: int) -> tuple[torch.Tensor, torch.Tensor]:
     return selected_forward(q, k, v, sel, qpos, qds, scale, select_len)
 
 
@@ -1576,7 +1605,7 @@ def _(q, k, v, sel, qpos, qds, scale, select_len):
 
 @torch.library.custom_op("deepwish::nsa_slc_bwd", mutates_args=())
 def _slc_bwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor, lse: torch.Tensor,
-                do: torch.Tensor, sel: torch.Tensor, qpos: torch.Tensor, qds: torch.Tensor, scale: float,
+                do: torch.Tensor, sel: torch.Tensor, qpos: torch.Tensor, qds: torch.Tensor | None, scale: float,
                 select_len: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return selected_backward(q, k, v, o, lse, do, sel, qpos, qds, scale, select_len)
 
@@ -1611,7 +1640,7 @@ def nsa_compressed(q: torch.Tensor, k_cmp: torch.Tensor, v_cmp: torch.Tensor, cm
     check_compressed(q, k_cmp, v_cmp, cmp_end, q_pos, doc_ids, cmp_len, select_len, n_select, n_init, n_local)
     _check_triton("nsa_compressed", q, v_cmp, q.shape[2], k_cmp.shape[2])
     qpos, qds = query_positions(q, q_pos, doc_ids, None if doc_ids is None else doc_ids.shape[1])
-    end = cmp_end.clamp(max=POS_MAX).to(torch.int32).contiguous()
+    end = cmp_end.contiguous()   # any integer dtype: the kernels clamp and cast at their loads (`_load_end`)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     q, k_cmp, v_cmp = (_last_dim_contiguous(x) for x in (q, k_cmp, v_cmp))
     o, _, sel = _cmp_fwd_op(q, k_cmp, v_cmp, end, qpos, qds, scale, int(cmp_len), int(select_len), int(n_select),
