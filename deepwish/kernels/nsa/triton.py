@@ -45,6 +45,8 @@ Compressed branch (one kernel for the forward, `_cmp_fwd_kernel`):
   own running top-n), and one program per row merges the partial softmax states and the partial
   top-n lists (`_merge_attend_kernel`, `_merge_select_kernel`: one sort of the splits' keys, the
   same total order). Fixed shapes, no host sync; 2 merge launches instead of ~25 torch ops.
+  Positions and block ends arrive as the caller holds them (int64 in the model's cache), cast and
+  clamped at the kernels' loads, and no document starts without documents: no launch before them.
   The selection pass has its own split count (SEL_TILES scoring tiles per split, `_select_splits`):
   a split is a serial chain of scoring tiles, the attention's 256-token splits left it 4 tiles.
 - TMA (a tile option of cmp_fwd / cmp_dq and of cmp_sel, the separate scoring pass's key tiles;
@@ -75,6 +77,10 @@ Selected branch:
   before its document start are masked. Bound: each selected block brings 2·64·D·2 bytes of K/V
   for 4·16·64·D FLOPs (16 FLOP/byte; fla's design has the same), so the branch runs at the
   L2 bandwidth of gathered blocks, not at tensor-core rates.
+- Decoding (T <= DECODE_MAX_T): the same kernel with the slots split (`_slc_splits`): B·T·Hkv
+  programs (4 at B 1 with 4 KV heads) would each walk all n selected blocks in a serial chain on
+  4 SMs, so each split walks BLOCKS of them (the tile row "slc_split") until the grid holds about
+  PROGRAMS programs, and `_merge_attend_kernel` merges the partial softmax states (one launch).
 - dQ: the same program shape, with the saved lse and delta.
 - TMA (a tile option of slc_fwd / slc_dq, on for 16-bit inputs): each selected block's K and
   V through a tensor descriptor (the block is a contiguous [SEL_LEN, D] tile at a data-dependent
