@@ -212,11 +212,24 @@ def fla_nsa():
     return parallel_nsa
 
 
-def decode_times(C: int, device) -> dict:
+# decoding's launch options timed beside the defaults (kernels/nsa/triton.py TILES): kind -> change
+DECODE_VARIANTS = {
+    "slc unsplit": {"slc_split": dict(BLOCKS=0)},
+    "slc 2-block splits": {"slc_split": dict(BLOCKS=2)},
+    "slc gather": {"slc_split": dict(TMA=False)},
+    "cmp 128-token splits": {"cmp_split": dict(SPLIT_TOKENS=128)},
+    "cmp 512-token splits": {"cmp_split": dict(SPLIT_TOKENS=512)},
+    "scoring 2 tiles a split": {"cmp_split": dict(SEL_TILES=2)},
+}
+
+
+def decode_times(C: int, device, variants: dict | None = None) -> dict:
     """Per-layer decode step at context C (one query at C - 1, static cache), CUDA-graph replayed:
-    {'cmp+slc': ms, 'cmp': ms, 'slc': ms (on cmp's selection), 'cmp+slc unsplit': ms (the selected
-    branch's slots not split, tile option slc_split BLOCKS 0), 'sdpa': ms, 'kernels': the step's
-    kernels by GPU time (eager, torch.profiler)}."""
+    {'cmp+slc': ms, 'cmp': ms, 'slc': ms (on cmp's selection), 'sdpa': ms, 'variants': {name: ms
+    of cmp+slc under that launch option (DECODE_VARIANTS)}, 'kernels': the step's kernels by GPU
+    time (eager, torch.profiler)}."""
+    import contextlib
+
     import torch.nn.functional as F
     from deepwish.bench.timing import kernel_times
     from deepwish.kernels.nsa import triton as nk
@@ -237,18 +250,23 @@ def decode_times(C: int, device) -> dict:
         o_cmp, sel = cmp()
         return o_cmp + nk.nsa_selected(q, k, v, sel, q_pos=x["q_pos"], select_len=SELECT_LEN)
 
-    def unsplit():
-        with nk.override_tiles("slc_split", BLOCKS=0):
-            return step()
-
     def dense():
         return F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), enable_gqa=True)
+
+    def timed(f):
+        try:
+            return graph_ms(f)
+        except Exception as e:  # noqa: BLE001
+            return f"error: {type(e).__name__}: {e}"[:400]
     with torch.no_grad():
-        for name, f in (("cmp+slc", step), ("cmp", cmp), ("slc", slc), ("cmp+slc unsplit", unsplit), ("sdpa", dense)):
-            try:
-                row[name] = graph_ms(f)
-            except Exception as e:  # noqa: BLE001
-                row[name] = f"error: {type(e).__name__}: {e}"[:400]
+        for name, f in (("cmp+slc", step), ("cmp", cmp), ("slc", slc), ("sdpa", dense)):
+            row[name] = timed(f)
+        row["variants"] = {}
+        for name, change in (DECODE_VARIANTS if variants is None else variants).items():
+            with contextlib.ExitStack() as stack:
+                for kind, cfg in change.items():
+                    stack.enter_context(nk.override_tiles(kind, **cfg))
+                row["variants"][name] = timed(step)
         try:
             row["kernels"] = kernel_times(step, rows=16)
         except Exception as e:  # noqa: BLE001
@@ -424,25 +442,29 @@ def train_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-DECODE_COLS = ("cmp+slc", "cmp", "slc", "cmp+slc unsplit", "sdpa")
+DECODE_COLS = ("cmp+slc", "cmp", "slc", "sdpa")
 
 
 def decode_table(rows: list[dict]) -> str:
-    """µs per step by column, SDPA / NSA, then each context's kernels by GPU time."""
+    """µs per step by column and SDPA / NSA; then each context's variants (DECODE_VARIANTS) and
+    its kernels by GPU time."""
+    us = lambda x: f"{x * 1e3:.1f}" if isinstance(x, float) else str(x)  # noqa: E731
     lines = ["| context | " + " | ".join(f"{c} us" for c in DECODE_COLS) + " | sdpa / nsa |",
              "|---" * (len(DECODE_COLS) + 2) + "|"]
     for r in rows:
-        cells = [f"{r[c] * 1e3:.1f}" if isinstance(r.get(c), float) else str(r.get(c)) for c in DECODE_COLS]
         a, b = r.get("cmp+slc"), r.get("sdpa")
         ratio = f"{b / a:.2f}x" if isinstance(a, float) and isinstance(b, float) else "-"
-        lines.append(f"| {r['C']} | " + " | ".join(cells) + f" | {ratio} |")
+        lines.append(f"| {r['C']} | " + " | ".join(us(r.get(c)) for c in DECODE_COLS) + f" | {ratio} |")
     for r in rows:
+        if r.get("variants"):
+            lines.append(f"\ncontext {r['C']}: cmp+slc us under " +
+                         ", ".join(f"{n} {us(t)}" for n, t in r["variants"].items()))
         kt = r.get("kernels")
         if isinstance(kt, dict):
-            lines.append(f"\ncontext {r['C']}: kernels {kt['sum_ms'] * 1e3:.1f} us a step (eager)")
+            lines.append(f"context {r['C']}: kernels {kt['sum_ms'] * 1e3:.1f} us a step (eager)")
             lines += [f"  {e['us_per_step']:7.1f} us  x{e['calls_per_step']:g}  {e['name'][:90]}" for e in kt["kernels"]]
         elif kt is not None:
-            lines.append(f"\ncontext {r['C']}: kernels {kt}")
+            lines.append(f"context {r['C']}: kernels {kt}")
     return "\n".join(lines)
 
 

@@ -23,10 +23,11 @@ def test_inputs_tables_and_plot(tmp_path):
     assert "| 8192 | fwdbwd ms | 3.00 | 3.00 | 6.00 | 12.00 | error | - | 2.0x |" in text
     assert "fla not importable" in text
     kernels = dict(sum_ms=0.04, kernels=[dict(name="_slc_fwd_kernel", us_per_step=12.5, calls_per_step=1.0)])
-    decode = [dict(C=8192, **{"cmp+slc": 0.05, "cmp": 0.03, "slc": 0.02, "cmp+slc unsplit": "error: x",
-                              "sdpa": 0.1, "kernels": kernels})]
+    decode = [dict(C=8192, **{"cmp+slc": 0.05, "cmp": 0.03, "slc": "error: x", "sdpa": 0.1, "kernels": kernels,
+                              "variants": {"slc unsplit": 0.06}})]
     text = nb.decode_table(decode)
-    assert "| 8192 | 50.0 | 30.0 | 20.0 | error: x | 100.0 | 2.00x |" in text
+    assert "| 8192 | 50.0 | 30.0 | error: x | 100.0 | 2.00x |" in text
+    assert "context 8192: cmp+slc us under slc unsplit 60.0" in text
     assert "context 8192: kernels 40.0 us a step" in text and "12.5 us  x1  _slc_fwd_kernel" in text
     nb.plot(train, decode, tmp_path / "p.png")
     assert (tmp_path / "p.png").stat().st_size > 0
@@ -88,3 +89,16 @@ def test_shape_option_sets_the_inputs_and_refuses_bad_sizes(monkeypatch):
             assert "--shape" in str(e)
         else:
             raise AssertionError(f"--shape {bad} accepted")
+
+
+def test_decode_variants_name_real_launch_options():
+    """Every decoding variant the bench times changes options its kernel kinds have (override_tiles
+    refuses any other), so the GPU run times them instead of failing the part."""
+    import contextlib
+
+    from deepwish.kernels.nsa import triton as nk
+    for name, change in nb.DECODE_VARIANTS.items():
+        with contextlib.ExitStack() as stack:
+            for kind, cfg in change.items():
+                stack.enter_context(nk.override_tiles(kind, **cfg))
+                assert all(nk.tile_config(kind, torch.bfloat16, 16)[o] == x for o, x in cfg.items()), name
