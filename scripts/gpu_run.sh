@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # What the GPU machine runs: environment report, GPU tests and benchmarks, results under $OUT.
-#   bash scripts/gpu_run.sh STAGE...   with STAGE in: env tests kernels gdn train decode sweep tradeoff notebook profile embedding gpt_mfu corpus speedrun loop_profile mfu_variants lce ablate dsa nsa_kernels nsa_model nsa_quality attn_dq_tiles attn_dq muon attn_focus_tiles attn_goals decode_tests decode_compare decode_tiles decode_rows decode_rows_compiled decode_profiles generate train_paths packed_bench
+#   bash scripts/gpu_run.sh STAGE...   with STAGE in: env tests kernels gdn train decode sweep tradeoff notebook profile embedding gpt_mfu corpus speedrun loop_profile mfu_variants lce ablate dsa nsa_kernels nsa_model nsa_quality attn_dq_tiles attn_dq muon attn_focus_tiles attn_goals decode_tests decode_compare decode_tiles decode_rows decode_rows_compiled decode_profiles generate nsa_generate train_paths packed_bench
 # Optional wheels in .whl/ (flash-linear-attention, liger-kernel) are installed to /tmp/site
 # first, so the anchors run side by side with deepwish in the same process (NO_WHEELS=1 skips
 # them, e.g. for HF's Qwen3-Next on its torch path).
@@ -93,6 +93,15 @@ for stage in "$@"; do
       fi
       [ -f "$CORPUS/meta.json" ] && cp "$CORPUS/meta.json" "$OUT/corpus_meta.json" \
         && python3 -c "import json,sys; m=json.load(open(sys.argv[1])); print('corpus', sys.argv[1], m['fingerprint'], m['train']['tokens'], 'train tokens', m['val']['tokens'], 'val tokens')" "$CORPUS/meta.json" ;;
+    nsa_generate)  # `deepwish generate` itself on a 10-step qwen3_0.6b_nsa checkpoint (every attention layer NSA):
+      # 256 greedy tokens, the plain capture and --compile; timing lines on stderr
+      python3 -m deepwish.cli train --preset qwen3_0.6b_nsa --out /tmp/gen_nsa --set train.steps=10 --set train.eval_every=10 \
+        --set train.save_every=10 --set train.sample_tokens=0 2>&1 | tail -3 || status=1
+      for opts in "" "--compile"; do
+        echo "--- deepwish generate (qwen3_0.6b_nsa) $opts"
+        python3 -m deepwish.cli generate --ckpt /tmp/gen_nsa --max-new-tokens 256 --temperature 0 $opts \
+          > "$OUT/nsa_generate_out.txt" 2> >(tee -a "$OUT/nsa_generate.log" | grep -E "generate:|rror" >&2) || status=1
+      done ;;
     loop_profile)  # where the real loop's step goes (train.profile_steps, train/profile.py): gpt_124m on the
       # speedrun's corpus, steps 31-33 of 40 after the compile warm-up; the GPU's idle time by host phase
       bash "$0" corpus >/dev/null || status=1

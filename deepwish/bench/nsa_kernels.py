@@ -220,6 +220,12 @@ DECODE_VARIANTS = {
     "cmp 128-token splits": {"cmp_split": dict(SPLIT_TOKENS=128)},
     "cmp 512-token splits": {"cmp_split": dict(SPLIT_TOKENS=512)},
     "scoring 2 tiles a split": {"cmp_split": dict(SEL_TILES=2)},
+    "top-n merge 8 warps": {"cmp_split": dict(MERGE_WARPS=8)},
+    "top-n merge 16 warps": {"cmp_split": dict(MERGE_WARPS=16)},
+    "top-n merge 2 warps": {"cmp_split": dict(MERGE_WARPS=2)},
+    "ranges by 1024-wide scans": {"cmp_split": dict(SCAN=1024)},
+    "ranges by 4096-wide scans": {"cmp_split": dict(SCAN=4096)},
+    "scans 4096 + merge 8 warps + 128-token splits": {"cmp_split": dict(SCAN=4096, MERGE_WARPS=8, SPLIT_TOKENS=128)},
 }
 
 

@@ -140,14 +140,27 @@ def _branches_match_reference(cuda, rel_err, lengths, heads=(H, HKV)):
     assert max(errs) < 2e-2, dict(zip(("o_slc", "dq", "dk", "dv"), errs))
 
 
-@pytest.mark.parametrize("split", [{}, dict(BLOCKS=2, TMA=False), dict(BLOCKS=0)],
-                         ids=["default", "two-block-chains-gather", "unsplit"])
-def test_captured_decode_step_equals_reference(cuda, rel_err, split):
+DECODE_OPTIONS = {
+    "default": {},
+    "slc-two-block-chains-gather": {"slc_split": dict(BLOCKS=2, TMA=False)},
+    "slc-unsplit": {"slc_split": dict(BLOCKS=0)},
+    "ranges-by-1024-wide-scans": {"cmp_split": dict(SCAN=1024)},
+    "ranges-by-4096-wide-scans-merge-8-warps": {"cmp_split": dict(SCAN=4096, MERGE_WARPS=8, SPLIT_TOKENS=128)},
+    "top-n-merge-16-warps": {"cmp_split": dict(MERGE_WARPS=16)},
+}
+
+
+@pytest.mark.parametrize("option", list(DECODE_OPTIONS))
+def test_captured_decode_step_equals_reference(cuda, rel_err, option):
     """One and three queries over a static 4096-slot cache, replayed from CUDA graphs with the
-    positions (and the cache) updated in place between replays; the selected branch's slots split
-    (the default), in chains of two gathered blocks, or not split."""
+    positions (and the cache) updated in place between replays, under each decoding launch option
+    the bench times (the selected branch's slot splits; ranges by scans; the top-n merge's warps)."""
+    import contextlib
+
     from deepwish.kernels.nsa import triton as nk
-    with nk.override_tiles("slc_split", **split):
+    with contextlib.ExitStack() as stack:
+        for kind, change in DECODE_OPTIONS[option].items():
+            stack.enter_context(nk.override_tiles(kind, **change))
         _captured_decode_step(cuda, rel_err)
 
 

@@ -405,10 +405,17 @@ def test_a_decoding_step_launches_only_its_kernels(monkeypatch):
     assert (s - ref.nsa_selected(q, k, v, sel_r, q_pos=q_pos, select_len=sl)).abs().max() < 1e-4
 
 
-def test_decode_over_a_static_cache_equals_the_full_forward(rel_err):
+@pytest.mark.parametrize("scan", [0, 4], ids=["searches", "scans"])
+def test_decode_over_a_static_cache_equals_the_full_forward(rel_err, scan):
     """Prefill 11 tokens, then 1 token at a time and one k+1 = 3 chunk, over a cache of fixed
     length whose future slots hold garbage and whose unwritten compressed slots are padding:
-    every step equals the full-sequence reference at its rows (output and selection)."""
+    every step equals the full-sequence reference at its rows (output and selection), with the
+    compressed-token ranges from the prefix arrays' searches or from 4-wide scans of the ends."""
+    with tri.override_tiles("cmp_split", SCAN=scan):
+        _decode_over_a_static_cache(rel_err)
+
+
+def _decode_over_a_static_cache(rel_err):
     torch.manual_seed(5)
     B, L, H, Hkv, D, l, d, sl, n = 1, 20, 4, 2, 16, 4, 2, 8, 3
     q = torch.randn(B, L, H, D)
@@ -451,18 +458,44 @@ def test_decoding_selection_splits_of_their_own(sel_tiles):
     assert (o_got - o_want).abs().max() < 1e-5
 
 
+@pytest.mark.parametrize("scan", [0, 4], ids=["searches", "scans"])
+def test_decoding_ranges_with_documents_and_unordered_ends(scan):
+    """The split (decoding) path with packed documents and a padding slot between real ones (the
+    ends not sorted, as the model's training forward leaves a block that crosses a document
+    boundary): the ranges from searches of the prefix arrays or from scans of the ends give the
+    reference's selection and output."""
+    torch.manual_seed(16)
+    lengths, H, Hkv, D, l, d = [9, 7], 4, 2, 16, 4, 2
+    S = sum(lengths)
+    ends = block_ends([lengths], l, d, pad=1)
+    ends = torch.cat([ends[:, :3], torch.full((1, 1), NEVER), ends[:, 3:]], 1)
+    q = torch.randn(1, S, H, D)
+    kc, vc = torch.randn(1, ends.shape[1], Hkv, D), torch.randn(1, ends.shape[1], Hkv, D)
+    kw = dict(q_pos=torch.arange(S)[None], doc_ids=doc_ids_of([lengths]), cmp_len=l, select_len=4, n_select=3)
+    o_want, sel_want = ref.nsa_compressed(q, kc, vc, ends, **kw)
+    with tri.override_tiles("cmp_split", SCAN=scan):
+        o_got, sel_got = tri.nsa_compressed(q, kc, vc, ends, **kw)
+    assert torch.equal(sel_got, sel_want)
+    assert (o_got - o_want).abs().max() < 1e-5
+
+
 def test_prefix_max_and_suffix_min_in_one_launch():
-    """The range searches' prefix max / suffix min (one Triton launch, chunks of 16 under the
-    interpreter with a carry between them) equal torch's cummax / flipped cummin, on unsorted
-    rows of lengths that are and are not multiples of the chunk, padding values included."""
+    """The range searches' prefix max / suffix min (one Triton launch, a program per chunk of 16
+    under the interpreter, each reducing the chunks before and after it 16 at a time) equal
+    torch's cummax / flipped cummin, on unsorted rows of lengths that are and are not multiples
+    of the chunk, padding values included; int64 inputs (NEVER clamps to POS_MAX) and no b (zeros)."""
     torch.manual_seed(14)
-    for n in (1, 16, 37):
+    for n in (1, 16, 37, 70):
         a = torch.randint(-50, 50, (3, n), dtype=torch.int32)
         b = torch.randint(-50, 50, (3, n), dtype=torch.int32)
         b[0, -1] = tri.POS_MAX
         pmax, smin = tri._prefix_max_suffix_min(a, b)
         assert torch.equal(pmax, torch.cummax(a, 1).values)
         assert torch.equal(smin, torch.cummin(b.flip(1), 1).values.flip(1))
+        a64 = torch.where(a > 40, NEVER, a.long())
+        pmax, smin = tri._prefix_max_suffix_min(a64, None)
+        assert pmax.dtype == smin.dtype == torch.int32
+        assert torch.equal(pmax, torch.cummax(a64.clamp(max=tri.POS_MAX), 1).values.int()) and not smin.any()
 
 
 def test_group_too_large_is_named():

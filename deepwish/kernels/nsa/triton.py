@@ -189,10 +189,15 @@ TILES = {
     # decoding (T <= DECODE_MAX_T): rows = T·GP up to MAX_BM, SPLIT_TOKENS compressed tokens per split
     # SEL_TILES: scoring tiles per split of the selection pass (its own split count, `_select_splits`);
     # 0: the attention pass's splits
+    # MERGE_WARPS: the top-n merge's warps (one program a row sorts the splits' NSP·NP keys: 1,024 at 64k)
+    # SCAN > 0: the compressed-token ranges from passes over the ends, SCAN slots a load (`_end_scan`),
+    # not from searches of prefix max / suffix min arrays (and no launch to build them)
     ("cmp_split", "16bit"): dict(MAX_BM=128, BN=64, BJ=16, SPLIT_TOKENS=256, SEL_TILES=1, SORT_MERGE=True,
-                                 RANK_MERGE=False, SKIP_MERGE=False, JV=0, num_warps=4, num_stages=2),
+                                 RANK_MERGE=False, SKIP_MERGE=False, JV=0, MERGE_WARPS=4, SCAN=0, num_warps=4,
+                                 num_stages=2),
     ("cmp_split", "fp32"): dict(MAX_BM=64, BN=32, BJ=16, SPLIT_TOKENS=256, SEL_TILES=1, SORT_MERGE=True,
-                                RANK_MERGE=False, SKIP_MERGE=False, JV=0, num_warps=4, num_stages=1),
+                                RANK_MERGE=False, SKIP_MERGE=False, JV=0, MERGE_WARPS=4, SCAN=0, num_warps=4,
+                                num_stages=1),
 }
 DECODE_MAX_T = 16  # up to this many queries per row take the split (decoding) path
 MAX_SPLITS = 64
@@ -210,7 +215,7 @@ INTERPRET_TILES = {
     "slc_dkdv": dict(ROWS=16, CH=3, num_warps=1, num_stages=1),
     "slc_split": dict(BLOCKS=1, PROGRAMS=8, TMA=False, num_warps=1, num_stages=1),
     "cmp_split": dict(MAX_BM=64, BN=16, BJ=16, SPLIT_TOKENS=5, SEL_TILES=1, SORT_MERGE=True, RANK_MERGE=False,
-                      SKIP_MERGE=False, JV=0, num_warps=1, num_stages=1),
+                      SKIP_MERGE=False, JV=0, MERGE_WARPS=1, SCAN=0, num_warps=1, num_stages=1),
 }
 
 
@@ -316,13 +321,36 @@ def _cmp_visible(p, ds, end):
 
 
 @triton.jit
-def _cmp_range(CMAX, CMIN, cbase, N, p, ds, ok):
-    """[c_lo, c_hi) of the compressed tokens any of the rows (p, ds, ok) may see."""
+def _cmp_range(CMAX, CMIN, END, cbase, N, p, ds, ok, SCAN: tl.constexpr):
+    """[c_lo, c_hi) of the compressed tokens any of the rows (p, ds, ok) may see: two searches of
+    the prefix max / suffix min arrays, or (SCAN > 0) one pass over the ends (`_end_scan`)."""
     p_max = tl.max(tl.where(ok, p, -1))
     ds_min = tl.min(tl.where(ok, ds, 2147483647))
-    c_lo = _first_ge(CMAX, cbase, N, ds_min)
-    c_hi = _first_ge(CMIN, cbase, N, p_max + 1)
+    if SCAN > 0:
+        c_lo, c_hi = _end_scan(END, cbase, N, ds_min, p_max, SCAN)
+    else:
+        c_lo = _first_ge(CMAX, cbase, N, ds_min)
+        c_hi = _first_ge(CMIN, cbase, N, p_max + 1)
     return c_lo, c_hi
+
+
+@triton.jit
+def _end_scan(END, cbase, N, ge, le, W: tl.constexpr):
+    """(min{j : end[j] >= ge}, N if none; 1 + max{j : end[j] <= le}, 0 if none) over a row's N
+    compressed slots, W at a time: what `_first_ge` finds on the prefix max of the ends (>= ge) and
+    on their suffix min (>= le + 1), without those arrays. A decoding step (SCAN, a tile option of
+    cmp_split) trades the searches' chains of dependent loads (two per range at N 4096) and the
+    launch that builds the arrays for N / W independent wide loads per range."""
+    w = tl.arange(0, W)
+    first = tl.full([W], 2147483647, tl.int32)
+    last = tl.full([W], -1, tl.int32)
+    for c0 in range(0, N, W):
+        c = c0 + w
+        ok = c < N
+        end = _load_end(END, cbase + c, ok)
+        first = tl.minimum(first, tl.where(ok & (end >= ge), c, 2147483647))
+        last = tl.maximum(last, tl.where(ok & (end <= le), c, -1))
+    return tl.minimum(tl.min(first, 0), N), tl.max(last, 0) + 1
 
 
 # ---- compressed branch --------------------------------------------------------------------------
@@ -400,14 +428,22 @@ def _cmp_select(key, q, lse, KC, KD, END, CMAX, CMIN, cbase, k_base, sk_n, N, p_
                 tok_ok, sb, qb, j_a, j_b, qk_scale, b32, hkv, dk, DQK, CMP_LEN, SEL_LEN, N_INIT, N_LOCAL,
                 BT: tl.constexpr, GP: tl.constexpr, BN: tl.constexpr, BJ: tl.constexpr, NP: tl.constexpr,
                 SORT_MERGE: tl.constexpr, RANK_MERGE: tl.constexpr, SKIP_MERGE: tl.constexpr, JV: tl.constexpr,
-                PREC: tl.constexpr, BLOCK_DK: tl.constexpr, TMA: tl.constexpr):
+                PREC: tl.constexpr, BLOCK_DK: tl.constexpr, TMA: tl.constexpr, SCAN: tl.constexpr):
     """Pass 2 over selection blocks [j_a, j_b): each query's block importance (the group-summed
     probabilities exp2(s - lse) of the compressed tokens overlapping each block), +inf forced,
     -inf ineligible, merged into its running top-BJ `key` [BT, BJ] (`_block_key`; start from
     `_empty_keys`; `_top_keys` orders them at the end). Each tile of BJ blocks needs the range of
     compressed tokens overlapping it (two searches); JV > 0 runs the searches of JV tiles at once.
-    TMA: the [BN, D] key tiles through the descriptor KD (`_kv_rows`)."""
-    if JV == 0:
+    TMA: the [BN, D] key tiles through the descriptor KD (`_kv_rows`). SCAN > 0: each tile's range
+    from a pass over END (`_end_scan`) instead of the searches (JV is then not used)."""
+    if SCAN > 0:
+        for j0 in range(j_a, j_b, BJ):
+            ca, cb = _end_scan(END, cbase, N, j0 * SEL_LEN, (j0 + BJ) * SEL_LEN + CMP_LEN - 2, SCAN)
+            key = _score_tile(key, j0, tl.maximum(c_lo, ca), tl.minimum(c_hi, cb), q, lse, KC, KD, END, cbase, k_base,
+                              sk_n, p_row, ds_row, tok_ok, sb, qb, j_b, qk_scale, b32, hkv, dk, DQK, CMP_LEN, SEL_LEN,
+                              N_INIT, N_LOCAL, BT, GP, BN, BJ, NP, SORT_MERGE, RANK_MERGE, SKIP_MERGE, PREC, BLOCK_DK,
+                              TMA)
+    elif JV == 0:
         for j0 in range(j_a, j_b, BJ):
             # compressed tokens overlapping blocks [j0, j0 + BJ): end >= j0·l', end - l + 1 <= (j0 + BJ)·l' - 1
             ca = tl.maximum(c_lo, _first_ge(CMAX, cbase, N, j0 * SEL_LEN))
@@ -607,7 +643,7 @@ def _cmp_fwd_kernel(Q, KC, VC, KD, VD, END, CMAX, CMIN, QPOS, QDS, O, LSE, SEL,
     q = tl.load(Q + b * sq_b + t64[:, None] * sq_t + h64[:, None] * sq_h + dk[None, :],
                 mask=row_ok[:, None] & (dk < DQK)[None, :], other=0.0)
     cbase = b * N
-    c_lo, c_hi = _cmp_range(CMAX, CMIN, cbase, N, p_row, ds_row, row_ok)
+    c_lo, c_hi = _cmp_range(CMAX, CMIN, END, cbase, N, p_row, ds_row, row_ok, 0)
     k_base = b * sk_b + tl.cast(hkv, tl.int64) * sk_h
     v_base = b * sv_b + tl.cast(hkv, tl.int64) * sv_h
     acc = tl.zeros([BM, BLOCK_DV], dtype=tl.float32)
@@ -628,7 +664,7 @@ def _cmp_fwd_kernel(Q, KC, VC, KD, VD, END, CMAX, CMIN, QPOS, QDS, O, LSE, SEL,
         # the scoring's key tiles are BNS wide, the descriptors' boxes BN: pointer loads here
         key = _cmp_select(_empty_keys(BT, BJ), q, lse, KC, KC, END, CMAX, CMIN, cbase, k_base, sk_n, N, p_row, ds_row,
                           c_lo, c_hi, tok_ok, sb, qb, j_lo, j_hi, qk_scale, b32, hkv, dk, DQK, CMP_LEN, SEL_LEN, N_INIT,
-                          N_LOCAL, BT, GP, BNS, BJ, NP, SORT_MERGE, RANK_MERGE, SKIP_MERGE, JV, PREC, BLOCK_DK, False)
+                          N_LOCAL, BT, GP, BNS, BJ, NP, SORT_MERGE, RANK_MERGE, SKIP_MERGE, JV, PREC, BLOCK_DK, False, 0)
         key = _top_keys(key, SORT_MERGE, RANK_MERGE)
         _store_sel(SEL, key, b, T, m0, tok_ok, hkv, HKV, N_SELECT, BT, BJ, NP)
 
@@ -661,9 +697,10 @@ def _cmp_split_attend_kernel(Q, KC, VC, END, CMAX, CMIN, QPOS, QDS, M_PART, L_PA
                              sq_b, sq_t, sq_h, sk_b, sk_n, sk_h, sv_b, sv_n, sv_h,
                              T, N, H, HKV, G, DQK, DV, scale, NSPLIT,
                              BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr, GP: tl.constexpr, BM: tl.constexpr,
-                             BN: tl.constexpr, PREC: tl.constexpr):
+                             BN: tl.constexpr, PREC: tl.constexpr, SCAN: tl.constexpr):
     """Decoding, pass 1: one program per (query tile, KV head, split of the compressed range)
-    writes its partial (m, l, acc) [NSPLIT, B·T·H(, DV)]; `_merge_attend_kernel` merges them."""
+    writes its partial (m, l, acc) [NSPLIT, B·T·H(, DV)]; `_merge_attend_kernel` merges them.
+    SCAN > 0: the range from a pass over END (CMAX, CMIN unused)."""
     BT: tl.constexpr = BM // GP
     qk_scale = scale * 1.4426950408889634
     m0 = tl.program_id(0) * BT
@@ -680,7 +717,7 @@ def _cmp_split_attend_kernel(Q, KC, VC, END, CMAX, CMIN, QPOS, QDS, M_PART, L_PA
     q = tl.load(Q + b * sq_b + t64[:, None] * sq_t + h64[:, None] * sq_h + dk[None, :],
                 mask=row_ok[:, None] & (dk < DQK)[None, :], other=0.0)
     cbase = b * N
-    c_lo, c_hi = _cmp_range(CMAX, CMIN, cbase, N, p_row, ds_row, row_ok)
+    c_lo, c_hi = _cmp_range(CMAX, CMIN, END, cbase, N, p_row, ds_row, row_ok, SCAN)
     c_a, c_b = _split_range(c_lo, c_hi, split, NSPLIT)
     acc = tl.zeros([BM, BLOCK_DV], dtype=tl.float32)
     m_i = tl.full([BM], -1.0e30, dtype=tl.float32)
@@ -701,11 +738,12 @@ def _cmp_split_select_kernel(Q, KC, KD, END, CMAX, CMIN, QPOS, QDS, LSE, S_PART,
                              BLOCK_DK: tl.constexpr, GP: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
                              BJ: tl.constexpr, NP: tl.constexpr, FINAL: tl.constexpr, SORT_MERGE: tl.constexpr,
                              RANK_MERGE: tl.constexpr, SKIP_MERGE: tl.constexpr, JV: tl.constexpr,
-                             PREC: tl.constexpr, TMA: tl.constexpr):
+                             PREC: tl.constexpr, TMA: tl.constexpr, SCAN: tl.constexpr):
     """Decoding, pass 2: one program per (query tile, KV head, split of the selectable blocks)
     writes its partial top-n (scores, indices) [NSPLIT, B, T, HKV, NP]; `_merge_select_kernel`
     merges them. Empty slots are (-inf, -1). FINAL (one split, the training path's
-    separate scoring pass): sel_idx itself. TMA: the key tiles through the descriptor KD."""
+    separate scoring pass): sel_idx itself. TMA: the key tiles through the descriptor KD.
+    SCAN > 0: every range from passes over END (`_end_scan`; CMAX, CMIN unused)."""
     BT: tl.constexpr = BM // GP
     qk_scale = scale * 1.4426950408889634
     m0 = tl.program_id(0) * BT
@@ -723,13 +761,13 @@ def _cmp_split_select_kernel(Q, KC, KD, END, CMAX, CMIN, QPOS, QDS, LSE, S_PART,
                 mask=row_ok[:, None] & (dk < DQK)[None, :], other=0.0)
     lse = tl.load(LSE + (b * T + t64) * H + h64, mask=row_ok, other=float("inf"))
     cbase = b * N
-    c_lo, c_hi = _cmp_range(CMAX, CMIN, cbase, N, p_row, ds_row, row_ok)
+    c_lo, c_hi = _cmp_range(CMAX, CMIN, END, cbase, N, p_row, ds_row, row_ok, SCAN)
     tok_ok, sb, qb, j_lo, j_hi = _tile_blocks(QPOS, QDS, b * T, m0, T, SEL_LEN, BT)
     j_a, j_b = _split_range(j_lo, j_hi, split, NSPLIT)
     key = _cmp_select(_empty_keys(BT, BJ), q, lse, KC, KD, END, CMAX, CMIN, cbase,
                       b * sk_b + tl.cast(hkv, tl.int64) * sk_h, sk_n, N, p_row, ds_row, c_lo, c_hi, tok_ok, sb, qb,
                       j_a, j_b, qk_scale, b32, hkv, dk, DQK, CMP_LEN, SEL_LEN, N_INIT, N_LOCAL, BT, GP, BN, BJ, NP,
-                      SORT_MERGE, RANK_MERGE, SKIP_MERGE, JV, PREC, BLOCK_DK, TMA)
+                      SORT_MERGE, RANK_MERGE, SKIP_MERGE, JV, PREC, BLOCK_DK, TMA, SCAN)
     key = _top_keys(key, SORT_MERGE, RANK_MERGE)
     if FINAL:   # one split: the selection itself
         _store_sel(SEL, key, b, T, m0, tok_ok, hkv, HKV, N_SELECT, BT, BJ, NP)
@@ -771,7 +809,7 @@ def _cmp_dq_kernel(Q, KC, VC, KD, VD, DO, LSE, DELTA, END, CMAX, CMIN, QPOS, QDS
     lse = tl.load(LSE + row, mask=row_ok, other=float("inf"))
     delta = tl.load(DELTA + row, mask=row_ok, other=0.0)
     cbase = b * N
-    c_lo, c_hi = _cmp_range(CMAX, CMIN, cbase, N, p_row, ds_row, row_ok)
+    c_lo, c_hi = _cmp_range(CMAX, CMIN, END, cbase, N, p_row, ds_row, row_ok, 0)
     k_base = b * sk_b + tl.cast(hkv, tl.int64) * sk_h
     v_base = b * sv_b + tl.cast(hkv, tl.int64) * sv_h
     dq_acc = tl.zeros([BM, BLOCK_DK], dtype=tl.float32)
@@ -1176,41 +1214,48 @@ def _min_op(a, b):
 
 
 @triton.jit
-def _prefix_max_suffix_min_kernel(A, B, PMAX, SMIN, N, BLOCK: tl.constexpr):
-    """Row b: PMAX = running max of A from the left, SMIN = running min of B from the right
-    (int32 [rows, N], contiguous; A, B of any integer dtype, clamped to POS_MAX; B None: all
-    zeros), in chunks of BLOCK with a carry: one launch where torch takes four (cummax; flip,
-    cummin, flip), which a decoding step pays every token."""
+def _prefix_max_suffix_min_kernel(A, B, PMAX, SMIN, N, BLOCK: tl.constexpr, CARRY: tl.constexpr):
+    """Row b, chunk c of BLOCK entries: PMAX = running max of A from the left, SMIN = running min of
+    B from the right (int32 [rows, N], contiguous; A, B of any integer dtype, clamped to POS_MAX;
+    B None: all zeros). Chunks are independent programs: each reduces the entries before it (for
+    the max) and after it (for the min) in CARRY-wide loads, then scans its own, so no program
+    waits on another (one program carrying chunk after chunk took 12 µs at N 4096 on an H100,
+    a quarter of a 64k decoding step)."""
     row = tl.cast(tl.program_id(0), tl.int64) * N
-    i = tl.arange(0, BLOCK)
-    carry = tl.max(tl.full([BLOCK], -2147483648, tl.int32), 0)
-    for c0 in range(0, N, BLOCK):
-        ok = c0 + i < N
-        a = tl.minimum(tl.load(A + row + c0 + i, mask=ok, other=-2147483648), 2147483647).to(tl.int32)
-        run = tl.maximum(tl.associative_scan(a, 0, _max_op), carry)
-        tl.store(PMAX + row + c0 + i, run, mask=ok)
-        carry = tl.max(run, 0)
-    carry = tl.min(tl.full([BLOCK], 2147483647, tl.int32), 0)
-    n_chunks = (N + BLOCK - 1) // BLOCK
-    for r in range(0, n_chunks):
-        c0 = (n_chunks - 1 - r) * BLOCK
-        ok = c0 + i < N
-        if B is None:
-            x = i * 0
-        else:
-            x = tl.minimum(tl.load(B + row + c0 + i, mask=ok, other=2147483647), 2147483647).to(tl.int32)
-        run = tl.minimum(tl.associative_scan(x, 0, _min_op, reverse=True), carry)
-        tl.store(SMIN + row + c0 + i, run, mask=ok)
-        carry = tl.min(run, 0)
+    c0 = tl.program_id(1) * BLOCK
+    w = tl.arange(0, CARRY)
+    before = tl.full([CARRY], -2147483648, tl.int32)
+    after = tl.full([CARRY], 2147483647, tl.int32)
+    for s0 in range(0, N, CARRY):
+        idx = s0 + w
+        ok = idx < c0
+        a = tl.minimum(tl.load(A + row + idx, mask=ok, other=-2147483648), 2147483647).to(tl.int32)
+        before = tl.maximum(before, a)
+        if B is not None:
+            ok = (idx >= c0 + BLOCK) & (idx < N)
+            x = tl.minimum(tl.load(B + row + idx, mask=ok, other=2147483647), 2147483647).to(tl.int32)
+            after = tl.minimum(after, x)
+    i = c0 + tl.arange(0, BLOCK)
+    ok = i < N
+    a = tl.minimum(tl.load(A + row + i, mask=ok, other=-2147483648), 2147483647).to(tl.int32)
+    tl.store(PMAX + row + i, tl.maximum(tl.associative_scan(a, 0, _max_op), tl.max(before, 0)), mask=ok)
+    if B is None:
+        tl.store(SMIN + row + i, i * 0, mask=ok)
+    else:
+        x = tl.minimum(tl.load(B + row + i, mask=ok, other=2147483647), 2147483647).to(tl.int32)
+        tl.store(SMIN + row + i, tl.minimum(tl.associative_scan(x, 0, _min_op, reverse=True), tl.min(after, 0)),
+                 mask=ok)
 
 
-def _prefix_max_suffix_min(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _prefix_max_suffix_min(a: torch.Tensor, b: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
     """(running max of a from the left, running min of b from the right) along dim 1, int32; a, b
     integer [rows, N] contiguous, b None for zeros (one launch, `_prefix_max_suffix_min_kernel`)."""
     rows, n = a.shape
     pmax, smin = (torch.empty(rows, n, dtype=torch.int32, device=a.device) for _ in range(2))
     block = 16 if _INTERPRET else min(1024, max(16, triton.next_power_of_2(n)))
-    _prefix_max_suffix_min_kernel[(rows,)](a, b, pmax, smin, n, BLOCK=block, num_warps=1 if _INTERPRET else 4)
+    carry = 16 if _INTERPRET else min(4096, max(16, triton.next_power_of_2(n)))
+    _prefix_max_suffix_min_kernel[(rows, triton.cdiv(n, block))](a, b, pmax, smin, n, BLOCK=block, CARRY=carry,
+                                                                 num_warps=1 if _INTERPRET else 4)
     return pmax, smin
 
 
@@ -1250,7 +1295,7 @@ def compressed_forward(q, k_cmp, v_cmp, end, qpos, qds, scale, cmp_len, select_l
         _cmp_split_select_kernel[(triton.cdiv(T, cfg["BM"] // GP), B * Hkv, 1)](
             q, k_cmp, kd, end, cmax, cmin, qpos, qds, lse, lse, sel, sel, *q.stride()[:3], *k_cmp.stride()[:3],
             T, N, H, Hkv, G, scale=scale, CMP_LEN=cmp_len, SEL_LEN=select_len, N_SELECT=n_select, N_INIT=n_init,
-            N_LOCAL=n_local, NSPLIT=1, GP=GP, NP=NP, FINAL=True, TMA=kd is not None, **dims, **cfg)
+            N_LOCAL=n_local, NSPLIT=1, GP=GP, NP=NP, FINAL=True, TMA=kd is not None, SCAN=0, **dims, **cfg)
     return o, lse, (sel if select else None)
 
 
@@ -1329,10 +1374,15 @@ def compressed_forward_split(q, k_cmp, v_cmp, end, qpos, qds, scale, cmp_len, se
     cfg = _split_config(q, T, G, N)
     NS = cfg.pop("NSPLIT")
     sel_tiles = cfg.pop("SEL_TILES")
+    merge_warps = cfg.pop("MERGE_WARPS")
     BJ = cfg.pop("BJ")
     merge = {o: cfg.pop(o) for o in ("SORT_MERGE", "RANK_MERGE", "SKIP_MERGE", "JV")}
     grid = (triton.cdiv(T, cfg["BM"] // GP), B * Hkv, NS)
-    cmax, cmin = _prefix_max_suffix_min(end, end)
+    if cfg["SCAN"]:   # the ranges from passes over the ends: no prefix max / suffix min arrays
+        cfg["SCAN"] = min(cfg["SCAN"], max(16, triton.next_power_of_2(N)))
+        cmax = cmin = end
+    else:
+        cmax, cmin = _prefix_max_suffix_min(end, end)
     m = torch.empty(NS, B, T, H, dtype=torch.float32, device=q.device)
     l = torch.empty_like(m)
     acc = torch.empty(NS, B, T, H, v_cmp.shape[-1], dtype=torch.float32, device=q.device)
@@ -1362,7 +1412,7 @@ def compressed_forward_split(q, k_cmp, v_cmp, end, qpos, qds, scale, cmp_len, se
                                    **merge, **dims, **cfg)
     sel = torch.empty(B, T, Hkv, n_select, dtype=torch.int32, device=q.device)
     _merge_select_kernel[(B * T * Hkv,)](s_part, i_part, sel, B * T * Hkv, NS, n_select, NSP=NSP, NP=NP,
-                                         num_warps=4 if not _INTERPRET else 1)
+                                         num_warps=merge_warps)
     return o, lse, sel
 
 
