@@ -225,7 +225,16 @@ DECODE_VARIANTS = {
     "top-n merge 2 warps": {"cmp_split": dict(MERGE_WARPS=2)},
     "ranges by 1024-wide scans": {"cmp_split": dict(SCAN=1024)},
     "ranges by 4096-wide scans": {"cmp_split": dict(SCAN=4096)},
+    "top-n merge tree": {"cmp_split": dict(MERGE_TREE=True)},
+    "scans 4096 + merge tree + 128-token splits": {"cmp_split": dict(SCAN=4096, MERGE_TREE=True, SPLIT_TOKENS=128)},
     "scans 4096 + merge 8 warps + 128-token splits": {"cmp_split": dict(SCAN=4096, MERGE_WARPS=8, SPLIT_TOKENS=128)},
+    # 4 warps spill at D 128 (sm_90 offline compile: the passes 208-228 bytes, the selected split 104), 8 do not
+    "cmp passes 8 warps": {"cmp_split": dict(num_warps=8)},
+    "slc 8 warps": {"slc_split": dict(num_warps=8)},
+    "all: scans 1024, merge tree, 128-token splits, 8 warps": {
+        "cmp_split": dict(SCAN=1024, MERGE_TREE=True, SPLIT_TOKENS=128, num_warps=8), "slc_split": dict(num_warps=8)},
+    "all with merge 8 warps instead of the tree": {
+        "cmp_split": dict(SCAN=1024, MERGE_WARPS=8, SPLIT_TOKENS=128, num_warps=8), "slc_split": dict(num_warps=8)},
 }
 
 

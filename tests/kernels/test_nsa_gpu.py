@@ -147,6 +147,9 @@ DECODE_OPTIONS = {
     "ranges-by-1024-wide-scans": {"cmp_split": dict(SCAN=1024)},
     "ranges-by-4096-wide-scans-merge-8-warps": {"cmp_split": dict(SCAN=4096, MERGE_WARPS=8, SPLIT_TOKENS=128)},
     "top-n-merge-16-warps": {"cmp_split": dict(MERGE_WARPS=16)},
+    "top-n-merge-tree-scans-128-token-splits": {"cmp_split": dict(MERGE_TREE=True, SCAN=4096, SPLIT_TOKENS=128)},
+    "all-8-warps": {"cmp_split": dict(SCAN=1024, MERGE_TREE=True, SPLIT_TOKENS=128, num_warps=8),
+                    "slc_split": dict(num_warps=8)},
 }
 
 

@@ -189,15 +189,16 @@ TILES = {
     # decoding (T <= DECODE_MAX_T): rows = T·GP up to MAX_BM, SPLIT_TOKENS compressed tokens per split
     # SEL_TILES: scoring tiles per split of the selection pass (its own split count, `_select_splits`);
     # 0: the attention pass's splits
-    # MERGE_WARPS: the top-n merge's warps (one program a row sorts the splits' NSP·NP keys: 1,024 at 64k)
+    # MERGE_WARPS: the top-n merge's warps (one program a row sorts the splits' NSP·NP keys: 1,024 at 64k);
+    # MERGE_TREE: that merge as a tree of NP-wide sorts (`_merge_select_kernel`)
     # SCAN > 0: the compressed-token ranges from passes over the ends, SCAN slots a load (`_end_scan`),
     # not from searches of prefix max / suffix min arrays (and no launch to build them)
     ("cmp_split", "16bit"): dict(MAX_BM=128, BN=64, BJ=16, SPLIT_TOKENS=256, SEL_TILES=1, SORT_MERGE=True,
-                                 RANK_MERGE=False, SKIP_MERGE=False, JV=0, MERGE_WARPS=4, SCAN=0, num_warps=4,
-                                 num_stages=2),
+                                 RANK_MERGE=False, SKIP_MERGE=False, JV=0, MERGE_WARPS=4, MERGE_TREE=False, SCAN=0,
+                                 num_warps=4, num_stages=2),
     ("cmp_split", "fp32"): dict(MAX_BM=64, BN=32, BJ=16, SPLIT_TOKENS=256, SEL_TILES=1, SORT_MERGE=True,
-                                RANK_MERGE=False, SKIP_MERGE=False, JV=0, MERGE_WARPS=4, SCAN=0, num_warps=4,
-                                num_stages=1),
+                                RANK_MERGE=False, SKIP_MERGE=False, JV=0, MERGE_WARPS=4, MERGE_TREE=False, SCAN=0,
+                                num_warps=4, num_stages=1),
 }
 DECODE_MAX_T = 16  # up to this many queries per row take the split (decoding) path
 MAX_SPLITS = 64
@@ -215,7 +216,8 @@ INTERPRET_TILES = {
     "slc_dkdv": dict(ROWS=16, CH=3, num_warps=1, num_stages=1),
     "slc_split": dict(BLOCKS=1, PROGRAMS=8, TMA=False, num_warps=1, num_stages=1),
     "cmp_split": dict(MAX_BM=64, BN=16, BJ=16, SPLIT_TOKENS=5, SEL_TILES=1, SORT_MERGE=True, RANK_MERGE=False,
-                      SKIP_MERGE=False, JV=0, MERGE_WARPS=1, SCAN=0, num_warps=1, num_stages=1),
+                      SKIP_MERGE=False, JV=0, MERGE_WARPS=1, MERGE_TREE=False, SCAN=0, num_warps=1,
+                      num_stages=1),
 }
 
 
@@ -1343,10 +1345,14 @@ def _merge_attend_kernel(M_PART, L_PART, ACC_PART, O, LSE, R, NS, DV, NSP: tl.co
 
 
 @triton.jit
-def _merge_select_kernel(S_PART, I_PART, SEL, R, NS, N_SELECT, NSP: tl.constexpr, NP: tl.constexpr):
+def _merge_select_kernel(S_PART, I_PART, SEL, R, NS, N_SELECT, NSP: tl.constexpr, NP: tl.constexpr,
+                         TREE: tl.constexpr, LEVELS: tl.constexpr):
     """sel_idx of one row (b, t, hkv) from the splits' partial top-n lists [NS, R, NP] (disjoint
-    blocks): the top n by (score, then later block) as `_block_key`s, one sort of the NS·NP
-    candidates, listed in descending block index, -1 for empty slots."""
+    blocks, each in descending key order): the top n by (score, then later block) as
+    `_block_key`s, listed in descending block index, -1 for empty slots. One sort of the NS·NP
+    candidates, or (TREE) a tree of pairwise merges: the top NP of two descending lists a, b are
+    max(a[i], b[NP - 1 - i]) (a bitonic sequence), sorted again, LEVELS = log2(NSP) levels of
+    NP-wide sorts instead of one NSP·NP-wide sort (1,024 keys at 64k)."""
     row = tl.cast(tl.program_id(0), tl.int64)
     sp = tl.arange(0, NSP)
     slot = tl.arange(0, NP)
@@ -1354,9 +1360,15 @@ def _merge_select_kernel(S_PART, I_PART, SEL, R, NS, N_SELECT, NSP: tl.constexpr
     ok = (sp < NS)[:, None] & (slot < NP)[None, :]
     score = tl.load(S_PART + at, mask=ok, other=float("-inf"))
     idx = tl.load(I_PART + at, mask=ok, other=-1)
-    key = tl.reshape(_block_key(score, idx, idx >= 0), [NSP * NP])
-    key = tl.reshape(tl.sort(key, dim=0, descending=True), [NSP, NP])
-    top = tl.sum(tl.where((sp == 0)[:, None], key, 0), 0)                        # the first NP keys
+    key = _block_key(score, idx, idx >= 0)                                       # [NSP, NP]
+    if TREE:
+        for lv in tl.static_range(1, LEVELS + 1):   # lists left after this level: NSP >> lv
+            a, b = tl.split(tl.permute(tl.reshape(key, [NSP >> lv, 2, NP]), (0, 2, 1)))
+            key = tl.sort(tl.maximum(a, tl.flip(b, 1)), dim=1, descending=True)
+        top = tl.reshape(key, [NP])
+    else:
+        key = tl.reshape(tl.sort(tl.reshape(key, [NSP * NP]), dim=0, descending=True), [NSP, NP])
+        top = tl.sum(tl.where((sp == 0)[:, None], key, 0), 0)                    # the first NP keys
     live = slot < N_SELECT
     best = tl.sort(tl.where(live, _key_block(top), -2), dim=0, descending=True)
     tl.store(SEL + row * N_SELECT + slot, best, mask=live)
@@ -1375,6 +1387,7 @@ def compressed_forward_split(q, k_cmp, v_cmp, end, qpos, qds, scale, cmp_len, se
     NS = cfg.pop("NSPLIT")
     sel_tiles = cfg.pop("SEL_TILES")
     merge_warps = cfg.pop("MERGE_WARPS")
+    merge_tree = cfg.pop("MERGE_TREE")
     BJ = cfg.pop("BJ")
     merge = {o: cfg.pop(o) for o in ("SORT_MERGE", "RANK_MERGE", "SKIP_MERGE", "JV")}
     grid = (triton.cdiv(T, cfg["BM"] // GP), B * Hkv, NS)
@@ -1412,7 +1425,7 @@ def compressed_forward_split(q, k_cmp, v_cmp, end, qpos, qds, scale, cmp_len, se
                                    **merge, **dims, **cfg)
     sel = torch.empty(B, T, Hkv, n_select, dtype=torch.int32, device=q.device)
     _merge_select_kernel[(B * T * Hkv,)](s_part, i_part, sel, B * T * Hkv, NS, n_select, NSP=NSP, NP=NP,
-                                         num_warps=merge_warps)
+                                         TREE=merge_tree, LEVELS=NSP.bit_length() - 1, num_warps=merge_warps)
     return o, lse, sel
 
 
