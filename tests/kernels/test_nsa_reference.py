@@ -47,7 +47,6 @@ def test_forced_blocks_top_n_and_padding():
 
 
 def test_ties_go_to_the_later_block():
-    S = 16
     q = torch.randn(1, 1, 1, 4)
     k_cmp = torch.randn(1, 2, 1, 4)
     cmp_end = torch.tensor([[NEVER, NEVER]])        # nothing visible: every eligible block scores 0
@@ -83,7 +82,6 @@ def test_document_start_is_the_initial_block():
 
 
 def test_selected_hand_case():
-    S = 8
     v = one_head([1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0])
     q = torch.zeros(1, 2, 1, 1)
     sel = torch.tensor([[[[2, 0, -1]], [[2, 0, -1]]]], dtype=torch.int32)
