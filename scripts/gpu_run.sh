@@ -94,10 +94,11 @@ for stage in "$@"; do
       [ -f "$CORPUS/meta.json" ] && cp "$CORPUS/meta.json" "$OUT/corpus_meta.json" \
         && python3 -c "import json,sys; m=json.load(open(sys.argv[1])); print('corpus', sys.argv[1], m['fingerprint'], m['train']['tokens'], 'train tokens', m['val']['tokens'], 'val tokens')" "$CORPUS/meta.json" ;;
     nsa_generate)  # `deepwish generate` itself on a 10-step qwen3_0.6b_nsa checkpoint (every attention layer NSA):
-      # 256 greedy tokens, the plain capture and --compile; timing lines on stderr
+      # 256 greedy tokens, the plain capture and --compile (NSA_GENERATE_OPTS: a subset, e.g. "--compile");
+      # timing lines on stderr
       python3 -m deepwish.cli train --preset qwen3_0.6b_nsa --out /tmp/gen_nsa --set train.steps=10 --set train.eval_every=10 \
         --set train.save_every=10 --set train.sample_tokens=0 2>&1 | tail -3 || status=1
-      for opts in "" "--compile"; do
+      for opts in ${NSA_GENERATE_OPTS:-"" "--compile"}; do
         echo "--- deepwish generate (qwen3_0.6b_nsa) $opts"
         python3 -m deepwish.cli generate --ckpt /tmp/gen_nsa --max-new-tokens 256 --temperature 0 $opts \
           > "$OUT/nsa_generate_out.txt" 2> >(tee -a "$OUT/nsa_generate.log" | grep -E "generate:|rror" >&2) || status=1

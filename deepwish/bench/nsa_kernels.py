@@ -216,25 +216,17 @@ def fla_nsa():
 DECODE_VARIANTS = {
     "slc unsplit": {"slc_split": dict(BLOCKS=0)},
     "slc 2-block splits": {"slc_split": dict(BLOCKS=2)},
-    "slc gather": {"slc_split": dict(TMA=False)},
-    "cmp 128-token splits": {"cmp_split": dict(SPLIT_TOKENS=128)},
-    "cmp 512-token splits": {"cmp_split": dict(SPLIT_TOKENS=512)},
-    "scoring 2 tiles a split": {"cmp_split": dict(SEL_TILES=2)},
-    "top-n merge 8 warps": {"cmp_split": dict(MERGE_WARPS=8)},
-    "top-n merge 16 warps": {"cmp_split": dict(MERGE_WARPS=16)},
-    "top-n merge 2 warps": {"cmp_split": dict(MERGE_WARPS=2)},
-    "ranges by 1024-wide scans": {"cmp_split": dict(SCAN=1024)},
+    "slc 4 warps": {"slc_split": dict(num_warps=4)},
+    "cmp 256-token splits": {"cmp_split": dict(SPLIT_TOKENS=256)},
+    "ranges by searches": {"cmp_split": dict(SCAN=0)},
     "ranges by 4096-wide scans": {"cmp_split": dict(SCAN=4096)},
+    "top-n merge 4 warps": {"cmp_split": dict(MERGE_WARPS=4)},
+    "top-n merge 16 warps": {"cmp_split": dict(MERGE_WARPS=16)},
     "top-n merge tree": {"cmp_split": dict(MERGE_TREE=True)},
-    "scans 4096 + merge tree + 128-token splits": {"cmp_split": dict(SCAN=4096, MERGE_TREE=True, SPLIT_TOKENS=128)},
-    "scans 4096 + merge 8 warps + 128-token splits": {"cmp_split": dict(SCAN=4096, MERGE_WARPS=8, SPLIT_TOKENS=128)},
-    # 4 warps spill at D 128 (sm_90 offline compile: the passes 208-228 bytes, the selected split 104), 8 do not
-    "cmp passes 8 warps": {"cmp_split": dict(num_warps=8)},
-    "slc 8 warps": {"slc_split": dict(num_warps=8)},
-    "all: scans 1024, merge tree, 128-token splits, 8 warps": {
-        "cmp_split": dict(SCAN=1024, MERGE_TREE=True, SPLIT_TOKENS=128, num_warps=8), "slc_split": dict(num_warps=8)},
-    "all with merge 8 warps instead of the tree": {
-        "cmp_split": dict(SCAN=1024, MERGE_WARPS=8, SPLIT_TOKENS=128, num_warps=8), "slc_split": dict(num_warps=8)},
+    "scoring 2 tiles a split": {"cmp_split": dict(SEL_TILES=2)},
+    # the set before 2026-12-06's fifth run (reports/nsa.md)
+    "previous defaults": {"cmp_split": dict(SPLIT_TOKENS=256, SCAN=0, MERGE_WARPS=4, num_warps=4),
+                          "slc_split": dict(num_warps=4)},
 }
 
 

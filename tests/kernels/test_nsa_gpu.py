@@ -142,14 +142,12 @@ def _branches_match_reference(cuda, rel_err, lengths, heads=(H, HKV)):
 
 DECODE_OPTIONS = {
     "default": {},
-    "slc-two-block-chains-gather": {"slc_split": dict(BLOCKS=2, TMA=False)},
+    "slc-two-block-chains-gather-4-warps": {"slc_split": dict(BLOCKS=2, TMA=False, num_warps=4)},
     "slc-unsplit": {"slc_split": dict(BLOCKS=0)},
-    "ranges-by-1024-wide-scans": {"cmp_split": dict(SCAN=1024)},
-    "ranges-by-4096-wide-scans-merge-8-warps": {"cmp_split": dict(SCAN=4096, MERGE_WARPS=8, SPLIT_TOKENS=128)},
+    "ranges-by-searches-4-warps": {"cmp_split": dict(SCAN=0, MERGE_WARPS=4, SPLIT_TOKENS=256, num_warps=4)},
+    "ranges-by-4096-wide-scans": {"cmp_split": dict(SCAN=4096)},
+    "top-n-merge-tree": {"cmp_split": dict(MERGE_TREE=True)},
     "top-n-merge-16-warps": {"cmp_split": dict(MERGE_WARPS=16)},
-    "top-n-merge-tree-scans-128-token-splits": {"cmp_split": dict(MERGE_TREE=True, SCAN=4096, SPLIT_TOKENS=128)},
-    "all-8-warps": {"cmp_split": dict(SCAN=1024, MERGE_TREE=True, SPLIT_TOKENS=128, num_warps=8),
-                    "slc_split": dict(num_warps=8)},
 }
 
 

@@ -164,8 +164,10 @@ TILES = {
     ("slc_dq", "16bit"): dict(BT=1, TMA=True, num_warps=4, num_stages=3),
     ("slc_dkdv", "16bit"): dict(ROWS=128, CH=1024, num_warps=8, num_stages=2),
     # decoding (T <= DECODE_MAX_T): the one-token kernel with its slots split into chains of BLOCKS
-    # blocks until the grid has about PROGRAMS programs (`_slc_splits`; BLOCKS 0: no split)
-    ("slc_split", "16bit"): dict(BLOCKS=1, PROGRAMS=128, TMA=True, num_warps=4, num_stages=2),
+    # blocks until the grid has about PROGRAMS programs (`_slc_splits`; BLOCKS 0: no split). The
+    # decode bench at B 1, 64 / 4 heads, D 128 (H100, 2026-12-06): the split 56.2 -> 44.9 µs a step at
+    # 64k (slc 6.3 µs); 8 warps (4 spill 104 bytes at D 128, sm_90 offline compile) in the set below
+    ("slc_split", "16bit"): dict(BLOCKS=1, PROGRAMS=128, TMA=True, num_warps=8, num_stages=2),
     # small groups (G < 16, e.g. Qwen3-0.6B's 16 query / 8 KV heads): a one-token program fills
     # G of its 16 dot rows and loads each block for G heads only; the union kernel (BT > 1) fills
     # the rows with adjacent tokens (`_tile_key`). Swept at qwen3_0.6b_nsa's shape (B 8, T 2048,
@@ -193,9 +195,13 @@ TILES = {
     # MERGE_TREE: that merge as a tree of NP-wide sorts (`_merge_select_kernel`)
     # SCAN > 0: the compressed-token ranges from passes over the ends, SCAN slots a load (`_end_scan`),
     # not from searches of prefix max / suffix min arrays (and no launch to build them)
-    ("cmp_split", "16bit"): dict(MAX_BM=128, BN=64, BJ=16, SPLIT_TOKENS=256, SEL_TILES=1, SORT_MERGE=True,
-                                 RANK_MERGE=False, SKIP_MERGE=False, JV=0, MERGE_WARPS=4, MERGE_TREE=False, SCAN=0,
-                                 num_warps=4, num_stages=2),
+    # The decode bench's variants at B 1, 64 / 4 heads, D 128 (H100, 2026-12-06; reports/nsa.md "Fifth
+    # run"), µs a step (cmp + slc) at 8k / 64k / 128k: the previous set (256-token splits, 4 warps, the
+    # merge at 4 warps, searches) 31.5 / 44.9 / 53.9; this one (with slc_split's 8 warps) 25.4 / 36.8 /
+    # 49.3; the merge tree instead of 8 warps 25.9 / 40.5 / 53.3; 4096-wide scans lose at 128k
+    ("cmp_split", "16bit"): dict(MAX_BM=128, BN=64, BJ=16, SPLIT_TOKENS=128, SEL_TILES=1, SORT_MERGE=True,
+                                 RANK_MERGE=False, SKIP_MERGE=False, JV=0, MERGE_WARPS=8, MERGE_TREE=False,
+                                 SCAN=1024, num_warps=8, num_stages=2),
     ("cmp_split", "fp32"): dict(MAX_BM=64, BN=32, BJ=16, SPLIT_TOKENS=256, SEL_TILES=1, SORT_MERGE=True,
                                 RANK_MERGE=False, SKIP_MERGE=False, JV=0, MERGE_WARPS=4, MERGE_TREE=False, SCAN=0,
                                 num_warps=4, num_stages=1),
@@ -216,7 +222,7 @@ INTERPRET_TILES = {
     "slc_dkdv": dict(ROWS=16, CH=3, num_warps=1, num_stages=1),
     "slc_split": dict(BLOCKS=1, PROGRAMS=8, TMA=False, num_warps=1, num_stages=1),
     "cmp_split": dict(MAX_BM=64, BN=16, BJ=16, SPLIT_TOKENS=5, SEL_TILES=1, SORT_MERGE=True, RANK_MERGE=False,
-                      SKIP_MERGE=False, JV=0, MERGE_WARPS=1, MERGE_TREE=False, SCAN=0, num_warps=1,
+                      SKIP_MERGE=False, JV=0, MERGE_WARPS=1, MERGE_TREE=False, SCAN=16, num_warps=1,
                       num_stages=1),
 }
 
