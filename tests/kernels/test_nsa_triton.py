@@ -193,6 +193,17 @@ def test_compressed_backward_with_dq_fused_into_dkdv(rel_err):
         assert rel_err(a, b) < 1e-5, name
 
 
+def selected_inputs(lengths, H, Hkv, sl, n, D=16):
+    """(q, k, v, sel_idx, keyword arguments) of the selected branch over one row of packed
+    documents: n distinct random blocks per (token, KV head), some slots -1 (unused)."""
+    S = sum(lengths)
+    q = torch.randn(1, S, H, D, requires_grad=True)
+    k = torch.randn(1, S, Hkv, D, requires_grad=True)
+    v = torch.randn(1, S, Hkv, D, requires_grad=True)
+    sel = (torch.rand(1, S, Hkv, -(-S // sl) + 1).argsort(-1)[..., :n] - 1).to(torch.int32)
+    return q, k, v, sel, dict(q_pos=torch.arange(S)[None], doc_ids=doc_ids_of([lengths]), select_len=sl)
+
+
 @pytest.mark.parametrize("bt,lengths,H,Hkv", [(2, [9, 14], 4, 2), (4, [19], 2, 2)], ids=["bt2-g2-docs", "bt4-g1"])
 def test_selected_branch_over_the_union_of_adjacent_selections(rel_err, bt, lengths, H, Hkv):
     """BT > 1: one program per tile of adjacent tokens walks the union of their selections:
@@ -200,14 +211,8 @@ def test_selected_branch_over_the_union_of_adjacent_selections(rel_err, bt, leng
     unused slots and a G = 1 group (rows padded to 16); a block listed twice counts once in the
     output and dQ, as in the reference's dense mask."""
     torch.manual_seed(10)
-    S, D, sl, n = sum(lengths), 16, 4, 3
-    NB = -(-S // sl)
-    q = torch.randn(1, S, H, D, requires_grad=True)
-    k = torch.randn(1, S, Hkv, D, requires_grad=True)
-    v = torch.randn(1, S, Hkv, D, requires_grad=True)
-    sel = (torch.rand(1, S, Hkv, NB + 1).argsort(-1)[..., :n] - 1).to(torch.int32)   # distinct, -1 = unused
-    kw = dict(q_pos=torch.arange(S)[None], doc_ids=doc_ids_of([lengths]), select_len=sl)
-    g = torch.randn(1, S, H, D)
+    q, k, v, sel, kw = selected_inputs(lengths, H, Hkv, sl=4, n=3)
+    g = torch.randn_like(q)
     with tri.override_tiles("slc_fwd", BT=bt), tri.override_tiles("slc_dq", BT=bt):
         for twice in (False, True):
             if twice:
@@ -227,17 +232,12 @@ def test_selected_decoding_splits_its_slots(rel_err, blocks):
     splits, the last one short) or not at all (BLOCKS 0), merged: output and every gradient (the
     backward reads the merged lse) equal the reference's, with packed documents and unused slots."""
     torch.manual_seed(11)
-    lengths, H, Hkv, D, sl, n = [7, 6], 4, 2, 16, 4, 5
-    S = sum(lengths)
-    NB = -(-S // sl)
-    q = torch.randn(1, S, H, D, requires_grad=True)
-    k = torch.randn(1, S, Hkv, D, requires_grad=True)
-    v = torch.randn(1, S, Hkv, D, requires_grad=True)
-    sel = (torch.rand(1, S, Hkv, NB + 1).argsort(-1)[..., :n] - 1).to(torch.int32)   # distinct, -1 = unused
-    kw = dict(q_pos=torch.arange(S)[None], doc_ids=doc_ids_of([lengths]), select_len=sl)
+    n, Hkv = 5, 2
+    q, k, v, sel, kw = selected_inputs([7, 6], 4, Hkv, sl=4, n=n)
+    S = q.shape[1]
     assert tri._slc_splits(n, 1, blocks, 8) == {0: (1, 5), 1: (5, 1), 2: (3, 2)}[blocks]
     assert tri._slc_splits(n, 8, blocks, 8) == (1, 5)   # the grid is full unsplit
-    g = torch.randn(1, S, H, D)
+    g = torch.randn_like(q)
     with tri.override_tiles("slc_split", BLOCKS=blocks, PROGRAMS=10 ** 3):
         want = ref.nsa_selected(q, k, v, sel, **kw)
         got = tri.nsa_selected(q, k, v, sel, **kw)
