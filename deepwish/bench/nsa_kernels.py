@@ -85,6 +85,7 @@ CHECK_T = 2048
 # stand-in for trained models' neighbouring queries that select mostly the same blocks (what the
 # selected branch's BT > 1 union tiles gain from). --query-runs sets it for a whole run.
 QUERY_RUN = 0
+WINDOW = 512   # the sliding-window branch in the decode part (model/nsa.py's default nsa_window)
 
 
 def set_shape(spec: str) -> None:
@@ -232,16 +233,20 @@ DECODE_VARIANTS = {
 
 def decode_times(C: int, device, variants: dict | None = None) -> dict:
     """Per-layer decode step at context C (one query at C - 1, static cache), CUDA-graph replayed:
-    {'cmp+slc': ms, 'cmp': ms, 'slc': ms (on cmp's selection), 'sdpa': ms, 'variants': {name: ms
-    of cmp+slc under that launch option (DECODE_VARIANTS)}, 'kernels': the step's kernels by GPU
-    time (eager, torch.profiler)}."""
+    {'cmp+slc': ms, 'cmp': ms, 'slc': ms (on cmp's selection), 'win': ms (the WINDOW-token sliding
+    window through kernels/attention's split-KV decode kernel, as the model runs it), 'nsa': ms
+    (all three branches, summed), 'sdpa': ms, 'variants': {name: ms of cmp+slc under that launch
+    option (DECODE_VARIANTS)}, 'kernels': the cmp+slc step's kernels by GPU time (eager,
+    torch.profiler)}."""
     import contextlib
 
     import torch.nn.functional as F
     from deepwish.bench.timing import kernel_times
+    from deepwish.kernels.attention.decode import decode_attention
     from deepwish.kernels.nsa import triton as nk
     x = make_inputs(1, device, S=C)
     q, k, v = x["q"], x["k"], x["v"]
+    k_cache, v_cache = k.transpose(1, 2).contiguous(), v.transpose(1, 2).contiguous()   # the cache's layout
     row = {}
 
     def cmp():
@@ -257,6 +262,12 @@ def decode_times(C: int, device, variants: dict | None = None) -> dict:
         o_cmp, sel = cmp()
         return o_cmp + nk.nsa_selected(q, k, v, sel, q_pos=x["q_pos"], select_len=SELECT_LEN)
 
+    def win():
+        return decode_attention(q, k_cache, v_cache, x["q_pos"], None, window=WINDOW, merge_in_split=True)
+
+    def layer():   # the gates are elementwise: the sum stands in for them
+        return step() + win()
+
     def dense():
         return F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), enable_gqa=True)
 
@@ -266,7 +277,7 @@ def decode_times(C: int, device, variants: dict | None = None) -> dict:
         except Exception as e:  # noqa: BLE001
             return f"error: {type(e).__name__}: {e}"[:400]
     with torch.no_grad():
-        for name, f in (("cmp+slc", step), ("cmp", cmp), ("slc", slc), ("sdpa", dense)):
+        for name, f in (("cmp+slc", step), ("cmp", cmp), ("slc", slc), ("win", win), ("nsa", layer), ("sdpa", dense)):
             row[name] = timed(f)
         row["variants"] = {}
         for name, change in (DECODE_VARIANTS if variants is None else variants).items():
@@ -449,19 +460,19 @@ def train_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-DECODE_COLS = ("cmp+slc", "cmp", "slc", "sdpa")
+DECODE_COLS = ("cmp+slc", "cmp", "slc", "win", "nsa", "sdpa")
 
 
 def decode_table(rows: list[dict]) -> str:
     """µs per step by column and SDPA / NSA; then each context's variants (DECODE_VARIANTS) and
     its kernels by GPU time."""
     us = lambda x: f"{x * 1e3:.1f}" if isinstance(x, float) else str(x)  # noqa: E731
-    lines = ["| context | " + " | ".join(f"{c} us" for c in DECODE_COLS) + " | sdpa / nsa |",
-             "|---" * (len(DECODE_COLS) + 2) + "|"]
+    lines = ["| context | " + " | ".join(f"{c} us" for c in DECODE_COLS) + " | sdpa / (cmp+slc) | sdpa / nsa |",
+             "|---" * (len(DECODE_COLS) + 3) + "|"]
     for r in rows:
-        a, b = r.get("cmp+slc"), r.get("sdpa")
-        ratio = f"{b / a:.2f}x" if isinstance(a, float) and isinstance(b, float) else "-"
-        lines.append(f"| {r['C']} | " + " | ".join(us(r.get(c)) for c in DECODE_COLS) + f" | {ratio} |")
+        ratios = [f"{r['sdpa'] / r[c]:.2f}x" if isinstance(r.get(c), float) and isinstance(r.get("sdpa"), float)
+                  else "-" for c in ("cmp+slc", "nsa")]
+        lines.append(f"| {r['C']} | " + " | ".join(us(r.get(c)) for c in DECODE_COLS) + f" | {' | '.join(ratios)} |")
     for r in rows:
         if r.get("variants"):
             lines.append(f"\ncontext {r['C']}: cmp+slc us under " +
@@ -488,7 +499,7 @@ def plot(train: list[dict], decode: list[dict], path: Path) -> None:
     ax.set(xscale="log", yscale="log", xlabel="T", ylabel="fwd+bwd ms", title="NSA branches vs SDPA flash (H64/KV4, D128)")
     ax.legend(fontsize=7)
     ax = axes[1]
-    for col in ("cmp+slc", "sdpa"):
+    for col in ("cmp+slc", "nsa", "sdpa"):
         pts = [(r["C"], r[col] * 1e3) for r in decode if isinstance(r.get(col), float)]
         if pts:
             ax.plot(*zip(*pts), marker="o", label=col)

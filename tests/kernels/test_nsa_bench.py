@@ -23,10 +23,10 @@ def test_inputs_tables_and_plot(tmp_path):
     assert "| 8192 | fwdbwd ms | 3.00 | 3.00 | 6.00 | 12.00 | error | - | 2.0x |" in text
     assert "fla not importable" in text
     kernels = dict(sum_ms=0.04, kernels=[dict(name="_slc_fwd_kernel", us_per_step=12.5, calls_per_step=1.0)])
-    decode = [dict(C=8192, **{"cmp+slc": 0.05, "cmp": 0.03, "slc": "error: x", "sdpa": 0.1, "kernels": kernels,
-                              "variants": {"slc unsplit": 0.06}})]
+    decode = [dict(C=8192, **{"cmp+slc": 0.05, "cmp": 0.03, "slc": "error: x", "win": 0.01, "nsa": 0.0625,
+                              "sdpa": 0.1, "kernels": kernels, "variants": {"slc unsplit": 0.06}})]
     text = nb.decode_table(decode)
-    assert "| 8192 | 50.0 | 30.0 | error: x | 100.0 | 2.00x |" in text
+    assert "| 8192 | 50.0 | 30.0 | error: x | 10.0 | 62.5 | 100.0 | 2.00x | 1.60x |" in text
     assert "context 8192: cmp+slc us under slc unsplit 60.0" in text
     assert "context 8192: kernels 40.0 us a step" in text and "12.5 us  x1  _slc_fwd_kernel" in text
     nb.plot(train, decode, tmp_path / "p.png")
