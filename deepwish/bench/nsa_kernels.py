@@ -224,6 +224,8 @@ DECODE_VARIANTS = {
     "top-n merge 4 warps": {"cmp_split": dict(MERGE_WARPS=4)},
     "top-n merge 16 warps": {"cmp_split": dict(MERGE_WARPS=16)},
     "top-n merge tree": {"cmp_split": dict(MERGE_TREE=True)},
+    "top-n merge pruned to 16 lists": {"cmp_split": dict(MERGE_PRUNE=True)},
+    "top-n merge pruned, 4 warps": {"cmp_split": dict(MERGE_PRUNE=True, MERGE_WARPS=4)},
     "scoring 2 tiles a split": {"cmp_split": dict(SEL_TILES=2)},
     # the set before 2026-12-06's fifth run (reports/nsa.md)
     "previous defaults": {"cmp_split": dict(SPLIT_TOKENS=256, SCAN=0, MERGE_WARPS=4, num_warps=4),

@@ -148,27 +148,29 @@ DECODE_OPTIONS = {
     "ranges-by-4096-wide-scans": {"cmp_split": dict(SCAN=4096)},
     "top-n-merge-tree": {"cmp_split": dict(MERGE_TREE=True)},
     "top-n-merge-16-warps": {"cmp_split": dict(MERGE_WARPS=16)},
+    "top-n-merge-pruned": {"cmp_split": dict(MERGE_PRUNE=True)},
 }
 
 
 @pytest.mark.parametrize("option", list(DECODE_OPTIONS))
 def test_captured_decode_step_equals_reference(cuda, rel_err, option):
-    """One and three queries over a static 4096-slot cache, replayed from CUDA graphs with the
-    positions (and the cache) updated in place between replays, under each decoding launch option
-    the bench times (the selected branch's slot splits; ranges by scans; the top-n merge's warps)."""
+    """One and three queries over a static 4096-slot cache (16,384 for the pruned merge), replayed
+    from CUDA graphs with the positions (and the cache) updated in place between replays, under each
+    decoding launch option the bench times (the selected branch's slot splits; ranges by scans; the
+    top-n merge's forms and warps)."""
     import contextlib
 
     from deepwish.kernels.nsa import triton as nk
     with contextlib.ExitStack() as stack:
         for kind, change in DECODE_OPTIONS[option].items():
             stack.enter_context(nk.override_tiles(kind, **change))
-        _captured_decode_step(cuda, rel_err)
+        # the pruned merge needs more selection splits than n: a longer cache (32 splits of 16 blocks)
+        _captured_decode_step(cuda, rel_err, C=16384 if "pruned" in option else 4096)
 
 
-def _captured_decode_step(cuda, rel_err):
+def _captured_decode_step(cuda, rel_err, C):
     from deepwish.kernels.nsa import triton as nk
     torch.manual_seed(1)
-    C = 4096
     mk = lambda *s: torch.randn(*s, device=cuda, dtype=torch.bfloat16)  # noqa: E731
     k, v = mk(1, C, HKV, D), mk(1, C, HKV, D)
     all_ends = torch.arange(L - 1, C, STRIDE, device=cuda)[None]

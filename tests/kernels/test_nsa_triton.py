@@ -459,6 +459,29 @@ def test_decoding_selection_splits_of_their_own(sel_tiles, tree):
     assert (o_got - o_want).abs().max() < 1e-5
 
 
+@pytest.mark.parametrize("S", [160, 40], ids=["20-splits", "5-splits"])
+def test_top_n_merge_pruned_to_the_lists_that_can_win(S):
+    """MERGE_PRUNE: of the selection splits' sorted lists only the NP with the largest first keys
+    are merged (20 splits of 16 blocks, NP 8: 8 of 32 padded lists; at 5 splits, not more lists
+    than NP, the plain merge): the reference's selection and output, the best blocks given one
+    split's range or spread over many."""
+    torch.manual_seed(17)
+    H, Hkv, D = 2, 1, 16
+    ends = block_ends([[S]], 2, 1, pad=1)
+    kc, vc = torch.randn(1, ends.shape[1], Hkv, D), torch.randn(1, ends.shape[1], Hkv, D)
+    kw = dict(q_pos=torch.tensor([[S - 1]]), cmp_len=2, select_len=1, n_select=5, n_init=1, n_local=2)
+    assert tri._select_splits(1, 1, ends.shape[1], 2, 1, 16) == {160: 20, 40: 5}[S]
+    for concentrated in (False, True):
+        q = torch.randn(1, 1, H, D)
+        if concentrated:   # blocks 50..60 score far above the rest: every top block in one or two splits
+            kc[0, 50:61] = 4 * q[0, 0].mean(0)
+        o_want, sel_want = ref.nsa_compressed(q, kc, vc, ends, **kw)
+        with tri.override_tiles("cmp_split", SPLIT_TOKENS=1000, MERGE_PRUNE=True):
+            o_got, sel_got = tri.nsa_compressed(q, kc, vc, ends, **kw)
+        assert torch.equal(sel_got, sel_want), concentrated
+        assert (o_got - o_want).abs().max() < 1e-5
+
+
 @pytest.mark.parametrize("scan", [0, 4], ids=["searches", "scans"])
 def test_decoding_ranges_with_documents_and_unordered_ends(scan):
     """The split (decoding) path with packed documents and a padding slot between real ones (the
