@@ -223,7 +223,6 @@ DECODE_VARIANTS = {
     "ranges by 4096-wide scans": {"cmp_split": dict(SCAN=4096)},
     "top-n merge 4 warps": {"cmp_split": dict(MERGE_WARPS=4)},
     "top-n merge 16 warps": {"cmp_split": dict(MERGE_WARPS=16)},
-    "top-n merge tree": {"cmp_split": dict(MERGE_TREE=True)},
     "top-n merge pruned to 16 lists": {"cmp_split": dict(MERGE_PRUNE=True)},
     "top-n merge pruned, 4 warps": {"cmp_split": dict(MERGE_PRUNE=True, MERGE_WARPS=4)},
     "scoring 2 tiles a split": {"cmp_split": dict(SEL_TILES=2)},

@@ -146,7 +146,6 @@ DECODE_OPTIONS = {
     "slc-unsplit": {"slc_split": dict(BLOCKS=0)},
     "ranges-by-searches-4-warps": {"cmp_split": dict(SCAN=0, MERGE_WARPS=4, SPLIT_TOKENS=256, num_warps=4)},
     "ranges-by-4096-wide-scans": {"cmp_split": dict(SCAN=4096)},
-    "top-n-merge-tree": {"cmp_split": dict(MERGE_TREE=True)},
     "top-n-merge-16-warps": {"cmp_split": dict(MERGE_WARPS=16)},
     "top-n-merge-pruned": {"cmp_split": dict(MERGE_PRUNE=True)},
 }

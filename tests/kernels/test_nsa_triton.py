@@ -438,13 +438,12 @@ def _decode_over_a_static_cache(rel_err):
         assert rel_err(o_full[:, a:b], o) < 1e-5 and rel_err(s_full[:, a:b], s) < 1e-5, (a, b)
 
 
-@pytest.mark.parametrize("tree", [False, True], ids=["one-sort", "merge-tree"])
 @pytest.mark.parametrize("sel_tiles", [0, 1, 2])
-def test_decoding_selection_splits_of_their_own(sel_tiles, tree):
+def test_decoding_selection_splits_of_their_own(sel_tiles):
     """One query over 64 blocks of 1 token with one attention split (SPLIT_TOKENS large): the
     selection pass on the attention's split (SEL_TILES 0: one program walks 4 scoring tiles) or on
-    splits of its own of 1 or 2 scoring tiles (8 / 4 splits, merged by key in one sort or a tree
-    of pairwise merges) gives the reference's selection and output."""
+    splits of its own of 1 or 2 scoring tiles (8 / 4 splits, merged by key) gives the reference's
+    selection and output."""
     torch.manual_seed(13)
     S, H, Hkv, D = 64, 2, 1, 16
     q = torch.randn(1, 1, H, D)
@@ -453,7 +452,7 @@ def test_decoding_selection_splits_of_their_own(sel_tiles, tree):
     kw = dict(q_pos=torch.tensor([[S - 1]]), cmp_len=2, select_len=1, n_select=5, n_init=1, n_local=2)
     o_want, sel_want = ref.nsa_compressed(q, kc, vc, ends, **kw)
     assert tri._select_splits(1, sel_tiles, ends.shape[1], 2, 1, 16) == [1, 8, 4][sel_tiles]
-    with tri.override_tiles("cmp_split", SPLIT_TOKENS=1000, SEL_TILES=sel_tiles, MERGE_TREE=tree):
+    with tri.override_tiles("cmp_split", SPLIT_TOKENS=1000, SEL_TILES=sel_tiles):
         o_got, sel_got = tri.nsa_compressed(q, kc, vc, ends, **kw)
     assert torch.equal(sel_got, sel_want)
     assert (o_got - o_want).abs().max() < 1e-5

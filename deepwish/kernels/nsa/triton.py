@@ -192,20 +192,19 @@ TILES = {
     # SEL_TILES: scoring tiles per split of the selection pass (its own split count, `_select_splits`);
     # 0: the attention pass's splits
     # MERGE_WARPS: the top-n merge's warps (one program a row sorts the splits' NSP·NP keys: 1,024 at 64k);
-    # MERGE_TREE: that merge as a tree of NP-wide sorts; MERGE_PRUNE: only the NP lists that can hold
-    # a top key sorted (NP·NP keys; `_merge_select_kernel`)
+    # MERGE_PRUNE: only the NP lists that can hold a top key sorted (NP·NP keys; `_merge_select_kernel`)
     # SCAN > 0: the compressed-token ranges from passes over the ends, SCAN slots a load (`_end_scan`),
     # not from searches of prefix max / suffix min arrays (and no launch to build them)
     # The decode bench's variants at B 1, 64 / 4 heads, D 128 (H100, 2026-12-06; reports/nsa.md "Fifth
     # run"), µs a step (cmp + slc) at 8k / 64k / 128k: the previous set (256-token splits, 4 warps, the
     # merge at 4 warps, searches) 31.5 / 44.9 / 53.9; this one (with slc_split's 8 warps) 25.4 / 36.8 /
-    # 49.3; the merge tree instead of 8 warps 25.9 / 40.5 / 53.3; 4096-wide scans lose at 128k
+    # 49.3; a tree of pairwise merges (removed) instead of 8 warps 25.9 / 40.5 / 53.3; 4096-wide scans lose at 128k
     ("cmp_split", "16bit"): dict(MAX_BM=128, BN=64, BJ=16, SPLIT_TOKENS=128, SEL_TILES=1, SORT_MERGE=True,
-                                 RANK_MERGE=False, SKIP_MERGE=False, JV=0, MERGE_WARPS=8, MERGE_TREE=False,
-                                 MERGE_PRUNE=False, SCAN=1024, num_warps=8, num_stages=2),
+                                 RANK_MERGE=False, SKIP_MERGE=False, JV=0, MERGE_WARPS=8, MERGE_PRUNE=False,
+                                 SCAN=1024, num_warps=8, num_stages=2),
     ("cmp_split", "fp32"): dict(MAX_BM=64, BN=32, BJ=16, SPLIT_TOKENS=256, SEL_TILES=1, SORT_MERGE=True,
-                                RANK_MERGE=False, SKIP_MERGE=False, JV=0, MERGE_WARPS=4, MERGE_TREE=False,
-                                MERGE_PRUNE=False, SCAN=0, num_warps=4, num_stages=1),
+                                RANK_MERGE=False, SKIP_MERGE=False, JV=0, MERGE_WARPS=4, MERGE_PRUNE=False,
+                                SCAN=0, num_warps=4, num_stages=1),
 }
 DECODE_MAX_T = 16  # up to this many queries per row take the split (decoding) path
 MAX_SPLITS = 64
@@ -223,7 +222,7 @@ INTERPRET_TILES = {
     "slc_dkdv": dict(ROWS=16, CH=3, num_warps=1, num_stages=1),
     "slc_split": dict(BLOCKS=1, PROGRAMS=8, TMA=False, num_warps=1, num_stages=1),
     "cmp_split": dict(MAX_BM=64, BN=16, BJ=16, SPLIT_TOKENS=5, SEL_TILES=1, SORT_MERGE=True, RANK_MERGE=False,
-                      SKIP_MERGE=False, JV=0, MERGE_WARPS=1, MERGE_TREE=False, MERGE_PRUNE=False,
+                      SKIP_MERGE=False, JV=0, MERGE_WARPS=1, MERGE_PRUNE=False,
                       SCAN=16, num_warps=1, num_stages=1),
 }
 
@@ -1353,15 +1352,14 @@ def _merge_attend_kernel(M_PART, L_PART, ACC_PART, O, LSE, R, NS, DV, NSP: tl.co
 
 @triton.jit
 def _merge_select_kernel(S_PART, I_PART, SEL, R, NS, N_SELECT, NSP: tl.constexpr, NP: tl.constexpr,
-                         TREE: tl.constexpr, LEVELS: tl.constexpr, PRUNE: tl.constexpr):
+                         PRUNE: tl.constexpr):
     """sel_idx of one row (b, t, hkv) from the splits' partial top-n lists [NS, R, NP] (disjoint
     blocks, each in descending key order): the top n by (score, then later block) as
-    `_block_key`s, listed in descending block index, -1 for empty slots. One sort of the NS·NP
-    candidates, or (TREE) a tree of pairwise merges: the top NP of two descending lists a, b are
-    max(a[i], b[NP - 1 - i]) (a bitonic sequence), sorted again, LEVELS = log2(NSP) levels of
-    NP-wide sorts instead of one NSP·NP-wide sort (1,024 keys at 64k). PRUNE (NSP > NP): only the
-    NP splits with the largest first keys can hold a top-NP key (a key of any other split has NP
-    splits' first keys above it), so their lists alone are sorted: NP·NP keys (256 at n 16)."""
+    `_block_key`s, listed in descending block index, -1 for empty slots: one sort of the NS·NP
+    candidates (1,024 keys at 64k). PRUNE (NSP > NP): only the NP splits with the largest first
+    keys can hold a top-NP key (a key of any other split has NP splits' first keys above it), so
+    their lists alone are sorted: NP·NP keys (256 at n 16). (A tree of pairwise bitonic merges of
+    the sorted lists was slower on an H100: reports/nsa.md "Fifth run".)"""
     row = tl.cast(tl.program_id(0), tl.int64)
     sp = tl.arange(0, NSP)
     slot = tl.arange(0, NP)
@@ -1379,16 +1377,10 @@ def _merge_select_kernel(S_PART, I_PART, SEL, R, NS, N_SELECT, NSP: tl.constexpr
     ok = (split < NS)[:, None] & (slot < NP)[None, :]
     score = tl.load(S_PART + at, mask=ok, other=float("-inf"))
     idx = tl.load(I_PART + at, mask=ok, other=-1)
-    key = _block_key(score, idx, idx >= 0)                                       # [NSP or NP, NP]
-    if TREE:
-        for lv in tl.static_range(1, LEVELS + 1):   # lists left after this level: NSP >> lv
-            a, b = tl.split(tl.permute(tl.reshape(key, [NSP >> lv, 2, NP]), (0, 2, 1)))
-            key = tl.sort(tl.maximum(a, tl.flip(b, 1)), dim=1, descending=True)
-        top = tl.reshape(key, [NP])
-    else:
-        L: tl.constexpr = NP if PRUNE else NSP
-        key = tl.reshape(tl.sort(tl.reshape(key, [L * NP]), dim=0, descending=True), [L, NP])
-        top = tl.sum(tl.where((tl.arange(0, L) == 0)[:, None], key, 0), 0)      # the first NP keys
+    key = _block_key(score, idx, idx >= 0)                                       # [L, NP]
+    L: tl.constexpr = NP if PRUNE else NSP
+    key = tl.reshape(tl.sort(tl.reshape(key, [L * NP]), dim=0, descending=True), [L, NP])
+    top = tl.sum(tl.where((tl.arange(0, L) == 0)[:, None], key, 0), 0)          # the first NP keys
     live = slot < N_SELECT
     best = tl.sort(tl.where(live, _key_block(top), -2), dim=0, descending=True)
     tl.store(SEL + row * N_SELECT + slot, best, mask=live)
@@ -1407,7 +1399,6 @@ def compressed_forward_split(q, k_cmp, v_cmp, end, qpos, qds, scale, cmp_len, se
     NS = cfg.pop("NSPLIT")
     sel_tiles = cfg.pop("SEL_TILES")
     merge_warps = cfg.pop("MERGE_WARPS")
-    merge_tree = cfg.pop("MERGE_TREE")
     merge_prune = cfg.pop("MERGE_PRUNE")
     BJ = cfg.pop("BJ")
     merge = {o: cfg.pop(o) for o in ("SORT_MERGE", "RANK_MERGE", "SKIP_MERGE", "JV")}
@@ -1447,8 +1438,7 @@ def compressed_forward_split(q, k_cmp, v_cmp, end, qpos, qds, scale, cmp_len, se
     sel = torch.empty(B, T, Hkv, n_select, dtype=torch.int32, device=q.device)
     prune = merge_prune and NSP > NP
     _merge_select_kernel[(B * T * Hkv,)](s_part, i_part, sel, B * T * Hkv, NS, n_select, NSP=NSP, NP=NP,
-                                         TREE=merge_tree and not prune, LEVELS=NSP.bit_length() - 1, PRUNE=prune,
-                                         num_warps=merge_warps)
+                                         PRUNE=prune, num_warps=merge_warps)
     return o, lse, sel
 
 
