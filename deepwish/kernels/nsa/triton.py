@@ -329,11 +329,16 @@ def _cmp_visible(p, ds, end):
 
 
 @triton.jit
+def _row_span(p, ds, ok):
+    """(lowest document start, highest position) of the rows (p, ds) that `ok` keeps."""
+    return tl.min(tl.where(ok, ds, 2147483647)), tl.max(tl.where(ok, p, -1))
+
+
+@triton.jit
 def _cmp_range(CMAX, CMIN, END, cbase, N, p, ds, ok, SCAN: tl.constexpr):
     """[c_lo, c_hi) of the compressed tokens any of the rows (p, ds, ok) may see: two searches of
     the prefix max / suffix min arrays, or (SCAN > 0) one pass over the ends (`_end_scan`)."""
-    p_max = tl.max(tl.where(ok, p, -1))
-    ds_min = tl.min(tl.where(ok, ds, 2147483647))
+    ds_min, p_max = _row_span(p, ds, ok)
     if SCAN > 0:
         c_lo, c_hi = _end_scan(END, cbase, N, ds_min, p_max, SCAN)
     else:
@@ -443,11 +448,15 @@ def _cmp_select(key, q, lse, KC, KD, END, CMAX, CMIN, cbase, k_base, sk_n, N, p_
     `_empty_keys`; `_top_keys` orders them at the end). Each tile of BJ blocks needs the range of
     compressed tokens overlapping it (two searches); JV > 0 runs the searches of JV tiles at once.
     TMA: the [BN, D] key tiles through the descriptor KD (`_kv_rows`). SCAN > 0: each tile's range
-    from a pass over END (`_end_scan`) instead of the searches (JV is then not used)."""
+    from one pass over END (`_end_scan`) instead of the searches (JV is then not used), and c_lo,
+    c_hi are then the rows' position bounds (`_row_span`), not indices: min{j : end[j] >= x} and
+    max{j : end[j] <= x} grow with x for any END, so the tile's range intersected with the rows'
+    is the scan against the tighter of each pair of bounds."""
     if SCAN > 0:
         for j0 in range(j_a, j_b, BJ):
-            ca, cb = _end_scan(END, cbase, N, j0 * SEL_LEN, (j0 + BJ) * SEL_LEN + CMP_LEN - 2, SCAN)
-            key = _score_tile(key, j0, tl.maximum(c_lo, ca), tl.minimum(c_hi, cb), q, lse, KC, KD, END, cbase, k_base,
+            ca, cb = _end_scan(END, cbase, N, tl.maximum(j0 * SEL_LEN, c_lo),
+                               tl.minimum((j0 + BJ) * SEL_LEN + CMP_LEN - 2, c_hi), SCAN)
+            key = _score_tile(key, j0, ca, cb, q, lse, KC, KD, END, cbase, k_base,
                               sk_n, p_row, ds_row, tok_ok, sb, qb, j_b, qk_scale, b32, hkv, dk, DQK, CMP_LEN, SEL_LEN,
                               N_INIT, N_LOCAL, BT, GP, BN, BJ, NP, SORT_MERGE, RANK_MERGE, SKIP_MERGE, PREC, BLOCK_DK,
                               TMA)
@@ -769,7 +778,10 @@ def _cmp_split_select_kernel(Q, KC, KD, END, CMAX, CMIN, QPOS, QDS, LSE, S_PART,
                 mask=row_ok[:, None] & (dk < DQK)[None, :], other=0.0)
     lse = tl.load(LSE + (b * T + t64) * H + h64, mask=row_ok, other=float("inf"))
     cbase = b * N
-    c_lo, c_hi = _cmp_range(CMAX, CMIN, END, cbase, N, p_row, ds_row, row_ok, SCAN)
+    if SCAN > 0:  # position bounds: each tile scans the ends once against them (`_cmp_select`)
+        c_lo, c_hi = _row_span(p_row, ds_row, row_ok)
+    else:
+        c_lo, c_hi = _cmp_range(CMAX, CMIN, END, cbase, N, p_row, ds_row, row_ok, 0)
     tok_ok, sb, qb, j_lo, j_hi = _tile_blocks(QPOS, QDS, b * T, m0, T, SEL_LEN, BT)
     j_a, j_b = _split_range(j_lo, j_hi, split, NSPLIT)
     key = _cmp_select(_empty_keys(BT, BJ), q, lse, KC, KD, END, CMAX, CMIN, cbase,
