@@ -67,7 +67,7 @@ from torch import nn
 from deepwish.config import ConfigError, ModelConfig
 from deepwish.model.attention import (ATTENDING_MIXERS, DECODE_KERNEL_MAX_ROWS, _interpreting, attention_mask,
                                       causal_attention, kernel_inputs, resolve_attn_backend, sdpa_folded_groups)
-from deepwish.model.cache import take_rows_
+from deepwish.model.cache import take_rows_, write_rows_
 from deepwish.model.norm import RMSNorm
 from deepwish.model.rope import apply_rotary
 
@@ -142,16 +142,13 @@ class NSACache:
 
     def write(self, positions: torch.Tensor, k: torch.Tensor, k_raw: torch.Tensor, v: torch.Tensor) -> None:
         """k, k_raw, v [B, T, Hkv, D] at slots `positions` [B, T]."""
-        idx = positions[:, None, :, None].expand(-1, k.shape[2], -1, k.shape[-1])
         for buf, t in ((self.k, k), (self.k_raw, k_raw), (self.v, v)):
-            buf.scatter_(2, idx, t.transpose(1, 2).to(buf.dtype))
+            write_rows_(buf, 2, positions, t.transpose(1, 2))
 
     def write_blocks(self, slot: torch.Tensor, k_cmp: torch.Tensor, v_cmp: torch.Tensor, end: torch.Tensor) -> None:
         """slot [B, n] (n_blocks = trash), k_cmp, v_cmp [B, n, Hkv, D], end [B, n] (NEVER for the trash)."""
-        idx = slot[:, :, None, None].expand(-1, -1, *k_cmp.shape[2:])
-        self.k_cmp.scatter_(1, idx, k_cmp.to(self.k_cmp.dtype))
-        self.v_cmp.scatter_(1, idx, v_cmp.to(self.v_cmp.dtype))
-        self.cmp_end.scatter_(1, slot, end)
+        for buf, t in ((self.k_cmp, k_cmp), (self.v_cmp, v_cmp), (self.cmp_end, end)):
+            write_rows_(buf, 1, slot, t)
 
     def reset(self) -> None:
         for t in (self.k, self.v, self.k_raw, self.k_cmp, self.v_cmp):
