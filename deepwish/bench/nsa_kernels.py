@@ -221,13 +221,11 @@ DECODE_VARIANTS = {
     "cmp 256-token splits": {"cmp_split": dict(SPLIT_TOKENS=256)},
     "ranges by searches": {"cmp_split": dict(SCAN=0)},
     "ranges by 4096-wide scans": {"cmp_split": dict(SCAN=4096)},
-    "top-n merge 4 warps": {"cmp_split": dict(MERGE_WARPS=4)},
-    "top-n merge 16 warps": {"cmp_split": dict(MERGE_WARPS=16)},
-    "top-n merge pruned to 16 lists": {"cmp_split": dict(MERGE_PRUNE=True)},
-    "top-n merge pruned, 4 warps": {"cmp_split": dict(MERGE_PRUNE=True, MERGE_WARPS=4)},
+    "top-n merge 8 warps": {"cmp_split": dict(MERGE_WARPS=8)},
+    "top-n merge unpruned, 8 warps": {"cmp_split": dict(MERGE_PRUNE=False, MERGE_WARPS=8)},
     "scoring 2 tiles a split": {"cmp_split": dict(SEL_TILES=2)},
     # the set before 2026-12-06's fifth run (reports/nsa.md)
-    "previous defaults": {"cmp_split": dict(SPLIT_TOKENS=256, SCAN=0, MERGE_WARPS=4, num_warps=4),
+    "previous defaults": {"cmp_split": dict(SPLIT_TOKENS=256, SCAN=0, MERGE_WARPS=4, MERGE_PRUNE=False, num_warps=4),
                           "slc_split": dict(num_warps=4)},
 }
 

@@ -147,13 +147,14 @@ DECODE_OPTIONS = {
     "ranges-by-searches-4-warps": {"cmp_split": dict(SCAN=0, MERGE_WARPS=4, SPLIT_TOKENS=256, num_warps=4)},
     "ranges-by-4096-wide-scans": {"cmp_split": dict(SCAN=4096)},
     "top-n-merge-16-warps": {"cmp_split": dict(MERGE_WARPS=16)},
-    "top-n-merge-pruned": {"cmp_split": dict(MERGE_PRUNE=True)},
+    "top-n-merge-unpruned-8-warps": {"cmp_split": dict(MERGE_PRUNE=False, MERGE_WARPS=8)},
 }
 
 
 @pytest.mark.parametrize("option", list(DECODE_OPTIONS))
 def test_captured_decode_step_equals_reference(cuda, rel_err, option):
-    """One and three queries over a static 4096-slot cache (16,384 for the pruned merge), replayed
+    """One and three queries over a static 16,384-slot cache (more selection splits than n, so the
+    default top-n merge prunes), replayed
     from CUDA graphs with the positions (and the cache) updated in place between replays, under each
     decoding launch option the bench times (the selected branch's slot splits; ranges by scans; the
     top-n merge's forms and warps)."""
@@ -163,8 +164,7 @@ def test_captured_decode_step_equals_reference(cuda, rel_err, option):
     with contextlib.ExitStack() as stack:
         for kind, change in DECODE_OPTIONS[option].items():
             stack.enter_context(nk.override_tiles(kind, **change))
-        # the pruned merge needs more selection splits than n: a longer cache (32 splits of 16 blocks)
-        _captured_decode_step(cuda, rel_err, C=16384 if "pruned" in option else 4096)
+        _captured_decode_step(cuda, rel_err, C=16384)   # 32 selection splits: the merge sorts 16 of them
 
 
 def _captured_decode_step(cuda, rel_err, C):

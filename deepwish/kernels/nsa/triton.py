@@ -198,9 +198,11 @@ TILES = {
     # The decode bench's variants at B 1, 64 / 4 heads, D 128 (H100, 2026-12-06; reports/nsa.md "Fifth
     # run"), µs a step (cmp + slc) at 8k / 64k / 128k: the previous set (256-token splits, 4 warps, the
     # merge at 4 warps, searches) 31.5 / 44.9 / 53.9; this one (with slc_split's 8 warps) 25.4 / 36.8 /
-    # 49.3; a tree of pairwise merges (removed) instead of 8 warps 25.9 / 40.5 / 53.3; 4096-wide scans lose at 128k
+    # 49.3; a tree of pairwise merges (removed) instead of 8 warps 25.9 / 40.5 / 53.3; 4096-wide scans lose at 128k.
+    # The sixth run (same card and shape): the top-n merge pruned to the 16 lists that can win, at 4 warps,
+    # 25.1 / 36.2 / 48.7 -> 24.6 / 32.2 / 43.9 (pruned at 8 warps 24.9 / 32.5 / 44.1)
     ("cmp_split", "16bit"): dict(MAX_BM=128, BN=64, BJ=16, SPLIT_TOKENS=128, SEL_TILES=1, SORT_MERGE=True,
-                                 RANK_MERGE=False, SKIP_MERGE=False, JV=0, MERGE_WARPS=8, MERGE_PRUNE=False,
+                                 RANK_MERGE=False, SKIP_MERGE=False, JV=0, MERGE_WARPS=4, MERGE_PRUNE=True,
                                  SCAN=1024, num_warps=8, num_stages=2),
     ("cmp_split", "fp32"): dict(MAX_BM=64, BN=32, BJ=16, SPLIT_TOKENS=256, SEL_TILES=1, SORT_MERGE=True,
                                 RANK_MERGE=False, SKIP_MERGE=False, JV=0, MERGE_WARPS=4, MERGE_PRUNE=False,
