@@ -186,6 +186,23 @@ def test_decode_matches_reference_over_a_static_cache(rel_err, Tq, H, Hkv, windo
     assert torch.equal(again, merged)
 
 
+@pytest.mark.parametrize("q_pos", [[[5, 6, 7]], [[150, 151, 152]], [[30, 90, 170]]],
+                         ids=["window-before-start", "consecutive", "spread-positions"])
+@pytest.mark.parametrize("merge_in_split", [False, True])
+def test_windowed_decode_splits_the_window_not_the_cache(rel_err, q_pos, merge_in_split):
+    """A window much shorter than a plain cache: the splits tile the window's span from its first
+    slot (a few chunks, not one per SM over the whole cache), and the last split takes whatever is
+    left up to the last query, so queries farther apart than Tq still see their whole windows."""
+    torch.manual_seed(4)
+    B, L, H, Hkv, D, W = 1, 200, 4, 1, 32, 12
+    q_pos = torch.tensor(q_pos)
+    q = torch.randn(B, q_pos.shape[1], H, D)
+    kc, vc = torch.randn(B, Hkv, L, D), torch.randn(B, Hkv, L, D)
+    want = ref.decode_attention(q, kc, vc, q_pos, torch.arange(L).expand(B, L), window=W)
+    got = decode_attention(q, kc, vc, q_pos, None, window=W, merge_in_split=merge_in_split)
+    assert rel_err(want, got) < TOL[torch.float32]
+
+
 def test_decode_over_a_ring_cache_matches_full_attention(rel_err):
     """A windowed layer decoding through a RingKVCache (wrapped several times, then a k+1 chunk)
     equals windowed attention over the whole sequence."""

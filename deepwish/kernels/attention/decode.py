@@ -16,7 +16,11 @@ Design (decode reads the whole visible cache once; it is bound by memory bandwid
   kernel merges the chunks per row.
 - With a plain KVCache, a program stops at the highest query position (slots above it hold
   nothing yet); chunks wholly above it return at once. The cost then follows the context, not
-  the cache length.
+  the cache length. With a window much shorter than the cache (NSA's window branch, the GPT
+  family's short layers over a plain cache) the chunks tile the window's span from the first
+  slot any query sees, and the last chunk takes the rest up to the highest query position: a
+  few programs, each with work, and a merge of a few partials instead of one per SM's share of
+  the whole cache (at G = 16 the in-split merge reads them row by row).
 - The split count depends only on shapes (host arithmetic, no device reads): the step can be
   captured in a CUDA graph.
 - `pdl` (model.decode_pdl, kernels/pdl.py): the split, merge and prologue kernels are launched
@@ -132,7 +136,7 @@ def _split_kernel(Q, K, V, QPOS, KPOS, OP, LP, O, CNT,
                   CHUNK: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr, BM: tl.constexpr,
                   GP: tl.constexpr, SLOT_POS: tl.constexpr, SOFTCAP: tl.constexpr, PREC: tl.constexpr,
                   BN: tl.constexpr, PDL: tl.constexpr, MERGE: tl.constexpr, BS: tl.constexpr,
-                  PREFETCH: tl.constexpr, DIRECT: tl.constexpr):
+                  PREFETCH: tl.constexpr, DIRECT: tl.constexpr, WIN_SPLITS: tl.constexpr):
     if not PREFETCH:
         wait_for_inputs(PDL)
     split = tl.program_id(0)
@@ -153,9 +157,13 @@ def _split_kernel(Q, K, V, QPOS, KPOS, OP, LP, O, CNT,
     lo = split * CHUNK
     hi = tl.minimum(lo + CHUNK, L)
     if SLOT_POS:  # slots above the last query hold nothing yet; below the window nothing is seen
-        hi = tl.minimum(hi, tl.cast(tl.max(qp, 0) + 1, tl.int32))
         first = tl.min(tl.where(row_ok, qp, FAR), 0) - W + 1
-        lo = tl.maximum(lo, tl.cast(tl.maximum(first, 0), tl.int32) // BN * BN)
+        start = tl.cast(tl.maximum(first, 0), tl.int32) // BN * BN
+        if WIN_SPLITS:  # the chunks tile the window's span from its first slot; the last takes the rest
+            lo = start + split * CHUNK
+            hi = tl.where(split == SPLITS - 1, L, tl.minimum(lo + CHUNK, L))
+        hi = tl.minimum(hi, tl.cast(tl.max(qp, 0) + 1, tl.int32))
+        lo = tl.maximum(lo, start)
     k_base = b * sk_b + tl.cast(hkv, tl.int64) * sk_h
     v_base = b * sv_b + tl.cast(hkv, tl.int64) * sv_h
     if PREFETCH:  # (plain cache, rows contiguous) this chunk's keys and values on their way to L2 while
@@ -308,8 +316,12 @@ def _split_launch(q, k, v, q_pos, k_pos, window, softcap, scale, splits, pdl, me
     GP = triton.next_power_of_2(G)
     BM = max(16, triton.next_power_of_2(TQ * GP))
     DV = v.shape[-1]
+    # a window much shorter than the cache over slot = position: the splits cut the window's span
+    # (at most W + Tq - 1 slots from the first one a query sees), not the whole cache, so no
+    # program runs empty and the merge reads a few partials, not one per SM
+    win_splits = splits < 0 and window > 0 and k_pos is None and window + TQ + DECODE_CHUNK_UNIT < L
     if splits < 0:
-        splits, chunk = plan_splits(B, HKV, L, q.device)
+        splits, chunk = plan_splits(B, HKV, window + TQ + DECODE_CHUNK_UNIT if win_splits else L, q.device)
     else:
         chunk = -(-L // splits)
         chunk = -(-chunk // DECODE_CHUNK_UNIT) * DECODE_CHUNK_UNIT
@@ -340,7 +352,7 @@ def _split_launch(q, k, v, q_pos, k_pos, window, softcap, scale, splits, pdl, me
         CHUNK=chunk, BLOCK_DK=BLOCK_DK, BLOCK_DV=BLOCK_DV, BM=BM, GP=GP, SLOT_POS=k_pos is None,
         SOFTCAP=softcap > 0, PREC="ieee" if k.dtype == torch.float32 else "tf32",
         BN=bn, PDL=pdl, MERGE=merge, BS=max(2, triton.next_power_of_2(splits)), PREFETCH=prefetch,
-        DIRECT=direct, num_warps=warps, num_stages=stages, **launch)
+        DIRECT=direct, WIN_SPLITS=win_splits, num_warps=warps, num_stages=stages, **launch)
     if merge or direct:
         return o
     _merge_kernel[(B * HKV, BM)](op, lp, o, *o.stride()[:3], TQ, HKV, G, DV, splits,
