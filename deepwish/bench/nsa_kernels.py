@@ -235,13 +235,14 @@ def decode_times(C: int, device, variants: dict | None = None) -> dict:
     {'cmp+slc': ms, 'cmp': ms, 'slc': ms (on cmp's selection), 'win': ms (the WINDOW-token sliding
     window through kernels/attention's split-KV decode kernel, as the model runs it), 'nsa': ms
     (all three branches, summed), 'sdpa': ms, 'variants': {name: ms of cmp+slc under that launch
-    option (DECODE_VARIANTS)}, 'kernels': the cmp+slc step's kernels by GPU time (eager,
+    option (DECODE_VARIANTS)}, 'win_variants': {name: ms of the window branch in another launch form},
+    'kernels': the cmp+slc step's kernels by GPU time (eager,
     torch.profiler)}."""
     import contextlib
 
     import torch.nn.functional as F
     from deepwish.bench.timing import kernel_times
-    from deepwish.kernels.attention.decode import decode_attention
+    from deepwish.kernels.attention.decode import decode_attention, plan_splits
     from deepwish.kernels.nsa import triton as nk
     x = make_inputs(1, device, S=C)
     q, k, v = x["q"], x["k"], x["v"]
@@ -264,6 +265,14 @@ def decode_times(C: int, device, variants: dict | None = None) -> dict:
     def win():
         return decode_attention(q, k_cache, v_cache, x["q_pos"], None, window=WINDOW, merge_in_split=True)
 
+    def win_cache_splits():   # the split count planned over the whole cache (before the window's own splits)
+        splits = plan_splits(1, k_cache.shape[1], C, q.device)[0]
+        return decode_attention(q, k_cache, v_cache, x["q_pos"], None, window=WINDOW, merge_in_split=True,
+                                splits=splits)
+
+    def win_merge_kernel():
+        return decode_attention(q, k_cache, v_cache, x["q_pos"], None, window=WINDOW)
+
     def layer():   # the gates are elementwise: the sum stands in for them
         return step() + win()
 
@@ -284,6 +293,8 @@ def decode_times(C: int, device, variants: dict | None = None) -> dict:
                 for kind, cfg in change.items():
                     stack.enter_context(nk.override_tiles(kind, **cfg))
                 row["variants"][name] = timed(step)
+        row["win_variants"] = {"splits over the whole cache": timed(win_cache_splits),
+                               "merge kernel, not in-split": timed(win_merge_kernel)}
         try:
             row["kernels"] = kernel_times(step, rows=16)
         except Exception as e:  # noqa: BLE001
@@ -476,6 +487,9 @@ def decode_table(rows: list[dict]) -> str:
         if r.get("variants"):
             lines.append(f"\ncontext {r['C']}: cmp+slc us under " +
                          ", ".join(f"{n} {us(t)}" for n, t in r["variants"].items()))
+        if r.get("win_variants"):
+            lines.append(f"context {r['C']}: win us under " +
+                         ", ".join(f"{n} {us(t)}" for n, t in r["win_variants"].items()))
         kt = r.get("kernels")
         if isinstance(kt, dict):
             lines.append(f"context {r['C']}: kernels {kt['sum_ms'] * 1e3:.1f} us a step (eager)")
