@@ -35,7 +35,9 @@ Design (decode reads the whole visible cache once; it is bound by memory bandwid
 - `merge_in_split` (model.decode_fusion): no merge kernel; each split program raises a counter of
   its (batch row, KV head) after storing its partial, and the program that raises it last merges
   all of them (the usual last-block reduction: a CTA barrier, an acq_rel atomic at GPU scope,
-  partials read past L1) and zeroes the counter again.
+  partials read past L1) and zeroes the counter again. It takes the shorter chain of dependent
+  loads: row by row (few rows, many splits: Qwen3-0.6B's 2 rows a KV head) or, with fewer splits
+  than rows (NSA's window branch at 16 query heads a KV head), split by split over all rows at once.
 """
 from __future__ import annotations
 
@@ -136,7 +138,8 @@ def _split_kernel(Q, K, V, QPOS, KPOS, OP, LP, O, CNT,
                   CHUNK: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr, BM: tl.constexpr,
                   GP: tl.constexpr, SLOT_POS: tl.constexpr, SOFTCAP: tl.constexpr, PREC: tl.constexpr,
                   BN: tl.constexpr, PDL: tl.constexpr, MERGE: tl.constexpr, BS: tl.constexpr,
-                  PREFETCH: tl.constexpr, DIRECT: tl.constexpr, WIN_SPLITS: tl.constexpr):
+                  PREFETCH: tl.constexpr, DIRECT: tl.constexpr, WIN_SPLITS: tl.constexpr,
+                  MERGE_ROWS: tl.constexpr):
     if not PREFETCH:
         wait_for_inputs(PDL)
     split = tl.program_id(0)
@@ -212,10 +215,28 @@ def _split_kernel(Q, K, V, QPOS, KPOS, OP, LP, O, CNT,
         if done == SPLITS - 1:
             tl.debug_barrier()
             base0 = tl.cast(bh, tl.int64) * SPLITS * BM
-            for row in range(0, TQ * GP):  # the real rows only, each as the merge kernel merges it
-                if (row % GP < G) & (row // GP < TQ):  # .cg: the other programs' partials, never a stale L1 line
-                    _merge_row(OP, LP, O, base0, row, b, tl.cast(hkv * G + row % GP, tl.int64),
-                               tl.cast(row // GP, tl.int64), so_b, so_t, so_h, SPLITS, DV, BLOCK_DV, BM, BS, ".cg")
+            if MERGE_ROWS:  # fewer splits than rows: one step a split, all rows at once (online rescaling)
+                m = tl.full([BM], -1.0e30, dtype=tl.float32)   # finite: an empty chunk (-inf) weighs 0, no NaN
+                den = tl.zeros([BM], dtype=tl.float32)
+                acc = tl.zeros([BM, BLOCK_DV], dtype=tl.float32)
+                for sp in range(0, SPLITS):  # .cg: the other programs' partials, never a stale L1 line
+                    at = base0 + sp * BM + i
+                    lse_s = tl.load(LP + at, cache_modifier=".cg")
+                    o_s = tl.load(OP + at[:, None] * BLOCK_DV + dv[None, :], cache_modifier=".cg")
+                    m_new = tl.maximum(m, lse_s)
+                    keep, w = tl.exp2(m - m_new), tl.exp2(lse_s - m_new)
+                    acc = acc * keep[:, None] + o_s * w[:, None]
+                    den = den * keep + w
+                    m = m_new
+                o = acc / tl.where(den > 0.0, den, 1.0)[:, None]
+                tl.store(O + b * so_b + tl.cast(j, tl.int64)[:, None] * so_t + h64[:, None] * so_h + dv[None, :],
+                         o.to(O.dtype.element_ty), mask=row_ok[:, None] & (dv < DV)[None, :])
+            else:  # one step a row (few rows, many splits), each as the merge kernel merges it
+                for row in range(0, TQ * GP):
+                    if (row % GP < G) & (row // GP < TQ):
+                        _merge_row(OP, LP, O, base0, row, b, tl.cast(hkv * G + row % GP, tl.int64),
+                                   tl.cast(row // GP, tl.int64), so_b, so_t, so_h, SPLITS, DV, BLOCK_DV, BM, BS,
+                                   ".cg")
             tl.atomic_xchg(CNT + bh, 0)  # zero again for the next call (a captured graph reuses the buffer)
 
 
@@ -352,7 +373,8 @@ def _split_launch(q, k, v, q_pos, k_pos, window, softcap, scale, splits, pdl, me
         CHUNK=chunk, BLOCK_DK=BLOCK_DK, BLOCK_DV=BLOCK_DV, BM=BM, GP=GP, SLOT_POS=k_pos is None,
         SOFTCAP=softcap > 0, PREC="ieee" if k.dtype == torch.float32 else "tf32",
         BN=bn, PDL=pdl, MERGE=merge, BS=max(2, triton.next_power_of_2(splits)), PREFETCH=prefetch,
-        DIRECT=direct, WIN_SPLITS=win_splits, num_warps=warps, num_stages=stages, **launch)
+        DIRECT=direct, WIN_SPLITS=win_splits, MERGE_ROWS=merge and splits < TQ * G,
+        num_warps=warps, num_stages=stages, **launch)
     if merge or direct:
         return o
     _merge_kernel[(B * HKV, BM)](op, lp, o, *o.stride()[:3], TQ, HKV, G, DV, splits,
