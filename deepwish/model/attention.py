@@ -270,7 +270,72 @@ ATTENDING_MIXERS = ("gqa", "gated_gqa", "swa", "mla", "dsa", "nsa")
 VALUE_EMBED_GATE_DIM = 12  # leading input channels the value-embedding gate reads (modded-nanogpt's choice)
 
 
-class Attention(nn.Module):
+class FusedQKV(nn.Module):
+    """The fused q/k/v view (model.fuse_projections) of a mixer with q_proj, k_proj, v_proj and
+    qkv_sizes (their output widths); Attention and NSA build on it."""
+    # Decoding one token is a matrix-vector product per projection: three launches that each read
+    # a slice of weights, where one read of [Wq; Wk; Wv] does. Training keeps three parameters
+    # (their names, roles and Muon's per-matrix orthogonalisation), so the fusion is a view: the
+    # three weights are row slices of one [q+2kv, d] tensor, made once here and again after every
+    # move or cast (`_apply`); in-place updates (optimizer steps, load_state_dict) write into it.
+    # The fused matmul runs only without gradients (decode, prefill, evaluation), and only while
+    # the three parameters still are its slices: anything that replaces a parameter's storage
+    # (FSDP, load_state_dict(assign=True), `p.data = ...`) makes `_fused_qkv` return None and the
+    # three matmuls run as before. Same products, one launch: on the CPU the logits are identical.
+    def pack_qkv_(self) -> None:
+        """Make q_proj/k_proj/v_proj's weights (and biases) row views of one fused tensor."""
+        lins = (self.q_proj, self.k_proj, self.v_proj)
+        ws = [m.weight for m in lins]
+        if any(w.is_meta or type(w.data) is not torch.Tensor for w in ws) or len({(w.dtype, w.device) for w in ws}) > 1:
+            self._qkv = None  # meta (built before materialising) or sharded: nothing to view into
+            return
+        with torch.no_grad():
+            w = torch.cat([x.detach() for x in ws])
+            b = torch.cat([m.bias.detach() for m in lins]) if self.q_proj.bias is not None else None
+        for m, part in zip(lins, w.split(self.qkv_sizes)):
+            m.weight.data = part
+        if b is not None:
+            for m, part in zip(lins, b.split(self.qkv_sizes)):
+                m.bias.data = part
+        self._qkv = (w, b)
+
+    def _apply(self, fn, recurse=True):
+        super()._apply(fn, recurse)
+        if self.fuse_projections and not _views_of(self._qkv, (self.q_proj, self.k_proj, self.v_proj)):
+            self.pack_qkv_()  # a move or cast gave each parameter its own storage: view them again
+        return self
+
+    def __setstate__(self, state):
+        super().__setstate__(state)  # deepcopy and unpickling: parameters copied one by one
+        if self.fuse_projections and not _views_of(self._qkv, (self.q_proj, self.k_proj, self.v_proj)):
+            self.pack_qkv_()
+
+    def _fused_qkv(self) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+        if not self.fuse_projections or torch.is_grad_enabled():
+            return None
+        return self._qkv if _views_of(self._qkv, (self.q_proj, self.k_proj, self.v_proj)) else None
+
+    def joint_qk(self, x: torch.Tensor, fused, ctx) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The fused projection with q and k normed and rotated as one [B, T, H+Hkv, D] tensor: the q
+        and k heads lie side by side in the projection's output, so QK-norm (one weight row per
+        head) and rotary run once over both, the same operations per element as q and k apart, with
+        half the launches. -> q [B,T,H,D], k [B,T,Hkv,D] (rotated), v [B,T,Hkv,D], and k normed but
+        not rotated (what NSA's compression reads). Needs n_heads, n_kv_heads, head_dim, q_norm,
+        k_norm, matmul and pdl."""
+        H, Hkv, D = self.n_heads, self.n_kv_heads, self.head_dim
+        y = linear(x, *fused, backend=self.matmul, pdl=self.pdl)
+        n_qk = self.qkv_sizes[0] + self.qkv_sizes[1]
+        qk = y[..., :n_qk].unflatten(-1, (H + Hkv, D))
+        w = torch.cat([self.q_norm.weight.expand(H, D), self.k_norm.weight.expand(Hkv, D)])
+        qk = rms_norm(qk, w, self.q_norm.eps, self.q_norm.zero_centered)
+        k_normed = qk[:, :, H:]
+        if ctx.cos is not None:
+            qk = apply_rotary(qk, ctx.cos, ctx.sin)
+        q, k = qk.split((H, Hkv), dim=2)
+        return q, k, y[..., n_qk:].unflatten(-1, (Hkv, D)), k_normed
+
+
+class Attention(FusedQKV):
     # o_proj writes into the residual stream; the value-embedding gate scores, it maps nothing; the fused
     # [q; k; v] stack is three hidden matrices, which Muon orthogonalises one by one (model/roles.py)
     PARAM_ROLES = {"o_proj.weight": "matrix_out", "ve_gate.weight": "gate", "qkv_weight": "matrix"}
@@ -319,49 +384,6 @@ class Attention(nn.Module):
     def make_cache(self, batch: int, max_len: int, dtype, device) -> KVCache:
         return KVCache.empty(batch, max_len, self.n_kv_heads, self.head_dim, dtype=dtype, device=device)
 
-    # ---- the fused q/k/v view (model.fuse_projections) ------------------------------------
-    # Decoding one token is a matrix-vector product per projection: three launches that each read
-    # a slice of weights, where one read of [Wq; Wk; Wv] does. Training keeps three parameters
-    # (their names, roles and Muon's per-matrix orthogonalisation), so the fusion is a view: the
-    # three weights are row slices of one [q+2kv, d] tensor, made once here and again after every
-    # move or cast (`_apply`); in-place updates (optimizer steps, load_state_dict) write into it.
-    # The fused matmul runs only without gradients (decode, prefill, evaluation), and only while
-    # the three parameters still are its slices: anything that replaces a parameter's storage
-    # (FSDP, load_state_dict(assign=True), `p.data = ...`) makes `_fused_qkv` return None and the
-    # three matmuls run as before. Same products, one launch: on the CPU the logits are identical.
-    def pack_qkv_(self) -> None:
-        """Make q_proj/k_proj/v_proj's weights (and biases) row views of one fused tensor."""
-        lins = (self.q_proj, self.k_proj, self.v_proj)
-        ws = [m.weight for m in lins]
-        if any(w.is_meta or type(w.data) is not torch.Tensor for w in ws) or len({(w.dtype, w.device) for w in ws}) > 1:
-            self._qkv = None  # meta (built before materialising) or sharded: nothing to view into
-            return
-        with torch.no_grad():
-            w = torch.cat([x.detach() for x in ws])
-            b = torch.cat([m.bias.detach() for m in lins]) if self.q_proj.bias is not None else None
-        for m, part in zip(lins, w.split(self.qkv_sizes)):
-            m.weight.data = part
-        if b is not None:
-            for m, part in zip(lins, b.split(self.qkv_sizes)):
-                m.bias.data = part
-        self._qkv = (w, b)
-
-    def _apply(self, fn, recurse=True):
-        super()._apply(fn, recurse)
-        if self.fuse_projections and not _views_of(self._qkv, (self.q_proj, self.k_proj, self.v_proj)):
-            self.pack_qkv_()  # a move or cast gave each parameter its own storage: view them again
-        return self
-
-    def __setstate__(self, state):
-        super().__setstate__(state)  # deepcopy and unpickling: parameters copied one by one
-        if self.fuse_projections and not _views_of(self._qkv, (self.q_proj, self.k_proj, self.v_proj)):
-            self.pack_qkv_()
-
-    def _fused_qkv(self) -> tuple[torch.Tensor, torch.Tensor | None] | None:
-        if not self.fuse_projections or torch.is_grad_enabled():
-            return None
-        return self._qkv if _views_of(self._qkv, (self.q_proj, self.k_proj, self.v_proj)) else None
-
     def project_qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """x [B,T,d] -> the q (with gate rows when gated), k, v projections, flat per token."""
         if hasattr(self, "qkv_weight"):
@@ -377,7 +399,7 @@ class Attention(nn.Module):
         if fused is not None and self.takes_decode_step(x, ctx, cache):
             return self.o_proj(self.decode_step(x, fused, ctx, cache).reshape(B, T, -1)), {}
         if fused is not None:
-            q, k, v = self.joint_qk(x, fused, ctx)
+            q, k, v, _ = self.joint_qk(x, fused, ctx)
         else:
             q, k, v = self.project_qkv(x)
             q = q.reshape(B, T, self.n_heads, -1)
@@ -407,22 +429,6 @@ class Attention(nn.Module):
             o = o * torch.sigmoid(gate)
         return self.o_proj(o.reshape(B, T, -1)), {}
 
-    def joint_qk(self, x: torch.Tensor, fused, ctx) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """The fused projection with q and k normed and rotated as one [B, T, H+Hkv, D] tensor: the q
-        and k heads lie side by side in the projection's output, so QK-norm (one weight row per
-        head) and rotary run once over both, the same operations per element as q and k apart, with
-        half the launches. -> q [B,T,H,D], k [B,T,Hkv,D] (rotated), v [B,T,Hkv,D]."""
-        B, T, _ = x.shape
-        H, Hkv, D = self.n_heads, self.n_kv_heads, self.head_dim
-        y = linear(x, *fused, backend=self.matmul, pdl=self.pdl)
-        n_qk = self.qkv_sizes[0] + self.qkv_sizes[1]
-        qk = y[..., :n_qk].unflatten(-1, (H + Hkv, D))
-        w = torch.cat([self.q_norm.weight.expand(H, D), self.k_norm.weight.expand(Hkv, D)])
-        qk = rms_norm(qk, w, self.q_norm.eps, self.q_norm.zero_centered)
-        if ctx.cos is not None:
-            qk = apply_rotary(qk, ctx.cos, ctx.sin)
-        q, k = qk.split((H, Hkv), dim=2)
-        return q, k, y[..., n_qk:].unflatten(-1, (Hkv, D))
 
     def decode_kernel(self, T: int, device: torch.device) -> bool:
         """Whether T new tokens attend over a cache through the own split-KV kernel."""

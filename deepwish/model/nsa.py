@@ -65,8 +65,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from deepwish.config import ConfigError, ModelConfig
-from deepwish.model.attention import (ATTENDING_MIXERS, DECODE_KERNEL_MAX_ROWS, _interpreting, attention_mask,
-                                      causal_attention, kernel_inputs, resolve_attn_backend, sdpa_folded_groups)
+from deepwish.model.attention import (ATTENDING_MIXERS, DECODE_KERNEL_MAX_ROWS, FusedQKV, _interpreting,
+                                      attention_mask, causal_attention, kernel_inputs, resolve_attn_backend,
+                                      sdpa_folded_groups)
 from deepwish.model.cache import take_rows_, write_rows_
 from deepwish.model.norm import RMSNorm
 from deepwish.model.rope import apply_rotary
@@ -161,9 +162,10 @@ class NSACache:
             take_rows_(t, index)
 
 
-class NSA(nn.Module):
+class NSA(FusedQKV):
     """The `nsa` mixer (module docstring). Projections, QK-norm and rotary as the Qwen3 attention
-    (same parameter names, so dense weights load into it)."""
+    (same parameter names, so dense weights load into it; model.fuse_projections: one matmul for q,
+    k and v without gradients, and QK-norm and rotary once over the q and k heads together)."""
 
     PARAM_ROLES = {"o_proj.weight": "matrix_out", "gate_proj.weight": "gate"}
 
@@ -197,6 +199,10 @@ class NSA(nn.Module):
         self.k_proj = nn.Linear(d, Hkv * D, bias=cfg.attn_bias)
         self.v_proj = nn.Linear(d, Hkv * D, bias=cfg.attn_bias)
         self.o_proj = nn.Linear(H * D, d, bias=cfg.attn_bias)
+        self.qkv_sizes = (H * D, Hkv * D, Hkv * D)
+        self.matmul, self.pdl = cfg.decode_matmul, cfg.decode_pdl   # the fused projection's matmul (kernels/gemv)
+        self._qkv = None
+        self.fuse_projections = cfg.fuse_projections
         self.q_norm = RMSNorm(D, cfg.norm_eps, cfg.norm_zero_centered) if cfg.qk_norm else None
         self.k_norm = RMSNorm(D, cfg.norm_eps, cfg.norm_zero_centered) if cfg.qk_norm else None
         self.k_compress = Compression(self.cmp_len, D)
@@ -204,6 +210,8 @@ class NSA(nn.Module):
         self.gate_proj = nn.Linear(d, 3 * H, bias=False) if cfg.nsa_gate == "sigmoid" else None
         self.scale = D ** -0.5
         self.decode_fusion = cfg.decode_fusion  # the window branch's split-KV merge inside its split kernel
+        if self.fuse_projections:
+            self.pack_qkv_()
 
     def make_cache(self, batch: int, max_len: int, dtype, device) -> NSACache:
         return NSACache.empty(batch, max_len, self.n_kv_heads, self.head_dim, self.cmp_len, self.cmp_stride,
@@ -246,14 +254,18 @@ class NSA(nn.Module):
     # ---- forward -----------------------------------------------------------------------------
     def forward(self, x: torch.Tensor, ctx, cache: NSACache | None = None) -> tuple[torch.Tensor, dict]:
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim)
-        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim)
-        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim)
-        if self.q_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
-        k_raw = k
-        if ctx.cos is not None:
-            q, k = apply_rotary(q, ctx.cos, ctx.sin), apply_rotary(k, ctx.cos, ctx.sin)
+        fused = None if self.q_norm is None else self._fused_qkv()
+        if fused is not None:   # one matmul; the compression reads k before rotary (k_raw)
+            q, k, v, k_raw = self.joint_qk(x, fused, ctx)
+        else:
+            q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim)
+            k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim)
+            v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim)
+            if self.q_norm is not None:
+                q, k = self.q_norm(q), self.k_norm(k)
+            k_raw = k
+            if ctx.cos is not None:
+                q, k = apply_rotary(q, ctx.cos, ctx.sin), apply_rotary(k, ctx.cos, ctx.sin)
         # blocks ending in this chunk: rows into T, found from document positions
         rows, valid = block_ends(ctx.positions, self.cmp_len, self.cmp_stride, T // self.cmp_stride + 1)
         cos = sin = None

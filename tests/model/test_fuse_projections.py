@@ -29,7 +29,7 @@ def _attn(model):
 
 
 @pytest.mark.parametrize("preset,kw", [("qwen3_tiny", {}), ("qwen3_tiny", {"attn_bias": True}),
-                                       ("qwen3_moe_tiny", {}), ("qwen3_next_tiny", {})])
+                                       ("qwen3_moe_tiny", {}), ("qwen3_next_tiny", {}), ("qwen3_nsa_tiny", {})])
 def test_fused_equals_three_matmuls(preset, kw):
     fused, plain = _pair(preset, **kw)
     with torch.no_grad():
@@ -49,6 +49,26 @@ def test_fused_equals_three_matmuls(preset, kw):
         outs.append(torch.stack(got))
     assert torch.equal(outs[0], outs[1])
     assert generate(fused, ids, 6) == generate(plain, ids, 6)
+
+
+def test_nsa_fused_reads_the_unrotated_keys():
+    """NSA's compression reads k after QK-norm and before rotary: with the fused projection that is
+    the joint norm's k heads before the joint rotary. Rows long enough for compressed tokens and a
+    selection among several blocks (16-token blocks every 8), prefill and one-token steps."""
+    fused, plain = _pair("qwen3_nsa_tiny")
+    V = fused.cfg.vocab_size
+    ids = torch.randint(0, V, (2, 70))
+    with torch.no_grad():
+        assert torch.equal(fused(ids).logits, plain(ids).logits)
+    steps = torch.randint(0, V, (2, 12))
+    outs = []
+    for m in (fused, plain):
+        cache = m.make_cache(2, 96)
+        got = [prefill(m, ids, cache)]
+        for s in range(12):
+            got.append(decode_one_token(m, steps[:, s], torch.full((2,), 70 + s), cache))
+        outs.append(torch.stack(got))
+    assert torch.equal(outs[0], outs[1])
 
 
 def test_names_and_gradients_unchanged():
