@@ -90,6 +90,19 @@ def block_ends(doc_pos: torch.Tensor, cmp_len: int, stride: int, n_slots: int) -
     return rows[:, :n_slots], valid[:, :n_slots]
 
 
+def chunk_block_ends(positions: torch.Tensor, cmp_len: int, stride: int, n_slots: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """`block_ends` for a chunk of consecutive positions p0 .. p0 + T - 1 in every row (a cached
+    forward: one document a row), in closed form: the first end is at row r0 = max((l - 1 - p0) mod
+    d, l - 1 - p0), the next ones every d rows. The same valid rows, packed to the front (the others
+    point at the chunk's last row; their blocks go to the trash slot), in a handful of ops instead
+    of a cumulative sum and two scatters: a decode step runs this in every NSA layer."""
+    T = positions.shape[1]
+    before = (cmp_len - 1) - positions[:, :1]                          # [B, 1]
+    first = torch.maximum(before % stride, before)
+    rows = first + torch.arange(0, n_slots * stride, stride, device=positions.device)
+    return rows.clamp(max=T - 1), rows < T
+
+
 def block_rows(ends: torch.Tensor, cmp_len: int) -> torch.Tensor:
     """ends [B, N] -> the l rows of each block [B, N·l] (end − l + 1 .. end, clamped at 0 for pads)."""
     offs = torch.arange(1 - cmp_len, 1, device=ends.device)
@@ -266,8 +279,10 @@ class NSA(FusedQKV):
             k_raw = k
             if ctx.cos is not None:
                 q, k = apply_rotary(q, ctx.cos, ctx.sin), apply_rotary(k, ctx.cos, ctx.sin)
-        # blocks ending in this chunk: rows into T, found from document positions
-        rows, valid = block_ends(ctx.positions, self.cmp_len, self.cmp_stride, T // self.cmp_stride + 1)
+        # blocks ending in this chunk: rows into T, found from document positions (a cache's chunk:
+        # consecutive positions, one document a row)
+        ends = block_ends if cache is None else chunk_block_ends
+        rows, valid = ends(ctx.positions, self.cmp_len, self.cmp_stride, T // self.cmp_stride + 1)
         cos = sin = None
         if ctx.cos is not None:
             at = rows[:, :, None].expand(-1, -1, ctx.cos.shape[-1])

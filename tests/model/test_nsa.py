@@ -39,6 +39,23 @@ def test_block_ends_per_document():
     assert rows[0, :6].tolist() == want and valid[0].tolist() == [True] * 6 + [False] * 3
 
 
+def test_chunk_block_ends_equal_the_general_rule():
+    """The cached forward's closed form (consecutive positions from p0 in each row) finds the same
+    block-ending rows, packed to the front, as the general rule, for chunks that start before the
+    first block ends, on and off the stride, one token or many."""
+    from deepwish.model.nsa import chunk_block_ends
+    for l, d in ((4, 2), (16, 8), (5, 3), (3, 3)):
+        for T in (1, 2, 7, 20):
+            p0 = torch.arange(0, 40)[:, None]
+            pos = p0 + torch.arange(T)
+            n = T // d + 1
+            rows, valid = block_ends(pos, l, d, n)
+            got_rows, got_valid = chunk_block_ends(pos, l, d, n)
+            assert torch.equal(valid, got_valid), (l, d, T)
+            assert torch.equal(rows[valid], got_rows[valid]), (l, d, T)
+            assert ((got_rows >= 0) & (got_rows < T)).all()
+
+
 def test_compressed_tokens_follow_the_documents():
     """k_cmp of a packed row = φ over each document's own blocks, rotated at the block end."""
     m = tiny_model(n_layers=1)
