@@ -93,11 +93,13 @@ for stage in "$@"; do
       fi
       [ -f "$CORPUS/meta.json" ] && cp "$CORPUS/meta.json" "$OUT/corpus_meta.json" \
         && python3 -c "import json,sys; m=json.load(open(sys.argv[1])); print('corpus', sys.argv[1], m['fingerprint'], m['train']['tokens'], 'train tokens', m['val']['tokens'], 'val tokens')" "$CORPUS/meta.json" ;;
-    nsa_generate)  # `deepwish generate` itself on a 10-step qwen3_0.6b_nsa checkpoint (every attention layer NSA):
+    nsa_generate)  # `deepwish generate` itself on a 2-step qwen3_0.6b_nsa checkpoint (every attention layer NSA;
+      # trained uncompiled: the checkpoint only has to exist; with a 10-step compiled run first, the stage ran
+      # past its time limit twice before --compile printed):
       # 256 greedy tokens, the plain capture and --compile (NSA_GENERATE_OPTS: a subset, e.g. "--compile");
       # timing lines on stderr
-      python3 -m deepwish.cli train --preset qwen3_0.6b_nsa --out /tmp/gen_nsa --set train.steps=10 --set train.eval_every=10 \
-        --set train.save_every=10 --set train.sample_tokens=0 2>&1 | tail -3 || status=1
+      python3 -m deepwish.cli train --preset qwen3_0.6b_nsa --out /tmp/gen_nsa --set train.steps=2 --set train.eval_every=2 \
+        --set train.save_every=2 --set train.sample_tokens=0 --set train.compile=off 2>&1 | tail -3 || status=1
       for opts in ${NSA_GENERATE_OPTS:-"" "--compile"}; do
         echo "--- deepwish generate (qwen3_0.6b_nsa) $opts"
         python3 -m deepwish.cli generate --ckpt /tmp/gen_nsa --max-new-tokens 256 --temperature 0 $opts \
