@@ -318,8 +318,8 @@ class NSA(FusedQKV):
             raise ValueError("nsa: a cached forward serves one document per row; doc_ids is not supported with a cache")
         pos = ctx.positions  # slot = position = row position
         cache.write(pos, k, k_raw, v)
-        k_cmp, v_cmp = self.compress(cache.k_raw, cache.v, pos.gather(1, rows), cos, sin)
-        end = pos.gather(1, rows)
+        end = pos.gather(1, rows)   # slot = position: the block ends' slots are their positions
+        k_cmp, v_cmp = self.compress(cache.k_raw, cache.v, end, cos, sin)
         slot = torch.where(valid, (end - (self.cmp_len - 1)) // self.cmp_stride, cache.n_blocks)
         slot = slot.clamp(0, cache.n_blocks)  # a block past the cache's last slot cannot end inside it
         cache.write_blocks(slot, k_cmp, v_cmp, torch.where(valid, end, NEVER))
