@@ -28,47 +28,32 @@ def _attn(model):
     return next(b.mixer for b in model.blocks if hasattr(b.mixer, "q_proj"))
 
 
-@pytest.mark.parametrize("preset,kw", [("qwen3_tiny", {}), ("qwen3_tiny", {"attn_bias": True}),
-                                       ("qwen3_moe_tiny", {}), ("qwen3_next_tiny", {}), ("qwen3_nsa_tiny", {})])
-def test_fused_equals_three_matmuls(preset, kw):
+@pytest.mark.parametrize("preset,kw,T,n", [
+    ("qwen3_tiny", {}, 9, 4), ("qwen3_tiny", {"attn_bias": True}, 9, 4), ("qwen3_moe_tiny", {}, 9, 4),
+    ("qwen3_next_tiny", {}, 9, 4), ("qwen3_nsa_tiny", {}, 9, 4),
+    # NSA's compression reads k after QK-norm and before rotary (the fused path: the joint norm's k
+    # heads before the joint rotary): rows long enough for compressed tokens (16-token blocks every 8)
+    # and a selection among several blocks
+    pytest.param("qwen3_nsa_tiny", {}, 70, 12, id="nsa-compressed-blocks")])
+def test_fused_equals_three_matmuls(preset, kw, T, n):
     fused, plain = _pair(preset, **kw)
     with torch.no_grad():
         assert _attn(fused)._fused_qkv() is not None and _attn(plain)._fused_qkv() is None
     V = fused.cfg.vocab_size
-    ids = torch.randint(0, V, (2, 9))
+    ids = torch.randint(0, V, (2, T))
     with torch.no_grad():
         assert torch.equal(fused(ids).logits, plain(ids).logits)
     # prefill + one-token steps over a cache
-    steps = torch.randint(0, V, (2, 4))
+    steps = torch.randint(0, V, (2, n))
     outs = []
     for m in (fused, plain):
-        cache = m.make_cache(2, 16)
+        cache = m.make_cache(2, T + n + 3)
         got = [prefill(m, ids, cache)]
-        for s in range(4):
-            got.append(decode_one_token(m, steps[:, s], torch.full((2,), 9 + s), cache))
+        for s in range(n):
+            got.append(decode_one_token(m, steps[:, s], torch.full((2,), T + s), cache))
         outs.append(torch.stack(got))
     assert torch.equal(outs[0], outs[1])
     assert generate(fused, ids, 6) == generate(plain, ids, 6)
-
-
-def test_nsa_fused_reads_the_unrotated_keys():
-    """NSA's compression reads k after QK-norm and before rotary: with the fused projection that is
-    the joint norm's k heads before the joint rotary. Rows long enough for compressed tokens and a
-    selection among several blocks (16-token blocks every 8), prefill and one-token steps."""
-    fused, plain = _pair("qwen3_nsa_tiny")
-    V = fused.cfg.vocab_size
-    ids = torch.randint(0, V, (2, 70))
-    with torch.no_grad():
-        assert torch.equal(fused(ids).logits, plain(ids).logits)
-    steps = torch.randint(0, V, (2, 12))
-    outs = []
-    for m in (fused, plain):
-        cache = m.make_cache(2, 96)
-        got = [prefill(m, ids, cache)]
-        for s in range(12):
-            got.append(decode_one_token(m, steps[:, s], torch.full((2,), 70 + s), cache))
-        outs.append(torch.stack(got))
-    assert torch.equal(outs[0], outs[1])
 
 
 def test_names_and_gradients_unchanged():
