@@ -223,6 +223,7 @@ class NSA(FusedQKV):
         self.gate_proj = nn.Linear(d, 3 * H, bias=False) if cfg.nsa_gate == "sigmoid" else None
         self.scale = D ** -0.5
         self.decode_fusion = cfg.decode_fusion  # the window branch's split-KV merge inside its split kernel
+        self.decode_prologue = cfg.decode_prologue  # QK-norm, rotary and the three cache writes in one kernel
         if self.fuse_projections:
             self.pack_qkv_()
 
@@ -268,7 +269,17 @@ class NSA(FusedQKV):
     def forward(self, x: torch.Tensor, ctx, cache: NSACache | None = None) -> tuple[torch.Tensor, dict]:
         B, T, _ = x.shape
         fused = None if self.q_norm is None else self._fused_qkv()
-        if fused is not None:   # one matmul; the compression reads k before rotary (k_raw)
+        if fused is not None and self.takes_prologue(x, ctx, cache):
+            # the dense layers' decode prologue kernel (kernels/attention/decode.py), with the raw keys:
+            # q out, k (rotated), v and k before rotary written into the cache at their positions
+            from deepwish.kernels.attention.decode import decode_prologue
+            from deepwish.kernels.gemv import linear
+            y = linear(x, *fused, backend=self.matmul, pdl=self.pdl)
+            q = decode_prologue(y, self.q_norm.weight, self.k_norm.weight, self.q_norm.eps, ctx.cos, ctx.sin,
+                                ctx.positions, cache.k, cache.v, self.n_heads, self.q_norm.zero_centered, pdl=self.pdl,
+                                k_raw_cache=cache.k_raw)
+            k = v = k_raw = None   # in the cache already
+        elif fused is not None:   # one matmul; the compression reads k before rotary (k_raw)
             q, k, v, k_raw = self.joint_qk(x, fused, ctx)
         else:
             q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim)
@@ -299,6 +310,18 @@ class NSA(FusedQKV):
             o = g[..., 0:1] * o_cmp + g[..., 1:2] * o_slc + g[..., 2:3] * o_win
         return self.o_proj(o.reshape(B, T, -1)), {}
 
+    def window_kernel(self, T: int, device: torch.device) -> bool:
+        """Whether T cached tokens' window branch runs the split-KV decode kernel (kernels/attention)."""
+        rows = T * (1 << (self.n_heads // self.n_kv_heads - 1).bit_length())
+        return (self.backends.decode == "triton" and rows <= DECODE_KERNEL_MAX_ROWS
+                and (device.type == "cuda" or _interpreting()))
+
+    def takes_prologue(self, x: torch.Tensor, ctx, cache) -> bool:
+        """Whether this cached forward writes its keys and values through the decode prologue kernel
+        (model.decode_prologue, as the dense layers: rotary present, the window on the split-KV kernel)."""
+        return (self.decode_prologue and isinstance(cache, NSACache) and ctx.cos is not None
+                and ctx.doc_ids is None and self.window_kernel(x.shape[1], x.device))
+
     def attend_rows(self, q, k, v, k_raw, rows, valid, cos, sin, ctx):
         """Training / prefill without a cache: every branch over the rows themselves."""
         B, T = q.shape[:2]
@@ -317,7 +340,8 @@ class NSA(FusedQKV):
         if ctx.doc_ids is not None:
             raise ValueError("nsa: a cached forward serves one document per row; doc_ids is not supported with a cache")
         pos = ctx.positions  # slot = position = row position
-        cache.write(pos, k, k_raw, v)
+        if k is not None:   # None: the decode prologue wrote them (forward)
+            cache.write(pos, k, k_raw, v)
         end = pos.gather(1, rows)   # slot = position: the block ends' slots are their positions
         k_cmp, v_cmp = self.compress(cache.k_raw, cache.v, end, cos, sin)
         slot = torch.where(valid, (end - (self.cmp_len - 1)) // self.cmp_stride, cache.n_blocks)
@@ -326,8 +350,7 @@ class NSA(FusedQKV):
         q = q.to(cache.k.dtype)  # the cache's dtype: casting q is cheap, casting the cache is not
         o_cmp, o_slc = self.sparse_branches(q, cache.k_cmp, cache.v_cmp, cache.cmp_end, cache.k.transpose(1, 2),
                                             cache.v.transpose(1, 2), pos, None)
-        rows_per_head = q.shape[1] * (1 << (self.n_heads // self.n_kv_heads - 1).bit_length())
-        if self.backends.decode == "triton" and rows_per_head <= DECODE_KERNEL_MAX_ROWS and (q.is_cuda or _interpreting()):
+        if self.window_kernel(q.shape[1], q.device):
             from deepwish.kernels.attention.decode import decode_attention
             o_win = decode_attention(q, cache.k, cache.v, pos, None, window=self.window_size, scale=self.scale,
                                      merge_in_split=self.decode_fusion)

@@ -277,6 +277,32 @@ def test_decode_prologue_matches_reference(dtype, T, rot, zero_centered, monkeyp
     torch.testing.assert_close(caches[1][0], caches[0][0], **tol)  # and nothing written past it
 
 
+@pytest.mark.parametrize("T,rot", [(1, 16), (3, 8)])
+def test_decode_prologue_writes_the_unrotated_keys_for_nsa(T, rot):
+    """NSA's form of the prologue (k_raw_cache): the same q and caches, and k normed but not rotated
+    in its own cache, as the reference; without it nothing else changes."""
+    from deepwish.kernels.attention.decode import decode_prologue
+    torch.manual_seed(6)
+    B, H, Hkv, D, L = 2, 4, 2, 16, 12
+    y = torch.randn(B, T, (H + 2 * Hkv) * D, dtype=torch.float16)
+    wq, wk = (torch.randn(D) * 0.3 + 1.0).half(), (torch.randn(D) * 0.3 + 1.0).half()
+    angle = torch.rand(B, T, rot // 2) * 6.0
+    cos, sin = angle.cos(), angle.sin()
+    positions = torch.stack([torch.arange(T) + 5, torch.arange(T) + 2])
+    before = [torch.randn(B, Hkv, L, D).half() for _ in range(3)]
+    want, got = ([c.clone() for c in before] for _ in range(2))
+    q_ref = ref.decode_prologue(y, wq, wk, 1e-6, cos, sin, positions, want[0], want[1], H, k_raw_cache=want[2])
+    q = decode_prologue(y, wq, wk, 1e-6, cos, sin, positions, got[0], got[1], H, k_raw_cache=got[2])
+    tol = dict(rtol=2e-3, atol=2e-3)
+    torch.testing.assert_close(q, q_ref, **tol)
+    for g, w, old in zip(got, want, before):
+        torch.testing.assert_close(g, w, **tol)
+        assert not torch.equal(g, old)
+    assert not torch.allclose(got[2], got[0], **tol)   # the raw keys are not the rotated ones
+    with pytest.raises(ValueError, match="k_cache's shape"):
+        decode_prologue(y, wq, wk, 1e-6, cos, sin, positions, got[0], got[1], H, k_raw_cache=got[2][:, :1])
+
+
 def _stops_past_the_cache(monkeypatch, call):
     """A position past the cache: the kernel's device-side assertion (compiled in on the GPU by its
     debug flag; the interpreter honours assertions only in its debug options)."""

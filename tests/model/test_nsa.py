@@ -306,3 +306,26 @@ def test_the_triton_kernels_in_the_model_equal_the_torch_path_under_the_interpre
     for t in (30, 31):
         out.append(fast(ids[:, t:t + 1], positions=torch.full((1, 1), t), cache=cache).logits)
     torch.testing.assert_close(torch.cat(out, 1), slow(ids).logits, atol=1e-5, rtol=1e-5)
+
+
+def test_decode_prologue_kernel_in_the_model_equals_the_torch_path(monkeypatch):
+    """With the window on the split-KV kernel (attn_backend triton, the interpreter), a cached step
+    writes q's keys and values through the dense layers' decode prologue kernel, the keys before
+    rotary included (model.decode_prologue): a prefill and decode steps equal the torch path's logits,
+    and the kernel ran for the one-token steps."""
+    from deepwish.kernels.attention import decode
+    calls = []
+    real = decode.decode_prologue
+    monkeypatch.setattr(decode, "decode_prologue", lambda *a, **k: calls.append(a[0].shape[1]) or real(*a, **k))
+    fast = tiny_model(n_layers=1, nsa_backend="triton", attn_backend="triton")
+    slow = tiny_model(n_layers=1)
+    slow.load_state_dict(fast.state_dict())
+    ids = torch.randint(0, fast.cfg.vocab_size, (2, 36))
+    cache = fast.make_cache(2, 40)
+    with torch.no_grad():
+        out = [fast(ids[:, :33], cache=cache).logits]
+        for t in (33, 34, 35):
+            out.append(fast(ids[:, t:t + 1], positions=torch.full((2, 1), t), cache=cache).logits)
+        want = slow(ids).logits
+    assert calls and all(T <= 33 for T in calls) and calls.count(1) == 3, calls
+    torch.testing.assert_close(torch.cat(out, 1), want, atol=1e-5, rtol=1e-5)

@@ -105,7 +105,8 @@ def _norm_rope(rows, ok, W, cs, COS, SIN, d, D, eps, R: tl.constexpr, ZERO_CENTE
     """QK-norm and rotary of M rows: rows [M] point at each row's D values (ok [M]: the rows to
     read), cs [M] at each row's place in COS / SIN -> fp32 [M, len(d)]. Each row RMS-normed with
     the weight W [D] as model/norm.py rounds it (x̂ in the input's dtype, then times w; Qwen3-Next's
-    zero-centred x̂·(1 + w)), then its first R channels rotated, channel i with i ± R/2."""
+    zero-centred x̂·(1 + w)), then its first R channels rotated, channel i with i ± R/2; also the
+    normed rows before rotary (NSA's compression reads them)."""
     dt = rows.dtype.element_ty
     d_ok = d < D
     rot = d < R
@@ -125,7 +126,7 @@ def _norm_rope(rows, ok, W, cs, COS, SIN, d, D, eps, R: tl.constexpr, ZERO_CENTE
     jj = tl.where(first, d, d - R // 2)
     c = tl.load(COS + cs[:, None] + jj[None, :], mask=ok[:, None] & rot[None, :], other=1.0)
     sn = tl.load(SIN + cs[:, None] + jj[None, :], mask=ok[:, None] & rot[None, :], other=0.0)
-    return tl.where(rot[None, :], tl.where(first[None, :], y * c - yp * sn, y * c + yp * sn), y)
+    return tl.where(rot[None, :], tl.where(first[None, :], y * c - yp * sn, y * c + yp * sn), y), y
 
 
 # TQ (tokens a row) is not specialised: Triton would otherwise compile a separate kernel for TQ == 1
@@ -401,10 +402,10 @@ def D_scale(D: int, scale: float | None) -> float:
 # debug: the position check below (a step past the cache stops with a device-side assertion, as the
 # cache write it replaces did; a host check would synchronise every step). T unspecialised as in _split_kernel.
 @triton.jit(debug=True, do_not_specialize=["T"])
-def _prologue_kernel(Y, WQ, WK, COS, SIN, POS, QO, KC, VC,
-                     s_yb, s_yt, s_qb, s_qt, s_qh, s_kb, s_kh, s_kl, s_vb, s_vh, s_vl, s_cb, s_ct, s_pb, s_pt,
-                     T, H, HKV, L, eps, D: tl.constexpr, R: tl.constexpr, BLOCK_D: tl.constexpr,
-                     ZERO_CENTERED: tl.constexpr, PDL: tl.constexpr):
+def _prologue_kernel(Y, WQ, WK, COS, SIN, POS, QO, KC, VC, KR,
+                     s_yb, s_yt, s_qb, s_qt, s_qh, s_kb, s_kh, s_kl, s_vb, s_vh, s_vl, s_rb, s_rh, s_rl, s_cb, s_ct,
+                     s_pb, s_pt, T, H, HKV, L, eps, D: tl.constexpr, R: tl.constexpr, BLOCK_D: tl.constexpr,
+                     ZERO_CENTERED: tl.constexpr, PDL: tl.constexpr, RAW: tl.constexpr):
     wait_for_inputs(PDL)
     head = tl.program_id(0)  # 0..H-1 query heads, then Hkv key heads, then Hkv value heads
     bt = tl.program_id(1)
@@ -424,59 +425,89 @@ def _prologue_kernel(Y, WQ, WK, COS, SIN, POS, QO, KC, VC,
         one = tl.zeros([1], dtype=tl.int64)
         cs = one + b * s_cb + t * s_ct
         if head < H:
-            q = _norm_rope(row + one, one == 0, WQ, cs, COS, SIN, d, D, eps, R, ZERO_CENTERED)
+            q, _ = _norm_rope(row + one, one == 0, WQ, cs, COS, SIN, d, D, eps, R, ZERO_CENTERED)
             tl.store(QO + b * s_qb + t * s_qt + tl.cast(head, tl.int64) * s_qh + d[None, :],
                      q.to(QO.dtype.element_ty), mask=d_ok[None, :])
         else:
-            k = _norm_rope(row + one, one == 0, WK, cs, COS, SIN, d, D, eps, R, ZERO_CENTERED)
+            k, k_normed = _norm_rope(row + one, one == 0, WK, cs, COS, SIN, d, D, eps, R, ZERO_CENTERED)
             hk = tl.cast(head - H, tl.int64)
             tl.store(KC + b * s_kb + hk * s_kh + pos * s_kl + d[None, :], k.to(KC.dtype.element_ty),
                      mask=(d_ok & in_cache)[None, :])
+            if RAW:  # the key before rotary into its own cache (NSA's compression reads it)
+                tl.store(KR + b * s_rb + hk * s_rh + pos * s_rl + d[None, :], k_normed.to(KR.dtype.element_ty),
+                         mask=(d_ok & in_cache)[None, :])
 
 
 def decode_prologue(y: torch.Tensor, q_weight: torch.Tensor, k_weight: torch.Tensor, eps: float,
                     cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor, k_cache: torch.Tensor,
-                    v_cache: torch.Tensor, n_heads: int, zero_centered: bool = False, pdl: bool | str = False) -> torch.Tensor:
+                    v_cache: torch.Tensor, n_heads: int, zero_centered: bool = False, pdl: bool | str = False,
+                    k_raw_cache: torch.Tensor | None = None) -> torch.Tensor:
     """`reference.decode_prologue` in one launch: y [B, T, (H + 2·Hkv)·D] -> q [B, T, H, D]; k and v
-    written into the caches [B, Hkv, L, D] at `positions` [B, T]. A position outside the cache writes
-    nothing and stops the kernel with a device-side assertion (no host synchronisation). pdl:
-    programmatic dependent launch (kernels/pdl.py)."""
+    written into the caches [B, Hkv, L, D] at `positions` [B, T] (and k normed before rotary into
+    k_raw_cache, NSA's). A position outside the cache writes nothing and stops the kernel with a
+    device-side assertion (no host synchronisation). pdl: programmatic dependent launch (kernels/pdl.py)."""
     B, T, F = y.shape
     Hkv, D = k_cache.shape[1], k_cache.shape[-1]
     if (F != (n_heads + 2 * Hkv) * D or v_cache.shape[-1] != D or tuple(q_weight.shape) != (D,)
             or tuple(k_weight.shape) != (D,) or tuple(positions.shape) != (B, T)
-            or cos.shape[:2] != (B, T) or 2 * cos.shape[-1] > D or cos.shape != sin.shape):
+            or cos.shape[:2] != (B, T) or 2 * cos.shape[-1] > D or cos.shape != sin.shape
+            or (k_raw_cache is not None and k_raw_cache.shape != k_cache.shape)):
         raise ValueError(f"decode_prologue: y {tuple(y.shape)} must be [B, T, (H + 2·Hkv)·D] for H={n_heads}, "
                          f"caches {tuple(k_cache.shape)} / {tuple(v_cache.shape)}, weights [D], positions [B, T], "
                          f"cos/sin [B, T, <= D/2]; got weights {tuple(q_weight.shape)} / {tuple(k_weight.shape)}, "
-                         f"positions {tuple(positions.shape)}, cos {tuple(cos.shape)}")
+                         f"positions {tuple(positions.shape)}, cos {tuple(cos.shape)}"
+                         + ("" if k_raw_cache is None else f", k_raw_cache {tuple(k_raw_cache.shape)} (k_cache's shape)"))
     if y.stride(-1) != 1:
         y = y.contiguous()
     cos, sin = cos.float(), sin.float()
     if cos.stride() != sin.stride() or cos.stride(-1) != 1:  # the kernels read both with cos's strides
         cos, sin = cos.contiguous(), sin.contiguous()
-    return _prologue_op(y, q_weight, k_weight, float(eps), cos, sin, positions, k_cache, v_cache,
-                        int(n_heads), bool(zero_centered), setting(pdl, "decode_prologue"))
+    args = (y, q_weight, k_weight, float(eps), cos, sin, positions, k_cache, v_cache)
+    if k_raw_cache is None:
+        return _prologue_op(*args, int(n_heads), bool(zero_centered), setting(pdl, "decode_prologue"))
+    return _prologue_raw_op(*args, k_raw_cache, int(n_heads), bool(zero_centered), setting(pdl, "decode_prologue"))
+
+
+def _prologue_launch(y, q_weight, k_weight, eps, cos, sin, positions, k_cache, v_cache, k_raw_cache, n_heads,
+                     zero_centered, pdl):
+    B, T, _ = y.shape
+    pdl, launch = launch_options(pdl, y.device, "decode_prologue")
+    Hkv, D = k_cache.shape[1], k_cache.shape[-1]
+    q = torch.empty(B, T, n_heads, D, dtype=y.dtype, device=y.device)
+    raw = k_raw_cache is not None
+    kr = k_raw_cache if raw else k_cache   # never written without RAW
+    _prologue_kernel[(n_heads + 2 * Hkv, B * T)](
+        y, q_weight, k_weight, cos, sin, positions, q, k_cache, v_cache, kr,
+        y.stride(0), y.stride(1), *q.stride()[:3], k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), kr.stride(0), kr.stride(1), kr.stride(2),
+        cos.stride(0), cos.stride(1), positions.stride(0), positions.stride(1), T, n_heads, Hkv, k_cache.shape[2],
+        eps, D=D, R=2 * cos.shape[-1], BLOCK_D=triton.next_power_of_2(D), ZERO_CENTERED=zero_centered, PDL=pdl,
+        RAW=raw, num_warps=1 if _INTERPRET else 2, **launch)
+    return q
 
 
 @torch.library.custom_op("deepwish::decode_prologue", mutates_args=("k_cache", "v_cache"))
 def _prologue_op(y: torch.Tensor, q_weight: torch.Tensor, k_weight: torch.Tensor, eps: float, cos: torch.Tensor,
                  sin: torch.Tensor, positions: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                  n_heads: int, zero_centered: bool, pdl: str) -> torch.Tensor:
-    B, T, _ = y.shape
-    pdl, launch = launch_options(pdl, y.device, "decode_prologue")
-    Hkv, D = k_cache.shape[1], k_cache.shape[-1]
-    q = torch.empty(B, T, n_heads, D, dtype=y.dtype, device=y.device)
-    _prologue_kernel[(n_heads + 2 * Hkv, B * T)](
-        y, q_weight, k_weight, cos, sin, positions, q, k_cache, v_cache,
-        y.stride(0), y.stride(1), *q.stride()[:3], k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), cos.stride(0), cos.stride(1),
-        positions.stride(0), positions.stride(1), T, n_heads, Hkv, k_cache.shape[2], eps,
-        D=D, R=2 * cos.shape[-1], BLOCK_D=triton.next_power_of_2(D), ZERO_CENTERED=zero_centered, PDL=pdl,
-        num_warps=1 if _INTERPRET else 2, **launch)
-    return q
+    return _prologue_launch(y, q_weight, k_weight, eps, cos, sin, positions, k_cache, v_cache, None, n_heads,
+                            zero_centered, pdl)
+
+
+# NSA's form: one more cache written (a separate op, so that no mutated input is ever optional or aliased)
+@torch.library.custom_op("deepwish::decode_prologue_raw", mutates_args=("k_cache", "v_cache", "k_raw_cache"))
+def _prologue_raw_op(y: torch.Tensor, q_weight: torch.Tensor, k_weight: torch.Tensor, eps: float, cos: torch.Tensor,
+                     sin: torch.Tensor, positions: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                     k_raw_cache: torch.Tensor, n_heads: int, zero_centered: bool, pdl: str) -> torch.Tensor:
+    return _prologue_launch(y, q_weight, k_weight, eps, cos, sin, positions, k_cache, v_cache, k_raw_cache, n_heads,
+                            zero_centered, pdl)
 
 
 @_prologue_op.register_fake
 def _(y, q_weight, k_weight, eps, cos, sin, positions, k_cache, v_cache, n_heads, zero_centered, pdl):
+    return y.new_empty(y.shape[0], y.shape[1], n_heads, k_cache.shape[-1])
+
+
+@_prologue_raw_op.register_fake
+def _(y, q_weight, k_weight, eps, cos, sin, positions, k_cache, v_cache, k_raw_cache, n_heads, zero_centered, pdl):
     return y.new_empty(y.shape[0], y.shape[1], n_heads, k_cache.shape[-1])

@@ -96,14 +96,15 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
 
 def decode_prologue(y: torch.Tensor, q_weight: torch.Tensor, k_weight: torch.Tensor, eps: float,
                     cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor, k_cache: torch.Tensor,
-                    v_cache: torch.Tensor, n_heads: int, zero_centered: bool = False) -> torch.Tensor:
+                    v_cache: torch.Tensor, n_heads: int, zero_centered: bool = False,
+                    k_raw_cache: torch.Tensor | None = None) -> torch.Tensor:
     """What an attention layer does between its fused q/k/v projection and decode attention, for a
     plain cache whose slot j holds position j: y [B, T, (H + 2·Hkv)·D] (q heads, then k, then v)
     -> q [B, T, H, D] QK-normed and rotated; k (QK-normed, rotated) and v written into
     k_cache / v_cache [B, Hkv, L, D] at slots `positions` [B, T]. The norm is RMSNorm with one
     weight row per head kind (zero_centered: x̂·(1 + w)), rotary the half-split rotation of the
     first 2·R/2 channels by cos, sin [B, T, R/2] (fp32); each step rounds to y's dtype where the
-    model's rms_norm and apply_rotary do."""
+    model's rms_norm and apply_rotary do. k_raw_cache (NSA's): k normed, before rotary, written too."""
     B, T, _ = y.shape
     D = k_cache.shape[-1]
     Hkv = k_cache.shape[1]
@@ -116,12 +117,14 @@ def decode_prologue(y: torch.Tensor, q_weight: torch.Tensor, k_weight: torch.Ten
         qk = (xn * (1.0 + w.float())).to(y.dtype)
     else:
         qk = (w * xn.to(y.dtype)).to(y.dtype)
+    rows = torch.arange(B, device=y.device)[:, None]
+    if k_raw_cache is not None:
+        k_raw_cache[rows, :, positions] = qk[:, :, n_heads:].to(k_raw_cache.dtype)
     r = cos.shape[-1]
     x1, x2 = qk[..., :r].float(), qk[..., r:2 * r].float()
     c, s = cos[:, :, None, :], sin[:, :, None, :]
     qk = torch.cat([torch.cat([x1 * c - x2 * s, x2 * c + x1 * s], -1).to(y.dtype), qk[..., 2 * r:]], -1)
     q, k = qk[:, :, :n_heads], qk[:, :, n_heads:]
-    rows = torch.arange(B, device=y.device)[:, None]
     k_cache[rows, :, positions] = k.to(k_cache.dtype)  # [B, T, Hkv, D] into [B, Hkv, L, D] at (b, :, pos)
     v_cache[rows, :, positions] = v.to(v_cache.dtype)
     return q.contiguous()
