@@ -20,7 +20,7 @@ Design (decode reads the whole visible cache once; it is bound by memory bandwid
   family's short layers over a plain cache) the chunks tile the window's span from the first
   slot any query sees, and the last chunk takes the rest up to the highest query position: a
   few programs, each with work, and a merge of a few partials instead of one per SM's share of
-  the whole cache (at G = 16 the in-split merge reads them row by row).
+  the whole cache.
 - The split count depends only on shapes (host arithmetic, no device reads): the step can be
   captured in a CUDA graph.
 - `pdl` (model.decode_pdl, kernels/pdl.py): the split, merge and prologue kernels are launched
