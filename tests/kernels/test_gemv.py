@@ -282,20 +282,26 @@ out["rows_glu"] = ptx(gk._rows_kernel.fn, dict(rg, GLU=True, RESIDUAL=False, PRE
 out["one_row_no_prefetch"] = ptx(gk._one_row_kernel.fn, dict(g, PREFETCH=False), fp32=("eps",), ints=("N", "K"))
 out["split"] = ptx(decode._split_kernel, dict(CHUNK=256, BLOCK_DK=128, BLOCK_DV=128, BM=16, GP=2, SLOT_POS=True,
                    SOFTCAP=False, PREC="tf32", BN=64, PDL=True, MERGE=True, BS=64, PREFETCH=False,
-                   DIRECT=False),
+                   DIRECT=False, WIN_SPLITS=False, MERGE_ROWS=False),
                    fp32=("scale", "softcap"), ints=("TQ", "HKV", "G", "L", "W", "DQK", "DV", "SPLITS"))
+out["split_window"] = ptx(decode._split_kernel, dict(CHUNK=128, BLOCK_DK=128, BLOCK_DV=128, BM=16, GP=16, SLOT_POS=True,
+                          SOFTCAP=False, PREC="tf32", BN=64, PDL=True, MERGE=True, BS=8, PREFETCH=False,
+                          DIRECT=False, WIN_SPLITS=True, MERGE_ROWS=True),
+                          fp32=("scale", "softcap"), ints=("TQ", "HKV", "G", "L", "W", "DQK", "DV", "SPLITS"))
 out["split_prefetch"] = ptx(decode._split_kernel, dict(CHUNK=256, BLOCK_DK=128, BLOCK_DV=128, BM=16, GP=2, SLOT_POS=True,
                             SOFTCAP=False, PREC="tf32", BN=64, PDL=True, MERGE=True, BS=64, PREFETCH=True,
-                            DIRECT=False),
+                            DIRECT=False, WIN_SPLITS=False, MERGE_ROWS=False),
                             fp32=("scale", "softcap"), ints=("TQ", "HKV", "G", "L", "W", "DQK", "DV", "SPLITS"))
 out["split_direct"] = ptx(decode._split_kernel, dict(CHUNK=256, BLOCK_DK=128, BLOCK_DV=128, BM=16, GP=2, SLOT_POS=True,
                           SOFTCAP=False, PREC="tf32", BN=64, PDL=True, MERGE=False, BS=2, PREFETCH=False,
-                          DIRECT=True),
+                          DIRECT=True, WIN_SPLITS=False, MERGE_ROWS=False),
                           fp32=("scale", "softcap"), ints=("TQ", "HKV", "G", "L", "W", "DQK", "DV", "SPLITS"))
 out["merge"] = ptx(decode._merge_kernel, dict(BLOCK_DV=128, BM=16, GP=2, BS=8, PDL=True),
                    ints=("TQ", "HKV", "G", "DV", "SPLITS"))
-out["prologue"] = ptx(decode._prologue_kernel, dict(D=128, R=128, BLOCK_D=128, ZERO_CENTERED=False, PDL=True),
-                      fp32=("eps",), ints=("T", "H", "HKV", "L"))
+out["prologue"] = ptx(decode._prologue_kernel, dict(D=128, R=128, BLOCK_D=128, ZERO_CENTERED=False, PDL=True,
+                      RAW=False), fp32=("eps",), ints=("T", "H", "HKV", "L"))
+out["prologue_raw"] = ptx(decode._prologue_kernel, dict(D=128, R=128, BLOCK_D=128, ZERO_CENTERED=False, PDL=True,
+                          RAW=True), fp32=("eps",), ints=("T", "H", "HKV", "L"))
 print(json.dumps(out))
 '''
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
@@ -310,7 +316,7 @@ print(json.dumps(out))
     # glu: the gate rows' and the up rows' prefetches
     assert out["one_row_glu"]["prefetches"] == out["rows_glu"]["prefetches"] == 2 * out["one_row"]["prefetches"], out
     assert out["one_row_no_prefetch"]["prefetches"] == 0, out
-    for name in ("split", "merge", "prologue", "split_direct"):
+    for name in ("split", "merge", "prologue", "split_direct", "split_window", "prologue_raw"):
         assert out[name]["before"] == 0 and out[name]["after"] > 0 and out[name]["launch_after_wait"], (name, out)
     # the split kernel's PREFETCH: the query positions read, the chunk's keys and values sent to L2
     # (two bulk prefetches), all before the wait; q and the tiles after it
