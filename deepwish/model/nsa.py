@@ -256,7 +256,7 @@ class NSA(FusedQKV):
     def sparse_branches(self, q, k_cmp, v_cmp, cmp_end, k, v, q_pos, doc_ids):
         """The compressed and selected branches (kernels/nsa) -> o_cmp, o_slc [B, T, H, D]."""
         from deepwish.kernels.nsa import nsa_compressed, nsa_selected
-        backend = self.kernel_backend if q.is_cuda or self.kernel_requested != "auto" else "torch"
+        backend = self.sparse_backend(q.device)
         o_cmp, sel_idx = nsa_compressed(q, k_cmp, v_cmp, cmp_end, q_pos=q_pos, doc_ids=doc_ids,
                                         cmp_len=self.cmp_len, select_len=self.select_len, n_select=self.n_select,
                                         n_init=1, n_local=self.n_local, scale=self.scale, S=k.shape[1],
@@ -290,18 +290,10 @@ class NSA(FusedQKV):
             k_raw = k
             if ctx.cos is not None:
                 q, k = apply_rotary(q, ctx.cos, ctx.sin), apply_rotary(k, ctx.cos, ctx.sin)
-        # blocks ending in this chunk: rows into T, found from document positions (a cache's chunk:
-        # consecutive positions, one document a row)
-        ends = block_ends if cache is None else chunk_block_ends
-        rows, valid = ends(ctx.positions, self.cmp_len, self.cmp_stride, T // self.cmp_stride + 1)
-        cos = sin = None
-        if ctx.cos is not None:
-            at = rows[:, :, None].expand(-1, -1, ctx.cos.shape[-1])
-            cos, sin = ctx.cos.gather(1, at), ctx.sin.gather(1, at)
         if cache is None:
-            o_cmp, o_slc, o_win = self.attend_rows(q, k, v, k_raw, rows, valid, cos, sin, ctx)
+            o_cmp, o_slc, o_win = self.attend_rows(q, k, v, k_raw, ctx)
         else:
-            o_cmp, o_slc, o_win = self.attend_cache(q, k, v, k_raw, rows, valid, cos, sin, ctx, cache)
+            o_cmp, o_slc, o_win = self.attend_cache(q, k, v, k_raw, ctx, cache)
         g = self.gates(x)
         if g is None:
             o = o_cmp + o_slc + o_win
@@ -309,6 +301,31 @@ class NSA(FusedQKV):
             g = g.to(o_win.dtype)
             o = g[..., 0:1] * o_cmp + g[..., 1:2] * o_slc + g[..., 2:3] * o_win
         return self.o_proj(o.reshape(B, T, -1)), {}
+
+    def block_ends(self, ctx, cached: bool):
+        """The blocks ending in this forward's T tokens -> (rows [B, n] into T, valid [B, n], cos, sin
+        [B, n, R/2] at those rows or None), found from document positions (a cache's chunk: consecutive
+        positions, one document a row)."""
+        ends = chunk_block_ends if cached else block_ends
+        rows, valid = ends(ctx.positions, self.cmp_len, self.cmp_stride, ctx.positions.shape[1] // self.cmp_stride + 1)
+        cos = sin = None
+        if ctx.cos is not None:
+            at = rows[:, :, None].expand(-1, -1, ctx.cos.shape[-1])
+            cos, sin = ctx.cos.gather(1, at), ctx.sin.gather(1, at)
+        return rows, valid, cos, sin
+
+    def sparse_backend(self, device: torch.device) -> str:
+        """kernels/nsa's backend for tensors on `device` ('auto' resolved at build time to triton takes
+        the torch path for CPU tensors)."""
+        return self.kernel_backend if device.type == "cuda" or self.kernel_requested != "auto" else "torch"
+
+    def compress_kernel(self, T: int, device: torch.device) -> bool:
+        """Whether a cached chunk of T tokens compresses its blocks in one launch
+        (kernels/nsa/compress.py): decode-sized chunks on the Triton backend."""
+        if self.sparse_backend(device) != "triton":
+            return False
+        from deepwish.kernels.nsa.triton import DECODE_MAX_T
+        return T <= DECODE_MAX_T
 
     def window_kernel(self, T: int, device: torch.device) -> bool:
         """Whether T cached tokens' window branch runs the split-KV decode kernel (kernels/attention)."""
@@ -322,9 +339,10 @@ class NSA(FusedQKV):
         return (self.decode_prologue and isinstance(cache, NSACache) and ctx.cos is not None
                 and ctx.doc_ids is None and self.window_kernel(x.shape[1], x.device))
 
-    def attend_rows(self, q, k, v, k_raw, rows, valid, cos, sin, ctx):
+    def attend_rows(self, q, k, v, k_raw, ctx):
         """Training / prefill without a cache: every branch over the rows themselves."""
         B, T = q.shape[:2]
+        rows, valid, cos, sin = self.block_ends(ctx, cached=False)
         k_cmp, v_cmp = self.compress(k_raw.transpose(1, 2), v.transpose(1, 2), rows, cos, sin)
         if ctx.doc_ids is not None:  # positions that do not restart per document must not make a block span two
             valid = valid & (ctx.doc_ids.gather(1, (rows - (self.cmp_len - 1)).clamp_min(0)) == ctx.doc_ids.gather(1, rows))
@@ -335,18 +353,29 @@ class NSA(FusedQKV):
         o_win = causal_attention(q, k, v, ctx, self.window_size, self.scale, self.backends)
         return o_cmp, o_slc, o_win
 
-    def attend_cache(self, q, k, v, k_raw, rows, valid, cos, sin, ctx, cache: NSACache):
+    def compress_chunk_(self, cache: NSACache, ctx) -> None:
+        """The blocks ending in a cached chunk (its rows written), compressed into the cache's slots in
+        torch (kernels/nsa/compress.py is the one-launch form)."""
+        rows, valid, cos, sin = self.block_ends(ctx, cached=True)
+        end = ctx.positions.gather(1, rows)   # slot = position: the block ends' slots are their positions
+        k_cmp, v_cmp = self.compress(cache.k_raw, cache.v, end, cos, sin)
+        slot = torch.where(valid, (end - (self.cmp_len - 1)) // self.cmp_stride, cache.n_blocks)
+        slot = slot.clamp(0, cache.n_blocks)  # a block past the cache's last slot cannot end inside it
+        cache.write_blocks(slot, k_cmp, v_cmp, torch.where(valid, end, NEVER))
+
+    def attend_cache(self, q, k, v, k_raw, ctx, cache: NSACache):
         """Prefill / decode / verification over the cache (module docstring)."""
         if ctx.doc_ids is not None:
             raise ValueError("nsa: a cached forward serves one document per row; doc_ids is not supported with a cache")
         pos = ctx.positions  # slot = position = row position
         if k is not None:   # None: the decode prologue wrote them (forward)
             cache.write(pos, k, k_raw, v)
-        end = pos.gather(1, rows)   # slot = position: the block ends' slots are their positions
-        k_cmp, v_cmp = self.compress(cache.k_raw, cache.v, end, cos, sin)
-        slot = torch.where(valid, (end - (self.cmp_len - 1)) // self.cmp_stride, cache.n_blocks)
-        slot = slot.clamp(0, cache.n_blocks)  # a block past the cache's last slot cannot end inside it
-        cache.write_blocks(slot, k_cmp, v_cmp, torch.where(valid, end, NEVER))
+        if self.compress_kernel(q.shape[1], q.device):
+            from deepwish.kernels.nsa.compress import compress_cache_blocks
+            compress_cache_blocks(cache.k_raw, cache.v, pos, self.k_compress, self.v_compress, ctx.cos, ctx.sin,
+                                  cache.k_cmp, cache.v_cmp, cache.cmp_end, self.cmp_stride)
+        else:
+            self.compress_chunk_(cache, ctx)
         q = q.to(cache.k.dtype)  # the cache's dtype: casting q is cheap, casting the cache is not
         o_cmp, o_slc = self.sparse_branches(q, cache.k_cmp, cache.v_cmp, cache.cmp_end, cache.k.transpose(1, 2),
                                             cache.v.transpose(1, 2), pos, None)

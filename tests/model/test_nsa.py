@@ -289,9 +289,14 @@ def test_a_group_the_triton_kernels_cannot_tile_is_named():
 
 
 @INTERPRETED
-def test_the_triton_kernels_in_the_model_equal_the_torch_path_under_the_interpreter():
+def test_the_triton_kernels_in_the_model_equal_the_torch_path_under_the_interpreter(monkeypatch):
     """Packed rows, then a prefill and decode steps over the cache (strided cache views, padding
-    slots), through kernels/nsa's Triton kernels in the interpreter: the torch path's logits."""
+    slots), through kernels/nsa's Triton kernels in the interpreter: the torch path's logits. The
+    decode steps compress their blocks in one launch (kernels/nsa/compress.py; position 31 ends one)."""
+    from deepwish.kernels.nsa import compress
+    steps = []
+    real = compress.compress_cache_blocks
+    monkeypatch.setattr(compress, "compress_cache_blocks", lambda *a, **k: steps.append(a[2].tolist()) or real(*a, **k))
     fast = tiny_model(n_layers=1, nsa_backend="triton")
     slow = tiny_model(n_layers=1)
     slow.load_state_dict(fast.state_dict())
@@ -306,6 +311,7 @@ def test_the_triton_kernels_in_the_model_equal_the_torch_path_under_the_interpre
     for t in (30, 31):
         out.append(fast(ids[:, t:t + 1], positions=torch.full((1, 1), t), cache=cache).logits)
     torch.testing.assert_close(torch.cat(out, 1), slow(ids).logits, atol=1e-5, rtol=1e-5)
+    assert steps == [[[30]], [[31]]]   # the decode steps; the 30-token prefill compresses in torch
 
 
 def test_decode_prologue_kernel_in_the_model_equals_the_torch_path(monkeypatch):

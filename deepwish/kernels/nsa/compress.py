@@ -1,0 +1,185 @@
+"""NSA's block compression on the cache path in one launch: every compression block that ends inside
+a cached chunk (a decoding step, a k+1 verification) is compressed by φ and written into NSACache's
+compressed slots (model/nsa.py: the module docstring's φ, `NSA.compress` and `NSACache.write_blocks`
+are the reference).
+
+    compress_cache_blocks(k_raw, v, positions, k_phi, v_phi, cos, sin, k_cmp, v_cmp, cmp_end, stride=d)
+
+Why a kernel: the torch form runs on every step, a block ending or not (a static graph cannot
+branch), about twenty ops a layer: the block ends' closed form, the gathers of l cached rows, φ's
+two matmuls for keys and for values (the first reads a [D, l·D] weight, 1 MB at D 128 and l 32, in
+bf16) on the trash block, rotary, the slot arithmetic and three cache writes. One token ends a
+block every d steps; here a program finds from the chunk's first position whether its block exists
+and returns at once when it does not, so the other steps cost one launch.
+
+Grid: (batch row × candidate block of the chunk, keys / values, tile of KV heads); T tokens of
+consecutive positions p0 .. p0 + T − 1 hold at most T // d + 1 block ends (`chunk_block_ends`'s
+closed form). A program with a block computes φ for its KV heads (rows of one tl.dot, padded to
+16): x_i = c_i + p_i over the block's l cached rows c_i, then mean_i(x_i) + W_2·silu(W_1·[x_1 … x_l])
+with W_1's l column blocks of D accumulated one row at a time, rounded where the torch form rounds
+(x, W_1·x, silu, W_2·…, the mean and the sum, in the cache's dtype), then, for keys, rotary at the
+block end's position (its row of cos / sin; the partner channels read back from the slot just
+written, after a CTA barrier). Blocks that do not exist write nothing: the torch form sends them to
+the trash slot, whose end stays NEVER either way.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+HEAD_TILE = 16  # KV heads a program: the M of its tl.dot (16 is the smallest tile)
+
+
+@triton.jit
+def _phi(SRC, P, W1, W2, OUT, COS, SIN, b, h, h_ok, row0, r, slot, s_sb, s_sh, s_sl, s_ob, s_os, s_oh, s_cb, s_ct,
+         D: tl.constexpr, CMP_LEN: tl.constexpr, BLOCK_D: tl.constexpr, BH: tl.constexpr, R: tl.constexpr,
+         ROPE: tl.constexpr, PREC: tl.constexpr):
+    """φ of one block for the KV heads h [BH] (module docstring), stored at OUT[b, slot, h]."""
+    dt = OUT.dtype.element_ty
+    d = tl.arange(0, BLOCK_D)
+    d_ok = d < D
+    ok = h_ok[:, None] & d_ok[None, :]
+    w_ok = d_ok[:, None] & d_ok[None, :]
+    src = SRC + b * s_sb + h[:, None] * s_sh + d[None, :]
+    acc = tl.zeros([BH, BLOCK_D], dtype=tl.float32)    # W_1 · [x_1 … x_l]
+    total = tl.zeros([BH, BLOCK_D], dtype=tl.float32)  # Σ_i x_i
+    for i in range(CMP_LEN):
+        i64 = tl.cast(i, tl.int64)
+        c = tl.load(src + (row0 + i64) * s_sl, mask=ok, other=0.0).to(tl.float32)
+        p = tl.load(P + i64 * D + d, mask=d_ok, other=0.0).to(tl.float32)
+        x = (c + p[None, :]).to(dt)
+        total += x.to(tl.float32)
+        # W_1[o, i·D + c] as a [c, o] tile: the column block of x_i
+        w = tl.load(W1 + d[None, :] * (CMP_LEN * D) + i64 * D + d[:, None], mask=w_ok, other=0.0)
+        acc = tl.dot(x, w, acc, input_precision=PREC)
+    hid = acc.to(dt).to(tl.float32)
+    hid = (hid * tl.sigmoid(hid)).to(dt)
+    w2 = tl.load(W2 + d[None, :] * D + d[:, None], mask=w_ok, other=0.0)
+    down = tl.dot(hid, w2, input_precision=PREC).to(dt).to(tl.float32)
+    y = ((total / CMP_LEN).to(dt).to(tl.float32) + down).to(dt)
+    out = OUT + b * s_ob + slot * s_os + h[:, None] * s_oh + d[None, :]
+    tl.store(out, y, mask=ok)
+    if ROPE:  # rotary at the block end (row r of the chunk): channel j < R with its partner j ± R/2
+        tl.debug_barrier()  # the slot's values, stored by every thread of the program, read back
+        first = d < R // 2
+        rot = d < R
+        partner = tl.where(first, d + R // 2, d - R // 2)
+        yp = tl.load(OUT + b * s_ob + slot * s_os + h[:, None] * s_oh + partner[None, :],
+                     mask=h_ok[:, None] & (rot & d_ok)[None, :], other=0.0).to(tl.float32)
+        jj = tl.where(first, d, d - R // 2)
+        cs = b * s_cb + r * s_ct + jj
+        cos = tl.load(COS + cs, mask=rot, other=1.0)[None, :]
+        sin = tl.load(SIN + cs, mask=rot, other=0.0)[None, :]
+        yf = y.to(tl.float32)
+        yr = tl.where(rot[None, :], tl.where(first[None, :], yf * cos - yp * sin, yf * cos + yp * sin), yf)
+        tl.debug_barrier()  # every partner read before any channel is overwritten
+        tl.store(out, yr.to(dt), mask=ok)
+
+
+@triton.jit(do_not_specialize=["T"])
+def _compress_kernel(K_SRC, V_SRC, POS, PK, W1K, W2K, PV, W1V, W2V, COS, SIN, K_OUT, V_OUT, END,
+                     s_sb, s_sh, s_sl, s_vb, s_vh, s_vl, s_ob, s_os, s_oh, s_pb, s_eb, s_cb, s_ct,
+                     T, HKV, N, STRIDE, NS,
+                     D: tl.constexpr, CMP_LEN: tl.constexpr, BLOCK_D: tl.constexpr, BH: tl.constexpr,
+                     R: tl.constexpr, ROPE: tl.constexpr, PREC: tl.constexpr):
+    pid = tl.program_id(0)
+    b = tl.cast(pid // NS, tl.int64)
+    j = pid % NS
+    kind = tl.program_id(1)
+    p0 = tl.load(POS + b * s_pb)
+    before = CMP_LEN - 1 - p0
+    first = tl.maximum(((before % STRIDE) + STRIDE) % STRIDE, before)  # chunk_block_ends' closed form
+    r = first + j * STRIDE  # the chunk row of this program's block end
+    if r >= T:
+        return
+    end = p0 + r
+    slot = (end - (CMP_LEN - 1)) // STRIDE
+    if slot >= N:  # beyond the cache's last block (its rows were never written)
+        return
+    h = tl.program_id(2) * BH + tl.arange(0, BH)
+    h_ok = h < HKV
+    h = tl.cast(h, tl.int64)
+    row0 = end - (CMP_LEN - 1)
+    if kind == 0:
+        _phi(K_SRC, PK, W1K, W2K, K_OUT, COS, SIN, b, h, h_ok, row0, r, slot, s_sb, s_sh, s_sl, s_ob, s_os, s_oh,
+             s_cb, s_ct, D, CMP_LEN, BLOCK_D, BH, R, ROPE, PREC)
+        if tl.program_id(2) == 0:
+            tl.store(END + b * s_eb + slot, end)
+    else:
+        _phi(V_SRC, PV, W1V, W2V, V_OUT, COS, SIN, b, h, h_ok, row0, r, slot, s_vb, s_vh, s_vl, s_ob, s_os, s_oh,
+             s_cb, s_ct, D, CMP_LEN, BLOCK_D, BH, R, False, PREC)
+
+
+def _launch(k_raw, v, positions, pk, w1k, w2k, pv, w1v, w2v, cos, sin, k_cmp, v_cmp, cmp_end, stride):
+    B, Hkv, _, D = k_raw.shape
+    T = positions.shape[1]
+    l = pk.shape[0]
+    rope = cos is not None
+    cos_t = cos if rope else positions   # never read without ROPE
+    sin_t = sin if rope else positions
+    ns = T // stride + 1
+    bh = HEAD_TILE
+    _compress_kernel[(B * ns, 2, triton.cdiv(Hkv, bh))](
+        k_raw, v, positions, pk, w1k, w2k, pv, w1v, w2v, cos_t, sin_t, k_cmp, v_cmp, cmp_end,
+        k_raw.stride(0), k_raw.stride(1), k_raw.stride(2), v.stride(0), v.stride(1), v.stride(2),
+        k_cmp.stride(0), k_cmp.stride(1), k_cmp.stride(2), positions.stride(0), cmp_end.stride(0),
+        cos_t.stride(0) if rope else 0, cos_t.stride(1) if rope else 0,
+        T, Hkv, cmp_end.shape[1] - 1, stride, ns,
+        D=D, CMP_LEN=l, BLOCK_D=triton.next_power_of_2(D), BH=bh, R=2 * cos.shape[-1] if rope else 0, ROPE=rope,
+        PREC="ieee" if k_raw.dtype == torch.float32 else "tf32", num_warps=1 if _INTERPRET else 8)
+
+
+@torch.library.custom_op("deepwish::nsa_compress_blocks", mutates_args=("k_cmp", "v_cmp", "cmp_end"))
+def _compress_op(k_raw: torch.Tensor, v: torch.Tensor, positions: torch.Tensor, pk: torch.Tensor, w1k: torch.Tensor,
+                 w2k: torch.Tensor, pv: torch.Tensor, w1v: torch.Tensor, w2v: torch.Tensor, cos: torch.Tensor | None,
+                 sin: torch.Tensor | None, k_cmp: torch.Tensor, v_cmp: torch.Tensor, cmp_end: torch.Tensor,
+                 stride: int) -> None:
+    _launch(k_raw, v, positions, pk, w1k, w2k, pv, w1v, w2v, cos, sin, k_cmp, v_cmp, cmp_end, stride)
+
+
+@_compress_op.register_fake
+def _(k_raw, v, positions, pk, w1k, w2k, pv, w1v, w2v, cos, sin, k_cmp, v_cmp, cmp_end, stride):
+    return None
+
+
+def compress_cache_blocks(k_raw: torch.Tensor, v: torch.Tensor, positions: torch.Tensor, k_phi, v_phi,
+                          cos: torch.Tensor | None, sin: torch.Tensor | None, k_cmp: torch.Tensor,
+                          v_cmp: torch.Tensor, cmp_end: torch.Tensor, stride: int) -> None:
+    """Compress the blocks ending in a chunk of consecutive positions (module docstring) in place.
+
+    k_raw, v [B, Hkv, L, D]: the cache's keys before rotary and values, the chunk's rows already
+    written; positions [B, T] (consecutive in each row); k_phi, v_phi: model/nsa.py `Compression`
+    modules (pos [l, D], up [D, l·D], down [D, D]); cos, sin [B, T, R/2] (None: no rotary);
+    k_cmp, v_cmp [B, N + 1, Hkv, D] and cmp_end [B, N + 1] int64 (NSACache's; slot N is the trash)."""
+    B, Hkv, L, D = k_raw.shape
+    l = k_phi.pos.shape[0]
+    T = positions.shape[1]
+    shapes_ok = (v.shape == k_raw.shape and tuple(positions.shape[:1]) == (B,) and positions.dim() == 2
+                 and k_cmp.shape == v_cmp.shape and k_cmp.shape[0] == B and tuple(k_cmp.shape[2:]) == (Hkv, D)
+                 and tuple(cmp_end.shape) == (B, k_cmp.shape[1]) and cmp_end.dtype == torch.int64
+                 and all(tuple(m.pos.shape) == (l, D) and tuple(m.up.weight.shape) == (D, l * D)
+                         and tuple(m.down.weight.shape) == (D, D) for m in (k_phi, v_phi))
+                 and (cos is None or (cos.shape == sin.shape and tuple(cos.shape[:2]) == (B, T)
+                                      and 2 * cos.shape[-1] <= D)))
+    if not shapes_ok:
+        raise ValueError(f"compress_cache_blocks: k_raw / v [B, Hkv, L, D] {tuple(k_raw.shape)} / {tuple(v.shape)}, "
+                         f"positions [B, T] {tuple(positions.shape)}, k_cmp / v_cmp [B, N + 1, Hkv, D] "
+                         f"{tuple(k_cmp.shape)} / {tuple(v_cmp.shape)}, cmp_end [B, N + 1] int64 "
+                         f"{tuple(cmp_end.shape)} {cmp_end.dtype}, φ's pos [l, D] / up [D, l·D] / down [D, D], "
+                         f"cos / sin [B, T, <= D/2]: shapes disagree")
+    dtypes = {k_raw.dtype, v.dtype, k_cmp.dtype, v_cmp.dtype, k_phi.up.weight.dtype, v_phi.up.weight.dtype}
+    if len(dtypes) != 1:
+        raise ValueError(f"compress_cache_blocks: the caches and φ's weights must share one dtype, got {dtypes}")
+    if any(t.stride(-1) != 1 for t in (k_raw, v, k_cmp, v_cmp)) or k_cmp.stride() != v_cmp.stride():
+        raise ValueError("compress_cache_blocks: the caches' last dimension must be contiguous and k_cmp, v_cmp "
+                         "laid out alike (NSACache's buffers are)")
+    if cos is not None:
+        cos, sin = cos.float(), sin.float()
+        if cos.stride() != sin.stride() or cos.stride(-1) != 1:  # the kernel reads both with cos's strides
+            cos, sin = cos.contiguous(), sin.contiguous()
+    weights = [t.contiguous() for m in (k_phi, v_phi) for t in (m.pos, m.up.weight, m.down.weight)]
+    _compress_op(k_raw, v, positions, *weights, cos, sin, k_cmp, v_cmp, cmp_end, int(stride))
