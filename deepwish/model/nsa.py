@@ -246,10 +246,8 @@ class NSA(FusedQKV):
             k_cmp = apply_rotary(k_cmp, cos, sin)
         return k_cmp, v_cmp
 
-    def gates(self, x: torch.Tensor) -> torch.Tensor | None:
-        """[B, T, H, 3] sigmoid gates (cmp, slc, win), or None for the plain sum."""
-        if self.gate_proj is None:
-            return None
+    def gates(self, x: torch.Tensor) -> torch.Tensor:
+        """[B, T, H, 3] sigmoid gates (cmp, slc, win); needs gate_proj (model.nsa_gate=sigmoid)."""
         B, T, _ = x.shape
         return torch.sigmoid(self.gate_proj(x)).view(B, T, self.n_heads, 3)
 
@@ -294,11 +292,13 @@ class NSA(FusedQKV):
             o_cmp, o_slc, o_win = self.attend_rows(q, k, v, k_raw, ctx)
         else:
             o_cmp, o_slc, o_win = self.attend_cache(q, k, v, k_raw, ctx, cache)
-        g = self.gates(x)
-        if g is None:
+        if self.gate_proj is None:
             o = o_cmp + o_slc + o_win
+        elif cache is not None and self.sparse_backend(x.device) == "triton" and not torch.is_grad_enabled():
+            from deepwish.kernels.nsa.gates import gated_sum  # the same sum in one launch
+            o = gated_sum(self.gate_proj(x), o_cmp, o_slc, o_win)
         else:
-            g = g.to(o_win.dtype)
+            g = self.gates(x).to(o_win.dtype)
             o = g[..., 0:1] * o_cmp + g[..., 1:2] * o_slc + g[..., 2:3] * o_win
         return self.o_proj(o.reshape(B, T, -1)), {}
 

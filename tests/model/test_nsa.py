@@ -318,11 +318,14 @@ def test_decode_prologue_kernel_in_the_model_equals_the_torch_path(monkeypatch):
     """With the window on the split-KV kernel (attn_backend triton, the interpreter), a cached step
     writes q's keys and values through the dense layers' decode prologue kernel, the keys before
     rotary included (model.decode_prologue): a prefill and decode steps equal the torch path's logits,
-    and the kernel ran for the one-token steps."""
+    and the kernel ran for the one-token steps; so did the gated sum's kernel for every cached forward
+    without gradients (kernels/nsa/gates.py)."""
     from deepwish.kernels.attention import decode
-    calls = []
-    real = decode.decode_prologue
+    from deepwish.kernels.nsa import gates
+    calls, sums = [], []
+    real, real_sum = decode.decode_prologue, gates.gated_sum
     monkeypatch.setattr(decode, "decode_prologue", lambda *a, **k: calls.append(a[0].shape[1]) or real(*a, **k))
+    monkeypatch.setattr(gates, "gated_sum", lambda *a: sums.append(a[1].shape[1]) or real_sum(*a))
     fast = tiny_model(n_layers=1, nsa_backend="triton", attn_backend="triton")
     slow = tiny_model(n_layers=1)
     slow.load_state_dict(fast.state_dict())
@@ -334,4 +337,5 @@ def test_decode_prologue_kernel_in_the_model_equals_the_torch_path(monkeypatch):
             out.append(fast(ids[:, t:t + 1], positions=torch.full((2, 1), t), cache=cache).logits)
         want = slow(ids).logits
     assert calls and all(T <= 33 for T in calls) and calls.count(1) == 3, calls
+    assert sums == [33, 1, 1, 1], sums
     torch.testing.assert_close(torch.cat(out, 1), want, atol=1e-5, rtol=1e-5)
