@@ -65,6 +65,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from deepwish.config import ConfigError, ModelConfig
+from deepwish.kernels.gemv import linear, takes_gemv
 from deepwish.model.attention import (ATTENDING_MIXERS, DECODE_KERNEL_MAX_ROWS, FusedQKV, _interpreting,
                                       attention_mask, causal_attention, kernel_inputs, resolve_attn_backend,
                                       sdpa_folded_groups)
@@ -266,13 +267,36 @@ class NSA(FusedQKV):
     # ---- forward -----------------------------------------------------------------------------
     def forward(self, x: torch.Tensor, ctx, cache: NSACache | None = None) -> tuple[torch.Tensor, dict]:
         B, T, _ = x.shape
+        return self.o_proj(self.heads(x, ctx, cache).reshape(B, T, -1)), {}
+
+    def residual_forward(self, x: torch.Tensor, norm: nn.Module, ctx, cache=None) -> tuple[torch.Tensor, dict] | None:
+        """x + self(norm(x)) for a decode step (model.decode_fusion, as the dense layers'
+        `Attention.residual_forward`): the block's RMSNorm in the prologues of the fused projection and
+        of the gate projection (kernels/gemv), the residual add in o_proj's epilogue; None where that
+        path does not apply (model/block.py residual_branch composes the ops)."""
+        fused = None if not self.decode_fusion or self.q_norm is None else self._fused_qkv()
+        if (fused is None or not self.takes_prologue(x, ctx, cache) or not takes_gemv(x, fused[0], self.matmul)
+                or x.dtype != self.o_proj.weight.dtype or x.dtype != cache.k.dtype):
+            return None
+        from deepwish.kernels.gemv.triton import gemv
+        B, T, _ = x.shape
+        o = self.heads(x, ctx, cache, norm).reshape(B, T, -1)
+        return gemv(o, self.o_proj.weight, self.o_proj.bias, residual=x, pdl=self.pdl), {}
+
+    def heads(self, x: torch.Tensor, ctx, cache: NSACache | None = None, norm: nn.Module | None = None) -> torch.Tensor:
+        """The gated sum of the three branches [B, T, H, D], before o_proj. `norm`: x is the residual
+        stream, normed in the projections' prologues (residual_forward: the decode prologue's path)."""
+        B, T, _ = x.shape
         fused = None if self.q_norm is None else self._fused_qkv()
         if fused is not None and self.takes_prologue(x, ctx, cache):
             # the dense layers' decode prologue kernel (kernels/attention/decode.py), with the raw keys:
             # q out, k (rotated), v and k before rotary written into the cache at their positions
             from deepwish.kernels.attention.decode import decode_prologue
-            from deepwish.kernels.gemv import linear
-            y = linear(x, *fused, backend=self.matmul, pdl=self.pdl)
+            if norm is None:
+                y = linear(x, *fused, backend=self.matmul, pdl=self.pdl)
+            else:
+                from deepwish.kernels.gemv.triton import gemv
+                y = gemv(x, *fused, norm=(norm.weight, norm.eps, norm.zero_centered), pdl=self.pdl)
             q = decode_prologue(y, self.q_norm.weight, self.k_norm.weight, self.q_norm.eps, ctx.cos, ctx.sin,
                                 ctx.positions, cache.k, cache.v, self.n_heads, self.q_norm.zero_centered, pdl=self.pdl,
                                 k_raw_cache=cache.k_raw)
@@ -293,14 +317,17 @@ class NSA(FusedQKV):
         else:
             o_cmp, o_slc, o_win = self.attend_cache(q, k, v, k_raw, ctx, cache)
         if self.gate_proj is None:
-            o = o_cmp + o_slc + o_win
-        elif cache is not None and self.sparse_backend(x.device) == "triton" and not torch.is_grad_enabled():
+            return o_cmp + o_slc + o_win
+        if cache is not None and self.sparse_backend(x.device) == "triton" and not torch.is_grad_enabled():
             from deepwish.kernels.nsa.gates import gated_sum  # the same sum in one launch
-            o = gated_sum(self.gate_proj(x), o_cmp, o_slc, o_win)
-        else:
-            g = self.gates(x).to(o_win.dtype)
-            o = g[..., 0:1] * o_cmp + g[..., 1:2] * o_slc + g[..., 2:3] * o_win
-        return self.o_proj(o.reshape(B, T, -1)), {}
+            if norm is None:
+                g = linear(x, self.gate_proj.weight, None, backend=self.matmul, pdl=self.pdl)
+            else:
+                from deepwish.kernels.gemv.triton import gemv
+                g = gemv(x, self.gate_proj.weight, norm=(norm.weight, norm.eps, norm.zero_centered), pdl=self.pdl)
+            return gated_sum(g, o_cmp, o_slc, o_win)
+        g = self.gates(x).to(o_win.dtype)
+        return g[..., 0:1] * o_cmp + g[..., 1:2] * o_slc + g[..., 2:3] * o_win
 
     def block_ends(self, ctx, cached: bool):
         """The blocks ending in this forward's T tokens -> (rows [B, n] into T, valid [B, n], cos, sin

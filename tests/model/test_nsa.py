@@ -339,3 +339,27 @@ def test_decode_prologue_kernel_in_the_model_equals_the_torch_path(monkeypatch):
     assert calls and all(T <= 33 for T in calls) and calls.count(1) == 3, calls
     assert sums == [33, 1, 1, 1], sums
     torch.testing.assert_close(torch.cat(out, 1), want, atol=1e-5, rtol=1e-5)
+
+
+def test_fused_decode_step_in_the_model_equals_the_torch_path(monkeypatch):
+    """model.decode_fusion with the GEMV (decode_matmul triton, the interpreter): a one-token step
+    of an NSA block is x + NSA(norm(x)) with the norm in the projections' prologues and the add in
+    o_proj's epilogue (NSA.residual_forward): a prefill and decode steps equal the torch path's
+    logits, and the fused form served exactly the one-token steps."""
+    from deepwish.model.nsa import NSA
+    taken = []
+    real = NSA.residual_forward
+    monkeypatch.setattr(NSA, "residual_forward",
+                        lambda self, x, *a: (lambda out: taken.append(out is not None) or out)(real(self, x, *a)))
+    fast = tiny_model(n_layers=1, nsa_backend="triton", attn_backend="triton", decode_matmul="triton")
+    slow = tiny_model(n_layers=1)
+    slow.load_state_dict(fast.state_dict())
+    ids = torch.randint(0, fast.cfg.vocab_size, (2, 36))
+    cache = fast.make_cache(2, 40)
+    with torch.no_grad():
+        out = [fast(ids[:, :33], cache=cache).logits]
+        for t in (33, 34, 35):
+            out.append(fast(ids[:, t:t + 1], positions=torch.full((2, 1), t), cache=cache).logits)
+        want = slow(ids).logits
+    assert taken == [False, True, True, True, False], taken   # the prefill, three steps; the torch model
+    torch.testing.assert_close(torch.cat(out, 1), want, atol=1e-5, rtol=1e-5)
