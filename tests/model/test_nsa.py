@@ -326,7 +326,15 @@ def test_decode_prologue_kernel_in_the_model_equals_the_torch_path(monkeypatch):
     real, real_sum = decode.decode_prologue, gates.gated_sum
     monkeypatch.setattr(decode, "decode_prologue", lambda *a, **k: calls.append(a[0].shape[1]) or real(*a, **k))
     monkeypatch.setattr(gates, "gated_sum", lambda *a: sums.append(a[1].shape[1]) or real_sum(*a))
-    fast = tiny_model(n_layers=1, nsa_backend="triton", attn_backend="triton")
+    cached_steps_equal_the_torch_path(attn_backend="triton")
+    assert calls and all(T <= 33 for T in calls) and calls.count(1) == 3, calls
+    assert sums == [33, 1, 1, 1], sums
+
+
+def cached_steps_equal_the_torch_path(**kw):
+    """A 33-token prefill and three one-token steps over the cache of a 1-layer model with kernels/nsa's
+    Triton kernels (and `kw`) under the interpreter: the torch path's logits of the whole rows."""
+    fast = tiny_model(n_layers=1, nsa_backend="triton", **kw)
     slow = tiny_model(n_layers=1)
     slow.load_state_dict(fast.state_dict())
     ids = torch.randint(0, fast.cfg.vocab_size, (2, 36))
@@ -336,8 +344,6 @@ def test_decode_prologue_kernel_in_the_model_equals_the_torch_path(monkeypatch):
         for t in (33, 34, 35):
             out.append(fast(ids[:, t:t + 1], positions=torch.full((2, 1), t), cache=cache).logits)
         want = slow(ids).logits
-    assert calls and all(T <= 33 for T in calls) and calls.count(1) == 3, calls
-    assert sums == [33, 1, 1, 1], sums
     torch.testing.assert_close(torch.cat(out, 1), want, atol=1e-5, rtol=1e-5)
 
 
@@ -351,15 +357,5 @@ def test_fused_decode_step_in_the_model_equals_the_torch_path(monkeypatch):
     real = NSA.residual_forward
     monkeypatch.setattr(NSA, "residual_forward",
                         lambda self, x, *a: (lambda out: taken.append(out is not None) or out)(real(self, x, *a)))
-    fast = tiny_model(n_layers=1, nsa_backend="triton", attn_backend="triton", decode_matmul="triton")
-    slow = tiny_model(n_layers=1)
-    slow.load_state_dict(fast.state_dict())
-    ids = torch.randint(0, fast.cfg.vocab_size, (2, 36))
-    cache = fast.make_cache(2, 40)
-    with torch.no_grad():
-        out = [fast(ids[:, :33], cache=cache).logits]
-        for t in (33, 34, 35):
-            out.append(fast(ids[:, t:t + 1], positions=torch.full((2, 1), t), cache=cache).logits)
-        want = slow(ids).logits
+    cached_steps_equal_the_torch_path(attn_backend="triton", decode_matmul="triton")
     assert taken == [False, True, True, True, False], taken   # the prefill, three steps; the torch model
-    torch.testing.assert_close(torch.cat(out, 1), want, atol=1e-5, rtol=1e-5)
