@@ -1,6 +1,8 @@
 """Native Sparse Attention kernels (arXiv 2502.11089): the compressed branch with the block scoring
 and top-n selection, and the selected-block branch. The window branch is plain causal attention
-(kernels/attention); the compression MLP, gates and cache belong to model/nsa.py.
+(kernels/attention); the compression MLP, gates and cache belong to model/nsa.py, whose cached
+decoding step takes two more kernels from here: `compress.py` (the blocks a chunk ends, compressed
+into the cache in one launch) and `gates.py` (the gated sum of the three branches).
 
     o_cmp, sel_idx = nsa_compressed(q, k_cmp, v_cmp, cmp_end, q_pos=..., doc_ids=..., cmp_len=l,
                                     select_len=64, n_select=16, n_init=1, n_local=2, scale=..., backend=...)
