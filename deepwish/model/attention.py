@@ -242,11 +242,12 @@ def _views_of(fused, lins) -> bool:
 
 
 @torch.compiler.assume_constant_result
-def _slices_of(w, b, qw, kw, vw, qb, kb, vb) -> bool:
+def _slices_of(w, b, *weights_then_biases) -> bool:
     """Evaluated once when torch.compile traces (a storage address is not traceable; the arguments are
     tensors or None, which the tracer passes as they are); a compiled step is bound to its parameters
     as they were then."""
-    for whole, parts in ((w, (qw, kw, vw)), (b, (qb, kb, vb))):
+    n = len(weights_then_biases) // 2
+    for whole, parts in ((w, weights_then_biases[:n]), (b, weights_then_biases[n:])):
         if whole is None:
             if any(p is not None for p in parts):
                 return False
@@ -272,7 +273,9 @@ VALUE_EMBED_GATE_DIM = 12  # leading input channels the value-embedding gate rea
 
 class FusedQKV(nn.Module):
     """The fused q/k/v view (model.fuse_projections) of a mixer with q_proj, k_proj, v_proj and
-    qkv_sizes (their output widths); Attention and NSA build on it."""
+    qkv_sizes (their output widths); Attention and NSA build on it. A mixer may fuse more
+    projections of the same input after those three (`fused_linears`, with their widths appended
+    to qkv_sizes: NSA's gates)."""
     # Decoding one token is a matrix-vector product per projection: three launches that each read
     # a slice of weights, where one read of [Wq; Wk; Wv] does. Training keeps three parameters
     # (their names, roles and Muon's per-matrix orthogonalisation), so the fusion is a view: the
@@ -282,9 +285,13 @@ class FusedQKV(nn.Module):
     # the three parameters still are its slices: anything that replaces a parameter's storage
     # (FSDP, load_state_dict(assign=True), `p.data = ...`) makes `_fused_qkv` return None and the
     # three matmuls run as before. Same products, one launch: on the CPU the logits are identical.
+    def fused_linears(self) -> tuple[nn.Linear, ...]:
+        """The projections whose weights are row slices of the fused one, in qkv_sizes' order."""
+        return self.q_proj, self.k_proj, self.v_proj
+
     def pack_qkv_(self) -> None:
         """Make q_proj/k_proj/v_proj's weights (and biases) row views of one fused tensor."""
-        lins = (self.q_proj, self.k_proj, self.v_proj)
+        lins = self.fused_linears()
         ws = [m.weight for m in lins]
         if any(w.is_meta or type(w.data) is not torch.Tensor for w in ws) or len({(w.dtype, w.device) for w in ws}) > 1:
             self._qkv = None  # meta (built before materialising) or sharded: nothing to view into
@@ -301,29 +308,28 @@ class FusedQKV(nn.Module):
 
     def _apply(self, fn, recurse=True):
         super()._apply(fn, recurse)
-        if self.fuse_projections and not _views_of(self._qkv, (self.q_proj, self.k_proj, self.v_proj)):
+        if self.fuse_projections and not _views_of(self._qkv, self.fused_linears()):
             self.pack_qkv_()  # a move or cast gave each parameter its own storage: view them again
         return self
 
     def __setstate__(self, state):
         super().__setstate__(state)  # deepcopy and unpickling: parameters copied one by one
-        if self.fuse_projections and not _views_of(self._qkv, (self.q_proj, self.k_proj, self.v_proj)):
+        if self.fuse_projections and not _views_of(self._qkv, self.fused_linears()):
             self.pack_qkv_()
 
     def _fused_qkv(self) -> tuple[torch.Tensor, torch.Tensor | None] | None:
         if not self.fuse_projections or torch.is_grad_enabled():
             return None
-        return self._qkv if _views_of(self._qkv, (self.q_proj, self.k_proj, self.v_proj)) else None
+        return self._qkv if _views_of(self._qkv, self.fused_linears()) else None
 
-    def joint_qk(self, x: torch.Tensor, fused, ctx) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """The fused projection with q and k normed and rotated as one [B, T, H+Hkv, D] tensor: the q
-        and k heads lie side by side in the projection's output, so QK-norm (one weight row per
-        head) and rotary run once over both, the same operations per element as q and k apart, with
-        half the launches. -> q [B,T,H,D], k [B,T,Hkv,D] (rotated), v [B,T,Hkv,D], and k normed but
-        not rotated (what NSA's compression reads). Needs n_heads, n_kv_heads, head_dim, q_norm,
-        k_norm, matmul and pdl."""
+    def joint_qk(self, y: torch.Tensor, ctx) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The fused projection's output y [B, T, sum(qkv_sizes)] with q and k normed and rotated as one
+        [B, T, H+Hkv, D] tensor: the q and k heads lie side by side in y, so QK-norm (one weight row
+        per head) and rotary run once over both, the same operations per element as q and k apart,
+        with half the launches. -> q [B,T,H,D], k [B,T,Hkv,D] (rotated), v [B,T,Hkv,D], and k normed
+        but not rotated (what NSA's compression reads). Needs n_heads, n_kv_heads, head_dim, q_norm
+        and k_norm."""
         H, Hkv, D = self.n_heads, self.n_kv_heads, self.head_dim
-        y = linear(x, *fused, backend=self.matmul, pdl=self.pdl)
         n_qk = self.qkv_sizes[0] + self.qkv_sizes[1]
         qk = y[..., :n_qk].unflatten(-1, (H + Hkv, D))
         w = torch.cat([self.q_norm.weight.expand(H, D), self.k_norm.weight.expand(Hkv, D)])
@@ -332,7 +338,11 @@ class FusedQKV(nn.Module):
         if ctx.cos is not None:
             qk = apply_rotary(qk, ctx.cos, ctx.sin)
         q, k = qk.split((H, Hkv), dim=2)
-        return q, k, y[..., n_qk:].unflatten(-1, (Hkv, D)), k_normed
+        return q, k, y[..., n_qk:n_qk + self.qkv_sizes[2]].unflatten(-1, (Hkv, D)), k_normed
+
+    def fused_projection(self, x: torch.Tensor, fused) -> torch.Tensor:
+        """x [B, T, d] -> y [B, T, sum(qkv_sizes)]: the fused matmul (kernels/gemv where it serves)."""
+        return linear(x, *fused, backend=self.matmul, pdl=self.pdl)
 
 
 class Attention(FusedQKV):
@@ -390,7 +400,7 @@ class Attention(FusedQKV):
             return F.linear(x, self.qkv_weight.flatten(0, 1)).split(self.qkv_sizes, dim=-1)
         fused = self._fused_qkv()
         if fused is not None:
-            return linear(x, *fused, backend=self.matmul, pdl=self.pdl).split(self.qkv_sizes, dim=-1)
+            return self.fused_projection(x, fused).split(self.qkv_sizes, dim=-1)
         return self.q_proj(x), self.k_proj(x), self.v_proj(x)
 
     def forward(self, x: torch.Tensor, ctx, cache: KVCache | None = None) -> tuple[torch.Tensor, dict]:
@@ -399,7 +409,7 @@ class Attention(FusedQKV):
         if fused is not None and self.takes_decode_step(x, ctx, cache):
             return self.o_proj(self.decode_step(x, fused, ctx, cache).reshape(B, T, -1)), {}
         if fused is not None:
-            q, k, v, _ = self.joint_qk(x, fused, ctx)
+            q, k, v, _ = self.joint_qk(self.fused_projection(x, fused), ctx)
         else:
             q, k, v = self.project_qkv(x)
             q = q.reshape(B, T, self.n_heads, -1)
@@ -449,7 +459,7 @@ class Attention(FusedQKV):
         the stream, normed in the projection's prologue (residual_forward)."""
         from deepwish.kernels.attention.decode import decode_attention, decode_prologue
         if norm is None:
-            y = linear(x, *fused, backend=self.matmul, pdl=self.pdl)
+            y = self.fused_projection(x, fused)
         else:
             from deepwish.kernels.gemv.triton import gemv
             y = gemv(x, *fused, norm=(norm.weight, norm.eps, norm.zero_centered), pdl=self.pdl)

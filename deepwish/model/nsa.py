@@ -65,7 +65,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from deepwish.config import ConfigError, ModelConfig
-from deepwish.kernels.gemv import linear, takes_gemv
+from deepwish.kernels.gemv import takes_gemv
 from deepwish.model.attention import (ATTENDING_MIXERS, DECODE_KERNEL_MAX_ROWS, FusedQKV, _interpreting,
                                       attention_mask, causal_attention, kernel_inputs, resolve_attn_backend,
                                       sdpa_folded_groups)
@@ -222,11 +222,19 @@ class NSA(FusedQKV):
         self.k_compress = Compression(self.cmp_len, D)
         self.v_compress = Compression(self.cmp_len, D)
         self.gate_proj = nn.Linear(d, 3 * H, bias=False) if cfg.nsa_gate == "sigmoid" else None
+        # the gates read the same x as q, k and v: their rows join the fused projection (one matmul a
+        # decoding step, not two), where no projection has a bias (the fused bias would need one)
+        self.gates_fused = self.gate_proj is not None and not cfg.attn_bias
+        if self.gates_fused:
+            self.qkv_sizes += (3 * H,)
         self.scale = D ** -0.5
         self.decode_fusion = cfg.decode_fusion  # the window branch's split-KV merge inside its split kernel
         self.decode_prologue = cfg.decode_prologue  # QK-norm, rotary and the three cache writes in one kernel
         if self.fuse_projections:
             self.pack_qkv_()
+
+    def fused_linears(self) -> tuple[nn.Linear, ...]:
+        return (self.q_proj, self.k_proj, self.v_proj) + ((self.gate_proj,) if self.gates_fused else ())
 
     def make_cache(self, batch: int, max_len: int, dtype, device) -> NSACache:
         return NSACache.empty(batch, max_len, self.n_kv_heads, self.head_dim, self.cmp_len, self.cmp_stride,
@@ -246,11 +254,6 @@ class NSA(FusedQKV):
         if cos is not None:
             k_cmp = apply_rotary(k_cmp, cos, sin)
         return k_cmp, v_cmp
-
-    def gates(self, x: torch.Tensor) -> torch.Tensor:
-        """[B, T, H, 3] sigmoid gates (cmp, slc, win); needs gate_proj (model.nsa_gate=sigmoid)."""
-        B, T, _ = x.shape
-        return torch.sigmoid(self.gate_proj(x)).view(B, T, self.n_heads, 3)
 
     def sparse_branches(self, q, k_cmp, v_cmp, cmp_end, k, v, q_pos, doc_ids):
         """The compressed and selected branches (kernels/nsa) -> o_cmp, o_slc [B, T, H, D]."""
@@ -288,21 +291,24 @@ class NSA(FusedQKV):
         stream, normed in the projections' prologues (residual_forward: the decode prologue's path)."""
         B, T, _ = x.shape
         fused = None if self.q_norm is None else self._fused_qkv()
+        y = None   # the fused projection's output: q, k, v (and the gates' logits, gates_fused)
+        n_qkv = sum(self.qkv_sizes[:3])
         if fused is not None and self.takes_prologue(x, ctx, cache):
             # the dense layers' decode prologue kernel (kernels/attention/decode.py), with the raw keys:
             # q out, k (rotated), v and k before rotary written into the cache at their positions
             from deepwish.kernels.attention.decode import decode_prologue
             if norm is None:
-                y = linear(x, *fused, backend=self.matmul, pdl=self.pdl)
+                y = self.fused_projection(x, fused)
             else:
                 from deepwish.kernels.gemv.triton import gemv
                 y = gemv(x, *fused, norm=(norm.weight, norm.eps, norm.zero_centered), pdl=self.pdl)
-            q = decode_prologue(y, self.q_norm.weight, self.k_norm.weight, self.q_norm.eps, ctx.cos, ctx.sin,
-                                ctx.positions, cache.k, cache.v, self.n_heads, self.q_norm.zero_centered, pdl=self.pdl,
-                                k_raw_cache=cache.k_raw)
+            q = decode_prologue(y[..., :n_qkv], self.q_norm.weight, self.k_norm.weight, self.q_norm.eps, ctx.cos,
+                                ctx.sin, ctx.positions, cache.k, cache.v, self.n_heads, self.q_norm.zero_centered,
+                                pdl=self.pdl, k_raw_cache=cache.k_raw)
             k = v = k_raw = None   # in the cache already
         elif fused is not None:   # one matmul; the compression reads k before rotary (k_raw)
-            q, k, v, k_raw = self.joint_qk(x, fused, ctx)
+            y = self.fused_projection(x, fused)
+            q, k, v, k_raw = self.joint_qk(y, ctx)
         else:
             q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim)
             k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim)
@@ -318,15 +324,19 @@ class NSA(FusedQKV):
             o_cmp, o_slc, o_win = self.attend_cache(q, k, v, k_raw, ctx, cache)
         if self.gate_proj is None:
             return o_cmp + o_slc + o_win
+        if y is not None and self.gates_fused:   # the gates' logits, from the fused projection
+            g = y[..., n_qkv:]
+        elif norm is not None:
+            from deepwish.kernels.gemv.triton import gemv
+            g = gemv(x, self.gate_proj.weight, norm=(norm.weight, norm.eps, norm.zero_centered), pdl=self.pdl)
+        else:
+            g = self.gate_proj(x)
         if cache is not None and self.sparse_backend(x.device) == "triton" and not torch.is_grad_enabled():
             from deepwish.kernels.nsa.gates import gated_sum  # the same sum in one launch
-            if norm is None:
-                g = linear(x, self.gate_proj.weight, None, backend=self.matmul, pdl=self.pdl)
-            else:
-                from deepwish.kernels.gemv.triton import gemv
-                g = gemv(x, self.gate_proj.weight, norm=(norm.weight, norm.eps, norm.zero_centered), pdl=self.pdl)
             return gated_sum(g, o_cmp, o_slc, o_win)
-        g = self.gates(x).to(o_win.dtype)
+        # contiguous: the CPU's sigmoid rounds a strided view's elements differently (scalar, not vector
+        # code), so the fused layout's logits would differ from the three matmuls' in the last bit
+        g = torch.sigmoid(g.contiguous()).view(B, T, self.n_heads, 3).to(o_win.dtype)
         return g[..., 0:1] * o_cmp + g[..., 1:2] * o_slc + g[..., 2:3] * o_win
 
     def block_ends(self, ctx, cached: bool):

@@ -331,11 +331,11 @@ def test_decode_prologue_kernel_in_the_model_equals_the_torch_path(monkeypatch):
     assert sums == [33, 1, 1, 1], sums
 
 
-def cached_steps_equal_the_torch_path(**kw):
+def cached_steps_equal_the_torch_path(attn_bias=False, **kw):
     """A 33-token prefill and three one-token steps over the cache of a 1-layer model with kernels/nsa's
     Triton kernels (and `kw`) under the interpreter: the torch path's logits of the whole rows."""
-    fast = tiny_model(n_layers=1, nsa_backend="triton", **kw)
-    slow = tiny_model(n_layers=1)
+    fast = tiny_model(n_layers=1, nsa_backend="triton", attn_bias=attn_bias, **kw)
+    slow = tiny_model(n_layers=1, attn_bias=attn_bias)
     slow.load_state_dict(fast.state_dict())
     ids = torch.randint(0, fast.cfg.vocab_size, (2, 36))
     cache = fast.make_cache(2, 40)
@@ -347,7 +347,8 @@ def cached_steps_equal_the_torch_path(**kw):
     torch.testing.assert_close(torch.cat(out, 1), want, atol=1e-5, rtol=1e-5)
 
 
-def test_fused_decode_step_in_the_model_equals_the_torch_path(monkeypatch):
+@pytest.mark.parametrize("attn_bias", [False, True])   # True: q, k, v with biases, the gates not fused
+def test_fused_decode_step_in_the_model_equals_the_torch_path(monkeypatch, attn_bias):
     """model.decode_fusion with the GEMV (decode_matmul triton, the interpreter): a one-token step
     of an NSA block is x + NSA(norm(x)) with the norm in the projections' prologues and the add in
     o_proj's epilogue (NSA.residual_forward): a prefill and decode steps equal the torch path's
@@ -357,5 +358,18 @@ def test_fused_decode_step_in_the_model_equals_the_torch_path(monkeypatch):
     real = NSA.residual_forward
     monkeypatch.setattr(NSA, "residual_forward",
                         lambda self, x, *a: (lambda out: taken.append(out is not None) or out)(real(self, x, *a)))
-    cached_steps_equal_the_torch_path(attn_backend="triton", decode_matmul="triton")
+    cached_steps_equal_the_torch_path(attn_backend="triton", decode_matmul="triton", attn_bias=attn_bias)
     assert taken == [False, True, True, True, False], taken   # the prefill, three steps; the torch model
+
+
+@pytest.mark.parametrize("attn_bias", [False, True])
+def test_the_gates_join_the_fused_projection_where_no_projection_has_a_bias(attn_bias):
+    """model.fuse_projections: W_g's 3H rows follow q, k and v in the one fused weight (a decoding
+    step's gates come out of the same matmul), still the parameter gate_proj.weight; with biases
+    on q, k and v (W_g has none) the gates keep their own matmul."""
+    m = tiny_model(n_layers=1, attn_bias=attn_bias).blocks[0].mixer
+    H, Hkv, D = m.n_heads, m.n_kv_heads, m.head_dim
+    with torch.no_grad():
+        w, _ = m._fused_qkv()
+    assert w.shape[0] == (H + 2 * Hkv) * D + (0 if attn_bias else 3 * H)
+    assert (m.gate_proj.weight.data_ptr() == w[-3 * H:].data_ptr()) != attn_bias
