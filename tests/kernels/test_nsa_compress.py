@@ -99,3 +99,16 @@ def test_kernel_writes_the_torch_forms_slots_on_gpu_at_the_models_shape(p0, T):
     for got, ref in ((cache.k_cmp, want.k_cmp), (cache.v_cmp, want.v_cmp)):
         err = (got[:, :n].float() - ref[:, :n].float()).norm() / ref[:, :n].float().norm()
         assert err < 1e-2, err
+
+
+def test_the_custom_op_passes_opcheck():
+    """torch.compile's view of the op: the three compressed-cache buffers declared mutated and
+    nothing else (torch.library.opcheck's schema, fake-tensor and AOT checks), on a chunk that ends
+    a block."""
+    model, nsa, cache = mixer_and_cache(torch.float32)
+    ctx = chunk_ctx(model, (15, 23), 1)
+    weights = [t.detach().contiguous() for m in (nsa.k_compress, nsa.v_compress)
+               for t in (m.pos, m.up.weight, m.down.weight)]
+    torch.library.opcheck(torch.ops.deepwish.nsa_compress_blocks.default,
+                          (cache.k_raw, cache.v, ctx.positions, *weights, ctx.cos, ctx.sin, cache.k_cmp, cache.v_cmp,
+                           cache.cmp_end, nsa.cmp_stride))

@@ -29,3 +29,11 @@ def test_mismatched_shapes_are_named():
     o = torch.zeros(1, 1, 4, 8)
     with pytest.raises(ValueError, match=r"g \[B, T, 3H\]"):
         gated_sum(torch.zeros(1, 1, 11), o, o, o)
+
+
+def test_the_custom_op_passes_opcheck():
+    """torch.compile's view of the op: its fake form's shapes and strides equal the kernel's output,
+    and nothing is mutated (torch.library.opcheck's schema, fake-tensor and AOT checks)."""
+    g = torch.randn(1, 2, 12)
+    o_cmp, o_slc, o_win = torch.randn(3, 1, 2, 4, 8)
+    torch.library.opcheck(torch.ops.deepwish.nsa_gated_sum.default, (g, o_cmp, o_slc, o_win))

@@ -373,3 +373,40 @@ def test_the_gates_join_the_fused_projection_where_no_projection_has_a_bias(attn
         w, _ = m._fused_qkv()
     assert w.shape[0] == (H + 2 * Hkv) * D + (0 if attn_bias else 3 * H)
     assert (m.gate_proj.weight.data_ptr() == w[-3 * H:].data_ptr()) != attn_bias
+
+
+def test_compiled_decoding_steps_trace_the_decode_kernels_and_equal_eager():
+    """torch.compile of one-token steps (AOT tracing, eager execution, the interpreter's kernels): the
+    traced graphs hold the compression and the gated sum as custom ops, and the steps give eager's
+    logits and caches; position 31 ends a block. (The ops' fake forms and declared mutations: their
+    opcheck tests in tests/kernels.)"""
+    import copy
+
+    from torch._dynamo.backends.common import aot_autograd
+    from torch._functorch.aot_autograd import make_boxed_func
+
+    seen = []
+
+    def record(gm, example_inputs):
+        seen.append(gm.code)
+        return make_boxed_func(gm.forward)
+
+    m = tiny_model(n_layers=1, nsa_backend="triton", attn_backend="triton", decode_matmul="triton")
+    ids = torch.randint(0, m.cfg.vocab_size, (2, 36))
+    eager_cache = m.make_cache(2, 40)
+    with torch.no_grad():
+        m(ids[:, :31], cache=eager_cache)
+    compiled_cache = copy.deepcopy(eager_cache)
+    torch._dynamo.reset()
+    step = torch.compile(lambda i, p, c: m(i, positions=p, cache=c).logits,
+                         backend=aot_autograd(fw_compiler=record))
+    with torch.no_grad():
+        for t in (31, 32):
+            pos = torch.full((2, 1), t)
+            want = m(ids[:, t:t + 1], positions=pos, cache=eager_cache).logits
+            torch.testing.assert_close(step(ids[:, t:t + 1], pos, compiled_cache), want, atol=1e-6, rtol=1e-6)
+    torch._dynamo.reset()
+    code = "\n".join(seen)
+    assert "nsa_compress_blocks" in code and "nsa_gated_sum" in code, code[:2000]
+    for name in ("k", "v", "k_raw", "k_cmp", "v_cmp", "cmp_end"):
+        assert torch.equal(getattr(eager_cache.layers[0], name), getattr(compiled_cache.layers[0], name)), name
