@@ -26,6 +26,10 @@ Parts:
 - decode: one query at position C - 1 over a static cache of C = 8k..128k (B 1), cmp + slc replayed
           from a CUDA graph (the capture is the graph-capturability check), against SDPA over the
           whole cache (one query, enable_gqa) replayed the same way.
+- compress (not in the default parts): the decoding step's block compression (kernels/nsa/compress.py)
+          at `qwen3_0.6b_nsa`'s φ (8 KV heads, D 128, l 32, d 16; B 1, a 4,096-slot cache), replayed
+          from a CUDA graph: µs a launch on a step that ends a block and on one that does not, for
+          each slicing of W_1 (COMPRESS_SPLITS), beside the torch form (`NSA.compress_chunk_`).
 
 What fla covers, read from its source (fla/ops/nsa/parallel.py, compression.py; fla-org/
 flash-linear-attention): its compressed tokens are MEAN-POOLED non-overlapping blocks of
@@ -302,6 +306,54 @@ def decode_times(C: int, device, variants: dict | None = None) -> dict:
     return row
 
 
+COMPRESS_SPLITS = (1, 2, 4, 8, 16, 32)
+
+
+def compress_times(device, C: int = 4096) -> dict:
+    """µs a launch of the cached chunk's block compression (module docstring, part compress):
+    {'ends a block': {splits: µs, 'torch': µs}, 'ends none': {...}, 'max_err': largest relative RMS
+    of a slicing's compressed slots against one slice's}."""
+    import copy
+
+    from deepwish.config import model_config
+    from deepwish.kernels.nsa import compress
+    from deepwish.model.transformer import Transformer
+    torch.manual_seed(0)
+    model = Transformer(model_config("qwen3_0.6b_nsa", n_layers=1)).eval().to(device, torch.bfloat16)
+    nsa = model.blocks[0].mixer
+    for m in (nsa.k_compress, nsa.v_compress):   # a trained φ's scale, not its initialisation
+        for p in m.parameters():
+            p.data = torch.randn_like(p) * 0.02
+    cache = nsa.make_cache(1, C, torch.bfloat16, device)
+    cache.k_raw.normal_()
+    cache.v.normal_()
+    row, ref, err, shipped = {}, None, 0.0, compress.SPLITS
+    for name, p0 in (("ends a block", C - 1), ("ends none", C - 2)):
+        pos = torch.tensor([[p0]], device=device)
+        ctx = model.context(torch.zeros_like(pos), pos)
+        cell = {}
+        with torch.no_grad():
+            for splits in COMPRESS_SPLITS:
+                compress.SPLITS = splits
+                c = copy.deepcopy(cache)
+
+                def launch(c=c):
+                    compress.compress_cache_blocks(c.k_raw, c.v, ctx.positions, nsa.k_compress, nsa.v_compress,
+                                                   ctx.cos, ctx.sin, c.k_cmp, c.v_cmp, c.cmp_end, nsa.cmp_stride)
+                launch()
+                if name == "ends a block":
+                    got = torch.cat([c.k_cmp, c.v_cmp]).float()
+                    ref = got if ref is None else ref
+                    err = max(err, float((got - ref).norm() / ref.norm()))
+                cell[splits] = graph_ms(launch, calls=28) * 1e3
+            c = copy.deepcopy(cache)
+            cell["torch"] = graph_ms(lambda: nsa.compress_chunk_(c, ctx), calls=28) * 1e3
+        row[name] = cell
+    compress.SPLITS = shipped
+    row["max_err"] = err
+    return row
+
+
 def check(device, dtype=torch.bfloat16, T: int = CHECK_T) -> dict:
     """Real-size bf16 kernels against the fp32 reference at T = CHECK_T (module docstring)."""
     from deepwish.kernels.nsa import reference as ref
@@ -539,8 +591,9 @@ def run(device, out: Path, parts: list[str], lengths: list[int], with_fla: bool 
     res = dict(env=environment(device))
     print(json.dumps(res["env"]), flush=True)
     for part in parts:
-        if part not in ("check", "train", "decode", "sweep"):
-            raise ValueError(f"nsa_kernels bench: unknown part {part!r}; choose from check, train, decode, sweep")
+        if part not in ("check", "train", "decode", "sweep", "compress"):
+            raise ValueError(f"nsa_kernels bench: unknown part {part!r}; choose from check, train, decode, sweep, "
+                             "compress")
     for kind in sweep_kinds or []:
         if kind not in SWEEP_CANDIDATES:
             raise ValueError(f"nsa_kernels bench: unknown sweep kind {kind!r}; choose from {list(SWEEP_CANDIDATES)}")
@@ -554,6 +607,11 @@ def run(device, out: Path, parts: list[str], lengths: list[int], with_fla: bool 
                 print("\n## sweep winners at T", sweep_T, "(paste into kernels/nsa/triton.py TILES, 16bit)\n" +
                       "\n".join(f'("{k}", "16bit"): dict({", ".join(f"{a}={b!r}" for a, b in r["config"].items())}),'
                                 for k, r in res["sweep"].items()), flush=True)
+            elif part == "compress":
+                res["compress"] = compress_times(device)
+                print("\n## block compression at qwen3_0.6b_nsa's phi (us a launch, graph; W_1 slices)\n" +
+                      "\n".join(f"{k}: " + ", ".join(f"{s} {t:.2f}" for s, t in v.items()) if isinstance(v, dict)
+                                else f"{k}: {v:.2e}" for k, v in res["compress"].items()), flush=True)
             elif part == "check":
                 res["check"] = check(device)
                 print("\n## check at T", CHECK_T, "(relative RMS vs the fp32 reference)\n" +

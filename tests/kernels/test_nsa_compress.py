@@ -7,6 +7,8 @@ import pytest
 import torch
 
 from deepwish.config import model_config
+from deepwish.kernels.grid import counters
+from deepwish.kernels.nsa import compress
 from deepwish.kernels.nsa.compress import compress_cache_blocks
 from deepwish.model.nsa import NEVER
 from deepwish.model.transformer import Transformer
@@ -68,6 +70,27 @@ def test_partial_rotary_and_more_kv_heads_than_one_tile(kw):
                           cache.k_cmp, cache.v_cmp, cache.cmp_end, nsa.cmp_stride)
     n = cache.n_blocks
     assert torch.equal(cache.cmp_end, want.cmp_end)
+    torch.testing.assert_close(cache.k_cmp[:, :n], want.k_cmp[:, :n], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(cache.v_cmp[:, :n], want.v_cmp[:, :n], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("splits", [1, 2, 16, 3])
+def test_every_slicing_of_w1_writes_the_same_slots(monkeypatch, splits):
+    """W_1's column blocks in 1, 2 or l (16) slices, or 3 (does not divide l: one slice), the same
+    slots as the torch form's in fp32 and a second chunk after the first: the slices' counts are back
+    at zero after each launch."""
+    monkeypatch.setattr(compress, "SPLITS", splits)
+    model, nsa, cache = mixer_and_cache(torch.float32)
+    want = copy.deepcopy(cache)
+    for p0 in ((15, 23), (31, 39)):   # both rows end a block at both chunks
+        ctx = chunk_ctx(model, p0, 1)
+        nsa.compress_chunk_(want, ctx)
+        compress_cache_blocks(cache.k_raw, cache.v, ctx.positions, nsa.k_compress, nsa.v_compress, ctx.cos, ctx.sin,
+                              cache.k_cmp, cache.v_cmp, cache.cmp_end, nsa.cmp_stride)
+        if splits in (2, 16):
+            assert not counters(cache.k_raw.device, "nsa_compress_blocks", compress.COUNTERS).any()
+    n = cache.n_blocks
+    assert torch.equal(cache.cmp_end, want.cmp_end) and (cache.cmp_end[:, :n] != NEVER).sum() == 4
     torch.testing.assert_close(cache.k_cmp[:, :n], want.k_cmp[:, :n], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(cache.v_cmp[:, :n], want.v_cmp[:, :n], atol=1e-5, rtol=1e-5)
 

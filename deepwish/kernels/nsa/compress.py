@@ -21,6 +21,14 @@ with W_1's l column blocks of D accumulated one row at a time, rounded where the
 block end's position (its row of cos / sin; the partner channels read back from the slot just
 written, after a CTA barrier). Blocks that do not exist write nothing: the torch form sends them to
 the trash slot, whose end stays NEVER either way.
+
+W_1 is the step's one large read (l·D² values: 1 MB a kind at D 128, l 32), and one program streaming
+it alone took ~35 µs a layer on a block-ending step (one SM's share of the bandwidth). So W_1's l
+column blocks are cut into SPLITS slices over the grid's second axis (with the kind): each slice's
+program stores its partial W_1·x and Σ x (fp32), and the last of its group (kernels/grid.py's
+last-block reduction) adds them up in slice order and finishes φ. Those fp32 sums run in another
+order than one program's, so a bf16 rounding of W_1·x can land one step away (the torch form's
+matmul sums in an order of its own too).
 """
 from __future__ import annotations
 
@@ -30,24 +38,29 @@ import torch
 import triton
 import triton.language as tl
 
+from deepwish.kernels.grid import counters
+
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 HEAD_TILE = 16  # KV heads a program: the M of its tl.dot (16 is the smallest tile)
+SPLITS = 8      # slices of W_1's l column blocks (module docstring); 1: one program finishes φ alone
+COUNTERS = 4096  # groups (row × block × kind × head tile) a launch may count; more take one slice
 
 
 @triton.jit
-def _phi(SRC, P, W1, W2, OUT, COS, SIN, b, h, h_ok, row0, r, slot, s_sb, s_sh, s_sl, s_ob, s_os, s_oh, s_cb, s_ct,
-         D: tl.constexpr, CMP_LEN: tl.constexpr, BLOCK_D: tl.constexpr, BH: tl.constexpr, R: tl.constexpr,
-         ROPE: tl.constexpr, PREC: tl.constexpr):
-    """φ of one block for the KV heads h [BH] (module docstring), stored at OUT[b, slot, h]."""
+def _phi(SRC, P, W1, W2, OUT, COS, SIN, WS, CNT, group, split, b, h, h_ok, row0, r, slot, s_sb, s_sh, s_sl, s_ob,
+         s_os, s_oh, s_cb, s_ct, D: tl.constexpr, CMP_LEN: tl.constexpr, BLOCK_D: tl.constexpr, BH: tl.constexpr,
+         R: tl.constexpr, ROPE: tl.constexpr, PREC: tl.constexpr, S: tl.constexpr):
+    """φ of one block for the KV heads h [BH] (module docstring), stored at OUT[b, slot, h]: this
+    program's slice `split` of W_1's S slices, the group's last slice finishing."""
     dt = OUT.dtype.element_ty
     d = tl.arange(0, BLOCK_D)
     d_ok = d < D
     ok = h_ok[:, None] & d_ok[None, :]
     w_ok = d_ok[:, None] & d_ok[None, :]
     src = SRC + b * s_sb + h[:, None] * s_sh + d[None, :]
-    acc = tl.zeros([BH, BLOCK_D], dtype=tl.float32)    # W_1 · [x_1 … x_l]
-    total = tl.zeros([BH, BLOCK_D], dtype=tl.float32)  # Σ_i x_i
-    for i in range(CMP_LEN):
+    acc = tl.zeros([BH, BLOCK_D], dtype=tl.float32)    # W_1 · [x_1 … x_l] (this slice's column blocks)
+    total = tl.zeros([BH, BLOCK_D], dtype=tl.float32)  # Σ_i x_i (this slice's)
+    for i in range(split * (CMP_LEN // S), (split + 1) * (CMP_LEN // S)):
         i64 = tl.cast(i, tl.int64)
         c = tl.load(src + (row0 + i64) * s_sl, mask=ok, other=0.0).to(tl.float32)
         p = tl.load(P + i64 * D + d, mask=d_ok, other=0.0).to(tl.float32)
@@ -56,6 +69,23 @@ def _phi(SRC, P, W1, W2, OUT, COS, SIN, b, h, h_ok, row0, r, slot, s_sb, s_sh, s
         # W_1[o, i·D + c] as a [c, o] tile: the column block of x_i
         w = tl.load(W1 + d[None, :] * (CMP_LEN * D) + i64 * D + d[:, None], mask=w_ok, other=0.0)
         acc = tl.dot(x, w, acc, input_precision=PREC)
+    if S > 1:  # the group's partials, fp32 [S, 2, BH, BLOCK_D] at WS[group]; the last slice adds them up
+        hd = tl.arange(0, BH)[:, None] * BLOCK_D + d[None, :]
+        part = WS + (group * S + split) * (2 * BH * BLOCK_D) + hd
+        tl.store(part, acc, mask=ok)
+        tl.store(part + BH * BLOCK_D, total, mask=ok)
+        tl.debug_barrier()  # every thread's partial stored before the count is raised
+        done = tl.atomic_add(CNT + group, 1, sem="acq_rel", scope="gpu")
+        if done != S - 1:
+            return
+        tl.debug_barrier()
+        acc = tl.zeros([BH, BLOCK_D], dtype=tl.float32)
+        total = tl.zeros([BH, BLOCK_D], dtype=tl.float32)
+        for t in range(S):  # in slice order (.cg: never a stale L1 line)
+            part = WS + (group * S + t) * (2 * BH * BLOCK_D) + hd
+            acc += tl.load(part, mask=ok, other=0.0, cache_modifier=".cg")
+            total += tl.load(part + BH * BLOCK_D, mask=ok, other=0.0, cache_modifier=".cg")
+        tl.atomic_xchg(CNT + group, 0)  # zero again for the next call (a captured graph reuses the buffer)
     hid = acc.to(dt).to(tl.float32)
     hid = (hid * tl.sigmoid(hid)).to(dt)
     w2 = tl.load(W2 + d[None, :] * D + d[:, None], mask=w_ok, other=0.0)
@@ -81,15 +111,17 @@ def _phi(SRC, P, W1, W2, OUT, COS, SIN, b, h, h_ok, row0, r, slot, s_sb, s_sh, s
 
 
 @triton.jit(do_not_specialize=["T"])
-def _compress_kernel(K_SRC, V_SRC, POS, PK, W1K, W2K, PV, W1V, W2V, COS, SIN, K_OUT, V_OUT, END,
+def _compress_kernel(K_SRC, V_SRC, POS, PK, W1K, W2K, PV, W1V, W2V, COS, SIN, K_OUT, V_OUT, END, WS, CNT,
                      s_sb, s_sh, s_sl, s_vb, s_vh, s_vl, s_ob, s_os, s_oh, s_pb, s_eb, s_cb, s_ct,
                      T, HKV, N, STRIDE, NS,
                      D: tl.constexpr, CMP_LEN: tl.constexpr, BLOCK_D: tl.constexpr, BH: tl.constexpr,
-                     R: tl.constexpr, ROPE: tl.constexpr, PREC: tl.constexpr):
+                     R: tl.constexpr, ROPE: tl.constexpr, PREC: tl.constexpr, S: tl.constexpr):
     pid = tl.program_id(0)
     b = tl.cast(pid // NS, tl.int64)
     j = pid % NS
-    kind = tl.program_id(1)
+    kind = tl.program_id(1) // S
+    split = tl.program_id(1) % S
+    group = (pid * 2 + kind) * tl.num_programs(2) + tl.program_id(2)
     p0 = tl.load(POS + b * s_pb)
     before = CMP_LEN - 1 - p0
     first = tl.maximum(((before % STRIDE) + STRIDE) % STRIDE, before)  # chunk_block_ends' closed form
@@ -105,13 +137,13 @@ def _compress_kernel(K_SRC, V_SRC, POS, PK, W1K, W2K, PV, W1V, W2V, COS, SIN, K_
     h = tl.cast(h, tl.int64)
     row0 = end - (CMP_LEN - 1)
     if kind == 0:
-        _phi(K_SRC, PK, W1K, W2K, K_OUT, COS, SIN, b, h, h_ok, row0, r, slot, s_sb, s_sh, s_sl, s_ob, s_os, s_oh,
-             s_cb, s_ct, D, CMP_LEN, BLOCK_D, BH, R, ROPE, PREC)
-        if tl.program_id(2) == 0:
+        if (tl.program_id(2) == 0) & (split == 0):
             tl.store(END + b * s_eb + slot, end)
+        _phi(K_SRC, PK, W1K, W2K, K_OUT, COS, SIN, WS, CNT, group, split, b, h, h_ok, row0, r, slot, s_sb, s_sh,
+             s_sl, s_ob, s_os, s_oh, s_cb, s_ct, D, CMP_LEN, BLOCK_D, BH, R, ROPE, PREC, S)
     else:
-        _phi(V_SRC, PV, W1V, W2V, V_OUT, COS, SIN, b, h, h_ok, row0, r, slot, s_vb, s_vh, s_vl, s_ob, s_os, s_oh,
-             s_cb, s_ct, D, CMP_LEN, BLOCK_D, BH, R, False, PREC)
+        _phi(V_SRC, PV, W1V, W2V, V_OUT, COS, SIN, WS, CNT, group, split, b, h, h_ok, row0, r, slot, s_vb, s_vh,
+             s_vl, s_ob, s_os, s_oh, s_cb, s_ct, D, CMP_LEN, BLOCK_D, BH, R, False, PREC, S)
 
 
 def _launch(k_raw, v, positions, pk, w1k, w2k, pv, w1v, w2v, cos, sin, k_cmp, v_cmp, cmp_end, stride):
@@ -123,14 +155,22 @@ def _launch(k_raw, v, positions, pk, w1k, w2k, pv, w1v, w2v, cos, sin, k_cmp, v_
     sin_t = sin if rope else positions
     ns = T // stride + 1
     bh = HEAD_TILE
-    _compress_kernel[(B * ns, 2, triton.cdiv(Hkv, bh))](
-        k_raw, v, positions, pk, w1k, w2k, pv, w1v, w2v, cos_t, sin_t, k_cmp, v_cmp, cmp_end,
+    tiles = triton.cdiv(Hkv, bh)
+    groups = B * ns * 2 * tiles
+    splits = SPLITS if l % SPLITS == 0 and groups <= COUNTERS else 1
+    if splits > 1:
+        ws = torch.empty(groups, splits, 2, bh, triton.next_power_of_2(D), dtype=torch.float32, device=k_raw.device)
+        cnt = counters(k_raw.device, "nsa_compress_blocks", COUNTERS)
+    else:
+        ws = cnt = positions  # never read with one slice
+    _compress_kernel[(B * ns, 2 * splits, tiles)](
+        k_raw, v, positions, pk, w1k, w2k, pv, w1v, w2v, cos_t, sin_t, k_cmp, v_cmp, cmp_end, ws, cnt,
         k_raw.stride(0), k_raw.stride(1), k_raw.stride(2), v.stride(0), v.stride(1), v.stride(2),
         k_cmp.stride(0), k_cmp.stride(1), k_cmp.stride(2), positions.stride(0), cmp_end.stride(0),
         cos_t.stride(0) if rope else 0, cos_t.stride(1) if rope else 0,
         T, Hkv, cmp_end.shape[1] - 1, stride, ns,
         D=D, CMP_LEN=l, BLOCK_D=triton.next_power_of_2(D), BH=bh, R=2 * cos.shape[-1] if rope else 0, ROPE=rope,
-        PREC="ieee" if k_raw.dtype == torch.float32 else "tf32", num_warps=1 if _INTERPRET else 8)
+        PREC="ieee" if k_raw.dtype == torch.float32 else "tf32", S=splits, num_warps=1 if _INTERPRET else 8)
 
 
 @torch.library.custom_op("deepwish::nsa_compress_blocks", mutates_args=("k_cmp", "v_cmp", "cmp_end"))
