@@ -255,16 +255,17 @@ class NSA(FusedQKV):
             k_cmp = apply_rotary(k_cmp, cos, sin)
         return k_cmp, v_cmp
 
-    def sparse_branches(self, q, k_cmp, v_cmp, cmp_end, k, v, q_pos, doc_ids):
-        """The compressed and selected branches (kernels/nsa) -> o_cmp, o_slc [B, T, H, D]."""
+    def sparse_branches(self, q, k_cmp, v_cmp, cmp_end, k, v, q_pos, doc_ids, pdl="off"):
+        """The compressed and selected branches (kernels/nsa) -> o_cmp, o_slc [B, T, H, D]; pdl: their
+        decoding launches' (the cache path passes model.decode_pdl)."""
         from deepwish.kernels.nsa import nsa_compressed, nsa_selected
         backend = self.sparse_backend(q.device)
         o_cmp, sel_idx = nsa_compressed(q, k_cmp, v_cmp, cmp_end, q_pos=q_pos, doc_ids=doc_ids,
                                         cmp_len=self.cmp_len, select_len=self.select_len, n_select=self.n_select,
                                         n_init=1, n_local=self.n_local, scale=self.scale, S=k.shape[1],
-                                        backend=backend)
+                                        backend=backend, pdl=pdl)
         o_slc = nsa_selected(q, k, v, sel_idx, q_pos=q_pos, doc_ids=doc_ids, select_len=self.select_len,
-                             scale=self.scale, backend=backend)
+                             scale=self.scale, backend=backend, pdl=pdl)
         return o_cmp, o_slc
 
     # ---- forward -----------------------------------------------------------------------------
@@ -333,7 +334,7 @@ class NSA(FusedQKV):
             g = self.gate_proj(x)
         if cache is not None and self.sparse_backend(x.device) == "triton" and not torch.is_grad_enabled():
             from deepwish.kernels.nsa.gates import gated_sum  # the same sum in one launch
-            return gated_sum(g, o_cmp, o_slc, o_win)
+            return gated_sum(g, o_cmp, o_slc, o_win, pdl=self.pdl)
         # contiguous: the CPU's sigmoid rounds a strided view's elements differently (scalar, not vector
         # code), so the fused layout's logits would differ from the three matmuls' in the last bit
         g = torch.sigmoid(g.contiguous()).view(B, T, self.n_heads, 3).to(o_win.dtype)
@@ -410,16 +411,16 @@ class NSA(FusedQKV):
         if self.compress_kernel(q.shape[1], q.device):
             from deepwish.kernels.nsa.compress import compress_cache_blocks
             compress_cache_blocks(cache.k_raw, cache.v, pos, self.k_compress, self.v_compress, ctx.cos, ctx.sin,
-                                  cache.k_cmp, cache.v_cmp, cache.cmp_end, self.cmp_stride)
+                                  cache.k_cmp, cache.v_cmp, cache.cmp_end, self.cmp_stride, pdl=self.pdl)
         else:
             self.compress_chunk_(cache, ctx)
         q = q.to(cache.k.dtype)  # the cache's dtype: casting q is cheap, casting the cache is not
         o_cmp, o_slc = self.sparse_branches(q, cache.k_cmp, cache.v_cmp, cache.cmp_end, cache.k.transpose(1, 2),
-                                            cache.v.transpose(1, 2), pos, None)
+                                            cache.v.transpose(1, 2), pos, None, self.pdl)
         if self.window_kernel(q.shape[1], q.device):
             from deepwish.kernels.attention.decode import decode_attention
             o_win = decode_attention(q, cache.k, cache.v, pos, None, window=self.window_size, scale=self.scale,
-                                     merge_in_split=self.decode_fusion)
+                                     merge_in_split=self.decode_fusion, pdl=self.pdl)
         else:
             k_pos = torch.arange(cache.max_len, device=q.device).expand(q.shape[0], -1)
             mask = attention_mask(pos, k_pos, self.window_size)

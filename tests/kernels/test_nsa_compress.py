@@ -134,4 +134,4 @@ def test_the_custom_op_passes_opcheck():
                for t in (m.pos, m.up.weight, m.down.weight)]
     torch.library.opcheck(torch.ops.deepwish.nsa_compress_blocks.default,
                           (cache.k_raw, cache.v, ctx.positions, *weights, ctx.cos, ctx.sin, cache.k_cmp, cache.v_cmp,
-                           cache.cmp_end, nsa.cmp_stride))
+                           cache.cmp_end, nsa.cmp_stride, "off"))

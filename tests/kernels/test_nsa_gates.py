@@ -36,4 +36,4 @@ def test_the_custom_op_passes_opcheck():
     and nothing is mutated (torch.library.opcheck's schema, fake-tensor and AOT checks)."""
     g = torch.randn(1, 2, 12)
     o_cmp, o_slc, o_win = torch.randn(3, 1, 2, 4, 8)
-    torch.library.opcheck(torch.ops.deepwish.nsa_gated_sum.default, (g, o_cmp, o_slc, o_win))
+    torch.library.opcheck(torch.ops.deepwish.nsa_gated_sum.default, (g, o_cmp, o_slc, o_win, "off"))

@@ -618,3 +618,71 @@ def test_small_groups_take_their_own_tile_rows():
     assert tri._tile_key("slc_fwd", torch.bfloat16, 16) == ("slc_fwd", "16bit")
     assert tri._tile_key("slc_fwd", torch.float32, 2) == ("slc_fwd", "fp32")
     assert tri._tile_key("cmp_fwd", torch.bfloat16, 2) == ("cmp_fwd", "16bit")
+
+
+def test_decoding_kernels_compile_for_hopper_with_pdl_waiting_first():
+    """model.decode_pdl's NSA kernels (the compressed branch's four decoding launches, the selected
+    branch's split and merge, the gated sum, the block compression with W_1 in 8 slices) compiled
+    for sm_90 in a process without the interpreter (Triton's own ptxas, no GPU): `griddepcontrol.wait`
+    before every global load, store and atomic, and the next kernel let launch after it. (A program
+    that read or wrote before the wait, or returned without it, would break kernels/pdl.py's chain.)"""
+    import json
+    import os
+    import subprocess
+    import sys
+    script = r'''
+import json, re, triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from deepwish.kernels.nsa import compress, gates, triton as nk
+
+PTR = {"END": "*i64", "CMAX": "*i32", "CMIN": "*i32", "QPOS": "*i64", "QDS": "*i32", "POS": "*i64", "SEL": "*i32",
+       "I_PART": "*i32", "CNT": "*i32", "M_PART": "*fp32", "L_PART": "*fp32", "ACC_PART": "*fp32", "LSE": "*fp32",
+       "S_PART": "*fp32", "WS": "*fp32", "COS": "*fp32", "SIN": "*fp32"}
+SCALARS = {"T", "N", "H", "HKV", "G", "DQK", "DV", "NSPLIT", "CMP_LEN", "SEL_LEN", "N_SELECT", "N_INIT", "N_LOCAL",
+           "R", "NS", "N_SEL", "PER_SPLIT", "S", "STRIDE", "D"}
+
+def ptx(fn, const, ptrs=()):
+    sig, cx = {}, {}
+    for i, p in enumerate(fn.params):
+        if p.is_constexpr:
+            sig[p.name] = "constexpr"; cx[(i,)] = const[p.name]
+        elif p.name == "scale":
+            sig[p.name] = "fp32"
+        elif p.name.isupper() and (p.name not in SCALARS or p.name in ptrs):
+            sig[p.name] = PTR.get(p.name, "*bf16")
+        else:
+            sig[p.name] = "i32"
+    c = triton.compile(ASTSource(fn, sig, constexprs=cx), target=GPUTarget("cuda", 90, 32),
+                       options=dict(num_warps=4, num_stages=2))
+    lines = c.asm["ptx"].splitlines()
+    wait = [i for i, l in enumerate(lines) if "griddepcontrol.wait" in l]
+    launch = [i for i, l in enumerate(lines) if "griddepcontrol.launch_dependents" in l]
+    access = [i for i, l in enumerate(lines) if re.search(r"\b(ld|st|atom|red)\.global", l)]
+    return dict(waits=len(wait), before=sum(i < min(wait, default=0) for i in access), after=len(access),
+                launch_after_wait=bool(wait and launch and min(launch) > min(wait)))
+
+d = dict(BLOCK_DK=128, BLOCK_DV=128, GP=16, BM=16, BN=64, PREC="tf32", PDL=True)
+out = {}
+out["cmp_attend"] = ptx(nk._cmp_split_attend_kernel, dict(d, SCAN=64))
+out["cmp_select"] = ptx(nk._cmp_split_select_kernel, dict(d, BJ=16, NP=16, FINAL=False, SORT_MERGE=True,
+                        RANK_MERGE=False, SKIP_MERGE=True, JV=8, TMA=False, SCAN=64))
+out["merge_attend"] = ptx(nk._merge_attend_kernel, dict(NSP=16, BLOCK_DV=128, PDL=True))
+out["merge_select"] = ptx(nk._merge_select_kernel, dict(NSP=32, NP=16, PRUNE=True, PDL=True))
+out["slc"] = ptx(nk._slc_fwd_kernel, dict(BLOCK_DK=128, BLOCK_DV=128, RP=16, BS=64, PREC="tf32", TMA=False,
+                 SPLIT=True, PDL=True))
+out["gated_sum"] = ptx(gates._gated_sum_kernel, dict(BH=16, BLOCK_D=128, PDL=True), ptrs=("G",))
+out["compress"] = ptx(compress._compress_kernel, dict(D=128, CMP_LEN=32, BLOCK_D=128, BH=16, R=128, ROPE=True,
+                      PREC="tf32", S=8, PDL=True))
+out["compress_off"] = ptx(compress._compress_kernel, dict(D=128, CMP_LEN=32, BLOCK_D=128, BH=16, R=128, ROPE=True,
+                          PREC="tf32", S=8, PDL=False))
+print(json.dumps(out))
+'''
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    for name in ("cmp_attend", "cmp_select", "merge_attend", "merge_select", "slc", "gated_sum", "compress"):
+        r = out[name]
+        assert r["waits"] >= 1 and r["before"] == 0 and r["after"] > 0 and r["launch_after_wait"], (name, r)
+    assert out["compress_off"]["waits"] == 0 and out["compress_off"]["after"] > 0, out["compress_off"]

@@ -325,7 +325,7 @@ def test_decode_prologue_kernel_in_the_model_equals_the_torch_path(monkeypatch):
     calls, sums = [], []
     real, real_sum = decode.decode_prologue, gates.gated_sum
     monkeypatch.setattr(decode, "decode_prologue", lambda *a, **k: calls.append(a[0].shape[1]) or real(*a, **k))
-    monkeypatch.setattr(gates, "gated_sum", lambda *a: sums.append(a[1].shape[1]) or real_sum(*a))
+    monkeypatch.setattr(gates, "gated_sum", lambda *a, **k: sums.append(a[1].shape[1]) or real_sum(*a, **k))
     cached_steps_equal_the_torch_path(attn_backend="triton")
     assert calls and all(T <= 33 for T in calls) and calls.count(1) == 3, calls
     assert sums == [33, 1, 1, 1], sums

@@ -39,6 +39,7 @@ import triton
 import triton.language as tl
 
 from deepwish.kernels.grid import counters
+from deepwish.kernels.pdl import launch_options, setting, wait_for_inputs
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 HEAD_TILE = 16  # KV heads a program: the M of its tl.dot (16 is the smallest tile)
@@ -76,16 +77,32 @@ def _phi(SRC, P, W1, W2, OUT, COS, SIN, WS, CNT, group, split, b, h, h_ok, row0,
         tl.store(part + BH * BLOCK_D, total, mask=ok)
         tl.debug_barrier()  # every thread's partial stored before the count is raised
         done = tl.atomic_add(CNT + group, 1, sem="acq_rel", scope="gpu")
-        if done != S - 1:
-            return
-        tl.debug_barrier()
-        acc = tl.zeros([BH, BLOCK_D], dtype=tl.float32)
-        total = tl.zeros([BH, BLOCK_D], dtype=tl.float32)
-        for t in range(S):  # in slice order (.cg: never a stale L1 line)
-            part = WS + (group * S + t) * (2 * BH * BLOCK_D) + hd
-            acc += tl.load(part, mask=ok, other=0.0, cache_modifier=".cg")
-            total += tl.load(part + BH * BLOCK_D, mask=ok, other=0.0, cache_modifier=".cg")
-        tl.atomic_xchg(CNT + group, 0)  # zero again for the next call (a captured graph reuses the buffer)
+        if done == S - 1:   # (no early return: Triton does not lower one out of an inlined helper's branch)
+            tl.debug_barrier()
+            acc = tl.zeros([BH, BLOCK_D], dtype=tl.float32)
+            total = tl.zeros([BH, BLOCK_D], dtype=tl.float32)
+            for t in range(S):  # in slice order (.cg: never a stale L1 line)
+                part = WS + (group * S + t) * (2 * BH * BLOCK_D) + hd
+                acc += tl.load(part, mask=ok, other=0.0, cache_modifier=".cg")
+                total += tl.load(part + BH * BLOCK_D, mask=ok, other=0.0, cache_modifier=".cg")
+            tl.atomic_xchg(CNT + group, 0)  # zero again for the next call (a captured graph reuses the buffer)
+            _phi_finish(acc, total, W2, OUT, COS, SIN, b, h, h_ok, r, slot, s_ob, s_os, s_oh, s_cb, s_ct, D,
+                        CMP_LEN, BLOCK_D, R, ROPE, PREC)
+    else:
+        _phi_finish(acc, total, W2, OUT, COS, SIN, b, h, h_ok, r, slot, s_ob, s_os, s_oh, s_cb, s_ct, D,
+                    CMP_LEN, BLOCK_D, R, ROPE, PREC)
+
+
+@triton.jit
+def _phi_finish(acc, total, W2, OUT, COS, SIN, b, h, h_ok, r, slot, s_ob, s_os, s_oh, s_cb, s_ct, D: tl.constexpr,
+                CMP_LEN: tl.constexpr, BLOCK_D: tl.constexpr, R: tl.constexpr, ROPE: tl.constexpr, PREC: tl.constexpr):
+    """φ from W_1·[x_1 … x_l] (acc) and Σ x_i (total), fp32 [BH, BLOCK_D]: silu, W_2, the mean, stored
+    at OUT[b, slot, h], then rotated for keys (ROPE)."""
+    dt = OUT.dtype.element_ty
+    d = tl.arange(0, BLOCK_D)
+    d_ok = d < D
+    ok = h_ok[:, None] & d_ok[None, :]
+    w_ok = d_ok[:, None] & d_ok[None, :]
     hid = acc.to(dt).to(tl.float32)
     hid = (hid * tl.sigmoid(hid)).to(dt)
     w2 = tl.load(W2 + d[None, :] * D + d[:, None], mask=w_ok, other=0.0)
@@ -115,7 +132,10 @@ def _compress_kernel(K_SRC, V_SRC, POS, PK, W1K, W2K, PV, W1V, W2V, COS, SIN, K_
                      s_sb, s_sh, s_sl, s_vb, s_vh, s_vl, s_ob, s_os, s_oh, s_pb, s_eb, s_cb, s_ct,
                      T, HKV, N, STRIDE, NS,
                      D: tl.constexpr, CMP_LEN: tl.constexpr, BLOCK_D: tl.constexpr, BH: tl.constexpr,
-                     R: tl.constexpr, ROPE: tl.constexpr, PREC: tl.constexpr, S: tl.constexpr):
+                     R: tl.constexpr, ROPE: tl.constexpr, PREC: tl.constexpr, S: tl.constexpr, PDL: tl.constexpr):
+    # under PDL every program waits first, those without a block too: a kernel that completed before
+    # the one it follows would let the next kernel read that one's outputs unwritten (kernels/pdl.py)
+    wait_for_inputs(PDL)
     pid = tl.program_id(0)
     b = tl.cast(pid // NS, tl.int64)
     j = pid % NS
@@ -146,7 +166,7 @@ def _compress_kernel(K_SRC, V_SRC, POS, PK, W1K, W2K, PV, W1V, W2V, COS, SIN, K_
              s_vl, s_ob, s_os, s_oh, s_cb, s_ct, D, CMP_LEN, BLOCK_D, BH, R, False, PREC, S)
 
 
-def _launch(k_raw, v, positions, pk, w1k, w2k, pv, w1v, w2v, cos, sin, k_cmp, v_cmp, cmp_end, stride):
+def _launch(k_raw, v, positions, pk, w1k, w2k, pv, w1v, w2v, cos, sin, k_cmp, v_cmp, cmp_end, stride, pdl):
     B, Hkv, _, D = k_raw.shape
     T = positions.shape[1]
     l = pk.shape[0]
@@ -156,6 +176,7 @@ def _launch(k_raw, v, positions, pk, w1k, w2k, pv, w1v, w2v, cos, sin, k_cmp, v_
     ns = T // stride + 1
     bh = HEAD_TILE
     tiles = triton.cdiv(Hkv, bh)
+    P, launch = launch_options(pdl, k_raw.device, "nsa_compress_blocks")
     groups = B * ns * 2 * tiles
     splits = SPLITS if l % SPLITS == 0 and groups <= COUNTERS else 1
     if splits > 1:
@@ -170,31 +191,33 @@ def _launch(k_raw, v, positions, pk, w1k, w2k, pv, w1v, w2v, cos, sin, k_cmp, v_
         cos_t.stride(0) if rope else 0, cos_t.stride(1) if rope else 0,
         T, Hkv, cmp_end.shape[1] - 1, stride, ns,
         D=D, CMP_LEN=l, BLOCK_D=triton.next_power_of_2(D), BH=bh, R=2 * cos.shape[-1] if rope else 0, ROPE=rope,
-        PREC="ieee" if k_raw.dtype == torch.float32 else "tf32", S=splits, num_warps=1 if _INTERPRET else 8)
+        PREC="ieee" if k_raw.dtype == torch.float32 else "tf32", S=splits, PDL=P, num_warps=1 if _INTERPRET else 8,
+        **launch)
 
 
 @torch.library.custom_op("deepwish::nsa_compress_blocks", mutates_args=("k_cmp", "v_cmp", "cmp_end"))
 def _compress_op(k_raw: torch.Tensor, v: torch.Tensor, positions: torch.Tensor, pk: torch.Tensor, w1k: torch.Tensor,
                  w2k: torch.Tensor, pv: torch.Tensor, w1v: torch.Tensor, w2v: torch.Tensor, cos: torch.Tensor | None,
                  sin: torch.Tensor | None, k_cmp: torch.Tensor, v_cmp: torch.Tensor, cmp_end: torch.Tensor,
-                 stride: int) -> None:
-    _launch(k_raw, v, positions, pk, w1k, w2k, pv, w1v, w2v, cos, sin, k_cmp, v_cmp, cmp_end, stride)
+                 stride: int, pdl: str) -> None:
+    _launch(k_raw, v, positions, pk, w1k, w2k, pv, w1v, w2v, cos, sin, k_cmp, v_cmp, cmp_end, stride, pdl)
 
 
 @_compress_op.register_fake
-def _(k_raw, v, positions, pk, w1k, w2k, pv, w1v, w2v, cos, sin, k_cmp, v_cmp, cmp_end, stride):
+def _(k_raw, v, positions, pk, w1k, w2k, pv, w1v, w2v, cos, sin, k_cmp, v_cmp, cmp_end, stride, pdl):
     return None
 
 
 def compress_cache_blocks(k_raw: torch.Tensor, v: torch.Tensor, positions: torch.Tensor, k_phi, v_phi,
                           cos: torch.Tensor | None, sin: torch.Tensor | None, k_cmp: torch.Tensor,
-                          v_cmp: torch.Tensor, cmp_end: torch.Tensor, stride: int) -> None:
+                          v_cmp: torch.Tensor, cmp_end: torch.Tensor, stride: int, *, pdl: bool | str = False) -> None:
     """Compress the blocks ending in a chunk of consecutive positions (module docstring) in place.
 
     k_raw, v [B, Hkv, L, D]: the cache's keys before rotary and values, the chunk's rows already
     written; positions [B, T] (consecutive in each row); k_phi, v_phi: model/nsa.py `Compression`
     modules (pos [l, D], up [D, l·D], down [D, D]); cos, sin [B, T, R/2] (None: no rotary);
-    k_cmp, v_cmp [B, N + 1, Hkv, D] and cmp_end [B, N + 1] int64 (NSACache's; slot N is the trash)."""
+    k_cmp, v_cmp [B, N + 1, Hkv, D] and cmp_end [B, N + 1] int64 (NSACache's; slot N is the trash).
+    pdl: programmatic dependent launch (kernels/pdl.py)."""
     B, Hkv, L, D = k_raw.shape
     l = k_phi.pos.shape[0]
     T = positions.shape[1]
@@ -222,4 +245,5 @@ def compress_cache_blocks(k_raw: torch.Tensor, v: torch.Tensor, positions: torch
         if cos.stride() != sin.stride() or cos.stride(-1) != 1:  # the kernel reads both with cos's strides
             cos, sin = cos.contiguous(), sin.contiguous()
     weights = [t.contiguous() for m in (k_phi, v_phi) for t in (m.pos, m.up.weight, m.down.weight)]
-    _compress_op(k_raw, v, positions, *weights, cos, sin, k_cmp, v_cmp, cmp_end, int(stride))
+    _compress_op(k_raw, v, positions, *weights, cos, sin, k_cmp, v_cmp, cmp_end, int(stride),
+                 setting(pdl, "nsa_compress_blocks"))

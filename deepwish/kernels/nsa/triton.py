@@ -127,6 +127,7 @@ import triton.language as tl
 from deepwish.kernels.attention.triton import _kv_pair_descriptors, _rows, backward_delta
 from deepwish.kernels.nsa.reference import check_compressed, check_selected, default_q_pos, query_doc_start
 from deepwish.kernels.online_softmax import online_softmax_step
+from deepwish.kernels.pdl import launch_options, setting, wait_for_inputs
 
 MAX_HEAD_DIM = 256
 # entries one step of `_first_ge` loads; 4 under the interpreter so tiny tests take several steps
@@ -716,10 +717,11 @@ def _cmp_split_attend_kernel(Q, KC, VC, END, CMAX, CMIN, QPOS, QDS, M_PART, L_PA
                              sq_b, sq_t, sq_h, sk_b, sk_n, sk_h, sv_b, sv_n, sv_h,
                              T, N, H, HKV, G, DQK, DV, scale, NSPLIT,
                              BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr, GP: tl.constexpr, BM: tl.constexpr,
-                             BN: tl.constexpr, PREC: tl.constexpr, SCAN: tl.constexpr):
+                             BN: tl.constexpr, PREC: tl.constexpr, SCAN: tl.constexpr, PDL: tl.constexpr):
     """Decoding, pass 1: one program per (query tile, KV head, split of the compressed range)
     writes its partial (m, l, acc) [NSPLIT, B·T·H(, DV)]; `_merge_attend_kernel` merges them.
     SCAN > 0: the range from a pass over END (CMAX, CMIN unused)."""
+    wait_for_inputs(PDL)  # under PDL (decoding): every input written, before any read or write
     BT: tl.constexpr = BM // GP
     qk_scale = scale * 1.4426950408889634
     m0 = tl.program_id(0) * BT
@@ -757,12 +759,13 @@ def _cmp_split_select_kernel(Q, KC, KD, END, CMAX, CMIN, QPOS, QDS, LSE, S_PART,
                              BLOCK_DK: tl.constexpr, GP: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
                              BJ: tl.constexpr, NP: tl.constexpr, FINAL: tl.constexpr, SORT_MERGE: tl.constexpr,
                              RANK_MERGE: tl.constexpr, SKIP_MERGE: tl.constexpr, JV: tl.constexpr,
-                             PREC: tl.constexpr, TMA: tl.constexpr, SCAN: tl.constexpr):
+                             PREC: tl.constexpr, TMA: tl.constexpr, SCAN: tl.constexpr, PDL: tl.constexpr):
     """Decoding, pass 2: one program per (query tile, KV head, split of the selectable blocks)
     writes its partial top-n (scores, indices) [NSPLIT, B, T, HKV, NP]; `_merge_select_kernel`
     merges them. Empty slots are (-inf, -1). FINAL (one split, the training path's
     separate scoring pass): sel_idx itself. TMA: the key tiles through the descriptor KD.
     SCAN > 0: every range from passes over END (`_end_scan`; CMAX, CMIN unused)."""
+    wait_for_inputs(PDL)  # under PDL (decoding): every input written, before any read or write
     BT: tl.constexpr = BM // GP
     qk_scale = scale * 1.4426950408889634
     m0 = tl.program_id(0) * BT
@@ -927,10 +930,11 @@ def _slc_fwd_kernel(Q, K, V, KD, VD, SEL, QPOS, QDS, O, LSE, M_PART, L_PART, ACC
                     sq_b, sq_t, sq_h, sk_b, sk_s, sk_h, sv_b, sv_s, sv_h, so_b, so_t, so_h,
                     T, S, H, HKV, G, DQK, DV, scale, SEL_LEN, N_SEL, PER_SPLIT,
                     BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr, RP: tl.constexpr, BS: tl.constexpr,
-                    PREC: tl.constexpr, TMA: tl.constexpr, SPLIT: tl.constexpr):
+                    PREC: tl.constexpr, TMA: tl.constexpr, SPLIT: tl.constexpr, PDL: tl.constexpr):
     """TMA: each selected block's K and V through the descriptors KD, VD (the tile option TMA).
     SPLIT (decoding): program (t, b·hkv, split) walks the slots [split·PER_SPLIT, +PER_SPLIT) and
     writes its partial (m, l, acc) [NSPLIT, B·T·H(, DV)] for `_merge_attend_kernel`."""
+    wait_for_inputs(PDL)  # under PDL (decoding): every input written, before any read or write
     qk_scale = scale * 1.4426950408889634
     t = tl.program_id(0)
     bh = tl.program_id(1)
@@ -1282,13 +1286,14 @@ def _prefix_max_suffix_min(a: torch.Tensor, b: torch.Tensor | None) -> tuple[tor
 
 
 def compressed_forward(q, k_cmp, v_cmp, end, qpos, qds, scale, cmp_len, select_len, n_select, n_init, n_local,
-                       select: bool = True):
+                       pdl: str = "off", select: bool = True):
     """(o [B, T, H, Dv], lse [B, T, H] base 2, sel_idx [B, T, Hkv, n] int32 or None). end, qpos: any
     integer dtype; qds int32 or None (`query_positions`).
-    Up to DECODE_MAX_T queries take the split path (decoding), more the fused kernel."""
+    Up to DECODE_MAX_T queries take the split path (decoding, its launches under `pdl`:
+    kernels/pdl.py), more the fused kernel."""
     if q.shape[1] <= DECODE_MAX_T:
         return compressed_forward_split(q, k_cmp, v_cmp, end, qpos, qds, scale, cmp_len, select_len, n_select,
-                                        n_init, n_local, select)
+                                        n_init, n_local, select, pdl)
     B, T, H, _ = q.shape
     N, Hkv = k_cmp.shape[1], k_cmp.shape[2]
     G = H // Hkv
@@ -1317,7 +1322,8 @@ def compressed_forward(q, k_cmp, v_cmp, end, qpos, qds, scale, cmp_len, select_l
         _cmp_split_select_kernel[(triton.cdiv(T, cfg["BM"] // GP), B * Hkv, 1)](
             q, k_cmp, kd, end, cmax, cmin, qpos, qds, lse, lse, sel, sel, *q.stride()[:3], *k_cmp.stride()[:3],
             T, N, H, Hkv, G, scale=scale, CMP_LEN=cmp_len, SEL_LEN=select_len, N_SELECT=n_select, N_INIT=n_init,
-            N_LOCAL=n_local, NSPLIT=1, GP=GP, NP=NP, FINAL=True, TMA=kd is not None, SCAN=0, **dims, **cfg)
+            N_LOCAL=n_local, NSPLIT=1, GP=GP, NP=NP, FINAL=True, TMA=kd is not None, SCAN=0, PDL=False, **dims,
+            **cfg)
     return o, lse, (sel if select else None)
 
 
@@ -1344,9 +1350,11 @@ def _select_splits(ns: int, sel_tiles: int, N: int, cmp_len: int, select_len: in
 
 
 @triton.jit
-def _merge_attend_kernel(M_PART, L_PART, ACC_PART, O, LSE, R, NS, DV, NSP: tl.constexpr, BLOCK_DV: tl.constexpr):
+def _merge_attend_kernel(M_PART, L_PART, ACC_PART, O, LSE, R, NS, DV, NSP: tl.constexpr, BLOCK_DV: tl.constexpr,
+                         PDL: tl.constexpr):
     """(o, lse) of one row (b, t, h) from the splits' partial online-softmax states
     [NS, R(, DV)] (R = B·T·H rows): one launch instead of a dozen small torch ops per step."""
+    wait_for_inputs(PDL)  # under PDL (decoding): every input written, before any read or write
     row = tl.cast(tl.program_id(0), tl.int64)
     sp = tl.arange(0, NSP)
     ok = sp < NS
@@ -1366,7 +1374,7 @@ def _merge_attend_kernel(M_PART, L_PART, ACC_PART, O, LSE, R, NS, DV, NSP: tl.co
 
 @triton.jit
 def _merge_select_kernel(S_PART, I_PART, SEL, R, NS, N_SELECT, NSP: tl.constexpr, NP: tl.constexpr,
-                         PRUNE: tl.constexpr):
+                         PRUNE: tl.constexpr, PDL: tl.constexpr):
     """sel_idx of one row (b, t, hkv) from the splits' partial top-n lists [NS, R, NP] (disjoint
     blocks, each in descending key order): the top n by (score, then later block) as
     `_block_key`s, listed in descending block index, -1 for empty slots: one sort of the NS·NP
@@ -1374,6 +1382,7 @@ def _merge_select_kernel(S_PART, I_PART, SEL, R, NS, N_SELECT, NSP: tl.constexpr
     keys can hold a top-NP key (a key of any other split has NP splits' first keys above it), so
     their lists alone are sorted: NP·NP keys (256 at n 16). (A tree of pairwise bitonic merges of
     the sorted lists was slower on an H100: reports/nsa.md "Fifth run".)"""
+    wait_for_inputs(PDL)  # under PDL (decoding): every input written, before any read or write
     row = tl.cast(tl.program_id(0), tl.int64)
     sp = tl.arange(0, NSP)
     slot = tl.arange(0, NP)
@@ -1401,10 +1410,12 @@ def _merge_select_kernel(S_PART, I_PART, SEL, R, NS, N_SELECT, NSP: tl.constexpr
 
 
 def compressed_forward_split(q, k_cmp, v_cmp, end, qpos, qds, scale, cmp_len, select_len, n_select, n_init,
-                             n_local, select: bool = True):
+                             n_local, select: bool = True, pdl: str = "off"):
     """compressed_forward for a few queries (decoding): the compressed tokens and the selectable
     blocks are split over NSPLIT programs per (query tile, KV head), then merged by one program
-    per row (`_merge_attend_kernel`, `_merge_select_kernel`). Fixed shapes, no host synchronisation."""
+    per row (`_merge_attend_kernel`, `_merge_select_kernel`). Fixed shapes, no host synchronisation.
+    pdl: the four launches with programmatic dependent launch (kernels/pdl.py)."""
+    P, launch = launch_options(pdl, q.device, "nsa_compressed")
     B, T, H, _ = q.shape
     N, Hkv = k_cmp.shape[1], k_cmp.shape[2]
     G = H // Hkv
@@ -1428,12 +1439,13 @@ def compressed_forward_split(q, k_cmp, v_cmp, end, qpos, qds, scale, cmp_len, se
     dims = _dims(q, v_cmp)
     _cmp_split_attend_kernel[grid](q, k_cmp, v_cmp, end, cmax, cmin, qpos, qds, m, l, acc,
                                    *q.stride()[:3], *k_cmp.stride()[:3], *v_cmp.stride()[:3],
-                                   T, N, H, Hkv, G, scale=scale, NSPLIT=NS, GP=GP, **dims, **cfg)
+                                   T, N, H, Hkv, G, scale=scale, NSPLIT=NS, GP=GP, PDL=P, **dims, **cfg, **launch)
     o = torch.empty(B, T, H, v_cmp.shape[-1], dtype=q.dtype, device=q.device)
     lse = torch.empty(B, T, H, dtype=torch.float32, device=q.device)
     NSP = triton.next_power_of_2(NS)
     _merge_attend_kernel[(B * T * H,)](m, l, acc, o, lse, B * T * H, NS, v_cmp.shape[-1], NSP=NSP,
-                                       BLOCK_DV=dims["BLOCK_DV"], num_warps=4 if not _INTERPRET else 1)
+                                       BLOCK_DV=dims["BLOCK_DV"], PDL=P, num_warps=4 if not _INTERPRET else 1,
+                                       **launch)
     if not select:
         return o, lse, None
     NP = triton.next_power_of_2(n_select)
@@ -1448,11 +1460,11 @@ def compressed_forward_split(q, k_cmp, v_cmp, end, qpos, qds, scale, cmp_len, se
                                    *q.stride()[:3], *k_cmp.stride()[:3], T, N, H, Hkv, G, scale=scale,
                                    CMP_LEN=cmp_len, SEL_LEN=select_len, N_SELECT=n_select, N_INIT=n_init,
                                    N_LOCAL=n_local, NSPLIT=NS, GP=GP, BJ=BJ, NP=NP, FINAL=False, TMA=False,
-                                   **merge, **dims, **cfg)
+                                   PDL=P, **merge, **dims, **cfg, **launch)
     sel = torch.empty(B, T, Hkv, n_select, dtype=torch.int32, device=q.device)
     prune = merge_prune and NSP > NP
     _merge_select_kernel[(B * T * Hkv,)](s_part, i_part, sel, B * T * Hkv, NS, n_select, NSP=NSP, NP=NP,
-                                         PRUNE=prune, num_warps=merge_warps)
+                                         PRUNE=prune, PDL=P, num_warps=merge_warps, **launch)
     return o, lse, sel
 
 
@@ -1515,9 +1527,10 @@ def _slc_meta(q, k, v, select_len):
                 BS=max(16, triton.next_power_of_2(select_len)), SEL_LEN=select_len, **_dims(q, v))
 
 
-def selected_forward(q, k, v, sel, qpos, qds, scale, select_len):
+def selected_forward(q, k, v, sel, qpos, qds, scale, select_len, pdl: str = "off"):
     """(o [B, T, H, Dv], lse [B, T, H] base 2); sel contiguous int32. Decoding (T <= DECODE_MAX_T):
-    the slots are split over programs (`_slc_splits`) and merged by `_merge_attend_kernel`."""
+    the slots are split over programs (`_slc_splits`) and merged by `_merge_attend_kernel`, both
+    launched under `pdl` (kernels/pdl.py)."""
     B, T, H, _ = q.shape
     o = torch.empty(B, T, H, v.shape[-1], dtype=q.dtype, device=q.device)
     lse = torch.empty(B, T, H, dtype=torch.float32, device=q.device)
@@ -1531,6 +1544,7 @@ def selected_forward(q, k, v, sel, qpos, qds, scale, select_len):
         return o, lse
     ns, per = _slc_splits(n_sel, B * T * k.shape[2], cfg.pop("BLOCKS", 0), cfg.pop("PROGRAMS", 0))
     cfg.pop("BT", None)
+    P, launch = launch_options(pdl, q.device, "nsa_selected") if decoding else (False, {})
     if ns > 1:
         m_part = torch.empty(ns, B, T, H, dtype=torch.float32, device=q.device)
         part = (m_part, torch.empty_like(m_part), torch.empty(*m_part.shape, v.shape[-1], dtype=torch.float32,
@@ -1540,11 +1554,11 @@ def selected_forward(q, k, v, sel, qpos, qds, scale, select_len):
     _slc_fwd_kernel[(T, B * k.shape[2], ns)](q, k, v, kd, vd, sel, qpos, qds, o, lse, *part, *q.stride()[:3],
                                              *k.stride()[:3], *v.stride()[:3], *o.stride()[:3], scale=scale,
                                              N_SEL=n_sel, PER_SPLIT=per, TMA=kd is not None, SPLIT=ns > 1,
-                                             **meta, **cfg)
+                                             PDL=P, **meta, **cfg, **launch)
     if ns > 1:
         R = B * T * H
         _merge_attend_kernel[(R,)](*part, o, lse, R, ns, v.shape[-1], NSP=triton.next_power_of_2(ns),
-                                   BLOCK_DV=meta["BLOCK_DV"], num_warps=4 if not _INTERPRET else 1)
+                                   BLOCK_DV=meta["BLOCK_DV"], PDL=P, num_warps=4 if not _INTERPRET else 1, **launch)
     return o, lse
 
 
@@ -1648,12 +1662,13 @@ def selected_backward(q, k, v, o, lse, do, sel, qpos, qds, scale, select_len):
 @torch.library.custom_op("deepwish::nsa_cmp_fwd", mutates_args=())
 def _cmp_fwd_op(q: torch.Tensor, k_cmp: torch.Tensor, v_cmp: torch.Tensor, end: torch.Tensor, qpos: torch.Tensor,
                 qds: torch.Tensor | None, scale: float, cmp_len: int, select_len: int, n_select: int, n_init: int,
-                n_local: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return compressed_forward(q, k_cmp, v_cmp, end, qpos, qds, scale, cmp_len, select_len, n_select, n_init, n_local)
+                n_local: int, pdl: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return compressed_forward(q, k_cmp, v_cmp, end, qpos, qds, scale, cmp_len, select_len, n_select, n_init, n_local,
+                              pdl)
 
 
 @_cmp_fwd_op.register_fake
-def _(q, k_cmp, v_cmp, end, qpos, qds, scale, cmp_len, select_len, n_select, n_init, n_local):
+def _(q, k_cmp, v_cmp, end, qpos, qds, scale, cmp_len, select_len, n_select, n_init, n_local, pdl):
     B, T, H, _ = q.shape
     return (q.new_empty(B, T, H, v_cmp.shape[-1]), q.new_empty(B, T, H, dtype=torch.float32),
             q.new_empty(B, T, k_cmp.shape[2], n_select, dtype=torch.int32))
@@ -1681,7 +1696,7 @@ def _cmp_setup(ctx, inputs, output):
 def _cmp_backward(ctx, do, _dlse, _dsel):
     q, k_cmp, v_cmp, o, lse, end, qpos, qds = ctx.saved_tensors
     dq, dkc, dvc = _cmp_bwd_op(q, k_cmp, v_cmp, o, lse, do.contiguous(), end, qpos, qds, ctx.scale)
-    return dq, dkc, dvc, *([None] * 9)
+    return dq, dkc, dvc, *([None] * 10)
 
 
 _cmp_fwd_op.register_autograd(_cmp_backward, setup_context=_cmp_setup)
@@ -1689,12 +1704,12 @@ _cmp_fwd_op.register_autograd(_cmp_backward, setup_context=_cmp_setup)
 
 @torch.library.custom_op("deepwish::nsa_slc_fwd", mutates_args=())
 def _slc_fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sel: torch.Tensor, qpos: torch.Tensor,
-                qds: torch.Tensor | None, scale: float, select_len: int) -> tuple[torch.Tensor, torch.Tensor]:
-    return selected_forward(q, k, v, sel, qpos, qds, scale, select_len)
+                qds: torch.Tensor | None, scale: float, select_len: int, pdl: str) -> tuple[torch.Tensor, torch.Tensor]:
+    return selected_forward(q, k, v, sel, qpos, qds, scale, select_len, pdl)
 
 
 @_slc_fwd_op.register_fake
-def _(q, k, v, sel, qpos, qds, scale, select_len):
+def _(q, k, v, sel, qpos, qds, scale, select_len, pdl):
     B, T, H, _ = q.shape
     return q.new_empty(B, T, H, v.shape[-1]), q.new_empty(B, T, H, dtype=torch.float32)
 
@@ -1712,7 +1727,7 @@ def _(q, k, v, o, lse, do, sel, qpos, qds, scale, select_len):
 
 
 def _slc_setup(ctx, inputs, output):
-    q, k, v, sel, qpos, qds, scale, select_len = inputs
+    q, k, v, sel, qpos, qds, scale, select_len, _pdl = inputs
     o, lse = output
     ctx.save_for_backward(q, k, v, o, lse, sel, qpos, qds)
     ctx.opts = (scale, select_len)
@@ -1721,7 +1736,7 @@ def _slc_setup(ctx, inputs, output):
 def _slc_backward(ctx, do, _dlse):
     q, k, v, o, lse, sel, qpos, qds = ctx.saved_tensors
     dq, dk, dv = _slc_bwd_op(q, k, v, o, lse, do.contiguous(), sel, qpos, qds, *ctx.opts)
-    return dq, dk, dv, *([None] * 5)
+    return dq, dk, dv, *([None] * 6)
 
 
 _slc_fwd_op.register_autograd(_slc_backward, setup_context=_slc_setup)
@@ -1730,9 +1745,10 @@ _slc_fwd_op.register_autograd(_slc_backward, setup_context=_slc_setup)
 def nsa_compressed(q: torch.Tensor, k_cmp: torch.Tensor, v_cmp: torch.Tensor, cmp_end: torch.Tensor, *,
                    q_pos: torch.Tensor | None = None, doc_ids: torch.Tensor | None = None, cmp_len: int,
                    select_len: int = 64, n_select: int = 16, n_init: int = 1, n_local: int = 2,
-                   scale: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                   scale: float | None = None, pdl: bool | str = False) -> tuple[torch.Tensor, torch.Tensor]:
     """(o_cmp [B, T, H, Dv], sel_idx [B, T, Hkv, n_select] int32), as reference.nsa_compressed.
-    No host synchronisation (graph-capturable at fixed shapes); differentiable in q, k_cmp, v_cmp."""
+    No host synchronisation (graph-capturable at fixed shapes); differentiable in q, k_cmp, v_cmp.
+    pdl: the decoding launches (T <= DECODE_MAX_T) with programmatic dependent launch (kernels/pdl.py)."""
     check_compressed(q, k_cmp, v_cmp, cmp_end, q_pos, doc_ids, cmp_len, select_len, n_select, n_init, n_local)
     _check_triton("nsa_compressed", q, v_cmp, q.shape[2], k_cmp.shape[2])
     qpos, qds = query_positions(q, q_pos, doc_ids, None if doc_ids is None else doc_ids.shape[1])
@@ -1740,18 +1756,19 @@ def nsa_compressed(q: torch.Tensor, k_cmp: torch.Tensor, v_cmp: torch.Tensor, cm
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     q, k_cmp, v_cmp = (_last_dim_contiguous(x) for x in (q, k_cmp, v_cmp))
     o, _, sel = _cmp_fwd_op(q, k_cmp, v_cmp, end, qpos, qds, scale, int(cmp_len), int(select_len), int(n_select),
-                            int(n_init), int(n_local))
+                            int(n_init), int(n_local), setting(pdl, "nsa_compressed"))
     return o, sel
 
 
 def nsa_selected(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sel_idx: torch.Tensor, *,
                  q_pos: torch.Tensor | None = None, doc_ids: torch.Tensor | None = None, select_len: int = 64,
-                 scale: float | None = None) -> torch.Tensor:
-    """o_slc [B, T, H, Dv], as reference.nsa_selected. No host synchronisation; differentiable in q, k, v."""
+                 scale: float | None = None, pdl: bool | str = False) -> torch.Tensor:
+    """o_slc [B, T, H, Dv], as reference.nsa_selected. No host synchronisation; differentiable in q, k, v.
+    pdl: the decoding launches with programmatic dependent launch (kernels/pdl.py)."""
     check_selected(q, k, v, sel_idx, q_pos, doc_ids, select_len)
     _check_triton("nsa_selected", q, v, q.shape[2], k.shape[2])
     qpos, qds = query_positions(q, q_pos, doc_ids, k.shape[1])
     sel = sel_idx.to(torch.int32).contiguous()
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     q, k, v = (_last_dim_contiguous(x) for x in (q, k, v))
-    return _slc_fwd_op(q, k, v, sel, qpos, qds, scale, int(select_len))[0]
+    return _slc_fwd_op(q, k, v, sel, qpos, qds, scale, int(select_len), setting(pdl, "nsa_selected"))[0]
