@@ -240,6 +240,8 @@ def decode_times(C: int, device, variants: dict | None = None) -> dict:
     window through kernels/attention's split-KV decode kernel, as the model runs it), 'nsa': ms
     (all three branches, summed), 'sdpa': ms, 'variants': {name: ms of cmp+slc under that launch
     option (DECODE_VARIANTS)}, 'win_variants': {name: ms of the window branch in another launch form},
+    'no_pdl': {'cmp+slc', 'win', 'nsa': ms with every launch without PDL (the columns launch as the
+    model does: model.decode_pdl auto)},
     'kernels': the cmp+slc step's kernels by GPU time (eager,
     torch.profiler)}."""
     import contextlib
@@ -253,21 +255,23 @@ def decode_times(C: int, device, variants: dict | None = None) -> dict:
     k_cache, v_cache = k.transpose(1, 2).contiguous(), v.transpose(1, 2).contiguous()   # the cache's layout
     row = {}
 
+    pdl = "auto"   # as the model launches them (model.decode_pdl's default); `no_pdl` times them without
+
     def cmp():
-        return nk.nsa_compressed(q, x["k_cmp"], x["v_cmp"], x["cmp_end"], q_pos=x["q_pos"], **cmp_kwargs())
+        return nk.nsa_compressed(q, x["k_cmp"], x["v_cmp"], x["cmp_end"], q_pos=x["q_pos"], pdl=pdl, **cmp_kwargs())
 
     with torch.no_grad():
         sel = cmp()[1]
 
     def slc():
-        return nk.nsa_selected(q, k, v, sel, q_pos=x["q_pos"], select_len=SELECT_LEN)
+        return nk.nsa_selected(q, k, v, sel, q_pos=x["q_pos"], select_len=SELECT_LEN, pdl=pdl)
 
     def step():
         o_cmp, sel = cmp()
-        return o_cmp + nk.nsa_selected(q, k, v, sel, q_pos=x["q_pos"], select_len=SELECT_LEN)
+        return o_cmp + nk.nsa_selected(q, k, v, sel, q_pos=x["q_pos"], select_len=SELECT_LEN, pdl=pdl)
 
     def win():
-        return decode_attention(q, k_cache, v_cache, x["q_pos"], None, window=WINDOW, merge_in_split=True)
+        return decode_attention(q, k_cache, v_cache, x["q_pos"], None, window=WINDOW, merge_in_split=True, pdl=pdl)
 
     def win_cache_splits():   # the split count planned over the whole cache (before the window's own splits)
         splits = plan_splits(1, k_cache.shape[1], C, q.device)[0]
@@ -299,6 +303,9 @@ def decode_times(C: int, device, variants: dict | None = None) -> dict:
                 row["variants"][name] = timed(step)
         row["win_variants"] = {"splits over the whole cache": timed(win_cache_splits),
                                "merge kernel, not in-split": timed(win_merge_kernel)}
+        pdl = "off"
+        row["no_pdl"] = {"cmp+slc": timed(step), "win": timed(win), "nsa": timed(layer)}
+        pdl = "auto"
         try:
             row["kernels"] = kernel_times(step, rows=16)
         except Exception as e:  # noqa: BLE001
@@ -542,6 +549,9 @@ def decode_table(rows: list[dict]) -> str:
         if r.get("win_variants"):
             lines.append(f"context {r['C']}: win us under " +
                          ", ".join(f"{n} {us(t)}" for n, t in r["win_variants"].items()))
+        if r.get("no_pdl"):
+            lines.append(f"context {r['C']}: without PDL, us: " +
+                         ", ".join(f"{n} {us(t)}" for n, t in r["no_pdl"].items()))
         kt = r.get("kernels")
         if isinstance(kt, dict):
             lines.append(f"context {r['C']}: kernels {kt['sum_ms'] * 1e3:.1f} us a step (eager)")
