@@ -8,13 +8,20 @@ sets the count back to zero, so the buffer is all zeros between launches. One bu
 user), made once and never freed: captured CUDA graphs keep its address, so the first call on a
 device must come before capture (a captured step's warm-up makes it). Calls on one stream follow
 each other and share a user's buffer; two launches of one user at once on two streams could not
-(nothing here does that)."""
+(nothing here does that). In a kernel:
+
+    (store this program's part)
+    if arrive_last(CNT, group, parts):
+        (read every part with cache_modifier=".cg", combine, store)
+        reset_count(CNT, group)"""
 from __future__ import annotations
 
 import functools
 import os
 
 import torch
+import triton
+import triton.language as tl
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
@@ -34,3 +41,19 @@ def counters(device: torch.device, user: str, size: int) -> torch.Tensor:
         raise RuntimeError(f"{user}: the first call on a device must come before CUDA-graph capture (its "
                            "counters must outlive the graph's memory pool); warm up first")
     return torch.zeros(size, dtype=torch.int32, device=device)
+
+
+@triton.jit
+def arrive_last(CNT, group, parts):
+    """Called by each of a group's `parts` programs once its part is stored: True in the one that
+    arrives last, whose threads may then read every part (module docstring)."""
+    tl.debug_barrier()  # every thread's part stored before the count is raised
+    done = tl.atomic_add(CNT + group, 1, sem="acq_rel", scope="gpu")
+    tl.debug_barrier()  # every thread's reads ordered after the count's acquire
+    return done == parts - 1
+
+
+@triton.jit
+def reset_count(CNT, group):
+    """The last program's count back to zero for the next call (a captured graph reuses the buffer)."""
+    tl.atomic_xchg(CNT + group, 0)

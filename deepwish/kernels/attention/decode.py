@@ -48,7 +48,7 @@ import torch
 import triton
 import triton.language as tl
 
-from deepwish.kernels.grid import counters, sm_count
+from deepwish.kernels.grid import arrive_last, counters, reset_count, sm_count
 from deepwish.kernels.online_softmax import online_softmax_step
 from deepwish.kernels.pdl import launch_options, prefetch_to_l2, setting, wait_for_inputs
 
@@ -211,10 +211,7 @@ def _split_kernel(Q, K, V, QPOS, KPOS, OP, LP, O, CNT,
     tl.store(OP + (base + i)[:, None] * BLOCK_DV + dv[None, :], o)
     tl.store(LP + base + i, lse)
     if MERGE:  # the last program of this (batch row, KV head) to finish merges every split
-        tl.debug_barrier()  # every thread's partial stored before the count is raised
-        done = tl.atomic_add(CNT + bh, 1, sem="acq_rel", scope="gpu")
-        if done == SPLITS - 1:
-            tl.debug_barrier()
+        if arrive_last(CNT, bh, SPLITS):
             base0 = tl.cast(bh, tl.int64) * SPLITS * BM
             if MERGE_ROWS:  # fewer splits than rows: one step a split, all rows at once (online rescaling)
                 m = tl.full([BM], -1.0e30, dtype=tl.float32)   # finite: an empty chunk (-inf) weighs 0, no NaN
@@ -238,7 +235,7 @@ def _split_kernel(Q, K, V, QPOS, KPOS, OP, LP, O, CNT,
                         _merge_row(OP, LP, O, base0, row, b, tl.cast(hkv * G + row % GP, tl.int64),
                                    tl.cast(row // GP, tl.int64), so_b, so_t, so_h, SPLITS, DV, BLOCK_DV, BM, BS,
                                    ".cg")
-            tl.atomic_xchg(CNT + bh, 0)  # zero again for the next call (a captured graph reuses the buffer)
+            reset_count(CNT, bh)
 
 
 @triton.jit(do_not_specialize=["TQ"])

@@ -54,7 +54,7 @@ import torch
 import triton
 import triton.language as tl
 
-from deepwish.kernels.grid import counters, sm_count
+from deepwish.kernels.grid import arrive_last, counters, reset_count, sm_count
 from deepwish.kernels.pdl import launch_options, prefetch_to_l2, setting, wait_for_inputs
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -317,10 +317,7 @@ def _rows_kernel(X, W, Bias, NW, R, Y, WS, WSS, CNT, M, N, K, eps, s_xm, s_wn, s
             tl.store(WS + SMAX * BM * N + at, acc_u, mask=n_ok[None, :])
         if NORM != 0:
             tl.store(WSS + (pid_n * SMAX + part) * BM + rm, ss_rows)
-        tl.debug_barrier()  # every thread's partial stored before the count is raised
-        done = tl.atomic_add(CNT + pid_n, 1, sem="acq_rel", scope="gpu")
-        if done == S - 1:  # the last slice of this N tile: every partial, in slice order (.cg: never a stale L1 line)
-            tl.debug_barrier()
+        if arrive_last(CNT, pid_n, S):  # the last slice of this N tile: every partial, in slice order (.cg)
             acc = tl.zeros((BM, BN), dtype=tl.float32)
             acc_u = acc
             ss_rows = tl.zeros((BM,), dtype=tl.float32)
@@ -333,7 +330,7 @@ def _rows_kernel(X, W, Bias, NW, R, Y, WS, WSS, CNT, M, N, K, eps, s_xm, s_wn, s
                     ss_rows += tl.load(WSS + (pid_n * SMAX + t) * BM + rm, cache_modifier=".cg")
             _rows_epilogue(acc, acc_u, ss_rows, rm, rn, m_ok, n_ok, Bias, R, Y, K, eps, s_rm, s_ym, HAS_BIAS, NORM,
                            GLU, RESIDUAL)
-            tl.atomic_xchg(CNT + pid_n, 0)  # zero again for the next call (a captured graph reuses the buffer)
+            reset_count(CNT, pid_n)
     else:
         _rows_epilogue(acc, acc_u, ss_rows, rm, rn, m_ok, n_ok, Bias, R, Y, K, eps, s_rm, s_ym, HAS_BIAS, NORM, GLU,
                        RESIDUAL)

@@ -38,7 +38,7 @@ import torch
 import triton
 import triton.language as tl
 
-from deepwish.kernels.grid import counters
+from deepwish.kernels.grid import arrive_last, counters, reset_count
 from deepwish.kernels.pdl import launch_options, setting, wait_for_inputs
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -75,17 +75,14 @@ def _phi(SRC, P, W1, W2, OUT, COS, SIN, WS, CNT, group, split, b, h, h_ok, row0,
         part = WS + (group * S + split) * (2 * BH * BLOCK_D) + hd
         tl.store(part, acc, mask=ok)
         tl.store(part + BH * BLOCK_D, total, mask=ok)
-        tl.debug_barrier()  # every thread's partial stored before the count is raised
-        done = tl.atomic_add(CNT + group, 1, sem="acq_rel", scope="gpu")
-        if done == S - 1:   # (no early return: Triton does not lower one out of an inlined helper's branch)
-            tl.debug_barrier()
+        if arrive_last(CNT, group, S):   # (no early return: Triton does not lower one out of a helper's branch)
             acc = tl.zeros([BH, BLOCK_D], dtype=tl.float32)
             total = tl.zeros([BH, BLOCK_D], dtype=tl.float32)
             for t in range(S):  # in slice order (.cg: never a stale L1 line)
                 part = WS + (group * S + t) * (2 * BH * BLOCK_D) + hd
                 acc += tl.load(part, mask=ok, other=0.0, cache_modifier=".cg")
                 total += tl.load(part + BH * BLOCK_D, mask=ok, other=0.0, cache_modifier=".cg")
-            tl.atomic_xchg(CNT + group, 0)  # zero again for the next call (a captured graph reuses the buffer)
+            reset_count(CNT, group)
             _phi_finish(acc, total, W2, OUT, COS, SIN, b, h, h_ok, r, slot, s_ob, s_os, s_oh, s_cb, s_ct, D,
                         CMP_LEN, BLOCK_D, R, ROPE, PREC)
     else:
