@@ -228,6 +228,7 @@ DECODE_VARIANTS = {
     "top-n merge 8 warps": {"cmp_split": dict(MERGE_WARPS=8)},
     "top-n merge unpruned, 8 warps": {"cmp_split": dict(MERGE_PRUNE=False, MERGE_WARPS=8)},
     "scoring 2 tiles a split": {"cmp_split": dict(SEL_TILES=2)},
+    "merges in the split programs": {"cmp_split": dict(MERGE_IN_SPLIT=True), "slc_split": dict(MERGE_IN_SPLIT=True)},
     # the set before 2026-12-06's fifth run (reports/nsa.md)
     "previous defaults": {"cmp_split": dict(SPLIT_TOKENS=256, SCAN=0, MERGE_WARPS=4, MERGE_PRUNE=False, num_warps=4),
                           "slc_split": dict(num_warps=4)},
