@@ -125,9 +125,9 @@ import triton
 import triton.language as tl
 
 from deepwish.kernels.attention.triton import _kv_pair_descriptors, _rows, backward_delta
+from deepwish.kernels.grid import arrive_last, counters, reset_count
 from deepwish.kernels.nsa.reference import check_compressed, check_selected, default_q_pos, query_doc_start
 from deepwish.kernels.online_softmax import online_softmax_step
-from deepwish.kernels.grid import arrive_last, counters, reset_count
 from deepwish.kernels.pdl import launch_options, setting, wait_for_inputs
 
 MAX_HEAD_DIM = 256
