@@ -340,9 +340,14 @@ class FusedQKV(nn.Module):
         q, k = qk.split((H, Hkv), dim=2)
         return q, k, y[..., n_qk:n_qk + self.qkv_sizes[2]].unflatten(-1, (Hkv, D)), k_normed
 
-    def fused_projection(self, x: torch.Tensor, fused) -> torch.Tensor:
-        """x [B, T, d] -> y [B, T, sum(qkv_sizes)]: the fused matmul (kernels/gemv where it serves)."""
-        return linear(x, *fused, backend=self.matmul, pdl=self.pdl)
+    def fused_projection(self, x: torch.Tensor, fused, norm: nn.Module | None = None) -> torch.Tensor:
+        """x [B, T, d] -> y [B, T, sum(qkv_sizes)]: the fused matmul (kernels/gemv where it serves).
+        norm: x is the residual stream and the block's RMSNorm runs in the GEMV's prologue
+        (residual_forward's decode path; the caller has checked that the GEMV takes x)."""
+        if norm is None:
+            return linear(x, *fused, backend=self.matmul, pdl=self.pdl)
+        from deepwish.kernels.gemv.triton import gemv
+        return gemv(x, *fused, norm=(norm.weight, norm.eps, norm.zero_centered), pdl=self.pdl)
 
 
 class Attention(FusedQKV):
@@ -458,11 +463,7 @@ class Attention(FusedQKV):
         (plain cache: slot = position) -> the attention output [B, T, H, D] before o_proj. `norm`: x is
         the stream, normed in the projection's prologue (residual_forward)."""
         from deepwish.kernels.attention.decode import decode_attention, decode_prologue
-        if norm is None:
-            y = self.fused_projection(x, fused)
-        else:
-            from deepwish.kernels.gemv.triton import gemv
-            y = gemv(x, *fused, norm=(norm.weight, norm.eps, norm.zero_centered), pdl=self.pdl)
+        y = self.fused_projection(x, fused, norm)
         q = decode_prologue(y, self.q_norm.weight, self.k_norm.weight, self.q_norm.eps, ctx.cos, ctx.sin,
                             ctx.positions, cache.k, cache.v, self.n_heads, self.q_norm.zero_centered, pdl=self.pdl)
         return decode_attention(q.to(cache.k.dtype), cache.k, cache.v, ctx.positions, None,

@@ -298,11 +298,7 @@ class NSA(FusedQKV):
             # the dense layers' decode prologue kernel (kernels/attention/decode.py), with the raw keys:
             # q out, k (rotated), v and k before rotary written into the cache at their positions
             from deepwish.kernels.attention.decode import decode_prologue
-            if norm is None:
-                y = self.fused_projection(x, fused)
-            else:
-                from deepwish.kernels.gemv.triton import gemv
-                y = gemv(x, *fused, norm=(norm.weight, norm.eps, norm.zero_centered), pdl=self.pdl)
+            y = self.fused_projection(x, fused, norm)
             q = decode_prologue(y[..., :n_qkv], self.q_norm.weight, self.k_norm.weight, self.q_norm.eps, ctx.cos,
                                 ctx.sin, ctx.positions, cache.k, cache.v, self.n_heads, self.q_norm.zero_centered,
                                 pdl=self.pdl, k_raw_cache=cache.k_raw)
