@@ -234,32 +234,22 @@ def test_pdl_kernels_compile_for_hopper_with_the_wait_after_the_weight_prefetch(
     weight loads before `griddepcontrol.wait` and reads nothing else before it; the decode kernels
     wait before any load, except the split kernel's PREFETCH (the query positions and the bulk
     prefetches of its keys and values); each lets the next kernel launch."""
-    import json
-    import os
-    import subprocess
-    import sys
+    from tests.kernels.sm90 import run_compiled
     script = r'''
-import json, re, triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
+import json, re
 from deepwish.kernels.attention import decode
 from deepwish.kernels.gemv import triton as gk
+from tests.kernels.sm90 import compile_ptx
 
-def ptx(fn, const, fp32=(), ints=(), **opts):
-    sig, cx = {}, {}
-    for i, p in enumerate(fn.params):
-        if p.is_constexpr:
-            sig[p.name] = "constexpr"; cx[(i,)] = const[p.name]
-        elif p.name in fp32:
-            sig[p.name] = "fp32"
-        elif p.name.isupper() and p.name not in ints:
-            sig[p.name] = ("*i64" if "POS" in p.name else "*fp32" if p.name in ("OP", "LP", "COS", "SIN", "WS", "WSS")
-                           else "*i32" if p.name == "CNT" else "*bf16")
-        else:
-            sig[p.name] = "i32"
-    c = triton.compile(ASTSource(fn, sig, constexprs=cx), target=GPUTarget("cuda", 90, 32),
-                       options=dict(num_warps=4, num_stages=3, **opts))
-    lines = c.asm["ptx"].splitlines()
+def ptx(fn, const, fp32=(), ints=()):
+    def arg_type(name):
+        if name in fp32:
+            return "fp32"
+        if name.isupper() and name not in ints:
+            return ("*i64" if "POS" in name else "*fp32" if name in ("OP", "LP", "COS", "SIN", "WS", "WSS")
+                    else "*i32" if name == "CNT" else "*bf16")
+        return "i32"
+    lines = compile_ptx(fn, const, arg_type, num_stages=3)
     wait = next(i for i, l in enumerate(lines) if "griddepcontrol.wait" in l)
     launch = next(i for i, l in enumerate(lines) if "griddepcontrol.launch_dependents" in l)
     loads = [i for i, l in enumerate(lines) if re.search(r"\bld\.global", l)]
@@ -304,10 +294,7 @@ out["prologue_raw"] = ptx(decode._prologue_kernel, dict(D=128, R=128, BLOCK_D=12
                           RAW=True), fp32=("eps",), ints=("T", "H", "HKV", "L"))
 print(json.dumps(out))
 '''
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    out = run_compiled(script)
     for name in ("one_row", "rows", "rows_native_64", "rows_split", "one_row_glu", "rows_glu", "one_row_no_prefetch"):
         # the first weight tile in flight before the wait,
         assert out[name]["before"] > 0 and out[name]["after"] > 0 and out[name]["launch_after_wait"], (name, out)

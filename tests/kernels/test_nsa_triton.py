@@ -652,15 +652,11 @@ def test_decoding_kernels_compile_for_hopper_with_pdl_waiting_first():
     for sm_90 in a process without the interpreter (Triton's own ptxas, no GPU): `griddepcontrol.wait`
     before every global load, store and atomic, and the next kernel let launch after it. (A program
     that read or wrote before the wait, or returned without it, would break kernels/pdl.py's chain.)"""
-    import json
-    import os
-    import subprocess
-    import sys
+    from tests.kernels.sm90 import run_compiled
     script = r'''
-import json, re, triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
+import json, re
 from deepwish.kernels.nsa import compress, gates, triton as nk
+from tests.kernels.sm90 import compile_ptx
 
 PTR = {"END": "*i64", "CMAX": "*i32", "CMIN": "*i32", "QPOS": "*i64", "QDS": "*i32", "POS": "*i64", "SEL": "*i32",
        "I_PART": "*i32", "CNT": "*i32", "M_PART": "*fp32", "L_PART": "*fp32", "ACC_PART": "*fp32", "LSE": "*fp32",
@@ -669,19 +665,13 @@ SCALARS = {"T", "N", "H", "HKV", "G", "DQK", "DV", "NSPLIT", "CMP_LEN", "SEL_LEN
            "R", "NS", "N_SEL", "PER_SPLIT", "S", "STRIDE", "D"}
 
 def ptx(fn, const, ptrs=()):
-    sig, cx = {}, {}
-    for i, p in enumerate(fn.params):
-        if p.is_constexpr:
-            sig[p.name] = "constexpr"; cx[(i,)] = const[p.name]
-        elif p.name == "scale":
-            sig[p.name] = "fp32"
-        elif p.name.isupper() and (p.name not in SCALARS or p.name in ptrs):
-            sig[p.name] = PTR.get(p.name, "*bf16")
-        else:
-            sig[p.name] = "i32"
-    c = triton.compile(ASTSource(fn, sig, constexprs=cx), target=GPUTarget("cuda", 90, 32),
-                       options=dict(num_warps=4, num_stages=2))
-    lines = c.asm["ptx"].splitlines()
+    def arg_type(name):
+        if name == "scale":
+            return "fp32"
+        if name.isupper() and (name not in SCALARS or name in ptrs):
+            return PTR.get(name, "*bf16")
+        return "i32"
+    lines = compile_ptx(fn, const, arg_type)
     wait = [i for i, l in enumerate(lines) if "griddepcontrol.wait" in l]
     launch = [i for i, l in enumerate(lines) if "griddepcontrol.launch_dependents" in l]
     access = [i for i, l in enumerate(lines) if re.search(r"\b(ld|st|atom|red)\.global", l)]
@@ -707,10 +697,7 @@ out["compress_off"] = ptx(compress._compress_kernel, dict(D=128, CMP_LEN=32, BLO
                           PREC="tf32", S=8, PDL=False))
 print(json.dumps(out))
 '''
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    out = run_compiled(script)
     for name in ("cmp_attend", "cmp_attend_merge", "cmp_select", "merge_attend", "merge_select", "slc", "slc_merge",
                  "gated_sum", "compress"):
         r = out[name]
