@@ -49,7 +49,7 @@ import triton
 import triton.language as tl
 
 from deepwish.kernels.grid import arrive_last, counters, reset_count, sm_count
-from deepwish.kernels.online_softmax import online_softmax_step
+from deepwish.kernels.online_softmax import merge_partial, online_softmax_step
 from deepwish.kernels.pdl import launch_options, prefetch_to_l2, setting, wait_for_inputs
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -221,11 +221,7 @@ def _split_kernel(Q, K, V, QPOS, KPOS, OP, LP, O, CNT,
                     at = base0 + sp * BM + i
                     lse_s = tl.load(LP + at, cache_modifier=".cg")
                     o_s = tl.load(OP + at[:, None] * BLOCK_DV + dv[None, :], cache_modifier=".cg")
-                    m_new = tl.maximum(m, lse_s)
-                    keep, w = tl.exp2(m - m_new), tl.exp2(lse_s - m_new)
-                    acc = acc * keep[:, None] + o_s * w[:, None]
-                    den = den * keep + w
-                    m = m_new
+                    acc, den, m = merge_partial(acc, den, m, o_s, 1.0, lse_s)
                 o = acc / tl.where(den > 0.0, den, 1.0)[:, None]
                 tl.store(O + b * so_b + tl.cast(j, tl.int64)[:, None] * so_t + h64[:, None] * so_h + dv[None, :],
                          o.to(O.dtype.element_ty), mask=row_ok[:, None] & (dv < DV)[None, :])

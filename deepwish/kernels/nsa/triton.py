@@ -127,7 +127,7 @@ import triton.language as tl
 from deepwish.kernels.attention.triton import _kv_pair_descriptors, _rows, backward_delta
 from deepwish.kernels.grid import arrive_last, counters, reset_count
 from deepwish.kernels.nsa.reference import check_compressed, check_selected, default_q_pos, query_doc_start
-from deepwish.kernels.online_softmax import online_softmax_step
+from deepwish.kernels.online_softmax import merge_partial, online_softmax_step
 from deepwish.kernels.pdl import launch_options, setting, wait_for_inputs
 
 MAX_HEAD_DIM = 256
@@ -1375,7 +1375,7 @@ def _merge_rows(M_PART, L_PART, ACC_PART, O, LSE, row, row_ok, R, NS, DV, dv, BM
                 BLOCK_DV: tl.constexpr):
     """`_merge_attend_kernel`'s (o, lse) for the rows `row` [BM] of [R] in the program that arrived last
     (MERGE_IN_SPLIT): the NS partial states read past L1 (.cg), merged one split at a time with
-    online rescaling (the same sums as the kernel's, in another rounding order)."""
+    online rescaling (`merge_partial`; the same sums as the kernel's, in another rounding order)."""
     dv_ok = dv < DV
     mx = tl.full([BM], -1.0e30, dtype=tl.float32)   # finite: an empty split (-1e30 or -inf) weighs 0, no NaN
     den = tl.zeros([BM], dtype=tl.float32)
@@ -1386,11 +1386,7 @@ def _merge_rows(M_PART, L_PART, ACC_PART, O, LSE, row, row_ok, R, NS, DV, dv, BM
         l_s = tl.load(L_PART + at, mask=row_ok, other=0.0, cache_modifier=".cg")
         a_s = tl.load(ACC_PART + at[:, None] * DV + dv[None, :], mask=row_ok[:, None] & dv_ok[None, :], other=0.0,
                       cache_modifier=".cg")
-        m_new = tl.maximum(mx, m_s)
-        keep, w = tl.exp2(mx - m_new), tl.exp2(m_s - m_new)
-        acc = acc * keep[:, None] + a_s * w[:, None]
-        den = den * keep + l_s * w
-        mx = m_new
+        acc, den, mx = merge_partial(acc, den, mx, a_s, l_s, m_s)
     seen = den > 0.0
     o = acc / tl.where(seen, den, 1.0)[:, None]
     tl.store(O + row[:, None] * DV + dv[None, :], o.to(O.dtype.element_ty), mask=row_ok[:, None] & dv_ok[None, :])
