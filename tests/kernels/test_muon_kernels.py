@@ -230,6 +230,26 @@ def test_gram_newton_schulz_is_the_same_iteration(rel_err, shape, steps):
     assert rel_err(ref.gram_newton_schulz(G, coeffs, f, 1e-7, torch.float32), got) < 1e-5
 
 
+@pytest.mark.parametrize("shape", [(2, 24, 16), (2, 16, 24)])
+def test_gram_ns_update_reads_the_fp16_result_in_place(shape):
+    """kernels="gram_ns" with the update: O comes out of the iteration contiguous in the parameters'
+    layout (a tall stack's Xwᵀ Q, no transposed copy) and in fp16, which the update reads as it is
+    (no bf16 copy, no second rounding); without the update O is G's dtype and layout."""
+    torch.manual_seed(0)
+    G = torch.randn(2, *shape).to(torch.bfloat16)
+    coeffs, f = ns_coefficients("jordan", 3)
+    O16 = tri.gram_newton_schulz(G, coeffs, f, 1e-7, torch.bfloat16, meta=SMALL, out_dtype=torch.float16)
+    assert O16.dtype == torch.float16 and O16.is_contiguous() and O16.shape == G.shape
+    back = tri.newton_schulz(G, coeffs, f, 1e-7, torch.bfloat16, meta=SMALL, kernels="gram_ns")
+    assert back.dtype == G.dtype and back.is_contiguous() and torch.equal(back, O16.to(G.dtype))
+    params = [torch.randn(shape) for _ in range(2)]
+    want = [p * 0.99 - 0.05 * o.float() for p, o in zip(params, O16)]
+    assert tri.newton_schulz(G, coeffs, f, 1e-7, torch.bfloat16, meta=SMALL, kernels="gram_ns",
+                             apply=(params, 0.99, -0.05, tri.AddressTables())) is None
+    for p, w in zip(params, want):
+        torch.testing.assert_close(p, w, rtol=0, atol=1e-6)
+
+
 def test_gram_newton_schulz_in_fp16_is_nearer_the_exact_iteration_than_bf16():
     """The reason for fp16: on a spectrum spread over four decades the Gram recurrence in fp16 is
     nearer the exact (fp64) iteration than the plain iteration in bf16 (what the step runs otherwise)."""

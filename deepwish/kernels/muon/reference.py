@@ -59,8 +59,14 @@ def gram(P: torch.Tensor, alpha: float = 1.0, beta: float = 0.0, Y: torch.Tensor
 GRAM_NS_RESTART = 2  # the iteration before which the Gram form restarts from X (with 4+ iterations)
 
 
+def gram_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype `gram_newton_schulz` iterates in for matmul operands in `dtype` (its docstring: why fp16)."""
+    return torch.float32 if dtype == torch.float32 else torch.float16
+
+
 def gram_newton_schulz(G: torch.Tensor, coeffs, f: float, eps: float, dtype: torch.dtype,
-                       sumsq: torch.Tensor | None = None, restart: int = GRAM_NS_RESTART, gram=gram) -> torch.Tensor:
+                       sumsq: torch.Tensor | None = None, restart: int = GRAM_NS_RESTART, gram=gram,
+                       out_dtype: torch.dtype | None = None) -> torch.Tensor:
     """The same iteration carried on the Gram matrix (Zhang, Amsel, Chen, Dao 2026, "Gram
     Newton–Schulz"). With X wide (d x D, d <= D) every iterate is X_k = Q_k X_0, Q_k a polynomial in
     R_0 = X_0 X_0ᵀ, so the d x D products are needed only to form R_0 and the result: per iteration
@@ -73,8 +79,10 @@ def gram_newton_schulz(G: torch.Tensor, coeffs, f: float, eps: float, dtype: tor
     in bf16 lands further from the exact iteration than the plain iteration in bf16; in fp16 nearer,
     tests/kernels/test_muon_kernels.py); X_0 is normalised, so X, R and P stay well inside fp16's
     range. Per matrix this trades 2·k·d²·D FLOPs of updates for 4·d²·D (the restart and the result)
-    plus ~4·k·d³: a gain when D is several times d (Qwen3's gate/up [6144, 1024])."""
-    half = torch.float32 if dtype == torch.float32 else torch.float16
+    plus ~4·k·d³: a gain when D is several times d (Qwen3's gate/up [6144, 1024]). The result is
+    contiguous in G's layout (a tall G's Oᵀ = Xwᵀ Q, Q symmetric: no transposed copy) and in
+    `out_dtype` (None: G's; the iteration's own dtype skips a cast pass where the caller reads any)."""
+    half = gram_dtype(dtype)
     m, n = G.shape[-2:]
     G3 = G.reshape(-1, m, n)
     norm = sumsq.float().sqrt() if sumsq is not None else torch.linalg.vector_norm(G3.float(), dim=(-2, -1))
@@ -93,8 +101,8 @@ def gram_newton_schulz(G: torch.Tensor, coeffs, f: float, eps: float, dtype: tor
         Q = P if Q is None else gram(Q, other=P)
         if k < len(coeffs) - 1:
             R = gram(P, other=gram(R, other=P))  # P (R P)
-    O = torch.bmm(Q, Xw)
-    return (O.mT if m > n else O).reshape(G.shape).to(G.dtype)
+    O = torch.bmm(Xw.mT, Q) if m > n else torch.bmm(Q, Xw)
+    return O.reshape(G.shape).to(out_dtype or G.dtype)
 
 
 def ns_update(L: torch.Tensor, R: torch.Tensor, Y: torch.Tensor, a: float,

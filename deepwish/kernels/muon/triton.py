@@ -391,7 +391,10 @@ def newton_schulz(G: torch.Tensor, coeffs, f: float, eps: float, dtype: torch.dt
         from deepwish.kernels.muon.reference import newton_schulz as torch_newton_schulz
         return _apply_or_return(torch_newton_schulz(G, coeffs, f, eps, dtype), apply)
     if kernels == "gram_ns":
-        return _apply_or_return(gram_newton_schulz(G, coeffs, f, eps, dtype, sumsq, meta), apply)
+        # the update reads O in any dtype: it gets the iteration's fp16, not a bf16 copy of it
+        from deepwish.kernels.muon.reference import gram_dtype
+        out_dtype = None if apply is None else gram_dtype(dtype)
+        return _apply_or_return(gram_newton_schulz(G, coeffs, f, eps, dtype, sumsq, meta, out_dtype), apply)
     m, n = G.shape[-2:]
     G3 = G.reshape(-1, m, n)
     if sumsq is None:
@@ -433,7 +436,8 @@ def newton_schulz(G: torch.Tensor, coeffs, f: float, eps: float, dtype: torch.dt
 
 
 def gram_newton_schulz(G: torch.Tensor, coeffs, f: float, eps: float, dtype: torch.dtype,
-                       sumsq: torch.Tensor | None = None, meta: dict | None = None) -> torch.Tensor:
+                       sumsq: torch.Tensor | None = None, meta: dict | None = None,
+                       out_dtype: torch.dtype | None = None) -> torch.Tensor:
     """reference.gram_newton_schulz (read it: the iteration, its precision, its FLOPs) with every
     d x d product and X Xᵀ on the `gram` kernel's upper tiles; the d x D products Q X via cuBLAS."""
     from deepwish.kernels.muon import reference
@@ -442,7 +446,7 @@ def gram_newton_schulz(G: torch.Tensor, coeffs, f: float, eps: float, dtype: tor
 
     def sym(P, alpha=1.0, beta=0.0, Y=None, other=None):
         return gram(P, alpha=alpha, beta=beta, Y=Y, other=other, meta=gm)
-    return reference.gram_newton_schulz(G, coeffs, f, eps, dtype, sumsq, gram=sym)
+    return reference.gram_newton_schulz(G, coeffs, f, eps, dtype, sumsq, gram=sym, out_dtype=out_dtype)
 
 
 def _apply_or_return(O: torch.Tensor, apply) -> torch.Tensor | None:
