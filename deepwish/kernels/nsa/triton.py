@@ -170,7 +170,8 @@ TILES = {
     # decode bench at B 1, 64 / 4 heads, D 128 (H100, 2026-12-06): the split 56.2 -> 44.9 µs a step at
     # 64k (slc 6.3 µs); 8 warps (4 spill 104 bytes at D 128, sm_90 offline compile) in the set below
     # MERGE_IN_SPLIT (both decoding branches): the last split program of a group merges the partials
-    # (`_merge_rows`) instead of `_merge_attend_kernel`, one launch fewer; off until timed
+    # (`_merge_rows`) instead of `_merge_attend_kernel`, one launch fewer; off: slower (H100, 2026-12-07:
+    # qwen3_0.6b_nsa's captured step at 4k 1,690 -> 1,877 µs; one layer at 64k 29.1 -> 40.5 µs)
     ("slc_split", "16bit"): dict(BLOCKS=1, PROGRAMS=128, TMA=True, MERGE_IN_SPLIT=False, num_warps=8, num_stages=2),
     # small groups (G < 16, e.g. Qwen3-0.6B's 16 query / 8 KV heads): a one-token program fills
     # G of its 16 dot rows and loads each block for G heads only; the union kernel (BT > 1) fills
