@@ -296,6 +296,19 @@ def profile_forward(backends, T: int, device) -> dict:
     return out
 
 
+def chosen_tiles() -> dict[str, str]:
+    """Each autotuned gated-delta kernel's pick (its last tuned key; autotuning keys leave T out)."""
+    from deepwish.kernels.gated_delta import triton as kernels
+    out = {}
+    for name in ("_wy_fwd_tuned", "_state_fwd_tuned", "_output_fwd_tuned", "_dv_local_tuned", "_state_bwd_tuned",
+                 "_chunk_bwd_tuned"):
+        config = getattr(getattr(kernels, name), "best_config", None)
+        if config is not None:
+            out[name.strip("_").removesuffix("_tuned")] = (f"{config.kwargs} w{config.num_warps} "
+                                                            f"s{config.num_stages}")
+    return out
+
+
 def run(out_dir: str, seqlens=(4096, 8192, 16384, 32768, 65536), device="cuda", profile_T: int = 65536) -> dict:
     """Check, time, print, and write `gdn.json` and `gdn.png` into out_dir. Returns the results."""
     device = torch.device(device)
@@ -313,13 +326,15 @@ def run(out_dir: str, seqlens=(4096, 8192, 16384, 32768, 65536), device="cuda", 
     peak_tflops, copy_gbs = flops / 1e12, copy / 1e9
     print_table(chunk, decode, seqlens, peak_tflops, copy_gbs)
     profile = profile_forward(backends, profile_T, device) if profile_T > 0 else {}
+    tiles = chosen_tiles()
+    print("[gdn bench] autotuned tiles (the last shape tuned): " + ", ".join(f"{k} {v}" for k, v in tiles.items()))
     results = {"environment": env, "shapes": {"B": B, "H": H, "HV": H, "K": D, "V": D, "dtype": "bfloat16",
                                               "decode_batches": list(DECODE_BATCHES)},
                "correctness_rel_rms": correctness,
                "chunk_ms": {k: {str(T): v for T, v in row.items()} for k, row in chunk.items()},
                "decode_ms": {k: {str(b): v for b, v in row.items()} for k, row in decode.items()},
                "peaks": {"copy_GBps": copy_gbs, "bf16_matmul_TFLOPs": peak_tflops},
-               "forward_kernels": {"T": profile_T, **profile}}
+               "forward_kernels": {"T": profile_T, **profile}, "tiles": tiles}
     with open(os.path.join(out_dir, "gdn.json"), "w") as f:
         json.dump(results, f, indent=2)
     plot(chunk, decode, seqlens, os.path.join(out_dir, "gdn.png"), copy_gbs)

@@ -579,16 +579,24 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-_SEQ_CONFIGS = [triton.Config({"BV": bv}, num_warps=nw, num_stages=ns)
-                for bv, nw, ns in ((16, 4, 2), (32, 4, 2), (32, 4, 3), (64, 4, 2), (64, 8, 2))]
+# The sequential kernels are latency-bound (two small dots a chunk on the critical path). fla's state
+# pass on Hopper searches 2 and 4 warps with 2-4 stages (fla/ops/common/chunk_delta_h.py), and ours
+# trails its forward from T = 32k up (reports/kernels.md), so the forward also tries 2 warps (mma.sync:
+# wgmma needs a warp group) where ptxas keeps them in registers: at K = V = 128 (sm_90, triton 3.7)
+# BV 16 w2 s2 255 registers, no spills; BV 32 w2 s2 168 bytes; BV 32 w2 s3 and BV 64 w2 936-15k
+# (left out). The backward's 2-warp forms spill 1-11 kB and are left out.
+_SEQ_BWD_CONFIGS = [triton.Config({"BV": bv}, num_warps=nw, num_stages=ns)
+                    for bv, nw, ns in ((16, 4, 2), (32, 4, 2), (32, 4, 3), (64, 4, 2), (64, 8, 2))]
+_SEQ_FWD_CONFIGS = _SEQ_BWD_CONFIGS + [triton.Config({"BV": bv}, num_warps=nw, num_stages=ns)
+                                       for bv, nw, ns in ((16, 2, 2), (32, 2, 2), (16, 4, 3))]
 _V_TILE_CONFIGS = [triton.Config({"BV": bv}, num_warps=nw) for bv in (64, 128) for nw in (4, 8)]
 _CHUNK_BWD_CONFIGS = [triton.Config({"BV": bv}, num_warps=nw) for bv, nw in ((16, 8), (32, 8))]   # 4 warps spill
 # Launch shapes are measured once per (shape, dtype), since no GPU timing informed the defaults. Every
 # autotuned kernel writes only outputs (or scratch it rewrites), so repeated trial launches are safe;
 # `_wy_bwd_kernel` accumulates into dk / dbeta in place and is therefore not autotuned. The sequential
 # kernels carry the whole run's latency, and their best V split depends on N * HV.
-_state_fwd_tuned = triton.autotune(configs=_SEQ_CONFIGS, key=["NHV", "K", "V"])(_state_fwd_kernel)
-_state_bwd_tuned = triton.autotune(configs=_SEQ_CONFIGS, key=["NHV", "K", "V"])(_state_bwd_kernel)
+_state_fwd_tuned = triton.autotune(configs=_SEQ_FWD_CONFIGS, key=["NHV", "K", "V"])(_state_fwd_kernel)
+_state_bwd_tuned = triton.autotune(configs=_SEQ_BWD_CONFIGS, key=["NHV", "K", "V"])(_state_bwd_kernel)
 _wy_fwd_tuned = triton.autotune(configs=_V_TILE_CONFIGS, key=["K", "V"])(_wy_fwd_kernel)
 _output_fwd_tuned = triton.autotune(configs=_V_TILE_CONFIGS, key=["K", "V"])(_output_fwd_kernel)
 _dv_local_tuned = triton.autotune(configs=_V_TILE_CONFIGS, key=["K", "V"])(_dv_local_kernel)
