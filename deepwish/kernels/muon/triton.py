@@ -196,9 +196,21 @@ def _apply_kernel(p_table, p_first, o_ptr, numel, decay, alpha, ALIGNED: tl.cons
 
 
 # ---- launch ------------------------------------------------------------------------------------------
-_GRAM_CONFIGS = [triton.Config({"BLOCK": 128, "BLOCK_K": 64}, num_warps=w, num_stages=s) for w, s in ((4, 4), (4, 3), (8, 3))]
+# Tiles, with what ptxas says of them (sm_90, triton 3.7, contiguous operands; registers a thread,
+# shared memory a program: <= 113 KB lets two programs share an SM, which overlaps one's epilogue
+# with the other's main loop):
+#   gram 128 x 128, K 64:  w4 s4 190-244 regs, 128 KB; w4 s3 98 KB; w8 s3 114-134 regs, 98 KB (134
+#                          with Y: 2 x 256 x 134 > 64k registers, one program an SM); w8 s4 128 KB;
+#                          K 128 w8 s2 154 regs, 128 KB (half the loop's iterations)
+#   update 128 x 128 w4 s4 251 regs; 128 x 256 / 256 x 128 w8 s3 245-254; 128 x 128 w8 s3/s4 126.
+#   With APPLY (the parameter update in the epilogue) every w4 and 128 x 256 tile spills 660-760 bytes
+#   a thread (each element's parameter address is a 64-bit register pair); 128 x 128 w8 does not (212).
+_GRAM_CONFIGS = ([triton.Config({"BLOCK": 128, "BLOCK_K": 64}, num_warps=w, num_stages=s)
+                  for w, s in ((4, 4), (4, 3), (8, 3), (8, 4))]
+                 + [triton.Config({"BLOCK": 128, "BLOCK_K": 128}, num_warps=8, num_stages=2)])
 _UPDATE_CONFIGS = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=w, num_stages=s)
-                   for bm, bn, w, s in ((128, 128, 4, 4), (128, 256, 8, 3), (256, 128, 8, 3))]
+                   for bm, bn, w, s in ((128, 128, 4, 4), (128, 256, 8, 3), (256, 128, 8, 3), (128, 128, 8, 3),
+                                        (128, 128, 8, 4))]
 # The interpreter runs numpy per tile (~25 ms a program): few, small tiles keep tests fast; tests pass
 # 16-wide tiles (`meta`) where they need several tiles per matrix (mirroring, edges).
 INTERPRETER_META = {"gram": dict(BLOCK=32, BLOCK_K=32), "update": dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, GROUP_M=2)}
