@@ -144,9 +144,16 @@ def _update_kernel(l_ptr, r_ptr, y_ptr, c_ptr, scale_ptr, p_table, p_first, M, N
         p_ptr = tl.load(p_table + b).to(p_first.dtype)
         if ALIGNED:
             p_ptr = tl.multiple_of(p_ptr, 16)
-        p_ptrs = p_ptr + rm[:, None] * N + rn[None, :]
-        p = tl.load(p_ptrs, mask=mask, other=0.0).to(tl.float32)
-        tl.store(p_ptrs, decay * p + alpha * acc, mask=mask)
+        # two column halves, one after the other: the whole tile of parameters (fp32) beside the
+        # fp32 accumulator would not fit in registers on the wide tiles
+        lo, hi = tl.split(tl.permute(tl.reshape(acc, (BLOCK_M, 2, BLOCK_N // 2)), (0, 2, 1)))
+        rh = pn * BLOCK_N + tl.arange(0, BLOCK_N // 2)
+        for half in tl.static_range(2):
+            cols = rh + half * (BLOCK_N // 2)
+            ok = m_ok[:, None] & (cols < N)[None, :]
+            p_ptrs = p_ptr + rm[:, None] * N + cols[None, :]
+            p = tl.load(p_ptrs, mask=ok, other=0.0).to(tl.float32)
+            tl.store(p_ptrs, decay * p + alpha * (lo if half == 0 else hi), mask=ok)
     else:
         tl.store(c_ptr + b * s_cb + rm[:, None] * s_cm + rn[None, :] * s_cn, acc.to(c_ptr.dtype.element_ty), mask=mask)
 
@@ -203,8 +210,9 @@ def _apply_kernel(p_table, p_first, o_ptr, numel, decay, alpha, ALIGNED: tl.cons
 #                          with Y: 2 x 256 x 134 > 64k registers, one program an SM); w8 s4 128 KB;
 #                          K 128 w8 s2 154 regs, 128 KB (half the loop's iterations)
 #   update 128 x 128 w4 s4 251 regs; 128 x 256 / 256 x 128 w8 s3 245-254; 128 x 128 w8 s3/s4 126.
-#   With APPLY (the parameter update in the epilogue) every w4 and 128 x 256 tile spills 660-760 bytes
-#   a thread (each element's parameter address is a 64-bit register pair); 128 x 128 w8 does not (212).
+#   With APPLY (the parameter update in the epilogue) the whole fp32 parameter tile beside the fp32
+#   accumulator spilled 660-760 bytes a thread on every w4 and 128 x 256 tile; in two column halves
+#   72-76 bytes (128 x 128 w8: 212 -> 170 registers, no spills).
 _GRAM_CONFIGS = ([triton.Config({"BLOCK": 128, "BLOCK_K": 64}, num_warps=w, num_stages=s)
                   for w, s in ((4, 4), (4, 3), (8, 3), (8, 4))]
                  + [triton.Config({"BLOCK": 128, "BLOCK_K": 128}, num_warps=8, num_stages=2)])
