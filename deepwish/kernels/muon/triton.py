@@ -67,11 +67,11 @@ def _tile_product(a_ptrs, b_ptrs, a_step, b_step, m_ok, n_ok, rk, K, BLOCK_M: tl
 def _gram_kernel(p_ptr, o_ptr, y_ptr, c_ptr, scale_ptr, M, K,
                  s_pb, s_pm, s_pk, s_ob, s_om, s_ok, s_yb, s_ym, s_yn, s_cb, s_cm, s_cn, alpha, beta,
                  HAS_Y: tl.constexpr, HAS_SCALE: tl.constexpr, IEEE: tl.constexpr, EVEN: tl.constexpr,
-                 BLOCK: tl.constexpr, BLOCK_K: tl.constexpr):
+                 OTHER: tl.constexpr, BLOCK: tl.constexpr, BLOCK_K: tl.constexpr):
     """C_b = alpha·scale_b·P_b O_bᵀ + beta·Y_b for the tile (ti, tj), ti <= tj, of program 0's index;
     the tile is stored at (ti, tj) and, off the diagonal, transposed at (tj, ti). O is P itself (a
-    Gram product) or a second operand whose product with P the caller knows to be symmetric; Y must
-    be symmetric."""
+    Gram product) or (OTHER) a second operand whose product with P the caller knows to be symmetric;
+    Y must be symmetric."""
     T = tl.cdiv(M, BLOCK)
     # Upper-triangle tiles, counted from the last row: row T-1-r holds r+1 tiles, rows below
     # it hold r(r+1)/2. q < T(T+1)/2 <= ~10^4, so the fp32 sqrt is exact enough for the floor;
@@ -92,6 +92,12 @@ def _gram_kernel(p_ptr, o_ptr, y_ptr, c_ptr, scale_ptr, M, K,
     n_ok = rn < M
     acc = _tile_product(a_ptrs, bt_ptrs, BLOCK_K * s_pk, BLOCK_K * s_ok, m_ok, n_ok, rk, K, BLOCK, BLOCK, BLOCK_K,
                         EVEN, IEEE)
+    if OTHER:
+        if ti == tj:
+            # P Pᵀ sums the same products in the same order for (i, j) and (j, i): exactly symmetric.
+            # P Oᵀ does not, and a diagonal tile computed whole keeps that rounding asymmetry, which
+            # the Gram recurrence compounds (reference.gram): its lower triangle mirrors the upper.
+            acc = tl.where(rm[:, None] <= rn[None, :], acc, tl.trans(acc))
     acc = acc * alpha
     if HAS_SCALE:
         acc = acc * tl.load(scale_ptr + b)
@@ -269,7 +275,8 @@ def gram(P: torch.Tensor, alpha: float = 1.0, beta: float = 0.0, Y: torch.Tensor
                 s_ob=O.stride(0), s_om=O.stride(1), s_ok=O.stride(2),
                 s_yb=y.stride(0), s_ym=y.stride(1), s_yn=y.stride(2),
                 s_cb=out.stride(0), s_cm=out.stride(1), s_cn=out.stride(2), alpha=float(alpha), beta=float(beta),
-                HAS_Y=Y is not None, HAS_SCALE=scale is not None, IEEE=P.dtype == torch.float32)
+                HAS_Y=Y is not None, HAS_SCALE=scale is not None, IEEE=P.dtype == torch.float32,
+                OTHER=other is not None)
 
     def grid(meta_):
         t = triton.cdiv(M, meta_["BLOCK"])
