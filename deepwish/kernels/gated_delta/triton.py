@@ -102,24 +102,81 @@ def _load_G(p_G, o_i, m_t, nv, HV: tl.constexpr):
 
 
 @triton.jit
-def _invert_diagonal_blocks(p_A, nv, HV: tl.constexpr):
-    """In place: the four 16 x 16 diagonal blocks L of a chunk's strictly lower A (stored as
-    [time, HV, BT] at p_A) become (I + L)^{-1}, by forward substitution, all four at once: row i of
-    the inverse is e_i - sum_{j<i} L_ij row_j (stable; a power series in L would grow and cancel)."""
-    n = tl.arange(0, BT_C // BS_C)
+def _substitute(L):
+    """(I + L)^{-1} of each strictly lower 16 x 16 block of L [n, 16, 16] at once, by forward
+    substitution: row i of the inverse is e_i - sum_{j<i} L_ij row_j (stable; a power series in L
+    would grow and cancel)."""
     r = tl.arange(0, BS_C)
-    rows = n[:, None, None] * BS_C + r[None, :, None]                 # [4, 16, 1]
-    ptrs = p_A + rows * (HV * BT_C) + n[:, None, None] * BS_C + r[None, None, :]
-    L = tl.load(ptrs, mask=rows < nv, other=0.)
     eye = (r[:, None] == r[None, :]).to(tl.float32)[None, :, :]
-    Ti = tl.zeros([BT_C // BS_C, BS_C, BS_C], dtype=tl.float32) + eye
+    Ti = tl.zeros(L.shape, dtype=tl.float32) + eye
     for i in range(1, BS_C):
         sel = (r == i)[None, :, None]
         l_i = tl.sum(tl.where(sel, L, 0.), 1)                        # L[i, :] of each block
         row = tl.sum(l_i[:, :, None] * Ti, 1)                         # sum_j L[i, j] Ti[j, :]
         Ti = tl.where(sel, eye - row[:, None, :], Ti)
+    return Ti
+
+
+@triton.jit
+def _invert_diagonal_blocks(p_A, nv, HV: tl.constexpr):
+    """In place: the four 16 x 16 diagonal blocks L of a chunk's strictly lower A (stored as
+    [time, HV, BT] at p_A) become (I + L)^{-1}, all four at once (`_substitute`)."""
+    n = tl.arange(0, BT_C // BS_C)
+    r = tl.arange(0, BS_C)
+    rows = n[:, None, None] * BS_C + r[None, :, None]                 # [4, 16, 1]
+    ptrs = p_A + rows * (HV * BT_C) + n[:, None, None] * BS_C + r[None, None, :]
+    Ti = _substitute(tl.load(ptrs, mask=rows < nv, other=0.))
     tl.debug_barrier()     # every warp has read its part of L before any overwrites it
     tl.store(ptrs, Ti, mask=rows < nv)
+
+
+@triton.jit
+def _merge_blocks(A10, A20, A21, A30, A31, A32, T00, T11, T22, T33, PREC: tl.constexpr):
+    """The off-diagonal blocks of Ai = (I + A)^{-1} from A's and the diagonal inverses T_rr, by block
+    forward substitution: T_rc = -T_rr sum_{c <= m < r} A_rm T_mc."""
+    T10 = -_mm(T11, _mm(A10, T00, PREC), PREC)
+    T21 = -_mm(T22, _mm(A21, T11, PREC), PREC)
+    T32 = -_mm(T33, _mm(A32, T22, PREC), PREC)
+    T20 = -_mm(T22, _mm(A20, T00, PREC) + _mm(A21, T10, PREC), PREC)
+    T31 = -_mm(T33, _mm(A31, T11, PREC) + _mm(A32, T21, PREC), PREC)
+    T30 = -_mm(T33, _mm(A30, T00, PREC) + _mm(A31, T10, PREC) + _mm(A32, T20, PREC), PREC)
+    return T10, T20, T21, T30, T31, T32
+
+
+@triton.jit
+def _block(X, R, C, r: tl.constexpr, c: tl.constexpr):
+    """Block (r, c) [16, 16] of X [4, 4, 16, 16] (block row, block column, row, column)."""
+    return tl.sum(tl.sum(tl.where((R == r) & (C == c), X, 0.), 0), 0)
+
+
+@triton.jit
+def _inverse_in_registers(p_A, b_A, nv, HV: tl.constexpr, PREC: tl.constexpr):
+    """Ai = (I + A)^{-1} of a chunk's strictly lower A [64, 64] held in registers, its ten lower
+    16 x 16 blocks stored at p_A (rows past nv not stored): the blocks are cut out of A in registers
+    (no trip through the buffer and no barrier before the inverse)."""
+    X = tl.permute(tl.reshape(b_A, [BT_C // BS_C, BS_C, BT_C // BS_C, BS_C]), (0, 2, 1, 3))
+    n = tl.arange(0, BT_C // BS_C)
+    R = n[:, None, None, None]
+    C = n[None, :, None, None]
+    Ti = _substitute(tl.sum(tl.where(R == C, X, 0.), 1))             # the diagonal blocks' inverses
+    Tn = n[:, None, None]
+    T00 = tl.sum(tl.where(Tn == 0, Ti, 0.), 0)
+    T11 = tl.sum(tl.where(Tn == 1, Ti, 0.), 0)
+    T22 = tl.sum(tl.where(Tn == 2, Ti, 0.), 0)
+    T33 = tl.sum(tl.where(Tn == 3, Ti, 0.), 0)
+    T10, T20, T21, T30, T31, T32 = _merge_blocks(
+        _block(X, R, C, 1, 0), _block(X, R, C, 2, 0), _block(X, R, C, 2, 1), _block(X, R, C, 3, 0),
+        _block(X, R, C, 3, 1), _block(X, R, C, 3, 2), T00, T11, T22, T33, PREC)
+    _st(p_A, 0, 0, nv, HV, T00)
+    _st(p_A, 1, 1, nv, HV, T11)
+    _st(p_A, 2, 2, nv, HV, T22)
+    _st(p_A, 3, 3, nv, HV, T33)
+    _st(p_A, 1, 0, nv, HV, T10)
+    _st(p_A, 2, 0, nv, HV, T20)
+    _st(p_A, 2, 1, nv, HV, T21)
+    _st(p_A, 3, 0, nv, HV, T30)
+    _st(p_A, 3, 1, nv, HV, T31)
+    _st(p_A, 3, 2, nv, HV, T32)
 
 
 @triton.jit
@@ -157,7 +214,7 @@ def _mm(a, b, PREC: tl.constexpr):
 @triton.jit
 def _wy_fwd_kernel(k, v, g, beta, G, Ai, w, u, cu_seqlens, chunk_indices, T, NT,
                    H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
-                   BK: tl.constexpr, BV: tl.constexpr, IS_VARLEN: tl.constexpr):
+                   BK: tl.constexpr, BV: tl.constexpr, IS_VARLEN: tl.constexpr, IN_REGISTERS: tl.constexpr):
     i_c, i_hv = tl.program_id(0), tl.program_id(1)
     i_h = i_hv // (HV // H)
     t0, nv = _chunk_bounds(i_c, cu_seqlens, chunk_indices, T, NT, IS_VARLEN)
@@ -178,37 +235,27 @@ def _wy_fwd_kernel(k, v, g, beta, G, Ai, w, u, cu_seqlens, chunk_indices, T, NT,
     b_D = tl.exp(tl.where(strict, b_G[:, None] - b_G[None, :], 0.))
     b_A = tl.where(strict, b_beta[:, None] * tl.dot(b_k, tl.trans(b_k)) * b_D, 0.)
 
-    # A passes through this chunk's rows of the Ai buffer so that it can be re-read as 16 x 16 blocks.
     p_A = Ai + (t0 * HV + i_hv) * BT_C
-    tl.store(p_A + o_i[:, None] * (HV * BT_C) + o_i[None, :], b_A, mask=m_t[:, None])
-    tl.debug_barrier()
-    _invert_diagonal_blocks(p_A, nv, HV)
-    tl.debug_barrier()
     PREC: tl.constexpr = "ieee" if dt == tl.float32 else "tf32"
-    A10 = _ld(p_A, 1, 0, nv, HV)
-    A20 = _ld(p_A, 2, 0, nv, HV)
-    A21 = _ld(p_A, 2, 1, nv, HV)
-    A30 = _ld(p_A, 3, 0, nv, HV)
-    A31 = _ld(p_A, 3, 1, nv, HV)
-    A32 = _ld(p_A, 3, 2, nv, HV)
-    T00 = _ld(p_A, 0, 0, nv, HV)
-    T11 = _ld(p_A, 1, 1, nv, HV)
-    T22 = _ld(p_A, 2, 2, nv, HV)
-    T33 = _ld(p_A, 3, 3, nv, HV)
-    # Block forward substitution: T_rc = -T_rr sum_{c <= m < r} A_rm T_mc.
-    T10 = -_mm(T11, _mm(A10, T00, PREC), PREC)
-    T21 = -_mm(T22, _mm(A21, T11, PREC), PREC)
-    T32 = -_mm(T33, _mm(A32, T22, PREC), PREC)
-    T20 = -_mm(T22, _mm(A20, T00, PREC) + _mm(A21, T10, PREC), PREC)
-    T31 = -_mm(T33, _mm(A31, T11, PREC) + _mm(A32, T21, PREC), PREC)
-    T30 = -_mm(T33, _mm(A30, T00, PREC) + _mm(A31, T10, PREC) + _mm(A32, T20, PREC), PREC)
-    tl.debug_barrier()
-    _st(p_A, 1, 0, nv, HV, T10)
-    _st(p_A, 2, 1, nv, HV, T21)
-    _st(p_A, 3, 2, nv, HV, T32)
-    _st(p_A, 2, 0, nv, HV, T20)
-    _st(p_A, 3, 1, nv, HV, T31)
-    _st(p_A, 3, 0, nv, HV, T30)
+    if IN_REGISTERS:
+        _inverse_in_registers(p_A, b_A, nv, HV, PREC)
+    else:
+        # A passes through this chunk's rows of the Ai buffer so that it can be re-read as 16 x 16 blocks.
+        tl.store(p_A + o_i[:, None] * (HV * BT_C) + o_i[None, :], b_A, mask=m_t[:, None])
+        tl.debug_barrier()
+        _invert_diagonal_blocks(p_A, nv, HV)
+        tl.debug_barrier()
+        T10, T20, T21, T30, T31, T32 = _merge_blocks(
+            _ld(p_A, 1, 0, nv, HV), _ld(p_A, 2, 0, nv, HV), _ld(p_A, 2, 1, nv, HV), _ld(p_A, 3, 0, nv, HV),
+            _ld(p_A, 3, 1, nv, HV), _ld(p_A, 3, 2, nv, HV), _ld(p_A, 0, 0, nv, HV), _ld(p_A, 1, 1, nv, HV),
+            _ld(p_A, 2, 2, nv, HV), _ld(p_A, 3, 3, nv, HV), PREC)
+        tl.debug_barrier()
+        _st(p_A, 1, 0, nv, HV, T10)
+        _st(p_A, 2, 1, nv, HV, T21)
+        _st(p_A, 3, 2, nv, HV, T32)
+        _st(p_A, 2, 0, nv, HV, T20)
+        _st(p_A, 3, 1, nv, HV, T31)
+        _st(p_A, 3, 0, nv, HV, T30)
     tl.debug_barrier()
     lower = o_i[:, None] >= o_i[None, :]
     b_Ai = tl.load(p_A + o_i[:, None] * (HV * BT_C) + o_i[None, :], mask=lower & m_t[:, None], other=0.)
@@ -603,6 +650,14 @@ _dv_local_tuned = triton.autotune(configs=_V_TILE_CONFIGS, key=["K", "V"])(_dv_l
 _chunk_bwd_tuned = triton.autotune(configs=_CHUNK_BWD_CONFIGS, key=["K", "V"])(_chunk_bwd_kernel)
 
 
+# Where the UT transform inverts (I + A): "buffer" passes A through the Ai buffer (three stores and
+# reloads, four barriers); "registers" cuts its 16 x 16 blocks out in registers and stores only the
+# result (one barrier before w and u read it back). The transform was the stage that lost to fla
+# at T = 64k (reports/kernels.md run 4: 1,186 against 904 µs). Same values; the faster one ships.
+WY_INVERSE = "buffer"
+WY_INVERSES = ("buffer", "registers")
+
+
 def _launch(tuned, raw, grid, args, kw, interpreter_meta: dict):
     """Autotuned launch on a GPU; under the interpreter, one fixed config (`interpreter_meta`).
     grid: meta-parameters -> launch grid."""
@@ -648,10 +703,12 @@ def _fwd(q, k, v, g, beta, scale, h0, output_final_state, layout):
     w = torch.empty(B, T, HV, K, dtype=dt, device=q.device)
     u = torch.empty(B, T, HV, V, dtype=dt, device=q.device)
     bv_interp = {"BV": max(16, min(64, triton.next_power_of_2(V)))}
+    if WY_INVERSE not in WY_INVERSES:
+        raise ValueError(f"gated delta (triton): WY_INVERSE {WY_INVERSE!r}; choose from {', '.join(WY_INVERSES)}")
     if NC > 0:
         _launch(_wy_fwd_tuned, _wy_fwd_kernel, lambda meta: (NC, HV),
                 (k, v, g, beta, G, Ai, w, u, cu, chunk_indices, T, NT),
-                dict(H=H, HV=HV, K=K, V=V, BK=BK, IS_VARLEN=varlen), bv_interp)
+                dict(H=H, HV=HV, K=K, V=V, BK=BK, IS_VARLEN=varlen, IN_REGISTERS=WY_INVERSE == "registers"), bv_interp)
     h = torch.empty(max(NC, 1), HV, K, V, dtype=dt, device=q.device)
     v_new = torch.empty(B, T, HV, V, dtype=dt, device=q.device)
     ht = torch.empty(N, HV, K, V, dtype=f32, device=q.device) if output_final_state else None
