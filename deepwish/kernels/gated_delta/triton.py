@@ -171,6 +171,11 @@ def _inverse_in_registers(p_A, b_A, nv, HV: tl.constexpr, PREC: tl.constexpr):
     _st(p_A, 1, 1, nv, HV, T11)
     _st(p_A, 2, 2, nv, HV, T22)
     _st(p_A, 3, 3, nv, HV, T33)
+    _st_below_diagonal(p_A, nv, HV, T10, T20, T21, T30, T31, T32)
+
+
+@triton.jit
+def _st_below_diagonal(p_A, nv, HV: tl.constexpr, T10, T20, T21, T30, T31, T32):
     _st(p_A, 1, 0, nv, HV, T10)
     _st(p_A, 2, 0, nv, HV, T20)
     _st(p_A, 2, 1, nv, HV, T21)
@@ -250,12 +255,7 @@ def _wy_fwd_kernel(k, v, g, beta, G, Ai, w, u, cu_seqlens, chunk_indices, T, NT,
             _ld(p_A, 3, 1, nv, HV), _ld(p_A, 3, 2, nv, HV), _ld(p_A, 0, 0, nv, HV), _ld(p_A, 1, 1, nv, HV),
             _ld(p_A, 2, 2, nv, HV), _ld(p_A, 3, 3, nv, HV), PREC)
         tl.debug_barrier()
-        _st(p_A, 1, 0, nv, HV, T10)
-        _st(p_A, 2, 1, nv, HV, T21)
-        _st(p_A, 3, 2, nv, HV, T32)
-        _st(p_A, 2, 0, nv, HV, T20)
-        _st(p_A, 3, 1, nv, HV, T31)
-        _st(p_A, 3, 0, nv, HV, T30)
+        _st_below_diagonal(p_A, nv, HV, T10, T20, T21, T30, T31, T32)
     tl.debug_barrier()
     lower = o_i[:, None] >= o_i[None, :]
     b_Ai = tl.load(p_A + o_i[:, None] * (HV * BT_C) + o_i[None, :], mask=lower & m_t[:, None], other=0.)
