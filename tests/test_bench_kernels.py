@@ -50,3 +50,23 @@ def test_gdn_tables_use_the_devices_peaks(capsys, monkeypatch, tmp_path):
     assert "387, 50%)" in out and "2086, 50%)" in out
     gdn.plot(chunk, decode, (T,), str(tmp_path / "gdn.png"), 4172.0)
     assert (tmp_path / "gdn.png").stat().st_size > 1000
+
+
+def test_gdn_bench_times_both_ut_transform_forms_and_restores_the_shipped_one(monkeypatch, capsys):
+    """`bench gdn` times the chunked forward with each WY_INVERSE form, alternating, reads each form's
+    transform kernel from the profile, checks the two outputs agree, and leaves the shipped form in
+    place (here on CPU through the interpreter, small heads, the timers stubbed)."""
+    from deepwish.bench import gdn
+    from deepwish.kernels.gated_delta import triton as kernels
+    monkeypatch.setattr(gdn, "H", 1)
+    monkeypatch.setattr(gdn, "D", 16)
+    order = []
+    monkeypatch.setattr(gdn, "median_ms", lambda fn: (order.append(kernels.WY_INVERSE), fn(), 1.0)[2])
+    monkeypatch.setattr(gdn, "kernel_times", lambda fn: {"kernels": [
+        {"name": "_wy_fwd_kernel", "us_per_step": 7.0 if kernels.WY_INVERSE == "registers" else 9.0},
+        {"name": "_state_fwd_kernel", "us_per_step": 5.0}]})
+    out = gdn.compare_wy_inverses(70, "cpu", rounds=2)
+    assert order == ["buffer", "registers"] * 2 and kernels.WY_INVERSE == "buffer"
+    assert out["rel_diff"] < 1e-6 and out["wy_kernel_us"] == {"buffer": 9.0, "registers": 7.0}
+    assert out["fwd_ms"] == {"buffer": [1.0, 1.0], "registers": [1.0, 1.0]}
+    assert "WY_INVERSE at T=70" in capsys.readouterr().out

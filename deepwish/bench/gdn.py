@@ -16,7 +16,9 @@ Times are the median of `triton.testing.do_bench`. Throughput figures use these 
   measured device copy, TFLOP/s with its measured bf16 matmul peak (train/mfu.py PEAKS; the H100's
   2973 GB/s and 777 TFLOP/s where the table has none).
 `--profile-T T` (default 65536; 0: off) also lists the forward's kernels of ours and of fla's at T
-by GPU time (torch.profiler): which stage (intra-chunk, state passing, output) is where the two differ.
+by GPU time (torch.profiler): which stage (intra-chunk, state passing, output) is where the two differ;
+at the same T the forward with each `WY_INVERSE` form of the UT transform (kernels/gated_delta/triton.py),
+alternating in this process, and the tiles every autotuned kernel took.
 """
 from __future__ import annotations
 
@@ -296,6 +298,38 @@ def profile_forward(backends, T: int, device) -> dict:
     return out
 
 
+def compare_wy_inverses(T: int, device, rounds: int = 3) -> dict:
+    """The chunked forward at T with each WY_INVERSE form (kernels/gated_delta/triton.py), alternating
+    `rounds` times in this process, and each form's UT-transform kernel by GPU time; the outputs'
+    relative difference says they compute the same. The shipped form is restored afterwards."""
+    from deepwish.kernels.gated_delta import chunk_gated_delta_rule
+    from deepwish.kernels.gated_delta import triton as kernels
+    shipped = kernels.WY_INVERSE
+    inputs = make_inputs(T, device)
+    out: dict = {"T": T, "shipped": shipped, "fwd_ms": {f: [] for f in kernels.WY_INVERSES}, "wy_kernel_us": {}}
+    try:
+        o = {}
+        for form in kernels.WY_INVERSES:
+            kernels.WY_INVERSE = form
+            o[form] = chunk_gated_delta_rule(*inputs)[0].float()
+        out["rel_diff"] = rel_rms(o[kernels.WY_INVERSES[0]], o[kernels.WY_INVERSES[1]])
+        for _ in range(rounds):
+            for form in kernels.WY_INVERSES:
+                kernels.WY_INVERSE = form
+                out["fwd_ms"][form].append(median_ms(lambda: chunk_gated_delta_rule(*inputs)))
+        for form in kernels.WY_INVERSES:
+            kernels.WY_INVERSE = form
+            rows = kernel_times(lambda: chunk_gated_delta_rule(*inputs))["kernels"]
+            out["wy_kernel_us"][form] = sum(r["us_per_step"] for r in rows if "wy_fwd" in r["name"])
+    finally:
+        kernels.WY_INVERSE = shipped
+    print(f"[gdn bench] WY_INVERSE at T={T} (forward ms, alternating; the transform's kernel µs; outputs differ "
+          f"by {out['rel_diff']:.1e}): " + "; ".join(
+              f"{f} {' / '.join(f'{x:.3f}' for x in out['fwd_ms'][f])}, {out['wy_kernel_us'][f]:.1f} µs"
+              for f in kernels.WY_INVERSES))
+    return out
+
+
 def chosen_tiles() -> dict[str, str]:
     """Each autotuned gated-delta kernel's pick (its last tuned key; autotuning keys leave T out)."""
     from deepwish.kernels.gated_delta import triton as kernels
@@ -326,6 +360,7 @@ def run(out_dir: str, seqlens=(4096, 8192, 16384, 32768, 65536), device="cuda", 
     peak_tflops, copy_gbs = flops / 1e12, copy / 1e9
     print_table(chunk, decode, seqlens, peak_tflops, copy_gbs)
     profile = profile_forward(backends, profile_T, device) if profile_T > 0 else {}
+    wy = attempt(f"WY_INVERSE forms T={profile_T}", lambda: compare_wy_inverses(profile_T, device)) if profile_T > 0 else {}
     tiles = chosen_tiles()
     print("[gdn bench] autotuned tiles (the last shape tuned): " + ", ".join(f"{k} {v}" for k, v in tiles.items()))
     results = {"environment": env, "shapes": {"B": B, "H": H, "HV": H, "K": D, "V": D, "dtype": "bfloat16",
@@ -334,7 +369,7 @@ def run(out_dir: str, seqlens=(4096, 8192, 16384, 32768, 65536), device="cuda", 
                "chunk_ms": {k: {str(T): v for T, v in row.items()} for k, row in chunk.items()},
                "decode_ms": {k: {str(b): v for b, v in row.items()} for k, row in decode.items()},
                "peaks": {"copy_GBps": copy_gbs, "bf16_matmul_TFLOPs": peak_tflops},
-               "forward_kernels": {"T": profile_T, **profile}, "tiles": tiles}
+               "forward_kernels": {"T": profile_T, **profile}, "wy_inverse": wy, "tiles": tiles}
     with open(os.path.join(out_dir, "gdn.json"), "w") as f:
         json.dump(results, f, indent=2)
     plot(chunk, decode, seqlens, os.path.join(out_dir, "gdn.png"), copy_gbs)
