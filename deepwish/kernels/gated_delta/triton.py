@@ -176,6 +176,7 @@ def _inverse_in_registers(p_A, b_A, nv, HV: tl.constexpr, PREC: tl.constexpr):
 
 @triton.jit
 def _st_below_diagonal(p_A, nv, HV: tl.constexpr, T10, T20, T21, T30, T31, T32):
+    """Store Ai's six 16 x 16 blocks below its diagonal (both WY_INVERSE forms)."""
     _st(p_A, 1, 0, nv, HV, T10)
     _st(p_A, 2, 0, nv, HV, T20)
     _st(p_A, 2, 1, nv, HV, T21)

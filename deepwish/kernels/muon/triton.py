@@ -114,6 +114,15 @@ def _gram_kernel(p_ptr, o_ptr, y_ptr, c_ptr, scale_ptr, M, K,
 
 # ---- the update a·Y + L R ----------------------------------------------------------------------------
 @triton.jit
+def _apply_columns(p_ptr, rm, m_ok, cols, N, x, decay, alpha):
+    """p <- decay·p + alpha·x on the rows rm and columns cols of the contiguous [M, N] matrix at p_ptr."""
+    ok = m_ok[:, None] & (cols < N)[None, :]
+    p_ptrs = p_ptr + rm[:, None] * N + cols[None, :]
+    p = tl.load(p_ptrs, mask=ok, other=0.0).to(tl.float32)
+    tl.store(p_ptrs, decay * p + alpha * x, mask=ok)
+
+
+@triton.jit
 def _update_kernel(l_ptr, r_ptr, y_ptr, c_ptr, scale_ptr, p_table, p_first, M, N, K,
                    s_lb, s_lm, s_lk, s_rb, s_rk, s_rn, s_yb, s_ym, s_yn, s_cb, s_cm, s_cn, a, decay, alpha,
                    HAS_SCALE: tl.constexpr, APPLY: tl.constexpr, ALIGNED: tl.constexpr, IEEE: tl.constexpr,
@@ -153,13 +162,9 @@ def _update_kernel(l_ptr, r_ptr, y_ptr, c_ptr, scale_ptr, p_table, p_first, M, N
         # two column halves, one after the other: the whole tile of parameters (fp32) beside the
         # fp32 accumulator would not fit in registers on the wide tiles
         lo, hi = tl.split(tl.permute(tl.reshape(acc, (BLOCK_M, 2, BLOCK_N // 2)), (0, 2, 1)))
-        rh = pn * BLOCK_N + tl.arange(0, BLOCK_N // 2)
-        for half in tl.static_range(2):
-            cols = rh + half * (BLOCK_N // 2)
-            ok = m_ok[:, None] & (cols < N)[None, :]
-            p_ptrs = p_ptr + rm[:, None] * N + cols[None, :]
-            p = tl.load(p_ptrs, mask=ok, other=0.0).to(tl.float32)
-            tl.store(p_ptrs, decay * p + alpha * (lo if half == 0 else hi), mask=ok)
+        first = pn * BLOCK_N + tl.arange(0, BLOCK_N // 2)
+        _apply_columns(p_ptr, rm, m_ok, first, N, lo, decay, alpha)
+        _apply_columns(p_ptr, rm, m_ok, first + BLOCK_N // 2, N, hi, decay, alpha)
     else:
         tl.store(c_ptr + b * s_cb + rm[:, None] * s_cm + rn[None, :] * s_cn, acc.to(c_ptr.dtype.element_ty), mask=mask)
 
