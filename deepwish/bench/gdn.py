@@ -300,33 +300,35 @@ def profile_forward(backends, T: int, device) -> dict:
 
 def compare_wy_inverses(T: int, device, rounds: int = 3) -> dict:
     """The chunked forward at T with each WY_INVERSE form (kernels/gated_delta/triton.py), alternating
-    `rounds` times in this process, and each form's UT-transform kernel by GPU time; the outputs'
-    relative difference says they compute the same. The shipped form is restored afterwards."""
+    `rounds` times in this process, and each form's UT-transform kernels by GPU time (one or two
+    `_wy_*` kernels); each form's output's relative difference from the first form's says they compute
+    the same. The shipped form is restored afterwards."""
     from deepwish.kernels.gated_delta import chunk_gated_delta_rule
     from deepwish.kernels.gated_delta import triton as kernels
     shipped = kernels.WY_INVERSE
+    forms = kernels.WY_INVERSES
     inputs = make_inputs(T, device)
-    out: dict = {"T": T, "shipped": shipped, "fwd_ms": {f: [] for f in kernels.WY_INVERSES}, "wy_kernel_us": {}}
+    out: dict = {"T": T, "shipped": shipped, "fwd_ms": {f: [] for f in forms}, "wy_kernel_us": {}, "rel_diff": {}}
     try:
         o = {}
-        for form in kernels.WY_INVERSES:
+        for form in forms:
             kernels.WY_INVERSE = form
             o[form] = chunk_gated_delta_rule(*inputs)[0].float()
-        out["rel_diff"] = rel_rms(o[kernels.WY_INVERSES[0]], o[kernels.WY_INVERSES[1]])
+            out["rel_diff"][form] = rel_rms(o[forms[0]], o[form])
         for _ in range(rounds):
-            for form in kernels.WY_INVERSES:
+            for form in forms:
                 kernels.WY_INVERSE = form
                 out["fwd_ms"][form].append(median_ms(lambda: chunk_gated_delta_rule(*inputs)))
-        for form in kernels.WY_INVERSES:
+        for form in forms:
             kernels.WY_INVERSE = form
             rows = kernel_times(lambda: chunk_gated_delta_rule(*inputs))["kernels"]
-            out["wy_kernel_us"][form] = sum(r["us_per_step"] for r in rows if "wy_fwd" in r["name"])
+            out["wy_kernel_us"][form] = sum(r["us_per_step"] for r in rows if "_wy_" in r["name"])
     finally:
         kernels.WY_INVERSE = shipped
-    print(f"[gdn bench] WY_INVERSE at T={T} (forward ms, alternating; the transform's kernel µs; outputs differ "
-          f"by {out['rel_diff']:.1e}): " + "; ".join(
-              f"{f} {' / '.join(f'{x:.3f}' for x in out['fwd_ms'][f])}, {out['wy_kernel_us'][f]:.1f} µs"
-              for f in kernels.WY_INVERSES))
+    print(f"[gdn bench] WY_INVERSE at T={T} (forward ms, alternating; the transform's kernels µs; output's "
+          f"difference from {forms[0]}'s): " + "; ".join(
+              f"{f} {' / '.join(f'{x:.3f}' for x in out['fwd_ms'][f])}, {out['wy_kernel_us'][f]:.1f} µs, "
+              f"{out['rel_diff'][f]:.1e}" for f in forms))
     return out
 
 
@@ -334,8 +336,8 @@ def chosen_tiles() -> dict[str, str]:
     """Each autotuned gated-delta kernel's pick (its last tuned key; autotuning keys leave T out)."""
     from deepwish.kernels.gated_delta import triton as kernels
     out = {}
-    for name in ("_wy_fwd_tuned", "_state_fwd_tuned", "_output_fwd_tuned", "_dv_local_tuned", "_state_bwd_tuned",
-                 "_chunk_bwd_tuned"):
+    for name in ("_wy_fwd_tuned", "_wy_inverse_tuned", "_wy_apply_tuned", "_state_fwd_tuned", "_output_fwd_tuned",
+                 "_dv_local_tuned", "_state_bwd_tuned", "_chunk_bwd_tuned"):
         config = getattr(getattr(kernels, name), "best_config", None)
         if config is not None:
             out[name.strip("_").removesuffix("_tuned")] = (f"{config.kwargs} w{config.num_warps} "

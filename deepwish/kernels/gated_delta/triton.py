@@ -6,7 +6,8 @@ flash-linear-attention's chunk_gated_delta_rule):
     1. `_wy_fwd_kernel`      (parallel over chunks x heads): G = in-chunk cumsum(g);
                              A = strict_lower(beta_i k_i.k_j exp(G_i - G_j)); Ai = (I + A)^{-1} by forward
                              substitution inside the four 16 x 16 diagonal blocks, then block forward
-                             substitution; w = Ai (beta exp(G) k), u = Ai (beta v).
+                             substitution; w = Ai (beta exp(G) k), u = Ai (beta v). (WY_INVERSE
+                             "split": `_wy_inverse_kernel` forms G and Ai, `_wy_apply_kernel` w and u.)
     2. `_state_fwd_kernel`   (sequential over chunks; parallel over sequences x heads x V blocks):
                              h_c = S at the chunk start; v' = u - w S; S <- exp(G_last) S + k_dec^T v'.
     3. `_output_fwd_kernel`  (parallel): o = scale (exp(G) q h_c + lower_incl(q k^T exp(G_i - G_j)) v').
@@ -175,6 +176,45 @@ def _inverse_in_registers(p_A, b_A, nv, HV: tl.constexpr, PREC: tl.constexpr):
 
 
 @triton.jit
+def _ut_inverse(k, g, beta, G, Ai, t0, nv, i_h, i_hv, H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr,
+                BK: tl.constexpr, IN_REGISTERS: tl.constexpr):
+    """G = in-chunk cumsum(g) (stored), A = strict_lower(beta_i k_i.k_j exp(G_i - G_j)) by one product,
+    and Ai = (I + A)^{-1} in its buffer, through it (IN_REGISTERS False: A and the diagonal blocks'
+    inverses pass through Ai, fp32) or in registers (only Ai stored, in Ai's dtype). Returns the chunk's
+    k, beta and G for w and u."""
+    o_i = tl.arange(0, BT_C)
+    m_t = o_i < nv
+    o_k = tl.arange(0, BK)
+    p_g = t0 * HV + i_hv
+    b_g = tl.load(g + p_g + o_i * HV, mask=m_t, other=0.).to(tl.float32)
+    b_G = tl.cumsum(b_g, axis=0)       # padded rows have g = 0, so they repeat the last valid G
+    tl.store(G + p_g + o_i * HV, b_G, mask=m_t)
+    b_beta = tl.load(beta + p_g + o_i * HV, mask=m_t, other=0.).to(tl.float32)
+    b_k = tl.load(k + (t0 * H + i_h) * K + o_i[:, None] * (H * K) + o_k[None, :],
+                  mask=m_t[:, None] & (o_k < K)[None, :], other=0.)
+    strict = o_i[:, None] > o_i[None, :]
+    b_D = tl.exp(tl.where(strict, b_G[:, None] - b_G[None, :], 0.))
+    b_A = tl.where(strict, b_beta[:, None] * tl.dot(b_k, tl.trans(b_k)) * b_D, 0.)
+    p_A = Ai + (t0 * HV + i_hv) * BT_C
+    PREC: tl.constexpr = "ieee" if k.dtype.element_ty == tl.float32 else "tf32"
+    if IN_REGISTERS:
+        _inverse_in_registers(p_A, b_A, nv, HV, PREC)
+    else:
+        # A passes through this chunk's rows of the Ai buffer so that it can be re-read as 16 x 16 blocks.
+        tl.store(p_A + o_i[:, None] * (HV * BT_C) + o_i[None, :], b_A, mask=m_t[:, None])
+        tl.debug_barrier()
+        _invert_diagonal_blocks(p_A, nv, HV)
+        tl.debug_barrier()
+        T10, T20, T21, T30, T31, T32 = _merge_blocks(
+            _ld(p_A, 1, 0, nv, HV), _ld(p_A, 2, 0, nv, HV), _ld(p_A, 2, 1, nv, HV), _ld(p_A, 3, 0, nv, HV),
+            _ld(p_A, 3, 1, nv, HV), _ld(p_A, 3, 2, nv, HV), _ld(p_A, 0, 0, nv, HV), _ld(p_A, 1, 1, nv, HV),
+            _ld(p_A, 2, 2, nv, HV), _ld(p_A, 3, 3, nv, HV), PREC)
+        tl.debug_barrier()
+        _st_below_diagonal(p_A, nv, HV, T10, T20, T21, T30, T31, T32)
+    return b_k, b_beta, b_G
+
+
+@triton.jit
 def _st_below_diagonal(p_A, nv, HV: tl.constexpr, T10, T20, T21, T30, T31, T32):
     """Store Ai's six 16 x 16 blocks below its diagonal (both WY_INVERSE forms)."""
     _st(p_A, 1, 0, nv, HV, T10)
@@ -203,7 +243,7 @@ def _ld(p, R: tl.constexpr, C: tl.constexpr, nv, HV: tl.constexpr):
 @triton.jit
 def _st(p, R: tl.constexpr, C: tl.constexpr, nv, HV: tl.constexpr, x):
     ptrs, m = _block_ptrs(p, R, C, nv, HV)
-    tl.store(ptrs, x, mask=m)
+    tl.store(ptrs, x.to(p.dtype.element_ty), mask=m)
 
 
 @triton.jit
@@ -218,52 +258,18 @@ def _mm(a, b, PREC: tl.constexpr):
 # ----------------------------------------------------------------------------------------------------------
 
 @triton.jit
-def _wy_fwd_kernel(k, v, g, beta, G, Ai, w, u, cu_seqlens, chunk_indices, T, NT,
-                   H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
-                   BK: tl.constexpr, BV: tl.constexpr, IS_VARLEN: tl.constexpr, IN_REGISTERS: tl.constexpr):
-    i_c, i_hv = tl.program_id(0), tl.program_id(1)
-    i_h = i_hv // (HV // H)
-    t0, nv = _chunk_bounds(i_c, cu_seqlens, chunk_indices, T, NT, IS_VARLEN)
+def _wy_apply(v, w, u, b_k, b_beta, b_G, p_A, t0, nv, i_hv, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
+              BK: tl.constexpr, BV: tl.constexpr):
+    """w = Ai (beta exp(G) k) and u = Ai (beta v) of one chunk, Ai read back from its buffer (p_A)."""
+    dt = b_k.dtype
     o_i = tl.arange(0, BT_C)
     m_t = o_i < nv
     o_k = tl.arange(0, BK)
-    m_tk = m_t[:, None] & (o_k < K)[None, :]
-    dt = k.dtype.element_ty
-
-    p_g = t0 * HV + i_hv
-    b_g = tl.load(g + p_g + o_i * HV, mask=m_t, other=0.).to(tl.float32)
-    b_G = tl.cumsum(b_g, axis=0)       # padded rows have g = 0, so they repeat the last valid G
-    tl.store(G + p_g + o_i * HV, b_G, mask=m_t)
-    b_beta = tl.load(beta + p_g + o_i * HV, mask=m_t, other=0.).to(tl.float32)
-    b_k = tl.load(k + (t0 * H + i_h) * K + o_i[:, None] * (H * K) + o_k[None, :], mask=m_tk, other=0.)
-
-    strict = o_i[:, None] > o_i[None, :]
-    b_D = tl.exp(tl.where(strict, b_G[:, None] - b_G[None, :], 0.))
-    b_A = tl.where(strict, b_beta[:, None] * tl.dot(b_k, tl.trans(b_k)) * b_D, 0.)
-
-    p_A = Ai + (t0 * HV + i_hv) * BT_C
-    PREC: tl.constexpr = "ieee" if dt == tl.float32 else "tf32"
-    if IN_REGISTERS:
-        _inverse_in_registers(p_A, b_A, nv, HV, PREC)
-    else:
-        # A passes through this chunk's rows of the Ai buffer so that it can be re-read as 16 x 16 blocks.
-        tl.store(p_A + o_i[:, None] * (HV * BT_C) + o_i[None, :], b_A, mask=m_t[:, None])
-        tl.debug_barrier()
-        _invert_diagonal_blocks(p_A, nv, HV)
-        tl.debug_barrier()
-        T10, T20, T21, T30, T31, T32 = _merge_blocks(
-            _ld(p_A, 1, 0, nv, HV), _ld(p_A, 2, 0, nv, HV), _ld(p_A, 2, 1, nv, HV), _ld(p_A, 3, 0, nv, HV),
-            _ld(p_A, 3, 1, nv, HV), _ld(p_A, 3, 2, nv, HV), _ld(p_A, 0, 0, nv, HV), _ld(p_A, 1, 1, nv, HV),
-            _ld(p_A, 2, 2, nv, HV), _ld(p_A, 3, 3, nv, HV), PREC)
-        tl.debug_barrier()
-        _st_below_diagonal(p_A, nv, HV, T10, T20, T21, T30, T31, T32)
-    tl.debug_barrier()
     lower = o_i[:, None] >= o_i[None, :]
-    b_Ai = tl.load(p_A + o_i[:, None] * (HV * BT_C) + o_i[None, :], mask=lower & m_t[:, None], other=0.)
-    b_Ai = b_Ai.to(dt)
-
+    b_Ai = tl.load(p_A + o_i[:, None] * (HV * BT_C) + o_i[None, :], mask=lower & m_t[:, None], other=0.).to(dt)
     b_w = tl.dot(b_Ai, (b_k * (b_beta * tl.exp(b_G))[:, None]).to(dt))
-    tl.store(w + (t0 * HV + i_hv) * K + o_i[:, None] * (HV * K) + o_k[None, :], b_w.to(dt), mask=m_tk)
+    tl.store(w + (t0 * HV + i_hv) * K + o_i[:, None] * (HV * K) + o_k[None, :], b_w.to(dt),
+             mask=m_t[:, None] & (o_k < K)[None, :])
     p_v = (t0 * HV + i_hv) * V
     for i_v in range(tl.cdiv(V, BV)):
         o_v = i_v * BV + tl.arange(0, BV)
@@ -272,6 +278,55 @@ def _wy_fwd_kernel(k, v, g, beta, G, Ai, w, u, cu_seqlens, chunk_indices, T, NT,
         b_v = tl.load(v + p_v + o_tv, mask=m, other=0.)
         b_u = tl.dot(b_Ai, (b_v * b_beta[:, None]).to(dt))
         tl.store(u + p_v + o_tv, b_u.to(dt), mask=m)
+
+
+@triton.jit
+def _wy_operands(k, beta, G, t0, nv, i_h, i_hv, H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr,
+                 BK: tl.constexpr):
+    """k [BT, BK], beta and G [BT] (fp32) of one chunk, read back for `_wy_apply`."""
+    o_i = tl.arange(0, BT_C)
+    m_t = o_i < nv
+    o_k = tl.arange(0, BK)
+    p_g = t0 * HV + i_hv
+    b_k = tl.load(k + (t0 * H + i_h) * K + o_i[:, None] * (H * K) + o_k[None, :],
+                  mask=m_t[:, None] & (o_k < K)[None, :], other=0.)
+    b_beta = tl.load(beta + p_g + o_i * HV, mask=m_t, other=0.).to(tl.float32)
+    b_G, _ = _load_G(G + p_g, o_i, m_t, nv, HV)
+    return b_k, b_beta, b_G
+
+
+@triton.jit
+def _wy_fwd_kernel(k, v, g, beta, G, Ai, w, u, cu_seqlens, chunk_indices, T, NT,
+                   H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
+                   BK: tl.constexpr, BV: tl.constexpr, IS_VARLEN: tl.constexpr, IN_REGISTERS: tl.constexpr):
+    """The whole UT transform of one chunk: G, Ai, w, u (WY_INVERSE "buffer" and "registers")."""
+    i_c, i_hv = tl.program_id(0), tl.program_id(1)
+    t0, nv = _chunk_bounds(i_c, cu_seqlens, chunk_indices, T, NT, IS_VARLEN)
+    b_k, b_beta, b_G = _ut_inverse(k, g, beta, G, Ai, t0, nv, i_hv // (HV // H), i_hv, H, HV, K, BK, IN_REGISTERS)
+    tl.debug_barrier()      # Ai stored by every warp before the products read it back
+    _wy_apply(v, w, u, b_k, b_beta, b_G, Ai + (t0 * HV + i_hv) * BT_C, t0, nv, i_hv, HV, K, V, BK, BV)
+
+
+@triton.jit
+def _wy_inverse_kernel(k, g, beta, G, Ai, cu_seqlens, chunk_indices, T, NT,
+                       H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, BK: tl.constexpr,
+                       IS_VARLEN: tl.constexpr):
+    """WY_INVERSE "split", first kernel: G and Ai of one chunk."""
+    i_c, i_hv = tl.program_id(0), tl.program_id(1)
+    t0, nv = _chunk_bounds(i_c, cu_seqlens, chunk_indices, T, NT, IS_VARLEN)
+    _ut_inverse(k, g, beta, G, Ai, t0, nv, i_hv // (HV // H), i_hv, H, HV, K, BK, True)
+
+
+@triton.jit
+def _wy_apply_kernel(k, v, beta, G, Ai, w, u, cu_seqlens, chunk_indices, T, NT,
+                     H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
+                     BK: tl.constexpr, BV: tl.constexpr, IS_VARLEN: tl.constexpr):
+    """WY_INVERSE "split", second kernel: w and u of one chunk from the stored G and Ai."""
+    i_c, i_hv = tl.program_id(0), tl.program_id(1)
+    i_h = i_hv // (HV // H)
+    t0, nv = _chunk_bounds(i_c, cu_seqlens, chunk_indices, T, NT, IS_VARLEN)
+    b_k, b_beta, b_G = _wy_operands(k, beta, G, t0, nv, i_h, i_hv, H, HV, K, BK)
+    _wy_apply(v, w, u, b_k, b_beta, b_G, Ai + (t0 * HV + i_hv) * BT_C, t0, nv, i_hv, HV, K, V, BK, BV)
 
 
 @triton.jit
@@ -638,6 +693,7 @@ _SEQ_BWD_CONFIGS = [triton.Config({"BV": bv}, num_warps=nw, num_stages=ns)
 _SEQ_FWD_CONFIGS = _SEQ_BWD_CONFIGS + [triton.Config({"BV": bv}, num_warps=nw, num_stages=ns)
                                        for bv, nw, ns in ((16, 2, 2), (32, 2, 2), (16, 4, 3))]
 _V_TILE_CONFIGS = [triton.Config({"BV": bv}, num_warps=nw) for bv in (64, 128) for nw in (4, 8)]
+_INVERSE_CONFIGS = [triton.Config({}, num_warps=nw) for nw in (2, 4, 8)]
 _CHUNK_BWD_CONFIGS = [triton.Config({"BV": bv}, num_warps=nw) for bv, nw in ((16, 8), (32, 8))]   # 4 warps spill
 # Launch shapes are measured once per (shape, dtype), since no GPU timing informed the defaults. Every
 # autotuned kernel writes only outputs (or scratch it rewrites), so repeated trial launches are safe;
@@ -646,17 +702,23 @@ _CHUNK_BWD_CONFIGS = [triton.Config({"BV": bv}, num_warps=nw) for bv, nw in ((16
 _state_fwd_tuned = triton.autotune(configs=_SEQ_FWD_CONFIGS, key=["NHV", "K", "V"])(_state_fwd_kernel)
 _state_bwd_tuned = triton.autotune(configs=_SEQ_BWD_CONFIGS, key=["NHV", "K", "V"])(_state_bwd_kernel)
 _wy_fwd_tuned = triton.autotune(configs=_V_TILE_CONFIGS, key=["K", "V"])(_wy_fwd_kernel)
+_wy_inverse_tuned = triton.autotune(configs=_INVERSE_CONFIGS, key=["K"])(_wy_inverse_kernel)
+_wy_apply_tuned = triton.autotune(configs=_V_TILE_CONFIGS, key=["K", "V"])(_wy_apply_kernel)
 _output_fwd_tuned = triton.autotune(configs=_V_TILE_CONFIGS, key=["K", "V"])(_output_fwd_kernel)
 _dv_local_tuned = triton.autotune(configs=_V_TILE_CONFIGS, key=["K", "V"])(_dv_local_kernel)
 _chunk_bwd_tuned = triton.autotune(configs=_CHUNK_BWD_CONFIGS, key=["K", "V"])(_chunk_bwd_kernel)
 
 
-# Where the UT transform inverts (I + A): "buffer" passes A through the Ai buffer (three stores and
-# reloads, four barriers); "registers" cuts its 16 x 16 blocks out in registers and stores only the
-# result (one barrier before w and u read it back). The transform was the stage that lost to fla
-# at T = 64k (reports/kernels.md run 4: 1,186 against 904 µs). Same values; the faster one ships.
+# How the UT transform forms Ai = (I + A)^{-1}: "buffer" passes A through the Ai buffer (fp32; three
+# stores and reloads, four barriers) in the one kernel that also forms w and u; "registers" cuts A's
+# 16 x 16 blocks out in registers and stores only Ai (in the input dtype; one barrier before w and u
+# read it back); "split" does the same in two kernels, Ai's and w/u's, as fla does. At K = V = 128
+# (ptxas sm_90, bf16) the one kernel holds 142-206 registers a thread (1-2 CTAs an SM) through serial
+# phases; split, Ai's kernel holds 104 at 4 warps and w/u's 64 at 8 (4 CTAs an SM each), for one more
+# read of k and Ai. The transform was the stage that lost to fla at T = 64k (reports/kernels.md run 4:
+# 1,186 against 904 µs). Same values; the faster one ships.
 WY_INVERSE = "buffer"
-WY_INVERSES = ("buffer", "registers")
+WY_INVERSES = ("buffer", "registers", "split")
 
 
 def _launch(tuned, raw, grid, args, kw, interpreter_meta: dict):
@@ -700,13 +762,21 @@ def _fwd(q, k, v, g, beta, scale, h0, output_final_state, layout):
     dt = k.dtype
     f32 = torch.float32
     G = torch.empty(B, T, HV, dtype=f32, device=q.device)
-    Ai = torch.empty(B, T, HV, BT, dtype=f32, device=q.device)
+    if WY_INVERSE not in WY_INVERSES:
+        raise ValueError(f"gated delta (triton): WY_INVERSE {WY_INVERSE!r}; choose from {', '.join(WY_INVERSES)}")
+    # the buffer form passes A and the diagonal blocks' inverses through Ai, so it keeps fp32; every
+    # reader casts Ai to the input dtype, so the others store it there
+    Ai = torch.empty(B, T, HV, BT, dtype=f32 if WY_INVERSE == "buffer" else dt, device=q.device)
     w = torch.empty(B, T, HV, K, dtype=dt, device=q.device)
     u = torch.empty(B, T, HV, V, dtype=dt, device=q.device)
     bv_interp = {"BV": max(16, min(64, triton.next_power_of_2(V)))}
-    if WY_INVERSE not in WY_INVERSES:
-        raise ValueError(f"gated delta (triton): WY_INVERSE {WY_INVERSE!r}; choose from {', '.join(WY_INVERSES)}")
-    if NC > 0:
+    if NC > 0 and WY_INVERSE == "split":
+        kw = dict(H=H, HV=HV, K=K, BK=BK, IS_VARLEN=varlen)
+        _launch(_wy_inverse_tuned, _wy_inverse_kernel, lambda meta: (NC, HV),
+                (k, g, beta, G, Ai, cu, chunk_indices, T, NT), kw, {})
+        _launch(_wy_apply_tuned, _wy_apply_kernel, lambda meta: (NC, HV),
+                (k, v, beta, G, Ai, w, u, cu, chunk_indices, T, NT), dict(kw, V=V), bv_interp)
+    elif NC > 0:
         _launch(_wy_fwd_tuned, _wy_fwd_kernel, lambda meta: (NC, HV),
                 (k, v, g, beta, G, Ai, w, u, cu, chunk_indices, T, NT),
                 dict(H=H, HV=HV, K=K, V=V, BK=BK, IS_VARLEN=varlen, IN_REGISTERS=WY_INVERSE == "registers"), bv_interp)
