@@ -298,11 +298,12 @@ def profile_forward(backends, T: int, device) -> dict:
     return out
 
 
-def compare_wy_inverses(T: int, device, rounds: int = 3) -> dict:
+def compare_wy_inverses(T: int, device, rounds: int = 3, anchor: Callable | None = None) -> dict:
     """The chunked forward at T with each WY_INVERSE form (kernels/gated_delta/triton.py), alternating
-    `rounds` times in this process, and each form's UT-transform kernels by GPU time (one or two
-    `_wy_*` kernels); each form's output's relative difference from the first form's says they compute
-    the same. The shipped form is restored afterwards."""
+    `rounds` times in this process (with `anchor(q, k, v, g, beta)`, fla's forward, in the same
+    rounds when given), and each form's UT-transform kernels by GPU time (one or two `_wy_*`
+    kernels); each form's output's relative difference from the first form's says they compute the
+    same. The shipped form is restored afterwards."""
     from deepwish.kernels.gated_delta import chunk_gated_delta_rule
     from deepwish.kernels.gated_delta import triton as kernels
     shipped = kernels.WY_INVERSE
@@ -319,6 +320,8 @@ def compare_wy_inverses(T: int, device, rounds: int = 3) -> dict:
             for form in forms:
                 kernels.WY_INVERSE = form
                 out["fwd_ms"][form].append(median_ms(lambda: chunk_gated_delta_rule(*inputs)))
+            if anchor is not None:
+                out.setdefault("anchor_fwd_ms", []).append(median_ms(lambda: anchor(*inputs)))
         for form in forms:
             kernels.WY_INVERSE = form
             rows = kernel_times(lambda: chunk_gated_delta_rule(*inputs))["kernels"]
@@ -328,7 +331,8 @@ def compare_wy_inverses(T: int, device, rounds: int = 3) -> dict:
     print(f"[gdn bench] WY_INVERSE at T={T} (forward ms, alternating; the transform's kernels µs; output's "
           f"difference from {forms[0]}'s): " + "; ".join(
               f"{f} {' / '.join(f'{x:.3f}' for x in out['fwd_ms'][f])}, {out['wy_kernel_us'][f]:.1f} µs, "
-              f"{out['rel_diff'][f]:.1e}" for f in forms))
+              f"{out['rel_diff'][f]:.1e}" for f in forms)
+          + (f"; fla {' / '.join(f'{x:.3f}' for x in out['anchor_fwd_ms'])}" if anchor is not None else ""))
     return out
 
 
@@ -362,7 +366,8 @@ def run(out_dir: str, seqlens=(4096, 8192, 16384, 32768, 65536), device="cuda", 
     peak_tflops, copy_gbs = flops / 1e12, copy / 1e9
     print_table(chunk, decode, seqlens, peak_tflops, copy_gbs)
     profile = profile_forward(backends, profile_T, device) if profile_T > 0 else {}
-    wy = attempt(f"WY_INVERSE forms T={profile_T}", lambda: compare_wy_inverses(profile_T, device)) if profile_T > 0 else {}
+    wy = attempt(f"WY_INVERSE forms T={profile_T}", lambda: compare_wy_inverses(
+        profile_T, device, anchor=backends["fla"]["chunk"] if "fla" in backends else None)) if profile_T > 0 else {}
     tiles = chosen_tiles()
     print("[gdn bench] autotuned tiles (the last shape tuned): " + ", ".join(f"{k} {v}" for k, v in tiles.items()))
     results = {"environment": env, "shapes": {"B": B, "H": H, "HV": H, "K": D, "V": D, "dtype": "bfloat16",
