@@ -176,6 +176,19 @@ def _inverse_in_registers(p_A, b_A, nv, HV: tl.constexpr, PREC: tl.constexpr):
 
 
 @triton.jit
+def _chunk_k_beta(k, beta, t0, nv, i_h, i_hv, H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr,
+                  BK: tl.constexpr):
+    """One chunk's k [BT, BK] (input dtype) and beta [BT] (fp32), rows past nv zero."""
+    o_i = tl.arange(0, BT_C)
+    m_t = o_i < nv
+    o_k = tl.arange(0, BK)
+    b_k = tl.load(k + (t0 * H + i_h) * K + o_i[:, None] * (H * K) + o_k[None, :],
+                  mask=m_t[:, None] & (o_k < K)[None, :], other=0.)
+    b_beta = tl.load(beta + t0 * HV + i_hv + o_i * HV, mask=m_t, other=0.).to(tl.float32)
+    return b_k, b_beta
+
+
+@triton.jit
 def _ut_inverse(k, g, beta, G, Ai, t0, nv, i_h, i_hv, H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr,
                 BK: tl.constexpr, IN_REGISTERS: tl.constexpr):
     """G = in-chunk cumsum(g) (stored), A = strict_lower(beta_i k_i.k_j exp(G_i - G_j)) by one product,
@@ -184,14 +197,11 @@ def _ut_inverse(k, g, beta, G, Ai, t0, nv, i_h, i_hv, H: tl.constexpr, HV: tl.co
     k, beta and G for w and u."""
     o_i = tl.arange(0, BT_C)
     m_t = o_i < nv
-    o_k = tl.arange(0, BK)
     p_g = t0 * HV + i_hv
     b_g = tl.load(g + p_g + o_i * HV, mask=m_t, other=0.).to(tl.float32)
     b_G = tl.cumsum(b_g, axis=0)       # padded rows have g = 0, so they repeat the last valid G
     tl.store(G + p_g + o_i * HV, b_G, mask=m_t)
-    b_beta = tl.load(beta + p_g + o_i * HV, mask=m_t, other=0.).to(tl.float32)
-    b_k = tl.load(k + (t0 * H + i_h) * K + o_i[:, None] * (H * K) + o_k[None, :],
-                  mask=m_t[:, None] & (o_k < K)[None, :], other=0.)
+    b_k, b_beta = _chunk_k_beta(k, beta, t0, nv, i_h, i_hv, H, HV, K, BK)
     strict = o_i[:, None] > o_i[None, :]
     b_D = tl.exp(tl.where(strict, b_G[:, None] - b_G[None, :], 0.))
     b_A = tl.where(strict, b_beta[:, None] * tl.dot(b_k, tl.trans(b_k)) * b_D, 0.)
@@ -285,13 +295,8 @@ def _wy_operands(k, beta, G, t0, nv, i_h, i_hv, H: tl.constexpr, HV: tl.constexp
                  BK: tl.constexpr):
     """k [BT, BK], beta and G [BT] (fp32) of one chunk, read back for `_wy_apply`."""
     o_i = tl.arange(0, BT_C)
-    m_t = o_i < nv
-    o_k = tl.arange(0, BK)
-    p_g = t0 * HV + i_hv
-    b_k = tl.load(k + (t0 * H + i_h) * K + o_i[:, None] * (H * K) + o_k[None, :],
-                  mask=m_t[:, None] & (o_k < K)[None, :], other=0.)
-    b_beta = tl.load(beta + p_g + o_i * HV, mask=m_t, other=0.).to(tl.float32)
-    b_G, _ = _load_G(G + p_g, o_i, m_t, nv, HV)
+    b_k, b_beta = _chunk_k_beta(k, beta, t0, nv, i_h, i_hv, H, HV, K, BK)
+    b_G, _ = _load_G(G + t0 * HV + i_hv, o_i, o_i < nv, nv, HV)
     return b_k, b_beta, b_G
 
 
