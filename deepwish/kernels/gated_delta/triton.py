@@ -226,7 +226,7 @@ def _ut_inverse(k, g, beta, G, Ai, t0, nv, i_h, i_hv, H: tl.constexpr, HV: tl.co
 
 @triton.jit
 def _st_below_diagonal(p_A, nv, HV: tl.constexpr, T10, T20, T21, T30, T31, T32):
-    """Store Ai's six 16 x 16 blocks below its diagonal (both WY_INVERSE forms)."""
+    """Store Ai's six 16 x 16 blocks below its diagonal (both ways of forming Ai)."""
     _st(p_A, 1, 0, nv, HV, T10)
     _st(p_A, 2, 0, nv, HV, T20)
     _st(p_A, 2, 1, nv, HV, T21)
@@ -303,11 +303,11 @@ def _wy_operands(k, beta, G, t0, nv, i_h, i_hv, H: tl.constexpr, HV: tl.constexp
 @triton.jit
 def _wy_fwd_kernel(k, v, g, beta, G, Ai, w, u, cu_seqlens, chunk_indices, T, NT,
                    H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
-                   BK: tl.constexpr, BV: tl.constexpr, IS_VARLEN: tl.constexpr, IN_REGISTERS: tl.constexpr):
-    """The whole UT transform of one chunk: G, Ai, w, u (WY_INVERSE "buffer" and "registers")."""
+                   BK: tl.constexpr, BV: tl.constexpr, IS_VARLEN: tl.constexpr):
+    """The whole UT transform of one chunk: G, Ai, w, u (WY_INVERSE "buffer")."""
     i_c, i_hv = tl.program_id(0), tl.program_id(1)
     t0, nv = _chunk_bounds(i_c, cu_seqlens, chunk_indices, T, NT, IS_VARLEN)
-    b_k, b_beta, b_G = _ut_inverse(k, g, beta, G, Ai, t0, nv, i_hv // (HV // H), i_hv, H, HV, K, BK, IN_REGISTERS)
+    b_k, b_beta, b_G = _ut_inverse(k, g, beta, G, Ai, t0, nv, i_hv // (HV // H), i_hv, H, HV, K, BK, False)
     tl.debug_barrier()      # Ai stored by every warp before the products read it back
     _wy_apply(v, w, u, b_k, b_beta, b_G, Ai + (t0 * HV + i_hv) * BT_C, t0, nv, i_hv, HV, K, V, BK, BV)
 
@@ -715,15 +715,16 @@ _chunk_bwd_tuned = triton.autotune(configs=_CHUNK_BWD_CONFIGS, key=["K", "V"])(_
 
 
 # How the UT transform forms Ai = (I + A)^{-1}: "buffer" passes A through the Ai buffer (fp32; three
-# stores and reloads, four barriers) in the one kernel that also forms w and u; "registers" cuts A's
-# 16 x 16 blocks out in registers and stores only Ai (in the input dtype; one barrier before w and u
-# read it back); "split" does the same in two kernels, Ai's and w/u's, as fla does. At K = V = 128
-# (ptxas sm_90, bf16) the one kernel holds 142-206 registers a thread (1-2 CTAs an SM) through serial
-# phases; split, Ai's kernel holds 104 at 4 warps and w/u's 64 at 8 (4 CTAs an SM each), for one more
-# read of k and Ai. The transform was the stage that lost to fla at T = 64k (reports/kernels.md run 4:
-# 1,186 against 904 µs). Same values; the faster one ships.
+# stores and reloads, four barriers) in the one kernel that also forms w and u; "split" cuts A's
+# 16 x 16 blocks out in registers, stores only Ai (in the input dtype, which halves the backward's
+# reads of it) and forms w and u in a second kernel, as fla does. At K = V = 128 (ptxas sm_90, bf16)
+# the one kernel holds 142-201 registers a thread; split, Ai's kernel 104 at 4 warps and w/u's 64 at 8.
+# Forward on one H100 (2026-12-07, reports/kernels.md run 5): the same time (2.926 against 2.92-3.01 ms
+# at T 64k, 0.755 against 0.749-0.764 at 16k); the register inverse inside the one kernel, a third
+# form, was 17% slower and is gone. "buffer" stays shipped until the training step (where split's
+# 16-bit Ai also counts) is timed.
 WY_INVERSE = "buffer"
-WY_INVERSES = ("buffer", "registers", "split")
+WY_INVERSES = ("buffer", "split")
 
 
 def _launch(tuned, raw, grid, args, kw, interpreter_meta: dict):
@@ -770,7 +771,7 @@ def _fwd(q, k, v, g, beta, scale, h0, output_final_state, layout):
     if WY_INVERSE not in WY_INVERSES:
         raise ValueError(f"gated delta (triton): WY_INVERSE {WY_INVERSE!r}; choose from {', '.join(WY_INVERSES)}")
     # the buffer form passes A and the diagonal blocks' inverses through Ai, so it keeps fp32; every
-    # reader casts Ai to the input dtype, so the others store it there
+    # reader casts Ai to the input dtype, so the split form stores it there
     Ai = torch.empty(B, T, HV, BT, dtype=f32 if WY_INVERSE == "buffer" else dt, device=q.device)
     w = torch.empty(B, T, HV, K, dtype=dt, device=q.device)
     u = torch.empty(B, T, HV, V, dtype=dt, device=q.device)
@@ -784,7 +785,7 @@ def _fwd(q, k, v, g, beta, scale, h0, output_final_state, layout):
     elif NC > 0:
         _launch(_wy_fwd_tuned, _wy_fwd_kernel, lambda meta: (NC, HV),
                 (k, v, g, beta, G, Ai, w, u, cu, chunk_indices, T, NT),
-                dict(H=H, HV=HV, K=K, V=V, BK=BK, IS_VARLEN=varlen, IN_REGISTERS=WY_INVERSE == "registers"), bv_interp)
+                dict(H=H, HV=HV, K=K, V=V, BK=BK, IS_VARLEN=varlen), bv_interp)
     h = torch.empty(max(NC, 1), HV, K, V, dtype=dt, device=q.device)
     v_new = torch.empty(B, T, HV, V, dtype=dt, device=q.device)
     ht = torch.empty(N, HV, K, V, dtype=f32, device=q.device) if output_final_state else None
