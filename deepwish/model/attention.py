@@ -467,13 +467,12 @@ class Attention(FusedQKV):
         q = decode_prologue(y, self.q_norm.weight, self.k_norm.weight, self.q_norm.eps, ctx.cos, ctx.sin,
                             ctx.positions, cache.k, cache.v, self.n_heads, self.q_norm.zero_centered, pdl=self.pdl)
         return decode_attention(q.to(cache.k.dtype), cache.k, cache.v, ctx.positions, None,
-                                window=self.window, scale=self.scale, softcap=self.softcap, pdl=self.pdl,
-                                merge_in_split=self.decode_fusion)
+                                window=self.window, scale=self.scale, softcap=self.softcap, pdl=self.pdl)
 
     def residual_forward(self, x: torch.Tensor, norm: nn.Module, ctx, cache=None) -> tuple[torch.Tensor, dict] | None:
-        """x + self(norm(x)) for a decode step in four launches (model.decode_fusion): the block's
-        RMSNorm in the fused projection's prologue, `decode_step`'s prologue and split-KV kernels, and
-        the residual add in o_proj's epilogue (kernels/gemv); None where that path does not apply
+        """x + self(norm(x)) for a decode step in five launches (model.decode_fusion): the block's
+        RMSNorm in the fused projection's prologue, `decode_step`'s prologue, split-KV and merge kernels
+        (no merge where one split covers the cache), and the residual add in o_proj's epilogue (kernels/gemv); None where that path does not apply
         (the caller composes the ops: model/block.py residual_branch)."""
         if not self.decode_fusion or self.gated or self.q_norm is None:
             return None
@@ -505,8 +504,7 @@ class Attention(FusedQKV):
             from deepwish.kernels.attention.decode import decode_attention
             q = q.to(k.dtype)  # the cache's dtype: casting q is cheap, casting the cache is not
             return decode_attention(q, k, v, ctx.positions, k_pos,  # None: stops at the last position
-                                    window=self.window, scale=self.scale, softcap=self.softcap, pdl=self.pdl,
-                                    merge_in_split=self.decode_fusion)
+                                    window=self.window, scale=self.scale, softcap=self.softcap, pdl=self.pdl)
         # every layer of a plain cache sees the same key positions: one mask per window and step
         mask = (ctx.cache_mask(self.window, k_pos) if slot_is_position
                 else attention_mask(ctx.positions, k_pos, self.window))

@@ -228,7 +228,7 @@ class NSA(FusedQKV):
         if self.gates_fused:
             self.qkv_sizes += (3 * H,)
         self.scale = D ** -0.5
-        self.decode_fusion = cfg.decode_fusion  # the window branch's split-KV merge inside its split kernel
+        self.decode_fusion = cfg.decode_fusion  # residual_forward: the block's norm and add in the GEMVs
         self.decode_prologue = cfg.decode_prologue  # QK-norm, rotary and the three cache writes in one kernel
         if self.fuse_projections:
             self.pack_qkv_()
@@ -416,7 +416,7 @@ class NSA(FusedQKV):
         if self.window_kernel(q.shape[1], q.device):
             from deepwish.kernels.attention.decode import decode_attention
             o_win = decode_attention(q, cache.k, cache.v, pos, None, window=self.window_size, scale=self.scale,
-                                     merge_in_split=self.decode_fusion, pdl=self.pdl)
+                                     pdl=self.pdl)
         else:
             k_pos = torch.arange(cache.max_len, device=q.device).expand(q.shape[0], -1)
             mask = attention_mask(pos, k_pos, self.window_size)
