@@ -82,7 +82,8 @@ ROWS_DOT = "native"
 # of copy at 8-64 rows (one H100, 2026-12-06, bench/decode_tiles --parts rows; cuBLAS the same).
 # Slices bring the grid to about ROWS_SPLIT_PER_SM programs a SM, at most ROWS_SPLIT_MAX of them; the
 # last program of each N tile adds the partials up (kernels/grid.py) and applies the epilogue.
-# Opt-in until timed (bench/decode_tiles --parts rows, step: "K split").
+# Off: timed mixed (one H100, 2026-12-07, reports/inference.md): the captured batch-64 step 3.007 ms
+# against 3.162, the compiled batch-8 step 1.687 against 1.576.
 ROWS_SPLIT_K = False
 ROWS_SPLIT_MAX = 4
 ROWS_SPLIT_PER_SM = 2
@@ -91,7 +92,8 @@ ROWS_SPLIT_COUNTERS = 1 << 14  # N tiles the counts cover (N <= 262,144 at BN = 
 # end (as shipped), or summed a row per tile (ROWS_NORM_ROW_SUMS: [BM] values carried, a reduction
 # a tile). At 64 rows the norm prologue doubled q/k/v and gate/up (one H100, 2026-12-06: 11.4 and
 # 14.0 µs against 6.2 and 7.1 without the norm); the carried tile is 64 registers a thread there.
-# Opt-in until timed (bench/decode_tiles --parts rows, step: "norm row sums").
+# Off: no gain measured (one H100, 2026-12-07, reports/inference.md: the captured steps at batch 8
+# and 64 within 0.6% of the shipped form; with the K split, the compiled batch-8 step 1.7% faster).
 ROWS_NORM_ROW_SUMS = False
 
 
