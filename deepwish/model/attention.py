@@ -472,8 +472,9 @@ class Attention(FusedQKV):
     def residual_forward(self, x: torch.Tensor, norm: nn.Module, ctx, cache=None) -> tuple[torch.Tensor, dict] | None:
         """x + self(norm(x)) for a decode step in five launches (model.decode_fusion): the block's
         RMSNorm in the fused projection's prologue, `decode_step`'s prologue, split-KV and merge kernels
-        (no merge where one split covers the cache), and the residual add in o_proj's epilogue (kernels/gemv); None where that path does not apply
-        (the caller composes the ops: model/block.py residual_branch)."""
+        (no merge where one split covers the cache), and the residual add in o_proj's epilogue
+        (kernels/gemv); None where that path does not apply (the caller composes the ops:
+        model/block.py residual_branch)."""
         if not self.decode_fusion or self.gated or self.q_norm is None:
             return None
         fused = self._fused_qkv()

@@ -176,8 +176,8 @@ def test_decode_matches_reference_over_a_static_cache(rel_err, Tq, H, Hkv, windo
     assert rel_err(want, got) < TOL[dtype]
     assert rel_err(want, decode_attention(q, kc, vc, q_pos, None, window=window, softcap=3.0, splits=1)) < TOL[dtype]
     # the merge inside the split kernel (merge_in_split, an option the model does not take): the same
-    # values, one split or several,
-    # and the counters back at zero after each call (a captured graph calls again with the same buffer)
+    # values, one split or several, and the counters back at zero after each call (a captured graph
+    # calls again with the same buffer)
     from deepwish.kernels.attention import decode
     for splits in (None, 1, 3):
         merged = decode_attention(q, kc, vc, q_pos, None, window=window, softcap=3.0, splits=splits, merge_in_split=True)

@@ -291,7 +291,8 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: t
     """q [B, Tq, H, Dqk], k [B, Hkv, L, Dqk], v [B, Hkv, L, Dv], q_pos [B, Tq], k_pos [B, L] or None
     -> [B, Tq, H, Dv] in q's dtype. Inference only (no gradient). pdl: programmatic dependent launch;
     merge_in_split: the last split program of each (row, KV head) merges the splits (one launch,
-    not two); off in the model: its captured step was 2-7% slower so on one H100 (reports/inference.md)."""
+    not two); the model leaves it off (its captured step was 2-7% slower with it on one H100,
+    reports/inference.md)."""
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
         raise ValueError(f"decode_attention: want q [B,Tq,H,D], k/v [B,Hkv,L,D]; got {tuple(q.shape)}, "
                          f"{tuple(k.shape)}, {tuple(v.shape)}")
