@@ -1,5 +1,5 @@
-"""What every benchmark records about where it ran (device, versions, date, command, commit), and the
-ceilings its figures are divided by."""
+"""What every benchmark records about where it ran (device, versions, date, command, commit and the
+git tree of the files that ran), and the ceilings its figures are divided by."""
 from __future__ import annotations
 
 import datetime
@@ -30,7 +30,7 @@ def copy_bw() -> float:
 def bench_environment(device, command: str, **extra) -> dict:
     """The record a benchmark writes beside its numbers. `command` is the user-facing command (this
     process's arguments are appended); `extra` adds the benchmark's own fields (ceilings, anchors)."""
-    from deepwish.train.checkpoint import git_hash
+    from deepwish.train.checkpoint import git_hash, git_tree
     device = torch.device(device)
     env = dict(device=torch.cuda.get_device_name(device) if device.type == "cuda" else device.type,
                python=platform.python_version(), torch=torch.__version__)
@@ -44,6 +44,6 @@ def bench_environment(device, command: str, **extra) -> dict:
     if words and args[:len(words)] == words:
         args = args[len(words):]
     env.update(date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-               command=" ".join([command, *args]), commit=git_hash())
+               command=" ".join([command, *args]), commit=git_hash(), tree=git_tree())
     env.update(extra)
     return env

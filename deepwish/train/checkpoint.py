@@ -40,6 +40,7 @@ import random
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -198,6 +199,32 @@ def git_hash(repo_dir: Path | None = None) -> str:
         dirty = subprocess.run(["git", "-C", str(repo_dir), "status", "--porcelain", "--untracked-files=no"],
                                capture_output=True, text=True, timeout=5)
         return h + ("+dirty" if dirty.returncode == 0 and dirty.stdout.strip() else "")
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def git_tree(repo_dir: Path | None = None) -> str:
+    """The git tree id of the files as they are (tracked and untracked, ignored ones left out), or
+    'unknown' outside git. Unlike the commit, it names the code that ran when the checkout's history
+    is older than its files (a copy of a working tree): the commit whose `%T` equals it holds exactly
+    these files. Staged through a temporary index and object store (the repository's objects read as
+    alternates): nothing in the repository is written."""
+    repo_dir = repo_dir or Path(__file__).resolve().parents[2]
+    git = ["git", "-C", str(repo_dir)]
+    try:
+        objects = subprocess.run([*git, "rev-parse", "--path-format=absolute", "--git-path", "objects"],
+                                 capture_output=True, text=True, timeout=5)
+        if objects.returncode != 0:
+            return "unknown"
+        with tempfile.TemporaryDirectory() as tmp:
+            (Path(tmp) / "objects").mkdir()
+            env = {**os.environ, "GIT_INDEX_FILE": str(Path(tmp) / "index"),
+                   "GIT_OBJECT_DIRECTORY": str(Path(tmp) / "objects"),
+                   "GIT_ALTERNATE_OBJECT_DIRECTORIES": objects.stdout.strip()}
+            if subprocess.run([*git, "add", "-A"], env=env, capture_output=True, timeout=60).returncode != 0:
+                return "unknown"
+            out = subprocess.run([*git, "write-tree"], env=env, capture_output=True, text=True, timeout=30)
+            return out.stdout.strip() if out.returncode == 0 else "unknown"
     except (OSError, subprocess.SubprocessError):
         return "unknown"
 

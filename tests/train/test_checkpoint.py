@@ -92,3 +92,34 @@ def test_missing_checkpoint_is_a_clear_error(tmp_path):
         ck.load_checkpoint(tmp_path)
     with pytest.raises(FileNotFoundError, match="no such"):
         ck.load_checkpoint(tmp_path / "nope")
+
+
+def test_git_tree_names_the_files_as_they_are_and_writes_nothing(tmp_path):
+    """git_tree: the tree id of the tracked and untracked files (ignored ones left out), equal to the
+    tree of the commit that holds exactly those files, without touching the repository's index or
+    object store; 'unknown' outside git."""
+    import subprocess
+    from deepwish.train.checkpoint import git_tree
+
+    def git(*args):
+        return subprocess.run(["git", "-C", str(tmp_path), "-c", "user.name=t", "-c", "user.email=t@t", *args],
+                              capture_output=True, text=True, check=True).stdout.strip()
+
+    assert git_tree(tmp_path) == "unknown"
+    git("init", "-q")
+    (tmp_path / "a.py").write_text("x = 1\n")
+    (tmp_path / ".gitignore").write_text("out/\n")
+    git("add", "-A")
+    git("commit", "-qm", "one")
+    assert git_tree(tmp_path) == git("rev-parse", "HEAD^{tree}")
+    (tmp_path / "a.py").write_text("x = 2\n")           # modified, not staged
+    (tmp_path / "b.py").write_text("y = 1\n")           # untracked
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "scratch.txt").write_text("z")  # ignored
+    status, objects = git("status", "--porcelain"), git("count-objects", "-v")
+    tree = git_tree(tmp_path)
+    assert tree != git("rev-parse", "HEAD^{tree}")
+    assert (git("status", "--porcelain"), git("count-objects", "-v")) == (status, objects)
+    git("add", "-A")
+    git("commit", "-qm", "two")
+    assert tree == git("rev-parse", "HEAD^{tree}")
