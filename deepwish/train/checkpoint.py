@@ -203,28 +203,44 @@ def git_hash(repo_dir: Path | None = None) -> str:
         return "unknown"
 
 
-def git_tree(repo_dir: Path | None = None) -> str:
+def git_tree(repo_dir: Path | None = None, untracked_limit: int = 64 << 20) -> str:
     """The git tree id of the files as they are (tracked and untracked, ignored ones left out), or
     'unknown' outside git. Unlike the commit, it names the code that ran when the checkout's history
     is older than its files (a copy of a working tree): the commit whose `%T` equals it holds exactly
-    these files. Staged through a temporary index and object store (the repository's objects read as
-    alternates): nothing in the repository is written."""
+    these files. Staged through a copy of the index (only changed files are hashed again) and a
+    temporary object store (the repository's objects read as alternates): nothing in the repository
+    is written. Untracked files larger in all than `untracked_limit` (data someone left in the
+    checkout) are not hashed: the tree then covers the tracked files and ends in '+untracked'."""
     repo_dir = repo_dir or Path(__file__).resolve().parents[2]
     git = ["git", "-C", str(repo_dir)]
     try:
-        objects = subprocess.run([*git, "rev-parse", "--path-format=absolute", "--git-path", "objects"],
-                                 capture_output=True, text=True, timeout=5)
-        if objects.returncode != 0:
+        paths = subprocess.run([*git, "rev-parse", "--path-format=absolute", "--git-path", "objects",
+                                "--git-path", "index"], capture_output=True, text=True, timeout=5)
+        if paths.returncode != 0:
             return "unknown"
+        objects, index = paths.stdout.split("\n")[:2]
+        others = subprocess.run([*git, "ls-files", "-z", "--others", "--exclude-standard"], capture_output=True,
+                                timeout=30)
+        if others.returncode != 0:
+            return "unknown"
+        top = subprocess.run([*git, "rev-parse", "--show-toplevel"], capture_output=True, text=True, timeout=5)
+        root = Path(top.stdout.strip())
+        size = sum((root / f.decode()).stat().st_size for f in others.stdout.split(b"\0") if f
+                   and (root / f.decode()).is_file())
         with tempfile.TemporaryDirectory() as tmp:
             (Path(tmp) / "objects").mkdir()
+            if Path(index).is_file():
+                shutil.copyfile(index, Path(tmp) / "index")
             env = {**os.environ, "GIT_INDEX_FILE": str(Path(tmp) / "index"),
-                   "GIT_OBJECT_DIRECTORY": str(Path(tmp) / "objects"),
-                   "GIT_ALTERNATE_OBJECT_DIRECTORIES": objects.stdout.strip()}
-            if subprocess.run([*git, "add", "-A"], env=env, capture_output=True, timeout=60).returncode != 0:
+                   "GIT_OBJECT_DIRECTORY": str(Path(tmp) / "objects"), "GIT_ALTERNATE_OBJECT_DIRECTORIES": objects}
+            staged = subprocess.run([*git, "add", "-A" if size <= untracked_limit else "-u", "--", str(root)],
+                                    env=env, capture_output=True, timeout=120)
+            if staged.returncode != 0:
                 return "unknown"
             out = subprocess.run([*git, "write-tree"], env=env, capture_output=True, text=True, timeout=30)
-            return out.stdout.strip() if out.returncode == 0 else "unknown"
+            if out.returncode != 0:
+                return "unknown"
+            return out.stdout.strip() + ("" if size <= untracked_limit else "+untracked")
     except (OSError, subprocess.SubprocessError):
         return "unknown"
 

@@ -118,8 +118,12 @@ def test_git_tree_names_the_files_as_they_are_and_writes_nothing(tmp_path):
     (tmp_path / "out" / "scratch.txt").write_text("z")  # ignored
     status, objects = git("status", "--porcelain"), git("count-objects", "-v")
     tree = git_tree(tmp_path)
-    assert tree != git("rev-parse", "HEAD^{tree}")
+    tracked_only = git_tree(tmp_path, untracked_limit=0)   # b.py over the limit: not hashed
+    assert tree != git("rev-parse", "HEAD^{tree}") and tracked_only.endswith("+untracked")
     assert (git("status", "--porcelain"), git("count-objects", "-v")) == (status, objects)
-    git("add", "-A")
+    git("add", "a.py")
     git("commit", "-qm", "two")
+    assert tracked_only == git("rev-parse", "HEAD^{tree}") + "+untracked"
+    git("add", "-A")
+    git("commit", "-qm", "three")
     assert tree == git("rev-parse", "HEAD^{tree}")
