@@ -155,8 +155,9 @@ def test_triton_chunk_packed(rel_err):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_ut_transform_forms_compute_the_same(monkeypatch, rel_err, dtype):
-    """The WY_INVERSE form "split" (A's 16 x 16 blocks formed and inverted in registers, w and u in a
-    second kernel) computes what "buffer" (A through the Ai buffer) does: G, the read part of
+    """The WY_INVERSE forms "split" (A's 16 x 16 blocks cut out of one product and inverted in
+    registers, w and u in a second kernel) and "blocks" (the same with A formed block by block over K
+    slices) compute what "buffer" (A through the Ai buffer) does: G, the read part of
     Ai, w, and through u the states and v' of a packed batch with partial chunks (a document of 10, one
     of 75: a partial chunk in the middle of the row; 150 rows: a last chunk of 22 with rows in three of
     its four 16-row blocks), fp32 and fp16, and the reference's output."""
@@ -165,7 +166,7 @@ def test_ut_transform_forms_compute_the_same(monkeypatch, rel_err, dtype):
     q, k, v, g, beta, _ = make_inputs(B=1, T=150, H=1, HV=2, K=16, V=16, N=3, dtype=dtype)
     layout = kernels._chunk_layout(1, 150, cu, q.device)
     # the entries of Ai the kernels read: row t's columns up to its place in its chunk (the rest of
-    # the buffer is scratch, left unwritten by the split form)
+    # the buffer is scratch, left unwritten by the other forms)
     place = torch.cat([torch.arange(e - s) % kernels.BT for s, e in zip(cu[:-1].tolist(), cu[1:].tolist())])
     read = (torch.arange(kernels.BT)[None, :] <= place[:, None])[None, :, None, :]
     saved = {}
@@ -176,8 +177,8 @@ def test_ut_transform_forms_compute_the_same(monkeypatch, rel_err, dtype):
         saved[form] = dict(o=o, G=G, w=w, v_new=v_new, h=h, Ai=torch.where(read, Ai.float(), 0.))
     want, _ = chunk_gated_delta_rule_ref(q.float(), k.float(), v.float(), g.float(), beta.float(), scale=0.25,
                                          cu_seqlens=cu)
-    assert set(saved) == {"buffer", "split"}
-    for form in ("split",):
+    assert set(saved) == {"buffer", "split", "blocks"}
+    for form in ("split", "blocks"):
         for name in saved["buffer"]:
             a, b = saved["buffer"][name].float(), saved[form][name].float()
             assert rel_err(a, b) < (1e-6 if dtype == torch.float32 else 2e-3), (form, name)
@@ -187,9 +188,9 @@ def test_ut_transform_forms_compute_the_same(monkeypatch, rel_err, dtype):
         kernels._fwd(q, k, v, g, beta, 0.25, None, False, layout)
 
 
-@pytest.mark.parametrize("form", ["split"])
+@pytest.mark.parametrize("form", ["split", "blocks"])
 def test_ut_transform_forms_train_the_same(monkeypatch, rel_err, form):
-    """The backward reads the split form's fp16 Ai as it read the buffer form's fp32 one (it rounds
+    """The backward reads the split forms' fp16 Ai as it read the buffer form's fp32 one (it rounds
     Ai to the input dtype either way): fp16 gradients of a packed batch agree with the buffer form's."""
     from deepwish.kernels.gated_delta import triton as kernels
     cu = torch.tensor([0, 10, 85, 150])

@@ -225,6 +225,97 @@ def _ut_inverse(k, g, beta, G, Ai, t0, nv, i_h, i_hv, H: tl.constexpr, HV: tl.co
 
 
 @triton.jit
+def _row_block(x, r: tl.constexpr):
+    """Rows r·16 .. r·16 + 15 of a chunk's [64] vector."""
+    n = tl.arange(0, BT_C // BS_C)
+    return tl.sum(tl.where((n == r)[:, None], tl.reshape(x, [BT_C // BS_C, BS_C]), 0.), 0)
+
+
+@triton.jit
+def _scaled_block(acc, b_beta, b_G, r: tl.constexpr, c: tl.constexpr):
+    """Block (r, c) of A = strict_lower(beta_i k_i.k_j exp(G_i - G_j)) from its k_r k_c^T product."""
+    G_r, G_c = _row_block(b_G, r), _row_block(b_G, c)
+    x = _row_block(b_beta, r)[:, None] * acc * tl.exp(G_r[:, None] - G_c[None, :])
+    if r == c:
+        o = tl.arange(0, BS_C)
+        x = tl.where(o[:, None] > o[None, :], x, 0.)
+    return x
+
+
+@triton.jit
+def _k_rows(k, t0, nv, i_h, H: tl.constexpr, K: tl.constexpr, r: tl.constexpr, o_k, m_k):
+    """k's rows r·16 .. r·16 + 15 of the chunk at columns o_k ([16, BKS]; rows past nv zero)."""
+    rows = r * BS_C + tl.arange(0, BS_C)
+    return tl.load(k + (t0 * H + i_h) * K + rows[:, None] * (H * K) + o_k[None, :],
+                   mask=(rows < nv)[:, None] & m_k[None, :], other=0.)
+
+
+@triton.jit
+def _ut_inverse_by_blocks(k, g, beta, G, Ai, t0, nv, i_h, i_hv, H: tl.constexpr, HV: tl.constexpr,
+                          K: tl.constexpr, BKS: tl.constexpr):
+    """G (stored) and Ai = (I + A)^{-1} of one chunk with A formed block by block: the ten lower
+    16 x 16 blocks k_r k_c^T accumulated over K in slices of BKS columns, so that only four [16, BKS]
+    tiles of k and ten [16, 16] sums are live (the one [64, 128] product holds all of k and all of A,
+    and cutting A's blocks out of it costs a masked reduction each). Only Ai is stored, in Ai's dtype."""
+    o_i = tl.arange(0, BT_C)
+    m_t = o_i < nv
+    p_g = t0 * HV + i_hv
+    b_G = tl.cumsum(tl.load(g + p_g + o_i * HV, mask=m_t, other=0.).to(tl.float32), axis=0)
+    tl.store(G + p_g + o_i * HV, b_G, mask=m_t)
+    b_beta = tl.load(beta + p_g + o_i * HV, mask=m_t, other=0.).to(tl.float32)
+    a00 = tl.zeros([BS_C, BS_C], dtype=tl.float32)
+    a11 = tl.zeros([BS_C, BS_C], dtype=tl.float32)
+    a22 = tl.zeros([BS_C, BS_C], dtype=tl.float32)
+    a33 = tl.zeros([BS_C, BS_C], dtype=tl.float32)
+    a10 = tl.zeros([BS_C, BS_C], dtype=tl.float32)
+    a20 = tl.zeros([BS_C, BS_C], dtype=tl.float32)
+    a21 = tl.zeros([BS_C, BS_C], dtype=tl.float32)
+    a30 = tl.zeros([BS_C, BS_C], dtype=tl.float32)
+    a31 = tl.zeros([BS_C, BS_C], dtype=tl.float32)
+    a32 = tl.zeros([BS_C, BS_C], dtype=tl.float32)
+    PREC: tl.constexpr = "ieee" if k.dtype.element_ty == tl.float32 else "tf32"
+    for i_k in range(0, tl.cdiv(K, BKS)):
+        o_k = tl.cast(i_k, tl.int64) * BKS + tl.arange(0, BKS)
+        m_k = o_k < K
+        k0 = _k_rows(k, t0, nv, i_h, H, K, 0, o_k, m_k)
+        k1 = _k_rows(k, t0, nv, i_h, H, K, 1, o_k, m_k)
+        k2 = _k_rows(k, t0, nv, i_h, H, K, 2, o_k, m_k)
+        k3 = _k_rows(k, t0, nv, i_h, H, K, 3, o_k, m_k)
+        a00 = tl.dot(k0, tl.trans(k0), a00, input_precision=PREC)
+        a11 = tl.dot(k1, tl.trans(k1), a11, input_precision=PREC)
+        a22 = tl.dot(k2, tl.trans(k2), a22, input_precision=PREC)
+        a33 = tl.dot(k3, tl.trans(k3), a33, input_precision=PREC)
+        a10 = tl.dot(k1, tl.trans(k0), a10, input_precision=PREC)
+        a20 = tl.dot(k2, tl.trans(k0), a20, input_precision=PREC)
+        a21 = tl.dot(k2, tl.trans(k1), a21, input_precision=PREC)
+        a30 = tl.dot(k3, tl.trans(k0), a30, input_precision=PREC)
+        a31 = tl.dot(k3, tl.trans(k1), a31, input_precision=PREC)
+        a32 = tl.dot(k3, tl.trans(k2), a32, input_precision=PREC)
+    # the four diagonal blocks stacked [4, 16, 16] (block n = 2q + p of join(join(00, 11), join(22, 33)))
+    L = tl.reshape(tl.permute(tl.join(tl.join(_scaled_block(a00, b_beta, b_G, 0, 0),
+                                                _scaled_block(a11, b_beta, b_G, 1, 1)),
+                                        tl.join(_scaled_block(a22, b_beta, b_G, 2, 2),
+                                                _scaled_block(a33, b_beta, b_G, 3, 3))), (3, 2, 0, 1)),
+                   [BT_C // BS_C, BS_C, BS_C])
+    Ti = _substitute(L)
+    Tn = tl.arange(0, BT_C // BS_C)[:, None, None]
+    T00 = tl.sum(tl.where(Tn == 0, Ti, 0.), 0)
+    T11 = tl.sum(tl.where(Tn == 1, Ti, 0.), 0)
+    T22 = tl.sum(tl.where(Tn == 2, Ti, 0.), 0)
+    T33 = tl.sum(tl.where(Tn == 3, Ti, 0.), 0)
+    T10, T20, T21, T30, T31, T32 = _merge_blocks(
+        _scaled_block(a10, b_beta, b_G, 1, 0), _scaled_block(a20, b_beta, b_G, 2, 0),
+        _scaled_block(a21, b_beta, b_G, 2, 1), _scaled_block(a30, b_beta, b_G, 3, 0),
+        _scaled_block(a31, b_beta, b_G, 3, 1), _scaled_block(a32, b_beta, b_G, 3, 2), T00, T11, T22, T33, PREC)
+    p_A = Ai + (t0 * HV + i_hv) * BT_C
+    _st(p_A, 0, 0, nv, HV, T00)
+    _st(p_A, 1, 1, nv, HV, T11)
+    _st(p_A, 2, 2, nv, HV, T22)
+    _st(p_A, 3, 3, nv, HV, T33)
+    _st_below_diagonal(p_A, nv, HV, T10, T20, T21, T30, T31, T32)
+
+
+@triton.jit
 def _st_below_diagonal(p_A, nv, HV: tl.constexpr, T10, T20, T21, T30, T31, T32):
     """Store Ai's six 16 x 16 blocks below its diagonal (both ways of forming Ai)."""
     _st(p_A, 1, 0, nv, HV, T10)
@@ -320,6 +411,16 @@ def _wy_inverse_kernel(k, g, beta, G, Ai, cu_seqlens, chunk_indices, T, NT,
     i_c, i_hv = tl.program_id(0), tl.program_id(1)
     t0, nv = _chunk_bounds(i_c, cu_seqlens, chunk_indices, T, NT, IS_VARLEN)
     _ut_inverse(k, g, beta, G, Ai, t0, nv, i_hv // (HV // H), i_hv, H, HV, K, BK, True)
+
+
+@triton.jit
+def _wy_inverse_blocks_kernel(k, g, beta, G, Ai, cu_seqlens, chunk_indices, T, NT,
+                              H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, BKS: tl.constexpr,
+                              IS_VARLEN: tl.constexpr):
+    """WY_INVERSE "blocks", first kernel: G and Ai of one chunk, A formed block by block."""
+    i_c, i_hv = tl.program_id(0), tl.program_id(1)
+    t0, nv = _chunk_bounds(i_c, cu_seqlens, chunk_indices, T, NT, IS_VARLEN)
+    _ut_inverse_by_blocks(k, g, beta, G, Ai, t0, nv, i_hv // (HV // H), i_hv, H, HV, K, BKS)
 
 
 @triton.jit
@@ -708,6 +809,9 @@ _state_fwd_tuned = triton.autotune(configs=_SEQ_FWD_CONFIGS, key=["NHV", "K", "V
 _state_bwd_tuned = triton.autotune(configs=_SEQ_BWD_CONFIGS, key=["NHV", "K", "V"])(_state_bwd_kernel)
 _wy_fwd_tuned = triton.autotune(configs=_V_TILE_CONFIGS, key=["K", "V"])(_wy_fwd_kernel)
 _wy_inverse_tuned = triton.autotune(configs=_INVERSE_CONFIGS, key=["K"])(_wy_inverse_kernel)
+# small programs: ten [16, 16] sums and four [16, BKS] tiles of k (1-4 warps, as many CTAs an SM as fit)
+_INVERSE_BLOCKS_CONFIGS = [triton.Config({"BKS": bks}, num_warps=nw) for bks in (32, 64) for nw in (1, 2, 4)]
+_wy_inverse_blocks_tuned = triton.autotune(configs=_INVERSE_BLOCKS_CONFIGS, key=["K"])(_wy_inverse_blocks_kernel)
 _wy_apply_tuned = triton.autotune(configs=_V_TILE_CONFIGS, key=["K", "V"])(_wy_apply_kernel)
 _output_fwd_tuned = triton.autotune(configs=_V_TILE_CONFIGS, key=["K", "V"])(_output_fwd_kernel)
 _dv_local_tuned = triton.autotune(configs=_V_TILE_CONFIGS, key=["K", "V"])(_dv_local_kernel)
@@ -723,8 +827,11 @@ _chunk_bwd_tuned = triton.autotune(configs=_CHUNK_BWD_CONFIGS, key=["K", "V"])(_
 # at T 64k, 0.755 against 0.749-0.764 at 16k); the register inverse inside the one kernel, a third
 # form, was 17% slower and is gone. "buffer" stays shipped until the training step (where split's
 # 16-bit Ai also counts) is timed.
+# "blocks" is split with A formed block by block (`_ut_inverse_by_blocks`): ten 16 x 16 products over
+# K slices in small programs instead of one [64, 128] x [128, 64] product whose blocks are then cut
+# out; built after run 5, not timed yet.
 WY_INVERSE = "buffer"
-WY_INVERSES = ("buffer", "split")
+WY_INVERSES = ("buffer", "split", "blocks")
 
 
 def _launch(tuned, raw, grid, args, kw, interpreter_meta: dict):
@@ -776,10 +883,15 @@ def _fwd(q, k, v, g, beta, scale, h0, output_final_state, layout):
     w = torch.empty(B, T, HV, K, dtype=dt, device=q.device)
     u = torch.empty(B, T, HV, V, dtype=dt, device=q.device)
     bv_interp = {"BV": max(16, min(64, triton.next_power_of_2(V)))}
-    if NC > 0 and WY_INVERSE == "split":
+    if NC > 0 and WY_INVERSE in ("split", "blocks"):
         kw = dict(H=H, HV=HV, K=K, BK=BK, IS_VARLEN=varlen)
-        _launch(_wy_inverse_tuned, _wy_inverse_kernel, lambda meta: (NC, HV),
-                (k, g, beta, G, Ai, cu, chunk_indices, T, NT), kw, {})
+        if WY_INVERSE == "split":
+            _launch(_wy_inverse_tuned, _wy_inverse_kernel, lambda meta: (NC, HV),
+                    (k, g, beta, G, Ai, cu, chunk_indices, T, NT), kw, {})
+        else:
+            _launch(_wy_inverse_blocks_tuned, _wy_inverse_blocks_kernel, lambda meta: (NC, HV),
+                    (k, g, beta, G, Ai, cu, chunk_indices, T, NT), dict(H=H, HV=HV, K=K, IS_VARLEN=varlen),
+                    {"BKS": min(32, BK)})
         _launch(_wy_apply_tuned, _wy_apply_kernel, lambda meta: (NC, HV),
                 (k, v, beta, G, Ai, w, u, cu, chunk_indices, T, NT), dict(kw, V=V), bv_interp)
     elif NC > 0:
