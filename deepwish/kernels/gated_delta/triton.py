@@ -160,19 +160,40 @@ def _inverse_in_registers(p_A, b_A, nv, HV: tl.constexpr, PREC: tl.constexpr):
     R = n[:, None, None, None]
     C = n[None, :, None, None]
     Ti = _substitute(tl.sum(tl.where(R == C, X, 0.), 1))             # the diagonal blocks' inverses
-    Tn = n[:, None, None]
-    T00 = tl.sum(tl.where(Tn == 0, Ti, 0.), 0)
-    T11 = tl.sum(tl.where(Tn == 1, Ti, 0.), 0)
-    T22 = tl.sum(tl.where(Tn == 2, Ti, 0.), 0)
-    T33 = tl.sum(tl.where(Tn == 3, Ti, 0.), 0)
+    T00, T11, T22, T33 = _diagonal_blocks(Ti)
     T10, T20, T21, T30, T31, T32 = _merge_blocks(
         _block(X, R, C, 1, 0), _block(X, R, C, 2, 0), _block(X, R, C, 2, 1), _block(X, R, C, 3, 0),
         _block(X, R, C, 3, 1), _block(X, R, C, 3, 2), T00, T11, T22, T33, PREC)
+    _st_lower(p_A, nv, HV, T00, T11, T22, T33, T10, T20, T21, T30, T31, T32)
+
+
+@triton.jit
+def _diagonal_blocks(Ti):
+    """The four [16, 16] blocks of Ti [4, 16, 16]."""
+    Tn = tl.arange(0, BT_C // BS_C)[:, None, None]
+    return (tl.sum(tl.where(Tn == 0, Ti, 0.), 0), tl.sum(tl.where(Tn == 1, Ti, 0.), 0),
+            tl.sum(tl.where(Tn == 2, Ti, 0.), 0), tl.sum(tl.where(Tn == 3, Ti, 0.), 0))
+
+
+@triton.jit
+def _st_lower(p_A, nv, HV: tl.constexpr, T00, T11, T22, T33, T10, T20, T21, T30, T31, T32):
+    """Store Ai's ten lower 16 x 16 blocks at p_A (rows past nv not stored)."""
     _st(p_A, 0, 0, nv, HV, T00)
     _st(p_A, 1, 1, nv, HV, T11)
     _st(p_A, 2, 2, nv, HV, T22)
     _st(p_A, 3, 3, nv, HV, T33)
     _st_below_diagonal(p_A, nv, HV, T10, T20, T21, T30, T31, T32)
+
+
+@triton.jit
+def _chunk_G(g, G, t0, nv, i_hv, HV: tl.constexpr):
+    """G = the chunk's in-chunk cumsum of g ([BT] fp32), stored (the state and output passes read it)."""
+    o_i = tl.arange(0, BT_C)
+    m_t = o_i < nv
+    p_g = t0 * HV + i_hv
+    b_G = tl.cumsum(tl.load(g + p_g + o_i * HV, mask=m_t, other=0.).to(tl.float32), axis=0)
+    tl.store(G + p_g + o_i * HV, b_G, mask=m_t)   # padded rows have g = 0: they repeat the last valid G
+    return b_G
 
 
 @triton.jit
@@ -197,10 +218,7 @@ def _ut_inverse(k, g, beta, G, Ai, t0, nv, i_h, i_hv, H: tl.constexpr, HV: tl.co
     k, beta and G for w and u."""
     o_i = tl.arange(0, BT_C)
     m_t = o_i < nv
-    p_g = t0 * HV + i_hv
-    b_g = tl.load(g + p_g + o_i * HV, mask=m_t, other=0.).to(tl.float32)
-    b_G = tl.cumsum(b_g, axis=0)       # padded rows have g = 0, so they repeat the last valid G
-    tl.store(G + p_g + o_i * HV, b_G, mask=m_t)
+    b_G = _chunk_G(g, G, t0, nv, i_hv, HV)
     b_k, b_beta = _chunk_k_beta(k, beta, t0, nv, i_h, i_hv, H, HV, K, BK)
     strict = o_i[:, None] > o_i[None, :]
     b_D = tl.exp(tl.where(strict, b_G[:, None] - b_G[None, :], 0.))
@@ -258,11 +276,8 @@ def _ut_inverse_by_blocks(k, g, beta, G, Ai, t0, nv, i_h, i_hv, H: tl.constexpr,
     tiles of k and ten [16, 16] sums are live (the one [64, 128] product holds all of k and all of A,
     and cutting A's blocks out of it costs a masked reduction each). Only Ai is stored, in Ai's dtype."""
     o_i = tl.arange(0, BT_C)
-    m_t = o_i < nv
-    p_g = t0 * HV + i_hv
-    b_G = tl.cumsum(tl.load(g + p_g + o_i * HV, mask=m_t, other=0.).to(tl.float32), axis=0)
-    tl.store(G + p_g + o_i * HV, b_G, mask=m_t)
-    b_beta = tl.load(beta + p_g + o_i * HV, mask=m_t, other=0.).to(tl.float32)
+    b_G = _chunk_G(g, G, t0, nv, i_hv, HV)
+    b_beta = tl.load(beta + t0 * HV + i_hv + o_i * HV, mask=o_i < nv, other=0.).to(tl.float32)
     a00 = tl.zeros([BS_C, BS_C], dtype=tl.float32)
     a11 = tl.zeros([BS_C, BS_C], dtype=tl.float32)
     a22 = tl.zeros([BS_C, BS_C], dtype=tl.float32)
@@ -297,22 +312,12 @@ def _ut_inverse_by_blocks(k, g, beta, G, Ai, t0, nv, i_h, i_hv, H: tl.constexpr,
                                         tl.join(_scaled_block(a22, b_beta, b_G, 2, 2),
                                                 _scaled_block(a33, b_beta, b_G, 3, 3))), (3, 2, 0, 1)),
                    [BT_C // BS_C, BS_C, BS_C])
-    Ti = _substitute(L)
-    Tn = tl.arange(0, BT_C // BS_C)[:, None, None]
-    T00 = tl.sum(tl.where(Tn == 0, Ti, 0.), 0)
-    T11 = tl.sum(tl.where(Tn == 1, Ti, 0.), 0)
-    T22 = tl.sum(tl.where(Tn == 2, Ti, 0.), 0)
-    T33 = tl.sum(tl.where(Tn == 3, Ti, 0.), 0)
+    T00, T11, T22, T33 = _diagonal_blocks(_substitute(L))
     T10, T20, T21, T30, T31, T32 = _merge_blocks(
         _scaled_block(a10, b_beta, b_G, 1, 0), _scaled_block(a20, b_beta, b_G, 2, 0),
         _scaled_block(a21, b_beta, b_G, 2, 1), _scaled_block(a30, b_beta, b_G, 3, 0),
         _scaled_block(a31, b_beta, b_G, 3, 1), _scaled_block(a32, b_beta, b_G, 3, 2), T00, T11, T22, T33, PREC)
-    p_A = Ai + (t0 * HV + i_hv) * BT_C
-    _st(p_A, 0, 0, nv, HV, T00)
-    _st(p_A, 1, 1, nv, HV, T11)
-    _st(p_A, 2, 2, nv, HV, T22)
-    _st(p_A, 3, 3, nv, HV, T33)
-    _st_below_diagonal(p_A, nv, HV, T10, T20, T21, T30, T31, T32)
+    _st_lower(Ai + (t0 * HV + i_hv) * BT_C, nv, HV, T00, T11, T22, T33, T10, T20, T21, T30, T31, T32)
 
 
 @triton.jit
