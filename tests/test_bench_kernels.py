@@ -50,28 +50,3 @@ def test_gdn_tables_use_the_devices_peaks(capsys, monkeypatch, tmp_path):
     assert "387, 50%)" in out and "2086, 50%)" in out
     gdn.plot(chunk, decode, (T,), str(tmp_path / "gdn.png"), 4172.0)
     assert (tmp_path / "gdn.png").stat().st_size > 1000
-
-
-def test_gdn_bench_times_every_ut_transform_form_and_restores_the_shipped_one(monkeypatch, capsys):
-    """`bench gdn` times the chunked forward with each WY_INVERSE form and fla's, alternating, sums each form's
-    transform kernels from the profile (the split form's two), checks the outputs agree, and leaves
-    the shipped form in place (here on CPU through the interpreter, small heads, the timers stubbed)."""
-    from deepwish.bench import gdn
-    from deepwish.kernels.gated_delta import triton as kernels
-    monkeypatch.setattr(gdn, "H", 1)
-    monkeypatch.setattr(gdn, "D", 16)
-    order = []
-    monkeypatch.setattr(gdn, "median_ms", lambda fn: (
-        order.append(r if isinstance(r := fn(), str) else kernels.WY_INVERSE), 1.0)[1])
-    wy = {"buffer": [("_wy_fwd_kernel", 9.0)], "split": [("_wy_inverse_kernel", 3.0), ("_wy_apply_kernel", 2.5)],
-          "blocks": [("_wy_inverse_blocks_kernel", 2.0), ("_wy_apply_kernel", 2.5)]}
-    monkeypatch.setattr(gdn, "kernel_times", lambda fn: {"kernels": [
-        {"name": n, "us_per_step": us} for n, us in wy[kernels.WY_INVERSE]] + [
-        {"name": "_state_fwd_kernel", "us_per_step": 5.0}]})
-    out = gdn.compare_wy_inverses(70, "cpu", rounds=2, anchor=lambda *inputs: "fla")
-    assert order == ["buffer", "split", "blocks", "fla"] * 2 and kernels.WY_INVERSE == "buffer"
-    assert out["rel_diff"]["buffer"] == 0.0 and max(out["rel_diff"].values()) < 1e-6
-    assert out["wy_kernel_us"] == {"buffer": 9.0, "split": 5.5, "blocks": 4.5}
-    assert out["fwd_ms"] == {f: [1.0, 1.0] for f in ("buffer", "split", "blocks")}
-    assert out["anchor_fwd_ms"] == [1.0, 1.0]
-    assert "WY_INVERSE at T=70" in capsys.readouterr().out

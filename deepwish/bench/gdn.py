@@ -17,8 +17,7 @@ Times are the median of `triton.testing.do_bench`. Throughput figures use these 
   2973 GB/s and 777 TFLOP/s where the table has none).
 `--profile-T T` (default 65536; 0: off) also lists the forward's kernels of ours and of fla's at T
 by GPU time (torch.profiler): which stage (intra-chunk, state passing, output) is where the two differ;
-at the same T the forward with each `WY_INVERSE` form of the UT transform (kernels/gated_delta/triton.py),
-alternating in this process, and the tiles every autotuned kernel took.
+and the tiles every autotuned kernel took.
 """
 from __future__ import annotations
 
@@ -298,49 +297,11 @@ def profile_forward(backends, T: int, device) -> dict:
     return out
 
 
-def compare_wy_inverses(T: int, device, rounds: int = 3, anchor: Callable | None = None) -> dict:
-    """The chunked forward at T with each WY_INVERSE form (kernels/gated_delta/triton.py), alternating
-    `rounds` times in this process (with `anchor(q, k, v, g, beta)`, fla's forward, in the same
-    rounds when given), and each form's UT-transform kernels by GPU time (one or two `_wy_*`
-    kernels); each form's output's relative difference from the first form's says they compute the
-    same. The shipped form is restored afterwards."""
-    from deepwish.kernels.gated_delta import chunk_gated_delta_rule
-    from deepwish.kernels.gated_delta import triton as kernels
-    shipped = kernels.WY_INVERSE
-    forms = kernels.WY_INVERSES
-    inputs = make_inputs(T, device)
-    out: dict = {"T": T, "shipped": shipped, "fwd_ms": {f: [] for f in forms}, "wy_kernel_us": {}, "rel_diff": {}}
-    try:
-        o = {}
-        for form in forms:
-            kernels.WY_INVERSE = form
-            o[form] = chunk_gated_delta_rule(*inputs)[0].float()
-            out["rel_diff"][form] = rel_rms(o[forms[0]], o[form])
-        for _ in range(rounds):
-            for form in forms:
-                kernels.WY_INVERSE = form
-                out["fwd_ms"][form].append(median_ms(lambda: chunk_gated_delta_rule(*inputs)))
-            if anchor is not None:
-                out.setdefault("anchor_fwd_ms", []).append(median_ms(lambda: anchor(*inputs)))
-        for form in forms:
-            kernels.WY_INVERSE = form
-            rows = kernel_times(lambda: chunk_gated_delta_rule(*inputs))["kernels"]
-            out["wy_kernel_us"][form] = sum(r["us_per_step"] for r in rows if "_wy_" in r["name"])
-    finally:
-        kernels.WY_INVERSE = shipped
-    print(f"[gdn bench] WY_INVERSE at T={T} (forward ms, alternating; the transform's kernels µs; output's "
-          f"difference from {forms[0]}'s): " + "; ".join(
-              f"{f} {' / '.join(f'{x:.3f}' for x in out['fwd_ms'][f])}, {out['wy_kernel_us'][f]:.1f} µs, "
-              f"{out['rel_diff'][f]:.1e}" for f in forms)
-          + (f"; fla {' / '.join(f'{x:.3f}' for x in out['anchor_fwd_ms'])}" if anchor is not None else ""))
-    return out
-
-
 def chosen_tiles() -> dict[str, str]:
     """Each autotuned gated-delta kernel's pick (its last tuned key; autotuning keys leave T out)."""
     from deepwish.kernels.gated_delta import triton as kernels
     out = {}
-    for name in ("_wy_fwd_tuned", "_wy_inverse_tuned", "_wy_apply_tuned", "_state_fwd_tuned", "_output_fwd_tuned",
+    for name in ("_wy_inverse_tuned", "_wy_apply_tuned", "_state_fwd_tuned", "_output_fwd_tuned",
                  "_dv_local_tuned", "_state_bwd_tuned", "_chunk_bwd_tuned"):
         config = getattr(getattr(kernels, name), "best_config", None)
         if config is not None:
@@ -366,8 +327,6 @@ def run(out_dir: str, seqlens=(4096, 8192, 16384, 32768, 65536), device="cuda", 
     peak_tflops, copy_gbs = flops / 1e12, copy / 1e9
     print_table(chunk, decode, seqlens, peak_tflops, copy_gbs)
     profile = profile_forward(backends, profile_T, device) if profile_T > 0 else {}
-    wy = attempt(f"WY_INVERSE forms T={profile_T}", lambda: compare_wy_inverses(
-        profile_T, device, anchor=backends["fla"]["chunk"] if "fla" in backends else None)) if profile_T > 0 else {}
     tiles = chosen_tiles()
     print("[gdn bench] autotuned tiles (the last shape tuned): " + ", ".join(f"{k} {v}" for k, v in tiles.items()))
     results = {"environment": env, "shapes": {"B": B, "H": H, "HV": H, "K": D, "V": D, "dtype": "bfloat16",
@@ -376,7 +335,7 @@ def run(out_dir: str, seqlens=(4096, 8192, 16384, 32768, 65536), device="cuda", 
                "chunk_ms": {k: {str(T): v for T, v in row.items()} for k, row in chunk.items()},
                "decode_ms": {k: {str(b): v for b, v in row.items()} for k, row in decode.items()},
                "peaks": {"copy_GBps": copy_gbs, "bf16_matmul_TFLOPs": peak_tflops},
-               "forward_kernels": {"T": profile_T, **profile}, "wy_inverse": wy, "tiles": tiles}
+               "forward_kernels": {"T": profile_T, **profile}, "tiles": tiles}
     with open(os.path.join(out_dir, "gdn.json"), "w") as f:
         json.dump(results, f, indent=2)
     plot(chunk, decode, seqlens, os.path.join(out_dir, "gdn.png"), copy_gbs)

@@ -154,54 +154,36 @@ def test_triton_chunk_packed(rel_err):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_ut_transform_forms_compute_the_same(monkeypatch, rel_err, dtype):
-    """The WY_INVERSE forms "split" (A's 16 x 16 blocks cut out of one product and inverted in
-    registers, w and u in a second kernel) and "blocks" (the same with A formed block by block over K
-    slices) compute what "buffer" (A through the Ai buffer) does: G, the read part of
-    Ai, w, and through u the states and v' of a packed batch with partial chunks (a document of 10, one
-    of 75: a partial chunk in the middle of the row; 150 rows: a last chunk of 22 with rows in three of
-    its four 16-row blocks), fp32 and fp16, and the reference's output."""
+def test_ut_transform_matches_torch_per_chunk(rel_err, dtype):
+    """The UT transform's kernels (A formed block by block over K slices, its inverse by forward and
+    block forward substitution) store what torch computes chunk by chunk: G = cumsum(g), the read part of
+    Ai = (I + A)^{-1}, and w = Ai (beta exp(G) k), on a packed batch with partial chunks (a document of
+    10, one of 75: a partial chunk in the middle of the row; 150 rows: a last chunk of 22 with rows in
+    three of its four 16-row blocks), K = 48 (two K slices of 32, the second half masked), grouped
+    value heads; and the whole forward matches the reference."""
     from deepwish.kernels.gated_delta import triton as kernels
     cu = torch.tensor([0, 10, 85, 150])
-    q, k, v, g, beta, _ = make_inputs(B=1, T=150, H=1, HV=2, K=16, V=16, N=3, dtype=dtype)
+    q, k, v, g, beta, _ = make_inputs(B=1, T=150, H=1, HV=2, K=48, V=16, N=3, dtype=dtype)
     layout = kernels._chunk_layout(1, 150, cu, q.device)
-    # the entries of Ai the kernels read: row t's columns up to its place in its chunk (the rest of
-    # the buffer is scratch, left unwritten by the other forms)
-    place = torch.cat([torch.arange(e - s) % kernels.BT for s, e in zip(cu[:-1].tolist(), cu[1:].tolist())])
-    read = (torch.arange(kernels.BT)[None, :] <= place[:, None])[None, :, None, :]
-    saved = {}
-    for form in kernels.WY_INVERSES:
-        monkeypatch.setattr(kernels, "WY_INVERSE", form)
-        o, _, (G, Ai, w, h, v_new) = kernels._fwd(q, k, v, g, beta, 0.25, None, False, layout)
-        assert Ai.dtype == (torch.float32 if form == "buffer" else dtype), form
-        saved[form] = dict(o=o, G=G, w=w, v_new=v_new, h=h, Ai=torch.where(read, Ai.float(), 0.))
+    o, _, (G, Ai, w, h, v_new) = kernels._fwd(q, k, v, g, beta, 0.25, None, False, layout)
+    assert Ai.dtype == dtype and w.dtype == dtype
+    tol = 1e-5 if dtype == torch.float32 else 2e-3
+    starts = [t for s, e in zip(cu[:-1].tolist(), cu[1:].tolist()) for t in range(s, e, kernels.BT)]
+    ends = [min(t + kernels.BT, e) for s, e in zip(cu[:-1].tolist(), cu[1:].tolist()) for t in range(s, e, kernels.BT)]
+    for t0, t1 in zip(starts, ends):
+        n = t1 - t0
+        for hv in range(2):
+            kc, bc = k[0, t0:t1, 0].double(), beta[0, t0:t1, hv].double()
+            Gc = g[0, t0:t1, hv].double().cumsum(0)
+            A = (bc[:, None] * (kc @ kc.T) * (Gc[:, None] - Gc[None, :]).exp()).tril(-1)
+            Ai_want = torch.linalg.inv(torch.eye(n, dtype=torch.float64) + A)
+            w_want = Ai_want @ ((bc * Gc.exp())[:, None] * kc)
+            assert rel_err(Gc, G[0, t0:t1, hv].double()) < 1e-6
+            assert rel_err(Ai_want, Ai[0, t0:t1, hv, :n].double().tril()) < tol, (t0, hv)
+            assert rel_err(w_want, w[0, t0:t1, hv].double()) < tol, (t0, hv)
     want, _ = chunk_gated_delta_rule_ref(q.float(), k.float(), v.float(), g.float(), beta.float(), scale=0.25,
                                          cu_seqlens=cu)
-    assert set(saved) == {"buffer", "split", "blocks"}
-    for form in ("split", "blocks"):
-        for name in saved["buffer"]:
-            a, b = saved["buffer"][name].float(), saved[form][name].float()
-            assert rel_err(a, b) < (1e-6 if dtype == torch.float32 else 2e-3), (form, name)
-        assert rel_err(want, saved[form]["o"].float()) < (1e-4 if dtype == torch.float32 else 1e-2)
-    monkeypatch.setattr(kernels, "WY_INVERSE", "tiles")
-    with pytest.raises(ValueError, match="WY_INVERSE 'tiles'"):
-        kernels._fwd(q, k, v, g, beta, 0.25, None, False, layout)
-
-
-@pytest.mark.parametrize("form", ["split", "blocks"])
-def test_ut_transform_forms_train_the_same(monkeypatch, rel_err, form):
-    """The backward reads the split forms' fp16 Ai as it read the buffer form's fp32 one (it rounds
-    Ai to the input dtype either way): fp16 gradients of a packed batch agree with the buffer form's."""
-    from deepwish.kernels.gated_delta import triton as kernels
-    cu = torch.tensor([0, 10, 85, 150])
-    inputs = make_inputs(B=1, T=150, H=1, HV=2, K=16, V=16, N=3, dtype=torch.float16)
-    inputs[-1] = inputs[-1].float()
-    seed = fresh_seed()
-    got = {}
-    for f in ("buffer", form):
-        monkeypatch.setattr(kernels, "WY_INVERSE", f)
-        got[f] = run_with_grads(chunk_gated_delta_rule, inputs, True, seed, cu_seqlens=cu)
-    assert_all_close(rel_err, [x.float() for x in got["buffer"]], [x.float() for x in got[form]], 2e-3)
+    assert rel_err(want, o.float()) < (1e-4 if dtype == torch.float32 else 1e-2)
 
 
 def test_triton_chunk_without_states_and_l2norm(rel_err):

@@ -3,11 +3,11 @@ decode. Math and shape legend: `reference.py`, which is the oracle for every ker
 
 Chunked forward, per chunk of BT = 64 steps (Gated DeltaNet paper, section 3; the kernel split follows
 flash-linear-attention's chunk_gated_delta_rule):
-    1. `_wy_fwd_kernel`      (parallel over chunks x heads): G = in-chunk cumsum(g);
-                             A = strict_lower(beta_i k_i.k_j exp(G_i - G_j)); Ai = (I + A)^{-1} by forward
-                             substitution inside the four 16 x 16 diagonal blocks, then block forward
-                             substitution; w = Ai (beta exp(G) k), u = Ai (beta v). (WY_INVERSE
-                             "split": `_wy_inverse_kernel` forms G and Ai, `_wy_apply_kernel` w and u.)
+    1. `_wy_inverse_kernel`  (parallel over chunks x heads): G = in-chunk cumsum(g);
+                             A = strict_lower(beta_i k_i.k_j exp(G_i - G_j)) block by block; Ai = (I + A)^{-1}
+                             by forward substitution inside the four 16 x 16 diagonal blocks, then block
+                             forward substitution.
+       `_wy_apply_kernel`    (parallel): w = Ai (beta exp(G) k), u = Ai (beta v).
     2. `_state_fwd_kernel`   (sequential over chunks; parallel over sequences x heads x V blocks):
                              h_c = S at the chunk start; v' = u - w S; S <- exp(G_last) S + k_dec^T v'.
     3. `_output_fwd_kernel`  (parallel): o = scale (exp(G) q h_c + lower_incl(q k^T exp(G_i - G_j)) v').
@@ -23,7 +23,8 @@ Backward reverses it:
 Deviations / simplifications
 - Intermediates that fla also keeps in the input precision (w, u, v', per-chunk states h and their
   gradients, dv'_local) are stored in the input dtype; the recurrent state itself, G, Ai, and all
-  accumulations are fp32. Matmul operands are cast to the input dtype (tf32 for fp32 input on GPU).
+  accumulations are fp32; Ai is stored in the input dtype (every reader casts it there). Matmul operands
+  are cast to the input dtype (tf32 for fp32 input on GPU).
 - The forward saves h, v', w and Ai for the backward instead of recomputing them (faster; costs
   T/64 * HV * K * V elements of memory per layer).
 - K <= 256 (one K tile). `use_qk_l2norm` in the chunked path normalises with torch ops before the
@@ -119,19 +120,6 @@ def _substitute(L):
 
 
 @triton.jit
-def _invert_diagonal_blocks(p_A, nv, HV: tl.constexpr):
-    """In place: the four 16 x 16 diagonal blocks L of a chunk's strictly lower A (stored as
-    [time, HV, BT] at p_A) become (I + L)^{-1}, all four at once (`_substitute`)."""
-    n = tl.arange(0, BT_C // BS_C)
-    r = tl.arange(0, BS_C)
-    rows = n[:, None, None] * BS_C + r[None, :, None]                 # [4, 16, 1]
-    ptrs = p_A + rows * (HV * BT_C) + n[:, None, None] * BS_C + r[None, None, :]
-    Ti = _substitute(tl.load(ptrs, mask=rows < nv, other=0.))
-    tl.debug_barrier()     # every warp has read its part of L before any overwrites it
-    tl.store(ptrs, Ti, mask=rows < nv)
-
-
-@triton.jit
 def _merge_blocks(A10, A20, A21, A30, A31, A32, T00, T11, T22, T33, PREC: tl.constexpr):
     """The off-diagonal blocks of Ai = (I + A)^{-1} from A's and the diagonal inverses T_rr, by block
     forward substitution: T_rc = -T_rr sum_{c <= m < r} A_rm T_mc."""
@@ -142,29 +130,6 @@ def _merge_blocks(A10, A20, A21, A30, A31, A32, T00, T11, T22, T33, PREC: tl.con
     T31 = -_mm(T33, _mm(A31, T11, PREC) + _mm(A32, T21, PREC), PREC)
     T30 = -_mm(T33, _mm(A30, T00, PREC) + _mm(A31, T10, PREC) + _mm(A32, T20, PREC), PREC)
     return T10, T20, T21, T30, T31, T32
-
-
-@triton.jit
-def _block(X, R, C, r: tl.constexpr, c: tl.constexpr):
-    """Block (r, c) [16, 16] of X [4, 4, 16, 16] (block row, block column, row, column)."""
-    return tl.sum(tl.sum(tl.where((R == r) & (C == c), X, 0.), 0), 0)
-
-
-@triton.jit
-def _inverse_in_registers(p_A, b_A, nv, HV: tl.constexpr, PREC: tl.constexpr):
-    """Ai = (I + A)^{-1} of a chunk's strictly lower A [64, 64] held in registers, its ten lower
-    16 x 16 blocks stored at p_A (rows past nv not stored): the blocks are cut out of A in registers
-    (no trip through the buffer and no barrier before the inverse)."""
-    X = tl.permute(tl.reshape(b_A, [BT_C // BS_C, BS_C, BT_C // BS_C, BS_C]), (0, 2, 1, 3))
-    n = tl.arange(0, BT_C // BS_C)
-    R = n[:, None, None, None]
-    C = n[None, :, None, None]
-    Ti = _substitute(tl.sum(tl.where(R == C, X, 0.), 1))             # the diagonal blocks' inverses
-    T00, T11, T22, T33 = _diagonal_blocks(Ti)
-    T10, T20, T21, T30, T31, T32 = _merge_blocks(
-        _block(X, R, C, 1, 0), _block(X, R, C, 2, 0), _block(X, R, C, 2, 1), _block(X, R, C, 3, 0),
-        _block(X, R, C, 3, 1), _block(X, R, C, 3, 2), T00, T11, T22, T33, PREC)
-    _st_lower(p_A, nv, HV, T00, T11, T22, T33, T10, T20, T21, T30, T31, T32)
 
 
 @triton.jit
@@ -182,7 +147,12 @@ def _st_lower(p_A, nv, HV: tl.constexpr, T00, T11, T22, T33, T10, T20, T21, T30,
     _st(p_A, 1, 1, nv, HV, T11)
     _st(p_A, 2, 2, nv, HV, T22)
     _st(p_A, 3, 3, nv, HV, T33)
-    _st_below_diagonal(p_A, nv, HV, T10, T20, T21, T30, T31, T32)
+    _st(p_A, 1, 0, nv, HV, T10)
+    _st(p_A, 2, 0, nv, HV, T20)
+    _st(p_A, 2, 1, nv, HV, T21)
+    _st(p_A, 3, 0, nv, HV, T30)
+    _st(p_A, 3, 1, nv, HV, T31)
+    _st(p_A, 3, 2, nv, HV, T32)
 
 
 @triton.jit
@@ -207,39 +177,6 @@ def _chunk_k_beta(k, beta, t0, nv, i_h, i_hv, H: tl.constexpr, HV: tl.constexpr,
                   mask=m_t[:, None] & (o_k < K)[None, :], other=0.)
     b_beta = tl.load(beta + t0 * HV + i_hv + o_i * HV, mask=m_t, other=0.).to(tl.float32)
     return b_k, b_beta
-
-
-@triton.jit
-def _ut_inverse(k, g, beta, G, Ai, t0, nv, i_h, i_hv, H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr,
-                BK: tl.constexpr, IN_REGISTERS: tl.constexpr):
-    """G = in-chunk cumsum(g) (stored), A = strict_lower(beta_i k_i.k_j exp(G_i - G_j)) by one product,
-    and Ai = (I + A)^{-1} in its buffer, through it (IN_REGISTERS False: A and the diagonal blocks'
-    inverses pass through Ai, fp32) or in registers (only Ai stored, in Ai's dtype). Returns the chunk's
-    k, beta and G for w and u."""
-    o_i = tl.arange(0, BT_C)
-    m_t = o_i < nv
-    b_G = _chunk_G(g, G, t0, nv, i_hv, HV)
-    b_k, b_beta = _chunk_k_beta(k, beta, t0, nv, i_h, i_hv, H, HV, K, BK)
-    strict = o_i[:, None] > o_i[None, :]
-    b_D = tl.exp(tl.where(strict, b_G[:, None] - b_G[None, :], 0.))
-    b_A = tl.where(strict, b_beta[:, None] * tl.dot(b_k, tl.trans(b_k)) * b_D, 0.)
-    p_A = Ai + (t0 * HV + i_hv) * BT_C
-    PREC: tl.constexpr = "ieee" if k.dtype.element_ty == tl.float32 else "tf32"
-    if IN_REGISTERS:
-        _inverse_in_registers(p_A, b_A, nv, HV, PREC)
-    else:
-        # A passes through this chunk's rows of the Ai buffer so that it can be re-read as 16 x 16 blocks.
-        tl.store(p_A + o_i[:, None] * (HV * BT_C) + o_i[None, :], b_A, mask=m_t[:, None])
-        tl.debug_barrier()
-        _invert_diagonal_blocks(p_A, nv, HV)
-        tl.debug_barrier()
-        T10, T20, T21, T30, T31, T32 = _merge_blocks(
-            _ld(p_A, 1, 0, nv, HV), _ld(p_A, 2, 0, nv, HV), _ld(p_A, 2, 1, nv, HV), _ld(p_A, 3, 0, nv, HV),
-            _ld(p_A, 3, 1, nv, HV), _ld(p_A, 3, 2, nv, HV), _ld(p_A, 0, 0, nv, HV), _ld(p_A, 1, 1, nv, HV),
-            _ld(p_A, 2, 2, nv, HV), _ld(p_A, 3, 3, nv, HV), PREC)
-        tl.debug_barrier()
-        _st_below_diagonal(p_A, nv, HV, T10, T20, T21, T30, T31, T32)
-    return b_k, b_beta, b_G
 
 
 @triton.jit
@@ -269,12 +206,14 @@ def _k_rows(k, t0, nv, i_h, H: tl.constexpr, K: tl.constexpr, r: tl.constexpr, o
 
 
 @triton.jit
-def _ut_inverse_by_blocks(k, g, beta, G, Ai, t0, nv, i_h, i_hv, H: tl.constexpr, HV: tl.constexpr,
-                          K: tl.constexpr, BKS: tl.constexpr):
-    """G (stored) and Ai = (I + A)^{-1} of one chunk with A formed block by block: the ten lower
-    16 x 16 blocks k_r k_c^T accumulated over K in slices of BKS columns, so that only four [16, BKS]
-    tiles of k and ten [16, 16] sums are live (the one [64, 128] product holds all of k and all of A,
-    and cutting A's blocks out of it costs a masked reduction each). Only Ai is stored, in Ai's dtype."""
+def _ut_inverse(k, g, beta, G, Ai, t0, nv, i_h, i_hv, H: tl.constexpr, HV: tl.constexpr,
+                K: tl.constexpr, BKS: tl.constexpr):
+    """G (stored) and Ai = (I + A)^{-1} of one chunk, A formed block by block: its ten lower 16 x 16
+    blocks k_r k_c^T accumulated over K in slices of BKS columns, so that only four [16, BKS] tiles of k
+    and ten [16, 16] sums are live. (One [64, K] x [K, 64] product holds all of k and all of A, and
+    cutting A's blocks out of it costs a masked reduction each, or a trip through memory: both were
+    measured twice as slow, reports/kernels.md run 6.) The diagonal blocks are inverted by forward
+    substitution, the others by block forward substitution; only Ai is stored, in the input dtype."""
     o_i = tl.arange(0, BT_C)
     b_G = _chunk_G(g, G, t0, nv, i_hv, HV)
     b_beta = tl.load(beta + t0 * HV + i_hv + o_i * HV, mask=o_i < nv, other=0.).to(tl.float32)
@@ -321,29 +260,12 @@ def _ut_inverse_by_blocks(k, g, beta, G, Ai, t0, nv, i_h, i_hv, H: tl.constexpr,
 
 
 @triton.jit
-def _st_below_diagonal(p_A, nv, HV: tl.constexpr, T10, T20, T21, T30, T31, T32):
-    """Store Ai's six 16 x 16 blocks below its diagonal (both ways of forming Ai)."""
-    _st(p_A, 1, 0, nv, HV, T10)
-    _st(p_A, 2, 0, nv, HV, T20)
-    _st(p_A, 2, 1, nv, HV, T21)
-    _st(p_A, 3, 0, nv, HV, T30)
-    _st(p_A, 3, 1, nv, HV, T31)
-    _st(p_A, 3, 2, nv, HV, T32)
-
-
-@triton.jit
 def _block_ptrs(p, R: tl.constexpr, C: tl.constexpr, nv, HV: tl.constexpr):
     """Pointers and row mask of block (R, C), 16 x 16, of a per-chunk [BT, BT] matrix stored as
     [time, HV, BT]; p points at (chunk start, head)."""
     r = tl.arange(0, BS_C)
     rows = R * BS_C + r
     return p + rows[:, None] * (HV * BT_C) + C * BS_C + r[None, :], (rows < nv)[:, None]
-
-
-@triton.jit
-def _ld(p, R: tl.constexpr, C: tl.constexpr, nv, HV: tl.constexpr):
-    ptrs, m = _block_ptrs(p, R, C, nv, HV)
-    return tl.load(ptrs, mask=m, other=0.)
 
 
 @triton.jit
@@ -397,42 +319,20 @@ def _wy_operands(k, beta, G, t0, nv, i_h, i_hv, H: tl.constexpr, HV: tl.constexp
 
 
 @triton.jit
-def _wy_fwd_kernel(k, v, g, beta, G, Ai, w, u, cu_seqlens, chunk_indices, T, NT,
-                   H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
-                   BK: tl.constexpr, BV: tl.constexpr, IS_VARLEN: tl.constexpr):
-    """The whole UT transform of one chunk: G, Ai, w, u (WY_INVERSE "buffer")."""
-    i_c, i_hv = tl.program_id(0), tl.program_id(1)
-    t0, nv = _chunk_bounds(i_c, cu_seqlens, chunk_indices, T, NT, IS_VARLEN)
-    b_k, b_beta, b_G = _ut_inverse(k, g, beta, G, Ai, t0, nv, i_hv // (HV // H), i_hv, H, HV, K, BK, False)
-    tl.debug_barrier()      # Ai stored by every warp before the products read it back
-    _wy_apply(v, w, u, b_k, b_beta, b_G, Ai + (t0 * HV + i_hv) * BT_C, t0, nv, i_hv, HV, K, V, BK, BV)
-
-
-@triton.jit
 def _wy_inverse_kernel(k, g, beta, G, Ai, cu_seqlens, chunk_indices, T, NT,
-                       H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, BK: tl.constexpr,
+                       H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, BKS: tl.constexpr,
                        IS_VARLEN: tl.constexpr):
-    """WY_INVERSE "split", first kernel: G and Ai of one chunk."""
+    """The UT transform's first kernel: G and Ai of one chunk."""
     i_c, i_hv = tl.program_id(0), tl.program_id(1)
     t0, nv = _chunk_bounds(i_c, cu_seqlens, chunk_indices, T, NT, IS_VARLEN)
-    _ut_inverse(k, g, beta, G, Ai, t0, nv, i_hv // (HV // H), i_hv, H, HV, K, BK, True)
-
-
-@triton.jit
-def _wy_inverse_blocks_kernel(k, g, beta, G, Ai, cu_seqlens, chunk_indices, T, NT,
-                              H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, BKS: tl.constexpr,
-                              IS_VARLEN: tl.constexpr):
-    """WY_INVERSE "blocks", first kernel: G and Ai of one chunk, A formed block by block."""
-    i_c, i_hv = tl.program_id(0), tl.program_id(1)
-    t0, nv = _chunk_bounds(i_c, cu_seqlens, chunk_indices, T, NT, IS_VARLEN)
-    _ut_inverse_by_blocks(k, g, beta, G, Ai, t0, nv, i_hv // (HV // H), i_hv, H, HV, K, BKS)
+    _ut_inverse(k, g, beta, G, Ai, t0, nv, i_hv // (HV // H), i_hv, H, HV, K, BKS)
 
 
 @triton.jit
 def _wy_apply_kernel(k, v, beta, G, Ai, w, u, cu_seqlens, chunk_indices, T, NT,
                      H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
                      BK: tl.constexpr, BV: tl.constexpr, IS_VARLEN: tl.constexpr):
-    """WY_INVERSE "split", second kernel: w and u of one chunk from the stored G and Ai."""
+    """The UT transform's second kernel: w and u of one chunk from the stored G and Ai."""
     i_c, i_hv = tl.program_id(0), tl.program_id(1)
     i_h = i_hv // (HV // H)
     t0, nv = _chunk_bounds(i_c, cu_seqlens, chunk_indices, T, NT, IS_VARLEN)
@@ -804,7 +704,8 @@ _SEQ_BWD_CONFIGS = [triton.Config({"BV": bv}, num_warps=nw, num_stages=ns)
 _SEQ_FWD_CONFIGS = _SEQ_BWD_CONFIGS + [triton.Config({"BV": bv}, num_warps=nw, num_stages=ns)
                                        for bv, nw, ns in ((16, 2, 2), (32, 2, 2), (16, 4, 3))]
 _V_TILE_CONFIGS = [triton.Config({"BV": bv}, num_warps=nw) for bv in (64, 128) for nw in (4, 8)]
-_INVERSE_CONFIGS = [triton.Config({}, num_warps=nw) for nw in (2, 4, 8)]
+# small programs: ten [16, 16] sums and four [16, BKS] tiles of k (1-4 warps, as many CTAs an SM as fit)
+_INVERSE_CONFIGS = [triton.Config({"BKS": bks}, num_warps=nw) for bks in (32, 64) for nw in (1, 2, 4)]
 _CHUNK_BWD_CONFIGS = [triton.Config({"BV": bv}, num_warps=nw) for bv, nw in ((16, 8), (32, 8))]   # 4 warps spill
 # Launch shapes are measured once per (shape, dtype), since no GPU timing informed the defaults. Every
 # autotuned kernel writes only outputs (or scratch it rewrites), so repeated trial launches are safe;
@@ -812,31 +713,11 @@ _CHUNK_BWD_CONFIGS = [triton.Config({"BV": bv}, num_warps=nw) for bv, nw in ((16
 # kernels carry the whole run's latency, and their best V split depends on N * HV.
 _state_fwd_tuned = triton.autotune(configs=_SEQ_FWD_CONFIGS, key=["NHV", "K", "V"])(_state_fwd_kernel)
 _state_bwd_tuned = triton.autotune(configs=_SEQ_BWD_CONFIGS, key=["NHV", "K", "V"])(_state_bwd_kernel)
-_wy_fwd_tuned = triton.autotune(configs=_V_TILE_CONFIGS, key=["K", "V"])(_wy_fwd_kernel)
 _wy_inverse_tuned = triton.autotune(configs=_INVERSE_CONFIGS, key=["K"])(_wy_inverse_kernel)
-# small programs: ten [16, 16] sums and four [16, BKS] tiles of k (1-4 warps, as many CTAs an SM as fit)
-_INVERSE_BLOCKS_CONFIGS = [triton.Config({"BKS": bks}, num_warps=nw) for bks in (32, 64) for nw in (1, 2, 4)]
-_wy_inverse_blocks_tuned = triton.autotune(configs=_INVERSE_BLOCKS_CONFIGS, key=["K"])(_wy_inverse_blocks_kernel)
 _wy_apply_tuned = triton.autotune(configs=_V_TILE_CONFIGS, key=["K", "V"])(_wy_apply_kernel)
 _output_fwd_tuned = triton.autotune(configs=_V_TILE_CONFIGS, key=["K", "V"])(_output_fwd_kernel)
 _dv_local_tuned = triton.autotune(configs=_V_TILE_CONFIGS, key=["K", "V"])(_dv_local_kernel)
 _chunk_bwd_tuned = triton.autotune(configs=_CHUNK_BWD_CONFIGS, key=["K", "V"])(_chunk_bwd_kernel)
-
-
-# How the UT transform forms Ai = (I + A)^{-1}: "buffer" passes A through the Ai buffer (fp32; three
-# stores and reloads, four barriers) in the one kernel that also forms w and u; "split" cuts A's
-# 16 x 16 blocks out in registers, stores only Ai (in the input dtype, which halves the backward's
-# reads of it) and forms w and u in a second kernel, as fla does. At K = V = 128 (ptxas sm_90, bf16)
-# the one kernel holds 142-201 registers a thread; split, Ai's kernel 104 at 4 warps and w/u's 64 at 8.
-# Forward on one H100 (2026-12-07, reports/kernels.md run 5): the same time (2.926 against 2.92-3.01 ms
-# at T 64k, 0.755 against 0.749-0.764 at 16k); the register inverse inside the one kernel, a third
-# form, was 17% slower and is gone. "buffer" stays shipped until the training step (where split's
-# 16-bit Ai also counts) is timed.
-# "blocks" is split with A formed block by block (`_ut_inverse_by_blocks`): ten 16 x 16 products over
-# K slices in small programs instead of one [64, 128] x [128, 64] product whose blocks are then cut
-# out; built after run 5, not timed yet.
-WY_INVERSE = "buffer"
-WY_INVERSES = ("buffer", "split", "blocks")
 
 
 def _launch(tuned, raw, grid, args, kw, interpreter_meta: dict):
@@ -880,28 +761,16 @@ def _fwd(q, k, v, g, beta, scale, h0, output_final_state, layout):
     dt = k.dtype
     f32 = torch.float32
     G = torch.empty(B, T, HV, dtype=f32, device=q.device)
-    if WY_INVERSE not in WY_INVERSES:
-        raise ValueError(f"gated delta (triton): WY_INVERSE {WY_INVERSE!r}; choose from {', '.join(WY_INVERSES)}")
-    # the buffer form passes A and the diagonal blocks' inverses through Ai, so it keeps fp32; every
-    # reader casts Ai to the input dtype, so the split form stores it there
-    Ai = torch.empty(B, T, HV, BT, dtype=f32 if WY_INVERSE == "buffer" else dt, device=q.device)
+    Ai = torch.empty(B, T, HV, BT, dtype=dt, device=q.device)
     w = torch.empty(B, T, HV, K, dtype=dt, device=q.device)
     u = torch.empty(B, T, HV, V, dtype=dt, device=q.device)
     bv_interp = {"BV": max(16, min(64, triton.next_power_of_2(V)))}
-    if NC > 0 and WY_INVERSE in ("split", "blocks"):
-        kw = dict(H=H, HV=HV, K=K, BK=BK, IS_VARLEN=varlen)
-        if WY_INVERSE == "split":
-            _launch(_wy_inverse_tuned, _wy_inverse_kernel, lambda meta: (NC, HV),
-                    (k, g, beta, G, Ai, cu, chunk_indices, T, NT), kw, {})
-        else:
-            _launch(_wy_inverse_blocks_tuned, _wy_inverse_blocks_kernel, lambda meta: (NC, HV),
-                    (k, g, beta, G, Ai, cu, chunk_indices, T, NT), dict(H=H, HV=HV, K=K, IS_VARLEN=varlen),
-                    {"BKS": min(32, BK)})
+    if NC > 0:
+        _launch(_wy_inverse_tuned, _wy_inverse_kernel, lambda meta: (NC, HV),
+                (k, g, beta, G, Ai, cu, chunk_indices, T, NT), dict(H=H, HV=HV, K=K, IS_VARLEN=varlen),
+                {"BKS": min(32, BK)})
         _launch(_wy_apply_tuned, _wy_apply_kernel, lambda meta: (NC, HV),
-                (k, v, beta, G, Ai, w, u, cu, chunk_indices, T, NT), dict(kw, V=V), bv_interp)
-    elif NC > 0:
-        _launch(_wy_fwd_tuned, _wy_fwd_kernel, lambda meta: (NC, HV),
-                (k, v, g, beta, G, Ai, w, u, cu, chunk_indices, T, NT),
+                (k, v, beta, G, Ai, w, u, cu, chunk_indices, T, NT),
                 dict(H=H, HV=HV, K=K, V=V, BK=BK, IS_VARLEN=varlen), bv_interp)
     h = torch.empty(max(NC, 1), HV, K, V, dtype=dt, device=q.device)
     v_new = torch.empty(B, T, HV, V, dtype=dt, device=q.device)
