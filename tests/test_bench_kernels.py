@@ -50,3 +50,33 @@ def test_gdn_tables_use_the_devices_peaks(capsys, monkeypatch, tmp_path):
     assert "387, 50%)" in out and "2086, 50%)" in out
     gdn.plot(chunk, decode, (T,), str(tmp_path / "gdn.png"), 4172.0)
     assert (tmp_path / "gdn.png").stat().st_size > 1000
+
+
+def test_gdn_bench_profiles_our_forward_and_backward(monkeypatch, capsys):
+    """`bench gdn --profile-T` lists every backend's forward kernels and ours forward + backward (the
+    backward's kernels are the rest): here on CPU through the interpreter, small heads, the profiler
+    stubbed by a timer that runs the step once and names what ran."""
+    from deepwish.bench import gdn
+    from deepwish.kernels.gated_delta import chunk_gated_delta_rule
+    monkeypatch.setattr(gdn, "H", 1)
+    monkeypatch.setattr(gdn, "D", 16)
+    ran = []
+
+    def fake_times(step, rows=12):
+        step()
+        return {"kernels": [{"name": "k", "us_per_step": 1.0, "calls_per_step": 1}], "sum_ms": 1e-3}
+
+    def ours(*x):
+        ran.append("fwd")
+        o = chunk_gated_delta_rule(*x)[0]
+        if o.requires_grad:
+            o.register_hook(lambda grad: ran.append("bwd"))
+        return o
+
+    backends = {"triton": {"chunk": ours}, "fla": {"chunk": lambda *x: ran.append("fla")}}
+    monkeypatch.setattr(gdn, "kernel_times", fake_times)
+    out = gdn.profile_forward(backends, 70, "cpu")
+    assert set(out) == {"triton", "triton fwd+bwd", "fla"}
+    assert ran == ["fwd", "fwd", "bwd", "fla"]
+    printed = capsys.readouterr().out
+    assert "triton fwd at T=70" in printed and "triton fwd+bwd at T=70" in printed and "fla fwd at T=70" in printed

@@ -285,14 +285,27 @@ def plot(chunk: dict, decode: dict, seqlens, path: str, copy_gbs: float = COPY_P
 
 
 def profile_forward(backends, T: int, device) -> dict:
-    """The chunked forward's kernels at T by GPU time, for every backend but the torch reference."""
+    """The chunked forward's kernels at T by GPU time, for every backend but the torch reference;
+    and ours forward + backward ("<name> fwd+bwd"), whose backward kernels are the rest."""
     inputs = make_inputs(T, device)
+    leaves = [x.detach().requires_grad_() for x in inputs]
+    do = torch.randn_like(inputs[2])
+
+    def fwd_bwd(chunk):
+        o = chunk(*leaves)
+        torch.autograd.grad(o, leaves, do)
+
     out = {}
     for name in [n for n in backends if n != "torch"]:
         out[name] = attempt(f"profile {name} T={T}", lambda: kernel_times(lambda: backends[name]["chunk"](*inputs)))
-        if isinstance(out[name], dict):
-            print(f"[gdn bench] {name} fwd at T={T}: {out[name]['sum_ms']:.3f} ms of kernels")
-            for r in out[name]["kernels"]:
+        if name == "triton":
+            out[f"{name} fwd+bwd"] = attempt(f"profile {name} fwd+bwd T={T}",
+                                             lambda: kernel_times(lambda: fwd_bwd(backends[name]["chunk"]), rows=16))
+    for name, prof in out.items():
+        if isinstance(prof, dict):
+            print(f"[gdn bench] {name if name.endswith('bwd') else name + ' fwd'} at T={T}: "
+                  f"{prof['sum_ms']:.3f} ms of kernels")
+            for r in prof["kernels"]:
                 print(f"    {r['us_per_step']:9.1f} us  x{r['calls_per_step']:.0f}  {r['name']}")
     return out
 
