@@ -82,8 +82,8 @@ class ModelConfig:
     # projection's prologue, the residual add in the o and down projections' epilogues (model/block.py
     # residual_branch): three kernels a layer fewer for Qwen3's dense blocks. Applies where the GEMV serves
     # the step (decode_matmul auto / triton on CUDA); 1.116 -> 1.042 ms a step on one H200 (reports/inference.md).
-    # The split-KV merge stays its own kernel: merged inside the split kernel (decode_attention's
-    # merge_in_split) the step was 2-7% slower on one H100 (2026-12-07, reports/inference.md)
+    # The split-KV merge stays its own kernel: merged inside the split kernel the step was 2-7% slower
+    # on one H100, so that form was removed (2026-12-07, reports/inference.md)
     decode_fusion: bool = True
     # the decode step's own kernels (GEMV, prologue, split-KV attention) launched with programmatic
     # dependent launch (kernels/pdl.py; Hopper or later): each starts while the one before finishes.

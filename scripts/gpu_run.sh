@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # What the GPU machine runs: environment report, GPU tests and benchmarks, results under $OUT.
-#   bash scripts/gpu_run.sh STAGE...   with STAGE in: env tests kernels gdn train decode sweep tradeoff notebook profile embedding gpt_mfu corpus speedrun loop_profile mfu_variants lce ablate dsa nsa_kernels nsa_model nsa_quality attn_dq_tiles attn_dq muon attn_focus_tiles attn_goals decode_tests decode_compare decode_tiles decode_rows decode_rows_compiled decode_profiles generate nsa_generate train_paths packed_bench merge_ab
+#   bash scripts/gpu_run.sh STAGE...   with STAGE in: env tests kernels gdn train decode sweep tradeoff notebook profile embedding gpt_mfu corpus speedrun loop_profile mfu_variants lce ablate dsa nsa_kernels nsa_model nsa_quality attn_dq_tiles attn_dq muon attn_focus_tiles attn_goals decode_tests decode_compare decode_tiles decode_rows decode_rows_compiled decode_profiles generate nsa_generate train_paths packed_bench
 # Optional wheels in .whl/ (flash-linear-attention, liger-kernel) are installed to /tmp/site
 # first, so the anchors run side by side with deepwish in the same process (NO_WHEELS=1 skips
 # them, e.g. for HF's Qwen3-Next on its torch path).
@@ -143,13 +143,6 @@ for stage in "$@"; do
         --variant "muon: train.optimizer=muon" ${TRAIN_PATHS_ARGS:-} 2>&1 | grep -v '^step' | tail -30 || status=1
       mkdir -p "$OUT/train_paths"
       cp /tmp/variants_qwen/variants.* "$OUT/train_paths/" 2>/dev/null || status=1 ;;
-    merge_ab)  # the split-KV merge inside the split kernel against its own kernel (the model's form), captured
-      # batch-1 step, alternating: qwen3_0.6b at 512 and 4096, qwen3_0.6b_nsa's window branch at 4096 (~1.5 min)
-      for pc in qwen3_0.6b:512 qwen3_0.6b:4096 qwen3_0.6b_nsa:4096; do
-        PRESET=${pc%%:*} CTX=${pc##*:} OUT="$OUT/merge_ab" python3 reports/inference/merge_ab.py 2>&1 \
-          | grep -E "^AB|rror" || status=1
-      done
-      rm -f "$OUT"/merge_ab/*/decode_profile.md ;;
     packed_bench)  # `bench train` plain causal beside its packed variant on the speedrun's code corpus (many
       # documents a row; the row prints documents per row), one process, ~3 min: the attention issue's
       # packed-within-5% goal measured where packing is real

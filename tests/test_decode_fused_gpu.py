@@ -220,11 +220,10 @@ def test_decode_fusion_greedy_follows_the_separate_ops(cuda, batch, pdl):
 
 
 @pytest.mark.parametrize("B,L", [(1, 8192), (64, 576)])
-def test_merge_in_split_matches_the_merge_kernel(cuda, rel_err, B, L):
-    """decode_attention(merge_in_split=True) at Qwen3-0.6B's heads: the last split program's merge
-    equals the separate merge kernel's at many splits (batch 1, 8k) and at batch 64 (4 splits), call
-    after call (the counters return to zero), and with PDL; batch 64's planned single split, stored
-    directly, the same."""
+def test_split_decode_at_qwen3_heads_with_pdl_and_the_planned_split(cuda, rel_err, B, L):
+    """decode_attention at Qwen3-0.6B's heads: the merge kernel's answer at many splits (batch 1, 8k)
+    and at batch 64 cut into 4 splits the same call after call and with PDL; batch 64's planned
+    single split, stored directly, as near the exact answer as the cut form."""
     from deepwish.kernels.attention.decode import decode_attention
     bf = dict(device=cuda, dtype=torch.bfloat16)
     q = torch.randn(B, 1, 16, 128, **bf)
@@ -233,7 +232,7 @@ def test_merge_in_split_matches_the_merge_kernel(cuda, rel_err, B, L):
     splits = None if B == 1 else 4  # batch 64 plans one split (stored directly, no merge): cut it here
     want = decode_attention(q, k, v, pos, splits=splits)
     for pdl in (False, True, True):
-        got = decode_attention(q, k, v, pos, splits=splits, merge_in_split=True, pdl=pdl)
+        got = decode_attention(q, k, v, pos, splits=splits, pdl=pdl)
         assert rel_err(want, got) < 1e-3
     # and the planned step itself (batch 64: one split, its output stored as it is). Against the fp32
     # reference, not the cut form: each chunk rounds its softmax weights to bf16 against its own
@@ -242,7 +241,8 @@ def test_merge_in_split_matches_the_merge_kernel(cuda, rel_err, B, L):
     from deepwish.kernels.attention import reference
     exact = reference.decode_attention(q.float(), k.float(), v.float(), pos,
                                        torch.arange(L, device=cuda).expand(B, L))
-    planned = decode_attention(q, k, v, pos, merge_in_split=True, pdl=True)
+    assert rel_err(exact, want) < 4e-3
+    planned = decode_attention(q, k, v, pos, pdl=True)
     assert rel_err(exact, planned) < 4e-3 and rel_err(exact, planned) < 1.5 * rel_err(exact, want) + 1e-4
 
 
@@ -269,5 +269,5 @@ def test_split_prefetch_changes_no_value(cuda, monkeypatch, TQ):
         kc, vc = k.clone(), v.clone()
         kc[:, :, L - 64:L - 64 + TQ] = new_k
         vc[:, :, L - 64:L - 64 + TQ] = new_v
-        out[prefetch] = decode.decode_attention(q, kc, vc, pos, pdl=True, merge_in_split=True)
+        out[prefetch] = decode.decode_attention(q, kc, vc, pos, pdl=True)
     assert torch.equal(out[True], out[False])

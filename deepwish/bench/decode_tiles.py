@@ -9,8 +9,8 @@ Parts: `gemv`: the one-row GEMV (kernels/gemv/triton.py, batch 1) at the step's 
 with what model.decode_fusion puts in them (q/k/v and gate/up with the pre-norm, gate/up with
 SwiGLU's activation, o and down with the residual add) and the LM head, per (BN, BK, warps, stages), and
 the shipped tiles without the bulk L2 prefetch of W (PREFETCH_UNDER_PDL) and autotuned alone (the
-shapes of IN_STEP_TILES too); `split`: the split-KV decode kernel with its merge
-(kernels/attention/decode.py, merge_in_split) per programs per SM, chunk unit and (BN, warps,
+shapes of IN_STEP_TILES too); `split`: the split-KV decode kernel with its merge kernel
+(kernels/attention/decode.py) per programs per SM, chunk unit and (BN, warps,
 stages), and with its L2 prefetch of keys and values switched (PREFETCH_UNDER_PDL); `step` (opt-in): the whole step of the model
 as it comes, captured (--step-mode compiled: compiled and captured), as shipped, with the split
 kernel's prefetch switched and with every GEMV
@@ -208,7 +208,7 @@ def sweep_split(cfg, layers: int, context: int, dev, pdl: str, rows: list) -> No
     nbytes = 2 * Hkv * (context + 1) * D * 2  # the keys and values a step reads (positions 0..context)
     saved = {k: getattr(dk, k) for k in ("DECODE_PROGRAMS_PER_SM", "DECODE_CHUNK_UNIT", "DECODE_BN", "DECODE_WARPS",
                                          "DECODE_STAGES")}
-    run = lambda: [dk.decode_attention(q, k, v, pos, pdl=pdl, merge_in_split=True)  # noqa: E731
+    run = lambda: [dk.decode_attention(q, k, v, pos, pdl=pdl)  # noqa: E731
                    for q, (k, v) in zip(qs, caches)]
     try:
         want = run()

@@ -228,7 +228,6 @@ DECODE_VARIANTS = {
     "top-n merge 8 warps": {"cmp_split": dict(MERGE_WARPS=8)},
     "top-n merge unpruned, 8 warps": {"cmp_split": dict(MERGE_PRUNE=False, MERGE_WARPS=8)},
     "scoring 2 tiles a split": {"cmp_split": dict(SEL_TILES=2)},
-    "merges in the split programs": {"cmp_split": dict(MERGE_IN_SPLIT=True), "slc_split": dict(MERGE_IN_SPLIT=True)},
     # the set before 2026-12-06's fifth run (reports/nsa.md)
     "previous defaults": {"cmp_split": dict(SPLIT_TOKENS=256, SCAN=0, MERGE_WARPS=4, MERGE_PRUNE=False, num_warps=4),
                           "slc_split": dict(num_warps=4)},
@@ -278,9 +277,6 @@ def decode_times(C: int, device, variants: dict | None = None) -> dict:
         splits = plan_splits(1, k_cache.shape[1], C, q.device)[0]
         return decode_attention(q, k_cache, v_cache, x["q_pos"], None, window=WINDOW, splits=splits)
 
-    def win_merge_in_split():
-        return decode_attention(q, k_cache, v_cache, x["q_pos"], None, window=WINDOW, merge_in_split=True)
-
     def layer():   # the gates are elementwise: the sum stands in for them
         return step() + win()
 
@@ -301,8 +297,7 @@ def decode_times(C: int, device, variants: dict | None = None) -> dict:
                 for kind, cfg in change.items():
                     stack.enter_context(nk.override_tiles(kind, **cfg))
                 row["variants"][name] = timed(step)
-        row["win_variants"] = {"splits over the whole cache": timed(win_cache_splits),
-                               "merged in the split kernel": timed(win_merge_in_split)}
+        row["win_variants"] = {"splits over the whole cache": timed(win_cache_splits)}
         pdl = "off"
         row["no_pdl"] = {"cmp+slc": timed(step), "win": timed(win), "nsa": timed(layer)}
         pdl = "auto"

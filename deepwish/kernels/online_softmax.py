@@ -5,8 +5,7 @@ attention kernel: the flash forward, split-KV decoding, NSA's branches and spars
 
 s [rows, keys] holds the scores already multiplied by log2(e) (and by the softmax scale), with
 -inf where a pair is not visible; m starts finite (e.g. -1e30) so a row with nothing visible
-yet stays NaN-free. `merge_partial` folds split-KV partial states together the same way, one
-split at a time. Inlined by Triton: one definition, no call at run time."""
+yet stays NaN-free. Inlined by Triton: one definition, no call at run time."""
 import triton
 import triton.language as tl
 
@@ -51,14 +50,3 @@ def online_softmax_step_scaled(acc, m_i, l_i, s, c, v, PREC: tl.constexpr, SLACK
     acc = tl.dot(p.to(v.dtype), v, acc, input_precision=PREC)
     return acc, m_i, l_i
 
-
-@triton.jit
-def merge_partial(acc, den, m, acc_s, l_s, m_s):
-    """(acc, den, m) after folding in one split's partial state: the split-KV merge done one split
-    at a time for all rows at once (the decode split kernel's MERGE_ROWS, NSA's MERGE_IN_SPLIT).
-    acc_s [rows, dv] and l_s are the split's sums against its base-2 maximum m_s [rows]; a split
-    that kept (o, lse) passes (o, 1, lse). m starts finite (-1e30): an empty split (m_s -1e30 or
-    -inf, l_s 0) weighs 0 and makes no NaN. o = acc / den and lse = m + log2(den) at the end."""
-    m_new = tl.maximum(m, m_s)
-    keep, w = tl.exp2(m - m_new), tl.exp2(m_s - m_new)
-    return acc * keep[:, None] + acc_s * w[:, None], den * keep + l_s * w, m_new

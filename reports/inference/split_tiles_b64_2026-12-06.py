@@ -1,6 +1,8 @@
 """The split-KV kernel alone at batch 64 (Qwen3-0.6B heads, context 512, bf16, PDL, 28 launches in a CUDA
 graph): tile x split count. Run on the GPU machine from the repo root: PYTHONPATH=. python3 THIS_FILE.
-Results (H200, 2026-12-06): reports/inference.md, "Measured 2026-12-06"."""
+Results (H200, 2026-12-06): reports/inference.md, "Measured 2026-12-06". They were taken with the splits
+merged inside the split kernel (an option of decode_attention since removed); today 2 and 4 splits
+also launch the merge kernel."""
 import torch
 from deepwish.kernels.attention import decode as dk
 B, H, Hkv, D, L = 64, 16, 8, 128, 576
@@ -36,7 +38,7 @@ for bn, w, s in [(64, 4, 3), (64, 4, 2), (32, 4, 3), (32, 2, 4), (128, 8, 2), (6
     dk.DECODE_DIRECT_TILE = (bn, w, s)
     for sp in (1, 2, 4):
         try:
-            us = t(lambda: dk.decode_attention(q, k, v, pos, splits=sp, merge_in_split=True, pdl=True))
+            us = t(lambda: dk.decode_attention(q, k, v, pos, splits=sp, pdl=True))
             print(f"BN {bn} warps {w} stages {s} splits {sp}: {us:.2f} us/launch {nbytes / us / 1e3:.0f} GB/s", flush=True)
         except Exception as e:
             print(bn, w, s, sp, "failed", type(e).__name__, str(e)[:100], flush=True)

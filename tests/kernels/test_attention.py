@@ -174,23 +174,13 @@ def test_decode_matches_reference_over_a_static_cache(rel_err, Tq, H, Hkv, windo
     got = decode_attention(q, kc, vc, q_pos, None, window=window, softcap=3.0)
     want = ref.decode_attention(q, kc, vc, q_pos, torch.arange(L).expand(B, L), window=window, softcap=3.0)
     assert rel_err(want, got) < TOL[dtype]
-    assert rel_err(want, decode_attention(q, kc, vc, q_pos, None, window=window, softcap=3.0, splits=1)) < TOL[dtype]
-    # the merge inside the split kernel (merge_in_split, an option the model does not take): the same
-    # values, one split or several, and the counters back at zero after each call (a captured graph
-    # calls again with the same buffer)
-    from deepwish.kernels.attention import decode
-    for splits in (None, 1, 3):
-        merged = decode_attention(q, kc, vc, q_pos, None, window=window, softcap=3.0, splits=splits, merge_in_split=True)
-        assert rel_err(want, merged) < TOL[dtype]
-        assert not decode._merge_counters(q.device).any()
-    again = decode_attention(q, kc, vc, q_pos, None, window=window, softcap=3.0, splits=3, merge_in_split=True)
-    assert torch.equal(again, merged)
+    for splits in (1, 3):  # one split stored as it is; three merged by the merge kernel
+        assert rel_err(want, decode_attention(q, kc, vc, q_pos, None, window=window, softcap=3.0, splits=splits)) < TOL[dtype]
 
 
 @pytest.mark.parametrize("q_pos", [[[5, 6, 7]], [[150, 151, 152]], [[30, 90, 170]]],
                          ids=["window-before-start", "consecutive", "spread-positions"])
-@pytest.mark.parametrize("merge_in_split", [False, True])
-def test_windowed_decode_splits_the_window_not_the_cache(rel_err, q_pos, merge_in_split):
+def test_windowed_decode_splits_the_window_not_the_cache(rel_err, q_pos):
     """A window much shorter than a plain cache: the splits tile the window's span from its first
     slot (a few chunks, not one per SM over the whole cache), and the last split takes whatever is
     left up to the last query, so queries farther apart than Tq still see their whole windows."""
@@ -200,7 +190,7 @@ def test_windowed_decode_splits_the_window_not_the_cache(rel_err, q_pos, merge_i
     q = torch.randn(B, q_pos.shape[1], H, D)
     kc, vc = torch.randn(B, Hkv, L, D), torch.randn(B, Hkv, L, D)
     want = ref.decode_attention(q, kc, vc, q_pos, torch.arange(L).expand(B, L), window=W)
-    got = decode_attention(q, kc, vc, q_pos, None, window=W, merge_in_split=merge_in_split)
+    got = decode_attention(q, kc, vc, q_pos, None, window=W)
     assert rel_err(want, got) < TOL[torch.float32]
 
 
@@ -217,10 +207,10 @@ def test_decode_over_a_ring_cache_matches_full_attention(rel_err):
     for t in range(T - 3):
         pos = torch.tensor([[t]])
         kk, vv, kp = cache.keys_for(pos, k[:, t:t + 1].transpose(1, 2), v[:, t:t + 1].transpose(1, 2))
-        outs.append(decode_attention(q[:, t:t + 1], kk, vv, pos, kp, window=W, merge_in_split=t % 2 == 1))
+        outs.append(decode_attention(q[:, t:t + 1], kk, vv, pos, kp, window=W))
     pos = torch.arange(T - 3, T)[None]
     kk, vv, kp = cache.keys_for(pos, k[:, -3:].transpose(1, 2), v[:, -3:].transpose(1, 2))
-    outs.append(decode_attention(q[:, -3:], kk.contiguous(), vv.contiguous(), pos, kp, window=W, merge_in_split=True))
+    outs.append(decode_attention(q[:, -3:], kk.contiguous(), vv.contiguous(), pos, kp, window=W))
     assert rel_err(full, torch.cat(outs, 1)) < 1e-5
 
 
@@ -336,20 +326,24 @@ def test_split_launch_picks_the_wide_tile_and_bounds_the_prefetch(B, Hkv, L, wid
     launches = []
 
     class Recorder:
+        def __init__(self, into):
+            self.into = into
+
         def __getitem__(self, grid):
-            return lambda *args, **kw: launches.append((grid, kw))
-    monkeypatch.setattr(decode, "_split_kernel", Recorder())
+            return lambda *args, **kw: self.into.append((grid, kw))
+    monkeypatch.setattr(decode, "_split_kernel", Recorder(launches))
+    monkeypatch.setattr(decode, "_merge_kernel", Recorder([]))  # the recorded split kernel wrote no partials
     monkeypatch.setattr(decode, "launch_options", lambda pdl, device, name: (True, {}))  # as on a Hopper GPU
     monkeypatch.setattr(decode, "DECODE_DIRECT_TILE", (32, 4, 3))  # unlike the usual tile, so the pick shows
     q = torch.randn(B, 1, 2 * Hkv, 16)
     k, v = torch.randn(B, Hkv, L, 16), torch.randn(B, Hkv, L, 16)
     pos = torch.full((B, 1), L - 1)
-    decode_attention(q, k, v, pos, pdl=True, merge_in_split=True)
+    decode_attention(q, k, v, pos, pdl=True)
     grid, kw = launches[-1]
     assert (grid[0] == 1) == (B * Hkv > 1 and L <= decode.DECODE_CHUNK_UNIT)  # planned: one split here
     tile = (kw["BN"], kw["num_warps"], kw["num_stages"])
     assert tile == ((32, 4, 3) if wide else (decode.DECODE_BN, decode.DECODE_WARPS, decode.DECODE_STAGES))
     assert kw["PREFETCH"] is True  # a few KB of cache
     monkeypatch.setattr(decode, "PREFETCH_MAX_BYTES", B * Hkv * L * 32 * 4 - 16)  # one slot row over the bound
-    decode_attention(q, k, v, pos, pdl=True, merge_in_split=True)
+    decode_attention(q, k, v, pos, pdl=True)
     assert launches[-1][1]["PREFETCH"] is False

@@ -271,20 +271,19 @@ out["rows_glu"] = ptx(gk._rows_kernel.fn, dict(rg, GLU=True, RESIDUAL=False, PRE
                       fp32=("eps",), ints=("M", "N", "K"))
 out["one_row_no_prefetch"] = ptx(gk._one_row_kernel.fn, dict(g, PREFETCH=False), fp32=("eps",), ints=("N", "K"))
 out["split"] = ptx(decode._split_kernel, dict(CHUNK=256, BLOCK_DK=128, BLOCK_DV=128, BM=16, GP=2, SLOT_POS=True,
-                   SOFTCAP=False, PREC="tf32", BN=64, PDL=True, MERGE=True, BS=64, PREFETCH=False,
-                   DIRECT=False, WIN_SPLITS=False, MERGE_ROWS=False),
+                   SOFTCAP=False, PREC="tf32", BN=64, PDL=True, PREFETCH=False, DIRECT=False, WIN_SPLITS=False),
                    fp32=("scale", "softcap"), ints=("TQ", "HKV", "G", "L", "W", "DQK", "DV", "SPLITS"))
 out["split_window"] = ptx(decode._split_kernel, dict(CHUNK=128, BLOCK_DK=128, BLOCK_DV=128, BM=16, GP=16, SLOT_POS=True,
-                          SOFTCAP=False, PREC="tf32", BN=64, PDL=True, MERGE=True, BS=8, PREFETCH=False,
-                          DIRECT=False, WIN_SPLITS=True, MERGE_ROWS=True),
+                          SOFTCAP=False, PREC="tf32", BN=64, PDL=True, PREFETCH=False, DIRECT=False,
+                          WIN_SPLITS=True),
                           fp32=("scale", "softcap"), ints=("TQ", "HKV", "G", "L", "W", "DQK", "DV", "SPLITS"))
 out["split_prefetch"] = ptx(decode._split_kernel, dict(CHUNK=256, BLOCK_DK=128, BLOCK_DV=128, BM=16, GP=2, SLOT_POS=True,
-                            SOFTCAP=False, PREC="tf32", BN=64, PDL=True, MERGE=True, BS=64, PREFETCH=True,
-                            DIRECT=False, WIN_SPLITS=False, MERGE_ROWS=False),
+                            SOFTCAP=False, PREC="tf32", BN=64, PDL=True, PREFETCH=True, DIRECT=False,
+                            WIN_SPLITS=False),
                             fp32=("scale", "softcap"), ints=("TQ", "HKV", "G", "L", "W", "DQK", "DV", "SPLITS"))
 out["split_direct"] = ptx(decode._split_kernel, dict(CHUNK=256, BLOCK_DK=128, BLOCK_DV=128, BM=16, GP=2, SLOT_POS=True,
-                          SOFTCAP=False, PREC="tf32", BN=64, PDL=True, MERGE=False, BS=2, PREFETCH=False,
-                          DIRECT=True, WIN_SPLITS=False, MERGE_ROWS=False),
+                          SOFTCAP=False, PREC="tf32", BN=64, PDL=True, PREFETCH=False, DIRECT=True,
+                          WIN_SPLITS=False),
                           fp32=("scale", "softcap"), ints=("TQ", "HKV", "G", "L", "W", "DQK", "DV", "SPLITS"))
 out["merge"] = ptx(decode._merge_kernel, dict(BLOCK_DV=128, BM=16, GP=2, BS=8, PDL=True),
                    ints=("TQ", "HKV", "G", "DV", "SPLITS"))

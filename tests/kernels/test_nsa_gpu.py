@@ -148,7 +148,6 @@ DECODE_OPTIONS = {
     "ranges-by-4096-wide-scans": {"cmp_split": dict(SCAN=4096)},
     "top-n-merge-16-warps": {"cmp_split": dict(MERGE_WARPS=16)},
     "top-n-merge-unpruned-8-warps": {"cmp_split": dict(MERGE_PRUNE=False, MERGE_WARPS=8)},
-    "merges-in-the-split-programs": {"cmp_split": dict(MERGE_IN_SPLIT=True), "slc_split": dict(MERGE_IN_SPLIT=True)},
 }
 
 

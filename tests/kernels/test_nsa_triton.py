@@ -438,32 +438,6 @@ def _decode_over_a_static_cache(rel_err):
         assert rel_err(o_full[:, a:b], o) < 1e-5 and rel_err(s_full[:, a:b], s) < 1e-5, (a, b)
 
 
-def test_merges_in_the_last_split_program_equal_the_merge_kernels(rel_err, monkeypatch):
-    """MERGE_IN_SPLIT on both decoding branches (the compressed attention over 5-token splits, the
-    selected slots one a split): the decode walk above still equals the full reference (output and
-    selection, which reads the merged lse), no `_merge_attend_kernel` launches, and every count is
-    back at zero after each launch."""
-    import collections
-
-    import triton.runtime.interpreter as interp
-
-    from deepwish.kernels.grid import counters
-    launched = collections.Counter()
-    run = interp.InterpretedFunction.run
-
-    def counted_run(self, *a, **kw):
-        launched[self.fn.__name__] += 1
-        return run(self, *a, **kw)
-    monkeypatch.setattr(interp.InterpretedFunction, "run", counted_run)
-    with tri.override_tiles("cmp_split", MERGE_IN_SPLIT=True), \
-            tri.override_tiles("slc_split", MERGE_IN_SPLIT=True, BLOCKS=1, PROGRAMS=10 ** 3):
-        _decode_over_a_static_cache(rel_err)
-    assert launched["_cmp_split_attend_kernel"] == 3 and launched["_slc_fwd_kernel"] == 3, dict(launched)
-    assert launched["_merge_attend_kernel"] == 0, dict(launched)
-    for user in ("nsa_compressed (merge in split)", "nsa_selected (merge in split)"):
-        assert not counters(torch.device("cpu"), user, tri.MERGE_COUNTERS).any(), user
-
-
 @pytest.mark.parametrize("sel_tiles", [0, 1, 2])
 def test_decoding_selection_splits_of_their_own(sel_tiles):
     """One query over 64 blocks of 1 token with one attention split (SPLIT_TOKENS large): the
@@ -680,16 +654,13 @@ def ptx(fn, const, ptrs=()):
 
 d = dict(BLOCK_DK=128, BLOCK_DV=128, GP=16, BM=16, BN=64, PREC="tf32", PDL=True)
 out = {}
-out["cmp_attend"] = ptx(nk._cmp_split_attend_kernel, dict(d, SCAN=64, MERGE=False))
-out["cmp_attend_merge"] = ptx(nk._cmp_split_attend_kernel, dict(d, SCAN=64, MERGE=True))
+out["cmp_attend"] = ptx(nk._cmp_split_attend_kernel, dict(d, SCAN=64))
 out["cmp_select"] = ptx(nk._cmp_split_select_kernel, dict(d, BJ=16, NP=16, FINAL=False, SORT_MERGE=True,
                         RANK_MERGE=False, SKIP_MERGE=True, JV=8, TMA=False, SCAN=64))
 out["merge_attend"] = ptx(nk._merge_attend_kernel, dict(NSP=16, BLOCK_DV=128, PDL=True))
 out["merge_select"] = ptx(nk._merge_select_kernel, dict(NSP=32, NP=16, PRUNE=True, PDL=True))
 out["slc"] = ptx(nk._slc_fwd_kernel, dict(BLOCK_DK=128, BLOCK_DV=128, RP=16, BS=64, PREC="tf32", TMA=False,
-                 SPLIT=True, PDL=True, MERGE=False))
-out["slc_merge"] = ptx(nk._slc_fwd_kernel, dict(BLOCK_DK=128, BLOCK_DV=128, RP=16, BS=64, PREC="tf32", TMA=False,
-                       SPLIT=True, PDL=True, MERGE=True))
+                 SPLIT=True, PDL=True))
 out["gated_sum"] = ptx(gates._gated_sum_kernel, dict(BH=16, BLOCK_D=128, PDL=True), ptrs=("G",))
 out["compress"] = ptx(compress._compress_kernel, dict(D=128, CMP_LEN=32, BLOCK_D=128, BH=16, R=128, ROPE=True,
                       PREC="tf32", S=8, PDL=True))
@@ -698,8 +669,7 @@ out["compress_off"] = ptx(compress._compress_kernel, dict(D=128, CMP_LEN=32, BLO
 print(json.dumps(out))
 '''
     out = run_compiled(script)
-    for name in ("cmp_attend", "cmp_attend_merge", "cmp_select", "merge_attend", "merge_select", "slc", "slc_merge",
-                 "gated_sum", "compress"):
+    for name in ("cmp_attend", "cmp_select", "merge_attend", "merge_select", "slc", "gated_sum", "compress"):
         r = out[name]
         assert r["waits"] >= 1 and r["before"] == 0 and r["after"] > 0 and r["launch_after_wait"], (name, r)
     assert out["compress_off"]["waits"] == 0 and out["compress_off"]["after"] > 0, out["compress_off"]

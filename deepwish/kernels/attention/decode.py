@@ -32,12 +32,6 @@ Design (decode reads the whole visible cache once; it is bound by memory bandwid
 - One split (a short cache, or enough rows to fill the GPU without cutting the cache: batch 64 at
   Qwen3-0.6B): the program's output is the answer, stored as it is; no partials, no merge. Where
   that grid is more than two programs a SM, a 32-key tile (DECODE_DIRECT_TILE) keeps four resident.
-- `merge_in_split` (model.decode_fusion): no merge kernel; each split program raises a counter of
-  its (batch row, KV head) after storing its partial, and the program that raises it last merges
-  all of them (the usual last-block reduction: a CTA barrier, an acq_rel atomic at GPU scope,
-  partials read past L1) and zeroes the counter again. It takes the shorter chain of dependent
-  loads: row by row (few rows, many splits: Qwen3-0.6B's 2 rows a KV head) or, with fewer splits
-  than rows (NSA's window branch at 16 query heads a KV head), split by split over all rows at once.
 """
 from __future__ import annotations
 
@@ -48,8 +42,8 @@ import torch
 import triton
 import triton.language as tl
 
-from deepwish.kernels.grid import arrive_last, counters, reset_count, sm_count
-from deepwish.kernels.online_softmax import merge_partial, online_softmax_step
+from deepwish.kernels.grid import sm_count
+from deepwish.kernels.online_softmax import online_softmax_step
 from deepwish.kernels.pdl import launch_options, prefetch_to_l2, setting, wait_for_inputs
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -81,23 +75,6 @@ PREFETCH_MAX_BYTES = 24 << 20
 @triton.jit
 def _tanh(x):
     return 2.0 / (1.0 + tl.exp(-2.0 * x)) - 1.0
-
-
-@triton.jit
-def _merge_row(OP, LP, O, base, row, b, h, t, so_b, so_t, so_h, SPLITS, DV,
-               BLOCK_DV: tl.constexpr, BM: tl.constexpr, BS: tl.constexpr, CACHE: tl.constexpr):
-    """Row `row` of one (batch row, KV head)'s split partials merged and stored as o[b, t, h]: each
-    chunk's output weighted by its share of the softmax mass, exp2(lse_c - max lse). CACHE: the
-    loads' cache modifier ('.cg' where other programs of the same launch wrote the partials)."""
-    s = tl.arange(0, BS)
-    dv = tl.arange(0, BLOCK_DV)
-    at = base + s * BM + row
-    lse = tl.load(LP + at, mask=s < SPLITS, other=float("-inf"), cache_modifier=CACHE)
-    w = tl.exp2(lse - tl.max(lse, 0))
-    part = tl.load(OP + at[:, None] * BLOCK_DV + dv[None, :], mask=(s < SPLITS)[:, None], other=0.0,
-                   cache_modifier=CACHE)
-    o = tl.sum(part * w[:, None], 0) / tl.sum(w, 0)
-    tl.store(O + b * so_b + t * so_t + h * so_h + dv, o.to(O.dtype.element_ty), mask=dv < DV)
 
 
 @triton.jit
@@ -133,14 +110,13 @@ def _norm_rope(rows, ok, W, cs, COS, SIN, d, D, eps, R: tl.constexpr, ZERO_CENTE
 # (the decode step) and for a prefill or verification chunk, so the first prefill after the captured
 # step's warm-up compiled both kernels again (a second or more before a first token).
 @triton.jit(do_not_specialize=["TQ"])
-def _split_kernel(Q, K, V, QPOS, KPOS, OP, LP, O, CNT,
+def _split_kernel(Q, K, V, QPOS, KPOS, OP, LP, O,
                   sq_b, sq_t, sq_h, sk_b, sk_h, sk_l, sv_b, sv_h, sv_l, so_b, so_t, so_h,
                   TQ, HKV, G, L, W, scale, softcap, DQK, DV, SPLITS,
                   CHUNK: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr, BM: tl.constexpr,
                   GP: tl.constexpr, SLOT_POS: tl.constexpr, SOFTCAP: tl.constexpr, PREC: tl.constexpr,
-                  BN: tl.constexpr, PDL: tl.constexpr, MERGE: tl.constexpr, BS: tl.constexpr,
-                  PREFETCH: tl.constexpr, DIRECT: tl.constexpr, WIN_SPLITS: tl.constexpr,
-                  MERGE_ROWS: tl.constexpr):
+                  BN: tl.constexpr, PDL: tl.constexpr, PREFETCH: tl.constexpr, DIRECT: tl.constexpr,
+                  WIN_SPLITS: tl.constexpr):
     if not PREFETCH:
         wait_for_inputs(PDL)
     split = tl.program_id(0)
@@ -210,52 +186,29 @@ def _split_kernel(Q, K, V, QPOS, KPOS, OP, LP, O, CNT,
     base = (tl.cast(bh, tl.int64) * SPLITS + split) * BM
     tl.store(OP + (base + i)[:, None] * BLOCK_DV + dv[None, :], o)
     tl.store(LP + base + i, lse)
-    if MERGE:  # the last program of this (batch row, KV head) to finish merges every split
-        if arrive_last(CNT, bh, SPLITS):
-            base0 = tl.cast(bh, tl.int64) * SPLITS * BM
-            if MERGE_ROWS:  # fewer splits than rows: one step a split, all rows at once (online rescaling)
-                m = tl.full([BM], -1.0e30, dtype=tl.float32)   # finite: an empty chunk (-inf) weighs 0, no NaN
-                den = tl.zeros([BM], dtype=tl.float32)
-                acc = tl.zeros([BM, BLOCK_DV], dtype=tl.float32)
-                for sp in range(0, SPLITS):  # .cg: the other programs' partials, never a stale L1 line
-                    at = base0 + sp * BM + i
-                    lse_s = tl.load(LP + at, cache_modifier=".cg")
-                    o_s = tl.load(OP + at[:, None] * BLOCK_DV + dv[None, :], cache_modifier=".cg")
-                    acc, den, m = merge_partial(acc, den, m, o_s, 1.0, lse_s)
-                o = acc / tl.where(den > 0.0, den, 1.0)[:, None]
-                tl.store(O + b * so_b + tl.cast(j, tl.int64)[:, None] * so_t + h64[:, None] * so_h + dv[None, :],
-                         o.to(O.dtype.element_ty), mask=row_ok[:, None] & (dv < DV)[None, :])
-            else:  # one step a row (few rows, many splits), each as the merge kernel merges it
-                for row in range(0, TQ * GP):
-                    if (row % GP < G) & (row // GP < TQ):
-                        _merge_row(OP, LP, O, base0, row, b, tl.cast(hkv * G + row % GP, tl.int64),
-                                   tl.cast(row // GP, tl.int64), so_b, so_t, so_h, SPLITS, DV, BLOCK_DV, BM, BS,
-                                   ".cg")
-            reset_count(CNT, bh)
 
 
 @triton.jit(do_not_specialize=["TQ"])
 def _merge_kernel(OP, LP, O, so_b, so_t, so_h, TQ, HKV, G, DV, SPLITS,
                   BLOCK_DV: tl.constexpr, BM: tl.constexpr, GP: tl.constexpr, BS: tl.constexpr, PDL: tl.constexpr):
-    """One program per (batch row, KV head, row): weight the chunks' outputs by their share of
-    the softmax mass, exp2(lse_c - max lse)."""
+    """One program per (batch row, KV head, row): the row's split partials merged and stored as
+    o[b, t, h], each chunk's output weighted by its share of the softmax mass, exp2(lse_c - max lse)."""
     wait_for_inputs(PDL)  # every program, the idle rows' too (kernels/pdl.py: the chain of waits)
     bh = tl.program_id(0)
     i = tl.program_id(1)
     j = i // GP
     r = i % GP
     if (r < G) & (j < TQ):
-        _merge_row(OP, LP, O, tl.cast(bh, tl.int64) * SPLITS * BM, i, tl.cast(bh // HKV, tl.int64),
-                   tl.cast((bh % HKV) * G + r, tl.int64), j, so_b, so_t, so_h, SPLITS, DV, BLOCK_DV, BM, BS, "")
-
-
-# The merge inside the split kernel counts finished splits per (batch row, KV head) in one int32 each
-# (kernels/grid.py counters: the last program merges and zeroes its count).
-MERGE_COUNTERS = 1 << 16  # B·Hkv past this merges in its own kernel
-
-
-def _merge_counters(device: torch.device) -> torch.Tensor:
-    return counters(device, "decode_attention(merge_in_split=True)", MERGE_COUNTERS)
+        b = tl.cast(bh // HKV, tl.int64)
+        h = tl.cast((bh % HKV) * G + r, tl.int64)
+        s = tl.arange(0, BS)
+        dv = tl.arange(0, BLOCK_DV)
+        at = tl.cast(bh, tl.int64) * SPLITS * BM + s * BM + i
+        lse = tl.load(LP + at, mask=s < SPLITS, other=float("-inf"))
+        w = tl.exp2(lse - tl.max(lse, 0))
+        part = tl.load(OP + at[:, None] * BLOCK_DV + dv[None, :], mask=(s < SPLITS)[:, None], other=0.0)
+        o = tl.sum(part * w[:, None], 0) / tl.sum(w, 0)
+        tl.store(O + b * so_b + j * so_t + h * so_h + dv, o.to(O.dtype.element_ty), mask=dv < DV)
 
 
 # Programs per SM the split count aims at: B·Hkv is far too few at batch 1 (8 at Qwen3-0.6B), so
@@ -286,13 +239,9 @@ def _check_tile(name: str, DQK: int, DV: int, TQ: int, G: int) -> None:
 
 def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: torch.Tensor,
                      k_pos: torch.Tensor | None = None, *, window: int = 0, softcap: float = 0.0,
-                     scale: float | None = None, splits: int | None = None, pdl: bool | str = False,
-                     merge_in_split: bool = False) -> torch.Tensor:
+                     scale: float | None = None, splits: int | None = None, pdl: bool | str = False) -> torch.Tensor:
     """q [B, Tq, H, Dqk], k [B, Hkv, L, Dqk], v [B, Hkv, L, Dv], q_pos [B, Tq], k_pos [B, L] or None
-    -> [B, Tq, H, Dv] in q's dtype. Inference only (no gradient). pdl: programmatic dependent launch;
-    merge_in_split: the last split program of each (row, KV head) merges the splits (one launch,
-    not two); the model leaves it off (its captured step was 2-7% slower with it on one H100,
-    reports/inference.md)."""
+    -> [B, Tq, H, Dv] in q's dtype. Inference only (no gradient). pdl: programmatic dependent launch."""
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
         raise ValueError(f"decode_attention: want q [B,Tq,H,D], k/v [B,Hkv,L,D]; got {tuple(q.shape)}, "
                          f"{tuple(k.shape)}, {tuple(v.shape)}")
@@ -313,18 +262,18 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: t
     return _decode_op(q, k, v, q_pos.to(torch.int64).contiguous(),
                       None if k_pos is None else k_pos.to(torch.int64).contiguous(),
                       int(window), float(softcap), D_scale(DQK, scale), -1 if splits is None else int(splits),
-                      setting(pdl, "decode_attention"), bool(merge_in_split))
+                      setting(pdl, "decode_attention"))
 
 
 # A custom op: torch.compile (of a decode step) sees one opaque call with a known output shape.
 @torch.library.custom_op("deepwish::decode_attention", mutates_args=())
 def _decode_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: torch.Tensor, k_pos: Optional[torch.Tensor],
-               window: int, softcap: float, scale: float, splits: int, pdl: str, merge_in_split: bool) -> torch.Tensor:
-    return _split_launch(q, k, v, q_pos, k_pos, window, softcap, scale, splits, pdl, merge_in_split)
+               window: int, softcap: float, scale: float, splits: int, pdl: str) -> torch.Tensor:
+    return _split_launch(q, k, v, q_pos, k_pos, window, softcap, scale, splits, pdl)
 
 
-def _split_launch(q, k, v, q_pos, k_pos, window, softcap, scale, splits, pdl, merge_in_split):
-    """The split kernel's launch (and the merge kernel's where it merges apart)."""
+def _split_launch(q, k, v, q_pos, k_pos, window, softcap, scale, splits, pdl):
+    """The split kernel's launch (and the merge kernel's where there are several splits)."""
     B, TQ, H, DQK = q.shape
     pdl, launch = launch_options(pdl, q.device, "decode_attention")
     HKV, L = k.shape[1], k.shape[2]
@@ -352,7 +301,6 @@ def _split_launch(q, k, v, q_pos, k_pos, window, softcap, scale, splits, pdl, me
     else:
         op = torch.empty(B * HKV, splits, BM, BLOCK_DV, dtype=torch.float32, device=q.device)
         lp = torch.empty(B * HKV, splits, BM, dtype=torch.float32, device=q.device)
-    merge = merge_in_split and B * HKV <= MERGE_COUNTERS and not direct
     wide = direct and B * HKV > DECODE_PROGRAMS_PER_SM * sm_count(q.device)
     bn, warps, stages = DECODE_DIRECT_TILE if wide else (DECODE_BN, DECODE_WARPS, DECODE_STAGES)
     # the bulk prefetch needs each head's slots back to back from a 16-byte aligned start
@@ -361,16 +309,15 @@ def _split_launch(q, k, v, q_pos, k_pos, window, softcap, scale, splits, pdl, me
                 and B * HKV * L * (DQK + DV) * elt <= PREFETCH_MAX_BYTES
                 and all(t.data_ptr() % 16 == 0 and all(st * elt % 16 == 0 for st in t.stride()[:3]) for t in (k, v)))
     _split_kernel[(splits, B * HKV)](
-        q, k, v, q_pos, kp, op, lp, o, _merge_counters(q.device) if merge else lp,
+        q, k, v, q_pos, kp, op, lp, o,
         *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *o.stride()[:3],
         TQ, HKV, G, L, window if window > 0 else NO_WINDOW, scale,
         softcap if softcap > 0 else 1.0, DQK, DV, splits,
         CHUNK=chunk, BLOCK_DK=BLOCK_DK, BLOCK_DV=BLOCK_DV, BM=BM, GP=GP, SLOT_POS=k_pos is None,
         SOFTCAP=softcap > 0, PREC="ieee" if k.dtype == torch.float32 else "tf32",
-        BN=bn, PDL=pdl, MERGE=merge, BS=max(2, triton.next_power_of_2(splits)), PREFETCH=prefetch,
-        DIRECT=direct, WIN_SPLITS=win_splits, MERGE_ROWS=merge and splits < TQ * G,
+        BN=bn, PDL=pdl, PREFETCH=prefetch, DIRECT=direct, WIN_SPLITS=win_splits,
         num_warps=warps, num_stages=stages, **launch)
-    if merge or direct:
+    if direct:
         return o
     _merge_kernel[(B * HKV, BM)](op, lp, o, *o.stride()[:3], TQ, HKV, G, DV, splits,
                                  BLOCK_DV=BLOCK_DV, BM=BM, GP=GP, BS=max(2, triton.next_power_of_2(splits)), PDL=pdl,
@@ -379,7 +326,7 @@ def _split_launch(q, k, v, q_pos, k_pos, window, softcap, scale, splits, pdl, me
 
 
 @_decode_op.register_fake
-def _(q, k, v, q_pos, k_pos, window, softcap, scale, splits, pdl, merge_in_split):
+def _(q, k, v, q_pos, k_pos, window, softcap, scale, splits, pdl):
     return q.new_empty(*q.shape[:3], v.shape[-1])
 
 

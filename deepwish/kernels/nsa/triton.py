@@ -125,9 +125,8 @@ import triton
 import triton.language as tl
 
 from deepwish.kernels.attention.triton import _kv_pair_descriptors, _rows, backward_delta
-from deepwish.kernels.grid import arrive_last, counters, reset_count
 from deepwish.kernels.nsa.reference import check_compressed, check_selected, default_q_pos, query_doc_start
-from deepwish.kernels.online_softmax import merge_partial, online_softmax_step
+from deepwish.kernels.online_softmax import online_softmax_step
 from deepwish.kernels.pdl import launch_options, setting, wait_for_inputs
 
 MAX_HEAD_DIM = 256
@@ -168,11 +167,11 @@ TILES = {
     # decoding (T <= DECODE_MAX_T): the one-token kernel with its slots split into chains of BLOCKS
     # blocks until the grid has about PROGRAMS programs (`_slc_splits`; BLOCKS 0: no split). The
     # decode bench at B 1, 64 / 4 heads, D 128 (H100, 2026-12-06): the split 56.2 -> 44.9 µs a step at
-    # 64k (slc 6.3 µs); 8 warps (4 spill 104 bytes at D 128, sm_90 offline compile) in the set below
-    # MERGE_IN_SPLIT (both decoding branches): the last split program of a group merges the partials
-    # (`_merge_rows`) instead of `_merge_attend_kernel`, one launch fewer; off: slower (H100, 2026-12-07:
+    # 64k (slc 6.3 µs); 8 warps (4 spill 104 bytes at D 128, sm_90 offline compile) in the set below.
+    # Both decoding branches leave the merge of their splits to `_merge_attend_kernel`; merged by each
+    # group's last split program instead (one launch fewer; removed), the step was slower (H100, 2026-12-07:
     # qwen3_0.6b_nsa's captured step at 4k 1,690 -> 1,877 µs; one layer at 64k 29.1 -> 40.5 µs)
-    ("slc_split", "16bit"): dict(BLOCKS=1, PROGRAMS=128, TMA=True, MERGE_IN_SPLIT=False, num_warps=8, num_stages=2),
+    ("slc_split", "16bit"): dict(BLOCKS=1, PROGRAMS=128, TMA=True, num_warps=8, num_stages=2),
     # small groups (G < 16, e.g. Qwen3-0.6B's 16 query / 8 KV heads): a one-token program fills
     # G of its 16 dot rows and loads each block for G heads only; the union kernel (BT > 1) fills
     # the rows with adjacent tokens (`_tile_key`). Swept at qwen3_0.6b_nsa's shape (B 8, T 2048,
@@ -192,7 +191,7 @@ TILES = {
     ("slc_fwd", "fp32"): dict(BT=1, TMA=False, num_warps=4, num_stages=1),
     ("slc_dq", "fp32"): dict(BT=1, TMA=False, num_warps=4, num_stages=1),
     ("slc_dkdv", "fp32"): dict(ROWS=64, CH=1024, num_warps=8, num_stages=1),
-    ("slc_split", "fp32"): dict(BLOCKS=1, PROGRAMS=128, TMA=False, MERGE_IN_SPLIT=False, num_warps=4, num_stages=1),
+    ("slc_split", "fp32"): dict(BLOCKS=1, PROGRAMS=128, TMA=False, num_warps=4, num_stages=1),
     # decoding (T <= DECODE_MAX_T): rows = T·GP up to MAX_BM, SPLIT_TOKENS compressed tokens per split
     # SEL_TILES: scoring tiles per split of the selection pass (its own split count, `_select_splits`);
     # 0: the attention pass's splits
@@ -208,13 +207,12 @@ TILES = {
     # 25.1 / 36.2 / 48.7 -> 24.6 / 32.2 / 43.9 (pruned at 8 warps 24.9 / 32.5 / 44.1)
     ("cmp_split", "16bit"): dict(MAX_BM=128, BN=64, BJ=16, SPLIT_TOKENS=128, SEL_TILES=1, SORT_MERGE=True,
                                  RANK_MERGE=False, SKIP_MERGE=False, JV=0, MERGE_WARPS=4, MERGE_PRUNE=True,
-                                 SCAN=1024, MERGE_IN_SPLIT=False, num_warps=8, num_stages=2),
+                                 SCAN=1024, num_warps=8, num_stages=2),
     ("cmp_split", "fp32"): dict(MAX_BM=64, BN=32, BJ=16, SPLIT_TOKENS=256, SEL_TILES=1, SORT_MERGE=True,
                                 RANK_MERGE=False, SKIP_MERGE=False, JV=0, MERGE_WARPS=4, MERGE_PRUNE=False,
-                                SCAN=0, MERGE_IN_SPLIT=False, num_warps=4, num_stages=1),
+                                SCAN=0, num_warps=4, num_stages=1),
 }
 DECODE_MAX_T = 16  # up to this many queries per row take the split (decoding) path
-MERGE_COUNTERS = 4096  # groups a MERGE_IN_SPLIT launch may count (more: the merge kernel)
 MAX_SPLITS = 64
 # the interpreter: small tiles, so a test of a few dozen tokens crosses several of each (and
 # G = 16 takes the broadcast mapping of the scores, G <= 4 the dot)
@@ -228,10 +226,10 @@ INTERPRET_TILES = {
     "slc_fwd": dict(BT=1, TMA=False, num_warps=1, num_stages=1),
     "slc_dq": dict(BT=1, TMA=False, num_warps=1, num_stages=1),
     "slc_dkdv": dict(ROWS=16, CH=3, num_warps=1, num_stages=1),
-    "slc_split": dict(BLOCKS=1, PROGRAMS=8, TMA=False, MERGE_IN_SPLIT=False, num_warps=1, num_stages=1),
+    "slc_split": dict(BLOCKS=1, PROGRAMS=8, TMA=False, num_warps=1, num_stages=1),
     "cmp_split": dict(MAX_BM=64, BN=16, BJ=16, SPLIT_TOKENS=5, SEL_TILES=1, SORT_MERGE=True, RANK_MERGE=False,
                       SKIP_MERGE=False, JV=0, MERGE_WARPS=1, MERGE_PRUNE=False,
-                      SCAN=16, MERGE_IN_SPLIT=False, num_warps=1, num_stages=1),
+                      SCAN=16, num_warps=1, num_stages=1),
 }
 
 
@@ -718,15 +716,13 @@ def _split_range(lo, hi, split, NSPLIT):
 
 
 @triton.jit
-def _cmp_split_attend_kernel(Q, KC, VC, END, CMAX, CMIN, QPOS, QDS, M_PART, L_PART, ACC_PART, O, LSE, CNT,
+def _cmp_split_attend_kernel(Q, KC, VC, END, CMAX, CMIN, QPOS, QDS, M_PART, L_PART, ACC_PART,
                              sq_b, sq_t, sq_h, sk_b, sk_n, sk_h, sv_b, sv_n, sv_h,
                              T, N, H, HKV, G, DQK, DV, scale, NSPLIT,
                              BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr, GP: tl.constexpr, BM: tl.constexpr,
-                             BN: tl.constexpr, PREC: tl.constexpr, SCAN: tl.constexpr, PDL: tl.constexpr,
-                             MERGE: tl.constexpr):
+                             BN: tl.constexpr, PREC: tl.constexpr, SCAN: tl.constexpr, PDL: tl.constexpr):
     """Decoding, pass 1: one program per (query tile, KV head, split of the compressed range)
-    writes its partial (m, l, acc) [NSPLIT, B·T·H(, DV)]; `_merge_attend_kernel` merges them, or
-    (MERGE) the tile's last split program into O, LSE (`_merge_rows`; counts CNT, kernels/grid.py).
+    writes its partial (m, l, acc) [NSPLIT, B·T·H(, DV)]; `_merge_attend_kernel` merges them.
     SCAN > 0: the range from a pass over END (CMAX, CMIN unused)."""
     wait_for_inputs(PDL)  # under PDL (decoding): every input written, before any read or write
     BT: tl.constexpr = BM // GP
@@ -758,11 +754,6 @@ def _cmp_split_attend_kernel(Q, KC, VC, END, CMAX, CMIN, QPOS, QDS, M_PART, L_PA
     tl.store(M_PART + row, m_i, mask=row_ok)
     tl.store(L_PART + row, l_i, mask=row_ok)
     tl.store(ACC_PART + row[:, None] * DV + dv[None, :], acc, mask=row_ok[:, None] & (dv < DV)[None, :])
-    if MERGE:
-        group = tl.program_id(0) * tl.num_programs(1) + bh
-        if arrive_last(CNT, group, NSPLIT):
-            _merge_rows(M_PART, L_PART, ACC_PART, O, LSE, row - split * R, row_ok, R, NSPLIT, DV, dv, BM, BLOCK_DV)
-            reset_count(CNT, group)
 
 
 @triton.jit
@@ -939,16 +930,15 @@ def _cmp_dkdv_kernel(Q, KC, VC, DO, LSE, DELTA, END, QPOS, QDS, QPMAX, QDSMIN, D
 
 # ---- selected branch ----------------------------------------------------------------------------
 @triton.jit
-def _slc_fwd_kernel(Q, K, V, KD, VD, SEL, QPOS, QDS, O, LSE, M_PART, L_PART, ACC_PART, CNT,
+def _slc_fwd_kernel(Q, K, V, KD, VD, SEL, QPOS, QDS, O, LSE, M_PART, L_PART, ACC_PART,
                     sq_b, sq_t, sq_h, sk_b, sk_s, sk_h, sv_b, sv_s, sv_h, so_b, so_t, so_h,
                     T, S, H, HKV, G, DQK, DV, scale, SEL_LEN, N_SEL, PER_SPLIT,
                     BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr, RP: tl.constexpr, BS: tl.constexpr,
-                    PREC: tl.constexpr, TMA: tl.constexpr, SPLIT: tl.constexpr, PDL: tl.constexpr,
-                    MERGE: tl.constexpr):
+                    PREC: tl.constexpr, TMA: tl.constexpr, SPLIT: tl.constexpr, PDL: tl.constexpr):
     """TMA: each selected block's K and V through the descriptors KD, VD (the tile option TMA).
     SPLIT (decoding): program (t, b·hkv, split) walks the slots [split·PER_SPLIT, +PER_SPLIT) and
-    writes its partial (m, l, acc) [NSPLIT, B·T·H(, DV)] for `_merge_attend_kernel`, or (MERGE) the
-    last split program of (t, b·hkv) merges them into O, LSE (`_merge_rows`, O contiguous)."""
+    writes its partial (m, l, acc) [NSPLIT, B·T·H(, DV)] for `_merge_attend_kernel`; otherwise
+    the program stores its o and lse itself."""
     wait_for_inputs(PDL)  # under PDL (decoding): every input written, before any read or write
     qk_scale = scale * 1.4426950408889634
     t = tl.program_id(0)
@@ -992,12 +982,6 @@ def _slc_fwd_kernel(Q, K, V, KD, VD, SEL, QPOS, QDS, O, LSE, M_PART, L_PART, ACC
         tl.store(M_PART + row, m_i, mask=row_ok)
         tl.store(L_PART + row, l_i, mask=row_ok)
         tl.store(ACC_PART + row[:, None] * DV + dv[None, :], acc, mask=row_ok[:, None] & (dv < DV)[None, :])
-        if MERGE:
-            group = t * tl.num_programs(1) + bh
-            if arrive_last(CNT, group, tl.num_programs(2)):
-                _merge_rows(M_PART, L_PART, ACC_PART, O, LSE, row - split * R, row_ok, R, tl.num_programs(2), DV, dv,
-                            RP, BLOCK_DV)
-                reset_count(CNT, group)
     else:
         seen = l_i > 0.0
         o = acc / tl.where(seen, l_i, 1.0)[:, None]
@@ -1372,29 +1356,6 @@ def _select_splits(ns: int, sel_tiles: int, N: int, cmp_len: int, select_len: in
 
 
 @triton.jit
-def _merge_rows(M_PART, L_PART, ACC_PART, O, LSE, row, row_ok, R, NS, DV, dv, BM: tl.constexpr,
-                BLOCK_DV: tl.constexpr):
-    """`_merge_attend_kernel`'s (o, lse) for the rows `row` [BM] of [R] in the program that arrived last
-    (MERGE_IN_SPLIT): the NS partial states read past L1 (.cg), merged one split at a time with
-    online rescaling (`merge_partial`; the same sums as the kernel's, in another rounding order)."""
-    dv_ok = dv < DV
-    mx = tl.full([BM], -1.0e30, dtype=tl.float32)   # finite: an empty split (-1e30 or -inf) weighs 0, no NaN
-    den = tl.zeros([BM], dtype=tl.float32)
-    acc = tl.zeros([BM, BLOCK_DV], dtype=tl.float32)
-    for sp in range(0, NS):
-        at = tl.cast(sp, tl.int64) * R + row
-        m_s = tl.load(M_PART + at, mask=row_ok, other=-1.0e30, cache_modifier=".cg")
-        l_s = tl.load(L_PART + at, mask=row_ok, other=0.0, cache_modifier=".cg")
-        a_s = tl.load(ACC_PART + at[:, None] * DV + dv[None, :], mask=row_ok[:, None] & dv_ok[None, :], other=0.0,
-                      cache_modifier=".cg")
-        acc, den, mx = merge_partial(acc, den, mx, a_s, l_s, m_s)
-    seen = den > 0.0
-    o = acc / tl.where(seen, den, 1.0)[:, None]
-    tl.store(O + row[:, None] * DV + dv[None, :], o.to(O.dtype.element_ty), mask=row_ok[:, None] & dv_ok[None, :])
-    tl.store(LSE + row, tl.where(seen, mx + tl.log2(tl.where(seen, den, 1.0)), float("inf")), mask=row_ok)
-
-
-@triton.jit
 def _merge_attend_kernel(M_PART, L_PART, ACC_PART, O, LSE, R, NS, DV, NSP: tl.constexpr, BLOCK_DV: tl.constexpr,
                          PDL: tl.constexpr):
     """(o, lse) of one row (b, t, h) from the splits' partial online-softmax states
@@ -1473,7 +1434,6 @@ def compressed_forward_split(q, k_cmp, v_cmp, end, qpos, qds, scale, cmp_len, se
     BJ = cfg.pop("BJ")
     merge = {o: cfg.pop(o) for o in ("SORT_MERGE", "RANK_MERGE", "SKIP_MERGE", "JV")}
     grid = (triton.cdiv(T, cfg["BM"] // GP), B * Hkv, NS)
-    in_split = cfg.pop("MERGE_IN_SPLIT") and grid[0] * grid[1] <= MERGE_COUNTERS
     if cfg["SCAN"]:   # the ranges from passes over the ends: no prefix max / suffix min arrays
         cfg["SCAN"] = min(cfg["SCAN"], max(16, triton.next_power_of_2(N)))
         cmax = cmin = end
@@ -1485,15 +1445,12 @@ def compressed_forward_split(q, k_cmp, v_cmp, end, qpos, qds, scale, cmp_len, se
     o = torch.empty(B, T, H, v_cmp.shape[-1], dtype=q.dtype, device=q.device)
     lse = torch.empty(B, T, H, dtype=torch.float32, device=q.device)
     dims = _dims(q, v_cmp)
-    cnt = counters(q.device, "nsa_compressed (merge in split)", MERGE_COUNTERS) if in_split else end
-    _cmp_split_attend_kernel[grid](q, k_cmp, v_cmp, end, cmax, cmin, qpos, qds, m, l, acc, o, lse, cnt,
+    _cmp_split_attend_kernel[grid](q, k_cmp, v_cmp, end, cmax, cmin, qpos, qds, m, l, acc,
                                    *q.stride()[:3], *k_cmp.stride()[:3], *v_cmp.stride()[:3],
-                                   T, N, H, Hkv, G, scale=scale, NSPLIT=NS, GP=GP, PDL=P, MERGE=in_split, **dims,
-                                   **cfg, **launch)
-    if not in_split:
-        _merge_attend_kernel[(B * T * H,)](m, l, acc, o, lse, B * T * H, NS, v_cmp.shape[-1],
-                                           NSP=triton.next_power_of_2(NS), BLOCK_DV=dims["BLOCK_DV"], PDL=P,
-                                           num_warps=4 if not _INTERPRET else 1, **launch)
+                                   T, N, H, Hkv, G, scale=scale, NSPLIT=NS, GP=GP, PDL=P, **dims, **cfg, **launch)
+    _merge_attend_kernel[(B * T * H,)](m, l, acc, o, lse, B * T * H, NS, v_cmp.shape[-1],
+                                       NSP=triton.next_power_of_2(NS), BLOCK_DV=dims["BLOCK_DV"], PDL=P,
+                                       num_warps=4 if not _INTERPRET else 1, **launch)
     if not select:
         return o, lse, None
     NP = triton.next_power_of_2(n_select)
@@ -1593,19 +1550,17 @@ def selected_forward(q, k, v, sel, qpos, qds, scale, select_len, pdl: str = "off
     ns, per = _slc_splits(n_sel, B * T * k.shape[2], cfg.pop("BLOCKS", 0), cfg.pop("PROGRAMS", 0))
     cfg.pop("BT", None)
     P, launch = launch_options(pdl, q.device, "nsa_selected") if decoding else (False, {})
-    in_split = cfg.pop("MERGE_IN_SPLIT", False) and ns > 1 and T * B * k.shape[2] <= MERGE_COUNTERS
     if ns > 1:
         m_part = torch.empty(ns, B, T, H, dtype=torch.float32, device=q.device)
         part = (m_part, torch.empty_like(m_part), torch.empty(*m_part.shape, v.shape[-1], dtype=torch.float32,
                                                                 device=q.device))
     else:
         part = (lse, lse, lse)
-    cnt = counters(q.device, "nsa_selected (merge in split)", MERGE_COUNTERS) if in_split else sel
-    _slc_fwd_kernel[(T, B * k.shape[2], ns)](q, k, v, kd, vd, sel, qpos, qds, o, lse, *part, cnt, *q.stride()[:3],
+    _slc_fwd_kernel[(T, B * k.shape[2], ns)](q, k, v, kd, vd, sel, qpos, qds, o, lse, *part, *q.stride()[:3],
                                              *k.stride()[:3], *v.stride()[:3], *o.stride()[:3], scale=scale,
                                              N_SEL=n_sel, PER_SPLIT=per, TMA=kd is not None, SPLIT=ns > 1,
-                                             PDL=P, MERGE=in_split, **meta, **cfg, **launch)
-    if ns > 1 and not in_split:
+                                             PDL=P, **meta, **cfg, **launch)
+    if ns > 1:
         R = B * T * H
         _merge_attend_kernel[(R,)](*part, o, lse, R, ns, v.shape[-1], NSP=triton.next_power_of_2(ns),
                                    BLOCK_DV=meta["BLOCK_DV"], PDL=P, num_warps=4 if not _INTERPRET else 1, **launch)
