@@ -186,6 +186,20 @@ def test_ut_transform_matches_torch_per_chunk(rel_err, dtype):
     assert rel_err(want, o.float()) < (1e-4 if dtype == torch.float32 else 1e-2)
 
 
+@pytest.mark.parametrize("HV", [1, 2])
+def test_fp16_gradients_leave_in_the_input_dtype(rel_err, HV):
+    """fp16 inputs: the kernels store dq, dk and dv in fp16 (grouped value heads: dq and dk summed in
+    fp32 first), each near the fp32 reference's gradient, on a packed batch with partial chunks."""
+    cu = torch.tensor([0, 10, 85, 150])
+    inputs = make_inputs(B=1, T=150, H=1, HV=HV, K=16, V=16, N=3, dtype=torch.float16)
+    inputs[-1] = inputs[-1].float()
+    seed = fresh_seed()
+    got = run_with_grads(chunk_gated_delta_rule, inputs, True, seed, cu_seqlens=cu)
+    want = run_with_grads(chunk_gated_delta_rule_ref, [x.float() for x in inputs], True, seed, cu_seqlens=cu)
+    assert [x.dtype for x in got[2:5]] == [torch.float16] * 3
+    assert_all_close(rel_err, want, [x.float() for x in got], 1e-2)
+
+
 def test_triton_chunk_without_states_and_l2norm(rel_err):
     q, k, v, g, beta, _ = make_inputs(B=1, T=40, H=1, HV=2, K=16, V=16)
     q, k = 2.5 * q, 0.5 * k
