@@ -22,9 +22,10 @@ Backward reverses it:
 
 Deviations / simplifications
 - Intermediates that fla also keeps in the input precision (w, u, v', per-chunk states h and their
-  gradients, dv'_local) are stored in the input dtype; the recurrent state itself, G, Ai, and all
-  accumulations are fp32; Ai is stored in the input dtype (every reader casts it there). Matmul operands
-  are cast to the input dtype (tf32 for fp32 input on GPU).
+  gradients, dv'_local) are stored in the input dtype; the recurrent state itself, G and all
+  accumulations are fp32. Ai is formed in fp32 and stored in the input dtype (every reader casts it
+  there); dq, dk and dv leave the kernels in the input dtype (grouped value heads: summed in fp32
+  first). Matmul operands are cast to the input dtype (tf32 for fp32 input on GPU).
 - The forward saves h, v', w and Ai for the backward instead of recomputing them (faster; costs
   T/64 * HV * K * V elements of memory per layer).
 - K <= 256 (one K tile). `use_qk_l2norm` in the chunked path normalises with torch ops before the
