@@ -26,7 +26,8 @@ for stage in "$@"; do
       python3 -m pytest -m gpu -q -p no:cacheprovider ${GPU_TESTS:-tests} 2>&1 | tee "$OUT/gpu_tests.log" | tail -40
       [ "${PIPESTATUS[0]}" = 0 ] || status=1 ;;
     kernels) python3 -m deepwish.cli bench kernels --out "$OUT/kernels" || status=1 ;;
-    gdn) python3 -m deepwish.cli bench gdn --out "$OUT/gdn" || status=1 ;;
+    gdn)  # GDN_ARGS="--against FILE --seqlens 16384 65536": ours against another version of the kernels, alternating
+      python3 -m deepwish.cli bench gdn --out "$OUT/gdn" ${GDN_ARGS:-} || status=1 ;;
     train) python3 -m deepwish.cli bench train --out "$OUT/train" ${TRAIN_ARGS:-} || status=1 ;;
     decode) python3 -m deepwish.cli bench decode --out "$OUT/decode" ${DECODE_ARGS:-} || status=1 ;;
     decode_tests)  # the decode GPU tests (fused kernels, captured and compiled steps), ~4 min

@@ -80,3 +80,33 @@ def test_gdn_bench_profiles_our_forward_and_backward(monkeypatch, capsys):
     assert ran == ["fwd", "fwd", "bwd", "fla"]
     printed = capsys.readouterr().out
     assert "triton fwd at T=70" in printed and "triton fwd+bwd at T=70" in printed and "fla fwd at T=70" in printed
+
+
+def test_gdn_bench_times_ours_against_another_version_of_the_kernels(monkeypatch, capsys, tmp_path):
+    """`bench gdn --against FILE` loads another version of kernels/gated_delta/triton.py beside ours and
+    times both forward and forward + backward, alternating (here on CPU through the interpreter, small
+    heads, the timer stubbed to record the order; the other version is a copy of ours whose forward
+    returns twice the output, so which version ran shows); a missing file is a clear error."""
+    import pytest
+
+    from deepwish.bench import gdn
+    from deepwish.kernels.gated_delta import triton as ours
+    monkeypatch.setattr(gdn, "H", 1)
+    monkeypatch.setattr(gdn, "D", 16)
+    other = tmp_path / "old_triton.py"
+    text = open(ours.__file__).read()
+    assert "    return o, ht, (G, Ai, w, h, v_new)" in text
+    other.write_text(text.replace("    return o, ht, (G, Ai, w, h, v_new)", "    return 2 * o, ht, (G, Ai, w, h, v_new)"))
+    calls = []
+    monkeypatch.setattr(gdn, "median_ms", lambda fn: (calls.append(fn()), 1.0)[1])
+    out = gdn.compare_with_file(str(other), [70], "cpu", rounds=2)
+    (row,) = out["rows"]
+    assert row["T"] == 70 and len(row["rel_diff"]) == 6 and 0.45 < row["rel_diff"][0] < 0.55  # o: 2x against 1x
+    assert row["fwd_ms"] == row["fwd_bwd_ms"] == {"other": [1.0, 1.0], "ours": [1.0, 1.0]}
+    outs = [c if isinstance(c, torch.Tensor) else c[0] for c in calls]
+    assert [isinstance(c, torch.Tensor) for c in calls] == [True, False] * 4        # fwd, fwd+bwd
+    for i in (0, 1, 4, 5):                                                           # other, then ours
+        assert torch.allclose(outs[i], 2 * outs[i + 2])
+    assert "T=70 against" in capsys.readouterr().out
+    with pytest.raises(FileNotFoundError, match="no kernel file"):
+        gdn.compare_with_file(str(tmp_path / "missing.py"), [70], "cpu")

@@ -15,6 +15,7 @@ Times are the median of `triton.testing.do_bench`. Throughput figures use these 
 - decode GB/s: bytes of state read and written plus q, k, v, o; compared with the running GPU's
   measured device copy, TFLOP/s with its measured bf16 matmul peak (train/mfu.py PEAKS; the H100's
   2973 GB/s and 777 TFLOP/s where the table has none).
+`--against FILE` times only ours against another version of kernels/gated_delta/triton.py, alternating.
 `--profile-T T` (default 65536; 0: off) also lists the forward's kernels of ours and of fla's at T
 by GPU time (torch.profiler): which stage (intra-chunk, state passing, output) is where the two differ;
 and the tiles every autotuned kernel took.
@@ -310,6 +311,45 @@ def profile_forward(backends, T: int, device) -> dict:
     return out
 
 
+def compare_with_file(path: str, seqlens, device, rounds: int = 3) -> dict:
+    """Ours forward and forward + backward against another version of kernels/gated_delta/triton.py
+    (a file: `git show REV:deepwish/kernels/gated_delta/triton.py > old.py`), alternating `rounds`
+    times in this process at each T: a change's ratio measured side by side on one GPU. The output's
+    and the five gradients' relative difference from the other version's says they compute the same."""
+    import importlib.util
+    from deepwish.kernels.gated_delta import triton as ours
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"gdn bench --against: no kernel file at {path!r}")
+    spec = importlib.util.spec_from_file_location("gated_delta_other", path)
+    other = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(other)
+    out: dict = {"against": path, "rows": []}
+    for T in seqlens:
+        inputs = make_inputs(T, device)
+        leaves = [x.detach().requires_grad_() for x in inputs]
+        do = torch.randn_like(inputs[2])
+
+        def fwd(mod):
+            return mod.chunk_gated_delta_rule(*inputs)[0]
+
+        def fwd_bwd(mod):
+            o = mod.chunk_gated_delta_rule(*leaves)[0]
+            return (o, *torch.autograd.grad(o, leaves, do))
+
+        row = {"T": T, "rel_diff": [rel_rms(a.float(), b.float()) for a, b in zip(fwd_bwd(other), fwd_bwd(ours))],
+               "fwd_ms": {"other": [], "ours": []}, "fwd_bwd_ms": {"other": [], "ours": []}}
+        for _ in range(rounds):
+            for name, mod in (("other", other), ("ours", ours)):
+                row["fwd_ms"][name].append(median_ms(lambda: fwd(mod)))
+                row["fwd_bwd_ms"][name].append(median_ms(lambda: fwd_bwd(mod)))
+        ms = lambda key, name: " / ".join(f"{x:.3f}" for x in row[key][name])  # noqa: E731
+        print(f"[gdn bench] T={T} against {path} (ms, alternating): fwd {ms('fwd_ms', 'other')} -> "
+              f"{ms('fwd_ms', 'ours')}; fwd+bwd {ms('fwd_bwd_ms', 'other')} -> {ms('fwd_bwd_ms', 'ours')}; "
+              f"o and gradients' difference {max(row['rel_diff']):.1e}")
+        out["rows"].append(row)
+    return out
+
+
 def chosen_tiles() -> dict[str, str]:
     """Each autotuned gated-delta kernel's pick (its last tuned key; autotuning keys leave T out)."""
     from deepwish.kernels.gated_delta import triton as kernels
@@ -362,7 +402,16 @@ def main(argv=None) -> None:
     p.add_argument("--seqlens", type=int, nargs="+", default=[4096, 8192, 16384, 32768, 65536])
     p.add_argument("--device", default="cuda")
     p.add_argument("--profile-T", type=int, default=65536, help="the forward's kernels of ours and fla's at this T (0: off)")
+    p.add_argument("--against", metavar="FILE", help="only time ours against this other version of "
+                   "kernels/gated_delta/triton.py, alternating, at --seqlens (writes gdn_against.json)")
     args = p.parse_args(argv)
+    if args.against:
+        os.makedirs(args.out, exist_ok=True)
+        res = {"environment": environment(torch.device(args.device)),
+               **compare_with_file(args.against, args.seqlens, torch.device(args.device))}
+        with open(os.path.join(args.out, "gdn_against.json"), "w") as f:
+            json.dump(res, f, indent=2)
+        return
     run(args.out, seqlens=args.seqlens, device=args.device, profile_T=args.profile_T)
 
 
