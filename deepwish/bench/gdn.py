@@ -68,6 +68,19 @@ def make_inputs(T: int, device, dtype=torch.bfloat16, batch: int = B):
     return q, k, v, g, beta
 
 
+def fwd_bwd_step(chunk: Callable, inputs, do: torch.Tensor | None = None) -> Callable:
+    """The unit every forward + backward figure here times: step() runs chunk(q, k, v, g, beta) on
+    fresh leaves of `inputs` and its backward against the output gradient `do` (random when None),
+    returning (o, dq, dk, dv, dg, dbeta)."""
+    leaves = [x.detach().clone().requires_grad_() for x in inputs]
+    do = torch.randn_like(inputs[2]) if do is None else do
+
+    def step():
+        o = chunk(*leaves)
+        return (o, *torch.autograd.grad(o, leaves, do))
+    return step
+
+
 def load_backends() -> dict[str, dict[str, Callable | None]]:
     """name -> {'chunk': f(q, k, v, g, beta) -> o, 'step': f(q1, k1, v1, g1, beta1, state) -> o}."""
     from deepwish.kernels.gated_delta import (chunk_gated_delta_rule, chunk_gated_delta_rule_ref,
@@ -160,19 +173,15 @@ def bench_chunk(backends, seqlens, device) -> dict:
                 lambda: fns["chunk"](*inputs)))
             if name == "torch" and T > REF_MAX_T_BWD:
                 continue
-            leaves = [x.detach().clone().requires_grad_() for x in inputs]
-            do = torch.randn_like(inputs[2])
-
-            def fwd_bwd():
-                fns["chunk"](*leaves).backward(do)
+            fwd_bwd = fwd_bwd_step(fns["chunk"], inputs)
             try:
                 fwd_bwd()
             except Exception as e:  # noqa: BLE001 - e.g. fla's backward refusing on this Triton
                 res.setdefault(bwd_key, {})[T] = f"refused: {type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}"
                 print(f"[gdn bench] {bwd_key} T={T}: {res[bwd_key][T]}")
                 continue
-            res.setdefault(bwd_key, {})[T] = attempt(f"{bwd_key} T={T}", lambda: median_ms(fwd_bwd, grad_to_none=leaves))
-            del leaves, do
+            res.setdefault(bwd_key, {})[T] = attempt(f"{bwd_key} T={T}", lambda: median_ms(fwd_bwd))
+            del fwd_bwd
         del inputs
         # causal softmax attention at the same shapes
         q, k, v = (torch.randn(B, H, T, D, device=device, dtype=torch.bfloat16) for _ in range(3))
@@ -289,19 +298,12 @@ def profile_forward(backends, T: int, device) -> dict:
     """The chunked forward's kernels at T by GPU time, for every backend but the torch reference;
     and ours forward + backward ("<name> fwd+bwd"), whose backward kernels are the rest."""
     inputs = make_inputs(T, device)
-    leaves = [x.detach().requires_grad_() for x in inputs]
-    do = torch.randn_like(inputs[2])
-
-    def fwd_bwd(chunk):
-        o = chunk(*leaves)
-        torch.autograd.grad(o, leaves, do)
-
     out = {}
     for name in [n for n in backends if n != "torch"]:
         out[name] = attempt(f"profile {name} T={T}", lambda: kernel_times(lambda: backends[name]["chunk"](*inputs)))
         if name == "triton":
             out[f"{name} fwd+bwd"] = attempt(f"profile {name} fwd+bwd T={T}",
-                                             lambda: kernel_times(lambda: fwd_bwd(backends[name]["chunk"]), rows=16))
+                                             lambda: kernel_times(fwd_bwd_step(backends[name]["chunk"], inputs), rows=16))
     for name, prof in out.items():
         if isinstance(prof, dict):
             print(f"[gdn bench] {name if name.endswith('bwd') else name + ' fwd'} at T={T}: "
@@ -326,22 +328,16 @@ def compare_with_file(path: str, seqlens, device, rounds: int = 3) -> dict:
     out: dict = {"against": path, "rows": []}
     for T in seqlens:
         inputs = make_inputs(T, device)
-        leaves = [x.detach().requires_grad_() for x in inputs]
         do = torch.randn_like(inputs[2])
-
-        def fwd(mod):
-            return mod.chunk_gated_delta_rule(*inputs)[0]
-
-        def fwd_bwd(mod):
-            o = mod.chunk_gated_delta_rule(*leaves)[0]
-            return (o, *torch.autograd.grad(o, leaves, do))
-
-        row = {"T": T, "rel_diff": [rel_rms(a.float(), b.float()) for a, b in zip(fwd_bwd(other), fwd_bwd(ours))],
+        fwd = {name: (lambda m=mod: m.chunk_gated_delta_rule(*inputs)[0]) for name, mod in (("other", other), ("ours", ours))}
+        fwd_bwd = {name: fwd_bwd_step(lambda *x, m=mod: m.chunk_gated_delta_rule(*x)[0], inputs, do)
+                   for name, mod in (("other", other), ("ours", ours))}
+        row = {"T": T, "rel_diff": [rel_rms(a.float(), b.float()) for a, b in zip(fwd_bwd["other"](), fwd_bwd["ours"]())],
                "fwd_ms": {"other": [], "ours": []}, "fwd_bwd_ms": {"other": [], "ours": []}}
         for _ in range(rounds):
-            for name, mod in (("other", other), ("ours", ours)):
-                row["fwd_ms"][name].append(median_ms(lambda: fwd(mod)))
-                row["fwd_bwd_ms"][name].append(median_ms(lambda: fwd_bwd(mod)))
+            for name in ("other", "ours"):
+                row["fwd_ms"][name].append(median_ms(fwd[name]))
+                row["fwd_bwd_ms"][name].append(median_ms(fwd_bwd[name]))
         ms = lambda key, name: " / ".join(f"{x:.3f}" for x in row[key][name])  # noqa: E731
         print(f"[gdn bench] T={T} against {path} (ms, alternating): fwd {ms('fwd_ms', 'other')} -> "
               f"{ms('fwd_ms', 'ours')}; fwd+bwd {ms('fwd_bwd_ms', 'other')} -> {ms('fwd_bwd_ms', 'ours')}; "
