@@ -73,6 +73,22 @@ def test_chunk_odd_head_dims(rel_err, cuda):
     check(rel_err, B=1, T=300, H=2, HV=4, dtype=torch.bfloat16, tol=BF16_TOL, device=cuda, K=96, V=80)
 
 
+@pytest.mark.parametrize("cu", [None, [0, 100, 1000, 1000, 3001, 4096]])
+def test_chunk_backward_is_deterministic(cuda, cu):
+    """No kernel of the backward accumulates with atomics, so two runs on the same inputs give the same
+    bits. A layout or pipelining race inside a kernel shows here before it grows past the bf16
+    tolerances above (one such race moved dg and dbeta by ~1e-2 between runs)."""
+    cu = None if cu is None else torch.tensor(cu, device=cuda, dtype=torch.int32)
+    inputs = make_inputs(1, 4096, 16, 16, 128, 128, 1 if cu is None else len(cu) - 1, torch.bfloat16, cuda)
+    do = torch.randn(1, 4096, 16, 128, device=cuda)
+    dht = torch.randn_like(inputs[-1]) * 0.1
+    first = run(chunk_gated_delta_rule, inputs, cu, do, dht)
+    for _ in range(3):
+        again = run(chunk_gated_delta_rule, inputs, cu, do, dht)
+        changed = [n for n, a, b in zip(NAMES, first, again) if not torch.equal(a, b)]
+        assert not changed, f"run-to-run differences in {changed}"
+
+
 @pytest.mark.parametrize("B", [1, 64])
 def test_decode_step(rel_err, cuda, B):
     H, HV, K, V = 16, 32, 128, 128
