@@ -186,6 +186,20 @@ def test_ut_transform_matches_torch_per_chunk(rel_err, dtype):
     assert rel_err(want, o.float()) < (1e-4 if dtype == torch.float32 else 1e-2)
 
 
+def test_wy_backward_walks_k_in_slices(rel_err, monkeypatch):
+    """The UT transform's backward walks K in slices twice (the sums over K, then dk): at K = 48 in
+    slices of 32 (the second half masked), on a packed batch with partial chunks and grouped value
+    heads, every gradient matches the reference."""
+    from deepwish.kernels.gated_delta import triton as kernels
+    monkeypatch.setattr(kernels, "WY_BWD_BKS", 32)
+    cu = torch.tensor([0, 10, 85, 150])
+    inputs = make_inputs(B=1, T=150, H=1, HV=2, K=48, V=16, N=3)
+    seed = fresh_seed()
+    ref = run_with_grads(chunk_gated_delta_rule_ref, inputs, True, seed, cu_seqlens=cu)
+    out = run_with_grads(chunk_gated_delta_rule, inputs, True, seed, cu_seqlens=cu)
+    assert_all_close(rel_err, ref, out, 1e-4)
+
+
 @pytest.mark.parametrize("HV", [1, 2])
 def test_fp16_gradients_leave_in_the_input_dtype(rel_err, HV):
     """fp16 inputs: the kernels store dq, dk and dv in fp16 (grouped value heads: dq and dk summed in

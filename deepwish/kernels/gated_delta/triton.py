@@ -602,50 +602,68 @@ def _chunk_bwd_kernel(q, k, v, G, beta, Ai, h, dh, v_new, dv_new, do, dq, dk, dw
 @triton.jit
 def _wy_bwd_kernel(k, G, beta, Ai, dw, dT, dk, dk_out, dbeta, dG, dg, cu_seqlens, chunk_indices, T, NT,
                    H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr,
-                   BK: tl.constexpr, IS_VARLEN: tl.constexpr):
+                   BKS: tl.constexpr, IS_VARLEN: tl.constexpr):
     """k-side of the UT-transform backward (w = Ai (beta exp(G) k), Ai = (I + A)^{-1}); completes dk
     (the partial dk in fp32 plus this part, stored at dk_out in its dtype: the same buffer, or the
-    gradient in the input dtype) and dbeta in place, and turns dG into dg by the reverse in-chunk cumsum."""
+    gradient in the input dtype) and dbeta in place, and turns dG into dg by the reverse in-chunk cumsum.
+    K is walked in slices of BKS twice, so no [BT, K] tile is held whole (at a full K they kept one
+    CTA an SM): first the two sums over K, M = k dw^T and k k^T, from which dAi's k-part and the
+    row sums for dbeta and dG follow ([BT, BT] work); then dk slice by slice. The row sums are taken
+    from M after the loop, not accumulated inside it: per-slice row sums of the dot's accumulator
+    gave run-to-run different dbeta and dg on an H100 (triton 3.6) at some BKS / warps."""
     i_c, i_hv = tl.program_id(0), tl.program_id(1)
     i_h = i_hv // (HV // H)
     t0, nv = _chunk_bounds(i_c, cu_seqlens, chunk_indices, T, NT, IS_VARLEN)
     o_i = tl.arange(0, BT_C)
     m_t = o_i < nv
-    o_k = tl.arange(0, BK)
-    m_tk = m_t[:, None] & (o_k < K)[None, :]
+    o_k = tl.arange(0, BKS)
     dt = k.dtype.element_ty
 
     p_g = t0 * HV + i_hv
     b_G, b_gl = _load_G(G + p_g, o_i, m_t, nv, HV)
     b_beta = tl.load(beta + p_g + o_i * HV, mask=m_t, other=0.).to(tl.float32)
+    b_eG = tl.exp(b_G)
+    b_bG = b_beta * b_eG
     lower = o_i[:, None] >= o_i[None, :]
     p_A = p_g * BT_C + o_i[:, None] * (HV * BT_C) + o_i[None, :]
     b_Ait = tl.trans(tl.load(Ai + p_A, mask=lower & m_t[:, None], other=0.)).to(dt)
-    b_dT = tl.load(dT + p_A, mask=m_t[:, None], other=0.)
-    b_k = tl.load(k + (t0 * H + i_h) * K + o_i[:, None] * (H * K) + o_k[None, :], mask=m_tk, other=0.)
+    b_M = tl.zeros([BT_C, BT_C], dtype=tl.float32)     # k dw^T
+    b_KK = tl.zeros([BT_C, BT_C], dtype=tl.float32)    # k k^T
+    p_k = k + (t0 * H + i_h) * K + o_i[:, None] * (H * K) + o_k[None, :]
     p_tk = (t0 * HV + i_hv) * K + o_i[:, None] * (HV * K) + o_k[None, :]
-    b_dw = tl.load(dw + p_tk, mask=m_tk, other=0.).to(dt)
-    b_eG = tl.exp(b_G)
-
-    b_Xk = (b_k.to(tl.float32) * (b_beta * b_eG)[:, None]).to(dt)
-    b_dXk = tl.dot(b_Ait, b_dw)
-    b_dk = b_dXk * (b_beta * b_eG)[:, None]
-    b_dbeta = tl.sum(b_dXk * b_k.to(tl.float32), 1) * b_eG
-    b_dG = tl.sum(b_dXk * b_Xk.to(tl.float32), 1)
-    b_dT += tl.dot(b_dw, tl.trans(b_Xk))
+    for i_k in range(tl.cdiv(K, BKS)):
+        k0 = tl.cast(i_k, tl.int64) * BKS
+        m_tk = m_t[:, None] & (o_k + k0 < K)[None, :]
+        b_k = tl.load(p_k + k0, mask=m_tk, other=0.)
+        b_dw = tl.load(dw + p_tk + k0, mask=m_tk, other=0.).to(dt)
+        b_M += tl.dot(b_k, tl.trans(b_dw))
+        b_KK += tl.dot(b_k, tl.trans(b_k))
+    # with dXk = Ai^T dw (the gradient of X = beta exp(G) k): sum_k dXk_ik k_ik = sum_j Ait_ij M_ij,
+    # and dw X^T = M^T scaled by the columns' beta exp(G)
+    b_r = tl.sum(b_Ait.to(tl.float32) * b_M, 1)
+    b_dbeta = b_r * b_eG
+    b_dG = b_r * b_bG
+    b_dT = tl.load(dT + p_A, mask=m_t[:, None], other=0.) + tl.trans(b_M) * b_bG[None, :]
     # dA = -Ai^T dAi Ai^T on the strict lower triangle
     strict = o_i[:, None] > o_i[None, :]
     b_dA = -tl.dot(tl.dot(b_Ait, b_dT.to(dt)).to(dt), b_Ait)
     b_dA = tl.where(strict, b_dA, 0.)
     b_Ds = tl.exp(tl.where(strict, b_G[:, None] - b_G[None, :], 0.))
-    b_dAkk = b_dA * tl.dot(b_k, tl.trans(b_k)) * b_Ds    # = dA * A / beta_i
+    b_dAkk = b_dA * b_KK * b_Ds    # = dA * A / beta_i
     b_dbeta += tl.sum(b_dAkk, 1)
     b_dAA = b_dAkk * b_beta[:, None]
     b_dG += tl.sum(b_dAA, 1) - tl.sum(b_dAA, 0)
     b_F = (b_dA * b_Ds * b_beta[:, None]).to(dt)
-    b_dk += tl.dot(b_F, b_k) + tl.dot(tl.trans(b_F), b_k)
+    b_Ft = tl.trans(b_F)
+    for i_k in range(tl.cdiv(K, BKS)):
+        k0 = tl.cast(i_k, tl.int64) * BKS
+        m_tk = m_t[:, None] & (o_k + k0 < K)[None, :]
+        b_k = tl.load(p_k + k0, mask=m_tk, other=0.)
+        b_dw = tl.load(dw + p_tk + k0, mask=m_tk, other=0.).to(dt)
+        b_dk = tl.dot(b_Ait, b_dw) * b_bG[:, None] + tl.dot(b_F, b_k) + tl.dot(b_Ft, b_k)
+        b_dk += tl.load(dk + p_tk + k0, mask=m_tk, other=0.)
+        tl.store(dk_out + p_tk + k0, b_dk.to(dk_out.dtype.element_ty), mask=m_tk)
 
-    tl.store(dk_out + p_tk, (tl.load(dk + p_tk, mask=m_tk, other=0.) + b_dk).to(dk_out.dtype.element_ty), mask=m_tk)
     tl.store(dbeta + p_g + o_i * HV, tl.load(dbeta + p_g + o_i * HV, mask=m_t, other=0.) + b_dbeta, mask=m_t)
     # G = cumsum(g) within the chunk, so dg is the reverse cumsum of dG.
     b_dG = tl.where(m_t, b_dG + tl.load(dG + p_g + o_i * HV, mask=m_t, other=0.), 0.)
@@ -709,6 +727,10 @@ _V_TILE_CONFIGS = [triton.Config({"BV": bv}, num_warps=nw) for bv in (64, 128) f
 # small programs: ten [16, 16] sums and four [16, BKS] tiles of k (1-4 warps, as many CTAs an SM as fit)
 _INVERSE_CONFIGS = [triton.Config({"BKS": bks}, num_warps=nw) for bks in (32, 64) for nw in (1, 2, 4)]
 _CHUNK_BWD_CONFIGS = [triton.Config({"BV": bv}, num_warps=nw) for bv, nw in ((16, 8), (32, 8))]   # 4 warps spill
+# `_wy_bwd_kernel`'s K slice and warps, fixed (it accumulates in place, so it is not autotuned): on an
+# H100 at T = 64k, D 128 it took 0.89 ms at (64, 4) against 1.59 ms holding the whole K at 8 warps;
+# (32, 4) ~1.0 ms, (32, 8) no gain (reports/kernels.md, run 8)
+WY_BWD_BKS, WY_BWD_WARPS = 64, 4
 # Launch shapes are measured once per (shape, dtype), since no GPU timing informed the defaults. Every
 # autotuned kernel writes only outputs (or scratch it rewrites), so repeated trial launches are safe;
 # `_wy_bwd_kernel` accumulates into dk / dbeta in place and is therefore not autotuned. The sequential
@@ -832,7 +854,8 @@ def _bwd(q, k, v, beta, scale, saved, want_dh0: bool, do, dht, layout):
                  cu, chunk_indices, scale, T, NT),
                 dict(H=H, HV=HV, K=K, V=V, BK=BK, IS_VARLEN=varlen), {"BV": max(16, min(32, triton.next_power_of_2(V)))})
         _wy_bwd_kernel[(NC, HV)](k, G, beta, Ai, dw, dT, dk, dk_out, dbeta, dG, dg, cu, chunk_indices, T, NT,
-                                 H=H, HV=HV, K=K, BK=BK, IS_VARLEN=varlen, num_warps=8)
+                                 H=H, HV=HV, K=K, BKS=min(BK, WY_BWD_BKS), IS_VARLEN=varlen,
+                                 num_warps=WY_BWD_WARPS)
     if HV != H:
         dq = dq.view(B, T, H, HV // H, K).sum(3)
         dk_out = dk.view(B, T, H, HV // H, K).sum(3)
