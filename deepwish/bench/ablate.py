@@ -30,6 +30,7 @@ import argparse
 import json
 from pathlib import Path
 
+from deepwish.bench.env import doc_summary
 from deepwish.bench.speedrun import data_note, data_sets, run_curves
 
 TECHNIQUES: dict[str, tuple[str, ...]] = {
@@ -195,7 +196,7 @@ def plot(summary: dict, path: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="deepwish bench ablate", description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(prog="deepwish bench ablate", description=doc_summary(__doc__))
     ap.add_argument("--out", default="reports/ablate")
     ap.add_argument("--preset", default="gpt_124m")
     ap.add_argument("--off", default="value_embeds,skips,residual_scales,windows",

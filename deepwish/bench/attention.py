@@ -36,7 +36,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from deepwish.bench.env import bench_environment
+from deepwish.bench.env import bench_environment, doc_summary
 from deepwish.bench.timing import graph_ms, median_ms, rel_rms
 
 DENSE_MASK_MAX = 1 << 30  # elements of the [B, 1, T, T] mask SDPA is given (1 GiB as bool)
@@ -442,7 +442,7 @@ def environment(device) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="deepwish bench attention", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="deepwish bench attention", description=doc_summary(__doc__))
     p.add_argument("--out", required=True)
     p.add_argument("--grid", default="default", choices=("default", "full", "quick", "goals", "gpt"),
                    help="training shapes: a representative subset (default), the full grid, five, the "

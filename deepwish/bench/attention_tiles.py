@@ -29,6 +29,7 @@ from pathlib import Path
 
 import torch
 
+from deepwish.bench.env import doc_summary
 from deepwish.bench.timing import graph_ms, median_ms, rel_rms
 
 # shape classes: (head-dim class, length class) -> [(name, (B, T, H, Hkv, D, docs per row), timed)];
@@ -420,7 +421,7 @@ def report_regs(out: Path, classes: list[tuple[str, str]], kinds, focus: bool = 
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m deepwish.bench.attention_tiles", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m deepwish.bench.attention_tiles", description=doc_summary(__doc__))
     p.add_argument("--out", required=True)
     p.add_argument("--parts", default="diag,decode,tiles")
     p.add_argument("--workers", type=int, default=12)

@@ -13,6 +13,7 @@ from dataclasses import replace
 
 import torch
 
+from deepwish.bench.env import doc_summary
 from deepwish.config import ModelConfig, load_config
 from deepwish.model.transformer import Transformer
 
@@ -68,7 +69,7 @@ def table(dtype: str = "bf16", context: int = 32768) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(description=doc_summary(__doc__))
     p.add_argument("--dtype", default="bf16", choices=sorted(DTYPES))
     p.add_argument("--context", type=int, default=32768)
     a = p.parse_args(argv)

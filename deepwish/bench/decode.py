@@ -62,7 +62,7 @@ from pathlib import Path
 
 import torch
 
-from deepwish.bench.env import copy_bw
+from deepwish.bench.env import copy_bw, doc_summary
 
 PRESETS = ("qwen3_0.6b", "deepseek_v3_bench", "qwen3_next_bench")
 MLA_LONG_CONTEXT = 32768  # the DeepSeek goal's long context (extra row, batch 1)
@@ -577,7 +577,7 @@ def plot_tradeoff(rows, path: Path, context: int) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m deepwish.bench.decode", description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m deepwish.bench.decode", description=doc_summary(__doc__))
     ap.add_argument("--out", required=True, help="output directory (results.json, decode.png)")
     ap.add_argument("--quick", action="store_true", help="smoke test: batches 1,8; contexts 128,1024; 16 tokens")
     ap.add_argument("--presets", default=",".join(PRESETS))

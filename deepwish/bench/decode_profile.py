@@ -40,6 +40,8 @@ from pathlib import Path
 
 import torch
 
+from deepwish.bench.env import doc_summary
+
 PATHS = ("eager", "compiled", "captured", "compiled-captured")
 
 # Kernel classes by name, first match wins (cuBLAS/cuBLASLt GEMMs and GEMVs have many names).
@@ -255,7 +257,7 @@ def run(out_dir, preset: str = "qwen3_0.6b", batch: int = 1, context: int = 512,
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m deepwish.bench.decode_profile", description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m deepwish.bench.decode_profile", description=doc_summary(__doc__))
     ap.add_argument("--out", required=True, help="output folder (decode_profile.json, decode_profile.md)")
     ap.add_argument("--preset", default="qwen3_0.6b")
     ap.add_argument("--batch", type=int, default=1)

@@ -33,7 +33,7 @@ from pathlib import Path
 
 import torch
 
-from deepwish.bench.env import bench_environment, copy_bw
+from deepwish.bench.env import bench_environment, copy_bw, doc_summary
 from deepwish.bench.timing import graph_ms, rel_rms
 
 # one-row GEMV candidates (BN, BK, warps, stages): the autotuned list (kernels/gemv/triton.py) and
@@ -353,7 +353,7 @@ def run(out_dir, preset: str = "qwen3_0.6b", context: int | tuple[int, ...] = 51
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m deepwish.bench.decode_tiles", description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m deepwish.bench.decode_tiles", description=doc_summary(__doc__))
     ap.add_argument("--out", required=True)
     ap.add_argument("--preset", default="qwen3_0.6b")
     ap.add_argument("--context", default="512", help="comma-separated: the split part sweeps each, the step takes the first")

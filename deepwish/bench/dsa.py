@@ -43,6 +43,7 @@ from pathlib import Path
 
 import torch
 
+from deepwish.bench.env import doc_summary
 from deepwish.config import load_config
 
 V32_BENCH = ["model.family=deepseek_v32", "model.mixer=dsa", "model.index_n_heads=64", "model.index_head_dim=128",
@@ -361,7 +362,7 @@ def ints(s: str) -> list[int]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(description=doc_summary(__doc__))
     p.add_argument("--out", default="reports/out/dsa")
     p.add_argument("--index-seq", type=ints, default=None, help="T of part 1 (comma-separated)")
     p.add_argument("--train-seq", type=ints, default=None, help="T of part 2")

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from deepwish.bench.env import copy_bw
+from deepwish.bench.env import copy_bw, doc_summary
 from deepwish.bench.timing import median_ms
 from deepwish.kernels.embedding import lookups
 
@@ -46,7 +46,7 @@ def case(name: str, n: int, V: int, widths: list[int], device) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m deepwish.bench.embedding", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m deepwish.bench.embedding", description=doc_summary(__doc__))
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
     device = torch.device("cuda")

@@ -13,6 +13,12 @@ H100_MATMUL_FLOPS = 777e12
 H100_COPY_BW = 2973e9
 
 
+def doc_summary(doc: str | None) -> str:
+    """A module docstring's first paragraph on one line: what a benchmark's `--help` prints as its
+    description (the first line alone would cut a sentence wrapped over two)."""
+    return " ".join((doc or "").strip().split("\n\n")[0].split())
+
+
 def ceilings() -> tuple[float, float]:
     """(bf16 matmul FLOP/s, device copy bytes/s) of this GPU as the benchmarks divide by them: the
     measured figures of train/mfu.py's PEAKS (H200 774 TFLOP/s, 4,172 GB/s), the H100's for what the

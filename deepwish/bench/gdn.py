@@ -30,7 +30,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from deepwish.bench.env import H100_COPY_BW, H100_MATMUL_FLOPS, bench_environment, ceilings
+from deepwish.bench.env import H100_COPY_BW, H100_MATMUL_FLOPS, bench_environment, ceilings, doc_summary
 from deepwish.bench.timing import kernel_times, median_ms, rel_rms
 
 COPY_PEAK_GBS = H100_COPY_BW / 1e9  # table defaults: the H100's ceilings (bench/env.py ceilings)
@@ -393,7 +393,7 @@ def run(out_dir: str, seqlens=(4096, 8192, 16384, 32768, 65536), device="cuda", 
 
 
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(description=doc_summary(__doc__))
     p.add_argument("--out", required=True, help="directory for gdn.json and gdn.png")
     p.add_argument("--seqlens", type=int, nargs="+", default=[4096, 8192, 16384, 32768, 65536])
     p.add_argument("--device", default="cuda")

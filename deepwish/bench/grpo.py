@@ -32,6 +32,8 @@ from pathlib import Path
 
 import torch
 
+from deepwish.bench.env import doc_summary
+
 
 def _write(out: Path, result: dict) -> None:
     (out / "results.json").write_text(json.dumps(result, indent=1))
@@ -74,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     from deepwish.rl.trainer import GRPOConfig, grpo_step, start_grpo, supervised_warmup
     from deepwish.train.checkpoint import versions
 
-    p = argparse.ArgumentParser(prog="deepwish bench grpo", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="deepwish bench grpo", description=doc_summary(__doc__))
     p.add_argument("--out", default="reports/bench_grpo")
     p.add_argument("--preset", default="qwen3_0.6b")
     p.add_argument("--set", dest="overrides", action="append", default=[], help="model/train field (SECTION.KEY=V)")

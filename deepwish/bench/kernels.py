@@ -9,9 +9,11 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from deepwish.bench.env import doc_summary
+
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="deepwish bench kernels", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="deepwish bench kernels", description=doc_summary(__doc__))
     p.add_argument("--out", required=True, help="output folder (gdn/ and conv_lce/ inside)")
     p.add_argument("--only", choices=("gdn", "conv", "lce"), default=None, help="run one part only")
     args = p.parse_args(argv)

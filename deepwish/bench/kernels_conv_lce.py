@@ -22,7 +22,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from deepwish.bench.env import H100_COPY_BW, copy_bw
+from deepwish.bench.env import H100_COPY_BW, copy_bw, doc_summary
 from deepwish.bench.timing import graph_ms, kernel_times, median_ms
 
 H100_COPY_GBPS = H100_COPY_BW / 1e9  # the ceiling of results written before it was recorded with them
@@ -345,7 +345,7 @@ def run(out_dir: str, device: str = "cuda", conv: bool = True, lce: bool = True,
 
 
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(description=doc_summary(__doc__))
     p.add_argument("--out", required=True, help="output folder for results.json and plots")
     p.add_argument("--device", default="cuda")
     p.add_argument("--only", choices=("conv", "lce"), default=None, help="run one half only")

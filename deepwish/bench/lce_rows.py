@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from deepwish.bench.env import copy_bw
+from deepwish.bench.env import copy_bw, doc_summary
 from deepwish.bench.timing import median_ms
 from deepwish.kernels.linear_cross_entropy import triton as lce
 from deepwish.train.mfu import device_peak_flops
@@ -77,7 +77,7 @@ def loss_case(name: str, N: int, D: int, V: int, softcap: float | None, device) 
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m deepwish.bench.lce_rows", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m deepwish.bench.lce_rows", description=doc_summary(__doc__))
     p.add_argument("--out", default=None, help="folder for lce_rows.json")
     args = p.parse_args(argv)
     if not torch.cuda.is_available():

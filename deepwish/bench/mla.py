@@ -20,6 +20,7 @@ import time
 import torch
 import torch.nn.functional as F
 
+from deepwish.bench.env import doc_summary
 from deepwish.config import load_config
 from deepwish.model.mla import MLA
 from deepwish.model.rope import Rotary
@@ -64,7 +65,7 @@ def sdpa_cases(B: int, T: int, H: int, dqk: int, dv: int, dev) -> list[tuple[str
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(description=doc_summary(__doc__))
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--seq", type=int, default=2048)
     a = p.parse_args(argv)

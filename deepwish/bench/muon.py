@@ -40,6 +40,8 @@ from pathlib import Path
 
 import torch
 
+from deepwish.bench.env import doc_summary
+
 VARIANTS = ("adamw", "muon", "muon-overlap", "muon-torch", "muon-fused-cublas", "muon-triton-gram", "muon-triton-all",
             "muon-gram-ns", "muon-pe", "muon-normuon", "muon-per-matrix")
 
@@ -217,7 +219,7 @@ def _time_variant(model, cfg_train, variant: str, steps: int, warmup: int, profi
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="deepwish bench muon", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="deepwish bench muon", description=doc_summary(__doc__))
     p.add_argument("--out", default="reports/bench_muon")
     p.add_argument("--preset", default="qwen3_0.6b")
     p.add_argument("--steps", type=int, default=10)

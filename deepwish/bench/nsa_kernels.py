@@ -75,7 +75,7 @@ from pathlib import Path
 
 import torch
 
-from deepwish.bench.env import bench_environment
+from deepwish.bench.env import bench_environment, doc_summary
 from deepwish.bench.sparse_mla import time_ms
 from deepwish.bench.timing import graph_ms, rel_rms
 
@@ -649,7 +649,7 @@ def run(device, out: Path, parts: list[str], lengths: list[int], with_fla: bool 
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m deepwish.bench.nsa_kernels", description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m deepwish.bench.nsa_kernels", description=doc_summary(__doc__))
     ap.add_argument("--out", default="reports/nsa_kernels")
     ap.add_argument("--parts", default="check,train,decode")
     ap.add_argument("--lengths", default="", help="comma-separated T (default 8k..128k; --quick: 8k, 16k)")

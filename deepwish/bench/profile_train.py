@@ -16,11 +16,12 @@ from pathlib import Path
 
 import torch
 
+from deepwish.bench.env import doc_summary
 from deepwish.train.profile import summary_lines, trace_figures
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="deepwish bench profile_train", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="deepwish bench profile_train", description=doc_summary(__doc__))
     p.add_argument("--preset", default="qwen3_0.6b")
     p.add_argument("--variant", default="deepwish", help="deepwish | deepwish-eager | deepwish-muon | hf")
     p.add_argument("--batch", type=int, default=8)

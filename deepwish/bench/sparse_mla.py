@@ -38,7 +38,7 @@ from pathlib import Path
 
 import torch
 
-from deepwish.bench.env import bench_environment
+from deepwish.bench.env import bench_environment, doc_summary
 from deepwish.bench.timing import graph_ms, rel_rms
 
 H, DQK, DV, TOPK = 64, 576, 512, 2048
@@ -521,7 +521,7 @@ def run(device, out: Path, parts: list[str], quick: bool = False, sweep_first: b
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m deepwish.bench.sparse_mla", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m deepwish.bench.sparse_mla", description=doc_summary(__doc__))
     p.add_argument("--out", required=True)
     p.add_argument("--parts", default="check,kernel,decode", help="comma list, in order: check,kernel,decode")
     p.add_argument("--quick", action="store_true", help="T4k and the goal shape only; three decode contexts")

@@ -38,6 +38,8 @@ import argparse
 import json
 from pathlib import Path
 
+from deepwish.bench.env import doc_summary
+
 SHARED_TRAIN = ("steps", "batch_size", "grad_accum", "seq_len", "seed", "eval_every", "eval_batches")
 
 
@@ -187,7 +189,7 @@ def table(results: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="deepwish bench speedrun", description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(prog="deepwish bench speedrun", description=doc_summary(__doc__))
     ap.add_argument("--out", default="reports/speedrun")
     ap.add_argument("--preset", default="gpt_124m")
     ap.add_argument("--baseline", default="gpt2_baseline_124m")

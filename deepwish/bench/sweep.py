@@ -31,6 +31,7 @@ import time
 from pathlib import Path
 from typing import Callable
 
+from deepwish.bench.env import doc_summary
 from deepwish.bench.timing import median_ms, rel_rms
 
 SCALES = ((2, 256, 128), (2, 512, 256), (4, 512, 512), (4, 1024, 512), (8, 1024, 1024), (8, 2048, 1024),
@@ -337,7 +338,7 @@ def print_table(results: dict) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="deepwish bench sweep", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="deepwish bench sweep", description=doc_summary(__doc__))
     p.add_argument("--out", required=True, help="folder for results.json, sweep_time.png, sweep_speedup.png")
     p.add_argument("--quick", action="store_true", help=f"two toy scales {QUICK_SCALES} (CPU smoke test)")
     p.add_argument("--scales", default=None, help="comma-separated BxTxD list (default: the ten scales)")

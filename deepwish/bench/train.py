@@ -78,6 +78,7 @@ from pathlib import Path
 
 import torch
 
+from deepwish.bench.env import doc_summary
 from deepwish.train.mfu import device_peak_flops, mfu
 
 GOALS = {
@@ -672,7 +673,7 @@ def run_scaling(out: Path, nproc: int, preset: str, batch: int, seq: int, steps:
 
 # ---- entry point -------------------------------------------------------------------------------------
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="deepwish bench train", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="deepwish bench train", description=doc_summary(__doc__))
     p.add_argument("--out", default="reports/bench_train", help="directory for results.json and the plot")
     p.add_argument("--preset", action="append", default=None,
                    help="preset(s) to benchmark (repeatable; default qwen3_0.6b)")

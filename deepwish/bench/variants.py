@@ -25,6 +25,7 @@ import shlex
 import traceback
 from pathlib import Path
 
+from deepwish.bench.env import doc_summary
 from deepwish.bench.speedrun import data_note, data_sets, train_preset
 
 
@@ -96,7 +97,7 @@ def plot(rows: list[dict], path: Path, preset: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="deepwish bench variants", description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(prog="deepwish bench variants", description=doc_summary(__doc__))
     ap.add_argument("--out", default="reports/variants")
     ap.add_argument("--preset", default="gpt_124m")
     ap.add_argument("--data", default=None, metavar="DIR",
