@@ -325,13 +325,14 @@ def compare_with_file(path: str, seqlens, device, rounds: int = 3) -> dict:
     spec = importlib.util.spec_from_file_location("gated_delta_other", path)
     other = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(other)
+    versions = {"other": other, "ours": ours}
     out: dict = {"against": path, "rows": []}
     for T in seqlens:
         inputs = make_inputs(T, device)
         do = torch.randn_like(inputs[2])
-        fwd = {name: (lambda m=mod: m.chunk_gated_delta_rule(*inputs)[0]) for name, mod in (("other", other), ("ours", ours))}
+        fwd = {name: (lambda m=mod: m.chunk_gated_delta_rule(*inputs)[0]) for name, mod in versions.items()}
         fwd_bwd = {name: fwd_bwd_step(lambda *x, m=mod: m.chunk_gated_delta_rule(*x)[0], inputs, do)
-                   for name, mod in (("other", other), ("ours", ours))}
+                   for name, mod in versions.items()}
         row = {"T": T, "rel_diff": [rel_rms(a.float(), b.float()) for a, b in zip(fwd_bwd["other"](), fwd_bwd["ours"]())],
                "fwd_ms": {"other": [], "ours": []}, "fwd_bwd_ms": {"other": [], "ours": []}}
         for _ in range(rounds):
@@ -347,7 +348,8 @@ def compare_with_file(path: str, seqlens, device, rounds: int = 3) -> dict:
 
 
 def chosen_tiles() -> dict[str, str]:
-    """Each autotuned gated-delta kernel's pick (its last tuned key; autotuning keys leave T out)."""
+    """Each autotuned gated-delta kernel's pick (its last tuned key; autotuning keys leave T out), and
+    `_wy_bwd_kernel`'s fixed K slice and warps."""
     from deepwish.kernels.gated_delta import triton as kernels
     out = {}
     for name in ("_wy_inverse_tuned", "_wy_apply_tuned", "_state_fwd_tuned", "_output_fwd_tuned",
@@ -356,6 +358,7 @@ def chosen_tiles() -> dict[str, str]:
         if config is not None:
             out[name.strip("_").removesuffix("_tuned")] = (f"{config.kwargs} w{config.num_warps} "
                                                             f"s{config.num_stages}")
+    out["wy_bwd"] = f"{{'BKS': {kernels.WY_BWD_BKS}}} w{kernels.WY_BWD_WARPS} (fixed: it accumulates in place)"
     return out
 
 
