@@ -188,7 +188,7 @@ def build_deepwish(preset: str, batch: int, seq: int, variant: str, packed_data:
                 loss, _ = lm_loss(step_model, batches[i], tc, n, backend=backend, checked_targets=checked[i])
             loss.backward()
         with phase("clip"):
-            parallel.clip_grad_norm(model.parameters(), tc.grad_clip)
+            parallel.clip_grad_norm(model.parameters(), tc.grad_clip, optimizer)
         with phase("optimizer"):
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)

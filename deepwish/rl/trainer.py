@@ -346,7 +346,8 @@ def grpo_step(run: GRPORun, step: int) -> dict:
             clipped += int(terms.clipped)
             counted += int(terms.tokens)
         from deepwish.train.parallel import clip_grad_norm
-        grad_norm = float(clip_grad_norm(run.model.parameters(), tc.grad_clip if tc.grad_clip > 0 else float("inf")))
+        grad_norm = float(clip_grad_norm(run.model.parameters(), tc.grad_clip if tc.grad_clip > 0 else float("inf"),
+                                         run.optimizer))
         if not math.isfinite(grad_norm):
             raise FloatingPointError(f"step {step + 1}: non-finite gradient norm ({grad_norm}); nothing was updated")
         run.optimizer.step()

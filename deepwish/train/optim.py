@@ -55,7 +55,30 @@ class ChainedOptimizer:
             return None  # CPU (and CPU-offloaded shards): sequential
         return next(iter(devices))
 
+    def take_grad_scale(self, coef: torch.Tensor) -> set[int]:
+        """Gradient clipping's coefficient (a 0-d tensor, <= 1), for the next step only, handed to the
+        optimizers that apply it inside their update: torch's fused Adam/AdamW over plain (not
+        FSDP2-sharded) tensors, through its `grad_scale` (it divides each gradient by that and writes
+        the result back, as clipping in place would have left it). Returns the ids of the parameters
+        whose gradients those will scale; the caller scales the rest (train/parallel.py clip_grad_norm)."""
+        from torch.distributed.tensor import DTensor
+        taken: set[int] = set()
+        for opt in self.optimizers.values():
+            params = [p for g in opt.param_groups for p in g["params"]]
+            if (isinstance(opt, (torch.optim.Adam, torch.optim.AdamW)) and opt.defaults.get("fused")
+                    and not any(isinstance(p, DTensor) for p in params)):
+                opt.grad_scale = 1.0 / coef.to(torch.float32)  # read by torch's fused step, cleared after it
+                taken.update(id(p) for p in params)
+        return taken
+
     def step(self) -> None:
+        try:
+            self._step()
+        finally:  # a coefficient from take_grad_scale serves one step
+            for opt in self.optimizers.values():
+                opt.__dict__.pop("grad_scale", None)
+
+    def _step(self) -> None:
         if self._side is None or not self.overlap:
             device = self._overlap_device()
             if device is None:

@@ -314,13 +314,18 @@ def parallelize(model: nn.Module, run_cfg, d: Dist) -> nn.Module:
 
 
 # ---- gradient clipping over shards ------------------------------------------------------------
-def clip_grad_norm(params, max_norm: float) -> torch.Tensor:
+def clip_grad_norm(params, max_norm: float, optimizer=None) -> torch.Tensor:
     """Global gradient 2-norm (over every shard and rank), clipped to `max_norm`; returns the norm
     as a 0-d tensor, unread: the caller reads it with the step's other scalars in one host
     synchronisation (a read here would drain the GPU's queue before the update is launched).
 
     Under FSDP2 the norm torch computes is a DTensor with a pending reduction: materialising it
     all-reduces the shard norms, and the clip coefficient is then applied to the local shards.
+
+    optimizer: the `ChainedOptimizer` about to step, if any. Its optimizers that can scale gradients
+    inside their own update take the coefficient (`ChainedOptimizer.take_grad_scale`); only the other
+    parameters' gradients are scaled here. Clipping's separate pass over every gradient (fp32, read
+    and written: 1.8 ms a step at Qwen3-0.6B on an H100) is then left to the update's own pass.
     """
     from torch.distributed.tensor import DTensor
 
@@ -332,7 +337,13 @@ def clip_grad_norm(params, max_norm: float) -> torch.Tensor:
             norm = DTensor.from_local(local.to(norm.device_mesh.device_type), norm.device_mesh, norm.placements)
         norm = norm.full_tensor()
     if params and max_norm < float("inf"):
-        torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm, foreach=None)
+        if optimizer is not None and hasattr(optimizer, "take_grad_scale"):
+            # torch's clip_grads_with_norm_ coefficient, computed the same way
+            coef = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
+            taken = optimizer.take_grad_scale(coef)
+            params = [p for p in params if id(p) not in taken]
+        if params:
+            torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm, foreach=None)
     return norm
 
 

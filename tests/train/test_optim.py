@@ -182,3 +182,48 @@ def test_groups_follow_roles_not_names():
 
     _, names = classify_params(Renamed())
     assert names.muon == ["router.weight"] and names.adamw_no_decay == ["w_down_like_router.weight"]
+
+
+@pytest.mark.parametrize("max_norm", [0.05, 1e6])   # clipping active / a no-op
+def test_clip_folded_into_fused_adamw_equals_clipping_in_place(max_norm):
+    """clip_grad_norm hands its coefficient to a fused AdamW (torch's grad_scale) instead of scaling
+    every gradient first: three steps give the same parameters and leave the same gradients as
+    clipping in place; the coefficient serves one step; Muon's parameters are still scaled here."""
+    from deepwish.train.optim import ChainedOptimizer
+    from deepwish.train.parallel import clip_grad_norm
+    gen = torch.Generator().manual_seed(1)
+    xs = [torch.randn(5, 8, generator=gen) for _ in range(3)]
+    runs = {}
+    for folded in (False, True):
+        torch.manual_seed(0)
+        m = nn.Sequential(nn.Linear(8, 16), nn.Linear(16, 16, bias=False))
+        opt = ChainedOptimizer({
+            "muon": Muon([m[1].weight], lr=0.02, momentum=0.95, ns_steps=5, backend="torch"),
+            "adamw": torch.optim.AdamW(list(m[0].parameters()), lr=1e-2, fused=True)})
+        grads = []
+        for x in xs:
+            (m(x).pow(2).sum() * 10).backward()
+            norm = clip_grad_norm(m.parameters(), max_norm, opt if folded else None)
+            assert (norm > max_norm) == (max_norm < 1)   # the small max_norm clips every step
+            if folded:
+                assert opt.optimizers["adamw"].grad_scale.shape == ()
+            opt.step()
+            assert not hasattr(opt.optimizers["adamw"], "grad_scale")
+            grads.append([p.grad.clone() for p in m.parameters()])
+            opt.zero_grad()
+        runs[folded] = ([p.detach().clone() for p in m.parameters()], grads)
+    for a, b in zip(runs[False][0], runs[True][0]):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+    for ga, gb in zip(runs[False][1], runs[True][1]):
+        for a, b in zip(ga, gb):
+            torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-8)
+
+
+def test_only_fused_adam_takes_the_clip_coefficient():
+    from deepwish.train.optim import ChainedOptimizer
+    lin = nn.Linear(4, 4)
+    plain = ChainedOptimizer({"adamw": torch.optim.AdamW(lin.parameters(), foreach=True)})
+    assert plain.take_grad_scale(torch.tensor(0.5)) == set()
+    fused = ChainedOptimizer({"adamw": torch.optim.AdamW(lin.parameters(), fused=True)})
+    assert fused.take_grad_scale(torch.tensor(0.5)) == {id(p) for p in lin.parameters()}
+    assert fused.optimizers["adamw"].grad_scale.item() == 2.0
