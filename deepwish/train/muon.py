@@ -164,6 +164,9 @@ class Muon(torch.optim.Optimizer):
     Per parameter p with gradient g:  m <- mu*m + g;  u = g + mu*m (Nesterov) [or m];
     o = newton_schulz(u) [-> normuon_normalize(o)] * max(1, rows/cols)**0.5;
     p <- p*(1 - lr*wd) - lr*o. Same-shape matrices are orthogonalised together (module docstring).
+    A `grad_scale` attribute (torch's fused-optimizer protocol; set for one step by
+    train/optim.py ChainedOptimizer.take_grad_scale) divides every g as it is read: gradient
+    clipping without its own pass over the gradients.
     """
 
     def __init__(self, params, lr: float = 0.02, momentum: float = 0.95, nesterov: bool = True,
@@ -197,7 +200,8 @@ class Muon(torch.optim.Optimizer):
 
     def _momentum(self, group: dict, params: list, local) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """Update the momentum buffers of `params` (foreach); returns (grads, buffers) as the
-        tensors `local` maps them to (DTensor shards -> their local tensors)."""
+        tensors `local` maps them to (DTensor shards -> their local tensors), the gradients divided
+        by `grad_scale` where one was handed over (new tensors: the gradients stay as they are)."""
         mu = group["momentum"]
         bufs = []
         for p in params:
@@ -206,6 +210,8 @@ class Muon(torch.optim.Optimizer):
                 state["momentum_buffer"] = torch.zeros_like(p.grad)
             bufs.append(local(state["momentum_buffer"]))
         grads = [local(p.grad) for p in params]
+        if self.__dict__.get("grad_scale") is not None:
+            grads = torch._foreach_div(grads, self.grad_scale.to(grads[0].device))
         torch._foreach_mul_(bufs, mu)
         torch._foreach_add_(bufs, grads)
         return grads, bufs
@@ -309,7 +315,8 @@ class Muon(torch.optim.Optimizer):
                 state["momentum_buffer"] = torch.zeros_like(p.grad)
             bufs.append(state["momentum_buffer"])
         U, sumsq = kernels.momentum_stack([p.grad for p in ps], bufs, group["momentum"], group["nesterov"],
-                                          compute_dtype(device), self._tables)
+                                          compute_dtype(device), self._tables,
+                                          grad_scale=self.__dict__.get("grad_scale"))
         lr = group["lr"]
         decay, alpha = 1.0 - lr * group["weight_decay"], -lr * shape_scale(ps[0].shape)
         if not group["normuon"] and group["ns_steps"] >= 2:

@@ -57,17 +57,20 @@ class ChainedOptimizer:
 
     def take_grad_scale(self, coef: torch.Tensor) -> set[int]:
         """Gradient clipping's coefficient (a 0-d tensor, <= 1), for the next step only, handed to the
-        optimizers that apply it inside their update: torch's fused Adam/AdamW over plain (not
-        FSDP2-sharded) tensors, through its `grad_scale` (it divides each gradient by that and writes
-        the result back, as clipping in place would have left it). Returns the ids of the parameters
-        whose gradients those will scale; the caller scales the rest (train/parallel.py clip_grad_norm)."""
+        optimizers that apply it inside their update as `grad_scale` = 1 / coef (torch's fused-optimizer
+        protocol: each gradient is divided by it as it is read), over plain (not FSDP2-sharded) tensors:
+        torch's fused Adam/AdamW (which writes the scaled gradient back) and Muon (which reads it
+        scaled in its momentum pass and leaves the gradient as it was). Returns the ids of the
+        parameters whose gradients those will scale; the caller scales the rest (train/parallel.py
+        clip_grad_norm)."""
         from torch.distributed.tensor import DTensor
         taken: set[int] = set()
         for opt in self.optimizers.values():
             params = [p for g in opt.param_groups for p in g["params"]]
-            if (isinstance(opt, (torch.optim.Adam, torch.optim.AdamW)) and opt.defaults.get("fused")
-                    and not any(isinstance(p, DTensor) for p in params)):
-                opt.grad_scale = 1.0 / coef.to(torch.float32)  # read by torch's fused step, cleared after it
+            fused_adam = isinstance(opt, (torch.optim.Adam, torch.optim.AdamW)) and opt.defaults.get("fused")
+            muon = isinstance(opt, Muon) and not isinstance(opt, DistributedMuon)
+            if (fused_adam or muon) and not any(isinstance(p, DTensor) for p in params):
+                opt.grad_scale = 1.0 / coef.to(torch.float32)  # read by the step, cleared after it
                 taken.update(id(p) for p in params)
         return taken
 

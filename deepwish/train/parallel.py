@@ -323,9 +323,10 @@ def clip_grad_norm(params, max_norm: float, optimizer=None) -> torch.Tensor:
     all-reduces the shard norms, and the clip coefficient is then applied to the local shards.
 
     optimizer: the `ChainedOptimizer` about to step, if any. Its optimizers that can scale gradients
-    inside their own update take the coefficient (`ChainedOptimizer.take_grad_scale`); only the other
-    parameters' gradients are scaled here. Clipping's separate pass over every gradient (fp32, read
-    and written: 1.8 ms a step at Qwen3-0.6B on an H100) is then left to the update's own pass.
+    inside their own update (fused AdamW, Muon) take the coefficient (`ChainedOptimizer.take_grad_scale`);
+    only the other parameters' gradients are scaled here. Clipping's separate pass over every gradient
+    (fp32, read and written: 1.8 ms a step at Qwen3-0.6B on an H100) is then left to the update's own
+    pass.
     """
     from torch.distributed.tensor import DTensor
 

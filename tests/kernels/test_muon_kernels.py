@@ -104,6 +104,26 @@ def test_momentum_stack_and_apply_equal_reference(nesterov):
         tri.momentum_stack([g.mT for g in grads], bufs, 0.9, nesterov, torch.float16, tables)
 
 
+def test_momentum_stack_divides_the_gradients_by_grad_scale():
+    """Clipping folded into the momentum pass: the same buffers and stack as the reference on the
+    divided gradients, and the gradients left untouched."""
+    shape = (12, 20)
+    grads = [torch.randn(shape) for _ in range(2)]
+    kept = [g.clone() for g in grads]
+    bufs = [torch.randn(shape) for _ in range(2)]
+    bufs_ref = [b.clone() for b in bufs]
+    scale = torch.tensor(4.0)
+    U, _ = tri.momentum_stack(grads, bufs, 0.9, True, torch.float32, tri.AddressTables(), grad_scale=scale)
+    U_ref, _ = ref.momentum_stack([g / 4 for g in grads], bufs_ref, 0.9, True, torch.float32)
+    torch.testing.assert_close(U, U_ref, rtol=1e-6, atol=1e-6)
+    for b, r in zip(bufs, bufs_ref):
+        torch.testing.assert_close(b, r, rtol=1e-6, atol=1e-6)
+    for g, k in zip(grads, kept):
+        assert torch.equal(g, k)
+    with pytest.raises(ValueError, match="grad_scale"):
+        tri.momentum_stack(grads, bufs, 0.9, True, torch.float32, tri.AddressTables(), grad_scale=torch.ones(2))
+
+
 @pytest.mark.parametrize("shape,schedule", [((24, 40), "jordan"), ((40, 24), "polar_express"), ((3, 16, 20), "jordan")])
 def test_newton_schulz_triton_equals_torch(rel_err, shape, schedule):
     """Wide, tall (the Gram matrix is XᵀX) and a batch; the normalisation folded into the first

@@ -185,10 +185,11 @@ def test_groups_follow_roles_not_names():
 
 
 @pytest.mark.parametrize("max_norm", [0.05, 1e6])   # clipping active / a no-op
-def test_clip_folded_into_fused_adamw_equals_clipping_in_place(max_norm):
-    """clip_grad_norm hands its coefficient to a fused AdamW (torch's grad_scale) instead of scaling
-    every gradient first: three steps give the same parameters and leave the same gradients as
-    clipping in place; the coefficient serves one step; Muon's parameters are still scaled here."""
+def test_clip_folded_into_the_update_equals_clipping_in_place(max_norm):
+    """clip_grad_norm hands its coefficient to a fused AdamW (torch's grad_scale) and to Muon (its
+    momentum pass) instead of scaling every gradient first: three steps give the same parameters as
+    clipping in place; AdamW leaves the same gradients, Muon the unscaled ones; the coefficient
+    serves one step."""
     from deepwish.train.optim import ChainedOptimizer
     from deepwish.train.parallel import clip_grad_norm
     gen = torch.Generator().manual_seed(1)
@@ -203,13 +204,16 @@ def test_clip_folded_into_fused_adamw_equals_clipping_in_place(max_norm):
         grads = []
         for x in xs:
             (m(x).pow(2).sum() * 10).backward()
+            raw = m[1].weight.grad.clone()
             norm = clip_grad_norm(m.parameters(), max_norm, opt if folded else None)
             assert (norm > max_norm) == (max_norm < 1)   # the small max_norm clips every step
             if folded:
-                assert opt.optimizers["adamw"].grad_scale.shape == ()
+                assert all(o.grad_scale.shape == () for o in opt.optimizers.values())
             opt.step()
-            assert not hasattr(opt.optimizers["adamw"], "grad_scale")
-            grads.append([p.grad.clone() for p in m.parameters()])
+            assert not any(hasattr(o, "grad_scale") for o in opt.optimizers.values())
+            if folded:
+                torch.testing.assert_close(m[1].weight.grad, raw, rtol=0, atol=0)  # Muon read it scaled
+            grads.append([p.grad.clone() for p in m[0].parameters()])
             opt.zero_grad()
         runs[folded] = ([p.detach().clone() for p in m.parameters()], grads)
     for a, b in zip(runs[False][0], runs[True][0]):
@@ -219,11 +223,12 @@ def test_clip_folded_into_fused_adamw_equals_clipping_in_place(max_norm):
             torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-8)
 
 
-def test_only_fused_adam_takes_the_clip_coefficient():
+def test_which_optimizers_take_the_clip_coefficient():
     from deepwish.train.optim import ChainedOptimizer
-    lin = nn.Linear(4, 4)
+    lin, mat = nn.Linear(4, 4), nn.Parameter(torch.randn(4, 4))
     plain = ChainedOptimizer({"adamw": torch.optim.AdamW(lin.parameters(), foreach=True)})
-    assert plain.take_grad_scale(torch.tensor(0.5)) == set()
-    fused = ChainedOptimizer({"adamw": torch.optim.AdamW(lin.parameters(), fused=True)})
-    assert fused.take_grad_scale(torch.tensor(0.5)) == {id(p) for p in lin.parameters()}
-    assert fused.optimizers["adamw"].grad_scale.item() == 2.0
+    assert plain.take_grad_scale(torch.tensor(0.5)) == set()   # the caller scales these
+    both = ChainedOptimizer({"muon": Muon([mat], backend="torch"),
+                             "adamw": torch.optim.AdamW(lin.parameters(), fused=True)})
+    assert both.take_grad_scale(torch.tensor(0.5)) == {id(p) for p in [mat, *lin.parameters()]}
+    assert both.optimizers["adamw"].grad_scale.item() == both.optimizers["muon"].grad_scale.item() == 2.0

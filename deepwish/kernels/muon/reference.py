@@ -115,11 +115,14 @@ def ns_update(L: torch.Tensor, R: torch.Tensor, Y: torch.Tensor, a: float,
 
 
 def momentum_stack(grads: list[torch.Tensor], bufs: list[torch.Tensor], mu: float, nesterov: bool,
-                   dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+                   dtype: torch.dtype, grad_scale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Momentum m <- mu m + g (bufs updated in place) and the stacked update u = g + mu m (Nesterov)
-    or m, rounded once to `dtype`. Returns (U [N, *shape], sum of squares of each rounded u_i [N] fp32)."""
+    or m, rounded once to `dtype`. Returns (U [N, *shape], sum of squares of each rounded u_i [N] fp32).
+    grad_scale: a 0-d tensor each gradient is divided by as it is read (clipping's 1 / coefficient,
+    torch's fused-optimizer protocol); the gradients themselves are left as they are."""
     us = []
     for g, m in zip(grads, bufs):
+        g = g.float() if grad_scale is None else g.float() / grad_scale.float()
         m.copy_(mu * m.float() + g.float())
         us.append((g.float() + mu * m.float()) if nesterov else m.float())
     U = torch.stack(us).to(dtype)

@@ -171,11 +171,13 @@ def _update_kernel(l_ptr, r_ptr, y_ptr, c_ptr, scale_ptr, p_table, p_first, M, N
 
 # ---- elementwise passes over a list of same-shape tensors ------------------------------------------
 @triton.jit
-def _momentum_stack_kernel(g_table, m_table, g_first, m_first, u_ptr, part_ptr, numel, mu,
-                           NESTEROV: tl.constexpr, ALIGNED: tl.constexpr, BLOCK: tl.constexpr):
+def _momentum_stack_kernel(g_table, m_table, g_first, m_first, u_ptr, part_ptr, scale_ptr, numel, mu,
+                           NESTEROV: tl.constexpr, SCALED: tl.constexpr, ALIGNED: tl.constexpr,
+                           BLOCK: tl.constexpr):
     """m <- mu m + g in place; u = g + mu m (or m) rounded into the stack U[j]; the sum of squares
     of the rounded block into part[j, block]. The tables hold each matrix's address (ALIGNED:
-    every address is a multiple of 16 bytes, which lets the loads be vectorised)."""
+    every address is a multiple of 16 bytes, which lets the loads be vectorised). SCALED: g is
+    divided by the scalar at scale_ptr as it is read (gradient clipping's 1 / coefficient)."""
     blk = tl.program_id(0)
     j = tl.program_id(1)
     g_ptr = tl.load(g_table + j).to(g_first.dtype)
@@ -186,6 +188,8 @@ def _momentum_stack_kernel(g_table, m_table, g_first, m_first, u_ptr, part_ptr, 
     offs = blk.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     ok = offs < numel
     g = tl.load(g_ptr + offs, mask=ok, other=0.0).to(tl.float32)
+    if SCALED:
+        g = g / tl.load(scale_ptr).to(tl.float32)
     m = mu * tl.load(m_ptr + offs, mask=ok, other=0.0).to(tl.float32) + g
     tl.store(m_ptr + offs, m, mask=ok)
     if NESTEROV:
@@ -526,9 +530,11 @@ def _check_list(name: str, ts: list[torch.Tensor], shape, device) -> None:
 
 
 def momentum_stack(grads: list[torch.Tensor], bufs: list[torch.Tensor], mu: float, nesterov: bool,
-                   dtype: torch.dtype, tables: AddressTables) -> tuple[torch.Tensor, torch.Tensor]:
+                   dtype: torch.dtype, tables: AddressTables,
+                   grad_scale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """reference.momentum_stack in one pass over same-shape tensors [..., m, n]: returns (U [N, ...,
-    m, n] in `dtype`, the sum of squares of each of its N·(...) matrices, flat, fp32)."""
+    m, n] in `dtype`, the sum of squares of each of its N·(...) matrices, flat, fp32). grad_scale: a
+    0-d tensor on the gradients' device that each gradient is divided by as it is read."""
     shape, device = grads[0].shape, grads[0].device
     _check_list("gradient", grads, shape, device)
     _check_list("momentum buffer", bufs, shape, device)
@@ -538,8 +544,13 @@ def momentum_stack(grads: list[torch.Tensor], bufs: list[torch.Tensor], mu: floa
     blocks = triton.cdiv(numel, ELEMENTWISE_BLOCK)
     part = torch.empty(matrices, blocks, device=device, dtype=torch.float32)
     (g_table, g_aligned), (m_table, m_aligned) = tables(grads), tables(bufs)
-    _momentum_stack_kernel[(blocks, matrices)](g_table, m_table, grads[0], bufs[0], U, part, numel, float(mu),
-                                               NESTEROV=bool(nesterov), ALIGNED=g_aligned and m_aligned,
+    if grad_scale is not None and (grad_scale.numel() != 1 or grad_scale.device != device):
+        raise ValueError(f"momentum_stack: grad_scale must be one value on {device}, got shape "
+                         f"{tuple(grad_scale.shape)} on {grad_scale.device}")
+    scale = part if grad_scale is None else grad_scale.to(torch.float32)  # (unread when not SCALED)
+    _momentum_stack_kernel[(blocks, matrices)](g_table, m_table, grads[0], bufs[0], U, part, scale, numel, float(mu),
+                                               NESTEROV=bool(nesterov), SCALED=grad_scale is not None,
+                                               ALIGNED=g_aligned and m_aligned,
                                                BLOCK=ELEMENTWISE_BLOCK, num_warps=ELEMENTWISE_WARPS)
     return U, part.sum(1)
 
