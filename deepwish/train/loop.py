@@ -534,7 +534,7 @@ def optimizer_step(run: Run, step: int, micro: list, meanwhile=None) -> StepResu
         ce, z, aux, loads = parallel.sum_step_metrics(run.d, ce, z, aux, loads)
         loss = (ce + z) / n_global + sum(aux.values(), torch.zeros((), device=run.device))
         clip = tc.grad_clip if tc.grad_clip > 0 else float("inf")
-        # clipped in place, or by the fused AdamW inside its update; nothing updated yet
+        # clipped in place, or inside the update (fused AdamW, Muon: take_grad_scale); nothing updated yet
         norm = parallel.clip_grad_norm(run.model.parameters(), clip, run.optimizer)
     # One host synchronisation a step: the loss and gradient norm (the non-finite check needs them
     # before the update) and the logged sums are read together, so the GPU's queue drains once.
