@@ -353,7 +353,7 @@ def chosen_tiles() -> dict[str, str]:
     from deepwish.kernels.gated_delta import triton as kernels
     out = {}
     for name in ("_wy_inverse_tuned", "_wy_apply_tuned", "_state_fwd_tuned", "_output_fwd_tuned",
-                 "_dv_local_tuned", "_state_bwd_tuned", "_chunk_bwd_tuned"):
+                 "_dv_local_tuned", "_state_bwd_tuned", "_chunk_bwd_wy_tuned", "_chunk_bwd_qk_tuned"):
         config = getattr(getattr(kernels, name), "best_config", None)
         if config is not None:
             out[name.strip("_").removesuffix("_tuned")] = (f"{config.kwargs} w{config.num_warps} "

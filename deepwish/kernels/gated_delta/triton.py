@@ -15,8 +15,10 @@ Backward reverses it:
     1. `_dv_local_kernel`    dv'_local = scale lower_incl(...)^T do                (parallel)
     2. `_state_bwd_kernel`   dS_c+1 stored per chunk; dv' = dv'_local + k_dec dS_c+1;
                              dS_c = exp(G_last) dS_c+1 + scale (exp(G) q)^T do - w^T dv'   (sequential)
-    3. `_chunk_bwd_kernel`   everything local to a chunk that reads h, dh, v', dv': dq, dv, partial dk,
-                             dbeta, dG, and dw (parallel)
+    3. `_chunk_bwd_wy_kernel` the v side of a chunk (reads h, dv', v): dv (final), dw, partial dbeta
+                             and the v part of dAi (parallel)
+       `_chunk_bwd_qk_kernel` the q/k side (reads h, dh, v', do, q, k): dq (final), partial dk, dG
+                             (parallel)
     4. `_wy_bwd_kernel`      the k side of the UT transform (dA = -Ai^T dAi Ai^T), completing dk and
                              dbeta; dg as a reverse in-chunk cumsum of dG (parallel)
 
@@ -511,13 +513,61 @@ def _state_bwd_kernel(q, k, w, G, do, dvl, dh, dv_new, dht, dh0, cu_seqlens, chu
 
 
 @triton.jit
-def _chunk_bwd_kernel(q, k, v, G, beta, Ai, h, dh, v_new, dv_new, do, dq, dk, dw, dv, dbeta, dG, dT,
-                      cu_seqlens, chunk_indices, scale, T, NT,
-                      H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
-                      BK: tl.constexpr, BV: tl.constexpr, IS_VARLEN: tl.constexpr):
-    """Everything of one chunk's backward except the k-side of the UT transform: dq (final), dv
-    (final), and partial dk, dbeta, dG (in-chunk cumulative), plus dw and the v-part of dAi for
-    `_wy_bwd_kernel`."""
+def _chunk_bwd_wy_kernel(k, v, G, beta, Ai, h, dv_new, dw, dv, dbeta, dT,
+                         cu_seqlens, chunk_indices, T, NT,
+                         H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
+                         BK: tl.constexpr, BV: tl.constexpr, IS_VARLEN: tl.constexpr):
+    """The v side of one chunk's backward: through v' = u - w S and u = Ai (beta v), dv (final),
+    dw = -dv' hᵀ, dbeta's v part and the v part of dAi (dT), the last two for `_wy_bwd_kernel`."""
+    i_c, i_hv = tl.program_id(0), tl.program_id(1)
+    t0, nv = _chunk_bounds(i_c, cu_seqlens, chunk_indices, T, NT, IS_VARLEN)
+    o_i = tl.arange(0, BT_C)
+    m_t = o_i < nv
+    o_k = tl.arange(0, BK)
+    m_k = o_k < K
+    m_tk = m_t[:, None] & m_k[None, :]
+    dt = k.dtype.element_ty
+    p_g = t0 * HV + i_hv
+    b_beta = tl.load(beta + p_g + o_i * HV, mask=m_t, other=0.).to(tl.float32)
+    lower = o_i[:, None] >= o_i[None, :]
+    p_A = p_g * BT_C + o_i[:, None] * (HV * BT_C) + o_i[None, :]
+    b_Ait = tl.trans(tl.load(Ai + p_A, mask=lower & m_t[:, None], other=0.)).to(dt)
+    b_dw = tl.zeros([BT_C, BK], dtype=tl.float32)     # -dv' h^T
+    b_dT = tl.zeros([BT_C, BT_C], dtype=tl.float32)   # gradient of Ai through u = Ai (beta v)
+    b_dbeta = tl.zeros([BT_C], dtype=tl.float32)
+    p_h = h + (tl.cast(i_c, tl.int64) * HV + i_hv) * (K * V)
+    p_tv = (t0 * HV + i_hv) * V
+    for i_v in range(tl.cdiv(V, BV)):
+        o_v = i_v * BV + tl.arange(0, BV)
+        m_v = o_v < V
+        m_kv = m_k[:, None] & m_v[None, :]
+        m_tv = m_t[:, None] & m_v[None, :]
+        o_kv = o_k[:, None] * V + o_v[None, :]
+        o_tv = o_i[:, None] * (HV * V) + o_v[None, :]
+        b_h = tl.load(p_h + o_kv, mask=m_kv, other=0.)
+        b_dvn = tl.load(dv_new + p_tv + o_tv, mask=m_tv, other=0.)
+        b_v = tl.load(v + p_tv + o_tv, mask=m_tv, other=0.)
+        b_dw -= tl.dot(b_dvn, tl.trans(b_h))
+        # u = Ai (beta v), du = dv'
+        b_dXv = tl.dot(b_Ait, b_dvn)
+        tl.store(dv + p_tv + o_tv, (b_dXv * b_beta[:, None]).to(dv.dtype.element_ty), mask=m_tv)
+        b_dbeta += tl.sum(b_dXv * b_v.to(tl.float32), 1)
+        b_dT += tl.dot(b_dvn, tl.trans((b_v * b_beta[:, None]).to(dt)))
+    p_tk = (t0 * HV + i_hv) * K
+    o_tk_hv = o_i[:, None] * (HV * K) + o_k[None, :]
+    tl.store(dw + p_tk + o_tk_hv, b_dw.to(dw.dtype.element_ty), mask=m_tk)
+    tl.store(dT + p_A, b_dT, mask=m_t[:, None])
+    tl.store(dbeta + p_g + o_i * HV, b_dbeta, mask=m_t)
+
+
+@triton.jit
+def _chunk_bwd_qk_kernel(q, k, G, h, dh, v_new, do, dq, dk, dG,
+                         cu_seqlens, chunk_indices, scale, T, NT,
+                         H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
+                         BK: tl.constexpr, BV: tl.constexpr, IS_VARLEN: tl.constexpr):
+    """The q/k side of one chunk's backward: through the output (inter-chunk read of h and the
+    intra-chunk attention) and the state update, dq (final), the partial dk that `_wy_bwd_kernel`
+    completes, and the in-chunk cumulative dG."""
     i_c, i_hv = tl.program_id(0), tl.program_id(1)
     i_h = i_hv // (HV // H)
     t0, nv = _chunk_bounds(i_c, cu_seqlens, chunk_indices, T, NT, IS_VARLEN)
@@ -527,21 +577,13 @@ def _chunk_bwd_kernel(q, k, v, G, beta, Ai, h, dh, v_new, dv_new, do, dq, dk, dw
     m_k = o_k < K
     m_tk = m_t[:, None] & m_k[None, :]
     dt = k.dtype.element_ty
-
     p_g = t0 * HV + i_hv
     b_G, b_gl = _load_G(G + p_g, o_i, m_t, nv, HV)
-    b_beta = tl.load(beta + p_g + o_i * HV, mask=m_t, other=0.).to(tl.float32)
     lower = o_i[:, None] >= o_i[None, :]
-    p_A = p_g * BT_C + o_i[:, None] * (HV * BT_C) + o_i[None, :]
-    b_Ait = tl.trans(tl.load(Ai + p_A, mask=lower & m_t[:, None], other=0.)).to(dt)
-
     b_dq = tl.zeros([BT_C, BK], dtype=tl.float32)     # do h^T
     b_dkd = tl.zeros([BT_C, BK], dtype=tl.float32)    # v' dh^T  (gradient of the decayed keys)
-    b_dw = tl.zeros([BT_C, BK], dtype=tl.float32)     # -dv' h^T
     b_dP = tl.zeros([BT_C, BT_C], dtype=tl.float32)   # do v'^T
-    b_dT = tl.zeros([BT_C, BT_C], dtype=tl.float32)   # gradient of Ai through u = Ai (beta v)
-    b_dbeta = tl.zeros([BT_C], dtype=tl.float32)
-    b_hdh = tl.zeros([BK, BV], dtype=tl.float32)      # h * dh, reduced after the loop
+    b_hdh = tl.zeros([BK], dtype=tl.float32)          # rows of h * dh (a [BK, BV] tile held 4.7% slower)
     p_h = h + (tl.cast(i_c, tl.int64) * HV + i_hv) * (K * V)
     p_dh = dh + (tl.cast(i_c, tl.int64) * HV + i_hv) * (K * V)
     p_tv = (t0 * HV + i_hv) * V
@@ -555,24 +597,13 @@ def _chunk_bwd_kernel(q, k, v, G, beta, Ai, h, dh, v_new, dv_new, do, dq, dk, dw
         b_h = tl.load(p_h + o_kv, mask=m_kv, other=0.)
         b_dh = tl.load(p_dh + o_kv, mask=m_kv, other=0.)
         b_vn = tl.load(v_new + p_tv + o_tv, mask=m_tv, other=0.)
-        b_dvn = tl.load(dv_new + p_tv + o_tv, mask=m_tv, other=0.)
         b_do = tl.load(do + p_tv + o_tv, mask=m_tv, other=0.).to(dt)
-        b_v = tl.load(v + p_tv + o_tv, mask=m_tv, other=0.)
         b_dq += tl.dot(b_do, tl.trans(b_h))
         b_dkd += tl.dot(b_vn, tl.trans(b_dh))
-        b_dw -= tl.dot(b_dvn, tl.trans(b_h))
         b_dP += tl.dot(b_do, tl.trans(b_vn))
-        b_hdh += b_h.to(tl.float32) * b_dh.to(tl.float32)
-        # u = Ai (beta v), du = dv'
-        b_dXv = tl.dot(b_Ait, b_dvn)
-        tl.store(dv + p_tv + o_tv, (b_dXv * b_beta[:, None]).to(dv.dtype.element_ty), mask=m_tv)
-        b_dbeta += tl.sum(b_dXv * b_v.to(tl.float32), 1)
-        b_dT += tl.dot(b_dvn, tl.trans((b_v * b_beta[:, None]).to(dt)))
+        b_hdh += tl.sum(b_h.to(tl.float32) * b_dh.to(tl.float32), 1)
     p_tk = (t0 * HV + i_hv) * K
     o_tk_hv = o_i[:, None] * (HV * K) + o_k[None, :]
-    tl.store(dw + p_tk + o_tk_hv, b_dw.to(dw.dtype.element_ty), mask=m_tk)
-    tl.store(dT + p_A, b_dT, mask=m_t[:, None])
-
     p_qk = (t0 * H + i_h) * K
     o_tk = o_i[:, None] * (H * K) + o_k[None, :]
     b_q = tl.load(q + p_qk + o_tk, mask=m_tk, other=0.)
@@ -593,10 +624,9 @@ def _chunk_bwd_kernel(q, k, v, G, beta, Ai, h, dh, v_new, dv_new, do, dq, dk, dw
     tl.store(dk + p_tk + o_tk_hv, b_dk, mask=m_tk)
     b_t2 = tl.sum(b_dkd * b_k.to(tl.float32), 1) * b_kdec
     # dG_last moves every g of the chunk: put it on the last valid row, the reverse cumsum spreads it.
-    b_dgl = tl.sum(b_t2, 0) + tl.exp(b_gl) * tl.sum(tl.sum(b_hdh, 1), 0)
+    b_dgl = tl.sum(b_t2, 0) + tl.exp(b_gl) * tl.sum(b_hdh, 0)
     b_dG = b_dG - b_t2 + tl.where(o_i == nv - 1, b_dgl, 0.)
     tl.store(dG + p_g + o_i * HV, b_dG, mask=m_t)
-    tl.store(dbeta + p_g + o_i * HV, b_dbeta, mask=m_t)
 
 
 @triton.jit
@@ -726,7 +756,13 @@ _SEQ_FWD_CONFIGS = _SEQ_BWD_CONFIGS + [triton.Config({"BV": bv}, num_warps=nw, n
 _V_TILE_CONFIGS = [triton.Config({"BV": bv}, num_warps=nw) for bv in (64, 128) for nw in (4, 8)]
 # small programs: ten [16, 16] sums and four [16, BKS] tiles of k (1-4 warps, as many CTAs an SM as fit)
 _INVERSE_CONFIGS = [triton.Config({"BKS": bks}, num_warps=nw) for bks in (32, 64) for nw in (1, 2, 4)]
-_CHUNK_BWD_CONFIGS = [triton.Config({"BV": bv}, num_warps=nw) for bv, nw in ((16, 8), (32, 8))]   # 4 warps spill
+# The chunk backward in two kernels, so that each holds few enough [BT, K] accumulators for 4 warps and
+# two CTAs an SM (one kernel holding all five needed 8 warps, one CTA an SM: 2.39 ms at T 64k on an H100
+# against 0.77 + 1.27 split, reports/kernels.md run 9). Autotuning's timings on an H100 at K = V = 128,
+# T 4k: the v side BV 128 w4 53 us (BV 64 w4 58, w8 68), the q/k side BV 64 w4 92 us (BV 32 w4 136,
+# BV 64 w8 104, BV 128 147, BV 64 w2 1,496).
+_CHUNK_BWD_V_CONFIGS = [triton.Config({"BV": bv}, num_warps=nw) for bv, nw in ((64, 4), (128, 4), (128, 8))]
+_CHUNK_BWD_QK_CONFIGS = [triton.Config({"BV": bv}, num_warps=nw) for bv, nw in ((32, 4), (64, 4), (64, 8))]
 # `_wy_bwd_kernel`'s K slice and warps, fixed (it accumulates in place, so it is not autotuned): on an
 # H100 at T = 64k, D 128 it took 0.89 ms at (64, 4) against 1.59 ms holding the whole K at 8 warps;
 # (32, 4) ~1.0 ms, (32, 8) no gain (reports/kernels.md, run 8)
@@ -741,7 +777,8 @@ _wy_inverse_tuned = triton.autotune(configs=_INVERSE_CONFIGS, key=["K"])(_wy_inv
 _wy_apply_tuned = triton.autotune(configs=_V_TILE_CONFIGS, key=["K", "V"])(_wy_apply_kernel)
 _output_fwd_tuned = triton.autotune(configs=_V_TILE_CONFIGS, key=["K", "V"])(_output_fwd_kernel)
 _dv_local_tuned = triton.autotune(configs=_V_TILE_CONFIGS, key=["K", "V"])(_dv_local_kernel)
-_chunk_bwd_tuned = triton.autotune(configs=_CHUNK_BWD_CONFIGS, key=["K", "V"])(_chunk_bwd_kernel)
+_chunk_bwd_wy_tuned = triton.autotune(configs=_CHUNK_BWD_V_CONFIGS, key=["K", "V"])(_chunk_bwd_wy_kernel)
+_chunk_bwd_qk_tuned = triton.autotune(configs=_CHUNK_BWD_QK_CONFIGS, key=["K", "V"])(_chunk_bwd_qk_kernel)
 
 
 def _launch(tuned, raw, grid, args, kw, interpreter_meta: dict):
@@ -849,10 +886,13 @@ def _bwd(q, k, v, beta, scale, saved, want_dh0: bool, do, dht, layout):
     dT = torch.empty(B, T, HV, BT, dtype=f32, device=q.device)
     dg = torch.empty(B, T, HV, dtype=f32, device=q.device)
     if NC > 0:
-        _launch(_chunk_bwd_tuned, _chunk_bwd_kernel, lambda meta: (NC, HV),
-                (q, k, v, G, beta, Ai, h, dh, v_new, dv_new, do, dq, dk, dw, dv, dbeta, dG, dT,
-                 cu, chunk_indices, scale, T, NT),
-                dict(H=H, HV=HV, K=K, V=V, BK=BK, IS_VARLEN=varlen), {"BV": max(16, min(32, triton.next_power_of_2(V)))})
+        bv_interp = {"BV": max(16, min(32, triton.next_power_of_2(V)))}
+        _launch(_chunk_bwd_wy_tuned, _chunk_bwd_wy_kernel, lambda meta: (NC, HV),
+                (k, v, G, beta, Ai, h, dv_new, dw, dv, dbeta, dT, cu, chunk_indices, T, NT),
+                dict(H=H, HV=HV, K=K, V=V, BK=BK, IS_VARLEN=varlen), bv_interp)
+        _launch(_chunk_bwd_qk_tuned, _chunk_bwd_qk_kernel, lambda meta: (NC, HV),
+                (q, k, G, h, dh, v_new, do, dq, dk, dG, cu, chunk_indices, scale, T, NT),
+                dict(H=H, HV=HV, K=K, V=V, BK=BK, IS_VARLEN=varlen), bv_interp)
         _wy_bwd_kernel[(NC, HV)](k, G, beta, Ai, dw, dT, dk, dk_out, dbeta, dG, dg, cu, chunk_indices, T, NT,
                                  H=H, HV=HV, K=K, BKS=min(BK, WY_BWD_BKS), IS_VARLEN=varlen,
                                  num_warps=WY_BWD_WARPS)
