@@ -401,8 +401,6 @@ def decode_prologue(y: torch.Tensor, q_weight: torch.Tensor, k_weight: torch.Ten
     if y.stride(-1) != 1:
         y = y.contiguous()
     cos, sin = cos.float(), sin.float()
-    if cos.stride() != sin.stride() or cos.stride(-1) != 1:  # the kernels read both with cos's strides
-        cos, sin = cos.contiguous(), sin.contiguous()
     args = (y, q_weight, k_weight, float(eps), cos, sin, positions, k_cache, v_cache)
     if k_raw_cache is None:
         return _prologue_op(*args, int(n_heads), bool(zero_centered), setting(pdl, "decode_prologue"))
@@ -412,6 +410,11 @@ def decode_prologue(y: torch.Tensor, q_weight: torch.Tensor, k_weight: torch.Ten
 def _prologue_launch(y, q_weight, k_weight, eps, cos, sin, positions, k_cache, v_cache, k_raw_cache, n_heads,
                      zero_centered, pdl):
     B, T, _ = y.shape
+    # The kernel reads both with cos's strides. Checked here, inside the op, where strides are plain
+    # integers: under torch.compile with dynamic shapes (the trainer's end-of-run sample runs its
+    # compiled blocks) torch 2.11's dynamo cannot compare symbolic strides.
+    if cos.stride() != sin.stride() or cos.stride(-1) != 1:
+        cos, sin = cos.contiguous(), sin.contiguous()
     pdl, launch = launch_options(pdl, y.device, "decode_prologue")
     Hkv, D = k_cache.shape[1], k_cache.shape[-1]
     q = torch.empty(B, T, n_heads, D, dtype=y.dtype, device=y.device)

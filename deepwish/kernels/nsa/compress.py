@@ -168,6 +168,10 @@ def _launch(k_raw, v, positions, pk, w1k, w2k, pv, w1v, w2v, cos, sin, k_cmp, v_
     T = positions.shape[1]
     l = pk.shape[0]
     rope = cos is not None
+    # The kernel reads both with cos's strides; checked inside the op, where strides are plain integers
+    # (as in attention/decode.py decode_prologue: torch 2.11's dynamo cannot compare symbolic strides).
+    if rope and (cos.stride() != sin.stride() or cos.stride(-1) != 1):
+        cos, sin = cos.contiguous(), sin.contiguous()
     cos_t = cos if rope else positions   # never read without ROPE
     sin_t = sin if rope else positions
     ns = T // stride + 1
@@ -239,8 +243,6 @@ def compress_cache_blocks(k_raw: torch.Tensor, v: torch.Tensor, positions: torch
                          "laid out alike (NSACache's buffers are)")
     if cos is not None:
         cos, sin = cos.float(), sin.float()
-        if cos.stride() != sin.stride() or cos.stride(-1) != 1:  # the kernel reads both with cos's strides
-            cos, sin = cos.contiguous(), sin.contiguous()
     weights = [t.contiguous() for m in (k_phi, v_phi) for t in (m.pos, m.up.weight, m.down.weight)]
     _compress_op(k_raw, v, positions, *weights, cos, sin, k_cmp, v_cmp, cmp_end, int(stride),
                  setting(pdl, "nsa_compress_blocks"))
