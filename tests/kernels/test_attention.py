@@ -294,6 +294,27 @@ def test_decode_prologue_writes_the_unrotated_keys_for_nsa(T, rot):
         decode_prologue(y, wq, wk, 1e-6, cos, sin, positions, got[0], got[1], H, k_raw_cache=got[2][:, :1])
 
 
+def test_decode_prologue_reads_cos_and_sin_laid_out_apart():
+    """cos and sin as views with different strides (one transposed, one broadcast over the batch):
+    the op lays them out alike before its kernel reads both with one set of strides."""
+    from deepwish.kernels.attention.decode import decode_prologue
+    torch.manual_seed(7)
+    B, T, H, Hkv, D, L, rot = 2, 3, 4, 2, 16, 12, 16
+    y = torch.randn(B, T, (H + 2 * Hkv) * D)
+    wq, wk = torch.randn(D) * 0.3 + 1.0, torch.randn(D) * 0.3 + 1.0
+    cos = (torch.rand(B, rot // 2, T) * 6.0).cos().transpose(1, 2)        # [B, T, R], stride (.., 1, T)
+    sin = (torch.rand(1, T, rot // 2) * 6.0).sin().expand(B, T, rot // 2)  # batch stride 0
+    assert cos.stride() != sin.stride() and cos.stride(-1) != 1
+    positions = torch.stack([torch.arange(T) + 5, torch.arange(T) + 2])
+    before = torch.randn(B, Hkv, L, D), torch.randn(B, Hkv, L, D)
+    want, got = ([c.clone() for c in before] for _ in range(2))
+    q_ref = ref.decode_prologue(y, wq, wk, 1e-6, cos.contiguous(), sin.contiguous(), positions, *want, H)
+    q = decode_prologue(y, wq, wk, 1e-6, cos, sin, positions, *got, H)
+    torch.testing.assert_close(q, q_ref, rtol=1e-5, atol=1e-5)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)
+
+
 def _stops_past_the_cache(monkeypatch, call):
     """A position past the cache: the kernel's device-side assertion (compiled in on the GPU by its
     debug flag; the interpreter honours assertions only in its debug options)."""
