@@ -513,6 +513,16 @@ def _state_bwd_kernel(q, k, w, G, do, dvl, dh, dv_new, dht, dh0, cu_seqlens, chu
 
 
 @triton.jit
+def _v_block(i_v, o_i, m_t, o_k, m_k, HV: tl.constexpr, V: tl.constexpr, BV: tl.constexpr):
+    """Offsets and masks of V block i_v: into a [K, V] state (o_kv, m_kv) and into a chunk's [BT, V]
+    rows of a [.., T, HV, V] tensor (o_tv, m_tv)."""
+    o_v = i_v * BV + tl.arange(0, BV)
+    m_v = o_v < V
+    return (o_k[:, None] * V + o_v[None, :], m_k[:, None] & m_v[None, :],
+            o_i[:, None] * (HV * V) + o_v[None, :], m_t[:, None] & m_v[None, :])
+
+
+@triton.jit
 def _chunk_bwd_wy_kernel(k, v, G, beta, Ai, h, dv_new, dw, dv, dbeta, dT,
                          cu_seqlens, chunk_indices, T, NT,
                          H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
@@ -538,12 +548,7 @@ def _chunk_bwd_wy_kernel(k, v, G, beta, Ai, h, dv_new, dw, dv, dbeta, dT,
     p_h = h + (tl.cast(i_c, tl.int64) * HV + i_hv) * (K * V)
     p_tv = (t0 * HV + i_hv) * V
     for i_v in range(tl.cdiv(V, BV)):
-        o_v = i_v * BV + tl.arange(0, BV)
-        m_v = o_v < V
-        m_kv = m_k[:, None] & m_v[None, :]
-        m_tv = m_t[:, None] & m_v[None, :]
-        o_kv = o_k[:, None] * V + o_v[None, :]
-        o_tv = o_i[:, None] * (HV * V) + o_v[None, :]
+        o_kv, m_kv, o_tv, m_tv = _v_block(i_v, o_i, m_t, o_k, m_k, HV, V, BV)
         b_h = tl.load(p_h + o_kv, mask=m_kv, other=0.)
         b_dvn = tl.load(dv_new + p_tv + o_tv, mask=m_tv, other=0.)
         b_v = tl.load(v + p_tv + o_tv, mask=m_tv, other=0.)
@@ -588,12 +593,7 @@ def _chunk_bwd_qk_kernel(q, k, G, h, dh, v_new, do, dq, dk, dG,
     p_dh = dh + (tl.cast(i_c, tl.int64) * HV + i_hv) * (K * V)
     p_tv = (t0 * HV + i_hv) * V
     for i_v in range(tl.cdiv(V, BV)):
-        o_v = i_v * BV + tl.arange(0, BV)
-        m_v = o_v < V
-        m_kv = m_k[:, None] & m_v[None, :]
-        m_tv = m_t[:, None] & m_v[None, :]
-        o_kv = o_k[:, None] * V + o_v[None, :]
-        o_tv = o_i[:, None] * (HV * V) + o_v[None, :]
+        o_kv, m_kv, o_tv, m_tv = _v_block(i_v, o_i, m_t, o_k, m_k, HV, V, BV)
         b_h = tl.load(p_h + o_kv, mask=m_kv, other=0.)
         b_dh = tl.load(p_dh + o_kv, mask=m_kv, other=0.)
         b_vn = tl.load(v_new + p_tv + o_tv, mask=m_tv, other=0.)
