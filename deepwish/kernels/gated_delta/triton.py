@@ -523,7 +523,7 @@ def _v_block(i_v, o_i, m_t, o_k, m_k, HV: tl.constexpr, V: tl.constexpr, BV: tl.
 
 
 @triton.jit
-def _chunk_bwd_wy_kernel(k, v, G, beta, Ai, h, dv_new, dw, dv, dbeta, dT,
+def _chunk_bwd_wy_kernel(k, v, beta, Ai, h, dv_new, dw, dv, dbeta, dT,
                          cu_seqlens, chunk_indices, T, NT,
                          H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
                          BK: tl.constexpr, BV: tl.constexpr, IS_VARLEN: tl.constexpr):
@@ -888,7 +888,7 @@ def _bwd(q, k, v, beta, scale, saved, want_dh0: bool, do, dht, layout):
     if NC > 0:
         bv_interp = {"BV": max(16, min(32, triton.next_power_of_2(V)))}
         _launch(_chunk_bwd_wy_tuned, _chunk_bwd_wy_kernel, lambda meta: (NC, HV),
-                (k, v, G, beta, Ai, h, dv_new, dw, dv, dbeta, dT, cu, chunk_indices, T, NT),
+                (k, v, beta, Ai, h, dv_new, dw, dv, dbeta, dT, cu, chunk_indices, T, NT),
                 dict(H=H, HV=HV, K=K, V=V, BK=BK, IS_VARLEN=varlen), bv_interp)
         _launch(_chunk_bwd_qk_tuned, _chunk_bwd_qk_kernel, lambda meta: (NC, HV),
                 (q, k, G, h, dh, v_new, do, dq, dk, dG, cu, chunk_indices, scale, T, NT),
