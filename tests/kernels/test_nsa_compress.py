@@ -95,6 +95,24 @@ def test_every_slicing_of_w1_writes_the_same_slots(monkeypatch, splits):
     torch.testing.assert_close(cache.v_cmp[:, :n], want.v_cmp[:, :n], atol=1e-5, rtol=1e-5)
 
 
+def test_cos_and_sin_laid_out_apart_write_the_same_slots():
+    """cos as a view whose last dim is not contiguous, sin contiguous (strides unlike each other's):
+    the op lays them out alike before its kernel reads both with cos's strides."""
+    model, nsa, cache = mixer_and_cache(torch.float32)
+    ctx = chunk_ctx(model, (31, 47), 3)
+    want = copy.deepcopy(cache)
+    nsa.compress_chunk_(want, ctx)
+    cos = ctx.cos.transpose(1, 2).contiguous().transpose(1, 2)   # the same values, [B, T, R] with strides (R·T, 1, T)
+    sin = ctx.sin.contiguous()
+    assert cos.stride() != sin.stride() and cos.stride(-1) != 1
+    compress_cache_blocks(cache.k_raw, cache.v, ctx.positions, nsa.k_compress, nsa.v_compress, cos, sin,
+                          cache.k_cmp, cache.v_cmp, cache.cmp_end, nsa.cmp_stride)
+    n = cache.n_blocks
+    assert torch.equal(cache.cmp_end, want.cmp_end)
+    torch.testing.assert_close(cache.k_cmp[:, :n], want.k_cmp[:, :n], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(cache.v_cmp[:, :n], want.v_cmp[:, :n], atol=1e-5, rtol=1e-5)
+
+
 def test_mismatched_inputs_are_named():
     model, nsa, cache = mixer_and_cache(torch.float32)
     ctx = chunk_ctx(model, (15, 40), 1)
