@@ -765,7 +765,10 @@ def sample_text(model, tokenizer, tc, device) -> str | None:
     if not prompt:
         raise ConfigError(f"train.sample_prompt={tc.sample_prompt!r} encodes to no tokens")
     model.eval()
-    with autocast_context(device, tc.dtype):
+    # Eager, not through the training step's compiled blocks: a few dozen decode steps cost less than
+    # compiling the prefill's and the decode step's shapes at the end of every run, and the decode
+    # path's host-side checks stay out of dynamo (torch 2.11's failed there on a symbolic stride).
+    with autocast_context(device, tc.dtype), torch.compiler.set_stance("force_eager"):
         new = generate(model, [prompt], max_new_tokens=tc.sample_tokens, temperature=0.8, top_k=50,
                        seed=tc.seed)
     return tokenizer.decode(prompt + new[0])

@@ -168,3 +168,30 @@ def test_resume_with_nothing_left_to_train_says_so(tmp_path, capsys):
     out = capsys.readouterr().out
     assert ("nothing to train: the run is at step 4 and takes 4 (train.steps 4 + train.extend_steps 0); raise "
             "train.extend_steps to go further") in out
+
+
+def test_end_of_run_sample_runs_compiled_blocks_eagerly():
+    """The run's closing sample does not go through torch.compile: blocks compiled with a backend that
+    refuses every graph still sample (the trainer's compiled blocks would otherwise compile the
+    prefill's and decode step's shapes for a few dozen tokens)."""
+    from deepwish.model import Transformer
+
+    class Codec:
+        def encode(self, text):
+            return [1, 2, 3]
+
+        def decode(self, ids):
+            return " ".join(map(str, ids))
+
+    def refuse(gm, example_inputs):
+        raise AssertionError("the sample compiled a graph")
+
+    cfg = tiny_cfg("unused")
+    model = Transformer(cfg.model)
+    for block in model.blocks:
+        block.compile(backend=refuse)
+    with pytest.raises(Exception, match="compiled a graph"):   # the backend does refuse outside the sample
+        model(torch.tensor([[1, 2, 3]]))
+    text = loop.sample_text(model, Codec(), cfg.train, torch.device("cpu"))
+    ids = text.split()
+    assert ids[:3] == ["1", "2", "3"] and len(ids) == 3 + cfg.train.sample_tokens
