@@ -411,8 +411,8 @@ def _prologue_launch(y, q_weight, k_weight, eps, cos, sin, positions, k_cache, v
                      zero_centered, pdl):
     B, T, _ = y.shape
     # The kernel reads both with cos's strides. Checked here, inside the op, where strides are plain
-    # integers: under torch.compile with dynamic shapes (the trainer's end-of-run sample runs its
-    # compiled blocks) torch 2.11's dynamo cannot compare symbolic strides.
+    # integers: a caller compiled with dynamic shapes hands dynamo symbolic strides, which torch 2.11's
+    # dynamo cannot compare (it failed so in the trainer's compiled blocks).
     if cos.stride() != sin.stride() or cos.stride(-1) != 1:
         cos, sin = cos.contiguous(), sin.contiguous()
     pdl, launch = launch_options(pdl, y.device, "decode_prologue")
