@@ -7,6 +7,7 @@ from pathlib import Path
 import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from gdn_bench_panel import bench_panel  # noqa: E402  (beside this script)
 
 HERE = Path(__file__).parent
 ab = json.loads((HERE / "gdn_run9_against.json").read_text())
@@ -28,23 +29,6 @@ for ax, T in zip(axes[:2], (16384, 65536)):
     ax.set_ylabel("fwd + bwd ms (3 alternating rounds; axis not from 0)")
     ax.set_title(f"T {T // 1024}k, B1 H16 D128 bf16 (H100)")
     ax.grid(axis="y", alpha=0.3)
-ax = axes[2]
-ms = bench["chunk_ms"]
-Ts = sorted(int(t) for t in ms["triton fwd"])
-for name, style in (("triton fwd", "C0-o"), ("triton fwd+bwd", "C0--s"), ("fla fwd", "C1-o")):
-    ax.plot(Ts, [ms[name][str(t)] for t in Ts], style, label=name.replace("triton", "deepwish"))
-ax2 = ax.twinx()
-ax2.plot(Ts, [ms["triton fwd+bwd"][str(t)] / ms["triton fwd"][str(t)] for t in Ts], "k:", label="fwd+bwd / fwd")
-ax2.axhline(4, color="k", lw=0.5)
-ax2.set_ylim(0, 7)
-ax2.set_ylabel("our fwd+bwd / our fwd (goal ≤ 4)")
-ax.set_xscale("log", base=2)
-ax.set_yscale("log")
-ax.set_xlabel("T")
-ax.set_ylabel("ms")
-ax.set_title("deepwish bench gdn, one run (H100)")
-ax.legend(loc="upper left")
-ax2.legend(loc="lower right")
-ax.grid(alpha=0.3)
+bench_panel(axes[2], bench, "deepwish bench gdn, one run (H100)", ratio_top=7)
 fig.tight_layout()
 fig.savefig(HERE / "gdn_run9.png", dpi=110)
