@@ -4,7 +4,8 @@
 
 Prints the kernels (and CPU-side ops) that take the most device time over a few profiled steps,
 after warm-up, the GPU's idle time by host phase (as `train.profile_steps` counts it in the real
-loop, train/profile.py), and writes a Chrome trace to --out when given.
+loop, train/profile.py), and writes a Chrome trace to --out when given. `--variant torchtitan | hf |
+hf-liger` profiles an anchor's step as `bench train` builds and times it, to set beside ours.
 """
 from __future__ import annotations
 
@@ -20,10 +21,22 @@ from deepwish.bench.env import doc_summary
 from deepwish.train.profile import summary_lines, trace_figures
 
 
+def build_step(preset: str, batch: int, seq: int, variant: str):
+    """The training step `bench train` times for this variant (anchors included), without its FLOPs."""
+    from deepwish.bench.train import build_deepwish, build_hf, build_torchtitan
+    if variant in ("hf", "hf-liger"):
+        return build_hf(preset, batch, seq, liger=variant == "hf-liger")[0]
+    if variant == "torchtitan":
+        return build_torchtitan(preset, batch, seq)[0]
+    return build_deepwish(preset, batch, seq, variant)[0]
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="deepwish bench profile_train", description=doc_summary(__doc__))
     p.add_argument("--preset", default="qwen3_0.6b")
-    p.add_argument("--variant", default="deepwish", help="deepwish | deepwish-eager | deepwish-muon | hf")
+    p.add_argument("--variant", default="deepwish",
+                   help="deepwish | deepwish-eager | deepwish-muon | hf | hf-liger | torchtitan (the anchors "
+                        "as `bench train` builds them, so their kernels can be set beside ours)")
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--seq", type=int, default=2048)
     p.add_argument("--steps", type=int, default=2)
@@ -32,11 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--by-shape", action="store_true",
                    help="also the host-side ops by input shape (which tensors the eager kernels work on)")
     args = p.parse_args(argv)
-    from deepwish.bench.train import build_deepwish, build_hf
-    if args.variant == "hf":
-        step, _ = build_hf(args.preset, args.batch, args.seq)
-    else:
-        step, _, _ = build_deepwish(args.preset, args.batch, args.seq, args.variant)
+    step = build_step(args.preset, args.batch, args.seq, args.variant)
     for _ in range(3):
         step()
     torch.cuda.synchronize()

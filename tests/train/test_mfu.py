@@ -200,3 +200,22 @@ def test_bench_train_step_builder_runs_and_reports_its_flops_and_info(variant, t
         assert info["docs_per_row"] > 2
     else:
         assert info == {} and losses[-1] < losses[0]  # one random batch, repeated: AdamW fits it
+
+
+def test_profile_train_profiles_the_step_bench_train_times_for_every_variant(monkeypatch):
+    """`bench profile_train --variant V` builds the same step as `bench train` for V: the anchors
+    (HF, HF + Liger, torchtitan) through their builders, deepwish's variants through build_deepwish
+    (run for real here on the tiny preset: a step that trains)."""
+    from deepwish.bench import profile_train
+    from deepwish.bench import train as bench
+
+    step = profile_train.build_step("qwen3_tiny", 2, 32, "deepwish-eager")
+    assert torch.isfinite(step())
+    monkeypatch.setattr(bench, "build_hf", lambda preset, b, s, liger=False: (("hf", preset, b, s, liger), 1.0))
+    monkeypatch.setattr(bench, "build_torchtitan", lambda preset, b, s: (("torchtitan", preset, b, s), 1.0))
+    monkeypatch.setattr(bench, "build_deepwish", lambda preset, b, s, v: (("deepwish", preset, b, s, v), 1.0, {}))
+    assert profile_train.build_step("qwen3_0.6b", 8, 2048, "hf") == ("hf", "qwen3_0.6b", 8, 2048, False)
+    assert profile_train.build_step("qwen3_0.6b", 8, 2048, "hf-liger") == ("hf", "qwen3_0.6b", 8, 2048, True)
+    assert profile_train.build_step("qwen3_0.6b", 4, 1024, "torchtitan") == ("torchtitan", "qwen3_0.6b", 4, 1024)
+    assert profile_train.build_step("qwen3_0.6b", 8, 2048, "deepwish-muon") == (
+        "deepwish", "qwen3_0.6b", 8, 2048, "deepwish-muon")
