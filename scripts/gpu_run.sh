@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # What the GPU machine runs: environment report, GPU tests and benchmarks, results under $OUT.
-#   bash scripts/gpu_run.sh STAGE...   with STAGE in: env tests kernels gdn train decode sweep tradeoff notebook profile embedding gpt_mfu corpus speedrun loop_profile mfu_variants lce ablate dsa nsa_kernels nsa_model nsa_quality attn_dq_tiles attn_dq muon attn_focus_tiles attn_goals decode_tests decode_compare decode_tiles decode_rows decode_rows_compiled decode_profiles generate nsa_generate train_paths packed_bench
+#   bash scripts/gpu_run.sh STAGE...   with STAGE in: env tests kernels gdn train decode sweep tradeoff notebook profile profile_anchors embedding gpt_mfu corpus speedrun loop_profile mfu_variants lce ablate dsa nsa_kernels nsa_model nsa_quality attn_dq_tiles attn_dq muon attn_focus_tiles attn_goals decode_tests decode_compare decode_tiles decode_rows decode_rows_compiled decode_profiles generate nsa_generate train_paths packed_bench
 # Optional wheels in .whl/ (flash-linear-attention, liger-kernel) are installed to /tmp/site
 # first, so the anchors run side by side with deepwish in the same process (NO_WHEELS=1 skips
 # them, e.g. for HF's Qwen3-Next on its torch path).
@@ -70,6 +70,12 @@ for stage in "$@"; do
     notebook) python3 scripts/run_notebook.py notebooks/walkthrough.ipynb --out "$OUT/walkthrough_gpu.ipynb" || status=1 ;;
     tradeoff) python3 -m deepwish.cli bench decode --tradeoff --out "$OUT/tradeoff" ${TRADEOFF_ARGS:-} || status=1 ;;
     profile) python3 -m deepwish.bench.profile_train ${PROFILE_ARGS:-} || status=1 ;;
+    profile_anchors)  # qwen3_0.6b's bench step, ours and torchtitan's, profiled one after the other (~3 min)
+      for v in deepwish torchtitan; do
+        python3 -m deepwish.bench.profile_train --preset qwen3_0.6b --variant $v --rows 45 > "$OUT/profile_$v.txt" 2>&1 \
+          || status=1
+        grep -E "^==|Self CUDA time total" "$OUT/profile_$v.txt"
+      done ;;
     gpt_mfu)  # gpt_124m's training rate after its step changes, ~9 minutes: the token-table kernel's bench,
       # the speedrun (corpus built first) with the token tables' backend as it comes (EMBED_BACKEND=triton
       # for the kernel, measured slower: reports/speedrun.md), the profile by shape; then the GPU tests
