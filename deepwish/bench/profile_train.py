@@ -22,13 +22,9 @@ from deepwish.train.profile import summary_lines, trace_figures
 
 
 def build_step(preset: str, batch: int, seq: int, variant: str):
-    """The training step `bench train` times for this variant (anchors included), without its FLOPs."""
-    from deepwish.bench.train import build_deepwish, build_hf, build_torchtitan
-    if variant in ("hf", "hf-liger"):
-        return build_hf(preset, batch, seq, liger=variant == "hf-liger")[0]
-    if variant == "torchtitan":
-        return build_torchtitan(preset, batch, seq)[0]
-    return build_deepwish(preset, batch, seq, variant)[0]
+    """The training step `bench train` times for this variant (anchors included)."""
+    from deepwish.bench.train import build_variant
+    return build_variant(preset, batch, seq, variant)[0]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -419,6 +419,16 @@ def model_flops_per_token(model_cfg, seq: int) -> float:
 
 
 # ---- timing ----------------------------------------------------------------------------------------
+def build_variant(preset: str, batch: int, seq: int, variant: str, packed_data: str | None = None):
+    """(step, FLOPs per token, info) of one variant: the anchors (hf, hf-liger, torchtitan; info {})
+    or deepwish's (build_deepwish). What `measure` times and `bench profile_train` profiles."""
+    if variant.startswith("hf"):
+        return (*build_hf(preset, batch, seq, liger=variant == "hf-liger"), {})
+    if variant == "torchtitan":
+        return (*build_torchtitan(preset, batch, seq), {})
+    return build_deepwish(preset, batch, seq, variant, packed_data)
+
+
 def measure(preset: str, variant: str, batch: int, seq: int, steps: int, warmup: int,
             packed_data: str | None = None) -> Result:
     """Build, warm up and time one variant; out-of-memory becomes status 'OOM'."""
@@ -429,13 +439,8 @@ def measure(preset: str, variant: str, batch: int, seq: int, steps: int, warmup:
     res.resident_gib_before = torch.cuda.memory_allocated() / 2**30
     failure = None
     try:
-        if variant.startswith("hf"):
-            step, fpt = build_hf(preset, batch, seq, liger=variant == "hf-liger")
-        elif variant == "torchtitan":
-            step, fpt = build_torchtitan(preset, batch, seq)
-        else:
-            step, fpt, info = build_deepwish(preset, batch, seq, variant, packed_data)
-            res.docs_per_row = info.get("docs_per_row")
+        step, fpt, info = build_variant(preset, batch, seq, variant, packed_data)
+        res.docs_per_row = info.get("docs_per_row")
         peak, _ = device_peak_flops(torch.device("cuda"))
         t0 = time.perf_counter()
         first = float(step())

@@ -213,7 +213,8 @@ def test_profile_train_profiles_the_step_bench_train_times_for_every_variant(mon
     assert torch.isfinite(step())
     monkeypatch.setattr(bench, "build_hf", lambda preset, b, s, liger=False: (("hf", preset, b, s, liger), 1.0))
     monkeypatch.setattr(bench, "build_torchtitan", lambda preset, b, s: (("torchtitan", preset, b, s), 1.0))
-    monkeypatch.setattr(bench, "build_deepwish", lambda preset, b, s, v: (("deepwish", preset, b, s, v), 1.0, {}))
+    monkeypatch.setattr(bench, "build_deepwish",
+                        lambda preset, b, s, v, packed_data=None: (("deepwish", preset, b, s, v), 1.0, {}))
     assert profile_train.build_step("qwen3_0.6b", 8, 2048, "hf") == ("hf", "qwen3_0.6b", 8, 2048, False)
     assert profile_train.build_step("qwen3_0.6b", 8, 2048, "hf-liger") == ("hf", "qwen3_0.6b", 8, 2048, True)
     assert profile_train.build_step("qwen3_0.6b", 4, 1024, "torchtitan") == ("torchtitan", "qwen3_0.6b", 4, 1024)
