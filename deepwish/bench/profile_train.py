@@ -41,6 +41,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--by-shape", action="store_true",
                    help="also the host-side ops by input shape (which tensors the eager kernels work on)")
     args = p.parse_args(argv)
+    from deepwish.bench.train import variant_parts
+    try:
+        variant_parts(args.variant)
+    except ValueError as e:
+        p.error(str(e))
     step = build_step(args.preset, args.batch, args.seq, args.variant)
     for _ in range(3):
         step()

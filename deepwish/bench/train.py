@@ -115,8 +115,10 @@ def variant_parts(variant: str) -> tuple[str, str]:
     """'deepwish-muon+bf16' -> ('deepwish-muon', 'bf16'): a deepwish variant with the residual
     stream in bf16 (train.residual_dtype=bf16); the suffix is refused on the anchors."""
     base, _, mod = variant.partition("+")
-    if base not in VARIANTS or (mod and (mod != "bf16" or not base.startswith("deepwish"))):
-        raise ValueError(variant)
+    if base not in VARIANTS:
+        raise ValueError(f"bench train: unknown variant {base!r}; known: {', '.join(VARIANTS)}")
+    if mod and (mod != "bf16" or not base.startswith("deepwish")):
+        raise ValueError(f"bench train: variant {variant!r}: the only suffix is '+bf16', on deepwish variants")
     return base, mod
 
 
@@ -422,6 +424,7 @@ def model_flops_per_token(model_cfg, seq: int) -> float:
 def build_variant(preset: str, batch: int, seq: int, variant: str, packed_data: str | None = None):
     """(step, FLOPs per token, info) of one variant: the anchors (hf, hf-liger, torchtitan; info {})
     or deepwish's (build_deepwish). What `measure` times and `bench profile_train` profiles."""
+    variant_parts(variant)  # an unknown name is refused, not built as the nearest prefix ("hf-ligr" as hf)
     if variant.startswith("hf"):
         return (*build_hf(preset, batch, seq, liger=variant == "hf-liger"), {})
     if variant == "torchtitan":

@@ -202,7 +202,7 @@ def test_bench_train_step_builder_runs_and_reports_its_flops_and_info(variant, t
         assert info == {} and losses[-1] < losses[0]  # one random batch, repeated: AdamW fits it
 
 
-def test_profile_train_profiles_the_step_bench_train_times_for_every_variant(monkeypatch):
+def test_profile_train_profiles_the_step_bench_train_times_for_every_variant(monkeypatch, capsys):
     """`bench profile_train --variant V` builds the same step as `bench train` for V: the anchors
     (HF, HF + Liger, torchtitan) through their builders, deepwish's variants through build_deepwish
     (run for real here on the tiny preset: a step that trains)."""
@@ -220,3 +220,9 @@ def test_profile_train_profiles_the_step_bench_train_times_for_every_variant(mon
     assert profile_train.build_step("qwen3_0.6b", 4, 1024, "torchtitan") == ("torchtitan", "qwen3_0.6b", 4, 1024)
     assert profile_train.build_step("qwen3_0.6b", 8, 2048, "deepwish-muon") == (
         "deepwish", "qwen3_0.6b", 8, 2048, "deepwish-muon")
+    # a misspelt name is refused with the known ones, before anything is built
+    with pytest.raises(ValueError, match="unknown variant 'hf-ligr'; known: hf, hf-liger, torchtitan"):
+        profile_train.build_step("qwen3_0.6b", 8, 2048, "hf-ligr")
+    with pytest.raises(SystemExit):
+        profile_train.main(["--variant", "torchtitn"])
+    assert "unknown variant 'torchtitn'" in capsys.readouterr().err
