@@ -1,5 +1,6 @@
 """One FLOP count and one peak table behind the trainer's MFU and `deepwish bench train`."""
 import dataclasses
+import json
 
 import pytest
 import torch
@@ -202,24 +203,32 @@ def test_bench_train_step_builder_runs_and_reports_its_flops_and_info(variant, t
         assert info == {} and losses[-1] < losses[0]  # one random batch, repeated: AdamW fits it
 
 
-def test_profile_train_profiles_the_step_bench_train_times_for_every_variant(monkeypatch, capsys):
+def test_profile_train_profiles_the_step_bench_train_times_for_every_variant(monkeypatch, capsys, tmp_path):
     """`bench profile_train --variant V` builds the same step as `bench train` for V: the anchors
     (HF, HF + Liger, torchtitan) through their builders, deepwish's variants through build_deepwish
     (run for real here on the tiny preset: a step that trains)."""
     from deepwish.bench import profile_train
     from deepwish.bench import train as bench
+    from deepwish.train.profile import trace_figures
 
     step = profile_train.build_step("qwen3_tiny", 2, 32, "deepwish-eager")
     assert torch.isfinite(step())
-    monkeypatch.setattr(bench, "build_hf", lambda preset, b, s, liger=False: (("hf", preset, b, s, liger), 1.0))
-    monkeypatch.setattr(bench, "build_torchtitan", lambda preset, b, s: (("torchtitan", preset, b, s), 1.0))
+    monkeypatch.setattr(bench, "build_hf", lambda preset, b, s, liger=False: (lambda: ("hf", preset, b, s, liger), 1.0))
+    monkeypatch.setattr(bench, "build_torchtitan", lambda preset, b, s: (lambda: ("torchtitan", preset, b, s), 1.0))
     monkeypatch.setattr(bench, "build_deepwish",
-                        lambda preset, b, s, v, packed_data=None: (("deepwish", preset, b, s, v), 1.0, {}))
-    assert profile_train.build_step("qwen3_0.6b", 8, 2048, "hf") == ("hf", "qwen3_0.6b", 8, 2048, False)
-    assert profile_train.build_step("qwen3_0.6b", 8, 2048, "hf-liger") == ("hf", "qwen3_0.6b", 8, 2048, True)
-    assert profile_train.build_step("qwen3_0.6b", 4, 1024, "torchtitan") == ("torchtitan", "qwen3_0.6b", 4, 1024)
-    assert profile_train.build_step("qwen3_0.6b", 8, 2048, "deepwish-muon") == (
+                        lambda preset, b, s, v, packed_data=None: (lambda: ("deepwish", preset, b, s, v), 1.0, {}))
+    assert profile_train.build_step("qwen3_0.6b", 8, 2048, "hf")() == ("hf", "qwen3_0.6b", 8, 2048, False)
+    assert profile_train.build_step("qwen3_0.6b", 8, 2048, "hf-liger")() == ("hf", "qwen3_0.6b", 8, 2048, True)
+    titan = profile_train.build_step("qwen3_0.6b", 4, 1024, "torchtitan")
+    assert titan() == ("torchtitan", "qwen3_0.6b", 4, 1024)
+    assert profile_train.build_step("qwen3_0.6b", 8, 2048, "deepwish-muon")() == (
         "deepwish", "qwen3_0.6b", 8, 2048, "deepwish-muon")
+    # an anchor's step marks none of our phases: it runs as one, so the idle-time summary has a window
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        titan()
+    trace = tmp_path / "trace.json"
+    prof.export_chrome_trace(str(trace))
+    assert "step" in trace_figures(json.loads(trace.read_text()))["host_us"]
     # a misspelt name is refused with the known ones, before anything is built
     with pytest.raises(ValueError, match="unknown variant 'hf-ligr'; known: hf, hf-liger, torchtitan"):
         profile_train.build_step("qwen3_0.6b", 8, 2048, "hf-ligr")
