@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # What the GPU machine runs: environment report, GPU tests and benchmarks, results under $OUT.
-#   bash scripts/gpu_run.sh STAGE...   with STAGE in: env tests kernels gdn train decode sweep tradeoff notebook profile profile_anchors embedding gpt_mfu corpus speedrun loop_profile mfu_variants lce ablate dsa nsa_kernels nsa_model nsa_quality attn_dq_tiles attn_dq muon attn_focus_tiles attn_goals decode_tests decode_compare decode_tiles decode_rows decode_rows_compiled decode_profiles generate nsa_generate train_paths packed_bench
+#   bash scripts/gpu_run.sh STAGE...   with STAGE in: env tests kernels gdn gdn_fault train decode sweep tradeoff notebook profile profile_anchors embedding gpt_mfu corpus speedrun loop_profile mfu_variants lce ablate dsa nsa_kernels nsa_model nsa_quality attn_dq_tiles attn_dq muon attn_focus_tiles attn_goals decode_tests decode_compare decode_tiles decode_rows decode_rows_compiled decode_profiles generate nsa_generate train_paths packed_bench
 # Optional wheels in .whl/ (flash-linear-attention, liger-kernel) are installed to /tmp/site
 # first, so the anchors run side by side with deepwish in the same process (NO_WHEELS=1 skips
 # them, e.g. for HF's Qwen3-Next on its torch path).
@@ -28,6 +28,23 @@ for stage in "$@"; do
     kernels) python3 -m deepwish.cli bench kernels --out "$OUT/kernels" || status=1 ;;
     gdn)  # GDN_ARGS="--against FILE --seqlens 16384 65536": ours against another version of the kernels, alternating
       python3 -m deepwish.cli bench gdn --out "$OUT/gdn" ${GDN_ARGS:-} || status=1 ;;
+    gdn_fault)  # the tiny hybrid model's GPU test (tests/model/test_gated_deltanet.py) stopped on an illegal memory
+      # access in its triton step's backward (H100, 2026-12-07; the kernels' own tests passed): the kernels at its
+      # head dims, then the test, every launch synchronous so the fault names its kernel; then memcheck (~5 min)
+      n=0
+      for t in "tests/kernels/test_gated_delta_gpu.py -k smallest_head_dims" \
+               "tests/kernels/test_kernels_gpu_conv_lce.py -k conv_matches" \
+               "tests/model/test_gated_deltanet.py -k triton_matches"; do
+        n=$((n + 1))
+        CUDA_LAUNCH_BLOCKING=1 python3 -m pytest -m gpu -p no:cacheprovider -o addopts="" -q $t > "$OUT/gdn_fault_$n.log" 2>&1 \
+          || { status=1; grep -E "^E |\.py:[0-9]+: in|_kernel|passed|failed" "$OUT/gdn_fault_$n.log" | head -40; }
+        echo "$t: $(tail -1 "$OUT/gdn_fault_$n.log")"
+      done
+      if command -v compute-sanitizer >/dev/null; then
+        timeout 300 compute-sanitizer --tool memcheck --print-limit 5 python3 -m pytest -m gpu -p no:cacheprovider \
+          -o addopts="" -q -x tests/model/test_gated_deltanet.py -k triton_matches > "$OUT/gdn_memcheck.log" 2>&1
+        grep -E "Invalid|at 0x|by thread|ERROR SUMMARY|passed|failed" "$OUT/gdn_memcheck.log" | head -30
+      else echo "no compute-sanitizer on this machine"; fi ;;
     train) python3 -m deepwish.cli bench train --out "$OUT/train" ${TRAIN_ARGS:-} || status=1 ;;
     decode) python3 -m deepwish.cli bench decode --out "$OUT/decode" ${DECODE_ARGS:-} || status=1 ;;
     decode_tests)  # the decode GPU tests (fused kernels, captured and compiled steps), ~4 min

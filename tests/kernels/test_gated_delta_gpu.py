@@ -73,6 +73,14 @@ def test_chunk_odd_head_dims(rel_err, cuda):
     check(rel_err, B=1, T=300, H=2, HV=4, dtype=torch.bfloat16, tol=BF16_TOL, device=cuda, K=96, V=80)
 
 
+def test_chunk_bf16_smallest_head_dims_packed(rel_err, cuda):
+    """The tiny hybrid model's layout (tests/model/test_gated_deltanet.py): K = V = 16, the smallest
+    tiles (BK 16, and V narrower than every autotuned BV), two key heads to four value heads, and
+    packed documents ending inside chunks."""
+    cu = torch.tensor([0, 300, 800, 1024, 2048], device=cuda, dtype=torch.int32)
+    check(rel_err, B=1, T=2048, H=2, HV=4, dtype=torch.bfloat16, tol=BF16_TOL, device=cuda, cu_seqlens=cu, K=16, V=16)
+
+
 @pytest.mark.parametrize("cu", [None, [0, 100, 1000, 1000, 3001, 4096]])
 def test_chunk_backward_is_deterministic(cuda, cu):
     """No kernel of the backward accumulates with atomics, so two runs on the same inputs give the same

@@ -16,7 +16,8 @@ def _conv_all(mod, x, w, b, st, cu, gy, gf):
 
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 1e-2)])
-@pytest.mark.parametrize("B,T,D,packed", [(1, 16384, 4096, False), (2, 3000, 1000, False), (1, 8191, 2048, True)])
+@pytest.mark.parametrize("B,T,D,packed", [(1, 16384, 4096, False), (2, 3000, 1000, False), (1, 8191, 2048, True),
+                                           (1, 2048, 128, True)])  # the last: the tiny hybrid model's conv
 def test_conv_matches_reference_on_gpu(cuda, rel_err, dtype, tol, B, T, D, packed):
     from deepwish.kernels.short_conv import triton as conv_tri
     W = 4
