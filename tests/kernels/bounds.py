@@ -1,0 +1,81 @@
+"""Out-of-bounds accesses of Triton kernels, found on the CPU: under the interpreter, every load and
+store's masked-in addresses must fall inside one of the launch's tensor arguments. The interpreter
+itself reads and writes wherever a pointer points (a wrong offset corrupts a neighbouring buffer or
+nothing at all); on a GPU the same access is an illegal-address fault or silent corruption."""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+
+import numpy as np
+import torch
+
+
+def _tensors(arg):
+    if isinstance(arg, torch.Tensor):
+        yield arg
+    elif isinstance(arg, (tuple, list)):
+        for a in arg:
+            yield from _tensors(a)
+    elif hasattr(arg, "base") and isinstance(arg.base, torch.Tensor):  # a tensor descriptor
+        yield arg.base
+
+
+def _extent(t: torch.Tensor) -> tuple[int, int]:
+    """[first byte, one past the last byte] the view can address."""
+    last = sum((n - 1) * s for n, s in zip(t.shape, t.stride()) if n > 0)
+    return t.data_ptr(), t.data_ptr() + (last + 1) * t.element_size()
+
+
+@dataclasses.dataclass
+class Report:
+    faults: list = dataclasses.field(default_factory=list)   # (kernel, "load" | "store", lanes, first address)
+    kernels: set = dataclasses.field(default_factory=set)    # the kernels launched (so a check is not vacuous)
+
+
+@contextlib.contextmanager
+def bounds_checked():
+    """Within the block, record each interpreted load or store (not atomics) that reaches outside
+    the kernel's tensor arguments; yields a Report."""
+    import triton.runtime.interpreter as interp
+
+    report = Report()
+    launch = {"kernel": "?", "ranges": []}
+    init_args, load, store = (interp.GridExecutor._init_args_hst, interp.InterpreterBuilder.create_masked_load,
+                              interp.InterpreterBuilder.create_masked_store)
+
+    def checked_init_args(self, args_dev, kwargs):
+        args_hst, kwargs_hst = init_args(self, args_dev, kwargs)
+        launch["kernel"] = getattr(self.fn, "__name__", str(self.fn))
+        report.kernels.add(launch["kernel"])
+        launch["ranges"] = [_extent(t) for a in (*args_hst, *kwargs_hst.values()) for t in _tensors(a) if t.numel()]
+        return args_hst, kwargs_hst
+
+    def check(ptrs, mask, what):
+        addr = ptrs.data
+        if mask is not None:  # masks may arrive as int8 0/1 or as a scalar: as booleans of the pointers' shape
+            addr = addr[np.broadcast_to(np.asarray(mask.data).astype(bool), addr.shape)]
+        addr = np.asarray(addr, dtype=np.int64).ravel()
+        inside = np.zeros(addr.shape, dtype=bool)
+        for lo, hi in launch["ranges"]:
+            inside |= (addr >= lo) & (addr < hi)
+        if not inside.all():
+            report.faults.append((launch["kernel"], what, int((~inside).sum()), int(addr[~inside][0])))
+
+    def checked_load(self, ptrs, mask, other, *rest):
+        check(ptrs, mask, "load")
+        return load(self, ptrs, mask, other, *rest)
+
+    def checked_store(self, ptrs, value, mask, *rest):
+        check(ptrs, mask, "store")
+        return store(self, ptrs, value, mask, *rest)
+
+    interp.GridExecutor._init_args_hst = checked_init_args
+    interp.InterpreterBuilder.create_masked_load = checked_load
+    interp.InterpreterBuilder.create_masked_store = checked_store
+    try:
+        yield report
+    finally:
+        interp.GridExecutor._init_args_hst = init_args
+        interp.InterpreterBuilder.create_masked_load = load
+        interp.InterpreterBuilder.create_masked_store = store
