@@ -39,7 +39,11 @@ def bounds_checked():
     the kernel's tensor arguments; yields a Report."""
     import triton.runtime.interpreter as interp
 
+    from deepwish.kernels.muon.triton import AddressTables
+
     report = Report()
+    addressed: list[tuple[int, int]] = []
+    tables = AddressTables.__call__
     launch = {"kernel": "?", "ranges": []}
     init_args, load, store = (interp.GridExecutor._init_args_hst, interp.InterpreterBuilder.create_masked_load,
                               interp.InterpreterBuilder.create_masked_store)
@@ -49,6 +53,7 @@ def bounds_checked():
         launch["kernel"] = getattr(self.fn, "__name__", str(self.fn))
         report.kernels.add(launch["kernel"])
         launch["ranges"] = [_extent(t) for a in (*args_hst, *kwargs_hst.values()) for t in _tensors(a) if t.numel()]
+        launch["ranges"] += addressed
         return args_hst, kwargs_hst
 
     def check(ptrs, mask, what):
@@ -62,20 +67,28 @@ def bounds_checked():
         if not inside.all():
             report.faults.append((launch["kernel"], what, int((~inside).sum()), int(addr[~inside][0])))
 
-    def checked_load(self, ptrs, mask, other, *rest):
+    def checked_load(self, ptrs, mask, other, *rest, **kw):
         check(ptrs, mask, "load")
-        return load(self, ptrs, mask, other, *rest)
+        return load(self, ptrs, mask, other, *rest, **kw)
 
-    def checked_store(self, ptrs, value, mask, *rest):
+    def checked_store(self, ptrs, value, mask, *rest, **kw):
         check(ptrs, mask, "store")
-        return store(self, ptrs, value, mask, *rest)
+        return store(self, ptrs, value, mask, *rest, **kw)
+
+    def checked_tables(self, tensors):
+        # Muon's kernels reach their matrices through an int64 table of addresses: the table's
+        # tensors count as the launch's arguments (for the rest of the block)
+        addressed.extend(_extent(t) for t in tensors if t.numel())
+        return tables(self, tensors)
 
     interp.GridExecutor._init_args_hst = checked_init_args
     interp.InterpreterBuilder.create_masked_load = checked_load
     interp.InterpreterBuilder.create_masked_store = checked_store
+    AddressTables.__call__ = checked_tables
     try:
         yield report
     finally:
         interp.GridExecutor._init_args_hst = init_args
         interp.InterpreterBuilder.create_masked_load = load
         interp.InterpreterBuilder.create_masked_store = store
+        AddressTables.__call__ = tables

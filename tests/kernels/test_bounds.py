@@ -1,7 +1,8 @@
-"""No Triton kernel reaches outside its tensors: the kernels behind a training step (attention on
-packed documents, the Gated DeltaNet chunk rule, the short conv) run forward and backward under the
-bounds-checked interpreter (tests/kernels/bounds.py) at the narrow head widths and document ends
-inside tiles where a missing mask would show."""
+"""The bounds check itself (tests/kernels/bounds.py; tests/kernels/conftest.py runs every other kernel
+test under it), and the kernels behind a training step run forward and backward under it at the
+shapes where a missing mask would show: attention on packed documents at head width 16, the Gated
+DeltaNet chunk rule at head width 16 with documents ending inside chunks, the short conv narrower
+than its backward's channel block."""
 import pytest
 import torch
 import triton
