@@ -23,6 +23,20 @@ def rel_rms(ref: torch.Tensor, out: torch.Tensor) -> float:
 
 
 @pytest.fixture(autouse=True)
+def _kernels_stay_in_bounds(request):
+    """Under the interpreter every Triton launch of a test is bounds-checked (tests/kernels/bounds.py):
+    a load or store outside the launch's tensors fails the test that made it, whatever it asserts.
+    tests/kernels/test_bounds.py checks inside its tests (one makes such an access on purpose)."""
+    if os.environ.get("TRITON_INTERPRET") != "1" or request.module.__name__.endswith("test_bounds"):
+        yield
+        return
+    from tests.kernels.bounds import bounds_checked
+    with bounds_checked() as report:
+        yield
+    assert not report.faults, f"out-of-bounds accesses (kernel, kind, lanes, first address): {report.faults[:5]}"
+
+
+@pytest.fixture(autouse=True)
 def _seeded():
     """Every test starts from the same random state, whatever ran before it: a test that draws
     random data without seeding is still deterministic (a flaky test is a defect)."""

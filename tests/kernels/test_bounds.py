@@ -1,5 +1,5 @@
-"""The bounds check itself (tests/kernels/bounds.py; tests/kernels/conftest.py runs every other kernel
-test under it), and the kernels behind a training step run forward and backward under it at the
+"""The bounds check itself (tests/kernels/bounds.py; tests/conftest.py runs every other test's
+kernels under it), and the kernels behind a training step run forward and backward under it at the
 shapes where a missing mask would show: attention on packed documents at head width 16, the Gated
 DeltaNet chunk rule at head width 16 with documents ending inside chunks, the short conv narrower
 than its backward's channel block."""
