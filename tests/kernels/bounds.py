@@ -33,25 +33,46 @@ class Report:
     kernels: set = dataclasses.field(default_factory=set)    # the kernels launched (so a check is not vacuous)
 
 
+_active: list[Report] = []   # the open blocks, innermost last: a fault goes to the innermost one
+
+
 @contextlib.contextmanager
 def bounds_checked():
     """Within the block, record each interpreted load or store (not atomics) that reaches outside
-    the kernel's tensor arguments; yields a Report."""
+    the kernel's tensor arguments; yields a Report. Blocks nest: a fault made inside an inner block
+    is the inner block's (so a test can make one on purpose under a check that covers every test)."""
+    report = Report()
+    if not _active:
+        _patch()
+    _active.append(report)
+    try:
+        yield report
+    finally:
+        _active.remove(report)
+        if not _active:
+            _unpatch()
+
+
+_saved: dict = {}
+
+
+def _patch() -> None:
     import triton.runtime.interpreter as interp
 
     from deepwish.kernels.muon.triton import AddressTables
 
-    report = Report()
     addressed: list[tuple[int, int]] = []
-    tables = AddressTables.__call__
     launch = {"kernel": "?", "ranges": []}
     init_args, load, store = (interp.GridExecutor._init_args_hst, interp.InterpreterBuilder.create_masked_load,
                               interp.InterpreterBuilder.create_masked_store)
+    tables = AddressTables.__call__
+    _saved.update(init_args=init_args, load=load, store=store, tables=tables)
 
     def checked_init_args(self, args_dev, kwargs):
         args_hst, kwargs_hst = init_args(self, args_dev, kwargs)
         launch["kernel"] = getattr(self.fn, "__name__", str(self.fn))
-        report.kernels.add(launch["kernel"])
+        for r in _active:
+            r.kernels.add(launch["kernel"])
         launch["ranges"] = [_extent(t) for a in (*args_hst, *kwargs_hst.values()) for t in _tensors(a) if t.numel()]
         launch["ranges"] += addressed
         return args_hst, kwargs_hst
@@ -65,7 +86,7 @@ def bounds_checked():
         for lo, hi in launch["ranges"]:
             inside |= (addr >= lo) & (addr < hi)
         if not inside.all():
-            report.faults.append((launch["kernel"], what, int((~inside).sum()), int(addr[~inside][0])))
+            _active[-1].faults.append((launch["kernel"], what, int((~inside).sum()), int(addr[~inside][0])))
 
     def checked_load(self, ptrs, mask, other, *rest, **kw):
         check(ptrs, mask, "load")
@@ -77,7 +98,7 @@ def bounds_checked():
 
     def checked_tables(self, tensors):
         # Muon's kernels reach their matrices through an int64 table of addresses: the table's
-        # tensors count as the launch's arguments (for the rest of the block)
+        # tensors count as the launch's arguments (while the check is on)
         addressed.extend(_extent(t) for t in tensors if t.numel())
         return tables(self, tensors)
 
@@ -85,10 +106,14 @@ def bounds_checked():
     interp.InterpreterBuilder.create_masked_load = checked_load
     interp.InterpreterBuilder.create_masked_store = checked_store
     AddressTables.__call__ = checked_tables
-    try:
-        yield report
-    finally:
-        interp.GridExecutor._init_args_hst = init_args
-        interp.InterpreterBuilder.create_masked_load = load
-        interp.InterpreterBuilder.create_masked_store = store
-        AddressTables.__call__ = tables
+
+
+def _unpatch() -> None:
+    import triton.runtime.interpreter as interp
+
+    from deepwish.kernels.muon.triton import AddressTables
+
+    interp.GridExecutor._init_args_hst = _saved["init_args"]
+    interp.InterpreterBuilder.create_masked_load = _saved["load"]
+    interp.InterpreterBuilder.create_masked_store = _saved["store"]
+    AddressTables.__call__ = _saved["tables"]
