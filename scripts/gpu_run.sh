@@ -34,6 +34,7 @@ for stage in "$@"; do
       n=0
       for t in "tests/kernels/test_gated_delta_gpu.py -k smallest_head_dims" \
                "tests/kernels/test_kernels_gpu_conv_lce.py -k conv_matches" \
+               "tests/kernels/test_attention_gpu.py -k small_head_dims" \
                "tests/model/test_gated_deltanet.py -k triton_matches"; do
         n=$((n + 1))
         CUDA_LAUNCH_BLOCKING=1 python3 -m pytest -m gpu -p no:cacheprovider -o addopts="" -q $t > "$OUT/gdn_fault_$n.log" 2>&1 \

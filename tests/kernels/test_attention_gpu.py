@@ -32,6 +32,17 @@ def test_tile_load_forms_real_sizes(cuda, rel_err, monkeypatch, H, Hkv, Dqk, Dv,
     _check_real_size(cuda, rel_err, H, Hkv, Dqk, Dv, window, softcap)
 
 
+@pytest.mark.parametrize("load", ["pointer", "tma"])
+@pytest.mark.parametrize("H,Hkv,D", [(4, 2, 16), (4, 2, 32), (8, 1, 48)])
+def test_flash_attention_bf16_small_head_dims(cuda, rel_err, monkeypatch, H, Hkv, D, load):
+    """The tiny models' head widths (16-48: the hybrid model's GPU test runs 16), both load forms:
+    a descriptor's rows are then 32-96 bytes, below every width the other tests cover."""
+    from deepwish.kernels.attention import triton as tk
+    for kind in ("fwd", "dq"):
+        monkeypatch.setitem(tk.LOADS, kind, load)
+    _check_real_size(cuda, rel_err, H, Hkv, D, D, 0, 0.0)
+
+
 @pytest.mark.parametrize("form", ["atomic", "atomic_t"])
 @pytest.mark.parametrize("H,Hkv,Dqk,Dv,window,softcap,dtype,tol", [
     (16, 8, 128, 128, 0, 0.0, torch.bfloat16, 1e-2), (16, 2, 256, 256, 0, 0.0, torch.bfloat16, 1e-2),
