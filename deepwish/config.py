@@ -401,10 +401,12 @@ class TrainConfig:
     # --- scale-out (train/parallel.py) ---------------------------------------------
     parallel: str = "none"  # none | ddp | fsdp
     compile: str = "auto"  # auto (on for GPU) | on | off
-    # inductor's mode for the compiled blocks: default | max-autotune-no-cudagraphs (GEMMs timed
-    # against Triton templates that can take the following elementwise ops into their epilogue;
-    # minutes more of compilation, before the clock with compile_warmup). Modes that capture CUDA
-    # graphs are refused: untested with per-block compilation, scheduled shapes and accumulation.
+    # inductor's mode for the compiled blocks: default | coordinate-descent (each fused elementwise and
+    # reduction kernel's launch config timed at compile time and kept: inductor's coordinate_descent_tuning,
+    # GEMMs left to cuBLAS) | max-autotune-no-cudagraphs (that, and GEMMs timed against Triton templates
+    # that can take the following elementwise ops into their epilogue; minutes more of compilation,
+    # before the clock with compile_warmup). Modes that capture CUDA graphs are refused: untested with
+    # per-block compilation, scheduled shapes and accumulation.
     compile_mode: str = "default"
     # before the clock: one forward+backward at every shape the schedules use and the evaluation's
     # forward, no update (train/warmup.py)
@@ -632,7 +634,7 @@ def from_dict(d: dict, source: str = "<dict>") -> RunConfig:
 OPTIMIZERS = ("muon", "adamw")
 PARALLEL_MODES = ("none", "ddp", "fsdp")
 COMPILE_MODES = ("auto", "on", "off")
-INDUCTOR_MODES = ("default", "max-autotune-no-cudagraphs")  # train.compile_mode
+INDUCTOR_MODES = ("default", "coordinate-descent", "max-autotune-no-cudagraphs")  # train.compile_mode
 CHECKPOINT_MODES = ("none", "selective", "full")
 OFFLOAD_MODES = ("none", "params", "activations")
 LOSS_BACKENDS = ("auto", "torch", "triton")

@@ -20,6 +20,9 @@ before anything of ours is resident; each result records what was still allocate
                   fp32 master weights and gradient reduction;
   NAME+bf16       any deepwish variant with train.residual_dtype=bf16 (the residual stream in bf16,
                   as FSDP2's bf16 parameters give; e.g. deepwish+bf16, deepwish-muon+bf16);
+  NAME+cd         any deepwish variant with train.compile_mode=coordinate-descent (inductor times
+                  each fused elementwise/reduction kernel's launch config; same numerics class);
+                  suffixes combine: deepwish+bf16+cd;
   hf              transformers' model built from the same config (config_to_hf of our HF table),
                   SDPA attention, fp32 weights under bf16 autocast, fused AdamW, clipping, the
                   model's own loss (labels=input_ids) — what a user of HF would run. Tried at the
@@ -111,21 +114,27 @@ class Result:
 
 
 # ---- the two step functions ----------------------------------------------------------------------
-def variant_parts(variant: str) -> tuple[str, str]:
-    """'deepwish-muon+bf16' -> ('deepwish-muon', 'bf16'): a deepwish variant with the residual
-    stream in bf16 (train.residual_dtype=bf16); the suffix is refused on the anchors."""
-    base, _, mod = variant.partition("+")
+# a deepwish variant's suffixes ('deepwish+bf16+cd'): each one setting of the trainer's
+SUFFIXES = {"bf16": "train.residual_dtype=bf16", "cd": "train.compile_mode=coordinate-descent"}
+
+
+def variant_parts(variant: str) -> tuple[str, tuple[str, ...]]:
+    """'deepwish-muon+bf16+cd' -> ('deepwish-muon', ('bf16', 'cd')): a deepwish variant with the
+    settings of SUFFIXES on top; suffixes are refused on the anchors."""
+    base, *mods = variant.split("+")
     if base not in VARIANTS:
         raise ValueError(f"bench train: unknown variant {base!r}; known: {', '.join(VARIANTS)}")
-    if mod and (mod != "bf16" or not base.startswith("deepwish")):
-        raise ValueError(f"bench train: variant {variant!r}: the only suffix is '+bf16', on deepwish variants")
-    return base, mod
+    bad = [m for m in mods if m not in SUFFIXES]
+    if bad or (mods and not base.startswith("deepwish")) or len(set(mods)) < len(mods):
+        raise ValueError(f"bench train: variant {variant!r}: suffixes are {', '.join('+' + m for m in SUFFIXES)}, "
+                         f"each at most once, on deepwish variants")
+    return base, tuple(mods)
 
 
 def _run_config(preset: str, batch: int, seq: int, variant: str):
     from deepwish.config import load_config
 
-    variant, mod = variant_parts(variant)
+    variant, mods = variant_parts(variant)
     sets = [f"train.batch_size={batch}", f"train.seq_len={seq}", "train.loss_backend=auto",
             "train.compile=" + ("'off'" if variant == "deepwish-eager" else "'on'"),  # quoted: YAML on/off are bools
             "train.optimizer=" + ("muon" if variant.startswith("deepwish-muon") else "adamw"),
@@ -133,8 +142,7 @@ def _run_config(preset: str, batch: int, seq: int, variant: str):
     if variant.startswith("deepwish-muon"):
         sets.append("train.muon_backend=" + ("torch" if variant == "deepwish-muon-torch" else "auto"))
         sets.append(f"train.optimizer_overlap={str(variant == 'deepwish-muon-overlap').lower()}")
-    if mod == "bf16":
-        sets.append("train.residual_dtype=bf16")
+    sets += [SUFFIXES[m] for m in mods]
     return load_config(preset, sets)
 
 
@@ -525,9 +533,10 @@ def verdicts(preset: str, results: list[Result]) -> list[str]:
         src = f"HF measured here b{hf.batch}" if hf else "HF anchor from GPU.md"
         lines.append(f"  goal >= {goal['hf_ratio']:.0f}x HF ({src}: {base / 1e3:.1f}k): {best.tok_s / base:.2f}x, "
                      f"{'MET' if best.tok_s >= goal['hf_ratio'] * base else 'NOT met'}")
-    # the anchors train random ids with AdamW: `deepwish` is the like-for-like row when it ran (and
-    # `deepwish+bf16`, its residual stream in bf16 as torchtitan's FSDP2 bf16 parameters give)
-    sames = [r for r in ours if r.variant in ("deepwish", "deepwish+bf16")] or [best]
+    # the anchors train random ids with AdamW: `deepwish` is the like-for-like row when it ran, with
+    # its suffixed forms (the residual stream in bf16 as torchtitan's FSDP2 bf16 parameters give;
+    # inductor's launch configs tuned)
+    sames = [r for r in ours if variant_parts(r.variant)[0] == "deepwish"] or [best]
     for variant, label, want in (("hf-liger", "HF + Liger", 2.0), ("torchtitan", "torchtitan", 1.2)):
         ok = [r for r in results if r.variant == variant and r.status == "ok"]
         for same in sames if ok else ():
@@ -721,7 +730,7 @@ def main(argv: list[str] | None = None) -> int:
             unknown.append(v)
     if unknown:
         raise SystemExit(f"unknown variant(s) {unknown}; choose from {', '.join(VARIANTS)} (a deepwish one may end in "
-                         f"+bf16: the residual stream in bf16)")
+                         f"{', '.join('+' + m for m in SUFFIXES)}: {'; '.join(SUFFIXES.values())})")
     results: list[Result] = []
     skipped = []
     for preset in presets:

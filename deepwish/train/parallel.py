@@ -219,6 +219,15 @@ def checkpointed_blocks(mode: str, n_layers: int) -> list[int]:
     return []
 
 
+def inductor_arguments(compile_mode: str) -> dict:
+    """train.compile_mode -> torch.compile's keyword: inductor's own modes by name; "coordinate-descent"
+    is inductor's coordinate_descent_tuning alone (no mode names it: max-autotune adds it to the GEMM
+    template search)."""
+    if compile_mode == "coordinate-descent":
+        return {"options": {"coordinate_descent_tuning": True}}
+    return {"mode": compile_mode}
+
+
 def wrap_block(block: nn.Module, *, checkpoint: bool, compile: bool, offload_activations: bool,
                compile_mode: str = "default") -> nn.Module:
     """compile (in place, inductor's `compile_mode`) -> activation checkpointing -> activation
@@ -227,7 +236,7 @@ def wrap_block(block: nn.Module, *, checkpoint: bool, compile: bool, offload_act
     from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (CheckpointImpl, checkpoint_wrapper,
                                                                              offload_wrapper)
     if compile:
-        block.compile(mode=compile_mode)
+        block.compile(**inductor_arguments(compile_mode))
     if checkpoint:
         # Non-reentrant: takes keyword arguments, nests with autograd and traces under torch.compile.
         block = checkpoint_wrapper(block, checkpoint_impl=CheckpointImpl.NO_REENTRANT)
@@ -295,7 +304,7 @@ def parallelize(model: nn.Module, run_cfg, d: Dist) -> nn.Module:
                                      offload_activations=tc.offload == "activations", compile_mode=tc.compile_mode)
     if use_compile:  # the elementwise glue between the blocks too (final norm, x0 norm, skip entries)
         for m in model.stack_modules():
-            m.compile(mode=tc.compile_mode)
+            m.compile(**inductor_arguments(tc.compile_mode))
     step_model = model
     if tc.parallel == "fsdp":
         _fsdp_shard(model, d, offload_params=tc.offload == "params", reshard_after_forward=tc.reshard_after_forward)

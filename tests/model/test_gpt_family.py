@@ -424,7 +424,14 @@ def test_training_compiles_the_stack_modules_and_they_compute_the_same(monkeypat
     # inductor's mode reaches every compiled module, blocks and glue alike
     assert len(compiled) == len(model.blocks) + 3
     assert all(k == {"mode": "max-autotune-no-cudagraphs"} for _, k in compiled)
-    with pytest.raises(ConfigError, match="compile_mode='reduce-overhead': is not one of default, max-autotune-no"):
+    # coordinate-descent is an inductor option no mode names alone: it reaches them as options
+    compiled.clear()
+    rc = load_config("gpt_tiny", ["train.compile='on'", "train.compile_mode=coordinate-descent"])
+    parallelize(Transformer(rc.model), rc, Dist(0, 1, 0, torch.device("cpu"), None))
+    assert len(compiled) == len(model.blocks) + 3
+    assert all(k == {"options": {"coordinate_descent_tuning": True}} for _, k in compiled)
+    with pytest.raises(ConfigError, match="compile_mode='reduce-overhead': is not one of default, coordinate-descent, "
+                                          "max-autotune-no"):
         validate(load_config("gpt_tiny", ["train.compile_mode=reduce-overhead"]).train)
     monkeypatch.undo()
 

@@ -138,26 +138,32 @@ def test_modules_torchtitan_imports_but_the_bench_never_uses_stand_in_only_while
         import deepwish_absent_module  # noqa: F401
 
 
-def test_bench_train_bf16_stream_variants_and_their_verdicts():
-    """NAME+bf16 is that deepwish variant with train.residual_dtype=bf16; anchors take no suffix;
+def test_bench_train_suffixed_variants_and_their_verdicts():
+    """NAME+bf16 is that deepwish variant with train.residual_dtype=bf16, NAME+cd with inductor's
+    coordinate-descent tuning; anchors take no suffix;
     the +bf16 row is set against the anchors beside the plain one."""
     from deepwish.bench import train as bench
-    assert bench.variant_parts("deepwish-muon+bf16") == ("deepwish-muon", "bf16")
-    assert bench.variant_parts("deepwish") == ("deepwish", "")
-    for bad in ("hf+bf16", "torchtitan+bf16", "deepwish+fp16", "deepwish-nope"):
+    assert bench.variant_parts("deepwish-muon+bf16") == ("deepwish-muon", ("bf16",))
+    assert bench.variant_parts("deepwish+bf16+cd") == ("deepwish", ("bf16", "cd"))
+    assert bench.variant_parts("deepwish") == ("deepwish", ())
+    for bad in ("hf+bf16", "torchtitan+bf16", "torchtitan+cd", "deepwish+fp16", "deepwish-nope", "deepwish+cd+cd"):
         with pytest.raises(ValueError):
             bench.variant_parts(bad)
     plain = bench._run_config("qwen3_tiny", 2, 64, "deepwish-muon").train
     bf16 = bench._run_config("qwen3_tiny", 2, 64, "deepwish-muon+bf16").train
     assert (plain.residual_dtype, bf16.residual_dtype) == ("fp32", "bf16")
     assert bf16.optimizer == "muon" and bf16 == dataclasses.replace(plain, residual_dtype="bf16")
+    both = bench._run_config("qwen3_tiny", 2, 64, "deepwish-muon+bf16+cd").train
+    assert both == dataclasses.replace(bf16, compile_mode="coordinate-descent")
     R = bench.Result
     rows = [R("qwen3_0.6b", "hf-liger", 8, 2048, "ok", tok_s=50e3, mfu=0.3),
             R("qwen3_0.6b", "deepwish", 8, 2048, "ok", tok_s=90e3, mfu=0.5),
-            R("qwen3_0.6b", "deepwish+bf16", 8, 2048, "ok", tok_s=100e3, mfu=0.55)]
+            R("qwen3_0.6b", "deepwish+bf16", 8, 2048, "ok", tok_s=100e3, mfu=0.55),
+            R("qwen3_0.6b", "deepwish-muon+cd", 8, 2048, "ok", tok_s=95e3, mfu=0.52)]
     text = "\n".join(bench.verdicts("qwen3_0.6b", rows))
     assert "deepwish vs HF + Liger measured here (b8): 1.80x (goal >= 2x: NOT met)" in text
     assert "deepwish+bf16 vs HF + Liger measured here (b8): 2.00x (goal >= 2x: MET)" in text
+    assert "deepwish-muon+cd vs" not in text  # Muon is not the anchors' optimizer
 
 
 def test_bench_packed_variant_reads_a_built_corpus_and_counts_documents_per_row(tmp_path, capsys):
