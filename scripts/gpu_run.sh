@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # What the GPU machine runs: environment report, GPU tests and benchmarks, results under $OUT.
-#   bash scripts/gpu_run.sh STAGE...   with STAGE in: env tests kernels gdn gdn_fault train decode sweep tradeoff notebook profile profile_anchors embedding gpt_mfu corpus speedrun loop_profile mfu_variants lce ablate dsa nsa_kernels nsa_model nsa_quality attn_dq_tiles attn_dq muon attn_focus_tiles attn_goals decode_tests decode_compare decode_tiles decode_rows decode_rows_compiled decode_profiles generate nsa_generate train_paths packed_bench
+#   bash scripts/gpu_run.sh STAGE...   with STAGE in: env tests kernels gdn gdn_fault train decode sweep tradeoff notebook profile profile_anchors step_sources embedding gpt_mfu corpus speedrun loop_profile mfu_variants lce ablate dsa nsa_kernels nsa_model nsa_quality attn_dq_tiles attn_dq muon attn_focus_tiles attn_goals decode_tests decode_compare decode_tiles decode_rows decode_rows_compiled decode_profiles generate nsa_generate train_paths packed_bench
 # Optional wheels in .whl/ (flash-linear-attention, liger-kernel) are installed to /tmp/site
 # first, so the anchors run side by side with deepwish in the same process (NO_WHEELS=1 skips
 # them, e.g. for HF's Qwen3-Next on its torch path).
@@ -94,6 +94,13 @@ for stage in "$@"; do
           || status=1
         grep -E "^==|Self CUDA time total" "$OUT/profile_$v.txt"
       done ;;
+    step_sources)  # qwen3_0.6b's bench step profiled with its trace (every kernel's full name and time) and the
+      # Triton source inductor generated for it, to read each fused kernel's loads and stores (~2 min)
+      TORCHINDUCTOR_CACHE_DIR=/tmp/step_sources python3 -m deepwish.bench.profile_train --preset qwen3_0.6b \
+        --variant ${STEP_VARIANT:-deepwish} --rows 20 --out "$OUT/step_sources" > "$OUT/step_sources.txt" 2>&1 || status=1
+      grep -E "^==" "$OUT/step_sources.txt"
+      gzip -f "$OUT/step_sources/trace.json"
+      (cd /tmp/step_sources && find . -name "*.py" | tar czf "$OUT/step_sources/inductor_py.tgz" -T -) ;;
     gpt_mfu)  # gpt_124m's training rate after its step changes, ~9 minutes: the token-table kernel's bench,
       # the speedrun (corpus built first) with the token tables' backend as it comes (EMBED_BACKEND=triton
       # for the kernel, measured slower: reports/speedrun.md), the profile by shape; then the GPU tests
